@@ -1,0 +1,31 @@
+-- The presenced database. The schema version lives in PRAGMA user_version;
+-- src/core/store.rs applies this file to a new database and refuses one
+-- written by a newer version.
+
+-- One row per tracked presence. Rows outlive the daemon so that a restart
+-- loses nobody's place in a topic's queue.
+CREATE TABLE presences (
+    ref               TEXT    PRIMARY KEY,          -- phx_ref, new on every update
+    topic             TEXT    NOT NULL,
+    key               TEXT    NOT NULL,
+    seq               INTEGER NOT NULL UNIQUE,      -- join order; lowest live seq owns the topic
+    prev_ref          TEXT,                         -- phx_ref_prev after an update
+    meta              TEXT    NOT NULL,             -- the client's meta, a JSON object
+    joined_at         INTEGER NOT NULL,             -- unix milliseconds
+    pid               INTEGER NOT NULL,             -- the owning process
+    pid_start_time    INTEGER NOT NULL,             -- its start time, to catch pid reuse
+    uid               INTEGER NOT NULL,             -- from the peer's credentials
+    user              TEXT    NOT NULL,
+    lifetime          TEXT    NOT NULL CHECK (lifetime IN ('connection', 'process')),
+    resume_token_hash BLOB    NOT NULL,             -- SHA-256; the token itself is never stored
+    boot_id           TEXT    NOT NULL              -- the boot the process belongs to
+) STRICT;
+
+CREATE INDEX presences_by_topic ON presences (topic, seq);
+
+-- Counters that must survive restarts: `next_seq` keeps seqs and refs from
+-- ever being reused.
+CREATE TABLE counters (
+    name  TEXT    PRIMARY KEY,
+    value INTEGER NOT NULL
+) STRICT;

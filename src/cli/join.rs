@@ -1,0 +1,116 @@
+//! `presence join`: hold a presence on a topic and report role changes.
+
+use clap::Args;
+use serde_json::{Map, Value};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{Target, render};
+use crate::protocol::{Event, Request, TrackReply, TrackRequest, UntrackRequest};
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The topic, for example `publishing_edit:docs:post-slug`
+    pub topic: String,
+
+    /// Who you are on the topic [default: your login name]
+    #[arg(long)]
+    pub key: Option<String>,
+
+    /// A JSON object shown to everyone on the topic
+    #[arg(long, value_name = "JSON", value_parser = parse_meta)]
+    pub meta: Option<Map<String, Value>>,
+
+    /// The process the presence belongs to [default: this one]; the
+    /// presence ends, and this command exits, when it exits
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Print the track reply and every event as JSON lines
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_meta(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(meta)) => Ok(meta),
+        Ok(_) => Err("meta must be a JSON object, like '{\"file\":\"a.md\"}'".to_owned()),
+        Err(e) => Err(format!("meta is not valid JSON: {e}")),
+    }
+}
+
+pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
+    // Install the handlers first, so that a signal arriving right after the
+    // join still leads to a clean leave.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let watched = args
+        .pid
+        .map(crate::sys::process_id)
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("no running process {}", args.pid.unwrap_or_default()))?;
+
+    let (client, mut events) = target.connect().await?;
+    let mut request = TrackRequest::new(
+        &args.topic,
+        args.key
+            .unwrap_or_else(|| crate::sys::user_name(crate::sys::current_uid())),
+    );
+    request.meta = args.meta.unwrap_or_default();
+    request.pid = args.pid;
+    let reply = client.request(&Request::Track(request)).await?;
+    if let Some(error) = &reply.error {
+        anyhow::bail!("could not join {}: {}", args.topic, error.message);
+    }
+    let tracked: TrackReply = serde_json::from_value(Value::Object(reply.fields.clone()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply)?);
+    } else {
+        println!("{}", render::standing(&tracked.standing));
+    }
+
+    let process_exit = async {
+        match watched {
+            Some(process) => {
+                crate::sys::wait_for_exit(process, std::time::Duration::from_millis(200)).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(process_exit);
+
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Event::Shutdown { payload }) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&Event::Shutdown { payload: payload.clone() })?);
+                    }
+                    anyhow::bail!("the daemon shut down ({})", payload.reason);
+                }
+                Some(event) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&event)?);
+                    } else if let Event::Role { payload, .. } = &event {
+                        println!("{}", render::standing(&payload.standing));
+                    }
+                }
+                None => anyhow::bail!("the daemon closed the connection"),
+            },
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => break,
+            _ = &mut process_exit => break,
+        }
+    }
+    // Leave explicitly, so the next in line is promoted now, not when the
+    // daemon notices the connection closing.
+    let _ = client
+        .untrack(UntrackRequest {
+            topic: args.topic,
+            phx_ref: Some(tracked.phx_ref),
+            key: None,
+        })
+        .await;
+    Ok(())
+}

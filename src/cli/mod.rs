@@ -1,0 +1,178 @@
+//! The `presence` command line: clap definitions and rendering only. Every
+//! call to the daemon goes through [`crate::client`].
+
+mod join;
+mod list;
+mod raw;
+mod render;
+mod watch;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{Client, ClientError, Events};
+use crate::protocol::Limits;
+
+/// A local presence daemon: the first to join a topic owns it, everyone
+/// after is a read-only spectator in join order, and the next in line is
+/// promoted the moment the owner leaves or its process dies.
+#[derive(Debug, Parser)]
+#[command(name = "presence", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock,
+    /// or /tmp/presenced-$UID/presenced.sock]
+    #[arg(long, global = true, env = "PRESENCE_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Fail instead of starting a daemon when none is running
+    #[arg(long, global = true)]
+    pub no_autostart: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground, logging to stderr
+    Daemon(DaemonArgs),
+    /// Join a topic and hold the presence until interrupted
+    Join(join::JoinArgs),
+    /// Show who is present, on one topic or on all
+    List(list::ListArgs),
+    /// Follow a topic: its state, then one line per change
+    Watch(watch::WatchArgs),
+    /// Speak the protocol directly: request lines from stdin, every reply
+    /// and event to stdout
+    Raw,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The SQLite database [default: $XDG_STATE_HOME/presenced/presence.db]
+    #[arg(long, env = "PRESENCE_DB", value_name = "PATH")]
+    pub db: Option<PathBuf>,
+
+    /// Seconds a restored connection entry keeps its place, waiting for its
+    /// client to resume it
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub resume_grace: f64,
+
+    /// Longest request line, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_line_bytes, help_heading = "Limits")]
+    pub max_line: usize,
+
+    /// Largest meta, serialized, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes, help_heading = "Limits")]
+    pub max_meta: usize,
+
+    /// Most entries one connection may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_connection, help_heading = "Limits")]
+    pub max_entries: usize,
+
+    /// Most subscriptions one connection may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_subscriptions_per_connection, help_heading = "Limits")]
+    pub max_subscriptions: usize,
+
+    /// Most connections served at once
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections, help_heading = "Limits")]
+    pub max_connections: usize,
+
+    /// Bytes queued for a slow reader before its diffs are dropped for a
+    /// fresh state
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, help_heading = "Limits")]
+    pub max_outbound: usize,
+
+    /// Print `ready` on stdout once listening (for whoever started us)
+    #[arg(long, hide = true)]
+    pub ready_on_stdout: bool,
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let is_daemon = matches!(cli.command, Command::Daemon(_));
+    init_logging(if is_daemon { "info" } else { "warn" });
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presence: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(crate::paths::default_socket);
+    if let Command::Daemon(args) = cli.command {
+        return crate::daemon::run(daemon_config(socket, args)?);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let target = Target {
+        socket,
+        autostart: !cli.no_autostart,
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Join(args) => join::run(&target, args).await,
+            Command::List(args) => list::run(&target, args).await,
+            Command::Watch(args) => watch::run(&target, args).await,
+            Command::Raw => raw::run(&target).await,
+            Command::Daemon(_) => unreachable!("handled above"),
+        }
+    })
+}
+
+fn daemon_config(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<crate::daemon::DaemonConfig> {
+    if !(args.resume_grace.is_finite() && args.resume_grace >= 0.0) {
+        anyhow::bail!("--resume-grace must be a number of seconds, 0 or more");
+    }
+    Ok(crate::daemon::DaemonConfig {
+        socket,
+        db: args.db.unwrap_or_else(crate::paths::default_db),
+        limits: Limits {
+            max_line_bytes: args.max_line,
+            max_name_bytes: Limits::default().max_name_bytes,
+            max_meta_bytes: args.max_meta,
+            max_entries_per_connection: args.max_entries,
+            max_subscriptions_per_connection: args.max_subscriptions,
+            max_connections: args.max_connections,
+            max_outbound_bytes: args.max_outbound,
+        },
+        resume_grace: Duration::from_secs_f64(args.resume_grace),
+        ready_on_stdout: args.ready_on_stdout,
+    })
+}
+
+/// Which daemon a client command talks to.
+pub struct Target {
+    pub socket: PathBuf,
+    pub autostart: bool,
+}
+
+impl Target {
+    pub async fn connect(&self) -> Result<(Client, Events), ClientError> {
+        if self.autostart {
+            Client::connect_or_start(&self.socket).await
+        } else {
+            Client::connect(&self.socket).await
+        }
+    }
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PRESENCE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,131 @@
+//! Starting a daemon on demand, when a client finds nobody listening.
+//!
+//! Clients that race to start one take a lock beside the socket; the first
+//! starts `presence daemon` in a new session and waits for it to say
+//! `ready`, the others wait on the lock and then find it running. The
+//! daemon's own lock backs this up: a second daemon refuses to start.
+
+use std::fs::OpenOptions;
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::ClientError;
+use crate::paths;
+
+/// How long a new daemon may take to listen.
+const READY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether a failed connect means nobody is serving the socket.
+pub(super) fn worth_starting(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused
+    )
+}
+
+/// Starts a daemon for `socket` unless one is already listening, and
+/// returns once it accepts connections. The database is the one the
+/// daemon would choose: `PRESENCE_DB`, else the default under the state
+/// folder; its log goes beside the database.
+pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| ClientError::Autostart(format!("{what}: {e}"));
+    let dir = paths::parent_dir(socket);
+    paths::ensure_private_dir(dir).map_err(|e| failed("socket folder", &e))?;
+
+    let lock_path = paths::autostart_lock(socket);
+    let lock = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| failed(&lock_path.display().to_string(), &e))?;
+    // Blocking until the racer ahead of us is done: it finishes within its
+    // own ready deadline.
+    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .map_err(|e| failed("waiting for the start lock", &e))?
+        .map_err(|e| failed("waiting for the start lock", &e))?;
+
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Ok(());
+    }
+
+    let db = std::env::var_os("PRESENCE_DB")
+        .filter(|value| !value.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(paths::default_db);
+    let db_dir = paths::parent_dir(&db);
+    paths::ensure_private_dir(db_dir).map_err(|e| failed("database folder", &e))?;
+    let log_path = paths::autostart_log(&db);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| failed(&log_path.display().to_string(), &e))?;
+
+    let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(&db)
+        .arg("--ready-on-stdout")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours; it
+    // runs in the child between fork and exec. A new session detaches the
+    // daemon from the terminal, so the user's Ctrl-C or hang-up is not its.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| failed("spawning presence daemon", &e))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClientError::Autostart("the daemon's stdout is missing".into()))?;
+
+    let mut first_line = String::new();
+    let read = tokio::time::timeout(
+        READY_DEADLINE,
+        BufReader::new(stdout).read_line(&mut first_line),
+    )
+    .await;
+    drop(lock);
+    match read {
+        Ok(Ok(_)) if first_line.trim() == "ready" => Ok(()),
+        Ok(_) => {
+            // The daemon exited without listening. Another may have won a
+            // race we could not see; if so, use it.
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Ok(());
+            }
+            let status = child.wait().await.ok();
+            Err(ClientError::Autostart(format!(
+                "the daemon exited ({}) before listening; see {}",
+                status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string()),
+                log_path.display()
+            )))
+        }
+        Err(_) => Err(ClientError::Autostart(format!(
+            "the daemon did not listen within {READY_DEADLINE:?}; see {}",
+            log_path.display()
+        ))),
+    }
+}

@@ -1,0 +1,308 @@
+//! The client library: typed async calls for every op, and a stream of the
+//! events the daemon pushes. The CLI and the tests use only this.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), presenced::client::ClientError> {
+//! use presenced::client::Client;
+//! use presenced::protocol::TrackRequest;
+//!
+//! let socket = presenced::paths::default_socket();
+//! let (client, mut events) = Client::connect_or_start(&socket).await?;
+//! let joined = client.track(TrackRequest::new("file:/tmp/notes.md", "alice")).await?;
+//! println!("{:?}", joined.standing.role);
+//! while let Some(event) = events.recv().await {
+//!     println!("{event:?}");
+//! }
+//! # Ok(()) }
+//! ```
+
+mod autostart;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use interprocess::local_socket::traits::tokio::Stream as _;
+use interprocess::local_socket::{GenericFilePath, ToFsName};
+use interprocess::os::unix::uds_local_socket::tokio::Stream;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::{
+    Empty, ErrorBody, Event, GetByKeyReply, GetByKeyRequest, HelloReply, HelloRequest,
+    ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request, ResumeReply, ResumeRequest,
+    ServerMessage, StatusReply, TopicRequest, TrackReply, TrackRequest, UntrackReply,
+    UntrackRequest, UpdateReply, UpdateRequest,
+};
+
+pub use autostart::start_daemon;
+
+/// Events pushed by the daemon, in the order it sent them. Ends when the
+/// connection closes.
+pub type Events = mpsc::UnboundedReceiver<Event>;
+
+#[derive(Debug)]
+pub enum ClientError {
+    /// No daemon listens on the socket (and none was started).
+    NoDaemon {
+        socket: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Starting a daemon on demand failed.
+    Autostart(String),
+    Io(std::io::Error),
+    /// The daemon refused the request.
+    Refused(ErrorBody),
+    /// The daemon sent something this client cannot read.
+    Protocol(String),
+    /// The connection closed before the reply arrived.
+    Closed,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoDaemon { socket, source } => write!(
+                f,
+                "no daemon at {} ({source}); start one with `presence daemon` or drop --no-autostart",
+                socket.display()
+            ),
+            ClientError::Autostart(message) => write!(f, "could not start the daemon: {message}"),
+            ClientError::Io(e) => write!(f, "{e}"),
+            ClientError::Refused(error) => write!(f, "{}", error.message),
+            ClientError::Protocol(message) => {
+                write!(f, "unexpected reply from the daemon: {message}")
+            }
+            ClientError::Closed => write!(f, "the daemon closed the connection"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+type Pending = Arc<Mutex<VecDeque<oneshot::Sender<Reply>>>>;
+
+/// A connection to the daemon. Requests may be issued concurrently from
+/// several tasks; replies are matched to them in order.
+pub struct Client {
+    send: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Client {
+    /// Connects to a running daemon.
+    pub async fn connect(socket: &Path) -> Result<(Client, Events), ClientError> {
+        let stream = connect_stream(socket)
+            .await
+            .map_err(|e| ClientError::NoDaemon {
+                socket: socket.to_owned(),
+                source: e,
+            })?;
+        Ok(Client::from_stream(stream))
+    }
+
+    /// Connects, starting a daemon first if none is listening. Concurrent
+    /// callers end up with one daemon between them.
+    pub async fn connect_or_start(socket: &Path) -> Result<(Client, Events), ClientError> {
+        match Client::connect(socket).await {
+            Err(ClientError::NoDaemon { source, .. }) if autostart::worth_starting(&source) => {
+                start_daemon(socket).await?;
+                Client::connect(socket).await
+            }
+            other => other,
+        }
+    }
+
+    fn from_stream(stream: UnixStream) -> (Client, Events) {
+        let (recv, send) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(route_incoming(recv, Arc::clone(&pending), events_tx));
+        let client = Client {
+            send: tokio::sync::Mutex::new(send),
+            pending,
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        };
+        (client, events)
+    }
+
+    /// Sends any request and returns the daemon's reply as it came,
+    /// successful or not.
+    pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
+        let mut line = match serde_json::to_value(request) {
+            Ok(Value::Object(fields)) => fields,
+            _ => return Err(ClientError::Protocol("request is not an object".into())),
+        };
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        line.insert("id".into(), Value::from(id));
+        let mut bytes =
+            serde_json::to_vec(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+
+        let (reply_tx, reply_rx) = oneshot::channel();
+        {
+            // Queue the waiter and write under one lock, so that the order
+            // of waiters is the order of requests on the wire.
+            let mut send = self.send.lock().await;
+            lock(&self.pending).push_back(reply_tx);
+            send.write_all(&bytes).await?;
+        }
+        let reply = reply_rx.await.map_err(|_| ClientError::Closed)?;
+        if reply.id != id {
+            return Err(ClientError::Protocol(format!(
+                "reply id {} does not match request id {id}",
+                reply.id
+            )));
+        }
+        Ok(reply)
+    }
+
+    /// Sends a request and decodes a successful reply's fields.
+    async fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, ClientError> {
+        let reply = self.request(&request).await?;
+        if let Some(error) = reply.error {
+            return Err(ClientError::Refused(error));
+        }
+        serde_json::from_value(Value::Object(reply.fields))
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn hello(&self, client: &str) -> Result<HelloReply, ClientError> {
+        self.call(Request::Hello(HelloRequest {
+            client: Some(client.to_owned()),
+            protocol: Some(crate::protocol::PROTOCOL_VERSION),
+        }))
+        .await
+    }
+
+    pub async fn track(&self, request: TrackRequest) -> Result<TrackReply, ClientError> {
+        self.call(Request::Track(request)).await
+    }
+
+    pub async fn untrack(&self, request: UntrackRequest) -> Result<UntrackReply, ClientError> {
+        self.call(Request::Untrack(request)).await
+    }
+
+    pub async fn update(&self, request: UpdateRequest) -> Result<UpdateReply, ClientError> {
+        self.call(Request::Update(request)).await
+    }
+
+    pub async fn list(&self, topic: &str) -> Result<ListTopicReply, ClientError> {
+        self.call(Request::List(ListRequest {
+            topic: Some(topic.to_owned()),
+        }))
+        .await
+    }
+
+    pub async fn list_all(&self) -> Result<ListAllReply, ClientError> {
+        self.call(Request::List(ListRequest { topic: None })).await
+    }
+
+    pub async fn get_by_key(&self, topic: &str, key: &str) -> Result<Vec<Meta>, ClientError> {
+        let reply: GetByKeyReply = self
+            .call(Request::GetByKey(GetByKeyRequest {
+                topic: topic.to_owned(),
+                key: key.to_owned(),
+            }))
+            .await?;
+        Ok(reply.metas)
+    }
+
+    /// Subscribes; the topic's `presence_state` arrives on the events
+    /// stream right after, then its diffs.
+    pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
+        self.call::<Empty>(Request::Subscribe(TopicRequest {
+            topic: topic.to_owned(),
+        }))
+        .await
+        .map(drop)
+    }
+
+    pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
+        self.call::<Empty>(Request::Unsubscribe(TopicRequest {
+            topic: topic.to_owned(),
+        }))
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume(&self, tokens: Vec<String>) -> Result<ResumeReply, ClientError> {
+        self.call(Request::Resume(ResumeRequest { tokens })).await
+    }
+
+    pub async fn status(&self) -> Result<StatusReply, ClientError> {
+        self.call(Request::Status(Empty {})).await
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call::<Empty>(Request::Ping(Empty {})).await.map(drop)
+    }
+}
+
+impl TrackRequest {
+    /// A track with the defaults: empty meta, this process, connection
+    /// lifetime, no subscription.
+    pub fn new(topic: impl Into<String>, key: impl Into<String>) -> TrackRequest {
+        TrackRequest {
+            topic: topic.into(),
+            key: key.into(),
+            meta: serde_json::Map::new(),
+            pid: None,
+            lifetime: crate::protocol::Lifetime::Connection,
+            subscribe: false,
+        }
+    }
+}
+
+/// Opens a stream to the daemon's socket.
+pub async fn connect_stream(socket: &Path) -> std::io::Result<UnixStream> {
+    let name = socket.to_fs_name::<GenericFilePath>()?;
+    Ok(Stream::connect(name).await?.into())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads the daemon's lines: replies go to their waiting request, events to
+/// the events stream. On close, waiting requests fail with `Closed`.
+async fn route_incoming(
+    recv: OwnedReadHalf,
+    pending: Pending,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut lines = BufReader::new(recv).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match ServerMessage::parse(&line) {
+            Ok(ServerMessage::Reply(reply)) => {
+                if let Some(waiter) = lock(&pending).pop_front() {
+                    let _ = waiter.send(reply);
+                } else {
+                    // An error for a line we did not send as a request (the
+                    // daemon refusing the connection, say): nobody waits.
+                    tracing::warn!("unsolicited reply from the daemon: {line}");
+                }
+            }
+            Ok(ServerMessage::Event(event)) => {
+                let _ = events.send(event);
+            }
+            Err(e) => tracing::warn!("unreadable line from the daemon ({e}): {line}"),
+        }
+    }
+    lock(&pending).clear();
+}

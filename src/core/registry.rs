@@ -1,0 +1,978 @@
+//! The registry: who is present on which topic, in join order.
+//!
+//! A deterministic state machine with no I/O and no clock. Every input comes
+//! with the time, and every consequence (the reply, the events for each
+//! connection, the rows to persist) is written to an [`Outbox`]. That keeps
+//! the rules of ownership in one place that can be tested exhaustively.
+//!
+//! The owner of a topic is its entry with the lowest seq. Seqs only grow, so
+//! a new entry never displaces an owner: ownership changes only when the
+//! owner leaves, and then every remaining entry hears about it once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::protocol::{
+    Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, KeyPresence, LeaveReason,
+    Lifetime, Limits, ListAllReply, ListTopicReply, Meta, Owner, Presences, Reply, ResumeReply,
+    Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
+    UntrackRequest, UpdateReply, UpdateRequest, validate_meta, validate_name,
+};
+
+/// Identifies one client connection for the daemon's lifetime.
+pub type ConnId = u64;
+
+/// The SHA-256 of a resume token. Only the hash is ever stored.
+pub type TokenHash = [u8; 32];
+
+/// A process, pinned by its start time so that a reused pid is not mistaken
+/// for the process that joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Clock ticks since boot, field 22 of `/proc/PID/stat`.
+    pub start_time: u64,
+}
+
+/// Who is on the other end of a connection, from the socket's peer
+/// credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+    pub user: String,
+}
+
+/// One tracked presence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub topic: String,
+    pub key: String,
+    pub seq: u64,
+    pub phx_ref: String,
+    pub prev_ref: Option<String>,
+    pub meta: Map<String, Value>,
+    pub joined_at: i64,
+    pub process: ProcessId,
+    pub uid: u32,
+    pub user: String,
+    pub lifetime: Lifetime,
+    pub token_hash: TokenHash,
+    /// The connection holding the entry; `None` for a process entry whose
+    /// connection has closed, or an entry restored after a restart that has
+    /// not been resumed yet.
+    pub conn: Option<ConnId>,
+    /// For an entry restored after a restart: when it expires unless resumed.
+    pub resume_deadline: Option<i64>,
+}
+
+impl Entry {
+    /// The entry as the wire shows it.
+    pub fn to_meta(&self) -> Meta {
+        Meta {
+            phx_ref: self.phx_ref.clone(),
+            phx_ref_prev: self.prev_ref.clone(),
+            seq: self.seq,
+            joined_at: self.joined_at,
+            pid: self.process.pid,
+            uid: self.uid,
+            user: self.user.clone(),
+            client: self.meta.clone(),
+        }
+    }
+
+    fn to_owner(&self) -> Owner {
+        Owner {
+            key: self.key.clone(),
+            phx_ref: self.phx_ref.clone(),
+            pid: self.process.pid,
+            user: self.user.clone(),
+            joined_at: self.joined_at,
+        }
+    }
+}
+
+/// A track request after the io layer has resolved what needs the system:
+/// the process (checked alive and permitted) and the resume token's hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Track {
+    pub request: TrackRequest,
+    pub process: ProcessId,
+    pub token: String,
+    pub token_hash: TokenHash,
+}
+
+/// A presence operation on behalf of a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Track(Track),
+    Untrack(UntrackRequest),
+    Update(UpdateRequest),
+    List(Option<String>),
+    GetByKey(GetByKeyRequest),
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Resume tokens with their hashes, in request order.
+    Resume(Vec<(String, TokenHash)>),
+}
+
+/// A row-level change for the store to persist.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Insert the entry, or replace the row with the same ref.
+    Put(Box<Entry>),
+    /// Delete the row with this ref.
+    Delete(String),
+}
+
+/// A line for one or more connections.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    Reply { conn: ConnId, reply: Reply },
+    Event { to: Vec<ConnId>, event: Event },
+}
+
+/// Everything that inputs caused, in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub deliveries: Vec<Delivery>,
+    pub changes: Vec<Change>,
+}
+
+impl Outbox {
+    fn event(&mut self, to: Vec<ConnId>, event: Event) {
+        if !to.is_empty() {
+            self.deliveries.push(Delivery::Event { to, event });
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Topic {
+    /// Entries by seq: the first is the owner.
+    entries: BTreeMap<u64, Entry>,
+    subscribers: BTreeSet<ConnId>,
+}
+
+impl Topic {
+    fn owner(&self) -> Option<&Entry> {
+        self.entries.values().next()
+    }
+
+    fn presences(&self) -> Presences {
+        let mut presences = Presences::new();
+        for entry in self.entries.values() {
+            presences
+                .entry(entry.key.clone())
+                .or_default()
+                .metas
+                .push(entry.to_meta());
+        }
+        presences
+    }
+
+    fn standing(&self, seq: u64) -> Standing {
+        let position = self.entries.range(..seq).count();
+        let role = if position == 0 {
+            Role::Owner
+        } else {
+            Role::Spectator
+        };
+        Standing {
+            role,
+            readonly: role == Role::Spectator,
+            position,
+            owner: self.owner().map(Entry::to_owner),
+        }
+    }
+
+    fn snapshot(&self) -> TopicPresences {
+        TopicPresences {
+            presences: self.presences(),
+            owner: self.owner().map(Entry::to_owner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Connection {
+    peer: Peer,
+    /// Refs of the entries this connection holds.
+    entries: BTreeSet<String>,
+    subscriptions: BTreeSet<String>,
+}
+
+/// Where an entry lives, found by its ref.
+#[derive(Debug, Clone)]
+struct Location {
+    topic: String,
+    seq: u64,
+}
+
+/// The presence state machine.
+#[derive(Debug)]
+pub struct Registry {
+    limits: Limits,
+    topics: BTreeMap<String, Topic>,
+    refs: HashMap<String, Location>,
+    by_process: HashMap<ProcessId, BTreeSet<String>>,
+    by_token: HashMap<TokenHash, String>,
+    conns: HashMap<ConnId, Connection>,
+    /// The next value for a seq or a ref; both draw from it, so neither is
+    /// ever reused.
+    next_seq: u64,
+    last_joined_at: i64,
+}
+
+impl Registry {
+    pub fn new(limits: Limits) -> Registry {
+        Registry {
+            limits,
+            topics: BTreeMap::new(),
+            refs: HashMap::new(),
+            by_process: HashMap::new(),
+            by_token: HashMap::new(),
+            conns: HashMap::new(),
+            next_seq: 1,
+            last_joined_at: 0,
+        }
+    }
+
+    /// Rebuilds the registry from persisted entries. `next_seq` is the
+    /// persisted counter; it is raised past every seq seen, whatever it says.
+    pub fn restore(limits: Limits, entries: Vec<Entry>, next_seq: u64) -> Registry {
+        let mut registry = Registry::new(limits);
+        registry.next_seq = next_seq.max(1);
+        for entry in entries {
+            registry.next_seq = registry.next_seq.max(entry.seq + 1);
+            registry.last_joined_at = registry.last_joined_at.max(entry.joined_at);
+            registry.insert(entry);
+        }
+        registry
+    }
+
+    /// The counter to persist so that seqs are never reused after a restart.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics
+            .values()
+            .filter(|t| !t.entries.is_empty())
+            .count()
+    }
+
+    pub fn entry_count(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.topics.values().map(|t| t.subscribers.len()).sum()
+    }
+
+    /// Every entry, topic by topic in join order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.topics.values().flat_map(|t| t.entries.values())
+    }
+
+    /// The earliest time at which a restored entry expires, if any waits.
+    pub fn next_resume_deadline(&self) -> Option<i64> {
+        self.entries().filter_map(|e| e.resume_deadline).min()
+    }
+
+    /// The processes whose exit must reap entries.
+    pub fn processes(&self) -> impl Iterator<Item = ProcessId> + '_ {
+        self.by_process.keys().copied()
+    }
+
+    /// A connection has been accepted.
+    pub fn open(&mut self, conn: ConnId, peer: Peer) {
+        self.conns.insert(
+            conn,
+            Connection {
+                peer,
+                entries: BTreeSet::new(),
+                subscriptions: BTreeSet::new(),
+            },
+        );
+    }
+
+    /// A connection has closed: its connection entries leave, its process
+    /// entries stay without it, and its subscriptions end.
+    pub fn close(&mut self, conn: ConnId, out: &mut Outbox) {
+        let Some(connection) = self.conns.remove(&conn) else {
+            return;
+        };
+        for topic in &connection.subscriptions {
+            if let Some(t) = self.topics.get_mut(topic) {
+                t.subscribers.remove(&conn);
+            }
+            self.drop_topic_if_unused(topic);
+        }
+        let mut leaving = Vec::new();
+        for phx_ref in &connection.entries {
+            let Some(entry) = self.entry_mut(phx_ref) else {
+                continue;
+            };
+            match entry.lifetime {
+                Lifetime::Connection => leaving.push(phx_ref.clone()),
+                Lifetime::Process => entry.conn = None,
+            }
+        }
+        self.remove(leaving, LeaveReason::Closed, out);
+    }
+
+    /// A process has exited: every entry it owned leaves.
+    pub fn process_exited(&mut self, process: ProcessId, out: &mut Outbox) {
+        let refs = self
+            .by_process
+            .get(&process)
+            .map(|refs| refs.iter().cloned().collect())
+            .unwrap_or_default();
+        self.remove(refs, LeaveReason::PidExit, out);
+    }
+
+    /// Restored entries whose resume deadline has passed leave.
+    pub fn expire(&mut self, now: i64, out: &mut Outbox) {
+        let expired = self
+            .entries()
+            .filter(|e| e.resume_deadline.is_some_and(|deadline| deadline <= now))
+            .map(|e| e.phx_ref.clone())
+            .collect();
+        self.remove(expired, LeaveReason::Expired, out);
+    }
+
+    /// Sends a fresh `presence_state` for each topic the connection still
+    /// subscribes to: the io layer asks for this after dropping diffs that a
+    /// slow reader could not take.
+    pub fn resync(&mut self, conn: ConnId, topics: &[String], out: &mut Outbox) {
+        let Some(connection) = self.conns.get(&conn) else {
+            return;
+        };
+        for topic in topics {
+            if connection.subscriptions.contains(topic) {
+                out.event(vec![conn], self.state_event(topic));
+            }
+        }
+    }
+
+    /// Handles one request and writes its reply, then the events it caused.
+    pub fn handle(&mut self, conn: ConnId, id: Value, op: Op, now: i64, out: &mut Outbox) {
+        let first_event = out.deliveries.len();
+        let result = match op {
+            Op::Track(track) => self.track(conn, track, now, out),
+            Op::Untrack(request) => self.untrack(conn, request, out),
+            Op::Update(request) => self.update(conn, request, out),
+            Op::List(topic) => Ok(self.list(topic)),
+            Op::GetByKey(request) => Ok(self.get_by_key(&request)),
+            Op::Subscribe(topic) => self.subscribe(conn, topic, out),
+            Op::Unsubscribe(topic) => {
+                self.unsubscribe(conn, &topic);
+                Ok(Value::Object(Map::new()))
+            }
+            Op::Resume(tokens) => Ok(self.resume(conn, tokens)),
+        };
+        // The reply goes ahead of the events its op caused: a client learns
+        // the outcome of its request before anything that follows from it.
+        let reply = match result {
+            Ok(Value::Object(fields)) => Reply {
+                id,
+                ok: true,
+                error: None,
+                fields,
+            },
+            Ok(_) => Reply::success(id, Map::new()),
+            Err(error) => Reply::failure(id, error),
+        };
+        out.deliveries
+            .insert(first_event, Delivery::Reply { conn, reply });
+    }
+
+    fn track(
+        &mut self,
+        conn: ConnId,
+        track: Track,
+        now: i64,
+        out: &mut Outbox,
+    ) -> Result<Value, ErrorBody> {
+        let Track {
+            request,
+            process,
+            token,
+            token_hash,
+        } = track;
+        let limits = self.limits;
+        validate_name("topic", &request.topic, limits.max_name_bytes)?;
+        validate_name("key", &request.key, limits.max_name_bytes)?;
+        validate_meta(&request.meta, limits.max_meta_bytes)?;
+        let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
+        if connection.entries.len() >= limits.max_entries_per_connection {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "this connection already holds {} entries, the limit",
+                    limits.max_entries_per_connection
+                ),
+            ));
+        }
+        let duplicate = connection.entries.iter().any(|phx_ref| {
+            self.entry(phx_ref)
+                .is_some_and(|e| e.topic == request.topic && e.key == request.key)
+        });
+        if duplicate {
+            return Err(ErrorBody::new(
+                ErrorCode::AlreadyTracked,
+                format!(
+                    "key `{}` is already tracked on `{}` by this connection",
+                    request.key, request.topic
+                ),
+            ));
+        }
+        if request.subscribe {
+            self.check_subscription_limit(conn, &request.topic)?;
+        }
+        let peer = connection.peer.clone();
+
+        let seq = self.take_seq();
+        // joined_at never goes backwards, even if the wall clock does.
+        let joined_at = now.max(self.last_joined_at);
+        self.last_joined_at = joined_at;
+        let entry = Entry {
+            topic: request.topic.clone(),
+            key: request.key,
+            seq,
+            phx_ref: ref_for(seq),
+            prev_ref: None,
+            meta: request.meta,
+            joined_at,
+            process,
+            uid: peer.uid,
+            user: peer.user,
+            lifetime: request.lifetime,
+            token_hash,
+            conn: Some(conn),
+            resume_deadline: None,
+        };
+        let meta = entry.to_meta();
+        let key = entry.key.clone();
+        out.changes.push(Change::Put(Box::new(entry.clone())));
+        self.insert(entry);
+
+        let topic = self.topic(&request.topic);
+        let reply = TrackReply {
+            phx_ref: meta.phx_ref.clone(),
+            seq,
+            joined_at,
+            standing: topic.standing(seq),
+            resume_token: token,
+        };
+        let owner = topic.owner().map(Entry::to_owner);
+        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
+        let mut diff = Diff::default();
+        diff.joins.insert(key, KeyPresence { metas: vec![meta] });
+        out.event(
+            subscribers,
+            Event::PresenceDiff {
+                topic: request.topic.clone(),
+                payload: diff,
+                owner,
+                reasons: BTreeMap::new(),
+            },
+        );
+        if request.subscribe {
+            self.add_subscription(conn, request.topic, out);
+        }
+        Ok(to_value(&reply))
+    }
+
+    fn untrack(
+        &mut self,
+        conn: ConnId,
+        request: UntrackRequest,
+        out: &mut Outbox,
+    ) -> Result<Value, ErrorBody> {
+        let refs = match (&request.phx_ref, &request.key) {
+            (Some(phx_ref), _) => match self.entry(phx_ref) {
+                Some(entry) if entry.topic == request.topic => {
+                    self.check_may_change(conn, entry)?;
+                    vec![phx_ref.clone()]
+                }
+                _ => Vec::new(),
+            },
+            (None, Some(key)) => self
+                .topics
+                .get(&request.topic)
+                .map(|topic| {
+                    topic
+                        .entries
+                        .values()
+                        .filter(|e| &e.key == key && self.check_may_change(conn, e).is_ok())
+                        .map(|e| e.phx_ref.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            (None, None) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "untrack needs `ref` or `key`",
+                ));
+            }
+        };
+        let removed = refs.len();
+        self.remove(refs, LeaveReason::Untrack, out);
+        Ok(to_value(&UntrackReply { removed }))
+    }
+
+    fn update(
+        &mut self,
+        conn: ConnId,
+        request: UpdateRequest,
+        out: &mut Outbox,
+    ) -> Result<Value, ErrorBody> {
+        validate_meta(&request.meta, self.limits.max_meta_bytes)?;
+        let old_ref = match (&request.phx_ref, &request.key) {
+            (Some(phx_ref), _) => phx_ref.clone(),
+            (None, Some(key)) => self.only_ref_for_key(conn, &request.topic, key)?,
+            (None, None) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "update needs `ref`, or `key` when this connection holds one entry for it",
+                ));
+            }
+        };
+        let entry = match self.entry(&old_ref) {
+            Some(entry) if entry.topic == request.topic => entry,
+            _ => {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no entry `{old_ref}` on `{}`", request.topic),
+                ));
+            }
+        };
+        self.check_may_change(conn, entry)?;
+
+        let old_meta = entry.to_meta();
+        let key = entry.key.clone();
+        let new_ref = ref_for(self.take_seq());
+        let location = self.refs.remove(&old_ref).ok_or_else(closed_connection)?;
+        let topic = self.topic_mut(&location.topic);
+        let entry = topic
+            .entries
+            .get_mut(&location.seq)
+            .ok_or_else(closed_connection)?;
+        entry.phx_ref = new_ref.clone();
+        entry.prev_ref = Some(old_ref.clone());
+        entry.meta = request.meta;
+        let updated = entry.clone();
+        let new_meta = updated.to_meta();
+        let owner = topic.owner().map(Entry::to_owner);
+        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
+
+        self.refs.insert(new_ref.clone(), location);
+        self.reindex(&old_ref, &updated);
+        out.changes.push(Change::Delete(old_ref.clone()));
+        out.changes.push(Change::Put(Box::new(updated)));
+
+        let mut diff = Diff::default();
+        diff.leaves.insert(
+            key.clone(),
+            KeyPresence {
+                metas: vec![old_meta],
+            },
+        );
+        diff.joins.insert(
+            key,
+            KeyPresence {
+                metas: vec![new_meta],
+            },
+        );
+        out.event(
+            subscribers,
+            Event::PresenceDiff {
+                topic: request.topic,
+                payload: diff,
+                owner,
+                reasons: BTreeMap::from([(old_ref.clone(), LeaveReason::Update)]),
+            },
+        );
+        Ok(to_value(&UpdateReply {
+            phx_ref: new_ref,
+            prev_ref: old_ref,
+        }))
+    }
+
+    fn list(&self, topic: Option<String>) -> Value {
+        match topic {
+            Some(topic) => to_value(&ListTopicReply {
+                state: self
+                    .topics
+                    .get(&topic)
+                    .map(Topic::snapshot)
+                    .unwrap_or_default(),
+                topic,
+            }),
+            None => to_value(&ListAllReply {
+                topics: self
+                    .topics
+                    .iter()
+                    .filter(|(_, t)| !t.entries.is_empty())
+                    .map(|(name, t)| (name.clone(), t.snapshot()))
+                    .collect(),
+            }),
+        }
+    }
+
+    fn get_by_key(&self, request: &GetByKeyRequest) -> Value {
+        let metas = self
+            .topics
+            .get(&request.topic)
+            .map(|topic| {
+                topic
+                    .entries
+                    .values()
+                    .filter(|e| e.key == request.key)
+                    .map(Entry::to_meta)
+                    .collect()
+            })
+            .unwrap_or_default();
+        to_value(&GetByKeyReply { metas })
+    }
+
+    fn subscribe(
+        &mut self,
+        conn: ConnId,
+        topic: String,
+        out: &mut Outbox,
+    ) -> Result<Value, ErrorBody> {
+        validate_name("topic", &topic, self.limits.max_name_bytes)?;
+        self.check_subscription_limit(conn, &topic)?;
+        self.add_subscription(conn, topic, out);
+        Ok(Value::Object(Map::new()))
+    }
+
+    /// Adds the subscription and sends the topic's state. Nothing can come
+    /// between the two: the registry is single-threaded.
+    fn add_subscription(&mut self, conn: ConnId, topic: String, out: &mut Outbox) {
+        if let Some(connection) = self.conns.get_mut(&conn) {
+            connection.subscriptions.insert(topic.clone());
+        }
+        self.topic_mut(&topic).subscribers.insert(conn);
+        out.event(vec![conn], self.state_event(&topic));
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, topic: &str) {
+        if let Some(connection) = self.conns.get_mut(&conn) {
+            connection.subscriptions.remove(topic);
+        }
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.subscribers.remove(&conn);
+        }
+        self.drop_topic_if_unused(topic);
+    }
+
+    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> Value {
+        let mut reply = ResumeReply {
+            resumed: Vec::new(),
+            expired: Vec::new(),
+            roles: BTreeMap::new(),
+        };
+        let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
+            return to_value(&reply);
+        };
+        for (token, hash) in tokens {
+            let phx_ref = self.by_token.get(&hash).cloned();
+            let resumable = phx_ref
+                .as_deref()
+                .and_then(|phx_ref| self.entry(phx_ref))
+                .filter(|e| e.uid == uid && e.conn.is_none());
+            let Some(entry) = resumable else {
+                reply.expired.push(token);
+                continue;
+            };
+            let (phx_ref, topic, seq) = (entry.phx_ref.clone(), entry.topic.clone(), entry.seq);
+            if let Some(entry) = self.entry_mut(&phx_ref) {
+                entry.conn = Some(conn);
+                entry.resume_deadline = None;
+            }
+            if let Some(connection) = self.conns.get_mut(&conn) {
+                connection.entries.insert(phx_ref.clone());
+            }
+            reply
+                .roles
+                .insert(phx_ref.clone(), self.topic(&topic).standing(seq));
+            reply.resumed.push(phx_ref);
+        }
+        to_value(&reply)
+    }
+
+    // -- removal, the one path by which entries leave ----------------------
+
+    /// Removes entries, then tells each topic's subscribers in one diff and,
+    /// where the owner changed, every remaining entry in a role event.
+    fn remove(&mut self, refs: Vec<String>, reason: LeaveReason, out: &mut Outbox) {
+        let mut by_topic: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+        for phx_ref in refs {
+            let Some(entry) = self.take(&phx_ref) else {
+                continue;
+            };
+            out.changes.push(Change::Delete(phx_ref));
+            by_topic.entry(entry.topic.clone()).or_default().push(entry);
+        }
+        for (topic_name, departed) in by_topic {
+            self.announce_departures(&topic_name, departed, reason, out);
+        }
+    }
+
+    fn announce_departures(
+        &mut self,
+        topic_name: &str,
+        departed: Vec<Entry>,
+        reason: LeaveReason,
+        out: &mut Outbox,
+    ) {
+        let topic = self.topic(topic_name);
+        // Seqs only grow, so the owner changed exactly when an entry left
+        // that sat below every remaining one.
+        let new_owner_seq = topic.owner().map(|e| e.seq);
+        let owner_changed = match new_owner_seq {
+            Some(seq) => departed.iter().any(|e| e.seq < seq),
+            None => false,
+        };
+
+        let mut diff = Diff::default();
+        let mut reasons = BTreeMap::new();
+        for entry in &departed {
+            reasons.insert(entry.phx_ref.clone(), reason);
+            diff.leaves
+                .entry(entry.key.clone())
+                .or_default()
+                .metas
+                .push(entry.to_meta());
+        }
+        let owner = topic.owner().map(Entry::to_owner);
+        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
+        out.event(
+            subscribers,
+            Event::PresenceDiff {
+                topic: topic_name.to_owned(),
+                payload: diff,
+                owner,
+                reasons,
+            },
+        );
+
+        if owner_changed {
+            let changes: Vec<(ConnId, Event)> = topic
+                .entries
+                .values()
+                .filter_map(|e| {
+                    let conn = e.conn?;
+                    let event = Event::Role {
+                        topic: topic_name.to_owned(),
+                        payload: RoleChange {
+                            phx_ref: e.phx_ref.clone(),
+                            standing: topic.standing(e.seq),
+                        },
+                    };
+                    Some((conn, event))
+                })
+                .collect();
+            for (conn, event) in changes {
+                out.event(vec![conn], event);
+            }
+        }
+        self.drop_topic_if_unused(topic_name);
+    }
+
+    // -- indexes ------------------------------------------------------------
+
+    fn insert(&mut self, entry: Entry) {
+        self.refs.insert(
+            entry.phx_ref.clone(),
+            Location {
+                topic: entry.topic.clone(),
+                seq: entry.seq,
+            },
+        );
+        self.by_process
+            .entry(entry.process)
+            .or_default()
+            .insert(entry.phx_ref.clone());
+        self.by_token
+            .insert(entry.token_hash, entry.phx_ref.clone());
+        if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
+            connection.entries.insert(entry.phx_ref.clone());
+        }
+        self.topic_mut(&entry.topic.clone())
+            .entries
+            .insert(entry.seq, entry);
+    }
+
+    /// Removes an entry from every index and returns it.
+    fn take(&mut self, phx_ref: &str) -> Option<Entry> {
+        let location = self.refs.remove(phx_ref)?;
+        let entry = self
+            .topics
+            .get_mut(&location.topic)?
+            .entries
+            .remove(&location.seq)?;
+        if let Some(refs) = self.by_process.get_mut(&entry.process) {
+            refs.remove(phx_ref);
+            if refs.is_empty() {
+                self.by_process.remove(&entry.process);
+            }
+        }
+        self.by_token.remove(&entry.token_hash);
+        if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
+            connection.entries.remove(phx_ref);
+        }
+        Some(entry)
+    }
+
+    /// Points the indexes that hold a ref at the entry's new ref.
+    fn reindex(&mut self, old_ref: &str, entry: &Entry) {
+        if let Some(refs) = self.by_process.get_mut(&entry.process) {
+            refs.remove(old_ref);
+            refs.insert(entry.phx_ref.clone());
+        }
+        self.by_token
+            .insert(entry.token_hash, entry.phx_ref.clone());
+        if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
+            connection.entries.remove(old_ref);
+            connection.entries.insert(entry.phx_ref.clone());
+        }
+    }
+
+    fn entry(&self, phx_ref: &str) -> Option<&Entry> {
+        let location = self.refs.get(phx_ref)?;
+        self.topics.get(&location.topic)?.entries.get(&location.seq)
+    }
+
+    fn entry_mut(&mut self, phx_ref: &str) -> Option<&mut Entry> {
+        let location = self.refs.get(phx_ref)?;
+        self.topics
+            .get_mut(&location.topic)?
+            .entries
+            .get_mut(&location.seq)
+    }
+
+    fn topic(&self, name: &str) -> &Topic {
+        static EMPTY: std::sync::OnceLock<Topic> = std::sync::OnceLock::new();
+        self.topics
+            .get(name)
+            .unwrap_or_else(|| EMPTY.get_or_init(Topic::default))
+    }
+
+    fn topic_mut(&mut self, name: &str) -> &mut Topic {
+        self.topics.entry(name.to_owned()).or_default()
+    }
+
+    fn drop_topic_if_unused(&mut self, name: &str) {
+        if self
+            .topics
+            .get(name)
+            .is_some_and(|t| t.entries.is_empty() && t.subscribers.is_empty())
+        {
+            self.topics.remove(name);
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn state_event(&self, topic: &str) -> Event {
+        let snapshot = self.topic(topic).snapshot();
+        Event::PresenceState {
+            topic: topic.to_owned(),
+            payload: snapshot.presences,
+            owner: snapshot.owner,
+        }
+    }
+
+    // -- rules ---------------------------------------------------------------
+
+    /// Only the entry's own connection may change it; a process entry may
+    /// also be changed by its uid; root may change anything.
+    fn check_may_change(&self, conn: ConnId, entry: &Entry) -> Result<(), ErrorBody> {
+        let uid = self.conns.get(&conn).map(|c| c.peer.uid);
+        let allowed = entry.conn == Some(conn)
+            || uid == Some(0)
+            || (entry.lifetime == Lifetime::Process && uid == Some(entry.uid));
+        if allowed {
+            Ok(())
+        } else {
+            Err(ErrorBody::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "entry `{}` belongs to another {}",
+                    entry.phx_ref,
+                    if uid == Some(entry.uid) {
+                        "connection"
+                    } else {
+                        "user"
+                    }
+                ),
+            ))
+        }
+    }
+
+    fn only_ref_for_key(&self, conn: ConnId, topic: &str, key: &str) -> Result<String, ErrorBody> {
+        let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
+        let mut held = connection
+            .entries
+            .iter()
+            .filter_map(|phx_ref| self.entry(phx_ref))
+            .filter(|e| e.topic == topic && e.key == key);
+        match (held.next(), held.next()) {
+            (Some(entry), None) => Ok(entry.phx_ref.clone()),
+            (None, _) => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("this connection holds no entry for key `{key}` on `{topic}`"),
+            )),
+            (Some(_), Some(_)) => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("several entries for key `{key}` on `{topic}`; name one by `ref`"),
+            )),
+        }
+    }
+
+    fn check_subscription_limit(&self, conn: ConnId, topic: &str) -> Result<(), ErrorBody> {
+        let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
+        let limit = self.limits.max_subscriptions_per_connection;
+        if !connection.subscriptions.contains(topic) && connection.subscriptions.len() >= limit {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!("this connection already has {limit} subscriptions, the limit"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The ref of a new entry or a new version of one.
+fn ref_for(seq: u64) -> String {
+    format!("p{seq}")
+}
+
+fn to_value(body: &impl Serialize) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
+
+/// A request raced with its connection's close; nobody will read the reply.
+fn closed_connection() -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, "the connection is closing")
+}

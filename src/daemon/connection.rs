@@ -1,0 +1,416 @@
+//! One client connection: read request lines, turn them into core commands,
+//! and write whatever the core sends back.
+//!
+//! Two tasks per connection: this reader, and a writer that drains the
+//! connection's [`OutboundQueue`]. Neither decides anything about presence;
+//! they parse, check what needs the system (a named pid, the peer's
+//! credentials), and pass the rest to the core.
+
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+
+use interprocess::local_socket::traits::StreamCommon as _;
+use interprocess::os::unix::uds_local_socket::tokio::Stream;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::outbound::{Next, OutboundQueue};
+use super::pidwatch::{PidWatcher, Prepared};
+use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
+use crate::core::{Command, Resolved};
+use crate::protocol::{ErrorBody, ErrorCode, KNOWN_OPS, Limits, Request};
+use crate::sys;
+
+/// What every connection task shares.
+pub struct Shared {
+    pub core: Sender<Command>,
+    pub pids: PidWatcher,
+    pub limits: Limits,
+}
+
+/// Serves one accepted connection until it closes.
+/// `flushing` is held by the writer until it has sent its last line, so
+/// that shutdown can wait for every client to get its `shutdown` event.
+pub async fn serve(
+    stream: Stream,
+    conn: ConnId,
+    shared: Arc<Shared>,
+    flushing: tokio::sync::mpsc::Sender<()>,
+) {
+    let peer = match stream.peer_creds() {
+        Ok(creds) => match (creds.pid(), creds.euid()) {
+            (Some(pid), Some(uid)) if pid > 0 => Peer {
+                pid: pid as u32,
+                uid,
+                user: sys::user_name(uid),
+            },
+            _ => {
+                tracing::warn!(conn, "peer credentials are incomplete; closing");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::warn!(conn, "could not read peer credentials ({e}); closing");
+            return;
+        }
+    };
+    tracing::debug!(conn, pid = peer.pid, uid = peer.uid, "connection opened");
+
+    let (recv, send) = tokio::net::UnixStream::from(stream).into_split();
+    let queue = OutboundQueue::new(shared.limits.max_outbound_bytes);
+    let opened = Command::Open {
+        conn,
+        peer: peer.clone(),
+        outlet: Box::new(Arc::clone(&queue)),
+    };
+    if shared.core.send(opened).is_err() {
+        return;
+    }
+    let writer = write_lines(send, Arc::clone(&queue), conn, shared.core.clone());
+    tokio::spawn(async move {
+        writer.await;
+        drop(flushing);
+    });
+    read_requests(recv, &queue, conn, &peer, &shared).await;
+    let _ = shared.core.send(Command::Close { conn });
+    tracing::debug!(conn, "connection closed");
+}
+
+async fn read_requests(
+    recv: OwnedReadHalf,
+    queue: &OutboundQueue,
+    conn: ConnId,
+    peer: &Peer,
+    shared: &Shared,
+) {
+    let mut reader = BufReader::new(recv);
+    let mut line = Vec::new();
+    loop {
+        queue.wait_for_room().await;
+        match read_line(&mut reader, &mut line, shared.limits.max_line_bytes).await {
+            Ok(ReadLine::Line) => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                handle_line(&line, conn, peer, shared);
+            }
+            Ok(ReadLine::Eof) => return,
+            Ok(ReadLine::TooLong) => {
+                let error = ErrorBody::new(
+                    ErrorCode::LineTooLong,
+                    format!(
+                        "a line may be at most {} bytes; closing the connection",
+                        shared.limits.max_line_bytes
+                    ),
+                );
+                let _ = shared.core.send(Command::Refuse {
+                    conn,
+                    id: Value::Null,
+                    error,
+                });
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(conn, "read failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+enum ReadLine {
+    Line,
+    Eof,
+    TooLong,
+}
+
+/// Reads one line into `line`, without its `\n` or `\r\n`, refusing to
+/// buffer more than `max` bytes of it. A partial line at EOF is dropped.
+async fn read_line(
+    reader: &mut BufReader<OwnedReadHalf>,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<ReadLine> {
+    line.clear();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(ReadLine::Eof);
+        }
+        let (chunk, found_end) = match available.iter().position(|&b| b == b'\n') {
+            Some(end) => (&available[..end], true),
+            None => (available, false),
+        };
+        if line.len() + chunk.len() > max {
+            return Ok(ReadLine::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let used = chunk.len() + usize::from(found_end);
+        reader.consume(used);
+        if found_end {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(ReadLine::Line);
+        }
+    }
+}
+
+/// Parses a request line and sends the core what it asks for.
+fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
+    let (id, resolved) = match parse(line) {
+        Ok(parsed) => parsed,
+        Err((id, error)) => {
+            let _ = shared.core.send(Command::Refuse { conn, id, error });
+            return;
+        }
+    };
+    let resolved = match resolved {
+        Parsed::Ready(resolved) => resolved,
+        Parsed::Track(request) => {
+            let prepared = match resolve_process(request.pid, peer, &shared.pids) {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    let _ = shared.core.send(Command::Refuse { conn, id, error });
+                    return;
+                }
+            };
+            let (process, prepared) = prepared;
+            let (token, token_hash) = new_resume_token();
+            let track = Track {
+                request,
+                process,
+                token,
+                token_hash,
+            };
+            let command = Command::Request {
+                conn,
+                id,
+                request: Resolved::Presence(Op::Track(track)),
+            };
+            // Track first, then arm: the exit of the process can then never
+            // reach the core ahead of the entry it should remove.
+            if shared.core.send(command).is_ok() {
+                shared.pids.arm(prepared);
+            }
+            return;
+        }
+    };
+    let _ = shared.core.send(Command::Request {
+        conn,
+        id,
+        request: resolved,
+    });
+}
+
+enum Parsed {
+    Ready(Resolved),
+    /// A track still needs its process resolved.
+    Track(crate::protocol::TrackRequest),
+}
+
+/// Turns a line into a request, or into the error reply it deserves.
+fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Value::Null,
+            ErrorBody::new(ErrorCode::BadJson, format!("not valid JSON: {e}")),
+        )
+    })?;
+    let Value::Object(object) = &value else {
+        return Err((
+            Value::Null,
+            ErrorBody::new(ErrorCode::BadRequest, "a request must be a JSON object"),
+        ));
+    };
+    let id = object.get("id").cloned().unwrap_or(Value::Null);
+    if matches!(id, Value::Array(_) | Value::Object(_)) {
+        return Err((
+            Value::Null,
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                "`id` must be a string, number, boolean or null",
+            ),
+        ));
+    }
+    let op = match object.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        Some(_) => {
+            return Err((
+                id,
+                ErrorBody::new(ErrorCode::BadRequest, "`op` must be a string"),
+            ));
+        }
+        None => return Err((id, ErrorBody::new(ErrorCode::BadRequest, "missing `op`"))),
+    };
+    if !KNOWN_OPS.contains(&op) {
+        return Err((
+            id,
+            ErrorBody::new(
+                ErrorCode::UnknownOp,
+                format!("unknown op `{op}`; known ops: {}", KNOWN_OPS.join(", ")),
+            ),
+        ));
+    }
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
+        (
+            id.clone(),
+            ErrorBody::new(ErrorCode::BadRequest, format!("bad `{op}` request: {e}")),
+        )
+    })?;
+    let parsed = match request {
+        Request::Hello(hello) => Parsed::Ready(Resolved::Hello(hello)),
+        Request::Track(track) => Parsed::Track(track),
+        Request::Untrack(untrack) => Parsed::Ready(Resolved::Presence(Op::Untrack(untrack))),
+        Request::Update(update) => Parsed::Ready(Resolved::Presence(Op::Update(update))),
+        Request::List(list) => Parsed::Ready(Resolved::Presence(Op::List(list.topic))),
+        Request::GetByKey(get) => Parsed::Ready(Resolved::Presence(Op::GetByKey(get))),
+        Request::Subscribe(sub) => Parsed::Ready(Resolved::Presence(Op::Subscribe(sub.topic))),
+        Request::Unsubscribe(sub) => Parsed::Ready(Resolved::Presence(Op::Unsubscribe(sub.topic))),
+        Request::Resume(resume) => {
+            let tokens = resume
+                .tokens
+                .into_iter()
+                .map(|token| {
+                    let hash = hash_token(&token);
+                    (token, hash)
+                })
+                .collect();
+            Parsed::Ready(Resolved::Presence(Op::Resume(tokens)))
+        }
+        Request::Status(_) => Parsed::Ready(Resolved::Status),
+        Request::Ping(_) => Parsed::Ready(Resolved::Ping),
+    };
+    Ok((id, parsed))
+}
+
+/// Finds the process an entry will belong to: the peer itself, or a pid it
+/// names, which must be running and (unless the peer is root) its own.
+fn resolve_process(
+    named: Option<u32>,
+    peer: &Peer,
+    pids: &PidWatcher,
+) -> Result<(ProcessId, Prepared), ErrorBody> {
+    let pid = named.unwrap_or(peer.pid);
+    let not_running = || ErrorBody::new(ErrorCode::NotFound, format!("no running process {pid}"));
+    if pid != peer.pid && peer.uid != 0 {
+        let owner = sys::process_uid(pid).map_err(|_| not_running())?;
+        if owner != peer.uid {
+            return Err(ErrorBody::new(
+                ErrorCode::PermissionDenied,
+                format!("process {pid} belongs to another user"),
+            ));
+        }
+    }
+    let process = sys::process_id(pid).map_err(|_| not_running())?;
+    let prepared = pids.prepare(process).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            not_running()
+        } else {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("cannot watch process {pid}: {e}"),
+            )
+        }
+    })?;
+    Ok((process, prepared))
+}
+
+/// A fresh resume token and its hash. Only the hash is kept.
+fn new_resume_token() -> (String, TokenHash) {
+    let mut bytes = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        // Without randomness a token could be guessed; make it unusable
+        // rather than weak. The entry itself is unaffected.
+        tracing::error!("no randomness for a resume token: {e}");
+    }
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+fn hash_token(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Drains the outbound queue to the socket until the queue closes or the
+/// socket fails.
+async fn write_lines(
+    mut send: OwnedWriteHalf,
+    queue: Arc<OutboundQueue>,
+    conn: ConnId,
+    core: Sender<Command>,
+) {
+    loop {
+        match queue.next().await {
+            Next::Write(lines) => {
+                for line in lines {
+                    if let Err(e) = send.write_all(&line.bytes).await {
+                        tracing::debug!(conn, "write failed: {e}");
+                        queue.abandon();
+                        return;
+                    }
+                }
+                if send.flush().await.is_err() {
+                    queue.abandon();
+                    return;
+                }
+            }
+            Next::Resync(topics) => {
+                let _ = core.send(Command::Resync { conn, topics });
+            }
+            Next::Finished => {
+                // Half-close so the client sees EOF even while it keeps the
+                // socket open.
+                let _ = send.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(line: &str) -> ErrorCode {
+        match parse(line.as_bytes()) {
+            Err((_, error)) => error.code,
+            Ok(_) => panic!("expected `{line}` to be refused"),
+        }
+    }
+
+    #[test]
+    fn parse_tells_the_error_kinds_apart() {
+        assert_eq!(code_of("{nope"), ErrorCode::BadJson);
+        assert_eq!(code_of("[1]"), ErrorCode::BadRequest);
+        assert_eq!(code_of(r#"{"op":"fly"}"#), ErrorCode::UnknownOp);
+        assert_eq!(
+            code_of(r#"{"op":"track","topic":"t"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code_of(r#"{"id":[1],"op":"ping"}"#), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn parse_accepts_escaped_slashes_and_echoes_the_id() {
+        let (id, parsed) =
+            parse(br#"{"id":"a\/b","op":"subscribe","topic":"file:\/tmp\/x"}"#).unwrap();
+        assert_eq!(id, Value::String("a/b".into()));
+        assert!(matches!(
+            parsed,
+            Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))) if topic == "file:/tmp/x"
+        ));
+    }
+
+    #[test]
+    fn tokens_are_random_and_hash_to_what_is_stored() {
+        let (a, hash_a) = new_resume_token();
+        let (b, _) = new_resume_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert_eq!(hash_token(&a), hash_a);
+    }
+}

@@ -1,0 +1,154 @@
+//! The io layer: the socket, one task pair per connection, process
+//! watchers and signals. It turns bytes into core commands and core output
+//! into bytes; it never decides who owns a topic.
+
+mod connection;
+mod listener;
+mod outbound;
+mod pidwatch;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use interprocess::local_socket::traits::tokio::Listener as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::core::store::Store;
+use crate::core::{Command, Core, DaemonInfo, Stopped};
+use crate::protocol::Limits;
+use connection::Shared;
+use pidwatch::PidWatcher;
+
+/// Everything `presence daemon` is told.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub db: PathBuf,
+    pub limits: Limits,
+    /// How long a connection entry restored at start waits to be resumed.
+    pub resume_grace: Duration,
+    /// Print `ready` on stdout once the socket listens (used by auto-start).
+    pub ready_on_stdout: bool,
+}
+
+/// How long shutdown waits for the `shutdown` event to reach slow clients.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let claimed = listener::claim(&config.socket)?;
+
+    if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::paths::ensure_private_dir(dir)
+            .with_context(|| format!("preparing the database folder {}", dir.display()))?;
+    }
+    let boot_id = crate::sys::boot_id().context("reading the boot id")?;
+    let store = Store::open(&config.db, boot_id.clone())
+        .with_context(|| format!("opening the database {}", config.db.display()))?;
+    listener::raise_fd_limit(config.limits.max_connections);
+
+    let (core_tx, core_rx) = std::sync::mpsc::channel();
+    let pids = PidWatcher::new(core_tx.clone());
+    let info = DaemonInfo {
+        socket: config.socket.clone(),
+        started,
+        pid_watch: pids.mode().to_owned(),
+    };
+    let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?;
+    for process in core.watched_processes() {
+        pids.watch(process);
+    }
+
+    let (stopped_tx, mut stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("presenced-core".into())
+        .spawn(move || {
+            let _ = stopped_tx.send(core.run(core_rx));
+        })
+        .context("starting the core thread")?;
+
+    let bound = claimed.listen()?;
+    tracing::info!(
+        "presenced {} listening on {} (database {})",
+        env!("CARGO_PKG_VERSION"),
+        config.socket.display(),
+        config.db.display()
+    );
+    if config.ready_on_stdout {
+        println!("ready");
+    }
+
+    let shared = Arc::new(Shared {
+        core: core_tx.clone(),
+        pids,
+        limits: config.limits,
+    });
+    let active = Arc::new(AtomicUsize::new(0));
+    // Every writer holds a clone; when all are gone, every client has been
+    // sent everything it was owed.
+    let (writers_alive, mut writers_done) = tokio::sync::mpsc::channel::<()>(1);
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut next_conn = 0u64;
+
+    let reason = loop {
+        tokio::select! {
+            accepted = bound.listener.accept() => match accepted {
+                Ok(stream) => {
+                    next_conn += 1;
+                    let conn = next_conn;
+                    if active.load(Ordering::Relaxed) >= config.limits.max_connections {
+                        tokio::spawn(listener::refuse_over_limit(stream, config.limits.max_connections));
+                        continue;
+                    }
+                    active.fetch_add(1, Ordering::Relaxed);
+                    let shared = Arc::clone(&shared);
+                    let active = Arc::clone(&active);
+                    let alive = writers_alive.clone();
+                    tokio::spawn(async move {
+                        connection::serve(stream, conn, shared, alive).await;
+                        active.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = terminate.recv() => break "the daemon received SIGTERM",
+            _ = interrupt.recv() => break "the daemon received SIGINT",
+            stopped = &mut stopped_rx => {
+                return match stopped {
+                    Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the database failed")),
+                    _ => Err(anyhow::anyhow!("the core stopped unexpectedly")),
+                };
+            }
+        }
+    };
+
+    tracing::info!("shutting down: {reason}");
+    let _ = core_tx.send(Command::Shutdown {
+        reason: reason.to_owned(),
+    });
+    let stopped = stopped_rx.await;
+    drop(writers_alive);
+    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
+    drop(bound);
+    match stopped {
+        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the final commit failed")),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,142 @@
+//! Watches the processes that own entries, and tells the core the moment
+//! one exits.
+//!
+//! Each process is watched once, by a pidfd registered with tokio, however
+//! many entries it owns. Where the kernel has no pidfds the watcher falls
+//! back to looking at `/proc` on an interval, and says so in the log and in
+//! `status`.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::core::Command;
+use crate::core::registry::ProcessId;
+use crate::sys::{self, ExitWatch};
+
+/// How often the fallback looks at `/proc` when pidfds are unavailable.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct PidWatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    watched: Mutex<HashSet<ProcessId>>,
+    core: Sender<Command>,
+    polling: AtomicBool,
+}
+
+impl PidWatcher {
+    pub fn new(core: Sender<Command>) -> PidWatcher {
+        // Probe once on ourselves, so that `status` can say from the start
+        // how exits are noticed.
+        let polling = sys::process_id(std::process::id())
+            .and_then(ExitWatch::open)
+            .is_err_and(|e| e.kind() == io::ErrorKind::Unsupported);
+        if polling {
+            tracing::warn!(
+                "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
+                POLL_INTERVAL
+            );
+        }
+        PidWatcher {
+            inner: Arc::new(Inner {
+                watched: Mutex::new(HashSet::new()),
+                core,
+                polling: AtomicBool::new(polling),
+            }),
+        }
+    }
+
+    /// How exits are noticed, for `status`.
+    pub fn mode(&self) -> &'static str {
+        if self.inner.polling.load(Ordering::Relaxed) {
+            "polling"
+        } else {
+            "pidfd"
+        }
+    }
+
+    /// Opens a watch on a process before its entry is tracked. Failing with
+    /// `NotFound` means the process is gone (or its pid now names another
+    /// process). The caller must send its track command to the core before
+    /// calling [`PidWatcher::arm`], so that the exit can never overtake it.
+    pub fn prepare(&self, process: ProcessId) -> io::Result<Prepared> {
+        match ExitWatch::open(process) {
+            Ok(watch) => Ok(Prepared {
+                process,
+                watch: Some(watch),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                if !sys::is_running(process) {
+                    return Err(io::Error::from(io::ErrorKind::NotFound));
+                }
+                if !self.inner.polling.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
+                        POLL_INTERVAL
+                    );
+                }
+                Ok(Prepared {
+                    process,
+                    watch: None,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts watching, unless the process is already watched.
+    pub fn arm(&self, prepared: Prepared) {
+        let mut watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if !watched.insert(prepared.process) {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let process = prepared.process;
+            let result = match prepared.watch {
+                Some(watch) => watch.exited().await,
+                None => {
+                    while sys::is_running(process) {
+                        tokio::time::sleep(POLL_INTERVAL).await;
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(
+                    pid = process.pid,
+                    "watching the process failed ({e}); treating it as exited"
+                );
+            }
+            // Removing and sending under the lock keeps the order: a track
+            // for this process that saw it watched was sent before this.
+            let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+            watched.remove(&process);
+            let _ = inner.core.send(Command::ProcessExited(process));
+        });
+    }
+
+    /// Prepares and arms in one step, for processes whose entries the core
+    /// already holds (restored at start).
+    pub fn watch(&self, process: ProcessId) {
+        match self.prepare(process) {
+            Ok(prepared) => self.arm(prepared),
+            Err(_) => {
+                let _ = self.inner.core.send(Command::ProcessExited(process));
+            }
+        }
+    }
+}
+
+/// A watch opened but not yet running.
+pub struct Prepared {
+    process: ProcessId,
+    watch: Option<ExitWatch>,
+}

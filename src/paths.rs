@@ -1,0 +1,121 @@
+//! Where the socket and the database live by default, and the checks that
+//! keep the socket's folder private.
+
+use std::fs::DirBuilder;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::sys::current_uid;
+
+/// `$XDG_RUNTIME_DIR/presenced/presenced.sock`, or
+/// `/tmp/presenced-$UID/presenced.sock` without a runtime dir.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("presenced/presenced.sock"),
+        None => PathBuf::from(format!("/tmp/presenced-{}/presenced.sock", current_uid())),
+    }
+}
+
+/// `$XDG_STATE_HOME/presenced/presence.db`, falling back to
+/// `~/.local/state/presenced/presence.db`.
+pub fn default_db() -> PathBuf {
+    let state_home = std::env::var_os("XDG_STATE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    state_home.join("presenced/presence.db")
+}
+
+/// Where a daemon started on demand writes its log: beside its database.
+pub fn autostart_log(db: &Path) -> PathBuf {
+    db.with_file_name("daemon.log")
+}
+
+/// The lock a daemon holds for as long as it serves `socket`.
+pub fn daemon_lock(socket: &Path) -> PathBuf {
+    sibling(socket, ".lock")
+}
+
+/// The lock clients hold while they start a daemon for `socket`.
+pub fn autostart_lock(socket: &Path) -> PathBuf {
+    sibling(socket, ".start.lock")
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Creates `dir` (mode 0700) if needed and refuses it when another user owns
+/// it or when group or others may write to it: whoever can write to the
+/// folder could replace the socket.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let uid = current_uid();
+    if meta.uid() != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {}, not by this user (uid {uid})",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is writable by group or others (mode {:o}); use a private folder (chmod 700)",
+                dir.display(),
+                meta.mode() & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The folder holding `path`, for paths given as a bare file name too.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_folder_is_created_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        ensure_private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_world_writable_folder_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_private_dir(tmp.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn lock_files_sit_beside_the_socket() {
+        let socket = Path::new("/run/x/presenced.sock");
+        assert_eq!(daemon_lock(socket), Path::new("/run/x/presenced.sock.lock"));
+        assert_eq!(
+            autostart_lock(socket),
+            Path::new("/run/x/presenced.sock.start.lock")
+        );
+    }
+}

@@ -1,0 +1,607 @@
+//! The wire contract, protocol v1: every request, reply and event as a typed
+//! value, shared by the daemon and the client library so that the two can
+//! never disagree about a field name.
+//!
+//! Framing is one JSON object per line. Requests carry an `op`; replies carry
+//! `ok`; events carry `event` and never `ok`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What `hello` reports as `server`.
+pub const SERVER_NAME: &str = concat!("presenced ", env!("CARGO_PKG_VERSION"));
+
+/// Meta fields the daemon manages; a client meta may not set them.
+pub const RESERVED_META_FIELDS: [&str; 7] = [
+    "phx_ref",
+    "phx_ref_prev",
+    "seq",
+    "joined_at",
+    "pid",
+    "uid",
+    "user",
+];
+
+/// The daemon's limits. Each one has a default from the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_line_bytes: usize,
+    pub max_name_bytes: usize,
+    pub max_meta_bytes: usize,
+    pub max_entries_per_connection: usize,
+    pub max_subscriptions_per_connection: usize,
+    pub max_connections: usize,
+    pub max_outbound_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line_bytes: 64 * 1024,
+            max_name_bytes: 256,
+            max_meta_bytes: 8 * 1024,
+            max_entries_per_connection: 1_000,
+            max_subscriptions_per_connection: 1_000,
+            max_connections: 10_000,
+            max_outbound_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// The `code` of an error reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    BadRequest,
+    UnknownOp,
+    AlreadyTracked,
+    NotFound,
+    PermissionDenied,
+    LimitExceeded,
+    LineTooLong,
+    UnsupportedProtocol,
+    Internal,
+    /// A code from a newer daemon that this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::AlreadyTracked => "already_tracked",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `error` object of a failed reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ErrorBody {}
+
+/// How long a tracked entry lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifetime {
+    /// Until the connection closes or the process exits, whichever is first.
+    #[default]
+    Connection,
+    /// Until the process exits or the same uid untracks it.
+    Process,
+}
+
+impl Lifetime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifetime::Connection => "connection",
+            Lifetime::Process => "process",
+        }
+    }
+}
+
+/// A topic's entry is either the owner or a read-only spectator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Spectator,
+}
+
+/// Why an entry left its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    Untrack,
+    Closed,
+    PidExit,
+    Expired,
+    Update,
+}
+
+impl LeaveReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaveReason::Untrack => "untrack",
+            LeaveReason::Closed => "closed",
+            LeaveReason::PidExit => "pid_exit",
+            LeaveReason::Expired => "expired",
+            LeaveReason::Update => "update",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------
+
+/// A request line: the op with its fields. The envelope's `id` is read
+/// separately so that it can be echoed even when the fields are wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello(HelloRequest),
+    Track(TrackRequest),
+    Untrack(UntrackRequest),
+    Update(UpdateRequest),
+    List(ListRequest),
+    GetByKey(GetByKeyRequest),
+    Subscribe(TopicRequest),
+    Unsubscribe(TopicRequest),
+    Resume(ResumeRequest),
+    Status(Empty),
+    Ping(Empty),
+}
+
+/// Every op name the daemon knows, to tell `unknown_op` from `bad_request`.
+pub const KNOWN_OPS: [&str; 11] = [
+    "hello",
+    "track",
+    "untrack",
+    "update",
+    "list",
+    "get_by_key",
+    "subscribe",
+    "unsubscribe",
+    "resume",
+    "status",
+    "ping",
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrackRequest {
+    pub topic: String,
+    pub key: String,
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub lifetime: Lifetime,
+    #[serde(default)]
+    pub subscribe: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UntrackRequest {
+    pub topic: String,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub phx_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    pub topic: String,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub phx_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub meta: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetByKeyRequest {
+    pub topic: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRequest {
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    pub tokens: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Presence data
+// ---------------------------------------------------------------------------
+
+/// One entry as the wire shows it: the client's meta plus the fields the
+/// daemon manages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub phx_ref: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phx_ref_prev: Option<String>,
+    pub seq: u64,
+    pub joined_at: i64,
+    pub pid: u32,
+    pub uid: u32,
+    pub user: String,
+    #[serde(flatten)]
+    pub client: Map<String, Value>,
+}
+
+/// Phoenix's `{"metas": [...]}`, metas sorted by seq.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyPresence {
+    pub metas: Vec<Meta>,
+}
+
+/// Phoenix's presence map: key to metas.
+pub type Presences = BTreeMap<String, KeyPresence>;
+
+/// Who owns a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub key: String,
+    pub phx_ref: String,
+    pub pid: u32,
+    pub user: String,
+    pub joined_at: i64,
+}
+
+/// A topic's presences with its owner, as `list` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopicPresences {
+    pub presences: Presences,
+    pub owner: Option<Owner>,
+}
+
+// ---------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------
+
+/// A reply line: `{"id", "ok": true, ...fields}` or
+/// `{"id", "ok": false, "error": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: Value,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl Reply {
+    pub fn success(id: Value, body: impl Serialize) -> Reply {
+        let fields = match serde_json::to_value(body) {
+            Ok(Value::Object(fields)) => fields,
+            _ => Map::new(),
+        };
+        Reply {
+            id,
+            ok: true,
+            error: None,
+            fields,
+        }
+    }
+
+    pub fn failure(id: Value, error: ErrorBody) -> Reply {
+        Reply {
+            id,
+            ok: false,
+            error: Some(error),
+            fields: Map::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol: u32,
+    pub server: String,
+    pub pid: u32,
+}
+
+/// Where an entry stands in its topic's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standing {
+    pub role: Role,
+    pub readonly: bool,
+    pub position: usize,
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackReply {
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    pub seq: u64,
+    pub joined_at: i64,
+    #[serde(flatten)]
+    pub standing: Standing,
+    pub resume_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UntrackReply {
+    pub removed: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReply {
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    pub prev_ref: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListTopicReply {
+    pub topic: String,
+    #[serde(flatten)]
+    pub state: TopicPresences,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListAllReply {
+    pub topics: BTreeMap<String, TopicPresences>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetByKeyReply {
+    pub metas: Vec<Meta>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeReply {
+    pub resumed: Vec<String>,
+    pub expired: Vec<String>,
+    pub roles: BTreeMap<String, Standing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub socket: String,
+    pub db: String,
+    pub db_recovered: Option<String>,
+    pub topics: usize,
+    pub entries: usize,
+    pub connections: usize,
+    pub subscriptions: usize,
+    pub pid_watch: String,
+}
+
+// ---------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------
+
+/// `presence_diff`'s payload: both maps are always present.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Diff {
+    pub joins: Presences,
+    pub leaves: Presences,
+}
+
+/// `role`'s payload: an entry's new standing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    #[serde(flatten)]
+    pub standing: Standing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownPayload {
+    pub reason: String,
+}
+
+/// A pushed event. Its `event` field names the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    PresenceState {
+        topic: String,
+        payload: Presences,
+        owner: Option<Owner>,
+    },
+    PresenceDiff {
+        topic: String,
+        payload: Diff,
+        owner: Option<Owner>,
+        reasons: BTreeMap<String, LeaveReason>,
+    },
+    Role {
+        topic: String,
+        payload: RoleChange,
+    },
+    Shutdown {
+        payload: ShutdownPayload,
+    },
+}
+
+impl Event {
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Event::PresenceState { topic, .. }
+            | Event::PresenceDiff { topic, .. }
+            | Event::Role { topic, .. } => Some(topic),
+            Event::Shutdown { .. } => None,
+        }
+    }
+}
+
+/// Any line the daemon sends: a reply or an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    Reply(Reply),
+    Event(Event),
+}
+
+impl ServerMessage {
+    /// Parses one line from the daemon.
+    pub fn parse(line: &str) -> Result<ServerMessage, serde_json::Error> {
+        let value: Value = serde_json::from_str(line)?;
+        if value.get("event").is_some() {
+            serde_json::from_value(value).map(ServerMessage::Event)
+        } else {
+            serde_json::from_value(value).map(ServerMessage::Reply)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validation shared by the daemon and the client
+// ---------------------------------------------------------------------------
+
+/// Checks a topic or key: 1 to `max_bytes` bytes and no control characters.
+pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), ErrorBody> {
+    if name.is_empty() || name.len() > max_bytes {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{what} must be 1 to {max_bytes} bytes, got {}", name.len()),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{what} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a client meta: no daemon-managed field, at most `max_bytes` when
+/// serialized.
+pub fn validate_meta(meta: &Map<String, Value>, max_bytes: usize) -> Result<(), ErrorBody> {
+    if let Some(field) = RESERVED_META_FIELDS
+        .iter()
+        .find(|field| meta.contains_key(**field))
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("meta field `{field}` is managed by the daemon and cannot be set"),
+        ));
+    }
+    let size = serde_json::to_vec(meta)
+        .map(|bytes| bytes.len())
+        .unwrap_or(0);
+    if size > max_bytes {
+        return Err(ErrorBody::new(
+            ErrorCode::LimitExceeded,
+            format!("meta is {size} bytes serialized; the limit is {max_bytes}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reply_flattens_fields_next_to_id_and_ok() {
+        let reply = Reply::success(json!(7), UntrackReply { removed: 2 });
+        let line = serde_json::to_value(&reply).unwrap();
+        assert_eq!(line, json!({"id": 7, "ok": true, "removed": 2}));
+    }
+
+    #[test]
+    fn events_are_tagged_and_never_carry_ok() {
+        let event = Event::Shutdown {
+            payload: ShutdownPayload {
+                reason: "stopping".into(),
+            },
+        };
+        let line = serde_json::to_value(&event).unwrap();
+        assert_eq!(
+            line,
+            json!({"event": "shutdown", "payload": {"reason": "stopping"}})
+        );
+        let parsed = ServerMessage::parse(&line.to_string()).unwrap();
+        assert_eq!(parsed, ServerMessage::Event(event));
+    }
+
+    #[test]
+    fn reserved_meta_fields_are_refused() {
+        let meta = json!({"seq": 1}).as_object().unwrap().clone();
+        let err = validate_meta(&meta, 8192).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        assert!(validate_name("topic", "a\nb", 256).is_err());
+        assert!(validate_name("topic", "", 256).is_err());
+        assert!(validate_name("topic", "publishing_edit:docs:x", 256).is_ok());
+    }
+}

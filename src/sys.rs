@@ -1,0 +1,158 @@
+//! What the daemon and the CLI need from the operating system: process
+//! identity from `/proc`, user names, and waiting for a process to exit.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rustix::process::{Pid, PidfdFlags, pidfd_open};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::core::registry::ProcessId;
+
+/// This boot's id; rows written under another boot belong to processes that
+/// no longer exist.
+pub fn boot_id() -> io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_owned())
+}
+
+/// The process's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`). Together with the pid it names one process for good:
+/// a pid can be reused, the pair cannot.
+pub fn process_start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses; every
+    // field after its closing parenthesis is plain.
+    let after_name = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| invalid_data("no command name in /proc stat"))?;
+    after_name
+        .split_ascii_whitespace()
+        .nth(19)
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| invalid_data("no start time in /proc stat"))
+}
+
+/// The process, pinned by its start time; `NotFound` when it is not running.
+pub fn process_id(pid: u32) -> io::Result<ProcessId> {
+    Ok(ProcessId {
+        pid,
+        start_time: process_start_time(pid)?,
+    })
+}
+
+/// Whether this exact process (pid and start time) is still running.
+pub fn is_running(process: ProcessId) -> bool {
+    process_start_time(process.pid).is_ok_and(|start| start == process.start_time)
+}
+
+/// The effective uid of a running process.
+pub fn process_uid(pid: u32) -> io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_ascii_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .ok_or_else(|| invalid_data("no Uid line in /proc status"))
+}
+
+/// The login name for a uid, or the uid as text when it has none.
+pub fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
+    }
+}
+
+/// The effective uid of this process.
+pub fn current_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// A handle on a process that becomes readable when it exits.
+pub struct ExitWatch {
+    fd: OwnedFd,
+}
+
+impl ExitWatch {
+    /// Opens a pidfd on `process` and confirms it is still the same process,
+    /// so that a reused pid is never watched in its place. Fails with
+    /// `NotFound` when the process is gone, and with `Unsupported` when the
+    /// kernel has no pidfds.
+    pub fn open(process: ProcessId) -> io::Result<ExitWatch> {
+        let pid = Pid::from_raw(process.pid as i32)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "pid 0 is not a process"))?;
+        let fd = pidfd_open(pid, PidfdFlags::empty()).map_err(|errno| match errno {
+            rustix::io::Errno::SRCH => io::Error::from(io::ErrorKind::NotFound),
+            rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL => {
+                io::Error::new(io::ErrorKind::Unsupported, "pidfd_open is not available")
+            }
+            other => io::Error::from(other),
+        })?;
+        // The pidfd now pins the process: if the start time still matches,
+        // it refers to the process we were asked about.
+        if !is_running(process) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(ExitWatch { fd })
+    }
+
+    /// Resolves when the process has exited.
+    pub async fn exited(self) -> io::Result<()> {
+        // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays
+        // open and names the same pidfd until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(self.fd, Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let _ready = fd.readable().await?;
+        Ok(())
+    }
+}
+
+/// Waits for a process to exit: by pidfd where the kernel has them, else by
+/// looking at `/proc` every `poll` interval.
+pub async fn wait_for_exit(process: ProcessId, poll: std::time::Duration) -> io::Result<()> {
+    match ExitWatch::open(process) {
+        Ok(watch) => watch.exited().await,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            while is_running(process) {
+                tokio::time::sleep(poll).await;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn invalid_data(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_stable_and_names_this_process() {
+        let me = std::process::id();
+        let first = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me).unwrap(), first);
+        assert!(is_running(ProcessId {
+            pid: me,
+            start_time: first
+        }));
+        assert!(!is_running(ProcessId {
+            pid: me,
+            start_time: first + 1
+        }));
+    }
+
+    #[test]
+    fn own_uid_matches_proc() {
+        assert_eq!(process_uid(std::process::id()).unwrap(), current_uid());
+    }
+}
