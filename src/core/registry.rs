@@ -976,3 +976,6 @@ fn to_value(body: &impl Serialize) -> Value {
 fn closed_connection() -> ErrorBody {
     ErrorBody::new(ErrorCode::Internal, "the connection is closing")
 }
+
+#[cfg(test)]
+mod tests;
