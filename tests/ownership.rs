@@ -67,7 +67,10 @@ async fn sigkill_of_the_owner_promotes_the_next_in_line_and_tells_watchers() {
     let topic = "file:/srv/docs/post.md";
     let (watcher, mut events) = daemon.client().await;
     watcher.subscribe(topic).await.expect("subscribe");
-    next_event(&mut events, |e| matches!(e, Event::PresenceState { .. }).then_some(())).await;
+    next_event(&mut events, |e| {
+        matches!(e, Event::PresenceState { .. }).then_some(())
+    })
+    .await;
 
     let mut owner = daemon.spawn(&["join", topic, "--key", "alice", "--json"]);
     let owner_reply = owner.json().await;
@@ -136,11 +139,9 @@ async fn join_with_pid_is_reaped_when_that_process_exits() {
     let reply = join.json().await;
     assert_eq!(reply["ok"], true);
     let tracked = next_event(&mut events, |e| match e {
-        Event::PresenceDiff { payload, .. } => payload
-            .joins
-            .values()
-            .flat_map(|p| p.metas.clone())
-            .next(),
+        Event::PresenceDiff { payload, .. } => {
+            payload.joins.values().flat_map(|p| p.metas.clone()).next()
+        }
         _ => None,
     })
     .await;

@@ -73,6 +73,14 @@ impl Daemon {
         self.child.id().expect("daemon is running")
     }
 
+    /// Waits for the daemon to exit and returns its exit code.
+    pub async fn wait(&mut self) -> Option<i32> {
+        within("the daemon to exit", self.child.wait())
+            .await
+            .expect("wait")
+            .code()
+    }
+
     /// A `presence` command aimed at this daemon, never starting another.
     pub fn command(&self) -> Command {
         let mut command = Command::new(presence_bin());

@@ -1,0 +1,215 @@
+//! Starting daemons: on demand, exactly once, never over a live one, and
+//! past a stale socket file.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+
+use common::{Daemon, presence_bin, within};
+use tokio::process::Command;
+
+/// Pids of running `presence daemon` processes serving `socket`.
+fn daemons_serving(socket: &Path) -> Vec<u32> {
+    let socket = socket.to_string_lossy();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        // A zombie has an empty cmdline, so it does not count.
+        if args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == socket) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Stops auto-started daemons when the test ends, pass or fail.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_clients_starting_at_once_make_exactly_one_daemon() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = dir.path().join("run/presenced.sock");
+    let db = dir.path().join("state/presence.db");
+    let client = |topic: &str| {
+        let mut command = Command::new(presence_bin());
+        command
+            .args(["--socket"])
+            .arg(&socket)
+            .args(["list", topic, "--json"])
+            .env("PRESENCE_DB", &db)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let first = client("a").spawn().expect("first client");
+    let second = client("b").spawn().expect("second client");
+    let (first, second) = within("both clients", async {
+        tokio::join!(first.wait_with_output(), second.wait_with_output())
+    })
+    .await;
+    let first = first.expect("first client output");
+    let second = second.expect("second client output");
+
+    let daemons = daemons_serving(&socket);
+    let _cleanup = KillOnDrop(daemons.clone());
+    assert!(
+        first.status.success(),
+        "first client failed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "second client failed: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(daemons.len(), 1, "daemons serving the socket: {daemons:?}");
+    // The auto-started daemon logs beside its database.
+    assert!(db.with_file_name("daemon.log").exists());
+}
+
+#[tokio::test]
+async fn no_autostart_fails_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = dir.path().join("presenced.sock");
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--no-autostart", "list"])
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no daemon at"), "{stderr}");
+    assert!(stderr.contains("presence daemon"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let daemon = Daemon::start().await;
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(daemon.dir.path().join("other.db"))
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(stderr.contains(&daemon.pid().to_string()), "{stderr}");
+    // The first one still answers.
+    let (client, _events) = daemon.client().await;
+    client.ping().await.expect("the first daemon still serves");
+}
+
+#[tokio::test]
+async fn a_stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = dir.path().join("presenced.sock");
+    // A socket file nobody listens on, as a killed daemon leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+
+    let mut command = Command::new(presence_bin());
+    command
+        .arg("--socket")
+        .arg(&socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(dir.path().join("p.db"))
+        .arg("--ready-on-stdout")
+        .env("PRESENCE_LOG", "warn");
+    let _daemon = common::spawn_until_ready(command).await;
+    let (client, _events) = presenced::client::Client::connect(&socket)
+        .await
+        .expect("connects to the new daemon");
+    client.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn the_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = Daemon::start().await;
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert_eq!(mode(daemon.socket.parent().expect("folder")), 0o700);
+}
+
+#[tokio::test]
+async fn a_socket_folder_writable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(open.join("presenced.sock"))
+        .arg("daemon")
+        .arg("--db")
+        .arg(dir.path().join("p.db"))
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_tells_clients_removes_the_socket_and_keeps_the_rows() {
+    let mut daemon = Daemon::start().await;
+    let (client, mut events) = daemon.client().await;
+    let mut request = presenced::protocol::TrackRequest::new("doc", "alice");
+    request.lifetime = presenced::protocol::Lifetime::Process;
+    client.track(request).await.expect("track");
+
+    common::signal(daemon.pid(), nix::sys::signal::Signal::SIGTERM);
+    let reason = common::next_event(&mut events, |e| match e {
+        presenced::protocol::Event::Shutdown { payload } => Some(payload.reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("SIGTERM"), "{reason}");
+    let status = daemon.wait().await;
+    assert_eq!(status, Some(0));
+    assert!(!daemon.socket.exists(), "the socket should be removed");
+    let db = rusqlite::Connection::open(&daemon.db).expect("open the database");
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(rows, 1, "the entry is kept for the restart");
+}

@@ -1,0 +1,222 @@
+//! Identity comes from the socket's peer credentials, and nobody can take
+//! over or remove another user's (or another connection's) entries.
+//!
+//! These tests need root, to run the daemon and clients as the unprivileged
+//! uid 65534 with `setpriv`. CI runs as root; elsewhere they say they were
+//! skipped.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::{Running, error_code, within};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+const NOBODY: u32 = 65534;
+
+/// A daemon running as uid 65534, from a copy of the binary that uid can
+/// execute wherever the checkout lives.
+struct UnprivilegedDaemon {
+    _dir: tempfile::TempDir,
+    binary: PathBuf,
+    socket: PathBuf,
+    _daemon: tokio::process::Child,
+}
+
+impl UnprivilegedDaemon {
+    async fn start() -> UnprivilegedDaemon {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+        let binary = dir.path().join("presence");
+        std::fs::copy(common::presence_bin(), &binary).expect("copy the binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let socket = dir.path().join("run/presenced.sock");
+
+        let mut daemon = as_nobody(&binary);
+        daemon
+            .arg("--socket")
+            .arg(&socket)
+            .arg("daemon")
+            .arg("--db")
+            .arg(dir.path().join("state/presence.db"))
+            .arg("--ready-on-stdout")
+            .env("PRESENCE_LOG", "warn");
+        let daemon = common::spawn_until_ready(daemon).await;
+        UnprivilegedDaemon {
+            _dir: dir,
+            binary,
+            socket,
+            _daemon: daemon,
+        }
+    }
+
+    /// `presence ARGS` run as uid 65534 against this daemon.
+    fn presence_as_nobody(&self, args: &[&str]) -> Command {
+        let mut command = as_nobody(&self.binary);
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--no-autostart")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Sends request lines as uid 65534 on one connection and returns every
+    /// reply, in order.
+    async fn raw_as_nobody(&self, requests: &[Value]) -> Vec<Value> {
+        let mut child = self
+            .presence_as_nobody(&["raw"])
+            .spawn()
+            .expect("presence raw spawns");
+        let mut stdin = child.stdin.take().expect("stdin");
+        for request in requests {
+            stdin
+                .write_all(format!("{request}\n").as_bytes())
+                .await
+                .expect("write a request");
+        }
+        drop(stdin);
+        let output = within("presence raw", child.wait_with_output())
+            .await
+            .expect("output");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("JSON"))
+            .filter(|line: &Value| line.get("ok").is_some())
+            .collect()
+    }
+}
+
+fn as_nobody(binary: &Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(binary);
+    command
+}
+
+fn running_as_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: needs root to run a second uid with setpriv");
+    false
+}
+
+#[tokio::test]
+async fn naming_another_users_process_is_permission_denied() {
+    if !running_as_root() {
+        return;
+    }
+    let daemon = UnprivilegedDaemon::start().await;
+    // pid 1 belongs to root.
+    let replies = daemon
+        .raw_as_nobody(&[json!({"op": "track", "id": 1, "topic": "t", "key": "k", "pid": 1})])
+        .await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(error_code(&replies[0]), "permission_denied");
+}
+
+#[tokio::test]
+async fn entries_cannot_be_removed_or_changed_from_another_connection_or_user() {
+    if !running_as_root() {
+        return;
+    }
+    let daemon = UnprivilegedDaemon::start().await;
+
+    // An entry of uid 65534, held by its own connection.
+    let mut holder =
+        Running::spawn(&mut daemon.presence_as_nobody(&["join", "doc", "--key", "n", "--json"]));
+    let held = holder.json().await;
+    assert_eq!(held["ok"], true);
+    let held_ref = held["ref"].as_str().expect("ref").to_owned();
+
+    // An entry of root, on a root connection.
+    let (root, _root_events) = presenced::client::Client::connect(&daemon.socket)
+        .await
+        .expect("root connects");
+    let root_entry = root
+        .track(presenced::protocol::TrackRequest::new("doc", "root"))
+        .await
+        .expect("root tracks");
+    assert_eq!(root_entry.standing.position, 1);
+
+    let replies = daemon
+        .raw_as_nobody(&[
+            // Same uid, other connection, connection lifetime: refused.
+            json!({"op": "untrack", "id": 1, "topic": "doc", "ref": held_ref}),
+            json!({"op": "update", "id": 2, "topic": "doc", "ref": held_ref, "meta": {"x": 1}}),
+            // Another uid altogether: refused.
+            json!({"op": "untrack", "id": 3, "topic": "doc", "ref": root_entry.phx_ref}),
+            json!({"op": "update", "id": 4, "topic": "doc", "ref": root_entry.phx_ref, "meta": {}}),
+            // By key, only what the caller may remove goes: here nothing.
+            json!({"op": "untrack", "id": 5, "topic": "doc", "key": "root"}),
+            json!({"op": "untrack", "id": 6, "topic": "doc", "key": "n"}),
+        ])
+        .await;
+    let codes: Vec<&str> = replies[..4].iter().map(error_code).collect();
+    assert_eq!(codes, ["permission_denied"; 4]);
+    assert_eq!(replies[4]["removed"], 0);
+    assert_eq!(replies[5]["removed"], 0);
+
+    let listed = root.list("doc").await.expect("list");
+    assert_eq!(listed.state.presences.len(), 2, "both entries survive");
+    // The entry's identity is the peer's, whatever the client claimed.
+    let held_meta = &listed.state.presences["n"].metas[0];
+    assert_eq!(held_meta.uid, NOBODY);
+    assert_eq!(held_meta.pid, holder.pid());
+}
+
+#[tokio::test]
+async fn a_process_entry_may_be_removed_by_its_own_uid_from_another_connection() {
+    if !running_as_root() {
+        return;
+    }
+    let daemon = UnprivilegedDaemon::start().await;
+    // A long-lived process of uid 65534 to own the entry.
+    let mut owner =
+        Running::spawn(&mut daemon.presence_as_nobody(&["join", "other", "--key", "anchor"]));
+    assert_eq!(owner.line().await, "owner");
+    let owner_pid = owner.pid();
+
+    let tracked = daemon
+        .raw_as_nobody(&[json!({
+            "op": "track", "id": 1, "topic": "doc", "key": "script",
+            "pid": owner_pid, "lifetime": "process"
+        })])
+        .await;
+    let process_ref = tracked[0]["ref"].as_str().expect("ref").to_owned();
+
+    // That connection has closed; the process entry lives on.
+    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
+        .await
+        .expect("root connects");
+    assert_eq!(
+        root.list("doc").await.expect("list").state.presences.len(),
+        1
+    );
+
+    let replies = daemon
+        .raw_as_nobody(&[json!({"op": "untrack", "id": 1, "topic": "doc", "ref": process_ref})])
+        .await;
+    assert_eq!(replies[0]["ok"], true, "{}", replies[0]);
+    assert_eq!(replies[0]["removed"], 1);
+    assert!(
+        root.list("doc")
+            .await
+            .expect("list")
+            .state
+            .presences
+            .is_empty()
+    );
+}
