@@ -213,3 +213,59 @@ async fn sigterm_tells_clients_removes_the_socket_and_keeps_the_rows() {
         .expect("count");
     assert_eq!(rows, 1, "the entry is kept for the restart");
 }
+
+#[tokio::test]
+async fn a_restart_keeps_every_place_and_still_reaps_dead_processes() {
+    use presenced::protocol::{Lifetime, TrackRequest};
+    let daemon = Daemon::start().await;
+    let spawn_sleep = || {
+        tokio::process::Command::new("sleep")
+            .arg("1000")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sleep spawns")
+    };
+    let mut first_owner = spawn_sleep();
+    let second = spawn_sleep();
+    let (client, _events) = daemon.client().await;
+    let mut tracked = Vec::new();
+    for (key, process) in [("first", &first_owner), ("second", &second)] {
+        let mut request = TrackRequest::new("doc", key);
+        request.pid = process.id();
+        request.lifetime = Lifetime::Process;
+        tracked.push(client.track(request).await.expect("track"));
+    }
+    drop(client);
+
+    let daemon = daemon.restart(&[]).await;
+    let (watcher, mut events) = daemon.client().await;
+    watcher.subscribe("doc").await.expect("subscribe");
+    let (presences, owner) = common::next_event(&mut events, |e| match e {
+        presenced::protocol::Event::PresenceState { payload, owner, .. } => Some((payload, owner)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(presences["first"].metas[0].phx_ref, tracked[0].phx_ref);
+    assert_eq!(presences["first"].metas[0].seq, tracked[0].seq);
+    assert_eq!(presences["second"].metas[0].seq, tracked[1].seq);
+    assert_eq!(owner.expect("owner").phx_ref, tracked[0].phx_ref);
+
+    // The restarted daemon watches the owner's process again.
+    first_owner.start_kill().expect("kill the owner's process");
+    let (reason, owner) = common::next_event(&mut events, |e| match e {
+        presenced::protocol::Event::PresenceDiff { reasons, owner, .. } => reasons
+            .get(&tracked[0].phx_ref)
+            .copied()
+            .map(|r| (r, owner)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, presenced::protocol::LeaveReason::PidExit);
+    assert_eq!(owner.expect("owner").phx_ref, tracked[1].phx_ref);
+    // A new entry never reuses a seq from before the restart.
+    let later = watcher
+        .track(TrackRequest::new("doc", "later"))
+        .await
+        .expect("track");
+    assert!(later.seq > tracked[1].seq);
+}

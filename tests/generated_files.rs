@@ -15,9 +15,13 @@ fn render_man_pages() -> Vec<(PathBuf, Vec<u8>)> {
     let mut pages = Vec::new();
     let mut render = |name: String, command: clap::Command| {
         let mut page = Vec::new();
-        clap_mangen::Man::new(command.display_name(name.clone()).bin_name(name.replace('-', " ")))
-            .render(&mut page)
-            .expect("a man page renders");
+        clap_mangen::Man::new(
+            command
+                .display_name(name.clone())
+                .bin_name(name.replace('-', " ")),
+        )
+        .render(&mut page)
+        .expect("a man page renders");
         pages.push((PathBuf::from(format!("man/{name}.1")), page));
     };
     render("presence".to_owned(), command.clone());

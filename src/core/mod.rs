@@ -205,7 +205,13 @@ impl Core {
 
             let mut batch = Batch::default();
             let now = now_millis();
-            self.registry.expire(now, &mut batch.outbox);
+            if self
+                .registry
+                .next_resume_deadline()
+                .is_some_and(|deadline| deadline <= now)
+            {
+                self.registry.expire(now, &mut batch.outbox);
+            }
             let mut next = first;
             while let Some(command) = next {
                 self.apply(command, now, &mut batch);

@@ -174,7 +174,10 @@ impl Topic {
     }
 
     fn standing(&self, seq: u64) -> Standing {
-        let position = self.entries.range(..seq).count();
+        self.standing_at(self.entries.range(..seq).count())
+    }
+
+    fn standing_at(&self, position: usize) -> Standing {
         let role = if position == 0 {
             Role::Owner
         } else {
@@ -219,6 +222,8 @@ pub struct Registry {
     refs: HashMap<String, Location>,
     by_process: HashMap<ProcessId, BTreeSet<String>>,
     by_token: HashMap<TokenHash, String>,
+    /// Restored entries waiting to be resumed, soonest deadline first.
+    awaiting_resume: BTreeSet<(i64, String)>,
     conns: HashMap<ConnId, Connection>,
     /// The next value for a seq or a ref; both draw from it, so neither is
     /// ever reused.
@@ -234,6 +239,7 @@ impl Registry {
             refs: HashMap::new(),
             by_process: HashMap::new(),
             by_token: HashMap::new(),
+            awaiting_resume: BTreeSet::new(),
             conns: HashMap::new(),
             next_seq: 1,
             last_joined_at: 0,
@@ -288,7 +294,7 @@ impl Registry {
 
     /// The earliest time at which a restored entry expires, if any waits.
     pub fn next_resume_deadline(&self) -> Option<i64> {
-        self.entries().filter_map(|e| e.resume_deadline).min()
+        self.awaiting_resume.first().map(|(deadline, _)| *deadline)
     }
 
     /// The processes whose exit must reap entries.
@@ -346,9 +352,10 @@ impl Registry {
     /// Restored entries whose resume deadline has passed leave.
     pub fn expire(&mut self, now: i64, out: &mut Outbox) {
         let expired = self
-            .entries()
-            .filter(|e| e.resume_deadline.is_some_and(|deadline| deadline <= now))
-            .map(|e| e.phx_ref.clone())
+            .awaiting_resume
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now)
+            .map(|(_, phx_ref)| phx_ref.clone())
             .collect();
         self.remove(expired, LeaveReason::Expired, out);
     }
@@ -703,7 +710,9 @@ impl Registry {
             let (phx_ref, topic, seq) = (entry.phx_ref.clone(), entry.topic.clone(), entry.seq);
             if let Some(entry) = self.entry_mut(&phx_ref) {
                 entry.conn = Some(conn);
-                entry.resume_deadline = None;
+                if let Some(deadline) = entry.resume_deadline.take() {
+                    self.awaiting_resume.remove(&(deadline, phx_ref.clone()));
+                }
             }
             if let Some(connection) = self.conns.get_mut(&conn) {
                 connection.entries.insert(phx_ref.clone());
@@ -776,13 +785,14 @@ impl Registry {
             let changes: Vec<(ConnId, Event)> = topic
                 .entries
                 .values()
-                .filter_map(|e| {
+                .enumerate()
+                .filter_map(|(position, e)| {
                     let conn = e.conn?;
                     let event = Event::Role {
                         topic: topic_name.to_owned(),
                         payload: RoleChange {
                             phx_ref: e.phx_ref.clone(),
-                            standing: topic.standing(e.seq),
+                            standing: topic.standing_at(position),
                         },
                     };
                     Some((conn, event))
@@ -811,6 +821,10 @@ impl Registry {
             .insert(entry.phx_ref.clone());
         self.by_token
             .insert(entry.token_hash, entry.phx_ref.clone());
+        if let Some(deadline) = entry.resume_deadline {
+            self.awaiting_resume
+                .insert((deadline, entry.phx_ref.clone()));
+        }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
         }
@@ -834,6 +848,9 @@ impl Registry {
             }
         }
         self.by_token.remove(&entry.token_hash);
+        if let Some(deadline) = entry.resume_deadline {
+            self.awaiting_resume.remove(&(deadline, phx_ref.to_owned()));
+        }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.remove(phx_ref);
         }
@@ -848,6 +865,11 @@ impl Registry {
         }
         self.by_token
             .insert(entry.token_hash, entry.phx_ref.clone());
+        if let Some(deadline) = entry.resume_deadline {
+            self.awaiting_resume.remove(&(deadline, old_ref.to_owned()));
+            self.awaiting_resume
+                .insert((deadline, entry.phx_ref.clone()));
+        }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.remove(old_ref);
             connection.entries.insert(entry.phx_ref.clone());

@@ -50,23 +50,36 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temporary folder");
         let socket = dir.path().join("run/presenced.sock");
         let db = dir.path().join("state/presence.db");
-        let mut command = Command::new(presence_bin());
-        command
-            .arg("--socket")
-            .arg(&socket)
-            .arg("daemon")
-            .arg("--db")
-            .arg(&db)
-            .arg("--ready-on-stdout")
-            .args(extra)
-            .env("PRESENCE_LOG", "warn");
-        let child = spawn_until_ready(command).await;
+        let child = Daemon::spawn_daemon(&socket, &db, extra).await;
         Daemon {
             dir,
             socket,
             db,
             child,
         }
+    }
+
+    /// Stops the daemon with SIGTERM and starts a new one on the same
+    /// socket and database.
+    pub async fn restart(mut self, extra: &[&str]) -> Daemon {
+        signal(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(self.wait().await, Some(0), "the daemon stops cleanly");
+        self.child = Daemon::spawn_daemon(&self.socket, &self.db, extra).await;
+        self
+    }
+
+    async fn spawn_daemon(socket: &Path, db: &Path, extra: &[&str]) -> Child {
+        let mut command = Command::new(presence_bin());
+        command
+            .arg("--socket")
+            .arg(socket)
+            .arg("daemon")
+            .arg("--db")
+            .arg(db)
+            .arg("--ready-on-stdout")
+            .args(extra)
+            .env("PRESENCE_LOG", "warn");
+        spawn_until_ready(command).await
     }
 
     pub fn pid(&self) -> u32 {
