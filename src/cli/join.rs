@@ -8,6 +8,17 @@ use super::{Target, render};
 use crate::protocol::{Event, Request, TrackReply, TrackRequest, UntrackRequest};
 
 #[derive(Debug, Args)]
+#[command(after_long_help = "\
+The first to join a topic is its owner; everyone after is a read-only
+spectator, in join order. One line is printed now and one for every change
+of role:
+
+  owner
+  spectator (owner: alice, pid 4242)
+
+The presence is held until SIGINT, SIGTERM or SIGHUP, or until the --pid
+process exits; then it is left and the command exits 0. If the daemon goes
+away, the command exits 1.")]
 pub struct JoinArgs {
     /// The topic, for example `publishing_edit:docs:post-slug`
     pub topic: String,

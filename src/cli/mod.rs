@@ -19,7 +19,19 @@ use crate::protocol::Limits;
 /// after is a read-only spectator in join order, and the next in line is
 /// promoted the moment the owner leaves or its process dies.
 #[derive(Debug, Parser)]
-#[command(name = "presence", version, propagate_version = true)]
+#[command(
+    name = "presence",
+    version,
+    propagate_version = true,
+    after_long_help = "\
+Environment:
+  PRESENCE_SOCKET  the daemon's socket, as --socket
+  PRESENCE_DB      the daemon's database, as `presence daemon --db`
+  PRESENCE_LOG     log filter: error, warn, info, debug or trace
+
+A client command that finds no daemon starts one in the background, logging
+to daemon.log beside the database, unless --no-autostart is given."
+)]
 pub struct Cli {
     /// The daemon's socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock,
     /// or /tmp/presenced-$UID/presenced.sock]
@@ -37,6 +49,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground, logging to stderr
+    #[command(after_long_help = "\
+The daemon serves newline-delimited JSON on the socket (mode 0600, in a
+folder that must be private to its user) and keeps every presence in the
+SQLite database, so a restart loses nobody's place. It stops on SIGTERM or
+SIGINT: clients are sent a `shutdown` event, the socket is removed, and the
+database keeps every entry for the next start.
+
+Only one daemon serves a socket: a second one exits with an error naming
+the first one's pid. A socket file left by a daemon that died is replaced.")]
     Daemon(DaemonArgs),
     /// Join a topic and hold the presence until interrupted
     Join(join::JoinArgs),
