@@ -252,7 +252,14 @@ impl Registry {
         let mut registry = Registry::new(limits);
         registry.next_seq = next_seq.max(1);
         for entry in entries {
-            registry.next_seq = registry.next_seq.max(entry.seq + 1);
+            // Refs draw from the same counter: step past theirs too, so a
+            // counter that fell behind can never hand one out again.
+            let numbers = [Some(entry.seq), ref_number(&entry.phx_ref)]
+                .into_iter()
+                .chain([entry.prev_ref.as_deref().and_then(ref_number)]);
+            for number in numbers.flatten() {
+                registry.next_seq = registry.next_seq.max(number.saturating_add(1));
+            }
             registry.last_joined_at = registry.last_joined_at.max(entry.joined_at);
             registry.insert(entry);
         }
@@ -988,6 +995,11 @@ impl Registry {
 /// The ref of a new entry or a new version of one.
 fn ref_for(seq: u64) -> String {
     format!("p{seq}")
+}
+
+/// The counter value a ref was made from.
+fn ref_number(phx_ref: &str) -> Option<u64> {
+    phx_ref.strip_prefix('p')?.parse().ok()
 }
 
 fn to_value(body: &impl Serialize) -> Value {

@@ -1,1 +1,2875 @@
+//! Tests for the registry: unit tests for each rule of ownership, and a
+//! property test that drives random operations against a naive reference
+//! model and checks the invariants clients rely on after every step.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use proptest::prelude::*;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::protocol::{
+    Diff, ErrorCode, Event, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
+    Owner, Presences, Reply, ResumeReply, Role, RoleChange, Standing, TopicPresences, TrackReply,
+    TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
+};
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+const ALICE: u32 = 1000;
+const BOB: u32 = 1001;
+const ROOT: u32 = 0;
+
+/// A connection id that is never opened: `list` works from anywhere, and
+/// using it keeps the test's own reads out of every connection's lines.
+const NOBODY: ConnId = ConnId::MAX;
+
+fn user_name(uid: u32) -> String {
+    match uid {
+        ROOT => "root",
+        ALICE => "alice",
+        BOB => "bob",
+        _ => "someone",
+    }
+    .to_owned()
+}
+
+fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The process a connection's entries belong to unless a test names another.
+fn process_of(conn: ConnId) -> ProcessId {
+    ProcessId {
+        pid: 4000 + conn as u32,
+        start_time: 77,
+    }
+}
+
+fn track_request(topic: &str, key: &str) -> TrackRequest {
+    TrackRequest {
+        topic: topic.to_owned(),
+        key: key.to_owned(),
+        meta: Map::new(),
+        pid: None,
+        lifetime: Lifetime::Connection,
+        subscribe: false,
+    }
+}
+
+fn process_request(topic: &str, key: &str) -> TrackRequest {
+    TrackRequest {
+        lifetime: Lifetime::Process,
+        ..track_request(topic, key)
+    }
+}
+
+fn meta(value: Value) -> Map<String, Value> {
+    value.as_object().cloned().expect("a meta is a JSON object")
+}
+
+/// A registry with a clock, connection ids and resume tokens, whose calls
+/// each return the outbox they filled.
+struct Harness {
+    registry: Registry,
+    now: i64,
+    next_conn: ConnId,
+    next_token: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> Harness {
+        Harness::around(Registry::new(limits))
+    }
+
+    fn around(registry: Registry) -> Harness {
+        Harness {
+            registry,
+            now: 1_000,
+            next_conn: 1,
+            next_token: 1,
+        }
+    }
+
+    fn connect(&mut self, uid: u32) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.registry.open(
+            conn,
+            Peer {
+                pid: process_of(conn).pid,
+                uid,
+                user: user_name(uid),
+            },
+        );
+        conn
+    }
+
+    fn handle(&mut self, conn: ConnId, op: Op) -> Outbox {
+        let mut out = Outbox::default();
+        self.registry
+            .handle(conn, json!("req"), op, self.now, &mut out);
+        out
+    }
+
+    fn track_as(&mut self, conn: ConnId, request: TrackRequest, process: ProcessId) -> Outbox {
+        let token = format!("token-{}", self.next_token);
+        self.next_token += 1;
+        let track = Track {
+            request,
+            process,
+            token_hash: token_hash(&token),
+            token,
+        };
+        self.handle(conn, Op::Track(track))
+    }
+
+    fn try_track(&mut self, conn: ConnId, request: TrackRequest) -> Outbox {
+        self.track_as(conn, request, process_of(conn))
+    }
+
+    /// Tracks a connection entry and returns the (successful) reply.
+    fn track(&mut self, conn: ConnId, topic: &str, key: &str) -> TrackReply {
+        ok_reply(&self.try_track(conn, track_request(topic, key)), conn)
+    }
+
+    fn track_process(&mut self, conn: ConnId, topic: &str, key: &str) -> TrackReply {
+        ok_reply(&self.try_track(conn, process_request(topic, key)), conn)
+    }
+
+    fn untrack_ref(&mut self, conn: ConnId, topic: &str, phx_ref: &str) -> Outbox {
+        self.handle(
+            conn,
+            Op::Untrack(UntrackRequest {
+                topic: topic.to_owned(),
+                phx_ref: Some(phx_ref.to_owned()),
+                key: None,
+            }),
+        )
+    }
+
+    fn untrack_key(&mut self, conn: ConnId, topic: &str, key: &str) -> Outbox {
+        self.handle(
+            conn,
+            Op::Untrack(UntrackRequest {
+                topic: topic.to_owned(),
+                phx_ref: None,
+                key: Some(key.to_owned()),
+            }),
+        )
+    }
+
+    fn update_ref(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        phx_ref: &str,
+        meta: Map<String, Value>,
+    ) -> Outbox {
+        self.handle(
+            conn,
+            Op::Update(UpdateRequest {
+                topic: topic.to_owned(),
+                phx_ref: Some(phx_ref.to_owned()),
+                key: None,
+                meta,
+            }),
+        )
+    }
+
+    fn update_key(&mut self, conn: ConnId, topic: &str, key: &str) -> Outbox {
+        self.handle(
+            conn,
+            Op::Update(UpdateRequest {
+                topic: topic.to_owned(),
+                phx_ref: None,
+                key: Some(key.to_owned()),
+                meta: meta(json!({"edited": true})),
+            }),
+        )
+    }
+
+    fn subscribe(&mut self, conn: ConnId, topic: &str) -> Outbox {
+        self.handle(conn, Op::Subscribe(topic.to_owned()))
+    }
+
+    fn resume(&mut self, conn: ConnId, tokens: &[&str]) -> Outbox {
+        let tokens = tokens
+            .iter()
+            .map(|token| (token.to_string(), token_hash(token)))
+            .collect();
+        self.handle(conn, Op::Resume(tokens))
+    }
+
+    fn list(&mut self, topic: &str) -> TopicPresences {
+        let reply: ListTopicReply = ok_reply(
+            &self.handle(NOBODY, Op::List(Some(topic.to_owned()))),
+            NOBODY,
+        );
+        assert_eq!(reply.topic, topic);
+        reply.state
+    }
+
+    /// Every ref listed on the topic, in seq order.
+    fn listed_refs(&mut self, topic: &str) -> Vec<String> {
+        let mut metas: Vec<Meta> = self
+            .list(topic)
+            .presences
+            .into_values()
+            .flat_map(|p| p.metas)
+            .collect();
+        metas.sort_by_key(|m| m.seq);
+        metas.into_iter().map(|m| m.phx_ref).collect()
+    }
+
+    fn close(&mut self, conn: ConnId) -> Outbox {
+        let mut out = Outbox::default();
+        self.registry.close(conn, &mut out);
+        out
+    }
+
+    fn process_exited(&mut self, process: ProcessId) -> Outbox {
+        let mut out = Outbox::default();
+        self.registry.process_exited(process, &mut out);
+        out
+    }
+
+    fn expire(&mut self) -> Outbox {
+        let mut out = Outbox::default();
+        self.registry.expire(self.now, &mut out);
+        out
+    }
+}
+
+// -- reading an outbox ------------------------------------------------------
+
+/// The reply of one `handle` call: the only reply in the outbox, addressed
+/// to the caller, and ahead of every event.
+fn the_reply(out: &Outbox, conn: ConnId) -> &Reply {
+    let replies: Vec<(usize, ConnId, &Reply)> = out
+        .deliveries
+        .iter()
+        .enumerate()
+        .filter_map(|(index, delivery)| match delivery {
+            Delivery::Reply { conn, reply } => Some((index, *conn, reply)),
+            Delivery::Event { .. } => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 1, "one reply per request: {out:?}");
+    let (index, to, reply) = replies[0];
+    assert_eq!(index, 0, "the reply goes ahead of the events: {out:?}");
+    assert_eq!(to, conn, "the reply goes to the caller");
+    reply
+}
+
+fn ok_reply<T: DeserializeOwned>(out: &Outbox, conn: ConnId) -> T {
+    let reply = the_reply(out, conn);
+    assert!(reply.ok, "expected success, got {:?}", reply.error);
+    serde_json::from_value(Value::Object(reply.fields.clone())).expect("reply fields parse")
+}
+
+fn error_code(out: &Outbox, conn: ConnId) -> ErrorCode {
+    let reply = the_reply(out, conn);
+    assert!(!reply.ok, "expected a failure, got {reply:?}");
+    reply
+        .error
+        .as_ref()
+        .expect("a failure carries an error")
+        .code
+}
+
+/// Asserts that a request failed with `code` and changed nothing.
+fn assert_refused(out: &Outbox, conn: ConnId, code: ErrorCode) {
+    assert_eq!(error_code(out, conn), code);
+    assert_eq!(
+        out.deliveries.len(),
+        1,
+        "a refusal causes no events: {out:?}"
+    );
+    assert!(out.changes.is_empty(), "a refusal persists nothing");
+}
+
+fn events_to(out: &Outbox, conn: ConnId) -> Vec<&Event> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event { to, event } if to.contains(&conn) => Some(event),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What one connection receives, in order, by kind.
+fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Reply { conn: to, .. } if *to == conn => Some("reply"),
+            Delivery::Event { to, event } if to.contains(&conn) => Some(match event {
+                Event::PresenceState { .. } => "presence_state",
+                Event::PresenceDiff { .. } => "presence_diff",
+                Event::Role { .. } => "role",
+                Event::Shutdown { .. } => "shutdown",
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every role event as (recipient, change). A role event concerns one
+/// entry, so it must have exactly one recipient.
+fn role_changes(out: &Outbox) -> Vec<(ConnId, RoleChange)> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event: Event::Role { payload, .. },
+            } => {
+                assert_eq!(to.len(), 1, "a role event has one recipient");
+                Some((to[0], payload.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every role event as (recipient, ref, standing), sorted by recipient and
+/// ref so that a test can compare it with a list of its own.
+fn role_summaries(out: &Outbox) -> Vec<(ConnId, String, Summary)> {
+    let mut seen: Vec<_> = role_changes(out)
+        .into_iter()
+        .map(|(conn, change)| (conn, change.phx_ref, summary(&change.standing)))
+        .collect();
+    seen.sort_by(|l, r| (l.0, &l.1).cmp(&(r.0, &r.1)));
+    seen
+}
+
+/// One `presence_diff` delivery.
+#[derive(Debug)]
+struct SeenDiff {
+    to: Vec<ConnId>,
+    topic: String,
+    payload: Diff,
+    owner: Option<Owner>,
+    reasons: BTreeMap<String, LeaveReason>,
+}
+
+fn diffs(out: &Outbox) -> Vec<SeenDiff> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event:
+                    Event::PresenceDiff {
+                        topic,
+                        payload,
+                        owner,
+                        reasons,
+                    },
+            } => Some(SeenDiff {
+                to: to.clone(),
+                topic: topic.clone(),
+                payload: payload.clone(),
+                owner: owner.clone(),
+                reasons: reasons.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The only diff in the outbox.
+fn the_diff(out: &Outbox) -> SeenDiff {
+    let mut all = diffs(out);
+    assert_eq!(all.len(), 1, "exactly one diff: {all:?}");
+    all.remove(0)
+}
+
+fn refs_of(presences: &Presences) -> BTreeSet<String> {
+    presences
+        .values()
+        .flat_map(|p| p.metas.iter().map(|m| m.phx_ref.clone()))
+        .collect()
+}
+
+fn owner_ref(owner: &Option<Owner>) -> Option<&str> {
+    owner.as_ref().map(|o| o.phx_ref.as_str())
+}
+
+fn refs(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|r| r.to_string()).collect()
+}
+
+/// A standing reduced to what the tests compare: role, readonly, position
+/// and the owner's ref.
+type Summary = (Role, bool, usize, Option<String>);
+
+/// The standing a role event or a reply reports, as a [`Summary`].
+fn summary(standing: &Standing) -> Summary {
+    (
+        standing.role,
+        standing.readonly,
+        standing.position,
+        owner_ref(&standing.owner).map(str::to_owned),
+    )
+}
+
+fn owner_standing(owner: &str) -> Summary {
+    (Role::Owner, false, 0, Some(owner.to_owned()))
+}
+
+fn spectator_standing(position: usize, owner: &str) -> Summary {
+    (Role::Spectator, true, position, Some(owner.to_owned()))
+}
+
+/// An entry as the store would hand it back after a restart.
+fn stored_entry(seq: u64, topic: &str, key: &str, lifetime: Lifetime, token: &str) -> Entry {
+    Entry {
+        topic: topic.to_owned(),
+        key: key.to_owned(),
+        seq,
+        phx_ref: ref_for(seq),
+        prev_ref: None,
+        meta: Map::new(),
+        joined_at: 500 + seq as i64,
+        process: ProcessId {
+            pid: 9000 + seq as u32,
+            start_time: 5,
+        },
+        uid: ALICE,
+        user: user_name(ALICE),
+        lifetime,
+        token_hash: token_hash(token),
+        conn: None,
+        resume_deadline: None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ownership and roles
+// ---------------------------------------------------------------------------
+
+#[test]
+fn first_track_owns_the_topic_and_later_tracks_spectate_in_join_order() {
+    let mut h = Harness::new();
+    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+
+    let first = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+
+    assert_eq!(summary(&first.standing), owner_standing(&first.phx_ref));
+    assert_eq!(
+        summary(&second.standing),
+        spectator_standing(1, &first.phx_ref)
+    );
+    assert_eq!(
+        summary(&third.standing),
+        spectator_standing(2, &first.phx_ref)
+    );
+    let owner = first.standing.owner.as_ref().unwrap();
+    assert_eq!((owner.key.as_str(), owner.user.as_str()), ("x", "alice"));
+    assert_eq!(owner.pid, process_of(a).pid);
+    assert!(first.seq < second.seq && second.seq < third.seq);
+
+    let listed = h.list("doc");
+    assert_eq!(owner_ref(&listed.owner), Some(first.phx_ref.as_str()));
+    assert_eq!(
+        h.listed_refs("doc"),
+        [first.phx_ref, second.phx_ref, third.phx_ref]
+    );
+}
+
+#[test]
+fn tracks_on_different_topics_each_own_their_topic() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let b = h.connect(BOB);
+    h.track(a, "one", "x");
+    let other = h.track(b, "two", "x");
+    assert_eq!(other.standing.role, Role::Owner);
+    assert_eq!(h.registry.topic_count(), 2);
+}
+
+#[test]
+fn untracking_the_owner_promotes_the_next_and_tells_each_remaining_entry_once() {
+    let mut h = Harness::new();
+    let (a, b, c, watcher) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    h.subscribe(watcher, "doc");
+    let owner = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+    // Two entries of one connection each hear about their own standing.
+    let fourth = h.track(c, "doc", "w");
+
+    let out = h.untrack_ref(a, "doc", &owner.phx_ref);
+
+    assert_eq!(ok_reply::<UntrackReply>(&out, a).removed, 1);
+    // Conns b < c, and refs of one connection sort by seq here.
+    assert_eq!(
+        role_summaries(&out),
+        [
+            (b, second.phx_ref.clone(), owner_standing(&second.phx_ref)),
+            (
+                c,
+                third.phx_ref.clone(),
+                spectator_standing(1, &second.phx_ref),
+            ),
+            (
+                c,
+                fourth.phx_ref.clone(),
+                spectator_standing(2, &second.phx_ref),
+            ),
+        ]
+    );
+    assert!(kinds_for(&out, a).iter().all(|k| *k == "reply"));
+    assert!(!kinds_for(&out, watcher).contains(&"role"));
+
+    let diff = the_diff(&out);
+    assert_eq!(diff.to, [watcher]);
+    assert_eq!(diff.topic, "doc");
+    assert!(diff.payload.joins.is_empty());
+    assert_eq!(refs_of(&diff.payload.leaves), refs(&[&owner.phx_ref]));
+    assert_eq!(owner_ref(&diff.owner), Some(second.phx_ref.as_str()));
+    assert_eq!(
+        diff.reasons,
+        BTreeMap::from([(owner.phx_ref.clone(), LeaveReason::Untrack)])
+    );
+    assert_eq!(out.changes, [Change::Delete(owner.phx_ref)]);
+}
+
+#[test]
+fn closing_the_owners_connection_promotes_the_next_with_reason_closed() {
+    let mut h = Harness::new();
+    let (a, b, c, watcher) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    h.subscribe(watcher, "doc");
+    let owner = h.track(a, "doc", "x");
+    let owner_too = h.track(a, "doc", "x2");
+    let second = h.track(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+
+    let out = h.close(a);
+
+    assert_eq!(
+        role_summaries(&out),
+        [
+            (b, second.phx_ref.clone(), owner_standing(&second.phx_ref)),
+            (
+                c,
+                third.phx_ref.clone(),
+                spectator_standing(1, &second.phx_ref),
+            ),
+        ]
+    );
+
+    // Both of the connection's entries leave in one diff.
+    let diff = the_diff(&out);
+    assert_eq!(diff.to, [watcher]);
+    assert_eq!(
+        refs_of(&diff.payload.leaves),
+        refs(&[&owner.phx_ref, &owner_too.phx_ref])
+    );
+    assert_eq!(owner_ref(&diff.owner), Some(second.phx_ref.as_str()));
+    assert_eq!(
+        diff.reasons,
+        BTreeMap::from([
+            (owner.phx_ref.clone(), LeaveReason::Closed),
+            (owner_too.phx_ref.clone(), LeaveReason::Closed),
+        ])
+    );
+    assert_eq!(h.listed_refs("doc"), [second.phx_ref, third.phx_ref]);
+    assert_eq!(h.registry.connection_count(), 3);
+}
+
+#[test]
+fn removing_a_spectator_sends_no_role_events() {
+    let mut h = Harness::new();
+    let (a, b, c, watcher) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    h.subscribe(watcher, "doc");
+    let owner = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+
+    // The third entry moves from position 2 to 1, which alone is no news.
+    let out = h.untrack_ref(b, "doc", &second.phx_ref);
+
+    assert_eq!(ok_reply::<UntrackReply>(&out, b).removed, 1);
+    assert!(role_changes(&out).is_empty(), "{out:?}");
+    let diff = the_diff(&out);
+    assert_eq!(owner_ref(&diff.owner), Some(owner.phx_ref.as_str()));
+    assert_eq!(refs_of(&diff.payload.leaves), refs(&[&second.phx_ref]));
+    assert_eq!(h.listed_refs("doc"), [owner.phx_ref, third.phx_ref]);
+}
+
+#[test]
+fn removing_the_last_entry_sends_no_role_events_and_forgets_the_topic() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let only = h.track(a, "doc", "x");
+    let out = h.untrack_ref(a, "doc", &only.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, a).removed, 1);
+    assert!(role_changes(&out).is_empty());
+    assert_eq!(h.registry.topic_count(), 0);
+    assert_eq!(h.list("doc"), TopicPresences::default());
+}
+
+#[test]
+fn owner_change_skips_process_entries_whose_connection_has_closed() {
+    let mut h = Harness::new();
+    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+    let owner = h.track(a, "doc", "x");
+    let detached = h.track_process(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+    assert!(h.close(b).deliveries.is_empty(), "a process entry stays");
+
+    let out = h.untrack_ref(a, "doc", &owner.phx_ref);
+
+    // The detached entry is the new owner but nobody is there to tell; it
+    // learns its standing when it is resumed.
+    let roles = role_changes(&out);
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    assert_eq!(roles[0].0, c);
+    assert_eq!(
+        summary(&roles[0].1.standing),
+        spectator_standing(1, &detached.phx_ref)
+    );
+    let b_again = h.connect(BOB);
+    let resumed: ResumeReply = ok_reply(&h.resume(b_again, &[&detached.resume_token]), b_again);
+    assert_eq!(resumed.resumed, std::slice::from_ref(&detached.phx_ref));
+    assert_eq!(
+        summary(&resumed.roles[&detached.phx_ref]),
+        owner_standing(&detached.phx_ref)
+    );
+    assert_eq!(h.listed_refs("doc"), [detached.phx_ref, third.phx_ref]);
+}
+
+// ---------------------------------------------------------------------------
+// Update
+// ---------------------------------------------------------------------------
+
+#[test]
+fn update_is_one_diff_leaving_the_old_meta_and_joining_the_new_one() {
+    let mut h = Harness::new();
+    let (a, b, watcher) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    h.subscribe(watcher, "doc");
+    let mut request = track_request("doc", "x");
+    request.meta = meta(json!({"status": "reading"}));
+    let owner: TrackReply = ok_reply(&h.try_track(a, request), a);
+    let spectator = h.track(b, "doc", "y");
+    let listed_before = h.list("doc");
+    let old_meta = listed_before.presences["x"].metas[0].clone();
+    // Time passes: an update must not move joined_at.
+    h.now += 5_000;
+
+    let out = h.update_ref(a, "doc", &owner.phx_ref, meta(json!({"status": "editing"})));
+
+    let reply: UpdateReply = ok_reply(&out, a);
+    assert_ne!(reply.phx_ref, owner.phx_ref);
+    assert_eq!(reply.prev_ref, owner.phx_ref);
+    assert!(
+        role_changes(&out).is_empty(),
+        "an update never moves an owner"
+    );
+
+    let diff = the_diff(&out);
+    assert_eq!(diff.to, [watcher]);
+    assert_eq!(diff.payload.leaves.len(), 1);
+    assert_eq!(
+        diff.payload.leaves["x"].metas,
+        std::slice::from_ref(&old_meta)
+    );
+    let joined = &diff.payload.joins["x"].metas;
+    assert_eq!(joined.len(), 1);
+    let new_meta = &joined[0];
+    assert_eq!(new_meta.phx_ref, reply.phx_ref);
+    assert_eq!(
+        new_meta.phx_ref_prev.as_deref(),
+        Some(owner.phx_ref.as_str())
+    );
+    assert_eq!(new_meta.seq, owner.seq);
+    assert_eq!(new_meta.joined_at, owner.joined_at);
+    assert_eq!(new_meta.client, meta(json!({"status": "editing"})));
+    assert_eq!(
+        diff.reasons,
+        BTreeMap::from([(owner.phx_ref.clone(), LeaveReason::Update)])
+    );
+    assert_eq!(owner_ref(&diff.owner), Some(reply.phx_ref.as_str()));
+
+    let listed = h.list("doc");
+    assert_eq!(owner_ref(&listed.owner), Some(reply.phx_ref.as_str()));
+    assert_eq!(listed.presences["x"].metas, std::slice::from_ref(new_meta));
+    assert_eq!(
+        h.listed_refs("doc"),
+        [reply.phx_ref.clone(), spectator.phx_ref]
+    );
+
+    // The old row goes and the new version is written.
+    assert_eq!(out.changes.len(), 2);
+    assert_eq!(out.changes[0], Change::Delete(owner.phx_ref.clone()));
+    match &out.changes[1] {
+        Change::Put(entry) => {
+            assert_eq!(entry.phx_ref, reply.phx_ref);
+            assert_eq!(entry.prev_ref.as_deref(), Some(owner.phx_ref.as_str()));
+            assert_eq!(entry.seq, owner.seq);
+        }
+        other => panic!("expected a put, got {other:?}"),
+    }
+
+    // The old ref is gone: it can be neither updated nor untracked again.
+    let stale = h.update_ref(a, "doc", &owner.phx_ref, Map::new());
+    assert_refused(&stale, a, ErrorCode::NotFound);
+    let stale = h.untrack_ref(a, "doc", &owner.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&stale, a).removed, 0);
+}
+
+#[test]
+fn updated_entry_is_still_found_by_its_process_connection_and_token() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let tracked = h.track_process(a, "doc", "x");
+    let updated: UpdateReply = ok_reply(
+        &h.update_ref(a, "doc", &tracked.phx_ref, meta(json!({"n": 1}))),
+        a,
+    );
+    // By the connection: the key is still taken, and update by key finds it.
+    assert_refused(
+        &h.try_track(a, process_request("doc", "x")),
+        a,
+        ErrorCode::AlreadyTracked,
+    );
+    let by_key: UpdateReply = ok_reply(&h.update_key(a, "doc", "x"), a);
+    assert_eq!(by_key.prev_ref, updated.phx_ref);
+    // By the token: it resumes under its latest ref.
+    h.close(a);
+    let a_again = h.connect(ALICE);
+    let resumed: ResumeReply = ok_reply(&h.resume(a_again, &[&tracked.resume_token]), a_again);
+    assert_eq!(resumed.resumed, std::slice::from_ref(&by_key.phx_ref));
+    // By the process: its exit removes it.
+    let out = h.process_exited(process_of(a));
+    assert_eq!(out.changes, [Change::Delete(by_key.phx_ref)]);
+    assert_eq!(h.registry.entry_count(), 0);
+}
+
+#[test]
+fn update_by_key_needs_exactly_one_entry_of_the_connection() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    h.track(b, "doc", "x");
+    // The entry for the key belongs to another connection.
+    assert_refused(&h.update_key(a, "doc", "x"), a, ErrorCode::NotFound);
+
+    // A connection can come to hold two entries for one key by resuming.
+    let first = h.track_process(a, "doc", "y");
+    h.close(a);
+    let a_again = h.connect(ALICE);
+    h.track(a_again, "doc", "y");
+    ok_reply::<ResumeReply>(&h.resume(a_again, &[&first.resume_token]), a_again);
+    assert_refused(
+        &h.update_key(a_again, "doc", "y"),
+        a_again,
+        ErrorCode::BadRequest,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tracking rules and permissions
+// ---------------------------------------------------------------------------
+
+#[test]
+fn tracking_the_same_key_twice_on_one_connection_is_already_tracked() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    h.track(a, "doc", "x");
+    assert_refused(
+        &h.try_track(a, track_request("doc", "x")),
+        a,
+        ErrorCode::AlreadyTracked,
+    );
+    assert_refused(
+        &h.try_track(a, process_request("doc", "x")),
+        a,
+        ErrorCode::AlreadyTracked,
+    );
+    // Another key, or the same key on another topic, is fine.
+    h.track(a, "doc", "y");
+    h.track(a, "other", "x");
+    assert_eq!(h.registry.entry_count(), 3);
+}
+
+#[test]
+fn the_same_key_from_different_connections_is_two_entries() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let first = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "x");
+    assert_eq!(second.standing.position, 1);
+    let listed = h.list("doc");
+    let metas = &listed.presences["x"].metas;
+    assert_eq!(
+        metas.iter().map(|m| m.phx_ref.clone()).collect::<Vec<_>>(),
+        [first.phx_ref, second.phx_ref]
+    );
+}
+
+#[test]
+fn another_connections_connection_entry_may_not_be_untracked_or_updated() {
+    let mut h = Harness::new();
+    let (a, same_user, other_user) = (h.connect(ALICE), h.connect(ALICE), h.connect(BOB));
+    let entry = h.track(a, "doc", "x");
+
+    for conn in [same_user, other_user] {
+        assert_refused(
+            &h.untrack_ref(conn, "doc", &entry.phx_ref),
+            conn,
+            ErrorCode::PermissionDenied,
+        );
+        assert_refused(
+            &h.update_ref(conn, "doc", &entry.phx_ref, Map::new()),
+            conn,
+            ErrorCode::PermissionDenied,
+        );
+    }
+    assert_eq!(h.listed_refs("doc"), [entry.phx_ref]);
+}
+
+#[test]
+fn the_same_uid_may_untrack_and_update_a_process_entry_from_another_connection() {
+    let mut h = Harness::new();
+    let (a, same_user, other_user) = (h.connect(ALICE), h.connect(ALICE), h.connect(BOB));
+    let entry = h.track_process(a, "doc", "x");
+
+    assert_refused(
+        &h.update_ref(other_user, "doc", &entry.phx_ref, Map::new()),
+        other_user,
+        ErrorCode::PermissionDenied,
+    );
+    assert_refused(
+        &h.untrack_ref(other_user, "doc", &entry.phx_ref),
+        other_user,
+        ErrorCode::PermissionDenied,
+    );
+
+    let updated: UpdateReply = ok_reply(
+        &h.update_ref(same_user, "doc", &entry.phx_ref, meta(json!({"by": "b"}))),
+        same_user,
+    );
+    let out = h.untrack_ref(same_user, "doc", &updated.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, same_user).removed, 1);
+    assert_eq!(h.registry.entry_count(), 0);
+}
+
+#[test]
+fn root_may_untrack_and_update_any_entry() {
+    let mut h = Harness::new();
+    let (a, b, root) = (h.connect(ALICE), h.connect(BOB), h.connect(ROOT));
+    let alices = h.track(a, "doc", "x");
+    let bobs = h.track(b, "doc", "y");
+
+    let updated: UpdateReply = ok_reply(
+        &h.update_ref(root, "doc", &bobs.phx_ref, meta(json!({"by": "root"}))),
+        root,
+    );
+    let out = h.untrack_ref(root, "doc", &alices.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, root).removed, 1);
+    // Bob's updated entry is now the owner, and bob is told so.
+    let roles = role_changes(&out);
+    assert_eq!(roles.len(), 1);
+    assert_eq!(roles[0].0, b);
+    assert_eq!(roles[0].1.phx_ref, updated.phx_ref);
+    assert_eq!(roles[0].1.standing.role, Role::Owner);
+    // Root's update kept the entry with bob's connection.
+    let out = h.close(b);
+    assert_eq!(out.changes, [Change::Delete(updated.phx_ref)]);
+}
+
+#[test]
+fn untrack_by_key_silently_skips_entries_the_caller_may_not_remove() {
+    let mut h = Harness::new();
+    let (a, b, c, d, root) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(ALICE),
+        h.connect(ROOT),
+    );
+    let alices_connection_entry = h.track(a, "doc", "x");
+    let bobs_entry = h.track(b, "doc", "x");
+    let alices_process_entry = h.track_process(c, "doc", "x");
+    let other_key = h.track(d, "doc", "y");
+
+    // d may remove alice's process entry, but neither a's connection entry
+    // nor bob's.
+    let out = h.untrack_key(d, "doc", "x");
+    assert_eq!(ok_reply::<UntrackReply>(&out, d).removed, 1);
+    assert_eq!(out.changes, [Change::Delete(alices_process_entry.phx_ref)]);
+
+    let out = h.untrack_key(a, "doc", "x");
+    assert_eq!(ok_reply::<UntrackReply>(&out, a).removed, 1);
+    assert_eq!(
+        out.changes,
+        [Change::Delete(alices_connection_entry.phx_ref)]
+    );
+
+    let out = h.untrack_key(d, "doc", "x");
+    assert_eq!(ok_reply::<UntrackReply>(&out, d).removed, 0);
+    assert!(out.changes.is_empty());
+
+    let out = h.untrack_key(root, "doc", "x");
+    assert_eq!(ok_reply::<UntrackReply>(&out, root).removed, 1);
+    assert_eq!(out.changes, [Change::Delete(bobs_entry.phx_ref)]);
+    assert_eq!(h.listed_refs("doc"), [other_key.phx_ref]);
+}
+
+#[test]
+fn untrack_of_an_unknown_ref_or_a_ref_on_another_topic_removes_nothing() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let entry = h.track(a, "doc", "x");
+    for (topic, phx_ref) in [("doc", "p999"), ("other", entry.phx_ref.as_str())] {
+        let out = h.untrack_ref(a, topic, phx_ref);
+        assert_eq!(ok_reply::<UntrackReply>(&out, a).removed, 0);
+        assert!(out.changes.is_empty());
+    }
+    assert_refused(
+        &h.update_ref(a, "other", &entry.phx_ref, Map::new()),
+        a,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(h.registry.entry_count(), 1);
+}
+
+#[test]
+fn untrack_and_update_need_a_ref_or_a_key() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    h.track(a, "doc", "x");
+    let untrack = Op::Untrack(UntrackRequest {
+        topic: "doc".into(),
+        phx_ref: None,
+        key: None,
+    });
+    assert_refused(&h.handle(a, untrack), a, ErrorCode::BadRequest);
+    let update = Op::Update(UpdateRequest {
+        topic: "doc".into(),
+        phx_ref: None,
+        key: None,
+        meta: Map::new(),
+    });
+    assert_refused(&h.handle(a, update), a, ErrorCode::BadRequest);
+}
+
+#[test]
+fn bad_topic_or_key_names_are_bad_request() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    assert_refused(
+        &h.try_track(a, track_request("", "x")),
+        a,
+        ErrorCode::BadRequest,
+    );
+    assert_refused(
+        &h.try_track(a, track_request("doc", "x\ny")),
+        a,
+        ErrorCode::BadRequest,
+    );
+    assert_refused(&h.subscribe(a, "a\tb"), a, ErrorCode::BadRequest);
+}
+
+#[test]
+fn requests_from_a_closed_connection_change_nothing() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let entry = h.track_process(b, "doc", "x");
+    h.close(a);
+    assert_refused(
+        &h.try_track(a, track_request("doc", "y")),
+        a,
+        ErrorCode::Internal,
+    );
+    assert_refused(&h.subscribe(a, "doc"), a, ErrorCode::Internal);
+    // A closed connection has no uid, so not even its user's process entry
+    // is its to change.
+    assert_refused(
+        &h.untrack_ref(a, "doc", &entry.phx_ref),
+        a,
+        ErrorCode::PermissionDenied,
+    );
+    let resumed: ResumeReply = ok_reply(&h.resume(a, &[&entry.resume_token]), a);
+    assert!(resumed.resumed.is_empty() && resumed.expired.is_empty());
+    assert_eq!(h.registry.subscription_count(), 0);
+    assert_eq!(h.registry.entry_count(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Processes, closing and resuming
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_process_exit_removes_every_entry_of_that_process_with_reason_pid_exit() {
+    let mut h = Harness::new();
+    let (a, b, c, watcher) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    h.subscribe(watcher, "doc");
+    h.subscribe(watcher, "notes");
+    let editor = ProcessId {
+        pid: 321,
+        start_time: 10,
+    };
+    // One process joins through two connections and with both lifetimes.
+    let doc: TrackReply = ok_reply(&h.track_as(a, track_request("doc", "x"), editor), a);
+    let notes: TrackReply = ok_reply(&h.track_as(c, process_request("notes", "x"), editor), c);
+    let survivor = h.track(b, "doc", "y");
+
+    let out = h.process_exited(editor);
+
+    let mut all = diffs(&out);
+    all.sort_by(|l, r| l.topic.cmp(&r.topic));
+    assert_eq!(all.len(), 2, "one diff per topic: {all:?}");
+    assert_eq!(all[0].topic, "doc");
+    assert_eq!(
+        all[0].reasons,
+        BTreeMap::from([(doc.phx_ref.clone(), LeaveReason::PidExit)])
+    );
+    assert_eq!(all[1].topic, "notes");
+    assert_eq!(
+        all[1].reasons,
+        BTreeMap::from([(notes.phx_ref.clone(), LeaveReason::PidExit)])
+    );
+    assert_eq!(all[1].owner, None);
+    let roles = role_changes(&out);
+    assert_eq!(roles.len(), 1);
+    assert_eq!(roles[0].0, b);
+    assert_eq!(
+        summary(&roles[0].1.standing),
+        owner_standing(&survivor.phx_ref)
+    );
+    assert_eq!(h.registry.entry_count(), 1);
+    assert_eq!(h.registry.processes().collect::<Vec<_>>(), [process_of(b)]);
+}
+
+#[test]
+fn an_exit_of_a_reused_pid_with_another_start_time_removes_nothing() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    h.track(a, "doc", "x");
+    let reused = ProcessId {
+        start_time: process_of(a).start_time + 1,
+        ..process_of(a)
+    };
+    let out = h.process_exited(reused);
+    assert!(out.deliveries.is_empty() && out.changes.is_empty());
+    assert_eq!(h.registry.entry_count(), 1);
+}
+
+#[test]
+fn close_removes_connection_entries_and_keeps_process_entries() {
+    let mut h = Harness::new();
+    let (a, b, watcher) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    h.subscribe(watcher, "doc");
+    h.subscribe(watcher, "build");
+    let connection_entry = h.track(a, "doc", "x");
+    let process_entry = h.track_process(a, "build", "x");
+    let spectator = h.track(b, "build", "y");
+
+    let out = h.close(a);
+
+    let diff = the_diff(&out);
+    assert_eq!(diff.topic, "doc");
+    assert_eq!(
+        diff.reasons,
+        BTreeMap::from([(connection_entry.phx_ref.clone(), LeaveReason::Closed)])
+    );
+    assert!(role_changes(&out).is_empty(), "build keeps its owner");
+    assert_eq!(out.changes, [Change::Delete(connection_entry.phx_ref)]);
+    let build = h.list("build");
+    assert_eq!(
+        owner_ref(&build.owner),
+        Some(process_entry.phx_ref.as_str())
+    );
+    assert_eq!(
+        h.listed_refs("build"),
+        [process_entry.phx_ref.clone(), spectator.phx_ref]
+    );
+    let kept = h
+        .registry
+        .entries()
+        .find(|e| e.phx_ref == process_entry.phx_ref)
+        .unwrap();
+    assert_eq!(kept.conn, None);
+}
+
+#[test]
+fn a_process_entry_resumes_by_token_from_a_new_connection_of_the_same_uid() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let owner = h.track_process(a, "doc", "x");
+    let spectator = h.track(b, "doc", "y");
+    h.close(a);
+
+    let a_again = h.connect(ALICE);
+    let out = h.resume(a_again, &[&owner.resume_token, "token-unknown"]);
+
+    let reply: ResumeReply = ok_reply(&out, a_again);
+    assert_eq!(reply.resumed, std::slice::from_ref(&owner.phx_ref));
+    assert_eq!(reply.expired, ["token-unknown"]);
+    assert_eq!(
+        summary(&reply.roles[&owner.phx_ref]),
+        owner_standing(&owner.phx_ref)
+    );
+    assert_eq!(out.deliveries.len(), 1, "resuming tells nobody else");
+
+    // The new connection now holds it: it hears the role events.
+    h.subscribe(b, "doc");
+    let later = h.track(b, "doc", "z");
+    let out = h.untrack_ref(b, "doc", &spectator.phx_ref);
+    assert!(role_changes(&out).is_empty());
+    let out = h.untrack_ref(a_again, "doc", &owner.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, a_again).removed, 1);
+    let roles = role_changes(&out);
+    assert_eq!(roles.len(), 1);
+    assert_eq!(
+        (roles[0].0, roles[0].1.phx_ref.as_str()),
+        (b, later.phx_ref.as_str())
+    );
+
+    // An entry already held by a connection cannot be resumed again.
+    let held = h.track_process(a_again, "doc", "w");
+    let a_third = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(a_third, &[&held.resume_token]), a_third);
+    assert!(reply.resumed.is_empty());
+    assert_eq!(reply.expired, [held.resume_token]);
+}
+
+#[test]
+fn resuming_another_uids_token_reports_it_expired() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let entry = h.track_process(a, "doc", "x");
+    h.close(a);
+    let bob = h.connect(BOB);
+    let reply: ResumeReply = ok_reply(&h.resume(bob, &[&entry.resume_token]), bob);
+    assert!(reply.resumed.is_empty() && reply.roles.is_empty());
+    assert_eq!(reply.expired, std::slice::from_ref(&entry.resume_token));
+    // Root cannot take it over either: a token is its uid's.
+    let root = h.connect(ROOT);
+    let reply: ResumeReply = ok_reply(&h.resume(root, &[&entry.resume_token]), root);
+    assert_eq!(reply.expired, [entry.resume_token]);
+    assert_eq!(
+        h.registry.entries().next().map(|e| e.conn),
+        Some(None),
+        "still detached"
+    );
+}
+
+#[test]
+fn a_resumed_connection_entry_leaves_when_its_new_connection_closes() {
+    let entry = stored_entry(4, "doc", "x", Lifetime::Connection, "tok");
+    let mut h = Harness::around(Registry::restore(Limits::default(), vec![entry], 5));
+    let a = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(a, &["tok"]), a);
+    assert_eq!(reply.resumed, ["p4"]);
+    let out = h.close(a);
+    assert_eq!(out.changes, [Change::Delete("p4".into())]);
+}
+
+// ---------------------------------------------------------------------------
+// Subscriptions and the order of lines
+// ---------------------------------------------------------------------------
+
+#[test]
+fn subscribe_replies_before_it_sends_the_presence_state() {
+    let mut h = Harness::new();
+    let (a, b, watcher) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    let owner = h.track(a, "doc", "x");
+    let spectator = h.track(b, "doc", "y");
+
+    let out = h.subscribe(watcher, "doc");
+
+    assert_eq!(kinds_for(&out, watcher), ["reply", "presence_state"]);
+    assert!(the_reply(&out, watcher).ok);
+    match events_to(&out, watcher)[0] {
+        Event::PresenceState {
+            topic,
+            payload,
+            owner: state_owner,
+        } => {
+            assert_eq!(topic, "doc");
+            assert_eq!(
+                refs_of(payload),
+                refs(&[&owner.phx_ref, &spectator.phx_ref])
+            );
+            assert_eq!(owner_ref(state_owner), Some(owner.phx_ref.as_str()));
+        }
+        other => panic!("expected a presence_state, got {other:?}"),
+    }
+    // Subscribing to an empty topic is fine and shows it empty.
+    let out = h.subscribe(watcher, "empty");
+    assert_eq!(
+        events_to(&out, watcher),
+        [&Event::PresenceState {
+            topic: "empty".into(),
+            payload: Presences::new(),
+            owner: None,
+        }]
+    );
+}
+
+#[test]
+fn a_subscribed_tracker_gets_its_reply_before_the_diff_of_its_own_join() {
+    let mut h = Harness::new();
+    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    h.subscribe(a, "doc");
+    h.subscribe(watcher, "doc");
+    let out = h.try_track(a, track_request("doc", "x"));
+    assert_eq!(kinds_for(&out, a), ["reply", "presence_diff"]);
+    assert_eq!(kinds_for(&out, watcher), ["presence_diff"]);
+    let reply: TrackReply = ok_reply(&out, a);
+    let diff = the_diff(&out);
+    assert_eq!(diff.to, [a, watcher]);
+    assert_eq!(refs_of(&diff.payload.joins), refs(&[&reply.phx_ref]));
+    assert!(diff.payload.leaves.is_empty() && diff.reasons.is_empty());
+    assert_eq!(owner_ref(&diff.owner), Some(reply.phx_ref.as_str()));
+}
+
+#[test]
+fn track_with_subscribe_replies_then_sends_a_state_that_includes_the_entry() {
+    let mut h = Harness::new();
+    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    h.subscribe(watcher, "doc");
+    let mut request = track_request("doc", "x");
+    request.subscribe = true;
+
+    let out = h.try_track(a, request);
+
+    assert_eq!(kinds_for(&out, a), ["reply", "presence_state"]);
+    assert_eq!(kinds_for(&out, watcher), ["presence_diff"]);
+    let reply: TrackReply = ok_reply(&out, a);
+    match events_to(&out, a)[0] {
+        Event::PresenceState { payload, .. } => {
+            assert_eq!(refs_of(payload), refs(&[&reply.phx_ref]));
+        }
+        other => panic!("expected a presence_state, got {other:?}"),
+    }
+    // The tracker is now a subscriber.
+    let b = h.connect(BOB);
+    let out = h.try_track(b, track_request("doc", "y"));
+    assert_eq!(the_diff(&out).to, [a, watcher]);
+}
+
+#[test]
+fn unsubscribe_and_close_end_a_subscription() {
+    let mut h = Harness::new();
+    let (a, left, closed, stays) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(BOB),
+        h.connect(BOB),
+    );
+    for conn in [left, closed, stays] {
+        h.subscribe(conn, "doc");
+    }
+    assert_eq!(h.registry.subscription_count(), 3);
+    let out = h.handle(left, Op::Unsubscribe("doc".into()));
+    assert!(the_reply(&out, left).ok);
+    h.close(closed);
+    assert_eq!(h.registry.subscription_count(), 1);
+
+    let out = h.try_track(a, track_request("doc", "x"));
+    assert_eq!(the_diff(&out).to, [stays]);
+    // Unsubscribed from everything, an empty topic is forgotten.
+    h.handle(stays, Op::Unsubscribe("doc".into()));
+    h.untrack_key(a, "doc", "x");
+    assert!(h.registry.topics.is_empty());
+}
+
+#[test]
+fn resync_sends_a_fresh_state_only_for_topics_still_subscribed() {
+    let mut h = Harness::new();
+    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    h.subscribe(watcher, "doc");
+    let entry = h.track(a, "doc", "x");
+    let mut out = Outbox::default();
+    h.registry.resync(
+        watcher,
+        &["doc".to_owned(), "never-subscribed".to_owned()],
+        &mut out,
+    );
+    assert_eq!(kinds_for(&out, watcher), ["presence_state"]);
+    match events_to(&out, watcher)[0] {
+        Event::PresenceState { topic, payload, .. } => {
+            assert_eq!(topic, "doc");
+            assert_eq!(refs_of(payload), refs(&[&entry.phx_ref]));
+        }
+        other => panic!("expected a presence_state, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------
+
+#[test]
+fn joined_at_never_decreases_when_the_clock_goes_backwards() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    h.now = 5_000;
+    assert_eq!(h.track(a, "doc", "x").joined_at, 5_000);
+    h.now = 3_000;
+    let after_step_back = h.track(a, "doc", "y");
+    assert_eq!(after_step_back.joined_at, 5_000);
+    h.now = 6_000;
+    assert_eq!(h.track(a, "doc", "z").joined_at, 6_000);
+    let listed = h.list("doc");
+    let joined: Vec<i64> = ["x", "y", "z"]
+        .iter()
+        .map(|k| listed.presences[*k].metas[0].joined_at)
+        .collect();
+    assert_eq!(joined, [5_000, 5_000, 6_000]);
+}
+
+#[test]
+fn joined_at_after_restore_is_not_below_any_restored_entry() {
+    let entry = stored_entry(3, "doc", "x", Lifetime::Process, "tok");
+    let restored_joined_at = entry.joined_at;
+    let mut h = Harness::around(Registry::restore(Limits::default(), vec![entry], 4));
+    h.now = restored_joined_at - 100;
+    let a = h.connect(ALICE);
+    assert_eq!(h.track(a, "doc", "y").joined_at, restored_joined_at);
+}
+
+// ---------------------------------------------------------------------------
+// Limits and validation
+// ---------------------------------------------------------------------------
+
+#[test]
+fn tracking_past_the_entry_limit_per_connection_is_limit_exceeded() {
+    let mut h = Harness::with_limits(Limits {
+        max_entries_per_connection: 2,
+        ..Limits::default()
+    });
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let first = h.track(a, "doc", "x");
+    h.track(a, "doc", "y");
+    assert_refused(
+        &h.try_track(a, track_request("doc", "z")),
+        a,
+        ErrorCode::LimitExceeded,
+    );
+    // The limit is per connection, and untracking frees a place.
+    h.track(b, "doc", "z");
+    h.untrack_ref(a, "doc", &first.phx_ref);
+    h.track(a, "doc", "z");
+    assert_eq!(h.registry.entry_count(), 3);
+}
+
+#[test]
+fn subscribing_past_the_subscription_limit_is_limit_exceeded() {
+    let mut h = Harness::with_limits(Limits {
+        max_subscriptions_per_connection: 2,
+        ..Limits::default()
+    });
+    let a = h.connect(ALICE);
+    assert!(the_reply(&h.subscribe(a, "one"), a).ok);
+    assert!(the_reply(&h.subscribe(a, "two"), a).ok);
+    assert_refused(&h.subscribe(a, "three"), a, ErrorCode::LimitExceeded);
+    // Subscribing again to a topic already subscribed costs nothing.
+    let again = h.subscribe(a, "one");
+    assert_eq!(kinds_for(&again, a), ["reply", "presence_state"]);
+    // A track that would subscribe past the limit is refused as a whole.
+    let mut request = track_request("three", "x");
+    request.subscribe = true;
+    assert_refused(&h.try_track(a, request), a, ErrorCode::LimitExceeded);
+    assert_eq!(h.registry.entry_count(), 0);
+    let mut request = track_request("one", "x");
+    request.subscribe = true;
+    ok_reply::<TrackReply>(&h.try_track(a, request), a);
+    assert_eq!(h.registry.subscription_count(), 2);
+}
+
+#[test]
+fn a_reserved_meta_field_is_bad_request() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let entry = h.track(a, "doc", "x");
+    for field in ["phx_ref", "seq", "joined_at", "uid"] {
+        let mut request = track_request("doc", "y");
+        request.meta = meta(json!({ field: 1 }));
+        assert_refused(&h.try_track(a, request), a, ErrorCode::BadRequest);
+        let update = h.update_ref(a, "doc", &entry.phx_ref, meta(json!({ field: 1 })));
+        assert_refused(&update, a, ErrorCode::BadRequest);
+    }
+    assert_eq!(h.listed_refs("doc"), [entry.phx_ref]);
+}
+
+#[test]
+fn an_oversized_meta_is_limit_exceeded() {
+    let mut h = Harness::with_limits(Limits {
+        max_meta_bytes: 32,
+        ..Limits::default()
+    });
+    let a = h.connect(ALICE);
+    let entry = h.track(a, "doc", "x");
+    let big = meta(json!({"note": "x".repeat(64)}));
+    let mut request = track_request("doc", "y");
+    request.meta = big.clone();
+    assert_refused(&h.try_track(a, request), a, ErrorCode::LimitExceeded);
+    assert_refused(
+        &h.update_ref(a, "doc", &entry.phx_ref, big),
+        a,
+        ErrorCode::LimitExceeded,
+    );
+    // Just under the limit is fine: {"note":"xxxxxxxxxxxxxxxxxxxx"} is 31 bytes.
+    let small = meta(json!({"note": "x".repeat(20)}));
+    ok_reply::<UpdateReply>(&h.update_ref(a, "doc", &entry.phx_ref, small), a);
+}
+
+// ---------------------------------------------------------------------------
+// Persistence: changes, restore and expiry
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_new_entry_is_persisted_and_failed_requests_persist_nothing() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let out = h.try_track(a, track_request("doc", "x"));
+    let reply: TrackReply = ok_reply(&out, a);
+    match out.changes.as_slice() {
+        [Change::Put(entry)] => {
+            assert_eq!(entry.phx_ref, reply.phx_ref);
+            assert_eq!(entry.seq, reply.seq);
+            assert_eq!(entry.token_hash, token_hash(&reply.resume_token));
+            assert_eq!(entry.uid, ALICE);
+            assert_eq!(entry.process, process_of(a));
+        }
+        other => panic!("expected one put, got {other:?}"),
+    }
+    assert!(h.subscribe(a, "doc").changes.is_empty());
+    assert!(
+        h.handle(a, Op::List(None)).changes.is_empty(),
+        "reading persists nothing"
+    );
+}
+
+#[test]
+fn a_restored_entry_expires_at_its_deadline_and_not_before() {
+    let mut waiting = stored_entry(3, "doc", "x", Lifetime::Connection, "tok-3");
+    waiting.resume_deadline = Some(2_000);
+    let staying = stored_entry(5, "doc", "y", Lifetime::Process, "tok-5");
+    let mut h = Harness::around(Registry::restore(
+        Limits::default(),
+        vec![waiting, staying],
+        6,
+    ));
+    assert_eq!(h.registry.next_resume_deadline(), Some(2_000));
+    let watcher = h.connect(BOB);
+    h.subscribe(watcher, "doc");
+
+    h.now = 1_999;
+    let out = h.expire();
+    assert!(out.deliveries.is_empty() && out.changes.is_empty());
+    assert_eq!(h.registry.entry_count(), 2);
+
+    h.now = 2_000;
+    let out = h.expire();
+    let diff = the_diff(&out);
+    assert_eq!(diff.to, [watcher]);
+    assert_eq!(
+        diff.reasons,
+        BTreeMap::from([("p3".to_owned(), LeaveReason::Expired)])
+    );
+    assert_eq!(owner_ref(&diff.owner), Some("p5"));
+    assert_eq!(out.changes, [Change::Delete("p3".into())]);
+    assert_eq!(h.registry.next_resume_deadline(), None);
+    assert_eq!(h.listed_refs("doc"), ["p5"]);
+    // Nothing is left to expire, however late it gets.
+    h.now = 1_000_000;
+    assert!(h.expire().changes.is_empty());
+}
+
+#[test]
+fn a_restored_entry_resumed_before_its_deadline_does_not_expire() {
+    let mut waiting = stored_entry(3, "doc", "x", Lifetime::Connection, "tok-3");
+    waiting.resume_deadline = Some(2_000);
+    let mut h = Harness::around(Registry::restore(Limits::default(), vec![waiting], 4));
+    let a = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(a, &["tok-3"]), a);
+    assert_eq!(reply.resumed, ["p3"]);
+    assert_eq!(h.registry.next_resume_deadline(), None);
+    h.now = 10_000;
+    assert!(h.expire().changes.is_empty());
+    assert_eq!(h.registry.entry_count(), 1);
+}
+
+#[test]
+fn restored_entries_keep_their_order_and_owner() {
+    let entries = vec![
+        stored_entry(9, "doc", "late", Lifetime::Process, "a"),
+        stored_entry(2, "doc", "early", Lifetime::Process, "b"),
+    ];
+    let mut h = Harness::around(Registry::restore(Limits::default(), entries, 10));
+    assert_eq!(owner_ref(&h.list("doc").owner), Some("p2"));
+    assert_eq!(h.listed_refs("doc"), ["p2", "p9"]);
+    assert_eq!(h.registry.processes().count(), 2);
+}
+
+#[test]
+fn next_seq_after_restore_exceeds_every_restored_seq() {
+    let entries = || {
+        vec![
+            stored_entry(7, "doc", "x", Lifetime::Process, "a"),
+            stored_entry(12, "notes", "x", Lifetime::Process, "b"),
+        ]
+    };
+    // A counter below the restored seqs is raised past them...
+    let mut h = Harness::around(Registry::restore(Limits::default(), entries(), 3));
+    assert_eq!(h.registry.next_seq(), 13);
+    let a = h.connect(ALICE);
+    let fresh = h.track(a, "doc", "y");
+    assert!(fresh.seq > 12);
+    assert_eq!(
+        fresh.standing.position, 1,
+        "the restored entry keeps the lead"
+    );
+    // ...and a counter above them is kept.
+    let h = Harness::around(Registry::restore(Limits::default(), entries(), 40));
+    assert_eq!(h.registry.next_seq(), 40);
+    // A counter of zero still starts from one.
+    let h = Harness::around(Registry::restore(Limits::default(), Vec::new(), 0));
+    assert_eq!(h.registry.next_seq(), 1);
+}
+
+/// `restore` promises to raise a stale `next_seq` past everything restored,
+/// and refs draw from the same counter ("neither is ever reused, even across
+/// restarts"). It only looks at seqs, though: an updated entry's ref number
+/// is above its seq, so a stale counter hands that ref out again.
+#[test]
+fn refs_issued_after_a_restore_never_collide_with_restored_refs() {
+    // Tracked as seq 1 (ref p1), then updated twice: ref p3, counter 4.
+    let mut updated = stored_entry(1, "doc", "x", Lifetime::Process, "a");
+    updated.phx_ref = "p3".into();
+    updated.prev_ref = Some("p2".into());
+    // The counter read back says 1: restore raises it to 2 only.
+    let mut h = Harness::around(Registry::restore(Limits::default(), vec![updated], 1));
+    let a = h.connect(ALICE);
+    let first = h.track(a, "doc", "y");
+    let second = h.track(a, "doc", "z");
+    let issued = [first.phx_ref.as_str(), second.phx_ref.as_str()];
+    assert!(!issued.contains(&"p3"), "issued {issued:?} again");
+    assert_eq!(h.registry.entry_count(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// Property test against a reference model
+// ---------------------------------------------------------------------------
+
+/// The connections of the property test: two of the same user, another
+/// user, and root.
+const SLOT_UIDS: [u32; 4] = [ALICE, ALICE, BOB, ROOT];
+const TOPICS: [&str; 3] = ["t0", "t1", "t2"];
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+const PROCESSES: usize = 3;
+/// How long connection entries wait to be resumed after a restart.
+const RESUME_GRACE: i64 = 20;
+
+/// Small limits, so that random sequences run into them.
+fn property_limits() -> Limits {
+    Limits {
+        max_entries_per_connection: 4,
+        max_subscriptions_per_connection: 2,
+        ..Limits::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    /// Opens a new connection in the slot if its last one has closed.
+    Reopen {
+        slot: usize,
+    },
+    Track {
+        slot: usize,
+        topic: usize,
+        key: usize,
+        lifetime: Lifetime,
+        process: usize,
+        subscribe: bool,
+        bad_meta: bool,
+    },
+    /// `pick` chooses among every ref ever issued, live or not.
+    UntrackByRef {
+        slot: usize,
+        pick: usize,
+        wrong_topic: bool,
+    },
+    UntrackByKey {
+        slot: usize,
+        topic: usize,
+        key: usize,
+    },
+    UpdateByRef {
+        slot: usize,
+        pick: usize,
+        wrong_topic: bool,
+        bad_meta: bool,
+    },
+    UpdateByKey {
+        slot: usize,
+        topic: usize,
+        key: usize,
+    },
+    Subscribe {
+        slot: usize,
+        topic: usize,
+    },
+    Unsubscribe {
+        slot: usize,
+        topic: usize,
+    },
+    /// `picks` choose among the tokens of every ref ever issued or, if
+    /// `detached`, of the live entries no connection holds (the ones that
+    /// can be resumed).
+    Resume {
+        slot: usize,
+        picks: Vec<usize>,
+        detached: bool,
+    },
+    Close {
+        slot: usize,
+    },
+    /// `stale` names the pid with a start time no entry has.
+    ProcessExit {
+        process: usize,
+        stale: bool,
+    },
+    /// May be negative: the wall clock can step back.
+    AdvanceTime {
+        millis: i64,
+    },
+    /// Sets the clock just before, at or just after the earliest resume
+    /// deadline, where expiry must switch from keeping to removing.
+    ReachDeadline {
+        offset: i64,
+    },
+    Expire,
+    /// Restores a new registry from the persisted rows, as a daemon restart
+    /// does: every connection is gone, connection entries wait to resume.
+    Restart,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    let slot = 0..SLOT_UIDS.len();
+    let topic = 0..TOPICS.len();
+    let key = 0..KEYS.len();
+    let lifetime = prop_oneof![Just(Lifetime::Connection), Just(Lifetime::Process)];
+    let pick = 0..1_000usize;
+    let rarely = || prop::bool::weighted(0.1);
+    prop_oneof![
+        4 => slot.clone().prop_map(|slot| Action::Reopen { slot }),
+        14 => (
+            slot.clone(),
+            topic.clone(),
+            key.clone(),
+            lifetime,
+            0..PROCESSES,
+            prop::bool::weighted(0.3),
+            rarely(),
+        )
+            .prop_map(
+                |(slot, topic, key, lifetime, process, subscribe, bad_meta)| Action::Track {
+                    slot,
+                    topic,
+                    key,
+                    lifetime,
+                    process,
+                    subscribe,
+                    bad_meta,
+                }
+            ),
+        4 => (slot.clone(), pick.clone(), rarely()).prop_map(|(slot, pick, wrong_topic)| {
+            Action::UntrackByRef { slot, pick, wrong_topic }
+        }),
+        2 => (slot.clone(), topic.clone(), key.clone())
+            .prop_map(|(slot, topic, key)| Action::UntrackByKey { slot, topic, key }),
+        3 => (slot.clone(), pick.clone(), rarely(), rarely()).prop_map(
+            |(slot, pick, wrong_topic, bad_meta)| Action::UpdateByRef {
+                slot,
+                pick,
+                wrong_topic,
+                bad_meta,
+            }
+        ),
+        2 => (slot.clone(), topic.clone(), key)
+            .prop_map(|(slot, topic, key)| Action::UpdateByKey { slot, topic, key }),
+        4 => (slot.clone(), topic.clone())
+            .prop_map(|(slot, topic)| Action::Subscribe { slot, topic }),
+        1 => (slot.clone(), topic).prop_map(|(slot, topic)| Action::Unsubscribe { slot, topic }),
+        4 => (slot.clone(), prop::collection::vec(pick, 1..3), prop::bool::weighted(0.8))
+            .prop_map(|(slot, picks, detached)| Action::Resume { slot, picks, detached }),
+        2 => slot.prop_map(|slot| Action::Close { slot }),
+        2 => (0..PROCESSES, rarely())
+            .prop_map(|(process, stale)| Action::ProcessExit { process, stale }),
+        3 => (-30i64..60).prop_map(|millis| Action::AdvanceTime { millis }),
+        1 => (-1i64..=1).prop_map(|offset| Action::ReachDeadline { offset }),
+        2 => Just(Action::Expire),
+        2 => Just(Action::Restart),
+    ]
+}
+
+/// One entry as the reference model sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct ModelEntry {
+    seq: u64,
+    phx_ref: String,
+    topic: String,
+    key: String,
+    conn: Option<ConnId>,
+    uid: u32,
+    process: ProcessId,
+    lifetime: Lifetime,
+    token: String,
+    deadline: Option<i64>,
+}
+
+#[derive(Debug)]
+struct ModelConn {
+    uid: u32,
+    subscriptions: BTreeSet<String>,
+}
+
+/// The rules of the registry, applied naively to a flat list.
+#[derive(Debug, Default)]
+struct Model {
+    /// In seq order: entries are only appended, and seqs only grow.
+    entries: Vec<ModelEntry>,
+    conns: BTreeMap<ConnId, ModelConn>,
+}
+
+impl Model {
+    fn uid_of(&self, conn: ConnId) -> Option<u32> {
+        self.conns.get(&conn).map(|c| c.uid)
+    }
+
+    fn on_topic<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a ModelEntry> {
+        self.entries.iter().filter(move |e| e.topic == topic)
+    }
+
+    fn held_by(&self, conn: ConnId) -> impl Iterator<Item = &ModelEntry> {
+        self.entries.iter().filter(move |e| e.conn == Some(conn))
+    }
+
+    fn live(&self, phx_ref: &str) -> Option<&ModelEntry> {
+        self.entries.iter().find(|e| e.phx_ref == phx_ref)
+    }
+
+    /// Each non-empty topic's owner, by seq.
+    fn owners(&self) -> BTreeMap<String, u64> {
+        let mut owners = BTreeMap::new();
+        for entry in &self.entries {
+            owners.entry(entry.topic.clone()).or_insert(entry.seq);
+        }
+        owners
+    }
+
+    fn may_change(&self, conn: ConnId, entry: &ModelEntry) -> bool {
+        let uid = self.uid_of(conn);
+        entry.conn == Some(conn)
+            || uid == Some(ROOT)
+            || (entry.lifetime == Lifetime::Process && uid == Some(entry.uid))
+    }
+
+    fn subscribed(&self, conn: ConnId, topic: &str) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.subscriptions.contains(topic))
+    }
+
+    fn subscribers(&self, topic: &str) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.subscriptions.contains(topic))
+            .map(|(conn, _)| *conn)
+            .collect()
+    }
+
+    /// Where the entry stands: (role, readonly, position, owner's ref).
+    fn standing(&self, phx_ref: &str) -> Summary {
+        let entry = self.live(phx_ref).expect("standing of a live entry");
+        let position = self
+            .on_topic(&entry.topic)
+            .take_while(|e| e.seq < entry.seq)
+            .count();
+        let owner = self
+            .on_topic(&entry.topic)
+            .next()
+            .map(|e| e.phx_ref.clone());
+        let role = if position == 0 {
+            Role::Owner
+        } else {
+            Role::Spectator
+        };
+        (role, role == Role::Spectator, position, owner)
+    }
+
+    fn remove_where(&mut self, leaves: impl Fn(&ModelEntry) -> bool) -> Vec<ModelEntry> {
+        let (gone, kept) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| leaves(e));
+        self.entries = kept;
+        gone
+    }
+}
+
+/// A subscriber's picture of a topic, built from what it was sent.
+#[derive(Debug, Clone, PartialEq)]
+struct View {
+    presences: Presences,
+    owner: Option<Owner>,
+}
+
+impl View {
+    /// Phoenix's syncDiff: add the joins, then remove the leaves by ref. It
+    /// is strict where Phoenix is lenient: a join must be new and a leave
+    /// must be exactly a meta the subscriber holds, or the lines were wrong.
+    fn apply(&mut self, diff: &Diff, owner: &Option<Owner>) {
+        for (key, joined) in &diff.joins {
+            let metas = &mut self.presences.entry(key.clone()).or_default().metas;
+            for meta in &joined.metas {
+                assert!(
+                    !metas.iter().any(|m| m.phx_ref == meta.phx_ref),
+                    "a join of {} which the subscriber already has",
+                    meta.phx_ref
+                );
+                metas.push(meta.clone());
+            }
+        }
+        for (key, left) in &diff.leaves {
+            let metas = &mut self
+                .presences
+                .get_mut(key)
+                .unwrap_or_else(|| panic!("a leave on key {key} which the subscriber lacks"))
+                .metas;
+            for meta in &left.metas {
+                assert!(
+                    metas.contains(meta),
+                    "a leave of {meta:?} which the subscriber does not hold as such: {metas:?}"
+                );
+                metas.retain(|m| m.phx_ref != meta.phx_ref);
+            }
+            if metas.is_empty() {
+                self.presences.remove(key);
+            }
+        }
+        self.owner = owner.clone();
+    }
+
+    /// The view in the registry's order, metas by seq, to compare with
+    /// `list`. Phoenix appends joins, so an updated meta sits last until
+    /// sorted.
+    fn sorted(&self) -> Presences {
+        let mut presences = self.presences.clone();
+        for presence in presences.values_mut() {
+            presence.metas.sort_by_key(|m| m.seq);
+        }
+        presences
+    }
+}
+
+/// A diff the model expects one step to send.
+#[derive(Debug, PartialEq)]
+struct ExpectedDiff {
+    topic: String,
+    to: Vec<ConnId>,
+    joins: BTreeSet<String>,
+    leaves: BTreeSet<String>,
+    reasons: BTreeMap<String, LeaveReason>,
+}
+
+/// What one step must send besides its reply and the role events, which
+/// follow from the owners before and after.
+#[derive(Debug, Default)]
+struct Expected {
+    diffs: Vec<ExpectedDiff>,
+    /// (recipient, topic) of each `presence_state`.
+    states: Vec<(ConnId, String)>,
+}
+
+impl Expected {
+    fn departures(model: &Model, gone: &[ModelEntry], reason: LeaveReason) -> Expected {
+        let mut by_topic: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for entry in gone {
+            by_topic
+                .entry(&entry.topic)
+                .or_default()
+                .insert(entry.phx_ref.clone());
+        }
+        let diffs = by_topic
+            .into_iter()
+            .filter_map(|(topic, leaves)| {
+                let to = model.subscribers(topic);
+                (!to.is_empty()).then(|| ExpectedDiff {
+                    topic: topic.to_owned(),
+                    to,
+                    joins: BTreeSet::new(),
+                    reasons: leaves.iter().map(|r| (r.clone(), reason)).collect(),
+                    leaves,
+                })
+            })
+            .collect();
+        Expected {
+            diffs,
+            states: Vec::new(),
+        }
+    }
+}
+
+/// A ref once issued, with what is needed to name it again.
+#[derive(Debug, Clone)]
+struct Issued {
+    phx_ref: String,
+    topic: String,
+    token: String,
+}
+
+/// The registry under test, the model, and what the test saw.
+struct World {
+    registry: Registry,
+    model: Model,
+    now: i64,
+    /// The current connection of each slot, open or closed.
+    slots: Vec<ConnId>,
+    next_conn: ConnId,
+    /// The start time of each process's current incarnation; bumped on exit
+    /// so that a pid is never tracked again under an exited identity.
+    generations: [u64; PROCESSES],
+    next_counter: u64,
+    issued: Vec<Issued>,
+    last_seq: u64,
+    seen_refs: HashSet<String>,
+    last_joined_at: i64,
+    views: HashMap<(ConnId, String), View>,
+    /// The rows as the store would hold them after applying every change.
+    persisted: BTreeMap<String, Entry>,
+}
+
+impl World {
+    fn new() -> World {
+        let mut world = World {
+            registry: Registry::new(property_limits()),
+            model: Model::default(),
+            now: 1_000,
+            slots: Vec::new(),
+            next_conn: 1,
+            generations: [1; PROCESSES],
+            next_counter: 1,
+            issued: Vec::new(),
+            last_seq: 0,
+            seen_refs: HashSet::new(),
+            last_joined_at: 0,
+            views: HashMap::new(),
+            persisted: BTreeMap::new(),
+        };
+        world.slots = (0..SLOT_UIDS.len()).map(|slot| world.open(slot)).collect();
+        world
+    }
+
+    fn open(&mut self, slot: usize) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let uid = SLOT_UIDS[slot];
+        self.registry.open(
+            conn,
+            Peer {
+                pid: 7000 + conn as u32,
+                uid,
+                user: user_name(uid),
+            },
+        );
+        self.model.conns.insert(
+            conn,
+            ModelConn {
+                uid,
+                subscriptions: BTreeSet::new(),
+            },
+        );
+        conn
+    }
+
+    fn counter(&mut self) -> u64 {
+        self.next_counter += 1;
+        self.next_counter
+    }
+
+    fn meta(&mut self, bad: bool) -> Map<String, Value> {
+        if bad {
+            meta(json!({"seq": 1}))
+        } else {
+            meta(json!({"n": self.counter()}))
+        }
+    }
+
+    /// A ref ever issued (or one never issued), with its topic or, if
+    /// `wrong_topic`, another.
+    fn pick_ref(&self, pick: usize, wrong_topic: bool) -> (String, String) {
+        let (phx_ref, topic) = match self.issued.get(pick % self.issued.len().max(1)) {
+            Some(issued) => (issued.phx_ref.clone(), issued.topic.clone()),
+            None => ("p0".to_owned(), TOPICS[0].to_owned()),
+        };
+        if wrong_topic {
+            let other = TOPICS.iter().find(|t| **t != topic).unwrap();
+            (phx_ref, (*other).to_owned())
+        } else {
+            (phx_ref, topic)
+        }
+    }
+
+    fn handle(&mut self, conn: ConnId, op: Op) -> Outbox {
+        let mut out = Outbox::default();
+        self.registry.handle(conn, json!(0), op, self.now, &mut out);
+        out
+    }
+
+    fn check_new_ref(&mut self, phx_ref: &str) {
+        assert!(
+            self.seen_refs.insert(phx_ref.to_owned()),
+            "ref {phx_ref} issued twice"
+        );
+    }
+
+    /// Runs one action against the registry and the model and checks
+    /// everything it sent and left behind.
+    fn step(&mut self, action: &Action) {
+        let owners_before = self.model.owners();
+        let (out, expected) = self.run(action);
+        self.check_deliveries(&out, &expected, &owners_before);
+        self.check_state();
+    }
+
+    fn run(&mut self, action: &Action) -> (Outbox, Expected) {
+        match *action {
+            Action::Reopen { slot } => {
+                if !self.model.conns.contains_key(&self.slots[slot]) {
+                    self.slots[slot] = self.open(slot);
+                }
+                (Outbox::default(), Expected::default())
+            }
+            Action::Track {
+                slot,
+                topic,
+                key,
+                lifetime,
+                process,
+                subscribe,
+                bad_meta,
+            } => self.track(
+                self.slots[slot],
+                TOPICS[topic],
+                KEYS[key],
+                lifetime,
+                process,
+                subscribe,
+                bad_meta,
+            ),
+            Action::UntrackByRef {
+                slot,
+                pick,
+                wrong_topic,
+            } => {
+                let conn = self.slots[slot];
+                let (phx_ref, topic) = self.pick_ref(pick, wrong_topic);
+                let out = self.handle(
+                    conn,
+                    Op::Untrack(UntrackRequest {
+                        topic: topic.clone(),
+                        phx_ref: Some(phx_ref.clone()),
+                        key: None,
+                    }),
+                );
+                let target = self
+                    .model
+                    .live(&phx_ref)
+                    .filter(|e| e.topic == topic)
+                    .cloned();
+                match target {
+                    Some(entry) if !self.model.may_change(conn, &entry) => {
+                        assert_refused(&out, conn, ErrorCode::PermissionDenied);
+                        (out, Expected::default())
+                    }
+                    Some(_) => {
+                        assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 1);
+                        let gone = self.model.remove_where(|e| e.phx_ref == phx_ref);
+                        let expected =
+                            Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                        (out, expected)
+                    }
+                    None => {
+                        assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 0);
+                        (out, Expected::default())
+                    }
+                }
+            }
+            Action::UntrackByKey { slot, topic, key } => {
+                let conn = self.slots[slot];
+                let (topic, key) = (TOPICS[topic], KEYS[key]);
+                let out = self.handle(
+                    conn,
+                    Op::Untrack(UntrackRequest {
+                        topic: topic.to_owned(),
+                        phx_ref: None,
+                        key: Some(key.to_owned()),
+                    }),
+                );
+                let removable: BTreeSet<String> = self
+                    .model
+                    .on_topic(topic)
+                    .filter(|e| e.key == key && self.model.may_change(conn, e))
+                    .map(|e| e.phx_ref.clone())
+                    .collect();
+                assert_eq!(
+                    ok_reply::<UntrackReply>(&out, conn).removed,
+                    removable.len()
+                );
+                let gone = self.model.remove_where(|e| removable.contains(&e.phx_ref));
+                let expected = Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                (out, expected)
+            }
+            Action::UpdateByRef {
+                slot,
+                pick,
+                wrong_topic,
+                bad_meta,
+            } => {
+                let conn = self.slots[slot];
+                let (phx_ref, topic) = self.pick_ref(pick, wrong_topic);
+                let meta = self.meta(bad_meta);
+                let out = self.handle(
+                    conn,
+                    Op::Update(UpdateRequest {
+                        topic: topic.clone(),
+                        phx_ref: Some(phx_ref.clone()),
+                        key: None,
+                        meta,
+                    }),
+                );
+                let refusal = if bad_meta {
+                    Some(ErrorCode::BadRequest)
+                } else {
+                    match self.model.live(&phx_ref).filter(|e| e.topic == topic) {
+                        None => Some(ErrorCode::NotFound),
+                        Some(e) if !self.model.may_change(conn, e) => {
+                            Some(ErrorCode::PermissionDenied)
+                        }
+                        Some(_) => None,
+                    }
+                };
+                self.updated(conn, out, &phx_ref, refusal)
+            }
+            Action::UpdateByKey { slot, topic, key } => {
+                let conn = self.slots[slot];
+                let (topic, key) = (TOPICS[topic], KEYS[key]);
+                let meta = self.meta(false);
+                let out = self.handle(
+                    conn,
+                    Op::Update(UpdateRequest {
+                        topic: topic.to_owned(),
+                        phx_ref: None,
+                        key: Some(key.to_owned()),
+                        meta,
+                    }),
+                );
+                let held: Vec<String> = self
+                    .model
+                    .held_by(conn)
+                    .filter(|e| e.topic == topic && e.key == key)
+                    .map(|e| e.phx_ref.clone())
+                    .collect();
+                let refusal = if !self.model.conns.contains_key(&conn) {
+                    Some(ErrorCode::Internal)
+                } else {
+                    match held.len() {
+                        0 => Some(ErrorCode::NotFound),
+                        1 => None,
+                        _ => Some(ErrorCode::BadRequest),
+                    }
+                };
+                let old_ref = held.first().cloned().unwrap_or_default();
+                self.updated(conn, out, &old_ref, refusal)
+            }
+            Action::Subscribe { slot, topic } => {
+                let conn = self.slots[slot];
+                let topic = TOPICS[topic];
+                let out = self.handle(conn, Op::Subscribe(topic.to_owned()));
+                let refusal = match self.model.conns.get(&conn) {
+                    None => Some(ErrorCode::Internal),
+                    Some(c)
+                        if !c.subscriptions.contains(topic)
+                            && c.subscriptions.len()
+                                >= property_limits().max_subscriptions_per_connection =>
+                    {
+                        Some(ErrorCode::LimitExceeded)
+                    }
+                    Some(_) => None,
+                };
+                if let Some(code) = refusal {
+                    assert_refused(&out, conn, code);
+                    return (out, Expected::default());
+                }
+                assert!(the_reply(&out, conn).ok);
+                if let Some(c) = self.model.conns.get_mut(&conn) {
+                    c.subscriptions.insert(topic.to_owned());
+                }
+                let expected = Expected {
+                    diffs: Vec::new(),
+                    states: vec![(conn, topic.to_owned())],
+                };
+                (out, expected)
+            }
+            Action::Unsubscribe { slot, topic } => {
+                let conn = self.slots[slot];
+                let topic = TOPICS[topic];
+                let out = self.handle(conn, Op::Unsubscribe(topic.to_owned()));
+                assert!(the_reply(&out, conn).ok);
+                if let Some(c) = self.model.conns.get_mut(&conn) {
+                    c.subscriptions.remove(topic);
+                }
+                (out, Expected::default())
+            }
+            Action::Resume {
+                slot,
+                ref picks,
+                detached,
+            } => self.resume(self.slots[slot], picks, detached),
+            Action::Close { slot } => {
+                let conn = self.slots[slot];
+                let mut out = Outbox::default();
+                self.registry.close(conn, &mut out);
+                if self.model.conns.remove(&conn).is_none() {
+                    return (out, Expected::default());
+                }
+                let gone = self
+                    .model
+                    .remove_where(|e| e.conn == Some(conn) && e.lifetime == Lifetime::Connection);
+                for entry in &mut self.model.entries {
+                    if entry.conn == Some(conn) {
+                        entry.conn = None;
+                    }
+                }
+                let expected = Expected::departures(&self.model, &gone, LeaveReason::Closed);
+                (out, expected)
+            }
+            Action::ProcessExit { process, stale } => {
+                let id = ProcessId {
+                    pid: 500 + process as u32,
+                    start_time: if stale {
+                        self.generations[process] + 1_000_000
+                    } else {
+                        self.generations[process]
+                    },
+                };
+                let mut out = Outbox::default();
+                self.registry.process_exited(id, &mut out);
+                if !stale {
+                    self.generations[process] += 1;
+                }
+                let gone = self.model.remove_where(|e| e.process == id);
+                let expected = Expected::departures(&self.model, &gone, LeaveReason::PidExit);
+                (out, expected)
+            }
+            Action::AdvanceTime { millis } => {
+                self.now += millis;
+                (Outbox::default(), Expected::default())
+            }
+            Action::ReachDeadline { offset } => {
+                if let Some(deadline) = self.model.entries.iter().filter_map(|e| e.deadline).min() {
+                    self.now = deadline + offset;
+                }
+                (Outbox::default(), Expected::default())
+            }
+            Action::Expire => {
+                let mut out = Outbox::default();
+                self.registry.expire(self.now, &mut out);
+                let now = self.now;
+                let gone = self
+                    .model
+                    .remove_where(|e| e.deadline.is_some_and(|deadline| deadline <= now));
+                let expected = Expected::departures(&self.model, &gone, LeaveReason::Expired);
+                (out, expected)
+            }
+            Action::Restart => {
+                self.restart();
+                (Outbox::default(), Expected::default())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn track(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        key: &str,
+        lifetime: Lifetime,
+        process: usize,
+        subscribe: bool,
+        bad_meta: bool,
+    ) -> (Outbox, Expected) {
+        let process = ProcessId {
+            pid: 500 + process as u32,
+            start_time: self.generations[process],
+        };
+        let token = format!("token-{}", self.counter());
+        let request = TrackRequest {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            meta: self.meta(bad_meta),
+            pid: None,
+            lifetime,
+            subscribe,
+        };
+        let out = self.handle(
+            conn,
+            Op::Track(Track {
+                request,
+                process,
+                token: token.clone(),
+                token_hash: token_hash(&token),
+            }),
+        );
+
+        let limits = property_limits();
+        let refusal = if bad_meta {
+            Some(ErrorCode::BadRequest)
+        } else {
+            match self.model.conns.get(&conn) {
+                None => Some(ErrorCode::Internal),
+                Some(_)
+                    if self.model.held_by(conn).count() >= limits.max_entries_per_connection =>
+                {
+                    Some(ErrorCode::LimitExceeded)
+                }
+                Some(_)
+                    if self
+                        .model
+                        .held_by(conn)
+                        .any(|e| e.topic == topic && e.key == key) =>
+                {
+                    Some(ErrorCode::AlreadyTracked)
+                }
+                Some(c)
+                    if subscribe
+                        && !c.subscriptions.contains(topic)
+                        && c.subscriptions.len() >= limits.max_subscriptions_per_connection =>
+                {
+                    Some(ErrorCode::LimitExceeded)
+                }
+                Some(_) => None,
+            }
+        };
+        if let Some(code) = refusal {
+            assert_refused(&out, conn, code);
+            return (out, Expected::default());
+        }
+
+        let reply: TrackReply = ok_reply(&out, conn);
+        assert!(
+            reply.seq > self.last_seq,
+            "seq {} after {}",
+            reply.seq,
+            self.last_seq
+        );
+        self.last_seq = reply.seq;
+        self.check_new_ref(&reply.phx_ref);
+        let joined_at = self.now.max(self.last_joined_at);
+        assert_eq!(reply.joined_at, joined_at, "joined_at never goes back");
+        self.last_joined_at = joined_at;
+        assert_eq!(reply.resume_token, token);
+
+        let uid = self.model.uid_of(conn).unwrap();
+        self.model.entries.push(ModelEntry {
+            seq: reply.seq,
+            phx_ref: reply.phx_ref.clone(),
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            conn: Some(conn),
+            uid,
+            process,
+            lifetime,
+            token: token.clone(),
+            deadline: None,
+        });
+        assert_eq!(
+            summary(&reply.standing),
+            self.model.standing(&reply.phx_ref)
+        );
+        self.issued.push(Issued {
+            phx_ref: reply.phx_ref.clone(),
+            topic: topic.to_owned(),
+            token,
+        });
+
+        // The diff goes to those subscribed before the track; a tracker that
+        // subscribes with it gets the state instead.
+        let mut expected = Expected::default();
+        let to = self.model.subscribers(topic);
+        if !to.is_empty() {
+            expected.diffs.push(ExpectedDiff {
+                topic: topic.to_owned(),
+                to,
+                joins: BTreeSet::from([reply.phx_ref.clone()]),
+                leaves: BTreeSet::new(),
+                reasons: BTreeMap::new(),
+            });
+        }
+        if subscribe {
+            let subscriptions = &mut self.model.conns.get_mut(&conn).unwrap().subscriptions;
+            subscriptions.insert(topic.to_owned());
+            expected.states.push((conn, topic.to_owned()));
+        }
+        (out, expected)
+    }
+
+    /// Checks an update's reply and applies it to the model.
+    fn updated(
+        &mut self,
+        conn: ConnId,
+        out: Outbox,
+        old_ref: &str,
+        refusal: Option<ErrorCode>,
+    ) -> (Outbox, Expected) {
+        if let Some(code) = refusal {
+            assert_refused(&out, conn, code);
+            return (out, Expected::default());
+        }
+        let reply: UpdateReply = ok_reply(&out, conn);
+        assert_eq!(reply.prev_ref, old_ref);
+        self.check_new_ref(&reply.phx_ref);
+        let entry = self
+            .model
+            .entries
+            .iter_mut()
+            .find(|e| e.phx_ref == old_ref)
+            .unwrap();
+        entry.phx_ref = reply.phx_ref.clone();
+        let (topic, token) = (entry.topic.clone(), entry.token.clone());
+        self.issued.push(Issued {
+            phx_ref: reply.phx_ref.clone(),
+            topic: topic.clone(),
+            token,
+        });
+        let mut expected = Expected::default();
+        let to = self.model.subscribers(&topic);
+        if !to.is_empty() {
+            expected.diffs.push(ExpectedDiff {
+                topic,
+                to,
+                joins: BTreeSet::from([reply.phx_ref]),
+                leaves: BTreeSet::from([old_ref.to_owned()]),
+                reasons: BTreeMap::from([(old_ref.to_owned(), LeaveReason::Update)]),
+            });
+        }
+        (out, expected)
+    }
+
+    fn resume(&mut self, conn: ConnId, picks: &[usize], detached: bool) -> (Outbox, Expected) {
+        let detached: Vec<String> = self
+            .model
+            .entries
+            .iter()
+            .filter(|e| detached && e.conn.is_none())
+            .map(|e| e.token.clone())
+            .collect();
+        let candidates: Vec<String> = if detached.is_empty() {
+            self.issued.iter().map(|i| i.token.clone()).collect()
+        } else {
+            detached
+        };
+        let tokens: Vec<String> = picks
+            .iter()
+            .map(
+                |pick| match candidates.get(pick % candidates.len().max(1)) {
+                    Some(token) => token.clone(),
+                    None => "token-never-issued".to_owned(),
+                },
+            )
+            .collect();
+        let out = self.handle(
+            conn,
+            Op::Resume(
+                tokens
+                    .iter()
+                    .map(|token| (token.clone(), token_hash(token)))
+                    .collect(),
+            ),
+        );
+        let reply: ResumeReply = ok_reply(&out, conn);
+        assert_eq!(out.deliveries.len(), 1, "resuming sends only its reply");
+        assert!(
+            out.changes.is_empty(),
+            "who holds an entry is not persisted"
+        );
+
+        let mut resumed = Vec::new();
+        let mut expired = Vec::new();
+        if let Some(uid) = self.model.uid_of(conn) {
+            for token in tokens {
+                let entry = self
+                    .model
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.token == token && e.uid == uid && e.conn.is_none());
+                match entry {
+                    Some(entry) => {
+                        entry.conn = Some(conn);
+                        entry.deadline = None;
+                        resumed.push(entry.phx_ref.clone());
+                    }
+                    None => expired.push(token),
+                }
+            }
+        }
+        assert_eq!(reply.resumed, resumed);
+        assert_eq!(reply.expired, expired);
+        assert_eq!(
+            reply.roles.keys().cloned().collect::<BTreeSet<_>>(),
+            resumed.iter().cloned().collect::<BTreeSet<_>>()
+        );
+        for (phx_ref, standing) in &reply.roles {
+            assert_eq!(summary(standing), self.model.standing(phx_ref));
+        }
+        (out, Expected::default())
+    }
+
+    /// What `Core::start` does: rows come back without connections, and
+    /// connection entries get a deadline to be resumed by.
+    fn restart(&mut self) {
+        let deadline = self.now + RESUME_GRACE;
+        let rows: Vec<Entry> = self
+            .persisted
+            .values()
+            .cloned()
+            .map(|mut entry| {
+                entry.conn = None;
+                entry.resume_deadline =
+                    (entry.lifetime == Lifetime::Connection).then_some(deadline);
+                entry
+            })
+            .collect();
+        self.last_joined_at = rows.iter().map(|e| e.joined_at).max().unwrap_or(0);
+        self.registry = Registry::restore(property_limits(), rows, self.registry.next_seq());
+        self.model.conns.clear();
+        for entry in &mut self.model.entries {
+            entry.conn = None;
+            entry.deadline = (entry.lifetime == Lifetime::Connection).then_some(deadline);
+        }
+        self.views.clear();
+        for slot in 0..SLOT_UIDS.len() {
+            self.slots[slot] = self.open(slot);
+        }
+    }
+
+    /// Checks the lines of one step, and applies them to the subscribers'
+    /// views and the changes to the persisted rows.
+    fn check_deliveries(
+        &mut self,
+        out: &Outbox,
+        expected: &Expected,
+        owners_before: &BTreeMap<String, u64>,
+    ) {
+        // Role events: exactly one for each entry with a connection on each
+        // topic whose owner changed, none otherwise.
+        let owners_after = self.model.owners();
+        let mut expected_roles = BTreeMap::new();
+        for (topic, owner) in &owners_after {
+            if owners_before
+                .get(topic)
+                .is_some_and(|before| before != owner)
+            {
+                for entry in self.model.on_topic(topic) {
+                    if let Some(conn) = entry.conn {
+                        expected_roles.insert(
+                            (conn, entry.phx_ref.clone()),
+                            (topic.clone(), self.model.standing(&entry.phx_ref)),
+                        );
+                    }
+                }
+            }
+        }
+        let mut roles = BTreeMap::new();
+        let mut diffs = Vec::new();
+        let mut states = Vec::new();
+        for delivery in &out.deliveries {
+            let Delivery::Event { to, event } = delivery else {
+                continue;
+            };
+            match event {
+                Event::Role { topic, payload } => {
+                    assert_eq!(to.len(), 1, "a role event has one recipient");
+                    let seen = (topic.clone(), summary(&payload.standing));
+                    let earlier = roles.insert((to[0], payload.phx_ref.clone()), seen);
+                    assert!(earlier.is_none(), "two role events for {}", payload.phx_ref);
+                }
+                Event::PresenceDiff {
+                    topic,
+                    payload,
+                    owner,
+                    reasons,
+                } => {
+                    diffs.push(ExpectedDiff {
+                        topic: topic.clone(),
+                        to: to.clone(),
+                        joins: refs_of(&payload.joins),
+                        leaves: refs_of(&payload.leaves),
+                        reasons: reasons.clone(),
+                    });
+                    let owner_now = self
+                        .model
+                        .on_topic(topic)
+                        .next()
+                        .map(|e| e.phx_ref.as_str());
+                    assert_eq!(
+                        owner_ref(owner),
+                        owner_now,
+                        "a diff names the owner after it"
+                    );
+                    for conn in to {
+                        assert!(
+                            self.model.subscribed(*conn, topic),
+                            "a diff on {topic} to {conn}, which is not subscribed"
+                        );
+                        self.views
+                            .get_mut(&(*conn, topic.clone()))
+                            .unwrap_or_else(|| panic!("a diff to {conn} before any state"))
+                            .apply(payload, owner);
+                    }
+                }
+                Event::PresenceState {
+                    topic,
+                    payload,
+                    owner,
+                } => {
+                    for conn in to {
+                        assert!(self.model.subscribed(*conn, topic));
+                        states.push((*conn, topic.clone()));
+                        self.views.insert(
+                            (*conn, topic.clone()),
+                            View {
+                                presences: payload.clone(),
+                                owner: owner.clone(),
+                            },
+                        );
+                    }
+                }
+                Event::Shutdown { .. } => panic!("the registry never shuts down"),
+            }
+        }
+        assert_eq!(roles, expected_roles, "role events");
+        assert_eq!(diffs, expected.diffs, "presence diffs");
+        assert_eq!(states, expected.states, "presence states");
+
+        for change in &out.changes {
+            match change {
+                Change::Put(entry) => {
+                    self.persisted
+                        .insert(entry.phx_ref.clone(), (**entry).clone());
+                }
+                Change::Delete(phx_ref) => {
+                    assert!(
+                        self.persisted.remove(phx_ref).is_some(),
+                        "a delete of {phx_ref}, which is not persisted"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Compares the registry with the model, the subscribers' views and the
+    /// persisted rows.
+    fn check_state(&mut self) {
+        // The registry's entries are the model's, down to who holds them.
+        let mut actual: Vec<ModelEntry> = self
+            .registry
+            .entries()
+            .map(|e| ModelEntry {
+                seq: e.seq,
+                phx_ref: e.phx_ref.clone(),
+                topic: e.topic.clone(),
+                key: e.key.clone(),
+                conn: e.conn,
+                uid: e.uid,
+                process: e.process,
+                lifetime: e.lifetime,
+                token: String::new(),
+                deadline: e.resume_deadline,
+            })
+            .collect();
+        actual.sort_by_key(|e| e.seq);
+        let expected: Vec<ModelEntry> = self
+            .model
+            .entries
+            .iter()
+            .map(|e| ModelEntry {
+                token: String::new(),
+                ..e.clone()
+            })
+            .collect();
+        assert_eq!(actual, expected, "registry entries");
+        for entry in self.registry.entries() {
+            let model = self.model.live(&entry.phx_ref).unwrap();
+            assert_eq!(entry.token_hash, token_hash(&model.token));
+        }
+
+        // `list`, topic by topic: one owner, the lowest seq, and every
+        // subscriber's view equal to it.
+        let all: ListAllReply = ok_reply(&self.handle(NOBODY, Op::List(None)), NOBODY);
+        let owners = self.model.owners();
+        assert_eq!(
+            all.topics.keys().cloned().collect::<Vec<_>>(),
+            owners.keys().cloned().collect::<Vec<_>>(),
+            "listed topics"
+        );
+        for topic in TOPICS {
+            let reply: ListTopicReply = ok_reply(
+                &self.handle(NOBODY, Op::List(Some(topic.to_owned()))),
+                NOBODY,
+            );
+            let listed = reply.state;
+            if let Some(snapshot) = all.topics.get(topic) {
+                assert_eq!(snapshot, &listed);
+            }
+            let mut metas: Vec<(&String, &Meta)> = listed
+                .presences
+                .iter()
+                .flat_map(|(key, p)| p.metas.iter().map(move |m| (key, m)))
+                .collect();
+            for presence in listed.presences.values() {
+                assert!(!presence.metas.is_empty(), "a listed key has metas");
+                assert!(presence.metas.windows(2).all(|w| w[0].seq < w[1].seq));
+            }
+            metas.sort_by_key(|(_, m)| m.seq);
+            let listed_entries: Vec<(String, u64, String, u32)> = metas
+                .iter()
+                .map(|(key, m)| ((*key).clone(), m.seq, m.phx_ref.clone(), m.uid))
+                .collect();
+            let model_entries: Vec<(String, u64, String, u32)> = self
+                .model
+                .on_topic(topic)
+                .map(|e| (e.key.clone(), e.seq, e.phx_ref.clone(), e.uid))
+                .collect();
+            assert_eq!(listed_entries, model_entries, "listed entries on {topic}");
+            let owner = self.model.on_topic(topic).next();
+            assert_eq!(
+                listed.owner.as_ref().map(|o| (&o.phx_ref, &o.key, o.pid)),
+                owner.map(|e| (&e.phx_ref, &e.key, e.process.pid)),
+                "owner of {topic}"
+            );
+
+            for conn in self.model.subscribers(topic) {
+                let view = self
+                    .views
+                    .get(&(conn, topic.to_owned()))
+                    .unwrap_or_else(|| panic!("subscriber {conn} of {topic} has no state"));
+                assert_eq!(
+                    view.sorted(),
+                    listed.presences,
+                    "{conn}'s view of {topic} after its diffs"
+                );
+                assert_eq!(view.owner, listed.owner, "{conn}'s owner of {topic}");
+            }
+        }
+        let model = &self.model;
+        self.views
+            .retain(|(conn, topic), _| model.subscribed(*conn, topic));
+
+        // The persisted rows are the entries, but for who holds them.
+        let unheld = |e: &Entry| Entry {
+            conn: None,
+            resume_deadline: None,
+            ..e.clone()
+        };
+        let persisted: Vec<Entry> = self.persisted.values().map(unheld).collect();
+        let mut live: Vec<Entry> = self.registry.entries().map(unheld).collect();
+        live.sort_by(|l, r| l.phx_ref.cmp(&r.phx_ref));
+        assert_eq!(persisted, live, "persisted rows");
+
+        // Counts and indexes agree.
+        let refs: HashSet<&str> = self
+            .registry
+            .entries()
+            .map(|e| e.phx_ref.as_str())
+            .collect();
+        assert_eq!(refs.len(), self.model.entries.len(), "refs are unique");
+        assert_eq!(self.registry.entry_count(), self.model.entries.len());
+        assert_eq!(self.registry.topic_count(), owners.len());
+        assert_eq!(self.registry.connection_count(), self.model.conns.len());
+        assert_eq!(
+            self.registry.subscription_count(),
+            self.model
+                .conns
+                .values()
+                .map(|c| c.subscriptions.len())
+                .sum::<usize>()
+        );
+        let processes: BTreeSet<ProcessId> = self.registry.processes().collect();
+        let model_processes: BTreeSet<ProcessId> =
+            self.model.entries.iter().map(|e| e.process).collect();
+        assert_eq!(processes, model_processes);
+        assert_eq!(
+            self.registry.next_resume_deadline(),
+            self.model.entries.iter().filter_map(|e| e.deadline).min()
+        );
+        assert!(self.registry.next_seq() > self.last_seq);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        // Keep failures in the output rather than in a file beside the
+        // sources.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// After every step of a random history: one owner per topic and it is
+    /// the lowest seq; every subscriber's state plus its diffs equals
+    /// `list`; every owner change reaches each remaining entry exactly once
+    /// and nothing else sends a role event; seqs and refs are never reused;
+    /// and the persisted rows match the entries.
+    #[test]
+    fn random_histories_keep_the_registry_consistent_with_the_model(
+        actions in prop::collection::vec(action(), 1..60)
+    ) {
+        let mut world = World::new();
+        for action in &actions {
+            world.step(action);
+        }
+    }
+}
