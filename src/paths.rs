@@ -28,6 +28,15 @@ pub fn default_db() -> PathBuf {
     state_home.join("presenced/presence.db")
 }
 
+/// The database a daemon started now would use: `PRESENCE_DB`, else the
+/// default.
+pub fn configured_db() -> PathBuf {
+    std::env::var_os("PRESENCE_DB")
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default_db)
+}
+
 /// Where a daemon started on demand writes its log: beside its database.
 pub fn autostart_log(db: &Path) -> PathBuf {
     db.with_file_name("daemon.log")

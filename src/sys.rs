@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
 use tokio::io::Interest;
@@ -79,26 +80,51 @@ pub struct ExitWatch {
 }
 
 impl ExitWatch {
-    /// Opens a pidfd on `process` and confirms it is still the same process,
-    /// so that a reused pid is never watched in its place. Fails with
-    /// `NotFound` when the process is gone, and with `Unsupported` when the
+    /// Opens a pidfd on whatever process has `pid` now. Fails with
+    /// `NotFound` when no such process runs, and with `Unsupported` when the
     /// kernel has no pidfds.
-    pub fn open(process: ProcessId) -> io::Result<ExitWatch> {
-        let pid = Pid::from_raw(process.pid as i32)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "pid 0 is not a process"))?;
+    pub fn open_pid(pid: u32) -> io::Result<ExitWatch> {
+        let not_found = || io::Error::new(io::ErrorKind::NotFound, format!("no process {pid}"));
+        let raw = i32::try_from(pid).map_err(|_| not_found())?;
+        let pid = Pid::from_raw(raw).ok_or_else(not_found)?;
         let fd = pidfd_open(pid, PidfdFlags::empty()).map_err(|errno| match errno {
-            rustix::io::Errno::SRCH => io::Error::from(io::ErrorKind::NotFound),
-            rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL => {
+            // EINVAL also means "a thread, not a process" on older kernels.
+            rustix::io::Errno::SRCH | rustix::io::Errno::INVAL => not_found(),
+            rustix::io::Errno::NOSYS => {
                 io::Error::new(io::ErrorKind::Unsupported, "pidfd_open is not available")
             }
             other => io::Error::from(other),
         })?;
-        // The pidfd now pins the process: if the start time still matches,
-        // it refers to the process we were asked about.
-        if !is_running(process) {
-            return Err(io::Error::from(io::ErrorKind::NotFound));
-        }
         Ok(ExitWatch { fd })
+    }
+
+    /// Opens a pidfd on `process` and confirms it is that very process, so
+    /// that a reused pid is never watched in its place.
+    pub fn open(process: ProcessId) -> io::Result<ExitWatch> {
+        let watch = ExitWatch::open_pid(process.pid)?;
+        // The pidfd pins whichever process it opened. If that one still
+        // runs, the start time read now is its own.
+        let start_time = process_start_time(process.pid)?;
+        if start_time != process.start_time || watch.has_exited() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {} has exited", process.pid),
+            ));
+        }
+        Ok(watch)
+    }
+
+    /// Whether the watched process has exited, without waiting.
+    pub fn has_exited(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // An error here would be ours (a bad fd); treat it as exited so no
+        // entry outlives a process we can no longer see.
+        poll(&mut fds, Some(&now)).map_or(true, |ready| ready > 0)
     }
 
     /// Resolves when the process has exited.
@@ -112,18 +138,30 @@ impl ExitWatch {
     }
 }
 
-/// Waits for a process to exit: by pidfd where the kernel has them, else by
-/// looking at `/proc` every `poll` interval.
-pub async fn wait_for_exit(process: ProcessId, poll: std::time::Duration) -> io::Result<()> {
-    match ExitWatch::open(process) {
-        Ok(watch) => watch.exited().await,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+/// Resolves when `process` has exited: through its pidfd when there is one,
+/// else by looking at `/proc` every `poll` interval.
+pub async fn exited(
+    process: ProcessId,
+    watch: Option<ExitWatch>,
+    poll: Duration,
+) -> io::Result<()> {
+    match watch {
+        Some(watch) => watch.exited().await,
+        None => {
             while is_running(process) {
                 tokio::time::sleep(poll).await;
             }
             Ok(())
         }
+    }
+}
+
+/// Waits for a process to exit, by pidfd where the kernel has them.
+pub async fn wait_for_exit(process: ProcessId, poll: Duration) -> io::Result<()> {
+    match ExitWatch::open(process) {
+        Ok(watch) => exited(process, Some(watch), poll).await,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => exited(process, None, poll).await,
         Err(e) => Err(e),
     }
 }

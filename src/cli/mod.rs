@@ -186,6 +186,20 @@ impl Target {
             Client::connect(&self.socket).await
         }
     }
+
+    /// A plain stream, for speaking the protocol by hand.
+    pub async fn stream(&self) -> Result<tokio::net::UnixStream, ClientError> {
+        if self.autostart {
+            crate::client::connect_stream_or_start(&self.socket).await
+        } else {
+            crate::client::connect_stream(&self.socket)
+                .await
+                .map_err(|source| ClientError::NoDaemon {
+                    socket: self.socket.clone(),
+                    source,
+                })
+        }
+    }
 }
 
 fn init_logging(default_level: &str) {

@@ -5,20 +5,9 @@
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::Target;
-use crate::client::{connect_stream, start_daemon};
 
 pub async fn run(target: &Target) -> anyhow::Result<()> {
-    let stream = match connect_stream(&target.socket).await {
-        Ok(stream) => stream,
-        Err(_) if target.autostart => {
-            start_daemon(&target.socket).await?;
-            connect_stream(&target.socket).await?
-        }
-        Err(e) => anyhow::bail!(
-            "no daemon at {} ({e}); start one with `presence daemon` or drop --no-autostart",
-            target.socket.display()
-        ),
-    };
+    let stream = target.stream().await?;
     let (recv, mut send) = stream.into_split();
     let to_stdout = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();

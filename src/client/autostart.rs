@@ -20,6 +20,10 @@ use crate::paths;
 /// How long a new daemon may take to listen.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long to wait for another client that is starting a daemon. It
+/// holds the lock for at most its own ready deadline, unless it is stopped.
+const LOCK_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Whether a failed connect means nobody is serving the socket.
 pub(super) fn worth_starting(error: &std::io::Error) -> bool {
     matches!(
@@ -35,6 +39,8 @@ pub(super) fn worth_starting(error: &std::io::Error) -> bool {
 pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     let failed =
         |what: &str, e: &dyn std::fmt::Display| ClientError::Autostart(format!("{what}: {e}"));
+    // The daemon runs from `/`, so it is given absolute paths.
+    let socket = &std::path::absolute(socket).map_err(|e| failed("socket path", &e))?;
     let dir = paths::parent_dir(socket);
     paths::ensure_private_dir(dir).map_err(|e| failed("socket folder", &e))?;
 
@@ -46,10 +52,11 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .mode(0o600)
         .open(&lock_path)
         .map_err(|e| failed(&lock_path.display().to_string(), &e))?;
-    // Blocking until the racer ahead of us is done: it finishes within its
-    // own ready deadline.
-    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+    // Wait for a racer ahead of us to finish starting its daemon.
+    let waiting = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock));
+    let lock = tokio::time::timeout(LOCK_DEADLINE, waiting)
         .await
+        .map_err(|_| failed("another client holds the start lock", &lock_path.display()))?
         .map_err(|e| failed("waiting for the start lock", &e))?
         .map_err(|e| failed("waiting for the start lock", &e))?;
 
@@ -57,10 +64,8 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         return Ok(());
     }
 
-    let db = std::env::var_os("PRESENCE_DB")
-        .filter(|value| !value.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(paths::default_db);
+    let db =
+        std::path::absolute(paths::configured_db()).map_err(|e| failed("database path", &e))?;
     let db_dir = paths::parent_dir(&db);
     paths::ensure_private_dir(db_dir).map_err(|e| failed("database folder", &e))?;
     let log_path = paths::autostart_log(&db);
@@ -80,6 +85,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .arg("--db")
         .arg(&db)
         .arg("--ready-on-stdout")
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -116,7 +122,10 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
             if std::os::unix::net::UnixStream::connect(socket).is_ok() {
                 return Ok(());
             }
-            let status = child.wait().await.ok();
+            let status = tokio::time::timeout(READY_DEADLINE, child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok);
             Err(ClientError::Autostart(format!(
                 "the daemon exited ({}) before listening; see {}",
                 status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string()),

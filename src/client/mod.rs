@@ -90,13 +90,28 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
-type Pending = Arc<Mutex<VecDeque<oneshot::Sender<Reply>>>>;
+/// Requests written and waiting for their replies, in wire order.
+#[derive(Default)]
+struct Waiting {
+    replies: VecDeque<oneshot::Sender<Reply>>,
+    /// The daemon's side has closed: no reply will come.
+    closed: bool,
+}
+
+type Pending = Arc<Mutex<Waiting>>;
+
+/// A request line on its way to the socket, with where its reply goes.
+struct Outgoing {
+    line: Vec<u8>,
+    reply: oneshot::Sender<Reply>,
+}
 
 /// A connection to the daemon. Requests may be issued concurrently from
-/// several tasks; replies are matched to them in order.
+/// several tasks; replies are matched to them in order. Dropping a request
+/// future part-way is safe: one task writes every line whole, and a reply
+/// nobody awaits any more is discarded.
 pub struct Client {
-    send: tokio::sync::Mutex<OwnedWriteHalf>,
-    pending: Pending,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -105,33 +120,25 @@ impl Client {
     pub async fn connect(socket: &Path) -> Result<(Client, Events), ClientError> {
         let stream = connect_stream(socket)
             .await
-            .map_err(|e| ClientError::NoDaemon {
-                socket: socket.to_owned(),
-                source: e,
-            })?;
+            .map_err(|e| no_daemon(socket, e))?;
         Ok(Client::from_stream(stream))
     }
 
     /// Connects, starting a daemon first if none is listening. Concurrent
     /// callers end up with one daemon between them.
     pub async fn connect_or_start(socket: &Path) -> Result<(Client, Events), ClientError> {
-        match Client::connect(socket).await {
-            Err(ClientError::NoDaemon { source, .. }) if autostart::worth_starting(&source) => {
-                start_daemon(socket).await?;
-                Client::connect(socket).await
-            }
-            other => other,
-        }
+        Ok(Client::from_stream(connect_stream_or_start(socket).await?))
     }
 
     fn from_stream(stream: UnixStream) -> (Client, Events) {
         let (recv, send) = stream.into_split();
         let pending: Pending = Arc::default();
         let (events_tx, events) = mpsc::unbounded_channel();
+        let (outgoing, requests) = mpsc::unbounded_channel();
         tokio::spawn(route_incoming(recv, Arc::clone(&pending), events_tx));
+        tokio::spawn(write_requests(send, requests, pending));
         let client = Client {
-            send: tokio::sync::Mutex::new(send),
-            pending,
+            outgoing,
             next_id: std::sync::atomic::AtomicU64::new(1),
         };
         (client, events)
@@ -148,20 +155,18 @@ impl Client {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         line.insert("id".into(), Value::from(id));
-        let mut bytes =
+        let mut line =
             serde_json::to_vec(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        bytes.push(b'\n');
+        line.push(b'\n');
 
-        let (reply_tx, reply_rx) = oneshot::channel();
-        {
-            // Queue the waiter and write under one lock, so that the order
-            // of waiters is the order of requests on the wire.
-            let mut send = self.send.lock().await;
-            lock(&self.pending).push_back(reply_tx);
-            send.write_all(&bytes).await?;
-        }
+        let (reply, reply_rx) = oneshot::channel();
+        self.outgoing
+            .send(Outgoing { line, reply })
+            .map_err(|_| ClientError::Closed)?;
         let reply = reply_rx.await.map_err(|_| ClientError::Closed)?;
-        if reply.id != id {
+        // A null id answers a line the daemon could not read, or refuses the
+        // whole connection (too many connections); either way, this request.
+        if !reply.id.is_null() && reply.id != id {
             return Err(ClientError::Protocol(format!(
                 "reply id {} does not match request id {id}",
                 reply.id
@@ -273,6 +278,48 @@ pub async fn connect_stream(socket: &Path) -> std::io::Result<UnixStream> {
     Ok(Stream::connect(name).await?.into())
 }
 
+/// Opens a stream to the daemon's socket, starting a daemon first when
+/// nobody listens there. Concurrent callers end up with one daemon.
+pub async fn connect_stream_or_start(socket: &Path) -> Result<UnixStream, ClientError> {
+    match connect_stream(socket).await {
+        Err(e) if autostart::worth_starting(&e) => {
+            start_daemon(socket).await?;
+            connect_stream(socket)
+                .await
+                .map_err(|e| no_daemon(socket, e))
+        }
+        other => other.map_err(|e| no_daemon(socket, e)),
+    }
+}
+
+fn no_daemon(socket: &Path, source: std::io::Error) -> ClientError {
+    ClientError::NoDaemon {
+        socket: socket.to_owned(),
+        source,
+    }
+}
+
+/// Writes request lines in order, queueing each one's reply slot first.
+async fn write_requests(
+    mut send: OwnedWriteHalf,
+    mut requests: mpsc::UnboundedReceiver<Outgoing>,
+    pending: Pending,
+) {
+    while let Some(Outgoing { line, reply }) = requests.recv().await {
+        {
+            let mut waiting = lock(&pending);
+            if waiting.closed {
+                // Dropping `reply` fails the request with `Closed`.
+                continue;
+            }
+            waiting.replies.push_back(reply);
+        }
+        if send.write_all(&line).await.is_err() {
+            break;
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -290,7 +337,7 @@ async fn route_incoming(
     while let Ok(Some(line)) = lines.next_line().await {
         match ServerMessage::parse(&line) {
             Ok(ServerMessage::Reply(reply)) => {
-                if let Some(waiter) = lock(&pending).pop_front() {
+                if let Some(waiter) = lock(&pending).replies.pop_front() {
                     let _ = waiter.send(reply);
                 } else {
                     // An error for a line we did not send as a request (the
@@ -304,5 +351,7 @@ async fn route_incoming(
             Err(e) => tracing::warn!("unreadable line from the daemon ({e}): {line}"),
         }
     }
-    lock(&pending).clear();
+    let mut waiting = lock(&pending);
+    waiting.closed = true;
+    waiting.replies.clear();
 }

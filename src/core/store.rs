@@ -28,6 +28,11 @@ pub enum StoreError {
     NewerSchema {
         found: i64,
     },
+    /// Another daemon holds the database.
+    InUse {
+        lock: PathBuf,
+        holder: String,
+    },
 }
 
 impl std::fmt::Display for StoreError {
@@ -35,6 +40,12 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Sqlite(e) => write!(f, "database error: {e}"),
             StoreError::Io(e) => write!(f, "database file error: {e}"),
+            StoreError::InUse { lock, holder } => write!(
+                f,
+                "another daemon (pid {holder}) is using this database (lock {}); \
+                 two daemons must not share one",
+                lock.display()
+            ),
             StoreError::NewerSchema { found } => write!(
                 f,
                 "the database has schema version {found}; this presenced understands up to \
@@ -67,6 +78,9 @@ pub struct StoredEntry {
 
 pub struct Store {
     db: Connection,
+    /// An exclusive lock beside the database, held while the store lives:
+    /// two daemons on one database would hand out the same seqs and refs.
+    _lock: std::fs::File,
     path: PathBuf,
     /// Written into every row, so that the next start can tell rows of this
     /// boot from rows of an earlier one.
@@ -81,9 +95,11 @@ impl Store {
     /// and a new one is started, so that a damaged file never keeps the
     /// daemon down; `recovered_from` then names the moved file.
     pub fn open(path: &Path, boot_id: String) -> Result<Store, StoreError> {
+        let lock = lock_database(path)?;
         match Self::open_checked(path) {
             Ok(db) => Ok(Store {
                 db,
+                _lock: lock,
                 path: path.to_owned(),
                 boot_id,
                 recovered_from: None,
@@ -107,6 +123,7 @@ impl Store {
                 let db = Self::open_checked(path)?;
                 Ok(Store {
                     db,
+                    _lock: lock,
                     path: path.to_owned(),
                     boot_id,
                     recovered_from: Some(aside),
@@ -158,7 +175,10 @@ impl Store {
                     key: row.get(2)?,
                     seq: row.get::<_, i64>(3)? as u64,
                     prev_ref: row.get(4)?,
-                    meta: serde_json::from_str::<Map<String, Value>>(&meta).unwrap_or_default(),
+                    meta: serde_json::from_str::<Map<String, Value>>(&meta).unwrap_or_else(|e| {
+                        tracing::warn!("a stored meta is unreadable ({e}); using {{}}");
+                        Map::new()
+                    }),
                     joined_at: row.get(6)?,
                     process: ProcessId {
                         pid: row.get(7)?,
@@ -237,6 +257,36 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Takes the exclusive lock `PATH.lock` and writes our pid into it.
+fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let mut lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            return Err(StoreError::InUse {
+                lock: lock_path,
+                holder: holder.trim().to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    }
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok(lock)
 }
 
 fn migrate(db: &Connection) -> Result<(), StoreError> {
@@ -323,6 +373,15 @@ mod tests {
         let aside = store.recovered_from().unwrap().to_owned();
         assert!(aside.exists());
         assert_eq!(store.load().unwrap().0.len(), 0);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_database_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let _first = Store::open(&path, "boot".into()).unwrap();
+        let second = Store::open(&path, "boot".into());
+        assert!(matches!(second, Err(StoreError::InUse { .. })));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
+use std::time::Duration;
 
 use interprocess::local_socket::traits::StreamCommon as _;
 use interprocess::os::unix::uds_local_socket::tokio::Stream;
@@ -20,7 +21,9 @@ use super::outbound::{Next, OutboundQueue};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::{Command, Resolved};
-use crate::protocol::{ErrorBody, ErrorCode, KNOWN_OPS, Limits, Request};
+use crate::protocol::{
+    ErrorBody, ErrorCode, KNOWN_OPS, Limits, Request, TrackRequest, validate_meta, validate_name,
+};
 use crate::sys;
 
 /// What every connection task shares.
@@ -30,9 +33,15 @@ pub struct Shared {
     pub limits: Limits,
 }
 
-/// Serves one accepted connection until it closes.
-/// `flushing` is held by the writer until it has sent its last line, so
-/// that shutdown can wait for every client to get its `shutdown` event.
+/// How long a connection's writer may take to flush once its client has
+/// stopped sending. A client that half-closes and never reads is cut off
+/// then, so it cannot hold a connection slot for ever.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection until it closes, its reader and writer
+/// both finished. `flushing` is held by the writer until it has sent its
+/// last line, so that shutdown can wait for every client to get its
+/// `shutdown` event.
 pub async fn serve(
     stream: Stream,
     conn: ConnId,
@@ -44,7 +53,10 @@ pub async fn serve(
             (Some(pid), Some(uid)) if pid > 0 => Peer {
                 pid: pid as u32,
                 uid,
-                user: sys::user_name(uid),
+                // A name service lookup may block; keep it off the reactor.
+                user: tokio::task::spawn_blocking(move || sys::user_name(uid))
+                    .await
+                    .unwrap_or_else(|_| uid.to_string()),
             },
             _ => {
                 tracing::warn!(conn, "peer credentials are incomplete; closing");
@@ -69,12 +81,19 @@ pub async fn serve(
         return;
     }
     let writer = write_lines(send, Arc::clone(&queue), conn, shared.core.clone());
-    tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         writer.await;
         drop(flushing);
     });
     read_requests(recv, &queue, conn, &peer, &shared).await;
     let _ = shared.core.send(Command::Close { conn });
+    if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
+        .await
+        .is_err()
+    {
+        tracing::debug!(conn, "client stopped reading; dropping what it was owed");
+        writer.abort();
+    }
     tracing::debug!(conn, "connection closed");
 }
 
@@ -88,12 +107,12 @@ async fn read_requests(
     let mut reader = BufReader::new(recv);
     let mut line = Vec::new();
     loop {
-        queue.wait_for_room().await;
         match read_line(&mut reader, &mut line, shared.limits.max_line_bytes).await {
             Ok(ReadLine::Line) => {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
+                queue.admit_request().await;
                 handle_line(&line, conn, peer, shared);
             }
             Ok(ReadLine::Eof) => return,
@@ -143,7 +162,8 @@ async fn read_line(
             Some(end) => (&available[..end], true),
             None => (available, false),
         };
-        if line.len() + chunk.len() > max {
+        // One byte of slack for the `\r` of a `\r\n`, checked exactly below.
+        if line.len() + chunk.len() > max + 1 {
             return Ok(ReadLine::TooLong);
         }
         line.extend_from_slice(chunk);
@@ -153,7 +173,11 @@ async fn read_line(
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            return Ok(ReadLine::Line);
+            return Ok(if line.len() > max {
+                ReadLine::TooLong
+            } else {
+                ReadLine::Line
+            });
         }
     }
 }
@@ -170,6 +194,12 @@ fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
     let resolved = match resolved {
         Parsed::Ready(resolved) => resolved,
         Parsed::Track(request) => {
+            // The registry checks these too; checking first here means a
+            // refused track never opens a process watch.
+            if let Err(error) = check_track(&request, &shared.limits) {
+                let _ = shared.core.send(Command::Refuse { conn, id, error });
+                return;
+            }
             let prepared = match resolve_process(request.pid, peer, &shared.pids) {
                 Ok(prepared) => prepared,
                 Err(error) => {
@@ -178,7 +208,14 @@ fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
                 }
             };
             let (process, prepared) = prepared;
-            let (token, token_hash) = new_resume_token();
+            let Some((token, token_hash)) = new_resume_token() else {
+                let error = ErrorBody::new(
+                    ErrorCode::Internal,
+                    "no randomness for a resume token; try again",
+                );
+                let _ = shared.core.send(Command::Refuse { conn, id, error });
+                return;
+            };
             let track = Track {
                 request,
                 process,
@@ -208,7 +245,7 @@ fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
 enum Parsed {
     Ready(Resolved),
     /// A track still needs its process resolved.
-    Track(crate::protocol::TrackRequest),
+    Track(TrackRequest),
 }
 
 /// Turns a line into a request, or into the error reply it deserves.
@@ -286,6 +323,12 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
     Ok((id, parsed))
 }
 
+fn check_track(request: &TrackRequest, limits: &Limits) -> Result<(), ErrorBody> {
+    validate_name("topic", &request.topic, limits.max_name_bytes)?;
+    validate_name("key", &request.key, limits.max_name_bytes)?;
+    validate_meta(&request.meta, limits.max_meta_bytes)
+}
+
 /// Finds the process an entry will belong to: the peer itself, or a pid it
 /// names, which must be running and (unless the peer is root) its own.
 fn resolve_process(
@@ -295,17 +338,10 @@ fn resolve_process(
 ) -> Result<(ProcessId, Prepared), ErrorBody> {
     let pid = named.unwrap_or(peer.pid);
     let not_running = || ErrorBody::new(ErrorCode::NotFound, format!("no running process {pid}"));
-    if pid != peer.pid && peer.uid != 0 {
-        let owner = sys::process_uid(pid).map_err(|_| not_running())?;
-        if owner != peer.uid {
-            return Err(ErrorBody::new(
-                ErrorCode::PermissionDenied,
-                format!("process {pid} belongs to another user"),
-            ));
-        }
-    }
-    let process = sys::process_id(pid).map_err(|_| not_running())?;
-    let prepared = pids.prepare(process).map_err(|e| {
+    // The watch is opened first and pins the process; what is read about
+    // it afterwards is confirmed against the watch, so a pid reused in
+    // between cannot pass for the one named.
+    let (process, prepared) = pids.prepare_pid(pid).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             not_running()
         } else {
@@ -315,20 +351,33 @@ fn resolve_process(
             )
         }
     })?;
+    if pid != peer.pid && peer.uid != 0 {
+        let owner = sys::process_uid(pid).map_err(|_| not_running())?;
+        if !prepared.still_running() {
+            return Err(not_running());
+        }
+        if owner != peer.uid {
+            return Err(ErrorBody::new(
+                ErrorCode::PermissionDenied,
+                format!("process {pid} belongs to another user"),
+            ));
+        }
+    }
     Ok((process, prepared))
 }
 
-/// A fresh resume token and its hash. Only the hash is kept.
-fn new_resume_token() -> (String, TokenHash) {
+/// A fresh resume token and its hash; only the hash is kept. `None` when
+/// the system has no randomness to give: a guessable token would let
+/// anyone of the same uid take the entry over, so the track is refused.
+fn new_resume_token() -> Option<(String, TokenHash)> {
     let mut bytes = [0u8; 32];
     if let Err(e) = getrandom::fill(&mut bytes) {
-        // Without randomness a token could be guessed; make it unusable
-        // rather than weak. The entry itself is unaffected.
         tracing::error!("no randomness for a resume token: {e}");
+        return None;
     }
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let hash = hash_token(&token);
-    (token, hash)
+    Some((token, hash))
 }
 
 fn hash_token(token: &str) -> TokenHash {
@@ -352,10 +401,7 @@ async fn write_lines(
                         queue.abandon();
                         return;
                     }
-                }
-                if send.flush().await.is_err() {
-                    queue.abandon();
-                    return;
+                    queue.written(line.bytes.len());
                 }
             }
             Next::Resync(topics) => {
@@ -407,8 +453,8 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_hash_to_what_is_stored() {
-        let (a, hash_a) = new_resume_token();
-        let (b, _) = new_resume_token();
+        let (a, hash_a) = new_resume_token().unwrap();
+        let (b, _) = new_resume_token().unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);
         assert_eq!(hash_token(&a), hash_a);

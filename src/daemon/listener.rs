@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -79,7 +79,7 @@ pub fn claim(socket: &Path) -> anyhow::Result<Claimed> {
 
 impl Claimed {
     /// Binds the socket, mode 0600. The socket file is removed when the
-    /// listener is dropped.
+    /// listener is dropped, if it is still ours.
     pub fn listen(self) -> anyhow::Result<Bound> {
         let name = self
             .socket
@@ -89,15 +89,20 @@ impl Claimed {
         let listener = ListenerOptions::new()
             .name(name)
             .mode(0o600)
-            .reclaim_name(true)
+            // Removal is ours to do, and only of the file we bound: see Drop.
+            .reclaim_name(false)
             .create_tokio_as::<Listener>()
             .with_context(|| format!("listening on {}", self.socket.display()))?;
         // Belt and braces: the mode is set before bind, but say it again in
         // case the platform ignored it.
         std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("restricting {}", self.socket.display()))?;
+        let bound = std::fs::symlink_metadata(&self.socket)
+            .with_context(|| format!("inspecting {}", self.socket.display()))?;
         Ok(Bound {
             listener,
+            socket: self.socket,
+            identity: (bound.dev(), bound.ino()),
             _lock: self._lock,
         })
     }
@@ -106,7 +111,30 @@ impl Claimed {
 /// The listening socket, with the lock that makes it this daemon's.
 pub struct Bound {
     pub listener: Listener,
+    socket: PathBuf,
+    /// Device and inode of the socket file we bound.
+    identity: (u64, u64),
     _lock: File,
+}
+
+impl Drop for Bound {
+    /// Removes the socket file, unless it is no longer the one we bound:
+    /// if our folder was cleaned away and another daemon now listens at
+    /// the path, its socket must stay.
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.socket) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.identity => {
+                if let Err(e) = std::fs::remove_file(&self.socket) {
+                    tracing::warn!("could not remove {}: {e}", self.socket.display());
+                }
+            }
+            Ok(_) => tracing::info!(
+                "{} is no longer our socket; leaving it in place",
+                self.socket.display()
+            ),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Tells a connection over the cap why it is refused, then closes it.
@@ -131,7 +159,9 @@ pub fn raise_fd_limit(max_connections: usize) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     // Each connection is one descriptor, plus a pidfd per watched process
     // and the daemon's own files.
-    let wanted = (max_connections as u64) * 2 + 64;
+    let wanted = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
     let current = getrlimit(Resource::Nofile);
     let soft = current.current.unwrap_or(u64::MAX);
     if soft >= wanted {

@@ -6,8 +6,10 @@
 //! for are marked, later diffs for them are not queued, and once the queue
 //! drains the writer asks the core for one fresh `presence_state` per
 //! marked topic. `role` events are coalesced to the latest per entry.
-//! Replies are never dropped; the reader stops taking requests while the
-//! queue is over its bound, so replies cannot pile up either.
+//! Replies are never dropped. Instead the reader stops taking requests
+//! while the queue is over its bound or while [`MAX_IN_FLIGHT`] requests
+//! still wait for their reply, so a client that pipelines requests and
+//! never reads cannot make the daemon hold more than that.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::core::{Line, LineKind, Outlet};
+
+/// Requests a connection may have waiting for their replies. Enough for a
+/// client to pipeline; small enough that replies it never reads stay few.
+pub const MAX_IN_FLIGHT: usize = 32;
 
 pub struct OutboundQueue {
     state: Mutex<State>,
@@ -28,7 +34,10 @@ pub struct OutboundQueue {
 #[derive(Default)]
 struct State {
     lines: VecDeque<Line>,
+    /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
+    /// Requests passed to the core whose reply has not been queued yet.
+    in_flight: usize,
     closed: bool,
     /// Topics whose diffs were dropped; waiting for a fresh state.
     stale: BTreeSet<String>,
@@ -69,10 +78,8 @@ impl OutboundQueue {
             {
                 let mut state = self.lock();
                 if !state.lines.is_empty() {
-                    let lines: Vec<Line> = state.lines.drain(..).collect();
-                    state.bytes = 0;
-                    self.room.notify_waiters();
-                    return Next::Write(lines);
+                    // The bytes stay counted until `written` says they left.
+                    return Next::Write(state.lines.drain(..).collect());
                 }
                 if state.closed {
                     return Next::Finished;
@@ -91,14 +98,24 @@ impl OutboundQueue {
         }
     }
 
-    /// Waits until the queue is under its bound, so that a client that does
-    /// not read cannot make the daemon hold an unbounded pile of replies.
-    pub async fn wait_for_room(&self) {
+    /// The writer has written `bytes` of what `next` gave it.
+    pub fn written(&self, bytes: usize) {
+        let mut state = self.lock();
+        state.bytes = state.bytes.saturating_sub(bytes);
+        self.room.notify_waiters();
+    }
+
+    /// Waits until the connection may send the core another request: the
+    /// queue is under its bound and fewer than [`MAX_IN_FLIGHT`] requests
+    /// wait for replies. Then counts the request as in flight.
+    pub async fn admit_request(&self) {
         loop {
             let notified = self.room.notified();
             {
-                let state = self.lock();
-                if state.bytes <= self.max_bytes || state.closed {
+                let mut state = self.lock();
+                let room = state.bytes <= self.max_bytes && state.in_flight < MAX_IN_FLIGHT;
+                if room || state.closed {
+                    state.in_flight += 1;
                     return;
                 }
             }
@@ -128,19 +145,25 @@ impl Outlet for Arc<OutboundQueue> {
             return;
         }
         match &line.kind {
+            LineKind::Reply => {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                self.room.notify_waiters();
+            }
             LineKind::Diff(topic) if state.stale.contains(topic) => return,
             LineKind::State(topic) => {
                 state.stale.remove(topic);
                 state.resync_requested.remove(topic);
             }
             LineKind::Role(phx_ref) => {
-                let before = state.lines.len();
-                state
-                    .lines
-                    .retain(|queued| !matches!(&queued.kind, LineKind::Role(r) if r == phx_ref));
-                if state.lines.len() != before {
-                    state.bytes = state.lines.iter().map(|l| l.bytes.len()).sum();
-                }
+                let mut freed = 0;
+                state.lines.retain(|queued| {
+                    let superseded = matches!(&queued.kind, LineKind::Role(r) if r == phx_ref);
+                    if superseded {
+                        freed += queued.bytes.len();
+                    }
+                    !superseded
+                });
+                state.bytes -= freed;
             }
             _ => {}
         }
@@ -148,14 +171,16 @@ impl Outlet for Arc<OutboundQueue> {
         state.lines.push_back(line);
         if state.bytes > self.max_bytes {
             let mut dropped = BTreeSet::new();
+            let mut freed = 0;
             state.lines.retain(|queued| match &queued.kind {
                 LineKind::Diff(topic) => {
                     dropped.insert(topic.clone());
+                    freed += queued.bytes.len();
                     false
                 }
                 _ => true,
             });
-            state.bytes = state.lines.iter().map(|l| l.bytes.len()).sum();
+            state.bytes -= freed;
             if !dropped.is_empty() {
                 tracing::debug!(
                     topics = dropped.len(),
@@ -227,6 +252,33 @@ mod tests {
                 (LineKind::Role("p1".into()), 11)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn requests_wait_while_too_many_replies_are_outstanding() {
+        let queue = OutboundQueue::new(1000);
+        for _ in 0..MAX_IN_FLIGHT {
+            queue.admit_request().await;
+        }
+        let blocked =
+            tokio::time::timeout(std::time::Duration::from_millis(20), queue.admit_request()).await;
+        assert!(blocked.is_err(), "a request past the cap must wait");
+        queue.deliver(line(LineKind::Reply, 10));
+        queue.admit_request().await;
+    }
+
+    #[tokio::test]
+    async fn bytes_taken_by_the_writer_count_until_written() {
+        let queue = OutboundQueue::new(100);
+        queue.deliver(line(LineKind::Notice, 150));
+        let Next::Write(lines) = queue.next().await else {
+            panic!("expected lines");
+        };
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(20), queue.admit_request()).await;
+        assert!(waiting.is_err(), "unwritten bytes still count");
+        queue.written(lines.iter().map(|l| l.bytes.len()).sum());
+        queue.admit_request().await;
     }
 
     #[tokio::test]

@@ -39,10 +39,7 @@ impl PidWatcher {
             .and_then(ExitWatch::open)
             .is_err_and(|e| e.kind() == io::ErrorKind::Unsupported);
         if polling {
-            tracing::warn!(
-                "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
-                POLL_INTERVAL
-            );
+            warn_polling();
         }
         PidWatcher {
             inner: Arc::new(Inner {
@@ -62,30 +59,40 @@ impl PidWatcher {
         }
     }
 
-    /// Opens a watch on a process before its entry is tracked. Failing with
-    /// `NotFound` means the process is gone (or its pid now names another
-    /// process). The caller must send its track command to the core before
-    /// calling [`PidWatcher::arm`], so that the exit can never overtake it.
-    pub fn prepare(&self, process: ProcessId) -> io::Result<Prepared> {
-        match ExitWatch::open(process) {
-            Ok(watch) => Ok(Prepared {
-                process,
-                watch: Some(watch),
-            }),
+    /// Opens a watch on whatever process has `pid` now, before an entry is
+    /// tracked for it, and returns that process with its watch. Fails with
+    /// `NotFound` when it is not running. The caller must send its track
+    /// command to the core before calling [`PidWatcher::arm`], so that the
+    /// exit can never overtake it.
+    pub fn prepare_pid(&self, pid: u32) -> io::Result<(ProcessId, Prepared)> {
+        let watch = self.open_unless_polling(ExitWatch::open_pid(pid))?;
+        let process = sys::process_id(pid)?;
+        let prepared = Prepared { process, watch };
+        if !prepared.still_running() {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok((process, prepared))
+    }
+
+    /// Opens a watch on a known process (pid and start time).
+    fn prepare(&self, process: ProcessId) -> io::Result<Prepared> {
+        let watch = self.open_unless_polling(ExitWatch::open(process))?;
+        let prepared = Prepared { process, watch };
+        if !prepared.still_running() {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(prepared)
+    }
+
+    /// A pidfd, or `None` where the kernel has none and polling must do.
+    fn open_unless_polling(&self, opened: io::Result<ExitWatch>) -> io::Result<Option<ExitWatch>> {
+        match opened {
+            Ok(watch) => Ok(Some(watch)),
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                if !sys::is_running(process) {
-                    return Err(io::Error::from(io::ErrorKind::NotFound));
-                }
                 if !self.inner.polling.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
-                        POLL_INTERVAL
-                    );
+                    warn_polling();
                 }
-                Ok(Prepared {
-                    process,
-                    watch: None,
-                })
+                Ok(None)
             }
             Err(e) => Err(e),
         }
@@ -100,16 +107,7 @@ impl PidWatcher {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let process = prepared.process;
-            let result = match prepared.watch {
-                Some(watch) => watch.exited().await,
-                None => {
-                    while sys::is_running(process) {
-                        tokio::time::sleep(POLL_INTERVAL).await;
-                    }
-                    Ok(())
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = sys::exited(process, prepared.watch, POLL_INTERVAL).await {
                 tracing::warn!(
                     pid = process.pid,
                     "watching the process failed ({e}); treating it as exited"
@@ -139,4 +137,21 @@ impl PidWatcher {
 pub struct Prepared {
     process: ProcessId,
     watch: Option<ExitWatch>,
+}
+
+impl Prepared {
+    /// Whether the pinned process still runs.
+    pub fn still_running(&self) -> bool {
+        match &self.watch {
+            Some(watch) => !watch.has_exited(),
+            None => sys::is_running(self.process),
+        }
+    }
+}
+
+fn warn_polling() {
+    tracing::warn!(
+        "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
+        POLL_INTERVAL
+    );
 }
