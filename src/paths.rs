@@ -13,8 +13,13 @@ use crate::sys::current_uid;
 pub fn default_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|dir| !dir.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("presenced/presenced.sock"),
-        None => PathBuf::from(format!("/tmp/presenced-{}/presenced.sock", current_uid())),
+        None => tmp_socket_dir().join("presenced.sock"),
     }
+}
+
+/// The socket folder used when there is no `XDG_RUNTIME_DIR`.
+fn tmp_socket_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/presenced-{}", current_uid()))
 }
 
 /// `$XDG_STATE_HOME/presenced/presence.db`, falling back to
@@ -59,11 +64,31 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Creates `dir` (mode 0700) if needed and refuses it when another user owns
-/// it or when group or others may write to it: whoever can write to the
-/// folder could replace the socket.
+/// it or when group or others may write to it.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::metadata(dir)?;
+    check_dir(dir, &std::fs::metadata(dir)?, 0o022)
+}
+
+/// [`ensure_private_dir`] for the folder of a socket, which is stricter:
+/// whoever can write to it could put their own socket in our daemon's
+/// place. The folder may not be a symbolic link, and the shared-`/tmp`
+/// fallback must be exactly 0700.
+pub fn ensure_socket_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is a symbolic link; name the real folder", dir.display()),
+        ));
+    }
+    let in_shared_tmp = dir == tmp_socket_dir();
+    check_dir(dir, &meta, if in_shared_tmp { 0o077 } else { 0o022 })
+}
+
+/// Refuses a folder another user owns or with any of `forbidden_mode` set.
+fn check_dir(dir: &Path, meta: &std::fs::Metadata, forbidden_mode: u32) -> io::Result<()> {
     let uid = current_uid();
     if meta.uid() != uid {
         return Err(io::Error::new(
@@ -75,11 +100,16 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
             ),
         ));
     }
-    if meta.mode() & 0o022 != 0 {
+    if meta.mode() & forbidden_mode != 0 {
+        let what = if forbidden_mode == 0o022 {
+            "writable by group or others"
+        } else {
+            "open to group or others"
+        };
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{} is writable by group or others (mode {:o}); use a private folder (chmod 700)",
+                "{} is {what} (mode {:o}); use a private folder (chmod 700)",
                 dir.display(),
                 meta.mode() & 0o777
             ),
@@ -115,6 +145,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = ensure_private_dir(tmp.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn a_symlinked_socket_folder_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        ensure_private_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(ensure_socket_dir(&real).is_ok());
+        let err = ensure_socket_dir(&link).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
     }
 

@@ -34,6 +34,9 @@ pub struct Limits {
     pub max_name_bytes: usize,
     pub max_meta_bytes: usize,
     pub max_entries_per_connection: usize,
+    /// `lifetime: "process"` entries outlive their connection, so they are
+    /// also capped per uid.
+    pub max_process_entries_per_uid: usize,
     pub max_subscriptions_per_connection: usize,
     pub max_connections: usize,
     pub max_outbound_bytes: usize,
@@ -46,6 +49,7 @@ impl Default for Limits {
             max_name_bytes: 256,
             max_meta_bytes: 8 * 1024,
             max_entries_per_connection: 1_000,
+            max_process_entries_per_uid: 1_000,
             max_subscriptions_per_connection: 1_000,
             max_connections: 10_000,
             max_outbound_bytes: 1024 * 1024,

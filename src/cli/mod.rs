@@ -78,32 +78,36 @@ pub struct DaemonArgs {
 
     /// Seconds a restored connection entry keeps its place, waiting for its
     /// client to resume it
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub resume_grace: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_grace)]
+    pub resume_grace: Duration,
 
     /// Longest request line, in bytes
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_line_bytes, help_heading = "Limits")]
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_line_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_line: usize,
 
     /// Largest meta, serialized, in bytes
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes, help_heading = "Limits")]
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_meta: usize,
 
     /// Most entries one connection may hold
-    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_connection, help_heading = "Limits")]
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_connection, value_parser = parse_limit, help_heading = "Limits")]
     pub max_entries: usize,
 
+    /// Most `lifetime: "process"` entries one user may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_process_entries_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_process_entries: usize,
+
     /// Most subscriptions one connection may hold
-    #[arg(long, value_name = "N", default_value_t = Limits::default().max_subscriptions_per_connection, help_heading = "Limits")]
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_subscriptions_per_connection, value_parser = parse_limit, help_heading = "Limits")]
     pub max_subscriptions: usize,
 
     /// Most connections served at once
-    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections, help_heading = "Limits")]
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections, value_parser = parse_limit, help_heading = "Limits")]
     pub max_connections: usize,
 
     /// Bytes queued for a slow reader before its diffs are dropped for a
     /// fresh state
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, help_heading = "Limits")]
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
 
     /// Print `ready` on stdout once listening (for whoever started us)
@@ -131,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(crate::paths::default_socket);
     if let Command::Daemon(args) = cli.command {
-        return crate::daemon::run(daemon_config(socket, args)?);
+        return crate::daemon::run(daemon_config(socket, args));
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -151,11 +155,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-fn daemon_config(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<crate::daemon::DaemonConfig> {
-    if !(args.resume_grace.is_finite() && args.resume_grace >= 0.0) {
-        anyhow::bail!("--resume-grace must be a number of seconds, 0 or more");
-    }
-    Ok(crate::daemon::DaemonConfig {
+fn daemon_config(socket: PathBuf, args: DaemonArgs) -> crate::daemon::DaemonConfig {
+    crate::daemon::DaemonConfig {
         socket,
         db: args.db.unwrap_or_else(crate::paths::default_db),
         limits: Limits {
@@ -163,13 +164,34 @@ fn daemon_config(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<crate::dae
             max_name_bytes: Limits::default().max_name_bytes,
             max_meta_bytes: args.max_meta,
             max_entries_per_connection: args.max_entries,
+            max_process_entries_per_uid: args.max_process_entries,
             max_subscriptions_per_connection: args.max_subscriptions,
             max_connections: args.max_connections,
             max_outbound_bytes: args.max_outbound,
         },
-        resume_grace: Duration::from_secs_f64(args.resume_grace),
+        resume_grace: args.resume_grace,
         ready_on_stdout: args.ready_on_stdout,
-    })
+    }
+}
+
+/// A limit: a whole number from 1 to 2^30.
+fn parse_limit(text: &str) -> Result<usize, String> {
+    const MAX: usize = 1 << 30;
+    match text.parse::<usize>() {
+        Ok(value) if (1..=MAX).contains(&value) => Ok(value),
+        _ => Err(format!("expected a whole number from 1 to {MAX}")),
+    }
+}
+
+/// A grace period: seconds, fractions allowed, at most a day.
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    const MAX_SECONDS: f64 = 86_400.0;
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.0..=MAX_SECONDS).contains(&seconds) => {
+            Ok(Duration::from_secs_f64(seconds))
+        }
+        _ => Err(format!("expected seconds from 0 to {MAX_SECONDS}")),
+    }
 }
 
 /// Which daemon a client command talks to.

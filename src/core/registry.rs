@@ -222,6 +222,8 @@ pub struct Registry {
     refs: HashMap<String, Location>,
     by_process: HashMap<ProcessId, BTreeSet<String>>,
     by_token: HashMap<TokenHash, String>,
+    /// How many `lifetime: "process"` entries each uid holds.
+    process_entries_by_uid: HashMap<u32, usize>,
     /// Restored entries waiting to be resumed, soonest deadline first.
     awaiting_resume: BTreeSet<(i64, String)>,
     conns: HashMap<ConnId, Connection>,
@@ -240,6 +242,7 @@ impl Registry {
             by_process: HashMap::new(),
             by_token: HashMap::new(),
             awaiting_resume: BTreeSet::new(),
+            process_entries_by_uid: HashMap::new(),
             conns: HashMap::new(),
             next_seq: 1,
             last_joined_at: 0,
@@ -453,10 +456,22 @@ impl Registry {
                 ),
             ));
         }
+        let peer = connection.peer.clone();
+        if request.lifetime == Lifetime::Process {
+            let held = self.process_entries_by_uid.get(&peer.uid).copied();
+            if held.unwrap_or(0) >= limits.max_process_entries_per_uid {
+                return Err(ErrorBody::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "uid {} already holds {} process entries, the limit",
+                        peer.uid, limits.max_process_entries_per_uid
+                    ),
+                ));
+            }
+        }
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
-        let peer = connection.peer.clone();
 
         let seq = self.take_seq();
         // joined_at never goes backwards, even if the wall clock does.
@@ -832,6 +847,9 @@ impl Registry {
             self.awaiting_resume
                 .insert((deadline, entry.phx_ref.clone()));
         }
+        if entry.lifetime == Lifetime::Process {
+            *self.process_entries_by_uid.entry(entry.uid).or_default() += 1;
+        }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
         }
@@ -857,6 +875,14 @@ impl Registry {
         self.by_token.remove(&entry.token_hash);
         if let Some(deadline) = entry.resume_deadline {
             self.awaiting_resume.remove(&(deadline, phx_ref.to_owned()));
+        }
+        if entry.lifetime == Lifetime::Process
+            && let Some(held) = self.process_entries_by_uid.get_mut(&entry.uid)
+        {
+            *held -= 1;
+            if *held == 0 {
+                self.process_entries_by_uid.remove(&entry.uid);
+            }
         }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.remove(phx_ref);

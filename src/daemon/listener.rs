@@ -27,7 +27,7 @@ pub struct Claimed {
 /// clears a stale socket file left by a daemon that died.
 pub fn claim(socket: &Path) -> anyhow::Result<Claimed> {
     let dir = paths::parent_dir(socket);
-    paths::ensure_private_dir(dir)
+    paths::ensure_socket_dir(dir)
         .with_context(|| format!("refusing the socket folder {}", dir.display()))?;
 
     let lock_path = paths::daemon_lock(socket);

@@ -1392,6 +1392,34 @@ fn tracking_past_the_entry_limit_per_connection_is_limit_exceeded() {
 }
 
 #[test]
+fn process_entries_are_capped_per_uid_across_connections() {
+    let mut h = Harness::with_limits(Limits {
+        max_process_entries_per_uid: 2,
+        ..Limits::default()
+    });
+    let (a, b, other_user) = (h.connect(ALICE), h.connect(ALICE), h.connect(BOB));
+    let first = h.track_process(a, "doc", "x");
+    h.track_process(a, "doc", "y");
+    // Process entries outlive their connection, so closing it frees nothing.
+    h.close(a);
+    let mut request = track_request("doc", "z");
+    request.lifetime = Lifetime::Process;
+    assert_refused(&h.try_track(b, request), b, ErrorCode::LimitExceeded);
+    // Connection entries and other users are not affected.
+    h.track(b, "doc", "z");
+    h.track_process(other_user, "doc", "w");
+    // Removing one frees a place.
+    h.process_exited(process_of(a));
+    assert!(
+        h.list("doc")
+            .presences
+            .values()
+            .all(|p| p.metas.iter().all(|m| m.phx_ref != first.phx_ref))
+    );
+    h.track_process(b, "doc", "v");
+}
+
+#[test]
 fn subscribing_past_the_subscription_limit_is_limit_exceeded() {
     let mut h = Harness::with_limits(Limits {
         max_subscriptions_per_connection: 2,
