@@ -506,19 +506,9 @@ impl Registry {
             standing: topic.standing(seq),
             resume_token: token,
         };
-        let owner = topic.owner().map(Entry::to_owner);
-        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
         let mut diff = Diff::default();
         diff.joins.insert(key, KeyPresence { metas: vec![meta] });
-        out.event(
-            subscribers,
-            Event::PresenceDiff {
-                topic: request.topic.clone(),
-                payload: diff,
-                owner,
-                reasons: BTreeMap::new(),
-            },
-        );
+        self.publish_diff(&request.topic, diff, BTreeMap::new(), out);
         if request.subscribe {
             self.add_subscription(conn, request.topic, out);
         }
@@ -592,26 +582,21 @@ impl Registry {
         self.check_may_change(conn, entry)?;
 
         let old_meta = entry.to_meta();
-        let key = entry.key.clone();
         let new_ref = ref_for(self.take_seq());
-        let location = self.refs.remove(&old_ref).ok_or_else(closed_connection)?;
-        let topic = self.topic_mut(&location.topic);
-        let entry = topic
-            .entries
-            .get_mut(&location.seq)
-            .ok_or_else(closed_connection)?;
+        let Some(mut entry) = self.take(&old_ref) else {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no entry `{old_ref}`"),
+            ));
+        };
         entry.phx_ref = new_ref.clone();
         entry.prev_ref = Some(old_ref.clone());
         entry.meta = request.meta;
-        let updated = entry.clone();
-        let new_meta = updated.to_meta();
-        let owner = topic.owner().map(Entry::to_owner);
-        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
-
-        self.refs.insert(new_ref.clone(), location);
-        self.reindex(&old_ref, &updated);
+        let new_meta = entry.to_meta();
+        let key = entry.key.clone();
         out.changes.push(Change::Delete(old_ref.clone()));
-        out.changes.push(Change::Put(Box::new(updated)));
+        out.changes.push(Change::Put(Box::new(entry.clone())));
+        self.insert(entry);
 
         let mut diff = Diff::default();
         diff.leaves.insert(
@@ -626,15 +611,8 @@ impl Registry {
                 metas: vec![new_meta],
             },
         );
-        out.event(
-            subscribers,
-            Event::PresenceDiff {
-                topic: request.topic,
-                payload: diff,
-                owner,
-                reasons: BTreeMap::from([(old_ref.clone(), LeaveReason::Update)]),
-            },
-        );
+        let reasons = BTreeMap::from([(old_ref.clone(), LeaveReason::Update)]);
+        self.publish_diff(&request.topic, diff, reasons, out);
         Ok(to_value(&UpdateReply {
             phx_ref: new_ref,
             prev_ref: old_ref,
@@ -791,37 +769,19 @@ impl Registry {
                 .metas
                 .push(entry.to_meta());
         }
-        let owner = topic.owner().map(Entry::to_owner);
-        let subscribers: Vec<ConnId> = topic.subscribers.iter().copied().collect();
-        out.event(
-            subscribers,
-            Event::PresenceDiff {
-                topic: topic_name.to_owned(),
-                payload: diff,
-                owner,
-                reasons,
-            },
-        );
+        self.publish_diff(topic_name, diff, reasons, out);
 
         if owner_changed {
-            let changes: Vec<(ConnId, Event)> = topic
-                .entries
-                .values()
-                .enumerate()
-                .filter_map(|(position, e)| {
-                    let conn = e.conn?;
-                    let event = Event::Role {
-                        topic: topic_name.to_owned(),
-                        payload: RoleChange {
-                            phx_ref: e.phx_ref.clone(),
-                            standing: topic.standing_at(position),
-                        },
-                    };
-                    Some((conn, event))
-                })
-                .collect();
-            for (conn, event) in changes {
-                out.event(vec![conn], event);
+            for (position, entry) in topic.entries.values().enumerate() {
+                let Some(conn) = entry.conn else { continue };
+                let role = Event::Role {
+                    topic: topic_name.to_owned(),
+                    payload: RoleChange {
+                        phx_ref: entry.phx_ref.clone(),
+                        standing: topic.standing_at(position),
+                    },
+                };
+                out.event(vec![conn], role);
             }
         }
         self.drop_topic_if_unused(topic_name);
@@ -890,25 +850,6 @@ impl Registry {
         Some(entry)
     }
 
-    /// Points the indexes that hold a ref at the entry's new ref.
-    fn reindex(&mut self, old_ref: &str, entry: &Entry) {
-        if let Some(refs) = self.by_process.get_mut(&entry.process) {
-            refs.remove(old_ref);
-            refs.insert(entry.phx_ref.clone());
-        }
-        self.by_token
-            .insert(entry.token_hash, entry.phx_ref.clone());
-        if let Some(deadline) = entry.resume_deadline {
-            self.awaiting_resume.remove(&(deadline, old_ref.to_owned()));
-            self.awaiting_resume
-                .insert((deadline, entry.phx_ref.clone()));
-        }
-        if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
-            connection.entries.remove(old_ref);
-            connection.entries.insert(entry.phx_ref.clone());
-        }
-    }
-
     fn entry(&self, phx_ref: &str) -> Option<&Entry> {
         let location = self.refs.get(phx_ref)?;
         self.topics.get(&location.topic)?.entries.get(&location.seq)
@@ -922,11 +863,14 @@ impl Registry {
             .get_mut(&location.seq)
     }
 
+    /// The topic, or an empty one: a topic nobody is on or watches is not
+    /// kept.
     fn topic(&self, name: &str) -> &Topic {
-        static EMPTY: std::sync::OnceLock<Topic> = std::sync::OnceLock::new();
-        self.topics
-            .get(name)
-            .unwrap_or_else(|| EMPTY.get_or_init(Topic::default))
+        static EMPTY: Topic = Topic {
+            entries: BTreeMap::new(),
+            subscribers: BTreeSet::new(),
+        };
+        self.topics.get(name).unwrap_or(&EMPTY)
     }
 
     fn topic_mut(&mut self, name: &str) -> &mut Topic {
@@ -947,6 +891,26 @@ impl Registry {
         let seq = self.next_seq;
         self.next_seq += 1;
         seq
+    }
+
+    /// Sends a topic's subscribers a diff, with the owner after it.
+    fn publish_diff(
+        &self,
+        topic_name: &str,
+        diff: Diff,
+        reasons: BTreeMap<String, LeaveReason>,
+        out: &mut Outbox,
+    ) {
+        let topic = self.topic(topic_name);
+        out.event(
+            topic.subscribers.iter().copied().collect(),
+            Event::PresenceDiff {
+                topic: topic_name.to_owned(),
+                payload: diff,
+                owner: topic.owner().map(Entry::to_owner),
+                reasons,
+            },
+        );
     }
 
     fn state_event(&self, topic: &str) -> Event {
