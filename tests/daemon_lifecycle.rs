@@ -269,3 +269,49 @@ async fn a_restart_keeps_every_place_and_still_reaps_dead_processes() {
         .expect("track");
     assert!(later.seq > tracked[1].seq);
 }
+
+#[tokio::test]
+async fn two_daemons_never_share_a_database() {
+    let daemon = Daemon::start().await;
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(daemon.dir.path().join("elsewhere/presenced.sock"))
+        .arg("daemon")
+        .arg("--db")
+        .arg(&daemon.db)
+        .env("PRESENCE_LOG", "warn")
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is using this database"), "{stderr}");
+    assert!(stderr.contains(&daemon.pid().to_string()), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_exiting_daemon_leaves_a_newer_daemons_socket_alone() {
+    let first = Daemon::start().await;
+    // Somebody cleans the socket folder away under the running daemon, and
+    // a new daemon takes the path.
+    let folder = first.socket.parent().expect("socket folder").to_owned();
+    std::fs::remove_dir_all(&folder).expect("remove the socket folder");
+    let mut command = Command::new(presence_bin());
+    command
+        .arg("--socket")
+        .arg(&first.socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(first.dir.path().join("second.db"))
+        .arg("--ready-on-stdout")
+        .env("PRESENCE_LOG", "warn");
+    let _second = common::spawn_until_ready(command).await;
+
+    let mut first = first;
+    common::signal(first.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(first.wait().await, Some(0));
+    let (client, _events) = presenced::client::Client::connect(&first.socket)
+        .await
+        .expect("the second daemon's socket is still there");
+    client.ping().await.expect("ping");
+}
