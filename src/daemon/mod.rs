@@ -48,6 +48,9 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Everything the daemon creates (database, journal, locks, socket) is
+    // for its user alone, whatever umask it inherited.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let claimed = listener::claim(&config.socket)?;
 
     if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
