@@ -530,17 +530,10 @@ impl Registry {
                 _ => Vec::new(),
             },
             (None, Some(key)) => self
-                .topics
-                .get(&request.topic)
-                .map(|topic| {
-                    topic
-                        .entries
-                        .values()
-                        .filter(|e| &e.key == key && self.check_may_change(conn, e).is_ok())
-                        .map(|e| e.phx_ref.clone())
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .entries_with_key(&request.topic, key)
+                .filter(|e| self.check_may_change(conn, e).is_ok())
+                .map(|e| e.phx_ref.clone())
+                .collect(),
             (None, None) => {
                 return Err(ErrorBody::new(
                     ErrorCode::BadRequest,
@@ -642,17 +635,9 @@ impl Registry {
 
     fn get_by_key(&self, request: &GetByKeyRequest) -> Value {
         let metas = self
-            .topics
-            .get(&request.topic)
-            .map(|topic| {
-                topic
-                    .entries
-                    .values()
-                    .filter(|e| e.key == request.key)
-                    .map(Entry::to_meta)
-                    .collect()
-            })
-            .unwrap_or_default();
+            .entries_with_key(&request.topic, &request.key)
+            .map(Entry::to_meta)
+            .collect();
         to_value(&GetByKeyReply { metas })
     }
 
@@ -848,6 +833,18 @@ impl Registry {
             connection.entries.remove(phx_ref);
         }
         Some(entry)
+    }
+
+    /// A topic's entries under one key, in join order.
+    fn entries_with_key<'a>(
+        &'a self,
+        topic: &str,
+        key: &'a str,
+    ) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.topic(topic)
+            .entries
+            .values()
+            .filter(move |e| e.key == key)
     }
 
     fn entry(&self, phx_ref: &str) -> Option<&Entry> {
