@@ -85,6 +85,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_line_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_line: usize,
 
+    /// Longest topic or key, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_name_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_name: usize,
+
     /// Largest meta, serialized, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_meta: usize,
@@ -161,7 +165,7 @@ fn daemon_config(socket: PathBuf, args: DaemonArgs) -> crate::daemon::DaemonConf
         db: args.db.unwrap_or_else(crate::paths::default_db),
         limits: Limits {
             max_line_bytes: args.max_line,
-            max_name_bytes: Limits::default().max_name_bytes,
+            max_name_bytes: args.max_name,
             max_meta_bytes: args.max_meta,
             max_entries_per_connection: args.max_entries,
             max_process_entries_per_uid: args.max_process_entries,

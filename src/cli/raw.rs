@@ -15,9 +15,14 @@ pub async fn run(target: &Target) -> anyhow::Result<()> {
         let _ = stdout.flush().await;
         copied
     });
-    tokio::io::copy(&mut tokio::io::stdin(), &mut send).await?;
-    // End our side; the daemon answers what it has, then closes.
-    send.shutdown().await?;
+    let sent = tokio::io::copy(&mut tokio::io::stdin(), &mut send).await;
+    // End our side; the daemon answers what it has, then closes. If the
+    // daemon closed first (it refused the connection, or a line), the copy
+    // above failed; what the daemon said is still printed below.
+    let _ = send.shutdown().await;
     to_stdout.await??;
-    Ok(())
+    match sent {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
