@@ -166,6 +166,45 @@ pub async fn wait_for_exit(process: ProcessId, poll: Duration) -> io::Result<()>
     }
 }
 
+/// The outcome of [`take_pid_lock`].
+pub enum PidLock {
+    /// Ours for as long as the file stays open.
+    Taken(std::fs::File),
+    /// Another process holds it; its pid, or `unknown` if not written yet.
+    HeldBy(String),
+}
+
+/// Takes an exclusive lock on `path` (created 0600) without waiting, and
+/// writes our pid into it so that whoever finds it taken can say by whom.
+pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "unknown".to_owned(),
+                pid => pid.to_owned(),
+            };
+            return Ok(PidLock::HeldBy(holder));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok(PidLock::Taken(lock))
+}
+
 fn invalid_data(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
 }

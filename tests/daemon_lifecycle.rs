@@ -33,14 +33,14 @@ fn daemons_serving(socket: &Path) -> Vec<u32> {
     found
 }
 
-/// Stops auto-started daemons when the test ends, pass or fail.
-struct KillOnDrop(Vec<u32>);
+/// Stops the daemons serving a socket when the test ends, pass or fail.
+struct KillDaemonsOnDrop(std::path::PathBuf);
 
-impl Drop for KillOnDrop {
+impl Drop for KillDaemonsOnDrop {
     fn drop(&mut self) {
-        for pid in &self.0 {
+        for pid in daemons_serving(&self.0) {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
@@ -65,6 +65,7 @@ async fn two_clients_starting_at_once_make_exactly_one_daemon() {
             .kill_on_drop(true);
         command
     };
+    let _cleanup = KillDaemonsOnDrop(socket.clone());
     let first = client("a").spawn().expect("first client");
     let second = client("b").spawn().expect("second client");
     let (first, second) = within("both clients", async {
@@ -75,7 +76,6 @@ async fn two_clients_starting_at_once_make_exactly_one_daemon() {
     let second = second.expect("second client output");
 
     let daemons = daemons_serving(&socket);
-    let _cleanup = KillOnDrop(daemons.clone());
     assert!(
         first.status.success(),
         "first client failed: {}",
@@ -314,4 +314,24 @@ async fn an_exiting_daemon_leaves_a_newer_daemons_socket_alone() {
         .await
         .expect("the second daemon's socket is still there");
     client.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn a_file_at_the_socket_path_is_never_replaced() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "precious").expect("write");
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(&notes)
+        .arg("daemon")
+        .arg("--db")
+        .arg(dir.path().join("p.db"))
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&notes).expect("read"), "precious");
 }

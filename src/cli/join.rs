@@ -75,9 +75,9 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     }
     let tracked: TrackReply = serde_json::from_value(Value::Object(reply.fields.clone()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&reply)?);
+        say!("{}", serde_json::to_string(&reply)?);
     } else {
-        println!("{}", render::standing(&tracked.standing));
+        say!("{}", render::standing(&tracked.standing));
     }
 
     let process_exit = async {
@@ -95,15 +95,15 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
             event = events.recv() => match event {
                 Some(Event::Shutdown { payload }) => {
                     if args.json {
-                        println!("{}", serde_json::to_string(&Event::Shutdown { payload: payload.clone() })?);
+                        say!("{}", serde_json::to_string(&Event::Shutdown { payload: payload.clone() })?);
                     }
                     anyhow::bail!("the daemon shut down ({})", payload.reason);
                 }
                 Some(event) => {
                     if args.json {
-                        println!("{}", serde_json::to_string(&event)?);
+                        say!("{}", serde_json::to_string(&event)?);
                     } else if let Event::Role { payload, .. } = &event {
-                        println!("{}", render::standing(&payload.standing));
+                        say!("{}", render::standing(&payload.standing));
                     }
                 }
                 None => anyhow::bail!("the daemon closed the connection"),

@@ -29,7 +29,7 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}", error.message);
     }
     if args.json {
-        println!("{}", serde_json::to_string(&Value::Object(reply.fields))?);
+        say!("{}", serde_json::to_string(&Value::Object(reply.fields))?);
         return Ok(());
     }
     let topics: BTreeMap<String, TopicPresences> = match args.topic {
@@ -68,9 +68,7 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
         eprintln!("nobody is present");
         return Ok(());
     }
-    print!(
-        "{}",
-        render::table(&["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"], &rows)
-    );
+    let table = render::table(&["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"], &rows);
+    say!("{}", table.trim_end());
     Ok(())
 }

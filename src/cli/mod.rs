@@ -1,6 +1,14 @@
 //! The `presence` command line: clap definitions and rendering only. Every
 //! call to the daemon goes through [`crate::client`].
 
+/// Prints a line on stdout. A reader that went away (`presence watch t |
+/// head -1`) ends the command quietly instead of failing it.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::render::say(format_args!($($arg)*))?
+    };
+}
+
 mod join;
 mod list;
 mod raw;
@@ -126,6 +134,7 @@ pub fn main() -> std::process::ExitCode {
     init_logging(if is_daemon { "info" } else { "warn" });
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if render::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("presence: {e:#}");
             std::process::ExitCode::FAILURE

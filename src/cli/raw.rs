@@ -13,7 +13,11 @@ pub async fn run(target: &Target) -> anyhow::Result<()> {
         let mut stdout = tokio::io::stdout();
         let copied = tokio::io::copy_buf(&mut BufReader::new(recv), &mut stdout).await;
         let _ = stdout.flush().await;
-        copied
+        match copied {
+            // The daemon closed on us (it refused a line) after saying why.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+            other => other,
+        }
     });
     let sent = tokio::io::copy(&mut tokio::io::stdin(), &mut send).await;
     // End our side; the daemon answers what it has, then closes. If the

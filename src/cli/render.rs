@@ -1,5 +1,7 @@
 //! How presence looks to a person at a terminal.
 
+use std::io::Write;
+
 use crate::core::now_millis;
 use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing};
 
@@ -75,4 +77,21 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Writes one line to stdout and flushes it, so a reader sees each change
+/// as it happens.
+pub fn say(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_fmt(line)?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()
+}
+
+/// Whether a command failed only because nobody reads its output any more.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }

@@ -21,7 +21,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     let mut owner_ref: Option<String> = None;
     while let Some(event) = events.recv().await {
         if args.json {
-            println!("{}", serde_json::to_string(&event)?);
+            say!("{}", serde_json::to_string(&event)?);
         }
         match event {
             Event::Shutdown { payload } => {
@@ -30,7 +30,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
             _ if args.json => {}
             Event::PresenceState { payload, owner, .. } => {
                 let metas = render::metas_by_seq(&payload);
-                println!(
+                say!(
                     "{}: owner {}, {} spectator{}",
                     args.topic,
                     render::owner(owner.as_ref()),
@@ -48,14 +48,14 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                 for (key, meta) in render::metas_by_seq(&payload.leaves) {
                     let reason = reasons.get(&meta.phx_ref);
                     if reason != Some(&LeaveReason::Update) {
-                        println!("- {key} (pid {}) {}", meta.pid, render::reason(reason));
+                        say!("- {key} (pid {}) {}", meta.pid, render::reason(reason));
                     }
                 }
                 for (key, meta) in render::metas_by_seq(&payload.joins) {
                     if meta.phx_ref_prev.is_some() {
-                        println!("~ {key} (pid {}) updated", meta.pid);
+                        say!("~ {key} (pid {}) updated", meta.pid);
                     } else {
-                        println!("+ {key} (pid {}) joined", meta.pid);
+                        say!("+ {key} (pid {}) joined", meta.pid);
                     }
                 }
                 // An update gives the owner a new ref; compare by the ref
@@ -67,7 +67,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                         && new_owner_ref.as_ref() == Some(&m.phx_ref)
                 });
                 if new_owner_ref != owner_ref && !renamed {
-                    println!("→ {} is now owner", render::owner(owner.as_ref()));
+                    say!("→ {} is now owner", render::owner(owner.as_ref()));
                 }
                 owner_ref = new_owner_ref;
             }

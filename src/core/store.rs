@@ -259,34 +259,13 @@ impl Store {
     }
 }
 
-/// Takes the exclusive lock `PATH.lock` and writes our pid into it.
+/// Takes the exclusive lock `PATH.lock`.
 fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
-    use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-    let mut lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = lock.read_to_string(&mut holder);
-            return Err(StoreError::InUse {
-                lock: lock_path,
-                holder: holder.trim().to_owned(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    match crate::sys::take_pid_lock(&lock)? {
+        crate::sys::PidLock::Taken(file) => Ok(file),
+        crate::sys::PidLock::HeldBy(holder) => Err(StoreError::InUse { lock, holder }),
     }
-    lock.set_len(0)?;
-    lock.rewind()?;
-    writeln!(lock, "{}", std::process::id())?;
-    Ok(lock)
 }
 
 fn migrate(db: &Connection) -> Result<(), StoreError> {

@@ -1,9 +1,8 @@
 //! Claiming the socket path: one daemon per socket, a private folder, a
 //! socket only its owner can use, and a stale socket file cleared away.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -14,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::paths;
 use crate::protocol::{ErrorBody, ErrorCode, Reply};
+use crate::sys::{self, PidLock};
 
 /// The socket path, held for this daemon by an exclusive lock.
 pub struct Claimed {
@@ -31,34 +31,25 @@ pub fn claim(socket: &Path) -> anyhow::Result<Claimed> {
         .with_context(|| format!("refusing the socket folder {}", dir.display()))?;
 
     let lock_path = paths::daemon_lock(socket);
-    let mut lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .with_context(|| format!("opening the lock file {}", lock_path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = lock.read_to_string(&mut holder);
+    let lock = match sys::take_pid_lock(&lock_path)
+        .with_context(|| format!("locking {}", lock_path.display()))?
+    {
+        PidLock::Taken(lock) => lock,
+        PidLock::HeldBy(pid) => bail!(
+            "another daemon (pid {pid}) is already serving {}",
+            socket.display()
+        ),
+    };
+
+    if let Ok(existing) = std::fs::symlink_metadata(socket) {
+        // Only ever remove a socket: a mistyped --socket must not cost
+        // anyone a file.
+        if !existing.file_type().is_socket() {
             bail!(
-                "another daemon (pid {}) is already serving {}",
-                holder.trim(),
+                "{} exists and is not a socket; not replacing it",
                 socket.display()
             );
         }
-        Err(TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
-        }
-    }
-    lock.set_len(0)?;
-    lock.rewind()?;
-    writeln!(lock, "{}", std::process::id())?;
-
-    if socket.exists() {
         // We hold the lock, so no daemon of ours is there. If something
         // still answers, it is not ours to take away.
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {

@@ -82,6 +82,10 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         })
         .context("starting the core thread")?;
 
+    // Handlers first: a stop signal that arrives once we listen must shut
+    // down cleanly, not kill us with the socket left behind.
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let bound = claimed.listen()?;
     tracing::info!(
         "presenced {} listening on {} (database {})",
@@ -90,7 +94,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         config.db.display()
     );
     if config.ready_on_stdout {
-        println!("ready");
+        // Whoever started us may have given up waiting; that is no reason
+        // to fail.
+        let mut stdout = std::io::stdout();
+        let _ = std::io::Write::write_all(&mut stdout, b"ready\n")
+            .and_then(|()| std::io::Write::flush(&mut stdout));
     }
 
     let shared = Arc::new(Shared {
@@ -102,8 +110,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     // Every writer holds a clone; when all are gone, every client has been
     // sent everything it was owed.
     let (writers_alive, mut writers_done) = tokio::sync::mpsc::channel::<()>(1);
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut next_conn = 0u64;
 
     let reason = loop {

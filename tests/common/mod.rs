@@ -15,6 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdout, Command};
 
+/// How long a test's daemon may live. A daemon that hangs is killed then,
+/// so a client call waiting on it fails instead of hanging the run.
+pub const WATCHDOG: Duration = Duration::from_secs(120);
+
 /// How long any single wait may take before the test fails. Generous,
 /// because CI machines are small and noisy; a passing run never waits it out.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -132,6 +136,7 @@ impl Drop for Daemon {
 }
 
 /// Spawns a daemon command with stdout piped and waits for its `ready`.
+/// A watchdog kills it after [`WATCHDOG`] if the test has not ended.
 pub async fn spawn_until_ready(mut command: Command) -> Child {
     command
         .stdin(Stdio::null())
@@ -145,6 +150,17 @@ pub async fn spawn_until_ready(mut command: Command) -> Child {
         .await
         .expect("daemon stdout is readable");
     assert_eq!(line.as_deref(), Some("ready"), "the daemon did not start");
+    if let Some(pid) = child.id() {
+        // The runtime, and this task with it, ends with the test.
+        tokio::spawn(async move {
+            tokio::time::sleep(WATCHDOG).await;
+            eprintln!("watchdog: killing daemon {pid} after {WATCHDOG:?}");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        });
+    }
     child
 }
 
