@@ -23,14 +23,17 @@ fn tmp_socket_dir() -> PathBuf {
 }
 
 /// `$XDG_STATE_HOME/presenced/presence.db`, falling back to
-/// `~/.local/state/presenced/presence.db`.
+/// `~/.local/state/presenced/presence.db`, and without a home folder to
+/// `/tmp/presenced-$UID/presence.db`.
 pub fn default_db() -> PathBuf {
-    let state_home = std::env::var_os("XDG_STATE_HOME")
+    let folder = std::env::var_os("XDG_STATE_HOME")
         .filter(|dir| !dir.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    state_home.join("presenced/presence.db")
+        .map(|state| state.join("presenced"))
+        // No HOME either: the per-user folder beside the fallback socket.
+        .unwrap_or_else(tmp_socket_dir);
+    folder.join("presence.db")
 }
 
 /// The database a daemon started now would use: `PRESENCE_DB`, else the

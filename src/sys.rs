@@ -166,6 +166,14 @@ pub async fn wait_for_exit(process: ProcessId, poll: Duration) -> io::Result<()>
     }
 }
 
+/// Unix milliseconds now, by the wall clock.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The outcome of [`take_pid_lock`].
 pub enum PidLock {
     /// Ours for as long as the file stays open.

@@ -10,8 +10,8 @@ use crate::protocol::{Event, Request, TrackReply, TrackRequest, UntrackRequest};
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
 The first to join a topic is its owner; everyone after is a read-only
-spectator, in join order. One line is printed now and one for every change
-of role:
+spectator, in join order. The command prints its standing at once, and
+again whenever it changes role or the topic gets a new owner:
 
   owner
   spectator (owner: alice, pid 4242)

@@ -80,7 +80,8 @@ the first one's pid. A socket file left by a daemon that died is replaced.")]
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// The SQLite database [default: $XDG_STATE_HOME/presenced/presence.db]
+    /// The SQLite database [default: $XDG_STATE_HOME/presenced/presence.db,
+    /// else ~/.local/state/presenced/presence.db]
     #[arg(long, env = "PRESENCE_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
 

@@ -2,8 +2,8 @@
 
 use std::io::Write;
 
-use crate::core::now_millis;
 use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing};
+use crate::sys::now_millis;
 
 /// `owner`, or `spectator (owner: alice, pid 4242)`.
 pub fn standing(standing: &Standing) -> String {

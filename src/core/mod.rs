@@ -16,9 +16,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::sys::now_millis;
 
 use crate::protocol::{
     ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Lifetime, PROTOCOL_VERSION, Reply,
@@ -388,12 +390,4 @@ fn to_line(message: &impl serde::Serialize) -> Arc<[u8]> {
     });
     bytes.push(b'\n');
     bytes.into()
-}
-
-/// Unix milliseconds now.
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
