@@ -215,17 +215,18 @@ pub struct Target {
 }
 
 impl Target {
-    pub async fn connect(&self) -> Result<(Client, Events), ClientError> {
-        if self.autostart {
+    pub async fn connect(&self) -> anyhow::Result<(Client, Events)> {
+        let connected = if self.autostart {
             Client::connect_or_start(&self.socket).await
         } else {
             Client::connect(&self.socket).await
-        }
+        };
+        connected.map_err(|e| self.explain(e))
     }
 
     /// A plain stream, for speaking the protocol by hand.
-    pub async fn stream(&self) -> Result<tokio::net::UnixStream, ClientError> {
-        if self.autostart {
+    pub async fn stream(&self) -> anyhow::Result<tokio::net::UnixStream> {
+        let connected = if self.autostart {
             crate::client::connect_stream_or_start(&self.socket).await
         } else {
             crate::client::connect_stream(&self.socket)
@@ -234,6 +235,18 @@ impl Target {
                     socket: self.socket.clone(),
                     source,
                 })
+        };
+        connected.map_err(|e| self.explain(e))
+    }
+
+    /// Adds what to do about a missing daemon when we were told not to
+    /// start one.
+    fn explain(&self, error: ClientError) -> anyhow::Error {
+        match error {
+            ClientError::NoDaemon { .. } if !self.autostart => {
+                anyhow::anyhow!("{error}; start one with `presence daemon` or drop --no-autostart")
+            }
+            other => other.into(),
         }
     }
 }

@@ -66,11 +66,9 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::NoDaemon { socket, source } => write!(
-                f,
-                "no daemon at {} ({source}); start one with `presence daemon` or drop --no-autostart",
-                socket.display()
-            ),
+            ClientError::NoDaemon { socket, source } => {
+                write!(f, "no daemon at {} ({source})", socket.display())
+            }
             ClientError::Autostart(message) => write!(f, "could not start the daemon: {message}"),
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Refused(error) => write!(f, "{}", error.message),
