@@ -33,6 +33,23 @@ fn daemons_serving(socket: &Path) -> Vec<u32> {
     found
 }
 
+/// Runs `presence daemon` where it must refuse to start, and returns what
+/// it said on stderr.
+async fn refused_start(socket: &Path, db: &Path) -> String {
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(db)
+        .env("PRESENCE_LOG", "warn")
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1), "the daemon should refuse");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Stops the daemons serving a socket when the test ends, pass or fail.
 struct KillDaemonsOnDrop(std::path::PathBuf);
 
@@ -111,17 +128,7 @@ async fn no_autostart_fails_with_a_clear_message() {
 #[tokio::test]
 async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
     let daemon = Daemon::start().await;
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(daemon.dir.path().join("other.db"))
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(&daemon.socket, &daemon.dir.path().join("other.db")).await;
     assert!(stderr.contains("already serving"), "{stderr}");
     assert!(stderr.contains(&daemon.pid().to_string()), "{stderr}");
     // The first one still answers.
@@ -175,17 +182,7 @@ async fn a_socket_folder_writable_by_others_is_refused() {
     let open = dir.path().join("open");
     std::fs::create_dir(&open).expect("mkdir");
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(open.join("presenced.sock"))
-        .arg("daemon")
-        .arg("--db")
-        .arg(dir.path().join("p.db"))
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(&open.join("presenced.sock"), &dir.path().join("p.db")).await;
     assert!(stderr.contains("writable by group or others"), "{stderr}");
 }
 
@@ -273,18 +270,11 @@ async fn a_restart_keeps_every_place_and_still_reaps_dead_processes() {
 #[tokio::test]
 async fn two_daemons_never_share_a_database() {
     let daemon = Daemon::start().await;
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(daemon.dir.path().join("elsewhere/presenced.sock"))
-        .arg("daemon")
-        .arg("--db")
-        .arg(&daemon.db)
-        .env("PRESENCE_LOG", "warn")
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(
+        &daemon.dir.path().join("elsewhere/presenced.sock"),
+        &daemon.db,
+    )
+    .await;
     assert!(stderr.contains("is using this database"), "{stderr}");
     assert!(stderr.contains(&daemon.pid().to_string()), "{stderr}");
 }
@@ -321,17 +311,7 @@ async fn a_file_at_the_socket_path_is_never_replaced() {
     let dir = tempfile::tempdir().expect("temporary folder");
     let notes = dir.path().join("notes.txt");
     std::fs::write(&notes, "precious").expect("write");
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(&notes)
-        .arg("daemon")
-        .arg("--db")
-        .arg(dir.path().join("p.db"))
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_start(&notes, &dir.path().join("p.db")).await;
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&notes).expect("read"), "precious");
 }
