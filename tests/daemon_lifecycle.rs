@@ -315,3 +315,52 @@ async fn a_file_at_the_socket_path_is_never_replaced() {
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&notes).expect("read"), "precious");
 }
+
+#[tokio::test]
+async fn after_a_restart_connection_entries_wait_for_resume_then_expire() {
+    use presenced::protocol::{Event, LeaveReason, Role, TrackRequest};
+    let daemon = Daemon::start().await;
+    let mut sleeper = tokio::process::Command::new("sleep")
+        .arg("1000")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sleep spawns");
+    let (client, _events) = daemon.client().await;
+    let mut tracked = Vec::new();
+    for key in ["resumed", "forgotten"] {
+        let mut request = TrackRequest::new("doc", key);
+        // A live process, so the restart does not reap the entries.
+        request.pid = sleeper.id();
+        tracked.push(client.track(request).await.expect("track"));
+    }
+
+    let daemon = daemon.restart(&["--resume-grace", "0.5"]).await;
+    let (watcher, mut events) = daemon.client().await;
+    watcher.subscribe("doc").await.expect("subscribe");
+    let state = common::next_event(&mut events, |e| match e {
+        Event::PresenceState { payload, .. } => Some(payload),
+        _ => None,
+    })
+    .await;
+    assert_eq!(state.len(), 2, "both entries keep their place for now");
+
+    let (resumer, _resumer_events) = daemon.client().await;
+    let resumed = resumer
+        .resume(vec![tracked[0].resume_token.clone(), "not-a-token".into()])
+        .await
+        .expect("resume");
+    assert_eq!(resumed.resumed, [tracked[0].phx_ref.clone()]);
+    assert_eq!(resumed.expired, ["not-a-token"]);
+    assert_eq!(resumed.roles[&tracked[0].phx_ref].role, Role::Owner);
+
+    let reason = common::next_event(&mut events, |e| match e {
+        Event::PresenceDiff { reasons, .. } => reasons.get(&tracked[1].phx_ref).copied(),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, LeaveReason::Expired);
+    let listed = watcher.list("doc").await.expect("list");
+    assert_eq!(listed.state.presences.len(), 1);
+    assert!(listed.state.presences.contains_key("resumed"));
+    sleeper.start_kill().expect("kill sleep");
+}

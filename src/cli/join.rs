@@ -55,11 +55,13 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let watched = args
-        .pid
-        .map(crate::sys::process_id)
-        .transpose()
-        .map_err(|_| anyhow::anyhow!("no running process {}", args.pid.unwrap_or_default()))?;
+    let watched = match args.pid {
+        Some(pid) => Some(crate::sys::process_id(pid).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!("no running process {pid}"),
+            _ => anyhow::anyhow!("cannot read process {pid}: {e}"),
+        })?),
+        None => None,
+    };
 
     let (client, mut events) = target.connect().await?;
     let mut request = TrackRequest::new(
