@@ -215,15 +215,8 @@ async fn sigterm_tells_clients_removes_the_socket_and_keeps_the_rows() {
 async fn a_restart_keeps_every_place_and_still_reaps_dead_processes() {
     use presenced::protocol::{Lifetime, TrackRequest};
     let daemon = Daemon::start().await;
-    let spawn_sleep = || {
-        tokio::process::Command::new("sleep")
-            .arg("1000")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("sleep spawns")
-    };
-    let mut first_owner = spawn_sleep();
-    let second = spawn_sleep();
+    let mut first_owner = common::spawn_sleeper();
+    let second = common::spawn_sleeper();
     let (client, _events) = daemon.client().await;
     let mut tracked = Vec::new();
     for (key, process) in [("first", &first_owner), ("second", &second)] {
@@ -320,11 +313,7 @@ async fn a_file_at_the_socket_path_is_never_replaced() {
 async fn after_a_restart_connection_entries_wait_for_resume_then_expire() {
     use presenced::protocol::{Event, LeaveReason, Role, TrackRequest};
     let daemon = Daemon::start().await;
-    let mut sleeper = tokio::process::Command::new("sleep")
-        .arg("1000")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sleep spawns");
+    let mut sleeper = common::spawn_sleeper();
     let (client, _events) = daemon.client().await;
     let mut tracked = Vec::new();
     for key in ["resumed", "forgotten"] {

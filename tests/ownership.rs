@@ -126,11 +126,7 @@ async fn a_graceful_leave_promotes_the_next_and_the_leaver_exits_zero() {
 #[tokio::test]
 async fn join_with_pid_is_reaped_when_that_process_exits() {
     let daemon = Daemon::start().await;
-    let mut sleeper = tokio::process::Command::new("sleep")
-        .arg("1000")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sleep spawns");
+    let mut sleeper = common::spawn_sleeper();
     let sleeper_pid = sleeper.id().expect("sleep pid");
     let (watcher, mut events) = daemon.client().await;
     watcher.subscribe("build").await.expect("subscribe");

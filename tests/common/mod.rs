@@ -232,6 +232,15 @@ impl Running {
     }
 }
 
+/// A small, long-lived process to own entries; killed when dropped.
+pub fn spawn_sleeper() -> Child {
+    Command::new("sleep")
+        .arg("1000")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sleep spawns")
+}
+
 pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal sent");
 }
