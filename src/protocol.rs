@@ -342,15 +342,23 @@ pub struct Reply {
 
 impl Reply {
     pub fn success(id: Value, body: impl Serialize) -> Reply {
-        let fields = match serde_json::to_value(body) {
-            Ok(Value::Object(fields)) => fields,
-            _ => Map::new(),
-        };
-        Reply {
-            id,
-            ok: true,
-            error: None,
-            fields,
+        Reply::from_result(id, Ok(serde_json::to_value(body).unwrap_or_default()))
+    }
+
+    /// The reply for an outcome: the fields of a success (an object; any
+    /// other value gives no fields), or the error.
+    pub fn from_result(id: Value, result: Result<Value, ErrorBody>) -> Reply {
+        match result {
+            Ok(body) => Reply {
+                id,
+                ok: true,
+                error: None,
+                fields: match body {
+                    Value::Object(fields) => fields,
+                    _ => Map::new(),
+                },
+            },
+            Err(error) => Reply::failure(id, error),
         }
     }
 

@@ -256,25 +256,7 @@ impl Core {
             Command::Request { conn, id, request } => match request {
                 Resolved::Presence(op) => self.registry.handle(conn, id, op, now, out),
                 Resolved::Hello(hello) => {
-                    let reply = match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
-                        PROTOCOL_VERSION => Reply::success(
-                            id,
-                            HelloReply {
-                                protocol: PROTOCOL_VERSION,
-                                server: SERVER_NAME.to_owned(),
-                                pid: std::process::id(),
-                            },
-                        ),
-                        other => Reply::failure(
-                            id,
-                            ErrorBody::new(
-                                ErrorCode::UnsupportedProtocol,
-                                format!(
-                                    "protocol {other} is not supported; this daemon speaks {PROTOCOL_VERSION}"
-                                ),
-                            ),
-                        ),
-                    };
+                    let reply = Reply::from_result(id, hello_result(hello));
                     out.deliveries.push(Delivery::Reply { conn, reply });
                 }
                 Resolved::Status => {
@@ -361,6 +343,22 @@ impl Core {
             outlet.deliver(line.clone());
             outlet.close();
         }
+    }
+}
+
+/// `hello`: the versions agree, or the client asked for one we lack.
+fn hello_result(hello: HelloRequest) -> Result<serde_json::Value, ErrorBody> {
+    match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
+        PROTOCOL_VERSION => Ok(serde_json::to_value(HelloReply {
+            protocol: PROTOCOL_VERSION,
+            server: SERVER_NAME.to_owned(),
+            pid: std::process::id(),
+        })
+        .unwrap_or_default()),
+        other => Err(ErrorBody::new(
+            ErrorCode::UnsupportedProtocol,
+            format!("protocol {other} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
+        )),
     }
 }
 

@@ -402,16 +402,7 @@ impl Registry {
         };
         // The reply goes ahead of the events its op caused: a client learns
         // the outcome of its request before anything that follows from it.
-        let reply = match result {
-            Ok(Value::Object(fields)) => Reply {
-                id,
-                ok: true,
-                error: None,
-                fields,
-            },
-            Ok(_) => Reply::success(id, Map::new()),
-            Err(error) => Reply::failure(id, error),
-        };
+        let reply = Reply::from_result(id, result);
         out.deliveries
             .insert(first_event, Delivery::Reply { conn, reply });
     }

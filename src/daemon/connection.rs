@@ -194,33 +194,12 @@ fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
     let resolved = match resolved {
         Parsed::Ready(resolved) => resolved,
         Parsed::Track(request) => {
-            // The registry checks these too; checking first here means a
-            // refused track never opens a process watch.
-            if let Err(error) = check_track(&request, &shared.limits) {
-                let _ = shared.core.send(Command::Refuse { conn, id, error });
-                return;
-            }
-            let prepared = match resolve_process(request.pid, peer, &shared.pids) {
-                Ok(prepared) => prepared,
+            let (track, prepared) = match resolve_track(request, peer, shared) {
+                Ok(resolved) => resolved,
                 Err(error) => {
                     let _ = shared.core.send(Command::Refuse { conn, id, error });
                     return;
                 }
-            };
-            let (process, prepared) = prepared;
-            let Some((token, token_hash)) = new_resume_token() else {
-                let error = ErrorBody::new(
-                    ErrorCode::Internal,
-                    "no randomness for a resume token; try again",
-                );
-                let _ = shared.core.send(Command::Refuse { conn, id, error });
-                return;
-            };
-            let track = Track {
-                request,
-                process,
-                token,
-                token_hash,
             };
             let command = Command::Request {
                 conn,
@@ -323,10 +302,33 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
     Ok((id, parsed))
 }
 
-fn check_track(request: &TrackRequest, limits: &Limits) -> Result<(), ErrorBody> {
+/// Resolves what a track needs from the system: its process, watched
+/// from now on, and a resume token.
+fn resolve_track(
+    request: TrackRequest,
+    peer: &Peer,
+    shared: &Shared,
+) -> Result<(Track, Prepared), ErrorBody> {
+    // The registry checks these too; checking first here means a refused
+    // track never opens a process watch.
+    let limits = &shared.limits;
     validate_name("topic", &request.topic, limits.max_name_bytes)?;
     validate_name("key", &request.key, limits.max_name_bytes)?;
-    validate_meta(&request.meta, limits.max_meta_bytes)
+    validate_meta(&request.meta, limits.max_meta_bytes)?;
+    let (process, prepared) = resolve_process(request.pid, peer, &shared.pids)?;
+    let (token, token_hash) = new_resume_token().ok_or_else(|| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            "no randomness for a resume token; try again",
+        )
+    })?;
+    let track = Track {
+        request,
+        process,
+        token,
+        token_hash,
+    };
+    Ok((track, prepared))
 }
 
 /// Finds the process an entry will belong to: the peer itself, or a pid it
