@@ -428,11 +428,16 @@ pub struct GetByKeyReply {
     pub metas: Vec<Meta>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeReply {
     pub resumed: Vec<String>,
     pub expired: Vec<String>,
     pub roles: BTreeMap<String, Standing>,
+    /// Tokens of entries that exist and are free, but that this connection
+    /// may not take (over its entry limit, or a second entry for the same
+    /// topic and key). They stay valid.
+    #[serde(default)]
+    pub refused: BTreeMap<String, ErrorBody>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +454,8 @@ pub struct StatusReply {
     pub connections: usize,
     pub subscriptions: usize,
     pub pid_watch: String,
+    /// Entries restored at start that no client has resumed yet.
+    pub awaiting_resume: usize,
 }
 
 // ---------------------------------------------------------------------------

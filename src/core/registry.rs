@@ -8,6 +8,11 @@
 //! The owner of a topic is its entry with the lowest seq. Seqs only grow, so
 //! a new entry never displaces an owner: ownership changes only when the
 //! owner leaves, and then every remaining entry hears about it once.
+//!
+//! A batch can be taken back: between [`Registry::begin_batch`] and
+//! [`Registry::settle`], every change is journaled with its inverse, so that
+//! [`Registry::roll_back`] can restore the registry to what the database
+//! still holds when a commit fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -150,6 +155,7 @@ impl Outbox {
 }
 
 #[derive(Debug, Default)]
+#[cfg_attr(test, derive(Clone))]
 struct Topic {
     /// Entries by seq: the first is the owner.
     entries: BTreeMap<u64, Entry>,
@@ -200,6 +206,7 @@ impl Topic {
 }
 
 #[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 struct Connection {
     peer: Peer,
     /// Refs of the entries this connection holds.
@@ -214,8 +221,51 @@ struct Location {
     seq: u64,
 }
 
+/// The inverse of one change, journaled while a batch is open.
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
+enum Undo {
+    /// An entry was inserted under this ref: take it out again.
+    Inserted(String),
+    /// An entry was taken out: put it back as it was.
+    Taken(Box<Entry>),
+    /// A connection closed: put it back with what it held.
+    Closed(ConnId, Connection),
+    Subscribed {
+        conn: ConnId,
+        topic: String,
+    },
+    Unsubscribed {
+        conn: ConnId,
+        topic: String,
+    },
+}
+
+/// How to take back the open batch: the inverse of each change in order,
+/// and the counters as they were before it.
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
+struct Journal {
+    undo: Vec<Undo>,
+    next_seq: u64,
+    last_joined_at: i64,
+}
+
+/// What became of one token of a `resume`.
+enum Resumption {
+    Resumed {
+        phx_ref: String,
+        standing: Standing,
+    },
+    /// No entry this connection may resume has the token.
+    Expired,
+    /// The entry exists and is free, but this connection may not hold it.
+    Refused(ErrorBody),
+}
+
 /// The presence state machine.
 #[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub struct Registry {
     limits: Limits,
     topics: BTreeMap<String, Topic>,
@@ -231,6 +281,8 @@ pub struct Registry {
     /// ever reused.
     next_seq: u64,
     last_joined_at: i64,
+    /// Set while a batch is open: how to take it back.
+    journal: Option<Journal>,
 }
 
 impl Registry {
@@ -246,6 +298,7 @@ impl Registry {
             conns: HashMap::new(),
             next_seq: 1,
             last_joined_at: 0,
+            journal: None,
         }
     }
 
@@ -302,6 +355,11 @@ impl Registry {
         self.topics.values().flat_map(|t| t.entries.values())
     }
 
+    /// How many restored entries still wait to be resumed.
+    pub fn awaiting_resume_count(&self) -> usize {
+        self.awaiting_resume.len()
+    }
+
     /// The earliest time at which a restored entry expires, if any waits.
     pub fn next_resume_deadline(&self) -> Option<i64> {
         self.awaiting_resume.first().map(|(deadline, _)| *deadline)
@@ -312,7 +370,39 @@ impl Registry {
         self.by_process.keys().copied()
     }
 
-    /// A connection has been accepted.
+    /// Starts journaling changes, so that the batch that follows can be
+    /// taken back with [`Registry::roll_back`] if its commit fails.
+    pub fn begin_batch(&mut self) {
+        debug_assert!(self.journal.is_none(), "the last batch was not ended");
+        self.journal = Some(Journal {
+            undo: Vec::new(),
+            next_seq: self.next_seq,
+            last_joined_at: self.last_joined_at,
+        });
+    }
+
+    /// The batch is committed: it can no longer be taken back.
+    pub fn settle(&mut self) {
+        self.journal = None;
+    }
+
+    /// The batch's commit failed: undoes its changes, newest first, so that
+    /// the registry holds what the database holds. Connections opened in the
+    /// batch stay open: their sockets are still there.
+    pub fn roll_back(&mut self) {
+        // Taking the journal out also stops the undoing from being journaled.
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        for undo in journal.undo.into_iter().rev() {
+            self.undo(undo);
+        }
+        self.next_seq = journal.next_seq;
+        self.last_joined_at = journal.last_joined_at;
+    }
+
+    /// A connection has been accepted. Not journaled: the connection is
+    /// open whether or not the batch commits.
     pub fn open(&mut self, conn: ConnId, peer: Peer) {
         self.conns.insert(
             conn,
@@ -330,23 +420,30 @@ impl Registry {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
         };
-        for topic in &connection.subscriptions {
-            if let Some(t) = self.topics.get_mut(topic) {
-                t.subscribers.remove(&conn);
-            }
-            self.drop_topic_if_unused(topic);
+        let subscriptions: Vec<String> = connection.subscriptions.iter().cloned().collect();
+        let held: Vec<String> = connection.entries.iter().cloned().collect();
+        self.record(|| Undo::Closed(conn, connection));
+        for topic in &subscriptions {
+            self.remove_subscription(conn, topic);
         }
         let mut leaving = Vec::new();
-        for phx_ref in &connection.entries {
-            let Some(entry) = self.entry_mut(phx_ref) else {
-                continue;
-            };
-            match entry.lifetime {
-                Lifetime::Connection => leaving.push(phx_ref.clone()),
-                Lifetime::Process => entry.conn = None,
+        for phx_ref in held {
+            match self.entry(&phx_ref).map(|e| e.lifetime) {
+                Some(Lifetime::Connection) => leaving.push(phx_ref),
+                Some(Lifetime::Process) => self.detach(&phx_ref),
+                None => {}
             }
         }
         self.remove(leaving, LeaveReason::Closed, out);
+    }
+
+    /// A process entry outlives its connection: it stays, held by nobody,
+    /// until its process exits or a connection resumes it.
+    fn detach(&mut self, phx_ref: &str) {
+        if let Some(mut entry) = self.take(phx_ref) {
+            entry.conn = None;
+            self.insert(entry);
+        }
     }
 
     /// A process has exited: every entry it owned leaves.
@@ -395,7 +492,7 @@ impl Registry {
             Op::GetByKey(request) => Ok(self.get_by_key(&request)),
             Op::Subscribe(topic) => self.subscribe(conn, topic, out),
             Op::Unsubscribe(topic) => {
-                self.unsubscribe(conn, &topic);
+                self.remove_subscription(conn, &topic);
                 Ok(Value::Object(Map::new()))
             }
             Op::Resume(tokens) => Ok(self.resume(conn, tokens)),
@@ -424,30 +521,13 @@ impl Registry {
         validate_name("topic", &request.topic, limits.max_name_bytes)?;
         validate_name("key", &request.key, limits.max_name_bytes)?;
         validate_meta(&request.meta, limits.max_meta_bytes)?;
-        let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
-        if connection.entries.len() >= limits.max_entries_per_connection {
-            return Err(ErrorBody::new(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "this connection already holds {} entries, the limit",
-                    limits.max_entries_per_connection
-                ),
-            ));
-        }
-        let duplicate = connection.entries.iter().any(|phx_ref| {
-            self.entry(phx_ref)
-                .is_some_and(|e| e.topic == request.topic && e.key == request.key)
-        });
-        if duplicate {
-            return Err(ErrorBody::new(
-                ErrorCode::AlreadyTracked,
-                format!(
-                    "key `{}` is already tracked on `{}` by this connection",
-                    request.key, request.topic
-                ),
-            ));
-        }
-        let peer = connection.peer.clone();
+        self.check_room_for(conn, &request.topic, &request.key)?;
+        let peer = self
+            .conns
+            .get(&conn)
+            .ok_or_else(closed_connection)?
+            .peer
+            .clone();
         if request.lifetime == Lifetime::Process {
             let held = self.process_entries_by_uid.get(&peer.uid).copied();
             if held.unwrap_or(0) >= limits.max_process_entries_per_uid {
@@ -647,58 +727,90 @@ impl Registry {
     /// Adds the subscription and sends the topic's state. Nothing can come
     /// between the two: the registry is single-threaded.
     fn add_subscription(&mut self, conn: ConnId, topic: String, out: &mut Outbox) {
-        if let Some(connection) = self.conns.get_mut(&conn) {
-            connection.subscriptions.insert(topic.clone());
+        if self.insert_subscription(conn, &topic) {
+            // Only a new subscription is undone: subscribing twice must not
+            // take away the first.
+            self.record(|| Undo::Subscribed {
+                conn,
+                topic: topic.clone(),
+            });
         }
-        self.topic_mut(&topic).subscribers.insert(conn);
         out.event(vec![conn], self.state_event(&topic));
     }
 
-    fn unsubscribe(&mut self, conn: ConnId, topic: &str) {
+    /// Subscribes the connection, on both sides. Returns whether it was new.
+    fn insert_subscription(&mut self, conn: ConnId, topic: &str) -> bool {
+        if let Some(connection) = self.conns.get_mut(&conn) {
+            connection.subscriptions.insert(topic.to_owned());
+        }
+        self.topic_mut(topic).subscribers.insert(conn)
+    }
+
+    /// Ends a subscription, on both sides (a closed connection has only the
+    /// topic's side left).
+    fn remove_subscription(&mut self, conn: ConnId, topic: &str) {
         if let Some(connection) = self.conns.get_mut(&conn) {
             connection.subscriptions.remove(topic);
         }
-        if let Some(t) = self.topics.get_mut(topic) {
-            t.subscribers.remove(&conn);
-        }
+        let removed = self
+            .topics
+            .get_mut(topic)
+            .is_some_and(|t| t.subscribers.remove(&conn));
         self.drop_topic_if_unused(topic);
+        if removed {
+            self.record(|| Undo::Unsubscribed {
+                conn,
+                topic: topic.to_owned(),
+            });
+        }
     }
 
     fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> Value {
-        let mut reply = ResumeReply {
-            resumed: Vec::new(),
-            expired: Vec::new(),
-            roles: BTreeMap::new(),
-        };
+        let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
-            return to_value(&reply);
+            return to_value(&outcome);
         };
         for (token, hash) in tokens {
-            let phx_ref = self.by_token.get(&hash).cloned();
-            let resumable = phx_ref
-                .as_deref()
-                .and_then(|phx_ref| self.entry(phx_ref))
-                .filter(|e| e.uid == uid && e.conn.is_none());
-            let Some(entry) = resumable else {
-                reply.expired.push(token);
-                continue;
-            };
-            let (phx_ref, topic, seq) = (entry.phx_ref.clone(), entry.topic.clone(), entry.seq);
-            if let Some(entry) = self.entry_mut(&phx_ref) {
-                entry.conn = Some(conn);
-                if let Some(deadline) = entry.resume_deadline.take() {
-                    self.awaiting_resume.remove(&(deadline, phx_ref.clone()));
+            match self.resume_one(conn, uid, &hash) {
+                Resumption::Resumed { phx_ref, standing } => {
+                    outcome.roles.insert(phx_ref.clone(), standing);
+                    outcome.resumed.push(phx_ref);
+                }
+                Resumption::Expired => outcome.expired.push(token),
+                Resumption::Refused(error) => {
+                    outcome.refused.insert(token, error);
                 }
             }
-            if let Some(connection) = self.conns.get_mut(&conn) {
-                connection.entries.insert(phx_ref.clone());
-            }
-            reply
-                .roles
-                .insert(phx_ref.clone(), self.topic(&topic).standing(seq));
-            reply.resumed.push(phx_ref);
         }
-        to_value(&reply)
+        to_value(&outcome)
+    }
+
+    /// Gives the connection the entry with this token, if it is free, of
+    /// the connection's uid, and within the rules `track` applies.
+    fn resume_one(&mut self, conn: ConnId, uid: u32, hash: &TokenHash) -> Resumption {
+        let resumable = self
+            .by_token
+            .get(hash)
+            .and_then(|phx_ref| self.entry(phx_ref))
+            .filter(|e| e.uid == uid && e.conn.is_none());
+        let Some(entry) = resumable else {
+            return Resumption::Expired;
+        };
+        if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
+            return Resumption::Refused(error);
+        }
+        let phx_ref = entry.phx_ref.clone();
+        let Some(mut entry) = self.take(&phx_ref) else {
+            return Resumption::Expired;
+        };
+        entry.conn = Some(conn);
+        entry.resume_deadline = None;
+        let (topic, seq) = (entry.topic.clone(), entry.seq);
+        self.insert(entry);
+        Resumption::Resumed {
+            standing: self.topic(&topic).standing(seq),
+            phx_ref,
+        }
     }
 
     // -- removal, the one path by which entries leave ----------------------
@@ -789,9 +901,11 @@ impl Registry {
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
         }
+        let phx_ref = entry.phx_ref.clone();
         self.topic_mut(&entry.topic.clone())
             .entries
             .insert(entry.seq, entry);
+        self.record(|| Undo::Inserted(phx_ref));
     }
 
     /// Removes an entry from every index and returns it.
@@ -823,6 +937,7 @@ impl Registry {
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.remove(phx_ref);
         }
+        self.record(|| Undo::Taken(Box::new(entry.clone())));
         Some(entry)
     }
 
@@ -843,12 +958,34 @@ impl Registry {
         self.topics.get(&location.topic)?.entries.get(&location.seq)
     }
 
-    fn entry_mut(&mut self, phx_ref: &str) -> Option<&mut Entry> {
-        let location = self.refs.get(phx_ref)?;
-        self.topics
-            .get_mut(&location.topic)?
-            .entries
-            .get_mut(&location.seq)
+    // -- the journal ----------------------------------------------------------
+
+    /// Journals the inverse of a change, if a batch is open. Changes go
+    /// through `insert`, `take`, `close` and the subscription functions,
+    /// which record them; nothing changes an entry in place, so every index
+    /// is rebuilt by the same code on the way back.
+    fn record(&mut self, undo: impl FnOnce() -> Undo) {
+        if let Some(journal) = &mut self.journal {
+            journal.undo.push(undo());
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Inserted(phx_ref) => {
+                if let Some(entry) = self.take(&phx_ref) {
+                    self.drop_topic_if_unused(&entry.topic);
+                }
+            }
+            Undo::Taken(entry) => self.insert(*entry),
+            Undo::Closed(conn, connection) => {
+                self.conns.insert(conn, connection);
+            }
+            Undo::Subscribed { conn, topic } => self.remove_subscription(conn, &topic),
+            Undo::Unsubscribed { conn, topic } => {
+                self.insert_subscription(conn, &topic);
+            }
+        }
     }
 
     /// The topic, or an empty one: a topic nobody is on or watches is not
@@ -955,6 +1092,31 @@ impl Registry {
                 format!("several entries for key `{key}` on `{topic}`; name one by `ref`"),
             )),
         }
+    }
+
+    /// A connection may hold one more entry on (topic, key): it is under its
+    /// entry limit and holds none for that key yet. `track` and `resume`
+    /// both keep to this.
+    fn check_room_for(&self, conn: ConnId, topic: &str, key: &str) -> Result<(), ErrorBody> {
+        let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
+        let limit = self.limits.max_entries_per_connection;
+        if connection.entries.len() >= limit {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!("this connection already holds {limit} entries, the limit"),
+            ));
+        }
+        let duplicate = connection.entries.iter().any(|phx_ref| {
+            self.entry(phx_ref)
+                .is_some_and(|e| e.topic == topic && e.key == key)
+        });
+        if duplicate {
+            return Err(ErrorBody::new(
+                ErrorCode::AlreadyTracked,
+                format!("key `{key}` is already tracked on `{topic}` by this connection"),
+            ));
+        }
+        Ok(())
     }
 
     fn check_subscription_limit(&self, conn: ConnId, topic: &str) -> Result<(), ErrorBody> {

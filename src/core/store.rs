@@ -6,9 +6,12 @@
 //! to processes the power loss killed anyway (their boot id no longer
 //! matches, so they are cleared at the next start).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
@@ -19,6 +22,11 @@ const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
+
+/// How long SQLite waits for another program's lock on the database before
+/// it gives up: long enough for a brief look with `sqlite3`, short enough
+/// that the core, which waits with it, is not stuck for long.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -32,6 +40,19 @@ pub enum StoreError {
     InUse {
         lock: PathBuf,
         holder: String,
+    },
+    /// Another program, not a presenced (none holds the `.lock`), holds a
+    /// lock inside the database file itself.
+    Locked {
+        path: PathBuf,
+    },
+    DiskFull {
+        path: PathBuf,
+    },
+    /// The daemon may not create or write the files in the database folder.
+    NotWritable {
+        path: PathBuf,
+        cause: String,
     },
 }
 
@@ -51,6 +72,55 @@ impl std::fmt::Display for StoreError {
                 "the database has schema version {found}; this presenced understands up to \
                  {SCHEMA_VERSION}. Upgrade presenced or point --db elsewhere"
             ),
+            StoreError::Locked { path } => write!(
+                f,
+                "the database {} is locked by another program (not a presenced daemon); \
+                 close that program, or point --db elsewhere",
+                path.display()
+            ),
+            StoreError::DiskFull { path } => write!(
+                f,
+                "the disk holding the database {} is full",
+                path.display()
+            ),
+            StoreError::NotWritable { path, cause } => write!(
+                f,
+                "cannot write the database {} ({cause}); this user must be able to create \
+                 and write files in {}, or point --db elsewhere",
+                path.display(),
+                folder_of(path).display()
+            ),
+        }
+    }
+}
+
+impl StoreError {
+    /// Names the database in the errors that a person can do something
+    /// about; leaves the others as SQLite said them.
+    fn about(self, path: &Path) -> StoreError {
+        let code = match &self {
+            StoreError::Sqlite(e) => e.sqlite_error_code(),
+            StoreError::Io(e) if is_not_writable(e) => {
+                return StoreError::NotWritable {
+                    path: path.to_owned(),
+                    cause: e.to_string(),
+                };
+            }
+            _ => None,
+        };
+        let path = path.to_owned();
+        match code {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                StoreError::Locked { path }
+            }
+            Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
+            Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
+                StoreError::NotWritable {
+                    path,
+                    cause: self.to_string(),
+                }
+            }
+            _ => self,
         }
     }
 }
@@ -91,51 +161,41 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database at `path`. A file that is not a
-    /// readable SQLite database is moved aside to `PATH.corrupt-<millis>`
+    /// readable SQLite database is moved aside to `PATH.corrupt-<seconds>`
     /// and a new one is started, so that a damaged file never keeps the
     /// daemon down; `recovered_from` then names the moved file.
     pub fn open(path: &Path, boot_id: String) -> Result<Store, StoreError> {
-        let lock = lock_database(path)?;
-        match Self::open_checked(path) {
-            Ok(db) => Ok(Store {
-                db,
-                _lock: lock,
-                path: path.to_owned(),
-                boot_id,
-                recovered_from: None,
-            }),
+        let lock = lock_database(path).map_err(|e| e.about(path))?;
+        let (db, recovered_from) = match Self::open_checked(path) {
+            Ok(db) => (db, None),
             Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
-                let millis = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or(0);
-                let aside = PathBuf::from(format!("{}.corrupt-{millis}", path.display()));
-                std::fs::rename(path, &aside)?;
-                for suffix in ["-wal", "-shm"] {
-                    let side_file = PathBuf::from(format!("{}{suffix}", path.display()));
-                    let _ = std::fs::remove_file(side_file);
-                }
+                let aside = move_aside(path)?;
                 tracing::error!(
                     "database {} is corrupt ({e}); moved it to {} and started a new one",
                     path.display(),
                     aside.display()
                 );
-                let db = Self::open_checked(path)?;
-                Ok(Store {
-                    db,
-                    _lock: lock,
-                    path: path.to_owned(),
-                    boot_id,
-                    recovered_from: Some(aside),
-                })
+                let db = Self::open_checked(path).map_err(|e| e.about(path))?;
+                (db, Some(aside))
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e.about(path)),
+        };
+        Ok(Store {
+            db,
+            _lock: lock,
+            path: path.to_owned(),
+            boot_id,
+            recovered_from,
+        })
     }
 
     fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         let db = Connection::open(path)?;
-        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Until the file has proved readable, closing it must not
+        // checkpoint: that would copy the WAL into a damaged database and
+        // delete it, and a corrupt database is to be moved aside whole.
+        db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        db.busy_timeout(BUSY_TIMEOUT)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
@@ -146,11 +206,22 @@ impl Store {
             )));
         }
         migrate(&db)?;
+        // Take the write lock once, so that a database this daemon cannot
+        // write (another program holds the lock, or the file is read-only)
+        // stops the start here, rather than failing every commit later.
+        db.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
         Ok(db)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Lets a test's own lock on the database fail a commit quickly.
+    #[cfg(test)]
+    pub(crate) fn set_busy_timeout(&self, timeout: Duration) {
+        self.db.busy_timeout(timeout).unwrap();
     }
 
     pub fn recovered_from(&self) -> Option<&Path> {
@@ -159,6 +230,10 @@ impl Store {
 
     /// Every persisted entry and the seq counter.
     pub fn load(&self) -> Result<(Vec<StoredEntry>, u64), StoreError> {
+        self.read_rows().map_err(|e| e.about(&self.path))
+    }
+
+    fn read_rows(&self) -> Result<(Vec<StoredEntry>, u64), StoreError> {
         let mut statement = self.db.prepare(
             "SELECT ref, topic, key, seq, prev_ref, meta, joined_at, pid, pid_start_time, uid,
                     user, lifetime, resume_token_hash, boot_id
@@ -213,8 +288,32 @@ impl Store {
     /// Applies a batch of changes and the seq counter in one transaction.
     /// Many operations share one commit: this is the group commit that
     /// keeps the daemon fast under load.
+    ///
+    /// A failed commit keeps nothing of the batch: the transaction is rolled
+    /// back (rusqlite does so when a `Transaction` is dropped uncommitted,
+    /// also after a failed `COMMIT`), and the next commit starts afresh.
     pub fn commit(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
-        let tx = self.db.transaction()?;
+        self.end_stray_transaction();
+        self.write(changes, next_seq)
+            .map_err(|e| e.about(&self.path))
+    }
+
+    /// rusqlite ignores a failed rollback, which would leave a transaction
+    /// open and make every later `BEGIN` fail: end it here.
+    fn end_stray_transaction(&self) {
+        if !self.db.is_autocommit()
+            && let Err(e) = self.db.execute_batch("ROLLBACK")
+        {
+            tracing::warn!("could not end an unfinished transaction: {e}");
+        }
+    }
+
+    fn write(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
+        // Immediate: take the write lock first, so that a busy database
+        // fails here, before any work, and never halfway.
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO presences
@@ -261,7 +360,7 @@ impl Store {
 
 /// Takes the exclusive lock `PATH.lock`.
 fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
-    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    let lock = with_suffix(path, ".lock");
     match crate::sys::take_pid_lock(&lock)? {
         crate::sys::PidLock::Taken(file) => Ok(file),
         crate::sys::PidLock::HeldBy(holder) => Err(StoreError::InUse { lock, holder }),
@@ -285,8 +384,71 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
 fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
     )
+}
+
+fn is_not_writable(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
+/// The files SQLite keeps beside a database in WAL mode.
+const SIDE_FILES: [&str; 2] = ["-wal", "-shm"];
+
+/// Moves a corrupt database and its side files out of the way, to
+/// `PATH.corrupt-<unix seconds>` (and `…-wal`, `…-shm` beside it), and
+/// returns where. Nothing is deleted: whoever looks into the damage may
+/// need every file, and a side file left behind would be applied to the new
+/// database.
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = free_aside_name(path, seconds);
+    std::fs::rename(path, &aside)?;
+    for suffix in SIDE_FILES {
+        match std::fs::rename(with_suffix(path, suffix), with_suffix(&aside, suffix)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(aside)
+}
+
+/// `PATH.corrupt-<seconds>`, or with `-1`, `-2`, … added when a file of
+/// that name (or its side files) is already there: a rename would replace
+/// it.
+fn free_aside_name(path: &Path, seconds: u64) -> PathBuf {
+    let base = with_suffix(path, format!(".corrupt-{seconds}"));
+    let taken = |candidate: &Path| {
+        std::iter::once("")
+            .chain(SIDE_FILES)
+            .any(|suffix| with_suffix(candidate, suffix).symlink_metadata().is_ok())
+    };
+    let mut candidate = base.clone();
+    let mut n = 0;
+    while taken(&candidate) {
+        n += 1;
+        candidate = with_suffix(&base, format!("-{n}"));
+    }
+    candidate
+}
+
+/// The path with `suffix` added to its file name, whatever bytes it holds.
+fn with_suffix(path: &Path, suffix: impl AsRef<OsStr>) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+/// The folder a path is in, `.` for a bare file name.
+fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|folder| !folder.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]
@@ -343,15 +505,77 @@ mod tests {
         assert_eq!(rows[0].boot_id, "boot-a");
     }
 
+    fn unix_seconds() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
     #[test]
-    fn a_corrupt_file_is_moved_aside_and_replaced() {
+    fn a_corrupt_file_is_moved_aside_with_its_side_files_and_replaced() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
         std::fs::write(&path, vec![0xA5; 8192]).unwrap();
+        std::fs::write(with_suffix(&path, "-wal"), "old wal").unwrap();
+        std::fs::write(with_suffix(&path, "-shm"), "old shm").unwrap();
+        let earliest = unix_seconds();
+
         let store = Store::open(&path, "boot".into()).unwrap();
+
         let aside = store.recovered_from().unwrap().to_owned();
-        assert!(aside.exists());
+        let name = aside.file_name().unwrap().to_str().unwrap();
+        let seconds: u64 = name.strip_prefix("p.db.corrupt-").unwrap().parse().unwrap();
+        assert!((earliest..=unix_seconds()).contains(&seconds), "{name}");
+        assert_eq!(std::fs::read(&aside).unwrap(), vec![0xA5; 8192]);
+        assert_eq!(
+            std::fs::read_to_string(with_suffix(&aside, "-wal")).unwrap(),
+            "old wal"
+        );
+        // SQLite rebuilds the shared-memory index as it opens, so only its
+        // name is checked.
+        assert!(with_suffix(&aside, "-shm").exists());
         assert_eq!(store.load().unwrap().0.len(), 0);
+    }
+
+    #[test]
+    fn a_corrupt_file_never_replaces_one_moved_aside_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let first = with_suffix(&path, ".corrupt-100");
+        assert_eq!(free_aside_name(&path, 100), first);
+        std::fs::write(&first, "first").unwrap();
+        assert_eq!(free_aside_name(&path, 100), with_suffix(&first, "-1"));
+        // A side file left from another recovery counts too.
+        std::fs::write(with_suffix(&first, "-1-wal"), "wal").unwrap();
+        assert_eq!(free_aside_name(&path, 100), with_suffix(&first, "-2"));
+    }
+
+    #[test]
+    fn a_commit_that_fails_keeps_nothing_and_the_next_one_works() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        store.db.busy_timeout(Duration::from_millis(10)).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        let failed = store.commit(
+            &[Change::Put(Box::new(entry(2))), Change::Delete("p1".into())],
+            3,
+        );
+
+        match failed {
+            Err(StoreError::Locked { path: named }) => assert_eq!(named, path),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        assert!(store.db.is_autocommit(), "no transaction is left open");
+        other.execute_batch("ROLLBACK").unwrap();
+        let (rows, next_seq) = store.load().unwrap();
+        assert_eq!((rows.len(), rows[0].entry.seq, next_seq), (1, 1, 2));
+        store.commit(&[Change::Put(Box::new(entry(2)))], 3).unwrap();
+        assert_eq!(store.load().unwrap().0.len(), 2);
     }
 
     #[test]

@@ -276,6 +276,17 @@ fn ok_reply<T: DeserializeOwned>(out: &Outbox, conn: ConnId) -> T {
     serde_json::from_value(Value::Object(reply.fields.clone())).expect("reply fields parse")
 }
 
+/// The `refused` field of a `resume` reply, token by token.
+fn refused_codes(out: &Outbox, conn: ConnId) -> BTreeMap<String, ErrorCode> {
+    let refused = the_reply(out, conn).fields["refused"].clone();
+    let refused: BTreeMap<String, ErrorBody> =
+        serde_json::from_value(refused).expect("`refused` maps tokens to errors");
+    refused
+        .into_iter()
+        .map(|(token, error)| (token, error.code))
+        .collect()
+}
+
 fn error_code(out: &Outbox, conn: ConnId) -> ErrorCode {
     let reply = the_reply(out, conn);
     assert!(!reply.ok, "expected a failure, got {reply:?}");
@@ -782,18 +793,6 @@ fn update_by_key_needs_exactly_one_entry_of_the_connection() {
     h.track(b, "doc", "x");
     // The entry for the key belongs to another connection.
     assert_refused(&h.update_key(a, "doc", "x"), a, ErrorCode::NotFound);
-
-    // A connection can come to hold two entries for one key by resuming.
-    let first = h.track_process(a, "doc", "y");
-    h.close(a);
-    let a_again = h.connect(ALICE);
-    h.track(a_again, "doc", "y");
-    ok_reply::<ResumeReply>(&h.resume(a_again, &[&first.resume_token]), a_again);
-    assert_refused(
-        &h.update_key(a_again, "doc", "y"),
-        a_again,
-        ErrorCode::BadRequest,
-    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1191,6 +1190,53 @@ fn resuming_another_uids_token_reports_it_expired() {
 }
 
 #[test]
+fn resuming_past_the_entry_limit_refuses_the_token_and_keeps_it_valid() {
+    let mut h = Harness::with_limits(Limits {
+        max_entries_per_connection: 1,
+        ..Limits::default()
+    });
+    let a = h.connect(ALICE);
+    let first = h.track_process(a, "doc", "x");
+    h.close(a);
+    let full = h.connect(ALICE);
+    h.track(full, "other", "y");
+
+    let out = h.resume(full, &[&first.resume_token]);
+
+    let reply: ResumeReply = ok_reply(&out, full);
+    assert!(reply.resumed.is_empty() && reply.expired.is_empty());
+    assert_eq!(
+        refused_codes(&out, full),
+        BTreeMap::from([(first.resume_token.clone(), ErrorCode::LimitExceeded)])
+    );
+    // The entry is still free: a connection with room takes it.
+    let roomy = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(roomy, &[&first.resume_token]), roomy);
+    assert_eq!(reply.resumed, [first.phx_ref]);
+}
+
+#[test]
+fn resuming_a_key_the_connection_already_holds_is_refused() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let first = h.track_process(a, "doc", "y");
+    h.close(a);
+    let a_again = h.connect(ALICE);
+    h.track(a_again, "doc", "y");
+
+    let out = h.resume(a_again, &[&first.resume_token]);
+
+    assert_eq!(
+        refused_codes(&out, a_again),
+        BTreeMap::from([(first.resume_token, ErrorCode::AlreadyTracked)])
+    );
+    // So a connection never holds two entries for one key, and update by
+    // key always knows which one is meant.
+    let out = h.update_key(a_again, "doc", "y");
+    ok_reply::<UpdateReply>(&out, a_again);
+}
+
+#[test]
 fn a_resumed_connection_entry_leaves_when_its_new_connection_closes() {
     let entry = stored_entry(4, "doc", "x", Lifetime::Connection, "tok");
     let mut h = Harness::around(Registry::restore(Limits::default(), vec![entry], 5));
@@ -1199,6 +1245,97 @@ fn a_resumed_connection_entry_leaves_when_its_new_connection_closes() {
     assert_eq!(reply.resumed, ["p4"]);
     let out = h.close(a);
     assert_eq!(out.changes, [Change::Delete("p4".into())]);
+}
+
+// ---------------------------------------------------------------------------
+// Taking a batch back
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_close_rolled_back_then_retried_sends_what_an_unfailed_close_sends() {
+    let mut h = Harness::new();
+    let (a, b, watcher) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    h.subscribe(watcher, "doc");
+    h.track(a, "doc", "owner");
+    h.track_process(a, "build", "kept");
+    h.track(b, "doc", "next");
+    h.subscribe(a, "build");
+    let mut unfailed = Harness::around(h.registry.clone());
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let failed = h.close(a);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before, "the close left no trace");
+    let retried = h.close(a);
+    let expected = unfailed.close(a);
+
+    assert_eq!(failed.deliveries, expected.deliveries);
+    assert_eq!(retried.deliveries, expected.deliveries);
+    assert_eq!(retried.changes, expected.changes);
+    assert_eq!(dump(&h.registry), dump(&unfailed.registry));
+    assert_eq!(
+        role_summaries(&retried).len(),
+        1,
+        "the next in line is promoted"
+    );
+}
+
+#[test]
+fn a_resume_rolled_back_can_be_resumed_again() {
+    let mut waiting = stored_entry(3, "doc", "x", Lifetime::Connection, "tok-3");
+    waiting.resume_deadline = Some(2_000);
+    let mut h = Harness::around(Registry::restore(Limits::default(), vec![waiting], 4));
+    let a = h.connect(ALICE);
+
+    h.registry.begin_batch();
+    let reply: ResumeReply = ok_reply(&h.resume(a, &["tok-3"]), a);
+    assert_eq!(reply.resumed, ["p3"]);
+    h.registry.roll_back();
+
+    assert_eq!(
+        h.registry.next_resume_deadline(),
+        Some(2_000),
+        "waiting again"
+    );
+    assert_eq!(h.registry.entries().next().map(|e| e.conn), Some(None));
+    let reply: ResumeReply = ok_reply(&h.resume(a, &["tok-3"]), a);
+    assert_eq!(reply.resumed, ["p3"]);
+    assert_eq!(h.registry.next_resume_deadline(), None);
+}
+
+#[test]
+fn rolling_back_a_repeated_subscribe_keeps_the_first_subscription() {
+    let mut h = Harness::new();
+    let watcher = h.connect(BOB);
+    h.subscribe(watcher, "doc");
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    h.subscribe(watcher, "doc");
+    h.subscribe(watcher, "other");
+    h.registry.roll_back();
+
+    assert_eq!(dump(&h.registry), before);
+    assert_eq!(h.registry.subscription_count(), 1);
+}
+
+#[test]
+fn a_settled_batch_stays_and_the_next_roll_back_undoes_only_its_own_batch() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    h.registry.begin_batch();
+    let kept = h.track(a, "doc", "x");
+    h.registry.settle();
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    h.track(a, "doc", "y");
+    h.untrack_ref(a, "doc", &kept.phx_ref);
+    h.registry.roll_back();
+
+    assert_eq!(dump(&h.registry), before);
+    assert_eq!(h.listed_refs("doc"), [kept.phx_ref]);
 }
 
 // ---------------------------------------------------------------------------
@@ -1787,14 +1924,14 @@ struct ModelEntry {
     deadline: Option<i64>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ModelConn {
     uid: u32,
     subscriptions: BTreeSet<String>,
 }
 
 /// The rules of the registry, applied naively to a flat list.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Model {
     /// In seq order: entries are only appended, and seqs only grow.
     entries: Vec<ModelEntry>,
@@ -1816,6 +1953,18 @@ impl Model {
 
     fn live(&self, phx_ref: &str) -> Option<&ModelEntry> {
         self.entries.iter().find(|e| e.phx_ref == phx_ref)
+    }
+
+    /// Why the connection may not hold one more entry on (topic, key), if
+    /// it may not: the rule `track` and `resume` share.
+    fn no_room_for(&self, conn: ConnId, topic: &str, key: &str) -> Option<ErrorCode> {
+        if self.held_by(conn).count() >= property_limits().max_entries_per_connection {
+            Some(ErrorCode::LimitExceeded)
+        } else if self.held_by(conn).any(|e| e.topic == topic && e.key == key) {
+            Some(ErrorCode::AlreadyTracked)
+        } else {
+            None
+        }
     }
 
     /// Each non-empty topic's owner, by seq.
@@ -1988,6 +2137,7 @@ struct Issued {
 }
 
 /// The registry under test, the model, and what the test saw.
+#[derive(Clone)]
 struct World {
     registry: Registry,
     model: Model,
@@ -2398,27 +2548,12 @@ impl World {
         } else {
             match self.model.conns.get(&conn) {
                 None => Some(ErrorCode::Internal),
-                Some(_)
-                    if self.model.held_by(conn).count() >= limits.max_entries_per_connection =>
-                {
-                    Some(ErrorCode::LimitExceeded)
-                }
-                Some(_)
-                    if self
-                        .model
-                        .held_by(conn)
-                        .any(|e| e.topic == topic && e.key == key) =>
-                {
-                    Some(ErrorCode::AlreadyTracked)
-                }
-                Some(c)
-                    if subscribe
+                Some(c) => self.model.no_room_for(conn, topic, key).or_else(|| {
+                    let over_subscribed = subscribe
                         && !c.subscriptions.contains(topic)
-                        && c.subscriptions.len() >= limits.max_subscriptions_per_connection =>
-                {
-                    Some(ErrorCode::LimitExceeded)
-                }
-                Some(_) => None,
+                        && c.subscriptions.len() >= limits.max_subscriptions_per_connection;
+                    over_subscribed.then_some(ErrorCode::LimitExceeded)
+                }),
             }
         };
         if let Some(code) = refusal {
@@ -2566,25 +2701,32 @@ impl World {
 
         let mut resumed = Vec::new();
         let mut expired = Vec::new();
+        let mut refused = BTreeMap::new();
         if let Some(uid) = self.model.uid_of(conn) {
             for token in tokens {
-                let entry = self
+                let found = self
                     .model
                     .entries
-                    .iter_mut()
-                    .find(|e| e.token == token && e.uid == uid && e.conn.is_none());
-                match entry {
-                    Some(entry) => {
-                        entry.conn = Some(conn);
-                        entry.deadline = None;
-                        resumed.push(entry.phx_ref.clone());
-                    }
-                    None => expired.push(token),
+                    .iter()
+                    .position(|e| e.token == token && e.uid == uid && e.conn.is_none());
+                let Some(index) = found else {
+                    expired.push(token);
+                    continue;
+                };
+                let entry = &self.model.entries[index];
+                if let Some(code) = self.model.no_room_for(conn, &entry.topic, &entry.key) {
+                    refused.insert(token, code);
+                    continue;
                 }
+                let entry = &mut self.model.entries[index];
+                entry.conn = Some(conn);
+                entry.deadline = None;
+                resumed.push(entry.phx_ref.clone());
             }
         }
         assert_eq!(reply.resumed, resumed);
         assert_eq!(reply.expired, expired);
+        assert_eq!(refused_codes(&out, conn), refused, "refused tokens");
         assert_eq!(
             reply.roles.keys().cloned().collect::<BTreeSet<_>>(),
             resumed.iter().cloned().collect::<BTreeSet<_>>()
@@ -2900,4 +3042,91 @@ proptest! {
             world.step(action);
         }
     }
+
+    /// After any history, a batch of any actions that is rolled back
+    /// leaves the registry as it was, down to every index and counter; and
+    /// running the batch again, as the core does with the facts of a failed
+    /// commit, goes exactly as if the first attempt had never happened.
+    #[test]
+    fn a_rolled_back_batch_leaves_no_trace_and_can_be_run_again(
+        history in prop::collection::vec(action(), 0..40),
+        batch in prop::collection::vec(action(), 1..30),
+        after in prop::collection::vec(action(), 0..20),
+    ) {
+        let mut world = World::new();
+        for action in &history {
+            world.step(action);
+        }
+        let batch: Vec<Action> = batch.into_iter().filter(is_journaled).collect();
+        let before = world.clone();
+
+        world.registry.begin_batch();
+        for action in &batch {
+            world.step(action);
+        }
+        world.registry.roll_back();
+        prop_assert_eq!(dump(&world.registry), dump(&before.registry));
+
+        // The model and everything the test saw go back too: nothing of
+        // the failed batch was revealed.
+        let mut world = World { registry: world.registry, ..before };
+        world.registry.begin_batch();
+        for action in &batch {
+            world.step(action);
+        }
+        world.registry.settle();
+        for action in &after {
+            world.step(action);
+        }
+    }
+}
+
+/// Whether an action's effect on the registry is journaled. Opening a
+/// connection is not (the socket is there whatever the commit does), and a
+/// restart replaces the registry.
+fn is_journaled(action: &Action) -> bool {
+    !matches!(action, Action::Reopen { .. } | Action::Restart)
+}
+
+/// Everything the registry holds, every index included, in a canonical
+/// order; and what it answers to `list`, `processes` and
+/// `next_resume_deadline`. Equal dumps mean registries that nobody can
+/// tell apart.
+fn dump(registry: &Registry) -> String {
+    let mut lines = Vec::new();
+    for (name, topic) in &registry.topics {
+        lines.push(format!("topic {name}, subscribers {:?}", topic.subscribers));
+        for entry in topic.entries.values() {
+            lines.push(format!("  {entry:?}"));
+        }
+    }
+    let refs: BTreeMap<_, _> = registry
+        .refs
+        .iter()
+        .map(|(phx_ref, at)| (phx_ref, (&at.topic, at.seq)))
+        .collect();
+    let by_process: BTreeMap<_, _> = registry.by_process.iter().collect();
+    let by_token: BTreeMap<_, _> = registry.by_token.iter().collect();
+    let by_uid: BTreeMap<_, _> = registry.process_entries_by_uid.iter().collect();
+    let conns: BTreeMap<_, _> = registry.conns.iter().collect();
+    let processes: BTreeSet<ProcessId> = registry.processes().collect();
+    lines.push(format!("refs {refs:?}"));
+    lines.push(format!("by_process {by_process:?}"));
+    lines.push(format!("by_token {by_token:?}"));
+    lines.push(format!("process entries by uid {by_uid:?}"));
+    lines.push(format!("awaiting resume {:?}", registry.awaiting_resume));
+    for (conn, connection) in conns {
+        lines.push(format!("conn {conn}: {connection:?}"));
+    }
+    lines.push(format!(
+        "next_seq {}, last_joined_at {}",
+        registry.next_seq, registry.last_joined_at
+    ));
+    lines.push(format!("list {}", registry.list(None)));
+    lines.push(format!("processes {processes:?}"));
+    lines.push(format!(
+        "next resume deadline {:?}",
+        registry.next_resume_deadline()
+    ));
+    lines.join("\n")
 }
