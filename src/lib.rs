@@ -15,7 +15,7 @@
 //!   commits every change before it is revealed.
 //! - [`protocol`]: the wire types shared by all of the above.
 //! - [`paths`] and [`sys`]: default locations, folder checks, and what comes
-//!   from `/proc`.
+//!   from `/proc`; [`folder_watch`]: waking when a folder changes.
 //!
 //! ARCHITECTURE.md at the repository root is the longer map.
 
@@ -23,6 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod core;
 pub mod daemon;
+pub mod folder_watch;
 pub mod paths;
 pub mod protocol;
 pub mod sys;

@@ -273,33 +273,6 @@ async fn two_daemons_never_share_a_database() {
 }
 
 #[tokio::test]
-async fn an_exiting_daemon_leaves_a_newer_daemons_socket_alone() {
-    let first = Daemon::start().await;
-    // Somebody cleans the socket folder away under the running daemon, and
-    // a new daemon takes the path.
-    let folder = first.socket.parent().expect("socket folder").to_owned();
-    std::fs::remove_dir_all(&folder).expect("remove the socket folder");
-    let mut command = Command::new(presence_bin());
-    command
-        .arg("--socket")
-        .arg(&first.socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(first.dir.path().join("second.db"))
-        .arg("--ready-on-stdout")
-        .env("PRESENCE_LOG", "warn");
-    let _second = common::spawn_until_ready(command).await;
-
-    let mut first = first;
-    common::signal(first.pid(), nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(first.wait().await, Some(0));
-    let (client, _events) = presenced::client::Client::connect(&first.socket)
-        .await
-        .expect("the second daemon's socket is still there");
-    client.ping().await.expect("ping");
-}
-
-#[tokio::test]
 async fn a_file_at_the_socket_path_is_never_replaced() {
     let dir = tempfile::tempdir().expect("temporary folder");
     let notes = dir.path().join("notes.txt");

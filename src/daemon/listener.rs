@@ -1,31 +1,84 @@
-//! Claiming the socket path: one daemon per socket, a private folder, a
-//! socket only its owner can use, and a stale socket file cleared away.
+//! Claiming and keeping the socket path: one daemon per socket, a private
+//! folder, a socket only its owner can use, and a stale socket file
+//! cleared away.
+//!
+//! Keeping it: tmp cleaners delete old files, and people remove folders.
+//! [`Serving`] watches the socket's folder (inotify, through `notify`) and
+//! after any change there checks the folder, the lock and the socket file
+//! against what this daemon made. What is missing it makes again (the
+//! folder 0700, the lock, the socket 0600); connections it already has
+//! carry on, since they do not depend on the listening socket. What it did
+//! not make it never touches: a file that is not a socket, a socket that
+//! something else answers on, a lock another daemon holds. It says so
+//! loudly, keeps serving the connections it has, and looks again with a
+//! backoff. Where inotify is unavailable, it looks every two seconds.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use interprocess::os::unix::uds_local_socket::tokio::{Listener, Stream};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
+use crate::folder_watch::{FolderWatch, next_change};
 use crate::paths;
 use crate::protocol::{ErrorBody, ErrorCode, Reply};
 use crate::sys::{self, PidLock};
+
+/// How long a change in the folder settles before we look: a cleaner that
+/// empties the folder and then removes it must not find our new socket in
+/// its way.
+const SETTLE: Duration = Duration::from_millis(100);
+/// The first wait after a failed or refused attempt to put the socket
+/// back; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the path is checked when the folder cannot be watched.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+/// How long a socket found at our path may take to answer a probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Device and inode: which file a path names, whatever became of the name.
+type Identity = (u64, u64);
+
+fn identity(meta: &std::fs::Metadata) -> Identity {
+    (meta.dev(), meta.ino())
+}
+
+/// What is at the socket path.
+enum AtPath {
+    Nothing,
+    Socket(Identity),
+    NotSocket,
+}
+
+fn inspect(path: &Path) -> io::Result<AtPath> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => Ok(AtPath::Socket(identity(&meta))),
+        Ok(_) => Ok(AtPath::NotSocket),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(AtPath::Nothing),
+        Err(e) => Err(e),
+    }
+}
 
 /// The socket path, held for this daemon by an exclusive lock.
 pub struct Claimed {
     socket: PathBuf,
     /// Held open for the daemon's lifetime; the lock goes with the process.
-    _lock: File,
+    lock: File,
 }
 
 /// Takes the socket path for this daemon: checks the folder, takes the
 /// daemon lock (a second daemon stops here, with the first one's pid), and
 /// clears a stale socket file left by a daemon that died.
-pub fn claim(socket: &Path) -> anyhow::Result<Claimed> {
+pub async fn claim(socket: &Path) -> anyhow::Result<Claimed> {
     let dir = paths::parent_dir(socket);
     paths::ensure_socket_dir(dir)
         .with_context(|| format!("refusing the socket folder {}", dir.display()))?;
@@ -41,91 +94,389 @@ pub fn claim(socket: &Path) -> anyhow::Result<Claimed> {
         ),
     };
 
-    if let Ok(existing) = std::fs::symlink_metadata(socket) {
+    match inspect(socket).with_context(|| format!("inspecting {}", socket.display()))? {
+        AtPath::Nothing => {}
         // Only ever remove a socket: a mistyped --socket must not cost
         // anyone a file.
-        if !existing.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket; not replacing it",
-                socket.display()
-            );
+        AtPath::NotSocket => bail!(
+            "{} exists and is not a socket; not replacing it",
+            socket.display()
+        ),
+        AtPath::Socket(found) => {
+            // We hold the lock, so no daemon of ours is there. If something
+            // still answers, it is not ours to take away.
+            if answers(socket)
+                .await
+                .with_context(|| format!("probing {}", socket.display()))?
+            {
+                bail!(
+                    "something else is listening on {}; not replacing it",
+                    socket.display()
+                );
+            }
+            remove_stale(socket, found)?;
         }
-        // We hold the lock, so no daemon of ours is there. If something
-        // still answers, it is not ours to take away.
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            bail!(
-                "something else is listening on {}; not replacing it",
-                socket.display()
-            );
-        }
-        tracing::info!("removing the stale socket {}", socket.display());
-        std::fs::remove_file(socket)
-            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
     Ok(Claimed {
         socket: socket.to_owned(),
-        _lock: lock,
+        lock,
     })
 }
 
+/// Whether something listens on the socket at `socket`. It never blocks:
+/// a full backlog refuses with EAGAIN, which still means someone listens,
+/// and a listener that neither accepts nor refuses in time counts as alive
+/// too. When in doubt, a socket is left alone.
+async fn answers(socket: &Path) -> io::Result<bool> {
+    let connect = tokio::net::UnixStream::connect(socket);
+    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(_)) | Err(_) => Ok(true),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+/// Removes the dead socket at `socket`, provided it is still the one that
+/// was probed: something else may have taken its place meanwhile.
+fn remove_stale(socket: &Path, probed: Identity) -> anyhow::Result<()> {
+    match inspect(socket).with_context(|| format!("inspecting {}", socket.display()))? {
+        AtPath::Socket(found) if found == probed => {}
+        AtPath::Nothing => return Ok(()),
+        _ => bail!(
+            "{} changed while it was being checked; leaving it alone",
+            socket.display()
+        ),
+    }
+    tracing::info!("removing the stale socket {}", socket.display());
+    std::fs::remove_file(socket)
+        .with_context(|| format!("removing the stale socket {}", socket.display()))
+}
+
 impl Claimed {
-    /// Binds the socket, mode 0600. The socket file is removed when the
-    /// listener is dropped, if it is still ours.
-    pub fn listen(self) -> anyhow::Result<Bound> {
-        let name = self
-            .socket
-            .as_path()
-            .to_fs_name::<GenericFilePath>()
-            .with_context(|| format!("invalid socket path {}", self.socket.display()))?;
-        let listener = ListenerOptions::new()
-            .name(name)
-            .mode(0o600)
-            // Removal is ours to do, and only of the file we bound: see Drop.
-            .reclaim_name(false)
-            .create_tokio_as::<Listener>()
-            .with_context(|| format!("listening on {}", self.socket.display()))?;
-        // Belt and braces: the mode is set before bind, but say it again in
-        // case the platform ignored it.
-        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("restricting {}", self.socket.display()))?;
-        let bound = std::fs::symlink_metadata(&self.socket)
-            .with_context(|| format!("inspecting {}", self.socket.display()))?;
-        Ok(Bound {
-            listener,
+    /// Binds the socket, mode 0600, and starts keeping the path. The socket
+    /// file is removed when the returned [`Serving`] is dropped, if it is
+    /// still ours.
+    pub fn listen(self) -> anyhow::Result<Serving> {
+        let bound = bind(&self.socket)?;
+        Ok(Serving {
             socket: self.socket,
-            identity: (bound.dev(), bound.ino()),
-            _lock: self._lock,
+            bound,
+            lock: self.lock,
+            watch: None,
+            use_notify: true,
+            // The first check starts the watch, and finds anything that
+            // changed before it did.
+            next_check: Some(Instant::now()),
+            retry: RETRY_FIRST,
+            setback: None,
+            said_polling: false,
         })
     }
 }
 
-/// The listening socket, with the lock that makes it this daemon's.
-pub struct Bound {
-    pub listener: Listener,
-    socket: PathBuf,
-    /// Device and inode of the socket file we bound.
-    identity: (u64, u64),
-    _lock: File,
+/// A listening socket and the file it made.
+struct Bound {
+    listener: Listener,
+    identity: Identity,
 }
 
-impl Drop for Bound {
-    /// Removes the socket file, unless it is no longer the one we bound:
-    /// if our folder was cleaned away and another daemon now listens at
-    /// the path, its socket must stay.
+/// Binds a new socket at `socket`, mode 0600. Never replaces a file.
+fn bind(socket: &Path) -> anyhow::Result<Bound> {
+    let name = socket
+        .to_fs_name::<GenericFilePath>()
+        .with_context(|| format!("invalid socket path {}", socket.display()))?;
+    let listener = ListenerOptions::new()
+        .name(name)
+        .mode(0o600)
+        // Removal is ours to do, and only of the file we bound: see Drop
+        // for Serving.
+        .reclaim_name(false)
+        .create_tokio_as::<Listener>()
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    // Belt and braces: the mode is set before bind, but say it again in
+    // case the platform ignored it.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", socket.display()))?;
+    let made = std::fs::symlink_metadata(socket)
+        .with_context(|| format!("inspecting {}", socket.display()))?;
+    Ok(Bound {
+        listener,
+        identity: identity(&made),
+    })
+}
+
+/// The listening socket, with the lock that makes it this daemon's, and
+/// the watch that puts it back when it is deleted.
+pub struct Serving {
+    socket: PathBuf,
+    /// The socket bound last; the one removed on exit.
+    bound: Bound,
+    /// Held open for the daemon's lifetime; taken again if its file goes.
+    lock: File,
+    /// `None` before the first check and whenever the folder cannot be
+    /// watched; the path is polled then.
+    watch: Option<WatchedFolder>,
+    /// `false` only in tests of the polling fallback.
+    use_notify: bool,
+    /// When to check the path next; `None` waits for a change.
+    next_check: Option<Instant>,
+    /// The wait after the next failed or refused attempt.
+    retry: Duration,
+    /// What keeps the path from being ours, while something does; logged
+    /// once, not at every retry.
+    setback: Option<String>,
+    /// Whether the fallback to polling has been logged.
+    said_polling: bool,
+}
+
+/// Why the path is not ours right now.
+enum Setback {
+    /// Something this daemon did not make is there; it is left alone.
+    Occupied(String),
+    /// Putting our socket back failed.
+    Failed(anyhow::Error),
+}
+
+impl Setback {
+    fn message(&self) -> String {
+        match self {
+            Setback::Occupied(message) => message.clone(),
+            Setback::Failed(e) => format!("{e:#}"),
+        }
+    }
+}
+
+impl Serving {
+    /// The next connection. Meanwhile, keeps the socket path. Cancel-safe:
+    /// an interrupted check is still due, and runs again on the next call.
+    pub async fn accept(&mut self) -> io::Result<Stream> {
+        loop {
+            let due = self.next_check;
+            tokio::select! {
+                accepted = self.bound.listener.accept() => return accepted,
+                alive = next_change(self.watch.as_mut().map(|w| &mut w.watch)) => self.on_change(alive),
+                () = until(due) => self.check().await,
+            }
+        }
+    }
+
+    /// Something changed in the folder (or, `alive == false`, the watch
+    /// ended): look soon, once the change has settled.
+    fn on_change(&mut self, alive: bool) {
+        if !alive {
+            // notify's thread has ended; the next check starts a new watch.
+            self.watch = None;
+        }
+        // While the path is not ours, the backoff alone decides when to
+        // look again: our own attempts change the folder too, and must not
+        // hurry the next one.
+        if self.setback.is_none() {
+            self.check_within(SETTLE);
+        }
+    }
+
+    fn check_within(&mut self, delay: Duration) {
+        let at = Instant::now() + delay;
+        self.next_check = Some(self.next_check.map_or(at, |due| due.min(at)));
+    }
+
+    /// Checks the path and puts back what is missing; schedules a retry
+    /// with backoff if that fails or something else is there.
+    async fn check(&mut self) {
+        match self.keep().await {
+            Ok(()) => self.recovered(),
+            Err(setback) => self.report(setback),
+        }
+        // Fallback: without a watch nothing tells us about changes.
+        if self.watch.is_none() {
+            self.check_within(POLL_EVERY);
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.setback.take().is_some() {
+            tracing::info!("serving {} again", self.socket.display());
+        }
+        self.retry = RETRY_FIRST;
+        self.next_check = None;
+    }
+
+    fn report(&mut self, setback: Setback) {
+        let message = setback.message();
+        if self.setback.as_deref() == Some(message.as_str()) {
+            tracing::debug!("still: {message}");
+        } else {
+            match setback {
+                Setback::Occupied(_) => tracing::error!("{message}"),
+                Setback::Failed(_) => tracing::warn!("{message}; trying again"),
+            }
+        }
+        self.setback = Some(message);
+        self.next_check = Some(Instant::now() + self.retry);
+        self.retry = (self.retry * 2).min(RETRY_MAX);
+    }
+
+    /// Makes sure the folder, the lock and the socket at the path are
+    /// still ours, putting back whatever is missing.
+    async fn keep(&mut self) -> Result<(), Setback> {
+        let dir = paths::parent_dir(&self.socket).to_owned();
+        paths::ensure_socket_dir(&dir)
+            .with_context(|| format!("keeping the socket folder {}", dir.display()))
+            .map_err(Setback::Failed)?;
+        self.keep_watching(&dir);
+        self.keep_lock()?;
+        self.keep_socket().await
+    }
+
+    /// Watches `dir`, unless the folder there is the one already watched.
+    fn keep_watching(&mut self, dir: &Path) {
+        if !self.use_notify {
+            return;
+        }
+        // The folder's identity is read before the watch starts: if the
+        // folder is swapped in between, the watch is on the new one and the
+        // stale identity costs one more restart. The other order could
+        // leave us watching a folder that no longer has our path.
+        let Ok(meta) = std::fs::metadata(dir) else {
+            return;
+        };
+        let folder = identity(&meta);
+        if self.watch.as_ref().is_some_and(|w| w.folder == folder) {
+            return;
+        }
+        // A folder removed or moved away keeps no watch on our path.
+        self.watch = None;
+        match FolderWatch::start(dir) {
+            Ok(watch) => {
+                if self.said_polling {
+                    tracing::info!("watching {} again", dir.display());
+                    self.said_polling = false;
+                }
+                self.watch = Some(WatchedFolder { watch, folder });
+            }
+            Err(e) if !self.said_polling => {
+                tracing::warn!(
+                    "cannot watch {} ({e}); checking the socket every {} s instead",
+                    dir.display(),
+                    POLL_EVERY.as_secs()
+                );
+                self.said_polling = true;
+            }
+            Err(e) => tracing::debug!("still cannot watch {}: {e}", dir.display()),
+        }
+    }
+
+    /// Takes the lock again if its file was deleted or replaced: otherwise
+    /// a second daemon could lock a new file there and take the path.
+    fn keep_lock(&mut self) -> Result<(), Setback> {
+        let path = paths::daemon_lock(&self.socket);
+        let held = self.lock.metadata().map(|m| identity(&m)).ok();
+        let there = std::fs::symlink_metadata(&path).map(|m| identity(&m)).ok();
+        if held.is_some() && held == there {
+            return Ok(());
+        }
+        match sys::take_pid_lock(&path) {
+            Ok(PidLock::Taken(lock)) => {
+                tracing::info!(
+                    "{} was removed or replaced; locked it again",
+                    path.display()
+                );
+                self.lock = lock;
+                Ok(())
+            }
+            Ok(PidLock::HeldBy(pid)) => Err(Setback::Occupied(format!(
+                "another daemon (pid {pid}) now holds {}, so {} is its to serve; \
+                 this daemon keeps only the connections it has",
+                path.display(),
+                self.socket.display()
+            ))),
+            Err(e) => Err(Setback::Failed(
+                anyhow::Error::new(e).context(format!("locking {} again", path.display())),
+            )),
+        }
+    }
+
+    /// Binds the socket again if its file is gone or dead; leaves anything
+    /// else at the path alone.
+    async fn keep_socket(&mut self) -> Result<(), Setback> {
+        let found = inspect(&self.socket)
+            .with_context(|| format!("inspecting {}", self.socket.display()))
+            .map_err(Setback::Failed)?;
+        match found {
+            AtPath::Socket(found) if found == self.bound.identity => Ok(()),
+            AtPath::Nothing => self.rebind("is gone"),
+            AtPath::NotSocket => Err(Setback::Occupied(format!(
+                "{} was replaced by something that is not a socket; leaving it alone. \
+                 New clients cannot reach this daemon until it is removed",
+                self.socket.display()
+            ))),
+            AtPath::Socket(other) => {
+                let alive = answers(&self.socket)
+                    .await
+                    .with_context(|| format!("probing {}", self.socket.display()))
+                    .map_err(Setback::Failed)?;
+                if alive {
+                    return Err(Setback::Occupied(format!(
+                        "something else now listens on {}; leaving it alone. \
+                         New clients reach it, not this daemon",
+                        self.socket.display()
+                    )));
+                }
+                remove_stale(&self.socket, other).map_err(Setback::Failed)?;
+                self.rebind("was replaced by a dead socket")
+            }
+        }
+    }
+
+    /// Binds a new socket at the path; `what_happened` to the old one goes
+    /// into the log.
+    fn rebind(&mut self, what_happened: &str) -> Result<(), Setback> {
+        let bound = bind(&self.socket).map_err(Setback::Failed)?;
+        // The old listener goes without touching the path, which names the
+        // new socket now.
+        self.bound = bound;
+        tracing::info!(
+            "{} {what_happened}; listening on it again",
+            self.socket.display()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Serving {
+    /// Removes the socket file, unless it is no longer the one we bound
+    /// last: if another daemon now listens at the path, its socket must
+    /// stay. The lock is still held here; it goes with the fields.
     fn drop(&mut self) {
-        match std::fs::symlink_metadata(&self.socket) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.identity => {
+        match inspect(&self.socket) {
+            Ok(AtPath::Socket(found)) if found == self.bound.identity => {
                 if let Err(e) = std::fs::remove_file(&self.socket) {
                     tracing::warn!("could not remove {}: {e}", self.socket.display());
                 }
             }
+            Ok(AtPath::Nothing) | Err(_) => {}
             Ok(_) => tracing::info!(
                 "{} is no longer our socket; leaving it in place",
                 self.socket.display()
             ),
-            Err(_) => {}
         }
     }
+}
+
+/// Waits until `due`; forever if there is nothing due.
+async fn until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The watch on the socket's folder, with which folder it is: a folder
+/// removed or moved away keeps the watch but no longer holds our path.
+struct WatchedFolder {
+    watch: FolderWatch,
+    folder: Identity,
 }
 
 /// Tells a connection over the cap why it is refused, then closes it.
@@ -166,5 +517,55 @@ pub fn raise_fd_limit(max_connections: usize) {
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => tracing::debug!("raised the open-files limit from {soft} to {target}"),
         Err(e) => tracing::warn!("could not raise the open-files limit from {soft}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serving(tmp: &tempfile::TempDir) -> (PathBuf, Serving) {
+        let socket = tmp.path().join("run/test.sock");
+        let serving = claim(&socket).await.unwrap().listen().unwrap();
+        (socket, serving)
+    }
+
+    #[tokio::test]
+    async fn with_a_watch_nothing_is_polled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_socket, mut serving) = serving(&tmp).await;
+        serving.check().await;
+        assert!(serving.watch.is_some());
+        assert_eq!(serving.next_check, None);
+    }
+
+    #[tokio::test]
+    async fn without_a_watch_a_deleted_socket_is_found_by_polling() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (socket, mut serving) = serving(&tmp).await;
+        serving.use_notify = false;
+        serving.check().await;
+        assert!(serving.watch.is_none());
+        assert!(serving.next_check.is_some(), "a poll is due");
+
+        std::fs::remove_file(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            let accepted = serving.accept().await;
+            (serving, accepted.is_ok())
+        });
+        // Nothing announces the rebind, so poll for it, with a deadline.
+        let connect = async {
+            while tokio::net::UnixStream::connect(&socket).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(POLL_EVERY * 5, connect)
+            .await
+            .expect("the socket is bound again");
+        let (serving, accepted) = server.await.unwrap();
+        assert!(accepted);
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert_eq!(identity(&meta), serving.bound.identity);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 }

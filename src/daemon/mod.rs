@@ -1,6 +1,7 @@
-//! The io layer: the socket, one task pair per connection, process
-//! watchers and signals. It turns bytes into core commands and core output
-//! into bytes; it never decides who owns a topic.
+//! The io layer: the socket (put back if it is deleted while the daemon
+//! runs), one task pair per connection, process watchers and signals. It
+//! turns bytes into core commands and core output into bytes; it never
+//! decides who owns a topic.
 
 mod connection;
 mod listener;
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use interprocess::local_socket::traits::tokio::Listener as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::core::store::Store;
@@ -51,7 +51,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     // Everything the daemon creates (database, journal, locks, socket) is
     // for its user alone, whatever umask it inherited.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let claimed = listener::claim(&config.socket)?;
+    let claimed = listener::claim(&config.socket).await?;
 
     if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::paths::ensure_private_dir(dir)
@@ -86,7 +86,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     // down cleanly, not kill us with the socket left behind.
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let bound = claimed.listen()?;
+    let mut serving = claimed.listen()?;
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
@@ -114,7 +114,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
 
     let reason = loop {
         tokio::select! {
-            accepted = bound.listener.accept() => match accepted {
+            accepted = serving.accept() => match accepted {
                 Ok(stream) => {
                     next_conn += 1;
                     let conn = next_conn;
@@ -139,11 +139,10 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             },
             _ = terminate.recv() => break "the daemon received SIGTERM",
             _ = interrupt.recv() => break "the daemon received SIGINT",
-            stopped = &mut stopped_rx => {
-                return match stopped {
-                    Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the database failed")),
-                    _ => Err(anyhow::anyhow!("the core stopped unexpectedly")),
-                };
+            // The core stops by itself only if it panicked: a failed commit
+            // is rolled back and retried, and shutdown comes from here.
+            _ = &mut stopped_rx => {
+                return Err(anyhow::anyhow!("the core stopped unexpectedly"));
             }
         }
     };
@@ -155,7 +154,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let stopped = stopped_rx.await;
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
-    drop(bound);
+    drop(serving);
     match stopped {
         Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the final commit failed")),
         _ => Ok(()),

@@ -1,0 +1,322 @@
+//! The socket file under a running daemon: deleted (as tmp cleaners do),
+//! its folder deleted, its lock deleted, or something else put in its
+//! place. The daemon puts back what is gone and never touches what it did
+//! not make.
+//!
+//! What these tests wait for is the daemon's reaction to a change in the
+//! file system, which it announces nowhere but its log and the socket
+//! itself. So they poll, every few milliseconds, and each wait fails at the
+//! harness's deadline instead of sleeping and hoping.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Daemon, presence_bin, within};
+use presenced::client::{Client, Events};
+use presenced::protocol::TrackRequest;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `condition` holds, failing at the deadline.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+}
+
+/// Connects to `socket` as soon as a daemon listens there again.
+async fn connect_again(socket: &Path) -> (Client, Events) {
+    within("the daemon to listen on its path again", async {
+        loop {
+            if let Ok(connected) = Client::connect(socket).await {
+                return connected;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn folder(socket: &Path) -> &Path {
+    socket.parent().expect("socket folder")
+}
+
+fn lock_file(socket: &Path) -> PathBuf {
+    presenced::paths::daemon_lock(socket)
+}
+
+/// Whether `client` still sees `key` tracked in `topic`.
+async fn sees(client: &Client, topic: &str, key: &str) -> bool {
+    let listed = client.list(topic).await.expect("list");
+    listed.state.presences.contains_key(key)
+}
+
+/// Puts `what` at `socket` in one step, as `mv` does: the daemon must never
+/// find the path empty in between.
+fn put_in_place(socket: &Path, what: impl FnOnce(&Path)) {
+    let stand_in = folder(socket).join("stand-in");
+    what(&stand_in);
+    std::fs::rename(&stand_in, socket).expect("rename over the socket");
+}
+
+/// Runs `presence daemon` where it must refuse to start, and returns what
+/// it said on stderr.
+async fn refused_start(socket: &Path, db: &Path) -> String {
+    let output = Command::new(presence_bin())
+        .arg("--socket")
+        .arg(socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(db)
+        .env("PRESENCE_LOG", "warn")
+        .output()
+        .await
+        .expect("presence runs");
+    assert_eq!(output.status.code(), Some(1), "the daemon should refuse");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A daemon whose log goes to a file the test can read.
+struct LoggedDaemon {
+    _dir: TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl LoggedDaemon {
+    /// The harness sends a daemon's stderr to the test's own, so the daemon
+    /// runs under `sh -c 'exec …'`, which points its stderr at a file and
+    /// keeps the harness's wait for `ready` and its watchdog. After `exec`
+    /// the daemon has the shell's pid.
+    async fn start() -> LoggedDaemon {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let socket = dir.path().join("run/presenced.sock");
+        let log = dir.path().join("daemon.log");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"log="$1"; shift; exec "$@" 2>"$log""#)
+            .arg("sh")
+            .arg(&log)
+            .arg(presence_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("daemon")
+            .arg("--db")
+            .arg(dir.path().join("state/presence.db"))
+            .arg("--ready-on-stdout")
+            .env("PRESENCE_LOG", "warn");
+        let child = common::spawn_until_ready(command).await;
+        LoggedDaemon {
+            _dir: dir,
+            socket,
+            log,
+            child,
+        }
+    }
+
+    async fn logs(&self, text: &str) {
+        let what = format!("the daemon to log {text:?}");
+        eventually(&what, || {
+            std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(text))
+        })
+        .await;
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit code.
+    async fn stop(&mut self) -> Option<i32> {
+        let pid = self.child.id().expect("daemon is running");
+        common::signal(pid, nix::sys::signal::Signal::SIGTERM);
+        within("the daemon to exit", self.child.wait())
+            .await
+            .expect("wait")
+            .code()
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_socket_is_bound_again_and_old_connections_carry_on() {
+    let daemon = Daemon::start().await;
+    let (old, _old_events) = daemon.client().await;
+    old.track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+
+    std::fs::remove_file(&daemon.socket).expect("delete the socket");
+    let (fresh, _fresh_events) = connect_again(&daemon.socket).await;
+
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert!(
+        sees(&old, "doc", "alice").await,
+        "the old connection still works"
+    );
+    assert!(
+        sees(&fresh, "doc", "alice").await,
+        "the new connection sees the same daemon"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_after_a_rebind_removes_the_new_socket() {
+    let mut daemon = Daemon::start().await;
+    std::fs::remove_file(&daemon.socket).expect("delete the socket");
+    let (client, _events) = connect_again(&daemon.socket).await;
+    drop(client);
+
+    common::signal(daemon.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(daemon.wait().await, Some(0));
+    assert!(
+        std::fs::symlink_metadata(&daemon.socket).is_err(),
+        "the socket bound last should be removed"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_socket_folder_is_made_again_with_its_lock() {
+    let daemon = Daemon::start().await;
+    let (old, _old_events) = daemon.client().await;
+    old.track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+
+    std::fs::remove_dir_all(folder(&daemon.socket)).expect("delete the socket folder");
+    let (fresh, _fresh_events) = connect_again(&daemon.socket).await;
+
+    assert_eq!(mode(folder(&daemon.socket)), 0o700);
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert!(sees(&old, "doc", "alice").await);
+    assert!(sees(&fresh, "doc", "alice").await);
+    // The lock is back before the socket, so a second daemon still stops
+    // at it, naming this one.
+    let stderr = refused_start(&daemon.socket, &daemon.dir.path().join("other.db")).await;
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(stderr.contains(&daemon.pid().to_string()), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_deleted_lock_is_taken_again() {
+    let daemon = Daemon::start().await;
+    let lock = lock_file(&daemon.socket);
+    std::fs::remove_file(&lock).expect("delete the lock");
+
+    let pid = daemon.pid().to_string();
+    eventually("the daemon to lock again", || {
+        std::fs::read_to_string(&lock).is_ok_and(|holder| holder.trim() == pid)
+    })
+    .await;
+    let stderr = refused_start(&daemon.socket, &daemon.dir.path().join("other.db")).await;
+    assert!(stderr.contains("already serving"), "{stderr}");
+    let (client, _events) = daemon.client().await;
+    client.ping().await.expect("the daemon still serves");
+}
+
+#[tokio::test]
+async fn a_file_put_in_the_sockets_place_is_left_alone() {
+    let mut daemon = LoggedDaemon::start().await;
+    let (old, _old_events) = Client::connect(&daemon.socket).await.expect("connect");
+    old.track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+
+    put_in_place(&daemon.socket, |path| {
+        std::fs::write(path, "precious").expect("write the file");
+    });
+    daemon.logs("not a socket").await;
+
+    assert_eq!(
+        std::fs::read_to_string(&daemon.socket).expect("read"),
+        "precious"
+    );
+    assert!(
+        sees(&old, "doc", "alice").await,
+        "the old connection still works"
+    );
+    assert_eq!(daemon.stop().await, Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&daemon.socket).expect("read"),
+        "precious",
+        "an exiting daemon leaves the file alone too"
+    );
+}
+
+#[tokio::test]
+async fn once_the_file_in_its_place_is_gone_the_socket_comes_back() {
+    let daemon = LoggedDaemon::start().await;
+    put_in_place(&daemon.socket, |path| {
+        std::fs::write(path, "notes").expect("write the file");
+    });
+    daemon.logs("not a socket").await;
+
+    std::fs::remove_file(&daemon.socket).expect("remove the file");
+    let (client, _events) = connect_again(&daemon.socket).await;
+    client.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn a_live_socket_put_in_our_place_is_left_alone() {
+    let mut daemon = LoggedDaemon::start().await;
+    let (old, _old_events) = Client::connect(&daemon.socket).await.expect("connect");
+    old.track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+
+    let mut other = None;
+    put_in_place(&daemon.socket, |path| {
+        other = Some(std::os::unix::net::UnixListener::bind(path).expect("bind"));
+    });
+    let other = other.expect("the other listener");
+    let theirs = std::fs::symlink_metadata(&daemon.socket)
+        .expect("metadata")
+        .ino();
+    daemon.logs("something else now listens").await;
+
+    assert!(sees(&old, "doc", "alice").await);
+    assert_eq!(daemon.stop().await, Some(0));
+    let now = std::fs::symlink_metadata(&daemon.socket).expect("the other socket stays");
+    assert_eq!(now.ino(), theirs);
+    std::os::unix::net::UnixStream::connect(&daemon.socket).expect("it still answers");
+    drop(other);
+}
+
+#[tokio::test]
+async fn a_lock_another_process_holds_keeps_the_daemon_off_the_path() {
+    let daemon = LoggedDaemon::start().await;
+    // Another process's lock in our lock's place, and the socket gone:
+    // what a second daemon leaves behind when it wins the path after a
+    // cleaner deleted both.
+    let lock = lock_file(&daemon.socket);
+    let mut theirs = None;
+    put_in_place(&lock, |path| {
+        let file = std::fs::File::create(path).expect("create the lock");
+        file.try_lock().expect("lock it");
+        theirs = Some(file);
+    });
+    std::fs::remove_file(&daemon.socket).expect("delete the socket");
+    daemon.logs("now holds").await;
+    assert!(
+        std::fs::symlink_metadata(&daemon.socket).is_err(),
+        "the daemon must not bind where another holds the lock"
+    );
+
+    // Once that lock is free, the path is the daemon's again.
+    drop(theirs);
+    let (client, _events) = connect_again(&daemon.socket).await;
+    client.ping().await.expect("ping");
+}
