@@ -5,7 +5,8 @@ use serde_json::{Map, Value};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Target, render};
-use crate::protocol::{Event, Request, TrackReply, TrackRequest, UntrackRequest};
+use crate::client::{ClientError, SessionEvent};
+use crate::protocol::{Event, TrackReply, TrackRequest};
 
 #[derive(Debug, Args)]
 #[command(after_long_help = "\
@@ -17,8 +18,10 @@ again whenever it changes role or the topic gets a new owner:
   spectator (owner: alice, pid 4242)
 
 The presence is held until SIGINT, SIGTERM or SIGHUP, or until the --pid
-process exits; then it is left and the command exits 0. If the daemon goes
-away, the command exits 1.")]
+process exits; then it is left and the command exits 0. If the daemon
+restarts, the command reconnects and keeps its place without printing
+anything; it exits 1 only if the daemon does not come back within 30
+seconds.")]
 pub struct JoinArgs {
     /// The topic, for example `publishing_edit:docs:post-slug`
     pub topic: String,
@@ -63,7 +66,7 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (client, mut events) = target.connect().await?;
+    let (session, mut events) = target.session().await?;
     let mut request = TrackRequest::new(
         &args.topic,
         args.key
@@ -71,13 +74,15 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     );
     request.meta = args.meta.unwrap_or_default();
     request.pid = args.pid;
-    let reply = client.request(&Request::Track(request)).await?;
-    if let Some(error) = &reply.error {
-        anyhow::bail!("could not join {}: {}", args.topic, error.message);
-    }
-    let tracked: TrackReply = serde_json::from_value(Value::Object(reply.fields.clone()))?;
+    let tracked = match session.track(request).await {
+        Ok(tracked) => tracked,
+        Err(ClientError::Refused(error)) => {
+            anyhow::bail!("could not join {}: {}", args.topic, error.message)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if args.json {
-        say!("{}", serde_json::to_string(&reply)?);
+        say!("{}", track_line(&tracked)?);
     } else {
         say!("{}", render::standing(&tracked.standing));
     }
@@ -95,19 +100,29 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Shutdown { payload }) => {
-                    if args.json {
-                        say!("{}", serde_json::to_string(&Event::Shutdown { payload: payload.clone() })?);
-                    }
-                    anyhow::bail!("the daemon shut down ({})", payload.reason);
-                }
-                Some(event) => {
+                Some(SessionEvent::Event(event)) => {
                     if args.json {
                         say!("{}", serde_json::to_string(&event)?);
                     } else if let Event::Role { payload, .. } = &event {
                         say!("{}", render::standing(&payload.standing));
                     }
                 }
+                // The entry expired while the daemon was away and was
+                // tracked again: it has a new place, so say where.
+                Some(SessionEvent::Retracked { reply, .. }) => {
+                    if args.json {
+                        say!("{}", track_line(&reply)?);
+                    } else {
+                        say!("{}", render::standing(&reply.standing));
+                    }
+                }
+                Some(SessionEvent::Dropped { error, .. }) => {
+                    anyhow::bail!("lost the presence on {}: {error}", args.topic)
+                }
+                Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
+                // A restart the daemon came back from is not news to the
+                // user; the session logs it.
+                Some(SessionEvent::Disconnected { .. } | SessionEvent::Reconnected) => {}
                 None => anyhow::bail!("the daemon closed the connection"),
             },
             _ = interrupt.recv() => break,
@@ -118,12 +133,16 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     }
     // Leave explicitly, so the next in line is promoted now, not when the
     // daemon notices the connection closing.
-    let _ = client
-        .untrack(UntrackRequest {
-            topic: args.topic,
-            phx_ref: Some(tracked.phx_ref),
-            key: None,
-        })
-        .await;
+    session.leave_all().await;
     Ok(())
+}
+
+/// The track reply as one JSON line: what `--json` prints first, and again
+/// if the entry had to be tracked anew after a restart.
+fn track_line(tracked: &TrackReply) -> anyhow::Result<String> {
+    let mut line = serde_json::to_value(tracked)?;
+    if let Value::Object(fields) = &mut line {
+        fields.insert("ok".to_owned(), Value::Bool(true));
+    }
+    Ok(line.to_string())
 }

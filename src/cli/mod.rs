@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::{Client, ClientError, Events};
+use crate::client::{Client, ClientError, Events, Reconnect, Session, SessionEvents};
 use crate::protocol::Limits;
 
 /// A local presence daemon: the first to join a topic owns it, everyone
@@ -65,7 +65,15 @@ SIGINT: clients are sent a `shutdown` event, the socket is removed, and the
 database keeps every entry for the next start.
 
 Only one daemon serves a socket: a second one exits with an error naming
-the first one's pid. A socket file left by a daemon that died is replaced.")]
+the first one's pid. A socket file left by a daemon that died is replaced,
+and if the socket or its folder is deleted while the daemon runs, it is
+made again; something else put at the socket path is never touched.
+
+If a commit fails (a full disk), the requests of that batch get an
+`internal` error, nothing of it is shown, and the daemon keeps serving;
+departures are saved once the disk takes writes again. A database file
+that is not readable is moved aside to DB.corrupt-<unix time> and a new
+one is started.")]
     Daemon(DaemonArgs),
     /// Join a topic and hold the presence until interrupted
     Join(join::JoinArgs),
@@ -222,6 +230,17 @@ impl Target {
             Client::connect(&self.socket).await
         };
         connected.map_err(|e| self.explain(e))
+    }
+
+    /// A session, which rides through daemon restarts: it reconnects,
+    /// resumes its entries and renews its subscriptions by itself.
+    pub async fn session(&self) -> anyhow::Result<(Session, SessionEvents)> {
+        let connected = self.connect().await?;
+        let reconnect = Reconnect {
+            autostart: self.autostart,
+            ..Reconnect::default()
+        };
+        Ok(Session::new(&self.socket, connected, reconnect))
     }
 
     /// A plain stream, for speaking the protocol by hand.

@@ -1,11 +1,26 @@
 //! `presence watch`: a topic's state, then one line per change.
 
+use std::collections::BTreeSet;
+
 use clap::Args;
 
 use super::{Target, render};
+use crate::client::SessionEvent;
 use crate::protocol::{Event, LeaveReason};
 
 #[derive(Debug, Args)]
+#[command(after_long_help = "\
+Prints the topic's owner and spectator count, then one line per change:
+
+  doc: owner alice (pid 4242), 1 spectator
+  + carol (pid 4301) joined
+  - alice (pid 4242) process exited
+  → bob (pid 4250) is now owner
+
+If the daemon restarts, the command reconnects and subscribes again,
+printing the summary again only if the topic changed meanwhile; with
+--json it prints the fresh presence_state. It exits 1 only if the daemon
+does not come back within 30 seconds.")]
 pub struct WatchArgs {
     /// The topic to follow
     pub topic: String,
@@ -16,28 +31,41 @@ pub struct WatchArgs {
 }
 
 pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
-    let (client, mut events) = target.connect().await?;
-    client.subscribe(&args.topic).await?;
+    let (session, mut events) = target.session().await?;
+    session.subscribe(&args.topic).await?;
     let mut owner_ref: Option<String> = None;
+    // Who is on the topic, by ref: a fresh state after a daemon restart is
+    // only worth a line when it differs from what we already showed.
+    let mut present: BTreeSet<String> = BTreeSet::new();
+    let mut shown = false;
     while let Some(event) = events.recv().await {
+        let event = match event {
+            SessionEvent::Event(event) => event,
+            SessionEvent::Lost { reason } => anyhow::bail!("{reason}"),
+            _ => continue,
+        };
         if args.json {
             say!("{}", serde_json::to_string(&event)?);
+            continue;
         }
         match event {
-            Event::Shutdown { payload } => {
-                anyhow::bail!("the daemon shut down ({})", payload.reason)
-            }
-            _ if args.json => {}
             Event::PresenceState { payload, owner, .. } => {
                 let metas = render::metas_by_seq(&payload);
-                say!(
-                    "{}: owner {}, {} spectator{}",
-                    args.topic,
-                    render::owner(owner.as_ref()),
-                    metas.len().saturating_sub(1),
-                    if metas.len() == 2 { "" } else { "s" }
-                );
-                owner_ref = owner.map(|o| o.phx_ref);
+                let now_present: BTreeSet<String> =
+                    metas.iter().map(|(_, m)| m.phx_ref.clone()).collect();
+                let now_owner = owner.as_ref().map(|o| o.phx_ref.clone());
+                if !shown || now_present != present || now_owner != owner_ref {
+                    say!(
+                        "{}: owner {}, {} spectator{}",
+                        args.topic,
+                        render::owner(owner.as_ref()),
+                        metas.len().saturating_sub(1),
+                        if metas.len() == 2 { "" } else { "s" }
+                    );
+                }
+                shown = true;
+                present = now_present;
+                owner_ref = now_owner;
             }
             Event::PresenceDiff {
                 payload,
@@ -46,12 +74,14 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                 ..
             } => {
                 for (key, meta) in render::metas_by_seq(&payload.leaves) {
+                    present.remove(&meta.phx_ref);
                     let reason = reasons.get(&meta.phx_ref);
                     if reason != Some(&LeaveReason::Update) {
                         say!("- {key} (pid {}) {}", meta.pid, render::reason(reason));
                     }
                 }
                 for (key, meta) in render::metas_by_seq(&payload.joins) {
+                    present.insert(meta.phx_ref.clone());
                     if meta.phx_ref_prev.is_some() {
                         say!("~ {key} (pid {}) updated", meta.pid);
                     } else {
@@ -71,7 +101,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                 }
                 owner_ref = new_owner_ref;
             }
-            Event::Role { .. } => {}
+            Event::Role { .. } | Event::Shutdown { .. } => {}
         }
     }
     anyhow::bail!("the daemon closed the connection")

@@ -17,6 +17,7 @@
 //! ```
 
 mod autostart;
+mod session;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -40,6 +41,7 @@ use crate::protocol::{
 };
 
 pub use autostart::start_daemon;
+pub use session::{Reconnect, Session, SessionEvent, SessionEvents};
 
 /// Events pushed by the daemon, in the order it sent them. Ends when the
 /// connection closes.

@@ -66,10 +66,27 @@ impl Daemon {
     /// Stops the daemon with SIGTERM and starts a new one on the same
     /// socket and database.
     pub async fn restart(mut self, extra: &[&str]) -> Daemon {
+        self.stop().await;
+        self.start_again(extra).await;
+        self
+    }
+
+    /// Stops the daemon with SIGTERM; it must exit 0.
+    pub async fn stop(&mut self) {
         signal(self.pid(), nix::sys::signal::Signal::SIGTERM);
         assert_eq!(self.wait().await, Some(0), "the daemon stops cleanly");
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub async fn crash(&mut self) {
+        signal(self.pid(), nix::sys::signal::Signal::SIGKILL);
+        self.wait().await;
+    }
+
+    /// Starts a new daemon on the same socket and database, after `stop`
+    /// or `crash`.
+    pub async fn start_again(&mut self, extra: &[&str]) {
         self.child = Daemon::spawn_daemon(&self.socket, &self.db, extra).await;
-        self
     }
 
     async fn spawn_daemon(socket: &Path, db: &Path, extra: &[&str]) -> Child {

@@ -1,0 +1,303 @@
+//! A daemon restart must be invisible: `presence join` and `presence watch`
+//! ride through a crash or a stop of the daemon, everyone keeps their seq
+//! and role, and only real changes are printed.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Daemon, Running, within};
+use serde_json::Value;
+
+/// A subscriber's view of one topic, rebuilt from `watch --json` lines the
+/// way a client applies `presence_state` and `presence_diff`: ref → seq.
+#[derive(Debug, Default, PartialEq)]
+struct View {
+    seqs: BTreeMap<String, u64>,
+    owner: Option<String>,
+}
+
+impl View {
+    fn apply(&mut self, event: &Value) {
+        let metas = |presences: &Value| -> Vec<(String, u64)> {
+            presences
+                .as_object()
+                .into_iter()
+                .flat_map(|keys| keys.values())
+                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+                .map(|meta| {
+                    let phx_ref = meta["phx_ref"].as_str().expect("phx_ref").to_owned();
+                    (phx_ref, meta["seq"].as_u64().expect("seq"))
+                })
+                .collect()
+        };
+        match event["event"].as_str() {
+            Some("presence_state") => self.seqs = metas(&event["payload"]).into_iter().collect(),
+            Some("presence_diff") => {
+                for (phx_ref, _) in metas(&event["payload"]["leaves"]) {
+                    self.seqs.remove(&phx_ref);
+                }
+                self.seqs.extend(metas(&event["payload"]["joins"]));
+            }
+            other => panic!("not a presence event: {other:?} in {event}"),
+        }
+        self.owner = event["owner"]["phx_ref"].as_str().map(str::to_owned);
+    }
+
+    /// What the daemon's `list` says right now, in the same shape.
+    async fn listed(daemon: &Daemon, topic: &str) -> View {
+        let (client, _events) = daemon.client().await;
+        let listed = client.list(topic).await.expect("list");
+        View {
+            seqs: listed
+                .state
+                .presences
+                .values()
+                .flat_map(|presence| &presence.metas)
+                .map(|meta| (meta.phx_ref.clone(), meta.seq))
+                .collect(),
+            owner: listed.state.owner.map(|owner| owner.phx_ref),
+        }
+    }
+}
+
+/// Joins `doc` as `key` and returns the process with its track reply.
+async fn join(daemon: &Daemon, key: &str) -> (Running, Value) {
+    let mut joined = daemon.spawn(&["join", "doc", "--key", key, "--json"]);
+    let reply = joined.json().await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    (joined, reply)
+}
+
+/// Waits until every entry restored at start has been resumed, or has
+/// left; until then a restarted daemon still holds places for absent
+/// clients.
+async fn wait_until_resumed(daemon: &Daemon) {
+    let (client, _events) = daemon.client().await;
+    within("every client to resume", async {
+        loop {
+            let status = client.status().await.expect("status");
+            if status.awaiting_resume == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// The next line a `join --json` prints must be a `role` event; returns
+/// its payload.
+async fn next_role(joined: &mut Running) -> Value {
+    let line = joined.json().await;
+    assert_eq!(line["event"], "role", "expected a role change, got {line}");
+    line["payload"].clone()
+}
+
+#[tokio::test]
+async fn three_editors_keep_their_places_when_the_daemon_is_killed() {
+    let mut daemon = Daemon::start().await;
+    let (mut alice, alice_joined) = join(&daemon, "alice").await;
+    let (mut bob, bob_joined) = join(&daemon, "bob").await;
+    let (mut carol, _) = join(&daemon, "carol").await;
+    let mut watch = daemon.spawn(&["watch", "doc", "--json"]);
+    let mut view = View::default();
+    view.apply(&watch.json().await);
+    let before = View::listed(&daemon, "doc").await;
+    assert_eq!(view, before);
+
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+
+    // The watcher subscribes again and is sent the whole topic afresh.
+    let state = watch.json().await;
+    assert_eq!(state["event"], "presence_state", "{state}");
+    view.apply(&state);
+    wait_until_resumed(&daemon).await;
+    assert_eq!(View::listed(&daemon, "doc").await, before);
+    assert_eq!(view, before);
+
+    // Nobody printed anything during the restart: the next line each
+    // client prints is the change that follows.
+    alice.sigkill();
+    let bob_role = next_role(&mut bob).await;
+    assert_eq!(bob_role["ref"], bob_joined["ref"]);
+    assert_eq!(bob_role["role"], "owner");
+    let carol_role = next_role(&mut carol).await;
+    assert_eq!(carol_role["role"], "spectator");
+    assert_eq!(carol_role["owner"]["phx_ref"], bob_joined["ref"]);
+    let diff = watch.json().await;
+    let alice_ref = alice_joined["ref"].as_str().expect("ref");
+    assert_eq!(diff["reasons"][alice_ref], "closed", "{diff}");
+    view.apply(&diff);
+    assert_eq!(view, View::listed(&daemon, "doc").await);
+}
+
+#[tokio::test]
+async fn a_client_killed_while_the_daemon_is_down_is_gone_after_the_restart() {
+    let mut daemon = Daemon::start().await;
+    let (mut alice, alice_joined) = join(&daemon, "alice").await;
+    let (mut bob, bob_joined) = join(&daemon, "bob").await;
+
+    daemon.crash().await;
+    alice.sigkill();
+    alice.exit_code().await;
+    // A long grace: alice's row must go because her process is gone, not
+    // because she failed to resume in time.
+    daemon.start_again(&["--resume-grace", "600"]).await;
+
+    let role = next_role(&mut bob).await;
+    assert_eq!(role["ref"], bob_joined["ref"]);
+    assert_eq!(role["role"], "owner");
+    let listed = View::listed(&daemon, "doc").await;
+    assert!(
+        !listed
+            .seqs
+            .contains_key(alice_joined["ref"].as_str().expect("ref"))
+    );
+    assert_eq!(
+        listed.owner.as_ref(),
+        bob_joined["ref"].as_str().map(str::to_owned).as_ref()
+    );
+    wait_until_resumed(&daemon).await;
+}
+
+#[tokio::test]
+async fn an_owner_that_never_resumes_expires_and_the_next_in_line_is_promoted() {
+    use presenced::protocol::TrackRequest;
+    let mut daemon = Daemon::start().await;
+    let sleeper = common::spawn_sleeper();
+    // The owner is a connection whose process lives on but never comes
+    // back to resume.
+    let (ghost, _ghost_events) = daemon.client().await;
+    let mut request = TrackRequest::new("doc", "ghost");
+    request.pid = sleeper.id();
+    let ghost_entry = ghost.track(request).await.expect("track");
+    let (mut bob, bob_joined) = join(&daemon, "bob").await;
+
+    daemon.crash().await;
+    daemon.start_again(&["--resume-grace", "0.5"]).await;
+    let mut watch = daemon.spawn(&["watch", "doc", "--json"]);
+    let state = watch.json().await;
+    assert!(
+        state["payload"]["ghost"].is_object(),
+        "the ghost keeps its place during the grace period: {state}"
+    );
+
+    let diff = watch.json().await;
+    assert_eq!(diff["reasons"][&ghost_entry.phx_ref], "expired", "{diff}");
+    let role = next_role(&mut bob).await;
+    assert_eq!(role["ref"], bob_joined["ref"]);
+    assert_eq!(role["role"], "owner");
+}
+
+#[tokio::test]
+async fn a_row_whose_pid_now_belongs_to_another_process_is_dead() {
+    use presenced::protocol::{Lifetime, TrackRequest};
+    let mut daemon = Daemon::start().await;
+    let sleeper = common::spawn_sleeper();
+    let (client, _events) = daemon.client().await;
+    let mut request = TrackRequest::new("doc", "first");
+    request.pid = sleeper.id();
+    request.lifetime = Lifetime::Process;
+    let first = client.track(request).await.expect("track");
+    drop(client);
+    let (mut bob, bob_joined) = join(&daemon, "bob").await;
+
+    daemon.stop().await;
+    // Same pid, different start time: the process that joined is gone and
+    // the pid was handed to another.
+    let db = rusqlite::Connection::open(&daemon.db).expect("open the database");
+    let changed = db
+        .execute(
+            "UPDATE presences SET pid_start_time = pid_start_time + 1 WHERE ref = ?1",
+            [&first.phx_ref],
+        )
+        .expect("update");
+    assert_eq!(changed, 1);
+    drop(db);
+    daemon.start_again(&["--resume-grace", "600"]).await;
+
+    let role = next_role(&mut bob).await;
+    assert_eq!(role["role"], "owner");
+    let listed = View::listed(&daemon, "doc").await;
+    assert!(!listed.seqs.contains_key(&first.phx_ref));
+    assert_eq!(listed.owner.as_deref(), bob_joined["ref"].as_str());
+}
+
+#[tokio::test]
+async fn after_sigterm_a_restarted_daemon_gives_everyone_their_place_back() {
+    let mut daemon = Daemon::start().await;
+    let (mut alice, _) = join(&daemon, "alice").await;
+    let (mut bob, bob_joined) = join(&daemon, "bob").await;
+    let before = View::listed(&daemon, "doc").await;
+
+    daemon.stop().await;
+    assert!(
+        !daemon.socket.exists(),
+        "a stopped daemon removes its socket"
+    );
+    daemon.start_again(&[]).await;
+    wait_until_resumed(&daemon).await;
+    assert_eq!(View::listed(&daemon, "doc").await, before);
+
+    alice.sigterm();
+    assert_eq!(alice.exit_code().await, Some(0));
+    let role = next_role(&mut bob).await;
+    assert_eq!(role["ref"], bob_joined["ref"]);
+    assert_eq!(role["role"], "owner");
+}
+
+/// Kills a daemon that the clients started themselves, by the pid it
+/// reports, when the test ends.
+struct StartedByClients(u32);
+
+impl Drop for StartedByClients {
+    fn drop(&mut self) {
+        common::signal(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[tokio::test]
+async fn clients_start_a_new_daemon_themselves_and_keep_their_places() {
+    let mut daemon = Daemon::start().await;
+    let mut joined = Vec::new();
+    for key in ["alice", "bob", "carol"] {
+        // Unlike the harness's usual commands, these may start a daemon.
+        let mut command = tokio::process::Command::new(common::presence_bin());
+        command
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["join", "doc", "--key", key, "--json"])
+            .env("PRESENCE_DB", &daemon.db)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut running = Running::spawn(&mut command);
+        assert_eq!(running.json().await["ok"], true);
+        joined.push(running);
+    }
+    let before = View::listed(&daemon, "doc").await;
+
+    let crashed_pid = daemon.pid();
+    daemon.crash().await;
+    let (client, _events) = within("a client to start a daemon", async {
+        loop {
+            if let Ok(connected) = presenced::client::Client::connect(&daemon.socket).await {
+                return connected;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let status = client.status().await.expect("status");
+    let _cleanup = StartedByClients(status.pid);
+    assert_ne!(status.pid, crashed_pid, "a new daemon serves");
+    wait_until_resumed(&daemon).await;
+    assert_eq!(View::listed(&daemon, "doc").await, before);
+
+    joined[0].sigkill();
+    let role = next_role(&mut joined[1]).await;
+    assert_eq!(role["role"], "owner");
+}
