@@ -220,3 +220,48 @@ async fn a_process_entry_may_be_removed_by_its_own_uid_from_another_connection()
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_resume_token_never_hands_over_another_users_entry() {
+    use presenced::protocol::{Lifetime, TrackRequest};
+    if !running_as_root() {
+        return;
+    }
+    let daemon = UnprivilegedDaemon::start().await;
+    let sleeper = common::spawn_sleeper();
+    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
+        .await
+        .expect("root connects");
+    let mut request = TrackRequest::new("doc", "root's");
+    request.pid = sleeper.id();
+    request.lifetime = Lifetime::Process;
+    let tracked = root.track(request).await.expect("track");
+    // With its connection closed, the entry waits for its uid to resume it.
+    drop(root);
+    let (watcher, _events) = presenced::client::Client::connect(&daemon.socket)
+        .await
+        .expect("root connects");
+    within("the first connection to close", async {
+        while watcher.status().await.expect("status").connections > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let replies = daemon
+        .raw_as_nobody(&[json!({"op": "resume", "id": 1, "tokens": [tracked.resume_token]})])
+        .await;
+    assert_eq!(replies[0]["ok"], true, "{}", replies[0]);
+    assert_eq!(replies[0]["resumed"], json!([]));
+    assert_eq!(replies[0]["expired"], json!([tracked.resume_token]));
+
+    // The token was not spent: its own uid can still take the entry.
+    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
+        .await
+        .expect("root connects");
+    let resumed = root
+        .resume(vec![tracked.resume_token.clone()])
+        .await
+        .expect("resume");
+    assert_eq!(resumed.resumed, [tracked.phx_ref]);
+}

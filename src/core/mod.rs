@@ -168,21 +168,36 @@ impl Core {
         let now = now_millis();
         let mut gone = Vec::new();
         let mut kept = Vec::new();
+        let (mut of_another_boot, mut of_exited_processes) = (0usize, 0usize);
         for row in stored {
-            let alive = row.boot_id == boot_id && crate::sys::is_running(row.entry.process);
-            if alive {
-                let mut entry = row.entry;
+            let entry = row.entry;
+            let why_gone = if row.boot_id != boot_id {
+                of_another_boot += 1;
+                "it was written before the machine last booted"
+            } else if !crate::sys::is_running(entry.process) {
+                of_exited_processes += 1;
+                "its process exited while no daemon ran (pid_exit)"
+            } else {
+                let mut entry = entry;
                 if entry.lifetime == Lifetime::Connection {
                     entry.resume_deadline = Some(now + resume_grace.as_millis() as i64);
                 }
                 kept.push(entry);
-            } else {
-                gone.push(registry::Change::Delete(row.entry.phx_ref));
-            }
+                continue;
+            };
+            tracing::debug!(
+                "removing {} ({} on {}, pid {}): {why_gone}",
+                entry.phx_ref,
+                entry.key,
+                entry.topic,
+                entry.process.pid
+            );
+            gone.push(registry::Change::Delete(entry.phx_ref));
         }
         tracing::info!(
             kept = kept.len(),
-            removed = gone.len(),
+            removed_pid_exit = of_exited_processes,
+            removed_other_boot = of_another_boot,
             "loaded presences from {}",
             store.path().display()
         );
