@@ -17,15 +17,42 @@ pub struct FolderWatch {
 }
 
 impl FolderWatch {
+    /// Wakes on any change in `dir`.
     pub fn start(dir: &Path) -> notify::Result<FolderWatch> {
+        FolderWatch::start_filtered(dir, |_| true)
+    }
+
+    /// Wakes only on changes that name `file` (in its folder): a client
+    /// waiting for a socket must not be woken by its own lock files.
+    pub fn for_file(file: &Path) -> notify::Result<FolderWatch> {
+        let name = file.file_name().map(ToOwned::to_owned);
+        FolderWatch::start_filtered(crate::paths::parent_dir(file), move |event| {
+            event
+                .paths
+                .iter()
+                .any(|path| path.file_name() == name.as_deref())
+        })
+    }
+
+    fn start_filtered(
+        dir: &Path,
+        wanted: impl Fn(&notify::Event) -> bool + Send + 'static,
+    ) -> notify::Result<FolderWatch> {
         let (wake, events) = mpsc::channel(1);
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<_>| {
-            if let Err(e) = event {
-                tracing::debug!("watching a folder: {e}");
-            }
+            let relevant = match &event {
+                Ok(event) => wanted(event),
+                // An error (say, the queue overflowed) may hide a change.
+                Err(e) => {
+                    tracing::debug!("watching a folder: {e}");
+                    true
+                }
+            };
             // This runs on notify's thread and must never block. A full
             // channel already holds a wake-up, and one is all it takes.
-            let _ = wake.try_send(());
+            if relevant {
+                let _ = wake.try_send(());
+            }
         })?;
         watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
         Ok(FolderWatch {

@@ -81,11 +81,8 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    if args.json {
-        say!("{}", track_line(&tracked)?);
-    } else {
-        say!("{}", render::standing(&tracked.standing));
-    }
+    let mut printed = Printed::default();
+    printed.track(args.json, &tracked)?;
 
     let process_exit = async {
         match watched {
@@ -100,30 +97,23 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(SessionEvent::Event(event)) => {
-                    if args.json {
-                        say!("{}", serde_json::to_string(&event)?);
-                    } else if let Event::Role { payload, .. } = &event {
-                        say!("{}", render::standing(&payload.standing));
-                    }
-                }
+                Some(SessionEvent::Event(event)) => printed.event(args.json, &event)?,
                 // The entry expired while the daemon was away and was
-                // tracked again: it has a new place, so say where.
-                Some(SessionEvent::Retracked { reply, .. }) => {
-                    if args.json {
-                        say!("{}", track_line(&reply)?);
-                    } else {
-                        say!("{}", render::standing(&reply.standing));
-                    }
-                }
+                // tracked again: it has a new place, which may or may not
+                // be news.
+                Some(SessionEvent::Retracked { reply, .. }) => printed.track(args.json, &reply)?,
                 Some(SessionEvent::Dropped { error, .. }) => {
                     anyhow::bail!("lost the presence on {}: {error}", args.topic)
                 }
                 Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
                 // A restart the daemon came back from is not news to the
                 // user; the session logs it.
-                Some(SessionEvent::Disconnected { .. } | SessionEvent::Reconnected) => {}
-                None => anyhow::bail!("the daemon closed the connection"),
+                Some(
+                    SessionEvent::Disconnected { .. }
+                    | SessionEvent::Reconnected
+                    | SessionEvent::Unsubscribed { .. },
+                ) => {}
+                None => anyhow::bail!("the session ended"),
             },
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -135,6 +125,45 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
     // daemon notices the connection closing.
     session.leave_all().await;
     Ok(())
+}
+
+/// What `join` has told its reader, so that it says only what is new.
+#[derive(Default)]
+struct Printed {
+    /// The last standing printed, in words.
+    standing: Option<String>,
+}
+
+impl Printed {
+    /// A track reply: the first one, or one after the entry was tracked
+    /// again. `--json` always prints it (the ref changed); words only when
+    /// they changed.
+    fn track(&mut self, json: bool, tracked: &TrackReply) -> anyhow::Result<()> {
+        if json {
+            say!("{}", track_line(tracked)?);
+        } else {
+            self.standing(&tracked.standing)?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, json: bool, event: &Event) -> anyhow::Result<()> {
+        if json {
+            say!("{}", serde_json::to_string(event)?);
+        } else if let Event::Role { payload, .. } = event {
+            self.standing(&payload.standing)?;
+        }
+        Ok(())
+    }
+
+    fn standing(&mut self, standing: &crate::protocol::Standing) -> anyhow::Result<()> {
+        let words = render::standing(standing);
+        if self.standing.as_ref() != Some(&words) {
+            say!("{words}");
+            self.standing = Some(words);
+        }
+        Ok(())
+    }
 }
 
 /// The track reply as one JSON line: what `--json` prints first, and again

@@ -36,12 +36,14 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     let mut owner_ref: Option<String> = None;
     // Who is on the topic, by ref: a fresh state after a daemon restart is
     // only worth a line when it differs from what we already showed.
-    let mut present: BTreeSet<String> = BTreeSet::new();
-    let mut shown = false;
+    let mut shown: Option<BTreeSet<String>> = None;
     while let Some(event) = events.recv().await {
         let event = match event {
             SessionEvent::Event(event) => event,
             SessionEvent::Lost { reason } => anyhow::bail!("{reason}"),
+            SessionEvent::Unsubscribed { error, .. } => {
+                anyhow::bail!("the daemon refused to renew the subscription: {error}")
+            }
             _ => continue,
         };
         if args.json {
@@ -54,7 +56,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                 let now_present: BTreeSet<String> =
                     metas.iter().map(|(_, m)| m.phx_ref.clone()).collect();
                 let now_owner = owner.as_ref().map(|o| o.phx_ref.clone());
-                if !shown || now_present != present || now_owner != owner_ref {
+                if shown.as_ref() != Some(&now_present) || now_owner != owner_ref {
                     say!(
                         "{}: owner {}, {} spectator{}",
                         args.topic,
@@ -63,8 +65,7 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                         if metas.len() == 2 { "" } else { "s" }
                     );
                 }
-                shown = true;
-                present = now_present;
+                shown = Some(now_present);
                 owner_ref = now_owner;
             }
             Event::PresenceDiff {
@@ -74,14 +75,18 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
                 ..
             } => {
                 for (key, meta) in render::metas_by_seq(&payload.leaves) {
-                    present.remove(&meta.phx_ref);
+                    if let Some(present) = &mut shown {
+                        present.remove(&meta.phx_ref);
+                    }
                     let reason = reasons.get(&meta.phx_ref);
                     if reason != Some(&LeaveReason::Update) {
                         say!("- {key} (pid {}) {}", meta.pid, render::reason(reason));
                     }
                 }
                 for (key, meta) in render::metas_by_seq(&payload.joins) {
-                    present.insert(meta.phx_ref.clone());
+                    if let Some(present) = &mut shown {
+                        present.insert(meta.phx_ref.clone());
+                    }
                     if meta.phx_ref_prev.is_some() {
                         say!("~ {key} (pid {}) updated", meta.pid);
                     } else {

@@ -63,6 +63,8 @@ pub enum ClientError {
     Protocol(String),
     /// The connection closed before the reply arrived.
     Closed,
+    /// A session's daemon went away and did not come back in time.
+    Lost(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -78,6 +80,7 @@ impl std::fmt::Display for ClientError {
                 write!(f, "unexpected reply from the daemon: {message}")
             }
             ClientError::Closed => write!(f, "the daemon closed the connection"),
+            ClientError::Lost(reason) => write!(f, "{reason}"),
         }
     }
 }

@@ -444,11 +444,22 @@ impl Serving {
     }
 }
 
-impl Drop for Serving {
+impl Serving {
+    /// Stops taking connections before shutting down: the socket file goes
+    /// now, so a client reconnecting during the shutdown finds no socket
+    /// rather than a backlog nobody will serve. The returned lock keeps
+    /// the path claimed until the daemon is gone (a duplicate descriptor
+    /// holds the same flock).
+    pub fn stop_listening(self) -> io::Result<File> {
+        let lock = self.lock.try_clone()?;
+        drop(self);
+        Ok(lock)
+    }
+
     /// Removes the socket file, unless it is no longer the one we bound
     /// last: if another daemon now listens at the path, its socket must
-    /// stay. The lock is still held here; it goes with the fields.
-    fn drop(&mut self) {
+    /// stay.
+    fn remove_socket(&self) {
         match inspect(&self.socket) {
             Ok(AtPath::Socket(found)) if found == self.bound.identity => {
                 if let Err(e) = std::fs::remove_file(&self.socket) {
@@ -461,6 +472,14 @@ impl Drop for Serving {
                 self.socket.display()
             ),
         }
+    }
+}
+
+impl Drop for Serving {
+    /// The lock is still held here; it goes with the fields, after the
+    /// socket file.
+    fn drop(&mut self) {
+        self.remove_socket();
     }
 }
 

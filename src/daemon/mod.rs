@@ -148,13 +148,18 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     };
 
     tracing::info!("shutting down: {reason}");
+    // Clients told of the shutdown reconnect at once; they must find no
+    // socket, not a backlog that will never be served.
+    let _socket_claim = serving
+        .stop_listening()
+        .inspect_err(|e| tracing::warn!("the socket lock goes early: {e}"))
+        .ok();
     let _ = core_tx.send(Command::Shutdown {
         reason: reason.to_owned(),
     });
     let stopped = stopped_rx.await;
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
-    drop(serving);
     match stopped {
         Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the final commit failed")),
         _ => Ok(()),
