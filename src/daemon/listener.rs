@@ -32,9 +32,10 @@ use crate::paths;
 use crate::protocol::{ErrorBody, ErrorCode, Reply};
 use crate::sys::{self, PidLock};
 
-/// How long a change in the folder settles before we look: a cleaner that
-/// empties the folder and then removes it must not find our new socket in
-/// its way.
+/// How long after the first change in the folder we look: a cleaner that
+/// empties the folder and then removes it (as `rm -r` does, in well under
+/// this) must not find our new socket in its way. If it is slower, the
+/// next check puts back whatever it removed after this one.
 const SETTLE: Duration = Duration::from_millis(100);
 /// The first wait after a failed or refused attempt to put the socket
 /// back; it doubles up to [`RETRY_MAX`].
