@@ -1,6 +1,8 @@
 //! When the database fails: a full disk at run time costs the changes of
-//! the moment, never a row and never the daemon; a database the daemon
-//! cannot use at start is one clear line and exit status 1.
+//! the moment, never a row and never the daemon, and reads keep answering
+//! with what is committed; a full disk at start does not keep the daemon
+//! down; a corrupt database is moved aside; a database the daemon cannot
+//! use at start is one clear line and exit status 1.
 //!
 //! The full-disk and unwritable-folder tests need root, to mount a small
 //! tmpfs and to run as the unprivileged uid 65534. CI runs as root; there
@@ -15,7 +17,7 @@ use std::process::Stdio;
 
 use common::{RawConnection, Running, error_code, next_event, presence_bin, within};
 use presenced::client::Client;
-use presenced::protocol::{Event, ListAllReply, Role, TrackRequest};
+use presenced::protocol::{Event, ListAllReply, Role, StatusReply, TrackRequest};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -82,7 +84,9 @@ impl Drop for SmallDisk {
 }
 
 /// A daemon on a given database whose log the test reads, to know when it
-/// has tried, and failed, to save something.
+/// has tried, and failed, to save something. The core logs at debug level,
+/// so that every failed commit, not only the first of an outage, and the
+/// recovery are seen.
 struct LoggedDaemon {
     socket: PathBuf,
     db: PathBuf,
@@ -115,7 +119,7 @@ impl LoggedDaemon {
             .arg("--db")
             .arg(db)
             .args(["--ready-on-stdout", "--resume-grace", "60"])
-            .env("PRESENCE_LOG", "warn")
+            .env("PRESENCE_LOG", "warn,presenced::core=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -142,12 +146,22 @@ impl LoggedDaemon {
     /// Stops the daemon with SIGTERM, checks that it exits 0, and starts
     /// another on the same socket and database.
     async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Stops the daemon with SIGTERM and checks that it exits 0.
+    async fn stop(&mut self) {
         common::signal(
             self.child.id().expect("running"),
             nix::sys::signal::Signal::SIGTERM,
         );
         let status = within("the daemon to exit", self.child.wait()).await;
         assert_eq!(status.expect("wait").code(), Some(0));
+    }
+
+    /// Starts a daemon again on the same socket and database.
+    async fn start_again(&mut self) {
         (self.child, self.log) = LoggedDaemon::spawn(&self.socket, &self.db).await;
     }
 
@@ -192,6 +206,25 @@ async fn list_all(client: &Client) -> ListAllReply {
     within("list", client.list_all()).await.expect("list")
 }
 
+async fn status(client: &Client) -> StatusReply {
+    within("status", client.status()).await.expect("status")
+}
+
+/// How many rows the database holds, as a fresh connection sees it.
+fn rows_on_disk(db: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(db).expect("open the database");
+    connection
+        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
+        .expect("count the rows")
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
 #[tokio::test]
 async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
     if !running_as_root("a_full_disk_fails_changes_but_loses_nothing") {
@@ -234,29 +267,128 @@ async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
                 && line.contains("1 exited process")
         })
         .await;
+    // Every batch now starts with the owner's departure, which the disk
+    // refuses; reads are answered again from what is committed.
     assert_eq!(
         list_all(&spectator).await,
         committed,
         "the registry never shows what the disk does not hold"
     );
+    assert_eq!(status(&spectator).await.entries, 3, "status as committed");
+    let refused = raw
+        .request(r#"{"op":"track","id":2,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(error_code(&refused), "internal", "no dead owner: {refused}");
 
     std::fs::remove_file(&filler).expect("remove the filler");
+    // Straight away, most likely within the retry pause: whether the
+    // core's own retry or this track's batch saves the departure, it is
+    // saved before the track is answered.
+    let late = raw
+        .request(r#"{"op":"track","id":3,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(late["ok"], true, "{late}");
+    assert_eq!(late["owner"]["key"], "spectator", "no ghost owner: {late}");
     let promoted = next_event(&mut events, |event| match event {
         Event::Role { payload, .. } if payload.standing.role == Role::Owner => Some(payload),
         _ => None,
     })
     .await;
     assert_eq!(promoted.phx_ref, waiting.phx_ref);
-    let late = raw
-        .request(r#"{"op":"track","id":2,"topic":"doc","key":"late"}"#)
-        .await;
-    assert_eq!(late["ok"], true, "{late}");
     let before_restart = list_all(&spectator).await;
     assert_eq!(before_restart.topics["doc"].presences.len(), 2);
 
     daemon.restart().await;
     let (reader, _events) = daemon.client().await;
     assert_eq!(list_all(&reader).await, before_restart);
+}
+
+#[tokio::test]
+async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() {
+    if !running_as_root("a_restart_on_a_full_disk_starts") {
+        return;
+    }
+    let disk = SmallDisk::mount();
+    let db = disk.path().join("state/presence.db");
+    let mut daemon = LoggedDaemon::start(&db).await;
+    let mut sleeper = common::spawn_sleeper();
+    let mut raw = RawConnection::connect(&daemon.socket).await;
+    let track = format!(
+        r#"{{"op":"track","id":1,"topic":"doc","key":"gone","pid":{},"lifetime":"process"}}"#,
+        sleeper.id().expect("running")
+    );
+    assert_eq!(raw.request(&track).await["ok"], true);
+    // A reader that holds its snapshot keeps SQLite from reusing the start
+    // of the write-ahead log, so that the next daemon's first write needs
+    // room the disk no longer has.
+    let reader = rusqlite::Connection::open(&db).expect("open the database");
+    reader.execute_batch("BEGIN").expect("begin");
+    let seen: i64 = reader
+        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
+        .expect("read");
+    assert_eq!(seen, 1);
+    daemon.stop().await;
+    sleeper.kill().await.expect("kill the sleeper");
+    let filler = disk.fill();
+
+    daemon.start_again().await;
+    daemon
+        .log_line("the stale row's delete to fail", |line| {
+            line.contains("commit failed") && line.contains("1 stale row")
+        })
+        .await;
+    let (client, _events) = daemon.client().await;
+    assert!(
+        list_all(&client).await.topics.is_empty(),
+        "the row of a process gone is never shown"
+    );
+    assert_eq!(rows_on_disk(&db), 1, "the delete waits for room");
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    drop(reader);
+    daemon
+        .log_line("the delete to be saved", |line| {
+            line.contains("the database takes commits again")
+        })
+        .await;
+    assert_eq!(rows_on_disk(&db), 0);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_database_is_moved_aside_whole_and_a_new_one_started() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("create the folder");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let db = state.join("presence.db");
+    let garbage = b"not a database, only garbage ".repeat(300);
+    std::fs::write(&db, &garbage).expect("write the garbage");
+    let earliest = unix_seconds();
+
+    let mut daemon = LoggedDaemon::start(&db).await;
+
+    let (client, _events) = daemon.client().await;
+    let recovered = status(&client).await.db_recovered;
+    let moved = PathBuf::from(recovered.expect("status names the moved file"));
+    assert_eq!(moved.parent(), Some(state.as_path()));
+    let name = moved.file_name().and_then(|n| n.to_str()).expect("a name");
+    let seconds: u64 = name
+        .strip_prefix("presence.db.corrupt-")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("named PATH.corrupt-<seconds>: {name}"));
+    assert!((earliest..=unix_seconds()).contains(&seconds), "{name}");
+    assert_eq!(std::fs::read(&moved).expect("read it"), garbage);
+    daemon
+        .log_line("an error naming the moved file", |line| {
+            line.contains("ERROR")
+                && line.contains("is corrupt")
+                && line.contains(&moved.display().to_string())
+        })
+        .await;
+    within("track", client.track(TrackRequest::new("doc", "fresh")))
+        .await
+        .expect("the new database takes writes");
 }
 
 /// Runs `presence daemon` where it must refuse to start, and returns what

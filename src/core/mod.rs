@@ -7,16 +7,20 @@
 //! costs one commit, not one each.
 //!
 //! If a commit fails (a full disk, another program locking the database),
-//! the registry is rolled back to what the database holds, the batch's
-//! presence requests are answered with `internal` errors, and the daemon
-//! carries on. What happened outside the core in that batch (a connection
-//! closed, a process exited) cannot be asked again by anyone, so it is kept
-//! and applied again, with a growing pause between tries, until a commit
-//! takes it.
+//! the registry is rolled back to what the database holds and the daemon
+//! carries on. The batch's requests that change entries are answered with
+//! `internal` errors; those that only read, and subscriptions, which are
+//! never saved, are answered again from the rolled-back registry, so they
+//! keep working and show only what is committed. What happened outside
+//! the core in that batch (a connection closed, a process exited) cannot be
+//! asked again by anyone, so it is kept as a fact and applied at the head
+//! of every later batch until a commit takes it; while no client asks
+//! anything, it is retried on its own with a growing pause.
 //!
 //! The core has no sockets and no async runtime; it hands finished lines to
 //! each connection's [`Outlet`].
 
+mod recovery;
 pub mod registry;
 pub mod store;
 
@@ -34,19 +38,24 @@ use crate::protocol::{
     ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Lifetime, PROTOCOL_VERSION, Reply,
     SERVER_NAME, ShutdownPayload, StatusReply,
 };
-use registry::{ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
-use store::{Store, StoreError};
+use recovery::{Fact, Recovery};
+use registry::{Change, ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
+use store::{Store, StoreError, StoredEntry};
 
 /// How many commands one transaction may take. Large enough that a burst
 /// is one commit; small enough that the first reply of a burst is not held
 /// back for long.
 const MAX_BATCH: usize = 1024;
 
-/// The pause before facts and expiry are tried again after a failed commit.
-/// It doubles with each failed retry, up to [`MAX_RETRY_PAUSE`], so that a
-/// full disk never keeps the core busy.
+/// The pause before waiting facts are retried on their own after a failed
+/// commit. It doubles with each failed retry, up to [`MAX_RETRY_PAUSE`], so
+/// that a full disk never keeps an idle core busy.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(100);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// During an outage, how often a failed commit may be logged above debug
+/// level: a full disk must not fill the log too.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// What kind of line a connection is sent; the io layer uses it to bound a
 /// slow reader's queue without losing anything that matters.
@@ -139,9 +148,9 @@ pub enum Stopped {
     Shutdown,
     /// Every sender is gone.
     Disconnected,
-    /// A `Shutdown` command, but its batch, or a last try of the facts that
-    /// earlier commits could not save, failed to commit. The rows are as
-    /// last committed; nothing uncommitted was revealed.
+    /// A `Shutdown` command, but facts that failed commits held back could
+    /// not be saved even by a last try. The rows are as last committed;
+    /// nothing uncommitted was revealed.
     Store(StoreError),
 }
 
@@ -150,6 +159,17 @@ pub struct Core {
     store: Store,
     outlets: HashMap<ConnId, Box<dyn Outlet>>,
     info: DaemonInfo,
+    recovery: Recovery,
+}
+
+/// Why the core woke up.
+enum Wake {
+    Command(Command),
+    /// Its own work is due: a restored entry's resume deadline, or facts
+    /// to retry.
+    Upkeep,
+    /// Every sender is gone.
+    Disconnected,
 }
 
 impl Core {
@@ -164,52 +184,58 @@ impl Core {
         resume_grace: Duration,
         info: DaemonInfo,
     ) -> Result<Core, StoreError> {
-        let (stored, next_seq) = store.load()?;
-        let now = now_millis();
-        let mut gone = Vec::new();
-        let mut kept = Vec::new();
-        let (mut of_another_boot, mut of_exited_processes) = (0usize, 0usize);
-        for row in stored {
-            let entry = row.entry;
-            let why_gone = if row.boot_id != boot_id {
-                of_another_boot += 1;
-                "it was written before the machine last booted"
-            } else if !crate::sys::is_running(entry.process) {
-                of_exited_processes += 1;
-                "its process exited while no daemon ran (pid_exit)"
-            } else {
-                let mut entry = entry;
-                if entry.lifetime == Lifetime::Connection {
-                    entry.resume_deadline = Some(now + resume_grace.as_millis() as i64);
-                }
-                kept.push(entry);
-                continue;
-            };
-            tracing::debug!(
-                "removing {} ({} on {}, pid {}): {why_gone}",
-                entry.phx_ref,
-                entry.key,
-                entry.topic,
-                entry.process.pid
-            );
-            gone.push(registry::Change::Delete(entry.phx_ref));
-        }
+        let (stored, stored_next_seq) = store.load()?;
+        let resume_deadline = now_millis() + resume_grace.as_millis() as i64;
+        let sorted = sort_rows(stored, boot_id, resume_deadline);
         tracing::info!(
-            kept = kept.len(),
-            removed_pid_exit = of_exited_processes,
-            removed_other_boot = of_another_boot,
+            kept = sorted.kept.len(),
+            removed_pid_exit = sorted.of_exited_processes,
+            removed_other_boot = sorted.of_another_boot,
             "loaded presences from {}",
             store.path().display()
         );
-        let registry = Registry::restore(limits, kept, next_seq);
         let mut core = Core {
-            registry,
+            registry: Registry::restore(limits, sorted.kept, stored_next_seq),
             store,
             outlets: HashMap::new(),
             info,
+            recovery: Recovery::default(),
         };
-        core.store.commit(&gone, core.registry.next_seq())?;
+        core.forget_dead_rows(sorted.dead, stored_next_seq)?;
         Ok(core)
+    }
+
+    /// Deletes the rows that did not survive the restart, and saves the seq
+    /// counter if restoring raised it. If nothing changed, nothing is
+    /// written, so a full disk does not stop such a start.
+    ///
+    /// If the disk is full or another program holds the database, the
+    /// daemon starts anyway and keeps trying the deletions as waiting facts.
+    /// That leaves rows on disk that the registry does not hold: the one
+    /// place where the two disagree, and a safe one. The rows belong to
+    /// processes that are gone (or to an earlier boot), so no client is
+    /// ever shown them and nobody can resume them; their refs and seqs are
+    /// below the saved counter, so none is handed out again; and should the
+    /// daemon stop before the delete is saved, the next start finds the
+    /// same processes gone and drops them again.
+    fn forget_dead_rows(
+        &mut self,
+        dead: Vec<String>,
+        stored_next_seq: u64,
+    ) -> Result<(), StoreError> {
+        if dead.is_empty() && self.registry.next_seq() == stored_next_seq {
+            return Ok(());
+        }
+        let changes: Vec<Change> = dead.iter().cloned().map(Change::Delete).collect();
+        match self.store.commit(&changes, self.registry.next_seq()) {
+            Ok(()) => Ok(()),
+            Err(cause) if cause.is_passing() => {
+                let facts = dead.into_iter().map(Fact::DeadRow).collect();
+                self.recovery.failed(&cause, Origin::Upkeep, 0, facts);
+                Ok(())
+            }
+            Err(cause) => Err(cause),
+        }
     }
 
     /// The processes whose exit must be watched from the start.
@@ -220,160 +246,112 @@ impl Core {
     /// Runs until shutdown or every sender is gone. A failed commit does
     /// not stop it: see the module comment.
     pub fn run(mut self, commands: Receiver<Command>) -> Stopped {
-        let mut recovery = Recovery::default();
         loop {
-            let Ok(first) = self.next_command(&commands, &recovery) else {
-                return Stopped::Disconnected;
+            let mut batch = match self.wait(&commands) {
+                Wake::Command(first) => {
+                    let mut batch = self.new_batch(Origin::Commands);
+                    self.collect(first, &commands, &mut batch);
+                    batch
+                }
+                Wake::Upkeep => self.new_batch(Origin::Upkeep),
+                Wake::Disconnected => return Stopped::Disconnected,
             };
-            // A failed commit is dealt with inside `upkeep` and `finish`
-            // (rolled back, logged, its facts kept), so the core goes on.
-            if self.upkeep_due(&recovery) {
-                // Its own transaction: if it fails again, the requests that
-                // woke the core are still answered from what is committed.
-                let _ = self.upkeep(&mut recovery);
-            }
-            let Some(first) = first else { continue };
-            let mut batch = self.collect(first, &commands);
             let shutdown = batch.shutdown.take();
-            let committed = self.finish(batch, &mut recovery);
+            // A failed commit was rolled back, answered and logged, and its
+            // facts wait for the next batch: the core goes on.
+            let _ = self.finish(batch);
             if let Some(reason) = shutdown {
-                return self.stop(reason, committed, &mut recovery);
+                return self.stop(reason);
             }
         }
     }
 
     /// Shuts down, after one last try for the facts that failed commits
-    /// held back. Whatever still fails stays as last committed.
-    fn stop(
-        &mut self,
-        reason: String,
-        committed: Result<(), StoreError>,
-        recovery: &mut Recovery,
-    ) -> Stopped {
-        let retried = if recovery.facts.is_empty() {
+    /// held back. Only facts that even that cannot save make the stop a
+    /// failure: a failed request was answered already, and the rows stay
+    /// as last committed.
+    fn stop(&mut self, reason: String) -> Stopped {
+        let last_try = if self.recovery.facts.is_empty() {
             Ok(())
         } else {
-            self.upkeep(recovery)
+            let batch = self.new_batch(Origin::Upkeep);
+            self.finish(batch)
         };
         self.shut_down(reason);
-        match committed.and(retried) {
+        match last_try {
             Ok(()) => Stopped::Shutdown,
-            Err(e) => Stopped::Store(e),
+            Err(cause) => Stopped::Store(cause),
         }
     }
 
-    /// Waits for the next command, or until upkeep is due (`Ok(None)`).
-    fn next_command(
-        &self,
-        commands: &Receiver<Command>,
-        recovery: &Recovery,
-    ) -> Result<Option<Command>, RecvTimeoutError> {
-        match self.upkeep_at(recovery) {
-            Some(at) => match commands.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(command) => Ok(Some(command)),
-                Err(RecvTimeoutError::Timeout) => Ok(None),
-                Err(RecvTimeoutError::Disconnected) => Err(RecvTimeoutError::Disconnected),
-            },
-            None => commands
-                .recv()
-                .map(Some)
-                .map_err(|_| RecvTimeoutError::Disconnected),
+    /// Waits for the next command, or until upkeep is due.
+    fn wait(&self, commands: &Receiver<Command>) -> Wake {
+        let received = match self.upkeep_at() {
+            Some(at) => commands.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match received {
+            Ok(command) => Wake::Command(command),
+            Err(RecvTimeoutError::Timeout) => Wake::Upkeep,
+            Err(RecvTimeoutError::Disconnected) => Wake::Disconnected,
         }
     }
 
     /// When the core has work of its own: a restored entry's resume
     /// deadline, or facts to retry; never before the retry pause after a
-    /// failed commit, so that a failing disk cannot make the core spin.
-    fn upkeep_at(&self, recovery: &Recovery) -> Option<Instant> {
+    /// failed commit, so that a failing disk cannot make an idle core spin.
+    /// A batch of commands does this work too, at its head, pause or not.
+    fn upkeep_at(&self) -> Option<Instant> {
         let expiry = self.registry.next_resume_deadline().map(|deadline| {
             let wait = deadline.saturating_sub(now_millis()).max(0) as u64;
             Instant::now() + Duration::from_millis(wait)
         });
-        let retry = (!recovery.facts.is_empty()).then(Instant::now);
+        let retry = (!self.recovery.facts.is_empty()).then(Instant::now);
         let due = expiry.into_iter().chain(retry).min()?;
-        Some(match &recovery.backoff {
-            Some(backoff) => due.max(backoff.retry_at),
+        Some(match &self.recovery.outage {
+            Some(outage) => due.max(outage.retry_at),
             None => due,
         })
     }
 
-    fn upkeep_due(&self, recovery: &Recovery) -> bool {
-        self.upkeep_at(recovery)
-            .is_some_and(|at| at <= Instant::now())
-    }
-
-    /// Applies the facts still waiting for a commit, and expires restored
-    /// entries whose deadline has passed, in one transaction.
-    fn upkeep(&mut self, recovery: &mut Recovery) -> Result<(), StoreError> {
-        let mut batch = self.new_batch();
-        batch.is_upkeep = true;
-        for fact in std::mem::take(&mut recovery.facts) {
+    /// Opens a batch, and applies first what the core owes from before:
+    /// the facts that failed commits could not save, so that nothing in
+    /// the batch is worked out from a state that has already ended (the
+    /// entries of a closed connection or an exited process), and the
+    /// expiry of restored entries whose deadline has passed.
+    fn new_batch(&mut self, origin: Origin) -> Batch {
+        self.registry.begin_batch();
+        let mut batch = Batch {
+            origin,
+            now: now_millis(),
+            next_seq_before: self.registry.next_seq(),
+            ..Batch::default()
+        };
+        for fact in std::mem::take(&mut self.recovery.facts) {
             self.apply_fact(fact, &mut batch);
         }
-        self.registry.expire(now_millis(), &mut batch.outbox);
-        self.finish(batch, recovery)
+        self.registry.expire(batch.now, &mut batch.outbox);
+        batch
     }
 
     /// Applies `first` and whatever else waits in the channel, up to
     /// [`MAX_BATCH`] commands or a shutdown.
-    fn collect(&mut self, first: Command, commands: &Receiver<Command>) -> Batch {
-        let mut batch = self.new_batch();
-        let now = now_millis();
+    fn collect(&mut self, first: Command, commands: &Receiver<Command>, batch: &mut Batch) {
         let mut next = Some(first);
         while let Some(command) = next {
-            self.apply(command, now, &mut batch);
+            self.apply(command, batch);
             if batch.len >= MAX_BATCH || batch.shutdown.is_some() {
                 break;
             }
             next = commands.try_recv().ok();
         }
-        batch
     }
 
-    fn new_batch(&mut self) -> Batch {
-        self.registry.begin_batch();
-        Batch {
-            next_seq_before: self.registry.next_seq(),
-            ..Batch::default()
-        }
-    }
-
-    /// Commits the batch and reveals it. If the commit fails, the registry
-    /// is rolled back and only that failure is revealed; the batch's facts
-    /// wait in `recovery` for the next try.
-    fn finish(&mut self, batch: Batch, recovery: &mut Recovery) -> Result<(), StoreError> {
-        let Batch {
-            outbox,
-            presence_replies,
-            facts,
-            closed,
-            is_upkeep,
-            next_seq_before,
-            ..
-        } = batch;
-        let unchanged = outbox.changes.is_empty() && self.registry.next_seq() == next_seq_before;
-        let result = if unchanged {
-            // Nothing to write, so nothing that could fail to be written:
-            // reads keep working while the disk is full.
-            Ok(())
-        } else {
-            self.store.commit(&outbox.changes, self.registry.next_seq())
-        };
-        let deliveries = match &result {
-            Ok(()) => {
-                self.registry.settle();
-                if !unchanged {
-                    recovery.succeeded();
-                }
-                outbox.deliveries
-            }
-            Err(cause) => {
-                self.registry.roll_back();
-                let deliveries = failed_deliveries(outbox.deliveries, &presence_replies, cause);
-                recovery.failed(cause, facts, presence_replies.len(), is_upkeep);
-                deliveries
-            }
-        };
+    /// Commits the batch and reveals it, or, if the commit fails, reveals
+    /// what survives the roll-back. Returns the commit's result.
+    fn finish(&mut self, mut batch: Batch) -> Result<(), StoreError> {
+        let closed = std::mem::take(&mut batch.closed);
+        let (deliveries, result) = self.commit_or_roll_back(batch);
         self.release(deliveries);
         // Closed connections get no more lines even if their close is to be
         // retried: their sockets are gone either way.
@@ -385,36 +363,104 @@ impl Core {
         result
     }
 
-    fn apply(&mut self, command: Command, now: i64, batch: &mut Batch) {
+    /// Commits what the batch changed, and returns what may be sent: all
+    /// of it after a commit; after a failed one, the registry is rolled
+    /// back, the replies are answered again from it, no event is sent, and
+    /// the batch's facts wait in `recovery`.
+    fn commit_or_roll_back(&mut self, batch: Batch) -> (Vec<Delivery>, Result<(), StoreError>) {
+        let changed =
+            !batch.outbox.changes.is_empty() || self.registry.next_seq() != batch.next_seq_before;
+        let result = if changed {
+            self.store
+                .commit(&batch.outbox.changes, self.registry.next_seq())
+        } else {
+            // Nothing to write, so nothing that could fail to be written.
+            Ok(())
+        };
+        match result {
+            Ok(()) => {
+                self.registry.settle();
+                if changed {
+                    self.recovery.succeeded();
+                }
+                (batch.outbox.deliveries, Ok(()))
+            }
+            Err(cause) => {
+                self.registry.roll_back();
+                let refused = batch
+                    .redo
+                    .iter()
+                    .filter(|(_, redo)| matches!(redo, Redo::Fail))
+                    .count();
+                let deliveries =
+                    self.answer_again(batch.outbox.deliveries, batch.redo, batch.now, &cause);
+                self.recovery
+                    .failed(&cause, batch.origin, refused, batch.facts);
+                (deliveries, Err(cause))
+            }
+        }
+    }
+
+    /// The replies of a rolled-back batch, each in its place. A reply
+    /// worked out from undone changes becomes an `internal` error; a read
+    /// is asked again of the rolled-back registry; hello, ping and
+    /// refusals stand. Events described the undone changes, so none is
+    /// sent, except the `presence_state` of a subscribe asked again.
+    fn answer_again(
+        &mut self,
+        deliveries: Vec<Delivery>,
+        redo: Vec<(usize, Redo)>,
+        now: i64,
+        cause: &StoreError,
+    ) -> Vec<Delivery> {
+        let error = ErrorBody::new(
+            ErrorCode::Internal,
+            format!("could not save the change: {cause}"),
+        );
+        let mut redo = redo.into_iter().peekable();
+        let mut out = Outbox::default();
+        for (index, delivery) in deliveries.into_iter().enumerate() {
+            let Delivery::Reply { conn, reply } = delivery else {
+                continue;
+            };
+            match redo.next_if(|(at, _)| *at == index) {
+                None => out.deliveries.push(Delivery::Reply { conn, reply }),
+                Some((_, Redo::Fail)) => {
+                    let reply = Reply::failure(reply.id, error.clone());
+                    out.deliveries.push(Delivery::Reply { conn, reply });
+                }
+                Some((_, Redo::Ask(request))) => {
+                    self.answer(conn, reply.id, request, now, &mut out)
+                }
+            }
+        }
+        debug_assert!(
+            out.changes.is_empty(),
+            "a request asked again changed a row"
+        );
+        out.deliveries
+    }
+
+    fn apply(&mut self, command: Command, batch: &mut Batch) {
         batch.len += 1;
-        let out = &mut batch.outbox;
         match command {
             Command::Open { conn, peer, outlet } => {
                 self.registry.open(conn, peer);
                 self.outlets.insert(conn, outlet);
             }
-            Command::Request { conn, id, request } => match request {
-                Resolved::Presence(op) => {
-                    // `handle` writes the reply first, at this index.
-                    batch.presence_replies.push(out.deliveries.len());
-                    self.registry.handle(conn, id, op, now, out);
+            Command::Request { conn, id, request } => {
+                if let Some(redo) = redo_after_roll_back(&request) {
+                    // The reply is written first, at this index.
+                    batch.redo.push((batch.outbox.deliveries.len(), redo));
                 }
-                Resolved::Hello(hello) => {
-                    let reply = Reply::from_result(id, hello_result(hello));
-                    out.deliveries.push(Delivery::Reply { conn, reply });
-                }
-                Resolved::Status => {
-                    let reply = Reply::success(id, self.status());
-                    out.deliveries.push(Delivery::Reply { conn, reply });
-                }
-                Resolved::Ping => {
-                    let reply = Reply::success(id, serde_json::Map::new());
-                    out.deliveries.push(Delivery::Reply { conn, reply });
-                }
-            },
+                self.answer(conn, id, request, batch.now, &mut batch.outbox);
+            }
             Command::Refuse { conn, id, error } => {
                 let reply = Reply::failure(id, error);
-                out.deliveries.push(Delivery::Reply { conn, reply });
+                batch
+                    .outbox
+                    .deliveries
+                    .push(Delivery::Reply { conn, reply });
             }
             Command::Close { conn } => self.apply_fact(Fact::Closed(conn), batch),
             Command::ProcessExited(process) => {
@@ -427,6 +473,20 @@ impl Core {
         }
     }
 
+    /// Writes the request's reply, then the events it caused.
+    fn answer(&mut self, conn: ConnId, id: Value, request: Resolved, now: i64, out: &mut Outbox) {
+        let reply = match request {
+            Resolved::Presence(op) => {
+                self.registry.handle(conn, id, op, now, out);
+                return;
+            }
+            Resolved::Hello(hello) => Reply::from_result(id, hello_result(hello)),
+            Resolved::Status => Reply::success(id, self.status()),
+            Resolved::Ping => Reply::success(id, serde_json::Map::new()),
+        };
+        out.deliveries.push(Delivery::Reply { conn, reply });
+    }
+
     fn apply_fact(&mut self, fact: Fact, batch: &mut Batch) {
         let out = &mut batch.outbox;
         match &fact {
@@ -436,6 +496,7 @@ impl Core {
             }
             Fact::ProcessExited(process) => self.registry.process_exited(*process, out),
             Fact::Resync { conn, topics } => self.registry.resync(*conn, topics, out),
+            Fact::DeadRow(phx_ref) => out.changes.push(Change::Delete(phx_ref.clone())),
         }
         batch.facts.push(fact);
     }
@@ -505,6 +566,88 @@ impl Core {
     }
 }
 
+/// The stored rows, sorted at start into those that survive the restart
+/// and the refs of those that do not.
+struct SortedRows {
+    kept: Vec<registry::Entry>,
+    dead: Vec<String>,
+    of_another_boot: usize,
+    of_exited_processes: usize,
+}
+
+/// Keeps the rows of this boot whose process still runs; a connection
+/// entry among them waits until `resume_deadline` to be resumed.
+fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> SortedRows {
+    let mut sorted = SortedRows {
+        kept: Vec::new(),
+        dead: Vec::new(),
+        of_another_boot: 0,
+        of_exited_processes: 0,
+    };
+    for StoredEntry {
+        mut entry,
+        boot_id: written_in,
+    } in stored
+    {
+        let why_dead = if written_in != boot_id {
+            sorted.of_another_boot += 1;
+            "it was written before the machine last booted"
+        } else if !crate::sys::is_running(entry.process) {
+            sorted.of_exited_processes += 1;
+            "its process exited while no daemon ran (pid_exit)"
+        } else {
+            if entry.lifetime == Lifetime::Connection {
+                entry.resume_deadline = Some(resume_deadline);
+            }
+            sorted.kept.push(entry);
+            continue;
+        };
+        tracing::debug!(
+            "removing {} ({} on {}, pid {}): {why_dead}",
+            entry.phx_ref,
+            entry.key,
+            entry.topic,
+            entry.process.pid
+        );
+        sorted.dead.push(entry.phx_ref);
+    }
+    sorted
+}
+
+/// What becomes of a reply when its batch is rolled back.
+#[derive(Debug)]
+enum Redo {
+    /// It becomes an `internal` error.
+    Fail,
+    /// The request is asked again of the rolled-back registry.
+    Ask(Resolved),
+}
+
+/// What a request's reply becomes if its batch is rolled back; `None` if
+/// it stands as it is (hello, ping), since no change touched it.
+///
+/// Reads are asked again, so that they keep working while the disk is full
+/// and show only what is committed. So are subscribe and unsubscribe: they
+/// change subscriptions, which are never saved and need no commit; asked
+/// again, a subscribe's `presence_state` shows the committed state, and the
+/// diffs that follow build on it. Track, untrack and update are undone, so
+/// they fail. A resume is not saved either, but it fails too: the facts at
+/// the head of its batch (its entry's old connection closing) are undone
+/// with it, so asked again it would call a resumable entry `expired`; an
+/// error tells the client to try again.
+fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
+    match request {
+        Resolved::Hello(_) | Resolved::Ping => None,
+        Resolved::Status => Some(Redo::Ask(Resolved::Status)),
+        Resolved::Presence(op) => Some(match op {
+            Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Unsubscribe(_) => {
+                Redo::Ask(Resolved::Presence(op.clone()))
+            }
+            Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Resume(_) => Redo::Fail,
+        }),
+    }
+}
+
 /// `hello`: the versions agree, or the client asked for one we lack.
 fn hello_result(hello: HelloRequest) -> Result<serde_json::Value, ErrorBody> {
     match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
@@ -521,146 +664,33 @@ fn hello_result(hello: HelloRequest) -> Result<serde_json::Value, ErrorBody> {
     }
 }
 
+/// Who made a batch, which decides how its failure moves the retry pause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Origin {
+    /// Commands from the io layer.
+    #[default]
+    Commands,
+    /// The core's own work: waiting facts retried while idle, expiry,
+    /// the clean-up at start.
+    Upkeep,
+}
+
 #[derive(Default)]
 struct Batch {
+    origin: Origin,
+    /// The time the batch's requests are handled at.
+    now: i64,
     outbox: Outbox,
     len: usize,
-    /// Where each presence op's reply sits in `outbox.deliveries`, in
-    /// order: the replies that a failed commit turns into errors.
-    presence_replies: Vec<usize>,
+    /// For each reply that a roll-back changes, its index in
+    /// `outbox.deliveries` and what becomes of it (see
+    /// [`redo_after_roll_back`]), in order.
+    redo: Vec<(usize, Redo)>,
     facts: Vec<Fact>,
     closed: Vec<ConnId>,
     shutdown: Option<String>,
-    /// Whether this is the core's own upkeep (facts to retry, expiry)
-    /// rather than commands from the io layer.
-    is_upkeep: bool,
     /// To tell whether the batch changed anything to write.
     next_seq_before: u64,
-}
-
-/// Something that happened outside the core. Unlike a request, nobody will
-/// send it again if its batch fails to commit, so the core keeps it and
-/// applies it again until a commit takes it.
-#[derive(Debug)]
-enum Fact {
-    Closed(ConnId),
-    ProcessExited(ProcessId),
-    Resync { conn: ConnId, topics: Vec<String> },
-}
-
-/// What failed commits leave to do: the facts not yet saved, and when to
-/// try again.
-#[derive(Default)]
-struct Recovery {
-    facts: Vec<Fact>,
-    /// Set from a failed commit until one succeeds.
-    backoff: Option<Backoff>,
-}
-
-struct Backoff {
-    pause: Duration,
-    retry_at: Instant,
-    failures: u64,
-}
-
-impl Recovery {
-    /// Keeps the failed batch's facts, and pauses upkeep: the pause starts
-    /// at the first failure and doubles with each failed upkeep. A failed
-    /// batch of requests does not push a running pause further out, so
-    /// busy clients cannot hold the retries off.
-    fn failed(&mut self, cause: &StoreError, facts: Vec<Fact>, refused: usize, is_upkeep: bool) {
-        self.facts.extend(facts);
-        let failures = self.backoff.as_ref().map_or(0, |b| b.failures) + 1;
-        let pause = match &self.backoff {
-            None => FIRST_RETRY_PAUSE,
-            Some(backoff) if is_upkeep => (backoff.pause * 2).min(MAX_RETRY_PAUSE),
-            Some(backoff) => backoff.pause,
-        };
-        let retry_at = match &self.backoff {
-            Some(backoff) if !is_upkeep => backoff.retry_at,
-            _ => Instant::now() + pause,
-        };
-        self.backoff = Some(Backoff {
-            pause,
-            retry_at,
-            failures,
-        });
-        let waiting = match describe(&self.facts) {
-            Some(facts) => {
-                let next_try = retry_at
-                    .saturating_duration_since(Instant::now())
-                    .as_millis();
-                format!("; {facts} waiting to be saved, next try in {next_try} ms")
-            }
-            None => String::new(),
-        };
-        tracing::error!(
-            "commit failed, batch rolled back: {cause}; answered {} with an error{waiting}",
-            counted(refused, "request"),
-        );
-    }
-
-    fn succeeded(&mut self) {
-        if let Some(backoff) = self.backoff.take() {
-            tracing::info!(
-                "the database takes commits again, after {} failed",
-                backoff.failures
-            );
-        }
-    }
-}
-
-/// The facts waiting to be saved, for the log: `2 closed connections, 1
-/// exited process`; `None` if there are none.
-fn describe(facts: &[Fact]) -> Option<String> {
-    let count = |kind: fn(&Fact) -> bool| facts.iter().filter(|f| kind(f)).count();
-    let counts = [
-        (count(|f| matches!(f, Fact::Closed(_))), "closed connection"),
-        (
-            count(|f| matches!(f, Fact::ProcessExited(_))),
-            "exited process",
-        ),
-        (count(|f| matches!(f, Fact::Resync { .. })), "resync"),
-    ];
-    let parts: Vec<String> = counts
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| counted(*n, what))
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
-}
-
-/// `1 request`, `2 requests`.
-fn counted(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
-}
-
-/// What a batch whose commit failed may still send. Each presence op's
-/// reply, success or not, was worked out from changes that are now undone,
-/// so it becomes an `internal` error, keeping its id and its place; other
-/// replies (hello, status, ping, refusals) stand. Events described the
-/// undone changes, so none is sent.
-fn failed_deliveries(
-    deliveries: Vec<Delivery>,
-    presence_replies: &[usize],
-    cause: &StoreError,
-) -> Vec<Delivery> {
-    let error = ErrorBody::new(
-        ErrorCode::Internal,
-        format!("could not save the change: {cause}"),
-    );
-    deliveries
-        .into_iter()
-        .enumerate()
-        .filter_map(|(index, delivery)| match delivery {
-            Delivery::Reply { conn, reply } if presence_replies.binary_search(&index).is_ok() => {
-                let reply = Reply::failure(reply.id, error.clone());
-                Some(Delivery::Reply { conn, reply })
-            }
-            Delivery::Reply { .. } => Some(delivery),
-            Delivery::Event { .. } => None,
-        })
-        .collect()
 }
 
 fn line_kind(event: &Event) -> LineKind {
@@ -684,256 +714,4 @@ fn to_line(message: &impl serde::Serialize) -> Arc<[u8]> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::mpsc;
-
-    use serde_json::json;
-
-    use super::*;
-    use crate::protocol::{Limits, TrackRequest};
-    use registry::Track;
-
-    const WAIT: Duration = Duration::from_secs(10);
-    /// How long SQLite waits on the test's lock before a commit fails.
-    const BUSY: Duration = Duration::from_millis(20);
-
-    /// Hands the test each line a connection is sent, and `None` when the
-    /// core closes it.
-    struct TestOutlet(mpsc::Sender<Option<Value>>);
-
-    impl Outlet for TestOutlet {
-        fn deliver(&self, line: Line) {
-            let _ = self
-                .0
-                .send(Some(serde_json::from_slice(&line.bytes).unwrap()));
-        }
-
-        fn close(&self) {
-            let _ = self.0.send(None);
-        }
-    }
-
-    /// A core running on its own thread over a database in a temporary
-    /// folder, and a way for the test to lock that database as another
-    /// program would.
-    struct Running {
-        commands: mpsc::Sender<Command>,
-        core: Option<std::thread::JoinHandle<Stopped>>,
-        db: PathBuf,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Running {
-        fn start() -> Running {
-            let dir = tempfile::tempdir().unwrap();
-            let db = dir.path().join("p.db");
-            let store = Store::open(&db, "boot".into()).unwrap();
-            store.set_busy_timeout(BUSY);
-            let info = DaemonInfo {
-                socket: dir.path().join("s.sock"),
-                started: Instant::now(),
-                pid_watch: "test".into(),
-            };
-            let core = Core::start(
-                store,
-                Limits::default(),
-                "boot",
-                Duration::from_secs(10),
-                info,
-            )
-            .unwrap();
-            let (commands, receiver) = mpsc::channel();
-            let core = std::thread::spawn(move || core.run(receiver));
-            Running {
-                commands,
-                core: Some(core),
-                db,
-                _dir: dir,
-            }
-        }
-
-        fn connect(&self, conn: ConnId) -> mpsc::Receiver<Option<Value>> {
-            let (lines, receiver) = mpsc::channel();
-            self.send(Command::Open {
-                conn,
-                peer: Peer {
-                    pid: 4000 + conn as u32,
-                    uid: 1000,
-                    user: "alice".into(),
-                },
-                outlet: Box::new(TestOutlet(lines)),
-            });
-            receiver
-        }
-
-        fn send(&self, command: Command) {
-            self.commands.send(command).unwrap();
-        }
-
-        fn request(&self, conn: ConnId, id: u64, request: Resolved) {
-            self.send(Command::Request {
-                conn,
-                id: json!(id),
-                request,
-            });
-        }
-
-        fn track(&self, conn: ConnId, id: u64, key: &str) {
-            let token = format!("token-{key}");
-            let track = Track {
-                request: TrackRequest {
-                    topic: "doc".into(),
-                    key: key.into(),
-                    meta: serde_json::Map::new(),
-                    pid: None,
-                    lifetime: Lifetime::Connection,
-                    subscribe: false,
-                },
-                process: ProcessId {
-                    pid: 4000 + conn as u32,
-                    start_time: 1,
-                },
-                token_hash: [id as u8; 32],
-                token,
-            };
-            self.request(conn, id, Resolved::Presence(Op::Track(track)));
-        }
-
-        /// Takes the database's write lock, as a `sqlite3` shell in a
-        /// transaction would; commits fail until it is dropped.
-        fn lock_database(&self) -> rusqlite::Connection {
-            let locker = rusqlite::Connection::open(&self.db).unwrap();
-            locker.execute_batch("BEGIN IMMEDIATE").unwrap();
-            locker
-        }
-
-        fn rows(&self) -> Vec<String> {
-            let db = rusqlite::Connection::open(&self.db).unwrap();
-            let mut query = db
-                .prepare("SELECT key FROM presences ORDER BY seq")
-                .unwrap();
-            query
-                .query_map([], |row| row.get(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        }
-
-        fn stop(&mut self) -> Stopped {
-            self.send(Command::Shutdown {
-                reason: "test".into(),
-            });
-            self.core.take().unwrap().join().unwrap()
-        }
-    }
-
-    fn next_line(lines: &mpsc::Receiver<Option<Value>>) -> Value {
-        match lines.recv_timeout(WAIT) {
-            Ok(Some(line)) => line,
-            other => panic!("expected a line, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_failed_commit_answers_with_errors_reveals_nothing_and_retries_the_close() {
-        let mut core = Running::start();
-        let (owner, watcher) = (core.connect(1), core.connect(2));
-        core.request(2, 1, Resolved::Presence(Op::Subscribe("doc".into())));
-        assert_eq!(next_line(&watcher)["ok"], true);
-        assert_eq!(next_line(&watcher)["event"], "presence_state");
-        core.track(1, 2, "first");
-        assert_eq!(next_line(&owner)["ok"], true);
-        assert_eq!(next_line(&watcher)["event"], "presence_diff");
-
-        let locker = core.lock_database();
-        core.track(1, 3, "second");
-        core.request(1, 4, Resolved::Ping);
-        let failed = next_line(&owner);
-        assert_eq!(
-            (&failed["id"], &failed["ok"], &failed["error"]["code"]),
-            (&json!(3), &json!(false), &json!("internal"))
-        );
-        let message = failed["error"]["message"].as_str().unwrap();
-        assert!(message.contains("locked by another program"), "{message}");
-        assert_eq!(next_line(&owner), json!({"id": 4, "ok": true}));
-        core.send(Command::Close { conn: 1 });
-        assert_eq!(owner.recv_timeout(WAIT).unwrap(), None, "closed at once");
-        assert_eq!(core.rows(), ["first"], "the rows are as last committed");
-
-        drop(locker);
-        // The watcher's next line is the retried close: nothing of the
-        // failed track reached it.
-        let diff = next_line(&watcher);
-        assert_eq!(diff["event"], "presence_diff");
-        assert_eq!(diff["reasons"], json!({"p1": "closed"}));
-        assert!(core.rows().is_empty());
-        core.track(2, 5, "later");
-        assert_eq!(next_line(&watcher)["ok"], true);
-        assert_eq!(core.rows(), ["later"]);
-        assert!(matches!(core.stop(), Stopped::Shutdown));
-    }
-
-    #[test]
-    fn a_shutdown_in_a_failed_batch_still_shuts_down_and_keeps_the_committed_rows() {
-        let mut core = Running::start();
-        let client = core.connect(1);
-        core.track(1, 1, "kept");
-        assert_eq!(next_line(&client)["ok"], true);
-
-        let _locker = core.lock_database();
-        core.track(1, 2, "lost");
-        core.send(Command::Close { conn: 1 });
-        let stopped = core.stop();
-
-        assert!(
-            matches!(stopped, Stopped::Store(StoreError::Locked { .. })),
-            "{stopped:?}"
-        );
-        assert_eq!(next_line(&client)["error"]["code"], "internal");
-        assert_eq!(core.rows(), ["kept"]);
-    }
-
-    #[test]
-    fn retries_wait_longer_after_each_failure_and_requests_do_not_hold_them_off() {
-        let cause = StoreError::Io(std::io::Error::other("test"));
-        let mut recovery = Recovery::default();
-        let start = Instant::now();
-        recovery.failed(&cause, vec![Fact::Closed(1)], 1, false);
-        let first = recovery.backoff.as_ref().unwrap().retry_at;
-        assert!(first >= start + FIRST_RETRY_PAUSE);
-
-        recovery.failed(&cause, Vec::new(), 1, false);
-        let backoff = recovery.backoff.as_ref().unwrap();
-        assert_eq!(
-            (backoff.retry_at, backoff.pause),
-            (first, FIRST_RETRY_PAUSE),
-            "a failed request leaves the pause alone"
-        );
-
-        for _ in 0..10 {
-            recovery.failed(&cause, Vec::new(), 0, true);
-        }
-        assert_eq!(recovery.backoff.as_ref().unwrap().pause, MAX_RETRY_PAUSE);
-        assert_eq!(recovery.facts.len(), 1, "the fact is kept");
-        recovery.succeeded();
-        assert!(recovery.backoff.is_none());
-    }
-
-    #[test]
-    fn the_facts_waiting_are_described_for_the_log() {
-        let process = ProcessId {
-            pid: 1,
-            start_time: 1,
-        };
-        let facts = [
-            Fact::Closed(1),
-            Fact::Closed(2),
-            Fact::ProcessExited(process),
-        ];
-        assert_eq!(
-            describe(&facts).as_deref(),
-            Some("2 closed connections, 1 exited process")
-        );
-        assert_eq!(describe(&[]), None);
-    }
-}
+mod tests;

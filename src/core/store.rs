@@ -23,10 +23,16 @@ const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
 
-/// How long SQLite waits for another program's lock on the database before
-/// it gives up: long enough for a brief look with `sqlite3`, short enough
-/// that the core, which waits with it, is not stuck for long.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening the database waits for another program's lock on it
+/// before it gives up: long enough for a brief look with `sqlite3`. Nobody
+/// is served yet, so nobody waits with it.
+const OPEN_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a commit waits for another program's lock. The core thread
+/// waits with it, and every client with the core, so it is short: a commit
+/// that fails is rolled back and its facts are tried again later, which
+/// costs less than holding every client up.
+const COMMIT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -95,6 +101,15 @@ impl std::fmt::Display for StoreError {
 }
 
 impl StoreError {
+    /// Whether the failure passes without the daemon's help: someone frees
+    /// space on the disk, or the other program lets go of its lock.
+    pub fn is_passing(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DiskFull { .. } | StoreError::Locked { .. }
+        )
+    }
+
     /// Names the database in the errors that a person can do something
     /// about; leaves the others as SQLite said them.
     fn about(self, path: &Path) -> StoreError {
@@ -169,7 +184,7 @@ impl Store {
         let (db, recovered_from) = match Self::open_checked(path) {
             Ok(db) => (db, None),
             Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
-                let aside = move_aside(path)?;
+                let aside = move_aside(path).map_err(|e| StoreError::from(e).about(path))?;
                 tracing::error!(
                     "database {} is corrupt ({e}); moved it to {} and started a new one",
                     path.display(),
@@ -195,7 +210,7 @@ impl Store {
         // checkpoint: that would copy the WAL into a damaged database and
         // delete it, and a corrupt database is to be moved aside whole.
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-        db.busy_timeout(BUSY_TIMEOUT)?;
+        db.busy_timeout(OPEN_BUSY_TIMEOUT)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
@@ -211,6 +226,7 @@ impl Store {
         // stops the start here, rather than failing every commit later.
         db.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
+        db.busy_timeout(COMMIT_BUSY_TIMEOUT)?;
         Ok(db)
     }
 
@@ -557,15 +573,18 @@ mod tests {
         let path = tmp.path().join("p.db");
         let mut store = Store::open(&path, "boot".into()).unwrap();
         store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
-        store.db.busy_timeout(Duration::from_millis(10)).unwrap();
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
 
+        let started = std::time::Instant::now();
         let failed = store.commit(
             &[Change::Put(Box::new(entry(2))), Change::Delete("p1".into())],
             3,
         );
 
+        // The commit waits the short run-time timeout, not the one for
+        // opening: the core must not be held up for long.
+        assert!(started.elapsed() < OPEN_BUSY_TIMEOUT / 2);
         match failed {
             Err(StoreError::Locked { path: named }) => assert_eq!(named, path),
             other => panic!("expected Locked, got {other:?}"),

@@ -161,7 +161,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {
-        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("the final commit failed")),
+        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("departures held back by failed commits could not be saved before stopping")),
         _ => Ok(()),
     }
 }
