@@ -4,7 +4,7 @@
 
 -- One row per tracked presence. Rows outlive the daemon so that a restart
 -- loses nobody's place in a topic's queue.
-CREATE TABLE presences (
+CREATE TABLE IF NOT EXISTS presences (
     ref               TEXT    PRIMARY KEY,          -- phx_ref, new on every update
     topic             TEXT    NOT NULL,
     key               TEXT    NOT NULL,
@@ -21,11 +21,29 @@ CREATE TABLE presences (
     boot_id           TEXT    NOT NULL              -- the boot the process belongs to
 ) STRICT;
 
-CREATE INDEX presences_by_topic ON presences (topic, seq);
+CREATE INDEX IF NOT EXISTS presences_by_topic ON presences (topic, seq);
 
 -- Counters that must survive restarts: `next_seq` keeps seqs and refs from
 -- ever being reused.
-CREATE TABLE counters (
+CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
 ) STRICT;
+
+-- What happened on each topic, for `presence log`: every join, leave (with
+-- its reason), update and change of owner. Written in the same transaction
+-- as the change itself, and pruned to a bounded age and size.
+CREATE TABLE IF NOT EXISTS events (
+    id     INTEGER PRIMARY KEY,                  -- grows with each event; the order
+    at     INTEGER NOT NULL,                     -- unix milliseconds
+    topic  TEXT    NOT NULL,
+    kind   TEXT    NOT NULL CHECK (kind IN ('join', 'leave', 'update', 'owner')),
+    key    TEXT    NOT NULL,
+    ref    TEXT    NOT NULL,                     -- for an update, the new ref
+    pid    INTEGER NOT NULL,
+    user   TEXT    NOT NULL,
+    reason TEXT                                  -- why a leave happened
+) STRICT;
+
+CREATE INDEX IF NOT EXISTS events_by_topic ON events (topic, id);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (at);

@@ -173,6 +173,69 @@ impl LeaveReason {
             LeaveReason::Update => "update",
         }
     }
+
+    pub fn parse(text: &str) -> Option<LeaveReason> {
+        [
+            LeaveReason::Untrack,
+            LeaveReason::Closed,
+            LeaveReason::PidExit,
+            LeaveReason::Expired,
+            LeaveReason::Update,
+        ]
+        .into_iter()
+        .find(|reason| reason.as_str() == text)
+    }
+}
+
+/// What kind of moment a history event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryKind {
+    Join,
+    Leave,
+    Update,
+    /// The entry became the topic's owner.
+    Owner,
+}
+
+impl HistoryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryKind::Join => "join",
+            HistoryKind::Leave => "leave",
+            HistoryKind::Update => "update",
+            HistoryKind::Owner => "owner",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<HistoryKind> {
+        [
+            HistoryKind::Join,
+            HistoryKind::Leave,
+            HistoryKind::Update,
+            HistoryKind::Owner,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == text)
+    }
+}
+
+/// One recorded moment of a topic's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Unix milliseconds.
+    pub at: i64,
+    pub topic: String,
+    pub kind: HistoryKind,
+    pub key: String,
+    /// The entry's ref; for an update, the new one.
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    pub pid: u32,
+    pub user: String,
+    /// Why the entry left, for a `leave`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<LeaveReason>,
 }
 
 // ---------------------------------------------------------------------------
@@ -195,10 +258,11 @@ pub enum Request {
     Resume(ResumeRequest),
     Status(Empty),
     Ping(Empty),
+    History(HistoryRequest),
 }
 
 /// Every op name the daemon knows, to tell `unknown_op` from `bad_request`.
-pub const KNOWN_OPS: [&str; 11] = [
+pub const KNOWN_OPS: [&str; 12] = [
     "hello",
     "track",
     "untrack",
@@ -210,10 +274,37 @@ pub const KNOWN_OPS: [&str; 11] = [
     "resume",
     "status",
     "ping",
+    "history",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Empty {}
+
+/// `history`: the latest recorded events, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    /// Only this topic's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Only events at or after this time, in unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// At most this many (the latest), up to [`MAX_HISTORY_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// How many events one `history` reply may carry, and how many it carries
+/// unless asked for fewer.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+pub const DEFAULT_HISTORY_LIMIT: usize = 1_000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryReply {
+    pub events: Vec<HistoryEvent>,
+    /// More events matched than were returned: the oldest were left out.
+    pub truncated: bool,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloRequest {

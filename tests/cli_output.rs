@@ -1,68 +1,302 @@
-//! What people read: `presence watch` and `presence list` as a person sees
-//! them, driven by real joins and a real SIGKILL.
+//! What people read: `presence watch`, `list` and `status` as a person
+//! sees them, driven by real joins and a real SIGKILL, and colour only
+//! where a person will see it.
 
 mod common;
 
-use common::Daemon;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+
+use common::{Daemon, spawn_sleeper, within};
+
+/// Whether a line starts with a local time and two spaces: `12:03:09  `.
+fn split_time(line: &str) -> Option<&str> {
+    let (time, rest) = line.split_at_checked(10)?;
+    let digits = time.chars().enumerate().all(|(i, c)| match i {
+        2 | 5 => c == ':',
+        8 | 9 => c == ' ',
+        _ => c.is_ascii_digit(),
+    });
+    digits.then_some(rest)
+}
+
+/// A `watch` line without its time, failing the test if it has none.
+async fn timeline_line(watch: &mut common::Running) -> String {
+    let line = watch.line().await;
+    split_time(&line)
+        .unwrap_or_else(|| panic!("no time prefix: {line:?}"))
+        .to_owned()
+}
 
 #[tokio::test]
-async fn watch_prints_the_state_then_one_line_per_change() {
+async fn watch_prints_a_timeline_with_a_departure_and_its_new_owner_on_one_line() {
     let daemon = Daemon::start().await;
     let mut alice = daemon.spawn(&["join", "doc", "--key", "alice"]);
     assert_eq!(alice.line().await, "owner");
 
     let mut watch = daemon.spawn(&["watch", "doc"]);
     assert_eq!(
-        watch.line().await,
+        timeline_line(&mut watch).await,
         format!("doc: owner alice (pid {}), 0 spectators", alice.pid())
     );
 
     let mut bob = daemon.spawn(&["join", "doc", "--key", "bob"]);
     assert!(bob.line().await.starts_with("spectator"));
     assert_eq!(
-        watch.line().await,
+        timeline_line(&mut watch).await,
         format!("+ bob (pid {}) joined", bob.pid())
     );
 
-    let alice_pid = alice.pid();
+    let (alice_pid, bob_pid) = (alice.pid(), bob.pid());
     alice.sigkill();
-    let left = watch.line().await;
+    let left = timeline_line(&mut watch).await;
+    let promoted = format!("→ bob (pid {bob_pid}) is now owner");
     assert!(
-        left == format!("- alice (pid {alice_pid}) connection closed")
-            || left == format!("- alice (pid {alice_pid}) process exited"),
+        left == format!("- alice (pid {alice_pid}) left (connection closed) {promoted}")
+            || left == format!("- alice (pid {alice_pid}) left (process exited) {promoted}"),
         "{left}"
     );
+
+    bob.sigterm();
     assert_eq!(
-        watch.line().await,
-        format!("→ bob (pid {}) is now owner", bob.pid())
+        timeline_line(&mut watch).await,
+        format!("- bob (pid {bob_pid}) left → the topic is empty")
+    );
+    assert_eq!(bob.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn watch_shows_an_update_with_its_new_meta() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let mut watch = daemon.spawn(&["watch", "doc"]);
+    assert_eq!(timeline_line(&mut watch).await, "doc: nobody is present");
+    let joined = output(
+        &daemon,
+        &["join", "doc", "--detach", "--key", "k", "--pid", &pid],
+    )
+    .await;
+    assert_eq!(joined.status.code(), Some(0));
+    assert_eq!(
+        timeline_line(&mut watch).await,
+        format!("+ k (pid {pid}) joined as owner")
+    );
+    let updated = output(
+        &daemon,
+        &["update", "doc", "--key", "k", "--meta", r#"{"line":7}"#],
+    )
+    .await;
+    assert_eq!(updated.status.code(), Some(0), "{updated:?}");
+    assert_eq!(
+        timeline_line(&mut watch).await,
+        format!(r#"~ k (pid {pid}) updated {{"line":7}}"#)
     );
 }
 
 #[tokio::test]
-async fn list_prints_a_table_in_join_order() {
+async fn list_groups_topics_by_name_with_the_owner_first() {
     let daemon = Daemon::start().await;
-    let mut alice = daemon.spawn(&["join", "doc", "--key", "alice"]);
-    assert_eq!(alice.line().await, "owner");
-    let mut bob = daemon.spawn(&["join", "doc", "--key", "bob"]);
-    assert!(bob.line().await.starts_with("spectator"));
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    // Joins interleaved across topics, so that grouping is the list's doing.
+    for (topic, key) in [
+        ("wiki", "carol"),
+        ("doc", "alice"),
+        ("wiki", "dave"),
+        ("doc", "bob"),
+    ] {
+        let args = ["join", topic, "--detach", "--key", key, "--pid", &pid];
+        let joined = output(&daemon, &args).await;
+        assert!(matches!(joined.status.code(), Some(0 | 3)), "{joined:?}");
+    }
+    let meta = output(
+        &daemon,
+        &[
+            "update",
+            "wiki",
+            "--key",
+            "dave",
+            "--meta",
+            r#"{"file":"w.md"}"#,
+        ],
+    )
+    .await;
+    assert!(meta.status.success(), "{meta:?}");
 
-    let mut list = daemon.spawn(&["list"]);
-    let header: Vec<String> = list
-        .line()
-        .await
-        .split_whitespace()
-        .map(str::to_owned)
+    let listed = output(&daemon, &["list"]).await;
+    assert_eq!(listed.status.code(), Some(0));
+    let text = String::from_utf8(listed.stdout).expect("UTF-8");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(header, ["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"]);
-    let first = list.line().await;
-    let second = list.line().await;
-    let columns =
-        |row: &str| -> Vec<String> { row.split_whitespace().map(str::to_owned).collect() };
-    let first = columns(&first);
-    let second = columns(&second);
-    assert_eq!(first[..3], ["doc", "owner", "alice"]);
-    assert_eq!(first[4], alice.pid().to_string());
-    assert_eq!(second[..4], ["doc", "spectator", "#1", "bob"]);
-    assert_eq!(second[5], bob.pid().to_string());
-    assert_eq!(list.exit_code().await, Some(0));
+    assert_eq!(
+        rows[0],
+        ["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED", "META"]
+    );
+    let order: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|row| {
+            (
+                row[0],
+                row[1],
+                if row[1] == "owner" { row[2] } else { row[3] },
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("doc", "owner", "alice"),
+            ("doc", "spectator", "bob"),
+            ("wiki", "owner", "carol"),
+            ("wiki", "spectator", "dave"),
+        ]
+    );
+    let dave = rows[4].as_slice();
+    assert_eq!(dave[2], "#1");
+    assert_eq!(dave[5], pid);
+    // JOINED: the local time, then how long ago.
+    assert!(split_time(&format!("{}  ", dave[6])).is_some(), "{dave:?}");
+    assert!(
+        text.contains(" ago)") || text.contains("(just now)"),
+        "{text}"
+    );
+    assert_eq!(*dave.last().expect("a meta"), r#"{"file":"w.md"}"#);
+}
+
+#[tokio::test]
+async fn status_names_the_daemon_its_paths_and_its_counts() {
+    let daemon = Daemon::start().await;
+    let mut owner = daemon.spawn(&["join", "doc", "--key", "alice"]);
+    assert_eq!(owner.line().await, "owner");
+
+    let status = output(&daemon, &["status"]).await;
+    assert_eq!(status.status.code(), Some(0));
+    let text = String::from_utf8(status.stdout).expect("UTF-8");
+    let field = |label: &str| -> String {
+        text.lines()
+            .find_map(|line| line.strip_prefix(label))
+            .filter(|rest| rest.starts_with("  "))
+            .unwrap_or_else(|| panic!("no {label} in {text}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        field("version"),
+        format!("{} (protocol 1)", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(field("pid"), daemon.pid().to_string());
+    assert!(field("uptime").contains(", since "), "{text}");
+    assert_eq!(field("socket"), daemon.socket.display().to_string());
+    assert_eq!(field("database"), daemon.db.display().to_string());
+    assert_eq!(field("db recovered"), "no");
+    assert_eq!(field("topics"), "1");
+    assert_eq!(field("entries"), "1");
+    // The joined command's connection and status's own.
+    assert_eq!(field("connections"), "2");
+    assert_eq!(field("subscriptions"), "0");
+    assert_eq!(field("awaiting resume"), "0");
+    assert!(["pidfd", "polling"].contains(&field("pid watch").as_str()));
+}
+
+/// Runs a `presence` command to its end.
+async fn output(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    let mut command = daemon.command();
+    command.args(args);
+    within("presence to finish", command.output())
+        .await
+        .expect("presence runs")
+}
+
+const ESCAPE: char = '\x1b';
+
+#[tokio::test]
+async fn output_to_a_pipe_has_no_colour_unless_asked_for() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let joined = output(&daemon, &["join", "doc", "--detach", "--pid", &pid]).await;
+    assert_eq!(String::from_utf8_lossy(&joined.stdout), "owner, ref p1\n");
+    for args in [&["list"][..], &["status"], &["list", "doc"]] {
+        let plain = output(&daemon, args).await;
+        assert!(plain.status.success());
+        assert!(!String::from_utf8_lossy(&plain.stdout).contains(ESCAPE));
+    }
+    let mut watch = daemon.spawn(&["watch", "doc"]);
+    assert!(!watch.line().await.contains(ESCAPE));
+
+    let forced = output(&daemon, &["--color", "always", "list"]).await;
+    assert!(
+        String::from_utf8_lossy(&forced.stdout).contains("\x1b[32mowner\x1b[0m"),
+        "{forced:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_terminal_gets_colour_and_no_color_turns_it_off() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let joined = output(&daemon, &["join", "doc", "--detach", "--pid", &pid]).await;
+    assert!(joined.status.success());
+
+    let coloured = on_a_terminal(&daemon, &["list"], None).await;
+    assert!(coloured.contains("\x1b[32mowner"), "{coloured:?}");
+    // An empty NO_COLOR is no NO_COLOR (no-color.org).
+    let empty = on_a_terminal(&daemon, &["list"], Some("")).await;
+    assert!(empty.contains(ESCAPE), "{empty:?}");
+    let plain = on_a_terminal(&daemon, &["list"], Some("1")).await;
+    assert!(
+        plain.contains("owner") && !plain.contains(ESCAPE),
+        "{plain:?}"
+    );
+    let never = on_a_terminal(&daemon, &["--color", "never", "status"], None).await;
+    assert!(
+        never.contains("socket") && !never.contains(ESCAPE),
+        "{never:?}"
+    );
+}
+
+/// Everything a command writes to a terminal (a pseudo-terminal on its
+/// stdout), with `NO_COLOR` set to the value given.
+async fn on_a_terminal(daemon: &Daemon, args: &[&str], no_color: Option<&str>) -> String {
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let mut command = daemon.command();
+    command
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm")
+        .stdout(Stdio::from(pty.slave));
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    let mut child = command.spawn().expect("presence spawns");
+    // Our copy of the terminal's other end goes with the command, so that
+    // reading ends when the child's does.
+    drop(command);
+    let read = tokio::task::spawn_blocking(move || read_to_hangup(pty.master));
+    let status = within("presence to finish", child.wait())
+        .await
+        .expect("wait");
+    assert!(status.success(), "{args:?} failed");
+    within("the terminal's output", read).await.expect("reader")
+}
+
+/// Reads a terminal's master side until its last user closes the other.
+fn read_to_hangup(master: OwnedFd) -> String {
+    let mut master = std::fs::File::from(master);
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match master.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&buffer[..n]),
+            // Linux says EIO once the other side has hung up.
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }

@@ -1,154 +1,314 @@
-//! `presence join`: hold a presence on a topic and report role changes.
+//! `presence join`: hold a presence on a topic and report role changes, or
+//! leave an entry behind for another process (`--detach`), and optionally
+//! wait to be the owner first (`--wait-owner`).
+
+use std::pin::Pin;
+use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Map, Value};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{Target, render};
-use crate::client::{ClientError, SessionEvent};
-use crate::protocol::{Event, TrackReply, TrackRequest};
+use super::{Outcome, Target, failed, login_name, parse_meta, parse_name, render};
+use crate::client::{SessionEvent, SessionEvents};
+use crate::protocol::{Event, Lifetime, Role, Standing, TrackReply, TrackRequest};
 
 #[derive(Debug, Args)]
-#[command(after_long_help = "\
-The first to join a topic is its owner; everyone after is a read-only
-spectator, in join order. The command prints its standing at once, and
-again whenever it changes role or the topic gets a new owner:
-
-  owner
-  spectator (owner: alice, pid 4242)
-
-The presence is held until SIGINT, SIGTERM or SIGHUP, or until the --pid
-process exits; then it is left and the command exits 0. If the daemon
-restarts, the command reconnects and keeps its place without printing
-anything; it exits 1 only if the daemon does not come back within 30
-seconds.")]
 pub struct JoinArgs {
     /// The topic, for example `publishing_edit:docs:post-slug`
+    #[arg(value_parser = parse_name)]
     pub topic: String,
 
     /// Who you are on the topic [default: your login name]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_name)]
     pub key: Option<String>,
 
     /// A JSON object shown to everyone on the topic
     #[arg(long, value_name = "JSON", value_parser = parse_meta)]
     pub meta: Option<Map<String, Value>>,
 
-    /// The process the presence belongs to [default: this one]; the
-    /// presence ends, and this command exits, when it exits
+    /// The process the presence belongs to; it ends when that process exits
+    /// [default: this one; with --detach, the one that ran presence]
     #[arg(long)]
     pub pid: Option<u32>,
+
+    /// Leave the entry to the --pid process and exit: 0 as the owner, 3 as
+    /// a spectator
+    #[arg(long)]
+    pub detach: bool,
+
+    /// Wait until the entry is the owner, as flock(1) waits for a lock
+    #[arg(long)]
+    pub wait_owner: bool,
+
+    /// With --wait-owner: give up after this many seconds, remove the
+    /// entry, and exit 3
+    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
 
     /// Print the track reply and every event as JSON lines
     #[arg(long)]
     pub json: bool,
 }
 
-fn parse_meta(text: &str) -> Result<Map<String, Value>, String> {
-    match serde_json::from_str(text) {
-        Ok(Value::Object(meta)) => Ok(meta),
-        Ok(_) => Err("meta must be a JSON object, like '{\"file\":\"a.md\"}'".to_owned()),
-        Err(e) => Err(format!("meta is not valid JSON: {e}")),
+/// Seconds, fractions allowed, at most a year.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    const MAX_SECONDS: f64 = 365.0 * 86_400.0;
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.0..=MAX_SECONDS).contains(&seconds) => {
+            Ok(Duration::from_secs_f64(seconds))
+        }
+        _ => Err(format!("expected seconds from 0 to {MAX_SECONDS}")),
     }
 }
 
-pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<()> {
-    // Install the handlers first, so that a signal arriving right after the
-    // join still leads to a clean leave.
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let watched = match args.pid {
+pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
+    // Installed first, so that a signal arriving right after the join
+    // still leads to a clean leave.
+    let mut signals = Signals::install()?;
+    // A detached entry outlives this command, so by default it belongs to
+    // whoever ran it: the shell or script, which `presence` is a child of.
+    let pid = args
+        .pid
+        .or_else(|| args.detach.then(std::os::unix::process::parent_id));
+    let process_exit = exit_of(pid)?;
+
+    let (session, mut events) = target.session().await?;
+    let tracked = session
+        .track(track_request(&args, pid))
+        .await
+        .map_err(|e| failed(&format!("could not join {}", args.topic), e))?;
+    let mut printer = Printer::new(&args);
+    printer.track(&tracked)?;
+    let role = tracked.standing.role;
+    if args.detach && !(args.wait_owner && role != Role::Owner) {
+        return Ok(outcome(role));
+    }
+
+    let watch = Watch {
+        events: &mut events,
+        signals: &mut signals,
+        process_exit: std::pin::pin!(process_exit),
+        printer: &mut printer,
+    };
+    match watch.until_done(&args, role).await? {
+        // Owner at last: the detached entry stays with its process.
+        End::Owner => Ok(Outcome::Done),
+        End::Stopped { was_owner } => {
+            // Leave explicitly, so the next in line is promoted now, not
+            // when the daemon notices the connection closing.
+            session.leave_all().await;
+            Ok(if args.wait_owner && !was_owner {
+                Outcome::NotOwner
+            } else {
+                Outcome::Done
+            })
+        }
+    }
+}
+
+/// How holding, or waiting to be the owner, ended.
+enum End {
+    /// `--detach --wait-owner` got there.
+    Owner,
+    /// A signal, the --pid process's exit, or the --timeout.
+    Stopped { was_owner: bool },
+}
+
+/// What `join` keeps an eye on while it holds or waits.
+struct Watch<'a, P> {
+    events: &'a mut SessionEvents,
+    signals: &'a mut Signals,
+    process_exit: Pin<&'a mut P>,
+    printer: &'a mut Printer,
+}
+
+impl<P: Future<Output = ()>> Watch<'_, P> {
+    /// Prints each change of standing until something ends the command.
+    async fn until_done(mut self, args: &JoinArgs, mut role: Role) -> anyhow::Result<End> {
+        // The deadline of --wait-owner: dropped once the entry is the owner.
+        let mut give_up: Option<Pin<Box<tokio::time::Sleep>>> = match args.timeout {
+            Some(timeout) if role != Role::Owner => Some(Box::pin(tokio::time::sleep(timeout))),
+            _ => None,
+        };
+        let mut was_owner = role == Role::Owner;
+        loop {
+            tokio::select! {
+                event = self.events.recv() => {
+                    if let Some(new_role) = next_role(self.printer, event, &args.topic)? {
+                        role = new_role;
+                    }
+                }
+                () = self.signals.recv() => break,
+                () = self.process_exit.as_mut() => break,
+                () = wait_or_never(&mut give_up) => {
+                    eprintln!(
+                        "presence: still not the owner of {} after {:?}; left the queue",
+                        args.topic,
+                        args.timeout.unwrap_or_default()
+                    );
+                    break;
+                }
+            }
+            if role == Role::Owner {
+                if args.detach {
+                    return Ok(End::Owner);
+                }
+                was_owner = true;
+                give_up = None;
+            }
+        }
+        Ok(End::Stopped { was_owner })
+    }
+}
+
+fn outcome(role: Role) -> Outcome {
+    match role {
+        Role::Owner => Outcome::Done,
+        Role::Spectator => Outcome::NotOwner,
+    }
+}
+
+fn track_request(args: &JoinArgs, pid: Option<u32>) -> TrackRequest {
+    let mut request = TrackRequest::new(&args.topic, args.key.clone().unwrap_or_else(login_name));
+    request.meta = args.meta.clone().unwrap_or_default();
+    request.pid = pid;
+    if args.detach {
+        request.lifetime = Lifetime::Process;
+    }
+    request
+}
+
+/// Resolves when the --pid process exits, and never without one. The
+/// process must run now; it is pinned by its start time, so that a later
+/// process reusing its pid is not mistaken for it.
+fn exit_of(pid: Option<u32>) -> anyhow::Result<impl Future<Output = ()>> {
+    let process = match pid {
         Some(pid) => Some(crate::sys::process_id(pid).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => anyhow::anyhow!("no running process {pid}"),
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("no running process {pid}; check --pid")
+            }
             _ => anyhow::anyhow!("cannot read process {pid}: {e}"),
         })?),
         None => None,
     };
-
-    let (session, mut events) = target.session().await?;
-    let mut request = TrackRequest::new(
-        &args.topic,
-        args.key
-            .unwrap_or_else(|| crate::sys::user_name(crate::sys::current_uid())),
-    );
-    request.meta = args.meta.unwrap_or_default();
-    request.pid = args.pid;
-    let tracked = match session.track(request).await {
-        Ok(tracked) => tracked,
-        Err(ClientError::Refused(error)) => {
-            anyhow::bail!("could not join {}: {}", args.topic, error.message)
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mut printed = Printed::default();
-    printed.track(args.json, &tracked)?;
-
-    let process_exit = async {
-        match watched {
+    Ok(async move {
+        match process {
+            // A watch that fails cannot tell us more: treat it as the exit,
+            // so no presence outlives a process we can no longer see.
             Some(process) => {
-                crate::sys::wait_for_exit(process, std::time::Duration::from_millis(200)).await
+                let _ = crate::sys::wait_for_exit(process, Duration::from_millis(200)).await;
             }
             None => std::future::pending().await,
         }
-    };
-    tokio::pin!(process_exit);
+    })
+}
 
-    loop {
+/// Handles one session event; returns the entry's role when it changed
+/// hands. Ends the command on what it cannot ride through.
+fn next_role(
+    printer: &mut Printer,
+    event: Option<SessionEvent>,
+    topic: &str,
+) -> anyhow::Result<Option<Role>> {
+    match event {
+        Some(SessionEvent::Event(event)) => {
+            printer.event(&event)?;
+            Ok(match event {
+                Event::Role { payload, .. } => Some(payload.standing.role),
+                _ => None,
+            })
+        }
+        // The entry expired while the daemon was away and was tracked
+        // again: it has a new place, which may or may not be news.
+        Some(SessionEvent::Retracked { reply, .. }) => {
+            printer.track(&reply)?;
+            Ok(Some(reply.standing.role))
+        }
+        Some(SessionEvent::Dropped { error, .. }) => {
+            anyhow::bail!("lost the presence on {topic}: {error}")
+        }
+        Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
+        // A restart the daemon came back from is not news to the user; the
+        // session logs it.
+        Some(
+            SessionEvent::Disconnected { .. }
+            | SessionEvent::Reconnected
+            | SessionEvent::Unsubscribed { .. },
+        ) => Ok(None),
+        None => anyhow::bail!("the session with the daemon ended"),
+    }
+}
+
+/// Waits for the deadline if there is one, and forever if not.
+async fn wait_or_never(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The signals that end `join`: Ctrl-C, `kill`, and a closed terminal.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) {
         tokio::select! {
-            event = events.recv() => match event {
-                Some(SessionEvent::Event(event)) => printed.event(args.json, &event)?,
-                // The entry expired while the daemon was away and was
-                // tracked again: it has a new place, which may or may not
-                // be news.
-                Some(SessionEvent::Retracked { reply, .. }) => printed.track(args.json, &reply)?,
-                Some(SessionEvent::Dropped { error, .. }) => {
-                    anyhow::bail!("lost the presence on {}: {error}", args.topic)
-                }
-                Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
-                // A restart the daemon came back from is not news to the
-                // user; the session logs it.
-                Some(
-                    SessionEvent::Disconnected { .. }
-                    | SessionEvent::Reconnected
-                    | SessionEvent::Unsubscribed { .. },
-                ) => {}
-                None => anyhow::bail!("the session ended"),
-            },
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            _ = hangup.recv() => break,
-            _ = &mut process_exit => break,
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
         }
     }
-    // Leave explicitly, so the next in line is promoted now, not when the
-    // daemon notices the connection closing.
-    session.leave_all().await;
-    Ok(())
 }
 
 /// What `join` has told its reader, so that it says only what is new.
-#[derive(Default)]
-struct Printed {
+struct Printer {
+    json: bool,
+    /// `--detach` names the entry, so that `leave --ref` can find it.
+    show_ref: bool,
+    /// The entry's ref, which changes if it is tracked again.
+    phx_ref: String,
     /// The last standing printed, in words.
-    standing: Option<String>,
+    said: Option<String>,
 }
 
-impl Printed {
+impl Printer {
+    fn new(args: &JoinArgs) -> Printer {
+        Printer {
+            json: args.json,
+            show_ref: args.detach,
+            phx_ref: String::new(),
+            said: None,
+        }
+    }
+
     /// A track reply: the first one, or one after the entry was tracked
     /// again. `--json` always prints it (the ref changed); words only when
     /// they changed.
-    fn track(&mut self, json: bool, tracked: &TrackReply) -> anyhow::Result<()> {
-        if json {
+    fn track(&mut self, tracked: &TrackReply) -> anyhow::Result<()> {
+        self.phx_ref.clone_from(&tracked.phx_ref);
+        if self.json {
             say!("{}", track_line(tracked)?);
+            Ok(())
         } else {
-            self.standing(&tracked.standing)?;
+            self.standing(&tracked.standing)
         }
-        Ok(())
     }
 
-    fn event(&mut self, json: bool, event: &Event) -> anyhow::Result<()> {
-        if json {
+    fn event(&mut self, event: &Event) -> anyhow::Result<()> {
+        if self.json {
             say!("{}", serde_json::to_string(event)?);
         } else if let Event::Role { payload, .. } = event {
             self.standing(&payload.standing)?;
@@ -156,11 +316,14 @@ impl Printed {
         Ok(())
     }
 
-    fn standing(&mut self, standing: &crate::protocol::Standing) -> anyhow::Result<()> {
-        let words = render::standing(standing);
-        if self.standing.as_ref() != Some(&words) {
+    fn standing(&mut self, standing: &Standing) -> anyhow::Result<()> {
+        let mut words = render::standing(standing);
+        if self.show_ref {
+            words = format!("{words}, ref {}", self.phx_ref);
+        }
+        if self.said.as_ref() != Some(&words) {
             say!("{words}");
-            self.standing = Some(words);
+            self.said = Some(words);
         }
         Ok(())
     }

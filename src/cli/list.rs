@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde_json::Value;
 
-use super::{Target, render};
+use super::render::{Cell, Style};
+use super::{Target, decode, render, request_fields};
 use crate::protocol::{ListRequest, Request, TopicPresences};
 
 #[derive(Debug, Args)]
@@ -20,55 +21,67 @@ pub struct ListArgs {
 
 pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     let (client, _events) = target.connect().await?;
-    let reply = client
-        .request(&Request::List(ListRequest {
-            topic: args.topic.clone(),
-        }))
-        .await?;
-    if let Some(error) = reply.error {
-        anyhow::bail!("{}", error.message);
-    }
+    let request = Request::List(ListRequest {
+        topic: args.topic.clone(),
+    });
+    let fields = request_fields(&client, &request, "could not list").await?;
     if args.json {
-        say!("{}", serde_json::to_string(&Value::Object(reply.fields))?);
+        say!("{}", serde_json::to_string(&Value::Object(fields))?);
         return Ok(());
     }
     let topics: BTreeMap<String, TopicPresences> = match args.topic {
         Some(topic) => {
-            let state: TopicPresences = serde_json::from_value(Value::Object(reply.fields))?;
+            let state: TopicPresences = decode(fields, "list")?;
             BTreeMap::from([(topic, state)])
         }
         None => {
-            let all: crate::protocol::ListAllReply =
-                serde_json::from_value(Value::Object(reply.fields))?;
+            let all: crate::protocol::ListAllReply = decode(fields, "list")?;
             all.topics
         }
     };
+    let rows = rows(&topics);
+    if rows.is_empty() {
+        eprintln!("nobody is present");
+        return Ok(());
+    }
+    // META only when someone has one: most joins carry none.
+    let with_meta = rows.iter().any(|row| row.len() > 6);
+    let mut header = vec!["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"];
+    if with_meta {
+        header.push("META");
+    }
+    let table = render::table(&header, &rows);
+    say!("{}", table.trim_end());
+    Ok(())
+}
+
+/// One row per entry: topics by name, and within a topic the owner first,
+/// then the spectators in the order they will be promoted.
+fn rows(topics: &BTreeMap<String, TopicPresences>) -> Vec<Vec<Cell>> {
     let mut rows = Vec::new();
-    for (topic, state) in &topics {
+    for (topic, state) in topics {
         for (position, (key, meta)) in render::metas_by_seq(&state.presences)
             .into_iter()
             .enumerate()
         {
             let role = if position == 0 {
-                "owner".to_owned()
+                Cell::new("owner", Style::Good)
             } else {
-                format!("spectator #{position}")
+                Cell::new(format!("spectator #{position}"), Style::Dim)
             };
-            rows.push(vec![
-                topic.clone(),
+            let mut row = vec![
+                Cell::from(topic.as_str()),
                 role,
-                key.to_owned(),
-                meta.user.clone(),
-                meta.pid.to_string(),
-                render::ago(meta.joined_at),
-            ]);
+                Cell::from(key),
+                Cell::from(meta.user.as_str()),
+                Cell::from(meta.pid.to_string()),
+                Cell::from(render::when(meta.joined_at)),
+            ];
+            if let Some(client) = render::client_meta(&meta.client) {
+                row.push(Cell::from(client));
+            }
+            rows.push(row);
         }
     }
-    if rows.is_empty() {
-        eprintln!("nobody is present");
-        return Ok(());
-    }
-    let table = render::table(&["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"], &rows);
-    say!("{}", table.trim_end());
-    Ok(())
+    rows
 }

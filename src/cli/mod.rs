@@ -9,46 +9,64 @@ macro_rules! say {
     };
 }
 
+mod completions;
+pub mod docs;
 mod join;
+mod leave;
 mod list;
+mod log;
 mod raw;
 mod render;
+mod status;
+mod update;
 mod watch;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::client::{Client, ClientError, Events, Reconnect, Session, SessionEvents};
-use crate::protocol::Limits;
+use crate::protocol::{ErrorCode, Limits};
+
+pub use completions::completion_script;
+pub use render::ColorChoice;
+
+/// The heading of the options every subcommand takes.
+const GLOBAL: &str = "Global options";
 
 /// A local presence daemon: the first to join a topic owns it, everyone
 /// after is a read-only spectator in join order, and the next in line is
 /// promoted the moment the owner leaves or its process dies.
 #[derive(Debug, Parser)]
-#[command(
-    name = "presence",
-    version,
-    propagate_version = true,
-    after_long_help = "\
-Environment:
-  PRESENCE_SOCKET  the daemon's socket, as --socket
-  PRESENCE_DB      the daemon's database, as `presence daemon --db`
-  PRESENCE_LOG     log filter: error, warn, info, debug or trace
-
-A client command that finds no daemon starts one in the background, logging
-to daemon.log beside the database, unless --no-autostart is given."
-)]
+#[command(name = "presence", version, propagate_version = true)]
 pub struct Cli {
     /// The daemon's socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock,
     /// or /tmp/presenced-$UID/presenced.sock]
-    #[arg(long, global = true, env = "PRESENCE_SOCKET", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "PRESENCE_SOCKET",
+        value_name = "PATH",
+        help_heading = GLOBAL
+    )]
     pub socket: Option<PathBuf>,
 
     /// Fail instead of starting a daemon when none is running
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub no_autostart: bool,
+
+    /// When to colour the output
+    #[arg(
+        long,
+        global = true,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        help_heading = GLOBAL
+    )]
+    pub color: ColorChoice,
 
     #[command(subcommand)]
     pub command: Command,
@@ -56,34 +74,27 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon in the foreground, logging to stderr
-    #[command(after_long_help = "\
-The daemon serves newline-delimited JSON on the socket (mode 0600, in a
-folder that must be private to its user) and keeps every presence in the
-SQLite database, so a restart loses nobody's place. It stops on SIGTERM or
-SIGINT: clients are sent a `shutdown` event, the socket is removed, and the
-database keeps every entry for the next start.
-
-Only one daemon serves a socket: a second one exits with an error naming
-the first one's pid. A socket file left by a daemon that died is replaced,
-and if the socket or its folder is deleted while the daemon runs, it is
-made again; something else put at the socket path is never touched.
-
-If a commit fails (a full disk), the requests of that batch get an
-`internal` error, nothing of it is shown, and the daemon keeps serving;
-departures are saved once the disk takes writes again. A database file
-that is not readable is moved aside to DB.corrupt-<unix time> and a new
-one is started.")]
-    Daemon(DaemonArgs),
-    /// Join a topic and hold the presence until interrupted
+    /// Join a topic: hold a presence, or leave one behind with --detach
     Join(join::JoinArgs),
+    /// Remove your entries from a topic
+    Leave(leave::LeaveArgs),
+    /// Change the meta of one of your entries
+    Update(update::UpdateArgs),
     /// Show who is present, on one topic or on all
     List(list::ListArgs),
     /// Follow a topic: its state, then one line per change
     Watch(watch::WatchArgs),
+    /// Show how the daemon is: version, uptime, paths and counts
+    Status(status::StatusArgs),
+    /// Show who joined, left and owned a topic, and when
+    Log(log::LogArgs),
+    /// Run the daemon in the foreground, logging to stderr
+    Daemon(DaemonArgs),
     /// Speak the protocol directly: request lines from stdin, every reply
     /// and event to stdout
     Raw,
+    /// Print a shell completion script
+    Completions(completions::CompletionsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -131,33 +142,91 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
 
+    /// Days of history kept for `presence log`
+    #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500), help_heading = "History")]
+    pub history_days: u64,
+
+    /// Most history events kept for `presence log`
+    #[arg(long, value_name = "EVENTS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..), help_heading = "History")]
+    pub history_events: u64,
+
     /// Print `ready` on stdout once listening (for whoever started us)
     #[arg(long, hide = true)]
     pub ready_on_stdout: bool,
 }
 
-/// Runs the command line and returns the process exit status.
-pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let is_daemon = matches!(cli.command, Command::Daemon(_));
-    init_logging(if is_daemon { "info" } else { "warn" });
-    match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if render::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("presence: {e:#}");
-            std::process::ExitCode::FAILURE
+/// The command line with its long help: every subcommand's details,
+/// examples and exit statuses from [`docs`]. Man pages and completion
+/// scripts are made from this too.
+pub fn command() -> clap::Command {
+    let with_help = |command: clap::Command, name: &str| match docs::page(name) {
+        Some(page) => command.after_long_help(docs::long_help(page)),
+        None => command,
+    };
+    with_help(Cli::command(), "presence").mut_subcommands(|sub| {
+        let name = sub.get_name().to_owned();
+        with_help(sub, &name)
+    })
+}
+
+/// How a command that ran to its end ended, as its exit status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// `join`'s entry is not the owner.
+    NotOwner,
+}
+
+impl Outcome {
+    fn exit_code(self) -> ExitCode {
+        match self {
+            Outcome::Done => ExitCode::SUCCESS,
+            Outcome::NotOwner => ExitCode::from(docs::EXIT_NOT_OWNER),
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command line and returns the process exit status.
+pub fn main() -> ExitCode {
+    let matches = ignore_empty_env(command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    render::init_color(cli.color);
+    let is_daemon = matches!(cli.command, Command::Daemon(_));
+    init_logging(if is_daemon { "info" } else { "warn" });
+    match run(cli) {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) if render::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the causes' own text holds.
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("presence: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Treats a variable set to the empty string as unset, as shells make it
+/// easy to do (`PRESENCE_SOCKET= presence list`); clap would refuse the
+/// empty value.
+fn ignore_empty_env(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| match arg.get_env() {
+            Some(name) if std::env::var_os(name).is_some_and(|value| value.is_empty()) => {
+                arg.env(None::<&'static str>)
+            }
+            _ => arg,
+        })
+        .mut_subcommands(ignore_empty_env)
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let socket = cli
         .socket
         .clone()
         .unwrap_or_else(crate::paths::default_socket);
+    // The daemon runs without the client runtime: it builds its own.
     if let Command::Daemon(args) = cli.command {
-        return crate::daemon::run(daemon_config(socket, args));
+        return crate::daemon::run(daemon_config(socket, args)).map(|()| Outcome::Done);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -166,12 +235,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         socket,
         autostart: !cli.no_autostart,
     };
+    let done = |result: anyhow::Result<()>| result.map(|()| Outcome::Done);
     runtime.block_on(async move {
         match cli.command {
             Command::Join(args) => join::run(&target, args).await,
-            Command::List(args) => list::run(&target, args).await,
-            Command::Watch(args) => watch::run(&target, args).await,
-            Command::Raw => raw::run(&target).await,
+            Command::Leave(args) => done(leave::run(&target, args).await),
+            Command::Update(args) => done(update::run(&target, args).await),
+            Command::List(args) => done(list::run(&target, args).await),
+            Command::Watch(args) => done(watch::run(&target, args).await),
+            Command::Status(args) => done(status::run(&target, args).await),
+            Command::Log(args) => done(log::run(&target, args).await),
+            Command::Raw => done(raw::run(&target).await),
+            Command::Completions(args) => done(completions::run(&args)),
             Command::Daemon(_) => unreachable!("handled above"),
         }
     })
@@ -192,6 +267,10 @@ fn daemon_config(socket: PathBuf, args: DaemonArgs) -> crate::daemon::DaemonConf
             max_outbound_bytes: args.max_outbound,
         },
         resume_grace: args.resume_grace,
+        history: crate::core::store::Retention {
+            max_age: Duration::from_secs(args.history_days * 24 * 3600),
+            max_rows: args.history_events,
+        },
         ready_on_stdout: args.ready_on_stdout,
     }
 }
@@ -258,16 +337,156 @@ impl Target {
         connected.map_err(|e| self.explain(e))
     }
 
-    /// Adds what to do about a missing daemon when we were told not to
-    /// start one.
+    /// A connection to a daemon that already runs, never starting one:
+    /// for `status`, whose question is whether one does.
+    pub async fn connect_running(&self) -> anyhow::Result<(Client, Events)> {
+        match Client::connect(&self.socket).await {
+            Err(ClientError::NoDaemon { socket, source })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                anyhow::bail!(
+                    "no daemon is running at {}; `presence daemon` starts one, and so does any \
+                     other command without --no-autostart",
+                    socket.display()
+                )
+            }
+            connected => connected.map_err(|e| self.explain(e)),
+        }
+    }
+
+    /// Says what to do about a daemon we cannot reach.
     fn explain(&self, error: ClientError) -> anyhow::Error {
         match error {
+            ClientError::NoDaemon { socket, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                anyhow::anyhow!(
+                    "cannot connect to {}: permission denied; that socket is not yours, so \
+                     name your own with --socket or PRESENCE_SOCKET",
+                    socket.display()
+                )
+            }
             ClientError::NoDaemon { .. } if !self.autostart => {
                 anyhow::anyhow!("{error}; start one with `presence daemon` or drop --no-autostart")
             }
             other => other.into(),
         }
     }
+}
+
+/// A failed call in one line: what was being done, why it failed, and,
+/// where a person can do something about it, what.
+pub fn failed(doing: &str, error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Refused(body) => {
+            let hint = match body.code {
+                ErrorCode::LimitExceeded => {
+                    "; the daemon's limits are options of `presence daemon` (see its --help)"
+                }
+                ErrorCode::Internal => {
+                    "; the daemon's log says why (daemon.log beside the database, for a daemon \
+                     started on demand)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("{doing}: {}{hint}", body.message)
+        }
+        ClientError::Closed => anyhow::anyhow!(
+            "{doing}: the daemon closed the connection; if it was restarting, try again"
+        ),
+        other => anyhow::anyhow!("{doing}: {other}"),
+    }
+}
+
+/// Sends a request and returns a successful reply's fields as they came:
+/// `--json` prints them whole, so nothing a newer daemon adds is lost.
+pub async fn request_fields(
+    client: &Client,
+    request: &crate::protocol::Request,
+    doing: &str,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let reply = client
+        .request(request)
+        .await
+        .map_err(|e| failed(doing, e))?;
+    match reply.error {
+        Some(error) => Err(failed(doing, ClientError::Refused(error))),
+        None => Ok(reply.fields),
+    }
+}
+
+/// A reply's fields as the type this build expects: a daemon of another
+/// version may answer in another shape.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    fields: serde_json::Map<String, serde_json::Value>,
+    what: &str,
+) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| {
+        anyhow::anyhow!(
+            "unexpected {what} reply from the daemon ({e}); `presence status` shows its version"
+        )
+    })
+}
+
+/// [`failed`], for changing an entry: a refusal says whose it is.
+pub fn failed_changing(doing: &str, error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Refused(body) if body.code == ErrorCode::PermissionDenied => anyhow::anyhow!(
+            "{doing}: {}; another command's entry can be changed only if it was made with \
+             `presence join --detach`, and only by its own user",
+            body.message
+        ),
+        other => failed(doing, other),
+    }
+}
+
+/// A topic or key as the daemon takes it: not empty, no control
+/// characters. The daemon also caps the length, which it alone knows.
+fn parse_name(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        Err("must not be empty".to_owned())
+    } else if text.chars().any(char::is_control) {
+        Err("must not contain control characters".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
+}
+
+/// A meta: a JSON object.
+fn parse_meta(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(meta)) => Ok(meta),
+        Ok(_) => Err("meta must be a JSON object, like '{\"file\":\"a.md\"}'".to_owned()),
+        Err(e) => Err(format!("meta is not valid JSON: {e}")),
+    }
+}
+
+/// Which of your entries a command acts on: one by ref, or those with a
+/// key (by default your login name, as `join` uses).
+#[derive(Debug, Args)]
+pub struct EntryArgs {
+    /// The entry's ref, as `join --detach` printed it
+    #[arg(long = "ref", value_name = "REF", value_parser = parse_name, conflicts_with = "key")]
+    pub phx_ref: Option<String>,
+
+    /// The entries' key [default: your login name]
+    #[arg(long, value_parser = parse_name)]
+    pub key: Option<String>,
+}
+
+impl EntryArgs {
+    /// The key meant when no ref is given.
+    pub fn key_or_login(&self) -> String {
+        self.key.clone().unwrap_or_else(login_name)
+    }
+}
+
+/// The login name of whoever runs this: `join`'s default key.
+pub fn login_name() -> String {
+    crate::sys::user_name(crate::sys::current_uid())
 }
 
 fn init_logging(default_level: &str) {

@@ -1,30 +1,123 @@
-//! How presence looks to a person at a terminal.
+//! How presence looks to a person at a terminal: words for standings and
+//! leave reasons, local times, tables, and colour.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ZonedDateTime};
+use serde_json::{Map, Value};
 
 use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing};
 use crate::sys::now_millis;
 
+// ---------------------------------------------------------------------------
+// Colour
+// ---------------------------------------------------------------------------
+
+/// Whether stdout gets colour. Set once, before anything is printed.
+static COLOR: AtomicBool = AtomicBool::new(false);
+
+/// When to colour the output: `--color`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM`
+    /// is not `dumb`
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Decides colour for the whole run.
+pub fn init_color(choice: ColorChoice) {
+    let wanted = match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => auto_color(),
+    };
+    COLOR.store(wanted, Ordering::Relaxed);
+}
+
+/// The `NO_COLOR` convention (no-color.org): any non-empty value turns
+/// colour off; a terminal that cannot show it gets none either.
+fn auto_color() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|value| !value.is_empty());
+    std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && !set("NO_COLOR")
+        && std::env::var_os("TERM").is_none_or(|term| term != "dumb")
+}
+
+/// What a piece of text means, and so how it is coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Plain,
+    /// An owner, a join, a promotion.
+    Good,
+    /// A departure.
+    Gone,
+    /// A changed meta, a recovered database.
+    Notice,
+    /// Spectators, times, labels: there, but not the point.
+    Dim,
+    /// The header of a table.
+    Heading,
+}
+
+impl Style {
+    fn code(self) -> Option<&'static str> {
+        match self {
+            Style::Plain => None,
+            Style::Good => Some("32"),
+            Style::Gone => Some("31"),
+            Style::Notice => Some("33"),
+            Style::Dim => Some("2"),
+            Style::Heading => Some("1"),
+        }
+    }
+}
+
+/// `text` in `style`, when colour is on.
+pub fn paint(style: Style, text: &str) -> String {
+    match style.code() {
+        Some(code) if COLOR.load(Ordering::Relaxed) => format!("\x1b[{code}m{text}\x1b[0m"),
+        _ => text.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Presence in words
+// ---------------------------------------------------------------------------
+
 /// `owner`, or `spectator (owner: alice, pid 4242)`.
 pub fn standing(standing: &Standing) -> String {
     match (&standing.role, &standing.owner) {
-        (Role::Owner, _) => "owner".to_owned(),
-        (Role::Spectator, Some(owner)) => {
-            format!("spectator (owner: {}, pid {})", owner.key, owner.pid)
-        }
-        (Role::Spectator, None) => "spectator".to_owned(),
+        (Role::Owner, _) => paint(Style::Good, "owner"),
+        (Role::Spectator, Some(owner)) => format!(
+            "{} (owner: {}, pid {})",
+            paint(Style::Dim, "spectator"),
+            owner.key,
+            owner.pid
+        ),
+        (Role::Spectator, None) => paint(Style::Dim, "spectator"),
     }
+}
+
+/// `alice (pid 4242)`: a key alone is ambiguous, since every join of one
+/// user has the login name as its key by default.
+pub fn who(key: &str, pid: u32) -> String {
+    format!("{key} (pid {pid})")
 }
 
 /// `alice (pid 4242)`, or `nobody`.
 pub fn owner(owner: Option<&Owner>) -> String {
     match owner {
-        Some(owner) => format!("{} (pid {})", owner.key, owner.pid),
+        Some(owner) => who(&owner.key, owner.pid),
         None => "nobody".to_owned(),
     }
 }
 
-/// Every meta of a presence map, in join order.
+/// Every meta of a presence map, in join order: the owner first.
 pub fn metas_by_seq(presences: &Presences) -> Vec<(&str, &Meta)> {
     let mut metas: Vec<(&str, &Meta)> = presences
         .iter()
@@ -34,22 +127,77 @@ pub fn metas_by_seq(presences: &Presences) -> Vec<(&str, &Meta)> {
     metas
 }
 
-/// Why someone left, in words.
-pub fn reason(reason: Option<&LeaveReason>) -> &'static str {
-    match reason {
-        Some(LeaveReason::Untrack) => "left",
-        Some(LeaveReason::Closed) => "connection closed",
-        Some(LeaveReason::PidExit) => "process exited",
-        Some(LeaveReason::Expired) => "not resumed after a restart",
-        Some(LeaveReason::Update) => "updated",
-        None => "left",
+/// Why someone left, when it was not their own doing.
+pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
+    match reason? {
+        LeaveReason::Untrack => None,
+        LeaveReason::Closed => Some("connection closed"),
+        LeaveReason::PidExit => Some("process exited"),
+        LeaveReason::Expired => Some("not resumed after a restart"),
+        LeaveReason::Update => Some("updated"),
     }
 }
 
-/// `3s ago`, `5m ago`, `2h ago`, `4d ago`.
+/// The client's part of a meta as compact JSON, or nothing when empty.
+pub fn client_meta(meta: &Map<String, Value>) -> Option<String> {
+    (!meta.is_empty()).then(|| Value::Object(meta.clone()).to_string())
+}
+
+// ---------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------
+
+/// A wall-clock instant in the local time zone (`TZ`, else
+/// `/etc/localtime`, else UTC), with that zone's offset at that instant.
+fn local(unix_millis: i64) -> Option<ZonedDateTime> {
+    let instant = Timestamp::from_millisecond(unix_millis).ok()?;
+    Some(instant.to_zoned_datetime(TimeZone::system()))
+}
+
+fn clock(time: &ZonedDateTime) -> String {
+    format!(
+        "{:02}:{:02}:{:02}",
+        time.hour(),
+        time.minute(),
+        time.second()
+    )
+}
+
+/// The local time now, `12:03:09`: the prefix of a timeline line.
+pub fn clock_now() -> String {
+    local(now_millis()).map_or_else(|| "--:--:--".to_owned(), |now| clock(&now))
+}
+
+/// `12:03:09 (3m ago)`; with the date when it is not today, as
+/// `2025-01-03 12:03:09 (4d ago)`.
+pub fn when(unix_millis: i64) -> String {
+    format!("{} ({})", at(unix_millis), ago(unix_millis))
+}
+
+/// `12:03:09` today, `2025-01-03 12:03:09` on any other day.
+pub fn at(unix_millis: i64) -> String {
+    let (Some(then), Some(now)) = (local(unix_millis), local(now_millis())) else {
+        return format!("@{}", unix_millis / 1000);
+    };
+    if then.date() == now.date() {
+        clock(&then)
+    } else {
+        format!(
+            "{:04}-{:02}-{:02} {}",
+            then.year(),
+            then.month(),
+            then.day(),
+            clock(&then)
+        )
+    }
+}
+
+/// `just now`, `3s ago`, `5m ago`, `2h ago`, `4d ago`. A time ahead of
+/// ours (another clock, a step back of this one) counts as now.
 pub fn ago(unix_millis: i64) -> String {
     let seconds = (now_millis() - unix_millis).max(0) / 1000;
     match seconds {
+        0 => "just now".to_owned(),
         s if s < 60 => format!("{s}s ago"),
         s if s < 3600 => format!("{}m ago", s / 60),
         s if s < 86_400 => format!("{}h ago", s / 3600),
@@ -57,24 +205,92 @@ pub fn ago(unix_millis: i64) -> String {
     }
 }
 
-/// Prints rows as left-aligned columns.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+/// `45s`, `12m 5s`, `3h 2m`, `4d 1h`: two units at most.
+pub fn duration(millis: u64) -> String {
+    let s = millis / 1000;
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Layout and output
+// ---------------------------------------------------------------------------
+
+/// A table cell: its text, and how it is coloured.
+pub struct Cell {
+    pub text: String,
+    pub style: Style,
+}
+
+impl Cell {
+    pub fn new(text: impl Into<String>, style: Style) -> Cell {
+        Cell {
+            text: text.into(),
+            style,
         }
     }
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Cell {
+        Cell::new(text, Style::Plain)
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Cell {
+        Cell::new(text, Style::Plain)
+    }
+}
+
+/// Rows as left-aligned columns, under a header. Widths come from the
+/// text alone, so colour never shifts a column.
+pub fn table(header: &[&str], rows: &[Vec<Cell>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.text.chars().count());
+        }
+    }
+    let header: Vec<Cell> = header
+        .iter()
+        .map(|h| Cell::new(*h, Style::Heading))
+        .collect();
     let mut out = String::new();
-    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
     for row in std::iter::once(&header).chain(rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
+        let mut line = String::new();
+        for (column, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if column > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(&paint(cell.style, &cell.text));
+            let last = column + 1 == row.len();
+            if !last {
+                let pad = width.saturating_sub(cell.text.chars().count());
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
         out.push('\n');
+    }
+    out
+}
+
+/// Labels and values, the values lined up: `presence status`.
+pub fn pairs(rows: &[(&str, Cell)]) -> String {
+    let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (label, value) in rows {
+        let pad = " ".repeat(width - label.len() + 2);
+        out.push_str(&format!(
+            "{}{pad}{}\n",
+            paint(Style::Dim, label),
+            paint(value.style, &value.text)
+        ));
     }
     out
 }
@@ -94,4 +310,48 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .chain()
         .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
         .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_keep_two_units() {
+        assert_eq!(duration(45_000), "45s");
+        assert_eq!(duration(725_000), "12m 5s");
+        assert_eq!(duration(3 * 3_600_000 + 125_000), "3h 2m");
+        assert_eq!(duration(4 * 86_400_000 + 3_600_000), "4d 1h");
+    }
+
+    #[test]
+    fn ago_counts_down_from_now() {
+        assert_eq!(ago(now_millis() + 5_000), "just now");
+        assert_eq!(ago(now_millis() - 3 * 60_000), "3m ago");
+        assert_eq!(ago(now_millis() - 4 * 86_400_000), "4d ago");
+    }
+
+    #[test]
+    fn old_times_carry_their_date() {
+        let today = when(now_millis());
+        assert!(today.ends_with("(just now)"), "{today}");
+        assert_eq!(today.split(' ').next().map(str::len), Some(8), "{today}");
+        let old = when(now_millis() - 3 * 86_400_000);
+        assert!(old.ends_with("(3d ago)"), "{old}");
+        assert_eq!(old.split(' ').next().map(str::len), Some(10), "{old}");
+    }
+
+    #[test]
+    fn table_columns_ignore_colour_codes() {
+        let rows = vec![
+            vec![Cell::new("owner", Style::Good), Cell::from("alice")],
+            vec![Cell::new("spectator 1", Style::Dim), Cell::from("bob")],
+        ];
+        COLOR.store(false, Ordering::Relaxed);
+        let plain = table(&["ROLE", "KEY"], &rows);
+        assert_eq!(
+            plain,
+            "ROLE         KEY\nowner        alice\nspectator 1  bob\n"
+        );
+    }
 }

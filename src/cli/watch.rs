@@ -1,42 +1,32 @@
-//! `presence watch`: a topic's state, then one line per change.
+//! `presence watch`: a topic's state, then a timeline of its changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use clap::Args;
 
-use super::{Target, render};
+use super::render::{self, Style, paint};
+use super::{Target, failed, parse_name};
 use crate::client::SessionEvent;
-use crate::protocol::{Event, LeaveReason};
+use crate::protocol::{Diff, Event, LeaveReason, Owner, Presences};
 
 #[derive(Debug, Args)]
-#[command(after_long_help = "\
-Prints the topic's owner and spectator count, then one line per change:
-
-  doc: owner alice (pid 4242), 1 spectator
-  + carol (pid 4301) joined
-  - alice (pid 4242) process exited
-  → bob (pid 4250) is now owner
-
-If the daemon restarts, the command reconnects and subscribes again,
-printing the summary again only if the topic changed meanwhile; with
---json it prints the fresh presence_state. It exits 1 only if the daemon
-does not come back within 30 seconds.")]
 pub struct WatchArgs {
     /// The topic to follow
+    #[arg(value_parser = parse_name)]
     pub topic: String,
 
-    /// Print the raw events as JSON lines
+    /// Print the daemon's events as JSON lines
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     let (session, mut events) = target.session().await?;
-    session.subscribe(&args.topic).await?;
-    let mut owner_ref: Option<String> = None;
-    // Who is on the topic, by ref: a fresh state after a daemon restart is
-    // only worth a line when it differs from what we already showed.
-    let mut shown: Option<BTreeSet<String>> = None;
+    session
+        .subscribe(&args.topic)
+        .await
+        .map_err(|e| failed(&format!("could not watch {}", args.topic), e))?;
+    let mut timeline = Timeline::new(&args.topic);
     while let Some(event) = events.recv().await {
         let event = match event {
             SessionEvent::Event(event) => event,
@@ -50,64 +40,281 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
             say!("{}", serde_json::to_string(&event)?);
             continue;
         }
+        for line in timeline.lines(&event) {
+            say!("{}  {line}", paint(Style::Dim, &render::clock_now()));
+        }
+    }
+    anyhow::bail!("the daemon closed the connection")
+}
+
+/// What the reader has been shown of a topic, so that each event turns
+/// into lines about what changed, and only that.
+struct Timeline {
+    topic: String,
+    owner_ref: Option<String>,
+    /// Who is on the topic, by ref: a fresh state after a daemon restart
+    /// is only worth a line when it differs from what was shown.
+    shown: Option<BTreeSet<String>>,
+}
+
+impl Timeline {
+    fn new(topic: &str) -> Timeline {
+        Timeline {
+            topic: topic.to_owned(),
+            owner_ref: None,
+            shown: None,
+        }
+    }
+
+    /// The lines an event is worth, without their time.
+    fn lines(&mut self, event: &Event) -> Vec<String> {
         match event {
-            Event::PresenceState { payload, owner, .. } => {
-                let metas = render::metas_by_seq(&payload);
-                let now_present: BTreeSet<String> =
-                    metas.iter().map(|(_, m)| m.phx_ref.clone()).collect();
-                let now_owner = owner.as_ref().map(|o| o.phx_ref.clone());
-                if shown.as_ref() != Some(&now_present) || now_owner != owner_ref {
-                    say!(
-                        "{}: owner {}, {} spectator{}",
-                        args.topic,
-                        render::owner(owner.as_ref()),
-                        metas.len().saturating_sub(1),
-                        if metas.len() == 2 { "" } else { "s" }
-                    );
-                }
-                shown = Some(now_present);
-                owner_ref = now_owner;
-            }
+            Event::PresenceState { payload, owner, .. } => self.state(payload, owner.as_ref()),
             Event::PresenceDiff {
                 payload,
                 owner,
                 reasons,
                 ..
-            } => {
-                for (key, meta) in render::metas_by_seq(&payload.leaves) {
-                    if let Some(present) = &mut shown {
-                        present.remove(&meta.phx_ref);
-                    }
-                    let reason = reasons.get(&meta.phx_ref);
-                    if reason != Some(&LeaveReason::Update) {
-                        say!("- {key} (pid {}) {}", meta.pid, render::reason(reason));
-                    }
-                }
-                for (key, meta) in render::metas_by_seq(&payload.joins) {
-                    if let Some(present) = &mut shown {
-                        present.insert(meta.phx_ref.clone());
-                    }
-                    if meta.phx_ref_prev.is_some() {
-                        say!("~ {key} (pid {}) updated", meta.pid);
-                    } else {
-                        say!("+ {key} (pid {}) joined", meta.pid);
-                    }
-                }
-                // An update gives the owner a new ref; compare by the ref
-                // it replaced too.
-                let new_owner_ref = owner.as_ref().map(|o| o.phx_ref.clone());
-                let renamed = payload.joins.values().flat_map(|p| &p.metas).any(|m| {
-                    m.phx_ref_prev.is_some()
-                        && m.phx_ref_prev == owner_ref
-                        && new_owner_ref.as_ref() == Some(&m.phx_ref)
-                });
-                if new_owner_ref != owner_ref && !renamed {
-                    say!("→ {} is now owner", render::owner(owner.as_ref()));
-                }
-                owner_ref = new_owner_ref;
-            }
-            Event::Role { .. } | Event::Shutdown { .. } => {}
+            } => self.diff(payload, owner.as_ref(), reasons),
+            Event::Role { .. } | Event::Shutdown { .. } => Vec::new(),
         }
     }
-    anyhow::bail!("the daemon closed the connection")
+
+    /// `doc: owner alice (pid 4242), 1 spectator`, when it is news.
+    fn state(&mut self, presences: &Presences, owner: Option<&Owner>) -> Vec<String> {
+        let metas = render::metas_by_seq(presences);
+        let present: BTreeSet<String> = metas.iter().map(|(_, m)| m.phx_ref.clone()).collect();
+        let owner_ref = owner.map(|o| o.phx_ref.clone());
+        let news = self.shown.as_ref() != Some(&present) || owner_ref != self.owner_ref;
+        self.shown = Some(present);
+        self.owner_ref = owner_ref;
+        if !news {
+            return Vec::new();
+        }
+        let line = match metas.len() {
+            0 => format!("{}: nobody is present", self.topic),
+            n => format!(
+                "{}: owner {}, {} spectator{}",
+                self.topic,
+                paint(Style::Good, &render::owner(owner)),
+                n - 1,
+                if n == 2 { "" } else { "s" }
+            ),
+        };
+        vec![line]
+    }
+
+    /// One line per leave, join or update. A change of owner goes on the
+    /// line of the departure that caused it (or the join that made one),
+    /// else on its own.
+    fn diff(
+        &mut self,
+        diff: &Diff,
+        owner: Option<&Owner>,
+        reasons: &BTreeMap<String, LeaveReason>,
+    ) -> Vec<String> {
+        let old_owner = self.owner_ref.take();
+        let new_owner = owner.map(|o| o.phx_ref.clone());
+        // An update gives the owner a new ref, not a new place.
+        let renamed = render::metas_by_seq(&diff.joins).iter().any(|(_, m)| {
+            m.phx_ref_prev.is_some()
+                && m.phx_ref_prev == old_owner
+                && Some(&m.phx_ref) == new_owner.as_ref()
+        });
+        let mut owner_news = (new_owner != old_owner && !renamed).then(|| match owner {
+            Some(owner) => paint(
+                Style::Good,
+                &format!("→ {} is now owner", render::owner(Some(owner))),
+            ),
+            None => "→ the topic is empty".to_owned(),
+        });
+        let mut lines = Vec::new();
+        for (key, meta) in render::metas_by_seq(&diff.leaves) {
+            self.forget(&meta.phx_ref);
+            let reason = reasons.get(&meta.phx_ref);
+            if reason == Some(&LeaveReason::Update) {
+                continue;
+            }
+            let mut line = format!(
+                "{} {} left",
+                paint(Style::Gone, "-"),
+                render::who(key, meta.pid)
+            );
+            if let Some(cause) = render::leave_cause(reason) {
+                line.push_str(&format!(" ({cause})"));
+            }
+            if Some(&meta.phx_ref) == old_owner.as_ref()
+                && let Some(news) = owner_news.take()
+            {
+                line.push_str(&format!(" {news}"));
+            }
+            lines.push(line);
+        }
+        for (key, meta) in render::metas_by_seq(&diff.joins) {
+            self.remember(&meta.phx_ref);
+            let who = render::who(key, meta.pid);
+            if meta.phx_ref_prev.is_some() {
+                let what = render::client_meta(&meta.client).unwrap_or_else(|| "{}".to_owned());
+                lines.push(format!(
+                    "{} {who} updated {what}",
+                    paint(Style::Notice, "~")
+                ));
+                continue;
+            }
+            let mut line = format!("{} {who} joined", paint(Style::Good, "+"));
+            if Some(&meta.phx_ref) == new_owner.as_ref() && owner_news.take().is_some() {
+                line.push_str(&format!(" {}", paint(Style::Good, "as owner")));
+            }
+            lines.push(line);
+        }
+        lines.extend(owner_news);
+        self.owner_ref = new_owner;
+        lines
+    }
+
+    fn forget(&mut self, phx_ref: &str) {
+        if let Some(present) = &mut self.shown {
+            present.remove(phx_ref);
+        }
+    }
+
+    fn remember(&mut self, phx_ref: &str) {
+        if let Some(present) = &mut self.shown {
+            present.insert(phx_ref.to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Meta;
+
+    fn meta(phx_ref: &str, seq: u64, pid: u32) -> Meta {
+        Meta {
+            phx_ref: phx_ref.to_owned(),
+            phx_ref_prev: None,
+            seq,
+            joined_at: 0,
+            pid,
+            uid: 1000,
+            user: "u".to_owned(),
+            client: serde_json::Map::new(),
+        }
+    }
+
+    fn presences(entries: &[(&str, Meta)]) -> Presences {
+        let mut map = Presences::new();
+        for (key, meta) in entries {
+            map.entry((*key).to_owned())
+                .or_default()
+                .metas
+                .push(meta.clone());
+        }
+        map
+    }
+
+    fn owner(key: &str, meta: &Meta) -> Owner {
+        Owner {
+            key: key.to_owned(),
+            phx_ref: meta.phx_ref.clone(),
+            pid: meta.pid,
+            user: meta.user.clone(),
+            joined_at: meta.joined_at,
+        }
+    }
+
+    fn diff_event(
+        joins: Presences,
+        leaves: Presences,
+        owner: Option<Owner>,
+        reasons: &[(&str, LeaveReason)],
+    ) -> Event {
+        Event::PresenceDiff {
+            topic: "doc".to_owned(),
+            payload: Diff { joins, leaves },
+            owner,
+            reasons: reasons
+                .iter()
+                .map(|(r, why)| ((*r).to_owned(), *why))
+                .collect(),
+        }
+    }
+
+    fn started(alice: &Meta, bob: &Meta) -> Timeline {
+        let mut timeline = Timeline::new("doc");
+        let state = Event::PresenceState {
+            topic: "doc".to_owned(),
+            payload: presences(&[("alice", alice.clone()), ("bob", bob.clone())]),
+            owner: Some(owner("alice", alice)),
+        };
+        assert_eq!(
+            timeline.lines(&state),
+            ["doc: owner alice (pid 10), 1 spectator"]
+        );
+        timeline
+    }
+
+    #[test]
+    fn an_owner_leaving_names_the_next_owner_on_the_same_line() {
+        let (alice, bob) = (meta("p1", 1, 10), meta("p2", 2, 20));
+        let mut timeline = started(&alice, &bob);
+        let left = diff_event(
+            Presences::new(),
+            presences(&[("alice", alice.clone())]),
+            Some(owner("bob", &bob)),
+            &[("p1", LeaveReason::PidExit)],
+        );
+        assert_eq!(
+            timeline.lines(&left),
+            ["- alice (pid 10) left (process exited) → bob (pid 20) is now owner"]
+        );
+        let last = diff_event(
+            Presences::new(),
+            presences(&[("bob", bob.clone())]),
+            None,
+            &[("p2", LeaveReason::Untrack)],
+        );
+        assert_eq!(
+            timeline.lines(&last),
+            ["- bob (pid 20) left → the topic is empty"]
+        );
+        let first = meta("p3", 3, 30);
+        let joined = diff_event(
+            presences(&[("carol", first.clone())]),
+            Presences::new(),
+            Some(owner("carol", &first)),
+            &[],
+        );
+        assert_eq!(
+            timeline.lines(&joined),
+            ["+ carol (pid 30) joined as owner"]
+        );
+    }
+
+    #[test]
+    fn an_update_of_the_owner_is_not_an_owner_change() {
+        let (alice, bob) = (meta("p1", 1, 10), meta("p2", 2, 20));
+        let mut timeline = started(&alice, &bob);
+        let mut updated = meta("p3", 1, 10);
+        updated.phx_ref_prev = Some("p1".to_owned());
+        updated.client.insert("line".to_owned(), 42.into());
+        let event = diff_event(
+            presences(&[("alice", updated.clone())]),
+            presences(&[("alice", alice.clone())]),
+            Some(owner("alice", &updated)),
+            &[("p1", LeaveReason::Update)],
+        );
+        assert_eq!(
+            timeline.lines(&event),
+            ["~ alice (pid 10) updated {\"line\":42}"]
+        );
+        // The same state again, after a reconnect, is not news.
+        let state = Event::PresenceState {
+            topic: "doc".to_owned(),
+            payload: presences(&[("alice", updated.clone()), ("bob", bob.clone())]),
+            owner: Some(owner("alice", &updated)),
+        };
+        assert!(timeline.lines(&state).is_empty());
+    }
 }

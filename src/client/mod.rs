@@ -35,9 +35,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{
     Empty, ErrorBody, Event, GetByKeyReply, GetByKeyRequest, HelloReply, HelloRequest,
-    ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request, ResumeReply, ResumeRequest,
-    ServerMessage, StatusReply, TopicRequest, TrackReply, TrackRequest, UntrackReply,
-    UntrackRequest, UpdateReply, UpdateRequest,
+    HistoryReply, HistoryRequest, ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request,
+    ResumeReply, ResumeRequest, ServerMessage, StatusReply, TopicRequest, TrackReply, TrackRequest,
+    UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
 pub use autostart::start_daemon;
@@ -249,6 +249,12 @@ impl Client {
 
     pub async fn resume(&self, tokens: Vec<String>) -> Result<ResumeReply, ClientError> {
         self.call(Request::Resume(ResumeRequest { tokens })).await
+    }
+
+    /// The latest recorded joins, leaves, updates and owner changes,
+    /// oldest first.
+    pub async fn history(&self, request: HistoryRequest) -> Result<HistoryReply, ClientError> {
+        self.call(Request::History(request)).await
     }
 
     pub async fn status(&self) -> Result<StatusReply, ClientError> {

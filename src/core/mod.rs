@@ -35,8 +35,8 @@ use serde_json::Value;
 use crate::sys::now_millis;
 
 use crate::protocol::{
-    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Lifetime, PROTOCOL_VERSION, Reply,
-    SERVER_NAME, ShutdownPayload, StatusReply,
+    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, HistoryRequest, Lifetime,
+    PROTOCOL_VERSION, Reply, SERVER_NAME, ShutdownPayload, StatusReply,
 };
 use recovery::{Fact, Recovery};
 use registry::{Change, ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
@@ -46,6 +46,10 @@ use store::{Store, StoreError, StoredEntry};
 /// is one commit; small enough that the first reply of a burst is not held
 /// back for long.
 const MAX_BATCH: usize = 1024;
+
+/// How often the history is trimmed to its retention bounds, when the
+/// last pass left nothing over.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The pause before waiting facts are retried on their own after a failed
 /// commit. It doubles with each failed retry, up to [`MAX_RETRY_PAUSE`], so
@@ -96,6 +100,8 @@ pub enum Resolved {
     Presence(Op),
     Status,
     Ping,
+    /// Read from the database, which holds only what is committed.
+    History(HistoryRequest),
 }
 
 /// Everything the io layer asks of the core.
@@ -160,6 +166,8 @@ pub struct Core {
     outlets: HashMap<ConnId, Box<dyn Outlet>>,
     info: DaemonInfo,
     recovery: Recovery,
+    /// When to next trim the history to its retention bounds.
+    next_prune: Instant,
 }
 
 /// Why the core woke up.
@@ -200,6 +208,7 @@ impl Core {
             outlets: HashMap::new(),
             info,
             recovery: Recovery::default(),
+            next_prune: Instant::now(),
         };
         core.forget_dead_rows(sorted.dead, stored_next_seq)?;
         Ok(core)
@@ -353,6 +362,9 @@ impl Core {
         let closed = std::mem::take(&mut batch.closed);
         let (deliveries, result) = self.commit_or_roll_back(batch);
         self.release(deliveries);
+        if result.is_ok() {
+            self.prune_history_if_due();
+        }
         // Closed connections get no more lines even if their close is to be
         // retried: their sockets are gone either way.
         for conn in closed {
@@ -361,6 +373,24 @@ impl Core {
             }
         }
         result
+    }
+
+    /// Trims the history a chunk at a time, after a batch's lines are
+    /// out: often enough to keep it bounded, never long enough to hold
+    /// anyone up.
+    fn prune_history_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        let more = match self.store.prune_history(now_millis()) {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::debug!("could not trim the history, trying later: {e}");
+                false
+            }
+        };
+        self.next_prune = if more { now } else { now + PRUNE_EVERY };
     }
 
     /// Commits what the batch changed, and returns what may be sent: all
@@ -483,6 +513,7 @@ impl Core {
             Resolved::Hello(hello) => Reply::from_result(id, hello_result(hello)),
             Resolved::Status => Reply::success(id, self.status()),
             Resolved::Ping => Reply::success(id, serde_json::Map::new()),
+            Resolved::History(request) => Reply::from_result(id, self.history(&request)),
         };
         out.deliveries.push(Delivery::Reply { conn, reply });
     }
@@ -491,14 +522,24 @@ impl Core {
         let out = &mut batch.outbox;
         match &fact {
             Fact::Closed(conn) => {
-                self.registry.close(*conn, out);
+                self.registry.close(*conn, batch.now, out);
                 batch.closed.push(*conn);
             }
-            Fact::ProcessExited(process) => self.registry.process_exited(*process, out),
+            Fact::ProcessExited(process) => self.registry.process_exited(*process, batch.now, out),
             Fact::Resync { conn, topics } => self.registry.resync(*conn, topics, out),
             Fact::DeadRow(phx_ref) => out.changes.push(Change::Delete(phx_ref.clone())),
         }
         batch.facts.push(fact);
+    }
+
+    fn history(&self, request: &HistoryRequest) -> Result<Value, ErrorBody> {
+        let reply = self.store.history(request).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!("could not read the history: {e}"),
+            )
+        })?;
+        Ok(serde_json::to_value(reply).unwrap_or_default())
     }
 
     fn status(&self) -> StatusReply {
@@ -637,7 +678,8 @@ enum Redo {
 /// error tells the client to try again.
 fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
     match request {
-        Resolved::Hello(_) | Resolved::Ping => None,
+        // History comes from the database, so it never showed the batch.
+        Resolved::Hello(_) | Resolved::Ping | Resolved::History(_) => None,
         Resolved::Status => Some(Redo::Ask(Resolved::Status)),
         Resolved::Presence(op) => Some(match op {
             Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Unsubscribe(_) => {

@@ -20,10 +20,11 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, KeyPresence, LeaveReason,
-    Lifetime, Limits, ListAllReply, ListTopicReply, Meta, Owner, Presences, Reply, ResumeReply,
-    Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
-    UntrackRequest, UpdateReply, UpdateRequest, validate_meta, validate_name,
+    Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
+    KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, Owner,
+    Presences, Reply, ResumeReply, Role, RoleChange, Standing, TopicPresences, TrackReply,
+    TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest, validate_meta,
+    validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -130,6 +131,8 @@ pub enum Change {
     Put(Box<Entry>),
     /// Delete the row with this ref.
     Delete(String),
+    /// Record a moment in a topic's history.
+    History(Box<HistoryEvent>),
 }
 
 /// A line for one or more connections.
@@ -147,6 +150,19 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    fn history(&mut self, entry: &Entry, kind: HistoryKind, reason: Option<LeaveReason>, at: i64) {
+        self.changes.push(Change::History(Box::new(HistoryEvent {
+            at,
+            topic: entry.topic.clone(),
+            kind,
+            key: entry.key.clone(),
+            phx_ref: entry.phx_ref.clone(),
+            pid: entry.process.pid,
+            user: entry.user.clone(),
+            reason,
+        })));
+    }
+
     fn event(&mut self, to: Vec<ConnId>, event: Event) {
         if !to.is_empty() {
             self.deliveries.push(Delivery::Event { to, event });
@@ -416,7 +432,7 @@ impl Registry {
 
     /// A connection has closed: its connection entries leave, its process
     /// entries stay without it, and its subscriptions end.
-    pub fn close(&mut self, conn: ConnId, out: &mut Outbox) {
+    pub fn close(&mut self, conn: ConnId, now: i64, out: &mut Outbox) {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
         };
@@ -434,7 +450,7 @@ impl Registry {
                 None => {}
             }
         }
-        self.remove(leaving, LeaveReason::Closed, out);
+        self.remove(leaving, LeaveReason::Closed, now, out);
     }
 
     /// A process entry outlives its connection: it stays, held by nobody,
@@ -447,13 +463,13 @@ impl Registry {
     }
 
     /// A process has exited: every entry it owned leaves.
-    pub fn process_exited(&mut self, process: ProcessId, out: &mut Outbox) {
+    pub fn process_exited(&mut self, process: ProcessId, now: i64, out: &mut Outbox) {
         let refs = self
             .by_process
             .get(&process)
             .map(|refs| refs.iter().cloned().collect())
             .unwrap_or_default();
-        self.remove(refs, LeaveReason::PidExit, out);
+        self.remove(refs, LeaveReason::PidExit, now, out);
     }
 
     /// Restored entries whose resume deadline has passed leave.
@@ -464,7 +480,7 @@ impl Registry {
             .take_while(|(deadline, _)| *deadline <= now)
             .map(|(_, phx_ref)| phx_ref.clone())
             .collect();
-        self.remove(expired, LeaveReason::Expired, out);
+        self.remove(expired, LeaveReason::Expired, now, out);
     }
 
     /// Sends a fresh `presence_state` for each topic the connection still
@@ -486,8 +502,8 @@ impl Registry {
         let first_event = out.deliveries.len();
         let result = match op {
             Op::Track(track) => self.track(conn, track, now, out),
-            Op::Untrack(request) => self.untrack(conn, request, out),
-            Op::Update(request) => self.update(conn, request, out),
+            Op::Untrack(request) => self.untrack(conn, request, now, out),
+            Op::Update(request) => self.update(conn, request, now, out),
             Op::List(topic) => Ok(self.list(topic)),
             Op::GetByKey(request) => Ok(self.get_by_key(&request)),
             Op::Subscribe(topic) => self.subscribe(conn, topic, out),
@@ -567,6 +583,11 @@ impl Registry {
         let meta = entry.to_meta();
         let key = entry.key.clone();
         out.changes.push(Change::Put(Box::new(entry.clone())));
+        out.history(&entry, HistoryKind::Join, None, joined_at);
+        // Seqs only grow: a new entry owns the topic only if it is alone.
+        if self.topic(&request.topic).entries.is_empty() {
+            out.history(&entry, HistoryKind::Owner, None, joined_at);
+        }
         self.insert(entry);
 
         let topic = self.topic(&request.topic);
@@ -590,6 +611,7 @@ impl Registry {
         &mut self,
         conn: ConnId,
         request: UntrackRequest,
+        now: i64,
         out: &mut Outbox,
     ) -> Result<Value, ErrorBody> {
         let refs = match (&request.phx_ref, &request.key) {
@@ -613,7 +635,7 @@ impl Registry {
             }
         };
         let removed = refs.len();
-        self.remove(refs, LeaveReason::Untrack, out);
+        self.remove(refs, LeaveReason::Untrack, now, out);
         Ok(to_value(&UntrackReply { removed }))
     }
 
@@ -621,6 +643,7 @@ impl Registry {
         &mut self,
         conn: ConnId,
         request: UpdateRequest,
+        now: i64,
         out: &mut Outbox,
     ) -> Result<Value, ErrorBody> {
         validate_meta(&request.meta, self.limits.max_meta_bytes)?;
@@ -660,6 +683,7 @@ impl Registry {
         let key = entry.key.clone();
         out.changes.push(Change::Delete(old_ref.clone()));
         out.changes.push(Change::Put(Box::new(entry.clone())));
+        out.history(&entry, HistoryKind::Update, None, now);
         self.insert(entry);
 
         let mut diff = Diff::default();
@@ -817,7 +841,7 @@ impl Registry {
 
     /// Removes entries, then tells each topic's subscribers in one diff and,
     /// where the owner changed, every remaining entry in a role event.
-    fn remove(&mut self, refs: Vec<String>, reason: LeaveReason, out: &mut Outbox) {
+    fn remove(&mut self, refs: Vec<String>, reason: LeaveReason, now: i64, out: &mut Outbox) {
         let mut by_topic: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
         for phx_ref in refs {
             let Some(entry) = self.take(&phx_ref) else {
@@ -827,7 +851,7 @@ impl Registry {
             by_topic.entry(entry.topic.clone()).or_default().push(entry);
         }
         for (topic_name, departed) in by_topic {
-            self.announce_departures(&topic_name, departed, reason, out);
+            self.announce_departures(&topic_name, departed, reason, now, out);
         }
     }
 
@@ -836,6 +860,7 @@ impl Registry {
         topic_name: &str,
         departed: Vec<Entry>,
         reason: LeaveReason,
+        now: i64,
         out: &mut Outbox,
     ) {
         let topic = self.topic(topic_name);
@@ -850,6 +875,7 @@ impl Registry {
         let mut diff = Diff::default();
         let mut reasons = BTreeMap::new();
         for entry in &departed {
+            out.history(entry, HistoryKind::Leave, Some(reason), now);
             reasons.insert(entry.phx_ref.clone(), reason);
             diff.leaves
                 .entry(entry.key.clone())
@@ -860,6 +886,9 @@ impl Registry {
         self.publish_diff(topic_name, diff, reasons, out);
 
         if owner_changed {
+            if let Some(owner) = topic.owner() {
+                out.history(owner, HistoryKind::Owner, None, now);
+            }
             for (position, entry) in topic.entries.values().enumerate() {
                 let Some(conn) = entry.conn else { continue };
                 let role = Event::Role {

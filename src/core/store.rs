@@ -15,13 +15,16 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, pa
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
-use crate::protocol::Lifetime;
+use crate::protocol::{
+    DEFAULT_HISTORY_LIMIT, HistoryEvent, HistoryKind, HistoryReply, HistoryRequest, LeaveReason,
+    Lifetime, MAX_HISTORY_LIMIT,
+};
 
 /// The schema, applied to a new database.
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long opening the database waits for another program's lock on it
 /// before it gives up: long enough for a brief look with `sqlite3`. Nobody
@@ -172,7 +175,29 @@ pub struct Store {
     boot_id: String,
     /// Where a corrupt database was moved at open, if it was.
     recovered_from: Option<PathBuf>,
+    retention: Retention,
 }
+
+/// How much history is kept: whichever bound is reached first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_rows: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_rows: 100_000,
+        }
+    }
+}
+
+/// How many history rows one pruning pass deletes at most: enough to keep
+/// up with any realistic rate, few enough that a pass takes milliseconds
+/// and the core never stalls on it.
+const PRUNE_CHUNK: i64 = 2_000;
 
 impl Store {
     /// Opens (or creates) the database at `path`. A file that is not a
@@ -201,6 +226,7 @@ impl Store {
             path: path.to_owned(),
             boot_id,
             recovered_from,
+            retention: Retention::default(),
         })
     }
 
@@ -228,6 +254,51 @@ impl Store {
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
         db.busy_timeout(COMMIT_BUSY_TIMEOUT)?;
         Ok(db)
+    }
+
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    /// Deletes up to [`PRUNE_CHUNK`] of the oldest history rows that are
+    /// past the retention bounds. Returns whether more are left to delete.
+    pub fn prune_history(&mut self, now: i64) -> Result<bool, StoreError> {
+        let oldest_kept = now.saturating_sub(self.retention.max_age.as_millis() as i64);
+        let max_rows = self.retention.max_rows.min(i64::MAX as u64) as i64;
+        let deleted = self
+            .db
+            .execute(
+                "DELETE FROM events WHERE id IN (
+                   SELECT id FROM events
+                   WHERE at < ?1 OR id <= (SELECT max(id) FROM events) - ?2
+                   ORDER BY id LIMIT ?3)",
+                params![oldest_kept, max_rows, PRUNE_CHUNK],
+            )
+            .map_err(|e| StoreError::from(e).about(&self.path))?;
+        Ok(deleted as i64 == PRUNE_CHUNK)
+    }
+
+    /// The latest history events that match, oldest first.
+    pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
+        let limit = request
+            .limit
+            .unwrap_or(DEFAULT_HISTORY_LIMIT)
+            .min(MAX_HISTORY_LIMIT);
+        // One more than asked for tells whether any were left out.
+        let mut query = self.db.prepare_cached(
+            "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
+             WHERE (?1 IS NULL OR topic = ?1) AND (?2 IS NULL OR at >= ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = query.query_map(
+            params![request.topic, request.since, limit as i64 + 1],
+            read_history_event,
+        )?;
+        let mut events = rows.collect::<Result<Vec<_>, _>>()?;
+        let truncated = events.len() > limit;
+        events.truncate(limit);
+        events.reverse();
+        Ok(HistoryReply { events, truncated })
     }
 
     pub fn path(&self) -> &Path {
@@ -338,6 +409,10 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM presences WHERE ref = ?1")?;
+            let mut record = tx.prepare_cached(
+                "INSERT INTO events (at, topic, kind, key, ref, pid, user, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
             for change in changes {
                 match change {
                     Change::Put(entry) => {
@@ -360,6 +435,18 @@ impl Store {
                     }
                     Change::Delete(phx_ref) => {
                         delete.execute(params![phx_ref])?;
+                    }
+                    Change::History(event) => {
+                        record.execute(params![
+                            event.at,
+                            event.topic,
+                            event.kind.as_str(),
+                            event.key,
+                            event.phx_ref,
+                            event.pid,
+                            event.user,
+                            event.reason.map(LeaveReason::as_str),
+                        ])?;
                     }
                 }
             }
@@ -386,7 +473,11 @@ fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
 fn migrate(db: &Connection) -> Result<(), StoreError> {
     let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0 => {
+        // Every statement in the schema is `IF NOT EXISTS`, and versions so
+        // far only added tables and indexes, so a new database and an older
+        // one are brought up to date the same way. A version that changes
+        // an existing table needs its own step here.
+        0..SCHEMA_VERSION => {
             db.execute_batch(&format!(
                 "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))?;
@@ -395,6 +486,33 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
         SCHEMA_VERSION => Ok(()),
         found => Err(StoreError::NewerSchema { found }),
     }
+}
+
+fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
+    let unreadable = |column: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("unknown {what}").into(),
+        )
+    };
+    let kind: String = row.get(2)?;
+    let reason: Option<String> = row.get(7)?;
+    Ok(HistoryEvent {
+        at: row.get(0)?,
+        topic: row.get(1)?,
+        kind: HistoryKind::parse(&kind).ok_or_else(|| unreadable(2, "event kind"))?,
+        key: row.get(3)?,
+        phx_ref: row.get(4)?,
+        pid: row.get(5)?,
+        user: row.get(6)?,
+        reason: match reason {
+            Some(reason) => {
+                Some(LeaveReason::parse(&reason).ok_or_else(|| unreadable(7, "leave reason"))?)
+            }
+            None => None,
+        },
+    })
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -618,5 +736,31 @@ mod tests {
             Store::open(&path, "boot".into()),
             Err(StoreError::NewerSchema { found: 99 })
         ));
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_history_and_keeps_its_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        {
+            let mut store = Store::open(&path, "boot".into()).unwrap();
+            store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        }
+        // What version 1 looked like: no history table.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch("DROP TABLE events; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(old);
+
+        let store = Store::open(&path, "boot".into()).unwrap();
+        let (rows, next_seq) = store.load().unwrap();
+        assert_eq!((rows.len(), next_seq), (1, 2));
+        let history = store.history(&HistoryRequest::default()).unwrap();
+        assert!(history.events.is_empty());
+        let version: i64 = store
+            .db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

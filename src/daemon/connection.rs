@@ -298,6 +298,7 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
         }
         Request::Status(_) => Parsed::Ready(Resolved::Status),
         Request::Ping(_) => Parsed::Ready(Resolved::Ping),
+        Request::History(history) => Parsed::Ready(Resolved::History(history)),
     };
     Ok((id, parsed))
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::store::Store;
+use crate::core::store::{Retention, Store};
 use crate::core::{Command, Core, DaemonInfo, Stopped};
 use crate::protocol::Limits;
 use connection::Shared;
@@ -30,6 +30,8 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// How long a connection entry restored at start waits to be resumed.
     pub resume_grace: Duration,
+    /// How much history to keep.
+    pub history: Retention,
     /// Print `ready` on stdout once the socket listens (used by auto-start).
     pub ready_on_stdout: bool,
 }
@@ -58,8 +60,9 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             .with_context(|| format!("preparing the database folder {}", dir.display()))?;
     }
     let boot_id = crate::sys::boot_id().context("reading the boot id")?;
-    let store = Store::open(&config.db, boot_id.clone())
+    let mut store = Store::open(&config.db, boot_id.clone())
         .with_context(|| format!("opening the database {}", config.db.display()))?;
+    store.set_retention(config.history);
     listener::raise_fd_limit(config.limits.max_connections);
 
     let (core_tx, core_rx) = std::sync::mpsc::channel();
@@ -161,7 +164,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {
-        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e).context("departures held back by failed commits could not be saved before stopping")),
+        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e)
+            .context("departures held back by failed commits could not be saved before stopping")),
         _ => Ok(()),
     }
 }

@@ -232,13 +232,13 @@ impl Harness {
 
     fn close(&mut self, conn: ConnId) -> Outbox {
         let mut out = Outbox::default();
-        self.registry.close(conn, &mut out);
+        self.registry.close(conn, self.now, &mut out);
         out
     }
 
     fn process_exited(&mut self, process: ProcessId) -> Outbox {
         let mut out = Outbox::default();
-        self.registry.process_exited(process, &mut out);
+        self.registry.process_exited(process, self.now, &mut out);
         out
     }
 
@@ -250,6 +250,26 @@ impl Harness {
 }
 
 // -- reading an outbox ------------------------------------------------------
+
+/// The outbox's row changes, without its history records.
+fn row_changes(out: &Outbox) -> Vec<Change> {
+    out.changes
+        .iter()
+        .filter(|change| !matches!(change, Change::History(_)))
+        .cloned()
+        .collect()
+}
+
+/// The outbox's history records, as (kind, ref, reason).
+fn history(out: &Outbox) -> Vec<(HistoryKind, String, Option<LeaveReason>)> {
+    out.changes
+        .iter()
+        .filter_map(|change| match change {
+            Change::History(event) => Some((event.kind, event.phx_ref.clone(), event.reason)),
+            _ => None,
+        })
+        .collect()
+}
 
 /// The reply of one `handle` call: the only reply in the outbox, addressed
 /// to the caller, and ahead of every event.
@@ -561,7 +581,7 @@ fn untracking_the_owner_promotes_the_next_and_tells_each_remaining_entry_once() 
         diff.reasons,
         BTreeMap::from([(owner.phx_ref.clone(), LeaveReason::Untrack)])
     );
-    assert_eq!(out.changes, [Change::Delete(owner.phx_ref)]);
+    assert_eq!(row_changes(&out), [Change::Delete(owner.phx_ref)]);
 }
 
 #[test]
@@ -740,9 +760,9 @@ fn update_is_one_diff_leaving_the_old_meta_and_joining_the_new_one() {
     );
 
     // The old row goes and the new version is written.
-    assert_eq!(out.changes.len(), 2);
-    assert_eq!(out.changes[0], Change::Delete(owner.phx_ref.clone()));
-    match &out.changes[1] {
+    assert_eq!(row_changes(&out).len(), 2);
+    assert_eq!(row_changes(&out)[0], Change::Delete(owner.phx_ref.clone()));
+    match &row_changes(&out)[1] {
         Change::Put(entry) => {
             assert_eq!(entry.phx_ref, reply.phx_ref);
             assert_eq!(entry.prev_ref.as_deref(), Some(owner.phx_ref.as_str()));
@@ -782,7 +802,7 @@ fn updated_entry_is_still_found_by_its_process_connection_and_token() {
     assert_eq!(resumed.resumed, std::slice::from_ref(&by_key.phx_ref));
     // By the process: its exit removes it.
     let out = h.process_exited(process_of(a));
-    assert_eq!(out.changes, [Change::Delete(by_key.phx_ref)]);
+    assert_eq!(row_changes(&out), [Change::Delete(by_key.phx_ref)]);
     assert_eq!(h.registry.entry_count(), 0);
 }
 
@@ -903,7 +923,7 @@ fn root_may_untrack_and_update_any_entry() {
     assert_eq!(roles[0].1.standing.role, Role::Owner);
     // Root's update kept the entry with bob's connection.
     let out = h.close(b);
-    assert_eq!(out.changes, [Change::Delete(updated.phx_ref)]);
+    assert_eq!(row_changes(&out), [Change::Delete(updated.phx_ref)]);
 }
 
 #[test]
@@ -925,12 +945,15 @@ fn untrack_by_key_silently_skips_entries_the_caller_may_not_remove() {
     // nor bob's.
     let out = h.untrack_key(d, "doc", "x");
     assert_eq!(ok_reply::<UntrackReply>(&out, d).removed, 1);
-    assert_eq!(out.changes, [Change::Delete(alices_process_entry.phx_ref)]);
+    assert_eq!(
+        row_changes(&out),
+        [Change::Delete(alices_process_entry.phx_ref)]
+    );
 
     let out = h.untrack_key(a, "doc", "x");
     assert_eq!(ok_reply::<UntrackReply>(&out, a).removed, 1);
     assert_eq!(
-        out.changes,
+        row_changes(&out),
         [Change::Delete(alices_connection_entry.phx_ref)]
     );
 
@@ -940,7 +963,7 @@ fn untrack_by_key_silently_skips_entries_the_caller_may_not_remove() {
 
     let out = h.untrack_key(root, "doc", "x");
     assert_eq!(ok_reply::<UntrackReply>(&out, root).removed, 1);
-    assert_eq!(out.changes, [Change::Delete(bobs_entry.phx_ref)]);
+    assert_eq!(row_changes(&out), [Change::Delete(bobs_entry.phx_ref)]);
     assert_eq!(h.listed_refs("doc"), [other_key.phx_ref]);
 }
 
@@ -1108,7 +1131,10 @@ fn close_removes_connection_entries_and_keeps_process_entries() {
         BTreeMap::from([(connection_entry.phx_ref.clone(), LeaveReason::Closed)])
     );
     assert!(role_changes(&out).is_empty(), "build keeps its owner");
-    assert_eq!(out.changes, [Change::Delete(connection_entry.phx_ref)]);
+    assert_eq!(
+        row_changes(&out),
+        [Change::Delete(connection_entry.phx_ref)]
+    );
     let build = h.list("build");
     assert_eq!(
         owner_ref(&build.owner),
@@ -1244,7 +1270,7 @@ fn a_resumed_connection_entry_leaves_when_its_new_connection_closes() {
     let reply: ResumeReply = ok_reply(&h.resume(a, &["tok"]), a);
     assert_eq!(reply.resumed, ["p4"]);
     let out = h.close(a);
-    assert_eq!(out.changes, [Change::Delete("p4".into())]);
+    assert_eq!(row_changes(&out), [Change::Delete("p4".into())]);
 }
 
 // ---------------------------------------------------------------------------
@@ -1627,7 +1653,7 @@ fn every_new_entry_is_persisted_and_failed_requests_persist_nothing() {
     let a = h.connect(ALICE);
     let out = h.try_track(a, track_request("doc", "x"));
     let reply: TrackReply = ok_reply(&out, a);
-    match out.changes.as_slice() {
+    match row_changes(&out).as_slice() {
         [Change::Put(entry)] => {
             assert_eq!(entry.phx_ref, reply.phx_ref);
             assert_eq!(entry.seq, reply.seq);
@@ -1672,7 +1698,7 @@ fn a_restored_entry_expires_at_its_deadline_and_not_before() {
         BTreeMap::from([("p3".to_owned(), LeaveReason::Expired)])
     );
     assert_eq!(owner_ref(&diff.owner), Some("p5"));
-    assert_eq!(out.changes, [Change::Delete("p3".into())]);
+    assert_eq!(row_changes(&out), [Change::Delete("p3".into())]);
     assert_eq!(h.registry.next_resume_deadline(), None);
     assert_eq!(h.listed_refs("doc"), ["p5"]);
     // Nothing is left to expire, however late it gets.
@@ -2448,7 +2474,7 @@ impl World {
             Action::Close { slot } => {
                 let conn = self.slots[slot];
                 let mut out = Outbox::default();
-                self.registry.close(conn, &mut out);
+                self.registry.close(conn, self.now, &mut out);
                 if self.model.conns.remove(&conn).is_none() {
                     return (out, Expected::default());
                 }
@@ -2473,7 +2499,7 @@ impl World {
                     },
                 };
                 let mut out = Outbox::default();
-                self.registry.process_exited(id, &mut out);
+                self.registry.process_exited(id, self.now, &mut out);
                 if !stale {
                     self.generations[process] += 1;
                 }
@@ -2876,6 +2902,7 @@ impl World {
                         "a delete of {phx_ref}, which is not persisted"
                     );
                 }
+                Change::History(_) => {}
             }
         }
     }
@@ -3129,4 +3156,43 @@ fn dump(registry: &Registry) -> String {
         registry.next_resume_deadline()
     ));
     lines.join("\n")
+}
+
+#[test]
+fn history_records_joins_leaves_with_reasons_and_each_new_owner() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let joined = h.try_track(a, track_request("doc", "x"));
+    let owner = ok_reply::<TrackReply>(&joined, a);
+    assert_eq!(
+        history(&joined),
+        [
+            (HistoryKind::Join, owner.phx_ref.clone(), None),
+            (HistoryKind::Owner, owner.phx_ref.clone(), None),
+        ],
+        "the first to join is recorded as the owner too"
+    );
+    let second = h.try_track(b, track_request("doc", "y"));
+    let spectator = ok_reply::<TrackReply>(&second, b);
+    assert_eq!(
+        history(&second),
+        [(HistoryKind::Join, spectator.phx_ref.clone(), None)]
+    );
+
+    let closed = h.close(a);
+    assert_eq!(
+        history(&closed),
+        [
+            (
+                HistoryKind::Leave,
+                owner.phx_ref.clone(),
+                Some(LeaveReason::Closed)
+            ),
+            (HistoryKind::Owner, spectator.phx_ref.clone(), None),
+        ]
+    );
+    let Change::History(event) = &closed.changes[1] else {
+        panic!("a leave record follows the delete");
+    };
+    assert_eq!((event.at, event.user.as_str()), (h.now, "alice"));
 }

@@ -1,0 +1,597 @@
+//! The words of `--help` and of the man pages, kept in one place: each
+//! page's details, examples and exit statuses, and the environment and
+//! files every page shares. `--help` shows them after the options;
+//! `tests/generated_files.rs` renders them into `man/`.
+//!
+//! Text conventions: paragraphs are separated by a blank line, and a line
+//! indented by two spaces is shown as it is (an example of output).
+
+/// What one page says beyond the clap definitions.
+pub struct Page {
+    /// The subcommand, or `presence` for the command itself.
+    pub name: &'static str,
+    /// What the command does, in more detail than its one-line summary.
+    pub details: &'static str,
+    pub examples: &'static [Example],
+    /// Exit statuses particular to this command, after [`EXIT_STATUS`].
+    pub exit_status: &'static [Item],
+    /// Other pages worth reading, as `presence-join(1)`; a subcommand's
+    /// page names `presence(1)` first without being told.
+    pub see_also: &'static [&'static str],
+}
+
+/// A command line and what it does.
+pub struct Example {
+    pub what: &'static str,
+    /// One command a line.
+    pub run: &'static str,
+}
+
+/// A term and its explanation: an exit status, a variable, a file.
+pub struct Item {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+/// The status `join` exits with when its entry is not the owner.
+pub const EXIT_NOT_OWNER: u8 = 3;
+
+/// Exit statuses every command shares.
+pub const EXIT_STATUS: &[Item] = &[
+    Item {
+        name: "0",
+        text: "Success.",
+    },
+    Item {
+        name: "1",
+        text: "An error, explained in one line on standard error.",
+    },
+    Item {
+        name: "2",
+        text: "The command line is wrong: an unknown option, a missing argument.",
+    },
+];
+
+pub const ENVIRONMENT: &[Item] = &[
+    Item {
+        name: "PRESENCE_SOCKET",
+        text: "The daemon's socket, as --socket. Empty means unset.",
+    },
+    Item {
+        name: "PRESENCE_DB",
+        text: "The database of a daemon, as `presence daemon --db`; also used by a daemon \
+               started on demand. Empty means unset.",
+    },
+    Item {
+        name: "PRESENCE_LOG",
+        text: "What to log on standard error: error, warn, info, debug or trace, or a \
+               tracing filter. The default is info for the daemon and warn for the others.",
+    },
+    Item {
+        name: "NO_COLOR",
+        text: "Any value but the empty one turns colour off (no-color.org). Colour is \
+               only used when standard output is a terminal, unless --color says otherwise.",
+    },
+    Item {
+        name: "XDG_RUNTIME_DIR, XDG_STATE_HOME, HOME",
+        text: "Where the default socket and database are.",
+    },
+    Item {
+        name: "TZ",
+        text: "The time zone times are shown in; by default the system's (/etc/localtime).",
+    },
+];
+
+pub const FILES: &[Item] = &[
+    Item {
+        name: "$XDG_RUNTIME_DIR/presenced/presenced.sock",
+        text: "The daemon's socket (mode 0600, in a folder private to its user). Without \
+               XDG_RUNTIME_DIR: /tmp/presenced-$UID/presenced.sock.",
+    },
+    Item {
+        name: "SOCKET.lock, SOCKET.start.lock",
+        text: "Beside the socket: held by the daemon serving it, and by a client starting \
+               a daemon on demand.",
+    },
+    Item {
+        name: "$XDG_STATE_HOME/presenced/presence.db",
+        text: "The SQLite database; without XDG_STATE_HOME it is \
+               ~/.local/state/presenced/presence.db. A file that cannot be read as a \
+               database is moved aside to presence.db.corrupt-<unix time> and a new one \
+               is started.",
+    },
+    Item {
+        name: "daemon.log",
+        text: "Beside the database: the log of a daemon started on demand.",
+    },
+];
+
+const JOIN_DETAILS: &str = "\
+The first to join a topic is its owner; everyone after is a read-only
+spectator, in join order. join prints its standing at once, and again
+whenever it changes role or the topic gets a new owner:
+
+  owner
+  spectator (owner: alice, pid 4242)
+
+Without --detach the presence is held until SIGINT, SIGTERM or SIGHUP, or
+until the --pid process exits; then it is left and join exits 0. If the
+daemon restarts, join reconnects and keeps its place without printing
+anything; it exits 1 only if the daemon does not come back within 30
+seconds.
+
+With --detach, the entry belongs to a process instead of to join's
+connection: the --pid process, by default the one that ran presence (your
+shell or your script; behind a wrapper such as timeout(1), pass --pid $$
+instead). join prints the standing and the entry's ref, then
+exits 0 as the owner or 3 as a spectator, so that `if presence join
+--detach TOPIC; then ...` works:
+
+  owner, ref p12
+  spectator (owner: alice, pid 4242), ref p13
+
+The entry stays, a spectator keeping its place in the queue, until that
+process exits or `presence leave` removes it.
+
+With --wait-owner, join waits until the entry is the owner, as flock(1)
+waits for a lock. With --detach it then exits 0 and leaves the entry in
+place; without --detach it goes on holding the presence. If --timeout
+passes, a signal arrives, or the --pid process exits first, the entry is
+removed and join exits 3.";
+
+const LEAVE_DETAILS: &str = "\
+Removes your entries on TOPIC: the one named by --ref, or every one whose
+key is --key, by default your login name. Entries made with `presence join
+--detach` can be removed by any command of the same user; an entry held by
+a running `presence join` belongs to that command, and ends with it.
+
+Prints what was removed. Removing nothing is not an error, so leave can run
+twice, from a trap for instance:
+
+  left doc (1 entry)
+  nothing to leave on doc (key alice)";
+
+const UPDATE_DETAILS: &str = "\
+Replaces the meta of one of your entries made with `presence join
+--detach`: the one named by --ref, or the only one whose key is --key, by
+default your login name. The entry keeps its place in the queue and gets a
+new ref:
+
+  updated doc, ref p14 (was p12)
+
+Everyone watching the topic sees the new meta. An entry held by a running
+`presence join` can only be changed by that command.";
+
+const LIST_DETAILS: &str = "\
+Without TOPIC, every topic someone is present on, by name. Within a topic
+the owner comes first, then the spectators in the order they will be
+promoted. JOINED is the local time and how long ago; META is what the entry
+was given with --meta.
+
+  TOPIC  ROLE          KEY    USER   PID   JOINED              META
+  doc    owner         alice  alice  4242  12:03:09 (3m ago)   {\"file\":\"doc.md\"}
+  doc    spectator #1  bob    bob    4250  12:04:40 (1m ago)
+  wiki   owner         carol  carol  4301  2025-01-03 09:12:44 (4d ago)
+
+When nobody is present it says so on standard error and prints nothing.";
+
+const WATCH_DETAILS: &str = "\
+Prints the topic's state, then one line per change, each starting with the
+local time. A departure that changes the owner says so on the same line:
+
+  12:03:00  doc: owner alice (pid 4242), 1 spectator
+  12:03:05  + carol (pid 4301) joined
+  12:03:09  - alice (pid 4242) left (process exited) → bob (pid 4250) is now owner
+  12:04:12  ~ bob (pid 4250) updated {\"line\":42}
+
+If the daemon restarts, watch reconnects and subscribes again, printing the
+state again only if the topic changed meanwhile; with --json it prints the
+fresh presence_state. It exits 1 only if the daemon does not come back
+within 30 seconds.";
+
+const LOG_DETAILS: &str = "\
+The daemon records every join, every leave with its cause, every update and
+every change of owner, in the same transaction as the change. This prints
+the latest of them, oldest first: who held a topic, and when.
+
+  WHEN                 KEY    WHAT                              USER   PID
+  12:01:40 (9m ago)    alice  joined (p1)                       alice  4242
+  12:01:40 (9m ago)    alice  became owner (p1)                 alice  4242
+  12:03:02 (8m ago)    bob    joined (p2)                       bob    4250
+  12:07:15 (3m ago)    alice  left (p1): process exited        alice  4242
+  12:07:15 (3m ago)    bob    became owner (p2)                 bob    4250
+
+Without TOPIC, every topic's history, with a TOPIC column. History is kept
+for `presence daemon --history-days` (30) or up to --history-events
+(100,000), whichever is reached first.";
+
+const STATUS_DETAILS: &str = "\
+Asks the running daemon how it is: its version, pid and uptime, its socket
+and database (and whether the database had to be recovered at start), what
+it holds, and how it notices processes exit (pidfd, or polling /proc).
+
+  version          0.1.0 (protocol 1)
+  pid              9229 (up 1h 38m, since 10:24:07)
+  socket           /run/user/1000/presenced/presenced.sock
+  database         /home/alice/.local/state/presenced/presence.db
+  db recovered     no
+  topics           1
+  entries          4
+  connections      4
+  subscriptions    1
+  awaiting resume  0
+  pid watch        pidfd
+
+connections counts status's own. status never starts a daemon: when none
+runs it says so and exits 1.";
+
+const COMPLETIONS_DETAILS: &str = "\
+Prints a completion script for SHELL on standard output. Put it where your
+shell looks for completions:
+
+  bash  ~/.local/share/bash-completion/completions/presence
+  zsh   a folder in $fpath, as _presence
+  fish  ~/.config/fish/completions/presence.fish
+
+The scripts for bash, zsh and fish are also in completions/ in the source.";
+
+const RAW_DETAILS: &str = "\
+Copies request lines from standard input to the daemon and every line the
+daemon sends, replies and events alike, to standard output. When standard
+input ends, raw closes its side and prints what it is still owed, until the
+daemon closes. The protocol is described in docs/protocol.md.
+
+Closing standard input ends the connection, and with it every entry of
+lifetime \"connection\" that it made.";
+
+const DAEMON_DETAILS: &str = "\
+The daemon serves newline-delimited JSON on the socket (mode 0600, in a
+folder that must be private to its user) and keeps every presence in the
+SQLite database, so a restart loses nobody's place. It stops on SIGTERM or
+SIGINT: clients are sent a `shutdown` event, the socket is removed, and the
+database keeps every entry for the next start.
+
+Only one daemon serves a socket: a second one exits with an error naming
+the first one's pid. A socket file left by a daemon that died is replaced,
+and if the socket or its folder is deleted while the daemon runs, it is
+made again; something else put at the socket path is never touched.
+
+If a commit fails (a full disk), the requests of that batch get an
+`internal` error, nothing of it is shown, and the daemon keeps serving;
+departures are saved once the disk takes writes again. A database file
+that is not readable is moved aside to DB.corrupt-<unix time> and a new
+one is started.";
+
+const PRESENCE_DETAILS: &str = "\
+Editors, plugins and scripts join a topic: one per file, or one per form
+such as publishing_edit:docs:post-slug. The first to join is the owner and
+may edit. Everyone after is a spectator: read-only, queued in the order
+they joined. When the owner leaves, closes its connection, or its process
+dies, the next in line is promoted at once and everyone watching the topic
+hears about it.
+
+A client command that finds no daemon starts one in the background,
+logging to daemon.log beside the database, unless --no-autostart is given;
+`presence status` never starts one. Every command has a --json form for
+scripts; times are shown in the local time zone.";
+
+pub const PAGES: &[Page] = &[
+    Page {
+        name: "presence",
+        details: PRESENCE_DETAILS,
+        examples: &[
+            Example {
+                what: "Hold notes.md while you edit it; Ctrl-C leaves it:",
+                run: "presence join notes.md",
+            },
+            Example {
+                what: "Who is on what, owners first:",
+                run: "presence list",
+            },
+            Example {
+                what: "Take a topic as a lock for a script, waiting for your turn:",
+                run: "presence join --detach --wait-owner deploy && make deploy\npresence leave deploy",
+            },
+        ],
+        exit_status: &[Item {
+            name: "3",
+            text: "presence join: the entry is not the owner; see presence-join(1).",
+        }],
+        see_also: &[
+            "presence-join(1)",
+            "presence-leave(1)",
+            "presence-update(1)",
+            "presence-list(1)",
+            "presence-watch(1)",
+            "presence-status(1)",
+            "presence-daemon(1)",
+            "presence-raw(1)",
+            "presence-completions(1)",
+            "flock(1)",
+        ],
+    },
+    Page {
+        name: "daemon",
+        details: DAEMON_DETAILS,
+        examples: &[
+            Example {
+                what: "Run a daemon in the foreground with its own database, logging more:",
+                run: "PRESENCE_LOG=debug presence daemon --db /tmp/presence-test.db",
+            },
+            Example {
+                what: "Give clients a minute to come back after a restart:",
+                run: "presence daemon --resume-grace 60",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-status(1)"],
+    },
+    Page {
+        name: "join",
+        details: JOIN_DETAILS,
+        examples: &[
+            Example {
+                what: "Hold a topic until Ctrl-C, with a meta everyone can see:",
+                run: "presence join doc:notes.md --meta '{\"file\":\"notes.md\"}'",
+            },
+            Example {
+                what: "Edit only when first in line; stay in the queue otherwise:",
+                run: "if presence join --detach doc:notes.md; then vi notes.md; fi",
+            },
+            Example {
+                what: "Wait for your turn, at most a minute, then do the work and leave:",
+                run: "presence join --detach --wait-owner --timeout 60 deploy && ./deploy.sh\npresence leave deploy",
+            },
+            Example {
+                what: "Hold a topic for as long as another process (an editor) runs:",
+                run: "presence join doc:notes.md --pid \"$EDITOR_PID\" &",
+            },
+        ],
+        exit_status: &[Item {
+            name: "3",
+            text: "The entry is not the owner: a spectator after --detach, or --wait-owner \
+                   gave up (--timeout, a signal, or the --pid process exited) and removed it.",
+        }],
+        see_also: &[
+            "presence-leave(1)",
+            "presence-update(1)",
+            "presence-watch(1)",
+            "flock(1)",
+        ],
+    },
+    Page {
+        name: "leave",
+        details: LEAVE_DETAILS,
+        examples: &[
+            Example {
+                what: "Remove what `presence join --detach doc` made:",
+                run: "presence leave doc",
+            },
+            Example {
+                what: "Remove one entry by its ref:",
+                run: "presence leave doc --ref p12",
+            },
+            Example {
+                what: "Leave when the script ends, however it ends:",
+                run: "trap 'presence leave deploy' EXIT",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-join(1)", "presence-list(1)"],
+    },
+    Page {
+        name: "update",
+        details: UPDATE_DETAILS,
+        examples: &[
+            Example {
+                what: "Tell the others which line you are on:",
+                run: "presence update doc:notes.md --meta '{\"line\":42}'",
+            },
+            Example {
+                what: "Update one entry by its ref:",
+                run: "presence update doc:notes.md --ref p12 --meta '{\"mode\":\"review\"}'",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-join(1)", "presence-watch(1)"],
+    },
+    Page {
+        name: "list",
+        details: LIST_DETAILS,
+        examples: &[
+            Example {
+                what: "Everyone, on every topic:",
+                run: "presence list",
+            },
+            Example {
+                what: "The owner of one topic, for a script:",
+                run: "presence list doc:notes.md --json | jq -r '.owner.key // empty'",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-watch(1)", "presence-status(1)"],
+    },
+    Page {
+        name: "watch",
+        details: WATCH_DETAILS,
+        examples: &[
+            Example {
+                what: "Follow a topic:",
+                run: "presence watch doc:notes.md",
+            },
+            Example {
+                what: "Keep a log of who came and went:",
+                run: "presence watch doc:notes.md >> notes-presence.log",
+            },
+            Example {
+                what: "Feed the events to a program:",
+                run: "presence watch doc:notes.md --json |\n    jq -c 'select(.event == \"presence_diff\")'",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-list(1)", "presence-join(1)"],
+    },
+    Page {
+        name: "status",
+        details: STATUS_DETAILS,
+        examples: &[
+            Example {
+                what: "Is a daemon running?",
+                run: "presence status >/dev/null && echo running",
+            },
+            Example {
+                what: "The daemon's pid, for a script:",
+                run: "presence status --json | jq .pid",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-daemon(1)", "presence-list(1)"],
+    },
+    Page {
+        name: "log",
+        details: LOG_DETAILS,
+        examples: &[
+            Example {
+                what: "Who held the post's edit form in the last hour:",
+                run: "presence log publishing_edit:docs:post-slug --since 1h",
+            },
+            Example {
+                what: "Every change of owner today, for a script:",
+                run: "presence log --since 1d --json | jq -c '.events[] | select(.kind == \"owner\")'",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-watch(1)", "presence-list(1)"],
+    },
+    Page {
+        name: "completions",
+        details: COMPLETIONS_DETAILS,
+        examples: &[
+            Example {
+                what: "Complete presence in bash:",
+                run: "presence completions bash \\\n    > ~/.local/share/bash-completion/completions/presence",
+            },
+            Example {
+                what: "Complete presence in fish:",
+                run: "presence completions fish > ~/.config/fish/completions/presence.fish",
+            },
+        ],
+        exit_status: &[],
+        see_also: &[],
+    },
+    Page {
+        name: "raw",
+        details: RAW_DETAILS,
+        examples: &[
+            Example {
+                what: "Ask the daemon one thing:",
+                run: "echo '{\"op\":\"list\",\"id\":1}' | presence raw",
+            },
+            Example {
+                what: "Track an entry for as long as this shell runs:",
+                run: "printf '{\"op\":\"track\",\"id\":1,\"topic\":\"t\",\"key\":\"me\",\"pid\":%d,\"lifetime\":\"process\"}\\n' $$ |\n    presence raw",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-join(1)", "presence-watch(1)"],
+    },
+];
+
+/// The page of `presence` itself (`"presence"`) or of a subcommand.
+pub fn page(name: &str) -> Option<&'static Page> {
+    PAGES.iter().find(|page| page.name == name)
+}
+
+/// Everything after the options in `--help`: the details, the examples,
+/// the exit statuses, and for `presence` itself the environment.
+pub fn long_help(page: &Page) -> String {
+    let mut help = page.details.to_owned();
+    help.push_str("\n\nExamples:\n");
+    for example in page.examples {
+        help.push_str(&format!("  {}\n", example.what));
+        for line in example.run.lines() {
+            help.push_str(&format!("      {line}\n"));
+        }
+    }
+    help.push_str("\nExit status:\n");
+    let statuses: Vec<&Item> = EXIT_STATUS.iter().chain(page.exit_status).collect();
+    help.push_str(&items(&statuses));
+    if page.name == "presence" {
+        help.push_str("\nEnvironment:\n");
+        help.push_str(&items(&ENVIRONMENT.iter().collect::<Vec<_>>()));
+    }
+    help.trim_end().to_owned()
+}
+
+/// Terms and their text in two columns, the text wrapped to 80 columns;
+/// a term too wide for its column gets its text on the next line.
+fn items(items: &[&Item]) -> String {
+    const TERM_WIDTH: usize = 16;
+    const LINE_WIDTH: usize = 80;
+    let width = items
+        .iter()
+        .map(|item| item.name.len())
+        .filter(|len| *len <= TERM_WIDTH)
+        .max()
+        .unwrap_or(0);
+    let indent = " ".repeat(2 + width + 2);
+    let mut out = String::new();
+    for item in items {
+        let text = wrap(item.text, LINE_WIDTH - indent.len()).join(&format!("\n{indent}"));
+        if item.name.len() <= width {
+            out.push_str(&format!("  {:width$}  {text}\n", item.name));
+        } else {
+            out.push_str(&format!("  {}\n{indent}{text}\n", item.name));
+        }
+    }
+    out
+}
+
+/// Splits text into lines of at most `width` characters, between words.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_page_has_examples_and_its_text_is_well_formed() {
+        for page in PAGES {
+            assert!(!page.examples.is_empty(), "{} has no examples", page.name);
+            for line in long_help(page).lines() {
+                assert!(
+                    line.chars().count() <= 100,
+                    "{}: long line {line:?}",
+                    page.name
+                );
+            }
+            for line in page.details.lines() {
+                assert!(
+                    !line.ends_with(' '),
+                    "{}: trailing space in {line:?}",
+                    page.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn text_wraps_between_words() {
+        assert_eq!(wrap("one two three four", 9), ["one two", "three", "four"]);
+        assert_eq!(wrap("", 9), [""]);
+    }
+}

@@ -1,0 +1,150 @@
+//! `presence log`: who held a topic, and when.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::Value;
+
+use super::render::{Cell, Style};
+use super::{Target, decode, render, request_fields};
+use crate::protocol::{
+    HistoryEvent, HistoryKind, HistoryReply, HistoryRequest, MAX_HISTORY_LIMIT, Request,
+};
+use crate::sys::now_millis;
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Only this topic's history
+    pub topic: Option<String>,
+
+    /// Only what happened this long ago or later: `90s`, `15m`, `1h`, `2d`
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub since: Option<Duration>,
+
+    /// Show at most this many events, the latest
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HISTORY_LIMIT as u64))]
+    pub limit: u64,
+
+    /// Print the daemon's `history` reply fields as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `90s`, `15m`, `1h`, `2d`, or plain seconds.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not an age like 90s, 15m, 1h or 2d"))?;
+    let seconds_per = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit `{other}`; use s, m, h or d")),
+    };
+    number
+        .checked_mul(seconds_per)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long ago"))
+}
+
+pub async fn run(target: &Target, args: LogArgs) -> anyhow::Result<()> {
+    let (client, _events) = target.connect().await?;
+    let since = args
+        .since
+        .map(|age| now_millis().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64));
+    let request = Request::History(HistoryRequest {
+        topic: args.topic.clone(),
+        since,
+        limit: Some(args.limit as usize),
+    });
+    let fields = request_fields(&client, &request, "could not read the history").await?;
+    if args.json {
+        say!("{}", serde_json::to_string(&Value::Object(fields))?);
+        return Ok(());
+    }
+    let history: HistoryReply = decode(fields, "history")?;
+    if history.events.is_empty() {
+        eprintln!(
+            "{}",
+            nothing_recorded(args.topic.as_deref(), args.since.is_some())
+        );
+        return Ok(());
+    }
+    let by_topic = args.topic.is_none();
+    let rows: Vec<Vec<Cell>> = history
+        .events
+        .iter()
+        .map(|event| row(event, by_topic))
+        .collect();
+    let header: &[&str] = if by_topic {
+        &["WHEN", "TOPIC", "KEY", "WHAT", "USER", "PID"]
+    } else {
+        &["WHEN", "KEY", "WHAT", "USER", "PID"]
+    };
+    say!("{}", render::table(header, &rows).trim_end());
+    if history.truncated {
+        eprintln!(
+            "(older events left out; --limit {} or --since shows more)",
+            (args.limit * 10).min(MAX_HISTORY_LIMIT as u64)
+        );
+    }
+    Ok(())
+}
+
+fn row(event: &HistoryEvent, by_topic: bool) -> Vec<Cell> {
+    let mut row = vec![Cell::new(render::when(event.at), Style::Dim)];
+    if by_topic {
+        row.push(Cell::from(event.topic.clone()));
+    }
+    row.extend([
+        Cell::from(event.key.clone()),
+        what_happened(event),
+        Cell::from(event.user.clone()),
+        Cell::from(event.pid.to_string()),
+    ]);
+    row
+}
+
+fn what_happened(event: &HistoryEvent) -> Cell {
+    match event.kind {
+        HistoryKind::Join => Cell::from(format!("joined ({})", event.phx_ref)),
+        HistoryKind::Owner => Cell::new(format!("became owner ({})", event.phx_ref), Style::Good),
+        HistoryKind::Update => Cell::new(format!("updated ({})", event.phx_ref), Style::Notice),
+        HistoryKind::Leave => {
+            let cause = render::leave_cause(event.reason.as_ref())
+                .map(|cause| format!(": {cause}"))
+                .unwrap_or_default();
+            Cell::new(format!("left ({}){cause}", event.phx_ref), Style::Gone)
+        }
+    }
+}
+
+fn nothing_recorded(topic: Option<&str>, since: bool) -> String {
+    let what = topic.map_or_else(|| "anything".to_owned(), |topic| format!("`{topic}`"));
+    let when = if since { " in that time" } else { "" };
+    format!("no history recorded for {what}{when}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_with_their_units() {
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_age("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_age("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_age("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_age("1w").unwrap_err().contains("unknown unit"));
+        assert!(parse_age("h").is_err());
+        assert!(parse_age("99999999999999999999d").is_err());
+    }
+}

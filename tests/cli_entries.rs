@@ -1,0 +1,300 @@
+//! `presence leave` and `presence update`: changing entries from a
+//! command other than the one that made them.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::{Daemon, Running, spawn_sleeper, within};
+use serde_json::json;
+
+/// Runs a `presence` command to its end.
+async fn output(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    let mut command = daemon.command();
+    command.args(args);
+    within("presence to finish", command.output())
+        .await
+        .expect("presence runs")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The one line a failed command wrote, which must start `presence: `.
+fn one_line_error(output: &std::process::Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("presence: "), "{stderr}");
+    stderr
+}
+
+/// The refs present on a topic, in join order.
+async fn refs(daemon: &Daemon, topic: &str) -> Vec<String> {
+    let (client, _events) = daemon.client().await;
+    let listed = within("list", client.list(topic)).await.expect("list");
+    let mut metas: Vec<(u64, String)> = listed
+        .state
+        .presences
+        .values()
+        .flat_map(|p| p.metas.iter().map(|m| (m.seq, m.phx_ref.clone())))
+        .collect();
+    metas.sort();
+    metas.into_iter().map(|(_, phx_ref)| phx_ref).collect()
+}
+
+#[tokio::test]
+async fn leave_removes_what_join_detach_made_and_is_safe_to_repeat() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    // No --key on either side: both default to the login name.
+    let joined = output(&daemon, &["join", "doc", "--detach", "--pid", &pid]).await;
+    assert_eq!(joined.status.code(), Some(0));
+
+    let left = output(&daemon, &["leave", "doc"]).await;
+    assert_eq!(left.status.code(), Some(0));
+    assert_eq!(stdout(&left), "left doc (1 entry)\n");
+    assert!(refs(&daemon, "doc").await.is_empty());
+
+    let again = output(&daemon, &["leave", "doc"]).await;
+    assert_eq!(again.status.code(), Some(0));
+    let login = presenced::sys::user_name(presenced::sys::current_uid());
+    assert_eq!(
+        stdout(&again),
+        format!("nothing to leave on doc (key {login})\n")
+    );
+}
+
+#[tokio::test]
+async fn leave_by_key_and_by_ref_remove_only_what_they_name() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    for key in ["a", "b", "b", "c"] {
+        let joined = output(
+            &daemon,
+            &["join", "doc", "--detach", "--key", key, "--pid", &pid],
+        )
+        .await;
+        assert!(matches!(joined.status.code(), Some(0 | 3)));
+    }
+    assert_eq!(refs(&daemon, "doc").await, ["p1", "p2", "p3", "p4"]);
+
+    let by_key = output(&daemon, &["leave", "doc", "--key", "b"]).await;
+    assert_eq!(stdout(&by_key), "left doc (2 entries)\n");
+    assert_eq!(refs(&daemon, "doc").await, ["p1", "p4"]);
+
+    let by_ref = output(&daemon, &["leave", "doc", "--ref", "p4", "--json"]).await;
+    let reply: serde_json::Value = serde_json::from_slice(&by_ref.stdout).expect("JSON");
+    assert_eq!(reply, json!({"removed": 1}));
+    assert_eq!(refs(&daemon, "doc").await, ["p1"]);
+
+    let unknown = output(&daemon, &["leave", "doc", "--ref", "p99"]).await;
+    assert_eq!(stdout(&unknown), "nothing to leave on doc (ref p99)\n");
+
+    let both = output(&daemon, &["leave", "doc", "--ref", "p1", "--key", "a"]).await;
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "--ref and --key exclude each other"
+    );
+}
+
+#[tokio::test]
+async fn another_commands_held_entry_is_not_ours_to_remove_or_change() {
+    // Root may change any entry, so this runs as a user who may not.
+    let user = Unprivileged::start().await;
+    let mut holder = Running::spawn(&mut user.presence(&["join", "doc", "--key", "held"]));
+    assert_eq!(holder.line().await, "owner");
+
+    let by_key = user.output(&["leave", "doc", "--key", "held"]).await;
+    assert_eq!(stdout(&by_key), "nothing to leave on doc (key held)\n");
+    let by_ref = one_line_error(&user.output(&["leave", "doc", "--ref", "p1"]).await);
+    assert!(by_ref.contains("could not leave doc"), "{by_ref}");
+    assert!(by_ref.contains("presence join --detach"), "{by_ref}");
+
+    let update = user
+        .output(&["update", "doc", "--key", "held", "--meta", "{}"])
+        .await;
+    let update = one_line_error(&update);
+    assert!(update.contains("could not update doc"), "{update}");
+    assert!(update.contains("presence join --detach"), "{update}");
+
+    // Still there, and still its holder's to leave.
+    holder.sigterm();
+    assert_eq!(holder.exit_code().await, Some(0));
+}
+
+/// A daemon and its clients as a user without root's right to change
+/// every entry: this user, or uid 65534 through setpriv when this is root.
+struct Unprivileged {
+    _dir: tempfile::TempDir,
+    binary: PathBuf,
+    socket: PathBuf,
+    _daemon: tokio::process::Child,
+}
+
+const NOBODY: u32 = 65534;
+
+impl Unprivileged {
+    async fn start() -> Unprivileged {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        // A copy of the binary that uid 65534 can run wherever the checkout is.
+        let binary = dir.path().join("presence");
+        std::fs::copy(common::presence_bin(), &binary).expect("copy the binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if is_root() {
+            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+        }
+        let socket = dir.path().join("run/presenced.sock");
+        let mut daemon = as_user(&binary, &socket);
+        daemon
+            .arg("daemon")
+            .arg("--db")
+            .arg(dir.path().join("state/presence.db"))
+            .arg("--ready-on-stdout")
+            .env("PRESENCE_LOG", "warn");
+        Unprivileged {
+            _daemon: common::spawn_until_ready(daemon).await,
+            _dir: dir,
+            binary,
+            socket,
+        }
+    }
+
+    fn presence(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = as_user(&self.binary, &self.socket);
+        command
+            .arg("--no-autostart")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn output(&self, args: &[&str]) -> std::process::Output {
+        within("presence to finish", self.presence(args).output())
+            .await
+            .expect("presence runs")
+    }
+}
+
+/// The binary as the unprivileged user, aimed at `socket`.
+fn as_user(binary: &Path, socket: &Path) -> tokio::process::Command {
+    let mut command = if is_root() {
+        let mut setpriv = tokio::process::Command::new("setpriv");
+        setpriv
+            .arg(format!("--reuid={NOBODY}"))
+            .arg(format!("--regid={NOBODY}"))
+            .arg("--clear-groups")
+            .arg(binary);
+        setpriv
+    } else {
+        tokio::process::Command::new(binary)
+    };
+    command.arg("--socket").arg(socket);
+    command
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[tokio::test]
+async fn update_replaces_the_meta_and_prints_the_new_ref() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let joined = output(
+        &daemon,
+        &[
+            "join",
+            "doc",
+            "--detach",
+            "--key",
+            "k",
+            "--pid",
+            &pid,
+            "--meta",
+            r#"{"line":1}"#,
+        ],
+    )
+    .await;
+    assert_eq!(joined.status.code(), Some(0));
+
+    let by_key = output(
+        &daemon,
+        &["update", "doc", "--key", "k", "--meta", r#"{"line":2}"#],
+    )
+    .await;
+    assert_eq!(by_key.status.code(), Some(0), "{by_key:?}");
+    assert_eq!(stdout(&by_key), "updated doc, ref p2 (was p1)\n");
+
+    let by_ref = output(
+        &daemon,
+        &[
+            "update",
+            "doc",
+            "--ref",
+            "p2",
+            "--meta",
+            r#"{"line":3}"#,
+            "--json",
+        ],
+    )
+    .await;
+    let reply: serde_json::Value = serde_json::from_slice(&by_ref.stdout).expect("JSON");
+    assert_eq!(reply, json!({"ref": "p3", "prev_ref": "p2"}));
+
+    let (client, _events) = daemon.client().await;
+    let metas = within("get_by_key", client.get_by_key("doc", "k"))
+        .await
+        .expect("get");
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0].client.get("line"), Some(&json!(3)));
+}
+
+#[tokio::test]
+async fn update_says_what_to_do_when_the_key_names_none_or_several() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+
+    let none =
+        one_line_error(&output(&daemon, &["update", "doc", "--key", "k", "--meta", "{}"]).await);
+    assert!(none.contains("no entry with key k"), "{none}");
+    assert!(none.contains("presence list doc"), "{none}");
+
+    for _ in 0..2 {
+        let joined = output(
+            &daemon,
+            &["join", "doc", "--detach", "--key", "k", "--pid", &pid],
+        )
+        .await;
+        assert!(matches!(joined.status.code(), Some(0 | 3)));
+    }
+    let several =
+        one_line_error(&output(&daemon, &["update", "doc", "--key", "k", "--meta", "{}"]).await);
+    assert!(
+        several.contains("2 entries with key k there (p1, p2)"),
+        "{several}"
+    );
+    assert!(several.contains("--ref"), "{several}");
+
+    let bad_meta = output(&daemon, &["update", "doc", "--ref", "p1", "--meta", "[1]"]).await;
+    assert_eq!(bad_meta.status.code(), Some(2));
+    let reserved = one_line_error(
+        &output(
+            &daemon,
+            &["update", "doc", "--ref", "p1", "--meta", r#"{"seq":1}"#],
+        )
+        .await,
+    );
+    assert!(reserved.contains("managed by the daemon"), "{reserved}");
+}

@@ -1,0 +1,149 @@
+//! The daemon keeps a history of every join, leave, update and change of
+//! owner, written with the change itself, bounded, and kept across restarts.
+
+mod common;
+
+use common::Daemon;
+use presenced::protocol::{HistoryKind, HistoryRequest, LeaveReason, TrackRequest};
+
+fn kinds(events: &[presenced::protocol::HistoryEvent]) -> Vec<(HistoryKind, &str)> {
+    events.iter().map(|e| (e.kind, e.key.as_str())).collect()
+}
+
+#[tokio::test]
+async fn history_answers_who_held_a_topic_and_survives_a_restart() {
+    let daemon = Daemon::start().await;
+    let (alice, _alice_events) = daemon.client().await;
+    let (bob, _bob_events) = daemon.client().await;
+    alice
+        .track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+    bob.track(TrackRequest::new("doc", "bob"))
+        .await
+        .expect("track");
+    bob.track(TrackRequest::new("other", "bob"))
+        .await
+        .expect("track");
+    drop(alice);
+
+    // The history is written with the change, so once bob hears of his
+    // promotion, the records are there.
+    let (watcher, mut events) = daemon.client().await;
+    watcher.subscribe("doc").await.expect("subscribe");
+    common::next_event(&mut events, |e| match e {
+        presenced::protocol::Event::PresenceState { owner, .. } => owner.filter(|o| o.key == "bob"),
+        _ => None,
+    })
+    .await;
+
+    let daemon = daemon.restart(&[]).await;
+    let (client, _events) = daemon.client().await;
+    let doc = client
+        .history(HistoryRequest {
+            topic: Some("doc".into()),
+            ..HistoryRequest::default()
+        })
+        .await
+        .expect("history");
+    assert_eq!(
+        kinds(&doc.events),
+        [
+            (HistoryKind::Join, "alice"),
+            (HistoryKind::Owner, "alice"),
+            (HistoryKind::Join, "bob"),
+            (HistoryKind::Leave, "alice"),
+            (HistoryKind::Owner, "bob"),
+        ]
+    );
+    assert_eq!(doc.events[3].reason, Some(LeaveReason::Closed));
+    assert!(!doc.truncated);
+    assert!(doc.events.windows(2).all(|w| w[0].at <= w[1].at));
+
+    let latest = client
+        .history(HistoryRequest {
+            limit: Some(2),
+            ..HistoryRequest::default()
+        })
+        .await
+        .expect("history");
+    assert!(latest.truncated);
+    assert_eq!(latest.events.len(), 2);
+    assert_eq!(latest.events[1].topic, "doc", "the latest come last");
+
+    let later = client
+        .history(HistoryRequest {
+            since: Some(doc.events[3].at + 1_000_000),
+            ..HistoryRequest::default()
+        })
+        .await
+        .expect("history");
+    assert!(later.events.is_empty());
+}
+
+#[tokio::test]
+async fn history_is_trimmed_to_its_bound() {
+    let daemon = Daemon::start_with(&["--history-events", "3"]).await;
+    let (client, _events) = daemon.client().await;
+    for key in ["a", "b", "c", "d", "e"] {
+        client
+            .track(TrackRequest::new("doc", key))
+            .await
+            .expect("track");
+    }
+    // The daemon trims at its first commit and then once a minute; a
+    // restart brings the next trim forward.
+    drop(client);
+    let daemon = daemon.restart(&["--history-events", "3"]).await;
+    let (client, _events) = daemon.client().await;
+    client.ping().await.expect("ping");
+    let kept = client
+        .history(HistoryRequest::default())
+        .await
+        .expect("history");
+    assert_eq!(kept.events.len(), 3, "{:?}", kinds(&kept.events));
+    assert!(!kept.truncated);
+}
+
+#[tokio::test]
+async fn presence_log_shows_who_held_a_topic_and_when() {
+    let daemon = Daemon::start().await;
+    let mut alice = daemon.spawn(&["join", "doc", "--key", "alice"]);
+    assert_eq!(alice.line().await, "owner");
+    let mut bob = daemon.spawn(&["join", "doc", "--key", "bob"]);
+    bob.line().await;
+    alice.sigkill();
+    assert_eq!(bob.line().await, "owner");
+
+    let mut log = daemon.spawn(&["log", "doc", "--since", "1h"]);
+    let header = log.line().await;
+    assert!(
+        header.starts_with("WHEN") && !header.contains("TOPIC"),
+        "{header}"
+    );
+    let mut lines = Vec::new();
+    for _ in 0..5 {
+        lines.push(log.line().await);
+    }
+    assert_eq!(log.exit_code().await, Some(0));
+    let said = |line: &str, key: &str, what: &str| line.contains(key) && line.contains(what);
+    assert!(said(&lines[0], "alice", "joined (p1)"), "{lines:#?}");
+    assert!(said(&lines[1], "alice", "became owner"), "{lines:#?}");
+    assert!(said(&lines[2], "bob", "joined"), "{lines:#?}");
+    assert!(
+        said(&lines[3], "alice", "left (p1): connection closed")
+            || said(&lines[3], "alice", "left (p1): process exited"),
+        "{lines:#?}"
+    );
+    assert!(said(&lines[4], "bob", "became owner"), "{lines:#?}");
+    assert!(
+        lines[0].contains("(just now)") || lines[0].contains("ago)"),
+        "times are absolute and relative: {lines:#?}"
+    );
+
+    let mut json = daemon.spawn(&["log", "--json", "--limit", "2"]);
+    let reply = json.json().await;
+    assert_eq!(reply["truncated"], true);
+    assert_eq!(reply["events"].as_array().map(Vec::len), Some(2));
+    assert_eq!(reply["events"][1]["kind"], "owner");
+}
