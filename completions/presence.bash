@@ -89,7 +89,7 @@ _presence() {
 
     case "${cmd}" in
         presence)
-            opts="-h -V --socket --no-autostart --color --help --version join leave update list watch status log daemon raw completions help"
+            opts="-h -V --socket --no-autostart --color --log-level --help --version join leave update list watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -103,6 +103,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -111,7 +115,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__completions)
-            opts="-h -V --socket --no-autostart --color --help --version bash elvish fish powershell zsh"
+            opts="-h -V --socket --no-autostart --color --log-level --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -125,6 +129,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -133,7 +141,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__daemon)
-            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-outbound --history-days --history-events --ready-on-stdout --socket --no-autostart --color --help --version"
+            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-outbound --history-days --history-events --ready-on-stdout --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -193,6 +201,10 @@ _presence() {
                     ;;
                 --color)
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
@@ -371,7 +383,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__join)
-            opts="-h -V --key --meta --pid --detach --wait-owner --timeout --json --socket --no-autostart --color --help --version"
+            opts="-h -V --key --meta --pid --detach --wait-owner --timeout --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -401,6 +413,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -409,7 +425,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__leave)
-            opts="-h -V --ref --key --json --socket --no-autostart --color --help --version"
+            opts="-h -V --ref --key --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -431,6 +447,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -439,7 +459,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__list)
-            opts="-h -V --json --socket --no-autostart --color --help --version"
+            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -453,6 +473,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -461,7 +485,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__log)
-            opts="-h -V --since --limit --json --socket --no-autostart --color --help --version"
+            opts="-h -V --since --limit --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -483,6 +507,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -491,7 +519,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__raw)
-            opts="-h -V --socket --no-autostart --color --help --version"
+            opts="-h -V --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -503,6 +531,10 @@ _presence() {
                     ;;
                 --color)
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
@@ -513,7 +545,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__status)
-            opts="-h -V --json --socket --no-autostart --color --help --version"
+            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -527,6 +559,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -535,7 +571,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__update)
-            opts="-h -V --ref --key --meta --json --socket --no-autostart --color --help --version"
+            opts="-h -V --ref --key --meta --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -561,6 +597,10 @@ _presence() {
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -569,7 +609,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__watch)
-            opts="-h -V --json --socket --no-autostart --color --help --version"
+            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -581,6 +621,10 @@ _presence() {
                     ;;
                 --color)
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_presence_global_optspecs
-    string join \n socket= no-autostart color= h/help V/version
+    string join \n socket= no-autostart color= log-level= h/help V/version
 end
 
 function __fish_presence_needs_command
@@ -28,6 +28,7 @@ complete -c presence -n "__fish_presence_needs_command" -l socket -d 'The daemon
 complete -c presence -n "__fish_presence_needs_command" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_needs_command" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_needs_command" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_needs_command" -s V -l version -d 'Print version'
@@ -50,6 +51,7 @@ complete -c presence -n "__fish_presence_using_subcommand join" -l socket -d 'Th
 complete -c presence -n "__fish_presence_using_subcommand join" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand join" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand join" -l detach -d 'Leave the entry to the --pid process and exit: 0 as the owner, 3 as a spectator'
 complete -c presence -n "__fish_presence_using_subcommand join" -l wait-owner -d 'Wait until the entry is the owner, as flock(1) waits for a lock'
 complete -c presence -n "__fish_presence_using_subcommand join" -l json -d 'Print the track reply and every event as JSON lines'
@@ -62,6 +64,7 @@ complete -c presence -n "__fish_presence_using_subcommand leave" -l socket -d 'T
 complete -c presence -n "__fish_presence_using_subcommand leave" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand leave" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand leave" -l json -d 'Print the daemon\'s untrack reply as JSON'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand leave" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -73,6 +76,7 @@ complete -c presence -n "__fish_presence_using_subcommand update" -l socket -d '
 complete -c presence -n "__fish_presence_using_subcommand update" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand update" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand update" -l json -d 'Print the daemon\'s update reply as JSON'
 complete -c presence -n "__fish_presence_using_subcommand update" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand update" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -81,6 +85,7 @@ complete -c presence -n "__fish_presence_using_subcommand list" -l socket -d 'Th
 complete -c presence -n "__fish_presence_using_subcommand list" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand list" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand list" -l json -d 'Print the daemon\'s `list` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand list" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -89,6 +94,7 @@ complete -c presence -n "__fish_presence_using_subcommand watch" -l socket -d 'T
 complete -c presence -n "__fish_presence_using_subcommand watch" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand watch" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand watch" -l json -d 'Print the daemon\'s events as JSON lines'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand watch" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -97,6 +103,7 @@ complete -c presence -n "__fish_presence_using_subcommand status" -l socket -d '
 complete -c presence -n "__fish_presence_using_subcommand status" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand status" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand status" -l json -d 'Print the daemon\'s `status` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand status" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -107,6 +114,7 @@ complete -c presence -n "__fish_presence_using_subcommand log" -l socket -d 'The
 complete -c presence -n "__fish_presence_using_subcommand log" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand log" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand log" -l json -d 'Print the daemon\'s `history` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand log" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand log" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -127,6 +135,7 @@ complete -c presence -n "__fish_presence_using_subcommand daemon" -l socket -d '
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l ready-on-stdout -d 'Print `ready` on stdout once listening (for whoever started us)'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -135,6 +144,7 @@ complete -c presence -n "__fish_presence_using_subcommand raw" -l socket -d 'The
 complete -c presence -n "__fish_presence_using_subcommand raw" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand raw" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand raw" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand raw" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand raw" -s V -l version -d 'Print version'
@@ -142,6 +152,7 @@ complete -c presence -n "__fish_presence_using_subcommand completions" -l socket
 complete -c presence -n "__fish_presence_using_subcommand completions" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
+complete -c presence -n "__fish_presence_using_subcommand completions" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand completions" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s V -l version -d 'Print version'

@@ -163,3 +163,39 @@ async fn usage_errors_exit_2_and_failures_exit_1_in_one_line() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_log_level_comes_from_the_flag_then_presence_log_then_rust_log() {
+    let daemon = Daemon::start().await;
+    let bad_filter = "presenced=loudest";
+    let warned = |output: &std::process::Output| {
+        String::from_utf8_lossy(&output.stderr).contains("ignoring the log filter")
+    };
+
+    let mut command = daemon.command();
+    command
+        .env_remove("PRESENCE_LOG")
+        .env("RUST_LOG", bad_filter);
+    let from_rust_log = run(command.args(["status", "--json"])).await;
+    assert!(warned(&from_rust_log), "RUST_LOG is read");
+    assert_eq!(
+        from_rust_log.status.code(),
+        Some(0),
+        "and a bad one is not fatal"
+    );
+
+    let mut command = daemon.command();
+    command
+        .env("PRESENCE_LOG", "warn")
+        .env("RUST_LOG", bad_filter);
+    let from_presence_log = run(command.args(["status", "--json"])).await;
+    assert!(
+        !warned(&from_presence_log),
+        "PRESENCE_LOG wins over RUST_LOG"
+    );
+
+    let mut command = daemon.command();
+    command.env("PRESENCE_LOG", bad_filter);
+    let from_flag = run(command.args(["--log-level", "warn", "status", "--json"])).await;
+    assert!(!warned(&from_flag), "--log-level wins over both");
+}

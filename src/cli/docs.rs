@@ -64,8 +64,18 @@ pub const ENVIRONMENT: &[Item] = &[
     },
     Item {
         name: "PRESENCE_LOG",
-        text: "What to log on standard error: error, warn, info, debug or trace, or a \
-               tracing filter. The default is info for the daemon and warn for the others.",
+        text: "What to log: error, warn, info, debug or trace, or a tracing filter; \
+               --log-level wins over it, and it over RUST_LOG. The default is info for \
+               the daemon and warn for the others.",
+    },
+    Item {
+        name: "RUST_LOG",
+        text: "What to log, when neither --log-level nor PRESENCE_LOG says.",
+    },
+    Item {
+        name: "JOURNAL_STREAM",
+        text: "Set by systemd. When it names the stream that standard error is, logs go \
+               to the journal, with their levels as priorities, instead of as lines.",
     },
     Item {
         name: "NO_COLOR",

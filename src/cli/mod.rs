@@ -68,6 +68,12 @@ pub struct Cli {
     )]
     pub color: ColorChoice,
 
+    /// What to log: error, warn, info, debug, trace, or a tracing filter
+    /// [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and
+    /// warn for the others]
+    #[arg(long, global = true, value_name = "FILTER", help_heading = GLOBAL)]
+    pub log_level: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -192,7 +198,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     render::init_color(cli.color);
     let is_daemon = matches!(cli.command, Command::Daemon(_));
-    init_logging(if is_daemon { "info" } else { "warn" });
+    init_logging(
+        cli.log_level.as_deref(),
+        if is_daemon { "info" } else { "warn" },
+    );
     match run(cli) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) if render::is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -489,13 +498,50 @@ pub fn login_name() -> String {
     crate::sys::user_name(crate::sys::current_uid())
 }
 
-fn init_logging(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PRESENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+/// Logs to the journal when systemd connected our stderr to it (structured
+/// fields, levels as priorities), else human lines on stderr. The level is
+/// `--log-level`, else `PRESENCE_LOG`, else `RUST_LOG`, else the default.
+fn init_logging(flag: Option<&str>, default_level: &str) {
+    use tracing_subscriber::prelude::*;
+    let wanted = flag
+        .map(str::to_owned)
+        .or_else(|| non_empty_env("PRESENCE_LOG"))
+        .or_else(|| non_empty_env("RUST_LOG"))
+        .unwrap_or_else(|| default_level.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&wanted).unwrap_or_else(|e| {
+        eprintln!("presence: ignoring the log filter `{wanted}` ({e}); logging at {default_level}");
+        tracing_subscriber::EnvFilter::new(default_level)
+    });
+    let logs = tracing_subscriber::registry().with(filter);
+    if stderr_is_the_journal()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        logs.with(journal).init();
+        return;
+    }
+    logs.with(
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false),
+    )
+    .init();
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// systemd sets `JOURNAL_STREAM` to the device and inode of the stream it
+/// gave us as stderr. Only a match counts: a shell started from a service
+/// inherits the variable but may have sent its stderr elsewhere.
+fn stderr_is_the_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    rustix::fs::fstat(std::io::stderr())
+        .is_ok_and(|stat| stat.st_dev.to_string() == device && stat.st_ino.to_string() == inode)
 }
