@@ -3,66 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
-
-use common::{Daemon, presence_bin, within};
+use common::{
+    Daemon, KillDaemonsOnDrop, daemons_serving, mode, presence_bin, refused_start, within,
+};
 use tokio::process::Command;
-
-/// Pids of running `presence daemon` processes serving `socket`.
-fn daemons_serving(socket: &Path) -> Vec<u32> {
-    let socket = socket.to_string_lossy();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc") {
-        let Ok(entry) = entry else { continue };
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect();
-        // A zombie has an empty cmdline, so it does not count.
-        if args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == socket) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Runs `presence daemon` where it must refuse to start, and returns what
-/// it said on stderr.
-async fn refused_start(socket: &Path, db: &Path) -> String {
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(db)
-        .env("PRESENCE_LOG", "warn")
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1), "the daemon should refuse");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Stops the daemons serving a socket when the test ends, pass or fail.
-struct KillDaemonsOnDrop(std::path::PathBuf);
-
-impl Drop for KillDaemonsOnDrop {
-    fn drop(&mut self) {
-        for pid in daemons_serving(&self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
 
 #[tokio::test]
 async fn two_clients_starting_at_once_make_exactly_one_daemon() {
@@ -70,16 +14,8 @@ async fn two_clients_starting_at_once_make_exactly_one_daemon() {
     let socket = dir.path().join("run/presenced.sock");
     let db = dir.path().join("state/presence.db");
     let client = |topic: &str| {
-        let mut command = Command::new(presence_bin());
-        command
-            .args(["--socket"])
-            .arg(&socket)
-            .args(["list", topic, "--json"])
-            .env("PRESENCE_DB", &db)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = common::presence_command(&socket, &db);
+        command.args(["list", topic, "--json"]);
         command
     };
     let _cleanup = KillDaemonsOnDrop(socket.clone());
@@ -144,33 +80,15 @@ async fn a_stale_socket_file_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
     assert!(socket.exists());
 
-    let mut command = Command::new(presence_bin());
-    command
-        .arg("--socket")
-        .arg(&socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(dir.path().join("p.db"))
-        .arg("--ready-on-stdout")
-        .env("PRESENCE_LOG", "warn");
-    let _daemon = common::spawn_until_ready(command).await;
-    let (client, _events) = presenced::client::Client::connect(&socket)
-        .await
-        .expect("connects to the new daemon");
+    let db = dir.path().join("p.db");
+    let _daemon = common::start_daemon(Command::new(presence_bin()), &socket, &db, &[]).await;
+    let (client, _events) = common::connect(&socket).await;
     client.ping().await.expect("ping");
 }
 
 #[tokio::test]
 async fn the_socket_is_private() {
-    use std::os::unix::fs::PermissionsExt;
     let daemon = Daemon::start().await;
-    let mode = |path: &Path| {
-        std::fs::metadata(path)
-            .expect("metadata")
-            .permissions()
-            .mode()
-            & 0o777
-    };
     assert_eq!(mode(&daemon.socket), 0o600);
     assert_eq!(mode(daemon.socket.parent().expect("folder")), 0o700);
 }
@@ -201,14 +119,13 @@ async fn sigterm_tells_clients_removes_the_socket_and_keeps_the_rows() {
     })
     .await;
     assert!(reason.contains("SIGTERM"), "{reason}");
-    let status = daemon.wait().await;
-    assert_eq!(status, Some(0));
+    assert_eq!(daemon.wait().await, Some(0), "the daemon stops cleanly");
     assert!(!daemon.socket.exists(), "the socket should be removed");
-    let db = rusqlite::Connection::open(&daemon.db).expect("open the database");
-    let rows: i64 = db
-        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
-        .expect("count");
-    assert_eq!(rows, 1, "the entry is kept for the restart");
+    assert_eq!(
+        common::rows_on_disk(&daemon.db),
+        1,
+        "the entry is kept for the restart"
+    );
 }
 
 #[tokio::test]

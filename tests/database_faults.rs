@@ -13,30 +13,13 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use common::{RawConnection, Running, error_code, next_event, presence_bin, within};
+use common::{
+    Daemon, NOBODY, Options, as_nobody, binary_for_nobody, error_code, next_event, refused_start,
+    refused_start_by, rows_on_disk, running_as_root, within,
+};
 use presenced::client::Client;
 use presenced::protocol::{Event, ListAllReply, Role, StatusReply, TrackRequest};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-
-const NOBODY: u32 = 65534;
-
-/// Whether the test may do what needs root. Without root it is skipped,
-/// except in CI, where being skipped would hide that it never ran.
-fn running_as_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it"
-    );
-    eprintln!("skipped {test}: needs root");
-    false
-}
 
 /// A tmpfs of a few pages, mounted on a temporary folder for the test's
 /// database and unmounted when dropped, pass or fail.
@@ -83,123 +66,21 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The arguments of every daemon here: a long grace, so that the clients
+/// of a daemon that restarts keep their places.
+const DAEMON_ARGS: &[&str] = &["--resume-grace", "60"];
+
 /// A daemon on a given database whose log the test reads, to know when it
 /// has tried, and failed, to save something. The core logs at debug level,
 /// so that every failed commit, not only the first of an outage, and the
 /// recovery are seen.
-struct LoggedDaemon {
-    socket: PathBuf,
-    db: PathBuf,
-    _socket_dir: tempfile::TempDir,
-    child: Child,
-    log: UnboundedReceiver<String>,
-}
-
-impl LoggedDaemon {
-    async fn start(db: &Path) -> LoggedDaemon {
-        let socket_dir = tempfile::tempdir().expect("temporary folder");
-        let socket = socket_dir.path().join("run/presenced.sock");
-        let (child, log) = LoggedDaemon::spawn(&socket, db).await;
-        LoggedDaemon {
-            socket,
-            db: db.to_owned(),
-            _socket_dir: socket_dir,
-            child,
-            log,
-        }
-    }
-
-    /// Starts the daemon and returns it with its log lines, which a task
-    /// reads all along, so that a full pipe can never stall the daemon.
-    async fn spawn(socket: &Path, db: &Path) -> (Child, UnboundedReceiver<String>) {
-        let mut child = Command::new(presence_bin())
-            .arg("--socket")
-            .arg(socket)
-            .arg("daemon")
-            .arg("--db")
-            .arg(db)
-            .args(["--ready-on-stdout", "--resume-grace", "60"])
-            .env("PRESENCE_LOG", "warn,presenced::core=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the daemon spawns");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let ready = within("the daemon to listen", async {
-            BufReader::new(stdout).lines().next_line().await
-        })
-        .await;
-        assert_eq!(ready.ok().flatten().as_deref(), Some("ready"));
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        let (lines, log) = unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                eprintln!("daemon: {line}");
-                let _ = lines.send(line);
-            }
-        });
-        (child, log)
-    }
-
-    /// Stops the daemon with SIGTERM, checks that it exits 0, and starts
-    /// another on the same socket and database.
-    async fn restart(&mut self) {
-        self.stop().await;
-        self.start_again().await;
-    }
-
-    /// Stops the daemon with SIGTERM and checks that it exits 0.
-    async fn stop(&mut self) {
-        common::signal(
-            self.child.id().expect("running"),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let status = within("the daemon to exit", self.child.wait()).await;
-        assert_eq!(status.expect("wait").code(), Some(0));
-    }
-
-    /// Starts a daemon again on the same socket and database.
-    async fn start_again(&mut self) {
-        (self.child, self.log) = LoggedDaemon::spawn(&self.socket, &self.db).await;
-    }
-
-    /// Reads the log until a line satisfies `wanted`, and returns it.
-    async fn log_line(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
-        within(what, async {
-            loop {
-                let line = self.log.recv().await;
-                let line = line.unwrap_or_else(|| panic!("the log ended before {what}"));
-                if wanted(&line) {
-                    return line;
-                }
-            }
-        })
-        .await
-    }
-
-    async fn client(&self) -> (Client, presenced::client::Events) {
-        within("connecting a client", Client::connect(&self.socket))
-            .await
-            .expect("client connects")
-    }
-
-    /// `presence ARGS` aimed at this daemon, with its output read line by
-    /// line.
-    fn spawn_presence(&self, args: &[&str]) -> Running {
-        Running::spawn(
-            Command::new(presence_bin())
-                .arg("--socket")
-                .arg(&self.socket)
-                .arg("--no-autostart")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true),
-        )
-    }
+async fn logged_daemon(db: &Path) -> Daemon {
+    Daemon::start_with_options(Options {
+        db: Some(db),
+        log: Some("warn,presenced::core=debug"),
+        args: DAEMON_ARGS,
+    })
+    .await
 }
 
 async fn list_all(client: &Client) -> ListAllReply {
@@ -208,14 +89,6 @@ async fn list_all(client: &Client) -> ListAllReply {
 
 async fn status(client: &Client) -> StatusReply {
     within("status", client.status()).await.expect("status")
-}
-
-/// How many rows the database holds, as a fresh connection sees it.
-fn rows_on_disk(db: &Path) -> i64 {
-    let connection = rusqlite::Connection::open(db).expect("open the database");
-    connection
-        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
-        .expect("count the rows")
 }
 
 fn unix_seconds() -> u64 {
@@ -227,12 +100,12 @@ fn unix_seconds() -> u64 {
 
 #[tokio::test]
 async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
-    if !running_as_root("a_full_disk_fails_changes_but_loses_nothing") {
+    if !running_as_root() {
         return;
     }
     let disk = SmallDisk::mount();
-    let mut daemon = LoggedDaemon::start(&disk.path().join("state/presence.db")).await;
-    let mut owner = daemon.spawn_presence(&["join", "doc", "--key", "owner"]);
+    let daemon = logged_daemon(&disk.path().join("state/presence.db")).await;
+    let mut owner = daemon.spawn(&["join", "doc", "--key", "owner"]);
     assert_eq!(owner.line().await, "owner");
     let (spectator, mut events) = daemon.client().await;
     let waiting = within(
@@ -248,7 +121,7 @@ async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
     let committed = list_all(&spectator).await;
 
     let filler = disk.fill();
-    let mut raw = RawConnection::connect(&daemon.socket).await;
+    let mut raw = daemon.raw().await;
     let refused = raw
         .request(r#"{"op":"track","id":1,"topic":"doc","key":"late"}"#)
         .await;
@@ -261,11 +134,7 @@ async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
     owner.exit_code().await;
     // The daemon saw the owner go, and could not save it yet.
     daemon
-        .log_line("the owner's departure to fail to commit", |line| {
-            line.contains("commit failed")
-                && line.contains("1 closed connection")
-                && line.contains("1 exited process")
-        })
+        .wait_for_log(&["commit failed", "1 closed connection", "1 exited process"])
         .await;
     // Every batch now starts with the owner's departure, which the disk
     // refuses; reads are answered again from what is committed.
@@ -298,21 +167,21 @@ async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
     let before_restart = list_all(&spectator).await;
     assert_eq!(before_restart.topics["doc"].presences.len(), 2);
 
-    daemon.restart().await;
+    let daemon = daemon.restart(DAEMON_ARGS).await;
     let (reader, _events) = daemon.client().await;
     assert_eq!(list_all(&reader).await, before_restart);
 }
 
 #[tokio::test]
 async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() {
-    if !running_as_root("a_restart_on_a_full_disk_starts") {
+    if !running_as_root() {
         return;
     }
     let disk = SmallDisk::mount();
     let db = disk.path().join("state/presence.db");
-    let mut daemon = LoggedDaemon::start(&db).await;
+    let mut daemon = logged_daemon(&db).await;
     let mut sleeper = common::spawn_sleeper();
-    let mut raw = RawConnection::connect(&daemon.socket).await;
+    let mut raw = daemon.raw().await;
     let track = format!(
         r#"{{"op":"track","id":1,"topic":"doc","key":"gone","pid":{},"lifetime":"process"}}"#,
         sleeper.id().expect("running")
@@ -331,12 +200,9 @@ async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() 
     sleeper.kill().await.expect("kill the sleeper");
     let filler = disk.fill();
 
-    daemon.start_again().await;
-    daemon
-        .log_line("the stale row's delete to fail", |line| {
-            line.contains("commit failed") && line.contains("1 stale row")
-        })
-        .await;
+    daemon.start_again(DAEMON_ARGS).await;
+    // The stale row's delete fails.
+    daemon.wait_for_log(&["commit failed", "1 stale row"]).await;
     let (client, _events) = daemon.client().await;
     assert!(
         list_all(&client).await.topics.is_empty(),
@@ -346,10 +212,9 @@ async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() 
 
     std::fs::remove_file(&filler).expect("remove the filler");
     drop(reader);
+    // The delete is saved.
     daemon
-        .log_line("the delete to be saved", |line| {
-            line.contains("the database takes commits again")
-        })
+        .wait_for_log(&["the database takes commits again"])
         .await;
     assert_eq!(rows_on_disk(&db), 0);
     daemon.stop().await;
@@ -366,7 +231,7 @@ async fn a_corrupt_database_is_moved_aside_whole_and_a_new_one_started() {
     std::fs::write(&db, &garbage).expect("write the garbage");
     let earliest = unix_seconds();
 
-    let mut daemon = LoggedDaemon::start(&db).await;
+    let daemon = logged_daemon(&db).await;
 
     let (client, _events) = daemon.client().await;
     let recovered = status(&client).await.db_recovered;
@@ -379,61 +244,26 @@ async fn a_corrupt_database_is_moved_aside_whole_and_a_new_one_started() {
         .unwrap_or_else(|| panic!("named PATH.corrupt-<seconds>: {name}"));
     assert!((earliest..=unix_seconds()).contains(&seconds), "{name}");
     assert_eq!(std::fs::read(&moved).expect("read it"), garbage);
+    // An error naming the moved file.
     daemon
-        .log_line("an error naming the moved file", |line| {
-            line.contains("ERROR")
-                && line.contains("is corrupt")
-                && line.contains(&moved.display().to_string())
-        })
+        .wait_for_log(&["ERROR", "is corrupt", &moved.display().to_string()])
         .await;
     within("track", client.track(TrackRequest::new("doc", "fresh")))
         .await
         .expect("the new database takes writes");
 }
 
-/// Runs `presence daemon` where it must refuse to start, and returns what
-/// it said on stderr, which must be one line.
-async fn refused_start(command: &mut Command) -> String {
-    let output = within(
-        "the daemon to refuse",
-        command.env("PRESENCE_LOG", "warn").output(),
-    )
-    .await
-    .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1), "the daemon should refuse");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    stderr
-}
-
-fn daemon_command(binary: &Path, socket: &Path, db: &Path) -> Command {
-    let mut command = Command::new(binary);
-    command
-        .arg("--socket")
-        .arg(socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(db);
-    command
-}
-
 #[tokio::test]
 async fn a_database_locked_by_another_program_stops_the_start_with_its_path() {
-    let mut daemon = common::Daemon::start().await;
-    common::signal(daemon.pid(), nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(daemon.wait().await, Some(0));
+    let mut daemon = Daemon::start().await;
+    daemon.stop().await;
     // As `sqlite3` would, in a transaction left open.
     let locker = rusqlite::Connection::open(&daemon.db).expect("open the database");
     locker
         .execute_batch("BEGIN EXCLUSIVE")
         .expect("lock the database");
 
-    let stderr = refused_start(&mut daemon_command(
-        Path::new(presence_bin()),
-        &daemon.socket,
-        &daemon.db,
-    ))
-    .await;
+    let stderr = refused_start(&daemon.socket, &daemon.db).await;
 
     assert!(
         stderr.contains(&daemon.db.display().to_string()),
@@ -445,33 +275,23 @@ async fn a_database_locked_by_another_program_stops_the_start_with_its_path() {
 
 #[tokio::test]
 async fn a_database_folder_the_daemon_cannot_write_stops_the_start_with_its_path() {
-    if !running_as_root("a_database_folder_the_daemon_cannot_write") {
+    if !running_as_root() {
         return;
     }
     let dir = tempfile::tempdir().expect("temporary folder");
-    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
-    // A copy of the binary that uid 65534 can run wherever the checkout is.
-    let binary = dir.path().join("presence");
-    std::fs::copy(presence_bin(), &binary).expect("copy the binary");
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let binary = binary_for_nobody(dir.path());
     let state = dir.path().join("state");
     std::fs::create_dir(&state).expect("create the folder");
     std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).expect("chown");
     // Private, as the daemon wants it, but not writable.
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o500)).expect("chmod");
 
-    let mut command = Command::new("setpriv");
-    command
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .arg("--clear-groups")
-        .arg(&binary)
-        .arg("--socket")
-        .arg(dir.path().join("run/presenced.sock"))
-        .arg("daemon")
-        .arg("--db")
-        .arg(state.join("presence.db"));
-    let stderr = refused_start(&mut command).await;
+    let stderr = refused_start_by(
+        as_nobody(&binary),
+        &dir.path().join("run/presenced.sock"),
+        &state.join("presence.db"),
+    )
+    .await;
 
     assert!(stderr.contains(&state.display().to_string()), "{stderr}");
     assert!(stderr.contains("Permission denied"), "{stderr}");

@@ -2,21 +2,21 @@
 //! over or remove another user's (or another connection's) entries.
 //!
 //! These tests need root, to run the daemon and clients as the unprivileged
-//! uid 65534 with `setpriv`. CI runs as root; elsewhere they say they were
-//! skipped.
+//! uid 65534 with `setpriv`. CI runs as root; there they fail without it,
+//! elsewhere they say they were skipped.
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::{Running, error_code, within};
+use common::{
+    NOBODY, Running, as_nobody, binary_for_nobody, connect, error_code, eventually,
+    running_as_root, start_daemon, within,
+};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-
-const NOBODY: u32 = 65534;
 
 /// A daemon running as uid 65534, from a copy of the binary that uid can
 /// execute wherever the checkout lives.
@@ -30,22 +30,10 @@ struct UnprivilegedDaemon {
 impl UnprivilegedDaemon {
     async fn start() -> UnprivilegedDaemon {
         let dir = tempfile::tempdir().expect("temporary folder");
-        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
-        let binary = dir.path().join("presence");
-        std::fs::copy(common::presence_bin(), &binary).expect("copy the binary");
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let binary = binary_for_nobody(dir.path());
         let socket = dir.path().join("run/presenced.sock");
-
-        let mut daemon = as_nobody(&binary);
-        daemon
-            .arg("--socket")
-            .arg(&socket)
-            .arg("daemon")
-            .arg("--db")
-            .arg(dir.path().join("state/presence.db"))
-            .arg("--ready-on-stdout")
-            .env("PRESENCE_LOG", "warn");
-        let daemon = common::spawn_until_ready(daemon).await;
+        let db = dir.path().join("state/presence.db");
+        let daemon = start_daemon(as_nobody(&binary), &socket, &db, &[]).await;
         UnprivilegedDaemon {
             _dir: dir,
             binary,
@@ -95,24 +83,6 @@ impl UnprivilegedDaemon {
     }
 }
 
-fn as_nobody(binary: &Path) -> Command {
-    let mut command = Command::new("setpriv");
-    command
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .arg("--clear-groups")
-        .arg(binary);
-    command
-}
-
-fn running_as_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: needs root to run a second uid with setpriv");
-    false
-}
-
 #[tokio::test]
 async fn naming_another_users_process_is_permission_denied() {
     if !running_as_root() {
@@ -142,9 +112,7 @@ async fn entries_cannot_be_removed_or_changed_from_another_connection_or_user() 
     let held_ref = held["ref"].as_str().expect("ref").to_owned();
 
     // An entry of root, on a root connection.
-    let (root, _root_events) = presenced::client::Client::connect(&daemon.socket)
-        .await
-        .expect("root connects");
+    let (root, _root_events) = connect(&daemon.socket).await;
     let root_entry = root
         .track(presenced::protocol::TrackRequest::new("doc", "root"))
         .await
@@ -198,9 +166,7 @@ async fn a_process_entry_may_be_removed_by_its_own_uid_from_another_connection()
     let process_ref = tracked[0]["ref"].as_str().expect("ref").to_owned();
 
     // That connection has closed; the process entry lives on.
-    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
-        .await
-        .expect("root connects");
+    let (root, _events) = connect(&daemon.socket).await;
     assert_eq!(
         root.list("doc").await.expect("list").state.presences.len(),
         1
@@ -229,22 +195,16 @@ async fn a_resume_token_never_hands_over_another_users_entry() {
     }
     let daemon = UnprivilegedDaemon::start().await;
     let sleeper = common::spawn_sleeper();
-    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
-        .await
-        .expect("root connects");
+    let (root, _events) = connect(&daemon.socket).await;
     let mut request = TrackRequest::new("doc", "root's");
     request.pid = sleeper.id();
     request.lifetime = Lifetime::Process;
     let tracked = root.track(request).await.expect("track");
     // With its connection closed, the entry waits for its uid to resume it.
     drop(root);
-    let (watcher, _events) = presenced::client::Client::connect(&daemon.socket)
-        .await
-        .expect("root connects");
-    within("the first connection to close", async {
-        while watcher.status().await.expect("status").connections > 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let (watcher, _events) = connect(&daemon.socket).await;
+    eventually("the first connection to close", async || {
+        watcher.status().await.expect("status").connections <= 1
     })
     .await;
 
@@ -256,9 +216,7 @@ async fn a_resume_token_never_hands_over_another_users_entry() {
     assert_eq!(replies[0]["expired"], json!([tracked.resume_token]));
 
     // The token was not spent: its own uid can still take the entry.
-    let (root, _events) = presenced::client::Client::connect(&daemon.socket)
-        .await
-        .expect("root connects");
+    let (root, _events) = connect(&daemon.socket).await;
     let resumed = root
         .resume(vec![tracked.resume_token.clone()])
         .await

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Daemon, Running, within};
+use common::{Daemon, KillDaemonsOnDrop, Running, connect_when_ready, eventually, within};
 use serde_json::Value;
 
 /// A subscriber's view of one topic, rebuilt from `watch --json` lines the
@@ -74,14 +74,8 @@ async fn join(daemon: &Daemon, key: &str) -> (Running, Value) {
 /// clients.
 async fn wait_until_resumed(daemon: &Daemon) {
     let (client, _events) = daemon.client().await;
-    within("every client to resume", async {
-        loop {
-            let status = client.status().await.expect("status");
-            if status.awaiting_resume == 0 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    eventually("every client to resume", async || {
+        client.status().await.expect("status").awaiting_resume == 0
     })
     .await;
 }
@@ -228,20 +222,10 @@ async fn a_row_whose_pid_now_belongs_to_another_process_is_dead() {
     assert_eq!(listed.owner.as_deref(), bob_joined["ref"].as_str());
 }
 
-/// A `presence` command aimed at this daemon's socket and database that,
+/// `presence ARGS` aimed at this daemon's socket and database that,
 /// unlike the harness's usual commands, may start a daemon itself.
 fn may_start_a_daemon(daemon: &Daemon, args: &[&str]) -> Running {
-    let mut command = tokio::process::Command::new(common::presence_bin());
-    command
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(args)
-        .env("PRESENCE_DB", &daemon.db)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    Running::spawn(&mut command)
+    Running::spawn(common::presence_command(&daemon.socket, &daemon.db).args(args))
 }
 
 #[tokio::test]
@@ -270,32 +254,11 @@ async fn after_sigterm_clients_wait_for_the_restart_and_print_nothing() {
     assert_eq!(bob.line().await, "owner");
 }
 
-/// Kills, when the test ends, whatever daemon then holds the socket's
-/// lock, unless it is the harness's own: one the clients started runs in
-/// its own session, beyond the harness's reach.
-struct KillStartedByClients {
-    lock: std::path::PathBuf,
-    harness_daemon: u32,
-}
-
-impl Drop for KillStartedByClients {
-    fn drop(&mut self) {
-        let holder = std::fs::read_to_string(&self.lock)
-            .ok()
-            .and_then(|pid| pid.trim().parse::<u32>().ok());
-        if let Some(pid) = holder.filter(|pid| *pid != self.harness_daemon) {
-            common::signal(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
 #[tokio::test]
 async fn clients_start_a_new_daemon_themselves_and_keep_their_places() {
     let mut daemon = Daemon::start().await;
-    let _cleanup = KillStartedByClients {
-        lock: presenced::paths::daemon_lock(&daemon.socket),
-        harness_daemon: daemon.pid(),
-    };
+    // The daemon the clients start is beyond the harness's reach.
+    let _cleanup = KillDaemonsOnDrop(daemon.socket.clone());
     let mut joined = Vec::new();
     for key in ["alice", "bob", "carol"] {
         let mut running = may_start_a_daemon(&daemon, &["join", "doc", "--key", key, "--json"]);
@@ -306,15 +269,8 @@ async fn clients_start_a_new_daemon_themselves_and_keep_their_places() {
 
     let crashed_pid = daemon.pid();
     daemon.crash().await;
-    let (client, _events) = within("a client to start a daemon", async {
-        loop {
-            if let Ok(connected) = presenced::client::Client::connect(&daemon.socket).await {
-                return connected;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    // A client starts a daemon.
+    let (client, _events) = connect_when_ready(&daemon.socket).await;
     let status = client.status().await.expect("status");
     assert_ne!(status.pid, crashed_pid, "a new daemon serves");
     wait_until_resumed(&daemon).await;

@@ -10,48 +10,12 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use common::{Daemon, presence_bin, within};
-use presenced::client::{Client, Events};
+use common::{Daemon, connect_when_ready, eventually, mode, refused_start};
+use presenced::client::Client;
 use presenced::protocol::TrackRequest;
-use tempfile::TempDir;
-use tokio::process::{Child, Command};
-
-const POLL: Duration = Duration::from_millis(20);
-
-/// Waits until `condition` holds, failing at the deadline.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-}
-
-/// Connects to `socket` as soon as a daemon listens there again.
-async fn connect_again(socket: &Path) -> (Client, Events) {
-    within("the daemon to listen on its path again", async {
-        loop {
-            if let Ok(connected) = Client::connect(socket).await {
-                return connected;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .expect("metadata")
-        .permissions()
-        .mode()
-        & 0o777
-}
 
 fn folder(socket: &Path) -> &Path {
     socket.parent().expect("socket folder")
@@ -75,82 +39,6 @@ fn put_in_place(socket: &Path, what: impl FnOnce(&Path)) {
     std::fs::rename(&stand_in, socket).expect("rename over the socket");
 }
 
-/// Runs `presence daemon` where it must refuse to start, and returns what
-/// it said on stderr.
-async fn refused_start(socket: &Path, db: &Path) -> String {
-    let output = Command::new(presence_bin())
-        .arg("--socket")
-        .arg(socket)
-        .arg("daemon")
-        .arg("--db")
-        .arg(db)
-        .env("PRESENCE_LOG", "warn")
-        .output()
-        .await
-        .expect("presence runs");
-    assert_eq!(output.status.code(), Some(1), "the daemon should refuse");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A daemon whose log goes to a file the test can read.
-struct LoggedDaemon {
-    _dir: TempDir,
-    socket: PathBuf,
-    log: PathBuf,
-    child: Child,
-}
-
-impl LoggedDaemon {
-    /// The harness sends a daemon's stderr to the test's own, so the daemon
-    /// runs under `sh -c 'exec …'`, which points its stderr at a file and
-    /// keeps the harness's wait for `ready` and its watchdog. After `exec`
-    /// the daemon has the shell's pid.
-    async fn start() -> LoggedDaemon {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let socket = dir.path().join("run/presenced.sock");
-        let log = dir.path().join("daemon.log");
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"log="$1"; shift; exec "$@" 2>"$log""#)
-            .arg("sh")
-            .arg(&log)
-            .arg(presence_bin())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("daemon")
-            .arg("--db")
-            .arg(dir.path().join("state/presence.db"))
-            .arg("--ready-on-stdout")
-            .env("PRESENCE_LOG", "warn");
-        let child = common::spawn_until_ready(command).await;
-        LoggedDaemon {
-            _dir: dir,
-            socket,
-            log,
-            child,
-        }
-    }
-
-    async fn logs(&self, text: &str) {
-        let what = format!("the daemon to log {text:?}");
-        eventually(&what, || {
-            std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(text))
-        })
-        .await;
-    }
-
-    /// Stops the daemon with SIGTERM and returns its exit code.
-    async fn stop(&mut self) -> Option<i32> {
-        let pid = self.child.id().expect("daemon is running");
-        common::signal(pid, nix::sys::signal::Signal::SIGTERM);
-        within("the daemon to exit", self.child.wait())
-            .await
-            .expect("wait")
-            .code()
-    }
-}
-
 #[tokio::test]
 async fn a_deleted_socket_is_bound_again_and_old_connections_carry_on() {
     let daemon = Daemon::start().await;
@@ -160,7 +48,7 @@ async fn a_deleted_socket_is_bound_again_and_old_connections_carry_on() {
         .expect("track");
 
     std::fs::remove_file(&daemon.socket).expect("delete the socket");
-    let (fresh, _fresh_events) = connect_again(&daemon.socket).await;
+    let (fresh, _fresh_events) = connect_when_ready(&daemon.socket).await;
 
     assert_eq!(mode(&daemon.socket), 0o600);
     assert!(
@@ -177,11 +65,10 @@ async fn a_deleted_socket_is_bound_again_and_old_connections_carry_on() {
 async fn sigterm_after_a_rebind_removes_the_new_socket() {
     let mut daemon = Daemon::start().await;
     std::fs::remove_file(&daemon.socket).expect("delete the socket");
-    let (client, _events) = connect_again(&daemon.socket).await;
+    let (client, _events) = connect_when_ready(&daemon.socket).await;
     drop(client);
 
-    common::signal(daemon.pid(), nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(daemon.wait().await, Some(0));
+    daemon.stop().await;
     assert!(
         std::fs::symlink_metadata(&daemon.socket).is_err(),
         "the socket bound last should be removed"
@@ -197,7 +84,7 @@ async fn a_deleted_socket_folder_is_made_again_with_its_lock() {
         .expect("track");
 
     std::fs::remove_dir_all(folder(&daemon.socket)).expect("delete the socket folder");
-    let (fresh, _fresh_events) = connect_again(&daemon.socket).await;
+    let (fresh, _fresh_events) = connect_when_ready(&daemon.socket).await;
 
     assert_eq!(mode(folder(&daemon.socket)), 0o700);
     assert_eq!(mode(&daemon.socket), 0o600);
@@ -217,7 +104,7 @@ async fn a_deleted_lock_is_taken_again() {
     std::fs::remove_file(&lock).expect("delete the lock");
 
     let pid = daemon.pid().to_string();
-    eventually("the daemon to lock again", || {
+    eventually("the daemon to lock again", async || {
         std::fs::read_to_string(&lock).is_ok_and(|holder| holder.trim() == pid)
     })
     .await;
@@ -229,8 +116,8 @@ async fn a_deleted_lock_is_taken_again() {
 
 #[tokio::test]
 async fn a_file_put_in_the_sockets_place_is_left_alone() {
-    let mut daemon = LoggedDaemon::start().await;
-    let (old, _old_events) = Client::connect(&daemon.socket).await.expect("connect");
+    let mut daemon = Daemon::start_logged(&[]).await;
+    let (old, _old_events) = daemon.client().await;
     old.track(TrackRequest::new("doc", "alice"))
         .await
         .expect("track");
@@ -238,7 +125,7 @@ async fn a_file_put_in_the_sockets_place_is_left_alone() {
     put_in_place(&daemon.socket, |path| {
         std::fs::write(path, "precious").expect("write the file");
     });
-    daemon.logs("not a socket").await;
+    daemon.wait_for_log(&["not a socket"]).await;
 
     assert_eq!(
         std::fs::read_to_string(&daemon.socket).expect("read"),
@@ -248,7 +135,7 @@ async fn a_file_put_in_the_sockets_place_is_left_alone() {
         sees(&old, "doc", "alice").await,
         "the old connection still works"
     );
-    assert_eq!(daemon.stop().await, Some(0));
+    daemon.stop().await;
     assert_eq!(
         std::fs::read_to_string(&daemon.socket).expect("read"),
         "precious",
@@ -258,21 +145,21 @@ async fn a_file_put_in_the_sockets_place_is_left_alone() {
 
 #[tokio::test]
 async fn once_the_file_in_its_place_is_gone_the_socket_comes_back() {
-    let daemon = LoggedDaemon::start().await;
+    let daemon = Daemon::start_logged(&[]).await;
     put_in_place(&daemon.socket, |path| {
         std::fs::write(path, "notes").expect("write the file");
     });
-    daemon.logs("not a socket").await;
+    daemon.wait_for_log(&["not a socket"]).await;
 
     std::fs::remove_file(&daemon.socket).expect("remove the file");
-    let (client, _events) = connect_again(&daemon.socket).await;
+    let (client, _events) = connect_when_ready(&daemon.socket).await;
     client.ping().await.expect("ping");
 }
 
 #[tokio::test]
 async fn a_live_socket_put_in_our_place_is_left_alone() {
-    let mut daemon = LoggedDaemon::start().await;
-    let (old, _old_events) = Client::connect(&daemon.socket).await.expect("connect");
+    let mut daemon = Daemon::start_logged(&[]).await;
+    let (old, _old_events) = daemon.client().await;
     old.track(TrackRequest::new("doc", "alice"))
         .await
         .expect("track");
@@ -285,10 +172,10 @@ async fn a_live_socket_put_in_our_place_is_left_alone() {
     let theirs = std::fs::symlink_metadata(&daemon.socket)
         .expect("metadata")
         .ino();
-    daemon.logs("something else now listens").await;
+    daemon.wait_for_log(&["something else now listens"]).await;
 
     assert!(sees(&old, "doc", "alice").await);
-    assert_eq!(daemon.stop().await, Some(0));
+    daemon.stop().await;
     let now = std::fs::symlink_metadata(&daemon.socket).expect("the other socket stays");
     assert_eq!(now.ino(), theirs);
     std::os::unix::net::UnixStream::connect(&daemon.socket).expect("it still answers");
@@ -297,7 +184,7 @@ async fn a_live_socket_put_in_our_place_is_left_alone() {
 
 #[tokio::test]
 async fn a_lock_another_process_holds_keeps_the_daemon_off_the_path() {
-    let daemon = LoggedDaemon::start().await;
+    let daemon = Daemon::start_logged(&[]).await;
     // Another process's lock in our lock's place, and the socket gone:
     // what a second daemon leaves behind when it wins the path after a
     // cleaner deleted both.
@@ -309,7 +196,7 @@ async fn a_lock_another_process_holds_keeps_the_daemon_off_the_path() {
         theirs = Some(file);
     });
     std::fs::remove_file(&daemon.socket).expect("delete the socket");
-    daemon.logs("now holds").await;
+    daemon.wait_for_log(&["now holds"]).await;
     assert!(
         std::fs::symlink_metadata(&daemon.socket).is_err(),
         "the daemon must not bind where another holds the lock"
@@ -317,6 +204,6 @@ async fn a_lock_another_process_holds_keeps_the_daemon_off_the_path() {
 
     // Once that lock is free, the path is the daemon's again.
     drop(theirs);
-    let (client, _events) = connect_again(&daemon.socket).await;
+    let (client, _events) = connect_when_ready(&daemon.socket).await;
     client.ping().await.expect("ping");
 }

@@ -1,9 +1,12 @@
 //! Shared harness for the end-to-end tests: a real daemon on a temporary
 //! socket and database, real client processes, and waits that end on an
-//! event or fail at a deadline. Nothing here sleeps and hopes.
+//! event or fail at a deadline. What announces itself nowhere (a file the
+//! daemon puts back, a count in `status`) is polled every [`POLL`], still
+//! under the deadline. Nothing here sleeps and hopes.
 
 #![allow(dead_code)] // each test binary uses a different part of this
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,6 +17,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::Mutex;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// How long a test's daemon may live. A daemon that hangs is killed then,
 /// so a client call waiting on it fails instead of hanging the run.
@@ -22,6 +27,12 @@ pub const WATCHDOG: Duration = Duration::from_secs(120);
 /// How long any single wait may take before the test fails. Generous,
 /// because CI machines are small and noisy; a passing run never waits it out.
 pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// How often [`eventually`] and [`connect_when_ready`] look again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// The unprivileged uid (and gid) the tests that need a second user run as.
+pub const NOBODY: u32 = 65534;
 
 pub fn presence_bin() -> &'static str {
     env!("CARGO_BIN_EXE_presence")
@@ -35,12 +46,61 @@ pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>)
     }
 }
 
+/// Waits until `condition` holds, looking again every [`POLL`]; fails the
+/// test with `what` at the deadline. For what the daemon announces nowhere.
+pub async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    within(what, async {
+        while !condition().await {
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+}
+
+/// Connects a client to `socket`, failing at the deadline.
+pub async fn connect(socket: &Path) -> (Client, Events) {
+    within("connecting a client", Client::connect(socket))
+        .await
+        .expect("client connects")
+}
+
+/// Connects a client to `socket` as soon as a daemon listens there, trying
+/// again every [`POLL`] until the deadline.
+pub async fn connect_when_ready(socket: &Path) -> (Client, Events) {
+    within("a daemon to listen on the socket", async {
+        loop {
+            if let Ok(connected) = Client::connect(socket).await {
+                return connected;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
+/// How a test's daemon starts, beyond [`Daemon::start_with`]'s arguments.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// The database; by default `state/presence.db` in the daemon's folder.
+    pub db: Option<&'a Path>,
+    /// A `PRESENCE_LOG` filter: the daemon's stderr is then read by the
+    /// test (see [`Daemon::wait_for_log`]) instead of passed through at
+    /// `warn`.
+    pub log: Option<&'a str>,
+    /// Extra `presence daemon` arguments.
+    pub args: &'a [&'a str],
+}
+
 /// A daemon serving a socket and database in a private temporary folder.
 pub struct Daemon {
     pub dir: TempDir,
     pub socket: PathBuf,
     pub db: PathBuf,
     child: Child,
+    /// The `PRESENCE_LOG` filter of a daemon whose log the test reads.
+    log_filter: Option<String>,
+    /// The log lines of the running daemon process, not yet waited past.
+    log: Option<Mutex<UnboundedReceiver<String>>>,
 }
 
 impl Daemon {
@@ -51,15 +111,42 @@ impl Daemon {
     /// Starts a daemon with extra `presence daemon` arguments and waits
     /// until it listens.
     pub async fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_with_options(Options {
+            args: extra,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Starts a daemon, logging at `warn`, whose log the test reads with
+    /// [`Daemon::wait_for_log`].
+    pub async fn start_logged(extra: &[&str]) -> Daemon {
+        Daemon::start_with_options(Options {
+            log: Some("warn"),
+            args: extra,
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Starts a daemon as `options` say and waits until it listens.
+    pub async fn start_with_options(options: Options<'_>) -> Daemon {
         let dir = tempfile::tempdir().expect("temporary folder");
         let socket = dir.path().join("run/presenced.sock");
-        let db = dir.path().join("state/presence.db");
-        let child = Daemon::spawn_daemon(&socket, &db, extra).await;
+        let db = match options.db {
+            Some(db) => db.to_owned(),
+            None => dir.path().join("state/presence.db"),
+        };
+        let log_filter = options.log.map(str::to_owned);
+        let (child, log) =
+            Daemon::spawn_child(&socket, &db, log_filter.as_deref(), options.args).await;
         Daemon {
             dir,
             socket,
             db,
             child,
+            log_filter,
+            log,
         }
     }
 
@@ -84,23 +171,62 @@ impl Daemon {
     }
 
     /// Starts a new daemon on the same socket and database, after `stop`
-    /// or `crash`.
+    /// or `crash`. If the test reads the log, it reads the new daemon's
+    /// from its start.
     pub async fn start_again(&mut self, extra: &[&str]) {
-        self.child = Daemon::spawn_daemon(&self.socket, &self.db, extra).await;
+        (self.child, self.log) =
+            Daemon::spawn_child(&self.socket, &self.db, self.log_filter.as_deref(), extra).await;
     }
 
-    async fn spawn_daemon(socket: &Path, db: &Path, extra: &[&str]) -> Child {
-        let mut command = Command::new(presence_bin());
-        command
-            .arg("--socket")
-            .arg(socket)
-            .arg("daemon")
-            .arg("--db")
-            .arg(db)
-            .arg("--ready-on-stdout")
-            .args(extra)
-            .env("PRESENCE_LOG", "warn");
-        spawn_until_ready(command).await
+    async fn spawn_child(
+        socket: &Path,
+        db: &Path,
+        log_filter: Option<&str>,
+        extra: &[&str],
+    ) -> (Child, Option<Mutex<UnboundedReceiver<String>>>) {
+        let mut command = daemon_command(Command::new(presence_bin()), socket, db);
+        command.arg("--ready-on-stdout").args(extra);
+        let Some(filter) = log_filter else {
+            return (spawn_ready(command, Stdio::inherit()).await, None);
+        };
+        command.env("PRESENCE_LOG", filter);
+        let mut child = spawn_ready(command, Stdio::piped()).await;
+        // Read all along, so that a full pipe can never stall the daemon.
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let (sender, receiver) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                eprintln!("daemon: {line}");
+                let _ = sender.send(line);
+            }
+        });
+        (child, Some(Mutex::new(receiver)))
+    }
+
+    /// Reads the daemon's log, from where the last wait stopped, until a
+    /// line contains every one of `needles`, and returns that line. Fails
+    /// at the deadline, or if the daemon's log ends first. Only for a
+    /// daemon started with a log ([`Daemon::start_logged`],
+    /// [`Options::log`]).
+    pub async fn wait_for_log(&self, needles: &[&str]) -> String {
+        let log = self
+            .log
+            .as_ref()
+            .expect("wait_for_log needs a daemon started with a log");
+        let what = format!("the daemon to log a line with {needles:?}");
+        within(&what, async {
+            let mut log = log.lock().await;
+            loop {
+                match log.recv().await {
+                    Some(line) if needles.iter().all(|needle| line.contains(needle)) => {
+                        return line;
+                    }
+                    Some(_) => {}
+                    None => panic!("the daemon's log ended before {what}"),
+                }
+            }
+        })
+        .await
     }
 
     pub fn pid(&self) -> u32 {
@@ -117,16 +243,8 @@ impl Daemon {
 
     /// A `presence` command aimed at this daemon, never starting another.
     pub fn command(&self) -> Command {
-        let mut command = Command::new(presence_bin());
-        command
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--no-autostart")
-            .env("PRESENCE_DB", &self.db)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = presence_command(&self.socket, &self.db);
+        command.arg("--no-autostart");
         command
     }
 
@@ -136,9 +254,7 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> (Client, Events) {
-        within("connecting a client", Client::connect(&self.socket))
-            .await
-            .expect("client connects")
+        connect(&self.socket).await
     }
 
     pub async fn raw(&self) -> RawConnection {
@@ -152,13 +268,56 @@ impl Drop for Daemon {
     }
 }
 
+/// `presence --socket SOCKET`, with `PRESENCE_DB` set to `db`, its output
+/// piped, and killed when dropped. Unlike [`Daemon::command`] it may start
+/// a daemon itself.
+pub fn presence_command(socket: &Path, db: &Path) -> Command {
+    let mut command = Command::new(presence_bin());
+    command
+        .arg("--socket")
+        .arg(socket)
+        .env("PRESENCE_DB", db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// `PROGRAM --socket SOCKET daemon --db DB`, logging at `warn`. `program`
+/// is `presence`, or [`as_nobody`] for a copy of it.
+fn daemon_command(mut program: Command, socket: &Path, db: &Path) -> Command {
+    program
+        .arg("--socket")
+        .arg(socket)
+        .arg("daemon")
+        .arg("--db")
+        .arg(db)
+        .env("PRESENCE_LOG", "warn");
+    program
+}
+
+/// Starts `PROGRAM --socket SOCKET daemon --db DB --ready-on-stdout EXTRA`
+/// and waits until it listens, for a daemon [`Daemon`] cannot be: another
+/// uid's ([`as_nobody`]), or one on a socket path made beforehand.
+pub async fn start_daemon(program: Command, socket: &Path, db: &Path, extra: &[&str]) -> Child {
+    let mut command = daemon_command(program, socket, db);
+    command.arg("--ready-on-stdout").args(extra);
+    spawn_until_ready(command).await
+}
+
 /// Spawns a daemon command with stdout piped and waits for its `ready`.
 /// A watchdog kills it after [`WATCHDOG`] if the test has not ended.
-pub async fn spawn_until_ready(mut command: Command) -> Child {
+pub async fn spawn_until_ready(command: Command) -> Child {
+    spawn_ready(command, Stdio::inherit()).await
+}
+
+/// [`spawn_until_ready`], with the daemon's stderr sent to `stderr`.
+async fn spawn_ready(mut command: Command, stderr: Stdio) -> Child {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .kill_on_drop(true);
     let mut child = command.spawn().expect("daemon spawns");
     let stdout = child.stdout.take().expect("daemon stdout");
@@ -166,7 +325,14 @@ pub async fn spawn_until_ready(mut command: Command) -> Child {
     let line = within("the daemon to listen", lines.next_line())
         .await
         .expect("daemon stdout is readable");
-    assert_eq!(line.as_deref(), Some("ready"), "the daemon did not start");
+    if line.as_deref() != Some("ready") {
+        let mut stderr = String::new();
+        if let Some(mut piped) = child.stderr.take() {
+            let read = tokio::io::AsyncReadExt::read_to_string(&mut piped, &mut stderr);
+            let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
+        }
+        panic!("the daemon did not start: stdout {line:?}, stderr {stderr:?}");
+    }
     if let Some(pid) = child.id() {
         // The runtime, and this task with it, ends with the test.
         tokio::spawn(async move {
@@ -179,6 +345,126 @@ pub async fn spawn_until_ready(mut command: Command) -> Child {
         });
     }
     child
+}
+
+/// Runs `presence --socket SOCKET daemon --db DB` where it must refuse to
+/// start, and returns what it said on stderr: exit status 1 and one line.
+pub async fn refused_start(socket: &Path, db: &Path) -> String {
+    refused_start_by(Command::new(presence_bin()), socket, db).await
+}
+
+/// [`refused_start`], run by `program`: `presence`, or [`as_nobody`].
+pub async fn refused_start_by(program: Command, socket: &Path, db: &Path) -> String {
+    let mut command = daemon_command(program, socket, db);
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    let output = within("the daemon to refuse to start", command.output())
+        .await
+        .expect("presence runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the daemon should refuse: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+/// Whether the test may do what needs root. Without root it is skipped
+/// with a note, except in CI (`CI` set), where it fails: being skipped
+/// there would hide that it never ran.
+pub fn running_as_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    // The test harness names each test's thread after the test.
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it"
+    );
+    eprintln!("skipped {test}: needs root");
+    false
+}
+
+/// Gives `dir` to uid 65534 and copies the binary into it, so that uid can
+/// run it wherever the checkout lives. Returns the copy.
+pub fn binary_for_nobody(dir: &Path) -> PathBuf {
+    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let binary = dir.join("presence");
+    std::fs::copy(presence_bin(), &binary).expect("copy the binary");
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    binary
+}
+
+/// `binary`, run through `setpriv` as uid and gid 65534 with no other
+/// groups; arguments for `binary` follow.
+pub fn as_nobody(binary: &Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(binary);
+    command
+}
+
+/// The permission bits of `path` itself, not of what a symlink names.
+pub fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// How many rows the database holds, as a fresh connection sees it.
+pub fn rows_on_disk(db: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(db).expect("open the database");
+    connection
+        .query_row("SELECT count(*) FROM presences", [], |row| row.get(0))
+        .expect("count the rows")
+}
+
+/// Pids of running `presence daemon` processes serving `socket`.
+pub fn daemons_serving(socket: &Path) -> Vec<u32> {
+    let socket = socket.to_string_lossy();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        // A zombie has an empty cmdline, so it does not count.
+        if args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == socket) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills, when the test ends, pass or fail, every daemon serving a socket:
+/// those clients started run in their own session, beyond the reach of
+/// [`Daemon`] and the watchdog.
+pub struct KillDaemonsOnDrop(pub PathBuf);
+
+impl Drop for KillDaemonsOnDrop {
+    fn drop(&mut self) {
+        for pid in daemons_serving(&self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// A running client process whose stdout is read line by line.
