@@ -5,6 +5,8 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use clap::Args;
 use serde_json::{Map, Value};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -73,42 +75,98 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
         .or_else(|| args.detach.then(std::os::unix::process::parent_id));
     let process_exit = exit_of(pid)?;
 
-    let (session, mut events) = target.session().await?;
-    let tracked = session
-        .track(track_request(&args, pid))
-        .await
-        .map_err(|e| failed(&format!("could not join {}", args.topic), e))?;
-    let mut printer = Printer::new(&args);
-    printer.track(&tracked)?;
-    let role = tracked.standing.role;
-    if args.detach && !(args.wait_owner && role != Role::Owner) {
-        return Ok(outcome(role));
-    }
-
-    let watch = Watch {
-        events: &mut events,
-        signals: &mut signals,
-        process_exit: std::pin::pin!(process_exit),
-        printer: &mut printer,
+    // A signal before the entry exists cancels the join: a daemon that is
+    // slow to start must not make the command unkillable.
+    let joining = async {
+        let (session, events) = target.session().await?;
+        let tracked = session
+            .track(track_request(&args, pid))
+            .await
+            .map_err(|e| failed(&format!("could not join {}", args.topic), e))?;
+        anyhow::Ok((session, events, tracked))
     };
-    match watch.until_done(&args, role).await? {
-        // Owner at last: the detached entry stays with its process.
-        End::Owner => Ok(Outcome::Done),
-        End::Stopped { was_owner } => {
+    let (session, mut events, tracked) = tokio::select! {
+        joined = joining => joined?,
+        () = signals.recv() => anyhow::bail!("interrupted before joining {}", args.topic),
+    };
+
+    let mut printer = Printer::new(&args);
+    let held = hold(
+        &args,
+        &tracked,
+        &mut events,
+        &mut signals,
+        process_exit,
+        &mut printer,
+    )
+    .await;
+    match held {
+        // Owner at last, or a detached entry: it stays with its process.
+        Ok(End::Owner) => Ok(outcome(Role::Owner)),
+        Ok(End::Detached(role)) => Ok(outcome(role)),
+        Ok(End::Stopped { was_owner }) => {
             // Leave explicitly, so the next in line is promoted now, not
             // when the daemon notices the connection closing.
-            session.leave_all().await;
+            leave_within_bounds(&session, &args.topic).await;
             Ok(if args.wait_owner && !was_owner {
                 Outcome::NotOwner
             } else {
                 Outcome::Done
             })
         }
+        // Output that cannot be written, a lost daemon: the entry must not
+        // stay queued behind a command that has given up.
+        Err(e) => {
+            leave_within_bounds(&session, &args.topic).await;
+            Err(e)
+        }
+    }
+}
+
+/// Prints the standing, then holds or waits as the flags say.
+async fn hold(
+    args: &JoinArgs,
+    tracked: &crate::protocol::TrackReply,
+    events: &mut SessionEvents,
+    signals: &mut Signals,
+    process_exit: impl Future<Output = ()>,
+    printer: &mut Printer,
+) -> anyhow::Result<End> {
+    printer.track(tracked)?;
+    let role = tracked.standing.role;
+    if args.detach && !(args.wait_owner && role != Role::Owner) {
+        return Ok(End::Detached(role));
+    }
+    let watch = Watch {
+        events,
+        signals,
+        process_exit: std::pin::pin!(process_exit),
+        printer,
+    };
+    watch.until_done(args, role).await
+}
+
+/// How long leaving may take before the command gives up on it: a daemon
+/// that is restarting must not hold a script past its --timeout.
+const LEAVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn leave_within_bounds(session: &crate::client::Session, topic: &str) {
+    if tokio::time::timeout(LEAVE_DEADLINE, session.leave_all())
+        .await
+        .is_err()
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "presence: could not leave {topic} in time; `presence list {topic}` shows \
+             whether the entry is still there, and `presence leave` removes it"
+        );
     }
 }
 
 /// How holding, or waiting to be the owner, ended.
 enum End {
+    /// `--detach` without waiting: the entry stays, in this role.
+    Detached(Role),
     /// `--detach --wait-owner` got there.
     Owner,
     /// A signal, the --pid process's exit, or the --timeout.
@@ -142,10 +200,11 @@ impl<P: Future<Output = ()>> Watch<'_, P> {
                 () = self.signals.recv() => break,
                 () = self.process_exit.as_mut() => break,
                 () = wait_or_never(&mut give_up) => {
-                    eprintln!(
-                        "presence: still not the owner of {} after {:?}; left the queue",
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "presence: still not the owner of {} after {} s; leaving the queue",
                         args.topic,
-                        args.timeout.unwrap_or_default()
+                        args.timeout.unwrap_or_default().as_secs_f64()
                     );
                     break;
                 }

@@ -198,13 +198,16 @@ pub fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     render::init_color(cli.color);
     let is_daemon = matches!(cli.command, Command::Daemon(_));
+    // For join, the exit status says whether it owns the topic: a reader
+    // that went away must not turn into a success.
+    let is_join = matches!(cli.command, Command::Join(_));
     init_logging(
         cli.log_level.as_deref(),
         if is_daemon { "info" } else { "warn" },
     );
     match run(cli) {
         Ok(outcome) => outcome.exit_code(),
-        Err(e) if render::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if render::is_broken_pipe(&e) && !is_join => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the causes' own text holds.
             let message = format!("{e:#}").replace('\n', " ");
