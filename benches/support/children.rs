@@ -1,0 +1,190 @@
+//! The small processes the scenarios time. Each is this bench binary run
+//! again with [`CHILD_ENV`] naming its part, so that the flock holder and
+//! the topic owner are the same size of process, built the same way, and
+//! neither starts a runtime it does not need.
+//!
+//! A child prints `ready` once it holds what it holds, releases it when a
+//! byte arrives on its stdin, and exits when its stdin closes, so a bench
+//! run that dies leaves no child behind.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+
+use anyhow::{Context, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use presenced::protocol::{Reply, Request, Role, TrackReply, TrackRequest, UntrackRequest};
+use rustix::fs::{FlockOperation, flock};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+
+use super::within;
+
+/// Set in a child's environment to the part it plays.
+pub const CHILD_ENV: &str = "PRESENCE_BENCH_CHILD";
+
+/// The key the owner child tracks under.
+pub const OWNER_KEY: &str = "owner";
+
+/// Runs this process as the child [`CHILD_ENV`] names and exits, or
+/// returns if this process is the bench itself.
+pub fn run_if_child() {
+    let Some(part) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match (part.to_str(), args.as_slice()) {
+        (Some("flock"), [path]) => hold_flock(path),
+        (Some("owner"), [socket, topic]) => own_topic(socket, topic),
+        (Some("echo"), [socket]) => serve_echo(socket),
+        _ => Err(anyhow::anyhow!("unknown child {part:?} {args:?}")),
+    };
+    if let Err(e) = result {
+        eprintln!("bench child {part:?}: {e:#}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+/// Holds an exclusive flock on `path`; a byte on stdin unlocks it.
+fn hold_flock(path: &str) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path)?;
+    flock(&file, FlockOperation::LockExclusive)?;
+    announce_ready()?;
+    serve_stdin(|| Ok(flock(&file, FlockOperation::Unlock)?))
+}
+
+/// Owns `topic` over a plain blocking socket (no runtime, no client
+/// library: the child stays as small as the flock holder); a byte on stdin
+/// untracks it.
+fn own_topic(socket: &str, topic: &str) -> anyhow::Result<()> {
+    let mut stream = UnixStream::connect(socket)?;
+    let track = Request::Track(TrackRequest::new(topic, OWNER_KEY));
+    stream.write_all(&request_line(&track, 1)?)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let reply: Reply = serde_json::from_str(&reply)?;
+    if let Some(error) = reply.error {
+        bail!("track refused: {error}");
+    }
+    let joined: TrackReply = serde_json::from_value(Value::Object(reply.fields))?;
+    ensure!(
+        joined.standing.role == Role::Owner,
+        "the owner child is not the owner"
+    );
+    announce_ready()?;
+    let untrack = Request::Untrack(UntrackRequest {
+        topic: topic.to_owned(),
+        phx_ref: Some(joined.phx_ref),
+        key: None,
+    });
+    let untrack = request_line(&untrack, 2)?;
+    // Its reply is never read: the timed moment is the spectator's event.
+    serve_stdin(|| Ok(stream.write_all(&untrack)?))
+}
+
+/// A request as the client library would write it: one line, with an id.
+fn request_line(request: &Request, id: u64) -> anyhow::Result<Vec<u8>> {
+    let mut fields = match serde_json::to_value(request)? {
+        Value::Object(fields) => fields,
+        other => bail!("request is not an object: {other}"),
+    };
+    fields.insert("id".into(), id.into());
+    let mut line = serde_json::to_vec(&fields)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// The bare round trip baseline: a minimal tokio line echo on a Unix
+/// socket, on a multi-threaded runtime as the daemon's io layer is.
+fn serve_echo(socket: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(async { tokio::net::UnixListener::bind(socket) })?;
+    announce_ready()?;
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(echo_lines(stream));
+        }
+    });
+    // The runtime serves on its own threads; this one waits for stdin to close.
+    serve_stdin(|| Ok(()))
+}
+
+async fn echo_lines(stream: tokio::net::UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = tokio::io::BufReader::new(read);
+    let mut line = Vec::new();
+    while read.read_until(b'\n', &mut line).await? > 0 {
+        write.write_all(&line).await?;
+        line.clear();
+    }
+    Ok(())
+}
+
+fn announce_ready() -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(b"ready\n")?;
+    stdout.flush()
+}
+
+/// Calls `release` for each byte on stdin, and returns when stdin closes.
+fn serve_stdin(mut release: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    for byte in std::io::stdin().lock().bytes() {
+        byte?;
+        release()?;
+    }
+    Ok(())
+}
+
+/// A child seen from the bench: started, and ready.
+pub struct Helper {
+    child: Child,
+    stdin: ChildStdin,
+    pid: Pid,
+}
+
+impl Helper {
+    /// Starts this binary as child `part` with `args`, and waits until it
+    /// says it is ready.
+    pub async fn start(part: &str, args: &[&OsStr]) -> anyhow::Result<Helper> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .env(CHILD_ENV, part)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the {part} child"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = within("a child to be ready", lines.next_line()).await??;
+        ensure!(
+            line.as_deref() == Some("ready"),
+            "the {part} child did not start: {line:?}"
+        );
+        let stdin = child.stdin.take().context("child stdin")?;
+        let pid = Pid::from_raw(child.id().context("child pid")? as i32);
+        Ok(Helper { child, stdin, pid })
+    }
+
+    /// SIGKILLs the child, and nothing else: the caller times what follows.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        Ok(kill(self.pid, Signal::SIGKILL)?)
+    }
+
+    /// Asks the child to let go of what it holds, and returns at once.
+    pub async fn release(&mut self) -> anyhow::Result<()> {
+        Ok(self.stdin.write_all(b"r").await?)
+    }
+
+    /// Ends the child, if it still runs, and reaps it.
+    pub async fn reap(mut self) -> anyhow::Result<()> {
+        Ok(within("a child to exit", self.child.kill()).await??)
+    }
+}
