@@ -7,21 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{Daemon, Running, spawn_sleeper, within};
+use common::{Daemon, Running, spawn_sleeper, stdout, within};
 use serde_json::json;
-
-/// Runs a `presence` command to its end.
-async fn output(daemon: &Daemon, args: &[&str]) -> std::process::Output {
-    let mut command = daemon.command();
-    command.args(args);
-    within("presence to finish", command.output())
-        .await
-        .expect("presence runs")
-}
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// The one line a failed command wrote, which must start `presence: `.
 fn one_line_error(output: &std::process::Output) -> String {
@@ -52,15 +39,17 @@ async fn leave_removes_what_join_detach_made_and_is_safe_to_repeat() {
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
     // No --key on either side: both default to the login name.
-    let joined = output(&daemon, &["join", "doc", "--detach", "--pid", &pid]).await;
+    let joined = daemon
+        .output(&["join", "doc", "--detach", "--pid", &pid])
+        .await;
     assert_eq!(joined.status.code(), Some(0));
 
-    let left = output(&daemon, &["leave", "doc"]).await;
+    let left = daemon.output(&["leave", "doc"]).await;
     assert_eq!(left.status.code(), Some(0));
     assert_eq!(stdout(&left), "left doc (1 entry)\n");
     assert!(refs(&daemon, "doc").await.is_empty());
 
-    let again = output(&daemon, &["leave", "doc"]).await;
+    let again = daemon.output(&["leave", "doc"]).await;
     assert_eq!(again.status.code(), Some(0));
     let login = presenced::sys::user_name(presenced::sys::current_uid());
     assert_eq!(
@@ -75,28 +64,30 @@ async fn leave_by_key_and_by_ref_remove_only_what_they_name() {
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
     for key in ["a", "b", "b", "c"] {
-        let joined = output(
-            &daemon,
-            &["join", "doc", "--detach", "--key", key, "--pid", &pid],
-        )
-        .await;
+        let joined = daemon
+            .output(&["join", "doc", "--detach", "--key", key, "--pid", &pid])
+            .await;
         assert!(matches!(joined.status.code(), Some(0 | 3)));
     }
     assert_eq!(refs(&daemon, "doc").await, ["p1", "p2", "p3", "p4"]);
 
-    let by_key = output(&daemon, &["leave", "doc", "--key", "b"]).await;
+    let by_key = daemon.output(&["leave", "doc", "--key", "b"]).await;
     assert_eq!(stdout(&by_key), "left doc (2 entries)\n");
     assert_eq!(refs(&daemon, "doc").await, ["p1", "p4"]);
 
-    let by_ref = output(&daemon, &["leave", "doc", "--ref", "p4", "--json"]).await;
+    let by_ref = daemon
+        .output(&["leave", "doc", "--ref", "p4", "--json"])
+        .await;
     let reply: serde_json::Value = serde_json::from_slice(&by_ref.stdout).expect("JSON");
     assert_eq!(reply, json!({"removed": 1}));
     assert_eq!(refs(&daemon, "doc").await, ["p1"]);
 
-    let unknown = output(&daemon, &["leave", "doc", "--ref", "p99"]).await;
+    let unknown = daemon.output(&["leave", "doc", "--ref", "p99"]).await;
     assert_eq!(stdout(&unknown), "nothing to leave on doc (ref p99)\n");
 
-    let both = output(&daemon, &["leave", "doc", "--ref", "p1", "--key", "a"]).await;
+    let both = daemon
+        .output(&["leave", "doc", "--ref", "p1", "--key", "a"])
+        .await;
     assert_eq!(
         both.status.code(),
         Some(2),
@@ -211,9 +202,8 @@ async fn update_replaces_the_meta_and_prints_the_new_ref() {
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let joined = output(
-        &daemon,
-        &[
+    let joined = daemon
+        .output(&[
             "join",
             "doc",
             "--detach",
@@ -223,22 +213,18 @@ async fn update_replaces_the_meta_and_prints_the_new_ref() {
             &pid,
             "--meta",
             r#"{"line":1}"#,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(joined.status.code(), Some(0));
 
-    let by_key = output(
-        &daemon,
-        &["update", "doc", "--key", "k", "--meta", r#"{"line":2}"#],
-    )
-    .await;
+    let by_key = daemon
+        .output(&["update", "doc", "--key", "k", "--meta", r#"{"line":2}"#])
+        .await;
     assert_eq!(by_key.status.code(), Some(0), "{by_key:?}");
     assert_eq!(stdout(&by_key), "updated doc, ref p2 (was p1)\n");
 
-    let by_ref = output(
-        &daemon,
-        &[
+    let by_ref = daemon
+        .output(&[
             "update",
             "doc",
             "--ref",
@@ -246,9 +232,8 @@ async fn update_replaces_the_meta_and_prints_the_new_ref() {
             "--meta",
             r#"{"line":3}"#,
             "--json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let reply: serde_json::Value = serde_json::from_slice(&by_ref.stdout).expect("JSON");
     assert_eq!(reply, json!({"ref": "p3", "prev_ref": "p2"}));
 
@@ -266,35 +251,39 @@ async fn update_says_what_to_do_when_the_key_names_none_or_several() {
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
 
-    let none =
-        one_line_error(&output(&daemon, &["update", "doc", "--key", "k", "--meta", "{}"]).await);
+    let none = one_line_error(
+        &daemon
+            .output(&["update", "doc", "--key", "k", "--meta", "{}"])
+            .await,
+    );
     assert!(none.contains("no entry with key k"), "{none}");
     assert!(none.contains("presence list doc"), "{none}");
 
     for _ in 0..2 {
-        let joined = output(
-            &daemon,
-            &["join", "doc", "--detach", "--key", "k", "--pid", &pid],
-        )
-        .await;
+        let joined = daemon
+            .output(&["join", "doc", "--detach", "--key", "k", "--pid", &pid])
+            .await;
         assert!(matches!(joined.status.code(), Some(0 | 3)));
     }
-    let several =
-        one_line_error(&output(&daemon, &["update", "doc", "--key", "k", "--meta", "{}"]).await);
+    let several = one_line_error(
+        &daemon
+            .output(&["update", "doc", "--key", "k", "--meta", "{}"])
+            .await,
+    );
     assert!(
         several.contains("2 entries with key k there (p1, p2)"),
         "{several}"
     );
     assert!(several.contains("--ref"), "{several}");
 
-    let bad_meta = output(&daemon, &["update", "doc", "--ref", "p1", "--meta", "[1]"]).await;
+    let bad_meta = daemon
+        .output(&["update", "doc", "--ref", "p1", "--meta", "[1]"])
+        .await;
     assert_eq!(bad_meta.status.code(), Some(2));
     let reserved = one_line_error(
-        &output(
-            &daemon,
-            &["update", "doc", "--ref", "p1", "--meta", r#"{"seq":1}"#],
-        )
-        .await,
+        &daemon
+            .output(&["update", "doc", "--ref", "p1", "--meta", r#"{"seq":1}"#])
+            .await,
     );
     assert!(reserved.contains("managed by the daemon"), "{reserved}");
 }

@@ -6,21 +6,8 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Daemon, next_event, spawn_sleeper, within};
+use common::{Daemon, next_event, spawn_sleeper, stdout, within};
 use presenced::protocol::Event;
-
-/// Runs a `presence` command to its end.
-async fn output(daemon: &Daemon, args: &[&str]) -> std::process::Output {
-    let mut command = daemon.command();
-    command.args(args);
-    within("presence to finish", command.output())
-        .await
-        .expect("presence runs")
-}
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// The keys present on a topic, owner first.
 async fn keys(daemon: &Daemon, topic: &str) -> Vec<String> {
@@ -42,19 +29,15 @@ async fn detach_exits_0_as_the_owner_and_3_as_a_spectator_and_the_entries_stay()
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
 
-    let first = output(
-        &daemon,
-        &["join", "doc", "--detach", "--key", "alice", "--pid", &pid],
-    )
-    .await;
+    let first = daemon
+        .output(&["join", "doc", "--detach", "--key", "alice", "--pid", &pid])
+        .await;
     assert_eq!(first.status.code(), Some(0));
     assert_eq!(stdout(&first), "owner, ref p1\n");
 
-    let second = output(
-        &daemon,
-        &["join", "doc", "--detach", "--key", "bob", "--pid", &pid],
-    )
-    .await;
+    let second = daemon
+        .output(&["join", "doc", "--detach", "--key", "bob", "--pid", &pid])
+        .await;
     assert_eq!(second.status.code(), Some(3));
     assert_eq!(
         stdout(&second),
@@ -65,13 +48,11 @@ async fn detach_exits_0_as_the_owner_and_3_as_a_spectator_and_the_entries_stay()
     // Both commands are gone; their entries are not.
     assert_eq!(keys(&daemon, "doc").await, ["alice", "bob"]);
 
-    let json = output(
-        &daemon,
-        &[
+    let json = daemon
+        .output(&[
             "join", "doc", "--detach", "--key", "carol", "--pid", &pid, "--json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(json.status.code(), Some(3));
     let reply: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
     assert_eq!(reply["role"], "spectator");
@@ -119,13 +100,11 @@ async fn wait_owner_with_detach_returns_once_the_owner_leaves_and_keeps_the_entr
     let waiter_process = spawn_sleeper();
     let waiter_pid = waiter_process.id().expect("sleeper pid").to_string();
 
-    let owner = output(
-        &daemon,
-        &[
+    let owner = daemon
+        .output(&[
             "join", "lock", "--detach", "--key", "a", "--pid", &owner_pid,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(owner.status.code(), Some(0));
 
     let mut waiter = daemon.spawn(&[
@@ -155,16 +134,14 @@ async fn wait_owner_while_holding_prints_owner_and_goes_on_holding() {
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let owner = output(
-        &daemon,
-        &["join", "doc", "--detach", "--key", "a", "--pid", &pid],
-    )
-    .await;
+    let owner = daemon
+        .output(&["join", "doc", "--detach", "--key", "a", "--pid", &pid])
+        .await;
     assert_eq!(owner.status.code(), Some(0));
 
     let mut holder = daemon.spawn(&["join", "doc", "--wait-owner", "--key", "b"]);
     assert!(holder.line().await.starts_with("spectator (owner: a"));
-    let left = output(&daemon, &["leave", "doc", "--ref", "p1"]).await;
+    let left = daemon.output(&["leave", "doc", "--ref", "p1"]).await;
     assert_eq!(stdout(&left), "left doc (1 entry)\n");
     assert_eq!(holder.line().await, "owner");
 
@@ -180,11 +157,9 @@ async fn wait_owner_gives_up_at_its_timeout_and_leaves_the_queue() {
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let owner = output(
-        &daemon,
-        &["join", "doc", "--detach", "--key", "a", "--pid", &pid],
-    )
-    .await;
+    let owner = daemon
+        .output(&["join", "doc", "--detach", "--key", "a", "--pid", &pid])
+        .await;
     assert_eq!(owner.status.code(), Some(0));
 
     for extra in [&["--detach", "--pid", &pid][..], &[]] {
@@ -198,7 +173,7 @@ async fn wait_owner_gives_up_at_its_timeout_and_leaves_the_queue() {
             "0.2",
         ];
         args.extend_from_slice(extra);
-        let gave_up = output(&daemon, &args).await;
+        let gave_up = daemon.output(&args).await;
         assert_eq!(gave_up.status.code(), Some(3), "{args:?}");
         assert!(stdout(&gave_up).starts_with("spectator (owner: a"));
         let stderr = String::from_utf8_lossy(&gave_up.stderr);
@@ -213,11 +188,9 @@ async fn wait_owner_interrupted_leaves_the_queue_and_exits_3() {
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let owner = output(
-        &daemon,
-        &["join", "doc", "--detach", "--key", "a", "--pid", &pid],
-    )
-    .await;
+    let owner = daemon
+        .output(&["join", "doc", "--detach", "--key", "a", "--pid", &pid])
+        .await;
     assert_eq!(owner.status.code(), Some(0));
 
     let mut waiter = daemon.spawn(&[
@@ -241,11 +214,9 @@ async fn an_owner_needs_no_waiting() {
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let joined = output(
-        &daemon,
-        &["join", "doc", "--detach", "--wait-owner", "--pid", &pid],
-    )
-    .await;
+    let joined = daemon
+        .output(&["join", "doc", "--detach", "--wait-owner", "--pid", &pid])
+        .await;
     assert_eq!(joined.status.code(), Some(0));
     assert_eq!(stdout(&joined), "owner, ref p1\n");
 }
@@ -253,9 +224,9 @@ async fn an_owner_needs_no_waiting() {
 #[tokio::test]
 async fn timeout_without_wait_owner_is_a_usage_error() {
     let daemon = Daemon::start().await;
-    let refused = output(&daemon, &["join", "doc", "--timeout", "5"]).await;
+    let refused = daemon.output(&["join", "doc", "--timeout", "5"]).await;
     assert_eq!(refused.status.code(), Some(2));
-    let empty_topic = output(&daemon, &["join", ""]).await;
+    let empty_topic = daemon.output(&["join", ""]).await;
     assert_eq!(empty_topic.status.code(), Some(2));
 }
 
@@ -268,11 +239,9 @@ async fn a_pid_that_is_not_running_is_one_line_naming_the_option() {
     within("the sleeper to exit", gone.wait())
         .await
         .expect("wait");
-    let refused = output(
-        &daemon,
-        &["join", "doc", "--detach", "--pid", &pid.to_string()],
-    )
-    .await;
+    let refused = daemon
+        .output(&["join", "doc", "--detach", "--pid", &pid.to_string()])
+        .await;
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(

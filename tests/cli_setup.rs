@@ -4,28 +4,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 
-use common::{Daemon, presence_bin, within};
+use common::{Daemon, finish, presence_bin};
 use tokio::process::Command;
-
-/// Runs a `presence` command to its end.
-async fn run(command: &mut Command) -> std::process::Output {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    within("presence to finish", command.output())
-        .await
-        .expect("presence runs")
-}
 
 #[tokio::test]
 async fn status_json_has_every_field_of_the_daemons_reply() {
     let daemon = Daemon::start().await;
     let mut command = daemon.command();
-    let status = run(command.args(["status", "--json"])).await;
+    let status = finish(command.args(["status", "--json"])).await;
     assert_eq!(status.status.code(), Some(0));
     let reply: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
     assert_eq!(reply["version"], env!("CARGO_PKG_VERSION"));
@@ -51,7 +38,7 @@ async fn status_never_starts_a_daemon() {
         .arg(&socket)
         .arg("status")
         .env("PRESENCE_DB", dir.path().join("state/presence.db"));
-    let status = run(&mut command).await;
+    let status = finish(&mut command).await;
     assert_eq!(status.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert_eq!(
@@ -72,7 +59,7 @@ async fn completions_are_printed_for_each_shell() {
         ("zsh", "#compdef presence"),
         ("fish", "complete -c presence"),
     ] {
-        let script = run(Command::new(presence_bin()).args(["completions", shell])).await;
+        let script = finish(Command::new(presence_bin()).args(["completions", shell])).await;
         assert_eq!(script.status.code(), Some(0), "{shell}");
         let text = String::from_utf8(script.stdout).expect("UTF-8");
         assert!(text.contains(marker), "{shell}: {text}");
@@ -90,7 +77,7 @@ async fn completions_are_printed_for_each_shell() {
             "{shell}"
         );
     }
-    let unknown = run(Command::new(presence_bin()).args(["completions", "tcsh"])).await;
+    let unknown = finish(Command::new(presence_bin()).args(["completions", "tcsh"])).await;
     assert_eq!(unknown.status.code(), Some(2));
 }
 
@@ -114,7 +101,7 @@ async fn empty_presence_socket_and_db_mean_the_defaults() {
     let mut status = Command::new(presence_bin());
     status.args(["--no-autostart", "status", "--json"]);
     defaults(&mut status);
-    let status = run(&mut status).await;
+    let status = finish(&mut status).await;
     assert_eq!(
         status.status.code(),
         Some(0),
@@ -133,7 +120,7 @@ async fn usage_errors_exit_2_and_failures_exit_1_in_one_line() {
     let daemon = Daemon::start().await;
     for args in [&["join"][..], &["leave"], &["update", "doc"], &["bogus"]] {
         let mut command = daemon.command();
-        let refused = run(command.args(args)).await;
+        let refused = finish(command.args(args)).await;
         assert_eq!(refused.status.code(), Some(2), "{args:?}");
     }
     let dir = tempfile::tempdir().expect("temporary folder");
@@ -152,7 +139,7 @@ async fn usage_errors_exit_2_and_failures_exit_1_in_one_line() {
             .arg(&nowhere)
             .arg("--no-autostart")
             .args(args);
-        let failed = run(&mut command).await;
+        let failed = finish(&mut command).await;
         assert_eq!(failed.status.code(), Some(1), "{args:?}");
         let stderr = String::from_utf8_lossy(&failed.stderr);
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
@@ -176,7 +163,7 @@ async fn the_log_level_comes_from_the_flag_then_presence_log_then_rust_log() {
     command
         .env_remove("PRESENCE_LOG")
         .env("RUST_LOG", bad_filter);
-    let from_rust_log = run(command.args(["status", "--json"])).await;
+    let from_rust_log = finish(command.args(["status", "--json"])).await;
     assert!(warned(&from_rust_log), "RUST_LOG is read");
     assert_eq!(
         from_rust_log.status.code(),
@@ -188,7 +175,7 @@ async fn the_log_level_comes_from_the_flag_then_presence_log_then_rust_log() {
     command
         .env("PRESENCE_LOG", "warn")
         .env("RUST_LOG", bad_filter);
-    let from_presence_log = run(command.args(["status", "--json"])).await;
+    let from_presence_log = finish(command.args(["status", "--json"])).await;
     assert!(
         !warned(&from_presence_log),
         "PRESENCE_LOG wins over RUST_LOG"
@@ -196,6 +183,6 @@ async fn the_log_level_comes_from_the_flag_then_presence_log_then_rust_log() {
 
     let mut command = daemon.command();
     command.env("PRESENCE_LOG", bad_filter);
-    let from_flag = run(command.args(["--log-level", "warn", "status", "--json"])).await;
+    let from_flag = finish(command.args(["--log-level", "warn", "status", "--json"])).await;
     assert!(!warned(&from_flag), "--log-level wins over both");
 }

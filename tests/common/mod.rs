@@ -615,3 +615,27 @@ pub fn error_code(reply: &serde_json::Value) -> &str {
     assert_eq!(reply["ok"], false, "expected an error reply: {reply}");
     reply["error"]["code"].as_str().expect("error code")
 }
+
+/// Runs a command to its end, with its output captured.
+pub async fn finish(command: &mut Command) -> std::process::Output {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    within("presence to finish", command.output())
+        .await
+        .expect("presence runs")
+}
+
+/// A finished command's standard output, as text.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl Daemon {
+    /// Runs `presence ARGS` against this daemon to its end.
+    pub async fn output(&self, args: &[&str]) -> std::process::Output {
+        finish(self.command().args(args)).await
+    }
+}
