@@ -45,23 +45,12 @@ pub struct JoinArgs {
 
     /// With --wait-owner: give up after this many seconds, remove the
     /// entry, and exit 3
-    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = super::seconds_up_to(365.0 * 86_400.0))]
     pub timeout: Option<Duration>,
 
     /// Print the track reply and every event as JSON lines
     #[arg(long)]
     pub json: bool,
-}
-
-/// Seconds, fractions allowed, at most a year.
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    const MAX_SECONDS: f64 = 365.0 * 86_400.0;
-    match text.parse::<f64>() {
-        Ok(seconds) if (0.0..=MAX_SECONDS).contains(&seconds) => {
-            Ok(Duration::from_secs_f64(seconds))
-        }
-        _ => Err(format!("expected seconds from 0 to {MAX_SECONDS}")),
-    }
 }
 
 pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {

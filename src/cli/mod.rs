@@ -112,7 +112,7 @@ pub struct DaemonArgs {
 
     /// Seconds a restored connection entry keeps its place, waiting for its
     /// client to resume it
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_grace)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_up_to(86_400.0))]
     pub resume_grace: Duration,
 
     /// Longest request line, in bytes
@@ -296,14 +296,13 @@ fn parse_limit(text: &str) -> Result<usize, String> {
     }
 }
 
-/// A grace period: seconds, fractions allowed, at most a day.
-fn parse_grace(text: &str) -> Result<Duration, String> {
-    const MAX_SECONDS: f64 = 86_400.0;
-    match text.parse::<f64>() {
-        Ok(seconds) if (0.0..=MAX_SECONDS).contains(&seconds) => {
+/// A parser of seconds, fractions allowed, from 0 to `max_seconds`.
+pub fn seconds_up_to(max_seconds: f64) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |text| match text.parse::<f64>() {
+        Ok(seconds) if (0.0..=max_seconds).contains(&seconds) => {
             Ok(Duration::from_secs_f64(seconds))
         }
-        _ => Err(format!("expected seconds from 0 to {MAX_SECONDS}")),
+        _ => Err(format!("expected seconds from 0 to {max_seconds}")),
     }
 }
 
