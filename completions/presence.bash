@@ -425,7 +425,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__leave)
-            opts="-h -V --ref --key --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --ref --key --pid --all --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -436,6 +436,10 @@ _presence() {
                     return 0
                     ;;
                 --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -571,7 +575,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__update)
-            opts="-h -V --ref --key --meta --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --ref --key --pid --meta --json --socket --no-autostart --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -582,6 +586,10 @@ _presence() {
                     return 0
                     ;;
                 --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pid)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -59,18 +59,21 @@ complete -c presence -n "__fish_presence_using_subcommand join" -l no-autostart 
 complete -c presence -n "__fish_presence_using_subcommand join" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand join" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l ref -d 'The entry\'s ref, as `join --detach` printed it' -r
-complete -c presence -n "__fish_presence_using_subcommand leave" -l key -d 'The entries\' key [default: your login name]' -r
+complete -c presence -n "__fish_presence_using_subcommand leave" -l key -d 'The entry\'s key [default: your login name]' -r
+complete -c presence -n "__fish_presence_using_subcommand leave" -l pid -d 'The process the entry belongs to [default: the one that ran presence, as for `join --detach`]' -r
 complete -c presence -n "__fish_presence_using_subcommand leave" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
 complete -c presence -n "__fish_presence_using_subcommand leave" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand leave" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
+complete -c presence -n "__fish_presence_using_subcommand leave" -l all -d 'Remove every entry of yours with the key, whichever process it belongs to'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l json -d 'Print the daemon\'s untrack reply as JSON'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand leave" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand leave" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand update" -l ref -d 'The entry\'s ref, as `join --detach` printed it' -r
-complete -c presence -n "__fish_presence_using_subcommand update" -l key -d 'The entries\' key [default: your login name]' -r
+complete -c presence -n "__fish_presence_using_subcommand update" -l key -d 'The entry\'s key [default: your login name]' -r
+complete -c presence -n "__fish_presence_using_subcommand update" -l pid -d 'The process the entry belongs to [default: the one that ran presence, as for `join --detach`]' -r
 complete -c presence -n "__fish_presence_using_subcommand update" -l meta -d 'The new meta, a JSON object; it replaces the old one whole' -r
 complete -c presence -n "__fish_presence_using_subcommand update" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
 complete -c presence -n "__fish_presence_using_subcommand update" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'

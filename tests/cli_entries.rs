@@ -9,6 +9,7 @@ use std::process::Stdio;
 
 use common::{Daemon, Running, spawn_sleeper, stdout, within};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 /// The one line a failed command wrote, which must start `presence: `.
 fn one_line_error(output: &std::process::Output) -> String {
@@ -44,18 +45,83 @@ async fn leave_removes_what_join_detach_made_and_is_safe_to_repeat() {
         .await;
     assert_eq!(joined.status.code(), Some(0));
 
-    let left = daemon.output(&["leave", "doc"]).await;
+    let left = daemon.output(&["leave", "doc", "--pid", &pid]).await;
     assert_eq!(left.status.code(), Some(0));
     assert_eq!(stdout(&left), "left doc (1 entry)\n");
     assert!(refs(&daemon, "doc").await.is_empty());
 
-    let again = daemon.output(&["leave", "doc"]).await;
+    let again = daemon.output(&["leave", "doc", "--pid", &pid]).await;
     assert_eq!(again.status.code(), Some(0));
     let login = presenced::sys::user_name(presenced::sys::current_uid());
     assert_eq!(
         stdout(&again),
-        format!("nothing to leave on doc (key {login})\n")
+        format!("nothing to leave on doc (key {login} of pid {pid})\n")
     );
+}
+
+/// Two shells, each with a detached entry under the same key: `leave` in
+/// one removes its own, as the shell's default `--pid` says, and names the
+/// other in its hint; `--all` removes both.
+#[tokio::test]
+async fn leave_in_a_shell_removes_that_shells_entry_only() {
+    let daemon = Daemon::start().await;
+    let presence = common::presence_bin();
+    // Each shell joins, says so, and waits on stdin, so its entry lives
+    // until the test lets it go.
+    let shell = |script: &str| {
+        let mut sh = tokio::process::Command::new("sh");
+        sh.arg("-c")
+            .arg(script)
+            .env("PRESENCE_SOCKET", &daemon.socket)
+            .env("PRESENCE_DB", &daemon.db)
+            .env("PRESENCE", presence)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        Running::spawn(&mut sh)
+    };
+    let join =
+        r#""$PRESENCE" --no-autostart join --detach doc --key k >/dev/null; echo joined; read _; "#;
+    let mut first = shell(&format!(
+        r#"{join} "$PRESENCE" --no-autostart leave doc --key k; read _"#
+    ));
+    assert_eq!(first.line().await, "joined");
+    let mut second = shell(join);
+    assert_eq!(second.line().await, "joined");
+    assert_eq!(refs(&daemon, "doc").await, ["p1", "p2"]);
+
+    let stdin = first.child.stdin.as_mut().expect("piped stdin");
+    stdin
+        .write_all(b"\n")
+        .await
+        .expect("the first shell reads on");
+    let left = first.line().await;
+    assert_eq!(left, "left doc (1 entry)");
+    assert_eq!(
+        refs(&daemon, "doc").await,
+        ["p2"],
+        "the other shell's stays"
+    );
+
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let nothing = daemon
+        .output(&["leave", "doc", "--key", "k", "--pid", &pid])
+        .await;
+    assert_eq!(
+        stdout(&nothing),
+        format!(
+            "nothing to leave on doc (key k of pid {pid}); yours with that key elsewhere: \
+             p2 (pid {}) (name one with --ref or --pid)\n",
+            second.pid()
+        )
+    );
+
+    let all = daemon
+        .output(&["leave", "doc", "--key", "k", "--all"])
+        .await;
+    assert_eq!(stdout(&all), "left doc (1 entry)\n");
+    assert!(refs(&daemon, "doc").await.is_empty());
 }
 
 #[tokio::test]
@@ -71,7 +137,9 @@ async fn leave_by_key_and_by_ref_remove_only_what_they_name() {
     }
     assert_eq!(refs(&daemon, "doc").await, ["p1", "p2", "p3", "p4"]);
 
-    let by_key = daemon.output(&["leave", "doc", "--key", "b"]).await;
+    let by_key = daemon
+        .output(&["leave", "doc", "--key", "b", "--pid", &pid])
+        .await;
     assert_eq!(stdout(&by_key), "left doc (2 entries)\n");
     assert_eq!(refs(&daemon, "doc").await, ["p1", "p4"]);
 
@@ -102,14 +170,26 @@ async fn another_commands_held_entry_is_not_ours_to_remove_or_change() {
     let mut holder = Running::spawn(&mut user.presence(&["join", "doc", "--key", "held"]));
     assert_eq!(holder.line().await, "owner");
 
-    let by_key = user.output(&["leave", "doc", "--key", "held"]).await;
+    let by_key = user
+        .output(&["leave", "doc", "--key", "held", "--all"])
+        .await;
     assert_eq!(stdout(&by_key), "nothing to leave on doc (key held)\n");
     let by_ref = one_line_error(&user.output(&["leave", "doc", "--ref", "p1"]).await);
     assert!(by_ref.contains("could not leave doc"), "{by_ref}");
     assert!(by_ref.contains("presence join --detach"), "{by_ref}");
 
+    let holder_pid = holder.pid().to_string();
     let update = user
-        .output(&["update", "doc", "--key", "held", "--meta", "{}"])
+        .output(&[
+            "update",
+            "doc",
+            "--key",
+            "held",
+            "--pid",
+            &holder_pid,
+            "--meta",
+            "{}",
+        ])
         .await;
     let update = one_line_error(&update);
     assert!(update.contains("could not update doc"), "{update}");
@@ -218,7 +298,16 @@ async fn update_replaces_the_meta_and_prints_the_new_ref() {
     assert_eq!(joined.status.code(), Some(0));
 
     let by_key = daemon
-        .output(&["update", "doc", "--key", "k", "--meta", r#"{"line":2}"#])
+        .output(&[
+            "update",
+            "doc",
+            "--key",
+            "k",
+            "--pid",
+            &pid,
+            "--meta",
+            r#"{"line":2}"#,
+        ])
         .await;
     assert_eq!(by_key.status.code(), Some(0), "{by_key:?}");
     assert_eq!(stdout(&by_key), "updated doc, ref p2 (was p1)\n");
@@ -251,12 +340,12 @@ async fn update_says_what_to_do_when_the_key_names_none_or_several() {
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
 
-    let none = one_line_error(
-        &daemon
-            .output(&["update", "doc", "--key", "k", "--meta", "{}"])
-            .await,
+    let update_k = ["update", "doc", "--key", "k", "--pid", &pid, "--meta", "{}"];
+    let none = one_line_error(&daemon.output(&update_k).await);
+    assert!(
+        none.contains(&format!("no entry there with key k of pid {pid}")),
+        "{none}"
     );
-    assert!(none.contains("no entry with key k"), "{none}");
     assert!(none.contains("presence list doc"), "{none}");
 
     for _ in 0..2 {
@@ -265,13 +354,9 @@ async fn update_says_what_to_do_when_the_key_names_none_or_several() {
             .await;
         assert!(matches!(joined.status.code(), Some(0 | 3)));
     }
-    let several = one_line_error(
-        &daemon
-            .output(&["update", "doc", "--key", "k", "--meta", "{}"])
-            .await,
-    );
+    let several = one_line_error(&daemon.output(&update_k).await);
     assert!(
-        several.contains("2 entries with key k there (p1, p2)"),
+        several.contains(&format!("2 entries there with key k of pid {pid} (p1, p2)")),
         "{several}"
     );
     assert!(several.contains("--ref"), "{several}");

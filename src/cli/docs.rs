@@ -150,22 +150,27 @@ passes, a signal arrives, or the --pid process exits first, the entry is
 removed and join exits 3.";
 
 const LEAVE_DETAILS: &str = "\
-Removes your entries on TOPIC: the one named by --ref, or every one whose
-key is --key, by default your login name. Entries made with `presence join
---detach` can be removed by any command of the same user; an entry held by
-a running `presence join` belongs to that command, and ends with it.
+Removes your entries on TOPIC: the one named by --ref, or those whose key
+is --key (by default your login name) and that belong to --pid (by default
+the process that ran presence, the one `presence join --detach` leaves its
+entry to). So `presence leave` in a shell removes what `presence join
+--detach` made in that shell, and nothing another shell made under the
+same key. --all removes every entry of yours with the key, whichever
+process it belongs to. An entry held by a running `presence join` belongs
+to that command, and ends with it.
 
 Prints what was removed. Removing nothing is not an error, so leave can run
 twice, from a trap for instance:
 
   left doc (1 entry)
-  nothing to leave on doc (key alice)";
+  nothing to leave on doc (key alice of the calling process)";
 
 const UPDATE_DETAILS: &str = "\
 Replaces the meta of one of your entries made with `presence join
---detach`: the one named by --ref, or the only one whose key is --key, by
-default your login name. The entry keeps its place in the queue and gets a
-new ref:
+--detach`: the one named by --ref, or the one whose key is --key (by
+default your login name) that belongs to --pid (by default the process
+that ran presence, as for leave). The entry keeps its place in the queue
+and gets a new ref:
 
   updated doc, ref p14 (was p12)
 
@@ -384,6 +389,10 @@ pub const PAGES: &[Page] = &[
             Example {
                 what: "Leave when the script ends, however it ends:",
                 run: "trap 'presence leave deploy' EXIT",
+            },
+            Example {
+                what: "Remove every entry of yours on doc, from any shell:",
+                run: "presence leave doc --all",
             },
         ],
         exit_status: &[],

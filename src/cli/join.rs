@@ -59,9 +59,11 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
     let mut signals = Signals::install()?;
     // A detached entry outlives this command, so by default it belongs to
     // whoever ran it: the shell or script, which `presence` is a child of.
-    let pid = args
-        .pid
-        .or_else(|| args.detach.then(std::os::unix::process::parent_id));
+    let pid = match (args.pid, args.detach) {
+        (Some(pid), _) => Some(pid),
+        (None, true) => Some(super::invoking_process()?),
+        (None, false) => None,
+    };
     let process_exit = exit_of(pid)?;
 
     // A signal before the entry exists cancels the join: a daemon that is

@@ -4,7 +4,7 @@
 use clap::Args;
 
 use super::{EntryArgs, Target, failed_changing, parse_name};
-use crate::protocol::UntrackRequest;
+use crate::protocol::{UntrackReply, UntrackRequest};
 
 #[derive(Debug, Args)]
 pub struct LeaveArgs {
@@ -15,6 +15,11 @@ pub struct LeaveArgs {
     #[command(flatten)]
     pub entry: EntryArgs,
 
+    /// Remove every entry of yours with the key, whichever process it
+    /// belongs to
+    #[arg(long, conflicts_with_all = ["phx_ref", "pid"])]
+    pub all: bool,
+
     /// Print the daemon's untrack reply as JSON
     #[arg(long)]
     pub json: bool,
@@ -22,35 +27,41 @@ pub struct LeaveArgs {
 
 pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
     let (client, _events) = target.connect().await?;
-    // The daemon takes a ref over a key; send only the one meant.
-    let (phx_ref, key) = match &args.entry.phx_ref {
-        Some(phx_ref) => (Some(phx_ref.clone()), None),
-        None => (None, Some(args.entry.key_or_login())),
-    };
-    let named = match (&phx_ref, &key) {
-        (Some(phx_ref), _) => format!("ref {phx_ref}"),
-        (None, key) => format!("key {}", key.as_deref().unwrap_or_default()),
-    };
-    let reply = client
-        .untrack(UntrackRequest {
+    let doing = format!("could not leave {}", args.topic);
+    let untrack = async |phx_ref: Option<String>, key: Option<String>| {
+        let request = UntrackRequest {
             topic: args.topic.clone(),
             phx_ref,
             key,
-        })
-        .await
-        .map_err(|e| failed_changing(&format!("could not leave {}", args.topic), e))?;
-    if args.json {
-        say!("{}", serde_json::to_string(&reply)?);
-    } else if reply.removed == 0 {
-        // Nothing to remove is the state leave is for: not an error.
-        say!("nothing to leave on {} ({named})", args.topic);
-    } else {
-        let entries = if reply.removed == 1 {
-            "entry"
-        } else {
-            "entries"
         };
-        say!("left {} ({} {entries})", args.topic, reply.removed);
+        client
+            .untrack(request)
+            .await
+            .map_err(|e| failed_changing(&doing, e))
+    };
+
+    let (removed, named, hint) = if args.all {
+        // The daemon's own rule: every entry with the key that we may change.
+        let key = args.entry.key_or_login();
+        let reply = untrack(None, Some(key.clone())).await?;
+        (reply.removed, format!("key {key}"), String::new())
+    } else {
+        let selection = args.entry.resolve(&client, &args.topic, &doing).await?;
+        let mut removed = 0;
+        for phx_ref in &selection.refs {
+            removed += untrack(Some(phx_ref.clone()), None).await?.removed;
+        }
+        (removed, args.entry.describe(), selection.hint())
+    };
+
+    if args.json {
+        say!("{}", serde_json::to_string(&UntrackReply { removed })?);
+    } else if removed == 0 {
+        // Nothing to remove is the state leave is for: not an error.
+        say!("nothing to leave on {} ({named}){hint}", args.topic);
+    } else {
+        let entries = if removed == 1 { "entry" } else { "entries" };
+        say!("left {} ({removed} {entries})", args.topic);
     }
     Ok(())
 }

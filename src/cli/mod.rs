@@ -476,22 +476,113 @@ fn parse_meta(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, 
 }
 
 /// Which of your entries a command acts on: one by ref, or those with a
-/// key (by default your login name, as `join` uses).
+/// key (by default your login name, as `join` uses) that belong to one
+/// process (by default the one that ran `presence`, as for `join --detach`).
+/// Scoping by process keeps `presence leave T` in one shell from removing
+/// the entry another shell left with the same key.
 #[derive(Debug, Args)]
 pub struct EntryArgs {
     /// The entry's ref, as `join --detach` printed it
-    #[arg(long = "ref", value_name = "REF", value_parser = parse_name, conflicts_with = "key")]
+    #[arg(long = "ref", value_name = "REF", value_parser = parse_name, conflicts_with_all = ["key", "pid"])]
     pub phx_ref: Option<String>,
 
-    /// The entries' key [default: your login name]
+    /// The entry's key [default: your login name]
     #[arg(long, value_parser = parse_name)]
     pub key: Option<String>,
+
+    /// The process the entry belongs to [default: the one that ran
+    /// presence, as for `join --detach`]
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 impl EntryArgs {
     /// The key meant when no ref is given.
     pub fn key_or_login(&self) -> String {
         self.key.clone().unwrap_or_else(login_name)
+    }
+
+    /// The refs of the entries meant on `topic`: the one given by `--ref`,
+    /// or yours with the key that belong to the process. None is not an
+    /// error here; the caller says what that means for it.
+    pub async fn resolve(
+        &self,
+        client: &Client,
+        topic: &str,
+        doing: &str,
+    ) -> anyhow::Result<Selection> {
+        if let Some(phx_ref) = &self.phx_ref {
+            return Ok(Selection {
+                refs: vec![phx_ref.clone()],
+                elsewhere: Vec::new(),
+            });
+        }
+        let pid = match self.pid {
+            Some(pid) => pid,
+            None => invoking_process()?,
+        };
+        let uid = crate::sys::current_uid();
+        let key = self.key_or_login();
+        let metas = client
+            .get_by_key(topic, &key)
+            .await
+            .map_err(|e| failed(doing, e))?;
+        let (refs, elsewhere) = metas
+            .into_iter()
+            .filter(|meta| meta.uid == uid)
+            .partition::<Vec<_>, _>(|meta| meta.pid == pid);
+        Ok(Selection {
+            refs: refs.into_iter().map(|meta| meta.phx_ref).collect(),
+            elsewhere: elsewhere
+                .into_iter()
+                .map(|meta| format!("{} (pid {})", meta.phx_ref, meta.pid))
+                .collect(),
+        })
+    }
+
+    /// What was asked for, for messages: `ref p3` or `key bob of pid 42`.
+    pub fn describe(&self) -> String {
+        match (&self.phx_ref, self.pid) {
+            (Some(phx_ref), _) => format!("ref {phx_ref}"),
+            (None, Some(pid)) => format!("key {} of pid {pid}", self.key_or_login()),
+            (None, None) => format!("key {} of the calling process", self.key_or_login()),
+        }
+    }
+}
+
+/// The entries [`EntryArgs::resolve`] found.
+pub struct Selection {
+    /// The refs meant.
+    pub refs: Vec<String>,
+    /// Your entries with the key that belong to other processes, as
+    /// `REF (pid PID)`: a hint when `refs` is not what was expected.
+    pub elsewhere: Vec<String>,
+}
+
+impl Selection {
+    /// A hint naming your other entries with the key, or nothing.
+    pub fn hint(&self) -> String {
+        if self.elsewhere.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; yours with that key elsewhere: {} (name one with --ref or --pid)",
+                self.elsewhere.join(", ")
+            )
+        }
+    }
+}
+
+/// The process that ran `presence`: the shell, script or editor a detached
+/// entry belongs to. Refused when that is init (we were orphaned, or
+/// started by a service manager), whose entry would never go away.
+pub fn invoking_process() -> anyhow::Result<u32> {
+    match std::os::unix::process::parent_id() {
+        0 | 1 => anyhow::bail!(
+            "presence was not started by a shell or script (its parent is init), so there is \
+             no process to leave the entry to; name one with --pid"
+        ),
+        pid => Ok(pid),
     }
 }
 

@@ -3,8 +3,7 @@
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{EntryArgs, Target, failed, failed_changing, parse_meta, parse_name};
-use crate::client::Client;
+use super::{EntryArgs, Target, failed_changing, parse_meta, parse_name};
 use crate::protocol::UpdateRequest;
 
 #[derive(Debug, Args)]
@@ -28,9 +27,21 @@ pub struct UpdateArgs {
 pub async fn run(target: &Target, args: UpdateArgs) -> anyhow::Result<()> {
     let (client, _events) = target.connect().await?;
     let doing = format!("could not update {}", args.topic);
-    let phx_ref = match &args.entry.phx_ref {
-        Some(phx_ref) => phx_ref.clone(),
-        None => ref_of_key(&client, &args.topic, &args.entry.key_or_login(), &doing).await?,
+    let selection = args.entry.resolve(&client, &args.topic, &doing).await?;
+    let phx_ref = match selection.refs.as_slice() {
+        [phx_ref] => phx_ref.clone(),
+        [] => anyhow::bail!(
+            "{doing}: you have no entry there with {}{}; `presence list {}` shows who is there",
+            args.entry.describe(),
+            selection.hint(),
+            args.topic
+        ),
+        several => anyhow::bail!(
+            "{doing}: you have {} entries there with {} ({}); name one with --ref",
+            several.len(),
+            args.entry.describe(),
+            several.join(", ")
+        ),
     };
     let reply = client
         .update(UpdateRequest {
@@ -52,36 +63,4 @@ pub async fn run(target: &Target, args: UpdateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The ref of your one entry with `key` on `topic`. The daemon updates by
-/// key only the entries of the asking connection, and a command's
-/// connection is new, so the entry is looked up first.
-async fn ref_of_key(
-    client: &Client,
-    topic: &str,
-    key: &str,
-    doing: &str,
-) -> anyhow::Result<String> {
-    let uid = crate::sys::current_uid();
-    let metas = client
-        .get_by_key(topic, key)
-        .await
-        .map_err(|e| failed(doing, e))?;
-    let refs: Vec<String> = metas
-        .into_iter()
-        .filter(|meta| meta.uid == uid)
-        .map(|meta| meta.phx_ref)
-        .collect();
-    match refs.as_slice() {
-        [phx_ref] => Ok(phx_ref.clone()),
-        [] => anyhow::bail!(
-            "{doing}: you have no entry with key {key} there; `presence list {topic}` shows who has"
-        ),
-        several => anyhow::bail!(
-            "{doing}: you have {} entries with key {key} there ({}); name one with --ref",
-            several.len(),
-            several.join(", ")
-        ),
-    }
 }
