@@ -89,7 +89,7 @@ _presence() {
 
     case "${cmd}" in
         presence)
-            opts="-h -V --socket --no-autostart --color --log-level --help --version join leave update list watch status log daemon raw completions help"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update list watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -115,7 +115,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__completions)
-            opts="-h -V --socket --no-autostart --color --log-level --help --version bash elvish fish powershell zsh"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -141,7 +141,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__daemon)
-            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-outbound --history-days --history-events --ready-on-stdout --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-outbound --history-days --history-events --group --ready-on-stdout --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -192,6 +192,10 @@ _presence() {
                     return 0
                     ;;
                 --history-events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -383,7 +387,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__join)
-            opts="-h -V --key --meta --pid --detach --wait-owner --timeout --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --key --meta --pid --detach --wait-owner --timeout --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -425,7 +429,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__leave)
-            opts="-h -V --ref --key --pid --all --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --ref --key --pid --all --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -463,7 +467,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__list)
-            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -489,7 +493,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__log)
-            opts="-h -V --since --limit --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --since --limit --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -523,7 +527,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__raw)
-            opts="-h -V --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -549,7 +553,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__status)
-            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -575,7 +579,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__update)
-            opts="-h -V --ref --key --pid --meta --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --ref --key --pid --meta --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -617,7 +621,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__watch)
-            opts="-h -V --json --socket --no-autostart --color --log-level --help --version"
+            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_presence_global_optspecs
-    string join \n socket= no-autostart color= log-level= h/help V/version
+    string join \n socket= no-autostart system color= log-level= h/help V/version
 end
 
 function __fish_presence_needs_command
@@ -30,6 +30,7 @@ always\t''
 never\t''"
 complete -c presence -n "__fish_presence_needs_command" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_needs_command" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_needs_command" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_needs_command" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_needs_command" -f -a "join" -d 'Join a topic: hold a presence, or leave one behind with --detach'
@@ -56,6 +57,7 @@ complete -c presence -n "__fish_presence_using_subcommand join" -l detach -d 'Le
 complete -c presence -n "__fish_presence_using_subcommand join" -l wait-owner -d 'Wait until the entry is the owner, as flock(1) waits for a lock'
 complete -c presence -n "__fish_presence_using_subcommand join" -l json -d 'Print the track reply and every event as JSON lines'
 complete -c presence -n "__fish_presence_using_subcommand join" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand join" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand join" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand join" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l ref -d 'The entry\'s ref, as `join --detach` printed it' -r
@@ -69,6 +71,7 @@ complete -c presence -n "__fish_presence_using_subcommand leave" -l log-level -d
 complete -c presence -n "__fish_presence_using_subcommand leave" -l all -d 'Remove every entry of yours with the key, whichever process it belongs to'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l json -d 'Print the daemon\'s untrack reply as JSON'
 complete -c presence -n "__fish_presence_using_subcommand leave" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand leave" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand leave" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand leave" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand update" -l ref -d 'The entry\'s ref, as `join --detach` printed it' -r
@@ -82,6 +85,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand update" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand update" -l json -d 'Print the daemon\'s update reply as JSON'
 complete -c presence -n "__fish_presence_using_subcommand update" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand update" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand update" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand update" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand list" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -91,6 +95,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand list" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand list" -l json -d 'Print the daemon\'s `list` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand list" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand list" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand list" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -100,6 +105,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand watch" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand watch" -l json -d 'Print the daemon\'s events as JSON lines'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand watch" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand watch" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand watch" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand status" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -109,6 +115,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand status" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand status" -l json -d 'Print the daemon\'s `status` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand status" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand status" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand status" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand log" -l since -d 'Only what happened this long ago or later: `90s`, `15m`, `1h`, `2d`' -r
@@ -120,6 +127,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand log" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand log" -l json -d 'Print the daemon\'s `history` reply fields as JSON'
 complete -c presence -n "__fish_presence_using_subcommand log" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand log" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand log" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand log" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l db -d 'The SQLite database [default: $XDG_STATE_HOME/presenced/presence.db, else ~/.local/state/presenced/presence.db]' -r -F
@@ -134,6 +142,7 @@ complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-connect
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outbound -d 'Bytes queued for a slow reader before its diffs are dropped for a fresh state' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-days -d 'Days of history kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-events -d 'Most history events kept for `presence log`' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l group -d 'Let the members of GROUP connect too (socket 0660, folder 0750) [default: with --system, presence; else nobody]' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''
@@ -141,6 +150,7 @@ never\t''"
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l ready-on-stdout -d 'Print `ready` on stdout once listening (for whoever started us)'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand raw" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -149,6 +159,7 @@ always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand raw" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand raw" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand raw" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand raw" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand raw" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand completions" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -157,6 +168,7 @@ always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand completions" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand completions" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand completions" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update list watch status log daemon raw completions help" -f -a "join" -d 'Join a topic: hold a presence, or leave one behind with --detach'

@@ -3,10 +3,56 @@
 
 use std::fs::DirBuilder;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys::current_uid;
+
+/// The system-wide daemon's socket (`presence --system`), shared by the
+/// members of [`SYSTEM_GROUP`].
+pub const SYSTEM_SOCKET: &str = "/run/presenced/presenced.sock";
+/// The system-wide daemon's database.
+pub const SYSTEM_DB: &str = "/var/lib/presenced/presence.db";
+/// The group whose members may use the system-wide daemon.
+pub const SYSTEM_GROUP: &str = "presence";
+
+/// Who may connect to a daemon's socket besides its own user (and root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAccess {
+    /// Nobody: the socket is 0600 in a 0700 folder.
+    Owner,
+    /// The members of one group too: the socket is 0660 and its folder lets
+    /// the group in (0750), as in system-wide mode.
+    Group { gid: u32, name: String },
+}
+
+impl SocketAccess {
+    /// Access for the members of the group called `name`, which must exist.
+    pub fn group(name: &str) -> io::Result<SocketAccess> {
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(SocketAccess::Group {
+                gid: group.gid.as_raw(),
+                name: name.to_owned(),
+            }),
+            Ok(None) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "there is no group `{name}`; create it with `groupadd --system {name}` and \
+                     add the users who share topics to it"
+                ),
+            )),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    /// The socket file's mode.
+    pub fn socket_mode(&self) -> u32 {
+        match self {
+            SocketAccess::Owner => 0o600,
+            SocketAccess::Group { .. } => 0o660,
+        }
+    }
+}
 
 /// `$XDG_RUNTIME_DIR/presenced/presenced.sock`, or
 /// `/tmp/presenced-$UID/presenced.sock` without a runtime dir.
@@ -76,10 +122,13 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// [`ensure_private_dir`] for the folder of a socket, which is stricter:
 /// whoever can write to it could put their own socket in our daemon's
 /// place. The folder may not be a symbolic link, and the shared-`/tmp`
-/// fallback must be exactly 0700.
-pub fn ensure_socket_dir(dir: &Path) -> io::Result<()> {
+/// fallback must be exactly 0700. With [`SocketAccess::Group`], a folder
+/// made here is 0750 and the group's, and an existing one must let the
+/// group in; an existing folder is never changed, since it may be `/run`.
+pub fn ensure_socket_dir(dir: &Path, access: &SocketAccess) -> io::Result<()> {
+    let existed = dir.exists();
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
+    let mut meta = std::fs::symlink_metadata(dir)?;
     if meta.file_type().is_symlink() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -87,7 +136,28 @@ pub fn ensure_socket_dir(dir: &Path) -> io::Result<()> {
         ));
     }
     let in_shared_tmp = dir == tmp_socket_dir();
-    check_dir(dir, &meta, if in_shared_tmp { 0o077 } else { 0o022 })
+    check_dir(dir, &meta, if in_shared_tmp { 0o077 } else { 0o022 })?;
+    if let SocketAccess::Group { gid, name } = access {
+        if !existed {
+            std::os::unix::fs::chown(dir, None, Some(*gid))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+            meta = std::fs::symlink_metadata(dir)?;
+        }
+        let group_may_enter =
+            (meta.gid() == *gid && meta.mode() & 0o010 != 0) || meta.mode() & 0o001 != 0;
+        if !group_may_enter {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the group `{name}` cannot reach {} (mode {:o}); `chgrp {name}` it and \
+                     `chmod 750` it",
+                    dir.display(),
+                    meta.mode() & 0o777
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a folder another user owns or with any of `forbidden_mode` set.
@@ -132,7 +202,6 @@ pub fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_new_folder_is_created_private() {
@@ -158,8 +227,8 @@ mod tests {
         ensure_private_dir(&real).unwrap();
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        assert!(ensure_socket_dir(&real).is_ok());
-        let err = ensure_socket_dir(&link).unwrap_err();
+        assert!(ensure_socket_dir(&real, &SocketAccess::Owner).is_ok());
+        let err = ensure_socket_dir(&link, &SocketAccess::Owner).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
     }
 

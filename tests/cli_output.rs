@@ -85,7 +85,16 @@ async fn watch_shows_an_update_with_its_new_meta() {
     );
     let updated = output(
         &daemon,
-        &["update", "doc", "--key", "k", "--meta", r#"{"line":7}"#],
+        &[
+            "update",
+            "doc",
+            "--key",
+            "k",
+            "--pid",
+            &pid,
+            "--meta",
+            r#"{"line":7}"#,
+        ],
     )
     .await;
     assert_eq!(updated.status.code(), Some(0), "{updated:?}");
@@ -118,6 +127,8 @@ async fn list_groups_topics_by_name_with_the_owner_first() {
             "wiki",
             "--key",
             "dave",
+            "--pid",
+            &pid,
             "--meta",
             r#"{"file":"w.md"}"#,
         ],

@@ -78,6 +78,18 @@ pub const ENVIRONMENT: &[Item] = &[
                to the journal, with their levels as priorities, instead of as lines.",
     },
     Item {
+        name: "LISTEN_FDS, LISTEN_PID",
+        text: "Set by systemd for socket activation. The daemon serves the one socket \
+               passed in, whatever --socket says, and leaves it to systemd: it never \
+               removes or replaces it.",
+    },
+    Item {
+        name: "NOTIFY_SOCKET",
+        text: "Set by systemd for a Type=notify service. The daemon sends READY=1 once \
+               its database is loaded and its socket serves, and STOPPING=1 when it \
+               begins to stop.",
+    },
+    Item {
         name: "NO_COLOR",
         text: "Any value but the empty one turns colour off (no-color.org). Colour is \
                only used when standard output is a terminal, unless --color says otherwise.",
@@ -113,6 +125,14 @@ pub const FILES: &[Item] = &[
     Item {
         name: "daemon.log",
         text: "Beside the database: the log of a daemon started on demand.",
+    },
+    Item {
+        name: "/run/presenced/presenced.sock",
+        text: "The system-wide daemon's socket (--system): mode 0660, group presence.",
+    },
+    Item {
+        name: "/var/lib/presenced/presence.db",
+        text: "The system-wide daemon's database.",
     },
 ];
 
@@ -275,7 +295,19 @@ If a commit fails (a full disk), the requests of that batch get an
 `internal` error, nothing of it is shown, and the daemon keeps serving;
 departures are saved once the disk takes writes again. A database file
 that is not readable is moved aside to DB.corrupt-<unix time> and a new
-one is started.";
+one is started.
+
+Under systemd (contrib/systemd has the units), the daemon is a Type=notify
+service: it reports ready once it serves. With socket activation it serves
+the socket systemd passes in and leaves that socket in place when it
+stops, so systemd can start it again on the next connection.
+
+With --system it is the machine's daemon: socket
+/run/presenced/presenced.sock, mode 0660 and group presence, so that every
+member of that group (and root) can connect, each known by their own uid;
+database /var/lib/presenced/presence.db. --group shares any socket with
+another group the same way. Clients reach it with `presence --system`,
+and never start it themselves.";
 
 const PRESENCE_DETAILS: &str = "\
 Editors, plugins and scripts join a topic: one per file, or one per form
@@ -337,9 +369,13 @@ pub const PAGES: &[Page] = &[
                 what: "Give clients a minute to come back after a restart:",
                 run: "presence daemon --resume-grace 60",
             },
+            Example {
+                what: "Start it with your session, on the first connection:",
+                run: "cp contrib/systemd/user/presenced.* ~/.config/systemd/user/\nsystemctl --user enable --now presenced.socket",
+            },
         ],
         exit_status: &[],
-        see_also: &["presence-status(1)"],
+        see_also: &["presence-status(1)", "systemd.socket(5)", "sd_notify(3)"],
     },
     Page {
         name: "join",

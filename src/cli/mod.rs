@@ -57,6 +57,12 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub no_autostart: bool,
 
+    /// Use the system-wide daemon that the members of the group `presence`
+    /// share: socket /run/presenced/presenced.sock, database in
+    /// /var/lib/presenced. systemd starts it; clients never do
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub system: bool,
+
     /// When to colour the output
     #[arg(
         long,
@@ -156,6 +162,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "EVENTS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..), help_heading = "History")]
     pub history_events: u64,
 
+    /// Let the members of GROUP connect too (socket 0660, folder 0750)
+    /// [default: with --system, presence; else nobody]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Print `ready` on stdout once listening (for whoever started us)
     #[arg(long, hide = true)]
     pub ready_on_stdout: bool,
@@ -232,20 +243,24 @@ fn ignore_empty_env(command: clap::Command) -> clap::Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(crate::paths::default_socket);
+    let socket = match (&cli.socket, cli.system) {
+        (Some(socket), _) => socket.clone(),
+        (None, true) => PathBuf::from(crate::paths::SYSTEM_SOCKET),
+        (None, false) => crate::paths::default_socket(),
+    };
     // The daemon runs without the client runtime: it builds its own.
     if let Command::Daemon(args) = cli.command {
-        return crate::daemon::run(daemon_config(socket, args)).map(|()| Outcome::Done);
+        let config = daemon_config(socket, cli.system, args);
+        return crate::daemon::run(config).map(|()| Outcome::Done);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let target = Target {
         socket,
-        autostart: !cli.no_autostart,
+        // The system-wide daemon is systemd's to start, as root.
+        autostart: !cli.no_autostart && !cli.system,
+        system: cli.system,
     };
     let done = |result: anyhow::Result<()>| result.map(|()| Outcome::Done);
     runtime.block_on(async move {
@@ -264,10 +279,18 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     })
 }
 
-fn daemon_config(socket: PathBuf, args: DaemonArgs) -> crate::daemon::DaemonConfig {
+fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daemon::DaemonConfig {
+    use crate::paths::{SYSTEM_DB, SYSTEM_GROUP};
+    let group = args.group.or(system.then(|| SYSTEM_GROUP.to_owned()));
+    let db = match (args.db, system) {
+        (Some(db), _) => db,
+        (None, true) => PathBuf::from(SYSTEM_DB),
+        (None, false) => crate::paths::default_db(),
+    };
     crate::daemon::DaemonConfig {
         socket,
-        db: args.db.unwrap_or_else(crate::paths::default_db),
+        group,
+        db,
         limits: Limits {
             max_line_bytes: args.max_line,
             max_name_bytes: args.max_name,
@@ -310,6 +333,8 @@ pub fn seconds_up_to(max_seconds: f64) -> impl Fn(&str) -> Result<Duration, Stri
 pub struct Target {
     pub socket: PathBuf,
     pub autostart: bool,
+    /// The system-wide daemon, which only systemd starts.
+    pub system: bool,
 }
 
 impl Target {
@@ -353,10 +378,11 @@ impl Target {
     pub async fn connect_running(&self) -> anyhow::Result<(Client, Events)> {
         match Client::connect(&self.socket).await {
             Err(ClientError::NoDaemon { socket, source })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
+                if !self.system
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
             {
                 anyhow::bail!(
                     "no daemon is running at {}; `presence daemon` starts one, and so does any \
@@ -372,6 +398,17 @@ impl Target {
     fn explain(&self, error: ClientError) -> anyhow::Error {
         match error {
             ClientError::NoDaemon { socket, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied && self.system =>
+            {
+                anyhow::anyhow!(
+                    "cannot connect to {}: permission denied; the system-wide daemon serves the \
+                     members of the group `{}` (`usermod -aG {} USER`, then log in again)",
+                    socket.display(),
+                    crate::paths::SYSTEM_GROUP,
+                    crate::paths::SYSTEM_GROUP
+                )
+            }
+            ClientError::NoDaemon { socket, source }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
                 anyhow::anyhow!(
@@ -380,6 +417,11 @@ impl Target {
                     socket.display()
                 )
             }
+            ClientError::NoDaemon { socket, .. } if self.system => anyhow::anyhow!(
+                "no system-wide daemon is answering at {}; an administrator starts it with \
+                 `systemctl enable --now presenced.socket`",
+                socket.display()
+            ),
             ClientError::NoDaemon { .. } if !self.autostart => {
                 anyhow::anyhow!("{error}; start one with `presence daemon` or drop --no-autostart")
             }

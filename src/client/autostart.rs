@@ -42,7 +42,8 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     // The daemon runs from `/`, so it is given absolute paths.
     let socket = &std::path::absolute(socket).map_err(|e| failed("socket path", &e))?;
     let dir = paths::parent_dir(socket);
-    paths::ensure_socket_dir(dir).map_err(|e| failed("socket folder", &e))?;
+    paths::ensure_socket_dir(dir, &paths::SocketAccess::Owner)
+        .map_err(|e| failed("socket folder", &e))?;
 
     let lock_path = paths::autostart_lock(socket);
     let lock = OpenOptions::new()

@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,8 +28,9 @@ use interprocess::os::unix::uds_local_socket::tokio::{Listener, Stream};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+use super::systemd::PassedSocket;
 use crate::folder_watch::{FolderWatch, next_change};
-use crate::paths;
+use crate::paths::{self, SocketAccess};
 use crate::protocol::{ErrorBody, ErrorCode, Reply};
 use crate::sys::{self, PidLock};
 
@@ -69,19 +71,28 @@ fn inspect(path: &Path) -> io::Result<AtPath> {
     }
 }
 
-/// The socket path, held for this daemon by an exclusive lock.
+/// The socket, held for this daemon: a path it binds itself under an
+/// exclusive lock, or the socket systemd made and passed in.
 pub struct Claimed {
     socket: PathBuf,
-    /// Held open for the daemon's lifetime; the lock goes with the process.
-    lock: File,
+    kind: ClaimKind,
+}
+
+enum ClaimKind {
+    /// Ours to bind, keep and remove. The lock is held open for the
+    /// daemon's lifetime; it goes with the process.
+    Path { lock: File, access: SocketAccess },
+    /// systemd's: it made the socket, chose its mode, and removes it. Its
+    /// path is never unlinked, rebound or watched here.
+    Systemd(OwnedFd),
 }
 
 /// Takes the socket path for this daemon: checks the folder, takes the
 /// daemon lock (a second daemon stops here, with the first one's pid), and
 /// clears a stale socket file left by a daemon that died.
-pub async fn claim(socket: &Path) -> anyhow::Result<Claimed> {
+pub async fn claim(socket: &Path, access: &SocketAccess) -> anyhow::Result<Claimed> {
     let dir = paths::parent_dir(socket);
-    paths::ensure_socket_dir(dir)
+    paths::ensure_socket_dir(dir, access)
         .with_context(|| format!("refusing the socket folder {}", dir.display()))?;
 
     let lock_path = paths::daemon_lock(socket);
@@ -120,8 +131,21 @@ pub async fn claim(socket: &Path) -> anyhow::Result<Claimed> {
     }
     Ok(Claimed {
         socket: socket.to_owned(),
-        lock,
+        kind: ClaimKind::Path {
+            lock,
+            access: access.clone(),
+        },
     })
+}
+
+/// Takes the socket systemd passed in. There is no lock to take: systemd
+/// starts one service per socket, and a daemon started by hand at the
+/// same path finds it answering and stops.
+pub fn claim_passed(passed: PassedSocket) -> Claimed {
+    Claimed {
+        socket: passed.path,
+        kind: ClaimKind::Systemd(passed.listener),
+    }
 }
 
 /// Whether something listens on the socket at `socket`. It never blocks:
@@ -155,24 +179,45 @@ fn remove_stale(socket: &Path, probed: Identity) -> anyhow::Result<()> {
 }
 
 impl Claimed {
-    /// Binds the socket, mode 0600, and starts keeping the path. The socket
-    /// file is removed when the returned [`Serving`] is dropped, if it is
-    /// still ours.
+    /// The socket's path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Listens: binds our socket (mode 0600, or 0660 for a group) and
+    /// starts keeping its path, or takes systemd's as it is.
     pub fn listen(self) -> anyhow::Result<Serving> {
-        let bound = bind(&self.socket)?;
-        Ok(Serving {
-            socket: self.socket,
-            bound,
-            lock: self.lock,
-            watch: None,
-            use_notify: true,
-            // The first check starts the watch, and finds anything that
-            // changed before it did.
-            next_check: Some(Instant::now()),
-            retry: RETRY_FIRST,
-            setback: None,
-            said_polling: false,
-        })
+        match self.kind {
+            ClaimKind::Path { lock, access } => {
+                let bound = bind(&self.socket, &access)?;
+                Ok(Serving {
+                    kept: Some(KeptPath {
+                        socket: self.socket,
+                        access,
+                        identity: bound.identity,
+                        lock,
+                        watch: None,
+                        use_notify: true,
+                        // The first check starts the watch, and finds
+                        // anything that changed before it did.
+                        next_check: Some(Instant::now()),
+                        retry: RETRY_FIRST,
+                        setback: None,
+                        said_polling: false,
+                    }),
+                    listener: bound.listener,
+                })
+            }
+            ClaimKind::Systemd(listener) => Ok(Serving {
+                kept: None,
+                listener: Listener::try_from(listener).with_context(|| {
+                    format!(
+                        "serving the socket systemd passed ({})",
+                        self.socket.display()
+                    )
+                })?,
+            }),
+        }
     }
 }
 
@@ -182,8 +227,9 @@ struct Bound {
     identity: Identity,
 }
 
-/// Binds a new socket at `socket`, mode 0600. Never replaces a file.
-fn bind(socket: &Path) -> anyhow::Result<Bound> {
+/// Binds a new socket at `socket`, 0600 or, shared with a group, 0660.
+/// Never replaces a file.
+fn bind(socket: &Path, access: &SocketAccess) -> anyhow::Result<Bound> {
     let name = socket
         .to_fs_name::<GenericFilePath>()
         .with_context(|| format!("invalid socket path {}", socket.display()))?;
@@ -191,14 +237,22 @@ fn bind(socket: &Path) -> anyhow::Result<Bound> {
         .name(name)
         .mode(0o600)
         // Removal is ours to do, and only of the file we bound: see Drop
-        // for Serving.
+        // for KeptPath.
         .reclaim_name(false)
         .create_tokio_as::<Listener>()
         .with_context(|| format!("listening on {}", socket.display()))?;
-    // Belt and braces: the mode is set before bind, but say it again in
-    // case the platform ignored it.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", socket.display()))?;
+    // The group is given the socket before the mode lets it in, so that no
+    // other group is ever let in. The mode is set again in case the
+    // platform ignored it at bind.
+    if let SocketAccess::Group { gid, .. } = access {
+        std::os::unix::fs::chown(socket, None, Some(*gid))
+            .with_context(|| format!("giving {} to its group", socket.display()))?;
+    }
+    std::fs::set_permissions(
+        socket,
+        std::fs::Permissions::from_mode(access.socket_mode()),
+    )
+    .with_context(|| format!("setting the mode of {}", socket.display()))?;
     let made = std::fs::symlink_metadata(socket)
         .with_context(|| format!("inspecting {}", socket.display()))?;
     Ok(Bound {
@@ -207,12 +261,22 @@ fn bind(socket: &Path) -> anyhow::Result<Bound> {
     })
 }
 
-/// The listening socket, with the lock that makes it this daemon's, and
-/// the watch that puts it back when it is deleted.
+/// The listening socket and, for a socket of our own, what keeps its path.
 pub struct Serving {
+    /// Declared first so that it drops first: the socket file goes while
+    /// the listener still answers, never the other way round.
+    kept: Option<KeptPath>,
+    /// The socket bound last.
+    listener: Listener,
+}
+
+/// The path of a socket this daemon bound, with the lock that makes it this
+/// daemon's and the watch that puts it back when it is deleted.
+struct KeptPath {
     socket: PathBuf,
-    /// The socket bound last; the one removed on exit.
-    bound: Bound,
+    access: SocketAccess,
+    /// The socket file bound last; the one removed on exit.
+    identity: Identity,
     /// Held open for the daemon's lifetime; taken again if its file goes.
     lock: File,
     /// `None` before the first check and whenever the folder cannot be
@@ -249,19 +313,47 @@ impl Setback {
 }
 
 impl Serving {
-    /// The next connection. Meanwhile, keeps the socket path. Cancel-safe:
-    /// an interrupted check is still due, and runs again on the next call.
+    /// The next connection. Meanwhile, keeps the socket path if it is ours.
+    /// Cancel-safe: an interrupted check is still due, and runs again on
+    /// the next call.
     pub async fn accept(&mut self) -> io::Result<Stream> {
         loop {
-            let due = self.next_check;
+            let Some(kept) = self.kept.as_mut() else {
+                return self.listener.accept().await;
+            };
+            let due = kept.next_check;
             tokio::select! {
-                accepted = self.bound.listener.accept() => return accepted,
-                alive = next_change(self.watch.as_mut().map(|w| &mut w.watch)) => self.on_change(alive),
-                () = until(due) => self.check().await,
+                accepted = self.listener.accept() => return accepted,
+                alive = next_change(kept.watch.as_mut().map(|w| &mut w.watch)) => kept.on_change(alive),
+                () = until(due) => {
+                    if let Some(rebound) = kept.check().await {
+                        // The old listener goes without touching the path,
+                        // which names the new socket now.
+                        self.listener = rebound;
+                    }
+                }
             }
         }
     }
 
+    /// Stops taking connections before shutting down: our socket file goes
+    /// now, so a client reconnecting during the shutdown finds no socket
+    /// rather than a backlog nobody will serve. The returned lock keeps
+    /// the path claimed until the daemon is gone (a duplicate descriptor
+    /// holds the same flock). systemd's socket stays: systemd queues what
+    /// arrives and starts the next daemon.
+    pub fn stop_listening(self) -> io::Result<Option<File>> {
+        let lock = self
+            .kept
+            .as_ref()
+            .map(|kept| kept.lock.try_clone())
+            .transpose()?;
+        drop(self);
+        Ok(lock)
+    }
+}
+
+impl KeptPath {
     /// Something changed in the folder (or, `alive == false`, the watch
     /// ended): look soon, once the change has settled.
     fn on_change(&mut self, alive: bool) {
@@ -282,17 +374,25 @@ impl Serving {
         self.next_check = Some(self.next_check.map_or(at, |due| due.min(at)));
     }
 
-    /// Checks the path and puts back what is missing; schedules a retry
-    /// with backoff if that fails or something else is there.
-    async fn check(&mut self) {
-        match self.keep().await {
-            Ok(()) => self.recovered(),
-            Err(setback) => self.report(setback),
-        }
+    /// Checks the path and puts back what is missing, returning the new
+    /// listener if the socket was bound again; schedules a retry with
+    /// backoff if that fails or something else is there.
+    async fn check(&mut self) -> Option<Listener> {
+        let rebound = match self.keep().await {
+            Ok(rebound) => {
+                self.recovered();
+                rebound
+            }
+            Err(setback) => {
+                self.report(setback);
+                None
+            }
+        };
         // Fallback: without a watch nothing tells us about changes.
         if self.watch.is_none() {
             self.check_within(POLL_EVERY);
         }
+        rebound
     }
 
     fn recovered(&mut self) {
@@ -319,10 +419,11 @@ impl Serving {
     }
 
     /// Makes sure the folder, the lock and the socket at the path are
-    /// still ours, putting back whatever is missing.
-    async fn keep(&mut self) -> Result<(), Setback> {
+    /// still ours, putting back whatever is missing; a socket bound again
+    /// comes back as its listener.
+    async fn keep(&mut self) -> Result<Option<Listener>, Setback> {
         let dir = paths::parent_dir(&self.socket).to_owned();
-        paths::ensure_socket_dir(&dir)
+        paths::ensure_socket_dir(&dir, &self.access)
             .with_context(|| format!("keeping the socket folder {}", dir.display()))
             .map_err(Setback::Failed)?;
         self.keep_watching(&dir);
@@ -400,12 +501,12 @@ impl Serving {
 
     /// Binds the socket again if its file is gone or dead; leaves anything
     /// else at the path alone.
-    async fn keep_socket(&mut self) -> Result<(), Setback> {
+    async fn keep_socket(&mut self) -> Result<Option<Listener>, Setback> {
         let found = inspect(&self.socket)
             .with_context(|| format!("inspecting {}", self.socket.display()))
             .map_err(Setback::Failed)?;
         match found {
-            AtPath::Socket(found) if found == self.bound.identity => Ok(()),
+            AtPath::Socket(found) if found == self.identity => Ok(None),
             AtPath::Nothing => self.rebind("is gone"),
             AtPath::NotSocket => Err(Setback::Occupied(format!(
                 "{} was replaced by something that is not a socket; leaving it alone. \
@@ -432,29 +533,14 @@ impl Serving {
 
     /// Binds a new socket at the path; `what_happened` to the old one goes
     /// into the log.
-    fn rebind(&mut self, what_happened: &str) -> Result<(), Setback> {
-        let bound = bind(&self.socket).map_err(Setback::Failed)?;
-        // The old listener goes without touching the path, which names the
-        // new socket now.
-        self.bound = bound;
+    fn rebind(&mut self, what_happened: &str) -> Result<Option<Listener>, Setback> {
+        let bound = bind(&self.socket, &self.access).map_err(Setback::Failed)?;
+        self.identity = bound.identity;
         tracing::info!(
             "{} {what_happened}; listening on it again",
             self.socket.display()
         );
-        Ok(())
-    }
-}
-
-impl Serving {
-    /// Stops taking connections before shutting down: the socket file goes
-    /// now, so a client reconnecting during the shutdown finds no socket
-    /// rather than a backlog nobody will serve. The returned lock keeps
-    /// the path claimed until the daemon is gone (a duplicate descriptor
-    /// holds the same flock).
-    pub fn stop_listening(self) -> io::Result<File> {
-        let lock = self.lock.try_clone()?;
-        drop(self);
-        Ok(lock)
+        Ok(Some(bound.listener))
     }
 
     /// Removes the socket file, unless it is no longer the one we bound
@@ -462,7 +548,7 @@ impl Serving {
     /// stay.
     fn remove_socket(&self) {
         match inspect(&self.socket) {
-            Ok(AtPath::Socket(found)) if found == self.bound.identity => {
+            Ok(AtPath::Socket(found)) if found == self.identity => {
                 if let Err(e) = std::fs::remove_file(&self.socket) {
                     tracing::warn!("could not remove {}: {e}", self.socket.display());
                 }
@@ -476,7 +562,7 @@ impl Serving {
     }
 }
 
-impl Drop for Serving {
+impl Drop for KeptPath {
     /// The lock is still held here; it goes with the fields, after the
     /// socket file.
     fn drop(&mut self) {
@@ -546,27 +632,36 @@ mod tests {
 
     async fn serving(tmp: &tempfile::TempDir) -> (PathBuf, Serving) {
         let socket = tmp.path().join("run/test.sock");
-        let serving = claim(&socket).await.unwrap().listen().unwrap();
+        let serving = claim(&socket, &SocketAccess::Owner)
+            .await
+            .unwrap()
+            .listen()
+            .unwrap();
         (socket, serving)
+    }
+
+    fn kept(serving: &mut Serving) -> &mut KeptPath {
+        serving.kept.as_mut().expect("our own socket")
     }
 
     #[tokio::test]
     async fn with_a_watch_nothing_is_polled() {
         let tmp = tempfile::tempdir().unwrap();
         let (_socket, mut serving) = serving(&tmp).await;
-        serving.check().await;
-        assert!(serving.watch.is_some());
-        assert_eq!(serving.next_check, None);
+        let kept = kept(&mut serving);
+        assert!(kept.check().await.is_none(), "nothing to bind again");
+        assert!(kept.watch.is_some());
+        assert_eq!(kept.next_check, None);
     }
 
     #[tokio::test]
     async fn without_a_watch_a_deleted_socket_is_found_by_polling() {
         let tmp = tempfile::tempdir().unwrap();
         let (socket, mut serving) = serving(&tmp).await;
-        serving.use_notify = false;
-        serving.check().await;
-        assert!(serving.watch.is_none());
-        assert!(serving.next_check.is_some(), "a poll is due");
+        kept(&mut serving).use_notify = false;
+        assert!(kept(&mut serving).check().await.is_none());
+        assert!(kept(&mut serving).watch.is_none());
+        assert!(kept(&mut serving).next_check.is_some(), "a poll is due");
 
         std::fs::remove_file(&socket).unwrap();
         let server = tokio::spawn(async move {
@@ -582,10 +677,10 @@ mod tests {
         tokio::time::timeout(POLL_EVERY * 5, connect)
             .await
             .expect("the socket is bound again");
-        let (serving, accepted) = server.await.unwrap();
+        let (mut serving, accepted) = server.await.unwrap();
         assert!(accepted);
         let meta = std::fs::symlink_metadata(&socket).unwrap();
-        assert_eq!(identity(&meta), serving.bound.identity);
+        assert_eq!(identity(&meta), kept(&mut serving).identity);
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 }

@@ -7,6 +7,7 @@ mod connection;
 mod listener;
 mod outbound;
 mod pidwatch;
+mod systemd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::core::store::{Retention, Store};
 use crate::core::{Command, Core, DaemonInfo, Stopped};
+use crate::paths::SocketAccess;
 use crate::protocol::Limits;
 use connection::Shared;
 use pidwatch::PidWatcher;
@@ -25,7 +27,11 @@ use pidwatch::PidWatcher;
 /// Everything `presence daemon` is told.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// Where to listen, unless systemd passes a socket in.
     pub socket: PathBuf,
+    /// The group whose members may connect too, to a socket the daemon
+    /// binds itself; a socket systemd passes in has the group systemd gave.
+    pub group: Option<String>,
     pub db: PathBuf,
     pub limits: Limits,
     /// How long a connection entry restored at start waits to be resumed.
@@ -53,7 +59,26 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     // Everything the daemon creates (database, journal, locks, socket) is
     // for its user alone, whatever umask it inherited.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let claimed = listener::claim(&config.socket).await?;
+    let claimed = match systemd::passed_socket()? {
+        Some(passed) => {
+            if passed.path != config.socket {
+                tracing::info!(
+                    "serving the socket systemd passed, {}, rather than {}",
+                    passed.path.display(),
+                    config.socket.display()
+                );
+            }
+            listener::claim_passed(passed)
+        }
+        None => {
+            let access = match &config.group {
+                Some(name) => SocketAccess::group(name)?,
+                None => SocketAccess::Owner,
+            };
+            listener::claim(&config.socket, &access).await?
+        }
+    };
+    let socket = claimed.socket().to_owned();
 
     if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::paths::ensure_private_dir(dir)
@@ -68,7 +93,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let (core_tx, core_rx) = std::sync::mpsc::channel();
     let pids = PidWatcher::new(core_tx.clone());
     let info = DaemonInfo {
-        socket: config.socket.clone(),
+        socket: socket.clone(),
         started,
         pid_watch: pids.mode().to_owned(),
     };
@@ -93,9 +118,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
-        config.socket.display(),
+        socket.display(),
         config.db.display()
     );
+    // Only now: the database is loaded and the socket serves.
+    systemd::notify_ready(&format!("serving {}", socket.display()));
     if config.ready_on_stdout {
         // Whoever started us may have given up waiting; that is no reason
         // to fail.
@@ -151,6 +178,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     };
 
     tracing::info!("shutting down: {reason}");
+    systemd::notify_stopping(&format!("shutting down: {reason}"));
     // Clients told of the shutdown reconnect at once; they must find no
     // socket, not a backlog that will never be served.
     let _socket_claim = serving
