@@ -12,6 +12,7 @@ use crate::protocol::{ListRequest, Request, TopicPresences};
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only this topic
+    #[arg(value_parser = super::parse_name)]
     pub topic: Option<String>,
 
     /// Print the daemon's `list` reply fields as JSON

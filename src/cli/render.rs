@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ZonedDateTime};
 use serde_json::{Map, Value};
+use unicode_width::UnicodeWidthStr;
 
 use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing};
 use crate::sys::now_millis;
@@ -248,12 +249,14 @@ impl From<&str> for Cell {
 }
 
 /// Rows as left-aligned columns, under a header. Widths come from the
-/// text alone, so colour never shifts a column.
+/// text alone, so colour never shifts a column, and are counted in
+/// terminal columns: a topic named in Chinese or with an emoji takes two
+/// per character.
 pub fn table(header: &[&str], rows: &[Vec<Cell>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.text.chars().count());
+            *width = (*width).max(cell.text.width());
         }
     }
     let header: Vec<Cell> = header
@@ -270,7 +273,7 @@ pub fn table(header: &[&str], rows: &[Vec<Cell>]) -> String {
             line.push_str(&paint(cell.style, &cell.text));
             let last = column + 1 == row.len();
             if !last {
-                let pad = width.saturating_sub(cell.text.chars().count());
+                let pad = width.saturating_sub(cell.text.width());
                 line.extend(std::iter::repeat_n(' ', pad));
             }
         }
@@ -339,6 +342,22 @@ mod tests {
         let old = when(now_millis() - 3 * 86_400_000);
         assert!(old.ends_with("(3d ago)"), "{old}");
         assert_eq!(old.split(' ').next().map(str::len), Some(10), "{old}");
+    }
+
+    #[test]
+    fn table_columns_count_terminal_columns_not_characters() {
+        let rows = vec![
+            vec![Cell::from("文档"), Cell::from("owner")],
+            vec![Cell::from("doc"), Cell::from("spectator #1")],
+        ];
+        let table = table(&["TOPIC", "ROLE"], &rows);
+        let columns: Vec<usize> = table
+            .lines()
+            .zip(["ROLE", "owner", "spectator"])
+            .map(|(line, role)| line[..line.find(role).unwrap()].width())
+            .collect();
+        // Two wide characters are four columns: every ROLE starts at the same one.
+        assert_eq!(columns, [7, 7, 7], "{table}");
     }
 
     #[test]
