@@ -143,6 +143,7 @@ complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outboun
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-days -d 'Days of history kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-events -d 'Most history events kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l group -d 'Let the members of GROUP connect too (socket 0660, folder 0750) [default: with --system, presence; else nobody]' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-batch -d 'Most commands one transaction takes; 1 turns group commit off (for benchmarks, to show what it saves)' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
 always\t''

@@ -547,6 +547,10 @@ pub struct StatusReply {
     pub pid_watch: String,
     /// Entries restored at start that no client has resumed yet.
     pub awaiting_resume: usize,
+    /// Transactions committed since the daemon started; with group commit,
+    /// fewer than the changes they saved. 0 from a daemon that predates it.
+    #[serde(default)]
+    pub transactions: u64,
 }
 
 // ---------------------------------------------------------------------------

@@ -210,6 +210,8 @@ async fn status_names_the_daemon_its_paths_and_its_counts() {
     assert_eq!(field("connections"), "2");
     assert_eq!(field("subscriptions"), "0");
     assert_eq!(field("awaiting resume"), "0");
+    let transactions: u64 = field("transactions").parse().expect("a count");
+    assert!(transactions >= 1, "the join was committed: {text}");
     assert!(["pidfd", "polling"].contains(&field("pid watch").as_str()));
 }
 

@@ -170,6 +170,11 @@ pub struct DaemonArgs {
     /// Print `ready` on stdout once listening (for whoever started us)
     #[arg(long, hide = true)]
     pub ready_on_stdout: bool,
+
+    /// Most commands one transaction takes; 1 turns group commit off (for
+    /// benchmarks, to show what it saves)
+    #[arg(long, hide = true, value_name = "N", default_value_t = crate::core::MAX_BATCH, value_parser = parse_limit)]
+    pub max_batch: usize,
 }
 
 /// The command line with its long help: every subcommand's details,
@@ -307,6 +312,7 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_rows: args.history_events,
         },
         ready_on_stdout: args.ready_on_stdout,
+        max_batch: args.max_batch,
     }
 }
 

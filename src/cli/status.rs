@@ -75,6 +75,7 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ("connections", count(status.connections)),
         ("subscriptions", count(status.subscriptions)),
         ("awaiting resume", count(status.awaiting_resume)),
+        ("transactions", Cell::from(status.transactions.to_string())),
         ("pid watch", Cell::from(status.pid_watch.as_str())),
     ]
 }

@@ -42,10 +42,10 @@ use recovery::{Fact, Recovery};
 use registry::{Change, ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
 use store::{Store, StoreError, StoredEntry};
 
-/// How many commands one transaction may take. Large enough that a burst
-/// is one commit; small enough that the first reply of a burst is not held
-/// back for long.
-const MAX_BATCH: usize = 1024;
+/// How many commands one transaction may take, by default. Large enough
+/// that a burst is one commit; small enough that the first reply of a
+/// burst is not held back for long.
+pub const MAX_BATCH: usize = 1024;
 
 /// How often the history is trimmed to its retention bounds, when the
 /// last pass left nothing over.
@@ -168,6 +168,8 @@ pub struct Core {
     recovery: Recovery,
     /// When to next trim the history to its retention bounds.
     next_prune: Instant,
+    /// How many commands one transaction may take.
+    max_batch: usize,
 }
 
 /// Why the core woke up.
@@ -209,6 +211,7 @@ impl Core {
             info,
             recovery: Recovery::default(),
             next_prune: Instant::now(),
+            max_batch: MAX_BATCH,
         };
         core.forget_dead_rows(sorted.dead, stored_next_seq)?;
         Ok(core)
@@ -245,6 +248,14 @@ impl Core {
             }
             Err(cause) => Err(cause),
         }
+    }
+
+    /// Lets one transaction take at most `max_batch` commands (at least
+    /// one). A batch of one turns group commit off, which the benchmarks
+    /// do once to show what it saves.
+    pub fn with_max_batch(mut self, max_batch: usize) -> Core {
+        self.max_batch = max_batch.max(1);
+        self
     }
 
     /// The processes whose exit must be watched from the start.
@@ -344,12 +355,12 @@ impl Core {
     }
 
     /// Applies `first` and whatever else waits in the channel, up to
-    /// [`MAX_BATCH`] commands or a shutdown.
+    /// `max_batch` commands or a shutdown.
     fn collect(&mut self, first: Command, commands: &Receiver<Command>, batch: &mut Batch) {
         let mut next = Some(first);
         while let Some(command) = next {
             self.apply(command, batch);
-            if batch.len >= MAX_BATCH || batch.shutdown.is_some() {
+            if batch.len >= self.max_batch || batch.shutdown.is_some() {
                 break;
             }
             next = commands.try_recv().ok();
@@ -560,6 +571,7 @@ impl Core {
             subscriptions: self.registry.subscription_count(),
             pid_watch: self.info.pid_watch.clone(),
             awaiting_resume: self.registry.awaiting_resume_count(),
+            transactions: self.store.commits(),
         }
     }
 

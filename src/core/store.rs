@@ -176,6 +176,9 @@ pub struct Store {
     /// Where a corrupt database was moved at open, if it was.
     recovered_from: Option<PathBuf>,
     retention: Retention,
+    /// Transactions committed since the store was opened: with group
+    /// commit, far fewer than the operations they saved.
+    commits: u64,
 }
 
 /// How much history is kept: whichever bound is reached first.
@@ -227,6 +230,7 @@ impl Store {
             boot_id,
             recovered_from,
             retention: Retention::default(),
+            commits: 0,
         })
     }
 
@@ -315,6 +319,11 @@ impl Store {
         self.recovered_from.as_deref()
     }
 
+    /// How many batches of changes were committed since the store opened.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
     /// Every persisted entry and the seq counter.
     pub fn load(&self) -> Result<(Vec<StoredEntry>, u64), StoreError> {
         self.read_rows().map_err(|e| e.about(&self.path))
@@ -382,7 +391,9 @@ impl Store {
     pub fn commit(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
         self.end_stray_transaction();
         self.write(changes, next_seq)
-            .map_err(|e| e.about(&self.path))
+            .map_err(|e| e.about(&self.path))?;
+        self.commits += 1;
+        Ok(())
     }
 
     /// rusqlite ignores a failed rollback, which would leave a transaction

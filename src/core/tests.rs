@@ -496,3 +496,32 @@ fn the_facts_waiting_are_described_for_the_log() {
     );
     assert_eq!(describe(&[]), None);
 }
+
+/// Commands that arrive together share one transaction, up to the batch
+/// limit; with a limit of one, every change is a transaction of its own.
+#[test]
+fn changes_that_arrive_together_share_a_transaction() {
+    let tracks = |conn| (0..100).map(move |i| track(conn, i, &format!("k{i}")));
+    let db = TestDb::new();
+    let mut core = db.start_core();
+    let lines = connect(&mut core, 1);
+    let before = core.store.commits();
+    run_batch(&mut core, tracks(1).collect()).unwrap();
+    assert_eq!(core.store.commits() - before, 1);
+    assert_eq!(sent(&lines).len(), 100, "every track answered");
+
+    let db = TestDb::new();
+    let mut core = db.start_core().with_max_batch(1);
+    let _lines = connect(&mut core, 1);
+    let before = core.store.commits();
+    // The batch closes after each command; the rest wait for later ones.
+    let (sender, waiting) = mpsc::channel();
+    tracks(1).for_each(|command| sender.send(command).unwrap());
+    while let Ok(command) = waiting.try_recv() {
+        let mut batch = core.new_batch(Origin::Commands);
+        core.collect(command, &waiting, &mut batch);
+        core.finish(batch).unwrap();
+    }
+    assert_eq!(core.store.commits() - before, 100);
+    assert_eq!(db.rows().len(), 100);
+}

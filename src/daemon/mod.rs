@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub history: Retention,
     /// Print `ready` on stdout once the socket listens (used by auto-start).
     pub ready_on_stdout: bool,
+    /// Most commands per transaction.
+    pub max_batch: usize,
 }
 
 /// How long shutdown waits for the `shutdown` event to reach slow clients.
@@ -97,7 +99,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         started,
         pid_watch: pids.mode().to_owned(),
     };
-    let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?;
+    let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?
+        .with_max_batch(config.max_batch);
     for process in core.watched_processes() {
         pids.watch(process);
     }
