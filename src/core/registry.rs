@@ -227,6 +227,9 @@ struct Connection {
     peer: Peer,
     /// Refs of the entries this connection holds.
     entries: BTreeSet<String>,
+    /// The topic and key of each of those entries: a connection holds a
+    /// pair at most once, and a track checks that without a scan.
+    keys: BTreeSet<(String, String)>,
     subscriptions: BTreeSet<String>,
 }
 
@@ -425,6 +428,7 @@ impl Registry {
             Connection {
                 peer,
                 entries: BTreeSet::new(),
+                keys: BTreeSet::new(),
                 subscriptions: BTreeSet::new(),
             },
         );
@@ -929,6 +933,9 @@ impl Registry {
         }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
+            connection
+                .keys
+                .insert((entry.topic.clone(), entry.key.clone()));
         }
         let phx_ref = entry.phx_ref.clone();
         self.topic_mut(&entry.topic.clone())
@@ -965,6 +972,9 @@ impl Registry {
         }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.remove(phx_ref);
+            connection
+                .keys
+                .remove(&(entry.topic.clone(), entry.key.clone()));
         }
         self.record(|| Undo::Taken(Box::new(entry.clone())));
         Some(entry)
@@ -1135,11 +1145,10 @@ impl Registry {
                 format!("this connection already holds {limit} entries, the limit"),
             ));
         }
-        let duplicate = connection.entries.iter().any(|phx_ref| {
-            self.entry(phx_ref)
-                .is_some_and(|e| e.topic == topic && e.key == key)
-        });
-        if duplicate {
+        if connection
+            .keys
+            .contains(&(topic.to_owned(), key.to_owned()))
+        {
             return Err(ErrorBody::new(
                 ErrorCode::AlreadyTracked,
                 format!("key `{key}` is already tracked on `{topic}` by this connection"),
