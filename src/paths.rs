@@ -3,7 +3,7 @@
 
 use std::fs::DirBuilder;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys::current_uid;
@@ -116,19 +116,29 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// it or when group or others may write to it.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    check_dir(dir, &std::fs::metadata(dir)?, 0o022)
+    check_dir(dir, &std::fs::metadata(dir)?, Forbidden::WRITABLE)
 }
 
 /// [`ensure_private_dir`] for the folder of a socket, which is stricter:
 /// whoever can write to it could put their own socket in our daemon's
 /// place. The folder may not be a symbolic link, and the shared-`/tmp`
-/// fallback must be exactly 0700. With [`SocketAccess::Group`], a folder
-/// made here is 0750 and the group's, and an existing one must let the
-/// group in; an existing folder is never changed, since it may be `/run`.
+/// fallback must be closed to everyone else. With [`SocketAccess::Group`],
+/// the folders made here are 0750 and the group's, the group may read (not
+/// write) the folder, and it must be able to pass through every folder on
+/// the way; an existing folder is never changed, since it may be `/run`.
 pub fn ensure_socket_dir(dir: &Path, access: &SocketAccess) -> io::Result<()> {
-    let existed = dir.exists();
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|folder| !folder.as_os_str().is_empty() && !folder.exists())
+        .map(Path::to_owned)
+        .collect();
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let mut meta = std::fs::symlink_metadata(dir)?;
+    if let SocketAccess::Group { gid, .. } = access {
+        for made in missing.iter().rev() {
+            let_group_in(made, *gid)?;
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
     if meta.file_type().is_symlink() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -136,22 +146,43 @@ pub fn ensure_socket_dir(dir: &Path, access: &SocketAccess) -> io::Result<()> {
         ));
     }
     let in_shared_tmp = dir == tmp_socket_dir();
-    check_dir(dir, &meta, if in_shared_tmp { 0o077 } else { 0o022 })?;
+    check_dir(dir, &meta, Forbidden::for_socket_dir(in_shared_tmp, access))?;
     if let SocketAccess::Group { gid, name } = access {
-        if !existed {
-            std::os::unix::fs::chown(dir, None, Some(*gid))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
-            meta = std::fs::symlink_metadata(dir)?;
-        }
-        let group_may_enter =
-            (meta.gid() == *gid && meta.mode() & 0o010 != 0) || meta.mode() & 0o001 != 0;
-        if !group_may_enter {
+        check_group_can_reach(dir, *gid, name)?;
+    }
+    Ok(())
+}
+
+/// Gives a folder this daemon just made to the group, 0750. Through a
+/// descriptor opened without following links, so that nothing swapped in
+/// at the path meanwhile is changed instead.
+fn let_group_in(folder: &Path, gid: u32) -> io::Result<()> {
+    use rustix::fs::{Gid, Mode, OFlags, fchmod, fchown, open};
+    let opened = open(
+        folder,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    fchown(&opened, None, Some(Gid::from_raw(gid)))?;
+    fchmod(&opened, Mode::from_raw_mode(0o750))?;
+    Ok(())
+}
+
+/// Refuses a socket folder the group's members could not reach: each
+/// folder on the way must let them pass, as others or as its group.
+fn check_group_can_reach(dir: &Path, gid: u32, name: &str) -> io::Result<()> {
+    let dir = std::path::absolute(dir)?;
+    for folder in dir.ancestors() {
+        let meta = std::fs::metadata(folder)?;
+        let passable = meta.mode() & 0o001 != 0 || (meta.gid() == gid && meta.mode() & 0o010 != 0);
+        if !passable {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "the group `{name}` cannot reach {} (mode {:o}); `chgrp {name}` it and \
-                     `chmod 750` it",
-                    dir.display(),
+                    "members of `{name}` cannot pass through {} (mode {:o}), so they could not \
+                     reach the socket; put it where they can (--socket), or let them through \
+                     (`chgrp {name}` and `chmod g+x` that folder)",
+                    folder.display(),
                     meta.mode() & 0o777
                 ),
             ));
@@ -160,8 +191,43 @@ pub fn ensure_socket_dir(dir: &Path, access: &SocketAccess) -> io::Result<()> {
     Ok(())
 }
 
-/// Refuses a folder another user owns or with any of `forbidden_mode` set.
-fn check_dir(dir: &Path, meta: &std::fs::Metadata, forbidden_mode: u32) -> io::Result<()> {
+/// Mode bits a folder must not have, and what to say when it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Forbidden {
+    bits: u32,
+    what: &'static str,
+    fix: &'static str,
+}
+
+impl Forbidden {
+    /// Nobody else may write, wherever it is.
+    const WRITABLE: Forbidden = Forbidden {
+        bits: 0o022,
+        what: "writable by group or others",
+        fix: "chmod 700",
+    };
+
+    /// The socket folder's rule: in the shared `/tmp`, others may not even
+    /// look, and the group only when it shares the socket.
+    fn for_socket_dir(in_shared_tmp: bool, access: &SocketAccess) -> Forbidden {
+        match (in_shared_tmp, access) {
+            (false, _) => Forbidden::WRITABLE,
+            (true, SocketAccess::Owner) => Forbidden {
+                bits: 0o077,
+                what: "open to group or others",
+                fix: "chmod 700",
+            },
+            (true, SocketAccess::Group { .. }) => Forbidden {
+                bits: 0o027,
+                what: "writable by its group or open to others",
+                fix: "chmod 750",
+            },
+        }
+    }
+}
+
+/// Refuses a folder another user owns or with any forbidden bit set.
+fn check_dir(dir: &Path, meta: &std::fs::Metadata, forbidden: Forbidden) -> io::Result<()> {
     let uid = current_uid();
     if meta.uid() != uid {
         return Err(io::Error::new(
@@ -173,18 +239,15 @@ fn check_dir(dir: &Path, meta: &std::fs::Metadata, forbidden_mode: u32) -> io::R
             ),
         ));
     }
-    if meta.mode() & forbidden_mode != 0 {
-        let what = if forbidden_mode == 0o022 {
-            "writable by group or others"
-        } else {
-            "open to group or others"
-        };
+    if meta.mode() & forbidden.bits != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{} is {what} (mode {:o}); use a private folder (chmod 700)",
+                "{} is {} (mode {:o}); use a private folder ({})",
                 dir.display(),
-                meta.mode() & 0o777
+                forbidden.what,
+                meta.mode() & 0o777,
+                forbidden.fix
             ),
         ));
     }
@@ -202,6 +265,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_new_folder_is_created_private() {
@@ -230,6 +294,48 @@ mod tests {
         assert!(ensure_socket_dir(&real, &SocketAccess::Owner).is_ok());
         let err = ensure_socket_dir(&link, &SocketAccess::Owner).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn the_shared_tmp_folder_may_let_in_only_the_group_it_is_shared_with() {
+        let group = SocketAccess::Group {
+            gid: 1234,
+            name: "g".into(),
+        };
+        let owner = Forbidden::for_socket_dir(true, &SocketAccess::Owner);
+        let shared = Forbidden::for_socket_dir(true, &group);
+        // What ensure_socket_dir makes for each must pass its own check.
+        assert_eq!(0o700 & owner.bits, 0);
+        assert_eq!(0o750 & shared.bits, 0);
+        assert_ne!(0o750 & owner.bits, 0, "the group is not let in unasked");
+        assert_ne!(0o770 & shared.bits, 0, "the group may not write");
+        assert_ne!(0o751 & shared.bits, 0, "others may not pass");
+        assert_eq!(
+            Forbidden::for_socket_dir(false, &group),
+            Forbidden::WRITABLE
+        );
+    }
+
+    #[test]
+    fn a_group_folder_is_refused_where_the_group_cannot_pass() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gid = nix::unistd::getgid().as_raw();
+        let group = SocketAccess::Group {
+            gid,
+            name: "g".into(),
+        };
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let made = tmp.path().join("a/run");
+        ensure_socket_dir(&made, &group).unwrap();
+        for folder in [tmp.path().join("a"), made.clone()] {
+            let meta = std::fs::metadata(&folder).unwrap();
+            assert_eq!((meta.mode() & 0o777, meta.gid()), (0o750, gid));
+        }
+        // A private folder on the way keeps the group out.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = ensure_socket_dir(&made, &group).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("cannot pass through"), "{err}");
     }
 
     #[test]

@@ -179,6 +179,18 @@ async fn another_commands_held_entry_is_not_ours_to_remove_or_change() {
     assert!(by_ref.contains("presence join --detach"), "{by_ref}");
 
     let holder_pid = holder.pid().to_string();
+    // Found by key and pid, but not this command's to remove: said, not failed.
+    let by_pid = user
+        .output(&["leave", "doc", "--key", "held", "--pid", &holder_pid])
+        .await;
+    assert_eq!(by_pid.status.code(), Some(0), "{by_pid:?}");
+    assert_eq!(
+        stdout(&by_pid),
+        format!(
+            "nothing to leave on doc (key held of pid {holder_pid}); held by a running \
+             `presence join`, which ends it: p1\n"
+        )
+    );
     let update = user
         .output(&[
             "update",

@@ -4,7 +4,8 @@
 use clap::Args;
 
 use super::{EntryArgs, Target, failed_changing, parse_name};
-use crate::protocol::{UntrackReply, UntrackRequest};
+use crate::client::ClientError;
+use crate::protocol::{ErrorCode, UntrackReply, UntrackRequest};
 
 #[derive(Debug, Args)]
 pub struct LeaveArgs {
@@ -28,30 +29,56 @@ pub struct LeaveArgs {
 pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
     let (client, _events) = target.connect().await?;
     let doing = format!("could not leave {}", args.topic);
-    let untrack = async |phx_ref: Option<String>, key: Option<String>| {
-        let request = UntrackRequest {
-            topic: args.topic.clone(),
-            phx_ref,
-            key,
-        };
-        client
-            .untrack(request)
-            .await
-            .map_err(|e| failed_changing(&doing, e))
-    };
 
     let (removed, named, hint) = if args.all {
         // The daemon's own rule: every entry with the key that we may change.
         let key = args.entry.key_or_login();
-        let reply = untrack(None, Some(key.clone())).await?;
+        let request = UntrackRequest {
+            topic: args.topic.clone(),
+            phx_ref: None,
+            key: Some(key.clone()),
+        };
+        let reply = client
+            .untrack(request)
+            .await
+            .map_err(|e| failed_changing(&doing, e))?;
         (reply.removed, format!("key {key}"), String::new())
     } else {
         let selection = args.entry.resolve(&client, &args.topic, &doing).await?;
         let mut removed = 0;
+        let mut held = Vec::new();
         for phx_ref in &selection.refs {
-            removed += untrack(Some(phx_ref.clone()), None).await?.removed;
+            let request = UntrackRequest {
+                topic: args.topic.clone(),
+                phx_ref: Some(phx_ref.clone()),
+                key: None,
+            };
+            match client.untrack(request).await {
+                Ok(reply) => removed += reply.removed,
+                // Found by key but held by a running command, as untrack by
+                // key would skip it: leave goes on with the rest, and says
+                // so. A ref named outright is an error to refuse.
+                Err(ClientError::Refused(body))
+                    if body.code == ErrorCode::PermissionDenied && args.entry.phx_ref.is_none() =>
+                {
+                    held.push(phx_ref.as_str());
+                }
+                Err(e) => return Err(failed_changing(&doing, e)),
+            }
         }
-        (removed, args.entry.describe(), selection.hint())
+        // Your entries elsewhere matter only when nothing was left here.
+        let mut hint = if removed == 0 {
+            selection.hint()
+        } else {
+            String::new()
+        };
+        if !held.is_empty() {
+            hint.push_str(&format!(
+                "; held by a running `presence join`, which ends it: {}",
+                held.join(", ")
+            ));
+        }
+        (removed, args.entry.describe(), hint)
     };
 
     if args.json {
@@ -61,7 +88,7 @@ pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
         say!("nothing to leave on {} ({named}){hint}", args.topic);
     } else {
         let entries = if removed == 1 { "entry" } else { "entries" };
-        say!("left {} ({removed} {entries})", args.topic);
+        say!("left {} ({removed} {entries}){hint}", args.topic);
     }
     Ok(())
 }

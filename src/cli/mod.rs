@@ -211,7 +211,10 @@ impl Outcome {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let matches = ignore_empty_env(command()).get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.system {
+        cli.ignore_env_paths(&matches);
+    }
     render::init_color(cli.color);
     let is_daemon = matches!(cli.command, Command::Daemon(_));
     // For join, the exit status says whether it owns the topic: a reader
@@ -229,6 +232,27 @@ pub fn main() -> ExitCode {
             let message = format!("{e:#}").replace('\n', " ");
             eprintln!("presence: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl Cli {
+    /// `--system` names the system daemon's socket and database: a
+    /// PRESENCE_SOCKET or PRESENCE_DB exported for one's own daemon must
+    /// not send it elsewhere. Paths given as options still do.
+    fn ignore_env_paths(&mut self, matches: &clap::ArgMatches) {
+        let from_env = |matches: &clap::ArgMatches, id: &str| {
+            matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable)
+        };
+        if from_env(matches, "socket") {
+            self.socket = None;
+        }
+        if let Command::Daemon(args) = &mut self.command
+            && matches
+                .subcommand_matches("daemon")
+                .is_some_and(|daemon| from_env(daemon, "db"))
+        {
+            args.db = None;
         }
     }
 }
@@ -627,8 +651,8 @@ impl Selection {
 pub fn invoking_process() -> anyhow::Result<u32> {
     match std::os::unix::process::parent_id() {
         0 | 1 => anyhow::bail!(
-            "presence was not started by a shell or script (its parent is init), so there is \
-             no process to leave the entry to; name one with --pid"
+            "presence was not started by a shell or script (its parent is init), so --pid \
+             has no default; name the process with --pid"
         ),
         pid => Ok(pid),
     }

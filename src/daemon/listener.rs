@@ -241,9 +241,23 @@ fn bind(socket: &Path, access: &SocketAccess) -> anyhow::Result<Bound> {
         .reclaim_name(false)
         .create_tokio_as::<Listener>()
         .with_context(|| format!("listening on {}", socket.display()))?;
-    // The group is given the socket before the mode lets it in, so that no
-    // other group is ever let in. The mode is set again in case the
-    // platform ignored it at bind.
+    let made = std::fs::symlink_metadata(socket)
+        .with_context(|| format!("inspecting {}", socket.display()))?;
+    if let Err(e) = restrict(socket, access) {
+        // A socket we cannot restrict is not served, nor left behind.
+        let _ = std::fs::remove_file(socket);
+        return Err(e);
+    }
+    Ok(Bound {
+        listener,
+        identity: identity(&made),
+    })
+}
+
+/// Gives a socket just bound its group and mode. The group comes before
+/// the mode lets it in, so that no other group is ever let in; the mode is
+/// set again in case the platform ignored it at bind.
+fn restrict(socket: &Path, access: &SocketAccess) -> anyhow::Result<()> {
     if let SocketAccess::Group { gid, .. } = access {
         std::os::unix::fs::chown(socket, None, Some(*gid))
             .with_context(|| format!("giving {} to its group", socket.display()))?;
@@ -252,13 +266,7 @@ fn bind(socket: &Path, access: &SocketAccess) -> anyhow::Result<Bound> {
         socket,
         std::fs::Permissions::from_mode(access.socket_mode()),
     )
-    .with_context(|| format!("setting the mode of {}", socket.display()))?;
-    let made = std::fs::symlink_metadata(socket)
-        .with_context(|| format!("inspecting {}", socket.display()))?;
-    Ok(Bound {
-        listener,
-        identity: identity(&made),
-    })
+    .with_context(|| format!("setting the mode of {}", socket.display()))
 }
 
 /// The listening socket and, for a socket of our own, what keeps its path.
