@@ -1,7 +1,7 @@
-//! The benchmark suite of the tracker issue "[bench]": the daemon's
-//! ownership handoff and round trips against baselines measured in the same
-//! run on the same machine (flock handoff, a bare tokio echo), as ratios
-//! next to the issue's targets.
+//! The benchmark suite: the daemon's ownership handoff, round trips and
+//! throughput against baselines measured in the same run on the same
+//! machine (flock handoff, a bare tokio echo), as ratios next to their
+//! targets; and fan-out, scale and restart against absolute limits.
 //!
 //! ```text
 //! cargo bench --bench presence              # 200 trials per scenario
@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use presenced::client::{Client, Events};
-use presenced::protocol::{Event, Role, TrackRequest, UntrackRequest};
+use presenced::protocol::{
+    Event, ListAllReply, ListTopicReply, Role, TrackRequest, UntrackRequest,
+};
 use rustix::fs::{FlockOperation, flock};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -32,6 +34,7 @@ use tokio::net::UnixStream;
 
 use support::children::{Helper, OWNER_KEY, run_if_child};
 use support::daemon::Daemon;
+use support::load::{self, Line, Throughput};
 use support::stats::{Summary, micros, ratio};
 use support::{POLL, within};
 
@@ -67,8 +70,8 @@ fn main() {
     let result = runtime.block_on(run_suite(options.plan));
     drop(runtime);
     match result {
-        Ok(rows) if options.json => println!("{:#}", to_json(options.plan, &rows)),
-        Ok(rows) => print_table(options.plan, &rows),
+        Ok(report) if options.json => println!("{:#}", to_json(options.plan, &report)),
+        Ok(report) => print_table(options.plan, &report),
         Err(e) => {
             eprintln!("bench failed: {e:#}");
             std::process::exit(1);
@@ -111,12 +114,18 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
 // The suite
 // ---------------------------------------------------------------------------
 
-/// What a scenario is compared against, and the issue's limits on the
-/// ratios of its median and p99 to the baseline's.
-struct Target {
-    baseline: &'static str,
-    p50: Option<f64>,
-    p99: Option<f64>,
+/// What a latency scenario is held to: limits on the ratios of its median
+/// and p99 to a baseline's, or limits on the times themselves.
+enum Target {
+    Ratio {
+        baseline: &'static str,
+        p50: Option<f64>,
+        p99: Option<f64>,
+    },
+    Within {
+        p50: Option<Duration>,
+        p99: Option<Duration>,
+    },
 }
 
 struct Row {
@@ -125,8 +134,46 @@ struct Row {
     target: Option<Target>,
 }
 
-/// Runs every scenario, baselines first, and returns one row per result.
-async fn run_suite(plan: Plan) -> anyhow::Result<Vec<Row>> {
+/// A figure that is not a latency: a rate, a ratio of rates, a size.
+struct Figure {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+    limit: Option<Limit>,
+}
+
+#[derive(Clone, Copy)]
+enum Limit {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Limit {
+    fn met_by(self, value: f64) -> bool {
+        match self {
+            Limit::AtLeast(limit) => value >= limit,
+            Limit::AtMost(limit) => value <= limit,
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::AtLeast(limit) => write!(f, "≥{limit}"),
+            Limit::AtMost(limit) => write!(f, "≤{limit}"),
+        }
+    }
+}
+
+/// Everything a run measured.
+struct Report {
+    rows: Vec<Row>,
+    figures: Vec<Figure>,
+}
+
+/// Runs every scenario, baselines first.
+async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
     let mut add = |name, samples: Vec<Duration>, target| {
@@ -152,49 +199,86 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Vec<Row>> {
     add("echo-rtt", echo_round_trips(dir.path(), plan).await?, None);
 
     eprintln!("daemon scenarios");
-    let daemon = Daemon::start(dir.path()).await?;
+    let daemon = Daemon::start(&dir.path().join("main"), &[]).await?;
     let (promoted, diffed) = failover(&daemon, plan, Release::Kill).await?;
     add(
         "failover-kill/role",
         promoted,
-        Some(target("flock-kill", Some(1.5), Some(2.0))),
+        Some(ratio_target("flock-kill", Some(1.5), Some(2.0))),
     );
     add(
         "failover-kill/diff",
         diffed,
-        Some(target("flock-kill", None, None)),
+        Some(ratio_target("flock-kill", None, None)),
     );
     let (promoted, diffed) = failover(&daemon, plan, Release::Graceful).await?;
     add(
         "failover-close/role",
         promoted,
-        Some(target("flock-graceful", Some(2.0), None)),
+        Some(ratio_target("flock-graceful", Some(2.0), None)),
     );
     add(
         "failover-close/diff",
         diffed,
-        Some(target("flock-graceful", None, None)),
+        Some(ratio_target("flock-graceful", None, None)),
     );
     add(
         "track-rtt",
         track_round_trips(&daemon, plan, false).await?,
-        Some(target("echo-rtt", Some(3.0), None)),
+        Some(ratio_target("echo-rtt", Some(3.0), None)),
     );
     add(
         "track+untrack-rtt",
         track_round_trips(&daemon, plan, true).await?,
-        Some(target("echo-rtt", None, None)),
+        Some(ratio_target("echo-rtt", None, None)),
     );
     add(
         "track-rtt/raw-socket",
         raw_track_round_trips(&daemon, plan).await?,
-        Some(target("echo-rtt", None, None)),
+        Some(ratio_target("echo-rtt", None, None)),
     );
-    Ok(rows)
+    load::raise_fd_limit()?;
+    add(
+        "fan-out/1000",
+        fan_out(&daemon, plan, FAN_OUT).await?,
+        Some(Target::Within {
+            p50: None,
+            p99: Some(Duration::from_millis(5)),
+        }),
+    );
+    drop(daemon);
+
+    eprintln!("load scenarios");
+    let figures = throughput(dir.path(), plan).await?;
+    let (rss_per_connection, listed) = scale(dir.path(), plan).await?;
+    add(
+        "list/10000-entries",
+        listed,
+        Some(Target::Within {
+            p50: Some(Duration::from_millis(50)),
+            p99: None,
+        }),
+    );
+    add(
+        "restart/100000-entries",
+        restart(dir.path(), plan).await?,
+        Some(Target::Within {
+            p50: Some(Duration::from_secs(1)),
+            p99: Some(Duration::from_secs(1)),
+        }),
+    );
+    let mut figures = figures;
+    figures.push(Figure {
+        name: "scale/rss-per-connection",
+        value: rss_per_connection,
+        unit: "KiB",
+        limit: Some(Limit::AtMost(16.0)),
+    });
+    Ok(Report { rows, figures })
 }
 
-fn target(baseline: &'static str, p50: Option<f64>, p99: Option<f64>) -> Target {
-    Target { baseline, p50, p99 }
+fn ratio_target(baseline: &'static str, p50: Option<f64>, p99: Option<f64>) -> Target {
+    Target::Ratio { baseline, p50, p99 }
 }
 
 /// Runs `trial` for the plan's warm-up and then its trials, each under the
@@ -465,98 +549,416 @@ async fn raw_track_round_trips(daemon: &Daemon, plan: Plan) -> anyhow::Result<Ve
 }
 
 // ---------------------------------------------------------------------------
+// Load scenarios
+// ---------------------------------------------------------------------------
+
+/// How many subscribers the fan-out scenario has.
+const FAN_OUT: usize = 1000;
+/// How many clients the throughput scenario runs at once.
+const LOAD_CLIENTS: usize = 64;
+/// How many idle connections the scale scenario holds.
+const SCALE_CONNECTIONS: usize = 10_000;
+/// How many entries the restart scenario persists.
+const RESTART_ENTRIES: usize = 100_000;
+
+impl Plan {
+    /// How long each throughput run lasts.
+    fn load_duration(self) -> Duration {
+        if self.trials >= 100 {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(1)
+        }
+    }
+
+    /// Trials of the scenarios whose every trial is long.
+    fn few(self) -> Plan {
+        Plan {
+            trials: (self.trials / 20).clamp(2, 10),
+            warmup: 1,
+        }
+    }
+}
+
+/// One join on a topic with `subscribers` subscribers, each on its own
+/// connection: timed from just before the track is sent until the last
+/// subscriber has read the diff.
+async fn fan_out(daemon: &Daemon, plan: Plan, subscribers: usize) -> anyhow::Result<Vec<Duration>> {
+    let topic = "fan-out";
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..subscribers {
+        let mut line = Line::connect(&daemon.socket).await?;
+        line.request(
+            format!("{{\"op\":\"subscribe\",\"id\":1,\"topic\":\"{topic}\"}}\n").as_bytes(),
+        )
+        .await?;
+        let seen = seen_tx.clone();
+        readers.spawn(async move {
+            // Each diff counts once: what the trial waits for.
+            while let Ok(text) = line.next().await {
+                if text.starts_with("{\"event\":\"presence_diff\"") && seen.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut joiner = Line::connect(&daemon.socket).await?;
+    let samples = measure("fan-out", plan, async |i| {
+        let track =
+            format!("{{\"op\":\"track\",\"id\":{i},\"topic\":\"{topic}\",\"key\":\"joiner\"}}\n");
+        let start = Instant::now();
+        joiner.send(track.as_bytes()).await?;
+        for _ in 0..subscribers {
+            seen.recv().await.context("a subscriber stopped reading")?;
+        }
+        let elapsed = start.elapsed();
+        joiner.next().await?;
+        // The leave's diff reaches everyone too; untimed.
+        let untrack =
+            format!("{{\"op\":\"untrack\",\"id\":{i},\"topic\":\"{topic}\",\"key\":\"joiner\"}}\n");
+        joiner.request(untrack.as_bytes()).await?;
+        for _ in 0..subscribers {
+            seen.recv().await.context("a subscriber stopped reading")?;
+        }
+        Ok(elapsed)
+    })
+    .await?;
+    readers.abort_all();
+    Ok(samples)
+}
+
+/// 64 clients in closed loops of track and untrack over 256 topics: the
+/// echo baseline, the daemon, and the daemon with one transaction per
+/// request, each for the same time.
+async fn throughput(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Figure>> {
+    let duration = plan.load_duration();
+    let socket = dir.join("load-echo.sock");
+    let server = Helper::start("echo", &[socket.as_os_str()]).await?;
+    let echo = load::closed_loop(&socket, LOAD_CLIENTS, duration, true, load::cycle_line).await?;
+    server.reap().await?;
+    eprintln!("  throughput/echo: done");
+
+    let (daemon, transactions) = daemon_throughput(&dir.join("load"), &[], duration).await?;
+    eprintln!("  throughput/daemon: done");
+    let (one_each, _) =
+        daemon_throughput(&dir.join("load-one-each"), &["--max-batch", "1"], duration).await?;
+    eprintln!("  throughput/one-transaction-per-request: done");
+
+    let figure = |name, value, unit, limit| Figure {
+        name,
+        value,
+        unit,
+        limit,
+    };
+    Ok(vec![
+        figure("throughput/echo", echo.per_second(), "req/s", None),
+        figure("throughput/daemon", daemon.per_second(), "req/s", None),
+        figure(
+            "throughput/daemon÷echo",
+            daemon.per_second() / echo.per_second(),
+            "×",
+            Some(Limit::AtLeast(0.4)),
+        ),
+        figure(
+            "throughput/one-txn-each",
+            one_each.per_second(),
+            "req/s",
+            None,
+        ),
+        figure(
+            "throughput/daemon÷one-txn-each",
+            daemon.per_second() / one_each.per_second(),
+            "×",
+            Some(Limit::AtLeast(10.0)),
+        ),
+        figure(
+            "throughput/requests-per-txn",
+            daemon.requests as f64 / transactions.max(1) as f64,
+            "req",
+            None,
+        ),
+    ])
+}
+
+/// The closed loop against a daemon of its own started with `args`, and
+/// how many transactions it committed for it.
+async fn daemon_throughput(
+    dir: &Path,
+    args: &[&str],
+    duration: Duration,
+) -> anyhow::Result<(Throughput, u64)> {
+    let daemon = Daemon::start(dir, args).await?;
+    let (client, _events) = Client::connect(&daemon.socket).await?;
+    let before = client.status().await?.transactions;
+    let done = load::closed_loop(
+        &daemon.socket,
+        LOAD_CLIENTS,
+        duration,
+        false,
+        load::cycle_line,
+    )
+    .await?;
+    let after = client.status().await?.transactions;
+    Ok((done, after - before))
+}
+
+/// 10,000 connections, each holding one entry on one topic: the daemon's
+/// resident memory per connection (against the same daemon before they
+/// came), and the time of `list` on that topic.
+async fn scale(dir: &Path, plan: Plan) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let connections = SCALE_CONNECTIONS;
+    let max = (connections + 100).to_string();
+    let daemon = Daemon::start(&dir.join("scale"), &["--max-connections", &max]).await?;
+    let pid = daemon.pid()?;
+    let mut reader = Line::connect(&daemon.socket).await?;
+    reader
+        .request(b"{\"op\":\"list\",\"id\":0,\"topic\":\"scale\"}\n")
+        .await?;
+    let before = load::rss_kib(pid)?;
+
+    let mut held = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let mut line = Line::connect(&daemon.socket).await?;
+        line.request(
+            format!("{{\"op\":\"track\",\"id\":1,\"topic\":\"scale\",\"key\":\"c{i}\"}}\n")
+                .as_bytes(),
+        )
+        .await?;
+        held.push(line);
+    }
+    let after = load::rss_kib(pid)?;
+    let per_connection = after.saturating_sub(before) as f64 / connections as f64;
+    eprintln!("  scale/rss-per-connection: done");
+
+    let list = b"{\"op\":\"list\",\"id\":1,\"topic\":\"scale\"}\n";
+    let listed = measure("list of 10,000", plan.few(), async |_| {
+        let start = Instant::now();
+        let reply = reader.request(list).await?;
+        let elapsed = start.elapsed();
+        let listed: ListTopicReply = serde_json::from_str(reply)?;
+        let entries: usize = listed.state.presences.values().map(|p| p.metas.len()).sum();
+        ensure!(entries == connections, "list showed {entries} entries");
+        Ok(elapsed)
+    })
+    .await?;
+    drop(held);
+    Ok((per_connection, listed))
+}
+
+/// 100,000 persisted entries; the daemon is SIGKILLed and started again,
+/// timed from the start until `list` has returned all of them.
+async fn restart(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Duration>> {
+    let entries = RESTART_ENTRIES;
+    let limit = (entries * 2).to_string();
+    let args = ["--max-entries", &limit, "--max-process-entries", &limit];
+    let mut daemon = Daemon::start(&dir.join("restart"), &args).await?;
+    // Entries of this process, which outlives the restarts: they continue.
+    let pid = std::process::id();
+    let mut line = Line::connect(&daemon.socket).await?;
+    let mut pending = 0;
+    for i in 0..entries {
+        let track = format!(
+            "{{\"op\":\"track\",\"id\":{i},\"topic\":\"restart-{}\",\"key\":\"k{}\",\
+             \"lifetime\":\"process\",\"pid\":{pid}}}\n",
+            i / 100,
+            i % 100
+        );
+        line.send(track.as_bytes()).await?;
+        pending += 1;
+        // Pipelined, in windows, so neither side's buffers fill up.
+        if pending == 512 || i + 1 == entries {
+            for _ in 0..pending {
+                let reply = line.next().await?;
+                ensure!(reply.contains("\"ok\":true"), "track refused: {reply}");
+            }
+            pending = 0;
+        }
+    }
+    drop(line);
+    eprintln!("  restart: {entries} entries persisted");
+
+    let list_all = b"{\"op\":\"list\",\"id\":1}\n";
+    measure("restart", plan.few(), async |_| {
+        daemon.crash().await?;
+        let start = Instant::now();
+        daemon.start_again().await?;
+        let mut line = Line::connect(&daemon.socket).await?;
+        let reply = line.request(list_all).await?;
+        let elapsed = start.elapsed();
+        let all: ListAllReply = serde_json::from_str(reply)?;
+        let listed: usize = all
+            .topics
+            .values()
+            .flat_map(|topic| topic.presences.values())
+            .map(|presence| presence.metas.len())
+            .sum();
+        ensure!(
+            listed == entries,
+            "list showed {listed} of {entries} entries"
+        );
+        Ok(elapsed)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
 // Reporting
 // ---------------------------------------------------------------------------
 
-/// A row's ratios to its baseline and whether they meet the target.
+/// A row's ratios to its baseline, if it has one, and whether it meets
+/// its target.
 struct Verdict {
-    baseline: &'static str,
-    p50: f64,
-    p99: f64,
-    /// `None` when the issue sets no target for this row.
+    baseline: Option<&'static str>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    /// `None` when no target is set for this row.
     pass: Option<bool>,
     target: String,
 }
 
 fn verdict(row: &Row, rows: &[Row]) -> Option<Verdict> {
-    let target = row.target.as_ref()?;
-    let baseline = rows.iter().find(|r| r.name == target.baseline)?.summary;
-    let p50 = ratio(row.summary.median, baseline.median);
-    let p99 = ratio(row.summary.p99, baseline.p99);
-    let checks = [(target.p50, p50, "p50"), (target.p99, p99, "p99")];
-    let set: Vec<_> = checks
-        .iter()
-        .filter_map(|&(limit, got, what)| Some((limit?, got, what)))
-        .collect();
-    Some(Verdict {
-        baseline: target.baseline,
-        p50,
-        p99,
-        pass: (!set.is_empty()).then(|| set.iter().all(|&(limit, got, _)| got <= limit)),
-        target: set
-            .iter()
-            .map(|(limit, _, what)| format!("{what}≤{limit}×"))
-            .collect::<Vec<_>>()
-            .join(" "),
-    })
+    let s = row.summary;
+    match row.target.as_ref()? {
+        Target::Ratio { baseline, p50, p99 } => {
+            let base = rows.iter().find(|r| r.name == *baseline)?.summary;
+            let got50 = ratio(s.median, base.median);
+            let got99 = ratio(s.p99, base.p99);
+            let checks: Vec<_> = [(*p50, got50, "p50"), (*p99, got99, "p99")]
+                .into_iter()
+                .filter_map(|(limit, got, what)| Some((limit?, got, what)))
+                .collect();
+            Some(Verdict {
+                baseline: Some(baseline),
+                p50: Some(got50),
+                p99: Some(got99),
+                pass: (!checks.is_empty()).then(|| checks.iter().all(|&(l, got, _)| got <= l)),
+                target: checks
+                    .iter()
+                    .map(|(limit, _, what)| format!("{what}≤{limit}×"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })
+        }
+        Target::Within { p50, p99 } => {
+            let checks: Vec<_> = [(*p50, s.median, "p50"), (*p99, s.p99, "p99")]
+                .into_iter()
+                .filter_map(|(limit, got, what)| Some((limit?, got, what)))
+                .collect();
+            Some(Verdict {
+                baseline: None,
+                p50: None,
+                p99: None,
+                pass: Some(checks.iter().all(|&(limit, got, _)| got <= limit)),
+                target: checks
+                    .iter()
+                    .map(|(limit, _, what)| format!("{what}≤{}", human(*limit)))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })
+        }
+    }
 }
 
-fn print_table(plan: Plan, rows: &[Row]) {
+/// A limit as people write it: `5ms`, `1s`.
+fn human(limit: Duration) -> String {
+    if limit >= Duration::from_secs(1) && limit.subsec_nanos() == 0 {
+        format!("{}s", limit.as_secs())
+    } else {
+        format!("{}ms", limit.as_millis())
+    }
+}
+
+fn verdict_word(pass: Option<bool>) -> &'static str {
+    match pass {
+        Some(true) => "PASS",
+        Some(false) => "MISS",
+        None => "(info)",
+    }
+}
+
+fn print_table(plan: Plan, report: &Report) {
     println!(
-        "presenced bench: {} trials per scenario after {} warm-up, {} CPUs",
+        "presenced bench: {} trials per latency scenario after {} warm-up, {} CPUs",
         plan.trials,
         plan.warmup,
         cpus()
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>10}  {:<15} {:>6} {:>6}  {:<16} verdict",
-        "scenario", "median µs", "p99 µs", "max µs", "baseline", "p50×", "p99×", "target"
+        "{:<24} {:>6} {:>10} {:>10} {:>10}  {:<15} {:>6} {:>6}  {:<16} verdict",
+        "scenario", "trials", "median µs", "p99 µs", "max µs", "baseline", "p50×", "p99×", "target"
     );
-    for row in rows {
+    let ratio = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    for row in &report.rows {
         let s = row.summary;
         print!(
-            "{:<22} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1}",
             row.name,
+            s.trials,
             micros(s.median),
             micros(s.p99),
             micros(s.max)
         );
-        match verdict(row, rows) {
+        match verdict(row, &report.rows) {
             Some(v) => println!(
-                "  {:<15} {:>6.2} {:>6.2}  {:<16} {}",
-                v.baseline,
-                v.p50,
-                v.p99,
+                "  {:<15} {:>6} {:>6}  {:<16} {}",
+                v.baseline.unwrap_or("-"),
+                ratio(v.p50),
+                ratio(v.p99),
                 v.target,
-                match v.pass {
-                    Some(true) => "PASS",
-                    Some(false) => "MISS",
-                    None => "(info)",
-                }
+                verdict_word(v.pass)
             ),
             None => println!("  (baseline)"),
         }
     }
+    println!();
+    println!(
+        "{:<32} {:>14} {:<6} {:<8} verdict",
+        "figure", "value", "unit", "target"
+    );
+    for figure in &report.figures {
+        println!(
+            "{:<32} {:>14.2} {:<6} {:<8} {}",
+            figure.name,
+            figure.value,
+            figure.unit,
+            figure.limit.map_or(String::new(), |l| l.to_string()),
+            verdict_word(figure.limit.map(|l| l.met_by(figure.value)))
+        );
+    }
 }
 
-fn to_json(plan: Plan, rows: &[Row]) -> serde_json::Value {
-    let results: Vec<_> = rows
+fn to_json(plan: Plan, report: &Report) -> serde_json::Value {
+    let results: Vec<_> = report
+        .rows
         .iter()
         .map(|row| {
             let s = row.summary;
-            let v = verdict(row, rows);
+            let v = verdict(row, &report.rows);
             json!({
                 "scenario": row.name,
                 "trials": s.trials,
                 "median_us": micros(s.median),
                 "p99_us": micros(s.p99),
                 "max_us": micros(s.max),
-                "baseline": v.as_ref().map(|v| v.baseline),
-                "p50_ratio": v.as_ref().map(|v| v.p50),
-                "p99_ratio": v.as_ref().map(|v| v.p99),
-                "target_p50": row.target.as_ref().and_then(|t| t.p50),
-                "target_p99": row.target.as_ref().and_then(|t| t.p99),
+                "baseline": v.as_ref().and_then(|v| v.baseline),
+                "p50_ratio": v.as_ref().and_then(|v| v.p50),
+                "p99_ratio": v.as_ref().and_then(|v| v.p99),
+                "target": v.as_ref().map(|v| v.target.clone()),
                 "pass": v.as_ref().and_then(|v| v.pass),
+            })
+        })
+        .collect();
+    let figures: Vec<_> = report
+        .figures
+        .iter()
+        .map(|figure| {
+            json!({
+                "figure": figure.name,
+                "value": figure.value,
+                "unit": figure.unit,
+                "target": figure.limit.map(|l| l.to_string()),
+                "pass": figure.limit.map(|l| l.met_by(figure.value)),
             })
         })
         .collect();
@@ -565,6 +967,7 @@ fn to_json(plan: Plan, rows: &[Row]) -> serde_json::Value {
         "warmup": plan.warmup,
         "cpus": cpus(),
         "results": results,
+        "figures": figures,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod children;
 pub mod daemon;
+pub mod load;
 pub mod stats;
 
 use std::time::Duration;
