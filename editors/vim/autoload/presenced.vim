@@ -1,0 +1,891 @@
+" presenced for Vim: every normal file buffer joins a topic on the presenced
+" daemon, over its Unix socket (ch_open 'unix:' in NL mode, one JSON object
+" per line; docs/protocol.md). The first editor on a topic owns it; every
+" later one is a spectator whose buffer is 'nomodifiable' and 'readonly'
+" until it is promoted.
+"
+" State, as in the Neovim plugin:
+"   s:buffers[bufnr] = {topic, saved, last_message}  one per followed buffer
+"   s:entries[topic] = entry  one per topic, shared by its buffers (the
+"                             daemon refuses a second entry for one topic
+"                             and key on one connection)
+"   s:by_ref[ref]    = entry  to route `role` events, which name the ref
+"   s:link                    the connection and the state of reaching it
+
+let s:save_cpo = &cpoptions
+set cpoptions&vim
+
+let s:buffers = {}
+let s:entries = {}
+let s:by_ref = {}
+" Entries left while disconnected, {token, ref, topic}: resumed on the next
+" connection only to be untracked, so the next in line need not wait for
+" the daemon's grace period to run out.
+let s:orphans = []
+
+" state: 'idle' (not connected, not trying), 'connecting' (first time, or
+" after the connection closed) or 'up'. generation is bumped by every new
+" try and by quitting: a callback of an older try sees it and does nothing.
+let s:link = {'state': 'idle', 'conn': {}, 'generation': 0, 'error': '',
+      \ 'reconnecting': 0, 'timer': -1}
+
+" Configuration ----------------------------------------------------------
+
+function! s:opt(name, default) abort
+  return get(g:, 'presenced_' . a:name, a:default)
+endfunction
+
+function! s:default_topic(bufnr, path) abort
+  return 'file:' . a:path
+endfunction
+
+function! s:login_name() abort
+  if !exists('s:login')
+    let s:login = $USER !=# '' ? $USER : $LOGNAME
+    if s:login ==# ''
+      let s:login = trim(system('id -un'))
+    endif
+  endif
+  return s:login
+endfunction
+
+" The socket, found as the CLI finds it (docs/protocol.md, section 1).
+function! presenced#socket_path() abort
+  let configured = s:opt('socket', '')
+  if configured !=# ''
+    return expand(configured)
+  endif
+  if $PRESENCE_SOCKET !=# ''
+    return $PRESENCE_SOCKET
+  endif
+  if $XDG_RUNTIME_DIR !=# ''
+    return $XDG_RUNTIME_DIR . '/presenced/presenced.sock'
+  endif
+  if !exists('s:uid')
+    let s:uid = trim(system('id -u'))
+  endif
+  return '/tmp/presenced-' . s:uid . '/presenced.sock'
+endfunction
+
+" Helpers ----------------------------------------------------------------
+
+function! s:notify(message, level) abort
+  execute 'echohl' (a:level ==# 'error' ? 'ErrorMsg' : a:level ==# 'warn' ? 'WarningMsg' : 'None')
+  echomsg 'presenced: ' . a:message
+  echohl None
+endfunction
+
+" The absolute path with symbolic links resolved; for a file that does
+" not exist yet, its folder's resolved path and its name.
+function! s:resolve_path(name) abort
+  let full = fnamemodify(a:name, ':p')
+  if filereadable(full) || getftype(full) !=# ''
+    return resolve(full)
+  endif
+  let folder = resolve(fnamemodify(full, ':h'))
+  return substitute(folder, '/$', '', '') . '/' . fnamemodify(full, ':t')
+endfunction
+
+" A buffer holding a file: no special 'buftype', a name that is not a URL,
+" and not a folder.
+function! s:is_file_buffer(bufnr) abort
+  if !bufexists(a:bufnr) || getbufvar(a:bufnr, '&buftype') !=# ''
+    return 0
+  endif
+  let name = bufname(a:bufnr)
+  return name !=# '' && name !~# '^\a[[:alnum:]+.-]*://' && !isdirectory(name)
+endfunction
+
+function! s:topic_of(bufnr) abort
+  let path = s:resolve_path(bufname(a:bufnr))
+  let Topic = s:opt('topic', function('s:default_topic'))
+  try
+    let topic = call(Topic, [a:bufnr, path])
+  catch
+    call s:notify('the topic function failed for ' . path . ': ' . v:exception, 'error')
+    return ['', path]
+  endtry
+  return [type(topic) == v:t_string ? topic : '', path]
+endfunction
+
+function! s:key_of(bufnr) abort
+  let Key = s:opt('key', '')
+  if type(Key) == v:t_func
+    let Key = call(Key, [a:bufnr])
+  endif
+  return type(Key) == v:t_string && Key !=# '' ? Key : s:login_name()
+endfunction
+
+" What others see of this entry. `user`, `pid` and the like are reserved
+" for the daemon, which takes them from the socket's credentials.
+function! s:meta_of(bufnr, path) abort
+  let meta = {'editor': printf('vim %d.%d', v:version / 100, v:version % 100),
+        \ 'file': a:path, 'login': s:login_name()}
+  let Extra = s:opt('meta', {})
+  if type(Extra) == v:t_func
+    let Extra = call(Extra, [a:bufnr])
+  endif
+  if type(Extra) == v:t_dict
+    call extend(meta, Extra)
+  endif
+  return meta
+endfunction
+
+" `alice (pid 4242)`, as the CLI names an owner.
+function! s:who(owner) abort
+  if type(a:owner) != v:t_dict
+    return 'nobody'
+  endif
+  return printf('%s (pid %s)', a:owner.key, a:owner.pid)
+endfunction
+
+function! s:display_name(bufnr) abort
+  return fnamemodify(bufname(a:bufnr), ':~:.')
+endfunction
+
+function! s:standing_of(fields) abort
+  return {'role': a:fields.role, 'readonly': a:fields.readonly,
+        \ 'position': a:fields.position, 'owner': a:fields.owner}
+endfunction
+
+" Waits, running channel callbacks and timers, until Condition() holds or
+" `ms` milliseconds pass; :sleep is where Vim handles them.
+function! s:wait_until(Condition, ms) abort
+  let start = reltime()
+  while !a:Condition()
+    if reltimefloat(reltime(start)) * 1000 >= a:ms
+      return 0
+    endif
+    sleep 5m
+  endwhile
+  return 1
+endfunction
+
+" Buffer options ---------------------------------------------------------
+
+" Makes the buffer read-only, remembering the user's settings the first
+" time, to give them back on promotion.
+function! s:restrict(bufnr) abort
+  let buf = s:buffers[a:bufnr]
+  if empty(buf.saved)
+    let buf.saved = {'modifiable': getbufvar(a:bufnr, '&modifiable'),
+          \ 'readonly': getbufvar(a:bufnr, '&readonly')}
+  endif
+  " Set every time: reading the file again (:edit!) resets 'readonly'.
+  call setbufvar(a:bufnr, '&modifiable', 0)
+  call setbufvar(a:bufnr, '&readonly', 1)
+endfunction
+
+" Gives the user's settings back; 1 if the buffer was restricted.
+function! s:unrestrict(bufnr) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if empty(buf) || empty(buf.saved)
+    return 0
+  endif
+  if bufexists(a:bufnr)
+    call setbufvar(a:bufnr, '&modifiable', buf.saved.modifiable)
+    call setbufvar(a:bufnr, '&readonly', buf.saved.readonly)
+  endif
+  let buf.saved = {}
+  return 1
+endfunction
+
+" Says `message` about the buffer, unless it is what was last said.
+function! s:tell(bufnr, message, level) abort
+  let buf = s:buffers[a:bufnr]
+  if buf.last_message ==# a:message
+    return
+  endif
+  let buf.last_message = a:message
+  call s:notify(s:display_name(a:bufnr) . ': ' . a:message, a:level)
+endfunction
+
+" Puts the buffer in the state its entry calls for, and says why when that
+" changes.
+function! s:apply(bufnr) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if empty(buf) || !has_key(s:entries, buf.topic) || !bufexists(a:bufnr)
+    return
+  endif
+  let entry = s:entries[buf.topic]
+  if entry.status ==# 'joined'
+    if entry.standing.role ==# 'owner'
+      if s:unrestrict(a:bufnr)
+        call s:tell(a:bufnr, 'you are the owner now; editable again', 'info')
+      else
+        let buf.last_message = ''
+      endif
+    else
+      let modified = getbufvar(a:bufnr, '&modified')
+      call s:restrict(a:bufnr)
+      let message = s:who(entry.standing.owner) . ' is editing; read-only'
+      if modified
+        let message .= ' (your unsaved changes are kept)'
+      endif
+      call s:tell(a:bufnr, message, 'warn')
+    endif
+  elseif entry.status ==# 'unreachable'
+    let reason = printf('cannot reach the daemon at %s (%s)', presenced#socket_path(),
+          \ s:link.error !=# '' ? s:link.error : 'no answer')
+    if s:opt('on_unreachable', 'editable') ==# 'readonly'
+      call s:restrict(a:bufnr)
+      call s:tell(a:bufnr, reason . '; read-only until it answers', 'warn')
+    else
+      call s:unrestrict(a:bufnr)
+      call s:tell(a:bufnr, reason . '; editable, but nobody else will know you are editing it', 'warn')
+    endif
+  elseif entry.status ==# 'refused'
+    call s:unrestrict(a:bufnr)
+    call s:tell(a:bufnr, 'the daemon refused to track it (' . entry.error . '); editable', 'warn')
+  endif
+  " 'joining': left as it is until the answer comes.
+endfunction
+
+" Applies the entry's state to its buffers, then lets the statusline and
+" any `User PresencedRole` autocommand see it.
+function! s:apply_entry(entry) abort
+  for bufnr in keys(a:entry.bufs)
+    call s:apply(str2nr(bufnr))
+  endfor
+  redrawstatus!
+  if exists('#User#PresencedRole')
+    doautocmd <nomodeline> User PresencedRole
+  endif
+endfunction
+
+function! s:set_standing(entry, standing) abort
+  let a:entry.status = 'joined'
+  let a:entry.standing = a:standing
+  call s:apply_entry(a:entry)
+endfunction
+
+" Presences seen through the subscription ---------------------------------
+
+" Adds the metas of a Phoenix-shaped {key: {metas: [...]}} to `into`, by ref.
+function! s:add_metas(into, presences) abort
+  if type(a:presences) != v:t_dict
+    return
+  endif
+  for [key, presence] in items(a:presences)
+    for meta in get(presence, 'metas', [])
+      let a:into[meta.phx_ref] = extend(copy(meta), {'key': key})
+    endfor
+  endfor
+endfunction
+
+function! s:on_presence_event(message) abort
+  let entry = get(s:entries, a:message.topic, {})
+  if empty(entry)
+    return
+  endif
+  if a:message.event ==# 'presence_state'
+    " A state replaces the whole view, even one not asked for (section 14).
+    let entry.metas = {}
+    call s:add_metas(entry.metas, a:message.payload)
+  else
+    for presence in values(get(a:message.payload, 'leaves', {}))
+      for meta in get(presence, 'metas', [])
+        silent! call remove(entry.metas, meta.phx_ref)
+      endfor
+    endfor
+    call s:add_metas(entry.metas, get(a:message.payload, 'joins', {}))
+  endif
+endfunction
+
+" The entries on the topic in queue order (owner first).
+function! s:queue_of(entry) abort
+  return sort(values(a:entry.metas), {a, b -> a.seq - b.seq})
+endfunction
+
+" The connection -----------------------------------------------------------
+
+" Connects to `path`. Returns a connection dict, or a string: the reason.
+function! s:open(path) abort
+  let conn = {'open': 1, 'pending': {}, 'next_id': 0, 'shutdown_reason': '', 'path': a:path}
+  let v:errmsg = ''
+  silent! let channel = ch_open('unix:' . a:path, {'mode': 'nl',
+        \ 'callback': function('s:on_line', [conn]),
+        \ 'close_cb': function('s:on_channel_closed', [conn])})
+  if !exists('channel') || ch_status(channel) !=# 'open'
+    return v:errmsg !=# '' ? substitute(v:errmsg, '^E\d\+: ', '', '') : 'cannot connect'
+  endif
+  let conn.channel = channel
+  return conn
+endfunction
+
+" A line with `event` is an event; any other line is a reply (section 3).
+function! s:on_line(conn, channel, line) abort
+  if !a:conn.open || a:line !~# '\S'
+    return
+  endif
+  try
+    let message = json_decode(a:line)
+  catch
+    call s:notify('the daemon sent a line that is not JSON: ' . a:line, 'warn')
+    return
+  endtry
+  if type(message) != v:t_dict
+    return
+  endif
+  if has_key(message, 'event') && message.event isnot v:null
+    if message.event ==# 'shutdown'
+      let a:conn.shutdown_reason = get(get(message, 'payload', {}), 'reason', 'shutdown')
+    endif
+    call s:on_event(a:conn, message)
+    return
+  endif
+  let id = string(message.id)
+  let Callback = get(a:conn.pending, id, 0)
+  if has_key(a:conn.pending, id)
+    call remove(a:conn.pending, id)
+  endif
+  if type(Callback) == v:t_func
+    call Callback(message)
+  endif
+endfunction
+
+function! s:on_channel_closed(conn, channel) abort
+  if a:conn.open
+    call s:shut(a:conn, 'the daemon closed the connection')
+    call s:on_close(a:conn)
+  endif
+endfunction
+
+" Every request still waiting gets a `disconnected` reply.
+function! s:shut(conn, reason) abort
+  let a:conn.open = 0
+  let pending = a:conn.pending
+  let a:conn.pending = {}
+  for Callback in values(pending)
+    if type(Callback) == v:t_func
+      call Callback({'ok': v:false, 'error': {'code': 'disconnected', 'message': a:reason}})
+    endif
+  endfor
+endfunction
+
+function! s:close(conn) abort
+  if a:conn.open
+    call s:shut(a:conn, 'the connection was closed')
+    silent! call ch_close(a:conn.channel)
+  endif
+endfunction
+
+" Sends `message`; Callback(reply) gets the reply, or a `disconnected` error
+" reply if the connection closes first. 0 drops the reply.
+function! s:request(conn, message, Callback) abort
+  if !a:conn.open
+    if type(a:Callback) == v:t_func
+      call a:Callback({'ok': v:false, 'error': {'code': 'disconnected', 'message': 'not connected'}})
+    endif
+    return
+  endif
+  let a:conn.next_id += 1
+  let a:message.id = a:conn.next_id
+  let a:conn.pending[string(a:conn.next_id)] = a:Callback
+  try
+    call ch_sendraw(a:conn.channel, json_encode(a:message) . "\n")
+  catch
+    " The close callback follows and starts the reconnect.
+    call s:shut(a:conn, 'writing to the daemon failed: ' . v:exception)
+    call s:on_close(a:conn)
+  endtry
+endfunction
+
+" Talking to the daemon ----------------------------------------------------
+
+function! s:on_track_reply(conn, entry, reply) abort
+  let a:entry.tracking = 0
+  if a:reply.ok && a:entry.left
+    " The buffer went while the track was on its way.
+    if a:conn.open
+      call s:request(a:conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:reply.ref}, 0)
+      if !has_key(s:entries, a:entry.topic)
+        call s:request(a:conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
+      endif
+    endif
+    return
+  endif
+  if a:entry.left || a:conn isnot s:link.conn
+    return
+  endif
+  if a:reply.ok
+    let a:entry.ref = a:reply.ref
+    let a:entry.token = a:reply.resume_token
+    let a:entry.seq = a:reply.seq
+    let s:by_ref[a:reply.ref] = a:entry
+    call s:set_standing(a:entry, s:standing_of(a:reply))
+  elseif a:reply.error.code !=# 'disconnected'
+    " A disconnect is retried by the reconnect; anything else is final.
+    let a:entry.status = 'refused'
+    let a:entry.error = a:reply.error.message
+    call s:apply_entry(a:entry)
+  endif
+endfunction
+
+function! s:track(entry) abort
+  let conn = s:link.conn
+  let a:entry.tracking = 1
+  " lifetime "connection": the entry dies with the connection, so a killed
+  " editor's spectators are promoted at once.
+  call s:request(conn, {'op': 'track', 'topic': a:entry.topic, 'key': a:entry.key,
+        \ 'meta': a:entry.meta, 'lifetime': 'connection', 'subscribe': v:true},
+        \ function('s:on_track_reply', [conn, a:entry]))
+endfunction
+
+function! s:join(entry) abort
+  let a:entry.status = 'joining'
+  if s:link.state ==# 'up'
+    call s:track(a:entry)
+  elseif s:link.state ==# 'idle'
+    call s:connect()
+  endif
+  " 'connecting': the new connection tracks it once up.
+endfunction
+
+function! s:leave(entry) abort
+  let a:entry.left = 1
+  if a:entry.ref !=# ''
+    silent! call remove(s:by_ref, a:entry.ref)
+  endif
+  if s:link.state ==# 'up' && a:entry.ref !=# ''
+    call s:request(s:link.conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:entry.ref}, 0)
+    if !has_key(s:entries, a:entry.topic)
+      call s:request(s:link.conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
+    endif
+  elseif a:entry.token !=# ''
+    call add(s:orphans, {'token': a:entry.token, 'ref': a:entry.ref, 'topic': a:entry.topic})
+  endif
+  " A track still on its way is untracked when its reply comes.
+endfunction
+
+" Starts a daemon through the CLI, which waits until it serves the socket.
+function! s:start_daemon(path, Callback) abort
+  let command = s:opt('command', 'presence')
+  let stderr = []
+  try
+    let job = job_start([command, '--socket', a:path, 'list', '--json'], {
+          \ 'in_io': 'null', 'out_io': 'null',
+          \ 'err_cb': {channel, line -> add(stderr, line)},
+          \ 'exit_cb': {job, code -> a:Callback(code == 0 ? '' :
+          \   printf('could not start a daemon: `%s list` exited with status %d%s', command, code,
+          \          empty(stderr) ? '' : ': ' . join(stderr, ' ')))}})
+  catch
+    call a:Callback(printf('could not start a daemon: cannot run `%s`: %s', command, v:exception))
+    return
+  endtry
+  if job_status(job) ==# 'fail'
+    call a:Callback(printf('could not start a daemon: cannot run `%s`', command))
+  endif
+endfunction
+
+" Whether a failed connect means nobody serves the socket, as opposed to,
+" say, a permission problem a new daemon would not fix.
+function! s:worth_starting(error) abort
+  return a:error =~? 'no such file\|refused'
+endfunction
+
+function! s:stop_retrying() abort
+  if s:link.timer != -1
+    call timer_stop(s:link.timer)
+    let s:link.timer = -1
+  endif
+endfunction
+
+" Tracks every entry that has no place yet: new ones, ones that expired
+" while away, and ones that could not be tracked before.
+function! s:track_unjoined(conn) abort
+  for entry in values(s:entries)
+    if a:conn isnot s:link.conn
+      return
+    endif
+    if entry.ref ==# '' && !entry.tracking
+      let entry.status = 'joining'
+      call s:track(entry)
+    endif
+  endfor
+endfunction
+
+function! s:on_resume_reply(conn, tokens, leaving, reply) abort
+  if a:conn isnot s:link.conn
+    return
+  endif
+  let reply = a:reply
+  if !reply.ok && reply.error.code ==# 'disconnected'
+    " Closed before it answered (a connection accepted by a daemon that was
+    " dying, say): the next connection resumes with the same tokens.
+    call extend(s:orphans, a:leaving)
+    return
+  endif
+  if !reply.ok
+    " Not expected of a resume; start over with new entries.
+    let reply = {'roles': {}, 'expired': a:tokens, 'resumed': [], 'refused': {}}
+  endif
+  for [ref, standing] in items(reply.roles)
+    let entry = get(s:by_ref, ref, {})
+    if !empty(entry)
+      " Unchanged roles say nothing: s:apply only speaks of changes.
+      call s:set_standing(entry, s:standing_of(standing))
+      call s:request(a:conn, {'op': 'subscribe', 'topic': entry.topic}, 0)
+    endif
+  endfor
+  for orphan in a:leaving
+    if index(reply.resumed, orphan.ref) >= 0
+      call s:request(a:conn, {'op': 'untrack', 'topic': orphan.topic, 'ref': orphan.ref}, 0)
+    endif
+  endfor
+  " Entries the daemon no longer has (expired), or would not give back
+  " (refused): their place is lost, so they join at the end again.
+  for token in reply.expired + keys(reply.refused)
+    for entry in values(s:entries)
+      if entry.token ==# token
+        silent! call remove(s:by_ref, entry.ref)
+        let entry.ref = ''
+        let entry.token = ''
+      endif
+    endfor
+  endfor
+  call s:track_unjoined(a:conn)
+endfunction
+
+" Gets back everything after a (re)connect, as docs/protocol.md section 13
+" says: resume every token, compare the standings, track again what the
+" daemon no longer has, and subscribe again.
+function! s:restore(conn) abort
+  let tokens = []
+  for entry in values(s:entries)
+    if entry.token !=# ''
+      call add(tokens, entry.token)
+    endif
+  endfor
+  let leaving = s:orphans
+  let s:orphans = []
+  for orphan in leaving
+    call add(tokens, orphan.token)
+  endfor
+  if empty(tokens)
+    call s:track_unjoined(a:conn)
+    return
+  endif
+  call s:request(a:conn, {'op': 'resume', 'tokens': tokens},
+        \ function('s:on_resume_reply', [a:conn, tokens, leaving]))
+endfunction
+
+function! s:connected(conn) abort
+  call s:stop_retrying()
+  let s:link.conn = a:conn
+  let s:link.state = 'up'
+  let s:link.error = ''
+  let s:link.reconnecting = 0
+  call s:restore(a:conn)
+endfunction
+
+" The daemon cannot be reached: every entry falls back to on_unreachable. A
+" later buffer, or :PresenceReconnect, tries again.
+function! s:unreachable(reason) abort
+  call s:stop_retrying()
+  let s:link.state = 'idle'
+  let s:link.conn = {}
+  let s:link.error = a:reason
+  let s:link.reconnecting = 0
+  for entry in values(s:entries)
+    let entry.tracking = 0
+    let entry.status = 'unreachable'
+    call s:apply_entry(entry)
+  endfor
+endfunction
+
+" One attempt at connecting, for the try described by `try`: {generation,
+" path, autostart, started (reltime), timeout_ms (0: a single attempt),
+" reason, pause, started_daemon}. Failed attempts are repeated with growing
+" pauses until timeout_ms has passed since `started`.
+function! s:attempt(try, ...) abort
+  if a:try.generation != s:link.generation
+    return
+  endif
+  let s:link.timer = -1
+  let conn = s:open(a:try.path)
+  if type(conn) == v:t_dict
+    call s:connected(conn)
+    return
+  endif
+  if a:try.autostart && s:opt('autostart', 1) && !a:try.started_daemon && s:worth_starting(conn)
+    let a:try.started_daemon = 1
+    call s:start_daemon(a:try.path, function('s:on_daemon_started', [a:try]))
+    return
+  endif
+  call s:retry_or_give_up(a:try, conn)
+endfunction
+
+function! s:on_daemon_started(try, error) abort
+  if a:try.generation != s:link.generation
+    return
+  endif
+  if a:error ==# ''
+    call s:attempt(a:try)
+  elseif a:try.timeout_ms == 0
+    call s:unreachable(a:error)
+  else
+    " Perhaps another editor is starting one: keep trying.
+    call s:retry_or_give_up(a:try, a:error)
+  endif
+endfunction
+
+function! s:retry_or_give_up(try, error) abort
+  let left = a:try.timeout_ms - reltimefloat(reltime(a:try.started)) * 1000
+  if left <= 0
+    call s:unreachable(a:try.reason !=# '' ? a:try.reason . ', and it did not come back: ' . a:error : a:error)
+    return
+  endif
+  let s:link.error = a:error
+  " min() takes no Float in Vim 9.0.
+  let pause = a:try.pause < left ? a:try.pause : float2nr(left)
+  let s:link.timer = timer_start(pause, function('s:attempt', [a:try]))
+  let a:try.pause = min([a:try.pause * 2, 500])
+endfunction
+
+function! s:connect() abort
+  if s:link.state !=# 'idle'
+    return
+  endif
+  let s:link.state = 'connecting'
+  let s:link.generation += 1
+  call s:attempt({'generation': s:link.generation, 'path': presenced#socket_path(),
+        \ 'autostart': 1, 'started': reltime(), 'timeout_ms': 0, 'reason': '', 'pause': 50,
+        \ 'started_daemon': 0})
+endfunction
+
+function! s:on_event(conn, message) abort
+  if a:conn isnot s:link.conn
+    return
+  endif
+  if a:message.event ==# 'role'
+    let payload = a:message.payload
+    let entry = get(s:by_ref, payload.ref, {})
+    if !empty(entry)
+      call s:set_standing(entry, s:standing_of(payload))
+    endif
+  elseif a:message.event ==# 'presence_state' || a:message.event ==# 'presence_diff'
+    call s:on_presence_event(a:message)
+  endif
+  " `shutdown` is noted by s:on_line and handled when the connection closes.
+endfunction
+
+" The connection closed: keep every buffer as it is (the daemon keeps the
+" places for a grace period) and get back within reconnect_timeout_ms.
+function! s:on_close(conn) abort
+  if a:conn isnot s:link.conn
+    return
+  endif
+  let s:link.conn = {}
+  let s:link.state = 'connecting'
+  let s:link.reconnecting = 1
+  let s:link.generation += 1
+  for entry in values(s:entries)
+    let entry.tracking = 0
+  endfor
+  let deliberate = a:conn.shutdown_reason !=# ''
+  call s:attempt({'generation': s:link.generation, 'path': presenced#socket_path(),
+        \ 'autostart': !deliberate, 'started': reltime(),
+        \ 'timeout_ms': s:opt('reconnect_timeout_ms', 30000), 'pause': 50, 'started_daemon': 0,
+        \ 'reason': deliberate ? 'the daemon shut down (' . a:conn.shutdown_reason . ')'
+        \                      : 'the daemon closed the connection'})
+endfunction
+
+" Buffers ------------------------------------------------------------------
+
+" Stops following a buffer; its entry leaves when it was the last buffer on
+" the topic. The user's settings come back, since the buffer may be loaded
+" again (after :bdelete) and must start from them.
+function! presenced#detach(bufnr) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if empty(buf)
+    return
+  endif
+  call s:unrestrict(a:bufnr)
+  call remove(s:buffers, a:bufnr)
+  let entry = get(s:entries, buf.topic, {})
+  if empty(entry)
+    return
+  endif
+  silent! call remove(entry.bufs, a:bufnr)
+  if !empty(entry.bufs)
+    return
+  endif
+  call remove(s:entries, buf.topic)
+  call s:leave(entry)
+endfunction
+
+" Follows a buffer that was read or created. `wait` waits (up to
+" g:presenced_join_wait_ms) for its role, so a spectator never looks
+" editable.
+function! presenced#attach(bufnr, wait) abort
+  if !s:is_file_buffer(a:bufnr)
+    call presenced#detach(a:bufnr)
+    return
+  endif
+  let [topic, path] = s:topic_of(a:bufnr)
+  let buf = get(s:buffers, a:bufnr, {})
+  if !empty(buf) && buf.topic ==# topic
+    " Read again (:edit!): reading resets 'readonly'.
+    call s:apply(a:bufnr)
+    return
+  endif
+  call presenced#detach(a:bufnr)
+  if topic ==# ''
+    return
+  endif
+  let s:buffers[a:bufnr] = {'topic': topic, 'saved': {}, 'last_message': ''}
+  if has_key(s:entries, topic)
+    let s:entries[topic].bufs[a:bufnr] = 1
+    call s:apply(a:bufnr)
+    return
+  endif
+  let entry = {'topic': topic, 'key': s:key_of(a:bufnr), 'meta': s:meta_of(a:bufnr, path),
+        \ 'bufs': {a:bufnr: 1}, 'status': 'joining', 'metas': {}, 'ref': '', 'token': '',
+        \ 'seq': 0, 'standing': {}, 'tracking': 0, 'left': 0, 'error': ''}
+  let s:entries[topic] = entry
+  call s:join(entry)
+  let wait_ms = s:opt('join_wait_ms', 1500)
+  if a:wait && wait_ms > 0
+    call s:wait_until({-> entry.status !=# 'joining'}, wait_ms)
+  endif
+endfunction
+
+" Leaves every topic and waits a little for the daemon to confirm, so the
+" next in line is promoted by a clean `untrack`.
+function! presenced#leave_all() abort
+  let s:link.generation += 1
+  call s:stop_retrying()
+  let conn = s:link.conn
+  let connected = !empty(conn) && conn.open
+  for entry in values(s:entries)
+    if connected && entry.ref !=# ''
+      call s:request(conn, {'op': 'untrack', 'topic': entry.topic, 'ref': entry.ref}, 0)
+    endif
+  endfor
+  let s:entries = {}
+  let s:buffers = {}
+  let s:by_ref = {}
+  let s:orphans = []
+  let s:link.state = 'idle'
+  let s:link.conn = {}
+  if connected
+    call s:wait_until({-> empty(conn.pending)}, s:opt('leave_wait_ms', 500))
+    call s:close(conn)
+  endif
+endfunction
+
+" Public functions ---------------------------------------------------------
+
+" What the plugin knows of a buffer (default: the current one), or {} for a
+" buffer it does not follow.
+function! presenced#state(...) abort
+  let bufnr = a:0 && a:1 ? a:1 : bufnr('%')
+  let buf = get(s:buffers, bufnr, {})
+  if empty(buf) || !has_key(s:entries, buf.topic)
+    return {}
+  endif
+  let entry = s:entries[buf.topic]
+  let joined = entry.status ==# 'joined'
+  let position = joined ? entry.standing.position : v:null
+  if joined && entry.seq && !empty(entry.metas)
+    " Role events are not sent when someone ahead in the queue leaves, so
+    " count the entries ahead from the subscription instead.
+    let position = len(filter(values(entry.metas), {_, meta -> meta.seq < entry.seq}))
+  endif
+  return {'topic': entry.topic, 'key': entry.key, 'status': entry.status,
+        \ 'role': joined ? entry.standing.role : v:null,
+        \ 'position': position,
+        \ 'owner': joined ? entry.standing.owner : v:null,
+        \ 'ref': entry.ref,
+        \ 'error': entry.status ==# 'refused' ? entry.error : s:link.error,
+        \ 'connection': s:link.reconnecting ? 'reconnecting' : s:link.state,
+        \ 'socket': presenced#socket_path(),
+        \ 'restricted': !empty(buf.saved)}
+endfunction
+
+" A short text for the statusline: `owner`, `owner, 2 watching`,
+" `spectator #1 (owner: alice, pid 4242)`, or '' for buffers not followed.
+function! presenced#status(...) abort
+  let state = call('presenced#state', a:000)
+  if empty(state)
+    return ''
+  endif
+  if state.status ==# 'joined'
+    if state.role ==# 'owner'
+      let watching = len(s:entries[state.topic].metas) - 1
+      let text = watching > 0 ? printf('owner, %d watching', watching) : 'owner'
+    else
+      let owner = type(state.owner) == v:t_dict ? state.owner : {'key': '?', 'pid': '?'}
+      let text = printf('spectator #%d (owner: %s, pid %s)', state.position, owner.key, owner.pid)
+    endif
+  elseif state.status ==# 'joining'
+    let text = 'joining'
+  elseif state.status ==# 'unreachable'
+    let text = 'no daemon'
+  else
+    let text = 'not tracked'
+  endif
+  if state.connection ==# 'reconnecting'
+    let text .= ', reconnecting'
+  endif
+  return text
+endfunction
+
+" Who is on the buffer's topic, owner first: a list of {key, pid, user,
+" editor, role, position, you}.
+function! presenced#who(...) abort
+  let state = call('presenced#state', a:000)
+  if empty(state)
+    return []
+  endif
+  let list = []
+  for meta in s:queue_of(s:entries[state.topic])
+    call add(list, {'key': meta.key, 'pid': meta.pid, 'user': meta.user,
+          \ 'editor': get(meta, 'editor', ''), 'role': empty(list) ? 'owner' : 'spectator',
+          \ 'position': len(list), 'you': meta.phx_ref ==# state.ref})
+  endfor
+  return list
+endfunction
+
+function! presenced#print_status() abort
+  let state = presenced#state()
+  if empty(state)
+    call s:notify(printf('this buffer is not on any topic (daemon socket: %s, %s)',
+          \ presenced#socket_path(), s:link.state), 'info')
+    return
+  endif
+  echomsg printf('presenced: %s: %s', s:display_name(bufnr('%')), presenced#status())
+  echomsg printf('  topic %s, key %s, ref %s', state.topic, state.key,
+        \ state.ref !=# '' ? state.ref : 'none')
+  echomsg printf('  daemon %s: %s%s', state.socket, state.connection,
+        \ state.error !=# '' ? ' (' . state.error . ')' : '')
+endfunction
+
+function! presenced#print_who() abort
+  let state = presenced#state()
+  if empty(state)
+    call s:notify('this buffer is not on any topic', 'info')
+    return
+  endif
+  let list = presenced#who()
+  if empty(list)
+    call s:notify(printf('nobody known on %s yet (%s)', state.topic, presenced#status()), 'info')
+    return
+  endif
+  echomsg printf('presenced: on %s:', state.topic)
+  for person in list
+    echomsg printf('  %-12s %s (pid %s)%s%s',
+          \ person.role ==# 'owner' ? 'owner' : 'spectator #' . person.position,
+          \ person.key, person.pid, person.editor !=# '' ? ', ' . person.editor : '',
+          \ person.you ? ', you' : '')
+  endfor
+endfunction
+
+" :PresenceReconnect: try the daemon again after it could not be reached.
+function! presenced#reconnect() abort
+  call s:connect()
+endfunction
+
+let &cpoptions = s:save_cpo
+unlet s:save_cpo

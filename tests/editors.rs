@@ -1,0 +1,1016 @@
+//! The editor plugins in real editors: the Neovim plugin (editors/nvim) in
+//! headless Neovim, queried through its RPC socket with `nvim --server
+//! SOCK --remote-expr`, and the Vim plugin (editors/vim) in batch-mode Vim
+//! (`vim -Nu NONE -i NONE -es`), queried through files by
+//! tests/editors/vim_driver.vim, since that Vim has no clientserver.
+//!
+//! Each test gives its editors a private HOME and XDG folders, a private
+//! daemon socket and database (PRESENCE_SOCKET, PRESENCE_DB) and no swap
+//! files, and kills every editor it started when it ends, pass or fail.
+//! Waits end on what the editor reports, under the common deadline.
+//!
+//! A missing editor skips a test with a note, except in CI (`CI` set to
+//! anything but `false` or `0`), where it fails: a skip there would hide
+//! that the plugin was never tried.
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{
+    Daemon, KillDaemonsOnDrop, POLL, eventually, finish, presence_bin, presence_command, signal,
+    start_daemon, stdout, within,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+const EDITORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/editors");
+const VIM_DRIVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/editors/vim_driver.vim");
+
+/// Whether `program` runs here. Without it the test is skipped with a
+/// note, except in CI, where it fails.
+fn have(program: &str) -> bool {
+    let runs = std::process::Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if runs {
+        return true;
+    }
+    // The test harness names each test's thread after the test.
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
+    let in_ci =
+        std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "false" | "0"));
+    assert!(
+        !in_ci,
+        "{test} needs `{program}`, and CI must run it (.ci/run installs it)"
+    );
+    eprintln!("skipped {test}: `{program}` is not installed");
+    false
+}
+
+/// `text` as a Lua long string, which needs no escapes.
+fn lua_string(text: &str) -> String {
+    format!("[==[{text}]==]")
+}
+
+/// `text` as a Vim single-quoted string.
+fn vim_string(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The private world of one test's editors: HOME and the XDG folders, the
+/// files they open, and their servers' sockets, in one temporary folder.
+struct Workspace {
+    dir: TempDir,
+    /// The editors' PRESENCE_SOCKET. `None` leaves it unset, so that the
+    /// plugins find the socket under XDG_RUNTIME_DIR as the CLI does.
+    socket: Option<PathBuf>,
+    db: PathBuf,
+    editors_started: AtomicU32,
+}
+
+impl Workspace {
+    /// Editors aimed at `daemon`'s socket and database.
+    fn for_daemon(daemon: &Daemon) -> Workspace {
+        Workspace::new(Some(daemon.socket.clone()), Some(daemon.db.clone()))
+    }
+
+    fn new(socket: Option<PathBuf>, db: Option<PathBuf>) -> Workspace {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        for folder in ["home", "config", "data", "state", "cache", "run", "files"] {
+            std::fs::create_dir(dir.path().join(folder)).expect("create a folder");
+        }
+        let db = db.unwrap_or_else(|| dir.path().join("state/presenced/presence.db"));
+        Workspace {
+            dir,
+            socket,
+            db,
+            editors_started: AtomicU32::new(0),
+        }
+    }
+
+    /// The socket the plugins use: PRESENCE_SOCKET, else the one under
+    /// XDG_RUNTIME_DIR.
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("run/presenced/presenced.sock"))
+    }
+
+    /// Writes a file for the editors to open and returns its path.
+    fn file(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("files").join(name);
+        std::fs::write(&path, "line one\n").expect("write the file");
+        path
+    }
+
+    /// The environment of every editor process: private HOME and XDG
+    /// folders, the daemon's socket and database, and nothing of the
+    /// user's editor configuration.
+    fn environment(&self) -> Vec<(&'static str, Option<OsString>)> {
+        let root = self.dir.path();
+        let mut environment: Vec<(&'static str, Option<OsString>)> = [
+            ("HOME", "home"),
+            ("XDG_CONFIG_HOME", "config"),
+            ("XDG_DATA_HOME", "data"),
+            ("XDG_STATE_HOME", "state"),
+            ("XDG_CACHE_HOME", "cache"),
+            ("XDG_RUNTIME_DIR", "run"),
+        ]
+        .into_iter()
+        .map(|(name, folder)| (name, Some(root.join(folder).into_os_string())))
+        .collect();
+        environment.push(("PRESENCE_DB", Some(self.db.clone().into_os_string())));
+        environment.push((
+            "PRESENCE_SOCKET",
+            self.socket.clone().map(PathBuf::into_os_string),
+        ));
+        for unset in [
+            "VIMINIT",
+            "EXINIT",
+            "MYVIMRC",
+            "NVIM",
+            "NVIM_LISTEN_ADDRESS",
+            "NVIM_APPNAME",
+            "PRESENCE_LOG",
+        ] {
+            environment.push((unset, None));
+        }
+        environment
+    }
+
+    fn next_name(&self, program: &str) -> String {
+        let number = self.editors_started.fetch_add(1, Ordering::Relaxed);
+        format!("{program}-{number}")
+    }
+
+    /// Runs `presence ARGS` against the plugins' socket, never starting a
+    /// daemon, and parses its JSON output.
+    async fn presence_json(&self, args: &[&str]) -> Value {
+        self.try_presence_json(args)
+            .await
+            .unwrap_or_else(|error| panic!("presence {args:?} failed: {error}"))
+    }
+
+    /// [`Workspace::presence_json`], or what `presence` said on stderr if
+    /// it failed (no daemon yet, say).
+    async fn try_presence_json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut command = presence_command(&self.socket(), &self.db);
+        command.arg("--no-autostart").args(args);
+        let output = finish(&mut command).await;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        Ok(serde_json::from_str(&stdout(&output))
+            .unwrap_or_else(|e| panic!("presence {args:?} printed no JSON ({e})")))
+    }
+
+    /// Waits until a daemon serves the socket again and every entry it
+    /// restored has been resumed by its editor.
+    async fn wait_until_resumed(&self, entries: u64) {
+        eventually("every editor to resume its entry", async || {
+            match self.try_presence_json(&["status", "--json"]).await {
+                Ok(status) => status["awaiting_resume"] == 0 && status["entries"] == entries,
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+}
+
+/// How a test talks to one editor.
+enum Driver {
+    /// `nvim --server SOCKET --remote-expr`.
+    Neovim { server: PathBuf },
+    /// Request and response files in `dir`, numbered from 0.
+    Vim { dir: PathBuf, next: AtomicU32 },
+}
+
+/// A running editor with one file open; killed when dropped.
+struct Editor {
+    name: String,
+    driver: Driver,
+    child: Mutex<Child>,
+    pid: u32,
+    /// Everything the editor printed.
+    output: PathBuf,
+    environment: Vec<(&'static str, Option<OsString>)>,
+}
+
+fn apply_environment(command: &mut Command, environment: &[(&'static str, Option<OsString>)]) {
+    for (name, value) in environment {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+}
+
+impl Editor {
+    /// Neovim with the plugin at its defaults, opening `file`.
+    async fn neovim(workspace: &Workspace, file: &Path) -> Editor {
+        Editor::neovim_with(workspace, file, "").await
+    }
+
+    /// Neovim opening `file`, with `setup` (Lua table fields) added to the
+    /// plugin's setup() call; the presence binary is always the one built.
+    async fn neovim_with(workspace: &Workspace, file: &Path, setup: &str) -> Editor {
+        let name = workspace.next_name("nvim");
+        let folder = workspace.dir.path();
+        let server = folder.join(format!("{name}.sock"));
+        let init = folder.join(format!("{name}-init.lua"));
+        let script = format!(
+            "vim.opt.swapfile = false\n\
+             vim.opt.runtimepath:prepend({plugin})\n\
+             require('presenced').setup({{ presence_cmd = {binary}, {setup} }})\n",
+            plugin = lua_string(&format!("{EDITORS}/nvim")),
+            binary = lua_string(presence_bin()),
+        );
+        std::fs::write(&init, script).expect("write init.lua");
+        let mut command = Command::new("nvim");
+        command
+            .arg("--headless")
+            .arg("--listen")
+            .arg(&server)
+            .args(["-n", "-i", "NONE", "-u"])
+            .arg(&init)
+            .arg(file);
+        let editor = Editor::spawn(
+            workspace,
+            name,
+            command,
+            Driver::Neovim {
+                server: server.clone(),
+            },
+        );
+        eventually(
+            &format!("{} to listen on {server:?}", editor.name),
+            async || editor.answer("1").await.is_some(),
+        )
+        .await;
+        editor
+    }
+
+    /// Batch-mode Vim with the plugin, opening `file`; `settings` are Ex
+    /// commands run before the plugin loads (`let g:presenced_… = …`).
+    async fn vim_with(workspace: &Workspace, file: &Path, settings: &[&str]) -> Editor {
+        let name = workspace.next_name("vim");
+        let dir = workspace.dir.path().join(format!("{name}-driver"));
+        std::fs::create_dir(&dir).expect("create the driver's folder");
+        let mut before_plugin = vec![
+            format!("set runtimepath^={EDITORS}/vim noswapfile"),
+            format!("let g:presenced_command = {}", vim_string(presence_bin())),
+            format!("let g:driver_dir = {}", vim_string(&dir.to_string_lossy())),
+        ];
+        before_plugin.extend(settings.iter().map(|setting| setting.to_string()));
+        let mut command = Command::new("vim");
+        command
+            .args(["-Nu", "NONE", "-i", "NONE", "-es", "--cmd"])
+            .arg(before_plugin.join(" | "))
+            .args(["--cmd", "runtime plugin/presenced.vim", "-S", VIM_DRIVER])
+            .arg(file);
+        let next = AtomicU32::new(0);
+        Editor::spawn(workspace, name, command, Driver::Vim { dir, next })
+    }
+
+    async fn vim(workspace: &Workspace, file: &Path) -> Editor {
+        Editor::vim_with(workspace, file, &[]).await
+    }
+
+    fn spawn(workspace: &Workspace, name: String, mut command: Command, driver: Driver) -> Editor {
+        let output = workspace.dir.path().join(format!("{name}.log"));
+        let log = File::create(&output).expect("create the editor's log");
+        let environment = workspace.environment();
+        apply_environment(&mut command, &environment);
+        command
+            .current_dir(workspace.dir.path().join("files"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log"))
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
+        let pid = child.id().expect("the editor runs");
+        Editor {
+            name,
+            driver,
+            child: Mutex::new(child),
+            pid,
+            output,
+            environment,
+        }
+    }
+
+    /// Whether the editor process has exited.
+    fn exited(&self) -> bool {
+        let mut child = self.child.lock().expect("child lock");
+        matches!(child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Evaluates a Vim expression in the editor: `Some(Ok(value))`,
+    /// `Some(Err(message))` if it threw, `None` if the editor could not be
+    /// asked (not listening yet, or gone).
+    async fn answer(&self, expression: &str) -> Option<Result<Value, String>> {
+        let text = match &self.driver {
+            Driver::Neovim { server } => self.ask_neovim(server, expression).await?,
+            Driver::Vim { dir, next } => self.ask_vim(dir, next, expression).await?,
+        };
+        let answer: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!("{}: `{expression}` gave no JSON ({e}): {text:?}", self.name)
+        });
+        match answer.get("error") {
+            Some(error) => Some(Err(error.as_str().unwrap_or_default().to_owned())),
+            None => Some(Ok(answer["ok"].clone())),
+        }
+    }
+
+    /// The expression is evaluated in a Lua pcall, so that an error comes
+    /// back as text, as the Vim driver gives it.
+    async fn ask_neovim(&self, server: &Path, expression: &str) -> Option<String> {
+        let wrapped = format!(
+            "luaeval(\"(function(e) local ok, v = pcall(vim.api.nvim_eval, e) \
+             if ok then return vim.fn.json_encode({{ok = v == nil and vim.NIL or v}}) end \
+             return vim.fn.json_encode({{error = tostring(v)}}) end)(_A)\", {})",
+            vim_string(expression)
+        );
+        let mut command = Command::new("nvim");
+        command
+            .args(["-u", "NONE", "-i", "NONE", "--headless", "--server"])
+            .arg(server)
+            .arg("--remote-expr")
+            .arg(wrapped);
+        apply_environment(&mut command, &self.environment);
+        let output = finish(&mut command).await;
+        if !output.status.success() {
+            return None;
+        }
+        // Neovim 0.7 prints the result on stderr, later versions on stdout.
+        let text = if output.stdout.is_empty() {
+            &output.stderr
+        } else {
+            &output.stdout
+        };
+        let text = String::from_utf8_lossy(text).into_owned();
+        (!text.trim().is_empty()).then_some(text)
+    }
+
+    async fn ask_vim(&self, dir: &Path, next: &AtomicU32, expression: &str) -> Option<String> {
+        let number = next.fetch_add(1, Ordering::Relaxed);
+        let request = dir.join(format!("request-{number}"));
+        let staging = dir.join(format!("request-{number}.tmp"));
+        std::fs::write(&staging, expression).expect("write a request");
+        std::fs::rename(&staging, &request).expect("publish the request");
+        let response = dir.join(format!("response-{number}"));
+        let what = format!("{} to answer `{expression}`", self.name);
+        within(&what, async {
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&response) {
+                    return Some(text);
+                }
+                if self.exited() {
+                    return None;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+        .await
+    }
+
+    /// The value of `expression`; the test fails if it throws.
+    async fn eval(&self, expression: &str) -> Value {
+        match self.answer(expression).await {
+            Some(Ok(value)) => value,
+            Some(Err(error)) => panic!("{}: `{expression}` failed: {error}", self.name),
+            None => panic!(
+                "{} did not answer `{expression}`; it printed: {}",
+                self.name,
+                self.printed()
+            ),
+        }
+    }
+
+    /// The error `expression` throws; the test fails if it does not.
+    async fn eval_error(&self, expression: &str) -> String {
+        match self.answer(expression).await {
+            Some(Err(error)) => error,
+            Some(Ok(value)) => panic!("{}: `{expression}` gave {value}, not an error", self.name),
+            None => panic!("{} did not answer `{expression}`", self.name),
+        }
+    }
+
+    fn printed(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// A call of the plugin's public function `name` with no arguments.
+    fn plugin(&self, name: &str) -> String {
+        match self.driver {
+            Driver::Neovim { .. } => format!("luaeval(\"require('presenced').{name}()\")"),
+            Driver::Vim { .. } => format!("presenced#{name}()"),
+        }
+    }
+
+    /// What the plugin knows of the current buffer (`state()`).
+    async fn state(&self) -> Value {
+        self.eval(&self.plugin("state")).await
+    }
+
+    /// The statusline text (`status()`).
+    async fn status(&self) -> String {
+        let status = self.eval(&self.plugin("status")).await;
+        status.as_str().expect("status() is text").to_owned()
+    }
+
+    /// `('modifiable', 'readonly')` of the current buffer.
+    async fn buffer(&self) -> Buffer {
+        let options = self.eval("[&modifiable, &readonly]").await;
+        let flag = |index: usize| options[index].as_i64().expect("an option's value") != 0;
+        Buffer {
+            modifiable: flag(0),
+            readonly: flag(1),
+        }
+    }
+
+    async fn messages(&self) -> String {
+        let messages = self.eval("execute('messages')").await;
+        messages.as_str().expect("messages are text").to_owned()
+    }
+
+    /// Waits until the plugin gives the buffer `role`.
+    async fn wait_for_role(&self, role: &str) {
+        let what = format!("{} to be {role}", self.name);
+        eventually(&what, async || self.state().await["role"] == role).await;
+    }
+
+    /// Waits until the buffer is `expected`.
+    async fn wait_for_buffer(&self, expected: Buffer) {
+        let what = format!("{}'s buffer to be {expected:?}", self.name);
+        eventually(&what, async || self.buffer().await == expected).await;
+    }
+
+    /// Runs an Ex command and returns what it printed.
+    async fn command(&self, command: &str) -> String {
+        let printed = self
+            .eval(&format!("execute({})", vim_string(command)))
+            .await;
+        printed.as_str().expect("execute() gives text").to_owned()
+    }
+
+    /// Quits with `:qall!` (running the plugin's VimLeavePre) and waits
+    /// for the process to exit.
+    async fn quit(&self) {
+        // The editor is gone before it can answer, so no answer comes.
+        let _ = self.answer("execute('qall!')").await;
+        let what = format!("{} to quit", self.name);
+        eventually(&what, async || self.exited()).await;
+    }
+
+    /// Kills the editor with SIGKILL: no autocommand runs.
+    async fn kill(&self) {
+        signal(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let what = format!("{} to die", self.name);
+        eventually(&what, async || self.exited()).await;
+    }
+}
+
+#[derive(Debug, PartialEq, Clone, Copy)]
+struct Buffer {
+    modifiable: bool,
+    readonly: bool,
+}
+
+const EDITABLE: Buffer = Buffer {
+    modifiable: true,
+    readonly: false,
+};
+const READ_ONLY: Buffer = Buffer {
+    modifiable: false,
+    readonly: true,
+};
+
+/// An edit attempt in a spectator's buffer is refused with E21.
+async fn assert_edit_refused(editor: &Editor) {
+    let error = editor.eval_error("execute('normal! ix')").await;
+    assert!(
+        error.contains("E21: Cannot make changes, 'modifiable' is off"),
+        "{}: {error}",
+        editor.name
+    );
+}
+
+/// The message a spectator shows: `alice (pid 4242) is editing; read-only`.
+fn spectator_message(owner: &Editor) -> String {
+    format!("(pid {}) is editing; read-only", owner.pid)
+}
+
+/// Checks two editors on one file: the owner editable and seeing its
+/// spectator; the spectator read-only, naming the owner, refusing edits
+/// with E21.
+async fn owner_and_spectator(owner: &Editor, spectator: &Editor) {
+    owner.wait_for_role("owner").await;
+    assert_eq!(owner.buffer().await, EDITABLE, "{}", owner.name);
+    spectator.wait_for_role("spectator").await;
+    assert_eq!(spectator.buffer().await, READ_ONLY, "{}", spectator.name);
+    let messages = spectator.messages().await;
+    assert!(
+        messages.contains(&spectator_message(owner)),
+        "{} should name the owner: {messages:?}",
+        spectator.name
+    );
+    assert_edit_refused(spectator).await;
+    let status = spectator.status().await;
+    assert!(
+        status.starts_with("spectator #1 (owner: ") && status.contains(&owner.pid.to_string()),
+        "{status}"
+    );
+    eventually("the owner to see its spectator", async || {
+        owner.status().await == "owner, 1 watching"
+    })
+    .await;
+}
+
+/// After a promotion: editable, and the editor said so.
+async fn assert_promoted(editor: &Editor) {
+    editor.wait_for_buffer(EDITABLE).await;
+    editor.wait_for_role("owner").await;
+    let messages = editor.messages().await;
+    assert!(
+        messages.contains("you are the owner now; editable again"),
+        "{}: {messages:?}",
+        editor.name
+    );
+}
+
+#[tokio::test]
+async fn neovim_second_editor_is_read_only_until_the_first_quits() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let first = Editor::neovim(&workspace, &file).await;
+    first.wait_for_role("owner").await;
+    let second = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&first, &second).await;
+
+    // Both are on the file's topic, with what the plugin puts in meta.
+    let topic = format!("file:{}", file.canonicalize().expect("the file").display());
+    assert_eq!(second.state().await["topic"], topic.as_str());
+    let listed = workspace.presence_json(&["list", &topic, "--json"]).await;
+    assert_eq!(listed["owner"]["pid"], first.pid, "{listed}");
+    let metas: Vec<Value> = listed["presences"]
+        .as_object()
+        .expect("presences")
+        .values()
+        .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(metas.len(), 2, "{listed}");
+    for meta in &metas {
+        assert!(
+            meta["editor"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("nvim "),
+            "{meta}"
+        );
+        assert_eq!(meta["file"], file.canonicalize().unwrap().to_str().unwrap());
+    }
+    // :PresenceWho lists both, owner first, and marks who is who.
+    let who = second.eval(&second.plugin("who")).await;
+    assert_eq!(who[0]["pid"], first.pid, "{who}");
+    assert_eq!(who[0]["role"], "owner");
+    assert_eq!(who[1]["pid"], second.pid);
+    assert_eq!(who[1]["you"], true);
+    let listing = second.command("PresenceWho").await;
+    assert!(listing.contains(&format!("on {topic}:")), "{listing}");
+    assert!(
+        listing.contains(&format!("(pid {}), nvim", first.pid)),
+        "{listing}"
+    );
+    let status = second.command("PresenceStatus").await;
+    assert!(status.contains(&format!("topic {topic}")), "{status}");
+    assert!(status.contains("spectator #1"), "{status}");
+
+    first.quit().await;
+    assert_promoted(&second).await;
+    // The owner left cleanly on VimLeavePre, not by its connection closing.
+    let history = workspace.presence_json(&["log", &topic, "--json"]).await;
+    let reasons: Vec<&Value> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| event["kind"] == "leave" && event["pid"] == first.pid)
+        .map(|event| &event["reason"])
+        .collect();
+    assert_eq!(reasons, ["untrack"], "{history}");
+}
+
+#[tokio::test]
+async fn neovim_spectator_is_promoted_when_the_owner_is_killed() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::neovim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+
+    owner.kill().await;
+    assert_promoted(&spectator).await;
+    assert_eq!(spectator.status().await, "owner");
+}
+
+#[tokio::test]
+async fn neovim_roles_hold_across_a_daemon_restart() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::neovim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+    let refs = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+    let said = spectator.messages().await;
+
+    let daemon = daemon.restart(&[]).await;
+    workspace.wait_until_resumed(2).await;
+    eventually("both editors to be connected again", async || {
+        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
+    })
+    .await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    assert_eq!(spectator.buffer().await, READ_ONLY);
+    let refs_now = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+    assert_eq!(
+        refs_now, refs,
+        "both entries were resumed, not tracked again"
+    );
+    assert_eq!(
+        spectator.messages().await,
+        said,
+        "nothing changed, so nothing is said"
+    );
+
+    // The spectator's new connection carries role events.
+    owner.kill().await;
+    assert_promoted(&spectator).await;
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn neovim_roles_hold_when_the_daemon_crashes() {
+    if !have("nvim") {
+        return;
+    }
+    let mut daemon = Daemon::start().await;
+    // The plugins start the replacement daemon through the CLI, in its own
+    // session: kill it at the end, whatever happens.
+    let _replacement = KillDaemonsOnDrop(daemon.socket.clone());
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::neovim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+    let refs = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+
+    let crashed = daemon.pid();
+    daemon.crash().await;
+    // Nobody restarts it here: after a crash the plugins start one.
+    workspace.wait_until_resumed(2).await;
+    let status = workspace.presence_json(&["status", "--json"]).await;
+    assert_ne!(status["pid"], crashed, "a new daemon serves: {status}");
+    eventually("both editors to be connected again", async || {
+        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
+    })
+    .await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    assert_eq!(spectator.buffer().await, READ_ONLY);
+    let refs_now = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+    assert_eq!(
+        refs_now, refs,
+        "both entries were resumed, not tracked again"
+    );
+
+    owner.quit().await;
+    assert_promoted(&spectator).await;
+}
+
+#[tokio::test]
+async fn neovim_closing_a_buffer_leaves_its_topic() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let first = Editor::neovim(&workspace, &file).await;
+    first.wait_for_role("owner").await;
+    let second = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&first, &second).await;
+
+    // :bdelete (BufDelete) leaves; the other editor is promoted.
+    first.command("enew | bdelete #").await;
+    assert_promoted(&second).await;
+    // Opening it again joins at the end of the queue.
+    first.command(&format!("edit {}", file.display())).await;
+    first.wait_for_role("spectator").await;
+    assert_eq!(first.buffer().await, READ_ONLY);
+    // Reading the file again resets 'readonly'; the plugin sets it back.
+    first.command("edit!").await;
+    assert_eq!(first.buffer().await, READ_ONLY);
+    // :bwipeout (BufWipeout) leaves too.
+    second.command("enew | bwipeout #").await;
+    assert_promoted(&first).await;
+}
+
+#[tokio::test]
+async fn neovim_starts_a_daemon_found_as_the_cli_finds_it_with_a_topic_function() {
+    if !have("nvim") {
+        return;
+    }
+    // No PRESENCE_SOCKET: the socket is under XDG_RUNTIME_DIR, and nothing
+    // serves it until the plugin starts a daemon through the CLI.
+    let workspace = Workspace::new(None, None);
+    let _daemon = KillDaemonsOnDrop(workspace.socket());
+    let file = workspace.file("post-slug.md");
+    // What a user of the CMS sets: one topic per form, not per file.
+    let setup = "topic = function(_, path) \
+                 return 'publishing_edit:' .. vim.fn.fnamemodify(path, ':t:r') end";
+    let editor = Editor::neovim_with(&workspace, &file, setup).await;
+    editor.wait_for_role("owner").await;
+    assert_eq!(editor.buffer().await, EDITABLE);
+    let listed = workspace
+        .presence_json(&["list", "publishing_edit:post-slug", "--json"])
+        .await;
+    assert_eq!(listed["owner"]["pid"], editor.pid, "{listed}");
+    let status = workspace.presence_json(&["status", "--json"]).await;
+    assert_eq!(
+        status["db"],
+        workspace.db.to_str().expect("a UTF-8 path"),
+        "the daemon started uses PRESENCE_DB"
+    );
+}
+
+#[tokio::test]
+async fn neovim_without_a_daemon_follows_on_unreachable() {
+    if !have("nvim") {
+        return;
+    }
+    let workspace = Workspace::new(None, None);
+    let socket = workspace.socket();
+    let file = workspace.file("notes.md");
+    // The default: editable, with a warning.
+    let editable = Editor::neovim_with(&workspace, &file, "autostart = false").await;
+    eventually("the plugin to give up on the daemon", async || {
+        editable.state().await["status"] == "unreachable"
+    })
+    .await;
+    assert_eq!(editable.buffer().await, EDITABLE);
+    let messages = editable.messages().await;
+    assert!(
+        messages.contains(&format!("cannot reach the daemon at {}", socket.display()))
+            && messages.contains("editable, but nobody else will know"),
+        "{messages:?}"
+    );
+    assert_eq!(editable.status().await, "no daemon");
+    // 'readonly': read-only until the daemon answers.
+    let careful = Editor::neovim_with(
+        &workspace,
+        &file,
+        "autostart = false, on_unreachable = 'readonly'",
+    )
+    .await;
+    eventually("the plugin to give up on the daemon", async || {
+        careful.state().await["status"] == "unreachable"
+    })
+    .await;
+    assert_eq!(careful.buffer().await, READ_ONLY);
+    assert!(
+        careful
+            .messages()
+            .await
+            .contains("read-only until it answers")
+    );
+
+    // Once a daemon serves the socket, :PresenceReconnect joins: the
+    // careful one first, so it owns the file and becomes editable.
+    let _daemon = KillDaemonsOnDrop(socket.clone());
+    let mut daemon = start_daemon(Command::new(presence_bin()), &socket, &workspace.db, &[]).await;
+    careful.command("PresenceReconnect").await;
+    assert_promoted(&careful).await;
+    editable.command("PresenceReconnect").await;
+    editable.wait_for_role("spectator").await;
+    assert_eq!(editable.buffer().await, READ_ONLY);
+    let _ = daemon.start_kill();
+}
+
+#[tokio::test]
+async fn vim_batch_mode_spectator_is_promoted_when_the_owner_quits() {
+    if !have("vim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let first = Editor::vim(&workspace, &file).await;
+    first.wait_for_role("owner").await;
+    let second = Editor::vim(&workspace, &file).await;
+    owner_and_spectator(&first, &second).await;
+    let who = second.eval("presenced#who()").await;
+    assert_eq!(who[0]["pid"], first.pid, "{who}");
+    assert!(
+        who[0]["editor"]
+            .as_str()
+            .is_some_and(|editor| editor.starts_with("vim ")),
+        "{who}"
+    );
+
+    first.quit().await;
+    assert_promoted(&second).await;
+}
+
+#[tokio::test]
+async fn vim_spectator_is_promoted_when_a_neovim_owner_is_killed() {
+    if !have("vim") || !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::neovim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::vim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+
+    owner.kill().await;
+    assert_promoted(&spectator).await;
+}
+
+#[tokio::test]
+async fn vim_warns_without_a_daemon_and_starts_one_through_the_cli() {
+    if !have("vim") {
+        return;
+    }
+    // No PRESENCE_SOCKET: the socket is under XDG_RUNTIME_DIR.
+    let workspace = Workspace::new(None, None);
+    let _daemon = KillDaemonsOnDrop(workspace.socket());
+    let file = workspace.file("notes.md");
+    let offline = Editor::vim_with(&workspace, &file, &["let g:presenced_autostart = 0"]).await;
+    eventually("the plugin to give up on the daemon", async || {
+        offline.state().await["status"] == "unreachable"
+    })
+    .await;
+    assert_eq!(offline.buffer().await, EDITABLE);
+    let messages = offline.messages().await;
+    assert!(
+        messages.contains(&format!(
+            "cannot reach the daemon at {}",
+            workspace.socket().display()
+        )) && messages.contains("editable, but nobody else will know"),
+        "{messages:?}"
+    );
+
+    // With autostart (the default), Vim starts a daemon and owns the file.
+    let starter = Editor::vim(&workspace, &file).await;
+    starter.wait_for_role("owner").await;
+    assert_eq!(starter.buffer().await, EDITABLE);
+    // The first Vim gets in line once it tries again.
+    offline.command("PresenceReconnect").await;
+    offline.wait_for_role("spectator").await;
+    assert_eq!(offline.buffer().await, READ_ONLY);
+    assert!(
+        offline
+            .messages()
+            .await
+            .contains(&spectator_message(&starter))
+    );
+}
+
+#[tokio::test]
+async fn vim_roles_hold_across_a_daemon_restart() {
+    if !have("vim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::vim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::vim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+    let refs = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+
+    let daemon = daemon.restart(&[]).await;
+    workspace.wait_until_resumed(2).await;
+    eventually("both editors to be connected again", async || {
+        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
+    })
+    .await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    assert_eq!(spectator.buffer().await, READ_ONLY);
+    let refs_now = (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    );
+    assert_eq!(
+        refs_now, refs,
+        "both entries were resumed, not tracked again"
+    );
+
+    owner.quit().await;
+    assert_promoted(&spectator).await;
+    drop(daemon);
+}
+
+/// Records, in the spectator, the wall-clock time in microseconds when its
+/// buffer turns modifiable: the plugin fires `User PresencedRole` right
+/// after applying a role.
+const RECORD_PROMOTION: &str = "luaeval(\"vim.api.nvim_create_autocmd('User', { \
+     pattern = 'PresencedRole', callback = function() \
+     if vim.bo.modifiable and not vim.g.promoted_at_us then \
+     local seconds, micros = vim.loop.gettimeofday() \
+     vim.g.promoted_at_us = ('%.0f'):format(seconds * 1e6 + micros) end end }) and 1\")";
+
+/// The time from SIGKILL of the owning Neovim to the spectator's buffer
+/// turning modifiable, over 20 trials. A measurement, not a test of a
+/// bound: run it with
+/// `cargo test --test editors -- --ignored --nocapture failover`.
+#[tokio::test]
+#[ignore = "a measurement; run explicitly"]
+async fn failover_time_over_20_trials() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let mut millis = Vec::new();
+    for trial in 0..20 {
+        let file = workspace.file(&format!("trial-{trial}.md"));
+        let owner = Editor::neovim(&workspace, &file).await;
+        owner.wait_for_role("owner").await;
+        let spectator = Editor::neovim(&workspace, &file).await;
+        spectator.wait_for_role("spectator").await;
+        spectator.eval(RECORD_PROMOTION).await;
+
+        let killed_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_micros();
+        signal(owner.pid, nix::sys::signal::Signal::SIGKILL);
+        spectator.wait_for_buffer(EDITABLE).await;
+        let promoted_at: u128 = spectator
+            .eval("g:promoted_at_us")
+            .await
+            .as_str()
+            .expect("the promotion was recorded")
+            .parse()
+            .expect("microseconds");
+        let elapsed = promoted_at.saturating_sub(killed_at) as f64 / 1000.0;
+        eprintln!("trial {trial}: {elapsed:.1} ms");
+        millis.push(elapsed);
+    }
+    millis.sort_by(f64::total_cmp);
+    let median = (millis[9] + millis[10]) / 2.0;
+    let max = millis[19];
+    println!(
+        "failover over {} trials: median {median:.1} ms, max {max:.1} ms, min {:.1} ms",
+        millis.len(),
+        millis[0]
+    );
+}
