@@ -3,12 +3,16 @@
 -- written by a newer version.
 
 -- One row per tracked presence. Rows outlive the daemon so that a restart
--- loses nobody's place in a topic's queue.
+-- loses nobody's place in a topic's queue. Keyed by ref alone (WITHOUT
+-- ROWID) and with no other index: the daemon reads the table whole at
+-- start and writes it by ref, and every b-tree more is a page more to
+-- write at each commit. Seqs are unique because the daemon hands each out
+-- once.
 CREATE TABLE IF NOT EXISTS presences (
     ref               TEXT    PRIMARY KEY,          -- phx_ref, new on every update
     topic             TEXT    NOT NULL,
     key               TEXT    NOT NULL,
-    seq               INTEGER NOT NULL UNIQUE,      -- join order; lowest live seq owns the topic
+    seq               INTEGER NOT NULL,             -- join order; lowest live seq owns the topic
     prev_ref          TEXT,                         -- phx_ref_prev after an update
     meta              TEXT    NOT NULL,             -- the client's meta, a JSON object
     joined_at         INTEGER NOT NULL,             -- unix milliseconds
@@ -19,20 +23,19 @@ CREATE TABLE IF NOT EXISTS presences (
     lifetime          TEXT    NOT NULL CHECK (lifetime IN ('connection', 'process')),
     resume_token_hash BLOB    NOT NULL,             -- SHA-256; the token itself is never stored
     boot_id           TEXT    NOT NULL              -- the boot the process belongs to
-) STRICT;
-
-CREATE INDEX IF NOT EXISTS presences_by_topic ON presences (topic, seq);
+) STRICT, WITHOUT ROWID;
 
 -- Counters that must survive restarts: `next_seq` keeps seqs and refs from
 -- ever being reused.
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 -- What happened on each topic, for `presence log`: every join, leave (with
 -- its reason), update and change of owner. Written in the same transaction
--- as the change itself, and pruned to a bounded age and size.
+-- as the change itself, and pruned to a bounded age and size, oldest ids
+-- first (ids grow with time, so no index on `at` is needed).
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY,                  -- grows with each event; the order
     at     INTEGER NOT NULL,                     -- unix milliseconds
@@ -46,4 +49,3 @@ CREATE TABLE IF NOT EXISTS events (
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS events_by_topic ON events (topic, id);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (at);

@@ -14,7 +14,7 @@ use interprocess::local_socket::traits::StreamCommon as _;
 use interprocess::os::unix::uds_local_socket::tokio::Stream;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::outbound::{Next, OutboundQueue};
@@ -71,7 +71,10 @@ pub async fn serve(
     tracing::debug!(conn, pid = peer.pid, uid = peer.uid, "connection opened");
 
     let (recv, send) = tokio::net::UnixStream::from(stream).into_split();
-    let queue = OutboundQueue::new(shared.limits.max_outbound_bytes);
+    // Shared by the writer task and, for replies written straight from the
+    // core's thread, the queue.
+    let send = Arc::new(send);
+    let queue = OutboundQueue::new(shared.limits.max_outbound_bytes, Some(Arc::clone(&send)));
     let opened = Command::Open {
         conn,
         peer: peer.clone(),
@@ -85,7 +88,10 @@ pub async fn serve(
         writer.await;
         drop(flushing);
     });
-    read_requests(recv, &queue, conn, &peer, &shared).await;
+    // The peer's own process, pinned once: its tracks skip the lookup
+    // while it is watched.
+    let peer_process = sys::process_id(peer.pid).ok();
+    read_requests(recv, &queue, conn, (&peer, peer_process), &shared).await;
     let _ = shared.core.send(Command::Close { conn });
     if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
         .await
@@ -101,7 +107,7 @@ async fn read_requests(
     recv: OwnedReadHalf,
     queue: &OutboundQueue,
     conn: ConnId,
-    peer: &Peer,
+    peer: (&Peer, Option<ProcessId>),
     shared: &Shared,
 ) {
     let mut reader = BufReader::new(recv);
@@ -183,7 +189,12 @@ async fn read_line(
 }
 
 /// Parses a request line and sends the core what it asks for.
-fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
+fn handle_line(
+    line: &[u8],
+    conn: ConnId,
+    (peer, peer_process): (&Peer, Option<ProcessId>),
+    shared: &Shared,
+) {
     let (id, resolved) = match parse(line) {
         Ok(parsed) => parsed,
         Err((id, error)) => {
@@ -194,6 +205,24 @@ fn handle_line(line: &[u8], conn: ConnId, peer: &Peer, shared: &Shared) {
     let resolved = match resolved {
         Parsed::Ready(resolved) => resolved,
         Parsed::Track(request) => {
+            let own = request.pid.is_none_or(|pid| pid == peer.pid);
+            if own
+                && let Some(process) = peer_process
+                && let Some(_watched) = shared.pids.hold_if_watched(process)
+            {
+                // The peer's process is watched already: no new watch, and
+                // its exit waits for this track to reach the core.
+                let command = match own_process_track(request, process, &shared.limits) {
+                    Ok(track) => Command::Request {
+                        conn,
+                        id,
+                        request: Resolved::Presence(Op::Track(track)),
+                    },
+                    Err(error) => Command::Refuse { conn, id, error },
+                };
+                let _ = shared.core.send(command);
+                return;
+            }
             let (track, prepared) = match resolve_track(request, peer, shared) {
                 Ok(resolved) => resolved,
                 Err(error) => {
@@ -312,24 +341,41 @@ fn resolve_track(
 ) -> Result<(Track, Prepared), ErrorBody> {
     // The registry checks these too; checking first here means a refused
     // track never opens a process watch.
-    let limits = &shared.limits;
+    validate_track(&request, &shared.limits)?;
+    let (process, prepared) = resolve_process(request.pid, peer, &shared.pids)?;
+    Ok((with_token(request, process)?, prepared))
+}
+
+/// A track of the peer's own process, which is watched already.
+fn own_process_track(
+    request: TrackRequest,
+    process: ProcessId,
+    limits: &Limits,
+) -> Result<Track, ErrorBody> {
+    validate_track(&request, limits)?;
+    with_token(request, process)
+}
+
+fn validate_track(request: &TrackRequest, limits: &Limits) -> Result<(), ErrorBody> {
     validate_name("topic", &request.topic, limits.max_name_bytes)?;
     validate_name("key", &request.key, limits.max_name_bytes)?;
-    validate_meta(&request.meta, limits.max_meta_bytes)?;
-    let (process, prepared) = resolve_process(request.pid, peer, &shared.pids)?;
+    validate_meta(&request.meta, limits.max_meta_bytes)
+}
+
+/// The track, with a new resume token.
+fn with_token(request: TrackRequest, process: ProcessId) -> Result<Track, ErrorBody> {
     let (token, token_hash) = new_resume_token().ok_or_else(|| {
         ErrorBody::new(
             ErrorCode::Internal,
             "no randomness for a resume token; try again",
         )
     })?;
-    let track = Track {
+    Ok(Track {
         request,
         process,
         token,
         token_hash,
-    };
-    Ok((track, prepared))
+    })
 }
 
 /// Finds the process an entry will belong to: the peer itself, or a pid it
@@ -390,16 +436,17 @@ fn hash_token(token: &str) -> TokenHash {
 /// Drains the outbound queue to the socket until the queue closes or the
 /// socket fails.
 async fn write_lines(
-    mut send: OwnedWriteHalf,
+    send: Arc<OwnedWriteHalf>,
     queue: Arc<OutboundQueue>,
     conn: ConnId,
     core: Sender<Command>,
 ) {
+    let socket = send.as_ref().as_ref();
     loop {
         match queue.next().await {
             Next::Write(lines) => {
                 for line in lines {
-                    if let Err(e) = send.write_all(&line.bytes).await {
+                    if let Err(e) = write_all(socket, &line.bytes).await {
                         tracing::debug!(conn, "write failed: {e}");
                         queue.abandon();
                         return;
@@ -413,11 +460,26 @@ async fn write_lines(
             Next::Finished => {
                 // Half-close so the client sees EOF even while it keeps the
                 // socket open.
-                let _ = send.shutdown().await;
+                let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
                 return;
             }
         }
     }
+}
+
+/// Writes all of `bytes` through a shared socket: the queue may write to
+/// it too, from the core's thread, but only while this writer holds
+/// nothing, so the two never interleave.
+async fn write_all(socket: &tokio::net::UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        socket.writable().await?;
+        match socket.try_write(bytes) {
+            Ok(sent) => bytes = &bytes[sent..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,9 +10,17 @@
 //! while the queue is over its bound or while [`MAX_IN_FLIGHT`] requests
 //! still wait for their reply, so a client that pipelines requests and
 //! never reads cannot make the daemon hold more than that.
+//!
+//! When nothing is queued or being written, `deliver` writes the line to
+//! the socket itself, without blocking, from the core's thread: the usual
+//! reply then reaches its client without waking the writer task, a thread
+//! hop that costs more than the write. Whatever the socket does not take
+//! at once is queued for the writer, in order.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::net::unix::OwnedWriteHalf;
 
 use tokio::sync::Notify;
 
@@ -43,6 +51,9 @@ struct State {
     stale: BTreeSet<String>,
     /// Stale topics the writer has already asked the core to resync.
     resync_requested: BTreeSet<String>,
+    /// The socket, shared with the writer, for writing directly when
+    /// nothing is queued; let go when the queue closes.
+    direct: Option<Arc<OwnedWriteHalf>>,
 }
 
 /// What the writer should do next.
@@ -55,9 +66,14 @@ pub enum Next {
 }
 
 impl OutboundQueue {
-    pub fn new(max_bytes: usize) -> Arc<OutboundQueue> {
+    /// A queue for the socket `direct`, which its writer shares; without
+    /// one, every line goes through the writer.
+    pub fn new(max_bytes: usize, direct: Option<Arc<OwnedWriteHalf>>) -> Arc<OutboundQueue> {
         Arc::new(OutboundQueue {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                direct,
+                ..State::default()
+            }),
             ready: Notify::new(),
             room: Notify::new(),
             max_bytes,
@@ -127,6 +143,7 @@ impl OutboundQueue {
     pub fn abandon(&self) {
         let mut state = self.lock();
         state.closed = true;
+        state.direct = None;
         state.lines.clear();
         state.bytes = 0;
         self.room.notify_waiters();
@@ -167,6 +184,21 @@ impl Outlet for Arc<OutboundQueue> {
             }
             _ => {}
         }
+        // Nothing queued and nothing in the writer's hands: the line can go
+        // now, ahead of nobody. The lock keeps the writer out meanwhile.
+        let line = if state.lines.is_empty() && state.bytes == 0 {
+            match write_now(&state, &line.bytes) {
+                Written::All => return,
+                Written::Part(sent) => Line {
+                    // Half of it is on the wire: never dropped or replaced.
+                    kind: LineKind::Notice,
+                    bytes: Arc::from(&line.bytes[sent..]),
+                },
+                Written::Nothing => line,
+            }
+        } else {
+            line
+        };
         state.bytes += line.bytes.len();
         state.lines.push_back(line);
         if state.bytes > self.max_bytes {
@@ -194,8 +226,34 @@ impl Outlet for Arc<OutboundQueue> {
     }
 
     fn close(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        state.closed = true;
+        state.direct = None;
+        drop(state);
         self.ready.notify_one();
+    }
+}
+
+/// How much of a line [`write_now`] got onto the socket.
+enum Written {
+    All,
+    Part(usize),
+    Nothing,
+}
+
+/// Writes `bytes` to the socket without blocking, as far as it takes them.
+/// Errors are left for the writer, which meets them on its next write and
+/// ends the connection.
+fn write_now(state: &State, bytes: &[u8]) -> Written {
+    let Some(socket) = &state.direct else {
+        return Written::Nothing;
+    };
+    // Never blocks: a full socket answers WouldBlock, and the writer,
+    // which waits for room, takes the line instead.
+    match socket.as_ref().try_write(bytes) {
+        Ok(sent) if sent == bytes.len() => Written::All,
+        Ok(sent) if sent > 0 => Written::Part(sent),
+        _ => Written::Nothing,
     }
 }
 
@@ -212,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_reader_loses_diffs_and_gets_one_resync() {
-        let queue = OutboundQueue::new(100);
+        let queue = OutboundQueue::new(100, None);
         queue.deliver(line(LineKind::Reply, 10));
         queue.deliver(line(LineKind::Diff("t".into()), 60));
         queue.deliver(line(LineKind::Diff("t".into()), 60));
@@ -234,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn role_events_coalesce_to_the_latest_per_entry() {
-        let queue = OutboundQueue::new(1000);
+        let queue = OutboundQueue::new(1000, None);
         queue.deliver(line(LineKind::Role("p1".into()), 10));
         queue.deliver(line(LineKind::Role("p2".into()), 10));
         queue.deliver(line(LineKind::Role("p1".into()), 11));
@@ -256,7 +314,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_wait_while_too_many_replies_are_outstanding() {
-        let queue = OutboundQueue::new(1000);
+        let queue = OutboundQueue::new(1000, None);
         for _ in 0..MAX_IN_FLIGHT {
             queue.admit_request().await;
         }
@@ -269,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_taken_by_the_writer_count_until_written() {
-        let queue = OutboundQueue::new(100);
+        let queue = OutboundQueue::new(100, None);
         queue.deliver(line(LineKind::Notice, 150));
         let Next::Write(lines) = queue.next().await else {
             panic!("expected lines");
@@ -283,7 +341,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_queue_drains_then_finishes() {
-        let queue = OutboundQueue::new(1000);
+        let queue = OutboundQueue::new(1000, None);
         queue.deliver(line(LineKind::Reply, 10));
         queue.close();
         assert!(matches!(queue.next().await, Next::Write(_)));

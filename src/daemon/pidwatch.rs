@@ -98,6 +98,15 @@ impl PidWatcher {
         }
     }
 
+    /// Holds the watch list if `process` is on it. While the returned guard
+    /// lives, the process's exit cannot reach the core, so a track sent
+    /// under it arrives first, as a track sent before [`PidWatcher::arm`]
+    /// does. Tracks of an already watched process need no new watch.
+    pub fn hold_if_watched(&self, process: ProcessId) -> Option<impl Sized + '_> {
+        let watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+        watched.contains(&process).then_some(watched)
+    }
+
     /// Starts watching, unless the process is already watched.
     pub fn arm(&self, prepared: Prepared) {
         let mut watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
