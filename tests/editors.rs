@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -227,6 +227,12 @@ impl Editor {
     /// Neovim opening `file`, with `setup` (Lua table fields) added to the
     /// plugin's setup() call; the presence binary is always the one built.
     async fn neovim_with(workspace: &Workspace, file: &Path, setup: &str) -> Editor {
+        Editor::neovim_opening(workspace, &[file.as_os_str()], setup).await
+    }
+
+    /// [`Editor::neovim_with`] with `args` (files and options) on the
+    /// command line.
+    async fn neovim_opening(workspace: &Workspace, args: &[&OsStr], setup: &str) -> Editor {
         let name = workspace.next_name("nvim");
         let folder = workspace.dir.path();
         let server = folder.join(format!("{name}.sock"));
@@ -246,7 +252,7 @@ impl Editor {
             .arg(&server)
             .args(["-n", "-i", "NONE", "-u"])
             .arg(&init)
-            .arg(file);
+            .args(args);
         let editor = Editor::spawn(
             workspace,
             name,
@@ -956,6 +962,245 @@ async fn vim_roles_hold_across_a_daemon_restart() {
     owner.quit().await;
     assert_promoted(&spectator).await;
     drop(daemon);
+}
+
+/// The number of metas on `topic`, and the pid of its owner.
+async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
+    let listed = workspace.presence_json(&["list", topic, "--json"]).await;
+    let metas = listed["presences"]
+        .as_object()
+        .map(|presences| {
+            presences
+                .values()
+                .map(|presence| presence["metas"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
+        .unwrap_or(0);
+    (metas, listed["owner"]["pid"].clone())
+}
+
+fn file_topic(path: &Path) -> String {
+    format!("file:{}", path.canonicalize().expect("the file").display())
+}
+
+#[tokio::test]
+async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() {
+    if !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::neovim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+
+    // :edit! unloads the buffer and reads it again at once: the owner keeps
+    // its entry (BufUnload is looked at only after the command).
+    let entry = owner.state().await["ref"].clone();
+    owner.command("edit!").await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    let state = owner.state().await;
+    assert_eq!((&state["ref"], &state["role"]), (&entry, &"owner".into()));
+
+    // :saveas renames the buffer, and gives the old name to a new unloaded
+    // alternate buffer, which BufFilePost announces too: that one must not
+    // join the old topic again.
+    owner.command("saveas other.md").await;
+    assert_promoted(&spectator).await;
+    let other = workspace.dir.path().join("files/other.md");
+    let state = owner.state().await;
+    assert_eq!(state["topic"], file_topic(&other).as_str(), "{state}");
+    assert_eq!(state["role"], "owner", "{state}");
+    let alternate = owner
+        .eval("luaeval(\"require('presenced').state(vim.fn.bufnr('notes.md'))\")")
+        .await;
+    assert_eq!(
+        alternate,
+        Value::Null,
+        "the alternate buffer is not followed"
+    );
+    eventually("the spectator to be alone on the old file", async || {
+        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+    })
+    .await;
+
+    // A hidden buffer ('hidden' is on in Neovim) is still open and keeps
+    // its topic; :bunload closes it, and the next in line is promoted.
+    let second = Editor::neovim(&workspace, &other).await;
+    second.wait_for_role("spectator").await;
+    owner.command("enew").await;
+    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 2);
+    owner.command("bunload #").await;
+    assert_promoted(&second).await;
+    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 1);
+}
+
+#[tokio::test]
+async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
+    if !have("vim") || !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::vim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let spectator = Editor::neovim(&workspace, &file).await;
+    owner_and_spectator(&owner, &spectator).await;
+
+    let entry = owner.state().await["ref"].clone();
+    owner.command("edit!").await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    let state = owner.state().await;
+    assert_eq!((&state["ref"], &state["role"]), (&entry, &"owner".into()));
+
+    owner.command("saveas other.md").await;
+    assert_promoted(&spectator).await;
+    let alternate = owner.eval("presenced#state(bufnr('notes.md'))").await;
+    assert_eq!(alternate, serde_json::json!({}), "not followed");
+    eventually("the spectator to be alone on the old file", async || {
+        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+    })
+    .await;
+
+    // Vim's 'hidden' is off: :edit of another file unloads this one, which
+    // is then no longer open, so its spectator is promoted.
+    let other = workspace.dir.path().join("files/other.md");
+    let second = Editor::neovim(&workspace, &other).await;
+    second.wait_for_role("spectator").await;
+    owner.command("edit third.md").await;
+    assert_promoted(&second).await;
+    owner.wait_for_role("owner").await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+}
+
+#[tokio::test]
+async fn neovim_and_vim_follow_a_new_buffer_written_to_a_file() {
+    if !have("vim") || !have("nvim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let neovim = Editor::neovim(&workspace, &file).await;
+    let vim = Editor::vim(&workspace, &file).await;
+    owner_and_spectator(&neovim, &vim).await;
+    // `:write NAME` names an unnamed buffer without BufFilePost.
+    neovim
+        .command("enew | call setline(1, 'x') | write fresh.md")
+        .await;
+    neovim.wait_for_role("owner").await;
+    vim.command("enew | call setline(1, 'y') | write! fresh.md")
+        .await;
+    vim.wait_for_role("spectator").await;
+    assert_eq!(vim.buffer().await, READ_ONLY);
+}
+
+/// A daemon that accepts a connection and closes it at once (one over
+/// --max-connections) must not be reconnected to forever: the plugin gives
+/// up after reconnect_timeout_ms, says why, and stops trying.
+async fn gives_up_on_a_daemon_that_keeps_closing(
+    editor: impl AsyncFnOnce(&Workspace, &Path) -> Editor,
+) {
+    let daemon = Daemon::start_with(&["--max-connections", "1"]).await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let mut holder = daemon.raw().await;
+    let pong = holder.request(r#"{"op":"ping","id":1}"#).await;
+    assert_eq!(pong["ok"], true, "{pong}");
+
+    let editor = editor(&workspace, &file).await;
+    eventually("the plugin to give up on the daemon", async || {
+        editor.state().await["status"] == "unreachable"
+    })
+    .await;
+    let state = editor.state().await;
+    assert_eq!(state["connection"], "idle", "it stopped trying: {state}");
+    assert_eq!(editor.buffer().await, EDITABLE);
+    // Why is said too, as "the daemon refused the connection (…)" when
+    // the daemon's limit_exceeded line is read before the connection
+    // resets, which is not certain.
+    let messages = editor.messages().await;
+    assert!(messages.contains("cannot reach the daemon"), "{messages:?}");
+
+    // Once there is room, :PresenceReconnect joins (the daemon frees the
+    // slot of a closed connection a moment later, so try until it does).
+    drop(holder);
+    eventually("the editor to join once there is room", async || {
+        if editor.state().await["status"] == "unreachable" {
+            editor.command("PresenceReconnect").await;
+        }
+        editor.state().await["role"] == "owner"
+    })
+    .await;
+    assert_eq!(editor.buffer().await, EDITABLE);
+}
+
+#[tokio::test]
+async fn neovim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
+    if !have("nvim") {
+        return;
+    }
+    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
+        Editor::neovim_with(workspace, file, "reconnect_timeout_ms = 300").await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
+    if !have("vim") {
+        return;
+    }
+    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
+        Editor::vim_with(
+            workspace,
+            file,
+            &["let g:presenced_reconnect_timeout_ms = 300"],
+        )
+        .await
+    })
+    .await;
+}
+
+/// A daemon that never answers: a socket nobody accepts on (the kernel
+/// queues the connection). Opening four files at start may block for one
+/// join_wait_ms, not four.
+#[tokio::test]
+async fn neovim_waits_for_an_unanswering_daemon_once_not_per_file() {
+    if !have("nvim") {
+        return;
+    }
+    let silent = tempfile::tempdir().expect("temporary folder");
+    let socket = silent.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let workspace = Workspace::new(Some(socket), None);
+    let files: Vec<PathBuf> = ["a.md", "b.md", "c.md", "d.md"]
+        .iter()
+        .map(|name| workspace.file(name))
+        .collect();
+    let mut args: Vec<&OsStr> = vec![OsStr::new("-o")];
+    args.extend(files.iter().map(|file| file.as_os_str()));
+    let started = std::time::Instant::now();
+    let editor = Editor::neovim_opening(&workspace, &args, "join_wait_ms = 1000").await;
+    eventually("Neovim to finish starting", async || {
+        editor.eval("v:vim_did_enter").await == 1
+    })
+    .await;
+    let took = started.elapsed();
+    let joining = editor
+        .eval("luaeval(\"vim.tbl_map(function(b) return require('presenced').status(b) end, vim.api.nvim_list_bufs())\")")
+        .await;
+    assert_eq!(
+        joining,
+        serde_json::json!(["joining", "joining", "joining", "joining"])
+    );
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "four files at start blocked for {took:?}, more than one join_wait_ms"
+    );
 }
 
 /// Records, in the spectator, the wall-clock time in microseconds when its

@@ -26,8 +26,13 @@ let s:orphans = []
 " state: 'idle' (not connected, not trying), 'connecting' (first time, or
 " after the connection closed) or 'up'. generation is bumped by every new
 " try and by quitting: a callback of an older try sees it and does nothing.
+" outage is the try of the current spell without a working connection, from
+" the first close: a connection the daemon closes before answering anything
+" (one over --max-connections, say) does not end it, so such closes cannot
+" restart the deadline forever. slow is set when a wait for a role ran out:
+" later buffers do not wait again until the daemon answers.
 let s:link = {'state': 'idle', 'conn': {}, 'generation': 0, 'error': '',
-      \ 'reconnecting': 0, 'timer': -1}
+      \ 'reconnecting': 0, 'timer': -1, 'outage': {}, 'slow': 0}
 
 " Configuration ----------------------------------------------------------
 
@@ -86,10 +91,11 @@ function! s:resolve_path(name) abort
   return substitute(folder, '/$', '', '') . '/' . fnamemodify(full, ':t')
 endfunction
 
-" A buffer holding a file: no special 'buftype', a name that is not a URL,
-" and not a folder.
+" A loaded buffer holding a file: no special 'buftype', a name that is not a
+" URL, and not a folder. An unloaded buffer is not open: :saveas renames its
+" old name's unloaded alternate buffer.
 function! s:is_file_buffer(bufnr) abort
-  if !bufexists(a:bufnr) || getbufvar(a:bufnr, '&buftype') !=# ''
+  if !bufexists(a:bufnr) || !bufloaded(a:bufnr) || getbufvar(a:bufnr, '&buftype') !=# ''
     return 0
   endif
   let name = bufname(a:bufnr)
@@ -254,6 +260,7 @@ function! s:apply_entry(entry) abort
 endfunction
 
 function! s:set_standing(entry, standing) abort
+  let s:link.slow = 0
   let a:entry.status = 'joined'
   let a:entry.standing = a:standing
   call s:apply_entry(a:entry)
@@ -301,7 +308,11 @@ endfunction
 
 " Connects to `path`. Returns a connection dict, or a string: the reason.
 function! s:open(path) abort
-  let conn = {'open': 1, 'pending': {}, 'next_id': 0, 'shutdown_reason': '', 'path': a:path}
+  " answered: the daemon answered one of our requests. refusal: the message
+  " of an error it sent with "id": null, as before closing a connection over
+  " --max-connections.
+  let conn = {'open': 1, 'pending': {}, 'next_id': 0, 'shutdown_reason': '', 'path': a:path,
+        \ 'answered': 0, 'refusal': ''}
   let v:errmsg = ''
   silent! let channel = ch_open('unix:' . a:path, {'mode': 'nl',
         \ 'callback': function('s:on_line', [conn]),
@@ -334,11 +345,19 @@ function! s:on_line(conn, channel, line) abort
     call s:on_event(a:conn, message)
     return
   endif
-  let id = string(message.id)
-  let Callback = get(a:conn.pending, id, 0)
-  if has_key(a:conn.pending, id)
-    call remove(a:conn.pending, id)
+  if get(message, 'id', v:null) is v:null
+    if type(get(message, 'error', 0)) == v:t_dict
+      let what = get(message.error, 'message', get(message.error, 'code', ''))
+      let a:conn.refusal = type(what) == v:t_string ? what : string(what)
+    endif
+    return
   endif
+  let id = string(message.id)
+  if !has_key(a:conn.pending, id)
+    return
+  endif
+  let Callback = remove(a:conn.pending, id)
+  let a:conn.answered = 1
   if type(Callback) == v:t_func
     call Callback(message)
   endif
@@ -418,6 +437,7 @@ function! s:on_track_reply(conn, entry, reply) abort
     " A disconnect is retried by the reconnect; anything else is final.
     let a:entry.status = 'refused'
     let a:entry.error = a:reply.error.message
+    let s:link.slow = 0
     call s:apply_entry(a:entry)
   endif
 endfunction
@@ -576,6 +596,9 @@ function! s:connected(conn) abort
   let s:link.state = 'up'
   let s:link.error = ''
   let s:link.reconnecting = 0
+  " Whatever s:restore sends (perhaps nothing), this gets an answer from a
+  " daemon that really serves us, which ends the outage (conn.answered).
+  call s:request(a:conn, {'op': 'ping'}, 0)
   call s:restore(a:conn)
 endfunction
 
@@ -583,6 +606,8 @@ endfunction
 " later buffer, or :PresenceReconnect, tries again.
 function! s:unreachable(reason) abort
   call s:stop_retrying()
+  let s:link.outage = {}
+  let s:link.slow = 0
   let s:link.state = 'idle'
   let s:link.conn = {}
   let s:link.error = a:reason
@@ -599,7 +624,7 @@ endfunction
 " reason, pause, started_daemon}. Failed attempts are repeated with growing
 " pauses until timeout_ms has passed since `started`.
 function! s:attempt(try, ...) abort
-  if a:try.generation != s:link.generation
+  if a:try.generation != s:link.generation || s:link.state ==# 'up'
     return
   endif
   let s:link.timer = -1
@@ -649,6 +674,7 @@ function! s:connect() abort
   endif
   let s:link.state = 'connecting'
   let s:link.generation += 1
+  let s:link.outage = {}
   call s:attempt({'generation': s:link.generation, 'path': presenced#socket_path(),
         \ 'autostart': 1, 'started': reltime(), 'timeout_ms': 0, 'reason': '', 'pause': 50,
         \ 'started_daemon': 0})
@@ -684,11 +710,24 @@ function! s:on_close(conn) abort
     let entry.tracking = 0
   endfor
   let deliberate = a:conn.shutdown_reason !=# ''
-  call s:attempt({'generation': s:link.generation, 'path': presenced#socket_path(),
-        \ 'autostart': !deliberate, 'started': reltime(),
-        \ 'timeout_ms': s:opt('reconnect_timeout_ms', 30000), 'pause': 50, 'started_daemon': 0,
-        \ 'reason': deliberate ? 'the daemon shut down (' . a:conn.shutdown_reason . ')'
-        \                      : 'the daemon closed the connection'})
+  let reason = deliberate ? 'the daemon shut down (' . a:conn.shutdown_reason . ')'
+        \ : a:conn.refusal !=# '' ? 'the daemon refused the connection (' . a:conn.refusal . ')'
+        \ : 'the daemon closed the connection'
+  " A connection that never got an answer does not end the outage: keep its
+  " start, pauses and daemon start, or a daemon that accepts and at once
+  " closes would be reconnected to in a loop that never stops.
+  if a:conn.answered || empty(s:link.outage)
+    let s:link.outage = {'started': reltime(), 'pause': 50, 'started_daemon': 0,
+          \ 'timeout_ms': s:opt('reconnect_timeout_ms', 30000)}
+  endif
+  let try = s:link.outage
+  call extend(try, {'generation': s:link.generation, 'path': presenced#socket_path(),
+        \ 'autostart': !deliberate, 'reason': reason})
+  if a:conn.answered
+    call s:attempt(try)
+  else
+    call s:retry_or_give_up(try, reason)
+  endif
 endfunction
 
 " Buffers ------------------------------------------------------------------
@@ -746,8 +785,33 @@ function! presenced#attach(bufnr, wait) abort
   let s:entries[topic] = entry
   call s:join(entry)
   let wait_ms = s:opt('join_wait_ms', 1500)
-  if a:wait && wait_ms > 0
-    call s:wait_until({-> entry.status !=# 'joining'}, wait_ms)
+  if a:wait && wait_ms > 0 && !s:link.slow
+    if !s:wait_until({-> entry.status !=# 'joining'}, wait_ms) && entry.status ==# 'joining'
+      let s:link.slow = 1
+    endif
+  endif
+endfunction
+
+" A buffer was written: `:write NAME` names an unnamed buffer without
+" BufFilePost, so a buffer not followed yet may have become a file.
+function! presenced#written(bufnr) abort
+  if !has_key(s:buffers, a:bufnr)
+    call presenced#attach(a:bufnr, 1)
+  endif
+endfunction
+
+" A buffer was unloaded (:bunload, or :edit of another file without
+" 'hidden'): it is no longer open, so it leaves its topic. Looked at later,
+" since :edit! unloads a buffer only to read it again at once.
+function! presenced#unloaded(bufnr) abort
+  if has_key(s:buffers, a:bufnr)
+    call timer_start(0, {-> s:leave_if_unloaded(a:bufnr)})
+  endif
+endfunction
+
+function! s:leave_if_unloaded(bufnr) abort
+  if has_key(s:buffers, a:bufnr) && !bufloaded(a:bufnr)
+    call presenced#detach(a:bufnr)
   endif
 endfunction
 
@@ -769,6 +833,7 @@ function! presenced#leave_all() abort
   let s:orphans = []
   let s:link.state = 'idle'
   let s:link.conn = {}
+  let s:link.outage = {}
   if connected
     call s:wait_until({-> empty(conn.pending)}, s:opt('leave_wait_ms', 500))
     call s:close(conn)

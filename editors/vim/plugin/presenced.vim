@@ -23,7 +23,9 @@ command! -bar PresenceReconnect call presenced#reconnect()
 augroup presenced
   autocmd!
   autocmd BufReadPost,BufNewFile,BufFilePost * call presenced#attach(str2nr(expand('<abuf>')), 1)
+  autocmd BufWritePost * call presenced#written(str2nr(expand('<abuf>')))
   autocmd BufDelete,BufWipeout * call presenced#detach(str2nr(expand('<abuf>')))
+  autocmd BufUnload * call presenced#unloaded(str2nr(expand('<abuf>')))
   autocmd VimLeavePre * call presenced#leave_all()
 augroup END
 

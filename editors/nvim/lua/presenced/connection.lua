@@ -45,6 +45,9 @@ end
 --     daemon closes the connection (never after conn:close()).
 --     shutdown_reason is set when a `shutdown` event came first: the
 --     daemon was stopped on purpose.
+-- conn.answered is true once the daemon has answered one of its requests;
+-- conn.refusal is the message of an error the daemon sent with `"id":
+-- null` (one over --max-connections gets one before being closed).
 function M.open(path, handlers, callback)
   local pipe = uv.new_pipe(false)
   if not pipe then
@@ -69,6 +72,8 @@ function M.open(path, handlers, callback)
         partial = '',
         open = true,
         shutdown_reason = nil,
+        answered = false,
+        refusal = nil,
       }, Connection)
       conn:_start_reading()
       callback(nil, conn)
@@ -130,8 +135,19 @@ function Connection:_dispatch(line)
     guarded(self.handlers.on_event, self, message)
     return
   end
+  if M.is_null(message.id) then
+    -- A refusal of the connection or of a line the daemon could not read.
+    if type(message.error) == 'table' then
+      self.refusal = tostring(message.error.message or message.error.code)
+    end
+    return
+  end
   local callback = self.pending[message.id]
+  if callback == nil then
+    return
+  end
   self.pending[message.id] = nil
+  self.answered = true
   if callback then
     guarded(callback, message)
   end

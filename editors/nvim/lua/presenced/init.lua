@@ -77,6 +77,15 @@ local link = {
   -- The pending retry timer and folder watch of a reconnect.
   timer = nil,
   watcher = nil,
+  -- The current spell without a working connection, from the first close:
+  -- { deadline, pause, started_daemon }. A connection the daemon closes
+  -- before answering anything (one over --max-connections, say) does not
+  -- end it, so such closes cannot restart the deadline forever.
+  outage = nil,
+  -- Set when a wait for a role ran out: later buffers do not wait again
+  -- until the daemon answers, so opening many files at once blocks for
+  -- at most one join_wait_ms.
+  slow = false,
 }
 
 -- Helpers ---------------------------------------------------------------
@@ -125,10 +134,15 @@ local function resolve_path(name)
   return folder:sub(-1) == '/' and folder .. tail or folder .. '/' .. tail
 end
 
--- A buffer holding a file: no special 'buftype', a name that is not a URL
--- (fugitive://, scp://, ...), and not a folder.
+-- A loaded buffer holding a file: no special 'buftype', a name that is not
+-- a URL (fugitive://, scp://, ...), and not a folder. An unloaded buffer is
+-- not open: :saveas renames its old name's unloaded alternate buffer.
 local function is_file_buffer(bufnr)
-  if not vim.api.nvim_buf_is_valid(bufnr) or vim.bo[bufnr].buftype ~= '' then
+  if
+    not vim.api.nvim_buf_is_valid(bufnr)
+    or not vim.api.nvim_buf_is_loaded(bufnr)
+    or vim.bo[bufnr].buftype ~= ''
+  then
     return false
   end
   local name = vim.api.nvim_buf_get_name(bufnr)
@@ -293,6 +307,7 @@ local function apply_entry(entry)
 end
 
 local function set_standing(entry, standing)
+  link.slow = false
   entry.status = 'joined'
   entry.standing = standing
   apply_entry(entry)
@@ -388,6 +403,7 @@ local function track(entry)
       -- A disconnect is retried by the reconnect; anything else is final.
       entry.status = 'refused'
       entry.error = reply.error.message
+      link.slow = false
       apply_entry(entry)
     end
   end)
@@ -567,6 +583,9 @@ local function connected(conn)
   link.state = 'up'
   link.error = nil
   link.reconnecting = false
+  -- Whatever restore() sends (perhaps nothing), this gets an answer from a
+  -- daemon that really serves us, which ends the outage (conn.answered).
+  conn:request({ op = 'ping' })
   restore(conn)
 end
 
@@ -575,6 +594,8 @@ end
 -- again.
 local function unreachable(reason)
   stop_retrying()
+  link.outage = nil
+  link.slow = false
   link.state = 'idle'
   link.conn = nil
   link.error = reason
@@ -588,12 +609,13 @@ end
 
 -- Opens a connection, starting a daemon once if none answers and that is
 -- allowed, and keeps trying with growing pauses until `deadline` (uv.now()
--- milliseconds); nil tries only once.
+-- milliseconds); nil tries only once. With `outage`, the pause and whether
+-- a daemon was started carry over from the tries before; with `delay`, the
+-- first attempt waits a pause too.
 local function try_connecting(options)
   local generation = link.generation
   local path = M.socket_path()
-  local started_daemon = false
-  local pause = 50
+  local outage = options.outage or { pause = 50, started_daemon = false }
   local attempting = false
 
   local attempt
@@ -632,15 +654,15 @@ local function try_connecting(options)
   local function wait_and_retry()
     local left = options.deadline - uv.now()
     link.timer = link.timer or uv.new_timer()
-    link.timer:start(math.max(0, math.min(pause, left)), 0, vim.schedule_wrap(attempt))
-    pause = math.min(pause * 2, 1000)
+    link.timer:start(math.max(0, math.min(outage.pause, left)), 0, vim.schedule_wrap(attempt))
+    outage.pause = math.min(outage.pause * 2, 1000)
     if not link.watcher then
       watch_socket_folder()
     end
   end
 
   attempt = function()
-    if generation ~= link.generation or attempting then
+    if generation ~= link.generation or attempting or link.state == 'up' then
       return
     end
     attempting = true
@@ -656,8 +678,8 @@ local function try_connecting(options)
         connected(conn)
         return
       end
-      if options.autostart and config.autostart and not started_daemon and worth_starting(err) then
-        started_daemon = true
+      if options.autostart and config.autostart and not outage.started_daemon and worth_starting(err) then
+        outage.started_daemon = true
         start_daemon(path, function(start_err)
           if generation ~= link.generation then
             return
@@ -683,7 +705,11 @@ local function try_connecting(options)
     end)
   end
 
-  attempt()
+  if options.delay then
+    wait_and_retry()
+  else
+    attempt()
+  end
 end
 
 connect = function()
@@ -692,6 +718,7 @@ connect = function()
   end
   link.state = 'connecting'
   link.generation = link.generation + 1
+  link.outage = nil
   try_connecting({ autostart = true })
 end
 
@@ -725,11 +752,29 @@ function handlers.on_close(conn, reason, shutdown_reason)
     entry.tracking = false
   end
   local why = shutdown_reason and ('the daemon shut down (' .. shutdown_reason .. ')') or reason
+  if conn.refusal then
+    why = 'the daemon refused the connection (' .. conn.refusal .. ')'
+  end
+  -- A connection that never got an answer does not end the outage: keep
+  -- its deadline and pauses, or a daemon that accepts and at once closes
+  -- would be reconnected to in a loop that never stops.
+  if conn.answered or not link.outage then
+    link.outage = {
+      deadline = uv.now() + config.reconnect_timeout_ms,
+      pause = 50,
+      started_daemon = false,
+    }
+  elseif uv.now() >= link.outage.deadline then
+    unreachable(why)
+    return
+  end
   try_connecting({
     -- A daemon stopped on purpose is restarted by whoever stopped it; one
     -- that crashed may be replaced (its lock keeps it to one daemon).
     autostart = shutdown_reason == nil,
-    deadline = uv.now() + config.reconnect_timeout_ms,
+    deadline = link.outage.deadline,
+    outage = link.outage,
+    delay = not conn.answered,
     reason = why,
   })
 end
@@ -793,11 +838,28 @@ local function attach(bufnr, wait)
   }
   entries[topic] = entry
   join(entry)
-  if wait and config.join_wait_ms > 0 then
-    vim.wait(config.join_wait_ms, function()
+  if wait and config.join_wait_ms > 0 and not link.slow then
+    local answered = vim.wait(config.join_wait_ms, function()
       return entry.status ~= 'joining'
     end, 5)
+    if not answered and entry.status == 'joining' then
+      link.slow = true
+    end
   end
+end
+
+-- A buffer was unloaded (:bunload, or :edit of another file without
+-- 'hidden'): it is no longer open, so it leaves its topic. Looked at later,
+-- since :edit! unloads a buffer only to read it again at once.
+local function unloaded(bufnr)
+  if not buffers[bufnr] then
+    return
+  end
+  vim.schedule(function()
+    if buffers[bufnr] and not vim.api.nvim_buf_is_loaded(bufnr) then
+      detach(bufnr)
+    end
+  end)
 end
 
 -- Leaves every topic and waits a little for the daemon to confirm, so the
@@ -812,7 +874,7 @@ local function leave_all()
     end
   end
   entries, buffers, by_ref, orphans = {}, {}, {}, {}
-  link.state, link.conn = 'idle', nil
+  link.state, link.conn, link.outage = 'idle', nil, nil
   if conn and conn.open then
     vim.wait(config.leave_wait_ms, function()
       return not conn:has_pending()
@@ -977,11 +1039,28 @@ function M.setup(options)
       attach(args.buf, true)
     end,
   })
+  vim.api.nvim_create_autocmd('BufWritePost', {
+    group = group,
+    desc = 'presenced: join the topic of a new buffer written to a file',
+    callback = function(args)
+      -- `:write NAME` names an unnamed buffer without BufFilePost.
+      if not buffers[args.buf] then
+        attach(args.buf, true)
+      end
+    end,
+  })
   vim.api.nvim_create_autocmd({ 'BufDelete', 'BufWipeout' }, {
     group = group,
     desc = "presenced: leave a closed buffer's topic",
     callback = function(args)
       detach(args.buf)
+    end,
+  })
+  vim.api.nvim_create_autocmd('BufUnload', {
+    group = group,
+    desc = "presenced: leave an unloaded buffer's topic",
+    callback = function(args)
+      unloaded(args.buf)
     end,
   })
   vim.api.nvim_create_autocmd('VimLeavePre', {
