@@ -637,6 +637,9 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
         of_another_boot: 0,
         of_exited_processes: 0,
     };
+    // Many rows share a process (an editor holds many files): each is
+    // looked up in /proc once.
+    let mut running: HashMap<ProcessId, bool> = HashMap::new();
     for StoredEntry {
         mut entry,
         boot_id: written_in,
@@ -645,7 +648,10 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
         let why_dead = if written_in != boot_id {
             sorted.of_another_boot += 1;
             "it was written before the machine last booted"
-        } else if !crate::sys::is_running(entry.process) {
+        } else if !*running
+            .entry(entry.process)
+            .or_insert_with(|| crate::sys::is_running(entry.process))
+        {
             sorted.of_exited_processes += 1;
             "its process exited while no daemon ran (pid_exit)"
         } else {
