@@ -364,7 +364,7 @@ impl Store {
         let mut statement = self.db.prepare(
             "SELECT ref, topic, key, seq, prev_ref, meta, joined_at, pid, pid_start_time, uid,
                     user, lifetime, resume_token_hash, boot_id
-             FROM presences ORDER BY seq",
+             FROM presences",
         )?;
         let rows = statement.query_map([], |row| {
             let meta: String = row.get(5)?;
@@ -400,7 +400,10 @@ impl Store {
                 boot_id: row.get(13)?,
             })
         })?;
-        let entries = rows.collect::<Result<Vec<_>, _>>()?;
+        let mut entries = rows.collect::<Result<Vec<_>, _>>()?;
+        // In join order. Sorted here rather than by SQLite, which has no
+        // index on seq and would sort through a temporary b-tree.
+        entries.sort_unstable_by_key(|stored| stored.entry.seq);
         let next_seq: Option<i64> = self
             .db
             .query_row(
