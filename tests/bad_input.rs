@@ -129,3 +129,23 @@ async fn replies_keep_request_order_across_early_refusals() {
     .collect();
     assert_eq!(ids, [1, 2, 3]);
 }
+
+/// At the connection cap a newcomer gets one error line and the close,
+/// even when it sent a request before reading (closing with it unread
+/// would reset the connection and lose the line); the others go on.
+#[tokio::test]
+async fn a_connection_over_the_cap_is_told_why_and_closed() {
+    let daemon = Daemon::start_with(&["--max-connections", "1"]).await;
+    let mut first = daemon.raw().await;
+    first.request(r#"{"op":"ping","id":1}"#).await;
+
+    let mut late = daemon.raw().await;
+    late.send(r#"{"op":"ping","id":1}"#).await;
+    let refusal = late.next().await.expect("the refusal line");
+    assert_eq!(error_code(&refusal), "limit_exceeded");
+    assert_eq!(refusal["id"], serde_json::Value::Null);
+    assert_eq!(late.next().await, None, "then the connection closes");
+
+    let reply = first.request(r#"{"op":"ping","id":2}"#).await;
+    assert_eq!(reply["ok"], true);
+}

@@ -607,7 +607,27 @@ pub async fn refuse_over_limit(stream: Stream, max: usize) {
         line.push(b'\n');
         let _ = stream.write_all(&line).await;
     }
+    // Closing with a request unread would reset the connection, and the
+    // client could lose the line above. Say we are done, then read what
+    // it sent, briefly and boundedly, before closing.
+    let _ = stream.shutdown().await;
+    let mut unread = [0u8; 4096];
+    let drain = async {
+        let mut left = REFUSAL_DRAIN_BYTES;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut unread).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_DRAIN_TIME, drain).await;
 }
+
+/// How long, and how much, a refused connection is read before it is
+/// closed: enough for the request a client sent right after connecting.
+const REFUSAL_DRAIN_TIME: Duration = Duration::from_millis(200);
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Raises the soft open-files limit so that `max_connections` fit, within
 /// the hard limit.
