@@ -483,6 +483,9 @@ async fn write_all(socket: &tokio::net::UnixStream, mut bytes: &[u8]) -> std::io
 }
 
 #[cfg(test)]
+mod tests_props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
