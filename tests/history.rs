@@ -4,7 +4,7 @@
 mod common;
 
 use common::Daemon;
-use presenced::protocol::{HistoryKind, HistoryRequest, LeaveReason, TrackRequest};
+use presenced::protocol::{Event, HistoryKind, HistoryRequest, LeaveReason, TrackRequest};
 
 fn kinds(events: &[presenced::protocol::HistoryEvent]) -> Vec<(HistoryKind, &str)> {
     events.iter().map(|e| (e.kind, e.key.as_str())).collect()
@@ -27,12 +27,15 @@ async fn history_answers_who_held_a_topic_and_survives_a_restart() {
         .expect("track");
     drop(alice);
 
-    // The history is written with the change, so once bob hears of his
-    // promotion, the records are there.
+    // The history is written with the change, so once a watcher sees bob
+    // own the topic, the records are there. The close may land before the
+    // subscribe or after it: bob is owner in the state, or in a later diff.
     let (watcher, mut events) = daemon.client().await;
     watcher.subscribe("doc").await.expect("subscribe");
     common::next_event(&mut events, |e| match e {
-        presenced::protocol::Event::PresenceState { owner, .. } => owner.filter(|o| o.key == "bob"),
+        Event::PresenceState { owner, .. } | Event::PresenceDiff { owner, .. } => {
+            owner.filter(|o| o.key == "bob")
+        }
         _ => None,
     })
     .await;
