@@ -551,6 +551,14 @@ pub struct StatusReply {
     /// fewer than the changes they saved. 0 from a daemon that predates it.
     #[serde(default)]
     pub transactions: u64,
+    /// Bytes waiting to be written to clients, over all connections, and
+    /// the most any one connection has waiting: a reader that stops
+    /// reading shows here, and stays under `--max-outbound`. 0 from a
+    /// daemon that predates them.
+    #[serde(default)]
+    pub outbound_bytes: usize,
+    #[serde(default)]
+    pub largest_outbound_bytes: usize,
 }
 
 // ---------------------------------------------------------------------------

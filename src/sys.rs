@@ -45,9 +45,32 @@ pub fn process_id(pid: u32) -> io::Result<ProcessId> {
     })
 }
 
-/// Whether this exact process (pid and start time) is still running.
-pub fn is_running(process: ProcessId) -> bool {
-    process_start_time(process.pid).is_ok_and(|start| start == process.start_time)
+/// Whether this exact process (pid and start time) is still running. An
+/// error means `/proc` could not tell (out of file descriptors, say); that
+/// is never an answer, because taking it for an exit would reap a live
+/// process's entries.
+pub fn is_running(process: ProcessId) -> io::Result<bool> {
+    match process_start_time(process.pid) {
+        Ok(start) => Ok(start == process.start_time),
+        Err(e) if is_gone(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a call failed because this process, or the whole system, has
+/// no file descriptor to spare.
+pub fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
+}
+
+/// Whether reading `/proc/PID` failed because the process is gone.
+fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error())
 }
 
 /// The effective uid of a running process.
@@ -148,7 +171,8 @@ pub async fn exited(
     match watch {
         Some(watch) => watch.exited().await,
         None => {
-            while is_running(process) {
+            // A look that cannot tell is tried again at the next poll.
+            while is_running(process).unwrap_or(true) {
                 tokio::time::sleep(poll).await;
             }
             Ok(())
@@ -226,14 +250,30 @@ mod tests {
         let me = std::process::id();
         let first = process_start_time(me).unwrap();
         assert_eq!(process_start_time(me).unwrap(), first);
-        assert!(is_running(ProcessId {
-            pid: me,
-            start_time: first
-        }));
-        assert!(!is_running(ProcessId {
-            pid: me,
-            start_time: first + 1
-        }));
+        assert!(
+            is_running(ProcessId {
+                pid: me,
+                start_time: first
+            })
+            .unwrap()
+        );
+        assert!(
+            !is_running(ProcessId {
+                pid: me,
+                start_time: first + 1
+            })
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_pid_nobody_has_is_not_running_rather_than_unknown() {
+        // Above any pid_max Linux allows.
+        let nobody = ProcessId {
+            pid: 999_999_999,
+            start_time: 1,
+        };
+        assert!(!is_running(nobody).unwrap());
     }
 
     #[test]

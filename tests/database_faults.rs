@@ -79,6 +79,7 @@ async fn logged_daemon(db: &Path) -> Daemon {
         db: Some(db),
         log: Some("warn,presenced::core=debug"),
         args: DAEMON_ARGS,
+        ..Options::default()
     })
     .await
 }

@@ -4,62 +4,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use common::{Daemon, KillDaemonsOnDrop, Running, connect_when_ready, eventually, within};
+use common::{Daemon, KillDaemonsOnDrop, Running, View, connect_when_ready, eventually, within};
 use serde_json::Value;
-
-/// A subscriber's view of one topic, rebuilt from `watch --json` lines the
-/// way a client applies `presence_state` and `presence_diff`: ref → seq.
-#[derive(Debug, Default, PartialEq)]
-struct View {
-    seqs: BTreeMap<String, u64>,
-    owner: Option<String>,
-}
-
-impl View {
-    fn apply(&mut self, event: &Value) {
-        let metas = |presences: &Value| -> Vec<(String, u64)> {
-            presences
-                .as_object()
-                .into_iter()
-                .flat_map(|keys| keys.values())
-                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
-                .map(|meta| {
-                    let phx_ref = meta["phx_ref"].as_str().expect("phx_ref").to_owned();
-                    (phx_ref, meta["seq"].as_u64().expect("seq"))
-                })
-                .collect()
-        };
-        match event["event"].as_str() {
-            Some("presence_state") => self.seqs = metas(&event["payload"]).into_iter().collect(),
-            Some("presence_diff") => {
-                for (phx_ref, _) in metas(&event["payload"]["leaves"]) {
-                    self.seqs.remove(&phx_ref);
-                }
-                self.seqs.extend(metas(&event["payload"]["joins"]));
-            }
-            other => panic!("not a presence event: {other:?} in {event}"),
-        }
-        self.owner = event["owner"]["phx_ref"].as_str().map(str::to_owned);
-    }
-
-    /// What the daemon's `list` says right now, in the same shape.
-    async fn listed(daemon: &Daemon, topic: &str) -> View {
-        let (client, _events) = daemon.client().await;
-        let listed = client.list(topic).await.expect("list");
-        View {
-            seqs: listed
-                .state
-                .presences
-                .values()
-                .flat_map(|presence| &presence.metas)
-                .map(|meta| (meta.phx_ref.clone(), meta.seq))
-                .collect(),
-            owner: listed.state.owner.map(|owner| owner.phx_ref),
-        }
-    }
-}
 
 /// Joins `doc` as `key` and returns the process with its track reply.
 async fn join(daemon: &Daemon, key: &str) -> (Running, Value) {

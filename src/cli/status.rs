@@ -76,6 +76,13 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ("subscriptions", count(status.subscriptions)),
         ("awaiting resume", count(status.awaiting_resume)),
         ("transactions", Cell::from(status.transactions.to_string())),
+        (
+            "outbound",
+            Cell::from(format!(
+                "{} bytes unsent, at most {} to one connection",
+                status.outbound_bytes, status.largest_outbound_bytes
+            )),
+        ),
         ("pid watch", Cell::from(status.pid_watch.as_str())),
     ]
 }

@@ -90,6 +90,8 @@ pub trait Outlet: Send {
     fn deliver(&self, line: Line);
     /// No more lines will come: flush what is queued, then close.
     fn close(&self);
+    /// Bytes delivered and not yet written to the client, for `status`.
+    fn queued_bytes(&self) -> usize;
 }
 
 /// A request after the io layer has parsed it and resolved what needs the
@@ -572,6 +574,13 @@ impl Core {
             pid_watch: self.info.pid_watch.clone(),
             awaiting_resume: self.registry.awaiting_resume_count(),
             transactions: self.store.commits(),
+            outbound_bytes: self.outlets.values().map(|o| o.queued_bytes()).sum(),
+            largest_outbound_bytes: self
+                .outlets
+                .values()
+                .map(|o| o.queued_bytes())
+                .max()
+                .unwrap_or(0),
         }
     }
 
@@ -650,7 +659,9 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
             "it was written before the machine last booted"
         } else if !*running
             .entry(entry.process)
-            .or_insert_with(|| crate::sys::is_running(entry.process))
+            // If /proc cannot tell, the row is kept: its process is
+            // watched from now on and reaped once it is seen to exit.
+            .or_insert_with(|| crate::sys::is_running(entry.process).unwrap_or(true))
         {
             sorted.of_exited_processes += 1;
             "its process exited while no daemon ran (pid_exit)"

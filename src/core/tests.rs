@@ -26,6 +26,10 @@ impl Outlet for TestOutlet {
     fn close(&self) {
         let _ = self.0.send(json!("closed"));
     }
+
+    fn queued_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// A database in a temporary folder, and a way for the test to lock it

@@ -172,6 +172,13 @@ async fn read_line(
         if line.len() + chunk.len() > max + 1 {
             return Ok(ReadLine::TooLong);
         }
+        let needed = line.len() + chunk.len();
+        if needed > line.capacity() {
+            // Grow as a Vec would, by doubling, but never past the longest
+            // line allowed: a client that stalls mid-line holds no more.
+            let target = needed.max(line.capacity() * 2).min(max + 1);
+            line.reserve_exact(target - line.len());
+        }
         line.extend_from_slice(chunk);
         let used = chunk.len() + usize::from(found_end);
         reader.consume(used);
@@ -393,6 +400,14 @@ fn resolve_process(
     let (process, prepared) = pids.prepare_pid(pid).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             not_running()
+        } else if sys::is_out_of_fds(&e) {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!(
+                    "the daemon is out of file descriptors and cannot watch process {pid}; \
+                     try again once some connections close"
+                ),
+            )
         } else {
             ErrorBody::new(
                 ErrorCode::Internal,

@@ -206,6 +206,7 @@ impl Claimed {
                         said_polling: false,
                     }),
                     listener: bound.listener,
+                    reserve: FdReserve::new(),
                 })
             }
             ClaimKind::Systemd(listener) => Ok(Serving {
@@ -216,6 +217,7 @@ impl Claimed {
                         self.socket.display()
                     )
                 })?,
+                reserve: FdReserve::new(),
             }),
         }
     }
@@ -276,7 +278,54 @@ pub struct Serving {
     kept: Option<KeptPath>,
     /// The socket bound last.
     listener: Listener,
+    /// What lets the daemon answer a newcomer when it is out of file
+    /// descriptors.
+    reserve: FdReserve,
 }
+
+/// One descriptor held back for the moment the daemon runs out of them.
+///
+/// When `accept` fails with EMFILE the newcomer stays in the backlog, and
+/// the listener stays readable: retrying at once would spin the CPU, and
+/// waiting would leave the client hanging with no word. Closing the spare
+/// makes room to accept that one client, tell it why, and close it.
+struct FdReserve {
+    spare: Option<File>,
+    /// Whether the shortage has been logged; once per episode, not at
+    /// every refusal.
+    short: bool,
+}
+
+impl FdReserve {
+    fn new() -> FdReserve {
+        FdReserve {
+            spare: FdReserve::open(),
+            short: false,
+        }
+    }
+
+    fn open() -> Option<File> {
+        File::open("/dev/null").ok()
+    }
+
+    /// Takes the spare back if it was spent and a descriptor is free again.
+    fn refill(&mut self) {
+        if self.spare.is_none() {
+            self.spare = FdReserve::open();
+        }
+    }
+
+    /// Notes a connection accepted after a shortage.
+    fn on_accepted(&mut self) {
+        if std::mem::take(&mut self.short) {
+            tracing::info!("file descriptors are free again; accepting connections");
+        }
+    }
+}
+
+/// How long the accept loop rests when it is out of file descriptors and
+/// its spare is in use, instead of retrying at once.
+const FD_SHORTAGE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The path of a socket this daemon bound, with the lock that makes it this
 /// daemon's and the watch that puts it back when it is deleted.
@@ -324,7 +373,44 @@ impl Serving {
     /// The next connection. Meanwhile, keeps the socket path if it is ours.
     /// Cancel-safe: an interrupted check is still due, and runs again on
     /// the next call.
+    /// Out of file descriptors, newcomers are told so and closed, and
+    /// the loop never spins (see [`FdReserve`]).
     pub async fn accept(&mut self) -> io::Result<Stream> {
+        loop {
+            self.reserve.refill();
+            match self.accept_or_keep_path().await {
+                Err(e) if sys::is_out_of_fds(&e) => self.refuse_for_lack_of_fds(e).await,
+                Ok(stream) => {
+                    self.reserve.on_accepted();
+                    return Ok(stream);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Spends the spare descriptor on the newcomer waiting in the backlog,
+    /// to tell it why it cannot be served; rests if the spare is spent.
+    async fn refuse_for_lack_of_fds(&mut self, e: io::Error) {
+        if !std::mem::replace(&mut self.reserve.short, true) {
+            tracing::warn!(
+                "out of file descriptors ({e}); refusing new connections until some close"
+            );
+        }
+        if self.reserve.spare.take().is_none() {
+            tokio::time::sleep(FD_SHORTAGE_BACKOFF).await;
+            return;
+        }
+        if let Ok(stream) = self.listener.accept().await {
+            tokio::spawn(refuse(
+                stream,
+                "the daemon is out of file descriptors; try again once some connections close"
+                    .to_owned(),
+            ));
+        }
+    }
+
+    async fn accept_or_keep_path(&mut self) -> io::Result<Stream> {
         loop {
             let Some(kept) = self.kept.as_mut() else {
                 return self.listener.accept().await;
@@ -593,14 +679,12 @@ struct WatchedFolder {
     folder: Identity,
 }
 
-/// Tells a connection over the cap why it is refused, then closes it.
-pub async fn refuse_over_limit(stream: Stream, max: usize) {
+/// Tells a connection the daemon cannot take why (`limit_exceeded`, with
+/// `message`), then closes it.
+pub async fn refuse(stream: Stream, message: String) {
     let reply = Reply::failure(
         serde_json::Value::Null,
-        ErrorBody::new(
-            ErrorCode::LimitExceeded,
-            format!("the daemon is serving {max} connections, its limit; try again later"),
-        ),
+        ErrorBody::new(ErrorCode::LimitExceeded, message),
     );
     let mut stream = tokio::net::UnixStream::from(stream);
     if let Ok(mut line) = serde_json::to_vec(&reply) {

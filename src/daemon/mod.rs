@@ -152,7 +152,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     next_conn += 1;
                     let conn = next_conn;
                     if active.load(Ordering::Relaxed) >= config.limits.max_connections {
-                        tokio::spawn(listener::refuse_over_limit(stream, config.limits.max_connections));
+                        let max = config.limits.max_connections;
+                        tokio::spawn(listener::refuse(
+                            stream,
+                            format!("the daemon is serving {max} connections, its limit; try again later"),
+                        ));
                         continue;
                     }
                     active.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +169,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     });
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
+                    // Out of descriptors is handled by `accept` itself;
+                    // whatever else fails, do not spin on it.
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

@@ -232,6 +232,10 @@ impl Outlet for Arc<OutboundQueue> {
         drop(state);
         self.ready.notify_one();
     }
+
+    fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
 }
 
 /// How much of a line [`write_now`] got onto the socket.

@@ -135,8 +135,20 @@ impl PidWatcher {
     pub fn watch(&self, process: ProcessId) {
         match self.prepare(process) {
             Ok(prepared) => self.arm(prepared),
-            Err(_) => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let _ = self.inner.core.send(Command::ProcessExited(process));
+            }
+            // No pidfd to be had (out of file descriptors): the process may
+            // well live on, so it is watched by polling instead of reaped.
+            Err(e) => {
+                tracing::warn!(
+                    pid = process.pid,
+                    "cannot open a pidfd ({e}); watching the process by polling /proc"
+                );
+                self.arm(Prepared {
+                    process,
+                    watch: None,
+                });
             }
         }
     }
@@ -153,7 +165,8 @@ impl Prepared {
     pub fn still_running(&self) -> bool {
         match &self.watch {
             Some(watch) => !watch.has_exited(),
-            None => sys::is_running(self.process),
+            // If /proc cannot tell now, the polling watch asks again later.
+            None => sys::is_running(self.process).unwrap_or(true),
         }
     }
 }

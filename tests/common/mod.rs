@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use presenced::client::{Client, Events};
 use presenced::protocol::Event;
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
@@ -89,6 +91,9 @@ pub struct Options<'a> {
     pub log: Option<&'a str>,
     /// Extra `presence daemon` arguments.
     pub args: &'a [&'a str],
+    /// A hard limit on the daemon's open files (`RLIMIT_NOFILE`), to run
+    /// it out of descriptors.
+    pub open_files: Option<u64>,
 }
 
 /// A daemon serving a socket and database in a private temporary folder.
@@ -101,6 +106,7 @@ pub struct Daemon {
     log_filter: Option<String>,
     /// The log lines of the running daemon process, not yet waited past.
     log: Option<Mutex<UnboundedReceiver<String>>>,
+    open_files: Option<u64>,
 }
 
 impl Daemon {
@@ -138,8 +144,14 @@ impl Daemon {
             None => dir.path().join("state/presence.db"),
         };
         let log_filter = options.log.map(str::to_owned);
-        let (child, log) =
-            Daemon::spawn_child(&socket, &db, log_filter.as_deref(), options.args).await;
+        let (child, log) = Daemon::spawn_child(
+            &socket,
+            &db,
+            log_filter.as_deref(),
+            options.open_files,
+            options.args,
+        )
+        .await;
         Daemon {
             dir,
             socket,
@@ -147,6 +159,7 @@ impl Daemon {
             child,
             log_filter,
             log,
+            open_files: options.open_files,
         }
     }
 
@@ -174,18 +187,28 @@ impl Daemon {
     /// or `crash`. If the test reads the log, it reads the new daemon's
     /// from its start.
     pub async fn start_again(&mut self, extra: &[&str]) {
-        (self.child, self.log) =
-            Daemon::spawn_child(&self.socket, &self.db, self.log_filter.as_deref(), extra).await;
+        (self.child, self.log) = Daemon::spawn_child(
+            &self.socket,
+            &self.db,
+            self.log_filter.as_deref(),
+            self.open_files,
+            extra,
+        )
+        .await;
     }
 
     async fn spawn_child(
         socket: &Path,
         db: &Path,
         log_filter: Option<&str>,
+        open_files: Option<u64>,
         extra: &[&str],
     ) -> (Child, Option<Mutex<UnboundedReceiver<String>>>) {
         let mut command = daemon_command(Command::new(presence_bin()), socket, db);
         command.arg("--ready-on-stdout").args(extra);
+        if let Some(limit) = open_files {
+            limit_open_files(&mut command, limit);
+        }
         let Some(filter) = log_filter else {
             return (spawn_ready(command, Stdio::inherit()).await, None);
         };
@@ -265,6 +288,20 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+    }
+}
+
+/// Runs `command` with at most `limit` open files, soft and hard.
+fn limit_open_files(command: &mut Command, limit: u64) {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let rlimit = Rlimit {
+        current: Some(limit),
+        maximum: Some(limit),
+    };
+    // SAFETY: between fork and exec the closure only makes one system
+    // call; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || setrlimit(Resource::Nofile, rlimit).map_err(Into::into));
     }
 }
 
@@ -579,6 +616,18 @@ impl RawConnection {
         let _ = self.writer.write_all(bytes).await;
     }
 
+    /// Bytes sent on this connection that the daemon has not read yet
+    /// (`SIOCOUTQ`: a Unix socket's sender is charged for them until the
+    /// receiver takes them).
+    pub fn unread_by_daemon(&self) -> usize {
+        use rustix::ioctl::{Getter, Opcode, ioctl};
+        const SIOCOUTQ: Opcode = 0x5411;
+        let stream: &UnixStream = self.writer.as_ref();
+        // SAFETY: SIOCOUTQ writes one int.
+        let queued = unsafe { ioctl(stream, Getter::<SIOCOUTQ, std::ffi::c_int>::new()) };
+        usize::try_from(queued.expect("SIOCOUTQ")).unwrap_or(0)
+    }
+
     /// The next line from the daemon, or `None` at EOF.
     pub async fn next(&mut self) -> Option<serde_json::Value> {
         let line = within("a line from the daemon", self.reader.next_line()).await;
@@ -637,5 +686,58 @@ impl Daemon {
     /// Runs `presence ARGS` against this daemon to its end.
     pub async fn output(&self, args: &[&str]) -> std::process::Output {
         finish(self.command().args(args)).await
+    }
+}
+
+/// A subscriber's view of one topic, rebuilt from the events it was sent
+/// (raw lines or `watch --json`) the way a client applies `presence_state`
+/// and `presence_diff`: ref → seq, and the owner's ref.
+#[derive(Debug, Default, PartialEq)]
+pub struct View {
+    pub seqs: BTreeMap<String, u64>,
+    pub owner: Option<String>,
+}
+
+impl View {
+    pub fn apply(&mut self, event: &Value) {
+        let metas = |presences: &Value| -> Vec<(String, u64)> {
+            presences
+                .as_object()
+                .into_iter()
+                .flat_map(|keys| keys.values())
+                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+                .map(|meta| {
+                    let phx_ref = meta["phx_ref"].as_str().expect("phx_ref").to_owned();
+                    (phx_ref, meta["seq"].as_u64().expect("seq"))
+                })
+                .collect()
+        };
+        match event["event"].as_str() {
+            Some("presence_state") => self.seqs = metas(&event["payload"]).into_iter().collect(),
+            Some("presence_diff") => {
+                for (phx_ref, _) in metas(&event["payload"]["leaves"]) {
+                    self.seqs.remove(&phx_ref);
+                }
+                self.seqs.extend(metas(&event["payload"]["joins"]));
+            }
+            other => panic!("not a presence event: {other:?} in {event}"),
+        }
+        self.owner = event["owner"]["phx_ref"].as_str().map(str::to_owned);
+    }
+
+    /// What the daemon's `list` says right now, in the same shape.
+    pub async fn listed(daemon: &Daemon, topic: &str) -> View {
+        let (client, _events) = daemon.client().await;
+        let listed = client.list(topic).await.expect("list");
+        View {
+            seqs: listed
+                .state
+                .presences
+                .values()
+                .flat_map(|presence| &presence.metas)
+                .map(|meta| (meta.phx_ref.clone(), meta.seq))
+                .collect(),
+            owner: listed.state.owner.map(|owner| owner.phx_ref),
+        }
     }
 }
