@@ -223,3 +223,22 @@ async fn a_resume_token_never_hands_over_another_users_entry() {
         .expect("resume");
     assert_eq!(resumed.resumed, [tracked.phx_ref]);
 }
+
+/// Another user's folder could have the socket swapped under the daemon,
+/// or be read by that user, whatever its mode.
+#[tokio::test]
+async fn a_socket_folder_owned_by_another_user_is_refused() {
+    if !running_as_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let stderr =
+        common::refused_start(&theirs.join("presenced.sock"), &dir.path().join("p.db")).await;
+    assert!(
+        stderr.contains(&format!("is owned by uid {NOBODY}, not by this user")),
+        "{stderr}"
+    );
+}
