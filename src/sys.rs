@@ -267,6 +267,19 @@ mod tests {
     }
 
     #[test]
+    fn only_a_missing_process_counts_as_gone() {
+        use rustix::io::Errno;
+        let error = |errno: Errno| io::Error::from_raw_os_error(errno.raw_os_error());
+        assert!(is_gone(&error(Errno::NOENT)));
+        assert!(is_gone(&error(Errno::SRCH)));
+        // Out of descriptors, /proc cannot tell; the process may well live.
+        assert!(!is_gone(&error(Errno::MFILE)));
+        assert!(!is_gone(&error(Errno::NFILE)));
+        assert!(is_out_of_fds(&error(Errno::MFILE)));
+        assert!(is_out_of_fds(&error(Errno::NFILE)));
+    }
+
+    #[test]
     fn a_pid_nobody_has_is_not_running_rather_than_unknown() {
         // Above any pid_max Linux allows.
         let nobody = ProcessId {
