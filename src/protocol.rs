@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_process_entries_per_uid: usize,
     pub max_subscriptions_per_connection: usize,
     pub max_connections: usize,
+    /// Connections one user other than the daemon's own may hold, so that
+    /// on a shared daemon nobody can take every slot.
+    pub max_connections_per_uid: usize,
     pub max_outbound_bytes: usize,
 }
 
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_process_entries_per_uid: 1_000,
             max_subscriptions_per_connection: 1_000,
             max_connections: 10_000,
+            max_connections_per_uid: 1_000,
             max_outbound_bytes: 1024 * 1024,
         }
     }

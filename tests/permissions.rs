@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use common::{
-    NOBODY, Running, as_nobody, binary_for_nobody, connect, error_code, eventually,
+    NOBODY, RawConnection, Running, as_nobody, binary_for_nobody, connect, error_code, eventually,
     running_as_root, start_daemon, within,
 };
 use serde_json::{Value, json};
@@ -29,11 +29,16 @@ struct UnprivilegedDaemon {
 
 impl UnprivilegedDaemon {
     async fn start() -> UnprivilegedDaemon {
+        UnprivilegedDaemon::start_with(&[]).await
+    }
+
+    /// With extra `presence daemon` arguments.
+    async fn start_with(extra: &[&str]) -> UnprivilegedDaemon {
         let dir = tempfile::tempdir().expect("temporary folder");
         let binary = binary_for_nobody(dir.path());
         let socket = dir.path().join("run/presenced.sock");
         let db = dir.path().join("state/presence.db");
-        let daemon = start_daemon(as_nobody(&binary), &socket, &db, &[]).await;
+        let daemon = start_daemon(as_nobody(&binary), &socket, &db, extra).await;
         UnprivilegedDaemon {
             _dir: dir,
             binary,
@@ -241,4 +246,52 @@ async fn a_socket_folder_owned_by_another_user_is_refused() {
         stderr.contains(&format!("is owned by uid {NOBODY}, not by this user")),
         "{stderr}"
     );
+}
+
+/// On a daemon others share, one user holding every connection would lock
+/// the rest out; each user other than the daemon's own has a cap.
+#[tokio::test]
+async fn one_user_cannot_take_every_connection() {
+    if !running_as_root() {
+        return;
+    }
+    let daemon = UnprivilegedDaemon::start_with(&["--max-connections-per-uid", "2"]).await;
+    // To this daemon (uid 65534), root is another user.
+    let mut held = Vec::new();
+    for id in 0..2 {
+        let mut raw = RawConnection::connect(&daemon.socket).await;
+        let reply = raw.request(&format!(r#"{{"op":"ping","id":{id}}}"#)).await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        held.push(raw);
+    }
+    let mut third = RawConnection::connect(&daemon.socket).await;
+    let refusal = third.next().await.expect("a refusal line");
+    assert_eq!(error_code(&refusal), "limit_exceeded", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("uid 0 already holds 2 connections"),
+        "{message}"
+    );
+    assert_eq!(third.next().await, None, "then the connection closes");
+
+    // The daemon's own user is not held to it.
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let mut watcher = Running::spawn(&mut daemon.presence_as_nobody(&["watch", "t", "--json"]));
+        let state = watcher.json().await;
+        assert_eq!(state["event"], "presence_state", "{state}");
+        watchers.push(watcher);
+    }
+
+    // A closed connection gives its slot back.
+    drop(held.pop());
+    within("root's slot to come back", async {
+        loop {
+            let mut raw = RawConnection::connect(&daemon.socket).await;
+            if raw.request(r#"{"op":"ping","id":9}"#).await["ok"] == true {
+                return;
+            }
+        }
+    })
+    .await;
 }

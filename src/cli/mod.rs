@@ -149,6 +149,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections, value_parser = parse_limit, help_heading = "Limits")]
     pub max_connections: usize,
 
+    /// Most connections one user may hold at once; the daemon's own user
+    /// is not held to it
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_connections_per_uid: usize,
+
     /// Bytes queued for a slow reader before its diffs are dropped for a
     /// fresh state
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
@@ -328,6 +333,7 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_process_entries_per_uid: args.max_process_entries,
             max_subscriptions_per_connection: args.max_subscriptions,
             max_connections: args.max_connections,
+            max_connections_per_uid: args.max_connections_per_uid,
             max_outbound_bytes: args.max_outbound,
         },
         resume_grace: args.resume_grace,

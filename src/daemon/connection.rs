@@ -6,8 +6,9 @@
 //! they parse, check what needs the system (a named pid, the peer's
 //! credentials), and pass the rest to the core.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use interprocess::local_socket::traits::StreamCommon as _;
@@ -31,6 +32,67 @@ pub struct Shared {
     pub core: Sender<Command>,
     pub pids: PidWatcher,
     pub limits: Limits,
+    pub connections_by_uid: ConnectionsByUid,
+}
+
+/// How many connections each user other than the daemon's own holds. On a
+/// daemon shared by a group, one member must not be able to take every
+/// connection slot and lock the others out.
+pub struct ConnectionsByUid {
+    held: Mutex<HashMap<u32, usize>>,
+    max: usize,
+    /// Not counted: in a per-user daemon every client is this user.
+    daemon_uid: u32,
+}
+
+impl ConnectionsByUid {
+    pub fn new(max: usize, daemon_uid: u32) -> ConnectionsByUid {
+        ConnectionsByUid {
+            held: Mutex::new(HashMap::new()),
+            max,
+            daemon_uid,
+        }
+    }
+
+    /// A slot for one more connection of `uid`, given back when dropped;
+    /// `None` when that user already holds the most allowed.
+    fn take(&self, uid: u32) -> Option<UidSlot<'_>> {
+        if uid == self.daemon_uid {
+            return Some(UidSlot {
+                of: self,
+                uid: None,
+            });
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(uid).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            of: self,
+            uid: Some(uid),
+        })
+    }
+}
+
+/// One counted connection; see [`ConnectionsByUid::take`].
+struct UidSlot<'a> {
+    of: &'a ConnectionsByUid,
+    uid: Option<u32>,
+}
+
+impl Drop for UidSlot<'_> {
+    fn drop(&mut self) {
+        let Some(uid) = self.uid else { return };
+        let mut held = self.of.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut count) = held.entry(uid) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
 }
 
 /// How long a connection's writer may take to flush once its client has
@@ -67,6 +129,24 @@ pub async fn serve(
             tracing::warn!(conn, "could not read peer credentials ({e}); closing");
             return;
         }
+    };
+    let Some(_slot) = shared.connections_by_uid.take(peer.uid) else {
+        let max = shared.limits.max_connections_per_uid;
+        tracing::debug!(
+            conn,
+            uid = peer.uid,
+            "refused: the user holds {max} connections"
+        );
+        super::listener::refuse(
+            stream,
+            format!(
+                "uid {} already holds {max} connections, the most one user may; \
+                 close some and try again",
+                peer.uid
+            ),
+        )
+        .await;
+        return;
     };
     tracing::debug!(conn, pid = peer.pid, uid = peer.uid, "connection opened");
 

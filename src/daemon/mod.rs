@@ -138,6 +138,10 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         core: core_tx.clone(),
         pids,
         limits: config.limits,
+        connections_by_uid: connection::ConnectionsByUid::new(
+            config.limits.max_connections_per_uid,
+            crate::sys::current_uid(),
+        ),
     });
     let active = Arc::new(AtomicUsize::new(0));
     // Every writer holds a clone; when all are gone, every client has been
