@@ -323,8 +323,8 @@ impl FdReserve {
     }
 }
 
-/// How long the accept loop rests when it is out of file descriptors and
-/// its spare is in use, instead of retrying at once.
+/// How long the accept loop rests after each try that found no file
+/// descriptor, instead of retrying at once.
 const FD_SHORTAGE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The path of a socket this daemon bound, with the lock that makes it this
@@ -389,25 +389,39 @@ impl Serving {
         }
     }
 
-    /// Spends the spare descriptor on the newcomer waiting in the backlog,
-    /// to tell it why it cannot be served; rests if the spare is spent.
+    /// Spends the spare descriptor on a newcomer waiting in the backlog, to
+    /// tell it why it cannot be served. Rests when there is nothing to do:
+    /// while the spare is out with a refused connection, or when nobody
+    /// was waiting; every accept until a descriptor frees up would fail
+    /// again at once.
     async fn refuse_for_lack_of_fds(&mut self, e: io::Error) {
         if !std::mem::replace(&mut self.reserve.short, true) {
             tracing::warn!(
                 "out of file descriptors ({e}); refusing new connections until some close"
             );
         }
-        if self.reserve.spare.take().is_none() {
-            tokio::time::sleep(FD_SHORTAGE_BACKOFF).await;
-            return;
+        if self.reserve.spare.take().is_some() {
+            // EMFILE does not prove anyone is waiting, so the accept is
+            // polled once rather than awaited: awaiting could park the loop
+            // here, deaf to the socket path and to descriptors freeing up.
+            let waiting = tokio::time::timeout(Duration::ZERO, self.listener.accept()).await;
+            match waiting {
+                Ok(Ok(stream)) => {
+                    tokio::spawn(refuse(
+                        stream,
+                        "the daemon is out of file descriptors; try again once some \
+                         connections close"
+                            .to_owned(),
+                    ));
+                    // The next newcomer may be told at once, if the refused
+                    // one has hung up by then.
+                    return;
+                }
+                // Nobody there after all: the spare goes back, unspent.
+                Ok(Err(_)) | Err(_) => self.reserve.refill(),
+            }
         }
-        if let Ok(stream) = self.listener.accept().await {
-            tokio::spawn(refuse(
-                stream,
-                "the daemon is out of file descriptors; try again once some connections close"
-                    .to_owned(),
-            ));
-        }
+        tokio::time::sleep(FD_SHORTAGE_BACKOFF).await;
     }
 
     async fn accept_or_keep_path(&mut self) -> io::Result<Stream> {
