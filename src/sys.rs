@@ -23,16 +23,26 @@ pub fn boot_id() -> io::Result<String> {
 /// `/proc/PID/stat`). Together with the pid it names one process for good:
 /// a pid can be reused, the pair cannot.
 pub fn process_start_time(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Read as bytes: the command name is whatever the process chose, not
+    // necessarily UTF-8.
+    let stat = std::fs::read(format!("/proc/{pid}/stat"))?;
+    start_time_from_stat(&stat)
+}
+
+/// The start time (field 22) of a `/proc/PID/stat` line.
+fn start_time_from_stat(stat: &[u8]) -> io::Result<u64> {
     // The command name (field 2) may hold spaces and parentheses; every
-    // field after its closing parenthesis is plain.
+    // field after its closing parenthesis is plain ASCII.
     let after_name = stat
-        .rfind(')')
+        .iter()
+        .rposition(|&b| b == b')')
         .map(|i| &stat[i + 1..])
         .ok_or_else(|| invalid_data("no command name in /proc stat"))?;
     after_name
-        .split_ascii_whitespace()
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|field| !field.is_empty())
         .nth(19)
+        .and_then(|field| std::str::from_utf8(field).ok())
         .and_then(|field| field.parse().ok())
         .ok_or_else(|| invalid_data("no start time in /proc stat"))
 }
@@ -264,6 +274,17 @@ mod tests {
             })
             .unwrap()
         );
+    }
+
+    #[test]
+    fn a_command_name_of_any_bytes_does_not_hide_the_start_time() {
+        let mut stat = b"4242 (odd) \xff) name) S".to_vec();
+        for field in 4..=22 {
+            stat.extend_from_slice(format!(" {field}").as_bytes());
+        }
+        stat.extend_from_slice(b" 23 24\n");
+        assert_eq!(start_time_from_stat(&stat).unwrap(), 22);
+        assert!(start_time_from_stat(b"4242 (cut").is_err());
     }
 
     #[test]

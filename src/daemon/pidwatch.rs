@@ -117,10 +117,15 @@ impl PidWatcher {
         tokio::spawn(async move {
             let process = prepared.process;
             if let Err(e) = sys::exited(process, prepared.watch, POLL_INTERVAL).await {
+                // The pidfd could not be waited on (out of resources to
+                // register it); the process may well live on, so polling
+                // takes over rather than reaping it now.
                 tracing::warn!(
                     pid = process.pid,
-                    "watching the process failed ({e}); treating it as exited"
+                    "waiting on the pidfd failed ({e}); watching the process by polling /proc"
                 );
+                // Polling cannot fail: a look that cannot tell is retried.
+                let _ = sys::exited(process, None, POLL_INTERVAL).await;
             }
             // Removing and sending under the lock keeps the order: a track
             // for this process that saw it watched was sent before this.
