@@ -557,8 +557,9 @@ pub struct StatusReply {
     pub transactions: u64,
     /// Bytes waiting to be written to clients, over all connections, and
     /// the most any one connection has waiting: a reader that stops
-    /// reading shows here, and stays under `--max-outbound`. 0 from a
-    /// daemon that predates them.
+    /// reading shows here. Diffs stop being queued past `--max-outbound`,
+    /// but replies, roles and fresh states never drop, so one reader may
+    /// hold a little more. 0 from a daemon that predates them.
     #[serde(default)]
     pub outbound_bytes: usize,
     #[serde(default)]

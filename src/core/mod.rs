@@ -556,6 +556,13 @@ impl Core {
     }
 
     fn status(&self) -> StatusReply {
+        let (outbound_bytes, largest_outbound_bytes) = self
+            .outlets
+            .values()
+            .map(|outlet| outlet.queued_bytes())
+            .fold((0, 0), |(sum, largest), queued| {
+                (sum + queued, largest.max(queued))
+            });
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             protocol: PROTOCOL_VERSION,
@@ -574,13 +581,8 @@ impl Core {
             pid_watch: self.info.pid_watch.clone(),
             awaiting_resume: self.registry.awaiting_resume_count(),
             transactions: self.store.commits(),
-            outbound_bytes: self.outlets.values().map(|o| o.queued_bytes()).sum(),
-            largest_outbound_bytes: self
-                .outlets
-                .values()
-                .map(|o| o.queued_bytes())
-                .max()
-                .unwrap_or(0),
+            outbound_bytes,
+            largest_outbound_bytes,
         }
     }
 
