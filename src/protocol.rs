@@ -423,8 +423,9 @@ pub struct TopicPresences {
 // Replies
 // ---------------------------------------------------------------------------
 
-/// A reply line: `{"id", "ok": true, ...fields}` or
-/// `{"id", "ok": false, "error": {...}}`.
+/// A reply line, as a client reads it: `{"id", "ok": true, ...fields}` or
+/// `{"id", "ok": false, "error": {...}}`. The daemon writes the same line
+/// from an [`OutgoingReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub id: Value,
@@ -435,35 +436,90 @@ pub struct Reply {
     pub fields: Map<String, Value>,
 }
 
-impl Reply {
-    pub fn success(id: Value, body: impl Serialize) -> Reply {
-        Reply::from_result(id, Ok(serde_json::to_value(body).unwrap_or_default()))
-    }
+/// A reply as the daemon writes it. A success's fields are serialized
+/// from their typed form once, straight to text: a `list` of thousands of
+/// entries never becomes a tree of `Value`s on its way to the socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingReply {
+    pub id: Value,
+    pub outcome: Result<ReplyFields, ErrorBody>,
+}
 
-    /// The reply for an outcome: the fields of a success (an object; any
-    /// other value gives no fields), or the error.
-    pub fn from_result(id: Value, result: Result<Value, ErrorBody>) -> Reply {
-        match result {
-            Ok(body) => Reply {
-                id,
-                ok: true,
-                error: None,
-                fields: match body {
-                    Value::Object(fields) => fields,
-                    _ => Map::new(),
-                },
-            },
-            Err(error) => Reply::failure(id, error),
+/// The fields of a successful reply: the text of one JSON object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyFields(String);
+
+impl ReplyFields {
+    /// The fields of `body`, which serializes as an object (every reply
+    /// type does); anything else gives no fields.
+    pub fn of(body: &impl Serialize) -> ReplyFields {
+        match serde_json::to_string(body) {
+            Ok(text) if text.starts_with('{') => ReplyFields(text),
+            _ => ReplyFields::none(),
         }
     }
 
-    pub fn failure(id: Value, error: ErrorBody) -> Reply {
-        Reply {
+    /// A success with nothing more to say.
+    pub fn none() -> ReplyFields {
+        ReplyFields("{}".to_owned())
+    }
+
+    /// The object's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The fields without their braces: `"a":1,"b":2`, or empty.
+    fn inner(&self) -> &str {
+        self.0
+            .strip_prefix('{')
+            .and_then(|rest| rest.strip_suffix('}'))
+            .unwrap_or_default()
+    }
+}
+
+impl OutgoingReply {
+    pub fn success(id: Value, body: &impl Serialize) -> OutgoingReply {
+        OutgoingReply {
             id,
-            ok: false,
-            error: Some(error),
-            fields: Map::new(),
+            outcome: Ok(ReplyFields::of(body)),
         }
+    }
+
+    pub fn failure(id: Value, error: ErrorBody) -> OutgoingReply {
+        OutgoingReply {
+            id,
+            outcome: Err(error),
+        }
+    }
+
+    /// The reply's line, ending in `\n`: `id` and `ok` first, then the
+    /// fields or the error, as [`Reply`] reads them.
+    pub fn to_line(&self) -> Vec<u8> {
+        let fields = match &self.outcome {
+            Ok(fields) => fields.inner(),
+            Err(_) => "",
+        };
+        let mut line = Vec::with_capacity(fields.len() + 48);
+        line.extend_from_slice(b"{\"id\":");
+        // Neither a `Value` nor an `ErrorBody` can fail to serialize (their
+        // keys are strings), and a Vec takes every byte written to it.
+        let _ = serde_json::to_writer(&mut line, &self.id);
+        match &self.outcome {
+            Ok(_) => {
+                line.extend_from_slice(b",\"ok\":true");
+                if !fields.is_empty() {
+                    line.push(b',');
+                    line.extend_from_slice(fields.as_bytes());
+                }
+            }
+            Err(error) => {
+                line.extend_from_slice(b",\"ok\":false,\"error\":");
+                let _ = serde_json::to_writer(&mut line, error);
+            }
+        }
+        line.extend_from_slice(b"}\n");
+        line
     }
 }
 
@@ -697,9 +753,43 @@ mod tests {
 
     #[test]
     fn reply_flattens_fields_next_to_id_and_ok() {
-        let reply = Reply::success(json!(7), UntrackReply { removed: 2 });
-        let line = serde_json::to_value(&reply).unwrap();
-        assert_eq!(line, json!({"id": 7, "ok": true, "removed": 2}));
+        let reply = OutgoingReply::success(json!(7), &UntrackReply { removed: 2 });
+        let line = reply.to_line();
+        assert_eq!(line, b"{\"id\":7,\"ok\":true,\"removed\":2}\n");
+        let read: Reply = serde_json::from_slice(&line).unwrap();
+        assert_eq!(read.fields["removed"], 2);
+    }
+
+    #[test]
+    fn outgoing_replies_read_back_as_the_same_reply() {
+        let error = ErrorBody::new(ErrorCode::NotFound, "no such \"ref\"\n");
+        let replies = [
+            OutgoingReply::success(json!({"nested": [1, "x"]}), &Map::new()),
+            OutgoingReply::success(Value::Null, &json!("not an object")),
+            OutgoingReply::success(
+                json!("id"),
+                &HelloReply {
+                    protocol: 1,
+                    server: "presenced".into(),
+                    pid: 4242,
+                },
+            ),
+            OutgoingReply::failure(json!(3), error.clone()),
+        ];
+        let expected = [
+            json!({"id": {"nested": [1, "x"]}, "ok": true}),
+            json!({"id": null, "ok": true}),
+            json!({"id": "id", "ok": true, "protocol": 1, "server": "presenced", "pid": 4242}),
+            json!({"id": 3, "ok": false, "error": error}),
+        ];
+        for (reply, expected) in replies.iter().zip(expected) {
+            let line = reply.to_line();
+            assert_eq!(line.last(), Some(&b'\n'));
+            let read: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(read, expected);
+            let read: Reply = serde_json::from_slice(&line).unwrap();
+            assert_eq!(read.ok, reply.outcome.is_ok());
+        }
     }
 
     #[test]

@@ -35,8 +35,8 @@ use serde_json::Value;
 use crate::sys::now_millis;
 
 use crate::protocol::{
-    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, HistoryRequest, Lifetime,
-    PROTOCOL_VERSION, Reply, SERVER_NAME, ShutdownPayload, StatusReply,
+    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, HistoryRequest, Lifetime, OutgoingReply,
+    PROTOCOL_VERSION, ReplyFields, SERVER_NAME, ShutdownPayload, StatusReply,
 };
 use recovery::{Fact, Recovery};
 use registry::{Change, ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
@@ -469,7 +469,7 @@ impl Core {
             match redo.next_if(|(at, _)| *at == index) {
                 None => out.deliveries.push(Delivery::Reply { conn, reply }),
                 Some((_, Redo::Fail)) => {
-                    let reply = Reply::failure(reply.id, error.clone());
+                    let reply = OutgoingReply::failure(reply.id, error.clone());
                     out.deliveries.push(Delivery::Reply { conn, reply });
                 }
                 Some((_, Redo::Ask(request))) => {
@@ -499,7 +499,7 @@ impl Core {
                 self.answer(conn, id, request, batch.now, &mut batch.outbox);
             }
             Command::Refuse { conn, id, error } => {
-                let reply = Reply::failure(id, error);
+                let reply = OutgoingReply::failure(id, error);
                 batch
                     .outbox
                     .deliveries
@@ -523,10 +523,19 @@ impl Core {
                 self.registry.handle(conn, id, op, now, out);
                 return;
             }
-            Resolved::Hello(hello) => Reply::from_result(id, hello_result(hello)),
-            Resolved::Status => Reply::success(id, self.status()),
-            Resolved::Ping => Reply::success(id, serde_json::Map::new()),
-            Resolved::History(request) => Reply::from_result(id, self.history(&request)),
+            Resolved::Hello(hello) => OutgoingReply {
+                id,
+                outcome: hello_result(hello),
+            },
+            Resolved::Status => OutgoingReply::success(id, &self.status()),
+            Resolved::Ping => OutgoingReply {
+                id,
+                outcome: Ok(ReplyFields::none()),
+            },
+            Resolved::History(request) => OutgoingReply {
+                id,
+                outcome: self.history(&request),
+            },
         };
         out.deliveries.push(Delivery::Reply { conn, reply });
     }
@@ -545,14 +554,14 @@ impl Core {
         batch.facts.push(fact);
     }
 
-    fn history(&self, request: &HistoryRequest) -> Result<Value, ErrorBody> {
+    fn history(&self, request: &HistoryRequest) -> Result<ReplyFields, ErrorBody> {
         let reply = self.store.history(request).map_err(|e| {
             ErrorBody::new(
                 ErrorCode::Internal,
                 format!("could not read the history: {e}"),
             )
         })?;
-        Ok(serde_json::to_value(reply).unwrap_or_default())
+        Ok(ReplyFields::of(&reply))
     }
 
     fn status(&self) -> StatusReply {
@@ -594,7 +603,7 @@ impl Core {
                     if let Some(outlet) = self.outlets.get(&conn) {
                         outlet.deliver(Line {
                             kind: LineKind::Reply,
-                            bytes: to_line(&reply),
+                            bytes: reply.to_line().into(),
                         });
                     }
                 }
@@ -722,14 +731,13 @@ fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
 }
 
 /// `hello`: the versions agree, or the client asked for one we lack.
-fn hello_result(hello: HelloRequest) -> Result<serde_json::Value, ErrorBody> {
+fn hello_result(hello: HelloRequest) -> Result<ReplyFields, ErrorBody> {
     match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
-        PROTOCOL_VERSION => Ok(serde_json::to_value(HelloReply {
+        PROTOCOL_VERSION => Ok(ReplyFields::of(&HelloReply {
             protocol: PROTOCOL_VERSION,
             server: SERVER_NAME.to_owned(),
             pid: std::process::id(),
-        })
-        .unwrap_or_default()),
+        })),
         other => Err(ErrorBody::new(
             ErrorCode::UnsupportedProtocol,
             format!("protocol {other} is not supported; this daemon speaks {PROTOCOL_VERSION}"),

@@ -16,15 +16,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::protocol::{
     Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
-    KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, Owner,
-    Presences, Reply, ResumeReply, Role, RoleChange, Standing, TopicPresences, TrackReply,
-    TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest, validate_meta,
-    validate_name,
+    KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
+    Owner, Presences, ReplyFields, ResumeReply, Role, RoleChange, Standing, TopicPresences,
+    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
+    validate_meta, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -138,7 +137,7 @@ pub enum Change {
 /// A line for one or more connections.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
-    Reply { conn: ConnId, reply: Reply },
+    Reply { conn: ConnId, reply: OutgoingReply },
     Event { to: Vec<ConnId>, event: Event },
 }
 
@@ -513,13 +512,16 @@ impl Registry {
             Op::Subscribe(topic) => self.subscribe(conn, topic, out),
             Op::Unsubscribe(topic) => {
                 self.remove_subscription(conn, &topic);
-                Ok(Value::Object(Map::new()))
+                Ok(ReplyFields::none())
             }
             Op::Resume(tokens) => Ok(self.resume(conn, tokens)),
         };
         // The reply goes ahead of the events its op caused: a client learns
         // the outcome of its request before anything that follows from it.
-        let reply = Reply::from_result(id, result);
+        let reply = OutgoingReply {
+            id,
+            outcome: result,
+        };
         out.deliveries
             .insert(first_event, Delivery::Reply { conn, reply });
     }
@@ -530,7 +532,7 @@ impl Registry {
         track: Track,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<Value, ErrorBody> {
+    ) -> Result<ReplyFields, ErrorBody> {
         let Track {
             request,
             process,
@@ -608,7 +610,7 @@ impl Registry {
         if request.subscribe {
             self.add_subscription(conn, request.topic, out);
         }
-        Ok(to_value(&reply))
+        Ok(ReplyFields::of(&reply))
     }
 
     fn untrack(
@@ -617,7 +619,7 @@ impl Registry {
         request: UntrackRequest,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<Value, ErrorBody> {
+    ) -> Result<ReplyFields, ErrorBody> {
         let refs = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => match self.entry(phx_ref) {
                 Some(entry) if entry.topic == request.topic => {
@@ -640,7 +642,7 @@ impl Registry {
         };
         let removed = refs.len();
         self.remove(refs, LeaveReason::Untrack, now, out);
-        Ok(to_value(&UntrackReply { removed }))
+        Ok(ReplyFields::of(&UntrackReply { removed }))
     }
 
     fn update(
@@ -649,7 +651,7 @@ impl Registry {
         request: UpdateRequest,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<Value, ErrorBody> {
+    ) -> Result<ReplyFields, ErrorBody> {
         validate_meta(&request.meta, self.limits.max_meta_bytes)?;
         let old_ref = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => phx_ref.clone(),
@@ -705,15 +707,15 @@ impl Registry {
         );
         let reasons = BTreeMap::from([(old_ref.clone(), LeaveReason::Update)]);
         self.publish_diff(&request.topic, diff, reasons, out);
-        Ok(to_value(&UpdateReply {
+        Ok(ReplyFields::of(&UpdateReply {
             phx_ref: new_ref,
             prev_ref: old_ref,
         }))
     }
 
-    fn list(&self, topic: Option<String>) -> Value {
+    fn list(&self, topic: Option<String>) -> ReplyFields {
         match topic {
-            Some(topic) => to_value(&ListTopicReply {
+            Some(topic) => ReplyFields::of(&ListTopicReply {
                 state: self
                     .topics
                     .get(&topic)
@@ -721,7 +723,7 @@ impl Registry {
                     .unwrap_or_default(),
                 topic,
             }),
-            None => to_value(&ListAllReply {
+            None => ReplyFields::of(&ListAllReply {
                 topics: self
                     .topics
                     .iter()
@@ -732,12 +734,12 @@ impl Registry {
         }
     }
 
-    fn get_by_key(&self, request: &GetByKeyRequest) -> Value {
+    fn get_by_key(&self, request: &GetByKeyRequest) -> ReplyFields {
         let metas = self
             .entries_with_key(&request.topic, &request.key)
             .map(Entry::to_meta)
             .collect();
-        to_value(&GetByKeyReply { metas })
+        ReplyFields::of(&GetByKeyReply { metas })
     }
 
     fn subscribe(
@@ -745,11 +747,11 @@ impl Registry {
         conn: ConnId,
         topic: String,
         out: &mut Outbox,
-    ) -> Result<Value, ErrorBody> {
+    ) -> Result<ReplyFields, ErrorBody> {
         validate_name("topic", &topic, self.limits.max_name_bytes)?;
         self.check_subscription_limit(conn, &topic)?;
         self.add_subscription(conn, topic, out);
-        Ok(Value::Object(Map::new()))
+        Ok(ReplyFields::none())
     }
 
     /// Adds the subscription and sends the topic's state. Nothing can come
@@ -793,10 +795,10 @@ impl Registry {
         }
     }
 
-    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> Value {
+    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> ReplyFields {
         let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
-            return to_value(&outcome);
+            return ReplyFields::of(&outcome);
         };
         for (token, hash) in tokens {
             match self.resume_one(conn, uid, &hash) {
@@ -810,7 +812,7 @@ impl Registry {
                 }
             }
         }
-        to_value(&outcome)
+        ReplyFields::of(&outcome)
     }
 
     /// Gives the connection the entry with this token, if it is free, of
@@ -1178,10 +1180,6 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
-}
-
-fn to_value(body: &impl Serialize) -> Value {
-    serde_json::to_value(body).unwrap_or(Value::Null)
 }
 
 /// A request raced with its connection's close; nobody will read the reply.

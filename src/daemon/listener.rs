@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::systemd::PassedSocket;
 use crate::folder_watch::{FolderWatch, next_change};
 use crate::paths::{self, SocketAccess};
-use crate::protocol::{ErrorBody, ErrorCode, Reply};
+use crate::protocol::{ErrorBody, ErrorCode, OutgoingReply};
 use crate::sys::{self, PidLock};
 
 /// How long after the first change in the folder we look: a cleaner that
@@ -696,15 +696,12 @@ struct WatchedFolder {
 /// Tells a connection the daemon cannot take why (`limit_exceeded`, with
 /// `message`), then closes it.
 pub async fn refuse(stream: Stream, message: String) {
-    let reply = Reply::failure(
+    let reply = OutgoingReply::failure(
         serde_json::Value::Null,
         ErrorBody::new(ErrorCode::LimitExceeded, message),
     );
     let mut stream = tokio::net::UnixStream::from(stream);
-    if let Ok(mut line) = serde_json::to_vec(&reply) {
-        line.push(b'\n');
-        let _ = stream.write_all(&line).await;
-    }
+    let _ = stream.write_all(&reply.to_line()).await;
     // Closing with a request unread would reset the connection, and the
     // client could lose the line above. Say we are done, then read what
     // it sent, briefly and boundedly, before closing.

@@ -273,8 +273,8 @@ fn history(out: &Outbox) -> Vec<(HistoryKind, String, Option<LeaveReason>)> {
 
 /// The reply of one `handle` call: the only reply in the outbox, addressed
 /// to the caller, and ahead of every event.
-fn the_reply(out: &Outbox, conn: ConnId) -> &Reply {
-    let replies: Vec<(usize, ConnId, &Reply)> = out
+fn the_reply(out: &Outbox, conn: ConnId) -> Reply {
+    let replies: Vec<(usize, ConnId, &OutgoingReply)> = out
         .deliveries
         .iter()
         .enumerate()
@@ -287,13 +287,13 @@ fn the_reply(out: &Outbox, conn: ConnId) -> &Reply {
     let (index, to, reply) = replies[0];
     assert_eq!(index, 0, "the reply goes ahead of the events: {out:?}");
     assert_eq!(to, conn, "the reply goes to the caller");
-    reply
+    serde_json::from_slice(&reply.to_line()).expect("the reply line reads back")
 }
 
 fn ok_reply<T: DeserializeOwned>(out: &Outbox, conn: ConnId) -> T {
     let reply = the_reply(out, conn);
     assert!(reply.ok, "expected success, got {:?}", reply.error);
-    serde_json::from_value(Value::Object(reply.fields.clone())).expect("reply fields parse")
+    serde_json::from_value(Value::Object(reply.fields)).expect("reply fields parse")
 }
 
 /// The `refused` field of a `resume` reply, token by token.
@@ -310,11 +310,7 @@ fn refused_codes(out: &Outbox, conn: ConnId) -> BTreeMap<String, ErrorCode> {
 fn error_code(out: &Outbox, conn: ConnId) -> ErrorCode {
     let reply = the_reply(out, conn);
     assert!(!reply.ok, "expected a failure, got {reply:?}");
-    reply
-        .error
-        .as_ref()
-        .expect("a failure carries an error")
-        .code
+    reply.error.expect("a failure carries an error").code
 }
 
 /// Asserts that a request failed with `code` and changed nothing.
@@ -3149,7 +3145,7 @@ fn dump(registry: &Registry) -> String {
         "next_seq {}, last_joined_at {}",
         registry.next_seq, registry.last_joined_at
     ));
-    lines.push(format!("list {}", registry.list(None)));
+    lines.push(format!("list {}", registry.list(None).as_str()));
     lines.push(format!("processes {processes:?}"));
     lines.push(format!(
         "next resume deadline {:?}",
