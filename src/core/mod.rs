@@ -39,7 +39,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, ReplyFields, SERVER_NAME, ShutdownPayload, StatusReply,
 };
 use recovery::{Fact, Recovery};
-use registry::{Change, ConnId, Delivery, Op, Outbox, Peer, ProcessId, Registry};
+use registry::{Change, ConnId, Delivery, Ending, Op, Outbox, Peer, ProcessId, Registry};
 use store::{Store, StoreError, StoredEntry};
 
 /// How many commands one transaction may take, by default. Large enough
@@ -352,6 +352,7 @@ impl Core {
         for fact in std::mem::take(&mut self.recovery.facts) {
             self.apply_fact(fact, &mut batch);
         }
+        self.apply_endings(&mut batch);
         self.registry.expire(batch.now, &mut batch.outbox);
         batch
     }
@@ -367,11 +368,13 @@ impl Core {
             }
             next = commands.try_recv().ok();
         }
+        self.apply_endings(batch);
     }
 
     /// Commits the batch and reveals it, or, if the commit fails, reveals
     /// what survives the roll-back. Returns the commit's result.
     fn finish(&mut self, mut batch: Batch) -> Result<(), StoreError> {
+        debug_assert!(batch.endings.is_empty(), "endings left unapplied");
         let closed = std::mem::take(&mut batch.closed);
         let (deliveries, result) = self.commit_or_roll_back(batch);
         self.release(deliveries);
@@ -486,6 +489,9 @@ impl Core {
 
     fn apply(&mut self, command: Command, batch: &mut Batch) {
         batch.len += 1;
+        if !matches!(command, Command::Close { .. } | Command::ProcessExited(_)) {
+            self.apply_endings(batch);
+        }
         match command {
             Command::Open { conn, peer, outlet } => {
                 self.registry.open(conn, peer);
@@ -540,18 +546,37 @@ impl Core {
         out.deliveries.push(Delivery::Reply { conn, reply });
     }
 
+    /// Applies a fact. Closes and exits wait in `batch.endings` until
+    /// something else comes, so that a run of them is applied at once.
     fn apply_fact(&mut self, fact: Fact, batch: &mut Batch) {
-        let out = &mut batch.outbox;
         match &fact {
             Fact::Closed(conn) => {
-                self.registry.close(*conn, batch.now, out);
+                batch.endings.push(Ending::Closed(*conn));
                 batch.closed.push(*conn);
             }
-            Fact::ProcessExited(process) => self.registry.process_exited(*process, batch.now, out),
-            Fact::Resync { conn, topics } => self.registry.resync(*conn, topics, out),
-            Fact::DeadRow(phx_ref) => out.changes.push(Change::Delete(phx_ref.clone())),
+            Fact::ProcessExited(process) => batch.endings.push(Ending::Exited(*process)),
+            Fact::Resync { conn, topics } => {
+                self.apply_endings(batch);
+                self.registry.resync(*conn, topics, &mut batch.outbox);
+            }
+            Fact::DeadRow(phx_ref) => {
+                self.apply_endings(batch);
+                batch.outbox.changes.push(Change::Delete(phx_ref.clone()));
+            }
         }
         batch.facts.push(fact);
+    }
+
+    /// Applies the closes and exits waiting in the batch, together: when
+    /// many clients go at once (a logout, a crashed tool that held many
+    /// connections), each topic announces its departures in one diff, and
+    /// its remaining entries hear of the final owner once instead of once
+    /// per departed owner.
+    fn apply_endings(&mut self, batch: &mut Batch) {
+        if !batch.endings.is_empty() {
+            let endings = std::mem::take(&mut batch.endings);
+            self.registry.end(&endings, batch.now, &mut batch.outbox);
+        }
     }
 
     fn history(&self, request: &HistoryRequest) -> Result<ReplyFields, ErrorBody> {
@@ -768,6 +793,8 @@ struct Batch {
     /// [`redo_after_roll_back`]), in order.
     redo: Vec<(usize, Redo)>,
     facts: Vec<Fact>,
+    /// Closes and exits not yet applied (see [`Core::apply_endings`]).
+    endings: Vec<Ending>,
     closed: Vec<ConnId>,
     shutdown: Option<String>,
     /// To tell whether the batch changed anything to write.

@@ -41,6 +41,15 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
+/// Something outside the registry that ends entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A connection closed: its connection entries leave.
+    Closed(ConnId),
+    /// A process exited: every entry it owned leaves.
+    Exited(ProcessId),
+}
+
 /// Who is on the other end of a connection, from the socket's peer
 /// credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,9 +442,33 @@ impl Registry {
         );
     }
 
-    /// A connection has closed: its connection entries leave, its process
-    /// entries stay without it, and its subscriptions end.
-    pub fn close(&mut self, conn: ConnId, now: i64, out: &mut Outbox) {
+    /// Connections have closed and processes have exited. Their entries
+    /// leave together: one diff per topic, and where a topic's owner
+    /// changed, one role event per remaining entry, however many endings
+    /// there were. (Taken one at a time, ten thousand closing owners would
+    /// tell each remaining entry about each new owner in turn.)
+    ///
+    /// A closed connection's process entries stay, held by nobody, until
+    /// their process exits or a connection resumes them; its subscriptions
+    /// end. An entry ended twice over leaves for the first reason.
+    pub fn end(&mut self, endings: &[Ending], now: i64, out: &mut Outbox) {
+        let mut leaving = Vec::new();
+        for ending in endings {
+            match *ending {
+                Ending::Closed(conn) => self.close(conn, &mut leaving),
+                Ending::Exited(process) => {
+                    if let Some(refs) = self.by_process.get(&process) {
+                        leaving.extend(refs.iter().map(|r| (r.clone(), LeaveReason::PidExit)));
+                    }
+                }
+            }
+        }
+        self.remove(leaving, now, out);
+    }
+
+    /// Forgets a closed connection and adds its connection entries to
+    /// `leaving`.
+    fn close(&mut self, conn: ConnId, leaving: &mut Vec<(String, LeaveReason)>) {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
         };
@@ -445,15 +478,13 @@ impl Registry {
         for topic in &subscriptions {
             self.remove_subscription(conn, topic);
         }
-        let mut leaving = Vec::new();
         for phx_ref in held {
             match self.entry(&phx_ref).map(|e| e.lifetime) {
-                Some(Lifetime::Connection) => leaving.push(phx_ref),
+                Some(Lifetime::Connection) => leaving.push((phx_ref, LeaveReason::Closed)),
                 Some(Lifetime::Process) => self.detach(&phx_ref),
                 None => {}
             }
         }
-        self.remove(leaving, LeaveReason::Closed, now, out);
     }
 
     /// A process entry outlives its connection: it stays, held by nobody,
@@ -465,25 +496,15 @@ impl Registry {
         }
     }
 
-    /// A process has exited: every entry it owned leaves.
-    pub fn process_exited(&mut self, process: ProcessId, now: i64, out: &mut Outbox) {
-        let refs = self
-            .by_process
-            .get(&process)
-            .map(|refs| refs.iter().cloned().collect())
-            .unwrap_or_default();
-        self.remove(refs, LeaveReason::PidExit, now, out);
-    }
-
     /// Restored entries whose resume deadline has passed leave.
     pub fn expire(&mut self, now: i64, out: &mut Outbox) {
         let expired = self
             .awaiting_resume
             .iter()
             .take_while(|(deadline, _)| *deadline <= now)
-            .map(|(_, phx_ref)| phx_ref.clone())
+            .map(|(_, phx_ref)| (phx_ref.clone(), LeaveReason::Expired))
             .collect();
-        self.remove(expired, LeaveReason::Expired, now, out);
+        self.remove(expired, now, out);
     }
 
     /// Sends a fresh `presence_state` for each topic the connection still
@@ -641,7 +662,11 @@ impl Registry {
             }
         };
         let removed = refs.len();
-        self.remove(refs, LeaveReason::Untrack, now, out);
+        let leaving = refs
+            .into_iter()
+            .map(|r| (r, LeaveReason::Untrack))
+            .collect();
+        self.remove(leaving, now, out);
         Ok(ReplyFields::of(&UntrackReply { removed }))
     }
 
@@ -845,27 +870,30 @@ impl Registry {
 
     // -- removal, the one path by which entries leave ----------------------
 
-    /// Removes entries, then tells each topic's subscribers in one diff and,
-    /// where the owner changed, every remaining entry in a role event.
-    fn remove(&mut self, refs: Vec<String>, reason: LeaveReason, now: i64, out: &mut Outbox) {
-        let mut by_topic: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-        for phx_ref in refs {
+    /// Removes entries, each for its reason, then tells each topic's
+    /// subscribers in one diff and, where the owner changed, every
+    /// remaining entry in a role event.
+    fn remove(&mut self, leaving: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
+        let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
+        for (phx_ref, reason) in leaving {
             let Some(entry) = self.take(&phx_ref) else {
                 continue;
             };
             out.changes.push(Change::Delete(phx_ref));
-            by_topic.entry(entry.topic.clone()).or_default().push(entry);
+            by_topic
+                .entry(entry.topic.clone())
+                .or_default()
+                .push((entry, reason));
         }
         for (topic_name, departed) in by_topic {
-            self.announce_departures(&topic_name, departed, reason, now, out);
+            self.announce_departures(&topic_name, departed, now, out);
         }
     }
 
     fn announce_departures(
         &mut self,
         topic_name: &str,
-        departed: Vec<Entry>,
-        reason: LeaveReason,
+        departed: Vec<(Entry, LeaveReason)>,
         now: i64,
         out: &mut Outbox,
     ) {
@@ -874,15 +902,15 @@ impl Registry {
         // that sat below every remaining one.
         let new_owner_seq = topic.owner().map(|e| e.seq);
         let owner_changed = match new_owner_seq {
-            Some(seq) => departed.iter().any(|e| e.seq < seq),
+            Some(seq) => departed.iter().any(|(e, _)| e.seq < seq),
             None => false,
         };
 
         let mut diff = Diff::default();
         let mut reasons = BTreeMap::new();
-        for entry in &departed {
-            out.history(entry, HistoryKind::Leave, Some(reason), now);
-            reasons.insert(entry.phx_ref.clone(), reason);
+        for (entry, reason) in &departed {
+            out.history(entry, HistoryKind::Leave, Some(*reason), now);
+            reasons.insert(entry.phx_ref.clone(), *reason);
             diff.leaves
                 .entry(entry.key.clone())
                 .or_default()

@@ -529,3 +529,50 @@ fn changes_that_arrive_together_share_a_transaction() {
     assert_eq!(core.store.commits() - before, 100);
     assert_eq!(db.rows().len(), 100);
 }
+
+#[test]
+fn closes_that_arrive_together_are_announced_together() {
+    let db = TestDb::new();
+    let mut core = db.start_core();
+    let queue: Vec<_> = (1..=4).map(|conn| connect(&mut core, conn)).collect();
+    let watcher = connect(&mut core, 5);
+    let mut joins: Vec<Command> = (1..=4)
+        .map(|conn| track(conn, 1, &format!("k{conn}")))
+        .collect();
+    joins.push(presence(5, 1, Op::Subscribe("doc".into())));
+    run_batch(&mut core, joins).unwrap();
+    queue
+        .iter()
+        .chain([&watcher])
+        .for_each(|lines| drop(sent(lines)));
+
+    // Three owners in a row go at once; then, in the same batch, the
+    // last in line asks who is there.
+    let closes = (1..=3).map(|conn| Command::Close { conn });
+    let list = presence(4, 2, Op::List(Some("doc".into())));
+    run_batch(&mut core, closes.chain([list]).collect()).unwrap();
+
+    let last = sent(&queue[3]);
+    let roles: Vec<&Value> = last.iter().filter(|l| l["event"] == "role").collect();
+    assert_eq!(
+        roles.len(),
+        1,
+        "one role event, for the final owner: {last:?}"
+    );
+    assert_eq!(roles[0]["payload"]["role"], "owner");
+    let listed = last.iter().find(|l| l["id"] == 2).expect("the list reply");
+    assert_eq!(
+        keys_listed(listed),
+        ["k4"],
+        "the closes apply before the list"
+    );
+
+    let diffs: Vec<Value> = sent(&watcher)
+        .into_iter()
+        .filter(|l| l["event"] == "presence_diff")
+        .collect();
+    assert_eq!(diffs.len(), 1, "one diff for the three leaves: {diffs:?}");
+    let leaves = diffs[0]["payload"]["leaves"].as_object().unwrap();
+    assert_eq!(leaves.len(), 3);
+    assert_eq!(diffs[0]["reasons"].as_object().unwrap().len(), 3);
+}

@@ -231,14 +231,16 @@ impl Harness {
     }
 
     fn close(&mut self, conn: ConnId) -> Outbox {
-        let mut out = Outbox::default();
-        self.registry.close(conn, self.now, &mut out);
-        out
+        self.end(&[Ending::Closed(conn)])
     }
 
     fn process_exited(&mut self, process: ProcessId) -> Outbox {
+        self.end(&[Ending::Exited(process)])
+    }
+
+    fn end(&mut self, endings: &[Ending]) -> Outbox {
         let mut out = Outbox::default();
-        self.registry.process_exited(process, self.now, &mut out);
+        self.registry.end(endings, self.now, &mut out);
         out
     }
 
@@ -1849,13 +1851,10 @@ enum Action {
         picks: Vec<usize>,
         detached: bool,
     },
-    Close {
-        slot: usize,
-    },
-    /// `stale` names the pid with a start time no entry has.
-    ProcessExit {
-        process: usize,
-        stale: bool,
+    /// Connections closing and processes exiting at once, as the core
+    /// applies a run of them.
+    End {
+        endings: Vec<EndingPick>,
     },
     /// May be negative: the wall clock can step back.
     AdvanceTime {
@@ -1870,6 +1869,18 @@ enum Action {
     /// Restores a new registry from the persisted rows, as a daemon restart
     /// does: every connection is gone, connection entries wait to resume.
     Restart,
+}
+
+#[derive(Debug, Clone)]
+enum EndingPick {
+    Close {
+        slot: usize,
+    },
+    /// `stale` names the pid with a start time no entry has.
+    ProcessExit {
+        process: usize,
+        stale: bool,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -1921,13 +1932,21 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (slot.clone(), topic).prop_map(|(slot, topic)| Action::Unsubscribe { slot, topic }),
         4 => (slot.clone(), prop::collection::vec(pick, 1..3), prop::bool::weighted(0.8))
             .prop_map(|(slot, picks, detached)| Action::Resume { slot, picks, detached }),
-        2 => slot.prop_map(|slot| Action::Close { slot }),
-        2 => (0..PROCESSES, rarely())
-            .prop_map(|(process, stale)| Action::ProcessExit { process, stale }),
+        4 => prop::collection::vec(ending_pick(), 1..4).prop_map(|endings| Action::End { endings }),
         3 => (-30i64..60).prop_map(|millis| Action::AdvanceTime { millis }),
         1 => (-1i64..=1).prop_map(|offset| Action::ReachDeadline { offset }),
         2 => Just(Action::Expire),
         2 => Just(Action::Restart),
+    ]
+}
+
+/// Mostly one ending at a time, as most closes and exits come; sometimes
+/// a run of them.
+fn ending_pick() -> impl Strategy<Value = EndingPick> {
+    prop_oneof![
+        1 => (0..SLOT_UIDS.len()).prop_map(|slot| EndingPick::Close { slot }),
+        1 => (0..PROCESSES, prop::bool::weighted(0.1))
+            .prop_map(|(process, stale)| EndingPick::ProcessExit { process, stale }),
     ]
 }
 
@@ -2123,23 +2142,30 @@ struct Expected {
 
 impl Expected {
     fn departures(model: &Model, gone: &[ModelEntry], reason: LeaveReason) -> Expected {
-        let mut by_topic: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        for entry in gone {
+        let gone: Vec<(ModelEntry, LeaveReason)> =
+            gone.iter().map(|e| (e.clone(), reason)).collect();
+        Expected::departures_for(model, &gone)
+    }
+
+    /// Departures with a reason each.
+    fn departures_for(model: &Model, gone: &[(ModelEntry, LeaveReason)]) -> Expected {
+        let mut by_topic: BTreeMap<&str, BTreeMap<String, LeaveReason>> = BTreeMap::new();
+        for (entry, reason) in gone {
             by_topic
                 .entry(&entry.topic)
                 .or_default()
-                .insert(entry.phx_ref.clone());
+                .insert(entry.phx_ref.clone(), *reason);
         }
         let diffs = by_topic
             .into_iter()
-            .filter_map(|(topic, leaves)| {
+            .filter_map(|(topic, reasons)| {
                 let to = model.subscribers(topic);
                 (!to.is_empty()).then(|| ExpectedDiff {
                     topic: topic.to_owned(),
                     to,
                     joins: BTreeSet::new(),
-                    reasons: leaves.iter().map(|r| (r.clone(), reason)).collect(),
-                    leaves,
+                    leaves: reasons.keys().cloned().collect(),
+                    reasons,
                 })
             })
             .collect();
@@ -2467,42 +2493,7 @@ impl World {
                 ref picks,
                 detached,
             } => self.resume(self.slots[slot], picks, detached),
-            Action::Close { slot } => {
-                let conn = self.slots[slot];
-                let mut out = Outbox::default();
-                self.registry.close(conn, self.now, &mut out);
-                if self.model.conns.remove(&conn).is_none() {
-                    return (out, Expected::default());
-                }
-                let gone = self
-                    .model
-                    .remove_where(|e| e.conn == Some(conn) && e.lifetime == Lifetime::Connection);
-                for entry in &mut self.model.entries {
-                    if entry.conn == Some(conn) {
-                        entry.conn = None;
-                    }
-                }
-                let expected = Expected::departures(&self.model, &gone, LeaveReason::Closed);
-                (out, expected)
-            }
-            Action::ProcessExit { process, stale } => {
-                let id = ProcessId {
-                    pid: 500 + process as u32,
-                    start_time: if stale {
-                        self.generations[process] + 1_000_000
-                    } else {
-                        self.generations[process]
-                    },
-                };
-                let mut out = Outbox::default();
-                self.registry.process_exited(id, self.now, &mut out);
-                if !stale {
-                    self.generations[process] += 1;
-                }
-                let gone = self.model.remove_where(|e| e.process == id);
-                let expected = Expected::departures(&self.model, &gone, LeaveReason::PidExit);
-                (out, expected)
-            }
+            Action::End { ref endings } => self.end_together(endings),
             Action::AdvanceTime { millis } => {
                 self.now += millis;
                 (Outbox::default(), Expected::default())
@@ -2681,6 +2672,52 @@ impl World {
             });
         }
         (out, expected)
+    }
+
+    /// Ends connections and processes in one call, as the core applies a
+    /// run of them. An entry ended twice over leaves for the first reason.
+    fn end_together(&mut self, picks: &[EndingPick]) -> (Outbox, Expected) {
+        let mut endings = Vec::new();
+        let mut gone = Vec::new();
+        for pick in picks {
+            match *pick {
+                EndingPick::Close { slot } => {
+                    let conn = self.slots[slot];
+                    endings.push(Ending::Closed(conn));
+                    if self.model.conns.remove(&conn).is_none() {
+                        continue;
+                    }
+                    let closed = self.model.remove_where(|e| {
+                        e.conn == Some(conn) && e.lifetime == Lifetime::Connection
+                    });
+                    gone.extend(closed.into_iter().map(|e| (e, LeaveReason::Closed)));
+                    for entry in &mut self.model.entries {
+                        if entry.conn == Some(conn) {
+                            entry.conn = None;
+                        }
+                    }
+                }
+                EndingPick::ProcessExit { process, stale } => {
+                    let id = ProcessId {
+                        pid: 500 + process as u32,
+                        start_time: if stale {
+                            self.generations[process] + 1_000_000
+                        } else {
+                            self.generations[process]
+                        },
+                    };
+                    endings.push(Ending::Exited(id));
+                    if !stale {
+                        self.generations[process] += 1;
+                    }
+                    let exited = self.model.remove_where(|e| e.process == id);
+                    gone.extend(exited.into_iter().map(|e| (e, LeaveReason::PidExit)));
+                }
+            }
+        }
+        let mut out = Outbox::default();
+        self.registry.end(&endings, self.now, &mut out);
+        (out, Expected::departures_for(&self.model, &gone))
     }
 
     fn resume(&mut self, conn: ConnId, picks: &[usize], detached: bool) -> (Outbox, Expected) {
