@@ -44,6 +44,18 @@ use support::{POLL, within};
 struct Plan {
     trials: usize,
     warmup: usize,
+    /// Run only this part of the suite, when measuring one change.
+    only: Option<Part>,
+}
+
+/// The parts of the suite, each with the baselines it is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The flock and echo baselines, failover, round trips and fan-out.
+    Latency,
+    Throughput,
+    Scale,
+    Restart,
 }
 
 struct Options {
@@ -56,7 +68,9 @@ fn main() {
     let options = match parse_args(std::env::args().skip(1)) {
         Ok(options) => options,
         Err(e) => {
-            eprintln!("{e}\nusage: presence-bench [--quick] [--json] [--trials N]");
+            eprintln!(
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only latency|throughput|scale|restart]"
+            );
             std::process::exit(2);
         }
     };
@@ -84,6 +98,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
         plan: Plan {
             trials: 200,
             warmup: 10,
+            only: None,
         },
         json: false,
     };
@@ -91,10 +106,18 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
-                options.plan = Plan {
-                    trials: 30,
-                    warmup: 3,
-                }
+                options.plan.trials = 30;
+                options.plan.warmup = 3;
+            }
+            "--only" => {
+                let part = args.next().context("--only needs a part")?;
+                options.plan.only = Some(match part.as_str() {
+                    "latency" => Part::Latency,
+                    "throughput" => Part::Throughput,
+                    "scale" => Part::Scale,
+                    "restart" => Part::Restart,
+                    other => bail!("unknown part {other:?}"),
+                });
             }
             "--json" => options.json = true,
             "--trials" => {
@@ -185,95 +208,104 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
         });
     };
 
-    eprintln!("baselines ({} trials each)", plan.trials);
-    add(
-        "flock-kill",
-        flock_handoff(dir.path(), plan, Release::Kill).await?,
-        None,
-    );
-    add(
-        "flock-graceful",
-        flock_handoff(dir.path(), plan, Release::Graceful).await?,
-        None,
-    );
-    add("echo-rtt", echo_round_trips(dir.path(), plan).await?, None);
-
-    eprintln!("daemon scenarios");
-    let daemon = Daemon::start(&dir.path().join("main"), &[]).await?;
-    let (promoted, diffed) = failover(&daemon, plan, Release::Kill).await?;
-    add(
-        "failover-kill/role",
-        promoted,
-        Some(ratio_target("flock-kill", Some(1.5), Some(2.0))),
-    );
-    add(
-        "failover-kill/diff",
-        diffed,
-        Some(ratio_target("flock-kill", None, None)),
-    );
-    let (promoted, diffed) = failover(&daemon, plan, Release::Graceful).await?;
-    add(
-        "failover-close/role",
-        promoted,
-        Some(ratio_target("flock-graceful", Some(2.0), None)),
-    );
-    add(
-        "failover-close/diff",
-        diffed,
-        Some(ratio_target("flock-graceful", None, None)),
-    );
-    add(
-        "track-rtt",
-        track_round_trips(&daemon, plan, false).await?,
-        Some(ratio_target("echo-rtt", Some(3.0), None)),
-    );
-    add(
-        "track+untrack-rtt",
-        track_round_trips(&daemon, plan, true).await?,
-        Some(ratio_target("echo-rtt", None, None)),
-    );
-    add(
-        "track-rtt/raw-socket",
-        raw_track_round_trips(&daemon, plan).await?,
-        Some(ratio_target("echo-rtt", None, None)),
-    );
+    // Fan-out and scale hold thousands of sockets.
     load::raise_fd_limit()?;
-    add(
-        "fan-out/1000",
-        fan_out(&daemon, plan, FAN_OUT).await?,
-        Some(Target::Within {
-            p50: None,
-            p99: Some(Duration::from_millis(5)),
-        }),
-    );
-    drop(daemon);
+    if plan.runs(Part::Latency) {
+        eprintln!("baselines ({} trials each)", plan.trials);
+        add(
+            "flock-kill",
+            flock_handoff(dir.path(), plan, Release::Kill).await?,
+            None,
+        );
+        add(
+            "flock-graceful",
+            flock_handoff(dir.path(), plan, Release::Graceful).await?,
+            None,
+        );
+        add("echo-rtt", echo_round_trips(dir.path(), plan).await?, None);
+
+        eprintln!("daemon scenarios");
+        let daemon = Daemon::start(&dir.path().join("main"), &[]).await?;
+        let (promoted, diffed) = failover(&daemon, plan, Release::Kill).await?;
+        add(
+            "failover-kill/role",
+            promoted,
+            Some(ratio_target("flock-kill", Some(1.5), Some(2.0))),
+        );
+        add(
+            "failover-kill/diff",
+            diffed,
+            Some(ratio_target("flock-kill", None, None)),
+        );
+        let (promoted, diffed) = failover(&daemon, plan, Release::Graceful).await?;
+        add(
+            "failover-close/role",
+            promoted,
+            Some(ratio_target("flock-graceful", Some(2.0), None)),
+        );
+        add(
+            "failover-close/diff",
+            diffed,
+            Some(ratio_target("flock-graceful", None, None)),
+        );
+        add(
+            "track-rtt",
+            track_round_trips(&daemon, plan, false).await?,
+            Some(ratio_target("echo-rtt", Some(3.0), None)),
+        );
+        add(
+            "track+untrack-rtt",
+            track_round_trips(&daemon, plan, true).await?,
+            Some(ratio_target("echo-rtt", None, None)),
+        );
+        add(
+            "track-rtt/raw-socket",
+            raw_track_round_trips(&daemon, plan).await?,
+            Some(ratio_target("echo-rtt", None, None)),
+        );
+        add(
+            "fan-out/1000",
+            fan_out(&daemon, plan, FAN_OUT).await?,
+            Some(Target::Within {
+                p50: None,
+                p99: Some(Duration::from_millis(5)),
+            }),
+        );
+        drop(daemon);
+    }
 
     eprintln!("load scenarios");
-    let figures = throughput(dir.path(), plan).await?;
-    let (rss_per_connection, listed) = scale(dir.path(), plan).await?;
-    add(
-        "list/10000-entries",
-        listed,
-        Some(Target::Within {
-            p50: Some(Duration::from_millis(50)),
-            p99: None,
-        }),
-    );
-    add(
-        "restart/100000-entries",
-        restart(dir.path(), plan).await?,
-        Some(Target::Within {
-            p50: Some(Duration::from_secs(1)),
-            p99: Some(Duration::from_secs(1)),
-        }),
-    );
-    let mut figures = figures;
-    figures.push(Figure {
-        name: "scale/rss-per-connection",
-        value: rss_per_connection,
-        unit: "KiB",
-        limit: Some(Limit::AtMost(16.0)),
-    });
+    let mut figures = Vec::new();
+    if plan.runs(Part::Throughput) {
+        figures.extend(throughput(dir.path(), plan).await?);
+    }
+    if plan.runs(Part::Scale) {
+        let (rss_per_connection, listed) = scale(dir.path(), plan).await?;
+        add(
+            "list/10000-entries",
+            listed,
+            Some(Target::Within {
+                p50: Some(Duration::from_millis(50)),
+                p99: None,
+            }),
+        );
+        figures.push(Figure {
+            name: "scale/rss-per-connection",
+            value: rss_per_connection,
+            unit: "KiB",
+            limit: Some(Limit::AtMost(16.0)),
+        });
+    }
+    if plan.runs(Part::Restart) {
+        add(
+            "restart/100000-entries",
+            restart(dir.path(), plan).await?,
+            Some(Target::Within {
+                p50: Some(Duration::from_secs(1)),
+                p99: Some(Duration::from_secs(1)),
+            }),
+        );
+    }
     Ok(Report { rows, figures })
 }
 
@@ -576,7 +608,12 @@ impl Plan {
         Plan {
             trials: (self.trials / 20).clamp(2, 10),
             warmup: 1,
+            ..self
         }
+    }
+
+    fn runs(self, part: Part) -> bool {
+        self.only.is_none_or(|only| only == part)
     }
 }
 
