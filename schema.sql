@@ -36,16 +36,22 @@ CREATE TABLE IF NOT EXISTS counters (
 -- its reason), update and change of owner. Written in the same transaction
 -- as the change itself, and pruned to a bounded age and size, oldest ids
 -- first (ids grow with time, so no index on `at` is needed).
+--
+-- Writing it must stay cheap, since every change writes a row. So there is
+-- no index at all: each insert is an append at the end of one b-tree, where
+-- an index on topic would dirty a page somewhere in the middle of another
+-- for each event. A read for one topic walks back from the newest event
+-- and stops when it has enough. And the CHECK on `kind` is a chain of ORs:
+-- SQLite tests an IN list of more than two values by building a temporary
+-- table, once for every row inserted.
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY,                  -- grows with each event; the order
     at     INTEGER NOT NULL,                     -- unix milliseconds
     topic  TEXT    NOT NULL,
-    kind   TEXT    NOT NULL CHECK (kind IN ('join', 'leave', 'update', 'owner')),
+    kind   TEXT    NOT NULL CHECK (kind = 'join' OR kind = 'leave' OR kind = 'update' OR kind = 'owner'),
     key    TEXT    NOT NULL,
     ref    TEXT    NOT NULL,                     -- for an update, the new ref
     pid    INTEGER NOT NULL,
     user   TEXT    NOT NULL,
     reason TEXT                                  -- why a leave happened
 ) STRICT;
-
-CREATE INDEX IF NOT EXISTS events_by_topic ON events (topic, id);

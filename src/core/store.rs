@@ -24,7 +24,7 @@ use crate::protocol::{
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// From version 2: the same columns in fewer b-trees, so that a commit
 /// writes fewer pages. `presences` and `counters` are keyed by their
@@ -48,6 +48,20 @@ const FROM_VERSION_2: &str = "
     DROP TABLE counters;
     ALTER TABLE counters_v3 RENAME TO counters;
     DROP INDEX IF EXISTS events_by_time;
+";
+
+/// From versions 2 and 3: the history moves to the `events` table that
+/// schema.sql defines now, with no index and a CHECK that costs no
+/// temporary table per insert. The old table is put aside before the
+/// schema runs, and its rows are copied into the new one after.
+const HISTORY_ASIDE: &str = "
+    DROP INDEX IF EXISTS events_by_topic;
+    ALTER TABLE events RENAME TO events_v3;
+";
+const HISTORY_BACK: &str = "
+    INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
+        SELECT id, at, topic, kind, key, ref, pid, user, reason FROM events_v3;
+    DROP TABLE events_v3;
 ";
 
 /// How long opening the database waits for another program's lock on it
@@ -313,7 +327,9 @@ impl Store {
         Ok(deleted as i64 == PRUNE_CHUNK)
     }
 
-    /// The latest history events that match, oldest first.
+    /// The latest history events that match, oldest first. The table has
+    /// no index (see schema.sql), so this walks back from the newest event
+    /// until it has `limit` + 1 matches or reaches the oldest.
     pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
         let limit = request
             .limit
@@ -519,16 +535,19 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
     let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
     // Every statement in the schema is `IF NOT EXISTS`: it makes a new
     // database, and adds what later versions added to an older one. A
-    // version that changes an existing table has its own step first. All
-    // of it is one transaction: a failure leaves the old version whole.
-    let step = match version {
-        0 => "",
-        1 | 2 => FROM_VERSION_2,
+    // version that changes an existing table has steps of its own around
+    // it. All of it is one transaction: a failure leaves the old version
+    // whole. (Version 1 had no history.)
+    let (before, after) = match version {
+        0 => (String::new(), ""),
+        1 => (FROM_VERSION_2.to_owned(), ""),
+        2 => (format!("{FROM_VERSION_2} {HISTORY_ASIDE}"), HISTORY_BACK),
+        3 => (HISTORY_ASIDE.to_owned(), HISTORY_BACK),
         SCHEMA_VERSION => return Ok(()),
         found => return Err(StoreError::NewerSchema { found }),
     };
     db.execute_batch(&format!(
-        "BEGIN; {step} {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
     ))?;
     Ok(())
 }
@@ -855,10 +874,77 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(
-            layout,
-            ["events_by_topic"],
-            "only the index `log TOPIC` reads"
+        assert!(layout.is_empty(), "no index is left: {layout:?}");
+    }
+
+    #[test]
+    fn a_version_3_database_moves_its_history_to_the_cheaper_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        // Version 3's history: an index on topic, and an IN list in the
+        // CHECK.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE presences (
+                 ref TEXT PRIMARY KEY, topic TEXT NOT NULL, key TEXT NOT NULL,
+                 seq INTEGER NOT NULL, prev_ref TEXT, meta TEXT NOT NULL,
+                 joined_at INTEGER NOT NULL, pid INTEGER NOT NULL,
+                 pid_start_time INTEGER NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
+                 lifetime TEXT NOT NULL CHECK (lifetime IN ('connection', 'process')),
+                 resume_token_hash BLOB NOT NULL, boot_id TEXT NOT NULL
+             ) STRICT, WITHOUT ROWID;
+             CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+                 STRICT, WITHOUT ROWID;
+             CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
+                 topic TEXT NOT NULL,
+                 kind TEXT NOT NULL CHECK (kind IN ('join', 'leave', 'update', 'owner')),
+                 key TEXT NOT NULL, ref TEXT NOT NULL, pid INTEGER NOT NULL,
+                 user TEXT NOT NULL, reason TEXT) STRICT;
+             CREATE INDEX events_by_topic ON events (topic, id);
+             INSERT INTO presences VALUES ('p1', 'doc', 'alice', 1, NULL, '{}', 5, 42, 7, 1000,
+                 'alice', 'process', x'00', 'boot');
+             INSERT INTO counters VALUES ('next_seq', 2);
+             INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
+                 VALUES (7, 5, 'doc', 'join', 'alice', 'p1', 42, 'alice', NULL),
+                        (9, 6, 'doc', 'leave', 'bob', 'p0', 43, 'bob', 'closed');
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(old);
+
+        let store = Store::open(&path, "boot".into()).unwrap();
+        let (rows, next_seq) = store.load().unwrap();
+        assert_eq!((rows.len(), next_seq), (1, 2));
+        let history = store.history(&HistoryRequest::default()).unwrap();
+        let kept: Vec<(&str, Option<LeaveReason>)> = history
+            .events
+            .iter()
+            .map(|e| (e.key.as_str(), e.reason))
+            .collect();
+        assert_eq!(kept, [("alice", None), ("bob", Some(LeaveReason::Closed))]);
+        let ids: Vec<i64> = store
+            .db
+            .prepare("SELECT id FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, [7, 9], "ids, the history's order, are kept");
+        let indexes: i64 = store
+            .db
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'index'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0);
+        let bad_kind = store.db.execute(
+            "INSERT INTO events (at, topic, kind, key, ref, pid, user) \
+             VALUES (1, 'doc', 'jion', 'k', 'p', 1, 'u')",
+            [],
         );
+        assert!(bad_kind.is_err(), "the CHECK on kind still holds");
     }
 }
