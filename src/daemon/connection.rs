@@ -100,6 +100,11 @@ impl Drop for UidSlot<'_> {
 /// then, so it cannot hold a connection slot for ever.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Each connection's read buffer. Requests are a few hundred bytes; a
+/// longer line is gathered a buffer at a time. Every idle connection
+/// holds one, so it is kept small (tokio's default is 8 KiB).
+const READ_BUFFER_BYTES: usize = 2048;
+
 /// Serves one accepted connection until it closes, its reader and writer
 /// both finished. `flushing` is held by the writer until it has sent its
 /// last line, so that shutdown can wait for every client to get its
@@ -190,7 +195,7 @@ async fn read_requests(
     peer: (&Peer, Option<ProcessId>),
     shared: &Shared,
 ) {
-    let mut reader = BufReader::new(recv);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, recv);
     let mut line = Vec::new();
     loop {
         match read_line(&mut reader, &mut line, shared.limits.max_line_bytes).await {

@@ -706,7 +706,9 @@ pub async fn refuse(stream: Stream, message: String) {
     // client could lose the line above. Say we are done, then read what
     // it sent, briefly and boundedly, before closing.
     let _ = stream.shutdown().await;
-    let mut unread = [0u8; 4096];
+    // On the heap, not in the future: `serve` awaits this, so an array
+    // here would make every connection's task 4 KiB larger for good.
+    let mut unread = vec![0u8; 4096];
     let drain = async {
         let mut left = REFUSAL_DRAIN_BYTES;
         while left > 0 {
