@@ -7,12 +7,14 @@
 //! credentials), and pass the rest to the core.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use interprocess::local_socket::traits::StreamCommon as _;
 use interprocess::os::unix::uds_local_socket::tokio::Stream;
+use serde::Deserialize as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -391,7 +393,8 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
             ),
         ));
     }
-    let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
+    // Read from the parsed value in place: no copy of the whole request.
+    let request = Request::deserialize(&value).map_err(|e| {
         (
             id.clone(),
             ErrorBody::new(ErrorCode::BadRequest, format!("bad `{op}` request: {e}")),
@@ -524,7 +527,11 @@ fn new_resume_token() -> Option<(String, TokenHash)> {
         tracing::error!("no randomness for a resume token: {e}");
         return None;
     }
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut token = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(token, "{byte:02x}");
+    }
     let hash = hash_token(&token);
     Some((token, hash))
 }
@@ -625,6 +632,10 @@ mod tests {
         let (b, _) = new_resume_token().unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);
+        assert!(
+            a.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+            "{a} is lowercase hex"
+        );
         assert_eq!(hash_token(&a), hash_a);
     }
 }
