@@ -380,6 +380,7 @@ impl Core {
         self.release(deliveries);
         if result.is_ok() {
             self.prune_history_if_due();
+            self.store.checkpoint_if_due();
         }
         // Closed connections get no more lines even if their close is to be
         // retried: their sockets are gone either way.

@@ -6,11 +6,14 @@
 //! to processes the power loss killed anyway (their boot id no longer
 //! matches, so they are cleared at the next start).
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, c_int};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
+use rusqlite::hooks::Wal;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
@@ -217,7 +220,14 @@ pub struct Store {
     /// Transactions committed since the store was opened: with group
     /// commit, far fewer than the operations they saved.
     commits: u64,
+    /// Frames in the write-ahead log after the last commit, as SQLite's
+    /// WAL hook reports them (see [`Store::checkpoint_if_due`]).
+    wal_frames: Arc<AtomicU32>,
 }
+
+/// WAL frames past which the core checkpoints: SQLite's own default for
+/// its automatic checkpoints, which this replaces.
+const CHECKPOINT_FRAMES: u32 = 1000;
 
 /// How much history is kept: whichever bound is reached first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +257,7 @@ impl Store {
     /// daemon down; `recovered_from` then names the moved file.
     pub fn open(path: &Path, boot_id: String) -> Result<Store, StoreError> {
         let lock = lock_database(path).map_err(|e| e.about(path))?;
-        let (db, recovered_from) = match Self::open_checked(path) {
+        let (mut db, recovered_from) = match Self::open_checked(path) {
             Ok(db) => (db, None),
             Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
                 let aside = move_aside(path).map_err(|e| StoreError::from(e).about(path))?;
@@ -261,6 +271,16 @@ impl Store {
             }
             Err(e) => return Err(e.about(path)),
         };
+        // A WAL hook of our own replaces SQLite's automatic checkpoint,
+        // which would otherwise run inside a commit, fsyncs and all, before
+        // that commit's batch could announce anything.
+        let wal_frames = Arc::new(AtomicU32::new(0));
+        let frames = Arc::clone(&wal_frames);
+        db.wal_hook(Some(move |_: &mut Wal, pages: c_int| {
+            frames.store(u32::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            Ok(())
+        }))
+        .map_err(|e| StoreError::from(e).about(path))?;
         Ok(Store {
             db,
             _lock: lock,
@@ -269,7 +289,36 @@ impl Store {
             recovered_from,
             retention: Retention::default(),
             commits: 0,
+            wal_frames,
         })
+    }
+
+    /// Copies the write-ahead log back into the database once it holds
+    /// [`CHECKPOINT_FRAMES`], so that it stops growing. The core calls
+    /// this after a batch's lines are out, so the checkpoint's fsyncs
+    /// delay at most the next batch, never the announcements of the one
+    /// that filled the log. Passive: it never waits for anyone, and what
+    /// it cannot copy now (another program reading) is tried after a
+    /// later commit.
+    pub fn checkpoint_if_due(&mut self) {
+        if self.wal_frames.load(Ordering::Relaxed) < CHECKPOINT_FRAMES {
+            return;
+        }
+        // The next commit reports the log's size again; until then,
+        // nothing more to do.
+        self.wal_frames.store(0, Ordering::Relaxed);
+        if let Err(e) = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            tracing::debug!("could not checkpoint the database, trying later: {e}");
+        }
+    }
+
+    /// Frames in the write-ahead log after the last commit.
+    #[cfg(test)]
+    fn wal_frames(&self) -> u32 {
+        self.wal_frames.load(Ordering::Relaxed)
     }
 
     fn open_checked(path: &Path) -> Result<Connection, StoreError> {
@@ -701,6 +750,39 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].entry, entry(2));
         assert_eq!(rows[0].boot_id, "boot-a");
+    }
+
+    #[test]
+    fn commits_never_checkpoint_and_checkpoint_if_due_restarts_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        // One commit of a row and a counter is a few frames: past the
+        // threshold after a few hundred, where SQLite's own automatic
+        // checkpoint would have restarted the log.
+        let mut seq = 1;
+        while store.wal_frames() < 2 * CHECKPOINT_FRAMES {
+            store
+                .commit(&[Change::Put(Box::new(entry(seq)))], seq + 1)
+                .unwrap();
+            seq += 1;
+            assert!(
+                seq < 10_000,
+                "the log never grew to {CHECKPOINT_FRAMES} frames"
+            );
+        }
+
+        store.checkpoint_if_due();
+        store
+            .commit(&[Change::Put(Box::new(entry(seq)))], seq + 1)
+            .unwrap();
+        assert!(
+            store.wal_frames() < 10,
+            "the log starts over after a checkpoint: {} frames",
+            store.wal_frames()
+        );
+        let (rows, _) = store.load().unwrap();
+        assert_eq!(rows.len() as u64, seq);
     }
 
     fn unix_seconds() -> u64 {
