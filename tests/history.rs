@@ -84,6 +84,46 @@ async fn history_answers_who_held_a_topic_and_survives_a_restart() {
     assert!(later.events.is_empty());
 }
 
+/// History is read apart from the core, on a connection of its own; its
+/// reply still keeps its place among the replies of one connection, and
+/// shows what the requests before it committed.
+#[tokio::test]
+async fn a_pipelined_history_reply_keeps_its_place_and_sees_what_came_before() {
+    let daemon = Daemon::start().await;
+    let mut raw = daemon.raw().await;
+    let mut burst = String::new();
+    for (id, key) in ["alice", "bob", "carol"].iter().enumerate() {
+        burst.push_str(&format!(
+            "{{\"op\":\"track\",\"id\":{id},\"topic\":\"doc\",\"key\":\"{key}\"}}\n"
+        ));
+    }
+    burst.push_str("{\"op\":\"history\",\"id\":3,\"topic\":\"doc\"}\n");
+    burst.push_str("{\"op\":\"ping\",\"id\":4}\n");
+    burst.push_str("{\"op\":\"history\",\"id\":5,\"topic\":\"nobody-here\"}\n");
+    burst.push_str("{\"op\":\"list\",\"id\":6,\"topic\":\"doc\"}\n");
+    raw.send_bytes(burst.as_bytes()).await;
+
+    let mut replies = Vec::new();
+    while replies.len() < 7 {
+        let line = raw.next().await.expect("a reply");
+        if line.get("id").is_some() {
+            replies.push(line);
+        }
+    }
+    let ids: Vec<i64> = replies.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [0, 1, 2, 3, 4, 5, 6], "replies in request order");
+    assert!(replies.iter().all(|r| r["ok"] == true), "{replies:?}");
+    let joined: Vec<&str> = replies[3]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "join")
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, ["alice", "bob", "carol"], "the tracks before it");
+    assert_eq!(replies[5]["events"], serde_json::json!([]));
+}
+
 #[tokio::test]
 async fn history_is_trimmed_to_its_bound() {
     let daemon = Daemon::start_with(&["--history-events", "3"]).await;

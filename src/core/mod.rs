@@ -35,7 +35,7 @@ use serde_json::Value;
 use crate::sys::now_millis;
 
 use crate::protocol::{
-    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, HistoryRequest, Lifetime, OutgoingReply,
+    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Lifetime, OutgoingReply,
     PROTOCOL_VERSION, ReplyFields, SERVER_NAME, ShutdownPayload, StatusReply,
 };
 use recovery::{Fact, Recovery};
@@ -102,8 +102,6 @@ pub enum Resolved {
     Presence(Op),
     Status,
     Ping,
-    /// Read from the database, which holds only what is committed.
-    History(HistoryRequest),
 }
 
 /// Everything the io layer asks of the core.
@@ -374,7 +372,8 @@ impl Core {
     /// Commits the batch and reveals it, or, if the commit fails, reveals
     /// what survives the roll-back. Returns the commit's result.
     fn finish(&mut self, mut batch: Batch) -> Result<(), StoreError> {
-        debug_assert!(batch.endings.is_empty(), "endings left unapplied");
+        // Applied already by every path here; this only makes sure.
+        self.apply_endings(&mut batch);
         let closed = std::mem::take(&mut batch.closed);
         let (deliveries, result) = self.commit_or_roll_back(batch);
         self.release(deliveries);
@@ -539,10 +538,6 @@ impl Core {
                 id,
                 outcome: Ok(ReplyFields::none()),
             },
-            Resolved::History(request) => OutgoingReply {
-                id,
-                outcome: self.history(&request),
-            },
         };
         out.deliveries.push(Delivery::Reply { conn, reply });
     }
@@ -578,16 +573,6 @@ impl Core {
             let endings = std::mem::take(&mut batch.endings);
             self.registry.end(&endings, batch.now, &mut batch.outbox);
         }
-    }
-
-    fn history(&self, request: &HistoryRequest) -> Result<ReplyFields, ErrorBody> {
-        let reply = self.store.history(request).map_err(|e| {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!("could not read the history: {e}"),
-            )
-        })?;
-        Ok(ReplyFields::of(&reply))
     }
 
     fn status(&self) -> StatusReply {
@@ -744,8 +729,7 @@ enum Redo {
 /// error tells the client to try again.
 fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
     match request {
-        // History comes from the database, so it never showed the batch.
-        Resolved::Hello(_) | Resolved::Ping | Resolved::History(_) => None,
+        Resolved::Hello(_) | Resolved::Ping => None,
         Resolved::Status => Some(Redo::Ask(Resolved::Status)),
         Resolved::Presence(op) => Some(match op {
             Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Unsubscribe(_) => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::hooks::Wal;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
@@ -376,31 +376,6 @@ impl Store {
         Ok(deleted as i64 == PRUNE_CHUNK)
     }
 
-    /// The latest history events that match, oldest first. The table has
-    /// no index (see schema.sql), so this walks back from the newest event
-    /// until it has `limit` + 1 matches or reaches the oldest.
-    pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
-        let limit = request
-            .limit
-            .unwrap_or(DEFAULT_HISTORY_LIMIT)
-            .min(MAX_HISTORY_LIMIT);
-        // One more than asked for tells whether any were left out.
-        let mut query = self.db.prepare_cached(
-            "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
-             WHERE (?1 IS NULL OR topic = ?1) AND (?2 IS NULL OR at >= ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
-        let rows = query.query_map(
-            params![request.topic, request.since, limit as i64 + 1],
-            read_history_event,
-        )?;
-        let mut events = rows.collect::<Result<Vec<_>, _>>()?;
-        let truncated = events.len() > limit;
-        events.truncate(limit);
-        events.reverse();
-        Ok(HistoryReply { events, truncated })
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -568,6 +543,72 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// A connection of its own for reading the history. A read for a topic
+/// walks the table back from the newest event (it has no index, see
+/// schema.sql), which for a topic with no events means all of it; done on
+/// the core's connection, that would hold up every commit and
+/// announcement. In WAL mode this connection reads the last committed
+/// state while the core writes.
+pub struct HistoryReader {
+    db: Connection,
+    path: PathBuf,
+}
+
+/// How long a history read waits for a lock. Readers wait only in rare
+/// moments of the WAL's life (its recovery, or a restart of the log).
+const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl HistoryReader {
+    /// Opens the database that a [`Store`] has opened, and so created and
+    /// brought up to date, for reading.
+    pub fn open(path: &Path) -> Result<HistoryReader, StoreError> {
+        let open = || -> rusqlite::Result<Connection> {
+            let db = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            db.busy_timeout(READ_BUSY_TIMEOUT)?;
+            db.pragma_update(None, "query_only", true)?;
+            Ok(db)
+        };
+        let db = open().map_err(|e| StoreError::from(e).about(path))?;
+        Ok(HistoryReader {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The latest history events that match, oldest first: the table is
+    /// walked back from the newest event until it has `limit` + 1 matches
+    /// (the one more tells whether any were left out) or reaches the
+    /// oldest.
+    pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
+        self.read(request)
+            .map_err(|e| StoreError::from(e).about(&self.path))
+    }
+
+    fn read(&self, request: &HistoryRequest) -> rusqlite::Result<HistoryReply> {
+        let limit = request
+            .limit
+            .unwrap_or(DEFAULT_HISTORY_LIMIT)
+            .min(MAX_HISTORY_LIMIT);
+        let mut query = self.db.prepare_cached(
+            "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
+             WHERE (?1 IS NULL OR topic = ?1) AND (?2 IS NULL OR at >= ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = query.query_map(
+            params![request.topic, request.since, limit as i64 + 1],
+            read_history_event,
+        )?;
+        let mut events = rows.collect::<Result<Vec<_>, _>>()?;
+        let truncated = events.len() > limit;
+        events.truncate(limit);
+        events.reverse();
+        Ok(HistoryReply { events, truncated })
     }
 }
 
@@ -901,7 +942,10 @@ mod tests {
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2));
-        let history = store.history(&HistoryRequest::default()).unwrap();
+        let history = HistoryReader::open(&path)
+            .unwrap()
+            .history(&HistoryRequest::default())
+            .unwrap();
         assert!(history.events.is_empty());
         let version: i64 = store
             .db
@@ -946,7 +990,10 @@ mod tests {
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2));
         assert_eq!(rows[0].entry.phx_ref, "p1");
-        let history = store.history(&HistoryRequest::default()).unwrap();
+        let history = HistoryReader::open(&path)
+            .unwrap()
+            .history(&HistoryRequest::default())
+            .unwrap();
         assert_eq!(history.events.len(), 1);
         let layout: Vec<String> = store
             .db
@@ -997,7 +1044,10 @@ mod tests {
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2));
-        let history = store.history(&HistoryRequest::default()).unwrap();
+        let history = HistoryReader::open(&path)
+            .unwrap()
+            .history(&HistoryRequest::default())
+            .unwrap();
         let kept: Vec<(&str, Option<LeaveReason>)> = history
             .events
             .iter()

@@ -23,9 +23,12 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::outbound::{Next, OutboundQueue};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
+use crate::core::store::HistoryReader;
 use crate::core::{Command, Resolved};
+use crate::core::{Line, LineKind, Outlet as _};
 use crate::protocol::{
-    ErrorBody, ErrorCode, KNOWN_OPS, Limits, Request, TrackRequest, validate_meta, validate_name,
+    ErrorBody, ErrorCode, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply, ReplyFields, Request,
+    TrackRequest, validate_meta, validate_name,
 };
 use crate::sys;
 
@@ -35,6 +38,8 @@ pub struct Shared {
     pub pids: PidWatcher,
     pub limits: Limits,
     pub connections_by_uid: ConnectionsByUid,
+    /// History reads, kept off the core (see [`answer_history`]).
+    pub history: Arc<Mutex<HistoryReader>>,
 }
 
 /// How many connections each user other than the daemon's own holds. On a
@@ -192,7 +197,7 @@ pub async fn serve(
 
 async fn read_requests(
     recv: OwnedReadHalf,
-    queue: &OutboundQueue,
+    queue: &Arc<OutboundQueue>,
     conn: ConnId,
     peer: (&Peer, Option<ProcessId>),
     shared: &Shared,
@@ -206,7 +211,13 @@ async fn read_requests(
                     continue;
                 }
                 queue.admit_request().await;
-                handle_line(&line, conn, peer, shared);
+                if let Some((id, request)) = handle_line(&line, conn, peer, shared) {
+                    // Replies go in the order of their requests: this one
+                    // after every reply owed before it, and no later
+                    // request is read until it is out.
+                    queue.wait_for_earlier_replies().await;
+                    answer_history(id, request, queue, shared).await;
+                }
             }
             Ok(ReadLine::Eof) => return,
             Ok(ReadLine::TooLong) => {
@@ -230,6 +241,36 @@ async fn read_requests(
             }
         }
     }
+}
+
+/// Answers a `history` request from the io layer's own database connection,
+/// on a blocking thread. A read for a topic with no events walks the whole
+/// table, about 10 ms at the default bound; on the core it would hold up
+/// every commit and announcement for that long, so it never goes there.
+async fn answer_history(
+    id: Value,
+    request: HistoryRequest,
+    queue: &Arc<OutboundQueue>,
+    shared: &Shared,
+) {
+    let reader = Arc::clone(&shared.history);
+    let read = tokio::task::spawn_blocking(move || {
+        let reader = reader.lock().unwrap_or_else(|p| p.into_inner());
+        reader.history(&request).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let outcome = match read {
+        Ok(reply) => Ok(ReplyFields::of(&reply)),
+        Err(cause) => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("could not read the history: {cause}"),
+        )),
+    };
+    queue.deliver(Line {
+        kind: LineKind::Reply,
+        bytes: OutgoingReply { id, outcome }.to_line().into(),
+    });
 }
 
 enum ReadLine {
@@ -282,22 +323,24 @@ async fn read_line(
     }
 }
 
-/// Parses a request line and sends the core what it asks for.
+/// Parses a request line and sends the core what it asks for. A history
+/// read is the exception, returned for the caller to answer itself.
 fn handle_line(
     line: &[u8],
     conn: ConnId,
     (peer, peer_process): (&Peer, Option<ProcessId>),
     shared: &Shared,
-) {
+) -> Option<(Value, HistoryRequest)> {
     let (id, resolved) = match parse(line) {
         Ok(parsed) => parsed,
         Err((id, error)) => {
             let _ = shared.core.send(Command::Refuse { conn, id, error });
-            return;
+            return None;
         }
     };
     let resolved = match resolved {
         Parsed::Ready(resolved) => resolved,
+        Parsed::History(request) => return Some((id, request)),
         Parsed::Track(request) => {
             let own = request.pid.is_none_or(|pid| pid == peer.pid);
             if own
@@ -315,13 +358,13 @@ fn handle_line(
                     Err(error) => Command::Refuse { conn, id, error },
                 };
                 let _ = shared.core.send(command);
-                return;
+                return None;
             }
             let (track, prepared) = match resolve_track(request, peer, shared) {
                 Ok(resolved) => resolved,
                 Err(error) => {
                     let _ = shared.core.send(Command::Refuse { conn, id, error });
-                    return;
+                    return None;
                 }
             };
             let command = Command::Request {
@@ -334,7 +377,7 @@ fn handle_line(
             if shared.core.send(command).is_ok() {
                 shared.pids.arm(prepared);
             }
-            return;
+            return None;
         }
     };
     let _ = shared.core.send(Command::Request {
@@ -342,12 +385,15 @@ fn handle_line(
         id,
         request: resolved,
     });
+    None
 }
 
 enum Parsed {
     Ready(Resolved),
     /// A track still needs its process resolved.
     Track(TrackRequest),
+    /// Answered by the io layer from its own database connection.
+    History(HistoryRequest),
 }
 
 /// Turns a line into a request, or into the error reply it deserves.
@@ -393,7 +439,8 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
             ),
         ));
     }
-    // Read from the parsed value in place: no copy of the whole request.
+    // Deserialized from the parsed value by reference, not from a clone of
+    // it (serde still buffers an internally tagged enum's fields).
     let request = Request::deserialize(&value).map_err(|e| {
         (
             id.clone(),
@@ -422,7 +469,7 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
         }
         Request::Status(_) => Parsed::Ready(Resolved::Status),
         Request::Ping(_) => Parsed::Ready(Resolved::Ping),
-        Request::History(history) => Parsed::Ready(Resolved::History(history)),
+        Request::History(history) => Parsed::History(history),
     };
     Ok((id, parsed))
 }

@@ -139,6 +139,22 @@ impl OutboundQueue {
         }
     }
 
+    /// Waits until the request last admitted is the only one in flight:
+    /// every reply owed before it is queued, so a reply queued now goes
+    /// out after them.
+    pub async fn wait_for_earlier_replies(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let state = self.lock();
+                if state.in_flight <= 1 || state.closed {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Marks the queue closed from the writer's side (the socket failed).
     pub fn abandon(&self) {
         let mut state = self.lock();

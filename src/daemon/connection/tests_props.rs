@@ -97,7 +97,7 @@ fn op_of(parsed: &Parsed) -> &'static str {
         Parsed::Ready(Resolved::Hello(_)) => "hello",
         Parsed::Ready(Resolved::Status) => "status",
         Parsed::Ready(Resolved::Ping) => "ping",
-        Parsed::Ready(Resolved::History(_)) => "history",
+        Parsed::History(_) => "history",
         Parsed::Ready(Resolved::Presence(op)) => match op {
             // `parse` leaves a track for the io layer to resolve.
             Op::Track(_) => "an already resolved track",
