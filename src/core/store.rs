@@ -223,7 +223,18 @@ pub struct Store {
     /// Frames in the write-ahead log after the last commit, as SQLite's
     /// WAL hook reports them (see [`Store::checkpoint_if_due`]).
     wal_frames: Arc<AtomicU32>,
+    /// The seq counter as this store last committed it: every seq handed
+    /// out is below it (see [`SEQ_RESERVATION`]). Zero until the first
+    /// commit.
+    reserved_seq: u64,
 }
+
+/// Seqs are reserved this many at a time: the counter is written when the
+/// registry passes the last reservation, not in every commit that hands
+/// one out, which spares most commits a page. A restart continues after
+/// the reservation, so up to this many numbers go unused; seqs and refs
+/// promise to grow and never to be reused, not to be dense.
+const SEQ_RESERVATION: u64 = 1024;
 
 /// WAL frames past which the core checkpoints: SQLite's own default for
 /// its automatic checkpoints, which this replaces.
@@ -290,6 +301,7 @@ impl Store {
             retention: Retention::default(),
             commits: 0,
             wal_frames,
+            reserved_seq: 0,
         })
     }
 
@@ -395,7 +407,8 @@ impl Store {
         self.commits
     }
 
-    /// Every persisted entry and the seq counter.
+    /// Every persisted entry, and the seq counter: at or above every seq
+    /// ever handed out.
     pub fn load(&self) -> Result<(Vec<StoredEntry>, u64), StoreError> {
         self.read_rows().map_err(|e| e.about(&self.path))
     }
@@ -455,9 +468,10 @@ impl Store {
         Ok((entries, next_seq.map_or(1, |n| n.max(1) as u64)))
     }
 
-    /// Applies a batch of changes and the seq counter in one transaction.
-    /// Many operations share one commit: this is the group commit that
-    /// keeps the daemon fast under load.
+    /// Applies a batch of changes in one transaction, with a new seq
+    /// reservation when `next_seq` has passed the last one. Many operations
+    /// share one commit: this is the group commit that keeps the daemon
+    /// fast under load.
     ///
     /// A failed commit keeps nothing of the batch: the transaction is rolled
     /// back (rusqlite does so when a `Transaction` is dropped uncommitted,
@@ -481,6 +495,8 @@ impl Store {
     }
 
     fn write(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
+        let reservation =
+            (next_seq > self.reserved_seq).then(|| next_seq.saturating_add(SEQ_RESERVATION));
         // Immediate: take the write lock first, so that a busy database
         // fails here, before any work, and never halfway.
         let tx = self
@@ -535,13 +551,18 @@ impl Store {
                     }
                 }
             }
-            tx.prepare_cached(
-                "INSERT INTO counters (name, value) VALUES ('next_seq', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![next_seq as i64])?;
+            if let Some(reserved) = reservation {
+                tx.prepare_cached(
+                    "INSERT INTO counters (name, value) VALUES ('next_seq', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![reserved as i64])?;
+            }
         }
         tx.commit()?;
+        if let Some(reserved) = reservation {
+            self.reserved_seq = reserved;
+        }
         Ok(())
     }
 }
@@ -787,10 +808,36 @@ mod tests {
 
         let store = Store::open(&path, "boot-b".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
-        assert_eq!(next_seq, 3);
+        assert_eq!(next_seq, 3 + SEQ_RESERVATION, "the reservation");
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].entry, entry(2));
         assert_eq!(rows[0].boot_id, "boot-a");
+    }
+
+    #[test]
+    fn seqs_are_reserved_in_blocks_and_a_reopen_continues_above_all_handed_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        let before = store.wal_frames();
+        store.commit(&[Change::Put(Box::new(entry(2)))], 3).unwrap();
+        assert_eq!(
+            store.wal_frames() - before,
+            1,
+            "within the reservation, a track writes its row's page and no counter"
+        );
+        // Past the first reservation: a new one is written with the commit.
+        let past = 2 + SEQ_RESERVATION;
+        store
+            .commit(&[Change::Put(Box::new(entry(past)))], past + 1)
+            .unwrap();
+        drop(store);
+
+        let (rows, next_seq) = Store::open(&path, "boot".into()).unwrap().load().unwrap();
+        let highest = rows.iter().map(|r| r.entry.seq).max().unwrap();
+        assert_eq!(highest, past);
+        assert!(next_seq > highest, "{next_seq} continues above {highest}");
     }
 
     #[test]
@@ -897,7 +944,8 @@ mod tests {
         assert!(store.db.is_autocommit(), "no transaction is left open");
         other.execute_batch("ROLLBACK").unwrap();
         let (rows, next_seq) = store.load().unwrap();
-        assert_eq!((rows.len(), rows[0].entry.seq, next_seq), (1, 1, 2));
+        let reserved = 2 + SEQ_RESERVATION;
+        assert_eq!((rows.len(), rows[0].entry.seq, next_seq), (1, 1, reserved));
         store.commit(&[Change::Put(Box::new(entry(2)))], 3).unwrap();
         assert_eq!(store.load().unwrap().0.len(), 2);
     }
@@ -941,7 +989,7 @@ mod tests {
 
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
-        assert_eq!((rows.len(), next_seq), (1, 2));
+        assert_eq!((rows.len(), next_seq), (1, 2 + SEQ_RESERVATION));
         let history = HistoryReader::open(&path)
             .unwrap()
             .history(&HistoryRequest::default())
