@@ -1043,15 +1043,17 @@ mod tests {
             .history(&HistoryRequest::default())
             .unwrap();
         assert_eq!(history.events.len(), 1);
-        let layout: Vec<String> = store
-            .db
-            .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' ORDER BY name")
+        let indexes = index_names(&store.db);
+        assert!(indexes.is_empty(), "no index is left: {indexes:?}");
+    }
+
+    fn index_names(db: &Connection) -> Vec<String> {
+        db.prepare("SELECT name FROM sqlite_schema WHERE type = 'index' ORDER BY name")
             .unwrap()
             .query_map([], |row| row.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap();
-        assert!(layout.is_empty(), "no index is left: {layout:?}");
+            .unwrap()
     }
 
     #[test]
@@ -1111,15 +1113,8 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(ids, [7, 9], "ids, the history's order, are kept");
-        let indexes: i64 = store
-            .db
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE type = 'index'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(indexes, 0);
+        let indexes = index_names(&store.db);
+        assert!(indexes.is_empty(), "no index is left: {indexes:?}");
         let bad_kind = store.db.execute(
             "INSERT INTO events (at, topic, kind, key, ref, pid, user) \
              VALUES (1, 'doc', 'jion', 'k', 'p', 1, 'u')",
