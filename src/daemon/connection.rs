@@ -24,8 +24,7 @@ use super::outbound::{Next, OutboundQueue};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::store::HistoryReader;
-use crate::core::{Command, Resolved};
-use crate::core::{Line, LineKind, Outlet as _};
+use crate::core::{Command, Line, LineKind, Outlet as _, Resolved};
 use crate::protocol::{
     ErrorBody, ErrorCode, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply, ReplyFields, Request,
     TrackRequest, validate_meta, validate_name,
