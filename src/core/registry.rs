@@ -607,8 +607,7 @@ impl Registry {
             conn: Some(conn),
             resume_deadline: None,
         };
-        let meta = entry.to_meta();
-        let key = entry.key.clone();
+        let phx_ref = entry.phx_ref.clone();
         out.changes.push(Change::Put(Box::new(entry.clone())));
         out.history(&entry, HistoryKind::Join, None, joined_at);
         // Seqs only grow: a new entry owns the topic only if it is alone.
@@ -619,15 +618,26 @@ impl Registry {
 
         let topic = self.topic(&request.topic);
         let reply = TrackReply {
-            phx_ref: meta.phx_ref.clone(),
+            phx_ref,
             seq,
             joined_at,
-            standing: topic.standing(seq),
+            // The newest seq: last in line, found without counting.
+            standing: topic.standing_at(topic.entries.len().saturating_sub(1)),
             resume_token: token,
         };
-        let mut diff = Diff::default();
-        diff.joins.insert(key, KeyPresence { metas: vec![meta] });
-        self.publish_diff(&request.topic, diff, BTreeMap::new(), out);
+        // Most topics have no subscriber: no diff to build for nobody.
+        if !topic.subscribers.is_empty()
+            && let Some(joined) = topic.entries.get(&seq)
+        {
+            let mut diff = Diff::default();
+            diff.joins.insert(
+                joined.key.clone(),
+                KeyPresence {
+                    metas: vec![joined.to_meta()],
+                },
+            );
+            self.publish_diff(&request.topic, diff, BTreeMap::new(), out);
+        }
         if request.subscribe {
             self.add_subscription(conn, request.topic, out);
         }
