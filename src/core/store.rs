@@ -845,9 +845,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
         let mut store = Store::open(&path, "boot".into()).unwrap();
-        // One commit of a row and a counter is a few frames: past the
-        // threshold after a few hundred, where SQLite's own automatic
-        // checkpoint would have restarted the log.
+        // One commit of a row is a frame or two: past the threshold after
+        // a thousand or so, where SQLite's own automatic checkpoint would
+        // have restarted the log.
         let mut seq = 1;
         while store.wal_frames() < 2 * CHECKPOINT_FRAMES {
             store
@@ -973,19 +973,19 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_version_1_database_gains_the_history_and_keeps_its_rows() {
+    /// A database holding entry 1, turned back into an older version by
+    /// `to_old_version`, then opened again: its row and counter must have
+    /// come through. Returns the store and everything in its history.
+    fn upgraded_from(to_old_version: &str) -> (tempfile::TempDir, Store, HistoryReply) {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
-        {
-            let mut store = Store::open(&path, "boot".into()).unwrap();
-            store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
-        }
-        // What version 1 looked like: no history table.
-        let old = Connection::open(&path).unwrap();
-        old.execute_batch("DROP TABLE events; PRAGMA user_version = 1;")
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        drop(store);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(to_old_version)
             .unwrap();
-        drop(old);
 
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
@@ -994,6 +994,13 @@ mod tests {
             .unwrap()
             .history(&HistoryRequest::default())
             .unwrap();
+        (tmp, store, history)
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_history_and_keeps_its_rows() {
+        // What version 1 looked like: no history table.
+        let (_tmp, store, history) = upgraded_from("DROP TABLE events; PRAGMA user_version = 1;");
         assert!(history.events.is_empty());
         let version: i64 = store
             .db
@@ -1058,46 +1065,21 @@ mod tests {
 
     #[test]
     fn a_version_3_database_moves_its_history_to_the_cheaper_table() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("p.db");
-        // Version 3's history: an index on topic, and an IN list in the
-        // CHECK.
-        let old = Connection::open(&path).unwrap();
-        old.execute_batch(
-            "CREATE TABLE presences (
-                 ref TEXT PRIMARY KEY, topic TEXT NOT NULL, key TEXT NOT NULL,
-                 seq INTEGER NOT NULL, prev_ref TEXT, meta TEXT NOT NULL,
-                 joined_at INTEGER NOT NULL, pid INTEGER NOT NULL,
-                 pid_start_time INTEGER NOT NULL, uid INTEGER NOT NULL, user TEXT NOT NULL,
-                 lifetime TEXT NOT NULL CHECK (lifetime IN ('connection', 'process')),
-                 resume_token_hash BLOB NOT NULL, boot_id TEXT NOT NULL
-             ) STRICT, WITHOUT ROWID;
-             CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
-                 STRICT, WITHOUT ROWID;
+        // Version 3 had today's presences and counters; its history had an
+        // index on topic, and an IN list in the CHECK.
+        let (_tmp, store, history) = upgraded_from(
+            "DROP TABLE events;
              CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
                  topic TEXT NOT NULL,
                  kind TEXT NOT NULL CHECK (kind IN ('join', 'leave', 'update', 'owner')),
                  key TEXT NOT NULL, ref TEXT NOT NULL, pid INTEGER NOT NULL,
                  user TEXT NOT NULL, reason TEXT) STRICT;
              CREATE INDEX events_by_topic ON events (topic, id);
-             INSERT INTO presences VALUES ('p1', 'doc', 'alice', 1, NULL, '{}', 5, 42, 7, 1000,
-                 'alice', 'process', x'00', 'boot');
-             INSERT INTO counters VALUES ('next_seq', 2);
              INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
                  VALUES (7, 5, 'doc', 'join', 'alice', 'p1', 42, 'alice', NULL),
                         (9, 6, 'doc', 'leave', 'bob', 'p0', 43, 'bob', 'closed');
              PRAGMA user_version = 3;",
-        )
-        .unwrap();
-        drop(old);
-
-        let store = Store::open(&path, "boot".into()).unwrap();
-        let (rows, next_seq) = store.load().unwrap();
-        assert_eq!((rows.len(), next_seq), (1, 2));
-        let history = HistoryReader::open(&path)
-            .unwrap()
-            .history(&HistoryRequest::default())
-            .unwrap();
+        );
         let kept: Vec<(&str, Option<LeaveReason>)> = history
             .events
             .iter()
