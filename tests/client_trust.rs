@@ -529,3 +529,73 @@ async fn a_group_daemon_of_another_user_in_a_folder_root_gave_it_serves_its_memb
     let (root, _events) = common::connect(&socket).await;
     within("root's ping", root.ping()).await.expect("ping");
 }
+
+/// A link planted where an autostarting client writes (the start lock
+/// beside the socket, `daemon.log` beside the database) is refused in one
+/// line, and the file it names is neither made nor written.
+#[tokio::test]
+async fn an_autostart_never_writes_through_a_link_planted_at_its_files() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let run = dir.path().join("run");
+    let state = dir.path().join("state");
+    for folder in [&run, &state] {
+        std::fs::create_dir(folder).expect("create a folder");
+        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    let socket = run.join("presenced.sock");
+    let db = state.join("presence.db");
+    let _daemons = common::KillDaemonsOnDrop(socket.clone());
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "keep me\n").expect("write the target");
+
+    let start = |what: &str| {
+        let mut command = common::presence_command(&socket, &db);
+        command.arg("list");
+        let what = what.to_owned();
+        async move {
+            let output = finish(&mut command).await;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert_eq!(output.status.code(), Some(1), "{what}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{what}, one line: {stderr}");
+            stderr
+        }
+    };
+
+    // The start lock: a link to a file that does not exist yet.
+    let lock = run.join("presenced.sock.start.lock");
+    let made = dir.path().join("made-by-the-link");
+    std::os::unix::fs::symlink(&made, &lock).expect("plant a link");
+    let stderr = start("a link at the start lock").await;
+    assert!(
+        stderr.contains(&format!("{} is a symbolic link", lock.display())),
+        "{stderr}"
+    );
+    assert!(!made.exists(), "nothing was made through the link");
+    std::fs::remove_file(&lock).expect("remove the link");
+
+    // The daemon's log: a link to a file of the victim's.
+    let log = state.join("daemon.log");
+    std::os::unix::fs::symlink(&precious, &log).expect("plant a link");
+    let stderr = start("a link at daemon.log").await;
+    assert!(
+        stderr.contains(&format!("{} is a symbolic link", log.display())),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&precious).expect("read the target"),
+        "keep me\n"
+    );
+    assert!(
+        common::daemons_serving(&socket).is_empty(),
+        "no daemon was started"
+    );
+    let log_meta = std::fs::symlink_metadata(&log).expect("the link");
+    assert!(log_meta.file_type().is_symlink(), "the link is left alone");
+
+    // Once the link is gone the log is made, private to its user.
+    std::fs::remove_file(&log).expect("remove the link");
+    let mut command = common::presence_command(&socket, &db);
+    let output = finish(command.arg("list")).await;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(common::mode(&log), 0o600);
+}
