@@ -498,6 +498,60 @@ mod tests {
     }
 
     #[test]
+    fn a_client_trusts_a_private_folder_of_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("presenced.sock");
+        assert_eq!(check_socket_folder(&socket).unwrap(), current_uid());
+    }
+
+    #[test]
+    fn a_client_will_not_talk_through_a_folder_others_may_write_or_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        for (folder, why) in [(open, "may be written by group or others"), (link, "symbolic link")] {
+            let socket = folder.join("presenced.sock");
+            match check_socket_folder(&socket) {
+                Err(Distrust::Untrusted(message)) => {
+                    assert!(message.contains(why), "{message}");
+                    assert!(message.contains(&socket.display().to_string()), "{message}");
+                    assert!(!message.contains('\n'), "one line: {message}");
+                }
+                other => panic!("{folder:?} should be refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_folder_is_no_daemon_rather_than_a_suspect_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for folder in [tmp.path().join("missing"), file] {
+            let socket = folder.join("presenced.sock");
+            assert!(
+                matches!(check_socket_folder(&socket), Err(Distrust::Unreachable(_))),
+                "{folder:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_daemon_must_run_as_the_caller_root_or_the_folders_owner() {
+        let me = current_uid();
+        let socket = Path::new("/run/x/presenced.sock");
+        let stranger = me.wrapping_add(4242).max(1);
+        assert!(check_daemon_uid(socket, me, me).is_ok());
+        assert!(check_daemon_uid(socket, me, 0).is_ok());
+        assert!(check_daemon_uid(socket, stranger, stranger).is_ok());
+        let refused = check_daemon_uid(socket, me, stranger).unwrap_err();
+        assert!(refused.contains(&format!("it runs as uid {stranger}")), "{refused}");
+    }
+
+    #[test]
     fn lock_files_sit_beside_the_socket() {
         let socket = Path::new("/run/x/presenced.sock");
         assert_eq!(daemon_lock(socket), Path::new("/run/x/presenced.sock.lock"));
