@@ -512,7 +512,10 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
-        for (folder, why) in [(open, "may be written by group or others"), (link, "symbolic link")] {
+        for (folder, why) in [
+            (open, "may be written by group or others"),
+            (link, "symbolic link"),
+        ] {
             let socket = folder.join("presenced.sock");
             match check_socket_folder(&socket) {
                 Err(Distrust::Untrusted(message)) => {
@@ -548,7 +551,10 @@ mod tests {
         assert!(check_daemon_uid(socket, me, 0).is_ok());
         assert!(check_daemon_uid(socket, stranger, stranger).is_ok());
         let refused = check_daemon_uid(socket, me, stranger).unwrap_err();
-        assert!(refused.contains(&format!("it runs as uid {stranger}")), "{refused}");
+        assert!(
+            refused.contains(&format!("it runs as uid {stranger}")),
+            "{refused}"
+        );
     }
 
     #[test]

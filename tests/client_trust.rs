@@ -190,7 +190,13 @@ impl Impostor {
     async fn start(tmp: &PrivateTmp, socket: &str) -> Impostor {
         let mut command = tmp.presence_as(MALLORY);
         command
-            .args(["--socket", socket, "daemon", "--db", "/tmp/mallory/state.db"])
+            .args([
+                "--socket",
+                socket,
+                "daemon",
+                "--db",
+                "/tmp/mallory/state.db",
+            ])
             .arg("--ready-on-stdout")
             .env("PRESENCE_LOG", "debug");
         Impostor {
@@ -232,8 +238,8 @@ fn open_to_everyone(socket: &Path) {
 }
 
 /// What a victim does with the daemon it believes is its own: every
-/// client command, each one aimed at the default socket unless `socket`
-/// names one. `owner_of` is a process of the victim's, for `--detach`.
+/// client command, the long-running ones too. `owner_of` is a process of
+/// the victim's, for the entries to belong to.
 fn victim_commands(owner_of: u32) -> Vec<Vec<String>> {
     let meta = json!({ "file": SECRET }).to_string();
     let pid = owner_of.to_string();
@@ -312,17 +318,19 @@ async fn a_daemon_at_the_default_path_by_another_user_hears_nothing(victim: u32,
     let socket = format!("{folder}/presenced.sock");
     let mut impostor = Impostor::start(&tmp, &socket).await;
     open_to_everyone(&impostor.socket);
-    std::fs::set_permissions(
-        tmp.outside(&folder),
-        std::fs::Permissions::from_mode(mode),
-    )
-    .expect("chmod");
+    std::fs::set_permissions(tmp.outside(&folder), std::fs::Permissions::from_mode(mode))
+        .expect("chmod");
 
     let owner = format!("{folder}, of uid {MALLORY} (nobody)");
     let whose = format!("{folder} belongs to uid {MALLORY} (nobody)");
     let expected: &[&str] = match mode & 0o022 {
         0 => &[&socket, &whose, "lies under /tmp", "nothing was sent"],
-        _ => &[&socket, &owner, "may be written by group or others", "nothing was sent"],
+        _ => &[
+            &socket,
+            &owner,
+            "may be written by group or others",
+            "nothing was sent",
+        ],
     };
     each_command_stops(&tmp, victim, None, expected).await;
     impostor.assert_nobody_came().await;
@@ -353,7 +361,12 @@ async fn a_folder_taken_over_after_a_cleaner_deleted_it_gets_nothing_even_on_rec
     let socket = format!("{folder}/presenced.sock");
     let mut daemon = tmp.presence_as(VICTIM);
     daemon
-        .args(["daemon", "--db", "/tmp/victim/presence.db", "--ready-on-stdout"])
+        .args([
+            "daemon",
+            "--db",
+            "/tmp/victim/presence.db",
+            "--ready-on-stdout",
+        ])
         .env("PRESENCE_LOG", "warn");
     let mut daemon = Logged::spawn(&mut daemon, true).await;
 
@@ -385,7 +398,8 @@ async fn a_folder_taken_over_after_a_cleaner_deleted_it_gets_nothing_even_on_rec
     // The victim's daemon dies; its join tries to get back, and will not
     // talk to what now answers at the path.
     common::signal(daemon.pid(), nix::sys::signal::Signal::SIGKILL);
-    join.wait_for(&["reconnecting failed", &socket, &whose]).await;
+    join.wait_for(&["reconnecting failed", &socket, &whose])
+        .await;
     impostor.assert_nobody_came().await;
 }
 

@@ -1270,7 +1270,10 @@ async fn both_plugins_refuse(daemon: &Daemon, because: &str) -> (Workspace, Edit
     let vim = Editor::vim(&workspace, &file).await;
     for editor in [&neovim, &vim] {
         let what = format!("{} to give up on the daemon", editor.name);
-        eventually(&what, async || editor.state().await["status"] == "unreachable").await;
+        eventually(&what, async || {
+            editor.state().await["status"] == "unreachable"
+        })
+        .await;
         assert_eq!(editor.buffer().await, EDITABLE, "{}", editor.name);
         let messages = editor.messages().await;
         assert!(
