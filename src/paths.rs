@@ -254,6 +254,165 @@ fn check_dir(dir: &Path, meta: &std::fs::Metadata, forbidden: Forbidden) -> io::
     Ok(())
 }
 
+/// Why a client will not talk to whatever listens at a socket.
+#[derive(Debug)]
+pub enum Distrust {
+    /// The socket's folder cannot be looked at: it is missing, or a folder
+    /// on the way is closed to us. Connecting would fail the same way, so
+    /// this means no daemon, not a suspect one.
+    Unreachable(io::Error),
+    /// Nothing vouches for the daemon: one line naming the path, who owns
+    /// it and what to do.
+    Untrusted(String),
+}
+
+/// The check a client makes before it connects, on the model of tmux's
+/// check of `/tmp/tmux-$UID`: only someone the caller may trust can have
+/// put a socket in the socket's folder. Returns the folder's owner, which
+/// the daemon's own uid must then match (see [`check_daemon_uid`]) unless
+/// it is the caller's or root's.
+///
+/// The folder, looked at without following a link, must be a folder that
+/// nobody but its owner may write to. Its owner must be the caller, root,
+/// or a user that root or the caller gave that place: a shared (system or
+/// `--group`) daemon's user. That last is so when every folder above it,
+/// up to the first one that the caller or root owns, belongs to that same
+/// user, and none of them, that last one included, lets anyone else
+/// write. A folder of another user's right in a folder everyone may write
+/// to, such as `/tmp/presenced-$UID` made by someone else first, fails:
+/// anyone could have made it.
+pub fn check_socket_folder(socket: &Path) -> Result<u32, Distrust> {
+    let me = current_uid();
+    let folder = parent_dir(socket);
+    let meta = std::fs::symlink_metadata(folder).map_err(Distrust::Unreachable)?;
+    let untrusted = |why: String, fix: &str| {
+        Distrust::Untrusted(format!(
+            "will not talk to the daemon at {}: {why}; nothing was sent. {fix}",
+            socket.display()
+        ))
+    };
+    const ANOTHER_SOCKET: &str = "Use a socket of your own (--socket, PRESENCE_SOCKET, or \
+                                  XDG_RUNTIME_DIR for the default)";
+    if meta.file_type().is_symlink() {
+        return Err(untrusted(
+            format!(
+                "its folder {} is a symbolic link, which leads wherever its maker chose",
+                folder.display()
+            ),
+            "Name the real folder instead",
+        ));
+    }
+    if !meta.is_dir() {
+        // Nothing can listen there, and connecting would say so.
+        return Err(Distrust::Unreachable(io::Error::from(
+            io::ErrorKind::NotADirectory,
+        )));
+    }
+    let owner = meta.uid();
+    if meta.mode() & 0o022 != 0 {
+        let fix = if owner == me {
+            format!(
+                "If that is your daemon's, run `chmod go-w {}` and restart it",
+                folder.display()
+            )
+        } else {
+            ANOTHER_SOCKET.to_owned()
+        };
+        return Err(untrusted(
+            format!(
+                "its folder {}, of {}, may be written by group or others (mode {:o}), so \
+                 anyone could have put that socket there",
+                folder.display(),
+                describe_uid(owner),
+                meta.mode() & 0o777
+            ),
+            &fix,
+        ));
+    }
+    if owner == me || owner == 0 {
+        return Ok(owner);
+    }
+    // Another user's folder: follow the physical path up to a folder that
+    // we or root own, through folders of that same user only.
+    let real = std::fs::canonicalize(folder).map_err(Distrust::Unreachable)?;
+    for above in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(above).map_err(Distrust::Unreachable)?;
+        if meta.mode() & 0o022 != 0 {
+            return Err(untrusted(
+                format!(
+                    "its folder {} belongs to {}, not to you (uid {me}) or root, and lies under \
+                     {}, which others may write to, so anyone could have made it",
+                    folder.display(),
+                    describe_uid(owner),
+                    above.display()
+                ),
+                &format!(
+                    "If that is no daemon you mean to use, ask an administrator to remove {}. \
+                     {ANOTHER_SOCKET}",
+                    folder.display()
+                ),
+            ));
+        }
+        match meta.uid() {
+            uid if uid == me || uid == 0 => return Ok(owner),
+            uid if uid == owner => continue,
+            uid => {
+                return Err(untrusted(
+                    format!(
+                        "its folder {} belongs to {}, not to you (uid {me}) or root, and lies \
+                         under {}, which belongs to {}, so nothing shows that root or you gave it \
+                         that place",
+                        folder.display(),
+                        describe_uid(owner),
+                        above.display(),
+                        describe_uid(uid)
+                    ),
+                    "A shared daemon's socket belongs in a folder of its user's inside one of \
+                     root's, such as /run/presenced",
+                ));
+            }
+        }
+    }
+    // Only a root folder owned by that user itself gets here.
+    Err(untrusted(
+        format!(
+            "its folder {} belongs to {}, and so does every folder above it",
+            folder.display(),
+            describe_uid(owner)
+        ),
+        ANOTHER_SOCKET,
+    ))
+}
+
+/// The check a client makes once connected, before it sends anything:
+/// the daemon listening (its peer credentials) runs as the caller, as
+/// root, or as the owner of the socket's folder, which
+/// [`check_socket_folder`] vouched for.
+pub fn check_daemon_uid(socket: &Path, folder_owner: u32, daemon_uid: u32) -> Result<(), String> {
+    let me = current_uid();
+    if daemon_uid == me || daemon_uid == 0 || daemon_uid == folder_owner {
+        return Ok(());
+    }
+    Err(format!(
+        "will not talk to the daemon at {}: it runs as {}, not as you (uid {me}), root or the \
+         owner of its folder ({}); nothing was sent. Find out who started it (`ss -xlp` names \
+         the process), and use a socket of your own (--socket or PRESENCE_SOCKET)",
+        socket.display(),
+        describe_uid(daemon_uid),
+        describe_uid(folder_owner)
+    ))
+}
+
+/// `uid 65534 (nobody)`, or `uid 4242` for a uid without a name.
+fn describe_uid(uid: u32) -> String {
+    let name = crate::sys::user_name(uid);
+    if name == uid.to_string() {
+        format!("uid {uid}")
+    } else {
+        format!("uid {uid} ({name})")
+    }
+}
+
 /// The folder holding `path`, for paths given as a bare file name too.
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -336,6 +495,66 @@ mod tests {
         let err = ensure_socket_dir(&made, &group).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
         assert!(err.to_string().contains("cannot pass through"), "{err}");
+    }
+
+    #[test]
+    fn a_client_trusts_a_private_folder_of_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("presenced.sock");
+        assert_eq!(check_socket_folder(&socket).unwrap(), current_uid());
+    }
+
+    #[test]
+    fn a_client_will_not_talk_through_a_folder_others_may_write_or_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        for (folder, why) in [
+            (open, "may be written by group or others"),
+            (link, "symbolic link"),
+        ] {
+            let socket = folder.join("presenced.sock");
+            match check_socket_folder(&socket) {
+                Err(Distrust::Untrusted(message)) => {
+                    assert!(message.contains(why), "{message}");
+                    assert!(message.contains(&socket.display().to_string()), "{message}");
+                    assert!(!message.contains('\n'), "one line: {message}");
+                }
+                other => panic!("{folder:?} should be refused: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_folder_is_no_daemon_rather_than_a_suspect_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for folder in [tmp.path().join("missing"), file] {
+            let socket = folder.join("presenced.sock");
+            assert!(
+                matches!(check_socket_folder(&socket), Err(Distrust::Unreachable(_))),
+                "{folder:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_daemon_must_run_as_the_caller_root_or_the_folders_owner() {
+        let me = current_uid();
+        let socket = Path::new("/run/x/presenced.sock");
+        let stranger = me.wrapping_add(4242).max(1);
+        assert!(check_daemon_uid(socket, me, me).is_ok());
+        assert!(check_daemon_uid(socket, me, 0).is_ok());
+        assert!(check_daemon_uid(socket, stranger, stranger).is_ok());
+        let refused = check_daemon_uid(socket, me, stranger).unwrap_err();
+        assert!(
+            refused.contains(&format!("it runs as uid {stranger}")),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -1259,3 +1259,85 @@ async fn failover_time_over_20_trials() {
         millis[0]
     );
 }
+
+/// Opens `file` in Neovim and in Vim, whose plugins must each refuse the
+/// daemon before connecting, saying `because`, and leave the buffer
+/// editable; the daemon must not have heard from either.
+async fn both_plugins_refuse(daemon: &Daemon, because: &str) -> (Workspace, Editor, Editor) {
+    let workspace = Workspace::for_daemon(daemon);
+    let file = workspace.file("notes.md");
+    let neovim = Editor::neovim(&workspace, &file).await;
+    let vim = Editor::vim(&workspace, &file).await;
+    for editor in [&neovim, &vim] {
+        let what = format!("{} to give up on the daemon", editor.name);
+        eventually(&what, async || {
+            editor.state().await["status"] == "unreachable"
+        })
+        .await;
+        assert_eq!(editor.buffer().await, EDITABLE, "{}", editor.name);
+        let messages = editor.messages().await;
+        assert!(
+            messages.contains("not trusted, nothing sent") && messages.contains(because),
+            "{}: {messages:?}",
+            editor.name
+        );
+    }
+    let mut raw = daemon.raw().await;
+    let status = raw.request(r#"{"op":"status","id":1}"#).await;
+    assert_eq!(
+        (&status["connections"], &status["entries"]),
+        (&Value::from(1), &Value::from(0)),
+        "only this test's own connection reached the daemon: {status}"
+    );
+    (workspace, neovim, vim)
+}
+
+/// A socket folder that others may write to could hold anyone's socket:
+/// the plugins check its mode before they connect, and once it is
+/// private again they join.
+#[tokio::test]
+async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_others_may_write() {
+    if !have("nvim") || !have("vim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let folder = daemon.socket.parent().expect("the socket's folder");
+    let open = |mode| {
+        std::fs::set_permissions(folder, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod")
+    };
+    open(0o777);
+    let because = format!("its folder {}", folder.display());
+    let (_workspace, neovim, vim) = both_plugins_refuse(&daemon, &because).await;
+
+    open(0o700);
+    neovim.command("PresenceReconnect").await;
+    neovim.wait_for_role("owner").await;
+    vim.command("PresenceReconnect").await;
+    vim.wait_for_role("spectator").await;
+}
+
+/// The socket's folder belongs to another user and sits in a folder
+/// everyone may write to, as `/tmp/presenced-$UID` made by someone else
+/// first would: whoever made it could serve anything there.
+#[tokio::test]
+#[ignore = "needs root: gives the socket's folder to uid 65534 (chown)"]
+async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_anyone_could_have_made() {
+    if !have("nvim") || !have("vim") {
+        return;
+    }
+    let daemon = Daemon::start().await;
+    let folder = daemon.socket.parent().expect("the socket's folder");
+    std::os::unix::fs::chown(folder, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
+    let above = daemon.dir.path();
+    std::fs::set_permissions(above, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let because = format!(
+        "its folder {} belongs to uid {}, not to you or root, and lies under {}, which others \
+         may write to",
+        folder.display(),
+        common::NOBODY,
+        above.display()
+    );
+    both_plugins_refuse(&daemon, &because).await;
+}

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -35,9 +36,14 @@ impl UnprivilegedDaemon {
     /// With extra `presence daemon` arguments.
     async fn start_with(extra: &[&str]) -> UnprivilegedDaemon {
         let dir = tempfile::tempdir().expect("temporary folder");
-        let binary = binary_for_nobody(dir.path());
-        let socket = dir.path().join("run/presenced.sock");
-        let db = dir.path().join("state/presence.db");
+        // Its folder inside one of root's that only root may write, as a
+        // shared daemon's would be, so that root's clients trust it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = dir.path().join("nobody");
+        std::fs::create_dir(&home).expect("create the folder");
+        let binary = binary_for_nobody(&home);
+        let socket = home.join("run/presenced.sock");
+        let db = home.join("state/presence.db");
         let daemon = start_daemon(as_nobody(&binary), &socket, &db, extra).await;
         UnprivilegedDaemon {
             _dir: dir,

@@ -399,12 +399,7 @@ impl Target {
         let connected = if self.autostart {
             crate::client::connect_stream_or_start(&self.socket).await
         } else {
-            crate::client::connect_stream(&self.socket)
-                .await
-                .map_err(|source| ClientError::NoDaemon {
-                    socket: self.socket.clone(),
-                    source,
-                })
+            crate::client::connect_stream(&self.socket).await
         };
         connected.map_err(|e| self.explain(e))
     }

@@ -32,6 +32,30 @@ pub(super) fn worth_starting(error: &std::io::Error) -> bool {
     )
 }
 
+/// Opens a file of ours beside the socket or the database, made 0600 if
+/// new, never through a symbolic link at its name: a link planted there
+/// would have us write to, or create, whatever file it names.
+fn open_without_following(
+    options: &mut OpenOptions,
+    path: &Path,
+) -> Result<std::fs::File, ClientError> {
+    options
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                ClientError::Autostart(format!(
+                    "{} is a symbolic link, and a daemon's files are never written through one; \
+                     remove it",
+                    path.display()
+                ))
+            } else {
+                ClientError::Autostart(format!("{}: {e}", path.display()))
+            }
+        })
+}
+
 /// Starts a daemon for `socket` unless one is already listening, and
 /// returns once it accepts connections. The database is the one the
 /// daemon would choose: `PRESENCE_DB`, else the default under the state
@@ -46,13 +70,10 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .map_err(|e| failed("socket folder", &e))?;
 
     let lock_path = paths::autostart_lock(socket);
-    let lock = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| failed(&lock_path.display().to_string(), &e))?;
+    let lock = open_without_following(
+        OpenOptions::new().write(true).create(true).truncate(false),
+        &lock_path,
+    )?;
     // Wait for a racer ahead of us to finish starting its daemon.
     let waiting = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock));
     let lock = tokio::time::timeout(LOCK_DEADLINE, waiting)
@@ -70,12 +91,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     let db_dir = paths::parent_dir(&db);
     paths::ensure_private_dir(db_dir).map_err(|e| failed("database folder", &e))?;
     let log_path = paths::autostart_log(&db);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(|e| failed(&log_path.display().to_string(), &e))?;
+    let log = open_without_following(OpenOptions::new().create(true).append(true), &log_path)?;
 
     let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
     let mut command = tokio::process::Command::new(exe);

@@ -33,6 +33,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::paths;
 use crate::protocol::{
     Empty, ErrorBody, Event, GetByKeyReply, GetByKeyRequest, HelloReply, HelloRequest,
     HistoryReply, HistoryRequest, ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request,
@@ -54,6 +55,10 @@ pub enum ClientError {
         socket: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// Nothing vouches for whatever listens at the socket (see
+    /// [`crate::paths::check_socket_folder`]): one line naming the path,
+    /// its owner and what to do. Nothing was sent.
+    Untrusted(String),
     /// Starting a daemon on demand failed.
     Autostart(String),
     Io(std::io::Error),
@@ -73,6 +78,7 @@ impl std::fmt::Display for ClientError {
             ClientError::NoDaemon { socket, source } => {
                 write!(f, "no daemon at {} ({source})", socket.display())
             }
+            ClientError::Untrusted(message) => write!(f, "{message}"),
             ClientError::Autostart(message) => write!(f, "could not start the daemon: {message}"),
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Refused(error) => write!(f, "{}", error.message),
@@ -119,12 +125,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to a running daemon.
+    /// Connects to a running daemon, once it has shown it may be trusted
+    /// (see [`connect_stream`]).
     pub async fn connect(socket: &Path) -> Result<(Client, Events), ClientError> {
-        let stream = connect_stream(socket)
-            .await
-            .map_err(|e| no_daemon(socket, e))?;
-        Ok(Client::from_stream(stream))
+        Ok(Client::from_stream(connect_stream(socket).await?))
     }
 
     /// Connects, starting a daemon first if none is listening. Concurrent
@@ -281,23 +285,36 @@ impl TrackRequest {
     }
 }
 
-/// Opens a stream to the daemon's socket.
-pub async fn connect_stream(socket: &Path) -> std::io::Result<UnixStream> {
-    let name = socket.to_fs_name::<GenericFilePath>()?;
-    Ok(Stream::connect(name).await?.into())
+/// Opens a stream to the daemon's socket, and hands it over only once
+/// the daemon has shown it may be trusted, before a byte is sent: the
+/// socket's folder is one only the caller, root or a shared daemon's user
+/// could have put a socket in, and the process listening runs as one of
+/// them. Every connection, first or again, comes through here.
+pub async fn connect_stream(socket: &Path) -> Result<UnixStream, ClientError> {
+    let folder_owner = match paths::check_socket_folder(socket) {
+        Ok(owner) => owner,
+        Err(paths::Distrust::Unreachable(e)) => return Err(no_daemon(socket, e)),
+        Err(paths::Distrust::Untrusted(message)) => return Err(ClientError::Untrusted(message)),
+    };
+    let connect = async {
+        let name = socket.to_fs_name::<GenericFilePath>()?;
+        std::io::Result::Ok(UnixStream::from(Stream::connect(name).await?))
+    };
+    let stream = connect.await.map_err(|e| no_daemon(socket, e))?;
+    let daemon_uid = stream.peer_cred()?.uid();
+    paths::check_daemon_uid(socket, folder_owner, daemon_uid).map_err(ClientError::Untrusted)?;
+    Ok(stream)
 }
 
 /// Opens a stream to the daemon's socket, starting a daemon first when
 /// nobody listens there. Concurrent callers end up with one daemon.
 pub async fn connect_stream_or_start(socket: &Path) -> Result<UnixStream, ClientError> {
     match connect_stream(socket).await {
-        Err(e) if autostart::worth_starting(&e) => {
+        Err(ClientError::NoDaemon { source, .. }) if autostart::worth_starting(&source) => {
             start_daemon(socket).await?;
-            connect_stream(socket)
-                .await
-                .map_err(|e| no_daemon(socket, e))
+            connect_stream(socket).await
         }
-        other => other.map_err(|e| no_daemon(socket, e)),
+        other => other,
     }
 }
 

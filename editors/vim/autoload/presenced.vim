@@ -66,10 +66,14 @@ function! presenced#socket_path() abort
   if $XDG_RUNTIME_DIR !=# ''
     return $XDG_RUNTIME_DIR . '/presenced/presenced.sock'
   endif
+  return '/tmp/presenced-' . s:uid() . '/presenced.sock'
+endfunction
+
+function! s:uid() abort
   if !exists('s:uid')
     let s:uid = trim(system('id -u'))
   endif
-  return '/tmp/presenced-' . s:uid . '/presenced.sock'
+  return s:uid
 endfunction
 
 " Helpers ----------------------------------------------------------------
@@ -306,8 +310,69 @@ endfunction
 
 " The connection -----------------------------------------------------------
 
+" Why the daemon at `path` may not be trusted, or '' if it may: the check
+" docs/protocol.md section 1 asks of every client before it sends a byte.
+" The socket's folder, not followed if it is a link, must be a folder that
+" nobody but its owner may write to, and its owner this user, root, or a
+" shared daemon's user: one whose folders lead up to one of root's (or
+" ours) that nobody else may write to. Vim cannot read a socket's peer
+" credentials, so this is all it can check; `presence` checks both. Vim
+" has no owner of a file to give, so stat(1) tells it, for the folder and
+" every folder above it at once.
+function! s:distrust(path) abort
+  let folder = fnamemodify(a:path, ':h')
+  let kind = getftype(folder)
+  if kind ==# ''
+    " Missing, or out of reach: connecting fails too, and says why.
+    return ''
+  endif
+  let untrusted = 'not trusted, nothing sent: '
+  if kind ==# 'link'
+    return untrusted . printf('its folder %s is a symbolic link, which leads wherever its maker chose', folder)
+  elseif kind !=# 'dir'
+    " Nothing can listen there, and connecting says so.
+    return ''
+  endif
+  let chain = [folder]
+  let above = substitute(resolve(fnamemodify(folder, ':p')), '.\zs/\+$', '', '')
+  while above !=# '/'
+    let above = fnamemodify(above, ':h')
+    call add(chain, above)
+  endwhile
+  let lines = systemlist('stat -c "%u %a" -- ' . join(map(copy(chain), 'shellescape(v:val)')))
+  if v:shell_error || len(lines) != len(chain)
+    return untrusted . 'cannot look at its folder with stat: ' . join(lines, ' ')
+  endif
+  " [uid, mode] of each; 18 is 0o022, write access for group or others.
+  let found = map(lines, {_, line -> [str2nr(split(line)[0]), and(str2nr(split(line)[1], 8), 18)]})
+  let me = str2nr(s:uid())
+  let [owner, writable] = found[0]
+  if writable
+    return untrusted . printf('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there', folder, owner)
+  endif
+  if owner == me || owner == 0
+    return ''
+  endif
+  for index in range(1, len(chain) - 1)
+    let [uid, writable] = found[index]
+    if writable
+      return untrusted . printf('its folder %s belongs to uid %d, not to you or root, and lies under %s, which others may write to, so anyone could have made it', folder, owner, chain[index])
+    elseif uid == me || uid == 0
+      return ''
+    elseif uid != owner
+      return untrusted . printf('its folder %s belongs to uid %d, not to you or root, and lies under %s, which belongs to uid %d', folder, owner, chain[index], uid)
+    endif
+  endfor
+  return untrusted . printf('its folder %s belongs to uid %d, and so does every folder above it', folder, owner)
+endfunction
+
 " Connects to `path`. Returns a connection dict, or a string: the reason.
+" Every attempt, first or after a close, comes through here.
 function! s:open(path) abort
+  let distrusted = s:distrust(a:path)
+  if distrusted !=# ''
+    return distrusted
+  endif
   " answered: the daemon answered one of our requests. refusal: the message
   " of an error it sent with "id": null, as before closing a connection over
   " --max-connections.

@@ -38,6 +38,70 @@ local function guarded(fn, ...)
   end
 end
 
+-- Whether group (0o020) or others (0o002) may write, by a file's mode.
+local function others_may_write(mode)
+  return math.floor(mode / 16) % 2 == 1 or math.floor(mode / 2) % 2 == 1
+end
+
+-- The folder holding `path`: '.' for a bare name, '/' for the root.
+local function folder_of(path)
+  local folder = path:match('^(.*)/[^/]*$')
+  if folder == nil then
+    return '.'
+  end
+  return folder == '' and '/' or folder
+end
+
+-- Why the daemon at `path` may not be trusted, or nil if it may: the check
+-- docs/protocol.md section 1 asks of every client before it sends a byte.
+-- The socket's folder, not followed if it is a link, must be a folder that
+-- nobody but its owner may write to, and its owner this user, root, or a
+-- shared daemon's user: one whose folders lead up to one of root's (or
+-- ours) that nobody else may write to. A plugin cannot read a socket's
+-- peer credentials, so this is all it can check; `presence` checks both.
+function M.distrust(path)
+  local folder = folder_of(path)
+  local stat = uv.fs_lstat(folder)
+  if not stat then
+    -- Missing, or out of reach: connecting fails too, and says why.
+    return nil
+  end
+  local function untrusted(why)
+    return 'not trusted, nothing sent: ' .. why
+  end
+  if stat.type == 'link' then
+    return untrusted(('its folder %s is a symbolic link, which leads wherever its maker chose'):format(folder))
+  elseif stat.type ~= 'directory' then
+    -- Nothing can listen there, and connecting says so.
+    return nil
+  end
+  local me, owner = uv.getuid(), stat.uid
+  if others_may_write(stat.mode) then
+    return untrusted(('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there'):format(folder, owner))
+  end
+  if owner == me or owner == 0 then
+    return nil
+  end
+  local above = uv.fs_realpath(folder) or folder
+  while above ~= '/' do
+    above = folder_of(above)
+    local up = uv.fs_stat(above)
+    if not up then
+      return untrusted(('cannot look at %s, above its folder %s of uid %d'):format(above, folder, owner))
+    end
+    if others_may_write(up.mode) then
+      return untrusted(('its folder %s belongs to uid %d, not to you or root, and lies under %s, which others may write to, so anyone could have made it'):format(folder, owner, above))
+    end
+    if up.uid == me or up.uid == 0 then
+      return nil
+    end
+    if up.uid ~= owner then
+      return untrusted(('its folder %s belongs to uid %d, not to you or root, and lies under %s, which belongs to uid %d'):format(folder, owner, above, up.uid))
+    end
+  end
+  return untrusted(('its folder %s belongs to uid %d, and so does every folder above it'):format(folder, owner))
+end
+
 -- Connects to the socket at `path`. `callback(err, conn)` runs on the
 -- main loop. The connection then calls, on the main loop:
 --   handlers.on_event(conn, message)   for every event line;
@@ -49,6 +113,12 @@ end
 -- conn.refusal is the message of an error the daemon sent with `"id":
 -- null` (one over --max-connections gets one before being closed).
 function M.open(path, handlers, callback)
+  -- Every attempt, first or after a close, comes through here.
+  local distrusted = M.distrust(path)
+  if distrusted then
+    callback(distrusted)
+    return
+  end
   local pipe = uv.new_pipe(false)
   if not pipe then
     callback('could not create a pipe')
