@@ -125,7 +125,13 @@ pub async fn serve(
         Ok(creds) => match (creds.pid(), creds.euid()) {
             (Some(pid), Some(uid)) if pid > 0 => {
                 // Pinned first, as close to the client's connect as can be.
-                let peer_process = pin_peer(&stream, pid as u32, conn);
+                let peer_process = match pin_peer(&stream, pid as u32, conn) {
+                    Ok(pinned) => pinned,
+                    Err(refusal) => {
+                        super::listener::refuse(stream, refusal).await;
+                        return;
+                    }
+                };
                 let peer = Peer {
                     pid: pid as u32,
                     uid,
@@ -482,19 +488,30 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
 
 /// The connecting process, pinned when the connection was accepted, so
 /// that a track without `pid` is tied to it and never to a process that
-/// is given its pid later. `None` when it could not be pinned (out of
-/// file descriptors, say); its tracks are then refused.
-fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Option<PeerProcess> {
+/// is given its pid later. `Ok(None)` when it could not be pinned for a
+/// reason of its own; its tracks are then refused. Out of file
+/// descriptors, the connection is refused instead, with the returned
+/// reason, as a newcomer is when `accept` itself finds none: a
+/// connection that could never track would only hold a slot.
+fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProcess>, String> {
     use std::os::fd::AsFd as _;
     match sys::pin_peer(stream.as_fd(), pid) {
-        Ok(pinned) => Some(pinned),
+        Ok(pinned) => Ok(Some(pinned)),
+        Err(e) if sys::is_out_of_fds(&e) => {
+            tracing::debug!(conn, pid, "refused: no descriptor to pin its process");
+            Err(
+                "the daemon is out of file descriptors and cannot identify the connecting \
+                 process; try again once some connections close"
+                    .to_owned(),
+            )
+        }
         Err(e) => {
             tracing::warn!(
                 conn,
                 pid,
                 "cannot pin the connecting process ({e}); its tracks will be refused"
             );
-            None
+            Ok(None)
         }
     }
 }
@@ -536,7 +553,7 @@ fn track_target(
                 ErrorCode::Internal,
                 format!(
                     "the daemon could not identify the process that opened this connection \
-                     (pid {}) when it accepted it; connect again",
+                     (pid {}) when it accepted it (its log says why); connect again",
                     peer.pid
                 ),
             ));
