@@ -705,7 +705,8 @@ impl ServerMessage {
 // Validation shared by the daemon and the client
 // ---------------------------------------------------------------------------
 
-/// Checks a topic or key: 1 to `max_bytes` bytes and no control characters.
+/// Checks a topic or key: 1 to `max_bytes` bytes and no hidden
+/// characters (see [`is_hidden_char`]).
 pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), ErrorBody> {
     if name.is_empty() || name.len() > max_bytes {
         return Err(ErrorBody::new(
@@ -713,13 +714,35 @@ pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), Err
             format!("{what} must be 1 to {max_bytes} bytes, got {}", name.len()),
         ));
     }
-    if name.chars().any(char::is_control) {
+    if let Some(problem) = hidden_char_problem(name) {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
-            format!("{what} must not contain control characters"),
+            format!("{what} {problem}"),
         ));
     }
     Ok(())
+}
+
+/// Whether `c` is a control character (general category Cc: C0, DEL and
+/// C1) or a format character (Cf: bidi embeddings, overrides and
+/// isolates, zero-width spaces and joiners, the byte order mark). These
+/// show as nothing, or change how the text around them shows, so two
+/// different names could look the same, or a name could rewrite the
+/// screen it is printed on.
+pub fn is_hidden_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    c.is_control() || c.general_category() == GeneralCategory::Format
+}
+
+/// Why `name` is refused for its hidden characters, naming the first
+/// and where it is; `None` when it has none.
+pub fn hidden_char_problem(name: &str) -> Option<String> {
+    let (at, c) = name.char_indices().find(|&(_, c)| is_hidden_char(c))?;
+    Some(format!(
+        "must not contain control or format characters, which can make two names look \
+         alike: U+{:04X} at byte {at}",
+        u32::from(c)
+    ))
 }
 
 /// Checks a client meta: no daemon-managed field, at most `max_bytes` when
@@ -820,5 +843,30 @@ mod tests {
         assert!(validate_name("topic", "a\nb", 256).is_err());
         assert!(validate_name("topic", "", 256).is_err());
         assert!(validate_name("topic", "publishing_edit:docs:x", 256).is_ok());
+    }
+
+    #[test]
+    fn names_with_format_characters_are_refused_and_the_character_named() {
+        for (name, named) in [
+            ("doc\u{202e}dm.exe", "U+202E at byte 3"),
+            ("\u{200b}doc", "U+200B at byte 0"),
+            ("d\u{0085}", "U+0085 at byte 1"),
+            ("d\u{7f}", "U+007F at byte 1"),
+            ("é\u{feff}", "U+FEFF at byte 2"),
+            ("x\u{e0041}", "U+E0041 at byte 1"),
+        ] {
+            let error = validate_name("key", name, 256).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadRequest);
+            assert!(
+                error.message.starts_with("key must not"),
+                "{}",
+                error.message
+            );
+            assert!(error.message.ends_with(named), "{}", error.message);
+        }
+        // Letters of any script, marks, emoji and plain spaces are fine.
+        for name in ["文档", "café", "e\u{301}", "📝 notes", "a b"] {
+            assert!(validate_name("topic", name, 256).is_ok(), "{name}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! identity from `/proc`, user names, and waiting for a process to exit.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
@@ -200,6 +200,163 @@ pub async fn wait_for_exit(process: ProcessId, poll: Duration) -> io::Result<()>
     }
 }
 
+/// The process at the other end of a connection, as it was when the
+/// daemon accepted the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerProcess {
+    /// Running when pinned. Its start time names it for good: a process
+    /// given the same pid later is never taken for it.
+    Running(PinnedPeer),
+    /// Gone before it could be pinned.
+    Exited,
+}
+
+/// A connecting process that was running when it was pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedPeer {
+    pub process: ProcessId,
+    /// The pid the process has in its own pid namespace, which is what it
+    /// calls itself; `process.pid` unless it runs in a nested one.
+    pub own_pid: u32,
+    /// Whether it runs in a pid namespace below the daemon's (a
+    /// container), where a pid names another process than it does here.
+    pub in_nested_pid_namespace: bool,
+    /// Its pidfs inode, where pidfds have one of their own (see
+    /// [`pidfs_inode`]): a surer name than the start time, which counts in
+    /// ticks of 10 ms, within which a pid can be handed out again where
+    /// pids are few (a container's small `pid_max`).
+    pub pidfs_inode: Option<u64>,
+}
+
+impl ExitWatch {
+    /// Opens a pidfd on a connection's pinned process and confirms it is
+    /// that very process. `NotFound` when it has exited, even if its pid
+    /// belongs to another process now.
+    pub fn open_peer(peer: &PinnedPeer) -> io::Result<ExitWatch> {
+        let Some(inode) = peer.pidfs_inode else {
+            return ExitWatch::open(peer.process);
+        };
+        let watch = ExitWatch::open_pid(peer.process.pid)?;
+        if pidfs_inode(&watch.fd) != Some(inode) || watch.has_exited() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {} has exited", peer.process.pid),
+            ));
+        }
+        Ok(watch)
+    }
+}
+
+/// The inode of a pidfd, where it names one process for the whole boot:
+/// on pidfs (Linux 6.9 on), whose inode numbers on a 64-bit kernel are
+/// never reused. `None` on older kernels, where every pidfd shares one.
+fn pidfs_inode(pidfd: &OwnedFd) -> Option<u64> {
+    /// `PID_FS_MAGIC` from linux/magic.h.
+    const PIDFS_MAGIC: rustix::fs::FsWord = 0x5049_4446;
+    if !cfg!(target_pointer_width = "64") {
+        return None;
+    }
+    let on_pidfs = rustix::fs::fstatfs(pidfd).ok()?.f_type == PIDFS_MAGIC;
+    on_pidfs.then(|| rustix::fs::fstat(pidfd).ok().map(|stat| stat.st_ino))?
+}
+
+/// Pins the process that connected on `socket`, whose pid its peer
+/// credentials gave as `pid`.
+///
+/// Where the kernel has it (Linux 6.5 on), `SO_PEERPIDFD` hands over a
+/// pidfd of the very process that called `connect`, so the pid cannot
+/// have passed to another process in between. An older kernel gets a
+/// pidfd opened by pid here, which leaves open the moments between the
+/// client's connect and this accept.
+pub fn pin_peer(socket: BorrowedFd<'_>, pid: u32) -> io::Result<PeerProcess> {
+    let watch = match peer_pidfd(socket) {
+        Ok(fd) => Some(ExitWatch { fd }),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => match ExitWatch::open_pid(pid) {
+            Ok(watch) => Some(watch),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => None,
+            Err(e) if is_gone(&e) => return Ok(PeerProcess::Exited),
+            Err(e) => return Err(e),
+        },
+        Err(e) if is_gone(&e) => return Ok(PeerProcess::Exited),
+        Err(e) => return Err(e),
+    };
+    let pidfs_inode = watch.as_ref().and_then(|watch| pidfs_inode(&watch.fd));
+    let read = process_start_time(pid).and_then(|start_time| {
+        let pids = namespace_pids(pid, watch.as_ref())?;
+        Ok((start_time, pids))
+    });
+    // Until the pinned process is reaped its pid cannot pass to another,
+    // so what was read under a pidfd that is still open and not exited is
+    // that process's own.
+    if watch.as_ref().is_some_and(ExitWatch::has_exited) {
+        return Ok(PeerProcess::Exited);
+    }
+    let (start_time, pids) = match read {
+        Ok(read) => read,
+        Err(e) if is_gone(&e) => return Ok(PeerProcess::Exited),
+        Err(e) => return Err(e),
+    };
+    Ok(PeerProcess::Running(PinnedPeer {
+        process: ProcessId { pid, start_time },
+        own_pid: pids.last().copied().unwrap_or(pid),
+        in_nested_pid_namespace: pids.len() > 1,
+        pidfs_inode,
+    }))
+}
+
+/// The kernel's pidfd of the process that connected on `socket`.
+/// `Unsupported` on a kernel without `SO_PEERPIDFD`, `NotFound` when the
+/// process has exited and the kernel will not give a pidfd for it.
+fn peer_pidfd(socket: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
+    getsockopt(&socket, PeerPidfd).map_err(|errno| match errno {
+        // An unknown option (before 6.5), or no peer pid recorded.
+        Errno::ENOPROTOOPT | Errno::ENODATA => {
+            io::Error::new(io::ErrorKind::Unsupported, "SO_PEERPIDFD is not available")
+        }
+        // No pidfd for a process that has exited, before Linux 6.16.
+        Errno::ESRCH | Errno::EINVAL => {
+            io::Error::new(io::ErrorKind::NotFound, "the connecting process has exited")
+        }
+        other => io::Error::from_raw_os_error(other as i32),
+    })
+}
+
+/// The pids of a process in each pid namespace from the daemon's down to
+/// its own (the `NSpid` line): one pid when it runs in the daemon's.
+/// Read from its pidfd where there is one, so it is that process's.
+fn namespace_pids(pid: u32, watch: Option<&ExitWatch>) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let gone = || io::Error::new(io::ErrorKind::NotFound, format!("process {pid} has exited"));
+    if let Some(watch) = watch {
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", watch.fd.as_raw_fd()))?;
+        // Kernels before 5.10 show no `NSpid` for a pidfd; /proc/PID says it.
+        if let Some(pids) = nspid_line(&fdinfo) {
+            // -1: the process has exited.
+            return pids.ok_or_else(gone);
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    match nspid_line(&status) {
+        Some(pids) => pids.ok_or_else(gone),
+        // A kernel without pid namespaces has one.
+        None => Ok(vec![pid]),
+    }
+}
+
+/// The pids of an `NSpid:` line, if the text has one; `Some(None)` when
+/// they are not all pids (`-1` for a process that has exited).
+fn nspid_line(text: &str) -> Option<Option<Vec<u32>>> {
+    let line = text.lines().find_map(|line| line.strip_prefix("NSpid:"))?;
+    let pids: Option<Vec<u32>> = line
+        .split_ascii_whitespace()
+        .map(|pid| pid.parse().ok().filter(|&pid| pid > 0))
+        .collect();
+    Some(pids.filter(|pids| !pids.is_empty()))
+}
+
 /// Unix milliseconds now, by the wall clock.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
@@ -308,6 +465,40 @@ mod tests {
             start_time: 1,
         };
         assert!(!is_running(nobody).unwrap());
+    }
+
+    #[test]
+    fn a_connection_pins_the_process_that_made_it() {
+        use std::os::fd::AsFd;
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let me = std::process::id();
+        let PeerProcess::Running(pinned) = pin_peer(ours.as_fd(), me).unwrap() else {
+            panic!("this process runs");
+        };
+        assert_eq!(pinned.process, process_id(me).unwrap());
+        assert_eq!(pinned.own_pid, me);
+        assert!(!pinned.in_nested_pid_namespace);
+        // Opened again by pid, it is still this process.
+        assert!(ExitWatch::open_peer(&pinned).is_ok());
+        if let Some(inode) = pinned.pidfs_inode {
+            let other = PinnedPeer {
+                pidfs_inode: Some(inode + 1),
+                ..pinned
+            };
+            assert_eq!(
+                ExitWatch::open_peer(&other).err().map(|e| e.kind()),
+                Some(io::ErrorKind::NotFound),
+                "another process's inode is not ours, whatever the start time"
+            );
+        }
+    }
+
+    #[test]
+    fn nspid_lines_give_every_level_and_tell_an_exit() {
+        let fdinfo = "pos:\t0\nflags:\t02000002\nPid:\t4242\nNSpid:\t4242\t7\t1\n";
+        assert_eq!(nspid_line(fdinfo), Some(Some(vec![4242, 7, 1])));
+        assert_eq!(nspid_line("Pid:\t-1\nNSpid:\t-1\n"), Some(None));
+        assert_eq!(nspid_line("Pid:\t12\n"), None);
     }
 
     #[test]

@@ -369,7 +369,7 @@ impl Printer {
     fn standing(&mut self, standing: &Standing) -> anyhow::Result<()> {
         let mut words = render::standing(standing);
         if self.show_ref {
-            words = format!("{words}, ref {}", self.phx_ref);
+            words = format!("{words}, ref {}", render::visible(&self.phx_ref));
         }
         if self.said.as_ref() != Some(&words) {
             say!("{words}");

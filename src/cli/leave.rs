@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use super::{EntryArgs, Target, failed_changing, parse_name};
+use super::{EntryArgs, Target, failed_changing, parse_name, render};
 use crate::client::ClientError;
 use crate::protocol::{ErrorCode, UntrackReply, UntrackRequest};
 
@@ -85,10 +85,12 @@ pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
         say!("{}", serde_json::to_string(&UntrackReply { removed })?);
     } else if removed == 0 {
         // Nothing to remove is the state leave is for: not an error.
-        say!("nothing to leave on {} ({named}){hint}", args.topic);
+        let line = format!("nothing to leave on {} ({named}){hint}", args.topic);
+        say!("{}", render::visible(&line));
     } else {
         let entries = if removed == 1 { "entry" } else { "entries" };
-        say!("left {} ({removed} {entries}){hint}", args.topic);
+        let line = format!("left {} ({removed} {entries}){hint}", args.topic);
+        say!("{}", render::visible(&line));
     }
     Ok(())
 }

@@ -235,7 +235,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // One line, whatever the causes' own text holds.
             let message = format!("{e:#}").replace('\n', " ");
-            eprintln!("presence: {message}");
+            eprintln!("presence: {}", render::visible(&message));
             ExitCode::FAILURE
         }
     }
@@ -532,8 +532,8 @@ pub fn failed_changing(doing: &str, error: ClientError) -> anyhow::Error {
 fn parse_name(text: &str) -> Result<String, String> {
     if text.is_empty() {
         Err("must not be empty".to_owned())
-    } else if text.chars().any(char::is_control) {
-        Err("must not contain control characters".to_owned())
+    } else if let Some(problem) = crate::protocol::hidden_char_problem(text) {
+        Err(problem)
     } else {
         Ok(text.to_owned())
     }

@@ -1,6 +1,7 @@
 //! How presence looks to a person at a terminal: words for standings and
 //! leave reasons, local times, tables, and colour.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,7 +10,7 @@ use jiff::{Timestamp, ZonedDateTime};
 use serde_json::{Map, Value};
 use unicode_width::UnicodeWidthStr;
 
-use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing};
+use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing, is_hidden_char};
 use crate::sys::now_millis;
 
 // ---------------------------------------------------------------------------
@@ -86,6 +87,27 @@ pub fn paint(style: Style, text: &str) -> String {
     }
 }
 
+/// `text` with every control and format character (see
+/// [`is_hidden_char`]) written as `\u{…}`, so that what the terminal shows
+/// is what the text holds: a name, meta or message from the daemon can
+/// neither rewrite the screen (an escape sequence) nor pass for another
+/// (a bidi override, a zero-width space). A database older than the
+/// daemon's refusal of such names may still hold them.
+pub fn visible(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_hidden_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_hidden_char(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
 // ---------------------------------------------------------------------------
 // Presence in words
 // ---------------------------------------------------------------------------
@@ -97,7 +119,7 @@ pub fn standing(standing: &Standing) -> String {
         (Role::Spectator, Some(owner)) => format!(
             "{} (owner: {}, pid {})",
             paint(Style::Dim, "spectator"),
-            owner.key,
+            visible(&owner.key),
             owner.pid
         ),
         (Role::Spectator, None) => paint(Style::Dim, "spectator"),
@@ -107,7 +129,7 @@ pub fn standing(standing: &Standing) -> String {
 /// `alice (pid 4242)`: a key alone is ambiguous, since every join of one
 /// user has the login name as its key by default.
 pub fn who(key: &str, pid: u32) -> String {
-    format!("{key} (pid {pid})")
+    format!("{} (pid {pid})", visible(key))
 }
 
 /// `alice (pid 4242)`, or `nobody`.
@@ -139,9 +161,10 @@ pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
     }
 }
 
-/// The client's part of a meta as compact JSON, or nothing when empty.
+/// The client's part of a meta as compact JSON, or nothing when empty;
+/// its hidden characters made [`visible`].
 pub fn client_meta(meta: &Map<String, Value>) -> Option<String> {
-    (!meta.is_empty()).then(|| Value::Object(meta.clone()).to_string())
+    (!meta.is_empty()).then(|| visible(&Value::Object(meta.clone()).to_string()).into_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -228,9 +251,15 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// A cell of `text`, its hidden characters made [`visible`]: a cell
+    /// holds what came from the daemon (topics, keys, user names, metas).
     pub fn new(text: impl Into<String>, style: Style) -> Cell {
+        let text: String = text.into();
         Cell {
-            text: text.into(),
+            text: match visible(&text) {
+                Cow::Borrowed(_) => text,
+                Cow::Owned(shown) => shown,
+            },
             style,
         }
     }
@@ -358,6 +387,22 @@ mod tests {
             .collect();
         // Two wide characters are four columns: every ROLE starts at the same one.
         assert_eq!(columns, [7, 7, 7], "{table}");
+    }
+
+    #[test]
+    fn hidden_characters_are_shown_as_escapes() {
+        assert_eq!(visible("doc"), "doc");
+        assert_eq!(visible("doc\u{202e}txt.exe"), "doc\\u{202e}txt.exe");
+        assert_eq!(visible("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(visible("a\u{200b}b\u{85}"), "a\\u{200b}b\\u{85}");
+        assert_eq!(who("\u{202e}bob", 7), "\\u{202e}bob (pid 7)");
+        let cell = Cell::from("ali\u{200b}ce");
+        assert_eq!(cell.text, "ali\\u{200b}ce");
+        let meta = serde_json::json!({"file": "\u{202e}txt.md", "c": "\u{1b}[2J"});
+        assert_eq!(
+            client_meta(meta.as_object().unwrap()).unwrap(),
+            r#"{"c":"\u001b[2J","file":"\u{202e}txt.md"}"#
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{EntryArgs, Target, failed_changing, parse_meta, parse_name};
+use super::{EntryArgs, Target, failed_changing, parse_meta, parse_name, render};
 use crate::protocol::UpdateRequest;
 
 #[derive(Debug, Args)]
@@ -55,12 +55,11 @@ pub async fn run(target: &Target, args: UpdateArgs) -> anyhow::Result<()> {
     if args.json {
         say!("{}", serde_json::to_string(&reply)?);
     } else {
-        say!(
+        let line = format!(
             "updated {}, ref {} (was {})",
-            args.topic,
-            reply.phx_ref,
-            reply.prev_ref
+            args.topic, reply.phx_ref, reply.prev_ref
         );
+        say!("{}", render::visible(&line));
     }
     Ok(())
 }

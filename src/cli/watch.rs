@@ -60,7 +60,7 @@ struct Timeline {
 impl Timeline {
     fn new(topic: &str) -> Timeline {
         Timeline {
-            topic: topic.to_owned(),
+            topic: render::visible(topic).into_owned(),
             owner_ref: None,
             shown: None,
         }

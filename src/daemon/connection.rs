@@ -29,7 +29,7 @@ use crate::protocol::{
     ErrorBody, ErrorCode, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply, ReplyFields, Request,
     TrackRequest, validate_meta, validate_name,
 };
-use crate::sys;
+use crate::sys::{self, PeerProcess, PinnedPeer};
 
 /// What every connection task shares.
 pub struct Shared {
@@ -121,16 +121,27 @@ pub async fn serve(
     shared: Arc<Shared>,
     flushing: tokio::sync::mpsc::Sender<()>,
 ) {
-    let peer = match stream.peer_creds() {
+    let (peer, peer_process) = match stream.peer_creds() {
         Ok(creds) => match (creds.pid(), creds.euid()) {
-            (Some(pid), Some(uid)) if pid > 0 => Peer {
-                pid: pid as u32,
-                uid,
-                // A name service lookup may block; keep it off the reactor.
-                user: tokio::task::spawn_blocking(move || sys::user_name(uid))
-                    .await
-                    .unwrap_or_else(|_| uid.to_string()),
-            },
+            (Some(pid), Some(uid)) if pid > 0 => {
+                // Pinned first, as close to the client's connect as can be.
+                let peer_process = match pin_peer(&stream, pid as u32, conn) {
+                    Ok(pinned) => pinned,
+                    Err(refusal) => {
+                        super::listener::refuse(stream, refusal).await;
+                        return;
+                    }
+                };
+                let peer = Peer {
+                    pid: pid as u32,
+                    uid,
+                    // A name service lookup may block; keep it off the reactor.
+                    user: tokio::task::spawn_blocking(move || sys::user_name(uid))
+                        .await
+                        .unwrap_or_else(|_| uid.to_string()),
+                };
+                (peer, peer_process)
+            }
             _ => {
                 tracing::warn!(conn, "peer credentials are incomplete; closing");
                 return;
@@ -179,9 +190,6 @@ pub async fn serve(
         writer.await;
         drop(flushing);
     });
-    // The peer's own process, pinned once: its tracks skip the lookup
-    // while it is watched.
-    let peer_process = sys::process_id(peer.pid).ok();
     read_requests(recv, &queue, conn, (&peer, peer_process), &shared).await;
     let _ = shared.core.send(Command::Close { conn });
     if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
@@ -198,7 +206,7 @@ async fn read_requests(
     recv: OwnedReadHalf,
     queue: &Arc<OutboundQueue>,
     conn: ConnId,
-    peer: (&Peer, Option<ProcessId>),
+    peer: (&Peer, Option<PeerProcess>),
     shared: &Shared,
 ) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, recv);
@@ -327,7 +335,7 @@ async fn read_line(
 fn handle_line(
     line: &[u8],
     conn: ConnId,
-    (peer, peer_process): (&Peer, Option<ProcessId>),
+    (peer, peer_process): (&Peer, Option<PeerProcess>),
     shared: &Shared,
 ) -> Option<(Value, HistoryRequest)> {
     let (id, resolved) = match parse(line) {
@@ -341,14 +349,19 @@ fn handle_line(
         Parsed::Ready(resolved) => resolved,
         Parsed::History(request) => return Some((id, request)),
         Parsed::Track(request) => {
-            let own = request.pid.is_none_or(|pid| pid == peer.pid);
-            if own
-                && let Some(process) = peer_process
-                && let Some(_watched) = shared.pids.hold_if_watched(process)
+            let target = match track_target(request.pid, peer, peer_process) {
+                Ok(target) => target,
+                Err(error) => {
+                    let _ = shared.core.send(Command::Refuse { conn, id, error });
+                    return None;
+                }
+            };
+            if let TrackTarget::Pinned(pinned) = target
+                && let Some(_watched) = shared.pids.hold_if_watched(pinned.process)
             {
                 // The peer's process is watched already: no new watch, and
                 // its exit waits for this track to reach the core.
-                let command = match own_process_track(request, process, &shared.limits) {
+                let command = match own_process_track(request, pinned.process, &shared.limits) {
                     Ok(track) => Command::Request {
                         conn,
                         id,
@@ -359,7 +372,7 @@ fn handle_line(
                 let _ = shared.core.send(command);
                 return None;
             }
-            let (track, prepared) = match resolve_track(request, peer, shared) {
+            let (track, prepared) = match resolve_track(request, target, peer, shared) {
                 Ok(resolved) => resolved,
                 Err(error) => {
                     let _ = shared.core.send(Command::Refuse { conn, id, error });
@@ -473,18 +486,151 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
     Ok((id, parsed))
 }
 
+/// The connecting process, pinned when the connection was accepted, so
+/// that a track without `pid` is tied to it and never to a process that
+/// is given its pid later. `Ok(None)` when it could not be pinned for a
+/// reason of its own; its tracks are then refused. Out of file
+/// descriptors, the connection is refused instead, with the returned
+/// reason, as a newcomer is when `accept` itself finds none: a
+/// connection that could never track would only hold a slot.
+fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProcess>, String> {
+    use std::os::fd::AsFd as _;
+    match sys::pin_peer(stream.as_fd(), pid) {
+        Ok(pinned) => Ok(Some(pinned)),
+        Err(e) if sys::is_out_of_fds(&e) => {
+            tracing::debug!(conn, pid, "refused: no descriptor to pin its process");
+            Err(
+                "the daemon is out of file descriptors and cannot identify the connecting \
+                 process; try again once some connections close"
+                    .to_owned(),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(
+                conn,
+                pid,
+                "cannot pin the connecting process ({e}); its tracks will be refused"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Which process a track's entry is to belong to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TrackTarget {
+    /// The connection's own, as pinned when it was accepted.
+    Pinned(PinnedPeer),
+    /// Another process the client named, by a pid of the daemon's pid
+    /// namespace.
+    Named(u32),
+}
+
+/// Works out which process a track names: the connection's own when it
+/// names none (or its own pid, as it sees it), else the pid it names.
+fn track_target(
+    named: Option<u32>,
+    peer: &Peer,
+    pinned: Option<PeerProcess>,
+) -> Result<TrackTarget, ErrorBody> {
+    let pinned = match pinned {
+        Some(PeerProcess::Running(pinned)) => pinned,
+        // Without the process, its pid namespace is unknown too, so even a
+        // pid it names cannot be read with certainty.
+        Some(PeerProcess::Exited) => {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "the process that opened this connection (pid {}) exited before the \
+                     daemon accepted it, so no entry can be tied to it; connect from a \
+                     running process",
+                    peer.pid
+                ),
+            ));
+        }
+        None => {
+            return Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!(
+                    "the daemon could not identify the process that opened this connection \
+                     (pid {}) when it accepted it (its log says why); connect again",
+                    peer.pid
+                ),
+            ));
+        }
+    };
+    match named {
+        None => Ok(TrackTarget::Pinned(pinned)),
+        Some(pid) if pid == pinned.own_pid => Ok(TrackTarget::Pinned(pinned)),
+        Some(pid) if pinned.in_nested_pid_namespace => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "pid {pid} was named from another pid namespace (a container), where pids \
+                 name other processes than they do to the daemon; leave out `pid` to tie the \
+                 entry to the connecting process, or run the daemon in the same pid namespace"
+            ),
+        )),
+        Some(pid) => Ok(TrackTarget::Named(pid)),
+    }
+}
+
 /// Resolves what a track needs from the system: its process, watched
 /// from now on, and a resume token.
 fn resolve_track(
     request: TrackRequest,
+    target: TrackTarget,
     peer: &Peer,
     shared: &Shared,
 ) -> Result<(Track, Prepared), ErrorBody> {
     // The registry checks these too; checking first here means a refused
     // track never opens a process watch.
     validate_track(&request, &shared.limits)?;
-    let (process, prepared) = resolve_process(request.pid, peer, &shared.pids)?;
+    let (process, prepared) = match target {
+        TrackTarget::Pinned(pinned) => {
+            let process = pinned.process;
+            let prepared = shared.pids.prepare_peer(&pinned).map_err(|e| {
+                watch_failed(&e, process.pid, || connection_process_exited(process))
+            })?;
+            (process, prepared)
+        }
+        TrackTarget::Named(pid) => resolve_named_process(pid, peer, &shared.pids)?,
+    };
     Ok((with_token(request, process)?, prepared))
+}
+
+/// The refusal of a track tied to the connection's own process, which has
+/// exited since it connected. Its pid is not looked up again: another
+/// process, maybe another user's, may have it now.
+fn connection_process_exited(process: ProcessId) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotFound,
+        format!(
+            "the process that opened this connection (pid {}) has exited, so no entry can be \
+             tied to it; name a running process with `pid`, or track from a running process",
+            process.pid
+        ),
+    )
+}
+
+/// The refusal of a track whose process could not be watched: `gone`
+/// when it is not running, else why not.
+fn watch_failed(e: &std::io::Error, pid: u32, gone: impl FnOnce() -> ErrorBody) -> ErrorBody {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        gone()
+    } else if sys::is_out_of_fds(e) {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!(
+                "the daemon is out of file descriptors and cannot watch process {pid}; \
+                 try again once some connections close"
+            ),
+        )
+    } else {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("cannot watch process {pid}: {e}"),
+        )
+    }
 }
 
 /// A track of the peer's own process, which is watched already.
@@ -519,37 +665,21 @@ fn with_token(request: TrackRequest, process: ProcessId) -> Result<Track, ErrorB
     })
 }
 
-/// Finds the process an entry will belong to: the peer itself, or a pid it
-/// names, which must be running and (unless the peer is root) its own.
-fn resolve_process(
-    named: Option<u32>,
+/// Finds a process a client named by pid, which must be running and
+/// (unless the client is root) of the client's uid.
+fn resolve_named_process(
+    pid: u32,
     peer: &Peer,
     pids: &PidWatcher,
 ) -> Result<(ProcessId, Prepared), ErrorBody> {
-    let pid = named.unwrap_or(peer.pid);
     let not_running = || ErrorBody::new(ErrorCode::NotFound, format!("no running process {pid}"));
     // The watch is opened first and pins the process; what is read about
-    // it afterwards is confirmed against the watch, so a pid reused in
-    // between cannot pass for the one named.
-    let (process, prepared) = pids.prepare_pid(pid).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            not_running()
-        } else if sys::is_out_of_fds(&e) {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!(
-                    "the daemon is out of file descriptors and cannot watch process {pid}; \
-                     try again once some connections close"
-                ),
-            )
-        } else {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!("cannot watch process {pid}: {e}"),
-            )
-        }
-    })?;
-    if pid != peer.pid && peer.uid != 0 {
+    // it afterwards (its start time, its uid) is confirmed against the
+    // watch, so a pid reused in between cannot pass for the one named.
+    let (process, prepared) = pids
+        .prepare_pid(pid)
+        .map_err(|e| watch_failed(&e, pid, not_running))?;
+    if peer.uid != 0 {
         let owner = sys::process_uid(pid).map_err(|_| not_running())?;
         if !prepared.still_running() {
             return Err(not_running());
@@ -670,6 +800,74 @@ mod tests {
             parsed,
             Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))) if topic == "file:/tmp/x"
         ));
+    }
+
+    fn peer() -> Peer {
+        Peer {
+            pid: 4242,
+            uid: 1000,
+            user: "alice".to_owned(),
+        }
+    }
+
+    fn pinned(own_pid: u32, nested: bool) -> Option<PeerProcess> {
+        Some(PeerProcess::Running(pinned_peer(own_pid, nested)))
+    }
+
+    fn pinned_peer(own_pid: u32, nested: bool) -> PinnedPeer {
+        PinnedPeer {
+            process: ProcessId {
+                pid: 4242,
+                start_time: 99,
+            },
+            own_pid,
+            in_nested_pid_namespace: nested,
+            pidfs_inode: Some(7),
+        }
+    }
+
+    #[test]
+    fn a_track_without_pid_is_the_pinned_process_or_refused() {
+        let process = pinned_peer(4242, false);
+        let target = |named, pin| track_target(named, &peer(), pin);
+        assert_eq!(
+            target(None, pinned(4242, false)),
+            Ok(TrackTarget::Pinned(process))
+        );
+        assert_eq!(
+            target(Some(4242), pinned(4242, false)),
+            Ok(TrackTarget::Pinned(process))
+        );
+        assert_eq!(
+            target(Some(77), pinned(4242, false)),
+            Ok(TrackTarget::Named(77))
+        );
+        let gone = target(None, Some(PeerProcess::Exited)).unwrap_err();
+        assert_eq!(gone.code, ErrorCode::NotFound);
+        assert!(gone.message.contains("exited"), "{}", gone.message);
+        // Gone before it was pinned: its pid namespace is unknown as well.
+        let named = target(Some(77), Some(PeerProcess::Exited)).unwrap_err();
+        assert_eq!(named.code, ErrorCode::NotFound);
+        assert_eq!(target(None, None).unwrap_err().code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn a_pid_named_from_a_nested_pid_namespace_is_refused_unless_it_is_the_peer() {
+        let process = pinned_peer(1, true);
+        // Pid 1 in its own namespace: the peer itself.
+        assert_eq!(
+            track_target(Some(1), &peer(), pinned(1, true)),
+            Ok(TrackTarget::Pinned(process))
+        );
+        for other in [2, 4242] {
+            let refused = track_target(Some(other), &peer(), pinned(1, true)).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::BadRequest);
+            assert!(
+                refused.message.contains("pid namespace"),
+                "{}",
+                refused.message
+            );
+        }
     }
 
     #[test]

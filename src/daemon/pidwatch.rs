@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::core::Command;
 use crate::core::registry::ProcessId;
-use crate::sys::{self, ExitWatch};
+use crate::sys::{self, ExitWatch, PinnedPeer};
 
 /// How often the fallback looks at `/proc` when pidfds are unavailable.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -77,6 +77,18 @@ impl PidWatcher {
     /// Opens a watch on a known process (pid and start time).
     fn prepare(&self, process: ProcessId) -> io::Result<Prepared> {
         let watch = self.open_unless_polling(ExitWatch::open(process))?;
+        self.prepared(process, watch)
+    }
+
+    /// Opens a watch on a connection's own process, as pinned when the
+    /// connection was accepted. Fails with `NotFound` when that process
+    /// has exited, even if its pid now belongs to another.
+    pub fn prepare_peer(&self, peer: &PinnedPeer) -> io::Result<Prepared> {
+        let watch = self.open_unless_polling(ExitWatch::open_peer(peer))?;
+        self.prepared(peer.process, watch)
+    }
+
+    fn prepared(&self, process: ProcessId, watch: Option<ExitWatch>) -> io::Result<Prepared> {
         let prepared = Prepared { process, watch };
         if !prepared.still_running() {
             return Err(io::Error::from(io::ErrorKind::NotFound));
