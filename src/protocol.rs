@@ -43,6 +43,14 @@ pub struct Limits {
     /// on a shared daemon nobody can take every slot.
     pub max_connections_per_uid: usize,
     pub max_outbound_bytes: usize,
+    /// Entries the daemon holds in all, of every user: what bounds its
+    /// memory and database however many users share it.
+    pub max_total_entries: usize,
+    /// Entries, and bytes of meta, one user other than the daemon's own
+    /// may hold across all connections, so that on a shared daemon one
+    /// member cannot fill its memory and disk.
+    pub max_entries_per_uid: usize,
+    pub max_meta_bytes_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +65,12 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_uid: 1_000,
             max_outbound_bytes: 1024 * 1024,
+            // Above the largest uses one user is known to make: 100,000
+            // entries (the restart benchmark), and 10,000 with 500-byte
+            // metas (5 MB).
+            max_total_entries: 200_000,
+            max_entries_per_uid: 100_000,
+            max_meta_bytes_per_uid: 16 * 1024 * 1024,
         }
     }
 }

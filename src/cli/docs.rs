@@ -307,7 +307,13 @@ With --system it is the machine's daemon: socket
 member of that group (and root) can connect, each known by their own uid;
 database /var/lib/presenced/presence.db. --group shares any socket with
 another group the same way. Clients reach it with `presence --system`,
-and never start it themselves.";
+and never start it themselves.
+
+A daemon others share holds each user but its own to --max-entries-per-uid
+entries and --max-meta-per-uid bytes of meta, and everyone together to
+--max-total-entries entries, so that one member cannot fill its memory and
+disk. A join past one is refused with a message naming the flag that
+raises it. The defaults leave one user room for 100,000 entries.";
 
 const PRESENCE_DETAILS: &str = "\
 Editors, plugins and scripts join a topic: one per file, or one per form
