@@ -661,6 +661,25 @@ pub struct ShutdownPayload {
     pub reason: String,
 }
 
+/// `removed`'s payload: which of the connection's entries another
+/// connection removed, why, and who did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    pub key: String,
+    pub reason: LeaveReason,
+    pub by: Remover,
+}
+
+/// Who removed an entry: the peer credentials of the connection that did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remover {
+    pub uid: u32,
+    pub user: String,
+    pub pid: u32,
+}
+
 /// A pushed event. Its `event` field names the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -683,6 +702,12 @@ pub enum Event {
     Shutdown {
         payload: ShutdownPayload,
     },
+    /// To the connection holding an entry, when another connection has
+    /// removed it: the holder is no longer on the topic.
+    Removed {
+        topic: String,
+        payload: Removal,
+    },
 }
 
 impl Event {
@@ -690,7 +715,8 @@ impl Event {
         match self {
             Event::PresenceState { topic, .. }
             | Event::PresenceDiff { topic, .. }
-            | Event::Role { topic, .. } => Some(topic),
+            | Event::Role { topic, .. }
+            | Event::Removed { topic, .. } => Some(topic),
             Event::Shutdown { .. } => None,
         }
     }

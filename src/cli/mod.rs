@@ -216,6 +216,8 @@ pub enum Outcome {
     Done,
     /// `join`'s entry is not the owner.
     NotOwner,
+    /// `join`'s entry was removed by another connection.
+    Removed,
 }
 
 impl Outcome {
@@ -223,6 +225,7 @@ impl Outcome {
         match self {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::NotOwner => ExitCode::from(docs::EXIT_NOT_OWNER),
+            Outcome::Removed => ExitCode::from(docs::EXIT_REMOVED),
         }
     }
 }

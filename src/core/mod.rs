@@ -794,7 +794,7 @@ fn line_kind(event: &Event) -> LineKind {
         Event::PresenceState { topic, .. } => LineKind::State(topic.clone()),
         Event::PresenceDiff { topic, .. } => LineKind::Diff(topic.clone()),
         Event::Role { payload, .. } => LineKind::Role(payload.phx_ref.clone()),
-        Event::Shutdown { .. } => LineKind::Notice,
+        Event::Shutdown { .. } | Event::Removed { .. } => LineKind::Notice,
     }
 }
 

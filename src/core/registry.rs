@@ -25,9 +25,9 @@ use serde_json::{Map, Value};
 use crate::protocol::{
     Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
     KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
-    Owner, Presences, ReplyFields, ResumeReply, Role, RoleChange, Standing, TopicPresences,
-    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
-    validate_meta, validate_name,
+    Owner, Presences, Removal, Remover, ReplyFields, ResumeReply, Role, RoleChange, Standing,
+    TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
+    UpdateRequest, validate_meta, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -742,12 +742,50 @@ impl Registry {
             }
         };
         let removed = refs.len();
+        self.tell_holders_of_removal(conn, &refs, LeaveReason::Untrack, out);
         let leaving = refs
             .into_iter()
             .map(|r| (r, LeaveReason::Untrack))
             .collect();
         self.remove(leaving, now, out);
         Ok(ReplyFields::of(&UntrackReply { removed }))
+    }
+
+    /// Tells each connection that holds one of `refs`, other than `conn`
+    /// which is removing them, that its entry is gone and who removed it.
+    /// Otherwise an editor whose entry root removed would go on believing
+    /// it owns the topic, while the next in line is told it does too.
+    /// Sent ahead of the topics' diffs, so that a holder that also watches
+    /// the topic learns of its own loss first.
+    fn tell_holders_of_removal(
+        &self,
+        conn: ConnId,
+        refs: &[String],
+        reason: LeaveReason,
+        out: &mut Outbox,
+    ) {
+        let Some(remover) = self.conns.get(&conn).map(|c| &c.peer) else {
+            return;
+        };
+        for entry in refs.iter().filter_map(|phx_ref| self.entry(phx_ref)) {
+            let Some(holder) = entry.conn.filter(|holder| *holder != conn) else {
+                continue;
+            };
+            let removed = Event::Removed {
+                topic: entry.topic.clone(),
+                payload: Removal {
+                    phx_ref: entry.phx_ref.clone(),
+                    key: entry.key.clone(),
+                    reason,
+                    by: Remover {
+                        uid: remover.uid,
+                        user: remover.user.clone(),
+                        pid: remover.pid,
+                    },
+                },
+            };
+            out.event(vec![holder], removed);
+        }
     }
 
     fn update(

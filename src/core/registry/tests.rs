@@ -347,6 +347,7 @@ fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
                 Event::PresenceDiff { .. } => "presence_diff",
                 Event::Role { .. } => "role",
                 Event::Shutdown { .. } => "shutdown",
+                Event::Removed { .. } => "removed",
             }),
             _ => None,
         })
@@ -1841,6 +1842,86 @@ fn a_detached_process_entry_is_resumed_whatever_the_quotas() {
 }
 
 // ---------------------------------------------------------------------------
+// An entry removed by another connection
+// ---------------------------------------------------------------------------
+
+/// The `removed` events of an outbox, as (recipient, payload).
+fn removals(out: &Outbox) -> Vec<(ConnId, Removal, String)> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event: Event::Removed { topic, payload },
+            } => {
+                assert_eq!(to.len(), 1, "a removed event has one recipient");
+                Some((to[0], payload.clone(), topic.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn root_removing_an_entry_tells_its_holder_who_did_it_before_anything_else() {
+    let mut h = Harness::new();
+    let (editor, next, root) = (h.connect(ALICE), h.connect(BOB), h.connect(ROOT));
+    let owner = h.track(editor, "doc", "alice");
+    h.track(next, "doc", "bob");
+    h.subscribe(editor, "doc");
+
+    let out = h.untrack_key(root, "doc", "alice");
+    assert_eq!(ok_reply::<UntrackReply>(&out, root).removed, 1);
+    let removal = Removal {
+        phx_ref: owner.phx_ref.clone(),
+        key: "alice".to_owned(),
+        reason: LeaveReason::Untrack,
+        by: Remover {
+            uid: ROOT,
+            user: "root".to_owned(),
+            pid: process_of(root).pid,
+        },
+    };
+    assert_eq!(removals(&out), [(editor, removal, "doc".to_owned())]);
+    // The holder hears of its loss before the diff that shows it; the
+    // remover gets its reply only; the next in line is promoted.
+    assert_eq!(kinds_for(&out, editor), ["removed", "presence_diff"]);
+    assert_eq!(kinds_for(&out, root), ["reply"]);
+    assert_eq!(kinds_for(&out, next), ["role"]);
+}
+
+#[test]
+fn a_process_entry_removed_by_its_uid_elsewhere_tells_its_holder() {
+    let mut h = Harness::new();
+    let (holder, other) = (h.connect(ALICE), h.connect(ALICE));
+    let held = h.track_process(holder, "doc", "x");
+    let out = h.untrack_ref(other, "doc", &held.phx_ref);
+    let told = removals(&out);
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].0, holder);
+    assert_eq!(told[0].1.by.uid, ALICE);
+    assert_eq!(told[0].1.by.pid, process_of(other).pid);
+}
+
+#[test]
+fn no_removed_event_for_ones_own_untrack_or_an_entry_nobody_holds() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let own = h.track(a, "doc", "own");
+    assert!(removals(&h.untrack_ref(a, "doc", &own.phx_ref)).is_empty());
+    // A process entry whose connection closed has no holder to tell.
+    let left = h.track_process(a, "doc", "left");
+    h.close(a);
+    let out = h.untrack_ref(b, "doc", &left.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, b).removed, 1);
+    assert!(removals(&out).is_empty());
+    // Nor for departures nobody asked for: a close or a process exit.
+    let c = h.connect(ALICE);
+    h.track_process(c, "doc", "exits");
+    assert!(removals(&h.process_exited(process_of(c))).is_empty());
+}
+
+// ---------------------------------------------------------------------------
 // Persistence: changes, restore and expiry
 // ---------------------------------------------------------------------------
 
@@ -2406,6 +2487,8 @@ struct Expected {
     diffs: Vec<ExpectedDiff>,
     /// (recipient, topic) of each `presence_state`.
     states: Vec<(ConnId, String)>,
+    /// (holder, ref, remover's uid) of each `removed` event.
+    removed: Vec<(ConnId, String, u32)>,
 }
 
 impl Expected {
@@ -2440,6 +2523,22 @@ impl Expected {
         Expected {
             diffs,
             ..Expected::default()
+        }
+    }
+
+    /// Departures by `untrack` from `conn`: each holder but `conn` itself
+    /// is told who removed its entry.
+    fn untracked(model: &Model, gone: &[ModelEntry], conn: ConnId) -> Expected {
+        let by = model.uid_of(conn).expect("only an open connection removes");
+        Expected {
+            removed: gone
+                .iter()
+                .filter_map(|e| match e.conn {
+                    Some(holder) if holder != conn => Some((holder, e.phx_ref.clone(), by)),
+                    _ => None,
+                })
+                .collect(),
+            ..Expected::departures(model, gone, LeaveReason::Untrack)
         }
     }
 }
@@ -2628,8 +2727,7 @@ impl World {
                     Some(_) => {
                         assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 1);
                         let gone = self.model.remove_where(|e| e.phx_ref == phx_ref);
-                        let expected =
-                            Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                        let expected = Expected::untracked(&self.model, &gone, conn);
                         (out, expected)
                     }
                     None => {
@@ -2660,7 +2758,11 @@ impl World {
                     removable.len()
                 );
                 let gone = self.model.remove_where(|e| removable.contains(&e.phx_ref));
-                let expected = Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                let expected = if gone.is_empty() {
+                    Expected::default()
+                } else {
+                    Expected::untracked(&self.model, &gone, conn)
+                };
                 (out, expected)
             }
             Action::UpdateByRef {
@@ -3161,6 +3263,7 @@ impl World {
         let mut roles = BTreeMap::new();
         let mut diffs = Vec::new();
         let mut states = Vec::new();
+        let mut removed = Vec::new();
         for delivery in &out.deliveries {
             let Delivery::Event { to, event } = delivery else {
                 continue;
@@ -3224,8 +3327,21 @@ impl World {
                     }
                 }
                 Event::Shutdown { .. } => panic!("the registry never shuts down"),
+                Event::Removed { topic, payload } => {
+                    assert_eq!(to.len(), 1, "a removed event has one recipient");
+                    assert!(
+                        diffs.is_empty(),
+                        "the holder hears of its loss before any diff"
+                    );
+                    assert_eq!(payload.reason, LeaveReason::Untrack);
+                    assert_eq!(payload.by.user, user_name(payload.by.uid));
+                    let issued = self.issued.iter().find(|i| i.phx_ref == payload.phx_ref);
+                    assert_eq!(issued.map(|i| &i.topic), Some(topic));
+                    removed.push((to[0], payload.phx_ref.clone(), payload.by.uid));
+                }
             }
         }
+        assert_eq!(removed, expected.removed, "removed events");
         assert_eq!(roles, expected_roles, "role events");
         assert_eq!(diffs, expected.diffs, "presence diffs");
         assert_eq!(states, expected.states, "presence states");
