@@ -140,6 +140,9 @@ complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-process
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-subscriptions -d 'Most subscriptions one connection may hold' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-connections -d 'Most connections served at once' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-connections-per-uid -d 'Most connections one user may hold at once; the daemon\'s own user is not held to it' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-total-entries -d 'Most entries the daemon holds, of all users together' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-entries-per-uid -d 'Most entries one user may hold, over all connections; the daemon\'s own user is not held to it' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-meta-per-uid -d 'Most bytes of meta one user\'s entries may hold together; the daemon\'s own user is not held to it' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outbound -d 'Bytes queued for a slow reader before its diffs are dropped for a fresh state' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-days -d 'Days of history kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-events -d 'Most history events kept for `presence log`' -r

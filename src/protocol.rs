@@ -43,6 +43,14 @@ pub struct Limits {
     /// on a shared daemon nobody can take every slot.
     pub max_connections_per_uid: usize,
     pub max_outbound_bytes: usize,
+    /// Entries the daemon holds in all, of every user: what bounds its
+    /// memory and database however many users share it.
+    pub max_total_entries: usize,
+    /// Entries, and bytes of meta, one user other than the daemon's own
+    /// may hold across all connections, so that on a shared daemon one
+    /// member cannot fill its memory and disk.
+    pub max_entries_per_uid: usize,
+    pub max_meta_bytes_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +65,12 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_uid: 1_000,
             max_outbound_bytes: 1024 * 1024,
+            // Above the largest uses one user is known to make: 100,000
+            // entries (the restart benchmark), and 10,000 with 500-byte
+            // metas (5 MB).
+            max_total_entries: 200_000,
+            max_entries_per_uid: 100_000,
+            max_meta_bytes_per_uid: 16 * 1024 * 1024,
         }
     }
 }
@@ -647,6 +661,25 @@ pub struct ShutdownPayload {
     pub reason: String,
 }
 
+/// `removed`'s payload: which of the connection's entries another
+/// connection removed, why, and who did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    pub key: String,
+    pub reason: LeaveReason,
+    pub by: Remover,
+}
+
+/// Who removed an entry: the peer credentials of the connection that did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remover {
+    pub uid: u32,
+    pub user: String,
+    pub pid: u32,
+}
+
 /// A pushed event. Its `event` field names the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -669,6 +702,12 @@ pub enum Event {
     Shutdown {
         payload: ShutdownPayload,
     },
+    /// To the connection holding an entry, when another connection has
+    /// removed it: the holder is no longer on the topic.
+    Removed {
+        topic: String,
+        payload: Removal,
+    },
 }
 
 impl Event {
@@ -676,7 +715,8 @@ impl Event {
         match self {
             Event::PresenceState { topic, .. }
             | Event::PresenceDiff { topic, .. }
-            | Event::Role { topic, .. } => Some(topic),
+            | Event::Role { topic, .. }
+            | Event::Removed { topic, .. } => Some(topic),
             Event::Shutdown { .. } => None,
         }
     }

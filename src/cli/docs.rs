@@ -36,6 +36,9 @@ pub struct Item {
 /// The status `join` exits with when its entry is not the owner.
 pub const EXIT_NOT_OWNER: u8 = 3;
 
+/// The status `join` exits with when someone else removed its entry.
+pub const EXIT_REMOVED: u8 = 4;
+
 /// Exit statuses every command shares.
 pub const EXIT_STATUS: &[Item] = &[
     Item {
@@ -167,7 +170,15 @@ With --wait-owner, join waits until the entry is the owner, as flock(1)
 waits for a lock. With --detach it then exits 0 and leaves the entry in
 place; without --detach it goes on holding the presence. If --timeout
 passes, a signal arrives, or the --pid process exits first, the entry is
-removed and join exits 3.";
+removed and join exits 3.
+
+Someone else may remove the entry while join holds it or waits with it:
+root, with `presence leave`, or your own user for a --detach entry. join
+then says who did it (with --json, it prints the daemon's removed event)
+and exits 4 at once, so that an editor or a script stops acting as the
+owner:
+
+  removed by root (uid 0, pid 4711)";
 
 const LEAVE_DETAILS: &str = "\
 Removes your entries on TOPIC: the one named by --ref, or those whose key
@@ -307,7 +318,13 @@ With --system it is the machine's daemon: socket
 member of that group (and root) can connect, each known by their own uid;
 database /var/lib/presenced/presence.db. --group shares any socket with
 another group the same way. Clients reach it with `presence --system`,
-and never start it themselves.";
+and never start it themselves.
+
+A daemon others share holds each user but its own to --max-entries-per-uid
+entries and --max-meta-per-uid bytes of meta, and everyone together to
+--max-total-entries entries, so that one member cannot fill its memory and
+disk. A join past one is refused with a message naming the flag that
+raises it. The defaults leave one user room for 100,000 entries.";
 
 const PRESENCE_DETAILS: &str = "\
 Editors, plugins and scripts join a topic: one per file, or one per form
@@ -340,10 +357,16 @@ pub const PAGES: &[Page] = &[
                 run: "presence join --detach --wait-owner deploy && make deploy\npresence leave deploy",
             },
         ],
-        exit_status: &[Item {
-            name: "3",
-            text: "presence join: the entry is not the owner; see presence-join(1).",
-        }],
+        exit_status: &[
+            Item {
+                name: "3",
+                text: "presence join: the entry is not the owner; see presence-join(1).",
+            },
+            Item {
+                name: "4",
+                text: "presence join: someone else removed the entry; see presence-join(1).",
+            },
+        ],
         see_also: &[
             "presence-join(1)",
             "presence-leave(1)",
@@ -398,11 +421,19 @@ pub const PAGES: &[Page] = &[
                 run: "presence join doc:notes.md --pid \"$EDITOR_PID\" &",
             },
         ],
-        exit_status: &[Item {
-            name: "3",
-            text: "The entry is not the owner: a spectator after --detach, or --wait-owner \
-                   gave up (--timeout, a signal, or the --pid process exited) and removed it.",
-        }],
+        exit_status: &[
+            Item {
+                name: "3",
+                text: "The entry is not the owner: a spectator after --detach, or --wait-owner \
+                       gave up (--timeout, a signal, or the --pid process exited) and removed it.",
+            },
+            Item {
+                name: "4",
+                text: "Another connection removed the entry while join held it or waited with \
+                       it (root's `presence leave`, or your own for a --detach entry); the line \
+                       before says who.",
+            },
+        ],
         see_also: &[
             "presence-leave(1)",
             "presence-update(1)",

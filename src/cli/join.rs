@@ -13,7 +13,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::{Outcome, Target, failed, login_name, parse_meta, parse_name, render};
 use crate::client::{SessionEvent, SessionEvents};
-use crate::protocol::{Event, Lifetime, Role, Standing, TrackReply, TrackRequest};
+use crate::protocol::{Event, Lifetime, Removal, Role, Standing, TrackReply, TrackRequest};
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -95,6 +95,9 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
         // Owner at last, or a detached entry: it stays with its process.
         Ok(End::Owner) => Ok(outcome(Role::Owner)),
         Ok(End::Detached(role)) => Ok(outcome(role)),
+        // Someone else took the entry away: there is nothing to leave, and
+        // the caller must stop acting as its holder.
+        Ok(End::Removed) => Ok(Outcome::Removed),
         Ok(End::Stopped { was_owner }) => {
             // Leave explicitly, so the next in line is promoted now, not
             // when the daemon notices the connection closing.
@@ -162,6 +165,8 @@ enum End {
     Owner,
     /// A signal, the --pid process's exit, or the --timeout.
     Stopped { was_owner: bool },
+    /// Another connection removed the entry.
+    Removed,
 }
 
 /// What `join` keeps an eye on while it holds or waits.
@@ -184,8 +189,10 @@ impl<P: Future<Output = ()>> Watch<'_, P> {
         loop {
             tokio::select! {
                 event = self.events.recv() => {
-                    if let Some(new_role) = next_role(self.printer, event, &args.topic)? {
-                        role = new_role;
+                    match next_news(self.printer, event, &args.topic)? {
+                        News::Role(new_role) => role = new_role,
+                        News::Removed => return Ok(End::Removed),
+                        News::Nothing => {}
                     }
                 }
                 () = self.signals.recv() => break,
@@ -254,26 +261,38 @@ fn exit_of(pid: Option<u32>) -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
-/// Handles one session event; returns the entry's role when it changed
-/// hands. Ends the command on what it cannot ride through.
-fn next_role(
+/// What one session event means for the entry.
+enum News {
+    Nothing,
+    /// The entry's role, which may be the one it had.
+    Role(Role),
+    /// Another connection removed it.
+    Removed,
+}
+
+/// Handles one session event and says what it means for the entry. Ends
+/// the command on what it cannot ride through.
+fn next_news(
     printer: &mut Printer,
     event: Option<SessionEvent>,
     topic: &str,
-) -> anyhow::Result<Option<Role>> {
+) -> anyhow::Result<News> {
     match event {
         Some(SessionEvent::Event(event)) => {
             printer.event(&event)?;
             Ok(match event {
-                Event::Role { payload, .. } => Some(payload.standing.role),
-                _ => None,
+                Event::Role { payload, .. } => News::Role(payload.standing.role),
+                Event::Removed { payload, .. } if payload.phx_ref == printer.phx_ref => {
+                    News::Removed
+                }
+                _ => News::Nothing,
             })
         }
         // The entry expired while the daemon was away and was tracked
         // again: it has a new place, which may or may not be news.
         Some(SessionEvent::Retracked { reply, .. }) => {
             printer.track(&reply)?;
-            Ok(Some(reply.standing.role))
+            Ok(News::Role(reply.standing.role))
         }
         Some(SessionEvent::Dropped { error, .. }) => {
             anyhow::bail!("lost the presence on {topic}: {error}")
@@ -285,7 +304,7 @@ fn next_role(
             SessionEvent::Disconnected { .. }
             | SessionEvent::Reconnected
             | SessionEvent::Unsubscribed { .. },
-        ) => Ok(None),
+        ) => Ok(News::Nothing),
         None => anyhow::bail!("the session with the daemon ended"),
     }
 }
@@ -360,8 +379,14 @@ impl Printer {
     fn event(&mut self, event: &Event) -> anyhow::Result<()> {
         if self.json {
             say!("{}", serde_json::to_string(event)?);
-        } else if let Event::Role { payload, .. } = event {
-            self.standing(&payload.standing)?;
+            return Ok(());
+        }
+        match event {
+            Event::Role { payload, .. } => self.standing(&payload.standing)?,
+            Event::Removed { payload, .. } if payload.phx_ref == self.phx_ref => {
+                say!("{}", removed_line(payload));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -377,6 +402,12 @@ impl Printer {
         }
         Ok(())
     }
+}
+
+/// Who removed the entry, in words: `removed by root (uid 0, pid 4711)`.
+fn removed_line(removal: &Removal) -> String {
+    let by = &removal.by;
+    format!("removed by {} (uid {}, pid {})", by.user, by.uid, by.pid)
 }
 
 /// The track reply as one JSON line: what `--json` prints first, and again

@@ -154,6 +154,20 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections_per_uid, value_parser = parse_limit, help_heading = "Limits")]
     pub max_connections_per_uid: usize,
 
+    /// Most entries the daemon holds, of all users together
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_total_entries, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_total_entries: usize,
+
+    /// Most entries one user may hold, over all connections; the daemon's
+    /// own user is not held to it
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_entries_per_uid: usize,
+
+    /// Most bytes of meta one user's entries may hold together; the
+    /// daemon's own user is not held to it
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_meta_per_uid: usize,
+
     /// Bytes queued for a slow reader before its diffs are dropped for a
     /// fresh state
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
@@ -202,6 +216,8 @@ pub enum Outcome {
     Done,
     /// `join`'s entry is not the owner.
     NotOwner,
+    /// `join`'s entry was removed by another connection.
+    Removed,
 }
 
 impl Outcome {
@@ -209,6 +225,7 @@ impl Outcome {
         match self {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::NotOwner => ExitCode::from(docs::EXIT_NOT_OWNER),
+            Outcome::Removed => ExitCode::from(docs::EXIT_REMOVED),
         }
     }
 }
@@ -335,6 +352,9 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_connections: args.max_connections,
             max_connections_per_uid: args.max_connections_per_uid,
             max_outbound_bytes: args.max_outbound,
+            max_total_entries: args.max_total_entries,
+            max_entries_per_uid: args.max_entries_per_uid,
+            max_meta_bytes_per_uid: args.max_meta_per_uid,
         },
         resume_grace: args.resume_grace,
         history: crate::core::store::Retention {

@@ -76,7 +76,8 @@ impl Timeline {
                 reasons,
                 ..
             } => self.diff(payload, owner.as_ref(), reasons),
-            Event::Role { .. } | Event::Shutdown { .. } => Vec::new(),
+            // `removed` goes only to the entry's holder, never to a watcher.
+            Event::Role { .. } | Event::Shutdown { .. } | Event::Removed { .. } => Vec::new(),
         }
     }
 

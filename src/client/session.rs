@@ -7,6 +7,11 @@
 //! Whoever reads the session's events sees only what really changed: a
 //! `role` event when an entry's standing differs from what it last heard,
 //! and a fresh `presence_state` for each subscription.
+//!
+//! An entry that another connection removed (root, or the same user for a
+//! `process` entry) is forgotten when its `removed` event arrives, which is
+//! passed on: taking it back after the next reconnect would make its
+//! holder an owner again behind the back of whoever is owner now.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -58,7 +63,9 @@ const MIN_RETRY_GAP: Duration = Duration::from_millis(25);
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
     /// An event from the daemon, or a `role` event the session derived
-    /// when a resumed entry's standing had changed while it was away.
+    /// when a resumed entry's standing had changed while it was away. After
+    /// a `removed` event the session no longer holds that entry, and will
+    /// neither resume it nor track it again.
     Event(Event),
     /// The connection closed; the session is getting it back.
     Disconnected { reason: String },
@@ -104,6 +111,11 @@ struct State {
 impl State {
     fn held_by_ref(&mut self, phx_ref: &str) -> Option<&mut Held> {
         self.held.iter_mut().find(|held| held.phx_ref == phx_ref)
+    }
+
+    /// Forgets an entry the daemon says is gone.
+    fn forget(&mut self, phx_ref: &str) {
+        self.held.retain(|held| held.phx_ref != phx_ref);
     }
 
     fn take_by_token(&mut self, token: &str) -> Option<Held> {
@@ -377,6 +389,7 @@ impl Supervisor {
                     continue;
                 }
                 Event::Role { payload, .. } => note_standing(&self.state, payload),
+                Event::Removed { payload, .. } => lock(&self.state).forget(&payload.phx_ref),
                 _ => {}
             }
             self.emit(SessionEvent::Event(event));

@@ -205,7 +205,10 @@ impl Core {
             store.path().display()
         );
         let mut core = Core {
-            registry: Registry::restore(limits, sorted.kept, stored_next_seq),
+            // The per-uid quotas are for the other users of a shared
+            // daemon; its own user is held only to the total.
+            registry: Registry::restore(limits, sorted.kept, stored_next_seq)
+                .exempt_from_uid_quotas(crate::sys::current_uid()),
             store,
             outlets: HashMap::new(),
             info,
@@ -791,7 +794,7 @@ fn line_kind(event: &Event) -> LineKind {
         Event::PresenceState { topic, .. } => LineKind::State(topic.clone()),
         Event::PresenceDiff { topic, .. } => LineKind::Diff(topic.clone()),
         Event::Role { payload, .. } => LineKind::Role(payload.phx_ref.clone()),
-        Event::Shutdown { .. } => LineKind::Notice,
+        Event::Shutdown { .. } | Event::Removed { .. } => LineKind::Notice,
     }
 }
 

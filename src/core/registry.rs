@@ -13,6 +13,10 @@
 //! [`Registry::settle`], every change is journaled with its inverse, so that
 //! [`Registry::roll_back`] can restore the registry to what the database
 //! still holds when a commit fails.
+//!
+//! What each user holds (entries, and bytes of meta) is counted where
+//! entries go in and come out, so the per-user quotas stay right through a
+//! restore and a roll-back alike.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -21,9 +25,9 @@ use serde_json::{Map, Value};
 use crate::protocol::{
     Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
     KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
-    Owner, Presences, ReplyFields, ResumeReply, Role, RoleChange, Standing, TopicPresences,
-    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
-    validate_meta, validate_name,
+    Owner, Presences, Removal, Remover, ReplyFields, ResumeReply, Role, RoleChange, Standing,
+    TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
+    UpdateRequest, validate_meta, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -248,6 +252,55 @@ struct Location {
     seq: u64,
 }
 
+/// What one uid holds, for its quotas.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Usage {
+    entries: usize,
+    process_entries: usize,
+    /// The client metas, serialized, as `--max-meta` measures one.
+    meta_bytes: usize,
+    /// Of those, restored entries still waiting to be resumed: nobody has
+    /// claimed them since the restart, and a `resume` claims them again
+    /// within the quotas, as a `track` would.
+    awaiting_entries: usize,
+    awaiting_meta_bytes: usize,
+}
+
+impl Usage {
+    fn count(&mut self, entry: &Entry, meta_bytes: usize) {
+        self.entries += 1;
+        self.meta_bytes += meta_bytes;
+        if entry.lifetime == Lifetime::Process {
+            self.process_entries += 1;
+        }
+        if entry.resume_deadline.is_some() {
+            self.awaiting_entries += 1;
+            self.awaiting_meta_bytes += meta_bytes;
+        }
+    }
+
+    /// The inverse of [`Usage::count`] for the same entry.
+    fn uncount(&mut self, entry: &Entry, meta_bytes: usize) {
+        self.entries -= 1;
+        self.meta_bytes -= meta_bytes;
+        if entry.lifetime == Lifetime::Process {
+            self.process_entries -= 1;
+        }
+        if entry.resume_deadline.is_some() {
+            self.awaiting_entries -= 1;
+            self.awaiting_meta_bytes -= meta_bytes;
+        }
+    }
+}
+
+/// What a new claim on an entry is weighed against: what the daemon and
+/// the claiming uid already hold that counts.
+struct Claimed {
+    total_entries: usize,
+    entries: usize,
+    meta_bytes: usize,
+}
+
 /// The inverse of one change, journaled while a batch is open.
 #[derive(Debug)]
 #[cfg_attr(test, derive(Clone))]
@@ -299,8 +352,11 @@ pub struct Registry {
     refs: HashMap<String, Location>,
     by_process: HashMap<ProcessId, BTreeSet<String>>,
     by_token: HashMap<TokenHash, String>,
-    /// How many `lifetime: "process"` entries each uid holds.
-    process_entries_by_uid: HashMap<u32, usize>,
+    /// What each uid holds; a uid that holds nothing has no row.
+    usage_by_uid: HashMap<u32, Usage>,
+    /// Held to no per-uid quota: the daemon's own user, whose daemon it is.
+    /// The total cap still applies to it.
+    uid_exempt_from_quotas: Option<u32>,
     /// Restored entries waiting to be resumed, soonest deadline first.
     awaiting_resume: BTreeSet<(i64, String)>,
     conns: HashMap<ConnId, Connection>,
@@ -321,7 +377,8 @@ impl Registry {
             by_process: HashMap::new(),
             by_token: HashMap::new(),
             awaiting_resume: BTreeSet::new(),
-            process_entries_by_uid: HashMap::new(),
+            usage_by_uid: HashMap::new(),
+            uid_exempt_from_quotas: None,
             conns: HashMap::new(),
             next_seq: 1,
             last_joined_at: 0,
@@ -347,6 +404,13 @@ impl Registry {
             registry.insert(entry);
         }
         registry
+    }
+
+    /// Holds `uid` to no per-uid quota (the daemon's own user: a per-user
+    /// daemon's clients are all that user, and its memory is theirs).
+    pub fn exempt_from_uid_quotas(mut self, uid: u32) -> Registry {
+        self.uid_exempt_from_quotas = Some(uid);
+        self
     }
 
     /// The counter to persist so that seqs are never reused after a restart.
@@ -571,18 +635,24 @@ impl Registry {
             .ok_or_else(closed_connection)?
             .peer
             .clone();
-        if request.lifetime == Lifetime::Process {
-            let held = self.process_entries_by_uid.get(&peer.uid).copied();
-            if held.unwrap_or(0) >= limits.max_process_entries_per_uid {
-                return Err(ErrorBody::new(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "uid {} already holds {} process entries, the limit",
-                        peer.uid, limits.max_process_entries_per_uid
-                    ),
-                ));
-            }
+        let usage = self.usage(peer.uid);
+        if request.lifetime == Lifetime::Process
+            && usage.process_entries >= limits.max_process_entries_per_uid
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "uid {} already holds {} process entries, the limit",
+                    peer.uid, limits.max_process_entries_per_uid
+                ),
+            ));
         }
+        let claimed = Claimed {
+            total_entries: self.refs.len(),
+            entries: usage.entries,
+            meta_bytes: usage.meta_bytes,
+        };
+        self.check_quotas(peer.uid, &claimed, meta_bytes(&request.meta))?;
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
@@ -672,12 +742,50 @@ impl Registry {
             }
         };
         let removed = refs.len();
+        self.tell_holders_of_removal(conn, &refs, LeaveReason::Untrack, out);
         let leaving = refs
             .into_iter()
             .map(|r| (r, LeaveReason::Untrack))
             .collect();
         self.remove(leaving, now, out);
         Ok(ReplyFields::of(&UntrackReply { removed }))
+    }
+
+    /// Tells each connection that holds one of `refs`, other than `conn`
+    /// which is removing them, that its entry is gone and who removed it.
+    /// Otherwise an editor whose entry root removed would go on believing
+    /// it owns the topic, while the next in line is told it does too.
+    /// Sent ahead of the topics' diffs, so that a holder that also watches
+    /// the topic learns of its own loss first.
+    fn tell_holders_of_removal(
+        &self,
+        conn: ConnId,
+        refs: &[String],
+        reason: LeaveReason,
+        out: &mut Outbox,
+    ) {
+        let Some(remover) = self.conns.get(&conn).map(|c| &c.peer) else {
+            return;
+        };
+        for entry in refs.iter().filter_map(|phx_ref| self.entry(phx_ref)) {
+            let Some(holder) = entry.conn.filter(|holder| *holder != conn) else {
+                continue;
+            };
+            let removed = Event::Removed {
+                topic: entry.topic.clone(),
+                payload: Removal {
+                    phx_ref: entry.phx_ref.clone(),
+                    key: entry.key.clone(),
+                    reason,
+                    by: Remover {
+                        uid: remover.uid,
+                        user: remover.user.clone(),
+                        pid: remover.pid,
+                    },
+                },
+            };
+            out.event(vec![holder], removed);
+        }
     }
 
     fn update(
@@ -708,6 +816,13 @@ impl Registry {
             }
         };
         self.check_may_change(conn, entry)?;
+        // Only growth is weighed: a user over the quota (it was lowered
+        // across a restart) may still shrink a meta.
+        let (old_bytes, new_bytes) = (meta_bytes(&entry.meta), meta_bytes(&request.meta));
+        if new_bytes > old_bytes {
+            let held = self.usage(entry.uid).meta_bytes - old_bytes;
+            self.check_meta_quota(entry.uid, held, new_bytes)?;
+        }
 
         let old_meta = entry.to_meta();
         let new_ref = ref_for(self.take_seq());
@@ -864,6 +979,21 @@ impl Registry {
         if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
             return Resumption::Refused(error);
         }
+        // A restored entry nobody has claimed since the restart is claimed
+        // again here, within the quotas as a track would be: if they were
+        // lowered across the restart, the entries past them expire. Any
+        // other entry is already counted as held.
+        if entry.resume_deadline.is_some() {
+            let usage = self.usage(uid);
+            let claimed = Claimed {
+                total_entries: self.refs.len() - self.awaiting_resume.len(),
+                entries: usage.entries - usage.awaiting_entries,
+                meta_bytes: usage.meta_bytes - usage.awaiting_meta_bytes,
+            };
+            if let Err(error) = self.check_quotas(uid, &claimed, meta_bytes(&entry.meta)) {
+                return Resumption::Refused(error);
+            }
+        }
         let phx_ref = entry.phx_ref.clone();
         let Some(mut entry) = self.take(&phx_ref) else {
             return Resumption::Expired;
@@ -968,9 +1098,10 @@ impl Registry {
             self.awaiting_resume
                 .insert((deadline, entry.phx_ref.clone()));
         }
-        if entry.lifetime == Lifetime::Process {
-            *self.process_entries_by_uid.entry(entry.uid).or_default() += 1;
-        }
+        self.usage_by_uid
+            .entry(entry.uid)
+            .or_default()
+            .count(&entry, meta_bytes(&entry.meta));
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
             connection
@@ -1002,12 +1133,10 @@ impl Registry {
         if let Some(deadline) = entry.resume_deadline {
             self.awaiting_resume.remove(&(deadline, phx_ref.to_owned()));
         }
-        if entry.lifetime == Lifetime::Process
-            && let Some(held) = self.process_entries_by_uid.get_mut(&entry.uid)
-        {
-            *held -= 1;
-            if *held == 0 {
-                self.process_entries_by_uid.remove(&entry.uid);
+        if let Some(usage) = self.usage_by_uid.get_mut(&entry.uid) {
+            usage.uncount(&entry, meta_bytes(&entry.meta));
+            if usage.entries == 0 {
+                self.usage_by_uid.remove(&entry.uid);
             }
         }
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
@@ -1197,6 +1326,57 @@ impl Registry {
         Ok(())
     }
 
+    /// What `uid` holds now.
+    fn usage(&self, uid: u32) -> Usage {
+        self.usage_by_uid.get(&uid).copied().unwrap_or_default()
+    }
+
+    /// Whether `uid` may claim one more entry, whose meta is `bytes` long,
+    /// on top of what is already `claimed`: the daemon's total cap binds
+    /// everyone, the per-uid quotas all but the exempt uid.
+    fn check_quotas(&self, uid: u32, claimed: &Claimed, bytes: usize) -> Result<(), ErrorBody> {
+        let limits = &self.limits;
+        if claimed.total_entries >= limits.max_total_entries {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the daemon already holds {} entries, the most it holds for all users \
+                     together; `presence daemon --max-total-entries` raises it",
+                    limits.max_total_entries
+                ),
+            ));
+        }
+        if self.uid_exempt_from_quotas == Some(uid) {
+            return Ok(());
+        }
+        if claimed.entries >= limits.max_entries_per_uid {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "uid {uid} already holds {} entries, the most one user may; \
+                     `presence daemon --max-entries-per-uid` raises it",
+                    limits.max_entries_per_uid
+                ),
+            ));
+        }
+        self.check_meta_quota(uid, claimed.meta_bytes, bytes)
+    }
+
+    /// Whether `uid`, holding `held` bytes of meta, may hold `adding` more.
+    fn check_meta_quota(&self, uid: u32, held: usize, adding: usize) -> Result<(), ErrorBody> {
+        let limit = self.limits.max_meta_bytes_per_uid;
+        if self.uid_exempt_from_quotas == Some(uid) || held.saturating_add(adding) <= limit {
+            return Ok(());
+        }
+        Err(ErrorBody::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "uid {uid}'s metas take {held} bytes; {adding} more would pass the {limit} \
+                 one user may hold; `presence daemon --max-meta-per-uid` raises it"
+            ),
+        ))
+    }
+
     fn check_subscription_limit(&self, conn: ConnId, topic: &str) -> Result<(), ErrorBody> {
         let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
         let limit = self.limits.max_subscriptions_per_connection;
@@ -1218,6 +1398,26 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
+}
+
+/// A client meta's size as `--max-meta` measures it: compact JSON. Counted
+/// without building the text.
+fn meta_bytes(meta: &Map<String, Value>) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // A map with string keys always serializes, and the counter takes
+    // every byte.
+    let _ = serde_json::to_writer(&mut counter, meta);
+    counter.0
 }
 
 /// A request raced with its connection's close; nobody will read the reply.

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this
 
+pub mod shared;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

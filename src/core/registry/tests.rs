@@ -347,6 +347,7 @@ fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
                 Event::PresenceDiff { .. } => "presence_diff",
                 Event::Role { .. } => "role",
                 Event::Shutdown { .. } => "shutdown",
+                Event::Removed { .. } => "removed",
             }),
             _ => None,
         })
@@ -1641,6 +1642,285 @@ fn an_oversized_meta_is_limit_exceeded() {
     ok_reply::<UpdateReply>(&h.update_ref(a, "doc", &entry.phx_ref, small), a);
 }
 
+/// The message of a refusal.
+fn refusal_message(out: &Outbox, conn: ConnId) -> String {
+    the_reply(out, conn).error.expect("a refusal").message
+}
+
+#[test]
+fn entries_are_capped_per_uid_but_for_the_exempt_one_and_in_all_for_everyone() {
+    let limits = Limits {
+        max_total_entries: 6,
+        max_entries_per_uid: 2,
+        ..Limits::default()
+    };
+    let mut h = Harness::around(Registry::new(limits).exempt_from_uid_quotas(ROOT));
+    let (a, a2, b, root) = (
+        h.connect(ALICE),
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ROOT),
+    );
+    let first = h.track(a, "doc", "x");
+    h.track_process(a2, "other", "y");
+    // Across connections and lifetimes: the uid holds two.
+    let refused = h.try_track(a2, track_request("doc", "z"));
+    assert_refused(&refused, a2, ErrorCode::LimitExceeded);
+    let message = refusal_message(&refused, a2);
+    assert!(
+        message.contains("uid 1000 already holds 2 entries")
+            && message.contains("--max-entries-per-uid"),
+        "{message}"
+    );
+    // Another user is not held back by it, nor the exempt user.
+    h.track(b, "doc", "b1");
+    h.track(root, "doc", "r1");
+    h.track(root, "doc", "r2");
+    h.track(root, "doc", "r3");
+    // Six in all: the total binds everyone, the exempt user too.
+    for conn in [b, root] {
+        let refused = h.try_track(conn, track_request("doc", "more"));
+        assert_refused(&refused, conn, ErrorCode::LimitExceeded);
+        let message = refusal_message(&refused, conn);
+        assert!(
+            message.contains("already holds 6 entries") && message.contains("--max-total-entries"),
+            "{message}"
+        );
+    }
+    // Leaving frees a place in both.
+    h.untrack_ref(a, "doc", &first.phx_ref);
+    h.track(a2, "doc", "z");
+}
+
+#[test]
+fn meta_bytes_are_capped_per_uid_on_track_and_on_an_update_that_grows() {
+    // {"p":"xxxxxxxxxx"} is 18 bytes; {"p":"xxxxxxxxxxxxxxxxxxxx"} 28.
+    let short = || meta(json!({"p": "x".repeat(10)}));
+    let long = || meta(json!({"p": "x".repeat(20)}));
+    let limits = Limits {
+        max_meta_bytes_per_uid: 50,
+        ..Limits::default()
+    };
+    let mut h = Harness::around(Registry::new(limits).exempt_from_uid_quotas(ROOT));
+    let (a, b, root) = (h.connect(ALICE), h.connect(BOB), h.connect(ROOT));
+    let mut request = track_request("doc", "one");
+    request.meta = long();
+    let one: TrackReply = ok_reply(&h.try_track(a, request), a);
+    let mut request = track_request("doc", "two");
+    request.meta = long();
+    let refused = h.try_track(a, request.clone());
+    assert_refused(&refused, a, ErrorCode::LimitExceeded);
+    let message = refusal_message(&refused, a);
+    assert!(
+        message.contains("take 28 bytes; 28 more would pass the 50")
+            && message.contains("--max-meta-per-uid"),
+        "{message}"
+    );
+    request.meta = short();
+    let two: TrackReply = ok_reply(&h.try_track(a, request), a);
+    // 46 bytes held: growing one meta past 50 is refused, even by root.
+    let grown = h.update_ref(root, "doc", &two.phx_ref, long());
+    assert_refused(&grown, root, ErrorCode::LimitExceeded);
+    assert_eq!(
+        h.listed_refs("doc"),
+        [one.phx_ref.clone(), two.phx_ref.clone()]
+    );
+    // Shrinking is always allowed, and frees room.
+    let shrunk: UpdateReply = ok_reply(&h.update_ref(a, "doc", &one.phx_ref, short()), a);
+    ok_reply::<UpdateReply>(&h.update_ref(a, "doc", &two.phx_ref, long()), a);
+    // Other users, and the exempt one, have quotas of their own or none.
+    for conn in [b, root, root] {
+        let mut request = track_request("doc", &format!("k{}", h.next_token));
+        request.meta = long();
+        ok_reply::<TrackReply>(&h.try_track(conn, request), conn);
+    }
+    // Leaving gives the bytes back.
+    h.untrack_ref(a, "doc", &shrunk.phx_ref);
+    let mut request = track_request("doc", "three");
+    request.meta = short();
+    ok_reply::<TrackReply>(&h.try_track(a, request), a);
+}
+
+#[test]
+fn restored_entries_count_and_a_resume_claims_them_within_lowered_quotas() {
+    // Three waiting entries of alice, 18 bytes of meta each, restored
+    // under quotas lowered to two entries.
+    let entries: Vec<Entry> = (1..=3)
+        .map(|seq| {
+            let mut entry = stored_entry(
+                seq,
+                "doc",
+                &format!("k{seq}"),
+                Lifetime::Connection,
+                &format!("tok-{seq}"),
+            );
+            entry.meta = meta(json!({"p": "x".repeat(10)}));
+            entry.resume_deadline = Some(2_000);
+            entry
+        })
+        .collect();
+    let limits = Limits {
+        max_entries_per_uid: 2,
+        ..Limits::default()
+    };
+    let mut h = Harness::around(Registry::restore(limits, entries, 4));
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    // Restored entries are held, and count against a track.
+    assert_refused(
+        &h.try_track(b, track_request("doc", "new")),
+        b,
+        ErrorCode::LimitExceeded,
+    );
+    // A resume claims them again as a track would: two fit, the third
+    // stays free and expires.
+    let reply: ResumeReply = ok_reply(&h.resume(a, &["tok-1", "tok-2", "tok-3"]), a);
+    assert_eq!(reply.resumed, ["p1", "p2"]);
+    assert_eq!(
+        refused_codes(&h.resume(b, &["tok-3"]), b),
+        BTreeMap::from([("tok-3".to_owned(), ErrorCode::LimitExceeded)])
+    );
+    h.now = 2_000;
+    h.expire();
+    assert_eq!(h.listed_refs("doc"), ["p1", "p2"]);
+    // Within the quota again, the uid is refused nothing it may hold.
+    h.untrack_ref(a, "doc", "p1");
+    h.track(b, "doc", "new");
+}
+
+/// Whether one user (not exempt) holding `held` entries with `meta`, and
+/// nothing else on the daemon, may track one more like them under the
+/// default limits. The held ones are restored, as after a restart, which
+/// counts them the same way and is quicker than tracking each.
+fn one_more_fits_after(held: usize, meta: &Map<String, Value>) -> bool {
+    let entries = (1..=held as u64)
+        .map(|seq| Entry {
+            uid: BOB,
+            user: user_name(BOB),
+            meta: meta.clone(),
+            token_hash: token_hash(&format!("t{seq}")),
+            ..stored_entry(
+                seq,
+                &format!("topic-{}", seq / 1_000),
+                "k",
+                Lifetime::Process,
+                "",
+            )
+        })
+        .collect();
+    let mut h = Harness::around(Registry::restore(Limits::default(), entries, 1));
+    let conn = h.connect(BOB);
+    let mut request = track_request("one-more", "k");
+    request.meta = meta.clone();
+    let out = h.try_track(conn, request);
+    the_reply(&out, conn).ok
+}
+
+#[test]
+fn the_default_quotas_let_one_user_hold_its_largest_known_uses() {
+    // The restart benchmark's 100,000 entries.
+    assert!(one_more_fits_after(99_999, &Map::new()));
+    // 10,000 entries with 500-byte metas.
+    let big = meta(json!({"note": "x".repeat(489)}));
+    assert_eq!(size_of(&big), 500);
+    assert!(one_more_fits_after(9_999, &big));
+}
+
+#[test]
+fn a_detached_process_entry_is_resumed_whatever_the_quotas() {
+    let limits = Limits {
+        max_entries_per_uid: 1,
+        max_total_entries: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let held = h.track_process(a, "doc", "x");
+    h.close(a);
+    // It never stopped counting, so taking it back claims nothing more.
+    let reply: ResumeReply = ok_reply(&h.resume(b, &[&held.resume_token]), b);
+    assert_eq!(reply.resumed, [held.phx_ref]);
+}
+
+// ---------------------------------------------------------------------------
+// An entry removed by another connection
+// ---------------------------------------------------------------------------
+
+/// The `removed` events of an outbox, as (recipient, payload).
+fn removals(out: &Outbox) -> Vec<(ConnId, Removal, String)> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event: Event::Removed { topic, payload },
+            } => {
+                assert_eq!(to.len(), 1, "a removed event has one recipient");
+                Some((to[0], payload.clone(), topic.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn root_removing_an_entry_tells_its_holder_who_did_it_before_anything_else() {
+    let mut h = Harness::new();
+    let (editor, next, root) = (h.connect(ALICE), h.connect(BOB), h.connect(ROOT));
+    let owner = h.track(editor, "doc", "alice");
+    h.track(next, "doc", "bob");
+    h.subscribe(editor, "doc");
+
+    let out = h.untrack_key(root, "doc", "alice");
+    assert_eq!(ok_reply::<UntrackReply>(&out, root).removed, 1);
+    let removal = Removal {
+        phx_ref: owner.phx_ref.clone(),
+        key: "alice".to_owned(),
+        reason: LeaveReason::Untrack,
+        by: Remover {
+            uid: ROOT,
+            user: "root".to_owned(),
+            pid: process_of(root).pid,
+        },
+    };
+    assert_eq!(removals(&out), [(editor, removal, "doc".to_owned())]);
+    // The holder hears of its loss before the diff that shows it; the
+    // remover gets its reply only; the next in line is promoted.
+    assert_eq!(kinds_for(&out, editor), ["removed", "presence_diff"]);
+    assert_eq!(kinds_for(&out, root), ["reply"]);
+    assert_eq!(kinds_for(&out, next), ["role"]);
+}
+
+#[test]
+fn a_process_entry_removed_by_its_uid_elsewhere_tells_its_holder() {
+    let mut h = Harness::new();
+    let (holder, other) = (h.connect(ALICE), h.connect(ALICE));
+    let held = h.track_process(holder, "doc", "x");
+    let out = h.untrack_ref(other, "doc", &held.phx_ref);
+    let told = removals(&out);
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].0, holder);
+    assert_eq!(told[0].1.by.uid, ALICE);
+    assert_eq!(told[0].1.by.pid, process_of(other).pid);
+}
+
+#[test]
+fn no_removed_event_for_ones_own_untrack_or_an_entry_nobody_holds() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let own = h.track(a, "doc", "own");
+    assert!(removals(&h.untrack_ref(a, "doc", &own.phx_ref)).is_empty());
+    // A process entry whose connection closed has no holder to tell.
+    let left = h.track_process(a, "doc", "left");
+    h.close(a);
+    let out = h.untrack_ref(b, "doc", &left.phx_ref);
+    assert_eq!(ok_reply::<UntrackReply>(&out, b).removed, 1);
+    assert!(removals(&out).is_empty());
+    // Nor for departures nobody asked for: a close or a process exit.
+    let c = h.connect(ALICE);
+    h.track_process(c, "doc", "exits");
+    assert!(removals(&h.process_exited(process_of(c))).is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // Persistence: changes, restore and expiry
 // ---------------------------------------------------------------------------
@@ -1794,8 +2074,36 @@ fn property_limits() -> Limits {
     Limits {
         max_entries_per_connection: 4,
         max_subscriptions_per_connection: 2,
+        max_total_entries: 10,
+        max_entries_per_uid: 5,
+        // Metas are 7 to 48 bytes (see `World::meta`): four or so.
+        max_meta_bytes_per_uid: 80,
         ..Limits::default()
     }
+}
+
+/// The property limits with quotas lowered, as a daemon restarted with
+/// smaller quotas has them: its restored entries may be over them.
+fn lowered_limits() -> Limits {
+    Limits {
+        max_total_entries: 5,
+        max_entries_per_uid: 2,
+        max_meta_bytes_per_uid: 40,
+        ..property_limits()
+    }
+}
+
+/// The uid the property test's registry holds to no per-uid quota, as a
+/// daemon does its own user.
+const EXEMPT: u32 = ROOT;
+
+fn property_registry(registry: Registry) -> Registry {
+    registry.exempt_from_uid_quotas(EXEMPT)
+}
+
+/// A meta's size as the quotas count it.
+fn size_of(meta: &Map<String, Value>) -> usize {
+    serde_json::to_vec(meta).unwrap().len()
 }
 
 #[derive(Debug, Clone)]
@@ -1868,7 +2176,11 @@ enum Action {
     Expire,
     /// Restores a new registry from the persisted rows, as a daemon restart
     /// does: every connection is gone, connection entries wait to resume.
-    Restart,
+    /// With `lowered`, the quotas are lower than before (or, the next time,
+    /// back up).
+    Restart {
+        lowered: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1930,13 +2242,13 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (slot.clone(), topic.clone())
             .prop_map(|(slot, topic)| Action::Subscribe { slot, topic }),
         1 => (slot.clone(), topic).prop_map(|(slot, topic)| Action::Unsubscribe { slot, topic }),
-        4 => (slot.clone(), prop::collection::vec(pick, 1..3), prop::bool::weighted(0.8))
+        4 => (slot.clone(), prop::collection::vec(pick, 1..5), prop::bool::weighted(0.8))
             .prop_map(|(slot, picks, detached)| Action::Resume { slot, picks, detached }),
         4 => prop::collection::vec(ending_pick(), 1..4).prop_map(|endings| Action::End { endings }),
         3 => (-30i64..60).prop_map(|millis| Action::AdvanceTime { millis }),
         1 => (-1i64..=1).prop_map(|offset| Action::ReachDeadline { offset }),
         2 => Just(Action::Expire),
-        2 => Just(Action::Restart),
+        2 => prop::bool::ANY.prop_map(|lowered| Action::Restart { lowered }),
     ]
 }
 
@@ -1963,6 +2275,7 @@ struct ModelEntry {
     lifetime: Lifetime,
     token: String,
     deadline: Option<i64>,
+    meta_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1977,6 +2290,8 @@ struct Model {
     /// In seq order: entries are only appended, and seqs only grow.
     entries: Vec<ModelEntry>,
     conns: BTreeMap<ConnId, ModelConn>,
+    /// The registry's limits, which a restart may change.
+    limits: Limits,
 }
 
 impl Model {
@@ -1999,13 +2314,47 @@ impl Model {
     /// Why the connection may not hold one more entry on (topic, key), if
     /// it may not: the rule `track` and `resume` share.
     fn no_room_for(&self, conn: ConnId, topic: &str, key: &str) -> Option<ErrorCode> {
-        if self.held_by(conn).count() >= property_limits().max_entries_per_connection {
+        if self.held_by(conn).count() >= self.limits.max_entries_per_connection {
             Some(ErrorCode::LimitExceeded)
         } else if self.held_by(conn).any(|e| e.topic == topic && e.key == key) {
             Some(ErrorCode::AlreadyTracked)
         } else {
             None
         }
+    }
+
+    /// Why `uid` may not claim one more entry with a meta of `bytes`, if it
+    /// may not. A track counts every entry there is; a resume of a restored
+    /// entry (`resuming`) only those claimed since the restart.
+    fn over_quota(&self, uid: u32, bytes: usize, resuming: bool) -> Option<ErrorCode> {
+        let limits = self.limits;
+        let counted: Vec<&ModelEntry> = self
+            .entries
+            .iter()
+            .filter(|e| !resuming || e.deadline.is_none())
+            .collect();
+        let of_uid = || counted.iter().filter(|e| e.uid == uid);
+        let over = counted.len() >= limits.max_total_entries
+            || (uid != EXEMPT
+                && (of_uid().count() >= limits.max_entries_per_uid
+                    || of_uid().map(|e| e.meta_bytes).sum::<usize>() + bytes
+                        > limits.max_meta_bytes_per_uid));
+        over.then_some(ErrorCode::LimitExceeded)
+    }
+
+    /// Why replacing an entry's meta with one of `bytes` breaks its uid's
+    /// meta quota, if it does: only growth is weighed.
+    fn update_over_quota(&self, entry: &ModelEntry, bytes: usize) -> Option<ErrorCode> {
+        let held: usize = self
+            .entries
+            .iter()
+            .filter(|e| e.uid == entry.uid)
+            .map(|e| e.meta_bytes)
+            .sum();
+        let over = entry.uid != EXEMPT
+            && bytes > entry.meta_bytes
+            && held - entry.meta_bytes + bytes > self.limits.max_meta_bytes_per_uid;
+        over.then_some(ErrorCode::LimitExceeded)
     }
 
     /// Each non-empty topic's owner, by seq.
@@ -2138,6 +2487,8 @@ struct Expected {
     diffs: Vec<ExpectedDiff>,
     /// (recipient, topic) of each `presence_state`.
     states: Vec<(ConnId, String)>,
+    /// (holder, ref, remover's uid) of each `removed` event.
+    removed: Vec<(ConnId, String, u32)>,
 }
 
 impl Expected {
@@ -2171,7 +2522,23 @@ impl Expected {
             .collect();
         Expected {
             diffs,
-            states: Vec::new(),
+            ..Expected::default()
+        }
+    }
+
+    /// Departures by `untrack` from `conn`: each holder but `conn` itself
+    /// is told who removed its entry.
+    fn untracked(model: &Model, gone: &[ModelEntry], conn: ConnId) -> Expected {
+        let by = model.uid_of(conn).expect("only an open connection removes");
+        Expected {
+            removed: gone
+                .iter()
+                .filter_map(|e| match e.conn {
+                    Some(holder) if holder != conn => Some((holder, e.phx_ref.clone(), by)),
+                    _ => None,
+                })
+                .collect(),
+            ..Expected::departures(model, gone, LeaveReason::Untrack)
         }
     }
 }
@@ -2209,8 +2576,11 @@ struct World {
 impl World {
     fn new() -> World {
         let mut world = World {
-            registry: Registry::new(property_limits()),
-            model: Model::default(),
+            registry: property_registry(Registry::new(property_limits())),
+            model: Model {
+                limits: property_limits(),
+                ..Model::default()
+            },
             now: 1_000,
             slots: Vec::new(),
             next_conn: 1,
@@ -2254,11 +2624,16 @@ impl World {
         self.next_counter
     }
 
+    /// A meta of 7 to 48 bytes, so that the meta quota binds at a few
+    /// entries and an update can grow or shrink one.
     fn meta(&mut self, bad: bool) -> Map<String, Value> {
         if bad {
-            meta(json!({"seq": 1}))
-        } else {
-            meta(json!({"n": self.counter()}))
+            return meta(json!({"seq": 1}));
+        }
+        let n = self.counter();
+        match n % 3 {
+            0 => meta(json!({"n": n})),
+            padded => meta(json!({"n": n, "p": "x".repeat(padded as usize * 15)})),
         }
     }
 
@@ -2352,8 +2727,7 @@ impl World {
                     Some(_) => {
                         assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 1);
                         let gone = self.model.remove_where(|e| e.phx_ref == phx_ref);
-                        let expected =
-                            Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                        let expected = Expected::untracked(&self.model, &gone, conn);
                         (out, expected)
                     }
                     None => {
@@ -2384,7 +2758,11 @@ impl World {
                     removable.len()
                 );
                 let gone = self.model.remove_where(|e| removable.contains(&e.phx_ref));
-                let expected = Expected::departures(&self.model, &gone, LeaveReason::Untrack);
+                let expected = if gone.is_empty() {
+                    Expected::default()
+                } else {
+                    Expected::untracked(&self.model, &gone, conn)
+                };
                 (out, expected)
             }
             Action::UpdateByRef {
@@ -2396,6 +2774,7 @@ impl World {
                 let conn = self.slots[slot];
                 let (phx_ref, topic) = self.pick_ref(pick, wrong_topic);
                 let meta = self.meta(bad_meta);
+                let bytes = size_of(&meta);
                 let out = self.handle(
                     conn,
                     Op::Update(UpdateRequest {
@@ -2413,15 +2792,16 @@ impl World {
                         Some(e) if !self.model.may_change(conn, e) => {
                             Some(ErrorCode::PermissionDenied)
                         }
-                        Some(_) => None,
+                        Some(e) => self.model.update_over_quota(e, bytes),
                     }
                 };
-                self.updated(conn, out, &phx_ref, refusal)
+                self.updated(conn, out, &phx_ref, bytes, refusal)
             }
             Action::UpdateByKey { slot, topic, key } => {
                 let conn = self.slots[slot];
                 let (topic, key) = (TOPICS[topic], KEYS[key]);
                 let meta = self.meta(false);
+                let bytes = size_of(&meta);
                 let out = self.handle(
                     conn,
                     Op::Update(UpdateRequest {
@@ -2442,12 +2822,15 @@ impl World {
                 } else {
                     match held.len() {
                         0 => Some(ErrorCode::NotFound),
-                        1 => None,
+                        1 => {
+                            let entry = self.model.live(&held[0]).unwrap();
+                            self.model.update_over_quota(entry, bytes)
+                        }
                         _ => Some(ErrorCode::BadRequest),
                     }
                 };
                 let old_ref = held.first().cloned().unwrap_or_default();
-                self.updated(conn, out, &old_ref, refusal)
+                self.updated(conn, out, &old_ref, bytes, refusal)
             }
             Action::Subscribe { slot, topic } => {
                 let conn = self.slots[slot];
@@ -2458,7 +2841,7 @@ impl World {
                     Some(c)
                         if !c.subscriptions.contains(topic)
                             && c.subscriptions.len()
-                                >= property_limits().max_subscriptions_per_connection =>
+                                >= self.model.limits.max_subscriptions_per_connection =>
                     {
                         Some(ErrorCode::LimitExceeded)
                     }
@@ -2473,8 +2856,8 @@ impl World {
                     c.subscriptions.insert(topic.to_owned());
                 }
                 let expected = Expected {
-                    diffs: Vec::new(),
                     states: vec![(conn, topic.to_owned())],
+                    ..Expected::default()
                 };
                 (out, expected)
             }
@@ -2514,8 +2897,8 @@ impl World {
                 let expected = Expected::departures(&self.model, &gone, LeaveReason::Expired);
                 (out, expected)
             }
-            Action::Restart => {
-                self.restart();
+            Action::Restart { lowered } => {
+                self.restart(lowered);
                 (Outbox::default(), Expected::default())
             }
         }
@@ -2545,6 +2928,7 @@ impl World {
             lifetime,
             subscribe,
         };
+        let meta_bytes = size_of(&request.meta);
         let out = self.handle(
             conn,
             Op::Track(Track {
@@ -2555,18 +2939,22 @@ impl World {
             }),
         );
 
-        let limits = property_limits();
+        let limits = self.model.limits;
         let refusal = if bad_meta {
             Some(ErrorCode::BadRequest)
         } else {
             match self.model.conns.get(&conn) {
                 None => Some(ErrorCode::Internal),
-                Some(c) => self.model.no_room_for(conn, topic, key).or_else(|| {
-                    let over_subscribed = subscribe
-                        && !c.subscriptions.contains(topic)
-                        && c.subscriptions.len() >= limits.max_subscriptions_per_connection;
-                    over_subscribed.then_some(ErrorCode::LimitExceeded)
-                }),
+                Some(c) => self
+                    .model
+                    .no_room_for(conn, topic, key)
+                    .or_else(|| self.model.over_quota(c.uid, meta_bytes, false))
+                    .or_else(|| {
+                        let over_subscribed = subscribe
+                            && !c.subscriptions.contains(topic)
+                            && c.subscriptions.len() >= limits.max_subscriptions_per_connection;
+                        over_subscribed.then_some(ErrorCode::LimitExceeded)
+                    }),
             }
         };
         if let Some(code) = refusal {
@@ -2600,6 +2988,7 @@ impl World {
             lifetime,
             token: token.clone(),
             deadline: None,
+            meta_bytes,
         });
         assert_eq!(
             summary(&reply.standing),
@@ -2638,6 +3027,7 @@ impl World {
         conn: ConnId,
         out: Outbox,
         old_ref: &str,
+        meta_bytes: usize,
         refusal: Option<ErrorCode>,
     ) -> (Outbox, Expected) {
         if let Some(code) = refusal {
@@ -2654,6 +3044,7 @@ impl World {
             .find(|e| e.phx_ref == old_ref)
             .unwrap();
         entry.phx_ref = reply.phx_ref.clone();
+        entry.meta_bytes = meta_bytes;
         let (topic, token) = (entry.topic.clone(), entry.token.clone());
         self.issued.push(Issued {
             phx_ref: reply.phx_ref.clone(),
@@ -2773,7 +3164,16 @@ impl World {
                     continue;
                 };
                 let entry = &self.model.entries[index];
-                if let Some(code) = self.model.no_room_for(conn, &entry.topic, &entry.key) {
+                let refusal = self
+                    .model
+                    .no_room_for(conn, &entry.topic, &entry.key)
+                    .or_else(|| {
+                        let claimed_again = entry.deadline.is_some();
+                        claimed_again
+                            .then(|| self.model.over_quota(uid, entry.meta_bytes, true))
+                            .flatten()
+                    });
+                if let Some(code) = refusal {
                     refused.insert(token, code);
                     continue;
                 }
@@ -2798,7 +3198,7 @@ impl World {
 
     /// What `Core::start` does: rows come back without connections, and
     /// connection entries get a deadline to be resumed by.
-    fn restart(&mut self) {
+    fn restart(&mut self, lowered: bool) {
         let deadline = self.now + RESUME_GRACE;
         let rows: Vec<Entry> = self
             .persisted
@@ -2812,7 +3212,16 @@ impl World {
             })
             .collect();
         self.last_joined_at = rows.iter().map(|e| e.joined_at).max().unwrap_or(0);
-        self.registry = Registry::restore(property_limits(), rows, self.registry.next_seq());
+        self.model.limits = if lowered {
+            lowered_limits()
+        } else {
+            property_limits()
+        };
+        self.registry = property_registry(Registry::restore(
+            self.model.limits,
+            rows,
+            self.registry.next_seq(),
+        ));
         self.model.conns.clear();
         for entry in &mut self.model.entries {
             entry.conn = None;
@@ -2854,6 +3263,7 @@ impl World {
         let mut roles = BTreeMap::new();
         let mut diffs = Vec::new();
         let mut states = Vec::new();
+        let mut removed = Vec::new();
         for delivery in &out.deliveries {
             let Delivery::Event { to, event } = delivery else {
                 continue;
@@ -2917,8 +3327,21 @@ impl World {
                     }
                 }
                 Event::Shutdown { .. } => panic!("the registry never shuts down"),
+                Event::Removed { topic, payload } => {
+                    assert_eq!(to.len(), 1, "a removed event has one recipient");
+                    assert!(
+                        diffs.is_empty(),
+                        "the holder hears of its loss before any diff"
+                    );
+                    assert_eq!(payload.reason, LeaveReason::Untrack);
+                    assert_eq!(payload.by.user, user_name(payload.by.uid));
+                    let issued = self.issued.iter().find(|i| i.phx_ref == payload.phx_ref);
+                    assert_eq!(issued.map(|i| &i.topic), Some(topic));
+                    removed.push((to[0], payload.phx_ref.clone(), payload.by.uid));
+                }
             }
         }
+        assert_eq!(removed, expected.removed, "removed events");
         assert_eq!(roles, expected_roles, "role events");
         assert_eq!(diffs, expected.diffs, "presence diffs");
         assert_eq!(states, expected.states, "presence states");
@@ -2958,6 +3381,7 @@ impl World {
                 lifetime: e.lifetime,
                 token: String::new(),
                 deadline: e.resume_deadline,
+                meta_bytes: size_of(&e.meta),
             })
             .collect();
         actual.sort_by_key(|e| e.seq);
@@ -3145,7 +3569,7 @@ proptest! {
 /// connection is not (the socket is there whatever the commit does), and a
 /// restart replaces the registry.
 fn is_journaled(action: &Action) -> bool {
-    !matches!(action, Action::Reopen { .. } | Action::Restart)
+    !matches!(action, Action::Reopen { .. } | Action::Restart { .. })
 }
 
 /// Everything the registry holds, every index included, in a canonical
@@ -3167,13 +3591,13 @@ fn dump(registry: &Registry) -> String {
         .collect();
     let by_process: BTreeMap<_, _> = registry.by_process.iter().collect();
     let by_token: BTreeMap<_, _> = registry.by_token.iter().collect();
-    let by_uid: BTreeMap<_, _> = registry.process_entries_by_uid.iter().collect();
+    let by_uid: BTreeMap<_, _> = registry.usage_by_uid.iter().collect();
     let conns: BTreeMap<_, _> = registry.conns.iter().collect();
     let processes: BTreeSet<ProcessId> = registry.processes().collect();
     lines.push(format!("refs {refs:?}"));
     lines.push(format!("by_process {by_process:?}"));
     lines.push(format!("by_token {by_token:?}"));
-    lines.push(format!("process entries by uid {by_uid:?}"));
+    lines.push(format!("usage by uid {by_uid:?}"));
     lines.push(format!("awaiting resume {:?}", registry.awaiting_resume));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));

@@ -1,0 +1,251 @@
+//! An entry removed by another connection (root, or the same user for a
+//! `process` entry): its holder is told who removed it, `presence join`
+//! says so and exits 4, and a session forgets the entry instead of taking
+//! it back. Otherwise the removed holder goes on believing it owns the
+//! topic while the next in line is promoted: two owners of one file.
+
+mod common;
+
+use common::shared::SharedDaemon;
+use common::{Daemon, NOBODY, Running, spawn_sleeper, within};
+use presenced::client::{Reconnect, Session, SessionEvent, SessionEvents};
+use presenced::protocol::{Event, Lifetime, Removal, TrackRequest};
+use serde_json::json;
+
+/// The keys present on a topic.
+async fn keys(daemon: &Daemon, topic: &str) -> Vec<String> {
+    let (client, _events) = daemon.client().await;
+    let listed = within("list", client.list(topic)).await.expect("list");
+    listed.state.presences.keys().cloned().collect()
+}
+
+fn me() -> (u32, String) {
+    let uid = nix::unistd::geteuid().as_raw();
+    (uid, presenced::sys::user_name(uid))
+}
+
+#[tokio::test]
+async fn the_holding_connection_is_told_who_removed_its_entry() {
+    let daemon = Daemon::start().await;
+    let mut holder = daemon.raw().await;
+    let tracked = holder
+        .request(r#"{"op":"track","id":1,"topic":"doc","key":"editor","lifetime":"process"}"#)
+        .await;
+    let phx_ref = tracked["ref"].as_str().expect("ref").to_owned();
+
+    // The same user, from another connection, may remove a process entry.
+    let mut remover = daemon.raw().await;
+    let untrack = json!({"op": "untrack", "id": 2, "topic": "doc", "ref": phx_ref});
+    let reply = remover.request(&untrack.to_string()).await;
+    assert_eq!(reply["removed"], 1, "{reply}");
+
+    let (uid, user) = me();
+    let told = holder.next().await.expect("a line for the holder");
+    assert_eq!(
+        told,
+        json!({
+            "event": "removed",
+            "topic": "doc",
+            "payload": {
+                "ref": phx_ref,
+                "key": "editor",
+                "reason": "untrack",
+                "by": {"uid": uid, "user": user, "pid": std::process::id()},
+            },
+        })
+    );
+    // The remover hears nothing but its reply; nor does a holder that
+    // removes its own entry.
+    let reply = remover.request(r#"{"op":"ping","id":3}"#).await;
+    assert_eq!(reply, json!({"id": 3, "ok": true}));
+    let tracked = holder
+        .request(r#"{"op":"track","id":4,"topic":"doc","key":"again"}"#)
+        .await;
+    let untrack = json!({"op": "untrack", "id": 5, "topic": "doc", "ref": tracked["ref"]});
+    assert_eq!(holder.request(&untrack.to_string()).await["removed"], 1);
+    let reply = holder.request(r#"{"op":"ping","id":6}"#).await;
+    assert_eq!(reply, json!({"id": 6, "ok": true}));
+}
+
+#[tokio::test]
+async fn a_waiting_join_whose_entry_is_removed_says_who_did_it_and_exits_4() {
+    let daemon = Daemon::start().await;
+    let owner_process = spawn_sleeper();
+    let owner_pid = owner_process.id().expect("sleeper pid").to_string();
+    let waiter_process = spawn_sleeper();
+    let waiter_pid = waiter_process.id().expect("sleeper pid").to_string();
+    let owner = daemon
+        .output(&[
+            "join", "lock", "--detach", "--key", "a", "--pid", &owner_pid,
+        ])
+        .await;
+    assert_eq!(owner.status.code(), Some(0));
+    let mut waiter = daemon.spawn(&[
+        "join",
+        "lock",
+        "--detach",
+        "--wait-owner",
+        "--key",
+        "b",
+        "--pid",
+        &waiter_pid,
+    ]);
+    assert_eq!(
+        waiter.line().await,
+        format!("spectator (owner: a, pid {owner_pid}), ref p2")
+    );
+
+    // Someone of the same user clears the queue from another shell.
+    let mut leave = daemon.spawn(&["leave", "lock", "--all", "--key", "b"]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.line().await, "left lock (1 entry)");
+    assert_eq!(leave.exit_code().await, Some(0));
+
+    let (uid, user) = me();
+    assert_eq!(
+        waiter.line().await,
+        format!("removed by {user} (uid {uid}, pid {leave_pid})")
+    );
+    assert_eq!(waiter.exit_code().await, Some(4));
+    assert_eq!(keys(&daemon, "lock").await, ["a"]);
+}
+
+#[tokio::test]
+async fn join_json_prints_the_removed_event_and_exits_4() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    // The first is the owner at once, and leaves its entry in place.
+    let owner = daemon
+        .output(&["join", "lock", "--detach", "--pid", &pid, "--key", "w"])
+        .await;
+    assert_eq!(owner.status.code(), Some(0));
+    let mut second = daemon.spawn(&[
+        "join",
+        "lock",
+        "--detach",
+        "--wait-owner",
+        "--json",
+        "--pid",
+        &pid,
+        "--key",
+        "x",
+    ]);
+    let tracked = second.json().await;
+    assert_eq!(tracked["role"], "spectator");
+    let mut leave = daemon.spawn(&["leave", "lock", "--ref", tracked["ref"].as_str().unwrap()]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.exit_code().await, Some(0));
+    let told = second.json().await;
+    assert_eq!(told["event"], "removed", "{told}");
+    assert_eq!(told["payload"]["ref"], tracked["ref"]);
+    assert_eq!(told["payload"]["by"]["pid"], leave_pid);
+    assert_eq!(second.exit_code().await, Some(4));
+}
+
+/// The next session event, skipping reconnection notices until `pick`
+/// takes one; a `Retracked` or `Dropped` event fails the test, since the
+/// session must not try to get back what was removed.
+async fn next_session_event<T>(
+    events: &mut SessionEvents,
+    mut pick: impl FnMut(&SessionEvent) -> Option<T>,
+) -> T {
+    within("a session event", async {
+        loop {
+            let event = events.recv().await.expect("the session goes on");
+            if let Some(found) = pick(&event) {
+                return found;
+            }
+            assert!(
+                !matches!(
+                    event,
+                    SessionEvent::Retracked { .. } | SessionEvent::Dropped { .. }
+                ),
+                "the session tried to get a removed entry back: {event:?}"
+            );
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_forgets_a_removed_entry_and_does_not_join_it_again_after_a_restart() {
+    let mut daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let connected = daemon.client().await;
+    let (session, mut events) = Session::new(&daemon.socket, connected, Reconnect::default());
+    let mut request = TrackRequest::new("doc", "held");
+    request.lifetime = Lifetime::Process;
+    request.pid = sleeper.id();
+    let held = within("track", session.track(request))
+        .await
+        .expect("track");
+
+    let mut remover = daemon.raw().await;
+    let untrack = json!({"op": "untrack", "id": 1, "topic": "doc", "ref": held.phx_ref});
+    assert_eq!(remover.request(&untrack.to_string()).await["removed"], 1);
+
+    // The session passes the news on.
+    let removal: Removal = next_session_event(&mut events, |event| match event {
+        SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(removal.phx_ref, held.phx_ref);
+    assert_eq!(removal.by.pid, std::process::id());
+    drop(remover);
+
+    // A restart: the session reconnects, and has nothing to take back.
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+    assert!(keys(&daemon, "doc").await.is_empty());
+    // Anything the session did on reconnecting came before `Reconnected`.
+    let status = within("status", session.client().await.expect("client").status())
+        .await
+        .expect("status");
+    assert_eq!(status.entries, 0);
+}
+
+#[tokio::test]
+#[ignore = "needs root: runs the editors as uid 65534 with setpriv, and removes their entry as root"]
+async fn roots_leave_all_tells_the_removed_editor_and_only_the_next_one_owns_the_file() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let daemon = SharedDaemon::start(&[]).await;
+    let mut editor =
+        Running::spawn(&mut daemon.presence_as(NOBODY, &["join", "doc", "--key", "editor"]));
+    assert_eq!(editor.line().await, "owner");
+    let editor_pid = editor.pid();
+    let mut next =
+        Running::spawn(&mut daemon.presence_as(NOBODY, &["join", "doc", "--key", "next"]));
+    let waiting = next.line().await;
+    assert!(
+        waiting.starts_with("spectator (owner: editor, pid "),
+        "{waiting}"
+    );
+
+    // Root clears the editor's entry, as an administrator would.
+    let mut leave =
+        Running::spawn(&mut daemon.presence_as_root(&["leave", "doc", "--all", "--key", "editor"]));
+    let leave_pid = leave.pid();
+    assert_eq!(leave.line().await, "left doc (1 entry)");
+
+    // The editor is told, by whom, and stops: it owns nothing now.
+    assert_eq!(
+        editor.line().await,
+        format!("removed by root (uid 0, pid {leave_pid})")
+    );
+    assert_eq!(editor.exit_code().await, Some(4));
+    // The next in line is the one owner.
+    assert_eq!(next.line().await, "owner");
+    let mut list = Running::spawn(&mut daemon.presence_as_root(&["list", "doc", "--json"]));
+    let listed = list.json().await;
+    assert!(
+        listed["presences"].get("editor").is_none(),
+        "{listed} (editor was pid {editor_pid})"
+    );
+    assert_eq!(listed["owner"]["key"], "next");
+}
