@@ -43,6 +43,9 @@ pub struct Limits {
     /// on a shared daemon nobody can take every slot.
     pub max_connections_per_uid: usize,
     pub max_outbound_bytes: usize,
+    /// What every connection's queue may hold together; past it, the
+    /// connections holding the most are closed.
+    pub max_outbound_total_bytes: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_uid: 1_000,
             max_outbound_bytes: 1024 * 1024,
+            max_outbound_total_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -620,6 +624,11 @@ pub struct StatusReply {
     pub outbound_bytes: usize,
     #[serde(default)]
     pub largest_outbound_bytes: usize,
+    /// What every connection's queue may hold together
+    /// (`--max-outbound-total`); past it, the connections holding the
+    /// most are closed. 0 from a daemon that predates it.
+    #[serde(default)]
+    pub outbound_budget_bytes: usize,
 }
 
 // ---------------------------------------------------------------------------

@@ -159,6 +159,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
 
+    /// Bytes queued for all connections together before those holding the
+    /// most are closed
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_total_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_outbound_total: usize,
+
     /// Days of history kept for `presence log`
     #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500), help_heading = "History")]
     pub history_days: u64,
@@ -335,6 +340,7 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_connections: args.max_connections,
             max_connections_per_uid: args.max_connections_per_uid,
             max_outbound_bytes: args.max_outbound,
+            max_outbound_total_bytes: args.max_outbound_total,
         },
         resume_grace: args.resume_grace,
         history: crate::core::store::Retention {
