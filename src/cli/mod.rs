@@ -154,8 +154,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections_per_uid, value_parser = parse_limit, help_heading = "Limits")]
     pub max_connections_per_uid: usize,
 
-    /// Bytes queued for a slow reader before its diffs are dropped for a
-    /// fresh state
+    /// Bytes queued for one connection before its diffs are dropped for a
+    /// fresh state and its next request waits
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
 
