@@ -113,7 +113,8 @@ impl OutboundBudget {
                     format!(
                         "the daemon holds {total} bytes its clients have not read, more than its \
                          budget of {} (--max-outbound-total); this connection held {held} of \
-                         them, the most, so it is closed: read what you ask for",
+                         them, more than any other still open, so it is closed: read what you \
+                         ask for",
                         self.max_bytes
                     ),
                 ),
