@@ -381,10 +381,19 @@ async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_a
     let connections = status_of(&mut observer, "connections").await;
 
     // The third pushes the total past the budget: the biggest holder goes.
+    // Nobody reads until then, which would shrink what they hold.
     let mut small = LineReader::connect(&daemon.socket).await;
+    small.send(r#"{"op":"ping","id":"first"}"#).await;
+    assert!(!small.line().await.is_empty(), "the ping's reply");
     small
         .send(r#"{"op":"list","topic":"small","id":"small"}"#)
         .await;
+    eventually("the biggest holder's connection to close", async || {
+        status_of(&mut observer, "connections").await == connections
+    })
+    .await;
+    let total = status_of(&mut observer, "outbound_bytes").await;
+    assert!(total as usize <= BUDGET, "{total} bytes held still");
 
     // The biggest holder reads the head of its list, cut short and ended,
     // then why, and the end.
@@ -400,13 +409,6 @@ async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_a
     assert_eq!(farewell["error"]["code"], "limit_exceeded");
     let message = farewell["error"]["message"].as_str().expect("message");
     assert!(message.contains("--max-outbound-total"), "{message}");
-
-    eventually("the biggest holder's connection to close", async || {
-        status_of(&mut observer, "connections").await == connections
-    })
-    .await;
-    let total = status_of(&mut observer, "outbound_bytes").await;
-    assert!(total as usize <= BUDGET, "{total} bytes held still");
 
     // The others keep their connections, and get their lists whole.
     for (reader, topic, entries) in [(&mut readers[1], "mid", 300), (&mut small, "small", 300)] {
