@@ -195,8 +195,9 @@ async fn memory_attack(daemon: &Daemon, nobody_binary: Option<&Path>) {
     for _ in 0..ATTACKERS {
         attackers.push(Attacker::start(daemon, nobody_binary).await);
     }
-    // The attack has taken hold once each attacker holds about one reply:
-    // all but what the socket took.
+    // The attack has taken hold once the attackers together hold about a
+    // reply each: all but what their sockets took. From then on they ask
+    // for more and more, and the daemon builds nothing for them.
     let mut peak_rss = 0;
     let hold = (ATTACKERS * (reply_bytes - MAX_OUTBOUND)) as u64;
     eventually("every attacker to hold a reply", async || {
