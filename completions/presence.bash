@@ -141,7 +141,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__daemon)
-            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-connections-per-uid --max-total-entries --max-entries-per-uid --max-meta-per-uid --max-outbound --history-days --history-events --group --ready-on-stdout --max-batch --socket --no-autostart --system --color --log-level --help --version"
+            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-connections-per-uid --max-total-entries --max-entries-per-uid --max-meta-per-uid --max-outbound --max-outbound-total --history-days --history-events --group --ready-on-stdout --max-batch --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -200,6 +200,10 @@ _presence() {
                     return 0
                     ;;
                 --max-outbound)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-outbound-total)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -51,6 +51,9 @@ pub struct Limits {
     /// member cannot fill its memory and disk.
     pub max_entries_per_uid: usize,
     pub max_meta_bytes_per_uid: usize,
+    /// What every connection's queue may hold together; past it, the
+    /// connections holding the most are closed.
+    pub max_outbound_total_bytes: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             max_total_entries: 200_000,
             max_entries_per_uid: 100_000,
             max_meta_bytes_per_uid: 16 * 1024 * 1024,
+            max_outbound_total_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -634,6 +638,11 @@ pub struct StatusReply {
     pub outbound_bytes: usize,
     #[serde(default)]
     pub largest_outbound_bytes: usize,
+    /// What every connection's queue may hold together
+    /// (`--max-outbound-total`); past it, the connections holding the
+    /// most are closed. 0 from a daemon that predates it.
+    #[serde(default)]
+    pub outbound_budget_bytes: usize,
 }
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Daemon, Options, RawConnection, View, error_code, within};
+use common::{Daemon, Options, RawConnection, View, error_code, rss_bytes, within};
 use serde_json::Value;
 
 /// The daemon's CPU time so far, user and system, in clock ticks.
@@ -110,18 +110,6 @@ async fn out_of_descriptors_newcomers_are_told_why_and_the_daemon_neither_dies_n
     assert_eq!(reply["role"], "owner", "{reply}");
 }
 
-/// The daemon's resident memory, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_ascii_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("a VmRSS line");
-    kib * 1024
-}
-
 #[tokio::test]
 async fn writers_that_stall_mid_line_cost_no_more_than_their_buffers_and_lose_nothing() {
     // Not a power of two, so a buffer left to double would overshoot it.
@@ -209,11 +197,8 @@ async fn a_reader_that_stops_costs_a_bounded_queue_slows_nobody_and_gets_one_fre
 
     let (client, _events) = daemon.client().await;
     let status = client.status().await.expect("status");
-    assert!(
-        status.largest_outbound_bytes > 0,
-        "the slow reader should have something waiting"
-    );
-    // The bound, and at most one line that pushed the queue over it.
+    // The bound, and at most one line that pushed the queue over it. (Its
+    // diffs were dropped, so it may well hold nothing.)
     assert!(
         status.largest_outbound_bytes <= MAX_OUTBOUND + 8 * 1024,
         "{} bytes wait for one reader; the bound is {MAX_OUTBOUND}",

@@ -308,6 +308,11 @@ departures are saved once the disk takes writes again. A database file
 that is not readable is moved aside to DB.corrupt-<unix time> and a new
 one is started.
 
+A client that asks for much and reads nothing costs the daemon at most
+--max-outbound plus one reply: its next request waits until it reads. All
+connections together may hold --max-outbound-total; past it, those holding
+the most are closed, each told why in one last line.
+
 Under systemd (contrib/systemd has the units), the daemon is a Type=notify
 service: it reports ready once it serves. With socket activation it serves
 the socket systemd passes in and leaves that socket in place when it

@@ -168,10 +168,15 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes_per_uid, value_parser = parse_limit, help_heading = "Limits")]
     pub max_meta_per_uid: usize,
 
-    /// Bytes queued for a slow reader before its diffs are dropped for a
-    /// fresh state
+    /// Bytes queued for one connection before its diffs are dropped for a
+    /// fresh state and its next request waits
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
+
+    /// Bytes queued for all connections together before those holding the
+    /// most are closed
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_total_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_outbound_total: usize,
 
     /// Days of history kept for `presence log`
     #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500), help_heading = "History")]
@@ -355,6 +360,7 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_total_entries: args.max_total_entries,
             max_entries_per_uid: args.max_entries_per_uid,
             max_meta_bytes_per_uid: args.max_meta_per_uid,
+            max_outbound_total_bytes: args.max_outbound_total,
         },
         resume_grace: args.resume_grace,
         history: crate::core::store::Retention {

@@ -79,8 +79,8 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         (
             "outbound",
             Cell::from(format!(
-                "{} bytes unsent, at most {} to one connection",
-                status.outbound_bytes, status.largest_outbound_bytes
+                "{} bytes unsent of a budget of {}, at most {} to one connection",
+                status.outbound_bytes, status.outbound_budget_bytes, status.largest_outbound_bytes
             )),
         ),
         ("pid watch", Cell::from(status.pid_watch.as_str())),

@@ -606,6 +606,7 @@ impl Core {
             transactions: self.store.commits(),
             outbound_bytes,
             largest_outbound_bytes,
+            outbound_budget_bytes: self.registry.limits().max_outbound_total_bytes,
         }
     }
 

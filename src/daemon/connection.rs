@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::outbound::{Next, OutboundQueue};
+use super::outbound::{Next, OutboundBudget, OutboundQueue, ReplySize};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::store::HistoryReader;
@@ -37,6 +37,8 @@ pub struct Shared {
     pub pids: PidWatcher,
     pub limits: Limits,
     pub connections_by_uid: ConnectionsByUid,
+    /// What every connection's queue holds together.
+    pub outbound: Arc<OutboundBudget>,
     /// History reads, kept off the core (see [`answer_history`]).
     pub history: Arc<Mutex<HistoryReader>>,
 }
@@ -176,7 +178,12 @@ pub async fn serve(
     // Shared by the writer task and, for replies written straight from the
     // core's thread, the queue.
     let send = Arc::new(send);
-    let queue = OutboundQueue::new(shared.limits.max_outbound_bytes, Some(Arc::clone(&send)));
+    let queue = OutboundQueue::new(
+        conn,
+        shared.limits.max_outbound_bytes,
+        Some(Arc::clone(&send)),
+        &shared.outbound,
+    );
     let opened = Command::Open {
         conn,
         peer: peer.clone(),
@@ -217,12 +224,14 @@ async fn read_requests(
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                queue.admit_request().await;
-                if let Some((id, request)) = handle_line(&line, conn, peer, shared) {
-                    // Replies go in the order of their requests: this one
-                    // after every reply owed before it, and no later
-                    // request is read until it is out.
-                    queue.wait_for_earlier_replies().await;
+                let parsed = parse(&line);
+                if !queue.admit_request(reply_size(&parsed)).await {
+                    return;
+                }
+                if let Some((id, request)) = handle_line(parsed, conn, peer, shared) {
+                    // Admitted once every reply owed before it was queued,
+                    // and no later request is read until it is answered:
+                    // the reply keeps its place.
                     answer_history(id, request, queue, shared).await;
                 }
             }
@@ -330,15 +339,15 @@ async fn read_line(
     }
 }
 
-/// Parses a request line and sends the core what it asks for. A history
-/// read is the exception, returned for the caller to answer itself.
+/// Sends the core what a parsed request line asks for. A history read is
+/// the exception, returned for the caller to answer itself.
 fn handle_line(
-    line: &[u8],
+    parsed: Result<(Value, Parsed), (Value, ErrorBody)>,
     conn: ConnId,
     (peer, peer_process): (&Peer, Option<PeerProcess>),
     shared: &Shared,
 ) -> Option<(Value, HistoryRequest)> {
-    let (id, resolved) = match parse(line) {
+    let (id, resolved) = match parsed {
         Ok(parsed) => parsed,
         Err((id, error)) => {
             let _ = shared.core.send(Command::Refuse { conn, id, error });
@@ -398,6 +407,22 @@ fn handle_line(
         request: resolved,
     });
     None
+}
+
+/// How large the reply to a parsed line may be, with the events it brings
+/// the same connection: a `presence_state` follows a subscription.
+fn reply_size(parsed: &Result<(Value, Parsed), (Value, ErrorBody)>) -> ReplySize {
+    match parsed {
+        Ok((_, Parsed::History(_))) => ReplySize::Unbounded,
+        Ok((_, Parsed::Track(track))) if track.subscribe => ReplySize::Unbounded,
+        Ok((_, Parsed::Ready(Resolved::Presence(op)))) => match op {
+            Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Resume(_) => {
+                ReplySize::Unbounded
+            }
+            Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Unsubscribe(_) => ReplySize::Small,
+        },
+        Ok((_, Parsed::Track(_) | Parsed::Ready(_))) | Err(_) => ReplySize::Small,
+    }
 }
 
 enum Parsed {
@@ -727,14 +752,18 @@ async fn write_lines(
     let socket = send.as_ref().as_ref();
     loop {
         match queue.next().await {
-            Next::Write(lines) => {
-                for line in lines {
-                    if let Err(e) = write_all(socket, &line.bytes).await {
-                        tracing::debug!(conn, "write failed: {e}");
-                        queue.abandon();
-                        return;
-                    }
-                    queue.written(line.bytes.len());
+            Next::Write => {
+                // The queue writes, under its lock: the core may write to
+                // the same socket when nothing is queued, and the two must
+                // never interleave.
+                let written = match socket.writable().await {
+                    Ok(()) => queue.write_to(socket),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
+                    tracing::debug!(conn, "write failed: {e}");
+                    queue.abandon();
+                    return;
                 }
             }
             Next::Resync(topics) => {
@@ -748,21 +777,6 @@ async fn write_lines(
             }
         }
     }
-}
-
-/// Writes all of `bytes` through a shared socket: the queue may write to
-/// it too, from the core's thread, but only while this writer holds
-/// nothing, so the two never interleave.
-async fn write_all(socket: &tokio::net::UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        socket.writable().await?;
-        match socket.try_write(bytes) {
-            Ok(sent) => bytes = &bytes[sent..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -145,6 +145,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             crate::sys::current_uid(),
         ),
         history: Arc::new(Mutex::new(history)),
+        outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
     let active = Arc::new(AtomicUsize::new(0));
     // Every writer holds a clone; when all are gone, every client has been

@@ -743,3 +743,15 @@ impl View {
         }
     }
 }
+
+/// A process's resident memory (`VmRSS`), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_ascii_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a VmRSS line");
+    kib * 1024
+}

@@ -1,0 +1,427 @@
+//! Clients that ask for much and read nothing. Every byte queued for a
+//! connection counts against its bound, replies included: a connection
+//! holds at most its bound plus one reply, however many requests it
+//! pipelines, and past a daemon-wide budget the connections holding the
+//! most are closed, told why. Meanwhile everyone else is served at once.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, RawConnection, as_nobody, binary_for_nobody, eventually, rss_bytes, within};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// The daemon's default `--max-outbound`.
+const MAX_OUTBOUND: usize = 1024 * 1024;
+
+/// How much more than its idle size the daemon may take under the memory
+/// attack.
+const MEMORY_MARGIN: u64 = 64 * 1024 * 1024;
+
+/// The attack of the issue: 1,000 entries with 8 KB metas over 10 topics,
+/// so that one `list` of everything is about 8.2 MB; three connections
+/// each ask for it 40 times and never read.
+const ENTRIES: usize = 1_000;
+const TOPICS: usize = 10;
+const META_PAD: usize = 8_000;
+const ATTACKERS: usize = 3;
+const LISTS_PER_ATTACKER: usize = 40;
+
+/// Pings another client sends while the attack holds, and the latency
+/// their 99th percentile must stay under.
+const PINGS: usize = 200;
+const PING_P99: Duration = Duration::from_millis(50);
+
+/// Tracks `count` entries with `META_PAD`-byte metas on `holder`, the
+/// `n`th on topic `topic_of(n)`, a window of requests at a time so that
+/// neither side's buffers fill up.
+async fn track_padded(
+    holder: &mut RawConnection,
+    count: usize,
+    first_key: usize,
+    topic_of: impl Fn(usize) -> String,
+) {
+    const WINDOW: usize = 25;
+    let pad = "x".repeat(META_PAD);
+    let mut sent = 0;
+    while sent < count {
+        let window = WINDOW.min(count - sent);
+        for n in sent..sent + window {
+            let track = json!({
+                "op": "track", "id": n, "topic": topic_of(n),
+                "key": format!("k{}", first_key + n), "meta": {"pad": pad},
+            });
+            holder.send(&track.to_string()).await;
+        }
+        for _ in 0..window {
+            let reply = holder.next().await.expect("a track reply");
+            assert_eq!(reply["ok"], true, "{reply}");
+        }
+        sent += window;
+    }
+}
+
+/// A client that reads whole lines as bytes, to see exactly what the
+/// daemon sent: a reply's length, a line cut short.
+struct LineReader {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl LineReader {
+    async fn connect(socket: &Path) -> LineReader {
+        let stream = within("connecting", UnixStream::connect(socket))
+            .await
+            .expect("connect");
+        let (read, writer) = stream.into_split();
+        LineReader {
+            reader: BufReader::new(read),
+            writer,
+        }
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// The next line, newline included; empty at EOF.
+    async fn line(&mut self) -> Vec<u8> {
+        let mut line = Vec::new();
+        within(
+            "a line from the daemon",
+            self.reader.read_until(b'\n', &mut line),
+        )
+        .await
+        .expect("read");
+        line
+    }
+
+    /// Everything until the daemon closes the connection.
+    async fn until_closed(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        let read = within("the daemon to close", self.reader.read_to_end(&mut all)).await;
+        match read {
+            Ok(_) => all,
+            // Requests it never read make the close a reset, after the data.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => all,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
+
+/// The daemon's `status`, asked on `client`.
+async fn status(client: &mut RawConnection) -> Value {
+    let reply = client.request(r#"{"op":"status","id":"s"}"#).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply
+}
+
+/// A connection that asks for much and reads nothing, open until dropped:
+/// the daemon's own user's, or another one's (uid 65534, admitted through
+/// `--group`).
+enum Attacker {
+    SameUid { _connection: RawConnection },
+    Nobody { _process: tokio::process::Child },
+}
+
+impl Attacker {
+    /// Opens a connection and sends `LISTS_PER_ATTACKER` lists of
+    /// everything on it; nothing it is sent is ever read.
+    async fn start(daemon: &Daemon, nobody_binary: Option<&Path>) -> Attacker {
+        let lists: String = (0..LISTS_PER_ATTACKER)
+            .map(|n| format!("{{\"op\":\"list\",\"id\":{n}}}\n"))
+            .collect();
+        match nobody_binary {
+            None => {
+                let mut raw = daemon.raw().await;
+                raw.send_bytes(lists.as_bytes()).await;
+                Attacker::SameUid { _connection: raw }
+            }
+            Some(binary) => {
+                // `presence raw` copies the daemon's lines to a pipe that
+                // nobody reads: once it is full, it reads no more.
+                let mut child = as_nobody(binary)
+                    .arg("--socket")
+                    .arg(&daemon.socket)
+                    .arg("--no-autostart")
+                    .arg("raw")
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::inherit())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("presence raw spawns");
+                let stdin = child.stdin.as_mut().expect("stdin");
+                stdin.write_all(lists.as_bytes()).await.expect("send lists");
+                stdin.flush().await.expect("flush");
+                Attacker::Nobody { _process: child }
+            }
+        }
+    }
+}
+
+/// The memory attack against `daemon`, run as the daemon's user or, given
+/// a copy of the binary it can run, as uid 65534. The daemon grows by
+/// less than [`MEMORY_MARGIN`], each attacker holds no more than its bound
+/// and one reply, and another client's pings stay fast.
+async fn memory_attack(daemon: &Daemon, nobody_binary: Option<&Path>) {
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, ENTRIES, 0, |n| format!("t{}", n % TOPICS)).await;
+    let mut observer = daemon.raw().await;
+    assert_eq!(status(&mut observer).await["entries"], ENTRIES);
+    let idle = rss_bytes(daemon.pid());
+
+    // A client that reads gets the whole list, however large, as one line.
+    let mut reader = LineReader::connect(&daemon.socket).await;
+    reader.send(r#"{"op":"list","id":"all"}"#).await;
+    let listed = reader.line().await;
+    let reply_bytes = listed.len();
+    assert!(
+        reply_bytes > 8_000_000,
+        "a list of everything is {reply_bytes} bytes"
+    );
+    let reply: Value = serde_json::from_slice(&listed).expect("one whole JSON line");
+    assert_eq!(reply["ok"], true);
+    let topics = reply["topics"].as_object().expect("topics");
+    assert_eq!(topics.len(), TOPICS);
+
+    let mut attackers = Vec::new();
+    for _ in 0..ATTACKERS {
+        attackers.push(Attacker::start(daemon, nobody_binary).await);
+    }
+    // The attack has taken hold once the attackers together hold about a
+    // reply each: all but what their sockets took. From then on they ask
+    // for more and more, and the daemon builds nothing for them.
+    let mut peak_rss = 0;
+    let hold = (ATTACKERS * (reply_bytes - MAX_OUTBOUND)) as u64;
+    eventually("every attacker to hold a reply", async || {
+        peak_rss = peak_rss.max(rss_bytes(daemon.pid()));
+        status(&mut observer).await["outbound_bytes"]
+            .as_u64()
+            .expect("outbound_bytes")
+            >= hold
+    })
+    .await;
+
+    // While it holds, another client's pings are answered at once, and
+    // the daemon's memory stays bounded.
+    let mut pinger = daemon.raw().await;
+    let mut latencies = Vec::with_capacity(PINGS);
+    let mut largest = 0;
+    for n in 0..PINGS {
+        let started = Instant::now();
+        let reply = pinger
+            .request(&format!("{{\"op\":\"ping\",\"id\":{n}}}"))
+            .await;
+        latencies.push(started.elapsed());
+        assert_eq!(reply["ok"], true, "{reply}");
+        peak_rss = peak_rss.max(rss_bytes(daemon.pid()));
+        if n % 20 == 0 {
+            let status = status(&mut observer).await;
+            largest = largest.max(status["largest_outbound_bytes"].as_u64().expect("largest"));
+        }
+    }
+    latencies.sort();
+    let p99 = latencies[PINGS * 99 / 100 - 1];
+    let grown = peak_rss.saturating_sub(idle);
+    eprintln!(
+        "idle {} MiB, peak {} MiB, grown {} MiB; largest queue {largest} bytes; ping p99 {p99:?}",
+        idle >> 20,
+        peak_rss >> 20,
+        grown >> 20
+    );
+    assert!(
+        grown < MEMORY_MARGIN,
+        "the attack grew the daemon by {} MiB, from {} MiB",
+        grown >> 20,
+        idle >> 20
+    );
+    // The bound, one reply, and the small lines that follow it.
+    let most = (MAX_OUTBOUND + reply_bytes + 64 * 1024) as u64;
+    assert!(
+        largest <= most,
+        "one attacker holds {largest} bytes; its bound and one reply are {most}"
+    );
+    assert!(p99 < PING_P99, "ping p99 {p99:?} under the attack");
+
+    // The daemon still serves what it holds, and the attackers are
+    // connected still: nobody was dropped for what they asked.
+    let status = status(&mut observer).await;
+    assert_eq!(status["entries"], ENTRIES);
+    assert!(status["connections"].as_u64() >= Some(ATTACKERS as u64 + 3));
+    let reply = pinger
+        .request(r#"{"op":"list","topic":"t0","id":"t0"}"#)
+        .await;
+    assert_eq!(reply["ok"], true);
+    drop(attackers);
+    eventually("the attackers' connections to close", async || {
+        status_of(&mut observer, "connections").await <= 4
+    })
+    .await;
+    eprintln!(
+        "after the attackers left: {} MiB",
+        rss_bytes(daemon.pid()) >> 20
+    );
+}
+
+async fn status_of(client: &mut RawConnection, field: &str) -> u64 {
+    status(client).await[field].as_u64().expect(field)
+}
+
+#[tokio::test]
+async fn readers_that_never_read_hold_one_reply_each_and_slow_nobody() {
+    let daemon = Daemon::start().await;
+    memory_attack(&daemon, None).await;
+}
+
+#[tokio::test]
+#[ignore = "needs root: runs the attacker as uid 65534 with setpriv"]
+async fn a_group_member_that_never_reads_holds_one_reply_per_connection_and_slows_nobody() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let binary = binary_for_nobody(dir.path());
+    let daemon = Daemon::start_with(&["--group", "nogroup"]).await;
+    // The group may pass through to the socket's folder, as through /run.
+    std::fs::set_permissions(
+        daemon.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod");
+    memory_attack(&daemon, Some(&binary)).await;
+}
+
+#[tokio::test]
+async fn a_reader_that_pipelines_lists_holds_its_bound_and_one_reply_and_gets_every_reply_whole() {
+    const BOUND: usize = 65_536;
+    const LISTS: usize = 10;
+    let daemon = Daemon::start_with(&["--max-outbound", &BOUND.to_string()]).await;
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, 50, 0, |_| "t".to_owned()).await;
+    let mut observer = daemon.raw().await;
+
+    // Ten lists of about 400 KB, and a ping, all at once; nothing is read.
+    let mut reader = LineReader::connect(&daemon.socket).await;
+    let mut requests: String = (0..LISTS)
+        .map(|n| format!("{{\"op\":\"list\",\"topic\":\"t\",\"id\":{n}}}\n"))
+        .collect();
+    requests.push_str(r#"{"op":"ping","id":"last"}"#);
+    reader.send(&requests).await;
+    eventually("the first list to be queued", async || {
+        status_of(&mut observer, "outbound_bytes").await > 0
+    })
+    .await;
+    // Everything the reader dispatched is answered by now: a status asked
+    // after the first reply comes after every request sent with it.
+    let held = status_of(&mut observer, "largest_outbound_bytes").await;
+    let reply_bytes = 50 * (META_PAD + 200);
+    assert!(
+        held as usize <= BOUND + reply_bytes,
+        "{held} bytes held; the bound and one reply are about {}",
+        BOUND + reply_bytes
+    );
+
+    // Reading, it gets each list whole and in order, then the ping.
+    for n in 0..LISTS {
+        let line = reader.line().await;
+        let reply: Value = serde_json::from_slice(&line).expect("a whole JSON line");
+        assert_eq!(reply["id"], n, "in order");
+        assert_eq!(reply["ok"], true, "{}", reply["error"]);
+        assert_eq!(reply["presences"].as_object().map(|p| p.len()), Some(50));
+    }
+    let reply: Value = serde_json::from_slice(&reader.line().await).expect("JSON");
+    assert_eq!((&reply["id"], &reply["ok"]), (&json!("last"), &json!(true)));
+    assert_eq!(status_of(&mut observer, "outbound_bytes").await, 0);
+}
+
+#[tokio::test]
+async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_and_told_why() {
+    const BUDGET: usize = 8 * 1024 * 1024;
+    let daemon = Daemon::start_with(&[
+        "--max-outbound",
+        "65536",
+        "--max-outbound-total",
+        &BUDGET.to_string(),
+    ])
+    .await;
+    // Lists of about 4.9, 2.5 and 2.5 MB: any two fit in the budget, not
+    // all three.
+    let mut holders = [daemon.raw().await, daemon.raw().await];
+    track_padded(&mut holders[0], 900, 0, |n| {
+        if n < 600 { "big" } else { "mid" }.to_owned()
+    })
+    .await;
+    track_padded(&mut holders[1], 300, 900, |_| "small".to_owned()).await;
+    let mut observer = daemon.raw().await;
+    assert_eq!(
+        status_of(&mut observer, "outbound_budget_bytes").await,
+        BUDGET as u64
+    );
+
+    let mut readers = Vec::new();
+    let mut held = 0;
+    for topic in ["big", "mid"] {
+        let mut reader = LineReader::connect(&daemon.socket).await;
+        reader
+            .send(&format!(
+                r#"{{"op":"list","topic":"{topic}","id":"{topic}"}}"#
+            ))
+            .await;
+        eventually("the list to be queued", async || {
+            status_of(&mut observer, "outbound_bytes").await > held
+        })
+        .await;
+        held = status_of(&mut observer, "outbound_bytes").await;
+        readers.push(reader);
+    }
+    assert!(held as usize <= BUDGET);
+    let connections = status_of(&mut observer, "connections").await;
+
+    // The third pushes the total past the budget: the biggest holder goes.
+    // Nobody reads until then, which would shrink what they hold.
+    let mut small = LineReader::connect(&daemon.socket).await;
+    small.send(r#"{"op":"ping","id":"first"}"#).await;
+    assert!(!small.line().await.is_empty(), "the ping's reply");
+    small
+        .send(r#"{"op":"list","topic":"small","id":"small"}"#)
+        .await;
+    eventually("the biggest holder's connection to close", async || {
+        status_of(&mut observer, "connections").await == connections
+    })
+    .await;
+    let total = status_of(&mut observer, "outbound_bytes").await;
+    assert!(total as usize <= BUDGET, "{total} bytes held still");
+
+    // The biggest holder reads the head of its list, cut short and ended,
+    // then why, and the end.
+    let received = readers[0].until_closed().await;
+    let text = String::from_utf8(received).expect("UTF-8");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "a cut line and the reason");
+    assert!(serde_json::from_str::<Value>(lines[0]).is_err());
+    assert!(lines[0].starts_with(r#"{"id":"big","ok":true"#));
+    let farewell: Value = serde_json::from_str(lines[1]).expect("the reason is JSON");
+    assert_eq!(farewell["id"], Value::Null);
+    assert_eq!(farewell["ok"], false);
+    assert_eq!(farewell["error"]["code"], "limit_exceeded");
+    let message = farewell["error"]["message"].as_str().expect("message");
+    assert!(message.contains("--max-outbound-total"), "{message}");
+
+    // The others keep their connections, and get their lists whole.
+    for (reader, topic, entries) in [(&mut readers[1], "mid", 300), (&mut small, "small", 300)] {
+        let reply: Value = serde_json::from_slice(&reader.line().await).expect("a whole line");
+        assert_eq!(reply["id"], topic);
+        assert_eq!(
+            reply["presences"].as_object().map(|p| p.len()),
+            Some(entries)
+        );
+        reader.send(r#"{"op":"ping","id":"after"}"#).await;
+        let reply: Value = serde_json::from_slice(&reader.line().await).expect("JSON");
+        assert_eq!(reply["ok"], true);
+    }
+    assert_eq!(status_of(&mut observer, "entries").await, 1200);
+}
