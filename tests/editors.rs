@@ -233,6 +233,18 @@ impl Editor {
     /// [`Editor::neovim_with`] with `args` (files and options) on the
     /// command line.
     async fn neovim_opening(workspace: &Workspace, args: &[&OsStr], setup: &str) -> Editor {
+        Editor::neovim_after(workspace, args, "", setup).await
+    }
+
+    /// [`Editor::neovim_opening`], running the Lua code `prelude` before
+    /// the plugin is set up: where a test plays an attacker who acts at a
+    /// chosen moment, by wrapping a `vim.loop` function the plugin calls.
+    async fn neovim_after(
+        workspace: &Workspace,
+        args: &[&OsStr],
+        prelude: &str,
+        setup: &str,
+    ) -> Editor {
         let name = workspace.next_name("nvim");
         let folder = workspace.dir.path();
         let server = folder.join(format!("{name}.sock"));
@@ -240,6 +252,7 @@ impl Editor {
         let script = format!(
             "vim.opt.swapfile = false\n\
              vim.opt.runtimepath:prepend({plugin})\n\
+             {prelude}\n\
              require('presenced').setup({{ presence_cmd = {binary}, {setup} }})\n",
             plugin = lua_string(&format!("{EDITORS}/nvim")),
             binary = lua_string(presence_bin()),
@@ -1340,4 +1353,388 @@ async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_anyone_could_have_ma
         above.display()
     );
     both_plugins_refuse(&daemon, &because).await;
+}
+
+/// What an attacker serves, or a stand-in for a daemon: a socket that
+/// accepts connections, answers nothing, and keeps what each one sent, so
+/// a test can tell whether a plugin spoke to it, and what it said.
+struct Listening {
+    listener: std::os::unix::net::UnixListener,
+    connections: Mutex<Vec<(std::os::unix::net::UnixStream, Vec<u8>)>>,
+}
+
+impl Listening {
+    fn bind(socket: &Path) -> Listening {
+        let listener = std::os::unix::net::UnixListener::bind(socket)
+            .unwrap_or_else(|e| panic!("bind {socket:?}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        Listening {
+            listener,
+            connections: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many connections were made to it so far, and all they sent.
+    fn heard(&self) -> (usize, String) {
+        use std::io::Read;
+        let mut connections = self.connections.lock().expect("connections lock");
+        while let Ok((stream, _)) = self.listener.accept() {
+            stream.set_nonblocking(true).expect("a non-blocking stream");
+            connections.push((stream, Vec::new()));
+        }
+        for (stream, said) in connections.iter_mut() {
+            let mut buffer = [0; 4096];
+            while let Ok(read @ 1..) = stream.read(&mut buffer) {
+                said.extend_from_slice(&buffer[..read]);
+            }
+        }
+        let said = connections
+            .iter()
+            .map(|(_, said)| String::from_utf8_lossy(said).into_owned())
+            .collect();
+        (connections.len(), said)
+    }
+}
+
+/// Waits until the editor gives up on the daemon, or `impostor` hears
+/// from it, whichever comes first: an old plugin that talks to the
+/// impostor never gives up, so the test would otherwise time out instead
+/// of saying what went wrong.
+async fn gives_up_or_talks_to(editor: &Editor, impostor: &Listening) {
+    let what = format!("{} to give up, or to talk to the impostor", editor.name);
+    eventually(&what, async || {
+        !impostor.heard().1.is_empty() || editor.state().await["status"] == "unreachable"
+    })
+    .await;
+}
+
+/// A socket folder replaced by another between a plugin's check and its
+/// connect, as whoever controls a folder or a link on the socket's path
+/// could do. `folder` is the path the plugins use; the folder they check
+/// there is an ordinary private one with `checked` listening in it (moved
+/// to `moved` by the swap); the replacement, `staged`, holds `impostor`.
+/// Both folders would pass the check: only their identity tells them
+/// apart.
+struct Swap {
+    _world: TempDir,
+    folder: PathBuf,
+    moved: PathBuf,
+    staged: PathBuf,
+    checked: Listening,
+    impostor: Listening,
+}
+
+impl Swap {
+    fn new() -> Swap {
+        let world = tempfile::tempdir().expect("temporary folder");
+        let folder = world.path().join("run");
+        let staged = world.path().join("replacement");
+        for dir in [&folder, &staged] {
+            std::fs::create_dir(dir).expect("create a folder");
+        }
+        Swap {
+            folder: folder.clone(),
+            moved: world.path().join("run-checked"),
+            staged: staged.clone(),
+            checked: Listening::bind(&folder.join("presenced.sock")),
+            impostor: Listening::bind(&staged.join("presenced.sock")),
+            _world: world,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.folder.join("presenced.sock")
+    }
+
+    fn lua_path(path: &Path) -> String {
+        lua_string(&path.to_string_lossy())
+    }
+
+    /// Lua that puts the replacement in place of the checked folder.
+    fn lua_swap(&self) -> String {
+        format!(
+            "vim.loop.fs_rename({folder}, {moved}) vim.loop.fs_rename({staged}, {folder})",
+            folder = Swap::lua_path(&self.folder),
+            moved = Swap::lua_path(&self.moved),
+            staged = Swap::lua_path(&self.staged),
+        )
+    }
+
+    /// Lua that puts the checked folder back.
+    fn lua_swap_back(&self) -> String {
+        format!(
+            "vim.loop.fs_rename({folder}, {staged}) vim.loop.fs_rename({moved}, {folder})",
+            folder = Swap::lua_path(&self.folder),
+            moved = Swap::lua_path(&self.moved),
+            staged = Swap::lua_path(&self.staged),
+        )
+    }
+}
+
+/// Lua that runs `act` once, when the plugin makes the pipe it is about
+/// to connect with: after its check of the folder, before its connect.
+fn before_the_connect(act: &str) -> String {
+    format!(
+        "local new_pipe, acted = vim.loop.new_pipe, false\n\
+         vim.loop.new_pipe = function(...)\n\
+           if not acted then acted = true {act} end\n\
+           return new_pipe(...)\n\
+         end"
+    )
+}
+
+/// `/tmp/presenced-$UID` before anyone made it. A plugin that finds no
+/// folder must not connect anyway: another user can make the folder, with
+/// a socket of theirs in it, between that look and the connect, and a
+/// loop that makes and removes it wins that race sooner or later. Here
+/// the attacker wins it every time: a wrapper around `vim.loop.fs_lstat`
+/// moves the attacker's folder into place the moment the plugin finds the
+/// path empty. The plugin must start a daemon through `presence`, which
+/// checks the folder it then finds and refuses it, and connect to nothing.
+#[tokio::test]
+#[ignore = "needs root: the attacker's folder belongs to uid 65534 (chown)"]
+async fn neovim_says_nothing_to_a_socket_folder_made_after_it_found_none() {
+    if !have("nvim") {
+        return;
+    }
+    let world = tempfile::tempdir().expect("temporary folder");
+    let tmp = world.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("create a folder");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let folder = tmp.join(format!("presenced-{}", nix::unistd::geteuid()));
+    let staged = tmp.join("made-by-the-attacker");
+    std::fs::create_dir(&staged).expect("create a folder");
+    let impostor = Listening::bind(&staged.join("presenced.sock"));
+    std::os::unix::fs::chown(&staged, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
+
+    let workspace = Workspace::new(Some(folder.join("presenced.sock")), None);
+    let _daemons = KillDaemonsOnDrop(workspace.socket());
+    let file = workspace.file("notes.md");
+    let prelude = format!(
+        "local uv = vim.loop\n\
+         local lstat = uv.fs_lstat\n\
+         uv.fs_lstat = function(path, ...)\n\
+           local stat, err, name = lstat(path, ...)\n\
+           if path == {folder} and not stat then uv.fs_rename({staged}, {folder}) end\n\
+           return stat, err, name\n\
+         end",
+        folder = Swap::lua_path(&folder),
+        staged = Swap::lua_path(&staged),
+    );
+    let editor = Editor::neovim_after(&workspace, &[file.as_os_str()], &prelude, "").await;
+    gives_up_or_talks_to(&editor, &impostor).await;
+    let (connections, said) = impostor.heard();
+    assert_eq!(
+        connections, 0,
+        "Neovim connected to the attacker's socket and said {said:?}"
+    );
+    assert!(!staged.exists(), "the attacker's folder was put in place");
+    let messages = editor.messages().await;
+    assert!(
+        messages.contains("will not talk to the daemon at"),
+        "`presence` refused the attacker's folder, and the plugin says so: {messages:?}"
+    );
+}
+
+/// Vim offers no moment between its look at the folder and its connect
+/// for a test to act in, so its channel log is the witness: with no socket
+/// folder yet, it must not connect at all (in the attack above, that
+/// connect would reach whoever made the folder first), but start a daemon
+/// through `presence`, and connect once that has made the folder.
+#[tokio::test]
+async fn vim_never_connects_to_a_socket_whose_folder_is_missing() {
+    if !have("vim") {
+        return;
+    }
+    let world = tempfile::tempdir().expect("temporary folder");
+    let tmp = world.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("create a folder");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let socket = tmp
+        .join(format!("presenced-{}", nix::unistd::geteuid()))
+        .join("presenced.sock");
+    let workspace = Workspace::new(Some(socket), None);
+    let _daemons = KillDaemonsOnDrop(workspace.socket());
+    let file = workspace.file("notes.md");
+    let log = workspace.dir.path().join("channel.log");
+    let logging = format!(
+        "call ch_logfile({}, 'w')",
+        vim_string(&log.to_string_lossy())
+    );
+    let editor = Editor::vim_with(&workspace, &file, &[&logging]).await;
+    editor.wait_for_role("owner").await;
+    let log = std::fs::read_to_string(&log).expect("Vim's channel log");
+    assert!(
+        log.contains("Trying to connect to") && !log.contains("Connect failed"),
+        "Vim connected to a socket in a folder it had not checked: {log}"
+    );
+}
+
+/// The folder is replaced after Neovim's check, before its connect.
+/// Neovim connects into the folder it checked, which it holds open, so
+/// the replacement's socket never hears from it; once connected it looks
+/// at the path again, sees it no longer leads to the folder it checked,
+/// and leaves without a word.
+#[tokio::test]
+async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
+    if !have("nvim") {
+        return;
+    }
+    let swap = Swap::new();
+    let workspace = Workspace::new(Some(swap.socket()), None);
+    let file = workspace.file("notes.md");
+    let prelude = before_the_connect(&swap.lua_swap());
+    let editor = Editor::neovim_after(&workspace, &[file.as_os_str()], &prelude, "").await;
+    gives_up_or_talks_to(&editor, &swap.impostor).await;
+    let (connections, said) = swap.impostor.heard();
+    assert_eq!(
+        connections, 0,
+        "Neovim connected to the replacement's socket and said {said:?}"
+    );
+    assert_eq!(
+        swap.checked.heard().1,
+        "",
+        "nothing is sent once it changed"
+    );
+    let messages = editor.messages().await;
+    assert!(
+        messages.contains("not trusted, nothing sent")
+            && messages.contains(&format!("its folder {} changed", swap.folder.display())),
+        "{messages:?}"
+    );
+}
+
+/// Replaced after the check and put back before the second look: that
+/// look cannot tell, but Neovim never connected anywhere but into the
+/// folder it checked, so it talks to the right socket and no other.
+#[tokio::test]
+async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back() {
+    if !have("nvim") {
+        return;
+    }
+    let swap = Swap::new();
+    let workspace = Workspace::new(Some(swap.socket()), None);
+    let file = workspace.file("notes.md");
+    // Put back at the first vim.schedule after the swap: the connect's
+    // callback hands its result to the main loop with it.
+    let prelude = format!(
+        "{swap_in}\n\
+         local schedule, back = vim.schedule, false\n\
+         vim.schedule = function(fn)\n\
+           if acted and not back then back = true {swap_back} end\n\
+           return schedule(fn)\n\
+         end",
+        swap_in = before_the_connect(&swap.lua_swap()),
+        swap_back = swap.lua_swap_back(),
+    );
+    let editor = Editor::neovim_after(&workspace, &[file.as_os_str()], &prelude, "").await;
+    eventually(
+        "Neovim to track its file, on one socket or the other",
+        async || {
+            !swap.impostor.heard().1.is_empty() || swap.checked.heard().1.contains("\"track\"")
+        },
+    )
+    .await;
+    let (connections, said) = swap.impostor.heard();
+    assert_eq!(
+        connections, 0,
+        "Neovim connected to the replacement's socket and said {said:?}"
+    );
+    assert_eq!(editor.state().await["status"], "joining");
+}
+
+/// The folder is replaced after Vim's check, before its connect, here
+/// by a 'shell' that swaps it right after the `stat` of the check. Vim
+/// cannot hold a folder open, so it connects to the replacement's socket,
+/// but it looks at the folder again before sending anything, and leaves.
+#[tokio::test]
+async fn vim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
+    if !have("vim") {
+        return;
+    }
+    let swap = Swap::new();
+    let workspace = Workspace::new(Some(swap.socket()), None);
+    let file = workspace.file("notes.md");
+    // Named `sh`, so that Vim redirects both outputs of a command as it
+    // does for sh.
+    let bin = workspace.dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("create a folder");
+    let shell = bin.join("sh");
+    let once = workspace.dir.path().join("swapped");
+    std::fs::write(
+        &shell,
+        format!(
+            "#!/bin/sh\n\
+             /bin/sh \"$@\"\n\
+             status=$?\n\
+             case \"$*\" in\n\
+               *'stat -c'*) if mkdir '{once}' 2>/dev/null; then\n\
+                 mv -T '{folder}' '{moved}' && mv -T '{staged}' '{folder}'; fi ;;\n\
+             esac\n\
+             exit $status\n",
+            once = once.display(),
+            folder = swap.folder.display(),
+            moved = swap.moved.display(),
+            staged = swap.staged.display(),
+        ),
+    )
+    .expect("write the shell");
+    std::fs::set_permissions(&shell, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let setting = format!("let &shell = {}", vim_string(&shell.to_string_lossy()));
+    let editor = Editor::vim_with(&workspace, &file, &[&setting]).await;
+    gives_up_or_talks_to(&editor, &swap.impostor).await;
+    assert!(once.exists(), "the folder was swapped after the check");
+    let said = swap.impostor.heard().1;
+    assert_eq!(said, "", "Vim talked to the replacement's socket");
+    let messages = editor.messages().await;
+    assert!(
+        messages.contains("not trusted, nothing sent")
+            && messages.contains(&format!("its folder {} changed", swap.folder.display())),
+        "{messages:?}"
+    );
+}
+
+/// For another user's folder, the plugins walk up from its real path. A
+/// relative socket path whose folder's real path cannot be found (here
+/// `.`, the working directory, removed) must be refused, not walked up
+/// from for ever: `.` has no parent but itself.
+#[tokio::test]
+#[ignore = "needs root: the folder belongs to uid 65534 (chown)"]
+async fn neovim_and_vim_refuse_a_folder_whose_real_path_cannot_be_found() {
+    if !have("nvim") || !have("vim") {
+        return;
+    }
+    let workspace = Workspace::new(Some(PathBuf::from("presenced.sock")), None);
+    let file = workspace.file("notes.md");
+    let neovim = Editor::neovim_with(&workspace, &file, "autostart = false").await;
+    let vim = Editor::vim_with(&workspace, &file, &["let g:presenced_autostart = 0"]).await;
+    let gone = workspace.dir.path().join("gone");
+    std::fs::create_dir(&gone).expect("create a folder");
+    std::os::unix::fs::chown(&gone, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
+    for editor in [&neovim, &vim] {
+        let what = format!("{} to find no daemon in its first folder", editor.name);
+        eventually(&what, async || {
+            editor.state().await["status"] == "unreachable"
+        })
+        .await;
+        editor.command(&format!("cd {}", gone.display())).await;
+    }
+    std::fs::remove_dir(&gone).expect("remove the folder");
+    for editor in [&neovim, &vim] {
+        editor.command("PresenceReconnect").await;
+        let what = format!("{} to refuse the folder", editor.name);
+        eventually(&what, async || {
+            let state = editor.state().await;
+            state["status"] == "unreachable"
+                && state["error"]
+                    .as_str()
+                    .is_some_and(|error| error.contains("not trusted, nothing sent"))
+        })
+        .await;
+    }
 }

@@ -310,55 +310,83 @@ endfunction
 
 " The connection -----------------------------------------------------------
 
-" Why the daemon at `path` may not be trusted, or '' if it may: the check
-" docs/protocol.md section 1 asks of every client before it sends a byte.
-" The socket's folder, not followed if it is a link, must be a folder that
-" nobody but its owner may write to, and its owner this user, root, or a
-" shared daemon's user: one whose folders lead up to one of root's (or
-" ours) that nobody else may write to. Vim cannot read a socket's peer
-" credentials, so this is all it can check; `presence` checks both. Vim
-" has no owner of a file to give, so stat(1) tells it, for the folder and
-" every folder above it at once.
-function! s:distrust(path) abort
+" [dev, inode, uid, mode in hex] of each path, as text, by stat(1), since
+" Vim has no lstat of its own; without -L, stat does not follow a link. Or
+" a string: why not.
+function! s:lstat(paths) abort
+  let lines = systemlist('stat -c "%d %i %u %f" -- ' . join(map(copy(a:paths), 'shellescape(v:val)')))
+  if v:shell_error || len(lines) != len(a:paths)
+    return join(lines, ' ')
+  endif
+  return map(lines, {_, line -> split(line)})
+endfunction
+
+" The check docs/protocol.md section 1 asks of every client before it sends
+" a byte. The socket's folder, not followed if it is a link, must be a
+" folder that nobody but its owner may write to, and its owner this user,
+" root, or a shared daemon's user: one whose folders lead up to one of
+" root's (or ours) that nobody else may write to.
+"
+" Returns what it saw, {folder, seen}, to look again once connected; or a
+" string, why not to connect: 'no socket there: …' when nothing can serve
+" the socket, 'not trusted, nothing sent: …' when someone else could. A
+" missing folder is never connected to: whoever made it between this look
+" and the connect would be trusted. `presence` then starts a daemon, and
+" checks what it finds first.
+"
+" Vim can neither read a socket's peer credentials, which `presence`
+" checks as well, nor hold the folder open while it connects: it connects
+" by path, and can only look again afterwards (s:open).
+function! s:check(path) abort
   let folder = fnamemodify(a:path, ':h')
-  let kind = getftype(folder)
-  if kind ==# ''
-    " Missing, or out of reach: connecting fails too, and says why.
-    return ''
+  if getftype(folder) ==# ''
+    return printf('no socket there: its folder %s is missing or out of reach', folder)
   endif
   let untrusted = 'not trusted, nothing sent: '
-  if kind ==# 'link'
-    return untrusted . printf('its folder %s is a symbolic link, which leads wherever its maker chose', folder)
-  elseif kind !=# 'dir'
-    " Nothing can listen there, and connecting says so.
-    return ''
+  let found = s:lstat([folder])
+  if type(found) == v:t_string
+    return untrusted . printf('cannot look at its folder %s with stat: %s', folder, found)
   endif
-  let chain = [folder]
-  let above = substitute(resolve(fnamemodify(folder, ':p')), '.\zs/\+$', '', '')
+  let seen = found[0]
+  let [owner, mode] = [str2nr(seen[2]), str2nr(seen[3], 16)]
+  " The file type bits: 0o120000 a link, 0o040000 a folder.
+  if and(mode, 0xF000) == 0xA000
+    return untrusted . printf('its folder %s is a symbolic link, which leads wherever its maker chose', folder)
+  elseif and(mode, 0xF000) != 0x4000
+    return printf('its folder %s is not a folder', folder)
+  endif
+  " 18 is 0o022, write access for group or others.
+  if and(mode, 18)
+    return untrusted . printf('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there', folder, owner)
+  endif
+  let me = str2nr(s:uid())
+  let checked = {'folder': folder, 'seen': seen}
+  if owner == me || owner == 0
+    return checked
+  endif
+  " Another user's folder: walk up from where it really is. A path that is
+  " not absolute (the working folder was removed, say) would never get
+  " there, since '.' is its own parent.
+  let real = resolve(fnamemodify(folder, ':p'))
+  if real !~# '^/'
+    return untrusted . printf('its folder %s belongs to uid %d, and where it lies cannot be found', folder, owner)
+  endif
+  let chain = []
+  let above = substitute(real, '.\zs/\+$', '', '')
   while above !=# '/'
     let above = fnamemodify(above, ':h')
     call add(chain, above)
   endwhile
-  let lines = systemlist('stat -c "%u %a" -- ' . join(map(copy(chain), 'shellescape(v:val)')))
-  if v:shell_error || len(lines) != len(chain)
-    return untrusted . 'cannot look at its folder with stat: ' . join(lines, ' ')
+  let found = s:lstat(chain)
+  if type(found) == v:t_string
+    return untrusted . printf('cannot look at the folders above its folder %s with stat: %s', folder, found)
   endif
-  " [uid, mode] of each; 18 is 0o022, write access for group or others.
-  let found = map(lines, {_, line -> [str2nr(split(line)[0]), and(str2nr(split(line)[1], 8), 18)]})
-  let me = str2nr(s:uid())
-  let [owner, writable] = found[0]
-  if writable
-    return untrusted . printf('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there', folder, owner)
-  endif
-  if owner == me || owner == 0
-    return ''
-  endif
-  for index in range(1, len(chain) - 1)
-    let [uid, writable] = found[index]
-    if writable
+  for index in range(len(chain))
+    let [uid, mode] = [str2nr(found[index][2]), str2nr(found[index][3], 16)]
+    if and(mode, 18)
       return untrusted . printf('its folder %s belongs to uid %d, not to you or root, and lies under %s, which others may write to, so anyone could have made it', folder, owner, chain[index])
     elseif uid == me || uid == 0
-      return ''
+      return checked
     elseif uid != owner
       return untrusted . printf('its folder %s belongs to uid %d, not to you or root, and lies under %s, which belongs to uid %d', folder, owner, chain[index], uid)
     endif
@@ -369,9 +397,9 @@ endfunction
 " Connects to `path`. Returns a connection dict, or a string: the reason.
 " Every attempt, first or after a close, comes through here.
 function! s:open(path) abort
-  let distrusted = s:distrust(a:path)
-  if distrusted !=# ''
-    return distrusted
+  let checked = s:check(a:path)
+  if type(checked) == v:t_string
+    return checked
   endif
   " answered: the daemon answered one of our requests. refusal: the message
   " of an error it sent with "id": null, as before closing a connection over
@@ -384,6 +412,17 @@ function! s:open(path) abort
         \ 'close_cb': function('s:on_channel_closed', [conn])})
   if !exists('channel') || ch_status(channel) !=# 'open'
     return v:errmsg !=# '' ? substitute(v:errmsg, '^E\d\+: ', '', '') : 'cannot connect'
+  endif
+  " Before a byte is sent: does the path still lead to the folder checked,
+  " with the same owner and mode? Vim connected by path, so whoever changed
+  " it in between may be the one listening. (A folder changed and changed
+  " back before this look goes unseen: docs/editors.md says when that can
+  " happen.)
+  let now = s:lstat([checked.folder])
+  if type(now) == v:t_string || now[0] != checked.seen
+    let conn.open = 0
+    silent! call ch_close(channel)
+    return printf('not trusted, nothing sent: its folder %s changed between the check and the connection', checked.folder)
   endif
   let conn.channel = channel
   return conn
@@ -566,7 +605,7 @@ endfunction
 " Whether a failed connect means nobody serves the socket, as opposed to,
 " say, a permission problem a new daemon would not fix.
 function! s:worth_starting(error) abort
-  return a:error =~? 'no such file\|refused'
+  return a:error =~? 'no socket there\|no such file\|refused'
 endfunction
 
 function! s:stop_retrying() abort

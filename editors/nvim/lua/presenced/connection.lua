@@ -52,54 +52,110 @@ local function folder_of(path)
   return folder == '' and '/' or folder
 end
 
--- Why the daemon at `path` may not be trusted, or nil if it may: the check
--- docs/protocol.md section 1 asks of every client before it sends a byte.
--- The socket's folder, not followed if it is a link, must be a folder that
--- nobody but its owner may write to, and its owner this user, root, or a
--- shared daemon's user: one whose folders lead up to one of root's (or
--- ours) that nobody else may write to. A plugin cannot read a socket's
--- peer credentials, so this is all it can check; `presence` checks both.
-function M.distrust(path)
-  local folder = folder_of(path)
-  local stat = uv.fs_lstat(folder)
-  if not stat then
-    -- Missing, or out of reach: connecting fails too, and says why.
-    return nil
-  end
-  local function untrusted(why)
-    return 'not trusted, nothing sent: ' .. why
-  end
-  if stat.type == 'link' then
-    return untrusted(('its folder %s is a symbolic link, which leads wherever its maker chose'):format(folder))
-  elseif stat.type ~= 'directory' then
-    -- Nothing can listen there, and connecting says so.
-    return nil
-  end
+local function untrusted(why)
+  return 'not trusted, nothing sent: ' .. why
+end
+
+-- The longest address a Unix socket takes (sun_path less its final NUL).
+-- libuv cuts a longer one short, and would then connect somewhere else.
+local MAX_SOCKET_ADDRESS = 107
+
+-- What identifies a folder and says who may put a socket in it.
+local function same_folder(a, b)
+  return a.dev == b.dev and a.ino == b.ino and a.uid == b.uid and a.mode == b.mode
+end
+
+-- Why the folder `folder`, whose lstat is `stat`, may not be trusted, or
+-- nil if it may. It must be a folder that nobody but its owner may write
+-- to, and its owner this user, root, or a shared daemon's user: one whose
+-- folders lead up to one of root's (or ours) that nobody else may write
+-- to. `real` is where it really is, found only when that walk is needed.
+local function distrust(folder, stat, real)
   local me, owner = uv.getuid(), stat.uid
   if others_may_write(stat.mode) then
-    return untrusted(('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there'):format(folder, owner))
+    return ('its folder %s, of uid %d, may be written by group or others, so anyone could have put that socket there'):format(folder, owner)
   end
   if owner == me or owner == 0 then
     return nil
   end
-  local above = uv.fs_realpath(folder) or folder
+  local above, err = real()
+  if not above or above:sub(1, 1) ~= '/' then
+    -- Walking up from a relative path would never reach the root ('.'
+    -- is its own folder_of), and another user's folder must be walked.
+    return ('its folder %s belongs to uid %d, and where it lies cannot be found (%s)'):format(folder, owner, err or above)
+  end
   while above ~= '/' do
     above = folder_of(above)
     local up = uv.fs_stat(above)
     if not up then
-      return untrusted(('cannot look at %s, above its folder %s of uid %d'):format(above, folder, owner))
+      return ('cannot look at %s, above its folder %s of uid %d'):format(above, folder, owner)
     end
     if others_may_write(up.mode) then
-      return untrusted(('its folder %s belongs to uid %d, not to you or root, and lies under %s, which others may write to, so anyone could have made it'):format(folder, owner, above))
+      return ('its folder %s belongs to uid %d, not to you or root, and lies under %s, which others may write to, so anyone could have made it'):format(folder, owner, above)
     end
     if up.uid == me or up.uid == 0 then
       return nil
     end
     if up.uid ~= owner then
-      return untrusted(('its folder %s belongs to uid %d, not to you or root, and lies under %s, which belongs to uid %d'):format(folder, owner, above, up.uid))
+      return ('its folder %s belongs to uid %d, not to you or root, and lies under %s, which belongs to uid %d'):format(folder, owner, above, up.uid)
     end
   end
-  return untrusted(('its folder %s belongs to uid %d, and so does every folder above it'):format(folder, owner))
+  return ('its folder %s belongs to uid %d, and so does every folder above it'):format(folder, owner)
+end
+
+-- The check docs/protocol.md section 1 asks of every client before it
+-- sends a byte. The socket's folder is looked at without following a link,
+-- then held open, and the connect goes into the folder held open
+-- (/proc/self/fd/FD/NAME), so nobody can change which folder that is
+-- between the check and the connect. Returns { folder, fd, stat, address },
+-- or nil and why not: an error named by its errno when nothing can serve
+-- the socket, or an untrusted(...) message.
+--
+-- A missing folder is never connected to: whoever made it between this
+-- look and the connect would be trusted unchecked. `presence`, run then
+-- to start a daemon, checks whatever it finds. A plugin cannot read a
+-- socket's peer credentials (section 1, step 3); holding the folder open
+-- does what that step does against a path changed under the check.
+local function pin(path)
+  local folder = folder_of(path)
+  local seen, err = uv.fs_lstat(folder)
+  if not seen then
+    return nil, err
+  end
+  if seen.type == 'link' then
+    return nil, untrusted(('its folder %s is a symbolic link, which leads wherever its maker chose'):format(folder))
+  elseif seen.type ~= 'directory' then
+    return nil, 'ENOTDIR: its folder ' .. folder .. ' is not a folder'
+  end
+  -- '/.' opens only a folder: never a FIFO that would block, nor a device.
+  local fd, open_err = uv.fs_open(folder .. '/.', 'r', 0)
+  if not fd then
+    return nil, open_err
+  end
+  local function refuse(why)
+    uv.fs_close(fd)
+    return nil, why
+  end
+  local stat = uv.fs_fstat(fd)
+  if not stat or stat.dev ~= seen.dev or stat.ino ~= seen.ino then
+    return refuse(untrusted(('its folder %s changed while it was being looked at'):format(folder)))
+  end
+  local through = '/proc/self/fd/' .. fd
+  local via = uv.fs_stat(through)
+  local pinned = via and via.dev == stat.dev and via.ino == stat.ino
+  local why = distrust(folder, stat, function()
+    return uv.fs_realpath(pinned and through or folder)
+  end)
+  if why then
+    return refuse(untrusted(why))
+  end
+  -- Without /proc the path itself is connected to; the look after the
+  -- connect (M.open) is then what catches a change.
+  local address = pinned and (through .. '/' .. path:match('[^/]*$')) or path
+  if #address > MAX_SOCKET_ADDRESS then
+    return refuse(('ENAMETOOLONG: %s is too long for a socket address'):format(address))
+  end
+  return { folder = folder, fd = fd, stat = stat, address = address }
 end
 
 -- Connects to the socket at `path`. `callback(err, conn)` runs on the
@@ -114,23 +170,37 @@ end
 -- null` (one over --max-connections gets one before being closed).
 function M.open(path, handlers, callback)
   -- Every attempt, first or after a close, comes through here.
-  local distrusted = M.distrust(path)
-  if distrusted then
-    callback(distrusted)
+  local pinned, why = pin(path)
+  if not pinned then
+    callback(why)
     return
   end
   local pipe = uv.new_pipe(false)
   if not pipe then
+    uv.fs_close(pinned.fd)
     callback('could not create a pipe')
     return
   end
-  local started, err = pcall(pipe.connect, pipe, path, function(connect_err)
+  local function fail(err)
+    if not pipe:is_closing() then
+      pipe:close()
+    end
+    callback(err)
+  end
+  local started, err = pcall(pipe.connect, pipe, pinned.address, function(connect_err)
     vim.schedule(function()
+      uv.fs_close(pinned.fd)
       if connect_err then
-        if not pipe:is_closing() then
-          pipe:close()
-        end
-        callback(connect_err)
+        fail(connect_err)
+        return
+      end
+      -- Before a byte is sent: does the path still lead to the folder
+      -- checked, with the same owner and mode? If not, whoever changed it
+      -- may be the one listening (when the path itself was connected to),
+      -- or the folder may no longer be what was trusted.
+      local now = uv.fs_lstat(pinned.folder)
+      if not now or not same_folder(now, pinned.stat) then
+        fail(untrusted(('its folder %s changed between the check and the connection'):format(pinned.folder)))
         return
       end
       local conn = setmetatable({
@@ -150,10 +220,8 @@ function M.open(path, handlers, callback)
     end)
   end)
   if not started then
-    if not pipe:is_closing() then
-      pipe:close()
-    end
-    callback(tostring(err))
+    uv.fs_close(pinned.fd)
+    fail(tostring(err))
   end
 end
 
