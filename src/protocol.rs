@@ -797,6 +797,11 @@ pub fn hidden_char_problem(name: &str) -> Option<String> {
 /// Checks a client meta: no daemon-managed field, at most `max_bytes` when
 /// serialized.
 pub fn validate_meta(meta: &Map<String, Value>, max_bytes: usize) -> Result<(), ErrorBody> {
+    checked_meta_size(meta, max_bytes).map(drop)
+}
+
+/// Checks a client meta as [`validate_meta`] does, and returns its size.
+pub fn checked_meta_size(meta: &Map<String, Value>, max_bytes: usize) -> Result<usize, ErrorBody> {
     if let Some(field) = RESERVED_META_FIELDS
         .iter()
         .find(|field| meta.contains_key(**field))
@@ -806,16 +811,34 @@ pub fn validate_meta(meta: &Map<String, Value>, max_bytes: usize) -> Result<(), 
             format!("meta field `{field}` is managed by the daemon and cannot be set"),
         ));
     }
-    let size = serde_json::to_vec(meta)
-        .map(|bytes| bytes.len())
-        .unwrap_or(0);
+    let size = meta_size(meta);
     if size > max_bytes {
         return Err(ErrorBody::new(
             ErrorCode::LimitExceeded,
             format!("meta is {size} bytes serialized; the limit is {max_bytes}"),
         ));
     }
-    Ok(())
+    Ok(size)
+}
+
+/// A client meta's size as `--max-meta` and the per-user meta quota
+/// measure it: compact JSON. Counted without building the text.
+pub fn meta_size(meta: &Map<String, Value>) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // A map with string keys always serializes, and the counter takes
+    // every byte.
+    let _ = serde_json::to_writer(&mut counter, meta);
+    counter.0
 }
 
 #[cfg(test)]
@@ -885,6 +908,18 @@ mod tests {
         let meta = json!({"seq": 1}).as_object().unwrap().clone();
         let err = validate_meta(&meta, 8192).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_meta_is_measured_as_its_compact_json_and_held_to_the_limit_by_that() {
+        let meta = json!({"file": "/tmp/\u{e9}t\u{e9}.md", "line": 12, "tags": ["a", null]});
+        let meta = meta.as_object().unwrap().clone();
+        let text = serde_json::to_vec(&meta).unwrap();
+        assert_eq!(meta_size(&meta), text.len());
+        assert_eq!(meta_size(&Map::new()), 2);
+        assert_eq!(checked_meta_size(&meta, text.len()), Ok(text.len()));
+        let err = checked_meta_size(&meta, text.len() - 1).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::protocol::{
     KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
     Owner, Presences, Removal, Remover, ReplyFields, ResumeReply, Role, RoleChange, Standing,
     TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
-    UpdateRequest, validate_meta, validate_name,
+    UpdateRequest, checked_meta_size, meta_size, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -245,11 +245,15 @@ struct Connection {
     subscriptions: BTreeSet<String>,
 }
 
-/// Where an entry lives, found by its ref.
+/// Where an entry lives, found by its ref, and the size of its meta.
 #[derive(Debug, Clone)]
 struct Location {
     topic: String,
     seq: u64,
+    /// The client meta, serialized, as `--max-meta` measures it: measured
+    /// once, when the meta arrives, and kept with the entry through every
+    /// take and insert (a detach, a resume, a rolled-back batch).
+    meta_bytes: usize,
 }
 
 /// What one uid holds, for its quotas.
@@ -307,8 +311,8 @@ struct Claimed {
 enum Undo {
     /// An entry was inserted under this ref: take it out again.
     Inserted(String),
-    /// An entry was taken out: put it back as it was.
-    Taken(Box<Entry>),
+    /// An entry was taken out: put it back as it was, with its meta's size.
+    Taken(Box<Entry>, usize),
     /// A connection closed: put it back with what it held.
     Closed(ConnId, Connection),
     Subscribed {
@@ -401,7 +405,8 @@ impl Registry {
                 registry.next_seq = registry.next_seq.max(number.saturating_add(1));
             }
             registry.last_joined_at = registry.last_joined_at.max(entry.joined_at);
-            registry.insert(entry);
+            let meta_bytes = meta_size(&entry.meta);
+            registry.insert(entry, meta_bytes);
         }
         registry
     }
@@ -554,9 +559,9 @@ impl Registry {
     /// A process entry outlives its connection: it stays, held by nobody,
     /// until its process exits or a connection resumes it.
     fn detach(&mut self, phx_ref: &str) {
-        if let Some(mut entry) = self.take(phx_ref) {
+        if let Some((mut entry, meta_bytes)) = self.take(phx_ref) {
             entry.conn = None;
-            self.insert(entry);
+            self.insert(entry, meta_bytes);
         }
     }
 
@@ -627,7 +632,7 @@ impl Registry {
         let limits = self.limits;
         validate_name("topic", &request.topic, limits.max_name_bytes)?;
         validate_name("key", &request.key, limits.max_name_bytes)?;
-        validate_meta(&request.meta, limits.max_meta_bytes)?;
+        let meta_bytes = checked_meta_size(&request.meta, limits.max_meta_bytes)?;
         self.check_room_for(conn, &request.topic, &request.key)?;
         let peer = self
             .conns
@@ -652,7 +657,7 @@ impl Registry {
             entries: usage.entries,
             meta_bytes: usage.meta_bytes,
         };
-        self.check_quotas(peer.uid, &claimed, meta_bytes(&request.meta))?;
+        self.check_quotas(peer.uid, &claimed, meta_bytes)?;
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
@@ -684,7 +689,7 @@ impl Registry {
         if self.topic(&request.topic).entries.is_empty() {
             out.history(&entry, HistoryKind::Owner, None, joined_at);
         }
-        self.insert(entry);
+        self.insert(entry, meta_bytes);
 
         let topic = self.topic(&request.topic);
         let reply = TrackReply {
@@ -795,7 +800,7 @@ impl Registry {
         now: i64,
         out: &mut Outbox,
     ) -> Result<ReplyFields, ErrorBody> {
-        validate_meta(&request.meta, self.limits.max_meta_bytes)?;
+        let new_bytes = checked_meta_size(&request.meta, self.limits.max_meta_bytes)?;
         let old_ref = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => phx_ref.clone(),
             (None, Some(key)) => self.only_ref_for_key(conn, &request.topic, key)?,
@@ -806,8 +811,8 @@ impl Registry {
                 ));
             }
         };
-        let entry = match self.entry(&old_ref) {
-            Some(entry) if entry.topic == request.topic => entry,
+        let (entry, old_bytes) = match self.located(&old_ref) {
+            Some((entry, bytes)) if entry.topic == request.topic => (entry, bytes),
             _ => {
                 return Err(ErrorBody::new(
                     ErrorCode::NotFound,
@@ -818,7 +823,6 @@ impl Registry {
         self.check_may_change(conn, entry)?;
         // Only growth is weighed: a user over the quota (it was lowered
         // across a restart) may still shrink a meta.
-        let (old_bytes, new_bytes) = (meta_bytes(&entry.meta), meta_bytes(&request.meta));
         if new_bytes > old_bytes {
             let held = self.usage(entry.uid).meta_bytes - old_bytes;
             self.check_meta_quota(entry.uid, held, new_bytes)?;
@@ -826,7 +830,7 @@ impl Registry {
 
         let old_meta = entry.to_meta();
         let new_ref = ref_for(self.take_seq());
-        let Some(mut entry) = self.take(&old_ref) else {
+        let Some((mut entry, _)) = self.take(&old_ref) else {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no entry `{old_ref}`"),
@@ -840,7 +844,7 @@ impl Registry {
         out.changes.push(Change::Delete(old_ref.clone()));
         out.changes.push(Change::Put(Box::new(entry.clone())));
         out.history(&entry, HistoryKind::Update, None, now);
-        self.insert(entry);
+        self.insert(entry, new_bytes);
 
         let mut diff = Diff::default();
         diff.leaves.insert(
@@ -971,9 +975,9 @@ impl Registry {
         let resumable = self
             .by_token
             .get(hash)
-            .and_then(|phx_ref| self.entry(phx_ref))
-            .filter(|e| e.uid == uid && e.conn.is_none());
-        let Some(entry) = resumable else {
+            .and_then(|phx_ref| self.located(phx_ref))
+            .filter(|(e, _)| e.uid == uid && e.conn.is_none());
+        let Some((entry, meta_bytes)) = resumable else {
             return Resumption::Expired;
         };
         if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
@@ -990,18 +994,18 @@ impl Registry {
                 entries: usage.entries - usage.awaiting_entries,
                 meta_bytes: usage.meta_bytes - usage.awaiting_meta_bytes,
             };
-            if let Err(error) = self.check_quotas(uid, &claimed, meta_bytes(&entry.meta)) {
+            if let Err(error) = self.check_quotas(uid, &claimed, meta_bytes) {
                 return Resumption::Refused(error);
             }
         }
         let phx_ref = entry.phx_ref.clone();
-        let Some(mut entry) = self.take(&phx_ref) else {
+        let Some((mut entry, meta_bytes)) = self.take(&phx_ref) else {
             return Resumption::Expired;
         };
         entry.conn = Some(conn);
         entry.resume_deadline = None;
         let (topic, seq) = (entry.topic.clone(), entry.seq);
-        self.insert(entry);
+        self.insert(entry, meta_bytes);
         Resumption::Resumed {
             standing: self.topic(&topic).standing(seq),
             phx_ref,
@@ -1016,7 +1020,7 @@ impl Registry {
     fn remove(&mut self, leaving: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
         let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
         for (phx_ref, reason) in leaving {
-            let Some(entry) = self.take(&phx_ref) else {
+            let Some((entry, _)) = self.take(&phx_ref) else {
                 continue;
             };
             out.changes.push(Change::Delete(phx_ref));
@@ -1080,12 +1084,15 @@ impl Registry {
 
     // -- indexes ------------------------------------------------------------
 
-    fn insert(&mut self, entry: Entry) {
+    /// Puts an entry into every index; `meta_bytes` is the size of its
+    /// meta, which was measured when the meta arrived.
+    fn insert(&mut self, entry: Entry, meta_bytes: usize) {
         self.refs.insert(
             entry.phx_ref.clone(),
             Location {
                 topic: entry.topic.clone(),
                 seq: entry.seq,
+                meta_bytes,
             },
         );
         self.by_process
@@ -1101,7 +1108,7 @@ impl Registry {
         self.usage_by_uid
             .entry(entry.uid)
             .or_default()
-            .count(&entry, meta_bytes(&entry.meta));
+            .count(&entry, meta_bytes);
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
             connection
@@ -1115,8 +1122,9 @@ impl Registry {
         self.record(|| Undo::Inserted(phx_ref));
     }
 
-    /// Removes an entry from every index and returns it.
-    fn take(&mut self, phx_ref: &str) -> Option<Entry> {
+    /// Removes an entry from every index and returns it, with the size of
+    /// its meta.
+    fn take(&mut self, phx_ref: &str) -> Option<(Entry, usize)> {
         let location = self.refs.remove(phx_ref)?;
         let entry = self
             .topics
@@ -1134,7 +1142,7 @@ impl Registry {
             self.awaiting_resume.remove(&(deadline, phx_ref.to_owned()));
         }
         if let Some(usage) = self.usage_by_uid.get_mut(&entry.uid) {
-            usage.uncount(&entry, meta_bytes(&entry.meta));
+            usage.uncount(&entry, location.meta_bytes);
             if usage.entries == 0 {
                 self.usage_by_uid.remove(&entry.uid);
             }
@@ -1145,8 +1153,8 @@ impl Registry {
                 .keys
                 .remove(&(entry.topic.clone(), entry.key.clone()));
         }
-        self.record(|| Undo::Taken(Box::new(entry.clone())));
-        Some(entry)
+        self.record(|| Undo::Taken(Box::new(entry.clone()), location.meta_bytes));
+        Some((entry, location.meta_bytes))
     }
 
     /// A topic's entries under one key, in join order.
@@ -1162,8 +1170,18 @@ impl Registry {
     }
 
     fn entry(&self, phx_ref: &str) -> Option<&Entry> {
+        self.located(phx_ref).map(|(entry, _)| entry)
+    }
+
+    /// The entry with this ref, and the size of its meta.
+    fn located(&self, phx_ref: &str) -> Option<(&Entry, usize)> {
         let location = self.refs.get(phx_ref)?;
-        self.topics.get(&location.topic)?.entries.get(&location.seq)
+        let entry = self
+            .topics
+            .get(&location.topic)?
+            .entries
+            .get(&location.seq)?;
+        Some((entry, location.meta_bytes))
     }
 
     // -- the journal ----------------------------------------------------------
@@ -1181,11 +1199,11 @@ impl Registry {
     fn undo(&mut self, undo: Undo) {
         match undo {
             Undo::Inserted(phx_ref) => {
-                if let Some(entry) = self.take(&phx_ref) {
+                if let Some((entry, _)) = self.take(&phx_ref) {
                     self.drop_topic_if_unused(&entry.topic);
                 }
             }
-            Undo::Taken(entry) => self.insert(*entry),
+            Undo::Taken(entry, meta_bytes) => self.insert(*entry, meta_bytes),
             Undo::Closed(conn, connection) => {
                 self.conns.insert(conn, connection);
             }
@@ -1398,26 +1416,6 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
-}
-
-/// A client meta's size as `--max-meta` measures it: compact JSON. Counted
-/// without building the text.
-fn meta_bytes(meta: &Map<String, Value>) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // A map with string keys always serializes, and the counter takes
-    // every byte.
-    let _ = serde_json::to_writer(&mut counter, meta);
-    counter.0
 }
 
 /// A request raced with its connection's close; nobody will read the reply.
