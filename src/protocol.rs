@@ -678,12 +678,29 @@ pub struct Removal {
     pub phx_ref: String,
     pub key: String,
     pub reason: LeaveReason,
-    pub by: Remover,
+    pub by: Actor,
 }
 
-/// Who removed an entry: the peer credentials of the connection that did.
+/// `updated`'s payload: which of the connection's entries another
+/// connection updated, its new ref and meta, and who did it. The entry
+/// keeps its place and its resume token; only its ref and meta changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The entry's ref from now on.
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    /// The ref it had, which names nothing any more.
+    pub prev_ref: String,
+    pub key: String,
+    /// The client meta it has now.
+    pub meta: Map<String, Value>,
+    pub by: Actor,
+}
+
+/// Who removed or updated an entry another connection holds: the peer
+/// credentials of the connection that did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Remover {
+pub struct Actor {
     pub uid: u32,
     pub user: String,
     pub pid: u32,
@@ -717,6 +734,12 @@ pub enum Event {
         topic: String,
         payload: Removal,
     },
+    /// To the connection holding an entry, when another connection has
+    /// updated it: the holder's entry has a new ref and meta.
+    Updated {
+        topic: String,
+        payload: Revision,
+    },
 }
 
 impl Event {
@@ -725,7 +748,8 @@ impl Event {
             Event::PresenceState { topic, .. }
             | Event::PresenceDiff { topic, .. }
             | Event::Role { topic, .. }
-            | Event::Removed { topic, .. } => Some(topic),
+            | Event::Removed { topic, .. }
+            | Event::Updated { topic, .. } => Some(topic),
             Event::Shutdown { .. } => None,
         }
     }

@@ -23,10 +23,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
-    KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
-    Owner, Presences, Removal, Remover, ReplyFields, ResumeReply, Role, RoleChange, Standing,
-    TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
+    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent,
+    HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
+    OutgoingReply, Owner, Presences, Removal, ReplyFields, ResumeReply, Revision, Role, RoleChange,
+    Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
     UpdateRequest, checked_meta_size, meta_size, validate_name,
 };
 
@@ -769,7 +769,7 @@ impl Registry {
         reason: LeaveReason,
         out: &mut Outbox,
     ) {
-        let Some(remover) = self.conns.get(&conn).map(|c| &c.peer) else {
+        let Some(remover) = self.actor(conn) else {
             return;
         };
         for entry in refs.iter().filter_map(|phx_ref| self.entry(phx_ref)) {
@@ -782,15 +782,47 @@ impl Registry {
                     phx_ref: entry.phx_ref.clone(),
                     key: entry.key.clone(),
                     reason,
-                    by: Remover {
-                        uid: remover.uid,
-                        user: remover.user.clone(),
-                        pid: remover.pid,
-                    },
+                    by: remover.clone(),
                 },
             };
             out.event(vec![holder], removed);
         }
+    }
+
+    /// Tells the connection that holds `updated`, unless that is `conn`
+    /// which updated it, the entry's new ref and meta and who changed them.
+    /// Otherwise the holder would go on naming the entry by a ref that no
+    /// longer exists: it would miss a later `removed` event for it, and a
+    /// client that reconnects would not know its own entry.
+    fn tell_holder_of_update(&self, conn: ConnId, updated: &Entry, out: &mut Outbox) {
+        let Some(holder) = updated.conn.filter(|holder| *holder != conn) else {
+            return;
+        };
+        let (Some(by), Some(prev_ref)) = (self.actor(conn), updated.prev_ref.clone()) else {
+            return;
+        };
+        let event = Event::Updated {
+            topic: updated.topic.clone(),
+            payload: Revision {
+                phx_ref: updated.phx_ref.clone(),
+                prev_ref,
+                key: updated.key.clone(),
+                meta: updated.meta.clone(),
+                by,
+            },
+        };
+        out.event(vec![holder], event);
+    }
+
+    /// Who is acting through `conn`, as the holder of an entry it changes
+    /// is told.
+    fn actor(&self, conn: ConnId) -> Option<Actor> {
+        let peer = &self.conns.get(&conn)?.peer;
+        Some(Actor {
+            uid: peer.uid,
+            user: peer.user.clone(),
+            pid: peer.pid,
+        })
     }
 
     fn update(
@@ -844,6 +876,7 @@ impl Registry {
         out.changes.push(Change::Delete(old_ref.clone()));
         out.changes.push(Change::Put(Box::new(entry.clone())));
         out.history(&entry, HistoryKind::Update, None, now);
+        self.tell_holder_of_update(conn, &entry, out);
         self.insert(entry, new_bytes);
 
         let mut diff = Diff::default();

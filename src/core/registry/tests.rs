@@ -348,6 +348,7 @@ fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
                 Event::Role { .. } => "role",
                 Event::Shutdown { .. } => "shutdown",
                 Event::Removed { .. } => "removed",
+                Event::Updated { .. } => "updated",
             }),
             _ => None,
         })
@@ -1876,7 +1877,7 @@ fn root_removing_an_entry_tells_its_holder_who_did_it_before_anything_else() {
         phx_ref: owner.phx_ref.clone(),
         key: "alice".to_owned(),
         reason: LeaveReason::Untrack,
-        by: Remover {
+        by: Actor {
             uid: ROOT,
             user: "root".to_owned(),
             pid: process_of(root).pid,
@@ -1919,6 +1920,69 @@ fn no_removed_event_for_ones_own_untrack_or_an_entry_nobody_holds() {
     let c = h.connect(ALICE);
     h.track_process(c, "doc", "exits");
     assert!(removals(&h.process_exited(process_of(c))).is_empty());
+}
+
+/// The `updated` events of an outbox, as (recipient, topic, payload).
+fn revisions(out: &Outbox) -> Vec<(ConnId, String, Revision)> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event: Event::Updated { topic, payload },
+            } => {
+                assert_eq!(to.len(), 1, "an updated event has one recipient");
+                Some((to[0], topic.clone(), payload.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_update_from_another_connection_tells_the_holder_its_new_ref_and_meta() {
+    let mut h = Harness::new();
+    let (editor, root) = (h.connect(ALICE), h.connect(ROOT));
+    let held = h.track(editor, "doc", "alice");
+    h.subscribe(editor, "doc");
+
+    let out = h.update_ref(root, "doc", &held.phx_ref, meta(json!({"file": "b.md"})));
+    let reply: UpdateReply = ok_reply(&out, root);
+    let revision = Revision {
+        phx_ref: reply.phx_ref.clone(),
+        prev_ref: held.phx_ref.clone(),
+        key: "alice".to_owned(),
+        meta: meta(json!({"file": "b.md"})),
+        by: Actor {
+            uid: ROOT,
+            user: "root".to_owned(),
+            pid: process_of(root).pid,
+        },
+    };
+    assert_eq!(revisions(&out), [(editor, "doc".to_owned(), revision)]);
+    // Before the diff that shows the change, as a removal is.
+    assert_eq!(kinds_for(&out, editor), ["updated", "presence_diff"]);
+    assert_eq!(kinds_for(&out, root), ["reply"]);
+
+    // Under its new ref, a removal from elsewhere is announced with it.
+    let out = h.untrack_ref(root, "doc", &reply.phx_ref);
+    let told = removals(&out);
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].1.phx_ref, reply.phx_ref);
+}
+
+#[test]
+fn no_updated_event_for_ones_own_update_or_an_entry_nobody_holds() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let own = h.track(a, "doc", "own");
+    assert!(revisions(&h.update_ref(a, "doc", &own.phx_ref, Map::new())).is_empty());
+    assert!(revisions(&h.update_key(a, "doc", "own")).is_empty());
+    let left = h.track_process(a, "doc", "left");
+    h.close(a);
+    let out = h.update_ref(b, "doc", &left.phx_ref, Map::new());
+    let _: UpdateReply = ok_reply(&out, b);
+    assert!(revisions(&out).is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -2489,6 +2553,9 @@ struct Expected {
     states: Vec<(ConnId, String)>,
     /// (holder, ref, remover's uid) of each `removed` event.
     removed: Vec<(ConnId, String, u32)>,
+    /// (holder, previous ref, new ref, updater's uid) of each `updated`
+    /// event.
+    updated: Vec<(ConnId, String, String, u32)>,
 }
 
 impl Expected {
@@ -3046,12 +3113,21 @@ impl World {
         entry.phx_ref = reply.phx_ref.clone();
         entry.meta_bytes = meta_bytes;
         let (topic, token) = (entry.topic.clone(), entry.token.clone());
+        let mut expected = Expected::default();
+        if let Some(holder) = entry.conn.filter(|holder| *holder != conn) {
+            let by = self
+                .model
+                .uid_of(conn)
+                .expect("only an open connection updates");
+            expected
+                .updated
+                .push((holder, old_ref.to_owned(), reply.phx_ref.clone(), by));
+        }
         self.issued.push(Issued {
             phx_ref: reply.phx_ref.clone(),
             topic: topic.clone(),
             token,
         });
-        let mut expected = Expected::default();
         let to = self.model.subscribers(&topic);
         if !to.is_empty() {
             expected.diffs.push(ExpectedDiff {
@@ -3264,6 +3340,7 @@ impl World {
         let mut diffs = Vec::new();
         let mut states = Vec::new();
         let mut removed = Vec::new();
+        let mut updated = Vec::new();
         for delivery in &out.deliveries {
             let Delivery::Event { to, event } = delivery else {
                 continue;
@@ -3339,9 +3416,28 @@ impl World {
                     assert_eq!(issued.map(|i| &i.topic), Some(topic));
                     removed.push((to[0], payload.phx_ref.clone(), payload.by.uid));
                 }
+                Event::Updated { topic, payload } => {
+                    assert_eq!(to.len(), 1, "an updated event has one recipient");
+                    assert!(
+                        diffs.is_empty(),
+                        "the holder hears of its entry's new ref before any diff"
+                    );
+                    assert_eq!(payload.by.user, user_name(payload.by.uid));
+                    let entry = self.model.live(&payload.phx_ref);
+                    assert_eq!(entry.map(|e| &e.topic), Some(topic));
+                    assert_eq!(entry.map(|e| e.key.as_str()), Some(payload.key.as_str()));
+                    assert_eq!(entry.map(|e| e.meta_bytes), Some(size_of(&payload.meta)));
+                    updated.push((
+                        to[0],
+                        payload.prev_ref.clone(),
+                        payload.phx_ref.clone(),
+                        payload.by.uid,
+                    ));
+                }
             }
         }
         assert_eq!(removed, expected.removed, "removed events");
+        assert_eq!(updated, expected.updated, "updated events");
         assert_eq!(roles, expected_roles, "role events");
         assert_eq!(diffs, expected.diffs, "presence diffs");
         assert_eq!(states, expected.states, "presence states");
