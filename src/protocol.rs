@@ -607,6 +607,21 @@ pub struct ResumeReply {
     /// topic and key). They stay valid.
     #[serde(default)]
     pub refused: BTreeMap<String, ErrorBody>,
+    /// Tokens of entries another connection removed while none held them
+    /// (restored and not yet resumed, or a `process` entry whose
+    /// connection had closed), with who removed them: not to be tracked
+    /// again, as a `removed` event would have said.
+    #[serde(default)]
+    pub removed: BTreeMap<String, RemovedEntry>,
+}
+
+/// An entry another connection removed, as `resume` tells of it: its
+/// topic, and what a `removed` event would have said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedEntry {
+    pub topic: String,
+    #[serde(flatten)]
+    pub removal: Removal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -394,6 +394,34 @@ async fn a_session_follows_an_update_from_elsewhere_and_forgets_the_entry_when_i
 }
 
 #[tokio::test]
+async fn a_join_whose_entry_is_removed_while_the_daemon_restarts_hears_of_it_when_it_resumes() {
+    let mut daemon = Daemon::start().await;
+    let mut editor = daemon.spawn(&["join", "doc", "--key", "editor"]);
+    assert_eq!(editor.line().await, "owner");
+
+    // The editor is away (stopped) while the daemon restarts, so its
+    // entry waits to be resumed, held by no connection, when it is removed.
+    common::signal(editor.pid(), nix::sys::signal::Signal::SIGSTOP);
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+    let mut leave = daemon.spawn(&["leave", "doc", "--all", "--key", "editor"]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.line().await, "left doc (1 entry)");
+    assert_eq!(leave.exit_code().await, Some(0));
+
+    // Back, the editor resumes its entry: the daemon says who removed it,
+    // and the editor stops rather than join again.
+    common::signal(editor.pid(), nix::sys::signal::Signal::SIGCONT);
+    let (uid, user) = me();
+    assert_eq!(
+        editor.line().await,
+        format!("removed by {user} (uid {uid}, pid {leave_pid})")
+    );
+    assert_eq!(editor.exit_code().await, Some(4));
+    assert!(keys(&daemon, "doc").await.is_empty());
+}
+
+#[tokio::test]
 #[ignore = "needs root: runs the editors as uid 65534 with setpriv, and removes their entry as root"]
 async fn roots_leave_all_tells_the_removed_editor_and_only_the_next_one_owns_the_file() {
     assert!(nix::unistd::geteuid().is_root(), "needs root");

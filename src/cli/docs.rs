@@ -181,8 +181,10 @@ or a script stops acting as the owner:
 
   removed by root (uid 0, pid 4711)
 
-A --detach join that has already exited hears nothing; `presence list`
-shows whether its entry is still there.
+A removal made while join was reconnecting to a restarted daemon is told
+when it gets back, and ends join the same way. A --detach join that has
+already exited hears nothing; `presence list` shows whether its entry is
+still there.
 
 The same people may instead replace the entry's meta with `presence
 update`, which gives the entry a new ref. join says who did it and what

@@ -11,7 +11,9 @@
 //! An entry that another connection removed (root, or the same user for a
 //! `process` entry) is forgotten when its `removed` event arrives, which is
 //! passed on: taking it back after the next reconnect would make its
-//! holder an owner again behind the back of whoever is owner now. An entry
+//! holder an owner again behind the back of whoever is owner now. One
+//! removed while the session was away is in the `removed` part of the
+//! `resume` reply, and is forgotten and passed on the same way. An entry
 //! another connection updated is known by its new ref and meta from its
 //! `updated` event on, so that a later `removed` event, a `role` event and
 //! a track after a restart all find it.
@@ -576,7 +578,9 @@ fn note_standing(state: &Mutex<State>, change: &RoleChange) {
 }
 
 /// Takes in a `resume` reply: a changed standing becomes a `role` event,
-/// an expired entry is tracked again, a refused one is given up.
+/// an expired entry is tracked again, a refused one is given up, and one
+/// another connection removed meanwhile is forgotten and reported as the
+/// `removed` event the session would have had, had it been connected.
 async fn apply_resume(
     state: &Mutex<State>,
     client: &Client,
@@ -586,6 +590,14 @@ async fn apply_resume(
     for (phx_ref, standing) in resumed.roles {
         if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
             let _ = out.send(SessionEvent::Event(role));
+        }
+    }
+    for (token, removed) in resumed.removed {
+        if lock(state).take_by_token(&token).is_some() {
+            let _ = out.send(SessionEvent::Event(Event::Removed {
+                topic: removed.topic,
+                payload: removed.removal,
+            }));
         }
     }
     for token in resumed.expired {

@@ -25,9 +25,9 @@ use serde_json::{Map, Value};
 use crate::protocol::{
     Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent,
     HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
-    OutgoingReply, Owner, Presences, Removal, ReplyFields, ResumeReply, Revision, Role, RoleChange,
-    Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
-    UpdateRequest, checked_meta_size, meta_size, validate_name,
+    OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply, Revision,
+    Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
+    UntrackRequest, UpdateReply, UpdateRequest, checked_meta_size, meta_size, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -35,6 +35,18 @@ pub type ConnId = u64;
 
 /// The SHA-256 of a resume token. Only the hash is ever stored.
 pub type TokenHash = [u8; 32];
+
+/// How long, at least, a `resume` of an entry that another connection
+/// removed says so, rather than `expired`: longer than a session waits for
+/// its daemon to come back (30 s), so that it learns of the removal
+/// instead of tracking the entry again. An entry restored after a restart
+/// is remembered until its own resume deadline, if that is later.
+const TOMBSTONE_MILLIS: i64 = 60_000;
+
+/// The most removed entries remembered at once. Past it, the one to be
+/// forgotten soonest goes first, and its `resume` says `expired`: a user
+/// who removes entries in a loop costs the daemon at most this many.
+const MAX_TOMBSTONES: usize = 4096;
 
 /// A process, pinned by its start time so that a reused pid is not mistaken
 /// for the process that joined.
@@ -256,6 +268,19 @@ struct Location {
     meta_bytes: usize,
 }
 
+/// An entry another connection removed, remembered by its token's hash so
+/// that a `resume` of it can say so: a client that was away when it was
+/// removed (its connection closed, or the daemon restarted) would
+/// otherwise find the token `expired` and track the entry again.
+#[derive(Debug, Clone, PartialEq)]
+struct Tombstone {
+    /// The entry's uid: only a connection of that uid may learn of it, as
+    /// only one of that uid could have resumed it.
+    uid: u32,
+    expires_at: i64,
+    removed: RemovedEntry,
+}
+
 /// What one uid holds, for its quotas.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Usage {
@@ -315,6 +340,10 @@ enum Undo {
     Taken(Box<Entry>, usize),
     /// A connection closed: put it back with what it held.
     Closed(ConnId, Connection),
+    /// A removed entry was remembered: forget it again.
+    Buried(TokenHash),
+    /// A removed entry was forgotten: remember it again.
+    Unburied(TokenHash, Box<Tombstone>),
     Subscribed {
         conn: ConnId,
         topic: String,
@@ -343,6 +372,8 @@ enum Resumption {
     },
     /// No entry this connection may resume has the token.
     Expired,
+    /// Another connection removed the entry while none held it.
+    Removed(RemovedEntry),
     /// The entry exists and is free, but this connection may not hold it.
     Refused(ErrorBody),
 }
@@ -363,6 +394,10 @@ pub struct Registry {
     uid_exempt_from_quotas: Option<u32>,
     /// Restored entries waiting to be resumed, soonest deadline first.
     awaiting_resume: BTreeSet<(i64, String)>,
+    /// Entries other connections removed, by their tokens' hashes; and
+    /// the same, soonest to be forgotten first.
+    tombstones: HashMap<TokenHash, Tombstone>,
+    tombstones_by_expiry: BTreeSet<(i64, TokenHash)>,
     conns: HashMap<ConnId, Connection>,
     /// The next value for a seq or a ref; both draw from it, so neither is
     /// ever reused.
@@ -381,6 +416,8 @@ impl Registry {
             by_process: HashMap::new(),
             by_token: HashMap::new(),
             awaiting_resume: BTreeSet::new(),
+            tombstones: HashMap::new(),
+            tombstones_by_expiry: BTreeSet::new(),
             usage_by_uid: HashMap::new(),
             uid_exempt_from_quotas: None,
             conns: HashMap::new(),
@@ -565,8 +602,10 @@ impl Registry {
         }
     }
 
-    /// Restored entries whose resume deadline has passed leave.
+    /// Restored entries whose resume deadline has passed leave, and
+    /// removed entries remembered long enough are forgotten.
     pub fn expire(&mut self, now: i64, out: &mut Outbox) {
+        self.forget_tombstones_due(now);
         let expired = self
             .awaiting_resume
             .iter()
@@ -604,7 +643,7 @@ impl Registry {
                 self.remove_subscription(conn, &topic);
                 Ok(ReplyFields::none())
             }
-            Op::Resume(tokens) => Ok(self.resume(conn, tokens)),
+            Op::Resume(tokens) => Ok(self.resume(conn, tokens, now)),
         };
         // The reply goes ahead of the events its op caused: a client learns
         // the outcome of its request before anything that follows from it.
@@ -748,6 +787,7 @@ impl Registry {
         };
         let removed = refs.len();
         self.tell_holders_of_removal(conn, &refs, LeaveReason::Untrack, out);
+        self.remember_removals(conn, &refs, LeaveReason::Untrack, now);
         let leaving = refs
             .into_iter()
             .map(|r| (r, LeaveReason::Untrack))
@@ -787,6 +827,86 @@ impl Registry {
             };
             out.event(vec![holder], removed);
         }
+    }
+
+    /// Remembers, by their tokens, the entries of `refs` that `conn` is
+    /// removing but does not hold, so that a `resume` of one of them says
+    /// who removed it. This matters most for an entry no connection holds
+    /// (restored after a restart, or a `process` entry whose connection
+    /// closed), whose client no `removed` event can reach; it also covers
+    /// a holder whose connection broke before its event got through.
+    fn remember_removals(&mut self, conn: ConnId, refs: &[String], reason: LeaveReason, now: i64) {
+        let Some(by) = self.actor(conn) else {
+            return;
+        };
+        let tombstones: Vec<(TokenHash, Tombstone)> = refs
+            .iter()
+            .filter_map(|phx_ref| self.entry(phx_ref))
+            .filter(|entry| entry.conn != Some(conn))
+            .map(|entry| {
+                let expires_at = now
+                    .saturating_add(TOMBSTONE_MILLIS)
+                    .max(entry.resume_deadline.unwrap_or(i64::MIN));
+                let removed = RemovedEntry {
+                    topic: entry.topic.clone(),
+                    removal: Removal {
+                        phx_ref: entry.phx_ref.clone(),
+                        key: entry.key.clone(),
+                        reason,
+                        by: by.clone(),
+                    },
+                };
+                let tombstone = Tombstone {
+                    uid: entry.uid,
+                    expires_at,
+                    removed,
+                };
+                (entry.token_hash, tombstone)
+            })
+            .collect();
+        if tombstones.is_empty() {
+            return;
+        }
+        self.forget_tombstones_due(now);
+        for (hash, tombstone) in tombstones {
+            while self.tombstones.len() >= MAX_TOMBSTONES {
+                let Some(&(_, oldest)) = self.tombstones_by_expiry.first() else {
+                    break;
+                };
+                self.unbury(&oldest);
+            }
+            self.bury(hash, tombstone);
+        }
+    }
+
+    /// Forgets the removed entries remembered until `now` or earlier.
+    fn forget_tombstones_due(&mut self, now: i64) {
+        while let Some(&(expires_at, hash)) = self.tombstones_by_expiry.first() {
+            if expires_at > now {
+                break;
+            }
+            self.unbury(&hash);
+        }
+    }
+
+    fn bury(&mut self, hash: TokenHash, tombstone: Tombstone) {
+        if let Some(replaced) = self.tombstones.remove(&hash) {
+            self.tombstones_by_expiry
+                .remove(&(replaced.expires_at, hash));
+        }
+        self.tombstones_by_expiry
+            .insert((tombstone.expires_at, hash));
+        self.tombstones.insert(hash, tombstone);
+        self.record(|| Undo::Buried(hash));
+    }
+
+    fn unbury(&mut self, hash: &TokenHash) {
+        let Some(tombstone) = self.tombstones.remove(hash) else {
+            return;
+        };
+        self.tombstones_by_expiry
+            .remove(&(tombstone.expires_at, *hash));
+        self.record(|| Undo::Unburied(*hash, Box::new(tombstone)));
     }
 
     /// Tells the connection that holds `updated`, unless that is `conn`
@@ -982,18 +1102,21 @@ impl Registry {
         }
     }
 
-    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> ReplyFields {
+    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>, now: i64) -> ReplyFields {
         let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
             return ReplyFields::of(&outcome);
         };
         for (token, hash) in tokens {
-            match self.resume_one(conn, uid, &hash) {
+            match self.resume_one(conn, uid, &hash, now) {
                 Resumption::Resumed { phx_ref, standing } => {
                     outcome.roles.insert(phx_ref.clone(), standing);
                     outcome.resumed.push(phx_ref);
                 }
                 Resumption::Expired => outcome.expired.push(token),
+                Resumption::Removed(removed) => {
+                    outcome.removed.insert(token, removed);
+                }
                 Resumption::Refused(error) => {
                     outcome.refused.insert(token, error);
                 }
@@ -1004,14 +1127,21 @@ impl Registry {
 
     /// Gives the connection the entry with this token, if it is free, of
     /// the connection's uid, and within the rules `track` applies.
-    fn resume_one(&mut self, conn: ConnId, uid: u32, hash: &TokenHash) -> Resumption {
+    fn resume_one(&mut self, conn: ConnId, uid: u32, hash: &TokenHash, now: i64) -> Resumption {
         let resumable = self
             .by_token
             .get(hash)
             .and_then(|phx_ref| self.located(phx_ref))
             .filter(|(e, _)| e.uid == uid && e.conn.is_none());
         let Some((entry, meta_bytes)) = resumable else {
-            return Resumption::Expired;
+            let removed = self
+                .tombstones
+                .get(hash)
+                .filter(|t| t.uid == uid && t.expires_at > now);
+            return match removed {
+                Some(tombstone) => Resumption::Removed(tombstone.removed.clone()),
+                None => Resumption::Expired,
+            };
         };
         if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
             return Resumption::Refused(error);
@@ -1240,6 +1370,8 @@ impl Registry {
             Undo::Closed(conn, connection) => {
                 self.conns.insert(conn, connection);
             }
+            Undo::Buried(hash) => self.unbury(&hash),
+            Undo::Unburied(hash, tombstone) => self.bury(hash, *tombstone),
             Undo::Subscribed { conn, topic } => self.remove_subscription(conn, &topic),
             Undo::Unsubscribed { conn, topic } => {
                 self.insert_subscription(conn, &topic);

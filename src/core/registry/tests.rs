@@ -1985,6 +1985,99 @@ fn no_updated_event_for_ones_own_update_or_an_entry_nobody_holds() {
     assert!(revisions(&out).is_empty());
 }
 
+#[test]
+fn a_resume_of_an_entry_removed_while_nobody_held_it_says_who_removed_it() {
+    let mut waiting = stored_entry(3, "doc", "x", Lifetime::Connection, "tok-3");
+    waiting.resume_deadline = Some(2_000);
+    let detached = stored_entry(5, "doc", "y", Lifetime::Process, "tok-5");
+    let mut h = Harness::around(Registry::restore(
+        Limits::default(),
+        vec![waiting, detached],
+        6,
+    ));
+    let root = h.connect(ROOT);
+    assert_eq!(
+        ok_reply::<UntrackReply>(&h.untrack_key(root, "doc", "x"), root).removed,
+        1
+    );
+    // The same user's other connection may remove a process entry.
+    let other = h.connect(ALICE);
+    assert_eq!(
+        ok_reply::<UntrackReply>(&h.untrack_ref(other, "doc", "p5"), other).removed,
+        1
+    );
+
+    // Someone else's resume of the tokens learns nothing.
+    let bob = h.connect(BOB);
+    let reply: ResumeReply = ok_reply(&h.resume(bob, &["tok-3", "tok-5"]), bob);
+    assert_eq!(reply.expired, ["tok-3", "tok-5"]);
+    assert!(reply.removed.is_empty());
+
+    let client = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["tok-3", "tok-5"]), client);
+    assert!(reply.resumed.is_empty() && reply.expired.is_empty());
+    let removed = &reply.removed["tok-3"];
+    assert_eq!(removed.topic, "doc");
+    assert_eq!(
+        removed.removal,
+        Removal {
+            phx_ref: "p3".to_owned(),
+            key: "x".to_owned(),
+            reason: LeaveReason::Untrack,
+            by: Actor {
+                uid: ROOT,
+                user: "root".to_owned(),
+                pid: process_of(root).pid,
+            },
+        }
+    );
+    assert_eq!(reply.removed["tok-5"].removal.by.pid, process_of(other).pid);
+
+    // Remembered for a while only: then the tokens are merely expired.
+    h.now += TOMBSTONE_MILLIS;
+    h.expire();
+    assert!(h.registry.tombstones.is_empty() && h.registry.tombstones_by_expiry.is_empty());
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["tok-3", "tok-5"]), client);
+    assert_eq!(reply.expired, ["tok-3", "tok-5"]);
+}
+
+#[test]
+fn ones_own_untrack_is_not_remembered_and_removed_entries_are_remembered_within_a_bound() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let own = h.track_process(a, "doc", "own");
+    h.untrack_ref(a, "doc", &own.phx_ref);
+    assert!(h.registry.tombstones.is_empty());
+
+    let stored = (1..=MAX_TOMBSTONES as u64 + 1)
+        .map(|seq| {
+            stored_entry(
+                seq,
+                "doc",
+                &format!("k{seq}"),
+                Lifetime::Process,
+                &format!("t{seq}"),
+            )
+        })
+        .collect();
+    let mut h = Harness::around(Registry::restore(Limits::default(), stored, 1));
+    let root = h.connect(ROOT);
+    for seq in 1..=MAX_TOMBSTONES as u64 + 1 {
+        h.now += 1;
+        h.untrack_ref(root, "doc", &format!("p{seq}"));
+    }
+    assert_eq!(h.registry.tombstones.len(), MAX_TOMBSTONES);
+    let client = h.connect(ALICE);
+    let last = format!("t{}", MAX_TOMBSTONES + 1);
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["t1", &last]), client);
+    assert_eq!(
+        reply.expired,
+        ["t1"],
+        "the one to be forgotten first goes first"
+    );
+    assert_eq!(reply.removed.keys().collect::<Vec<_>>(), [&last]);
+}
+
 // ---------------------------------------------------------------------------
 // Persistence: changes, restore and expiry
 // ---------------------------------------------------------------------------
@@ -2356,6 +2449,9 @@ struct Model {
     conns: BTreeMap<ConnId, ModelConn>,
     /// The registry's limits, which a restart may change.
     limits: Limits,
+    /// Entries another connection removed, by token: (uid, remembered
+    /// until, ref).
+    tombstones: BTreeMap<String, (u32, i64, String)>,
 }
 
 impl Model {
@@ -2468,6 +2564,21 @@ impl Model {
             Role::Spectator
         };
         (role, role == Role::Spectator, position, owner)
+    }
+
+    /// Remembers the entries `conn` removed but did not hold, for a
+    /// `resume` of them to say so.
+    fn bury(&mut self, gone: &[ModelEntry], conn: ConnId, now: i64) {
+        if self.uid_of(conn).is_none() {
+            return;
+        }
+        for entry in gone.iter().filter(|e| e.conn != Some(conn)) {
+            let until = (now + TOMBSTONE_MILLIS).max(entry.deadline.unwrap_or(i64::MIN));
+            self.tombstones.insert(
+                entry.token.clone(),
+                (entry.uid, until, entry.phx_ref.clone()),
+            );
+        }
     }
 
     fn remove_where(&mut self, leaves: impl Fn(&ModelEntry) -> bool) -> Vec<ModelEntry> {
@@ -2794,6 +2905,7 @@ impl World {
                     Some(_) => {
                         assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 1);
                         let gone = self.model.remove_where(|e| e.phx_ref == phx_ref);
+                        self.model.bury(&gone, conn, self.now);
                         let expected = Expected::untracked(&self.model, &gone, conn);
                         (out, expected)
                     }
@@ -2825,6 +2937,7 @@ impl World {
                     removable.len()
                 );
                 let gone = self.model.remove_where(|e| removable.contains(&e.phx_ref));
+                self.model.bury(&gone, conn, self.now);
                 let expected = if gone.is_empty() {
                     Expected::default()
                 } else {
@@ -3228,6 +3341,7 @@ impl World {
         let mut resumed = Vec::new();
         let mut expired = Vec::new();
         let mut refused = BTreeMap::new();
+        let mut removed = BTreeMap::new();
         if let Some(uid) = self.model.uid_of(conn) {
             for token in tokens {
                 let found = self
@@ -3236,7 +3350,15 @@ impl World {
                     .iter()
                     .position(|e| e.token == token && e.uid == uid && e.conn.is_none());
                 let Some(index) = found else {
-                    expired.push(token);
+                    let exists = self.model.entries.iter().any(|e| e.token == token);
+                    match self.model.tombstones.get(&token) {
+                        Some((of, until, phx_ref))
+                            if !exists && *of == uid && *until > self.now =>
+                        {
+                            removed.insert(token, phx_ref.clone());
+                        }
+                        _ => expired.push(token),
+                    }
                     continue;
                 };
                 let entry = &self.model.entries[index];
@@ -3261,6 +3383,12 @@ impl World {
         }
         assert_eq!(reply.resumed, resumed);
         assert_eq!(reply.expired, expired);
+        let told: BTreeMap<String, String> = reply
+            .removed
+            .iter()
+            .map(|(token, entry)| (token.clone(), entry.removal.phx_ref.clone()))
+            .collect();
+        assert_eq!(told, removed, "tokens of removed entries");
         assert_eq!(refused_codes(&out, conn), refused, "refused tokens");
         assert_eq!(
             reply.roles.keys().cloned().collect::<BTreeSet<_>>(),
@@ -3299,6 +3427,8 @@ impl World {
             self.registry.next_seq(),
         ));
         self.model.conns.clear();
+        // What was removed is remembered in memory only.
+        self.model.tombstones.clear();
         for entry in &mut self.model.entries {
             entry.conn = None;
             entry.deadline = (entry.lifetime == Lifetime::Connection).then_some(deadline);
@@ -3695,6 +3825,12 @@ fn dump(registry: &Registry) -> String {
     lines.push(format!("by_token {by_token:?}"));
     lines.push(format!("usage by uid {by_uid:?}"));
     lines.push(format!("awaiting resume {:?}", registry.awaiting_resume));
+    let tombstones: BTreeMap<_, _> = registry.tombstones.iter().collect();
+    lines.push(format!("tombstones {tombstones:?}"));
+    lines.push(format!(
+        "tombstones by expiry {:?}",
+        registry.tombstones_by_expiry
+    ));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
