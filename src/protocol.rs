@@ -607,6 +607,21 @@ pub struct ResumeReply {
     /// topic and key). They stay valid.
     #[serde(default)]
     pub refused: BTreeMap<String, ErrorBody>,
+    /// Tokens of entries another connection removed while none held them
+    /// (restored and not yet resumed, or a `process` entry whose
+    /// connection had closed), with who removed them: not to be tracked
+    /// again, as a `removed` event would have said.
+    #[serde(default)]
+    pub removed: BTreeMap<String, RemovedEntry>,
+}
+
+/// An entry another connection removed, as `resume` tells of it: its
+/// topic, and what a `removed` event would have said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedEntry {
+    pub topic: String,
+    #[serde(flatten)]
+    pub removal: Removal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -678,12 +693,29 @@ pub struct Removal {
     pub phx_ref: String,
     pub key: String,
     pub reason: LeaveReason,
-    pub by: Remover,
+    pub by: Actor,
 }
 
-/// Who removed an entry: the peer credentials of the connection that did.
+/// `updated`'s payload: which of the connection's entries another
+/// connection updated, its new ref and meta, and who did it. The entry
+/// keeps its place and its resume token; only its ref and meta changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The entry's ref from now on.
+    #[serde(rename = "ref")]
+    pub phx_ref: String,
+    /// The ref it had, which names nothing any more.
+    pub prev_ref: String,
+    pub key: String,
+    /// The client meta it has now.
+    pub meta: Map<String, Value>,
+    pub by: Actor,
+}
+
+/// Who removed or updated an entry another connection holds: the peer
+/// credentials of the connection that did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Remover {
+pub struct Actor {
     pub uid: u32,
     pub user: String,
     pub pid: u32,
@@ -717,6 +749,12 @@ pub enum Event {
         topic: String,
         payload: Removal,
     },
+    /// To the connection holding an entry, when another connection has
+    /// updated it: the holder's entry has a new ref and meta.
+    Updated {
+        topic: String,
+        payload: Revision,
+    },
 }
 
 impl Event {
@@ -725,7 +763,8 @@ impl Event {
             Event::PresenceState { topic, .. }
             | Event::PresenceDiff { topic, .. }
             | Event::Role { topic, .. }
-            | Event::Removed { topic, .. } => Some(topic),
+            | Event::Removed { topic, .. }
+            | Event::Updated { topic, .. } => Some(topic),
             Event::Shutdown { .. } => None,
         }
     }
@@ -797,6 +836,11 @@ pub fn hidden_char_problem(name: &str) -> Option<String> {
 /// Checks a client meta: no daemon-managed field, at most `max_bytes` when
 /// serialized.
 pub fn validate_meta(meta: &Map<String, Value>, max_bytes: usize) -> Result<(), ErrorBody> {
+    checked_meta_size(meta, max_bytes).map(drop)
+}
+
+/// Checks a client meta as [`validate_meta`] does, and returns its size.
+pub fn checked_meta_size(meta: &Map<String, Value>, max_bytes: usize) -> Result<usize, ErrorBody> {
     if let Some(field) = RESERVED_META_FIELDS
         .iter()
         .find(|field| meta.contains_key(**field))
@@ -806,16 +850,34 @@ pub fn validate_meta(meta: &Map<String, Value>, max_bytes: usize) -> Result<(), 
             format!("meta field `{field}` is managed by the daemon and cannot be set"),
         ));
     }
-    let size = serde_json::to_vec(meta)
-        .map(|bytes| bytes.len())
-        .unwrap_or(0);
+    let size = meta_size(meta);
     if size > max_bytes {
         return Err(ErrorBody::new(
             ErrorCode::LimitExceeded,
             format!("meta is {size} bytes serialized; the limit is {max_bytes}"),
         ));
     }
-    Ok(())
+    Ok(size)
+}
+
+/// A client meta's size as `--max-meta` and the per-user meta quota
+/// measure it: compact JSON. Counted without building the text.
+pub fn meta_size(meta: &Map<String, Value>) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // A map with string keys always serializes, and the counter takes
+    // every byte.
+    let _ = serde_json::to_writer(&mut counter, meta);
+    counter.0
 }
 
 #[cfg(test)]
@@ -885,6 +947,18 @@ mod tests {
         let meta = json!({"seq": 1}).as_object().unwrap().clone();
         let err = validate_meta(&meta, 8192).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_meta_is_measured_as_its_compact_json_and_held_to_the_limit_by_that() {
+        let meta = json!({"file": "/tmp/\u{e9}t\u{e9}.md", "line": 12, "tags": ["a", null]});
+        let meta = meta.as_object().unwrap().clone();
+        let text = serde_json::to_vec(&meta).unwrap();
+        assert_eq!(meta_size(&meta), text.len());
+        assert_eq!(meta_size(&Map::new()), 2);
+        assert_eq!(checked_meta_size(&meta, text.len()), Ok(text.len()));
+        let err = checked_meta_size(&meta, text.len() - 1).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]

@@ -147,6 +147,13 @@ impl ExitWatch {
         Ok(watch)
     }
 
+    /// The watched process's pidfs inode, which names it for the whole
+    /// boot; `None` on a kernel whose pidfds have none (see
+    /// [`pidfs_inode`]).
+    pub fn pidfs_inode(&self) -> Option<u64> {
+        pidfs_inode(&self.fd)
+    }
+
     /// Whether the watched process has exited, without waiting.
     pub fn has_exited(&self) -> bool {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};

@@ -34,6 +34,9 @@ const SOCKET: &str = "PRESENCE_IDENTITY_SOCKET";
 const CONNECT_THEN_FORK: &str = "connect-then-fork";
 /// The whole pid-reuse scenario, inside a new pid namespace.
 const PID_REUSE_INSIDE: &str = "pid-reuse-inside";
+/// The pid-reuse scenario with a stranger that is watched and started
+/// within the same clock tick, inside a new pid namespace.
+const SAME_TICK_INSIDE: &str = "same-tick-inside";
 
 /// The track the forked child sends once told to: a `process` entry with
 /// no `pid`, so tied to the connection's own process.
@@ -86,15 +89,26 @@ fn connect_then_fork() {
     // no lock), and ends by SIGKILL.
     match unsafe { nix::unistd::fork() }.expect("fork") {
         nix::unistd::ForkResult::Parent { child } => println!("forked {child}"),
-        nix::unistd::ForkResult::Child => track_when_told(&stream),
+        nix::unistd::ForkResult::Child => {
+            use std::os::fd::BorrowedFd;
+            // SAFETY: stdin and stdout stay open for the life of the process.
+            let (stdin, stdout) = unsafe { (BorrowedFd::borrow_raw(0), BorrowedFd::borrow_raw(1)) };
+            track_when_told(&stream, stdin, stdout)
+        }
     }
 }
 
-/// The forked child of [`connect_then_fork`].
-fn track_when_told(stream: &std::os::unix::net::UnixStream) -> ! {
-    use std::os::fd::BorrowedFd;
-    // SAFETY: stdin and stdout stay open for the life of the process.
-    let (stdin, stdout) = unsafe { (BorrowedFd::borrow_raw(0), BorrowedFd::borrow_raw(1)) };
+/// The forked child of a client that has exited: waits for a byte on
+/// `stdin`, sends [`TRACK_WITHOUT_PID`] on `stream`, writes the reply to
+/// `stdout` as `reply: LINE`, and ends. End of input instead of the byte
+/// ends it at once. Makes nothing but system calls, so that it may run in
+/// the fork of a process with threads.
+fn track_when_told(
+    stream: impl std::os::fd::AsFd,
+    stdin: std::os::fd::BorrowedFd<'_>,
+    stdout: std::os::fd::BorrowedFd<'_>,
+) -> ! {
+    let stream = stream.as_fd();
     let mut go = [0u8; 1];
     // End of input: the test is over without needing us.
     if rustix::io::read(stdin, &mut go) == Ok(1) && write_all(stream, TRACK_WITHOUT_PID) {
@@ -303,6 +317,224 @@ async fn a_track_without_pid_is_never_tied_to_another_users_process_that_reused_
         .expect("the scenario ends in time")
         .expect("unshare runs");
     assert_passed(&output, "the scenario in a new pid namespace");
+}
+
+/// A client of uid 65534 that connected, had its connection accepted,
+/// forked and exited, all within a few milliseconds: the fork of this
+/// process, with no `exec` (which alone would take longer than a tick of
+/// the clock that start times count in). Its child keeps the connection
+/// and tracks without `pid` when told.
+struct QuickClient {
+    pid: u32,
+    /// Its start time, read while it was a zombie, before it was reaped.
+    start_time: u64,
+    /// A byte tells the child to track; closing it ends the child.
+    go: std::io::PipeWriter,
+    /// The child writes the track's reply here.
+    replies: std::io::PipeReader,
+}
+
+impl QuickClient {
+    fn start(socket: &Path) -> QuickClient {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+        // Everything the fork needs is made first: after it, the child
+        // makes only system calls.
+        let address = UnixAddr::new(socket).expect("socket address");
+        let stream = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        // Closed on exec, so that no other process started meanwhile holds
+        // an end.
+        let (go_read, go_write) = std::io::pipe().expect("pipe");
+        let (replies_read, replies_write) = std::io::pipe().expect("pipe");
+        // SAFETY: the child makes nothing but system calls on what exists
+        // before the fork (no allocation, no lock), and ends by `_exit` or
+        // SIGKILL.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                quick_client(&stream, &address, &go_read, &go_write, &replies_write)
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop((stream, go_read, replies_write));
+                let pid = u32::try_from(child.as_raw()).expect("a pid");
+                use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+                waitid(Id::Pid(child), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+                    .expect("wait for the client");
+                let start_time = presenced::sys::process_start_time(pid).expect("its start time");
+                let status = waitpid(child, None).expect("reap the client");
+                assert_eq!(status, WaitStatus::Exited(child, 0), "the client failed");
+                QuickClient {
+                    pid,
+                    start_time,
+                    go: go_write,
+                    replies: replies_read,
+                }
+            }
+        }
+    }
+
+    /// Tells the child to track without `pid`, and returns the reply.
+    async fn track(mut self) -> Value {
+        use std::io::Read as _;
+        tokio::task::spawn_blocking(move || {
+            self.go.write_all(b"g").expect("tell the child");
+            let mut said = String::new();
+            self.replies
+                .read_to_string(&mut said)
+                .expect("read the reply");
+            let reply = said.strip_prefix("reply: ").expect("a reply line");
+            serde_json::from_str(reply.trim_end()).expect("the reply is JSON")
+        })
+        .await
+        .expect("the reply")
+    }
+}
+
+/// The fork of [`QuickClient::start`]: becomes uid 65534, connects, waits
+/// for the answer to a `ping` (the daemon has accepted and pinned it),
+/// forks the child that keeps the connection, and exits 0. Any failure
+/// exits 1.
+fn quick_client(
+    stream: &std::os::fd::OwnedFd,
+    address: &nix::sys::socket::UnixAddr,
+    go_read: &std::io::PipeReader,
+    go_write: &std::io::PipeWriter,
+    replies: &std::io::PipeWriter,
+) -> ! {
+    use nix::libc;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let nobody = libc::c_long::from(NOBODY);
+    // SAFETY: raw system calls, which act on this thread alone: the only
+    // one the fork has. None of them touches memory.
+    let became_nobody = unsafe {
+        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0
+            && libc::syscall(libc::SYS_setresgid, nobody, nobody, nobody) == 0
+            && libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody) == 0
+    };
+    let mut answer = [0u8; 256];
+    let mut len = 0;
+    let pinged = became_nobody
+        && nix::sys::socket::connect(stream.as_raw_fd(), address).is_ok()
+        && write_all(stream, b"{\"id\":0,\"op\":\"ping\"}\n")
+        && loop {
+            match rustix::io::read(stream, &mut answer[len..]) {
+                Ok(0) | Err(_) => break false,
+                Ok(read) => len += read,
+            }
+            if answer[..len].contains(&b'\n') || len == answer.len() {
+                break answer[..len].windows(9).any(|w| w == b"\"ok\":true");
+            }
+        };
+    if !pinged {
+        // SAFETY: ends this process at once, as a fork's child should.
+        unsafe { libc::_exit(1) }
+    }
+    // SAFETY: as for the fork that made this process.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // Only the test may hold the writing end, so that closing it
+            // ends this child.
+            let _ = nix::unistd::close(go_write.as_raw_fd());
+            track_when_told(stream, go_read.as_fd(), replies.as_fd())
+        }
+        // SAFETY: as above.
+        Ok(nix::unistd::ForkResult::Parent { .. }) => unsafe { libc::_exit(0) },
+        Err(_) => unsafe { libc::_exit(1) },
+    }
+}
+
+/// The [`SAME_TICK_INSIDE`] part, run as pid 1 of a new pid namespace:
+/// a client of uid 65534 connects, forks and exits, and root's process
+/// takes its pid within the same tick of the clock, so that the two have
+/// the same pid and start time. Root has an entry for its process, so the
+/// daemon watches it. The client's child, still holding the connection,
+/// tracks without a pid: that must not find root's watched process and
+/// pass it for the connection's own.
+async fn same_tick_inside() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let presence = binary_for_nobody(dir.path());
+    let socket = dir.path().join("run/presenced.sock");
+    let db = dir.path().join("state/presence.db");
+    let _daemon = start_daemon(as_nobody(&presence), &socket, &db, &[]).await;
+    let mut root = RawConnection::connect(&socket).await;
+
+    let deadline = Instant::now() + DEADLINE;
+    let mut attempts = 0;
+    let (client, mut stranger) = loop {
+        attempts += 1;
+        let client = QuickClient::start(&socket);
+        let stranger = spawn_with_pid(client.pid);
+        let started = presenced::sys::process_start_time(client.pid).expect("its start time");
+        if started == client.start_time {
+            break (client, stranger);
+        }
+        // Not within the same tick: the child ends with its input, and
+        // another client tries.
+        drop(client);
+        end(stranger);
+        assert!(
+            Instant::now() < deadline,
+            "no stranger started within the client's tick in {attempts} attempts"
+        );
+    };
+    eprintln!(
+        "client {} and the stranger both started at tick {} (attempt {attempts})",
+        client.pid, client.start_time
+    );
+
+    // Root's entry for its process: the daemon now watches it.
+    let track = format!(
+        r#"{{"id":1,"op":"track","topic":"doc","key":"stranger","lifetime":"process","pid":{}}}"#,
+        client.pid
+    );
+    let tracked = root.request(&track).await;
+    assert_eq!(tracked["ok"], true, "{tracked}");
+
+    assert_refused_as_exited(&client.track().await);
+    let listed = root.request(r#"{"id":2,"op":"list","topic":"doc"}"#).await;
+    let keys: Vec<&String> = listed["presences"]
+        .as_object()
+        .expect("presences")
+        .keys()
+        .collect();
+    assert_eq!(keys, ["stranger"], "{listed}");
+    end(&mut stranger);
+}
+
+fn end(mut process: impl std::borrow::BorrowMut<std::process::Child>) {
+    let process = process.borrow_mut();
+    let _ = process.kill();
+    let _ = process.wait();
+}
+
+#[tokio::test]
+#[ignore = "needs root: unshare, setpriv, ns_last_pid"]
+async fn a_track_without_pid_is_never_tied_to_a_watched_process_that_took_the_pid_within_a_tick() {
+    const TEST: &str =
+        "a_track_without_pid_is_never_tied_to_a_watched_process_that_took_the_pid_within_a_tick";
+    if role().as_deref() == Some(SAME_TICK_INSIDE) {
+        return same_tick_inside().await;
+    }
+    let mut inside = Command::new("unshare");
+    inside
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(std::env::current_exe().expect("this test binary"));
+    this_test(&mut inside, TEST, SAME_TICK_INSIDE);
+    inside
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(2 * DEADLINE, inside.output())
+        .await
+        .expect("the scenario ends in time")
+        .expect("unshare runs");
+    assert_passed(&output, "the scenario in a new pid namespace");
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[tokio::test]

@@ -3,13 +3,17 @@
 //! says so and exits 4, and a session forgets the entry instead of taking
 //! it back. Otherwise the removed holder goes on believing it owns the
 //! topic while the next in line is promoted: two owners of one file.
+//!
+//! The same holds after another connection updated the entry first, which
+//! gives it a new ref: the holder is told the new ref (an `updated`
+//! event), so that it knows the removal that names it for its own.
 
 mod common;
 
 use common::shared::SharedDaemon;
 use common::{Daemon, NOBODY, Running, spawn_sleeper, within};
 use presenced::client::{Reconnect, Session, SessionEvent, SessionEvents};
-use presenced::protocol::{Event, Lifetime, Removal, TrackRequest};
+use presenced::protocol::{Event, Lifetime, Removal, Revision, TrackRequest};
 use serde_json::json;
 
 /// The keys present on a topic.
@@ -208,6 +212,213 @@ async fn a_session_forgets_a_removed_entry_and_does_not_join_it_again_after_a_re
         .await
         .expect("status");
     assert_eq!(status.entries, 0);
+}
+
+/// The ref of the one entry on `topic`.
+async fn only_ref(daemon: &Daemon, topic: &str) -> String {
+    let (client, _events) = daemon.client().await;
+    let listed = within("list", client.list(topic)).await.expect("list");
+    let metas: Vec<_> = listed
+        .state
+        .presences
+        .values()
+        .flat_map(|presence| presence.metas.iter())
+        .collect();
+    assert_eq!(metas.len(), 1, "{listed:?}");
+    metas[0].phx_ref.clone()
+}
+
+/// Runs `presence update TOPIC --ref REF --meta META` and returns the
+/// entry's new ref, from `updated TOPIC, ref NEW (was REF)`.
+async fn update_elsewhere(daemon: &Daemon, topic: &str, phx_ref: &str, meta: &str) -> String {
+    let mut update = daemon.spawn(&["update", topic, "--ref", phx_ref, "--meta", meta]);
+    let said = update.line().await;
+    assert_eq!(update.exit_code().await, Some(0), "{said}");
+    let new_ref = said
+        .strip_prefix(&format!("updated {topic}, ref "))
+        .and_then(|rest| rest.strip_suffix(&format!(" (was {phx_ref})")))
+        .unwrap_or_else(|| panic!("unexpected: {said}"));
+    new_ref.to_owned()
+}
+
+#[tokio::test]
+async fn a_join_is_told_of_an_update_from_elsewhere_and_of_the_removal_that_follows() {
+    let daemon = Daemon::start().await;
+    let (uid, user) = me();
+    // The editor holds the topic for as long as it runs.
+    let mut editor = daemon.spawn(&["join", "doc2", "--key", "editor"]);
+    assert_eq!(editor.line().await, "owner");
+    let first_ref = only_ref(&daemon, "doc2").await;
+
+    // From another connection (root may change any entry), the entry is
+    // updated, which gives it a new ref, then removed by that ref.
+    let mut update = daemon.spawn(&[
+        "update",
+        "doc2",
+        "--ref",
+        &first_ref,
+        "--meta",
+        r#"{"file":"b.md"}"#,
+    ]);
+    let update_pid = update.pid();
+    let said = update.line().await;
+    assert_eq!(update.exit_code().await, Some(0), "{said}");
+    assert_eq!(
+        editor.line().await,
+        format!(r#"updated by {user} (uid {uid}, pid {update_pid}), meta {{"file":"b.md"}}"#)
+    );
+    let new_ref = only_ref(&daemon, "doc2").await;
+    assert_ne!(new_ref, first_ref);
+    let mut leave = daemon.spawn(&["leave", "doc2", "--ref", &new_ref]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.exit_code().await, Some(0));
+
+    // The editor knows the removal is of its own entry, and stops.
+    assert_eq!(
+        editor.line().await,
+        format!("removed by {user} (uid {uid}, pid {leave_pid})")
+    );
+    assert_eq!(editor.exit_code().await, Some(4));
+    // Whoever joins next is the one owner.
+    let next = daemon
+        .output(&["join", "doc2", "--detach", "--key", "next"])
+        .await;
+    assert_eq!(next.status.code(), Some(0));
+    assert_eq!(keys(&daemon, "doc2").await, ["next"]);
+}
+
+#[tokio::test]
+async fn a_waiting_join_whose_process_entry_is_updated_then_removed_by_its_user_exits_4() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let owner = daemon
+        .output(&["join", "lock", "--detach", "--key", "a", "--pid", &pid])
+        .await;
+    assert_eq!(owner.status.code(), Some(0));
+    let mut waiter = daemon.spawn(&[
+        "join",
+        "lock",
+        "--detach",
+        "--wait-owner",
+        "--key",
+        "b",
+        "--pid",
+        &pid,
+    ]);
+    let waiting = waiter.line().await;
+    let waiting_ref = waiting
+        .rsplit_once(", ref ")
+        .map(|(_, phx_ref)| phx_ref.to_owned())
+        .unwrap_or_else(|| panic!("unexpected: {waiting}"));
+
+    // The same user, from another shell: a process entry is its to change.
+    let new_ref = update_elsewhere(&daemon, "lock", &waiting_ref, r#"{"step":2}"#).await;
+    let (uid, user) = me();
+    let told = waiter.line().await;
+    assert!(
+        told.starts_with(&format!("updated by {user} (uid {uid}, pid "))
+            && told.ends_with(&format!(r#"), meta {{"step":2}}, ref {new_ref}"#)),
+        "{told}"
+    );
+    let mut leave = daemon.spawn(&["leave", "lock", "--ref", &new_ref]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.exit_code().await, Some(0));
+    assert_eq!(
+        waiter.line().await,
+        format!("removed by {user} (uid {uid}, pid {leave_pid})")
+    );
+    assert_eq!(waiter.exit_code().await, Some(4));
+    assert_eq!(keys(&daemon, "lock").await, ["a"]);
+}
+
+#[tokio::test]
+async fn a_session_follows_an_update_from_elsewhere_and_forgets_the_entry_when_it_is_removed() {
+    for lifetime in [Lifetime::Connection, Lifetime::Process] {
+        let mut daemon = Daemon::start().await;
+        let sleeper = spawn_sleeper();
+        let connected = daemon.client().await;
+        let (session, mut events) = Session::new(&daemon.socket, connected, Reconnect::default());
+        let mut request = TrackRequest::new("doc", "held");
+        request.lifetime = lifetime;
+        if lifetime == Lifetime::Process {
+            request.pid = sleeper.id();
+        }
+        let held = within("track", session.track(request))
+            .await
+            .expect("track");
+
+        // Another connection updates the entry, then removes it by its new
+        // ref. (The test runs as root, which may change any entry; a
+        // process entry its own user may change too.)
+        let mut other = daemon.raw().await;
+        let update = json!({"op": "update", "id": 1, "topic": "doc", "ref": held.phx_ref,
+                            "meta": {"file": "b.md"}});
+        let updated = other.request(&update.to_string()).await;
+        let new_ref = updated["ref"].as_str().expect("a new ref").to_owned();
+        let revision: Revision = next_session_event(&mut events, |event| match event {
+            SessionEvent::Event(Event::Updated { payload, .. }) => Some(payload.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(
+            (revision.prev_ref.as_str(), revision.phx_ref.as_str()),
+            (held.phx_ref.as_str(), new_ref.as_str()),
+            "{lifetime:?}"
+        );
+        assert_eq!(revision.meta["file"], "b.md");
+        let untrack = json!({"op": "untrack", "id": 2, "topic": "doc", "ref": new_ref});
+        assert_eq!(other.request(&untrack.to_string()).await["removed"], 1);
+        let removal: Removal = next_session_event(&mut events, |event| match event {
+            SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(removal.phx_ref, new_ref);
+        drop(other);
+
+        // After a restart the session has nothing to take back: it knew
+        // the removed ref for its entry's.
+        daemon.crash().await;
+        daemon.start_again(&[]).await;
+        next_session_event(&mut events, |event| {
+            matches!(event, SessionEvent::Reconnected).then_some(())
+        })
+        .await;
+        assert!(keys(&daemon, "doc").await.is_empty(), "{lifetime:?}");
+        let status = within("status", session.client().await.expect("client").status())
+            .await
+            .expect("status");
+        assert_eq!(status.entries, 0, "{lifetime:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_join_whose_entry_is_removed_while_the_daemon_restarts_hears_of_it_when_it_resumes() {
+    let mut daemon = Daemon::start().await;
+    let mut editor = daemon.spawn(&["join", "doc", "--key", "editor"]);
+    assert_eq!(editor.line().await, "owner");
+
+    // The editor is away (stopped) while the daemon restarts, so its
+    // entry waits to be resumed, held by no connection, when it is removed.
+    common::signal(editor.pid(), nix::sys::signal::Signal::SIGSTOP);
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+    let mut leave = daemon.spawn(&["leave", "doc", "--all", "--key", "editor"]);
+    let leave_pid = leave.pid();
+    assert_eq!(leave.line().await, "left doc (1 entry)");
+    assert_eq!(leave.exit_code().await, Some(0));
+
+    // Back, the editor resumes its entry: the daemon says who removed it,
+    // and the editor stops rather than join again.
+    common::signal(editor.pid(), nix::sys::signal::Signal::SIGCONT);
+    let (uid, user) = me();
+    assert_eq!(
+        editor.line().await,
+        format!("removed by {user} (uid {uid}, pid {leave_pid})")
+    );
+    assert_eq!(editor.exit_code().await, Some(4));
+    assert!(keys(&daemon, "doc").await.is_empty());
 }
 
 #[tokio::test]

@@ -172,13 +172,27 @@ place; without --detach it goes on holding the presence. If --timeout
 passes, a signal arrives, or the --pid process exits first, the entry is
 removed and join exits 3.
 
-Someone else may remove the entry while join holds it or waits with it:
-root, with `presence leave`, or your own user for a --detach entry. join
-then says who did it (with --json, it prints the daemon's removed event)
-and exits 4 at once, so that an editor or a script stops acting as the
-owner:
+Someone else may remove the entry while join is still running: root, with
+`presence leave`, at any time; or your own user, from another shell, while
+--detach --wait-owner waits (a --detach entry belongs to a process, and
+its user may remove it). join then says who did it (with --json, it
+prints the daemon's removed event) and exits 4 at once, so that an editor
+or a script stops acting as the owner:
 
-  removed by root (uid 0, pid 4711)";
+  removed by root (uid 0, pid 4711)
+
+A removal made while join was reconnecting to a restarted daemon is told
+when it gets back, and ends join the same way. A --detach join that has
+already exited hears nothing; `presence list` shows whether its entry is
+still there.
+
+The same people may instead replace the entry's meta with `presence
+update`, which gives the entry a new ref. join says who did it and what
+the meta is now, with --detach the new ref too (`presence leave --ref`
+needs it), and goes on (with --json, it prints the daemon's updated
+event):
+
+  updated by root (uid 0, pid 4711), meta {\"file\":\"b.md\"}, ref p14";
 
 const LEAVE_DETAILS: &str = "\
 Removes your entries on TOPIC: the one named by --ref, or those whose key
@@ -434,9 +448,9 @@ pub const PAGES: &[Page] = &[
             },
             Item {
                 name: "4",
-                text: "Another connection removed the entry while join held it or waited with \
-                       it (root's `presence leave`, or your own for a --detach entry); the line \
-                       before says who.",
+                text: "Someone else removed the entry while join was still running: root's \
+                       `presence leave`, or, while --detach --wait-owner waited, your own from \
+                       another shell. The line before says who.",
             },
         ],
         see_also: &[

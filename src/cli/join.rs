@@ -13,7 +13,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::{Outcome, Target, failed, login_name, parse_meta, parse_name, render};
 use crate::client::{SessionEvent, SessionEvents};
-use crate::protocol::{Event, Lifetime, Removal, Role, Standing, TrackReply, TrackRequest};
+use crate::protocol::{
+    Actor, Event, Lifetime, Removal, Revision, Role, Standing, TrackReply, TrackRequest,
+};
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -81,7 +83,7 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
         () = signals.recv() => anyhow::bail!("interrupted before joining {}", args.topic),
     };
 
-    let mut printer = Printer::new(&args);
+    let mut printer = Printer::new(&args, &tracked_key(&args));
     let held = hold(
         &args,
         &tracked,
@@ -226,8 +228,13 @@ fn outcome(role: Role) -> Outcome {
     }
 }
 
+/// The key the entry is tracked under.
+fn tracked_key(args: &JoinArgs) -> String {
+    args.key.clone().unwrap_or_else(login_name)
+}
+
 fn track_request(args: &JoinArgs, pid: Option<u32>) -> TrackRequest {
-    let mut request = TrackRequest::new(&args.topic, args.key.clone().unwrap_or_else(login_name));
+    let mut request = TrackRequest::new(&args.topic, tracked_key(args));
     request.meta = args.meta.clone().unwrap_or_default();
     request.pid = pid;
     if args.detach {
@@ -282,9 +289,10 @@ fn next_news(
             printer.event(&event)?;
             Ok(match event {
                 Event::Role { payload, .. } => News::Role(payload.standing.role),
-                Event::Removed { payload, .. } if payload.phx_ref == printer.phx_ref => {
-                    News::Removed
-                }
+                Event::Removed {
+                    topic: ref on,
+                    ref payload,
+                } if printer.holds(on, &payload.key) => News::Removed,
                 _ => News::Nothing,
             })
         }
@@ -347,20 +355,36 @@ struct Printer {
     json: bool,
     /// `--detach` names the entry, so that `leave --ref` can find it.
     show_ref: bool,
-    /// The entry's ref, which changes if it is tracked again.
+    /// The entry's topic and key. Its connection holds no other entry
+    /// there, so a `removed` or `updated` event for them is about the
+    /// entry, whatever ref it names.
+    topic: String,
+    key: String,
+    /// The entry's ref, which changes if it is tracked again or another
+    /// connection updates it.
     phx_ref: String,
     /// The last standing printed, in words.
     said: Option<String>,
 }
 
 impl Printer {
-    fn new(args: &JoinArgs) -> Printer {
+    fn new(args: &JoinArgs, key: &str) -> Printer {
         Printer {
             json: args.json,
             show_ref: args.detach,
+            topic: args.topic.clone(),
+            key: key.to_owned(),
             phx_ref: String::new(),
             said: None,
         }
+    }
+
+    /// Whether an event on `topic` for `key` is about the entry: matched
+    /// on both rather than the ref, so that an update nobody told this
+    /// command of (from a daemon that predates `updated` events) cannot
+    /// hide the entry's removal.
+    fn holds(&self, topic: &str, key: &str) -> bool {
+        topic == self.topic && key == self.key
     }
 
     /// A track reply: the first one, or one after the entry was tracked
@@ -379,12 +403,21 @@ impl Printer {
     fn event(&mut self, event: &Event) -> anyhow::Result<()> {
         if self.json {
             say!("{}", serde_json::to_string(event)?);
+            if let Event::Updated { topic, payload } = event
+                && self.holds(topic, &payload.key)
+            {
+                self.phx_ref.clone_from(&payload.phx_ref);
+            }
             return Ok(());
         }
         match event {
             Event::Role { payload, .. } => self.standing(&payload.standing)?,
-            Event::Removed { payload, .. } if payload.phx_ref == self.phx_ref => {
+            Event::Removed { topic, payload } if self.holds(topic, &payload.key) => {
                 say!("{}", removed_line(payload));
+            }
+            Event::Updated { topic, payload } if self.holds(topic, &payload.key) => {
+                self.phx_ref.clone_from(&payload.phx_ref);
+                say!("{}", updated_line(payload, self.show_ref));
             }
             _ => {}
         }
@@ -406,8 +439,30 @@ impl Printer {
 
 /// Who removed the entry, in words: `removed by root (uid 0, pid 4711)`.
 fn removed_line(removal: &Removal) -> String {
-    let by = &removal.by;
-    format!("removed by {} (uid {}, pid {})", by.user, by.uid, by.pid)
+    format!("removed by {}", actor(&removal.by))
+}
+
+/// Who updated the entry and what its meta is now, in words:
+/// `updated by root (uid 0, pid 4711), meta {"file":"b.md"}`, and with
+/// `--detach` its new ref, which `presence leave --ref` needs.
+fn updated_line(revision: &Revision, show_ref: bool) -> String {
+    let meta = render::client_meta(&revision.meta).unwrap_or_else(|| "{}".to_owned());
+    let mut line = format!("updated by {}, meta {meta}", actor(&revision.by));
+    if show_ref {
+        line = format!("{line}, ref {}", render::visible(&revision.phx_ref));
+    }
+    line
+}
+
+/// `root (uid 0, pid 4711)`; a user name is shown with its hidden
+/// characters escaped, as every name is.
+fn actor(by: &Actor) -> String {
+    format!(
+        "{} (uid {}, pid {})",
+        render::visible(&by.user),
+        by.uid,
+        by.pid
+    )
 }
 
 /// The track reply as one JSON line: what `--json` prints first, and again
@@ -418,4 +473,48 @@ fn track_line(tracked: &TrackReply) -> anyhow::Result<String> {
         fields.insert("ok".to_owned(), Value::Bool(true));
     }
     Ok(line.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::LeaveReason;
+
+    fn by(user: &str) -> Actor {
+        Actor {
+            uid: 1001,
+            user: user.to_owned(),
+            pid: 4711,
+        }
+    }
+
+    #[test]
+    fn who_removed_or_updated_an_entry_is_shown_with_hidden_characters_escaped() {
+        // A user name comes from the system's user database, which takes
+        // names the daemon would refuse as keys.
+        let removal = Removal {
+            phx_ref: "p3".to_owned(),
+            key: "editor".to_owned(),
+            reason: LeaveReason::Untrack,
+            by: by("eve\u{202e}toor\u{1b}[2J"),
+        };
+        assert_eq!(
+            removed_line(&removal),
+            "removed by eve\\u{202e}toor\\u{1b}[2J (uid 1001, pid 4711)"
+        );
+        let mut meta = Map::new();
+        meta.insert("file".to_owned(), Value::from("b\u{200b}.md"));
+        let revision = Revision {
+            phx_ref: "p4".to_owned(),
+            prev_ref: "p3".to_owned(),
+            key: "editor".to_owned(),
+            meta,
+            by: by("root"),
+        };
+        assert_eq!(
+            updated_line(&revision, false),
+            "updated by root (uid 1001, pid 4711), meta {\"file\":\"b\\u{200b}.md\"}"
+        );
+        assert!(updated_line(&revision, true).ends_with(", ref p4"));
+    }
 }

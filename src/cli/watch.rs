@@ -76,8 +76,12 @@ impl Timeline {
                 reasons,
                 ..
             } => self.diff(payload, owner.as_ref(), reasons),
-            // `removed` goes only to the entry's holder, never to a watcher.
-            Event::Role { .. } | Event::Shutdown { .. } | Event::Removed { .. } => Vec::new(),
+            // `removed` and `updated` go only to the entry's holder, never
+            // to a watcher, which sees the same change in the diff.
+            Event::Role { .. }
+            | Event::Shutdown { .. }
+            | Event::Removed { .. }
+            | Event::Updated { .. } => Vec::new(),
         }
     }
 

@@ -11,7 +11,19 @@
 //! An entry that another connection removed (root, or the same user for a
 //! `process` entry) is forgotten when its `removed` event arrives, which is
 //! passed on: taking it back after the next reconnect would make its
-//! holder an owner again behind the back of whoever is owner now.
+//! holder an owner again behind the back of whoever is owner now. One
+//! removed while the session was away is in the `removed` part of the
+//! `resume` reply, and is forgotten and passed on the same way. An entry
+//! another connection updated is known by its new ref and meta from its
+//! `updated` event on, so that a later `removed` event, a `role` event and
+//! a track after a restart all find it.
+//!
+//! The replies to the session's own calls and the daemon's events reach
+//! it by two roads, so one may overtake the other: a `removed` event can
+//! arrive before the reply of the track that made the entry, an `updated`
+//! event after the reply of a later update of the session's own. Each
+//! change of ref is therefore kept until the entry it names is held (see
+//! [`State::settle`]), and applied in the order the refs follow each other.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -24,8 +36,8 @@ use tokio::time::Instant;
 use super::{Client, ClientError, Events, lock};
 use crate::folder_watch::{FolderWatch, next_change};
 use crate::protocol::{
-    ErrorCode, Event, ResumeReply, RoleChange, Standing, TrackReply, TrackRequest, UntrackReply,
-    UntrackRequest, UpdateReply, UpdateRequest,
+    ErrorCode, Event, Removal, ResumeReply, Revision, RoleChange, Standing, TrackReply,
+    TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
 /// How a session gets its connection back.
@@ -65,7 +77,8 @@ pub enum SessionEvent {
     /// An event from the daemon, or a `role` event the session derived
     /// when a resumed entry's standing had changed while it was away. After
     /// a `removed` event the session no longer holds that entry, and will
-    /// neither resume it nor track it again.
+    /// neither resume it nor track it again; after an `updated` event it
+    /// knows the entry by its new ref and meta.
     Event(Event),
     /// The connection closed; the session is getting it back.
     Disconnected { reason: String },
@@ -99,6 +112,20 @@ struct Held {
     request: TrackRequest,
 }
 
+/// A new ref for an entry: its update, by the session or by another
+/// connection.
+struct Rename {
+    prev_ref: String,
+    phx_ref: String,
+    meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How many changes of ref, and refs removed, the session keeps for
+/// entries it does not hold (yet). Only a reply overtaken by an event
+/// leaves one waiting, and only for as long as the reply takes; the bound
+/// is for entries tracked around the session, through [`Session::client`].
+const MAX_WAITING_NOTICES: usize = 64;
+
 #[derive(Default)]
 struct State {
     held: Vec<Held>,
@@ -106,6 +133,11 @@ struct State {
     /// Counts connections. A track answered on an old connection after the
     /// new one resumed everything must resume its entry itself.
     generation: u64,
+    /// Changes of ref not yet applied: the entry they name is not held
+    /// under that ref yet.
+    renames: Vec<Rename>,
+    /// Refs the daemon removed that no held entry had yet.
+    gone: Vec<String>,
 }
 
 impl State {
@@ -113,9 +145,46 @@ impl State {
         self.held.iter_mut().find(|held| held.phx_ref == phx_ref)
     }
 
-    /// Forgets an entry the daemon says is gone.
-    fn forget(&mut self, phx_ref: &str) {
-        self.held.retain(|held| held.phx_ref != phx_ref);
+    /// Forgets an entry another connection removed: the held entry with
+    /// the event's ref. Every change of ref reaches the session (the
+    /// daemon sends `updated` for another connection's update), so the
+    /// ref is exact; when no held entry has it, the entry is not held yet
+    /// (its track's reply is on its way) and is forgotten when it is. A
+    /// match on topic and key instead could take a newer entry for the
+    /// same key, tracked after the removal, for the removed one.
+    fn forget(&mut self, removal: &Removal) {
+        push_bounded(&mut self.gone, removal.phx_ref.clone());
+        self.settle();
+    }
+
+    /// Notes an entry's new ref and meta, and applies it as soon as the
+    /// entry is held under its previous ref.
+    fn rename(&mut self, rename: Rename) {
+        push_bounded(&mut self.renames, rename);
+        self.settle();
+    }
+
+    /// Applies every change of ref that names a held entry, in the order
+    /// the refs follow each other, then forgets held entries that were
+    /// removed.
+    fn settle(&mut self) {
+        while let Some(index) = self
+            .renames
+            .iter()
+            .position(|r| self.held.iter().any(|h| h.phx_ref == r.prev_ref))
+        {
+            let rename = self.renames.remove(index);
+            if let Some(held) = self.held_by_ref(&rename.prev_ref) {
+                held.phx_ref = rename.phx_ref;
+                held.request.meta = rename.meta;
+            }
+        }
+        let gone = std::mem::take(&mut self.gone);
+        let (removed, waiting): (Vec<String>, Vec<String>) = gone
+            .into_iter()
+            .partition(|phx_ref| self.held.iter().any(|h| &h.phx_ref == phx_ref));
+        self.held.retain(|h| !removed.contains(&h.phx_ref));
+        self.gone = waiting;
     }
 
     fn take_by_token(&mut self, token: &str) -> Option<Held> {
@@ -212,7 +281,7 @@ impl Session {
     pub async fn track(&self, request: TrackRequest) -> Result<TrackReply, ClientError> {
         let (client, generation) = self.connection().await?;
         let reply = client.track(request.clone()).await?;
-        let crossed_reconnect = {
+        let (crossed_reconnect, still_held) = {
             let mut state = lock(&self.state);
             state.held.push(Held {
                 topic: request.topic.clone(),
@@ -221,9 +290,12 @@ impl Session {
                 standing: reply.standing.clone(),
                 request,
             });
-            state.generation != generation
+            // An event about the entry may have come ahead of this reply.
+            state.settle();
+            let still_held = state.held.iter().any(|h| h.token == reply.resume_token);
+            (state.generation != generation, still_held)
         };
-        if crossed_reconnect {
+        if crossed_reconnect && still_held {
             // The reply arrived after the new connection resumed everything
             // it knew of, so this entry must be resumed on its own. Any
             // consequence (it expired and was tracked again) is reported
@@ -279,10 +351,11 @@ impl Session {
     pub async fn update(&self, request: UpdateRequest) -> Result<UpdateReply, ClientError> {
         let reply = self.client().await?.update(request.clone()).await?;
         // The entry keeps its token under its new ref.
-        if let Some(held) = lock(&self.state).held_by_ref(&reply.prev_ref) {
-            held.phx_ref = reply.phx_ref.clone();
-            held.request.meta = request.meta;
-        }
+        lock(&self.state).rename(Rename {
+            prev_ref: reply.prev_ref.clone(),
+            phx_ref: reply.phx_ref.clone(),
+            meta: request.meta,
+        });
         Ok(reply)
     }
 
@@ -389,7 +462,8 @@ impl Supervisor {
                     continue;
                 }
                 Event::Role { payload, .. } => note_standing(&self.state, payload),
-                Event::Removed { payload, .. } => lock(&self.state).forget(&payload.phx_ref),
+                Event::Removed { payload, .. } => lock(&self.state).forget(payload),
+                Event::Updated { payload, .. } => lock(&self.state).rename(renamed(payload)),
                 _ => {}
             }
             self.emit(SessionEvent::Event(event));
@@ -479,6 +553,23 @@ impl Supervisor {
     }
 }
 
+/// The change of ref an `updated` event announces.
+fn renamed(revision: &Revision) -> Rename {
+    Rename {
+        prev_ref: revision.prev_ref.clone(),
+        phx_ref: revision.phx_ref.clone(),
+        meta: revision.meta.clone(),
+    }
+}
+
+/// Adds to a list that keeps only the newest [`MAX_WAITING_NOTICES`].
+fn push_bounded<T>(list: &mut Vec<T>, item: T) {
+    if list.len() >= MAX_WAITING_NOTICES {
+        list.remove(0);
+    }
+    list.push(item);
+}
+
 /// Records a standing the daemon announced for a held entry.
 fn note_standing(state: &Mutex<State>, change: &RoleChange) {
     if let Some(held) = lock(state).held_by_ref(&change.phx_ref) {
@@ -487,7 +578,9 @@ fn note_standing(state: &Mutex<State>, change: &RoleChange) {
 }
 
 /// Takes in a `resume` reply: a changed standing becomes a `role` event,
-/// an expired entry is tracked again, a refused one is given up.
+/// an expired entry is tracked again, a refused one is given up, and one
+/// another connection removed meanwhile is forgotten and reported as the
+/// `removed` event the session would have had, had it been connected.
 async fn apply_resume(
     state: &Mutex<State>,
     client: &Client,
@@ -497,6 +590,14 @@ async fn apply_resume(
     for (phx_ref, standing) in resumed.roles {
         if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
             let _ = out.send(SessionEvent::Event(role));
+        }
+    }
+    for (token, removed) in resumed.removed {
+        if lock(state).take_by_token(&token).is_some() {
+            let _ = out.send(SessionEvent::Event(Event::Removed {
+                topic: removed.topic,
+                payload: removed.removal,
+            }));
         }
     }
     for token in resumed.expired {
@@ -586,5 +687,105 @@ async fn track_again(
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Actor, LeaveReason, Role};
+
+    fn held(phx_ref: &str, key: &str) -> Held {
+        Held {
+            topic: "doc".to_owned(),
+            phx_ref: phx_ref.to_owned(),
+            token: format!("token-of-{key}"),
+            standing: Standing {
+                role: Role::Owner,
+                readonly: false,
+                position: 0,
+                owner: None,
+            },
+            request: TrackRequest::new("doc", key),
+        }
+    }
+
+    fn removal(phx_ref: &str, key: &str) -> Removal {
+        Removal {
+            phx_ref: phx_ref.to_owned(),
+            key: key.to_owned(),
+            reason: LeaveReason::Untrack,
+            by: Actor {
+                uid: 0,
+                user: "root".to_owned(),
+                pid: 1,
+            },
+        }
+    }
+
+    fn rename(prev_ref: &str, phx_ref: &str, file: &str) -> Rename {
+        let mut meta = serde_json::Map::new();
+        meta.insert("file".to_owned(), file.into());
+        Rename {
+            prev_ref: prev_ref.to_owned(),
+            phx_ref: phx_ref.to_owned(),
+            meta,
+        }
+    }
+
+    fn refs(state: &State) -> Vec<&str> {
+        state.held.iter().map(|h| h.phx_ref.as_str()).collect()
+    }
+
+    #[test]
+    fn an_entry_updated_elsewhere_is_known_by_its_new_ref_and_forgotten_by_it() {
+        let mut state = State::default();
+        state.held.extend([held("p1", "a"), held("p2", "b")]);
+        state.rename(rename("p1", "p3", "b.md"));
+        assert_eq!(refs(&state), ["p3", "p2"]);
+        assert_eq!(state.held[0].request.meta["file"], "b.md");
+        assert_eq!(state.held[0].token, "token-of-a", "the token stays");
+        state.forget(&removal("p3", "a"));
+        assert_eq!(refs(&state), ["p2"]);
+        assert!(state.renames.is_empty() && state.gone.is_empty());
+    }
+
+    #[test]
+    fn an_event_that_overtakes_a_reply_waits_for_the_entry_it_names() {
+        // The entry was removed before the reply of its track was taken in.
+        let mut state = State::default();
+        state.forget(&removal("p1", "a"));
+        state.held.push(held("p1", "a"));
+        state.settle();
+        assert!(refs(&state).is_empty());
+
+        // Another connection's update (p2 to p3) came after the session's
+        // own (p1 to p2), but its event overtook the reply.
+        let mut state = State::default();
+        state.held.push(held("p1", "a"));
+        state.rename(rename("p2", "p3", "theirs"));
+        assert_eq!(refs(&state), ["p1"]);
+        state.rename(rename("p1", "p2", "ours"));
+        assert_eq!(refs(&state), ["p3"]);
+        assert_eq!(state.held[0].request.meta["file"], "theirs");
+
+        // A removal of a newer ref than the session knows waits for it.
+        let mut state = State::default();
+        state.held.push(held("p1", "a"));
+        state.forget(&removal("p2", "a"));
+        assert_eq!(refs(&state), ["p1"]);
+        state.rename(rename("p1", "p2", "ours"));
+        assert!(refs(&state).is_empty());
+    }
+
+    #[test]
+    fn notices_about_entries_never_held_are_bounded() {
+        let mut state = State::default();
+        for n in 0..3 * MAX_WAITING_NOTICES {
+            state.forget(&removal(&format!("p{n}"), "a"));
+            state.rename(rename(&format!("q{n}"), &format!("r{n}"), "x"));
+        }
+        assert_eq!(state.gone.len(), MAX_WAITING_NOTICES);
+        assert_eq!(state.renames.len(), MAX_WAITING_NOTICES);
     }
 }

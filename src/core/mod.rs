@@ -795,7 +795,9 @@ fn line_kind(event: &Event) -> LineKind {
         Event::PresenceState { topic, .. } => LineKind::State(topic.clone()),
         Event::PresenceDiff { topic, .. } => LineKind::Diff(topic.clone()),
         Event::Role { payload, .. } => LineKind::Role(payload.phx_ref.clone()),
-        Event::Shutdown { .. } | Event::Removed { .. } => LineKind::Notice,
+        // Never dropped nor coalesced: a holder that missed one would go
+        // on acting on an entry that is gone, or that has another ref.
+        Event::Shutdown { .. } | Event::Removed { .. } | Event::Updated { .. } => LineKind::Notice,
     }
 }
 

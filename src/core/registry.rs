@@ -23,11 +23,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent, HistoryKind,
-    KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta, OutgoingReply,
-    Owner, Presences, Removal, Remover, ReplyFields, ResumeReply, Role, RoleChange, Standing,
-    TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply,
-    UpdateRequest, validate_meta, validate_name,
+    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent,
+    HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
+    OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply, Revision,
+    Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
+    UntrackRequest, UpdateReply, UpdateRequest, checked_meta_size, meta_size, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -35,6 +35,18 @@ pub type ConnId = u64;
 
 /// The SHA-256 of a resume token. Only the hash is ever stored.
 pub type TokenHash = [u8; 32];
+
+/// How long, at least, a `resume` of an entry that another connection
+/// removed says so, rather than `expired`: longer than a session waits for
+/// its daemon to come back (30 s), so that it learns of the removal
+/// instead of tracking the entry again. An entry restored after a restart
+/// is remembered until its own resume deadline, if that is later.
+const TOMBSTONE_MILLIS: i64 = 60_000;
+
+/// The most removed entries remembered at once. Past it, the one to be
+/// forgotten soonest goes first, and its `resume` says `expired`: a user
+/// who removes entries in a loop costs the daemon at most this many.
+const MAX_TOMBSTONES: usize = 4096;
 
 /// A process, pinned by its start time so that a reused pid is not mistaken
 /// for the process that joined.
@@ -245,11 +257,28 @@ struct Connection {
     subscriptions: BTreeSet<String>,
 }
 
-/// Where an entry lives, found by its ref.
+/// Where an entry lives, found by its ref, and the size of its meta.
 #[derive(Debug, Clone)]
 struct Location {
     topic: String,
     seq: u64,
+    /// The client meta, serialized, as `--max-meta` measures it: measured
+    /// once, when the meta arrives, and kept with the entry through every
+    /// take and insert (a detach, a resume, a rolled-back batch).
+    meta_bytes: usize,
+}
+
+/// An entry another connection removed, remembered by its token's hash so
+/// that a `resume` of it can say so: a client that was away when it was
+/// removed (its connection closed, or the daemon restarted) would
+/// otherwise find the token `expired` and track the entry again.
+#[derive(Debug, Clone, PartialEq)]
+struct Tombstone {
+    /// The entry's uid: only a connection of that uid may learn of it, as
+    /// only one of that uid could have resumed it.
+    uid: u32,
+    expires_at: i64,
+    removed: RemovedEntry,
 }
 
 /// What one uid holds, for its quotas.
@@ -307,10 +336,14 @@ struct Claimed {
 enum Undo {
     /// An entry was inserted under this ref: take it out again.
     Inserted(String),
-    /// An entry was taken out: put it back as it was.
-    Taken(Box<Entry>),
+    /// An entry was taken out: put it back as it was, with its meta's size.
+    Taken(Box<Entry>, usize),
     /// A connection closed: put it back with what it held.
     Closed(ConnId, Connection),
+    /// A removed entry was remembered: forget it again.
+    Buried(TokenHash),
+    /// A removed entry was forgotten: remember it again.
+    Unburied(TokenHash, Box<Tombstone>),
     Subscribed {
         conn: ConnId,
         topic: String,
@@ -339,6 +372,8 @@ enum Resumption {
     },
     /// No entry this connection may resume has the token.
     Expired,
+    /// Another connection removed the entry while none held it.
+    Removed(RemovedEntry),
     /// The entry exists and is free, but this connection may not hold it.
     Refused(ErrorBody),
 }
@@ -359,6 +394,10 @@ pub struct Registry {
     uid_exempt_from_quotas: Option<u32>,
     /// Restored entries waiting to be resumed, soonest deadline first.
     awaiting_resume: BTreeSet<(i64, String)>,
+    /// Entries other connections removed, by their tokens' hashes; and
+    /// the same, soonest to be forgotten first.
+    tombstones: HashMap<TokenHash, Tombstone>,
+    tombstones_by_expiry: BTreeSet<(i64, TokenHash)>,
     conns: HashMap<ConnId, Connection>,
     /// The next value for a seq or a ref; both draw from it, so neither is
     /// ever reused.
@@ -377,6 +416,8 @@ impl Registry {
             by_process: HashMap::new(),
             by_token: HashMap::new(),
             awaiting_resume: BTreeSet::new(),
+            tombstones: HashMap::new(),
+            tombstones_by_expiry: BTreeSet::new(),
             usage_by_uid: HashMap::new(),
             uid_exempt_from_quotas: None,
             conns: HashMap::new(),
@@ -401,7 +442,8 @@ impl Registry {
                 registry.next_seq = registry.next_seq.max(number.saturating_add(1));
             }
             registry.last_joined_at = registry.last_joined_at.max(entry.joined_at);
-            registry.insert(entry);
+            let meta_bytes = meta_size(&entry.meta);
+            registry.insert(entry, meta_bytes);
         }
         registry
     }
@@ -554,14 +596,16 @@ impl Registry {
     /// A process entry outlives its connection: it stays, held by nobody,
     /// until its process exits or a connection resumes it.
     fn detach(&mut self, phx_ref: &str) {
-        if let Some(mut entry) = self.take(phx_ref) {
+        if let Some((mut entry, meta_bytes)) = self.take(phx_ref) {
             entry.conn = None;
-            self.insert(entry);
+            self.insert(entry, meta_bytes);
         }
     }
 
-    /// Restored entries whose resume deadline has passed leave.
+    /// Restored entries whose resume deadline has passed leave, and
+    /// removed entries remembered long enough are forgotten.
     pub fn expire(&mut self, now: i64, out: &mut Outbox) {
+        self.forget_tombstones_due(now);
         let expired = self
             .awaiting_resume
             .iter()
@@ -599,7 +643,7 @@ impl Registry {
                 self.remove_subscription(conn, &topic);
                 Ok(ReplyFields::none())
             }
-            Op::Resume(tokens) => Ok(self.resume(conn, tokens)),
+            Op::Resume(tokens) => Ok(self.resume(conn, tokens, now)),
         };
         // The reply goes ahead of the events its op caused: a client learns
         // the outcome of its request before anything that follows from it.
@@ -627,7 +671,7 @@ impl Registry {
         let limits = self.limits;
         validate_name("topic", &request.topic, limits.max_name_bytes)?;
         validate_name("key", &request.key, limits.max_name_bytes)?;
-        validate_meta(&request.meta, limits.max_meta_bytes)?;
+        let meta_bytes = checked_meta_size(&request.meta, limits.max_meta_bytes)?;
         self.check_room_for(conn, &request.topic, &request.key)?;
         let peer = self
             .conns
@@ -652,7 +696,7 @@ impl Registry {
             entries: usage.entries,
             meta_bytes: usage.meta_bytes,
         };
-        self.check_quotas(peer.uid, &claimed, meta_bytes(&request.meta))?;
+        self.check_quotas(peer.uid, &claimed, meta_bytes)?;
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
@@ -684,7 +728,7 @@ impl Registry {
         if self.topic(&request.topic).entries.is_empty() {
             out.history(&entry, HistoryKind::Owner, None, joined_at);
         }
-        self.insert(entry);
+        self.insert(entry, meta_bytes);
 
         let topic = self.topic(&request.topic);
         let reply = TrackReply {
@@ -743,6 +787,7 @@ impl Registry {
         };
         let removed = refs.len();
         self.tell_holders_of_removal(conn, &refs, LeaveReason::Untrack, out);
+        self.remember_removals(conn, &refs, LeaveReason::Untrack, now);
         let leaving = refs
             .into_iter()
             .map(|r| (r, LeaveReason::Untrack))
@@ -764,7 +809,7 @@ impl Registry {
         reason: LeaveReason,
         out: &mut Outbox,
     ) {
-        let Some(remover) = self.conns.get(&conn).map(|c| &c.peer) else {
+        let Some(remover) = self.actor(conn) else {
             return;
         };
         for entry in refs.iter().filter_map(|phx_ref| self.entry(phx_ref)) {
@@ -777,15 +822,127 @@ impl Registry {
                     phx_ref: entry.phx_ref.clone(),
                     key: entry.key.clone(),
                     reason,
-                    by: Remover {
-                        uid: remover.uid,
-                        user: remover.user.clone(),
-                        pid: remover.pid,
-                    },
+                    by: remover.clone(),
                 },
             };
             out.event(vec![holder], removed);
         }
+    }
+
+    /// Remembers, by their tokens, the entries of `refs` that `conn` is
+    /// removing but does not hold, so that a `resume` of one of them says
+    /// who removed it. This matters most for an entry no connection holds
+    /// (restored after a restart, or a `process` entry whose connection
+    /// closed), whose client no `removed` event can reach; it also covers
+    /// a holder whose connection broke before its event got through.
+    fn remember_removals(&mut self, conn: ConnId, refs: &[String], reason: LeaveReason, now: i64) {
+        let Some(by) = self.actor(conn) else {
+            return;
+        };
+        let tombstones: Vec<(TokenHash, Tombstone)> = refs
+            .iter()
+            .filter_map(|phx_ref| self.entry(phx_ref))
+            .filter(|entry| entry.conn != Some(conn))
+            .map(|entry| {
+                let expires_at = now
+                    .saturating_add(TOMBSTONE_MILLIS)
+                    .max(entry.resume_deadline.unwrap_or(i64::MIN));
+                let removed = RemovedEntry {
+                    topic: entry.topic.clone(),
+                    removal: Removal {
+                        phx_ref: entry.phx_ref.clone(),
+                        key: entry.key.clone(),
+                        reason,
+                        by: by.clone(),
+                    },
+                };
+                let tombstone = Tombstone {
+                    uid: entry.uid,
+                    expires_at,
+                    removed,
+                };
+                (entry.token_hash, tombstone)
+            })
+            .collect();
+        if tombstones.is_empty() {
+            return;
+        }
+        self.forget_tombstones_due(now);
+        for (hash, tombstone) in tombstones {
+            while self.tombstones.len() >= MAX_TOMBSTONES {
+                let Some(&(_, oldest)) = self.tombstones_by_expiry.first() else {
+                    break;
+                };
+                self.unbury(&oldest);
+            }
+            self.bury(hash, tombstone);
+        }
+    }
+
+    /// Forgets the removed entries remembered until `now` or earlier.
+    fn forget_tombstones_due(&mut self, now: i64) {
+        while let Some(&(expires_at, hash)) = self.tombstones_by_expiry.first() {
+            if expires_at > now {
+                break;
+            }
+            self.unbury(&hash);
+        }
+    }
+
+    fn bury(&mut self, hash: TokenHash, tombstone: Tombstone) {
+        if let Some(replaced) = self.tombstones.remove(&hash) {
+            self.tombstones_by_expiry
+                .remove(&(replaced.expires_at, hash));
+        }
+        self.tombstones_by_expiry
+            .insert((tombstone.expires_at, hash));
+        self.tombstones.insert(hash, tombstone);
+        self.record(|| Undo::Buried(hash));
+    }
+
+    fn unbury(&mut self, hash: &TokenHash) {
+        let Some(tombstone) = self.tombstones.remove(hash) else {
+            return;
+        };
+        self.tombstones_by_expiry
+            .remove(&(tombstone.expires_at, *hash));
+        self.record(|| Undo::Unburied(*hash, Box::new(tombstone)));
+    }
+
+    /// Tells the connection that holds `updated`, unless that is `conn`
+    /// which updated it, the entry's new ref and meta and who changed them.
+    /// Otherwise the holder would go on naming the entry by a ref that no
+    /// longer exists: it would miss a later `removed` event for it, and a
+    /// client that reconnects would not know its own entry.
+    fn tell_holder_of_update(&self, conn: ConnId, updated: &Entry, out: &mut Outbox) {
+        let Some(holder) = updated.conn.filter(|holder| *holder != conn) else {
+            return;
+        };
+        let (Some(by), Some(prev_ref)) = (self.actor(conn), updated.prev_ref.clone()) else {
+            return;
+        };
+        let event = Event::Updated {
+            topic: updated.topic.clone(),
+            payload: Revision {
+                phx_ref: updated.phx_ref.clone(),
+                prev_ref,
+                key: updated.key.clone(),
+                meta: updated.meta.clone(),
+                by,
+            },
+        };
+        out.event(vec![holder], event);
+    }
+
+    /// Who is acting through `conn`, as the holder of an entry it changes
+    /// is told.
+    fn actor(&self, conn: ConnId) -> Option<Actor> {
+        let peer = &self.conns.get(&conn)?.peer;
+        Some(Actor {
+            uid: peer.uid,
+            user: peer.user.clone(),
+            pid: peer.pid,
+        })
     }
 
     fn update(
@@ -795,7 +952,7 @@ impl Registry {
         now: i64,
         out: &mut Outbox,
     ) -> Result<ReplyFields, ErrorBody> {
-        validate_meta(&request.meta, self.limits.max_meta_bytes)?;
+        let new_bytes = checked_meta_size(&request.meta, self.limits.max_meta_bytes)?;
         let old_ref = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => phx_ref.clone(),
             (None, Some(key)) => self.only_ref_for_key(conn, &request.topic, key)?,
@@ -806,8 +963,8 @@ impl Registry {
                 ));
             }
         };
-        let entry = match self.entry(&old_ref) {
-            Some(entry) if entry.topic == request.topic => entry,
+        let (entry, old_bytes) = match self.located(&old_ref) {
+            Some((entry, bytes)) if entry.topic == request.topic => (entry, bytes),
             _ => {
                 return Err(ErrorBody::new(
                     ErrorCode::NotFound,
@@ -818,7 +975,6 @@ impl Registry {
         self.check_may_change(conn, entry)?;
         // Only growth is weighed: a user over the quota (it was lowered
         // across a restart) may still shrink a meta.
-        let (old_bytes, new_bytes) = (meta_bytes(&entry.meta), meta_bytes(&request.meta));
         if new_bytes > old_bytes {
             let held = self.usage(entry.uid).meta_bytes - old_bytes;
             self.check_meta_quota(entry.uid, held, new_bytes)?;
@@ -826,7 +982,7 @@ impl Registry {
 
         let old_meta = entry.to_meta();
         let new_ref = ref_for(self.take_seq());
-        let Some(mut entry) = self.take(&old_ref) else {
+        let Some((mut entry, _)) = self.take(&old_ref) else {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no entry `{old_ref}`"),
@@ -840,7 +996,8 @@ impl Registry {
         out.changes.push(Change::Delete(old_ref.clone()));
         out.changes.push(Change::Put(Box::new(entry.clone())));
         out.history(&entry, HistoryKind::Update, None, now);
-        self.insert(entry);
+        self.tell_holder_of_update(conn, &entry, out);
+        self.insert(entry, new_bytes);
 
         let mut diff = Diff::default();
         diff.leaves.insert(
@@ -945,18 +1102,21 @@ impl Registry {
         }
     }
 
-    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>) -> ReplyFields {
+    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>, now: i64) -> ReplyFields {
         let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
             return ReplyFields::of(&outcome);
         };
         for (token, hash) in tokens {
-            match self.resume_one(conn, uid, &hash) {
+            match self.resume_one(conn, uid, &hash, now) {
                 Resumption::Resumed { phx_ref, standing } => {
                     outcome.roles.insert(phx_ref.clone(), standing);
                     outcome.resumed.push(phx_ref);
                 }
                 Resumption::Expired => outcome.expired.push(token),
+                Resumption::Removed(removed) => {
+                    outcome.removed.insert(token, removed);
+                }
                 Resumption::Refused(error) => {
                     outcome.refused.insert(token, error);
                 }
@@ -967,14 +1127,21 @@ impl Registry {
 
     /// Gives the connection the entry with this token, if it is free, of
     /// the connection's uid, and within the rules `track` applies.
-    fn resume_one(&mut self, conn: ConnId, uid: u32, hash: &TokenHash) -> Resumption {
+    fn resume_one(&mut self, conn: ConnId, uid: u32, hash: &TokenHash, now: i64) -> Resumption {
         let resumable = self
             .by_token
             .get(hash)
-            .and_then(|phx_ref| self.entry(phx_ref))
-            .filter(|e| e.uid == uid && e.conn.is_none());
-        let Some(entry) = resumable else {
-            return Resumption::Expired;
+            .and_then(|phx_ref| self.located(phx_ref))
+            .filter(|(e, _)| e.uid == uid && e.conn.is_none());
+        let Some((entry, meta_bytes)) = resumable else {
+            let removed = self
+                .tombstones
+                .get(hash)
+                .filter(|t| t.uid == uid && t.expires_at > now);
+            return match removed {
+                Some(tombstone) => Resumption::Removed(tombstone.removed.clone()),
+                None => Resumption::Expired,
+            };
         };
         if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
             return Resumption::Refused(error);
@@ -990,18 +1157,18 @@ impl Registry {
                 entries: usage.entries - usage.awaiting_entries,
                 meta_bytes: usage.meta_bytes - usage.awaiting_meta_bytes,
             };
-            if let Err(error) = self.check_quotas(uid, &claimed, meta_bytes(&entry.meta)) {
+            if let Err(error) = self.check_quotas(uid, &claimed, meta_bytes) {
                 return Resumption::Refused(error);
             }
         }
         let phx_ref = entry.phx_ref.clone();
-        let Some(mut entry) = self.take(&phx_ref) else {
+        let Some((mut entry, meta_bytes)) = self.take(&phx_ref) else {
             return Resumption::Expired;
         };
         entry.conn = Some(conn);
         entry.resume_deadline = None;
         let (topic, seq) = (entry.topic.clone(), entry.seq);
-        self.insert(entry);
+        self.insert(entry, meta_bytes);
         Resumption::Resumed {
             standing: self.topic(&topic).standing(seq),
             phx_ref,
@@ -1016,7 +1183,7 @@ impl Registry {
     fn remove(&mut self, leaving: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
         let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
         for (phx_ref, reason) in leaving {
-            let Some(entry) = self.take(&phx_ref) else {
+            let Some((entry, _)) = self.take(&phx_ref) else {
                 continue;
             };
             out.changes.push(Change::Delete(phx_ref));
@@ -1080,12 +1247,15 @@ impl Registry {
 
     // -- indexes ------------------------------------------------------------
 
-    fn insert(&mut self, entry: Entry) {
+    /// Puts an entry into every index; `meta_bytes` is the size of its
+    /// meta, which was measured when the meta arrived.
+    fn insert(&mut self, entry: Entry, meta_bytes: usize) {
         self.refs.insert(
             entry.phx_ref.clone(),
             Location {
                 topic: entry.topic.clone(),
                 seq: entry.seq,
+                meta_bytes,
             },
         );
         self.by_process
@@ -1101,7 +1271,7 @@ impl Registry {
         self.usage_by_uid
             .entry(entry.uid)
             .or_default()
-            .count(&entry, meta_bytes(&entry.meta));
+            .count(&entry, meta_bytes);
         if let Some(connection) = entry.conn.and_then(|c| self.conns.get_mut(&c)) {
             connection.entries.insert(entry.phx_ref.clone());
             connection
@@ -1115,8 +1285,9 @@ impl Registry {
         self.record(|| Undo::Inserted(phx_ref));
     }
 
-    /// Removes an entry from every index and returns it.
-    fn take(&mut self, phx_ref: &str) -> Option<Entry> {
+    /// Removes an entry from every index and returns it, with the size of
+    /// its meta.
+    fn take(&mut self, phx_ref: &str) -> Option<(Entry, usize)> {
         let location = self.refs.remove(phx_ref)?;
         let entry = self
             .topics
@@ -1134,7 +1305,7 @@ impl Registry {
             self.awaiting_resume.remove(&(deadline, phx_ref.to_owned()));
         }
         if let Some(usage) = self.usage_by_uid.get_mut(&entry.uid) {
-            usage.uncount(&entry, meta_bytes(&entry.meta));
+            usage.uncount(&entry, location.meta_bytes);
             if usage.entries == 0 {
                 self.usage_by_uid.remove(&entry.uid);
             }
@@ -1145,8 +1316,8 @@ impl Registry {
                 .keys
                 .remove(&(entry.topic.clone(), entry.key.clone()));
         }
-        self.record(|| Undo::Taken(Box::new(entry.clone())));
-        Some(entry)
+        self.record(|| Undo::Taken(Box::new(entry.clone()), location.meta_bytes));
+        Some((entry, location.meta_bytes))
     }
 
     /// A topic's entries under one key, in join order.
@@ -1162,8 +1333,18 @@ impl Registry {
     }
 
     fn entry(&self, phx_ref: &str) -> Option<&Entry> {
+        self.located(phx_ref).map(|(entry, _)| entry)
+    }
+
+    /// The entry with this ref, and the size of its meta.
+    fn located(&self, phx_ref: &str) -> Option<(&Entry, usize)> {
         let location = self.refs.get(phx_ref)?;
-        self.topics.get(&location.topic)?.entries.get(&location.seq)
+        let entry = self
+            .topics
+            .get(&location.topic)?
+            .entries
+            .get(&location.seq)?;
+        Some((entry, location.meta_bytes))
     }
 
     // -- the journal ----------------------------------------------------------
@@ -1181,14 +1362,16 @@ impl Registry {
     fn undo(&mut self, undo: Undo) {
         match undo {
             Undo::Inserted(phx_ref) => {
-                if let Some(entry) = self.take(&phx_ref) {
+                if let Some((entry, _)) = self.take(&phx_ref) {
                     self.drop_topic_if_unused(&entry.topic);
                 }
             }
-            Undo::Taken(entry) => self.insert(*entry),
+            Undo::Taken(entry, meta_bytes) => self.insert(*entry, meta_bytes),
             Undo::Closed(conn, connection) => {
                 self.conns.insert(conn, connection);
             }
+            Undo::Buried(hash) => self.unbury(&hash),
+            Undo::Unburied(hash, tombstone) => self.bury(hash, *tombstone),
             Undo::Subscribed { conn, topic } => self.remove_subscription(conn, &topic),
             Undo::Unsubscribed { conn, topic } => {
                 self.insert_subscription(conn, &topic);
@@ -1398,26 +1581,6 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
-}
-
-/// A client meta's size as `--max-meta` measures it: compact JSON. Counted
-/// without building the text.
-fn meta_bytes(meta: &Map<String, Value>) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // A map with string keys always serializes, and the counter takes
-    // every byte.
-    let _ = serde_json::to_writer(&mut counter, meta);
-    counter.0
 }
 
 /// A request raced with its connection's close; nobody will read the reply.

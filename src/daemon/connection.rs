@@ -366,10 +366,11 @@ fn handle_line(
                 }
             };
             if let TrackTarget::Pinned(pinned) = target
-                && let Some(_watched) = shared.pids.hold_if_watched(pinned.process)
+                && let Some(_watched) = shared.pids.hold_if_watched(&pinned)
             {
-                // The peer's process is watched already: no new watch, and
-                // its exit waits for this track to reach the core.
+                // The peer's very process (by its pidfs inode, where it has
+                // one) is watched already: no new watch, and its exit
+                // waits for this track to reach the core.
                 let command = match own_process_track(request, pinned.process, &shared.limits) {
                     Ok(track) => Command::Request {
                         conn,

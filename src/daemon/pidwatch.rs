@@ -5,6 +5,12 @@
 //! many entries it owns. Where the kernel has no pidfds the watcher falls
 //! back to looking at `/proc` on an interval, and says so in the log and in
 //! `status`.
+//!
+//! A watched process is known by its pidfs inode where pidfds have one
+//! (Linux 6.9 on), and only otherwise by its pid and start time: the start
+//! time counts in ticks of 10 ms, within which a pid can pass to another
+//! process where pids are few, and a track of a connection's own process
+//! that finds it watched needs no watch of its own.
 
 use std::collections::HashSet;
 use std::io;
@@ -25,8 +31,24 @@ pub struct PidWatcher {
     inner: Arc<Inner>,
 }
 
+/// How a watched process is told apart from every other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Watched {
+    /// By its pidfs inode, never given to another process in the boot.
+    Inode(u64),
+    /// By pid and start time, where pidfds have no inode of their own (or
+    /// there is no pidfd, and `/proc` is polled).
+    Process(ProcessId),
+}
+
+impl Watched {
+    fn of(process: ProcessId, pidfs_inode: Option<u64>) -> Watched {
+        pidfs_inode.map_or(Watched::Process(process), Watched::Inode)
+    }
+}
+
 struct Inner {
-    watched: Mutex<HashSet<ProcessId>>,
+    watched: Mutex<HashSet<Watched>>,
     core: Sender<Command>,
     polling: AtomicBool,
 }
@@ -67,7 +89,7 @@ impl PidWatcher {
     pub fn prepare_pid(&self, pid: u32) -> io::Result<(ProcessId, Prepared)> {
         let watch = self.open_unless_polling(ExitWatch::open_pid(pid))?;
         let process = sys::process_id(pid)?;
-        let prepared = Prepared { process, watch };
+        let prepared = Prepared::new(process, watch);
         if !prepared.still_running() {
             return Err(io::Error::from(io::ErrorKind::NotFound));
         }
@@ -89,7 +111,7 @@ impl PidWatcher {
     }
 
     fn prepared(&self, process: ProcessId, watch: Option<ExitWatch>) -> io::Result<Prepared> {
-        let prepared = Prepared { process, watch };
+        let prepared = Prepared::new(process, watch);
         if !prepared.still_running() {
             return Err(io::Error::from(io::ErrorKind::NotFound));
         }
@@ -110,24 +132,32 @@ impl PidWatcher {
         }
     }
 
-    /// Holds the watch list if `process` is on it. While the returned guard
-    /// lives, the process's exit cannot reach the core, so a track sent
-    /// under it arrives first, as a track sent before [`PidWatcher::arm`]
-    /// does. Tracks of an already watched process need no new watch.
-    pub fn hold_if_watched(&self, process: ProcessId) -> Option<impl Sized + '_> {
+    /// Holds the watch list if a connection's pinned process is on it.
+    /// While the returned guard lives, the process's exit cannot reach the
+    /// core, so a track sent under it arrives first, as a track sent
+    /// before [`PidWatcher::arm`] does. Tracks of an already watched
+    /// process need no new watch.
+    ///
+    /// The process is looked for as [`ExitWatch::open_peer`] would confirm
+    /// it: by its pidfs inode where it has one. Its pid and start time
+    /// alone could name another process that was given its pid within the
+    /// same tick of the clock, perhaps another user's, watched for entries
+    /// of its own.
+    pub fn hold_if_watched(&self, peer: &PinnedPeer) -> Option<impl Sized + '_> {
         let watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
-        watched.contains(&process).then_some(watched)
+        let key = Watched::of(peer.process, peer.pidfs_inode);
+        watched.contains(&key).then_some(watched)
     }
 
     /// Starts watching, unless the process is already watched.
     pub fn arm(&self, prepared: Prepared) {
         let mut watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
-        if !watched.insert(prepared.process) {
+        if !watched.insert(prepared.key) {
             return;
         }
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
-            let process = prepared.process;
+            let (process, key) = (prepared.process, prepared.key);
             if let Err(e) = sys::exited(process, prepared.watch, POLL_INTERVAL).await {
                 // The pidfd could not be waited on (out of resources to
                 // register it); the process may well live on, so polling
@@ -142,7 +172,7 @@ impl PidWatcher {
             // Removing and sending under the lock keeps the order: a track
             // for this process that saw it watched was sent before this.
             let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
-            watched.remove(&process);
+            watched.remove(&key);
             let _ = inner.core.send(Command::ProcessExited(process));
         });
     }
@@ -162,10 +192,7 @@ impl PidWatcher {
                     pid = process.pid,
                     "cannot open a pidfd ({e}); watching the process by polling /proc"
                 );
-                self.arm(Prepared {
-                    process,
-                    watch: None,
-                });
+                self.arm(Prepared::new(process, None));
             }
         }
     }
@@ -174,10 +201,20 @@ impl PidWatcher {
 /// A watch opened but not yet running.
 pub struct Prepared {
     process: ProcessId,
+    key: Watched,
     watch: Option<ExitWatch>,
 }
 
 impl Prepared {
+    fn new(process: ProcessId, watch: Option<ExitWatch>) -> Prepared {
+        let inode = watch.as_ref().and_then(ExitWatch::pidfs_inode);
+        Prepared {
+            process,
+            key: Watched::of(process, inode),
+            watch,
+        }
+    }
+
     /// Whether the pinned process still runs.
     pub fn still_running(&self) -> bool {
         match &self.watch {
@@ -193,4 +230,58 @@ fn warn_polling() {
         "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
         POLL_INTERVAL
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process of our own to watch, pinned as a connection's would be.
+    fn pinned_child() -> (std::process::Child, PinnedPeer) {
+        let child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let process = sys::process_id(child.id()).unwrap();
+        let inode = ExitWatch::open_pid(child.id()).unwrap().pidfs_inode();
+        let peer = PinnedPeer {
+            process,
+            own_pid: child.id(),
+            in_nested_pid_namespace: false,
+            pidfs_inode: inode,
+        };
+        (child, peer)
+    }
+
+    #[tokio::test]
+    async fn a_watched_process_is_known_by_its_inode_not_by_pid_and_start_time_alone() {
+        let (core, exits) = std::sync::mpsc::channel();
+        let pids = PidWatcher::new(core);
+        let (mut child, peer) = pinned_child();
+        assert!(pids.hold_if_watched(&peer).is_none(), "not watched yet");
+        pids.arm(pids.prepare_peer(&peer).unwrap());
+        assert!(pids.hold_if_watched(&peer).is_some());
+        if let Some(inode) = peer.pidfs_inode {
+            // Another process with the same pid and start time: one that
+            // was given the pid within the same tick, after ours exited.
+            let impostor = PinnedPeer {
+                pidfs_inode: Some(inode + 1),
+                ..peer
+            };
+            assert!(
+                pids.hold_if_watched(&impostor).is_none(),
+                "a pid and start time are not enough to pass for a watched process"
+            );
+        }
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let exited = tokio::task::spawn_blocking(move || {
+            exits.recv_timeout(Duration::from_secs(10)).unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(exited, Command::ProcessExited(p) if p == peer.process));
+        assert!(pids.hold_if_watched(&peer).is_none(), "no longer watched");
+    }
 }

@@ -348,6 +348,7 @@ fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
                 Event::Role { .. } => "role",
                 Event::Shutdown { .. } => "shutdown",
                 Event::Removed { .. } => "removed",
+                Event::Updated { .. } => "updated",
             }),
             _ => None,
         })
@@ -1876,7 +1877,7 @@ fn root_removing_an_entry_tells_its_holder_who_did_it_before_anything_else() {
         phx_ref: owner.phx_ref.clone(),
         key: "alice".to_owned(),
         reason: LeaveReason::Untrack,
-        by: Remover {
+        by: Actor {
             uid: ROOT,
             user: "root".to_owned(),
             pid: process_of(root).pid,
@@ -1919,6 +1920,162 @@ fn no_removed_event_for_ones_own_untrack_or_an_entry_nobody_holds() {
     let c = h.connect(ALICE);
     h.track_process(c, "doc", "exits");
     assert!(removals(&h.process_exited(process_of(c))).is_empty());
+}
+
+/// The `updated` events of an outbox, as (recipient, topic, payload).
+fn revisions(out: &Outbox) -> Vec<(ConnId, String, Revision)> {
+    out.deliveries
+        .iter()
+        .filter_map(|delivery| match delivery {
+            Delivery::Event {
+                to,
+                event: Event::Updated { topic, payload },
+            } => {
+                assert_eq!(to.len(), 1, "an updated event has one recipient");
+                Some((to[0], topic.clone(), payload.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_update_from_another_connection_tells_the_holder_its_new_ref_and_meta() {
+    let mut h = Harness::new();
+    let (editor, root) = (h.connect(ALICE), h.connect(ROOT));
+    let held = h.track(editor, "doc", "alice");
+    h.subscribe(editor, "doc");
+
+    let out = h.update_ref(root, "doc", &held.phx_ref, meta(json!({"file": "b.md"})));
+    let reply: UpdateReply = ok_reply(&out, root);
+    let revision = Revision {
+        phx_ref: reply.phx_ref.clone(),
+        prev_ref: held.phx_ref.clone(),
+        key: "alice".to_owned(),
+        meta: meta(json!({"file": "b.md"})),
+        by: Actor {
+            uid: ROOT,
+            user: "root".to_owned(),
+            pid: process_of(root).pid,
+        },
+    };
+    assert_eq!(revisions(&out), [(editor, "doc".to_owned(), revision)]);
+    // Before the diff that shows the change, as a removal is.
+    assert_eq!(kinds_for(&out, editor), ["updated", "presence_diff"]);
+    assert_eq!(kinds_for(&out, root), ["reply"]);
+
+    // Under its new ref, a removal from elsewhere is announced with it.
+    let out = h.untrack_ref(root, "doc", &reply.phx_ref);
+    let told = removals(&out);
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].1.phx_ref, reply.phx_ref);
+}
+
+#[test]
+fn no_updated_event_for_ones_own_update_or_an_entry_nobody_holds() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(ALICE));
+    let own = h.track(a, "doc", "own");
+    assert!(revisions(&h.update_ref(a, "doc", &own.phx_ref, Map::new())).is_empty());
+    assert!(revisions(&h.update_key(a, "doc", "own")).is_empty());
+    let left = h.track_process(a, "doc", "left");
+    h.close(a);
+    let out = h.update_ref(b, "doc", &left.phx_ref, Map::new());
+    let _: UpdateReply = ok_reply(&out, b);
+    assert!(revisions(&out).is_empty());
+}
+
+#[test]
+fn a_resume_of_an_entry_removed_while_nobody_held_it_says_who_removed_it() {
+    let mut waiting = stored_entry(3, "doc", "x", Lifetime::Connection, "tok-3");
+    waiting.resume_deadline = Some(2_000);
+    let detached = stored_entry(5, "doc", "y", Lifetime::Process, "tok-5");
+    let mut h = Harness::around(Registry::restore(
+        Limits::default(),
+        vec![waiting, detached],
+        6,
+    ));
+    let root = h.connect(ROOT);
+    assert_eq!(
+        ok_reply::<UntrackReply>(&h.untrack_key(root, "doc", "x"), root).removed,
+        1
+    );
+    // The same user's other connection may remove a process entry.
+    let other = h.connect(ALICE);
+    assert_eq!(
+        ok_reply::<UntrackReply>(&h.untrack_ref(other, "doc", "p5"), other).removed,
+        1
+    );
+
+    // Someone else's resume of the tokens learns nothing.
+    let bob = h.connect(BOB);
+    let reply: ResumeReply = ok_reply(&h.resume(bob, &["tok-3", "tok-5"]), bob);
+    assert_eq!(reply.expired, ["tok-3", "tok-5"]);
+    assert!(reply.removed.is_empty());
+
+    let client = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["tok-3", "tok-5"]), client);
+    assert!(reply.resumed.is_empty() && reply.expired.is_empty());
+    let removed = &reply.removed["tok-3"];
+    assert_eq!(removed.topic, "doc");
+    assert_eq!(
+        removed.removal,
+        Removal {
+            phx_ref: "p3".to_owned(),
+            key: "x".to_owned(),
+            reason: LeaveReason::Untrack,
+            by: Actor {
+                uid: ROOT,
+                user: "root".to_owned(),
+                pid: process_of(root).pid,
+            },
+        }
+    );
+    assert_eq!(reply.removed["tok-5"].removal.by.pid, process_of(other).pid);
+
+    // Remembered for a while only: then the tokens are merely expired.
+    h.now += TOMBSTONE_MILLIS;
+    h.expire();
+    assert!(h.registry.tombstones.is_empty() && h.registry.tombstones_by_expiry.is_empty());
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["tok-3", "tok-5"]), client);
+    assert_eq!(reply.expired, ["tok-3", "tok-5"]);
+}
+
+#[test]
+fn ones_own_untrack_is_not_remembered_and_removed_entries_are_remembered_within_a_bound() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let own = h.track_process(a, "doc", "own");
+    h.untrack_ref(a, "doc", &own.phx_ref);
+    assert!(h.registry.tombstones.is_empty());
+
+    let stored = (1..=MAX_TOMBSTONES as u64 + 1)
+        .map(|seq| {
+            stored_entry(
+                seq,
+                "doc",
+                &format!("k{seq}"),
+                Lifetime::Process,
+                &format!("t{seq}"),
+            )
+        })
+        .collect();
+    let mut h = Harness::around(Registry::restore(Limits::default(), stored, 1));
+    let root = h.connect(ROOT);
+    for seq in 1..=MAX_TOMBSTONES as u64 + 1 {
+        h.now += 1;
+        h.untrack_ref(root, "doc", &format!("p{seq}"));
+    }
+    assert_eq!(h.registry.tombstones.len(), MAX_TOMBSTONES);
+    let client = h.connect(ALICE);
+    let last = format!("t{}", MAX_TOMBSTONES + 1);
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["t1", &last]), client);
+    assert_eq!(
+        reply.expired,
+        ["t1"],
+        "the one to be forgotten first goes first"
+    );
+    assert_eq!(reply.removed.keys().collect::<Vec<_>>(), [&last]);
 }
 
 // ---------------------------------------------------------------------------
@@ -2292,6 +2449,9 @@ struct Model {
     conns: BTreeMap<ConnId, ModelConn>,
     /// The registry's limits, which a restart may change.
     limits: Limits,
+    /// Entries another connection removed, by token: (uid, remembered
+    /// until, ref).
+    tombstones: BTreeMap<String, (u32, i64, String)>,
 }
 
 impl Model {
@@ -2406,6 +2566,21 @@ impl Model {
         (role, role == Role::Spectator, position, owner)
     }
 
+    /// Remembers the entries `conn` removed but did not hold, for a
+    /// `resume` of them to say so.
+    fn bury(&mut self, gone: &[ModelEntry], conn: ConnId, now: i64) {
+        if self.uid_of(conn).is_none() {
+            return;
+        }
+        for entry in gone.iter().filter(|e| e.conn != Some(conn)) {
+            let until = (now + TOMBSTONE_MILLIS).max(entry.deadline.unwrap_or(i64::MIN));
+            self.tombstones.insert(
+                entry.token.clone(),
+                (entry.uid, until, entry.phx_ref.clone()),
+            );
+        }
+    }
+
     fn remove_where(&mut self, leaves: impl Fn(&ModelEntry) -> bool) -> Vec<ModelEntry> {
         let (gone, kept) = std::mem::take(&mut self.entries)
             .into_iter()
@@ -2489,6 +2664,9 @@ struct Expected {
     states: Vec<(ConnId, String)>,
     /// (holder, ref, remover's uid) of each `removed` event.
     removed: Vec<(ConnId, String, u32)>,
+    /// (holder, previous ref, new ref, updater's uid) of each `updated`
+    /// event.
+    updated: Vec<(ConnId, String, String, u32)>,
 }
 
 impl Expected {
@@ -2727,6 +2905,7 @@ impl World {
                     Some(_) => {
                         assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 1);
                         let gone = self.model.remove_where(|e| e.phx_ref == phx_ref);
+                        self.model.bury(&gone, conn, self.now);
                         let expected = Expected::untracked(&self.model, &gone, conn);
                         (out, expected)
                     }
@@ -2758,6 +2937,7 @@ impl World {
                     removable.len()
                 );
                 let gone = self.model.remove_where(|e| removable.contains(&e.phx_ref));
+                self.model.bury(&gone, conn, self.now);
                 let expected = if gone.is_empty() {
                     Expected::default()
                 } else {
@@ -3046,12 +3226,21 @@ impl World {
         entry.phx_ref = reply.phx_ref.clone();
         entry.meta_bytes = meta_bytes;
         let (topic, token) = (entry.topic.clone(), entry.token.clone());
+        let mut expected = Expected::default();
+        if let Some(holder) = entry.conn.filter(|holder| *holder != conn) {
+            let by = self
+                .model
+                .uid_of(conn)
+                .expect("only an open connection updates");
+            expected
+                .updated
+                .push((holder, old_ref.to_owned(), reply.phx_ref.clone(), by));
+        }
         self.issued.push(Issued {
             phx_ref: reply.phx_ref.clone(),
             topic: topic.clone(),
             token,
         });
-        let mut expected = Expected::default();
         let to = self.model.subscribers(&topic);
         if !to.is_empty() {
             expected.diffs.push(ExpectedDiff {
@@ -3152,6 +3341,7 @@ impl World {
         let mut resumed = Vec::new();
         let mut expired = Vec::new();
         let mut refused = BTreeMap::new();
+        let mut removed = BTreeMap::new();
         if let Some(uid) = self.model.uid_of(conn) {
             for token in tokens {
                 let found = self
@@ -3160,7 +3350,15 @@ impl World {
                     .iter()
                     .position(|e| e.token == token && e.uid == uid && e.conn.is_none());
                 let Some(index) = found else {
-                    expired.push(token);
+                    let exists = self.model.entries.iter().any(|e| e.token == token);
+                    match self.model.tombstones.get(&token) {
+                        Some((of, until, phx_ref))
+                            if !exists && *of == uid && *until > self.now =>
+                        {
+                            removed.insert(token, phx_ref.clone());
+                        }
+                        _ => expired.push(token),
+                    }
                     continue;
                 };
                 let entry = &self.model.entries[index];
@@ -3185,6 +3383,12 @@ impl World {
         }
         assert_eq!(reply.resumed, resumed);
         assert_eq!(reply.expired, expired);
+        let told: BTreeMap<String, String> = reply
+            .removed
+            .iter()
+            .map(|(token, entry)| (token.clone(), entry.removal.phx_ref.clone()))
+            .collect();
+        assert_eq!(told, removed, "tokens of removed entries");
         assert_eq!(refused_codes(&out, conn), refused, "refused tokens");
         assert_eq!(
             reply.roles.keys().cloned().collect::<BTreeSet<_>>(),
@@ -3223,6 +3427,8 @@ impl World {
             self.registry.next_seq(),
         ));
         self.model.conns.clear();
+        // What was removed is remembered in memory only.
+        self.model.tombstones.clear();
         for entry in &mut self.model.entries {
             entry.conn = None;
             entry.deadline = (entry.lifetime == Lifetime::Connection).then_some(deadline);
@@ -3264,6 +3470,7 @@ impl World {
         let mut diffs = Vec::new();
         let mut states = Vec::new();
         let mut removed = Vec::new();
+        let mut updated = Vec::new();
         for delivery in &out.deliveries {
             let Delivery::Event { to, event } = delivery else {
                 continue;
@@ -3339,9 +3546,28 @@ impl World {
                     assert_eq!(issued.map(|i| &i.topic), Some(topic));
                     removed.push((to[0], payload.phx_ref.clone(), payload.by.uid));
                 }
+                Event::Updated { topic, payload } => {
+                    assert_eq!(to.len(), 1, "an updated event has one recipient");
+                    assert!(
+                        diffs.is_empty(),
+                        "the holder hears of its entry's new ref before any diff"
+                    );
+                    assert_eq!(payload.by.user, user_name(payload.by.uid));
+                    let entry = self.model.live(&payload.phx_ref);
+                    assert_eq!(entry.map(|e| &e.topic), Some(topic));
+                    assert_eq!(entry.map(|e| e.key.as_str()), Some(payload.key.as_str()));
+                    assert_eq!(entry.map(|e| e.meta_bytes), Some(size_of(&payload.meta)));
+                    updated.push((
+                        to[0],
+                        payload.prev_ref.clone(),
+                        payload.phx_ref.clone(),
+                        payload.by.uid,
+                    ));
+                }
             }
         }
         assert_eq!(removed, expected.removed, "removed events");
+        assert_eq!(updated, expected.updated, "updated events");
         assert_eq!(roles, expected_roles, "role events");
         assert_eq!(diffs, expected.diffs, "presence diffs");
         assert_eq!(states, expected.states, "presence states");
@@ -3599,6 +3825,12 @@ fn dump(registry: &Registry) -> String {
     lines.push(format!("by_token {by_token:?}"));
     lines.push(format!("usage by uid {by_uid:?}"));
     lines.push(format!("awaiting resume {:?}", registry.awaiting_resume));
+    let tombstones: BTreeMap<_, _> = registry.tombstones.iter().collect();
+    lines.push(format!("tombstones {tombstones:?}"));
+    lines.push(format!(
+        "tombstones by expiry {:?}",
+        registry.tombstones_by_expiry
+    ));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
