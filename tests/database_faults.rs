@@ -298,3 +298,30 @@ async fn a_database_folder_the_daemon_cannot_write_stops_the_start_with_its_path
     assert!(stderr.contains("Permission denied"), "{stderr}");
     assert!(stderr.contains("point --db elsewhere"), "{stderr}");
 }
+
+/// A private folder for a database the test makes itself.
+fn state_folder(dir: &Path) -> PathBuf {
+    let state = dir.join("state");
+    std::fs::create_dir(&state).expect("create the folder");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    state
+}
+
+#[tokio::test]
+async fn a_symlink_at_the_database_lock_stops_the_start_and_what_it_names_is_untouched() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let db = state_folder(dir.path()).join("presence.db");
+    let victim = dir.path().join("precious.txt");
+    std::fs::write(&victim, "precious\n").expect("write the file");
+    let lock = dir.path().join("state/presence.db.lock");
+    std::os::unix::fs::symlink(&victim, &lock).expect("plant the link");
+
+    let stderr = refused_start(&dir.path().join("run/presenced.sock"), &db).await;
+
+    assert!(stderr.contains(&lock.display().to_string()), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n"
+    );
+}

@@ -104,6 +104,8 @@ pub enum StoreError {
         path: PathBuf,
         cause: String,
     },
+    /// Something at the lock's path that this daemon will not write.
+    LockNotOurs(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -140,6 +142,7 @@ impl std::fmt::Display for StoreError {
                 path.display(),
                 folder_of(path).display()
             ),
+            StoreError::LockNotOurs(what) => write!(f, "{what}"),
         }
     }
 }
@@ -639,6 +642,7 @@ fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
     match crate::sys::take_pid_lock(&lock)? {
         crate::sys::PidLock::Taken(file) => Ok(file),
         crate::sys::PidLock::HeldBy(holder) => Err(StoreError::InUse { lock, holder }),
+        crate::sys::PidLock::NotOurs(what) => Err(StoreError::LockNotOurs(what)),
     }
 }
 

@@ -104,6 +104,7 @@ pub async fn claim(socket: &Path, access: &SocketAccess) -> anyhow::Result<Claim
             "another daemon (pid {pid}) is already serving {}",
             socket.display()
         ),
+        PidLock::NotOurs(what) => bail!("{what}"),
     };
 
     match inspect(socket).with_context(|| format!("inspecting {}", socket.display()))? {
@@ -600,6 +601,11 @@ impl KeptPath {
                  this daemon keeps only the connections it has",
                 path.display(),
                 self.socket.display()
+            ))),
+            // Put in the lock's place by someone else: never written, and
+            // without the lock the socket is not ours to bind again.
+            Ok(PidLock::NotOurs(what)) => Err(Setback::Occupied(format!(
+                "{what}; until then this daemon keeps only the connections it has"
             ))),
             Err(e) => Err(Setback::Failed(
                 anyhow::Error::new(e).context(format!("locking {} again", path.display())),
