@@ -29,6 +29,38 @@ const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
 
+/// What marks a database file as presenced's: `PRAGMA application_id`, the
+/// four bytes at offset 68 of the file's header. ASCII "PRSD". Part of the
+/// file format: never to change, or every existing database would look
+/// like someone else's.
+pub const APPLICATION_ID: i32 = 0x5052_5344;
+
+/// The tables each older version had, with their columns: a database from
+/// before [`APPLICATION_ID`] existed is taken for ours only if its tables
+/// are exactly these.
+const PRESENCES_COLUMNS: &[&str] = &[
+    "ref",
+    "topic",
+    "key",
+    "seq",
+    "prev_ref",
+    "meta",
+    "joined_at",
+    "pid",
+    "pid_start_time",
+    "uid",
+    "user",
+    "lifetime",
+    "resume_token_hash",
+    "boot_id",
+];
+const COUNTERS_COLUMNS: &[&str] = &["name", "value"];
+const EVENTS_COLUMNS: &[&str] = &[
+    "id", "at", "topic", "kind", "key", "ref", "pid", "user", "reason",
+];
+/// Every index any version made.
+const OUR_INDEXES: &[&str] = &["presences_by_topic", "events_by_topic", "events_by_time"];
+
 /// From version 2: the same columns in fewer b-trees, so that a commit
 /// writes fewer pages. `presences` and `counters` are keyed by their
 /// primary key alone (WITHOUT ROWID); the indexes nothing reads go.
@@ -104,6 +136,12 @@ pub enum StoreError {
         path: PathBuf,
         cause: String,
     },
+    /// A readable SQLite database, but another program's: it is left
+    /// exactly as it was found.
+    NotOurs {
+        path: PathBuf,
+        why: String,
+    },
     /// Something at the lock's path that this daemon will not write.
     LockNotOurs(String),
 }
@@ -141,6 +179,12 @@ impl std::fmt::Display for StoreError {
                  and write files in {}, or point --db elsewhere",
                 path.display(),
                 folder_of(path).display()
+            ),
+            StoreError::NotOurs { path, why } => write!(
+                f,
+                "{} is not a presenced database ({why}); it was left untouched: point --db \
+                 elsewhere",
+                path.display()
             ),
             StoreError::LockNotOurs(what) => write!(f, "{what}"),
         }
@@ -338,11 +382,17 @@ impl Store {
 
     fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         let db = Connection::open(path)?;
-        // Until the file has proved readable, closing it must not
+        // Until the file has proved readable and ours, closing it must not
         // checkpoint: that would copy the WAL into a damaged database and
-        // delete it, and a corrupt database is to be moved aside whole.
+        // delete it (a corrupt database is to be moved aside whole), or
+        // write into another program's file.
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         db.busy_timeout(OPEN_BUSY_TIMEOUT)?;
+        // Whose the file is is decided from reads alone: even switching to
+        // WAL writes to the header.
+        db.pragma_update(None, "query_only", true)?;
+        let belonging = belonging(&db, path)?;
+        db.pragma_update(None, "query_only", false)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
@@ -352,7 +402,7 @@ impl Store {
                 Some(check),
             )));
         }
-        migrate(&db)?;
+        migrate(&db, belonging)?;
         // Take the write lock once, so that a database this daemon cannot
         // write (another program holds the lock, or the file is read-only)
         // stops the start here, rather than failing every commit later.
@@ -646,8 +696,113 @@ fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
-fn migrate(db: &Connection) -> Result<(), StoreError> {
+/// Whose a database file is, as read from it before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Belonging {
+    /// No tables and no version: a new file, made ours.
+    New,
+    /// It carries presenced's [`APPLICATION_ID`].
+    Ours,
+    /// Written by a presenced from before the id: one of our versions,
+    /// with exactly that version's tables. Upgraded, and given the id.
+    OursWithoutId,
+}
+
+/// Decides whether the database at `path` is presenced's, by reading its
+/// header and its list of tables. Anything else is another program's, and
+/// is refused (`NotOurs`) before a byte of it changes.
+fn belonging(db: &Connection, path: &Path) -> Result<Belonging, StoreError> {
+    let application_id: i32 = db.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    if application_id == APPLICATION_ID {
+        return Ok(Belonging::Ours);
+    }
+    let not_ours = |why: String| {
+        Err(StoreError::NotOurs {
+            path: path.to_owned(),
+            why,
+        })
+    };
+    if application_id != 0 {
+        return not_ours(format!(
+            "its application_id is {application_id:#010x}, not presenced's {APPLICATION_ID:#010x}"
+        ));
+    }
     let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    // SQLite's own tables (sqlite_sequence, sqlite_stat1, ...) say nothing
+    // about whose the file is.
+    let objects: Vec<(String, String)> = db
+        .prepare(
+            "SELECT type, name FROM sqlite_schema
+             WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY type DESC, name",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if objects.is_empty() && version == 0 {
+        return Ok(Belonging::New);
+    }
+    let holds = || {
+        let listed: Vec<String> = objects
+            .iter()
+            .map(|(kind, name)| format!("{kind} {name}"))
+            .collect();
+        if listed.is_empty() {
+            "no tables".to_owned()
+        } else {
+            listed.join(", ")
+        }
+    };
+    let tables: &[(&str, &[&str])] = match version {
+        1 => &[
+            ("counters", COUNTERS_COLUMNS),
+            ("presences", PRESENCES_COLUMNS),
+        ],
+        2..=SCHEMA_VERSION => &[
+            ("counters", COUNTERS_COLUMNS),
+            ("events", EVENTS_COLUMNS),
+            ("presences", PRESENCES_COLUMNS),
+        ],
+        _ => {
+            return not_ours(format!(
+                "it has no presenced application_id, its user_version is {version}, and it \
+                 holds {}",
+                holds()
+            ));
+        }
+    };
+    let expected = |kind: &str, name: &str| match kind {
+        "table" => tables.iter().any(|(table, _)| *table == name),
+        "index" => OUR_INDEXES.contains(&name),
+        _ => false,
+    };
+    let mut columns_match = true;
+    for (table, wanted) in tables {
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+            .query_map([table], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        columns_match &= columns
+            .iter()
+            .map(String::as_str)
+            .eq(wanted.iter().copied());
+    }
+    if !columns_match || !objects.iter().all(|(kind, name)| expected(kind, name)) {
+        return not_ours(format!(
+            "it has no presenced application_id, and what it holds ({}) is not presenced's \
+             schema version {version}",
+            holds()
+        ));
+    }
+    Ok(Belonging::OursWithoutId)
+}
+
+fn migrate(db: &Connection, belonging: Belonging) -> Result<(), StoreError> {
+    let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let stamp = match belonging {
+        Belonging::Ours => String::new(),
+        Belonging::New | Belonging::OursWithoutId => {
+            format!("PRAGMA application_id = {APPLICATION_ID};")
+        }
+    };
     // Every statement in the schema is `IF NOT EXISTS`: it makes a new
     // database, and adds what later versions added to an older one. A
     // version that changes an existing table has steps of its own around
@@ -658,11 +813,23 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
         1 => (FROM_VERSION_2.to_owned(), ""),
         2 => (format!("{FROM_VERSION_2} {HISTORY_ASIDE}"), HISTORY_BACK),
         3 => (HISTORY_ASIDE.to_owned(), HISTORY_BACK),
-        SCHEMA_VERSION => return Ok(()),
+        SCHEMA_VERSION if stamp.is_empty() => return Ok(()),
+        SCHEMA_VERSION => {
+            // Up to date but for the id, which only spares the next start
+            // the look at the tables: a full disk must not stop this one
+            // for it. It is given at a later start.
+            return match db.execute_batch(&stamp) {
+                Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+                    tracing::warn!("the disk is full; the database gets its application_id later");
+                    Ok(())
+                }
+                done => done.map_err(StoreError::from),
+            };
+        }
         found => return Err(StoreError::NewerSchema { found }),
     };
     db.execute_batch(&format!(
-        "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; {stamp} COMMIT;"
     ))?;
     Ok(())
 }
@@ -967,14 +1134,93 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
+        // A newer presenced's database carries our id.
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .pragma_update(None, "application_id", APPLICATION_ID)
             .unwrap();
+        newer.pragma_update(None, "user_version", 99).unwrap();
+        drop(newer);
         assert!(matches!(
             Store::open(&path, "boot".into()),
             Err(StoreError::NewerSchema { found: 99 })
         ));
+    }
+
+    fn application_id(db: &Connection) -> i32 {
+        db.pragma_query_value(None, "application_id", |row| row.get(0))
+            .unwrap()
+    }
+
+    /// Opens a database that `make` fills, which must be refused as not
+    /// ours with its bytes as they were.
+    fn refused_as_not_ours(make: &str) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(make)
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let refused = Store::open(&path, "boot".into());
+        assert_eq!(std::fs::read(&path).unwrap(), before, "bytes untouched");
+        match refused {
+            Err(StoreError::NotOurs { why, .. }) => why,
+            Err(other) => panic!("expected NotOurs, got {other}"),
+            Ok(_) => panic!("expected NotOurs, got a store"),
+        }
+    }
+
+    #[test]
+    fn a_new_database_carries_the_application_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let store = Store::open(&path, "boot".into()).unwrap();
+        assert_eq!(application_id(&store.db), APPLICATION_ID);
+    }
+
+    #[test]
+    fn a_database_of_another_program_is_not_ours() {
+        let why = refused_as_not_ours("CREATE TABLE notes (body TEXT);");
+        assert!(why.contains("table notes"), "{why}");
+        // With one of our version numbers, but not our tables.
+        let why = refused_as_not_ours("CREATE TABLE notes (body TEXT); PRAGMA user_version = 4;");
+        assert!(why.contains("schema version 4"), "{why}");
+        // A version no presenced wrote.
+        let why = refused_as_not_ours("PRAGMA user_version = 99;");
+        assert!(why.contains("user_version is 99"), "{why}");
+        let why = refused_as_not_ours("PRAGMA application_id = 7;");
+        assert!(why.contains("0x00000007"), "{why}");
+    }
+
+    #[test]
+    fn our_tables_with_something_more_or_other_columns_are_not_ours() {
+        let ours = |extra: &str| {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("p.db");
+            drop(Store::open(&path, "boot".into()).unwrap());
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(&format!(
+                "PRAGMA application_id = 0; {extra} PRAGMA journal_mode = DELETE;"
+            ))
+            .unwrap();
+            drop(db);
+            let before = std::fs::read(&path).unwrap();
+            let opened = Store::open(&path, "boot".into());
+            let after = std::fs::read(&path).unwrap();
+            (opened.map(|_| ()), before == after)
+        };
+        assert!(ours("").0.is_ok(), "our own tables, before the id");
+        for extra in [
+            "CREATE TABLE notes (body TEXT);",
+            "CREATE VIEW everyone AS SELECT user FROM presences;",
+            "ALTER TABLE counters ADD COLUMN note TEXT;",
+        ] {
+            match ours(extra) {
+                (Err(StoreError::NotOurs { .. }), true) => {}
+                (other, untouched) => panic!("{extra}: {other:?}, untouched: {untouched}"),
+            }
+        }
     }
 
     /// A database holding entry 1, turned back into an older version by
@@ -1056,6 +1302,7 @@ mod tests {
         assert_eq!(history.events.len(), 1);
         let indexes = index_names(&store.db);
         assert!(indexes.is_empty(), "no index is left: {indexes:?}");
+        assert_eq!(application_id(&store.db), APPLICATION_ID, "given the id");
     }
 
     fn index_names(db: &Connection) -> Vec<String> {
@@ -1082,8 +1329,10 @@ mod tests {
              INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
                  VALUES (7, 5, 'doc', 'join', 'alice', 'p1', 42, 'alice', NULL),
                         (9, 6, 'doc', 'leave', 'bob', 'p0', 43, 'bob', 'closed');
-             PRAGMA user_version = 3;",
+             PRAGMA user_version = 3;
+             PRAGMA application_id = 0;",
         );
+        assert_eq!(application_id(&store.db), APPLICATION_ID, "given the id");
         let kept: Vec<(&str, Option<LeaveReason>)> = history
             .events
             .iter()
