@@ -444,3 +444,51 @@ async fn a_symlink_at_the_database_lock_stops_the_start_and_what_it_names_is_unt
         "precious\n"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs root: mounts a small tmpfs"]
+async fn a_full_disk_after_a_clean_stop_does_not_keep_the_daemon_down() {
+    let disk = SmallDisk::mount();
+    let db = disk.path().join("state/presence.db");
+    let mut daemon = logged_daemon(&db).await;
+    let mut sleeper = common::spawn_sleeper();
+    let mut raw = daemon.raw().await;
+    let track = format!(
+        r#"{{"op":"track","id":1,"topic":"doc","key":"kept","pid":{},"lifetime":"process"}}"#,
+        sleeper.id().expect("running")
+    );
+    assert_eq!(raw.request(&track).await["ok"], true);
+    drop(raw);
+    // A clean stop: SIGTERM, and no other program holds the database open.
+    daemon.stop().await;
+    let filler = disk.fill();
+
+    daemon.start_again(DAEMON_ARGS).await;
+
+    let (client, _events) = daemon.client().await;
+    let listed = list_all(&client).await;
+    assert!(
+        listed.topics["doc"].presences.contains_key("kept"),
+        "it serves what it has: {listed:?}"
+    );
+    let history = within("history", client.history(Default::default()))
+        .await
+        .expect("history is read");
+    assert!(!history.events.is_empty());
+    let mut raw = daemon.raw().await;
+    let refused = raw
+        .request(r#"{"op":"track","id":2,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(error_code(&refused), "internal", "{refused}");
+    let message = refused["error"]["message"].as_str().expect("a message");
+    assert!(message.contains("is full"), "the cause is named: {message}");
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let late = raw
+        .request(r#"{"op":"track","id":3,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(late["ok"], true, "writes work once there is room: {late}");
+    assert_eq!(late["owner"]["key"], "kept", "{late}");
+    daemon.stop().await;
+    sleeper.kill().await.expect("kill the sleeper");
+}

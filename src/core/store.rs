@@ -394,6 +394,7 @@ impl Store {
         let belonging = belonging(&db, path)?;
         db.pragma_update(None, "query_only", false)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
+        keep_side_files(&db)?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
         if check != "ok" {
@@ -834,6 +835,34 @@ fn migrate(db: &Connection, belonging: Belonging) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Keeps the `-wal` and `-shm` files when the database closes, rather
+/// than SQLite's default of deleting them after a last checkpoint. A
+/// daemon that starts on a full disk can make neither, and without the
+/// shared-memory file it cannot open the database in WAL mode at all; kept
+/// from the last run, they are reused. What the log holds is checkpointed
+/// at close all the same.
+fn keep_side_files(db: &Connection) -> rusqlite::Result<()> {
+    let mut keep: c_int = 1;
+    // SAFETY: the handle is this open connection's, used on this thread
+    // only for this call; SQLITE_FCNTL_PERSIST_WAL reads and writes one
+    // int, which `keep` is, alive for the whole call.
+    let code = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            db.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&raw mut keep).cast(),
+        )
+    };
+    match code {
+        rusqlite::ffi::SQLITE_OK => Ok(()),
+        code => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            Some("keeping the write-ahead log's files".to_owned()),
+        )),
+    }
+}
+
 fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
     let unreadable = |column: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -1169,6 +1198,24 @@ mod tests {
             Err(other) => panic!("expected NotOurs, got {other}"),
             Ok(_) => panic!("expected NotOurs, got a store"),
         }
+    }
+
+    #[test]
+    fn a_closed_store_leaves_its_write_ahead_files_for_the_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        drop(store);
+        for suffix in SIDE_FILES {
+            assert!(with_suffix(&path, suffix).exists(), "{suffix} is kept");
+        }
+        // Checkpointed all the same: another program reads the row from
+        // the database file alone.
+        std::fs::remove_file(with_suffix(&path, "-wal")).unwrap();
+        std::fs::remove_file(with_suffix(&path, "-shm")).unwrap();
+        let (rows, _) = Store::open(&path, "boot".into()).unwrap().load().unwrap();
+        assert_eq!(rows.len(), 1);
     }
 
     #[test]
