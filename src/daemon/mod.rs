@@ -103,6 +103,15 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         .with_max_batch(config.max_batch);
     let history = HistoryReader::open(&config.db)
         .with_context(|| format!("opening the database {} to read", config.db.display()))?;
+
+    // Handlers first: a stop signal that arrives once we listen must shut
+    // down cleanly, not kill us with the socket left behind.
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // The socket before the watches: each watched process takes a pidfd,
+    // and with more of them than descriptors the socket would find none.
+    // Whoever connects meanwhile waits in the backlog.
+    let mut serving = claimed.listen()?;
     for process in core.watched_processes() {
         pids.watch(process);
     }
@@ -114,12 +123,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             let _ = stopped_tx.send(core.run(core_rx));
         })
         .context("starting the core thread")?;
-
-    // Handlers first: a stop signal that arrives once we listen must shut
-    // down cleanly, not kill us with the socket left behind.
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut serving = claimed.listen()?;
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
