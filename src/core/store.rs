@@ -14,14 +14,16 @@ use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::hooks::Wal;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
-use crate::protocol::{
-    DEFAULT_HISTORY_LIMIT, HistoryEvent, HistoryKind, HistoryReply, HistoryRequest, LeaveReason,
-    Lifetime, MAX_HISTORY_LIMIT,
-};
+use crate::protocol::{LeaveReason, Lifetime};
+
+mod history;
+
+pub use history::HistoryReaders;
+use history::KnownEvents;
 
 /// The schema, applied to a new database.
 const SCHEMA: &str = include_str!("../../schema.sql");
@@ -274,6 +276,9 @@ pub struct Store {
     /// out is below it (see [`SEQ_RESERVATION`]). Zero until the first
     /// commit.
     reserved_seq: u64,
+    /// The history's events as committed, for the readers to find a
+    /// topic's without walking the table.
+    known: Arc<KnownEvents>,
 }
 
 /// Seqs are reserved this many at a time: the counter is written when the
@@ -339,6 +344,7 @@ impl Store {
             Ok(())
         }))
         .map_err(|e| StoreError::from(e).about(path))?;
+        let known = KnownEvents::load(&db).map_err(|e| StoreError::from(e).about(path))?;
         Ok(Store {
             db,
             _lock: lock,
@@ -349,6 +355,7 @@ impl Store {
             commits: 0,
             wal_frames,
             reserved_seq: 0,
+            known: Arc::new(known),
         })
     }
 
@@ -413,6 +420,12 @@ impl Store {
         Ok(db)
     }
 
+    /// Readers of the history, apart from this connection and the core
+    /// thread (see [`HistoryReaders`]).
+    pub fn history_readers(&self) -> Result<HistoryReaders, StoreError> {
+        HistoryReaders::open(&self.path, Arc::clone(&self.known))
+    }
+
     pub fn set_retention(&mut self, retention: Retention) {
         self.retention = retention;
     }
@@ -439,6 +452,13 @@ impl Store {
                 params![oldest_kept, max_rows, PRUNE_CHUNK],
             )
             .map_err(|e| StoreError::from(e).about(&self.path))?;
+        if deleted > 0 {
+            let oldest: Option<i64> = self
+                .db
+                .query_row("SELECT min(id) FROM events", [], |row| row.get(0))
+                .map_err(|e| StoreError::from(e).about(&self.path))?;
+            self.known.forget_below(oldest);
+        }
         Ok(deleted as i64 == PRUNE_CHUNK)
     }
 
@@ -532,8 +552,12 @@ impl Store {
     /// also after a failed `COMMIT`), and the next commit starts afresh.
     pub fn commit(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
         self.end_stray_transaction();
-        self.write(changes, next_seq)
+        let recorded = self
+            .write(changes, next_seq)
             .map_err(|e| e.about(&self.path))?;
+        // Before any reply of the batch goes out: a history read that
+        // follows it must find its events.
+        self.known.add(recorded);
         self.commits += 1;
         Ok(())
     }
@@ -548,7 +572,13 @@ impl Store {
         }
     }
 
-    fn write(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
+    /// Writes and commits the batch; returns the history events it
+    /// recorded, as (id, at, topic).
+    fn write<'a>(
+        &mut self,
+        changes: &'a [Change],
+        next_seq: u64,
+    ) -> Result<Vec<(i64, i64, &'a str)>, StoreError> {
         let reservation =
             (next_seq > self.reserved_seq).then(|| next_seq.saturating_add(SEQ_RESERVATION));
         // Immediate: take the write lock first, so that a busy database
@@ -556,6 +586,7 @@ impl Store {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut recorded = Vec::new();
         {
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO presences
@@ -602,6 +633,7 @@ impl Store {
                             event.user,
                             event.reason.map(LeaveReason::as_str),
                         ])?;
+                        recorded.push((tx.last_insert_rowid(), event.at, event.topic.as_str()));
                     }
                 }
             }
@@ -617,73 +649,7 @@ impl Store {
         if let Some(reserved) = reservation {
             self.reserved_seq = reserved;
         }
-        Ok(())
-    }
-}
-
-/// A connection of its own for reading the history. A read for a topic
-/// walks the table back from the newest event (it has no index, see
-/// schema.sql), which for a topic with no events means all of it; done on
-/// the core's connection, that would hold up every commit and
-/// announcement. In WAL mode this connection reads the last committed
-/// state while the core writes.
-pub struct HistoryReader {
-    db: Connection,
-    path: PathBuf,
-}
-
-/// How long a history read waits for a lock. Readers wait only in rare
-/// moments of the WAL's life (its recovery, or a restart of the log).
-const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
-
-impl HistoryReader {
-    /// Opens the database that a [`Store`] has opened, and so created and
-    /// brought up to date, for reading.
-    pub fn open(path: &Path) -> Result<HistoryReader, StoreError> {
-        let open = || -> rusqlite::Result<Connection> {
-            let db = Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            db.busy_timeout(READ_BUSY_TIMEOUT)?;
-            db.pragma_update(None, "query_only", true)?;
-            Ok(db)
-        };
-        let db = open().map_err(|e| StoreError::from(e).about(path))?;
-        Ok(HistoryReader {
-            db,
-            path: path.to_owned(),
-        })
-    }
-
-    /// The latest history events that match, oldest first: the table is
-    /// walked back from the newest event until it has `limit` + 1 matches
-    /// (the one more tells whether any were left out) or reaches the
-    /// oldest.
-    pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
-        self.read(request)
-            .map_err(|e| StoreError::from(e).about(&self.path))
-    }
-
-    fn read(&self, request: &HistoryRequest) -> rusqlite::Result<HistoryReply> {
-        let limit = request
-            .limit
-            .unwrap_or(DEFAULT_HISTORY_LIMIT)
-            .min(MAX_HISTORY_LIMIT);
-        let mut query = self.db.prepare_cached(
-            "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
-             WHERE (?1 IS NULL OR topic = ?1) AND (?2 IS NULL OR at >= ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
-        let rows = query.query_map(
-            params![request.topic, request.since, limit as i64 + 1],
-            read_history_event,
-        )?;
-        let mut events = rows.collect::<Result<Vec<_>, _>>()?;
-        let truncated = events.len() > limit;
-        events.truncate(limit);
-        events.reverse();
-        Ok(HistoryReply { events, truncated })
+        Ok(recorded)
     }
 }
 
@@ -863,33 +829,6 @@ fn keep_side_files(db: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
-    let unreadable = |column: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            column,
-            rusqlite::types::Type::Text,
-            format!("unknown {what}").into(),
-        )
-    };
-    let kind: String = row.get(2)?;
-    let reason: Option<String> = row.get(7)?;
-    Ok(HistoryEvent {
-        at: row.get(0)?,
-        topic: row.get(1)?,
-        kind: HistoryKind::parse(&kind).ok_or_else(|| unreadable(2, "event kind"))?,
-        key: row.get(3)?,
-        phx_ref: row.get(4)?,
-        pid: row.get(5)?,
-        user: row.get(6)?,
-        reason: match reason {
-            Some(reason) => {
-                Some(LeaveReason::parse(&reason).ok_or_else(|| unreadable(7, "leave reason"))?)
-            }
-            None => None,
-        },
-    })
-}
-
 fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
@@ -963,6 +902,7 @@ fn folder_of(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{HistoryReply, HistoryRequest};
 
     fn entry(seq: u64) -> Entry {
         Entry {
@@ -1287,7 +1227,8 @@ mod tests {
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2 + SEQ_RESERVATION));
-        let history = HistoryReader::open(&path)
+        let history = store
+            .history_readers()
             .unwrap()
             .history(&HistoryRequest::default())
             .unwrap();
@@ -1342,7 +1283,8 @@ mod tests {
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2));
         assert_eq!(rows[0].entry.phx_ref, "p1");
-        let history = HistoryReader::open(&path)
+        let history = store
+            .history_readers()
             .unwrap()
             .history(&HistoryRequest::default())
             .unwrap();

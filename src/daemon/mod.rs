@@ -10,14 +10,14 @@ mod pidwatch;
 mod systemd;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::store::{HistoryReader, Retention, Store};
+use crate::core::store::{Retention, Store};
 use crate::core::{Command, Core, DaemonInfo, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
@@ -90,6 +90,9 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut store = Store::open(&config.db, boot_id.clone())
         .with_context(|| format!("opening the database {}", config.db.display()))?;
     store.set_retention(config.history);
+    let history = store
+        .history_readers()
+        .with_context(|| format!("opening the database {} to read", config.db.display()))?;
     listener::raise_fd_limit(config.limits.max_connections);
 
     let (core_tx, core_rx) = std::sync::mpsc::channel();
@@ -101,8 +104,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     };
     let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?
         .with_max_batch(config.max_batch);
-    let history = HistoryReader::open(&config.db)
-        .with_context(|| format!("opening the database {} to read", config.db.display()))?;
 
     // Handlers first: a stop signal that arrives once we listen must shut
     // down cleanly, not kill us with the socket left behind.
@@ -147,7 +148,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             config.limits.max_connections_per_uid,
             crate::sys::current_uid(),
         ),
-        history: Arc::new(Mutex::new(history)),
+        history: connection::HistoryReads::new(history),
     });
     let active = Arc::new(AtomicUsize::new(0));
     // Every writer holds a clone; when all are gone, every client has been
