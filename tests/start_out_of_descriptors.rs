@@ -70,9 +70,13 @@ async fn a_daemon_that_starts_out_of_descriptors_tells_a_newcomer_why_at_once() 
         assert_eq!(newcomer.next().await, None, "the refused connection closes");
         break;
     }
+    // Those served still are, and every entry is there: a process the
+    // daemon had no pidfd for is watched by polling, not taken for gone.
     if let Some(first) = served.first_mut() {
-        let reply = first.request(r#"{"op":"ping","id":2}"#).await;
-        assert_eq!(reply["ok"], true, "those served still are: {reply}");
+        let reply = first.request(r#"{"op":"list","id":2,"topic":"t"}"#).await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        let listed = reply["presences"].as_object().map_or(0, |p| p.len());
+        assert_eq!(listed, PROCESSES, "{reply}");
     }
 
     for sleeper in &mut sleepers {
