@@ -1,6 +1,8 @@
 -- The presenced database. The schema version lives in PRAGMA user_version;
 -- src/core/store.rs applies this file to a new database and refuses one
--- written by a newer version.
+-- written by a newer version. PRAGMA application_id is 0x50525344
+-- ("PRSD"): a file without it is taken for presenced's only if its version
+-- and tables are exactly one of ours (see `belonging` in store.rs).
 
 -- One row per tracked presence. Rows outlive the daemon so that a restart
 -- loses nobody's place in a topic's queue. Keyed by ref alone (WITHOUT
@@ -40,10 +42,11 @@ CREATE TABLE IF NOT EXISTS counters (
 -- Writing it must stay cheap, since every change writes a row. So there is
 -- no index at all: each insert is an append at the end of one b-tree, where
 -- an index on topic would dirty a page somewhere in the middle of another
--- for each event. A read for one topic walks back from the newest event
--- and stops when it has enough. And the CHECK on `kind` is a chain of ORs:
--- SQLite tests an IN list of more than two values by building a temporary
--- table, once for every row inserted.
+-- for each event. Instead the daemon remembers the id, time and topic of
+-- every event in the table (src/core/store/history.rs), and a read for one
+-- topic fetches that topic's rows by id, never walking the table. And the
+-- CHECK on `kind` is a chain of ORs: SQLite tests an IN list of more than
+-- two values by building a temporary table, once for every row inserted.
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY,                  -- grows with each event; the order
     at     INTEGER NOT NULL,                     -- unix milliseconds

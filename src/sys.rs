@@ -378,20 +378,60 @@ pub enum PidLock {
     Taken(std::fs::File),
     /// Another process holds it; its pid, or `unknown` if not written yet.
     HeldBy(String),
+    /// Something at the path that this daemon did not make, and will not
+    /// write: a symbolic link, or a file that is not a plain file of ours
+    /// with one name. What it is, in a sentence naming the path.
+    NotOurs(String),
 }
 
 /// Takes an exclusive lock on `path` (created 0600) without waiting, and
 /// writes our pid into it so that whoever finds it taken can say by whom.
+///
+/// The pid is written over the file's contents, so the path is opened
+/// without following a symbolic link, and written only if it is a plain
+/// file owned by this user with no other name: a link or a hard link
+/// planted there would otherwise have this daemon overwrite whatever it
+/// names, and then find its own lock "held" through the other name.
 pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
     use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut lock = std::fs::OpenOptions::new()
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(path)?;
+        // O_NONBLOCK only so that a FIFO planted there cannot hold the
+        // open; a plain file ignores it.
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    let mut lock = match opened {
+        Ok(lock) => lock,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Ok(PidLock::NotOurs(format!(
+                "{} is a symbolic link, which presenced never makes; refusing to follow it \
+                 (remove it to let the daemon lock there)",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = lock.metadata()?;
+    let uid = current_uid();
+    if !meta.file_type().is_file() || meta.uid() != uid || meta.nlink() != 1 {
+        return Ok(PidLock::NotOurs(format!(
+            "{} is not a lock file of this user's (a {}, owned by uid {}, with {} names); \
+             refusing to write to it (remove it to let the daemon lock there)",
+            path.display(),
+            if meta.file_type().is_file() {
+                "file"
+            } else {
+                "special file"
+            },
+            meta.uid(),
+            meta.nlink()
+        )));
+    }
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -404,6 +444,11 @@ pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
             return Ok(PidLock::HeldBy(holder));
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // A lock left by an older build, or made under another umask, is
+    // made private like a new one.
+    if meta.mode() & 0o777 != 0o600 {
+        lock.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
     lock.set_len(0)?;
     lock.rewind()?;

@@ -298,3 +298,197 @@ async fn a_database_folder_the_daemon_cannot_write_stops_the_start_with_its_path
     assert!(stderr.contains("Permission denied"), "{stderr}");
     assert!(stderr.contains("point --db elsewhere"), "{stderr}");
 }
+
+/// A private folder for a database the test makes itself.
+fn state_folder(dir: &Path) -> PathBuf {
+    let state = dir.join("state");
+    std::fs::create_dir(&state).expect("create the folder");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    state
+}
+
+/// The SHA-256 of a file's bytes.
+fn hash_of(path: &Path) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).expect("read the file")).to_vec()
+}
+
+/// The files in `folder`, by name.
+fn names_in(folder: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .expect("list the folder")
+        .map(|entry| {
+            entry
+                .expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Starts a daemon on `db`, which it must refuse as not its own, and
+/// checks that the file's bytes and the folder's files are as they were
+/// (but for the daemon's `.lock`).
+async fn refused_as_not_ours(dir: &Path, db: &Path) -> String {
+    let before = hash_of(db);
+    let mut files_before = names_in(db.parent().expect("a folder"));
+    if !files_before.iter().any(|name| name == "presence.db.lock") {
+        files_before.push("presence.db.lock".to_owned());
+        files_before.sort();
+    }
+
+    let stderr = refused_start(&dir.join("run/presenced.sock"), db).await;
+
+    assert!(stderr.contains(&db.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not a presenced database"), "{stderr}");
+    assert!(stderr.contains("point --db elsewhere"), "{stderr}");
+    assert_eq!(hash_of(db), before, "the file's bytes are untouched");
+    assert_eq!(
+        names_in(db.parent().expect("a folder")),
+        files_before,
+        "no journal or side file is left beside it"
+    );
+    stderr
+}
+
+#[tokio::test]
+async fn another_programs_sqlite_database_is_refused_with_its_bytes_untouched() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let db = state_folder(dir.path()).join("presence.db");
+    // What `--db ~/notes.db` by mistake would find: someone else's data,
+    // with no application id and no user_version.
+    let theirs = rusqlite::Connection::open(&db).expect("create their database");
+    theirs
+        .execute_batch(
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);
+             INSERT INTO notes (body) VALUES ('remember the milk'), ('call home');",
+        )
+        .expect("fill it");
+    drop(theirs);
+
+    let stderr = refused_as_not_ours(dir.path(), &db).await;
+    assert!(stderr.contains("notes"), "what it holds is named: {stderr}");
+}
+
+#[tokio::test]
+async fn a_database_with_another_application_id_is_refused_even_with_our_tables() {
+    let mut daemon = Daemon::start().await;
+    daemon.stop().await;
+    // Our tables, but stamped as another application's file.
+    let theirs = rusqlite::Connection::open(&daemon.db).expect("open the database");
+    theirs
+        .pragma_update(None, "application_id", 0x4750_4b47)
+        .expect("stamp it");
+    theirs
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;")
+        .expect("leave one file");
+    drop(theirs);
+
+    let stderr = refused_as_not_ours(daemon.dir.path(), &daemon.db).await;
+    assert!(stderr.contains("application_id"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_database_made_before_the_application_id_is_kept_and_given_it() {
+    let mut daemon = Daemon::start().await;
+    let mut raw = daemon.raw().await;
+    let mut sleeper = common::spawn_sleeper();
+    let track = format!(
+        r#"{{"op":"track","id":1,"topic":"doc","key":"kept","pid":{},"lifetime":"process"}}"#,
+        sleeper.id().expect("running")
+    );
+    assert_eq!(raw.request(&track).await["ok"], true);
+    drop(raw);
+    daemon.stop().await;
+    // As a daemon from before the id existed left it.
+    let old = rusqlite::Connection::open(&daemon.db).expect("open the database");
+    old.pragma_update(None, "application_id", 0)
+        .expect("unstamp it");
+    drop(old);
+
+    daemon.start_again(&[]).await;
+
+    let (client, _events) = daemon.client().await;
+    let listed = list_all(&client).await;
+    assert!(
+        listed.topics["doc"].presences.contains_key("kept"),
+        "{listed:?}"
+    );
+    let id: i64 = rusqlite::Connection::open(&daemon.db)
+        .expect("open the database")
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .expect("read the id");
+    // "PRSD": the id is part of the file format, never to change.
+    assert_eq!(id, 0x5052_5344);
+    sleeper.kill().await.expect("kill the sleeper");
+}
+
+#[tokio::test]
+async fn a_symlink_at_the_database_lock_stops_the_start_and_what_it_names_is_untouched() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let db = state_folder(dir.path()).join("presence.db");
+    let victim = dir.path().join("precious.txt");
+    std::fs::write(&victim, "precious\n").expect("write the file");
+    let lock = dir.path().join("state/presence.db.lock");
+    std::os::unix::fs::symlink(&victim, &lock).expect("plant the link");
+
+    let stderr = refused_start(&dir.path().join("run/presenced.sock"), &db).await;
+
+    assert!(stderr.contains(&lock.display().to_string()), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs root: mounts a small tmpfs"]
+async fn a_full_disk_after_a_clean_stop_does_not_keep_the_daemon_down() {
+    let disk = SmallDisk::mount();
+    let db = disk.path().join("state/presence.db");
+    let mut daemon = logged_daemon(&db).await;
+    let mut sleeper = common::spawn_sleeper();
+    let mut raw = daemon.raw().await;
+    let track = format!(
+        r#"{{"op":"track","id":1,"topic":"doc","key":"kept","pid":{},"lifetime":"process"}}"#,
+        sleeper.id().expect("running")
+    );
+    assert_eq!(raw.request(&track).await["ok"], true);
+    drop(raw);
+    // A clean stop: SIGTERM, and no other program holds the database open.
+    daemon.stop().await;
+    let filler = disk.fill();
+
+    daemon.start_again(DAEMON_ARGS).await;
+
+    let (client, _events) = daemon.client().await;
+    let listed = list_all(&client).await;
+    assert!(
+        listed.topics["doc"].presences.contains_key("kept"),
+        "it serves what it has: {listed:?}"
+    );
+    let history = within("history", client.history(Default::default()))
+        .await
+        .expect("history is read");
+    assert!(!history.events.is_empty());
+    let mut raw = daemon.raw().await;
+    let refused = raw
+        .request(r#"{"op":"track","id":2,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(error_code(&refused), "internal", "{refused}");
+    let message = refused["error"]["message"].as_str().expect("a message");
+    assert!(message.contains("is full"), "the cause is named: {message}");
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let late = raw
+        .request(r#"{"op":"track","id":3,"topic":"doc","key":"late"}"#)
+        .await;
+    assert_eq!(late["ok"], true, "writes work once there is room: {late}");
+    assert_eq!(late["owner"]["key"], "kept", "{late}");
+    daemon.stop().await;
+    sleeper.kill().await.expect("kill the sleeper");
+}

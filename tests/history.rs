@@ -194,3 +194,114 @@ async fn presence_log_shows_who_held_a_topic_and_when() {
     assert_eq!(reply["events"].as_array().map(Vec::len), Some(2));
     assert_eq!(reply["events"][1]["kind"], "owner");
 }
+
+/// Fills the history of a stopped daemon's database straight through
+/// SQLite: `busy` events on one topic, with `quiet` events on the topic
+/// `quiet` among the very first and `other` events on `other` spread
+/// through them.
+fn fill_history(db: &std::path::Path, busy: usize, quiet: usize, other: usize) {
+    let mut connection = rusqlite::Connection::open(db).expect("open the database");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let transaction = connection.transaction().expect("begin");
+    {
+        let mut insert = transaction
+            .prepare(
+                "INSERT INTO events (at, topic, kind, key, ref, pid, user)
+                 VALUES (?1, ?2, 'join', ?3, ?4, 1, 'someone')",
+            )
+            .expect("prepare");
+        let total = busy + quiet + other;
+        let stride = total / other.max(1);
+        let mut others = 0;
+        for n in 0..total {
+            let topic = if n < quiet {
+                "quiet"
+            } else if others < other && n % stride == 0 {
+                others += 1;
+                "other"
+            } else {
+                "busy"
+            };
+            insert
+                .execute(rusqlite::params![
+                    now - (total - n) as i64,
+                    topic,
+                    format!("k{n}"),
+                    format!("p{n}")
+                ])
+                .expect("insert");
+        }
+    }
+    transaction.commit().expect("commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_of_other_connections_never_hold_up_an_unrelated_one() {
+    const EVENTS: usize = 100_000;
+    const LOOPERS: usize = 50;
+    const LIMIT_MS: u128 = 50;
+    // Room for every event: no trim may take the quiet topic's away.
+    let args = ["--history-events", "200000"];
+    let mut daemon = Daemon::start_with(&args).await;
+    daemon.stop().await;
+    fill_history(&daemon.db, EVENTS, 5, 50);
+    daemon.start_again(&args).await;
+
+    // Fifty connections read the quiet topic's history over and over: a
+    // topic with five events, all a hundred thousand events back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (looping_tx, mut looping) = tokio::sync::mpsc::channel(LOOPERS);
+    let mut loopers = Vec::new();
+    for _ in 0..LOOPERS {
+        let mut raw = daemon.raw().await;
+        let stop = std::sync::Arc::clone(&stop);
+        let looping = looping_tx.clone();
+        loopers.push(tokio::spawn(async move {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = raw
+                    .request(r#"{"op":"history","id":1,"topic":"quiet"}"#)
+                    .await;
+                assert_eq!(reply["events"].as_array().map(Vec::len), Some(5));
+                rounds += 1;
+                if rounds == 1 {
+                    let _ = looping.send(()).await;
+                }
+            }
+            rounds
+        }));
+    }
+    for _ in 0..LOOPERS {
+        common::within("every reader to be looping", looping.recv()).await;
+    }
+
+    let mut unrelated = daemon.raw().await;
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let reply = unrelated
+            .request(r#"{"op":"history","id":2,"topic":"other"}"#)
+            .await;
+        times.push(started.elapsed().as_millis());
+        assert_eq!(reply["events"].as_array().map(Vec::len), Some(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut rounds = 0;
+    for looper in loopers {
+        rounds += looper.await.expect("a reader");
+    }
+
+    times.sort_unstable();
+    let (median, worst) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!(
+        "unrelated history read: median {median} ms, worst {worst} ms, \
+         while {LOOPERS} readers made {rounds} reads"
+    );
+    assert!(
+        median < LIMIT_MS && worst < LIMIT_MS,
+        "an unrelated history read took {median} ms at the median, {worst} ms at worst"
+    );
+}

@@ -207,3 +207,106 @@ async fn a_lock_another_process_holds_keeps_the_daemon_off_the_path() {
     let (client, _events) = connect_when_ready(&daemon.socket).await;
     client.ping().await.expect("ping");
 }
+
+/// A file of the user's that a link planted at the lock path names: the
+/// daemon must never write its pid into it.
+fn precious_file(dir: &Path) -> PathBuf {
+    let victim = dir.join("precious.txt");
+    std::fs::write(&victim, "precious\n").expect("write the file");
+    victim
+}
+
+/// A private socket folder for a daemon the test starts itself; returns
+/// the socket's path in it.
+fn socket_in_private_folder(dir: &Path) -> PathBuf {
+    let run = dir.join("run");
+    std::fs::create_dir(&run).expect("create the folder");
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
+    run.join("presenced.sock")
+}
+
+/// Plants `plant` at the lock of a daemon about to start, and checks that
+/// the start is refused in one line naming the lock and saying `what` is
+/// there, and that the file the plant names is untouched.
+async fn refused_with_a_planted_lock(plant: fn(&Path, &Path), what: &str) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = socket_in_private_folder(dir.path());
+    let victim = precious_file(dir.path());
+    plant(&victim, &lock_file(&socket));
+
+    let stderr = refused_start(&socket, &dir.path().join("state/presence.db")).await;
+
+    assert!(
+        stderr.contains(&lock_file(&socket).display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains(what), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n"
+    );
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "no socket is made"
+    );
+}
+
+#[tokio::test]
+async fn a_symlink_at_the_lock_stops_the_start_and_what_it_names_is_untouched() {
+    refused_with_a_planted_lock(
+        |victim, lock| std::os::unix::fs::symlink(victim, lock).expect("plant the link"),
+        "symbolic link",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_hard_link_at_the_lock_stops_the_start_and_its_other_name_is_untouched() {
+    refused_with_a_planted_lock(
+        |victim, lock| std::fs::hard_link(victim, lock).expect("plant the link"),
+        "with 2 names",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_symlink_put_in_the_locks_place_is_never_followed() {
+    let daemon = Daemon::start_logged(&[]).await;
+    let (old, _old_events) = daemon.client().await;
+    old.track(TrackRequest::new("doc", "alice"))
+        .await
+        .expect("track");
+    let victim = precious_file(daemon.dir.path());
+    let lock = lock_file(&daemon.socket);
+
+    put_in_place(&lock, |path| {
+        std::os::unix::fs::symlink(&victim, path).expect("plant the link");
+    });
+    daemon
+        .wait_for_log(&["symbolic link", &lock.display().to_string()])
+        .await;
+
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n",
+        "the pid is never written through the link"
+    );
+    assert!(
+        sees(&old, "doc", "alice").await,
+        "the old connection still works"
+    );
+
+    // Once the link is gone, the path is locked again by the daemon that
+    // was serving it: it never took the link for another daemon's lock.
+    std::fs::remove_file(&lock).expect("remove the link");
+    let pid = daemon.pid().to_string();
+    eventually("the daemon to lock again", async || {
+        std::fs::read_to_string(&lock).is_ok_and(|holder| holder.trim() == pid)
+    })
+    .await;
+    assert_eq!(mode(&lock), 0o600);
+    let stderr = refused_start(&daemon.socket, &daemon.dir.path().join("other.db")).await;
+    assert!(stderr.contains("already serving"), "{stderr}");
+    assert!(stderr.contains(&pid), "{stderr}");
+}

@@ -14,20 +14,54 @@ use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::hooks::Wal;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
-use crate::protocol::{
-    DEFAULT_HISTORY_LIMIT, HistoryEvent, HistoryKind, HistoryReply, HistoryRequest, LeaveReason,
-    Lifetime, MAX_HISTORY_LIMIT,
-};
+use crate::protocol::{LeaveReason, Lifetime};
+
+mod history;
+
+pub use history::HistoryReaders;
+use history::KnownEvents;
 
 /// The schema, applied to a new database.
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
+
+/// What marks a database file as presenced's: `PRAGMA application_id`, the
+/// four bytes at offset 68 of the file's header. ASCII "PRSD". Part of the
+/// file format: never to change, or every existing database would look
+/// like someone else's.
+pub const APPLICATION_ID: i32 = 0x5052_5344;
+
+/// The tables each older version had, with their columns: a database from
+/// before [`APPLICATION_ID`] existed is taken for ours only if its tables
+/// are exactly these.
+const PRESENCES_COLUMNS: &[&str] = &[
+    "ref",
+    "topic",
+    "key",
+    "seq",
+    "prev_ref",
+    "meta",
+    "joined_at",
+    "pid",
+    "pid_start_time",
+    "uid",
+    "user",
+    "lifetime",
+    "resume_token_hash",
+    "boot_id",
+];
+const COUNTERS_COLUMNS: &[&str] = &["name", "value"];
+const EVENTS_COLUMNS: &[&str] = &[
+    "id", "at", "topic", "kind", "key", "ref", "pid", "user", "reason",
+];
+/// Every index any version made.
+const OUR_INDEXES: &[&str] = &["presences_by_topic", "events_by_topic", "events_by_time"];
 
 /// From version 2: the same columns in fewer b-trees, so that a commit
 /// writes fewer pages. `presences` and `counters` are keyed by their
@@ -104,6 +138,14 @@ pub enum StoreError {
         path: PathBuf,
         cause: String,
     },
+    /// A readable SQLite database, but another program's: it is left
+    /// exactly as it was found.
+    NotOurs {
+        path: PathBuf,
+        why: String,
+    },
+    /// Something at the lock's path that this daemon will not write.
+    LockNotOurs(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -140,6 +182,13 @@ impl std::fmt::Display for StoreError {
                 path.display(),
                 folder_of(path).display()
             ),
+            StoreError::NotOurs { path, why } => write!(
+                f,
+                "{} is not a presenced database ({why}); it was left untouched: point --db \
+                 elsewhere",
+                path.display()
+            ),
+            StoreError::LockNotOurs(what) => write!(f, "{what}"),
         }
     }
 }
@@ -227,6 +276,9 @@ pub struct Store {
     /// out is below it (see [`SEQ_RESERVATION`]). Zero until the first
     /// commit.
     reserved_seq: u64,
+    /// The history's events as committed, for the readers to find a
+    /// topic's without walking the table.
+    known: Arc<KnownEvents>,
 }
 
 /// Seqs are reserved this many at a time: the counter is written when the
@@ -292,6 +344,7 @@ impl Store {
             Ok(())
         }))
         .map_err(|e| StoreError::from(e).about(path))?;
+        let known = KnownEvents::load(&db).map_err(|e| StoreError::from(e).about(path))?;
         Ok(Store {
             db,
             _lock: lock,
@@ -302,6 +355,7 @@ impl Store {
             commits: 0,
             wal_frames,
             reserved_seq: 0,
+            known: Arc::new(known),
         })
     }
 
@@ -335,12 +389,19 @@ impl Store {
 
     fn open_checked(path: &Path) -> Result<Connection, StoreError> {
         let db = Connection::open(path)?;
-        // Until the file has proved readable, closing it must not
+        // Until the file has proved readable and ours, closing it must not
         // checkpoint: that would copy the WAL into a damaged database and
-        // delete it, and a corrupt database is to be moved aside whole.
+        // delete it (a corrupt database is to be moved aside whole), or
+        // write into another program's file.
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         db.busy_timeout(OPEN_BUSY_TIMEOUT)?;
+        // Whose the file is is decided from reads alone: even switching to
+        // WAL writes to the header.
+        db.pragma_update(None, "query_only", true)?;
+        let belonging = belonging(&db, path)?;
+        db.pragma_update(None, "query_only", false)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
+        keep_side_files(&db)?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
         if check != "ok" {
@@ -349,7 +410,7 @@ impl Store {
                 Some(check),
             )));
         }
-        migrate(&db)?;
+        migrate(&db, belonging)?;
         // Take the write lock once, so that a database this daemon cannot
         // write (another program holds the lock, or the file is read-only)
         // stops the start here, rather than failing every commit later.
@@ -357,6 +418,12 @@ impl Store {
         db.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
         db.busy_timeout(COMMIT_BUSY_TIMEOUT)?;
         Ok(db)
+    }
+
+    /// Readers of the history, apart from this connection and the core
+    /// thread (see [`HistoryReaders`]).
+    pub fn history_readers(&self) -> Result<HistoryReaders, StoreError> {
+        HistoryReaders::open(&self.path, Arc::clone(&self.known))
     }
 
     pub fn set_retention(&mut self, retention: Retention) {
@@ -385,6 +452,13 @@ impl Store {
                 params![oldest_kept, max_rows, PRUNE_CHUNK],
             )
             .map_err(|e| StoreError::from(e).about(&self.path))?;
+        if deleted > 0 {
+            let oldest: Option<i64> = self
+                .db
+                .query_row("SELECT min(id) FROM events", [], |row| row.get(0))
+                .map_err(|e| StoreError::from(e).about(&self.path))?;
+            self.known.forget_below(oldest);
+        }
         Ok(deleted as i64 == PRUNE_CHUNK)
     }
 
@@ -478,8 +552,12 @@ impl Store {
     /// also after a failed `COMMIT`), and the next commit starts afresh.
     pub fn commit(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
         self.end_stray_transaction();
-        self.write(changes, next_seq)
+        let recorded = self
+            .write(changes, next_seq)
             .map_err(|e| e.about(&self.path))?;
+        // Before any reply of the batch goes out: a history read that
+        // follows it must find its events.
+        self.known.add(recorded);
         self.commits += 1;
         Ok(())
     }
@@ -494,7 +572,13 @@ impl Store {
         }
     }
 
-    fn write(&mut self, changes: &[Change], next_seq: u64) -> Result<(), StoreError> {
+    /// Writes and commits the batch; returns the history events it
+    /// recorded, as (id, at, topic).
+    fn write<'a>(
+        &mut self,
+        changes: &'a [Change],
+        next_seq: u64,
+    ) -> Result<Vec<(i64, i64, &'a str)>, StoreError> {
         let reservation =
             (next_seq > self.reserved_seq).then(|| next_seq.saturating_add(SEQ_RESERVATION));
         // Immediate: take the write lock first, so that a busy database
@@ -502,6 +586,7 @@ impl Store {
         let tx = self
             .db
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut recorded = Vec::new();
         {
             let mut put = tx.prepare_cached(
                 "INSERT OR REPLACE INTO presences
@@ -548,6 +633,7 @@ impl Store {
                             event.user,
                             event.reason.map(LeaveReason::as_str),
                         ])?;
+                        recorded.push((tx.last_insert_rowid(), event.at, event.topic.as_str()));
                     }
                 }
             }
@@ -563,73 +649,7 @@ impl Store {
         if let Some(reserved) = reservation {
             self.reserved_seq = reserved;
         }
-        Ok(())
-    }
-}
-
-/// A connection of its own for reading the history. A read for a topic
-/// walks the table back from the newest event (it has no index, see
-/// schema.sql), which for a topic with no events means all of it; done on
-/// the core's connection, that would hold up every commit and
-/// announcement. In WAL mode this connection reads the last committed
-/// state while the core writes.
-pub struct HistoryReader {
-    db: Connection,
-    path: PathBuf,
-}
-
-/// How long a history read waits for a lock. Readers wait only in rare
-/// moments of the WAL's life (its recovery, or a restart of the log).
-const READ_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
-
-impl HistoryReader {
-    /// Opens the database that a [`Store`] has opened, and so created and
-    /// brought up to date, for reading.
-    pub fn open(path: &Path) -> Result<HistoryReader, StoreError> {
-        let open = || -> rusqlite::Result<Connection> {
-            let db = Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            db.busy_timeout(READ_BUSY_TIMEOUT)?;
-            db.pragma_update(None, "query_only", true)?;
-            Ok(db)
-        };
-        let db = open().map_err(|e| StoreError::from(e).about(path))?;
-        Ok(HistoryReader {
-            db,
-            path: path.to_owned(),
-        })
-    }
-
-    /// The latest history events that match, oldest first: the table is
-    /// walked back from the newest event until it has `limit` + 1 matches
-    /// (the one more tells whether any were left out) or reaches the
-    /// oldest.
-    pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
-        self.read(request)
-            .map_err(|e| StoreError::from(e).about(&self.path))
-    }
-
-    fn read(&self, request: &HistoryRequest) -> rusqlite::Result<HistoryReply> {
-        let limit = request
-            .limit
-            .unwrap_or(DEFAULT_HISTORY_LIMIT)
-            .min(MAX_HISTORY_LIMIT);
-        let mut query = self.db.prepare_cached(
-            "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
-             WHERE (?1 IS NULL OR topic = ?1) AND (?2 IS NULL OR at >= ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
-        let rows = query.query_map(
-            params![request.topic, request.since, limit as i64 + 1],
-            read_history_event,
-        )?;
-        let mut events = rows.collect::<Result<Vec<_>, _>>()?;
-        let truncated = events.len() > limit;
-        events.truncate(limit);
-        events.reverse();
-        Ok(HistoryReply { events, truncated })
+        Ok(recorded)
     }
 }
 
@@ -639,11 +659,117 @@ fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
     match crate::sys::take_pid_lock(&lock)? {
         crate::sys::PidLock::Taken(file) => Ok(file),
         crate::sys::PidLock::HeldBy(holder) => Err(StoreError::InUse { lock, holder }),
+        crate::sys::PidLock::NotOurs(what) => Err(StoreError::LockNotOurs(what)),
     }
 }
 
-fn migrate(db: &Connection) -> Result<(), StoreError> {
+/// Whose a database file is, as read from it before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Belonging {
+    /// No tables and no version: a new file, made ours.
+    New,
+    /// It carries presenced's [`APPLICATION_ID`].
+    Ours,
+    /// Written by a presenced from before the id: one of our versions,
+    /// with exactly that version's tables. Upgraded, and given the id.
+    OursWithoutId,
+}
+
+/// Decides whether the database at `path` is presenced's, by reading its
+/// header and its list of tables. Anything else is another program's, and
+/// is refused (`NotOurs`) before a byte of it changes.
+fn belonging(db: &Connection, path: &Path) -> Result<Belonging, StoreError> {
+    let application_id: i32 = db.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    if application_id == APPLICATION_ID {
+        return Ok(Belonging::Ours);
+    }
+    let not_ours = |why: String| {
+        Err(StoreError::NotOurs {
+            path: path.to_owned(),
+            why,
+        })
+    };
+    if application_id != 0 {
+        return not_ours(format!(
+            "its application_id is {application_id:#010x}, not presenced's {APPLICATION_ID:#010x}"
+        ));
+    }
     let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    // SQLite's own tables (sqlite_sequence, sqlite_stat1, ...) say nothing
+    // about whose the file is.
+    let objects: Vec<(String, String)> = db
+        .prepare(
+            "SELECT type, name FROM sqlite_schema
+             WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY type DESC, name",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if objects.is_empty() && version == 0 {
+        return Ok(Belonging::New);
+    }
+    let holds = || {
+        let listed: Vec<String> = objects
+            .iter()
+            .map(|(kind, name)| format!("{kind} {name}"))
+            .collect();
+        if listed.is_empty() {
+            "no tables".to_owned()
+        } else {
+            listed.join(", ")
+        }
+    };
+    let tables: &[(&str, &[&str])] = match version {
+        1 => &[
+            ("counters", COUNTERS_COLUMNS),
+            ("presences", PRESENCES_COLUMNS),
+        ],
+        2..=SCHEMA_VERSION => &[
+            ("counters", COUNTERS_COLUMNS),
+            ("events", EVENTS_COLUMNS),
+            ("presences", PRESENCES_COLUMNS),
+        ],
+        _ => {
+            return not_ours(format!(
+                "it has no presenced application_id, its user_version is {version}, and it \
+                 holds {}",
+                holds()
+            ));
+        }
+    };
+    let expected = |kind: &str, name: &str| match kind {
+        "table" => tables.iter().any(|(table, _)| *table == name),
+        "index" => OUR_INDEXES.contains(&name),
+        _ => false,
+    };
+    let mut columns_match = true;
+    for (table, wanted) in tables {
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+            .query_map([table], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        columns_match &= columns
+            .iter()
+            .map(String::as_str)
+            .eq(wanted.iter().copied());
+    }
+    if !columns_match || !objects.iter().all(|(kind, name)| expected(kind, name)) {
+        return not_ours(format!(
+            "it has no presenced application_id, and what it holds ({}) is not presenced's \
+             schema version {version}",
+            holds()
+        ));
+    }
+    Ok(Belonging::OursWithoutId)
+}
+
+fn migrate(db: &Connection, belonging: Belonging) -> Result<(), StoreError> {
+    let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let stamp = match belonging {
+        Belonging::Ours => String::new(),
+        Belonging::New | Belonging::OursWithoutId => {
+            format!("PRAGMA application_id = {APPLICATION_ID};")
+        }
+    };
     // Every statement in the schema is `IF NOT EXISTS`: it makes a new
     // database, and adds what later versions added to an older one. A
     // version that changes an existing table has steps of its own around
@@ -654,40 +780,53 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
         1 => (FROM_VERSION_2.to_owned(), ""),
         2 => (format!("{FROM_VERSION_2} {HISTORY_ASIDE}"), HISTORY_BACK),
         3 => (HISTORY_ASIDE.to_owned(), HISTORY_BACK),
-        SCHEMA_VERSION => return Ok(()),
+        SCHEMA_VERSION if stamp.is_empty() => return Ok(()),
+        SCHEMA_VERSION => {
+            // Up to date but for the id, which only spares the next start
+            // the look at the tables: a full disk must not stop this one
+            // for it. It is given at a later start.
+            return match db.execute_batch(&stamp) {
+                Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+                    tracing::warn!("the disk is full; the database gets its application_id later");
+                    Ok(())
+                }
+                done => done.map_err(StoreError::from),
+            };
+        }
         found => return Err(StoreError::NewerSchema { found }),
     };
     db.execute_batch(&format!(
-        "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; {stamp} COMMIT;"
     ))?;
     Ok(())
 }
 
-fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
-    let unreadable = |column: usize, what: &str| {
-        rusqlite::Error::FromSqlConversionFailure(
-            column,
-            rusqlite::types::Type::Text,
-            format!("unknown {what}").into(),
+/// Keeps the `-wal` and `-shm` files when the database closes, rather
+/// than SQLite's default of deleting them after a last checkpoint. A
+/// daemon that starts on a full disk can make neither, and without the
+/// shared-memory file it cannot open the database in WAL mode at all; kept
+/// from the last run, they are reused. What the log holds is checkpointed
+/// at close all the same.
+fn keep_side_files(db: &Connection) -> rusqlite::Result<()> {
+    let mut keep: c_int = 1;
+    // SAFETY: the handle is this open connection's, used on this thread
+    // only for this call; SQLITE_FCNTL_PERSIST_WAL reads and writes one
+    // int, which `keep` is, alive for the whole call.
+    let code = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            db.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&raw mut keep).cast(),
         )
     };
-    let kind: String = row.get(2)?;
-    let reason: Option<String> = row.get(7)?;
-    Ok(HistoryEvent {
-        at: row.get(0)?,
-        topic: row.get(1)?,
-        kind: HistoryKind::parse(&kind).ok_or_else(|| unreadable(2, "event kind"))?,
-        key: row.get(3)?,
-        phx_ref: row.get(4)?,
-        pid: row.get(5)?,
-        user: row.get(6)?,
-        reason: match reason {
-            Some(reason) => {
-                Some(LeaveReason::parse(&reason).ok_or_else(|| unreadable(7, "leave reason"))?)
-            }
-            None => None,
-        },
-    })
+    match code {
+        rusqlite::ffi::SQLITE_OK => Ok(()),
+        code => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            Some("keeping the write-ahead log's files".to_owned()),
+        )),
+    }
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -763,6 +902,7 @@ fn folder_of(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{HistoryReply, HistoryRequest};
 
     fn entry(seq: u64) -> Entry {
         Entry {
@@ -963,14 +1103,111 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
+        // A newer presenced's database carries our id.
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .pragma_update(None, "application_id", APPLICATION_ID)
             .unwrap();
+        newer.pragma_update(None, "user_version", 99).unwrap();
+        drop(newer);
         assert!(matches!(
             Store::open(&path, "boot".into()),
             Err(StoreError::NewerSchema { found: 99 })
         ));
+    }
+
+    fn application_id(db: &Connection) -> i32 {
+        db.pragma_query_value(None, "application_id", |row| row.get(0))
+            .unwrap()
+    }
+
+    /// Opens a database that `make` fills, which must be refused as not
+    /// ours with its bytes as they were.
+    fn refused_as_not_ours(make: &str) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(make)
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let refused = Store::open(&path, "boot".into());
+        assert_eq!(std::fs::read(&path).unwrap(), before, "bytes untouched");
+        match refused {
+            Err(StoreError::NotOurs { why, .. }) => why,
+            Err(other) => panic!("expected NotOurs, got {other}"),
+            Ok(_) => panic!("expected NotOurs, got a store"),
+        }
+    }
+
+    #[test]
+    fn a_closed_store_leaves_its_write_ahead_files_for_the_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        drop(store);
+        for suffix in SIDE_FILES {
+            assert!(with_suffix(&path, suffix).exists(), "{suffix} is kept");
+        }
+        // Checkpointed all the same: another program reads the row from
+        // the database file alone.
+        std::fs::remove_file(with_suffix(&path, "-wal")).unwrap();
+        std::fs::remove_file(with_suffix(&path, "-shm")).unwrap();
+        let (rows, _) = Store::open(&path, "boot".into()).unwrap().load().unwrap();
+        assert_eq!(rows.len(), 1);
+    }
+
+    #[test]
+    fn a_new_database_carries_the_application_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let store = Store::open(&path, "boot".into()).unwrap();
+        assert_eq!(application_id(&store.db), APPLICATION_ID);
+    }
+
+    #[test]
+    fn a_database_of_another_program_is_not_ours() {
+        let why = refused_as_not_ours("CREATE TABLE notes (body TEXT);");
+        assert!(why.contains("table notes"), "{why}");
+        // With one of our version numbers, but not our tables.
+        let why = refused_as_not_ours("CREATE TABLE notes (body TEXT); PRAGMA user_version = 4;");
+        assert!(why.contains("schema version 4"), "{why}");
+        // A version no presenced wrote.
+        let why = refused_as_not_ours("PRAGMA user_version = 99;");
+        assert!(why.contains("user_version is 99"), "{why}");
+        let why = refused_as_not_ours("PRAGMA application_id = 7;");
+        assert!(why.contains("0x00000007"), "{why}");
+    }
+
+    #[test]
+    fn our_tables_with_something_more_or_other_columns_are_not_ours() {
+        let ours = |extra: &str| {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("p.db");
+            drop(Store::open(&path, "boot".into()).unwrap());
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(&format!(
+                "PRAGMA application_id = 0; {extra} PRAGMA journal_mode = DELETE;"
+            ))
+            .unwrap();
+            drop(db);
+            let before = std::fs::read(&path).unwrap();
+            let opened = Store::open(&path, "boot".into());
+            let after = std::fs::read(&path).unwrap();
+            (opened.map(|_| ()), before == after)
+        };
+        assert!(ours("").0.is_ok(), "our own tables, before the id");
+        for extra in [
+            "CREATE TABLE notes (body TEXT);",
+            "CREATE VIEW everyone AS SELECT user FROM presences;",
+            "ALTER TABLE counters ADD COLUMN note TEXT;",
+        ] {
+            match ours(extra) {
+                (Err(StoreError::NotOurs { .. }), true) => {}
+                (other, untouched) => panic!("{extra}: {other:?}, untouched: {untouched}"),
+            }
+        }
     }
 
     /// A database holding entry 1, turned back into an older version by
@@ -990,7 +1227,8 @@ mod tests {
         let store = Store::open(&path, "boot".into()).unwrap();
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2 + SEQ_RESERVATION));
-        let history = HistoryReader::open(&path)
+        let history = store
+            .history_readers()
             .unwrap()
             .history(&HistoryRequest::default())
             .unwrap();
@@ -1045,13 +1283,15 @@ mod tests {
         let (rows, next_seq) = store.load().unwrap();
         assert_eq!((rows.len(), next_seq), (1, 2));
         assert_eq!(rows[0].entry.phx_ref, "p1");
-        let history = HistoryReader::open(&path)
+        let history = store
+            .history_readers()
             .unwrap()
             .history(&HistoryRequest::default())
             .unwrap();
         assert_eq!(history.events.len(), 1);
         let indexes = index_names(&store.db);
         assert!(indexes.is_empty(), "no index is left: {indexes:?}");
+        assert_eq!(application_id(&store.db), APPLICATION_ID, "given the id");
     }
 
     fn index_names(db: &Connection) -> Vec<String> {
@@ -1078,8 +1318,10 @@ mod tests {
              INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
                  VALUES (7, 5, 'doc', 'join', 'alice', 'p1', 42, 'alice', NULL),
                         (9, 6, 'doc', 'leave', 'bob', 'p0', 43, 'bob', 'closed');
-             PRAGMA user_version = 3;",
+             PRAGMA user_version = 3;
+             PRAGMA application_id = 0;",
         );
+        assert_eq!(application_id(&store.db), APPLICATION_ID, "given the id");
         let kept: Vec<(&str, Option<LeaveReason>)> = history
             .events
             .iter()

@@ -23,7 +23,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::outbound::{Next, OutboundBudget, OutboundQueue, ReplySize};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
-use crate::core::store::HistoryReader;
+use crate::core::store::HistoryReaders;
 use crate::core::{Command, Line, LineKind, Outlet as _, Resolved};
 use crate::protocol::{
     ErrorBody, ErrorCode, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply, ReplyFields, Request,
@@ -40,7 +40,7 @@ pub struct Shared {
     /// What every connection's queue holds together.
     pub outbound: Arc<OutboundBudget>,
     /// History reads, kept off the core (see [`answer_history`]).
-    pub history: Arc<Mutex<HistoryReader>>,
+    pub history: HistoryReads,
 }
 
 /// How many connections each user other than the daemon's own holds. On a
@@ -259,24 +259,52 @@ async fn read_requests(
     }
 }
 
-/// Answers a `history` request from the io layer's own database connection,
-/// on a blocking thread. A read for a topic with no events walks the whole
-/// table, about 10 ms at the default bound; on the core it would hold up
-/// every commit and announcement for that long, so it never goes there.
+/// The history's readers, and a permit for each read that may run at once:
+/// no more database connections and blocking threads than that, however
+/// many clients ask together.
+pub struct HistoryReads {
+    readers: Arc<HistoryReaders>,
+    running: tokio::sync::Semaphore,
+}
+
+impl HistoryReads {
+    pub fn new(readers: HistoryReaders) -> HistoryReads {
+        HistoryReads {
+            readers: Arc::new(readers),
+            running: tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE),
+        }
+    }
+}
+
+/// How many history reads run at once, each on a blocking thread with a
+/// database connection of its own (two descriptors, and at most 512 KiB
+/// of page cache). A read costs what it returns, not the size of the
+/// history, so one that finds them all busy waits for a few short reads
+/// at most, not for a walk of the table.
+const HISTORY_READS_AT_ONCE: usize = 16;
+
+/// Answers a `history` request on a blocking thread, from a database
+/// connection of the io layer's own, never the core's: a read that had to
+/// wait for a lock would hold up every commit and announcement.
 async fn answer_history(
     id: Value,
     request: HistoryRequest,
     queue: &Arc<OutboundQueue>,
     shared: &Shared,
 ) {
-    let reader = Arc::clone(&shared.history);
-    let read = tokio::task::spawn_blocking(move || {
-        let reader = reader.lock().unwrap_or_else(|p| p.into_inner());
-        reader.history(&request).map_err(|e| e.to_string())
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    let outcome = match read {
+    let read = async {
+        let _running = shared
+            .history
+            .running
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        let readers = Arc::clone(&shared.history.readers);
+        tokio::task::spawn_blocking(move || readers.history(&request).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let outcome = match read.await {
         Ok(reply) => Ok(ReplyFields::of(&reply)),
         Err(cause) => Err(ErrorBody::new(
             ErrorCode::Internal,

@@ -76,6 +76,10 @@ fn inspect(path: &Path) -> io::Result<AtPath> {
 pub struct Claimed {
     socket: PathBuf,
     kind: ClaimKind,
+    /// Set aside at the claim, before the daemon opens anything else: a
+    /// start that loads more process entries than it has descriptors
+    /// for must still have its spare (see [`FdReserve`]).
+    reserve: FdReserve,
 }
 
 enum ClaimKind {
@@ -104,6 +108,7 @@ pub async fn claim(socket: &Path, access: &SocketAccess) -> anyhow::Result<Claim
             "another daemon (pid {pid}) is already serving {}",
             socket.display()
         ),
+        PidLock::NotOurs(what) => bail!("{what}"),
     };
 
     match inspect(socket).with_context(|| format!("inspecting {}", socket.display()))? {
@@ -135,6 +140,7 @@ pub async fn claim(socket: &Path, access: &SocketAccess) -> anyhow::Result<Claim
             lock,
             access: access.clone(),
         },
+        reserve: FdReserve::new(),
     })
 }
 
@@ -145,6 +151,7 @@ pub fn claim_passed(passed: PassedSocket) -> Claimed {
     Claimed {
         socket: passed.path,
         kind: ClaimKind::Systemd(passed.listener),
+        reserve: FdReserve::new(),
     }
 }
 
@@ -185,7 +192,9 @@ impl Claimed {
     }
 
     /// Listens: binds our socket (mode 0600, or 0660 for a group) and
-    /// starts keeping its path, or takes systemd's as it is.
+    /// starts keeping its path, or takes systemd's as it is. Done before
+    /// the processes of restored entries are watched, each with a pidfd of
+    /// its own: the socket must not be left without a descriptor.
     pub fn listen(self) -> anyhow::Result<Serving> {
         match self.kind {
             ClaimKind::Path { lock, access } => {
@@ -206,7 +215,7 @@ impl Claimed {
                         said_polling: false,
                     }),
                     listener: bound.listener,
-                    reserve: FdReserve::new(),
+                    reserve: self.reserve,
                 })
             }
             ClaimKind::Systemd(listener) => Ok(Serving {
@@ -217,7 +226,7 @@ impl Claimed {
                         self.socket.display()
                     )
                 })?,
-                reserve: FdReserve::new(),
+                reserve: self.reserve,
             }),
         }
     }
@@ -600,6 +609,11 @@ impl KeptPath {
                  this daemon keeps only the connections it has",
                 path.display(),
                 self.socket.display()
+            ))),
+            // Put in the lock's place by someone else: never written, and
+            // without the lock the socket is not ours to bind again.
+            Ok(PidLock::NotOurs(what)) => Err(Setback::Occupied(format!(
+                "{what}; until then this daemon keeps only the connections it has"
             ))),
             Err(e) => Err(Setback::Failed(
                 anyhow::Error::new(e).context(format!("locking {} again", path.display())),

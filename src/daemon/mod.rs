@@ -10,14 +10,14 @@ mod pidwatch;
 mod systemd;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::store::{HistoryReader, Retention, Store};
+use crate::core::store::{Retention, Store};
 use crate::core::{Command, Core, DaemonInfo, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
@@ -90,6 +90,9 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut store = Store::open(&config.db, boot_id.clone())
         .with_context(|| format!("opening the database {}", config.db.display()))?;
     store.set_retention(config.history);
+    let history = store
+        .history_readers()
+        .with_context(|| format!("opening the database {} to read", config.db.display()))?;
     listener::raise_fd_limit(config.limits.max_connections);
 
     let (core_tx, core_rx) = std::sync::mpsc::channel();
@@ -101,8 +104,15 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     };
     let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?
         .with_max_batch(config.max_batch);
-    let history = HistoryReader::open(&config.db)
-        .with_context(|| format!("opening the database {} to read", config.db.display()))?;
+
+    // Handlers first: a stop signal that arrives once we listen must shut
+    // down cleanly, not kill us with the socket left behind.
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // The socket before the watches: each watched process takes a pidfd,
+    // and with more of them than descriptors the socket would find none.
+    // Whoever connects meanwhile waits in the backlog.
+    let mut serving = claimed.listen()?;
     for process in core.watched_processes() {
         pids.watch(process);
     }
@@ -114,12 +124,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             let _ = stopped_tx.send(core.run(core_rx));
         })
         .context("starting the core thread")?;
-
-    // Handlers first: a stop signal that arrives once we listen must shut
-    // down cleanly, not kill us with the socket left behind.
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut serving = claimed.listen()?;
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
@@ -144,7 +148,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             config.limits.max_connections_per_uid,
             crate::sys::current_uid(),
         ),
-        history: Arc::new(Mutex::new(history)),
+        history: connection::HistoryReads::new(history),
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
     let active = Arc::new(AtomicUsize::new(0));
