@@ -86,15 +86,39 @@ async fn out_of_descriptors_newcomers_are_told_why_and_the_daemon_neither_dies_n
     );
 
     // Those already connected are still answered. A track needs a
-    // descriptor to watch its process; it fails, saying why, and leaves
-    // nothing behind.
-    let track = r#"{"op":"track","id":3,"topic":"t","key":"held"}"#;
+    // descriptor to watch its process; without one it fails, saying why,
+    // and leaves nothing behind. A refused newcomer's descriptor may be
+    // free for a moment, so the tracks name one process after another
+    // until one finds none left.
     let first = &mut served[0];
     assert_eq!(first.request(r#"{"op":"ping","id":3}"#).await["ok"], true);
-    let reply = first.request(track).await;
-    assert_eq!(error_code(&reply), "internal", "{reply}");
-    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    let sleepers: Vec<_> = (0..4).map(|_| common::spawn_sleeper()).collect();
+    let mut watched = 0;
+    let refusal = loop {
+        let Some(pid) = sleepers.get(watched).and_then(|s| s.id()) else {
+            panic!("{watched} processes were watched while out of descriptors");
+        };
+        let reply = first
+            .request(&format!(
+                r#"{{"op":"track","id":3,"topic":"s","key":"k{watched}","pid":{pid}}}"#
+            ))
+            .await;
+        if reply["ok"] != true {
+            break reply;
+        }
+        watched += 1;
+    };
+    assert!(watched <= 2, "{watched} tracks found a descriptor");
+    assert_eq!(error_code(&refusal), "internal", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("out of file descriptors"), "{message}");
+    let listed = first.request(r#"{"op":"list","id":3,"topic":"s"}"#).await;
+    assert_eq!(
+        listed["presences"].as_object().map_or(0, |p| p.len()),
+        watched,
+        "the refused track left nothing behind: {listed}"
+    );
+    let track = r#"{"op":"track","id":3,"topic":"t","key":"held"}"#;
 
     // Once some close, the very next newcomer is served, and tracks work.
     served.truncate(served.len() - 4);
