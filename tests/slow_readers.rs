@@ -425,3 +425,132 @@ async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_a
     }
     assert_eq!(status_of(&mut observer, "entries").await, 1200);
 }
+
+/// Twenty clients ask for a list of everything in the same instant, and
+/// read as fast as they can. The daemon answers them together, so for a
+/// moment it holds almost all of every reply, far past its budget; but
+/// every one of them is reading, so none is closed for it: each gets its
+/// list whole. (Found with the issue's sizes and the default budget:
+/// twenty lists of 8.2 MB against 64 MiB. Here a quarter of everything,
+/// lists of 2 MB against 16 MiB, keeps the test quick.)
+#[tokio::test]
+async fn clients_that_read_are_never_closed_for_the_budget_however_many_ask_at_once() {
+    const READERS: usize = 20;
+    const BUDGET: usize = 16 * 1024 * 1024;
+    let daemon = Daemon::start_with(&["--max-outbound-total", &BUDGET.to_string()]).await;
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, ENTRIES / 4, 0, |n| format!("t{}", n % TOPICS)).await;
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        readers.push(LineReader::connect(&daemon.socket).await);
+    }
+    // Every request is out before any reply is read.
+    for (n, reader) in readers.iter_mut().enumerate() {
+        reader.send(&format!(r#"{{"op":"list","id":{n}}}"#)).await;
+    }
+    let started = Instant::now();
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut reader| {
+            tokio::spawn(async move {
+                let line = reader.line().await;
+                (line, reader)
+            })
+        })
+        .collect();
+    for (n, read) in reading.into_iter().enumerate() {
+        let (line, mut reader) = read.await.expect("reader task");
+        let reply: Value = serde_json::from_slice(&line).unwrap_or_else(|e| {
+            panic!(
+                "reader {n} got {} bytes, not one JSON line ({e}): {}",
+                line.len(),
+                String::from_utf8_lossy(&line[line.len().saturating_sub(300)..])
+            )
+        });
+        assert_eq!(reply["id"], n);
+        assert_eq!(reply["ok"], true, "reader {n}: {}", reply["error"]);
+        let topics = reply["topics"].as_object().expect("topics");
+        assert_eq!(topics.len(), TOPICS);
+        // And it is still connected.
+        reader.send(r#"{"op":"ping","id":"after"}"#).await;
+        let reply: Value = serde_json::from_slice(&reader.line().await).expect("JSON");
+        assert_eq!(
+            (&reply["id"], &reply["ok"]),
+            (&json!("after"), &json!(true))
+        );
+    }
+    eprintln!("{READERS} lists read in {:?}", started.elapsed());
+}
+
+/// A member of a shared daemon aims the budget at someone else: it keeps
+/// dozens of connections that never read, each holding about the
+/// per-connection bound, so that together they sit just under the budget.
+/// Whoever asks next for a large reply takes the total past it and holds
+/// the most of anyone; but it reads, so it is not closed for it: it gets
+/// its list whole, and keeps its connection.
+#[tokio::test]
+async fn connections_that_never_read_cannot_have_a_reader_closed_for_the_budget() {
+    // The defaults: a bound of 1 MiB a connection, 64 MiB in all.
+    const BUDGET: u64 = 64 * 1024 * 1024;
+    let daemon = Daemon::start().await;
+    let mut holder = daemon.raw().await;
+    // A list of `held` is 1.3 MB, so that a connection holds about the
+    // bound of what it was sent (its socket takes the rest); one of
+    // `asked` is 2.5 MB.
+    track_padded(&mut holder, 460, 0, |n| {
+        if n < 160 { "held" } else { "asked" }.to_owned()
+    })
+    .await;
+    let mut observer = daemon.raw().await;
+
+    let mut hostile = Vec::new();
+    let mut total = 0;
+    loop {
+        let mut connection = daemon.raw().await;
+        connection
+            .send(r#"{"op":"list","topic":"held","id":"h"}"#)
+            .await;
+        hostile.push(connection);
+        let before = total;
+        eventually("the list to be queued", async || {
+            total = status_of(&mut observer, "outbound_bytes").await;
+            total > before
+        })
+        .await;
+        if BUDGET - total < 2 * (total - before) {
+            break;
+        }
+    }
+    // Just under the budget, by less than the victim will hold.
+    let each = total / hostile.len() as u64;
+    eprintln!(
+        "{} connections hold {total} bytes, {each} each",
+        hostile.len()
+    );
+
+    let mut victim = LineReader::connect(&daemon.socket).await;
+    victim
+        .send(r#"{"op":"list","topic":"asked","id":"asked"}"#)
+        .await;
+    let line = victim.line().await;
+    let reply: Value = serde_json::from_slice(&line).unwrap_or_else(|e| {
+        panic!(
+            "the victim got {} bytes, not one JSON line ({e}): {}",
+            line.len(),
+            String::from_utf8_lossy(&line[line.len().saturating_sub(300)..])
+        )
+    });
+    assert!(
+        line.len() as u64 > BUDGET - total + each,
+        "{} bytes",
+        line.len()
+    );
+    assert_eq!(reply["ok"], true, "{}", reply["error"]);
+    assert_eq!(reply["presences"].as_object().map(|p| p.len()), Some(300));
+    victim.send(r#"{"op":"ping","id":"after"}"#).await;
+    let reply: Value = serde_json::from_slice(&victim.line().await).expect("JSON");
+    assert_eq!(
+        (&reply["id"], &reply["ok"]),
+        (&json!("after"), &json!(true))
+    );
+}

@@ -765,6 +765,10 @@ async fn write_lines(
                     queue.abandon();
                     return;
                 }
+                // A write stops at a chunk; whoever waits for the queue's
+                // lock (the core, with a line for this client) gets it
+                // before the next.
+                tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
                 let _ = core.send(Command::Resync { conn, topics });

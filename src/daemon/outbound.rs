@@ -12,15 +12,32 @@
 //! (see [`OutboundQueue::admit_request`]). A request whose reply may be of
 //! any size (a list, a subscription's state, history) is admitted only
 //! once every earlier reply is queued, and nothing after it until its own
-//! reply is: so a connection holds at most its bound and one such reply,
-//! however many requests it pipelines, and that reply is always sent
-//! whole.
+//! reply is: so a connection holds at most its bound, the small replies
+//! admitted while it was within it, and one such reply, however many
+//! requests it pipelines, and that reply is always sent whole.
 //!
 //! All the queues together answer to one daemon-wide budget
-//! ([`OutboundBudget`]). Past it, the connections holding the most are
-//! cut off: what they were owed is dropped, they are sent one line saying
-//! why, and closed. Dropping lines from a connection that stays open
-//! would leave it with a wrong picture; closing it tells it so.
+//! ([`OutboundBudget`]). What takes a queue past it is rarely a client
+//! that does not read: the core builds every reply of a batch before any
+//! writer runs, so twenty clients asking for a large list at once all hold
+//! almost a whole reply for a moment, and read it a moment later. So the
+//! budget acts twice, and neither time on whoever merely holds the most:
+//! - while it is spent, and while [`MAX_LARGE_IN_FLIGHT`] replies of any
+//!   size are being built, a request for one waits before it reaches the
+//!   core, so the daemon never builds large replies faster than its
+//!   clients take them;
+//! - a timer, not the core, looks at it while it is spent, and cuts off
+//!   only connections whose client has taken next to nothing for
+//!   [`STALL`], the largest first: what they were owed is dropped, they
+//!   are sent one line saying why, and closed. Dropping lines from a
+//!   connection that stays open would leave it with a wrong picture;
+//!   closing it tells it so. A client that reads is never cut off,
+//!   however much it was sent at once.
+//!
+//! The connections are weighed one by one, not summed per user: what
+//! marks a connection for closing is that it does not read, and every
+//! connection of a user who holds the budget by not reading is stalled,
+//! so it goes whoever else shares its uid.
 //!
 //! When nothing is queued, `deliver` writes the line to the socket itself,
 //! without blocking, from the core's thread: the usual reply then reaches
@@ -28,11 +45,15 @@
 //! than the write. Whatever the socket does not take at once is queued for
 //! the writer, in order. Every write to the socket, the writer's too, is
 //! made under the queue's lock, so the queue always knows exactly how much
-//! of its first line the client has been sent.
+//! of its first line the client has been sent; each such write is at most
+//! [`WRITE_CHUNK`], so that the core, delivering to a queue whose client
+//! reads a large reply as fast as the socket goes, waits for one chunk, not
+//! for the whole reply.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::net::UnixStream;
@@ -47,6 +68,32 @@ use crate::protocol::{ErrorBody, ErrorCode, OutgoingReply};
 /// replies. Enough for a client to pipeline; small enough that replies it
 /// never reads stay few.
 pub const MAX_IN_FLIGHT: usize = 32;
+
+/// Requests whose reply may be of any size that the whole daemon has
+/// passed to the core and not yet seen answered. The core holds every
+/// reply of a batch before it hands any of them over, so this bounds what
+/// a burst of such requests, from however many connections, costs beyond
+/// what the queues hold; the core works through one batch at a time, so
+/// more would not answer them sooner.
+pub const MAX_LARGE_IN_FLIGHT: usize = 4;
+
+/// How long a connection's client may take next to nothing
+/// ([`PROGRESS_BYTES`]) of what is queued for it before, while the budget
+/// is spent, it may be cut off. Long enough that a client whose event loop
+/// is busy for a moment, or starved of a CPU, is not taken for one that
+/// does not read.
+pub const STALL: Duration = Duration::from_secs(2);
+
+/// What a client must take within [`STALL`] to count as reading: a client
+/// that trickles a few bytes at a time holds what it was sent as surely
+/// as one that reads nothing.
+const PROGRESS_BYTES: usize = 64 * 1024;
+
+/// How often the budget is looked at while it is spent.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The most written to a socket under its queue's lock at once.
+pub const WRITE_CHUNK: usize = 256 * 1024;
 
 /// How large a request's reply, with the events it brings its own
 /// connection, may be.
@@ -65,12 +112,18 @@ pub enum ReplySize {
 pub struct OutboundBudget {
     max_bytes: usize,
     total: AtomicUsize,
-    /// Every live queue, to find the ones holding the most. A queue
-    /// removes itself when it is dropped.
+    /// Requests of unbounded reply passed to the core and not answered
+    /// yet, at most [`MAX_LARGE_IN_FLIGHT`].
+    large_in_flight: AtomicUsize,
+    /// Every live queue, to find the ones to cut off. A queue removes
+    /// itself when it is dropped.
     queues: Mutex<HashMap<ConnId, Weak<OutboundQueue>>>,
-    /// Held while connections are cut off, so that two threads that see
-    /// the same excess do not both cut for it.
-    cutting: Mutex<()>,
+    /// Wakes [`OutboundBudget::cut_off_stalled_holders`] when the total
+    /// goes past the budget.
+    spent: Notify,
+    /// Wakes requests of unbounded reply waiting on the budget: the total
+    /// is back within it, or one such request was answered.
+    room: Notify,
 }
 
 impl OutboundBudget {
@@ -78,8 +131,10 @@ impl OutboundBudget {
         Arc::new(OutboundBudget {
             max_bytes,
             total: AtomicUsize::new(0),
+            large_in_flight: AtomicUsize::new(0),
             queues: Mutex::new(HashMap::new()),
-            cutting: Mutex::new(()),
+            spent: Notify::new(),
+            room: Notify::new(),
         })
     }
 
@@ -87,23 +142,75 @@ impl OutboundBudget {
         self.total.load(Ordering::Relaxed) > self.max_bytes
     }
 
-    /// Cuts off the connections holding the most until the total is back
-    /// within the budget. The scan visits every queue, but only runs
-    /// while the budget is spent, and each run brings it back.
-    fn enforce(&self) {
-        let _cutting = lock(&self.cutting);
-        if !self.is_spent() {
-            return;
+    fn add(&self, bytes: usize) {
+        let before = self.total.fetch_add(bytes, Ordering::Relaxed);
+        if before <= self.max_bytes && before + bytes > self.max_bytes {
+            self.spent.notify_one();
         }
-        let mut holders: Vec<(usize, Arc<OutboundQueue>)> = lock(&self.queues)
+    }
+
+    fn remove(&self, bytes: usize) {
+        let before = self.total.fetch_sub(bytes, Ordering::Relaxed);
+        if before > self.max_bytes && before - bytes <= self.max_bytes {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Counts one more request of unbounded reply on its way to the core,
+    /// if the budget has room for it: it is not spent, and fewer than
+    /// [`MAX_LARGE_IN_FLIGHT`] such requests are.
+    fn take_large_slot(&self) -> bool {
+        !self.is_spent()
+            && self
+                .large_in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < MAX_LARGE_IN_FLIGHT).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    fn give_back_large_slot(&self) {
+        self.large_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.room.notify_waiters();
+    }
+
+    /// Runs for the daemon's lifetime: whenever the total is past the
+    /// budget, cuts off stalled connections (see
+    /// [`OutboundBudget::cut_off_stalled`]), looking again every
+    /// [`CHECK_EVERY`] until it is back within it. A timer, and not the
+    /// line that took the total past the budget, decides: at that moment
+    /// every queue may just have been handed a whole reply its client is
+    /// about to read.
+    pub async fn cut_off_stalled_holders(self: Arc<Self>) {
+        loop {
+            let spent = self.spent.notified();
+            if !self.is_spent() {
+                spent.await;
+                continue;
+            }
+            self.cut_off_stalled(Instant::now());
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    }
+
+    /// Cuts off connections whose client has taken next to nothing for
+    /// [`STALL`] by `now`, those holding the most first, until the total
+    /// is back within the budget. Returns how many it cut off. The scan
+    /// visits every queue, but only runs while the budget is spent.
+    fn cut_off_stalled(&self, now: Instant) -> usize {
+        let queues: Vec<Arc<OutboundQueue>> = lock(&self.queues)
             .values()
             .filter_map(Weak::upgrade)
-            .map(|queue| (queue.queued_bytes(), queue))
             .collect();
-        holders.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
-        for (held, queue) in &holders {
+        let mut stalled: Vec<(usize, Arc<OutboundQueue>)> = queues
+            .into_iter()
+            .filter_map(|queue| Some((queue.stalled_holding(now)?, queue)))
+            .collect();
+        stalled.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        let mut cut = 0;
+        for (held, queue) in &stalled {
             let total = self.total.load(Ordering::Relaxed);
-            if total <= self.max_bytes || *held == 0 {
+            if total <= self.max_bytes {
                 break;
             }
             let farewell = OutgoingReply::failure(
@@ -113,23 +220,26 @@ impl OutboundBudget {
                     format!(
                         "the daemon holds {total} bytes its clients have not read, more than its \
                          budget of {} (--max-outbound-total); this connection held {held} of \
-                         them, more than any other still open, so it is closed: read what you \
-                         ask for",
-                        self.max_bytes
+                         them and took next to none in {} s, the most of any connection not \
+                         reading, so it is closed: read what you ask for",
+                        self.max_bytes,
+                        STALL.as_secs()
                     ),
                 ),
             );
-            let cut = queue.cut_off(&farewell.to_line());
+            let freed = queue.cut_off(&farewell.to_line());
+            cut += 1;
             tracing::warn!(
                 conn = queue.conn,
-                held = cut,
+                held = freed,
                 total,
                 budget = self.max_bytes,
-                "outbound budget spent: closed the connection holding the most"
+                "outbound budget spent: closed the stalled connection holding the most"
             );
         }
-        // `holders` goes before `_cutting`: a queue dropped with it takes
-        // the registry's lock, which is free by now.
+        // A queue dropped with `stalled` takes the `queues` lock, which
+        // nothing here holds any more.
+        cut
     }
 }
 
@@ -144,7 +254,6 @@ pub struct OutboundQueue {
     budget: Arc<OutboundBudget>,
 }
 
-#[derive(Default)]
 struct State {
     lines: VecDeque<Line>,
     /// How much of the first line the client has been sent. A line begun
@@ -152,10 +261,17 @@ struct State {
     front_sent: usize,
     /// Bytes queued and not yet sent, counted in the budget's total too.
     bytes: usize,
+    /// When the client last showed it reads: the queue went from empty to
+    /// holding something, or the socket took [`PROGRESS_BYTES`] since the
+    /// time before.
+    progress_at: Instant,
+    /// Bytes the socket took since `progress_at`.
+    taken_since_progress: usize,
     /// Requests passed to the core whose reply has not been queued yet.
     in_flight: usize,
-    /// The request in flight has a reply of any size: nothing more is
-    /// admitted until that reply is queued.
+    /// The request in flight has a reply of any size, and holds one of the
+    /// budget's large slots: nothing more is admitted until that reply is
+    /// queued.
     unbounded_in_flight: bool,
     closed: bool,
     /// Topics whose diffs were dropped; waiting for a fresh state.
@@ -165,6 +281,33 @@ struct State {
     /// The socket, shared with the writer, for writing directly when
     /// nothing is queued; let go when the queue closes.
     direct: Option<Arc<OwnedWriteHalf>>,
+}
+
+impl State {
+    fn new(direct: Option<Arc<OwnedWriteHalf>>) -> State {
+        State {
+            lines: VecDeque::new(),
+            front_sent: 0,
+            bytes: 0,
+            progress_at: Instant::now(),
+            taken_since_progress: 0,
+            in_flight: 0,
+            unbounded_in_flight: false,
+            closed: false,
+            stale: BTreeSet::new(),
+            resync_requested: BTreeSet::new(),
+            direct,
+        }
+    }
+
+    /// Notes that the socket took `bytes`.
+    fn taken(&mut self, bytes: usize) {
+        self.taken_since_progress += bytes;
+        if self.taken_since_progress >= PROGRESS_BYTES {
+            self.progress_at = Instant::now();
+            self.taken_since_progress = 0;
+        }
+    }
 }
 
 /// What the writer should do next.
@@ -198,10 +341,7 @@ impl OutboundQueue {
     ) -> Arc<OutboundQueue> {
         let queue = Arc::new(OutboundQueue {
             conn,
-            state: Mutex::new(State {
-                direct,
-                ..State::default()
-            }),
+            state: Mutex::new(State::new(direct)),
             ready: Notify::new(),
             room: Notify::new(),
             max_bytes,
@@ -216,14 +356,19 @@ impl OutboundQueue {
     }
 
     fn count(&self, state: &mut State, bytes: usize) {
+        if state.bytes == 0 {
+            // The client cannot have been slow to read what was not there.
+            state.progress_at = Instant::now();
+            state.taken_since_progress = 0;
+        }
         state.bytes += bytes;
-        self.budget.total.fetch_add(bytes, Ordering::Relaxed);
+        self.budget.add(bytes);
     }
 
     fn uncount(&self, state: &mut State, bytes: usize) {
         let was_over = state.bytes > self.max_bytes;
         state.bytes -= bytes;
-        self.budget.total.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.remove(bytes);
         if was_over && state.bytes <= self.max_bytes {
             self.room.notify_waiters();
         }
@@ -256,31 +401,34 @@ impl OutboundQueue {
     }
 
     /// Writes queued lines to `socket` for as long as it takes them
-    /// without blocking. An error means the socket is done for.
+    /// without blocking, [`WRITE_CHUNK`] at most: the lock is held for
+    /// the write, and the core may be waiting for it. An error means the
+    /// socket is done for.
     pub fn write_to(&self, socket: &UnixStream) -> std::io::Result<()> {
         let mut state = self.lock();
-        self.send_queued(&mut state, socket)
-    }
-
-    fn send_queued(&self, state: &mut State, socket: &UnixStream) -> std::io::Result<()> {
-        loop {
+        let mut allowance = WRITE_CHUNK;
+        while allowance > 0 {
             let Some(front) = state.lines.front() else {
                 return Ok(());
             };
             let line_len = front.bytes.len();
-            let sent = match socket.try_write(&front.bytes[state.front_sent..]) {
+            let end = line_len.min(state.front_sent.saturating_add(allowance));
+            let sent = match socket.try_write(&front.bytes[state.front_sent..end]) {
                 Ok(0) => return Ok(()),
                 Ok(sent) => sent,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
+            allowance -= sent;
             state.front_sent += sent;
             if state.front_sent == line_len {
                 state.lines.pop_front();
                 state.front_sent = 0;
             }
-            self.uncount(state, sent);
+            state.taken(sent);
+            self.uncount(&mut state, sent);
         }
+        Ok(())
     }
 
     /// Waits until the connection may send the core a request whose reply
@@ -288,29 +436,48 @@ impl OutboundQueue {
     /// within its bound, and no request of unbounded reply still in
     /// flight; a small request also waits while [`MAX_IN_FLIGHT`] others
     /// do, and an unbounded one until every earlier reply is queued, so
-    /// that the bound it is checked against counts them all. `false` when
-    /// the queue has closed: read no more.
+    /// that the bound it is checked against counts them all, and until the
+    /// daemon-wide budget has room for it
+    /// ([`OutboundBudget::take_large_slot`]). `false` when the queue has
+    /// closed: read no more.
     pub async fn admit_request(&self, size: ReplySize) -> bool {
         loop {
-            let notified = self.room.notified();
-            {
+            // Both made before looking, so that no wake-up is missed.
+            let queue_room = self.room.notified();
+            let budget_room = self.budget.room.notified();
+            let waiting_on_budget = {
                 let mut state = self.lock();
                 if state.closed {
                     return false;
                 }
-                let room = state.bytes <= self.max_bytes
+                let queue_has_room = state.bytes <= self.max_bytes
                     && !state.unbounded_in_flight
                     && match size {
                         ReplySize::Small => state.in_flight < MAX_IN_FLIGHT,
                         ReplySize::Unbounded => state.in_flight == 0,
                     };
-                if room {
+                let admitted = queue_has_room
+                    && match size {
+                        ReplySize::Small => true,
+                        ReplySize::Unbounded => self.budget.take_large_slot(),
+                    };
+                if admitted {
                     state.in_flight += 1;
                     state.unbounded_in_flight = size == ReplySize::Unbounded;
                     return true;
                 }
+                queue_has_room
+            };
+            if waiting_on_budget {
+                // This queue's own conditions can only get better while it
+                // waits; its room is still watched, as a close wakes it.
+                tokio::select! {
+                    () = queue_room => {}
+                    () = budget_room => {}
+                }
+            } else {
+                queue_room.await;
             }
-            notified.await;
         }
     }
 
@@ -389,11 +556,16 @@ impl OutboundQueue {
 impl Drop for OutboundQueue {
     fn drop(&mut self) {
         // A writer cut short by the flush deadline leaves bytes behind.
-        let held = self
+        let state = self
             .state
             .get_mut()
-            .map_or_else(|poisoned| poisoned.into_inner().bytes, |state| state.bytes);
-        self.budget.total.fetch_sub(held, Ordering::Relaxed);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (held, large_slot) = (state.bytes, state.unbounded_in_flight);
+        self.budget.remove(held);
+        if large_slot {
+            // Its reply will never come: the core is done with it.
+            self.budget.give_back_large_slot();
+        }
         lock(&self.budget.queues).remove(&self.conn);
     }
 }
@@ -401,19 +573,21 @@ impl Drop for OutboundQueue {
 impl Outlet for Arc<OutboundQueue> {
     fn deliver(&self, line: Line) {
         let mut state = self.lock();
+        if line.kind == LineKind::Reply {
+            // Counted even for a closed queue: the request is answered, and
+            // the large slot it held is free for another.
+            state.in_flight = state.in_flight.saturating_sub(1);
+            if std::mem::take(&mut state.unbounded_in_flight) {
+                self.budget.give_back_large_slot();
+            }
+            self.room.notify_waiters();
+        }
         if state.closed {
             return;
         }
         // The first line may be half on the wire; it is never touched.
         let begun = state.front_sent > 0;
         match &line.kind {
-            LineKind::Reply => {
-                state.in_flight = state.in_flight.saturating_sub(1);
-                if state.in_flight == 0 {
-                    state.unbounded_in_flight = false;
-                }
-                self.room.notify_waiters();
-            }
             LineKind::Diff(topic) if state.stale.contains(topic) => return,
             LineKind::State(topic) => {
                 state.stale.remove(topic);
@@ -436,11 +610,12 @@ impl Outlet for Arc<OutboundQueue> {
         }
         if state.lines.is_empty() {
             // Nothing queued: the line can go now, ahead of nobody.
+            let first_chunk = &line.bytes[..line.bytes.len().min(WRITE_CHUNK)];
             let sent = match &state.direct {
                 // Never blocks: a full socket answers WouldBlock. Errors
                 // are left for the writer, which meets them on its next
                 // write and ends the connection.
-                Some(socket) => socket.as_ref().try_write(&line.bytes).unwrap_or(0),
+                Some(socket) => socket.as_ref().try_write(first_chunk).unwrap_or(0),
                 None => 0,
             };
             if sent == line.bytes.len() {
@@ -476,9 +651,6 @@ impl Outlet for Arc<OutboundQueue> {
         }
         drop(state);
         self.ready.notify_one();
-        if self.budget.is_spent() {
-            self.budget.enforce();
-        }
     }
 
     fn close(&self) {
@@ -492,6 +664,19 @@ impl Outlet for Arc<OutboundQueue> {
 
     fn queued_bytes(&self) -> usize {
         self.lock().bytes
+    }
+}
+
+impl OutboundQueue {
+    /// What the queue holds, if its client has taken next to nothing of it
+    /// for [`STALL`] by `now`: a connection that may be cut off for the
+    /// budget.
+    fn stalled_holding(&self, now: Instant) -> Option<usize> {
+        let state = self.lock();
+        let stalled = state.bytes > 0
+            && !state.closed
+            && now.saturating_duration_since(state.progress_at) >= STALL;
+        stalled.then_some(state.bytes)
     }
 }
 
@@ -638,7 +823,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_the_budget_the_largest_holder_is_cut_off_and_told_why() {
+    async fn past_the_budget_the_largest_stalled_holder_is_cut_off_and_told_why() {
         let budget = OutboundBudget::new(6 << 20);
         let (small, _small_socket, _small_client) = connected(1, 100, &budget);
         let (large, large_socket, mut large_client) = connected(2, 100, &budget);
@@ -654,8 +839,14 @@ mod tests {
         small.deliver(reply(&text[..1 << 20]));
         assert!(!budget.is_spent());
         assert!(large.queued_bytes() > small.queued_bytes());
-        // One more line for the smaller one tips the total over.
+        // One more line for the smaller one tips the total over; but both
+        // were just sent what they hold, and nobody is cut off for that.
         small.deliver(reply(&text[..2 << 20]));
+        assert!(budget.is_spent());
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 0);
+        assert!(!large.lock().closed);
+        // Neither reads for a while: the largest goes, and that is enough.
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 1);
         assert!(!budget.is_spent());
         assert!(small.queued_bytes() > 0, "the smaller one keeps its lines");
         assert!(!small.lock().closed, "the smaller one stays open");
@@ -698,6 +889,133 @@ mod tests {
             "{farewell}"
         );
         assert_eq!(large.queued_bytes(), 0);
+    }
+
+    /// Pretends the client of `queue` last read `ago`.
+    fn last_read(queue: &OutboundQueue, ago: Duration) {
+        let mut state = queue.lock();
+        state.progress_at = Instant::now()
+            .checked_sub(ago)
+            .expect("the clock has run that long");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_is_never_cut_off_however_much_it_holds() {
+        let budget = OutboundBudget::new(1 << 20);
+        let (reading, socket, client) = connected(1, 100, &budget);
+        let (idle, _idle_socket, _idle_client) = connected(2, 100, &budget);
+        let trickling = OutboundQueue::new(3, 100, None, &budget);
+        reading.deliver(line(LineKind::Reply, 4 << 20));
+        idle.deliver(line(LineKind::Reply, 1 << 20));
+        trickling.deliver(line(LineKind::Reply, 1 << 20));
+        for queue in [&reading, &idle, &trickling] {
+            last_read(queue, STALL);
+        }
+        // One client reads a good part of its reply; another takes a
+        // little, as if to look alive.
+        let stream: &UnixStream = socket.as_ref().as_ref();
+        let before = reading.queued_bytes();
+        while before - reading.queued_bytes() < 2 * PROGRESS_BYTES {
+            stream.writable().await.expect("writable");
+            reading.write_to(stream).expect("write");
+            let mut chunk = vec![0; 1 << 20];
+            client.readable().await.expect("readable");
+            match client.try_read(&mut chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        trickling.lock().taken(PROGRESS_BYTES - 1);
+        assert!(reading.queued_bytes() > idle.queued_bytes());
+
+        // The one that reads holds the most, and the budget is still spent
+        // once the others are gone; it stays all the same.
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 2);
+        assert!(idle.lock().closed && trickling.lock().closed);
+        assert!(budget.is_spent());
+        assert!(!reading.lock().closed);
+        // Until it stops reading too.
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 1);
+        assert!(reading.lock().closed);
+    }
+
+    #[tokio::test]
+    async fn requests_of_unbounded_reply_wait_while_the_budget_is_spent_or_busy() {
+        let budget = OutboundBudget::new(1000);
+        let queues: Vec<_> = (0..=MAX_LARGE_IN_FLIGHT as ConnId)
+            .map(|conn| OutboundQueue::new(conn, 100, None, &budget))
+            .collect();
+        let (last, first) = queues.split_last().expect("queues");
+
+        // The core builds a few large replies at a time, for anyone.
+        for queue in first {
+            assert!(queue.admit_request(ReplySize::Unbounded).await);
+        }
+        assert!(waits(last.admit_request(ReplySize::Unbounded)).await);
+        first[0].deliver(line(LineKind::Reply, 2000));
+        // One is answered, but its reply spends the budget: the next waits
+        // for the client to read it; a small request does not.
+        assert!(budget.is_spent());
+        assert!(waits(last.admit_request(ReplySize::Unbounded)).await);
+        assert!(last.admit_request(ReplySize::Small).await);
+        last.deliver(line(LineKind::Reply, 10));
+        first[0].pretend_sent();
+        assert!(last.admit_request(ReplySize::Unbounded).await);
+
+        // A connection that closes before its reply comes gives its slot
+        // back.
+        let newcomer = OutboundQueue::new(99, 100, None, &budget);
+        assert!(waits(newcomer.admit_request(ReplySize::Unbounded)).await);
+        let mut queues = queues.into_iter();
+        drop(queues.nth(1).expect("a queue in flight"));
+        assert!(newcomer.admit_request(ReplySize::Unbounded).await);
+    }
+
+    #[tokio::test]
+    async fn a_write_under_the_queues_lock_stops_at_a_chunk() {
+        // A socket that takes more than a chunk at a time, and a client
+        // that reads as fast as it goes.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        rustix::net::sockopt::set_socket_send_buffer_size(&ours, 1 << 20).expect("SO_SNDBUF");
+        let buffer = rustix::net::sockopt::socket_send_buffer_size(&ours).expect("SO_SNDBUF");
+        assert!(buffer > WRITE_CHUNK, "a send buffer of {buffer} bytes");
+        let reader = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut theirs, &mut all).expect("read");
+            all.len()
+        });
+        let (_read, write) = UnixStream::from_std(ours).expect("tokio").into_split();
+        let write = Arc::new(write);
+        let budget = OutboundBudget::new(usize::MAX);
+        let queue = OutboundQueue::new(1, 100, Some(Arc::clone(&write)), &budget);
+
+        let big = line(LineKind::Reply, 8 << 20);
+        queue.deliver(big.clone());
+        let mut held = queue.queued_bytes();
+        assert!(
+            big.bytes.len() - held <= WRITE_CHUNK,
+            "the core wrote {}",
+            big.bytes.len() - held
+        );
+        let socket: &UnixStream = write.as_ref().as_ref();
+        while held > 0 {
+            socket.writable().await.expect("writable");
+            queue.write_to(socket).expect("write");
+            let now = queue.queued_bytes();
+            assert!(
+                held - now <= WRITE_CHUNK,
+                "one write under the lock sent {}",
+                held - now
+            );
+            held = now;
+        }
+        drop(queue);
+        drop(write);
+        drop(_read);
+        assert_eq!(reader.join().expect("reader"), big.bytes.len());
     }
 
     #[tokio::test]
