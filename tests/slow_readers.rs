@@ -338,6 +338,68 @@ async fn a_reader_that_pipelines_lists_holds_its_bound_and_one_reply_and_gets_ev
     assert_eq!(status_of(&mut observer, "outbound_bytes").await, 0);
 }
 
+/// Subscriptions may be pipelined a few at a time, and each state may be
+/// as large as its topic: a reader that sends ten and reads nothing holds
+/// its bound and four states at most, and gets every one whole and in
+/// order once it reads.
+#[tokio::test]
+async fn a_reader_that_pipelines_subscriptions_holds_its_bound_and_four_states() {
+    const BOUND: usize = 65_536;
+    const SUBSCRIBES: usize = 10;
+    const IN_FLIGHT: usize = 4;
+    let daemon = Daemon::start_with(&["--max-outbound", &BOUND.to_string()]).await;
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, 50, 0, |_| "t".to_owned()).await;
+    let mut observer = daemon.raw().await;
+    let state_bytes = 50 * (META_PAD + 200);
+
+    let mut reader = LineReader::connect(&daemon.socket).await;
+    let mut requests: String = (0..SUBSCRIBES)
+        .map(|n| format!("{{\"op\":\"subscribe\",\"topic\":\"t\",\"id\":{n}}}\n"))
+        .collect();
+    requests.push_str(r#"{"op":"ping","id":"last"}"#);
+    reader.send(&requests).await;
+    // More than one subscription's state at once is queued (its socket
+    // takes a few hundred KB of them)...
+    let most = BOUND + IN_FLIGHT * (state_bytes + 1024) + 64 * 1024;
+    let mut held = 0;
+    eventually("several states to be queued", async || {
+        held = status_of(&mut observer, "largest_outbound_bytes").await as usize;
+        assert!(
+            held <= most,
+            "{held} bytes held; the bound and four states are {most}"
+        );
+        held > BOUND + 2 * state_bytes
+    })
+    .await;
+    // ...but no more than four: asked again, the daemon says the same.
+    for _ in 0..10 {
+        let held = status_of(&mut observer, "largest_outbound_bytes").await as usize;
+        assert!(
+            held <= most,
+            "{held} bytes held; the bound and four states are {most}"
+        );
+    }
+
+    for n in 0..SUBSCRIBES {
+        let reply: Value = serde_json::from_slice(&reader.line().await).expect("a JSON line");
+        assert_eq!(
+            (&reply["id"], &reply["ok"]),
+            (&json!(n), &json!(true)),
+            "in order"
+        );
+        let state: Value = serde_json::from_slice(&reader.line().await).expect("a whole state");
+        assert_eq!(state["event"], "presence_state");
+        assert_eq!(
+            state["payload"].as_object().map(|p| p.len()),
+            Some(50),
+            "every entry"
+        );
+    }
+    let reply: Value = serde_json::from_slice(&reader.line().await).expect("JSON");
+    assert_eq!((&reply["id"], &reply["ok"]), (&json!("last"), &json!(true)));
+}
+
 #[tokio::test]
 async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_and_told_why() {
     const BUDGET: usize = 8 * 1024 * 1024;
@@ -552,5 +614,44 @@ async fn connections_that_never_read_cannot_have_a_reader_closed_for_the_budget(
     assert_eq!(
         (&reply["id"], &reply["ok"]),
         (&json!("after"), &json!(true))
+    );
+}
+
+/// An editor tracks each buffer it opens with `subscribe`, and sends them
+/// in a run. Each such track may bring a state as large as its topic, so
+/// they are admitted a few at a time, not one by one: the run is answered
+/// in fewer batches, and commits, than it has tracks.
+#[tokio::test]
+async fn pipelined_tracks_with_subscribe_share_commits() {
+    const TRACKS: usize = 200;
+    let daemon = Daemon::start().await;
+    let mut observer = daemon.raw().await;
+    let before = status_of(&mut observer, "transactions").await;
+    let mut editor = daemon.raw().await;
+    let run: String = (0..TRACKS)
+        .map(|n| {
+            format!(
+                "{}\n",
+                json!({"op": "track", "id": n, "topic": format!("file{n}"), "key": "me", "subscribe": true})
+            )
+        })
+        .collect();
+    editor.send_bytes(run.as_bytes()).await;
+    for n in 0..TRACKS {
+        let reply = editor.next().await.expect("a reply");
+        assert_eq!(
+            (&reply["id"], &reply["ok"]),
+            (&json!(n), &json!(true)),
+            "{reply}"
+        );
+        let state = editor.next().await.expect("its topic's state");
+        assert_eq!(state["event"], "presence_state", "{state}");
+        assert_eq!(state["topic"], format!("file{n}"));
+    }
+    let commits = status_of(&mut observer, "transactions").await - before;
+    eprintln!("{TRACKS} tracks with subscribe in {commits} commits");
+    assert!(
+        commits as usize <= TRACKS * 3 / 4,
+        "{TRACKS} tracks took {commits} commits"
     );
 }
