@@ -1,8 +1,10 @@
 //! Clients that ask for much and read nothing. Every byte queued for a
 //! connection counts against its bound, replies included: a connection
-//! holds at most its bound plus one reply, however many requests it
-//! pipelines, and past a daemon-wide budget the connections holding the
-//! most are closed, told why. Meanwhile everyone else is served at once.
+//! holds at most its bound plus one list (or four subscriptions with their
+//! states), however many requests it pipelines, and past a daemon-wide
+//! budget the connections that have stopped reading are closed, those
+//! holding the most first, told why. Meanwhile everyone else is served at
+//! once, and no client that reads is closed.
 
 mod common;
 
@@ -443,8 +445,8 @@ async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_a
     assert!(held as usize <= BUDGET);
     let connections = status_of(&mut observer, "connections").await;
 
-    // The third pushes the total past the budget: the biggest holder goes.
-    // Nobody reads until then, which would shrink what they hold.
+    // The third pushes the total past the budget. Nobody reads: once they
+    // have gone without for long enough, the biggest holder goes.
     let mut small = LineReader::connect(&daemon.socket).await;
     small.send(r#"{"op":"ping","id":"first"}"#).await;
     assert!(!small.line().await.is_empty(), "the ping's reply");
@@ -492,8 +494,8 @@ async fn past_the_daemon_wide_budget_the_connection_holding_the_most_is_closed_a
 /// read as fast as they can. The daemon answers them together, so for a
 /// moment it holds almost all of every reply, far past its budget; but
 /// every one of them is reading, so none is closed for it: each gets its
-/// list whole. (Found with the issue's sizes and the default budget:
-/// twenty lists of 8.2 MB against 64 MiB. Here a quarter of everything,
+/// list whole. (Seen first as twenty lists of 8.2 MB against the default
+/// 64 MiB, when eleven of the twenty were closed; here a quarter of each,
 /// lists of 2 MB against 16 MiB, keeps the test quick.)
 #[tokio::test]
 async fn clients_that_read_are_never_closed_for_the_budget_however_many_ask_at_once() {

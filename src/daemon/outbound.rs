@@ -1129,7 +1129,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_of_unbounded_reply_wait_while_the_budget_is_spent_or_busy() {
+    async fn requests_with_large_replies_wait_while_the_budget_is_spent_or_busy() {
         let budget = OutboundBudget::new(1000);
         let queues: Vec<_> = (0..=MAX_LARGE_IN_FLIGHT as ConnId)
             .map(|conn| OutboundQueue::new(conn, 100, None, &budget))
