@@ -319,6 +319,8 @@ struct State {
     /// Each but the small ones holds one of the budget's large slots.
     in_flight: VecDeque<InFlight>,
     closed: bool,
+    /// Cut off for the budget: all it holds is the line saying so.
+    cut_off: bool,
     /// Topics whose diffs were dropped; waiting for a fresh state.
     stale: BTreeSet<String>,
     /// Stale topics the writer has already asked the core to resync.
@@ -338,6 +340,7 @@ impl State {
             taken_since_progress: 0,
             in_flight: VecDeque::new(),
             closed: false,
+            cut_off: false,
             stale: BTreeSet::new(),
             resync_requested: BTreeSet::new(),
             direct,
@@ -579,6 +582,7 @@ impl OutboundQueue {
             bytes: last.into(),
         });
         state.closed = true;
+        state.cut_off = true;
         let socket = state.direct.take();
         drop(state);
         if let Some(socket) = socket {
@@ -773,11 +777,13 @@ impl OutboundQueue {
 
     /// What the queue holds, if its client has taken next to nothing of it
     /// for [`STALL`] by `now`: a connection that may be cut off for the
-    /// budget.
+    /// budget. One its client has closed counts too: its writer may try
+    /// to flush for seconds yet, and a client that hangs up without
+    /// reading must not hold the budget meanwhile.
     fn stalled_holding(&self, now: Instant) -> Option<usize> {
         let state = self.lock();
         let stalled = state.bytes > 0
-            && !state.closed
+            && !state.cut_off
             && now.saturating_duration_since(state.progress_at) >= STALL;
         stalled.then_some(state.bytes)
     }
@@ -1126,6 +1132,24 @@ mod tests {
         // Until it stops reading too.
         assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 1);
         assert!(reading.lock().closed);
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_without_reading_is_cut_off_but_only_once() {
+        // A budget even the farewell line is past.
+        let budget = OutboundBudget::new(100);
+        let queue = OutboundQueue::new(1, 100, None, &budget);
+        queue.deliver(line(LineKind::Reply, 5000));
+        // The client has gone; its writer would try to flush for a while.
+        queue.close();
+        last_read(&queue, STALL);
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 1);
+        let farewell = queue.queued_kinds();
+        assert_eq!(farewell, vec![LineKind::Notice]);
+        // All it holds is the line saying why, which is never replaced.
+        assert!(budget.is_spent());
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 0);
+        assert_eq!(queue.queued_kinds(), farewell);
     }
 
     #[tokio::test]
