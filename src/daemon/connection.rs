@@ -769,8 +769,8 @@ async fn write_lines(
                     return;
                 }
                 // A write stops at a chunk; whoever waits for the queue's
-                // lock (the core, with a line for this client) gets it
-                // before the next.
+                // lock (the core, with a line for this client) gets a
+                // chance at it before the next.
                 tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
