@@ -144,7 +144,7 @@ complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-total-e
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-entries-per-uid -d 'Most entries one user may hold, over all connections; the daemon\'s own user is not held to it' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-meta-per-uid -d 'Most bytes of meta one user\'s entries may hold together; the daemon\'s own user is not held to it' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outbound -d 'Bytes queued for one connection before its diffs are dropped for a fresh state and its next request waits' -r
-complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outbound-total -d 'Bytes queued for all connections together before those holding the most are closed' -r
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l max-outbound-total -d 'Bytes queued for all connections together before requests for large replies wait and connections that have stopped reading are closed' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-days -d 'Days of history kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l history-events -d 'Most history events kept for `presence log`' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l group -d 'Let the members of GROUP connect too (socket 0660, folder 0750) [default: with --system, presence; else nobody]' -r

@@ -52,7 +52,8 @@ pub struct Limits {
     pub max_entries_per_uid: usize,
     pub max_meta_bytes_per_uid: usize,
     /// What every connection's queue may hold together; past it, the
-    /// connections holding the most are closed.
+    /// connections that have stopped reading are closed, those holding the
+    /// most first.
     pub max_outbound_total_bytes: usize,
 }
 
@@ -647,15 +648,17 @@ pub struct StatusReply {
     /// Bytes waiting to be written to clients, over all connections, and
     /// the most any one connection has waiting: a reader that stops
     /// reading shows here. Diffs stop being queued past `--max-outbound`,
-    /// but replies, roles and fresh states never drop, so one reader may
-    /// hold a little more. 0 from a daemon that predates them.
+    /// but replies, the states that follow subscriptions, roles and fresh
+    /// states never drop, so one reader may hold more. 0 from a daemon
+    /// that predates them.
     #[serde(default)]
     pub outbound_bytes: usize,
     #[serde(default)]
     pub largest_outbound_bytes: usize,
     /// What every connection's queue may hold together
-    /// (`--max-outbound-total`); past it, the connections holding the
-    /// most are closed. 0 from a daemon that predates it.
+    /// (`--max-outbound-total`); past it, large requests wait and the
+    /// connections that have stopped reading are closed, those holding the
+    /// most first. 0 from a daemon that predates it.
     #[serde(default)]
     pub outbound_budget_bytes: usize,
 }

@@ -323,9 +323,12 @@ that is not readable is moved aside to DB.corrupt-<unix time> and a new
 one is started.
 
 A client that asks for much and reads nothing costs the daemon at most
---max-outbound plus one reply: its next request waits until it reads. All
-connections together may hold --max-outbound-total; past it, those holding
-the most are closed, each told why in one last line.
+--max-outbound plus the replies it was owed then (one list, or a few
+subscriptions): its next request waits until it reads. All connections
+together may hold --max-outbound-total; past it, requests for large
+replies wait, and the connections that have stopped reading are closed,
+those holding the most first, each told why in one last line. A client
+that reads is never closed for it.
 
 Under systemd (contrib/systemd has the units), the daemon is a Type=notify
 service: it reports ready once it serves. With socket activation it serves

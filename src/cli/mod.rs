@@ -173,8 +173,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound: usize,
 
-    /// Bytes queued for all connections together before those holding the
-    /// most are closed
+    /// Bytes queued for all connections together before requests for large
+    /// replies wait and connections that have stopped reading are closed
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_total_bytes, value_parser = parse_limit, help_heading = "Limits")]
     pub max_outbound_total: usize,
 

@@ -225,7 +225,7 @@ async fn read_requests(
                     continue;
                 }
                 let parsed = parse(&line);
-                if !queue.admit_request(reply_size(&parsed)).await {
+                if !queue.admit_request(&reply_size(&parsed)).await {
                     return;
                 }
                 if let Some((id, request)) = handle_line(parsed, conn, peer, shared) {
@@ -441,13 +441,16 @@ fn handle_line(
 /// How large the reply to a parsed line may be, with the events it brings
 /// the same connection: a `presence_state` follows a subscription.
 fn reply_size(parsed: &Result<(Value, Parsed), (Value, ErrorBody)>) -> ReplySize {
+    let large = |state_of: Option<&String>| ReplySize::Large {
+        state_of: state_of.cloned(),
+    };
     match parsed {
-        Ok((_, Parsed::History(_))) => ReplySize::Unbounded,
-        Ok((_, Parsed::Track(track))) if track.subscribe => ReplySize::Unbounded,
+        Ok((_, Parsed::History(_))) => ReplySize::Bulk,
+        Ok((_, Parsed::Track(track))) if track.subscribe => large(Some(&track.topic)),
         Ok((_, Parsed::Ready(Resolved::Presence(op)))) => match op {
-            Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Resume(_) => {
-                ReplySize::Unbounded
-            }
+            Op::List(_) => ReplySize::Bulk,
+            Op::Subscribe(topic) => large(Some(topic)),
+            Op::GetByKey(_) | Op::Resume(_) => large(None),
             Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Unsubscribe(_) => ReplySize::Small,
         },
         Ok((_, Parsed::Track(_) | Parsed::Ready(_))) | Err(_) => ReplySize::Small,
@@ -794,6 +797,10 @@ async fn write_lines(
                     queue.abandon();
                     return;
                 }
+                // A write stops at a chunk; whoever waits for the queue's
+                // lock (the core, with a line for this client) gets a
+                // chance at it before the next.
+                tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
                 let _ = core.send(Command::Resync { conn, topics });

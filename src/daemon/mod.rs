@@ -151,6 +151,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         history: connection::HistoryReads::new(history),
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
+    tokio::spawn(Arc::clone(&shared.outbound).cut_off_stalled_holders());
     let active = Arc::new(AtomicUsize::new(0));
     // Every writer holds a clone; when all are gone, every client has been
     // sent everything it was owed.

@@ -9,18 +9,40 @@
 //! for one fresh `presence_state` per marked topic. `role` events are
 //! coalesced to the latest per entry. Replies are never dropped. Instead
 //! the reader admits a request only while the queue is within its bound
-//! (see [`OutboundQueue::admit_request`]). A request whose reply may be of
-//! any size (a list, a subscription's state, history) is admitted only
-//! once every earlier reply is queued, and nothing after it until its own
-//! reply is: so a connection holds at most its bound and one such reply,
-//! however many requests it pipelines, and that reply is always sent
-//! whole.
+//! (see [`OutboundQueue::admit_request`]). A request whose reply may be as
+//! large as what the daemon holds is admitted only while few others are
+//! in flight: a list or history alone, once every earlier reply is
+//! queued; a subscription, a `get_by_key` or a `resume` with at most
+//! [`MAX_LARGE_PER_CONNECTION`] of its kind, each counted until its reply
+//! and the state that follows are queued. So, however many requests it
+//! pipelines, a connection holds at most its bound plus what was in
+//! flight when it last went past it: up to [`MAX_IN_FLIGHT`] replies, no
+//! more than four of them large (subscriptions with their states,
+//! `get_by_key`s, `resume`s), or else one list or history alone. Each is
+//! sent whole.
 //!
 //! All the queues together answer to one daemon-wide budget
-//! ([`OutboundBudget`]). Past it, the connections holding the most are
-//! cut off: what they were owed is dropped, they are sent one line saying
-//! why, and closed. Dropping lines from a connection that stays open
-//! would leave it with a wrong picture; closing it tells it so.
+//! ([`OutboundBudget`]). What takes the total past it is rarely a client
+//! that does not read: the core builds every reply of a batch before any
+//! writer runs, so twenty clients asking for a large list at once all hold
+//! almost a whole reply for a moment, and read it a moment later. So the
+//! budget acts twice, and neither time on whoever merely holds the most:
+//! - while it is spent, and while [`MAX_LARGE_IN_FLIGHT`] requests whose
+//!   reply may be large are with the core, another such request waits
+//!   before it reaches the core, so the daemon never builds large replies
+//!   much faster than its clients take them;
+//! - a timer, not the core, looks at it while it is spent, and cuts off
+//!   only connections whose client has taken next to nothing for
+//!   [`STALL`], the largest first: what they were owed is dropped, they
+//!   are sent one line saying why, and closed. Dropping lines from a
+//!   connection that stays open would leave it with a wrong picture;
+//!   closing it tells it so. A client that reads is never cut off,
+//!   however much it was sent at once.
+//!
+//! The connections are weighed one by one, not summed per user: what
+//! marks a connection for closing is that it does not read, and every
+//! connection of a user who holds the budget by not reading is stalled,
+//! so it goes whoever else shares its uid.
 //!
 //! When nothing is queued, `deliver` writes the line to the socket itself,
 //! without blocking, from the core's thread: the usual reply then reaches
@@ -28,11 +50,15 @@
 //! than the write. Whatever the socket does not take at once is queued for
 //! the writer, in order. Every write to the socket, the writer's too, is
 //! made under the queue's lock, so the queue always knows exactly how much
-//! of its first line the client has been sent.
+//! of its first line the client has been sent; each such write is at most
+//! [`WRITE_CHUNK`], so that the core, delivering to a queue whose client
+//! reads a large reply as fast as the socket goes, waits for one chunk, not
+//! for the whole reply.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::net::UnixStream;
@@ -48,16 +74,85 @@ use crate::protocol::{ErrorBody, ErrorCode, OutgoingReply};
 /// never reads stay few.
 pub const MAX_IN_FLIGHT: usize = 32;
 
+/// Requests whose reply may be of any size that the whole daemon has
+/// passed to the core and not yet seen answered. The core holds every
+/// reply of a batch before it hands any of them over, so this bounds what
+/// a burst of such requests, from however many connections, costs beyond
+/// what the queues hold; the core works through one batch at a time, so
+/// more would not answer them sooner.
+pub const MAX_LARGE_IN_FLIGHT: usize = 4;
+
+/// Requests of [`ReplySize::Large`] one connection may have in flight at
+/// once. A run of them is then answered a few to a batch and commit, not
+/// each in one of its own: 200 pipelined `track`s with `subscribe` take
+/// about 60 commits instead of 200, and 500 of them about half the time.
+/// A connection that never reads holds this many such replies past its
+/// bound at most, where one at a time it held one.
+pub const MAX_LARGE_PER_CONNECTION: usize = 4;
+
+/// How long a connection's client may take next to nothing
+/// ([`PROGRESS_BYTES`]) of what is queued for it before, while the budget
+/// is spent, it may be cut off. Long enough that a client whose event loop
+/// is busy for a moment, or starved of a CPU, is not taken for one that
+/// does not read.
+pub const STALL: Duration = Duration::from_secs(2);
+
+/// What a client must take within [`STALL`] to count as reading: a client
+/// that trickles a few bytes at a time holds what it was sent as surely
+/// as one that reads nothing.
+const PROGRESS_BYTES: usize = 64 * 1024;
+
+/// How often the budget is looked at while it is spent.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The most written to a socket under its queue's lock at once.
+pub const WRITE_CHUNK: usize = 256 * 1024;
+
 /// How large a request's reply, with the events it brings its own
 /// connection, may be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplySize {
     /// Bounded by the request itself: an acknowledgement, an error, an
     /// entry's standing.
     Small,
-    /// As large as what the daemon holds: a list, a subscription's
-    /// `presence_state`, history.
-    Unbounded,
+    /// As large as what the daemon holds, though usually small: the
+    /// entries under a key, a resume, a subscription with its topic's
+    /// `presence_state`. Clients send these in runs (an editor tracks each
+    /// buffer it opens with `subscribe`), so up to
+    /// [`MAX_LARGE_PER_CONNECTION`] may be in flight at once.
+    Large {
+        /// The topic whose `presence_state` follows the reply when it is
+        /// a success: the request is answered once that is queued too.
+        state_of: Option<String>,
+    },
+    /// As large as what the daemon holds, and asked for to see much of
+    /// it: a list, history. One at a time, nothing else in flight.
+    Bulk,
+}
+
+impl ReplySize {
+    fn holds_large_slot(&self) -> bool {
+        !matches!(self, ReplySize::Small)
+    }
+}
+
+/// A request passed to the core and not yet fully answered.
+struct InFlight {
+    size: ReplySize,
+    /// Its reply is queued, and was a success; the `presence_state` that
+    /// follows it is not yet.
+    replied: bool,
+}
+
+/// Whether `line`, written by [`OutgoingReply::to_line`] (`id` first,
+/// then `ok`), is a success. The `id` is a string, number, boolean or
+/// null; inside a string every `"` is escaped, so the first `,"ok":` is
+/// the reply's own.
+fn is_success(line: &[u8]) -> bool {
+    const OK: &[u8] = b",\"ok\":";
+    line.windows(OK.len())
+        .position(|window| window == OK)
+        .is_some_and(|at| line[at + OK.len()..].starts_with(b"true"))
 }
 
 /// What every connection's queue holds together, against the daemon-wide
@@ -65,12 +160,18 @@ pub enum ReplySize {
 pub struct OutboundBudget {
     max_bytes: usize,
     total: AtomicUsize,
-    /// Every live queue, to find the ones holding the most. A queue
-    /// removes itself when it is dropped.
+    /// Requests of unbounded reply passed to the core and not answered
+    /// yet, at most [`MAX_LARGE_IN_FLIGHT`].
+    large_in_flight: AtomicUsize,
+    /// Every live queue, to find the ones to cut off. A queue removes
+    /// itself when it is dropped.
     queues: Mutex<HashMap<ConnId, Weak<OutboundQueue>>>,
-    /// Held while connections are cut off, so that two threads that see
-    /// the same excess do not both cut for it.
-    cutting: Mutex<()>,
+    /// Wakes [`OutboundBudget::cut_off_stalled_holders`] when the total
+    /// goes past the budget.
+    spent: Notify,
+    /// Wakes requests of unbounded reply waiting on the budget: the total
+    /// is back within it, or one such request was answered.
+    room: Notify,
 }
 
 impl OutboundBudget {
@@ -78,8 +179,10 @@ impl OutboundBudget {
         Arc::new(OutboundBudget {
             max_bytes,
             total: AtomicUsize::new(0),
+            large_in_flight: AtomicUsize::new(0),
             queues: Mutex::new(HashMap::new()),
-            cutting: Mutex::new(()),
+            spent: Notify::new(),
+            room: Notify::new(),
         })
     }
 
@@ -87,23 +190,75 @@ impl OutboundBudget {
         self.total.load(Ordering::Relaxed) > self.max_bytes
     }
 
-    /// Cuts off the connections holding the most until the total is back
-    /// within the budget. The scan visits every queue, but only runs
-    /// while the budget is spent, and each run brings it back.
-    fn enforce(&self) {
-        let _cutting = lock(&self.cutting);
-        if !self.is_spent() {
-            return;
+    fn add(&self, bytes: usize) {
+        let before = self.total.fetch_add(bytes, Ordering::Relaxed);
+        if before <= self.max_bytes && before + bytes > self.max_bytes {
+            self.spent.notify_one();
         }
-        let mut holders: Vec<(usize, Arc<OutboundQueue>)> = lock(&self.queues)
+    }
+
+    fn remove(&self, bytes: usize) {
+        let before = self.total.fetch_sub(bytes, Ordering::Relaxed);
+        if before > self.max_bytes && before - bytes <= self.max_bytes {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Counts one more request of unbounded reply on its way to the core,
+    /// if the budget has room for it: it is not spent, and fewer than
+    /// [`MAX_LARGE_IN_FLIGHT`] such requests are.
+    fn take_large_slot(&self) -> bool {
+        !self.is_spent()
+            && self
+                .large_in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < MAX_LARGE_IN_FLIGHT).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    fn give_back_large_slot(&self) {
+        self.large_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.room.notify_waiters();
+    }
+
+    /// Runs for the daemon's lifetime: whenever the total is past the
+    /// budget, cuts off stalled connections (see
+    /// [`OutboundBudget::cut_off_stalled`]), looking again every
+    /// [`CHECK_EVERY`] until it is back within it. A timer, and not the
+    /// line that took the total past the budget, decides: at that moment
+    /// every queue may just have been handed a whole reply its client is
+    /// about to read.
+    pub async fn cut_off_stalled_holders(self: Arc<Self>) {
+        loop {
+            let spent = self.spent.notified();
+            if !self.is_spent() {
+                spent.await;
+                continue;
+            }
+            self.cut_off_stalled(Instant::now());
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    }
+
+    /// Cuts off connections whose client has taken next to nothing for
+    /// [`STALL`] by `now`, those holding the most first, until the total
+    /// is back within the budget. Returns how many it cut off. The scan
+    /// visits every queue, but only runs while the budget is spent.
+    fn cut_off_stalled(&self, now: Instant) -> usize {
+        let queues: Vec<Arc<OutboundQueue>> = lock(&self.queues)
             .values()
             .filter_map(Weak::upgrade)
-            .map(|queue| (queue.queued_bytes(), queue))
             .collect();
-        holders.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
-        for (held, queue) in &holders {
+        let mut stalled: Vec<(usize, Arc<OutboundQueue>)> = queues
+            .into_iter()
+            .filter_map(|queue| Some((queue.stalled_holding(now)?, queue)))
+            .collect();
+        stalled.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        let mut cut = 0;
+        for (held, queue) in &stalled {
             let total = self.total.load(Ordering::Relaxed);
-            if total <= self.max_bytes || *held == 0 {
+            if total <= self.max_bytes {
                 break;
             }
             let farewell = OutgoingReply::failure(
@@ -113,23 +268,26 @@ impl OutboundBudget {
                     format!(
                         "the daemon holds {total} bytes its clients have not read, more than its \
                          budget of {} (--max-outbound-total); this connection held {held} of \
-                         them, more than any other still open, so it is closed: read what you \
-                         ask for",
-                        self.max_bytes
+                         them and took next to none in {} s, the most of any connection not \
+                         reading, so it is closed: read what you ask for",
+                        self.max_bytes,
+                        STALL.as_secs()
                     ),
                 ),
             );
-            let cut = queue.cut_off(&farewell.to_line());
+            let freed = queue.cut_off(&farewell.to_line());
+            cut += 1;
             tracing::warn!(
                 conn = queue.conn,
-                held = cut,
+                held = freed,
                 total,
                 budget = self.max_bytes,
-                "outbound budget spent: closed the connection holding the most"
+                "outbound budget spent: closed the stalled connection holding the most"
             );
         }
-        // `holders` goes before `_cutting`: a queue dropped with it takes
-        // the registry's lock, which is free by now.
+        // A queue dropped with `stalled` takes the `queues` lock, which
+        // nothing here holds any more.
+        cut
     }
 }
 
@@ -144,7 +302,6 @@ pub struct OutboundQueue {
     budget: Arc<OutboundBudget>,
 }
 
-#[derive(Default)]
 struct State {
     lines: VecDeque<Line>,
     /// How much of the first line the client has been sent. A line begun
@@ -152,12 +309,18 @@ struct State {
     front_sent: usize,
     /// Bytes queued and not yet sent, counted in the budget's total too.
     bytes: usize,
-    /// Requests passed to the core whose reply has not been queued yet.
-    in_flight: usize,
-    /// The request in flight has a reply of any size: nothing more is
-    /// admitted until that reply is queued.
-    unbounded_in_flight: bool,
+    /// When the client last showed it reads: the queue went from empty to
+    /// holding something, or the socket took [`PROGRESS_BYTES`] since the
+    /// time before.
+    progress_at: Instant,
+    /// Bytes the socket took since `progress_at`.
+    taken_since_progress: usize,
+    /// The requests passed to the core and not yet answered, in order.
+    /// Each but the small ones holds one of the budget's large slots.
+    in_flight: VecDeque<InFlight>,
     closed: bool,
+    /// Cut off for the budget: all it holds is the line saying so.
+    cut_off: bool,
     /// Topics whose diffs were dropped; waiting for a fresh state.
     stale: BTreeSet<String>,
     /// Stale topics the writer has already asked the core to resync.
@@ -165,6 +328,33 @@ struct State {
     /// The socket, shared with the writer, for writing directly when
     /// nothing is queued; let go when the queue closes.
     direct: Option<Arc<OwnedWriteHalf>>,
+}
+
+impl State {
+    fn new(direct: Option<Arc<OwnedWriteHalf>>) -> State {
+        State {
+            lines: VecDeque::new(),
+            front_sent: 0,
+            bytes: 0,
+            progress_at: Instant::now(),
+            taken_since_progress: 0,
+            in_flight: VecDeque::new(),
+            closed: false,
+            cut_off: false,
+            stale: BTreeSet::new(),
+            resync_requested: BTreeSet::new(),
+            direct,
+        }
+    }
+
+    /// Notes that the socket took `bytes`.
+    fn taken(&mut self, bytes: usize) {
+        self.taken_since_progress += bytes;
+        if self.taken_since_progress >= PROGRESS_BYTES {
+            self.progress_at = Instant::now();
+            self.taken_since_progress = 0;
+        }
+    }
 }
 
 /// What the writer should do next.
@@ -198,10 +388,7 @@ impl OutboundQueue {
     ) -> Arc<OutboundQueue> {
         let queue = Arc::new(OutboundQueue {
             conn,
-            state: Mutex::new(State {
-                direct,
-                ..State::default()
-            }),
+            state: Mutex::new(State::new(direct)),
             ready: Notify::new(),
             room: Notify::new(),
             max_bytes,
@@ -216,14 +403,19 @@ impl OutboundQueue {
     }
 
     fn count(&self, state: &mut State, bytes: usize) {
+        if state.bytes == 0 {
+            // The client cannot have been slow to read what was not there.
+            state.progress_at = Instant::now();
+            state.taken_since_progress = 0;
+        }
         state.bytes += bytes;
-        self.budget.total.fetch_add(bytes, Ordering::Relaxed);
+        self.budget.add(bytes);
     }
 
     fn uncount(&self, state: &mut State, bytes: usize) {
         let was_over = state.bytes > self.max_bytes;
         state.bytes -= bytes;
-        self.budget.total.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.remove(bytes);
         if was_over && state.bytes <= self.max_bytes {
             self.room.notify_waiters();
         }
@@ -256,31 +448,34 @@ impl OutboundQueue {
     }
 
     /// Writes queued lines to `socket` for as long as it takes them
-    /// without blocking. An error means the socket is done for.
+    /// without blocking, [`WRITE_CHUNK`] at most: the lock is held for
+    /// the write, and the core may be waiting for it. An error means the
+    /// socket is done for.
     pub fn write_to(&self, socket: &UnixStream) -> std::io::Result<()> {
         let mut state = self.lock();
-        self.send_queued(&mut state, socket)
-    }
-
-    fn send_queued(&self, state: &mut State, socket: &UnixStream) -> std::io::Result<()> {
-        loop {
+        let mut allowance = WRITE_CHUNK;
+        while allowance > 0 {
             let Some(front) = state.lines.front() else {
                 return Ok(());
             };
             let line_len = front.bytes.len();
-            let sent = match socket.try_write(&front.bytes[state.front_sent..]) {
+            let end = line_len.min(state.front_sent.saturating_add(allowance));
+            let sent = match socket.try_write(&front.bytes[state.front_sent..end]) {
                 Ok(0) => return Ok(()),
                 Ok(sent) => sent,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
+            allowance -= sent;
             state.front_sent += sent;
             if state.front_sent == line_len {
                 state.lines.pop_front();
                 state.front_sent = 0;
             }
-            self.uncount(state, sent);
+            state.taken(sent);
+            self.uncount(&mut state, sent);
         }
+        Ok(())
     }
 
     /// Waits until the connection may send the core a request whose reply
@@ -288,29 +483,59 @@ impl OutboundQueue {
     /// within its bound, and no request of unbounded reply still in
     /// flight; a small request also waits while [`MAX_IN_FLIGHT`] others
     /// do, and an unbounded one until every earlier reply is queued, so
-    /// that the bound it is checked against counts them all. `false` when
-    /// the queue has closed: read no more.
-    pub async fn admit_request(&self, size: ReplySize) -> bool {
+    /// that the bound it is checked against counts them all, and until the
+    /// daemon-wide budget has room for it
+    /// ([`OutboundBudget::take_large_slot`]). `false` when the queue has
+    /// closed: read no more.
+    pub async fn admit_request(&self, size: &ReplySize) -> bool {
         loop {
-            let notified = self.room.notified();
-            {
+            // Both made before looking, so that no wake-up is missed.
+            let queue_room = self.room.notified();
+            let budget_room = self.budget.room.notified();
+            let waiting_on_budget = {
                 let mut state = self.lock();
                 if state.closed {
                     return false;
                 }
-                let room = state.bytes <= self.max_bytes
-                    && !state.unbounded_in_flight
-                    && match size {
-                        ReplySize::Small => state.in_flight < MAX_IN_FLIGHT,
-                        ReplySize::Unbounded => state.in_flight == 0,
+                let in_flight = &state.in_flight;
+                let bulk_in_flight = in_flight.iter().any(|r| r.size == ReplySize::Bulk);
+                let large_in_flight = || {
+                    in_flight
+                        .iter()
+                        .filter(|r| matches!(r.size, ReplySize::Large { .. }))
+                        .count()
+                };
+                let queue_has_room = state.bytes <= self.max_bytes
+                    && !bulk_in_flight
+                    && match *size {
+                        ReplySize::Small => in_flight.len() < MAX_IN_FLIGHT,
+                        ReplySize::Large { .. } => {
+                            in_flight.len() < MAX_IN_FLIGHT
+                                && large_in_flight() < MAX_LARGE_PER_CONNECTION
+                        }
+                        ReplySize::Bulk => in_flight.is_empty(),
                     };
-                if room {
-                    state.in_flight += 1;
-                    state.unbounded_in_flight = size == ReplySize::Unbounded;
+                let admitted =
+                    queue_has_room && (!size.holds_large_slot() || self.budget.take_large_slot());
+                if admitted {
+                    state.in_flight.push_back(InFlight {
+                        size: size.clone(),
+                        replied: false,
+                    });
                     return true;
                 }
+                queue_has_room
+            };
+            if waiting_on_budget {
+                // This queue's own conditions can only get better while it
+                // waits; its room is still watched, as a close wakes it.
+                tokio::select! {
+                    () = queue_room => {}
+                    () = budget_room => {}
+                }
+            } else {
+                queue_room.await;
             }
-            notified.await;
         }
     }
 
@@ -357,6 +582,7 @@ impl OutboundQueue {
             bytes: last.into(),
         });
         state.closed = true;
+        state.cut_off = true;
         let socket = state.direct.take();
         drop(state);
         if let Some(socket) = socket {
@@ -389,11 +615,17 @@ impl OutboundQueue {
 impl Drop for OutboundQueue {
     fn drop(&mut self) {
         // A writer cut short by the flush deadline leaves bytes behind.
-        let held = self
+        let state = self
             .state
             .get_mut()
-            .map_or_else(|poisoned| poisoned.into_inner().bytes, |state| state.bytes);
-        self.budget.total.fetch_sub(held, Ordering::Relaxed);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.budget.remove(state.bytes);
+        for request in state.in_flight.drain(..) {
+            if request.size.holds_large_slot() {
+                // Its reply will never come: the core is done with it.
+                self.budget.give_back_large_slot();
+            }
+        }
         lock(&self.budget.queues).remove(&self.conn);
     }
 }
@@ -401,19 +633,15 @@ impl Drop for OutboundQueue {
 impl Outlet for Arc<OutboundQueue> {
     fn deliver(&self, line: Line) {
         let mut state = self.lock();
+        // Counted even for a closed queue: the request is answered, and
+        // the large slot it held is free for another.
+        self.answered(&mut state, &line);
         if state.closed {
             return;
         }
         // The first line may be half on the wire; it is never touched.
         let begun = state.front_sent > 0;
         match &line.kind {
-            LineKind::Reply => {
-                state.in_flight = state.in_flight.saturating_sub(1);
-                if state.in_flight == 0 {
-                    state.unbounded_in_flight = false;
-                }
-                self.room.notify_waiters();
-            }
             LineKind::Diff(topic) if state.stale.contains(topic) => return,
             LineKind::State(topic) => {
                 state.stale.remove(topic);
@@ -436,11 +664,12 @@ impl Outlet for Arc<OutboundQueue> {
         }
         if state.lines.is_empty() {
             // Nothing queued: the line can go now, ahead of nobody.
+            let first_chunk = &line.bytes[..line.bytes.len().min(WRITE_CHUNK)];
             let sent = match &state.direct {
                 // Never blocks: a full socket answers WouldBlock. Errors
                 // are left for the writer, which meets them on its next
                 // write and ends the connection.
-                Some(socket) => socket.as_ref().try_write(&line.bytes).unwrap_or(0),
+                Some(socket) => socket.as_ref().try_write(first_chunk).unwrap_or(0),
                 None => 0,
             };
             if sent == line.bytes.len() {
@@ -476,9 +705,6 @@ impl Outlet for Arc<OutboundQueue> {
         }
         drop(state);
         self.ready.notify_one();
-        if self.budget.is_spent() {
-            self.budget.enforce();
-        }
     }
 
     fn close(&self) {
@@ -495,10 +721,78 @@ impl Outlet for Arc<OutboundQueue> {
     }
 }
 
+impl OutboundQueue {
+    /// Notes what `line` answers of the requests in flight: a reply
+    /// answers the first not yet replied to, unless a `presence_state` is
+    /// to follow it; that state answers it then. The core sends a
+    /// request's reply before the events it causes, and the state right
+    /// after: counting the request as answered at its reply would let the
+    /// reader admit the next one, within the bound, while the core is
+    /// still serializing a state that takes the queue far past it.
+    fn answered(&self, state: &mut State, line: &Line) {
+        let mut answered = Vec::new();
+        match &line.kind {
+            LineKind::Reply => {
+                // A state still awaited when the next reply comes is not
+                // coming: its request is answered all the same.
+                while state.in_flight.front().is_some_and(|r| r.replied) {
+                    answered.extend(state.in_flight.pop_front());
+                }
+                let Some(request) = state.in_flight.front_mut() else {
+                    return;
+                };
+                if matches!(&request.size, ReplySize::Large { state_of: Some(_) })
+                    && is_success(&line.bytes)
+                {
+                    request.replied = true;
+                } else {
+                    answered.extend(state.in_flight.pop_front());
+                }
+            }
+            LineKind::State(topic) => {
+                if let Some(InFlight {
+                    size:
+                        ReplySize::Large {
+                            state_of: Some(awaited),
+                        },
+                    replied: true,
+                }) = state.in_flight.front()
+                    && awaited == topic
+                {
+                    answered.extend(state.in_flight.pop_front());
+                }
+            }
+            _ => {}
+        }
+        if answered.is_empty() {
+            return;
+        }
+        for request in answered {
+            if request.size.holds_large_slot() {
+                self.budget.give_back_large_slot();
+            }
+        }
+        self.room.notify_waiters();
+    }
+
+    /// What the queue holds, if its client has taken next to nothing of it
+    /// for [`STALL`] by `now`: a connection that may be cut off for the
+    /// budget. One its client has closed counts too: its writer may try
+    /// to flush for seconds yet, and a client that hangs up without
+    /// reading must not hold the budget meanwhile.
+    fn stalled_holding(&self, now: Instant) -> Option<usize> {
+        let state = self.lock();
+        let stalled = state.bytes > 0
+            && !state.cut_off
+            && now.saturating_duration_since(state.progress_at) >= STALL;
+        stalled.then_some(state.bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use serde_json::json;
 
     fn line(kind: LineKind, size: usize) -> Line {
         let mut bytes = vec![b'x'; size];
@@ -576,33 +870,118 @@ mod tests {
     async fn small_requests_wait_while_too_many_replies_are_outstanding() {
         let queue = queue(1000);
         for _ in 0..MAX_IN_FLIGHT {
-            assert!(queue.admit_request(ReplySize::Small).await);
+            assert!(queue.admit_request(&ReplySize::Small).await);
         }
         assert!(
-            waits(queue.admit_request(ReplySize::Small)).await,
+            waits(queue.admit_request(&ReplySize::Small)).await,
             "a request past the cap must wait"
         );
         queue.deliver(line(LineKind::Reply, 10));
-        assert!(queue.admit_request(ReplySize::Small).await);
+        assert!(queue.admit_request(&ReplySize::Small).await);
     }
 
     #[tokio::test]
-    async fn an_unbounded_reply_is_the_only_one_past_the_bound() {
+    async fn a_bulk_reply_is_the_only_one_past_the_bound() {
         let queue = queue(100);
-        assert!(queue.admit_request(ReplySize::Small).await);
+        assert!(queue.admit_request(&ReplySize::Small).await);
         // Not before the reply owed ahead of it is counted...
-        assert!(waits(queue.admit_request(ReplySize::Unbounded)).await);
+        assert!(waits(queue.admit_request(&ReplySize::Bulk)).await);
         queue.deliver(line(LineKind::Reply, 10));
-        assert!(queue.admit_request(ReplySize::Unbounded).await);
+        assert!(queue.admit_request(&ReplySize::Bulk).await);
         // ...and nothing after it until its own reply is.
-        assert!(waits(queue.admit_request(ReplySize::Small)).await);
-        assert!(waits(queue.admit_request(ReplySize::Unbounded)).await);
+        assert!(waits(queue.admit_request(&ReplySize::Small)).await);
+        assert!(waits(queue.admit_request(&ReplySize::Bulk)).await);
         queue.deliver(line(LineKind::Reply, 5000));
         // Whole, though far past the bound; the next waits for room.
         assert_eq!(queue.queued_bytes(), 5010);
-        assert!(waits(queue.admit_request(ReplySize::Small)).await);
+        assert!(waits(queue.admit_request(&ReplySize::Small)).await);
         queue.pretend_sent();
-        assert!(queue.admit_request(ReplySize::Unbounded).await);
+        assert!(queue.admit_request(&ReplySize::Bulk).await);
+    }
+
+    fn subscription(topic: &str) -> ReplySize {
+        ReplySize::Large {
+            state_of: Some(topic.to_owned()),
+        }
+    }
+
+    fn reply(outcome: Result<(), ()>) -> Line {
+        let reply = match outcome {
+            Ok(()) => OutgoingReply::success(json!("a"), &json!({})),
+            Err(()) => OutgoingReply::failure(
+                json!("a"),
+                ErrorBody::new(ErrorCode::LimitExceeded, "too many"),
+            ),
+        };
+        Line {
+            kind: LineKind::Reply,
+            bytes: reply.to_line().into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_few_subscriptions_are_in_flight_at_once_each_until_its_state_is_queued() {
+        let queue = queue(100);
+        assert!(queue.admit_request(&ReplySize::Small).await);
+        // Subscriptions need not wait for the replies before them.
+        for n in 0..MAX_LARGE_PER_CONNECTION {
+            assert!(queue.admit_request(&subscription(&format!("t{n}"))).await);
+        }
+        assert!(waits(queue.admit_request(&subscription("u"))).await);
+        assert!(waits(queue.admit_request(&ReplySize::Bulk)).await);
+        // The small request is answered, then the first subscription; but
+        // its state is still to come, and may be as large as the topic: it
+        // still counts.
+        queue.deliver(reply(Ok(())));
+        queue.deliver(reply(Ok(())));
+        assert!(waits(queue.admit_request(&subscription("u"))).await);
+        queue.deliver(line(LineKind::State("t0".into()), 5000));
+        // Its state is queued: a large request may go if the queue is
+        // within its bound, and it is not.
+        assert!(waits(queue.admit_request(&subscription("u"))).await);
+        queue.pretend_sent();
+        assert!(queue.admit_request(&subscription("u")).await);
+        // A refused subscription brings no state: its reply answers it.
+        queue.deliver(reply(Err(())));
+        assert!(queue.admit_request(&subscription("v")).await);
+    }
+
+    #[test]
+    fn a_state_that_never_follows_its_reply_holds_nothing_back() {
+        let budget = OutboundBudget::new(usize::MAX);
+        let queue = OutboundQueue::new(1, 100, None, &budget);
+        let admit = |size: ReplySize| {
+            let mut state = queue.lock();
+            assert!(budget.take_large_slot());
+            state.in_flight.push_back(InFlight {
+                size,
+                replied: false,
+            });
+        };
+        admit(subscription("t"));
+        admit(ReplySize::Large { state_of: None });
+        queue.deliver(reply(Ok(())));
+        assert_eq!(budget.large_in_flight.load(Ordering::Relaxed), 2);
+        queue.deliver(reply(Ok(())));
+        assert!(queue.lock().in_flight.is_empty());
+        assert_eq!(budget.large_in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reply_is_a_success_whatever_its_id_says() {
+        for id in [
+            json!(null),
+            json!(7),
+            json!(true),
+            json!(",\"ok\":false"),
+            json!("\\\",\"ok\":false"),
+        ] {
+            let success = OutgoingReply::success(id.clone(), &json!({"ok": false}));
+            assert!(is_success(&success.to_line()), "{id}");
+            let failure =
+                OutgoingReply::failure(id.clone(), ErrorBody::new(ErrorCode::NotFound, "ok"));
+            assert!(!is_success(&failure.to_line()), "{id}");
+        }
     }
 
     #[tokio::test]
@@ -615,7 +994,7 @@ mod tests {
         let held = queue.queued_bytes();
         assert!(held > 0 && held < big.bytes.len(), "{held} bytes held");
         assert_eq!(budget.total.load(Ordering::Relaxed), held);
-        assert!(waits(queue.admit_request(ReplySize::Small)).await);
+        assert!(waits(queue.admit_request(&ReplySize::Small)).await);
 
         // The client reads; the writer's part sends the rest.
         let stream: &UnixStream = socket.as_ref().as_ref();
@@ -634,11 +1013,11 @@ mod tests {
         assert_eq!(received, &big.bytes[..], "sent whole, in order");
         assert_eq!(queue.queued_bytes(), 0);
         assert_eq!(budget.total.load(Ordering::Relaxed), 0);
-        assert!(queue.admit_request(ReplySize::Small).await);
+        assert!(queue.admit_request(&ReplySize::Small).await);
     }
 
     #[tokio::test]
-    async fn past_the_budget_the_largest_holder_is_cut_off_and_told_why() {
+    async fn past_the_budget_the_largest_stalled_holder_is_cut_off_and_told_why() {
         let budget = OutboundBudget::new(6 << 20);
         let (small, _small_socket, _small_client) = connected(1, 100, &budget);
         let (large, large_socket, mut large_client) = connected(2, 100, &budget);
@@ -654,13 +1033,19 @@ mod tests {
         small.deliver(reply(&text[..1 << 20]));
         assert!(!budget.is_spent());
         assert!(large.queued_bytes() > small.queued_bytes());
-        // One more line for the smaller one tips the total over.
+        // One more line for the smaller one tips the total over; but both
+        // were just sent what they hold, and nobody is cut off for that.
         small.deliver(reply(&text[..2 << 20]));
+        assert!(budget.is_spent());
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 0);
+        assert!(!large.lock().closed);
+        // Neither reads for a while: the largest goes, and that is enough.
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 1);
         assert!(!budget.is_spent());
         assert!(small.queued_bytes() > 0, "the smaller one keeps its lines");
         assert!(!small.lock().closed, "the smaller one stays open");
         assert!(large.lock().closed, "the largest holder is closed");
-        assert!(!large.admit_request(ReplySize::Small).await);
+        assert!(!large.admit_request(&ReplySize::Small).await);
 
         // Its client reads the head it had, ended at a character boundary,
         // then one line saying why, then the end.
@@ -700,13 +1085,158 @@ mod tests {
         assert_eq!(large.queued_bytes(), 0);
     }
 
+    /// Pretends the client of `queue` last read `ago`.
+    fn last_read(queue: &OutboundQueue, ago: Duration) {
+        let mut state = queue.lock();
+        state.progress_at = Instant::now()
+            .checked_sub(ago)
+            .expect("the clock has run that long");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_is_never_cut_off_however_much_it_holds() {
+        let budget = OutboundBudget::new(1 << 20);
+        let (reading, socket, client) = connected(1, 100, &budget);
+        let (idle, _idle_socket, _idle_client) = connected(2, 100, &budget);
+        let trickling = OutboundQueue::new(3, 100, None, &budget);
+        reading.deliver(line(LineKind::Reply, 4 << 20));
+        idle.deliver(line(LineKind::Reply, 1 << 20));
+        trickling.deliver(line(LineKind::Reply, 1 << 20));
+        for queue in [&reading, &idle, &trickling] {
+            last_read(queue, STALL);
+        }
+        // One client reads a good part of its reply; another takes a
+        // little, as if to look alive.
+        let stream: &UnixStream = socket.as_ref().as_ref();
+        let before = reading.queued_bytes();
+        while before - reading.queued_bytes() < 2 * PROGRESS_BYTES {
+            stream.writable().await.expect("writable");
+            reading.write_to(stream).expect("write");
+            let mut chunk = vec![0; 1 << 20];
+            client.readable().await.expect("readable");
+            match client.try_read(&mut chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        trickling.lock().taken(PROGRESS_BYTES - 1);
+        assert!(reading.queued_bytes() > idle.queued_bytes());
+
+        // The one that reads holds the most, and the budget is still spent
+        // once the others are gone; it stays all the same.
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 2);
+        assert!(idle.lock().closed && trickling.lock().closed);
+        assert!(budget.is_spent());
+        assert!(!reading.lock().closed);
+        // Until it stops reading too.
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 1);
+        assert!(reading.lock().closed);
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_without_reading_is_cut_off_but_only_once() {
+        // A budget even the farewell line is past.
+        let budget = OutboundBudget::new(100);
+        let queue = OutboundQueue::new(1, 100, None, &budget);
+        queue.deliver(line(LineKind::Reply, 5000));
+        // The client has gone; its writer would try to flush for a while.
+        queue.close();
+        last_read(&queue, STALL);
+        assert_eq!(budget.cut_off_stalled(Instant::now()), 1);
+        let farewell = queue.queued_kinds();
+        assert_eq!(farewell, vec![LineKind::Notice]);
+        // All it holds is the line saying why, which is never replaced.
+        assert!(budget.is_spent());
+        assert_eq!(budget.cut_off_stalled(Instant::now() + STALL), 0);
+        assert_eq!(queue.queued_kinds(), farewell);
+    }
+
+    #[tokio::test]
+    async fn requests_with_large_replies_wait_while_the_budget_is_spent_or_busy() {
+        let budget = OutboundBudget::new(1000);
+        let queues: Vec<_> = (0..=MAX_LARGE_IN_FLIGHT as ConnId)
+            .map(|conn| OutboundQueue::new(conn, 100, None, &budget))
+            .collect();
+        let (last, first) = queues.split_last().expect("queues");
+
+        // The core builds a few large replies at a time, for anyone.
+        for queue in first {
+            assert!(queue.admit_request(&ReplySize::Bulk).await);
+        }
+        assert!(waits(last.admit_request(&ReplySize::Bulk)).await);
+        first[0].deliver(line(LineKind::Reply, 2000));
+        // One is answered, but its reply spends the budget: the next waits
+        // for the client to read it; a small request does not.
+        assert!(budget.is_spent());
+        assert!(waits(last.admit_request(&ReplySize::Bulk)).await);
+        assert!(last.admit_request(&ReplySize::Small).await);
+        last.deliver(line(LineKind::Reply, 10));
+        first[0].pretend_sent();
+        assert!(last.admit_request(&ReplySize::Bulk).await);
+
+        // A connection that closes before its reply comes gives its slot
+        // back.
+        let newcomer = OutboundQueue::new(99, 100, None, &budget);
+        assert!(waits(newcomer.admit_request(&ReplySize::Bulk)).await);
+        let mut queues = queues.into_iter();
+        drop(queues.nth(1).expect("a queue in flight"));
+        assert!(newcomer.admit_request(&ReplySize::Bulk).await);
+    }
+
+    #[tokio::test]
+    async fn a_write_under_the_queues_lock_stops_at_a_chunk() {
+        // A socket that takes more than a chunk at a time, and a client
+        // that reads as fast as it goes.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        rustix::net::sockopt::set_socket_send_buffer_size(&ours, 1 << 20).expect("SO_SNDBUF");
+        let buffer = rustix::net::sockopt::socket_send_buffer_size(&ours).expect("SO_SNDBUF");
+        assert!(buffer > WRITE_CHUNK, "a send buffer of {buffer} bytes");
+        let reader = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut theirs, &mut all).expect("read");
+            all.len()
+        });
+        let (_read, write) = UnixStream::from_std(ours).expect("tokio").into_split();
+        let write = Arc::new(write);
+        let budget = OutboundBudget::new(usize::MAX);
+        let queue = OutboundQueue::new(1, 100, Some(Arc::clone(&write)), &budget);
+
+        let big = line(LineKind::Reply, 8 << 20);
+        queue.deliver(big.clone());
+        let mut held = queue.queued_bytes();
+        assert!(
+            big.bytes.len() - held <= WRITE_CHUNK,
+            "the core wrote {}",
+            big.bytes.len() - held
+        );
+        let socket: &UnixStream = write.as_ref().as_ref();
+        while held > 0 {
+            socket.writable().await.expect("writable");
+            queue.write_to(socket).expect("write");
+            let now = queue.queued_bytes();
+            assert!(
+                held - now <= WRITE_CHUNK,
+                "one write under the lock sent {}",
+                held - now
+            );
+            held = now;
+        }
+        drop(queue);
+        drop(write);
+        drop(_read);
+        assert_eq!(reader.join().expect("reader"), big.bytes.len());
+    }
+
     #[tokio::test]
     async fn a_closed_queue_drains_then_finishes() {
         let queue = queue(1000);
         queue.deliver(line(LineKind::Reply, 10));
         queue.close();
         assert!(matches!(queue.next().await, Next::Write));
-        assert!(!queue.admit_request(ReplySize::Small).await);
+        assert!(!queue.admit_request(&ReplySize::Small).await);
         queue.pretend_sent();
         assert!(matches!(queue.next().await, Next::Finished));
     }
