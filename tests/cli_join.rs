@@ -100,23 +100,9 @@ async fn wait_owner_with_detach_returns_once_the_owner_leaves_and_keeps_the_entr
     let waiter_process = spawn_sleeper();
     let waiter_pid = waiter_process.id().expect("sleeper pid").to_string();
 
-    let owner = daemon
-        .output(&[
-            "join", "lock", "--detach", "--key", "a", "--pid", &owner_pid,
-        ])
+    let mut waiter = daemon
+        .detached_owner_and_waiter("lock", &owner_pid, &waiter_pid)
         .await;
-    assert_eq!(owner.status.code(), Some(0));
-
-    let mut waiter = daemon.spawn(&[
-        "join",
-        "lock",
-        "--detach",
-        "--wait-owner",
-        "--key",
-        "b",
-        "--pid",
-        &waiter_pid,
-    ]);
     assert_eq!(
         waiter.line().await,
         format!("spectator (owner: a, pid {owner_pid}), ref p2")

@@ -78,22 +78,9 @@ async fn a_waiting_join_whose_entry_is_removed_says_who_did_it_and_exits_4() {
     let owner_pid = owner_process.id().expect("sleeper pid").to_string();
     let waiter_process = spawn_sleeper();
     let waiter_pid = waiter_process.id().expect("sleeper pid").to_string();
-    let owner = daemon
-        .output(&[
-            "join", "lock", "--detach", "--key", "a", "--pid", &owner_pid,
-        ])
+    let mut waiter = daemon
+        .detached_owner_and_waiter("lock", &owner_pid, &waiter_pid)
         .await;
-    assert_eq!(owner.status.code(), Some(0));
-    let mut waiter = daemon.spawn(&[
-        "join",
-        "lock",
-        "--detach",
-        "--wait-owner",
-        "--key",
-        "b",
-        "--pid",
-        &waiter_pid,
-    ]);
     assert_eq!(
         waiter.line().await,
         format!("spectator (owner: a, pid {owner_pid}), ref p2")
@@ -292,20 +279,7 @@ async fn a_waiting_join_whose_process_entry_is_updated_then_removed_by_its_user_
     let daemon = Daemon::start().await;
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
-    let owner = daemon
-        .output(&["join", "lock", "--detach", "--key", "a", "--pid", &pid])
-        .await;
-    assert_eq!(owner.status.code(), Some(0));
-    let mut waiter = daemon.spawn(&[
-        "join",
-        "lock",
-        "--detach",
-        "--wait-owner",
-        "--key",
-        "b",
-        "--pid",
-        &pid,
-    ]);
+    let mut waiter = daemon.detached_owner_and_waiter("lock", &pid, &pid).await;
     let waiting = waiter.line().await;
     let waiting_ref = waiting
         .rsplit_once(", ref ")

@@ -689,6 +689,32 @@ impl Daemon {
     pub async fn output(&self, args: &[&str]) -> std::process::Output {
         finish(self.command().args(args)).await
     }
+
+    /// A script's queue on `topic`: key `a` joins for `owner_pid` and owns
+    /// it, then key `b` joins for `waiter_pid` with `--detach
+    /// --wait-owner` and is returned still waiting for its turn, its first
+    /// line unread.
+    pub async fn detached_owner_and_waiter(
+        &self,
+        topic: &str,
+        owner_pid: &str,
+        waiter_pid: &str,
+    ) -> Running {
+        let owner = self
+            .output(&["join", topic, "--detach", "--key", "a", "--pid", owner_pid])
+            .await;
+        assert_eq!(owner.status.code(), Some(0), "{owner:?}");
+        self.spawn(&[
+            "join",
+            topic,
+            "--detach",
+            "--wait-owner",
+            "--key",
+            "b",
+            "--pid",
+            waiter_pid,
+        ])
+    }
 }
 
 /// A subscriber's view of one topic, rebuilt from the events it was sent
