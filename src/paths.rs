@@ -106,7 +106,8 @@ pub fn autostart_lock(socket: &Path) -> PathBuf {
     sibling(socket, ".start.lock")
 }
 
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
+/// The path with `suffix` added to its file name, whatever bytes it holds.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);
     path.with_file_name(name)

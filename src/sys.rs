@@ -372,56 +372,58 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
-/// The outcome of [`take_pid_lock`].
-pub enum PidLock {
-    /// Ours for as long as the file stays open.
-    Taken(std::fs::File),
-    /// Another process holds it; its pid, or `unknown` if not written yet.
-    HeldBy(String),
-    /// Something at the path that this daemon did not make, and will not
-    /// write: a symbolic link, or a file that is not a plain file of ours
-    /// with one name. What it is, in a sentence naming the path.
+/// The outcome of [`open_private_file`].
+pub enum PrivateFile {
+    Opened(std::fs::File),
+    /// Something at the path that this user did not make, and that is not
+    /// to be written: a symbolic link, a FIFO or other special file, a
+    /// file of another user, or one with a second name (a hard link). What
+    /// it is, in a sentence naming the path.
     NotOurs(String),
 }
 
-/// Takes an exclusive lock on `path` (created 0600) without waiting, and
-/// writes our pid into it so that whoever finds it taken can say by whom.
-///
-/// The pid is written over the file's contents, so the path is opened
-/// without following a symbolic link, and written only if it is a plain
-/// file owned by this user with no other name: a link or a hard link
-/// planted there would otherwise have this daemon overwrite whatever it
-/// names, and then find its own lock "held" through the other name.
-pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
-    use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
+/// Opens (or creates, 0600) a file of this user's own that it writes: a
+/// lock, a log. Never through a symbolic link at its name, never blocking
+/// on a FIFO planted there, and only if what is there is a plain file
+/// owned by this user with no other name: a link or a hard link would
+/// otherwise have the caller write over whatever file it names, and a
+/// FIFO would hold its open forever.
+pub fn open_private_file(
+    path: &std::path::Path,
+    options: &mut std::fs::OpenOptions,
+) -> io::Result<PrivateFile> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let opened = options
         .mode(0o600)
-        // O_NONBLOCK only so that a FIFO planted there cannot hold the
-        // open; a plain file ignores it.
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        // O_NONBLOCK only so that a FIFO cannot hold the open; a plain
+        // file ignores it. (std adds O_CLOEXEC itself.)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
         .open(path);
-    let mut lock = match opened {
-        Ok(lock) => lock,
+    let file = match opened {
+        Ok(file) => file,
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
-            return Ok(PidLock::NotOurs(format!(
+            return Ok(PrivateFile::NotOurs(format!(
                 "{} is a symbolic link, which presenced never makes; refusing to follow it \
-                 (remove it to let the daemon lock there)",
+                 (remove it)",
+                path.display()
+            )));
+        }
+        // A FIFO with no reader, opened for writing without blocking.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+            return Ok(PrivateFile::NotOurs(format!(
+                "{} is a special file, which presenced never makes; refusing to write to it \
+                 (remove it)",
                 path.display()
             )));
         }
         Err(e) => return Err(e),
     };
-    let meta = lock.metadata()?;
+    let meta = file.metadata()?;
     let uid = current_uid();
     if !meta.file_type().is_file() || meta.uid() != uid || meta.nlink() != 1 {
-        return Ok(PidLock::NotOurs(format!(
-            "{} is not a lock file of this user's (a {}, owned by uid {}, with {} names); \
-             refusing to write to it (remove it to let the daemon lock there)",
+        return Ok(PrivateFile::NotOurs(format!(
+            "{} is not a file of this user's (a {}, owned by uid {}, with {} names); \
+             refusing to write to it (remove it)",
             path.display(),
             if meta.file_type().is_file() {
                 "file"
@@ -432,6 +434,42 @@ pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
             meta.nlink()
         )));
     }
+    Ok(PrivateFile::Opened(file))
+}
+
+/// The outcome of [`take_pid_lock`].
+pub enum PidLock {
+    /// Ours for as long as the file stays open.
+    Taken(std::fs::File),
+    /// Another process holds it; its pid, or `unknown` if not written yet.
+    HeldBy(String),
+    /// Something at the path that this daemon did not make, and will not
+    /// write (see [`open_private_file`]). What it is, in a sentence naming
+    /// the path.
+    NotOurs(String),
+}
+
+/// Takes an exclusive lock on `path` (created 0600) without waiting, and
+/// writes our pid into it so that whoever finds it taken can say by whom.
+///
+/// The pid is written over the file's contents, so the file is opened by
+/// [`open_private_file`]: a link planted there would otherwise have this
+/// daemon overwrite whatever it names, and then find its own lock "held"
+/// through the other name.
+pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut lock = match open_private_file(
+        path,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )? {
+        PrivateFile::Opened(lock) => lock,
+        PrivateFile::NotOurs(what) => return Ok(PidLock::NotOurs(what)),
+    };
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -447,12 +485,24 @@ pub fn take_pid_lock(path: &std::path::Path) -> io::Result<PidLock> {
     }
     // A lock left by an older build, or made under another umask, is
     // made private like a new one.
-    if meta.mode() & 0o777 != 0o600 {
+    if lock.metadata()?.mode() & 0o777 != 0o600 {
         lock.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
-    lock.set_len(0)?;
-    lock.rewind()?;
-    writeln!(lock, "{}", std::process::id())?;
+    // The lock is the flock, held from here on; the pid is only there to
+    // name the holder to whoever finds it taken. Writing it can fail on a
+    // full disk (ext4 may not have freed the old block yet when the new
+    // one is asked for), and that must not stop a start: the holder is
+    // then named `unknown`.
+    let written = lock
+        .set_len(0)
+        .and_then(|()| lock.rewind())
+        .and_then(|_| writeln!(lock, "{}", std::process::id()));
+    if let Err(e) = written {
+        tracing::warn!(
+            "could not write this daemon's pid into {} ({e}); the lock is held all the same",
+            path.display()
+        );
+    }
     Ok(PidLock::Taken(lock))
 }
 

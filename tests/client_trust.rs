@@ -606,8 +606,47 @@ async fn an_autostart_never_writes_through_a_link_planted_at_its_files() {
     let log_meta = std::fs::symlink_metadata(&log).expect("the link");
     assert!(log_meta.file_type().is_symlink(), "the link is left alone");
 
-    // Once the link is gone the log is made, private to its user.
     std::fs::remove_file(&log).expect("remove the link");
+
+    // A FIFO would hold the client's open forever, and a hard link is a
+    // second name of a file it would write into: each is refused in one
+    // line, at either path, and the file a hard link names is untouched.
+    for (what, path) in [("the start lock", &lock), ("daemon.log", &log)] {
+        // The start lock the refused starts above made, if any.
+        if path.exists() {
+            std::fs::remove_file(path).expect("remove the start lock");
+        }
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "make a FIFO");
+        let stderr = start(&format!("a FIFO at {what}")).await;
+        assert!(
+            stderr.contains(&format!("{} is a special file", path.display())),
+            "{stderr}"
+        );
+        std::fs::remove_file(path).expect("remove the FIFO");
+
+        std::fs::hard_link(&precious, path).expect("plant a hard link");
+        let stderr = start(&format!("a hard link at {what}")).await;
+        assert!(
+            stderr.contains(&format!("{} is not a file of this user's", path.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains("with 2 names"), "{stderr}");
+        std::fs::remove_file(path).expect("remove the hard link");
+        assert_eq!(
+            std::fs::read_to_string(&precious).expect("read the target"),
+            "keep me\n"
+        );
+    }
+    assert!(
+        common::daemons_serving(&socket).is_empty(),
+        "no daemon was started"
+    );
+
+    // Once the link is gone the log is made, private to its user.
     let mut command = common::presence_command(&socket, &db);
     let output = finish(command.arg("list")).await;
     assert!(output.status.success(), "{output:?}");

@@ -329,29 +329,103 @@ fn names_in(folder: &Path) -> Vec<String> {
     names
 }
 
+/// Every file in `folder`, by name, with the hash of its bytes.
+fn files_in(folder: &Path) -> Vec<(String, Vec<u8>)> {
+    names_in(folder)
+        .into_iter()
+        .map(|name| {
+            let hash = hash_of(&folder.join(&name));
+            (name, hash)
+        })
+        .collect()
+}
+
 /// Starts a daemon on `db`, which it must refuse as not its own, and
-/// checks that the file's bytes and the folder's files are as they were
-/// (but for the daemon's `.lock`).
+/// checks that every file in its folder, the database and whatever
+/// journal or log is beside it, is as it was, and that none was added:
+/// not even the daemon's `.lock`.
 async fn refused_as_not_ours(dir: &Path, db: &Path) -> String {
-    let before = hash_of(db);
-    let mut files_before = names_in(db.parent().expect("a folder"));
-    if !files_before.iter().any(|name| name == "presence.db.lock") {
-        files_before.push("presence.db.lock".to_owned());
-        files_before.sort();
-    }
+    let folder = db.parent().expect("a folder");
+    let before = files_in(folder);
 
     let stderr = refused_start(&dir.join("run/presenced.sock"), db).await;
 
     assert!(stderr.contains(&db.display().to_string()), "{stderr}");
     assert!(stderr.contains("not a presenced database"), "{stderr}");
     assert!(stderr.contains("point --db elsewhere"), "{stderr}");
-    assert_eq!(hash_of(db), before, "the file's bytes are untouched");
     assert_eq!(
-        names_in(db.parent().expect("a folder")),
-        files_before,
-        "no journal or side file is left beside it"
+        files_in(folder),
+        before,
+        "every byte beside it is untouched, and no file is added"
     );
     stderr
+}
+
+#[tokio::test]
+async fn another_programs_database_in_wal_mode_is_refused_with_no_file_made_beside_it() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let db = state_folder(dir.path()).join("presence.db");
+    let theirs = rusqlite::Connection::open(&db).expect("create their database");
+    theirs
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE notes (body TEXT);
+             INSERT INTO notes VALUES ('remember the milk');",
+        )
+        .expect("fill it");
+    drop(theirs);
+    let stderr = refused_as_not_ours(dir.path(), &db).await;
+    assert!(stderr.contains("notes"), "{stderr}");
+
+    // And while their program runs, with its last changes in the log
+    // only: the log and its index are left as they are.
+    let theirs = rusqlite::Connection::open(&db).expect("open their database");
+    theirs
+        .execute_batch("PRAGMA wal_autocheckpoint = 0; INSERT INTO notes VALUES ('call home');")
+        .expect("write to the log");
+    for side in ["presence.db-wal", "presence.db-shm"] {
+        assert!(db.with_file_name(side).exists(), "{side} is there");
+    }
+    refused_as_not_ours(dir.path(), &db).await;
+    drop(theirs);
+}
+
+#[tokio::test]
+async fn another_programs_unfinished_transaction_is_not_rolled_back_by_a_refused_start() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).expect("create the folder");
+    let theirs_path = scratch.join("theirs.db");
+    let theirs = rusqlite::Connection::open(&theirs_path).expect("create their database");
+    theirs
+        .execute_batch(
+            "CREATE TABLE notes (body TEXT);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200)
+             INSERT INTO notes SELECT zeroblob(1000) FROM n;",
+        )
+        .expect("fill it");
+    // A transaction larger than the page cache writes into the file
+    // before it commits, and keeps the pages it replaced in its journal:
+    // as the program was killed here, it left a hot journal.
+    theirs
+        .execute_batch(
+            "PRAGMA cache_size = 2;
+             BEGIN;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+             INSERT INTO notes SELECT zeroblob(1000) FROM n;",
+        )
+        .expect("write without committing");
+    let db = state_folder(dir.path()).join("presence.db");
+    std::fs::copy(&theirs_path, &db).expect("copy the file");
+    std::fs::copy(
+        scratch.join("theirs.db-journal"),
+        db.with_file_name("presence.db-journal"),
+    )
+    .expect("copy the journal");
+    drop(theirs);
+
+    let stderr = refused_as_not_ours(dir.path(), &db).await;
+    assert!(stderr.contains("presence.db-journal"), "{stderr}");
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@
 
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::ClientError;
-use crate::paths;
+use crate::{paths, sys};
 
 /// How long a new daemon may take to listen.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -32,28 +31,15 @@ pub(super) fn worth_starting(error: &std::io::Error) -> bool {
     )
 }
 
-/// Opens a file of ours beside the socket or the database, made 0600 if
-/// new, never through a symbolic link at its name: a link planted there
-/// would have us write to, or create, whatever file it names.
-fn open_without_following(
-    options: &mut OpenOptions,
-    path: &Path,
-) -> Result<std::fs::File, ClientError> {
-    options
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                ClientError::Autostart(format!(
-                    "{} is a symbolic link, and a daemon's files are never written through one; \
-                     remove it",
-                    path.display()
-                ))
-            } else {
-                ClientError::Autostart(format!("{}: {e}", path.display()))
-            }
-        })
+/// Opens a file of ours beside the socket or the database through
+/// [`sys::open_private_file`]: what another user planted there (a link, a
+/// FIFO, a hard link) is refused in one line, never written through.
+fn open_private_file(options: &mut OpenOptions, path: &Path) -> Result<std::fs::File, ClientError> {
+    match sys::open_private_file(path, options) {
+        Ok(sys::PrivateFile::Opened(file)) => Ok(file),
+        Ok(sys::PrivateFile::NotOurs(what)) => Err(ClientError::Autostart(what)),
+        Err(e) => Err(ClientError::Autostart(format!("{}: {e}", path.display()))),
+    }
 }
 
 /// Starts a daemon for `socket` unless one is already listening, and
@@ -70,7 +56,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .map_err(|e| failed("socket folder", &e))?;
 
     let lock_path = paths::autostart_lock(socket);
-    let lock = open_without_following(
+    let lock = open_private_file(
         OpenOptions::new().write(true).create(true).truncate(false),
         &lock_path,
     )?;
@@ -91,7 +77,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     let db_dir = paths::parent_dir(&db);
     paths::ensure_private_dir(db_dir).map_err(|e| failed("database folder", &e))?;
     let log_path = paths::autostart_log(&db);
-    let log = open_without_following(OpenOptions::new().create(true).append(true), &log_path)?;
+    let log = open_private_file(OpenOptions::new().create(true).append(true), &log_path)?;
 
     let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
     let mut command = tokio::process::Command::new(exe);

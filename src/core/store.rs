@@ -6,7 +6,7 @@
 //! to processes the power loss killed anyway (their boot id no longer
 //! matches, so they are cleared at the next start).
 
-use std::ffi::{OsStr, c_int};
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +18,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, pa
 use serde_json::{Map, Value};
 
 use super::registry::{Change, Entry, ProcessId, TokenHash};
+use crate::paths;
 use crate::protocol::{LeaveReason, Lifetime};
 
 mod history;
@@ -180,7 +181,7 @@ impl std::fmt::Display for StoreError {
                 "cannot write the database {} ({cause}); this user must be able to create \
                  and write files in {}, or point --db elsewhere",
                 path.display(),
-                folder_of(path).display()
+                paths::parent_dir(path).display()
             ),
             StoreError::NotOurs { path, why } => write!(
                 f,
@@ -319,7 +320,13 @@ impl Store {
     /// and a new one is started, so that a damaged file never keeps the
     /// daemon down; `recovered_from` then names the moved file.
     pub fn open(path: &Path, boot_id: String) -> Result<Store, StoreError> {
+        // Whose the file is, read from its bytes before anything is
+        // created beside it: even the lock file would be a change in the
+        // folder of another program's database. Read again once the lock
+        // is held, in case the file was replaced in between.
+        belonging_on_disk(path).map_err(|e| e.about(path))?;
         let lock = lock_database(path).map_err(|e| e.about(path))?;
+        belonging_on_disk(path).map_err(|e| e.about(path))?;
         let (mut db, recovered_from) = match Self::open_checked(path) {
             Ok(db) => (db, None),
             Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
@@ -655,12 +662,209 @@ impl Store {
 
 /// Takes the exclusive lock `PATH.lock`.
 fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
-    let lock = with_suffix(path, ".lock");
+    let lock = paths::sibling(path, ".lock");
     match crate::sys::take_pid_lock(&lock)? {
         crate::sys::PidLock::Taken(file) => Ok(file),
         crate::sys::PidLock::HeldBy(holder) => Err(StoreError::InUse { lock, holder }),
         crate::sys::PidLock::NotOurs(what) => Err(StoreError::LockNotOurs(what)),
     }
+}
+
+/// The fields of a database header that say whose the file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    user_version: i64,
+    application_id: i32,
+    /// Changes with every change of the schema: equal in two copies of
+    /// page 1, the two have the same tables.
+    schema_cookie: u32,
+}
+
+impl Header {
+    /// Reads the header at the start of page 1; `None` if `page` is not
+    /// one of an SQLite database.
+    fn parse(page: &[u8]) -> Option<Header> {
+        let field = |at: usize| -> Option<[u8; 4]> { page.get(at..at + 4)?.try_into().ok() };
+        if page.get(..16) != Some(b"SQLite format 3\0".as_slice()) {
+            return None;
+        }
+        Some(Header {
+            schema_cookie: u32::from_be_bytes(field(40)?),
+            user_version: i64::from(i32::from_be_bytes(field(60)?)),
+            application_id: i32::from_be_bytes(field(68)?),
+        })
+    }
+}
+
+/// The header of page 1 as the last transaction committed to the
+/// write-ahead log at `wal` left it, if the log holds one: until a
+/// checkpoint copies it back, that page 1, not the file's, is the
+/// database's. Read as SQLite reads a log: frames count while their salts
+/// are the log's and their checksums chain, and a frame counts only once
+/// a commit frame follows it.
+fn header_in_wal(wal: &Path) -> std::io::Result<Option<Header>> {
+    use std::io::Read;
+    let mut log = match std::fs::File::open(wal) {
+        Ok(file) => std::io::BufReader::new(file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut header = [0u8; 32];
+    if log.read_exact(&mut header).is_err() {
+        return Ok(None);
+    }
+    let word = |bytes: &[u8], at: usize| {
+        u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+    };
+    let magic = word(&header, 0);
+    if magic & !1 != 0x377f_0682 {
+        return Ok(None);
+    }
+    let big_endian = magic & 1 == 1;
+    let page_size = word(&header, 8) as usize;
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return Ok(None);
+    }
+    // SQLite's checksum: over pairs of 32-bit words in the log's byte order.
+    let checksum = |mut sum: (u32, u32), bytes: &[u8]| {
+        for pair in bytes.chunks_exact(8) {
+            let read = |b: &[u8]| {
+                let b = [b[0], b[1], b[2], b[3]];
+                if big_endian {
+                    u32::from_be_bytes(b)
+                } else {
+                    u32::from_le_bytes(b)
+                }
+            };
+            sum.0 = sum.0.wrapping_add(read(&pair[..4])).wrapping_add(sum.1);
+            sum.1 = sum.1.wrapping_add(read(&pair[4..])).wrapping_add(sum.0);
+        }
+        sum
+    };
+    let mut sum = checksum((0, 0), &header[..24]);
+    if sum != (word(&header, 24), word(&header, 28)) {
+        return Ok(None);
+    }
+    let salts = &header[16..24];
+    let mut frame = vec![0u8; 24 + page_size];
+    let (mut pending, mut committed) = (None, None);
+    while log.read_exact(&mut frame).is_ok() {
+        if &frame[8..16] != salts {
+            break;
+        }
+        sum = checksum(checksum(sum, &frame[..8]), &frame[24..]);
+        if sum != (word(&frame, 16), word(&frame, 20)) {
+            break;
+        }
+        if word(&frame, 0) == 1 {
+            pending = Header::parse(&frame[24..]);
+        }
+        if word(&frame, 4) != 0 {
+            committed = pending.or(committed);
+            pending = None;
+        }
+    }
+    Ok(committed)
+}
+
+/// Decides whose the database at `path` is from its bytes alone, with
+/// nothing opened for writing and no file made beside it: a connection
+/// SQLite opens read-write would create `-wal` and `-shm` files, or roll
+/// back another program's unfinished transaction (its hot `-journal`),
+/// before a word of the file is read.
+///
+/// Ours by its [`APPLICATION_ID`], or new (no file, or an empty one), it
+/// may be opened. With no id, the tables are looked at through a
+/// connection SQLite opens `immutable`: that one reads the database file
+/// alone, and so is trusted only where the file alone is the database.
+/// A log whose last page 1 has another schema than the file's (its
+/// changes not yet copied back), an unfinished transaction's `-journal`,
+/// or a log beside an empty file: without an id, these are refused,
+/// rather than have SQLite apply them to a file that may be another
+/// program's. A presenced never leaves those but for a crash in the middle
+/// of an upgrade; opening the file once with `sqlite3` settles them.
+///
+/// Returns `None` for a file that is not an SQLite database at all, which
+/// the ordinary open finds corrupt and moves aside.
+fn belonging_on_disk(path: &Path) -> Result<Option<Belonging>, StoreError> {
+    use std::io::Read;
+    let mut page = Vec::with_capacity(100);
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            file.take(100).read_to_end(&mut page)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let in_file = if page.is_empty() {
+        None
+    } else {
+        match Header::parse(&page) {
+            Some(header) => Some(header),
+            None => return Ok(None),
+        }
+    };
+    let in_wal = header_in_wal(&paths::sibling(path, "-wal"))?;
+    let not_ours = |why: &str| {
+        Err(StoreError::NotOurs {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        })
+    };
+    let Some(header) = in_wal.or(in_file) else {
+        return Ok(Some(Belonging::New));
+    };
+    if header.application_id == APPLICATION_ID {
+        return Ok(Some(Belonging::Ours));
+    }
+    if header.application_id != 0 {
+        return not_ours(&format!(
+            "its application_id is {:#010x}, not presenced's {APPLICATION_ID:#010x}",
+            header.application_id
+        ));
+    }
+    let journal = paths::sibling(path, "-journal");
+    if std::fs::metadata(&journal).is_ok_and(|meta| meta.len() > 0) {
+        return not_ours(&format!(
+            "it has no presenced application_id and another program's transaction on it is \
+             unfinished ({} is beside it)",
+            journal.display()
+        ));
+    }
+    let Some(in_file) = in_file else {
+        return not_ours(
+            "it has no presenced application_id, and it is empty but for a write-ahead log",
+        );
+    };
+    if in_file.schema_cookie != header.schema_cookie {
+        return not_ours(
+            "it has no presenced application_id, and its write-ahead log holds changes to its \
+             tables not yet in the file; open it once with sqlite3 if it is one of ours",
+        );
+    }
+    let db = Connection::open_with_flags(
+        immutable_uri(path),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    belonging_of(&db, path, header).map(Some)
+}
+
+/// `file:PATH?mode=ro&immutable=1`, the path's bytes escaped as a URI
+/// wants them.
+fn immutable_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?mode=ro&immutable=1");
+    uri
 }
 
 /// Whose a database file is, as read from it before anything is written.
@@ -679,7 +883,22 @@ enum Belonging {
 /// header and its list of tables. Anything else is another program's, and
 /// is refused (`NotOurs`) before a byte of it changes.
 fn belonging(db: &Connection, path: &Path) -> Result<Belonging, StoreError> {
-    let application_id: i32 = db.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    let header = Header {
+        application_id: db.pragma_query_value(None, "application_id", |row| row.get(0))?,
+        user_version: db.pragma_query_value(None, "user_version", |row| row.get(0))?,
+        schema_cookie: 0,
+    };
+    belonging_of(db, path, header)
+}
+
+/// [`belonging`], with the id and version from `header`, the tables from
+/// `db`.
+fn belonging_of(db: &Connection, path: &Path, header: Header) -> Result<Belonging, StoreError> {
+    let Header {
+        application_id,
+        user_version: version,
+        ..
+    } = header;
     if application_id == APPLICATION_ID {
         return Ok(Belonging::Ours);
     }
@@ -694,7 +913,6 @@ fn belonging(db: &Connection, path: &Path) -> Result<Belonging, StoreError> {
             "its application_id is {application_id:#010x}, not presenced's {APPLICATION_ID:#010x}"
         ));
     }
-    let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
     // SQLite's own tables (sqlite_sequence, sqlite_stat1, ...) say nothing
     // about whose the file is.
     let objects: Vec<(String, String)> = db
@@ -858,7 +1076,7 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
     let aside = free_aside_name(path, seconds);
     std::fs::rename(path, &aside)?;
     for suffix in SIDE_FILES {
-        match std::fs::rename(with_suffix(path, suffix), with_suffix(&aside, suffix)) {
+        match std::fs::rename(paths::sibling(path, suffix), paths::sibling(&aside, suffix)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -870,33 +1088,19 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// that name (or its side files) is already there: a rename would replace
 /// it.
 fn free_aside_name(path: &Path, seconds: u64) -> PathBuf {
-    let base = with_suffix(path, format!(".corrupt-{seconds}"));
+    let base = paths::sibling(path, &format!(".corrupt-{seconds}"));
     let taken = |candidate: &Path| {
         std::iter::once("")
             .chain(SIDE_FILES)
-            .any(|suffix| with_suffix(candidate, suffix).symlink_metadata().is_ok())
+            .any(|suffix| paths::sibling(candidate, suffix).symlink_metadata().is_ok())
     };
     let mut candidate = base.clone();
     let mut n = 0;
     while taken(&candidate) {
         n += 1;
-        candidate = with_suffix(&base, format!("-{n}"));
+        candidate = paths::sibling(&base, &format!("-{n}"));
     }
     candidate
-}
-
-/// The path with `suffix` added to its file name, whatever bytes it holds.
-fn with_suffix(path: &Path, suffix: impl AsRef<OsStr>) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    name.into()
-}
-
-/// The folder a path is in, `.` for a bare file name.
-fn folder_of(path: &Path) -> &Path {
-    path.parent()
-        .filter(|folder| !folder.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]
@@ -1025,8 +1229,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
         std::fs::write(&path, vec![0xA5; 8192]).unwrap();
-        std::fs::write(with_suffix(&path, "-wal"), "old wal").unwrap();
-        std::fs::write(with_suffix(&path, "-shm"), "old shm").unwrap();
+        std::fs::write(paths::sibling(&path, "-wal"), "old wal").unwrap();
+        std::fs::write(paths::sibling(&path, "-shm"), "old shm").unwrap();
         let earliest = unix_seconds();
 
         let store = Store::open(&path, "boot".into()).unwrap();
@@ -1037,12 +1241,12 @@ mod tests {
         assert!((earliest..=unix_seconds()).contains(&seconds), "{name}");
         assert_eq!(std::fs::read(&aside).unwrap(), vec![0xA5; 8192]);
         assert_eq!(
-            std::fs::read_to_string(with_suffix(&aside, "-wal")).unwrap(),
+            std::fs::read_to_string(paths::sibling(&aside, "-wal")).unwrap(),
             "old wal"
         );
         // SQLite rebuilds the shared-memory index as it opens, so only its
         // name is checked.
-        assert!(with_suffix(&aside, "-shm").exists());
+        assert!(paths::sibling(&aside, "-shm").exists());
         assert_eq!(store.load().unwrap().0.len(), 0);
     }
 
@@ -1050,13 +1254,13 @@ mod tests {
     fn a_corrupt_file_never_replaces_one_moved_aside_before() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("p.db");
-        let first = with_suffix(&path, ".corrupt-100");
+        let first = paths::sibling(&path, ".corrupt-100");
         assert_eq!(free_aside_name(&path, 100), first);
         std::fs::write(&first, "first").unwrap();
-        assert_eq!(free_aside_name(&path, 100), with_suffix(&first, "-1"));
+        assert_eq!(free_aside_name(&path, 100), paths::sibling(&first, "-1"));
         // A side file left from another recovery counts too.
-        std::fs::write(with_suffix(&first, "-1-wal"), "wal").unwrap();
-        assert_eq!(free_aside_name(&path, 100), with_suffix(&first, "-2"));
+        std::fs::write(paths::sibling(&first, "-1-wal"), "wal").unwrap();
+        assert_eq!(free_aside_name(&path, 100), paths::sibling(&first, "-2"));
     }
 
     #[test]
@@ -1148,12 +1352,12 @@ mod tests {
         store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
         drop(store);
         for suffix in SIDE_FILES {
-            assert!(with_suffix(&path, suffix).exists(), "{suffix} is kept");
+            assert!(paths::sibling(&path, suffix).exists(), "{suffix} is kept");
         }
         // Checkpointed all the same: another program reads the row from
         // the database file alone.
-        std::fs::remove_file(with_suffix(&path, "-wal")).unwrap();
-        std::fs::remove_file(with_suffix(&path, "-shm")).unwrap();
+        std::fs::remove_file(paths::sibling(&path, "-wal")).unwrap();
+        std::fs::remove_file(paths::sibling(&path, "-shm")).unwrap();
         let (rows, _) = Store::open(&path, "boot".into()).unwrap().load().unwrap();
         assert_eq!(rows.len(), 1);
     }
@@ -1178,6 +1382,92 @@ mod tests {
         assert!(why.contains("user_version is 99"), "{why}");
         let why = refused_as_not_ours("PRAGMA application_id = 7;");
         assert!(why.contains("0x00000007"), "{why}");
+    }
+
+    /// A copy of the database at `path` and its write-ahead log, taken
+    /// while they are open: what a daemon killed now would leave.
+    fn as_left_by_a_crash(path: &Path, copy: &Path) {
+        std::fs::copy(path, copy).unwrap();
+        std::fs::copy(paths::sibling(path, "-wal"), paths::sibling(copy, "-wal")).unwrap();
+    }
+
+    fn header_in_file(path: &Path) -> Header {
+        Header::parse(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_database_whose_id_is_still_in_its_log_is_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        let mut store = Store::open(&path, "boot".into()).unwrap();
+        store.commit(&[Change::Put(Box::new(entry(1)))], 2).unwrap();
+        let crashed = tmp.path().join("crashed.db");
+        as_left_by_a_crash(&path, &crashed);
+        drop(store);
+
+        assert_eq!(
+            header_in_file(&crashed).application_id,
+            0,
+            "not checkpointed"
+        );
+        assert_eq!(belonging_on_disk(&crashed).unwrap(), Some(Belonging::Ours));
+        let (rows, _) = Store::open(&crashed, "boot".into())
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+    }
+
+    /// One of our databases from before the id, still open by a daemon
+    /// that wrote `then` into its log.
+    fn before_the_id_with_in_its_log(then: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        drop(Store::open(&path, "boot".into()).unwrap());
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch("PRAGMA application_id = 0; PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        old.execute_batch(&format!("PRAGMA wal_autocheckpoint = 0; {then}"))
+            .unwrap();
+        let crashed = tmp.path().join("crashed.db");
+        as_left_by_a_crash(&path, &crashed);
+        (tmp, crashed)
+    }
+
+    #[test]
+    fn rows_in_the_log_of_a_database_from_before_the_id_do_not_hide_it() {
+        let (_tmp, crashed) = before_the_id_with_in_its_log(
+            "INSERT INTO counters (name, value) VALUES ('next_seq', 77);",
+        );
+        assert_eq!(
+            belonging_on_disk(&crashed).unwrap(),
+            Some(Belonging::OursWithoutId)
+        );
+        let store = Store::open(&crashed, "boot".into()).unwrap();
+        assert_eq!(store.load().unwrap().1, 77, "the log's rows are kept");
+        assert_eq!(application_id(&store.db), APPLICATION_ID);
+    }
+
+    #[test]
+    fn tables_changed_in_the_log_of_a_file_without_the_id_are_refused_untouched() {
+        let (_tmp, crashed) = before_the_id_with_in_its_log("CREATE TABLE notes (body TEXT);");
+        let wal = paths::sibling(&crashed, "-wal");
+        let before = (
+            std::fs::read(&crashed).unwrap(),
+            std::fs::read(&wal).unwrap(),
+        );
+        match Store::open(&crashed, "boot".into()) {
+            Err(StoreError::NotOurs { why, .. }) => assert!(why.contains("log"), "{why}"),
+            Err(other) => panic!("expected NotOurs, got {other}"),
+            Ok(_) => panic!("expected NotOurs, got a store"),
+        }
+        let after = (
+            std::fs::read(&crashed).unwrap(),
+            std::fs::read(&wal).unwrap(),
+        );
+        assert!(before == after, "the file and its log are untouched");
+        assert!(!paths::sibling(&crashed, "-shm").exists());
+        assert!(!paths::sibling(&crashed, ".lock").exists());
     }
 
     #[test]
