@@ -870,13 +870,30 @@ impl Registry {
         self.forget_tombstones_due(now);
         for (hash, tombstone) in tombstones {
             while self.tombstones.len() >= MAX_TOMBSTONES {
-                let Some(&(_, oldest)) = self.tombstones_by_expiry.first() else {
+                let Some(evicted) = self.tombstone_to_evict_for(tombstone.uid) else {
                     break;
                 };
-                self.unbury(&oldest);
+                self.unbury(&evicted);
             }
             self.bury(hash, tombstone);
         }
+    }
+
+    /// Which remembered removal makes room for one of an entry of `uid`:
+    /// the one to be forgotten soonest among that uid's entries, else the
+    /// one to be forgotten soonest of all. The bound is the daemon's, but
+    /// one user removing its own entries in a loop then pushes out only
+    /// its own records, not the record of another user's entry that root
+    /// removed, whose session would then find its token merely `expired`
+    /// and track the entry again. Only reached with the table full, so a
+    /// walk of at most [`MAX_TOMBSTONES`] records.
+    fn tombstone_to_evict_for(&self, uid: u32) -> Option<TokenHash> {
+        let same_uid = self
+            .tombstones_by_expiry
+            .iter()
+            .map(|&(_, hash)| hash)
+            .find(|hash| self.tombstones.get(hash).is_some_and(|t| t.uid == uid));
+        same_uid.or_else(|| self.tombstones_by_expiry.first().map(|&(_, hash)| hash))
     }
 
     /// Forgets the removed entries remembered until `now` or earlier.
