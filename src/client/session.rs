@@ -25,7 +25,7 @@
 //! change of ref is therefore kept until the entry it names is held (see
 //! [`State::settle`]), and applied in the order the refs follow each other.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -185,6 +185,21 @@ impl State {
             .partition(|phx_ref| self.held.iter().any(|h| &h.phx_ref == phx_ref));
         self.held.retain(|h| !removed.contains(&h.phx_ref));
         self.gone = waiting;
+    }
+
+    /// Takes in the refs a `resume` reply gives each resumed token. An
+    /// entry another connection updated while no connection held it has a
+    /// new ref that no `updated` event announced; without this the session
+    /// would know neither its standing in the same reply nor a later
+    /// `removed` event for it, and would track it again once its token
+    /// expired.
+    fn take_resumed_refs(&mut self, refs: &BTreeMap<String, String>) {
+        for held in &mut self.held {
+            if let Some(phx_ref) = refs.get(&held.token) {
+                phx_ref.clone_into(&mut held.phx_ref);
+            }
+        }
+        self.settle();
     }
 
     fn take_by_token(&mut self, token: &str) -> Option<Held> {
@@ -577,7 +592,8 @@ fn note_standing(state: &Mutex<State>, change: &RoleChange) {
     }
 }
 
-/// Takes in a `resume` reply: a changed standing becomes a `role` event,
+/// Takes in a `resume` reply: each entry is known by the ref it has now,
+/// a changed standing becomes a `role` event,
 /// an expired entry is tracked again, a refused one is given up, and one
 /// another connection removed meanwhile is forgotten and reported as the
 /// `removed` event the session would have had, had it been connected.
@@ -587,6 +603,7 @@ async fn apply_resume(
     resumed: ResumeReply,
     out: &mpsc::UnboundedSender<SessionEvent>,
 ) -> Result<(), ClientError> {
+    lock(state).take_resumed_refs(&resumed.refs);
     for (phx_ref, standing) in resumed.roles {
         if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
             let _ = out.send(SessionEvent::Event(role));

@@ -1128,6 +1128,7 @@ impl Registry {
             match self.resume_one(conn, uid, &hash, now) {
                 Resumption::Resumed { phx_ref, standing } => {
                     outcome.roles.insert(phx_ref.clone(), standing);
+                    outcome.refs.insert(token, phx_ref.clone());
                     outcome.resumed.push(phx_ref);
                 }
                 Resumption::Expired => outcome.expired.push(token),

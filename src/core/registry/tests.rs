@@ -3378,6 +3378,7 @@ impl World {
         );
 
         let mut resumed = Vec::new();
+        let mut refs = BTreeMap::new();
         let mut expired = Vec::new();
         let mut refused = BTreeMap::new();
         let mut removed = BTreeMap::new();
@@ -3418,8 +3419,10 @@ impl World {
                 entry.conn = Some(conn);
                 entry.deadline = None;
                 resumed.push(entry.phx_ref.clone());
+                refs.insert(token, entry.phx_ref.clone());
             }
         }
+        assert_eq!(reply.refs, refs, "each resumed token's ref");
         assert_eq!(reply.resumed, resumed);
         assert_eq!(reply.expired, expired);
         let told: BTreeMap<String, String> = reply
