@@ -18,6 +18,17 @@
 //! `updated` event on, so that a later `removed` event, a `role` event and
 //! a track after a restart all find it.
 //!
+//! Which entry an event is about is decided by its ref, never by topic
+//! and key. A session may hold several entries, and may track an entry
+//! for the same topic and key again (after a reconnect, or through its
+//! owner) while a `removed` event for the old one is still on its way: a
+//! match on topic and key could then forget the new entry for the old.
+//! The ref is exact because every change of ref reaches the session: an
+//! `updated` event for another connection's update of a held entry, and
+//! the `refs` of the `resume` reply for an update made while no
+//! connection held it. (`presence join` matches on topic and key instead,
+//! and may: see `Printer::holds` in `cli/join.rs`.)
+//!
 //! The replies to the session's own calls and the daemon's events reach
 //! it by two roads, so one may overtake the other: a `removed` event can
 //! arrive before the reply of the track that made the entry, an `updated`
@@ -146,12 +157,9 @@ impl State {
     }
 
     /// Forgets an entry another connection removed: the held entry with
-    /// the event's ref. Every change of ref reaches the session (the
-    /// daemon sends `updated` for another connection's update), so the
-    /// ref is exact; when no held entry has it, the entry is not held yet
-    /// (its track's reply is on its way) and is forgotten when it is. A
-    /// match on topic and key instead could take a newer entry for the
-    /// same key, tracked after the removal, for the removed one.
+    /// the event's ref (see the module's notes on which entry an event
+    /// is about). When no held entry has it, the entry is not held yet
+    /// (its track's reply is on its way) and is forgotten when it is.
     fn forget(&mut self, removal: &Removal) {
         push_bounded(&mut self.gone, removal.phx_ref.clone());
         self.settle();

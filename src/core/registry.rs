@@ -816,16 +816,12 @@ impl Registry {
             let Some(holder) = entry.conn.filter(|holder| *holder != conn) else {
                 continue;
             };
-            let removed = Event::Removed {
-                topic: entry.topic.clone(),
-                payload: Removal {
-                    phx_ref: entry.phx_ref.clone(),
-                    key: entry.key.clone(),
-                    reason,
-                    by: remover.clone(),
-                },
+            let removed = removal_of(entry, reason, &remover);
+            let event = Event::Removed {
+                topic: removed.topic,
+                payload: removed.removal,
             };
-            out.event(vec![holder], removed);
+            out.event(vec![holder], event);
         }
     }
 
@@ -847,19 +843,10 @@ impl Registry {
                 let expires_at = now
                     .saturating_add(TOMBSTONE_MILLIS)
                     .max(entry.resume_deadline.unwrap_or(i64::MIN));
-                let removed = RemovedEntry {
-                    topic: entry.topic.clone(),
-                    removal: Removal {
-                        phx_ref: entry.phx_ref.clone(),
-                        key: entry.key.clone(),
-                        reason,
-                        by: by.clone(),
-                    },
-                };
                 let tombstone = Tombstone {
                     uid: entry.uid,
                     expires_at,
-                    removed,
+                    removed: removal_of(entry, reason, &by),
                 };
                 (entry.token_hash, tombstone)
             })
@@ -1599,6 +1586,20 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
+}
+
+/// What the removal of `entry` by `by` says, both to its holder (as a
+/// `removed` event) and, later, to a `resume` of its token.
+fn removal_of(entry: &Entry, reason: LeaveReason, by: &Actor) -> RemovedEntry {
+    RemovedEntry {
+        topic: entry.topic.clone(),
+        removal: Removal {
+            phx_ref: entry.phx_ref.clone(),
+            key: entry.key.clone(),
+            reason,
+            by: by.clone(),
+        },
+    }
 }
 
 /// A request raced with its connection's close; nobody will read the reply.
