@@ -439,12 +439,8 @@ async fn a_session_learns_the_ref_of_an_entry_updated_while_it_was_away_and_forg
         matches!(event, SessionEvent::Disconnected { .. }).then_some(())
     })
     .await;
+    connections_down_to(&daemon, 0).await;
     let mut other = daemon.raw().await;
-    eventually("the session's connection to close", async || {
-        let status = other.request(r#"{"op":"status","id":1}"#).await;
-        status["connections"] == 1
-    })
-    .await;
     let update = json!({"op": "update", "id": 2, "topic": "doc", "ref": held.phx_ref,
                         "meta": {"file": "b.md"}});
     let updated = other.request(&update.to_string()).await;
@@ -483,6 +479,79 @@ async fn a_session_learns_the_ref_of_an_entry_updated_while_it_was_away_and_forg
         .await
         .expect("status");
     assert_eq!(status.entries, 0);
+}
+
+/// Waits until the daemon has only `count` connections, so that one the
+/// test cut is closed on the daemon's side too.
+async fn connections_down_to(daemon: &Daemon, count: usize) {
+    let mut asking = daemon.raw().await;
+    eventually("the cut connection to close", async || {
+        let status = asking.request(r#"{"op":"status","id":1}"#).await;
+        status["connections"] == count + 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_tracks_an_entry_again_with_the_meta_it_was_given_while_the_session_was_away() {
+    let mut daemon = Daemon::start().await;
+    let relay_dir = daemon.dir.path().join("relay");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&relay_dir)
+        .expect("relay folder");
+    let relay_socket = relay_dir.join("presenced.sock");
+    let relay = Relay::start(&relay_socket, &daemon.socket);
+    let connected = common::connect(&relay_socket).await;
+    let (session, mut events) = Session::new(&relay_socket, connected, Reconnect::default());
+    let mut request = TrackRequest::new("doc", "held");
+    request.meta = json!({"file": "a.md"})
+        .as_object()
+        .cloned()
+        .expect("object");
+    let held = within("track", session.track(request))
+        .await
+        .expect("track");
+
+    // The daemon restarts while the session is kept away; its entry waits
+    // to be resumed, held by no connection, and is updated meanwhile.
+    daemon.crash().await;
+    relay.cut();
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    let mut other = daemon.raw().await;
+    let update = json!({"op": "update", "id": 1, "topic": "doc", "ref": held.phx_ref,
+                        "meta": {"file": "b.md"}});
+    assert_eq!(other.request(&update.to_string()).await["ok"], true);
+    drop(other);
+    let relay = Relay::start(&relay_socket, &daemon.socket);
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+
+    // The session's connection closes, and its entry with it; when the
+    // session is back, it tracks the entry again, with the meta it has now.
+    relay.cut();
+    connections_down_to(&daemon, 0).await;
+    assert!(keys(&daemon, "doc").await.is_empty());
+    let _relay = Relay::start(&relay_socket, &daemon.socket);
+    let tracked = within("the entry to be tracked again", async {
+        loop {
+            match events.recv().await.expect("the session goes on") {
+                SessionEvent::Retracked { reply, .. } => return reply,
+                SessionEvent::Dropped { error, .. } => panic!("dropped: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let (client, _events) = daemon.client().await;
+    let metas = within("get_by_key", client.get_by_key("doc", "held"))
+        .await
+        .expect("get_by_key");
+    assert_eq!(metas.len(), 1, "{metas:?}");
+    assert_eq!(metas[0].phx_ref, tracked.phx_ref);
+    assert_eq!(metas[0].client["file"], "b.md");
 }
 
 #[tokio::test]

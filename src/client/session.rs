@@ -16,7 +16,8 @@
 //! `resume` reply, and is forgotten and passed on the same way. An entry
 //! another connection updated is known by its new ref and meta from its
 //! `updated` event on, so that a later `removed` event, a `role` event and
-//! a track after a restart all find it.
+//! a track after a restart all find it; one updated while no connection
+//! held it, from the `refs` of the `resume` reply and a `get_by_key`.
 //!
 //! Which entry an event is about is decided by its ref, never by topic
 //! and key. A session may hold several entries, and may track an entry
@@ -200,14 +201,25 @@ impl State {
     /// new ref that no `updated` event announced; without this the session
     /// would know neither its standing in the same reply nor a later
     /// `removed` event for it, and would track it again once its token
-    /// expired.
-    fn take_resumed_refs(&mut self, refs: &BTreeMap<String, String>) {
+    /// expired. Returns the entries whose ref changed, as (topic, key,
+    /// ref): their meta changed too, and the reply does not carry it.
+    fn take_resumed_refs(
+        &mut self,
+        refs: &BTreeMap<String, String>,
+    ) -> Vec<(String, String, String)> {
+        let mut changed = Vec::new();
         for held in &mut self.held {
-            if let Some(phx_ref) = refs.get(&held.token) {
+            let Some(phx_ref) = refs.get(&held.token) else {
+                continue;
+            };
+            if *phx_ref != held.phx_ref {
                 phx_ref.clone_into(&mut held.phx_ref);
+                let request = &held.request;
+                changed.push((request.topic.clone(), request.key.clone(), phx_ref.clone()));
             }
         }
         self.settle();
+        changed
     }
 
     fn take_by_token(&mut self, token: &str) -> Option<Held> {
@@ -611,7 +623,10 @@ async fn apply_resume(
     resumed: ResumeReply,
     out: &mpsc::UnboundedSender<SessionEvent>,
 ) -> Result<(), ClientError> {
-    lock(state).take_resumed_refs(&resumed.refs);
+    let updated = lock(state).take_resumed_refs(&resumed.refs);
+    for (topic, key, phx_ref) in updated {
+        learn_meta(state, client, &topic, &key, &phx_ref).await?;
+    }
     for (phx_ref, standing) in resumed.roles {
         if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
             let _ = out.send(SessionEvent::Event(role));
@@ -638,6 +653,32 @@ async fn apply_resume(
                 error: error.message,
             });
         }
+    }
+    Ok(())
+}
+
+/// Fetches the meta of an entry updated while the session was away, as an
+/// `updated` event would have given it, so that tracking it again after
+/// it expires does not undo that update.
+async fn learn_meta(
+    state: &Mutex<State>,
+    client: &Client,
+    topic: &str,
+    key: &str,
+    phx_ref: &str,
+) -> Result<(), ClientError> {
+    let metas = match client.get_by_key(topic, key).await {
+        Ok(metas) => metas,
+        // Only a lost connection is worth another attempt.
+        Err(ClientError::Refused(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(meta) = metas.into_iter().find(|meta| meta.phx_ref == phx_ref) else {
+        // Gone again already; its `removed` event or the next resume says.
+        return Ok(());
+    };
+    if let Some(held) = lock(state).held_by_ref(phx_ref) {
+        held.request.meta = meta.client;
     }
     Ok(())
 }
