@@ -603,6 +603,12 @@ pub struct ResumeReply {
     pub resumed: Vec<String>,
     pub expired: Vec<String>,
     pub roles: BTreeMap<String, Standing>,
+    /// Each resumed token with its entry's ref. The ref is the one the
+    /// entry has now: another connection may have updated it while no
+    /// connection held it, and no `updated` event told anyone of that.
+    /// Absent from daemons that predate it.
+    #[serde(default)]
+    pub refs: BTreeMap<String, String>,
     /// Tokens of entries that exist and are free, but that this connection
     /// may not take (over its entry limit, or a second entry for the same
     /// topic and key). They stay valid.

@@ -10,11 +10,15 @@
 
 mod common;
 
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
 use common::shared::SharedDaemon;
-use common::{Daemon, NOBODY, Running, spawn_sleeper, within};
+use common::{Daemon, NOBODY, Running, eventually, spawn_sleeper, within};
 use presenced::client::{Reconnect, Session, SessionEvent, SessionEvents};
 use presenced::protocol::{Event, Lifetime, Removal, Revision, TrackRequest};
 use serde_json::json;
+use tokio::net::{UnixListener, UnixStream};
 
 /// The keys present on a topic.
 async fn keys(daemon: &Daemon, topic: &str) -> Vec<String> {
@@ -365,6 +369,189 @@ async fn a_session_follows_an_update_from_elsewhere_and_forgets_the_entry_when_i
             .expect("status");
         assert_eq!(status.entries, 0, "{lifetime:?}");
     }
+}
+
+/// A second socket that forwards each connection to the daemon's, and can
+/// cut them all at once and refuse new ones: the way to close a session's
+/// connection while the daemon runs on, and keep the session away until
+/// the test lets it back.
+struct Relay {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(path: &Path, daemon_socket: &Path) -> Relay {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("the relay listens");
+        let daemon_socket = daemon_socket.to_owned();
+        let task = tokio::spawn(async move {
+            // Dropped with this task, which ends every forwarded connection.
+            let mut forwarded = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let daemon_socket = daemon_socket.clone();
+                forwarded.spawn(async move {
+                    if let Ok(mut daemon) = UnixStream::connect(&daemon_socket).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut daemon).await;
+                    }
+                });
+            }
+        });
+        Relay {
+            path: path.to_owned(),
+            task,
+        }
+    }
+
+    /// Closes every forwarded connection, and accepts no more.
+    fn cut(self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn a_session_learns_the_ref_of_an_entry_updated_while_it_was_away_and_forgets_it_when_removed()
+ {
+    let mut daemon = Daemon::start().await;
+    let relay_dir = daemon.dir.path().join("relay");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&relay_dir)
+        .expect("relay folder");
+    let relay_socket = relay_dir.join("presenced.sock");
+    let relay = Relay::start(&relay_socket, &daemon.socket);
+    let sleeper = spawn_sleeper();
+    let connected = common::connect(&relay_socket).await;
+    let (session, mut events) = Session::new(&relay_socket, connected, Reconnect::default());
+    let mut request = TrackRequest::new("doc", "held");
+    request.lifetime = Lifetime::Process;
+    request.pid = sleeper.id();
+    let held = within("track", session.track(request))
+        .await
+        .expect("track");
+
+    // The session's connection closes; its process entry stays, held by
+    // no connection, so no `updated` event can reach anyone when the same
+    // user updates it from elsewhere, which gives it a new ref.
+    relay.cut();
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    connections_down_to(&daemon, 0).await;
+    let mut other = daemon.raw().await;
+    let update = json!({"op": "update", "id": 2, "topic": "doc", "ref": held.phx_ref,
+                        "meta": {"file": "b.md"}});
+    let updated = other.request(&update.to_string()).await;
+    let new_ref = updated["ref"].as_str().expect("a new ref").to_owned();
+    assert_ne!(new_ref, held.phx_ref);
+
+    // The session comes back and resumes the entry by its token; the
+    // reply names it by its new ref, which the session must take for its
+    // entry's.
+    let _relay = Relay::start(&relay_socket, &daemon.socket);
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+    let untrack = json!({"op": "untrack", "id": 3, "topic": "doc", "ref": new_ref});
+    assert_eq!(other.request(&untrack.to_string()).await["removed"], 1);
+    let removal: Removal = next_session_event(&mut events, |event| match event {
+        SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(removal.phx_ref, new_ref);
+    drop(other);
+
+    // After a restart the daemon no longer remembers the removal, so the
+    // token would only be `expired`: a session that had not known the
+    // removal for its entry's would track the entry again here.
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+    assert!(keys(&daemon, "doc").await.is_empty());
+    let status = within("status", session.client().await.expect("client").status())
+        .await
+        .expect("status");
+    assert_eq!(status.entries, 0);
+}
+
+/// Waits until the daemon has only `count` connections, so that one the
+/// test cut is closed on the daemon's side too.
+async fn connections_down_to(daemon: &Daemon, count: usize) {
+    let mut asking = daemon.raw().await;
+    eventually("the cut connection to close", async || {
+        let status = asking.request(r#"{"op":"status","id":1}"#).await;
+        status["connections"] == count + 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_tracks_an_entry_again_with_the_meta_it_was_given_while_the_session_was_away() {
+    let mut daemon = Daemon::start().await;
+    let relay_dir = daemon.dir.path().join("relay");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&relay_dir)
+        .expect("relay folder");
+    let relay_socket = relay_dir.join("presenced.sock");
+    let relay = Relay::start(&relay_socket, &daemon.socket);
+    let connected = common::connect(&relay_socket).await;
+    let (session, mut events) = Session::new(&relay_socket, connected, Reconnect::default());
+    let mut request = TrackRequest::new("doc", "held");
+    request.meta = json!({"file": "a.md"})
+        .as_object()
+        .cloned()
+        .expect("object");
+    let held = within("track", session.track(request))
+        .await
+        .expect("track");
+
+    // The daemon restarts while the session is kept away; its entry waits
+    // to be resumed, held by no connection, and is updated meanwhile.
+    daemon.crash().await;
+    relay.cut();
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    let mut other = daemon.raw().await;
+    let update = json!({"op": "update", "id": 1, "topic": "doc", "ref": held.phx_ref,
+                        "meta": {"file": "b.md"}});
+    assert_eq!(other.request(&update.to_string()).await["ok"], true);
+    drop(other);
+    let relay = Relay::start(&relay_socket, &daemon.socket);
+    next_session_event(&mut events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+
+    // The session's connection closes, and its entry with it; when the
+    // session is back, it tracks the entry again, with the meta it has now.
+    relay.cut();
+    connections_down_to(&daemon, 0).await;
+    assert!(keys(&daemon, "doc").await.is_empty());
+    let _relay = Relay::start(&relay_socket, &daemon.socket);
+    let tracked = within("the entry to be tracked again", async {
+        loop {
+            match events.recv().await.expect("the session goes on") {
+                SessionEvent::Retracked { reply, .. } => return reply,
+                SessionEvent::Dropped { error, .. } => panic!("dropped: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let (client, _events) = daemon.client().await;
+    let metas = within("get_by_key", client.get_by_key("doc", "held"))
+        .await
+        .expect("get_by_key");
+    assert_eq!(metas.len(), 1, "{metas:?}");
+    assert_eq!(metas[0].phx_ref, tracked.phx_ref);
+    assert_eq!(metas[0].client["file"], "b.md");
 }
 
 #[tokio::test]

@@ -381,8 +381,15 @@ impl Printer {
 
     /// Whether an event on `topic` for `key` is about the entry: matched
     /// on both rather than the ref, so that an update nobody told this
-    /// command of (from a daemon that predates `updated` events) cannot
-    /// hide the entry's removal.
+    /// command of (from a daemon that predates `updated` events, or the
+    /// `refs` of `resume` replies) cannot hide the entry's removal. This
+    /// differs from the session's rule (by ref, see `client::session`) on
+    /// purpose, and is exact here: this command's session holds one entry,
+    /// a connection holds at most one per topic and key, and a `removed`
+    /// or `updated` event goes only to the connection holding the entry.
+    /// The session's rule guards against a newer entry for the same key
+    /// being taken for a removed one; this command ends at the first
+    /// removal, so it never holds such a newer entry.
     fn holds(&self, topic: &str, key: &str) -> bool {
         topic == self.topic && key == self.key
     }

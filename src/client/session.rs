@@ -16,7 +16,19 @@
 //! `resume` reply, and is forgotten and passed on the same way. An entry
 //! another connection updated is known by its new ref and meta from its
 //! `updated` event on, so that a later `removed` event, a `role` event and
-//! a track after a restart all find it.
+//! a track after a restart all find it; one updated while no connection
+//! held it, from the `refs` of the `resume` reply and a `get_by_key`.
+//!
+//! Which entry an event is about is decided by its ref, never by topic
+//! and key. A session may hold several entries, and may track an entry
+//! for the same topic and key again (after a reconnect, or through its
+//! owner) while a `removed` event for the old one is still on its way: a
+//! match on topic and key could then forget the new entry for the old.
+//! The ref is exact because every change of ref reaches the session: an
+//! `updated` event for another connection's update of a held entry, and
+//! the `refs` of the `resume` reply for an update made while no
+//! connection held it. (`presence join` matches on topic and key instead,
+//! and may: see `Printer::holds` in `cli/join.rs`.)
 //!
 //! The replies to the session's own calls and the daemon's events reach
 //! it by two roads, so one may overtake the other: a `removed` event can
@@ -25,7 +37,7 @@
 //! change of ref is therefore kept until the entry it names is held (see
 //! [`State::settle`]), and applied in the order the refs follow each other.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -146,12 +158,9 @@ impl State {
     }
 
     /// Forgets an entry another connection removed: the held entry with
-    /// the event's ref. Every change of ref reaches the session (the
-    /// daemon sends `updated` for another connection's update), so the
-    /// ref is exact; when no held entry has it, the entry is not held yet
-    /// (its track's reply is on its way) and is forgotten when it is. A
-    /// match on topic and key instead could take a newer entry for the
-    /// same key, tracked after the removal, for the removed one.
+    /// the event's ref (see the module's notes on which entry an event
+    /// is about). When no held entry has it, the entry is not held yet
+    /// (its track's reply is on its way) and is forgotten when it is.
     fn forget(&mut self, removal: &Removal) {
         push_bounded(&mut self.gone, removal.phx_ref.clone());
         self.settle();
@@ -185,6 +194,32 @@ impl State {
             .partition(|phx_ref| self.held.iter().any(|h| &h.phx_ref == phx_ref));
         self.held.retain(|h| !removed.contains(&h.phx_ref));
         self.gone = waiting;
+    }
+
+    /// Takes in the refs a `resume` reply gives each resumed token. An
+    /// entry another connection updated while no connection held it has a
+    /// new ref that no `updated` event announced; without this the session
+    /// would know neither its standing in the same reply nor a later
+    /// `removed` event for it, and would track it again once its token
+    /// expired. Returns the entries whose ref changed, as (topic, key,
+    /// ref): their meta changed too, and the reply does not carry it.
+    fn take_resumed_refs(
+        &mut self,
+        refs: &BTreeMap<String, String>,
+    ) -> Vec<(String, String, String)> {
+        let mut changed = Vec::new();
+        for held in &mut self.held {
+            let Some(phx_ref) = refs.get(&held.token) else {
+                continue;
+            };
+            if *phx_ref != held.phx_ref {
+                phx_ref.clone_into(&mut held.phx_ref);
+                let request = &held.request;
+                changed.push((request.topic.clone(), request.key.clone(), phx_ref.clone()));
+            }
+        }
+        self.settle();
+        changed
     }
 
     fn take_by_token(&mut self, token: &str) -> Option<Held> {
@@ -577,7 +612,8 @@ fn note_standing(state: &Mutex<State>, change: &RoleChange) {
     }
 }
 
-/// Takes in a `resume` reply: a changed standing becomes a `role` event,
+/// Takes in a `resume` reply: each entry is known by the ref it has now,
+/// a changed standing becomes a `role` event,
 /// an expired entry is tracked again, a refused one is given up, and one
 /// another connection removed meanwhile is forgotten and reported as the
 /// `removed` event the session would have had, had it been connected.
@@ -587,6 +623,10 @@ async fn apply_resume(
     resumed: ResumeReply,
     out: &mpsc::UnboundedSender<SessionEvent>,
 ) -> Result<(), ClientError> {
+    let updated = lock(state).take_resumed_refs(&resumed.refs);
+    for (topic, key, phx_ref) in updated {
+        learn_meta(state, client, &topic, &key, &phx_ref).await?;
+    }
     for (phx_ref, standing) in resumed.roles {
         if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
             let _ = out.send(SessionEvent::Event(role));
@@ -613,6 +653,32 @@ async fn apply_resume(
                 error: error.message,
             });
         }
+    }
+    Ok(())
+}
+
+/// Fetches the meta of an entry updated while the session was away, as an
+/// `updated` event would have given it, so that tracking it again after
+/// it expires does not undo that update.
+async fn learn_meta(
+    state: &Mutex<State>,
+    client: &Client,
+    topic: &str,
+    key: &str,
+    phx_ref: &str,
+) -> Result<(), ClientError> {
+    let metas = match client.get_by_key(topic, key).await {
+        Ok(metas) => metas,
+        // Only a lost connection is worth another attempt.
+        Err(ClientError::Refused(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(meta) = metas.into_iter().find(|meta| meta.phx_ref == phx_ref) else {
+        // Gone again already; its `removed` event or the next resume says.
+        return Ok(());
+    };
+    if let Some(held) = lock(state).held_by_ref(phx_ref) {
+        held.request.meta = meta.client;
     }
     Ok(())
 }

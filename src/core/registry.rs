@@ -816,16 +816,12 @@ impl Registry {
             let Some(holder) = entry.conn.filter(|holder| *holder != conn) else {
                 continue;
             };
-            let removed = Event::Removed {
-                topic: entry.topic.clone(),
-                payload: Removal {
-                    phx_ref: entry.phx_ref.clone(),
-                    key: entry.key.clone(),
-                    reason,
-                    by: remover.clone(),
-                },
+            let removed = removal_of(entry, reason, &remover);
+            let event = Event::Removed {
+                topic: removed.topic,
+                payload: removed.removal,
             };
-            out.event(vec![holder], removed);
+            out.event(vec![holder], event);
         }
     }
 
@@ -847,19 +843,10 @@ impl Registry {
                 let expires_at = now
                     .saturating_add(TOMBSTONE_MILLIS)
                     .max(entry.resume_deadline.unwrap_or(i64::MIN));
-                let removed = RemovedEntry {
-                    topic: entry.topic.clone(),
-                    removal: Removal {
-                        phx_ref: entry.phx_ref.clone(),
-                        key: entry.key.clone(),
-                        reason,
-                        by: by.clone(),
-                    },
-                };
                 let tombstone = Tombstone {
                     uid: entry.uid,
                     expires_at,
-                    removed,
+                    removed: removal_of(entry, reason, &by),
                 };
                 (entry.token_hash, tombstone)
             })
@@ -870,13 +857,30 @@ impl Registry {
         self.forget_tombstones_due(now);
         for (hash, tombstone) in tombstones {
             while self.tombstones.len() >= MAX_TOMBSTONES {
-                let Some(&(_, oldest)) = self.tombstones_by_expiry.first() else {
+                let Some(evicted) = self.tombstone_to_evict_for(tombstone.uid) else {
                     break;
                 };
-                self.unbury(&oldest);
+                self.unbury(&evicted);
             }
             self.bury(hash, tombstone);
         }
+    }
+
+    /// Which remembered removal makes room for one of an entry of `uid`:
+    /// the one to be forgotten soonest among that uid's entries, else the
+    /// one to be forgotten soonest of all. The bound is the daemon's, but
+    /// one user removing its own entries in a loop then pushes out only
+    /// its own records, not the record of another user's entry that root
+    /// removed, whose session would then find its token merely `expired`
+    /// and track the entry again. Only reached with the table full, so a
+    /// walk of at most [`MAX_TOMBSTONES`] records.
+    fn tombstone_to_evict_for(&self, uid: u32) -> Option<TokenHash> {
+        let same_uid = self
+            .tombstones_by_expiry
+            .iter()
+            .map(|&(_, hash)| hash)
+            .find(|hash| self.tombstones.get(hash).is_some_and(|t| t.uid == uid));
+        same_uid.or_else(|| self.tombstones_by_expiry.first().map(|&(_, hash)| hash))
     }
 
     /// Forgets the removed entries remembered until `now` or earlier.
@@ -1111,6 +1115,7 @@ impl Registry {
             match self.resume_one(conn, uid, &hash, now) {
                 Resumption::Resumed { phx_ref, standing } => {
                     outcome.roles.insert(phx_ref.clone(), standing);
+                    outcome.refs.insert(token, phx_ref.clone());
                     outcome.resumed.push(phx_ref);
                 }
                 Resumption::Expired => outcome.expired.push(token),
@@ -1581,6 +1586,20 @@ fn ref_for(seq: u64) -> String {
 /// The counter value a ref was made from.
 fn ref_number(phx_ref: &str) -> Option<u64> {
     phx_ref.strip_prefix('p')?.parse().ok()
+}
+
+/// What the removal of `entry` by `by` says, both to its holder (as a
+/// `removed` event) and, later, to a `resume` of its token.
+fn removal_of(entry: &Entry, reason: LeaveReason, by: &Actor) -> RemovedEntry {
+    RemovedEntry {
+        topic: entry.topic.clone(),
+        removal: Removal {
+            phx_ref: entry.phx_ref.clone(),
+            key: entry.key.clone(),
+            reason,
+            by: by.clone(),
+        },
+    }
 }
 
 /// A request raced with its connection's close; nobody will read the reply.

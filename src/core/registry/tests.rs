@@ -2078,6 +2078,45 @@ fn ones_own_untrack_is_not_remembered_and_removed_entries_are_remembered_within_
     assert_eq!(reply.removed.keys().collect::<Vec<_>>(), [&last]);
 }
 
+#[test]
+fn a_user_removing_its_own_entries_in_a_loop_does_not_push_out_the_record_of_anothers() {
+    // Bob's entry, then more of Alice's than the daemon remembers at once.
+    let mut bobs = stored_entry(1, "doc", "bob", Lifetime::Process, "bob-token");
+    bobs.uid = BOB;
+    bobs.user = user_name(BOB);
+    let alices = (2..=MAX_TOMBSTONES as u64 + 2).map(|seq| {
+        let token = format!("t{seq}");
+        stored_entry(seq, "own", &format!("k{seq}"), Lifetime::Process, &token)
+    });
+    let stored = std::iter::once(bobs).chain(alices).collect();
+    let mut h = Harness::around(Registry::restore(Limits::default(), stored, 1));
+
+    // Root removes Bob's entry first, so its record is the one to be
+    // forgotten soonest of all.
+    let root = h.connect(ROOT);
+    h.untrack_ref(root, "doc", "p1");
+    // Alice, from a connection that holds none of them, removes her own
+    // process entries, one after another, past the bound.
+    let alice = h.connect(ALICE);
+    for seq in 2..=MAX_TOMBSTONES as u64 + 2 {
+        h.now += 1;
+        h.untrack_ref(alice, "own", &format!("p{seq}"));
+    }
+    assert_eq!(h.registry.tombstones.len(), MAX_TOMBSTONES);
+
+    // Bob, back, still learns that root removed his entry.
+    let bob = h.connect(BOB);
+    let reply: ResumeReply = ok_reply(&h.resume(bob, &["bob-token"]), bob);
+    let removal = reply.removed.get("bob-token").map(|r| r.removal.by.uid);
+    assert_eq!(removal, Some(ROOT), "{reply:?}");
+    // What gave way were Alice's own records, the oldest first.
+    let client = h.connect(ALICE);
+    let newest = format!("t{}", MAX_TOMBSTONES + 2);
+    let reply: ResumeReply = ok_reply(&h.resume(client, &["t2", "t3", &newest]), client);
+    assert_eq!(reply.expired, ["t2", "t3"]);
+    assert_eq!(reply.removed.keys().collect::<Vec<_>>(), [&newest]);
+}
+
 // ---------------------------------------------------------------------------
 // Persistence: changes, restore and expiry
 // ---------------------------------------------------------------------------
@@ -3339,6 +3378,7 @@ impl World {
         );
 
         let mut resumed = Vec::new();
+        let mut refs = BTreeMap::new();
         let mut expired = Vec::new();
         let mut refused = BTreeMap::new();
         let mut removed = BTreeMap::new();
@@ -3379,8 +3419,10 @@ impl World {
                 entry.conn = Some(conn);
                 entry.deadline = None;
                 resumed.push(entry.phx_ref.clone());
+                refs.insert(token, entry.phx_ref.clone());
             }
         }
+        assert_eq!(reply.refs, refs, "each resumed token's ref");
         assert_eq!(reply.resumed, resumed);
         assert_eq!(reply.expired, expired);
         let told: BTreeMap<String, String> = reply
