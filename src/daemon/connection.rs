@@ -26,8 +26,8 @@ use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::store::HistoryReaders;
 use crate::core::{Command, Line, LineKind, Outlet as _, Resolved};
 use crate::protocol::{
-    ErrorBody, ErrorCode, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply, ReplyFields, Request,
-    TrackRequest, validate_meta, validate_name,
+    ErrorBody, ErrorCode, HistoryReply, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply,
+    ReplyFields, Request, TrackRequest, validate_meta, validate_name,
 };
 use crate::sys::{self, PeerProcess, PinnedPeer};
 
@@ -225,7 +225,10 @@ async fn read_requests(
                     continue;
                 }
                 let parsed = parse(&line);
-                if !queue.admit_request(&reply_size(&parsed)).await {
+                if !queue
+                    .admit_request(&reply_size(&parsed, &shared.history))
+                    .await
+                {
                     return;
                 }
                 if let Some((id, request)) = handle_line(parsed, conn, peer, shared) {
@@ -259,62 +262,98 @@ async fn read_requests(
     }
 }
 
-/// The history's readers, and a permit for each read that may run at once:
-/// no more database connections and blocking threads than that, however
-/// many clients ask together.
+/// The history's readers, and permits for the reads that may run at once,
+/// in two lanes: no more database connections and blocking threads than
+/// that, however many clients ask together.
 pub struct HistoryReads {
     readers: Arc<HistoryReaders>,
-    running: tokio::sync::Semaphore,
+    /// Reads of a few rows. They have a lane of their own so that they
+    /// never wait behind reads of thousands: a short read waits, at
+    /// worst, for other short ones.
+    quick: tokio::sync::Semaphore,
+    /// Reads of more rows. Few at once: on a machine of a few cores more
+    /// would not finish sooner, and would only take the cores from
+    /// everyone else.
+    bulk: tokio::sync::Semaphore,
 }
 
 impl HistoryReads {
     pub fn new(readers: HistoryReaders) -> HistoryReads {
         HistoryReads {
             readers: Arc::new(readers),
-            running: tokio::sync::Semaphore::new(HISTORY_READS_AT_ONCE),
+            quick: tokio::sync::Semaphore::new(QUICK_READS_AT_ONCE),
+            bulk: tokio::sync::Semaphore::new(BULK_READS_AT_ONCE),
         }
     }
 }
 
-/// How many history reads run at once, each on a blocking thread with a
-/// database connection of its own (two descriptors, and at most 512 KiB
-/// of page cache). A read costs what it returns, not the size of the
-/// history, so one that finds them all busy waits for a few short reads
-/// at most, not for a walk of the table.
-const HISTORY_READS_AT_ONCE: usize = 16;
+/// How many rows a read may fetch and still be quick: a millisecond or so
+/// of work. `presence log` asks for 100 events, plus one.
+const QUICK_READ_ROWS: usize = 128;
+
+/// How many quick history reads run at once, and how many of more rows;
+/// each on a blocking thread with a database connection of its own (two
+/// descriptors, and at most 512 KiB of page cache). A connection reads one
+/// request at a time, so it holds one permit at most: a lane's permits go
+/// round the connections that want them, in turn.
+const QUICK_READS_AT_ONCE: usize = 16;
+const BULK_READS_AT_ONCE: usize = 2;
 
 /// Answers a `history` request on a blocking thread, from a database
 /// connection of the io layer's own, never the core's: a read that had to
-/// wait for a lock would hold up every commit and announcement.
+/// wait for a lock would hold up every commit and announcement. A read
+/// that the remembered events say finds nothing is answered at once.
 async fn answer_history(
     id: Value,
     request: HistoryRequest,
     queue: &Arc<OutboundQueue>,
     shared: &Shared,
 ) {
-    let read = async {
-        let _running = shared
-            .history
-            .running
-            .acquire()
+    let reads = &shared.history;
+    let rows = reads.readers.rows_at_most(&request);
+    let bytes = if rows == 0 {
+        reply_line(id, Ok(HistoryReply::default()))
+    } else {
+        let lane = if rows <= QUICK_READ_ROWS {
+            &reads.quick
+        } else {
+            &reads.bulk
+        };
+        let asked = id.clone();
+        let read = async {
+            let _running = lane.acquire().await.map_err(|e| e.to_string())?;
+            let readers = Arc::clone(&reads.readers);
+            // The reply is made into its line there too: for thousands of
+            // events that is milliseconds, which the io layer's few
+            // threads owe everyone else.
+            tokio::task::spawn_blocking(move || {
+                let read = readers.history(&request).map_err(|e| e.to_string());
+                reply_line(id, read)
+            })
             .await
-            .map_err(|e| e.to_string())?;
-        let readers = Arc::clone(&shared.history.readers);
-        tokio::task::spawn_blocking(move || readers.history(&request).map_err(|e| e.to_string()))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()))
+            .map_err(|e| e.to_string())
+        };
+        match read.await {
+            Ok(line) => line,
+            Err(cause) => reply_line(asked, Err(cause)),
+        }
     };
-    let outcome = match read.await {
+    queue.deliver(Line {
+        kind: LineKind::Reply,
+        bytes: bytes.into(),
+    });
+}
+
+/// The line that answers a history read.
+fn reply_line(id: Value, read: Result<HistoryReply, String>) -> Vec<u8> {
+    let outcome = match read {
         Ok(reply) => Ok(ReplyFields::of(&reply)),
         Err(cause) => Err(ErrorBody::new(
             ErrorCode::Internal,
             format!("could not read the history: {cause}"),
         )),
     };
-    queue.deliver(Line {
-        kind: LineKind::Reply,
-        bytes: OutgoingReply { id, outcome }.to_line().into(),
-    });
+    OutgoingReply { id, outcome }.to_line()
 }
 
 enum ReadLine {
@@ -440,11 +479,22 @@ fn handle_line(
 
 /// How large the reply to a parsed line may be, with the events it brings
 /// the same connection: a `presence_state` follows a subscription.
-fn reply_size(parsed: &Result<(Value, Parsed), (Value, ErrorBody)>) -> ReplySize {
+fn reply_size(
+    parsed: &Result<(Value, Parsed), (Value, ErrorBody)>,
+    history: &HistoryReads,
+) -> ReplySize {
     let large = |state_of: Option<&String>| ReplySize::Large {
         state_of: state_of.cloned(),
     };
     match parsed {
+        // A read of a few events is bounded by its request, and must not
+        // wait for one of the daemon's few slots for large replies behind
+        // everyone's reads of thousands.
+        Ok((_, Parsed::History(request)))
+            if history.readers.rows_at_most(request) <= QUICK_READ_ROWS =>
+        {
+            ReplySize::InTurn
+        }
         Ok((_, Parsed::History(_))) => ReplySize::Bulk,
         Ok((_, Parsed::Track(track))) if track.subscribe => large(Some(&track.topic)),
         Ok((_, Parsed::Ready(Resolved::Presence(op)))) => match op {

@@ -128,11 +128,17 @@ pub enum ReplySize {
     /// As large as what the daemon holds, and asked for to see much of
     /// it: a list, history. One at a time, nothing else in flight.
     Bulk,
+    /// Bounded by the request, and answered beside the core, not by it: a
+    /// history read of a few events. Like [`ReplySize::Bulk`] it waits
+    /// for every reply before it to be queued, so that its own keeps its
+    /// place; unlike it, it takes none of the daemon's few slots for large
+    /// replies, which everyone's reads of thousands of events hold.
+    InTurn,
 }
 
 impl ReplySize {
     fn holds_large_slot(&self) -> bool {
-        !matches!(self, ReplySize::Small)
+        !matches!(self, ReplySize::Small | ReplySize::InTurn)
     }
 }
 
@@ -513,7 +519,7 @@ impl OutboundQueue {
                             in_flight.len() < MAX_IN_FLIGHT
                                 && large_in_flight() < MAX_LARGE_PER_CONNECTION
                         }
-                        ReplySize::Bulk => in_flight.is_empty(),
+                        ReplySize::Bulk | ReplySize::InTurn => in_flight.is_empty(),
                     };
                 let admitted =
                     queue_has_room && (!size.holds_large_slot() || self.budget.take_large_slot());

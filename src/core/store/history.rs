@@ -25,11 +25,11 @@ use crate::protocol::{
 };
 
 /// The events in the history table, as the store committed and trimmed
-/// them: for each, its id, time and topic (about 40 bytes an event, 4 MB
-/// at the default bound), and for each topic the ids of its events. The
-/// core thread writes it after each commit and trim; readers look into it
-/// for a few microseconds at a time (see [`SCAN_STEP`]), so the core never
-/// waits long for them.
+/// them: for each, its id, time and topic (about 64 bytes an event, 6 MB
+/// at the default bound), and for each topic the ids and times of its
+/// events. The core thread writes it after each commit and trim; readers
+/// look into it for a few microseconds at a time (see [`SCAN_STEP`]), so
+/// the core never waits long for them.
 ///
 /// It is a guide, not the truth: every row a read fetches is checked
 /// against the request again, so a table changed behind the daemon's back
@@ -43,14 +43,52 @@ pub struct KnownEvents {
 struct Known {
     /// Every event, oldest (lowest id) first.
     all: VecDeque<Noted>,
-    /// Each topic's event ids, oldest first. A topic with none has no key.
-    by_topic: HashMap<Arc<str>, VecDeque<i64>>,
+    /// Each topic's events, oldest first. A topic with none has no key.
+    by_topic: HashMap<Arc<str>, VecDeque<Mark>>,
+}
+
+/// One event, as a list of events in id order remembers it.
+#[derive(Clone, Copy)]
+struct Mark {
+    id: i64,
+    at: i64,
+    /// The latest time of this event and of every one before it in its
+    /// list. Ids follow the order of commits, times the wall clock, which
+    /// may step back: so a list is not in time order, but this is, and a
+    /// read `since` a time skips every event before the first one whose
+    /// `latest` reaches it, by a binary search. Events leaving a list may
+    /// leave it too high, never too low: a read looks at a few events
+    /// more, and misses none.
+    latest: i64,
 }
 
 struct Noted {
-    id: i64,
-    at: i64,
+    mark: Mark,
     topic: Arc<str>,
+}
+
+/// A list of events in id order: all of them, or one topic's.
+trait Marked {
+    fn mark(&self) -> &Mark;
+    fn mark_mut(&mut self) -> &mut Mark;
+}
+
+impl Marked for Mark {
+    fn mark(&self) -> &Mark {
+        self
+    }
+    fn mark_mut(&mut self) -> &mut Mark {
+        self
+    }
+}
+
+impl Marked for Noted {
+    fn mark(&self) -> &Mark {
+        &self.mark
+    }
+    fn mark_mut(&mut self) -> &mut Mark {
+        &mut self.mark
+    }
 }
 
 /// How many remembered events a read looks at while it holds the lock:
@@ -85,17 +123,17 @@ impl KnownEvents {
         let mut known = self.write();
         let Known { all, by_topic } = &mut *known;
         while let Some(first) = all.front() {
-            if oldest.is_some_and(|oldest| first.id >= oldest) {
+            if oldest.is_some_and(|oldest| first.mark.id >= oldest) {
                 break;
             }
             let Some(first) = all.pop_front() else { break };
-            if let Some(ids) = by_topic.get_mut(&first.topic) {
-                if ids.front() == Some(&first.id) {
-                    ids.pop_front();
+            if let Some(marks) = by_topic.get_mut(&first.topic) {
+                if marks.front().map(|mark| mark.id) == Some(first.mark.id) {
+                    marks.pop_front();
                 } else {
-                    ids.retain(|&id| id != first.id);
+                    marks.retain(|mark| mark.id != first.mark.id);
                 }
-                if ids.is_empty() {
+                if marks.is_empty() {
                     by_topic.remove(&first.topic);
                 }
             }
@@ -108,15 +146,29 @@ impl KnownEvents {
         self.read().all.len()
     }
 
-    /// Whether any event of `topic` is remembered.
-    fn has_topic(&self, topic: &str) -> bool {
-        self.read().by_topic.contains_key(topic)
+    /// At most how many rows a read of `request` fetches: none when no
+    /// remembered event matches it, so that it needs no database at all.
+    fn rows_at_most(&self, request: &HistoryRequest, wanted: usize) -> usize {
+        if request.topic.is_none() && request.since.is_none() {
+            // Read straight from the table's last rows, whatever is
+            // remembered.
+            return wanted;
+        }
+        let known = self.read();
+        let matching = match request.topic.as_deref() {
+            Some(topic) => known
+                .by_topic
+                .get(topic)
+                .map_or(0, |marks| young_enough(marks, request.since)),
+            None => young_enough(&known.all, request.since),
+        };
+        matching.min(wanted)
     }
 
     /// Up to `room` ids of events that match `topic` and `since`, newest
     /// first, from those below `below`; and, if it stopped before the
-    /// oldest, the id to go on below. Looks at no more than [`SCAN_STEP`]
-    /// events per call.
+    /// oldest that may match, the id to go on below. Looks at no more than
+    /// [`SCAN_STEP`] events per call.
     fn candidates(
         &self,
         topic: Option<&str>,
@@ -125,38 +177,13 @@ impl KnownEvents {
         room: usize,
     ) -> (Vec<i64>, Option<i64>) {
         let known = self.read();
-        let young_enough = |at: i64| since.is_none_or(|since| at >= since);
-        let mut found = Vec::new();
         match topic {
-            Some(topic) => {
-                let Some(ids) = known.by_topic.get(topic) else {
-                    return (found, None);
-                };
-                let end = ids.partition_point(|&id| id < below);
-                for (looked, &id) in ids.range(..end).rev().enumerate() {
-                    if found.len() == room || looked == SCAN_STEP {
-                        return (found, Some(id + 1));
-                    }
-                    // The time is the table's to tell when the event is
-                    // not remembered in order.
-                    if known.at(id).is_none_or(young_enough) {
-                        found.push(id);
-                    }
-                }
-            }
-            None => {
-                let end = known.all.partition_point(|noted| noted.id < below);
-                for (looked, noted) in known.all.range(..end).rev().enumerate() {
-                    if found.len() == room || looked == SCAN_STEP {
-                        return (found, Some(noted.id + 1));
-                    }
-                    if young_enough(noted.at) {
-                        found.push(noted.id);
-                    }
-                }
-            }
+            Some(topic) => match known.by_topic.get(topic) {
+                Some(marks) => pick(marks, since, below, room),
+                None => (Vec::new(), None),
+            },
+            None => pick(&known.all, since, below, room),
         }
-        (found, None)
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Known> {
@@ -168,48 +195,100 @@ impl KnownEvents {
     }
 }
 
+/// Where the events of `list` that may be at `since` or later begin.
+fn first_young_enough(list: &VecDeque<impl Marked>, since: Option<i64>) -> usize {
+    since.map_or(0, |since| {
+        list.partition_point(|event| event.mark().latest < since)
+    })
+}
+
+/// How many events of `list` may be at `since` or later.
+fn young_enough(list: &VecDeque<impl Marked>, since: Option<i64>) -> usize {
+    list.len() - first_young_enough(list, since)
+}
+
+/// [`KnownEvents::candidates`] in one list.
+fn pick(
+    list: &VecDeque<impl Marked>,
+    since: Option<i64>,
+    below: i64,
+    room: usize,
+) -> (Vec<i64>, Option<i64>) {
+    let start = first_young_enough(list, since);
+    let end = list.partition_point(|event| event.mark().id < below);
+    let mut found = Vec::new();
+    for (looked, event) in list.range(start..end.max(start)).rev().enumerate() {
+        let mark = event.mark();
+        if found.len() == room || looked == SCAN_STEP {
+            return (found, Some(mark.id + 1));
+        }
+        // Past a step back of the clock, a few events may be older.
+        if since.is_none_or(|since| mark.at >= since) {
+            found.push(mark.id);
+        }
+    }
+    (found, None)
+}
+
+/// Puts `event` in its place in `list`, in id order, and keeps every
+/// `latest` after it right.
+fn place<T: Marked>(list: &mut VecDeque<T>, mut event: T) {
+    let id = event.mark().id;
+    let before = |list: &VecDeque<T>, place: usize| {
+        place
+            .checked_sub(1)
+            .and_then(|last| list.get(last))
+            .map_or(i64::MIN, |last| last.mark().latest)
+    };
+    if list.back().is_none_or(|last| last.mark().id < id) {
+        let mark = event.mark_mut();
+        mark.latest = before(list, list.len()).max(mark.at);
+        list.push_back(event);
+        return;
+    }
+    let at_place = list.partition_point(|known| known.mark().id < id);
+    list.insert(at_place, event);
+    let mut latest = before(list, at_place);
+    for known in list.range_mut(at_place..) {
+        let mark = known.mark_mut();
+        latest = latest.max(mark.at);
+        mark.latest = latest;
+    }
+}
+
 impl Known {
     fn add(&mut self, id: i64, at: i64, topic: &str) {
         let topic = match self.by_topic.get_key_value(topic) {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(topic),
         };
-        let noted = Noted {
-            id,
-            at,
-            topic: Arc::clone(&topic),
-        };
-        if self.all.back().is_none_or(|last| last.id < id) {
-            self.all.push_back(noted);
-            self.by_topic.entry(topic).or_default().push_back(id);
-            return;
-        }
+        let mark = Mark { id, at, latest: at };
         // SQLite hands out ids above the highest in the table, so an id
         // out of order means someone else deleted the newest rows: the id
         // is in use again, for this event.
-        let at_place = self.all.partition_point(|known| known.id < id);
-        if self.all.get(at_place).is_some_and(|known| known.id == id)
-            && let Some(old) = self.all.remove(at_place)
-            && let Some(ids) = self.by_topic.get_mut(&old.topic)
-        {
-            ids.retain(|&known| known != id);
-            if ids.is_empty() {
-                self.by_topic.remove(&old.topic);
+        if self.all.back().is_some_and(|last| last.mark.id >= id) {
+            let at_place = self.all.partition_point(|known| known.mark.id < id);
+            if self
+                .all
+                .get(at_place)
+                .is_some_and(|known| known.mark.id == id)
+                && let Some(old) = self.all.remove(at_place)
+                && let Some(marks) = self.by_topic.get_mut(&old.topic)
+            {
+                marks.retain(|known| known.id != id);
+                if marks.is_empty() {
+                    self.by_topic.remove(&old.topic);
+                }
             }
         }
-        self.all.insert(at_place, noted);
-        let ids = self.by_topic.entry(topic).or_default();
-        let in_topic = ids.partition_point(|&known| known < id);
-        ids.insert(in_topic, id);
-    }
-
-    /// The time of the event with `id`, if it is remembered.
-    fn at(&self, id: i64) -> Option<i64> {
-        let place = self.all.partition_point(|known| known.id < id);
-        self.all
-            .get(place)
-            .filter(|known| known.id == id)
-            .map(|known| known.at)
+        place(
+            &mut self.all,
+            Noted {
+                mark,
+                topic: Arc::clone(&topic),
+            },
+        );
+        place(self.by_topic.entry(topic).or_default(), mark);
     }
 }
 
@@ -246,14 +325,19 @@ impl HistoryReaders {
         })
     }
 
+    /// At most how many rows a read of `request` fetches from the
+    /// database, from what is remembered alone, in a few microseconds:
+    /// none when no event matches it (a topic without events, or none
+    /// since `since`), which [`HistoryReaders::history`] then answers
+    /// without a database connection. What a read costs grows with this.
+    pub fn rows_at_most(&self, request: &HistoryRequest) -> usize {
+        self.known.rows_at_most(request, wanted(request))
+    }
+
     /// The latest history events that match, oldest first, and whether
     /// older ones were left out.
     pub fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, StoreError> {
-        if request
-            .topic
-            .as_deref()
-            .is_some_and(|topic| !self.known.has_topic(topic))
-        {
+        if self.rows_at_most(request) == 0 {
             return Ok(HistoryReply {
                 events: Vec::new(),
                 truncated: false,
@@ -296,6 +380,16 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(db)
 }
 
+/// How many events a read of `request` fetches at most: its limit, and
+/// one more, which tells whether any were left out.
+fn wanted(request: &HistoryRequest) -> usize {
+    request
+        .limit
+        .unwrap_or(DEFAULT_HISTORY_LIMIT)
+        .min(MAX_HISTORY_LIMIT)
+        + 1
+}
+
 /// Reads the latest `limit` + 1 events that match (the one more tells
 /// whether any were left out), in one snapshot.
 fn read(
@@ -303,17 +397,15 @@ fn read(
     known: &KnownEvents,
     request: &HistoryRequest,
 ) -> rusqlite::Result<HistoryReply> {
-    let limit = request
-        .limit
-        .unwrap_or(DEFAULT_HISTORY_LIMIT)
-        .min(MAX_HISTORY_LIMIT);
+    let wanted = wanted(request);
     db.execute_batch("BEGIN")?;
     let mut events = if request.topic.is_none() && request.since.is_none() {
-        latest(db, limit + 1)?
+        latest(db, wanted)?
     } else {
-        matching(db, known, request, limit + 1)?
+        matching(db, known, request, wanted)?
     };
     db.execute_batch("COMMIT")?;
+    let limit = wanted - 1;
     let truncated = events.len() > limit;
     events.truncate(limit);
     events.reverse();
@@ -477,6 +569,47 @@ mod tests {
         assert_eq!((recent.events.len(), recent.truncated), (5_000, false));
         let first = read(None, Some(1), Some(4));
         assert_eq!(keys(&first), ["b19997", "b19998", "b19999", "b20000"]);
+    }
+
+    #[test]
+    fn a_read_since_a_time_skips_older_events_and_misses_none_when_the_clock_steps_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&tmp.path().join("p.db"), "boot".into()).unwrap();
+        // Times 1..=10_000 on `busy`, then the clock steps back: `quiet`
+        // at 9_000, `busy` at 50, and `quiet` at 10_001.
+        let mut changes: Vec<Change> = (1..=10_000)
+            .map(|at| event(at, "busy", &format!("b{at}")))
+            .collect();
+        changes.push(event(9_000, "quiet", "stepped-back"));
+        changes.push(event(50, "busy", "far-back"));
+        changes.push(event(10_001, "quiet", "after"));
+        for batch in changes.chunks(1000) {
+            store.commit(batch, 1).unwrap();
+        }
+        let readers = store.history_readers().unwrap();
+        let read = |topic, since| {
+            let request = request(topic, since, Some(MAX_HISTORY_LIMIT));
+            (
+                readers.rows_at_most(&request),
+                readers.history(&request).unwrap(),
+            )
+        };
+
+        let (rows, quiet) = read(Some("quiet"), Some(9_000));
+        assert_eq!(rows, 2);
+        assert_eq!(keys(&quiet), ["stepped-back", "after"]);
+        let (rows, busy) = read(Some("busy"), Some(9_999));
+        assert_eq!(rows, 3, "the two at or after 9,999, and the one after them");
+        assert_eq!(keys(&busy), ["b9999", "b10000"]);
+        let (rows, all) = read(None, Some(9_999));
+        assert_eq!(rows, 5);
+        assert_eq!(keys(&all), ["b9999", "b10000", "after"]);
+        let (rows, none) = read(Some("busy"), Some(10_001));
+        assert_eq!((rows, none.events.len()), (0, 0), "nothing to read");
+        let (rows, _) = read(None, Some(10_002));
+        assert_eq!(rows, 0);
+        let (rows, _) = read(Some("nobody"), None);
+        assert_eq!(rows, 0);
     }
 
     #[test]
