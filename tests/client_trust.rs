@@ -47,9 +47,11 @@ struct PrivateTmp {
 
 impl PrivateTmp {
     async fn new() -> PrivateTmp {
-        let script = "mount -t tmpfs -o mode=1777 tmpfs /tmp && mkdir -m 755 /tmp/bin \
-                      && cp \"$0\" /tmp/bin/presence && chmod 755 /tmp/bin/presence \
-                      && echo ready && exec sleep 600";
+        // The binary is opened before the mount: the checkout itself may
+        // lie under /tmp, hidden once the new one is mounted over it.
+        let script = "exec 3<\"$0\" && mount -t tmpfs -o mode=1777 tmpfs /tmp \
+                      && mkdir -m 755 /tmp/bin && cat <&3 >/tmp/bin/presence && exec 3<&- \
+                      && chmod 755 /tmp/bin/presence && echo ready && exec sleep 600";
         let mut holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
             .arg(presence_bin())
