@@ -828,6 +828,11 @@ pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), Err
 /// screen it is printed on.
 pub fn is_hidden_char(c: char) -> bool {
     use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    // Every name is checked on every request, and most are ASCII, where
+    // no character is a format character: the table lookup is skipped.
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
     c.is_control() || c.general_category() == GeneralCategory::Format
 }
 
