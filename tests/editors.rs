@@ -34,32 +34,6 @@ use tokio::process::{Child, Command};
 const EDITORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/editors");
 const VIM_DRIVER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/editors/vim_driver.vim");
 
-/// Whether `program` runs here. Without it the test is skipped with a
-/// note, except in CI, where it fails.
-fn have(program: &str) -> bool {
-    let runs = std::process::Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if runs {
-        return true;
-    }
-    // The test harness names each test's thread after the test.
-    let current = std::thread::current();
-    let test = current.name().unwrap_or("this test");
-    let in_ci =
-        std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "false" | "0"));
-    assert!(
-        !in_ci,
-        "{test} needs `{program}`, and CI must run it (.ci/run installs it)"
-    );
-    eprintln!("skipped {test}: `{program}` is not installed");
-    false
-}
-
 /// `text` as a Lua long string, which needs no escapes.
 fn lua_string(text: &str) -> String {
     format!("[==[{text}]==]")
@@ -574,10 +548,8 @@ async fn assert_promoted(editor: &Editor) {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_second_editor_is_read_only_until_the_first_quits() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -639,10 +611,8 @@ async fn neovim_second_editor_is_read_only_until_the_first_quits() {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_spectator_is_promoted_when_the_owner_is_killed() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -657,10 +627,8 @@ async fn neovim_spectator_is_promoted_when_the_owner_is_killed() {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_roles_hold_across_a_daemon_restart() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -703,10 +671,8 @@ async fn neovim_roles_hold_across_a_daemon_restart() {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_roles_hold_when_the_daemon_crashes() {
-    if !have("nvim") {
-        return;
-    }
     let mut daemon = Daemon::start().await;
     // The plugins start the replacement daemon through the CLI, in its own
     // session: kill it at the end, whatever happens.
@@ -748,10 +714,8 @@ async fn neovim_roles_hold_when_the_daemon_crashes() {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_closing_a_buffer_leaves_its_topic() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -776,10 +740,8 @@ async fn neovim_closing_a_buffer_leaves_its_topic() {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_starts_a_daemon_found_as_the_cli_finds_it_with_a_topic_function() {
-    if !have("nvim") {
-        return;
-    }
     // No PRESENCE_SOCKET: the socket is under XDG_RUNTIME_DIR, and nothing
     // serves it until the plugin starts a daemon through the CLI.
     let workspace = Workspace::new(None, None);
@@ -804,10 +766,8 @@ async fn neovim_starts_a_daemon_found_as_the_cli_finds_it_with_a_topic_function(
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_without_a_daemon_follows_on_unreachable() {
-    if !have("nvim") {
-        return;
-    }
     let workspace = Workspace::new(None, None);
     let socket = workspace.socket();
     let file = workspace.file("notes.md");
@@ -857,10 +817,8 @@ async fn neovim_without_a_daemon_follows_on_unreachable() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_batch_mode_spectator_is_promoted_when_the_owner_quits() {
-    if !have("vim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -882,10 +840,8 @@ async fn vim_batch_mode_spectator_is_promoted_when_the_owner_quits() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim, Neovim (nvim)"]
 async fn vim_spectator_is_promoted_when_a_neovim_owner_is_killed() {
-    if !have("vim") || !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -899,10 +855,8 @@ async fn vim_spectator_is_promoted_when_a_neovim_owner_is_killed() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_warns_without_a_daemon_and_starts_one_through_the_cli() {
-    if !have("vim") {
-        return;
-    }
     // No PRESENCE_SOCKET: the socket is under XDG_RUNTIME_DIR.
     let workspace = Workspace::new(None, None);
     let _daemon = KillDaemonsOnDrop(workspace.socket());
@@ -939,10 +893,8 @@ async fn vim_warns_without_a_daemon_and_starts_one_through_the_cli() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_roles_hold_across_a_daemon_restart() {
-    if !have("vim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -997,10 +949,8 @@ fn file_topic(path: &Path) -> String {
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -1051,10 +1001,8 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
 }
 
 #[tokio::test]
+#[ignore = "needs Vim, Neovim (nvim)"]
 async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
-    if !have("vim") || !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -1090,10 +1038,8 @@ async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim, Neovim (nvim)"]
 async fn neovim_and_vim_follow_a_new_buffer_written_to_a_file() {
-    if !have("vim") || !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -1152,10 +1098,8 @@ async fn gives_up_on_a_daemon_that_keeps_closing(
 }
 
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
-    if !have("nvim") {
-        return;
-    }
     gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
         Editor::neovim_with(workspace, file, "reconnect_timeout_ms = 300").await
     })
@@ -1163,10 +1107,8 @@ async fn neovim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
 }
 
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
-    if !have("vim") {
-        return;
-    }
     gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
         Editor::vim_with(
             workspace,
@@ -1182,10 +1124,8 @@ async fn vim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
 /// queues the connection). Opening four files at start may block for one
 /// join_wait_ms, not four.
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_waits_for_an_unanswering_daemon_once_not_per_file() {
-    if !have("nvim") {
-        return;
-    }
     let silent = tempfile::tempdir().expect("temporary folder");
     let socket = silent.path().join("silent.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
@@ -1232,9 +1172,6 @@ const RECORD_PROMOTION: &str = "luaeval(\"vim.api.nvim_create_autocmd('User', { 
 #[tokio::test]
 #[ignore = "a measurement; run explicitly"]
 async fn failover_time_over_20_trials() {
-    if !have("nvim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let mut millis = Vec::new();
@@ -1309,10 +1246,8 @@ async fn both_plugins_refuse(daemon: &Daemon, because: &str) -> (Workspace, Edit
 /// the plugins check its mode before they connect, and once it is
 /// private again they join.
 #[tokio::test]
+#[ignore = "needs Neovim (nvim), Vim"]
 async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_others_may_write() {
-    if !have("nvim") || !have("vim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let folder = daemon.socket.parent().expect("the socket's folder");
     let open = |mode| {
@@ -1336,9 +1271,6 @@ async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_others_may_write() {
 #[tokio::test]
 #[ignore = "needs root: gives the socket's folder to uid 65534 (chown)"]
 async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_anyone_could_have_made() {
-    if !have("nvim") || !have("vim") {
-        return;
-    }
     let daemon = Daemon::start().await;
     let folder = daemon.socket.parent().expect("the socket's folder");
     std::os::unix::fs::chown(folder, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
@@ -1496,9 +1428,6 @@ fn before_the_connect(act: &str) -> String {
 #[tokio::test]
 #[ignore = "needs root: the attacker's folder belongs to uid 65534 (chown)"]
 async fn neovim_says_nothing_to_a_socket_folder_made_after_it_found_none() {
-    if !have("nvim") {
-        return;
-    }
     let world = tempfile::tempdir().expect("temporary folder");
     let tmp = world.path().join("tmp");
     std::fs::create_dir(&tmp).expect("create a folder");
@@ -1545,10 +1474,8 @@ async fn neovim_says_nothing_to_a_socket_folder_made_after_it_found_none() {
 /// connect would reach whoever made the folder first), but start a daemon
 /// through `presence`, and connect once that has made the folder.
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_never_connects_to_a_socket_whose_folder_is_missing() {
-    if !have("vim") {
-        return;
-    }
     let world = tempfile::tempdir().expect("temporary folder");
     let tmp = world.path().join("tmp");
     std::fs::create_dir(&tmp).expect("create a folder");
@@ -1580,10 +1507,8 @@ async fn vim_never_connects_to_a_socket_whose_folder_is_missing() {
 /// at the path again, sees it no longer leads to the folder it checked,
 /// and leaves without a word.
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
-    if !have("nvim") {
-        return;
-    }
     let swap = Swap::new();
     let workspace = Workspace::new(Some(swap.socket()), None);
     let file = workspace.file("notes.md");
@@ -1612,10 +1537,8 @@ async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check(
 /// look cannot tell, but Neovim never connected anywhere but into the
 /// folder it checked, so it talks to the right socket and no other.
 #[tokio::test]
+#[ignore = "needs Neovim (nvim)"]
 async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back() {
-    if !have("nvim") {
-        return;
-    }
     let swap = Swap::new();
     let workspace = Workspace::new(Some(swap.socket()), None);
     let file = workspace.file("notes.md");
@@ -1652,10 +1575,8 @@ async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back()
 /// cannot hold a folder open, so it connects to the replacement's socket,
 /// but it looks at the folder again before sending anything, and leaves.
 #[tokio::test]
+#[ignore = "needs Vim"]
 async fn vim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
-    if !have("vim") {
-        return;
-    }
     let swap = Swap::new();
     let workspace = Workspace::new(Some(swap.socket()), None);
     let file = workspace.file("notes.md");
@@ -1706,9 +1627,6 @@ async fn vim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
 #[tokio::test]
 #[ignore = "needs root: the folder belongs to uid 65534 (chown)"]
 async fn neovim_and_vim_refuse_a_folder_whose_real_path_cannot_be_found() {
-    if !have("nvim") || !have("vim") {
-        return;
-    }
     let workspace = Workspace::new(Some(PathBuf::from("presenced.sock")), None);
     let file = workspace.file("notes.md");
     let neovim = Editor::neovim_with(&workspace, &file, "autostart = false").await;

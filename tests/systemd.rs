@@ -16,7 +16,7 @@ use std::process::Stdio;
 
 use common::{
     NOBODY, as_nobody, binary_for_nobody, connect, eventually, mode, next_event, presence_bin,
-    running_as_root, within,
+    within,
 };
 use presenced::protocol::{Event, Role, TrackRequest};
 use tokio::process::{Child, Command};
@@ -26,25 +26,6 @@ fn contrib(scope: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("contrib/systemd")
         .join(scope)
-}
-
-/// Whether `tool` is installed. Without it the test is skipped with a
-/// note, except in CI, where `.ci/run` installs it and its absence fails.
-fn have(tool: &str) -> bool {
-    let found = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing, and CI must run this test"
-        );
-        eprintln!("skipped: {tool} is not installed");
-    }
-    found
 }
 
 /// A unit's text with the program of its `ExecStart=` replaced by
@@ -80,10 +61,8 @@ fn service_directives(unit: &str) -> Vec<(String, String)> {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze"]
 fn every_unit_passes_systemd_analyze_verify() {
-    if !have("systemd-analyze") {
-        return;
-    }
     let dir = tempfile::tempdir().expect("temporary folder");
     // The man pages where `man` finds them, so that each Documentation=
     // line is checked too.
@@ -173,10 +152,8 @@ impl Activated {
 }
 
 #[tokio::test]
+#[ignore = "needs systemd-socket-activate"]
 async fn a_socket_passed_by_systemd_is_served_and_left_to_systemd() {
-    if !have("systemd-socket-activate") {
-        return;
-    }
     let mut activated = Activated::start().await;
     let socket = activated.socket.clone();
     let made_by_systemd = std::fs::metadata(&socket).expect("the socket").ino();
@@ -307,10 +284,8 @@ async fn no_ready_is_sent_by_a_daemon_that_cannot_load_its_database() {
 const SHARED_GROUP: &str = "nogroup";
 
 #[tokio::test]
+#[ignore = "needs root"]
 async fn system_mode_lets_the_group_in_and_tells_its_members_apart() {
-    if !running_as_root() {
-        return;
-    }
     let dir = tempfile::tempdir().expect("temporary folder");
     // Others may pass through to the socket's folder, as through /run.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -421,10 +396,8 @@ async fn system_mode_lets_the_group_in_and_tells_its_members_apart() {
 /// A directive this test cannot reproduce fails it: every hardening line
 /// in the unit is known to leave the daemon working.
 #[tokio::test]
+#[ignore = "needs root, systemd-socket-activate, unshare"]
 async fn the_system_units_sandbox_leaves_the_daemon_working() {
-    if !running_as_root() || !have("systemd-socket-activate") || !have("unshare") {
-        return;
-    }
     let unit = std::fs::read_to_string(contrib("system").join("presenced.service")).unwrap();
     let dir = tempfile::tempdir().expect("temporary folder");
     let (run, state) = (dir.path().join("run"), dir.path().join("state"));

@@ -409,24 +409,6 @@ pub async fn refused_start_by(program: Command, socket: &Path, db: &Path) -> Str
     stderr
 }
 
-/// Whether the test may do what needs root. Without root it is skipped
-/// with a note, except in CI (`CI` set), where it fails: being skipped
-/// there would hide that it never ran.
-pub fn running_as_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    // The test harness names each test's thread after the test.
-    let current = std::thread::current();
-    let test = current.name().unwrap_or("this test");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it"
-    );
-    eprintln!("skipped {test}: needs root");
-    false
-}
-
 /// Gives `dir` to uid 65534 and copies the binary into it, so that uid can
 /// run it wherever the checkout lives. Returns the copy.
 pub fn binary_for_nobody(dir: &Path) -> PathBuf {
