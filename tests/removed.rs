@@ -345,30 +345,43 @@ async fn a_session_follows_an_update_from_elsewhere_and_forgets_the_entry_when_i
             "{lifetime:?}"
         );
         assert_eq!(revision.meta["file"], "b.md");
-        let untrack = json!({"op": "untrack", "id": 2, "topic": "doc", "ref": new_ref});
-        assert_eq!(other.request(&untrack.to_string()).await["removed"], 1);
-        let removal: Removal = next_session_event(&mut events, |event| match event {
-            SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
-            _ => None,
-        })
-        .await;
-        assert_eq!(removal.phx_ref, new_ref);
-        drop(other);
-
         // After a restart the session has nothing to take back: it knew
         // the removed ref for its entry's.
-        daemon.crash().await;
-        daemon.start_again(&[]).await;
-        next_session_event(&mut events, |event| {
-            matches!(event, SessionEvent::Reconnected).then_some(())
-        })
-        .await;
-        assert!(keys(&daemon, "doc").await.is_empty(), "{lifetime:?}");
-        let status = within("status", session.client().await.expect("client").status())
-            .await
-            .expect("status");
-        assert_eq!(status.entries, 0, "{lifetime:?}");
+        removed_elsewhere_stays_removed(&mut daemon, other, &session, &mut events, &new_ref).await;
     }
+}
+
+/// `other` removes the session's entry, now `phx_ref`, on topic `doc`, and
+/// the session hears of it. After a crash and restart of the daemon the
+/// session reconnects and has taken nothing back.
+async fn removed_elsewhere_stays_removed(
+    daemon: &mut Daemon,
+    mut other: common::RawConnection,
+    session: &Session,
+    events: &mut SessionEvents,
+    phx_ref: &str,
+) {
+    let untrack = json!({"op": "untrack", "id": 99, "topic": "doc", "ref": phx_ref});
+    assert_eq!(other.request(&untrack.to_string()).await["removed"], 1);
+    let removal: Removal = next_session_event(events, |event| match event {
+        SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(removal.phx_ref, phx_ref);
+    drop(other);
+
+    daemon.crash().await;
+    daemon.start_again(&[]).await;
+    next_session_event(events, |event| {
+        matches!(event, SessionEvent::Reconnected).then_some(())
+    })
+    .await;
+    assert!(keys(daemon, "doc").await.is_empty());
+    let status = within("status", session.client().await.expect("client").status())
+        .await
+        .expect("status");
+    assert_eq!(status.entries, 0);
 }
 
 /// A second socket that forwards each connection to the daemon's, and can
@@ -455,30 +468,10 @@ async fn a_session_learns_the_ref_of_an_entry_updated_while_it_was_away_and_forg
         matches!(event, SessionEvent::Reconnected).then_some(())
     })
     .await;
-    let untrack = json!({"op": "untrack", "id": 3, "topic": "doc", "ref": new_ref});
-    assert_eq!(other.request(&untrack.to_string()).await["removed"], 1);
-    let removal: Removal = next_session_event(&mut events, |event| match event {
-        SessionEvent::Event(Event::Removed { payload, .. }) => Some(payload.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(removal.phx_ref, new_ref);
-    drop(other);
-
     // After a restart the daemon no longer remembers the removal, so the
     // token would only be `expired`: a session that had not known the
     // removal for its entry's would track the entry again here.
-    daemon.crash().await;
-    daemon.start_again(&[]).await;
-    next_session_event(&mut events, |event| {
-        matches!(event, SessionEvent::Reconnected).then_some(())
-    })
-    .await;
-    assert!(keys(&daemon, "doc").await.is_empty());
-    let status = within("status", session.client().await.expect("client").status())
-        .await
-        .expect("status");
-    assert_eq!(status.entries, 0);
+    removed_elsewhere_stays_removed(&mut daemon, other, &session, &mut events, &new_ref).await;
 }
 
 /// Waits until the daemon has only `count` connections, so that one the
