@@ -292,21 +292,14 @@ async fn pid_reuse_inside(test: &str) {
     let _ = stranger.wait();
 }
 
-#[tokio::test]
-#[ignore = "needs root: unshare, setpriv"]
-async fn a_track_without_pid_is_never_tied_to_another_users_process_that_reused_the_pid() {
-    const TEST: &str =
-        "a_track_without_pid_is_never_tied_to_another_users_process_that_reused_the_pid";
-    match role().as_deref() {
-        Some(CONNECT_THEN_FORK) => return connect_then_fork(),
-        Some(PID_REUSE_INSIDE) => return pid_reuse_inside(TEST).await,
-        _ => {}
-    }
+/// Runs `test` of this binary again, in the role `role`, inside a pid
+/// namespace of its own with its own /proc, and checks that it passed.
+async fn in_new_pid_namespace(test: &str, role: &str) -> std::process::Output {
     let mut inside = Command::new("unshare");
     inside
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(std::env::current_exe().expect("this test binary"));
-    this_test(&mut inside, TEST, PID_REUSE_INSIDE);
+    this_test(&mut inside, test, role);
     inside
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -317,6 +310,20 @@ async fn a_track_without_pid_is_never_tied_to_another_users_process_that_reused_
         .expect("the scenario ends in time")
         .expect("unshare runs");
     assert_passed(&output, "the scenario in a new pid namespace");
+    output
+}
+
+#[tokio::test]
+#[ignore = "needs root: unshare, setpriv"]
+async fn a_track_without_pid_is_never_tied_to_another_users_process_that_reused_the_pid() {
+    const TEST: &str =
+        "a_track_without_pid_is_never_tied_to_another_users_process_that_reused_the_pid";
+    match role().as_deref() {
+        Some(CONNECT_THEN_FORK) => return connect_then_fork(),
+        Some(PID_REUSE_INSIDE) => return pid_reuse_inside(TEST).await,
+        _ => {}
+    }
+    in_new_pid_namespace(TEST, PID_REUSE_INSIDE).await;
 }
 
 /// A client of uid 65534 that connected, had its connection accepted,
@@ -519,21 +526,7 @@ async fn a_track_without_pid_is_never_tied_to_a_watched_process_that_took_the_pi
     if role().as_deref() == Some(SAME_TICK_INSIDE) {
         return same_tick_inside().await;
     }
-    let mut inside = Command::new("unshare");
-    inside
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(std::env::current_exe().expect("this test binary"));
-    this_test(&mut inside, TEST, SAME_TICK_INSIDE);
-    inside
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(2 * DEADLINE, inside.output())
-        .await
-        .expect("the scenario ends in time")
-        .expect("unshare runs");
-    assert_passed(&output, "the scenario in a new pid namespace");
+    let output = in_new_pid_namespace(TEST, SAME_TICK_INSIDE).await;
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
 }
 
