@@ -32,6 +32,9 @@ const MALLORY: u32 = NOBODY;
 /// The victim, when it is not root: neither the attacker nor root.
 const VICTIM: u32 = 4242;
 
+/// Where the impostor listens, when its socket is reached through a link.
+const IMPOSTOR_SOCKET: &str = "/tmp/impostor/presenced.sock";
+
 /// What every victim puts in its meta, and must never reach the attacker.
 const SECRET: &str = "/home/v/secret-plan.md";
 
@@ -98,6 +101,17 @@ impl PrivateTmp {
             .env("PRESENCE_DB", format!("/tmp/state-{uid}/presence.db"))
             .kill_on_drop(true);
         command
+    }
+
+    /// Makes `folder` inside, the victim's with `mode`, and in it a
+    /// `presenced.sock` that is a link to the impostor's socket.
+    fn victims_folder_with_a_link_to_the_impostor(&self, folder: &str, mode: u32) {
+        let outside = self.outside(folder);
+        std::fs::create_dir(&outside).expect("the victim's folder");
+        std::os::unix::fs::chown(&outside, Some(VICTIM), Some(VICTIM)).expect("chown");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::os::unix::fs::symlink(IMPOSTOR_SOCKET, outside.join("presenced.sock"))
+            .expect("the attacker's link");
     }
 
     /// `presence` run inside as `uid`; arguments follow.
@@ -412,16 +426,11 @@ async fn a_folder_taken_over_after_a_cleaner_deleted_it_gets_nothing_even_on_rec
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_socket_folder_others_may_write_is_not_trusted_even_when_it_is_yours() {
     let tmp = PrivateTmp::new().await;
-    let mut impostor = Impostor::start(&tmp, "/tmp/impostor/presenced.sock").await;
+    let mut impostor = Impostor::start(&tmp, IMPOSTOR_SOCKET).await;
     open_to_everyone(&impostor.socket);
     let folder = format!("/tmp/presenced-{VICTIM}");
     let socket = format!("{folder}/presenced.sock");
-    let outside = tmp.outside(&folder);
-    std::fs::create_dir(&outside).expect("the victim's folder");
-    std::os::unix::fs::chown(&outside, Some(VICTIM), Some(VICTIM)).expect("chown");
-    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    std::os::unix::fs::symlink("/tmp/impostor/presenced.sock", tmp.outside(&socket))
-        .expect("the attacker's link");
+    tmp.victims_folder_with_a_link_to_the_impostor(&folder, 0o777);
 
     let expected = [
         socket.as_str(),
@@ -440,15 +449,10 @@ async fn a_socket_folder_others_may_write_is_not_trusted_even_when_it_is_yours()
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_daemon_running_as_another_user_is_left_before_a_byte_is_sent() {
     let tmp = PrivateTmp::new().await;
-    let mut impostor = Impostor::start(&tmp, "/tmp/impostor/presenced.sock").await;
+    let mut impostor = Impostor::start(&tmp, IMPOSTOR_SOCKET).await;
     open_to_everyone(&impostor.socket);
-    let outside = tmp.outside("/tmp/victim");
-    std::fs::create_dir(&outside).expect("the victim's folder");
-    std::os::unix::fs::chown(&outside, Some(VICTIM), Some(VICTIM)).expect("chown");
-    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    tmp.victims_folder_with_a_link_to_the_impostor("/tmp/victim", 0o700);
     let socket = "/tmp/victim/presenced.sock";
-    std::os::unix::fs::symlink("/tmp/impostor/presenced.sock", tmp.outside(socket))
-        .expect("the link");
 
     let expected = [
         socket,
