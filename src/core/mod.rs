@@ -65,7 +65,10 @@ const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
 /// slow reader's queue without losing anything that matters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LineKind {
-    Reply,
+    /// A reply, and whether it is a success: the queue counts a
+    /// subscription as answered only once the state that follows a
+    /// successful one is queued too.
+    Reply { succeeded: bool },
     /// A `role` event for this ref: only the latest one matters.
     Role(String),
     /// A `presence_diff` for this topic: may be dropped for a fresh state.
@@ -617,7 +620,9 @@ impl Core {
                 Delivery::Reply { conn, reply } => {
                     if let Some(outlet) = self.outlets.get(&conn) {
                         outlet.deliver(Line {
-                            kind: LineKind::Reply,
+                            kind: LineKind::Reply {
+                                succeeded: reply.outcome.is_ok(),
+                            },
                             bytes: reply.to_line().into(),
                         });
                     }

@@ -311,7 +311,7 @@ async fn answer_history(
 ) {
     let reads = &shared.history;
     let rows = reads.readers.rows_at_most(&request);
-    let bytes = if rows == 0 {
+    let line = if rows == 0 {
         reply_line(id, Ok(HistoryReply::default()))
     } else {
         let lane = if rows <= QUICK_READ_ROWS {
@@ -338,14 +338,11 @@ async fn answer_history(
             Err(cause) => reply_line(asked, Err(cause)),
         }
     };
-    queue.deliver(Line {
-        kind: LineKind::Reply,
-        bytes: bytes.into(),
-    });
+    queue.deliver(line);
 }
 
 /// The line that answers a history read.
-fn reply_line(id: Value, read: Result<HistoryReply, String>) -> Vec<u8> {
+fn reply_line(id: Value, read: Result<HistoryReply, String>) -> Line {
     let outcome = match read {
         Ok(reply) => Ok(ReplyFields::of(&reply)),
         Err(cause) => Err(ErrorBody::new(
@@ -353,7 +350,12 @@ fn reply_line(id: Value, read: Result<HistoryReply, String>) -> Vec<u8> {
             format!("could not read the history: {cause}"),
         )),
     };
-    OutgoingReply { id, outcome }.to_line()
+    Line {
+        kind: LineKind::Reply {
+            succeeded: outcome.is_ok(),
+        },
+        bytes: OutgoingReply { id, outcome }.to_line().into(),
+    }
 }
 
 enum ReadLine {

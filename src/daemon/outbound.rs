@@ -150,17 +150,6 @@ struct InFlight {
     replied: bool,
 }
 
-/// Whether `line`, written by [`OutgoingReply::to_line`] (`id` first,
-/// then `ok`), is a success. The `id` is a string, number, boolean or
-/// null; inside a string every `"` is escaped, so the first `,"ok":` is
-/// the reply's own.
-fn is_success(line: &[u8]) -> bool {
-    const OK: &[u8] = b",\"ok\":";
-    line.windows(OK.len())
-        .position(|window| window == OK)
-        .is_some_and(|at| line[at + OK.len()..].starts_with(b"true"))
-}
-
 /// What every connection's queue holds together, against the daemon-wide
 /// budget (`--max-outbound-total`).
 pub struct OutboundBudget {
@@ -738,7 +727,7 @@ impl OutboundQueue {
     fn answered(&self, state: &mut State, line: &Line) {
         let mut answered = Vec::new();
         match &line.kind {
-            LineKind::Reply => {
+            LineKind::Reply { succeeded } => {
                 // A state still awaited when the next reply comes is not
                 // coming: its request is answered all the same.
                 while state.in_flight.front().is_some_and(|r| r.replied) {
@@ -747,9 +736,7 @@ impl OutboundQueue {
                 let Some(request) = state.in_flight.front_mut() else {
                     return;
                 };
-                if matches!(&request.size, ReplySize::Large { state_of: Some(_) })
-                    && is_success(&line.bytes)
-                {
+                if matches!(&request.size, ReplySize::Large { state_of: Some(_) }) && *succeeded {
                     request.replied = true;
                 } else {
                     answered.extend(state.in_flight.pop_front());
@@ -840,14 +827,20 @@ mod tests {
     #[tokio::test]
     async fn a_slow_reader_loses_diffs_and_gets_one_resync() {
         let queue = queue(100);
-        queue.deliver(line(LineKind::Reply, 10));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 10));
         queue.deliver(line(LineKind::Diff("t".into()), 60));
         queue.deliver(line(LineKind::Diff("t".into()), 60));
         // Over the bound: the diffs go, the reply stays.
-        assert_eq!(queue.queued_kinds(), vec![LineKind::Reply]);
+        assert_eq!(
+            queue.queued_kinds(),
+            vec![LineKind::Reply { succeeded: true }]
+        );
         // Later diffs for the stale topic are not queued.
         queue.deliver(line(LineKind::Diff("t".into()), 5));
-        assert_eq!(queue.queued_kinds(), vec![LineKind::Reply]);
+        assert_eq!(
+            queue.queued_kinds(),
+            vec![LineKind::Reply { succeeded: true }]
+        );
 
         queue.pretend_sent();
         assert!(matches!(queue.next().await, Next::Resync(topics) if topics == ["t"]));
@@ -882,7 +875,7 @@ mod tests {
             waits(queue.admit_request(&ReplySize::Small)).await,
             "a request past the cap must wait"
         );
-        queue.deliver(line(LineKind::Reply, 10));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 10));
         assert!(queue.admit_request(&ReplySize::Small).await);
     }
 
@@ -892,12 +885,12 @@ mod tests {
         assert!(queue.admit_request(&ReplySize::Small).await);
         // Not before the reply owed ahead of it is counted...
         assert!(waits(queue.admit_request(&ReplySize::Bulk)).await);
-        queue.deliver(line(LineKind::Reply, 10));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 10));
         assert!(queue.admit_request(&ReplySize::Bulk).await);
         // ...and nothing after it until its own reply is.
         assert!(waits(queue.admit_request(&ReplySize::Small)).await);
         assert!(waits(queue.admit_request(&ReplySize::Bulk)).await);
-        queue.deliver(line(LineKind::Reply, 5000));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 5000));
         // Whole, though far past the bound; the next waits for room.
         assert_eq!(queue.queued_bytes(), 5010);
         assert!(waits(queue.admit_request(&ReplySize::Small)).await);
@@ -920,7 +913,9 @@ mod tests {
             ),
         };
         Line {
-            kind: LineKind::Reply,
+            kind: LineKind::Reply {
+                succeeded: outcome.is_ok(),
+            },
             bytes: reply.to_line().into(),
         }
     }
@@ -973,29 +968,12 @@ mod tests {
         assert_eq!(budget.large_in_flight.load(Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn a_reply_is_a_success_whatever_its_id_says() {
-        for id in [
-            json!(null),
-            json!(7),
-            json!(true),
-            json!(",\"ok\":false"),
-            json!("\\\",\"ok\":false"),
-        ] {
-            let success = OutgoingReply::success(id.clone(), &json!({"ok": false}));
-            assert!(is_success(&success.to_line()), "{id}");
-            let failure =
-                OutgoingReply::failure(id.clone(), ErrorBody::new(ErrorCode::NotFound, "ok"));
-            assert!(!is_success(&failure.to_line()), "{id}");
-        }
-    }
-
     #[tokio::test]
     async fn bytes_count_until_the_socket_takes_them() {
         let budget = OutboundBudget::new(usize::MAX);
         let (queue, socket, client) = connected(1, 100, &budget);
         // Far more than the socket buffers: most of it waits.
-        let big = line(LineKind::Reply, 4 << 20);
+        let big = line(LineKind::Reply { succeeded: true }, 4 << 20);
         queue.deliver(big.clone());
         let held = queue.queued_bytes();
         assert!(held > 0 && held < big.bytes.len(), "{held} bytes held");
@@ -1030,7 +1008,7 @@ mod tests {
         // Two-byte characters: the line may be cut inside one.
         let text = "é".repeat(2 << 20);
         let reply = |text: &str| Line {
-            kind: LineKind::Reply,
+            kind: LineKind::Reply { succeeded: true },
             bytes: format!("{{\"id\":1,\"ok\":true,\"text\":\"{text}\"}}\n")
                 .into_bytes()
                 .into(),
@@ -1105,9 +1083,9 @@ mod tests {
         let (reading, socket, client) = connected(1, 100, &budget);
         let (idle, _idle_socket, _idle_client) = connected(2, 100, &budget);
         let trickling = OutboundQueue::new(3, 100, None, &budget);
-        reading.deliver(line(LineKind::Reply, 4 << 20));
-        idle.deliver(line(LineKind::Reply, 1 << 20));
-        trickling.deliver(line(LineKind::Reply, 1 << 20));
+        reading.deliver(line(LineKind::Reply { succeeded: true }, 4 << 20));
+        idle.deliver(line(LineKind::Reply { succeeded: true }, 1 << 20));
+        trickling.deliver(line(LineKind::Reply { succeeded: true }, 1 << 20));
         for queue in [&reading, &idle, &trickling] {
             last_read(queue, STALL);
         }
@@ -1145,7 +1123,7 @@ mod tests {
         // A budget even the farewell line is past.
         let budget = OutboundBudget::new(100);
         let queue = OutboundQueue::new(1, 100, None, &budget);
-        queue.deliver(line(LineKind::Reply, 5000));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 5000));
         // The client has gone; its writer would try to flush for a while.
         queue.close();
         last_read(&queue, STALL);
@@ -1171,13 +1149,13 @@ mod tests {
             assert!(queue.admit_request(&ReplySize::Bulk).await);
         }
         assert!(waits(last.admit_request(&ReplySize::Bulk)).await);
-        first[0].deliver(line(LineKind::Reply, 2000));
+        first[0].deliver(line(LineKind::Reply { succeeded: true }, 2000));
         // One is answered, but its reply spends the budget: the next waits
         // for the client to read it; a small request does not.
         assert!(budget.is_spent());
         assert!(waits(last.admit_request(&ReplySize::Bulk)).await);
         assert!(last.admit_request(&ReplySize::Small).await);
-        last.deliver(line(LineKind::Reply, 10));
+        last.deliver(line(LineKind::Reply { succeeded: true }, 10));
         first[0].pretend_sent();
         assert!(last.admit_request(&ReplySize::Bulk).await);
 
@@ -1210,7 +1188,7 @@ mod tests {
         let budget = OutboundBudget::new(usize::MAX);
         let queue = OutboundQueue::new(1, 100, Some(Arc::clone(&write)), &budget);
 
-        let big = line(LineKind::Reply, 8 << 20);
+        let big = line(LineKind::Reply { succeeded: true }, 8 << 20);
         queue.deliver(big.clone());
         let mut held = queue.queued_bytes();
         assert!(
@@ -1239,7 +1217,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_queue_drains_then_finishes() {
         let queue = queue(1000);
-        queue.deliver(line(LineKind::Reply, 10));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 10));
         queue.close();
         assert!(matches!(queue.next().await, Next::Write));
         assert!(!queue.admit_request(&ReplySize::Small).await);
@@ -1252,7 +1230,7 @@ mod tests {
         let queue = queue(100);
         let text = "{\"text\":\"é€\"}\n";
         queue.deliver(Line {
-            kind: LineKind::Reply,
+            kind: LineKind::Reply { succeeded: true },
             bytes: text.as_bytes().into(),
         });
         {
@@ -1273,7 +1251,7 @@ mod tests {
     fn a_dropped_queue_gives_back_what_it_held() {
         let budget = OutboundBudget::new(usize::MAX);
         let queue = OutboundQueue::new(7, 100, None, &budget);
-        queue.deliver(line(LineKind::Reply, 500));
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 500));
         assert_eq!(budget.total.load(Ordering::Relaxed), 500);
         drop(queue);
         assert_eq!(budget.total.load(Ordering::Relaxed), 0);
