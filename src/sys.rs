@@ -275,6 +275,12 @@ fn pidfs_inode(pidfd: &OwnedFd) -> Option<u64> {
 /// have passed to another process in between. An older kernel gets a
 /// pidfd opened by pid here, which leaves open the moments between the
 /// client's connect and this accept.
+///
+/// The pidfd is closed once the pin is read. Keeping it would halve how
+/// many connections fit in the descriptor limit, for every connection,
+/// while only those that track their own process need one; those open
+/// a pidfd again at their first track and check it against the pin's
+/// inode ([`ExitWatch::open_peer`]).
 pub fn pin_peer(socket: BorrowedFd<'_>, pid: u32) -> io::Result<PeerProcess> {
     let watch = match peer_pidfd(socket) {
         Ok(fd) => Some(ExitWatch { fd }),
