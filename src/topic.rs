@@ -118,11 +118,7 @@ impl fmt::Display for FileTopicError {
                 "{path} resolves to {}, which is not UTF-8; a topic must be",
                 real.display()
             ),
-            Problem::Io(e) => write!(
-                f,
-                "cannot resolve {path}: {}",
-                e
-            ),
+            Problem::Io(e) => write!(f, "cannot resolve {path}: {}", e),
         }
     }
 }
@@ -165,11 +161,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let real = std::fs::canonicalize(tmp.path()).unwrap();
         let folder = file_topic(&real).unwrap_err().to_string();
-        assert!(folder.ends_with("is a folder; only files have a topic"), "{folder}");
-        let missing = file_topic(&real.join("gone/new.md")).unwrap_err().to_string();
+        assert!(
+            folder.ends_with("is a folder; only files have a topic"),
+            "{folder}"
+        );
+        let missing = file_topic(&real.join("gone/new.md"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("nor does its folder"), "{missing}");
         std::fs::write(real.join("plain"), "x").unwrap();
-        let under_a_file = file_topic(&real.join("plain/new.md")).unwrap_err().to_string();
+        let under_a_file = file_topic(&real.join("plain/new.md"))
+            .unwrap_err()
+            .to_string();
         assert!(under_a_file.starts_with("cannot resolve"), "{under_a_file}");
         assert!(file_topic(Path::new("")).is_err());
     }

@@ -68,7 +68,11 @@ async fn who_through_a_link_shows_the_editors_on_the_resolved_file() {
     let text = stdout(&output);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    let words = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let words = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         words(lines[0]),
         ["FILE", "ROLE", "KEY", "USER", "PID", "EDITOR", "SINCE"]
@@ -77,16 +81,30 @@ async fn who_through_a_link_shows_the_editors_on_the_resolved_file() {
     let owner = words(lines[1]);
     assert_eq!(
         owner[..7],
-        ["notes.md", "owner", "alice", &user, &alice_pid, "nvim", "0.7.2"],
+        [
+            "notes.md", "owner", "alice", &user, &alice_pid, "nvim", "0.7.2"
+        ],
         "{text}"
     );
     let spectator = words(lines[2]);
     assert_eq!(
         spectator[..8],
-        ["notes.md", "spectator", "#1", "bob", &user, &bob_pid, "vim", "9.0"],
+        [
+            "notes.md",
+            "spectator",
+            "#1",
+            "bob",
+            &user,
+            &bob_pid,
+            "vim",
+            "9.0"
+        ],
         "{text}"
     );
-    assert!(lines[1].ends_with(")"), "SINCE is a time and how long ago: {text}");
+    assert!(
+        lines[1].ends_with(")"),
+        "SINCE is a time and how long ago: {text}"
+    );
     assert_eq!(stderr(&output), "");
 }
 
@@ -97,7 +115,14 @@ async fn who_json_is_one_object_per_file_in_order() {
     let topic = format!("file:{}", files.real.join("notes.md").display());
     let alice = spawn_sleeper();
     let alice_pid = alice.id().expect("pid");
-    editor_joins(&daemon, &topic, "alice", &alice_pid.to_string(), "nvim 0.7.2").await;
+    editor_joins(
+        &daemon,
+        &topic,
+        "alice",
+        &alice_pid.to_string(),
+        "nvim 0.7.2",
+    )
+    .await;
 
     let linked = files.link.join("notes.md");
     let output = who(
@@ -149,7 +174,10 @@ async fn who_of_a_file_not_written_yet_finds_its_editor() {
     let output = who(&daemon, &files.link, &["draft.md", "other.md"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let text = stdout(&output);
-    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert_eq!(lines[1][..3], ["draft.md", "owner", "carol"], "{text}");
     assert_eq!(lines[2], ["other.md", "nobody"], "{text}");
@@ -186,7 +214,9 @@ async fn who_names_what_has_no_topic_and_answers_the_rest() {
     );
     let text = stdout(&output);
     assert_eq!(
-        text.lines().nth(1).map(|l| l.split_whitespace().collect::<Vec<_>>()),
+        text.lines()
+            .nth(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>()),
         Some(vec!["notes.md", "nobody"]),
         "{text}"
     );
