@@ -261,6 +261,12 @@ the latest of them, oldest first: who held a topic, and when.
   12:07:15 (3m ago)    alice  left (p1): process exited        alice  4242
   12:07:15 (3m ago)    bob    became owner (p2)                 bob    4250
 
+An update's line says what it did to the meta: each field it added or
+changed, with its new value, and each it removed, after a minus, as in
+`updated (p3): line=42, -mode`. An editor plugin whose user saved over the
+owner's copy (docs/editors.md) adds `overrode` to its meta, shown as
+`wrote over alice (pid 4242)'s copy at 12:09:30`.
+
 Without TOPIC, every topic's history, with a TOPIC column. History is kept
 for `presence daemon --history-days` (30) or up to --history-events
 (100,000), whichever is reached first.";
