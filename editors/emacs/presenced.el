@@ -1363,9 +1363,12 @@ WAIT waits up to `presenced-join-wait' for its role."
 
 (defun presenced--on-revert ()
   "Restrict the buffer again after reading its file cleared read-only."
-  (when (gethash (current-buffer) presenced--buffers)
-    (presenced--record-read (current-buffer))
-    (presenced--apply (current-buffer))))
+  (let ((state (gethash (current-buffer) presenced--buffers)))
+    (when state
+      (presenced--record-read (current-buffer))
+      ;; Only the restriction: whoever reverted says what it means.
+      (when (and (presenced--buffer-restricted state) (not buffer-read-only))
+        (read-only-mode 1)))))
 
 (defun presenced--on-kill-buffer ()
   "Leave the topic of a buffer being killed."
