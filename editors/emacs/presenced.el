@@ -1409,6 +1409,20 @@ another file is left alone: then the buffer visits that file."
           (set-buffer-modified-p nil)))
       (user-error "%s" (presenced--guard-message buffer entry)))))
 
+;; Where the guard sits, and why.  `before-save-hook' cannot refuse:
+;; `basic-save-buffer' runs it inside `with-demoted-errors', so an error
+;; there only becomes a message and the file is written.  A local
+;; `write-file-functions' is cleared by `set-visited-file-name', so
+;; `write-file' to the same file would pass it; a local
+;; `write-contents-functions' is cleared by any change of major mode.
+;; The default value of `write-contents-functions' refuses every save,
+;; `write-file' to the same file included, but only of a buffer with
+;; changes, and only after `basic-save-buffer' has asked whether to
+;; write over a file changed on disk.  So the guard is advice run
+;; before `basic-save-buffer', which every save goes through
+;; (`save-buffer', `write-file', `save-some-buffers' and so quitting),
+;; with the default `write-contents-functions' as a second line.
+
 (defun presenced--guard-save (&rest _)
   "Refuse a spectator's save, before anything else `basic-save-buffer' does.
 Ahead of its check of a buffer that has no changes (so the user
@@ -1660,7 +1674,13 @@ goes.  See the Commentary of presenced.el."
         (add-hook 'after-save-hook #'presenced--on-save)
         (add-hook 'kill-buffer-hook #'presenced--on-kill-buffer)
         (add-hook 'kill-emacs-hook #'presenced--leave-all)
-        (add-hook 'write-contents-functions #'presenced--guard-write-contents)
+        ;; The default value: `write-contents-functions' is buffer-local
+        ;; wherever it is set, so `add-hook' called in a buffer that has
+        ;; it would only add to that buffer's.
+        (set-default 'write-contents-functions
+                     (cons #'presenced--guard-write-contents
+                           (remq #'presenced--guard-write-contents
+                                 (default-value 'write-contents-functions))))
         (advice-add 'basic-save-buffer :before #'presenced--guard-save)
         (dolist (buffer (buffer-list))
           (when (buffer-local-value 'buffer-file-name buffer)
@@ -1671,7 +1691,9 @@ goes.  See the Commentary of presenced.el."
     (remove-hook 'after-save-hook #'presenced--on-save)
     (remove-hook 'kill-buffer-hook #'presenced--on-kill-buffer)
     (remove-hook 'kill-emacs-hook #'presenced--leave-all)
-    (remove-hook 'write-contents-functions #'presenced--guard-write-contents)
+    (set-default 'write-contents-functions
+                 (remq #'presenced--guard-write-contents
+                       (default-value 'write-contents-functions)))
     (advice-remove 'basic-save-buffer #'presenced--guard-save)
     (presenced--leave-all)))
 
