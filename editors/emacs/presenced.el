@@ -1618,7 +1618,10 @@ then records the override in the entry's meta (`overrode'), which
           (presenced--send-meta entry (lambda (_reply) (setq answered t)))
           (presenced--wait (lambda () answered) presenced-join-wait))
         (with-current-buffer buffer
-          (let ((presenced--writing-anyway t))
+          (let ((presenced--writing-anyway t)
+                ;; The owner's Emacs may hold the file's lock; the user
+                ;; chose to write anyway, so do not ask about it.
+                (create-lockfiles nil))
             ;; The user chose to write over whatever is on disk now.
             (set-visited-file-modtime)
             (set-buffer-modified-p t)

@@ -7,16 +7,23 @@
 ;; The Emacs counterpart of tests/editors/vim_driver.vim: tests/editors.rs
 ;; starts Emacs as a foreground daemon whose server listens on a socket
 ;; of the test's own, with the package and this driver loaded, and the
-;; file on the command line (a daemon visits command-line files too; the
-;; mode is enabled first, so the file joins its topic as it opens):
+;; file on the command line (a daemon visits command-line files too, in
+;; the order given, so the mode is on when the file is visited and the
+;; file joins its topic as it opens):
 ;;
-;;   emacs -Q --fg-daemon=/abs/emacs-0.sock -L EDITORS/emacs \
-;;     -l tests/editors/emacs_driver.el \
+;;   emacs -Q --fg-daemon=/abs/emacs-0.sock -L /abs/editors/emacs \
+;;     -l presenced -l /abs/tests/editors/emacs_driver.el \
 ;;     --eval '(setq presenced-program "/abs/target/debug/presence")' \
 ;;     --eval '(presenced-mode 1)' /abs/FILE
 ;;
-;; The server answers once `emacsclient -s /abs/emacs-0.sock --eval 1'
-;; succeeds.  A test then asks:
+;; with the environment of the other editors (HOME, XDG_*, PRESENCE_SOCKET,
+;; PRESENCE_DB): the package reads PRESENCE_SOCKET and XDG_RUNTIME_DIR
+;; when it connects.  Emacs prints its messages on stderr.  The server
+;; answers once `emacsclient -s /abs/emacs-0.sock --eval 1' succeeds;
+;; that may be while the file is still being visited (its wait for the
+;; role lets the server in), so wait on what the test needs, such as
+;; `(presenced-state)' having a role, not on the first answer.
+;; A test then asks:
 ;;
 ;;   emacsclient -s /abs/emacs-0.sock --eval '(presenced-driver-eval "EXPR")'
 ;;
