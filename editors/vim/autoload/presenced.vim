@@ -5,10 +5,10 @@
 " until it is promoted.
 "
 " State, as in the Neovim plugin:
-"   s:buffers[bufnr] = {topic, saved, last_message, read, swap_readonly, stale}
+"   s:buffers[bufnr] = {topic, saved, last_message, read, swap_readonly}
 "                             one per followed buffer; `read` is what the
 "                             file was when the buffer last read or wrote
-"                             it, {mtime, size, at}
+"                             it, {mtime, size, when}
 "   s:entries[topic] = entry  one per topic, shared by its buffers (the
 "                             daemon refuses a second entry for one topic
 "                             and key on one connection)
@@ -298,10 +298,17 @@ function! s:tell(bufnr, message, level, ...) abort
   call call('s:say', [a:bufnr, 'presenced: ' . s:display_name(a:bufnr) . ': ' . a:message, a:level] + a:000)
 endfunction
 
-" What the file on disk is now, to compare with later.
+" What the file on disk is now, to compare with later. `when` is a
+" reltime(): the time since the epoch costs a process the first time, so it
+" is worked out only when a comparison needs it (s:read_at).
 function! s:stat_of(bufnr) abort
   let path = s:resolve_path(bufname(a:bufnr))
-  return {'mtime': getftime(path), 'size': getfsize(path), 'at': s:now_ms()}
+  return {'mtime': getftime(path), 'size': getfsize(path), 'when': reltime()}
+endfunction
+
+" When the buffer last read or wrote its file, in ms since the epoch.
+function! s:read_at(buf) abort
+  return s:now_ms() - float2nr(reltimefloat(reltime(a:buf.read.when)) * 1000)
 endfunction
 
 " The buffer holds what its file holds now: it was just read or written.
@@ -309,14 +316,8 @@ function! s:record_read(bufnr) abort
   let buf = get(s:buffers, a:bufnr, {})
   if !empty(buf)
     let buf.read = s:stat_of(a:bufnr)
-    let buf.stale = 0
+    call setbufvar(a:bufnr, 'presenced_stale', 0)
   endif
-endfunction
-
-" The latest save by another editor known from the subscription's metas:
-" {key, at}, or {} if none was seen.
-function! s:last_save(entry) abort
-  return a:entry.last_save
 endfunction
 
 " Why the file differs from the buffer, or '' if it does not seem to: its
@@ -324,8 +325,9 @@ endfunction
 " after that (mtimes count whole seconds; the saves' times do not).
 function! s:change_on_disk(bufnr, entry) abort
   let buf = s:buffers[a:bufnr]
-  let save = s:last_save(a:entry)
-  let saved_since = !empty(save) && !empty(buf.read) && save.at > buf.read.at
+  " The latest save by another editor seen in the subscription's metas.
+  let save = a:entry.last_save
+  let saved_since = !empty(save) && !empty(buf.read) && save.at > s:read_at(buf)
   let now = s:stat_of(a:bufnr)
   let changed = empty(buf.read) || now.mtime != buf.read.mtime || now.size != buf.read.size
   if !changed && !saved_since
@@ -340,7 +342,7 @@ endfunction
 function! s:reload(bufnr) abort
   let windows = win_findbuf(a:bufnr)
   if empty(windows)
-    let s:buffers[a:bufnr].stale = 1
+    call setbufvar(a:bufnr, 'presenced_stale', 1)
     return
   endif
   for id in windows
@@ -1199,7 +1201,7 @@ function! presenced#attach(bufnr, wait, ...) abort
     return
   endif
   let s:buffers[a:bufnr] = {'topic': topic, 'saved': {}, 'last_message': '', 'read': {},
-        \ 'swap_readonly': 0, 'stale': 0}
+        \ 'swap_readonly': 0}
   call s:record_read(a:bufnr)
   if has_key(s:entries, topic)
     let s:entries[topic].bufs[a:bufnr] = 1
@@ -1374,12 +1376,11 @@ function! presenced#swap_exists(bufnr, file) abort
   endif
 endfunction
 
-" BufWinEnter: a buffer that should have followed a save while hidden is
-" read now.
+" BufWinEnter of a buffer with b:presenced_stale: it should have read its
+" file again while no window showed it (s:reload), and does it now.
 function! presenced#shown(bufnr) abort
-  let buf = get(s:buffers, a:bufnr, {})
-  if !empty(buf) && buf.stale && !getbufvar(a:bufnr, '&modified')
-    let buf.stale = 0
+  call setbufvar(a:bufnr, 'presenced_stale', 0)
+  if has_key(s:buffers, a:bufnr) && !getbufvar(a:bufnr, '&modified')
     call timer_start(0, {-> s:reload(a:bufnr)})
   endif
 endfunction

@@ -31,7 +31,8 @@ augroup presenced
   " writes, ranges and appends each have their own event.
   autocmd BufWritePre,FileWritePre,FileAppendPre * call presenced#guard(str2nr(expand('<abuf>')), expand('<afile>'))
   autocmd SwapExists * call presenced#swap_exists(str2nr(expand('<abuf>')), expand('<afile>'))
-  autocmd BufWinEnter * call presenced#shown(str2nr(expand('<abuf>')))
+  " A buffer that missed a reload while hidden reads its file when shown.
+  autocmd BufWinEnter * if get(b:, 'presenced_stale', 0) | call presenced#shown(str2nr(expand('<abuf>'))) | endif
   autocmd BufDelete,BufWipeout * call presenced#detach(str2nr(expand('<abuf>')))
   autocmd BufUnload * call presenced#unloaded(str2nr(expand('<abuf>')))
   autocmd VimLeavePre * call presenced#leave_all()
