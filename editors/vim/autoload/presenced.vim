@@ -1,8 +1,8 @@
 " presenced for Vim: every normal file buffer joins a topic on the presenced
 " daemon, over its Unix socket (ch_open 'unix:' in NL mode, one JSON object
 " per line; docs/protocol.md). The first editor on a topic owns it; every
-" later one is a spectator whose buffer is 'nomodifiable' and 'readonly'
-" until it is promoted.
+" later one is a spectator whose buffer is 'nomodifiable', and never
+" written to its file, until it is promoted.
 "
 " State, as in the Neovim plugin:
 "   s:buffers[bufnr] = {topic, saved, last_message, read, swap_readonly}
