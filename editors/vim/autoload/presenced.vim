@@ -821,7 +821,20 @@ endfunction
 
 function! s:on_update_reply(conn, entry, reply) abort
   let a:entry.updating = 0
-  if a:reply.ok && !a:entry.left && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
+  if a:entry.left
+    " The buffer went while the update was on its way: its untrack waited
+    " for the ref the update gave.
+    if a:reply.ok && a:conn.open
+      call s:request(a:conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:reply.ref}, 0)
+      if !has_key(s:entries, a:entry.topic)
+        call s:request(a:conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
+      endif
+    elseif !a:reply.ok && a:entry.token !=# ''
+      call add(s:orphans, {'token': a:entry.token, 'ref': '', 'topic': a:entry.topic})
+    endif
+    return
+  endif
+  if a:reply.ok && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
     call s:take_ref(a:entry, a:reply.ref)
   elseif !a:reply.ok && a:reply.error.code ==# 'disconnected'
     let a:entry.meta_dirty = 1
@@ -856,7 +869,10 @@ function! s:leave(entry) abort
   if a:entry.ref !=# ''
     silent! call remove(s:by_ref, a:entry.ref)
   endif
-  if s:link.state ==# 'up' && a:entry.ref !=# ''
+  if a:entry.updating
+    " Its ref is about to change: the update's reply untracks it.
+    return
+  elseif s:link.state ==# 'up' && a:entry.ref !=# ''
     call s:request(s:link.conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:entry.ref}, 0)
     if !has_key(s:entries, a:entry.topic)
       call s:request(s:link.conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
@@ -960,8 +976,10 @@ function! s:on_resume_reply(conn, tokens, leaving, reply) abort
     endif
   endfor
   for orphan in a:leaving
-    if index(reply.resumed, orphan.ref) >= 0
-      call s:request(a:conn, {'op': 'untrack', 'topic': orphan.topic, 'ref': orphan.ref}, 0)
+    " `refs` has the ref it has now (an update may have changed it).
+    let ref = get(get(reply, 'refs', {}), orphan.token, orphan.ref)
+    if index(reply.resumed, ref) >= 0
+      call s:request(a:conn, {'op': 'untrack', 'topic': orphan.topic, 'ref': ref}, 0)
     endif
   endfor
   " Entries the daemon no longer has (expired), or would not give back
@@ -1407,6 +1425,15 @@ function! presenced#leave_all() abort
   call s:stop_retrying()
   let conn = s:link.conn
   let connected = !empty(conn) && conn.open
+  if connected
+    " An update on its way changes its entry's ref: untrack by the new one.
+    " (A write just before quitting, as :wq does, sends one.)
+    let entries = values(s:entries)
+    for entry in entries
+      let entry.meta_dirty = 0
+    endfor
+    call s:wait_until({-> empty(filter(copy(entries), 'v:val.updating'))}, s:opt('leave_wait_ms', 500))
+  endif
   for entry in values(s:entries)
     if connected && entry.ref !=# ''
       call s:request(conn, {'op': 'untrack', 'topic': entry.topic, 'ref': entry.ref}, 0)
