@@ -338,12 +338,13 @@ endfunction
 
 " Reads the buffer's file again, keeping the cursor and view of every
 " window that shows it. A buffer no window shows is read when it is next
-" shown (presenced#shown). Never called for a buffer with changes.
+" shown (presenced#shown): 0 then, 1 if read now. Never called for a
+" buffer with changes.
 function! s:reload(bufnr) abort
   let windows = win_findbuf(a:bufnr)
   if empty(windows)
     call setbufvar(a:bufnr, 'presenced_stale', 1)
-    return
+    return 0
   endif
   for id in windows
     call win_execute(id, 'let w:presenced_view = winsaveview()')
@@ -354,6 +355,7 @@ function! s:reload(bufnr) abort
   for id in windows
     call win_execute(id, 'call winrestview(w:presenced_view) | unlet w:presenced_view')
   endfor
+  return 1
 endfunction
 
 " The buffer became its file's owner: the user's settings come back, a
@@ -387,11 +389,12 @@ endfunction
 
 " Spectators follow the owner's saves: the buffer reads the file again.
 function! s:follow_save(bufnr, save) abort
-  let buf = s:buffers[a:bufnr]
   if getbufvar(a:bufnr, '&modified')
     return
   endif
-  call s:reload(a:bufnr)
+  if !s:reload(a:bufnr)
+    return
+  endif
   " Not s:say: its memory of the last message is for the standing, which
   " a reload says nothing new about.
   call s:show(printf('presenced: %s: reloaded: %s saved it at %s', s:display_name(a:bufnr),
