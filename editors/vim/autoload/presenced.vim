@@ -1343,9 +1343,13 @@ function! presenced#write_anyway(bang) abort
     return
   endif
   if type(owner) == v:t_dict && entry.ref !=# ''
+    " Logged before the write. Without a connection it is sent after the
+    " resume (s:send_meta), so only a live one is waited for.
     let entry.meta.overrode = {'owner': owner.key, 'owner_pid': owner.pid, 'at': s:now_ms()}
     call s:send_meta(entry)
-    call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
+    if s:link.state ==# 'up'
+      call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
+    endif
   endif
   let s:overriding = bufnr
   try
