@@ -109,11 +109,11 @@ function! s:clock(ms) abort
 endfunction
 
 " Says `text` (already starting with `presenced: `) so that it stays in
-" sight: in :messages, in a popup notification where Vim has popups, and,
-" when said while Vim starts, echoed again once it waits for keys: the
-" screen drawn when a file opens at start-up wipes what was said before.
-" Once Vim runs, the screen is redrawn first, so that two messages from one
-" callback do not make Vim ask for Enter.
+" sight: in :messages, in a popup notification where Vim has popups, and
+" echoed again once Vim waits for keys: the screen drawn when a file opens
+" at start-up wipes what was said before, and a file opened later says
+" "notes.md" 2L, 18B after it. Once Vim runs, the screen is redrawn first,
+" so that two messages from one callback do not make Vim ask for Enter.
 function! s:show(text, level) abort
   let highlight = a:level ==# 'error' ? 'ErrorMsg' : a:level ==# 'warn' ? 'WarningMsg' : 'None'
   if v:vim_did_enter
@@ -127,12 +127,14 @@ function! s:show(text, level) abort
     silent! call popup_notification(a:text, {'time': popup_ms,
           \ 'highlight': a:level ==# 'info' ? 'PopupNotification' : highlight})
   endif
-  if !v:vim_did_enter
-    " Only the latest is echoed again, by one timer.
-    let s:echo_pending = [a:text, highlight]
-    if !exists('s:echo_timer') || empty(timer_info(s:echo_timer))
-      let s:echo_timer = timer_start(0, {-> s:echo_again()})
-    endif
+  call s:echo_later(a:text, highlight)
+endfunction
+
+" Echoes `text` once Vim waits for keys; only the latest, by one timer.
+function! s:echo_later(text, highlight) abort
+  let s:echo_pending = [a:text, a:highlight]
+  if !exists('s:echo_timer') || empty(timer_info(s:echo_timer))
+    let s:echo_timer = timer_start(0, {-> s:echo_again()})
   endif
 endfunction
 
@@ -1398,6 +1400,10 @@ function! presenced#swap_exists(bufnr, file) abort
         \ && entry.standing.role !=# 'owner'))
     let v:swapchoice = 'o'
     let buf.swap_readonly = 1
+    " The message about reading the file comes after the standing's.
+    if buf.last_message !=# ''
+      call s:echo_later(buf.last_message, 'WarningMsg')
+    endif
   endif
 endfunction
 
