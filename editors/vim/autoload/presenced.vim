@@ -116,7 +116,8 @@ endfunction
 " so that two messages from one callback do not make Vim ask for Enter.
 function! s:show(text, level) abort
   let highlight = a:level ==# 'error' ? 'ErrorMsg' : a:level ==# 'warn' ? 'WarningMsg' : 'None'
-  if v:vim_did_enter
+  " Not while a command line is typed: it would be drawn over.
+  if v:vim_did_enter && mode() !~# '^c'
     redraw
   endif
   execute 'echohl' highlight
