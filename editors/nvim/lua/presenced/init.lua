@@ -1619,7 +1619,9 @@ function M.setup(options)
     group = group,
     desc = 'presenced: answer the swap-file question for a spectator',
     callback = function(args)
-      swap_exists(args.buf)
+      -- SwapExists has no <abuf>: the buffer is the one the file names.
+      local bufnr = vim.fn.bufnr(vim.fn.fnamemodify(args.file, ':p'))
+      swap_exists(bufnr > 0 and bufnr or vim.api.nvim_get_current_buf())
     end,
   })
   vim.api.nvim_create_autocmd('VimEnter', {
