@@ -4,7 +4,10 @@
 -- 'readonly' until it is promoted. See :help presenced and docs/protocol.md.
 --
 -- State lives in three tables:
---   buffers[bufnr] = { topic, saved, last_message }  one per attached buffer
+--   buffers[bufnr] = { topic, saved, last_message, file, read_at, ... }
+--                             one per attached buffer; `file` is the
+--                             file's mtime and size when the buffer last
+--                             read or wrote it
 --   entries[topic] = { ... }  one per topic this editor holds, shared by the
 --                             buffers on that topic (the daemon refuses a
 --                             second entry for one topic and key on one
@@ -82,6 +85,8 @@ local link = {
   -- before answering anything (one over --max-connections, say) does not
   -- end it, so such closes cannot restart the deadline forever.
   outage = nil,
+  -- The daemon trouble last said, so the same is said once, not per buffer.
+  told_trouble = nil,
   -- Set when a wait for a role ran out: later buffers do not wait again
   -- until the daemon answers, so opening many files at once blocks for
   -- at most one join_wait_ms.
