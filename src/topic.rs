@@ -48,6 +48,14 @@ pub fn resolve_file(path: &Path) -> Result<PathBuf, FileTopicError> {
         // Not there (or a link to nothing): named by its folder, which must be.
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let missing = follow_links(&absolute).map_err(fail)?;
+            // Said in errors about a folder that is not the name's own.
+            let fail = |problem| {
+                if missing == absolute {
+                    fail(problem)
+                } else {
+                    fail(Problem::LinkTo(missing.clone(), Box::new(problem)))
+                }
+            };
             let (Some(folder), Some(name)) = (missing.parent(), missing.file_name()) else {
                 return Err(fail(Problem::NoName));
             };
@@ -114,6 +122,9 @@ enum Problem {
     NotUtf8(PathBuf),
     /// A chain of more symbolic links than [`MAX_LINKS`], reaching this.
     TooManyLinks(PathBuf),
+    /// A symbolic link (or a chain of them) to this path, which does not
+    /// exist and has the problem.
+    LinkTo(PathBuf, Box<Problem>),
     Io(io::Error),
 }
 
@@ -128,46 +139,55 @@ impl FileTopicError {
 
 impl fmt::Display for FileTopicError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = self.path.display();
-        match &self.problem {
-            Problem::Empty => write!(f, "an empty path names no file"),
-            Problem::Folder(real) if real.as_path() == self.path => {
-                write!(f, "{path} is a folder; only files have a topic")
-            }
-            Problem::Folder(real) => write!(
-                f,
-                "{path} is a folder ({}); only files have a topic",
-                real.display()
-            ),
-            Problem::NoName => write!(f, "{path} names no file"),
-            Problem::NoFolder(folder, e) if e.kind() == io::ErrorKind::NotFound => write!(
-                f,
-                "{path} does not exist, nor does its folder {}",
-                folder.display()
-            ),
-            Problem::NoFolder(folder, e) => write!(
-                f,
-                "{path} does not exist and its folder {} cannot be resolved: {}",
-                folder.display(),
-                e
-            ),
-            Problem::FolderIsNot(real) => write!(
-                f,
-                "{path} does not exist and {} is not a folder",
-                real.display()
-            ),
-            Problem::NotUtf8(real) => write!(
-                f,
-                "{path} resolves to {}, which is not UTF-8; a topic must be",
-                real.display()
-            ),
-            Problem::TooManyLinks(reached) => write!(
-                f,
-                "{path} is a chain of more than {MAX_LINKS} symbolic links (it reached {})",
-                reached.display()
-            ),
-            Problem::Io(e) => write!(f, "cannot resolve {path}: {}", e),
+        describe(f, &self.path, &self.problem)
+    }
+}
+
+/// What is wrong with `path`, as a sentence starting with it.
+fn describe(f: &mut fmt::Formatter<'_>, path: &Path, problem: &Problem) -> fmt::Result {
+    let shown = path.display();
+    match problem {
+        Problem::Empty => write!(f, "an empty path names no file"),
+        Problem::Folder(real) if real.as_path() == path => {
+            write!(f, "{shown} is a folder; only files have a topic")
         }
+        Problem::Folder(real) => write!(
+            f,
+            "{shown} is a folder ({}); only files have a topic",
+            real.display()
+        ),
+        Problem::NoName => write!(f, "{shown} names no file"),
+        Problem::NoFolder(folder, e) if e.kind() == io::ErrorKind::NotFound => write!(
+            f,
+            "{shown} does not exist, nor does its folder {}",
+            folder.display()
+        ),
+        Problem::NoFolder(folder, e) => write!(
+            f,
+            "{shown} does not exist and its folder {} cannot be resolved: {}",
+            folder.display(),
+            e
+        ),
+        Problem::FolderIsNot(real) => write!(
+            f,
+            "{shown} does not exist and {} is not a folder",
+            real.display()
+        ),
+        Problem::NotUtf8(real) => write!(
+            f,
+            "{shown} resolves to {}, which is not UTF-8; a topic must be",
+            real.display()
+        ),
+        Problem::TooManyLinks(reached) => write!(
+            f,
+            "{shown} is a chain of more than {MAX_LINKS} symbolic links (it reached {})",
+            reached.display()
+        ),
+        Problem::LinkTo(target, problem) => {
+            write!(f, "{shown} is a symbolic link, and ")?;
+            describe(f, target, problem)
+        }
+        Problem::Io(e) => write!(f, "cannot resolve {shown}: {}", e),
     }
 }
 
@@ -220,6 +240,16 @@ mod tests {
         assert_eq!(file_topic(&real.join("sub/link")).unwrap(), target);
         assert_eq!(file_topic(&real.join("chain")).unwrap(), target);
         assert_eq!(file_topic(&real.join("docs/new.md")).unwrap(), target);
+        std::os::unix::fs::symlink("gone/new.md", real.join("nowhere")).unwrap();
+        assert_eq!(
+            file_topic(&real.join("nowhere")).unwrap_err().to_string(),
+            format!(
+                "{} is a symbolic link, and {} does not exist, nor does its folder {}",
+                real.join("nowhere").display(),
+                real.join("gone/new.md").display(),
+                real.join("gone").display()
+            )
+        );
         // Once written through the link, the topic stays.
         std::fs::write(real.join("chain"), "x").unwrap();
         assert_eq!(file_topic(&real.join("chain")).unwrap(), target);
