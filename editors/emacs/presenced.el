@@ -297,8 +297,10 @@ text) would otherwise hide it at once; the repeat is not logged."
 For a file that does not exist yet: its folder's resolved path and
 its name."
   (let ((full (expand-file-name file)))
-    (if (file-exists-p full)
-        (file-truename full)
+    ;; A dangling link is followed to the file a write through it
+    ;; would create; a circle of links has no file to name.
+    (if (or (file-exists-p full) (file-symlink-p full))
+        (condition-case nil (file-truename full) (error full))
       (concat (file-name-as-directory
                (file-truename (file-name-directory full)))
               (file-name-nondirectory full)))))
@@ -1565,7 +1567,7 @@ followed.  Interactively, show it with the topic and daemon."
                             (alist-get 'key owner) (alist-get 'pid owner)))))
                ("joining" "joining")
                ("unreachable" "no daemon")
-               ("removed" "removed")
+               ("removed" "removed (M-x presenced-join to queue again)")
                (_ "not tracked"))
              (if (equal (alist-get 'connection state) "reconnecting")
                  ", reconnecting"

@@ -157,7 +157,12 @@ endfunction
 function! s:resolve_path(name) abort
   let full = fnamemodify(a:name, ':p')
   if filereadable(full) || getftype(full) !=# ''
-    return resolve(full)
+    " A link that leads round in a circle (E655) has no file to name.
+    try
+      return resolve(full)
+    catch /^Vim\%((\a\+)\)\=:E655:/
+      return full
+    endtry
   endif
   let folder = resolve(fnamemodify(full, ':h'))
   return substitute(folder, '/$', '', '') . '/' . fnamemodify(full, ':t')
@@ -1516,7 +1521,7 @@ function! presenced#status(...) abort
   elseif state.status ==# 'unreachable'
     let text = 'no daemon'
   elseif state.status ==# 'removed'
-    let text = 'removed, read-only (:PresenceJoin)'
+    let text = 'removed (:PresenceJoin to queue again)'
   else
     let text = 'not tracked'
   endif
