@@ -2107,7 +2107,7 @@ fn being_edited_by(key: &str, owner: &Editor) -> String {
 /// Whether `text` has `prefix` followed by a time, `HH:MM`.
 fn followed_by_a_time(text: &str, prefix: &str) -> bool {
     text.match_indices(prefix).any(|(at, _)| {
-        let time = text[at + prefix.len()..].as_bytes();
+        let time = &text.as_bytes()[at + prefix.len()..];
         time.len() >= 5
             && time[..2].iter().all(u8::is_ascii_digit)
             && time[2] == b':'
