@@ -20,6 +20,14 @@ vim.api.nvim_create_user_command('PresenceWho', function()
   require('presenced').print_who()
 end, { desc = "presenced: who is on this buffer's topic, owner first" })
 
+vim.api.nvim_create_user_command('PresenceWrite', function(command)
+  require('presenced').write_anyway(command.bang)
+end, { bang = true, desc = "presenced: write a spectator's copy over the owner's file" })
+
+vim.api.nvim_create_user_command('PresenceJoin', function()
+  require('presenced').join_again()
+end, { desc = "presenced: queue again for this buffer's topic" })
+
 vim.api.nvim_create_user_command('PresenceReconnect', function()
   require('presenced').reconnect()
 end, { desc = 'presenced: try the daemon again' })

@@ -5,7 +5,10 @@
 " until it is promoted.
 "
 " State, as in the Neovim plugin:
-"   s:buffers[bufnr] = {topic, saved, last_message}  one per followed buffer
+"   s:buffers[bufnr] = {topic, saved, last_message, read, swap_readonly}
+"                             one per followed buffer; `read` is what the
+"                             file was when the buffer last read or wrote
+"                             it, {mtime, size, when}
 "   s:entries[topic] = entry  one per topic, shared by its buffers (the
 "                             daemon refuses a second entry for one topic
 "                             and key on one connection)
@@ -33,6 +36,12 @@ let s:orphans = []
 " later buffers do not wait again until the daemon answers.
 let s:link = {'state': 'idle', 'conn': {}, 'generation': 0, 'error': '',
       \ 'reconnecting': 0, 'timer': -1, 'outage': {}, 'slow': 0}
+
+" The buffer being written by :PresenceWrite!, which the write guard lets by.
+let s:overriding = -1
+" The daemon trouble last shown in a popup, so that it is shown once, not
+" once per buffer; cleared when a connection works again.
+let s:trouble_shown = ''
 
 " Configuration ----------------------------------------------------------
 
@@ -84,6 +93,62 @@ function! s:notify(message, level) abort
   echohl None
 endfunction
 
+" Milliseconds since the Unix epoch. Vim only tells seconds (localtime()),
+" so the epoch is read once from date(1) and the rest counted by reltime().
+function! s:now_ms() abort
+  if !exists('s:epoch')
+    let ms = str2nr(trim(system('date +%s%3N')))
+    let s:epoch = {'ms': ms > 0 ? ms : localtime() * 1000, 'at': reltime()}
+  endif
+  return s:epoch.ms + float2nr(reltimefloat(reltime(s:epoch.at)) * 1000)
+endfunction
+
+" `14:05`, local time, of a time in milliseconds since the epoch.
+function! s:clock(ms) abort
+  return strftime('%H:%M', a:ms / 1000)
+endfunction
+
+" Says `text` (already starting with `presenced: `) so that it stays in
+" sight: in :messages, in a popup notification where Vim has popups, and,
+" when said while Vim starts, echoed again once it waits for keys: the
+" screen drawn when a file opens at start-up wipes what was said before.
+" Once Vim runs, the screen is redrawn first, so that two messages from one
+" callback do not make Vim ask for Enter.
+function! s:show(text, level) abort
+  let highlight = a:level ==# 'error' ? 'ErrorMsg' : a:level ==# 'warn' ? 'WarningMsg' : 'None'
+  if v:vim_did_enter
+    redraw
+  endif
+  execute 'echohl' highlight
+  echomsg a:text
+  echohl None
+  let popup_ms = s:opt('popup_ms', 6000)
+  if has('popupwin') && popup_ms > 0
+    silent! call popup_notification(a:text, {'time': popup_ms,
+          \ 'highlight': a:level ==# 'info' ? 'PopupNotification' : highlight})
+  endif
+  if !v:vim_did_enter
+    " Only the latest is echoed again, by one timer.
+    let s:echo_pending = [a:text, highlight]
+    if !exists('s:echo_timer') || empty(timer_info(s:echo_timer))
+      let s:echo_timer = timer_start(0, {-> s:echo_again()})
+    endif
+  endif
+endfunction
+
+" Echoes, not echomsg: it is in :messages already. Cut to the screen's width
+" so that it never asks for Enter.
+function! s:echo_again() abort
+  let [text, highlight] = s:echo_pending
+  let width = &columns - 12
+  if strdisplaywidth(text) > width && width > 3
+    let text = strcharpart(text, 0, width - 3) . '...'
+  endif
+  execute 'echohl' highlight
+  echo text
+  echohl None
+endfunction
+
 " The absolute path with symbolic links resolved; for a file that does
 " not exist yet, its folder's resolved path and its name.
 function! s:resolve_path(name) abort
@@ -97,9 +162,11 @@ endfunction
 
 " A loaded buffer holding a file: no special 'buftype', a name that is not a
 " URL, and not a folder. An unloaded buffer is not open: :saveas renames its
-" old name's unloaded alternate buffer.
-function! s:is_file_buffer(bufnr) abort
-  if !bufexists(a:bufnr) || !bufloaded(a:bufnr) || getbufvar(a:bufnr, '&buftype') !=# ''
+" old name's unloaded alternate buffer. `opening`: the buffer is being
+" loaded (SwapExists comes before it counts as loaded).
+function! s:is_file_buffer(bufnr, ...) abort
+  let opening = a:0 && a:1
+  if !bufexists(a:bufnr) || !(opening || bufloaded(a:bufnr)) || getbufvar(a:bufnr, '&buftype') !=# ''
     return 0
   endif
   let name = bufname(a:bufnr)
@@ -173,17 +240,23 @@ endfunction
 
 " Buffer options ---------------------------------------------------------
 
-" Makes the buffer read-only, remembering the user's settings the first
-" time, to give them back on promotion.
+" Makes the buffer read-only for presenced: 'nomodifiable', so that typing
+" gives E21, and the write guard (presenced#guard) refuses every write of
+" it to its own file. 'readonly' is left off on purpose: with it a plain :w
+" would fail first with Vim's own E45, which says "add ! to override" and
+" nothing of who owns the file. The user's settings are remembered the
+" first time, to give them back on promotion; a 'readonly' that came from
+" this plugin's answer to the swap-file question was never the user's.
 function! s:restrict(bufnr) abort
   let buf = s:buffers[a:bufnr]
   if empty(buf.saved)
     let buf.saved = {'modifiable': getbufvar(a:bufnr, '&modifiable'),
-          \ 'readonly': getbufvar(a:bufnr, '&readonly')}
+          \ 'readonly': buf.swap_readonly ? 0 : getbufvar(a:bufnr, '&readonly')}
+    let buf.swap_readonly = 0
   endif
-  " Set every time: reading the file again (:edit!) resets 'readonly'.
+  " Set every time: reading the file again (:edit!) resets them.
   call setbufvar(a:bufnr, '&modifiable', 0)
-  call setbufvar(a:bufnr, '&readonly', 1)
+  call setbufvar(a:bufnr, '&readonly', 0)
 endfunction
 
 " Gives the user's settings back; 1 if the buffer was restricted.
@@ -200,14 +273,136 @@ function! s:unrestrict(bufnr) abort
   return 1
 endfunction
 
-" Says `message` about the buffer, unless it is what was last said.
-function! s:tell(bufnr, message, level) abort
+" Says `text` about the buffer, in sight (s:show), unless it is what was
+" last said of it. `trouble`: the daemon's trouble, whose popup is shown
+" once whatever the number of buffers.
+function! s:say(bufnr, text, level, ...) abort
   let buf = s:buffers[a:bufnr]
-  if buf.last_message ==# a:message
+  if buf.last_message ==# a:text
     return
   endif
-  let buf.last_message = a:message
-  call s:notify(s:display_name(a:bufnr) . ': ' . a:message, a:level)
+  let buf.last_message = a:text
+  let trouble = a:0 ? a:1 : ''
+  if trouble ==# ''
+    call s:show(a:text, a:level)
+  elseif s:trouble_shown !=# trouble
+    let s:trouble_shown = trouble
+    call s:show(a:text, a:level)
+  else
+    call s:notify(a:text[len('presenced: '):], a:level)
+  endif
+endfunction
+
+" s:say of `presenced: NAME: message`.
+function! s:tell(bufnr, message, level, ...) abort
+  call call('s:say', [a:bufnr, 'presenced: ' . s:display_name(a:bufnr) . ': ' . a:message, a:level] + a:000)
+endfunction
+
+" What the file on disk is now, to compare with later. `when` is a
+" reltime(): the time since the epoch costs a process the first time, so it
+" is worked out only when a comparison needs it (s:read_at).
+function! s:stat_of(bufnr) abort
+  let path = s:resolve_path(bufname(a:bufnr))
+  return {'mtime': getftime(path), 'size': getfsize(path), 'when': reltime()}
+endfunction
+
+" When the buffer last read or wrote its file, in ms since the epoch.
+function! s:read_at(buf) abort
+  return s:now_ms() - float2nr(reltimefloat(reltime(a:buf.read.when)) * 1000)
+endfunction
+
+" The buffer holds what its file holds now: it was just read or written.
+function! s:record_read(bufnr) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if !empty(buf)
+    let buf.read = s:stat_of(a:bufnr)
+    call setbufvar(a:bufnr, 'presenced_stale', 0)
+  endif
+endfunction
+
+" Why the file differs from the buffer, or '' if it does not seem to: its
+" mtime or size changed since the buffer read it, or someone saved it
+" after that (mtimes count whole seconds; the saves' times do not).
+function! s:change_on_disk(bufnr, entry) abort
+  let buf = s:buffers[a:bufnr]
+  " The latest save by another editor seen in the subscription's metas.
+  let save = a:entry.last_save
+  let saved_since = !empty(save) && !empty(buf.read) && save.at > s:read_at(buf)
+  let now = s:stat_of(a:bufnr)
+  let changed = empty(buf.read) || now.mtime != buf.read.mtime || now.size != buf.read.size
+  if !changed && !saved_since
+    return ''
+  endif
+  return saved_since ? printf('%s saved it at %s', save.key, s:clock(save.at)) : 'it changed on disk'
+endfunction
+
+" Reads the buffer's file again, keeping the cursor and view of every
+" window that shows it. A buffer no window shows is read when it is next
+" shown (presenced#shown). Never called for a buffer with changes.
+function! s:reload(bufnr) abort
+  let windows = win_findbuf(a:bufnr)
+  if empty(windows)
+    call setbufvar(a:bufnr, 'presenced_stale', 1)
+    return
+  endif
+  for id in windows
+    call win_execute(id, 'let w:presenced_view = winsaveview()')
+  endfor
+  " :edit! reads the file and runs BufReadPost, which applies the role
+  " again (reading resets 'modifiable' and 'readonly') and records the read.
+  call win_execute(windows[0], 'silent keepjumps edit!')
+  for id in windows
+    call win_execute(id, 'call winrestview(w:presenced_view) | unlet w:presenced_view')
+  endfor
+endfunction
+
+" The buffer became its file's owner: the user's settings come back, a
+" 'readonly' set by the swap-file answer goes, and if the file changed on
+" disk since the buffer read it the buffer reads it again.
+function! s:become_owner(bufnr, entry) abort
+  let buf = s:buffers[a:bufnr]
+  let was_restricted = s:unrestrict(a:bufnr)
+  if buf.swap_readonly
+    let buf.swap_readonly = 0
+    call setbufvar(a:bufnr, '&readonly', 0)
+    let was_restricted = 1
+  endif
+  if !was_restricted
+    let buf.last_message = ''
+    return
+  endif
+  let prefix = 'presenced: you own ' . s:display_name(a:bufnr) . ' now; '
+  let change = s:change_on_disk(a:bufnr, a:entry)
+  if change ==# ''
+    call s:say(a:bufnr, prefix . 'editable again', 'info')
+  elseif getbufvar(a:bufnr, '&modified')
+    " A spectator cannot change its buffer; if this one did, its changes
+    " are the user's to keep or drop.
+    call s:say(a:bufnr, prefix . change . ', but this buffer has unsaved changes of its own, so it was not reloaded: :edit! takes the file, :w keeps yours', 'warn')
+  else
+    call s:reload(a:bufnr)
+    call s:say(a:bufnr, prefix . 'reloaded: ' . change, 'info')
+  endif
+endfunction
+
+" Spectators follow the owner's saves: the buffer reads the file again.
+function! s:follow_save(bufnr, save) abort
+  let buf = s:buffers[a:bufnr]
+  if getbufvar(a:bufnr, '&modified')
+    return
+  endif
+  call s:reload(a:bufnr)
+  " Not s:say: its memory of the last message is for the standing, which
+  " a reload says nothing new about.
+  call s:show(printf('presenced: %s: reloaded: %s saved it at %s', s:display_name(a:bufnr),
+        \ a:save.key, s:clock(a:save.at)), 'info')
+endfunction
+
+" `removed by root (uid 0, pid 8120); read-only. :PresenceJoin to queue again`
+function! s:removed_message(entry) abort
+  let by = get(a:entry.removal, 'by', {})
+  return printf('removed by %s (uid %s, pid %s); read-only. :PresenceJoin to queue again',
+        \ get(by, 'user', '?'), get(by, 'uid', '?'), get(by, 'pid', '?'))
 endfunction
 
 " Puts the buffer in the state its entry calls for, and says why when that
@@ -219,12 +414,9 @@ function! s:apply(bufnr) abort
   endif
   let entry = s:entries[buf.topic]
   if entry.status ==# 'joined'
+    let s:trouble_shown = ''
     if entry.standing.role ==# 'owner'
-      if s:unrestrict(a:bufnr)
-        call s:tell(a:bufnr, 'you are the owner now; editable again', 'info')
-      else
-        let buf.last_message = ''
-      endif
+      call s:become_owner(a:bufnr, entry)
     else
       let modified = getbufvar(a:bufnr, '&modified')
       call s:restrict(a:bufnr)
@@ -234,19 +426,22 @@ function! s:apply(bufnr) abort
       endif
       call s:tell(a:bufnr, message, 'warn')
     endif
+  elseif entry.status ==# 'removed'
+    call s:restrict(a:bufnr)
+    call s:tell(a:bufnr, s:removed_message(entry), 'warn')
   elseif entry.status ==# 'unreachable'
     let reason = printf('cannot reach the daemon at %s (%s)', presenced#socket_path(),
           \ s:link.error !=# '' ? s:link.error : 'no answer')
     if s:opt('on_unreachable', 'editable') ==# 'readonly'
       call s:restrict(a:bufnr)
-      call s:tell(a:bufnr, reason . '; read-only until it answers', 'warn')
+      call s:tell(a:bufnr, reason . '; read-only until it answers', 'warn', reason)
     else
       call s:unrestrict(a:bufnr)
-      call s:tell(a:bufnr, reason . '; editable, but nobody else will know you are editing it', 'warn')
+      call s:tell(a:bufnr, reason . '; editable, but nobody else will know you are editing it', 'warn', reason)
     endif
   elseif entry.status ==# 'refused'
     call s:unrestrict(a:bufnr)
-    call s:tell(a:bufnr, 'the daemon refused to track it (' . entry.error . '); editable', 'warn')
+    call s:tell(a:bufnr, 'the daemon refused to track it (' . entry.error . '); editable', 'warn', entry.error)
   endif
   " 'joining': left as it is until the answer comes.
 endfunction
@@ -284,6 +479,20 @@ function! s:add_metas(into, presences) abort
   endfor
 endfunction
 
+" Notes a save seen in another entry's meta, the latest one kept: it names
+" who saved the file last when this editor is promoted.
+function! s:note_save(entry, meta) abort
+  let at = get(a:meta, 'saved_at', 0)
+  if type(at) != v:t_number || at <= 0 || a:meta.phx_ref ==# a:entry.ref
+    return {}
+  endif
+  let save = {'key': a:meta.key, 'at': at}
+  if empty(a:entry.last_save) || at > a:entry.last_save.at
+    let a:entry.last_save = save
+  endif
+  return save
+endfunction
+
 function! s:on_presence_event(message) abort
   let entry = get(s:entries, a:message.topic, {})
   if empty(entry)
@@ -293,14 +502,38 @@ function! s:on_presence_event(message) abort
     " A state replaces the whole view, even one not asked for (section 14).
     let entry.metas = {}
     call s:add_metas(entry.metas, a:message.payload)
-  else
-    for presence in values(get(a:message.payload, 'leaves', {}))
-      for meta in get(presence, 'metas', [])
-        silent! call remove(entry.metas, meta.phx_ref)
-      endfor
+    for meta in values(entry.metas)
+      call s:note_save(entry, meta)
     endfor
-    call s:add_metas(entry.metas, get(a:message.payload, 'joins', {}))
+    return
   endif
+  let before = {}
+  for presence in values(get(a:message.payload, 'leaves', {}))
+    for meta in get(presence, 'metas', [])
+      let before[meta.phx_ref] = meta
+      silent! call remove(entry.metas, meta.phx_ref)
+    endfor
+  endfor
+  let joined = {}
+  call s:add_metas(joined, get(a:message.payload, 'joins', {}))
+  call extend(entry.metas, joined)
+  let reasons = get(a:message, 'reasons', {})
+  let owner = get(a:message, 'owner', v:null)
+  let owner_ref = type(owner) == v:t_dict ? owner.phx_ref : ''
+  for meta in values(joined)
+    let previous = get(meta, 'phx_ref_prev', '')
+    let save = s:note_save(entry, meta)
+    " The owner saved the file: its update changed saved_at. A spectator
+    " reads the file again, so it shows what the owner wrote.
+    if !empty(save) && type(previous) == v:t_string && get(reasons, previous, '') ==# 'update'
+          \ && get(get(before, previous, {}), 'saved_at', 0) != save.at
+          \ && meta.phx_ref ==# owner_ref
+          \ && entry.status ==# 'joined' && get(entry.standing, 'role', '') ==# 'spectator'
+      for bufnr in keys(entry.bufs)
+        call s:follow_save(str2nr(bufnr), save)
+      endfor
+    endif
+  endfor
 endfunction
 
 " The entries on the topic in queue order (owner first).
@@ -532,10 +765,10 @@ function! s:on_track_reply(conn, entry, reply) abort
     return
   endif
   if a:reply.ok
-    let a:entry.ref = a:reply.ref
+    call s:take_ref(a:entry, a:reply.ref)
     let a:entry.token = a:reply.resume_token
     let a:entry.seq = a:reply.seq
-    let s:by_ref[a:reply.ref] = a:entry
+    let a:entry.meta_dirty = 0
     call s:set_standing(a:entry, s:standing_of(a:reply))
   elseif a:reply.error.code !=# 'disconnected'
     " A disconnect is retried by the reconnect; anything else is final.
@@ -543,6 +776,58 @@ function! s:on_track_reply(conn, entry, reply) abort
     let a:entry.error = a:reply.error.message
     let s:link.slow = 0
     call s:apply_entry(a:entry)
+  endif
+endfunction
+
+" The entry is known by `ref` from now on.
+function! s:take_ref(entry, ref) abort
+  if a:entry.ref !=# ''
+    silent! call remove(s:by_ref, a:entry.ref)
+  endif
+  let a:entry.ref = a:ref
+  let s:by_ref[a:ref] = a:entry
+endfunction
+
+" Another connection took the entry away (a `removed` event, or the
+" `removed` part of a resume reply): it holds no place any more, and its
+" token is spent. Its buffers become read-only until :PresenceJoin.
+function! s:removed(entry, removal) abort
+  if a:entry.ref !=# ''
+    silent! call remove(s:by_ref, a:entry.ref)
+  endif
+  let a:entry.ref = ''
+  let a:entry.token = ''
+  let a:entry.status = 'removed'
+  let a:entry.removal = a:removal
+  let a:entry.standing = {}
+  call s:apply_entry(a:entry)
+endfunction
+
+" Sends the entry's meta with `update`, one at a time: each update gives
+" the entry a new ref, which the next one must name. A meta changed while
+" one is on its way is sent after it; one changed while disconnected is
+" sent after the resume.
+function! s:send_meta(entry) abort
+  let a:entry.meta_dirty = 1
+  if a:entry.updating || a:entry.ref ==# '' || s:link.state !=# 'up'
+    return
+  endif
+  let a:entry.updating = 1
+  let a:entry.meta_dirty = 0
+  let conn = s:link.conn
+  call s:request(conn, {'op': 'update', 'topic': a:entry.topic, 'ref': a:entry.ref,
+        \ 'meta': a:entry.meta}, function('s:on_update_reply', [conn, a:entry]))
+endfunction
+
+function! s:on_update_reply(conn, entry, reply) abort
+  let a:entry.updating = 0
+  if a:reply.ok && !a:entry.left && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
+    call s:take_ref(a:entry, a:reply.ref)
+  elseif !a:reply.ok && a:reply.error.code ==# 'disconnected'
+    let a:entry.meta_dirty = 1
+  endif
+  if a:entry.meta_dirty && !a:entry.left && a:conn is s:link.conn
+    call s:send_meta(a:entry)
   endif
 endfunction
 
@@ -622,7 +907,7 @@ function! s:track_unjoined(conn) abort
     if a:conn isnot s:link.conn
       return
     endif
-    if entry.ref ==# '' && !entry.tracking
+    if entry.ref ==# '' && !entry.tracking && entry.status !=# 'removed'
       let entry.status = 'joining'
       call s:track(entry)
     endif
@@ -644,12 +929,34 @@ function! s:on_resume_reply(conn, tokens, leaving, reply) abort
     " Not expected of a resume; start over with new entries.
     let reply = {'roles': {}, 'expired': a:tokens, 'resumed': [], 'refused': {}}
   endif
+  " An entry updated while no connection held it has a new ref, which only
+  " `refs` tells; take it before reading `roles`, which name the new one.
+  for [token, ref] in items(get(reply, 'refs', {}))
+    for entry in values(s:entries)
+      if entry.token ==# token && entry.ref !=# ref
+        call s:take_ref(entry, ref)
+      endif
+    endfor
+  endfor
+  " Entries someone removed while this editor was away: as a `removed`
+  " event would have said, and never tracked again by themselves.
+  for [token, removal] in items(get(reply, 'removed', {}))
+    for entry in values(s:entries)
+      if entry.token ==# token
+        call s:removed(entry, removal)
+      endif
+    endfor
+  endfor
   for [ref, standing] in items(reply.roles)
     let entry = get(s:by_ref, ref, {})
     if !empty(entry)
       " Unchanged roles say nothing: s:apply only speaks of changes.
       call s:set_standing(entry, s:standing_of(standing))
       call s:request(a:conn, {'op': 'subscribe', 'topic': entry.topic}, 0)
+      " Saves made while the daemon was away are told now.
+      if entry.meta_dirty
+        call s:send_meta(entry)
+      endif
     endif
   endfor
   for orphan in a:leaving
@@ -718,8 +1025,10 @@ function! s:unreachable(reason) abort
   let s:link.reconnecting = 0
   for entry in values(s:entries)
     let entry.tracking = 0
-    let entry.status = 'unreachable'
-    call s:apply_entry(entry)
+    if entry.status !=# 'removed'
+      let entry.status = 'unreachable'
+      call s:apply_entry(entry)
+    endif
   endfor
 endfunction
 
@@ -796,6 +1105,18 @@ function! s:on_event(conn, message) abort
     endif
   elseif a:message.event ==# 'presence_state' || a:message.event ==# 'presence_diff'
     call s:on_presence_event(a:message)
+  elseif a:message.event ==# 'removed'
+    let entry = get(s:by_ref, a:message.payload.ref, {})
+    if !empty(entry)
+      call s:removed(entry, a:message.payload)
+    endif
+  elseif a:message.event ==# 'updated'
+    " Someone else (root, say) changed the entry: it has a new ref and meta.
+    let entry = get(s:by_ref, a:message.payload.prev_ref, {})
+    if !empty(entry)
+      call s:take_ref(entry, a:message.payload.ref)
+      let entry.meta = a:message.payload.meta
+    endif
   endif
   " `shutdown` is noted by s:on_line and handled when the connection closes.
 endfunction
@@ -860,16 +1181,18 @@ endfunction
 
 " Follows a buffer that was read or created. `wait` waits (up to
 " g:presenced_join_wait_ms) for its role, so a spectator never looks
-" editable.
-function! presenced#attach(bufnr, wait) abort
-  if !s:is_file_buffer(a:bufnr)
+" editable. `opening`: called from SwapExists, before the buffer is loaded.
+function! presenced#attach(bufnr, wait, ...) abort
+  if !s:is_file_buffer(a:bufnr, a:0 && a:1)
     call presenced#detach(a:bufnr)
     return
   endif
   let [topic, path] = s:topic_of(a:bufnr)
   let buf = get(s:buffers, a:bufnr, {})
   if !empty(buf) && buf.topic ==# topic
-    " Read again (:edit!): reading resets 'readonly'.
+    " Read again (:edit!, or the read after SwapExists): reading resets
+    " 'modifiable' and 'readonly', and the buffer now holds the file.
+    call s:record_read(a:bufnr)
     call s:apply(a:bufnr)
     return
   endif
@@ -877,7 +1200,9 @@ function! presenced#attach(bufnr, wait) abort
   if topic ==# ''
     return
   endif
-  let s:buffers[a:bufnr] = {'topic': topic, 'saved': {}, 'last_message': ''}
+  let s:buffers[a:bufnr] = {'topic': topic, 'saved': {}, 'last_message': '', 'read': {},
+        \ 'swap_readonly': 0}
+  call s:record_read(a:bufnr)
   if has_key(s:entries, topic)
     let s:entries[topic].bufs[a:bufnr] = 1
     call s:apply(a:bufnr)
@@ -885,7 +1210,8 @@ function! presenced#attach(bufnr, wait) abort
   endif
   let entry = {'topic': topic, 'key': s:key_of(a:bufnr), 'meta': s:meta_of(a:bufnr, path),
         \ 'bufs': {a:bufnr: 1}, 'status': 'joining', 'metas': {}, 'ref': '', 'token': '',
-        \ 'seq': 0, 'standing': {}, 'tracking': 0, 'left': 0, 'error': ''}
+        \ 'seq': 0, 'standing': {}, 'tracking': 0, 'left': 0, 'error': '',
+        \ 'saves': 0, 'meta_dirty': 0, 'updating': 0, 'last_save': {}, 'removal': {}}
   let s:entries[topic] = entry
   call s:join(entry)
   let wait_ms = s:opt('join_wait_ms', 1500)
@@ -896,11 +1222,166 @@ function! presenced#attach(bufnr, wait) abort
   endif
 endfunction
 
-" A buffer was written: `:write NAME` names an unnamed buffer without
-" BufFilePost, so a buffer not followed yet may have become a file.
-function! presenced#written(bufnr) abort
-  if !has_key(s:buffers, a:bufnr)
+" A buffer was written to `file`: `:write NAME` names an unnamed buffer
+" without BufFilePost, so a buffer not followed yet may have become a file.
+" The owner's write of its own file is told to the others with `update`:
+" saved_at and saves in the meta, which spectators follow.
+function! presenced#written(bufnr, file) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if empty(buf)
     call presenced#attach(a:bufnr, 1)
+    return
+  endif
+  if !s:is_own_file(a:bufnr, a:file)
+    return
+  endif
+  call s:record_read(a:bufnr)
+  let entry = get(s:entries, buf.topic, {})
+  if empty(entry) || s:overriding == a:bufnr || entry.status !=# 'joined'
+        \ || entry.standing.role !=# 'owner'
+    return
+  endif
+  let entry.saves += 1
+  let entry.meta.saved_at = s:now_ms()
+  let entry.meta.saves = entry.saves
+  call s:send_meta(entry)
+endfunction
+
+function! s:is_own_file(bufnr, file) abort
+  return a:file !=# '' && s:resolve_path(a:file) ==# s:resolve_path(bufname(a:bufnr))
+endfunction
+
+" What a refused write says. `since` is when the owner joined.
+function! s:refusal(bufnr) abort
+  let entry = s:entries[s:buffers[a:bufnr].topic]
+  let name = s:display_name(a:bufnr)
+  let what_to_do = ':PresenceWrite! to save anyway, or :w other-name'
+  if entry.status ==# 'joined' && type(get(entry.standing, 'owner', v:null)) == v:t_dict
+    let owner = entry.standing.owner
+    return printf('presenced: %s is being edited by %s since %s; your copy is read-only. %s',
+          \ name, s:who(owner), s:clock(owner.joined_at), what_to_do)
+  elseif entry.status ==# 'removed'
+    return printf('presenced: %s: %s, %s', name, s:removed_message(entry), what_to_do)
+  endif
+  return printf('presenced: %s: the daemon cannot say who is editing it, so your copy is read-only until it answers. %s',
+        \ name, what_to_do)
+endfunction
+
+" The write guard, on BufWritePre, FileWritePre and FileAppendPre: a
+" read-only buffer is never written to its own file, bang or not; to any
+" other file it is. interrupt() stops the write (and a :wq or :x with it)
+" without the "Exception not caught" lines a :throw would print around
+" the message; in a script's :try it is caught as "Vim:Interrupt", with
+" the message in v:errmsg.
+function! presenced#guard(bufnr, file) abort
+  let buf = get(s:buffers, a:bufnr, {})
+  if empty(buf) || empty(buf.saved) || s:overriding == a:bufnr || !s:is_own_file(a:bufnr, a:file)
+    return
+  endif
+  let message = s:refusal(a:bufnr)
+  echohl ErrorMsg
+  echomsg message
+  echohl None
+  let v:errmsg = message
+  call interrupt()
+endfunction
+
+" :PresenceWrite!: writes a read-only buffer over its file after asking,
+" and first records it in the entry's meta (`overrode`), which `presence
+" log` shows as an update. Without the bang it says what the bang would do.
+function! presenced#write_anyway(bang) abort
+  let bufnr = bufnr('%')
+  let buf = get(s:buffers, bufnr, {})
+  if empty(buf) || empty(buf.saved)
+    " Nobody else holds it: an ordinary write.
+    execute 'write' . (a:bang ? '!' : '')
+    return
+  endif
+  let entry = s:entries[buf.topic]
+  let name = s:display_name(bufnr)
+  let owner = entry.status ==# 'joined' ? get(entry.standing, 'owner', v:null) : v:null
+  if type(owner) != v:t_dict && !empty(entry.metas)
+    let owner = s:queue_of(entry)[0]
+  endif
+  let whose = type(owner) == v:t_dict ? s:who(owner) : 'another editor'
+  if !a:bang
+    echohl ErrorMsg
+    echomsg printf('presenced: %s is being edited by %s; :PresenceWrite! (with !) writes your copy over theirs', name, whose)
+    echohl None
+    return
+  endif
+  let question = printf('presenced: %s is being edited by %s. Write your copy over theirs?', name, whose)
+  let Confirm = get(g:, 'Presenced_confirm', 0)
+  if type(Confirm) == v:t_func
+    let yes = Confirm(question)
+  else
+    let yes = confirm(question, "&Yes\n&No", 2) == 1
+  endif
+  if !yes
+    call s:notify(name . ': not written', 'info')
+    return
+  endif
+  if type(owner) == v:t_dict && entry.ref !=# ''
+    let entry.meta.overrode = {'owner': owner.key, 'owner_pid': owner.pid, 'at': s:now_ms()}
+    call s:send_meta(entry)
+    call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
+  endif
+  let s:overriding = bufnr
+  try
+    write!
+  finally
+    let s:overriding = -1
+  endtry
+  call s:notify(printf('%s: written over the copy of %s', name, whose), 'warn')
+endfunction
+
+" :PresenceJoin: queues again (at the end) for a buffer whose entry was
+" removed or refused, or tries the daemon again if it could not be reached.
+function! presenced#join_again() abort
+  let bufnr = bufnr('%')
+  let buf = get(s:buffers, bufnr, {})
+  if empty(buf)
+    call presenced#attach(bufnr, 1)
+    return
+  endif
+  let entry = s:entries[buf.topic]
+  if entry.status ==# 'removed' || entry.status ==# 'refused'
+    let entry.removal = {}
+    let entry.error = ''
+    call s:join(entry)
+    let buf.last_message = ''
+    call s:wait_until({-> entry.status !=# 'joining'}, s:opt('join_wait_ms', 1500))
+  elseif entry.status ==# 'unreachable'
+    call s:connect()
+  else
+    call s:notify(s:display_name(bufnr) . ': already on ' . entry.topic . ': ' . presenced#status(), 'info')
+  endif
+endfunction
+
+" SwapExists: Vim found a swap file for the file being opened. The plugin
+" joins the topic first (waiting as at open). If another editor owns the
+" file, the buffer is opened read-only without asking, and presenced's
+" message says who edits it. If this editor owns it (the swap file is left
+" by a crash, or by an editor presenced does not know), Vim asks as usual:
+" recovering is then the user's call.
+function! presenced#swap_exists(bufnr, file) abort
+  let bufnr = a:bufnr > 0 ? a:bufnr : bufnr('%')
+  call presenced#attach(bufnr, 1, 1)
+  let buf = get(s:buffers, bufnr, {})
+  let entry = empty(buf) ? {} : get(s:entries, buf.topic, {})
+  if !empty(entry) && (entry.status ==# 'removed' || (entry.status ==# 'joined'
+        \ && entry.standing.role !=# 'owner'))
+    let v:swapchoice = 'o'
+    let buf.swap_readonly = 1
+  endif
+endfunction
+
+" BufWinEnter of a buffer with b:presenced_stale: it should have read its
+" file again while no window showed it (s:reload), and does it now.
+function! presenced#shown(bufnr) abort
+  call setbufvar(a:bufnr, 'presenced_stale', 0)
+  if has_key(s:buffers, a:bufnr) && !getbufvar(a:bufnr, '&modified')
+    call timer_start(0, {-> s:reload(a:bufnr)})
   endif
 endfunction
 
@@ -973,8 +1454,9 @@ function! presenced#state(...) abort
         \ 'restricted': !empty(buf.saved)}
 endfunction
 
-" A short text for the statusline: `owner`, `owner, 2 watching`,
-" `spectator #1 (owner: alice, pid 4242)`, or '' for buffers not followed.
+" A short text for the statusline or 'titlestring': `owner`, `owner, 2
+" watching`, `spectator #1 (owner: alice, pid 4242)`, or '' for buffers not
+" followed.
 function! presenced#status(...) abort
   let state = call('presenced#state', a:000)
   if empty(state)
@@ -992,6 +1474,8 @@ function! presenced#status(...) abort
     let text = 'joining'
   elseif state.status ==# 'unreachable'
     let text = 'no daemon'
+  elseif state.status ==# 'removed'
+    let text = 'removed, read-only (:PresenceJoin)'
   else
     let text = 'not tracked'
   endif

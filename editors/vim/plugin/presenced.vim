@@ -19,11 +19,20 @@ endif
 command! -bar PresenceStatus call presenced#print_status()
 command! -bar PresenceWho call presenced#print_who()
 command! -bar PresenceReconnect call presenced#reconnect()
+command! -bar -bang PresenceWrite call presenced#write_anyway(<bang>0)
+command! -bar PresenceJoin call presenced#join_again()
 
 augroup presenced
   autocmd!
   autocmd BufReadPost,BufNewFile,BufFilePost * call presenced#attach(str2nr(expand('<abuf>')), 1)
-  autocmd BufWritePost * call presenced#written(str2nr(expand('<abuf>')))
+  autocmd BufWritePost * call presenced#written(str2nr(expand('<abuf>')), expand('<afile>'))
+  " The write guard. An exception or interrupt here stops the write, bang
+  " or not, and a refused :wq or :x then does not quit. Whole-buffer
+  " writes, ranges and appends each have their own event.
+  autocmd BufWritePre,FileWritePre,FileAppendPre * call presenced#guard(str2nr(expand('<abuf>')), expand('<afile>'))
+  autocmd SwapExists * call presenced#swap_exists(str2nr(expand('<abuf>')), expand('<afile>'))
+  " A buffer that missed a reload while hidden reads its file when shown.
+  autocmd BufWinEnter * if get(b:, 'presenced_stale', 0) | call presenced#shown(str2nr(expand('<abuf>'))) | endif
   autocmd BufDelete,BufWipeout * call presenced#detach(str2nr(expand('<abuf>')))
   autocmd BufUnload * call presenced#unloaded(str2nr(expand('<abuf>')))
   autocmd VimLeavePre * call presenced#leave_all()

@@ -4,7 +4,10 @@
 -- 'readonly' until it is promoted. See :help presenced and docs/protocol.md.
 --
 -- State lives in three tables:
---   buffers[bufnr] = { topic, saved, last_message }  one per attached buffer
+--   buffers[bufnr] = { topic, saved, last_message, file, read_at, ... }
+--                             one per attached buffer; `file` is the
+--                             file's mtime and size when the buffer last
+--                             read or wrote it
 --   entries[topic] = { ... }  one per topic this editor holds, shared by the
 --                             buffers on that topic (the daemon refuses a
 --                             second entry for one topic and key on one
@@ -82,6 +85,8 @@ local link = {
   -- before answering anything (one over --max-connections, say) does not
   -- end it, so such closes cannot restart the deadline forever.
   outage = nil,
+  -- The daemon trouble last said, so the same is said once, not per buffer.
+  told_trouble = nil,
   -- Set when a wait for a role ran out: later buffers do not wait again
   -- until the daemon answers, so opening many files at once blocks for
   -- at most one join_wait_ms.
@@ -90,8 +95,44 @@ local link = {
 
 -- Helpers ---------------------------------------------------------------
 
+-- Messages said before Neovim finished starting: the first redraw would
+-- wipe them, so they wait for VimEnter.
+local early_messages = {}
+
+-- Says `message` so that it stays visible: never before the UI is up, and
+-- after the command or event that caused it (an :edit's file message
+-- would otherwise replace it). Also kept in :messages.
 local function notify(message, level)
-  vim.notify('presenced: ' .. message, level or levels.INFO)
+  message = 'presenced: ' .. message
+  level = level or levels.INFO
+  if vim.v.vim_did_enter ~= 1 then
+    table.insert(early_messages, { message, level })
+    return
+  end
+  vim.schedule(function()
+    vim.notify(message, level)
+  end)
+end
+
+local function say_early_messages()
+  local waiting = early_messages
+  early_messages = {}
+  vim.schedule(function()
+    for _, said in ipairs(waiting) do
+      vim.notify(said[1], said[2])
+    end
+  end)
+end
+
+-- Milliseconds since the Unix epoch.
+local function now_ms()
+  local seconds, microseconds = uv.gettimeofday()
+  return seconds * 1000 + math.floor(microseconds / 1000)
+end
+
+-- `10:14`: a daemon time (Unix milliseconds) in local time.
+local function clock(ms)
+  return os.date('%H:%M', math.floor(ms / 1000))
 end
 
 local function login_name()
@@ -217,6 +258,70 @@ local function standing_of(fields)
   }
 end
 
+-- Presences seen through the subscription -------------------------------
+
+-- Adds the metas of a Phoenix-shaped `{key: {metas: [...]}}` to `into`,
+-- keyed by ref.
+local function add_metas(into, presences)
+  if type(presences) ~= 'table' then
+    return
+  end
+  for key, presence in pairs(presences) do
+    for _, meta in ipairs(type(presence) == 'table' and presence.metas or {}) do
+      into[meta.phx_ref] = vim.tbl_extend('force', meta, { key = key })
+    end
+  end
+end
+
+-- The entries on the topic in queue order (owner first).
+local function queue_of(entry)
+  local list = {}
+  for _, meta in pairs(entry.metas or {}) do
+    table.insert(list, meta)
+  end
+  table.sort(list, function(a, b)
+    return a.seq < b.seq
+  end)
+  return list
+end
+
+-- The `saved_at` of a meta, or nil: a number only when some editor saved.
+local function saved_at_of(meta)
+  local at = type(meta) == 'table' and meta.saved_at or nil
+  return type(at) == 'number' and at or nil
+end
+
+-- Remembers the latest save by another editor on the topic, to say who
+-- changed the file when this one is promoted: the owner's meta is gone
+-- from the subscription by the time the role event comes.
+local function note_save(entry, meta)
+  local at = saved_at_of(meta)
+  if at and meta.phx_ref ~= entry.ref and (not entry.last_save or at > entry.last_save.at) then
+    entry.last_save = { key = meta.key, at = at }
+  end
+end
+
+-- The owner as last heard: from the standing, or, for an entry that was
+-- removed, the first in the queue the subscription shows.
+local function current_owner(entry)
+  if entry.status == 'joined' and entry.standing and not is_null(entry.standing.owner) then
+    return entry.standing.owner
+  end
+  if entry.status == 'removed' then
+    local first = queue_of(entry)[1]
+    if first then
+      return { key = first.key, pid = first.pid, user = first.user, joined_at = first.joined_at, phx_ref = first.phx_ref }
+    end
+  end
+  return nil
+end
+
+-- Whether this editor must not write the buffer to its file: it is a
+-- spectator, or its entry was taken away.
+local function is_guarded(entry)
+  return entry.status == 'removed' or (entry.status == 'joined' and entry.standing.role ~= 'owner')
+end
+
 -- Buffer options --------------------------------------------------------
 
 -- Makes the buffer read-only, remembering the user's own settings the
@@ -231,7 +336,9 @@ local function restrict(bufnr)
   vim.bo[bufnr].readonly = true
 end
 
--- Gives the user's settings back; true if the buffer was restricted.
+-- Gives the user's settings back; true if the buffer was restricted. A
+-- buffer this plugin opened read-only at the swap-file question becomes
+-- writable: the swap file was the owner's.
 local function unrestrict(bufnr)
   local buf = buffers[bufnr]
   if not buf or not buf.saved then
@@ -239,9 +346,10 @@ local function unrestrict(bufnr)
   end
   if vim.api.nvim_buf_is_valid(bufnr) then
     vim.bo[bufnr].modifiable = buf.saved.modifiable
-    vim.bo[bufnr].readonly = buf.saved.readonly
+    vim.bo[bufnr].readonly = buf.saved.readonly and not buf.swap_readonly
   end
   buf.saved = nil
+  buf.swap_readonly = nil
   return true
 end
 
@@ -253,6 +361,125 @@ local function tell(bufnr, message, level)
   end
   buf.last_message = message
   notify(display_name(bufnr) .. ': ' .. message, level)
+end
+
+-- The buffer's file as it was when the buffer last read or wrote it.
+local function file_stamp(bufnr)
+  local stat = uv.fs_stat(vim.api.nvim_buf_get_name(bufnr))
+  if not stat then
+    return nil
+  end
+  return { sec = stat.mtime.sec, nsec = stat.mtime.nsec, size = stat.size }
+end
+
+local function remember_file(bufnr)
+  local buf = buffers[bufnr]
+  if buf then
+    buf.file = file_stamp(bufnr)
+    buf.read_at = now_ms()
+  end
+end
+
+-- Whether the file changed on disk since the buffer read or wrote it. A
+-- file that is gone is not something to reload.
+local function file_changed(bufnr)
+  local now, was = file_stamp(bufnr), buffers[bufnr].file
+  if not now then
+    return false
+  end
+  return not was or now.sec ~= was.sec or now.nsec ~= was.nsec or now.size ~= was.size
+end
+
+-- Reads the buffer's file again when it changed on disk since the buffer
+-- read it, keeping the view of every window on it. Returns 'unchanged',
+-- 'reloaded', 'modified' (the buffer has changes of its own: it is left
+-- as it is) or 'failed' and why.
+local function reload(bufnr)
+  if not file_changed(bufnr) then
+    return 'unchanged'
+  end
+  if vim.bo[bufnr].modified then
+    return 'modified'
+  end
+  local buf = buffers[bufnr]
+  local views = {}
+  for _, win in ipairs(vim.fn.win_findbuf(bufnr)) do
+    views[win] = vim.api.nvim_win_call(win, vim.fn.winsaveview)
+  end
+  -- Reading it again runs BufReadPost, which applies the standing again:
+  -- that must not say the standing again.
+  local said = buf.last_message
+  buf.reloading = true
+  local ok, err = pcall(vim.api.nvim_buf_call, bufnr, function()
+    vim.cmd('silent edit!')
+  end)
+  buf.reloading = false
+  buf.last_message = said
+  for win, view in pairs(views) do
+    if vim.api.nvim_win_is_valid(win) and vim.api.nvim_win_get_buf(win) == bufnr then
+      vim.api.nvim_win_call(win, function()
+        vim.fn.winrestview(view)
+      end)
+    end
+  end
+  if not ok then
+    return 'failed', tostring(err)
+  end
+  return 'reloaded'
+end
+
+-- Promoted: reads the file again if the last owner (or anyone) changed it
+-- while this buffer was a spectator, and says what happened.
+local function promoted(bufnr, entry)
+  local buf = buffers[bufnr]
+  local name = display_name(bufnr)
+  local save = entry.last_save
+  if save and save.at < (buf.read_at or 0) then
+    -- Saved before this buffer read the file: not what changed it.
+    save = nil
+  end
+  local outcome, err = reload(bufnr)
+  local message, level = nil, levels.INFO
+  if outcome == 'reloaded' and save then
+    message = ('you own %s now; reloaded: %s saved it at %s'):format(name, save.key, clock(save.at))
+  elseif outcome == 'reloaded' then
+    message = ('you own %s now; reloaded: it changed on disk'):format(name)
+  elseif outcome == 'modified' then
+    message = ('you own %s now; editable, but it changed on disk and this copy has changes of its own, so it was not reloaded (:edit! takes the file)'):format(name)
+    level = levels.WARN
+  elseif outcome == 'failed' then
+    message = ('you own %s now; editable, but reading it again failed: %s'):format(name, err)
+    level = levels.WARN
+  else
+    message = ('you own %s now; editable again'):format(name)
+  end
+  buf.last_message = message
+  notify(message, level)
+end
+
+-- A spectator follows the owner's save: reads the file again and says so.
+local function follow_save(bufnr, save)
+  local name = display_name(bufnr)
+  local saved = ('%s saved it at %s'):format(save.key, clock(save.at))
+  local outcome, err = reload(bufnr)
+  if outcome == 'reloaded' then
+    notify(('%s: reloaded: %s'):format(name, saved))
+  elseif outcome == 'modified' then
+    notify(('%s: %s; not reloaded: this copy has changes of its own'):format(name, saved), levels.WARN)
+  elseif outcome == 'failed' then
+    notify(('%s: %s; reading it again failed: %s'):format(name, saved, err), levels.WARN)
+  end
+end
+
+-- Says why the daemon cannot be reached, once per reason, whichever
+-- buffer comes first: the same trouble for every buffer is news once.
+local function tell_trouble(bufnr, message)
+  if link.told_trouble == message then
+    buffers[bufnr].last_message = display_name(bufnr) .. ': ' .. message
+    return
+  end
+  link.told_trouble = message
+  tell(bufnr, message, levels.WARN)
 end
 
 -- Puts the buffer in the state its entry calls for, and says why when
@@ -267,7 +494,7 @@ local function apply(bufnr)
     local standing = entry.standing
     if standing.role == 'owner' then
       if unrestrict(bufnr) then
-        tell(bufnr, 'you are the owner now; editable again')
+        promoted(bufnr, entry)
       else
         buf.last_message = nil
       end
@@ -280,14 +507,22 @@ local function apply(bufnr)
       end
       tell(bufnr, message, levels.WARN)
     end
+  elseif entry.status == 'removed' then
+    restrict(bufnr)
+    local by = entry.removal and entry.removal.by or {}
+    tell(
+      bufnr,
+      ('removed by %s (uid %s, pid %s); read-only. :PresenceJoin to queue again'):format(by.user, by.uid, by.pid),
+      levels.WARN
+    )
   elseif entry.status == 'unreachable' then
     local reason = ('cannot reach the daemon at %s (%s)'):format(M.socket_path(), link.error or 'no answer')
     if config.on_unreachable == 'readonly' then
       restrict(bufnr)
-      tell(bufnr, reason .. '; read-only until it answers', levels.WARN)
+      tell_trouble(bufnr, reason .. '; read-only until it answers')
     else
       unrestrict(bufnr)
-      tell(bufnr, reason .. '; editable, but nobody else will know you are editing it', levels.WARN)
+      tell_trouble(bufnr, reason .. '; editable, but nobody else will know you are editing it')
     end
   elseif entry.status == 'refused' then
     unrestrict(bufnr)
@@ -313,21 +548,6 @@ local function set_standing(entry, standing)
   apply_entry(entry)
 end
 
--- Presences seen through the subscription -------------------------------
-
--- Adds the metas of a Phoenix-shaped `{key: {metas: [...]}}` to `into`,
--- keyed by ref.
-local function add_metas(into, presences)
-  if type(presences) ~= 'table' then
-    return
-  end
-  for key, presence in pairs(presences) do
-    for _, meta in ipairs(type(presence) == 'table' and presence.metas or {}) do
-      into[meta.phx_ref] = vim.tbl_extend('force', meta, { key = key })
-    end
-  end
-end
-
 local function on_presence_event(message)
   local entry = entries[message.topic]
   if not entry then
@@ -337,34 +557,60 @@ local function on_presence_event(message)
     -- A state replaces the whole view, even one not asked for (section 14).
     entry.metas = {}
     add_metas(entry.metas, message.payload)
-  else
-    local payload = message.payload or {}
-    if type(payload.leaves) == 'table' then
-      for _, presence in pairs(payload.leaves) do
-        for _, meta in ipairs(presence.metas or {}) do
-          entry.metas[meta.phx_ref] = nil
-        end
+    for _, meta in pairs(entry.metas) do
+      note_save(entry, meta)
+    end
+    return
+  end
+  local payload = message.payload or {}
+  local reasons = type(message.reasons) == 'table' and message.reasons or {}
+  -- What the metas that leave said, to see what an update changed.
+  local before = {}
+  if type(payload.leaves) == 'table' then
+    for _, presence in pairs(payload.leaves) do
+      for _, meta in ipairs(presence.metas or {}) do
+        before[meta.phx_ref] = entry.metas[meta.phx_ref] or meta
+        entry.metas[meta.phx_ref] = nil
       end
     end
-    add_metas(entry.metas, payload.joins)
   end
-end
-
--- The entries on the topic in queue order (owner first).
-local function queue_of(entry)
-  local list = {}
-  for _, meta in pairs(entry.metas or {}) do
-    table.insert(list, meta)
+  local joined = {}
+  add_metas(joined, payload.joins)
+  local owner_ref = type(message.owner) == 'table' and message.owner.phx_ref or nil
+  local followed
+  for ref, meta in pairs(joined) do
+    entry.metas[ref] = meta
+    note_save(entry, meta)
+    local prev = meta.phx_ref_prev
+    local standing = entry.standing
+    if standing and type(standing.owner) == 'table' and standing.owner.phx_ref == prev and ref == owner_ref then
+      -- The owner updated its meta: same owner, new ref.
+      standing.owner = message.owner
+    end
+    local at = saved_at_of(meta)
+    if
+      at
+      and not is_null(prev)
+      and reasons[prev] == 'update'
+      and ref == owner_ref
+      and ref ~= entry.ref
+      and saved_at_of(before[prev]) ~= at
+    then
+      followed = { key = meta.key, at = at }
+    end
   end
-  table.sort(list, function(a, b)
-    return a.seq < b.seq
-  end)
-  return list
+  -- The owner saved: a spectator reads the current text.
+  if followed and is_guarded(entry) then
+    for bufnr in pairs(entry.bufs) do
+      follow_save(bufnr, followed)
+    end
+  end
 end
 
 -- Talking to the daemon -------------------------------------------------
 
 local connect -- defined below; tracking may need to connect first
+local removed -- defined below; restore() and the events use it
 
 local function track(entry)
   local conn = link.conn
@@ -397,6 +643,8 @@ local function track(entry)
       entry.ref = reply.ref
       entry.token = reply.resume_token
       entry.seq = reply.seq
+      -- The track carried the whole meta.
+      entry.meta_unsent = false
       by_ref[reply.ref] = entry
       set_standing(entry, standing_of(reply))
     elseif reply.error.code ~= 'disconnected' then
@@ -419,20 +667,76 @@ local function join(entry)
   -- 'connecting': the new connection tracks it once up.
 end
 
-local function leave(entry)
-  entry.left = true
+-- Sends what leave() decided once no update of the entry is on its way.
+local function finish_leaving(entry)
   if entry.ref then
     by_ref[entry.ref] = nil
   end
-  if link.state == 'up' and entry.ref then
-    link.conn:request({ op = 'untrack', topic = entry.topic, ref = entry.ref })
+  if link.state == 'up' and (entry.ref or entry.status == 'removed') then
+    if entry.ref then
+      link.conn:request({ op = 'untrack', topic = entry.topic, ref = entry.ref })
+    end
     if not entries[entry.topic] then
       link.conn:request({ op = 'unsubscribe', topic = entry.topic })
     end
   elseif entry.token then
     table.insert(orphans, { token = entry.token, ref = entry.ref, topic = entry.topic })
   end
+end
+
+local function leave(entry)
+  entry.left = true
+  -- An update on its way gives the entry a new ref, and the old one would
+  -- untrack nothing: its reply finishes the leave (send_meta).
+  if not entry.updating then
+    finish_leaving(entry)
+  end
   -- A track still on its way is untracked when its reply comes.
+end
+
+-- The entry has a new ref (an update of it): events name it from now on.
+local function rekey(entry, ref)
+  if entry.ref and by_ref[entry.ref] == entry then
+    by_ref[entry.ref] = nil
+  end
+  entry.ref = ref
+  if not entry.left then
+    by_ref[ref] = entry
+  end
+end
+
+-- Sends the entry's meta with `update` (which gives the entry a new ref,
+-- taken from the reply). Without a connection or a place it is sent after
+-- the next resume, or carried by the next track. `done(ok)` runs once the
+-- daemon answered, or at once if nothing was sent.
+local function send_meta(entry, done)
+  local conn = link.conn
+  if link.state ~= 'up' or not entry.ref or entry.tracking or entry.updating then
+    entry.meta_unsent = true
+    if done then
+      done(false)
+    end
+    return
+  end
+  entry.meta_unsent = false
+  entry.updating = true
+  conn:request({ op = 'update', topic = entry.topic, ref = entry.ref, meta = entry.meta }, function(reply)
+    entry.updating = false
+    if reply.ok then
+      rekey(entry, reply.ref)
+    elseif reply.error.code == 'disconnected' then
+      entry.meta_unsent = true
+    end
+    if entry.left then
+      finish_leaving(entry)
+    elseif entry.meta_unsent and link.conn == conn and conn.open then
+      -- A write while this one was on its way changed the meta again.
+      send_meta(entry)
+    end
+    if done then
+      done(reply.ok)
+    end
+  end)
 end
 
 -- Starts a daemon through the CLI, which waits until it serves the socket.
@@ -501,6 +805,20 @@ end
 
 local handlers = {}
 
+-- Someone took the entry away (`removed` event, or the `removed` part of
+-- a resume reply): it has no place and no token any more; the buffer is
+-- read-only until :PresenceJoin queues it again.
+removed = function(entry, removal)
+  if entry.ref and by_ref[entry.ref] == entry then
+    by_ref[entry.ref] = nil
+  end
+  entry.ref, entry.token, entry.seq = nil, nil, nil
+  entry.tracking = false
+  entry.status = 'removed'
+  entry.removal = removal
+  apply_entry(entry)
+end
+
 -- Tracks every entry that has no place yet: new ones, ones that expired
 -- while away, and ones that could not be tracked before.
 local function track_unjoined(conn)
@@ -508,7 +826,9 @@ local function track_unjoined(conn)
     if conn ~= link.conn then
       return
     end
-    if not entry.ref and not entry.tracking then
+    -- A removed entry is not tracked again unless the user asks
+    -- (:PresenceJoin): someone took its place away on purpose.
+    if not entry.ref and not entry.tracking and entry.status ~= 'removed' then
       entry.status = 'joining'
       track(entry)
     end
@@ -549,11 +869,31 @@ local function restore(conn)
       -- Not expected of a resume; start over with new entries.
       reply = { roles = {}, expired = tokens, resumed = {} }
     end
+    -- An entry updated while no connection held it has a new ref, which
+    -- `roles` and later events name.
+    for token, ref in pairs(type(reply.refs) == 'table' and reply.refs or {}) do
+      local entry = owner_of_token[token]
+      if entry and entries[entry.topic] == entry and entry.ref ~= ref then
+        rekey(entry, ref)
+      end
+    end
     for ref, standing in pairs(is_null(reply.roles) and {} or reply.roles) do
       local entry = by_ref[ref]
       if entry then
         -- Unchanged roles say nothing: apply() only speaks of changes.
         set_standing(entry, standing_of(standing))
+        conn:request({ op = 'subscribe', topic = entry.topic })
+        if entry.meta_unsent then
+          -- Written while the daemon was away.
+          send_meta(entry)
+        end
+      end
+    end
+    -- Taken away while this editor was away: as if `removed` had come.
+    for token, removal in pairs(type(reply.removed) == 'table' and reply.removed or {}) do
+      local entry = owner_of_token[token]
+      if entry and entries[entry.topic] == entry then
+        removed(entry, removal)
         conn:request({ op = 'subscribe', topic = entry.topic })
       end
     end
@@ -582,6 +922,7 @@ local function connected(conn)
   link.conn = conn
   link.state = 'up'
   link.error = nil
+  link.told_trouble = nil
   link.reconnecting = false
   -- Whatever restore() sends (perhaps nothing), this gets an answer from a
   -- daemon that really serves us, which ends the outage (conn.answered).
@@ -732,6 +1073,30 @@ function handlers.on_event(conn, message)
     if entry then
       set_standing(entry, standing_of(payload))
     end
+  elseif message.event == 'removed' or message.event == 'updated' then
+    -- One entry per topic and key on this connection: the ref names it,
+    -- and so do the topic and key.
+    local payload = type(message.payload) == 'table' and message.payload or {}
+    local entry = by_ref[payload.ref] or by_ref[payload.prev_ref]
+    if not entry then
+      local candidate = entries[message.topic]
+      if candidate and candidate.key == payload.key and candidate.ref then
+        entry = candidate
+      end
+    end
+    if not entry then
+      return
+    end
+    if message.event == 'removed' then
+      removed(entry, payload)
+    else
+      -- Someone with the right (root) changed the meta: the new ref and
+      -- meta are this entry's from now on.
+      rekey(entry, payload.ref)
+      if type(payload.meta) == 'table' then
+        entry.meta = payload.meta
+      end
+    end
   elseif message.event == 'presence_state' or message.event == 'presence_diff' then
     on_presence_event(message)
   end
@@ -814,6 +1179,7 @@ local function attach(bufnr, wait)
   local buf = buffers[bufnr]
   if buf and buf.topic == topic then
     -- Read again (:edit!): reading resets 'readonly'.
+    remember_file(bufnr)
     apply(bufnr)
     return
   end
@@ -822,6 +1188,7 @@ local function attach(bufnr, wait)
     return
   end
   buffers[bufnr] = { topic = topic }
+  remember_file(bufnr)
   local entry = entries[topic]
   if entry then
     entry.bufs[bufnr] = true
@@ -868,6 +1235,13 @@ local function leave_all()
   link.generation = link.generation + 1
   stop_retrying()
   local conn = link.conn
+  if conn and conn.open then
+    -- An update on its way (`:wq` sends one) gives its entry a new ref:
+    -- untrack by the ref it ends with.
+    vim.wait(config.leave_wait_ms, function()
+      return not conn:has_pending()
+    end, 5)
+  end
   for _, entry in pairs(entries) do
     if conn and entry.ref then
       conn:request({ op = 'untrack', topic = entry.topic, ref = entry.ref })
@@ -883,7 +1257,194 @@ local function leave_all()
   end
 end
 
+-- Whether `file` (as a write names it) is the buffer's own file, links
+-- resolved: a write anywhere else is the user's business.
+local function is_own_file(bufnr, file)
+  return resolve_path(file) == resolve_path(vim.api.nvim_buf_get_name(bufnr))
+end
+
+-- After a write of a followed buffer to its own file: an owner's save
+-- goes into its meta (`saved_at`, `saves`), for spectators to follow.
+local function written(bufnr, file)
+  local buf = buffers[bufnr]
+  if not buf or not is_own_file(bufnr, file) then
+    return
+  end
+  remember_file(bufnr)
+  local entry = entries[buf.topic]
+  if buf.overriding or not entry or entry.status ~= 'joined' or entry.standing.role ~= 'owner' then
+    return
+  end
+  entry.saves = (entry.saves or 0) + 1
+  entry.meta = vim.tbl_extend('force', entry.meta, { saved_at = now_ms(), saves = entry.saves })
+  send_meta(entry)
+end
+
+-- SwapExists: learn the file's role first (joining now, waiting as at
+-- open). Another editor owns it: open it read-only without the question,
+-- and let the spectator message say why. This editor owns it (or the
+-- daemon cannot say): Vim's question stays, since recovering a crashed
+-- session is real. Reading the file again to follow a save keeps the
+-- copy as it is, without asking again.
+local function swap_exists(bufnr)
+  local buf = buffers[bufnr]
+  if not buf then
+    attach(bufnr, true)
+    buf = buffers[bufnr]
+  end
+  local entry = buf and entries[buf.topic]
+  if not entry then
+    return
+  end
+  if is_guarded(entry) then
+    vim.v.swapchoice = 'o'
+    buf.swap_readonly = true
+  elseif buf.reloading then
+    -- Promoted after an owner that died: its swap file stays for
+    -- :recover, and this copy carries on.
+    vim.v.swapchoice = 'e'
+    notify(
+      ('%s: a swap file of another session exists (%s); :recover it if its changes matter'):format(display_name(bufnr), vim.v.swapname),
+      levels.WARN
+    )
+  end
+end
+
 -- Public API ------------------------------------------------------------
+
+-- Asks `question`, true for yes. Replace it to answer for the user (as the
+-- tests do): require('presenced').confirm = function(question) ... end.
+function M.confirm(question)
+  return vim.fn.confirm(question, '&Yes\n&No', 2, 'Warning') == 1
+end
+
+-- The refusal of a spectator's write, or nil when the write may go on.
+local function refusal(bufnr, file)
+  local buf = buffers[bufnr]
+  local entry = buf and entries[buf.topic]
+  if not entry or buf.overriding or not is_guarded(entry) or not is_own_file(bufnr, file) then
+    return nil
+  end
+  local owner = current_owner(entry)
+  local name = display_name(bufnr)
+  if not owner then
+    local by = entry.removal and entry.removal.by or {}
+    return ('presenced: %s was removed from its topic by %s (uid %s, pid %s); your copy is read-only. :PresenceJoin to queue again, :PresenceWrite! to save anyway, or :w other-name'):format(
+      name,
+      by.user,
+      by.uid,
+      by.pid
+    )
+  end
+  local since = type(owner.joined_at) == 'number' and clock(owner.joined_at) or '?'
+  return ('presenced: %s is being edited by %s (pid %s) since %s; your copy is read-only. :PresenceWrite! to save anyway, or :w other-name'):format(
+    name,
+    owner.key,
+    owner.pid,
+    since
+  )
+end
+
+-- Called by the BufWritePre, FileWritePre and FileAppendPre autocommand
+-- with <abuf> and <afile>: an Ex command for it to `execute`, '' to let the
+-- write go on, or a `throw` of the refusal. Only an exception thrown from
+-- the autocommand stops the write whatever the command (`:w!`, `:wq`,
+-- `:saveas!`), and keeps `:wq` and `:x` from quitting; a Lua error or an
+-- :echoerr does not.
+function M.write_guard(abuf, afile)
+  local bufnr = tonumber(abuf)
+  local why = bufnr and refusal(bufnr, afile)
+  if not why then
+    return ''
+  end
+  return 'throw ' .. vim.fn.string(why)
+end
+
+-- :PresenceWrite[!]: a spectator writes its copy over the owner's file,
+-- after a confirmation, and the entry's meta says so (`overrode`), which
+-- `presence log` shows as an update by this editor.
+function M.write_anyway(bang)
+  local bufnr = vim.api.nvim_get_current_buf()
+  local buf = buffers[bufnr]
+  local entry = buf and entries[buf.topic]
+  local name = display_name(bufnr)
+  if not entry or not is_guarded(entry) then
+    -- Nothing to override: an ordinary write.
+    vim.cmd(bang and 'write!' or 'write')
+    return
+  end
+  local owner = current_owner(entry)
+  local owner_name = owner and who(owner) or 'nobody known'
+  if not bang then
+    vim.api.nvim_err_writeln(
+      ('presenced: %s is being edited by %s; :PresenceWrite! (with !) writes your copy over theirs'):format(name, owner_name)
+    )
+    return
+  end
+  local question = ('%s is being edited by %s. Write your copy over the file anyway?'):format(name, owner_name)
+  if not M.confirm(question) then
+    notify(name .. ': not written')
+    return
+  end
+  if entry.ref then
+    -- Logged before the write, so the log has it even if the write fails.
+    vim.wait(config.leave_wait_ms, function()
+      return not entry.updating
+    end, 5)
+    entry.meta = vim.tbl_extend('force', entry.meta, {
+      overrode = { owner = owner and owner.key or vim.NIL, owner_pid = owner and owner.pid or vim.NIL, at = now_ms() },
+    })
+    local answered, logged = false, false
+    send_meta(entry, function(ok)
+      answered, logged = true, ok
+    end)
+    vim.wait(config.join_wait_ms, function()
+      return answered
+    end, 5)
+    if not logged then
+      notify(name .. ': the daemon did not record this override', levels.WARN)
+    end
+  end
+  buf.overriding = true
+  local ok, err = pcall(vim.api.nvim_buf_call, bufnr, function()
+    vim.cmd('write!')
+  end)
+  buf.overriding = false
+  -- `:write!` resets 'readonly'; the buffer is still a spectator's.
+  if is_guarded(entry) then
+    restrict(bufnr)
+  end
+  if not ok then
+    vim.api.nvim_err_writeln('presenced: ' .. name .. ': not written: ' .. tostring(err))
+    return
+  end
+  notify(('%s: written over %s\'s copy; still read-only'):format(name, owner_name), levels.WARN)
+end
+
+-- :PresenceJoin: queue again (at the end) after the entry was removed, the
+-- daemon refused it, or could not be reached.
+function M.join_again()
+  local bufnr = vim.api.nvim_get_current_buf()
+  local buf = buffers[bufnr]
+  local entry = buf and entries[buf.topic]
+  if not entry then
+    if is_file_buffer(bufnr) then
+      attach(bufnr, true)
+    else
+      notify('this buffer is not a file to follow')
+    end
+    return
+  end
+  if entry.status == 'joined' or entry.status == 'joining' then
+    notify(display_name(bufnr) .. ': already on ' .. entry.topic .. ' (' .. M.status(bufnr) .. ')')
+    return
+  end
+  entry.removal, entry.error = nil, nil
+  for other in pairs(entry.bufs) do
+    buffers[other].last_message = nil
+  end
+  join(entry)
+end
 
 -- What the plugin knows of a buffer (default: the current one), or nil for
 -- a buffer it does not follow.
@@ -912,7 +1473,7 @@ function M.state(bufnr)
     status = entry.status,
     role = entry.status == 'joined' and standing.role or nil,
     position = entry.status == 'joined' and position or nil,
-    owner = (entry.status == 'joined' and not is_null(standing.owner)) and standing.owner or nil,
+    owner = current_owner(entry),
     ref = entry.ref,
     error = entry.status == 'refused' and entry.error or link.error,
     connection = link.reconnecting and 'reconnecting' or link.state,
@@ -941,6 +1502,8 @@ function M.status(bufnr)
     text = 'joining'
   elseif state.status == 'unreachable' then
     text = 'no daemon'
+  elseif state.status == 'removed' then
+    text = 'removed (:PresenceJoin to queue again)'
   else
     text = 'not tracked'
   end
@@ -1039,15 +1602,37 @@ function M.setup(options)
       attach(args.buf, true)
     end,
   })
+  vim.api.nvim_create_autocmd({ 'BufWritePre', 'FileWritePre', 'FileAppendPre' }, {
+    group = group,
+    desc = "presenced: refuse a spectator's write to its file",
+    -- Ex commands, not a Lua callback: only a Vim exception stops a write.
+    command = "execute v:lua.require'presenced'.write_guard(expand('<abuf>'), expand('<afile>:p'))",
+  })
   vim.api.nvim_create_autocmd('BufWritePost', {
     group = group,
-    desc = 'presenced: join the topic of a new buffer written to a file',
+    desc = "presenced: record an owner's save; join the topic of a new buffer written to a file",
     callback = function(args)
       -- `:write NAME` names an unnamed buffer without BufFilePost.
       if not buffers[args.buf] then
         attach(args.buf, true)
+      else
+        written(args.buf, vim.fn.fnamemodify(args.file, ':p'))
       end
     end,
+  })
+  vim.api.nvim_create_autocmd('SwapExists', {
+    group = group,
+    desc = 'presenced: answer the swap-file question for a spectator',
+    callback = function(args)
+      -- SwapExists has no <abuf>: the buffer is the one the file names.
+      local bufnr = vim.fn.bufnr(vim.fn.fnamemodify(args.file, ':p'))
+      swap_exists(bufnr > 0 and bufnr or vim.api.nvim_get_current_buf())
+    end,
+  })
+  vim.api.nvim_create_autocmd('VimEnter', {
+    group = group,
+    desc = 'presenced: say what waited for the UI',
+    callback = say_early_messages,
   })
   vim.api.nvim_create_autocmd({ 'BufDelete', 'BufWipeout' }, {
     group = group,
