@@ -56,5 +56,7 @@ CREATE TABLE IF NOT EXISTS events (
     ref    TEXT    NOT NULL,                     -- for an update, the new ref
     pid    INTEGER NOT NULL,
     user   TEXT    NOT NULL,
-    reason TEXT                                  -- why a leave happened
+    reason TEXT,                                 -- why a leave happened
+    changed TEXT,                                -- an update's added or changed meta fields, a JSON object
+    removed TEXT                                 -- an update's removed meta fields, a JSON array of names
 ) STRICT;

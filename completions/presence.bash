@@ -49,6 +49,9 @@ _presence() {
             presence,watch)
                 cmd="presence__subcmd__watch"
                 ;;
+            presence,who)
+                cmd="presence__subcmd__who"
+                ;;
             presence__subcmd__help,completions)
                 cmd="presence__subcmd__help__subcmd__completions"
                 ;;
@@ -82,6 +85,9 @@ _presence() {
             presence__subcmd__help,watch)
                 cmd="presence__subcmd__help__subcmd__watch"
                 ;;
+            presence__subcmd__help,who)
+                cmd="presence__subcmd__help__subcmd__who"
+                ;;
             *)
                 ;;
         esac
@@ -89,7 +95,7 @@ _presence() {
 
     case "${cmd}" in
         presence)
-            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update list watch status log daemon raw completions help"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update list who watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -243,7 +249,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help)
-            opts="join leave update list watch status log daemon raw completions help"
+            opts="join leave update list who watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -397,6 +403,20 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help__subcmd__watch)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__help__subcmd__who)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -645,6 +665,32 @@ _presence() {
             return 0
             ;;
         presence__subcmd__watch)
+            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__who)
             opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

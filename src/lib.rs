@@ -14,6 +14,8 @@
 //!   state machine of who owns what) and the [`core::store`] (SQLite), and
 //!   commits every change before it is revealed.
 //! - [`protocol`]: the wire types shared by all of the above.
+//! - [`topic`]: the topic of a file, the one convention of the editor
+//!   plugins and `presence who`.
 //! - [`paths`] and [`sys`]: default locations, folder checks, and what comes
 //!   from `/proc`; [`folder_watch`]: waking when a folder changes.
 //!
@@ -27,3 +29,4 @@ pub mod folder_watch;
 pub mod paths;
 pub mod protocol;
 pub mod sys;
+pub mod topic;

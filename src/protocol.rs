@@ -259,6 +259,13 @@ pub struct HistoryEvent {
     /// Why the entry left, for a `leave`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
+    /// For an `update`: the meta fields it added or changed, with their
+    /// new values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Map<String, Value>>,
+    /// For an `update`: the names of the meta fields it removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------

@@ -104,6 +104,97 @@ async fn watch_shows_an_update_with_its_new_meta() {
     );
 }
 
+/// An editor that saves over the owner's copy says so by an update of its
+/// own entry's meta (docs/editors.md); `presence log` shows what each
+/// update changed, and that one in words.
+#[tokio::test]
+async fn log_shows_what_an_update_changed_and_an_editors_override() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+    let topic = "file:/home/alice/notes.md";
+    let meta = |extra: &str| format!(r#"{{"editor":"vim 9.0","line":3{extra}}}"#);
+    let joined = output(
+        &daemon,
+        &[
+            "join",
+            topic,
+            "--detach",
+            "--key",
+            "bob",
+            "--pid",
+            &pid,
+            "--meta",
+            &meta(""),
+        ],
+    )
+    .await;
+    assert_eq!(joined.status.code(), Some(0), "{joined:?}");
+    let update = async |meta: &str| {
+        let updated = output(
+            &daemon,
+            &[
+                "update", topic, "--key", "bob", "--pid", &pid, "--meta", meta,
+            ],
+        )
+        .await;
+        assert_eq!(updated.status.code(), Some(0), "{updated:?}");
+    };
+    let at = presenced::sys::now_millis();
+    update(&format!(
+        r#"{{"editor":"vim 9.0","overrode":{{"owner":"alice","owner_pid":4242,"at":{at}}}}}"#
+    ))
+    .await;
+    update(&format!(
+        r#"{{"editor":"vim 9.0","overrode":{{"owner":"alice","owner_pid":4242,"at":{at}}},"saves":1}}"#
+    ))
+    .await;
+
+    let log = output(&daemon, &["log", topic]).await;
+    assert_eq!(log.status.code(), Some(0), "{log:?}");
+    let text = String::from_utf8_lossy(&log.stdout).into_owned();
+    let what: Vec<&str> = text
+        .lines()
+        .filter_map(|line| {
+            let start = line.find("updated")?;
+            Some(line[start..].trim_end().rsplitn(3, "  ").last()?.trim_end())
+        })
+        .collect();
+    let clock = |millis: i64| {
+        let local = jiff::Timestamp::from_millisecond(millis)
+            .expect("a time")
+            .to_zoned_datetime(jiff::tz::TimeZone::system());
+        format!(
+            "{:02}:{:02}:{:02}",
+            local.hour(),
+            local.minute(),
+            local.second()
+        )
+    };
+    assert_eq!(
+        what,
+        [
+            format!(
+                "updated (p2): wrote over alice (pid 4242)'s copy at {}, -line",
+                clock(at)
+            ),
+            "updated (p3): saves=1".to_owned(),
+        ],
+        "{text}"
+    );
+
+    let json = output(&daemon, &["log", topic, "--json"]).await;
+    let history: serde_json::Value =
+        serde_json::from_slice(&json.stdout).expect("the history as JSON");
+    let override_event = &history["events"][2];
+    assert_eq!(override_event["kind"], "update");
+    assert_eq!(
+        override_event["changed"],
+        serde_json::json!({"overrode": {"owner": "alice", "owner_pid": 4242, "at": at}})
+    );
+    assert_eq!(override_event["removed"], serde_json::json!(["line"]));
+}
+
 #[tokio::test]
 async fn list_groups_topics_by_name_with_the_owner_first() {
     let daemon = Daemon::start().await;

@@ -261,9 +261,39 @@ the latest of them, oldest first: who held a topic, and when.
   12:07:15 (3m ago)    alice  left (p1): process exited        alice  4242
   12:07:15 (3m ago)    bob    became owner (p2)                 bob    4250
 
+An update's line says what it did to the meta: each field it added or
+changed, with its new value, and each it removed, after a minus, as in
+`updated (p3): line=42, -mode`. An editor plugin whose user saved over the
+owner's copy (docs/editors.md) adds `overrode` to its meta, shown as
+`wrote over alice (pid 4242)'s copy at 12:09:30`.
+
 Without TOPIC, every topic's history, with a TOPIC column. History is kept
 for `presence daemon --history-days` (30) or up to --history-events
 (100,000), whichever is reached first.";
+
+const WHO_DETAILS: &str = "\
+For each FILE, asks the daemon who is on its topic: the topic every editor
+plugin joins for that file, `file:` and the file's absolute path with
+symbolic links resolved (for a file that does not exist yet, its folder's
+resolved path and its name). So it answers for the file, whatever name or
+link it is reached by. The owner comes first, then the spectators in the
+order they will be promoted; EDITOR is the `editor` of the entry's meta,
+which the plugins set, and SINCE when the entry joined. FILE is the name
+as given:
+
+  FILE      ROLE          KEY    USER   PID   EDITOR      SINCE
+  notes.md  owner         alice  alice  4242  nvim 0.7.2  12:03:09 (3m ago)
+  notes.md  spectator #1  bob    bob    4250  vim 9.0     12:04:40 (1m ago)
+  todo.md   nobody
+
+With --json it prints one JSON array, one object per file, in the order
+given: `file` (as given), `topic`, `owner` (as `presence list --json` has
+it, or null) and `queue`, every entry owner first, each with its `key`,
+its `position` (0 for the owner, as in a track reply) and its meta.
+
+A folder, or a path whose folder does not exist, has no topic: it is named
+in one line on standard error, the other files are still answered, and who
+exits 1.";
 
 const STATUS_DETAILS: &str = "\
 Asks the running daemon how it is: its version, pid and uptime, its socket
@@ -394,6 +424,7 @@ pub const PAGES: &[Page] = &[
             "presence-leave(1)",
             "presence-update(1)",
             "presence-list(1)",
+            "presence-who(1)",
             "presence-watch(1)",
             "presence-status(1)",
             "presence-daemon(1)",
@@ -518,6 +549,22 @@ pub const PAGES: &[Page] = &[
         ],
         exit_status: &[],
         see_also: &["presence-watch(1)", "presence-status(1)"],
+    },
+    Page {
+        name: "who",
+        details: WHO_DETAILS,
+        examples: &[
+            Example {
+                what: "Who has notes.md open, and who is waiting for it:",
+                run: "presence who notes.md",
+            },
+            Example {
+                what: "The owner of a file, for a script (empty when nobody has it open):",
+                run: "presence who notes.md --json | jq -r '.[0].owner.key // empty'",
+            },
+        ],
+        exit_status: &[],
+        see_also: &["presence-list(1)", "presence-log(1)"],
     },
     Page {
         name: "watch",

@@ -117,7 +117,10 @@ fn what_happened(event: &HistoryEvent) -> Cell {
     match event.kind {
         HistoryKind::Join => Cell::from(format!("joined ({})", event.phx_ref)),
         HistoryKind::Owner => Cell::new(format!("became owner ({})", event.phx_ref), Style::Good),
-        HistoryKind::Update => Cell::new(format!("updated ({})", event.phx_ref), Style::Notice),
+        HistoryKind::Update => Cell::new(
+            format!("updated ({}){}", event.phx_ref, meta_change(event)),
+            Style::Notice,
+        ),
         HistoryKind::Leave => {
             let cause = render::leave_cause(event.reason.as_ref())
                 .map(|cause| format!(": {cause}"))
@@ -125,6 +128,54 @@ fn what_happened(event: &HistoryEvent) -> Cell {
             Cell::new(format!("left ({}){cause}", event.phx_ref), Style::Gone)
         }
     }
+}
+
+/// What an update did to the meta, after a colon: `: saves=3, -line`,
+/// each changed field with its new value (long ones cut), each removed one
+/// with a minus. An editor's note that it wrote over the owner's copy
+/// (docs/editors.md) reads as words. Nothing for a daemon that does not
+/// record it.
+fn meta_change(event: &HistoryEvent) -> String {
+    /// Columns a value may take before it is cut.
+    const VALUE_WIDTH: usize = 40;
+    let mut parts = Vec::new();
+    for (field, value) in event.changed.iter().flatten() {
+        if let Some(words) = override_words(field, value) {
+            parts.push(words);
+            continue;
+        }
+        let value = value.to_string();
+        let value = match value.char_indices().nth(VALUE_WIDTH) {
+            Some((cut, _)) => format!("{}…", &value[..cut]),
+            None => value,
+        };
+        parts.push(format!("{field}={value}"));
+    }
+    for field in event.removed.iter().flatten() {
+        parts.push(format!("-{field}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", parts.join(", "))
+    }
+}
+
+/// `"overrode": {"owner": KEY, "owner_pid": PID, "at": MS}`, which an
+/// editor plugin adds when its user saved over the owner's copy, as
+/// `wrote over alice (pid 4242)'s copy at 12:03:09`.
+fn override_words(field: &str, value: &Value) -> Option<String> {
+    if field != "overrode" {
+        return None;
+    }
+    let owner = value.get("owner")?.as_str()?;
+    let pid = u32::try_from(value.get("owner_pid")?.as_u64()?).ok()?;
+    let at = value
+        .get("at")
+        .and_then(Value::as_i64)
+        .map(|at| format!(" at {}", render::at(at)))
+        .unwrap_or_default();
+    Some(format!("wrote over {}'s copy{at}", render::who(owner, pid)))
 }
 
 fn nothing_recorded(topic: Option<&str>, since: bool) -> String {

@@ -20,6 +20,7 @@ mod render;
 mod status;
 mod update;
 mod watch;
+mod who;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -94,6 +95,8 @@ pub enum Command {
     Update(update::UpdateArgs),
     /// Show who is present, on one topic or on all
     List(list::ListArgs),
+    /// Show who has a file open: the owner and queue of its topic
+    Who(who::WhoArgs),
     /// Follow a topic: its state, then one line per change
     Watch(watch::WatchArgs),
     /// Show how the daemon is: version, uptime, paths and counts
@@ -223,6 +226,9 @@ pub enum Outcome {
     NotOwner,
     /// `join`'s entry was removed by another connection.
     Removed,
+    /// Some of the work failed, and each failure was told on stderr as it
+    /// happened (`who` of a folder among files).
+    Failed,
 }
 
 impl Outcome {
@@ -231,6 +237,7 @@ impl Outcome {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::NotOwner => ExitCode::from(docs::EXIT_NOT_OWNER),
             Outcome::Removed => ExitCode::from(docs::EXIT_REMOVED),
+            Outcome::Failed => ExitCode::FAILURE,
         }
     }
 }
@@ -328,6 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Command::Watch(args) => done(watch::run(&target, args).await),
             Command::Status(args) => done(status::run(&target, args).await),
             Command::Log(args) => done(log::run(&target, args).await),
+            Command::Who(args) => who::run(&target, args).await,
             Command::Raw => done(raw::run(&target).await),
             Command::Completions(args) => done(completions::run(&args)),
             Command::Daemon(_) => unreachable!("handled above"),

@@ -184,7 +184,31 @@ impl Outbox {
             pid: entry.process.pid,
             user: entry.user.clone(),
             reason,
+            changed: None,
+            removed: None,
         })));
+    }
+
+    /// An update's history event, with what it did to the meta: so that
+    /// `presence log` can say what changed (an editor that wrote over the
+    /// owner's copy says so in its meta).
+    fn history_of_update(&mut self, entry: &Entry, old_meta: &Map<String, Value>, at: i64) {
+        let changed: Map<String, Value> = entry
+            .meta
+            .iter()
+            .filter(|(field, value)| old_meta.get(*field) != Some(value))
+            .map(|(field, value)| (field.clone(), value.clone()))
+            .collect();
+        let removed: Vec<String> = old_meta
+            .keys()
+            .filter(|field| !entry.meta.contains_key(*field))
+            .cloned()
+            .collect();
+        self.history(entry, HistoryKind::Update, None, at);
+        if let Some(Change::History(event)) = self.changes.last_mut() {
+            event.changed = Some(changed);
+            event.removed = Some(removed);
+        }
     }
 
     fn event(&mut self, to: Vec<ConnId>, event: Event) {
@@ -994,12 +1018,12 @@ impl Registry {
         };
         entry.phx_ref = new_ref.clone();
         entry.prev_ref = Some(old_ref.clone());
-        entry.meta = request.meta;
+        let old_client_meta = std::mem::replace(&mut entry.meta, request.meta);
         let new_meta = entry.to_meta();
         let key = entry.key.clone();
         out.changes.push(Change::Delete(old_ref.clone()));
         out.changes.push(Change::Put(Box::new(entry.clone())));
-        out.history(&entry, HistoryKind::Update, None, now);
+        out.history_of_update(&entry, &old_client_meta, now);
         self.tell_holder_of_update(conn, &entry, out);
         self.insert(entry, new_bytes);
 

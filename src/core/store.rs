@@ -30,7 +30,7 @@ use history::KnownEvents;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// What marks a database file as presenced's: `PRAGMA application_id`, the
 /// four bytes at offset 68 of the file's header. ASCII "PRSD". Part of the
@@ -58,8 +58,12 @@ const PRESENCES_COLUMNS: &[&str] = &[
     "boot_id",
 ];
 const COUNTERS_COLUMNS: &[&str] = &["name", "value"];
-const EVENTS_COLUMNS: &[&str] = &[
+/// Versions 2 to 4.
+const EVENTS_COLUMNS_BEFORE_5: &[&str] = &[
     "id", "at", "topic", "kind", "key", "ref", "pid", "user", "reason",
+];
+const EVENTS_COLUMNS: &[&str] = &[
+    "id", "at", "topic", "kind", "key", "ref", "pid", "user", "reason", "changed", "removed",
 ];
 /// Every index any version made.
 const OUR_INDEXES: &[&str] = &["presences_by_topic", "events_by_topic", "events_by_time"];
@@ -100,6 +104,12 @@ const HISTORY_BACK: &str = "
     INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
         SELECT id, at, topic, kind, key, ref, pid, user, reason FROM events_v3;
     DROP TABLE events_v3;
+";
+
+/// From version 4: an update's event says what it did to the meta.
+const FROM_VERSION_4: &str = "
+    ALTER TABLE events ADD COLUMN changed TEXT;
+    ALTER TABLE events ADD COLUMN removed TEXT;
 ";
 
 /// How long opening the database waits for another program's lock on it
@@ -603,8 +613,8 @@ impl Store {
             )?;
             let mut delete = tx.prepare_cached("DELETE FROM presences WHERE ref = ?1")?;
             let mut record = tx.prepare_cached(
-                "INSERT INTO events (at, topic, kind, key, ref, pid, user, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO events (at, topic, kind, key, ref, pid, user, reason, changed, removed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for change in changes {
                 match change {
@@ -639,6 +649,14 @@ impl Store {
                             event.pid,
                             event.user,
                             event.reason.map(LeaveReason::as_str),
+                            event
+                                .changed
+                                .as_ref()
+                                .map(|changed| Value::Object(changed.clone()).to_string()),
+                            event
+                                .removed
+                                .as_ref()
+                                .map(|removed| serde_json::json!(removed).to_string()),
                         ])?;
                         recorded.push((tx.last_insert_rowid(), event.at, event.topic.as_str()));
                     }
@@ -941,7 +959,12 @@ fn belonging_of(db: &Connection, path: &Path, header: Header) -> Result<Belongin
             ("counters", COUNTERS_COLUMNS),
             ("presences", PRESENCES_COLUMNS),
         ],
-        2..=SCHEMA_VERSION => &[
+        2..=4 => &[
+            ("counters", COUNTERS_COLUMNS),
+            ("events", EVENTS_COLUMNS_BEFORE_5),
+            ("presences", PRESENCES_COLUMNS),
+        ],
+        SCHEMA_VERSION => &[
             ("counters", COUNTERS_COLUMNS),
             ("events", EVENTS_COLUMNS),
             ("presences", PRESENCES_COLUMNS),
@@ -998,6 +1021,7 @@ fn migrate(db: &Connection, belonging: Belonging) -> Result<(), StoreError> {
         1 => (FROM_VERSION_2.to_owned(), ""),
         2 => (format!("{FROM_VERSION_2} {HISTORY_ASIDE}"), HISTORY_BACK),
         3 => (HISTORY_ASIDE.to_owned(), HISTORY_BACK),
+        4 => (FROM_VERSION_4.to_owned(), ""),
         SCHEMA_VERSION if stamp.is_empty() => return Ok(()),
         SCHEMA_VERSION => {
             // Up to date but for the id, which only spares the next start
@@ -1582,6 +1606,43 @@ mod tests {
         let indexes = index_names(&store.db);
         assert!(indexes.is_empty(), "no index is left: {indexes:?}");
         assert_eq!(application_id(&store.db), APPLICATION_ID, "given the id");
+    }
+
+    #[test]
+    fn a_version_4_database_gains_the_meta_change_of_updates() {
+        let (_tmp, mut store, history) = upgraded_from(
+            "DROP TABLE events;
+             CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
+                 topic TEXT NOT NULL,
+                 kind TEXT NOT NULL CHECK (kind = 'join' OR kind = 'leave' OR kind = 'update' OR kind = 'owner'),
+                 key TEXT NOT NULL, ref TEXT NOT NULL, pid INTEGER NOT NULL,
+                 user TEXT NOT NULL, reason TEXT) STRICT;
+             INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
+                 VALUES (3, 5, 'doc', 'update', 'alice', 'p2', 42, 'alice', NULL);
+             PRAGMA user_version = 4;",
+        );
+        let old = &history.events[0];
+        assert_eq!(
+            (old.kind, old.changed.as_ref(), old.removed.as_ref()),
+            (crate::protocol::HistoryKind::Update, None, None)
+        );
+        let changed = serde_json::json!({"saves": 2});
+        let update = crate::protocol::HistoryEvent {
+            changed: changed.as_object().cloned(),
+            removed: Some(vec!["line".to_owned()]),
+            phx_ref: "p3".into(),
+            at: 6,
+            ..old.clone()
+        };
+        store
+            .commit(&[Change::History(Box::new(update.clone()))], 4)
+            .unwrap();
+        let history = store
+            .history_readers()
+            .unwrap()
+            .history(&HistoryRequest::default())
+            .unwrap();
+        assert_eq!(history.events, [old.clone(), update]);
     }
 
     fn index_names(db: &Connection) -> Vec<String> {

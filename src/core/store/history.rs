@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value;
 
 use super::{StoreError, keep_side_files};
 use crate::protocol::{
@@ -416,7 +417,7 @@ fn read(
 /// last rows, which SQLite walks to directly.
 fn latest(db: &Connection, wanted: usize) -> rusqlite::Result<Vec<HistoryEvent>> {
     let mut query = db.prepare_cached(
-        "SELECT at, topic, kind, key, ref, pid, user, reason FROM events
+        "SELECT at, topic, kind, key, ref, pid, user, reason, changed, removed FROM events
          ORDER BY id DESC LIMIT ?1",
     )?;
     query
@@ -433,7 +434,7 @@ fn matching(
     wanted: usize,
 ) -> rusqlite::Result<Vec<HistoryEvent>> {
     let mut by_id = db.prepare_cached(
-        "SELECT at, topic, kind, key, ref, pid, user, reason FROM events WHERE id = ?1",
+        "SELECT at, topic, kind, key, ref, pid, user, reason, changed, removed FROM events WHERE id = ?1",
     )?;
     let matches = |event: &HistoryEvent| {
         request.topic.as_ref().is_none_or(|t| *t == event.topic)
@@ -474,6 +475,22 @@ fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
     };
     let kind: String = row.get(2)?;
     let reason: Option<String> = row.get(7)?;
+    let json = |column: usize| -> rusqlite::Result<Option<Value>> {
+        let text: Option<String> = row.get(column)?;
+        text.map(|text| serde_json::from_str(&text).map_err(|_| unreadable(column, "meta change")))
+            .transpose()
+    };
+    let changed = match json(8)? {
+        Some(Value::Object(changed)) => Some(changed),
+        Some(_) => return Err(unreadable(8, "meta change")),
+        None => None,
+    };
+    let removed = match json(9)? {
+        Some(removed) => {
+            Some(serde_json::from_value(removed).map_err(|_| unreadable(9, "meta change"))?)
+        }
+        None => None,
+    };
     Ok(HistoryEvent {
         at: row.get(0)?,
         topic: row.get(1)?,
@@ -488,6 +505,8 @@ fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
             }
             None => None,
         },
+        changed,
+        removed,
     })
 }
 
@@ -507,6 +526,8 @@ mod tests {
             pid: 1,
             user: "alice".into(),
             reason: None,
+            changed: None,
+            removed: None,
         }))
     }
 
