@@ -1,8 +1,8 @@
 " presenced for Vim: every normal file buffer joins a topic on the presenced
 " daemon, over its Unix socket (ch_open 'unix:' in NL mode, one JSON object
 " per line; docs/protocol.md). The first editor on a topic owns it; every
-" later one is a spectator whose buffer is 'nomodifiable' and 'readonly'
-" until it is promoted.
+" later one is a spectator whose buffer is 'nomodifiable', and never
+" written to its file, until it is promoted.
 "
 " State, as in the Neovim plugin:
 "   s:buffers[bufnr] = {topic, saved, last_message, read, swap_readonly}
@@ -109,14 +109,15 @@ function! s:clock(ms) abort
 endfunction
 
 " Says `text` (already starting with `presenced: `) so that it stays in
-" sight: in :messages, in a popup notification where Vim has popups, and,
-" when said while Vim starts, echoed again once it waits for keys: the
-" screen drawn when a file opens at start-up wipes what was said before.
-" Once Vim runs, the screen is redrawn first, so that two messages from one
-" callback do not make Vim ask for Enter.
+" sight: in :messages, in a popup notification where Vim has popups, and
+" echoed again once Vim waits for keys: the screen drawn when a file opens
+" at start-up wipes what was said before, and a file opened later says
+" "notes.md" 2L, 18B after it. Once Vim runs, the screen is redrawn first,
+" so that two messages from one callback do not make Vim ask for Enter.
 function! s:show(text, level) abort
   let highlight = a:level ==# 'error' ? 'ErrorMsg' : a:level ==# 'warn' ? 'WarningMsg' : 'None'
-  if v:vim_did_enter
+  " Not while a command line is typed: it would be drawn over.
+  if v:vim_did_enter && mode() !~# '^c'
     redraw
   endif
   execute 'echohl' highlight
@@ -127,12 +128,14 @@ function! s:show(text, level) abort
     silent! call popup_notification(a:text, {'time': popup_ms,
           \ 'highlight': a:level ==# 'info' ? 'PopupNotification' : highlight})
   endif
-  if !v:vim_did_enter
-    " Only the latest is echoed again, by one timer.
-    let s:echo_pending = [a:text, highlight]
-    if !exists('s:echo_timer') || empty(timer_info(s:echo_timer))
-      let s:echo_timer = timer_start(0, {-> s:echo_again()})
-    endif
+  call s:echo_later(a:text, highlight)
+endfunction
+
+" Echoes `text` once Vim waits for keys; only the latest, by one timer.
+function! s:echo_later(text, highlight) abort
+  let s:echo_pending = [a:text, a:highlight]
+  if !exists('s:echo_timer') || empty(timer_info(s:echo_timer))
+    let s:echo_timer = timer_start(0, {-> s:echo_again()})
   endif
 endfunction
 
@@ -338,12 +341,13 @@ endfunction
 
 " Reads the buffer's file again, keeping the cursor and view of every
 " window that shows it. A buffer no window shows is read when it is next
-" shown (presenced#shown). Never called for a buffer with changes.
+" shown (presenced#shown): 0 then, 1 if read now. Never called for a
+" buffer with changes.
 function! s:reload(bufnr) abort
   let windows = win_findbuf(a:bufnr)
   if empty(windows)
     call setbufvar(a:bufnr, 'presenced_stale', 1)
-    return
+    return 0
   endif
   for id in windows
     call win_execute(id, 'let w:presenced_view = winsaveview()')
@@ -354,6 +358,7 @@ function! s:reload(bufnr) abort
   for id in windows
     call win_execute(id, 'call winrestview(w:presenced_view) | unlet w:presenced_view')
   endfor
+  return 1
 endfunction
 
 " The buffer became its file's owner: the user's settings come back, a
@@ -387,11 +392,12 @@ endfunction
 
 " Spectators follow the owner's saves: the buffer reads the file again.
 function! s:follow_save(bufnr, save) abort
-  let buf = s:buffers[a:bufnr]
   if getbufvar(a:bufnr, '&modified')
     return
   endif
-  call s:reload(a:bufnr)
+  if !s:reload(a:bufnr)
+    return
+  endif
   " Not s:say: its memory of the last message is for the standing, which
   " a reload says nothing new about.
   call s:show(printf('presenced: %s: reloaded: %s saved it at %s', s:display_name(a:bufnr),
@@ -821,7 +827,20 @@ endfunction
 
 function! s:on_update_reply(conn, entry, reply) abort
   let a:entry.updating = 0
-  if a:reply.ok && !a:entry.left && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
+  if a:entry.left
+    " The buffer went while the update was on its way: its untrack waited
+    " for the ref the update gave.
+    if a:reply.ok && a:conn.open
+      call s:request(a:conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:reply.ref}, 0)
+      if !has_key(s:entries, a:entry.topic)
+        call s:request(a:conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
+      endif
+    elseif !a:reply.ok && a:entry.token !=# ''
+      call add(s:orphans, {'token': a:entry.token, 'ref': '', 'topic': a:entry.topic})
+    endif
+    return
+  endif
+  if a:reply.ok && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
     call s:take_ref(a:entry, a:reply.ref)
   elseif !a:reply.ok && a:reply.error.code ==# 'disconnected'
     let a:entry.meta_dirty = 1
@@ -856,7 +875,10 @@ function! s:leave(entry) abort
   if a:entry.ref !=# ''
     silent! call remove(s:by_ref, a:entry.ref)
   endif
-  if s:link.state ==# 'up' && a:entry.ref !=# ''
+  if a:entry.updating
+    " Its ref is about to change: the update's reply untracks it.
+    return
+  elseif s:link.state ==# 'up' && a:entry.ref !=# ''
     call s:request(s:link.conn, {'op': 'untrack', 'topic': a:entry.topic, 'ref': a:entry.ref}, 0)
     if !has_key(s:entries, a:entry.topic)
       call s:request(s:link.conn, {'op': 'unsubscribe', 'topic': a:entry.topic}, 0)
@@ -960,8 +982,10 @@ function! s:on_resume_reply(conn, tokens, leaving, reply) abort
     endif
   endfor
   for orphan in a:leaving
-    if index(reply.resumed, orphan.ref) >= 0
-      call s:request(a:conn, {'op': 'untrack', 'topic': orphan.topic, 'ref': orphan.ref}, 0)
+    " `refs` has the ref it has now (an update may have changed it).
+    let ref = get(get(reply, 'refs', {}), orphan.token, orphan.ref)
+    if index(reply.resumed, ref) >= 0
+      call s:request(a:conn, {'op': 'untrack', 'topic': orphan.topic, 'ref': ref}, 0)
     endif
   endfor
   " Entries the daemon no longer has (expired), or would not give back
@@ -1322,9 +1346,13 @@ function! presenced#write_anyway(bang) abort
     return
   endif
   if type(owner) == v:t_dict && entry.ref !=# ''
+    " Logged before the write. Without a connection it is sent after the
+    " resume (s:send_meta), so only a live one is waited for.
     let entry.meta.overrode = {'owner': owner.key, 'owner_pid': owner.pid, 'at': s:now_ms()}
     call s:send_meta(entry)
-    call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
+    if s:link.state ==# 'up'
+      call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
+    endif
   endif
   let s:overriding = bufnr
   try
@@ -1373,6 +1401,10 @@ function! presenced#swap_exists(bufnr, file) abort
         \ && entry.standing.role !=# 'owner'))
     let v:swapchoice = 'o'
     let buf.swap_readonly = 1
+    " The message about reading the file comes after the standing's.
+    if buf.last_message !=# ''
+      call s:echo_later(buf.last_message, 'WarningMsg')
+    endif
   endif
 endfunction
 
@@ -1407,6 +1439,15 @@ function! presenced#leave_all() abort
   call s:stop_retrying()
   let conn = s:link.conn
   let connected = !empty(conn) && conn.open
+  if connected
+    " An update on its way changes its entry's ref: untrack by the new one.
+    " (A write just before quitting, as :wq does, sends one.)
+    let entries = values(s:entries)
+    for entry in entries
+      let entry.meta_dirty = 0
+    endfor
+    call s:wait_until({-> empty(filter(copy(entries), 'v:val.updating'))}, s:opt('leave_wait_ms', 500))
+  endif
   for entry in values(s:entries)
     if connected && entry.ref !=# ''
       call s:request(conn, {'op': 'untrack', 'topic': entry.topic, 'ref': entry.ref}, 0)

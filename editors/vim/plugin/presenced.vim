@@ -1,6 +1,7 @@
 " presenced: one editable buffer per file across editors on this machine.
 " The first editor to open a file owns it; every later one gets the buffer
-" 'nomodifiable' and 'readonly' until the owner goes. See :help presenced.
+" 'nomodifiable', and no write of it to its file goes through, until the
+" owner goes. See :help presenced.
 " The work is in autoload/presenced.vim, loaded when a file is opened.
 
 if exists('g:loaded_presenced')
