@@ -1089,22 +1089,6 @@ async fn neovim_second_editor_is_read_only_until_the_first_quits() {
 
 #[tokio::test]
 #[ignore = "needs Neovim (nvim)"]
-async fn neovim_spectator_is_promoted_when_the_owner_is_killed() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::neovim(&workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
-
-    owner.kill().await;
-    assert_promoted(&spectator).await;
-    assert_eq!(spectator.status().await, "owner");
-}
-
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
 async fn neovim_roles_hold_when_the_daemon_crashes() {
     let mut daemon = Daemon::start().await;
     // The plugins start the replacement daemon through the CLI, in its own
@@ -1247,29 +1231,6 @@ async fn neovim_without_a_daemon_follows_on_unreachable() {
     editable.wait_for_role("spectator").await;
     assert_eq!(editable.buffer().await, READ_ONLY);
     let _ = daemon.start_kill();
-}
-
-#[tokio::test]
-#[ignore = "needs Vim"]
-async fn vim_batch_mode_spectator_is_promoted_when_the_owner_quits() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let first = Editor::vim(&workspace, &file).await;
-    first.wait_for_role("owner").await;
-    let second = Editor::vim(&workspace, &file).await;
-    owner_and_spectator(&first, &second).await;
-    let who = second.eval("presenced#who()").await;
-    assert_eq!(who[0]["pid"], first.pid, "{who}");
-    assert!(
-        who[0]["editor"]
-            .as_str()
-            .is_some_and(|editor| editor.starts_with("vim ")),
-        "{who}"
-    );
-
-    first.quit().await;
-    assert_promoted(&second).await;
 }
 
 #[tokio::test]
@@ -2551,3 +2512,107 @@ async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
     drop(daemon);
 }
 for_editors!(roles_hold_across_a_daemon_restart: neovim, vim, emacs);
+
+/// The owner is killed (SIGKILL: nothing of it runs): the spectator is
+/// promoted at once, editable, and says so.
+async fn spectator_is_promoted_when_the_owner_is_killed(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    both.owner.kill().await;
+    assert_promoted(&both.spectator).await;
+    assert_eq!(both.spectator.status().await, "owner");
+}
+for_editors!(spectator_is_promoted_when_the_owner_is_killed: neovim, vim, emacs);
+
+/// Both entries carry the meta every plugin gives (`editor`, `file`,
+/// `login`); the owner quits, and the spectator is promoted.
+async fn spectator_is_promoted_when_the_owner_quits(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let editor = match kind {
+        EditorKind::Neovim => "nvim ",
+        EditorKind::Vim => "vim ",
+        EditorKind::Emacs => "emacs ",
+    };
+    let listed = both
+        .workspace
+        .presence_json(&["list", &both.topic, "--json"])
+        .await;
+    assert_eq!(listed["owner"]["pid"], both.owner.pid, "{listed}");
+    let metas: Vec<Value> = listed["presences"]
+        .as_object()
+        .expect("presences")
+        .values()
+        .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(metas.len(), 2, "{listed}");
+    let resolved = both.file.canonicalize().expect("the file");
+    for meta in &metas {
+        assert!(
+            meta["editor"]
+                .as_str()
+                .is_some_and(|name| name.starts_with(editor)),
+            "{meta}"
+        );
+        assert_eq!(
+            meta["file"],
+            resolved.to_str().expect("a UTF-8 path"),
+            "{meta}"
+        );
+        assert!(meta["login"].is_string(), "{meta}");
+    }
+
+    both.owner.quit().await;
+    assert_promoted(&both.spectator).await;
+}
+for_editors!(spectator_is_promoted_when_the_owner_quits: neovim, vim, emacs);
+
+/// Neovim, Vim and Emacs on one file share its topic: the first owns it,
+/// the others queue in the order they came; each follows the owner's
+/// save; when the owner quits, the next in line owns the file with its
+/// text and the last refuses to write, naming the new owner.
+#[tokio::test]
+#[ignore = "needs Neovim (nvim), Vim, Emacs (emacs, emacsclient)"]
+async fn neovim_vim_and_emacs_share_one_file() {
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let neovim = Editor::open(EditorKind::Neovim, &workspace, &file).await;
+    neovim.wait_for_role("owner").await;
+    let vim = Editor::open(EditorKind::Vim, &workspace, &file).await;
+    owner_and_spectator(&neovim, &vim).await;
+    let emacs = Editor::open(EditorKind::Emacs, &workspace, &file).await;
+    emacs.wait_for_role("spectator").await;
+    assert_eq!(emacs.buffer().await, READ_ONLY);
+    let topic = neovim.state().await["topic"].clone();
+    for editor in [&vim, &emacs] {
+        let state = editor.state().await;
+        assert_eq!(state["topic"], topic, "{}: {state}", editor.name);
+        assert_eq!(
+            state["owner"]["pid"], neovim.pid,
+            "{}: {state}",
+            editor.name
+        );
+    }
+    assert_eq!(emacs.state().await["position"], 2);
+
+    neovim.set_text("Neovim's text").await;
+    neovim.write().await.expect("the owner writes");
+    vim.wait_for_text("Neovim's text\n").await;
+    emacs.wait_for_text("Neovim's text\n").await;
+
+    neovim.quit().await;
+    vim.wait_for_role("owner").await;
+    vim.wait_for_buffer(EDITABLE).await;
+    assert_eq!(vim.text().await, "Neovim's text\n");
+    eventually("Emacs to be next in line", async || {
+        emacs.state().await["position"] == 1
+    })
+    .await;
+    let key = vim.state().await["key"].as_str().expect("a key").to_owned();
+    emacs.force_change("Emacs's line").await;
+    let refusal = emacs.refusal(Write::Save).await;
+    assert!(refusal.contains(&being_edited_by(&key, &vim)), "{refusal}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("the file"),
+        "Neovim's text\n"
+    );
+}
