@@ -2200,8 +2200,8 @@ for_editors!(spectator_cannot_write_after_the_daemon_is_killed: neovim, vim, ema
 /// nothing; answered yes, it writes the buffer, and first updates the
 /// entry's meta to say whose file it overrode, which `presence log`
 /// records.
-async fn spectator_overrides_when_it_confirms(kind: EditorKind) {
-    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+async fn spectator_overrides_when_it_confirms_on(kind: EditorKind, life: DaemonLife) {
+    let both = OnOneFile::start(kind, life).await;
     let spectator = &both.spectator;
     let key = both.owner_key().await;
     let before = both.on_disk();
@@ -2257,7 +2257,16 @@ async fn spectator_overrides_when_it_confirms(kind: EditorKind) {
     assert!(overrode["at"].as_u64().is_some(), "{overrode}");
     assert_eq!(spectator.state().await["role"], "spectator");
 }
+
+async fn spectator_overrides_when_it_confirms(kind: EditorKind) {
+    spectator_overrides_when_it_confirms_on(kind, DaemonLife::Steady).await;
+}
 for_editors!(spectator_overrides_when_it_confirms: neovim, vim, emacs);
+
+async fn spectator_overrides_when_it_confirms_after_the_daemon_is_killed(kind: EditorKind) {
+    spectator_overrides_when_it_confirms_on(kind, DaemonLife::KilledAndReplaced).await;
+}
+for_editors!(spectator_overrides_when_it_confirms_after_the_daemon_is_killed: neovim, vim, emacs);
 
 /// The owner saves new text and quits: the promoted editor's buffer holds
 /// that text without anyone reloading it, it says whose save it read, and
@@ -2384,7 +2393,7 @@ for_editors!(spectator_follows_the_owners_saves_after_the_daemon_is_killed: neov
 /// wait for the question (they print E325 and open read-only), so the
 /// second Vim runs in a terminal, where without the plugin's answer it
 /// would wait at "[O]pen Read-Only, (E)dit anyway…" and never answer.
-async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
+async fn swap_file_gives_way_to_presenced_on(kind: EditorKind, life: DaemonLife) {
     let swap = Launch {
         swap: true,
         terminal: false,
@@ -2393,7 +2402,7 @@ async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
         swap: true,
         terminal: kind == EditorKind::Vim,
     };
-    let both = OnOneFile::start_with(kind, DaemonLife::Steady, swap, in_a_terminal).await;
+    let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
     let messages = both.spectator.messages().await;
     assert!(!messages.contains("E325"), "{messages:?}");
 
@@ -2408,14 +2417,23 @@ async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
     promoted.write().await.expect("the new owner writes");
     assert_eq!(both.on_disk(), "the owner's text\nthe new owner's line\n");
 }
+
+async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
+    swap_file_gives_way_to_presenced_on(kind, DaemonLife::Steady).await;
+}
 for_editors!(swap_file_gives_way_to_presenced: neovim, vim);
+
+async fn swap_file_gives_way_to_presenced_after_the_daemon_is_killed(kind: EditorKind) {
+    swap_file_gives_way_to_presenced_on(kind, DaemonLife::KilledAndReplaced).await;
+}
+for_editors!(swap_file_gives_way_to_presenced_after_the_daemon_is_killed: neovim, vim);
 
 /// Root removes the owner's entry from another connection (`presence
 /// leave`): the editor's buffer becomes read-only, it says who removed
 /// it, the next in line owns the file, the removed editor may not write
 /// it, and `:PresenceJoin` (`presenced-join`) queues it again.
-async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind) {
-    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+async fn removed_entry_makes_the_buffer_read_only_on(kind: EditorKind, life: DaemonLife) {
+    let both = OnOneFile::start(kind, life).await;
     let removed = &both.owner;
     let entry = removed.state().await["ref"]
         .as_str()
@@ -2465,7 +2483,16 @@ async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind) {
     assert_eq!(removed.state().await["position"], 1);
     assert_eq!(removed.state().await["status"], "joined");
 }
+
+async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind) {
+    removed_entry_makes_the_buffer_read_only_on(kind, DaemonLife::Steady).await;
+}
 for_editors!(removed_entry_makes_the_buffer_read_only: neovim, vim, emacs);
+
+async fn removed_entry_makes_the_buffer_read_only_after_the_daemon_is_killed(kind: EditorKind) {
+    removed_entry_makes_the_buffer_read_only_on(kind, DaemonLife::KilledAndReplaced).await;
+}
+for_editors!(removed_entry_makes_the_buffer_read_only_after_the_daemon_is_killed: neovim, vim, emacs);
 
 /// A daemon restarted (SIGTERM, then a new one on the same socket and
 /// database) takes nothing from the editors: both resume their entries,
