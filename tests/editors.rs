@@ -916,6 +916,22 @@ impl Editor {
     }
 }
 
+/// Vim in a terminal is not the test's child but script(1)'s, which the
+/// child's kill_on_drop kills: Vim, left with a hung-up terminal, could
+/// still act, so it is killed too.
+impl Drop for Editor {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().expect("child lock");
+        if child.id() != Some(self.pid) && matches!(child.try_wait(), Ok(None)) {
+            // Gone already, it cannot be killed: nothing to do then.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// The ways of saving a buffer to its own file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
@@ -2028,15 +2044,17 @@ enum DaemonLife {
 
 /// Two editors of one kind on one file, `notes.md`: the first its
 /// owner, the second its spectator.
+/// Its fields are dropped in order: the editors first, so that no plugin
+/// is left to start a daemon once the test's is gone.
 struct OnOneFile {
-    /// Kills, at the end, the daemon that replaced a killed one.
-    _replacement: KillDaemonsOnDrop,
-    _daemon: Daemon,
+    owner: Editor,
+    spectator: Editor,
     workspace: Workspace,
     file: PathBuf,
     topic: String,
-    owner: Editor,
-    spectator: Editor,
+    _daemon: Daemon,
+    /// Kills, at the end, the daemon that replaced a killed one.
+    _replacement: KillDaemonsOnDrop,
 }
 
 impl OnOneFile {
@@ -2090,13 +2108,13 @@ impl OnOneFile {
             assert_eq!(spectator.buffer().await, READ_ONLY);
         }
         OnOneFile {
-            _replacement: replacement,
-            _daemon: daemon,
+            owner,
+            spectator,
             workspace,
             file,
             topic,
-            owner,
-            spectator,
+            _daemon: daemon,
+            _replacement: replacement,
         }
     }
 
@@ -2500,6 +2518,8 @@ for_editors!(removed_entry_makes_the_buffer_read_only_after_the_daemon_is_killed
 /// carries role events.
 async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
     let daemon = Daemon::start().await;
+    // Dropped after the editors, whose plugins could start a daemon.
+    let _daemons = KillDaemonsOnDrop(daemon.socket.clone());
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
     let owner = Editor::open(kind, &workspace, &file).await;
@@ -2512,7 +2532,7 @@ async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
     );
     let said = spectator.messages().await;
 
-    let daemon = daemon.restart(&[]).await;
+    let _daemon = daemon.restart(&[]).await;
     workspace.wait_until_resumed(2).await;
     eventually("both editors to be connected again", async || {
         owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
@@ -2536,7 +2556,6 @@ async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
 
     owner.kill().await;
     assert_promoted(&spectator).await;
-    drop(daemon);
 }
 for_editors!(roles_hold_across_a_daemon_restart: neovim, vim, emacs);
 
