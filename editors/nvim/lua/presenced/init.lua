@@ -1,7 +1,8 @@
 -- presenced for Neovim: every normal file buffer joins a topic on the
 -- presenced daemon. The first editor to join a topic owns it and may edit;
--- every later one is a spectator whose buffer is 'nomodifiable' and
--- 'readonly' until it is promoted. See :help presenced and docs/protocol.md.
+-- every later one is a spectator whose buffer is 'nomodifiable', and whose
+-- writes to its file are refused, until it is promoted. See :help
+-- presenced and docs/protocol.md.
 --
 -- State lives in three tables:
 --   buffers[bufnr] = { topic, saved, last_message, file, read_at, ... }
@@ -324,16 +325,21 @@ end
 
 -- Buffer options --------------------------------------------------------
 
--- Makes the buffer read-only, remembering the user's own settings the
--- first time, to give them back on promotion.
+-- Makes the buffer read-only for a spectator: 'nomodifiable', so it cannot
+-- be changed, but not 'readonly': with 'readonly' a plain :w stops at the
+-- editor's own E45 ("add ! to override") before any write autocommand
+-- runs, so the write guard could never say who owns the file. The user's
+-- own settings are remembered the first time, to give them back on
+-- promotion.
 local function restrict(bufnr)
   local buf = buffers[bufnr]
   if not buf.saved then
     buf.saved = { modifiable = vim.bo[bufnr].modifiable, readonly = vim.bo[bufnr].readonly }
   end
-  -- Set every time: reading the file again (:edit!) resets 'readonly'.
+  -- Set every time: reading the file again (:edit!, or the read after the
+  -- swap-file choice 'o') may set 'readonly' again.
   vim.bo[bufnr].modifiable = false
-  vim.bo[bufnr].readonly = true
+  vim.bo[bufnr].readonly = false
 end
 
 -- Gives the user's settings back; true if the buffer was restricted. A
@@ -1178,7 +1184,7 @@ local function attach(bufnr, wait)
   local topic, path = topic_of(bufnr)
   local buf = buffers[bufnr]
   if buf and buf.topic == topic then
-    -- Read again (:edit!): reading resets 'readonly'.
+    -- Read again (:edit!): reading may set 'readonly' again.
     remember_file(bufnr)
     apply(bufnr)
     return
@@ -1347,17 +1353,21 @@ end
 
 -- Called by the BufWritePre, FileWritePre and FileAppendPre autocommand
 -- with <abuf> and <afile>: an Ex command for it to `execute`, '' to let the
--- write go on, or a `throw` of the refusal. Only an exception thrown from
--- the autocommand stops the write whatever the command (`:w!`, `:wq`,
--- `:saveas!`), and keeps `:wq` and `:x` from quitting; a Lua error or an
--- :echoerr does not.
+-- write go on. A refused write shows the refusal as an error (also in
+-- v:errmsg) and `call interrupt()`, which stops the write whatever the
+-- command (`:w!`, `:wq`, `:saveas!`) and keeps `:wq` and `:x` from
+-- quitting, without the "E605: Exception not caught" a :throw would print
+-- around the message; a Lua error or an :echoerr would not stop it. In a
+-- script's :try the refusal is caught as "Vim:Interrupt".
 function M.write_guard(abuf, afile)
   local bufnr = tonumber(abuf)
   local why = bufnr and refusal(bufnr, afile)
   if not why then
     return ''
   end
-  return 'throw ' .. vim.fn.string(why)
+  vim.api.nvim_echo({ { why, 'ErrorMsg' } }, true, {})
+  vim.v.errmsg = why
+  return 'call interrupt()'
 end
 
 -- :PresenceWrite[!]: a spectator writes its copy over the owner's file,
@@ -1410,7 +1420,7 @@ function M.write_anyway(bang)
     vim.cmd('write!')
   end)
   buf.overriding = false
-  -- `:write!` resets 'readonly'; the buffer is still a spectator's.
+  -- The buffer is still a spectator's (unless promoted meanwhile).
   if is_guarded(entry) then
     restrict(bufnr)
   end
@@ -1605,7 +1615,8 @@ function M.setup(options)
   vim.api.nvim_create_autocmd({ 'BufWritePre', 'FileWritePre', 'FileAppendPre' }, {
     group = group,
     desc = "presenced: refuse a spectator's write to its file",
-    -- Ex commands, not a Lua callback: only a Vim exception stops a write.
+    -- Ex commands, not a Lua callback: an error in a callback lets the
+    -- write go on; interrupt() called from Ex commands stops it.
     command = "execute v:lua.require'presenced'.write_guard(expand('<abuf>'), expand('<afile>:p'))",
   })
   vim.api.nvim_create_autocmd('BufWritePost', {
