@@ -297,7 +297,7 @@ impl Editor {
                 Editor::neovim_started(workspace, &[file.as_os_str()], "", "", launch).await
             }
             EditorKind::Vim => Editor::vim_started(workspace, file, &[], launch).await,
-            EditorKind::Emacs => Editor::emacs(workspace, file).await,
+            EditorKind::Emacs => Editor::emacs_with(workspace, file, &[]).await,
         }
     }
 
@@ -466,8 +466,9 @@ impl Editor {
     }
 
     /// Emacs as a foreground daemon with the package's `presenced-mode`
-    /// on and the test driver loaded, visiting `file`.
-    async fn emacs(workspace: &Workspace, file: &Path) -> Editor {
+    /// on and the test driver loaded, visiting `file`; `settings` are
+    /// forms evaluated before the mode is on (`(setq presenced-… …)`).
+    async fn emacs_with(workspace: &Workspace, file: &Path, settings: &[&str]) -> Editor {
         let name = workspace.next_name("emacs");
         let server = workspace.dir.path().join(format!("{name}.sock"));
         let mut command = Command::new("emacs");
@@ -480,9 +481,11 @@ impl Editor {
             .arg(format!(
                 "(setq presenced-program {})",
                 lisp_string(presence_bin())
-            ))
-            .args(["--eval", "(presenced-mode 1)"])
-            .arg(file);
+            ));
+        for setting in settings {
+            command.arg("--eval").arg(setting);
+        }
+        command.args(["--eval", "(presenced-mode 1)"]).arg(file);
         let editor = Editor::spawn(workspace, name, command, Driver::Emacs { server });
         eventually(&format!("{} to serve", editor.name), async || {
             editor.answer("1").await.is_some()
@@ -864,6 +867,15 @@ impl Editor {
         let expression = match self.kind() {
             EditorKind::Neovim | EditorKind::Vim => "execute('PresenceJoin')",
             EditorKind::Emacs => "(presenced-join)",
+        };
+        self.eval(expression).await;
+    }
+
+    /// Tries the daemon again: `:PresenceReconnect`, `presenced-reconnect`.
+    async fn reconnect(&self) {
+        let expression = match self.kind() {
+            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceReconnect')",
+            EditorKind::Emacs => "(presenced-reconnect)",
         };
         self.eval(expression).await;
     }
@@ -1463,7 +1475,7 @@ async fn gives_up_on_a_daemon_that_keeps_closing(
     drop(holder);
     eventually("the editor to join once there is room", async || {
         if editor.state().await["status"] == "unreachable" {
-            editor.command("PresenceReconnect").await;
+            editor.reconnect().await;
         }
         editor.state().await["role"] == "owner"
     })
@@ -1490,6 +1502,15 @@ async fn vim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
             &["let g:presenced_reconnect_timeout_ms = 300"],
         )
         .await
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs Emacs (emacs, emacsclient)"]
+async fn emacs_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
+    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
+        Editor::emacs_with(workspace, file, &["(setq presenced-reconnect-timeout 0.3)"]).await
     })
     .await;
 }
