@@ -1277,43 +1277,50 @@ async fn vim_spectator_is_promoted_when_a_neovim_owner_is_killed() {
     assert_promoted(&spectator).await;
 }
 
-#[tokio::test]
-#[ignore = "needs Vim"]
-async fn vim_warns_without_a_daemon_and_starts_one_through_the_cli() {
+/// Without a daemon and with autostart off, the buffer stays editable
+/// and the editor says why; an editor with autostart (the default)
+/// starts a daemon through the CLI, where the CLI would look for the
+/// socket, and owns the file; the first gets in line once it tries again.
+async fn warns_without_a_daemon_and_starts_one_through_the_cli(kind: EditorKind) {
     // No PRESENCE_SOCKET: the socket is under XDG_RUNTIME_DIR.
     let workspace = Workspace::new(None, None);
     let _daemon = KillDaemonsOnDrop(workspace.socket());
     let file = workspace.file("notes.md");
-    let offline = Editor::vim_with(&workspace, &file, &["let g:presenced_autostart = 0"]).await;
+    let offline = match kind {
+        EditorKind::Neovim => Editor::neovim_with(&workspace, &file, "autostart = false").await,
+        EditorKind::Vim => {
+            Editor::vim_with(&workspace, &file, &["let g:presenced_autostart = 0"]).await
+        }
+        EditorKind::Emacs => {
+            Editor::emacs_with(&workspace, &file, &["(setq presenced-autostart nil)"]).await
+        }
+    };
     eventually("the plugin to give up on the daemon", async || {
         offline.state().await["status"] == "unreachable"
     })
     .await;
     assert_eq!(offline.buffer().await, EDITABLE);
-    let messages = offline.messages().await;
-    assert!(
-        messages.contains(&format!(
+    offline
+        .wait_for_message(&format!(
             "cannot reach the daemon at {}",
             workspace.socket().display()
-        )) && messages.contains("editable, but nobody else will know"),
+        ))
+        .await;
+    let messages = offline.messages().await;
+    assert!(
+        messages.contains("editable, but nobody else will know"),
         "{messages:?}"
     );
 
-    // With autostart (the default), Vim starts a daemon and owns the file.
-    let starter = Editor::vim(&workspace, &file).await;
+    let starter = Editor::open(kind, &workspace, &file).await;
     starter.wait_for_role("owner").await;
     assert_eq!(starter.buffer().await, EDITABLE);
-    // The first Vim gets in line once it tries again.
-    offline.command("PresenceReconnect").await;
+    offline.reconnect().await;
     offline.wait_for_role("spectator").await;
     assert_eq!(offline.buffer().await, READ_ONLY);
-    assert!(
-        offline
-            .messages()
-            .await
-            .contains(&spectator_message(&starter))
-    );
+    offline.wait_for_message(&spectator_message(&starter)).await;
 }
+for_editors!(warns_without_a_daemon_and_starts_one_through_the_cli: neovim, vim, emacs);
 
 /// The number of metas on `topic`, and the pid of its owner.
 async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
