@@ -2441,6 +2441,7 @@ for_editors!(spectator_follows_the_owners_saves_after_the_daemon_is_killed: neov
 /// wait for the question (they print E325 and open read-only), so the
 /// second Vim runs in a terminal, where without the plugin's answer it
 /// would wait at "[O]pen Read-Only, (E)dit anyway…" and never answer.
+/// An editor that owns the file still meets the swap file's question.
 async fn swap_file_gives_way_to_presenced_on(kind: EditorKind, life: DaemonLife) {
     let swap = Launch {
         swap: true,
@@ -2464,6 +2465,44 @@ async fn swap_file_gives_way_to_presenced_on(kind: EditorKind, life: DaemonLife)
     promoted.force_change("the new owner's line").await;
     promoted.write().await.expect("the new owner writes");
     assert_eq!(both.on_disk(), "the owner's text\nthe new owner's line\n");
+
+    owner_still_meets_the_recovery_question(kind, &both.workspace).await;
+}
+
+/// The swap file of an editor killed with unsaved changes: the next
+/// editor to open the file owns it, and Vim's own question stays, since
+/// recovering is what it is for (Vim in a terminal shows it and waits;
+/// headless Neovim prints E325 and goes on).
+async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &Workspace) {
+    let file = workspace.file("crashed.md");
+    let swap = Launch {
+        swap: true,
+        terminal: false,
+    };
+    let crashed = Editor::launch(kind, workspace, &file, swap).await;
+    crashed.wait_for_role("owner").await;
+    // Unsaved changes in the swap file: an unchanged one of a dead
+    // process is deleted without a word.
+    crashed.set_text("never saved").await;
+    crashed.command("preserve").await;
+    crashed.kill().await;
+
+    let in_a_terminal = Launch {
+        swap: true,
+        terminal: kind == EditorKind::Vim,
+    };
+    let next = Editor::launch(kind, workspace, &file, in_a_terminal).await;
+    match kind {
+        EditorKind::Vim => {
+            let what = format!("{} to ask about the swap file", next.name);
+            eventually(&what, async || next.printed().contains("(R)ecover")).await;
+        }
+        _ => {
+            next.wait_for_role("owner").await;
+            let messages = next.messages().await;
+            assert!(messages.contains("E325"), "{messages:?}");
+        }
+    }
 }
 
 async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
