@@ -2731,3 +2731,45 @@ async fn neovim_vim_and_emacs_share_one_file() {
         "Neovim's text\n"
     );
 }
+
+/// Vim in a terminal, a spectator: its standing is on the screen once
+/// the file is open, not wiped by Vim's own message about the file read
+/// or by the first redraw. The screen is Vim's own account of it
+/// (`screenstring()`), popups included.
+#[tokio::test]
+#[ignore = "needs Vim, script(1)"]
+async fn vim_in_a_terminal_keeps_the_standing_in_sight() {
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    let owner = Editor::vim(&workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let terminal = Launch {
+        swap: false,
+        terminal: true,
+    };
+    let spectator = Editor::launch(EditorKind::Vim, &workspace, &file, terminal).await;
+    owner_and_spectator(&owner, &spectator).await;
+    let standing = spectator_message(&owner);
+    let what = format!("{} to show its standing", spectator.name);
+    eventually(&what, async || {
+        let screen = spectator.eval(SCREEN).await;
+        screen
+            .as_str()
+            .is_some_and(|screen| screen.contains(&standing))
+    })
+    .await;
+    // A redraw keeps it.
+    spectator.command("redraw").await;
+    let screen = spectator.eval(SCREEN).await;
+    assert!(
+        screen
+            .as_str()
+            .is_some_and(|screen| screen.contains(&standing)),
+        "{screen}"
+    );
+}
+
+/// What a Vim in a terminal shows, row after row.
+const SCREEN: &str = "join(map(range(1, &lines), \
+     {_, row -> join(map(range(1, &columns), {_, column -> screenstring(row, column)}), '')}), \"\\n\")";
