@@ -1,11 +1,13 @@
 //! The editor plugins in real editors: the Neovim plugin (editors/nvim) in
 //! headless Neovim, queried through its RPC socket with `nvim --server
 //! SOCK --remote-expr`; the Vim plugin (editors/vim) in batch-mode Vim
-//! (`vim -Nu NONE -i NONE -es`), or in a terminal under `script(1)`,
-//! queried through files by tests/editors/vim_driver.vim, since that Vim
-//! has no clientserver; and the Emacs package (editors/emacs) in Emacs
-//! run as a foreground daemon, queried with `emacsclient` through
-//! tests/editors/emacs_driver.el.
+//! (`vim -Nu NONE -i NONE -es`), queried through files by
+//! tests/editors/vim_driver.vim, since that Vim has no clientserver; and
+//! the Emacs package (editors/emacs) in Emacs run as a foreground daemon,
+//! queried with `emacsclient` through tests/editors/emacs_driver.el.
+//! Where what a user sees matters (Vim's swap-file question, messages a
+//! redraw could wipe), Vim or Neovim runs in a terminal of its own under
+//! `script(1)`, queried the same way.
 //!
 //! What all three plugins promise alike (a spectator cannot save over the
 //! owner, a promoted editor never keeps stale text, roles survive a
