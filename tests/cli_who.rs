@@ -183,6 +183,40 @@ async fn who_of_a_file_not_written_yet_finds_its_editor() {
     assert_eq!(lines[2], ["other.md", "nobody"], "{text}");
 }
 
+/// A symbolic link to a file not written yet has its target's topic:
+/// writing through the link creates the target, so an editor that opened
+/// the target by name is found through the link, before and after.
+#[tokio::test]
+async fn who_of_a_link_to_a_file_not_written_yet_names_the_target() {
+    let daemon = Daemon::start().await;
+    let files = files(&daemon);
+    let target = files.real.join("plan.md");
+    let topic = format!("file:{}", target.display());
+    // Relative to the link's folder, through the linked folder.
+    std::os::unix::fs::symlink("../link/plan.md", files.real.join("dangling"))
+        .expect("a link to nothing yet");
+    let dave = spawn_sleeper();
+    let dave_pid = dave.id().expect("pid").to_string();
+    editor_joins(&daemon, &topic, "dave", &dave_pid, "vim 9.0").await;
+
+    let ask = || async {
+        let output = who(&daemon, &files.real, &["dangling", "--json"]).await;
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        let answers: Value = serde_json::from_str(&stdout(&output)).expect("one JSON document");
+        answers[0].clone()
+    };
+    let before = ask().await;
+    assert_eq!(before["file"], "dangling");
+    assert_eq!(before["topic"], json!(topic), "{before}");
+    assert_eq!(before["owner"]["key"], "dave", "{before}");
+
+    std::fs::write(files.real.join("dangling"), "written through the link\n")
+        .expect("a write through the link");
+    assert!(target.exists(), "the write created the target");
+    let after = ask().await;
+    assert_eq!(after["topic"], json!(topic), "{after}");
+}
+
 /// A folder and a path under a missing folder have no topic: each is
 /// named on stderr, the files among them are still answered, and the exit
 /// status is 1. With nothing to answer, no daemon is needed.

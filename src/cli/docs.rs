@@ -275,8 +275,9 @@ const WHO_DETAILS: &str = "\
 For each FILE, asks the daemon who is on its topic: the topic every editor
 plugin joins for that file, `file:` and the file's absolute path with
 symbolic links resolved (for a file that does not exist yet, its folder's
-resolved path and its name). So it answers for the file, whatever name or
-link it is reached by. The owner comes first, then the spectators in the
+resolved path and its name; a symbolic link to a file that does not exist
+yet names the file a write through it would create). So it answers for
+the file, whatever name or link it is reached by. The owner comes first, then the spectators in the
 order they will be promoted; EDITOR is the `editor` of the entry's meta,
 which the plugins set, and SINCE when the entry joined. FILE is the name
 as given:

@@ -160,19 +160,36 @@ function M.socket_path()
   return '/tmp/presenced-' .. uv.getuid() .. '/presenced.sock'
 end
 
+-- The most symbolic links followed in a row, as the kernel does (ELOOP).
+local max_links = 40
+
 -- The absolute path with symbolic links resolved; for a file that does
--- not exist yet, its folder's resolved path and its name.
+-- not exist yet, its folder's resolved path and its name. A link to a
+-- file not written yet is followed first: a write through it creates the
+-- target, so the target's path is the topic before and after that write.
 local function resolve_path(name)
   local full = vim.fn.fnamemodify(name, ':p')
   local real = uv.fs_realpath(full)
   if real then
     return real
   end
-  local folder = uv.fs_realpath(vim.fn.fnamemodify(full, ':h'))
+  local missing = full
+  for _ = 1, max_links do
+    local target = uv.fs_readlink(missing)
+    if not target then
+      break
+    end
+    -- A relative target is taken from its link's folder.
+    missing = target:sub(1, 1) == '/' and target or vim.fn.fnamemodify(missing, ':h') .. '/' .. target
+  end
+  if uv.fs_readlink(missing) then
+    return full -- links that never end: nothing can be written there
+  end
+  local folder = uv.fs_realpath(vim.fn.fnamemodify(missing, ':h'))
   if not folder then
     return full
   end
-  local tail = vim.fn.fnamemodify(full, ':t')
+  local tail = vim.fn.fnamemodify(missing, ':t')
   return folder:sub(-1) == '/' and folder .. tail or folder .. '/' .. tail
 end
 
