@@ -1,6 +1,8 @@
-" Lets tests/editors.rs query a batch-mode Vim (vim -Nu NONE -i NONE -es)
-" the way it queries Neovim with --remote-expr: this Vim has no
-" clientserver, so requests come as files in g:driver_dir.
+" Lets tests/editors.rs query a batch-mode Vim (vim -Nu NONE -i NONE -es),
+" or one in a terminal, the way it queries Neovim with --remote-expr: this
+" Vim has no clientserver, so requests come as files in g:driver_dir. The
+" loop starts once Vim has opened its file: a Vim stopped at a question
+" (the swap file's) answers nothing.
 "
 " The test writes an expression to request-N.tmp and renames it to
 " request-N (so it is never read half written); the driver evaluates it
@@ -9,6 +11,8 @@
 " also where Vim runs the plugin's channel callbacks and timers.
 "
 " An expression may quit Vim (execute('qall!')); nothing is answered then.
+" Commands whose messages a test reads run as execute(CMD, ''), not
+" silently: a silent :echomsg is not kept in :messages.
 
 let s:next = 0
 while 1
