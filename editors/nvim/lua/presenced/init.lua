@@ -103,6 +103,21 @@ local early_messages = {}
 -- Says `message` so that it stays visible: never before the UI is up, and
 -- after the command or event that caused it (an :edit's file message
 -- would otherwise replace it). Also kept in :messages.
+-- On a screen, a message wider than the command line would stop Neovim at
+-- "Press ENTER", in the middle of opening a file: it is cut to fit, as the
+-- Vim plugin does, and :PresenceStatus gives the whole story. Without a UI
+-- (headless) nothing can stop, and it is said whole.
+local function fit_to_screen(message)
+  if #vim.api.nvim_list_uis() == 0 then
+    return message
+  end
+  local width = vim.o.columns - 12
+  if width > 3 and vim.fn.strdisplaywidth(message) > width then
+    return vim.fn.strcharpart(message, 0, width - 3) .. '...'
+  end
+  return message
+end
+
 local function notify(message, level)
   message = 'presenced: ' .. message
   level = level or levels.INFO
@@ -111,7 +126,7 @@ local function notify(message, level)
     return
   end
   vim.schedule(function()
-    vim.notify(message, level)
+    vim.notify(fit_to_screen(message), level)
   end)
 end
 
@@ -120,7 +135,7 @@ local function say_early_messages()
   early_messages = {}
   vim.schedule(function()
     for _, said in ipairs(waiting) do
-      vim.notify(said[1], said[2])
+      vim.notify(fit_to_screen(said[1]), said[2])
     end
   end)
 end
