@@ -82,30 +82,44 @@ enum EditorKind {
 /// `emacs` (those listed), each ignored unless that editor is installed,
 /// so that `cargo test -- --ignored NAME` runs the scenario everywhere.
 macro_rules! for_editors {
+    // One test per editor: `scenario(kind)`.
     ($scenario:ident: $($editor:ident),+) => {
         mod $scenario {
-            $(for_editors!(@test $scenario $editor);)+
+            $(for_editors!(@test $editor, |kind| crate::$scenario(kind));)+
         }
     };
-    (@test $scenario:ident neovim) => {
+    // Two per editor, `scenario(kind, life)`: with the daemon left alone,
+    // and again in `after_the_daemon_is_killed` with a `kill -9` midway.
+    ($scenario:ident, steady and killed: $($editor:ident),+) => {
+        mod $scenario {
+            $(for_editors!(@test $editor, |kind| crate::$scenario(kind, crate::DaemonLife::Steady));)+
+            mod after_the_daemon_is_killed {
+                $(for_editors!(
+                    @test $editor,
+                    |kind| crate::$scenario(kind, crate::DaemonLife::KilledAndReplaced)
+                );)+
+            }
+        }
+    };
+    (@test neovim, $run:expr) => {
         #[tokio::test]
         #[ignore = "needs Neovim (nvim)"]
         async fn neovim() {
-            super::$scenario(super::EditorKind::Neovim).await
+            ($run)(crate::EditorKind::Neovim).await
         }
     };
-    (@test $scenario:ident vim) => {
+    (@test vim, $run:expr) => {
         #[tokio::test]
         #[ignore = "needs Vim"]
         async fn vim() {
-            super::$scenario(super::EditorKind::Vim).await
+            ($run)(crate::EditorKind::Vim).await
         }
     };
-    (@test $scenario:ident emacs) => {
+    (@test emacs, $run:expr) => {
         #[tokio::test]
         #[ignore = "needs Emacs (emacs, emacsclient)"]
         async fn emacs() {
-            super::$scenario(super::EditorKind::Emacs).await
+            ($run)(crate::EditorKind::Emacs).await
         }
     };
 }
@@ -2256,7 +2270,7 @@ fn followed_by_a_time(text: &str, prefix: &str) -> bool {
 /// nothing then, by design) and after forcing a change into the buffer,
 /// as do `:x`, `:update` and `:saveas!` of the same file then; a refused
 /// `:wq` or `:x` does not quit. Writing to another file works.
-async fn spectator_cannot_write_on(kind: EditorKind, daemon: DaemonLife) {
+async fn spectator_cannot_write(kind: EditorKind, daemon: DaemonLife) {
     let both = OnOneFile::start(kind, daemon).await;
     let spectator = &both.spectator;
     let before = both.on_disk();
@@ -2308,21 +2322,13 @@ async fn spectator_cannot_write_on(kind: EditorKind, daemon: DaemonLife) {
     assert_eq!(both.on_disk(), before);
 }
 
-async fn spectator_cannot_write(kind: EditorKind) {
-    spectator_cannot_write_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(spectator_cannot_write: neovim, vim, emacs);
-
-async fn spectator_cannot_write_after_the_daemon_is_killed(kind: EditorKind) {
-    spectator_cannot_write_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(spectator_cannot_write_after_the_daemon_is_killed: neovim, vim, emacs);
+for_editors!(spectator_cannot_write, steady and killed: neovim, vim, emacs);
 
 /// The override asks first, naming the owner; answered no, it writes
 /// nothing; answered yes, it writes the buffer, and first updates the
 /// entry's meta to say whose file it overrode, which `presence log`
 /// records.
-async fn spectator_overrides_when_it_confirms_on(kind: EditorKind, life: DaemonLife) {
+async fn spectator_overrides_when_it_confirms(kind: EditorKind, life: DaemonLife) {
     let both = OnOneFile::start(kind, life).await;
     let spectator = &both.spectator;
     let key = both.owner_key().await;
@@ -2380,20 +2386,12 @@ async fn spectator_overrides_when_it_confirms_on(kind: EditorKind, life: DaemonL
     assert_eq!(spectator.state().await["role"], "spectator");
 }
 
-async fn spectator_overrides_when_it_confirms(kind: EditorKind) {
-    spectator_overrides_when_it_confirms_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(spectator_overrides_when_it_confirms: neovim, vim, emacs);
-
-async fn spectator_overrides_when_it_confirms_after_the_daemon_is_killed(kind: EditorKind) {
-    spectator_overrides_when_it_confirms_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(spectator_overrides_when_it_confirms_after_the_daemon_is_killed: neovim, vim, emacs);
+for_editors!(spectator_overrides_when_it_confirms, steady and killed: neovim, vim, emacs);
 
 /// The owner saves new text and quits: the promoted editor's buffer holds
 /// that text without anyone reloading it, it says whose save it read, and
 /// its own next save keeps the owner's text.
-async fn promoted_editor_holds_the_owners_last_save_on(kind: EditorKind, daemon: DaemonLife) {
+async fn promoted_editor_holds_the_owners_last_save(kind: EditorKind, daemon: DaemonLife) {
     let both = OnOneFile::start(kind, daemon).await;
     let key = both.owner_key().await;
     both.owner.set_text("the owner's text").await;
@@ -2417,15 +2415,7 @@ async fn promoted_editor_holds_the_owners_last_save_on(kind: EditorKind, daemon:
     assert_eq!(both.on_disk(), "the owner's text\nthe new owner's line\n");
 }
 
-async fn promoted_editor_holds_the_owners_last_save(kind: EditorKind) {
-    promoted_editor_holds_the_owners_last_save_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(promoted_editor_holds_the_owners_last_save: neovim, vim, emacs);
-
-async fn promoted_editor_holds_the_owners_last_save_after_the_daemon_is_killed(kind: EditorKind) {
-    promoted_editor_holds_the_owners_last_save_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(promoted_editor_holds_the_owners_last_save_after_the_daemon_is_killed: neovim, vim, emacs);
+for_editors!(promoted_editor_holds_the_owners_last_save, steady and killed: neovim, vim, emacs);
 
 /// The owner is no editor but `presence join`, and the file changes on
 /// disk while the editor watches, unannounced: promoted, the editor reads
@@ -2465,7 +2455,7 @@ for_editors!(promoted_editor_reads_what_changed_on_disk: neovim, vim, emacs);
 
 /// Each save of the owner reaches the spectator's buffer, which stays
 /// read-only and says whose save it read.
-async fn spectator_follows_the_owners_saves_on(kind: EditorKind, daemon: DaemonLife) {
+async fn spectator_follows_the_owners_saves(kind: EditorKind, daemon: DaemonLife) {
     let both = OnOneFile::start(kind, daemon).await;
     let key = both.owner_key().await;
     for text in ["the first save", "the second save, longer"] {
@@ -2498,15 +2488,7 @@ async fn spectator_follows_the_owners_saves_on(kind: EditorKind, daemon: DaemonL
     assert_eq!(saves, [2], "the owner's meta counts its saves: {meta}");
 }
 
-async fn spectator_follows_the_owners_saves(kind: EditorKind) {
-    spectator_follows_the_owners_saves_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(spectator_follows_the_owners_saves: neovim, vim, emacs);
-
-async fn spectator_follows_the_owners_saves_after_the_daemon_is_killed(kind: EditorKind) {
-    spectator_follows_the_owners_saves_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(spectator_follows_the_owners_saves_after_the_daemon_is_killed: neovim, vim, emacs);
+for_editors!(spectator_follows_the_owners_saves, steady and killed: neovim, vim, emacs);
 
 /// With swap files on, as the editors' defaults have them, the second
 /// editor opens without the swap file's question, a spectator, with
@@ -2516,7 +2498,7 @@ for_editors!(spectator_follows_the_owners_saves_after_the_daemon_is_killed: neov
 /// second Vim runs in a terminal, where without the plugin's answer it
 /// would wait at "[O]pen Read-Only, (E)dit anyway…" and never answer.
 /// An editor that owns the file still meets the swap file's question.
-async fn swap_file_gives_way_to_presenced_on(kind: EditorKind, life: DaemonLife) {
+async fn swap_file_gives_way_to_presenced(kind: EditorKind, life: DaemonLife) {
     let swap = Launch {
         swap: true,
         terminal: false,
@@ -2579,21 +2561,13 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
     }
 }
 
-async fn swap_file_gives_way_to_presenced(kind: EditorKind) {
-    swap_file_gives_way_to_presenced_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(swap_file_gives_way_to_presenced: neovim, vim);
-
-async fn swap_file_gives_way_to_presenced_after_the_daemon_is_killed(kind: EditorKind) {
-    swap_file_gives_way_to_presenced_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(swap_file_gives_way_to_presenced_after_the_daemon_is_killed: neovim, vim);
+for_editors!(swap_file_gives_way_to_presenced, steady and killed: neovim, vim);
 
 /// Root removes the owner's entry from another connection (`presence
 /// leave`): the editor's buffer becomes read-only, it says who removed
 /// it, the next in line owns the file, the removed editor may not write
 /// it, and `:PresenceJoin` (`presenced-join`) queues it again.
-async fn removed_entry_makes_the_buffer_read_only_on(kind: EditorKind, life: DaemonLife) {
+async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: DaemonLife) {
     let both = OnOneFile::start(kind, life).await;
     let removed = &both.owner;
     let entry = removed.state().await["ref"]
@@ -2645,15 +2619,7 @@ async fn removed_entry_makes_the_buffer_read_only_on(kind: EditorKind, life: Dae
     assert_eq!(removed.state().await["status"], "joined");
 }
 
-async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind) {
-    removed_entry_makes_the_buffer_read_only_on(kind, DaemonLife::Steady).await;
-}
-for_editors!(removed_entry_makes_the_buffer_read_only: neovim, vim, emacs);
-
-async fn removed_entry_makes_the_buffer_read_only_after_the_daemon_is_killed(kind: EditorKind) {
-    removed_entry_makes_the_buffer_read_only_on(kind, DaemonLife::KilledAndReplaced).await;
-}
-for_editors!(removed_entry_makes_the_buffer_read_only_after_the_daemon_is_killed: neovim, vim, emacs);
+for_editors!(removed_entry_makes_the_buffer_read_only, steady and killed: neovim, vim, emacs);
 
 /// A daemon restarted (SIGTERM, then a new one on the same socket and
 /// database) takes nothing from the editors: both resume their entries,
