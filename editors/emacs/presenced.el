@@ -62,6 +62,8 @@
 ;;     10:02; your copy is read-only.  M-x presenced-write-anyway to
 ;;     save anyway, or C-x C-w to write another file
 ;;
+;;   and leave the buffer as it was: read-only, and modified if it
+;;   has changes of its own.
 ;;   Writing the buffer to another file works.  `presenced-write-anyway'
 ;;   asks first (through `presenced-confirm-function'), records the
 ;;   override in the entry's meta (`overrode'), so that `presence log'
@@ -178,9 +180,10 @@ owner's file."
   ;; Whether the buffer is kept read-only by the package, and the
   ;; `buffer-read-only' it had before, given back on promotion.
   restricted saved-read-only
-  ;; The file's size and the buffer's `buffer-chars-modified-tick' when
-  ;; the buffer last read or wrote the file.
-  read-size read-tick
+  ;; The file's size and modification time, and the buffer's
+  ;; `buffer-chars-modified-tick', when the buffer last read or wrote
+  ;; the file.
+  read-size read-modtime read-tick
   last-message)
 
 (defvar presenced--buffers (make-hash-table :test #'eq :weakness 'key)
@@ -669,6 +672,7 @@ VISIBLY says it again after the current command's own messages."
     (when state
       (with-current-buffer buffer
         (setf (presenced--buffer-read-size state) (presenced--file-size buffer-file-name)
+              (presenced--buffer-read-modtime state) (visited-file-modtime)
               (presenced--buffer-read-tick state) (buffer-chars-modified-tick))))))
 
 (defun presenced--own-changes-p (buffer)
@@ -1308,9 +1312,10 @@ Returns non-nil if PREDICATE held."
       (accept-process-output nil 0.01))
     (funcall predicate)))
 
-(defun presenced--attach (buffer &optional wait)
+(defun presenced--attach (buffer &optional wait renamed)
   "Follow BUFFER, which was visited, read again or renamed.
-WAIT waits up to `presenced-join-wait' for its role."
+WAIT waits up to `presenced-join-wait' for its role.  RENAMED
+means BUFFER was given a file name and did not read the file."
   (if (not (and (buffer-live-p buffer) (presenced--file-buffer-p buffer)))
       (presenced--detach buffer)
     (with-current-buffer buffer
@@ -1324,6 +1329,16 @@ WAIT waits up to `presenced-join-wait' for its role."
              (topic (and (stringp topic) (not (string-empty-p topic)) topic))
              (state (gethash buffer presenced--buffers)))
         (cond
+         ((and state renamed (equal (presenced--buffer-topic state) topic))
+          ;; Given the name of the file it visits already (`write-file'
+          ;; or `set-visited-file-name' of it): it still holds the file
+          ;; as it last read it, so its changes of its own stay its own,
+          ;; and the modification time `set-visited-file-name' cleared
+          ;; is the one it read.
+          (when (and (equal (visited-file-modtime) 0)
+                     (consp (presenced--buffer-read-modtime state)))
+            (set-visited-file-modtime (presenced--buffer-read-modtime state)))
+          (presenced--apply buffer))
          ((and state (equal (presenced--buffer-topic state) topic))
           ;; Read again: reading resets `buffer-read-only'.
           (presenced--record-read buffer)
@@ -1361,7 +1376,7 @@ WAIT waits up to `presenced-join-wait' for its role."
 
 (defun presenced--on-rename ()
   "Follow the buffer under its new file name, or stop following it."
-  (presenced--attach (current-buffer) t))
+  (presenced--attach (current-buffer) t t))
 
 (defun presenced--on-revert ()
   "Restrict the buffer again after reading its file cleared read-only."
@@ -1390,22 +1405,24 @@ WAIT waits up to `presenced-join-wait' for its role."
                 (presenced--display-name buffer) (presenced--get by "user")
                 (presenced--get by "uid") (presenced--get by "pid"))))))
 
-(defun presenced--refuse-write ()
-  "Signal a `user-error' if the current buffer may not write its own file.
-So while it is a spectator, or its entry was removed.  Writing to
-another file is left alone: then the buffer visits that file."
+(defun presenced--refuse-write (&optional file)
+  "Signal a `user-error' if the current buffer may not write FILE.
+FILE is the buffer's own file unless given.  Only writing to its
+own file is refused, and only while the buffer is a spectator, or
+its entry was removed.  Writing to another file is left alone:
+then the buffer visits that file."
   (let* ((buffer (or (buffer-base-buffer) (current-buffer)))
          (state (gethash buffer presenced--buffers))
-         (entry (and state (gethash (presenced--buffer-topic state) presenced--entries))))
+         (entry (and state (gethash (presenced--buffer-topic state) presenced--entries)))
+         (file (or file (buffer-file-name buffer))))
     (when (and entry
                (not presenced--writing-anyway)
                (presenced--guarded-p entry)
-               (buffer-file-name buffer)
-               (equal (presenced-resolve-file (buffer-file-name buffer))
-                      (presenced--buffer-path state)))
+               file
+               (equal (presenced-resolve-file file) (presenced--buffer-path state)))
       (with-current-buffer buffer
-        ;; `write-file' marked it modified; without changes of its own
-        ;; it still holds the file as read.
+        ;; `set-visited-file-name' of its own file marked it modified;
+        ;; without changes of its own it still holds the file as read.
         (when (and (buffer-modified-p)
                    (eql (buffer-chars-modified-tick) (presenced--buffer-read-tick state)))
           (set-buffer-modified-p nil)))
@@ -1424,6 +1441,21 @@ another file is left alone: then the buffer visits that file."
 ;; before `basic-save-buffer', which every save goes through
 ;; (`save-buffer', `write-file', `save-some-buffers' and so quitting),
 ;; with the default `write-contents-functions' as a second line.
+;; `write-file' gets its own advice, run first: before it reaches
+;; `basic-save-buffer' it has given the buffer its name again, marked
+;; it modified and made it writable, which a refused write must not
+;; leave behind.
+
+(defun presenced--guard-write-file (filename &rest _)
+  "Refuse `write-file' of a spectator's buffer to its own file, up front.
+FILENAME is where `write-file' would write: a folder means the
+buffer's file name in it, nil or empty the buffer's own file."
+  (presenced--refuse-write
+   (cond ((or (null filename) (string-empty-p filename)) nil)
+         ((directory-name-p filename)
+          (expand-file-name (file-name-nondirectory (or buffer-file-name (buffer-name)))
+                            filename))
+         (t (expand-file-name filename)))))
 
 (defun presenced--guard-save (&rest _)
   "Refuse a spectator's save, before anything else `basic-save-buffer' does.
@@ -1687,6 +1719,7 @@ goes.  See the Commentary of presenced.el."
                            (remq #'presenced--guard-write-contents
                                  (default-value 'write-contents-functions))))
         (advice-add 'basic-save-buffer :before #'presenced--guard-save)
+        (advice-add 'write-file :before #'presenced--guard-write-file)
         (dolist (buffer (buffer-list))
           (when (buffer-local-value 'buffer-file-name buffer)
             (presenced--attach buffer t))))
@@ -1700,6 +1733,7 @@ goes.  See the Commentary of presenced.el."
                  (remq #'presenced--guard-write-contents
                        (default-value 'write-contents-functions)))
     (advice-remove 'basic-save-buffer #'presenced--guard-save)
+    (advice-remove 'write-file #'presenced--guard-write-file)
     (presenced--leave-all)))
 
 (provide 'presenced)
