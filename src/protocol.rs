@@ -243,6 +243,21 @@ impl HistoryKind {
     }
 }
 
+/// The most bytes of JSON a changed meta value keeps in an update's
+/// history event; a longer one is recorded as the string `… (N bytes)`.
+pub const HISTORY_VALUE_MAX_BYTES: usize = 256;
+
+/// The most bytes an update's history event keeps of what it did to the
+/// meta, field names and values of `changed` and names in `removed`
+/// together (as compact JSON, about). An update may replace a whole meta
+/// of up to `--max-meta` bytes every time, and the history keeps
+/// `--history-events` of them; what does not fit is counted instead.
+pub const HISTORY_CHANGE_MAX_BYTES: usize = 1024;
+
+/// The field of an update event's `changed` that counts the changed and
+/// removed fields left out past [`HISTORY_CHANGE_MAX_BYTES`].
+pub const HISTORY_LEFT_OUT_FIELD: &str = "…";
+
 /// One recorded moment of a topic's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEvent {
@@ -260,7 +275,7 @@ pub struct HistoryEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<LeaveReason>,
     /// For an `update`: the meta fields it added or changed, with their
-    /// new values.
+    /// new values, bounded ([`HISTORY_CHANGE_MAX_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed: Option<Map<String, Value>>,
     /// For an `update`: the names of the meta fields it removed.
@@ -884,6 +899,12 @@ pub fn checked_meta_size(meta: &Map<String, Value>, max_bytes: usize) -> Result<
 /// A client meta's size as `--max-meta` and the per-user meta quota
 /// measure it: compact JSON. Counted without building the text.
 pub fn meta_size(meta: &Map<String, Value>) -> usize {
+    json_size(meta)
+}
+
+/// The length of `value` as compact JSON, counted without building the
+/// text.
+pub fn json_size(value: &(impl Serialize + ?Sized)) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -895,9 +916,9 @@ pub fn meta_size(meta: &Map<String, Value>) -> usize {
         }
     }
     let mut counter = Counter(0);
-    // A map with string keys always serializes, and the counter takes
-    // every byte.
-    let _ = serde_json::to_writer(&mut counter, meta);
+    // What is measured here is JSON values, maps with string keys and
+    // strings, which always serialize, and the counter takes every byte.
+    let _ = serde_json::to_writer(&mut counter, value);
     counter.0
 }
 

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// What every file topic starts with.
-pub const FILE_TOPIC_PREFIX: &str = "file:";
+const FILE_TOPIC_PREFIX: &str = "file:";
 
 /// The topic of the file at `path` (relative paths are taken from the
 /// working folder). See the module's documentation for the rule.
@@ -36,7 +36,7 @@ const MAX_LINKS: usize = 40;
 /// path: writing through the link creates the target, whose resolved path
 /// is then the topic, so the topic is the same before and after the first
 /// write, and the same as for an editor that opened the target by name.
-pub fn resolve_file(path: &Path) -> Result<PathBuf, FileTopicError> {
+fn resolve_file(path: &Path) -> Result<PathBuf, FileTopicError> {
     let fail = |problem| FileTopicError::new(path, problem);
     if path.as_os_str().is_empty() {
         return Err(fail(Problem::Empty));

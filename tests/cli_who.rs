@@ -145,9 +145,14 @@ async fn who_json_is_one_object_per_file_in_order() {
     assert_eq!(queue.len(), 1);
     assert_eq!(queue[0]["key"], "alice");
     assert_eq!(queue[0]["position"], 0);
-    assert_eq!(queue[0]["pid"], alice_pid);
-    assert_eq!(queue[0]["editor"], "nvim 0.7.2");
-    assert!(queue[0]["joined_at"].is_i64(), "{queue:?}");
+    assert_eq!(queue[0]["meta"]["pid"], alice_pid);
+    assert_eq!(queue[0]["meta"]["editor"], "nvim 0.7.2");
+    assert!(queue[0]["meta"]["joined_at"].is_i64(), "{queue:?}");
+    assert_eq!(
+        queue[0].as_object().map(|place| place.len()),
+        Some(3),
+        "key, position and meta: {queue:?}"
+    );
 
     // A file not written yet: named by its folder, and nobody on it.
     let new = &answers[1];
@@ -158,6 +163,73 @@ async fn who_json_is_one_object_per_file_in_order() {
     );
     assert_eq!(new["owner"], Value::Null);
     assert_eq!(new["queue"], json!([]));
+}
+
+/// A meta is the client's to fill, `key` and `position` included; they
+/// stay inside the entry's `meta` and cannot pass for its place: the
+/// spectator is still `#1`, under its own key, in JSON and in the table.
+#[tokio::test]
+async fn who_json_keeps_a_metas_key_and_position_inside_the_meta() {
+    let daemon = Daemon::start().await;
+    let files = files(&daemon);
+    let topic = format!("file:{}", files.real.join("notes.md").display());
+    let (alice, mallory) = (spawn_sleeper(), spawn_sleeper());
+    let alice_pid = alice.id().expect("pid").to_string();
+    let mallory_pid = mallory.id().expect("pid").to_string();
+    editor_joins(&daemon, &topic, "alice", &alice_pid, "nvim 0.7.2").await;
+    let spoof = json!({"key": "alice", "position": 0, "editor": "vim 9.0"}).to_string();
+    let joined = daemon
+        .output(&[
+            "join",
+            &topic,
+            "--detach",
+            "--key",
+            "mallory",
+            "--pid",
+            &mallory_pid,
+            "--meta",
+            &spoof,
+        ])
+        .await;
+    assert_eq!(joined.status.code(), Some(3), "a spectator: {joined:?}");
+
+    let output = who(&daemon, &files.real, &["notes.md", "--json"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    let answers: Value = serde_json::from_str(&text).expect("one JSON document");
+    let queue = answers[0]["queue"].as_array().expect("a queue");
+    assert_eq!(queue.len(), 2, "{text}");
+    assert_eq!(queue[0]["key"], "alice", "{text}");
+    assert_eq!(queue[0]["position"], 0, "{text}");
+    assert_eq!(queue[1]["key"], "mallory", "{text}");
+    assert_eq!(queue[1]["position"], 1, "{text}");
+    assert_eq!(queue[1]["meta"]["key"], "alice", "kept as sent: {text}");
+    assert_eq!(queue[1]["meta"]["position"], 0, "kept as sent: {text}");
+    assert_eq!(queue[1]["meta"]["pid"].to_string(), mallory_pid, "{text}");
+    // Each key once per object: a reader keeping the last of duplicate
+    // keys (jq does) would otherwise read the meta's.
+    assert_eq!(
+        text.matches(r#""position":"#).count(),
+        3,
+        "two places and the meta's own: {text}"
+    );
+    assert_eq!(answers[0]["owner"]["key"], "alice", "{text}");
+
+    let table = stdout(&who(&daemon, &files.real, &["notes.md"]).await);
+    let spectator: Vec<&str> = table
+        .lines()
+        .nth(2)
+        .map(|line| line.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        spectator[..5],
+        ["notes.md", "spectator", "#1", "mallory", &user_name()],
+        "{table}"
+    );
+}
+
+fn user_name() -> String {
+    presenced::sys::user_name(presenced::sys::current_uid())
 }
 
 /// A new file through the link resolves to the real folder: an editor

@@ -265,7 +265,10 @@ An update's line says what it did to the meta: each field it added or
 changed, with its new value, and each it removed, after a minus, as in
 `updated (p3): line=42, -mode`. An editor plugin whose user saved over the
 owner's copy (docs/editors.md) adds `overrode` to its meta, shown as
-`wrote over alice (pid 4242)'s copy at 12:09:30`.
+`wrote over alice (pid 4242)'s copy at 12:09:30`. The daemon keeps about
+1 KiB of each update's change: a value longer than 256 bytes is recorded
+as its size, `notes=\"… (9000 bytes)\"`, and fields past that are counted,
+as in `3 more fields not recorded`.
 
 Without TOPIC, every topic's history, with a TOPIC column. History is kept
 for `presence daemon --history-days` (30) or up to --history-events
@@ -277,10 +280,10 @@ plugin joins for that file, `file:` and the file's absolute path with
 symbolic links resolved (for a file that does not exist yet, its folder's
 resolved path and its name; a symbolic link to a file that does not exist
 yet names the file a write through it would create). So it answers for
-the file, whatever name or link it is reached by. The owner comes first, then the spectators in the
-order they will be promoted; EDITOR is the `editor` of the entry's meta,
-which the plugins set, and SINCE when the entry joined. FILE is the name
-as given:
+the file, whatever name or link it is reached by. The owner comes first,
+then the spectators in the order they will be promoted; EDITOR is the
+`editor` of the entry's meta, which the plugins set, and SINCE when the
+entry joined. FILE is the name as given:
 
   FILE      ROLE          KEY    USER   PID   EDITOR      SINCE
   notes.md  owner         alice  alice  4242  nvim 0.7.2  12:03:09 (3m ago)
@@ -289,8 +292,17 @@ as given:
 
 With --json it prints one JSON array, one object per file, in the order
 given: `file` (as given), `topic`, `owner` (as `presence list --json` has
-it, or null) and `queue`, every entry owner first, each with its `key`,
-its `position` (0 for the owner, as in a track reply) and its meta.
+it, or null) and `queue`, every entry owner first, each an object with
+its `key`, its `position` (0 for the owner, as in a track reply) and its
+`meta`, the entry's whole meta as `presence list --json` shows it, in an
+object of its own, so nothing a client puts in its meta can pass for the
+key or the position:
+
+  [{\"file\": \"notes.md\", \"topic\": \"file:/home/alice/notes.md\",
+    \"owner\": {\"key\": \"alice\", \"pid\": 4242, …},
+    \"queue\": [{\"key\": \"alice\", \"position\": 0,
+               \"meta\": {\"pid\": 4242, \"user\": \"alice\",
+                        \"editor\": \"nvim 0.7.2\", …}}]}]
 
 A folder, or a path whose folder does not exist, has no topic: it is named
 in one line on standard error, the other files are still answered, and who

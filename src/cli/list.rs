@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde_json::Value;
 
-use super::render::{Cell, Style};
+use super::render::Cell;
 use super::{Target, decode, render, request_fields};
 use crate::protocol::{ListRequest, Request, TopicPresences};
 
@@ -65,14 +65,9 @@ fn rows(topics: &BTreeMap<String, TopicPresences>) -> Vec<Vec<Cell>> {
             .into_iter()
             .enumerate()
         {
-            let role = if position == 0 {
-                Cell::new("owner", Style::Good)
-            } else {
-                Cell::new(format!("spectator #{position}"), Style::Dim)
-            };
             let mut row = vec![
                 Cell::from(topic.as_str()),
-                role,
+                render::role_cell(position),
                 Cell::from(key),
                 Cell::from(meta.user.as_str()),
                 Cell::from(meta.pid.to_string()),

@@ -8,7 +8,8 @@ use serde_json::Value;
 use super::render::{Cell, Style};
 use super::{Target, decode, render, request_fields};
 use crate::protocol::{
-    HistoryEvent, HistoryKind, HistoryReply, HistoryRequest, MAX_HISTORY_LIMIT, Request,
+    HISTORY_LEFT_OUT_FIELD, HistoryEvent, HistoryKind, HistoryReply, HistoryRequest,
+    MAX_HISTORY_LIMIT, Request,
 };
 use crate::sys::now_millis;
 
@@ -132,16 +133,22 @@ fn what_happened(event: &HistoryEvent) -> Cell {
 
 /// What an update did to the meta, after a colon: `: saves=3, -line`,
 /// each changed field with its new value (long ones cut), each removed one
-/// with a minus. An editor's note that it wrote over the owner's copy
+/// with a minus, and how many the daemon did not record, if any (it keeps
+/// a bounded part of each update). An editor's note that it wrote over the owner's copy
 /// (docs/editors.md) reads as words. Nothing for a daemon that does not
 /// record it.
 fn meta_change(event: &HistoryEvent) -> String {
     /// Columns a value may take before it is cut.
     const VALUE_WIDTH: usize = 40;
     let mut parts = Vec::new();
+    let mut left_out = None;
     for (field, value) in event.changed.iter().flatten() {
         if let Some(words) = override_words(field, value) {
             parts.push(words);
+            continue;
+        }
+        if let (HISTORY_LEFT_OUT_FIELD, Some(count)) = (field.as_str(), value.as_u64()) {
+            left_out = Some(count);
             continue;
         }
         let value = value.to_string();
@@ -153,6 +160,10 @@ fn meta_change(event: &HistoryEvent) -> String {
     }
     for field in event.removed.iter().flatten() {
         parts.push(format!("-{field}"));
+    }
+    if let Some(count) = left_out {
+        let fields = if count == 1 { "field" } else { "fields" };
+        parts.push(format!("{count} more {fields} not recorded"));
     }
     if parts.is_empty() {
         String::new()
@@ -187,6 +198,28 @@ fn nothing_recorded(topic: Option<&str>, since: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_says_what_it_changed_and_what_was_not_recorded() {
+        let event = HistoryEvent {
+            at: 0,
+            topic: "doc".to_owned(),
+            kind: HistoryKind::Update,
+            key: "alice".to_owned(),
+            phx_ref: "p3".to_owned(),
+            pid: 4242,
+            user: "alice".to_owned(),
+            reason: None,
+            changed: serde_json::json!({"line": 42, "notes": "… (9000 bytes)", "…": 3})
+                .as_object()
+                .cloned(),
+            removed: Some(vec!["mode".to_owned()]),
+        };
+        assert_eq!(
+            meta_change(&event),
+            r#": line=42, notes="… (9000 bytes)", -mode, 3 more fields not recorded"#
+        );
+    }
 
     #[test]
     fn ages_read_with_their_units() {

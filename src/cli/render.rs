@@ -277,6 +277,16 @@ impl From<&str> for Cell {
     }
 }
 
+/// The ROLE cell of an entry at `position` in its topic's queue (0 is the
+/// owner): `owner`, or `spectator #N`, N its place in the promotion order.
+pub fn role_cell(position: usize) -> Cell {
+    if position == 0 {
+        Cell::new("owner", Style::Good)
+    } else {
+        Cell::new(format!("spectator #{position}"), Style::Dim)
+    }
+}
+
 /// Rows as left-aligned columns, under a header. Widths come from the
 /// text alone, so colour never shifts a column, and are counted in
 /// terminal columns: a topic named in Chinese or with an emoji takes two

@@ -35,12 +35,14 @@ struct Answer {
     queue: Vec<Place>,
 }
 
-/// An entry and its place in the queue: 0 is the owner.
+/// An entry and its place in the queue: 0 is the owner. The meta is an
+/// object of its own, not flattened beside `key` and `position`: a client
+/// may put any field in its meta, `key` and `position` too, and must not
+/// be able to change what is said about its place.
 #[derive(Debug, Serialize)]
 struct Place {
     key: String,
     position: usize,
-    #[serde(flatten)]
     meta: Meta,
 }
 
@@ -115,14 +117,9 @@ fn table(answers: &[Answer]) -> String {
             ]);
         }
         for place in &answer.queue {
-            let role = if place.position == 0 {
-                Cell::new("owner", Style::Good)
-            } else {
-                Cell::new(format!("spectator #{}", place.position), Style::Dim)
-            };
             rows.push(vec![
                 Cell::from(answer.file.as_str()),
-                role,
+                render::role_cell(place.position),
                 Cell::from(place.key.as_str()),
                 Cell::from(place.meta.user.as_str()),
                 Cell::from(place.meta.pid.to_string()),

@@ -23,11 +23,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest, HistoryEvent,
+    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest,
+    HISTORY_CHANGE_MAX_BYTES, HISTORY_LEFT_OUT_FIELD, HISTORY_VALUE_MAX_BYTES, HistoryEvent,
     HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
     OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply, Revision,
     Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
-    UntrackRequest, UpdateReply, UpdateRequest, checked_meta_size, meta_size, validate_name,
+    UntrackRequest, UpdateReply, UpdateRequest, checked_meta_size, json_size, meta_size,
+    validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -174,41 +176,26 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    fn record(&mut self, event: HistoryEvent) {
+        self.changes.push(Change::History(Box::new(event)));
+    }
+
     fn history(&mut self, entry: &Entry, kind: HistoryKind, reason: Option<LeaveReason>, at: i64) {
-        self.changes.push(Change::History(Box::new(HistoryEvent {
-            at,
-            topic: entry.topic.clone(),
-            kind,
-            key: entry.key.clone(),
-            phx_ref: entry.phx_ref.clone(),
-            pid: entry.process.pid,
-            user: entry.user.clone(),
-            reason,
-            changed: None,
-            removed: None,
-        })));
+        self.record(history_event(entry, kind, reason, at));
     }
 
     /// An update's history event, with what it did to the meta: so that
     /// `presence log` can say what changed (an editor that wrote over the
-    /// owner's copy says so in its meta).
+    /// owner's copy says so in its meta). Bounded, since any client may
+    /// update as often as it likes.
     fn history_of_update(&mut self, entry: &Entry, old_meta: &Map<String, Value>, at: i64) {
-        let changed: Map<String, Value> = entry
-            .meta
-            .iter()
-            .filter(|(field, value)| old_meta.get(*field) != Some(value))
-            .map(|(field, value)| (field.clone(), value.clone()))
-            .collect();
-        let removed: Vec<String> = old_meta
-            .keys()
-            .filter(|field| !entry.meta.contains_key(*field))
-            .cloned()
-            .collect();
-        self.history(entry, HistoryKind::Update, None, at);
-        if let Some(Change::History(event)) = self.changes.last_mut() {
-            event.changed = Some(changed);
-            event.removed = Some(removed);
-        }
+        let (changed, removed) = meta_change(old_meta, &entry.meta);
+        let (changed, removed) = bounded_change(changed, removed);
+        self.record(HistoryEvent {
+            changed: Some(changed),
+            removed: Some(removed),
+            ..history_event(entry, HistoryKind::Update, None, at)
+        });
     }
 
     fn event(&mut self, to: Vec<ConnId>, event: Event) {
@@ -216,6 +203,92 @@ impl Outbox {
             self.deliveries.push(Delivery::Event { to, event });
         }
     }
+}
+
+/// A history event of `kind` about `entry`, with nothing about its meta.
+fn history_event(
+    entry: &Entry,
+    kind: HistoryKind,
+    reason: Option<LeaveReason>,
+    at: i64,
+) -> HistoryEvent {
+    HistoryEvent {
+        at,
+        topic: entry.topic.clone(),
+        kind,
+        key: entry.key.clone(),
+        phx_ref: entry.phx_ref.clone(),
+        pid: entry.process.pid,
+        user: entry.user.clone(),
+        reason,
+        changed: None,
+        removed: None,
+    }
+}
+
+/// What going from meta `old` to `new` did: the fields added or changed,
+/// with their new values, and the names of the fields removed.
+fn meta_change(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+) -> (Map<String, Value>, Vec<String>) {
+    let changed = new
+        .iter()
+        .filter(|(field, value)| old.get(*field) != Some(value))
+        .map(|(field, value)| (field.clone(), value.clone()))
+        .collect();
+    let removed = old
+        .keys()
+        .filter(|field| !new.contains_key(*field))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+/// What the history keeps of a meta change: each value longer than
+/// [`HISTORY_VALUE_MAX_BYTES`] as `… (N bytes)`, and the fields, changed
+/// then removed, as long as they fit in [`HISTORY_CHANGE_MAX_BYTES`]; the
+/// number of those that did not is under [`HISTORY_LEFT_OUT_FIELD`].
+fn bounded_change(
+    changed: Map<String, Value>,
+    removed: Vec<String>,
+) -> (Map<String, Value>, Vec<String>) {
+    let mut room = HISTORY_CHANGE_MAX_BYTES;
+    let mut fits = |bytes: usize| {
+        let fit = bytes <= room;
+        if fit {
+            room -= bytes;
+        }
+        fit
+    };
+    let mut left_out = 0_u64;
+    let mut kept_changed = Map::new();
+    for (field, value) in changed {
+        let size = json_size(&value);
+        let value = if size > HISTORY_VALUE_MAX_BYTES {
+            Value::String(format!("… ({size} bytes)"))
+        } else {
+            value
+        };
+        // `"field":value,`
+        if fits(json_size(&field) + json_size(&value) + 2) {
+            kept_changed.insert(field, value);
+        } else {
+            left_out += 1;
+        }
+    }
+    let mut kept_removed = Vec::new();
+    for field in removed {
+        if fits(json_size(&field) + 1) {
+            kept_removed.push(field);
+        } else {
+            left_out += 1;
+        }
+    }
+    if left_out > 0 {
+        kept_changed.insert(HISTORY_LEFT_OUT_FIELD.to_owned(), left_out.into());
+    }
+    (kept_changed, kept_removed)
 }
 
 #[derive(Debug, Default)]

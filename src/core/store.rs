@@ -625,7 +625,7 @@ impl Store {
                             entry.key,
                             entry.seq as i64,
                             entry.prev_ref,
-                            Value::Object(entry.meta.clone()).to_string(),
+                            json_column(&entry.meta)?,
                             entry.joined_at,
                             entry.process.pid,
                             entry.process.start_time as i64,
@@ -649,14 +649,8 @@ impl Store {
                             event.pid,
                             event.user,
                             event.reason.map(LeaveReason::as_str),
-                            event
-                                .changed
-                                .as_ref()
-                                .map(|changed| Value::Object(changed.clone()).to_string()),
-                            event
-                                .removed
-                                .as_ref()
-                                .map(|removed| serde_json::json!(removed).to_string()),
+                            event.changed.as_ref().map(json_column).transpose()?,
+                            event.removed.as_ref().map(json_column).transpose()?,
                         ])?;
                         recorded.push((tx.last_insert_rowid(), event.at, event.topic.as_str()));
                     }
@@ -1041,6 +1035,12 @@ fn migrate(db: &Connection, belonging: Belonging) -> Result<(), StoreError> {
         "BEGIN; {before} {SCHEMA} {after} PRAGMA user_version = {SCHEMA_VERSION}; {stamp} COMMIT;"
     ))?;
     Ok(())
+}
+
+/// A JSON column's text: a meta, or an update's changed fields or removed
+/// names, as compact JSON.
+fn json_column(value: &(impl serde::Serialize + ?Sized)) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(value).map_err(std::io::Error::from)?)
 }
 
 /// Keeps the `-wal` and `-shm` files when the database closes, rather
@@ -1494,34 +1494,120 @@ mod tests {
         assert!(!paths::sibling(&crashed, ".lock").exists());
     }
 
+    /// Today's database, its id taken away as before the id existed, then
+    /// changed by `change` and opened again: what opening gave, and
+    /// whether the file was left byte for byte as it was.
+    struct WithoutTheId {
+        _tmp: tempfile::TempDir,
+        opened: Result<Store, StoreError>,
+        untouched: bool,
+    }
+
+    fn reopened_without_the_id(change: &str) -> WithoutTheId {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.db");
+        drop(Store::open(&path, "boot".into()).unwrap());
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(&format!(
+            "PRAGMA application_id = 0; {change} PRAGMA journal_mode = DELETE;"
+        ))
+        .unwrap();
+        drop(db);
+        let before = std::fs::read(&path).unwrap();
+        let opened = Store::open(&path, "boot".into());
+        let untouched = std::fs::read(&path).unwrap() == before;
+        WithoutTheId {
+            _tmp: tmp,
+            opened,
+            untouched,
+        }
+    }
+
+    /// Asserts that `change` makes a database presenced refuses, untouched.
+    fn assert_not_ours(change: &str) -> String {
+        let reopened = reopened_without_the_id(change);
+        match reopened.opened {
+            Err(StoreError::NotOurs { why, .. }) if reopened.untouched => why,
+            Err(StoreError::NotOurs { .. }) => panic!("{change}: refused, but changed"),
+            Err(other) => panic!("{change}: expected NotOurs, got {other}"),
+            Ok(_) => panic!("{change}: expected NotOurs, got a store"),
+        }
+    }
+
     #[test]
     fn our_tables_with_something_more_or_other_columns_are_not_ours() {
-        let ours = |extra: &str| {
-            let tmp = tempfile::tempdir().unwrap();
-            let path = tmp.path().join("p.db");
-            drop(Store::open(&path, "boot".into()).unwrap());
-            let db = Connection::open(&path).unwrap();
-            db.execute_batch(&format!(
-                "PRAGMA application_id = 0; {extra} PRAGMA journal_mode = DELETE;"
-            ))
-            .unwrap();
-            drop(db);
-            let before = std::fs::read(&path).unwrap();
-            let opened = Store::open(&path, "boot".into());
-            let after = std::fs::read(&path).unwrap();
-            (opened.map(|_| ()), before == after)
-        };
-        assert!(ours("").0.is_ok(), "our own tables, before the id");
+        assert!(
+            reopened_without_the_id("").opened.is_ok(),
+            "our own tables, before the id"
+        );
         for extra in [
             "CREATE TABLE notes (body TEXT);",
             "CREATE VIEW everyone AS SELECT user FROM presences;",
             "ALTER TABLE counters ADD COLUMN note TEXT;",
         ] {
-            match ours(extra) {
-                (Err(StoreError::NotOurs { .. }), true) => {}
-                (other, untouched) => panic!("{extra}: {other:?}, untouched: {untouched}"),
-            }
+            assert_not_ours(extra);
         }
+    }
+
+    /// Version 4's `events`: today's without `changed` and `removed`.
+    const EVENTS_OF_VERSION_4: &str = "
+        DROP TABLE events;
+        CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
+            topic TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind = 'join' OR kind = 'leave' OR kind = 'update' OR kind = 'owner'),
+            key TEXT NOT NULL, ref TEXT NOT NULL, pid INTEGER NOT NULL,
+            user TEXT NOT NULL, reason TEXT) STRICT;";
+
+    fn columns(db: &Connection, table: &str) -> Vec<String> {
+        db.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
+            .unwrap()
+            .query_map([table], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A presenced from before the id, at version 4, left a database like
+    /// this: its events without `changed` and `removed`. It is ours, and
+    /// is upgraded, given the columns and the id, its history kept.
+    #[test]
+    fn a_version_4_database_without_the_id_is_upgraded_and_given_it() {
+        let reopened = reopened_without_the_id(&format!(
+            "{EVENTS_OF_VERSION_4}
+             INSERT INTO events (at, topic, kind, key, ref, pid, user, reason)
+                 VALUES (5, 'doc', 'leave', 'alice', 'p1', 42, 'alice', 'closed');
+             PRAGMA user_version = 4;"
+        ));
+        let store = reopened.opened.expect("ours");
+        let version: i64 = store
+            .db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(application_id(&store.db), APPLICATION_ID);
+        assert_eq!(columns(&store.db, "events"), EVENTS_COLUMNS);
+        let history = store
+            .history_readers()
+            .unwrap()
+            .history(&HistoryRequest::default())
+            .unwrap();
+        let kept: Vec<_> = history
+            .events
+            .iter()
+            .map(|event| (event.key.as_str(), event.reason, event.changed.as_ref()))
+            .collect();
+        assert_eq!(kept, [("alice", Some(LeaveReason::Closed), None)]);
+    }
+
+    /// Without the id, the version must match the tables: version 4 with
+    /// version 5's events, or version 5 with version 4's, is no presenced's
+    /// database, and is left as it is.
+    #[test]
+    fn a_version_and_events_of_another_version_are_not_ours() {
+        let why = assert_not_ours("PRAGMA user_version = 4;");
+        assert!(why.contains("schema version 4"), "{why}");
+        let why = assert_not_ours(EVENTS_OF_VERSION_4);
+        assert!(why.contains("schema version 5"), "{why}");
     }
 
     /// A database holding entry 1, turned back into an older version by
@@ -1610,17 +1696,12 @@ mod tests {
 
     #[test]
     fn a_version_4_database_gains_the_meta_change_of_updates() {
-        let (_tmp, mut store, history) = upgraded_from(
-            "DROP TABLE events;
-             CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
-                 topic TEXT NOT NULL,
-                 kind TEXT NOT NULL CHECK (kind = 'join' OR kind = 'leave' OR kind = 'update' OR kind = 'owner'),
-                 key TEXT NOT NULL, ref TEXT NOT NULL, pid INTEGER NOT NULL,
-                 user TEXT NOT NULL, reason TEXT) STRICT;
+        let (_tmp, mut store, history) = upgraded_from(&format!(
+            "{EVENTS_OF_VERSION_4}
              INSERT INTO events (id, at, topic, kind, key, ref, pid, user, reason)
                  VALUES (3, 5, 'doc', 'update', 'alice', 'p2', 42, 'alice', NULL);
-             PRAGMA user_version = 4;",
-        );
+             PRAGMA user_version = 4;"
+        ));
         let old = &history.events[0];
         assert_eq!(
             (old.kind, old.changed.as_ref(), old.removed.as_ref()),

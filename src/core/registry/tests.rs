@@ -778,6 +778,104 @@ fn update_is_one_diff_leaving_the_old_meta_and_joining_the_new_one() {
     assert_eq!(ok_reply::<UntrackReply>(&stale, a).removed, 0);
 }
 
+/// The one update event in an outbox.
+fn update_event(out: &Outbox) -> HistoryEvent {
+    let updates: Vec<&HistoryEvent> = out
+        .changes
+        .iter()
+        .filter_map(|change| match change {
+            Change::History(event) if event.kind == HistoryKind::Update => Some(&**event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.len(), 1, "{out:?}");
+    updates[0].clone()
+}
+
+#[test]
+fn a_meta_change_is_the_fields_added_or_changed_and_the_names_removed() {
+    let old = meta(json!({"file": "a.md", "line": 3, "mode": "insert", "same": [1]}));
+    let new = meta(json!({"file": "b.md", "line": 3, "saves": 1, "same": [1]}));
+    let (changed, removed) = meta_change(&old, &new);
+    assert_eq!(changed, meta(json!({"file": "b.md", "saves": 1})));
+    assert_eq!(removed, ["mode"]);
+    assert_eq!(meta_change(&new, &new), (Map::new(), Vec::new()));
+}
+
+#[test]
+fn an_update_event_says_what_the_update_did_to_the_meta() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let mut request = track_request("doc", "x");
+    request.meta = meta(json!({"line": 3, "mode": "insert"}));
+    let tracked: TrackReply = ok_reply(&h.try_track(a, request), a);
+    h.now += 1_000;
+    let out = h.update_ref(a, "doc", &tracked.phx_ref, meta(json!({"line": 4})));
+    let reply: UpdateReply = ok_reply(&out, a);
+    let event = update_event(&out);
+    assert_eq!(
+        (event.at, event.phx_ref.as_str(), event.key.as_str()),
+        (h.now, reply.phx_ref.as_str(), "x")
+    );
+    assert_eq!(event.changed, Some(meta(json!({"line": 4}))));
+    assert_eq!(event.removed, Some(vec!["mode".to_owned()]));
+}
+
+/// Any client may update as often as it likes, each time with a whole
+/// meta of up to --max-meta bytes: the history keeps a bounded part.
+#[test]
+fn an_update_event_keeps_a_bounded_part_of_a_large_meta_change() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let mut request = track_request("doc", "x");
+    let old: Map<String, Value> = (0..40).map(|n| (format!("old{n:02}"), json!(n))).collect();
+    request.meta = old.clone();
+    let tracked: TrackReply = ok_reply(&h.try_track(a, request), a);
+
+    let short = "s".repeat(HISTORY_VALUE_MAX_BYTES - 2);
+    let long = "l".repeat(HISTORY_VALUE_MAX_BYTES - 1);
+    let mut new =
+        meta(json!({"a_short": short, "b_long": long, "c_big": {"text": "x".repeat(2000)}}));
+    for n in 0..60 {
+        new.insert(format!("d_field{n:02}"), json!("v".repeat(60)));
+    }
+    assert!(meta_size(&new) <= Limits::default().max_meta_bytes);
+    let event = update_event(&h.update_ref(a, "doc", &tracked.phx_ref, new.clone()));
+    let changed = event.changed.expect("changed");
+    let removed = event.removed.expect("removed");
+
+    // A value whose JSON is at most HISTORY_VALUE_MAX_BYTES is kept whole;
+    // a longer one becomes its size.
+    assert_eq!(changed["a_short"], json!(short));
+    assert_eq!(
+        changed["b_long"],
+        json!(format!("… ({} bytes)", HISTORY_VALUE_MAX_BYTES + 1))
+    );
+    assert_eq!(changed["c_big"], json!("… (2011 bytes)"));
+    // The fields that fit, in order, and how many did not.
+    let kept_fields = changed.len() - 1 + removed.len();
+    let left_out = changed[HISTORY_LEFT_OUT_FIELD].as_u64().expect("a count");
+    assert_eq!(
+        kept_fields as u64 + left_out,
+        63 + 40,
+        "{changed:?} {removed:?}"
+    );
+    assert!(left_out > 0);
+    assert!(changed.contains_key("d_field00"), "{changed:?}");
+    for (field, value) in &changed {
+        if !matches!(field.as_str(), HISTORY_LEFT_OUT_FIELD | "b_long" | "c_big") {
+            assert_eq!(Some(value), new.get(field), "{field}");
+        }
+    }
+    assert!(removed.iter().all(|field| old.contains_key(field)));
+    let stored = json_size(&changed) + json_size(&removed);
+    assert!(
+        stored <= HISTORY_CHANGE_MAX_BYTES + 32,
+        "{stored} bytes, from a meta of {}",
+        meta_size(&new)
+    );
+}
+
 #[test]
 fn updated_entry_is_still_found_by_its_process_connection_and_token() {
     let mut h = Harness::new();
