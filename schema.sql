@@ -57,6 +57,6 @@ CREATE TABLE IF NOT EXISTS events (
     pid    INTEGER NOT NULL,
     user   TEXT    NOT NULL,
     reason TEXT,                                 -- why a leave happened
-    changed TEXT,                                -- an update's added or changed meta fields, a JSON object
+    changed TEXT,                                -- an update's added or changed meta fields, a JSON object of about 1 KiB at most
     removed TEXT                                 -- an update's removed meta fields, a JSON array of names
 ) STRICT;

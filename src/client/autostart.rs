@@ -80,10 +80,13 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     let log = open_private_file(OpenOptions::new().create(true).append(true), &log_path)?;
 
     let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
+    // One argument, `--socket=PATH`, so that a path starting with `-` is
+    // never read as a flag.
+    let mut socket_arg = std::ffi::OsString::from("--socket=");
+    socket_arg.push(socket);
     let mut command = tokio::process::Command::new(exe);
     command
-        .arg("--socket")
-        .arg(socket)
+        .arg(socket_arg)
         .arg("daemon")
         .arg("--db")
         .arg(&db)
