@@ -1407,11 +1407,20 @@ local function guards_writes(bufnr, entry)
   return is_guarded(entry) or buffers[bufnr].saved ~= nil
 end
 
--- The owner a spectator waits for, or nil when no owner is known: the
--- entry was removed, the daemon cannot be reached, or it is joining.
+-- The owner a spectator waits for; for a removed entry, the first in line
+-- as the subscription last showed it (someone was promoted when it went),
+-- as the other plugins name it. nil when no owner is known: the daemon
+-- cannot be reached, or the entry is joining.
 local function known_owner(entry)
   if entry.status == 'joined' and entry.standing.role ~= 'owner' and type(entry.standing.owner) == 'table' then
     return entry.standing.owner
+  end
+  if entry.status == 'removed' then
+    for _, meta in ipairs(queue_of(entry)) do
+      if meta.phx_ref ~= entry.ref then
+        return meta
+      end
+    end
   end
   return nil
 end
