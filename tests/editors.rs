@@ -38,6 +38,7 @@ use common::{
     DEADLINE, Daemon, KillDaemonsOnDrop, POLL, Running, eventually, finish, presence_bin,
     presence_command, signal, start_daemon, stdout, within,
 };
+use presenced::topic::file_topic;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -1425,10 +1426,6 @@ async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
     (metas, listed["owner"]["pid"].clone())
 }
 
-fn file_topic(path: &Path) -> String {
-    format!("file:{}", path.canonicalize().expect("the file").display())
-}
-
 #[tokio::test]
 #[ignore = "needs Neovim (nvim)"]
 async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() {
@@ -1455,7 +1452,11 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
     assert_promoted(&spectator).await;
     let other = workspace.dir.path().join("files/other.md");
     let state = owner.state().await;
-    assert_eq!(state["topic"], file_topic(&other).as_str(), "{state}");
+    assert_eq!(
+        state["topic"],
+        file_topic(&other).expect("the file's topic").as_str(),
+        "{state}"
+    );
     assert_eq!(state["role"], "owner", "{state}");
     let alternate = owner
         .eval("luaeval(\"require('presenced').state(vim.fn.bufnr('notes.md'))\")")
@@ -1466,7 +1467,8 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
         "the alternate buffer is not followed"
     );
     eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
+            == (1, spectator.pid.into())
     })
     .await;
 
@@ -1475,10 +1477,20 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
     let second = Editor::neovim(&workspace, &other).await;
     second.wait_for_role("spectator").await;
     owner.command("enew").await;
-    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 2);
+    assert_eq!(
+        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
+            .await
+            .0,
+        2
+    );
     owner.command("bunload #").await;
     assert_promoted(&second).await;
-    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 1);
+    assert_eq!(
+        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
+            .await
+            .0,
+        1
+    );
 }
 
 #[tokio::test]
@@ -1503,7 +1515,8 @@ async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
     let alternate = owner.eval("presenced#state(bufnr('notes.md'))").await;
     assert_eq!(alternate, serde_json::json!({}), "not followed");
     eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
+            == (1, spectator.pid.into())
     })
     .await;
 
@@ -2189,7 +2202,7 @@ impl OnOneFile {
         let replacement = KillDaemonsOnDrop(daemon.socket.clone());
         let workspace = Workspace::for_daemon(&daemon);
         let file = workspace.file("notes.md");
-        let topic = file_topic(&file);
+        let topic = file_topic(&file).expect("the file's topic");
         let owner = Editor::launch(kind, &workspace, &file, owner_launch).await;
         owner.wait_for_role("owner").await;
         let spectator = Editor::launch(kind, &workspace, &file, spectator_launch).await;
@@ -2424,7 +2437,7 @@ async fn promoted_editor_reads_what_changed_on_disk(kind: EditorKind) {
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
-    let topic = file_topic(&file);
+    let topic = file_topic(&file).expect("the file's topic");
     let mut join = workspace.presence_running(&["join", &topic, "--json"]);
     let joined = join.json().await;
     assert_eq!(joined["role"], "owner", "{joined}");
