@@ -242,6 +242,16 @@ impl Workspace {
         Running::spawn(&mut command)
     }
 
+    /// Starts a new daemon on the plugins' socket and database (one
+    /// killed before, say) as `presence` starts one, so that it cannot
+    /// collide with one a plugin starts meanwhile.
+    async fn start_a_daemon(&self) {
+        let mut start = presence_command(&self.socket(), &self.db);
+        start.args(["list", "--json"]);
+        let started = finish(&mut start).await;
+        assert!(started.status.success(), "{started:?}");
+    }
+
     /// Waits until a daemon serves the socket again and every entry it
     /// restored has been resumed by its editor.
     async fn wait_until_resumed(&self, entries: u64) {
@@ -2182,7 +2192,7 @@ struct OnOneFile {
     workspace: Workspace,
     file: PathBuf,
     topic: String,
-    _daemon: Daemon,
+    daemon: Daemon,
     /// Kills, at the end, the daemon that replaced a killed one.
     _replacement: KillDaemonsOnDrop,
 }
@@ -2213,13 +2223,7 @@ impl OnOneFile {
                 spectator.state().await["ref"].clone(),
             );
             daemon.crash().await;
-            // A new daemon on the same socket and database, started as
-            // `presence` starts one, so that it cannot collide with one
-            // a plugin starts meanwhile.
-            let mut start = presence_command(&workspace.socket(), &workspace.db);
-            start.args(["list", "--json"]);
-            let started = finish(&mut start).await;
-            assert!(started.status.success(), "{started:?}");
+            workspace.start_a_daemon().await;
             workspace.wait_until_resumed(2).await;
             eventually("both editors to be connected again", async || {
                 owner.state().await["connection"] == "up"
@@ -2243,7 +2247,7 @@ impl OnOneFile {
             workspace,
             file,
             topic,
-            _daemon: daemon,
+            daemon,
             _replacement: replacement,
         }
     }
@@ -2363,8 +2367,12 @@ async fn spectator_overrides_when_it_confirms(kind: EditorKind, life: DaemonLife
     spectator.answer_confirmations(false).await;
     let _ = spectator.write_anyway().await;
     let questions = spectator.confirm_questions().await;
+    let question = format!(
+        "presenced: {key} (pid {}) is editing notes.md. Write your copy over it anyway?",
+        both.owner.pid
+    );
     assert!(
-        questions.contains(&key),
+        questions.contains(&question),
         "the question names the owner: {questions:?}"
     );
     assert_eq!(both.on_disk(), before, "answered no, it wrote");
@@ -2576,16 +2584,62 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
 
 for_editors!(swap_file_gives_way_to_presenced, steady and killed: neovim, vim);
 
-/// Root removes the owner's entry from another connection (`presence
-/// leave`): the editor's buffer becomes read-only, it says who removed
-/// it, the next in line owns the file, the removed editor may not write
-/// it, and `:PresenceJoin` (`presenced-join`) queues it again.
-async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: DaemonLife) {
-    let both = OnOneFile::start(kind, life).await;
-    let removed = &both.owner;
-    let entry = removed.state().await["ref"]
+/// The owner is killed with unsaved changes, swap files on: its swap file
+/// stays, for `:recover`. The spectator (Vim in a terminal, where a
+/// question would wait for the user) is promoted without any question,
+/// holds the file's text, may change and write it, and says where the
+/// swap file is.
+async fn promoted_past_a_killed_owners_swap_file(kind: EditorKind, life: DaemonLife) {
+    let swap = Launch {
+        swap: true,
+        terminal: false,
+    };
+    let in_a_terminal = Launch {
+        swap: true,
+        terminal: kind == EditorKind::Vim,
+    };
+    let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
+    // Changed on disk behind both editors' backs too, so that the promoted
+    // editor reads the file again, as it does after an owner's last save
+    // it did not follow.
+    let text = "written behind the editors' backs, longer\n";
+    std::fs::write(&both.file, text).expect("write the file");
+    both.owner.set_text("the owner's unsaved text").await;
+    both.owner.command("preserve").await;
+    let swap_file = both.owner.eval("fnamemodify(swapname('%'), ':p')").await;
+    let swap_file = PathBuf::from(swap_file.as_str().expect("the swap file's name"));
+    both.owner.kill().await;
+    assert!(swap_file.is_file(), "{swap_file:?} stays");
+
+    let promoted = &both.spectator;
+    promoted.wait_for_role("owner").await;
+    promoted.wait_for_buffer(EDITABLE).await;
+    assert_eq!(promoted.text().await, text);
+    promoted.force_change("the new owner's line").await;
+    promoted.write().await.expect("the new owner writes");
+    assert_eq!(both.on_disk(), format!("{text}the new owner's line\n"));
+    let swap_name = swap_file
+        .file_name()
+        .expect("the swap file's name")
+        .to_string_lossy()
+        .into_owned();
+    let messages = promoted.messages().await;
+    assert!(
+        messages.contains(&swap_name) && messages.contains(":recover"),
+        "{messages:?}"
+    );
+    assert!(swap_file.is_file(), "{swap_file:?} stays for :recover");
+}
+
+for_editors!(promoted_past_a_killed_owners_swap_file, steady and killed: neovim, vim);
+
+/// Removes `editor`'s entry from another connection, as root would with
+/// `presence leave --ref`, and waits until its plugin knows; returns who
+/// removed it, as the plugin says: `removed by USER (uid U, pid P)`.
+async fn remove_the_entry_of(both: &OnOneFile, editor: &Editor) -> String {
+    let entry = editor.state().await["ref"]
         .as_str()
-        .expect("the owner's ref")
+        .expect("the entry's ref")
         .to_owned();
     let mut leave = presence_command(&both.workspace.socket(), &both.workspace.db);
     leave
@@ -2597,34 +2651,67 @@ async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: Daemon
         .await
         .expect("presence leave");
     assert!(left.status.success(), "{left:?}");
-
     eventually("the plugin to learn of the removal", async || {
-        removed.state().await["status"] == "removed"
+        editor.state().await["status"] == "removed"
     })
     .await;
+    let user = editor.state().await["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    format!(
+        "removed by {user} (uid {}, pid {remover})",
+        nix::unistd::geteuid()
+    )
+}
+
+/// The whole refusal of a write of a removed entry's buffer, `notes.md`.
+fn removed_refusal(kind: EditorKind, removed_by: &str) -> String {
+    let what_to_do = match kind {
+        EditorKind::Neovim | EditorKind::Vim => {
+            ":PresenceJoin to queue again, :PresenceWrite! to save anyway, or :w other-name"
+        }
+        EditorKind::Emacs => {
+            "M-x presenced-join to queue again, M-x presenced-write-anyway to save anyway, \
+             or C-x C-w to write another file"
+        }
+    };
+    format!("presenced: notes.md: {removed_by}; your copy is read-only. {what_to_do}")
+}
+
+/// The override's question when no owner is known (removed, or no
+/// daemon to say).
+const NOBODY_KNOWN_QUESTION: &str =
+    "presenced: nobody is known to own notes.md now. Write your copy over it anyway?";
+
+/// Root removes the owner's entry from another connection (`presence
+/// leave`): the editor's buffer becomes read-only, it says who removed
+/// it, the next in line owns the file, the removed editor may not write
+/// it, and its override asks first, knowing no owner; `:PresenceJoin`
+/// (`presenced-join`) queues it again.
+async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: DaemonLife) {
+    let both = OnOneFile::start(kind, life).await;
+    let removed = &both.owner;
+    let removed_by = remove_the_entry_of(&both, removed).await;
     removed.wait_for_buffer(READ_ONLY).await;
     removed
-        .wait_for_message(&format!(
-            "presenced: notes.md: removed by {} (uid {}, pid {remover}); read-only.",
-            removed.state().await["key"].as_str().unwrap_or_default(),
-            nix::unistd::geteuid()
-        ))
+        .wait_for_message(&format!("presenced: notes.md: {removed_by}; read-only."))
         .await;
     assert_promoted(&both.spectator).await;
     let before = both.on_disk();
     removed.force_change("the removed editor's line").await;
-    let key = both.spectator.state().await["key"]
-        .as_str()
-        .expect("the key")
-        .to_owned();
     let refusal = removed.refusal(Write::Save).await;
-    // It names the new owner, or says it was removed.
     assert!(
-        refusal.contains(&being_edited_by(&key, &both.spectator))
-            || refusal.contains("notes.md: removed by "),
+        refusal.contains(&removed_refusal(kind, &removed_by)),
         "{refusal}"
     );
     assert_eq!(both.on_disk(), before);
+
+    removed.answer_confirmations(false).await;
+    let _ = removed.write_anyway().await;
+    let questions = removed.confirm_questions().await;
+    assert!(questions.contains(NOBODY_KNOWN_QUESTION), "{questions:?}");
+    assert_eq!(both.on_disk(), before, "answered no, it wrote");
 
     removed.join_again().await;
     removed.wait_for_role("spectator").await;
@@ -2633,6 +2720,160 @@ async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: Daemon
 }
 
 for_editors!(removed_entry_makes_the_buffer_read_only, steady and killed: neovim, vim, emacs);
+
+/// The metas of `editor`'s entries on `topic`, as the daemon lists them.
+async fn entries_of(workspace: &Workspace, topic: &str, editor: &Editor) -> Vec<Value> {
+    let listed = workspace.presence_json(&["list", topic, "--json"]).await;
+    listed["presences"]
+        .as_object()
+        .map(|presences| {
+            presences
+                .values()
+                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+                .filter(|meta| meta["pid"] == editor.pid)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A removed entry stays removed through a daemon's crash: the plugin
+/// loses its connection, and with the default settings the buffer stays
+/// read-only and refuses writes, before and after a new daemon serves the
+/// socket; the plugin does not queue again by itself, only at
+/// `:PresenceJoin` (`presenced-join`).
+async fn removed_entry_stays_removed_through_a_daemon_crash(kind: EditorKind) {
+    let mut both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let removed = &both.owner;
+    let removed_by = remove_the_entry_of(&both, removed).await;
+    removed.wait_for_buffer(READ_ONLY).await;
+    assert_promoted(&both.spectator).await;
+    let before = both.on_disk();
+    removed.force_change("the removed editor's line").await;
+
+    both.daemon.crash().await;
+    let removed = &both.owner;
+    // The plugins may start a daemon themselves, as `presence` does: this
+    // one is theirs, or the one they found.
+    both.workspace.start_a_daemon().await;
+    eventually(
+        "the new owner to resume its entry, and both editors to connect",
+        async || match both
+            .workspace
+            .try_presence_json(&["status", "--json"])
+            .await
+        {
+            // Both editors' connections and the one asking.
+            Ok(status) => {
+                status["awaiting_resume"] == 0
+                    && status["entries"] == 1
+                    && status["connections"].as_u64() >= Some(3)
+            }
+            Err(_) => false,
+        },
+    )
+    .await;
+    eventually("the removed editor to be connected again", async || {
+        removed.state().await["connection"] == "up"
+    })
+    .await;
+    assert_eq!(removed.state().await["status"], "removed");
+    assert_eq!(removed.buffer().await, READ_ONLY);
+    let refusal = removed.refusal(Write::Save).await;
+    assert!(
+        refusal.contains(&removed_refusal(kind, &removed_by)),
+        "{refusal}"
+    );
+    assert_eq!(both.on_disk(), before);
+    let queued = entries_of(&both.workspace, &both.topic, removed).await;
+    assert!(queued.is_empty(), "it queued again by itself: {queued:?}");
+
+    removed.join_again().await;
+    removed.wait_for_role("spectator").await;
+    assert_eq!(removed.state().await["position"], 1);
+    assert_eq!(
+        entries_of(&both.workspace, &both.topic, removed)
+            .await
+            .len(),
+        1
+    );
+}
+
+for_editors!(removed_entry_stays_removed_through_a_daemon_crash: neovim, vim, emacs);
+
+/// With the plugins' setting to keep a buffer read-only while the daemon
+/// cannot be reached, and no daemon (nor autostart), a write of the
+/// restricted buffer is refused, saying why, and leaves the file as it
+/// was; the override asks first, knowing no owner.
+async fn unreachable_daemon_with_read_only_refuses_writes(kind: EditorKind) {
+    let workspace = Workspace::new(None, None);
+    let file = workspace.file("notes.md");
+    let before = std::fs::read_to_string(&file).expect("the file");
+    let editor = match kind {
+        EditorKind::Neovim => {
+            Editor::neovim_with(
+                &workspace,
+                &file,
+                "autostart = false, on_unreachable = 'readonly'",
+            )
+            .await
+        }
+        EditorKind::Vim => {
+            Editor::vim_with(
+                &workspace,
+                &file,
+                &[
+                    "let g:presenced_autostart = 0",
+                    "let g:presenced_on_unreachable = 'readonly'",
+                ],
+            )
+            .await
+        }
+        EditorKind::Emacs => {
+            Editor::emacs_with(
+                &workspace,
+                &file,
+                &[
+                    "(setq presenced-autostart nil)",
+                    "(setq presenced-on-unreachable 'read-only)",
+                ],
+            )
+            .await
+        }
+    };
+    eventually("the plugin to give up on the daemon", async || {
+        editor.state().await["status"] == "unreachable"
+    })
+    .await;
+    editor.wait_for_buffer(READ_ONLY).await;
+    editor.force_change("the unguarded line").await;
+    for write in [Write::Save, Write::Force] {
+        let refusal = editor.refusal(write).await;
+        assert!(
+            refusal.contains(
+                "presenced: notes.md: the daemon cannot say who is editing it, \
+                 so your copy is read-only until it answers."
+            ),
+            "{write:?}: {refusal}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("the file"),
+            before,
+            "{write:?} wrote the file"
+        );
+    }
+
+    editor.answer_confirmations(false).await;
+    let _ = editor.write_anyway().await;
+    let questions = editor.confirm_questions().await;
+    assert!(questions.contains(NOBODY_KNOWN_QUESTION), "{questions:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("the file"),
+        before,
+        "answered no, it wrote"
+    );
+}
+
+for_editors!(unreachable_daemon_with_read_only_refuses_writes: neovim, vim, emacs);
 
 /// A daemon restarted (SIGTERM, then a new one on the same socket and
 /// database) takes nothing from the editors: both resume their entries,
