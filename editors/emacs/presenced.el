@@ -46,7 +46,7 @@
 ;;   by you, root, or a shared daemon's user whose folders lead up to
 ;;   one of root's), and looks again after connecting, before sending
 ;;   anything.  When no daemon answers it starts one with `presence
-;;   --socket PATH list --json'.
+;;   --socket=PATH list --json'.
 ;;
 ;; - Visiting a file waits briefly (`presenced-join-wait') for the
 ;;   daemon's answer, so a spectator's buffer never looks editable.  A
@@ -56,7 +56,8 @@
 ;;   `presenced-status' gives that text for your own mode line.
 ;;
 ;; - A spectator cannot save the file: `save-buffer', `write-file' to
-;;   the same file and `save-some-buffers' fail with
+;;   the same file, `save-some-buffers', and `write-region' or
+;;   `append-to-file' to it (from any buffer) fail with
 ;;
 ;;     presenced: notes.md is being edited by alice (pid 4242) since
 ;;     10:02; your copy is read-only.  M-x presenced-write-anyway to
@@ -67,7 +68,11 @@
 ;;   Writing the buffer to another file works.  `presenced-write-anyway'
 ;;   asks first (through `presenced-confirm-function'), records the
 ;;   override in the entry's meta (`overrode'), so that `presence log'
-;;   shows it, and then writes.
+;;   shows it, and then writes.  The same goes for a buffer whose entry
+;;   was removed, and for one kept read-only while the daemon cannot
+;;   be reached (`presenced-on-unreachable').  What does not go through
+;;   `write-region' is not guarded: `copy-file' or `rename-file' onto
+;;   the file, or another program (a shell command, say) writing it.
 ;;
 ;; - After each save as owner, the entry's meta says when (`saved_at',
 ;;   milliseconds) and how many times (`saves'); spectators, on seeing
@@ -91,6 +96,7 @@
 ;;; Code:
 
 (require 'cl-lib)
+(require 'seq)
 (require 'subr-x)
 
 (defgroup presenced nil
@@ -171,6 +177,13 @@ owner's file."
   topic-owner
   ;; (KEY . SAVED-AT) of the latest owner save heard of.
   last-owner-save
+  ;; This editor's writes of the file while on the topic, the meta's
+  ;; `saves': its own count, which an `updated' event does not reset.
+  (saves 0)
+  ;; Fields this editor set in the meta that no successful `update'
+  ;; has carried yet, name -> value: a meta an `updated' event brings
+  ;; gets them again, so an update of ours that raced it is not lost.
+  (unconfirmed (make-hash-table :test #'equal))
   tracking left updating update-again meta-dirty)
 
 (cl-defstruct (presenced--buffer (:constructor presenced--make-buffer)
@@ -229,6 +242,10 @@ end it, so that such closes cannot restart the deadline forever.")
   "Non-nil when a wait for a role ran out.
 Later buffers do not wait again until the daemon answers.")
 
+(defvar presenced--saving nil
+  "The buffer whose save `basic-save-buffer' is doing, past the guard.
+Its own writes of its file are the save itself.")
+
 (defvar presenced--writing-anyway nil
   "Non-nil while `presenced-write-anyway' writes past the guard.")
 
@@ -285,15 +302,28 @@ text) would otherwise hide it at once; the repeat is not logged."
   (or (user-login-name) (number-to-string (user-uid))))
 
 (defun presenced-socket-path ()
-  "Find the daemon's socket as the `presence' CLI does."
-  (let ((from-env (getenv "PRESENCE_SOCKET"))
-        (runtime (getenv "XDG_RUNTIME_DIR")))
+  "Find the daemon's socket as the `presence' CLI does, as an absolute path.
+A relative path is taken from the folder Emacs started in, where
+the CLI started beside it would look, not from the current
+buffer's `default-directory': so the folder checked, the socket
+connected to and the one a started daemon serves are one."
+  (let* ((from-env (getenv "PRESENCE_SOCKET"))
+         (runtime (getenv "XDG_RUNTIME_DIR"))
+         (start (file-name-as-directory
+                 (expand-file-name (or command-line-default-directory
+                                       default-directory)))))
     (cond ((and presenced-socket (not (string-empty-p presenced-socket)))
-           (expand-file-name presenced-socket))
-          ((and from-env (not (string-empty-p from-env))) from-env)
-          ((and runtime (not (string-empty-p runtime)))
-           (concat (file-name-as-directory runtime) "presenced/presenced.sock"))
-          (t (format "/tmp/presenced-%d/presenced.sock" (user-uid))))))
+           ;; Written in Emacs: `~' is the home folder here.
+           (expand-file-name presenced-socket start))
+          (t
+           ;; As the CLI reads it: a path, where `~' is only a name.
+           (let ((path (cond ((and from-env (not (string-empty-p from-env))) from-env)
+                             ((and runtime (not (string-empty-p runtime)))
+                              (concat (file-name-as-directory runtime)
+                                      "presenced/presenced.sock"))
+                             (t (format "/tmp/presenced-%d/presenced.sock" (user-uid))))))
+             ;; Made absolute first, so that `~' is never read as home.
+             (expand-file-name (if (string-prefix-p "/" path) path (concat start path))))))))
 
 (defun presenced-resolve-file (file)
   "FILE's absolute path with symbolic links resolved.
@@ -619,18 +649,23 @@ connection closes first, or at once if there is none."
   (and (eq (presenced--entry-status entry) 'joined)
        (presenced--get (presenced--entry-standing entry) "role")))
 
-(defun presenced--guarded-p (entry)
-  "Whether writes of ENTRY's buffers to their file are refused."
+(defun presenced--guarded-p (entry state)
+  "Whether writes of the buffer of STATE, on ENTRY, to its file are refused.
+While the buffer is a spectator, its entry was removed, or the
+package keeps it read-only (`presenced-on-unreachable')."
   (or (eq (presenced--entry-status entry) 'removed)
-      (equal (presenced--role entry) "spectator")))
+      (equal (presenced--role entry) "spectator")
+      (and (presenced--buffer-restricted state) t)))
 
 (defun presenced--owner (entry)
-  "The owner to name for ENTRY: from its standing, else the subscription's."
-  (let ((owner (presenced--get (presenced--entry-standing entry) "owner")))
-    (if (and (hash-table-p owner)
-             (not (eq (presenced--entry-status entry) 'removed)))
-        owner
-      (or (presenced--entry-topic-owner entry) owner))))
+  "The owner to name for ENTRY, or nil when none is known.
+Joined: from its standing, else the subscription's; removed: the
+subscription's; otherwise (the daemon away, say) none."
+  (pcase (presenced--entry-status entry)
+    ('joined
+     (let ((owner (presenced--get (presenced--entry-standing entry) "owner")))
+       (if (hash-table-p owner) owner (presenced--entry-topic-owner entry))))
+    ('removed (presenced--entry-topic-owner entry))))
 
 (defun presenced--restrict (buffer)
   "Make BUFFER read-only, remembering its own setting the first time."
@@ -941,9 +976,20 @@ REASONS is the diff's; ENTRY's metas are those before the diff."
      ((presenced--entry-token entry)
       (push (list (presenced--entry-token entry) ref topic) presenced--orphans)))))
 
+(defun presenced--set-meta-fields (entry fields &optional callback)
+  "Set FIELDS, an alist of names and values, in ENTRY's meta, and send it.
+CALLBACK gets the reply, as `presenced--send-meta' says."
+  (let ((meta (copy-hash-table (presenced--entry-meta entry))))
+    (pcase-dolist (`(,name . ,value) fields)
+      (puthash name value meta)
+      (puthash name value (presenced--entry-unconfirmed entry)))
+    (setf (presenced--entry-meta entry) meta)
+    (presenced--send-meta entry callback)))
+
 (defun presenced--send-meta (entry &optional callback)
   "Send ENTRY's meta as an `update'; CALLBACK gets the reply.
-One update at a time: the reply's new ref names the entry for the next."
+One update at a time: the reply's new ref names the entry for the next.
+CALLBACK gets nil at once when nothing could be sent now."
   (setf (presenced--entry-meta-dirty entry) t)
   (cond
    ((presenced--entry-updating entry)
@@ -953,24 +999,48 @@ One update at a time: the reply's new ref names the entry for the next."
     ;; Sent once the entry is back (after a resume), or with its next track.
     (when callback (funcall callback nil)))
    (t
-    (setf (presenced--entry-updating entry) t
-          (presenced--entry-meta-dirty entry) nil)
-    (presenced--request
-     `((op . "update")
-       (topic . ,(presenced--entry-topic entry))
-       (ref . ,(presenced--entry-ref entry))
-       (meta . ,(presenced--entry-meta entry)))
-     (lambda (reply)
-       (setf (presenced--entry-updating entry) nil)
-       (if (presenced--ok reply)
-           (unless (presenced--entry-left entry)
-             (presenced--set-ref entry (gethash "ref" reply)))
-         (setf (presenced--entry-meta-dirty entry) t))
-       (when (and (presenced--entry-update-again entry)
-                  (not (presenced--entry-left entry)))
-         (setf (presenced--entry-update-again entry) nil)
-         (presenced--send-meta entry))
-       (when callback (funcall callback reply)))))))
+    (let ((process presenced--process)
+          (sent-ref (presenced--entry-ref entry))
+          (carried (copy-hash-table (presenced--entry-unconfirmed entry))))
+      (setf (presenced--entry-updating entry) t
+            (presenced--entry-meta-dirty entry) nil)
+      (presenced--request
+       `((op . "update")
+         (topic . ,(presenced--entry-topic entry))
+         (ref . ,sent-ref)
+         (meta . ,(presenced--entry-meta entry)))
+       (lambda (reply)
+         (setf (presenced--entry-updating entry) nil)
+         (cond
+          ((presenced--ok reply)
+           (let ((unconfirmed (presenced--entry-unconfirmed entry)))
+             (maphash (lambda (name value)
+                        (when (eql (gethash name unconfirmed) value)
+                          (remhash name unconfirmed)))
+                      carried))
+           (if (not (presenced--entry-left entry))
+               (presenced--set-ref entry (gethash "ref" reply))
+             ;; The buffer went while this was on its way: the untrack
+             ;; sent then named the ref this update replaced.
+             (when (eq process presenced--process)
+               (presenced--request `((op . "untrack")
+                                     (topic . ,(presenced--entry-topic entry))
+                                     (ref . ,(gethash "ref" reply)))))))
+          ((equal (presenced--error-code reply) "disconnected")
+           (setf (presenced--entry-meta-dirty entry) t))
+          ((and (presenced--entry-ref entry)
+                (not (equal (presenced--entry-ref entry) sent-ref)))
+           ;; An `updated' event (root's update) gave the entry a new ref
+           ;; first, so ours named a ref that was gone: send it again,
+           ;; on the meta that event brought.
+           (setf (presenced--entry-update-again entry) t))
+          (t (setf (presenced--entry-meta-dirty entry) t)))
+         (when (and (presenced--entry-update-again entry)
+                    (not (presenced--entry-left entry))
+                    (eq process presenced--process))
+           (setf (presenced--entry-update-again entry) nil)
+           (presenced--send-meta entry))
+         (when callback (funcall callback reply))))))))
 
 (defun presenced--start-daemon (path callback)
   "Start a daemon for PATH through the CLI; CALLBACK gets nil or why not.
@@ -980,7 +1050,8 @@ One update at a time: the reply's new ref names the entry for the next."
         (make-process
          :name "presenced-start"
          :buffer output
-         :command (list presenced-program "--socket" path "list" "--json")
+         ;; One argument, so that a path starting with `-' is no flag.
+         :command (list presenced-program (concat "--socket=" path) "list" "--json")
          :connection-type 'pipe
          :noquery t
          :stderr output
@@ -1097,10 +1168,13 @@ OWNER-OF-TOKEN maps a token to its entry; LEAVING are the orphans."
                      (when (presenced--entry-meta-dirty entry)
                        (presenced--send-meta entry)))))
                (or (presenced--get reply "roles") (make-hash-table))))
+    ;; An orphan's ref may have changed while it was away (an update
+    ;; whose reply was lost, or one by root): `refs' names it now.
     (dolist (orphan leaving)
-      (when (and ok (seq-contains-p (or (gethash "resumed" reply) []) (nth 1 orphan)))
-        (presenced--request `((op . "untrack") (topic . ,(nth 2 orphan))
-                              (ref . ,(nth 1 orphan))))))
+      (let ((ref (or (presenced--get reply "refs" (car orphan)) (nth 1 orphan))))
+        (when (and ok ref (seq-contains-p (or (gethash "resumed" reply) []) ref))
+          (presenced--request `((op . "untrack") (topic . ,(nth 2 orphan))
+                                (ref . ,ref))))))
     (when ok
       (maphash (lambda (token payload)
                  (let ((entry (gethash token owner-of-token)))
@@ -1227,8 +1301,13 @@ says why the connection closed."
          (let ((entry (gethash (presenced--get payload "prev_ref") presenced--by-ref)))
            (when entry
              (presenced--set-ref entry (presenced--get payload "ref"))
-             (when (hash-table-p (presenced--get payload "meta"))
-               (setf (presenced--entry-meta entry) (presenced--get payload "meta"))))))
+             (let ((meta (presenced--get payload "meta")))
+               (when (hash-table-p meta)
+                 ;; Ours that no update carried yet stay: an update of
+                 ;; ours on its way named the old ref, and is sent again.
+                 (maphash (lambda (name value) (puthash name value meta))
+                          (presenced--entry-unconfirmed entry))
+                 (setf (presenced--entry-meta entry) meta))))))
         ;; `shutdown' is noted by the dispatch and acted on at the close.
         (_ nil)))))
 
@@ -1395,15 +1474,24 @@ means BUFFER was given a file name and did not read the file."
 
 (defun presenced--guard-message (buffer entry)
   "Why BUFFER of ENTRY may not be written to its file."
-  (let ((owner (presenced--owner entry)))
-    (if (hash-table-p owner)
-        (format "presenced: %s is being edited by %s (pid %s) since %s; your copy is read-only. M-x presenced-write-anyway to save anyway, or C-x C-w to write another file"
-                (presenced--display-name buffer) (gethash "key" owner)
-                (gethash "pid" owner) (presenced--clock (gethash "joined_at" owner)))
+  (let* ((name (presenced--display-name buffer))
+         (status (presenced--entry-status entry))
+         (owner (and (eq status 'joined) (presenced--owner entry)))
+         (what-to-do "M-x presenced-write-anyway to save anyway, or C-x C-w to write another file"))
+    (cond
+     ((hash-table-p owner)
+      (format "presenced: %s is being edited by %s (pid %s) since %s; your copy is read-only. %s"
+              name (gethash "key" owner) (gethash "pid" owner)
+              (presenced--clock (gethash "joined_at" owner)) what-to-do))
+     ((eq status 'removed)
       (let ((by (presenced--get (presenced--entry-removed-by entry) "by")))
-        (format "presenced: %s: removed by %s (uid %s, pid %s); your copy is read-only. M-x presenced-write-anyway to save anyway, M-x presenced-join to queue again, or C-x C-w to write another file"
-                (presenced--display-name buffer) (presenced--get by "user")
-                (presenced--get by "uid") (presenced--get by "pid"))))))
+        (format "presenced: %s: removed by %s (uid %s, pid %s); your copy is read-only. M-x presenced-join to queue again, %s"
+                name (presenced--get by "user") (presenced--get by "uid")
+                (presenced--get by "pid") what-to-do)))
+     (t
+      ;; Kept read-only by `presenced-on-unreachable'.
+      (format "presenced: %s: the daemon cannot say who is editing it, so your copy is read-only until it answers. %s"
+              name what-to-do)))))
 
 (defun presenced--refuse-write (&optional file)
   "Signal a `user-error' if the current buffer may not write FILE.
@@ -1417,7 +1505,7 @@ then the buffer visits that file."
          (file (or file (buffer-file-name buffer))))
     (when (and entry
                (not presenced--writing-anyway)
-               (presenced--guarded-p entry)
+               (presenced--guarded-p entry state)
                file
                (equal (presenced-resolve-file file) (presenced--buffer-path state)))
       (with-current-buffer buffer
@@ -1444,7 +1532,10 @@ then the buffer visits that file."
 ;; `write-file' gets its own advice, run first: before it reaches
 ;; `basic-save-buffer' it has given the buffer its name again, marked
 ;; it modified and made it writable, which a refused write must not
-;; leave behind.
+;; leave behind.  And `write-region', under `append-to-file' and any
+;; program writing a file, gets advice too: a write to a guarded
+;; buffer's own file is refused unless it is that buffer's save itself
+;; (within `basic-save-buffer', past its guard) or the override.
 
 (defun presenced--guard-write-file (filename &rest _)
   "Refuse `write-file' of a spectator's buffer to its own file, up front.
@@ -1457,11 +1548,43 @@ buffer's file name in it, nil or empty the buffer's own file."
                             filename))
          (t (expand-file-name filename)))))
 
-(defun presenced--guard-save (&rest _)
+(defun presenced--guard-save (save &rest args)
   "Refuse a spectator's save, before anything else `basic-save-buffer' does.
 Ahead of its check of a buffer that has no changes (so the user
-learns why), and of its question about a file changed on disk."
-  (presenced--refuse-write))
+learns why), and of its question about a file changed on disk.
+SAVE is `basic-save-buffer', called with ARGS when the save may go
+on: its writes of the buffer's file are then the save itself."
+  (presenced--refuse-write)
+  (let ((presenced--saving (or (buffer-base-buffer) (current-buffer))))
+    (apply save args)))
+
+(defun presenced--guard-write-region (_start _end filename &rest _)
+  "Refuse `write-region' to the file of a buffer whose writes are guarded.
+FILENAME is where it writes.  `append-to-file' and programs writing
+the file directly meet this; the buffer's own save, and
+`presenced-write-anyway', pass."
+  (when (and (stringp filename)
+             (not presenced--writing-anyway)
+             (not (file-remote-p filename)))
+    (let ((guarded nil))
+      ;; Cheap first: most of the time no buffer is guarded, and then
+      ;; the target's path need not be resolved.
+      (maphash (lambda (buffer state)
+                 (let ((entry (gethash (presenced--buffer-topic state) presenced--entries)))
+                   (when (and entry
+                              (not (eq buffer presenced--saving))
+                              (buffer-live-p buffer)
+                              (presenced--guarded-p entry state))
+                     (push (cons buffer entry) guarded))))
+               presenced--buffers)
+      (when guarded
+        (let* ((path (ignore-errors (presenced-resolve-file filename)))
+               (hit (cl-find-if (lambda (pair)
+                                  (equal path (presenced--buffer-path
+                                               (gethash (car pair) presenced--buffers))))
+                                guarded)))
+          (when hit
+            (user-error "%s" (presenced--guard-message (car hit) (cdr hit)))))))))
 
 (defun presenced--guard-write-contents ()
   "Refuse a spectator's save from `write-contents-functions'.
@@ -1481,11 +1604,9 @@ A second line behind `presenced--guard-save'; nil lets the save go on."
                    (equal (presenced--role entry) "owner")
                    (equal (presenced-resolve-file buffer-file-name)
                           (presenced--buffer-path state)))
-          (let ((meta (copy-hash-table (presenced--entry-meta entry))))
-            (puthash "saved_at" (presenced--now-ms) meta)
-            (puthash "saves" (1+ (or (gethash "saves" meta) 0)) meta)
-            (setf (presenced--entry-meta entry) meta)
-            (presenced--send-meta entry)))))))
+          (presenced--set-meta-fields
+           entry `(("saved_at" . ,(presenced--now-ms))
+                   ("saves" . ,(cl-incf (presenced--entry-saves entry))))))))))
 
 ;;;; Leaving
 
@@ -1632,24 +1753,27 @@ then records the override in the entry's meta (`overrode'), which
   (let* ((buffer (or (buffer-base-buffer) (current-buffer)))
          (state (gethash buffer presenced--buffers))
          (entry (and state (gethash (presenced--buffer-topic state) presenced--entries))))
-    (if (not (and entry (presenced--guarded-p entry)))
+    (if (not (and entry (presenced--guarded-p entry state)))
         (with-current-buffer buffer (save-buffer))
       (let* ((owner (presenced--owner entry))
-             (key (and (hash-table-p owner) (gethash "key" owner)))
-             (pid (and (hash-table-p owner) (gethash "pid" owner))))
+             (name (presenced--display-name buffer)))
         (unless (funcall presenced-confirm-function
-                         (format "presenced: %s is being edited by %s (pid %s); write your copy over it anyway? "
-                                 (presenced--display-name buffer) (or key "nobody") (or pid "?")))
-          (user-error "%s" (format "presenced: %s was not written" (presenced--display-name buffer))))
-        (let ((meta (copy-hash-table (presenced--entry-meta entry)))
-              (overrode (make-hash-table :test #'equal))
+                         (if (hash-table-p owner)
+                             (format "presenced: %s is editing %s. Write your copy over it anyway? "
+                                     (presenced--who owner) name)
+                           (format "presenced: nobody is known to own %s now. Write your copy over it anyway? "
+                                   name)))
+          (user-error "%s" (format "presenced: %s was not written" name)))
+        ;; Logged before the write, whoever owns it; without a place on
+        ;; the topic it is sent after the resume, or with the next track.
+        (let ((overrode (make-hash-table :test #'equal))
               (answered nil))
-          (puthash "owner" (or key :null) overrode)
-          (puthash "owner_pid" (or pid :null) overrode)
+          (when (hash-table-p owner)
+            (puthash "owner" (gethash "key" owner) overrode)
+            (puthash "owner_pid" (gethash "pid" owner) overrode))
           (puthash "at" (presenced--now-ms) overrode)
-          (puthash "overrode" overrode meta)
-          (setf (presenced--entry-meta entry) meta)
-          (presenced--send-meta entry (lambda (_reply) (setq answered t)))
+          (presenced--set-meta-fields entry `(("overrode" . ,overrode))
+                                      (lambda (_reply) (setq answered t)))
           (presenced--wait (lambda () answered) presenced-join-wait))
         (with-current-buffer buffer
           (let ((presenced--writing-anyway t)
@@ -1718,7 +1842,8 @@ goes.  See the Commentary of presenced.el."
                      (cons #'presenced--guard-write-contents
                            (remq #'presenced--guard-write-contents
                                  (default-value 'write-contents-functions))))
-        (advice-add 'basic-save-buffer :before #'presenced--guard-save)
+        (advice-add 'basic-save-buffer :around #'presenced--guard-save)
+        (advice-add 'write-region :before #'presenced--guard-write-region)
         (advice-add 'write-file :before #'presenced--guard-write-file)
         (dolist (buffer (buffer-list))
           (when (buffer-local-value 'buffer-file-name buffer)
@@ -1734,6 +1859,7 @@ goes.  See the Commentary of presenced.el."
                        (default-value 'write-contents-functions)))
     (advice-remove 'basic-save-buffer #'presenced--guard-save)
     (advice-remove 'write-file #'presenced--guard-write-file)
+    (advice-remove 'write-region #'presenced--guard-write-region)
     (presenced--leave-all)))
 
 (provide 'presenced)

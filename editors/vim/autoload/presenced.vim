@@ -359,10 +359,25 @@ function! s:reload(bufnr) abort
   endfor
   " :edit! reads the file and runs BufReadPost, which applies the role
   " again (reading resets 'modifiable' and 'readonly') and records the read.
-  call win_execute(windows[0], 'silent keepjumps edit!')
+  " It also looks for a swap file again (presenced#swap_exists answers).
+  let buf = s:buffers[a:bufnr]
+  let buf.reloading = 1
+  let buf.swap_found = ''
+  try
+    call win_execute(windows[0], 'silent keepjumps edit!')
+  finally
+    let buf.reloading = 0
+  endtry
   for id in windows
     call win_execute(id, 'call winrestview(w:presenced_view) | unlet w:presenced_view')
   endfor
+  if buf.swap_found !=# ''
+    " Said after the read: a message shown from inside SwapExists would be
+    " drawn over by the reading.
+    call s:show(printf('presenced: %s: a swap file of another session exists (%s); :recover it if its changes matter',
+          \ s:display_name(a:bufnr), buf.swap_found), 'warn')
+    let buf.swap_found = ''
+  endif
   return 1
 endfunction
 
@@ -389,9 +404,11 @@ function! s:become_owner(bufnr, entry) abort
     " A spectator cannot change its buffer; if this one did, its changes
     " are the user's to keep or drop.
     call s:say(a:bufnr, prefix . change . ', but this buffer has unsaved changes of its own, so it was not reloaded: :edit! takes the file, :w keeps yours', 'warn')
-  else
-    call s:reload(a:bufnr)
+  elseif s:reload(a:bufnr)
     call s:say(a:bufnr, prefix . 'reloaded: ' . change, 'info')
+  else
+    " No window shows it: it is read when next shown (presenced#shown).
+    call s:say(a:bufnr, prefix . change . ', so it is read again when next shown', 'info')
   endif
 endfunction
 
@@ -814,6 +831,11 @@ function! s:removed(entry, removal) abort
   call s:apply_entry(a:entry)
 endfunction
 
+" The meta fields this plugin adds after joining, which an `updated` event
+" (someone else's change of the entry) must not drop while they are still
+" being sent.
+let s:own_fields = ['saved_at', 'saves', 'overrode']
+
 " Sends the entry's meta with `update`, one at a time: each update gives
 " the entry a new ref, which the next one must name. A meta changed while
 " one is on its way is sent after it; one changed while disconnected is
@@ -826,11 +848,12 @@ function! s:send_meta(entry) abort
   let a:entry.updating = 1
   let a:entry.meta_dirty = 0
   let conn = s:link.conn
-  call s:request(conn, {'op': 'update', 'topic': a:entry.topic, 'ref': a:entry.ref,
-        \ 'meta': a:entry.meta}, function('s:on_update_reply', [conn, a:entry]))
+  let sent_ref = a:entry.ref
+  call s:request(conn, {'op': 'update', 'topic': a:entry.topic, 'ref': sent_ref,
+        \ 'meta': a:entry.meta}, function('s:on_update_reply', [conn, a:entry, sent_ref]))
 endfunction
 
-function! s:on_update_reply(conn, entry, reply) abort
+function! s:on_update_reply(conn, entry, sent_ref, reply) abort
   let a:entry.updating = 0
   if a:entry.left
     " The buffer went while the update was on its way: its untrack waited
@@ -848,6 +871,11 @@ function! s:on_update_reply(conn, entry, reply) abort
   if a:reply.ok && get(s:by_ref, get(a:reply, 'prev_ref', ''), {}) is a:entry
     call s:take_ref(a:entry, a:reply.ref)
   elseif !a:reply.ok && a:reply.error.code ==# 'disconnected'
+    let a:entry.meta_dirty = 1
+  elseif !a:reply.ok && a:entry.ref !=# '' && a:entry.ref !=# a:sent_ref
+    " The entry changed hands under the update (root's `update` gave it a
+    " new ref, and the daemon no longer knew the one sent): send it again
+    " with the new ref.
     let a:entry.meta_dirty = 1
   endif
   if a:entry.meta_dirty && !a:entry.left && a:conn is s:link.conn
@@ -899,7 +927,7 @@ function! s:start_daemon(path, Callback) abort
   let command = s:opt('command', 'presence')
   let stderr = []
   try
-    let job = job_start([command, '--socket', a:path, 'list', '--json'], {
+    let job = job_start([command, '--socket=' . a:path, 'list', '--json'], {
           \ 'in_io': 'null', 'out_io': 'null',
           \ 'err_cb': {channel, line -> add(stderr, line)},
           \ 'exit_cb': {job, code -> a:Callback(code == 0 ? '' :
@@ -1144,7 +1172,21 @@ function! s:on_event(conn, message) abort
     let entry = get(s:by_ref, a:message.payload.prev_ref, {})
     if !empty(entry)
       call s:take_ref(entry, a:message.payload.ref)
-      let entry.meta = a:message.payload.meta
+      let meta = get(a:message.payload, 'meta', v:null)
+      if type(meta) != v:t_dict
+        return
+      endif
+      if entry.updating || entry.meta_dirty
+        " What this editor set and has not seen through yet (a save, an
+        " override) is kept: the update on its way fails on the old ref
+        " and is sent again (s:on_update_reply), with it.
+        for field in s:own_fields
+          if has_key(entry.meta, field)
+            let meta[field] = entry.meta[field]
+          endif
+        endfor
+      endif
+      let entry.meta = meta
     endif
   endif
   " `shutdown` is noted by s:on_line and handled when the connection closes.
@@ -1230,7 +1272,7 @@ function! presenced#attach(bufnr, wait, ...) abort
     return
   endif
   let s:buffers[a:bufnr] = {'topic': topic, 'saved': {}, 'last_message': '', 'read': {},
-        \ 'swap_readonly': 0}
+        \ 'swap_readonly': 0, 'reloading': 0, 'swap_found': ''}
   call s:record_read(a:bufnr)
   if has_key(s:entries, topic)
     let s:entries[topic].bufs[a:bufnr] = 1
@@ -1290,7 +1332,9 @@ function! s:refusal(bufnr) abort
     return printf('presenced: %s is being edited by %s since %s; your copy is read-only. %s',
           \ name, s:who(owner), s:clock(owner.joined_at), what_to_do)
   elseif entry.status ==# 'removed'
-    return printf('presenced: %s: %s, %s', name, s:removed_message(entry), what_to_do)
+    let by = get(entry.removal, 'by', {})
+    return printf('presenced: %s: removed by %s (uid %s, pid %s); your copy is read-only. :PresenceJoin to queue again, %s',
+          \ name, get(by, 'user', '?'), get(by, 'uid', '?'), get(by, 'pid', '?'), what_to_do)
   endif
   return printf('presenced: %s: the daemon cannot say who is editing it, so your copy is read-only until it answers. %s',
         \ name, what_to_do)
@@ -1329,7 +1373,8 @@ function! presenced#write_anyway(bang) abort
   let entry = s:entries[buf.topic]
   let name = s:display_name(bufnr)
   let owner = entry.status ==# 'joined' ? get(entry.standing, 'owner', v:null) : v:null
-  if type(owner) != v:t_dict && !empty(entry.metas)
+  if entry.status ==# 'removed' && !empty(entry.metas)
+    " Whoever was promoted in its place, as the subscription saw it.
     let owner = s:queue_of(entry)[0]
   endif
   let whose = type(owner) == v:t_dict ? s:who(owner) : 'another editor'
@@ -1339,7 +1384,9 @@ function! presenced#write_anyway(bang) abort
     echohl None
     return
   endif
-  let question = printf('presenced: %s is being edited by %s. Write your copy over theirs?', name, whose)
+  let question = type(owner) == v:t_dict
+        \ ? printf('presenced: %s is editing %s. Write your copy over it anyway?', whose, name)
+        \ : printf('presenced: nobody is known to own %s now. Write your copy over it anyway?', name)
   let Confirm = get(g:, 'Presenced_confirm', 0)
   if type(Confirm) == v:t_func
     let yes = Confirm(question)
@@ -1350,14 +1397,16 @@ function! presenced#write_anyway(bang) abort
     call s:notify(name . ': not written', 'info')
     return
   endif
-  if type(owner) == v:t_dict && entry.ref !=# ''
-    " Logged before the write. Without a connection it is sent after the
-    " resume (s:send_meta), so only a live one is waited for.
-    let entry.meta.overrode = {'owner': owner.key, 'owner_pid': owner.pid, 'at': s:now_ms()}
-    call s:send_meta(entry)
-    if s:link.state ==# 'up'
-      call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
-    endif
+  " Logged before the write, whoever owns the file. Without a connection
+  " it is sent after the resume, and without an entry (removed) with the
+  " next :PresenceJoin (s:send_meta), so only a live one is waited for.
+  let entry.meta.overrode = {'at': s:now_ms()}
+  if type(owner) == v:t_dict
+    call extend(entry.meta.overrode, {'owner': owner.key, 'owner_pid': owner.pid})
+  endif
+  call s:send_meta(entry)
+  if s:link.state ==# 'up' && entry.ref !=# ''
+    call s:wait_until({-> !entry.updating && !entry.meta_dirty}, s:opt('join_wait_ms', 1500))
   endif
   let s:overriding = bufnr
   try
@@ -1391,19 +1440,38 @@ function! presenced#join_again() abort
   endif
 endfunction
 
+" Whether another editor holds the entry's file: this one is a spectator,
+" or its entry was removed.
+function! s:is_guarded(entry) abort
+  return !empty(a:entry) && (a:entry.status ==# 'removed'
+        \ || (a:entry.status ==# 'joined' && a:entry.standing.role !=# 'owner'))
+endfunction
+
 " SwapExists: Vim found a swap file for the file being opened. The plugin
 " joins the topic first (waiting as at open). If another editor owns the
 " file, the buffer is opened read-only without asking, and presenced's
 " message says who edits it. If this editor owns it (the swap file is left
 " by a crash, or by an editor presenced does not know), Vim asks as usual:
-" recovering is then the user's call.
+" recovering is then the user's call. But not while the plugin reads the
+" file again (s:reload, from a channel callback or timer, where a question
+" has no place): the swap file is then the previous owner's, killed with
+" changes it had not saved, and the buffer is read anyway; where that
+" swap file is, for :recover, is said after the read.
 function! presenced#swap_exists(bufnr, file) abort
   let bufnr = a:bufnr > 0 ? a:bufnr : bufnr('%')
+  let buf = get(s:buffers, bufnr, {})
+  if !empty(buf) && buf.reloading
+    let entry = get(s:entries, buf.topic, {})
+    if !s:is_guarded(entry)
+      let v:swapchoice = 'e'
+      let buf.swap_found = fnamemodify(v:swapname, ':p')
+      return
+    endif
+  endif
   call presenced#attach(bufnr, 1, 1)
   let buf = get(s:buffers, bufnr, {})
   let entry = empty(buf) ? {} : get(s:entries, buf.topic, {})
-  if !empty(entry) && (entry.status ==# 'removed' || (entry.status ==# 'joined'
-        \ && entry.standing.role !=# 'owner'))
+  if s:is_guarded(entry)
     let v:swapchoice = 'o'
     let buf.swap_readonly = 1
     " The message about reading the file comes after the standing's.

@@ -349,6 +349,15 @@ local function current_owner(entry)
   return nil
 end
 
+-- `removed by root (uid 0, pid 8120)`: who took the entry away.
+local function removed_by(entry)
+  local by = entry.removal and type(entry.removal.by) == 'table' and entry.removal.by or {}
+  local function field(value)
+    return value == nil and '?' or tostring(value)
+  end
+  return ('removed by %s (uid %s, pid %s)'):format(field(by.user), field(by.uid), field(by.pid))
+end
+
 -- Whether this editor must not write the buffer to its file: it is a
 -- spectator, or its entry was taken away.
 local function is_guarded(entry)
@@ -547,12 +556,7 @@ local function apply(bufnr)
     end
   elseif entry.status == 'removed' then
     restrict(bufnr)
-    local by = entry.removal and entry.removal.by or {}
-    tell(
-      bufnr,
-      ('removed by %s (uid %s, pid %s); read-only. :PresenceJoin to queue again'):format(by.user, by.uid, by.pid),
-      levels.WARN
-    )
+    tell(bufnr, removed_by(entry) .. '; read-only. :PresenceJoin to queue again', levels.WARN)
   elseif entry.status == 'unreachable' then
     local reason = ('cannot reach the daemon at %s (%s)'):format(M.socket_path(), link.error or 'no answer')
     if config.on_unreachable == 'readonly' then
@@ -649,15 +653,17 @@ end
 
 local connect -- defined below; tracking may need to connect first
 local removed -- defined below; restore() and the events use it
+local send_meta -- defined below; a track whose meta changed meanwhile sends it
 
 local function track(entry)
   local conn = link.conn
+  local sent_meta = entry.meta
   entry.tracking = true
   conn:request({
     op = 'track',
     topic = entry.topic,
     key = entry.key,
-    meta = entry.meta,
+    meta = sent_meta,
     -- The entry dies with the connection, so a killed editor's
     -- spectators are promoted at once.
     lifetime = 'connection',
@@ -681,10 +687,14 @@ local function track(entry)
       entry.ref = reply.ref
       entry.token = reply.resume_token
       entry.seq = reply.seq
-      -- The track carried the whole meta.
-      entry.meta_unsent = false
+      -- The track carried the whole meta, unless it changed meanwhile (a
+      -- write or an override while the track was on its way).
+      entry.meta_unsent = entry.meta ~= sent_meta
       by_ref[reply.ref] = entry
       set_standing(entry, standing_of(reply))
+      if entry.meta_unsent then
+        send_meta(entry)
+      end
     elseif reply.error.code ~= 'disconnected' then
       -- A disconnect is retried by the reconnect; anything else is final.
       entry.status = 'refused'
@@ -743,11 +753,15 @@ local function rekey(entry, ref)
   end
 end
 
+-- The meta fields this plugin keeps itself (a save, an override), as
+-- opposed to the ones the entry started with.
+local own_meta_fields = { 'saved_at', 'saves', 'overrode' }
+
 -- Sends the entry's meta with `update` (which gives the entry a new ref,
 -- taken from the reply). Without a connection or a place it is sent after
 -- the next resume, or carried by the next track. `done(ok)` runs once the
 -- daemon answered, or at once if nothing was sent.
-local function send_meta(entry, done)
+send_meta = function(entry, done)
   local conn = link.conn
   if link.state ~= 'up' or not entry.ref or entry.tracking or entry.updating then
     entry.meta_unsent = true
@@ -758,17 +772,37 @@ local function send_meta(entry, done)
   end
   entry.meta_unsent = false
   entry.updating = true
-  conn:request({ op = 'update', topic = entry.topic, ref = entry.ref, meta = entry.meta }, function(reply)
+  local sent_ref, sent_meta = entry.ref, entry.meta
+  conn:request({ op = 'update', topic = entry.topic, ref = sent_ref, meta = sent_meta }, function(reply)
     entry.updating = false
+    local lost = false
     if reply.ok then
       rekey(entry, reply.ref)
     elseif reply.error.code == 'disconnected' then
+      entry.meta_unsent = true
+    elseif entry.ref and entry.ref ~= sent_ref then
+      -- Someone (root) updated the entry while this update was on its
+      -- way: the `updated` event, which came first, gave it a new ref and
+      -- that one's meta, and this update found no entry by the old ref.
+      -- What this editor had to say (the save, the override) still holds:
+      -- say it again on top of the new meta.
+      lost = true
+      local kept = {}
+      for _, field in ipairs(own_meta_fields) do
+        kept[field] = sent_meta[field]
+      end
+      entry.meta = vim.tbl_extend('force', entry.meta, kept)
       entry.meta_unsent = true
     end
     if entry.left then
       finish_leaving(entry)
     elseif entry.meta_unsent and link.conn == conn and conn.open then
-      -- A write while this one was on its way changed the meta again.
+      -- A write while this one was on its way changed the meta again, or
+      -- this one was lost: the answer to the next one is the one awaited.
+      if lost then
+        send_meta(entry, done)
+        return
+      end
       send_meta(entry)
     end
     if done then
@@ -780,7 +814,8 @@ end
 -- Starts a daemon through the CLI, which waits until it serves the socket.
 local function start_daemon(path, callback)
   local stderr = {}
-  local command = { config.presence_cmd, '--socket', path, 'list', '--json' }
+  -- One argument, so a path starting with '-' is never read as a flag.
+  local command = { config.presence_cmd, '--socket=' .. path, 'list', '--json' }
   local ok, job = pcall(vim.fn.jobstart, command, {
     stdout_buffered = true,
     stderr_buffered = true,
@@ -936,8 +971,11 @@ local function restore(conn)
       end
     end
     for _, orphan in ipairs(leaving) do
-      if vim.tbl_contains(reply.resumed or {}, orphan.ref) then
-        conn:request({ op = 'untrack', topic = orphan.topic, ref = orphan.ref })
+      -- `refs` has the ref it has now: an update whose reply was lost, or
+      -- one by root, gave it a new one.
+      local ref = type(reply.refs) == 'table' and reply.refs[orphan.token] or orphan.ref
+      if ref and vim.tbl_contains(reply.resumed or {}, ref) then
+        conn:request({ op = 'untrack', topic = orphan.topic, ref = ref })
       end
     end
     -- Entries the daemon no longer has (expired), or would not give back
@@ -970,7 +1008,9 @@ end
 
 -- The daemon cannot be reached: every entry without a connection falls
 -- back to `on_unreachable`. A later buffer, or :PresenceReconnect, tries
--- again.
+-- again. A removed entry stays removed: someone took its place away on
+-- purpose, so it neither becomes editable nor is tracked again when the
+-- daemon answers, until :PresenceJoin.
 local function unreachable(reason)
   stop_retrying()
   link.outage = nil
@@ -981,8 +1021,10 @@ local function unreachable(reason)
   link.reconnecting = false
   for _, entry in pairs(entries) do
     entry.tracking = false
-    entry.status = 'unreachable'
-    apply_entry(entry)
+    if entry.status ~= 'removed' then
+      entry.status = 'unreachable'
+      apply_entry(entry)
+    end
   end
 end
 
@@ -1356,30 +1398,53 @@ function M.confirm(question)
   return vim.fn.confirm(question, '&Yes\n&No', 2, 'Warning') == 1
 end
 
--- The refusal of a spectator's write, or nil when the write may go on.
+-- Whether writes of the buffer to its own file are refused: another
+-- editor holds the file (the buffer is a spectator's, or its entry was
+-- removed), or this plugin made the buffer read-only for another reason
+-- (the daemon cannot be reached and on_unreachable is 'readonly', or the
+-- buffer is queueing again after a removal).
+local function guards_writes(bufnr, entry)
+  return is_guarded(entry) or buffers[bufnr].saved ~= nil
+end
+
+-- The owner a spectator waits for, or nil when no owner is known: the
+-- entry was removed, the daemon cannot be reached, or it is joining.
+local function known_owner(entry)
+  if entry.status == 'joined' and entry.standing.role ~= 'owner' and type(entry.standing.owner) == 'table' then
+    return entry.standing.owner
+  end
+  return nil
+end
+
+-- The refusal of a guarded buffer's write, or nil when the write may go on.
 local function refusal(bufnr, file)
   local buf = buffers[bufnr]
   local entry = buf and entries[buf.topic]
-  if not entry or buf.overriding or not is_guarded(entry) or not is_own_file(bufnr, file) then
+  if not entry or buf.overriding or not guards_writes(bufnr, entry) or not is_own_file(bufnr, file) then
     return nil
   end
-  local owner = current_owner(entry)
   local name = display_name(bufnr)
-  if not owner then
-    local by = entry.removal and entry.removal.by or {}
-    return ('presenced: %s was removed from its topic by %s (uid %s, pid %s); your copy is read-only. :PresenceJoin to queue again, :PresenceWrite! to save anyway, or :w other-name'):format(
+  local what_to_do = ':PresenceWrite! to save anyway, or :w other-name'
+  if entry.status == 'removed' then
+    return ('presenced: %s: %s; your copy is read-only. :PresenceJoin to queue again, %s'):format(
       name,
-      by.user,
-      by.uid,
-      by.pid
+      removed_by(entry),
+      what_to_do
+    )
+  end
+  local owner = known_owner(entry)
+  if not owner then
+    return ('presenced: %s: the daemon cannot say who is editing it, so your copy is read-only until it answers. %s'):format(
+      name,
+      what_to_do
     )
   end
   local since = type(owner.joined_at) == 'number' and clock(owner.joined_at) or '?'
-  return ('presenced: %s is being edited by %s (pid %s) since %s; your copy is read-only. :PresenceWrite! to save anyway, or :w other-name'):format(
+  return ('presenced: %s is being edited by %s since %s; your copy is read-only. %s'):format(
     name,
-    owner.key,
-    owner.pid,
-    since
+    who(owner),
+    since,
+    what_to_do
   )
 end
 
@@ -1402,40 +1467,47 @@ function M.write_guard(abuf, afile)
   return 'call interrupt()'
 end
 
--- :PresenceWrite[!]: a spectator writes its copy over the owner's file,
--- after a confirmation, and the entry's meta says so (`overrode`), which
+-- :PresenceWrite[!]: writes a guarded buffer's copy over its file, after
+-- a confirmation, and the entry's meta says so (`overrode`), which
 -- `presence log` shows as an update by this editor.
 function M.write_anyway(bang)
   local bufnr = vim.api.nvim_get_current_buf()
   local buf = buffers[bufnr]
   local entry = buf and entries[buf.topic]
   local name = display_name(bufnr)
-  if not entry or not is_guarded(entry) then
+  if not entry or not guards_writes(bufnr, entry) then
     -- Nothing to override: an ordinary write.
     vim.cmd(bang and 'write!' or 'write')
     return
   end
-  local owner = current_owner(entry)
-  local owner_name = owner and who(owner) or 'nobody known'
+  local owner = known_owner(entry)
   if not bang then
     vim.api.nvim_err_writeln(
-      ('presenced: %s is being edited by %s; :PresenceWrite! (with !) writes your copy over theirs'):format(name, owner_name)
+      ('presenced: %s is read-only here (%s); :PresenceWrite! (with !) writes your copy over the file'):format(
+        name,
+        owner and ('being edited by ' .. who(owner)) or 'nobody is known to own it now'
+      )
     )
     return
   end
-  local question = ('%s is being edited by %s. Write your copy over the file anyway?'):format(name, owner_name)
+  local question = owner and ('presenced: %s is editing %s. Write your copy over it anyway?'):format(who(owner), name)
+    or ('presenced: nobody is known to own %s now. Write your copy over it anyway?'):format(name)
   if not M.confirm(question) then
     notify(name .. ': not written')
     return
   end
-  if entry.ref then
-    -- Logged before the write, so the log has it even if the write fails.
-    vim.wait(config.leave_wait_ms, function()
-      return not entry.updating
-    end, 5)
-    entry.meta = vim.tbl_extend('force', entry.meta, {
-      overrode = { owner = owner and owner.key or vim.NIL, owner_pid = owner and owner.pid or vim.NIL, at = now_ms() },
-    })
+  -- Logged before the write, so the log has it even if the write fails.
+  -- Without a connection or a place, the meta goes to the daemon after the
+  -- resume, or with the next track (:PresenceJoin).
+  vim.wait(config.leave_wait_ms, function()
+    return not entry.updating
+  end, 5)
+  local overrode = { at = now_ms() }
+  if owner then
+    overrode.owner, overrode.owner_pid = owner.key, owner.pid
+  end
+  entry.meta = vim.tbl_extend('force', entry.meta, { overrode = overrode })
+  if link.state == 'up' and entry.ref and not entry.tracking then
     local answered, logged = false, false
     send_meta(entry, function(ok)
       answered, logged = true, ok
@@ -1446,21 +1518,26 @@ function M.write_anyway(bang)
     if not logged then
       notify(name .. ': the daemon did not record this override', levels.WARN)
     end
+  else
+    send_meta(entry)
   end
   buf.overriding = true
   local ok, err = pcall(vim.api.nvim_buf_call, bufnr, function()
     vim.cmd('write!')
   end)
   buf.overriding = false
-  -- The buffer is still a spectator's (unless promoted meanwhile).
-  if is_guarded(entry) then
+  -- The buffer stays as guarded as it was (unless promoted meanwhile).
+  if guards_writes(bufnr, entry) then
     restrict(bufnr)
   end
   if not ok then
     vim.api.nvim_err_writeln('presenced: ' .. name .. ': not written: ' .. tostring(err))
     return
   end
-  notify(('%s: written over %s\'s copy; still read-only'):format(name, owner_name), levels.WARN)
+  notify(
+    ('%s: written over %s; still read-only'):format(name, owner and ("the copy of " .. who(owner)) or 'the file'),
+    levels.WARN
+  )
 end
 
 -- :PresenceJoin: queue again (at the end) after the entry was removed, the
