@@ -1483,10 +1483,9 @@ function M.write_anyway(bang)
   local owner = known_owner(entry)
   if not bang then
     vim.api.nvim_err_writeln(
-      ('presenced: %s is read-only here (%s); :PresenceWrite! (with !) writes your copy over the file'):format(
-        name,
-        owner and ('being edited by ' .. who(owner)) or 'nobody is known to own it now'
-      )
+      owner
+          and ('presenced: %s is being edited by %s; :PresenceWrite! (with !) writes your copy over theirs'):format(name, who(owner))
+        or ('presenced: nobody is known to own %s now; :PresenceWrite! (with !) writes your copy over the file'):format(name)
     )
     return
   end
