@@ -32,12 +32,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
     DEADLINE, Daemon, KillDaemonsOnDrop, POLL, Running, eventually, finish, presence_bin,
     presence_command, signal, start_daemon, stdout, within,
 };
+use presenced::topic::file_topic;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
@@ -241,6 +242,16 @@ impl Workspace {
         Running::spawn(&mut command)
     }
 
+    /// Starts a new daemon on the plugins' socket and database (one
+    /// killed before, say) as `presence` starts one, so that it cannot
+    /// collide with one a plugin starts meanwhile.
+    async fn start_a_daemon(&self) {
+        let mut start = presence_command(&self.socket(), &self.db);
+        start.args(["list", "--json"]);
+        let started = finish(&mut start).await;
+        assert!(started.status.success(), "{started:?}");
+    }
+
     /// Waits until a daemon serves the socket again and every entry it
     /// restored has been resumed by its editor.
     async fn wait_until_resumed(&self, entries: u64) {
@@ -264,7 +275,7 @@ enum Driver {
     Emacs { server: PathBuf },
 }
 
-/// How an editor is started, beyond its plugin's settings.
+/// How an editor is started.
 #[derive(Debug, Clone, Copy, Default)]
 struct Launch {
     /// Swap files on, as the editor's defaults have them (Vim, Neovim).
@@ -273,6 +284,85 @@ struct Launch {
     /// headless: where Vim asks its questions, the swap file's among
     /// them, and the screen shows what the user would see.
     terminal: bool,
+    /// The plugin's settings, as [`Editor::launch`] gives them.
+    settings: Settings,
+}
+
+/// The plugin settings a scenario changes, which each plugin spells its
+/// own way; the default is the plugins' defaults.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    /// Start a daemon through the CLI when none answers.
+    autostart: bool,
+    /// Keep a buffer read-only, not editable, while the daemon cannot be
+    /// reached.
+    read_only_when_unreachable: bool,
+    /// How long a lost connection is tried again before the plugin gives
+    /// up on the daemon (the plugins' default: 30 s).
+    reconnect_timeout: Option<Duration>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            autostart: true,
+            read_only_when_unreachable: false,
+            reconnect_timeout: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Fields of the Neovim plugin's setup() table.
+    fn neovim(&self) -> String {
+        let mut fields = Vec::new();
+        if !self.autostart {
+            fields.push("autostart = false".to_owned());
+        }
+        if self.read_only_when_unreachable {
+            fields.push("on_unreachable = 'readonly'".to_owned());
+        }
+        if let Some(timeout) = self.reconnect_timeout {
+            fields.push(format!("reconnect_timeout_ms = {}", timeout.as_millis()));
+        }
+        fields.join(", ")
+    }
+
+    /// Ex commands run before the Vim plugin loads.
+    fn vim(&self) -> Vec<String> {
+        let mut commands = Vec::new();
+        if !self.autostart {
+            commands.push("let g:presenced_autostart = 0".to_owned());
+        }
+        if self.read_only_when_unreachable {
+            commands.push("let g:presenced_on_unreachable = 'readonly'".to_owned());
+        }
+        if let Some(timeout) = self.reconnect_timeout {
+            commands.push(format!(
+                "let g:presenced_reconnect_timeout_ms = {}",
+                timeout.as_millis()
+            ));
+        }
+        commands
+    }
+
+    /// Forms evaluated before Emacs's `presenced-mode` is on.
+    fn emacs(&self) -> Vec<String> {
+        let mut forms = Vec::new();
+        if !self.autostart {
+            forms.push("(setq presenced-autostart nil)".to_owned());
+        }
+        if self.read_only_when_unreachable {
+            forms.push("(setq presenced-on-unreachable 'read-only)".to_owned());
+        }
+        if let Some(timeout) = self.reconnect_timeout {
+            forms.push(format!(
+                "(setq presenced-reconnect-timeout {})",
+                timeout.as_secs_f64()
+            ));
+        }
+        forms
+    }
 }
 
 /// A running editor with one file open; killed when dropped.
@@ -309,12 +399,22 @@ impl Editor {
         file: &Path,
         launch: Launch,
     ) -> Editor {
+        let settings = launch.settings;
         match kind {
             EditorKind::Neovim => {
-                Editor::neovim_started(workspace, &[file.as_os_str()], "", "", launch).await
+                let setup = settings.neovim();
+                Editor::neovim_started(workspace, &[file.as_os_str()], "", &setup, launch).await
             }
-            EditorKind::Vim => Editor::vim_started(workspace, file, &[], launch).await,
-            EditorKind::Emacs => Editor::emacs_with(workspace, file, &[]).await,
+            EditorKind::Vim => {
+                let commands = settings.vim();
+                let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+                Editor::vim_started(workspace, file, &commands, launch).await
+            }
+            EditorKind::Emacs => {
+                let forms = settings.emacs();
+                let forms: Vec<&str> = forms.iter().map(String::as_str).collect();
+                Editor::emacs_with(workspace, file, &forms).await
+            }
         }
     }
 
@@ -1425,10 +1525,6 @@ async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
     (metas, listed["owner"]["pid"].clone())
 }
 
-fn file_topic(path: &Path) -> String {
-    format!("file:{}", path.canonicalize().expect("the file").display())
-}
-
 #[tokio::test]
 #[ignore = "needs Neovim (nvim)"]
 async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() {
@@ -1455,7 +1551,11 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
     assert_promoted(&spectator).await;
     let other = workspace.dir.path().join("files/other.md");
     let state = owner.state().await;
-    assert_eq!(state["topic"], file_topic(&other).as_str(), "{state}");
+    assert_eq!(
+        state["topic"],
+        file_topic(&other).expect("the file's topic").as_str(),
+        "{state}"
+    );
     assert_eq!(state["role"], "owner", "{state}");
     let alternate = owner
         .eval("luaeval(\"require('presenced').state(vim.fn.bufnr('notes.md'))\")")
@@ -1466,7 +1566,8 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
         "the alternate buffer is not followed"
     );
     eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
+            == (1, spectator.pid.into())
     })
     .await;
 
@@ -1475,10 +1576,20 @@ async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() 
     let second = Editor::neovim(&workspace, &other).await;
     second.wait_for_role("spectator").await;
     owner.command("enew").await;
-    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 2);
+    assert_eq!(
+        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
+            .await
+            .0,
+        2
+    );
     owner.command("bunload #").await;
     assert_promoted(&second).await;
-    assert_eq!(queue_on(&workspace, &file_topic(&other)).await.0, 1);
+    assert_eq!(
+        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
+            .await
+            .0,
+        1
+    );
 }
 
 #[tokio::test]
@@ -1503,7 +1614,8 @@ async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
     let alternate = owner.eval("presenced#state(bufnr('notes.md'))").await;
     assert_eq!(alternate, serde_json::json!({}), "not followed");
     eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file)).await == (1, spectator.pid.into())
+        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
+            == (1, spectator.pid.into())
     })
     .await;
 
@@ -2169,7 +2281,7 @@ struct OnOneFile {
     workspace: Workspace,
     file: PathBuf,
     topic: String,
-    _daemon: Daemon,
+    daemon: Daemon,
     /// Kills, at the end, the daemon that replaced a killed one.
     _replacement: KillDaemonsOnDrop,
 }
@@ -2189,7 +2301,7 @@ impl OnOneFile {
         let replacement = KillDaemonsOnDrop(daemon.socket.clone());
         let workspace = Workspace::for_daemon(&daemon);
         let file = workspace.file("notes.md");
-        let topic = file_topic(&file);
+        let topic = file_topic(&file).expect("the file's topic");
         let owner = Editor::launch(kind, &workspace, &file, owner_launch).await;
         owner.wait_for_role("owner").await;
         let spectator = Editor::launch(kind, &workspace, &file, spectator_launch).await;
@@ -2200,13 +2312,7 @@ impl OnOneFile {
                 spectator.state().await["ref"].clone(),
             );
             daemon.crash().await;
-            // A new daemon on the same socket and database, started as
-            // `presence` starts one, so that it cannot collide with one
-            // a plugin starts meanwhile.
-            let mut start = presence_command(&workspace.socket(), &workspace.db);
-            start.args(["list", "--json"]);
-            let started = finish(&mut start).await;
-            assert!(started.status.success(), "{started:?}");
+            workspace.start_a_daemon().await;
             workspace.wait_until_resumed(2).await;
             eventually("both editors to be connected again", async || {
                 owner.state().await["connection"] == "up"
@@ -2230,7 +2336,7 @@ impl OnOneFile {
             workspace,
             file,
             topic,
-            _daemon: daemon,
+            daemon,
             _replacement: replacement,
         }
     }
@@ -2351,7 +2457,7 @@ async fn spectator_overrides_when_it_confirms(kind: EditorKind, life: DaemonLife
     let _ = spectator.write_anyway().await;
     let questions = spectator.confirm_questions().await;
     assert!(
-        questions.contains(&key),
+        questions.contains(&override_question(&key, &both.owner)),
         "the question names the owner: {questions:?}"
     );
     assert_eq!(both.on_disk(), before, "answered no, it wrote");
@@ -2424,7 +2530,7 @@ async fn promoted_editor_reads_what_changed_on_disk(kind: EditorKind) {
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
-    let topic = file_topic(&file);
+    let topic = file_topic(&file).expect("the file's topic");
     let mut join = workspace.presence_running(&["join", &topic, "--json"]);
     let joined = join.json().await;
     assert_eq!(joined["role"], "owner", "{joined}");
@@ -2502,10 +2608,12 @@ async fn swap_file_gives_way_to_presenced(kind: EditorKind, life: DaemonLife) {
     let swap = Launch {
         swap: true,
         terminal: false,
+        ..Launch::default()
     };
     let in_a_terminal = Launch {
         swap: true,
         terminal: kind == EditorKind::Vim,
+        ..Launch::default()
     };
     let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
     let messages = both.spectator.messages().await;
@@ -2534,6 +2642,7 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
     let swap = Launch {
         swap: true,
         terminal: false,
+        ..Launch::default()
     };
     let crashed = Editor::launch(kind, workspace, &file, swap).await;
     crashed.wait_for_role("owner").await;
@@ -2546,6 +2655,7 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
     let in_a_terminal = Launch {
         swap: true,
         terminal: kind == EditorKind::Vim,
+        ..Launch::default()
     };
     let next = Editor::launch(kind, workspace, &file, in_a_terminal).await;
     match kind {
@@ -2563,16 +2673,64 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
 
 for_editors!(swap_file_gives_way_to_presenced, steady and killed: neovim, vim);
 
-/// Root removes the owner's entry from another connection (`presence
-/// leave`): the editor's buffer becomes read-only, it says who removed
-/// it, the next in line owns the file, the removed editor may not write
-/// it, and `:PresenceJoin` (`presenced-join`) queues it again.
-async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: DaemonLife) {
-    let both = OnOneFile::start(kind, life).await;
-    let removed = &both.owner;
-    let entry = removed.state().await["ref"]
+/// The owner is killed with unsaved changes, swap files on: its swap file
+/// stays, for `:recover`. The spectator (Vim in a terminal, where a
+/// question would wait for the user) is promoted without any question,
+/// holds the file's text, may change and write it, and says where the
+/// swap file is.
+async fn promoted_past_a_killed_owners_swap_file(kind: EditorKind, life: DaemonLife) {
+    let swap = Launch {
+        swap: true,
+        terminal: false,
+        ..Launch::default()
+    };
+    let in_a_terminal = Launch {
+        swap: true,
+        terminal: kind == EditorKind::Vim,
+        ..Launch::default()
+    };
+    let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
+    // Changed on disk behind both editors' backs too, so that the promoted
+    // editor reads the file again, as it does after an owner's last save
+    // it did not follow.
+    let text = "written behind the editors' backs, longer\n";
+    std::fs::write(&both.file, text).expect("write the file");
+    both.owner.set_text("the owner's unsaved text").await;
+    both.owner.command("preserve").await;
+    let swap_file = both.owner.eval("fnamemodify(swapname('%'), ':p')").await;
+    let swap_file = PathBuf::from(swap_file.as_str().expect("the swap file's name"));
+    both.owner.kill().await;
+    assert!(swap_file.is_file(), "{swap_file:?} stays");
+
+    let promoted = &both.spectator;
+    promoted.wait_for_role("owner").await;
+    promoted.wait_for_buffer(EDITABLE).await;
+    assert_eq!(promoted.text().await, text);
+    promoted.force_change("the new owner's line").await;
+    promoted.write().await.expect("the new owner writes");
+    assert_eq!(both.on_disk(), format!("{text}the new owner's line\n"));
+    let swap_name = swap_file
+        .file_name()
+        .expect("the swap file's name")
+        .to_string_lossy()
+        .into_owned();
+    let messages = promoted.messages().await;
+    assert!(
+        messages.contains(&swap_name) && messages.contains(":recover"),
+        "{messages:?}"
+    );
+    assert!(swap_file.is_file(), "{swap_file:?} stays for :recover");
+}
+
+for_editors!(promoted_past_a_killed_owners_swap_file, steady and killed: neovim, vim);
+
+/// Removes `editor`'s entry from another connection, as root would with
+/// `presence leave --ref`, and waits until its plugin knows; returns who
+/// removed it, as the plugin says: `removed by USER (uid U, pid P)`.
+async fn remove_the_entry_of(both: &OnOneFile, editor: &Editor) -> String {
+    let entry = editor.state().await["ref"]
         .as_str()
-        .expect("the owner's ref")
+        .expect("the entry's ref")
         .to_owned();
     let mut leave = presence_command(&both.workspace.socket(), &both.workspace.db);
     leave
@@ -2584,34 +2742,85 @@ async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: Daemon
         .await
         .expect("presence leave");
     assert!(left.status.success(), "{left:?}");
-
     eventually("the plugin to learn of the removal", async || {
-        removed.state().await["status"] == "removed"
+        editor.state().await["status"] == "removed"
     })
     .await;
+    let user = editor.state().await["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    format!(
+        "removed by {user} (uid {}, pid {remover})",
+        nix::unistd::geteuid()
+    )
+}
+
+/// The whole refusal of a write of a removed entry's buffer, `notes.md`.
+fn removed_refusal(kind: EditorKind, removed_by: &str) -> String {
+    let what_to_do = match kind {
+        EditorKind::Neovim | EditorKind::Vim => {
+            ":PresenceJoin to queue again, :PresenceWrite! to save anyway, or :w other-name"
+        }
+        EditorKind::Emacs => {
+            "M-x presenced-join to queue again, M-x presenced-write-anyway to save anyway, \
+             or C-x C-w to write another file"
+        }
+    };
+    format!("presenced: notes.md: {removed_by}; your copy is read-only. {what_to_do}")
+}
+
+/// The override's question, naming the owner: `KEY (pid PID) is editing
+/// notes.md`.
+fn override_question(key: &str, owner: &Editor) -> String {
+    format!(
+        "presenced: {key} (pid {}) is editing notes.md. Write your copy over it anyway?",
+        owner.pid
+    )
+}
+
+/// The override's question when no owner is known (removed, or no
+/// daemon to say).
+const NOBODY_KNOWN_QUESTION: &str =
+    "presenced: nobody is known to own notes.md now. Write your copy over it anyway?";
+
+/// Root removes the owner's entry from another connection (`presence
+/// leave`): the editor's buffer becomes read-only, it says who removed
+/// it, the next in line owns the file, the removed editor may not write
+/// it, and its override asks first, knowing no owner; `:PresenceJoin`
+/// (`presenced-join`) queues it again.
+async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: DaemonLife) {
+    let both = OnOneFile::start(kind, life).await;
+    let removed = &both.owner;
+    let removed_by = remove_the_entry_of(&both, removed).await;
     removed.wait_for_buffer(READ_ONLY).await;
     removed
-        .wait_for_message(&format!(
-            "presenced: notes.md: removed by {} (uid {}, pid {remover}); read-only.",
-            removed.state().await["key"].as_str().unwrap_or_default(),
-            nix::unistd::geteuid()
-        ))
+        .wait_for_message(&format!("presenced: notes.md: {removed_by}; read-only."))
         .await;
     assert_promoted(&both.spectator).await;
     let before = both.on_disk();
     removed.force_change("the removed editor's line").await;
-    let key = both.spectator.state().await["key"]
-        .as_str()
-        .expect("the key")
-        .to_owned();
     let refusal = removed.refusal(Write::Save).await;
-    // It names the new owner, or says it was removed.
     assert!(
-        refusal.contains(&being_edited_by(&key, &both.spectator))
-            || refusal.contains("notes.md: removed by "),
+        refusal.contains(&removed_refusal(kind, &removed_by)),
         "{refusal}"
     );
     assert_eq!(both.on_disk(), before);
+
+    removed.answer_confirmations(false).await;
+    let _ = removed.write_anyway().await;
+    let questions = removed.confirm_questions().await;
+    // The plugin may still follow the topic, and know its new owner.
+    let new_owner = both.spectator.state().await["key"]
+        .as_str()
+        .expect("the new owner's key")
+        .to_owned();
+    assert!(
+        questions.contains(NOBODY_KNOWN_QUESTION)
+            || questions.contains(&override_question(&new_owner, &both.spectator)),
+        "{questions:?}"
+    );
+    assert_eq!(both.on_disk(), before, "answered no, it wrote");
 
     removed.join_again().await;
     removed.wait_for_role("spectator").await;
@@ -2620,6 +2829,136 @@ async fn removed_entry_makes_the_buffer_read_only(kind: EditorKind, life: Daemon
 }
 
 for_editors!(removed_entry_makes_the_buffer_read_only, steady and killed: neovim, vim, emacs);
+
+/// The metas of `editor`'s entries on `topic`, as the daemon lists them.
+async fn entries_of(workspace: &Workspace, topic: &str, editor: &Editor) -> Vec<Value> {
+    let listed = workspace.presence_json(&["list", topic, "--json"]).await;
+    listed["presences"]
+        .as_object()
+        .map(|presences| {
+            presences
+                .values()
+                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+                .filter(|meta| meta["pid"] == editor.pid)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A removed entry stays removed through an outage. The daemon is killed
+/// and none comes back for a while (autostart off, and a short reconnect
+/// timeout, so that the plugins give up on it): the removed editor's
+/// buffer stays read-only and refuses writes, though the plugin, at its
+/// default, leaves buffers editable when the daemon cannot be reached. A
+/// new daemon serves the socket, the editors connect again, and the
+/// removed one does not queue again by itself, only at `:PresenceJoin`
+/// (`presenced-join`).
+async fn removed_entry_stays_removed_through_an_outage(kind: EditorKind) {
+    let giving_up = Launch {
+        settings: Settings {
+            autostart: false,
+            reconnect_timeout: Some(Duration::from_millis(500)),
+            ..Settings::default()
+        },
+        ..Launch::default()
+    };
+    let mut both = OnOneFile::start_with(kind, DaemonLife::Steady, giving_up, giving_up).await;
+    let removed_by = remove_the_entry_of(&both, &both.owner).await;
+    both.owner.wait_for_buffer(READ_ONLY).await;
+    assert_promoted(&both.spectator).await;
+    let before = both.on_disk();
+    let refused = removed_refusal(kind, &removed_by);
+
+    both.daemon.crash().await;
+    let (removed, new_owner) = (&both.owner, &both.spectator);
+    eventually("both plugins to give up on the daemon", async || {
+        removed.state().await["connection"] == "idle"
+            && new_owner.state().await["status"] == "unreachable"
+    })
+    .await;
+    assert_eq!(new_owner.buffer().await, EDITABLE, "the default");
+    assert_eq!(removed.state().await["status"], "removed");
+    assert_eq!(removed.buffer().await, READ_ONLY);
+    removed.force_change("the removed editor's line").await;
+    let refusal = removed.refusal(Write::Save).await;
+    assert!(refusal.contains(&refused), "{refusal}");
+    assert_eq!(both.on_disk(), before);
+
+    both.workspace.start_a_daemon().await;
+    new_owner.reconnect().await;
+    removed.reconnect().await;
+    new_owner.wait_for_role("owner").await;
+    eventually("the removed editor to connect again", async || {
+        removed.state().await["connection"] == "up"
+    })
+    .await;
+    let queued = entries_of(&both.workspace, &both.topic, removed).await;
+    assert!(queued.is_empty(), "it queued again by itself: {queued:?}");
+    assert_eq!(removed.state().await["status"], "removed");
+    let refusal = removed.refusal(Write::Save).await;
+    assert!(refusal.contains(&refused), "{refusal}");
+    assert_eq!(both.on_disk(), before);
+
+    removed.join_again().await;
+    removed.wait_for_role("spectator").await;
+    assert_eq!(removed.state().await["position"], 1);
+    let queued = entries_of(&both.workspace, &both.topic, removed).await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+}
+
+for_editors!(removed_entry_stays_removed_through_an_outage: neovim, vim, emacs);
+
+/// With the plugins' setting to keep a buffer read-only while the daemon
+/// cannot be reached, and no daemon (nor autostart), a write of the
+/// restricted buffer is refused, saying why, and leaves the file as it
+/// was; the override asks first, knowing no owner.
+async fn unreachable_daemon_with_read_only_refuses_writes(kind: EditorKind) {
+    let workspace = Workspace::new(None, None);
+    let file = workspace.file("notes.md");
+    let before = std::fs::read_to_string(&file).expect("the file");
+    let careful = Launch {
+        settings: Settings {
+            autostart: false,
+            read_only_when_unreachable: true,
+            ..Settings::default()
+        },
+        ..Launch::default()
+    };
+    let editor = Editor::launch(kind, &workspace, &file, careful).await;
+    eventually("the plugin to give up on the daemon", async || {
+        editor.state().await["status"] == "unreachable"
+    })
+    .await;
+    editor.wait_for_buffer(READ_ONLY).await;
+    editor.force_change("the unguarded line").await;
+    for write in [Write::Save, Write::Force] {
+        let refusal = editor.refusal(write).await;
+        assert!(
+            refusal.contains(
+                "presenced: notes.md: the daemon cannot say who is editing it, \
+                 so your copy is read-only until it answers."
+            ),
+            "{write:?}: {refusal}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("the file"),
+            before,
+            "{write:?} wrote the file"
+        );
+    }
+
+    editor.answer_confirmations(false).await;
+    let _ = editor.write_anyway().await;
+    let questions = editor.confirm_questions().await;
+    assert!(questions.contains(NOBODY_KNOWN_QUESTION), "{questions:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("the file"),
+        before,
+        "answered no, it wrote"
+    );
+}
+
+for_editors!(unreachable_daemon_with_read_only_refuses_writes: neovim, vim, emacs);
 
 /// A daemon restarted (SIGTERM, then a new one on the same socket and
 /// database) takes nothing from the editors: both resume their entries,
@@ -2785,6 +3124,7 @@ async fn standing_stays_in_sight_in_a_terminal(kind: EditorKind) {
     let terminal = Launch {
         swap: false,
         terminal: true,
+        ..Launch::default()
     };
     let spectator = Editor::launch(kind, &workspace, &file, terminal).await;
     owner_and_spectator(&owner, &spectator).await;
@@ -2802,6 +3142,7 @@ async fn daemon_trouble_stays_in_sight_in_a_terminal(kind: EditorKind) {
     let terminal = Launch {
         swap: false,
         terminal: true,
+        ..Launch::default()
     };
     let editor = match kind {
         EditorKind::Neovim => {
