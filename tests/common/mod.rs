@@ -464,8 +464,11 @@ pub fn daemons_serving(socket: &Path) -> Vec<u32> {
             .split(|&b| b == 0)
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
             .collect();
-        // A zombie has an empty cmdline, so it does not count.
-        if args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == socket) {
+        // A zombie has an empty cmdline, so it does not count. Clients
+        // start a daemon with `--socket=PATH`; tests with `--socket PATH`.
+        let given_socket =
+            |arg: &String| *arg == socket || arg.strip_prefix("--socket=") == Some(socket.as_ref());
+        if args.iter().any(|a| a == "daemon") && args.iter().any(given_socket) {
             found.push(pid);
         }
     }
