@@ -265,7 +265,9 @@ An update's line says what it did to the meta: each field it added or
 changed, with its new value, and each it removed, after a minus, as in
 `updated (p3): line=42, -mode`. An editor plugin whose user saved over the
 owner's copy (docs/editors.md) adds `overrode` to its meta, shown as
-`wrote over alice (pid 4242)'s copy at 12:09:30`. The daemon keeps about
+`wrote over alice (pid 4242)'s copy at 12:09:30`, and one that saved the
+file as its owner sets `saved_at`, shown as `saved the file at 12:09:30`.
+The daemon keeps about
 1 KiB of each update's change: a value longer than 256 bytes is recorded
 as its size, `notes=\"… (9000 bytes)\"`, and fields past that are counted,
 as in `3 more fields not recorded`.

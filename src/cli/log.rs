@@ -134,8 +134,8 @@ fn what_happened(event: &HistoryEvent) -> Cell {
 /// What an update did to the meta, after a colon: `: saves=3, -line`,
 /// each changed field with its new value (long ones cut), each removed one
 /// with a minus, and how many the daemon did not record, if any (it keeps
-/// a bounded part of each update). An editor's note that it wrote over the owner's copy
-/// (docs/editors.md) reads as words. Nothing for a daemon that does not
+/// a bounded part of each update). The fields an editor plugin sets read
+/// as words. Nothing for a daemon that does not
 /// record it.
 fn meta_change(event: &HistoryEvent) -> String {
     /// Columns a value may take before it is cut.
@@ -143,7 +143,7 @@ fn meta_change(event: &HistoryEvent) -> String {
     let mut parts = Vec::new();
     let mut left_out = None;
     for (field, value) in event.changed.iter().flatten() {
-        if let Some(words) = override_words(field, value) {
+        if let Some(words) = editor_words(field, value) {
             parts.push(words);
             continue;
         }
@@ -172,21 +172,34 @@ fn meta_change(event: &HistoryEvent) -> String {
     }
 }
 
-/// `"overrode": {"owner": KEY, "owner_pid": PID, "at": MS}`, which an
-/// editor plugin adds when its user saved over the owner's copy, as
-/// `wrote over alice (pid 4242)'s copy at 12:03:09`.
-fn override_words(field: &str, value: &Value) -> Option<String> {
-    if field != "overrode" {
-        return None;
+/// The fields an editor plugin sets (docs/editors.md), in words:
+/// `"overrode": {"owner": KEY, "owner_pid": PID, "at": MS}`, added when its
+/// user saved over the owner's copy, as `wrote over alice (pid 4242)'s
+/// copy at 12:03:09` (`wrote over the file` when no owner was known), and
+/// `"saved_at": MS` as `saved the file at 12:03:09`.
+fn editor_words(field: &str, value: &Value) -> Option<String> {
+    match field {
+        "overrode" => {
+            let at = value
+                .get("at")
+                .and_then(Value::as_i64)
+                .map(|at| format!(" at {}", render::at(at)))
+                .unwrap_or_default();
+            let owner = value.get("owner").and_then(Value::as_str);
+            let pid = value
+                .get("owner_pid")
+                .and_then(Value::as_u64)
+                .and_then(|pid| u32::try_from(pid).ok());
+            Some(match (owner, pid) {
+                (Some(owner), Some(pid)) => {
+                    format!("wrote over {}'s copy{at}", render::who(owner, pid))
+                }
+                _ => format!("wrote over the file{at}"),
+            })
+        }
+        "saved_at" => Some(format!("saved the file at {}", render::at(value.as_i64()?))),
+        _ => None,
     }
-    let owner = value.get("owner")?.as_str()?;
-    let pid = u32::try_from(value.get("owner_pid")?.as_u64()?).ok()?;
-    let at = value
-        .get("at")
-        .and_then(Value::as_i64)
-        .map(|at| format!(" at {}", render::at(at)))
-        .unwrap_or_default();
-    Some(format!("wrote over {}'s copy{at}", render::who(owner, pid)))
 }
 
 fn nothing_recorded(topic: Option<&str>, since: bool) -> String {
@@ -219,6 +232,28 @@ mod tests {
             meta_change(&event),
             r#": line=42, notes="… (9000 bytes)", -mode, 3 more fields not recorded"#
         );
+    }
+
+    #[test]
+    fn the_fields_an_editor_sets_read_as_words() {
+        let saved_at = 1_700_000_000_000;
+        assert_eq!(
+            editor_words("saved_at", &serde_json::json!(saved_at)),
+            Some(format!("saved the file at {}", render::at(saved_at)))
+        );
+        assert_eq!(
+            editor_words("overrode", &serde_json::json!({"at": saved_at})),
+            Some(format!("wrote over the file at {}", render::at(saved_at)))
+        );
+        assert_eq!(
+            editor_words(
+                "overrode",
+                &serde_json::json!({"owner": "alice", "owner_pid": 4242})
+            ),
+            Some("wrote over alice (pid 4242)'s copy".to_owned())
+        );
+        assert_eq!(editor_words("saved_at", &serde_json::json!("soon")), None);
+        assert_eq!(editor_words("saves", &serde_json::json!(3)), None);
     }
 
     #[test]

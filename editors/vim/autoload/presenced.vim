@@ -125,7 +125,12 @@ function! s:show(text, level) abort
   echohl None
   let popup_ms = s:opt('popup_ms', 6000)
   if has('popupwin') && popup_ms > 0
-    silent! call popup_notification(a:text, {'time': popup_ms,
+    " One at a time: an older one ("is editing; read-only") must not stay
+    " beside the news that replaced it ("you own it now").
+    if exists('s:popup')
+      silent! call popup_close(s:popup)
+    endif
+    silent! let s:popup = popup_notification(a:text, {'time': popup_ms,
           \ 'highlight': a:level ==# 'info' ? 'PopupNotification' : highlight})
   endif
   call s:echo_later(a:text, highlight)
