@@ -141,8 +141,11 @@ impl Activated {
             .kill_on_drop(true)
             .spawn()
             .expect("systemd-socket-activate runs");
-        // Nothing announces the bind; the file appears when it is done.
-        eventually("systemd-socket-activate to bind", async || socket.exists()).await;
+        // Nothing announces that it listens.
+        eventually("systemd-socket-activate to listen", async || {
+            common::listening(&socket)
+        })
+        .await;
         Activated {
             dir,
             socket,
@@ -524,7 +527,7 @@ async fn the_system_units_sandbox_leaves_the_daemon_working() {
         .spawn()
         .expect("systemd-socket-activate runs");
 
-    eventually("the socket to be bound", async || socket.exists()).await;
+    eventually("the socket to listen", async || common::listening(&socket)).await;
     let (client, _events) = connect(&socket).await;
     // A track is committed before it is answered: the database is
     // writable where the unit says.

@@ -448,6 +448,23 @@ pub fn rows_on_disk(db: &Path) -> i64 {
         .expect("count the rows")
 }
 
+/// Whether a Unix socket is bound at `socket` and listening, as the
+/// kernel's `/proc/net/unix` says: the file appears at `bind`, before
+/// `listen`, and a connect in between is refused. Looking does not
+/// connect, so a socket-activated service is not started by it.
+pub fn listening(socket: &Path) -> bool {
+    /// `__SO_ACCEPTCON`: the socket listens.
+    const ACCEPTS: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let socket = socket.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(3) == Some(&ACCEPTS) && fields.get(7) == Some(&socket.as_ref())
+    })
+}
+
 /// Pids of running `presence daemon` processes serving `socket`.
 pub fn daemons_serving(socket: &Path) -> Vec<u32> {
     let socket = socket.to_string_lossy();
