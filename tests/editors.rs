@@ -2596,6 +2596,60 @@ async fn spectator_follows_the_owners_saves(kind: EditorKind, daemon: DaemonLife
 
 for_editors!(spectator_follows_the_owners_saves, steady and killed: neovim, vim, emacs);
 
+/// A second spectator overrides: the first spectator's buffer then holds
+/// the text it wrote, without anyone reloading it, stays read-only and
+/// says whose save it read; the owner, the one editing, keeps its buffer
+/// as it was (its editor warns it at its next write).
+async fn a_spectator_follows_an_override(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (owner, first) = (&both.owner, &both.spectator);
+    let owners_text = owner.text().await;
+    let second = Editor::open(kind, &both.workspace, &both.file).await;
+    second.wait_for_role("spectator").await;
+    eventually("the owner to see both spectators", async || {
+        owner.status().await == "owner, 2 watching"
+    })
+    .await;
+    let overriders_key = second.state().await["key"]
+        .as_str()
+        .expect("the overriding spectator's key")
+        .to_owned();
+
+    second.force_change("the second spectator's line").await;
+    second.answer_confirmations(true).await;
+    second
+        .write_anyway()
+        .await
+        .expect("answered yes, it writes");
+    let written = both.on_disk();
+    assert!(
+        written.contains("the second spectator's line"),
+        "{written:?}"
+    );
+
+    first.wait_for_text(&written).await;
+    assert_eq!(first.buffer().await, READ_ONLY);
+    assert_eq!(first.state().await["role"], "spectator");
+    let messages = first.messages().await;
+    assert!(
+        followed_by_a_time(
+            &messages,
+            &format!("presenced: notes.md: reloaded: {overriders_key} saved it at ")
+        ),
+        "{messages:?}"
+    );
+
+    assert_eq!(owner.text().await, owners_text, "the owner was reloaded");
+    assert_eq!(owner.buffer().await, EDITABLE);
+    let owners_messages = owner.messages().await;
+    assert!(
+        !owners_messages.contains("reloaded:"),
+        "{owners_messages:?}"
+    );
+}
+
+for_editors!(a_spectator_follows_an_override: neovim, vim, emacs);
+
 /// With swap files on, as the editors' defaults have them, the second
 /// editor opens without the swap file's question, a spectator, with
 /// presenced's message instead of E325; promoted, the buffer it opened
