@@ -74,10 +74,13 @@
 ;;   `write-region' is not guarded: `copy-file' or `rename-file' onto
 ;;   the file, or another program (a shell command, say) writing it.
 ;;
-;; - After each save as owner, the entry's meta says when (`saved_at',
-;;   milliseconds) and how many times (`saves'); spectators, on seeing
-;;   the owner's `saved_at' change, read the file again, keeping point
-;;   and the window's view.  When the owner goes, the next in line is
+;; - After each save as owner, and after `presenced-write-anyway', the
+;;   entry's meta says when (`saved_at', milliseconds) and how many
+;;   times (`saves'); spectators, on seeing any other entry's
+;;   `saved_at' change, read the file again, keeping point and the
+;;   window's view, so an override is followed like the owner's saves.
+;;   The owner is not reloaded: Emacs warns it at its next save that
+;;   the file changed on disk.  When the owner goes, the next in line is
 ;;   promoted: its buffer becomes editable, and is first read again
 ;;   from disk if the file changed since it was read, so it never saves
 ;;   stale text.
@@ -175,8 +178,9 @@ owner's file."
   (metas (make-hash-table :test #'equal))
   ;; The topic's owner, from the subscription's events.
   topic-owner
-  ;; (KEY . SAVED-AT) of the latest owner save heard of.
-  last-owner-save
+  ;; (KEY . SAVED-AT) of the latest save by another entry heard of:
+  ;; the owner's, or a spectator's `presenced-write-anyway'.
+  last-save
   ;; This editor's writes of the file while on the topic, the meta's
   ;; `saves': its own count, which an `updated' event does not reset.
   (saves 0)
@@ -751,8 +755,8 @@ its own.  Returns `reloaded', `kept' (changes of its own) or nil."
     'reloaded)))
 
 (defun presenced--saved-by (entry)
-  "`KEY saved it at HH:MM' from ENTRY's last owner save heard of, or nil."
-  (let ((save (presenced--entry-last-owner-save entry)))
+  "`KEY saved it at HH:MM' from the last save ENTRY heard of, or nil."
+  (let ((save (presenced--entry-last-save entry)))
     (and save (format "%s saved it at %s" (car save) (presenced--clock (cdr save))))))
 
 (defun presenced--promoted (buffer entry)
@@ -841,23 +845,37 @@ its own.  Returns `reloaded', `kept' (changes of its own) or nil."
                  (puthash (gethash "phx_ref" meta) meta metas)))
              presences)))
 
-(defun presenced--note-owner-save (entry)
-  "Remember the save of ENTRY's topic owner, if its meta has one."
-  (let* ((owner (presenced--entry-topic-owner entry))
-         (meta (and owner (gethash (gethash "phx_ref" owner)
-                                   (presenced--entry-metas entry))))
-         (saved-at (and meta (gethash "saved_at" meta))))
-    (when (numberp saved-at)
-      (setf (presenced--entry-last-owner-save entry)
-            (cons (gethash "key" meta) saved-at)))))
+(defun presenced--own-meta-p (entry meta)
+  "Whether META, from the subscription of ENTRY's topic, is ENTRY's own.
+The diff of our own `update' may come before its reply gives the
+new ref, so a meta replacing our current ref is ours too."
+  (let ((ref (presenced--entry-ref entry)))
+    (and ref
+         (or (equal (gethash "phx_ref" meta) ref)
+             (equal (gethash "phx_ref_prev" meta) ref)))))
 
-(defun presenced--owner-saves (entry payload reasons)
-  "The owner's metas in a diff's PAYLOAD whose `saved_at' changed.
-REASONS is the diff's; ENTRY's metas are those before the diff."
-  (let ((owner-ref (presenced--get (presenced--entry-topic-owner entry) "phx_ref"))
-        saves)
+(defun presenced--note-saves (entry)
+  "Remember the latest save by another entry on ENTRY's topic, if newer.
+The owner's saves, and a spectator's `presenced-write-anyway': whoever
+wrote the file last is who a reload at promotion names."
+  (let ((latest (presenced--entry-last-save entry)))
+    (maphash (lambda (_ref meta)
+               (let ((saved-at (gethash "saved_at" meta)))
+                 (when (and (numberp saved-at)
+                            (not (presenced--own-meta-p entry meta))
+                            (or (null latest) (> saved-at (cdr latest))))
+                   (setq latest (cons (gethash "key" meta) saved-at)))))
+             (presenced--entry-metas entry))
+    (setf (presenced--entry-last-save entry) latest)))
+
+(defun presenced--saves-by-others (entry payload reasons)
+  "(KEY . SAVED-AT) of each other entry whose `saved_at' a diff changed.
+PAYLOAD and REASONS are the diff's; ENTRY's metas are those before
+it.  Any entry, not only the owner: a spectator that wrote anyway
+changed the file as much as an owner's save."
+  (let (saves)
     (maphash
-     (lambda (_key presence)
+     (lambda (key presence)
        (seq-doseq (meta (or (presenced--get presence "metas") []))
          (let* ((previous-ref (gethash "phx_ref_prev" meta))
                 (previous (and previous-ref
@@ -865,16 +883,17 @@ REASONS is the diff's; ENTRY's metas are those before the diff."
                 (saved-at (gethash "saved_at" meta)))
            (when (and previous
                       (equal (presenced--get reasons previous-ref) "update")
-                      (equal (gethash "phx_ref" meta) owner-ref)
-                      (not (equal (gethash "phx_ref" meta) (presenced--entry-ref entry)))
+                      (not (presenced--own-meta-p entry meta))
                       (numberp saved-at)
                       (not (equal saved-at (gethash "saved_at" previous))))
-             (push meta saves)))))
+             (push (cons key saved-at) saves)))))
      (or (presenced--get payload "joins") (make-hash-table)))
-    saves))
+    (nreverse saves)))
 
 (defun presenced--follow-save (entry key saved-at)
-  "The owner KEY saved ENTRY's file at SAVED-AT: spectators read it again."
+  "Read ENTRY's file again in a spectator: KEY wrote it at SAVED-AT.
+The owner does not: it is the one editing, and Emacs itself warns
+at its next save that the file changed since it was read."
   (when (equal (presenced--role entry) "spectator")
     (dolist (buffer (presenced--entry-buffers entry))
       (when (and (buffer-live-p buffer)
@@ -895,9 +914,9 @@ REASONS is the diff's; ENTRY's metas are those before the diff."
             (setf (presenced--entry-metas entry) (make-hash-table :test #'equal))
             (presenced--add-metas (presenced--entry-metas entry) payload)
             (setf (presenced--entry-topic-owner entry) (gethash "owner" message))
-            (presenced--note-owner-save entry))
+            (presenced--note-saves entry))
         (setf (presenced--entry-topic-owner entry) (gethash "owner" message))
-        (let ((saves (presenced--owner-saves entry payload (gethash "reasons" message)))
+        (let ((saves (presenced--saves-by-others entry payload (gethash "reasons" message)))
               (metas (presenced--entry-metas entry)))
           (when (hash-table-p (presenced--get payload "leaves"))
             (maphash (lambda (_key presence)
@@ -905,10 +924,9 @@ REASONS is the diff's; ENTRY's metas are those before the diff."
                          (remhash (gethash "phx_ref" meta) metas)))
                      (presenced--get payload "leaves")))
           (presenced--add-metas metas (presenced--get payload "joins"))
-          (presenced--note-owner-save entry)
-          (dolist (meta saves)
-            (presenced--follow-save entry (gethash "key" meta)
-                                    (gethash "saved_at" meta)))))
+          (presenced--note-saves entry)
+          (pcase-dolist (`(,key . ,saved-at) saves)
+            (presenced--follow-save entry key saved-at))))
       (force-mode-line-update t))))
 
 ;;;; Talking to the daemon
@@ -1593,7 +1611,9 @@ A second line behind `presenced--guard-save'; nil lets the save go on."
   nil)
 
 (defun presenced--on-save ()
-  "After a save: note what was written, and tell others if owner."
+  "After a save: note what was written, and tell the others.
+As owner, or writing anyway as a spectator: the others follow any
+entry's `saved_at', so that none keeps the text written over."
   (let* ((buffer (current-buffer))
          (state (gethash buffer presenced--buffers)))
     (if (not state)
@@ -1601,7 +1621,8 @@ A second line behind `presenced--guard-save'; nil lets the save go on."
       (presenced--record-read buffer)
       (let ((entry (gethash (presenced--buffer-topic state) presenced--entries)))
         (when (and entry
-                   (equal (presenced--role entry) "owner")
+                   (or (equal (presenced--role entry) "owner")
+                       presenced--writing-anyway)
                    (equal (presenced-resolve-file buffer-file-name)
                           (presenced--buffer-path state)))
           (presenced--set-meta-fields
@@ -1748,7 +1769,9 @@ followed.  Interactively, show it with the topic and daemon."
   "Write the buffer to its file although another editor owns it.
 Asks first, through `presenced-confirm-function', naming the owner;
 then records the override in the entry's meta (`overrode'), which
-`presence log' shows, and writes."
+`presence log' shows, and writes.  Once written, the meta's
+`saved_at' and `saves' say so, as after an owner's save, and the
+other spectators read the file again."
   (interactive)
   (let* ((buffer (or (buffer-base-buffer) (current-buffer)))
          (state (gethash buffer presenced--buffers))
