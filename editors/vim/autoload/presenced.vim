@@ -417,7 +417,8 @@ function! s:become_owner(bufnr, entry) abort
   endif
 endfunction
 
-" Spectators follow the owner's saves: the buffer reads the file again.
+" Spectators follow the saves of the others (the owner's, or an override's):
+" the buffer reads the file again, unless it has changes of its own.
 function! s:follow_save(bufnr, save) abort
   if getbufvar(a:bufnr, '&modified')
     return
@@ -551,16 +552,15 @@ function! s:on_presence_event(message) abort
   call s:add_metas(joined, get(a:message.payload, 'joins', {}))
   call extend(entry.metas, joined)
   let reasons = get(a:message, 'reasons', {})
-  let owner = get(a:message, 'owner', v:null)
-  let owner_ref = type(owner) == v:t_dict ? owner.phx_ref : ''
   for meta in values(joined)
     let previous = get(meta, 'phx_ref_prev', '')
     let save = s:note_save(entry, meta)
-    " The owner saved the file: its update changed saved_at. A spectator
-    " reads the file again, so it shows what the owner wrote.
+    " Another editor saved the file: its update changed saved_at. That is
+    " the owner, or a spectator that wrote over it with :PresenceWrite!. A
+    " spectator reads the file again, so it shows what is on disk now; the
+    " owner does not (Vim warns it at its next write that the file changed).
     if !empty(save) && type(previous) == v:t_string && get(reasons, previous, '') ==# 'update'
           \ && get(get(before, previous, {}), 'saved_at', 0) != save.at
-          \ && meta.phx_ref ==# owner_ref
           \ && entry.status ==# 'joined' && get(entry.standing, 'role', '') ==# 'spectator'
       for bufnr in keys(entry.bufs)
         call s:follow_save(str2nr(bufnr), save)
@@ -1300,8 +1300,9 @@ endfunction
 
 " A buffer was written to `file`: `:write NAME` names an unnamed buffer
 " without BufFilePost, so a buffer not followed yet may have become a file.
-" The owner's write of its own file is told to the others with `update`:
-" saved_at and saves in the meta, which spectators follow.
+" A write of its own file by the owner, or by :PresenceWrite! (the only
+" way a spectator writes it), is told to the others with `update`: saved_at
+" and saves in the meta, which spectators follow.
 function! presenced#written(bufnr, file) abort
   let buf = get(s:buffers, a:bufnr, {})
   if empty(buf)
@@ -1313,8 +1314,13 @@ function! presenced#written(bufnr, file) abort
   endif
   call s:record_read(a:bufnr)
   let entry = get(s:entries, buf.topic, {})
-  if empty(entry) || s:overriding == a:bufnr || entry.status !=# 'joined'
-        \ || entry.standing.role !=# 'owner'
+  if empty(entry)
+    return
+  endif
+  " An override is counted whatever the entry's state: without a ref (no
+  " daemon, or removed) s:send_meta sends it once there is one.
+  let owning = entry.status ==# 'joined' && entry.standing.role ==# 'owner'
+  if s:overriding != a:bufnr && !owning
     return
   endif
   let entry.saves += 1

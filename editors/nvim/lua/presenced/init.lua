@@ -629,19 +629,25 @@ local function on_presence_event(message)
       -- The owner updated its meta: same owner, new ref.
       standing.owner = message.owner
     end
+    -- Another editor wrote the file: the owner saving, or a spectator
+    -- overriding (:PresenceWrite! and the like in other editors). This
+    -- editor's own update may come before the reply that gives its new ref.
     local at = saved_at_of(meta)
     if
       at
       and not is_null(prev)
       and reasons[prev] == 'update'
-      and ref == owner_ref
       and ref ~= entry.ref
+      and prev ~= entry.ref
       and saved_at_of(before[prev]) ~= at
+      and (not followed or at > followed.at)
     then
       followed = { key = meta.key, at = at }
     end
   end
-  -- The owner saved: a spectator reads the current text.
+  -- Someone else wrote the file: a spectator reads the current text. The
+  -- owner is left alone: it is the one editing, and Neovim's own check
+  -- warns it at its next write that the file changed since it read it.
   if followed and is_guarded(entry) then
     for bufnr in pairs(entry.bufs) do
       follow_save(bufnr, followed)
@@ -1343,8 +1349,9 @@ local function is_own_file(bufnr, file)
   return resolve_path(file) == resolve_path(vim.api.nvim_buf_get_name(bufnr))
 end
 
--- After a write of a followed buffer to its own file: an owner's save
--- goes into its meta (`saved_at`, `saves`), for spectators to follow.
+-- After a write of a followed buffer to its own file: an owner's save, or
+-- an override (:PresenceWrite!, the only write a non-owner makes), goes
+-- into its meta (`saved_at`, `saves`), for spectators to follow.
 local function written(bufnr, file)
   local buf = buffers[bufnr]
   if not buf or not is_own_file(bufnr, file) then
@@ -1352,7 +1359,11 @@ local function written(bufnr, file)
   end
   remember_file(bufnr)
   local entry = entries[buf.topic]
-  if buf.overriding or not entry or entry.status ~= 'joined' or entry.standing.role ~= 'owner' then
+  if not entry then
+    return
+  end
+  local owns = entry.status == 'joined' and entry.standing.role == 'owner'
+  if not owns and not buf.overriding then
     return
   end
   entry.saves = (entry.saves or 0) + 1
@@ -1478,7 +1489,8 @@ end
 
 -- :PresenceWrite[!]: writes a guarded buffer's copy over its file, after
 -- a confirmation, and the entry's meta says so (`overrode`), which
--- `presence log` shows as an update by this editor.
+-- `presence log` shows as an update by this editor. Once written, the
+-- write is recorded as a save (`written`), so the other spectators read it.
 function M.write_anyway(bang)
   local bufnr = vim.api.nvim_get_current_buf()
   local buf = buffers[bufnr]
@@ -1738,7 +1750,7 @@ function M.setup(options)
   })
   vim.api.nvim_create_autocmd('BufWritePost', {
     group = group,
-    desc = "presenced: record an owner's save; join the topic of a new buffer written to a file",
+    desc = "presenced: record a save (the owner's, or an override); join the topic of a new buffer written to a file",
     callback = function(args)
       -- `:write NAME` names an unnamed buffer without BufFilePost.
       if not buffers[args.buf] then
