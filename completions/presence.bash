@@ -40,6 +40,9 @@ _presence() {
             presence,raw)
                 cmd="presence__subcmd__raw"
                 ;;
+            presence,run)
+                cmd="presence__subcmd__run"
+                ;;
             presence,status)
                 cmd="presence__subcmd__status"
                 ;;
@@ -76,6 +79,9 @@ _presence() {
             presence__subcmd__help,raw)
                 cmd="presence__subcmd__help__subcmd__raw"
                 ;;
+            presence__subcmd__help,run)
+                cmd="presence__subcmd__help__subcmd__run"
+                ;;
             presence__subcmd__help,status)
                 cmd="presence__subcmd__help__subcmd__status"
                 ;;
@@ -95,7 +101,7 @@ _presence() {
 
     case "${cmd}" in
         presence)
-            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update list who watch status log daemon raw completions help"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update run list who watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -249,7 +255,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help)
-            opts="join leave update list who watch status log daemon raw completions help"
+            opts="join leave update run list who watch status log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -361,6 +367,20 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help__subcmd__raw)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__help__subcmd__run)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -577,6 +597,44 @@ _presence() {
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__run)
+            opts="-h -V --key --meta --wait --no-wait --timeout --socket --no-autostart --system --color --log-level --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --meta)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

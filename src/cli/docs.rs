@@ -194,6 +194,34 @@ event):
 
   updated by root (uid 0, pid 4711), meta {\"file\":\"b.md\"}, ref p14";
 
+const RUN_DETAILS: &str = "\
+Runs CMD as the owner of TOPIC, as flock(1) runs a command under a lock:
+run joins the topic, waits in line until its entry is the owner (or, with
+--no-wait, gives up at once if someone else is), then runs CMD and exits
+with CMD's exit status, 128+N if a signal N ended it. When CMD ends, the
+entry is removed and the next in line becomes the owner. run prints
+nothing of its own on standard output, which is CMD's.
+
+The entry belongs to CMD's own process (as if joined with --detach --pid
+of CMD), so it ends the moment that process ends, whoever kills it: a
+kill -9 of CMD hands the topic on at once. CMD is started before the
+entry is tracked, to have a pid, but is held back before it executes
+anything until the entry is the owner; a CMD that never gets its turn
+never runs. If run itself is killed, even with kill -9, CMD is sent
+SIGTERM (the kernel does it), and the entry ends with CMD.
+
+SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to run are passed on to CMD, and
+run waits for CMD to exit. A Ctrl-C in a terminal reaches CMD both
+directly and through run. The same signals while run is still waiting in
+line end the wait: run leaves the queue and exits 128+N without running
+CMD.
+
+If the entry is taken away while CMD runs (root's `presence leave`, your
+own `presence leave --all` from another shell), run says who did it, sends
+CMD SIGTERM, waits for it to exit, and exits 4. It does the same if the
+daemon is lost for good (exiting 1), so that CMD never goes on running
+as an owner it no longer is.";
+
 const LEAVE_DETAILS: &str = "\
 Removes your entries on TOPIC: the one named by --ref, or those whose key
 is --key (by default your login name) and that belong to --pid (by default
@@ -436,6 +464,7 @@ pub const PAGES: &[Page] = &[
         ],
         see_also: &[
             "presence-join(1)",
+            "presence-run(1)",
             "presence-leave(1)",
             "presence-update(1)",
             "presence-list(1)",
@@ -508,6 +537,45 @@ pub const PAGES: &[Page] = &[
             "presence-watch(1)",
             "flock(1)",
         ],
+    },
+    Page {
+        name: "run",
+        details: RUN_DETAILS,
+        examples: &[
+            Example {
+                what: "Deploy when it is your turn; the next in line goes when you are done:",
+                run: "presence run deploy -- make deploy",
+            },
+            Example {
+                what: "Skip the nightly job if another run of it still owns the topic:",
+                run: "presence run --no-wait nightly -- ./nightly.sh || echo skipped",
+            },
+            Example {
+                what: "Wait at most a minute for the turn, with a meta everyone sees:",
+                run: "presence run --timeout 60 --meta '{\"job\":\"backup\"}' backup -- ./backup.sh",
+            },
+        ],
+        exit_status: &[
+            Item {
+                name: "1",
+                text: "Also: CMD was not run because someone else owns the topic (--no-wait) \
+                       or --timeout passed first, as with flock -n and flock -w.",
+            },
+            Item {
+                name: "4",
+                text: "Someone else removed the entry while CMD ran; CMD was sent SIGTERM.",
+            },
+            Item {
+                name: "127",
+                text: "CMD could not be executed (not found, not executable).",
+            },
+            Item {
+                name: "other",
+                text: "CMD's own exit status; 128+N if signal N ended it, or if signal N \
+                       ended the wait before CMD ran.",
+            },
+        ],
+        see_also: &["presence-join(1)", "presence-list(1)", "flock(1)"],
     },
     Page {
         name: "leave",

@@ -17,6 +17,7 @@ mod list;
 mod log;
 mod raw;
 mod render;
+mod run;
 mod status;
 mod update;
 mod watch;
@@ -93,6 +94,8 @@ pub enum Command {
     Leave(leave::LeaveArgs),
     /// Change the meta of one of your entries
     Update(update::UpdateArgs),
+    /// Run a command as the owner of a topic, waiting in line first
+    Run(run::RunArgs),
     /// Show who is present, on one topic or on all
     List(list::ListArgs),
     /// Show who has a file open: the owner and queue of its topic
@@ -229,6 +232,8 @@ pub enum Outcome {
     /// Some of the work failed, and each failure was told on stderr as it
     /// happened (`who` of a folder among files).
     Failed,
+    /// `run`: the exit status of its command, or its own.
+    Status(u8),
 }
 
 impl Outcome {
@@ -238,6 +243,7 @@ impl Outcome {
             Outcome::NotOwner => ExitCode::from(docs::EXIT_NOT_OWNER),
             Outcome::Removed => ExitCode::from(docs::EXIT_REMOVED),
             Outcome::Failed => ExitCode::FAILURE,
+            Outcome::Status(status) => ExitCode::from(status),
         }
     }
 }
@@ -329,6 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     runtime.block_on(async move {
         match cli.command {
             Command::Join(args) => join::run(&target, args).await,
+            Command::Run(args) => run::run(&target, args).await,
             Command::Leave(args) => done(leave::run(&target, args).await),
             Command::Update(args) => done(update::run(&target, args).await),
             Command::List(args) => done(list::run(&target, args).await),
