@@ -46,6 +46,9 @@ _presence() {
             presence,status)
                 cmd="presence__subcmd__status"
                 ;;
+            presence,stop)
+                cmd="presence__subcmd__stop"
+                ;;
             presence,update)
                 cmd="presence__subcmd__update"
                 ;;
@@ -85,6 +88,9 @@ _presence() {
             presence__subcmd__help,status)
                 cmd="presence__subcmd__help__subcmd__status"
                 ;;
+            presence__subcmd__help,stop)
+                cmd="presence__subcmd__help__subcmd__stop"
+                ;;
             presence__subcmd__help,update)
                 cmd="presence__subcmd__help__subcmd__update"
                 ;;
@@ -101,7 +107,7 @@ _presence() {
 
     case "${cmd}" in
         presence)
-            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update run list who watch status log daemon raw completions help"
+            opts="-h -V --socket --no-autostart --system --color --log-level --help --version join leave update run list who watch status stop log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -153,7 +159,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__daemon)
-            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-connections-per-uid --max-total-entries --max-entries-per-uid --max-meta-per-uid --max-outbound --max-outbound-total --history-days --history-events --group --ready-on-stdout --max-batch --socket --no-autostart --system --color --log-level --help --version"
+            opts="-h -V --db --resume-grace --max-line --max-name --max-meta --max-entries --max-process-entries --max-subscriptions --max-connections --max-connections-per-uid --max-total-entries --max-entries-per-uid --max-meta-per-uid --max-outbound --max-outbound-total --history-days --history-events --group --ready-on-stdout --autostarted --max-batch --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -255,7 +261,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help)
-            opts="join leave update run list who watch status log daemon raw completions help"
+            opts="join leave update run list who watch status stop log daemon raw completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -395,6 +401,20 @@ _presence() {
             return 0
             ;;
         presence__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__help__subcmd__stop)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -661,6 +681,36 @@ _presence() {
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        presence__subcmd__stop)
+            opts="-h -V --timeout --socket --no-autostart --system --color --log-level --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

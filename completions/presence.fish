@@ -41,6 +41,7 @@ complete -c presence -n "__fish_presence_needs_command" -f -a "list" -d 'Show wh
 complete -c presence -n "__fish_presence_needs_command" -f -a "who" -d 'Show who has a file open: the owner and queue of its topic'
 complete -c presence -n "__fish_presence_needs_command" -f -a "watch" -d 'Follow a topic: its state, then one line per change'
 complete -c presence -n "__fish_presence_needs_command" -f -a "status" -d 'Show how the daemon is: version, uptime, paths and counts'
+complete -c presence -n "__fish_presence_needs_command" -f -a "stop" -d 'Stop the running daemon and wait until it has gone'
 complete -c presence -n "__fish_presence_needs_command" -f -a "log" -d 'Show who joined, left and owned a topic, and when'
 complete -c presence -n "__fish_presence_needs_command" -f -a "daemon" -d 'Run the daemon in the foreground, logging to stderr'
 complete -c presence -n "__fish_presence_needs_command" -f -a "raw" -d 'Speak the protocol directly: request lines from stdin, every reply and event to stdout'
@@ -144,6 +145,16 @@ complete -c presence -n "__fish_presence_using_subcommand status" -l no-autostar
 complete -c presence -n "__fish_presence_using_subcommand status" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand status" -s V -l version -d 'Print version'
+complete -c presence -n "__fish_presence_using_subcommand stop" -l timeout -d 'Give up waiting for the daemon to go after this many seconds, and exit 1' -r
+complete -c presence -n "__fish_presence_using_subcommand stop" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
+complete -c presence -n "__fish_presence_using_subcommand stop" -l color -d 'When to colour the output' -r -f -a "auto\t'When stdout is a terminal, `NO_COLOR` is unset or empty, and `TERM` is not `dumb`'
+always\t''
+never\t''"
+complete -c presence -n "__fish_presence_using_subcommand stop" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
+complete -c presence -n "__fish_presence_using_subcommand stop" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
+complete -c presence -n "__fish_presence_using_subcommand stop" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
+complete -c presence -n "__fish_presence_using_subcommand stop" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c presence -n "__fish_presence_using_subcommand stop" -s V -l version -d 'Print version'
 complete -c presence -n "__fish_presence_using_subcommand log" -l since -d 'Only what happened this long ago or later: `90s`, `15m`, `1h`, `2d`' -r
 complete -c presence -n "__fish_presence_using_subcommand log" -l limit -d 'Show at most this many events, the latest' -r
 complete -c presence -n "__fish_presence_using_subcommand log" -l socket -d 'The daemon\'s socket [default: $XDG_RUNTIME_DIR/presenced/presenced.sock, or /tmp/presenced-$UID/presenced.sock]' -r -F
@@ -181,6 +192,7 @@ always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l ready-on-stdout -d 'Print `ready` on stdout once listening (for whoever started us)'
+complete -c presence -n "__fish_presence_using_subcommand daemon" -l autostarted -d 'A client started us on demand: `status` reports `autostart`'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand daemon" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -203,16 +215,17 @@ complete -c presence -n "__fish_presence_using_subcommand completions" -l no-aut
 complete -c presence -n "__fish_presence_using_subcommand completions" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c presence -n "__fish_presence_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "join" -d 'Join a topic: hold a presence, or leave one behind with --detach'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "leave" -d 'Remove your entries from a topic'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "update" -d 'Change the meta of one of your entries'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "run" -d 'Run a command as the owner of a topic, waiting in line first'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "list" -d 'Show who is present, on one topic or on all'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "who" -d 'Show who has a file open: the owner and queue of its topic'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "watch" -d 'Follow a topic: its state, then one line per change'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "status" -d 'Show how the daemon is: version, uptime, paths and counts'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "log" -d 'Show who joined, left and owned a topic, and when'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "daemon" -d 'Run the daemon in the foreground, logging to stderr'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "raw" -d 'Speak the protocol directly: request lines from stdin, every reply and event to stdout'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "completions" -d 'Print a shell completion script'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status log daemon raw completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "join" -d 'Join a topic: hold a presence, or leave one behind with --detach'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "leave" -d 'Remove your entries from a topic'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "update" -d 'Change the meta of one of your entries'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "run" -d 'Run a command as the owner of a topic, waiting in line first'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "list" -d 'Show who is present, on one topic or on all'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "who" -d 'Show who has a file open: the owner and queue of its topic'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "watch" -d 'Follow a topic: its state, then one line per change'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "status" -d 'Show how the daemon is: version, uptime, paths and counts'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "stop" -d 'Stop the running daemon and wait until it has gone'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "log" -d 'Show who joined, left and owned a topic, and when'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "daemon" -d 'Run the daemon in the foreground, logging to stderr'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "raw" -d 'Speak the protocol directly: request lines from stdin, every reply and event to stdout'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "completions" -d 'Print a shell completion script'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

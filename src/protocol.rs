@@ -689,6 +689,12 @@ pub struct StatusReply {
     /// most first. 0 from a daemon that predates it.
     #[serde(default)]
     pub outbound_budget_bytes: usize,
+    /// How the daemon was started: `autostart` (by a client, on demand),
+    /// `systemd` (socket activation or a notify service) or `foreground`
+    /// (`presence daemon` run by hand). `None` from a daemon that predates
+    /// it.
+    #[serde(default)]
+    pub started_by: Option<String>,
 }
 
 // ---------------------------------------------------------------------------

@@ -167,6 +167,12 @@ impl ExitWatch {
         poll(&mut fds, Some(&now)).map_or(true, |ready| ready > 0)
     }
 
+    /// Sends `signal` to the very process this pidfd names: never to
+    /// another that was given its pid since.
+    pub fn send_signal(&self, signal: rustix::process::Signal) -> io::Result<()> {
+        rustix::process::pidfd_send_signal(&self.fd, signal).map_err(io::Error::from)
+    }
+
     /// Resolves when the process has exited.
     pub async fn exited(self) -> io::Result<()> {
         // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays

@@ -344,7 +344,9 @@ and database (and whether the database had to be recovered at start), what
 it holds, and how it notices processes exit (pidfd, or polling /proc).
 
   version          0.1.0 (protocol 1)
-  pid              9229 (up 1h 38m, since 10:24:07)
+  pid              9229
+  started by       autostart (a client started it; `presence stop` stops it)
+  uptime           1h 38m, since 10:24:07
   socket           /run/user/1000/presenced/presenced.sock
   database         /home/alice/.local/state/presenced/presence.db
   db recovered     no
@@ -355,8 +357,28 @@ it holds, and how it notices processes exit (pidfd, or polling /proc).
   awaiting resume  0
   pid watch        pidfd
 
-connections counts status's own. status never starts a daemon: when none
-runs it says so and exits 1.";
+started by is autostart when a client found no daemon and started one,
+systemd when systemd passed the socket in or awaits its readiness notice,
+and foreground otherwise (`presence daemon` run by hand). connections
+counts status's own. status never starts a daemon: when none runs it says
+so and exits 1.";
+
+const STOP_DETAILS: &str = "\
+Stops the daemon that serves the socket, and returns once it has gone: its
+process has exited and its socket no longer answers. It sends SIGTERM, on
+which the daemon stops listening, saves what it holds and tells its
+clients; detached entries are kept for the next daemon, which any client
+command starts again.
+
+The process signalled is the one the kernel names as listening on the
+socket (its peer credentials), and only if it answers `status` with that
+very pid; the signal goes through a pidfd pinned to that process, so a pid
+reused meanwhile is never signalled. A daemon of another user (a shared
+daemon) is stopped only by that user or root, and a daemon systemd started
+is refused with the systemctl command to use, since systemd would start it
+again at the next connection.
+
+When no daemon is running it says so and exits 0; it never starts one.";
 
 const COMPLETIONS_DETAILS: &str = "\
 Prints a completion script for SHELL on standard output. Put it where your
@@ -684,6 +706,26 @@ pub const PAGES: &[Page] = &[
         ],
         exit_status: &[],
         see_also: &["presence-daemon(1)", "presence-list(1)"],
+    },
+    Page {
+        name: "stop",
+        details: STOP_DETAILS,
+        examples: &[
+            Example {
+                what: "Stop the daemon a client started, before an upgrade:",
+                run: "presence stop",
+            },
+            Example {
+                what: "Wait at most 30 seconds:",
+                run: "presence stop --timeout 30",
+            },
+        ],
+        exit_status: &[Item {
+            name: "1",
+            text: "The daemon is still there after --timeout, or may not be stopped by you \
+                   (another user's, or systemd's).",
+        }],
+        see_also: &["presence-status(1)", "presence-daemon(1)"],
     },
     Page {
         name: "log",

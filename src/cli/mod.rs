@@ -19,6 +19,7 @@ mod raw;
 mod render;
 mod run;
 mod status;
+mod stop;
 mod update;
 mod watch;
 mod who;
@@ -104,6 +105,8 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Show how the daemon is: version, uptime, paths and counts
     Status(status::StatusArgs),
+    /// Stop the running daemon and wait until it has gone
+    Stop(stop::StopArgs),
     /// Show who joined, left and owned a topic, and when
     Log(log::LogArgs),
     /// Run the daemon in the foreground, logging to stderr
@@ -200,6 +203,10 @@ pub struct DaemonArgs {
     /// Print `ready` on stdout once listening (for whoever started us)
     #[arg(long, hide = true)]
     pub ready_on_stdout: bool,
+
+    /// A client started us on demand: `status` reports `autostart`
+    #[arg(long, hide = true)]
+    pub autostarted: bool,
 
     /// Most commands one transaction takes; 1 turns group commit off (for
     /// benchmarks, to show what it saves)
@@ -341,6 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Command::List(args) => done(list::run(&target, args).await),
             Command::Watch(args) => done(watch::run(&target, args).await),
             Command::Status(args) => done(status::run(&target, args).await),
+            Command::Stop(args) => stop::run(&target, args).await,
             Command::Log(args) => done(log::run(&target, args).await),
             Command::Who(args) => who::run(&target, args).await,
             Command::Raw => done(raw::run(&target).await),
@@ -383,6 +391,7 @@ fn daemon_config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daem
             max_rows: args.history_events,
         },
         ready_on_stdout: args.ready_on_stdout,
+        autostarted: args.autostarted,
         max_batch: args.max_batch,
     }
 }

@@ -60,6 +60,10 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ("version", version),
         ("pid", count(status.pid as usize)),
         (
+            "started by",
+            Cell::from(started_by(status.started_by.as_deref())),
+        ),
+        (
             "uptime",
             Cell::from(format!(
                 "{}, since {}",
@@ -85,4 +89,15 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ),
         ("pid watch", Cell::from(status.pid_watch.as_str())),
     ]
+}
+
+/// How the daemon was started, in words.
+fn started_by(how: Option<&str>) -> String {
+    match how {
+        Some("autostart") => "autostart (a client started it; `presence stop` stops it)".to_owned(),
+        Some("systemd") => "systemd".to_owned(),
+        Some("foreground") => "foreground (`presence daemon`)".to_owned(),
+        Some(other) => other.to_owned(),
+        None => "unknown (the daemon predates this field)".to_owned(),
+    }
 }

@@ -91,6 +91,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .arg("--db")
         .arg(&db)
         .arg("--ready-on-stdout")
+        .arg("--autostarted")
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

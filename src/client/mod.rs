@@ -137,7 +137,8 @@ impl Client {
         Ok(Client::from_stream(connect_stream_or_start(socket).await?))
     }
 
-    fn from_stream(stream: UnixStream) -> (Client, Events) {
+    /// A client on a stream that [`connect_stream`] opened.
+    pub fn from_stream(stream: UnixStream) -> (Client, Events) {
         let (recv, send) = stream.into_split();
         let pending: Pending = Arc::default();
         let (events_tx, events) = mpsc::unbounded_channel();

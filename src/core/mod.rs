@@ -148,6 +148,8 @@ pub struct DaemonInfo {
     pub socket: PathBuf,
     pub started: Instant,
     pub pid_watch: String,
+    /// How the daemon was started: `autostart`, `systemd` or `foreground`.
+    pub started_by: String,
 }
 
 /// Why the core stopped.
@@ -605,6 +607,7 @@ impl Core {
             connections: self.registry.connection_count(),
             subscriptions: self.registry.subscription_count(),
             pid_watch: self.info.pid_watch.clone(),
+            started_by: Some(self.info.started_by.clone()),
             awaiting_resume: self.registry.awaiting_resume_count(),
             transactions: self.store.commits(),
             outbound_bytes,

@@ -63,6 +63,7 @@ impl TestDb {
             socket: self.dir.path().join("s.sock"),
             started: Instant::now(),
             pid_watch: "test".into(),
+            started_by: "foreground".into(),
         };
         let grace = Duration::from_secs(10);
         Core::start(store, Limits::default(), "boot", grace, info)

@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub ready_on_stdout: bool,
     /// Most commands per transaction.
     pub max_batch: usize,
+    /// A client started us on demand (the hidden `--autostarted`).
+    pub autostarted: bool,
 }
 
 /// How long shutdown waits for the `shutdown` event to reach slow clients.
@@ -61,7 +63,18 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     // Everything the daemon creates (database, journal, locks, socket) is
     // for its user alone, whatever umask it inherited.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let claimed = match systemd::passed_socket()? {
+    let notified = std::env::var_os("NOTIFY_SOCKET").is_some_and(|value| !value.is_empty());
+    let passed = systemd::passed_socket()?;
+    // How we were started, for `status`: a client's flag first, since a
+    // client run from a systemd service hands its environment down.
+    let started_by = if config.autostarted {
+        "autostart"
+    } else if passed.is_some() || notified {
+        "systemd"
+    } else {
+        "foreground"
+    };
+    let claimed = match passed {
         Some(passed) => {
             if passed.path != config.socket {
                 tracing::info!(
@@ -101,6 +114,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         socket: socket.clone(),
         started,
         pid_watch: pids.mode().to_owned(),
+        started_by: started_by.to_owned(),
     };
     let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?
         .with_max_batch(config.max_batch);
