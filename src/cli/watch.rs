@@ -55,6 +55,9 @@ struct Timeline {
     /// Who is on the topic, by ref: a fresh state after a daemon restart
     /// is only worth a line when it differs from what was shown.
     shown: Option<BTreeSet<String>>,
+    /// The seq of each entry present, by ref: an entry's place in the
+    /// queue is the number of entries present with a lower seq.
+    seqs: BTreeMap<String, u64>,
 }
 
 impl Timeline {
@@ -63,6 +66,7 @@ impl Timeline {
             topic: render::visible(topic).into_owned(),
             owner_ref: None,
             shown: None,
+            seqs: BTreeMap::new(),
         }
     }
 
@@ -92,6 +96,10 @@ impl Timeline {
         let owner_ref = owner.map(|o| o.phx_ref.clone());
         let news = self.shown.as_ref() != Some(&present) || owner_ref != self.owner_ref;
         self.shown = Some(present);
+        self.seqs = metas
+            .iter()
+            .map(|(_, m)| (m.phx_ref.clone(), m.seq))
+            .collect();
         self.owner_ref = owner_ref;
         if !news {
             return Vec::new();
@@ -156,7 +164,7 @@ impl Timeline {
             lines.push(line);
         }
         for (key, meta) in render::metas_by_seq(&diff.joins) {
-            self.remember(&meta.phx_ref);
+            self.remember(&meta.phx_ref, meta.seq);
             let who = render::who(key, meta.pid);
             if meta.phx_ref_prev.is_some() {
                 let what = render::client_meta(&meta.client).unwrap_or_else(|| "{}".to_owned());
@@ -167,8 +175,13 @@ impl Timeline {
                 continue;
             }
             let mut line = format!("{} {who} joined", paint(Style::Good, "+"));
-            if Some(&meta.phx_ref) == new_owner.as_ref() && owner_news.take().is_some() {
-                line.push_str(&format!(" {}", paint(Style::Good, "as owner")));
+            if Some(&meta.phx_ref) == new_owner.as_ref() {
+                if owner_news.take().is_some() {
+                    line.push_str(&format!(" {}", paint(Style::Good, "as owner")));
+                }
+            } else {
+                let place = format!("as spectator #{}", self.place(meta.seq));
+                line.push_str(&format!(" {}", paint(Style::Dim, &place)));
             }
             lines.push(line);
         }
@@ -181,12 +194,20 @@ impl Timeline {
         if let Some(present) = &mut self.shown {
             present.remove(phx_ref);
         }
+        self.seqs.remove(phx_ref);
     }
 
-    fn remember(&mut self, phx_ref: &str) {
+    fn remember(&mut self, phx_ref: &str, seq: u64) {
         if let Some(present) = &mut self.shown {
             present.insert(phx_ref.to_owned());
         }
+        self.seqs.insert(phx_ref.to_owned(), seq);
+    }
+
+    /// An entry's place in the queue: how many present entries joined
+    /// before it (0 is the owner).
+    fn place(&self, seq: u64) -> usize {
+        self.seqs.values().filter(|&&other| other < seq).count()
     }
 }
 
@@ -294,6 +315,42 @@ mod tests {
         assert_eq!(
             timeline.lines(&joined),
             ["+ carol (pid 30) joined as owner"]
+        );
+    }
+
+    #[test]
+    fn a_spectator_joining_is_told_its_place_in_the_queue() {
+        let (alice, bob) = (meta("p1", 1, 10), meta("p2", 2, 20));
+        let mut timeline = started(&alice, &bob);
+        let carol = meta("p3", 3, 30);
+        let joined = diff_event(
+            presences(&[("carol", carol.clone())]),
+            Presences::new(),
+            Some(owner("alice", &alice)),
+            &[],
+        );
+        assert_eq!(
+            timeline.lines(&joined),
+            ["+ carol (pid 30) joined as spectator #2"]
+        );
+        // Bob leaves from ahead of the next joiner, who is then second.
+        let left = diff_event(
+            Presences::new(),
+            presences(&[("bob", bob.clone())]),
+            Some(owner("alice", &alice)),
+            &[("p2", LeaveReason::Untrack)],
+        );
+        assert_eq!(timeline.lines(&left), ["- bob (pid 20) left"]);
+        let dave = meta("p4", 4, 40);
+        let joined = diff_event(
+            presences(&[("dave", dave.clone())]),
+            Presences::new(),
+            Some(owner("alice", &alice)),
+            &[],
+        );
+        assert_eq!(
+            timeline.lines(&joined),
+            ["+ dave (pid 40) joined as spectator #2"]
         );
     }
 
