@@ -251,6 +251,15 @@ line:
   12:03:09  - alice (pid 4242) left (process exited) → bob (pid 4250) is now owner
   12:04:12  ~ bob (pid 4250) updated {\"line\":42}
 
+Without a TOPIC, or with --all, watch follows every topic, those that
+appear later too: first the state of each topic anyone is on, then every
+change, each line with its topic first. With --json each event is one JSON
+object per line, and names its topic:
+
+  12:03:00  doc: owner alice (pid 4242), 0 spectators
+  12:03:05  wiki: + carol (pid 4301) joined as owner
+  12:03:09  doc: - alice (pid 4242) left (process exited) → the topic is empty
+
 If the daemon restarts, watch reconnects and subscribes again, printing the
 state again only if the topic changed meanwhile; with --json it prints the
 fresh presence_state. It exits 1 only if the daemon does not come back
@@ -595,6 +604,10 @@ pub const PAGES: &[Page] = &[
             Example {
                 what: "Follow a topic:",
                 run: "presence watch doc:notes.md",
+            },
+            Example {
+                what: "Follow every topic, each line with its topic first:",
+                run: "presence watch --all",
             },
             Example {
                 what: "Keep a log of who came and went:",

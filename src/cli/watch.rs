@@ -1,4 +1,5 @@
-//! `presence watch`: a topic's state, then a timeline of its changes.
+//! `presence watch`: a topic's state, then a timeline of its changes; or
+//! every topic's, each line starting with its topic.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,9 +12,14 @@ use crate::protocol::{Diff, Event, LeaveReason, Owner, Presences};
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The topic to follow
+    /// The topic to follow; without one, every topic
     #[arg(value_parser = parse_name)]
-    pub topic: String,
+    pub topic: Option<String>,
+
+    /// Follow every topic, those that appear later included (the default
+    /// without a TOPIC)
+    #[arg(long, conflicts_with = "topic")]
+    pub all: bool,
 
     /// Print the daemon's events as JSON lines
     #[arg(long)]
@@ -22,11 +28,19 @@ pub struct WatchArgs {
 
 pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     let (session, mut events) = target.session().await?;
-    session
-        .subscribe(&args.topic)
-        .await
-        .map_err(|e| failed(&format!("could not watch {}", args.topic), e))?;
-    let mut timeline = Timeline::new(&args.topic);
+    match &args.topic {
+        Some(topic) => session
+            .subscribe(topic)
+            .await
+            .map_err(|e| failed(&format!("could not watch {topic}"), e))?,
+        None => session
+            .subscribe_all()
+            .await
+            .map_err(|e| failed("could not watch every topic", e))?,
+    }
+    // One timeline per topic; following every topic, each line that does
+    // not already start with its topic is given it.
+    let mut timelines: BTreeMap<String, Timeline> = BTreeMap::new();
     while let Some(event) = events.recv().await {
         let event = match event {
             SessionEvent::Event(event) => event,
@@ -40,8 +54,26 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
             say!("{}", serde_json::to_string(&event)?);
             continue;
         }
+        let Some(topic) = event.topic() else {
+            continue;
+        };
+        let timeline = timelines
+            .entry(topic.to_owned())
+            .or_insert_with(|| Timeline::new(topic));
+        let prefix = match (&args.topic, &event) {
+            (None, Event::PresenceDiff { .. }) => format!("{}: ", timeline.topic),
+            _ => String::new(),
+        };
         for line in timeline.lines(&event) {
-            say!("{}  {line}", paint(Style::Dim, &render::clock_now()));
+            say!(
+                "{}  {prefix}{line}",
+                paint(Style::Dim, &render::clock_now())
+            );
+        }
+        // Following every topic, one that empties is forgotten: it may
+        // never come back.
+        if args.topic.is_none() && timeline.seqs.is_empty() {
+            timelines.remove(topic);
         }
     }
     anyhow::bail!("the daemon closed the connection")
