@@ -773,7 +773,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__watch)
-            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
+            opts="-h -V --all --json --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

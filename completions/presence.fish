@@ -39,7 +39,7 @@ complete -c presence -n "__fish_presence_needs_command" -f -a "update" -d 'Chang
 complete -c presence -n "__fish_presence_needs_command" -f -a "run" -d 'Run a command as the owner of a topic, waiting in line first'
 complete -c presence -n "__fish_presence_needs_command" -f -a "list" -d 'Show who is present, on one topic or on all'
 complete -c presence -n "__fish_presence_needs_command" -f -a "who" -d 'Show who has a file open: the owner and queue of its topic'
-complete -c presence -n "__fish_presence_needs_command" -f -a "watch" -d 'Follow a topic: its state, then one line per change'
+complete -c presence -n "__fish_presence_needs_command" -f -a "watch" -d 'Follow a topic, or every topic: the state, then one line per change'
 complete -c presence -n "__fish_presence_needs_command" -f -a "status" -d 'Show how the daemon is: version, uptime, paths and counts'
 complete -c presence -n "__fish_presence_needs_command" -f -a "stop" -d 'Stop the running daemon and wait until it has gone'
 complete -c presence -n "__fish_presence_needs_command" -f -a "log" -d 'Show who joined, left and owned a topic, and when'
@@ -130,6 +130,7 @@ complete -c presence -n "__fish_presence_using_subcommand watch" -l color -d 'Wh
 always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand watch" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
+complete -c presence -n "__fish_presence_using_subcommand watch" -l all -d 'Follow every topic, those that appear later included (the default without a TOPIC)'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l json -d 'Print the daemon\'s events as JSON lines'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand watch" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
@@ -221,7 +222,7 @@ complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_s
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "run" -d 'Run a command as the owner of a topic, waiting in line first'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "list" -d 'Show who is present, on one topic or on all'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "who" -d 'Show who has a file open: the owner and queue of its topic'
-complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "watch" -d 'Follow a topic: its state, then one line per change'
+complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "watch" -d 'Follow a topic, or every topic: the state, then one line per change'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "status" -d 'Show how the daemon is: version, uptime, paths and counts'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "stop" -d 'Stop the running daemon and wait until it has gone'
 complete -c presence -n "__fish_presence_using_subcommand help; and not __fish_seen_subcommand_from join leave update run list who watch status stop log daemon raw completions help" -f -a "log" -d 'Show who joined, left and owned a topic, and when'

@@ -298,7 +298,7 @@ pub enum Request {
     Update(UpdateRequest),
     List(ListRequest),
     GetByKey(GetByKeyRequest),
-    Subscribe(TopicRequest),
+    Subscribe(SubscribeRequest),
     Unsubscribe(TopicRequest),
     Resume(ResumeRequest),
     Status(Empty),
@@ -407,6 +407,16 @@ pub struct GetByKeyRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicRequest {
     pub topic: String,
+}
+
+/// `subscribe`: one topic, or with `all: true` (and no topic) every
+/// topic, those that appear later included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,7 +41,7 @@ async fn detach_exits_0_as_the_owner_and_3_as_a_spectator_and_the_entries_stay()
     assert_eq!(second.status.code(), Some(3));
     assert_eq!(
         stdout(&second),
-        format!("spectator (owner: alice, pid {pid}), ref p2\n")
+        format!("spectator #1, owner alice (pid {pid}), ref p2\n")
     );
     assert!(second.stderr.is_empty(), "a spectator is not an error");
 
@@ -105,7 +105,7 @@ async fn wait_owner_with_detach_returns_once_the_owner_leaves_and_keeps_the_entr
         .await;
     assert_eq!(
         waiter.line().await,
-        format!("spectator (owner: a, pid {owner_pid}), ref p2")
+        format!("spectator #1, owner a (pid {owner_pid}), ref p2")
     );
 
     // The owner's process ends: its entry goes, and the waiter's turn comes.
@@ -126,7 +126,7 @@ async fn wait_owner_while_holding_prints_owner_and_goes_on_holding() {
     assert_eq!(owner.status.code(), Some(0));
 
     let mut holder = daemon.spawn(&["join", "doc", "--wait-owner", "--key", "b"]);
-    assert!(holder.line().await.starts_with("spectator (owner: a"));
+    assert!(holder.line().await.starts_with("spectator #1, owner a"));
     let left = daemon.output(&["leave", "doc", "--ref", "p1"]).await;
     assert_eq!(stdout(&left), "left doc (1 entry)\n");
     assert_eq!(holder.line().await, "owner");
@@ -161,7 +161,7 @@ async fn wait_owner_gives_up_at_its_timeout_and_leaves_the_queue() {
         args.extend_from_slice(extra);
         let gave_up = daemon.output(&args).await;
         assert_eq!(gave_up.status.code(), Some(3), "{args:?}");
-        assert!(stdout(&gave_up).starts_with("spectator (owner: a"));
+        assert!(stdout(&gave_up).starts_with("spectator #1, owner a"));
         let stderr = String::from_utf8_lossy(&gave_up.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains("still not the owner of doc"), "{stderr}");

@@ -45,7 +45,7 @@ async fn watch_prints_a_timeline_with_a_departure_and_its_new_owner_on_one_line(
     assert!(bob.line().await.starts_with("spectator"));
     assert_eq!(
         timeline_line(&mut watch).await,
-        format!("+ bob (pid {}) joined", bob.pid())
+        format!("+ bob (pid {}) joined as spectator #1", bob.pid())
     );
 
     let (alice_pid, bob_pid) = (alice.pid(), bob.pid());

@@ -14,10 +14,13 @@ async fn three_joins_make_one_owner_and_two_spectators_in_order() {
     let mut alice = daemon.spawn(&["join", topic, "--key", "alice"]);
     assert_eq!(alice.line().await, "owner");
     let mut bob = daemon.spawn(&["join", topic, "--key", "bob"]);
-    let owner_is_alice = format!("spectator (owner: alice, pid {})", alice.pid());
-    assert_eq!(bob.line().await, owner_is_alice);
+    let owner_is_alice = format!("owner alice (pid {})", alice.pid());
+    assert_eq!(bob.line().await, format!("spectator #1, {owner_is_alice}"));
     let mut carol = daemon.spawn(&["join", topic, "--key", "carol"]);
-    assert_eq!(carol.line().await, owner_is_alice);
+    assert_eq!(
+        carol.line().await,
+        format!("spectator #2, {owner_is_alice}")
+    );
 
     let (client, _events) = daemon.client().await;
     let listed = client.list(topic).await.expect("list");

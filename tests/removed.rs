@@ -87,7 +87,7 @@ async fn a_waiting_join_whose_entry_is_removed_says_who_did_it_and_exits_4() {
         .await;
     assert_eq!(
         waiter.line().await,
-        format!("spectator (owner: a, pid {owner_pid}), ref p2")
+        format!("spectator #1, owner a (pid {owner_pid}), ref p2")
     );
 
     // Someone of the same user clears the queue from another shell.
@@ -588,7 +588,7 @@ async fn roots_leave_all_tells_the_removed_editor_and_only_the_next_one_owns_the
         Running::spawn(&mut daemon.presence_as(NOBODY, &["join", "doc", "--key", "next"]));
     let waiting = next.line().await;
     assert!(
-        waiting.starts_with("spectator (owner: editor, pid "),
+        waiting.starts_with("spectator #1, owner editor (pid "),
         "{waiting}"
     );
 

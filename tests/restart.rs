@@ -180,7 +180,7 @@ async fn after_sigterm_clients_wait_for_the_restart_and_print_nothing() {
     let mut alice = may_start_a_daemon(&daemon, &["join", "doc", "--key", "alice"]);
     assert_eq!(alice.line().await, "owner");
     let mut bob = may_start_a_daemon(&daemon, &["join", "doc", "--key", "bob"]);
-    assert!(bob.line().await.starts_with("spectator (owner: alice"));
+    assert!(bob.line().await.starts_with("spectator #1, owner alice"));
     let before = View::listed(&daemon, "doc").await;
 
     daemon.stop().await;

@@ -145,7 +145,12 @@ spectator, in join order. join prints its standing at once, and again
 whenever it changes role or the topic gets a new owner:
 
   owner
-  spectator (owner: alice, pid 4242)
+  spectator #1, owner alice (pid 4242)
+
+The number is the entry's place in line when the line is printed: #1 is
+next after the owner. It is printed again when the owner changes, not
+when a spectator ahead of it leaves (`presence list TOPIC` shows the
+queue as it is now).
 
 Without --detach the presence is held until SIGINT, SIGTERM or SIGHUP, or
 until the --pid process exits; then it is left and join exits 0. If the
@@ -161,7 +166,7 @@ exits 0 as the owner or 3 as a spectator, so that `if presence join
 --detach TOPIC; then ...` works:
 
   owner, ref p12
-  spectator (owner: alice, pid 4242), ref p13
+  spectator #1, owner alice (pid 4242), ref p13
 
 The entry stays, a spectator keeping its place in the queue, until that
 process exits or `presence leave` removes it.
@@ -265,12 +270,23 @@ When nobody is present it says so on standard error and prints nothing.";
 
 const WATCH_DETAILS: &str = "\
 Prints the topic's state, then one line per change, each starting with the
-local time. A departure that changes the owner says so on the same line:
+local time. A join says where the newcomer stands in line (#1 is next
+after the owner); a departure that changes the owner says so on the same
+line:
 
   12:03:00  doc: owner alice (pid 4242), 1 spectator
-  12:03:05  + carol (pid 4301) joined
+  12:03:05  + carol (pid 4301) joined as spectator #2
   12:03:09  - alice (pid 4242) left (process exited) → bob (pid 4250) is now owner
   12:04:12  ~ bob (pid 4250) updated {\"line\":42}
+
+Without a TOPIC, or with --all, watch follows every topic, those that
+appear later too: first the state of each topic anyone is on, then every
+change, each line with its topic first. With --json each event is one JSON
+object per line, and names its topic:
+
+  12:03:00  doc: owner alice (pid 4242), 0 spectators
+  12:03:05  wiki: + carol (pid 4301) joined as owner
+  12:03:09  doc: - alice (pid 4242) left (process exited) → the topic is empty
 
 If the daemon restarts, watch reconnects and subscribes again, printing the
 state again only if the topic changed meanwhile; with --json it prints the
@@ -678,6 +694,10 @@ pub const PAGES: &[Page] = &[
             Example {
                 what: "Follow a topic:",
                 run: "presence watch doc:notes.md",
+            },
+            Example {
+                what: "Follow every topic, each line with its topic first:",
+                run: "presence watch --all",
             },
             Example {
                 what: "Keep a log of who came and went:",

@@ -101,7 +101,7 @@ pub enum Command {
     List(list::ListArgs),
     /// Show who has a file open: the owner and queue of its topic
     Who(who::WhoArgs),
-    /// Follow a topic: its state, then one line per change
+    /// Follow a topic, or every topic: the state, then one line per change
     Watch(watch::WatchArgs),
     /// Show how the daemon is: version, uptime, paths and counts
     Status(status::StatusArgs),

@@ -112,17 +112,18 @@ pub fn visible(text: &str) -> Cow<'_, str> {
 // Presence in words
 // ---------------------------------------------------------------------------
 
-/// `owner`, or `spectator (owner: alice, pid 4242)`.
+/// `owner`, or `spectator #2, owner alice (pid 4242)`: the place in the
+/// queue counts the entries ahead, the owner's included.
 pub fn standing(standing: &Standing) -> String {
+    let place = format!("spectator #{}", standing.position);
     match (&standing.role, &standing.owner) {
         (Role::Owner, _) => paint(Style::Good, "owner"),
         (Role::Spectator, Some(owner)) => format!(
-            "{} (owner: {}, pid {})",
-            paint(Style::Dim, "spectator"),
-            visible(&owner.key),
-            owner.pid
+            "{}, owner {}",
+            paint(Style::Dim, &place),
+            who(&owner.key, owner.pid)
         ),
-        (Role::Spectator, None) => paint(Style::Dim, "spectator"),
+        (Role::Spectator, None) => paint(Style::Dim, &place),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `presence watch`: a topic's state, then a timeline of its changes.
+//! `presence watch`: a topic's state, then a timeline of its changes; or
+//! every topic's, each line starting with its topic.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,9 +12,14 @@ use crate::protocol::{Diff, Event, LeaveReason, Owner, Presences};
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The topic to follow
+    /// The topic to follow; without one, every topic
     #[arg(value_parser = parse_name)]
-    pub topic: String,
+    pub topic: Option<String>,
+
+    /// Follow every topic, those that appear later included (the default
+    /// without a TOPIC)
+    #[arg(long, conflicts_with = "topic")]
+    pub all: bool,
 
     /// Print the daemon's events as JSON lines
     #[arg(long)]
@@ -22,11 +28,19 @@ pub struct WatchArgs {
 
 pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     let (session, mut events) = target.session().await?;
-    session
-        .subscribe(&args.topic)
-        .await
-        .map_err(|e| failed(&format!("could not watch {}", args.topic), e))?;
-    let mut timeline = Timeline::new(&args.topic);
+    match &args.topic {
+        Some(topic) => session
+            .subscribe(topic)
+            .await
+            .map_err(|e| failed(&format!("could not watch {topic}"), e))?,
+        None => session
+            .subscribe_all()
+            .await
+            .map_err(|e| failed("could not watch every topic", e))?,
+    }
+    // One timeline per topic; following every topic, each line that does
+    // not already start with its topic is given it.
+    let mut timelines: BTreeMap<String, Timeline> = BTreeMap::new();
     while let Some(event) = events.recv().await {
         let event = match event {
             SessionEvent::Event(event) => event,
@@ -40,8 +54,26 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
             say!("{}", serde_json::to_string(&event)?);
             continue;
         }
+        let Some(topic) = event.topic() else {
+            continue;
+        };
+        let timeline = timelines
+            .entry(topic.to_owned())
+            .or_insert_with(|| Timeline::new(topic));
+        let prefix = match (&args.topic, &event) {
+            (None, Event::PresenceDiff { .. }) => format!("{}: ", timeline.topic),
+            _ => String::new(),
+        };
         for line in timeline.lines(&event) {
-            say!("{}  {line}", paint(Style::Dim, &render::clock_now()));
+            say!(
+                "{}  {prefix}{line}",
+                paint(Style::Dim, &render::clock_now())
+            );
+        }
+        // Following every topic, one that empties is forgotten: it may
+        // never come back.
+        if args.topic.is_none() && timeline.seqs.is_empty() {
+            timelines.remove(topic);
         }
     }
     anyhow::bail!("the daemon closed the connection")
@@ -55,6 +87,9 @@ struct Timeline {
     /// Who is on the topic, by ref: a fresh state after a daemon restart
     /// is only worth a line when it differs from what was shown.
     shown: Option<BTreeSet<String>>,
+    /// The seq of each entry present, by ref: an entry's place in the
+    /// queue is the number of entries present with a lower seq.
+    seqs: BTreeMap<String, u64>,
 }
 
 impl Timeline {
@@ -63,6 +98,7 @@ impl Timeline {
             topic: render::visible(topic).into_owned(),
             owner_ref: None,
             shown: None,
+            seqs: BTreeMap::new(),
         }
     }
 
@@ -92,6 +128,10 @@ impl Timeline {
         let owner_ref = owner.map(|o| o.phx_ref.clone());
         let news = self.shown.as_ref() != Some(&present) || owner_ref != self.owner_ref;
         self.shown = Some(present);
+        self.seqs = metas
+            .iter()
+            .map(|(_, m)| (m.phx_ref.clone(), m.seq))
+            .collect();
         self.owner_ref = owner_ref;
         if !news {
             return Vec::new();
@@ -156,7 +196,7 @@ impl Timeline {
             lines.push(line);
         }
         for (key, meta) in render::metas_by_seq(&diff.joins) {
-            self.remember(&meta.phx_ref);
+            self.remember(&meta.phx_ref, meta.seq);
             let who = render::who(key, meta.pid);
             if meta.phx_ref_prev.is_some() {
                 let what = render::client_meta(&meta.client).unwrap_or_else(|| "{}".to_owned());
@@ -167,8 +207,13 @@ impl Timeline {
                 continue;
             }
             let mut line = format!("{} {who} joined", paint(Style::Good, "+"));
-            if Some(&meta.phx_ref) == new_owner.as_ref() && owner_news.take().is_some() {
-                line.push_str(&format!(" {}", paint(Style::Good, "as owner")));
+            if Some(&meta.phx_ref) == new_owner.as_ref() {
+                if owner_news.take().is_some() {
+                    line.push_str(&format!(" {}", paint(Style::Good, "as owner")));
+                }
+            } else {
+                let place = format!("as spectator #{}", self.place(meta.seq));
+                line.push_str(&format!(" {}", paint(Style::Dim, &place)));
             }
             lines.push(line);
         }
@@ -181,12 +226,20 @@ impl Timeline {
         if let Some(present) = &mut self.shown {
             present.remove(phx_ref);
         }
+        self.seqs.remove(phx_ref);
     }
 
-    fn remember(&mut self, phx_ref: &str) {
+    fn remember(&mut self, phx_ref: &str, seq: u64) {
         if let Some(present) = &mut self.shown {
             present.insert(phx_ref.to_owned());
         }
+        self.seqs.insert(phx_ref.to_owned(), seq);
+    }
+
+    /// An entry's place in the queue: how many present entries joined
+    /// before it (0 is the owner).
+    fn place(&self, seq: u64) -> usize {
+        self.seqs.values().filter(|&&other| other < seq).count()
     }
 }
 
@@ -294,6 +347,42 @@ mod tests {
         assert_eq!(
             timeline.lines(&joined),
             ["+ carol (pid 30) joined as owner"]
+        );
+    }
+
+    #[test]
+    fn a_spectator_joining_is_told_its_place_in_the_queue() {
+        let (alice, bob) = (meta("p1", 1, 10), meta("p2", 2, 20));
+        let mut timeline = started(&alice, &bob);
+        let carol = meta("p3", 3, 30);
+        let joined = diff_event(
+            presences(&[("carol", carol.clone())]),
+            Presences::new(),
+            Some(owner("alice", &alice)),
+            &[],
+        );
+        assert_eq!(
+            timeline.lines(&joined),
+            ["+ carol (pid 30) joined as spectator #2"]
+        );
+        // Bob leaves from ahead of the next joiner, who is then second.
+        let left = diff_event(
+            Presences::new(),
+            presences(&[("bob", bob.clone())]),
+            Some(owner("alice", &alice)),
+            &[("p2", LeaveReason::Untrack)],
+        );
+        assert_eq!(timeline.lines(&left), ["- bob (pid 20) left"]);
+        let dave = meta("p4", 4, 40);
+        let joined = diff_event(
+            presences(&[("dave", dave.clone())]),
+            Presences::new(),
+            Some(owner("alice", &alice)),
+            &[],
+        );
+        assert_eq!(
+            timeline.lines(&joined),
+            ["+ dave (pid 40) joined as spectator #2"]
         );
     }
 

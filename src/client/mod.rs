@@ -37,8 +37,8 @@ use crate::paths;
 use crate::protocol::{
     Empty, ErrorBody, Event, GetByKeyReply, GetByKeyRequest, HelloReply, HelloRequest,
     HistoryReply, HistoryRequest, ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request,
-    ResumeReply, ResumeRequest, ServerMessage, StatusReply, TopicRequest, TrackReply, TrackRequest,
-    UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
+    ResumeReply, ResumeRequest, ServerMessage, StatusReply, SubscribeRequest, TopicRequest,
+    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
 pub use autostart::start_daemon;
@@ -237,8 +237,20 @@ impl Client {
     /// Subscribes; the topic's `presence_state` arrives on the events
     /// stream right after, then its diffs.
     pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
-        self.call::<Empty>(Request::Subscribe(TopicRequest {
-            topic: topic.to_owned(),
+        self.call::<Empty>(Request::Subscribe(SubscribeRequest {
+            topic: Some(topic.to_owned()),
+            all: false,
+        }))
+        .await
+        .map(drop)
+    }
+
+    /// Subscribes to every topic: a `presence_state` for each topic with
+    /// anyone on it arrives right after, then every topic's diffs.
+    pub async fn subscribe_all(&self) -> Result<(), ClientError> {
+        self.call::<Empty>(Request::Subscribe(SubscribeRequest {
+            topic: None,
+            all: true,
         }))
         .await
         .map(drop)

@@ -142,6 +142,8 @@ const MAX_WAITING_NOTICES: usize = 64;
 struct State {
     held: Vec<Held>,
     subscriptions: BTreeSet<String>,
+    /// Subscribed to every topic ([`Session::subscribe_all`]).
+    subscribed_to_all: bool,
     /// Counts connections. A track answered on an old connection after the
     /// new one resumed everything must resume its entry itself.
     generation: u64,
@@ -408,6 +410,20 @@ impl Session {
         result
     }
 
+    /// Subscribes to every topic, now and after every reconnect.
+    pub async fn subscribe_all(&self) -> Result<(), ClientError> {
+        // Noted first, so a reconnect in the middle renews it.
+        let added = !std::mem::replace(&mut lock(&self.state).subscribed_to_all, true);
+        let result = match self.client().await {
+            Ok(client) => client.subscribe_all().await,
+            Err(e) => Err(e),
+        };
+        if added && let Err(ClientError::Refused(_)) = &result {
+            lock(&self.state).subscribed_to_all = false;
+        }
+        result
+    }
+
     pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
         lock(&self.state).subscriptions.remove(topic);
         self.client().await?.unsubscribe(topic).await
@@ -561,11 +577,16 @@ impl Supervisor {
     /// has), then renews the subscriptions, whose fresh `presence_state`
     /// goes to the owner. Returns the new connection's generation.
     async fn restore(&self, client: &Arc<Client>) -> Result<u64, ClientError> {
-        let (tokens, topics, generation) = {
+        let (tokens, topics, all, generation) = {
             let mut state = lock(&self.state);
             state.generation += 1;
             let tokens: Vec<String> = state.held.iter().map(|h| h.token.clone()).collect();
-            (tokens, state.subscriptions.clone(), state.generation)
+            (
+                tokens,
+                state.subscriptions.clone(),
+                state.subscribed_to_all,
+                state.generation,
+            )
         };
         if !tokens.is_empty() {
             let resumed = client.resume(tokens).await?;
@@ -578,6 +599,19 @@ impl Supervisor {
                     lock(&self.state).subscriptions.remove(&topic);
                     self.emit(SessionEvent::Unsubscribed {
                         topic,
+                        error: error.message,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if all {
+            match client.subscribe_all().await {
+                Ok(()) => {}
+                Err(ClientError::Refused(error)) => {
+                    lock(&self.state).subscribed_to_all = false;
+                    self.emit(SessionEvent::Unsubscribed {
+                        topic: String::new(),
                         error: error.message,
                     });
                 }

@@ -744,9 +744,11 @@ fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
         Resolved::Hello(_) | Resolved::Ping => None,
         Resolved::Status => Some(Redo::Ask(Resolved::Status)),
         Resolved::Presence(op) => Some(match op {
-            Op::List(_) | Op::GetByKey(_) | Op::Subscribe(_) | Op::Unsubscribe(_) => {
-                Redo::Ask(Resolved::Presence(op.clone()))
-            }
+            Op::List(_)
+            | Op::GetByKey(_)
+            | Op::Subscribe(_)
+            | Op::SubscribeAll
+            | Op::Unsubscribe(_) => Redo::Ask(Resolved::Presence(op.clone())),
             Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Resume(_) => Redo::Fail,
         }),
     }

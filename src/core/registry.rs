@@ -145,6 +145,8 @@ pub enum Op {
     List(Option<String>),
     GetByKey(GetByKeyRequest),
     Subscribe(String),
+    /// `subscribe` with `all: true`: every topic, later ones included.
+    SubscribeAll,
     Unsubscribe(String),
     /// Resume tokens with their hashes, in request order.
     Resume(Vec<(String, TokenHash)>),
@@ -352,6 +354,8 @@ struct Connection {
     /// pair at most once, and a track checks that without a scan.
     keys: BTreeSet<(String, String)>,
     subscriptions: BTreeSet<String>,
+    /// Subscribed to every topic as well (`subscribe` with `all: true`).
+    subscribed_to_all: bool,
 }
 
 /// Where an entry lives, found by its ref, and the size of its meta.
@@ -449,6 +453,8 @@ enum Undo {
         conn: ConnId,
         topic: String,
     },
+    /// A connection subscribed to every topic.
+    SubscribedAll(ConnId),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -496,6 +502,9 @@ pub struct Registry {
     tombstones: HashMap<TokenHash, Tombstone>,
     tombstones_by_expiry: BTreeSet<(i64, TokenHash)>,
     conns: HashMap<ConnId, Connection>,
+    /// Connections subscribed to every topic: they get every topic's
+    /// diffs, as its own subscribers do.
+    subscribed_to_all: BTreeSet<ConnId>,
     /// The next value for a seq or a ref; both draw from it, so neither is
     /// ever reused.
     next_seq: u64,
@@ -518,6 +527,7 @@ impl Registry {
             usage_by_uid: HashMap::new(),
             uid_exempt_from_quotas: None,
             conns: HashMap::new(),
+            subscribed_to_all: BTreeSet::new(),
             next_seq: 1,
             last_joined_at: 0,
             journal: None,
@@ -577,7 +587,11 @@ impl Registry {
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.topics.values().map(|t| t.subscribers.len()).sum()
+        self.topics
+            .values()
+            .map(|t| t.subscribers.len())
+            .sum::<usize>()
+            + self.subscribed_to_all.len()
     }
 
     /// Every entry, topic by topic in join order.
@@ -641,6 +655,7 @@ impl Registry {
                 entries: BTreeSet::new(),
                 keys: BTreeSet::new(),
                 subscriptions: BTreeSet::new(),
+                subscribed_to_all: false,
             },
         );
     }
@@ -681,6 +696,7 @@ impl Registry {
         for topic in &subscriptions {
             self.remove_subscription(conn, topic);
         }
+        self.subscribed_to_all.remove(&conn);
         for phx_ref in held {
             match self.entry(&phx_ref).map(|e| e.lifetime) {
                 Some(Lifetime::Connection) => leaving.push((phx_ref, LeaveReason::Closed)),
@@ -720,7 +736,7 @@ impl Registry {
             return;
         };
         for topic in topics {
-            if connection.subscriptions.contains(topic) {
+            if connection.subscribed_to_all || connection.subscriptions.contains(topic) {
                 out.event(vec![conn], self.state_event(topic));
             }
         }
@@ -736,6 +752,7 @@ impl Registry {
             Op::List(topic) => Ok(self.list(topic)),
             Op::GetByKey(request) => Ok(self.get_by_key(&request)),
             Op::Subscribe(topic) => self.subscribe(conn, topic, out),
+            Op::SubscribeAll => Ok(self.subscribe_all(conn, out)),
             Op::Unsubscribe(topic) => {
                 self.remove_subscription(conn, &topic);
                 Ok(ReplyFields::none())
@@ -837,7 +854,7 @@ impl Registry {
             resume_token: token,
         };
         // Most topics have no subscriber: no diff to build for nobody.
-        if !topic.subscribers.is_empty()
+        if !(topic.subscribers.is_empty() && self.subscribed_to_all.is_empty())
             && let Some(joined) = topic.entries.get(&seq)
         {
             let mut diff = Diff::default();
@@ -1176,6 +1193,32 @@ impl Registry {
         out.event(vec![conn], self.state_event(&topic));
     }
 
+    /// Subscribes the connection to every topic, and sends the state of
+    /// each topic anyone is on, in topic order. Reads are open to every
+    /// user (`list` shows everyone every topic), so this shows no more.
+    /// Counts as one subscription against the limit: it adds no
+    /// per-topic state.
+    fn subscribe_all(&mut self, conn: ConnId, out: &mut Outbox) -> ReplyFields {
+        let Some(connection) = self.conns.get_mut(&conn) else {
+            return ReplyFields::none();
+        };
+        if !connection.subscribed_to_all {
+            connection.subscribed_to_all = true;
+            self.subscribed_to_all.insert(conn);
+            self.record(|| Undo::SubscribedAll(conn));
+        }
+        let occupied: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.entries.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for topic in occupied {
+            out.event(vec![conn], self.state_event(&topic));
+        }
+        ReplyFields::none()
+    }
+
     /// Subscribes the connection, on both sides. Returns whether it was new.
     fn insert_subscription(&mut self, conn: ConnId, topic: &str) -> bool {
         if let Some(connection) = self.conns.get_mut(&conn) {
@@ -1470,7 +1513,16 @@ impl Registry {
             }
             Undo::Taken(entry, meta_bytes) => self.insert(*entry, meta_bytes),
             Undo::Closed(conn, connection) => {
+                if connection.subscribed_to_all {
+                    self.subscribed_to_all.insert(conn);
+                }
                 self.conns.insert(conn, connection);
+            }
+            Undo::SubscribedAll(conn) => {
+                self.subscribed_to_all.remove(&conn);
+                if let Some(connection) = self.conns.get_mut(&conn) {
+                    connection.subscribed_to_all = false;
+                }
             }
             Undo::Buried(hash) => self.unbury(&hash),
             Undo::Unburied(hash, tombstone) => self.bury(hash, *tombstone),
@@ -1521,7 +1573,11 @@ impl Registry {
     ) {
         let topic = self.topic(topic_name);
         out.event(
-            topic.subscribers.iter().copied().collect(),
+            topic
+                .subscribers
+                .union(&self.subscribed_to_all)
+                .copied()
+                .collect(),
             Event::PresenceDiff {
                 topic: topic_name.to_owned(),
                 payload: diff,

@@ -500,7 +500,7 @@ fn reply_size(
         Ok((_, Parsed::History(_))) => ReplySize::Bulk,
         Ok((_, Parsed::Track(track))) if track.subscribe => large(Some(&track.topic)),
         Ok((_, Parsed::Ready(Resolved::Presence(op)))) => match op {
-            Op::List(_) => ReplySize::Bulk,
+            Op::List(_) | Op::SubscribeAll => ReplySize::Bulk,
             Op::Subscribe(topic) => large(Some(topic)),
             Op::GetByKey(_) | Op::Resume(_) => large(None),
             Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Unsubscribe(_) => ReplySize::Small,
@@ -575,7 +575,19 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
         Request::Update(update) => Parsed::Ready(Resolved::Presence(Op::Update(update))),
         Request::List(list) => Parsed::Ready(Resolved::Presence(Op::List(list.topic))),
         Request::GetByKey(get) => Parsed::Ready(Resolved::Presence(Op::GetByKey(get))),
-        Request::Subscribe(sub) => Parsed::Ready(Resolved::Presence(Op::Subscribe(sub.topic))),
+        Request::Subscribe(sub) => match (sub.topic, sub.all) {
+            (Some(topic), false) => Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))),
+            (None, true) => Parsed::Ready(Resolved::Presence(Op::SubscribeAll)),
+            (Some(_), true) | (None, false) => {
+                return Err((
+                    id,
+                    ErrorBody::new(
+                        ErrorCode::BadRequest,
+                        "bad `subscribe` request: give either `topic` or `\"all\": true`",
+                    ),
+                ));
+            }
+        },
         Request::Unsubscribe(sub) => Parsed::Ready(Resolved::Presence(Op::Unsubscribe(sub.topic))),
         Request::Resume(resume) => {
             let tokens = resume

@@ -1594,6 +1594,64 @@ fn resync_sends_a_fresh_state_only_for_topics_still_subscribed() {
     }
 }
 
+#[test]
+fn subscribing_to_all_gives_every_topic_its_state_then_its_diffs() {
+    let mut h = Harness::new();
+    let (a, watcher, one_topic) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    let x = h.track(a, "b-doc", "x");
+    // A topic that only has a subscriber is nobody's: no state for it.
+    h.subscribe(one_topic, "empty");
+
+    let out = h.handle(watcher, Op::SubscribeAll);
+    assert!(the_reply(&out, watcher).ok);
+    assert_eq!(kinds_for(&out, watcher), ["reply", "presence_state"]);
+    match events_to(&out, watcher)[0] {
+        Event::PresenceState { topic, payload, .. } => {
+            assert_eq!(topic, "b-doc");
+            assert_eq!(refs_of(payload), refs(&[&x.phx_ref]));
+        }
+        other => panic!("expected a presence_state, got {other:?}"),
+    }
+
+    // A topic that appears later, and one with its own subscriber too:
+    // each diff reaches the watcher once.
+    let out = h.try_track(a, track_request("a-new", "y"));
+    let diff = the_diff(&out);
+    assert_eq!((diff.topic.as_str(), diff.to), ("a-new", vec![watcher]));
+    h.subscribe(one_topic, "b-doc");
+    let out = h.try_track(a, track_request("b-doc", "z"));
+    let mut to = the_diff(&out).to;
+    to.sort();
+    let mut both = vec![watcher, one_topic];
+    both.sort();
+    assert_eq!(to, both);
+
+    // A slow reader's stale topics get fresh states.
+    let mut out = Outbox::default();
+    h.registry.resync(watcher, &["a-new".to_owned()], &mut out);
+    assert_eq!(kinds_for(&out, watcher), ["presence_state"]);
+
+    // A close rolled back keeps it; a subscription rolled back is gone;
+    // closed, it is gone.
+    let late = h.connect(BOB);
+    let before = dump(&h.registry);
+    let count = h.registry.subscription_count();
+    h.registry.begin_batch();
+    h.close(watcher);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+    assert_eq!(h.registry.subscription_count(), count);
+    h.registry.begin_batch();
+    h.handle(late, Op::SubscribeAll);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    h.close(watcher);
+    assert_eq!(h.registry.subscription_count(), count - 1);
+    let out = h.try_track(a, track_request("a-new", "w"));
+    assert!(diffs(&out).is_empty(), "{out:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Time
 // ---------------------------------------------------------------------------
@@ -3965,6 +4023,10 @@ fn dump(registry: &Registry) -> String {
     lines.push(format!("by_token {by_token:?}"));
     lines.push(format!("usage by uid {by_uid:?}"));
     lines.push(format!("awaiting resume {:?}", registry.awaiting_resume));
+    lines.push(format!(
+        "subscribed to all {:?}",
+        registry.subscribed_to_all
+    ));
     let tombstones: BTreeMap<_, _> = registry.tombstones.iter().collect();
     lines.push(format!("tombstones {tombstones:?}"));
     lines.push(format!(

@@ -105,7 +105,7 @@ fn op_of(parsed: &Parsed) -> &'static str {
             Op::Update(_) => "update",
             Op::List(_) => "list",
             Op::GetByKey(_) => "get_by_key",
-            Op::Subscribe(_) => "subscribe",
+            Op::Subscribe(_) | Op::SubscribeAll => "subscribe",
             Op::Unsubscribe(_) => "unsubscribe",
             Op::Resume(_) => "resume",
         },
