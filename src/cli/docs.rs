@@ -204,11 +204,16 @@ same key. --all removes every entry of yours with the key, whichever
 process it belongs to. An entry held by a running `presence join` belongs
 to that command, and ends with it.
 
-Prints what was removed. Removing nothing is not an error, so leave can run
-twice, from a trap for instance:
+Prints what was removed. Removing nothing is an error (exit status 1), so
+a mistyped topic or key does not pass unnoticed; it says what was looked
+for, and names your entries with the key that belong to other processes:
 
   left doc (1 entry)
-  nothing to leave on doc (key alice of the calling process)";
+  presence: nothing to leave on doc (key alice of the calling process);
+  your entries with that key belong to other processes: ref p13 of pid 4242
+  (name one with --ref or --pid)
+
+From a trap that may run twice, write `presence leave doc || true`.";
 
 const UPDATE_DETAILS: &str = "\
 Replaces the meta of one of your entries made with `presence join

@@ -1,0 +1,103 @@
+//! The defects of issue 17, item 7, each against the real binary and a
+//! real daemon: what a user met on a first try.
+
+mod common;
+
+use common::{Daemon, RawConnection, error_code, spawn_sleeper, stdout};
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `leave` with nothing to leave is an error: exit 1, with the line that
+/// says what was looked for, on stderr.
+#[tokio::test]
+async fn leave_with_nothing_to_leave_exits_1_saying_what_was_looked_for() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+
+    let left = daemon
+        .output(&["leave", "doc", "--key", "k", "--pid", &pid])
+        .await;
+    assert_eq!(left.status.code(), Some(1), "{left:?}");
+    assert_eq!(stdout(&left), "");
+    assert_eq!(
+        stderr(&left),
+        format!("presence: nothing to leave on doc (key k of pid {pid})\n")
+    );
+}
+
+/// The hint naming your entries in other processes reads as a sentence:
+/// which ref belongs to which pid.
+#[tokio::test]
+async fn leave_names_your_entries_in_other_processes_readably() {
+    let daemon = Daemon::start().await;
+    let (holder, other) = (spawn_sleeper(), spawn_sleeper());
+    let holder_pid = holder.id().expect("pid").to_string();
+    let other_pid = other.id().expect("pid").to_string();
+    let joined = daemon
+        .output(&[
+            "join",
+            "doc",
+            "--detach",
+            "--key",
+            "k",
+            "--pid",
+            &holder_pid,
+        ])
+        .await;
+    assert_eq!(joined.status.code(), Some(0), "{joined:?}");
+
+    let left = daemon
+        .output(&["leave", "doc", "--key", "k", "--pid", &other_pid])
+        .await;
+    assert_eq!(left.status.code(), Some(1), "{left:?}");
+    assert_eq!(
+        stderr(&left),
+        format!(
+            "presence: nothing to leave on doc (key k of pid {other_pid}); your entries with \
+             that key belong to other processes: ref p1 of pid {holder_pid} (name one with \
+             --ref or --pid)\n"
+        )
+    );
+}
+
+/// A topic of white space alone prints as nothing: the CLI refuses it
+/// before asking, and so does the daemon for a client that asks anyway.
+#[tokio::test]
+async fn blank_topics_are_refused_by_the_cli_and_the_daemon() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("sleeper pid").to_string();
+
+    for blank in ["   ", "", "\t", "\u{3000}"] {
+        let joined = daemon
+            .output(&["join", blank, "--detach", "--pid", &pid])
+            .await;
+        assert_eq!(joined.status.code(), Some(2), "{blank:?}: {joined:?}");
+        let error = stderr(&joined);
+        assert!(
+            error.contains("must not be blank") || error.contains("must not be empty"),
+            "{blank:?}: {error}"
+        );
+    }
+    let left = daemon.output(&["leave", "  "]).await;
+    assert_eq!(left.status.code(), Some(2), "{left:?}");
+    assert!(stderr(&left).contains("must not be blank"), "{left:?}");
+
+    let mut raw = RawConnection::connect(&daemon.socket).await;
+    let reply = raw
+        .request(r#"{"op":"track","id":1,"topic":"   ","key":"k","meta":{}}"#)
+        .await;
+    assert_eq!(error_code(&reply), "bad_request", "{reply}");
+    let message = reply["error"]["message"].as_str().expect("a message");
+    assert!(message.contains("topic must not be blank"), "{message}");
+    let reply = raw
+        .request(r#"{"op":"track","id":2,"topic":"t","key":" ","meta":{}}"#)
+        .await;
+    assert_eq!(error_code(&reply), "bad_request", "{reply}");
+
+    let listed = daemon.output(&["list", "--json"]).await;
+    assert!(!stdout(&listed).contains("   "), "{listed:?}");
+}
