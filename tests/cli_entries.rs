@@ -20,6 +20,20 @@ fn one_line_error(output: &std::process::Output) -> String {
     stderr
 }
 
+/// An entry left to `process`, as `join --detach --pid` makes it. The
+/// command line refuses a second one with the same key for the same
+/// process; a program may make one, as the library does here, each on a
+/// connection of its own.
+async fn track_detached(daemon: &Daemon, topic: &str, key: &str, process: &tokio::process::Child) {
+    let (client, _events) = daemon.client().await;
+    let mut request = presenced::protocol::TrackRequest::new(topic, key);
+    request.pid = Some(process.id().expect("a running process"));
+    request.lifetime = presenced::protocol::Lifetime::Process;
+    within("track", client.track(request))
+        .await
+        .expect("tracked");
+}
+
 /// The refs present on a topic, in join order.
 async fn refs(daemon: &Daemon, topic: &str) -> Vec<String> {
     let (client, _events) = daemon.client().await;
@@ -129,10 +143,7 @@ async fn leave_by_key_and_by_ref_remove_only_what_they_name() {
     let sleeper = spawn_sleeper();
     let pid = sleeper.id().expect("sleeper pid").to_string();
     for key in ["a", "b", "b", "c"] {
-        let joined = daemon
-            .output(&["join", "doc", "--detach", "--key", key, "--pid", &pid])
-            .await;
-        assert!(matches!(joined.status.code(), Some(0 | 3)));
+        track_detached(&daemon, "doc", key, &sleeper).await;
     }
     assert_eq!(refs(&daemon, "doc").await, ["p1", "p2", "p3", "p4"]);
 
@@ -365,10 +376,7 @@ async fn update_says_what_to_do_when_the_key_names_none_or_several() {
     assert!(none.contains("presence list doc"), "{none}");
 
     for _ in 0..2 {
-        let joined = daemon
-            .output(&["join", "doc", "--detach", "--key", "k", "--pid", &pid])
-            .await;
-        assert!(matches!(joined.status.code(), Some(0 | 3)));
+        track_detached(&daemon, "doc", "k", &sleeper).await;
     }
     let several = one_line_error(&daemon.output(&update_k).await);
     assert!(

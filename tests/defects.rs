@@ -101,3 +101,51 @@ async fn blank_topics_are_refused_by_the_cli_and_the_daemon() {
     let listed = daemon.output(&["list", "--json"]).await;
     assert!(!stdout(&listed).contains("   "), "{listed:?}");
 }
+
+/// A second `join --detach` from the same shell with the same key says the
+/// shell is already in line, instead of queueing it behind itself; another
+/// key joins as before.
+#[tokio::test]
+async fn joining_again_from_the_same_shell_says_you_are_already_in_line() {
+    let daemon = Daemon::start().await;
+    let script = r#"
+        "$PRESENCE" --no-autostart join --detach doc --key k; echo "first $?"
+        "$PRESENCE" --no-autostart join --detach doc --key k 2>&1; echo "again $?"
+        "$PRESENCE" --no-autostart join --detach doc --key other; echo "other $?"
+        echo "shell $$"
+    "#;
+    let output = common::finish(
+        tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PRESENCE_SOCKET", &daemon.socket)
+            .env("PRESENCE_DB", &daemon.db)
+            .env("PRESENCE", common::presence_bin()),
+    )
+    .await;
+    let out = stdout(&output);
+    let lines: Vec<&str> = out.lines().collect();
+    let shell = lines
+        .last()
+        .and_then(|l| l.strip_prefix("shell "))
+        .expect("the shell's pid");
+    assert_eq!(
+        lines,
+        [
+            "owner, ref p1",
+            "first 0",
+            &format!(
+                "presence: already in line on doc with key k for pid {shell} \
+                 (ref p1); `presence leave doc` removes that entry, or join with another --key \
+                 to be in line twice"
+            ),
+            "again 1",
+            "spectator (owner: k, pid SHELL), ref p2"
+                .replace("SHELL", shell)
+                .as_str(),
+            "other 3",
+            &format!("shell {shell}"),
+        ],
+        "{output:?}"
+    );
+}

@@ -164,7 +164,10 @@ exits 0 as the owner or 3 as a spectator, so that `if presence join
   spectator (owner: alice, pid 4242), ref p13
 
 The entry stays, a spectator keeping its place in the queue, until that
-process exits or `presence leave` removes it.
+process exits or `presence leave` removes it. Joining the same topic again
+with the same key for the same process (a second `presence join --detach
+doc` from one shell) would queue it behind itself: join refuses, naming
+the entry it already has, and exits 1. Another --key joins again.
 
 With --wait-owner, join waits until the entry is the owner, as flock(1)
 waits for a lock. With --detach it then exits 0 and leaves the entry in
