@@ -149,3 +149,33 @@ async fn joining_again_from_the_same_shell_says_you_are_already_in_line() {
         "{output:?}"
     );
 }
+
+/// A client whose socket differs from the running daemon's (a shell
+/// without XDG_RUNTIME_DIR) but whose database is the same cannot start a
+/// second daemon: it says why, in the daemon's own words, not only where
+/// the log is.
+#[tokio::test]
+async fn a_daemon_that_cannot_start_is_explained_by_its_own_last_error() {
+    let daemon = Daemon::start().await;
+    let other_socket = daemon.dir.path().join("elsewhere/presenced.sock");
+    let output =
+        common::finish(common::presence_command(&other_socket, &daemon.db).arg("list")).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let error = stderr(&output);
+    assert_eq!(error.lines().count(), 1, "one line: {error}");
+    assert!(
+        error.starts_with("presence: could not start the daemon: opening the database"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!(
+            "another daemon (pid {}) is using this database",
+            daemon.pid()
+        )),
+        "{error}"
+    );
+    assert!(
+        error.contains("daemon.log"),
+        "the log is still named: {error}"
+    );
+}
