@@ -179,3 +179,62 @@ async fn a_daemon_that_cannot_start_is_explained_by_its_own_last_error() {
         "the log is still named: {error}"
     );
 }
+
+/// A `watch` line without its time (`12:03:09  `).
+async fn watch_line(watch: &mut common::Running) -> String {
+    let line = watch.line().await;
+    match line.split_once("  ") {
+        Some((time, rest)) if time.chars().all(|c| c.is_ascii_digit() || c == ':') => {
+            rest.to_owned()
+        }
+        _ => panic!("no time prefix: {line:?}"),
+    }
+}
+
+/// `kill -9` of an owner reads "process exited", as the README promises,
+/// and the next in line is promoted in the same line; a connection that a
+/// running process closes still reads "connection closed".
+#[tokio::test]
+async fn kill_9_of_an_owner_reads_process_exited_and_a_closed_socket_connection_closed() {
+    let daemon = Daemon::start().await;
+    let mut alice = daemon.spawn(&["join", "doc", "--key", "alice"]);
+    assert_eq!(alice.line().await, "owner");
+    let mut watch = daemon.spawn(&["watch", "doc"]);
+    assert_eq!(
+        watch_line(&mut watch).await,
+        format!("doc: owner alice (pid {}), 0 spectators", alice.pid())
+    );
+    let mut bob = daemon.spawn(&["join", "doc", "--key", "bob"]);
+    assert!(bob.line().await.starts_with("spectator"));
+    assert_eq!(
+        watch_line(&mut watch).await,
+        format!("+ bob (pid {}) joined", bob.pid())
+    );
+
+    let (alice_pid, bob_pid) = (alice.pid(), bob.pid());
+    alice.sigkill();
+    assert_eq!(
+        watch_line(&mut watch).await,
+        format!(
+            "- alice (pid {alice_pid}) left (process exited) → bob (pid {bob_pid}) is now owner"
+        )
+    );
+    assert_eq!(bob.line().await, "owner");
+
+    // This test's own process closes a connection and lives on.
+    let mut raw = RawConnection::connect(&daemon.socket).await;
+    let reply = raw
+        .request(r#"{"op":"track","id":1,"topic":"doc","key":"carol","meta":{}}"#)
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let me = std::process::id();
+    assert_eq!(
+        watch_line(&mut watch).await,
+        format!("+ carol (pid {me}) joined")
+    );
+    drop(raw);
+    assert_eq!(
+        watch_line(&mut watch).await,
+        format!("- carol (pid {me}) left (connection closed)")
+    );
+}

@@ -128,6 +128,10 @@ pub enum Command {
     },
     Close {
         conn: ConnId,
+        /// Its process was exiting (or gone) when the connection closed,
+        /// as the io layer told from `/proc` at once: the connection's
+        /// entries leave because the process exited.
+        exited: bool,
     },
     ProcessExited(ProcessId),
     /// The connection's queue dropped diffs for these topics; send a fresh
@@ -517,7 +521,13 @@ impl Core {
                     .deliveries
                     .push(Delivery::Reply { conn, reply });
             }
-            Command::Close { conn } => self.apply_fact(Fact::Closed(conn), batch),
+            Command::Close {
+                conn,
+                exited: false,
+            } => self.apply_fact(Fact::Closed(conn), batch),
+            Command::Close { conn, exited: true } => {
+                self.apply_fact(Fact::ClosedByExit(conn), batch);
+            }
             Command::ProcessExited(process) => {
                 self.apply_fact(Fact::ProcessExited(process), batch);
             }
@@ -554,6 +564,10 @@ impl Core {
         match &fact {
             Fact::Closed(conn) => {
                 batch.endings.push(Ending::Closed(*conn));
+                batch.closed.push(*conn);
+            }
+            Fact::ClosedByExit(conn) => {
+                batch.endings.push(Ending::ClosedByExit(*conn));
                 batch.closed.push(*conn);
             }
             Fact::ProcessExited(process) => batch.endings.push(Ending::Exited(*process)),

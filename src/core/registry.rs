@@ -64,6 +64,9 @@ pub struct ProcessId {
 pub enum Ending {
     /// A connection closed: its connection entries leave.
     Closed(ConnId),
+    /// A connection closed because its process was exiting: its
+    /// connection entries leave for the exit.
+    ClosedByExit(ConnId),
     /// A process exited: every entry it owned leaves.
     Exited(ProcessId),
 }
@@ -658,7 +661,10 @@ impl Registry {
         let mut leaving = Vec::new();
         for ending in endings {
             match *ending {
-                Ending::Closed(conn) => self.close(conn, &mut leaving),
+                Ending::Closed(conn) => self.close(conn, LeaveReason::Closed, &mut leaving),
+                Ending::ClosedByExit(conn) => {
+                    self.close(conn, LeaveReason::PidExit, &mut leaving);
+                }
                 Ending::Exited(process) => {
                     if let Some(refs) = self.by_process.get(&process) {
                         leaving.extend(refs.iter().map(|r| (r.clone(), LeaveReason::PidExit)));
@@ -670,8 +676,13 @@ impl Registry {
     }
 
     /// Forgets a closed connection and adds its connection entries to
-    /// `leaving`.
-    fn close(&mut self, conn: ConnId, leaving: &mut Vec<(String, LeaveReason)>) {
+    /// `leaving`, for `reason`.
+    fn close(
+        &mut self,
+        conn: ConnId,
+        reason: LeaveReason,
+        leaving: &mut Vec<(String, LeaveReason)>,
+    ) {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
         };
@@ -683,7 +694,7 @@ impl Registry {
         }
         for phx_ref in held {
             match self.entry(&phx_ref).map(|e| e.lifetime) {
-                Some(Lifetime::Connection) => leaving.push((phx_ref, LeaveReason::Closed)),
+                Some(Lifetime::Connection) => leaving.push((phx_ref, reason)),
                 Some(Lifetime::Process) => self.detach(&phx_ref),
                 None => {}
             }
