@@ -184,6 +184,10 @@ pub enum LeaveReason {
     PidExit,
     Expired,
     Update,
+    /// Found gone when the daemon started: the entry's process exited (or
+    /// the machine rebooted) while no daemon ran. History only; no client
+    /// is connected yet to be sent a diff.
+    ExitedWhileDown,
 }
 
 impl LeaveReason {
@@ -194,6 +198,7 @@ impl LeaveReason {
             LeaveReason::PidExit => "pid_exit",
             LeaveReason::Expired => "expired",
             LeaveReason::Update => "update",
+            LeaveReason::ExitedWhileDown => "exited_while_down",
         }
     }
 
@@ -204,6 +209,7 @@ impl LeaveReason {
             LeaveReason::PidExit,
             LeaveReason::Expired,
             LeaveReason::Update,
+            LeaveReason::ExitedWhileDown,
         ]
         .into_iter()
         .find(|reason| reason.as_str() == text)

@@ -238,3 +238,66 @@ async fn kill_9_of_an_owner_reads_process_exited_and_a_closed_socket_connection_
         format!("- carol (pid {me}) left (connection closed)")
     );
 }
+
+/// The owner's process dies while the daemon is down: the restarted daemon
+/// removes it and promotes the next in line, and `presence log` records
+/// both, the departure with its reason.
+#[tokio::test]
+async fn a_restart_records_the_departures_and_the_new_owner_it_finds_in_the_log() {
+    let mut daemon = Daemon::start().await;
+    let (mut alice, bob) = (spawn_sleeper(), spawn_sleeper());
+    let alice_pid = alice.id().expect("pid").to_string();
+    let bob_pid = bob.id().expect("pid").to_string();
+    for (key, pid) in [("alice", &alice_pid), ("bob", &bob_pid)] {
+        let joined = daemon
+            .output(&["join", "doc", "--detach", "--key", key, "--pid", pid])
+            .await;
+        assert!(matches!(joined.status.code(), Some(0 | 3)), "{joined:?}");
+    }
+
+    daemon.stop().await;
+    alice.start_kill().expect("kill -9 of alice's process");
+    common::within("alice's process to be reaped", alice.wait())
+        .await
+        .expect("reaped");
+    daemon.start_again(&[]).await;
+
+    let log = daemon.output(&["log", "doc", "--json"]).await;
+    assert_eq!(log.status.code(), Some(0), "{log:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&log.stdout).expect("JSON");
+    let events = reply["events"].as_array().expect("events");
+    let found: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let text = |field: &str| e[field].as_str().unwrap_or_default().to_owned();
+            (text("kind"), text("key"), text("reason"))
+        })
+        .collect();
+    let expected =
+        |kind: &str, key: &str, reason: &str| (kind.to_owned(), key.to_owned(), reason.to_owned());
+    assert_eq!(
+        found,
+        [
+            expected("join", "alice", ""),
+            expected("owner", "alice", ""),
+            expected("join", "bob", ""),
+            expected("leave", "alice", "exited_while_down"),
+            expected("owner", "bob", ""),
+        ],
+        "{events:#?}"
+    );
+
+    let log = daemon.output(&["log", "doc"]).await;
+    let text = stdout(&log);
+    assert!(
+        text.contains("left (p1): process exited while the daemon was down"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("bob") && l.contains("became owner")),
+        "{text}"
+    );
+    drop(bob);
+}

@@ -269,6 +269,11 @@ the latest of them, oldest first: who held a topic, and when.
   12:07:15 (3m ago)    alice  left (p1): process exited        alice  4242
   12:07:15 (3m ago)    bob    became owner (p2)                 bob    4250
 
+An entry whose process exited while no daemon ran (or before the machine
+rebooted) is found gone when the daemon starts: it is recorded then, as
+`left (p1): process exited while the daemon was down`, and the next in
+line as `became owner`, at the time of that start.
+
 An update's line says what it did to the meta: each field it added or
 changed, with its new value, and each it removed, after a minus, as in
 `updated (p3): line=42, -mode`. An editor plugin whose user saved over the

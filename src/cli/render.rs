@@ -158,6 +158,7 @@ pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
         LeaveReason::PidExit => Some("process exited"),
         LeaveReason::Expired => Some("not resumed after a restart"),
         LeaveReason::Update => Some("updated"),
+        LeaveReason::ExitedWhileDown => Some("process exited while the daemon was down"),
     }
 }
 

@@ -211,6 +211,7 @@ impl Core {
             "loaded presences from {}",
             store.path().display()
         );
+        let history = registry::departures_at_start(&sorted.departed, &sorted.kept, now_millis());
         let mut core = Core {
             // The per-uid quotas are for the other users of a shared
             // daemon; its own user is held only to the total.
@@ -223,7 +224,7 @@ impl Core {
             next_prune: Instant::now(),
             max_batch: MAX_BATCH,
         };
-        core.forget_dead_rows(sorted.dead, stored_next_seq)?;
+        core.forget_dead_rows(sorted.dead, history, stored_next_seq)?;
         Ok(core)
     }
 
@@ -240,15 +241,24 @@ impl Core {
     /// below the saved counter, so none is handed out again; and should the
     /// daemon stop before the delete is saved, the next start finds the
     /// same processes gone and drops them again.
+    ///
+    /// `history` records the departures and the new owners: written with
+    /// the deletions, and lost (with a warning) only if they cannot be.
     fn forget_dead_rows(
         &mut self,
         dead: Vec<String>,
+        history: Vec<Change>,
         stored_next_seq: u64,
     ) -> Result<(), StoreError> {
         if dead.is_empty() && self.registry.next_seq() == stored_next_seq {
             return Ok(());
         }
-        let changes: Vec<Change> = dead.iter().cloned().map(Change::Delete).collect();
+        let changes: Vec<Change> = dead
+            .iter()
+            .cloned()
+            .map(Change::Delete)
+            .chain(history)
+            .collect();
         match self.store.commit(&changes, self.registry.next_seq()) {
             Ok(()) => Ok(()),
             Err(cause) if cause.is_passing() => {
@@ -678,6 +688,8 @@ impl Core {
 struct SortedRows {
     kept: Vec<registry::Entry>,
     dead: Vec<String>,
+    /// The entries of `dead`, for the history.
+    departed: Vec<registry::Entry>,
     of_another_boot: usize,
     of_exited_processes: usize,
 }
@@ -688,6 +700,7 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
     let mut sorted = SortedRows {
         kept: Vec::new(),
         dead: Vec::new(),
+        departed: Vec::new(),
         of_another_boot: 0,
         of_exited_processes: 0,
     };
@@ -724,7 +737,8 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
             entry.topic,
             entry.process.pid
         );
-        sorted.dead.push(entry.phx_ref);
+        sorted.dead.push(entry.phx_ref.clone());
+        sorted.departed.push(entry);
     }
     sorted
 }

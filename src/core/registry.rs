@@ -208,6 +208,47 @@ impl Outbox {
     }
 }
 
+/// The history of a start: each entry found gone (`dead`, its process
+/// exited or the machine rebooted while no daemon ran) leaves, and where
+/// one of them owned its topic, the first of `kept` there becomes the
+/// owner. Recorded at `now`, when the daemon found out.
+pub fn departures_at_start(dead: &[Entry], kept: &[Entry], now: i64) -> Vec<Change> {
+    let mut first_kept: BTreeMap<&str, &Entry> = BTreeMap::new();
+    for entry in kept {
+        let first = first_kept.entry(&entry.topic).or_insert(entry);
+        if entry.seq < first.seq {
+            *first = entry;
+        }
+    }
+    let mut dead: Vec<&Entry> = dead.iter().collect();
+    dead.sort_by_key(|entry| entry.seq);
+    let mut changes = Vec::new();
+    let mut topics_done = BTreeSet::new();
+    for entry in &dead {
+        let event = history_event(
+            entry,
+            HistoryKind::Leave,
+            Some(LeaveReason::ExitedWhileDown),
+            now,
+        );
+        changes.push(Change::History(Box::new(event)));
+    }
+    for entry in &dead {
+        // The topic's owner was its first entry; was that one gone?
+        if !topics_done.insert(entry.topic.as_str()) {
+            continue;
+        }
+        let Some(next) = first_kept.get(entry.topic.as_str()) else {
+            continue;
+        };
+        if next.seq > entry.seq {
+            let event = history_event(next, HistoryKind::Owner, None, now);
+            changes.push(Change::History(Box::new(event)));
+        }
+    }
+    changes
+}
+
 /// A history event of `kind` about `entry`, with nothing about its meta.
 fn history_event(
     entry: &Entry,
