@@ -301,3 +301,103 @@ async fn a_restart_records_the_departures_and_the_new_owner_it_finds_in_the_log(
     );
     drop(bob);
 }
+
+/// Everything `presence ARGS` writes to a terminal `columns` wide (a
+/// pseudo-terminal on its stdout), uncoloured, as lines.
+async fn on_a_terminal(daemon: &Daemon, args: &[&str], columns: u16) -> Vec<String> {
+    use std::io::Read as _;
+    let size = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).expect("a pseudo-terminal");
+    let mut command = daemon.command();
+    command
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm")
+        .stdout(std::process::Stdio::from(pty.slave));
+    let mut child = command.spawn().expect("presence spawns");
+    // Our copy of the terminal's other end goes with the command, so that
+    // reading ends when the child's does.
+    drop(command);
+    let master = pty.master;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut master = std::fs::File::from(master);
+        let mut bytes = Vec::new();
+        // Linux says EIO once the other side has hung up.
+        let _ = master.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let status = common::within("presence to finish", child.wait())
+        .await
+        .expect("wait");
+    assert!(status.success(), "{args:?} failed");
+    let text = common::within("the terminal's output", read)
+        .await
+        .expect("reader");
+    text.lines()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+/// `list` on an 80-column terminal fits it: the long metas (and topics)
+/// are cut with an ellipsis; piped, or with --wide, every line is whole.
+#[tokio::test]
+async fn list_fits_the_terminal_and_is_whole_when_piped_or_wide() {
+    let daemon = Daemon::start().await;
+    let sleeper = spawn_sleeper();
+    let pid = sleeper.id().expect("pid").to_string();
+    let topic = "file:/home/alice/projects/presenced/docs/a-rather-long-name.md";
+    for (key, editor) in [("alice", "nvim"), ("bob", "vim")] {
+        let meta = serde_json::json!({
+            "editor": editor,
+            "version": "0.10.2-dev+gabcdef",
+            "login": key,
+            "file": "/home/alice/projects/presenced/docs/a-rather-long-name.md",
+        })
+        .to_string();
+        let joined = daemon
+            .output(&[
+                "join", topic, "--detach", "--key", key, "--pid", &pid, "--meta", &meta,
+            ])
+            .await;
+        assert!(matches!(joined.status.code(), Some(0 | 3)), "{joined:?}");
+    }
+    let columns = |line: &str| line.chars().count();
+
+    let narrow = on_a_terminal(&daemon, &["list"], 80).await;
+    assert_eq!(narrow.len(), 3, "{narrow:#?}");
+    for line in &narrow {
+        assert!(columns(line) <= 80, "{} columns: {line}", columns(line));
+    }
+    assert!(
+        narrow[0].starts_with("TOPIC") && narrow[0].ends_with("META"),
+        "{narrow:#?}"
+    );
+    assert!(
+        narrow[1].contains("owner") && narrow[1].contains("alice"),
+        "{narrow:#?}"
+    );
+    assert!(narrow[1].ends_with('…'), "the meta is cut: {narrow:#?}");
+
+    let wide = on_a_terminal(&daemon, &["list", "--wide"], 80).await;
+    assert!(wide.iter().any(|line| columns(line) > 80), "{wide:#?}");
+    assert!(
+        wide[1].contains(topic) && wide[1].ends_with('}'),
+        "{wide:#?}"
+    );
+
+    let piped = daemon.output(&["list"]).await;
+    let piped = stdout(&piped);
+    assert!(piped.lines().any(|line| columns(line) > 80), "{piped}");
+    assert!(
+        piped
+            .lines()
+            .nth(1)
+            .is_some_and(|line| line.contains(topic) && line.ends_with('}')),
+        "{piped}"
+    );
+}

@@ -241,6 +241,10 @@ was given with --meta.
   doc    spectator #1  bob    bob    4250  12:04:40 (1m ago)
   wiki   owner         carol  carol  4301  2025-01-03 09:12:44 (4d ago)
 
+On a terminal the table fits its width: META is cut first, with an
+ellipsis (…), then TOPIC, KEY, USER and JOINED, each down to a few
+columns. Piped or redirected, and with --wide, every line is whole.
+
 When nobody is present it says so on standard error and prints nothing.";
 
 const WATCH_DETAILS: &str = "\
