@@ -551,7 +551,7 @@ _presence() {
             return 0
             ;;
         presence__subcmd__list)
-            opts="-h -V --json --socket --no-autostart --system --color --log-level --help --version"
+            opts="-h -V --json --wide --socket --no-autostart --system --color --log-level --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

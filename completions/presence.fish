@@ -111,6 +111,7 @@ always\t''
 never\t''"
 complete -c presence -n "__fish_presence_using_subcommand list" -l log-level -d 'What to log: error, warn, info, debug, trace, or a tracing filter [default: $PRESENCE_LOG, else $RUST_LOG, else info for the daemon and warn for the others]' -r
 complete -c presence -n "__fish_presence_using_subcommand list" -l json -d 'Print the daemon\'s `list` reply fields as JSON'
+complete -c presence -n "__fish_presence_using_subcommand list" -l wide -d 'Show every column in full, however wide the terminal (as when the output is piped)'
 complete -c presence -n "__fish_presence_using_subcommand list" -l no-autostart -d 'Fail instead of starting a daemon when none is running'
 complete -c presence -n "__fish_presence_using_subcommand list" -l system -d 'Use the system-wide daemon that the members of the group `presence` share: socket /run/presenced/presenced.sock, database in /var/lib/presenced. systemd starts it; clients never do'
 complete -c presence -n "__fish_presence_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -184,6 +184,10 @@ pub enum LeaveReason {
     PidExit,
     Expired,
     Update,
+    /// Found gone when the daemon started: the entry's process exited (or
+    /// the machine rebooted) while no daemon ran. History only; no client
+    /// is connected yet to be sent a diff.
+    ExitedWhileDown,
 }
 
 impl LeaveReason {
@@ -194,6 +198,7 @@ impl LeaveReason {
             LeaveReason::PidExit => "pid_exit",
             LeaveReason::Expired => "expired",
             LeaveReason::Update => "update",
+            LeaveReason::ExitedWhileDown => "exited_while_down",
         }
     }
 
@@ -204,6 +209,7 @@ impl LeaveReason {
             LeaveReason::PidExit,
             LeaveReason::Expired,
             LeaveReason::Update,
+            LeaveReason::ExitedWhileDown,
         ]
         .into_iter()
         .find(|reason| reason.as_str() == text)
@@ -840,13 +846,19 @@ impl ServerMessage {
 // Validation shared by the daemon and the client
 // ---------------------------------------------------------------------------
 
-/// Checks a topic or key: 1 to `max_bytes` bytes and no hidden
-/// characters (see [`is_hidden_char`]).
+/// Checks a topic or key: 1 to `max_bytes` bytes, not only white space,
+/// and no hidden characters (see [`is_hidden_char`]).
 pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), ErrorBody> {
     if name.is_empty() || name.len() > max_bytes {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
             format!("{what} must be 1 to {max_bytes} bytes, got {}", name.len()),
+        ));
+    }
+    if is_blank(name) {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{what} {BLANK_PROBLEM}"),
         ));
     }
     if let Some(problem) = hidden_char_problem(name) {
@@ -856,6 +868,15 @@ pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), Err
         ));
     }
     Ok(())
+}
+
+/// Why a name of nothing but white space is refused.
+pub const BLANK_PROBLEM: &str = "must not be blank (only white space)";
+
+/// Whether `name` is nothing but white space (which prints as nothing, so
+/// no one could tell one such name from another).
+pub fn is_blank(name: &str) -> bool {
+    name.trim().is_empty()
 }
 
 /// Whether `c` is a control character (general category Cc: C0, DEL and
@@ -1023,6 +1044,9 @@ mod tests {
     fn names_with_control_characters_are_refused() {
         assert!(validate_name("topic", "a\nb", 256).is_err());
         assert!(validate_name("topic", "", 256).is_err());
+        assert!(validate_name("topic", "   ", 256).is_err());
+        assert!(validate_name("topic", "\u{3000}", 256).is_err());
+        assert!(validate_name("topic", " a ", 256).is_ok());
         assert!(validate_name("topic", "publishing_edit:docs:x", 256).is_ok());
     }
 

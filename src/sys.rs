@@ -47,6 +47,44 @@ fn start_time_from_stat(stat: &[u8]) -> io::Result<u64> {
         .ok_or_else(|| invalid_data("no start time in /proc stat"))
 }
 
+/// `PF_EXITING` in the flags of `/proc/PID/stat`: the process is exiting.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether `process` is exiting or gone: its pid is free or another
+/// process's, it is a zombie, or the kernel has flagged it `PF_EXITING`,
+/// which it does before closing the process's files. So a connection that
+/// closed because its process was killed is told at once from one that
+/// the process closed itself. When `/proc` cannot tell, no.
+pub fn is_exiting(process: ProcessId) -> bool {
+    let stat = match std::fs::read(format!("/proc/{}/stat", process.pid)) {
+        Ok(stat) => stat,
+        Err(e) => return e.kind() == io::ErrorKind::NotFound,
+    };
+    if start_time_from_stat(&stat).is_ok_and(|start| start != process.start_time) {
+        return true;
+    }
+    let Some(after_name) = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .map(|i| &stat[i + 1..])
+    else {
+        return false;
+    };
+    let mut fields = after_name
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|field| !field.is_empty());
+    let state = fields.next();
+    if matches!(state, Some(b"Z" | b"X" | b"x")) {
+        return true;
+    }
+    // After the state: ppid, pgrp, session, tty_nr, tpgid, then flags.
+    fields
+        .nth(5)
+        .and_then(|field| std::str::from_utf8(field).ok())
+        .and_then(|field| field.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
+}
+
 /// The process, pinned by its start time; `NotFound` when it is not running.
 pub fn process_id(pid: u32) -> io::Result<ProcessId> {
     Ok(ProcessId {

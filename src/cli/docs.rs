@@ -169,7 +169,10 @@ exits 0 as the owner or 3 as a spectator, so that `if presence join
   spectator #1, owner alice (pid 4242), ref p13
 
 The entry stays, a spectator keeping its place in the queue, until that
-process exits or `presence leave` removes it.
+process exits or `presence leave` removes it. Joining the same topic again
+with the same key for the same process (a second `presence join --detach
+doc` from one shell) would queue it behind itself: join refuses, naming
+the entry it already has, and exits 1. Another --key joins again.
 
 With --wait-owner, join waits until the entry is the owner, as flock(1)
 waits for a lock. With --detach it then exits 0 and leaves the entry in
@@ -237,11 +240,16 @@ same key. --all removes every entry of yours with the key, whichever
 process it belongs to. An entry held by a running `presence join` belongs
 to that command, and ends with it.
 
-Prints what was removed. Removing nothing is not an error, so leave can run
-twice, from a trap for instance:
+Prints what was removed. Removing nothing is an error (exit status 1), so
+a mistyped topic or key does not pass unnoticed; it says what was looked
+for, and names your entries with the key that belong to other processes:
 
   left doc (1 entry)
-  nothing to leave on doc (key alice of the calling process)";
+  presence: nothing to leave on doc (key alice of the calling process);
+  your entries with that key belong to other processes: ref p13 of pid 4242
+  (name one with --ref or --pid)
+
+From a trap that may run twice, write `presence leave doc || true`.";
 
 const UPDATE_DETAILS: &str = "\
 Replaces the meta of one of your entries made with `presence join
@@ -265,6 +273,10 @@ was given with --meta.
   doc    owner         alice  alice  4242  12:03:09 (3m ago)   {\"file\":\"doc.md\"}
   doc    spectator #1  bob    bob    4250  12:04:40 (1m ago)
   wiki   owner         carol  carol  4301  2025-01-03 09:12:44 (4d ago)
+
+On a terminal the table fits its width: META is cut first, with an
+ellipsis (…), then TOPIC, KEY, USER and JOINED, each down to a few
+columns. Piped or redirected, and with --wide, every line is whole.
 
 When nobody is present it says so on standard error and prints nothing.";
 
@@ -304,6 +316,11 @@ the latest of them, oldest first: who held a topic, and when.
   12:03:02 (8m ago)    bob    joined (p2)                       bob    4250
   12:07:15 (3m ago)    alice  left (p1): process exited        alice  4242
   12:07:15 (3m ago)    bob    became owner (p2)                 bob    4250
+
+An entry whose process exited while no daemon ran (or before the machine
+rebooted) is found gone when the daemon starts: it is recorded then, as
+`left (p1): process exited while the daemon was down`, and the next in
+line as `became owner`, at the time of that start.
 
 An update's line says what it did to the meta: each field it added or
 changed, with its new value, and each it removed, after a minus, as in

@@ -72,6 +72,9 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
     // slow to start must not make the command unkillable.
     let joining = async {
         let (session, events) = target.session().await?;
+        if let Some(pid) = pid {
+            refuse_joining_twice(&session, &args, pid).await?;
+        }
         let tracked = session
             .track(track_request(&args, pid))
             .await
@@ -117,6 +120,35 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
             Err(e)
         }
     }
+}
+
+/// Refuses a second entry with the same key for the same process: a
+/// script or shell that joins again would otherwise queue behind itself,
+/// waiting on its own entry for ever. The daemon allows it (a program may
+/// want two entries under one key); the command line asks for another key.
+async fn refuse_joining_twice(
+    session: &crate::client::Session,
+    args: &JoinArgs,
+    pid: u32,
+) -> anyhow::Result<()> {
+    let doing = format!("could not join {}", args.topic);
+    let key = tracked_key(args);
+    let client = session.client().await.map_err(|e| failed(&doing, e))?;
+    let uid = crate::sys::current_uid();
+    let metas = client
+        .get_by_key(&args.topic, &key)
+        .await
+        .map_err(|e| failed(&doing, e))?;
+    if let Some(meta) = metas.iter().find(|m| m.uid == uid && m.pid == pid) {
+        anyhow::bail!(
+            "already in line on {} with key {key} for pid {pid} (ref {}); `presence leave {}` \
+             removes that entry, or join with another --key to be in line twice",
+            args.topic,
+            meta.phx_ref,
+            args.topic
+        );
+    }
+    Ok(())
 }
 
 /// Prints the standing, then holds or waits as the flags say.

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use super::{EntryArgs, Target, failed_changing, parse_name, render};
+use super::{EntryArgs, Outcome, Target, failed_changing, parse_name, render};
 use crate::client::ClientError;
 use crate::protocol::{ErrorCode, UntrackReply, UntrackRequest};
 
@@ -26,7 +26,7 @@ pub struct LeaveArgs {
     pub json: bool,
 }
 
-pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
+pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<Outcome> {
     let (client, _events) = target.connect().await?;
     let doing = format!("could not leave {}", args.topic);
 
@@ -84,13 +84,18 @@ pub async fn run(target: &Target, args: LeaveArgs) -> anyhow::Result<()> {
     if args.json {
         say!("{}", serde_json::to_string(&UntrackReply { removed })?);
     } else if removed == 0 {
-        // Nothing to remove is the state leave is for: not an error.
+        // Nothing to remove fails, so a script notices a wrong topic or
+        // key; the line says what was looked for, on stderr as errors are.
         let line = format!("nothing to leave on {} ({named}){hint}", args.topic);
-        say!("{}", render::visible(&line));
+        eprintln!("presence: {}", render::visible(&line));
     } else {
         let entries = if removed == 1 { "entry" } else { "entries" };
         let line = format!("left {} ({removed} {entries}){hint}", args.topic);
         say!("{}", render::visible(&line));
     }
-    Ok(())
+    Ok(if removed == 0 {
+        Outcome::Failed
+    } else {
+        Outcome::Done
+    })
 }

@@ -18,7 +18,17 @@ pub struct ListArgs {
     /// Print the daemon's `list` reply fields as JSON
     #[arg(long)]
     pub json: bool,
+
+    /// Show every column in full, however wide the terminal (as when
+    /// the output is piped)
+    #[arg(long)]
+    pub wide: bool,
 }
+
+/// The columns cut on a narrow terminal, in this order, each down to a
+/// least width in columns: META, TOPIC, KEY, USER, and last JOINED (whose
+/// time comes first, so its relative part goes).
+const SHRINKABLE: &[(usize, usize)] = &[(6, 8), (0, 12), (2, 8), (3, 8), (5, 8)];
 
 pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     let (client, _events) = target.connect().await?;
@@ -40,7 +50,7 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
             all.topics
         }
     };
-    let rows = rows(&topics);
+    let mut rows = rows(&topics);
     if rows.is_empty() {
         eprintln!("nobody is present");
         return Ok(());
@@ -50,6 +60,11 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     let mut header = vec!["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"];
     if with_meta {
         header.push("META");
+    }
+    if !args.wide
+        && let Some(width) = render::terminal_width()
+    {
+        render::fit(&header, &mut rows, width, SHRINKABLE);
     }
     let table = render::table(&header, &rows);
     say!("{}", table.trim_end());

@@ -343,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         match cli.command {
             Command::Join(args) => join::run(&target, args).await,
             Command::Run(args) => run::run(&target, args).await,
-            Command::Leave(args) => done(leave::run(&target, args).await),
+            Command::Leave(args) => leave::run(&target, args).await,
             Command::Update(args) => done(update::run(&target, args).await),
             Command::List(args) => done(list::run(&target, args).await),
             Command::Watch(args) => done(watch::run(&target, args).await),
@@ -577,11 +577,14 @@ pub fn failed_changing(doing: &str, error: ClientError) -> anyhow::Error {
     }
 }
 
-/// A topic or key as the daemon takes it: not empty, no control
-/// characters. The daemon also caps the length, which it alone knows.
+/// A topic or key as the daemon takes it: not empty, not only white
+/// space, no control characters. The daemon also caps the length, which it
+/// alone knows.
 fn parse_name(text: &str) -> Result<String, String> {
     if text.is_empty() {
         Err("must not be empty".to_owned())
+    } else if crate::protocol::is_blank(text) {
+        Err(crate::protocol::BLANK_PROBLEM.to_owned())
     } else if let Some(problem) = crate::protocol::hidden_char_problem(text) {
         Err(problem)
     } else {
@@ -658,7 +661,7 @@ impl EntryArgs {
             refs: refs.into_iter().map(|meta| meta.phx_ref).collect(),
             elsewhere: elsewhere
                 .into_iter()
-                .map(|meta| format!("{} (pid {})", meta.phx_ref, meta.pid))
+                .map(|meta| format!("ref {} of pid {}", meta.phx_ref, meta.pid))
                 .collect(),
         })
     }
@@ -678,7 +681,7 @@ pub struct Selection {
     /// The refs meant.
     pub refs: Vec<String>,
     /// Your entries with the key that belong to other processes, as
-    /// `REF (pid PID)`: a hint when `refs` is not what was expected.
+    /// `ref REF of pid PID`: a hint when `refs` is not what was expected.
     pub elsewhere: Vec<String>,
 }
 
@@ -689,7 +692,8 @@ impl Selection {
             String::new()
         } else {
             format!(
-                "; yours with that key elsewhere: {} (name one with --ref or --pid)",
+                "; your entries with that key belong to other processes: {} \
+                 (name one with --ref or --pid)",
                 self.elsewhere.join(", ")
             )
         }

@@ -159,6 +159,7 @@ pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
         LeaveReason::PidExit => Some("process exited"),
         LeaveReason::Expired => Some("not resumed after a restart"),
         LeaveReason::Update => Some("updated"),
+        LeaveReason::ExitedWhileDown => Some("process exited while the daemon was down"),
     }
 }
 
@@ -323,6 +324,85 @@ pub fn table(header: &[&str], rows: &[Vec<Cell>]) -> String {
     out
 }
 
+/// The width of the terminal standard output is, in columns; `None` when
+/// it is not a terminal (piped, redirected) or does not say.
+pub fn terminal_width() -> Option<usize> {
+    use rustix::ioctl::{Getter, Opcode, ioctl};
+    /// `struct winsize` of `TIOCGWINSZ`.
+    #[repr(C)]
+    struct Winsize {
+        rows: u16,
+        cols: u16,
+        x_pixels: u16,
+        y_pixels: u16,
+    }
+    const TIOCGWINSZ: Opcode = 0x5413;
+    let stdout = std::io::stdout();
+    if !std::io::IsTerminal::is_terminal(&stdout) {
+        return None;
+    }
+    // SAFETY: TIOCGWINSZ writes one struct winsize, which Winsize mirrors.
+    let size = unsafe { ioctl(&stdout, Getter::<TIOCGWINSZ, Winsize>::new()) }.ok()?;
+    (size.cols > 0).then_some(usize::from(size.cols))
+}
+
+/// Narrows `rows` (under `header`) to `width` terminal columns, as
+/// [`table`] lays them out: the columns in `shrinkable`, in that order,
+/// each down to its least width, have their longer cells cut with an
+/// ellipsis. A table that fits, or cannot be made to, is left as it is
+/// past what shrinking gives.
+pub fn fit(header: &[&str], rows: &mut [Vec<Cell>], width: usize, shrinkable: &[(usize, usize)]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    for row in rows.iter() {
+        for (column, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(column) {
+                *w = (*w).max(cell.text.width());
+            }
+        }
+    }
+    let total =
+        |widths: &[usize]| widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
+    for &(column, least) in shrinkable {
+        let over = total(&widths).saturating_sub(width);
+        if over == 0 {
+            break;
+        }
+        let Some(current) = widths.get(column).copied() else {
+            continue;
+        };
+        let floor = least.max(header.get(column).map_or(0, |h| h.width()));
+        let target = current.saturating_sub(over).max(floor);
+        if target >= current {
+            continue;
+        }
+        widths[column] = target;
+        for row in rows.iter_mut() {
+            if let Some(cell) = row.get_mut(column) {
+                cell.text = cut(&cell.text, target);
+            }
+        }
+    }
+}
+
+/// `text` cut to `width` terminal columns, ending in `…` if it was cut.
+fn cut(text: &str, width: usize) -> String {
+    if text.width() <= width {
+        return text.to_owned();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w + 1 > width {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    out.push('…');
+    out
+}
+
 /// Labels and values, the values lined up: `presence status`.
 pub fn pairs(rows: &[(&str, Cell)]) -> String {
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
@@ -414,6 +494,27 @@ mod tests {
             client_meta(meta.as_object().unwrap()).unwrap(),
             r#"{"c":"\u001b[2J","file":"\u{202e}txt.md"}"#
         );
+    }
+
+    #[test]
+    fn fit_cuts_the_shrinkable_columns_in_order_with_an_ellipsis() {
+        let mut rows = vec![vec![
+            Cell::from("a-long-topic-name"),
+            Cell::from("owner"),
+            Cell::from("{\"file\":\"notes.md\"}"),
+        ]];
+        // 17 + 2 + 5 + 2 + 19 = 45 columns, to fit in 40: META alone.
+        fit(&["TOPIC", "ROLE", "META"], &mut rows, 40, &[(2, 8), (0, 8)]);
+        assert_eq!(rows[0][2].text, "{\"file\":\"note…");
+        assert_eq!(rows[0][0].text, "a-long-topic-name", "META was enough");
+        let table = table(&["TOPIC", "ROLE", "META"], &rows);
+        assert!(table.lines().all(|l| l.width() <= 40), "{table}");
+
+        // To 30: META down to its least, then TOPIC.
+        fit(&["TOPIC", "ROLE", "META"], &mut rows, 30, &[(2, 8), (0, 8)]);
+        assert_eq!(rows[0][2].text, "{\"file\"…");
+        assert_eq!(rows[0][0].text, "a-long-topic…");
+        assert_eq!(cut("日本語のトピック", 7), "日本語…");
     }
 
     #[test]

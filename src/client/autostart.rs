@@ -78,6 +78,8 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     paths::ensure_private_dir(db_dir).map_err(|e| failed("database folder", &e))?;
     let log_path = paths::autostart_log(&db);
     let log = open_private_file(OpenOptions::new().create(true).append(true), &log_path)?;
+    // Where this daemon's lines begin: an earlier daemon's are not its reason.
+    let log_start = log.metadata().map_or(0, |m| m.len());
 
     let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
     // One argument, `--socket=PATH`, so that a path starting with `-` is
@@ -133,15 +135,59 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
                 .await
                 .ok()
                 .and_then(Result::ok);
-            Err(ClientError::Autostart(format!(
-                "the daemon exited ({}) before listening; see {}",
-                status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string()),
-                log_path.display()
-            )))
+            let status = status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string());
+            Err(ClientError::Autostart(
+                match last_error_line(&log_path, log_start) {
+                    Some(reason) => format!(
+                        "{reason} (the daemon exited, {status}; log: {})",
+                        log_path.display()
+                    ),
+                    None => format!(
+                        "the daemon exited ({status}) before listening; see {}",
+                        log_path.display()
+                    ),
+                },
+            ))
         }
         Err(_) => Err(ClientError::Autostart(format!(
             "the daemon did not listen within {READY_DEADLINE:?}; see {}",
             log_path.display()
         ))),
     }
+}
+
+/// The most a reason read back from the daemon's log may be, in bytes.
+const MOST_LOG_BYTES: u64 = 64 * 1024;
+
+/// The daemon's own last error, from what it wrote to `log` after
+/// `start`: the line it ends with when it refuses to start (`presence:
+/// REASON`, without the prefix), else its last ERROR line, else its last
+/// line. `None` when it wrote nothing.
+fn last_error_line(log: &Path, start: u64) -> Option<String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let end = file.metadata().ok()?.len();
+    let from = start.max(end.saturating_sub(MOST_LOG_BYTES));
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(MOST_LOG_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let line = lines
+        .iter()
+        .rev()
+        .find_map(|line| line.strip_prefix("presence: "))
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|line| line.contains("ERROR"))
+                .copied()
+        })
+        .or_else(|| lines.last().copied())?;
+    Some(line.chars().take(1000).collect())
 }

@@ -128,6 +128,10 @@ pub enum Command {
     },
     Close {
         conn: ConnId,
+        /// Its process was exiting (or gone) when the connection closed,
+        /// as the io layer told from `/proc` at once: the connection's
+        /// entries leave because the process exited.
+        exited: bool,
     },
     ProcessExited(ProcessId),
     /// The connection's queue dropped diffs for these topics; send a fresh
@@ -209,6 +213,7 @@ impl Core {
             "loaded presences from {}",
             store.path().display()
         );
+        let history = registry::departures_at_start(&sorted.departed, &sorted.kept, now_millis());
         let mut core = Core {
             // The per-uid quotas are for the other users of a shared
             // daemon; its own user is held only to the total.
@@ -221,7 +226,7 @@ impl Core {
             next_prune: Instant::now(),
             max_batch: MAX_BATCH,
         };
-        core.forget_dead_rows(sorted.dead, stored_next_seq)?;
+        core.forget_dead_rows(sorted.dead, history, stored_next_seq)?;
         Ok(core)
     }
 
@@ -238,15 +243,24 @@ impl Core {
     /// below the saved counter, so none is handed out again; and should the
     /// daemon stop before the delete is saved, the next start finds the
     /// same processes gone and drops them again.
+    ///
+    /// `history` records the departures and the new owners: written with
+    /// the deletions, and lost (with a warning) only if they cannot be.
     fn forget_dead_rows(
         &mut self,
         dead: Vec<String>,
+        history: Vec<Change>,
         stored_next_seq: u64,
     ) -> Result<(), StoreError> {
         if dead.is_empty() && self.registry.next_seq() == stored_next_seq {
             return Ok(());
         }
-        let changes: Vec<Change> = dead.iter().cloned().map(Change::Delete).collect();
+        let changes: Vec<Change> = dead
+            .iter()
+            .cloned()
+            .map(Change::Delete)
+            .chain(history)
+            .collect();
         match self.store.commit(&changes, self.registry.next_seq()) {
             Ok(()) => Ok(()),
             Err(cause) if cause.is_passing() => {
@@ -519,7 +533,13 @@ impl Core {
                     .deliveries
                     .push(Delivery::Reply { conn, reply });
             }
-            Command::Close { conn } => self.apply_fact(Fact::Closed(conn), batch),
+            Command::Close {
+                conn,
+                exited: false,
+            } => self.apply_fact(Fact::Closed(conn), batch),
+            Command::Close { conn, exited: true } => {
+                self.apply_fact(Fact::ClosedByExit(conn), batch);
+            }
             Command::ProcessExited(process) => {
                 self.apply_fact(Fact::ProcessExited(process), batch);
             }
@@ -556,6 +576,10 @@ impl Core {
         match &fact {
             Fact::Closed(conn) => {
                 batch.endings.push(Ending::Closed(*conn));
+                batch.closed.push(*conn);
+            }
+            Fact::ClosedByExit(conn) => {
+                batch.endings.push(Ending::ClosedByExit(*conn));
                 batch.closed.push(*conn);
             }
             Fact::ProcessExited(process) => batch.endings.push(Ending::Exited(*process)),
@@ -667,6 +691,8 @@ impl Core {
 struct SortedRows {
     kept: Vec<registry::Entry>,
     dead: Vec<String>,
+    /// The entries of `dead`, for the history.
+    departed: Vec<registry::Entry>,
     of_another_boot: usize,
     of_exited_processes: usize,
 }
@@ -677,6 +703,7 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
     let mut sorted = SortedRows {
         kept: Vec::new(),
         dead: Vec::new(),
+        departed: Vec::new(),
         of_another_boot: 0,
         of_exited_processes: 0,
     };
@@ -713,7 +740,8 @@ fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> S
             entry.topic,
             entry.process.pid
         );
-        sorted.dead.push(entry.phx_ref);
+        sorted.dead.push(entry.phx_ref.clone());
+        sorted.departed.push(entry);
     }
     sorted
 }

@@ -14,6 +14,8 @@ use super::{FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 #[derive(Debug)]
 pub(super) enum Fact {
     Closed(ConnId),
+    /// A connection closed by its process's exit.
+    ClosedByExit(ConnId),
     ProcessExited(ProcessId),
     Resync {
         conn: ConnId,
@@ -140,7 +142,7 @@ pub(super) fn describe(facts: &[Fact]) -> Option<String> {
     let (mut closed, mut exited, mut resyncs, mut dead_rows) = (0, 0, 0, 0);
     for fact in facts {
         match fact {
-            Fact::Closed(_) => closed += 1,
+            Fact::Closed(_) | Fact::ClosedByExit(_) => closed += 1,
             Fact::ProcessExited(_) => exited += 1,
             Fact::Resync { .. } => resyncs += 1,
             Fact::DeadRow(_) => dead_rows += 1,

@@ -64,6 +64,9 @@ pub struct ProcessId {
 pub enum Ending {
     /// A connection closed: its connection entries leave.
     Closed(ConnId),
+    /// A connection closed because its process was exiting: its
+    /// connection entries leave for the exit.
+    ClosedByExit(ConnId),
     /// A process exited: every entry it owned leaves.
     Exited(ProcessId),
 }
@@ -205,6 +208,47 @@ impl Outbox {
             self.deliveries.push(Delivery::Event { to, event });
         }
     }
+}
+
+/// The history of a start: each entry found gone (`dead`, its process
+/// exited or the machine rebooted while no daemon ran) leaves, and where
+/// one of them owned its topic, the first of `kept` there becomes the
+/// owner. Recorded at `now`, when the daemon found out.
+pub fn departures_at_start(dead: &[Entry], kept: &[Entry], now: i64) -> Vec<Change> {
+    let mut first_kept: BTreeMap<&str, &Entry> = BTreeMap::new();
+    for entry in kept {
+        let first = first_kept.entry(&entry.topic).or_insert(entry);
+        if entry.seq < first.seq {
+            *first = entry;
+        }
+    }
+    let mut dead: Vec<&Entry> = dead.iter().collect();
+    dead.sort_by_key(|entry| entry.seq);
+    let mut changes = Vec::new();
+    let mut topics_done = BTreeSet::new();
+    for entry in &dead {
+        let event = history_event(
+            entry,
+            HistoryKind::Leave,
+            Some(LeaveReason::ExitedWhileDown),
+            now,
+        );
+        changes.push(Change::History(Box::new(event)));
+    }
+    for entry in &dead {
+        // The topic's owner was its first entry; was that one gone?
+        if !topics_done.insert(entry.topic.as_str()) {
+            continue;
+        }
+        let Some(next) = first_kept.get(entry.topic.as_str()) else {
+            continue;
+        };
+        if next.seq > entry.seq {
+            let event = history_event(next, HistoryKind::Owner, None, now);
+            changes.push(Change::History(Box::new(event)));
+        }
+    }
+    changes
 }
 
 /// A history event of `kind` about `entry`, with nothing about its meta.
@@ -673,7 +717,10 @@ impl Registry {
         let mut leaving = Vec::new();
         for ending in endings {
             match *ending {
-                Ending::Closed(conn) => self.close(conn, &mut leaving),
+                Ending::Closed(conn) => self.close(conn, LeaveReason::Closed, &mut leaving),
+                Ending::ClosedByExit(conn) => {
+                    self.close(conn, LeaveReason::PidExit, &mut leaving);
+                }
                 Ending::Exited(process) => {
                     if let Some(refs) = self.by_process.get(&process) {
                         leaving.extend(refs.iter().map(|r| (r.clone(), LeaveReason::PidExit)));
@@ -685,8 +732,13 @@ impl Registry {
     }
 
     /// Forgets a closed connection and adds its connection entries to
-    /// `leaving`.
-    fn close(&mut self, conn: ConnId, leaving: &mut Vec<(String, LeaveReason)>) {
+    /// `leaving`, for `reason`.
+    fn close(
+        &mut self,
+        conn: ConnId,
+        reason: LeaveReason,
+        leaving: &mut Vec<(String, LeaveReason)>,
+    ) {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
         };
@@ -699,7 +751,7 @@ impl Registry {
         self.subscribed_to_all.remove(&conn);
         for phx_ref in held {
             match self.entry(&phx_ref).map(|e| e.lifetime) {
-                Some(Lifetime::Connection) => leaving.push((phx_ref, LeaveReason::Closed)),
+                Some(Lifetime::Connection) => leaving.push((phx_ref, reason)),
                 Some(Lifetime::Process) => self.detach(&phx_ref),
                 None => {}
             }

@@ -217,7 +217,10 @@ fn reads_in_a_failed_batch_show_only_what_is_committed() {
         vec![
             // Its effect, the owner leaving, is not saved: no read may
             // show it.
-            Command::Close { conn: 1 },
+            Command::Close {
+                conn: 1,
+                exited: false,
+            },
             track(2, 2, "second"),
             request(2, 3, Resolved::Status),
             presence(2, 4, Op::List(Some("doc".into()))),
@@ -275,7 +278,16 @@ fn a_close_still_waiting_is_applied_before_the_next_batch_that_commits() {
     let newcomer = connect(&mut core, 2);
     run_batch(&mut core, vec![track(1, 1, "owner")]).unwrap();
     let locker = db.lock();
-    assert!(run_batch(&mut core, vec![Command::Close { conn: 1 }]).is_err());
+    assert!(
+        run_batch(
+            &mut core,
+            vec![Command::Close {
+                conn: 1,
+                exited: false,
+            }]
+        )
+        .is_err()
+    );
     drop(locker);
 
     // Straight away, within the retry pause: the close goes first.
@@ -301,7 +313,16 @@ fn a_resume_fails_while_the_close_of_its_entry_waits_then_resumes() {
     ];
     run_batch(&mut core, tracks).unwrap();
     let locker = db.lock();
-    assert!(run_batch(&mut core, vec![Command::Close { conn: 1 }]).is_err());
+    assert!(
+        run_batch(
+            &mut core,
+            vec![Command::Close {
+                conn: 1,
+                exited: false,
+            }]
+        )
+        .is_err()
+    );
 
     assert!(run_batch(&mut core, vec![resume(2, 3, "kept")]).is_err());
     let refused = next_line(&second);
@@ -339,7 +360,14 @@ fn a_stop_with_facts_still_unsaved_fails_and_keeps_the_committed_rows() {
     assert_eq!(next_line(&client)["ok"], true);
     let _locker = db.lock();
 
-    let commands = vec![track(1, 2, "lost"), Command::Close { conn: 1 }, shutdown()];
+    let commands = vec![
+        track(1, 2, "lost"),
+        Command::Close {
+            conn: 1,
+            exited: false,
+        },
+        shutdown(),
+    ];
     let stopped = run_to_stop(core, commands);
 
     assert!(
@@ -419,7 +447,16 @@ fn a_failed_commit_reveals_nothing_and_the_close_is_retried_while_idle() {
     run_batch(&mut core, vec![track(1, 2, "first")]).unwrap();
     assert_eq!(sent(&watcher).len(), 3, "reply, state, diff");
     let locker = db.lock();
-    assert!(run_batch(&mut core, vec![Command::Close { conn: 1 }]).is_err());
+    assert!(
+        run_batch(
+            &mut core,
+            vec![Command::Close {
+                conn: 1,
+                exited: false,
+            }]
+        )
+        .is_err()
+    );
     assert_eq!(
         sent(&owner).last(),
         Some(&json!("closed")),
@@ -549,7 +586,10 @@ fn closes_that_arrive_together_are_announced_together() {
 
     // Three owners in a row go at once; then, in the same batch, the
     // last in line asks who is there.
-    let closes = (1..=3).map(|conn| Command::Close { conn });
+    let closes = (1..=3).map(|conn| Command::Close {
+        conn,
+        exited: false,
+    });
     let list = presence(4, 2, Op::List(Some("doc".into())));
     run_batch(&mut core, closes.chain([list]).collect()).unwrap();
 

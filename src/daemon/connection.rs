@@ -198,7 +198,14 @@ pub async fn serve(
         drop(flushing);
     });
     read_requests(recv, &queue, conn, (&peer, peer_process), &shared).await;
-    let _ = shared.core.send(Command::Close { conn });
+    // Told at once from /proc, never waited for: a process killed (kill
+    // -9, a crash) closes its sockets while it exits, flagged PF_EXITING.
+    let exited = match peer_process {
+        Some(sys::PeerProcess::Running(pinned)) => sys::is_exiting(pinned.process),
+        Some(sys::PeerProcess::Exited) => true,
+        None => false,
+    };
+    let _ = shared.core.send(Command::Close { conn, exited });
     if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
         .await
         .is_err()
