@@ -140,7 +140,7 @@ async fn joining_again_from_the_same_shell_says_you_are_already_in_line() {
                  to be in line twice"
             ),
             "again 1",
-            "spectator (owner: k, pid SHELL), ref p2"
+            "spectator #1, owner k (pid SHELL), ref p2"
                 .replace("SHELL", shell)
                 .as_str(),
             "other 3",
@@ -208,7 +208,7 @@ async fn kill_9_of_an_owner_reads_process_exited_and_a_closed_socket_connection_
     assert!(bob.line().await.starts_with("spectator"));
     assert_eq!(
         watch_line(&mut watch).await,
-        format!("+ bob (pid {}) joined", bob.pid())
+        format!("+ bob (pid {}) joined as spectator #1", bob.pid())
     );
 
     let (alice_pid, bob_pid) = (alice.pid(), bob.pid());
@@ -230,7 +230,7 @@ async fn kill_9_of_an_owner_reads_process_exited_and_a_closed_socket_connection_
     let me = std::process::id();
     assert_eq!(
         watch_line(&mut watch).await,
-        format!("+ carol (pid {me}) joined")
+        format!("+ carol (pid {me}) joined as spectator #1")
     );
     drop(raw);
     assert_eq!(
