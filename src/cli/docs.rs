@@ -226,9 +226,9 @@ CMD.
 
 If the entry is taken away while CMD runs (root's `presence leave`, your
 own `presence leave --all` from another shell), run says who did it, sends
-CMD SIGTERM, waits for it to exit, and exits 4. It does the same if the
-daemon is lost for good (exiting 1), so that CMD never goes on running
-as an owner it no longer is.";
+CMD SIGTERM, waits for it to exit (sending SIGKILL after 10 seconds), and
+exits 4. It does the same if the daemon is lost for good (exiting 1), so
+that CMD never goes on running as an owner it no longer is.";
 
 const LEAVE_DETAILS: &str = "\
 Removes your entries on TOPIC: the one named by --ref, or those whose key

@@ -86,7 +86,7 @@ const EXIT_GAVE_UP: u8 = 1;
 
 pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
     let mut signals = Signals::install()?;
-    let mut child = Held::spawn(&args.command)?;
+    let mut child = Held::spawn(&args.command).await?;
     let program = args.command[0].to_string_lossy().into_owned();
 
     let joining = async {
@@ -212,13 +212,22 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
                     Err(e) => Err(e.context(format!("{} was sent SIGTERM", render::visible(&program)))),
                 };
                 child.signal(NixSignal::SIGTERM);
-                let _ = child.exited().await;
+                // A command that ignores SIGTERM must not go on as an owner
+                // it no longer is: it gets SIGKILL after a grace.
+                if tokio::time::timeout(LOST_OWNER_GRACE, child.exited()).await.is_err() {
+                    child.signal(NixSignal::SIGKILL);
+                    let _ = child.exited().await;
+                }
                 leave_within_bounds(&session, &args.topic).await;
                 return lost;
             }
         }
     }
 }
+
+/// How long a command that lost its ownership has, after SIGTERM, to end
+/// before it gets SIGKILL.
+const LOST_OWNER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How waiting in line ended.
 enum Waited {
@@ -328,7 +337,7 @@ struct Held {
 }
 
 impl Held {
-    fn spawn(argv: &[OsString]) -> anyhow::Result<Held> {
+    async fn spawn(argv: &[OsString]) -> anyhow::Result<Held> {
         let Some((program, rest)) = argv.split_first() else {
             anyhow::bail!("no command to run; give one after --");
         };
@@ -345,11 +354,13 @@ impl Held {
         command.args(rest);
         // SAFETY: the closure makes only async-signal-safe system calls
         // (close, prctl, getppid, getpid, write, sigaction, read) and
-        // allocates nothing.
+        // allocates nothing: its errors are bare OS error codes, since a
+        // boxed message could take the allocator's lock that another
+        // thread held at the fork.
         unsafe {
             command.pre_exec(move || fds.hold());
         }
-        let (tell, exit) = oneshot::channel();
+        let (tell, mut exit) = oneshot::channel();
         let child_ends: (OwnedFd, OwnedFd) = (gate_read.into(), pid_write.into());
         std::thread::Builder::new()
             .name("presence-run-child".to_owned())
@@ -362,9 +373,10 @@ impl Held {
         match pid_read.read_exact(&mut pid) {
             Ok(()) => {}
             Err(_) => {
-                // The fork failed: the thread says why.
-                let why = exit
-                    .blocking_recv()
+                // The fork failed: the thread says why. Awaited, not
+                // received blocking: this runs inside the runtime.
+                let why = (&mut exit)
+                    .await
                     .map_or_else(|_| "unknown".to_owned(), |r| describe(&r));
                 anyhow::bail!("cannot start {}: {why}", program.to_string_lossy());
             }
@@ -460,7 +472,7 @@ impl GateFds {
         }
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
         if std::os::unix::process::parent_id() != self.parent {
-            return Err(std::io::Error::other("presence exited"));
+            return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
         }
         let pid = std::process::id().to_ne_bytes();
         // SAFETY: a write of a local buffer to a descriptor we own.
@@ -476,7 +488,8 @@ impl GateFds {
                 1 => return Ok(()),
                 -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
                 }
-                _ => return Err(std::io::Error::other("not the owner; not run")),
+                // Not the owner: the gate closed unopened.
+                _ => return Err(std::io::Error::from_raw_os_error(nix::libc::ECANCELED)),
             }
         }
     }

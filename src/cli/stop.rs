@@ -80,6 +80,17 @@ pub async fn run(target: &Target, args: StopArgs) -> anyhow::Result<Outcome> {
         // Gone between our connect and now: it is stopping by itself.
         PeerProcess::Exited => return wait_for_socket(socket, pid, deadline, args.timeout).await,
     };
+    // Where the kernel cannot pin the listener itself (no SO_PEERPIDFD),
+    // the pid may have been handed to another process since it listened:
+    // the process pinned must run as the daemon's uid, or root could be
+    // led to signal one of its own.
+    if sys::process_uid(pid).ok() != Some(daemon_uid) {
+        anyhow::bail!(
+            "not stopping anything: pid {pid}, which listened at {}, is no longer a process              of {}",
+            socket.display(),
+            describe_uid(daemon_uid)
+        );
+    }
     let (client, _events) = Client::from_stream(stream);
     let asked = request_fields(
         &client,
@@ -97,6 +108,23 @@ pub async fn run(target: &Target, args: StopArgs) -> anyhow::Result<Outcome> {
         })??;
     let status: StatusReply = decode(fields, "status")?;
     drop(client);
+    // Asked first: with socket activation the listener is systemd
+    // itself, so the pids below would not match.
+    if status.started_by.as_deref() == Some("systemd") {
+        let scope = if target.system {
+            "sudo systemctl"
+        } else {
+            "systemctl --user"
+        };
+        anyhow::bail!(
+            "the daemon at {} (pid {}) was started by systemd, which would start it again \
+             at the next connection; stop it with `{scope} stop presenced.socket \
+             presenced.service`",
+            socket.display(),
+            status.pid
+        );
+    }
+
     if status.pid != peer.own_pid {
         anyhow::bail!(
             "not stopping anything: the process listening at {} is pid {pid}, but the daemon \
@@ -105,20 +133,6 @@ pub async fn run(target: &Target, args: StopArgs) -> anyhow::Result<Outcome> {
             status.pid
         );
     }
-    if status.started_by.as_deref() == Some("systemd") {
-        let scope = if target.system {
-            "sudo systemctl"
-        } else {
-            "systemctl --user"
-        };
-        anyhow::bail!(
-            "the daemon at {} (pid {pid}) was started by systemd, which would start it again \
-             at the next connection; stop it with `{scope} stop presenced.socket \
-             presenced.service`",
-            socket.display()
-        );
-    }
-
     let watch = match ExitWatch::open_peer(&peer) {
         Ok(watch) => Some(watch),
         Err(e) if e.kind() == ErrorKind::NotFound => {
