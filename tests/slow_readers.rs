@@ -11,7 +11,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, RawConnection, as_nobody, binary_for_nobody, eventually, rss_bytes, within};
+use common::{
+    Daemon, Options, RawConnection, as_nobody, binary_for_nobody, eventually, rss_bytes, within,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -656,4 +658,78 @@ async fn pipelined_tracks_with_subscribe_share_commits() {
         commits as usize <= TRACKS * 3 / 4,
         "{TRACKS} tracks took {commits} commits"
     );
+}
+
+#[tokio::test]
+async fn a_watcher_of_every_topic_that_stops_reading_is_resynced_whole() {
+    // Few names kept, a small queue: the stale topics soon outnumber them.
+    const MANY: usize = 200;
+    let daemon = Daemon::start_with_options(Options {
+        log: Some("debug"),
+        args: &["--max-subscriptions", "10", "--max-outbound", "65536"],
+        ..Options::default()
+    })
+    .await;
+    let mut watcher = LineReader::connect(&daemon.socket).await;
+    watcher
+        .send(&json!({"op": "subscribe", "id": 1, "all": true}).to_string())
+        .await;
+    let reply: Value = serde_json::from_slice(&watcher.line().await).expect("json");
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    // Two entries on each of many topics, while the watcher reads nothing:
+    // far more diffs than its queue and socket hold.
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, MANY, 0, |n| format!("t{n:03}")).await;
+    track_padded(&mut holder, MANY, MANY, |n| format!("t{n:03}")).await;
+    daemon
+        .wait_for_log(&["too many stale topics, will resync every topic"])
+        .await;
+
+    // Applying what it reads in order, it ends with every topic's current
+    // state: both keys on each.
+    let mut keys: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    let (mut states, mut diffs) = (0, 0);
+    while keys.len() < MANY || keys.values().any(|k| k.len() < 2) {
+        let line = watcher.line().await;
+        assert!(!line.is_empty(), "closed early");
+        let event: Value = serde_json::from_slice(&line).expect("json");
+        let topic = event["topic"].as_str().expect("a topic").to_owned();
+        let held = keys.entry(topic).or_default();
+        match event["event"].as_str() {
+            Some("presence_state") => {
+                states += 1;
+                *held = event["payload"]
+                    .as_object()
+                    .expect("a payload")
+                    .keys()
+                    .cloned()
+                    .collect();
+            }
+            Some("presence_diff") => {
+                diffs += 1;
+                for key in event["payload"]["leaves"]
+                    .as_object()
+                    .expect("leaves")
+                    .keys()
+                {
+                    held.remove(key);
+                }
+                for key in event["payload"]["joins"].as_object().expect("joins").keys() {
+                    held.insert(key.clone());
+                }
+            }
+            other => panic!("unexpected {other:?}: {event}"),
+        }
+    }
+    for (n, (topic, held)) in keys.iter().enumerate() {
+        assert_eq!(topic, &format!("t{n:03}"));
+        let expected: std::collections::BTreeSet<String> =
+            [format!("k{n}"), format!("k{}", MANY + n)].into();
+        assert_eq!(held, &expected, "{topic}");
+    }
+    // Some diffs were dropped for a resync of every topic.
+    assert!(states >= MANY, "{states} states, {diffs} diffs");
+    assert!(diffs < 2 * MANY, "{states} states, {diffs} diffs");
 }

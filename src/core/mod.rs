@@ -75,6 +75,9 @@ pub enum LineKind {
     Diff(String),
     /// A `presence_state` for this topic.
     State(String),
+    /// Not a line for the client (no bytes): the states a resync of every
+    /// topic asked for are all delivered before it.
+    ResyncedAll,
     /// Anything else, such as `shutdown`.
     Notice,
 }
@@ -135,10 +138,13 @@ pub enum Command {
     },
     ProcessExited(ProcessId),
     /// The connection's queue dropped diffs for these topics; send a fresh
-    /// state for each.
+    /// state for each. With `all`, for every topic the connection
+    /// subscribes to: its queue dropped diffs for more topics than it
+    /// keeps the names of.
     Resync {
         conn: ConnId,
         topics: Vec<String>,
+        all: bool,
     },
     /// Tell every client, commit, and stop.
     Shutdown {
@@ -543,8 +549,8 @@ impl Core {
             Command::ProcessExited(process) => {
                 self.apply_fact(Fact::ProcessExited(process), batch);
             }
-            Command::Resync { conn, topics } => {
-                self.apply_fact(Fact::Resync { conn, topics }, batch);
+            Command::Resync { conn, topics, all } => {
+                self.apply_fact(Fact::Resync { conn, topics, all }, batch);
             }
             Command::Shutdown { reason } => batch.shutdown = Some(reason),
         }
@@ -583,9 +589,13 @@ impl Core {
                 batch.closed.push(*conn);
             }
             Fact::ProcessExited(process) => batch.endings.push(Ending::Exited(*process)),
-            Fact::Resync { conn, topics } => {
+            Fact::Resync { conn, topics, all } => {
                 self.apply_endings(batch);
-                self.registry.resync(*conn, topics, &mut batch.outbox);
+                if *all {
+                    self.registry.resync_all(*conn, &mut batch.outbox);
+                } else {
+                    self.registry.resync(*conn, topics, &mut batch.outbox);
+                }
             }
             Fact::DeadRow(phx_ref) => {
                 self.apply_endings(batch);
@@ -651,6 +661,14 @@ impl Core {
                                 succeeded: reply.outcome.is_ok(),
                             },
                             bytes: reply.to_line().into(),
+                        });
+                    }
+                }
+                Delivery::ResyncedAll(conn) => {
+                    if let Some(outlet) = self.outlets.get(&conn) {
+                        outlet.deliver(Line {
+                            kind: LineKind::ResyncedAll,
+                            bytes: Arc::from(&[][..]),
                         });
                     }
                 }

@@ -20,6 +20,7 @@ pub(super) enum Fact {
     Resync {
         conn: ConnId,
         topics: Vec<String>,
+        all: bool,
     },
     /// A row that did not survive the restart but could not be deleted at
     /// start (see [`Core::forget_dead_rows`]). The registry never held it.

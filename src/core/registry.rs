@@ -169,8 +169,18 @@ pub enum Change {
 /// A line for one or more connections.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
-    Reply { conn: ConnId, reply: OutgoingReply },
-    Event { to: Vec<ConnId>, event: Event },
+    Reply {
+        conn: ConnId,
+        reply: OutgoingReply,
+    },
+    Event {
+        to: Vec<ConnId>,
+        event: Event,
+    },
+    /// Every state of a resync of all topics is delivered (see
+    /// [`Registry::resync_all`]): the connection's queue gives back the
+    /// large-reply slot the resync held.
+    ResyncedAll(ConnId),
 }
 
 /// Everything that inputs caused, in order.
@@ -792,6 +802,30 @@ impl Registry {
                 out.event(vec![conn], self.state_event(topic));
             }
         }
+    }
+
+    /// Sends a fresh `presence_state` for every topic the connection
+    /// subscribes to, like `subscribe` with `all: true` (the topics anyone
+    /// is on, in topic order, and its named subscriptions besides): the io
+    /// layer asks for this when a slow reader dropped diffs for more topics
+    /// than it keeps the names of. Ends with [`Delivery::ResyncedAll`].
+    pub fn resync_all(&mut self, conn: ConnId, out: &mut Outbox) {
+        if let Some(connection) = self.conns.get(&conn) {
+            let mut topics: BTreeSet<&String> = connection.subscriptions.iter().collect();
+            if connection.subscribed_to_all {
+                topics.extend(
+                    self.topics
+                        .iter()
+                        .filter(|(_, t)| !t.entries.is_empty())
+                        .map(|(name, _)| name),
+                );
+            }
+            let states: Vec<Event> = topics.into_iter().map(|t| self.state_event(t)).collect();
+            for state in states {
+                out.event(vec![conn], state);
+            }
+        }
+        out.deliveries.push(Delivery::ResyncedAll(conn));
     }
 
     /// Handles one request and writes its reply, then the events it caused.

@@ -184,6 +184,7 @@ pub async fn serve(
         Some(Arc::clone(&send)),
         &shared.outbound,
     );
+    queue.limit_stale(shared.limits.max_subscriptions_per_connection);
     let opened = Command::Open {
         conn,
         peer: peer.clone(),
@@ -874,7 +875,18 @@ async fn write_lines(
                 tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
-                let _ = core.send(Command::Resync { conn, topics });
+                let _ = core.send(Command::Resync {
+                    conn,
+                    topics,
+                    all: false,
+                });
+            }
+            Next::ResyncAll => {
+                let _ = core.send(Command::Resync {
+                    conn,
+                    topics: Vec::new(),
+                    all: true,
+                });
             }
             Next::Finished => {
                 // Half-close so the client sees EOF even while it keeps the

@@ -6,7 +6,13 @@
 //! that falls behind loses its queued `presence_diff` lines, never
 //! anything else: the topics they were for are marked, later diffs for
 //! them are not queued, and once the queue drains the writer asks the core
-//! for one fresh `presence_state` per marked topic. `role` events are
+//! for one fresh `presence_state` per marked topic. The marks are names
+//! of topics the connection subscribes to, so at most
+//! `--max-subscriptions` of them, except on a connection subscribed to
+//! every topic: there, past that many the names give way to one mark for
+//! every topic, and the writer asks for a state per topic once the budget
+//! would admit a `list` ([`OutboundBudget::take_large_slot`]), holding
+//! its large slot until they are all queued. `role` events are
 //! coalesced to the latest per entry. Replies are never dropped. Instead
 //! the reader admits a request only while the queue is within its bound
 //! (see [`OutboundQueue::admit_request`]). A request whose reply may be as
@@ -320,6 +326,15 @@ struct State {
     stale: BTreeSet<String>,
     /// Stale topics the writer has already asked the core to resync.
     resync_requested: BTreeSet<String>,
+    /// The most names `stale` holds: past it, they give way to
+    /// `resync_all`.
+    max_stale: usize,
+    /// Diffs were dropped for more topics than `max_stale`: every topic
+    /// waits for a fresh state, and no diff is queued until they come.
+    resync_all: bool,
+    /// The writer has asked the core for that resync, holding one of the
+    /// budget's large slots until [`LineKind::ResyncedAll`] comes.
+    resync_all_requested: bool,
     /// The socket, shared with the writer, for writing directly when
     /// nothing is queued; let go when the queue closes.
     direct: Option<Arc<OwnedWriteHalf>>,
@@ -338,6 +353,9 @@ impl State {
             cut_off: false,
             stale: BTreeSet::new(),
             resync_requested: BTreeSet::new(),
+            max_stale: usize::MAX,
+            resync_all: false,
+            resync_all_requested: false,
             direct,
         }
     }
@@ -359,6 +377,9 @@ pub enum Next {
     Write,
     /// The queue is drained; ask the core for fresh states for these topics.
     Resync(Vec<String>),
+    /// The queue is drained; ask the core for a fresh state for every
+    /// topic the connection subscribes to. A large slot is taken for it.
+    ResyncAll,
     /// Closed and drained: finish.
     Finished,
 }
@@ -397,6 +418,12 @@ impl OutboundQueue {
         lock(&self.state)
     }
 
+    /// Keeps at most `max_names` stale topic names (`--max-subscriptions`):
+    /// past that, a connection subscribed to every topic is resynced whole.
+    pub fn limit_stale(&self, max_names: usize) {
+        self.lock().max_stale = max_names;
+    }
+
     fn count(&self, state: &mut State, bytes: usize) {
         if state.bytes == 0 {
             // The client cannot have been slow to read what was not there.
@@ -420,7 +447,9 @@ impl OutboundQueue {
     pub async fn next(&self) -> Next {
         loop {
             let notified = self.ready.notified();
-            {
+            let budget_room = self.budget.room.notified();
+            // Whether it waits on the budget too, for a resync of every topic.
+            let waiting_on_budget = {
                 let mut state = self.lock();
                 if !state.lines.is_empty() {
                     return Next::Write;
@@ -428,17 +457,38 @@ impl OutboundQueue {
                 if state.closed {
                     return Next::Finished;
                 }
-                let unrequested: Vec<String> = state
-                    .stale
-                    .difference(&state.resync_requested)
-                    .cloned()
-                    .collect();
-                if !unrequested.is_empty() {
-                    state.resync_requested.extend(unrequested.iter().cloned());
-                    return Next::Resync(unrequested);
+                if state.resync_all {
+                    // Through the same gate as a `list`: a state per topic
+                    // may be as large as what the daemon holds.
+                    if state.resync_all_requested {
+                        false
+                    } else if self.budget.take_large_slot() {
+                        state.resync_all_requested = true;
+                        return Next::ResyncAll;
+                    } else {
+                        true
+                    }
+                } else {
+                    let unrequested: Vec<String> = state
+                        .stale
+                        .difference(&state.resync_requested)
+                        .cloned()
+                        .collect();
+                    if !unrequested.is_empty() {
+                        state.resync_requested.extend(unrequested.iter().cloned());
+                        return Next::Resync(unrequested);
+                    }
+                    false
                 }
+            };
+            if waiting_on_budget {
+                tokio::select! {
+                    () = notified => {}
+                    () = budget_room => {}
+                }
+            } else {
+                notified.await;
             }
-            notified.await;
         }
     }
 
@@ -570,6 +620,7 @@ impl OutboundQueue {
         state.front_sent = 0;
         state.stale.clear();
         state.resync_requested.clear();
+        state.resync_all = false;
         self.uncount(&mut state, held);
         self.count(&mut state, last.len());
         state.lines.push_back(Line {
@@ -615,6 +666,10 @@ impl Drop for OutboundQueue {
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.budget.remove(state.bytes);
+        if state.resync_all_requested {
+            // The core will not be delivering the end of that resync.
+            self.budget.give_back_large_slot();
+        }
         for request in state.in_flight.drain(..) {
             if request.size.holds_large_slot() {
                 // Its reply will never come: the core is done with it.
@@ -631,13 +686,21 @@ impl Outlet for Arc<OutboundQueue> {
         // Counted even for a closed queue: the request is answered, and
         // the large slot it held is free for another.
         self.answered(&mut state, &line);
+        if line.kind == LineKind::ResyncedAll {
+            if std::mem::take(&mut state.resync_all_requested) {
+                state.resync_all = false;
+                self.budget.give_back_large_slot();
+            }
+            // Not for the client: nothing to queue.
+            return;
+        }
         if state.closed {
             return;
         }
         // The first line may be half on the wire; it is never touched.
         let begun = state.front_sent > 0;
         match &line.kind {
-            LineKind::Diff(topic) if state.stale.contains(topic) => return,
+            LineKind::Diff(topic) if state.resync_all || state.stale.contains(topic) => return,
             LineKind::State(topic) => {
                 state.stale.remove(topic);
                 state.resync_requested.remove(topic);
@@ -696,7 +759,21 @@ impl Outlet for Arc<OutboundQueue> {
                     "slow reader: dropped diffs, will resync"
                 );
             }
-            state.stale.extend(dropped);
+            if !state.resync_all {
+                state.stale.extend(dropped);
+            }
+            if state.stale.len() > state.max_stale {
+                // A connection subscribed to every topic, in practice (the
+                // others have at most this many subscriptions): one mark
+                // stands for them all.
+                tracing::debug!(
+                    topics = state.stale.len(),
+                    "slow reader: too many stale topics, will resync every topic"
+                );
+                state.stale = BTreeSet::new();
+                state.resync_requested = BTreeSet::new();
+                state.resync_all = true;
+            }
         }
         drop(state);
         self.ready.notify_one();
@@ -822,6 +899,69 @@ mod tests {
         let write = Arc::new(write);
         let queue = OutboundQueue::new(conn, max_bytes, Some(Arc::clone(&write)), budget);
         (queue, write, theirs)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_of_every_topic_keeps_few_names_and_is_resynced_whole() {
+        let budget = OutboundBudget::new(usize::MAX);
+        let queue = OutboundQueue::new(1, 100, None, &budget);
+        queue.limit_stale(3);
+        queue.deliver(line(LineKind::Reply { succeeded: true }, 10));
+        for n in 0..1000 {
+            queue.deliver(line(LineKind::Diff(format!("t{n}")), 60));
+            let state = queue.lock();
+            assert!(state.stale.len() <= 3, "{} stale names", state.stale.len());
+            assert!(state.resync_requested.len() <= 3);
+        }
+        assert!(queue.lock().resync_all);
+        assert_eq!(
+            queue.queued_kinds(),
+            vec![LineKind::Reply { succeeded: true }]
+        );
+
+        // The resync waits, like a list, while the daemon's large slots
+        // are all taken.
+        queue.pretend_sent();
+        for _ in 0..MAX_LARGE_IN_FLIGHT {
+            assert!(budget.take_large_slot());
+        }
+        let next = tokio::time::timeout(Duration::from_millis(20), queue.next()).await;
+        assert!(next.is_err(), "the resync waits for a large slot");
+        budget.give_back_large_slot();
+        assert!(matches!(queue.next().await, Next::ResyncAll));
+        assert_eq!(
+            budget.large_in_flight.load(Ordering::Relaxed),
+            MAX_LARGE_IN_FLIGHT
+        );
+        for _ in 1..MAX_LARGE_IN_FLIGHT {
+            budget.give_back_large_slot();
+        }
+
+        // Until its states are all delivered, no diff is queued, and the
+        // writer asks for nothing more.
+        queue.deliver(line(LineKind::Diff("t1".into()), 5));
+        assert!(queue.queued_kinds().is_empty());
+        let next = tokio::time::timeout(Duration::from_millis(20), queue.next()).await;
+        assert!(next.is_err(), "one resync at a time");
+        queue.deliver(line(LineKind::State("t0".into()), 5));
+        queue.deliver(line(LineKind::State("t1".into()), 5));
+        queue.deliver(Line {
+            kind: LineKind::ResyncedAll,
+            bytes: Arc::from(&[][..]),
+        });
+        assert_eq!(budget.large_in_flight.load(Ordering::Relaxed), 0);
+        queue.deliver(line(LineKind::Diff("t1".into()), 5));
+        assert_eq!(
+            queue.queued_kinds(),
+            vec![
+                LineKind::State("t0".into()),
+                LineKind::State("t1".into()),
+                LineKind::Diff("t1".into())
+            ]
+        );
+        queue.pretend_sent();
+        let next = tokio::time::timeout(Duration::from_millis(20), queue.next()).await;
+        assert!(next.is_err(), "nothing left to resync");
     }
 
     #[tokio::test]

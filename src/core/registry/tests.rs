@@ -282,7 +282,7 @@ fn the_reply(out: &Outbox, conn: ConnId) -> Reply {
         .enumerate()
         .filter_map(|(index, delivery)| match delivery {
             Delivery::Reply { conn, reply } => Some((index, *conn, reply)),
-            Delivery::Event { .. } => None,
+            Delivery::Event { .. } | Delivery::ResyncedAll(_) => None,
         })
         .collect();
     assert_eq!(replies.len(), 1, "one reply per request: {out:?}");
@@ -1650,6 +1650,48 @@ fn subscribing_to_all_gives_every_topic_its_state_then_its_diffs() {
     assert_eq!(h.registry.subscription_count(), count - 1);
     let out = h.try_track(a, track_request("a-new", "w"));
     assert!(diffs(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn resyncing_every_topic_sends_each_state_then_says_so() {
+    let mut h = Harness::new();
+    let (a, watcher, named) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    let topics: Vec<String> = (0..50).map(|n| format!("t{n:02}")).collect();
+    for topic in &topics {
+        h.track(a, topic, "x");
+    }
+    h.handle(watcher, Op::SubscribeAll);
+    // An empty topic subscribed to by name has its state too.
+    h.subscribe(named, "empty");
+    h.subscribe(named, "t07");
+
+    let mut out = Outbox::default();
+    h.registry.resync_all(watcher, &mut out);
+    let states: Vec<&str> = events_to(&out, watcher)
+        .into_iter()
+        .map(|event| match event {
+            Event::PresenceState { topic, payload, .. } => {
+                assert_eq!(payload.len(), 1, "{topic}");
+                topic.as_str()
+            }
+            other => panic!("expected a presence_state, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(states, topics);
+    assert!(matches!(
+        out.deliveries.last(),
+        Some(Delivery::ResyncedAll(conn)) if *conn == watcher
+    ));
+
+    let mut out = Outbox::default();
+    h.registry.resync_all(named, &mut out);
+    assert_eq!(kinds_for(&out, named), ["presence_state", "presence_state"]);
+
+    // A connection gone still has its end said, for its queue's sake.
+    h.close(watcher);
+    let mut out = Outbox::default();
+    h.registry.resync_all(watcher, &mut out);
+    assert!(matches!(&out.deliveries[..], [Delivery::ResyncedAll(_)]));
 }
 
 // ---------------------------------------------------------------------------
