@@ -8,28 +8,17 @@ use std::time::Duration;
 use std::io::Write as _;
 
 use clap::Args;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{Outcome, Target, failed, login_name, parse_meta, parse_name, render};
+use super::{NewEntryArgs, Outcome, Target, failed, render};
 use crate::client::{SessionEvent, SessionEvents};
-use crate::protocol::{
-    Actor, Event, Lifetime, Removal, Revision, Role, Standing, TrackReply, TrackRequest,
-};
+use crate::protocol::{Actor, Event, Lifetime, Removal, Revision, Role, Standing, TrackReply};
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// The topic, for example `publishing_edit:docs:post-slug`
-    #[arg(value_parser = parse_name)]
-    pub topic: String,
-
-    /// Who you are on the topic [default: your login name]
-    #[arg(long, value_parser = parse_name)]
-    pub key: Option<String>,
-
-    /// A JSON object shown to everyone on the topic
-    #[arg(long, value_name = "JSON", value_parser = parse_meta)]
-    pub meta: Option<Map<String, Value>>,
+    #[command(flatten)]
+    pub entry: NewEntryArgs,
 
     /// The process the presence belongs to; it ends when that process exits
     /// [default: this one; with --detach, the one that ran presence]
@@ -76,17 +65,24 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
             refuse_joining_twice(&session, &args, pid).await?;
         }
         let tracked = session
-            .track(track_request(&args, pid))
+            .track(args.entry.track_request(
+                pid,
+                if args.detach {
+                    Lifetime::Process
+                } else {
+                    Lifetime::Connection
+                },
+            ))
             .await
-            .map_err(|e| failed(&format!("could not join {}", args.topic), e))?;
+            .map_err(|e| failed(&format!("could not join {}", args.entry.topic), e))?;
         anyhow::Ok((session, events, tracked))
     };
     let (session, mut events, tracked) = tokio::select! {
         joined = joining => joined?,
-        () = signals.recv() => anyhow::bail!("interrupted before joining {}", args.topic),
+        () = signals.recv() => anyhow::bail!("interrupted before joining {}", args.entry.topic),
     };
 
-    let mut printer = Printer::new(&args, &tracked_key(&args));
+    let mut printer = Printer::new(&args, &args.entry.key_or_login());
     let held = hold(
         &args,
         &tracked,
@@ -106,7 +102,7 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
         Ok(End::Stopped { was_owner }) => {
             // Leave explicitly, so the next in line is promoted now, not
             // when the daemon notices the connection closing.
-            leave_within_bounds(&session, &args.topic).await;
+            leave_within_bounds(&session, &args.entry.topic).await;
             Ok(if args.wait_owner && !was_owner {
                 Outcome::NotOwner
             } else {
@@ -116,7 +112,7 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
         // Output that cannot be written, a lost daemon: the entry must not
         // stay queued behind a command that has given up.
         Err(e) => {
-            leave_within_bounds(&session, &args.topic).await;
+            leave_within_bounds(&session, &args.entry.topic).await;
             Err(e)
         }
     }
@@ -131,21 +127,21 @@ async fn refuse_joining_twice(
     args: &JoinArgs,
     pid: u32,
 ) -> anyhow::Result<()> {
-    let doing = format!("could not join {}", args.topic);
-    let key = tracked_key(args);
+    let doing = format!("could not join {}", args.entry.topic);
+    let key = args.entry.key_or_login();
     let client = session.client().await.map_err(|e| failed(&doing, e))?;
     let uid = crate::sys::current_uid();
     let metas = client
-        .get_by_key(&args.topic, &key)
+        .get_by_key(&args.entry.topic, &key)
         .await
         .map_err(|e| failed(&doing, e))?;
     if let Some(meta) = metas.iter().find(|m| m.uid == uid && m.pid == pid) {
         anyhow::bail!(
             "already in line on {} with key {key} for pid {pid} (ref {}); `presence leave {}` \
              removes that entry, or join with another --key to be in line twice",
-            args.topic,
+            args.entry.topic,
             meta.phx_ref,
-            args.topic
+            args.entry.topic
         );
     }
     Ok(())
@@ -223,7 +219,7 @@ impl<P: Future<Output = ()>> Watch<'_, P> {
         loop {
             tokio::select! {
                 event = self.events.recv() => {
-                    match next_news(self.printer, event, &args.topic)? {
+                    match next_news(self.printer, event, &args.entry.topic)? {
                         News::Role(new_role) => role = new_role,
                         News::Removed => return Ok(End::Removed),
                         News::Nothing => {}
@@ -235,7 +231,7 @@ impl<P: Future<Output = ()>> Watch<'_, P> {
                     let _ = writeln!(
                         std::io::stderr(),
                         "presence: still not the owner of {} after {} s; leaving the queue",
-                        args.topic,
+                        args.entry.topic,
                         args.timeout.unwrap_or_default().as_secs_f64()
                     );
                     break;
@@ -258,21 +254,6 @@ fn outcome(role: Role) -> Outcome {
         Role::Owner => Outcome::Done,
         Role::Spectator => Outcome::NotOwner,
     }
-}
-
-/// The key the entry is tracked under.
-fn tracked_key(args: &JoinArgs) -> String {
-    args.key.clone().unwrap_or_else(login_name)
-}
-
-fn track_request(args: &JoinArgs, pid: Option<u32>) -> TrackRequest {
-    let mut request = TrackRequest::new(&args.topic, tracked_key(args));
-    request.meta = args.meta.clone().unwrap_or_default();
-    request.pid = pid;
-    if args.detach {
-        request.lifetime = Lifetime::Process;
-    }
-    request
 }
 
 /// Resolves when the --pid process exits, and never without one. The
@@ -404,7 +385,7 @@ impl Printer {
         Printer {
             json: args.json,
             show_ref: args.detach,
-            topic: args.topic.clone(),
+            topic: args.entry.topic.clone(),
             key: key.to_owned(),
             phx_ref: String::new(),
             said: None,
@@ -541,7 +522,7 @@ mod tests {
             removed_line(&removal),
             "removed by eve\\u{202e}toor\\u{1b}[2J (uid 1001, pid 4711)"
         );
-        let mut meta = Map::new();
+        let mut meta = serde_json::Map::new();
         meta.insert("file".to_owned(), Value::from("b\u{200b}.md"));
         let revision = Revision {
             phx_ref: "p4".to_owned(),

@@ -31,7 +31,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::client::{Client, ClientError, Events, Reconnect, Session, SessionEvents};
-use crate::protocol::{ErrorCode, Limits};
+use crate::protocol::{ErrorCode, Lifetime, Limits, TrackRequest};
+use serde_json::{Map, Value};
 
 pub use completions::completion_script;
 pub use render::ColorChoice;
@@ -598,6 +599,40 @@ fn parse_meta(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, 
         Ok(serde_json::Value::Object(meta)) => Ok(meta),
         Ok(_) => Err("meta must be a JSON object, like '{\"file\":\"a.md\"}'".to_owned()),
         Err(e) => Err(format!("meta is not valid JSON: {e}")),
+    }
+}
+
+/// The entry `join` and `run` put on a topic: where, as whom, and what
+/// others see of it.
+#[derive(Debug, Args)]
+pub struct NewEntryArgs {
+    /// The topic, for example `publishing_edit:docs:post-slug`
+    #[arg(value_parser = parse_name)]
+    pub topic: String,
+
+    /// Who you are on the topic [default: your login name]
+    #[arg(long, value_parser = parse_name)]
+    pub key: Option<String>,
+
+    /// A JSON object shown to everyone on the topic
+    #[arg(long, value_name = "JSON", value_parser = parse_meta)]
+    pub meta: Option<Map<String, Value>>,
+}
+
+impl NewEntryArgs {
+    /// The key the entry is tracked with.
+    pub fn key_or_login(&self) -> String {
+        self.key.clone().unwrap_or_else(login_name)
+    }
+
+    /// The `track` that makes the entry, for `pid` (the peer's own when
+    /// `None`) with `lifetime`.
+    pub fn track_request(&self, pid: Option<u32>, lifetime: Lifetime) -> TrackRequest {
+        let mut request = TrackRequest::new(&self.topic, self.key_or_login());
+        request.meta = self.meta.clone().unwrap_or_default();
+        request.pid = pid;
+        request.lifetime = lifetime;
+        request
     }
 }
 

@@ -32,27 +32,17 @@ use std::time::Duration;
 
 use clap::Args;
 use nix::sys::signal::Signal as NixSignal;
-use serde_json::{Map, Value};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::oneshot;
 
-use super::{Outcome, Target, failed, login_name, parse_meta, parse_name, render};
+use super::{NewEntryArgs, Outcome, Target, failed, render};
 use crate::client::SessionEvent;
-use crate::protocol::{Event, Lifetime, Role, TrackRequest};
+use crate::protocol::{Event, Lifetime, Role};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The topic, for example `deploy`
-    #[arg(value_parser = parse_name)]
-    pub topic: String,
-
-    /// Who you are on the topic [default: your login name]
-    #[arg(long, value_parser = parse_name)]
-    pub key: Option<String>,
-
-    /// A JSON object shown to everyone on the topic
-    #[arg(long, value_name = "JSON", value_parser = parse_meta)]
-    pub meta: Option<Map<String, Value>>,
+    #[command(flatten)]
+    pub entry: NewEntryArgs,
 
     /// Wait in line until the entry owns the topic (the default)
     #[arg(long, overrides_with = "no_wait")]
@@ -91,15 +81,10 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
 
     let joining = async {
         let (session, events) = target.session().await?;
-        let mut request =
-            TrackRequest::new(&args.topic, args.key.clone().unwrap_or_else(login_name));
-        request.meta = args.meta.clone().unwrap_or_default();
-        request.pid = Some(child.pid);
-        request.lifetime = Lifetime::Process;
         let tracked = session
-            .track(request)
+            .track(args.entry.track_request(Some(child.pid), Lifetime::Process))
             .await
-            .map_err(|e| failed(&format!("could not join {}", args.topic), e))?;
+            .map_err(|e| failed(&format!("could not join {}", args.entry.topic), e))?;
         anyhow::Ok((session, events, tracked))
     };
     let (session, mut events, tracked) = tokio::select! {
@@ -129,20 +114,20 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
         if args.no_wait {
             tell!(
                 "{} is owned by {}; not running {} (--no-wait)",
-                args.topic,
+                args.entry.topic,
                 owner,
                 render::visible(&program)
             );
             break Waited::GaveUp;
         }
         tokio::select! {
-            event = events.recv() => match news(event, &args.topic) {
+            event = events.recv() => match news(event, &args.entry.topic) {
                 Ok(News::Role(new_role, new_owner)) => {
                     role = new_role;
                     owner = new_owner;
                 }
                 Ok(News::Removed(by)) => {
-                    tell!("the entry on {} was {by} before {} started", args.topic, render::visible(&program));
+                    tell!("the entry on {} was {by} before {} started", args.entry.topic, render::visible(&program));
                     break Waited::Removed;
                 }
                 Ok(News::Nothing) => {}
@@ -159,7 +144,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
             () = wait_or_never(&mut give_up) => {
                 tell!(
                     "still not the owner of {} after {} s; not running {}",
-                    args.topic,
+                    args.entry.topic,
                     args.timeout.unwrap_or_default().as_secs_f64(),
                     render::visible(&program)
                 );
@@ -176,7 +161,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
     };
     if let Some(outcome) = gave_up {
         child.cancel().await;
-        leave_within_bounds(&session, &args.topic).await;
+        leave_within_bounds(&session, &args.entry.topic).await;
         return outcome;
     }
 
@@ -185,7 +170,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
     loop {
         tokio::select! {
             status = child.exited() => {
-                leave_within_bounds(&session, &args.topic).await;
+                leave_within_bounds(&session, &args.entry.topic).await;
                 return match status {
                     Ok(status) => Ok(Outcome::Status(exit_status(status))),
                     Err(e) => {
@@ -196,16 +181,16 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
             }
             signal = signals.recv() => child.signal(signal),
             event = events.recv() => {
-                let lost = match news(event, &args.topic) {
+                let lost = match news(event, &args.entry.topic) {
                     Ok(News::Nothing) | Ok(News::Role(Role::Owner, _)) => continue,
                     Ok(News::Role(Role::Spectator, owner)) => Err(anyhow::anyhow!(
                         "the entry on {} lost ownership to {owner} while {} ran; it was sent SIGTERM",
-                        args.topic, render::visible(&program)
+                        args.entry.topic, render::visible(&program)
                     )),
                     Ok(News::Removed(by)) => {
                         tell!(
                             "the entry on {} was {by}; {} was sent SIGTERM",
-                            args.topic, render::visible(&program)
+                            args.entry.topic, render::visible(&program)
                         );
                         Ok(Outcome::Removed)
                     }
@@ -218,7 +203,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
                     child.signal(NixSignal::SIGKILL);
                     let _ = child.exited().await;
                 }
-                leave_within_bounds(&session, &args.topic).await;
+                leave_within_bounds(&session, &args.entry.topic).await;
                 return lost;
             }
         }
