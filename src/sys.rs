@@ -31,20 +31,33 @@ pub fn process_start_time(pid: u32) -> io::Result<u64> {
 
 /// The start time (field 22) of a `/proc/PID/stat` line.
 fn start_time_from_stat(stat: &[u8]) -> io::Result<u64> {
-    // The command name (field 2) may hold spaces and parentheses; every
-    // field after its closing parenthesis is plain ASCII.
+    stat_field(stat, STAT_START_TIME).ok_or_else(|| invalid_data("no start time in /proc stat"))
+}
+
+/// Fields of `/proc/PID/stat`, counted from the state (field 3) as 0.
+const STAT_STATE: usize = 0;
+const STAT_FLAGS: usize = 6;
+const STAT_START_TIME: usize = 19;
+
+/// The fields of `/proc/PID/stat` after the command name, from the state
+/// on. The command name (field 2) may hold spaces and parentheses; every
+/// field after its closing parenthesis is plain ASCII.
+fn stat_fields(stat: &[u8]) -> impl Iterator<Item = &[u8]> {
     let after_name = stat
         .iter()
         .rposition(|&b| b == b')')
-        .map(|i| &stat[i + 1..])
-        .ok_or_else(|| invalid_data("no command name in /proc stat"))?;
+        .map_or(&[][..], |i| &stat[i + 1..]);
     after_name
         .split(|b| b.is_ascii_whitespace())
         .filter(|field| !field.is_empty())
-        .nth(19)
+}
+
+/// A numeric field of `/proc/PID/stat` (see [`stat_fields`]).
+fn stat_field(stat: &[u8], index: usize) -> Option<u64> {
+    stat_fields(stat)
+        .nth(index)
         .and_then(|field| std::str::from_utf8(field).ok())
         .and_then(|field| field.parse().ok())
-        .ok_or_else(|| invalid_data("no start time in /proc stat"))
 }
 
 /// `PF_EXITING` in the flags of `/proc/PID/stat`: the process is exiting.
@@ -60,29 +73,11 @@ pub fn is_exiting(process: ProcessId) -> bool {
         Ok(stat) => stat,
         Err(e) => return e.kind() == io::ErrorKind::NotFound,
     };
-    if start_time_from_stat(&stat).is_ok_and(|start| start != process.start_time) {
+    if stat_field(&stat, STAT_START_TIME).is_some_and(|start| start != process.start_time) {
         return true;
     }
-    let Some(after_name) = stat
-        .iter()
-        .rposition(|&b| b == b')')
-        .map(|i| &stat[i + 1..])
-    else {
-        return false;
-    };
-    let mut fields = after_name
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|field| !field.is_empty());
-    let state = fields.next();
-    if matches!(state, Some(b"Z" | b"X" | b"x")) {
-        return true;
-    }
-    // After the state: ppid, pgrp, session, tty_nr, tpgid, then flags.
-    fields
-        .nth(5)
-        .and_then(|field| std::str::from_utf8(field).ok())
-        .and_then(|field| field.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_EXITING != 0)
+    matches!(stat_fields(&stat).nth(STAT_STATE), Some(b"Z" | b"X" | b"x"))
+        || stat_field(&stat, STAT_FLAGS).is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 /// The process, pinned by its start time; `NotFound` when it is not running.
