@@ -15,8 +15,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{
-    Daemon, NOBODY, Options, as_nobody, binary_for_nobody, error_code, next_event, refused_start,
-    refused_start_by, rows_on_disk, within,
+    Daemon, NOBODY, Options, RawConnection, as_nobody, binary_for_nobody, error_code, next_event,
+    refused_start, refused_start_by, rows_on_disk, within,
 };
 use presenced::client::Client;
 use presenced::protocol::{Event, ListAllReply, Role, StatusReply, TrackRequest};
@@ -179,11 +179,7 @@ async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() 
     let mut daemon = logged_daemon(&db).await;
     let mut sleeper = common::spawn_sleeper();
     let mut raw = daemon.raw().await;
-    let track = format!(
-        r#"{{"op":"track","id":1,"topic":"doc","key":"gone","pid":{},"lifetime":"process"}}"#,
-        sleeper.id().expect("running")
-    );
-    assert_eq!(raw.request(&track).await["ok"], true);
+    track_for_process(&mut raw, "gone", &sleeper).await;
     // A reader that holds its snapshot keeps SQLite from reusing the start
     // of the write-ahead log, so that the next daemon's first write needs
     // room the disk no longer has.
@@ -464,11 +460,7 @@ async fn a_database_made_before_the_application_id_is_kept_and_given_it() {
     let mut daemon = Daemon::start().await;
     let mut raw = daemon.raw().await;
     let mut sleeper = common::spawn_sleeper();
-    let track = format!(
-        r#"{{"op":"track","id":1,"topic":"doc","key":"kept","pid":{},"lifetime":"process"}}"#,
-        sleeper.id().expect("running")
-    );
-    assert_eq!(raw.request(&track).await["ok"], true);
+    track_for_process(&mut raw, "kept", &sleeper).await;
     drop(raw);
     daemon.stop().await;
     // As a daemon from before the id existed left it.
@@ -521,11 +513,7 @@ async fn a_full_disk_after_a_clean_stop_does_not_keep_the_daemon_down() {
     let mut daemon = logged_daemon(&db).await;
     let mut sleeper = common::spawn_sleeper();
     let mut raw = daemon.raw().await;
-    let track = format!(
-        r#"{{"op":"track","id":1,"topic":"doc","key":"kept","pid":{},"lifetime":"process"}}"#,
-        sleeper.id().expect("running")
-    );
-    assert_eq!(raw.request(&track).await["ok"], true);
+    track_for_process(&mut raw, "kept", &sleeper).await;
     drop(raw);
     // A clean stop: SIGTERM, and no other program holds the database open.
     daemon.stop().await;
@@ -559,4 +547,14 @@ async fn a_full_disk_after_a_clean_stop_does_not_keep_the_daemon_down() {
     assert_eq!(late["owner"]["key"], "kept", "{late}");
     daemon.stop().await;
     sleeper.kill().await.expect("kill the sleeper");
+}
+
+/// Tracks `key` on `doc` as a `process` entry of `sleeper`, which outlives
+/// the connection and the daemon.
+async fn track_for_process(raw: &mut RawConnection, key: &str, sleeper: &tokio::process::Child) {
+    let track = format!(
+        r#"{{"op":"track","id":1,"topic":"doc","key":"{key}","pid":{},"lifetime":"process"}}"#,
+        sleeper.id().expect("running")
+    );
+    assert_eq!(raw.request(&track).await["ok"], true);
 }
