@@ -121,6 +121,26 @@ async fn handoff_time(holder_pid: u32, waiter: &mut Child, marker: &Path) -> Dur
 }
 
 /// The number of entries on `topic`.
+/// A `presence run` holding `deploy` with a command that waits to be
+/// killed (its pid, in NAME.pid, is returned), and a second run in line
+/// behind it whose command touches `marker`.
+async fn holder_and_waiter(daemon: &Daemon, name: &str, marker: &Path) -> (Child, u32, Child) {
+    let pid_file = daemon.dir.path().join(format!("{name}.pid"));
+    let (holder, command_pid) = start_holder(
+        run_job(daemon, "deploy", &holder_script(&pid_file)),
+        &pid_file,
+    )
+    .await;
+    let waiter = run_job(daemon, "deploy", &format!("touch '{}'", marker.display()))
+        .spawn()
+        .expect("waiter spawns");
+    eventually("the waiter to queue", async || {
+        entries(daemon, "deploy").await == 2
+    })
+    .await;
+    (holder, command_pid, waiter)
+}
+
 async fn entries(daemon: &Daemon, topic: &str) -> usize {
     let (client, _events) = daemon.client().await;
     let listed = within("list", client.list(topic)).await.expect("list");
@@ -155,20 +175,8 @@ async fn kill_9_of_the_running_command_lets_the_next_in_as_fast_as_flock() {
     let _ = within("the flock holder to exit", holder.wait()).await;
 
     // presence run: the same, with the waiter in line behind the holder.
-    let pid_file = dir.join("run.pid");
     let marker = dir.join("run.ran");
-    let (mut holder, pid) = start_holder(
-        run_job(&daemon, "deploy", &holder_script(&pid_file)),
-        &pid_file,
-    )
-    .await;
-    let mut waiter = run_job(&daemon, "deploy", &format!("touch '{}'", marker.display()))
-        .spawn()
-        .expect("waiter spawns");
-    eventually("the run waiter to queue", async || {
-        entries(&daemon, "deploy").await == 2
-    })
-    .await;
+    let (mut holder, pid, mut waiter) = holder_and_waiter(&daemon, "run", &marker).await;
     assert!(!marker.exists(), "the waiter ran before its turn");
     let run_took = handoff_time(pid, &mut waiter, &marker).await;
     // The holder's presence exits with its command's status: killed by
@@ -193,20 +201,8 @@ async fn kill_9_of_the_running_command_lets_the_next_in_as_fast_as_flock() {
 async fn kill_9_of_presence_ends_its_command_and_lets_the_next_in() {
     let daemon = Daemon::start().await;
     let dir = daemon.dir.path();
-    let pid_file = dir.join("held.pid");
     let marker = dir.join("ran");
-    let (mut holder, command_pid) = start_holder(
-        run_job(&daemon, "deploy", &holder_script(&pid_file)),
-        &pid_file,
-    )
-    .await;
-    let mut waiter = run_job(&daemon, "deploy", &format!("touch '{}'", marker.display()))
-        .spawn()
-        .expect("waiter spawns");
-    eventually("the waiter to queue", async || {
-        entries(&daemon, "deploy").await == 2
-    })
-    .await;
+    let (mut holder, command_pid, mut waiter) = holder_and_waiter(&daemon, "held", &marker).await;
     holder.start_kill().expect("kill -9 presence");
     eventually("the waiter to run", async || marker.exists()).await;
     let status = within("the waiter", waiter.wait()).await.expect("wait");
