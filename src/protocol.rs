@@ -304,8 +304,8 @@ pub enum Request {
     Update(UpdateRequest),
     List(ListRequest),
     GetByKey(GetByKeyRequest),
-    Subscribe(SubscribeRequest),
-    Unsubscribe(TopicRequest),
+    Subscribe(SubscriptionRequest),
+    Unsubscribe(SubscriptionRequest),
     Resume(ResumeRequest),
     Status(Empty),
     Ping(Empty),
@@ -410,15 +410,10 @@ pub struct GetByKeyRequest {
     pub key: String,
 }
 
+/// `subscribe` and `unsubscribe`: one topic, or with `all: true` (and no
+/// topic) every topic, those that appear later included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopicRequest {
-    pub topic: String,
-}
-
-/// `subscribe`: one topic, or with `all: true` (and no topic) every
-/// topic, those that appear later included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscribeRequest {
+pub struct SubscriptionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -636,6 +631,17 @@ pub struct GetByKeyReply {
     pub metas: Vec<Meta>,
 }
 
+/// The reply to `subscribe` with `all: true`: the topics whose
+/// `presence_state` follows, in the order they follow. A client that
+/// follows every topic learns from it which topics emptied while it was
+/// away (after a daemon restart, say): those it knew and that are missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeAllReply {
+    /// Absent from daemons that predate it.
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeReply {
     pub resumed: Vec<String>,
@@ -738,6 +744,15 @@ pub struct ShutdownPayload {
     pub reason: String,
 }
 
+/// `resync`'s payload: the topics whose `presence_state` follows, in the
+/// order they follow. A topic the connection was shown that is not among
+/// them is empty now: it emptied while the connection's diffs were held
+/// back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncPayload {
+    pub topics: Vec<String>,
+}
+
 /// `removed`'s payload: which of the connection's entries another
 /// connection removed, why, and who did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -796,6 +811,11 @@ pub enum Event {
     Shutdown {
         payload: ShutdownPayload,
     },
+    /// To a connection subscribed to every topic, ahead of the fresh
+    /// states of a slow-reader resync of every topic.
+    Resync {
+        payload: ResyncPayload,
+    },
     /// To the connection holding an entry, when another connection has
     /// removed it: the holder is no longer on the topic.
     Removed {
@@ -818,7 +838,7 @@ impl Event {
             | Event::Role { topic, .. }
             | Event::Removed { topic, .. }
             | Event::Updated { topic, .. } => Some(topic),
-            Event::Shutdown { .. } => None,
+            Event::Shutdown { .. } | Event::Resync { .. } => None,
         }
     }
 }

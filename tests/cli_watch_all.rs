@@ -205,3 +205,114 @@ async fn watch_all_subscribes_again_after_a_daemon_crash() {
         format!("wiki: + bob (pid {}) joined as owner", bob.pid())
     );
 }
+
+/// A topic whose only entry's process died while the daemon was down
+/// gets no state when the watch subscribes again: the watch must still
+/// say that it emptied, or its reader believes the dead owner still owns it.
+#[tokio::test]
+async fn watch_all_says_when_a_topic_emptied_while_the_daemon_was_down() {
+    for json in [false, true] {
+        let mut daemon = Daemon::start().await;
+        let mut sleeper = common::spawn_sleeper();
+        let sleeper_pid = sleeper.id().expect("the sleeper runs").to_string();
+        let joined = daemon
+            .output(&[
+                "join",
+                "doc",
+                "--key",
+                "alice",
+                "--detach",
+                "--pid",
+                &sleeper_pid,
+            ])
+            .await;
+        assert!(joined.status.success(), "{joined:?}");
+        let mut watch = match json {
+            false => daemon.spawn(&["watch", "--all"]),
+            true => daemon.spawn(&["watch", "--all", "--json"]),
+        };
+        if json {
+            let reply = watch.json().await;
+            assert_eq!(reply["event"], "presence_state", "{reply}");
+            assert!(reply["payload"]["alice"].is_object(), "{reply}");
+        } else {
+            assert_eq!(
+                timeline_line(&mut watch).await,
+                format!("doc: owner alice (pid {sleeper_pid}), 0 spectators")
+            );
+        }
+        daemon.stop().await;
+        sleeper.kill().await.expect("the sleeper is killed");
+        daemon.start_again(&[]).await;
+        if json {
+            let state = watch.json().await;
+            assert_eq!(
+                (&state["event"], &state["topic"], &state["payload"]),
+                (
+                    &"presence_state".into(),
+                    &"doc".into(),
+                    &serde_json::json!({})
+                ),
+                "{state}"
+            );
+        } else {
+            assert_eq!(timeline_line(&mut watch).await, "doc: nobody is present");
+        }
+    }
+}
+
+#[tokio::test]
+async fn unsubscribe_all_ends_every_topic_but_keeps_those_named() {
+    let daemon = Daemon::start().await;
+    let mut raw = daemon.raw().await;
+    let reply = raw.request(r#"{"op":"subscribe","id":1,"all":true}"#).await;
+    assert_eq!(reply["topics"], serde_json::json!([]), "{reply}");
+    let reply = raw
+        .request(r#"{"op":"subscribe","id":2,"topic":"doc"}"#)
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        raw.next().await.expect("doc's state")["event"],
+        "presence_state"
+    );
+    let reply = raw
+        .request(r#"{"op":"unsubscribe","id":3,"all":true}"#)
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    for (id, request) in [
+        (4, r#"{"op":"unsubscribe","id":4}"#),
+        (5, r#"{"op":"unsubscribe","id":5,"topic":"doc","all":true}"#),
+    ] {
+        let reply = raw.request(request).await;
+        assert_eq!(reply["id"], id, "{reply}");
+        assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
+    }
+    // A join on another topic reaches this connection no more; one on
+    // the topic it named still does, and is the next line it reads.
+    let sleeper = common::spawn_sleeper();
+    let sleeper_pid = sleeper.id().expect("the sleeper runs").to_string();
+    for topic in ["wiki", "doc"] {
+        let joined = daemon
+            .output(&["join", topic, "--detach", "--pid", &sleeper_pid])
+            .await;
+        assert!(joined.status.success(), "{joined:?}");
+    }
+    let diff = raw.next().await.expect("doc's diff");
+    assert_eq!(
+        (&diff["event"], &diff["topic"]),
+        (&"presence_diff".into(), &"doc".into()),
+        "{diff}"
+    );
+    // The reply to subscribing to all again names the occupied topics,
+    // whose states follow in that order.
+    let reply = raw.request(r#"{"op":"subscribe","id":6,"all":true}"#).await;
+    assert_eq!(
+        reply["topics"],
+        serde_json::json!(["doc", "wiki"]),
+        "{reply}"
+    );
+    for topic in ["doc", "wiki"] {
+        let state = raw.next().await.expect("a state");
+        assert_eq!(state["topic"], topic, "{state}");
+    }
+}

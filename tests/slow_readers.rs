@@ -677,24 +677,49 @@ async fn a_watcher_of_every_topic_that_stops_reading_is_resynced_whole() {
     let reply: Value = serde_json::from_slice(&watcher.line().await).expect("json");
     assert_eq!(reply["ok"], true, "{reply}");
 
+    // A topic the watcher is shown, and that empties while its diffs are
+    // held back below.
+    let mut holder = daemon.raw().await;
+    let reply = holder
+        .request(r#"{"op":"track","id":"gone","topic":"gone","key":"k"}"#)
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let join: Value = serde_json::from_slice(&watcher.line().await).expect("json");
+    assert_eq!(
+        (&join["event"], &join["topic"]),
+        (&json!("presence_diff"), &json!("gone"))
+    );
+
     // Two entries on each of many topics, while the watcher reads nothing:
     // far more diffs than its queue and socket hold.
-    let mut holder = daemon.raw().await;
     track_padded(&mut holder, MANY, 0, |n| format!("t{n:03}")).await;
     track_padded(&mut holder, MANY, MANY, |n| format!("t{n:03}")).await;
     daemon
         .wait_for_log(&["too many stale topics, will resync every topic"])
         .await;
+    let reply = holder
+        .request(r#"{"op":"untrack","id":"left","topic":"gone","key":"k"}"#)
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
 
     // Applying what it reads in order, it ends with every topic's current
     // state: both keys on each.
     let mut keys: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
-        std::collections::BTreeMap::new();
+        [("gone".to_owned(), ["k".to_owned()].into())].into();
     let (mut states, mut diffs) = (0, 0);
-    while keys.len() < MANY || keys.values().any(|k| k.len() < 2) {
+    let unsettled = |keys: &std::collections::BTreeMap<_, std::collections::BTreeSet<_>>| {
+        (0..MANY).any(|n| keys.get(&format!("t{n:03}")).is_none_or(|k| k.len() < 2))
+    };
+    while unsettled(&keys) {
         let line = watcher.line().await;
         assert!(!line.is_empty(), "closed early");
         let event: Value = serde_json::from_slice(&line).expect("json");
+        // Ahead of the states: the topics they are for. Any other is empty.
+        if event["event"] == "resync" {
+            let topics = &event["payload"]["topics"];
+            keys.retain(|topic, _| topics.as_array().expect("topics").contains(&json!(topic)));
+            continue;
+        }
         let topic = event["topic"].as_str().expect("a topic").to_owned();
         let held = keys.entry(topic).or_default();
         match event["event"].as_str() {
@@ -723,6 +748,8 @@ async fn a_watcher_of_every_topic_that_stops_reading_is_resynced_whole() {
             other => panic!("unexpected {other:?}: {event}"),
         }
     }
+    // The topic that emptied is gone from what it knows.
+    assert_eq!(keys.len(), MANY, "{:?}", keys.keys().next());
     for (n, (topic, held)) in keys.iter().enumerate() {
         assert_eq!(topic, &format!("t{n:03}"));
         let expected: std::collections::BTreeSet<String> =

@@ -324,7 +324,8 @@ fn next_news(
         Some(
             SessionEvent::Disconnected { .. }
             | SessionEvent::Reconnected
-            | SessionEvent::Unsubscribed { .. },
+            | SessionEvent::Unsubscribed { .. }
+            | SessionEvent::ResubscribedToAll { .. },
         ) => Ok(News::Nothing),
         None => anyhow::bail!("the session with the daemon ended"),
     }

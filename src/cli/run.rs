@@ -277,7 +277,8 @@ fn news(event: Option<SessionEvent>, topic: &str) -> anyhow::Result<News> {
         Some(
             SessionEvent::Disconnected { .. }
             | SessionEvent::Reconnected
-            | SessionEvent::Unsubscribed { .. },
+            | SessionEvent::Unsubscribed { .. }
+            | SessionEvent::ResubscribedToAll { .. },
         ) => Ok(News::Nothing),
         None => anyhow::bail!("the session with the daemon ended"),
     }

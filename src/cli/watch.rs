@@ -42,41 +42,87 @@ pub async fn run(target: &Target, args: WatchArgs) -> anyhow::Result<()> {
     // not already start with its topic is given it.
     let mut timelines: BTreeMap<String, Timeline> = BTreeMap::new();
     while let Some(event) = events.recv().await {
-        let event = match event {
-            SessionEvent::Event(event) => event,
+        match event {
+            SessionEvent::Event(event) => {
+                show(&args, &mut timelines, &event)?;
+                if let Event::Resync { payload } = event {
+                    show_emptied(&args, &mut timelines, payload.topics)?;
+                }
+            }
             SessionEvent::Lost { reason } => anyhow::bail!("{reason}"),
             SessionEvent::Unsubscribed { error, .. } => {
                 anyhow::bail!("the daemon refused to renew the subscription: {error}")
             }
-            _ => continue,
-        };
-        if args.json {
-            say!("{}", serde_json::to_string(&event)?);
-            continue;
+            SessionEvent::ResubscribedToAll { occupied } => {
+                show_emptied(&args, &mut timelines, occupied)?;
+            }
+            _ => {}
         }
-        let Some(topic) = event.topic() else {
-            continue;
+    }
+    anyhow::bail!("the daemon closed the connection")
+}
+
+/// Following every topic, after an outage or a slow-reader resync: a
+/// state follows for each topic in `occupied`, so a topic shown before
+/// that is not among them emptied while its diffs were not coming. It is
+/// shown as the daemon would show it, as a state with nobody in it.
+fn show_emptied(
+    args: &WatchArgs,
+    timelines: &mut BTreeMap<String, Timeline>,
+    occupied: Vec<String>,
+) -> anyhow::Result<()> {
+    let occupied: BTreeSet<String> = occupied.into_iter().collect();
+    let emptied: Vec<String> = timelines
+        .keys()
+        .filter(|topic| !occupied.contains(*topic))
+        .cloned()
+        .collect();
+    for topic in emptied {
+        let empty = Event::PresenceState {
+            topic,
+            payload: Presences::new(),
+            owner: None,
         };
-        let timeline = timelines
-            .entry(topic.to_owned())
-            .or_insert_with(|| Timeline::new(topic));
-        let prefix = match (&args.topic, &event) {
+        show(args, timelines, &empty)?;
+    }
+    Ok(())
+}
+
+/// Prints an event: as JSON, or as the lines it is worth to a reader of
+/// its topic's timeline.
+fn show(
+    args: &WatchArgs,
+    timelines: &mut BTreeMap<String, Timeline>,
+    event: &Event,
+) -> anyhow::Result<()> {
+    if args.json {
+        say!("{}", serde_json::to_string(event)?);
+    }
+    let Some(topic) = event.topic() else {
+        return Ok(());
+    };
+    let timeline = timelines
+        .entry(topic.to_owned())
+        .or_insert_with(|| Timeline::new(topic));
+    let lines = timeline.lines(event);
+    if !args.json {
+        let prefix = match (&args.topic, event) {
             (None, Event::PresenceDiff { .. }) => format!("{}: ", timeline.topic),
             _ => String::new(),
         };
-        for line in timeline.lines(&event) {
+        for line in lines {
             say!(
                 "{}  {prefix}{line}",
                 paint(Style::Dim, &render::clock_now())
             );
         }
-        // Following every topic, one that empties is forgotten: it may
-        // never come back.
-        if args.topic.is_none() && timeline.seqs.is_empty() {
-            timelines.remove(topic);
-        }
     }
-    anyhow::bail!("the daemon closed the connection")
+    // Following every topic, one that empties is forgotten: it may never
+    // come back.
+    if args.topic.is_none() && timeline.seqs.is_empty() {
+        timelines.remove(topic);
+    }
+    Ok(())
 }
 
 /// What the reader has been shown of a topic, so that each event turns
@@ -114,8 +160,10 @@ impl Timeline {
             } => self.diff(payload, owner.as_ref(), reasons),
             // `removed` and `updated` go only to the entry's holder, never
             // to a watcher, which sees the same change in the diff.
+            // `resync` has no topic; `watch` acts on it before this.
             Event::Role { .. }
             | Event::Shutdown { .. }
+            | Event::Resync { .. }
             | Event::Removed { .. }
             | Event::Updated { .. } => Vec::new(),
         }

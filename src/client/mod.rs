@@ -37,7 +37,7 @@ use crate::paths;
 use crate::protocol::{
     Empty, ErrorBody, Event, GetByKeyReply, GetByKeyRequest, HelloReply, HelloRequest,
     HistoryReply, HistoryRequest, ListAllReply, ListRequest, ListTopicReply, Meta, Reply, Request,
-    ResumeReply, ResumeRequest, ServerMessage, StatusReply, SubscribeRequest, TopicRequest,
+    ResumeReply, ResumeRequest, ServerMessage, StatusReply, SubscribeAllReply, SubscriptionRequest,
     TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
@@ -237,7 +237,7 @@ impl Client {
     /// Subscribes; the topic's `presence_state` arrives on the events
     /// stream right after, then its diffs.
     pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
-        self.call::<Empty>(Request::Subscribe(SubscribeRequest {
+        self.call::<Empty>(Request::Subscribe(SubscriptionRequest {
             topic: Some(topic.to_owned()),
             all: false,
         }))
@@ -246,9 +246,20 @@ impl Client {
     }
 
     /// Subscribes to every topic: a `presence_state` for each topic with
-    /// anyone on it arrives right after, then every topic's diffs.
-    pub async fn subscribe_all(&self) -> Result<(), ClientError> {
-        self.call::<Empty>(Request::Subscribe(SubscribeRequest {
+    /// anyone on it arrives right after, then every topic's diffs. Returns
+    /// the topics whose states follow.
+    pub async fn subscribe_all(&self) -> Result<Vec<String>, ClientError> {
+        self.call::<SubscribeAllReply>(Request::Subscribe(SubscriptionRequest {
+            topic: None,
+            all: true,
+        }))
+        .await
+        .map(|reply| reply.topics)
+    }
+
+    /// Stops following every topic; topics subscribed by name stay.
+    pub async fn unsubscribe_all(&self) -> Result<(), ClientError> {
+        self.call::<Empty>(Request::Unsubscribe(SubscriptionRequest {
             topic: None,
             all: true,
         }))
@@ -257,8 +268,9 @@ impl Client {
     }
 
     pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
-        self.call::<Empty>(Request::Unsubscribe(TopicRequest {
-            topic: topic.to_owned(),
+        self.call::<Empty>(Request::Unsubscribe(SubscriptionRequest {
+            topic: Some(topic.to_owned()),
+            all: false,
         }))
         .await
         .map(drop)

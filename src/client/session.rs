@@ -108,6 +108,11 @@ pub enum SessionEvent {
     Dropped { previous_ref: String, error: String },
     /// The daemon refused to renew a subscription.
     Unsubscribed { topic: String, error: String },
+    /// The subscription to every topic was renewed on a new connection
+    /// (it comes before [`SessionEvent::Reconnected`]). A `presence_state`
+    /// follows for each of `occupied`; every other topic is empty, those
+    /// that emptied while the connection was down included.
+    ResubscribedToAll { occupied: Vec<String> },
     /// The daemon did not come back in time. No event follows.
     Lost { reason: String },
 }
@@ -415,7 +420,7 @@ impl Session {
         // Noted first, so a reconnect in the middle renews it.
         let added = !std::mem::replace(&mut lock(&self.state).subscribed_to_all, true);
         let result = match self.client().await {
-            Ok(client) => client.subscribe_all().await,
+            Ok(client) => client.subscribe_all().await.map(drop),
             Err(e) => Err(e),
         };
         if added && let Err(ClientError::Refused(_)) = &result {
@@ -427,6 +432,12 @@ impl Session {
     pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
         lock(&self.state).subscriptions.remove(topic);
         self.client().await?.unsubscribe(topic).await
+    }
+
+    /// Stops following every topic; topics subscribed by name stay.
+    pub async fn unsubscribe_all(&self) -> Result<(), ClientError> {
+        lock(&self.state).subscribed_to_all = false;
+        self.client().await?.unsubscribe_all().await
     }
 }
 
@@ -607,7 +618,7 @@ impl Supervisor {
         }
         if all {
             match client.subscribe_all().await {
-                Ok(()) => {}
+                Ok(occupied) => self.emit(SessionEvent::ResubscribedToAll { occupied }),
                 Err(ClientError::Refused(error)) => {
                     lock(&self.state).subscribed_to_all = false;
                     self.emit(SessionEvent::Unsubscribed {

@@ -794,7 +794,8 @@ fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
             | Op::GetByKey(_)
             | Op::Subscribe(_)
             | Op::SubscribeAll
-            | Op::Unsubscribe(_) => Redo::Ask(Resolved::Presence(op.clone())),
+            | Op::Unsubscribe(_)
+            | Op::UnsubscribeAll => Redo::Ask(Resolved::Presence(op.clone())),
             Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Resume(_) => Redo::Fail,
         }),
     }
@@ -853,7 +854,12 @@ fn line_kind(event: &Event) -> LineKind {
         Event::Role { payload, .. } => LineKind::Role(payload.phx_ref.clone()),
         // Never dropped nor coalesced: a holder that missed one would go
         // on acting on an entry that is gone, or that has another ref.
-        Event::Shutdown { .. } | Event::Removed { .. } | Event::Updated { .. } => LineKind::Notice,
+        // A watcher of every topic that missed a `resync` would keep topics
+        // that emptied while its diffs were held back.
+        Event::Shutdown { .. }
+        | Event::Resync { .. }
+        | Event::Removed { .. }
+        | Event::Updated { .. } => LineKind::Notice,
     }
 }
 

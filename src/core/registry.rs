@@ -26,10 +26,10 @@ use crate::protocol::{
     Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest,
     HISTORY_CHANGE_MAX_BYTES, HISTORY_LEFT_OUT_FIELD, HISTORY_VALUE_MAX_BYTES, HistoryEvent,
     HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
-    OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply, Revision,
-    Role, RoleChange, Standing, TopicPresences, TrackReply, TrackRequest, UntrackReply,
-    UntrackRequest, UpdateReply, UpdateRequest, checked_meta_size, json_size, meta_size,
-    validate_name,
+    OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply,
+    ResyncPayload, Revision, Role, RoleChange, Standing, SubscribeAllReply, TopicPresences,
+    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
+    checked_meta_size, json_size, meta_size, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -151,6 +151,9 @@ pub enum Op {
     /// `subscribe` with `all: true`: every topic, later ones included.
     SubscribeAll,
     Unsubscribe(String),
+    /// `unsubscribe` with `all: true`: ends [`Op::SubscribeAll`]; the
+    /// topics subscribed by name stay.
+    UnsubscribeAll,
     /// Resume tokens with their hashes, in request order.
     Resume(Vec<(String, TokenHash)>),
 }
@@ -509,6 +512,7 @@ enum Undo {
     },
     /// A connection subscribed to every topic.
     SubscribedAll(ConnId),
+    UnsubscribedAll(ConnId),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -821,6 +825,17 @@ impl Registry {
                 );
             }
             let states: Vec<Event> = topics.into_iter().map(|t| self.state_event(t)).collect();
+            // Topics that emptied while its diffs were held back get no
+            // state: the list of those that do tells the watcher which.
+            if connection.subscribed_to_all {
+                let topics = states.iter().filter_map(Event::topic).map(str::to_owned);
+                let resync = Event::Resync {
+                    payload: ResyncPayload {
+                        topics: topics.collect(),
+                    },
+                };
+                out.event(vec![conn], resync);
+            }
             for state in states {
                 out.event(vec![conn], state);
             }
@@ -841,6 +856,10 @@ impl Registry {
             Op::SubscribeAll => Ok(self.subscribe_all(conn, out)),
             Op::Unsubscribe(topic) => {
                 self.remove_subscription(conn, &topic);
+                Ok(ReplyFields::none())
+            }
+            Op::UnsubscribeAll => {
+                self.unsubscribe_all(conn);
                 Ok(ReplyFields::none())
             }
             Op::Resume(tokens) => Ok(self.resume(conn, tokens, now)),
@@ -1299,10 +1318,23 @@ impl Registry {
             .filter(|(_, t)| !t.entries.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
-        for topic in occupied {
-            out.event(vec![conn], self.state_event(&topic));
+        for topic in &occupied {
+            out.event(vec![conn], self.state_event(topic));
         }
-        ReplyFields::none()
+        ReplyFields::of(&SubscribeAllReply { topics: occupied })
+    }
+
+    /// Ends a subscription to every topic. Like `unsubscribe` of a topic,
+    /// it succeeds whether or not there was one.
+    fn unsubscribe_all(&mut self, conn: ConnId) {
+        let Some(connection) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if connection.subscribed_to_all {
+            connection.subscribed_to_all = false;
+            self.subscribed_to_all.remove(&conn);
+            self.record(|| Undo::UnsubscribedAll(conn));
+        }
     }
 
     /// Subscribes the connection, on both sides. Returns whether it was new.
@@ -1608,6 +1640,12 @@ impl Registry {
                 self.subscribed_to_all.remove(&conn);
                 if let Some(connection) = self.conns.get_mut(&conn) {
                     connection.subscribed_to_all = false;
+                }
+            }
+            Undo::UnsubscribedAll(conn) => {
+                if let Some(connection) = self.conns.get_mut(&conn) {
+                    connection.subscribed_to_all = true;
+                    self.subscribed_to_all.insert(conn);
                 }
             }
             Undo::Buried(hash) => self.unbury(&hash),

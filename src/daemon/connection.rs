@@ -511,7 +511,11 @@ fn reply_size(
             Op::List(_) | Op::SubscribeAll => ReplySize::Bulk,
             Op::Subscribe(topic) => large(Some(topic)),
             Op::GetByKey(_) | Op::Resume(_) => large(None),
-            Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Unsubscribe(_) => ReplySize::Small,
+            Op::Track(_)
+            | Op::Untrack(_)
+            | Op::Update(_)
+            | Op::Unsubscribe(_)
+            | Op::UnsubscribeAll => ReplySize::Small,
         },
         Ok((_, Parsed::Track(_) | Parsed::Ready(_))) | Err(_) => ReplySize::Small,
     }
@@ -587,16 +591,16 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
             (Some(topic), false) => Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))),
             (None, true) => Parsed::Ready(Resolved::Presence(Op::SubscribeAll)),
             (Some(_), true) | (None, false) => {
-                return Err((
-                    id,
-                    ErrorBody::new(
-                        ErrorCode::BadRequest,
-                        "bad `subscribe` request: give either `topic` or `\"all\": true`",
-                    ),
-                ));
+                return Err((id, neither_topic_nor_all("subscribe")));
             }
         },
-        Request::Unsubscribe(sub) => Parsed::Ready(Resolved::Presence(Op::Unsubscribe(sub.topic))),
+        Request::Unsubscribe(sub) => match (sub.topic, sub.all) {
+            (Some(topic), false) => Parsed::Ready(Resolved::Presence(Op::Unsubscribe(topic))),
+            (None, true) => Parsed::Ready(Resolved::Presence(Op::UnsubscribeAll)),
+            (Some(_), true) | (None, false) => {
+                return Err((id, neither_topic_nor_all("unsubscribe")));
+            }
+        },
         Request::Resume(resume) => {
             let tokens = resume
                 .tokens
@@ -622,6 +626,14 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
 /// descriptors, the connection is refused instead, with the returned
 /// reason, as a newcomer is when `accept` itself finds none: a
 /// connection that could never track would only hold a slot.
+/// `subscribe` and `unsubscribe` name one topic or all of them.
+fn neither_topic_nor_all(op: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::BadRequest,
+        format!("bad `{op}` request: give either `topic` or `\"all\": true`"),
+    )
+}
+
 fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProcess>, String> {
     use std::os::fd::AsFd as _;
     match sys::pin_peer(stream.as_fd(), pid) {

@@ -347,6 +347,7 @@ fn kinds_for(out: &Outbox, conn: ConnId) -> Vec<&'static str> {
                 Event::PresenceDiff { .. } => "presence_diff",
                 Event::Role { .. } => "role",
                 Event::Shutdown { .. } => "shutdown",
+                Event::Resync { .. } => "resync",
                 Event::Removed { .. } => "removed",
                 Event::Updated { .. } => "updated",
             }),
@@ -1665,10 +1666,22 @@ fn resyncing_every_topic_sends_each_state_then_says_so() {
     h.subscribe(named, "empty");
     h.subscribe(named, "t07");
 
+    // Another topic empties while the watcher's diffs are held back: the
+    // `resync` ahead of the states leaves it out, which is how the
+    // watcher learns it is empty.
+    h.track(a, "zz-gone", "x");
+    h.untrack_key(a, "zz-gone", "x");
+
     let mut out = Outbox::default();
     h.registry.resync_all(watcher, &mut out);
-    let states: Vec<&str> = events_to(&out, watcher)
-        .into_iter()
+    let events = events_to(&out, watcher);
+    let (resync, events) = events.split_first().expect("events");
+    match resync {
+        Event::Resync { payload } => assert_eq!(payload.topics, topics),
+        other => panic!("expected a resync, got {other:?}"),
+    }
+    let states: Vec<&str> = events
+        .iter()
         .map(|event| match event {
             Event::PresenceState { topic, payload, .. } => {
                 assert_eq!(payload.len(), 1, "{topic}");
@@ -3774,6 +3787,7 @@ impl World {
                     }
                 }
                 Event::Shutdown { .. } => panic!("the registry never shuts down"),
+                Event::Resync { .. } => panic!("only a slow reader's resync sends one"),
                 Event::Removed { topic, payload } => {
                     assert_eq!(to.len(), 1, "a removed event has one recipient");
                     assert!(

@@ -106,7 +106,7 @@ fn op_of(parsed: &Parsed) -> &'static str {
             Op::List(_) => "list",
             Op::GetByKey(_) => "get_by_key",
             Op::Subscribe(_) | Op::SubscribeAll => "subscribe",
-            Op::Unsubscribe(_) => "unsubscribe",
+            Op::Unsubscribe(_) | Op::UnsubscribeAll => "unsubscribe",
             Op::Resume(_) => "resume",
         },
     }
