@@ -7,7 +7,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use clap_complete::engine::ArgValueCompleter;
 use common::{Daemon, finish, spawn_sleeper, stdout};
@@ -399,4 +401,99 @@ async fn list_topics_leaves_out_names_with_control_or_format_characters() {
     assert_eq!(stdout(&output), "plain\n");
     let offered = complete_line(Shell::Bash, "presence watch ", &daemon.socket).await;
     assert_eq!(topics_among(&offered), set(&["plain"]));
+}
+
+/// The drivers above call the completion function the way bash would; here
+/// bash itself does, at an interactive prompt on a pseudo-terminal: the
+/// line is typed and TAB pressed, then the line bash holds is run as
+/// `printf '<%s>\n' …` (Ctrl-A, then those words, then Enter), so its
+/// words can be read back. This is what says that the script rejoins what
+/// readline splits at `:` and `=` as readline needs it.
+async fn bash_line_after_tab(typed: &str, socket: &Path) -> Vec<String> {
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let terminal = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().expect("a descriptor"));
+    let mut command = Command::new("bash");
+    command
+        .args(["--norc", "--noprofile", "-i"])
+        .env("PATH", path_with_presence())
+        .env("PRESENCE_SOCKET", socket)
+        .env("PS1", "$ ")
+        .env("TERM", "dumb")
+        .env("HISTFILE", "/dev/null")
+        .env_remove("PRESENCE_COMPLETE")
+        .stdin(terminal(&pty.slave))
+        .stdout(terminal(&pty.slave))
+        .stderr(terminal(&pty.slave))
+        .kill_on_drop(true);
+    let mut bash = command.spawn().expect("bash runs");
+    // The terminal's other end goes with bash, so reading ends with it.
+    drop(command);
+    drop(pty.slave);
+    let script = completions_dir().join("presence.bash");
+    let keys = format!(
+        "source '{}'\n{typed}\t\x01printf '<%s>\\n' \nexit\n",
+        script.display()
+    );
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(keys.as_bytes()).expect("typing");
+    let read = tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        let mut buffer = [0u8; 4096];
+        // Linux says EIO once bash, the last user of the other side, exits.
+        while let Ok(n @ 1..) = master.read(&mut buffer) {
+            bytes.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let status = common::within("bash to exit", bash.wait())
+        .await
+        .expect("wait");
+    let screen = common::within("the terminal's output", read)
+        .await
+        .expect("reader");
+    assert!(status.success(), "bash: {status:?}\n{screen}");
+    screen
+        .lines()
+        .map(|line| line.trim_end_matches('\r'))
+        .filter_map(|line| line.strip_prefix('<')?.strip_suffix('>'))
+        .filter(|word| *word != "%s")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn bash_completes_a_topic_with_colons_at_a_real_prompt() {
+    let daemon = Daemon::start().await;
+    let holder = spawn_sleeper();
+    let pid = holder.id().expect("the sleeper runs").to_string();
+    for topic in ["doc:notes.md", "file:/srv/a b.md"] {
+        let joined = daemon
+            .output(&["join", topic, "--detach", "--pid", &pid])
+            .await;
+        assert!(joined.status.success(), "{joined:?}");
+    }
+    let no_daemon = Path::new("/nonexistent/presenced.sock");
+    let socket = daemon.socket.display().to_string();
+    let with_socket_option = format!("--socket={socket}");
+    let cases = [
+        (
+            "presence watch doc:n".to_owned(),
+            daemon.socket.as_path(),
+            vec!["presence", "watch", "doc:notes.md"],
+        ),
+        (
+            "presence watch fi".to_owned(),
+            daemon.socket.as_path(),
+            vec!["presence", "watch", "file:/srv/a b.md"],
+        ),
+        (
+            format!("presence {with_socket_option} log file:/s"),
+            no_daemon,
+            vec!["presence", &with_socket_option, "log", "file:/srv/a b.md"],
+        ),
+    ];
+    for (typed, env_socket, completed) in cases {
+        let line = bash_line_after_tab(&typed, env_socket).await;
+        assert_eq!(line, completed, "{typed:?}");
+    }
 }
