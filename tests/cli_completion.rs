@@ -140,7 +140,13 @@ async fn complete_line(shell: Shell, line: &str, env_socket: &Path) -> BTreeSet<
         }
     };
     let db = env_socket.with_file_name("state").join("presence.db");
+    // fish makes its folders in the home folder: a private one, so that
+    // the tests leave nothing in the user's.
+    let home = tempfile::tempdir().expect("a temporary home folder");
     command
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
         .env("PATH", path_with_presence())
         .env("PRESENCE_SOCKET", env_socket)
         .env("PRESENCE_DB", db)
