@@ -88,8 +88,9 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The names of the topics someone is present on, by name, from the daemon
-/// listening at the target's socket; none when no daemon listens there.
+/// The names of the topics someone is present on, in name order, from the
+/// daemon listening at the target's socket; none when no daemon listens
+/// there.
 /// Never starts a daemon, whatever `--no-autostart` says: asking what is
 /// there must not change it. The socket folder and the daemon are checked
 /// as for any command (by [`Client::connect`]).
