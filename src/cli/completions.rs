@@ -1,10 +1,42 @@
-//! `presence completions`: shell completion scripts, made by clap_complete
-//! from the same command line that parses the arguments.
+//! Shell completion: the scripts `presence completions SHELL` prints (and
+//! `completions/` keeps), and the completions themselves, which `presence`
+//! works out each time the shell asks.
+//!
+//! Why completion calls back into `presence` instead of being a static
+//! script. A topic name can only come from the daemon, so some program has
+//! to be run at TAB; the question is who decides that the word under the
+//! cursor is a TOPIC. A static script (clap_complete's `generate`) decides
+//! in shell code, three times over, each shell with its own model of the
+//! command line: bash's cannot count positionals or see a global option
+//! before the subcommand, and none of them knows which daemon
+//! `--socket` or `--system` names. Here each shell script only hands the
+//! words before the cursor to `PRESENCE_COMPLETE=SHELL presence -- WORDS`,
+//! and clap_complete's engine walks them with the very definitions that
+//! parse the command (so after `--key` the next word is a key, after `--`
+//! it is CMD, and `--socket=PATH` before or after the subcommand is read
+//! the way the command will read it). Every TOPIC argument carries
+//! [`topics`], which asks the daemon that line names, in this process.
+//!
+//! The engine is clap_complete's `unstable-dynamic` feature, which is
+//! exempt from semantic versioning: Cargo.toml pins clap_complete to one
+//! release, and `tests/cli_completion.rs` drives real bash, zsh and fish
+//! through these scripts, so an upgrade that changes the engine fails
+//! there rather than in a user's shell. The shell side is ours, not
+//! clap_complete's registration scripts: it passes only the words before
+//! the cursor (so the last one is the word being completed), bash's rejoins
+//! the pieces bash splits at `:` and `=` (a topic like `file:/srv/a.md` is
+//! one argument), and zsh's works both from `$fpath` and sourced. Script
+//! and binary are generated from, and shipped with, the same build.
 
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use clap_complete::Shell;
+use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
+use clap_complete::env::{CompleteEnv, EnvCompleter, Shells};
 
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
@@ -19,10 +51,349 @@ pub fn run(args: &CompletionsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The variable that turns `presence` into its own completer: set to a
+/// shell's name, with the words after `--`. Named for us, so that a
+/// `COMPLETE` exported for another program changes nothing here.
+const COMPLETE_VAR: &str = "PRESENCE_COMPLETE";
+
+/// How long a TAB may wait for the daemon before offering no topics: a
+/// daemon that does not answer must not freeze the shell.
+const DAEMON_WAIT: Duration = Duration::from_secs(2);
+
+/// Our bash, zsh and fish; clap_complete's own for the other shells
+/// `presence completions` accepts. Ours complete the command `presence`
+/// and call back the `presence` on PATH, the one the line will run, with
+/// `PRESENCE_COMPLETE`, whatever names `write_registration` is given: the
+/// scripts are files installed beside the binary, the same on every
+/// machine.
+const SHELLS: Shells<'static> = Shells(&[
+    &Bash,
+    &Zsh,
+    &Fish,
+    &clap_complete::env::Elvish,
+    &clap_complete::env::Powershell,
+]);
+
 /// The completion script for `shell`, as `presence completions` prints it
 /// and as `completions/` keeps it.
 pub fn completion_script(shell: Shell) -> Vec<u8> {
+    let completer: &dyn EnvCompleter = match shell {
+        Shell::Bash => &Bash,
+        Shell::Zsh => &Zsh,
+        Shell::Fish => &Fish,
+        Shell::Elvish => &clap_complete::env::Elvish,
+        Shell::PowerShell => &clap_complete::env::Powershell,
+        // clap_complete's Shell is non-exhaustive; a shell added there is
+        // not offered by this release's command line.
+        _ => return Vec::new(),
+    };
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut super::command(), "presence", &mut script);
+    completer
+        .write_registration(
+            COMPLETE_VAR,
+            "presence",
+            "presence",
+            "presence",
+            &mut script,
+        )
+        .expect("writing to memory does not fail");
     script
+}
+
+/// When a completion script called us (`PRESENCE_COMPLETE` set), prints
+/// the completions of the words after `--` and exits; otherwise returns.
+/// Runs before anything else writes to stdout.
+pub fn complete_if_asked() {
+    CompleteEnv::with_factory(|| super::ignore_empty_env(super::command()))
+        .var(COMPLETE_VAR)
+        .shells(SHELLS)
+        .complete();
+}
+
+/// The completer of every TOPIC argument: the topics someone is present on,
+/// from the daemon the line being completed names, if one runs. Never
+/// starts a daemon; anything that goes wrong offers no topics, silently.
+///
+/// It asks in this process, with the code of the hidden
+/// `presence list --topics` ([`super::list::running_topics`]), rather than
+/// by running that command: a TAB already costs one `presence`.
+pub fn topics() -> ArgValueCompleter {
+    ArgValueCompleter::new(complete_topic)
+}
+
+fn complete_topic(current: &OsStr) -> Vec<CompletionCandidate> {
+    let Some(prefix) = current.to_str() else {
+        return Vec::new();
+    };
+    let target = super::Target {
+        socket: socket_of_completed_line(),
+        autostart: false,
+        system: false,
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let asked = runtime.block_on(async {
+        tokio::time::timeout(DAEMON_WAIT, super::list::running_topics(&target)).await
+    });
+    match asked {
+        Ok(Ok(topics)) => topics
+            .into_iter()
+            .filter(|topic| topic.starts_with(prefix))
+            .map(CompletionCandidate::new)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The socket the command line being completed will use: the words before
+/// the one under the cursor, as the scripts pass them after `--`, read
+/// leniently (the line is not finished) by the command's own definitions.
+fn socket_of_completed_line() -> PathBuf {
+    let words: Vec<OsString> = std::env::args_os()
+        .skip_while(|arg| arg != "--")
+        .skip(1)
+        .collect();
+    let before_cursor = &words[..words.len().saturating_sub(1)];
+    super::socket_of_partial_line(before_cursor)
+}
+
+/// The candidates for the last word: the engine walks all of them with
+/// the command's definitions. A line it cannot complete gets none.
+fn candidates(cmd: &mut clap::Command, words: Vec<OsString>) -> Vec<CompletionCandidate> {
+    let Some(current) = words.len().checked_sub(1) else {
+        return Vec::new();
+    };
+    let current_dir = std::env::current_dir().ok();
+    clap_complete::engine::complete(cmd, words, current, current_dir.as_deref())
+        .unwrap_or_default()
+        .into_iter()
+        // One candidate per line: a file name with a line break in it
+        // cannot be offered.
+        .filter(|candidate| !candidate.get_value().to_string_lossy().contains('\n'))
+        .collect()
+}
+
+/// A candidate's help, on one line, for the shells that show it.
+fn help_line(candidate: &CompletionCandidate) -> Option<String> {
+    let help = candidate.get_help()?.to_string();
+    let line = help.lines().next()?.replace('\t', " ");
+    (!line.is_empty()).then_some(line)
+}
+
+/// bash: the script rejoins the words bash split at COMP_WORDBREAKS and
+/// hands presence those before the cursor; presence prints one candidate
+/// per line, and the script trims off what bash will not replace (the part
+/// of the word before its last `:` or `=`).
+struct Bash;
+
+const BASH_REGISTRATION: &str = r#"# bash completion for presence. Each TAB runs `presence` itself, which
+# reads the line with its own definitions and offers topic names from the
+# daemon that is already running (never starting one).
+_presence() {
+    # Bash splits words at COMP_WORDBREAKS, ":" and "=" among them, but
+    # file:/srv/a.md or --socket=PATH is one argument to presence: join
+    # again the pieces that nothing separated on the line, up to the cursor.
+    local rest=${COMP_LINE:0:COMP_POINT}
+    local -a words=()
+    local i word trimmed
+    for ((i = 0; i <= COMP_CWORD; i++)); do
+        trimmed=${rest#"${rest%%[![:space:]]*}"}
+        if ((i == COMP_CWORD)); then
+            word=$trimmed
+        else
+            word=${COMP_WORDS[i]}
+        fi
+        if ((i > 0)) && [[ $trimmed == "$rest" ]]; then
+            words[${#words[@]} - 1]+=$word
+        else
+            words+=("$word")
+        fi
+        rest=${trimmed:${#word}}
+    done
+    local current=${words[${#words[@]} - 1]}
+    # Bash replaces only the text after the last break ($2); the rest of
+    # the word stays as typed.
+    local kept=${current%"$2"}
+    local -a candidates=()
+    mapfile -t candidates < <(PRESENCE_COMPLETE=bash presence -- "${words[@]}" 2>/dev/null)
+    COMPREPLY=()
+    local candidate
+    for candidate in "${candidates[@]}"; do
+        [[ $candidate == "$kept"* ]] || continue
+        candidate=${candidate#"$kept"}
+        # A name with blanks or quotes must reach presence as one word.
+        [[ $2 == [\"\']* ]] || printf -v candidate '%q' "$candidate"
+        COMPREPLY+=("$candidate")
+    done
+    # A folder, or an option waiting for its value: no space after it yet.
+    if ((${#COMPREPLY[@]} == 1)) && [[ ${COMPREPLY[0]} == *[/=:] ]]; then
+        compopt -o nospace 2>/dev/null
+    fi
+    return 0
+}
+complete -o nosort -F _presence presence 2>/dev/null || complete -F _presence presence
+"#;
+
+impl EnvCompleter for Bash {
+    fn name(&self) -> &'static str {
+        "bash"
+    }
+
+    fn is(&self, name: &str) -> bool {
+        name == "bash"
+    }
+
+    fn write_registration(
+        &self,
+        _var: &str,
+        _name: &str,
+        _bin: &str,
+        _completer: &str,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        buf.write_all(BASH_REGISTRATION.as_bytes())
+    }
+
+    fn write_complete(
+        &self,
+        cmd: &mut clap::Command,
+        words: Vec<OsString>,
+        _current_dir: Option<&std::path::Path>,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        for candidate in candidates(cmd, words) {
+            writeln!(buf, "{}", candidate.get_value().to_string_lossy())?;
+        }
+        Ok(())
+    }
+}
+
+/// zsh: `VALUE:HELP` lines for `_describe`, with `:` and `\` in the value
+/// escaped. The script is the body of `_presence` when autoloaded from
+/// `$fpath` (as the file `_presence`), and registers it when sourced.
+struct Zsh;
+
+const ZSH_REGISTRATION: &str = r#"#compdef presence
+# zsh completion for presence. Each TAB runs `presence` itself, which
+# reads the line with its own definitions and offers topic names from the
+# daemon that is already running (never starting one).
+_presence() {
+    local -a candidates folders others
+    candidates=(${(f)"$(PRESENCE_COMPLETE=zsh presence -- "${(@Q)words[1,CURRENT-1]}" "${(Q)PREFIX}" 2>/dev/null)"})
+    local candidate value
+    for candidate in "${candidates[@]}"; do
+        value=${candidate%%:*}
+        # A folder gets its slash as a suffix, so that completing goes on
+        # inside it.
+        if [[ $value == */ ]]; then
+            folders+=("${value%/}${candidate#"$value"}")
+        else
+            others+=("$candidate")
+        fi
+    done
+    local ret=1
+    ((${#folders})) && _describe -V values folders -S / -r / && ret=0
+    ((${#others})) && _describe -V values others && ret=0
+    return ret
+}
+if [[ $funcstack[1] == _presence ]]; then
+    _presence "$@"
+else
+    compdef _presence presence
+fi
+"#;
+
+impl EnvCompleter for Zsh {
+    fn name(&self) -> &'static str {
+        "zsh"
+    }
+
+    fn is(&self, name: &str) -> bool {
+        name == "zsh"
+    }
+
+    fn write_registration(
+        &self,
+        _var: &str,
+        _name: &str,
+        _bin: &str,
+        _completer: &str,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        buf.write_all(ZSH_REGISTRATION.as_bytes())
+    }
+
+    fn write_complete(
+        &self,
+        cmd: &mut clap::Command,
+        words: Vec<OsString>,
+        _current_dir: Option<&std::path::Path>,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        for candidate in candidates(cmd, words) {
+            let value = candidate
+                .get_value()
+                .to_string_lossy()
+                .replace('\\', "\\\\")
+                .replace(':', "\\:");
+            match help_line(&candidate) {
+                Some(help) => writeln!(buf, "{value}:{help}")?,
+                None => writeln!(buf, "{value}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// fish: `VALUE<TAB>HELP` lines, as fish's `complete --arguments` takes
+/// them; fish quotes what it inserts itself.
+struct Fish;
+
+const FISH_REGISTRATION: &str = r#"# fish completion for presence. Each TAB runs `presence` itself, which
+# reads the line with its own definitions and offers topic names from the
+# daemon that is already running (never starting one).
+complete --command presence --erase
+complete --command presence --keep-order --exclusive --arguments "(PRESENCE_COMPLETE=fish presence -- (commandline --current-process --tokenize --cut-at-cursor) (commandline --current-token) 2>/dev/null)"
+"#;
+
+impl EnvCompleter for Fish {
+    fn name(&self) -> &'static str {
+        "fish"
+    }
+
+    fn is(&self, name: &str) -> bool {
+        name == "fish"
+    }
+
+    fn write_registration(
+        &self,
+        _var: &str,
+        _name: &str,
+        _bin: &str,
+        _completer: &str,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        buf.write_all(FISH_REGISTRATION.as_bytes())
+    }
+
+    fn write_complete(
+        &self,
+        cmd: &mut clap::Command,
+        words: Vec<OsString>,
+        _current_dir: Option<&std::path::Path>,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        for candidate in candidates(cmd, words) {
+            let value = candidate.get_value().to_string_lossy();
+            match help_line(&candidate) {
+                Some(help) => writeln!(buf, "{value}\t{help}")?,
+                None => writeln!(buf, "{value}")?,
+            }
+        }
+        Ok(())
+    }
 }

@@ -421,6 +421,15 @@ shell looks for completions:
   zsh   a folder in $fpath, as _presence
   fish  ~/.config/fish/completions/presence.fish
 
+Subcommands, options and their values are completed, and so are topic
+names: at each TAB the script runs `presence` (the one on PATH), which
+reads the line as the command will and asks the daemon that line names
+(by --socket, --system or PRESENCE_SOCKET) for the topics someone is
+present on. Only a daemon that is already running is asked: completing
+never starts one, and with none running no topic is offered. Script and
+binary talk to each other in a way that may change between releases, so
+install the script that comes with the binary.
+
 The scripts for bash, zsh and fish are also in completions/ in the source.";
 
 const RAW_DETAILS: &str = "\

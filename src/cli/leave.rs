@@ -10,7 +10,7 @@ use crate::protocol::{ErrorCode, UntrackReply, UntrackRequest};
 #[derive(Debug, Args)]
 pub struct LeaveArgs {
     /// The topic to leave
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = super::completions::topics())]
     pub topic: String,
 
     #[command(flatten)]

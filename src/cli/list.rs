@@ -7,12 +7,13 @@ use serde_json::Value;
 
 use super::render::Cell;
 use super::{Target, decode, render, request_fields};
+use crate::client::{Client, ClientError};
 use crate::protocol::{ListRequest, Request, TopicPresences};
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only this topic
-    #[arg(value_parser = super::parse_name)]
+    #[arg(value_parser = super::parse_name, add = super::completions::topics())]
     pub topic: Option<String>,
 
     /// Print the daemon's `list` reply fields as JSON
@@ -23,6 +24,12 @@ pub struct ListArgs {
     /// the output is piped)
     #[arg(long)]
     pub wide: bool,
+
+    /// Print only the names of the topics someone is present on, one per
+    /// line, from a daemon that already runs: for shell completion, hence
+    /// hidden
+    #[arg(long, hide = true, conflicts_with_all = ["topic", "json", "wide"])]
+    pub topics: bool,
 }
 
 /// The columns cut on a narrow terminal, in this order, each down to a
@@ -31,6 +38,16 @@ pub struct ListArgs {
 const SHRINKABLE: &[(usize, usize)] = &[(6, 8), (0, 12), (2, 8), (3, 8), (5, 8)];
 
 pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
+    if args.topics {
+        // With no daemon running this prints nothing and exits 0, as no one
+        // is present: a completion script calling it sees no topics and no
+        // message. Other failures (a socket that is not ours, a daemon
+        // that refuses) are told on stderr as for any command, and exit 1.
+        for topic in running_topics(target).await? {
+            say!("{topic}");
+        }
+        return Ok(());
+    }
     let (client, _events) = target.connect().await?;
     let request = Request::List(ListRequest {
         topic: args.topic.clone(),
@@ -69,6 +86,40 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     let table = render::table(&header, &rows);
     say!("{}", table.trim_end());
     Ok(())
+}
+
+/// The names of the topics someone is present on, in name order, from the
+/// daemon listening at the target's socket; none when no daemon listens
+/// there.
+/// Never starts a daemon, whatever `--no-autostart` says: asking what is
+/// there must not change it. The socket folder and the daemon are checked
+/// as for any command (by [`Client::connect`]).
+///
+/// A name the command line would refuse (blank, or holding control or
+/// format characters, which a database from before the daemon refused them
+/// may keep) is left out rather than escaped: it could not be typed back
+/// as an argument, and a line break in it would split its line in two.
+pub async fn running_topics(target: &Target) -> anyhow::Result<Vec<String>> {
+    let client = match Client::connect(&target.socket).await {
+        Ok((client, _events)) => client,
+        Err(ClientError::NoDaemon { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(target.explain(e)),
+    };
+    let request = Request::List(ListRequest { topic: None });
+    let fields = request_fields(&client, &request, "could not list the topics").await?;
+    let all: crate::protocol::ListAllReply = decode(fields, "list")?;
+    Ok(all
+        .topics
+        .into_keys()
+        .filter(|topic| super::parse_name(topic).is_ok())
+        .collect())
 }
 
 /// One row per entry: topics by name, and within a topic the owner first,

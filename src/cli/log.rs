@@ -16,7 +16,7 @@ use crate::sys::now_millis;
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Only this topic's history
-    #[arg(value_parser = super::parse_name)]
+    #[arg(value_parser = super::parse_name, add = super::completions::topics())]
     pub topic: Option<String>,
 
     /// Only what happened this long ago or later: `90s`, `15m`, `1h`, `2d`

@@ -258,6 +258,7 @@ impl Outcome {
 
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
+    completions::complete_if_asked();
     let matches = ignore_empty_env(command()).get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if cli.system {
@@ -319,12 +320,48 @@ fn ignore_empty_env(command: clap::Command) -> clap::Command {
         .mut_subcommands(ignore_empty_env)
 }
 
-fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let socket = match (&cli.socket, cli.system) {
-        (Some(socket), _) => socket.clone(),
+/// The socket a command talks to: `--socket` (or PRESENCE_SOCKET), else
+/// the system-wide daemon's with `--system`, else the user's own.
+fn socket_of(socket: Option<PathBuf>, system: bool) -> PathBuf {
+    match (socket, system) {
+        (Some(socket), _) => socket,
         (None, true) => PathBuf::from(crate::paths::SYSTEM_SOCKET),
         (None, false) => crate::paths::default_socket(),
+    }
+}
+
+/// The socket a command line that is still being typed will talk to, for
+/// completing it: its words read by the same definitions, errors ignored
+/// (a required TOPIC is not there yet), with `--system` and the
+/// environment weighed as [`main`] weighs them.
+fn socket_of_partial_line(words: &[std::ffi::OsString]) -> PathBuf {
+    let command = ignore_empty_env(command()).ignore_errors(true);
+    let Ok(matches) = command.try_get_matches_from(words) else {
+        return socket_of(None, false);
     };
+    // Global options given after the subcommand are in its matches.
+    let mut socket = None;
+    let mut system = false;
+    let mut level = Some(&matches);
+    while let Some(current) = level {
+        system |= current.try_get_one::<bool>("system").ok().flatten() == Some(&true);
+        if let Ok(Some(path)) = current.try_get_one::<PathBuf>("socket") {
+            let from_env =
+                current.value_source("socket") == Some(clap::parser::ValueSource::EnvVariable);
+            socket = Some((path.clone(), from_env));
+        }
+        level = current.subcommand().map(|(_, sub)| sub);
+    }
+    let socket = match socket {
+        Some((_, true)) if system => None,
+        Some((path, _)) => Some(path),
+        None => None,
+    };
+    socket_of(socket, system)
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let socket = socket_of(cli.socket.clone(), cli.system);
     // The daemon runs without the client runtime: it builds its own.
     if let Command::Daemon(args) = cli.command {
         let config = daemon_config(socket, cli.system, args);
@@ -607,7 +644,7 @@ fn parse_meta(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, 
 #[derive(Debug, Args)]
 pub struct NewEntryArgs {
     /// The topic, for example `publishing_edit:docs:post-slug`
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: String,
 
     /// Who you are on the topic [default: your login name]

@@ -9,7 +9,7 @@ use crate::protocol::UpdateRequest;
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
     /// The entry's topic
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = super::completions::topics())]
     pub topic: String,
 
     #[command(flatten)]

@@ -13,7 +13,7 @@ use crate::protocol::{Diff, Event, LeaveReason, Owner, Presences};
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// The topic to follow; without one, every topic
-    #[arg(value_parser = parse_name)]
+    #[arg(value_parser = parse_name, add = super::completions::topics())]
     pub topic: Option<String>,
 
     /// Follow every topic, those that appear later included (the default
