@@ -4,9 +4,9 @@
 //! the tree: every man page, completion, unit and plugin file is listed
 //! in the package, and the packaged units differ from contrib's only where
 //! the binary is. The ignored ones check the installed files as the
-//! system uses them: `man`, bash-completion's loader, `systemd-analyze
-//! verify`, and the editors. .ci/run builds and installs the package
-//! before running them; without it they fail.
+//! system uses them: `man`, bash-completion's loader, zsh and fish,
+//! `systemd-analyze verify`, and the editors. .ci/run builds and installs
+//! the package before running them; without it they fail.
 //!
 //! Vim's help tags for the packaged plugins are made ahead into
 //! contrib/help-tags; regenerate them with
@@ -489,6 +489,65 @@ fn bash_completion_loads_the_installed_completion() {
     );
 }
 
+/// The file zsh autoloads `_presence` from, after `compinit` (in the
+/// `~/.zshrc` that `home` has), as `whence -v` names it.
+fn zsh_completion_source(home: &Path, path: &str) -> String {
+    let zsh = run(Command::new("zsh")
+        .args([
+            "-i",
+            "-c",
+            "print -r -- ${_comps[presence]}; whence -v _presence",
+        ])
+        .env("HOME", home)
+        .env("PATH", path)
+        .env_remove("ZDOTDIR")
+        .env_remove("FPATH"));
+    let said = text(&zsh.stdout);
+    let mut lines = said.lines();
+    assert_eq!(
+        lines.next(),
+        Some("_presence"),
+        "zsh's compinit did not pick up a completion for presence: {said}{}",
+        text(&zsh.stderr)
+    );
+    let source = lines.next().unwrap_or_default();
+    source
+        .split_once(" from ")
+        .map_or(source, |(_, file)| file)
+        .to_owned()
+}
+
+#[test]
+#[ignore = "needs the .deb installed (.ci/run builds and installs it), zsh and fish"]
+fn zsh_and_fish_load_the_installed_completions() {
+    require_installed_package();
+    let home = tempfile::tempdir().expect("temporary folder");
+    // compinit in a .zshrc, as every zsh set up for completion has.
+    std::fs::write(
+        home.path().join(".zshrc"),
+        "autoload -Uz compinit && compinit\n",
+    )
+    .unwrap();
+    assert_eq!(
+        zsh_completion_source(home.path(), "/usr/bin:/bin"),
+        "/usr/share/zsh/vendor-completions/_presence"
+    );
+    let fish = run(Command::new("fish")
+        .args(["-c", "complete -C 'presence jo'"])
+        .env("HOME", home.path())
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME"));
+    let offered = text(&fish.stdout);
+    assert!(
+        offered
+            .lines()
+            .any(|line| line.split('\t').next() == Some("join")),
+        "fish completed `presence jo` with: {offered}{}",
+        text(&fish.stderr)
+    );
+}
+
 /// The user and system units, as `systemd-analyze verify` sees them where
 /// the package put them (their Documentation= man pages included).
 #[test]
@@ -580,7 +639,7 @@ fn each_editor_loads_the_installed_plugin_only_when_asked() {
 /// of their own: man and bash-completion then find what they installed,
 /// with no PATH or MANPATH change. The steps are read from the README.
 #[test]
-#[ignore = "needs man-db and bash-completion"]
+#[ignore = "needs man-db, bash-completion and zsh"]
 fn the_readmes_cargo_install_steps_put_man_pages_and_completions_where_they_are_found() {
     let readme = std::fs::read_to_string(repository().join("README.md")).expect("README.md");
     let (_, section) = readme
@@ -630,16 +689,22 @@ fn the_readmes_cargo_install_steps_put_man_pages_and_completions_where_they_are_
         "`presence jo` offered {words:?}"
     );
 
-    // zsh and fish read these folders (README says how for zsh).
-    for installed in [
-        ".local/share/zsh/site-functions/_presence",
-        ".config/fish/completions/presence.fish",
-    ] {
-        assert!(
-            home.join(installed).is_file(),
-            "~/{installed} was not installed"
-        );
-    }
+    // fish reads its own folder; zsh, with the README's lines in .zshrc,
+    // autoloads the completion from where the steps put it.
+    assert!(
+        home.join(".config/fish/completions/presence.fish")
+            .is_file(),
+        "~/.config/fish/completions/presence.fish was not installed"
+    );
+    let (_, zshrc) = section
+        .split_once("```zsh\n")
+        .expect("a zsh block in the section");
+    let (zshrc, _) = zshrc.split_once("```").expect("the zsh block ends");
+    std::fs::write(home.join(".zshrc"), zshrc).unwrap();
+    assert_eq!(
+        Path::new(&zsh_completion_source(&home, &path)),
+        home.join(".local/share/zsh/site-functions/_presence")
+    );
 }
 
 /// Vim's help tags for each packaged plugin, as the editor itself makes
