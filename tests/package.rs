@@ -635,7 +635,7 @@ fn each_editor_loads_the_installed_plugin_only_when_asked() {
 }
 
 /// The README's `cargo install` steps, run after a stand-in for `cargo
-/// install` (this tree's binary in a cargo bin folder on PATH), in a home
+/// install` (this tree's binary in `$CARGO_HOME/bin`, on PATH), in a home
 /// of their own: man and bash-completion then find what they installed,
 /// with no PATH or MANPATH change. The steps are read from the README.
 #[test]
@@ -666,8 +666,14 @@ fn the_readmes_cargo_install_steps_put_man_pages_and_completions_where_they_are_
         .args(["--norc", "--noprofile", "-euo", "pipefail", "-c", steps])
         .current_dir(repository())
         .env("HOME", &home)
+        .env("CARGO_HOME", dir.path().join("cargo"))
         .env("PATH", &path);
-    for variable in ["XDG_DATA_HOME", "XDG_CONFIG_HOME", "MANPATH"] {
+    for variable in [
+        "XDG_DATA_HOME",
+        "XDG_CONFIG_HOME",
+        "MANPATH",
+        "CARGO_INSTALL_ROOT",
+    ] {
         shell.env_remove(variable);
     }
     let ran = run(&mut shell);
