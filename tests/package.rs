@@ -118,10 +118,10 @@ fn files_under(folder: &str) -> Vec<String> {
     found
 }
 
-/// The units the package must hold, by scope: contrib's sockets as they
-/// are, and for a service its packaged copy in contrib/systemd/packaged,
-/// which names /usr/bin/presence.
-fn packaged_units() -> Vec<(&'static str, String)> {
+/// The units the package must hold: contrib's sockets as they are, and
+/// for a service its packaged copy in contrib/systemd/packaged, which
+/// names /usr/bin/presence.
+fn packaged_units() -> Vec<String> {
     let mut units = Vec::new();
     for scope in ["user", "system"] {
         for unit in files_under(&format!("contrib/systemd/{scope}")) {
@@ -136,7 +136,7 @@ fn packaged_units() -> Vec<(&'static str, String)> {
             } else {
                 unit
             };
-            units.push((scope, source));
+            units.push(source);
         }
     }
     units
@@ -148,7 +148,7 @@ fn files_to_package() -> Vec<String> {
     for folder in ["man", "completions", "editors", "docs", "contrib/help-tags"] {
         files.extend(files_under(folder));
     }
-    files.extend(packaged_units().into_iter().map(|(_, source)| source));
+    files.extend(packaged_units());
     files.push("README.md".to_owned());
     files
 }
@@ -161,20 +161,16 @@ fn installed_paths() -> Vec<(String, Option<PathBuf>)> {
         let sources: Vec<String> = if asset.source.starts_with("target/") {
             vec![asset.source.clone()]
         } else {
-            let folder = Path::new(&asset.source)
-                .parent()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let folder = if folder.is_empty() {
-                ".".to_owned()
-            } else {
-                folder
-            };
-            let candidates = if folder == "." {
+            // A file at the top has no folder to list: it is its own
+            // candidate, if it is there.
+            let folder = Path::new(&asset.source).parent().unwrap_or(Path::new(""));
+            let candidates = if folder.as_os_str().is_empty() {
                 vec![asset.source.clone()]
+                    .into_iter()
+                    .filter(|file| repository().join(file).is_file())
+                    .collect()
             } else {
-                files_under(&folder)
+                files_under(&folder.to_string_lossy())
             };
             candidates
                 .into_iter()
