@@ -28,6 +28,23 @@ _presence() {
     local kept=${current%"$2"}
     local -a candidates=()
     mapfile -t candidates < <(PRESENCE_COMPLETE=bash presence -- "${words[@]}" 2>/dev/null)
+    if [[ ${candidates[0]-} == $'\x1e'command ]]; then
+        # The command `run` runs, after its `--`: completed as bash would
+        # at the start of a line, by bash-completion's _command_offset
+        # where it is loaded (a command's own completion, as for sudo),
+        # else as a command name first and then file names.
+        for ((i = 1; i < COMP_CWORD; i++)); do
+            [[ ${COMP_WORDS[i]} == -- ]] && break
+        done
+        if declare -F _command_offset >/dev/null; then
+            _command_offset $((i + 1))
+        elif ((COMP_CWORD == i + 1)); then
+            mapfile -t COMPREPLY < <(compgen -c -- "$2")
+        else
+            mapfile -t COMPREPLY < <(compgen -f -- "$2")
+        fi
+        return 0
+    fi
     COMPREPLY=()
     local candidate
     for candidate in "${candidates[@]}"; do

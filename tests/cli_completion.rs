@@ -287,6 +287,47 @@ async fn completes_topics_from_the_running_daemon_only(shell: Shell) {
     assert!(!no_daemon.exists(), "completing started a daemon");
 }
 
+/// After `run`'s `--` comes a command line of its own: the shell's own
+/// completion takes over, commands first and then what that command
+/// takes (files, for `cat`), and presence offers nothing of its own there.
+async fn completes_the_command_run_runs(shell: Shell) {
+    let nowhere = tempfile::tempdir().expect("a temporary folder");
+    let no_daemon = nowhere.path().join("presenced.sock");
+    let cases: &[(&str, &str)] = &[
+        ("presence run deploy -- ech", "echo"),
+        ("presence run --key k deploy -- cat Cargo.t", "Cargo.toml"),
+        ("presence run deploy -- cat --key Cargo.t", "Cargo.toml"),
+    ];
+    for (line, expected) in cases {
+        let offered = complete_line(shell, line, &no_daemon).await;
+        assert!(
+            offered.contains(*expected),
+            "{shell:?}, {line:?}: {offered:?}"
+        );
+        assert!(
+            !offered.iter().any(|word| word.starts_with("--")),
+            "{shell:?}, {line:?}: presence's options offered: {offered:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bash_completes_the_command_run_runs() {
+    completes_the_command_run_runs(Shell::Bash).await;
+}
+
+#[tokio::test]
+#[ignore = "needs zsh"]
+async fn zsh_completes_the_command_run_runs() {
+    completes_the_command_run_runs(Shell::Zsh).await;
+}
+
+#[tokio::test]
+#[ignore = "needs fish"]
+async fn fish_completes_the_command_run_runs() {
+    completes_the_command_run_runs(Shell::Fish).await;
+}
+
 #[tokio::test]
 async fn bash_completes_topics_from_the_running_daemon_only() {
     completes_topics_from_the_running_daemon_only(Shell::Bash).await;

@@ -161,20 +161,47 @@ fn socket_of_completed_line() -> PathBuf {
     super::socket_of_partial_line(before_cursor)
 }
 
+/// What presence offers, alone, when the word under the cursor belongs to
+/// the command `presence run` runs (after its `--`): each script then hands
+/// the words after `--` to its shell's own completion of a command line,
+/// so that `presence run deploy -- make <TAB>` offers what `make <TAB>`
+/// would. A control character begins it, so that no name presence offers
+/// can be taken for it.
+const COMPLETE_A_COMMAND: &str = "\u{1e}command";
+
 /// The candidates for the last word: the engine walks all of them with
 /// the command's definitions. A line it cannot complete gets none.
 fn candidates(cmd: &mut clap::Command, words: Vec<OsString>) -> Vec<CompletionCandidate> {
     let Some(current) = words.len().checked_sub(1) else {
         return Vec::new();
     };
+    if completes_the_command_of_run(cmd, &words) {
+        return vec![CompletionCandidate::new(COMPLETE_A_COMMAND)];
+    }
     let current_dir = std::env::current_dir().ok();
     clap_complete::engine::complete(cmd, words, current, current_dir.as_deref())
         .unwrap_or_default()
         .into_iter()
         // One candidate per line: a file name with a line break in it
-        // cannot be offered.
-        .filter(|candidate| !candidate.get_value().to_string_lossy().contains('\n'))
+        // cannot be offered, nor one the scripts could take for
+        // COMPLETE_A_COMMAND.
+        .filter(|candidate| {
+            let value = candidate.get_value().to_string_lossy();
+            !value.contains(['\n', '\u{1e}'])
+        })
         .collect()
+}
+
+/// Whether the last word is part of the command `presence run` runs: read
+/// leniently, the line is `run` with a CMD, and CMD is what comes after
+/// `--`, the last word included.
+fn completes_the_command_of_run(cmd: &clap::Command, words: &[OsString]) -> bool {
+    let lenient = cmd.clone().ignore_errors(true);
+    let Ok(matches) = lenient.try_get_matches_from(words) else {
+        return false;
+    };
+    matches!(matches.subcommand(), Some(("run", run))
+        if run.get_raw("command").is_some_and(|command| command.len() > 0))
 }
 
 /// A candidate's help, on one line, for the shells that show it.
@@ -220,6 +247,23 @@ _presence() {
     local kept=${current%"$2"}
     local -a candidates=()
     mapfile -t candidates < <(PRESENCE_COMPLETE=bash presence -- "${words[@]}" 2>/dev/null)
+    if [[ ${candidates[0]-} == $'\x1e'command ]]; then
+        # The command `run` runs, after its `--`: completed as bash would
+        # at the start of a line, by bash-completion's _command_offset
+        # where it is loaded (a command's own completion, as for sudo),
+        # else as a command name first and then file names.
+        for ((i = 1; i < COMP_CWORD; i++)); do
+            [[ ${COMP_WORDS[i]} == -- ]] && break
+        done
+        if declare -F _command_offset >/dev/null; then
+            _command_offset $((i + 1))
+        elif ((COMP_CWORD == i + 1)); then
+            mapfile -t COMPREPLY < <(compgen -c -- "$2")
+        else
+            mapfile -t COMPREPLY < <(compgen -f -- "$2")
+        fi
+        return 0
+    fi
     COMPREPLY=()
     local candidate
     for candidate in "${candidates[@]}"; do
@@ -284,6 +328,15 @@ const ZSH_REGISTRATION: &str = r#"#compdef presence
 _presence() {
     local -a candidates folders others
     candidates=(${(f)"$(PRESENCE_COMPLETE=zsh presence -- "${(@Q)words[1,CURRENT-1]}" "${(Q)PREFIX}" 2>/dev/null)"})
+    if [[ ${candidates[1]-} == $'\x1e'command ]]; then
+        # The command `run` runs, after its `--`: zsh's own completion of
+        # a command line, as for sudo or nohup.
+        local at=${words[(i)--]}
+        shift $at words
+        (( CURRENT -= at ))
+        _normal
+        return
+    fi
     local candidate value
     for candidate in "${candidates[@]}"; do
         value=${candidate%%:*}
@@ -357,7 +410,21 @@ const FISH_REGISTRATION: &str = r#"# fish completion for presence. Each TAB runs
 # reads the line with its own definitions and offers topic names from the
 # daemon that is already running (never starting one).
 complete --command presence --erase
-complete --command presence --keep-order --exclusive --arguments "(PRESENCE_COMPLETE=fish presence -- (commandline --current-process --tokenize --cut-at-cursor) (commandline --current-token) 2>/dev/null)"
+function __presence_complete
+    set -l before (commandline --current-process --tokenize --cut-at-cursor)
+    set -l current (commandline --current-token)
+    set -l offered (PRESENCE_COMPLETE=fish presence -- $before $current 2>/dev/null)
+    if test "$offered[1]" = \x1ecommand
+        # The command `run` runs, after its `--`: fish's own completion
+        # of a command line, as for sudo.
+        set -l at (contains --index -- -- $before)
+        set -l command (string escape -- $before[(math $at + 1)..-1])
+        complete --do-complete "$command $current"
+        return
+    end
+    printf '%s\n' $offered
+end
+complete --command presence --keep-order --exclusive --arguments "(__presence_complete)"
 "#;
 
 impl EnvCompleter for Fish {

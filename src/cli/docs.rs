@@ -428,7 +428,9 @@ reads the line as the command will and asks the daemon that line names
 present on. Only a daemon that is already running is asked: completing
 never starts one, and with none running no topic is offered. Script and
 binary talk to each other in a way that may change between releases, so
-install the script that comes with the binary.
+install the script that comes with the binary. After `presence run TOPIC
+--`, the shell completes the command to run as it would at the start of a
+line (in bash, through bash-completion where it is loaded).
 
 The scripts for bash, zsh and fish are also in completions/ in the source.";
 
