@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, eventually, signal, within};
+use common::{Daemon, eventually, finish, signal, within};
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 
@@ -307,4 +307,263 @@ async fn signals_are_passed_on_and_a_removal_sends_sigterm_and_exits_4() {
     assert_eq!(output.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("removed by"), "{stderr}");
+}
+
+/// A pseudo-terminal that a `presence` command runs on as a person's
+/// command does at a shell: the terminal is its session's controlling
+/// terminal and the command's process group the foreground one, so that
+/// a Ctrl-C typed on it reaches every process of that group, from the
+/// kernel.
+struct Terminal {
+    master: std::fs::File,
+}
+
+impl Terminal {
+    /// Puts `command` on a new terminal (its stdin and stdout), in a
+    /// session of its own.
+    fn attach(command: &mut Command) -> Terminal {
+        let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+        let slave = std::fs::File::from(pty.slave);
+        command
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave));
+        // SAFETY: between fork and exec the closure makes two system calls;
+        // it allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+                Ok(())
+            });
+        }
+        Terminal {
+            master: std::fs::File::from(pty.master),
+        }
+    }
+
+    /// Types Ctrl-C.
+    fn ctrl_c(&mut self) {
+        use std::io::Write as _;
+        self.master
+            .write_all(&[0x03])
+            .expect("write to the terminal");
+    }
+}
+
+/// The state letter (R, S, T, Z…) of each thread of process `pid`.
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| stat.rsplit_once(") ")?.1.chars().next())
+        .collect()
+}
+
+/// Whether process `pid` has dealt with every signal sent to it: none is
+/// pending, and every thread of it sleeps. A signal wakes the thread it
+/// is for, which sleeps again only once it has acted on it.
+fn settled(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    // Each thread's own pending signals, and the process's shared ones.
+    let nothing_pending = |status: String| {
+        status
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("SigPnd:")
+                    .or_else(|| line.strip_prefix("ShdPnd:"))
+            })
+            .all(|mask| u64::from_str_radix(mask.trim(), 16) == Ok(0))
+    };
+    let states = thread_states(pid);
+    !states.is_empty()
+        && states.iter().all(|state| *state == 'S')
+        && tasks.filter_map(Result::ok).all(|task| {
+            std::fs::read_to_string(task.path().join("status")).is_ok_and(nothing_pending)
+        })
+}
+
+/// Stops process `pid` (SIGSTOP) and waits until every thread of it has.
+async fn stop(pid: u32) {
+    signal(pid, Signal::SIGSTOP);
+    eventually("the process to stop", async || {
+        let states = thread_states(pid);
+        !states.is_empty() && states.iter().all(|state| *state == 'T')
+    })
+    .await;
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn ctrl_c_reaches_the_command_once_and_so_does_a_kill_of_presence() {
+    let daemon = Daemon::start().await;
+    let dir = daemon.dir.path();
+    let pid_file = dir.join("cmd.pid");
+    let signals = dir.join("signals");
+    // The command writes a line for each signal it gets; it waits on a
+    // sleeper of its own, which as a background job ignores SIGINT.
+    let script = format!(
+        "trap 'echo int >> {log}' INT; trap 'echo term >> {log}; kill $sleeper; exit 0' TERM; \
+         sleep 1000 & sleeper=$!; echo $$ > '{pid}.tmp' && mv '{pid}.tmp' '{pid}'; \
+         while :; do wait $sleeper; done",
+        log = signals.display(),
+        pid = pid_file.display()
+    );
+    let mut command = run_job(&daemon, "t", &script);
+    let mut terminal = Terminal::attach(&mut command);
+    let (mut presence, command_pid) = start_holder(command, &pid_file).await;
+    let presence_pid = presence.id().expect("pid");
+
+    // Ctrl-C: the kernel sends SIGINT to presence and to the command. With
+    // presence stopped meanwhile, the command has dealt with its own copy
+    // before presence can act on its copy, so that a second SIGINT from
+    // presence could not merge with the first into one.
+    stop(presence_pid).await;
+    terminal.ctrl_c();
+    eventually("the command to get the Ctrl-C", async || {
+        !lines_of(&signals).is_empty() && settled(command_pid)
+    })
+    .await;
+    signal(presence_pid, Signal::SIGCONT);
+    eventually("presence to deal with the Ctrl-C", async || {
+        settled(presence_pid) && settled(command_pid)
+    })
+    .await;
+    assert_eq!(
+        lines_of(&signals),
+        ["int"],
+        "the Ctrl-C reached the command once"
+    );
+
+    // `kill -INT` of presence alone: presence passes it on.
+    signal(presence_pid, Signal::SIGINT);
+    eventually(
+        "the command to get the SIGINT sent to presence",
+        async || lines_of(&signals).len() >= 2 && settled(presence_pid) && settled(command_pid),
+    )
+    .await;
+    assert_eq!(lines_of(&signals), ["int", "int"]);
+
+    // SIGTERM, passed on too, ends the command, and with it presence.
+    signal(presence_pid, Signal::SIGTERM);
+    let status = within("run to exit", presence.wait()).await.expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(lines_of(&signals), ["int", "int", "term"]);
+}
+
+/// The pids of the entries on `topic`, in the order they joined.
+async fn entry_pids(daemon: &Daemon, topic: &str) -> Vec<u32> {
+    let (client, _events) = daemon.client().await;
+    let listed = within("list", client.list(topic)).await.expect("list");
+    let mut metas: Vec<_> = listed
+        .state
+        .presences
+        .values()
+        .flat_map(|presence| presence.metas.iter())
+        .map(|meta| (meta.seq, meta.pid))
+        .collect();
+    metas.sort_unstable();
+    metas.into_iter().map(|(_, pid)| pid).collect()
+}
+
+/// A `presence run` of `touch MARKER` waiting in line on `deploy`, its
+/// stderr piped, and the pid of its held process once it is in line.
+async fn waiter_in_line(daemon: &Daemon, mut command: Command) -> (Child, u32) {
+    let waiter = command.spawn().expect("waiter spawns");
+    let mut pids = Vec::new();
+    eventually("the waiter to queue", async || {
+        pids = entry_pids(daemon, "deploy").await;
+        pids.len() == 2
+    })
+    .await;
+    (waiter, pids[1])
+}
+
+#[tokio::test]
+async fn ctrl_c_while_waiting_in_line_exits_130_without_running_the_command() {
+    let daemon = Daemon::start().await;
+    let dir = daemon.dir.path();
+    let pid_file = dir.join("held.pid");
+    let (_holder, _) = start_holder(
+        run_job(&daemon, "deploy", &holder_script(&pid_file)),
+        &pid_file,
+    )
+    .await;
+    let marker = dir.join("ran");
+    let touch = format!("touch '{}'", marker.display());
+
+    // Ctrl-C ends presence's wait and, as a member of the same process
+    // group, the held process. With presence stopped until that process
+    // has died, presence sees both at once.
+    let mut command = run_job(&daemon, "deploy", &touch);
+    let mut terminal = Terminal::attach(&mut command);
+    let (waiter, held_pid) = waiter_in_line(&daemon, command).await;
+    stop(waiter.id().expect("pid")).await;
+    terminal.ctrl_c();
+    eventually("the held process to die", async || {
+        thread_states(held_pid) == ['Z']
+    })
+    .await;
+    signal(waiter.id().expect("pid"), Signal::SIGCONT);
+    let output = within("the waiter to exit", waiter.wait_with_output())
+        .await
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert_eq!(stderr, "", "a Ctrl-C needs no words");
+    assert!(!marker.exists(), "the command ran");
+    assert_eq!(
+        entries(&daemon, "deploy").await,
+        1,
+        "the waiter left the line"
+    );
+
+    // A signal for the held process alone ends it the same way, and is
+    // told, since presence did not get it.
+    let (waiter, held_pid) = waiter_in_line(&daemon, run_job(&daemon, "deploy", &touch)).await;
+    signal(held_pid, Signal::SIGINT);
+    let output = within("the waiter to exit", waiter.wait_with_output())
+        .await
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("was killed by SIGINT before it could run") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "the command ran");
+    assert_eq!(
+        entries(&daemon, "deploy").await,
+        1,
+        "the waiter left the line"
+    );
+}
+
+/// `run` blocks the signals it reads; a daemon it starts on demand must
+/// not inherit that, or no SIGTERM would ever stop it.
+#[tokio::test]
+async fn a_daemon_run_starts_on_demand_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = dir.path().join("run/presenced.sock");
+    let db = dir.path().join("state/presence.db");
+    let _cleanup = common::KillDaemonsOnDrop(socket.clone());
+    let ran = finish(common::presence_command(&socket, &db).args(["run", "t", "--", "true"])).await;
+    assert!(ran.status.success(), "run: {ran:?}");
+    let daemons = common::daemons_serving(&socket);
+    assert_eq!(daemons.len(), 1, "one daemon was started: {daemons:?}");
+    signal(daemons[0], Signal::SIGTERM);
+    eventually("the daemon to stop", async || {
+        common::daemons_serving(&socket).is_empty()
+    })
+    .await;
 }
