@@ -289,8 +289,16 @@ async fn signals_are_passed_on_and_a_removal_sends_sigterm_and_exits_4() {
     );
 
     // A SIGTERM to presence reaches the command, whose status it exits with.
-    let (mut holder, _) = start_holder(run_job(&daemon, "t", &script), &pid_file).await;
-    signal(holder.id().expect("pid"), Signal::SIGTERM);
+    let (mut holder, command_pid) = start_holder(run_job(&daemon, "t", &script), &pid_file).await;
+    // It goes through a pidfd on the command, which names that process
+    // and no other, even once the command is reaped and its pid reused:
+    // a race no test can stage, so what is checked is the means.
+    let presence_pid = holder.id().expect("pid");
+    assert!(
+        holds_a_pidfd_on(presence_pid, command_pid),
+        "presence {presence_pid} has no pidfd on its command {command_pid}"
+    );
+    signal(presence_pid, Signal::SIGTERM);
     let status = within("run to exit", holder.wait()).await.expect("wait");
     assert_eq!(status.code(), Some(9));
 
@@ -307,6 +315,19 @@ async fn signals_are_passed_on_and_a_removal_sends_sigterm_and_exits_4() {
     assert_eq!(output.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("removed by"), "{stderr}");
+}
+
+/// Whether process `pid` has a pidfd open on process `target`
+/// (proc(5): a pidfd's fdinfo has a `Pid:` line).
+fn holds_a_pidfd_on(pid: u32, target: u32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    let names_target = format!("Pid:\t{target}");
+    fds.filter_map(Result::ok).any(|fd| {
+        std::fs::read_to_string(fd.path())
+            .is_ok_and(|info| info.lines().any(|line| line == names_target))
+    })
 }
 
 /// A pseudo-terminal that a `presence` command runs on as a person's
@@ -566,4 +587,52 @@ async fn a_daemon_run_starts_on_demand_stops_on_sigterm() {
         common::daemons_serving(&socket).is_empty()
     })
     .await;
+}
+
+/// How many processes and threads run with real uid `uid`: what
+/// `RLIMIT_NPROC` counts for it.
+fn tasks_of(uid: u32) -> u64 {
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("status")).ok())
+        .filter(|status| field(status, "Uid:") == Some(u64::from(uid)))
+        .filter_map(|status| field(&status, "Threads:"))
+        .sum()
+}
+
+#[tokio::test]
+#[ignore = "needs root: runs presence as another uid (setpriv) under a limit on its processes"]
+async fn a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entry() {
+    // root's daemon, shared with the group nogroup, which uid 65534 is in.
+    let daemon = Daemon::start_with(&["--group", "nogroup"]).await;
+    let binary = common::binary_for_nobody(daemon.dir.path());
+    // presence, run as uid 65534 with the limit at what that uid has now
+    // plus one, is that one: then the thread that forks for CMD cannot
+    // start; with room for one more, the fork itself fails.
+    for room in [0, 1] {
+        let mut command = common::as_nobody(&binary);
+        command
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["run", "t", "--", "true"]);
+        common::limit_processes(&mut command, tasks_of(common::NOBODY) + 1 + room);
+        let output = finish(&mut command).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "room for {room}: {stderr}");
+        assert!(
+            stderr.starts_with("presence: cannot start a process for true: ")
+                && stderr.contains("too many processes")
+                && stderr.ends_with("; true was not run\n")
+                && stderr.lines().count() == 1,
+            "room for {room}: {stderr}"
+        );
+        assert_eq!(entries(&daemon, "t").await, 0, "room for {room}");
+    }
 }

@@ -379,11 +379,13 @@ impl Held {
             let program = render::visible(&name);
             // What fork(2) says when a limit on processes is reached.
             let hint = if why.raw_os_error() == Some(nix::libc::EAGAIN) {
-                " (too many processes; see ulimit -u)"
+                ", too many processes (see ulimit -u)"
             } else {
                 ""
             };
-            anyhow::anyhow!("cannot start a process for {program}: {why}{hint}; it was not run")
+            anyhow::anyhow!(
+                "cannot start a process for {program}: {why}{hint}; {program} was not run"
+            )
         };
         let (gate_read, gate_write) = std::io::pipe()?;
         let (mut pid_read, pid_write) = std::io::pipe()?;
