@@ -88,6 +88,7 @@ macro_rules! tell {
 const EXIT_GAVE_UP: u8 = 1;
 
 pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
+    // First, while the runtime's thread is the only one: see [`Signals`].
     let mut signals = Signals::install()?;
     let mut child = Held::spawn(&args.command, signals.started_with).await?;
     let program = args.command[0].to_string_lossy().into_owned();
@@ -178,9 +179,12 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
         Waited::GaveUp => Some(Ok(Outcome::Status(EXIT_GAVE_UP))),
         Waited::Signal(signal) => Some(Ok(Outcome::Status(128 + signal as u8))),
         Waited::Killed(signal) => {
-            // A Ctrl-C (or a kill of the process group) ends the held
-            // child and `presence` alike, and whichever is seen first,
-            // the status is a shell's for it. A signal aimed at the held
+            // A Ctrl-C (or a kill of the process group) kills the held
+            // child and tells `presence` alike, and the status is a
+            // shell's for it whichever is heard first: the kernel queues
+            // the signal for every member of the group before any of them
+            // can finish dying, so `presence`'s copy is there to read by
+            // the time the child's death is heard. A signal for the held
             // child alone is told.
             if !signals.received_too(signal) {
                 tell!(
@@ -426,8 +430,11 @@ impl Held {
             .map_err(|e| cannot_start(&e))?;
         let mut pid = [0u8; 4];
         if pid_read.read_exact(&mut pid).is_err() {
-            // The fork failed: the thread says why. Awaited, not received
+            // No pid: the fork failed, or the child died before it could
+            // send one. Nothing to pin, and the thread, which may be
+            // waiting for the pin, says why. Awaited, not received
             // blocking: this runs inside the runtime.
+            drop(pinned);
             let why = match (&mut exit).await {
                 Ok(Err(e)) => e,
                 Ok(Ok(status)) => std::io::Error::other(format!("it ended at once ({status})")),
@@ -499,10 +506,11 @@ impl Held {
                     let _ = pidfd.send_signal(signal);
                 }
             }
-            // No pidfds: by pid, unless the child's exit has been heard. In
-            // the moment between the thread reaping the child and that
-            // being heard, the pid could pass to another process: a race
-            // that only kernels without pidfds leave open.
+            // No pidfds (Linux before 5.3): by pid, rather than refusing to
+            // run there, unless the child's exit has been heard. In the
+            // moment between the thread reaping the child and that being
+            // heard, the pid could pass to another process: a race that
+            // only such kernels leave open.
             None => {
                 if self.status.is_none()
                     && let Some(exit) = &self.exit
