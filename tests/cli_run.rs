@@ -636,3 +636,57 @@ async fn a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entr
         assert_eq!(entries(&daemon, "t").await, 0, "room for {room}");
     }
 }
+
+/// Under `nohup` (SIGHUP ignored), a hang-up ends neither the wait in line
+/// nor the command: presence does not catch what it was started ignoring,
+/// and the command inherits the ignoring.
+#[tokio::test]
+async fn a_signal_presence_was_started_ignoring_stays_ignored_by_it_and_the_command() {
+    let daemon = Daemon::start().await;
+    let dir = daemon.dir.path();
+    let pid_file = dir.join("held.pid");
+    let (_holder, holder_command) = start_holder(
+        run_job(&daemon, "deploy", &holder_script(&pid_file)),
+        &pid_file,
+    )
+    .await;
+    let mut command = run_job(&daemon, "deploy", "grep SigIgn /proc/self/status");
+    // SAFETY: between fork and exec the closure makes one system call; it
+    // allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::signal::signal(Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn)?;
+            Ok(())
+        });
+    }
+    let (mut waiter, _) = waiter_in_line(&daemon, command).await;
+    let waiter_pid = waiter.id().expect("pid");
+    signal(waiter_pid, Signal::SIGHUP);
+    eventually("the waiter to deal with the SIGHUP or exit", async || {
+        settled(waiter_pid) || thread_states(waiter_pid).iter().all(|state| *state == 'Z')
+    })
+    .await;
+    assert!(
+        waiter.try_wait().expect("try_wait").is_none(),
+        "the SIGHUP ended the wait"
+    );
+    assert_eq!(entries(&daemon, "deploy").await, 2);
+
+    // The waiter's turn: the command ignores SIGHUP too.
+    signal(holder_command, Signal::SIGKILL);
+    let output = within("the waiter to run", waiter.wait_with_output())
+        .await
+        .expect("wait");
+    assert!(output.status.success(), "{output:?}");
+    let ignored = common::stdout(&output)
+        .trim()
+        .strip_prefix("SigIgn:")
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .expect("the command's SigIgn line");
+    let hangup = 1 << (Signal::SIGHUP as u32 - 1);
+    assert_eq!(
+        ignored & hangup,
+        hangup,
+        "the command does not ignore SIGHUP"
+    );
+}

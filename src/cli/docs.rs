@@ -223,12 +223,13 @@ SIGTERM, and after a kill -9 of run it goes on running, and owning the
 topic, until it exits (`presence list TOPIC` shows its pid).
 
 SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to run are passed on to CMD, and
-run waits for CMD to exit. What the terminal sends to the whole job
-(Ctrl-C, Ctrl-\\, the hang-up when the shell exits) reaches CMD directly,
-so run does not pass it on: CMD gets each signal once. The same signals
-while run is still waiting in line end the wait: run leaves the queue
-and exits 128+N without running CMD. A Ctrl-C there ends run and the
-process held for CMD together; run exits 130 without a word.
+run waits for CMD to exit. What the terminal itself sends to the whole
+job (Ctrl-C, Ctrl-\\) reaches CMD directly, so run does not pass it on:
+CMD gets it once. A signal that run was started ignoring (under nohup, or
+in the background of a script) stays ignored, by run and by CMD. The
+same signals while run is still waiting in line end the wait: run leaves
+the queue and exits 128+N without running CMD. A Ctrl-C there ends run
+and the process held for CMD together; run exits 130 without a word.
 
 If run cannot start a process for CMD (too many processes), it says so
 and exits 1 without joining.

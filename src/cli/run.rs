@@ -534,8 +534,9 @@ impl Held {
     /// leader alone, which `presence` is when it is the first process of
     /// its session (`ssh -t host presence run …`). A signal a process sent
     /// (`kill`: `SI_USER`) is passed on; one sent to the whole group
-    /// (`kill -INT -PGID`) reaches CMD twice, since the siginfo does not
-    /// say where it was sent.
+    /// (`kill -INT -PGID`, or a shell passing its hang-up on to its jobs)
+    /// reaches CMD twice, since the siginfo does not say where it was
+    /// sent.
     fn got_already(&self, received: Received) -> bool {
         use rustix::process::{Pid, getpgid, getpgrp, getpid, getsid};
         if !received.from_kernel {
@@ -617,7 +618,10 @@ impl GateFds {
 }
 
 /// The signals `run` reacts to: Ctrl-C and Ctrl-\ at a terminal, `kill`,
-/// and a hang-up.
+/// and a hang-up; but not one that `presence` was started ignoring (under
+/// `nohup`, or as a shell's background job), which stays ignored, by
+/// `presence` and by CMD. A blocked signal is never discarded as ignored,
+/// so reading it from the signalfd would undo that.
 fn caught_signals() -> SigSet {
     let mut set = SigSet::empty();
     for signal in [
@@ -626,9 +630,22 @@ fn caught_signals() -> SigSet {
         NixSignal::SIGHUP,
         NixSignal::SIGQUIT,
     ] {
-        set.add(signal);
+        if !is_ignored(signal) {
+            set.add(signal);
+        }
     }
     set
+}
+
+/// Whether `signal`'s disposition is to be ignored.
+fn is_ignored(signal: NixSignal) -> bool {
+    // SAFETY: an all-zero sigaction is a valid value of the type, and with
+    // no new action given, sigaction(2) only writes the current one there.
+    unsafe {
+        let mut current: nix::libc::sigaction = std::mem::zeroed();
+        nix::libc::sigaction(signal as i32, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == nix::libc::SIG_IGN
+    }
 }
 
 /// A signal `presence` received.
@@ -655,22 +672,26 @@ struct Received {
 /// (`client::autostart`): a blocked signal stays blocked across exec.
 struct Signals {
     fd: AsyncFd<SignalFd>,
+    /// The signals it reads.
+    caught: SigSet,
     /// The signal mask before `install`, which CMD is to have.
     started_with: SigSet,
 }
 
 impl Signals {
     fn install() -> std::io::Result<Signals> {
-        let started_with = caught_signals().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
-        let fd = SignalFd::with_flags(
-            &caught_signals(),
-            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
-        )?;
+        let caught = caught_signals();
+        let started_with = caught.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        let fd = SignalFd::with_flags(&caught, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         // SAFETY: the AsyncFd takes ownership of the SignalFd, whose
         // descriptor stays open and the same until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Signals { fd, started_with })
+        Ok(Signals {
+            fd,
+            caught,
+            started_with,
+        })
     }
 
     async fn recv(&mut self) -> Received {
@@ -695,7 +716,7 @@ impl Signals {
         // for good: unblocked, they take their default actions instead,
         // which end `presence` (and CMD with it, by its parent-death
         // signal).
-        let _ = caught_signals().thread_unblock();
+        let _ = self.caught.thread_unblock();
         std::future::pending().await
     }
 
