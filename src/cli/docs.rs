@@ -218,9 +218,9 @@ anything until the entry is the owner; a CMD that never gets its turn
 never runs. If run itself is killed, even with kill -9, CMD is sent
 SIGTERM (the kernel does it), and the entry ends with CMD. Not so if CMD
 is set-user-ID or set-group-ID (sudo is), has file capabilities, or
-changes its own user or group: the kernel then forgets to send it
-SIGTERM, and after a kill -9 of run it goes on running, and owning the
-topic, until it exits (`presence list TOPIC` shows its pid).
+changes its own user or group: the kernel then cancels that SIGTERM, and
+after a kill -9 of run such a CMD goes on running, and owning the topic,
+until it exits (`presence list TOPIC` shows its pid).
 
 SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to run are passed on to CMD, and
 run waits for CMD to exit. What the terminal itself sends to the whole

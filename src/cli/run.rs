@@ -21,9 +21,10 @@
 //! SIGTERM when the thread that forked it ends. So a `kill -9` of
 //! `presence` ends the command too, and with it the entry; a `kill -9` of
 //! the command ends the entry at once, and `presence` exits 137. The
-//! kernel forgets the parent-death signal when CMD is set-user-ID or
+//! kernel clears the parent-death signal when CMD is set-user-ID or
 //! set-group-ID, or changes its own user: such a CMD outlives a `kill -9`
-//! of `presence`, and owns the topic until it ends (the docs say so).
+//! of `presence`, and owns the topic until it ends. Nothing left in
+//! `presence` could end it then; the docs say so.
 //!
 //! Signals. A terminal sends Ctrl-C to its whole foreground process group,
 //! `presence` and the child alike, while a `kill` of `presence`'s pid
