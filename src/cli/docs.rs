@@ -216,13 +216,23 @@ kill -9 of CMD hands the topic on at once. CMD is started before the
 entry is tracked, to have a pid, but is held back before it executes
 anything until the entry is the owner; a CMD that never gets its turn
 never runs. If run itself is killed, even with kill -9, CMD is sent
-SIGTERM (the kernel does it), and the entry ends with CMD.
+SIGTERM (the kernel does it), and the entry ends with CMD. Not so if CMD
+is set-user-ID or set-group-ID (sudo is), has file capabilities, or
+changes its own user or group: the kernel then cancels that SIGTERM, and
+after a kill -9 of run such a CMD goes on running, and owning the topic,
+until it exits (`presence list TOPIC` shows its pid).
 
 SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to run are passed on to CMD, and
-run waits for CMD to exit. A Ctrl-C in a terminal reaches CMD both
-directly and through run. The same signals while run is still waiting in
-line end the wait: run leaves the queue and exits 128+N without running
-CMD.
+run waits for CMD to exit. What the terminal itself sends to the whole
+job (Ctrl-C, Ctrl-\\) reaches CMD directly, so run does not pass it on:
+CMD gets it once. A signal that run was started ignoring (under nohup, or
+in the background of a script) stays ignored, by run and by CMD. The
+same signals while run is still waiting in line end the wait: run leaves
+the queue and exits 128+N without running CMD. A Ctrl-C there ends run
+and the process held for CMD together; run exits 130 without a word.
+
+If run cannot start a process for CMD (too many processes), it says so
+and exits 1 without joining.
 
 If the entry is taken away while CMD runs (root's `presence leave`, your
 own `presence leave --all` from another shell), run says who did it, sends

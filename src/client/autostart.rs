@@ -98,13 +98,17 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours; it
-    // runs in the child between fork and exec. A new session detaches the
-    // daemon from the terminal, so the user's Ctrl-C or hang-up is not its.
+    // SAFETY: setsid and sigprocmask are async-signal-safe and touch no
+    // memory of ours; they run in the child between fork and exec. A new
+    // session detaches the daemon from the terminal, so the user's Ctrl-C
+    // or hang-up is not its. The signal mask survives exec, and the daemon
+    // must not inherit the signals its client blocks (`presence run`
+    // reads its own from a signalfd): a blocked SIGTERM would never stop it.
     unsafe {
         command.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(drop)
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
                 .map_err(std::io::Error::from)
         });
     }

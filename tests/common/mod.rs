@@ -295,7 +295,18 @@ impl Drop for Daemon {
 
 /// Runs `command` with at most `limit` open files, soft and hard.
 fn limit_open_files(command: &mut Command, limit: u64) {
-    use rustix::process::{Resource, Rlimit, setrlimit};
+    set_limit(command, rustix::process::Resource::Nofile, limit);
+}
+
+/// Runs `command` with at most `limit` processes and threads of its real
+/// user (`RLIMIT_NPROC`), soft and hard: the kernel counts those the user
+/// has already, wherever they run, and exempts root.
+pub fn limit_processes(command: &mut Command, limit: u64) {
+    set_limit(command, rustix::process::Resource::Nproc, limit);
+}
+
+fn set_limit(command: &mut Command, resource: rustix::process::Resource, limit: u64) {
+    use rustix::process::{Rlimit, setrlimit};
     let rlimit = Rlimit {
         current: Some(limit),
         maximum: Some(limit),
@@ -303,7 +314,7 @@ fn limit_open_files(command: &mut Command, limit: u64) {
     // SAFETY: between fork and exec the closure only makes one system
     // call; it allocates nothing and takes no lock.
     unsafe {
-        command.pre_exec(move || setrlimit(Resource::Nofile, rlimit).map_err(Into::into));
+        command.pre_exec(move || setrlimit(resource, rlimit).map_err(Into::into));
     }
 }
 
