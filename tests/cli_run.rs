@@ -120,17 +120,21 @@ async fn handoff_time(holder_pid: u32, waiter: &mut Child, marker: &Path) -> Dur
     took
 }
 
-/// The number of entries on `topic`.
 /// A `presence run` holding `deploy` with a command that waits to be
-/// killed (its pid, in NAME.pid, is returned), and a second run in line
-/// behind it whose command touches `marker`.
-async fn holder_and_waiter(daemon: &Daemon, name: &str, marker: &Path) -> (Child, u32, Child) {
+/// killed, and that command's pid (which it writes to NAME.pid).
+async fn deploy_held(daemon: &Daemon, name: &str) -> (Child, u32) {
     let pid_file = daemon.dir.path().join(format!("{name}.pid"));
-    let (holder, command_pid) = start_holder(
+    start_holder(
         run_job(daemon, "deploy", &holder_script(&pid_file)),
         &pid_file,
     )
-    .await;
+    .await
+}
+
+/// [`deploy_held`], and a second run in line behind it whose command
+/// touches `marker`.
+async fn holder_and_waiter(daemon: &Daemon, name: &str, marker: &Path) -> (Child, u32, Child) {
+    let (holder, command_pid) = deploy_held(daemon, name).await;
     let waiter = run_job(daemon, "deploy", &format!("touch '{}'", marker.display()))
         .spawn()
         .expect("waiter spawns");
@@ -141,6 +145,7 @@ async fn holder_and_waiter(daemon: &Daemon, name: &str, marker: &Path) -> (Child
     (holder, command_pid, waiter)
 }
 
+/// The number of entries on `topic`.
 async fn entries(daemon: &Daemon, topic: &str) -> usize {
     let (client, _events) = daemon.client().await;
     let listed = within("list", client.list(topic)).await.expect("list");
@@ -220,12 +225,7 @@ async fn kill_9_of_presence_ends_its_command_and_lets_the_next_in() {
 async fn no_wait_exits_1_without_running_the_command_when_someone_else_owns_it() {
     let daemon = Daemon::start().await;
     let dir = daemon.dir.path();
-    let pid_file = dir.join("held.pid");
-    let (_holder, _) = start_holder(
-        run_job(&daemon, "deploy", &holder_script(&pid_file)),
-        &pid_file,
-    )
-    .await;
+    let (_holder, _) = deploy_held(&daemon, "held").await;
     let marker = dir.join("ran");
     let touch = format!("touch '{}'", marker.display());
     let output = daemon
@@ -514,12 +514,7 @@ async fn waiter_in_line(daemon: &Daemon, mut command: Command) -> (Child, u32) {
 async fn ctrl_c_while_waiting_in_line_exits_130_without_running_the_command() {
     let daemon = Daemon::start().await;
     let dir = daemon.dir.path();
-    let pid_file = dir.join("held.pid");
-    let (_holder, _) = start_holder(
-        run_job(&daemon, "deploy", &holder_script(&pid_file)),
-        &pid_file,
-    )
-    .await;
+    let (_holder, _) = deploy_held(&daemon, "held").await;
     let marker = dir.join("ran");
     let touch = format!("touch '{}'", marker.display());
 
@@ -643,13 +638,7 @@ async fn a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entr
 #[tokio::test]
 async fn a_signal_presence_was_started_ignoring_stays_ignored_by_it_and_the_command() {
     let daemon = Daemon::start().await;
-    let dir = daemon.dir.path();
-    let pid_file = dir.join("held.pid");
-    let (_holder, holder_command) = start_holder(
-        run_job(&daemon, "deploy", &holder_script(&pid_file)),
-        &pid_file,
-    )
-    .await;
+    let (_holder, holder_command) = deploy_held(&daemon, "held").await;
     let mut command = run_job(&daemon, "deploy", "grep SigIgn /proc/self/status");
     // SAFETY: between fork and exec the closure makes one system call; it
     // allocates nothing and takes no lock.

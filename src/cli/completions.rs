@@ -67,9 +67,9 @@ const DAEMON_WAIT: Duration = Duration::from_secs(2);
 /// scripts are files installed beside the binary, the same on every
 /// machine.
 const SHELLS: Shells<'static> = Shells(&[
-    &Bash,
-    &Zsh,
-    &Fish,
+    &BASH,
+    &ZSH,
+    &FISH,
     &clap_complete::env::Elvish,
     &clap_complete::env::Powershell,
 ]);
@@ -78,9 +78,9 @@ const SHELLS: Shells<'static> = Shells(&[
 /// and as `completions/` keeps it.
 pub fn completion_script(shell: Shell) -> Vec<u8> {
     let completer: &dyn EnvCompleter = match shell {
-        Shell::Bash => &Bash,
-        Shell::Zsh => &Zsh,
-        Shell::Fish => &Fish,
+        Shell::Bash => &BASH,
+        Shell::Zsh => &ZSH,
+        Shell::Fish => &FISH,
         Shell::Elvish => &clap_complete::env::Elvish,
         Shell::PowerShell => &clap_complete::env::Powershell,
         // clap_complete's Shell is non-exhaustive; a shell added there is
@@ -211,11 +211,57 @@ fn help_line(candidate: &CompletionCandidate) -> Option<String> {
     (!line.is_empty()).then_some(line)
 }
 
+/// One of our scripts: its shell's name, the script, and how a candidate
+/// is written for it.
+struct ScriptedShell {
+    name: &'static str,
+    script: &'static str,
+    line: fn(&CompletionCandidate) -> String,
+}
+
+impl EnvCompleter for ScriptedShell {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn is(&self, name: &str) -> bool {
+        name == self.name
+    }
+
+    fn write_registration(
+        &self,
+        _var: &str,
+        _name: &str,
+        _bin: &str,
+        _completer: &str,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        buf.write_all(self.script.as_bytes())
+    }
+
+    fn write_complete(
+        &self,
+        cmd: &mut clap::Command,
+        words: Vec<OsString>,
+        _current_dir: Option<&std::path::Path>,
+        buf: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        for candidate in candidates(cmd, words) {
+            writeln!(buf, "{}", (self.line)(&candidate))?;
+        }
+        Ok(())
+    }
+}
+
 /// bash: the script rejoins the words bash split at COMP_WORDBREAKS and
 /// hands presence those before the cursor; presence prints one candidate
 /// per line, and the script trims off what bash will not replace (the part
 /// of the word before its last `:` or `=`).
-struct Bash;
+const BASH: ScriptedShell = ScriptedShell {
+    name: "bash",
+    script: BASH_REGISTRATION,
+    line: |candidate| candidate.get_value().to_string_lossy().into_owned(),
+};
 
 const BASH_REGISTRATION: &str = r#"# bash completion for presence. Each TAB runs `presence` itself, which
 # reads the line with its own definitions and offers topic names from the
@@ -282,44 +328,24 @@ _presence() {
 complete -o nosort -F _presence presence 2>/dev/null || complete -F _presence presence
 "#;
 
-impl EnvCompleter for Bash {
-    fn name(&self) -> &'static str {
-        "bash"
-    }
-
-    fn is(&self, name: &str) -> bool {
-        name == "bash"
-    }
-
-    fn write_registration(
-        &self,
-        _var: &str,
-        _name: &str,
-        _bin: &str,
-        _completer: &str,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        buf.write_all(BASH_REGISTRATION.as_bytes())
-    }
-
-    fn write_complete(
-        &self,
-        cmd: &mut clap::Command,
-        words: Vec<OsString>,
-        _current_dir: Option<&std::path::Path>,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        for candidate in candidates(cmd, words) {
-            writeln!(buf, "{}", candidate.get_value().to_string_lossy())?;
-        }
-        Ok(())
-    }
-}
-
 /// zsh: `VALUE:HELP` lines for `_describe`, with `:` and `\` in the value
 /// escaped. The script is the body of `_presence` when autoloaded from
 /// `$fpath` (as the file `_presence`), and registers it when sourced.
-struct Zsh;
+const ZSH: ScriptedShell = ScriptedShell {
+    name: "zsh",
+    script: ZSH_REGISTRATION,
+    line: |candidate| {
+        let value = candidate
+            .get_value()
+            .to_string_lossy()
+            .replace('\\', "\\\\")
+            .replace(':', "\\:");
+        match help_line(candidate) {
+            Some(help) => format!("{value}:{help}"),
+            None => value,
+        }
+    },
+};
 
 const ZSH_REGISTRATION: &str = r#"#compdef presence
 # zsh completion for presence. Each TAB runs `presence` itself, which
@@ -360,51 +386,19 @@ else
 fi
 "#;
 
-impl EnvCompleter for Zsh {
-    fn name(&self) -> &'static str {
-        "zsh"
-    }
-
-    fn is(&self, name: &str) -> bool {
-        name == "zsh"
-    }
-
-    fn write_registration(
-        &self,
-        _var: &str,
-        _name: &str,
-        _bin: &str,
-        _completer: &str,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        buf.write_all(ZSH_REGISTRATION.as_bytes())
-    }
-
-    fn write_complete(
-        &self,
-        cmd: &mut clap::Command,
-        words: Vec<OsString>,
-        _current_dir: Option<&std::path::Path>,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        for candidate in candidates(cmd, words) {
-            let value = candidate
-                .get_value()
-                .to_string_lossy()
-                .replace('\\', "\\\\")
-                .replace(':', "\\:");
-            match help_line(&candidate) {
-                Some(help) => writeln!(buf, "{value}:{help}")?,
-                None => writeln!(buf, "{value}")?,
-            }
-        }
-        Ok(())
-    }
-}
-
 /// fish: `VALUE<TAB>HELP` lines, as fish's `complete --arguments` takes
 /// them; fish quotes what it inserts itself.
-struct Fish;
+const FISH: ScriptedShell = ScriptedShell {
+    name: "fish",
+    script: FISH_REGISTRATION,
+    line: |candidate| {
+        let value = candidate.get_value().to_string_lossy();
+        match help_line(candidate) {
+            Some(help) => format!("{value}\t{help}"),
+            None => value.into_owned(),
+        }
+    },
+};
 
 const FISH_REGISTRATION: &str = r#"# fish completion for presence. Each TAB runs `presence` itself, which
 # reads the line with its own definitions and offers topic names from the
@@ -426,41 +420,3 @@ function __presence_complete
 end
 complete --command presence --keep-order --exclusive --arguments "(__presence_complete)"
 "#;
-
-impl EnvCompleter for Fish {
-    fn name(&self) -> &'static str {
-        "fish"
-    }
-
-    fn is(&self, name: &str) -> bool {
-        name == "fish"
-    }
-
-    fn write_registration(
-        &self,
-        _var: &str,
-        _name: &str,
-        _bin: &str,
-        _completer: &str,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        buf.write_all(FISH_REGISTRATION.as_bytes())
-    }
-
-    fn write_complete(
-        &self,
-        cmd: &mut clap::Command,
-        words: Vec<OsString>,
-        _current_dir: Option<&std::path::Path>,
-        buf: &mut dyn Write,
-    ) -> std::io::Result<()> {
-        for candidate in candidates(cmd, words) {
-            let value = candidate.get_value().to_string_lossy();
-            match help_line(&candidate) {
-                Some(help) => writeln!(buf, "{value}\t{help}")?,
-                None => writeln!(buf, "{value}")?,
-            }
-        }
-        Ok(())
-    }
-}
