@@ -149,7 +149,7 @@ fn files_to_package() -> Vec<String> {
         files.extend(files_under(folder));
     }
     files.extend(packaged_units());
-    files.push("README.md".to_owned());
+    files.extend(["README.md", "LICENSE-MIT", "LICENSE-APACHE"].map(str::to_owned));
     files
 }
 

@@ -479,7 +479,8 @@ replies wait, and the connections that have stopped reading are closed,
 those holding the most first, each told why in one last line. A client
 that reads is never closed for it.
 
-Under systemd (contrib/systemd has the units), the daemon is a Type=notify
+Under systemd (contrib/systemd has the units; the Debian package installs
+them, not enabled), the daemon is a Type=notify
 service: it reports ready once it serves. With socket activation it serves
 the socket systemd passes in and leaves that socket in place when it
 stops, so systemd can start it again on the next connection.
