@@ -272,8 +272,16 @@ async fn the_command_s_exit_status_is_passed_through() {
         .output(&["run", "t", "--", "sh", "-c", "kill -9 $$"])
         .await;
     assert_eq!(output.status.code(), Some(137));
+    // As in a shell: 127 for no such command, 126 for one that cannot run.
     let output = daemon.output(&["run", "t", "--", "/nonexistent/cmd"]).await;
     assert_eq!(output.status.code(), Some(127));
+    let not_executable = daemon.dir.path().join("not-executable");
+    std::fs::write(&not_executable, "echo hi\n").expect("a file");
+    let not_executable = not_executable.to_str().expect("a UTF-8 path");
+    let output = daemon.output(&["run", "t", "--", not_executable]).await;
+    assert_eq!(output.status.code(), Some(126), "{output:?}");
+    let output = daemon.output(&["run", "t", "--", "/"]).await;
+    assert_eq!(output.status.code(), Some(126), "{output:?}");
     assert_eq!(entries(&daemon, "t").await, 0);
 }
 

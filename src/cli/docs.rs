@@ -643,8 +643,13 @@ pub const PAGES: &[Page] = &[
                 text: "Someone else removed the entry while CMD ran; CMD was sent SIGTERM.",
             },
             Item {
+                name: "126",
+                text: "CMD was found but could not be executed (not executable, or not a program), \
+                       as in a shell.",
+            },
+            Item {
                 name: "127",
-                text: "CMD could not be executed (not found, not executable).",
+                text: "CMD was not found, as in a shell.",
             },
             Item {
                 name: "other",

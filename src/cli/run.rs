@@ -216,7 +216,7 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
                     Ok(status) => Ok(Outcome::Status(exit_status(status))),
                     Err(e) => {
                         tell!("cannot run {}: {e}", render::visible(&program));
-                        Ok(Outcome::Status(127))
+                        Ok(Outcome::Status(cannot_exec_status(&e)))
                     }
                 };
             }
@@ -356,6 +356,16 @@ async fn wait_or_never(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
+/// The status for a CMD that could not be executed, as a shell gives it:
+/// 127 when there is no such command, 126 when there is one that cannot be
+/// run (not executable, not a program the kernel can run, a folder).
+fn cannot_exec_status(error: &std::io::Error) -> u8 {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => 127,
+        _ => 126,
+    }
+}
+
 /// The child: forked, held at the gate until it may `exec` CMD.
 struct Held {
     pid: u32,
@@ -370,8 +380,9 @@ struct Held {
     /// The child's exit, from the thread that spawned and waits for it;
     /// an error if it could not be run.
     exit: Option<oneshot::Receiver<std::io::Result<ExitStatus>>>,
-    /// The exit, once heard.
-    status: Option<Result<ExitStatus, String>>,
+    /// The exit, once heard; an error kept as its kind and message, since
+    /// `exited` hands it out each time it is asked.
+    status: Option<Result<ExitStatus, (std::io::ErrorKind, String)>>,
 }
 
 impl Held {
@@ -478,13 +489,13 @@ impl Held {
             self.exit = None;
             self.status = Some(match heard {
                 Ok(Ok(status)) => Ok(status),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("its thread ended".to_owned()),
+                Ok(Err(e)) => Err((e.kind(), e.to_string())),
+                Err(_) => Err((std::io::ErrorKind::Other, "its thread ended".to_owned())),
             });
         }
         match &self.status {
             Some(Ok(status)) => Ok(*status),
-            Some(Err(e)) => Err(std::io::Error::other(e.clone())),
+            Some(Err((kind, message))) => Err(std::io::Error::new(*kind, message.clone())),
             None => std::future::pending().await,
         }
     }
