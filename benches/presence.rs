@@ -55,6 +55,8 @@ enum Part {
     Latency,
     Throughput,
     Scale,
+    /// Small requests while other clients loop large reads.
+    Reads,
     Restart,
 }
 
@@ -69,7 +71,7 @@ fn main() {
         Ok(options) => options,
         Err(e) => {
             eprintln!(
-                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only latency|throughput|scale|restart]"
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only latency|throughput|scale|reads|restart]"
             );
             std::process::exit(2);
         }
@@ -115,6 +117,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                     "latency" => Part::Latency,
                     "throughput" => Part::Throughput,
                     "scale" => Part::Scale,
+                    "reads" => Part::Reads,
                     "restart" => Part::Restart,
                     other => bail!("unknown part {other:?}"),
                 });
@@ -295,6 +298,25 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
             unit: "KiB",
             limit: Some(Limit::AtMost(16.0)),
         });
+    }
+    if plan.runs(Part::Reads) {
+        let (pinged, tracked) = reads_under_list_load(dir.path(), plan).await?;
+        add(
+            "ping-rtt/2-listing",
+            pinged,
+            Some(Target::Within {
+                p50: None,
+                p99: Some(Duration::from_millis(5)),
+            }),
+        );
+        add(
+            "track-rtt/2-listing",
+            tracked,
+            Some(Target::Within {
+                p50: None,
+                p99: Some(Duration::from_millis(10)),
+            }),
+        );
     }
     if plan.runs(Part::Restart) {
         add(
@@ -781,6 +803,73 @@ async fn scale(dir: &Path, plan: Plan) -> anyhow::Result<(f64, Vec<Duration>)> {
     .await?;
     drop(held);
     Ok((per_connection, listed))
+}
+
+/// How many entries the list-load scenario's daemon holds, and the size of
+/// each one's meta: about 6 MB in all, which each `list` sends whole.
+const LISTED_ENTRIES: usize = 10_000;
+const LISTED_META_BYTES: usize = 500;
+
+/// `ping` and `track` round trips from a client of their own while two
+/// other clients (processes of their own) ask for `list` of 10,000
+/// entries again and again: what a large read costs everyone else.
+async fn reads_under_list_load(
+    dir: &Path,
+    plan: Plan,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let limit = (LISTED_ENTRIES * 2).to_string();
+    let args = ["--max-entries", &limit, "--max-process-entries", &limit];
+    let daemon = Daemon::start(&dir.join("reads"), &args).await?;
+    // Entries of this process, which lives as long as the scenario.
+    let pid = std::process::id();
+    let pad = "x".repeat(LISTED_META_BYTES);
+    let mut holder = Line::connect(&daemon.socket).await?;
+    let mut pending = 0;
+    for i in 0..LISTED_ENTRIES {
+        let track = json!({
+            "op": "track", "id": i, "topic": format!("listed-{}", i / 100),
+            "key": format!("k{}", i % 100), "lifetime": "process", "pid": pid,
+            "meta": {"pad": pad},
+        });
+        holder.send(format!("{track}\n").as_bytes()).await?;
+        pending += 1;
+        // Pipelined, in windows, so neither side's buffers fill up.
+        if pending == 256 || i + 1 == LISTED_ENTRIES {
+            for _ in 0..pending {
+                let reply = holder.next().await?;
+                ensure!(reply.contains("\"ok\":true"), "track refused: {reply}");
+            }
+            pending = 0;
+        }
+    }
+    let socket = daemon.socket.as_os_str();
+    let listers = [
+        Helper::start("list-loop", &[socket]).await?,
+        Helper::start("list-loop", &[socket]).await?,
+    ];
+    let mut client = Line::connect(&daemon.socket).await?;
+    let pinged = measure("ping while lists run", plan, async |_| {
+        let start = Instant::now();
+        client.request(b"{\"op\":\"ping\",\"id\":1}\n").await?;
+        Ok(start.elapsed())
+    })
+    .await?;
+    let tracked = measure("track while lists run", plan, async |_| {
+        let start = Instant::now();
+        client
+            .request(b"{\"op\":\"track\",\"id\":1,\"topic\":\"rtt\",\"key\":\"bench\"}\n")
+            .await?;
+        let elapsed = start.elapsed();
+        client
+            .request(b"{\"op\":\"untrack\",\"id\":2,\"topic\":\"rtt\",\"key\":\"bench\"}\n")
+            .await?;
+        Ok(elapsed)
+    })
+    .await?;
+    for lister in listers {
+        lister.reap().await?;
+    }
+    Ok((pinged, tracked))
 }
 
 /// 100,000 persisted entries; the daemon is SIGKILLed and started again,

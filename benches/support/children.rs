@@ -40,6 +40,7 @@ pub fn run_if_child() {
         (Some("flock"), [path]) => hold_flock(path),
         (Some("owner"), [socket, topic]) => own_topic(socket, topic),
         (Some("echo"), [socket]) => serve_echo(socket),
+        (Some("list-loop"), [socket]) => loop_list(socket),
         _ => Err(anyhow::anyhow!("unknown child {part:?} {args:?}")),
     };
     if let Err(e) = result {
@@ -124,6 +125,38 @@ async fn echo_lines(stream: tokio::net::UnixStream) -> std::io::Result<()> {
         line.clear();
     }
     Ok(())
+}
+
+/// Asks for `list` of every topic again and again, reading each reply
+/// whole and throwing it away: the load of a client that polls a large
+/// daemon. Ready after the first reply; the loop runs on its own thread
+/// until stdin closes.
+fn loop_list(socket: &str) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut reply = Vec::new();
+    let mut list = move |id: u64| -> anyhow::Result<()> {
+        writer.write_all(format!("{{\"op\":\"list\",\"id\":{id}}}\n").as_bytes())?;
+        reply.clear();
+        reader.read_until(b'\n', &mut reply)?;
+        ensure!(
+            reply.starts_with(b"{\"id\":") && reply.ends_with(b"\n"),
+            "not a whole list reply"
+        );
+        Ok(())
+    };
+    list(0)?;
+    announce_ready()?;
+    std::thread::spawn(move || {
+        for id in 1.. {
+            if let Err(e) = list(id) {
+                eprintln!("bench child \"list-loop\": {e:#}");
+                std::process::exit(1);
+            }
+        }
+    });
+    serve_stdin(|| Ok(()))
 }
 
 fn announce_ready() -> std::io::Result<()> {
