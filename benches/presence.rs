@@ -1,19 +1,22 @@
 //! The benchmark suite: the daemon's ownership handoff, round trips and
 //! throughput against baselines measured in the same run on the same
-//! machine (flock handoff, a bare tokio echo), as ratios next to their
-//! targets; and fan-out, scale and restart against absolute limits.
+//! machine (the flock handoff, an ideal single-threaded epoll daemon, a
+//! bare tokio echo), as ratios next to their targets; and fan-out, scale
+//! and restart against absolute limits.
 //!
 //! ```text
-//! cargo bench --bench presence              # 200 trials per scenario
-//! cargo bench --bench presence -- --quick   # 30 trials
-//! cargo bench --bench presence -- --json    # machine-readable results
+//! cargo bench --bench presence                   # 200 trials per scenario
+//! cargo bench --bench presence -- --quick        # 30 trials
+//! cargo bench --bench presence -- --json         # machine-readable results
+//! cargo bench --bench presence -- --only failover
 //! ```
 //!
 //! The daemon is the real `presence` binary on a temporary socket and
 //! database. Owners and flock holders are separate processes (this binary,
-//! run again in a child part, see `support/children.rs`); spectators and
-//! watchers are clients in this process, through `presenced::client`.
-//! Every wait ends on an event, or fails the run at a deadline.
+//! run again in a child part, see `support/children.rs`), and so is the
+//! ideal daemon; spectators and watchers are clients in this process,
+//! through `presenced::client`. Every wait ends on an event, or fails the
+//! run at a deadline.
 
 mod support;
 
@@ -51,7 +54,9 @@ struct Plan {
 /// The parts of the suite, each with the baselines it is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    /// The flock and echo baselines, failover, round trips and fan-out.
+    /// The handoff: flock and the ideal daemon, then presenced.
+    Failover,
+    /// The echo baseline, round trips and fan-out.
     Latency,
     Throughput,
     Scale,
@@ -71,7 +76,7 @@ fn main() {
         Ok(options) => options,
         Err(e) => {
             eprintln!(
-                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only latency|throughput|scale|reads|restart]"
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart]"
             );
             std::process::exit(2);
         }
@@ -114,6 +119,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--only" => {
                 let part = args.next().context("--only needs a part")?;
                 options.plan.only = Some(match part.as_str() {
+                    "failover" => Part::Failover,
                     "latency" => Part::Latency,
                     "throughput" => Part::Throughput,
                     "scale" => Part::Scale,
@@ -141,7 +147,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
 // ---------------------------------------------------------------------------
 
 /// What a latency scenario is held to: limits on the ratios of its median
-/// and p99 to a baseline's, or limits on the times themselves.
+/// and p99 to a baseline's, or limits on the times themselves. A ratio
+/// without limits is shown for information.
 enum Target {
     Ratio {
         baseline: &'static str,
@@ -157,7 +164,11 @@ enum Target {
 struct Row {
     name: &'static str,
     summary: Summary,
-    target: Option<Target>,
+    /// Whether other rows are compared with this one.
+    is_baseline: bool,
+    /// What it is compared with, in the order shown; none for a row that
+    /// stands alone.
+    targets: Vec<Target>,
 }
 
 /// A figure that is not a latency: a rate, a ratio of rates, a size.
@@ -193,106 +204,98 @@ impl std::fmt::Display for Limit {
 }
 
 /// Everything a run measured.
+#[derive(Default)]
 struct Report {
     rows: Vec<Row>,
     figures: Vec<Figure>,
 }
 
+impl Report {
+    fn baseline(&mut self, name: &'static str, samples: Vec<Duration>, targets: Vec<Target>) {
+        self.add(name, samples, true, targets);
+    }
+
+    fn measured(&mut self, name: &'static str, samples: Vec<Duration>, targets: Vec<Target>) {
+        self.add(name, samples, false, targets);
+    }
+
+    fn add(
+        &mut self,
+        name: &'static str,
+        samples: Vec<Duration>,
+        is_baseline: bool,
+        targets: Vec<Target>,
+    ) {
+        eprintln!("  {name}: done");
+        self.rows.push(Row {
+            name,
+            summary: Summary::of(samples),
+            is_baseline,
+            targets,
+        });
+    }
+}
+
 /// Runs every scenario, baselines first.
 async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
-    let mut rows = Vec::new();
-    let mut add = |name, samples: Vec<Duration>, target| {
-        eprintln!("  {name}: done");
-        rows.push(Row {
-            name,
-            summary: Summary::of(samples),
-            target,
-        });
-    };
+    let mut report = Report::default();
 
     // Fan-out and scale hold thousands of sockets.
     load::raise_fd_limit()?;
+    if plan.runs(Part::Failover) {
+        failover_part(dir.path(), plan, &mut report).await?;
+    }
     if plan.runs(Part::Latency) {
-        eprintln!("baselines ({} trials each)", plan.trials);
-        add(
-            "flock-kill",
-            flock_handoff(dir.path(), plan, Release::Kill).await?,
-            None,
+        eprintln!("round trips ({} trials each)", plan.trials);
+        report.baseline(
+            "echo-rtt",
+            echo_round_trips(dir.path(), plan).await?,
+            vec![],
         );
-        add(
-            "flock-graceful",
-            flock_handoff(dir.path(), plan, Release::Graceful).await?,
-            None,
-        );
-        add("echo-rtt", echo_round_trips(dir.path(), plan).await?, None);
-
-        eprintln!("daemon scenarios");
         let daemon = Daemon::start(&dir.path().join("main"), &[]).await?;
-        let (promoted, diffed) = failover(&daemon, plan, Release::Kill).await?;
-        add(
-            "failover-kill/role",
-            promoted,
-            Some(ratio_target("flock-kill", Some(1.5), Some(2.0))),
-        );
-        add(
-            "failover-kill/diff",
-            diffed,
-            Some(ratio_target("flock-kill", None, None)),
-        );
-        let (promoted, diffed) = failover(&daemon, plan, Release::Graceful).await?;
-        add(
-            "failover-close/role",
-            promoted,
-            Some(ratio_target("flock-graceful", Some(2.0), None)),
-        );
-        add(
-            "failover-close/diff",
-            diffed,
-            Some(ratio_target("flock-graceful", None, None)),
-        );
-        add(
+        report.measured(
             "track-rtt",
             track_round_trips(&daemon, plan, false).await?,
-            Some(ratio_target("echo-rtt", Some(3.0), None)),
+            vec![ratio_target("echo-rtt", Some(3.0), None)],
         );
-        add(
+        report.measured(
             "track+untrack-rtt",
             track_round_trips(&daemon, plan, true).await?,
-            Some(ratio_target("echo-rtt", None, None)),
+            vec![against("echo-rtt")],
         );
-        add(
+        report.measured(
             "track-rtt/raw-socket",
             raw_track_round_trips(&daemon, plan).await?,
-            Some(ratio_target("echo-rtt", None, None)),
+            vec![against("echo-rtt")],
         );
-        add(
+        report.measured(
             "fan-out/1000",
             fan_out(&daemon, plan, FAN_OUT).await?,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: None,
                 p99: Some(Duration::from_millis(5)),
-            }),
+            }],
         );
         drop(daemon);
     }
 
     eprintln!("load scenarios");
-    let mut figures = Vec::new();
     if plan.runs(Part::Throughput) {
-        figures.extend(throughput(dir.path(), plan).await?);
+        let figures = throughput(dir.path(), plan).await?;
+        report.figures.extend(figures);
     }
     if plan.runs(Part::Scale) {
         let (rss_per_connection, listed) = scale(dir.path(), plan).await?;
-        add(
+        report.measured(
             "list/10000-entries",
             listed,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: Some(Duration::from_millis(50)),
                 p99: None,
-            }),
+            }],
         );
-        figures.push(Figure {
+        report.figures.push(Figure {
             name: "scale/rss-per-connection",
             value: rss_per_connection,
             unit: "KiB",
@@ -301,38 +304,82 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
     }
     if plan.runs(Part::Reads) {
         let (pinged, tracked) = reads_under_list_load(dir.path(), plan).await?;
-        add(
+        report.measured(
             "ping-rtt/2-listing",
             pinged,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: None,
                 p99: Some(Duration::from_millis(5)),
-            }),
+            }],
         );
-        add(
+        report.measured(
             "track-rtt/2-listing",
             tracked,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: None,
                 p99: Some(Duration::from_millis(10)),
-            }),
+            }],
         );
     }
     if plan.runs(Part::Restart) {
-        add(
+        report.measured(
             "restart/100000-entries",
             restart(dir.path(), plan).await?,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: Some(Duration::from_secs(1)),
                 p99: Some(Duration::from_secs(1)),
-            }),
+            }],
         );
     }
-    Ok(Report { rows, figures })
+    Ok(report)
+}
+
+/// The handoff, every way: the flock floor, the ideal daemon, then
+/// presenced, each owner let go by SIGKILL and, alive, by
+/// closing its connection (and, for the presenced protocol, by untrack).
+async fn failover_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!("failover baselines ({} trials each)", plan.trials);
+    let kill = flock_handoff(dir, plan, Release::Kill).await?;
+    report.baseline("flock-kill", kill, vec![]);
+    let graceful = flock_handoff(dir, plan, Release::Close).await?;
+    report.baseline("flock-graceful", graceful, vec![]);
+
+    let socket = dir.join("ideal.sock");
+    let ideal = Helper::start("ideal", &[socket.as_os_str()]).await?;
+    for release in [Release::Kill, Release::Close, Release::Untrack] {
+        let (promoted, _) = failover(&socket, plan, release, false).await?;
+        let flock = against(release.flock_baseline());
+        report.baseline(release.ideal_baseline(), promoted, vec![flock]);
+    }
+    ideal.finish().await?;
+
+    eprintln!("presenced failover ({} trials each)", plan.trials);
+    let daemon = Daemon::start(&dir.join("failover"), &[]).await?;
+    for release in [Release::Kill, Release::Close, Release::Untrack] {
+        let [role, diff] = release.presenced_rows();
+        let (promoted, diffed) = failover(&daemon.socket, plan, release, true).await?;
+        let flock = release.flock_baseline();
+        // Issue 18's targets: the ideal daemon's median within 15%, and
+        // after SIGKILL a p99 within 2.5× flock's.
+        let flock_limit = matches!(release, Release::Kill).then_some(2.5);
+        let targets = vec![
+            ratio_target(flock, None, flock_limit),
+            ratio_target(release.ideal_baseline(), Some(1.15), None),
+        ];
+        report.measured(role, promoted, targets);
+        let diffed = diffed.context("the watcher's diffs")?;
+        report.measured(diff, diffed, vec![against(flock)]);
+    }
+    Ok(())
 }
 
 fn ratio_target(baseline: &'static str, p50: Option<f64>, p99: Option<f64>) -> Target {
     Target::Ratio { baseline, p50, p99 }
+}
+
+/// A ratio to `baseline` shown for information, held to nothing.
+fn against(baseline: &'static str) -> Target {
+    ratio_target(baseline, None, None)
 }
 
 /// Runs `trial` for the plan's warm-up and then its trials, each under the
@@ -356,11 +403,14 @@ async fn measure<T>(
     Ok(samples)
 }
 
-/// How a holder lets go: killed, or by its own hand while still alive.
+/// How a holder lets go: killed, or by its own hand while still alive,
+/// by closing its connection or by untracking. (An flock holder alive
+/// unlocks, either way.)
 #[derive(Debug, Clone, Copy)]
 enum Release {
     Kill,
-    Graceful,
+    Close,
+    Untrack,
 }
 
 impl Release {
@@ -368,7 +418,40 @@ impl Release {
     async fn apply(self, holder: &mut Helper) -> anyhow::Result<()> {
         match self {
             Release::Kill => holder.kill(),
-            Release::Graceful => holder.release().await,
+            Release::Close | Release::Untrack => holder.release().await,
+        }
+    }
+
+    /// How the owner child lets go when asked (a killed one is never asked).
+    fn owner_mode(self) -> &'static str {
+        match self {
+            Release::Untrack => "untrack",
+            Release::Kill | Release::Close => "close",
+        }
+    }
+
+    fn flock_baseline(self) -> &'static str {
+        match self {
+            Release::Kill => "flock-kill",
+            Release::Close | Release::Untrack => "flock-graceful",
+        }
+    }
+
+    /// presenced's rows: the spectator's `role` event, the watcher's diff.
+    fn presenced_rows(self) -> [&'static str; 2] {
+        match self {
+            Release::Kill => ["failover-kill/role", "failover-kill/diff"],
+            Release::Close => ["failover-close/role", "failover-close/diff"],
+            Release::Untrack => ["failover-untrack/role", "failover-untrack/diff"],
+        }
+    }
+
+    /// The ideal daemon's row, the same scenario's baseline.
+    fn ideal_baseline(self) -> &'static str {
+        match self {
+            Release::Kill => "ideal/failover-kill/role",
+            Release::Close => "ideal/failover-close/role",
+            Release::Untrack => "ideal/failover-untrack/role",
         }
     }
 }
@@ -378,8 +461,8 @@ impl Release {
 // ---------------------------------------------------------------------------
 
 /// The kernel's floor for a handoff: a child holds an flock, a thread of
-/// this process waits in `flock`, the child lets go; timed from just
-/// before the release until the waiter's `flock` returns.
+/// this process waits in `flock`, the child is killed or unlocks; timed
+/// from just before the release until the waiter's `flock` returns.
 async fn flock_handoff(dir: &Path, plan: Plan, release: Release) -> anyhow::Result<Vec<Duration>> {
     let path = dir.join("flock");
     std::fs::File::create(&path)?;
@@ -458,8 +541,8 @@ struct Party {
 }
 
 impl Party {
-    async fn connect(daemon: &Daemon) -> anyhow::Result<Party> {
-        let (client, events) = Client::connect(&daemon.socket).await?;
+    async fn connect(socket: &Path) -> anyhow::Result<Party> {
+        let (client, events) = Client::connect(socket).await?;
         Ok(Party { client, events })
     }
 
@@ -475,36 +558,56 @@ impl Party {
     }
 }
 
-/// An owner child holds a fresh topic, a spectator here is queued behind
-/// it and a watcher here subscribes; the owner lets go. Timed from just
-/// before the release until the spectator's `role` owner event, and until
-/// the watcher's `presence_diff` with the owner's leave.
+/// An owner child holds a fresh topic and a spectator here is queued
+/// behind it (and, with `watch`, a watcher here subscribes); the owner
+/// lets go. Timed from just before the release until the spectator's
+/// `role` owner event, and until the watcher's `presence_diff` with the
+/// owner's leave. The same for presenced and the ideal daemon, which
+/// serves no subscriptions (so no watcher).
 async fn failover(
-    daemon: &Daemon,
+    socket: &Path,
     plan: Plan,
     release: Release,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let mut spectator = Party::connect(daemon).await?;
-    let mut watcher = Party::connect(daemon).await?;
+    watch: bool,
+) -> anyhow::Result<(Vec<Duration>, Option<Vec<Duration>>)> {
+    let mut spectator = Party::connect(socket).await?;
+    let mut watcher = match watch {
+        true => Some(Party::connect(socket).await?),
+        false => None,
+    };
     let name = format!("failover ({release:?})");
     let samples = measure(&name, plan, async |i| {
         let topic = format!("failover-{release:?}-{i}");
-        let socket = daemon.socket.as_os_str();
-        let mut owner = Helper::start("owner", &[socket, OsStr::new(&topic)]).await?;
+        let args = [
+            socket.as_os_str(),
+            OsStr::new(&topic),
+            OsStr::new(release.owner_mode()),
+        ];
+        let mut owner = Helper::start("owner", &args).await?;
         let queued = queue_spectator(&spectator, &topic).await?;
-        watcher.client.subscribe(&topic).await?;
-        watcher.next_event(|e| is_state_of(e, &topic)).await?;
+        if let Some(watcher) = watcher.as_mut() {
+            watcher.client.subscribe(&topic).await?;
+            watcher.next_event(|e| is_state_of(e, &topic)).await?;
+        }
 
         let start = Instant::now();
         release.apply(&mut owner).await?;
-        let (promoted, diffed) = tokio::join!(
-            spectator.next_event(|e| is_promotion(e, &topic)),
-            watcher.next_event(|e| is_owner_leave(e, &topic)),
-        );
-        let times = (promoted? - start, diffed? - start);
+        let diffed = async {
+            match watcher.as_mut() {
+                Some(watcher) => Ok(Some(
+                    watcher.next_event(|e| is_owner_leave(e, &topic)).await?,
+                )),
+                None => anyhow::Ok(None),
+            }
+        };
+        let (promoted, diffed) =
+            tokio::join!(spectator.next_event(|e| is_promotion(e, &topic)), diffed);
+        let times = (promoted? - start, diffed?.map(|diffed| diffed - start));
 
         owner.reap().await?;
-        watcher.client.unsubscribe(&topic).await?;
+        if let Some(watcher) = watcher.as_ref() {
+            watcher.client.unsubscribe(&topic).await?;
+        }
         let untrack = UntrackRequest {
             topic,
             phx_ref: Some(queued),
@@ -514,7 +617,8 @@ async fn failover(
         Ok(times)
     })
     .await?;
-    Ok(samples.into_iter().unzip())
+    let (promoted, diffed): (Vec<_>, Vec<_>) = samples.into_iter().unzip();
+    Ok((promoted, diffed.into_iter().collect()))
 }
 
 /// Tracks the spectator on `topic`, checks it is queued, returns its ref.
@@ -552,7 +656,7 @@ async fn track_round_trips(
     plan: Plan,
     untrack_too: bool,
 ) -> anyhow::Result<Vec<Duration>> {
-    let party = Party::connect(daemon).await?;
+    let party = Party::connect(&daemon.socket).await?;
     measure("track round trip", plan, async |_| {
         let start = Instant::now();
         let joined = party
@@ -932,56 +1036,76 @@ async fn restart(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Duration>> {
 // Reporting
 // ---------------------------------------------------------------------------
 
-/// A row's ratios to its baseline, if it has one, and whether it meets
-/// its target.
+/// One comparison of a row: its ratios to a baseline, if it has one, and
+/// whether it meets the limits set.
 struct Verdict {
     baseline: Option<&'static str>,
     p50: Option<f64>,
     p99: Option<f64>,
-    /// `None` when no target is set for this row.
+    /// `None` when no limit is set, or the baseline was not measured.
     pass: Option<bool>,
+    /// The baseline is not among this run's rows.
+    missing: bool,
     target: String,
 }
 
-fn verdict(row: &Row, rows: &[Row]) -> Option<Verdict> {
-    let s = row.summary;
-    match row.target.as_ref()? {
+fn verdicts(row: &Row, rows: &[Row]) -> Vec<Verdict> {
+    row.targets
+        .iter()
+        .map(|target| verdict(row.summary, target, rows))
+        .collect()
+}
+
+fn verdict(s: Summary, target: &Target, rows: &[Row]) -> Verdict {
+    match target {
         Target::Ratio { baseline, p50, p99 } => {
-            let base = rows.iter().find(|r| r.name == *baseline)?.summary;
-            let got50 = ratio(s.median, base.median);
-            let got99 = ratio(s.p99, base.p99);
-            let checks: Vec<_> = [(*p50, got50, "p50"), (*p99, got99, "p99")]
+            let target = [(*p50, "p50"), (*p99, "p99")]
                 .into_iter()
-                .filter_map(|(limit, got, what)| Some((limit?, got, what)))
+                .filter_map(|(limit, what)| Some(format!("{what}≤{}×", limit?)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let Some(base) = rows.iter().find(|r| r.name == *baseline) else {
+                return Verdict {
+                    baseline: Some(baseline),
+                    p50: None,
+                    p99: None,
+                    pass: None,
+                    missing: true,
+                    target,
+                };
+            };
+            let got50 = ratio(s.median, base.summary.median);
+            let got99 = ratio(s.p99, base.summary.p99);
+            let checks: Vec<bool> = [(*p50, got50), (*p99, got99)]
+                .into_iter()
+                .filter_map(|(limit, got)| Some(got <= limit?))
                 .collect();
-            Some(Verdict {
+            Verdict {
                 baseline: Some(baseline),
                 p50: Some(got50),
                 p99: Some(got99),
-                pass: (!checks.is_empty()).then(|| checks.iter().all(|&(l, got, _)| got <= l)),
-                target: checks
-                    .iter()
-                    .map(|(limit, _, what)| format!("{what}≤{limit}×"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            })
+                pass: (!checks.is_empty()).then(|| checks.iter().all(|&met| met)),
+                missing: false,
+                target,
+            }
         }
         Target::Within { p50, p99 } => {
             let checks: Vec<_> = [(*p50, s.median, "p50"), (*p99, s.p99, "p99")]
                 .into_iter()
                 .filter_map(|(limit, got, what)| Some((limit?, got, what)))
                 .collect();
-            Some(Verdict {
+            Verdict {
                 baseline: None,
                 p50: None,
                 p99: None,
                 pass: Some(checks.iter().all(|&(limit, got, _)| got <= limit)),
+                missing: false,
                 target: checks
                     .iter()
                     .map(|(limit, _, what)| format!("{what}≤{}", human(*limit)))
                     .collect::<Vec<_>>()
                     .join(" "),
-            })
+            }
         }
     }
 }
@@ -995,11 +1119,13 @@ fn human(limit: Duration) -> String {
     }
 }
 
-fn verdict_word(pass: Option<bool>) -> &'static str {
-    match pass {
-        Some(true) => "PASS",
-        Some(false) => "MISS",
-        None => "(info)",
+fn verdict_word(row: &Row, verdict: &Verdict) -> &'static str {
+    match (verdict.missing, verdict.pass) {
+        (true, _) => "(not measured)",
+        (false, Some(true)) => "PASS",
+        (false, Some(false)) => "MISS",
+        (false, None) if row.is_baseline => "baseline",
+        (false, None) => "(info)",
     }
 }
 
@@ -1011,31 +1137,50 @@ fn print_table(plan: Plan, report: &Report) {
         cpus()
     );
     println!(
-        "{:<24} {:>6} {:>10} {:>10} {:>10}  {:<15} {:>6} {:>6}  {:<16} verdict",
-        "scenario", "trials", "median µs", "p99 µs", "max µs", "baseline", "p50×", "p99×", "target"
+        "{:<28} {:>6} {:>10} {:>10} {:>10}  {:<27} {:>6} {:>6}  {:<16} verdict",
+        "scenario",
+        "trials",
+        "median µs",
+        "p99 µs",
+        "max µs",
+        "compared with",
+        "p50×",
+        "p99×",
+        "target"
     );
     let ratio = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.2}"));
     for row in &report.rows {
         let s = row.summary;
         print!(
-            "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<28} {:>6} {:>10.1} {:>10.1} {:>10.1}",
             row.name,
             s.trials,
             micros(s.median),
             micros(s.p99),
             micros(s.max)
         );
-        match verdict(row, &report.rows) {
-            Some(v) => println!(
-                "  {:<15} {:>6} {:>6}  {:<16} {}",
+        let verdicts = verdicts(row, &report.rows);
+        if verdicts.is_empty() {
+            let word = if row.is_baseline { "baseline" } else { "" };
+            println!("  {:<27} {:>6} {:>6}  {:<16} {word}", "", "", "", "");
+        }
+        for (i, v) in verdicts.iter().enumerate() {
+            if i > 0 {
+                // Further comparisons of the same row, under the first.
+                print!("{:<28} {:>6} {:>10} {:>10} {:>10}", "", "", "", "", "");
+            }
+            println!(
+                "  {:<27} {:>6} {:>6}  {:<16} {}",
                 v.baseline.unwrap_or("-"),
                 ratio(v.p50),
                 ratio(v.p99),
                 v.target,
-                verdict_word(v.pass)
-            ),
-            None => println!("  (baseline)"),
+                verdict_word(row, v)
+            );
         }
+    }
+    if report.figures.is_empty() {
+        return;
     }
     println!();
     println!(
@@ -1043,13 +1188,18 @@ fn print_table(plan: Plan, report: &Report) {
         "figure", "value", "unit", "target"
     );
     for figure in &report.figures {
+        let pass = figure.limit.map(|l| l.met_by(figure.value));
         println!(
             "{:<32} {:>14.2} {:<6} {:<8} {}",
             figure.name,
             figure.value,
             figure.unit,
             figure.limit.map_or(String::new(), |l| l.to_string()),
-            verdict_word(figure.limit.map(|l| l.met_by(figure.value)))
+            match pass {
+                Some(true) => "PASS",
+                Some(false) => "MISS",
+                None => "(info)",
+            }
         );
     }
 }
@@ -1060,18 +1210,31 @@ fn to_json(plan: Plan, report: &Report) -> serde_json::Value {
         .iter()
         .map(|row| {
             let s = row.summary;
-            let v = verdict(row, &report.rows);
+            let verdicts = verdicts(row, &report.rows);
+            let comparisons: Vec<_> = verdicts
+                .iter()
+                .map(|v| {
+                    json!({
+                        "baseline": v.baseline,
+                        "measured": !v.missing,
+                        "p50_ratio": v.p50,
+                        "p99_ratio": v.p99,
+                        "target": v.target,
+                        "pass": v.pass,
+                    })
+                })
+                .collect();
+            // Met when every comparison with limits is met; null when none.
+            let judged: Vec<bool> = verdicts.iter().filter_map(|v| v.pass).collect();
             json!({
                 "scenario": row.name,
+                "is_baseline": row.is_baseline,
                 "trials": s.trials,
                 "median_us": micros(s.median),
                 "p99_us": micros(s.p99),
                 "max_us": micros(s.max),
-                "baseline": v.as_ref().and_then(|v| v.baseline),
-                "p50_ratio": v.as_ref().and_then(|v| v.p50),
-                "p99_ratio": v.as_ref().and_then(|v| v.p99),
-                "target": v.as_ref().map(|v| v.target.clone()),
-                "pass": v.as_ref().and_then(|v| v.pass),
+                "comparisons": comparisons,
+                "pass": (!judged.is_empty()).then(|| judged.iter().all(|&pass| pass)),
             })
         })
         .collect();

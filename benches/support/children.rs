@@ -38,8 +38,9 @@ pub fn run_if_child() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match (part.to_str(), args.as_slice()) {
         (Some("flock"), [path]) => hold_flock(path),
-        (Some("owner"), [socket, topic]) => own_topic(socket, topic),
+        (Some("owner"), [socket, topic, how]) => own_topic(socket, topic, how),
         (Some("echo"), [socket]) => serve_echo(socket),
+        (Some("ideal"), [socket]) => super::ideal::serve(socket, announce_ready),
         (Some("list-loop"), [socket]) => loop_list(socket),
         _ => Err(anyhow::anyhow!("unknown child {part:?} {args:?}")),
     };
@@ -60,8 +61,9 @@ fn hold_flock(path: &str) -> anyhow::Result<()> {
 
 /// Owns `topic` over a plain blocking socket (no runtime, no client
 /// library: the child stays as small as the flock holder); a byte on stdin
-/// untracks it.
-fn own_topic(socket: &str, topic: &str) -> anyhow::Result<()> {
+/// lets go of it `how`: `untrack`, or `close` (the connection closes while
+/// the process lives on).
+fn own_topic(socket: &str, topic: &str, how: &str) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(socket)?;
     let track = Request::Track(TrackRequest::new(topic, OWNER_KEY));
     stream.write_all(&request_line(&track, 1)?)?;
@@ -77,14 +79,26 @@ fn own_topic(socket: &str, topic: &str) -> anyhow::Result<()> {
         "the owner child is not the owner"
     );
     announce_ready()?;
-    let untrack = Request::Untrack(UntrackRequest {
-        topic: topic.to_owned(),
-        phx_ref: Some(joined.phx_ref),
-        key: None,
-    });
-    let untrack = request_line(&untrack, 2)?;
-    // Its reply is never read: the timed moment is the spectator's event.
-    serve_stdin(|| Ok(stream.write_all(&untrack)?))
+    match how {
+        "untrack" => {
+            let untrack = Request::Untrack(UntrackRequest {
+                topic: topic.to_owned(),
+                phx_ref: Some(joined.phx_ref),
+                key: None,
+            });
+            let untrack = request_line(&untrack, 2)?;
+            // Its reply is never read: the timed moment is the spectator's event.
+            serve_stdin(|| Ok(stream.write_all(&untrack)?))
+        }
+        "close" => {
+            let mut stream = Some(stream);
+            serve_stdin(|| {
+                drop(stream.take());
+                Ok(())
+            })
+        }
+        other => bail!("the owner child cannot let go by {other:?}"),
+    }
 }
 
 /// A request as the client library would write it: one line, with an id.
@@ -214,6 +228,18 @@ impl Helper {
     /// Asks the child to let go of what it holds, and returns at once.
     pub async fn release(&mut self) -> anyhow::Result<()> {
         Ok(self.stdin.write_all(b"r").await?)
+    }
+
+    /// Closes the child's stdin, which ends it, and waits until it has
+    /// cleaned up after itself and exited.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        let Helper {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let status = within("a child to finish", child.wait()).await??;
+        ensure!(status.success(), "a child exited with {status}");
+        Ok(())
     }
 
     /// Ends the child, if it still runs, and reaps it.
