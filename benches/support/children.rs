@@ -42,6 +42,8 @@ pub fn run_if_child() {
         (Some("echo"), [socket]) => serve_echo(socket),
         (Some("ideal"), [socket]) => super::ideal::serve(socket, announce_ready),
         (Some("list-loop"), [socket]) => loop_list(socket),
+        (Some("dbus-owner"), [socket, name]) => own_bus_name(socket, name),
+        (Some("dbus-broker"), [dir]) => run_broker(dir),
         _ => Err(anyhow::anyhow!("unknown child {part:?} {args:?}")),
     };
     if let Err(e) = result {
@@ -99,6 +101,29 @@ fn own_topic(socket: &str, topic: &str, how: &str) -> anyhow::Result<()> {
         }
         other => bail!("the owner child cannot let go by {other:?}"),
     }
+}
+
+/// Owns the well-known `name` on the bus at `socket`; a byte on stdin
+/// closes its bus connection while the process lives on.
+fn own_bus_name(socket: &str, name: &str) -> anyhow::Result<()> {
+    let mut bus = super::dbus::own_name(socket, name, announce_ready)?;
+    serve_stdin(|| {
+        drop(bus.take());
+        Ok(())
+    })
+}
+
+/// dbus-broker without systemd (see [`super::dbus::launch_broker`]): ready
+/// once its socket listens; when stdin closes, the launcher is asked to
+/// stop (it stops the broker) and waited for.
+fn run_broker(dir: &str) -> anyhow::Result<()> {
+    let mut launcher = super::dbus::launch_broker(std::path::Path::new(dir))?;
+    announce_ready()?;
+    let served = serve_stdin(|| Ok(()));
+    let pid = Pid::from_raw(launcher.id() as i32);
+    kill(pid, Signal::SIGTERM)?;
+    launcher.wait()?;
+    served
 }
 
 /// A request as the client library would write it: one line, with an id.
@@ -199,7 +224,11 @@ impl Helper {
     /// Starts this binary as child `part` with `args`, and waits until it
     /// says it is ready.
     pub async fn start(part: &str, args: &[&OsStr]) -> anyhow::Result<Helper> {
-        let mut child = Command::new(std::env::current_exe()?)
+        Helper::spawn(Command::new(std::env::current_exe()?), part, args).await
+    }
+
+    async fn spawn(mut command: Command, part: &str, args: &[&OsStr]) -> anyhow::Result<Helper> {
+        let mut child = command
             .args(args)
             .env(CHILD_ENV, part)
             .stdin(Stdio::piped())
@@ -218,6 +247,19 @@ impl Helper {
         let stdin = child.stdin.take().context("child stdin")?;
         let pid = Pid::from_raw(child.id().context("child pid")? as i32);
         Ok(Helper { child, stdin, pid })
+    }
+
+    /// Starts this binary as child `part` with `args` under `wrapper` (a
+    /// program and its arguments that run a command, as `unshare` does).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        part: &str,
+        args: &[&OsStr],
+    ) -> anyhow::Result<Helper> {
+        let (program, wrapper_args) = wrapper.split_first().context("an empty wrapper")?;
+        let mut command = Command::new(program);
+        command.args(wrapper_args).arg(std::env::current_exe()?);
+        Helper::spawn(command, part, args).await
     }
 
     /// SIGKILLs the child, and nothing else: the caller times what follows.
