@@ -292,7 +292,10 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
         drop(daemon);
     }
 
-    eprintln!("load scenarios");
+    let load_parts = [Part::Throughput, Part::Scale, Part::Reads, Part::Restart];
+    if load_parts.into_iter().any(|part| plan.runs(part)) {
+        eprintln!("load scenarios");
+    }
     if plan.runs(Part::Throughput) {
         let figures = throughput(dir.path(), plan).await?;
         report.figures.extend(figures);
