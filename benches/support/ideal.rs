@@ -242,7 +242,7 @@ impl Ideal {
     fn track(&mut self, conn: u64, topic: String, key: String) -> TrackReply {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let c = &mut self.conns.get_mut(&conn).expect("a live connection");
+        let c = self.conns.get_mut(&conn).expect("a live connection");
         c.topics.push(topic.clone());
         let entry = Entry {
             conn,
