@@ -1,19 +1,24 @@
 //! The benchmark suite: the daemon's ownership handoff, round trips and
 //! throughput against baselines measured in the same run on the same
-//! machine (flock handoff, a bare tokio echo), as ratios next to their
-//! targets; and fan-out, scale and restart against absolute limits.
+//! machine (the flock handoff, an ideal single-threaded epoll daemon,
+//! dbus-daemon's and dbus-broker's name queues, a bare tokio echo), as
+//! ratios next to their targets; and fan-out, scale and restart against
+//! absolute limits.
 //!
 //! ```text
-//! cargo bench --bench presence              # 200 trials per scenario
-//! cargo bench --bench presence -- --quick   # 30 trials
-//! cargo bench --bench presence -- --json    # machine-readable results
+//! cargo bench --bench presence                   # 200 trials per scenario
+//! cargo bench --bench presence -- --quick        # 30 trials
+//! cargo bench --bench presence -- --json         # machine-readable results
+//! cargo bench --bench presence -- --only failover
 //! ```
 //!
 //! The daemon is the real `presence` binary on a temporary socket and
 //! database. Owners and flock holders are separate processes (this binary,
-//! run again in a child part, see `support/children.rs`); spectators and
-//! watchers are clients in this process, through `presenced::client`.
-//! Every wait ends on an event, or fails the run at a deadline.
+//! run again in a child part, see `support/children.rs`), and so are the
+//! ideal daemon and the buses; spectators and watchers are clients in this
+//! process, through `presenced::client` (and a blocking D-Bus client on a
+//! thread of its own for the buses). Every wait ends on an event, or fails
+//! the run at a deadline.
 
 mod support;
 
@@ -34,6 +39,7 @@ use tokio::net::UnixStream;
 
 use support::children::{Helper, OWNER_KEY, run_if_child};
 use support::daemon::Daemon;
+use support::dbus::{self, Bus, BusProcess};
 use support::load::{self, Line, Throughput};
 use support::stats::{Summary, micros, ratio};
 use support::{POLL, within};
@@ -51,10 +57,14 @@ struct Plan {
 /// The parts of the suite, each with the baselines it is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    /// The flock and echo baselines, failover, round trips and fan-out.
+    /// The handoff: flock, the ideal daemon and the buses, then presenced.
+    Failover,
+    /// The echo baseline, round trips and fan-out.
     Latency,
     Throughput,
     Scale,
+    /// Small requests while other clients loop large reads.
+    Reads,
     Restart,
 }
 
@@ -69,7 +79,7 @@ fn main() {
         Ok(options) => options,
         Err(e) => {
             eprintln!(
-                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only latency|throughput|scale|restart]"
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart]"
             );
             std::process::exit(2);
         }
@@ -112,9 +122,11 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
             "--only" => {
                 let part = args.next().context("--only needs a part")?;
                 options.plan.only = Some(match part.as_str() {
+                    "failover" => Part::Failover,
                     "latency" => Part::Latency,
                     "throughput" => Part::Throughput,
                     "scale" => Part::Scale,
+                    "reads" => Part::Reads,
                     "restart" => Part::Restart,
                     other => bail!("unknown part {other:?}"),
                 });
@@ -138,7 +150,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
 // ---------------------------------------------------------------------------
 
 /// What a latency scenario is held to: limits on the ratios of its median
-/// and p99 to a baseline's, or limits on the times themselves.
+/// and p99 to a baseline's, or limits on the times themselves. A ratio
+/// without limits is shown for information.
 enum Target {
     Ratio {
         baseline: &'static str,
@@ -154,7 +167,11 @@ enum Target {
 struct Row {
     name: &'static str,
     summary: Summary,
-    target: Option<Target>,
+    /// Whether other rows are compared with this one.
+    is_baseline: bool,
+    /// What it is compared with, in the order shown; none for a row that
+    /// stands alone.
+    targets: Vec<Target>,
 }
 
 /// A figure that is not a latency: a rate, a ratio of rates, a size.
@@ -189,128 +206,212 @@ impl std::fmt::Display for Limit {
     }
 }
 
-/// Everything a run measured.
+/// Everything a run measured, and the baselines it could not measure.
+#[derive(Default)]
 struct Report {
     rows: Vec<Row>,
     figures: Vec<Figure>,
+    /// Rows not measured here, each with why.
+    skipped: Vec<(&'static str, String)>,
+}
+
+impl Report {
+    fn baseline(&mut self, name: &'static str, samples: Vec<Duration>, targets: Vec<Target>) {
+        self.add(name, samples, true, targets);
+    }
+
+    fn measured(&mut self, name: &'static str, samples: Vec<Duration>, targets: Vec<Target>) {
+        self.add(name, samples, false, targets);
+    }
+
+    fn add(
+        &mut self,
+        name: &'static str,
+        samples: Vec<Duration>,
+        is_baseline: bool,
+        targets: Vec<Target>,
+    ) {
+        eprintln!("  {name}: done");
+        self.rows.push(Row {
+            name,
+            summary: Summary::of(samples),
+            is_baseline,
+            targets,
+        });
+    }
+
+    fn skip(&mut self, names: &[&'static str], reason: &str) {
+        for name in names {
+            eprintln!("  {name}: SKIPPED: {reason}");
+            self.skipped.push((name, reason.to_owned()));
+        }
+    }
 }
 
 /// Runs every scenario, baselines first.
 async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
-    let mut rows = Vec::new();
-    let mut add = |name, samples: Vec<Duration>, target| {
-        eprintln!("  {name}: done");
-        rows.push(Row {
-            name,
-            summary: Summary::of(samples),
-            target,
-        });
-    };
+    let mut report = Report::default();
 
     // Fan-out and scale hold thousands of sockets.
     load::raise_fd_limit()?;
+    if plan.runs(Part::Failover) {
+        failover_part(dir.path(), plan, &mut report).await?;
+    }
     if plan.runs(Part::Latency) {
-        eprintln!("baselines ({} trials each)", plan.trials);
-        add(
-            "flock-kill",
-            flock_handoff(dir.path(), plan, Release::Kill).await?,
-            None,
+        eprintln!("round trips ({} trials each)", plan.trials);
+        report.baseline(
+            "echo-rtt",
+            echo_round_trips(dir.path(), plan).await?,
+            vec![],
         );
-        add(
-            "flock-graceful",
-            flock_handoff(dir.path(), plan, Release::Graceful).await?,
-            None,
-        );
-        add("echo-rtt", echo_round_trips(dir.path(), plan).await?, None);
-
-        eprintln!("daemon scenarios");
         let daemon = Daemon::start(&dir.path().join("main"), &[]).await?;
-        let (promoted, diffed) = failover(&daemon, plan, Release::Kill).await?;
-        add(
-            "failover-kill/role",
-            promoted,
-            Some(ratio_target("flock-kill", Some(1.5), Some(2.0))),
-        );
-        add(
-            "failover-kill/diff",
-            diffed,
-            Some(ratio_target("flock-kill", None, None)),
-        );
-        let (promoted, diffed) = failover(&daemon, plan, Release::Graceful).await?;
-        add(
-            "failover-close/role",
-            promoted,
-            Some(ratio_target("flock-graceful", Some(2.0), None)),
-        );
-        add(
-            "failover-close/diff",
-            diffed,
-            Some(ratio_target("flock-graceful", None, None)),
-        );
-        add(
+        report.measured(
             "track-rtt",
             track_round_trips(&daemon, plan, false).await?,
-            Some(ratio_target("echo-rtt", Some(3.0), None)),
+            vec![ratio_target("echo-rtt", Some(3.0), None)],
         );
-        add(
+        report.measured(
             "track+untrack-rtt",
             track_round_trips(&daemon, plan, true).await?,
-            Some(ratio_target("echo-rtt", None, None)),
+            vec![against("echo-rtt")],
         );
-        add(
+        report.measured(
             "track-rtt/raw-socket",
             raw_track_round_trips(&daemon, plan).await?,
-            Some(ratio_target("echo-rtt", None, None)),
+            vec![against("echo-rtt")],
         );
-        add(
+        report.measured(
             "fan-out/1000",
             fan_out(&daemon, plan, FAN_OUT).await?,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: None,
                 p99: Some(Duration::from_millis(5)),
-            }),
+            }],
         );
         drop(daemon);
     }
 
-    eprintln!("load scenarios");
-    let mut figures = Vec::new();
+    let load_parts = [Part::Throughput, Part::Scale, Part::Reads, Part::Restart];
+    if load_parts.into_iter().any(|part| plan.runs(part)) {
+        eprintln!("load scenarios");
+    }
     if plan.runs(Part::Throughput) {
-        figures.extend(throughput(dir.path(), plan).await?);
+        let figures = throughput(dir.path(), plan).await?;
+        report.figures.extend(figures);
     }
     if plan.runs(Part::Scale) {
         let (rss_per_connection, listed) = scale(dir.path(), plan).await?;
-        add(
+        report.measured(
             "list/10000-entries",
             listed,
-            Some(Target::Within {
+            vec![Target::Within {
                 p50: Some(Duration::from_millis(50)),
                 p99: None,
-            }),
+            }],
         );
-        figures.push(Figure {
+        report.figures.push(Figure {
             name: "scale/rss-per-connection",
             value: rss_per_connection,
             unit: "KiB",
             limit: Some(Limit::AtMost(16.0)),
         });
     }
-    if plan.runs(Part::Restart) {
-        add(
-            "restart/100000-entries",
-            restart(dir.path(), plan).await?,
-            Some(Target::Within {
-                p50: Some(Duration::from_secs(1)),
-                p99: Some(Duration::from_secs(1)),
-            }),
+    if plan.runs(Part::Reads) {
+        let (pinged, tracked) = reads_under_list_load(dir.path(), plan).await?;
+        report.measured(
+            "ping-rtt/2-listing",
+            pinged,
+            vec![Target::Within {
+                p50: None,
+                p99: Some(Duration::from_millis(5)),
+            }],
+        );
+        report.measured(
+            "track-rtt/2-listing",
+            tracked,
+            vec![Target::Within {
+                p50: None,
+                p99: Some(Duration::from_millis(10)),
+            }],
         );
     }
-    Ok(Report { rows, figures })
+    if plan.runs(Part::Restart) {
+        report.measured(
+            "restart/100000-entries",
+            restart(dir.path(), plan).await?,
+            vec![Target::Within {
+                p50: Some(Duration::from_secs(1)),
+                p99: Some(Duration::from_secs(1)),
+            }],
+        );
+    }
+    Ok(report)
+}
+
+/// The handoff, every way: the flock floor, the ideal daemon, the two
+/// buses, then presenced, each owner let go by SIGKILL and, alive, by
+/// closing its connection (and, for the presenced protocol, by untrack).
+async fn failover_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!("failover baselines ({} trials each)", plan.trials);
+    let kill = flock_handoff(dir, plan, Release::Kill).await?;
+    report.baseline("flock-kill", kill, vec![]);
+    let graceful = flock_handoff(dir, plan, Release::Close).await?;
+    report.baseline("flock-graceful", graceful, vec![]);
+
+    let socket = dir.join("ideal.sock");
+    let ideal = Helper::start("ideal", &[socket.as_os_str()]).await?;
+    for release in [Release::Kill, Release::Close, Release::Untrack] {
+        let (promoted, _) = failover(&socket, plan, release, false).await?;
+        let flock = against(release.flock_baseline());
+        report.baseline(release.ideal_baseline(), promoted, vec![flock]);
+    }
+    ideal.finish().await?;
+
+    for kind in [dbus::Kind::DbusDaemon, dbus::Kind::DbusBroker] {
+        let releases = [Release::Kill, Release::Close];
+        let names = releases.map(|release| bus_row(kind, release));
+        match bus_failovers(kind, &dir.join(kind.name()), plan).await {
+            Ok(Ok(rows)) => {
+                for (release, samples) in releases.into_iter().zip(rows) {
+                    let flock = against(release.flock_baseline());
+                    report.baseline(bus_row(kind, release), samples, vec![flock]);
+                }
+            }
+            Ok(Err(reason)) => report.skip(&names, &reason),
+            Err(e) => report.skip(&names, &format!("{e:#}")),
+        }
+    }
+
+    eprintln!("presenced failover ({} trials each)", plan.trials);
+    let daemon = Daemon::start(&dir.join("failover"), &[]).await?;
+    for release in [Release::Kill, Release::Close, Release::Untrack] {
+        let [role, diff] = release.presenced_rows();
+        let (promoted, diffed) = failover(&daemon.socket, plan, release, true).await?;
+        let flock = release.flock_baseline();
+        // Issue 18's targets: the ideal daemon's median within 15%, below
+        // dbus-broker's, and after SIGKILL a p99 within 2.5× flock's.
+        let flock_limit = matches!(release, Release::Kill).then_some(2.5);
+        let targets = vec![
+            ratio_target(flock, None, flock_limit),
+            ratio_target(release.ideal_baseline(), Some(1.15), None),
+            ratio_target(bus_row(dbus::Kind::DbusBroker, release), Some(1.0), None),
+            against(bus_row(dbus::Kind::DbusDaemon, release)),
+        ];
+        report.measured(role, promoted, targets);
+        let diffed = diffed.context("the watcher's diffs")?;
+        report.measured(diff, diffed, vec![against(flock)]);
+    }
+    Ok(())
 }
 
 fn ratio_target(baseline: &'static str, p50: Option<f64>, p99: Option<f64>) -> Target {
     Target::Ratio { baseline, p50, p99 }
+}
+
+/// A ratio to `baseline` shown for information, held to nothing.
+fn against(baseline: &'static str) -> Target {
+    ratio_target(baseline, None, None)
 }
 
 /// Runs `trial` for the plan's warm-up and then its trials, each under the
@@ -334,11 +435,14 @@ async fn measure<T>(
     Ok(samples)
 }
 
-/// How a holder lets go: killed, or by its own hand while still alive.
+/// How a holder lets go: killed, or by its own hand while still alive,
+/// by closing its connection or by untracking. (An flock holder alive
+/// unlocks, either way.)
 #[derive(Debug, Clone, Copy)]
 enum Release {
     Kill,
-    Graceful,
+    Close,
+    Untrack,
 }
 
 impl Release {
@@ -346,7 +450,40 @@ impl Release {
     async fn apply(self, holder: &mut Helper) -> anyhow::Result<()> {
         match self {
             Release::Kill => holder.kill(),
-            Release::Graceful => holder.release().await,
+            Release::Close | Release::Untrack => holder.release().await,
+        }
+    }
+
+    /// How the owner child lets go when asked (a killed one is never asked).
+    fn owner_mode(self) -> &'static str {
+        match self {
+            Release::Untrack => "untrack",
+            Release::Kill | Release::Close => "close",
+        }
+    }
+
+    fn flock_baseline(self) -> &'static str {
+        match self {
+            Release::Kill => "flock-kill",
+            Release::Close | Release::Untrack => "flock-graceful",
+        }
+    }
+
+    /// presenced's rows: the spectator's `role` event, the watcher's diff.
+    fn presenced_rows(self) -> [&'static str; 2] {
+        match self {
+            Release::Kill => ["failover-kill/role", "failover-kill/diff"],
+            Release::Close => ["failover-close/role", "failover-close/diff"],
+            Release::Untrack => ["failover-untrack/role", "failover-untrack/diff"],
+        }
+    }
+
+    /// The ideal daemon's row, the same scenario's baseline.
+    fn ideal_baseline(self) -> &'static str {
+        match self {
+            Release::Kill => "ideal/failover-kill/role",
+            Release::Close => "ideal/failover-close/role",
+            Release::Untrack => "ideal/failover-untrack/role",
         }
     }
 }
@@ -356,8 +493,8 @@ impl Release {
 // ---------------------------------------------------------------------------
 
 /// The kernel's floor for a handoff: a child holds an flock, a thread of
-/// this process waits in `flock`, the child lets go; timed from just
-/// before the release until the waiter's `flock` returns.
+/// this process waits in `flock`, the child is killed or unlocks; timed
+/// from just before the release until the waiter's `flock` returns.
 async fn flock_handoff(dir: &Path, plan: Plan, release: Release) -> anyhow::Result<Vec<Duration>> {
     let path = dir.join("flock");
     std::fs::File::create(&path)?;
@@ -436,8 +573,8 @@ struct Party {
 }
 
 impl Party {
-    async fn connect(daemon: &Daemon) -> anyhow::Result<Party> {
-        let (client, events) = Client::connect(&daemon.socket).await?;
+    async fn connect(socket: &Path) -> anyhow::Result<Party> {
+        let (client, events) = Client::connect(socket).await?;
         Ok(Party { client, events })
     }
 
@@ -453,36 +590,56 @@ impl Party {
     }
 }
 
-/// An owner child holds a fresh topic, a spectator here is queued behind
-/// it and a watcher here subscribes; the owner lets go. Timed from just
-/// before the release until the spectator's `role` owner event, and until
-/// the watcher's `presence_diff` with the owner's leave.
+/// An owner child holds a fresh topic and a spectator here is queued
+/// behind it (and, with `watch`, a watcher here subscribes); the owner
+/// lets go. Timed from just before the release until the spectator's
+/// `role` owner event, and until the watcher's `presence_diff` with the
+/// owner's leave. The same for presenced and the ideal daemon, which
+/// serves no subscriptions (so no watcher).
 async fn failover(
-    daemon: &Daemon,
+    socket: &Path,
     plan: Plan,
     release: Release,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let mut spectator = Party::connect(daemon).await?;
-    let mut watcher = Party::connect(daemon).await?;
+    watch: bool,
+) -> anyhow::Result<(Vec<Duration>, Option<Vec<Duration>>)> {
+    let mut spectator = Party::connect(socket).await?;
+    let mut watcher = match watch {
+        true => Some(Party::connect(socket).await?),
+        false => None,
+    };
     let name = format!("failover ({release:?})");
     let samples = measure(&name, plan, async |i| {
         let topic = format!("failover-{release:?}-{i}");
-        let socket = daemon.socket.as_os_str();
-        let mut owner = Helper::start("owner", &[socket, OsStr::new(&topic)]).await?;
+        let args = [
+            socket.as_os_str(),
+            OsStr::new(&topic),
+            OsStr::new(release.owner_mode()),
+        ];
+        let mut owner = Helper::start("owner", &args).await?;
         let queued = queue_spectator(&spectator, &topic).await?;
-        watcher.client.subscribe(&topic).await?;
-        watcher.next_event(|e| is_state_of(e, &topic)).await?;
+        if let Some(watcher) = watcher.as_mut() {
+            watcher.client.subscribe(&topic).await?;
+            watcher.next_event(|e| is_state_of(e, &topic)).await?;
+        }
 
         let start = Instant::now();
         release.apply(&mut owner).await?;
-        let (promoted, diffed) = tokio::join!(
-            spectator.next_event(|e| is_promotion(e, &topic)),
-            watcher.next_event(|e| is_owner_leave(e, &topic)),
-        );
-        let times = (promoted? - start, diffed? - start);
+        let diffed = async {
+            match watcher.as_mut() {
+                Some(watcher) => Ok(Some(
+                    watcher.next_event(|e| is_owner_leave(e, &topic)).await?,
+                )),
+                None => anyhow::Ok(None),
+            }
+        };
+        let (promoted, diffed) =
+            tokio::join!(spectator.next_event(|e| is_promotion(e, &topic)), diffed);
+        let times = (promoted? - start, diffed?.map(|diffed| diffed - start));
 
         owner.reap().await?;
-        watcher.client.unsubscribe(&topic).await?;
+        if let Some(watcher) = watcher.as_ref() {
+            watcher.client.unsubscribe(&topic).await?;
+        }
         let untrack = UntrackRequest {
             topic,
             phx_ref: Some(queued),
@@ -492,7 +649,90 @@ async fn failover(
         Ok(times)
     })
     .await?;
-    Ok(samples.into_iter().unzip())
+    let (promoted, diffed): (Vec<_>, Vec<_>) = samples.into_iter().unzip();
+    Ok((promoted, diffed.into_iter().collect()))
+}
+
+/// The row of bus `kind` for `release`: after SIGKILL, or after a close
+/// while alive. A bus has no untrack here; an untrack is compared with its
+/// close, the other way an owner alive lets go.
+fn bus_row(kind: dbus::Kind, release: Release) -> &'static str {
+    match (kind, release) {
+        (dbus::Kind::DbusDaemon, Release::Kill) => "dbus-daemon/failover-kill",
+        (dbus::Kind::DbusDaemon, Release::Close | Release::Untrack) => "dbus-daemon/failover-close",
+        (dbus::Kind::DbusBroker, Release::Kill) => "dbus-broker/failover-kill",
+        (dbus::Kind::DbusBroker, Release::Close | Release::Untrack) => "dbus-broker/failover-close",
+    }
+}
+
+/// Bus `kind`, started in `dir`: the failover after SIGKILL and after a
+/// close, or why it cannot run here.
+async fn bus_failovers(
+    kind: dbus::Kind,
+    dir: &Path,
+    plan: Plan,
+) -> anyhow::Result<Result<[Vec<Duration>; 2], String>> {
+    let bus = match BusProcess::start(kind, dir).await? {
+        Ok(bus) => bus,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let killed = bus_failover(&bus, kind, plan, Release::Kill).await;
+    let closed = match killed {
+        Ok(_) => bus_failover(&bus, kind, plan, Release::Close).await,
+        Err(_) => Ok(vec![]),
+    };
+    // Stopped whatever the trials did; their failure is the one to tell.
+    let stopped = bus.stop().await;
+    let rows = [killed?, closed?];
+    stopped?;
+    Ok(Ok(rows))
+}
+
+/// The handoff of a well-known name: an owner child holds it (the primary
+/// owner), a connection here asks for it and is queued; the owner is
+/// killed or closes its connection. Timed from just before the release
+/// until the waiter has read its `NameAcquired` signal, on a thread of
+/// its own blocked in `read` as the flock waiter is blocked in `flock`.
+async fn bus_failover(
+    bus: &BusProcess,
+    kind: dbus::Kind,
+    plan: Plan,
+    release: Release,
+) -> anyhow::Result<Vec<Duration>> {
+    let socket = bus.socket.clone();
+    let connect = tokio::task::spawn_blocking(move || Bus::connect(&socket));
+    let mut waiter = Some(within("the bus's Hello", connect).await???);
+    let name = format!("{} failover ({release:?})", kind.name());
+    measure(&name, plan, async |i| {
+        let wanted = format!("org.presenced.Bench.{release:?}{i}");
+        let args = [bus.socket.as_os_str(), OsStr::new(&wanted)];
+        let mut owner = Helper::start("dbus-owner", &args).await?;
+        let mut connection = waiter.take().context("an earlier trial lost the waiter")?;
+        let (queued_tx, queued) = tokio::sync::oneshot::channel();
+        let (acquired_tx, acquired) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let answer = connection.request_name(&wanted);
+            let in_queue = matches!(answer, Ok(dbus::IN_QUEUE));
+            let _ = queued_tx.send(answer);
+            if in_queue {
+                let _ = acquired_tx.send(connection.wait_acquired(&wanted));
+            }
+            connection
+        });
+        let answer = queued.await.context("the waiting thread died")??;
+        ensure!(
+            answer == dbus::IN_QUEUE,
+            "the waiter should queue behind the owner child (RequestName said {answer})"
+        );
+
+        let start = Instant::now();
+        release.apply(&mut owner).await?;
+        let acquired = acquired.await.context("the waiting thread died")??;
+        waiter = Some(thread.join().expect("the waiting thread does not panic"));
+        owner.reap().await?;
+        Ok(acquired - start)
+    })
+    .await
 }
 
 /// Tracks the spectator on `topic`, checks it is queued, returns its ref.
@@ -530,7 +770,7 @@ async fn track_round_trips(
     plan: Plan,
     untrack_too: bool,
 ) -> anyhow::Result<Vec<Duration>> {
-    let party = Party::connect(daemon).await?;
+    let party = Party::connect(&daemon.socket).await?;
     measure("track round trip", plan, async |_| {
         let start = Instant::now();
         let joined = party
@@ -783,6 +1023,73 @@ async fn scale(dir: &Path, plan: Plan) -> anyhow::Result<(f64, Vec<Duration>)> {
     Ok((per_connection, listed))
 }
 
+/// How many entries the list-load scenario's daemon holds, and the size of
+/// each one's meta: about 6 MB in all, which each `list` sends whole.
+const LISTED_ENTRIES: usize = 10_000;
+const LISTED_META_BYTES: usize = 500;
+
+/// `ping` and `track` round trips from a client of their own while two
+/// other clients (processes of their own) ask for `list` of 10,000
+/// entries again and again: what a large read costs everyone else.
+async fn reads_under_list_load(
+    dir: &Path,
+    plan: Plan,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let limit = (LISTED_ENTRIES * 2).to_string();
+    let args = ["--max-entries", &limit, "--max-process-entries", &limit];
+    let daemon = Daemon::start(&dir.join("reads"), &args).await?;
+    // Entries of this process, which lives as long as the scenario.
+    let pid = std::process::id();
+    let pad = "x".repeat(LISTED_META_BYTES);
+    let mut holder = Line::connect(&daemon.socket).await?;
+    let mut pending = 0;
+    for i in 0..LISTED_ENTRIES {
+        let track = json!({
+            "op": "track", "id": i, "topic": format!("listed-{}", i / 100),
+            "key": format!("k{}", i % 100), "lifetime": "process", "pid": pid,
+            "meta": {"pad": pad},
+        });
+        holder.send(format!("{track}\n").as_bytes()).await?;
+        pending += 1;
+        // Pipelined, in windows, so neither side's buffers fill up.
+        if pending == 256 || i + 1 == LISTED_ENTRIES {
+            for _ in 0..pending {
+                let reply = holder.next().await?;
+                ensure!(reply.contains("\"ok\":true"), "track refused: {reply}");
+            }
+            pending = 0;
+        }
+    }
+    let socket = daemon.socket.as_os_str();
+    let listers = [
+        Helper::start("list-loop", &[socket]).await?,
+        Helper::start("list-loop", &[socket]).await?,
+    ];
+    let mut client = Line::connect(&daemon.socket).await?;
+    let pinged = measure("ping while lists run", plan, async |_| {
+        let start = Instant::now();
+        client.request(b"{\"op\":\"ping\",\"id\":1}\n").await?;
+        Ok(start.elapsed())
+    })
+    .await?;
+    let tracked = measure("track while lists run", plan, async |_| {
+        let start = Instant::now();
+        client
+            .request(b"{\"op\":\"track\",\"id\":1,\"topic\":\"rtt\",\"key\":\"bench\"}\n")
+            .await?;
+        let elapsed = start.elapsed();
+        client
+            .request(b"{\"op\":\"untrack\",\"id\":2,\"topic\":\"rtt\",\"key\":\"bench\"}\n")
+            .await?;
+        Ok(elapsed)
+    })
+    .await?;
+    for lister in listers {
+        lister.reap().await?;
+    }
+    Ok((pinged, tracked))
+}
+
 /// 100,000 persisted entries; the daemon is SIGKILLed and started again,
 /// timed from the start until `list` has returned all of them.
 async fn restart(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Duration>> {
@@ -843,56 +1150,76 @@ async fn restart(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Duration>> {
 // Reporting
 // ---------------------------------------------------------------------------
 
-/// A row's ratios to its baseline, if it has one, and whether it meets
-/// its target.
+/// One comparison of a row: its ratios to a baseline, if it has one, and
+/// whether it meets the limits set.
 struct Verdict {
     baseline: Option<&'static str>,
     p50: Option<f64>,
     p99: Option<f64>,
-    /// `None` when no target is set for this row.
+    /// `None` when no limit is set, or the baseline was not measured.
     pass: Option<bool>,
+    /// The baseline is one this run skipped.
+    missing: bool,
     target: String,
 }
 
-fn verdict(row: &Row, rows: &[Row]) -> Option<Verdict> {
-    let s = row.summary;
-    match row.target.as_ref()? {
+fn verdicts(row: &Row, rows: &[Row]) -> Vec<Verdict> {
+    row.targets
+        .iter()
+        .map(|target| verdict(row.summary, target, rows))
+        .collect()
+}
+
+fn verdict(s: Summary, target: &Target, rows: &[Row]) -> Verdict {
+    match target {
         Target::Ratio { baseline, p50, p99 } => {
-            let base = rows.iter().find(|r| r.name == *baseline)?.summary;
-            let got50 = ratio(s.median, base.median);
-            let got99 = ratio(s.p99, base.p99);
-            let checks: Vec<_> = [(*p50, got50, "p50"), (*p99, got99, "p99")]
+            let target = [(*p50, "p50"), (*p99, "p99")]
                 .into_iter()
-                .filter_map(|(limit, got, what)| Some((limit?, got, what)))
+                .filter_map(|(limit, what)| Some(format!("{what}≤{}×", limit?)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let Some(base) = rows.iter().find(|r| r.name == *baseline) else {
+                return Verdict {
+                    baseline: Some(baseline),
+                    p50: None,
+                    p99: None,
+                    pass: None,
+                    missing: true,
+                    target,
+                };
+            };
+            let got50 = ratio(s.median, base.summary.median);
+            let got99 = ratio(s.p99, base.summary.p99);
+            let checks: Vec<bool> = [(*p50, got50), (*p99, got99)]
+                .into_iter()
+                .filter_map(|(limit, got)| Some(got <= limit?))
                 .collect();
-            Some(Verdict {
+            Verdict {
                 baseline: Some(baseline),
                 p50: Some(got50),
                 p99: Some(got99),
-                pass: (!checks.is_empty()).then(|| checks.iter().all(|&(l, got, _)| got <= l)),
-                target: checks
-                    .iter()
-                    .map(|(limit, _, what)| format!("{what}≤{limit}×"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            })
+                pass: (!checks.is_empty()).then(|| checks.iter().all(|&met| met)),
+                missing: false,
+                target,
+            }
         }
         Target::Within { p50, p99 } => {
             let checks: Vec<_> = [(*p50, s.median, "p50"), (*p99, s.p99, "p99")]
                 .into_iter()
                 .filter_map(|(limit, got, what)| Some((limit?, got, what)))
                 .collect();
-            Some(Verdict {
+            Verdict {
                 baseline: None,
                 p50: None,
                 p99: None,
                 pass: Some(checks.iter().all(|&(limit, got, _)| got <= limit)),
+                missing: false,
                 target: checks
                     .iter()
                     .map(|(limit, _, what)| format!("{what}≤{}", human(*limit)))
                     .collect::<Vec<_>>()
                     .join(" "),
-            })
+            }
         }
     }
 }
@@ -906,11 +1233,13 @@ fn human(limit: Duration) -> String {
     }
 }
 
-fn verdict_word(pass: Option<bool>) -> &'static str {
-    match pass {
-        Some(true) => "PASS",
-        Some(false) => "MISS",
-        None => "(info)",
+fn verdict_word(row: &Row, verdict: &Verdict) -> &'static str {
+    match (verdict.missing, verdict.pass) {
+        (true, _) => "(not measured)",
+        (false, Some(true)) => "PASS",
+        (false, Some(false)) => "MISS",
+        (false, None) if row.is_baseline => "baseline",
+        (false, None) => "(info)",
     }
 }
 
@@ -922,31 +1251,57 @@ fn print_table(plan: Plan, report: &Report) {
         cpus()
     );
     println!(
-        "{:<24} {:>6} {:>10} {:>10} {:>10}  {:<15} {:>6} {:>6}  {:<16} verdict",
-        "scenario", "trials", "median µs", "p99 µs", "max µs", "baseline", "p50×", "p99×", "target"
+        "{:<28} {:>6} {:>10} {:>10} {:>10}  {:<27} {:>6} {:>6}  {:<16} verdict",
+        "scenario",
+        "trials",
+        "median µs",
+        "p99 µs",
+        "max µs",
+        "compared with",
+        "p50×",
+        "p99×",
+        "target"
     );
     let ratio = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.2}"));
     for row in &report.rows {
         let s = row.summary;
         print!(
-            "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<28} {:>6} {:>10.1} {:>10.1} {:>10.1}",
             row.name,
             s.trials,
             micros(s.median),
             micros(s.p99),
             micros(s.max)
         );
-        match verdict(row, &report.rows) {
-            Some(v) => println!(
-                "  {:<15} {:>6} {:>6}  {:<16} {}",
+        let verdicts = verdicts(row, &report.rows);
+        if verdicts.is_empty() {
+            let word = if row.is_baseline { "baseline" } else { "" };
+            println!("  {:<27} {:>6} {:>6}  {:<16} {word}", "", "", "", "");
+        }
+        for (i, v) in verdicts.iter().enumerate() {
+            if i > 0 {
+                // Further comparisons of the same row, under the first.
+                print!("{:<28} {:>6} {:>10} {:>10} {:>10}", "", "", "", "", "");
+            }
+            println!(
+                "  {:<27} {:>6} {:>6}  {:<16} {}",
                 v.baseline.unwrap_or("-"),
                 ratio(v.p50),
                 ratio(v.p99),
                 v.target,
-                verdict_word(v.pass)
-            ),
-            None => println!("  (baseline)"),
+                verdict_word(row, v)
+            );
         }
+    }
+    if !report.skipped.is_empty() {
+        println!();
+        println!("not measured in this run:");
+        for (name, reason) in &report.skipped {
+            println!("  {name}: {reason}");
+        }
+    }
+    if report.figures.is_empty() {
+        return;
     }
     println!();
     println!(
@@ -954,13 +1309,18 @@ fn print_table(plan: Plan, report: &Report) {
         "figure", "value", "unit", "target"
     );
     for figure in &report.figures {
+        let pass = figure.limit.map(|l| l.met_by(figure.value));
         println!(
             "{:<32} {:>14.2} {:<6} {:<8} {}",
             figure.name,
             figure.value,
             figure.unit,
             figure.limit.map_or(String::new(), |l| l.to_string()),
-            verdict_word(figure.limit.map(|l| l.met_by(figure.value)))
+            match pass {
+                Some(true) => "PASS",
+                Some(false) => "MISS",
+                None => "(info)",
+            }
         );
     }
 }
@@ -971,20 +1331,38 @@ fn to_json(plan: Plan, report: &Report) -> serde_json::Value {
         .iter()
         .map(|row| {
             let s = row.summary;
-            let v = verdict(row, &report.rows);
+            let verdicts = verdicts(row, &report.rows);
+            let comparisons: Vec<_> = verdicts
+                .iter()
+                .map(|v| {
+                    json!({
+                        "baseline": v.baseline,
+                        "measured": !v.missing,
+                        "p50_ratio": v.p50,
+                        "p99_ratio": v.p99,
+                        "target": v.target,
+                        "pass": v.pass,
+                    })
+                })
+                .collect();
+            // Met when every comparison with limits is met; null when none.
+            let judged: Vec<bool> = verdicts.iter().filter_map(|v| v.pass).collect();
             json!({
                 "scenario": row.name,
+                "is_baseline": row.is_baseline,
                 "trials": s.trials,
                 "median_us": micros(s.median),
                 "p99_us": micros(s.p99),
                 "max_us": micros(s.max),
-                "baseline": v.as_ref().and_then(|v| v.baseline),
-                "p50_ratio": v.as_ref().and_then(|v| v.p50),
-                "p99_ratio": v.as_ref().and_then(|v| v.p99),
-                "target": v.as_ref().map(|v| v.target.clone()),
-                "pass": v.as_ref().and_then(|v| v.pass),
+                "comparisons": comparisons,
+                "pass": (!judged.is_empty()).then(|| judged.iter().all(|&pass| pass)),
             })
         })
+        .collect();
+    let skipped: Vec<_> = report
+        .skipped
+        .iter()
+        .map(|(name, reason)| json!({"scenario": name, "reason": reason}))
         .collect();
     let figures: Vec<_> = report
         .figures
@@ -1004,6 +1382,7 @@ fn to_json(plan: Plan, report: &Report) -> serde_json::Value {
         "warmup": plan.warmup,
         "cpus": cpus(),
         "results": results,
+        "skipped": skipped,
         "figures": figures,
     })
 }

@@ -38,8 +38,12 @@ pub fn run_if_child() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match (part.to_str(), args.as_slice()) {
         (Some("flock"), [path]) => hold_flock(path),
-        (Some("owner"), [socket, topic]) => own_topic(socket, topic),
+        (Some("owner"), [socket, topic, how]) => own_topic(socket, topic, how),
         (Some("echo"), [socket]) => serve_echo(socket),
+        (Some("ideal"), [socket]) => super::ideal::serve(socket, announce_ready),
+        (Some("list-loop"), [socket]) => loop_list(socket),
+        (Some("dbus-owner"), [socket, name]) => own_bus_name(socket, name),
+        (Some("dbus-broker"), [dir]) => run_broker(dir),
         _ => Err(anyhow::anyhow!("unknown child {part:?} {args:?}")),
     };
     if let Err(e) = result {
@@ -59,8 +63,9 @@ fn hold_flock(path: &str) -> anyhow::Result<()> {
 
 /// Owns `topic` over a plain blocking socket (no runtime, no client
 /// library: the child stays as small as the flock holder); a byte on stdin
-/// untracks it.
-fn own_topic(socket: &str, topic: &str) -> anyhow::Result<()> {
+/// lets go of it `how`: `untrack`, or `close` (the connection closes while
+/// the process lives on).
+fn own_topic(socket: &str, topic: &str, how: &str) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(socket)?;
     let track = Request::Track(TrackRequest::new(topic, OWNER_KEY));
     stream.write_all(&request_line(&track, 1)?)?;
@@ -76,14 +81,49 @@ fn own_topic(socket: &str, topic: &str) -> anyhow::Result<()> {
         "the owner child is not the owner"
     );
     announce_ready()?;
-    let untrack = Request::Untrack(UntrackRequest {
-        topic: topic.to_owned(),
-        phx_ref: Some(joined.phx_ref),
-        key: None,
-    });
-    let untrack = request_line(&untrack, 2)?;
-    // Its reply is never read: the timed moment is the spectator's event.
-    serve_stdin(|| Ok(stream.write_all(&untrack)?))
+    match how {
+        "untrack" => {
+            let untrack = Request::Untrack(UntrackRequest {
+                topic: topic.to_owned(),
+                phx_ref: Some(joined.phx_ref),
+                key: None,
+            });
+            let untrack = request_line(&untrack, 2)?;
+            // Its reply is never read: the timed moment is the spectator's event.
+            serve_stdin(|| Ok(stream.write_all(&untrack)?))
+        }
+        "close" => {
+            let mut stream = Some(stream);
+            serve_stdin(|| {
+                drop(stream.take());
+                Ok(())
+            })
+        }
+        other => bail!("the owner child cannot let go by {other:?}"),
+    }
+}
+
+/// Owns the well-known `name` on the bus at `socket`; a byte on stdin
+/// closes its bus connection while the process lives on.
+fn own_bus_name(socket: &str, name: &str) -> anyhow::Result<()> {
+    let mut bus = super::dbus::own_name(socket, name, announce_ready)?;
+    serve_stdin(|| {
+        drop(bus.take());
+        Ok(())
+    })
+}
+
+/// dbus-broker without systemd (see [`super::dbus::launch_broker`]): ready
+/// once its socket listens; when stdin closes, the launcher is asked to
+/// stop (it stops the broker) and waited for.
+fn run_broker(dir: &str) -> anyhow::Result<()> {
+    let mut launcher = super::dbus::launch_broker(std::path::Path::new(dir))?;
+    announce_ready()?;
+    let served = serve_stdin(|| Ok(()));
+    let pid = Pid::from_raw(launcher.id() as i32);
+    kill(pid, Signal::SIGTERM)?;
+    launcher.wait()?;
+    served
 }
 
 /// A request as the client library would write it: one line, with an id.
@@ -126,6 +166,38 @@ async fn echo_lines(stream: tokio::net::UnixStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Asks for `list` of every topic again and again, reading each reply
+/// whole and throwing it away: the load of a client that polls a large
+/// daemon. Ready after the first reply; the loop runs on its own thread
+/// until stdin closes.
+fn loop_list(socket: &str) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut reply = Vec::new();
+    let mut list = move |id: u64| -> anyhow::Result<()> {
+        writer.write_all(format!("{{\"op\":\"list\",\"id\":{id}}}\n").as_bytes())?;
+        reply.clear();
+        reader.read_until(b'\n', &mut reply)?;
+        ensure!(
+            reply.starts_with(b"{\"id\":") && reply.ends_with(b"\n"),
+            "not a whole list reply"
+        );
+        Ok(())
+    };
+    list(0)?;
+    announce_ready()?;
+    std::thread::spawn(move || {
+        for id in 1.. {
+            if let Err(e) = list(id) {
+                eprintln!("bench child \"list-loop\": {e:#}");
+                std::process::exit(1);
+            }
+        }
+    });
+    serve_stdin(|| Ok(()))
+}
+
 fn announce_ready() -> std::io::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(b"ready\n")?;
@@ -152,7 +224,11 @@ impl Helper {
     /// Starts this binary as child `part` with `args`, and waits until it
     /// says it is ready.
     pub async fn start(part: &str, args: &[&OsStr]) -> anyhow::Result<Helper> {
-        let mut child = Command::new(std::env::current_exe()?)
+        Helper::spawn(Command::new(std::env::current_exe()?), part, args).await
+    }
+
+    async fn spawn(mut command: Command, part: &str, args: &[&OsStr]) -> anyhow::Result<Helper> {
+        let mut child = command
             .args(args)
             .env(CHILD_ENV, part)
             .stdin(Stdio::piped())
@@ -173,6 +249,19 @@ impl Helper {
         Ok(Helper { child, stdin, pid })
     }
 
+    /// Starts this binary as child `part` with `args` under `wrapper` (a
+    /// program and its arguments that run a command, as `unshare` does).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        part: &str,
+        args: &[&OsStr],
+    ) -> anyhow::Result<Helper> {
+        let (program, wrapper_args) = wrapper.split_first().context("an empty wrapper")?;
+        let mut command = Command::new(program);
+        command.args(wrapper_args).arg(std::env::current_exe()?);
+        Helper::spawn(command, part, args).await
+    }
+
     /// SIGKILLs the child, and nothing else: the caller times what follows.
     pub fn kill(&self) -> anyhow::Result<()> {
         Ok(kill(self.pid, Signal::SIGKILL)?)
@@ -181,6 +270,18 @@ impl Helper {
     /// Asks the child to let go of what it holds, and returns at once.
     pub async fn release(&mut self) -> anyhow::Result<()> {
         Ok(self.stdin.write_all(b"r").await?)
+    }
+
+    /// Closes the child's stdin, which ends it, and waits until it has
+    /// cleaned up after itself and exited.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        let Helper {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let status = within("a child to finish", child.wait()).await??;
+        ensure!(status.success(), "a child exited with {status}");
+        Ok(())
     }
 
     /// Ends the child, if it still runs, and reaps it.

@@ -3,6 +3,8 @@
 
 pub mod children;
 pub mod daemon;
+pub mod dbus;
+pub mod ideal;
 pub mod load;
 pub mod stats;
 
