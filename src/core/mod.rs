@@ -61,6 +61,35 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 /// level: a full disk must not fill the log too.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
 
+/// The time, as the core is told it: the monotonic clock for its own
+/// timers (retry pauses, trimming the history) and the wall clock for what
+/// is stored and compared with stored times (resume deadlines, the
+/// history). Both are read once per batch, so that every input of a batch
+/// is handled at one time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub at: Instant,
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: i64,
+}
+
+impl Now {
+    /// Reads both clocks.
+    pub fn read() -> Now {
+        Now {
+            at: Instant::now(),
+            wall_ms: now_millis(),
+        }
+    }
+
+    /// The monotonic instant at which the wall clock reads `wall_ms`, if it
+    /// runs on as it does now; `at` if that is already past.
+    pub fn instant_of(&self, wall_ms: i64) -> Instant {
+        let wait = wall_ms.saturating_sub(self.wall_ms).max(0) as u64;
+        self.at + Duration::from_millis(wait)
+    }
+}
+
 /// What kind of line a connection is sent; the io layer uses it to bound a
 /// slow reader's queue without losing anything that matters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +239,8 @@ impl Core {
         info: DaemonInfo,
     ) -> Result<Core, StoreError> {
         let (stored, stored_next_seq) = store.load()?;
-        let resume_deadline = now_millis() + resume_grace.as_millis() as i64;
+        let now = Now::read();
+        let resume_deadline = now.wall_ms + resume_grace.as_millis() as i64;
         let sorted = sort_rows(stored, boot_id, resume_deadline);
         tracing::info!(
             kept = sorted.kept.len(),
@@ -219,7 +249,7 @@ impl Core {
             "loaded presences from {}",
             store.path().display()
         );
-        let history = registry::departures_at_start(&sorted.departed, &sorted.kept, now_millis());
+        let history = registry::departures_at_start(&sorted.departed, &sorted.kept, now.wall_ms);
         let mut core = Core {
             // The per-uid quotas are for the other users of a shared
             // daemon; its own user is held only to the total.
@@ -229,10 +259,10 @@ impl Core {
             outlets: HashMap::new(),
             info,
             recovery: Recovery::default(),
-            next_prune: Instant::now(),
+            next_prune: now.at,
             max_batch: MAX_BATCH,
         };
-        core.forget_dead_rows(sorted.dead, history, stored_next_seq)?;
+        core.forget_dead_rows(sorted.dead, history, stored_next_seq, now)?;
         Ok(core)
     }
 
@@ -257,6 +287,7 @@ impl Core {
         dead: Vec<String>,
         history: Vec<Change>,
         stored_next_seq: u64,
+        now: Now,
     ) -> Result<(), StoreError> {
         if dead.is_empty() && self.registry.next_seq() == stored_next_seq {
             return Ok(());
@@ -271,7 +302,8 @@ impl Core {
             Ok(()) => Ok(()),
             Err(cause) if cause.is_passing() => {
                 let facts = dead.into_iter().map(Fact::DeadRow).collect();
-                self.recovery.failed(&cause, Origin::Upkeep, 0, facts);
+                self.recovery
+                    .failed(&cause, Origin::Upkeep, 0, facts, now.at);
                 Ok(())
             }
             Err(cause) => Err(cause),
@@ -295,13 +327,17 @@ impl Core {
     /// not stop it: see the module comment.
     pub fn run(mut self, commands: Receiver<Command>) -> Stopped {
         loop {
-            let mut batch = match self.wait(&commands) {
+            let wake = self.wait(&commands);
+            // The clocks are read once a wake: every input of the batch is
+            // handled at that time.
+            let now = Now::read();
+            let mut batch = match wake {
                 Wake::Command(first) => {
-                    let mut batch = self.new_batch(Origin::Commands);
+                    let mut batch = self.new_batch(Origin::Commands, now);
                     self.collect(first, &commands, &mut batch);
                     batch
                 }
-                Wake::Upkeep => self.new_batch(Origin::Upkeep),
+                Wake::Upkeep => self.new_batch(Origin::Upkeep, now),
                 Wake::Disconnected => return Stopped::Disconnected,
             };
             let shutdown = batch.shutdown.take();
@@ -322,7 +358,7 @@ impl Core {
         let last_try = if self.recovery.facts.is_empty() {
             Ok(())
         } else {
-            let batch = self.new_batch(Origin::Upkeep);
+            let batch = self.new_batch(Origin::Upkeep, Now::read());
             self.finish(batch)
         };
         self.shut_down(reason);
@@ -334,7 +370,7 @@ impl Core {
 
     /// Waits for the next command, or until upkeep is due.
     fn wait(&self, commands: &Receiver<Command>) -> Wake {
-        let received = match self.upkeep_at() {
+        let received = match self.upkeep_at(Now::read()) {
             Some(at) => commands.recv_timeout(at.saturating_duration_since(Instant::now())),
             None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
@@ -349,12 +385,12 @@ impl Core {
     /// deadline, or facts to retry; never before the retry pause after a
     /// failed commit, so that a failing disk cannot make an idle core spin.
     /// A batch of commands does this work too, at its head, pause or not.
-    fn upkeep_at(&self) -> Option<Instant> {
-        let expiry = self.registry.next_resume_deadline().map(|deadline| {
-            let wait = deadline.saturating_sub(now_millis()).max(0) as u64;
-            Instant::now() + Duration::from_millis(wait)
-        });
-        let retry = (!self.recovery.facts.is_empty()).then(Instant::now);
+    fn upkeep_at(&self, now: Now) -> Option<Instant> {
+        let expiry = self
+            .registry
+            .next_resume_deadline()
+            .map(|deadline| now.instant_of(deadline));
+        let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
         let due = expiry.into_iter().chain(retry).min()?;
         Some(match &self.recovery.outage {
             Some(outage) => due.max(outage.retry_at),
@@ -367,19 +403,14 @@ impl Core {
     /// the batch is worked out from a state that has already ended (the
     /// entries of a closed connection or an exited process), and the
     /// expiry of restored entries whose deadline has passed.
-    fn new_batch(&mut self, origin: Origin) -> Batch {
+    fn new_batch(&mut self, origin: Origin, now: Now) -> Batch {
         self.registry.begin_batch();
-        let mut batch = Batch {
-            origin,
-            now: now_millis(),
-            next_seq_before: self.registry.next_seq(),
-            ..Batch::default()
-        };
+        let mut batch = Batch::new(origin, now, self.registry.next_seq());
         for fact in std::mem::take(&mut self.recovery.facts) {
             self.apply_fact(fact, &mut batch);
         }
         self.apply_endings(&mut batch);
-        self.registry.expire(batch.now, &mut batch.outbox);
+        self.registry.expire(batch.now.wall_ms, &mut batch.outbox);
         batch
     }
 
@@ -403,10 +434,11 @@ impl Core {
         // Applied already by every path here; this only makes sure.
         self.apply_endings(&mut batch);
         let closed = std::mem::take(&mut batch.closed);
+        let now = batch.now;
         let (deliveries, result) = self.commit_or_roll_back(batch);
         self.release(deliveries);
         if result.is_ok() {
-            self.prune_history_if_due();
+            self.prune_history_if_due(now);
             self.store.checkpoint_if_due();
         }
         // Closed connections get no more lines even if their close is to be
@@ -422,19 +454,18 @@ impl Core {
     /// Trims the history a chunk at a time, after a batch's lines are
     /// out: often enough to keep it bounded, never long enough to hold
     /// anyone up.
-    fn prune_history_if_due(&mut self) {
-        let now = Instant::now();
-        if now < self.next_prune {
+    fn prune_history_if_due(&mut self, now: Now) {
+        if now.at < self.next_prune {
             return;
         }
-        let more = match self.store.prune_history(now_millis()) {
+        let more = match self.store.prune_history(now.wall_ms) {
             Ok(more) => more,
             Err(e) => {
                 tracing::debug!("could not trim the history, trying later: {e}");
                 false
             }
         };
-        self.next_prune = if more { now } else { now + PRUNE_EVERY };
+        self.next_prune = if more { now.at } else { now.at + PRUNE_EVERY };
     }
 
     /// Commits what the batch changed, and returns what may be sent: all
@@ -455,7 +486,7 @@ impl Core {
             Ok(()) => {
                 self.registry.settle();
                 if changed {
-                    self.recovery.succeeded();
+                    self.recovery.succeeded(batch.now.at);
                 }
                 (batch.outbox.deliveries, Ok(()))
             }
@@ -469,7 +500,7 @@ impl Core {
                 let deliveries =
                     self.answer_again(batch.outbox.deliveries, batch.redo, batch.now, &cause);
                 self.recovery
-                    .failed(&cause, batch.origin, refused, batch.facts);
+                    .failed(&cause, batch.origin, refused, batch.facts, batch.now.at);
                 (deliveries, Err(cause))
             }
         }
@@ -484,7 +515,7 @@ impl Core {
         &mut self,
         deliveries: Vec<Delivery>,
         redo: Vec<(usize, Redo)>,
-        now: i64,
+        now: Now,
         cause: &StoreError,
     ) -> Vec<Delivery> {
         let error = ErrorBody::new(
@@ -504,7 +535,7 @@ impl Core {
                     out.deliveries.push(Delivery::Reply { conn, reply });
                 }
                 Some((_, Redo::Ask(request))) => {
-                    self.answer(conn, reply.id, request, now, &mut out)
+                    self.answer(conn, reply.id, request, now.wall_ms, &mut out)
                 }
             }
         }
@@ -530,7 +561,7 @@ impl Core {
                     // The reply is written first, at this index.
                     batch.redo.push((batch.outbox.deliveries.len(), redo));
                 }
-                self.answer(conn, id, request, batch.now, &mut batch.outbox);
+                self.answer(conn, id, request, batch.now.wall_ms, &mut batch.outbox);
             }
             Command::Refuse { conn, id, error } => {
                 let reply = OutgoingReply::failure(id, error);
@@ -613,7 +644,8 @@ impl Core {
     fn apply_endings(&mut self, batch: &mut Batch) {
         if !batch.endings.is_empty() {
             let endings = std::mem::take(&mut batch.endings);
-            self.registry.end(&endings, batch.now, &mut batch.outbox);
+            self.registry
+                .end(&endings, batch.now.wall_ms, &mut batch.outbox);
         }
     }
 
@@ -827,11 +859,10 @@ enum Origin {
     Upkeep,
 }
 
-#[derive(Default)]
 struct Batch {
     origin: Origin,
-    /// The time the batch's requests are handled at.
-    now: i64,
+    /// The time the batch's inputs are handled at.
+    now: Now,
     outbox: Outbox,
     len: usize,
     /// For each reply that a roll-back changes, its index in
@@ -845,6 +876,23 @@ struct Batch {
     shutdown: Option<String>,
     /// To tell whether the batch changed anything to write.
     next_seq_before: u64,
+}
+
+impl Batch {
+    fn new(origin: Origin, now: Now, next_seq_before: u64) -> Batch {
+        Batch {
+            origin,
+            now,
+            outbox: Outbox::default(),
+            len: 0,
+            redo: Vec::new(),
+            facts: Vec::new(),
+            endings: Vec::new(),
+            closed: Vec::new(),
+            shutdown: None,
+            next_seq_before,
+        }
+    }
 }
 
 fn line_kind(event: &Event) -> LineKind {

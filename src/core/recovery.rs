@@ -96,9 +96,9 @@ impl Recovery {
         origin: Origin,
         refused: usize,
         facts: Vec<Fact>,
+        now: Instant,
     ) {
         self.facts.extend(facts);
-        let now = Instant::now();
         let outage = match &mut self.outage {
             Some(outage) => {
                 outage.failed_again(origin, now);
@@ -126,12 +126,12 @@ impl Recovery {
         }
     }
 
-    pub(super) fn succeeded(&mut self) {
+    pub(super) fn succeeded(&mut self, now: Instant) {
         if let Some(outage) = self.outage.take() {
             tracing::info!(
                 "the database takes commits again, after {} over {} s",
                 counted(outage.failures as usize, "failed commit"),
-                outage.began.elapsed().as_secs()
+                now.saturating_duration_since(outage.began).as_secs()
             );
         }
     }

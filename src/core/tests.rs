@@ -159,7 +159,7 @@ fn run_batch(core: &mut Core, commands: Vec<Command>) -> Result<(), StoreError> 
     let mut commands = commands.into_iter();
     let first = commands.next().expect("a command");
     commands.for_each(|command| sender.send(command).unwrap());
-    let mut batch = core.new_batch(Origin::Commands);
+    let mut batch = core.new_batch(Origin::Commands, Now::read());
     core.collect(first, &waiting, &mut batch);
     core.finish(batch)
 }
@@ -431,7 +431,7 @@ fn a_start_that_cannot_delete_stale_rows_hides_them_and_deletes_them_later() {
     assert!(matches!(core.recovery.facts[..], [Fact::DeadRow(_)]));
     drop(locker);
     assert_eq!(db.rows(), ["alive"], "still on disk");
-    let retry = core.new_batch(Origin::Upkeep);
+    let retry = core.new_batch(Origin::Upkeep, Now::read());
     core.finish(retry).unwrap();
     assert!(db.rows().is_empty());
     assert!(core.recovery.facts.is_empty() && core.recovery.outage.is_none());
@@ -481,11 +481,11 @@ fn retries_wait_longer_after_each_failure_and_requests_do_not_hold_them_off() {
     let cause = StoreError::Io(std::io::Error::other("test"));
     let mut recovery = Recovery::default();
     let start = Instant::now();
-    recovery.failed(&cause, Origin::Commands, 1, vec![Fact::Closed(1)]);
+    recovery.failed(&cause, Origin::Commands, 1, vec![Fact::Closed(1)], start);
     let first = recovery.outage.as_ref().unwrap().retry_at;
     assert!(first >= start + FIRST_RETRY_PAUSE);
 
-    recovery.failed(&cause, Origin::Commands, 1, Vec::new());
+    recovery.failed(&cause, Origin::Commands, 1, Vec::new(), start);
     let outage = recovery.outage.as_ref().unwrap();
     assert_eq!(
         (outage.retry_at, outage.pause),
@@ -494,11 +494,11 @@ fn retries_wait_longer_after_each_failure_and_requests_do_not_hold_them_off() {
     );
 
     for _ in 0..10 {
-        recovery.failed(&cause, Origin::Upkeep, 0, Vec::new());
+        recovery.failed(&cause, Origin::Upkeep, 0, Vec::new(), start);
     }
     assert_eq!(recovery.outage.as_ref().unwrap().pause, MAX_RETRY_PAUSE);
     assert_eq!(recovery.facts.len(), 1, "the fact is kept");
-    recovery.succeeded();
+    recovery.succeeded(start);
     assert!(recovery.outage.is_none());
 }
 
@@ -560,7 +560,7 @@ fn changes_that_arrive_together_share_a_transaction() {
     let (sender, waiting) = mpsc::channel();
     tracks(1).for_each(|command| sender.send(command).unwrap());
     while let Ok(command) = waiting.try_recv() {
-        let mut batch = core.new_batch(Origin::Commands);
+        let mut batch = core.new_batch(Origin::Commands, Now::read());
         core.collect(command, &waiting, &mut batch);
         core.finish(batch).unwrap();
     }
