@@ -1,10 +1,10 @@
-//! The core on its own: what failed commits leave behind.
+//! What failed commits leave behind: the pause, the log, the facts.
 
 use std::time::{Duration, Instant};
 
-use super::recovery::{Fact, Outage, Recovery, describe};
-use super::registry::ProcessId;
-use super::*;
+use crate::core::recovery::{Fact, Outage, Recovery, describe};
+use crate::core::registry::ProcessId;
+use crate::core::*;
 
 #[test]
 fn retries_wait_longer_after_each_failure_and_requests_do_not_hold_them_off() {
