@@ -1,7 +1,8 @@
 //! The io layer: the socket (put back if it is deleted while the daemon
-//! runs), one task pair per connection, process watchers and signals. It
-//! turns bytes into core commands and core output into bytes; it never
-//! decides who owns a topic.
+//! runs), one task pair per connection, process watchers, signals, and the
+//! thread that drives the core (`core_thread.rs`: the channel, the clocks,
+//! the store's commits, the outlets). It turns bytes into core inputs and
+//! core output into bytes; it never decides who owns a topic.
 
 mod connection;
 mod core_thread;
