@@ -301,6 +301,7 @@ pub enum Stopped {
     Unsaved(CommitFailed),
 }
 
+/// The state machine itself; see the module comment for how to drive it.
 pub struct Core {
     registry: Registry,
     recovery: Recovery,

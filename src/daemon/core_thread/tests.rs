@@ -379,3 +379,36 @@ fn a_status_reply_is_completed_with_the_store_and_the_thread() {
     assert_eq!(status["outbound_bytes"], 0);
     assert_eq!(core.store.commits(), before + 1);
 }
+
+/// The history is trimmed after a batch whose lines are out, whether or
+/// not it needed a commit: a restarted daemon that only answers reads
+/// trims it at once, not at its first change.
+#[test]
+fn a_start_trims_the_history_at_its_first_batch_even_without_a_commit() {
+    let db = TestDb::new();
+    let mut first = db.start_core();
+    let _lines = connect(&mut first, 1);
+    run_batch(
+        &mut first,
+        (0..5).map(|i| track(1, i, &format!("k{i}"))).collect(),
+    );
+    drop(first);
+    let events = |db: &TestDb| -> i64 {
+        let read = rusqlite::Connection::open(&db.path).unwrap();
+        read.query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+            .unwrap()
+    };
+    assert_eq!(events(&db), 6, "a join each, and the first owner");
+
+    let mut store = db.open("boot");
+    store.set_retention(crate::core::store::Retention {
+        max_age: Duration::from_secs(3600),
+        max_rows: 3,
+    });
+    let mut again = db.start_core_on(store).unwrap();
+    let before = again.store.commits();
+    let _lines = connect(&mut again, 2);
+
+    assert_eq!(again.store.commits(), before, "an open commits nothing");
+    assert_eq!(events(&db), 3);
+}
