@@ -8,11 +8,14 @@
 //!   every call goes through [`client`].
 //! - [`client`]: the typed async client library, and starting a daemon on
 //!   demand.
-//! - [`daemon`]: the io layer. The socket, connections, process watchers
-//!   and signals; bytes in, commands to the core, bytes out.
-//! - [`core`]: one thread that owns the [`core::registry`] (the pure
-//!   state machine of who owns what) and the [`core::store`] (SQLite), and
-//!   commits every change before it is revealed.
+//! - [`daemon`]: the io layer. The socket, connections, process watchers,
+//!   signals and the thread that drives the core; bytes in, inputs to the
+//!   core, commits to the store, bytes out.
+//! - [`core`]: a state machine with no I/O around the [`core::registry`]
+//!   (the pure state machine of who owns what): it batches inputs, hands
+//!   out each batch's changes to commit and reveals nothing before the
+//!   commit, rolls back failed ones and says when to retry; and the
+//!   [`core::store`] (SQLite) that the daemon commits to.
 //! - [`protocol`]: the wire types shared by all of the above.
 //! - [`topic`]: the topic of a file, the one convention of the editor
 //!   plugins and `presence who`.

@@ -1,10 +1,29 @@
-//! The core: one thread that owns the registry and the store.
+//! The core: the registry, the batches around it, and what failed commits
+//! leave to do, as a state machine with no I/O of its own.
 //!
-//! It drains a batch of commands from the io layer, applies them to the
-//! registry, commits everything they changed in one SQLite transaction, and
-//! only then releases the batch's replies and events. So no client ever
-//! sees a change that a crash could take back, and a burst of operations
-//! costs one commit, not one each.
+//! It has no channel, no clock, no socket and no database. Whoever drives
+//! it (the daemon's core thread, `daemon/core_thread.rs`, or a test) hands
+//! it each input with the time ([`Core::handle`]), and asks it in turn:
+//!
+//! - [`Core::poll_commit`]: what the batch changed, to be saved as one
+//!   unit. Nothing the batch caused is sent before the driver reports the
+//!   result with [`Core::handle_commit`], so no client ever sees a change
+//!   that a crash could take back, and a burst of inputs costs one commit,
+//!   not one each. At most one commit is out at a time; inputs handed in
+//!   meanwhile wait, and open the next batch once its result is in.
+//! - [`Core::poll_transmit`]: what to send, to which connection, in order:
+//!   lines serialized once however many connections they go to, bodies the
+//!   driver completes with what only it knows ([`Body::Status`]), and the
+//!   end of a connection.
+//! - [`Core::poll_timeout`]: when it next has work of its own, which the
+//!   driver reports with [`Core::handle_timeout`]: a restored entry's
+//!   resume deadline, or facts to retry.
+//! - [`Core::poll_stopped`]: whether a shutdown has run its course.
+//!
+//! A batch opens with the first input after the last one closed, takes
+//! inputs while [`Core::batch_has_room`] (up to `max_batch`, or a
+//! shutdown), and closes when the driver asks for its commit. Every input
+//! of a batch is handled at the time it opened.
 //!
 //! If a commit fails (a full disk, another program locking the database),
 //! the registry is rolled back to what the database holds and the daemon
@@ -16,40 +35,28 @@
 //! asked again by anyone, so it is kept as a fact and applied at the head
 //! of every later batch until a commit takes it; while no client asks
 //! anything, it is retried on its own with a growing pause.
-//!
-//! The core has no sockets and no async runtime; it hands finished lines to
-//! each connection's [`Outlet`].
 
 mod recovery;
 pub mod registry;
 pub mod store;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sys::now_millis;
-
 use crate::protocol::{
-    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Lifetime, OutgoingReply,
-    PROTOCOL_VERSION, ReplyFields, SERVER_NAME, ShutdownPayload, StatusReply,
+    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Limits, OutgoingReply, PROTOCOL_VERSION,
+    ReplyFields, SERVER_NAME, ShutdownPayload,
 };
 use recovery::{Fact, Recovery};
-use registry::{Change, ConnId, Delivery, Ending, Op, Outbox, Peer, ProcessId, Registry};
-use store::{Store, StoreError, StoredEntry};
+use registry::{Change, ConnId, Delivery, Ending, Entry, Op, Outbox, Peer, ProcessId, Registry};
 
-/// How many commands one transaction may take, by default. Large enough
+/// How many inputs one transaction may take, by default. Large enough
 /// that a burst is one commit; small enough that the first reply of a
 /// burst is not held back for long.
 pub const MAX_BATCH: usize = 1024;
-
-/// How often the history is trimmed to its retention bounds, when the
-/// last pass left nothing over.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The pause before waiting facts are retried on their own after a failed
 /// commit. It doubles with each failed retry, up to [`MAX_RETRY_PAUSE`], so
@@ -60,6 +67,26 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 /// During an outage, how often a failed commit may be logged above debug
 /// level: a full disk must not fill the log too.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// The time, as the core is told it: the monotonic clock for its own
+/// timers (retry pauses) and the wall clock for what is stored and
+/// compared with stored times (resume deadlines, the history). The driver
+/// reads both once per wake; tests make them up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub at: Instant,
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: i64,
+}
+
+impl Now {
+    /// The monotonic instant at which the wall clock reads `wall_ms`, if it
+    /// runs on as it did at `self`; `self.at` if that is already past.
+    pub fn instant_of(&self, wall_ms: i64) -> Instant {
+        let wait = wall_ms.saturating_sub(self.wall_ms).max(0) as u64;
+        self.at + Duration::from_millis(wait)
+    }
+}
 
 /// What kind of line a connection is sent; the io layer uses it to bound a
 /// slow reader's queue without losing anything that matters.
@@ -90,16 +117,6 @@ pub struct Line {
     pub bytes: Arc<[u8]>,
 }
 
-/// Where the core sends a connection's lines. Implemented by the io layer;
-/// `deliver` must never block.
-pub trait Outlet: Send {
-    fn deliver(&self, line: Line);
-    /// No more lines will come: flush what is queued, then close.
-    fn close(&self);
-    /// Bytes delivered and not yet written to the client, for `status`.
-    fn queued_bytes(&self) -> usize;
-}
-
 /// A request after the io layer has parsed it and resolved what needs the
 /// system.
 #[derive(Debug)]
@@ -110,12 +127,13 @@ pub enum Resolved {
     Ping,
 }
 
-/// Everything the io layer asks of the core.
-pub enum Command {
+/// Everything the io layer tells the core.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection was accepted; lines may be sent to it from now on.
     Open {
         conn: ConnId,
         peer: Peer,
-        outlet: Box<dyn Outlet>,
     },
     Request {
         conn: ConnId,
@@ -152,93 +170,201 @@ pub enum Command {
     },
 }
 
-/// What `status` reports about the daemon beyond the registry.
+/// How the core is set up.
 #[derive(Debug, Clone)]
-pub struct DaemonInfo {
-    pub socket: PathBuf,
-    pub started: Instant,
-    pub pid_watch: String,
-    /// How the daemon was started: `autostart`, `systemd` or `foreground`.
-    pub started_by: String,
+pub struct CoreConfig {
+    pub limits: Limits,
+    /// How many inputs one transaction may take (at least one). A batch of
+    /// one turns group commit off, which the benchmarks do once to show
+    /// what it saves.
+    pub max_batch: usize,
+    /// The daemon's own uid: the per-uid quotas are for the other users of
+    /// a shared daemon, so its own user is held only to the total.
+    pub own_uid: u32,
+}
+
+/// What the store held at start, sorted by the driver (which alone may
+/// ask the system which processes still run).
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The entries that survive the restart.
+    pub kept: Vec<Entry>,
+    /// Those that do not (another boot, or their process exited while no
+    /// daemon ran): their rows are deleted by the core's first commit.
+    pub departed: Vec<Entry>,
+    /// The seq counter as saved.
+    pub next_seq: u64,
+}
+
+/// Row changes to save as one unit, handed out by [`Core::poll_commit`];
+/// its result goes back through [`Core::handle_commit`] with its `id`.
+#[derive(Debug)]
+pub struct Commit {
+    pub id: u64,
+    pub changes: Vec<Change>,
+    /// The seq counter to save with them.
+    pub next_seq: u64,
+}
+
+/// Why a commit failed, as the driver reports it. The core only shows it
+/// (in logs and `internal` errors) and hands it back in
+/// [`Stopped::Unsaved`].
+#[derive(Debug)]
+pub struct CommitFailed(Box<dyn std::error::Error + Send + Sync>);
+
+impl CommitFailed {
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommitFailed {
+        CommitFailed(cause.into())
+    }
+
+    /// The driver's own error, to look at more closely than its message.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for CommitFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for CommitFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Who a line goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum To {
+    One(ConnId),
+    Many(Vec<ConnId>),
+}
+
+impl To {
+    pub fn conns(&self) -> &[ConnId] {
+        match self {
+            To::One(conn) => std::slice::from_ref(conn),
+            To::Many(conns) => conns,
+        }
+    }
+}
+
+/// Something to send, handed out by [`Core::poll_transmit`] in the order
+/// it must reach each connection.
+#[derive(Debug)]
+pub enum Transmit {
+    Line {
+        to: To,
+        line: Line,
+    },
+    /// A successful reply whose body the driver completes: the core knows
+    /// only its part of it.
+    Deferred {
+        conn: ConnId,
+        id: Value,
+        body: Body,
+    },
+    /// Nothing more for this connection: flush what it was sent, then
+    /// close it.
+    Close(ConnId),
+}
+
+/// The core's part of a deferred reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// `status`: the driver adds what is queued for clients, the store,
+    /// the uptime and how the daemon runs.
+    Status(Counts),
+}
+
+/// The registry's figures, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub topics: usize,
+    pub entries: usize,
+    pub connections: usize,
+    pub subscriptions: usize,
+    pub awaiting_resume: usize,
+    pub outbound_budget_bytes: usize,
 }
 
 /// Why the core stopped.
 #[derive(Debug)]
 pub enum Stopped {
-    /// A `Shutdown` command: rows are committed and kept for a restart.
+    /// A shutdown: rows are committed and kept for a restart.
     Shutdown,
-    /// Every sender is gone.
-    Disconnected,
-    /// A `Shutdown` command, but facts that failed commits held back could
-    /// not be saved even by a last try. The rows are as last committed;
-    /// nothing uncommitted was revealed.
-    Store(StoreError),
+    /// A shutdown, but facts that failed commits held back could not be
+    /// saved even by a last try. The rows are as last committed; nothing
+    /// uncommitted was revealed.
+    Unsaved(CommitFailed),
 }
 
+/// The state machine itself; see the module comment for how to drive it.
 pub struct Core {
     registry: Registry,
-    store: Store,
-    outlets: HashMap<ConnId, Box<dyn Outlet>>,
-    info: DaemonInfo,
     recovery: Recovery,
-    /// When to next trim the history to its retention bounds.
-    next_prune: Instant,
-    /// How many commands one transaction may take.
     max_batch: usize,
-}
-
-/// Why the core woke up.
-enum Wake {
-    Command(Command),
-    /// Its own work is due: a restored entry's resume deadline, or facts
-    /// to retry.
-    Upkeep,
-    /// Every sender is gone.
-    Disconnected,
+    /// The connections the io layer holds a socket for: opened, not yet
+    /// closed (as the io layer told, whether or not the close is saved).
+    /// A shutdown is sent to each.
+    connections: HashSet<ConnId>,
+    /// The batch taking inputs, or closed and waiting to be polled for its
+    /// commit.
+    batch: Option<Batch>,
+    /// The batch whose commit is out, with the commit's id.
+    committing: Option<(u64, Batch)>,
+    /// Inputs handed in while a commit was out or the batch was full.
+    waiting: VecDeque<Input>,
+    /// What settled batches left to send, in order; serialized as it is
+    /// polled, so each line is made only when it goes.
+    released: VecDeque<Outgoing>,
+    next_commit_id: u64,
+    /// The time last handed in: `poll_timeout` turns wall-clock deadlines
+    /// into instants with it.
+    last_now: Now,
+    /// A shutdown has been applied: nothing more is taken in.
+    stopping: bool,
+    stopped: Option<Stopped>,
 }
 
 impl Core {
-    /// Loads the store and decides what survives the restart: rows of
-    /// another boot or of a process that is gone are removed; process
-    /// entries continue; connection entries wait `resume_grace` for their
-    /// client to resume them.
-    pub fn start(
-        store: Store,
-        limits: crate::protocol::Limits,
-        boot_id: &str,
-        resume_grace: Duration,
-        info: DaemonInfo,
-    ) -> Result<Core, StoreError> {
-        let (stored, stored_next_seq) = store.load()?;
-        let resume_deadline = now_millis() + resume_grace.as_millis() as i64;
-        let sorted = sort_rows(stored, boot_id, resume_deadline);
-        tracing::info!(
-            kept = sorted.kept.len(),
-            removed_pid_exit = sorted.of_exited_processes,
-            removed_other_boot = sorted.of_another_boot,
-            "loaded presences from {}",
-            store.path().display()
-        );
-        let history = registry::departures_at_start(&sorted.departed, &sorted.kept, now_millis());
+    /// A core holding what survived the restart: process entries continue;
+    /// connection entries wait until their `resume_deadline` for their
+    /// client to resume them. The rows of `departed` are deleted by the
+    /// first commit (see [`Core::forget_departed`]).
+    pub fn restore(config: CoreConfig, restored: Restored, now: Now) -> Core {
+        let Restored {
+            kept,
+            departed,
+            next_seq,
+        } = restored;
+        let history = registry::departures_at_start(&departed, &kept, now.wall_ms);
+        let registry =
+            Registry::restore(config.limits, kept, next_seq).exempt_from_uid_quotas(config.own_uid);
         let mut core = Core {
-            // The per-uid quotas are for the other users of a shared
-            // daemon; its own user is held only to the total.
-            registry: Registry::restore(limits, sorted.kept, stored_next_seq)
-                .exempt_from_uid_quotas(crate::sys::current_uid()),
-            store,
-            outlets: HashMap::new(),
-            info,
+            registry,
             recovery: Recovery::default(),
-            next_prune: Instant::now(),
-            max_batch: MAX_BATCH,
+            max_batch: config.max_batch.max(1),
+            connections: HashSet::new(),
+            batch: None,
+            committing: None,
+            waiting: VecDeque::new(),
+            released: VecDeque::new(),
+            next_commit_id: 0,
+            last_now: now,
+            stopping: false,
+            stopped: None,
         };
-        core.forget_dead_rows(sorted.dead, history, stored_next_seq)?;
-        Ok(core)
+        core.forget_departed(departed, history, next_seq, now);
+        core
     }
 
-    /// Deletes the rows that did not survive the restart, and saves the seq
-    /// counter if restoring raised it. If nothing changed, nothing is
-    /// written, so a full disk does not stop such a start.
+    /// Opens the first batch: it deletes the rows that did not survive the
+    /// restart, and saves the seq counter if restoring raised it. If
+    /// nothing changed, nothing is written, so a full disk does not stop
+    /// such a start.
     ///
     /// If the disk is full or another program holds the database, the
     /// daemon starts anyway and keeps trying the deletions as waiting facts.
@@ -251,39 +377,22 @@ impl Core {
     /// same processes gone and drops them again.
     ///
     /// `history` records the departures and the new owners: written with
-    /// the deletions, and lost (with a warning) only if they cannot be.
-    fn forget_dead_rows(
+    /// the deletions, and lost only if they cannot be.
+    fn forget_departed(
         &mut self,
-        dead: Vec<String>,
+        departed: Vec<Entry>,
         history: Vec<Change>,
         stored_next_seq: u64,
-    ) -> Result<(), StoreError> {
-        if dead.is_empty() && self.registry.next_seq() == stored_next_seq {
-            return Ok(());
+        now: Now,
+    ) {
+        self.registry.begin_batch();
+        let mut batch = Batch::new(Origin::Upkeep, now, stored_next_seq);
+        batch.sealed = true;
+        for entry in departed {
+            self.apply_fact(Fact::DeadRow(entry.phx_ref), &mut batch);
         }
-        let changes: Vec<Change> = dead
-            .iter()
-            .cloned()
-            .map(Change::Delete)
-            .chain(history)
-            .collect();
-        match self.store.commit(&changes, self.registry.next_seq()) {
-            Ok(()) => Ok(()),
-            Err(cause) if cause.is_passing() => {
-                let facts = dead.into_iter().map(Fact::DeadRow).collect();
-                self.recovery.failed(&cause, Origin::Upkeep, 0, facts);
-                Ok(())
-            }
-            Err(cause) => Err(cause),
-        }
-    }
-
-    /// Lets one transaction take at most `max_batch` commands (at least
-    /// one). A batch of one turns group commit off, which the benchmarks
-    /// do once to show what it saves.
-    pub fn with_max_batch(mut self, max_batch: usize) -> Core {
-        self.max_batch = max_batch.max(1);
-        self
+        batch.out.outbox.changes.extend(history);
+        self.batch = Some(batch);
     }
 
     /// The processes whose exit must be watched from the start.
@@ -291,70 +400,79 @@ impl Core {
         self.registry.processes().collect()
     }
 
-    /// Runs until shutdown or every sender is gone. A failed commit does
-    /// not stop it: see the module comment.
-    pub fn run(mut self, commands: Receiver<Command>) -> Stopped {
-        loop {
-            let mut batch = match self.wait(&commands) {
-                Wake::Command(first) => {
-                    let mut batch = self.new_batch(Origin::Commands);
-                    self.collect(first, &commands, &mut batch);
-                    batch
-                }
-                Wake::Upkeep => self.new_batch(Origin::Upkeep),
-                Wake::Disconnected => return Stopped::Disconnected,
-            };
-            let shutdown = batch.shutdown.take();
-            // A failed commit was rolled back, answered and logged, and its
-            // facts wait for the next batch: the core goes on.
-            let _ = self.finish(batch);
-            if let Some(reason) = shutdown {
-                return self.stop(reason);
-            }
+    /// The registry's figures, as `status` reports them.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            topics: self.registry.topic_count(),
+            entries: self.registry.entry_count(),
+            connections: self.registry.connection_count(),
+            subscriptions: self.registry.subscription_count(),
+            awaiting_resume: self.registry.awaiting_resume_count(),
+            outbound_budget_bytes: self.registry.limits().max_outbound_total_bytes,
         }
     }
 
-    /// Shuts down, after one last try for the facts that failed commits
-    /// held back. Only facts that even that cannot save make the stop a
-    /// failure: a failed request was answered already, and the rows stay
-    /// as last committed.
-    fn stop(&mut self, reason: String) -> Stopped {
-        let last_try = if self.recovery.facts.is_empty() {
-            Ok(())
+    /// Takes an input. It joins the open batch (opening one if none is),
+    /// unless a commit is out or the batch is full: then it waits for the
+    /// next. After a shutdown, inputs are dropped.
+    pub fn handle(&mut self, now: Now, input: Input) {
+        self.last_now = now;
+        if self.stopping {
+            return;
+        }
+        self.admit_waiting(now);
+        if self.batch_has_room() && self.waiting.is_empty() {
+            let mut batch = self.open_batch(Origin::Inputs, now);
+            self.apply(input, &mut batch);
+            self.batch = Some(batch);
         } else {
-            let batch = self.new_batch(Origin::Upkeep);
-            self.finish(batch)
-        };
-        self.shut_down(reason);
-        match last_try {
-            Ok(()) => Stopped::Shutdown,
-            Err(cause) => Stopped::Store(cause),
+            self.waiting.push_back(input);
         }
     }
 
-    /// Waits for the next command, or until upkeep is due.
-    fn wait(&self, commands: &Receiver<Command>) -> Wake {
-        let received = match self.upkeep_at() {
-            Some(at) => commands.recv_timeout(at.saturating_duration_since(Instant::now())),
-            None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match received {
-            Ok(command) => Wake::Command(command),
-            Err(RecvTimeoutError::Timeout) => Wake::Upkeep,
-            Err(RecvTimeoutError::Disconnected) => Wake::Disconnected,
+    /// Whether an input handed in now would join the open batch (or open
+    /// one): not while a commit is out, once the batch holds `max_batch`
+    /// inputs or a shutdown, nor after the stop. A driver draining a queue
+    /// stops there, so that a burst is split into batches as it comes.
+    pub fn batch_has_room(&self) -> bool {
+        !self.stopping
+            && self.committing.is_none()
+            && self
+                .batch
+                .as_ref()
+                .is_none_or(|batch| !batch.is_full(self.max_batch))
+    }
+
+    /// The time is up: opens a batch of the core's own work if some is due
+    /// (restored entries to expire, facts to retry). Nothing happens
+    /// otherwise, so a driver that wakes early does no harm.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.last_now = now;
+        if self.stopping || self.committing.is_some() || self.batch.is_some() {
+            // An open batch does this work at its head already.
+            return;
+        }
+        if self.poll_timeout().is_some_and(|at| at <= now.at) {
+            let mut batch = self.open_batch(Origin::Upkeep, now);
+            batch.sealed = true;
+            self.batch = Some(batch);
         }
     }
 
-    /// When the core has work of its own: a restored entry's resume
+    /// When the core next has work of its own: a restored entry's resume
     /// deadline, or facts to retry; never before the retry pause after a
     /// failed commit, so that a failing disk cannot make an idle core spin.
-    /// A batch of commands does this work too, at its head, pause or not.
-    fn upkeep_at(&self) -> Option<Instant> {
-        let expiry = self.registry.next_resume_deadline().map(|deadline| {
-            let wait = deadline.saturating_sub(now_millis()).max(0) as u64;
-            Instant::now() + Duration::from_millis(wait)
-        });
-        let retry = (!self.recovery.facts.is_empty()).then(Instant::now);
+    /// A batch of inputs does this work too, at its head, pause or not.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.stopped.is_some() || self.stopping {
+            return None;
+        }
+        let now = self.last_now;
+        let expiry = self
+            .registry
+            .next_resume_deadline()
+            .map(|deadline| now.instant_of(deadline));
+        let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
         let due = expiry.into_iter().chain(retry).min()?;
         Some(match &self.recovery.outage {
             Some(outage) => due.max(outage.retry_at),
@@ -362,117 +480,211 @@ impl Core {
         })
     }
 
+    /// Closes the open batch (or opens one for inputs that waited) and
+    /// hands out what it changed, to be committed as one unit. A batch that
+    /// changed no row and no seq needs no commit: its lines are released at
+    /// once and the next batch, if any, is looked at. `None` once nothing
+    /// is left to commit, or while a commit is out.
+    pub fn poll_commit(&mut self, now: Now) -> Option<Commit> {
+        self.last_now = now;
+        if self.committing.is_some() {
+            return None;
+        }
+        loop {
+            self.admit_waiting(now);
+            let mut batch = self.batch.take()?;
+            self.apply_endings(&mut batch);
+            batch.out.take_deliveries();
+            let changed = !batch.out.outbox.changes.is_empty()
+                || self.registry.next_seq() != batch.next_seq_before;
+            if changed {
+                let id = self.next_commit_id;
+                self.next_commit_id += 1;
+                let commit = Commit {
+                    id,
+                    changes: std::mem::take(&mut batch.out.outbox.changes),
+                    next_seq: self.registry.next_seq(),
+                };
+                self.committing = Some((id, batch));
+                return Some(commit);
+            }
+            // Nothing to write, so nothing that could fail to be written.
+            self.settle(batch, Settled::NothingToCommit, now);
+        }
+    }
+
+    /// The result of the commit handed out with `id`. Committed, the
+    /// batch's lines are released; failed, the batch is rolled back and
+    /// what survives it is released (see [`Core::answer_again`]).
+    pub fn handle_commit(&mut self, now: Now, id: u64, result: Result<(), CommitFailed>) {
+        self.last_now = now;
+        match self.committing.take() {
+            Some((out, batch)) if out == id => {
+                let settled = match result {
+                    Ok(()) => Settled::Committed,
+                    Err(cause) => Settled::Failed(cause),
+                };
+                self.settle(batch, settled, now);
+            }
+            other => {
+                tracing::error!("the result of commit {id}, which is not the one out, ignored");
+                self.committing = other;
+            }
+        }
+    }
+
+    /// The next thing to send, in order.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        Some(match self.released.pop_front()? {
+            Outgoing::Delivery(Delivery::Reply { conn, reply }) => Transmit::Line {
+                to: To::One(conn),
+                line: Line {
+                    kind: LineKind::Reply {
+                        succeeded: reply.outcome.is_ok(),
+                    },
+                    bytes: reply.to_line().into(),
+                },
+            },
+            Outgoing::Delivery(Delivery::ResyncedAll(conn)) => Transmit::Line {
+                to: To::One(conn),
+                line: Line {
+                    kind: LineKind::ResyncedAll,
+                    bytes: Arc::from(&[][..]),
+                },
+            },
+            Outgoing::Delivery(Delivery::Event { to, event }) => Transmit::Line {
+                to: To::Many(to),
+                line: Line {
+                    kind: line_kind(&event),
+                    bytes: to_line(&event),
+                },
+            },
+            Outgoing::Status { conn, id, counts } => Transmit::Deferred {
+                conn,
+                id,
+                body: Body::Status(counts),
+            },
+            Outgoing::Close(conn) => Transmit::Close(conn),
+        })
+    }
+
+    /// How the core stopped, once a shutdown has run its course and its
+    /// lines are handed out.
+    pub fn poll_stopped(&mut self) -> Option<Stopped> {
+        self.stopped.take()
+    }
+
     /// Opens a batch, and applies first what the core owes from before:
     /// the facts that failed commits could not save, so that nothing in
     /// the batch is worked out from a state that has already ended (the
     /// entries of a closed connection or an exited process), and the
-    /// expiry of restored entries whose deadline has passed.
-    fn new_batch(&mut self, origin: Origin) -> Batch {
+    /// expiry of restored entries whose deadline has passed. Returns the
+    /// open batch if there is one.
+    fn open_batch(&mut self, origin: Origin, now: Now) -> Batch {
+        if let Some(batch) = self.batch.take() {
+            return batch;
+        }
         self.registry.begin_batch();
-        let mut batch = Batch {
-            origin,
-            now: now_millis(),
-            next_seq_before: self.registry.next_seq(),
-            ..Batch::default()
-        };
+        let mut batch = Batch::new(origin, now, self.registry.next_seq());
         for fact in std::mem::take(&mut self.recovery.facts) {
             self.apply_fact(fact, &mut batch);
         }
         self.apply_endings(&mut batch);
-        self.registry.expire(batch.now, &mut batch.outbox);
+        self.registry
+            .expire(batch.now.wall_ms, &mut batch.out.outbox);
         batch
     }
 
-    /// Applies `first` and whatever else waits in the channel, up to
-    /// `max_batch` commands or a shutdown.
-    fn collect(&mut self, first: Command, commands: &Receiver<Command>, batch: &mut Batch) {
-        let mut next = Some(first);
-        while let Some(command) = next {
-            self.apply(command, batch);
-            if batch.len >= self.max_batch || batch.shutdown.is_some() {
+    /// Applies the inputs that waited for a commit, as far as the batch
+    /// has room.
+    fn admit_waiting(&mut self, now: Now) {
+        while !self.waiting.is_empty() && self.batch_has_room() {
+            let Some(input) = self.waiting.pop_front() else {
                 break;
-            }
-            next = commands.try_recv().ok();
+            };
+            let mut batch = self.open_batch(Origin::Inputs, now);
+            self.apply(input, &mut batch);
+            self.batch = Some(batch);
         }
-        self.apply_endings(batch);
     }
 
-    /// Commits the batch and reveals it, or, if the commit fails, reveals
-    /// what survives the roll-back. Returns the commit's result.
-    fn finish(&mut self, mut batch: Batch) -> Result<(), StoreError> {
-        // Applied already by every path here; this only makes sure.
-        self.apply_endings(&mut batch);
-        let closed = std::mem::take(&mut batch.closed);
-        let (deliveries, result) = self.commit_or_roll_back(batch);
-        self.release(deliveries);
-        if result.is_ok() {
-            self.prune_history_if_due();
-            self.store.checkpoint_if_due();
-        }
-        // Closed connections get no more lines even if their close is to be
-        // retried: their sockets are gone either way.
-        for conn in closed {
-            if let Some(outlet) = self.outlets.remove(&conn) {
-                outlet.close();
-            }
-        }
-        result
-    }
-
-    /// Trims the history a chunk at a time, after a batch's lines are
-    /// out: often enough to keep it bounded, never long enough to hold
-    /// anyone up.
-    fn prune_history_if_due(&mut self) {
-        let now = Instant::now();
-        if now < self.next_prune {
-            return;
-        }
-        let more = match self.store.prune_history(now_millis()) {
-            Ok(more) => more,
-            Err(e) => {
-                tracing::debug!("could not trim the history, trying later: {e}");
-                false
-            }
-        };
-        self.next_prune = if more { now } else { now + PRUNE_EVERY };
-    }
-
-    /// Commits what the batch changed, and returns what may be sent: all
-    /// of it after a commit; after a failed one, the registry is rolled
-    /// back, the replies are answered again from it, no event is sent, and
-    /// the batch's facts wait in `recovery`.
-    fn commit_or_roll_back(&mut self, batch: Batch) -> (Vec<Delivery>, Result<(), StoreError>) {
-        let changed =
-            !batch.outbox.changes.is_empty() || self.registry.next_seq() != batch.next_seq_before;
-        let result = if changed {
-            self.store
-                .commit(&batch.outbox.changes, self.registry.next_seq())
-        } else {
-            // Nothing to write, so nothing that could fail to be written.
-            Ok(())
-        };
-        match result {
-            Ok(()) => {
+    /// Ends a batch whose commit is settled: reveals it, or, if the commit
+    /// failed, reveals what survives the roll-back; then closes the
+    /// connections it saw close, and carries a shutdown on.
+    fn settle(&mut self, mut batch: Batch, settled: Settled, now: Now) {
+        batch.out.take_deliveries();
+        let lines = match &settled {
+            Settled::NothingToCommit | Settled::Committed => {
                 self.registry.settle();
-                if changed {
-                    self.recovery.succeeded();
+                if matches!(settled, Settled::Committed) {
+                    self.recovery.succeeded(now.at);
                 }
-                (batch.outbox.deliveries, Ok(()))
+                batch.out.lines
             }
-            Err(cause) => {
+            Settled::Failed(cause) => {
                 self.registry.roll_back();
                 let refused = batch
                     .redo
                     .iter()
                     .filter(|(_, redo)| matches!(redo, Redo::Fail))
                     .count();
-                let deliveries =
-                    self.answer_again(batch.outbox.deliveries, batch.redo, batch.now, &cause);
+                let lines = self.answer_again(batch.out.lines, batch.redo, batch.now, cause);
                 self.recovery
-                    .failed(&cause, batch.origin, refused, batch.facts);
-                (deliveries, Err(cause))
+                    .failed(cause, batch.origin, refused, batch.facts, now.at);
+                lines
+            }
+        };
+        self.released.extend(lines);
+        // Closed connections get no more lines even if their close is to be
+        // retried: their sockets are gone either way.
+        for conn in batch.closed {
+            if self.connections.remove(&conn) {
+                self.released.push_back(Outgoing::Close(conn));
             }
         }
+        if let Some(reason) = batch.last_try_before {
+            self.stopped = Some(match settled {
+                Settled::Failed(cause) => Stopped::Unsaved(cause),
+                _ => Stopped::Shutdown,
+            });
+            self.shut_down(reason);
+        } else if let Some(reason) = batch.shutdown {
+            self.stop(reason, now);
+        }
+    }
+
+    /// Shuts down, after one last try for the facts that failed commits
+    /// held back. Only facts that even that cannot save make the stop a
+    /// failure: a failed request was answered already, and the rows stay
+    /// as last committed.
+    fn stop(&mut self, reason: String, now: Now) {
+        self.waiting.clear();
+        if self.recovery.facts.is_empty() {
+            self.stopped = Some(Stopped::Shutdown);
+            self.shut_down(reason);
+        } else {
+            let mut last_try = self.open_batch(Origin::Upkeep, now);
+            last_try.sealed = true;
+            last_try.last_try_before = Some(reason);
+            self.batch = Some(last_try);
+        }
+    }
+
+    /// Tells every client that the daemon is going away, and closes every
+    /// connection. The rows stay, so a restarted daemon gives everyone
+    /// their place back.
+    fn shut_down(&mut self, reason: String) {
+        let mut to: Vec<ConnId> = self.connections.drain().collect();
+        to.sort_unstable();
+        let event = Event::Shutdown {
+            payload: ShutdownPayload { reason },
+        };
+        let closes: Vec<Outgoing> = to.iter().map(|conn| Outgoing::Close(*conn)).collect();
+        if !to.is_empty() {
+            self.released
+                .push_back(Outgoing::Delivery(Delivery::Event { to, event }));
+        }
+        self.released.extend(closes);
     }
 
     /// The replies of a rolled-back batch, each in its place. A reply
@@ -482,98 +694,109 @@ impl Core {
     /// sent, except the `presence_state` of a subscribe asked again.
     fn answer_again(
         &mut self,
-        deliveries: Vec<Delivery>,
+        lines: Vec<Outgoing>,
         redo: Vec<(usize, Redo)>,
-        now: i64,
-        cause: &StoreError,
-    ) -> Vec<Delivery> {
+        now: Now,
+        cause: &CommitFailed,
+    ) -> Vec<Outgoing> {
         let error = ErrorBody::new(
             ErrorCode::Internal,
             format!("could not save the change: {cause}"),
         );
         let mut redo = redo.into_iter().peekable();
-        let mut out = Outbox::default();
-        for (index, delivery) in deliveries.into_iter().enumerate() {
-            let Delivery::Reply { conn, reply } = delivery else {
-                continue;
+        let mut out = Out::default();
+        for (index, line) in lines.into_iter().enumerate() {
+            let (conn, id) = match &line {
+                Outgoing::Delivery(Delivery::Reply { conn, reply }) => (*conn, reply.id.clone()),
+                Outgoing::Status { conn, id, .. } => (*conn, id.clone()),
+                _ => continue,
             };
             match redo.next_if(|(at, _)| *at == index) {
-                None => out.deliveries.push(Delivery::Reply { conn, reply }),
+                None => {
+                    out.take_deliveries();
+                    out.lines.push(line);
+                }
                 Some((_, Redo::Fail)) => {
-                    let reply = OutgoingReply::failure(reply.id, error.clone());
-                    out.deliveries.push(Delivery::Reply { conn, reply });
+                    let reply = OutgoingReply::failure(id, error.clone());
+                    out.push(Delivery::Reply { conn, reply });
                 }
                 Some((_, Redo::Ask(request))) => {
-                    self.answer(conn, reply.id, request, now, &mut out)
+                    self.answer(conn, id, request, now.wall_ms, &mut out)
                 }
             }
         }
+        out.take_deliveries();
         debug_assert!(
-            out.changes.is_empty(),
+            out.outbox.changes.is_empty(),
             "a request asked again changed a row"
         );
-        out.deliveries
+        out.lines
     }
 
-    fn apply(&mut self, command: Command, batch: &mut Batch) {
+    fn apply(&mut self, input: Input, batch: &mut Batch) {
         batch.len += 1;
-        if !matches!(command, Command::Close { .. } | Command::ProcessExited(_)) {
+        if !matches!(input, Input::Close { .. } | Input::ProcessExited(_)) {
             self.apply_endings(batch);
         }
-        match command {
-            Command::Open { conn, peer, outlet } => {
+        match input {
+            Input::Open { conn, peer } => {
                 self.registry.open(conn, peer);
-                self.outlets.insert(conn, outlet);
+                self.connections.insert(conn);
             }
-            Command::Request { conn, id, request } => {
+            Input::Request { conn, id, request } => {
                 if let Some(redo) = redo_after_roll_back(&request) {
                     // The reply is written first, at this index.
-                    batch.redo.push((batch.outbox.deliveries.len(), redo));
+                    batch.redo.push((batch.out.take_deliveries(), redo));
                 }
-                self.answer(conn, id, request, batch.now, &mut batch.outbox);
+                self.answer(conn, id, request, batch.now.wall_ms, &mut batch.out);
             }
-            Command::Refuse { conn, id, error } => {
+            Input::Refuse { conn, id, error } => {
                 let reply = OutgoingReply::failure(id, error);
-                batch
-                    .outbox
-                    .deliveries
-                    .push(Delivery::Reply { conn, reply });
+                batch.out.push(Delivery::Reply { conn, reply });
             }
-            Command::Close {
+            Input::Close {
                 conn,
                 exited: false,
             } => self.apply_fact(Fact::Closed(conn), batch),
-            Command::Close { conn, exited: true } => {
+            Input::Close { conn, exited: true } => {
                 self.apply_fact(Fact::ClosedByExit(conn), batch);
             }
-            Command::ProcessExited(process) => {
+            Input::ProcessExited(process) => {
                 self.apply_fact(Fact::ProcessExited(process), batch);
             }
-            Command::Resync { conn, topics, all } => {
+            Input::Resync { conn, topics, all } => {
                 self.apply_fact(Fact::Resync { conn, topics, all }, batch);
             }
-            Command::Shutdown { reason } => batch.shutdown = Some(reason),
+            Input::Shutdown { reason } => {
+                batch.shutdown = Some(reason);
+                self.stopping = true;
+            }
         }
     }
 
     /// Writes the request's reply, then the events it caused.
-    fn answer(&mut self, conn: ConnId, id: Value, request: Resolved, now: i64, out: &mut Outbox) {
+    fn answer(&mut self, conn: ConnId, id: Value, request: Resolved, now: i64, out: &mut Out) {
         let reply = match request {
             Resolved::Presence(op) => {
-                self.registry.handle(conn, id, op, now, out);
+                self.registry.handle(conn, id, op, now, &mut out.outbox);
                 return;
             }
             Resolved::Hello(hello) => OutgoingReply {
                 id,
                 outcome: hello_result(hello),
             },
-            Resolved::Status => OutgoingReply::success(id, &self.status()),
+            Resolved::Status => {
+                let counts = self.counts();
+                out.take_deliveries();
+                out.lines.push(Outgoing::Status { conn, id, counts });
+                return;
+            }
             Resolved::Ping => OutgoingReply {
                 id,
                 outcome: Ok(ReplyFields::none()),
             },
         };
-        out.deliveries.push(Delivery::Reply { conn, reply });
+        out.push(Delivery::Reply { conn, reply });
     }
 
     /// Applies a fact. Closes and exits wait in `batch.endings` until
@@ -592,14 +815,18 @@ impl Core {
             Fact::Resync { conn, topics, all } => {
                 self.apply_endings(batch);
                 if *all {
-                    self.registry.resync_all(*conn, &mut batch.outbox);
+                    self.registry.resync_all(*conn, &mut batch.out.outbox);
                 } else {
-                    self.registry.resync(*conn, topics, &mut batch.outbox);
+                    self.registry.resync(*conn, topics, &mut batch.out.outbox);
                 }
             }
             Fact::DeadRow(phx_ref) => {
                 self.apply_endings(batch);
-                batch.outbox.changes.push(Change::Delete(phx_ref.clone()));
+                batch
+                    .out
+                    .outbox
+                    .changes
+                    .push(Change::Delete(phx_ref.clone()));
             }
         }
         batch.facts.push(fact);
@@ -613,155 +840,102 @@ impl Core {
     fn apply_endings(&mut self, batch: &mut Batch) {
         if !batch.endings.is_empty() {
             let endings = std::mem::take(&mut batch.endings);
-            self.registry.end(&endings, batch.now, &mut batch.outbox);
-        }
-    }
-
-    fn status(&self) -> StatusReply {
-        let (outbound_bytes, largest_outbound_bytes) = self
-            .outlets
-            .values()
-            .map(|outlet| outlet.queued_bytes())
-            .fold((0, 0), |(sum, largest), queued| {
-                (sum + queued, largest.max(queued))
-            });
-        StatusReply {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            protocol: PROTOCOL_VERSION,
-            pid: std::process::id(),
-            uptime_ms: self.info.started.elapsed().as_millis() as u64,
-            socket: self.info.socket.display().to_string(),
-            db: self.store.path().display().to_string(),
-            db_recovered: self
-                .store
-                .recovered_from()
-                .map(|path| path.display().to_string()),
-            topics: self.registry.topic_count(),
-            entries: self.registry.entry_count(),
-            connections: self.registry.connection_count(),
-            subscriptions: self.registry.subscription_count(),
-            pid_watch: self.info.pid_watch.clone(),
-            started_by: Some(self.info.started_by.clone()),
-            awaiting_resume: self.registry.awaiting_resume_count(),
-            transactions: self.store.commits(),
-            outbound_bytes,
-            largest_outbound_bytes,
-            outbound_budget_bytes: self.registry.limits().max_outbound_total_bytes,
-        }
-    }
-
-    /// Serializes each delivery once and hands it to its connections.
-    fn release(&self, deliveries: Vec<Delivery>) {
-        for delivery in deliveries {
-            match delivery {
-                Delivery::Reply { conn, reply } => {
-                    if let Some(outlet) = self.outlets.get(&conn) {
-                        outlet.deliver(Line {
-                            kind: LineKind::Reply {
-                                succeeded: reply.outcome.is_ok(),
-                            },
-                            bytes: reply.to_line().into(),
-                        });
-                    }
-                }
-                Delivery::ResyncedAll(conn) => {
-                    if let Some(outlet) = self.outlets.get(&conn) {
-                        outlet.deliver(Line {
-                            kind: LineKind::ResyncedAll,
-                            bytes: Arc::from(&[][..]),
-                        });
-                    }
-                }
-                Delivery::Event { to, event } => {
-                    let line = Line {
-                        kind: line_kind(&event),
-                        bytes: to_line(&event),
-                    };
-                    for conn in to {
-                        if let Some(outlet) = self.outlets.get(&conn) {
-                            outlet.deliver(line.clone());
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Tells every client that the daemon is going away. The rows stay, so
-    /// a restarted daemon gives everyone their place back.
-    fn shut_down(&mut self, reason: String) {
-        let event = Event::Shutdown {
-            payload: ShutdownPayload { reason },
-        };
-        let line = Line {
-            kind: LineKind::Notice,
-            bytes: to_line(&event),
-        };
-        for (_, outlet) in self.outlets.drain() {
-            outlet.deliver(line.clone());
-            outlet.close();
+            self.registry
+                .end(&endings, batch.now.wall_ms, &mut batch.out.outbox);
         }
     }
 }
 
-/// The stored rows, sorted at start into those that survive the restart
-/// and the refs of those that do not.
-struct SortedRows {
-    kept: Vec<registry::Entry>,
-    dead: Vec<String>,
-    /// The entries of `dead`, for the history.
-    departed: Vec<registry::Entry>,
-    of_another_boot: usize,
-    of_exited_processes: usize,
+/// How a batch's commit came out.
+enum Settled {
+    /// It changed nothing to write.
+    NothingToCommit,
+    Committed,
+    Failed(CommitFailed),
 }
 
-/// Keeps the rows of this boot whose process still runs; a connection
-/// entry among them waits until `resume_deadline` to be resumed.
-fn sort_rows(stored: Vec<StoredEntry>, boot_id: &str, resume_deadline: i64) -> SortedRows {
-    let mut sorted = SortedRows {
-        kept: Vec::new(),
-        dead: Vec::new(),
-        departed: Vec::new(),
-        of_another_boot: 0,
-        of_exited_processes: 0,
-    };
-    // Many rows share a process (an editor holds many files): each is
-    // looked up in /proc once.
-    let mut running: HashMap<ProcessId, bool> = HashMap::new();
-    for StoredEntry {
-        mut entry,
-        boot_id: written_in,
-    } in stored
-    {
-        let why_dead = if written_in != boot_id {
-            sorted.of_another_boot += 1;
-            "it was written before the machine last booted"
-        } else if !*running
-            .entry(entry.process)
-            // If /proc cannot tell, the row is kept: its process is
-            // watched from now on and reaped once it is seen to exit.
-            .or_insert_with(|| crate::sys::is_running(entry.process).unwrap_or(true))
-        {
-            sorted.of_exited_processes += 1;
-            "its process exited while no daemon ran (pid_exit)"
-        } else {
-            if entry.lifetime == Lifetime::Connection {
-                entry.resume_deadline = Some(resume_deadline);
-            }
-            sorted.kept.push(entry);
-            continue;
-        };
-        tracing::debug!(
-            "removing {} ({} on {}, pid {}): {why_dead}",
-            entry.phx_ref,
-            entry.key,
-            entry.topic,
-            entry.process.pid
-        );
-        sorted.dead.push(entry.phx_ref.clone());
-        sorted.departed.push(entry);
+/// What a batch sends, in order, before it is serialized.
+#[derive(Debug)]
+enum Outgoing {
+    Delivery(Delivery),
+    /// A `status` reply, completed by the driver.
+    Status {
+        conn: ConnId,
+        id: Value,
+        counts: Counts,
+    },
+    Close(ConnId),
+}
+
+/// Where a batch's inputs write: the registry's outbox (row changes, and
+/// deliveries not yet moved on), and the lines in order.
+#[derive(Debug, Default)]
+struct Out {
+    outbox: Outbox,
+    lines: Vec<Outgoing>,
+}
+
+impl Out {
+    /// Moves the registry's deliveries to the lines, so that what comes
+    /// next follows them; returns the index of the next line.
+    fn take_deliveries(&mut self) -> usize {
+        self.lines
+            .extend(self.outbox.deliveries.drain(..).map(Outgoing::Delivery));
+        self.lines.len()
     }
-    sorted
+
+    fn push(&mut self, delivery: Delivery) {
+        self.outbox.deliveries.push(delivery);
+    }
+}
+
+struct Batch {
+    origin: Origin,
+    /// The time the batch's inputs are handled at.
+    now: Now,
+    out: Out,
+    /// How many inputs it took.
+    len: usize,
+    /// Takes no inputs: the core's own work (upkeep, the clean-up at
+    /// start, the last try before stopping).
+    sealed: bool,
+    /// For each reply that a roll-back changes, its index in `out.lines`
+    /// and what becomes of it (see [`redo_after_roll_back`]), in order.
+    redo: Vec<(usize, Redo)>,
+    facts: Vec<Fact>,
+    /// Closes and exits not yet applied (see [`Core::apply_endings`]).
+    endings: Vec<Ending>,
+    closed: Vec<ConnId>,
+    /// A shutdown was asked for in this batch.
+    shutdown: Option<String>,
+    /// This batch is the last try for waiting facts before stopping, for
+    /// this reason.
+    last_try_before: Option<String>,
+    /// To tell whether the batch changed anything to write.
+    next_seq_before: u64,
+}
+
+impl Batch {
+    fn new(origin: Origin, now: Now, next_seq_before: u64) -> Batch {
+        Batch {
+            origin,
+            now,
+            out: Out::default(),
+            len: 0,
+            sealed: false,
+            redo: Vec::new(),
+            facts: Vec::new(),
+            endings: Vec::new(),
+            closed: Vec::new(),
+            shutdown: None,
+            last_try_before: None,
+            next_seq_before,
+        }
+    }
+
+    fn is_full(&self, max_batch: usize) -> bool {
+        self.sealed || self.shutdown.is_some() || self.len >= max_batch
+    }
 }
 
 /// What becomes of a reply when its batch is rolled back.
@@ -819,32 +993,12 @@ fn hello_result(hello: HelloRequest) -> Result<ReplyFields, ErrorBody> {
 /// Who made a batch, which decides how its failure moves the retry pause.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Origin {
-    /// Commands from the io layer.
+    /// Inputs from the io layer.
     #[default]
-    Commands,
+    Inputs,
     /// The core's own work: waiting facts retried while idle, expiry,
     /// the clean-up at start.
     Upkeep,
-}
-
-#[derive(Default)]
-struct Batch {
-    origin: Origin,
-    /// The time the batch's requests are handled at.
-    now: i64,
-    outbox: Outbox,
-    len: usize,
-    /// For each reply that a roll-back changes, its index in
-    /// `outbox.deliveries` and what becomes of it (see
-    /// [`redo_after_roll_back`]), in order.
-    redo: Vec<(usize, Redo)>,
-    facts: Vec<Fact>,
-    /// Closes and exits not yet applied (see [`Core::apply_endings`]).
-    endings: Vec<Ending>,
-    closed: Vec<ConnId>,
-    shutdown: Option<String>,
-    /// To tell whether the batch changed anything to write.
-    next_seq_before: u64,
 }
 
 fn line_kind(event: &Event) -> LineKind {

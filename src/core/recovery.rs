@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::registry::{ConnId, ProcessId};
-use super::store::StoreError;
-use super::{FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
+use super::{CommitFailed, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 
 /// Something that happened outside the core. Unlike a request, nobody will
 /// send it again if its batch fails to commit, so the core keeps it and
@@ -23,7 +22,7 @@ pub(super) enum Fact {
         all: bool,
     },
     /// A row that did not survive the restart but could not be deleted at
-    /// start (see [`Core::forget_dead_rows`]). The registry never held it.
+    /// start (see [`super::Core::restore`]). The registry never held it.
     DeadRow(String),
 }
 
@@ -61,7 +60,7 @@ impl Outage {
     }
 
     /// Each failed retry of its own doubles the core's pause. A failed
-    /// batch of commands leaves the pause alone, so busy clients cannot
+    /// batch of inputs leaves the pause alone, so busy clients cannot
     /// hold the retries off.
     pub(super) fn failed_again(&mut self, origin: Origin, now: Instant) {
         self.failures += 1;
@@ -92,13 +91,13 @@ impl Recovery {
     /// [`Outage::failed_again`]) and logs the failure.
     pub(super) fn failed(
         &mut self,
-        cause: &StoreError,
+        cause: &CommitFailed,
         origin: Origin,
         refused: usize,
         facts: Vec<Fact>,
+        now: Instant,
     ) {
         self.facts.extend(facts);
-        let now = Instant::now();
         let outage = match &mut self.outage {
             Some(outage) => {
                 outage.failed_again(origin, now);
@@ -126,12 +125,12 @@ impl Recovery {
         }
     }
 
-    pub(super) fn succeeded(&mut self) {
+    pub(super) fn succeeded(&mut self, now: Instant) {
         if let Some(outage) = self.outage.take() {
             tracing::info!(
                 "the database takes commits again, after {} over {} s",
                 counted(outage.failures as usize, "failed commit"),
-                outage.began.elapsed().as_secs()
+                now.saturating_duration_since(outage.began).as_secs()
             );
         }
     }

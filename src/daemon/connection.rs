@@ -20,11 +20,12 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::core_thread::{Command, Outlet as _};
 use super::outbound::{Next, OutboundBudget, OutboundQueue, ReplySize};
 use super::pidwatch::{PidWatcher, Prepared};
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::store::HistoryReaders;
-use crate::core::{Command, Line, LineKind, Outlet as _, Resolved};
+use crate::core::{Line, LineKind, Resolved};
 use crate::protocol::{
     ErrorBody, ErrorCode, HistoryReply, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply,
     ReplyFields, Request, TrackRequest, validate_meta, validate_name,

@@ -1,9 +1,11 @@
 //! The io layer: the socket (put back if it is deleted while the daemon
-//! runs), one task pair per connection, process watchers and signals. It
-//! turns bytes into core commands and core output into bytes; it never
-//! decides who owns a topic.
+//! runs), one task pair per connection, process watchers, signals, and the
+//! thread that drives the core (`core_thread.rs`: the channel, the clocks,
+//! the store's commits, the outlets). It turns bytes into core inputs and
+//! core output into bytes; it never decides who owns a topic.
 
 mod connection;
+mod core_thread;
 mod listener;
 mod outbound;
 mod pidwatch;
@@ -17,11 +19,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::core::Stopped;
 use crate::core::store::{Retention, Store};
-use crate::core::{Command, Core, DaemonInfo, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
 use connection::Shared;
+use core_thread::{Command, CoreThread, DaemonInfo, Exit};
 use pidwatch::PidWatcher;
 
 /// Everything `presence daemon` is told.
@@ -116,8 +119,14 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         pid_watch: pids.mode().to_owned(),
         started_by: started_by.to_owned(),
     };
-    let core = Core::start(store, config.limits, &boot_id, config.resume_grace, info)?
-        .with_max_batch(config.max_batch);
+    let core = CoreThread::start(
+        store,
+        config.limits,
+        &boot_id,
+        config.resume_grace,
+        info,
+        config.max_batch,
+    )?;
 
     // Handlers first: a stop signal that arrives once we listen must shut
     // down cleanly, not kill us with the socket left behind.
@@ -227,7 +236,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {
-        Ok(Stopped::Store(e)) => Err(anyhow::Error::new(e)
+        Ok(Exit::Stopped(Stopped::Unsaved(e))) => Err(anyhow::Error::new(e)
             .context("departures held back by failed commits could not be saved before stopping")),
         _ => Ok(()),
     }

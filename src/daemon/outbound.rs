@@ -71,8 +71,9 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use super::core_thread::Outlet;
 use crate::core::registry::ConnId;
-use crate::core::{Line, LineKind, Outlet};
+use crate::core::{Line, LineKind};
 use crate::protocol::{ErrorBody, ErrorCode, OutgoingReply};
 
 /// Requests with small replies a connection may have waiting for their

@@ -19,7 +19,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::core::Command;
+use super::core_thread::Command;
 use crate::core::registry::ProcessId;
 use crate::sys::{self, ExitWatch, PinnedPeer};
 

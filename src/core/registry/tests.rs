@@ -3653,8 +3653,9 @@ impl World {
         (out, Expected::default())
     }
 
-    /// What `Core::start` does: rows come back without connections, and
-    /// connection entries get a deadline to be resumed by.
+    /// What a start does (`CoreThread::start`, `Core::restore`): rows come
+    /// back without connections, and connection entries get a deadline to
+    /// be resumed by.
     fn restart(&mut self, lowered: bool) {
         let deadline = self.now + RESUME_GRACE;
         let rows: Vec<Entry> = self
