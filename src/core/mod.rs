@@ -1029,4 +1029,4 @@ fn to_line(message: &impl serde::Serialize) -> Arc<[u8]> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -23,6 +23,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::core_thread::{Command, Outlet as _};
 use super::outbound::{Next, OutboundBudget, OutboundQueue, ReplySize};
 use super::pidwatch::{PidWatcher, Prepared};
+use crate::core::Input;
 use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
 use crate::core::store::HistoryReaders;
 use crate::core::{Line, LineKind, Resolved};
@@ -207,7 +208,7 @@ pub async fn serve(
         Some(sys::PeerProcess::Exited) => true,
         None => false,
     };
-    let _ = shared.core.send(Command::Close { conn, exited });
+    let _ = shared.core.send(Input::Close { conn, exited }.into());
     if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
         .await
         .is_err()
@@ -256,11 +257,14 @@ async fn read_requests(
                         shared.limits.max_line_bytes
                     ),
                 );
-                let _ = shared.core.send(Command::Refuse {
-                    conn,
-                    id: Value::Null,
-                    error,
-                });
+                let _ = shared.core.send(
+                    Input::Refuse {
+                        conn,
+                        id: Value::Null,
+                        error,
+                    }
+                    .into(),
+                );
                 return;
             }
             Err(e) => {
@@ -428,7 +432,7 @@ fn handle_line(
     let (id, resolved) = match parsed {
         Ok(parsed) => parsed,
         Err((id, error)) => {
-            let _ = shared.core.send(Command::Refuse { conn, id, error });
+            let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
             return None;
         }
     };
@@ -439,7 +443,7 @@ fn handle_line(
             let target = match track_target(request.pid, peer, peer_process) {
                 Ok(target) => target,
                 Err(error) => {
-                    let _ = shared.core.send(Command::Refuse { conn, id, error });
+                    let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
                     return None;
                 }
             };
@@ -450,12 +454,13 @@ fn handle_line(
                 // one) is watched already: no new watch, and its exit
                 // waits for this track to reach the core.
                 let command = match own_process_track(request, pinned.process, &shared.limits) {
-                    Ok(track) => Command::Request {
+                    Ok(track) => Input::Request {
                         conn,
                         id,
                         request: Resolved::Presence(Op::Track(track)),
-                    },
-                    Err(error) => Command::Refuse { conn, id, error },
+                    }
+                    .into(),
+                    Err(error) => Input::Refuse { conn, id, error }.into(),
                 };
                 let _ = shared.core.send(command);
                 return None;
@@ -463,15 +468,16 @@ fn handle_line(
             let (track, prepared) = match resolve_track(request, target, peer, shared) {
                 Ok(resolved) => resolved,
                 Err(error) => {
-                    let _ = shared.core.send(Command::Refuse { conn, id, error });
+                    let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
                     return None;
                 }
             };
-            let command = Command::Request {
+            let command = Input::Request {
                 conn,
                 id,
                 request: Resolved::Presence(Op::Track(track)),
-            };
+            }
+            .into();
             // Track first, then arm: the exit of the process can then never
             // reach the core ahead of the entry it should remove.
             if shared.core.send(command).is_ok() {
@@ -480,11 +486,14 @@ fn handle_line(
             return None;
         }
     };
-    let _ = shared.core.send(Command::Request {
-        conn,
-        id,
-        request: resolved,
-    });
+    let _ = shared.core.send(
+        Input::Request {
+            conn,
+            id,
+            request: resolved,
+        }
+        .into(),
+    );
     None
 }
 
@@ -888,18 +897,24 @@ async fn write_lines(
                 tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
-                let _ = core.send(Command::Resync {
-                    conn,
-                    topics,
-                    all: false,
-                });
+                let _ = core.send(
+                    Input::Resync {
+                        conn,
+                        topics,
+                        all: false,
+                    }
+                    .into(),
+                );
             }
             Next::ResyncAll => {
-                let _ = core.send(Command::Resync {
-                    conn,
-                    topics: Vec::new(),
-                    all: true,
-                });
+                let _ = core.send(
+                    Input::Resync {
+                        conn,
+                        topics: Vec::new(),
+                        all: true,
+                    }
+                    .into(),
+                );
             }
             Next::Finished => {
                 // Half-close so the client sees EOF even while it keeps the

@@ -14,15 +14,13 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::core::registry::{ConnId, Entry, Peer, ProcessId};
 use crate::core::store::{Store, StoreError, StoredEntry};
 use crate::core::{
-    Body, CommitFailed, Core, CoreConfig, Counts, Input, Line, LineKind, Now, Resolved, Restored,
-    Stopped, To, Transmit,
+    Body, CommitFailed, Core, CoreConfig, Counts, Input, Line, LineKind, Now, Restored, Stopped,
+    To, Transmit,
 };
-use crate::protocol::{ErrorBody, Lifetime, Limits, OutgoingReply, PROTOCOL_VERSION, StatusReply};
+use crate::protocol::{Lifetime, Limits, OutgoingReply, PROTOCOL_VERSION, StatusReply};
 
 /// How often the history is trimmed to its retention bounds, when the
 /// last pass left nothing over.
@@ -38,41 +36,22 @@ pub trait Outlet: Send {
     fn queued_bytes(&self) -> usize;
 }
 
-/// Everything the io layer asks of the core: the core's [`Input`], except
-/// that an opened connection brings the outlet its lines go to.
+/// Everything the io layer asks of the core: an [`Input`], or a new
+/// connection with the outlet its lines go to, which the core's thread
+/// keeps (the core itself only learns that the connection is open).
 pub enum Command {
     Open {
         conn: ConnId,
         peer: Peer,
         outlet: Box<dyn Outlet>,
     },
-    Request {
-        conn: ConnId,
-        id: Value,
-        request: Resolved,
-    },
-    /// A request the io layer already refused (see [`Input::Refuse`]).
-    Refuse {
-        conn: ConnId,
-        id: Value,
-        error: ErrorBody,
-    },
-    /// See [`Input::Close`].
-    Close {
-        conn: ConnId,
-        exited: bool,
-    },
-    ProcessExited(ProcessId),
-    /// See [`Input::Resync`].
-    Resync {
-        conn: ConnId,
-        topics: Vec<String>,
-        all: bool,
-    },
-    /// Tell every client, commit, and stop.
-    Shutdown {
-        reason: String,
-    },
+    Input(Input),
+}
+
+impl From<Input> for Command {
+    fn from(input: Input) -> Command {
+        Command::Input(input)
+    }
 }
 
 /// What `status` reports about the daemon beyond the registry.
@@ -214,12 +193,7 @@ impl CoreThread {
                 self.outlets.insert(conn, outlet);
                 Input::Open { conn, peer }
             }
-            Command::Request { conn, id, request } => Input::Request { conn, id, request },
-            Command::Refuse { conn, id, error } => Input::Refuse { conn, id, error },
-            Command::Close { conn, exited } => Input::Close { conn, exited },
-            Command::ProcessExited(process) => Input::ProcessExited(process),
-            Command::Resync { conn, topics, all } => Input::Resync { conn, topics, all },
-            Command::Shutdown { reason } => Input::Shutdown { reason },
+            Command::Input(input) => input,
         };
         self.core.handle(now, input);
     }

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::Stopped;
 use crate::core::store::{Retention, Store};
+use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
 use connection::Shared;
-use core_thread::{Command, CoreThread, DaemonInfo, Exit};
+use core_thread::{CoreThread, DaemonInfo, Exit};
 use pidwatch::PidWatcher;
 
 /// Everything `presence daemon` is told.
@@ -229,9 +229,12 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         .stop_listening()
         .inspect_err(|e| tracing::warn!("the socket lock goes early: {e}"))
         .ok();
-    let _ = core_tx.send(Command::Shutdown {
-        reason: reason.to_owned(),
-    });
+    let _ = core_tx.send(
+        Input::Shutdown {
+            reason: reason.to_owned(),
+        }
+        .into(),
+    );
     let stopped = stopped_rx.await;
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;

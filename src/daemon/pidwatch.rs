@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::core_thread::Command;
+use crate::core::Input;
 use crate::core::registry::ProcessId;
 use crate::sys::{self, ExitWatch, PinnedPeer};
 
@@ -173,7 +174,7 @@ impl PidWatcher {
             // for this process that saw it watched was sent before this.
             let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
             watched.remove(&key);
-            let _ = inner.core.send(Command::ProcessExited(process));
+            let _ = inner.core.send(Input::ProcessExited(process).into());
         });
     }
 
@@ -183,7 +184,7 @@ impl PidWatcher {
         match self.prepare(process) {
             Ok(prepared) => self.arm(prepared),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let _ = self.inner.core.send(Command::ProcessExited(process));
+                let _ = self.inner.core.send(Input::ProcessExited(process).into());
             }
             // No pidfd to be had (out of file descriptors): the process may
             // well live on, so it is watched by polling instead of reaped.
@@ -281,7 +282,7 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(matches!(exited, Command::ProcessExited(p) if p == peer.process));
+        assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
         assert!(pids.hold_if_watched(&peer).is_none(), "no longer watched");
     }
 }

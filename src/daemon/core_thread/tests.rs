@@ -6,12 +6,12 @@
 
 use std::sync::mpsc;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::*;
-use crate::core::MAX_BATCH;
-use crate::core::registry::{Change, Op, TokenHash, Track};
-use crate::protocol::TrackRequest;
+use crate::core::registry::{Change, Op};
+use crate::core::tests::harness::{token_hash, track_for};
+use crate::core::{Input, MAX_BATCH, Resolved};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// How long SQLite waits on the test's lock before a commit fails.
@@ -116,46 +116,20 @@ fn open(conn: ConnId) -> (Command, mpsc::Receiver<Value>) {
 }
 
 fn request(conn: ConnId, id: u64, request: Resolved) -> Command {
-    Command::Request {
+    Input::Request {
         conn,
         id: json!(id),
         request,
     }
+    .into()
 }
 
 fn presence(conn: ConnId, id: u64, op: Op) -> Command {
     request(conn, id, Resolved::Presence(op))
 }
 
-fn token_hash(key: &str) -> TokenHash {
-    let mut hash = [0; 32];
-    let bytes = key.as_bytes();
-    hash[..bytes.len()].copy_from_slice(bytes);
-    hash
-}
-
-fn track_for(conn: ConnId, id: u64, key: &str, lifetime: Lifetime) -> Command {
-    let track = Track {
-        request: TrackRequest {
-            topic: "doc".into(),
-            key: key.into(),
-            meta: serde_json::Map::new(),
-            pid: None,
-            lifetime,
-            subscribe: false,
-        },
-        process: ProcessId {
-            pid: 4000 + conn as u32,
-            start_time: 1,
-        },
-        token_hash: token_hash(key),
-        token: format!("token-{key}"),
-    };
-    presence(conn, id, Op::Track(track))
-}
-
 fn track(conn: ConnId, id: u64, key: &str) -> Command {
-    track_for(conn, id, key, Lifetime::Connection)
+    track_for(conn, id, key, Lifetime::Connection).into()
 }
 
 /// Runs the commands through the core as one batch, as the thread does
@@ -191,9 +165,10 @@ fn connect(core: &mut CoreThread, conn: ConnId) -> mpsc::Receiver<Value> {
 }
 
 fn shutdown() -> Command {
-    Command::Shutdown {
+    Input::Shutdown {
         reason: "test".into(),
     }
+    .into()
 }
 
 /// The lines a connection has been sent and not yet taken.
@@ -216,10 +191,11 @@ fn a_stop_with_facts_still_unsaved_fails_and_keeps_the_committed_rows() {
 
     let commands = vec![
         track(1, 2, "lost"),
-        Command::Close {
+        Input::Close {
             conn: 1,
             exited: false,
-        },
+        }
+        .into(),
         shutdown(),
     ];
     let stopped = run_to_stop(core, commands);
@@ -299,10 +275,13 @@ fn a_failed_commit_reveals_nothing_and_the_close_is_retried_while_idle() {
     let locker = db.lock();
     run_batch(
         &mut core,
-        vec![Command::Close {
-            conn: 1,
-            exited: false,
-        }],
+        vec![
+            Input::Close {
+                conn: 1,
+                exited: false,
+            }
+            .into(),
+        ],
     );
     assert!(facts_waiting(&core), "the close waits to be saved");
     assert_eq!(
