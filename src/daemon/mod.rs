@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::store::{Retention, Store};
+use crate::core::store::{HistoryReaders, Retention, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
@@ -52,24 +52,141 @@ pub struct DaemonConfig {
 /// How long shutdown waits for the `shutdown` event to reach slow clients.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT: what `presence daemon` does.
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(async {
+        // Handlers first: a stop signal that arrives once we listen must
+        // shut down cleanly, not kill us with the socket left behind.
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut daemon = start(config).await?;
+        let reason = tokio::select! {
+            _ = terminate.recv() => "the daemon received SIGTERM",
+            _ = interrupt.recv() => "the daemon received SIGINT",
+            served = &mut daemon.served => return served.context("the daemon's accept loop")?,
+        };
+        daemon.stop(reason).await
+    })
 }
 
-async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+/// A daemon serving its socket, started by [`start`]; it serves until
+/// [`Daemon::stop`].
+pub struct Daemon {
+    socket: PathBuf,
+    shutdown: tokio::sync::oneshot::Sender<String>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// The socket it serves: the configured path, or the one systemd
+    /// passed in.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Tells every client why, commits what is left, and returns once the
+    /// daemon has stopped. An error says what could not be saved.
+    pub async fn stop(self, reason: &str) -> anyhow::Result<()> {
+        // A daemon whose loop already ended has nobody to tell; its end
+        // is the answer.
+        let _ = self.shutdown.send(reason.to_owned());
+        self.served.await.context("the daemon's accept loop")?
+    }
+}
+
+/// Starts a daemon: claims the socket, opens the database, restores the
+/// registry from it, listens, and serves on the current runtime until
+/// [`Daemon::stop`]. Returns once clients can connect (and systemd has
+/// been told so).
+pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     let started = Instant::now();
     // Everything the daemon creates (database, journal, locks, socket) is
     // for its user alone, whatever umask it inherited.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let (claimed, started_by) = claim_socket(&config).await?;
+    let socket = claimed.socket().to_owned();
+    let opened = open_store(&config)?;
+
+    let (core_tx, core_rx) = std::sync::mpsc::channel();
+    let pids = PidWatcher::new(core_tx.clone());
+    let info = DaemonInfo {
+        socket: socket.clone(),
+        started,
+        pid_watch: pids.mode().to_owned(),
+        started_by: started_by.to_owned(),
+    };
+    let core = CoreThread::start(
+        opened.store,
+        config.limits,
+        &opened.boot_id,
+        config.resume_grace,
+        info,
+        config.max_batch,
+    )?;
+
+    // The socket before the watches: each watched process takes a pidfd,
+    // and with more of them than descriptors the socket would find none.
+    // Whoever connects meanwhile waits in the backlog.
+    listener::raise_fd_limit(config.limits.max_connections);
+    let serving = claimed.listen()?;
+    for process in core.watched_processes() {
+        pids.watch(process);
+    }
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("presenced-core".into())
+        .spawn(move || {
+            let _ = stopped_tx.send(core.run(core_rx));
+        })
+        .context("starting the core thread")?;
+    tracing::info!(
+        "presenced {} listening on {} (database {})",
+        env!("CARGO_PKG_VERSION"),
+        socket.display(),
+        config.db.display()
+    );
+    // Only now: the database is loaded and the socket serves.
+    systemd::notify_ready(&format!("serving {}", socket.display()));
+    if config.ready_on_stdout {
+        // Whoever started us may have given up waiting; that is no reason
+        // to fail.
+        let mut stdout = std::io::stdout();
+        let _ = std::io::Write::write_all(&mut stdout, b"ready\n")
+            .and_then(|()| std::io::Write::flush(&mut stdout));
+    }
+
+    let shared = Arc::new(Shared {
+        core: core_tx,
+        pids,
+        limits: config.limits,
+        connections_by_uid: connection::ConnectionsByUid::new(
+            config.limits.max_connections_per_uid,
+            crate::sys::current_uid(),
+        ),
+        history: connection::HistoryReads::new(opened.history),
+        outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
+    });
+    let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
+    let served = tokio::spawn(serve(serving, shared, stopped_rx, shutdown_rx));
+    Ok(Daemon {
+        socket,
+        shutdown,
+        served,
+    })
+}
+
+/// Takes the socket: the one systemd passed in, or the configured path.
+/// Says how the daemon was started, for `status`.
+async fn claim_socket(config: &DaemonConfig) -> anyhow::Result<(listener::Claimed, &'static str)> {
     let notified = std::env::var_os("NOTIFY_SOCKET").is_some_and(|value| !value.is_empty());
     let passed = systemd::passed_socket()?;
-    // How we were started, for `status`: a client's flag first, since a
-    // client run from a systemd service hands its environment down.
+    // A client's flag first, since a client run from a systemd service
+    // hands its environment down.
     let started_by = if config.autostarted {
         "autostart"
     } else if passed.is_some() || notified {
@@ -96,8 +213,18 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             listener::claim(&config.socket, &access).await?
         }
     };
-    let socket = claimed.socket().to_owned();
+    Ok((claimed, started_by))
+}
 
+/// The database, opened for the core's writes and for `history`'s reads,
+/// and the boot it is opened in.
+struct OpenedStore {
+    store: Store,
+    history: HistoryReaders,
+    boot_id: String,
+}
+
+fn open_store(config: &DaemonConfig) -> anyhow::Result<OpenedStore> {
     if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::paths::ensure_private_dir(dir)
             .with_context(|| format!("preparing the database folder {}", dir.display()))?;
@@ -109,72 +236,24 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let history = store
         .history_readers()
         .with_context(|| format!("opening the database {} to read", config.db.display()))?;
-    listener::raise_fd_limit(config.limits.max_connections);
-
-    let (core_tx, core_rx) = std::sync::mpsc::channel();
-    let pids = PidWatcher::new(core_tx.clone());
-    let info = DaemonInfo {
-        socket: socket.clone(),
-        started,
-        pid_watch: pids.mode().to_owned(),
-        started_by: started_by.to_owned(),
-    };
-    let core = CoreThread::start(
+    Ok(OpenedStore {
         store,
-        config.limits,
-        &boot_id,
-        config.resume_grace,
-        info,
-        config.max_batch,
-    )?;
+        history,
+        boot_id,
+    })
+}
 
-    // Handlers first: a stop signal that arrives once we listen must shut
-    // down cleanly, not kill us with the socket left behind.
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    // The socket before the watches: each watched process takes a pidfd,
-    // and with more of them than descriptors the socket would find none.
-    // Whoever connects meanwhile waits in the backlog.
-    let mut serving = claimed.listen()?;
-    for process in core.watched_processes() {
-        pids.watch(process);
-    }
-
-    let (stopped_tx, mut stopped_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("presenced-core".into())
-        .spawn(move || {
-            let _ = stopped_tx.send(core.run(core_rx));
-        })
-        .context("starting the core thread")?;
-    tracing::info!(
-        "presenced {} listening on {} (database {})",
-        env!("CARGO_PKG_VERSION"),
-        socket.display(),
-        config.db.display()
-    );
-    // Only now: the database is loaded and the socket serves.
-    systemd::notify_ready(&format!("serving {}", socket.display()));
-    if config.ready_on_stdout {
-        // Whoever started us may have given up waiting; that is no reason
-        // to fail.
-        let mut stdout = std::io::stdout();
-        let _ = std::io::Write::write_all(&mut stdout, b"ready\n")
-            .and_then(|()| std::io::Write::flush(&mut stdout));
-    }
-
-    let shared = Arc::new(Shared {
-        core: core_tx.clone(),
-        pids,
-        limits: config.limits,
-        connections_by_uid: connection::ConnectionsByUid::new(
-            config.limits.max_connections_per_uid,
-            crate::sys::current_uid(),
-        ),
-        history: connection::HistoryReads::new(history),
-        outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
-    });
+/// Accepts connections until told to stop, then shuts down: the socket
+/// goes first, every client is told why, the core commits and stops, and
+/// the writers get a moment to send what they owe.
+async fn serve(
+    mut serving: listener::Serving,
+    shared: Arc<Shared>,
+    mut core_stopped: tokio::sync::oneshot::Receiver<Exit>,
+    mut shutdown: tokio::sync::oneshot::Receiver<String>,
+) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&shared.outbound).cut_off_stalled_holders());
+    let max_connections = shared.limits.max_connections;
     let active = Arc::new(AtomicUsize::new(0));
     // Every writer holds a clone; when all are gone, every client has been
     // sent everything it was owed.
@@ -187,11 +266,10 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                 Ok(stream) => {
                     next_conn += 1;
                     let conn = next_conn;
-                    if active.load(Ordering::Relaxed) >= config.limits.max_connections {
-                        let max = config.limits.max_connections;
+                    if active.load(Ordering::Relaxed) >= max_connections {
                         tokio::spawn(listener::refuse(
                             stream,
-                            format!("the daemon is serving {max} connections, its limit; try again later"),
+                            format!("the daemon is serving {max_connections} connections, its limit; try again later"),
                         ));
                         continue;
                     }
@@ -211,11 +289,12 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = terminate.recv() => break "the daemon received SIGTERM",
-            _ = interrupt.recv() => break "the daemon received SIGINT",
+            reason = &mut shutdown => {
+                break reason.unwrap_or_else(|_| "the daemon's handle was dropped".to_owned());
+            }
             // The core stops by itself only if it panicked: a failed commit
             // is rolled back and retried, and shutdown comes from here.
-            _ = &mut stopped_rx => {
+            _ = &mut core_stopped => {
                 return Err(anyhow::anyhow!("the core stopped unexpectedly"));
             }
         }
@@ -229,13 +308,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         .stop_listening()
         .inspect_err(|e| tracing::warn!("the socket lock goes early: {e}"))
         .ok();
-    let _ = core_tx.send(
-        Input::Shutdown {
-            reason: reason.to_owned(),
-        }
-        .into(),
-    );
-    let stopped = stopped_rx.await;
+    let _ = shared.core.send(Input::Shutdown { reason }.into());
+    let stopped = core_stopped.await;
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {
@@ -244,3 +318,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

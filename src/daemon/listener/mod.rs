@@ -25,7 +25,7 @@ use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::os::unix::uds_local_socket::tokio::{Listener, Stream};
 use tokio::time::Instant;
 
-pub use claim::{claim, claim_passed};
+pub use claim::{Claimed, claim, claim_passed};
 pub use refuse::refuse;
 pub use reserve::raise_fd_limit;
 
