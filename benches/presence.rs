@@ -66,6 +66,10 @@ enum Part {
     /// Small requests while other clients loop large reads.
     Reads,
     Restart,
+    /// The ideal daemon's handoff on each way of driving a daemon (one
+    /// epoll thread, tokio on one thread, tokio's workers combining),
+    /// to choose the real daemon's loop by. Only when asked for.
+    Drivers,
 }
 
 struct Options {
@@ -79,7 +83,7 @@ fn main() {
         Ok(options) => options,
         Err(e) => {
             eprintln!(
-                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart]"
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart|drivers]"
             );
             std::process::exit(2);
         }
@@ -123,6 +127,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                 let part = args.next().context("--only needs a part")?;
                 options.plan.only = Some(match part.as_str() {
                     "failover" => Part::Failover,
+                    "drivers" => Part::Drivers,
                     "latency" => Part::Latency,
                     "throughput" => Part::Throughput,
                     "scale" => Part::Scale,
@@ -162,6 +167,16 @@ enum Target {
         p50: Option<Duration>,
         p99: Option<Duration>,
     },
+}
+
+impl Target {
+    /// The row it compares with, if it is a ratio.
+    fn baseline(&self) -> Option<&'static str> {
+        match self {
+            Target::Ratio { baseline, .. } => Some(baseline),
+            Target::Within { .. } => None,
+        }
+    }
 }
 
 struct Row {
@@ -257,6 +272,9 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
     load::raise_fd_limit()?;
     if plan.runs(Part::Failover) {
         failover_part(dir.path(), plan, &mut report).await?;
+    }
+    if plan.runs(Part::Drivers) {
+        drivers_part(dir.path(), plan, &mut report).await?;
     }
     if plan.runs(Part::Latency) {
         eprintln!("round trips ({} trials each)", plan.trials);
@@ -360,7 +378,7 @@ async fn failover_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::R
     report.baseline("flock-graceful", graceful, vec![]);
 
     let socket = dir.join("ideal.sock");
-    let ideal = Helper::start("ideal", &[socket.as_os_str()]).await?;
+    let ideal = Helper::start("ideal", &[socket.as_os_str(), OsStr::new("epoll")]).await?;
     for release in [Release::Kill, Release::Close, Release::Untrack] {
         let (promoted, _) = failover(&socket, plan, release, false).await?;
         let flock = against(release.flock_baseline());
@@ -401,6 +419,57 @@ async fn failover_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::R
         report.measured(role, promoted, targets);
         let diffed = diffed.context("the watcher's diffs")?;
         report.measured(diff, diffed, vec![against(flock)]);
+    }
+    Ok(())
+}
+
+/// Each way of driving the ideal daemon, with its rows after a kill and
+/// after a close; the first, one epoll thread, is the others' baseline.
+const DRIVER_ROWS: [(&str, [&str; 2]); 3] = [
+    (
+        "epoll",
+        [
+            "drivers/epoll/failover-kill",
+            "drivers/epoll/failover-close",
+        ],
+    ),
+    (
+        "tokio-current",
+        [
+            "drivers/tokio-current/failover-kill",
+            "drivers/tokio-current/failover-close",
+        ],
+    ),
+    (
+        "tokio-combining",
+        [
+            "drivers/tokio-combining/failover-kill",
+            "drivers/tokio-combining/failover-close",
+        ],
+    ),
+];
+
+/// The ideal daemon's handoff, after SIGKILL and after a close, on each
+/// driver, each compared with the one-thread epoll loop.
+async fn drivers_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!(
+        "the ideal daemon on each driver ({} trials each)",
+        plan.trials
+    );
+    let (_, baselines) = DRIVER_ROWS[0];
+    for (index, (driver, rows)) in DRIVER_ROWS.into_iter().enumerate() {
+        let socket = dir.join(format!("ideal-{driver}.sock"));
+        let ideal = Helper::start("ideal", &[socket.as_os_str(), OsStr::new(driver)]).await?;
+        let releases = [Release::Kill, Release::Close];
+        for ((release, row), baseline) in releases.into_iter().zip(rows).zip(baselines) {
+            let (promoted, _) = failover(&socket, plan, release, false).await?;
+            if index == 0 {
+                report.baseline(row, promoted, vec![against(release.flock_baseline())]);
+            } else {
+                report.measured(row, promoted, vec![against(baseline)]);
+            }
+        }
+        ideal.finish().await?;
     }
     Ok(())
 }
@@ -853,7 +922,10 @@ impl Plan {
     }
 
     fn runs(self, part: Part) -> bool {
-        self.only.is_none_or(|only| only == part)
+        match self.only {
+            Some(only) => only == part,
+            None => part != Part::Drivers,
+        }
     }
 }
 
@@ -1250,8 +1322,21 @@ fn print_table(plan: Plan, report: &Report) {
         plan.warmup,
         cpus()
     );
+    // As wide as the longest name, so that the figures line up.
+    let names = report.rows.iter().map(|row| row.name.len());
+    let name_width = names.chain([28]).max().unwrap_or(28);
+    let compared = report
+        .rows
+        .iter()
+        .flat_map(|row| row.targets.iter().map(Target::baseline));
+    let compared_width = compared
+        .flatten()
+        .map(str::len)
+        .chain([27])
+        .max()
+        .unwrap_or(27);
     println!(
-        "{:<28} {:>6} {:>10} {:>10} {:>10}  {:<27} {:>6} {:>6}  {:<16} verdict",
+        "{:<name_width$} {:>6} {:>10} {:>10} {:>10}  {:<compared_width$} {:>6} {:>6}  {:<16} verdict",
         "scenario",
         "trials",
         "median µs",
@@ -1266,7 +1351,7 @@ fn print_table(plan: Plan, report: &Report) {
     for row in &report.rows {
         let s = row.summary;
         print!(
-            "{:<28} {:>6} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<name_width$} {:>6} {:>10.1} {:>10.1} {:>10.1}",
             row.name,
             s.trials,
             micros(s.median),
@@ -1276,15 +1361,21 @@ fn print_table(plan: Plan, report: &Report) {
         let verdicts = verdicts(row, &report.rows);
         if verdicts.is_empty() {
             let word = if row.is_baseline { "baseline" } else { "" };
-            println!("  {:<27} {:>6} {:>6}  {:<16} {word}", "", "", "", "");
+            println!(
+                "  {:<compared_width$} {:>6} {:>6}  {:<16} {word}",
+                "", "", "", ""
+            );
         }
         for (i, v) in verdicts.iter().enumerate() {
             if i > 0 {
                 // Further comparisons of the same row, under the first.
-                print!("{:<28} {:>6} {:>10} {:>10} {:>10}", "", "", "", "", "");
+                print!(
+                    "{:<name_width$} {:>6} {:>10} {:>10} {:>10}",
+                    "", "", "", "", ""
+                );
             }
             println!(
-                "  {:<27} {:>6} {:>6}  {:<16} {}",
+                "  {:<compared_width$} {:>6} {:>6}  {:<16} {}",
                 v.baseline.unwrap_or("-"),
                 ratio(v.p50),
                 ratio(v.p99),

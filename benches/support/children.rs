@@ -40,7 +40,7 @@ pub fn run_if_child() {
         (Some("flock"), [path]) => hold_flock(path),
         (Some("owner"), [socket, topic, how]) => own_topic(socket, topic, how),
         (Some("echo"), [socket]) => serve_echo(socket),
-        (Some("ideal"), [socket]) => super::ideal::serve(socket, announce_ready),
+        (Some("ideal"), [socket, driver]) => super::ideal::serve(socket, driver, announce_ready),
         (Some("list-loop"), [socket]) => loop_list(socket),
         (Some("dbus-owner"), [socket, name]) => own_bus_name(socket, name),
         (Some("dbus-broker"), [dir]) => run_broker(dir),
