@@ -20,7 +20,9 @@
 //!   reply, its resolution (through [`ops::System`], which the daemon
 //!   implements), its answer by the registry and its roll-back class; the
 //!   list of ops, written once, gives [`protocol::Request`] and
-//!   [`protocol::KNOWN_OPS`].
+//!   [`protocol::KNOWN_OPS`]. It sits between the core's loop, which
+//!   dispatches to it, and [`core::registry`], which it calls; the
+//!   registry knows nothing of it.
 //! - [`protocol`]: the wire types shared by all of the above.
 //! - [`topic`]: the topic of a file, the one convention of the editor
 //!   plugins and `presence who`.

@@ -47,6 +47,18 @@ impl<'a> LineResolver<'a> {
     }
 }
 
+/// 32 bytes from the kernel's random source; `None`, logged, when it has
+/// none to give.
+fn random_bytes() -> Option<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        tracing::error!("no randomness for a resume token: {e}");
+        return None;
+    }
+    Some(bytes)
+}
+
+/// Why a watch could not be opened, as resolution tells it to the client.
 fn failure(e: std::io::Error) -> WatchFailure {
     if e.kind() == std::io::ErrorKind::NotFound {
         WatchFailure::NotRunning
@@ -108,15 +120,24 @@ impl ops::System for LineResolver<'_> {
     }
 
     fn random_bytes(&mut self) -> Option<[u8; 32]> {
-        let mut bytes = [0u8; 32];
-        if let Err(e) = getrandom::fill(&mut bytes) {
-            tracing::error!("no randomness for a resume token: {e}");
-            return None;
-        }
-        Some(bytes)
+        random_bytes()
     }
 
     fn history_rows_at_most(&self, request: &HistoryRequest) -> usize {
         self.shared.history.readers.rows_at_most(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resume tokens are drawn from these: two draws never agree.
+    #[test]
+    fn random_bytes_are_random() {
+        let (Some(a), Some(b)) = (random_bytes(), random_bytes()) else {
+            panic!("no randomness on this machine");
+        };
+        assert_ne!(a, b);
     }
 }
