@@ -16,6 +16,13 @@
 //!   out each batch's changes to commit and reveals nothing before the
 //!   commit, rolls back failed ones and says when to retry; and the
 //!   [`core::store`] (SQLite) that the daemon commits to.
+//! - [`ops`]: each op of the protocol in one file: its wire request and
+//!   reply, its resolution (through [`ops::System`], which the daemon
+//!   implements), its answer by the registry and its roll-back class; the
+//!   list of ops, written once, gives [`protocol::Request`] and
+//!   [`protocol::KNOWN_OPS`]. It sits between the core's loop, which
+//!   dispatches to it, and [`core::registry`], which it calls; the
+//!   registry knows nothing of it.
 //! - [`protocol`]: the wire types shared by all of the above.
 //! - [`topic`]: the topic of a file, the one convention of the editor
 //!   plugins and `presence who`.
@@ -29,6 +36,7 @@ pub mod client;
 pub mod core;
 pub mod daemon;
 pub mod folder_watch;
+pub mod ops;
 pub mod paths;
 pub mod protocol;
 pub mod sys;

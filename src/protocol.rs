@@ -293,137 +293,26 @@ pub struct HistoryEvent {
 // Requests
 // ---------------------------------------------------------------------------
 
-/// A request line: the op with its fields. The envelope's `id` is read
-/// separately so that it can be echoed even when the fields are wrong.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    Hello(HelloRequest),
-    Track(TrackRequest),
-    Untrack(UntrackRequest),
-    Update(UpdateRequest),
-    List(ListRequest),
-    GetByKey(GetByKeyRequest),
-    Subscribe(SubscriptionRequest),
-    Unsubscribe(SubscriptionRequest),
-    Resume(ResumeRequest),
-    Status(Empty),
-    Ping(Empty),
-    History(HistoryRequest),
-}
+// The requests and their replies live with their ops, in `src/ops/`; they
+// are named here too, so that the wire contract stays one module to
+// import.
+pub use crate::ops::get_by_key::{GetByKeyReply, GetByKeyRequest};
+pub use crate::ops::hello::{HelloReply, HelloRequest};
+pub use crate::ops::history::{
+    DEFAULT_HISTORY_LIMIT, HistoryReply, HistoryRequest, MAX_HISTORY_LIMIT,
+};
+pub use crate::ops::list::{ListAllReply, ListRequest, ListTopicReply};
+pub use crate::ops::resume::{ResumeReply, ResumeRequest};
+pub use crate::ops::status::StatusReply;
+pub use crate::ops::subscribe::{SubscribeAllReply, SubscriptionRequest};
+pub use crate::ops::track::{TrackReply, TrackRequest};
+pub use crate::ops::untrack::{UntrackReply, UntrackRequest};
+pub use crate::ops::update::{UpdateReply, UpdateRequest};
+pub use crate::ops::{KNOWN_OPS, Request};
 
-/// Every op name the daemon knows, to tell `unknown_op` from `bad_request`.
-pub const KNOWN_OPS: [&str; 12] = [
-    "hello",
-    "track",
-    "untrack",
-    "update",
-    "list",
-    "get_by_key",
-    "subscribe",
-    "unsubscribe",
-    "resume",
-    "status",
-    "ping",
-    "history",
-];
-
+/// The fields of a request that has none (`status`, `ping`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Empty {}
-
-/// `history`: the latest recorded events, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryRequest {
-    /// Only this topic's events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    /// Only events at or after this time, in unix milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<i64>,
-    /// At most this many (the latest), up to [`MAX_HISTORY_LIMIT`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<usize>,
-}
-
-/// How many events one `history` reply may carry, and how many it carries
-/// unless asked for fewer.
-pub const MAX_HISTORY_LIMIT: usize = 10_000;
-pub const DEFAULT_HISTORY_LIMIT: usize = 1_000;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryReply {
-    pub events: Vec<HistoryEvent>,
-    /// More events matched than were returned: the oldest were left out.
-    pub truncated: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HelloRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrackRequest {
-    pub topic: String,
-    pub key: String,
-    #[serde(default)]
-    pub meta: Map<String, Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default)]
-    pub lifetime: Lifetime,
-    #[serde(default)]
-    pub subscribe: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UntrackRequest {
-    pub topic: String,
-    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
-    pub phx_ref: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UpdateRequest {
-    pub topic: String,
-    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
-    pub phx_ref: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    pub meta: Map<String, Value>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetByKeyRequest {
-    pub topic: String,
-    pub key: String,
-}
-
-/// `subscribe` and `unsubscribe`: one topic, or with `all: true` (and no
-/// topic) every topic, those that appear later included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub all: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResumeRequest {
-    pub tokens: Vec<String>,
-}
 
 // ---------------------------------------------------------------------------
 // Presence data
@@ -575,13 +464,6 @@ impl OutgoingReply {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HelloReply {
-    pub protocol: u32,
-    pub server: String,
-    pub pid: u32,
-}
-
 /// Where an entry stands in its topic's queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Standing {
@@ -591,81 +473,6 @@ pub struct Standing {
     pub owner: Option<Owner>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrackReply {
-    #[serde(rename = "ref")]
-    pub phx_ref: String,
-    pub seq: u64,
-    pub joined_at: i64,
-    #[serde(flatten)]
-    pub standing: Standing,
-    pub resume_token: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UntrackReply {
-    pub removed: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpdateReply {
-    #[serde(rename = "ref")]
-    pub phx_ref: String,
-    pub prev_ref: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ListTopicReply {
-    pub topic: String,
-    #[serde(flatten)]
-    pub state: TopicPresences,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ListAllReply {
-    pub topics: BTreeMap<String, TopicPresences>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GetByKeyReply {
-    pub metas: Vec<Meta>,
-}
-
-/// The reply to `subscribe` with `all: true`: the topics whose
-/// `presence_state` follows, in the order they follow. A client that
-/// follows every topic learns from it which topics emptied while it was
-/// away (after a daemon restart, say): those it knew and that are missing.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscribeAllReply {
-    /// Absent from daemons that predate it.
-    #[serde(default)]
-    pub topics: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResumeReply {
-    pub resumed: Vec<String>,
-    pub expired: Vec<String>,
-    pub roles: BTreeMap<String, Standing>,
-    /// Each resumed token with its entry's ref. The ref is the one the
-    /// entry has now: another connection may have updated it while no
-    /// connection held it, and no `updated` event told anyone of that.
-    /// Absent from daemons that predate it.
-    #[serde(default)]
-    pub refs: BTreeMap<String, String>,
-    /// Tokens of entries that exist and are free, but that this connection
-    /// may not take (over its entry limit, or a second entry for the same
-    /// topic and key). They stay valid.
-    #[serde(default)]
-    pub refused: BTreeMap<String, ErrorBody>,
-    /// Tokens of entries another connection removed while none held them
-    /// (restored and not yet resumed, or a `process` entry whose
-    /// connection had closed), with who removed them: not to be tracked
-    /// again, as a `removed` event would have said.
-    #[serde(default)]
-    pub removed: BTreeMap<String, RemovedEntry>,
-}
-
 /// An entry another connection removed, as `resume` tells of it: its
 /// topic, and what a `removed` event would have said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -673,50 +480,6 @@ pub struct RemovedEntry {
     pub topic: String,
     #[serde(flatten)]
     pub removal: Removal,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusReply {
-    pub version: String,
-    pub protocol: u32,
-    pub pid: u32,
-    pub uptime_ms: u64,
-    pub socket: String,
-    pub db: String,
-    pub db_recovered: Option<String>,
-    pub topics: usize,
-    pub entries: usize,
-    pub connections: usize,
-    pub subscriptions: usize,
-    pub pid_watch: String,
-    /// Entries restored at start that no client has resumed yet.
-    pub awaiting_resume: usize,
-    /// Transactions committed since the daemon started; with group commit,
-    /// fewer than the changes they saved. 0 from a daemon that predates it.
-    #[serde(default)]
-    pub transactions: u64,
-    /// Bytes waiting to be written to clients, over all connections, and
-    /// the most any one connection has waiting: a reader that stops
-    /// reading shows here. Diffs stop being queued past `--max-outbound`,
-    /// but replies, the states that follow subscriptions, roles and fresh
-    /// states never drop, so one reader may hold more. 0 from a daemon
-    /// that predates them.
-    #[serde(default)]
-    pub outbound_bytes: usize,
-    #[serde(default)]
-    pub largest_outbound_bytes: usize,
-    /// What every connection's queue may hold together
-    /// (`--max-outbound-total`); past it, large requests wait and the
-    /// connections that have stopped reading are closed, those holding the
-    /// most first. 0 from a daemon that predates it.
-    #[serde(default)]
-    pub outbound_budget_bytes: usize,
-    /// How the daemon was started: `autostart` (by a client, on demand),
-    /// `systemd` (socket activation or a notify service) or `foreground`
-    /// (`presence daemon` run by hand). `None` from a daemon that predates
-    /// it.
-    #[serde(default)]
-    pub started_by: Option<String>,
 }
 
 // ---------------------------------------------------------------------------

@@ -46,12 +46,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::protocol::{
-    ErrorBody, ErrorCode, Event, HelloReply, HelloRequest, Limits, OutgoingReply, PROTOCOL_VERSION,
-    ReplyFields, SERVER_NAME, ShutdownPayload,
-};
+use crate::ops::{self, Answered, Op, RollBack};
+use crate::protocol::{ErrorBody, ErrorCode, Event, Limits, OutgoingReply, ShutdownPayload};
 use recovery::{Fact, Recovery};
-use registry::{Change, ConnId, Delivery, Ending, Entry, Op, Outbox, Peer, ProcessId, Registry};
+use registry::{Change, ConnId, Delivery, Ending, Entry, Outbox, Peer, ProcessId, Registry};
 
 /// How many inputs one transaction may take, by default. Large enough
 /// that a burst is one commit; small enough that the first reply of a
@@ -117,16 +115,6 @@ pub struct Line {
     pub bytes: Arc<[u8]>,
 }
 
-/// A request after the io layer has parsed it and resolved what needs the
-/// system.
-#[derive(Debug)]
-pub enum Resolved {
-    Hello(HelloRequest),
-    Presence(Op),
-    Status,
-    Ping,
-}
-
 /// Everything the io layer tells the core.
 #[derive(Debug)]
 pub enum Input {
@@ -135,10 +123,11 @@ pub enum Input {
         conn: ConnId,
         peer: Peer,
     },
+    /// A request, resolved by the io layer (`ops`).
     Request {
         conn: ConnId,
         id: Value,
-        request: Resolved,
+        request: Op,
     },
     /// A request the io layer already refused. It goes through the core so
     /// that the reply keeps its place among the connection's replies.
@@ -775,28 +764,13 @@ impl Core {
     }
 
     /// Writes the request's reply, then the events it caused.
-    fn answer(&mut self, conn: ConnId, id: Value, request: Resolved, now: i64, out: &mut Out) {
-        let reply = match request {
-            Resolved::Presence(op) => {
-                self.registry.handle(conn, id, op, now, &mut out.outbox);
-                return;
-            }
-            Resolved::Hello(hello) => OutgoingReply {
-                id,
-                outcome: hello_result(hello),
-            },
-            Resolved::Status => {
-                let counts = self.counts();
-                out.take_deliveries();
-                out.lines.push(Outgoing::Status { conn, id, counts });
-                return;
-            }
-            Resolved::Ping => OutgoingReply {
-                id,
-                outcome: Ok(ReplyFields::none()),
-            },
-        };
-        out.push(Delivery::Reply { conn, reply });
+    fn answer(&mut self, conn: ConnId, id: Value, request: Op, now: i64, out: &mut Out) {
+        let answered = ops::answer(&mut self.registry, conn, id, request, now, &mut out.outbox);
+        if let Answered::Status(id) = answered {
+            let counts = self.counts();
+            out.take_deliveries();
+            out.lines.push(Outgoing::Status { conn, id, counts });
+        }
     }
 
     /// Applies a fact. Closes and exits wait in `batch.endings` until
@@ -944,49 +918,16 @@ enum Redo {
     /// It becomes an `internal` error.
     Fail,
     /// The request is asked again of the rolled-back registry.
-    Ask(Resolved),
+    Ask(Op),
 }
 
-/// What a request's reply becomes if its batch is rolled back; `None` if
-/// it stands as it is (hello, ping), since no change touched it.
-///
-/// Reads are asked again, so that they keep working while the disk is full
-/// and show only what is committed. So are subscribe and unsubscribe: they
-/// change subscriptions, which are never saved and need no commit; asked
-/// again, a subscribe's `presence_state` shows the committed state, and the
-/// diffs that follow build on it. Track, untrack and update are undone, so
-/// they fail. A resume is not saved either, but it fails too: the facts at
-/// the head of its batch (its entry's old connection closing) are undone
-/// with it, so asked again it would call a resumable entry `expired`; an
-/// error tells the client to try again.
-fn redo_after_roll_back(request: &Resolved) -> Option<Redo> {
-    match request {
-        Resolved::Hello(_) | Resolved::Ping => None,
-        Resolved::Status => Some(Redo::Ask(Resolved::Status)),
-        Resolved::Presence(op) => Some(match op {
-            Op::List(_)
-            | Op::GetByKey(_)
-            | Op::Subscribe(_)
-            | Op::SubscribeAll
-            | Op::Unsubscribe(_)
-            | Op::UnsubscribeAll => Redo::Ask(Resolved::Presence(op.clone())),
-            Op::Track(_) | Op::Untrack(_) | Op::Update(_) | Op::Resume(_) => Redo::Fail,
-        }),
-    }
-}
-
-/// `hello`: the versions agree, or the client asked for one we lack.
-fn hello_result(hello: HelloRequest) -> Result<ReplyFields, ErrorBody> {
-    match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
-        PROTOCOL_VERSION => Ok(ReplyFields::of(&HelloReply {
-            protocol: PROTOCOL_VERSION,
-            server: SERVER_NAME.to_owned(),
-            pid: std::process::id(),
-        })),
-        other => Err(ErrorBody::new(
-            ErrorCode::UnsupportedProtocol,
-            format!("protocol {other} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
-        )),
+/// What a request's reply becomes if its batch is rolled back (each op
+/// says, `OpSpec::ON_ROLL_BACK`); `None` if it stands as it is.
+fn redo_after_roll_back(request: &Op) -> Option<Redo> {
+    match request.on_roll_back() {
+        RollBack::Stands => None,
+        RollBack::AskAgain => Some(Redo::Ask(request.clone())),
+        RollBack::Fails => Some(Redo::Fail),
     }
 }
 

@@ -139,25 +139,6 @@ pub struct Track {
     pub token_hash: TokenHash,
 }
 
-/// A presence operation on behalf of a connection.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    Track(Track),
-    Untrack(UntrackRequest),
-    Update(UpdateRequest),
-    List(Option<String>),
-    GetByKey(GetByKeyRequest),
-    Subscribe(String),
-    /// `subscribe` with `all: true`: every topic, later ones included.
-    SubscribeAll,
-    Unsubscribe(String),
-    /// `unsubscribe` with `all: true`: ends [`Op::SubscribeAll`]; the
-    /// topics subscribed by name stay.
-    UnsubscribeAll,
-    /// Resume tokens with their hashes, in request order.
-    Resume(Vec<(String, TokenHash)>),
-}
-
 /// A row-level change for the store to persist.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -843,38 +824,7 @@ impl Registry {
         out.deliveries.push(Delivery::ResyncedAll(conn));
     }
 
-    /// Handles one request and writes its reply, then the events it caused.
-    pub fn handle(&mut self, conn: ConnId, id: Value, op: Op, now: i64, out: &mut Outbox) {
-        let first_event = out.deliveries.len();
-        let result = match op {
-            Op::Track(track) => self.track(conn, track, now, out),
-            Op::Untrack(request) => self.untrack(conn, request, now, out),
-            Op::Update(request) => self.update(conn, request, now, out),
-            Op::List(topic) => Ok(self.list(topic)),
-            Op::GetByKey(request) => Ok(self.get_by_key(&request)),
-            Op::Subscribe(topic) => self.subscribe(conn, topic, out),
-            Op::SubscribeAll => Ok(self.subscribe_all(conn, out)),
-            Op::Unsubscribe(topic) => {
-                self.remove_subscription(conn, &topic);
-                Ok(ReplyFields::none())
-            }
-            Op::UnsubscribeAll => {
-                self.unsubscribe_all(conn);
-                Ok(ReplyFields::none())
-            }
-            Op::Resume(tokens) => Ok(self.resume(conn, tokens, now)),
-        };
-        // The reply goes ahead of the events its op caused: a client learns
-        // the outcome of its request before anything that follows from it.
-        let reply = OutgoingReply {
-            id,
-            outcome: result,
-        };
-        out.deliveries
-            .insert(first_event, Delivery::Reply { conn, reply });
-    }
-
-    fn track(
+    pub(crate) fn track(
         &mut self,
         conn: ConnId,
         track: Track,
@@ -977,7 +927,7 @@ impl Registry {
         Ok(ReplyFields::of(&reply))
     }
 
-    fn untrack(
+    pub(crate) fn untrack(
         &mut self,
         conn: ConnId,
         request: UntrackRequest,
@@ -1168,7 +1118,7 @@ impl Registry {
         })
     }
 
-    fn update(
+    pub(crate) fn update(
         &mut self,
         conn: ConnId,
         request: UpdateRequest,
@@ -1243,7 +1193,7 @@ impl Registry {
         }))
     }
 
-    fn list(&self, topic: Option<String>) -> ReplyFields {
+    pub(crate) fn list(&self, topic: Option<String>) -> ReplyFields {
         match topic {
             Some(topic) => ReplyFields::of(&ListTopicReply {
                 state: self
@@ -1264,7 +1214,7 @@ impl Registry {
         }
     }
 
-    fn get_by_key(&self, request: &GetByKeyRequest) -> ReplyFields {
+    pub(crate) fn get_by_key(&self, request: &GetByKeyRequest) -> ReplyFields {
         let metas = self
             .entries_with_key(&request.topic, &request.key)
             .map(Entry::to_meta)
@@ -1272,7 +1222,7 @@ impl Registry {
         ReplyFields::of(&GetByKeyReply { metas })
     }
 
-    fn subscribe(
+    pub(crate) fn subscribe(
         &mut self,
         conn: ConnId,
         topic: String,
@@ -1303,7 +1253,7 @@ impl Registry {
     /// user (`list` shows everyone every topic), so this shows no more.
     /// Counts as one subscription against the limit: it adds no
     /// per-topic state.
-    fn subscribe_all(&mut self, conn: ConnId, out: &mut Outbox) -> ReplyFields {
+    pub(crate) fn subscribe_all(&mut self, conn: ConnId, out: &mut Outbox) -> ReplyFields {
         let Some(connection) = self.conns.get_mut(&conn) else {
             return ReplyFields::none();
         };
@@ -1326,7 +1276,7 @@ impl Registry {
 
     /// Ends a subscription to every topic. Like `unsubscribe` of a topic,
     /// it succeeds whether or not there was one.
-    fn unsubscribe_all(&mut self, conn: ConnId) {
+    pub(crate) fn unsubscribe_all(&mut self, conn: ConnId) {
         let Some(connection) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1347,7 +1297,7 @@ impl Registry {
 
     /// Ends a subscription, on both sides (a closed connection has only the
     /// topic's side left).
-    fn remove_subscription(&mut self, conn: ConnId, topic: &str) {
+    pub(crate) fn remove_subscription(&mut self, conn: ConnId, topic: &str) {
         if let Some(connection) = self.conns.get_mut(&conn) {
             connection.subscriptions.remove(topic);
         }
@@ -1364,7 +1314,12 @@ impl Registry {
         }
     }
 
-    fn resume(&mut self, conn: ConnId, tokens: Vec<(String, TokenHash)>, now: i64) -> ReplyFields {
+    pub(crate) fn resume(
+        &mut self,
+        conn: ConnId,
+        tokens: Vec<(String, TokenHash)>,
+        now: i64,
+    ) -> ReplyFields {
         let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
             return ReplyFields::of(&outcome);

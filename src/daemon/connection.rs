@@ -2,12 +2,14 @@
 //! and write whatever the core sends back.
 //!
 //! Two tasks per connection: this reader, and a writer that drains the
-//! connection's [`OutboundQueue`]. Neither decides anything about presence;
-//! they parse, check what needs the system (a named pid, the peer's
-//! credentials), and pass the rest to the core.
+//! connection's [`OutboundQueue`]. Neither decides anything about presence:
+//! the reader parses a line into an [`ops::Request`](crate::ops::Request),
+//! admits it by the size its op says its reply may have, has the op
+//! resolve what needs the system through [`resolver::LineResolver`] (a
+//! named pid, the peer's own process, a resume token), and passes the
+//! resolved op to the core.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,22 +18,22 @@ use interprocess::local_socket::traits::StreamCommon as _;
 use interprocess::os::unix::uds_local_socket::tokio::Stream;
 use serde::Deserialize as _;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::core_thread::{Command, Outlet as _};
-use super::outbound::{Next, OutboundBudget, OutboundQueue, ReplySize};
-use super::pidwatch::{PidWatcher, Prepared};
-use crate::core::Input;
-use crate::core::registry::{ConnId, Op, Peer, ProcessId, TokenHash, Track};
+use super::outbound::{Next, OutboundBudget, OutboundQueue};
+use super::pidwatch::PidWatcher;
+use crate::core::registry::{ConnId, Peer};
 use crate::core::store::HistoryReaders;
-use crate::core::{Line, LineKind, Resolved};
+use crate::core::{Input, Line, LineKind};
+use crate::ops::history::QUICK_READ_ROWS;
+use crate::ops::{KNOWN_OPS, ReplySize, Request};
 use crate::protocol::{
-    ErrorBody, ErrorCode, HistoryReply, HistoryRequest, KNOWN_OPS, Limits, OutgoingReply,
-    ReplyFields, Request, TrackRequest, validate_meta, validate_name,
+    ErrorBody, ErrorCode, HistoryReply, HistoryRequest, Limits, OutgoingReply, ReplyFields,
 };
-use crate::sys::{self, PeerProcess, PinnedPeer};
+use crate::sys::{self, PeerProcess};
+use resolver::LineResolver;
 
 /// What every connection task shares.
 pub struct Shared {
@@ -235,10 +237,8 @@ async fn read_requests(
                     continue;
                 }
                 let parsed = parse(&line);
-                if !queue
-                    .admit_request(&reply_size(&parsed, &shared.history))
-                    .await
-                {
+                let size = reply_size(&parsed, peer, shared);
+                if !queue.admit_request(&size).await {
                     return;
                 }
                 if let Some((id, request)) = handle_line(parsed, conn, peer, shared) {
@@ -299,10 +299,6 @@ impl HistoryReads {
         }
     }
 }
-
-/// How many rows a read may fetch and still be quick: a millisecond or so
-/// of work. `presence log` asks for 100 events, plus one.
-const QUICK_READ_ROWS: usize = 128;
 
 /// How many quick history reads run at once, and how many of more rows;
 /// each on a blocking thread with a database connection of its own (two
@@ -421,126 +417,57 @@ async fn read_line(
     }
 }
 
-/// Sends the core what a parsed request line asks for. A history read is
-/// the exception, returned for the caller to answer itself.
+/// Sends the core what a parsed request line asks for, resolved. A
+/// history read is the exception, returned for the caller to answer
+/// itself.
 fn handle_line(
-    parsed: Result<(Value, Parsed), (Value, ErrorBody)>,
+    parsed: Result<(Value, Request), (Value, ErrorBody)>,
     conn: ConnId,
     (peer, peer_process): (&Peer, Option<PeerProcess>),
     shared: &Shared,
 ) -> Option<(Value, HistoryRequest)> {
-    let (id, resolved) = match parsed {
+    let (id, request) = match parsed {
         Ok(parsed) => parsed,
         Err((id, error)) => {
             let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
             return None;
         }
     };
-    let resolved = match resolved {
-        Parsed::Ready(resolved) => resolved,
-        Parsed::History(request) => return Some((id, request)),
-        Parsed::Track(request) => {
-            let target = match track_target(request.pid, peer, peer_process) {
-                Ok(target) => target,
-                Err(error) => {
-                    let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
-                    return None;
-                }
-            };
-            if let TrackTarget::Pinned(pinned) = target
-                && let Some(_watched) = shared.pids.hold_if_watched(&pinned)
-            {
-                // The peer's very process (by its pidfs inode, where it has
-                // one) is watched already: no new watch, and its exit
-                // waits for this track to reach the core.
-                let command = match own_process_track(request, pinned.process, &shared.limits) {
-                    Ok(track) => Input::Request {
-                        conn,
-                        id,
-                        request: Resolved::Presence(Op::Track(track)),
-                    }
-                    .into(),
-                    Err(error) => Input::Refuse { conn, id, error }.into(),
-                };
-                let _ = shared.core.send(command);
-                return None;
-            }
-            let (track, prepared) = match resolve_track(request, target, peer, shared) {
-                Ok(resolved) => resolved,
-                Err(error) => {
-                    let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
-                    return None;
-                }
-            };
-            let command = Input::Request {
-                conn,
-                id,
-                request: Resolved::Presence(Op::Track(track)),
-            }
-            .into();
-            // Track first, then arm: the exit of the process can then never
-            // reach the core ahead of the entry it should remove.
-            if shared.core.send(command).is_ok() {
-                shared.pids.arm(prepared);
-            }
-            return None;
-        }
+    if let Request::History(request) = request {
+        return Some((id, request));
+    }
+    let mut resolver = LineResolver::new(shared, peer, peer_process);
+    let command = match request.resolve(&mut resolver) {
+        Ok(request) => Input::Request { conn, id, request },
+        Err(error) => Input::Refuse { conn, id, error },
     };
-    let _ = shared.core.send(
-        Input::Request {
-            conn,
-            id,
-            request: resolved,
-        }
-        .into(),
-    );
+    let resolved = matches!(command, Input::Request { .. });
+    // Sent first, then any process watch it opened is armed: the exit of
+    // the process can then never reach the core ahead of the entry it
+    // should remove.
+    let reached = shared.core.send(command.into()).is_ok();
+    resolver.sent(resolved && reached);
     None
 }
 
 /// How large the reply to a parsed line may be, with the events it brings
-/// the same connection: a `presence_state` follows a subscription.
+/// the same connection (a `presence_state` follows a subscription); the
+/// op says.
 fn reply_size(
-    parsed: &Result<(Value, Parsed), (Value, ErrorBody)>,
-    history: &HistoryReads,
+    parsed: &Result<(Value, Request), (Value, ErrorBody)>,
+    (peer, peer_process): (&Peer, Option<PeerProcess>),
+    shared: &Shared,
 ) -> ReplySize {
-    let large = |state_of: Option<&String>| ReplySize::Large {
-        state_of: state_of.cloned(),
-    };
     match parsed {
-        // A read of a few events is bounded by its request, and must not
-        // wait for one of the daemon's few slots for large replies behind
-        // everyone's reads of thousands.
-        Ok((_, Parsed::History(request)))
-            if history.readers.rows_at_most(request) <= QUICK_READ_ROWS =>
-        {
-            ReplySize::InTurn
-        }
-        Ok((_, Parsed::History(_))) => ReplySize::Bulk,
-        Ok((_, Parsed::Track(track))) if track.subscribe => large(Some(&track.topic)),
-        Ok((_, Parsed::Ready(Resolved::Presence(op)))) => match op {
-            Op::List(_) | Op::SubscribeAll => ReplySize::Bulk,
-            Op::Subscribe(topic) => large(Some(topic)),
-            Op::GetByKey(_) | Op::Resume(_) => large(None),
-            Op::Track(_)
-            | Op::Untrack(_)
-            | Op::Update(_)
-            | Op::Unsubscribe(_)
-            | Op::UnsubscribeAll => ReplySize::Small,
-        },
-        Ok((_, Parsed::Track(_) | Parsed::Ready(_))) | Err(_) => ReplySize::Small,
+        Ok((_, request)) => request.reply_size(&LineResolver::new(shared, peer, peer_process)),
+        Err(_) => ReplySize::Small,
     }
 }
 
-enum Parsed {
-    Ready(Resolved),
-    /// A track still needs its process resolved.
-    Track(TrackRequest),
-    /// Answered by the io layer from its own database connection.
-    History(HistoryRequest),
-}
-
 /// Turns a line into a request, or into the error reply it deserves.
-fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
+/// What is known of the op's fields then is only that they are of its
+/// types: each op's resolution checks the rest.
+fn parse(line: &[u8]) -> Result<(Value, Request), (Value, ErrorBody)> {
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         (
             Value::Null,
@@ -590,43 +517,7 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
             ErrorBody::new(ErrorCode::BadRequest, format!("bad `{op}` request: {e}")),
         )
     })?;
-    let parsed = match request {
-        Request::Hello(hello) => Parsed::Ready(Resolved::Hello(hello)),
-        Request::Track(track) => Parsed::Track(track),
-        Request::Untrack(untrack) => Parsed::Ready(Resolved::Presence(Op::Untrack(untrack))),
-        Request::Update(update) => Parsed::Ready(Resolved::Presence(Op::Update(update))),
-        Request::List(list) => Parsed::Ready(Resolved::Presence(Op::List(list.topic))),
-        Request::GetByKey(get) => Parsed::Ready(Resolved::Presence(Op::GetByKey(get))),
-        Request::Subscribe(sub) => match (sub.topic, sub.all) {
-            (Some(topic), false) => Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))),
-            (None, true) => Parsed::Ready(Resolved::Presence(Op::SubscribeAll)),
-            (Some(_), true) | (None, false) => {
-                return Err((id, neither_topic_nor_all("subscribe")));
-            }
-        },
-        Request::Unsubscribe(sub) => match (sub.topic, sub.all) {
-            (Some(topic), false) => Parsed::Ready(Resolved::Presence(Op::Unsubscribe(topic))),
-            (None, true) => Parsed::Ready(Resolved::Presence(Op::UnsubscribeAll)),
-            (Some(_), true) | (None, false) => {
-                return Err((id, neither_topic_nor_all("unsubscribe")));
-            }
-        },
-        Request::Resume(resume) => {
-            let tokens = resume
-                .tokens
-                .into_iter()
-                .map(|token| {
-                    let hash = hash_token(&token);
-                    (token, hash)
-                })
-                .collect();
-            Parsed::Ready(Resolved::Presence(Op::Resume(tokens)))
-        }
-        Request::Status(_) => Parsed::Ready(Resolved::Status),
-        Request::Ping(_) => Parsed::Ready(Resolved::Ping),
-        Request::History(history) => Parsed::History(history),
-    };
-    Ok((id, parsed))
+    Ok((id, request))
 }
 
 /// The connecting process, pinned when the connection was accepted, so
@@ -636,14 +527,6 @@ fn parse(line: &[u8]) -> Result<(Value, Parsed), (Value, ErrorBody)> {
 /// descriptors, the connection is refused instead, with the returned
 /// reason, as a newcomer is when `accept` itself finds none: a
 /// connection that could never track would only hold a slot.
-/// `subscribe` and `unsubscribe` name one topic or all of them.
-fn neither_topic_nor_all(op: &str) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::BadRequest,
-        format!("bad `{op}` request: give either `topic` or `\"all\": true`"),
-    )
-}
-
 fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProcess>, String> {
     use std::os::fd::AsFd as _;
     match sys::pin_peer(stream.as_fd(), pid) {
@@ -665,206 +548,6 @@ fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProces
             Ok(None)
         }
     }
-}
-
-/// Which process a track's entry is to belong to.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum TrackTarget {
-    /// The connection's own, as pinned when it was accepted.
-    Pinned(PinnedPeer),
-    /// Another process the client named, by a pid of the daemon's pid
-    /// namespace.
-    Named(u32),
-}
-
-/// Works out which process a track names: the connection's own when it
-/// names none (or its own pid, as it sees it), else the pid it names.
-fn track_target(
-    named: Option<u32>,
-    peer: &Peer,
-    pinned: Option<PeerProcess>,
-) -> Result<TrackTarget, ErrorBody> {
-    let pinned = match pinned {
-        Some(PeerProcess::Running(pinned)) => pinned,
-        // Without the process, its pid namespace is unknown too, so even a
-        // pid it names cannot be read with certainty.
-        Some(PeerProcess::Exited) => {
-            return Err(ErrorBody::new(
-                ErrorCode::NotFound,
-                format!(
-                    "the process that opened this connection (pid {}) exited before the \
-                     daemon accepted it, so no entry can be tied to it; connect from a \
-                     running process",
-                    peer.pid
-                ),
-            ));
-        }
-        None => {
-            return Err(ErrorBody::new(
-                ErrorCode::Internal,
-                format!(
-                    "the daemon could not identify the process that opened this connection \
-                     (pid {}) when it accepted it (its log says why); connect again",
-                    peer.pid
-                ),
-            ));
-        }
-    };
-    match named {
-        None => Ok(TrackTarget::Pinned(pinned)),
-        Some(pid) if pid == pinned.own_pid => Ok(TrackTarget::Pinned(pinned)),
-        Some(pid) if pinned.in_nested_pid_namespace => Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!(
-                "pid {pid} was named from another pid namespace (a container), where pids \
-                 name other processes than they do to the daemon; leave out `pid` to tie the \
-                 entry to the connecting process, or run the daemon in the same pid namespace"
-            ),
-        )),
-        Some(pid) => Ok(TrackTarget::Named(pid)),
-    }
-}
-
-/// Resolves what a track needs from the system: its process, watched
-/// from now on, and a resume token.
-fn resolve_track(
-    request: TrackRequest,
-    target: TrackTarget,
-    peer: &Peer,
-    shared: &Shared,
-) -> Result<(Track, Prepared), ErrorBody> {
-    // The registry checks these too; checking first here means a refused
-    // track never opens a process watch.
-    validate_track(&request, &shared.limits)?;
-    let (process, prepared) = match target {
-        TrackTarget::Pinned(pinned) => {
-            let process = pinned.process;
-            let prepared = shared.pids.prepare_peer(&pinned).map_err(|e| {
-                watch_failed(&e, process.pid, || connection_process_exited(process))
-            })?;
-            (process, prepared)
-        }
-        TrackTarget::Named(pid) => resolve_named_process(pid, peer, &shared.pids)?,
-    };
-    Ok((with_token(request, process)?, prepared))
-}
-
-/// The refusal of a track tied to the connection's own process, which has
-/// exited since it connected. Its pid is not looked up again: another
-/// process, maybe another user's, may have it now.
-fn connection_process_exited(process: ProcessId) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::NotFound,
-        format!(
-            "the process that opened this connection (pid {}) has exited, so no entry can be \
-             tied to it; name a running process with `pid`, or track from a running process",
-            process.pid
-        ),
-    )
-}
-
-/// The refusal of a track whose process could not be watched: `gone`
-/// when it is not running, else why not.
-fn watch_failed(e: &std::io::Error, pid: u32, gone: impl FnOnce() -> ErrorBody) -> ErrorBody {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        gone()
-    } else if sys::is_out_of_fds(e) {
-        ErrorBody::new(
-            ErrorCode::Internal,
-            format!(
-                "the daemon is out of file descriptors and cannot watch process {pid}; \
-                 try again once some connections close"
-            ),
-        )
-    } else {
-        ErrorBody::new(
-            ErrorCode::Internal,
-            format!("cannot watch process {pid}: {e}"),
-        )
-    }
-}
-
-/// A track of the peer's own process, which is watched already.
-fn own_process_track(
-    request: TrackRequest,
-    process: ProcessId,
-    limits: &Limits,
-) -> Result<Track, ErrorBody> {
-    validate_track(&request, limits)?;
-    with_token(request, process)
-}
-
-fn validate_track(request: &TrackRequest, limits: &Limits) -> Result<(), ErrorBody> {
-    validate_name("topic", &request.topic, limits.max_name_bytes)?;
-    validate_name("key", &request.key, limits.max_name_bytes)?;
-    validate_meta(&request.meta, limits.max_meta_bytes)
-}
-
-/// The track, with a new resume token.
-fn with_token(request: TrackRequest, process: ProcessId) -> Result<Track, ErrorBody> {
-    let (token, token_hash) = new_resume_token().ok_or_else(|| {
-        ErrorBody::new(
-            ErrorCode::Internal,
-            "no randomness for a resume token; try again",
-        )
-    })?;
-    Ok(Track {
-        request,
-        process,
-        token,
-        token_hash,
-    })
-}
-
-/// Finds a process a client named by pid, which must be running and
-/// (unless the client is root) of the client's uid.
-fn resolve_named_process(
-    pid: u32,
-    peer: &Peer,
-    pids: &PidWatcher,
-) -> Result<(ProcessId, Prepared), ErrorBody> {
-    let not_running = || ErrorBody::new(ErrorCode::NotFound, format!("no running process {pid}"));
-    // The watch is opened first and pins the process; what is read about
-    // it afterwards (its start time, its uid) is confirmed against the
-    // watch, so a pid reused in between cannot pass for the one named.
-    let (process, prepared) = pids
-        .prepare_pid(pid)
-        .map_err(|e| watch_failed(&e, pid, not_running))?;
-    if peer.uid != 0 {
-        let owner = sys::process_uid(pid).map_err(|_| not_running())?;
-        if !prepared.still_running() {
-            return Err(not_running());
-        }
-        if owner != peer.uid {
-            return Err(ErrorBody::new(
-                ErrorCode::PermissionDenied,
-                format!("process {pid} belongs to another user"),
-            ));
-        }
-    }
-    Ok((process, prepared))
-}
-
-/// A fresh resume token and its hash; only the hash is kept. `None` when
-/// the system has no randomness to give: a guessable token would let
-/// anyone of the same uid take the entry over, so the track is refused.
-fn new_resume_token() -> Option<(String, TokenHash)> {
-    let mut bytes = [0u8; 32];
-    if let Err(e) = getrandom::fill(&mut bytes) {
-        tracing::error!("no randomness for a resume token: {e}");
-        return None;
-    }
-    let mut token = String::with_capacity(2 * bytes.len());
-    for byte in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(token, "{byte:02x}");
-    }
-    let hash = hash_token(&token);
-    Some((token, hash))
-}
-
-fn hash_token(token: &str) -> TokenHash {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Drains the outbound queue to the socket until the queue closes or the
@@ -926,6 +609,8 @@ async fn write_lines(
     }
 }
 
+mod resolver;
+
 #[cfg(test)]
 mod tests_props;
 
@@ -959,88 +644,7 @@ mod tests {
         assert_eq!(id, Value::String("a/b".into()));
         assert!(matches!(
             parsed,
-            Parsed::Ready(Resolved::Presence(Op::Subscribe(topic))) if topic == "file:/tmp/x"
+            Request::Subscribe(subscription) if subscription.topic.as_deref() == Some("file:/tmp/x")
         ));
-    }
-
-    fn peer() -> Peer {
-        Peer {
-            pid: 4242,
-            uid: 1000,
-            user: "alice".to_owned(),
-        }
-    }
-
-    fn pinned(own_pid: u32, nested: bool) -> Option<PeerProcess> {
-        Some(PeerProcess::Running(pinned_peer(own_pid, nested)))
-    }
-
-    fn pinned_peer(own_pid: u32, nested: bool) -> PinnedPeer {
-        PinnedPeer {
-            process: ProcessId {
-                pid: 4242,
-                start_time: 99,
-            },
-            own_pid,
-            in_nested_pid_namespace: nested,
-            pidfs_inode: Some(7),
-        }
-    }
-
-    #[test]
-    fn a_track_without_pid_is_the_pinned_process_or_refused() {
-        let process = pinned_peer(4242, false);
-        let target = |named, pin| track_target(named, &peer(), pin);
-        assert_eq!(
-            target(None, pinned(4242, false)),
-            Ok(TrackTarget::Pinned(process))
-        );
-        assert_eq!(
-            target(Some(4242), pinned(4242, false)),
-            Ok(TrackTarget::Pinned(process))
-        );
-        assert_eq!(
-            target(Some(77), pinned(4242, false)),
-            Ok(TrackTarget::Named(77))
-        );
-        let gone = target(None, Some(PeerProcess::Exited)).unwrap_err();
-        assert_eq!(gone.code, ErrorCode::NotFound);
-        assert!(gone.message.contains("exited"), "{}", gone.message);
-        // Gone before it was pinned: its pid namespace is unknown as well.
-        let named = target(Some(77), Some(PeerProcess::Exited)).unwrap_err();
-        assert_eq!(named.code, ErrorCode::NotFound);
-        assert_eq!(target(None, None).unwrap_err().code, ErrorCode::Internal);
-    }
-
-    #[test]
-    fn a_pid_named_from_a_nested_pid_namespace_is_refused_unless_it_is_the_peer() {
-        let process = pinned_peer(1, true);
-        // Pid 1 in its own namespace: the peer itself.
-        assert_eq!(
-            track_target(Some(1), &peer(), pinned(1, true)),
-            Ok(TrackTarget::Pinned(process))
-        );
-        for other in [2, 4242] {
-            let refused = track_target(Some(other), &peer(), pinned(1, true)).unwrap_err();
-            assert_eq!(refused.code, ErrorCode::BadRequest);
-            assert!(
-                refused.message.contains("pid namespace"),
-                "{}",
-                refused.message
-            );
-        }
-    }
-
-    #[test]
-    fn tokens_are_random_and_hash_to_what_is_stored() {
-        let (a, hash_a) = new_resume_token().unwrap();
-        let (b, _) = new_resume_token().unwrap();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 64);
-        assert!(
-            a.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
-            "{a} is lowercase hex"
-        );
-        assert_eq!(hash_token(&a), hash_a);
     }
 }

@@ -74,6 +74,7 @@ use tokio::sync::Notify;
 use super::core_thread::Outlet;
 use crate::core::registry::ConnId;
 use crate::core::{Line, LineKind};
+pub use crate::ops::ReplySize;
 use crate::protocol::{ErrorBody, ErrorCode, OutgoingReply};
 
 /// Requests with small replies a connection may have waiting for their
@@ -114,34 +115,6 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// The most written to a socket under its queue's lock at once.
 pub const WRITE_CHUNK: usize = 256 * 1024;
-
-/// How large a request's reply, with the events it brings its own
-/// connection, may be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplySize {
-    /// Bounded by the request itself: an acknowledgement, an error, an
-    /// entry's standing.
-    Small,
-    /// As large as what the daemon holds, though usually small: the
-    /// entries under a key, a resume, a subscription with its topic's
-    /// `presence_state`. Clients send these in runs (an editor tracks each
-    /// buffer it opens with `subscribe`), so up to
-    /// [`MAX_LARGE_PER_CONNECTION`] may be in flight at once.
-    Large {
-        /// The topic whose `presence_state` follows the reply when it is
-        /// a success: the request is answered once that is queued too.
-        state_of: Option<String>,
-    },
-    /// As large as what the daemon holds, and asked for to see much of
-    /// it: a list, history. One at a time, nothing else in flight.
-    Bulk,
-    /// Bounded by the request, and answered beside the core, not by it: a
-    /// history read of a few events. Like [`ReplySize::Bulk`] it waits
-    /// for every reply before it to be queued, so that its own keeps its
-    /// place; unlike it, it takes none of the daemon's few slots for large
-    /// replies, which everyone's reads of thousands of events hold.
-    InTurn,
-}
 
 impl ReplySize {
     fn holds_large_slot(&self) -> bool {

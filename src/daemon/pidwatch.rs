@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::core_thread::Command;
@@ -144,10 +144,10 @@ impl PidWatcher {
     /// alone could name another process that was given its pid within the
     /// same tick of the clock, perhaps another user's, watched for entries
     /// of its own.
-    pub fn hold_if_watched(&self, peer: &PinnedPeer) -> Option<impl Sized + '_> {
+    pub fn hold_if_watched(&self, peer: &PinnedPeer) -> Option<Held<'_>> {
         let watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
         let key = Watched::of(peer.process, peer.pidfs_inode);
-        watched.contains(&key).then_some(watched)
+        watched.contains(&key).then_some(Held { _watched: watched })
     }
 
     /// Starts watching, unless the process is already watched.
@@ -197,6 +197,12 @@ impl PidWatcher {
             }
         }
     }
+}
+
+/// The watch list, held (see [`PidWatcher::hold_if_watched`]).
+pub struct Held<'a> {
+    /// Only held: while it is, no exit is sent to the core.
+    _watched: MutexGuard<'a, HashSet<Watched>>,
 }
 
 /// A watch opened but not yet running.

@@ -10,6 +10,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::*;
+use crate::ops::Op;
+use crate::ops::subscribe::Subscription;
 use crate::protocol::{
     Diff, ErrorCode, Event, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
     Owner, Presences, Reply, ResumeReply, Role, RoleChange, Standing, TopicPresences, TrackReply,
@@ -115,8 +117,14 @@ impl Harness {
 
     fn handle(&mut self, conn: ConnId, op: Op) -> Outbox {
         let mut out = Outbox::default();
-        self.registry
-            .handle(conn, json!("req"), op, self.now, &mut out);
+        crate::ops::answer(
+            &mut self.registry,
+            conn,
+            json!("req"),
+            op,
+            self.now,
+            &mut out,
+        );
         out
     }
 
@@ -198,7 +206,7 @@ impl Harness {
     }
 
     fn subscribe(&mut self, conn: ConnId, topic: &str) -> Outbox {
-        self.handle(conn, Op::Subscribe(topic.to_owned()))
+        self.handle(conn, Op::Subscribe(Subscription::Topic(topic.to_owned())))
     }
 
     fn resume(&mut self, conn: ConnId, tokens: &[&str]) -> Outbox {
@@ -1560,7 +1568,7 @@ fn unsubscribe_and_close_end_a_subscription() {
         h.subscribe(conn, "doc");
     }
     assert_eq!(h.registry.subscription_count(), 3);
-    let out = h.handle(left, Op::Unsubscribe("doc".into()));
+    let out = h.handle(left, Op::Unsubscribe(Subscription::Topic("doc".into())));
     assert!(the_reply(&out, left).ok);
     h.close(closed);
     assert_eq!(h.registry.subscription_count(), 1);
@@ -1568,7 +1576,7 @@ fn unsubscribe_and_close_end_a_subscription() {
     let out = h.try_track(a, track_request("doc", "x"));
     assert_eq!(the_diff(&out).to, [stays]);
     // Unsubscribed from everything, an empty topic is forgotten.
-    h.handle(stays, Op::Unsubscribe("doc".into()));
+    h.handle(stays, Op::Unsubscribe(Subscription::Topic("doc".into())));
     h.untrack_key(a, "doc", "x");
     assert!(h.registry.topics.is_empty());
 }
@@ -1603,7 +1611,7 @@ fn subscribing_to_all_gives_every_topic_its_state_then_its_diffs() {
     // A topic that only has a subscriber is nobody's: no state for it.
     h.subscribe(one_topic, "empty");
 
-    let out = h.handle(watcher, Op::SubscribeAll);
+    let out = h.handle(watcher, Op::Subscribe(Subscription::All));
     assert!(the_reply(&out, watcher).ok);
     assert_eq!(kinds_for(&out, watcher), ["reply", "presence_state"]);
     match events_to(&out, watcher)[0] {
@@ -1643,7 +1651,7 @@ fn subscribing_to_all_gives_every_topic_its_state_then_its_diffs() {
     assert_eq!(dump(&h.registry), before);
     assert_eq!(h.registry.subscription_count(), count);
     h.registry.begin_batch();
-    h.handle(late, Op::SubscribeAll);
+    h.handle(late, Op::Subscribe(Subscription::All));
     h.registry.roll_back();
     assert_eq!(dump(&h.registry), before);
 
@@ -1661,7 +1669,7 @@ fn resyncing_every_topic_sends_each_state_then_says_so() {
     for topic in &topics {
         h.track(a, topic, "x");
     }
-    h.handle(watcher, Op::SubscribeAll);
+    h.handle(watcher, Op::Subscribe(Subscription::All));
     // An empty topic subscribed to by name has its state too.
     h.subscribe(named, "empty");
     h.subscribe(named, "t07");
@@ -3082,7 +3090,7 @@ impl World {
 
     fn handle(&mut self, conn: ConnId, op: Op) -> Outbox {
         let mut out = Outbox::default();
-        self.registry.handle(conn, json!(0), op, self.now, &mut out);
+        crate::ops::answer(&mut self.registry, conn, json!(0), op, self.now, &mut out);
         out
     }
 
@@ -3265,7 +3273,7 @@ impl World {
             Action::Subscribe { slot, topic } => {
                 let conn = self.slots[slot];
                 let topic = TOPICS[topic];
-                let out = self.handle(conn, Op::Subscribe(topic.to_owned()));
+                let out = self.handle(conn, Op::Subscribe(Subscription::Topic(topic.to_owned())));
                 let refusal = match self.model.conns.get(&conn) {
                     None => Some(ErrorCode::Internal),
                     Some(c)
@@ -3294,7 +3302,7 @@ impl World {
             Action::Unsubscribe { slot, topic } => {
                 let conn = self.slots[slot];
                 let topic = TOPICS[topic];
-                let out = self.handle(conn, Op::Unsubscribe(topic.to_owned()));
+                let out = self.handle(conn, Op::Unsubscribe(Subscription::Topic(topic.to_owned())));
                 assert!(the_reply(&out, conn).ok);
                 if let Some(c) = self.model.conns.get_mut(&conn) {
                     c.subscriptions.remove(topic);

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::core::registry::{ConnId, Entry, Op, Peer, ProcessId, TokenHash, Track};
+use crate::core::registry::{ConnId, Entry, Peer, ProcessId, TokenHash, Track};
 use crate::core::{
-    Body, Commit, CommitFailed, Core, CoreConfig, Input, MAX_BATCH, Now, Resolved, Restored,
-    Transmit,
+    Body, Commit, CommitFailed, Core, CoreConfig, Input, MAX_BATCH, Now, Restored, Transmit,
 };
+use crate::ops::Op;
+use crate::ops::subscribe::Subscription;
 use crate::protocol::{Lifetime, Limits, TrackRequest};
 
 /// The wall clock at the harness's time 0.
@@ -227,7 +228,7 @@ pub fn shutdown() -> Input {
     }
 }
 
-pub fn request(conn: ConnId, id: u64, request: Resolved) -> Input {
+pub fn request(conn: ConnId, id: u64, request: Op) -> Input {
     Input::Request {
         conn,
         id: json!(id),
@@ -236,7 +237,7 @@ pub fn request(conn: ConnId, id: u64, request: Resolved) -> Input {
 }
 
 pub fn presence(conn: ConnId, id: u64, op: Op) -> Input {
-    request(conn, id, Resolved::Presence(op))
+    request(conn, id, op)
 }
 
 pub fn token_hash(key: &str) -> TokenHash {
@@ -280,7 +281,7 @@ pub fn resume(conn: ConnId, id: u64, key: &str) -> Input {
 }
 
 pub fn subscribe(conn: ConnId, id: u64) -> Input {
-    presence(conn, id, Op::Subscribe("doc".into()))
+    presence(conn, id, Op::Subscribe(Subscription::Topic("doc".into())))
 }
 
 /// An entry as the store would hold it, of a process that is not one of

@@ -8,9 +8,10 @@ mod recovery;
 
 use serde_json::{Value, json};
 
-use super::registry::{Change, Op};
-use super::{Input, Resolved, Restored, Stopped};
-use crate::protocol::{GetByKeyRequest, Lifetime};
+use super::registry::Change;
+use super::{Input, Restored, Stopped};
+use crate::ops::Op;
+use crate::protocol::{Empty, GetByKeyRequest, Lifetime};
 use harness::*;
 
 #[test]
@@ -62,11 +63,11 @@ fn a_failed_commit_fails_writes_reasks_reads_and_drops_events() {
         // Its effect, the owner leaving, is not saved: no read may show it.
         close(1),
         track(2, 2, "second"),
-        request(2, 3, Resolved::Status),
+        request(2, 3, Op::Status(Empty {})),
         presence(2, 4, Op::List(Some("doc".into()))),
         presence(2, 5, Op::GetByKey(by_key)),
         subscribe(2, 6),
-        request(2, 7, Resolved::Ping),
+        request(2, 7, Op::Ping(Empty {})),
     ]);
     assert!(h.burst().is_some());
     h.fail();
@@ -137,7 +138,7 @@ fn a_failed_close_is_retried_after_100_ms_then_200_ms_and_requests_do_not_move_t
     assert_eq!(h.lines(1), [json!("closed")], "closed at once");
 
     h.at(1_050);
-    h.input(request(2, 3, Resolved::Ping));
+    h.input(request(2, 3, Op::Ping(Empty {})));
     assert!(h.burst().is_some(), "the close again, at the head");
     h.fail();
     assert_eq!(h.timeout(), Some(1_100), "a request leaves the pause alone");
@@ -187,7 +188,7 @@ fn a_restored_entry_expires_at_its_deadline_and_not_a_millisecond_before() {
     h.tick();
     assert!(h.burst().is_none());
     // A batch of requests does the same work at its head, at its time.
-    h.input(request(1, 2, Resolved::Ping));
+    h.input(request(1, 2, Op::Ping(Empty {})));
     assert!(h.burst().is_none(), "still waiting for its client");
     assert_eq!(h.core.counts().awaiting_resume, 1);
     assert_eq!(ids(&h.lines(1)), [json!(2)]);
@@ -319,10 +320,10 @@ fn a_batch_that_changes_nothing_needs_no_commit() {
     let mut h = H::new();
     h.connect([1]);
     h.inputs([
-        request(1, 1, Resolved::Ping),
+        request(1, 1, Op::Ping(Empty {})),
         presence(1, 2, Op::List(None)),
         subscribe(1, 3),
-        request(1, 4, Resolved::Status),
+        request(1, 4, Op::Status(Empty {})),
     ]);
     assert!(h.burst().is_none());
     let lines = h.lines(1);

@@ -9,9 +9,12 @@ use std::sync::mpsc;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::core::registry::{Change, Op};
+use crate::core::registry::Change;
 use crate::core::tests::harness::{token_hash, track_for};
-use crate::core::{Input, MAX_BATCH, Resolved};
+use crate::core::{Input, MAX_BATCH};
+use crate::ops::Op;
+use crate::ops::subscribe::Subscription;
+use crate::protocol::Empty;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// How long SQLite waits on the test's lock before a commit fails.
@@ -115,7 +118,7 @@ fn open(conn: ConnId) -> (Command, mpsc::Receiver<Value>) {
     (command, receiver)
 }
 
-fn request(conn: ConnId, id: u64, request: Resolved) -> Command {
+fn request(conn: ConnId, id: u64, request: Op) -> Command {
     Input::Request {
         conn,
         id: json!(id),
@@ -125,7 +128,7 @@ fn request(conn: ConnId, id: u64, request: Resolved) -> Command {
 }
 
 fn presence(conn: ConnId, id: u64, op: Op) -> Command {
-    request(conn, id, Resolved::Presence(op))
+    request(conn, id, op)
 }
 
 fn track(conn: ConnId, id: u64, key: &str) -> Command {
@@ -269,7 +272,14 @@ fn a_failed_commit_reveals_nothing_and_the_close_is_retried_while_idle() {
     let mut core = db.start_core();
     let owner = connect(&mut core, 1);
     let watcher = connect(&mut core, 2);
-    run_batch(&mut core, vec![presence(2, 1, Op::Subscribe("doc".into()))]);
+    run_batch(
+        &mut core,
+        vec![presence(
+            2,
+            1,
+            Op::Subscribe(Subscription::Topic("doc".into())),
+        )],
+    );
     run_batch(&mut core, vec![track(1, 2, "first")]);
     assert_eq!(sent(&watcher).len(), 3, "reply, state, diff");
     let locker = db.lock();
@@ -346,7 +356,7 @@ fn a_status_reply_is_completed_with_the_store_and_the_thread() {
     let before = core.store.commits();
     run_batch(
         &mut core,
-        vec![track(1, 1, "first"), request(1, 2, Resolved::Status)],
+        vec![track(1, 1, "first"), request(1, 2, Op::Status(Empty {}))],
     );
 
     let status = &sent(&lines)[1];
