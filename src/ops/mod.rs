@@ -13,7 +13,7 @@
 //! An op file imports the protocol, the registry and [`System`], never
 //! `sys`, the daemon, tokio or the store: what resolution needs of the
 //! system is asked through [`System`], which the io layer implements
-//! (`daemon/resolver.rs`) and tests fake.
+//! (`daemon/connection/resolver.rs`) and tests fake.
 
 use std::io;
 
@@ -126,7 +126,7 @@ pub enum ReplySize {
 }
 
 /// What resolving a request asks of the system. The io layer implements
-/// it per request line (`daemon/resolver.rs`); it also keeps any process
+/// it per request line (`daemon/connection/resolver.rs`); it also keeps any process
 /// watch it opened until the resolved request has reached the core.
 pub trait System {
     fn limits(&self) -> &Limits;
