@@ -19,6 +19,7 @@
 //! restore and a roll-back alike.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value};
 
@@ -331,29 +332,22 @@ fn bounded_change(
     (kept_changed, kept_removed)
 }
 
+/// A topic's entries by seq (the first is the owner), shared: a view of
+/// them is one reference count, and the registry copies the map (of
+/// `Arc`s, not entries) only when it changes one while a view is alive.
+type Entries = Arc<BTreeMap<u64, Arc<Entry>>>;
+
 #[derive(Debug, Default)]
 #[cfg_attr(test, derive(Clone))]
 struct Topic {
     /// Entries by seq: the first is the owner.
-    entries: BTreeMap<u64, Entry>,
+    entries: Entries,
     subscribers: BTreeSet<ConnId>,
 }
 
 impl Topic {
     fn owner(&self) -> Option<&Entry> {
-        self.entries.values().next()
-    }
-
-    fn presences(&self) -> Presences {
-        let mut presences = Presences::new();
-        for entry in self.entries.values() {
-            presences
-                .entry(entry.key.clone())
-                .or_default()
-                .metas
-                .push(entry.to_meta());
-        }
-        presences
+        self.entries.values().next().map(|entry| &**entry)
     }
 
     fn standing(&self, seq: u64) -> Standing {
@@ -374,7 +368,67 @@ impl Topic {
         }
     }
 
-    fn snapshot(&self) -> TopicPresences {
+    /// The topic's entries as they are now, unchanged by anything the
+    /// registry does later.
+    fn view(&self) -> TopicView {
+        TopicView {
+            entries: Arc::clone(&self.entries),
+        }
+    }
+
+    /// Adds an entry, copying the map first only if a view shares it.
+    fn insert_entry(&mut self, entry: Entry) {
+        Arc::make_mut(&mut self.entries).insert(entry.seq, Arc::new(entry));
+    }
+
+    /// Removes an entry, copying the map first only if a view shares it.
+    fn remove_entry(&mut self, seq: u64) -> Option<Entry> {
+        Arc::make_mut(&mut self.entries)
+            .remove(&seq)
+            .map(Arc::unwrap_or_clone)
+    }
+}
+
+/// A topic's entries at one moment, taken in O(1) and unchanged by later
+/// changes to the registry, so that they can be turned into a reply away
+/// from the core.
+#[derive(Debug, Clone, Default)]
+pub struct TopicView {
+    entries: Entries,
+}
+
+impl TopicView {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// How many entries it holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn owner(&self) -> Option<&Entry> {
+        self.entries.values().next().map(|entry| &**entry)
+    }
+
+    /// Its entries in join order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values().map(|entry| &**entry)
+    }
+
+    pub fn presences(&self) -> Presences {
+        let mut presences = Presences::new();
+        for entry in self.entries() {
+            presences
+                .entry(entry.key.clone())
+                .or_default()
+                .metas
+                .push(entry.to_meta());
+        }
+        presences
+    }
+
+    pub fn snapshot(&self) -> TopicPresences {
         TopicPresences {
             presences: self.presences(),
             owner: self.owner().map(Entry::to_owner),
@@ -633,9 +687,26 @@ impl Registry {
             + self.subscribed_to_all.len()
     }
 
+    /// The topic's entries as they are now (none if nobody is on it),
+    /// unchanged by anything the registry does later.
+    pub fn view(&self, topic: &str) -> TopicView {
+        self.topic(topic).view()
+    }
+
+    /// A view of every topic someone is on, in topic order.
+    pub fn occupied_views(&self) -> Vec<(String, TopicView)> {
+        self.topics
+            .iter()
+            .filter(|(_, t)| !t.entries.is_empty())
+            .map(|(name, t)| (name.clone(), t.view()))
+            .collect()
+    }
+
     /// Every entry, topic by topic in join order.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.topics.values().flat_map(|t| t.entries.values())
+        self.topics
+            .values()
+            .flat_map(|t| t.entries.values().map(|entry| &**entry))
     }
 
     /// How many restored entries still wait to be resumed.
@@ -1199,7 +1270,7 @@ impl Registry {
                 state: self
                     .topics
                     .get(&topic)
-                    .map(Topic::snapshot)
+                    .map(|t| t.view().snapshot())
                     .unwrap_or_default(),
                 topic,
             }),
@@ -1208,7 +1279,7 @@ impl Registry {
                     .topics
                     .iter()
                     .filter(|(_, t)| !t.entries.is_empty())
-                    .map(|(name, t)| (name.clone(), t.snapshot()))
+                    .map(|(name, t)| (name.clone(), t.view().snapshot()))
                     .collect(),
             }),
         }
@@ -1497,9 +1568,7 @@ impl Registry {
                 .insert((entry.topic.clone(), entry.key.clone()));
         }
         let phx_ref = entry.phx_ref.clone();
-        self.topic_mut(&entry.topic.clone())
-            .entries
-            .insert(entry.seq, entry);
+        self.topic_mut(&entry.topic.clone()).insert_entry(entry);
         self.record(|| Undo::Inserted(phx_ref));
     }
 
@@ -1510,8 +1579,7 @@ impl Registry {
         let entry = self
             .topics
             .get_mut(&location.topic)?
-            .entries
-            .remove(&location.seq)?;
+            .remove_entry(location.seq)?;
         if let Some(refs) = self.by_process.get_mut(&entry.process) {
             refs.remove(phx_ref);
             if refs.is_empty() {
@@ -1547,6 +1615,7 @@ impl Registry {
         self.topic(topic)
             .entries
             .values()
+            .map(|entry| &**entry)
             .filter(move |e| e.key == key)
     }
 
@@ -1615,10 +1684,7 @@ impl Registry {
     /// The topic, or an empty one: a topic nobody is on or watches is not
     /// kept.
     fn topic(&self, name: &str) -> &Topic {
-        static EMPTY: Topic = Topic {
-            entries: BTreeMap::new(),
-            subscribers: BTreeSet::new(),
-        };
+        static EMPTY: LazyLock<Topic> = LazyLock::new(Topic::default);
         self.topics.get(name).unwrap_or(&EMPTY)
     }
 
@@ -1667,7 +1733,7 @@ impl Registry {
     }
 
     fn state_event(&self, topic: &str) -> Event {
-        let snapshot = self.topic(topic).snapshot();
+        let snapshot = self.topic(topic).view().snapshot();
         Event::PresenceState {
             topic: topic.to_owned(),
             payload: snapshot.presences,

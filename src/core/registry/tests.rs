@@ -531,6 +531,38 @@ fn first_track_owns_the_topic_and_later_tracks_spectate_in_join_order() {
 }
 
 #[test]
+fn a_view_taken_before_a_change_still_shows_the_old_state() {
+    let mut h = Harness::new();
+    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let first = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+
+    let before = h.registry.view("doc");
+    let all_before = h.registry.occupied_views();
+    h.untrack_ref(a, "doc", &first.phx_ref);
+    let third = h.track(a, "doc", "z");
+    h.track(a, "other", "w");
+
+    let refs_in =
+        |view: &TopicView| -> Vec<String> { view.entries().map(|e| e.phx_ref.clone()).collect() };
+    assert_eq!(
+        refs_in(&before),
+        [first.phx_ref.clone(), second.phx_ref.clone()]
+    );
+    assert_eq!(
+        owner_ref(&before.snapshot().owner),
+        Some(first.phx_ref.as_str())
+    );
+    assert_eq!(all_before.len(), 1);
+    assert_eq!(refs_in(&all_before[0].1), refs_in(&before));
+    assert_eq!(
+        refs_in(&h.registry.view("doc")),
+        [second.phx_ref, third.phx_ref]
+    );
+    assert!(h.registry.view("nobody").is_empty());
+}
+
+#[test]
 fn tracks_on_different_topics_each_own_their_topic() {
     let mut h = Harness::new();
     let a = h.connect(ALICE);
