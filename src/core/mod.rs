@@ -36,6 +36,7 @@
 //! of every later batch until a commit takes it; while no client asks
 //! anything, it is retried on its own with a growing pause.
 
+pub mod read;
 mod recovery;
 pub mod registry;
 pub mod store;
@@ -48,6 +49,7 @@ use serde_json::Value;
 
 use crate::ops::{self, Answered, Op, RollBack};
 use crate::protocol::{ErrorBody, ErrorCode, Event, Limits, OutgoingReply, ShutdownPayload};
+use read::ReadView;
 use recovery::{Fact, Recovery};
 use registry::{Change, ConnId, Delivery, Ending, Entry, Outbox, Peer, ProcessId, Registry};
 
@@ -247,6 +249,13 @@ pub enum Transmit {
     Line {
         to: To,
         line: Line,
+    },
+    /// A line the driver makes from views of the registry as it was at the
+    /// line's place ([`ReadView::to_line`]): off the core's thread, when it
+    /// is large. Nothing may pass it on its way to `conn`.
+    View {
+        conn: ConnId,
+        view: ReadView,
     },
     /// A successful reply whose body the driver completes: the core knows
     /// only its part of it.
@@ -548,6 +557,7 @@ impl Core {
                     bytes: to_line(&event),
                 },
             },
+            Outgoing::Delivery(Delivery::View { conn, view }) => Transmit::View { conn, view },
             Outgoing::Status { conn, id, counts } => Transmit::Deferred {
                 conn,
                 id,
@@ -697,6 +707,12 @@ impl Core {
         for (index, line) in lines.into_iter().enumerate() {
             let (conn, id) = match &line {
                 Outgoing::Delivery(Delivery::Reply { conn, reply }) => (*conn, reply.id.clone()),
+                Outgoing::Delivery(Delivery::View { conn, view }) => match view.id() {
+                    Some(id) => (*conn, id.clone()),
+                    // A state is an event: its subscribe, asked again,
+                    // takes a new one.
+                    None => continue,
+                },
                 Outgoing::Status { conn, id, .. } => (*conn, id.clone()),
                 _ => continue,
             };

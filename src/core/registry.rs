@@ -23,14 +23,15 @@ use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value};
 
+use super::read::ReadView;
+
 use crate::protocol::{
-    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyReply, GetByKeyRequest,
-    HISTORY_CHANGE_MAX_BYTES, HISTORY_LEFT_OUT_FIELD, HISTORY_VALUE_MAX_BYTES, HistoryEvent,
-    HistoryKind, KeyPresence, LeaveReason, Lifetime, Limits, ListAllReply, ListTopicReply, Meta,
-    OutgoingReply, Owner, Presences, Removal, RemovedEntry, ReplyFields, ResumeReply,
-    ResyncPayload, Revision, Role, RoleChange, Standing, SubscribeAllReply, TopicPresences,
-    TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
-    checked_meta_size, json_size, meta_size, validate_name,
+    Actor, Diff, ErrorBody, ErrorCode, Event, GetByKeyRequest, HISTORY_CHANGE_MAX_BYTES,
+    HISTORY_LEFT_OUT_FIELD, HISTORY_VALUE_MAX_BYTES, HistoryEvent, HistoryKind, KeyPresence,
+    LeaveReason, Lifetime, Limits, Meta, OutgoingReply, Owner, Presences, Removal, RemovedEntry,
+    ReplyFields, ResumeReply, ResyncPayload, Revision, Role, RoleChange, Standing,
+    SubscribeAllReply, TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest,
+    UpdateReply, UpdateRequest, checked_meta_size, json_size, meta_size, validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -162,6 +163,12 @@ pub enum Delivery {
         to: Vec<ConnId>,
         event: Event,
     },
+    /// A reply or a `presence_state` to be made from views of the
+    /// registry as it was here (see `core/read.rs`).
+    View {
+        conn: ConnId,
+        view: ReadView,
+    },
     /// Every state of a resync of all topics is delivered (see
     /// [`Registry::resync_all`]): the connection's queue gives back the
     /// large-reply slot the resync held.
@@ -196,6 +203,15 @@ impl Outbox {
             removed: Some(removed),
             ..history_event(entry, HistoryKind::Update, None, at)
         });
+    }
+
+    /// A topic's `presence_state` for one connection, as `view` shows it.
+    fn state(&mut self, conn: ConnId, topic: &str, view: TopicView) {
+        let view = ReadView::State {
+            topic: topic.to_owned(),
+            view,
+        };
+        self.deliveries.push(Delivery::View { conn, view });
     }
 
     fn event(&mut self, to: Vec<ConnId>, event: Event) {
@@ -392,7 +408,7 @@ impl Topic {
 /// A topic's entries at one moment, taken in O(1) and unchanged by later
 /// changes to the registry, so that they can be turned into a reply away
 /// from the core.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TopicView {
     entries: Entries,
 }
@@ -855,7 +871,7 @@ impl Registry {
         };
         for topic in topics {
             if connection.subscribed_to_all || connection.subscriptions.contains(topic) {
-                out.event(vec![conn], self.state_event(topic));
+                out.state(conn, topic, self.view(topic));
             }
         }
     }
@@ -876,11 +892,12 @@ impl Registry {
                         .map(|(name, _)| name),
                 );
             }
-            let states: Vec<Event> = topics.into_iter().map(|t| self.state_event(t)).collect();
+            let states: Vec<(&String, TopicView)> =
+                topics.into_iter().map(|t| (t, self.view(t))).collect();
             // Topics that emptied while its diffs were held back get no
             // state: the list of those that do tells the watcher which.
             if connection.subscribed_to_all {
-                let topics = states.iter().filter_map(Event::topic).map(str::to_owned);
+                let topics = states.iter().map(|(topic, _)| (*topic).clone());
                 let resync = Event::Resync {
                     payload: ResyncPayload {
                         topics: topics.collect(),
@@ -888,8 +905,8 @@ impl Registry {
                 };
                 out.event(vec![conn], resync);
             }
-            for state in states {
-                out.event(vec![conn], state);
+            for (topic, view) in states {
+                out.state(conn, topic, view);
             }
         }
         out.deliveries.push(Delivery::ResyncedAll(conn));
@@ -1264,33 +1281,29 @@ impl Registry {
         }))
     }
 
-    pub(crate) fn list(&self, topic: Option<String>) -> ReplyFields {
+    /// The reply to `list`, as views: made into a line by the driver.
+    pub(crate) fn list(&self, id: Value, topic: Option<String>) -> ReadView {
         match topic {
-            Some(topic) => ReplyFields::of(&ListTopicReply {
-                state: self
-                    .topics
-                    .get(&topic)
-                    .map(|t| t.view().snapshot())
-                    .unwrap_or_default(),
+            Some(topic) => ReadView::ListTopic {
+                id,
+                view: self.view(&topic),
                 topic,
-            }),
-            None => ReplyFields::of(&ListAllReply {
-                topics: self
-                    .topics
-                    .iter()
-                    .filter(|(_, t)| !t.entries.is_empty())
-                    .map(|(name, t)| (name.clone(), t.view().snapshot()))
-                    .collect(),
-            }),
+            },
+            None => ReadView::ListAll {
+                id,
+                topics: self.occupied_views(),
+            },
         }
     }
 
-    pub(crate) fn get_by_key(&self, request: &GetByKeyRequest) -> ReplyFields {
-        let metas = self
-            .entries_with_key(&request.topic, &request.key)
-            .map(Entry::to_meta)
-            .collect();
-        ReplyFields::of(&GetByKeyReply { metas })
+    /// The reply to `get_by_key`, as a view of the topic: the entries
+    /// under the key are picked out when the line is made.
+    pub(crate) fn get_by_key(&self, id: Value, request: GetByKeyRequest) -> ReadView {
+        ReadView::GetByKey {
+            id,
+            view: self.view(&request.topic),
+            key: request.key,
+        }
     }
 
     pub(crate) fn subscribe(
@@ -1316,7 +1329,7 @@ impl Registry {
                 topic: topic.clone(),
             });
         }
-        out.event(vec![conn], self.state_event(&topic));
+        out.state(conn, &topic, self.view(&topic));
     }
 
     /// Subscribes the connection to every topic, and sends the state of
@@ -1333,16 +1346,12 @@ impl Registry {
             self.subscribed_to_all.insert(conn);
             self.record(|| Undo::SubscribedAll(conn));
         }
-        let occupied: Vec<String> = self
-            .topics
-            .iter()
-            .filter(|(_, t)| !t.entries.is_empty())
-            .map(|(name, _)| name.clone())
-            .collect();
-        for topic in &occupied {
-            out.event(vec![conn], self.state_event(topic));
+        let occupied = self.occupied_views();
+        let topics = occupied.iter().map(|(name, _)| name.clone()).collect();
+        for (topic, view) in occupied {
+            out.state(conn, &topic, view);
         }
-        ReplyFields::of(&SubscribeAllReply { topics: occupied })
+        ReplyFields::of(&SubscribeAllReply { topics })
     }
 
     /// Ends a subscription to every topic. Like `unsubscribe` of a topic,
@@ -1730,15 +1739,6 @@ impl Registry {
                 reasons,
             },
         );
-    }
-
-    fn state_event(&self, topic: &str) -> Event {
-        let snapshot = self.topic(topic).view().snapshot();
-        Event::PresenceState {
-            topic: topic.to_owned(),
-            payload: snapshot.presences,
-            owner: snapshot.owner,
-        }
     }
 
     // -- rules ---------------------------------------------------------------

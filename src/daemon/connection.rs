@@ -192,7 +192,7 @@ pub async fn serve(
     let opened = Command::Open {
         conn,
         peer: peer.clone(),
-        outlet: Box::new(Arc::clone(&queue)),
+        outlet: Arc::new(Arc::clone(&queue)),
     };
     if shared.core.send(opened).is_err() {
         return;

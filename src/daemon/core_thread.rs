@@ -11,9 +11,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use super::serializer::{Route, SerializerLane};
 use crate::core::registry::{ConnId, Entry, Peer, ProcessId};
 use crate::core::store::{Store, StoreError, StoredEntry};
 use crate::core::{
@@ -28,7 +30,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where the core's thread sends a connection's lines. Implemented by the
 /// io layer; `deliver` must never block.
-pub trait Outlet: Send {
+pub trait Outlet: Send + Sync {
     fn deliver(&self, line: Line);
     /// No more lines will come: flush what is queued, then close.
     fn close(&self);
@@ -43,7 +45,7 @@ pub enum Command {
     Open {
         conn: ConnId,
         peer: Peer,
-        outlet: Box<dyn Outlet>,
+        outlet: Arc<dyn Outlet>,
     },
     Input(Input),
 }
@@ -76,7 +78,9 @@ pub enum Exit {
 pub struct CoreThread {
     core: Core,
     store: Store,
-    outlets: HashMap<ConnId, Box<dyn Outlet>>,
+    outlets: HashMap<ConnId, Route>,
+    /// Where large reads are made into lines, off this thread.
+    lane: SerializerLane,
     info: DaemonInfo,
     /// When to next trim the history to its retention bounds.
     next_prune: Instant,
@@ -130,6 +134,7 @@ impl CoreThread {
             core: Core::restore(config, restored, now),
             store,
             outlets: HashMap::new(),
+            lane: SerializerLane::start(),
             info,
             next_prune: now.at,
         };
@@ -190,7 +195,7 @@ impl CoreThread {
     fn hand_in(&mut self, now: Now, command: Command) {
         let input = match command {
             Command::Open { conn, peer, outlet } => {
-                self.outlets.insert(conn, outlet);
+                self.outlets.insert(conn, Route::new(outlet));
                 Input::Open { conn, peer }
             }
             Command::Input(input) => input,
@@ -243,8 +248,8 @@ impl CoreThread {
                     to: To::One(conn),
                     line,
                 } => {
-                    if let Some(outlet) = self.outlets.get(&conn) {
-                        outlet.deliver(line);
+                    if let Some(route) = self.outlets.get(&conn) {
+                        self.lane.send_line(route, line);
                     }
                 }
                 Transmit::Line {
@@ -252,8 +257,8 @@ impl CoreThread {
                     line,
                 } => {
                     for conn in conns {
-                        if let Some(outlet) = self.outlets.get(&conn) {
-                            outlet.deliver(line.clone());
+                        if let Some(route) = self.outlets.get(&conn) {
+                            self.lane.send_line(route, line.clone());
                         }
                     }
                 }
@@ -262,22 +267,30 @@ impl CoreThread {
                     id,
                     body: Body::Status(counts),
                 } => {
-                    let Some(outlet) = self.outlets.get(&conn) else {
+                    if !self.outlets.contains_key(&conn) {
                         continue;
-                    };
+                    }
                     let outbound = *outbound.get_or_insert_with(|| self.outbound_bytes());
                     let status = self.status(counts, outbound, transactions);
                     let reply = OutgoingReply::success(id, &status);
-                    outlet.deliver(Line {
+                    let line = Line {
                         kind: LineKind::Reply {
                             succeeded: reply.outcome.is_ok(),
                         },
                         bytes: reply.to_line().into(),
-                    });
+                    };
+                    if let Some(route) = self.outlets.get(&conn) {
+                        self.lane.send_line(route, line);
+                    }
+                }
+                Transmit::View { conn, view } => {
+                    if let Some(route) = self.outlets.get(&conn) {
+                        self.lane.send_view(route, view);
+                    }
                 }
                 Transmit::Close(conn) => {
-                    if let Some(outlet) = self.outlets.remove(&conn) {
-                        outlet.close();
+                    if let Some(route) = self.outlets.remove(&conn) {
+                        self.lane.close(&route);
                     }
                 }
             }
@@ -288,7 +301,7 @@ impl CoreThread {
     fn outbound_bytes(&self) -> (usize, usize) {
         self.outlets
             .values()
-            .map(|outlet| outlet.queued_bytes())
+            .map(|route| route.outlet().queued_bytes())
             .fold((0, 0), |(sum, largest), queued| {
                 (sum + queued, largest.max(queued))
             })

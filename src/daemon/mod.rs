@@ -9,6 +9,7 @@ mod core_thread;
 mod listener;
 mod outbound;
 mod pidwatch;
+mod serializer;
 mod systemd;
 
 use std::path::PathBuf;

@@ -34,6 +34,6 @@ impl OpSpec for GetByKey {
     }
 
     fn answer(request: GetByKeyRequest, at: &mut At<'_>) -> Answer {
-        Answer::Reply(Ok(at.registry.get_by_key(&request)))
+        Answer::Read(at.registry.get_by_key(at.id.clone(), request))
     }
 }

@@ -44,6 +44,6 @@ impl OpSpec for List {
     }
 
     fn answer(topic: Option<String>, at: &mut At<'_>) -> Answer {
-        Answer::Reply(Ok(at.registry.list(topic)))
+        Answer::Read(at.registry.list(at.id.clone(), topic))
     }
 }

@@ -20,7 +20,8 @@ use std::io;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::core::registry::{ConnId, Outbox, Peer, ProcessId, Registry};
+use crate::core::read::ReadView;
+use crate::core::registry::{ConnId, Delivery, Outbox, Peer, ProcessId, Registry};
 use crate::protocol::{ErrorBody, HistoryRequest, Limits, OutgoingReply, ReplyFields};
 
 pub mod get_by_key;
@@ -67,6 +68,8 @@ pub trait OpSpec {
 pub struct At<'a> {
     pub registry: &'a mut Registry,
     pub conn: ConnId,
+    /// The request's id, for a reply made later from views.
+    pub id: &'a Value,
     pub now: i64,
     pub out: &'a mut Outbox,
 }
@@ -78,6 +81,9 @@ pub enum Answer {
     /// A `status` reply: the core completes it with its counts, and the
     /// driver with what only it knows (queues, the store).
     Status,
+    /// A successful reply made from views of the registry, by the driver,
+    /// so that a large read costs the core's thread nothing but the views.
+    Read(ReadView),
 }
 
 /// What becomes of a reply when its batch's commit fails and the batch is
@@ -278,18 +284,19 @@ pub fn answer(
     let mut at = At {
         registry,
         conn,
+        id: &id,
         now,
         out,
     };
-    let outcome = match op.answer_at(&mut at) {
-        Answer::Reply(outcome) => outcome,
+    let reply = match op.answer_at(&mut at) {
+        Answer::Reply(outcome) => Delivery::Reply {
+            conn,
+            reply: OutgoingReply { id, outcome },
+        },
         Answer::Status => return Answered::Status(id),
+        Answer::Read(view) => Delivery::View { conn, view },
     };
-    let reply = OutgoingReply { id, outcome };
-    out.deliveries.insert(
-        first_event,
-        crate::core::registry::Delivery::Reply { conn, reply },
-    );
+    out.deliveries.insert(first_event, reply);
     Answered::Replied
 }
 

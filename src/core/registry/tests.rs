@@ -125,7 +125,7 @@ impl Harness {
             self.now,
             &mut out,
         );
-        out
+        made(out)
     }
 
     fn track_as(&mut self, conn: ConnId, request: TrackRequest, process: ProcessId) -> Outbox {
@@ -261,6 +261,27 @@ impl Harness {
 
 // -- reading an outbox ------------------------------------------------------
 
+/// The outbox with each read made into the reply or the event its view
+/// makes, as the driver makes it, so that it reads like any other.
+fn made(mut out: Outbox) -> Outbox {
+    out.deliveries = out
+        .deliveries
+        .into_iter()
+        .map(|delivery| match delivery {
+            Delivery::View { conn, view } => match (view.reply(), view.event()) {
+                (Some(reply), _) => Delivery::Reply { conn, reply },
+                (None, Some(event)) => Delivery::Event {
+                    to: vec![conn],
+                    event,
+                },
+                (None, None) => unreachable!("a read makes a reply or an event"),
+            },
+            other => other,
+        })
+        .collect();
+    out
+}
+
 /// The outbox's row changes, without its history records.
 fn row_changes(out: &Outbox) -> Vec<Change> {
     out.changes
@@ -290,7 +311,7 @@ fn the_reply(out: &Outbox, conn: ConnId) -> Reply {
         .enumerate()
         .filter_map(|(index, delivery)| match delivery {
             Delivery::Reply { conn, reply } => Some((index, *conn, reply)),
-            Delivery::Event { .. } | Delivery::ResyncedAll(_) => None,
+            Delivery::Event { .. } | Delivery::ResyncedAll(_) | Delivery::View { .. } => None,
         })
         .collect();
     assert_eq!(replies.len(), 1, "one reply per request: {out:?}");
@@ -1625,6 +1646,7 @@ fn resync_sends_a_fresh_state_only_for_topics_still_subscribed() {
         &["doc".to_owned(), "never-subscribed".to_owned()],
         &mut out,
     );
+    let out = made(out);
     assert_eq!(kinds_for(&out, watcher), ["presence_state"]);
     match events_to(&out, watcher)[0] {
         Event::PresenceState { topic, payload, .. } => {
@@ -1670,6 +1692,7 @@ fn subscribing_to_all_gives_every_topic_its_state_then_its_diffs() {
     // A slow reader's stale topics get fresh states.
     let mut out = Outbox::default();
     h.registry.resync(watcher, &["a-new".to_owned()], &mut out);
+    let out = made(out);
     assert_eq!(kinds_for(&out, watcher), ["presence_state"]);
 
     // A close rolled back keeps it; a subscription rolled back is gone;
@@ -1714,6 +1737,7 @@ fn resyncing_every_topic_sends_each_state_then_says_so() {
 
     let mut out = Outbox::default();
     h.registry.resync_all(watcher, &mut out);
+    let out = made(out);
     let events = events_to(&out, watcher);
     let (resync, events) = events.split_first().expect("events");
     match resync {
@@ -1738,12 +1762,14 @@ fn resyncing_every_topic_sends_each_state_then_says_so() {
 
     let mut out = Outbox::default();
     h.registry.resync_all(named, &mut out);
+    let out = made(out);
     assert_eq!(kinds_for(&out, named), ["presence_state", "presence_state"]);
 
     // A connection gone still has its end said, for its queue's sake.
     h.close(watcher);
     let mut out = Outbox::default();
     h.registry.resync_all(watcher, &mut out);
+    let out = made(out);
     assert!(matches!(&out.deliveries[..], [Delivery::ResyncedAll(_)]));
 }
 
@@ -3123,7 +3149,7 @@ impl World {
     fn handle(&mut self, conn: ConnId, op: Op) -> Outbox {
         let mut out = Outbox::default();
         crate::ops::answer(&mut self.registry, conn, json!(0), op, self.now, &mut out);
-        out
+        made(out)
     }
 
     fn check_new_ref(&mut self, phx_ref: &str) {
@@ -4137,7 +4163,8 @@ fn dump(registry: &Registry) -> String {
         "next_seq {}, last_joined_at {}",
         registry.next_seq, registry.last_joined_at
     ));
-    lines.push(format!("list {}", registry.list(None).as_str()));
+    let listed = registry.list(Value::Null, None).to_line();
+    lines.push(format!("list {}", String::from_utf8_lossy(&listed.bytes)));
     lines.push(format!("processes {processes:?}"));
     lines.push(format!(
         "next resume deadline {:?}",

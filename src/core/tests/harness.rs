@@ -185,6 +185,12 @@ impl H {
                         self.sent.entry(conn).or_default().push(status);
                     }
                 }
+                Transmit::View { conn, view } => {
+                    if self.sockets.contains(&conn) {
+                        let value = serde_json::from_slice(&view.to_line().bytes).unwrap();
+                        self.sent.entry(conn).or_default().push(value);
+                    }
+                }
                 Transmit::Close(conn) => {
                     if self.sockets.remove(&conn) {
                         self.sent.entry(conn).or_default().push(json!("closed"));

@@ -113,7 +113,7 @@ fn open(conn: ConnId) -> (Command, mpsc::Receiver<Value>) {
             uid: 1000,
             user: "alice".into(),
         },
-        outlet: Box::new(TestOutlet(lines)),
+        outlet: std::sync::Arc::new(TestOutlet(lines)),
     };
     (command, receiver)
 }
