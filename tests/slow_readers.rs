@@ -760,3 +760,116 @@ async fn a_watcher_of_every_topic_that_stops_reading_is_resynced_whole() {
     assert!(states >= MANY, "{states} states, {diffs} diffs");
     assert!(diffs < 2 * MANY, "{states} states, {diffs} diffs");
 }
+
+/// Entries on the listed topic, and the size of each one's meta, so that
+/// one `list` of it is about 6 MB: the read of the issue.
+const LISTED_ENTRIES: usize = 10_000;
+const LISTED_META_PAD: usize = 500;
+/// How long the listers loop while another client pings.
+const LISTING_FOR: Duration = Duration::from_secs(4);
+/// The ping p99 that readers looping a large `list` may cost another
+/// client, under a debug build on a busy machine. Built on the core's
+/// thread, each of those lists held every other client up for hundreds of
+/// milliseconds; serialized off it, a ping waits for little more than a
+/// batch.
+const PING_P99_WHILE_LISTING: Duration = Duration::from_millis(50);
+
+/// Sends one request on a blocking socket and reads lines until the one
+/// that answers it, returning its length in bytes; nothing is parsed, so
+/// that the test's own work does not weigh on what it measures.
+fn request_blocking(
+    stream: &mut std::io::BufReader<std::os::unix::net::UnixStream>,
+    line: &str,
+) -> usize {
+    use std::io::{BufRead, Write};
+    stream
+        .get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .expect("send a request");
+    let mut reply = Vec::new();
+    let read = stream.read_until(b'\n', &mut reply).expect("read a reply");
+    assert!(read > 0, "the daemon closed the connection");
+    reply.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_stays_fast_while_two_clients_loop_a_list_of_10000() {
+    let daemon = Daemon::start().await;
+    // A connection holds at most 1,000 entries.
+    let mut holders = Vec::new();
+    let pad = "x".repeat(LISTED_META_PAD);
+    const WINDOW: usize = 100;
+    for first in (0..LISTED_ENTRIES).step_by(WINDOW) {
+        if first % 1_000 == 0 {
+            holders.push(daemon.raw().await);
+        }
+        let Some(holder) = holders.last_mut() else {
+            unreachable!("a holder was just connected");
+        };
+        for n in first..first + WINDOW {
+            let track = json!({
+                "op": "track", "id": n, "topic": "listed",
+                "key": format!("k{n}"), "meta": {"pad": pad},
+            });
+            holder.send(&track.to_string()).await;
+        }
+        for _ in 0..WINDOW {
+            let reply = holder.next().await.expect("a track reply");
+            assert_eq!(reply["ok"], true, "{reply}");
+        }
+    }
+
+    let connect = |socket: &Path| {
+        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("a read timeout");
+        std::io::BufReader::new(stream)
+    };
+    let until = Instant::now() + LISTING_FOR;
+    let listers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut lister = connect(&daemon.socket);
+            std::thread::spawn(move || {
+                let mut lists = 0;
+                while Instant::now() < until {
+                    let bytes = request_blocking(&mut lister, r#"{"op":"list","topic":"listed"}"#);
+                    assert!(bytes > 5_000_000, "a list of {bytes} bytes");
+                    lists += 1;
+                }
+                lists
+            })
+        })
+        .collect();
+    let mut pinger = connect(&daemon.socket);
+    let latencies = std::thread::spawn(move || {
+        let mut latencies = Vec::new();
+        while Instant::now() < until {
+            let started = Instant::now();
+            request_blocking(&mut pinger, r#"{"op":"ping","id":1}"#);
+            latencies.push(started.elapsed());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        latencies
+    })
+    .join()
+    .expect("the pinger");
+    let lists: usize = listers
+        .into_iter()
+        .map(|lister| lister.join().expect("a lister"))
+        .sum();
+
+    let mut latencies = latencies;
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "{lists} lists, {} pings, ping p50 {:?}, p99 {p99:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2]
+    );
+    assert!(lists >= 2, "the listers got {lists} lists");
+    assert!(
+        p99 < PING_P99_WHILE_LISTING,
+        "ping p99 {p99:?} while two clients loop a list of {LISTED_ENTRIES}"
+    );
+}

@@ -507,3 +507,63 @@ fn a_start_that_raises_the_counter_commits_it() {
     assert_eq!(commit.next_seq, 6);
     h.ok();
 }
+
+/// A subscribe's `presence_state` is made after the batch commits, from a
+/// view taken at the subscribe's place: it shows the tracks before it and
+/// not those after, which reach the subscriber as the diffs that follow.
+#[test]
+fn a_subscribe_state_is_the_view_at_its_place_in_the_batch() {
+    let mut h = H::new();
+    h.connect([1, 2, 3]);
+    h.committed_batch([track(1, 1, "before"), subscribe(2, 2), track(3, 3, "after")]);
+
+    let lines = h.lines(2);
+    assert_eq!(
+        ids(&lines),
+        [json!(2), Value::Null, Value::Null],
+        "reply, state, diff: {lines:?}"
+    );
+    assert_eq!(lines[1]["event"], "presence_state");
+    let state: Vec<&String> = lines[1]["payload"].as_object().unwrap().keys().collect();
+    assert_eq!(state, ["before"], "the state as it was at the subscribe");
+    assert_eq!(lines[2]["event"], "presence_diff");
+    let joined: Vec<&String> = lines[2]["payload"]["joins"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(joined, ["after"], "the later track comes as a diff");
+}
+
+/// A `list` in a batch whose commit fails is answered from the rolled-back
+/// registry: the view taken before the roll-back, which showed the undone
+/// track, never leaves.
+#[test]
+fn a_list_in_a_failed_batch_shows_only_what_is_committed() {
+    let mut h = H::new();
+    h.connect([1, 2]);
+    h.committed_batch([track(1, 1, "committed")]);
+    h.lines(1);
+
+    h.inputs([
+        track(1, 2, "undone"),
+        presence(2, 3, Op::List(Some("doc".into()))),
+        presence(2, 4, Op::List(None)),
+    ]);
+    assert!(h.burst().is_some());
+    h.fail();
+
+    let lines = h.lines(2);
+    assert_eq!(ids(&lines), [json!(3), json!(4)], "{lines:?}");
+    assert_eq!(keys_listed(&lines[0]), ["committed"]);
+    let everything = lines[1]["topics"]["doc"]["presences"].as_object().unwrap();
+    let keys: Vec<&String> = everything.keys().collect();
+    assert_eq!(keys, ["committed"]);
+
+    // Committed, the same list shows the track before it.
+    h.committed_batch([
+        track(1, 5, "saved"),
+        presence(2, 6, Op::List(Some("doc".into()))),
+    ]);
+    assert_eq!(keys_listed(&h.lines(2)[0]), ["committed", "saved"]);
+}
