@@ -182,3 +182,103 @@ impl Drop for SerializerLane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::core::registry::Registry;
+    use crate::core::tests::harness::stored_entry;
+    use crate::protocol::{Lifetime, Limits};
+
+    /// Records each line it is given, with the thread that gave it.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<(Option<String>, Value)>>);
+
+    impl Recording {
+        fn take(&self, value: Value) {
+            let thread = std::thread::current().name().map(str::to_owned);
+            self.0.lock().unwrap().push((thread, value));
+        }
+
+        fn seen(&self) -> Vec<(Option<String>, Value)> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Outlet for Recording {
+        fn deliver(&self, line: Line) {
+            self.take(serde_json::from_slice(&line.bytes).unwrap());
+        }
+
+        fn close(&self) {
+            self.take(json!("closed"));
+        }
+
+        fn queued_bytes(&self) -> usize {
+            0
+        }
+    }
+
+    /// A `list` of a topic holding `entries` entries.
+    fn list_of(entries: u64) -> ReadView {
+        let restored = (1..=entries)
+            .map(|seq| stored_entry(&format!("k{seq}"), seq, Lifetime::Process))
+            .collect();
+        let registry = Registry::restore(Limits::default(), restored, entries + 1);
+        ReadView::ListTopic {
+            id: json!("list"),
+            topic: "doc".into(),
+            view: registry.view("doc"),
+        }
+    }
+
+    fn ping_reply() -> Line {
+        Line {
+            kind: crate::core::LineKind::Reply { succeeded: true },
+            bytes: Arc::from(&b"{\"id\":\"ping\",\"ok\":true}\n"[..]),
+        }
+    }
+
+    #[test]
+    fn a_line_after_a_large_read_waits_for_it_in_the_lane() {
+        let recording = Arc::new(Recording::default());
+        let route = Route::new(recording.clone());
+        let lane = SerializerLane::start();
+        let large = list_of(SERIALIZED_AT_ONCE_UP_TO as u64 + 1);
+
+        lane.send_view(&route, large);
+        lane.send_line(&route, ping_reply());
+        lane.close(&route);
+        drop(lane);
+
+        let seen = recording.seen();
+        let ids: Vec<&Value> = seen.iter().map(|(_, value)| value).collect();
+        assert_eq!(ids.len(), 3, "{seen:?}");
+        assert_eq!(ids[0]["id"], "list", "the read first: {seen:?}");
+        assert_eq!(ids[1]["id"], "ping", "then what followed it: {seen:?}");
+        assert_eq!(ids[2], "closed");
+        let lane_thread = Some("presenced-serializer".to_owned());
+        assert_eq!(seen[0].0, lane_thread, "made off the calling thread");
+        assert_eq!(route.in_lane.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_small_read_is_made_at_once_and_what_follows_goes_direct() {
+        let recording = Arc::new(Recording::default());
+        let route = Route::new(recording.clone());
+        let lane = SerializerLane::start();
+
+        lane.send_view(&route, list_of(SERIALIZED_AT_ONCE_UP_TO as u64));
+        lane.send_line(&route, ping_reply());
+
+        let seen = recording.seen();
+        assert_eq!(seen.len(), 2, "both delivered before the calls returned");
+        let here = std::thread::current().name().map(str::to_owned);
+        assert!(seen.iter().all(|(thread, _)| *thread == here), "{seen:?}");
+        assert_eq!(seen[0].1["id"], "list");
+    }
+}
