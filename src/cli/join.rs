@@ -174,7 +174,9 @@ async fn hold(
 /// that is restarting must not hold a script past its --timeout.
 const LEAVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn leave_within_bounds(session: &crate::client::Session, topic: &str) {
+/// Leaves the topic, so that the next in line is promoted now rather than
+/// when the daemon sees the process go; `join` and `run` both end so.
+pub(super) async fn leave_within_bounds(session: &crate::client::Session, topic: &str) {
     if tokio::time::timeout(LEAVE_DEADLINE, session.leave_all())
         .await
         .is_err()
@@ -315,24 +317,33 @@ fn next_news(
             printer.track(&reply)?;
             Ok(News::Role(reply.standing.role))
         }
+        other => session_trouble(other, topic).map(|()| News::Nothing),
+    }
+}
+
+/// What `join` and `run` make of a session event that is not about their
+/// entry's standing: the session's end is an error, and a restart the
+/// daemon came back from is not news to the user (the session logs it).
+pub(super) fn session_trouble(event: Option<SessionEvent>, topic: &str) -> anyhow::Result<()> {
+    match event {
         Some(SessionEvent::Dropped { error, .. }) => {
             anyhow::bail!("lost the presence on {topic}: {error}")
         }
         Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
-        // A restart the daemon came back from is not news to the user; the
-        // session logs it.
+        None => anyhow::bail!("the session with the daemon ended"),
         Some(
-            SessionEvent::Disconnected { .. }
+            SessionEvent::Event(_)
+            | SessionEvent::Retracked { .. }
+            | SessionEvent::Disconnected { .. }
             | SessionEvent::Reconnected
             | SessionEvent::Unsubscribed { .. }
             | SessionEvent::ResubscribedToAll { .. },
-        ) => Ok(News::Nothing),
-        None => anyhow::bail!("the session with the daemon ended"),
+        ) => Ok(()),
     }
 }
 
 /// Waits for the deadline if there is one, and forever if not.
-async fn wait_or_never(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+pub(super) async fn wait_or_never(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     match deadline {
         Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,

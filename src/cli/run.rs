@@ -48,6 +48,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+use super::join::{self, leave_within_bounds, wait_or_never};
 use super::{NewEntryArgs, Outcome, Target, failed, render};
 use crate::client::SessionEvent;
 use crate::protocol::{Event, Lifetime, Role};
@@ -317,42 +318,7 @@ fn news(event: Option<SessionEvent>, topic: &str) -> anyhow::Result<News> {
             reply.standing.role,
             render::owner(reply.standing.owner.as_ref()),
         )),
-        Some(SessionEvent::Dropped { error, .. }) => {
-            anyhow::bail!("lost the presence on {topic}: {error}")
-        }
-        Some(SessionEvent::Lost { reason }) => anyhow::bail!("{reason}"),
-        Some(
-            SessionEvent::Disconnected { .. }
-            | SessionEvent::Reconnected
-            | SessionEvent::Unsubscribed { .. }
-            | SessionEvent::ResubscribedToAll { .. },
-        ) => Ok(News::Nothing),
-        None => anyhow::bail!("the session with the daemon ended"),
-    }
-}
-
-/// How long leaving may take before the command gives up on it.
-const LEAVE_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Leaves the topic, so that the next in line is promoted now rather than
-/// when the daemon sees the process go.
-async fn leave_within_bounds(session: &crate::client::Session, topic: &str) {
-    if tokio::time::timeout(LEAVE_DEADLINE, session.leave_all())
-        .await
-        .is_err()
-    {
-        let _ = writeln!(
-            std::io::stderr(),
-            "presence: could not leave {topic} in time; `presence list {topic}` shows \
-             whether the entry is still there"
-        );
-    }
-}
-
-async fn wait_or_never(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match deadline {
-        Some(sleep) => sleep.as_mut().await,
-        None => std::future::pending().await,
+        other => join::session_trouble(other, topic).map(|()| News::Nothing),
     }
 }
 
