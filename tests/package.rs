@@ -561,23 +561,16 @@ fn the_installed_units_pass_systemd_analyze_verify() {
                 .any(|line| line.starts_with("ExecStart=/usr/bin/presence ")),
             "the installed {scope} service does not start /usr/bin/presence"
         );
-        let mut verify = Command::new("systemd-analyze");
-        if scope == "user" {
-            verify.arg("--user");
-        }
-        let output = run(verify
-            .arg("verify")
-            .arg(folder.join("presenced.socket"))
-            .arg(folder.join("presenced.service"))
-            .env("PATH", "/usr/bin:/bin")
-            .env("XDG_RUNTIME_DIR", runtime.path())
-            .env_remove("MANPATH"));
-        // A misspelt key is only a warning to verify; here it fails.
-        let said = format!("{}{}", text(&output.stdout), text(&output.stderr));
-        assert!(
-            output.status.success() && said.trim().is_empty(),
-            "the installed {scope} units: {said}"
-        );
+        let units = [
+            folder.join("presenced.socket"),
+            folder.join("presenced.service"),
+        ];
+        common::assert_units_verify(scope, &units, |verify| {
+            verify
+                .env("PATH", "/usr/bin:/bin")
+                .env("XDG_RUNTIME_DIR", runtime.path())
+                .env_remove("MANPATH");
+        });
     }
 }
 

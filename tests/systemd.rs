@@ -87,27 +87,11 @@ fn every_unit_passes_systemd_analyze_verify() {
             std::fs::write(&path, with_program(&text, Path::new(presence_bin()))).unwrap();
             paths.push(path);
         }
-        let mut verify = std::process::Command::new("systemd-analyze");
-        if scope == "user" {
-            verify.arg("--user");
-        }
-        let output = verify
-            .arg("verify")
-            .args(&paths)
-            .env("MANPATH", dir.path().join("man"))
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .output()
-            .expect("systemd-analyze runs");
-        // A misspelt key is only a warning to verify; here it fails.
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(
-            output.status.success() && said.trim().is_empty(),
-            "the {scope} units: {said}"
-        );
+        common::assert_units_verify(scope, &paths, |verify| {
+            verify
+                .env("MANPATH", dir.path().join("man"))
+                .env("XDG_RUNTIME_DIR", &runtime);
+        });
     }
 }
 

@@ -800,3 +800,30 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("a VmRSS line");
     kib * 1024
 }
+
+/// Runs `systemd-analyze verify` on the units of `scope` (`user` or
+/// `system`), in the environment `configure` sets, and fails unless it
+/// passes without a word: a misspelt key is only a warning to verify, and
+/// an error here.
+pub fn assert_units_verify(
+    scope: &str,
+    units: &[PathBuf],
+    configure: impl FnOnce(&mut std::process::Command),
+) {
+    let mut verify = std::process::Command::new("systemd-analyze");
+    if scope == "user" {
+        verify.arg("--user");
+    }
+    verify.arg("verify").args(units);
+    configure(&mut verify);
+    let output = verify.output().expect("systemd-analyze runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "the {scope} units: {said}"
+    );
+}
