@@ -234,11 +234,12 @@ fn this_binary_for_nobody(dir: &Path) -> PathBuf {
 
 /// Starts a long-lived process of root that gets `pid`, by telling the
 /// kernel which pid this pid namespace handed out last
-/// (`ns_last_pid`, as checkpoint/restore tools do). Another process may
-/// take the pid first (a thread starting); that one is ended and the
-/// next try made, until the deadline.
-fn spawn_with_pid(pid: u32) -> std::process::Child {
-    let deadline = Instant::now() + DEADLINE;
+/// (`ns_last_pid`, as checkpoint/restore tools do). Another task may take
+/// the pid first: a thread starting, here or in the daemon. If that one
+/// has already ended, the next try is made; if it lives on (a blocking
+/// pool's thread idles for seconds), the pid is not to be had, and `None`
+/// says so, for the caller to begin again with another pid.
+fn spawn_with_pid(pid: u32) -> Option<std::process::Child> {
     loop {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
             .expect("set ns_last_pid");
@@ -247,11 +248,13 @@ fn spawn_with_pid(pid: u32) -> std::process::Child {
             .spawn()
             .expect("sleep spawns");
         if stranger.id() == pid {
-            return stranger;
+            return Some(stranger);
         }
-        let _ = stranger.kill();
-        let _ = stranger.wait();
-        assert!(Instant::now() < deadline, "pid {pid} was never handed out");
+        end(&mut stranger);
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("pid {pid} was taken by another task that is still running");
+            return None;
+        }
     }
 }
 
@@ -265,13 +268,23 @@ async fn pid_reuse_inside(test: &str) {
     let db = dir.path().join("state/presence.db");
     let _daemon = start_daemon(as_nobody(&presence), &socket, &db, &[]).await;
 
-    // A client of uid 65534 connects, forks, and exits.
-    let program = as_nobody(&this_binary_for_nobody(dir.path()));
-    let mut client = ForkedClient::spawn(program, test, &socket);
-    let gone = client.parent_gone().await;
-
-    // Root's process now has the departed client's pid.
-    let mut stranger = spawn_with_pid(gone);
+    // A client of uid 65534 connects, forks, and exits; root's process
+    // then takes the departed client's pid.
+    let copy = this_binary_for_nobody(dir.path());
+    let deadline = Instant::now() + DEADLINE;
+    let (mut client, gone, mut stranger) = loop {
+        let mut client = ForkedClient::spawn(as_nobody(&copy), test, &socket);
+        let gone = client.parent_gone().await;
+        if let Some(stranger) = spawn_with_pid(gone) {
+            break (client, gone, stranger);
+        }
+        // Closing its input ends the client's child; another client tries.
+        drop(client);
+        assert!(
+            Instant::now() < deadline,
+            "no free pid was taken over in time"
+        );
+    };
     assert_ne!(
         std::fs::read_to_string(format!("/proc/{gone}/status"))
             .expect("the stranger's status")
@@ -288,8 +301,7 @@ async fn pid_reuse_inside(test: &str) {
     let mut raw = RawConnection::connect(&socket).await;
     let listed = raw.request(r#"{"id":2,"op":"list","topic":"doc"}"#).await;
     assert_eq!(listed["presences"], serde_json::json!({}), "{listed}");
-    let _ = stranger.kill();
-    let _ = stranger.wait();
+    end(&mut stranger);
 }
 
 /// Runs `test` of this binary again, in the role `role`, inside a pid
@@ -474,15 +486,16 @@ async fn same_tick_inside() {
     let (client, mut stranger) = loop {
         attempts += 1;
         let client = QuickClient::start(&socket);
-        let stranger = spawn_with_pid(client.pid);
-        let started = presenced::sys::process_start_time(client.pid).expect("its start time");
-        if started == client.start_time {
-            break (client, stranger);
+        if let Some(stranger) = spawn_with_pid(client.pid) {
+            let started = presenced::sys::process_start_time(client.pid).expect("its start time");
+            if started == client.start_time {
+                break (client, stranger);
+            }
+            end(stranger);
         }
-        // Not within the same tick: the child ends with its input, and
-        // another client tries.
+        // The pid was taken, or not within the same tick: the child ends
+        // with its input, and another client tries.
         drop(client);
-        end(stranger);
         assert!(
             Instant::now() < deadline,
             "no stranger started within the client's tick in {attempts} attempts"
