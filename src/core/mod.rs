@@ -2,7 +2,7 @@
 //! leave to do, as a state machine with no I/O of its own.
 //!
 //! It has no channel, no clock, no socket and no database. Whoever drives
-//! it (the daemon's core thread, `daemon/core_thread.rs`, or a test) hands
+//! it (the daemon's driver, `daemon/driver.rs`, or a test) hands
 //! it each input with the time ([`Core::handle`]), and asks it in turn:
 //!
 //! - [`Core::poll_commit`]: what the batch changed, to be saved as one
@@ -251,8 +251,8 @@ pub enum Transmit {
         line: Line,
     },
     /// A line the driver makes from views of the registry as it was at the
-    /// line's place ([`ReadView::to_line`]): off the core's thread, when it
-    /// is large. Nothing may pass it on its way to `conn`.
+    /// line's place ([`ReadView::to_line`]): off the thread running the
+    /// core, when it is large. Nothing may pass it on its way to `conn`.
     View {
         conn: ConnId,
         view: ReadView,

@@ -3,7 +3,7 @@
 //!
 //! The registry takes a [`TopicView`] of each topic the read covers, in
 //! O(1), at the read's place in its batch; the line is made from the views
-//! later, by whoever sends it (the driver, off the core's thread when the
+//! later, by whoever sends it (the driver, or the serializer lane when the
 //! read is large). A view never changes, so the line shows the registry as
 //! it was at that place, however long it waits: a subscribe's state is
 //! still followed by exactly the diffs after it, and a read in a rolled-back
@@ -69,7 +69,7 @@ impl ReadView {
         }
     }
 
-    /// Makes the line: the work the core's thread is spared.
+    /// Makes the line: the work whoever runs the core is spared.
     pub fn to_line(&self) -> Line {
         let bytes = match self.made() {
             Ok(reply) => reply.to_line().into(),

@@ -117,8 +117,8 @@ const FROM_VERSION_4: &str = "
 /// is served yet, so nobody waits with it.
 const OPEN_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a commit waits for another program's lock. The core thread
-/// waits with it, and every client with the core, so it is short: a commit
+/// How long a commit waits for another program's lock. The thread running
+/// the core waits with it, and every client with the core, so it is short: a commit
 /// that fails is rolled back and its facts are tried again later, which
 /// costs less than holding every client up.
 const COMMIT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);

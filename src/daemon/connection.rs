@@ -10,8 +10,9 @@
 //! resolved op to the core.
 
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
+use std::future::Future as _;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use interprocess::local_socket::traits::StreamCommon as _;
@@ -21,7 +22,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::core_thread::{Command, Outlet as _};
+use super::driver::{Command, CoreHandle, Outlet as _};
 use super::outbound::{Next, OutboundBudget, OutboundQueue};
 use super::pidwatch::PidWatcher;
 use crate::core::registry::{ConnId, Peer};
@@ -37,7 +38,7 @@ use resolver::LineResolver;
 
 /// What every connection task shares.
 pub struct Shared {
-    pub core: Sender<Command>,
+    pub core: CoreHandle,
     pub pids: PidWatcher,
     pub limits: Limits,
     pub connections_by_uid: ConnectionsByUid,
@@ -179,8 +180,8 @@ pub async fn serve(
     tracing::debug!(conn, pid = peer.pid, uid = peer.uid, "connection opened");
 
     let (recv, send) = tokio::net::UnixStream::from(stream).into_split();
-    // Shared by the writer task and, for replies written straight from the
-    // core's thread, the queue.
+    // Shared by the writer task and, for replies written straight from
+    // whichever thread runs the core, the queue.
     let send = Arc::new(send);
     let queue = OutboundQueue::new(
         conn,
@@ -231,6 +232,12 @@ async fn read_requests(
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, recv);
     let mut line = Vec::new();
     loop {
+        // Requests already read are only queued; the core runs them once
+        // this connection has no whole line left to read, so a client that
+        // pipelines has its run answered in a few batches, not one each.
+        if !reader.buffer().contains(&b'\n') {
+            shared.core.drive();
+        }
         match read_line(&mut reader, &mut line, shared.limits.max_line_bytes).await {
             Ok(ReadLine::Line) => {
                 if line.iter().all(u8::is_ascii_whitespace) {
@@ -238,7 +245,7 @@ async fn read_requests(
                 }
                 let parsed = parse(&line);
                 let size = reply_size(&parsed, peer, shared);
-                if !queue.admit_request(&size).await {
+                if !admit(queue, &size, &shared.core).await {
                     return;
                 }
                 if let Some((id, request)) = handle_line(parsed, conn, peer, shared) {
@@ -417,7 +424,7 @@ async fn read_line(
     }
 }
 
-/// Sends the core what a parsed request line asks for, resolved. A
+/// Queues for the core what a parsed request line asks for, resolved. A
 /// history read is the exception, returned for the caller to answer
 /// itself.
 fn handle_line(
@@ -429,7 +436,7 @@ fn handle_line(
     let (id, request) = match parsed {
         Ok(parsed) => parsed,
         Err((id, error)) => {
-            let _ = shared.core.send(Input::Refuse { conn, id, error }.into());
+            let _ = shared.core.queue(Input::Refuse { conn, id, error }.into());
             return None;
         }
     };
@@ -442,12 +449,28 @@ fn handle_line(
         Err(error) => Input::Refuse { conn, id, error },
     };
     let resolved = matches!(command, Input::Request { .. });
-    // Sent first, then any process watch it opened is armed: the exit of
-    // the process can then never reach the core ahead of the entry it
+    // Queued first, then any process watch it opened is armed: the exit
+    // of the process can then never reach the core ahead of the entry it
     // should remove.
-    let reached = shared.core.send(command.into()).is_ok();
+    let reached = shared.core.queue(command.into()).is_ok();
     resolver.sent(resolved && reached);
     None
+}
+
+/// Admits a request as the queue's rules say
+/// ([`OutboundQueue::admit_request`]). Admission waits for replies the
+/// core owes; so before it waits, the core runs what this connection has
+/// queued. `false` when the queue has closed.
+async fn admit(queue: &OutboundQueue, size: &ReplySize, core: &CoreHandle) -> bool {
+    let mut admitted = std::pin::pin!(queue.admit_request(size));
+    let at_once = std::future::poll_fn(|cx| Poll::Ready(admitted.as_mut().poll(cx))).await;
+    match at_once {
+        Poll::Ready(admitted) => admitted,
+        Poll::Pending => {
+            core.drive();
+            admitted.await
+        }
+    }
 }
 
 /// How large the reply to a parsed line may be, with the events it brings
@@ -556,7 +579,7 @@ async fn write_lines(
     send: Arc<OwnedWriteHalf>,
     queue: Arc<OutboundQueue>,
     conn: ConnId,
-    core: Sender<Command>,
+    core: CoreHandle,
 ) {
     let socket = send.as_ref().as_ref();
     loop {

@@ -1,11 +1,12 @@
 //! The io layer: the socket (put back if it is deleted while the daemon
 //! runs), one task pair per connection, process watchers, signals, and the
-//! thread that drives the core (`core_thread.rs`: the channel, the clocks,
-//! the store's commits, the outlets). It turns bytes into core inputs and
-//! core output into bytes; it never decides who owns a topic.
+//! core's driver (`driver.rs`: the clocks, the store's commits, the
+//! outlets, run by whichever thread has work for the core). It turns bytes
+//! into core inputs and core output into bytes; it never decides who owns
+//! a topic.
 
 mod connection;
-mod core_thread;
+mod driver;
 mod listener;
 mod outbound;
 mod pidwatch;
@@ -25,7 +26,7 @@ use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
 use connection::Shared;
-use core_thread::{CoreThread, DaemonInfo, Exit};
+use driver::{CoreHandle, DaemonInfo, Driver};
 use pidwatch::PidWatcher;
 
 /// Everything `presence daemon` is told.
@@ -113,15 +114,14 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     let socket = claimed.socket().to_owned();
     let opened = open_store(&config)?;
 
-    let (core_tx, core_rx) = std::sync::mpsc::channel();
-    let pids = PidWatcher::new(core_tx.clone());
+    let polling = pidwatch::pidfds_unavailable();
     let info = DaemonInfo {
         socket: socket.clone(),
         started,
-        pid_watch: pids.mode().to_owned(),
+        pid_watch: if polling { "polling" } else { "pidfd" }.to_owned(),
         started_by: started_by.to_owned(),
     };
-    let core = CoreThread::start(
+    let driver = Driver::start(
         opened.store,
         config.limits,
         &opened.boot_id,
@@ -135,16 +135,12 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     // Whoever connects meanwhile waits in the backlog.
     listener::raise_fd_limit(config.limits.max_connections);
     let serving = claimed.listen()?;
-    for process in core.watched_processes() {
+    let watched = driver.watched_processes();
+    let (core, core_stopped) = CoreHandle::start(driver).context("starting the core's thread")?;
+    let pids = PidWatcher::new(core.clone(), polling);
+    for process in watched {
         pids.watch(process);
     }
-    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("presenced-core".into())
-        .spawn(move || {
-            let _ = stopped_tx.send(core.run(core_rx));
-        })
-        .context("starting the core thread")?;
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
@@ -162,7 +158,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     }
 
     let shared = Arc::new(Shared {
-        core: core_tx,
+        core,
         pids,
         limits: config.limits,
         connections_by_uid: connection::ConnectionsByUid::new(
@@ -173,7 +169,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
     let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
-    let served = tokio::spawn(serve(serving, shared, stopped_rx, shutdown_rx));
+    let served = tokio::spawn(serve(serving, shared, core_stopped, shutdown_rx));
     Ok(Daemon {
         socket,
         shutdown,
@@ -250,7 +246,7 @@ fn open_store(config: &DaemonConfig) -> anyhow::Result<OpenedStore> {
 async fn serve(
     mut serving: listener::Serving,
     shared: Arc<Shared>,
-    mut core_stopped: tokio::sync::oneshot::Receiver<Exit>,
+    mut core_stopped: tokio::sync::oneshot::Receiver<Stopped>,
     mut shutdown: tokio::sync::oneshot::Receiver<String>,
 ) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&shared.outbound).cut_off_stalled_holders());
@@ -293,8 +289,9 @@ async fn serve(
             reason = &mut shutdown => {
                 break reason.unwrap_or_else(|_| "the daemon's handle was dropped".to_owned());
             }
-            // The core stops by itself only if it panicked: a failed commit
-            // is rolled back and retried, and shutdown comes from here.
+            // The core stops by itself only if it failed (a panic while
+            // running it): a failed commit is rolled back and retried, and
+            // shutdown comes from here.
             _ = &mut core_stopped => {
                 return Err(anyhow::anyhow!("the core stopped unexpectedly"));
             }
@@ -314,7 +311,7 @@ async fn serve(
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {
-        Ok(Exit::Stopped(Stopped::Unsaved(e))) => Err(anyhow::Error::new(e)
+        Ok(Stopped::Unsaved(e)) => Err(anyhow::Error::new(e)
             .context("departures held back by failed commits could not be saved before stopping")),
         _ => Ok(()),
     }

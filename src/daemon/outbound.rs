@@ -71,7 +71,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::core_thread::Outlet;
+use super::driver::Outlet;
 use crate::core::registry::ConnId;
 use crate::core::{Line, LineKind};
 pub use crate::ops::ReplySize;

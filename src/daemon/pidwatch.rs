@@ -15,11 +15,10 @@
 use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::core_thread::Command;
+use super::driver::CoreHandle;
 use crate::core::Input;
 use crate::core::registry::ProcessId;
 use crate::sys::{self, ExitWatch, PinnedPeer};
@@ -50,35 +49,20 @@ impl Watched {
 
 struct Inner {
     watched: Mutex<HashSet<Watched>>,
-    core: Sender<Command>,
+    core: CoreHandle,
     polling: AtomicBool,
 }
 
 impl PidWatcher {
-    pub fn new(core: Sender<Command>) -> PidWatcher {
-        // Probe once on ourselves, so that `status` can say from the start
-        // how exits are noticed.
-        let polling = sys::process_id(std::process::id())
-            .and_then(ExitWatch::open)
-            .is_err_and(|e| e.kind() == io::ErrorKind::Unsupported);
-        if polling {
-            warn_polling();
-        }
+    /// A watcher that tells `core`; `polling` as [`pidfds_unavailable`]
+    /// found.
+    pub fn new(core: CoreHandle, polling: bool) -> PidWatcher {
         PidWatcher {
             inner: Arc::new(Inner {
                 watched: Mutex::new(HashSet::new()),
                 core,
                 polling: AtomicBool::new(polling),
             }),
-        }
-    }
-
-    /// How exits are noticed, for `status`.
-    pub fn mode(&self) -> &'static str {
-        if self.inner.polling.load(Ordering::Relaxed) {
-            "polling"
-        } else {
-            "pidfd"
         }
     }
 
@@ -170,11 +154,14 @@ impl PidWatcher {
                 // Polling cannot fail: a look that cannot tell is retried.
                 let _ = sys::exited(process, None, POLL_INTERVAL).await;
             }
-            // Removing and sending under the lock keeps the order: a track
-            // for this process that saw it watched was sent before this.
+            // Removing and queueing under the lock keeps the order: a
+            // track for this process that saw it watched was queued before
+            // this. The core runs once the lock is let go.
             let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
             watched.remove(&key);
-            let _ = inner.core.send(Input::ProcessExited(process).into());
+            let _ = inner.core.queue(Input::ProcessExited(process).into());
+            drop(watched);
+            inner.core.drive();
         });
     }
 
@@ -232,6 +219,19 @@ impl Prepared {
     }
 }
 
+/// Whether the kernel has no pidfds, so that exits must be noticed by
+/// polling `/proc`. Probed once, on ourselves, so that `status` can say
+/// from the start how exits are noticed.
+pub fn pidfds_unavailable() -> bool {
+    let polling = sys::process_id(std::process::id())
+        .and_then(ExitWatch::open)
+        .is_err_and(|e| e.kind() == io::ErrorKind::Unsupported);
+    if polling {
+        warn_polling();
+    }
+    polling
+}
+
 fn warn_polling() {
     tracing::warn!(
         "pidfd_open is unavailable; watching processes by polling /proc every {:?}",
@@ -242,6 +242,7 @@ fn warn_polling() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::driver::Command;
 
     /// A process of our own to watch, pinned as a connection's would be.
     fn pinned_child() -> (std::process::Child, PinnedPeer) {
@@ -262,8 +263,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_watched_process_is_known_by_its_inode_not_by_pid_and_start_time_alone() {
-        let (core, exits) = std::sync::mpsc::channel();
-        let pids = PidWatcher::new(core);
+        let core = CoreHandle::detached();
+        let pids = PidWatcher::new(core.clone(), false);
         let (mut child, peer) = pinned_child();
         assert!(pids.hold_if_watched(&peer).is_none(), "not watched yet");
         pids.arm(pids.prepare_peer(&peer).unwrap());
@@ -283,11 +284,9 @@ mod tests {
 
         child.kill().unwrap();
         child.wait().unwrap();
-        let exited = tokio::task::spawn_blocking(move || {
-            exits.recv_timeout(Duration::from_secs(10)).unwrap()
-        })
-        .await
-        .unwrap();
+        let exited = tokio::time::timeout(Duration::from_secs(10), core.next_queued())
+            .await
+            .expect("the exit is told within 10 s");
         assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
         assert!(pids.hold_if_watched(&peer).is_none(), "no longer watched");
     }

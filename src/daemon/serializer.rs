@@ -1,12 +1,12 @@
 //! The serializer lane: one low-priority thread that makes the lines of
-//! large reads ([`ReadView::to_line`]) so that the core's thread does not.
-//! Two clients looping a 6 MB `list` then take this thread's time, not
-//! every other client's.
+//! large reads ([`ReadView::to_line`]) so that the thread running the core
+//! does not. Two clients looping a 6 MB `list` then take this thread's
+//! time, not every other client's.
 //!
 //! Order per connection holds exactly. A connection with work in the lane
 //! is *routed* through it: every later line for it (a diff, a reply, its
 //! close) goes into the lane's one FIFO behind that work instead of
-//! straight to its outlet, until the lane has caught up. The core's thread
+//! straight to its outlet, until the lane has caught up. The driver
 //! counts what it put in the lane for each connection; the lane counts it
 //! down once delivered, so a connection with nothing in the lane is served
 //! directly, with no hop.
@@ -23,12 +23,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::thread::JoinHandle;
 
-use super::core_thread::Outlet;
+use super::driver::Outlet;
 use crate::core::Line;
 use crate::core::read::ReadView;
 
 /// Reads made from at most this many entries are serialized at once on
-/// the core's thread: a `presence_state` of an editor's topic, a
+/// the thread running the core: a `presence_state` of an editor's topic, a
 /// `get_by_key`. Making such a line takes a few microseconds, less than
 /// waking another thread and waiting for it, and an editor that subscribes
 /// to each buffer it opens must not wait a thread hop for each.
@@ -61,7 +61,7 @@ impl Route {
     /// follows must go through the lane too.
     fn routed_through_lane(&self) -> bool {
         // Pairs with the lane's `Release` once it delivered: seeing 0, the
-        // core's thread sees every line the lane delivered before.
+        // driver sees every line the lane delivered before.
         self.in_lane.load(Ordering::Acquire) > 0
     }
 }
@@ -105,7 +105,7 @@ impl SerializerLane {
                 thread: Some(thread),
             },
             Err(e) => {
-                tracing::warn!("no serializer lane, reads are made on the core's thread: {e}");
+                tracing::warn!("no serializer lane, reads are made where the core runs: {e}");
                 SerializerLane {
                     jobs: None,
                     thread: None,

@@ -82,7 +82,7 @@ pub enum Answer {
     /// driver with what only it knows (queues, the store).
     Status,
     /// A successful reply made from views of the registry, by the driver,
-    /// so that a large read costs the core's thread nothing but the views.
+    /// so that a large read costs whoever runs the core nothing but the views.
     Read(ReadView),
 }
 

@@ -28,7 +28,7 @@ use crate::protocol::{
 /// The events in the history table, as the store committed and trimmed
 /// them: for each, its id, time and topic (about 64 bytes an event, 6 MB
 /// at the default bound), and for each topic the ids and times of its
-/// events. The core thread writes it after each commit and trim; readers
+/// events. The core's driver writes it after each commit and trim; readers
 /// look into it for a few microseconds at a time (see [`SCAN_STEP`]), so
 /// the core never waits long for them.
 ///

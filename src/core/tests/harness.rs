@@ -152,7 +152,7 @@ impl H {
         self.sent.remove(&conn).unwrap_or_default()
     }
 
-    /// Does with each transmit what the core's thread does with it.
+    /// Does with each transmit what the daemon's driver does with it.
     fn send(&mut self) {
         while let Some(transmit) = self.core.poll_transmit() {
             match transmit {

@@ -1,8 +1,8 @@
-//! The core's thread against a real store and a real lock: what the core's
-//! own tests (`core/tests/`) cannot show, since they make up the commits
-//! and the time. Start with rows the store cannot delete, a stop with
-//! facts unsaved, retries on the thread's own timer, and group commit as
-//! the thread drains its channel.
+//! The core's driver against a real store and a real lock: what the
+//! core's own tests (`core/tests/`) cannot show, since they make up the
+//! commits and the time. Start with rows the store cannot delete, a stop
+//! with facts unsaved, retries on the driver's own thread, and group
+//! commit as the driver takes what is queued.
 
 use std::sync::mpsc;
 
@@ -60,19 +60,19 @@ impl TestDb {
         store
     }
 
-    fn start_core(&self) -> CoreThread {
+    fn start_core(&self) -> Driver {
         self.start_core_on(self.open("boot")).unwrap()
     }
 
-    fn start_core_with_max_batch(&self, max_batch: usize) -> CoreThread {
+    fn start_core_with_max_batch(&self, max_batch: usize) -> Driver {
         self.start_on(self.open("boot"), max_batch).unwrap()
     }
 
-    fn start_core_on(&self, store: Store) -> Result<CoreThread, StoreError> {
+    fn start_core_on(&self, store: Store) -> Result<Driver, StoreError> {
         self.start_on(store, MAX_BATCH)
     }
 
-    fn start_on(&self, store: Store, max_batch: usize) -> Result<CoreThread, StoreError> {
+    fn start_on(&self, store: Store, max_batch: usize) -> Result<Driver, StoreError> {
         let info = DaemonInfo {
             socket: self.dir.path().join("s.sock"),
             started: Instant::now(),
@@ -80,7 +80,7 @@ impl TestDb {
             started_by: "foreground".into(),
         };
         let grace = Duration::from_secs(10);
-        CoreThread::start(store, Limits::default(), "boot", grace, info, max_batch)
+        Driver::start(store, Limits::default(), "boot", grace, info, max_batch)
     }
 
     /// Takes the database's write lock, as a `sqlite3` shell in a
@@ -135,33 +135,32 @@ fn track(conn: ConnId, id: u64, key: &str) -> Command {
     track_for(conn, id, key, Lifetime::Connection).into()
 }
 
-/// Runs the commands through the core as one batch, as the thread does
-/// with commands that arrive together, and commits it.
-fn run_batch(core: &mut CoreThread, commands: Vec<Command>) {
-    let (sender, waiting) = mpsc::channel();
-    let mut commands = commands.into_iter();
-    let first = commands.next().expect("a command");
-    commands.for_each(|command| sender.send(command).unwrap());
-    let now = read_clocks();
-    core.take_batch(now, first, &waiting);
-    core.commit_and_release(now);
+/// Runs the commands through the core as one batch, as the driver does
+/// with commands queued together, and commits it.
+fn run_batch(core: &mut Driver, commands: Vec<Command>) {
+    let mut queued = VecDeque::from(commands);
+    core.run_batch(read_clocks(), &mut queued);
+    assert!(queued.is_empty(), "the batch had room for every command");
 }
 
 /// Whether facts that failed commits held back wait to be saved (the
 /// tests here have no restored entries, the core's other timer).
-fn facts_waiting(core: &CoreThread) -> bool {
+fn facts_waiting(core: &Driver) -> bool {
     core.core.poll_timeout().is_some()
 }
 
-/// Runs the commands, which must end with a shutdown, through the
-/// thread's own loop as one batch, and returns how it stopped.
-fn run_to_stop(core: CoreThread, commands: Vec<Command>) -> Exit {
-    let (sender, waiting) = mpsc::channel();
-    commands.into_iter().for_each(|c| sender.send(c).unwrap());
-    core.run(waiting)
+/// Queues the commands, which must end with a shutdown, runs them as the
+/// daemon does, and returns how the core stopped.
+fn run_to_stop(core: Driver, commands: Vec<Command>) -> Stopped {
+    let (handle, stopped) = CoreHandle::start(core).unwrap();
+    for command in commands {
+        handle.queue(command).unwrap();
+    }
+    handle.drive();
+    stopped.blocking_recv().expect("the core stops")
 }
 
-fn connect(core: &mut CoreThread, conn: ConnId) -> mpsc::Receiver<Value> {
+fn connect(core: &mut Driver, conn: ConnId) -> mpsc::Receiver<Value> {
     let (command, lines) = open(conn);
     run_batch(core, vec![command]);
     lines
@@ -203,7 +202,7 @@ fn a_stop_with_facts_still_unsaved_fails_and_keeps_the_committed_rows() {
     ];
     let stopped = run_to_stop(core, commands);
 
-    let Exit::Stopped(Stopped::Unsaved(cause)) = &stopped else {
+    let Stopped::Unsaved(cause) = &stopped else {
         panic!("{stopped:?}");
     };
     assert!(
@@ -299,8 +298,7 @@ fn a_failed_commit_reveals_nothing_and_the_close_is_retried_while_idle() {
         Some(&json!("closed")),
         "closed at once"
     );
-    let (commands, waiting) = mpsc::channel();
-    let core = std::thread::spawn(move || core.run(waiting));
+    let (core, stopped) = CoreHandle::start(core).unwrap();
 
     drop(locker);
     // Nobody asks anything: the core retries the close by itself, and
@@ -309,11 +307,8 @@ fn a_failed_commit_reveals_nothing_and_the_close_is_retried_while_idle() {
     assert_eq!(diff["event"], "presence_diff");
     assert_eq!(diff["reasons"], json!({"p1": "closed"}));
     assert!(db.rows().is_empty());
-    commands.send(shutdown()).unwrap();
-    assert!(matches!(
-        core.join().unwrap(),
-        Exit::Stopped(Stopped::Shutdown)
-    ));
+    core.send(shutdown()).unwrap();
+    assert!(matches!(stopped.blocking_recv(), Ok(Stopped::Shutdown)));
 }
 
 /// Commands that arrive together share one transaction, up to the batch
@@ -334,12 +329,9 @@ fn changes_that_arrive_together_share_a_transaction() {
     let _lines = connect(&mut core, 1);
     let before = core.store.commits();
     // The batch closes after each command; the rest wait for later ones.
-    let (sender, waiting) = mpsc::channel();
-    tracks(1).for_each(|command| sender.send(command).unwrap());
-    while let Ok(command) = waiting.try_recv() {
-        let now = read_clocks();
-        core.take_batch(now, command, &waiting);
-        core.commit_and_release(now);
+    let mut queued: VecDeque<Command> = tracks(1).collect();
+    while !queued.is_empty() {
+        core.run_batch(read_clocks(), &mut queued);
     }
     assert_eq!(core.store.commits() - before, 100);
     assert_eq!(db.rows().len(), 100);
@@ -400,4 +392,60 @@ fn a_start_trims_the_history_at_its_first_batch_even_without_a_commit() {
 
     assert_eq!(again.store.commits(), before, "an open commits nothing");
     assert_eq!(events(&db), 3);
+}
+
+/// A thread that has run its share of batches hands the rest to the
+/// driver's thread, which runs them without anyone sending more.
+#[test]
+fn what_an_io_thread_leaves_queued_the_drivers_thread_runs() {
+    let db = TestDb::new();
+    let mut core = db.start_core_with_max_batch(1);
+    let lines = connect(&mut core, 1);
+    let (core, _stopped) = CoreHandle::start(core).unwrap();
+    let tracks = 3 * COMBINING_ROUNDS;
+    for i in 0..tracks {
+        core.queue(track(1, i as u64, &format!("k{i}"))).unwrap();
+    }
+    core.drive();
+    for i in 0..tracks {
+        let reply = next_line(&lines);
+        assert_eq!(reply["id"], i, "{reply}");
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    assert_eq!(db.rows().len(), tracks);
+}
+
+/// Threads that send at once never leave a command behind: whoever holds
+/// the core looks at the queue again after letting go.
+#[test]
+fn commands_sent_from_many_threads_at_once_are_all_run() {
+    const THREADS: u64 = 4;
+    const EACH: u64 = 200;
+    let db = TestDb::new();
+    let mut core = db.start_core();
+    let lines: Vec<_> = (1..=THREADS).map(|conn| connect(&mut core, conn)).collect();
+    let (core, _stopped) = CoreHandle::start(core).unwrap();
+    let senders: Vec<_> = (1..=THREADS)
+        .map(|conn| {
+            let core = core.clone();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    core.send(track(conn, i, &format!("c{conn}-{i}"))).unwrap();
+                }
+            })
+        })
+        .collect();
+    senders
+        .into_iter()
+        .for_each(|sender| sender.join().unwrap());
+    for lines in &lines {
+        for i in 0..EACH {
+            let reply = next_line(lines);
+            assert_eq!(
+                (reply["id"].as_u64(), &reply["ok"]),
+                (Some(i), &json!(true))
+            );
+        }
+    }
+    assert_eq!(db.rows().len(), (THREADS * EACH) as usize);
 }
