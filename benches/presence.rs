@@ -287,7 +287,7 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
         report.measured(
             "track-rtt",
             track_round_trips(&daemon, plan, false).await?,
-            vec![ratio_target("echo-rtt", Some(3.0), None)],
+            vec![ratio_target("echo-rtt", Some(2.5), None)],
         );
         report.measured(
             "track+untrack-rtt",
@@ -304,7 +304,7 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
             fan_out(&daemon, plan, FAN_OUT).await?,
             vec![Target::Within {
                 p50: None,
-                p99: Some(Duration::from_millis(5)),
+                p99: Some(Duration::from_millis(4)),
             }],
         );
         drop(daemon);
@@ -1007,7 +1007,7 @@ async fn throughput(dir: &Path, plan: Plan) -> anyhow::Result<Vec<Figure>> {
             "throughput/daemon÷echo",
             daemon.per_second() / echo.per_second(),
             "×",
-            Some(Limit::AtLeast(0.4)),
+            Some(Limit::AtLeast(0.5)),
         ),
         figure(
             "throughput/one-txn-each",
