@@ -211,7 +211,13 @@ pub async fn serve(
         Some(sys::PeerProcess::Exited) => true,
         None => false,
     };
-    let _ = shared.core.send(Input::Close { conn, exited }.into());
+    if shared
+        .core
+        .queue(Input::Close { conn, exited }.into())
+        .is_ok()
+    {
+        shared.core.drive_soon().await;
+    }
     if tokio::time::timeout(FLUSH_DEADLINE, &mut writer)
         .await
         .is_err()
@@ -233,10 +239,11 @@ async fn read_requests(
     let mut line = Vec::new();
     loop {
         // Requests already read are only queued; the core runs them once
-        // this connection has no whole line left to read, so a client that
-        // pipelines has its run answered in a few batches, not one each.
+        // this connection has no whole line left to read, and the thread's
+        // other ready connections have queued theirs: a client that
+        // pipelines, or many that send at once, share a batch and a commit.
         if !reader.buffer().contains(&b'\n') {
-            shared.core.drive();
+            shared.core.drive_soon().await;
         }
         match read_line(&mut reader, &mut line, shared.limits.max_line_bytes).await {
             Ok(ReadLine::Line) => {

@@ -3,11 +3,12 @@
 //! it.
 //!
 //! An io thread that hears something (a request line, a connection's end,
-//! a process's exit) queues it as a [`Command`] and, if nobody is running
-//! the core, runs it to completion itself: applies what is queued as one
-//! batch, commits the batch's changes in one SQLite transaction, and hands
-//! its lines to each connection's [`Outlet`], which writes them to the
-//! socket at once when nothing is queued before them. An owner's end thus
+//! a process's exit) queues it as a [`Command`] and, once the other tasks
+//! it has ready have queued theirs ([`CoreHandle::drive_soon`]), runs the
+//! core to completion itself if nobody else is: applies what is queued as
+//! one batch, commits the batch's changes in one SQLite transaction, and
+//! hands its lines to each connection's [`Outlet`], which writes them to
+//! the socket at once when nothing is queued before them. An owner's end thus
 //! reaches the spectator's socket on the thread the kernel woke for it,
 //! with no other thread to wake on the way. A thread that finds the core
 //! busy only queues: the one running it takes what was queued before it
@@ -436,6 +437,17 @@ impl CoreHandle {
         }
         queue.commands.push_back(command);
         Ok(())
+    }
+
+    /// Runs what is queued once the other tasks this thread has ready
+    /// have run, and queued what they read: under load one batch then
+    /// takes a whole round of connections' requests (group commit), for
+    /// the price of one yield to tokio when there is nothing else to do.
+    pub async fn drive_soon(&self) {
+        if self.has_queued() {
+            tokio::task::yield_now().await;
+            self.drive();
+        }
     }
 
     /// Runs what is queued to completion on this thread, unless another

@@ -157,11 +157,12 @@ impl PidWatcher {
             // Removing and queueing under the lock keeps the order: a
             // track for this process that saw it watched was queued before
             // this. The core runs once the lock is let go.
-            let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
-            watched.remove(&key);
-            let _ = inner.core.queue(Input::ProcessExited(process).into());
-            drop(watched);
-            inner.core.drive();
+            {
+                let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+                watched.remove(&key);
+                let _ = inner.core.queue(Input::ProcessExited(process).into());
+            }
+            inner.core.drive_soon().await;
         });
     }
 
