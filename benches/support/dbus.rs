@@ -489,6 +489,9 @@ fn bus_config(socket: &Path) -> String {
   <type>session</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
+  <!-- The spectator's one connection queues for a new name every trial:
+       dbus-daemon's default of 512 names would end a run of more trials. -->
+  <limit name="max_names_per_connection">1000000</limit>
   <policy context="default">
     <allow send_destination="*"/>
     <allow receive_sender="*"/>
