@@ -873,3 +873,188 @@ async fn a_ping_stays_fast_while_two_clients_loop_a_list_of_10000() {
         "ping p99 {p99:?} while two clients loop a list of {LISTED_ENTRIES}"
     );
 }
+
+/// `EPOLLOUT`, in the event masks `/proc/PID/fdinfo` shows for an epoll
+/// instance's registrations.
+const EPOLLOUT: u32 = 0x4;
+
+/// One descriptor of the daemon that its io driver watches: what it is
+/// (`socket:[inode]` for a socket, [`GONE`] for a descriptor closed
+/// without being deregistered), and which events.
+#[derive(Debug, Clone, PartialEq)]
+struct Watched {
+    fd: u32,
+    target: String,
+    events: u32,
+}
+
+impl Watched {
+    fn for_writing(&self) -> bool {
+        self.events & EPOLLOUT != 0
+    }
+}
+
+/// What a registration's descriptor is once it is closed: epoll keeps the
+/// registration until every descriptor of the file is closed.
+const GONE: &str = "gone";
+
+/// Every socket the daemon's epoll instances watch, and every descriptor
+/// they watch that is no longer open, as the kernel records them (`tfd: N
+/// events: MASK` in the instance's fdinfo), each once: an instance may be
+/// open on more than one descriptor.
+fn watched_sockets(pid: u32) -> Vec<Watched> {
+    let fds = Path::new("/proc").join(pid.to_string()).join("fd");
+    let link = |fd: &str| {
+        std::fs::read_link(fds.join(fd))
+            .ok()
+            .map(|target| target.to_string_lossy().into_owned())
+    };
+    let mut watched = Vec::new();
+    for entry in std::fs::read_dir(&fds).expect("the daemon's descriptors") {
+        let name = entry.expect("a descriptor").file_name();
+        let name = name.to_string_lossy();
+        if link(&name).as_deref() != Some("anon_inode:[eventpoll]") {
+            continue;
+        }
+        let info = Path::new("/proc")
+            .join(pid.to_string())
+            .join("fdinfo")
+            .join(&*name);
+        let Ok(info) = std::fs::read_to_string(info) else {
+            continue;
+        };
+        for line in info.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let ["tfd:", fd, "events:", events, ..] = words[..] else {
+                continue;
+            };
+            let target = link(fd).unwrap_or_else(|| GONE.to_owned());
+            if target.starts_with("socket:") || target == GONE {
+                watched.push(Watched {
+                    fd: fd.parse().expect("a descriptor number"),
+                    target,
+                    events: u32::from_str_radix(events, 16).expect("a hex mask"),
+                });
+            }
+        }
+    }
+    watched.sort_by_key(|w| (w.fd, w.events));
+    watched.dedup();
+    watched
+}
+
+/// Connects a client and subscribes it to `topic`, reading the reply and
+/// the state that follows.
+async fn subscriber(daemon: &Daemon, topic: &str) -> RawConnection {
+    let mut client = daemon.raw().await;
+    let reply = client
+        .request(&format!(r#"{{"op":"subscribe","topic":"{topic}","id":1}}"#))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let state = client.next().await.expect("the state");
+    assert_eq!(state["event"], "presence_state", "{state}");
+    client
+}
+
+/// Reads `client`'s lines until `diffs` `presence_diff` events have come.
+async fn read_diffs(client: &mut RawConnection, diffs: usize) {
+    let mut seen = 0;
+    while seen < diffs {
+        let line = client.next().await.expect("a line");
+        assert_eq!(line["event"], "presence_diff", "{line}");
+        seen += 1;
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_is_watched_for_room_to_write_only_while_its_queue_waits_for_it() {
+    const SUBSCRIBERS: usize = 20;
+    const DIFFS: usize = 60;
+    let daemon = Daemon::start().await;
+    let pid = daemon.pid();
+    let mut observer = daemon.raw().await;
+    let before = watched_sockets(pid);
+
+    // Idle subscribers: each connection is watched, for reading only.
+    let mut subscribers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        subscribers.push(subscriber(&daemon, "t").await);
+    }
+    let mut slow = subscriber(&daemon, "t").await;
+    let connections = || -> Vec<Watched> {
+        watched_sockets(pid)
+            .into_iter()
+            .filter(|w| !before.contains(w))
+            .collect()
+    };
+    let idle = connections();
+    assert!(
+        idle.len() > SUBSCRIBERS,
+        "every subscriber's connection is watched: {idle:?}"
+    );
+    assert!(
+        idle.iter().all(|w| !w.for_writing()),
+        "an idle connection is watched for reading only: {idle:?}"
+    );
+
+    // One diff to every subscriber, which each reads: its reading raises
+    // no edge the daemon watches for.
+    let mut holder = daemon.raw().await;
+    track_padded(&mut holder, 1, 0, |_| "t".to_owned()).await;
+    for client in &mut subscribers {
+        read_diffs(client, 1).await;
+    }
+    assert_eq!(status_of(&mut observer, "outbound_bytes").await, 0);
+    let after_fan_out = connections();
+    assert!(
+        after_fan_out.iter().all(|w| !w.for_writing()),
+        "a connection that was sent a line and read it is watched for reading only: \
+         {after_fan_out:?}"
+    );
+
+    // The others leave; the slow subscriber reads nothing while diffs of
+    // 8 KB pile up: its queue holds what its socket will not take, and its
+    // writer watches the socket for room, through a second descriptor of
+    // it.
+    drop(subscribers);
+    track_padded(&mut holder, DIFFS - 1, 1, |_| "t".to_owned()).await;
+    eventually("the slow subscriber's queue to hold bytes", async || {
+        status_of(&mut observer, "largest_outbound_bytes").await > 0
+    })
+    .await;
+    let mut armed = Vec::new();
+    eventually("its socket to be watched for room", async || {
+        armed = connections()
+            .into_iter()
+            .filter(Watched::for_writing)
+            .collect();
+        !armed.is_empty()
+    })
+    .await;
+    let watching = connections();
+    assert_eq!(armed.len(), 1, "one writer waits: {watching:?}");
+    let armed = armed.remove(0);
+    assert!(
+        watching
+            .iter()
+            .any(|w| w.target == armed.target && w.fd != armed.fd && !w.for_writing()),
+        "watched for room through a descriptor beside the one it is read by: {watching:?}"
+    );
+
+    // Once it reads everything, the socket is watched for reading only
+    // again, and the second descriptor is gone, deregistered before it was
+    // closed. (A descriptor closed as this looks is seen as gone for a
+    // moment, hence the wait.)
+    read_diffs(&mut slow, DIFFS).await;
+    eventually("the slow subscriber's socket to be let go", async || {
+        connections()
+            .iter()
+            .all(|w| !w.for_writing() && w.target != GONE)
+    })
+    .await;
+    assert_eq!(status_of(&mut observer, "outbound_bytes").await, 0);
+    assert!(
+        !connections().iter().any(|w| w.fd == armed.fd),
+        "the second descriptor is no longer watched"
+    );
+}

@@ -2,7 +2,9 @@
 //! and write whatever the core sends back.
 //!
 //! Two tasks per connection: this reader, and a writer that drains the
-//! connection's [`OutboundQueue`]. Neither decides anything about presence:
+//! connection's [`OutboundQueue`], over one [`Socket`] that the io driver
+//! watches for reading only (the writer has it watched for room only while
+//! it waits for some). Neither decides anything about presence:
 //! the reader parses a line into an [`ops::Request`](crate::ops::Request),
 //! admits it by the size its op says its reply may have, has the op
 //! resolve what needs the system through [`resolver::LineResolver`] (a
@@ -20,11 +22,11 @@ use interprocess::os::unix::uds_local_socket::tokio::Stream;
 use serde::Deserialize as _;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::driver::{Command, CoreHandle, Outlet as _};
-use super::outbound::{Next, OutboundBudget, OutboundQueue};
+use super::outbound::{Next, OutboundBudget, OutboundQueue, Sent};
 use super::pidwatch::PidWatcher;
+use super::socket::{Armed, Socket, SocketReader};
 use crate::core::registry::{ConnId, Peer};
 use crate::core::store::HistoryReaders;
 use crate::core::{Input, Line, LineKind};
@@ -179,14 +181,20 @@ pub async fn serve(
     };
     tracing::debug!(conn, pid = peer.pid, uid = peer.uid, "connection opened");
 
-    let (recv, send) = tokio::net::UnixStream::from(stream).into_split();
-    // Shared by the writer task and, for replies written straight from
-    // whichever thread runs the core, the queue.
-    let send = Arc::new(send);
+    // Watched for reading only from here on; see `socket.rs`.
+    let socket = match Socket::from_stream(stream) {
+        Ok(socket) => Arc::new(socket),
+        Err(e) => {
+            tracing::warn!(conn, "could not register the connection ({e}); closing");
+            return;
+        }
+    };
+    // Shared by the reader, the writer task and, for replies written
+    // straight from whichever thread runs the core, the queue.
     let queue = OutboundQueue::new(
         conn,
         shared.limits.max_outbound_bytes,
-        Some(Arc::clone(&send)),
+        Some(Arc::clone(&socket)),
         &shared.outbound,
     );
     queue.limit_stale(shared.limits.max_subscriptions_per_connection);
@@ -198,11 +206,17 @@ pub async fn serve(
     if shared.core.send(opened).is_err() {
         return;
     }
-    let writer = write_lines(send, Arc::clone(&queue), conn, shared.core.clone());
+    let writer = write_lines(
+        Arc::clone(&socket),
+        Arc::clone(&queue),
+        conn,
+        shared.core.clone(),
+    );
     let mut writer = tokio::spawn(async move {
         writer.await;
         drop(flushing);
     });
+    let recv = SocketReader::new(socket);
     read_requests(recv, &queue, conn, (&peer, peer_process), &shared).await;
     // Told at once from /proc, never waited for: a process killed (kill
     // -9, a crash) closes its sockets while it exits, flagged PF_EXITING.
@@ -229,7 +243,7 @@ pub async fn serve(
 }
 
 async fn read_requests(
-    recv: OwnedReadHalf,
+    recv: SocketReader,
     queue: &Arc<OutboundQueue>,
     conn: ConnId,
     peer: (&Peer, Option<PeerProcess>),
@@ -390,7 +404,7 @@ enum ReadLine {
 /// Reads one line into `line`, without its `\n` or `\r\n`, refusing to
 /// buffer more than `max` bytes of it. A partial line at EOF is dropped.
 async fn read_line(
-    reader: &mut BufReader<OwnedReadHalf>,
+    reader: &mut BufReader<SocketReader>,
     line: &mut Vec<u8>,
     max: usize,
 ) -> std::io::Result<ReadLine> {
@@ -581,28 +595,52 @@ fn pin_peer(stream: &Stream, pid: u32, conn: ConnId) -> Result<Option<PeerProces
 }
 
 /// Drains the outbound queue to the socket until the queue closes or the
-/// socket fails.
+/// socket fails. The socket is watched for room only while the queue
+/// holds what it would not take: armed then, and let go once the queue is
+/// drained, so that a client reading what it was sent wakes nobody.
 async fn write_lines(
-    send: Arc<OwnedWriteHalf>,
+    socket: Arc<Socket>,
     queue: Arc<OutboundQueue>,
     conn: ConnId,
     core: CoreHandle,
 ) {
-    let socket = send.as_ref().as_ref();
+    let mut armed: Option<Armed> = None;
     loop {
         match queue.next().await {
             Next::Write => {
                 // The queue writes, under its lock: the core may write to
                 // the same socket when nothing is queued, and the two must
                 // never interleave.
-                let written = match socket.writable().await {
-                    Ok(()) => queue.write_to(socket),
-                    Err(e) => Err(e),
+                let sent = match queue.write_to(&socket) {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        tracing::debug!(conn, "write failed: {e}");
+                        queue.abandon();
+                        return;
+                    }
                 };
-                if let Err(e) = written {
-                    tracing::debug!(conn, "write failed: {e}");
-                    queue.abandon();
-                    return;
+                match (sent, &armed) {
+                    (Sent::Drained, _) => armed = None,
+                    (Sent::Chunk, _) => {}
+                    (Sent::Full, Some(waiting)) => {
+                        if let Err(e) = waiting.writable().await {
+                            tracing::debug!(conn, "waiting for room failed: {e}");
+                            queue.abandon();
+                            return;
+                        }
+                    }
+                    // Armed now, and written to again before any wait: the
+                    // room may have come before the registration, which
+                    // then sees no edge for it.
+                    (Sent::Full, None) => match socket.arm_for_writing() {
+                        Ok(waiting) => armed = Some(waiting),
+                        Err(e) => {
+                            // Out of descriptors, most likely: look again
+                            // shortly rather than spin or drop the client.
+                            tracing::debug!(conn, "cannot watch the socket for room ({e})");
+                            tokio::time::sleep(ARM_RETRY).await;
+                        }
+                    },
                 }
                 // A write stops at a chunk; whoever waits for the queue's
                 // lock (the core, with a line for this client) gets a
@@ -610,6 +648,7 @@ async fn write_lines(
                 tokio::task::yield_now().await;
             }
             Next::Resync(topics) => {
+                armed = None;
                 let _ = core.send(
                     Input::Resync {
                         conn,
@@ -620,6 +659,7 @@ async fn write_lines(
                 );
             }
             Next::ResyncAll => {
+                armed = None;
                 let _ = core.send(
                     Input::Resync {
                         conn,
@@ -630,14 +670,19 @@ async fn write_lines(
                 );
             }
             Next::Finished => {
+                drop(armed);
                 // Half-close so the client sees EOF even while it keeps the
                 // socket open.
-                let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
+                let _ = socket.shutdown(rustix::net::Shutdown::Write);
                 return;
             }
         }
     }
 }
+
+/// How long a writer that could not arm its socket for writing waits
+/// before it tries to write again.
+const ARM_RETRY: Duration = Duration::from_millis(50);
 
 mod resolver;
 

@@ -11,6 +11,7 @@ mod listener;
 mod outbound;
 mod pidwatch;
 mod serializer;
+mod socket;
 mod systemd;
 
 use std::path::PathBuf;

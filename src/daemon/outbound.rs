@@ -51,15 +51,21 @@
 //! so it goes whoever else shares its uid.
 //!
 //! When nothing is queued, `deliver` writes the line to the socket itself,
-//! without blocking, from the core's thread: the usual reply then reaches
-//! its client without waking the writer task, a thread hop that costs more
-//! than the write. Whatever the socket does not take at once is queued for
+//! without blocking, on whichever thread runs the core: the usual reply
+//! then reaches its client without waking the writer task, a thread hop
+//! that costs more than the write. Whatever the socket does not take at once is queued for
 //! the writer, in order. Every write to the socket, the writer's too, is
 //! made under the queue's lock, so the queue always knows exactly how much
 //! of its first line the client has been sent; each such write is at most
 //! [`WRITE_CHUNK`], so that the core, delivering to a queue whose client
 //! reads a large reply as fast as the socket goes, waits for one chunk, not
 //! for the whole reply.
+//!
+//! Every such write is a non-blocking send on the connection's [`Socket`],
+//! which the io driver watches for reading only: a client reading what it
+//! was sent wakes nobody. The writer has the socket watched for room only
+//! while the queue holds what the socket would not take
+//! ([`Sent::Full`]), and lets the watch go once the queue is drained.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,11 +73,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::driver::Outlet;
+use super::socket::Socket;
 use crate::core::registry::ConnId;
 use crate::core::{Line, LineKind};
 pub use crate::ops::ReplySize;
@@ -309,13 +314,13 @@ struct State {
     /// The writer has asked the core for that resync, holding one of the
     /// budget's large slots until [`LineKind::ResyncedAll`] comes.
     resync_all_requested: bool,
-    /// The socket, shared with the writer, for writing directly when
-    /// nothing is queued; let go when the queue closes.
-    direct: Option<Arc<OwnedWriteHalf>>,
+    /// The socket, shared with the reader and the writer, for writing
+    /// directly when nothing is queued; let go when the queue closes.
+    direct: Option<Arc<Socket>>,
 }
 
 impl State {
-    fn new(direct: Option<Arc<OwnedWriteHalf>>) -> State {
+    fn new(direct: Option<Arc<Socket>>) -> State {
         State {
             lines: VecDeque::new(),
             front_sent: 0,
@@ -342,6 +347,18 @@ impl State {
             self.taken_since_progress = 0;
         }
     }
+}
+
+/// How far a [`OutboundQueue::write_to`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Everything queued is sent.
+    Drained,
+    /// A chunk was sent and more waits: write again, after letting the
+    /// core at the lock.
+    Chunk,
+    /// The socket would take no more: wait for room.
+    Full,
 }
 
 /// What the writer should do next.
@@ -373,7 +390,7 @@ impl OutboundQueue {
     pub fn new(
         conn: ConnId,
         max_bytes: usize,
-        direct: Option<Arc<OwnedWriteHalf>>,
+        direct: Option<Arc<Socket>>,
         budget: &Arc<OutboundBudget>,
     ) -> Arc<OutboundQueue> {
         let queue = Arc::new(OutboundQueue {
@@ -468,21 +485,23 @@ impl OutboundQueue {
 
     /// Writes queued lines to `socket` for as long as it takes them
     /// without blocking, [`WRITE_CHUNK`] at most: the lock is held for
-    /// the write, and the core may be waiting for it. An error means the
-    /// socket is done for.
-    pub fn write_to(&self, socket: &UnixStream) -> std::io::Result<()> {
+    /// the write, and the core may be waiting for it. Says whether the
+    /// queue is drained, or the chunk was sent, or the socket would take
+    /// no more: only then need the writer wait for room. An error means
+    /// the socket is done for.
+    pub fn write_to(&self, socket: &Socket) -> std::io::Result<Sent> {
         let mut state = self.lock();
         let mut allowance = WRITE_CHUNK;
         while allowance > 0 {
             let Some(front) = state.lines.front() else {
-                return Ok(());
+                return Ok(Sent::Drained);
             };
             let line_len = front.bytes.len();
             let end = line_len.min(state.front_sent.saturating_add(allowance));
-            let sent = match socket.try_write(&front.bytes[state.front_sent..end]) {
-                Ok(0) => return Ok(()),
+            let sent = match socket.send(&front.bytes[state.front_sent..end]) {
+                Ok(0) => return Ok(Sent::Full),
                 Ok(sent) => sent,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::Full),
                 Err(e) => return Err(e),
             };
             allowance -= sent;
@@ -494,7 +513,11 @@ impl OutboundQueue {
             state.taken(sent);
             self.uncount(&mut state, sent);
         }
-        Ok(())
+        Ok(if state.lines.is_empty() {
+            Sent::Drained
+        } else {
+            Sent::Chunk
+        })
     }
 
     /// Waits until the connection may send the core a request whose reply
@@ -608,8 +631,7 @@ impl OutboundQueue {
         if let Some(socket) = socket {
             // The reader may be waiting for a request that never comes:
             // ending the socket's reading side wakes it to an end of file.
-            let socket: &UnixStream = socket.as_ref().as_ref();
-            let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Read);
+            let _ = socket.shutdown(rustix::net::Shutdown::Read);
         }
         self.ready.notify_one();
         self.room.notify_waiters();
@@ -701,7 +723,7 @@ impl Outlet for Arc<OutboundQueue> {
                 // Never blocks: a full socket answers WouldBlock. Errors
                 // are left for the writer, which meets them on its next
                 // write and ends the connection.
-                Some(socket) => socket.as_ref().try_write(first_chunk).unwrap_or(0),
+                Some(socket) => socket.send(first_chunk).unwrap_or(0),
                 None => 0,
             };
             if sent == line.bytes.len() {
@@ -837,6 +859,7 @@ impl OutboundQueue {
 mod tests {
     use super::*;
     use serde_json::json;
+    use tokio::net::UnixStream;
 
     fn line(kind: LineKind, size: usize) -> Line {
         let mut bytes = vec![b'x'; size];
@@ -867,12 +890,13 @@ mod tests {
         conn: ConnId,
         max_bytes: usize,
         budget: &Arc<OutboundBudget>,
-    ) -> (Arc<OutboundQueue>, Arc<OwnedWriteHalf>, UnixStream) {
-        let (ours, theirs) = UnixStream::pair().expect("socket pair");
-        let (_read, write) = ours.into_split();
-        let write = Arc::new(write);
-        let queue = OutboundQueue::new(conn, max_bytes, Some(Arc::clone(&write)), budget);
-        (queue, write, theirs)
+    ) -> (Arc<OutboundQueue>, Arc<Socket>, UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        theirs.set_nonblocking(true).expect("non-blocking");
+        let theirs = UnixStream::from_std(theirs).expect("tokio");
+        let socket = Arc::new(Socket::new(ours.into()).expect("registered"));
+        let queue = OutboundQueue::new(conn, max_bytes, Some(Arc::clone(&socket)), budget);
+        (queue, socket, theirs)
     }
 
     #[tokio::test]
@@ -1086,6 +1110,8 @@ mod tests {
     async fn bytes_count_until_the_socket_takes_them() {
         let budget = OutboundBudget::new(usize::MAX);
         let (queue, socket, client) = connected(1, 100, &budget);
+        // Watched for room from the start, as a writer that waits is.
+        let room = socket.arm_for_writing().expect("armed");
         // Far more than the socket buffers: most of it waits.
         let big = line(LineKind::Reply { succeeded: true }, 4 << 20);
         queue.deliver(big.clone());
@@ -1095,11 +1121,16 @@ mod tests {
         assert!(waits(queue.admit_request(&ReplySize::Small)).await);
 
         // The client reads; the writer's part sends the rest.
-        let stream: &UnixStream = socket.as_ref().as_ref();
+        let stream: &Socket = &socket;
         let mut received = Vec::new();
+        // Waits for room only once the socket would take no more, as the
+        // writer does.
+        let mut full = false;
         while received.len() < big.bytes.len() {
-            stream.writable().await.expect("writable");
-            queue.write_to(stream).expect("write");
+            if full {
+                room.writable().await.expect("writable");
+            }
+            full = queue.write_to(stream).expect("write") == Sent::Full;
             let mut chunk = vec![0; 1 << 20];
             client.readable().await.expect("readable");
             match client.try_read(&mut chunk) {
@@ -1119,6 +1150,7 @@ mod tests {
         let budget = OutboundBudget::new(6 << 20);
         let (small, _small_socket, _small_client) = connected(1, 100, &budget);
         let (large, large_socket, mut large_client) = connected(2, 100, &budget);
+        let room = large_socket.arm_for_writing().expect("armed");
         // Two-byte characters: the line may be cut inside one.
         let text = "é".repeat(2 << 20);
         let reply = |text: &str| Line {
@@ -1147,11 +1179,16 @@ mod tests {
 
         // Its client reads the head it had, ended at a character boundary,
         // then one line saying why, then the end.
-        let socket: &UnixStream = large_socket.as_ref().as_ref();
+        let socket: &Socket = &large_socket;
         let mut received = Vec::new();
+        // Waits for room only once the socket would take no more, as the
+        // writer does.
+        let mut full = false;
         loop {
-            socket.writable().await.expect("writable");
-            large.write_to(socket).expect("write");
+            if full {
+                room.writable().await.expect("writable");
+            }
+            full = large.write_to(socket).expect("write") == Sent::Full;
             if matches!(large.next().await, Next::Finished) {
                 break;
             }
@@ -1161,7 +1198,7 @@ mod tests {
                 received.extend_from_slice(&chunk[..n]);
             }
         }
-        let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
+        let _ = socket.shutdown(rustix::net::Shutdown::Write);
         let mut rest = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut large_client, &mut rest)
             .await
@@ -1195,6 +1232,7 @@ mod tests {
     async fn a_client_that_reads_is_never_cut_off_however_much_it_holds() {
         let budget = OutboundBudget::new(1 << 20);
         let (reading, socket, client) = connected(1, 100, &budget);
+        let room = socket.arm_for_writing().expect("armed");
         let (idle, _idle_socket, _idle_client) = connected(2, 100, &budget);
         let trickling = OutboundQueue::new(3, 100, None, &budget);
         reading.deliver(line(LineKind::Reply { succeeded: true }, 4 << 20));
@@ -1205,11 +1243,16 @@ mod tests {
         }
         // One client reads a good part of its reply; another takes a
         // little, as if to look alive.
-        let stream: &UnixStream = socket.as_ref().as_ref();
+        let stream: &Socket = &socket;
         let before = reading.queued_bytes();
+        // Waits for room only once the socket would take no more, as the
+        // writer does.
+        let mut full = false;
         while before - reading.queued_bytes() < 2 * PROGRESS_BYTES {
-            stream.writable().await.expect("writable");
-            reading.write_to(stream).expect("write");
+            if full {
+                room.writable().await.expect("writable");
+            }
+            full = reading.write_to(stream).expect("write") == Sent::Full;
             let mut chunk = vec![0; 1 << 20];
             client.readable().await.expect("readable");
             match client.try_read(&mut chunk) {
@@ -1297,8 +1340,8 @@ mod tests {
             std::io::Read::read_to_end(&mut theirs, &mut all).expect("read");
             all.len()
         });
-        let (_read, write) = UnixStream::from_std(ours).expect("tokio").into_split();
-        let write = Arc::new(write);
+        let write = Arc::new(Socket::new(ours.into()).expect("registered"));
+        let room = write.arm_for_writing().expect("armed");
         let budget = OutboundBudget::new(usize::MAX);
         let queue = OutboundQueue::new(1, 100, Some(Arc::clone(&write)), &budget);
 
@@ -1310,10 +1353,15 @@ mod tests {
             "the core wrote {}",
             big.bytes.len() - held
         );
-        let socket: &UnixStream = write.as_ref().as_ref();
+        let socket: &Socket = &write;
+        // Waits for room only once the socket would take no more, as the
+        // writer does.
+        let mut full = false;
         while held > 0 {
-            socket.writable().await.expect("writable");
-            queue.write_to(socket).expect("write");
+            if full {
+                room.writable().await.expect("writable");
+            }
+            full = queue.write_to(socket).expect("write") == Sent::Full;
             let now = queue.queued_bytes();
             assert!(
                 held - now <= WRITE_CHUNK,
@@ -1324,7 +1372,7 @@ mod tests {
         }
         drop(queue);
         drop(write);
-        drop(_read);
+        drop(room);
         assert_eq!(reader.join().expect("reader"), big.bytes.len());
     }
 

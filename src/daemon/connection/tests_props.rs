@@ -15,7 +15,7 @@
 //!   never holds more than the limit plus the one byte it must see to tell
 //!   a `\r\n` from a longer line.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -23,7 +23,7 @@ use proptest::sample::{Index, select};
 use serde_json::{Map, Number, Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
-use super::{ReadLine, parse, read_line};
+use super::{ReadLine, Socket, SocketReader, parse, read_line};
 use crate::ops::Request;
 use crate::protocol::{ErrorCode, KNOWN_OPS, Limits};
 
@@ -625,7 +625,9 @@ fn run(feed: &Feed, model: &Model) -> Result<Run, String> {
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().map_err(|e| e.to_string())?;
-        let (recv, _send) = ours.into_split();
+        let ours = ours.into_std().map_err(|e| e.to_string())?;
+        let ours = Socket::new(ours.into()).map_err(|e| e.to_string())?;
+        let recv = SocketReader::new(Arc::new(ours));
         let mut reader = BufReader::with_capacity(feed.capacity, recv);
         let (decoded, decoder_done) = tokio::sync::oneshot::channel::<()>();
 
