@@ -443,29 +443,50 @@ impl CoreHandle {
     /// have run, and queued what they read: under load one batch then
     /// takes a whole round of connections' requests (group commit), for
     /// the price of one yield to tokio when there is nothing else to do.
+    /// While more is queued after a batch, it yields again before the
+    /// next, so that the thread reads its other connections meanwhile and
+    /// the next batch is as large as the load makes it.
     pub async fn drive_soon(&self) {
-        if self.has_queued() {
+        let mut owed = HandOverIfDropped(Some(self));
+        while self.has_queued() {
             tokio::task::yield_now().await;
-            self.drive();
+            if !self.run_one_batch() {
+                break;
+            }
         }
+        owed.0 = None;
     }
 
     /// Runs what is queued to completion on this thread, unless another
     /// thread is running the core: the one that holds it looks at the
     /// queue again after letting go, so nothing queued is left waiting.
     pub fn drive(&self) {
-        let _ending = EndIfPanicking(&self.inner);
         for _ in 0..COMBINING_ROUNDS {
-            if !self.has_queued() {
+            if !self.has_queued() || !self.run_one_batch() {
                 return;
             }
-            let mut driver = match self.inner.driver.try_lock() {
-                Ok(driver) => driver,
-                Err(TryLockError::WouldBlock) => return,
-                Err(TryLockError::Poisoned(_)) => return self.inner.end(None),
-            };
-            self.run_batch(&mut driver);
         }
+        self.hand_over_if_queued();
+    }
+
+    /// One batch, if nobody else is running the core; `false` if somebody
+    /// is (and so takes what is queued) or the core has stopped.
+    fn run_one_batch(&self) -> bool {
+        let _ending = EndIfPanicking(&self.inner);
+        let mut driver = match self.inner.driver.try_lock() {
+            Ok(driver) => driver,
+            Err(TryLockError::WouldBlock) => return false,
+            Err(TryLockError::Poisoned(_)) => {
+                self.inner.end(None);
+                return false;
+            }
+        };
+        self.run_batch(&mut driver);
+        driver.is_some()
+    }
+
+    /// Leaves what is still queued to the driver's thread.
+    fn hand_over_if_queued(&self) {
         if self.has_queued() {
             lock(&self.inner.wake).handed_over = true;
             self.inner.woken.notify_one();
@@ -548,7 +569,11 @@ impl CoreHandle {
     }
 
     fn has_queued(&self) -> bool {
-        !lock(&self.inner.queued).commands.is_empty()
+        self.queued() > 0
+    }
+
+    fn queued(&self) -> usize {
+        lock(&self.inner.queued).commands.len()
     }
 }
 
@@ -586,6 +611,19 @@ impl Inner {
             && let Some(stopped) = stopped
         {
             let _ = tell.send(stopped);
+        }
+    }
+}
+
+/// Hands what is queued to the driver's thread if a [`CoreHandle::drive_soon`]
+/// is dropped while it yields (its task cancelled): others that found the
+/// core busy left their commands to it.
+struct HandOverIfDropped<'a>(Option<&'a CoreHandle>);
+
+impl Drop for HandOverIfDropped<'_> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0 {
+            handle.hand_over_if_queued();
         }
     }
 }

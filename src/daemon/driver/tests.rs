@@ -449,3 +449,25 @@ fn commands_sent_from_many_threads_at_once_are_all_run() {
     }
     assert_eq!(db.rows().len(), (THREADS * EACH) as usize);
 }
+
+/// A task cancelled while it waits to run the core leaves nothing behind:
+/// what it would have run goes to the driver's thread.
+#[tokio::test]
+async fn what_a_cancelled_drive_leaves_queued_the_drivers_thread_runs() {
+    use std::future::Future as _;
+    use std::task::Poll;
+    let db = TestDb::new();
+    let mut core = db.start_core();
+    let lines = connect(&mut core, 1);
+    let (core, _stopped) = CoreHandle::start(core).unwrap();
+    core.queue(track(1, 1, "k")).unwrap();
+    {
+        let mut soon = std::pin::pin!(core.drive_soon());
+        let first = std::future::poll_fn(|cx| Poll::Ready(soon.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "it yields before it runs the core");
+    }
+    let reply = tokio::task::spawn_blocking(move || next_line(&lines))
+        .await
+        .unwrap();
+    assert_eq!((&reply["id"], &reply["ok"]), (&json!(1), &json!(true)));
+}
