@@ -14,9 +14,11 @@
 //! busy only queues: the one running it takes what was queued before it
 //! lets go, so that whatever arrives during a commit shares the next one
 //! (group commit). So that no io thread is kept from its own connections
-//! for long, one that has run [`COMBINING_ROUNDS`] batches hands the rest
-//! to the driver's own thread, which otherwise sleeps until the core's
-//! `poll_timeout` (resume expiry, retries after a failed commit).
+//! for long, one that finds more queued after its batch yields to them
+//! before it runs the next; a caller that cannot yield hands the rest to
+//! the driver's own thread after [`COMBINING_ROUNDS`] batches. That thread
+//! otherwise sleeps until the core's `poll_timeout` (resume expiry,
+//! retries after a failed commit).
 //!
 //! After each batch, with its lines out, the history is trimmed and the
 //! log checkpointed when due (unless a commit failed). The core decides
@@ -36,10 +38,11 @@ use crate::core::{
 };
 use crate::protocol::{Lifetime, Limits, OutgoingReply, PROTOCOL_VERSION, StatusReply};
 
-/// How many batches an io thread runs in a row before it hands what is
-/// still queued to the driver's thread. One batch takes everything queued
-/// up to the core's batch limit, so under load this is thousands of
-/// requests; a thread that runs more keeps its own connections waiting.
+/// How many batches [`CoreHandle::drive`], which cannot yield, runs in a
+/// row before it hands what is still queued to the driver's thread. One
+/// batch takes everything queued up to the core's batch limit, so under
+/// load this is thousands of requests; a thread that runs more keeps its
+/// own connections waiting.
 const COMBINING_ROUNDS: usize = 4;
 
 /// How often the history is trimmed to its retention bounds, when the
