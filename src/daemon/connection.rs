@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::future::Future as _;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use interprocess::local_socket::traits::StreamCommon as _;
 use interprocess::os::unix::uds_local_socket::tokio::Stream;
@@ -44,10 +44,61 @@ pub struct Shared {
     pub pids: PidWatcher,
     pub limits: Limits,
     pub connections_by_uid: ConnectionsByUid,
+    pub user_names: UserNames,
     /// What every connection's queue holds together.
     pub outbound: Arc<OutboundBudget>,
     /// History reads, kept off the core (see [`answer_history`]).
     pub history: HistoryReads,
+}
+
+/// The user name of each uid that connects, looked up at most once a
+/// [`USER_NAME_KEPT`]: a name service lookup may block, so it runs on the
+/// blocking pool, which costs a thread hop and, when the pool's threads
+/// are idle, a wake-up; every `presence` command connects anew.
+pub struct UserNames {
+    known: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+/// How long a looked-up user name is used before it is looked up again,
+/// so that a renamed user shows the new name soon.
+const USER_NAME_KEPT: Duration = Duration::from_secs(60);
+
+/// Past this many uids the names are forgotten and looked up again; a
+/// machine has far fewer users who connect.
+const MAX_USER_NAMES: usize = 4096;
+
+impl UserNames {
+    pub fn new() -> UserNames {
+        UserNames {
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The name of `uid`, or its number when it has none.
+    async fn of(&self, uid: u32) -> String {
+        self.of_at(uid, Instant::now()).await
+    }
+
+    async fn of_at(&self, uid: u32, now: Instant) -> String {
+        let known = |names: &HashMap<u32, (String, Instant)>| {
+            names
+                .get(&uid)
+                .filter(|(_, looked_up)| now.duration_since(*looked_up) < USER_NAME_KEPT)
+                .map(|(name, _)| name.clone())
+        };
+        if let Some(name) = known(&self.known.lock().unwrap_or_else(|p| p.into_inner())) {
+            return name;
+        }
+        let name = tokio::task::spawn_blocking(move || sys::user_name(uid))
+            .await
+            .unwrap_or_else(|_| uid.to_string());
+        let mut names = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= MAX_USER_NAMES {
+            names.clear();
+        }
+        names.insert(uid, (name.clone(), now));
+        name
+    }
 }
 
 /// How many connections each user other than the daemon's own holds. On a
@@ -144,10 +195,7 @@ pub async fn serve(
                 let peer = Peer {
                     pid: pid as u32,
                     uid,
-                    // A name service lookup may block; keep it off the reactor.
-                    user: tokio::task::spawn_blocking(move || sys::user_name(uid))
-                        .await
-                        .unwrap_or_else(|_| uid.to_string()),
+                    user: shared.user_names.of(uid).await,
                 };
                 (peer, peer_process)
             }
@@ -698,6 +746,25 @@ mod tests {
             Err((_, error)) => error.code,
             Ok(_) => panic!("expected `{line}` to be refused"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_user_name_is_looked_up_once_and_then_remembered() {
+        let names = UserNames::new();
+        let uid = sys::current_uid();
+        let first = names.of(uid).await;
+        assert_eq!(first, sys::user_name(uid));
+        // A name that is remembered is what the next connection gets,
+        // without a lookup.
+        names
+            .known
+            .lock()
+            .unwrap()
+            .insert(uid, ("remembered".into(), Instant::now()));
+        assert_eq!(names.of(uid).await, "remembered");
+        // Once it is older than it may be kept, it is looked up again.
+        let later = Instant::now() + USER_NAME_KEPT + Duration::from_secs(1);
+        assert_eq!(names.of_at(uid, later).await, first);
     }
 
     #[test]

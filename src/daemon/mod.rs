@@ -137,7 +137,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     listener::raise_fd_limit(config.limits.max_connections);
     let serving = claimed.listen()?;
     let watched = driver.watched_processes();
-    let (core, core_stopped) = CoreHandle::start(driver).context("starting the core's thread")?;
+    let (core, core_stopped) = CoreHandle::start(driver).context("starting the core's driver")?;
     let pids = PidWatcher::new(core.clone(), polling);
     for process in watched {
         pids.watch(process);
@@ -166,6 +166,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
             config.limits.max_connections_per_uid,
             crate::sys::current_uid(),
         ),
+        user_names: connection::UserNames::new(),
         history: connection::HistoryReads::new(opened.history),
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
