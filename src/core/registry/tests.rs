@@ -3719,7 +3719,7 @@ impl World {
         (out, Expected::default())
     }
 
-    /// What a start does (`CoreThread::start`, `Core::restore`): rows come
+    /// What a start does (`Driver::start`, `Core::restore`): rows come
     /// back without connections, and connection entries get a deadline to
     /// be resumed by.
     fn restart(&mut self, lowered: bool) {
