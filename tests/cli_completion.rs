@@ -117,6 +117,7 @@ async fn complete_line(shell: Shell, line: &str, env_socket: &Path) -> BTreeSet<
             command
         }
         Shell::Zsh => {
+            common::needs_program("zsh", "zsh");
             let mut command = Command::new("zsh");
             command
                 .args(["-f", "-c", ZSH_DRIVER, "zsh"])
@@ -127,6 +128,7 @@ async fn complete_line(shell: Shell, line: &str, env_socket: &Path) -> BTreeSet<
         Shell::Fish => {
             // fish finds presence.fish in fish_complete_path when it
             // first completes `presence`, as it finds the installed one.
+            common::needs_program("fish", "fish");
             let mut command = Command::new("fish");
             command
                 .args([

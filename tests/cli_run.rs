@@ -613,6 +613,7 @@ fn tasks_of(uid: u32) -> u64 {
 #[tokio::test]
 #[ignore = "needs root: runs presence as another uid (setpriv) under a limit on its processes"]
 async fn a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entry() {
+    common::needs_root();
     // root's daemon, shared with the group nogroup, which uid 65534 is in.
     let daemon = Daemon::start_with(&["--group", "nogroup"]).await;
     let binary = common::binary_for_nobody(daemon.dir.path());

@@ -167,6 +167,7 @@ async fn a_daemon_systemd_started_is_reported_and_left_to_systemctl() {
 #[tokio::test]
 #[ignore = "needs root: runs the caller as another uid (setpriv)"]
 async fn stop_refuses_a_shared_daemon_of_another_user() {
+    common::needs_root();
     // root's daemon, shared with the group nogroup, which uid 65534 is in.
     let daemon = Daemon::start_with(&["--group", "nogroup"]).await;
     let binary = common::binary_for_nobody(daemon.dir.path());

@@ -355,12 +355,14 @@ async fn a_daemon_at_the_default_path_by_another_user_hears_nothing(victim: u32,
 #[tokio::test]
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn root_tells_nothing_to_a_daemon_another_user_put_at_its_default_path() {
+    common::needs_root();
     a_daemon_at_the_default_path_by_another_user_hears_nothing(0, 0o700).await;
 }
 
 #[tokio::test]
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_user_tells_nothing_to_a_daemon_another_user_put_at_its_default_path() {
+    common::needs_root();
     a_daemon_at_the_default_path_by_another_user_hears_nothing(VICTIM, 0o777).await;
 }
 
@@ -372,6 +374,7 @@ async fn a_user_tells_nothing_to_a_daemon_another_user_put_at_its_default_path()
 #[tokio::test]
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_folder_taken_over_after_a_cleaner_deleted_it_gets_nothing_even_on_reconnect() {
+    common::needs_root();
     let tmp = PrivateTmp::new().await;
     let folder = format!("/tmp/presenced-{VICTIM}");
     let socket = format!("{folder}/presenced.sock");
@@ -425,6 +428,7 @@ async fn a_folder_taken_over_after_a_cleaner_deleted_it_gets_nothing_even_on_rec
 #[tokio::test]
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_socket_folder_others_may_write_is_not_trusted_even_when_it_is_yours() {
+    common::needs_root();
     let tmp = PrivateTmp::new().await;
     let mut impostor = Impostor::start(&tmp, IMPOSTOR_SOCKET).await;
     open_to_everyone(&impostor.socket);
@@ -448,6 +452,7 @@ async fn a_socket_folder_others_may_write_is_not_trusted_even_when_it_is_yours()
 #[tokio::test]
 #[ignore = "needs root: runs the attacker and the victim as other uids (setpriv) in a private /tmp (unshare)"]
 async fn a_daemon_running_as_another_user_is_left_before_a_byte_is_sent() {
+    common::needs_root();
     let tmp = PrivateTmp::new().await;
     let mut impostor = Impostor::start(&tmp, IMPOSTOR_SOCKET).await;
     open_to_everyone(&impostor.socket);
@@ -469,6 +474,7 @@ async fn a_daemon_running_as_another_user_is_left_before_a_byte_is_sent() {
 #[tokio::test]
 #[ignore = "needs root: runs the daemon and the member as other uids (setpriv)"]
 async fn a_group_daemon_of_another_user_in_a_folder_root_gave_it_serves_its_members() {
+    common::needs_root();
     const TEAM: u32 = 4243;
     let dir = tempfile::tempdir().expect("temporary folder");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");

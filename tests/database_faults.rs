@@ -5,8 +5,9 @@
 //! use at start is one clear line and exit status 1.
 //!
 //! The full-disk and unwritable-folder tests need root, to mount a small
-//! tmpfs and to run as the unprivileged uid 65534. CI runs as root; there
-//! they fail without it, elsewhere they say they were skipped.
+//! tmpfs and to run as the unprivileged uid 65534: they are ignored unless
+//! asked for (`--ignored`, as `.ci/run` does as root), and asked for
+//! without root they fail saying so.
 
 mod common;
 
@@ -102,6 +103,7 @@ fn unix_seconds() -> u64 {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
+    common::needs_root();
     let disk = SmallDisk::mount();
     let daemon = logged_daemon(&disk.path().join("state/presence.db")).await;
     let mut owner = daemon.spawn(&["join", "doc", "--key", "owner"]);
@@ -174,6 +176,7 @@ async fn a_full_disk_fails_changes_but_loses_nothing_and_the_daemon_recovers() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_restart_on_a_full_disk_starts_and_hides_the_rows_of_processes_gone() {
+    common::needs_root();
     let disk = SmallDisk::mount();
     let db = disk.path().join("state/presence.db");
     let mut daemon = logged_daemon(&db).await;
@@ -269,6 +272,7 @@ async fn a_database_locked_by_another_program_stops_the_start_with_its_path() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_database_folder_the_daemon_cannot_write_stops_the_start_with_its_path() {
+    common::needs_root();
     let dir = tempfile::tempdir().expect("temporary folder");
     let binary = binary_for_nobody(dir.path());
     let state = dir.path().join("state");
@@ -508,6 +512,7 @@ async fn a_symlink_at_the_database_lock_stops_the_start_and_what_it_names_is_unt
 #[tokio::test]
 #[ignore = "needs root: mounts a small tmpfs"]
 async fn a_full_disk_after_a_clean_stop_does_not_keep_the_daemon_down() {
+    common::needs_root();
     let disk = SmallDisk::mount();
     let db = disk.path().join("state/presence.db");
     let mut daemon = logged_daemon(&db).await;

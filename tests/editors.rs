@@ -454,6 +454,7 @@ impl Editor {
         setup: &str,
         launch: Launch,
     ) -> Editor {
+        common::needs_program("nvim", "neovim");
         let name = workspace.next_name("nvim");
         let folder = workspace.dir.path();
         let server = folder.join(format!("{name}.sock"));
@@ -512,6 +513,7 @@ impl Editor {
         settings: &[&str],
         launch: Launch,
     ) -> Editor {
+        common::needs_program("vim", "vim");
         let name = workspace.next_name("vim");
         let dir = workspace.dir.path().join(format!("{name}-driver"));
         std::fs::create_dir(&dir).expect("create the driver's folder");
@@ -581,6 +583,8 @@ impl Editor {
     /// on and the test driver loaded, visiting `file`; `settings` are
     /// forms evaluated before the mode is on (`(setq presenced-… …)`).
     async fn emacs_with(workspace: &Workspace, file: &Path, settings: &[&str]) -> Editor {
+        common::needs_program("emacs", "emacs-nox");
+        common::needs_program("emacsclient", "emacs-nox");
         let name = workspace.next_name("emacs");
         let server = workspace.dir.path().join(format!("{name}.sock"));
         let mut command = Command::new("emacs");
@@ -1131,6 +1135,7 @@ fn in_a_terminal(
     program: &str,
     args: &[OsString],
 ) -> (Command, PathBuf) {
+    common::needs_program("script", "bsdutils");
     let pid_file = workspace.dir.path().join(format!("{name}.pid"));
     let quoted: Vec<String> = args
         .iter()
@@ -1873,6 +1878,7 @@ async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_others_may_write() {
 #[tokio::test]
 #[ignore = "needs root: gives the socket's folder to uid 65534 (chown)"]
 async fn neovim_and_vim_say_nothing_to_a_daemon_in_a_folder_anyone_could_have_made() {
+    common::needs_root();
     let daemon = Daemon::start().await;
     let folder = daemon.socket.parent().expect("the socket's folder");
     std::os::unix::fs::chown(folder, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
@@ -2030,6 +2036,7 @@ fn before_the_connect(act: &str) -> String {
 #[tokio::test]
 #[ignore = "needs root: the attacker's folder belongs to uid 65534 (chown)"]
 async fn neovim_says_nothing_to_a_socket_folder_made_after_it_found_none() {
+    common::needs_root();
     let world = tempfile::tempdir().expect("temporary folder");
     let tmp = world.path().join("tmp");
     std::fs::create_dir(&tmp).expect("create a folder");
@@ -2229,6 +2236,7 @@ async fn vim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
 #[tokio::test]
 #[ignore = "needs root: the folder belongs to uid 65534 (chown)"]
 async fn neovim_and_vim_refuse_a_folder_whose_real_path_cannot_be_found() {
+    common::needs_root();
     let workspace = Workspace::new(Some(PathBuf::from("presenced.sock")), None);
     let file = workspace.file("notes.md");
     let neovim = Editor::neovim_with(&workspace, &file, "autostart = false").await;

@@ -10,6 +10,8 @@
 //! as `.ci/run` does after installing both); asked for without Emacs or
 //! package-lint, it fails saying which is missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -61,10 +63,7 @@ fn complaint(check: &str, output: &Output) -> Option<String> {
 #[test]
 #[ignore = "needs Emacs"]
 fn emacs_package_compiles_without_warnings_and_passes_checkdoc_and_package_lint() {
-    assert!(
-        Command::new("emacs").arg("--version").output().is_ok(),
-        "this test needs Emacs (Debian: emacs-nox)"
-    );
+    common::needs_program("emacs", "emacs-nox");
     let lint_dir = package_lint_dir()
         .expect("this test needs package-lint (Debian: elpa-package-lint, or PACKAGE_LINT_DIR)");
     let dir = tempfile::tempdir().expect("temporary folder");

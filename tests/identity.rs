@@ -335,6 +335,7 @@ async fn a_track_without_pid_is_never_tied_to_another_users_process_that_reused_
         Some(PID_REUSE_INSIDE) => return pid_reuse_inside(TEST).await,
         _ => {}
     }
+    common::needs_root();
     in_new_pid_namespace(TEST, PID_REUSE_INSIDE).await;
 }
 
@@ -539,6 +540,7 @@ async fn a_track_without_pid_is_never_tied_to_a_watched_process_that_took_the_pi
     if role().as_deref() == Some(SAME_TICK_INSIDE) {
         return same_tick_inside().await;
     }
+    common::needs_root();
     let output = in_new_pid_namespace(TEST, SAME_TICK_INSIDE).await;
     eprintln!("{}", String::from_utf8_lossy(&output.stderr));
 }
@@ -546,6 +548,7 @@ async fn a_track_without_pid_is_never_tied_to_a_watched_process_that_took_the_pi
 #[tokio::test]
 #[ignore = "needs root: unshare"]
 async fn a_pid_named_from_a_container_is_refused_unless_it_is_the_client_itself() {
+    common::needs_root();
     let daemon = Daemon::start().await;
     // In a pid namespace of its own the client is pid 1, and a `sleep` it
     // started is pid 2; to the daemon, pids 1 and 2 are other processes.

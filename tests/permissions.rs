@@ -2,8 +2,9 @@
 //! over or remove another user's (or another connection's) entries.
 //!
 //! These tests need root, to run the daemon and clients as the unprivileged
-//! uid 65534 with `setpriv`. CI runs as root; there they fail without it,
-//! elsewhere they say they were skipped.
+//! uid 65534 with `setpriv`: they are ignored unless asked for
+//! (`--ignored`, as `.ci/run` does as root), and asked for without root
+//! they fail saying so.
 
 mod common;
 
@@ -97,6 +98,7 @@ impl UnprivilegedDaemon {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn naming_another_users_process_is_permission_denied() {
+    common::needs_root();
     let daemon = UnprivilegedDaemon::start().await;
     // pid 1 belongs to root.
     let replies = daemon
@@ -109,6 +111,7 @@ async fn naming_another_users_process_is_permission_denied() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn entries_cannot_be_removed_or_changed_from_another_connection_or_user() {
+    common::needs_root();
     let daemon = UnprivilegedDaemon::start().await;
 
     // An entry of uid 65534, held by its own connection.
@@ -155,6 +158,7 @@ async fn entries_cannot_be_removed_or_changed_from_another_connection_or_user() 
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_process_entry_may_be_removed_by_its_own_uid_from_another_connection() {
+    common::needs_root();
     let daemon = UnprivilegedDaemon::start().await;
     // A long-lived process of uid 65534 to own the entry.
     let mut owner =
@@ -195,6 +199,7 @@ async fn a_process_entry_may_be_removed_by_its_own_uid_from_another_connection()
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_resume_token_never_hands_over_another_users_entry() {
+    common::needs_root();
     use presenced::protocol::{Lifetime, TrackRequest};
     let daemon = UnprivilegedDaemon::start().await;
     let sleeper = common::spawn_sleeper();
@@ -232,6 +237,7 @@ async fn a_resume_token_never_hands_over_another_users_entry() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn a_socket_folder_owned_by_another_user_is_refused() {
+    common::needs_root();
     let dir = tempfile::tempdir().expect("temporary folder");
     let theirs = dir.path().join("theirs");
     std::fs::create_dir(&theirs).expect("mkdir");
@@ -249,6 +255,7 @@ async fn a_socket_folder_owned_by_another_user_is_refused() {
 #[tokio::test]
 #[ignore = "needs root"]
 async fn one_user_cannot_take_every_connection() {
+    common::needs_root();
     let daemon = UnprivilegedDaemon::start_with(&["--max-connections-per-uid", "2"]).await;
     // To this daemon (uid 65534), root is another user.
     let mut held = Vec::new();

@@ -75,7 +75,7 @@ async fn join_as(
 #[tokio::test]
 #[ignore = "needs root: runs two members of a shared daemon's group as uids 65534 and 65533 with setpriv"]
 async fn a_member_at_its_quota_holds_back_neither_the_other_members_nor_the_daemons_user() {
-    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    common::needs_root();
     let daemon = SharedDaemon::start(&[
         "--max-entries-per-uid",
         "2",

@@ -578,7 +578,7 @@ async fn a_join_whose_entry_is_removed_while_the_daemon_restarts_hears_of_it_whe
 #[tokio::test]
 #[ignore = "needs root: runs the editors as uid 65534 with setpriv, and removes their entry as root"]
 async fn roots_leave_all_tells_the_removed_editor_and_only_the_next_one_owns_the_file() {
-    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    common::needs_root();
     let daemon = SharedDaemon::start(&[]).await;
     let mut editor =
         Running::spawn(&mut daemon.presence_as(NOBODY, &["join", "doc", "--key", "editor"]));

@@ -287,6 +287,7 @@ async fn readers_that_never_read_hold_one_reply_each_and_slow_nobody() {
 #[tokio::test]
 #[ignore = "needs root: runs the attacker as uid 65534 with setpriv"]
 async fn a_group_member_that_never_reads_holds_one_reply_per_connection_and_slows_nobody() {
+    common::needs_root();
     let dir = tempfile::tempdir().expect("temporary folder");
     let binary = binary_for_nobody(dir.path());
     let daemon = Daemon::start_with(&["--group", "nogroup"]).await;

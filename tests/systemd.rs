@@ -106,6 +106,7 @@ struct Activated {
 
 impl Activated {
     async fn start() -> Activated {
+        common::needs_program("systemd-socket-activate", "systemd");
         let dir = tempfile::tempdir().expect("temporary folder");
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
@@ -273,6 +274,7 @@ const SHARED_GROUP: &str = "nogroup";
 #[tokio::test]
 #[ignore = "needs root"]
 async fn system_mode_lets_the_group_in_and_tells_its_members_apart() {
+    common::needs_root();
     let dir = tempfile::tempdir().expect("temporary folder");
     // Others may pass through to the socket's folder, as through /run.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -385,6 +387,7 @@ async fn system_mode_lets_the_group_in_and_tells_its_members_apart() {
 #[tokio::test]
 #[ignore = "needs root, systemd-socket-activate, unshare"]
 async fn the_system_units_sandbox_leaves_the_daemon_working() {
+    common::needs_root();
     let unit = std::fs::read_to_string(contrib("system").join("presenced.service")).unwrap();
     let dir = tempfile::tempdir().expect("temporary folder");
     let (run, state) = (dir.path().join("run"), dir.path().join("state"));
@@ -496,6 +499,7 @@ async fn the_system_units_sandbox_leaves_the_daemon_working() {
     // One process throughout: each program execs the next, so the daemon
     // has the pid systemd-socket-activate passed the socket to.
     let socket = run.join("presenced.sock");
+    common::needs_program("systemd-socket-activate", "systemd");
     let mut sandboxed = Command::new("systemd-socket-activate")
         .arg("--setenv=PRESENCE_LOG=warn")
         .arg("--listen")

@@ -38,6 +38,39 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// The unprivileged uid (and gid) the tests that need a second user run as.
 pub const NOBODY: u32 = 65534;
 
+/// Fails the test unless it runs as root. A test marked `#[ignore =
+/// "needs root…"]` calls it first: such a test runs only when asked for
+/// (`cargo test -- --ignored`, as `.ci/run` does, as root and with every
+/// tool installed), and asked for without what it needs it fails here,
+/// saying so. No test returns early and passes for want of root or a
+/// program.
+///
+/// This is also the one word on the `CI` environment variable: no test
+/// reads it. Whether a test runs is `#[ignore]`'s and the runner's choice
+/// alone (`--ignored`, `--include-ignored`), and a test does the same
+/// under `CI=true` as on a developer's machine. A test that would need to
+/// know belongs behind `#[ignore = "needs …"]` and these checks instead.
+pub fn needs_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root; run it as root, as .ci/run does"
+    );
+}
+
+/// [`needs_root`] for a program: fails the test, naming `program` and the
+/// Debian package that has it, unless `program` is on `PATH`.
+pub fn needs_program(program: &str, package: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|folder| {
+        std::fs::metadata(folder.join(program))
+            .is_ok_and(|file| file.is_file() && file.permissions().mode() & 0o111 != 0)
+    });
+    assert!(
+        found,
+        "this test needs {program} on PATH (Debian: {package}); .ci/run installs it"
+    );
+}
+
 pub fn presence_bin() -> &'static str {
     env!("CARGO_BIN_EXE_presence")
 }
@@ -439,6 +472,7 @@ pub fn binary_for_nobody(dir: &Path) -> PathBuf {
 /// `binary`, run through `setpriv` as uid and gid 65534 with no other
 /// groups; arguments for `binary` follow.
 pub fn as_nobody(binary: &Path) -> Command {
+    needs_program("setpriv", "util-linux");
     let mut command = Command::new("setpriv");
     command
         .arg(format!("--reuid={NOBODY}"))
@@ -810,6 +844,7 @@ pub fn assert_units_verify(
     units: &[PathBuf],
     configure: impl FnOnce(&mut std::process::Command),
 ) {
+    needs_program("systemd-analyze", "systemd");
     let mut verify = std::process::Command::new("systemd-analyze");
     if scope == "user" {
         verify.arg("--user");

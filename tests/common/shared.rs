@@ -91,6 +91,7 @@ impl SharedDaemon {
     }
 
     fn as_member(&self, uid: u32, program: &std::path::Path) -> Command {
+        super::needs_program("setpriv", "util-linux");
         let mut command = Command::new("setpriv");
         command
             .arg(format!("--reuid={uid}"))
