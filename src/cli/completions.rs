@@ -38,6 +38,9 @@ use clap_complete::Shell;
 use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
 use clap_complete::env::{CompleteEnv, EnvCompleter, Shells};
 
+use super::args::{command, ignore_empty_env};
+use super::target::{Target, socket_of_partial_line};
+
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     /// The shell to complete in
@@ -104,7 +107,7 @@ pub fn completion_script(shell: Shell) -> Vec<u8> {
 /// the completions of the words after `--` and exits; otherwise returns.
 /// Runs before anything else writes to stdout.
 pub fn complete_if_asked() {
-    CompleteEnv::with_factory(|| super::ignore_empty_env(super::command()))
+    CompleteEnv::with_factory(|| ignore_empty_env(command()))
         .var(COMPLETE_VAR)
         .shells(SHELLS)
         .complete();
@@ -125,7 +128,7 @@ fn complete_topic(current: &OsStr) -> Vec<CompletionCandidate> {
     let Some(prefix) = current.to_str() else {
         return Vec::new();
     };
-    let target = super::Target {
+    let target = Target {
         socket: socket_of_completed_line(),
         autostart: false,
         system: false,
@@ -158,7 +161,7 @@ fn socket_of_completed_line() -> PathBuf {
         .skip(1)
         .collect();
     let before_cursor = &words[..words.len().saturating_sub(1)];
-    super::socket_of_partial_line(before_cursor)
+    socket_of_partial_line(before_cursor)
 }
 
 /// What presence offers, alone, when the word under the cursor belongs to

@@ -11,7 +11,12 @@ use clap::Args;
 use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::{NewEntryArgs, Outcome, Target, failed, render};
+use super::args::seconds_up_to;
+use super::entries::{NewEntryArgs, invoking_process};
+use super::errors::failed;
+use super::outcome::Outcome;
+use super::render;
+use super::target::Target;
 use crate::client::{SessionEvent, SessionEvents};
 use crate::protocol::{Actor, Event, Lifetime, Removal, Revision, Role, Standing, TrackReply};
 
@@ -36,7 +41,7 @@ pub struct JoinArgs {
 
     /// With --wait-owner: give up after this many seconds, remove the
     /// entry, and exit 3
-    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = super::seconds_up_to(365.0 * 86_400.0))]
+    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = seconds_up_to(365.0 * 86_400.0))]
     pub timeout: Option<Duration>,
 
     /// Print the track reply and every event as JSON lines
@@ -52,7 +57,7 @@ pub async fn run(target: &Target, args: JoinArgs) -> anyhow::Result<Outcome> {
     // whoever ran it: the shell or script, which `presence` is a child of.
     let pid = match (args.pid, args.detach) {
         (Some(pid), _) => Some(pid),
-        (None, true) => Some(super::invoking_process()?),
+        (None, true) => Some(invoking_process()?),
         (None, false) => None,
     };
     let process_exit = exit_of(pid)?;

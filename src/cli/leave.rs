@@ -3,14 +3,20 @@
 
 use clap::Args;
 
-use super::{EntryArgs, Outcome, Target, failed_changing, parse_name, render};
+use super::args::parse_name;
+use super::completions;
+use super::entries::EntryArgs;
+use super::errors::failed_changing;
+use super::outcome::Outcome;
+use super::render;
+use super::target::Target;
 use crate::client::ClientError;
 use crate::protocol::{ErrorCode, UntrackReply, UntrackRequest};
 
 #[derive(Debug, Args)]
 pub struct LeaveArgs {
     /// The topic to leave
-    #[arg(value_parser = parse_name, add = super::completions::topics())]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: String,
 
     #[command(flatten)]

@@ -5,15 +5,19 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde_json::Value;
 
+use super::args::parse_name;
+use super::completions;
+use super::render;
 use super::render::Cell;
-use super::{Target, decode, render, request_fields};
+use super::replies::{decode, request_fields};
+use super::target::Target;
 use crate::client::{Client, ClientError};
 use crate::protocol::{ListRequest, Request, TopicPresences};
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only this topic
-    #[arg(value_parser = super::parse_name, add = super::completions::topics())]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: Option<String>,
 
     /// Print the daemon's `list` reply fields as JSON
@@ -118,7 +122,7 @@ pub async fn running_topics(target: &Target) -> anyhow::Result<Vec<String>> {
     Ok(all
         .topics
         .into_keys()
-        .filter(|topic| super::parse_name(topic).is_ok())
+        .filter(|topic| parse_name(topic).is_ok())
         .collect())
 }
 

@@ -5,8 +5,12 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::Value;
 
+use super::args::parse_name;
+use super::completions;
+use super::render;
 use super::render::{Cell, Style};
-use super::{Target, decode, render, request_fields};
+use super::replies::{decode, request_fields};
+use super::target::Target;
 use crate::protocol::{
     HISTORY_LEFT_OUT_FIELD, HistoryEvent, HistoryKind, HistoryReply, HistoryRequest,
     MAX_HISTORY_LIMIT, Request,
@@ -16,7 +20,7 @@ use crate::sys::now_millis;
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Only this topic's history
-    #[arg(value_parser = super::parse_name, add = super::completions::topics())]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: Option<String>,
 
     /// Only what happened this long ago or later: `90s`, `15m`, `1h`, `2d`

@@ -4,7 +4,7 @@
 
 use tokio::io::{AsyncWriteExt, BufReader};
 
-use super::Target;
+use super::target::Target;
 
 pub async fn run(target: &Target) -> anyhow::Result<()> {
     let stream = target.stream().await?;

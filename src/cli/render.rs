@@ -1,6 +1,14 @@
 //! How presence looks to a person at a terminal: words for standings and
 //! leave reasons, local times, tables, and colour.
 
+/// Prints a line on stdout. A reader that went away (`presence watch t |
+/// head -1`) ends the command quietly instead of failing it.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::render::say(format_args!($($arg)*))?
+    };
+}
+
 use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

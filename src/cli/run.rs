@@ -48,8 +48,13 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+use super::args::seconds_up_to;
+use super::entries::NewEntryArgs;
+use super::errors::failed;
 use super::join::{self, leave_within_bounds, wait_or_never};
-use super::{NewEntryArgs, Outcome, Target, failed, render};
+use super::outcome::Outcome;
+use super::render;
+use super::target::Target;
 use crate::client::SessionEvent;
 use crate::protocol::{Event, Lifetime, Role};
 use crate::sys::ExitWatch;
@@ -69,7 +74,7 @@ pub struct RunArgs {
 
     /// Give up waiting after this many seconds: leave the queue and exit 1
     /// without running CMD
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds_up_to(365.0 * 86_400.0))]
+    #[arg(long, value_name = "SECONDS", value_parser = seconds_up_to(365.0 * 86_400.0))]
     pub timeout: Option<Duration>,
 
     /// The command to run as the owner, and its arguments

@@ -3,8 +3,10 @@
 use clap::Args;
 use serde_json::Value;
 
+use super::render;
 use super::render::{Cell, Style};
-use super::{Target, decode, render, request_fields};
+use super::replies::{decode, request_fields};
+use super::target::Target;
 use crate::protocol::{Empty, Request, StatusReply};
 use crate::sys::now_millis;
 

@@ -23,7 +23,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Outcome, Target, decode, request_fields};
+use super::args::seconds_up_to;
+use super::outcome::Outcome;
+use super::replies::{decode, request_fields};
+use super::target::Target;
 use crate::client::{Client, ClientError};
 use crate::protocol::{Empty, Request, StatusReply};
 use crate::sys::{self, ExitWatch, PeerProcess};
@@ -35,7 +38,7 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct StopArgs {
     /// Give up waiting for the daemon to go after this many seconds, and
     /// exit 1
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::seconds_up_to(86_400.0))]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_up_to(86_400.0))]
     pub timeout: Duration,
 }
 

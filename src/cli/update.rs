@@ -3,13 +3,18 @@
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{EntryArgs, Target, failed_changing, parse_meta, parse_name, render};
+use super::args::{parse_meta, parse_name};
+use super::completions;
+use super::entries::EntryArgs;
+use super::errors::failed_changing;
+use super::render;
+use super::target::Target;
 use crate::protocol::UpdateRequest;
 
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
     /// The entry's topic
-    #[arg(value_parser = parse_name, add = super::completions::topics())]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: String,
 
     #[command(flatten)]

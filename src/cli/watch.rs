@@ -5,15 +5,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clap::Args;
 
+use super::args::parse_name;
+use super::completions;
+use super::errors::failed;
 use super::render::{self, Style, paint};
-use super::{Target, failed, parse_name};
+use super::target::Target;
 use crate::client::SessionEvent;
 use crate::protocol::{Diff, Event, LeaveReason, Owner, Presences};
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
     /// The topic to follow; without one, every topic
-    #[arg(value_parser = parse_name, add = super::completions::topics())]
+    #[arg(value_parser = parse_name, add = completions::topics())]
     pub topic: Option<String>,
 
     /// Follow every topic, those that appear later included (the default

@@ -7,8 +7,11 @@ use clap::{Args, ValueHint};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::outcome::Outcome;
+use super::render;
 use super::render::{Cell, Style};
-use super::{Outcome, Target, decode, render, request_fields};
+use super::replies::{decode, request_fields};
+use super::target::Target;
 use crate::protocol::{ListRequest, Meta, Owner, Request, TopicPresences};
 use crate::topic::file_topic;
 

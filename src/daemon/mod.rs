@@ -22,13 +22,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::store::{HistoryReaders, Retention, Store};
+use crate::core::store::{HistoryReaders, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
 use connection::Shared;
 use driver::{CoreHandle, DaemonInfo, Driver};
 use pidwatch::PidWatcher;
+
+/// The most commands one transaction takes, unless `--max-batch` says less.
+pub use crate::core::MAX_BATCH as DEFAULT_MAX_BATCH;
+/// How much history the daemon keeps, as `presence daemon`'s options set it.
+pub use crate::core::store::Retention;
 
 /// Everything `presence daemon` is told.
 #[derive(Debug, Clone)]

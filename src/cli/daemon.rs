@@ -1,0 +1,161 @@
+//! `presence daemon`: its options, and the daemon's configuration made of
+//! them. The daemon itself is [`crate::daemon`]'s.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::protocol::Limits;
+
+use super::args::seconds_up_to;
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The SQLite database [default: $XDG_STATE_HOME/presenced/presence.db,
+    /// else ~/.local/state/presenced/presence.db]
+    #[arg(long, env = "PRESENCE_DB", value_name = "PATH")]
+    pub db: Option<PathBuf>,
+
+    /// Seconds a restored connection entry keeps its place, waiting for its
+    /// client to resume it
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_up_to(86_400.0))]
+    pub resume_grace: Duration,
+
+    /// Longest request line, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_line_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_line: usize,
+
+    /// Longest topic or key, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_name_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_name: usize,
+
+    /// Largest meta, serialized, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_meta: usize,
+
+    /// Most entries one connection may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_connection, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_entries: usize,
+
+    /// Most `lifetime: "process"` entries one user may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_process_entries_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_process_entries: usize,
+
+    /// Most subscriptions one connection may hold
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_subscriptions_per_connection, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_subscriptions: usize,
+
+    /// Most connections served at once
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_connections: usize,
+
+    /// Most connections one user may hold at once; the daemon's own user
+    /// is not held to it
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_connections_per_uid: usize,
+
+    /// Most entries the daemon holds, of all users together
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_total_entries, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_total_entries: usize,
+
+    /// Most entries one user may hold, over all connections; the daemon's
+    /// own user is not held to it
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_entries_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_entries_per_uid: usize,
+
+    /// Most bytes of meta one user's entries may hold together; the
+    /// daemon's own user is not held to it
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_meta_bytes_per_uid, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_meta_per_uid: usize,
+
+    /// Bytes queued for one connection before its diffs are dropped for a
+    /// fresh state and its next request waits
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_outbound: usize,
+
+    /// Bytes queued for all connections together before requests for large
+    /// replies wait and connections that have stopped reading are closed
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_outbound_total_bytes, value_parser = parse_limit, help_heading = "Limits")]
+    pub max_outbound_total: usize,
+
+    /// Days of history kept for `presence log`
+    #[arg(long, value_name = "DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500), help_heading = "History")]
+    pub history_days: u64,
+
+    /// Most history events kept for `presence log`
+    #[arg(long, value_name = "EVENTS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..), help_heading = "History")]
+    pub history_events: u64,
+
+    /// Let the members of GROUP connect too (socket 0660, folder 0750)
+    /// [default: with --system, presence; else nobody]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Print `ready` on stdout once listening (for whoever started us)
+    #[arg(long, hide = true)]
+    pub ready_on_stdout: bool,
+
+    /// A client started us on demand: `status` reports `autostart`
+    #[arg(long, hide = true)]
+    pub autostarted: bool,
+
+    /// Most commands one transaction takes; 1 turns group commit off (for
+    /// benchmarks, to show what it saves)
+    #[arg(long, hide = true, value_name = "N", default_value_t = crate::daemon::DEFAULT_MAX_BATCH, value_parser = parse_limit)]
+    pub max_batch: usize,
+}
+
+/// Runs the daemon in the foreground on `socket` until a signal stops it.
+pub fn run(socket: PathBuf, system: bool, args: DaemonArgs) -> anyhow::Result<()> {
+    crate::daemon::run(config(socket, system, args))
+}
+
+/// The daemon's configuration: the options, and with `--system` the
+/// system-wide daemon's database and group.
+fn config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daemon::DaemonConfig {
+    use crate::paths::{SYSTEM_DB, SYSTEM_GROUP};
+    let group = args.group.or(system.then(|| SYSTEM_GROUP.to_owned()));
+    let db = match (args.db, system) {
+        (Some(db), _) => db,
+        (None, true) => PathBuf::from(SYSTEM_DB),
+        (None, false) => crate::paths::default_db(),
+    };
+    crate::daemon::DaemonConfig {
+        socket,
+        group,
+        db,
+        limits: Limits {
+            max_line_bytes: args.max_line,
+            max_name_bytes: args.max_name,
+            max_meta_bytes: args.max_meta,
+            max_entries_per_connection: args.max_entries,
+            max_process_entries_per_uid: args.max_process_entries,
+            max_subscriptions_per_connection: args.max_subscriptions,
+            max_connections: args.max_connections,
+            max_connections_per_uid: args.max_connections_per_uid,
+            max_outbound_bytes: args.max_outbound,
+            max_total_entries: args.max_total_entries,
+            max_entries_per_uid: args.max_entries_per_uid,
+            max_meta_bytes_per_uid: args.max_meta_per_uid,
+            max_outbound_total_bytes: args.max_outbound_total,
+        },
+        resume_grace: args.resume_grace,
+        history: crate::daemon::Retention {
+            max_age: Duration::from_secs(args.history_days * 24 * 3600),
+            max_rows: args.history_events,
+        },
+        ready_on_stdout: args.ready_on_stdout,
+        autostarted: args.autostarted,
+        max_batch: args.max_batch,
+    }
+}
+
+/// A limit: a whole number from 1 to 2^30.
+fn parse_limit(text: &str) -> Result<usize, String> {
+    const MAX: usize = 1 << 30;
+    match text.parse::<usize>() {
+        Ok(value) if (1..=MAX).contains(&value) => Ok(value),
+        _ => Err(format!("expected a whole number from 1 to {MAX}")),
+    }
+}
