@@ -24,6 +24,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::driver::{Command, CoreHandle, Outlet as _};
+use super::lock;
 use super::outbound::{Next, OutboundBudget, OutboundQueue, Sent};
 use super::pidwatch::PidWatcher;
 use super::socket::{Armed, Socket, SocketReader};
@@ -86,13 +87,13 @@ impl UserNames {
                 .filter(|(_, looked_up)| now.duration_since(*looked_up) < USER_NAME_KEPT)
                 .map(|(name, _)| name.clone())
         };
-        if let Some(name) = known(&self.known.lock().unwrap_or_else(|p| p.into_inner())) {
+        if let Some(name) = known(&lock(&self.known)) {
             return name;
         }
         let name = tokio::task::spawn_blocking(move || sys::user_name(uid))
             .await
             .unwrap_or_else(|_| uid.to_string());
-        let mut names = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names = lock(&self.known);
         if names.len() >= MAX_USER_NAMES {
             names.clear();
         }
@@ -129,7 +130,7 @@ impl ConnectionsByUid {
                 uid: None,
             });
         }
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = lock(&self.held);
         let count = held.entry(uid).or_default();
         if *count >= self.max {
             return None;
@@ -151,7 +152,7 @@ struct UidSlot<'a> {
 impl Drop for UidSlot<'_> {
     fn drop(&mut self) {
         let Some(uid) = self.uid else { return };
-        let mut held = self.of.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = lock(&self.of.held);
         if let std::collections::hash_map::Entry::Occupied(mut count) = held.entry(uid) {
             *count.get_mut() -= 1;
             if *count.get() == 0 {

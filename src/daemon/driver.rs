@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::lock;
 use super::serializer::{Route, SerializerLane};
 use crate::core::registry::{ConnId, Entry, Peer, ProcessId};
 use crate::core::store::{Store, StoreError, StoredEntry};
@@ -567,7 +568,7 @@ impl CoreHandle {
                 driver.take();
                 self.inner.end(Some(stopped));
             }
-            None => self.inner.expect_work_at(running_deadline(driver)),
+            None => self.inner.expect_work_at(running.core.poll_timeout()),
         }
     }
 
@@ -578,12 +579,6 @@ impl CoreHandle {
     fn queued(&self) -> usize {
         lock(&self.inner.queued).commands.len()
     }
-}
-
-fn running_deadline(driver: &MutexGuard<'_, Option<Driver>>) -> Option<Instant> {
-    driver
-        .as_ref()
-        .and_then(|driver| driver.core.poll_timeout())
 }
 
 impl Inner {
@@ -642,12 +637,6 @@ impl Drop for EndIfPanicking<'_> {
             self.0.end(None);
         }
     }
-}
-
-/// A lock that a panic elsewhere does not make unusable: what these
-/// guard (a queue, a wake-up) stays whole whatever panicked.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

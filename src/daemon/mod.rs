@@ -324,5 +324,15 @@ async fn serve(
     }
 }
 
+/// Takes a lock of the io layer. A panic while one of its locks was held
+/// leaves plain data behind (counts, queues, sets of names), whole between
+/// statements, so the daemon carries on with it rather than fail every
+/// later caller.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(test)]
 mod tests;

@@ -76,6 +76,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::driver::Outlet;
+use super::lock;
 use super::socket::Socket;
 use crate::core::registry::ConnId;
 use crate::core::{Line, LineKind};
@@ -373,14 +374,6 @@ pub enum Next {
     ResyncAll,
     /// Closed and drained: finish.
     Finished,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind;
-    // carry on.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl OutboundQueue {

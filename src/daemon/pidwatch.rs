@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::driver::CoreHandle;
+use super::lock;
 use crate::core::Input;
 use crate::core::registry::ProcessId;
 use crate::sys::{self, ExitWatch, PinnedPeer};
@@ -129,14 +130,14 @@ impl PidWatcher {
     /// same tick of the clock, perhaps another user's, watched for entries
     /// of its own.
     pub fn hold_if_watched(&self, peer: &PinnedPeer) -> Option<Held<'_>> {
-        let watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let watched = lock(&self.inner.watched);
         let key = Watched::of(peer.process, peer.pidfs_inode);
         watched.contains(&key).then_some(Held { _watched: watched })
     }
 
     /// Starts watching, unless the process is already watched.
     pub fn arm(&self, prepared: Prepared) {
-        let mut watched = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watched = lock(&self.inner.watched);
         if !watched.insert(prepared.key) {
             return;
         }
@@ -158,7 +159,7 @@ impl PidWatcher {
             // track for this process that saw it watched was queued before
             // this. The core runs once the lock is let go.
             {
-                let mut watched = inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+                let mut watched = lock(&inner.watched);
                 watched.remove(&key);
                 let _ = inner.core.queue(Input::ProcessExited(process).into());
             }
