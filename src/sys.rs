@@ -9,7 +9,7 @@ use rustix::process::{Pid, PidfdFlags, pidfd_open};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::core::registry::ProcessId;
+use crate::process::ProcessId;
 
 /// This boot's id; rows written under another boot belong to processes that
 /// no longer exist.

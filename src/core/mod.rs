@@ -36,6 +36,7 @@
 //! of every later batch until a commit takes it; while no client asks
 //! anything, it is retried on its own with a growing pause.
 
+mod line;
 pub mod read;
 mod recovery;
 pub mod registry;
@@ -49,6 +50,8 @@ use serde_json::Value;
 
 use crate::ops::{self, Answered, Op, RollBack};
 use crate::protocol::{ErrorBody, ErrorCode, Event, Limits, OutgoingReply, ShutdownPayload};
+use line::to_line;
+pub use line::{Line, LineKind};
 use read::ReadView;
 use recovery::{Fact, Recovery};
 use registry::{Change, ConnId, Delivery, Ending, Entry, Outbox, Peer, ProcessId, Registry};
@@ -86,35 +89,6 @@ impl Now {
         let wait = wall_ms.saturating_sub(self.wall_ms).max(0) as u64;
         self.at + Duration::from_millis(wait)
     }
-}
-
-/// What kind of line a connection is sent; the io layer uses it to bound a
-/// slow reader's queue without losing anything that matters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LineKind {
-    /// A reply, and whether it is a success: the queue counts a
-    /// subscription as answered only once the state that follows a
-    /// successful one is queued too.
-    Reply { succeeded: bool },
-    /// A `role` event for this ref: only the latest one matters.
-    Role(String),
-    /// A `presence_diff` for this topic: may be dropped for a fresh state.
-    Diff(String),
-    /// A `presence_state` for this topic.
-    State(String),
-    /// Not a line for the client (no bytes): the states a resync of every
-    /// topic asked for are all delivered before it.
-    ResyncedAll,
-    /// Anything else, such as `shutdown`.
-    Notice,
-}
-
-/// One serialized line, newline included, shared by every connection it
-/// goes to.
-#[derive(Debug, Clone)]
-pub struct Line {
-    pub kind: LineKind,
-    pub bytes: Arc<[u8]>,
 }
 
 /// Everything the io layer tells the core.
@@ -972,17 +946,6 @@ fn line_kind(event: &Event) -> LineKind {
         | Event::Removed { .. }
         | Event::Updated { .. } => LineKind::Notice,
     }
-}
-
-fn to_line(message: &impl serde::Serialize) -> Arc<[u8]> {
-    let mut bytes = serde_json::to_vec(message).unwrap_or_else(|e| {
-        // Our own types always serialize; say so loudly if one ever doesn't.
-        tracing::error!("could not serialize an outgoing line: {e}");
-        br#"{"id":null,"ok":false,"error":{"code":"internal","message":"serialization failed"}}"#
-            .to_vec()
-    });
-    bytes.push(b'\n');
-    bytes.into()
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@
 
 use serde_json::Value;
 
+use super::line::{Line, LineKind, to_line};
 use super::registry::{Entry, TopicView};
-use super::{Line, LineKind, to_line};
 use crate::protocol::{Event, GetByKeyReply, ListAllReply, ListTopicReply, OutgoingReply};
 
 /// A read whose line is still to be made.

@@ -52,14 +52,8 @@ const TOMBSTONE_MILLIS: i64 = 60_000;
 /// who removes entries in a loop costs the daemon at most this many.
 const MAX_TOMBSTONES: usize = 4096;
 
-/// A process, pinned by its start time so that a reused pid is not mistaken
-/// for the process that joined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProcessId {
-    pub pid: u32,
-    /// Clock ticks since boot, field 22 of `/proc/PID/stat`.
-    pub start_time: u64,
-}
+/// The registry files entries by the process that owns them.
+pub use crate::process::ProcessId;
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
