@@ -5,7 +5,7 @@
 //! # The library
 //!
 //! What another program may use, and what this crate keeps stable, is
-//! [`client`] (connecting, joining, events, and a [`client::session`] that
+//! [`client`] (connecting, joining, events, and a [`client::Session`] that
 //! rides through daemon restarts), the wire types in [`protocol`] that its
 //! calls take and return, and [`topic`] (the topic of a file, as the editor
 //! plugins name it). Everything else is public only so that the `presence`

@@ -267,10 +267,10 @@ pub struct PinnedPeer {
     /// Whether it runs in a pid namespace below the daemon's (a
     /// container), where a pid names another process than it does here.
     pub in_nested_pid_namespace: bool,
-    /// Its pidfs inode, where pidfds have one of their own (see
-    /// [`pidfs_inode`]): a surer name than the start time, which counts in
-    /// ticks of 10 ms, within which a pid can be handed out again where
-    /// pids are few (a container's small `pid_max`).
+    /// Its pidfs inode, where pidfds have one of their own (see the
+    /// function `pidfs_inode`): a surer name than the start time, which
+    /// counts in ticks of 10 ms, within which a pid can be handed out
+    /// again where pids are few (a container's small `pid_max`).
     pub pidfs_inode: Option<u64>,
 }
 

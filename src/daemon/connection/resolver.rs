@@ -1,6 +1,6 @@
 //! What resolving a request asks of the system, for one request line: the
 //! io layer's side of [`ops::System`]. It pins and watches processes with
-//! the connection's [`PidWatcher`], reads `/proc` through `sys`, and draws
+//! the connection's [`PidWatcher`](crate::daemon::pidwatch::PidWatcher), reads `/proc` through `sys`, and draws
 //! randomness; a watch it opens is kept until the resolved request has
 //! reached the core ([`LineResolver::sent`]), so that the process's exit
 //! can never reach the core ahead of the entry it should remove.
