@@ -456,6 +456,53 @@ fn is_daemon_item_for_cli(path: &[String]) -> bool {
     path.len() == 2 && DAEMON_ITEMS_FOR_CLI.contains(&path[1].as_str())
 }
 
+/// What the layers without I/O never name: a runtime, a database, the
+/// system's calls, the clocks, sockets, files or threads. They are handed
+/// the time and hand out what is to be done (ARCHITECTURE.md, "One request,
+/// end to end"); their tests may read a clock to make up times.
+const SANS_IO: &[Layer] = &[Core, Registry, Ops, Protocol];
+const IO_NAMES: &[&str] = &[
+    "tokio",
+    "rusqlite",
+    "rustix",
+    "libc",
+    "nix",
+    "Instant::now",
+    "SystemTime::now",
+    "std::fs",
+    "std::net",
+    "std::os",
+    "std::thread",
+    "std::process",
+    "std::sync::mpsc",
+];
+
+/// The lines of a sans-I/O layer's code that name I/O, as `line: name`.
+fn io_named_in(relative: &Path, source: &str) -> Vec<String> {
+    let from = layer_of_module(&module_of_file(relative));
+    if !from.is_some_and(|layer| SANS_IO.contains(&layer)) || is_test_file(relative) {
+        return Vec::new();
+    }
+    let code = code_only(source);
+    let mut found = Vec::new();
+    for (index, line) in code.lines().enumerate() {
+        // One token stream per line, `::` kept, so that `tokio::spawn` and
+        // `use tokio::{…}` match `tokio` and `Instant::now()` matches
+        // `Instant::now`, but `my_tokio` does not.
+        let tokens: Vec<String> = tokenize(line).into_iter().map(|(_, t)| t).collect();
+        for name in IO_NAMES {
+            let wanted: Vec<String> = tokenize(name).into_iter().map(|(_, t)| t).collect();
+            if tokens
+                .windows(wanted.len())
+                .any(|window| window == wanted.as_slice())
+            {
+                found.push(format!("src/{}:{}: {name}", relative.display(), index + 1));
+            }
+        }
+    }
+    found
+}
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     for entry in entries {
@@ -479,10 +526,12 @@ fn every_module_uses_only_the_layers_below_it() {
         files.len()
     );
     let mut breaches = Vec::new();
+    let mut io_named = Vec::new();
     for file in &files {
         let source = std::fs::read_to_string(file).expect("a readable source file");
         let relative = file.strip_prefix(&src).expect("below src/");
         breaches.extend(breaches_in(relative, &source));
+        io_named.extend(io_named_in(relative, &source));
     }
     let report: Vec<String> = breaches
         .iter()
@@ -498,6 +547,34 @@ fn every_module_uses_only_the_layers_below_it() {
         "imports across the layers that ARCHITECTURE.md forbids:\n{}",
         report.join("\n")
     );
+    assert!(
+        io_named.is_empty(),
+        "I/O named in a layer that has none (core, registry, ops, protocol):\n{}",
+        io_named.join("\n")
+    );
+}
+
+#[test]
+fn io_in_a_layer_without_it_is_found() {
+    let registry = Path::new("core/registry.rs");
+    for source in [
+        "use tokio::sync::mpsc;",
+        "let now = std::time::Instant::now();",
+        "let t = SystemTime::now();",
+        "use std::{fs, os::fd::OwnedFd};",
+    ] {
+        let found = io_named_in(registry, source);
+        // A use-tree of std names its parts apart; `std::{fs, …}` is the
+        // one form this check does not read, and none is in the tree.
+        if source.contains('{') && !source.contains("tokio") {
+            continue;
+        }
+        assert_eq!(found.len(), 1, "{source}: {found:?}");
+    }
+    assert!(io_named_in(registry, "// tokio::spawn\nlet my_tokio = 1;").is_empty());
+    // The store and the io layer do I/O; the core's tests make up time.
+    assert!(io_named_in(Path::new("core/store.rs"), "use rusqlite::Connection;").is_empty());
+    assert!(io_named_in(Path::new("core/tests/harness.rs"), "Instant::now()").is_empty());
 }
 
 #[test]

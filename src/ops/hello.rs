@@ -23,23 +23,34 @@ pub struct HelloReply {
 
 pub struct Hello;
 
+/// A hello once resolved: the version asked for, and the daemon's pid,
+/// which the reply names and which only the system knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    pub protocol: Option<u32>,
+    pub daemon_pid: u32,
+}
+
 impl OpSpec for Hello {
     type Wire = HelloRequest;
-    type Resolved = HelloRequest;
+    type Resolved = Greeting;
     /// No change touches it.
     const ON_ROLL_BACK: RollBack = RollBack::Stands;
 
-    fn resolve(wire: HelloRequest, _: &mut dyn System) -> Result<HelloRequest, ErrorBody> {
-        Ok(wire)
+    fn resolve(wire: HelloRequest, system: &mut dyn System) -> Result<Greeting, ErrorBody> {
+        Ok(Greeting {
+            protocol: wire.protocol,
+            daemon_pid: system.daemon_pid(),
+        })
     }
 
     /// The versions agree, or the client asked for one we lack.
-    fn answer(hello: HelloRequest, _: &mut At<'_>) -> Answer {
+    fn answer(hello: Greeting, _: &mut At<'_>) -> Answer {
         Answer::Reply(match hello.protocol.unwrap_or(PROTOCOL_VERSION) {
             PROTOCOL_VERSION => Ok(ReplyFields::of(&HelloReply {
                 protocol: PROTOCOL_VERSION,
                 server: SERVER_NAME.to_owned(),
-                pid: std::process::id(),
+                pid: hello.daemon_pid,
             })),
             other => Err(ErrorBody::new(
                 ErrorCode::UnsupportedProtocol,

@@ -152,6 +152,8 @@ pub trait System {
     fn random_bytes(&mut self) -> Option<[u8; 32]>;
     /// At most how many rows a history read will fetch.
     fn history_rows_at_most(&self, request: &HistoryRequest) -> usize;
+    /// The daemon's own pid.
+    fn daemon_pid(&self) -> u32;
 }
 
 /// The connecting process as it was pinned when the connection was

@@ -204,6 +204,15 @@ fn resume_tokens_are_resolved_with_their_hashes() {
     }
 }
 
+#[test]
+fn a_hello_names_the_pid_the_system_gives() {
+    let request = Request::Hello(HelloRequest::default());
+    let Ok(Op::Hello(greeting)) = request.resolve(&mut FakeSystem::default()) else {
+        panic!("a hello resolves to a hello");
+    };
+    assert_eq!(greeting.daemon_pid, DAEMON_PID);
+}
+
 /// A system that answers as told.
 pub struct FakeSystem {
     pub limits: Limits,
@@ -288,4 +297,11 @@ impl System for FakeSystem {
     fn history_rows_at_most(&self, _: &HistoryRequest) -> usize {
         self.history_rows
     }
+
+    fn daemon_pid(&self) -> u32 {
+        DAEMON_PID
+    }
 }
+
+/// The pid the fake system's daemon runs as.
+const DAEMON_PID: u32 = 4321;

@@ -126,6 +126,10 @@ impl ops::System for LineResolver<'_> {
     fn history_rows_at_most(&self, request: &HistoryRequest) -> usize {
         self.shared.history.readers.rows_at_most(request)
     }
+
+    fn daemon_pid(&self) -> u32 {
+        std::process::id()
+    }
 }
 
 #[cfg(test)]
