@@ -452,6 +452,29 @@ fn breaches_in(relative: &Path, source: &str) -> Vec<Breach> {
     breaches
 }
 
+/// The CLI's `mod.rs` is a facade: the command files take what they share
+/// from its sibling modules (`args`, `target`, `render`…), never from the
+/// facade itself, so no arrow runs back up inside `cli/`. Given the names
+/// of the modules in `cli/`, the paths of one file that do.
+fn arrows_into_the_cli_facade(
+    relative: &Path,
+    source: &str,
+    cli_modules: &[String],
+) -> Vec<String> {
+    let file_module = module_of_file(relative);
+    if file_module.first().is_none_or(|top| top != "cli") || file_module.len() < 2 {
+        return Vec::new();
+    }
+    paths_out_of(&file_module, &code_only(source))
+        .into_iter()
+        .filter(|(_, path)| {
+            path.first().is_some_and(|top| top == "cli")
+                && path.get(1).is_none_or(|next| !cli_modules.contains(next))
+        })
+        .map(|(line, path)| format!("src/{}:{line}: {}", relative.display(), path.join("::")))
+        .collect()
+}
+
 fn is_daemon_item_for_cli(path: &[String]) -> bool {
     path.len() == 2 && DAEMON_ITEMS_FOR_CLI.contains(&path[1].as_str())
 }
@@ -536,11 +559,22 @@ fn every_module_uses_only_the_layers_below_it() {
     );
     let mut breaches = Vec::new();
     let mut io_named = Vec::new();
+    let mut into_facade = Vec::new();
+    let cli_modules: Vec<String> = files
+        .iter()
+        .filter_map(|file| {
+            let relative = file.strip_prefix(src.join("cli")).ok()?;
+            let first = relative.iter().next()?.to_string_lossy();
+            Some(first.trim_end_matches(".rs").to_owned())
+        })
+        .filter(|name| name != "mod")
+        .collect();
     for file in &files {
         let source = std::fs::read_to_string(file).expect("a readable source file");
         let relative = file.strip_prefix(&src).expect("below src/");
         breaches.extend(breaches_in(relative, &source));
         io_named.extend(io_named_in(relative, &source));
+        into_facade.extend(arrows_into_the_cli_facade(relative, &source, &cli_modules));
     }
     let report: Vec<String> = breaches
         .iter()
@@ -555,6 +589,11 @@ fn every_module_uses_only_the_layers_below_it() {
         report.is_empty(),
         "imports across the layers that ARCHITECTURE.md forbids:\n{}",
         report.join("\n")
+    );
+    assert!(
+        into_facade.is_empty(),
+        "command files that take from the CLI's facade, cli/mod.rs:\n{}",
+        into_facade.join("\n")
     );
     assert!(
         io_named.is_empty(),
@@ -621,6 +660,20 @@ fn a_forbidden_import_is_found_however_it_is_written() {
         )
         .len(),
         1
+    );
+}
+
+#[test]
+fn a_command_that_takes_from_the_cli_facade_is_found() {
+    let modules = ["args".to_owned(), "render".to_owned(), "join".to_owned()];
+    let join = Path::new("cli/join.rs");
+    assert!(arrows_into_the_cli_facade(join, "use super::args::EntryArgs;", &modules).is_empty());
+    assert!(arrows_into_the_cli_facade(join, "use crate::cli::render::say;", &modules).is_empty());
+    let found = arrows_into_the_cli_facade(join, "use super::{args::Cli, Target};", &modules);
+    assert_eq!(found, ["src/cli/join.rs:1: cli::Target"]);
+    // The facade itself may use its modules.
+    assert!(
+        arrows_into_the_cli_facade(Path::new("cli/mod.rs"), "use self::x::Y;", &modules).is_empty()
     );
 }
 
