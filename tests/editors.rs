@@ -304,64 +304,84 @@ struct Settings {
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings {
-            autostart: true,
-            read_only_when_unreachable: false,
-            reconnect_timeout: None,
-        }
+        Settings::DEFAULT
     }
 }
 
 impl Settings {
-    /// Fields of the Neovim plugin's setup() table.
-    fn neovim(&self) -> String {
-        let mut fields = Vec::new();
+    /// The plugins' defaults.
+    const DEFAULT: Settings = Settings {
+        autostart: true,
+        read_only_when_unreachable: false,
+        reconnect_timeout: None,
+    };
+
+    /// The defaults but autostart, off: no daemon unless the test starts
+    /// one.
+    const WITHOUT_AUTOSTART: Settings = Settings {
+        autostart: false,
+        ..Settings::DEFAULT
+    };
+
+    /// The settings as `kind`'s plugin spells them: fields of Neovim's
+    /// setup() table, Ex commands run before Vim's plugin loads, forms
+    /// evaluated before Emacs's `presenced-mode` is on.
+    fn spelled_for(&self, kind: EditorKind) -> Vec<String> {
+        let (autostart_off, read_only) = match kind {
+            EditorKind::Neovim => ("autostart = false", "on_unreachable = 'readonly'"),
+            EditorKind::Vim => (
+                "let g:presenced_autostart = 0",
+                "let g:presenced_on_unreachable = 'readonly'",
+            ),
+            EditorKind::Emacs => (
+                "(setq presenced-autostart nil)",
+                "(setq presenced-on-unreachable 'read-only)",
+            ),
+        };
+        let mut spelled = Vec::new();
         if !self.autostart {
-            fields.push("autostart = false".to_owned());
+            spelled.push(autostart_off.to_owned());
         }
         if self.read_only_when_unreachable {
-            fields.push("on_unreachable = 'readonly'".to_owned());
+            spelled.push(read_only.to_owned());
         }
         if let Some(timeout) = self.reconnect_timeout {
-            fields.push(format!("reconnect_timeout_ms = {}", timeout.as_millis()));
+            let (millis, seconds) = (timeout.as_millis(), timeout.as_secs_f64());
+            spelled.push(match kind {
+                EditorKind::Neovim => format!("reconnect_timeout_ms = {millis}"),
+                EditorKind::Vim => format!("let g:presenced_reconnect_timeout_ms = {millis}"),
+                EditorKind::Emacs => format!("(setq presenced-reconnect-timeout {seconds})"),
+            });
         }
-        fields.join(", ")
+        spelled
+    }
+}
+
+impl Launch {
+    /// The plugin's defaults but for `settings`, started as usual.
+    fn with(settings: Settings) -> Launch {
+        Launch {
+            settings,
+            ..Launch::default()
+        }
     }
 
-    /// Ex commands run before the Vim plugin loads.
-    fn vim(&self) -> Vec<String> {
-        let mut commands = Vec::new();
-        if !self.autostart {
-            commands.push("let g:presenced_autostart = 0".to_owned());
+    /// Swap files on, started as usual (headless Neovim, batch-mode Vim).
+    fn with_swap_files() -> Launch {
+        Launch {
+            swap: true,
+            ..Launch::default()
         }
-        if self.read_only_when_unreachable {
-            commands.push("let g:presenced_on_unreachable = 'readonly'".to_owned());
-        }
-        if let Some(timeout) = self.reconnect_timeout {
-            commands.push(format!(
-                "let g:presenced_reconnect_timeout_ms = {}",
-                timeout.as_millis()
-            ));
-        }
-        commands
     }
 
-    /// Forms evaluated before Emacs's `presenced-mode` is on.
-    fn emacs(&self) -> Vec<String> {
-        let mut forms = Vec::new();
-        if !self.autostart {
-            forms.push("(setq presenced-autostart nil)".to_owned());
+    /// Swap files on, and where `kind` asks its questions: Vim in a
+    /// terminal, where without the plugin's answer the swap file's
+    /// question would wait for the user; headless Neovim never waits.
+    fn with_swap_files_where_questions_wait(kind: EditorKind) -> Launch {
+        Launch {
+            terminal: kind == EditorKind::Vim,
+            ..Launch::with_swap_files()
         }
-        if self.read_only_when_unreachable {
-            forms.push("(setq presenced-on-unreachable 'read-only)".to_owned());
-        }
-        if let Some(timeout) = self.reconnect_timeout {
-            forms.push(format!(
-                "(setq presenced-reconnect-timeout {})",
-                timeout.as_secs_f64()
-            ));
-        }
-        forms
     }
 }
 
@@ -399,22 +419,15 @@ impl Editor {
         file: &Path,
         launch: Launch,
     ) -> Editor {
-        let settings = launch.settings;
+        let settings = launch.settings.spelled_for(kind);
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
         match kind {
             EditorKind::Neovim => {
-                let setup = settings.neovim();
+                let setup = settings.join(", ");
                 Editor::neovim_started(workspace, &[file.as_os_str()], "", &setup, launch).await
             }
-            EditorKind::Vim => {
-                let commands = settings.vim();
-                let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-                Editor::vim_started(workspace, file, &commands, launch).await
-            }
-            EditorKind::Emacs => {
-                let forms = settings.emacs();
-                let forms: Vec<&str> = forms.iter().map(String::as_str).collect();
-                Editor::emacs_with(workspace, file, &forms).await
-            }
+            EditorKind::Vim => Editor::vim_started(workspace, file, &settings, launch).await,
+            EditorKind::Emacs => Editor::emacs_with(workspace, file, &settings).await,
         }
     }
 
@@ -811,25 +824,70 @@ impl Editor {
         }
     }
 
+    /// `vim` in Neovim and Vim, `lisp` in Emacs: one thing said in the
+    /// editor's own language.
+    fn either<T>(&self, vim: T, lisp: T) -> T {
+        match self.kind() {
+            EditorKind::Neovim | EditorKind::Vim => vim,
+            EditorKind::Emacs => lisp,
+        }
+    }
+
+    /// The value of `expression`, which must be text (`what` it is).
+    async fn eval_text(&self, expression: &str, what: &str) -> String {
+        let value = self.eval(expression).await;
+        match value.as_str() {
+            Some(text) => text.to_owned(),
+            None => panic!("{}: {what} is not text: {value}", self.name),
+        }
+    }
+
     /// What the plugin knows of the current buffer (`state()`).
     async fn state(&self) -> Value {
         self.eval(&self.plugin("state")).await
     }
 
+    /// What the plugin knows of the buffer called `name`, not the current
+    /// one; `None` where it does not follow that buffer (`state()` gives
+    /// nil then in Neovim and Emacs, an empty dictionary in Vim).
+    async fn state_of(&self, name: &str) -> Option<Value> {
+        let (expression, not_followed) = match self.kind() {
+            EditorKind::Neovim => (
+                format!(
+                    "luaeval(\"require('presenced').state(vim.fn.bufnr(_A))\", {})",
+                    vim_string(name)
+                ),
+                Value::Null,
+            ),
+            EditorKind::Vim => (
+                format!("presenced#state(bufnr({}))", vim_string(name)),
+                serde_json::json!({}),
+            ),
+            EditorKind::Emacs => (
+                format!(
+                    "(let ((buffer (get-buffer {}))) (and buffer (presenced-state buffer)))",
+                    lisp_string(name)
+                ),
+                Value::Bool(false),
+            ),
+        };
+        let state = self.eval(&expression).await;
+        (state != not_followed).then_some(state)
+    }
+
     /// The statusline text (`status()`; Emacs: `presenced-status`, which
     /// its mode line shows).
     async fn status(&self) -> String {
-        let status = self.eval(&self.plugin("status")).await;
-        status.as_str().expect("status() is text").to_owned()
+        self.eval_text(&self.plugin("status"), "status()").await
     }
 
     /// Whether the current buffer may be changed and written. In Emacs
     /// both are `buffer-read-only`.
     async fn buffer(&self) -> Buffer {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "[&modifiable, &readonly]",
-            EditorKind::Emacs => "(if buffer-read-only [0 1] [1 0])",
-        };
+        let expression = self.either(
+            "[&modifiable, &readonly]",
+            "(if buffer-read-only [0 1] [1 0])",
+        );
         let options = self.eval(expression).await;
         let flag = |index: usize| options[index].as_i64().expect("an option's value") != 0;
         Buffer {
@@ -840,25 +898,22 @@ impl Editor {
 
     /// The current buffer's text, each line ended by a newline.
     async fn text(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "join(getline(1, '$'), \"\\n\") . \"\\n\"",
-            EditorKind::Emacs => "(buffer-substring-no-properties (point-min) (point-max))",
-        };
-        let text = self.eval(expression).await;
-        text.as_str().expect("the buffer's text").to_owned()
+        let expression = self.either(
+            "join(getline(1, '$'), \"\\n\") . \"\\n\"",
+            "(buffer-substring-no-properties (point-min) (point-max))",
+        );
+        self.eval_text(expression, "the buffer's text").await
     }
 
     /// Replaces the buffer's text with the one line `line`.
     async fn set_text(&self, line: &str) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => {
-                format!("execute('%delete _') . setline(1, {})", vim_string(line))
-            }
-            EditorKind::Emacs => format!(
+        let expression = self.either(
+            format!("execute('%delete _') . setline(1, {})", vim_string(line)),
+            format!(
                 "(progn (erase-buffer) (insert {}) t)",
                 lisp_string(&format!("{line}\n"))
             ),
-        };
+        );
         self.eval(&expression).await;
     }
 
@@ -866,36 +921,29 @@ impl Editor {
     /// as a user who insists can: Vim's `:set modifiable`, Emacs's
     /// `inhibit-read-only`.
     async fn force_change(&self, line: &str) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => format!(
+        let expression = self.either(
+            format!(
                 "execute('setlocal modifiable') . append('$', {})",
                 vim_string(line)
             ),
-            EditorKind::Emacs => format!(
+            format!(
                 "(let ((inhibit-read-only t)) (goto-char (point-max)) (insert {}) t)",
                 lisp_string(&format!("{line}\n"))
             ),
-        };
+        );
         self.eval(&expression).await;
     }
 
     /// Whether the buffer has changes not written.
     async fn modified(&self) -> bool {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "&modified ? v:true : v:false",
-            EditorKind::Emacs => "(buffer-modified-p)",
-        };
+        let expression = self.either("&modified ? v:true : v:false", "(buffer-modified-p)");
         self.eval(expression).await == true
     }
 
     /// Everything the editor said: `:messages`, Emacs's *Messages*.
     async fn messages(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('messages')",
-            EditorKind::Emacs => "(presenced-driver-messages)",
-        };
-        let messages = self.eval(expression).await;
-        messages.as_str().expect("messages are text").to_owned()
+        let expression = self.either("execute('messages')", "(presenced-driver-messages)");
+        self.eval_text(expression, "messages").await
     }
 
     /// Waits until the editor has said `text`.
@@ -946,20 +994,26 @@ impl Editor {
         format!("{error}\n{added}")
     }
 
+    /// What `expression`, a command the user gives, did: `Err` is the
+    /// error the editor gave.
+    async fn attempt(&self, expression: &str) -> Result<(), String> {
+        match self.answer(expression).await {
+            Some(result) => result.map(drop),
+            None => panic!("{} did not answer `{expression}`", self.name),
+        }
+    }
+
     /// Writes the buffer to `path`, another file than its own (Emacs:
     /// `write-file`, C-x C-w, which visits it then).
     async fn write_to(&self, path: &Path) -> Result<(), String> {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => format!(
+        let expression = self.either(
+            format!(
                 "execute({})",
                 vim_string(&format!("write {}", path.display()))
             ),
-            EditorKind::Emacs => format!("(write-file {})", lisp_string(&path.to_string_lossy())),
-        };
-        self.answer(&expression)
-            .await
-            .expect("the editor answers")
-            .map(drop)
+            format!("(write-file {})", lisp_string(&path.to_string_lossy())),
+        );
+        self.attempt(&expression).await
     }
 
     /// Has the plugin's confirmation answered with `yes`, as the user
@@ -991,52 +1045,36 @@ impl Editor {
 
     /// The questions the confirmation was asked, one a line.
     async fn confirm_questions(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "get(g:, 'confirm_questions', '')",
-            EditorKind::Emacs => "(or (bound-and-true-p confirm-questions) \"\")",
-        };
-        let questions = self.eval(expression).await;
-        questions.as_str().expect("questions are text").to_owned()
+        let expression = self.either(
+            "get(g:, 'confirm_questions', '')",
+            "(or (bound-and-true-p confirm-questions) \"\")",
+        );
+        self.eval_text(expression, "the questions").await
     }
 
     /// The override: `:PresenceWrite!`, `M-x presenced-write-anyway`.
     async fn write_anyway(&self) -> Result<(), String> {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceWrite!')",
-            EditorKind::Emacs => "(presenced-write-anyway)",
-        };
-        self.answer(expression)
-            .await
-            .expect("the editor answers")
-            .map(drop)
+        let expression = self.either("execute('PresenceWrite!')", "(presenced-write-anyway)");
+        self.attempt(expression).await
     }
 
     /// Queues again after a removal: `:PresenceJoin`, `M-x presenced-join`.
     async fn join_again(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceJoin')",
-            EditorKind::Emacs => "(presenced-join)",
-        };
-        self.eval(expression).await;
+        self.eval(self.either("execute('PresenceJoin')", "(presenced-join)"))
+            .await;
     }
 
     /// Tries the daemon again: `:PresenceReconnect`, `presenced-reconnect`.
     async fn reconnect(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceReconnect')",
-            EditorKind::Emacs => "(presenced-reconnect)",
-        };
-        self.eval(expression).await;
+        self.eval(self.either("execute('PresenceReconnect')", "(presenced-reconnect)"))
+            .await;
     }
 
     /// Waits until the screen of an editor in a terminal shows `text`
     /// (on one row; a long message may wrap, so keep `text` short), and
     /// checks a redraw keeps it.
     async fn wait_for_screen(&self, text: &str) {
-        let shows = async || {
-            let screen = self.eval(SCREEN).await;
-            screen.as_str().expect("the screen's text").contains(text)
-        };
+        let shows = async || self.eval_text(SCREEN, "the screen").await.contains(text);
         let what = format!("{}'s screen to show {text:?}", self.name);
         eventually(&what, shows).await;
         self.command("redraw").await;
@@ -1047,6 +1085,15 @@ impl Editor {
     async fn wait_for_role(&self, role: &str) {
         let what = format!("{} to be {role}", self.name);
         eventually(&what, async || self.state().await["role"] == role).await;
+    }
+
+    /// Waits until the plugin has given up on the daemon.
+    async fn wait_until_unreachable(&self) {
+        let what = format!("{} to give up on the daemon", self.name);
+        eventually(&what, async || {
+            self.state().await["status"] == "unreachable"
+        })
+        .await;
     }
 
     /// Waits until the buffer is `expected`.
@@ -1063,22 +1110,18 @@ impl Editor {
 
     /// Runs an Ex command and returns what it printed (Neovim, Vim).
     async fn command(&self, command: &str) -> String {
-        let printed = self
-            .eval(&format!("execute({})", vim_string(command)))
-            .await;
-        printed.as_str().expect("execute() gives text").to_owned()
+        let expression = format!("execute({})", vim_string(command));
+        self.eval_text(&expression, "what execute() printed").await
     }
 
     /// Quits (`:qall!`, running the plugin's VimLeavePre; Emacs
     /// `kill-emacs`, running `kill-emacs-hook`) and waits for the process
     /// to exit.
     async fn quit(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('qall!')",
-            EditorKind::Emacs => "(kill-emacs)",
-        };
         // The editor is gone before it can answer, so no answer comes.
-        let _ = self.answer(expression).await;
+        let _ = self
+            .answer(self.either("execute('qall!')", "(kill-emacs)"))
+            .await;
         let what = format!("{} to quit", self.name);
         eventually(&what, async || self.exited()).await;
     }
