@@ -1431,6 +1431,17 @@ async fn neovim_starts_a_daemon_found_as_the_cli_finds_it_with_a_topic_function(
     );
 }
 
+/// An editor of `kind` on `file` with autostart off, once its plugin has
+/// found no daemon, which leaves the buffer editable (the plugins'
+/// default).
+async fn offline_and_editable(kind: EditorKind, workspace: &Workspace, file: &Path) -> Editor {
+    let offline = Launch::with(Settings::WITHOUT_AUTOSTART);
+    let editor = Editor::launch(kind, workspace, file, offline).await;
+    editor.wait_until_unreachable().await;
+    assert_eq!(editor.buffer().await, EDITABLE);
+    editor
+}
+
 /// Without a daemon (and autostart off), the plugin follows its
 /// on_unreachable setting: by default the buffer stays editable, with a
 /// warning; 'readonly' keeps it read-only until the daemon answers. Once
@@ -1440,15 +1451,7 @@ async fn without_a_daemon_follows_on_unreachable(kind: EditorKind) {
     let workspace = Workspace::new(None, None);
     let socket = workspace.socket();
     let file = workspace.file("notes.md");
-    let editable = Editor::launch(
-        kind,
-        &workspace,
-        &file,
-        Launch::with(Settings::WITHOUT_AUTOSTART),
-    )
-    .await;
-    editable.wait_until_unreachable().await;
-    assert_eq!(editable.buffer().await, EDITABLE);
+    let editable = offline_and_editable(kind, &workspace, &file).await;
     let messages = editable.messages().await;
     assert!(
         messages.contains(&format!("cannot reach the daemon at {}", socket.display()))
@@ -1498,15 +1501,7 @@ async fn warns_without_a_daemon_and_starts_one_through_the_cli(kind: EditorKind)
     let workspace = Workspace::new(None, None);
     let _daemon = KillDaemonsOnDrop(workspace.socket());
     let file = workspace.file("notes.md");
-    let offline = Editor::launch(
-        kind,
-        &workspace,
-        &file,
-        Launch::with(Settings::WITHOUT_AUTOSTART),
-    )
-    .await;
-    offline.wait_until_unreachable().await;
-    assert_eq!(offline.buffer().await, EDITABLE);
+    let offline = offline_and_editable(kind, &workspace, &file).await;
     offline
         .wait_for_message(&format!(
             "cannot reach the daemon at {}",
