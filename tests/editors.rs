@@ -9,10 +9,17 @@
 //! redraw could wipe), Vim or Neovim runs in a terminal of its own under
 //! `script(1)`, queried the same way.
 //!
-//! What all three plugins promise alike (a spectator cannot save over the
-//! owner, a promoted editor never keeps stale text, roles survive a
-//! daemon's crash) is written once, as a scenario taking an
-//! [`EditorKind`], and [`for_editors!`] makes one test per editor of it.
+//! A scenario is written once, as a function taking an [`EditorKind`],
+//! and [`for_editors!`] makes one test of it per editor it applies to
+//! (`spectator_cannot_write::vim`): what all three plugins promise alike
+//! (a spectator cannot save over the owner, a promoted editor never keeps
+//! stale text, roles survive a daemon's crash), and what Neovim and Vim
+//! do alike. Each editor's syntax stays behind [`Editor`]'s methods and
+//! [`Settings::spelled_for`]; where the editors truly differ, the
+//! scenario says so as data (Vim's 'hidden' is off, Neovim's on). Tests
+//! of several editors at once, and those that reach into one editor's
+//! own machinery (a Lua wrapper, Vim's channel log), are plain tests
+//! named after their editors.
 //!
 //! Each test gives its editors a private HOME and XDG folders, a private
 //! daemon socket and database (PRESENCE_SOCKET, PRESENCE_DB) and no swap
