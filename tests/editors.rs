@@ -9,10 +9,17 @@
 //! redraw could wipe), Vim or Neovim runs in a terminal of its own under
 //! `script(1)`, queried the same way.
 //!
-//! What all three plugins promise alike (a spectator cannot save over the
-//! owner, a promoted editor never keeps stale text, roles survive a
-//! daemon's crash) is written once, as a scenario taking an
-//! [`EditorKind`], and [`for_editors!`] makes one test per editor of it.
+//! A scenario is written once, as a function taking an [`EditorKind`],
+//! and [`for_editors!`] makes one test of it per editor it applies to
+//! (`spectator_cannot_write::vim`): what all three plugins promise alike
+//! (a spectator cannot save over the owner, a promoted editor never keeps
+//! stale text, roles survive a daemon's crash), and what Neovim and Vim
+//! do alike. Each editor's syntax stays behind [`Editor`]'s methods and
+//! [`Settings::spelled_for`]; where the editors truly differ, the
+//! scenario says so as data (Vim's 'hidden' is off, Neovim's on). Tests
+//! of several editors at once, and those that reach into one editor's
+//! own machinery (a Lua wrapper, Vim's channel log), are plain tests
+//! named after their editors.
 //!
 //! Each test gives its editors a private HOME and XDG folders, a private
 //! daemon socket and database (PRESENCE_SOCKET, PRESENCE_DB) and no swap
@@ -76,6 +83,17 @@ enum EditorKind {
     Neovim,
     Vim,
     Emacs,
+}
+
+impl EditorKind {
+    /// The editor's program, which the plugins' `editor` meta names first.
+    fn program(self) -> &'static str {
+        match self {
+            EditorKind::Neovim => "nvim",
+            EditorKind::Vim => "vim",
+            EditorKind::Emacs => "emacs",
+        }
+    }
 }
 
 /// Makes one test per editor of a scenario `async fn NAME(kind:
@@ -304,64 +322,92 @@ struct Settings {
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings {
-            autostart: true,
-            read_only_when_unreachable: false,
-            reconnect_timeout: None,
-        }
+        Settings::DEFAULT
     }
 }
 
 impl Settings {
-    /// Fields of the Neovim plugin's setup() table.
-    fn neovim(&self) -> String {
-        let mut fields = Vec::new();
+    /// The plugins' defaults.
+    const DEFAULT: Settings = Settings {
+        autostart: true,
+        read_only_when_unreachable: false,
+        reconnect_timeout: None,
+    };
+
+    /// The defaults but autostart, off: no daemon unless the test starts
+    /// one.
+    const WITHOUT_AUTOSTART: Settings = Settings {
+        autostart: false,
+        ..Settings::DEFAULT
+    };
+
+    /// The settings as `kind`'s plugin spells them: fields of Neovim's
+    /// setup() table, Ex commands run before Vim's plugin loads, forms
+    /// evaluated before Emacs's `presenced-mode` is on.
+    fn spelled_for(&self, kind: EditorKind) -> Vec<String> {
+        let (autostart_off, read_only) = match kind {
+            EditorKind::Neovim => ("autostart = false", "on_unreachable = 'readonly'"),
+            EditorKind::Vim => (
+                "let g:presenced_autostart = 0",
+                "let g:presenced_on_unreachable = 'readonly'",
+            ),
+            EditorKind::Emacs => (
+                "(setq presenced-autostart nil)",
+                "(setq presenced-on-unreachable 'read-only)",
+            ),
+        };
+        let mut spelled = Vec::new();
         if !self.autostart {
-            fields.push("autostart = false".to_owned());
+            spelled.push(autostart_off.to_owned());
         }
         if self.read_only_when_unreachable {
-            fields.push("on_unreachable = 'readonly'".to_owned());
+            spelled.push(read_only.to_owned());
         }
         if let Some(timeout) = self.reconnect_timeout {
-            fields.push(format!("reconnect_timeout_ms = {}", timeout.as_millis()));
+            let (millis, seconds) = (timeout.as_millis(), timeout.as_secs_f64());
+            spelled.push(match kind {
+                EditorKind::Neovim => format!("reconnect_timeout_ms = {millis}"),
+                EditorKind::Vim => format!("let g:presenced_reconnect_timeout_ms = {millis}"),
+                EditorKind::Emacs => format!("(setq presenced-reconnect-timeout {seconds})"),
+            });
         }
-        fields.join(", ")
+        spelled
+    }
+}
+
+impl Launch {
+    /// The plugin's defaults but for `settings`, started as usual.
+    fn with(settings: Settings) -> Launch {
+        Launch {
+            settings,
+            ..Launch::default()
+        }
     }
 
-    /// Ex commands run before the Vim plugin loads.
-    fn vim(&self) -> Vec<String> {
-        let mut commands = Vec::new();
-        if !self.autostart {
-            commands.push("let g:presenced_autostart = 0".to_owned());
+    /// In a terminal of its own, with `settings`.
+    fn in_its_own_terminal(settings: Settings) -> Launch {
+        Launch {
+            terminal: true,
+            ..Launch::with(settings)
         }
-        if self.read_only_when_unreachable {
-            commands.push("let g:presenced_on_unreachable = 'readonly'".to_owned());
-        }
-        if let Some(timeout) = self.reconnect_timeout {
-            commands.push(format!(
-                "let g:presenced_reconnect_timeout_ms = {}",
-                timeout.as_millis()
-            ));
-        }
-        commands
     }
 
-    /// Forms evaluated before Emacs's `presenced-mode` is on.
-    fn emacs(&self) -> Vec<String> {
-        let mut forms = Vec::new();
-        if !self.autostart {
-            forms.push("(setq presenced-autostart nil)".to_owned());
+    /// Swap files on, started as usual (headless Neovim, batch-mode Vim).
+    fn with_swap_files() -> Launch {
+        Launch {
+            swap: true,
+            ..Launch::default()
         }
-        if self.read_only_when_unreachable {
-            forms.push("(setq presenced-on-unreachable 'read-only)".to_owned());
+    }
+
+    /// Swap files on, and where `kind` asks its questions: Vim in a
+    /// terminal, where without the plugin's answer the swap file's
+    /// question would wait for the user; headless Neovim never waits.
+    fn with_swap_files_where_questions_wait(kind: EditorKind) -> Launch {
+        Launch {
+            terminal: kind == EditorKind::Vim,
+            ..Launch::with_swap_files()
         }
-        if let Some(timeout) = self.reconnect_timeout {
-            forms.push(format!(
-                "(setq presenced-reconnect-timeout {})",
-                timeout.as_secs_f64()
-            ));
-        }
-        forms
     }
 }
 
@@ -399,21 +445,20 @@ impl Editor {
         file: &Path,
         launch: Launch,
     ) -> Editor {
-        let settings = launch.settings;
+        let settings = launch.settings.spelled_for(kind);
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
         match kind {
             EditorKind::Neovim => {
-                let setup = settings.neovim();
+                let setup = settings.join(", ");
                 Editor::neovim_started(workspace, &[file.as_os_str()], "", &setup, launch).await
             }
-            EditorKind::Vim => {
-                let commands = settings.vim();
-                let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-                Editor::vim_started(workspace, file, &commands, launch).await
-            }
+            EditorKind::Vim => Editor::vim_started(workspace, file, &settings, launch).await,
             EditorKind::Emacs => {
-                let forms = settings.emacs();
-                let forms: Vec<&str> = forms.iter().map(String::as_str).collect();
-                Editor::emacs_with(workspace, file, &forms).await
+                assert!(
+                    !launch.terminal,
+                    "Emacs runs as a daemon here, with no screen"
+                );
+                Editor::emacs_with(workspace, file, &settings).await
             }
         }
     }
@@ -811,25 +856,70 @@ impl Editor {
         }
     }
 
+    /// `vim` in Neovim and Vim, `lisp` in Emacs: one thing said in the
+    /// editor's own language.
+    fn either<T>(&self, vim: T, lisp: T) -> T {
+        match self.kind() {
+            EditorKind::Neovim | EditorKind::Vim => vim,
+            EditorKind::Emacs => lisp,
+        }
+    }
+
+    /// The value of `expression`, which must be text (`what` it is).
+    async fn eval_text(&self, expression: &str, what: &str) -> String {
+        let value = self.eval(expression).await;
+        match value.as_str() {
+            Some(text) => text.to_owned(),
+            None => panic!("{}: {what} is not text: {value}", self.name),
+        }
+    }
+
     /// What the plugin knows of the current buffer (`state()`).
     async fn state(&self) -> Value {
         self.eval(&self.plugin("state")).await
     }
 
+    /// What the plugin knows of the buffer called `name`, not the current
+    /// one; `None` where it does not follow that buffer (`state()` gives
+    /// nil then in Neovim and Emacs, an empty dictionary in Vim).
+    async fn state_of(&self, name: &str) -> Option<Value> {
+        let (expression, not_followed) = match self.kind() {
+            EditorKind::Neovim => (
+                format!(
+                    "luaeval(\"require('presenced').state(vim.fn.bufnr(_A))\", {})",
+                    vim_string(name)
+                ),
+                Value::Null,
+            ),
+            EditorKind::Vim => (
+                format!("presenced#state(bufnr({}))", vim_string(name)),
+                serde_json::json!({}),
+            ),
+            EditorKind::Emacs => (
+                format!(
+                    "(let ((buffer (get-buffer {}))) (and buffer (presenced-state buffer)))",
+                    lisp_string(name)
+                ),
+                Value::Bool(false),
+            ),
+        };
+        let state = self.eval(&expression).await;
+        (state != not_followed).then_some(state)
+    }
+
     /// The statusline text (`status()`; Emacs: `presenced-status`, which
     /// its mode line shows).
     async fn status(&self) -> String {
-        let status = self.eval(&self.plugin("status")).await;
-        status.as_str().expect("status() is text").to_owned()
+        self.eval_text(&self.plugin("status"), "status()").await
     }
 
     /// Whether the current buffer may be changed and written. In Emacs
     /// both are `buffer-read-only`.
     async fn buffer(&self) -> Buffer {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "[&modifiable, &readonly]",
-            EditorKind::Emacs => "(if buffer-read-only [0 1] [1 0])",
-        };
+        let expression = self.either(
+            "[&modifiable, &readonly]",
+            "(if buffer-read-only [0 1] [1 0])",
+        );
         let options = self.eval(expression).await;
         let flag = |index: usize| options[index].as_i64().expect("an option's value") != 0;
         Buffer {
@@ -840,25 +930,22 @@ impl Editor {
 
     /// The current buffer's text, each line ended by a newline.
     async fn text(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "join(getline(1, '$'), \"\\n\") . \"\\n\"",
-            EditorKind::Emacs => "(buffer-substring-no-properties (point-min) (point-max))",
-        };
-        let text = self.eval(expression).await;
-        text.as_str().expect("the buffer's text").to_owned()
+        let expression = self.either(
+            "join(getline(1, '$'), \"\\n\") . \"\\n\"",
+            "(buffer-substring-no-properties (point-min) (point-max))",
+        );
+        self.eval_text(expression, "the buffer's text").await
     }
 
     /// Replaces the buffer's text with the one line `line`.
     async fn set_text(&self, line: &str) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => {
-                format!("execute('%delete _') . setline(1, {})", vim_string(line))
-            }
-            EditorKind::Emacs => format!(
+        let expression = self.either(
+            format!("execute('%delete _') . setline(1, {})", vim_string(line)),
+            format!(
                 "(progn (erase-buffer) (insert {}) t)",
                 lisp_string(&format!("{line}\n"))
             ),
-        };
+        );
         self.eval(&expression).await;
     }
 
@@ -866,36 +953,29 @@ impl Editor {
     /// as a user who insists can: Vim's `:set modifiable`, Emacs's
     /// `inhibit-read-only`.
     async fn force_change(&self, line: &str) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => format!(
+        let expression = self.either(
+            format!(
                 "execute('setlocal modifiable') . append('$', {})",
                 vim_string(line)
             ),
-            EditorKind::Emacs => format!(
+            format!(
                 "(let ((inhibit-read-only t)) (goto-char (point-max)) (insert {}) t)",
                 lisp_string(&format!("{line}\n"))
             ),
-        };
+        );
         self.eval(&expression).await;
     }
 
     /// Whether the buffer has changes not written.
     async fn modified(&self) -> bool {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "&modified ? v:true : v:false",
-            EditorKind::Emacs => "(buffer-modified-p)",
-        };
+        let expression = self.either("&modified ? v:true : v:false", "(buffer-modified-p)");
         self.eval(expression).await == true
     }
 
     /// Everything the editor said: `:messages`, Emacs's *Messages*.
     async fn messages(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('messages')",
-            EditorKind::Emacs => "(presenced-driver-messages)",
-        };
-        let messages = self.eval(expression).await;
-        messages.as_str().expect("messages are text").to_owned()
+        let expression = self.either("execute('messages')", "(presenced-driver-messages)");
+        self.eval_text(expression, "messages").await
     }
 
     /// Waits until the editor has said `text`.
@@ -946,20 +1026,26 @@ impl Editor {
         format!("{error}\n{added}")
     }
 
+    /// What `expression`, a command the user gives, did: `Err` is the
+    /// error the editor gave.
+    async fn attempt(&self, expression: &str) -> Result<(), String> {
+        match self.answer(expression).await {
+            Some(result) => result.map(drop),
+            None => panic!("{} did not answer `{expression}`", self.name),
+        }
+    }
+
     /// Writes the buffer to `path`, another file than its own (Emacs:
     /// `write-file`, C-x C-w, which visits it then).
     async fn write_to(&self, path: &Path) -> Result<(), String> {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => format!(
+        let expression = self.either(
+            format!(
                 "execute({})",
                 vim_string(&format!("write {}", path.display()))
             ),
-            EditorKind::Emacs => format!("(write-file {})", lisp_string(&path.to_string_lossy())),
-        };
-        self.answer(&expression)
-            .await
-            .expect("the editor answers")
-            .map(drop)
+            format!("(write-file {})", lisp_string(&path.to_string_lossy())),
+        );
+        self.attempt(&expression).await
     }
 
     /// Has the plugin's confirmation answered with `yes`, as the user
@@ -991,52 +1077,36 @@ impl Editor {
 
     /// The questions the confirmation was asked, one a line.
     async fn confirm_questions(&self) -> String {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "get(g:, 'confirm_questions', '')",
-            EditorKind::Emacs => "(or (bound-and-true-p confirm-questions) \"\")",
-        };
-        let questions = self.eval(expression).await;
-        questions.as_str().expect("questions are text").to_owned()
+        let expression = self.either(
+            "get(g:, 'confirm_questions', '')",
+            "(or (bound-and-true-p confirm-questions) \"\")",
+        );
+        self.eval_text(expression, "the questions").await
     }
 
     /// The override: `:PresenceWrite!`, `M-x presenced-write-anyway`.
     async fn write_anyway(&self) -> Result<(), String> {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceWrite!')",
-            EditorKind::Emacs => "(presenced-write-anyway)",
-        };
-        self.answer(expression)
-            .await
-            .expect("the editor answers")
-            .map(drop)
+        let expression = self.either("execute('PresenceWrite!')", "(presenced-write-anyway)");
+        self.attempt(expression).await
     }
 
     /// Queues again after a removal: `:PresenceJoin`, `M-x presenced-join`.
     async fn join_again(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceJoin')",
-            EditorKind::Emacs => "(presenced-join)",
-        };
-        self.eval(expression).await;
+        self.eval(self.either("execute('PresenceJoin')", "(presenced-join)"))
+            .await;
     }
 
     /// Tries the daemon again: `:PresenceReconnect`, `presenced-reconnect`.
     async fn reconnect(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('PresenceReconnect')",
-            EditorKind::Emacs => "(presenced-reconnect)",
-        };
-        self.eval(expression).await;
+        self.eval(self.either("execute('PresenceReconnect')", "(presenced-reconnect)"))
+            .await;
     }
 
     /// Waits until the screen of an editor in a terminal shows `text`
     /// (on one row; a long message may wrap, so keep `text` short), and
     /// checks a redraw keeps it.
     async fn wait_for_screen(&self, text: &str) {
-        let shows = async || {
-            let screen = self.eval(SCREEN).await;
-            screen.as_str().expect("the screen's text").contains(text)
-        };
+        let shows = async || self.eval_text(SCREEN, "the screen").await.contains(text);
         let what = format!("{}'s screen to show {text:?}", self.name);
         eventually(&what, shows).await;
         self.command("redraw").await;
@@ -1047,6 +1117,15 @@ impl Editor {
     async fn wait_for_role(&self, role: &str) {
         let what = format!("{} to be {role}", self.name);
         eventually(&what, async || self.state().await["role"] == role).await;
+    }
+
+    /// Waits until the plugin has given up on the daemon.
+    async fn wait_until_unreachable(&self) {
+        let what = format!("{} to give up on the daemon", self.name);
+        eventually(&what, async || {
+            self.state().await["status"] == "unreachable"
+        })
+        .await;
     }
 
     /// Waits until the buffer is `expected`.
@@ -1063,22 +1142,18 @@ impl Editor {
 
     /// Runs an Ex command and returns what it printed (Neovim, Vim).
     async fn command(&self, command: &str) -> String {
-        let printed = self
-            .eval(&format!("execute({})", vim_string(command)))
-            .await;
-        printed.as_str().expect("execute() gives text").to_owned()
+        let expression = format!("execute({})", vim_string(command));
+        self.eval_text(&expression, "what execute() printed").await
     }
 
     /// Quits (`:qall!`, running the plugin's VimLeavePre; Emacs
     /// `kill-emacs`, running `kill-emacs-hook`) and waits for the process
     /// to exit.
     async fn quit(&self) {
-        let expression = match self.kind() {
-            EditorKind::Neovim | EditorKind::Vim => "execute('qall!')",
-            EditorKind::Emacs => "(kill-emacs)",
-        };
         // The editor is gone before it can answer, so no answer comes.
-        let _ = self.answer(expression).await;
+        let _ = self
+            .answer(self.either("execute('qall!')", "(kill-emacs)"))
+            .await;
         let what = format!("{} to quit", self.name);
         eventually(&what, async || self.exited()).await;
     }
@@ -1245,39 +1320,21 @@ async fn assert_promoted(editor: &Editor) {
     );
 }
 
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_second_editor_is_read_only_until_the_first_quits() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let first = Editor::neovim(&workspace, &file).await;
-    first.wait_for_role("owner").await;
-    let second = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&first, &second).await;
+/// Two editors on one file: the second is read-only; both are on the
+/// file's topic with what the plugin puts in meta; `:PresenceWho` and
+/// `:PresenceStatus` say who is who; the owner's quit leaves the topic
+/// cleanly, and the second is promoted.
+async fn second_editor_is_read_only_until_the_first_quits(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (first, second) = (&both.owner, &both.spectator);
 
     // Both are on the file's topic, with what the plugin puts in meta.
-    let topic = format!("file:{}", file.canonicalize().expect("the file").display());
+    let topic = format!(
+        "file:{}",
+        both.file.canonicalize().expect("the file").display()
+    );
     assert_eq!(second.state().await["topic"], topic.as_str());
-    let listed = workspace.presence_json(&["list", &topic, "--json"]).await;
-    assert_eq!(listed["owner"]["pid"], first.pid, "{listed}");
-    let metas: Vec<Value> = listed["presences"]
-        .as_object()
-        .expect("presences")
-        .values()
-        .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
-        .collect();
-    assert_eq!(metas.len(), 2, "{listed}");
-    for meta in &metas {
-        assert!(
-            meta["editor"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("nvim "),
-            "{meta}"
-        );
-        assert_eq!(meta["file"], file.canonicalize().unwrap().to_str().unwrap());
-    }
+    assert_both_listed(&both).await;
     // :PresenceWho lists both, owner first, and marks who is who.
     let who = second.eval(&second.plugin("who")).await;
     assert_eq!(who[0]["pid"], first.pid, "{who}");
@@ -1287,7 +1344,7 @@ async fn neovim_second_editor_is_read_only_until_the_first_quits() {
     let listing = second.command("PresenceWho").await;
     assert!(listing.contains(&format!("on {topic}:")), "{listing}");
     assert!(
-        listing.contains(&format!("(pid {}), nvim", first.pid)),
+        listing.contains(&format!("(pid {}), {}", first.pid, kind.program())),
         "{listing}"
     );
     let status = second.command("PresenceStatus").await;
@@ -1295,9 +1352,12 @@ async fn neovim_second_editor_is_read_only_until_the_first_quits() {
     assert!(status.contains("spectator #1"), "{status}");
 
     first.quit().await;
-    assert_promoted(&second).await;
+    assert_promoted(second).await;
     // The owner left cleanly on VimLeavePre, not by its connection closing.
-    let history = workspace.presence_json(&["log", &topic, "--json"]).await;
+    let history = both
+        .workspace
+        .presence_json(&["log", &topic, "--json"])
+        .await;
     let reasons: Vec<&Value> = history["events"]
         .as_array()
         .expect("events")
@@ -1307,66 +1367,39 @@ async fn neovim_second_editor_is_read_only_until_the_first_quits() {
         .collect();
     assert_eq!(reasons, ["untrack"], "{history}");
 }
+for_editors!(second_editor_is_read_only_until_the_first_quits: neovim);
 
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_roles_hold_when_the_daemon_crashes() {
-    let mut daemon = Daemon::start().await;
-    // The plugins start the replacement daemon through the CLI, in its own
-    // session: kill it at the end, whatever happens.
-    let _replacement = KillDaemonsOnDrop(daemon.socket.clone());
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::neovim(&workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
-    let refs = (
-        owner.state().await["ref"].clone(),
-        spectator.state().await["ref"].clone(),
-    );
+/// The daemon is killed and nobody restarts it: the plugins start one,
+/// resume both entries with their roles, and a quit still promotes.
+async fn roles_hold_when_the_daemon_crashes(kind: EditorKind) {
+    let mut both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (owner, spectator) = (&both.owner, &both.spectator);
+    let refs = entry_refs(owner, spectator).await;
 
-    let crashed = daemon.pid();
-    daemon.crash().await;
-    // Nobody restarts it here: after a crash the plugins start one.
-    workspace.wait_until_resumed(2).await;
-    let status = workspace.presence_json(&["status", "--json"]).await;
+    let crashed = both.daemon.pid();
+    both.daemon.crash().await;
+    assert_resumed(&both.workspace, owner, spectator, refs).await;
+    let status = both.workspace.presence_json(&["status", "--json"]).await;
     assert_ne!(status["pid"], crashed, "a new daemon serves: {status}");
-    eventually("both editors to be connected again", async || {
-        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
-    })
-    .await;
-    assert_eq!(owner.buffer().await, EDITABLE);
-    assert_eq!(spectator.buffer().await, READ_ONLY);
-    let refs_now = (
-        owner.state().await["ref"].clone(),
-        spectator.state().await["ref"].clone(),
-    );
-    assert_eq!(
-        refs_now, refs,
-        "both entries were resumed, not tracked again"
-    );
 
     owner.quit().await;
-    assert_promoted(&spectator).await;
+    assert_promoted(spectator).await;
 }
+for_editors!(roles_hold_when_the_daemon_crashes: neovim);
 
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_closing_a_buffer_leaves_its_topic() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let first = Editor::neovim(&workspace, &file).await;
-    first.wait_for_role("owner").await;
-    let second = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&first, &second).await;
+/// Closing a buffer leaves its topic, and the next in line is promoted;
+/// opening it again queues at the end.
+async fn closing_a_buffer_leaves_its_topic(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (first, second) = (&both.owner, &both.spectator);
 
     // :bdelete (BufDelete) leaves; the other editor is promoted.
     first.command("enew | bdelete #").await;
-    assert_promoted(&second).await;
+    assert_promoted(second).await;
     // Opening it again joins at the end of the queue.
-    first.command(&format!("edit {}", file.display())).await;
+    first
+        .command(&format!("edit {}", both.file.display()))
+        .await;
     first.wait_for_role("spectator").await;
     assert_eq!(first.buffer().await, READ_ONLY);
     // Reading the file again resets the buffer's options; the plugin
@@ -1375,8 +1408,9 @@ async fn neovim_closing_a_buffer_leaves_its_topic() {
     assert_eq!(first.buffer().await, READ_ONLY);
     // :bwipeout (BufWipeout) leaves too.
     second.command("enew | bwipeout #").await;
-    assert_promoted(&first).await;
+    assert_promoted(first).await;
 }
+for_editors!(closing_a_buffer_leaves_its_topic: neovim);
 
 #[tokio::test]
 #[ignore = "needs Neovim (nvim)"]
@@ -1404,19 +1438,27 @@ async fn neovim_starts_a_daemon_found_as_the_cli_finds_it_with_a_topic_function(
     );
 }
 
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_without_a_daemon_follows_on_unreachable() {
+/// An editor of `kind` on `file` with autostart off, once its plugin has
+/// found no daemon, which leaves the buffer editable (the plugins'
+/// default).
+async fn offline_and_editable(kind: EditorKind, workspace: &Workspace, file: &Path) -> Editor {
+    let offline = Launch::with(Settings::WITHOUT_AUTOSTART);
+    let editor = Editor::launch(kind, workspace, file, offline).await;
+    editor.wait_until_unreachable().await;
+    assert_eq!(editor.buffer().await, EDITABLE);
+    editor
+}
+
+/// Without a daemon (and autostart off), the plugin follows its
+/// on_unreachable setting: by default the buffer stays editable, with a
+/// warning; 'readonly' keeps it read-only until the daemon answers. Once
+/// a daemon serves the socket, `:PresenceReconnect` joins: the careful
+/// editor first, so it owns the file and becomes editable.
+async fn without_a_daemon_follows_on_unreachable(kind: EditorKind) {
     let workspace = Workspace::new(None, None);
     let socket = workspace.socket();
     let file = workspace.file("notes.md");
-    // The default: editable, with a warning.
-    let editable = Editor::neovim_with(&workspace, &file, "autostart = false").await;
-    eventually("the plugin to give up on the daemon", async || {
-        editable.state().await["status"] == "unreachable"
-    })
-    .await;
-    assert_eq!(editable.buffer().await, EDITABLE);
+    let editable = offline_and_editable(kind, &workspace, &file).await;
     let messages = editable.messages().await;
     assert!(
         messages.contains(&format!("cannot reach the daemon at {}", socket.display()))
@@ -1424,17 +1466,12 @@ async fn neovim_without_a_daemon_follows_on_unreachable() {
         "{messages:?}"
     );
     assert_eq!(editable.status().await, "no daemon");
-    // 'readonly': read-only until the daemon answers.
-    let careful = Editor::neovim_with(
-        &workspace,
-        &file,
-        "autostart = false, on_unreachable = 'readonly'",
-    )
-    .await;
-    eventually("the plugin to give up on the daemon", async || {
-        careful.state().await["status"] == "unreachable"
-    })
-    .await;
+    let read_only = Settings {
+        read_only_when_unreachable: true,
+        ..Settings::WITHOUT_AUTOSTART
+    };
+    let careful = Editor::launch(kind, &workspace, &file, Launch::with(read_only)).await;
+    careful.wait_until_unreachable().await;
     assert_eq!(careful.buffer().await, READ_ONLY);
     assert!(
         careful
@@ -1443,31 +1480,23 @@ async fn neovim_without_a_daemon_follows_on_unreachable() {
             .contains("read-only until it answers")
     );
 
-    // Once a daemon serves the socket, :PresenceReconnect joins: the
-    // careful one first, so it owns the file and becomes editable.
     let _daemon = KillDaemonsOnDrop(socket.clone());
     let mut daemon = start_daemon(Command::new(presence_bin()), &socket, &workspace.db, &[]).await;
-    careful.command("PresenceReconnect").await;
+    careful.reconnect().await;
     assert_promoted(&careful).await;
-    editable.command("PresenceReconnect").await;
+    editable.reconnect().await;
     editable.wait_for_role("spectator").await;
     assert_eq!(editable.buffer().await, READ_ONLY);
     let _ = daemon.start_kill();
 }
+for_editors!(without_a_daemon_follows_on_unreachable: neovim);
 
 #[tokio::test]
 #[ignore = "needs Vim, Neovim (nvim)"]
 async fn vim_spectator_is_promoted_when_a_neovim_owner_is_killed() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::neovim(&workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::vim(&workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
-
-    owner.kill().await;
-    assert_promoted(&spectator).await;
+    let both = OnOneFile::between(EditorKind::Neovim, EditorKind::Vim).await;
+    both.owner.kill().await;
+    assert_promoted(&both.spectator).await;
 }
 
 /// Without a daemon and with autostart off, the buffer stays editable
@@ -1479,20 +1508,7 @@ async fn warns_without_a_daemon_and_starts_one_through_the_cli(kind: EditorKind)
     let workspace = Workspace::new(None, None);
     let _daemon = KillDaemonsOnDrop(workspace.socket());
     let file = workspace.file("notes.md");
-    let offline = match kind {
-        EditorKind::Neovim => Editor::neovim_with(&workspace, &file, "autostart = false").await,
-        EditorKind::Vim => {
-            Editor::vim_with(&workspace, &file, &["let g:presenced_autostart = 0"]).await
-        }
-        EditorKind::Emacs => {
-            Editor::emacs_with(&workspace, &file, &["(setq presenced-autostart nil)"]).await
-        }
-    };
-    eventually("the plugin to give up on the daemon", async || {
-        offline.state().await["status"] == "unreachable"
-    })
-    .await;
-    assert_eq!(offline.buffer().await, EDITABLE);
+    let offline = offline_and_editable(kind, &workspace, &file).await;
     offline
         .wait_for_message(&format!(
             "cannot reach the daemon at {}",
@@ -1515,135 +1531,115 @@ async fn warns_without_a_daemon_and_starts_one_through_the_cli(kind: EditorKind)
 }
 for_editors!(warns_without_a_daemon_and_starts_one_through_the_cli: neovim, vim, emacs);
 
-/// The number of metas on `topic`, and the pid of its owner.
-async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
-    let listed = workspace.presence_json(&["list", topic, "--json"]).await;
-    let metas = listed["presences"]
+/// The metas of every entry in a `presence list --json` listing.
+fn metas_in(listed: &Value) -> Vec<Value> {
+    listed["presences"]
         .as_object()
         .map(|presences| {
             presences
                 .values()
-                .map(|presence| presence["metas"].as_array().map_or(0, Vec::len))
-                .sum()
+                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
+                .collect()
         })
-        .unwrap_or(0);
-    (metas, listed["owner"]["pid"].clone())
+        .unwrap_or_default()
 }
 
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_saveas_and_bunload_leave_the_old_topic_and_edit_bang_keeps_it() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::neovim(&workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
+/// The number of metas on `topic`, and the pid of its owner.
+async fn queue_on(workspace: &Workspace, topic: &str) -> (usize, Value) {
+    let listed = workspace.presence_json(&["list", topic, "--json"]).await;
+    (metas_in(&listed).len(), listed["owner"]["pid"].clone())
+}
 
-    // :edit! unloads the buffer and reads it again at once: the owner keeps
-    // its entry (BufUnload is looked at only after the command).
-    let entry = owner.state().await["ref"].clone();
-    owner.command("edit!").await;
-    assert_eq!(owner.buffer().await, EDITABLE);
-    let state = owner.state().await;
-    assert_eq!((&state["ref"], &state["role"]), (&entry, &"owner".into()));
-
-    // :saveas renames the buffer, and gives the old name to a new unloaded
-    // alternate buffer, which BufFilePost announces too: that one must not
-    // join the old topic again.
-    owner.command("saveas other.md").await;
-    assert_promoted(&spectator).await;
-    let other = workspace.dir.path().join("files/other.md");
-    let state = owner.state().await;
-    assert_eq!(
-        state["topic"],
-        file_topic(&other).expect("the file's topic").as_str(),
-        "{state}"
-    );
-    assert_eq!(state["role"], "owner", "{state}");
-    let alternate = owner
-        .eval("luaeval(\"require('presenced').state(vim.fn.bufnr('notes.md'))\")")
+/// The daemon lists both editors on the file, the owner as its owner,
+/// each with the meta every plugin gives: `editor` (its program first),
+/// `file` (the file's real path) and `login`.
+async fn assert_both_listed(both: &OnOneFile) {
+    let listed = both
+        .workspace
+        .presence_json(&["list", &both.topic, "--json"])
         .await;
-    assert_eq!(
-        alternate,
-        Value::Null,
-        "the alternate buffer is not followed"
-    );
-    eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
-            == (1, spectator.pid.into())
-    })
-    .await;
-
-    // A hidden buffer ('hidden' is on in Neovim) is still open and keeps
-    // its topic; :bunload closes it, and the next in line is promoted.
-    let second = Editor::neovim(&workspace, &other).await;
-    second.wait_for_role("spectator").await;
-    owner.command("enew").await;
-    assert_eq!(
-        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
-            .await
-            .0,
-        2
-    );
-    owner.command("bunload #").await;
-    assert_promoted(&second).await;
-    assert_eq!(
-        queue_on(&workspace, &file_topic(&other).expect("the file's topic"))
-            .await
-            .0,
-        1
-    );
+    assert_eq!(listed["owner"]["pid"], both.owner.pid, "{listed}");
+    let metas = metas_in(&listed);
+    assert_eq!(metas.len(), 2, "{listed}");
+    let resolved = both.file.canonicalize().expect("the file");
+    for meta in &metas {
+        let editor = [&both.owner, &both.spectator]
+            .into_iter()
+            .find(|editor| meta["pid"] == editor.pid)
+            .unwrap_or_else(|| panic!("a meta of neither editor: {meta}"));
+        let program = format!("{} ", editor.kind().program());
+        assert!(
+            meta["editor"]
+                .as_str()
+                .is_some_and(|name| name.starts_with(&program)),
+            "{meta}"
+        );
+        assert_eq!(
+            meta["file"],
+            resolved.to_str().expect("a UTF-8 path"),
+            "{meta}"
+        );
+        assert!(meta["login"].is_string(), "{meta}");
+    }
 }
 
-#[tokio::test]
-#[ignore = "needs Vim, Neovim (nvim)"]
-async fn vim_saveas_and_editing_another_file_leave_the_old_topic() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::vim(&workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::neovim(&workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
+/// `:edit!` unloads the buffer and reads it again at once: the owner keeps
+/// its entry. `:saveas` renames the buffer: it leaves the old file's topic
+/// (its spectator is promoted) for the new one's, and the alternate buffer
+/// left with the old name is not followed. Editing a third file then
+/// leaves the second's topic: at once in Vim, whose 'hidden' is off, so
+/// that the buffer left is unloaded; in Neovim, whose 'hidden' is on, once
+/// the hidden buffer is unloaded (`:bunload`).
+async fn saveas_leaves_the_old_topic(kind: EditorKind) {
+    let both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (owner, spectator) = (&both.owner, &both.spectator);
 
+    // BufUnload is looked at only after the command.
     let entry = owner.state().await["ref"].clone();
     owner.command("edit!").await;
     assert_eq!(owner.buffer().await, EDITABLE);
     let state = owner.state().await;
     assert_eq!((&state["ref"], &state["role"]), (&entry, &"owner".into()));
 
+    // :saveas gives the old name to a new unloaded alternate buffer, which
+    // BufFilePost announces too: that one must not join the old topic
+    // again.
     owner.command("saveas other.md").await;
-    assert_promoted(&spectator).await;
-    let alternate = owner.eval("presenced#state(bufnr('notes.md'))").await;
-    assert_eq!(alternate, serde_json::json!({}), "not followed");
+    assert_promoted(spectator).await;
+    let other = both.workspace.dir.path().join("files/other.md");
+    let other_topic = file_topic(&other).expect("the file's topic");
+    let state = owner.state().await;
+    assert_eq!(state["topic"], other_topic.as_str(), "{state}");
+    assert_eq!(state["role"], "owner", "{state}");
+    let alternate = owner.state_of("notes.md").await;
+    assert_eq!(alternate, None, "the alternate buffer is not followed");
     eventually("the spectator to be alone on the old file", async || {
-        queue_on(&workspace, &file_topic(&file).expect("the file's topic")).await
-            == (1, spectator.pid.into())
+        queue_on(&both.workspace, &both.topic).await == (1, spectator.pid.into())
     })
     .await;
 
-    // Vim's 'hidden' is off: :edit of another file unloads this one, which
-    // is then no longer open, so its spectator is promoted.
-    let other = workspace.dir.path().join("files/other.md");
-    let second = Editor::neovim(&workspace, &other).await;
+    let second = Editor::open(kind, &both.workspace, &other).await;
     second.wait_for_role("spectator").await;
+    let hidden = owner.eval("&hidden").await == 1;
+    assert_eq!(hidden, kind == EditorKind::Neovim, "'hidden' as by default");
     owner.command("edit third.md").await;
+    if hidden {
+        // A hidden buffer is still open and keeps its topic.
+        assert_eq!(queue_on(&both.workspace, &other_topic).await.0, 2);
+        owner.command("bunload other.md").await;
+    }
     assert_promoted(&second).await;
+    assert_eq!(queue_on(&both.workspace, &other_topic).await.0, 1);
     owner.wait_for_role("owner").await;
     assert_eq!(owner.buffer().await, EDITABLE);
 }
+for_editors!(saveas_leaves_the_old_topic: neovim, vim);
 
 #[tokio::test]
 #[ignore = "needs Vim, Neovim (nvim)"]
 async fn neovim_and_vim_follow_a_new_buffer_written_to_a_file() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let neovim = Editor::neovim(&workspace, &file).await;
-    let vim = Editor::vim(&workspace, &file).await;
-    owner_and_spectator(&neovim, &vim).await;
+    let both = OnOneFile::between(EditorKind::Neovim, EditorKind::Vim).await;
+    let (neovim, vim) = (&both.owner, &both.spectator);
     // `:write NAME` names an unnamed buffer without BufFilePost.
     neovim
         .command("enew | call setline(1, 'x') | write fresh.md")
@@ -1657,10 +1653,8 @@ async fn neovim_and_vim_follow_a_new_buffer_written_to_a_file() {
 
 /// A daemon that accepts a connection and closes it at once (one over
 /// --max-connections) must not be reconnected to forever: the plugin gives
-/// up after reconnect_timeout_ms, says why, and stops trying.
-async fn gives_up_on_a_daemon_that_keeps_closing(
-    editor: impl AsyncFnOnce(&Workspace, &Path) -> Editor,
-) {
+/// up after its reconnect timeout, says why, and stops trying.
+async fn gives_up_on_a_daemon_that_keeps_closing(kind: EditorKind) {
     let daemon = Daemon::start_with(&["--max-connections", "1"]).await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
@@ -1668,11 +1662,12 @@ async fn gives_up_on_a_daemon_that_keeps_closing(
     let pong = holder.request(r#"{"op":"ping","id":1}"#).await;
     assert_eq!(pong["ok"], true, "{pong}");
 
-    let editor = editor(&workspace, &file).await;
-    eventually("the plugin to give up on the daemon", async || {
-        editor.state().await["status"] == "unreachable"
-    })
-    .await;
+    let impatient = Settings {
+        reconnect_timeout: Some(Duration::from_millis(300)),
+        ..Settings::DEFAULT
+    };
+    let editor = Editor::launch(kind, &workspace, &file, Launch::with(impatient)).await;
+    editor.wait_until_unreachable().await;
     let state = editor.state().await;
     assert_eq!(state["connection"], "idle", "it stopped trying: {state}");
     assert_eq!(editor.buffer().await, EDITABLE);
@@ -1694,38 +1689,7 @@ async fn gives_up_on_a_daemon_that_keeps_closing(
     .await;
     assert_eq!(editor.buffer().await, EDITABLE);
 }
-
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
-    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
-        Editor::neovim_with(workspace, file, "reconnect_timeout_ms = 300").await
-    })
-    .await;
-}
-
-#[tokio::test]
-#[ignore = "needs Vim"]
-async fn vim_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
-    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
-        Editor::vim_with(
-            workspace,
-            file,
-            &["let g:presenced_reconnect_timeout_ms = 300"],
-        )
-        .await
-    })
-    .await;
-}
-
-#[tokio::test]
-#[ignore = "needs Emacs (emacs, emacsclient)"]
-async fn emacs_gives_up_on_a_daemon_that_keeps_closing_the_connection() {
-    gives_up_on_a_daemon_that_keeps_closing(async |workspace: &Workspace, file: &Path| {
-        Editor::emacs_with(workspace, file, &["(setq presenced-reconnect-timeout 0.3)"]).await
-    })
-    .await;
-}
+for_editors!(gives_up_on_a_daemon_that_keeps_closing: neovim, vim, emacs);
 
 /// A daemon that never answers: a socket nobody accepts on (the kernel
 /// queues the connection). Opening four files at start may block for one
@@ -1826,11 +1790,7 @@ async fn both_plugins_refuse(daemon: &Daemon, because: &str) -> (Workspace, Edit
     let neovim = Editor::neovim(&workspace, &file).await;
     let vim = Editor::vim(&workspace, &file).await;
     for editor in [&neovim, &vim] {
-        let what = format!("{} to give up on the daemon", editor.name);
-        eventually(&what, async || {
-            editor.state().await["status"] == "unreachable"
-        })
-        .await;
+        editor.wait_until_unreachable().await;
         assert_eq!(editor.buffer().await, EDITABLE, "{}", editor.name);
         let messages = editor.messages().await;
         assert!(
@@ -1958,6 +1918,9 @@ async fn gives_up_or_talks_to(editor: &Editor, impostor: &Listening) {
 /// Both folders would pass the check: only their identity tells them
 /// apart.
 struct Swap {
+    /// Aimed at the socket in `folder`, with `file` to open.
+    workspace: Workspace,
+    file: PathBuf,
     _world: TempDir,
     folder: PathBuf,
     moved: PathBuf,
@@ -1974,7 +1937,10 @@ impl Swap {
         for dir in [&folder, &staged] {
             std::fs::create_dir(dir).expect("create a folder");
         }
+        let workspace = Workspace::new(Some(folder.join("presenced.sock")), None);
         Swap {
+            file: workspace.file("notes.md"),
+            workspace,
             folder: folder.clone(),
             moved: world.path().join("run-checked"),
             staged: staged.clone(),
@@ -1984,32 +1950,89 @@ impl Swap {
         }
     }
 
-    fn socket(&self) -> PathBuf {
-        self.folder.join("presenced.sock")
-    }
-
     fn lua_path(path: &Path) -> String {
         lua_string(&path.to_string_lossy())
     }
 
+    /// Lua that renames each folder of `renames` to its pair, in order.
+    fn lua_renames(renames: [(&Path, &Path); 2]) -> String {
+        renames
+            .map(|(from, to)| {
+                format!(
+                    "vim.loop.fs_rename({}, {})",
+                    Swap::lua_path(from),
+                    Swap::lua_path(to)
+                )
+            })
+            .join(" ")
+    }
+
     /// Lua that puts the replacement in place of the checked folder.
     fn lua_swap(&self) -> String {
-        format!(
-            "vim.loop.fs_rename({folder}, {moved}) vim.loop.fs_rename({staged}, {folder})",
-            folder = Swap::lua_path(&self.folder),
-            moved = Swap::lua_path(&self.moved),
-            staged = Swap::lua_path(&self.staged),
-        )
+        Swap::lua_renames([(&self.folder, &self.moved), (&self.staged, &self.folder)])
     }
 
     /// Lua that puts the checked folder back.
     fn lua_swap_back(&self) -> String {
-        format!(
-            "vim.loop.fs_rename({folder}, {staged}) vim.loop.fs_rename({moved}, {folder})",
-            folder = Swap::lua_path(&self.folder),
-            moved = Swap::lua_path(&self.moved),
-            staged = Swap::lua_path(&self.staged),
+        Swap::lua_renames([(&self.folder, &self.staged), (&self.moved, &self.folder)])
+    }
+
+    /// Neovim on the file, running the Lua `prelude` before its plugin is
+    /// set up.
+    async fn neovim_after(&self, prelude: &str) -> Editor {
+        let file = [self.file.as_os_str()];
+        Editor::neovim_after(&self.workspace, &file, prelude, "").await
+    }
+
+    /// An editor of `kind` on the file whose plugin finds the folder
+    /// swapped after its check, before its connect: Neovim's by a wrapper
+    /// around the `vim.loop` function that makes the pipe; Vim's, which
+    /// offers no such moment, by a 'shell' that swaps it right after the
+    /// `stat` of the check.
+    async fn editor_swapped_after_its_check(&self, kind: EditorKind) -> Editor {
+        match kind {
+            EditorKind::Neovim => {
+                self.neovim_after(&before_the_connect(&self.lua_swap()))
+                    .await
+            }
+            EditorKind::Vim => {
+                let shell = self.shell_swapping_after_the_stat();
+                let setting = format!("let &shell = {}", vim_string(&shell.to_string_lossy()));
+                Editor::vim_with(&self.workspace, &self.file, &[&setting]).await
+            }
+            EditorKind::Emacs => panic!("the Emacs package is not tried with a swapped folder"),
+        }
+    }
+
+    /// A shell, named `sh` so that Vim redirects both outputs of a
+    /// command as it does for sh, that swaps the folder once, right after
+    /// a `stat -c` it ran.
+    fn shell_swapping_after_the_stat(&self) -> PathBuf {
+        let dir = self.workspace.dir.path();
+        let bin = dir.join("bin");
+        std::fs::create_dir(&bin).expect("create a folder");
+        let shell = bin.join("sh");
+        std::fs::write(
+            &shell,
+            format!(
+                "#!/bin/sh\n\
+                 /bin/sh \"$@\"\n\
+                 status=$?\n\
+                 case \"$*\" in\n\
+                   *'stat -c'*) if mkdir '{once}' 2>/dev/null; then\n\
+                     mv -T '{folder}' '{moved}' && mv -T '{staged}' '{folder}'; fi ;;\n\
+                 esac\n\
+                 exit $status\n",
+                once = dir.join("swapped").display(),
+                folder = self.folder.display(),
+                moved = self.moved.display(),
+                staged = self.staged.display(),
+            ),
         )
+        .expect("write the shell");
+        std::fs::set_permissions(&shell, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        shell
     }
 }
 
@@ -2110,25 +2133,33 @@ async fn vim_never_connects_to_a_socket_whose_folder_is_missing() {
     );
 }
 
-/// The folder is replaced after Neovim's check, before its connect.
+/// The folder is replaced after the plugin's check, before its connect.
 /// Neovim connects into the folder it checked, which it holds open, so
-/// the replacement's socket never hears from it; once connected it looks
-/// at the path again, sees it no longer leads to the folder it checked,
-/// and leaves without a word.
-#[tokio::test]
-#[ignore = "needs Neovim (nvim)"]
-async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
+/// the replacement's socket never hears from it; Vim cannot hold a folder
+/// open, so it connects to the replacement's socket. Either looks at the
+/// folder again before sending anything, sees the path no longer leads to
+/// the folder it checked, and leaves without a word.
+async fn says_nothing_when_the_socket_folder_is_replaced_after_its_check(kind: EditorKind) {
     let swap = Swap::new();
-    let workspace = Workspace::new(Some(swap.socket()), None);
-    let file = workspace.file("notes.md");
-    let prelude = before_the_connect(&swap.lua_swap());
-    let editor = Editor::neovim_after(&workspace, &[file.as_os_str()], &prelude, "").await;
+    let editor = swap.editor_swapped_after_its_check(kind).await;
     gives_up_or_talks_to(&editor, &swap.impostor).await;
+    assert!(
+        swap.moved.exists(),
+        "the folder was swapped after the check"
+    );
     let (connections, said) = swap.impostor.heard();
     assert_eq!(
-        connections, 0,
-        "Neovim connected to the replacement's socket and said {said:?}"
+        said, "",
+        "{} talked to the replacement's socket",
+        editor.name
     );
+    let holds_the_folder_open = kind == EditorKind::Neovim;
+    if holds_the_folder_open {
+        assert_eq!(
+            connections, 0,
+            "Neovim connected to the replacement's socket and said {said:?}"
+        );
+    }
     assert_eq!(
         swap.checked.heard().1,
         "",
@@ -2141,6 +2172,7 @@ async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check(
         "{messages:?}"
     );
 }
+for_editors!(says_nothing_when_the_socket_folder_is_replaced_after_its_check: neovim, vim);
 
 /// Replaced after the check and put back before the second look: that
 /// look cannot tell, but Neovim never connected anywhere but into the
@@ -2149,8 +2181,6 @@ async fn neovim_says_nothing_when_the_socket_folder_is_replaced_after_its_check(
 #[ignore = "needs Neovim (nvim)"]
 async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back() {
     let swap = Swap::new();
-    let workspace = Workspace::new(Some(swap.socket()), None);
-    let file = workspace.file("notes.md");
     // Put back at the first vim.schedule after the swap: the connect's
     // callback hands its result to the main loop with it.
     let prelude = format!(
@@ -2163,7 +2193,7 @@ async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back()
         swap_in = before_the_connect(&swap.lua_swap()),
         swap_back = swap.lua_swap_back(),
     );
-    let editor = Editor::neovim_after(&workspace, &[file.as_os_str()], &prelude, "").await;
+    let editor = swap.neovim_after(&prelude).await;
     eventually(
         "Neovim to track its file, on one socket or the other",
         async || {
@@ -2177,56 +2207,6 @@ async fn neovim_talks_into_the_folder_it_checked_though_it_is_swapped_and_back()
         "Neovim connected to the replacement's socket and said {said:?}"
     );
     assert_eq!(editor.state().await["status"], "joining");
-}
-
-/// The folder is replaced after Vim's check, before its connect, here
-/// by a 'shell' that swaps it right after the `stat` of the check. Vim
-/// cannot hold a folder open, so it connects to the replacement's socket,
-/// but it looks at the folder again before sending anything, and leaves.
-#[tokio::test]
-#[ignore = "needs Vim"]
-async fn vim_says_nothing_when_the_socket_folder_is_replaced_after_its_check() {
-    let swap = Swap::new();
-    let workspace = Workspace::new(Some(swap.socket()), None);
-    let file = workspace.file("notes.md");
-    // Named `sh`, so that Vim redirects both outputs of a command as it
-    // does for sh.
-    let bin = workspace.dir.path().join("bin");
-    std::fs::create_dir(&bin).expect("create a folder");
-    let shell = bin.join("sh");
-    let once = workspace.dir.path().join("swapped");
-    std::fs::write(
-        &shell,
-        format!(
-            "#!/bin/sh\n\
-             /bin/sh \"$@\"\n\
-             status=$?\n\
-             case \"$*\" in\n\
-               *'stat -c'*) if mkdir '{once}' 2>/dev/null; then\n\
-                 mv -T '{folder}' '{moved}' && mv -T '{staged}' '{folder}'; fi ;;\n\
-             esac\n\
-             exit $status\n",
-            once = once.display(),
-            folder = swap.folder.display(),
-            moved = swap.moved.display(),
-            staged = swap.staged.display(),
-        ),
-    )
-    .expect("write the shell");
-    std::fs::set_permissions(&shell, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let setting = format!("let &shell = {}", vim_string(&shell.to_string_lossy()));
-    let editor = Editor::vim_with(&workspace, &file, &[&setting]).await;
-    gives_up_or_talks_to(&editor, &swap.impostor).await;
-    assert!(once.exists(), "the folder was swapped after the check");
-    let said = swap.impostor.heard().1;
-    assert_eq!(said, "", "Vim talked to the replacement's socket");
-    let messages = editor.messages().await;
-    assert!(
-        messages.contains("not trusted, nothing sent")
-            && messages.contains(&format!("its folder {} changed", swap.folder.display())),
-        "{messages:?}"
-    );
 }
 
 /// For another user's folder, the plugins walk up from its real path. A
@@ -2245,11 +2225,8 @@ async fn neovim_and_vim_refuse_a_folder_whose_real_path_cannot_be_found() {
     std::fs::create_dir(&gone).expect("create a folder");
     std::os::unix::fs::chown(&gone, Some(common::NOBODY), Some(common::NOBODY)).expect("chown");
     for editor in [&neovim, &vim] {
-        let what = format!("{} to find no daemon in its first folder", editor.name);
-        eventually(&what, async || {
-            editor.state().await["status"] == "unreachable"
-        })
-        .await;
+        // No daemon in its first folder.
+        editor.wait_until_unreachable().await;
         editor.command(&format!("cd {}", gone.display())).await;
     }
     std::fs::remove_dir(&gone).expect("remove the folder");
@@ -2305,38 +2282,34 @@ impl OnOneFile {
         owner_launch: Launch,
         spectator_launch: Launch,
     ) -> OnOneFile {
+        OnOneFile::started((kind, owner_launch), (kind, spectator_launch), life).await
+    }
+
+    /// An owner and a spectator of different kinds.
+    async fn between(owner: EditorKind, spectator: EditorKind) -> OnOneFile {
+        let (owner, spectator) = ((owner, Launch::default()), (spectator, Launch::default()));
+        OnOneFile::started(owner, spectator, DaemonLife::Steady).await
+    }
+
+    async fn started(
+        (owner_kind, owner_launch): (EditorKind, Launch),
+        (spectator_kind, spectator_launch): (EditorKind, Launch),
+        life: DaemonLife,
+    ) -> OnOneFile {
         let mut daemon = Daemon::start().await;
         let replacement = KillDaemonsOnDrop(daemon.socket.clone());
         let workspace = Workspace::for_daemon(&daemon);
         let file = workspace.file("notes.md");
         let topic = file_topic(&file).expect("the file's topic");
-        let owner = Editor::launch(kind, &workspace, &file, owner_launch).await;
+        let owner = Editor::launch(owner_kind, &workspace, &file, owner_launch).await;
         owner.wait_for_role("owner").await;
-        let spectator = Editor::launch(kind, &workspace, &file, spectator_launch).await;
+        let spectator = Editor::launch(spectator_kind, &workspace, &file, spectator_launch).await;
         owner_and_spectator(&owner, &spectator).await;
         if life == DaemonLife::KilledAndReplaced {
-            let refs = (
-                owner.state().await["ref"].clone(),
-                spectator.state().await["ref"].clone(),
-            );
+            let refs = entry_refs(&owner, &spectator).await;
             daemon.crash().await;
             workspace.start_a_daemon().await;
-            workspace.wait_until_resumed(2).await;
-            eventually("both editors to be connected again", async || {
-                owner.state().await["connection"] == "up"
-                    && spectator.state().await["connection"] == "up"
-            })
-            .await;
-            let refs_now = (
-                owner.state().await["ref"].clone(),
-                spectator.state().await["ref"].clone(),
-            );
-            assert_eq!(
-                refs_now, refs,
-                "both entries were resumed, not tracked again"
-            );
-            assert_eq!(owner.buffer().await, EDITABLE);
-            assert_eq!(spectator.buffer().await, READ_ONLY);
+            assert_resumed(&workspace, &owner, &spectator, refs).await;
         }
         OnOneFile {
             owner,
@@ -2359,6 +2332,37 @@ impl OnOneFile {
     fn on_disk(&self) -> String {
         std::fs::read_to_string(&self.file).expect("read the file")
     }
+}
+
+/// The refs of the owner's and the spectator's entries.
+async fn entry_refs(owner: &Editor, spectator: &Editor) -> (Value, Value) {
+    (
+        owner.state().await["ref"].clone(),
+        spectator.state().await["ref"].clone(),
+    )
+}
+
+/// After the daemon went: waits until a daemon serves the socket and
+/// both editors are connected again, having resumed the entries whose
+/// refs were `refs`, not tracked new ones, with their roles' buffers.
+async fn assert_resumed(
+    workspace: &Workspace,
+    owner: &Editor,
+    spectator: &Editor,
+    refs: (Value, Value),
+) {
+    workspace.wait_until_resumed(2).await;
+    eventually("both editors to be connected again", async || {
+        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
+    })
+    .await;
+    assert_eq!(owner.buffer().await, EDITABLE);
+    assert_eq!(spectator.buffer().await, READ_ONLY);
+    assert_eq!(
+        entry_refs(owner, spectator).await,
+        refs,
+        "both entries were resumed, not tracked again"
+    );
 }
 
 /// What a refused write says: `notes.md is being edited by KEY (pid PID)
@@ -2587,19 +2591,9 @@ async fn spectator_follows_the_owners_saves(kind: EditorKind, daemon: DaemonLife
         ),
         "{messages:?}"
     );
-    let meta = both
-        .workspace
-        .presence_json(&["list", &both.topic, "--json"])
-        .await;
-    let saves: Vec<Value> = meta["presences"]
-        .as_object()
-        .expect("presences")
-        .values()
-        .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
-        .filter(|meta| meta["pid"] == both.owner.pid)
-        .map(|meta| meta["saves"].clone())
-        .collect();
-    assert_eq!(saves, [2], "the owner's meta counts its saves: {meta}");
+    let owners = entries_of(&both.workspace, &both.topic, &both.owner).await;
+    let saves: Vec<&Value> = owners.iter().map(|meta| &meta["saves"]).collect();
+    assert_eq!(saves, [2], "the owner's meta counts its saves: {owners:?}");
 }
 
 for_editors!(spectator_follows_the_owners_saves, steady and killed: neovim, vim, emacs);
@@ -2667,17 +2661,11 @@ for_editors!(a_spectator_follows_an_override: neovim, vim, emacs);
 /// would wait at "[O]pen Read-Only, (E)dit anyway…" and never answer.
 /// An editor that owns the file still meets the swap file's question.
 async fn swap_file_gives_way_to_presenced(kind: EditorKind, life: DaemonLife) {
-    let swap = Launch {
-        swap: true,
-        terminal: false,
-        ..Launch::default()
-    };
-    let in_a_terminal = Launch {
-        swap: true,
-        terminal: kind == EditorKind::Vim,
-        ..Launch::default()
-    };
-    let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
+    let (swap, questions_wait) = (
+        Launch::with_swap_files(),
+        Launch::with_swap_files_where_questions_wait(kind),
+    );
+    let both = OnOneFile::start_with(kind, life, swap, questions_wait).await;
     let messages = both.spectator.messages().await;
     assert!(!messages.contains("E325"), "{messages:?}");
 
@@ -2701,12 +2689,7 @@ async fn swap_file_gives_way_to_presenced(kind: EditorKind, life: DaemonLife) {
 /// headless Neovim prints E325 and goes on).
 async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &Workspace) {
     let file = workspace.file("crashed.md");
-    let swap = Launch {
-        swap: true,
-        terminal: false,
-        ..Launch::default()
-    };
-    let crashed = Editor::launch(kind, workspace, &file, swap).await;
+    let crashed = Editor::launch(kind, workspace, &file, Launch::with_swap_files()).await;
     crashed.wait_for_role("owner").await;
     // Unsaved changes in the swap file: an unchanged one of a dead
     // process is deleted without a word.
@@ -2714,12 +2697,8 @@ async fn owner_still_meets_the_recovery_question(kind: EditorKind, workspace: &W
     crashed.command("preserve").await;
     crashed.kill().await;
 
-    let in_a_terminal = Launch {
-        swap: true,
-        terminal: kind == EditorKind::Vim,
-        ..Launch::default()
-    };
-    let next = Editor::launch(kind, workspace, &file, in_a_terminal).await;
+    let questions_wait = Launch::with_swap_files_where_questions_wait(kind);
+    let next = Editor::launch(kind, workspace, &file, questions_wait).await;
     match kind {
         EditorKind::Vim => {
             let what = format!("{} to ask about the swap file", next.name);
@@ -2741,17 +2720,11 @@ for_editors!(swap_file_gives_way_to_presenced, steady and killed: neovim, vim);
 /// holds the file's text, may change and write it, and says where the
 /// swap file is.
 async fn promoted_past_a_killed_owners_swap_file(kind: EditorKind, life: DaemonLife) {
-    let swap = Launch {
-        swap: true,
-        terminal: false,
-        ..Launch::default()
-    };
-    let in_a_terminal = Launch {
-        swap: true,
-        terminal: kind == EditorKind::Vim,
-        ..Launch::default()
-    };
-    let both = OnOneFile::start_with(kind, life, swap, in_a_terminal).await;
+    let (swap, questions_wait) = (
+        Launch::with_swap_files(),
+        Launch::with_swap_files_where_questions_wait(kind),
+    );
+    let both = OnOneFile::start_with(kind, life, swap, questions_wait).await;
     // Changed on disk behind both editors' backs too, so that the promoted
     // editor reads the file again, as it does after an owner's last save
     // it did not follow.
@@ -2893,16 +2866,9 @@ for_editors!(removed_entry_makes_the_buffer_read_only, steady and killed: neovim
 /// The metas of `editor`'s entries on `topic`, as the daemon lists them.
 async fn entries_of(workspace: &Workspace, topic: &str, editor: &Editor) -> Vec<Value> {
     let listed = workspace.presence_json(&["list", topic, "--json"]).await;
-    listed["presences"]
-        .as_object()
-        .map(|presences| {
-            presences
-                .values()
-                .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
-                .filter(|meta| meta["pid"] == editor.pid)
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut metas = metas_in(&listed);
+    metas.retain(|meta| meta["pid"] == editor.pid);
+    metas
 }
 
 /// A removed entry stays removed through an outage. The daemon is killed
@@ -2914,14 +2880,10 @@ async fn entries_of(workspace: &Workspace, topic: &str, editor: &Editor) -> Vec<
 /// removed one does not queue again by itself, only at `:PresenceJoin`
 /// (`presenced-join`).
 async fn removed_entry_stays_removed_through_an_outage(kind: EditorKind) {
-    let giving_up = Launch {
-        settings: Settings {
-            autostart: false,
-            reconnect_timeout: Some(Duration::from_millis(500)),
-            ..Settings::default()
-        },
-        ..Launch::default()
-    };
+    let giving_up = Launch::with(Settings {
+        reconnect_timeout: Some(Duration::from_millis(500)),
+        ..Settings::WITHOUT_AUTOSTART
+    });
     let mut both = OnOneFile::start_with(kind, DaemonLife::Steady, giving_up, giving_up).await;
     let removed_by = remove_the_entry_of(&both, &both.owner).await;
     both.owner.wait_for_buffer(READ_ONLY).await;
@@ -2976,19 +2938,12 @@ async fn unreachable_daemon_with_read_only_refuses_writes(kind: EditorKind) {
     let workspace = Workspace::new(None, None);
     let file = workspace.file("notes.md");
     let before = std::fs::read_to_string(&file).expect("the file");
-    let careful = Launch {
-        settings: Settings {
-            autostart: false,
-            read_only_when_unreachable: true,
-            ..Settings::default()
-        },
-        ..Launch::default()
-    };
+    let careful = Launch::with(Settings {
+        read_only_when_unreachable: true,
+        ..Settings::WITHOUT_AUTOSTART
+    });
     let editor = Editor::launch(kind, &workspace, &file, careful).await;
-    eventually("the plugin to give up on the daemon", async || {
-        editor.state().await["status"] == "unreachable"
-    })
-    .await;
+    editor.wait_until_unreachable().await;
     editor.wait_for_buffer(READ_ONLY).await;
     editor.force_change("the unguarded line").await;
     for write in [Write::Save, Write::Force] {
@@ -3025,37 +2980,14 @@ for_editors!(unreachable_daemon_with_read_only_refuses_writes: neovim, vim, emac
 /// keep their roles and say nothing; the spectator's new connection
 /// carries role events.
 async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
-    let daemon = Daemon::start().await;
-    // Dropped after the editors, whose plugins could start a daemon.
-    let _daemons = KillDaemonsOnDrop(daemon.socket.clone());
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::open(kind, &workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let spectator = Editor::open(kind, &workspace, &file).await;
-    owner_and_spectator(&owner, &spectator).await;
-    let refs = (
-        owner.state().await["ref"].clone(),
-        spectator.state().await["ref"].clone(),
-    );
+    let mut both = OnOneFile::start(kind, DaemonLife::Steady).await;
+    let (owner, spectator) = (&both.owner, &both.spectator);
+    let refs = entry_refs(owner, spectator).await;
     let said = spectator.messages().await;
 
-    let _daemon = daemon.restart(&[]).await;
-    workspace.wait_until_resumed(2).await;
-    eventually("both editors to be connected again", async || {
-        owner.state().await["connection"] == "up" && spectator.state().await["connection"] == "up"
-    })
-    .await;
-    assert_eq!(owner.buffer().await, EDITABLE);
-    assert_eq!(spectator.buffer().await, READ_ONLY);
-    let refs_now = (
-        owner.state().await["ref"].clone(),
-        spectator.state().await["ref"].clone(),
-    );
-    assert_eq!(
-        refs_now, refs,
-        "both entries were resumed, not tracked again"
-    );
+    both.daemon.stop().await;
+    both.daemon.start_again(&[]).await;
+    assert_resumed(&both.workspace, owner, spectator, refs).await;
     assert_eq!(
         spectator.messages().await,
         said,
@@ -3063,7 +2995,7 @@ async fn roles_hold_across_a_daemon_restart(kind: EditorKind) {
     );
 
     owner.kill().await;
-    assert_promoted(&spectator).await;
+    assert_promoted(spectator).await;
 }
 for_editors!(roles_hold_across_a_daemon_restart: neovim, vim, emacs);
 
@@ -3081,39 +3013,7 @@ for_editors!(spectator_is_promoted_when_the_owner_is_killed: neovim, vim, emacs)
 /// `login`); the owner quits, and the spectator is promoted.
 async fn spectator_is_promoted_when_the_owner_quits(kind: EditorKind) {
     let both = OnOneFile::start(kind, DaemonLife::Steady).await;
-    let editor = match kind {
-        EditorKind::Neovim => "nvim ",
-        EditorKind::Vim => "vim ",
-        EditorKind::Emacs => "emacs ",
-    };
-    let listed = both
-        .workspace
-        .presence_json(&["list", &both.topic, "--json"])
-        .await;
-    assert_eq!(listed["owner"]["pid"], both.owner.pid, "{listed}");
-    let metas: Vec<Value> = listed["presences"]
-        .as_object()
-        .expect("presences")
-        .values()
-        .flat_map(|presence| presence["metas"].as_array().cloned().unwrap_or_default())
-        .collect();
-    assert_eq!(metas.len(), 2, "{listed}");
-    let resolved = both.file.canonicalize().expect("the file");
-    for meta in &metas {
-        assert!(
-            meta["editor"]
-                .as_str()
-                .is_some_and(|name| name.starts_with(editor)),
-            "{meta}"
-        );
-        assert_eq!(
-            meta["file"],
-            resolved.to_str().expect("a UTF-8 path"),
-            "{meta}"
-        );
-        assert!(meta["login"].is_string(), "{meta}");
-    }
-
+    assert_both_listed(&both).await;
     both.owner.quit().await;
     assert_promoted(&both.spectator).await;
 }
@@ -3126,18 +3026,13 @@ for_editors!(spectator_is_promoted_when_the_owner_quits: neovim, vim, emacs);
 #[tokio::test]
 #[ignore = "needs Neovim (nvim), Vim, Emacs (emacs, emacsclient)"]
 async fn neovim_vim_and_emacs_share_one_file() {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let neovim = Editor::open(EditorKind::Neovim, &workspace, &file).await;
-    neovim.wait_for_role("owner").await;
-    let vim = Editor::open(EditorKind::Vim, &workspace, &file).await;
-    owner_and_spectator(&neovim, &vim).await;
-    let emacs = Editor::open(EditorKind::Emacs, &workspace, &file).await;
+    let both = OnOneFile::between(EditorKind::Neovim, EditorKind::Vim).await;
+    let (neovim, vim) = (&both.owner, &both.spectator);
+    let emacs = Editor::open(EditorKind::Emacs, &both.workspace, &both.file).await;
     emacs.wait_for_role("spectator").await;
     assert_eq!(emacs.buffer().await, READ_ONLY);
     let topic = neovim.state().await["topic"].clone();
-    for editor in [&vim, &emacs] {
+    for editor in [vim, &emacs] {
         let state = editor.state().await;
         assert_eq!(state["topic"], topic, "{}: {state}", editor.name);
         assert_eq!(
@@ -3164,11 +3059,8 @@ async fn neovim_vim_and_emacs_share_one_file() {
     let key = vim.state().await["key"].as_str().expect("a key").to_owned();
     emacs.force_change("Emacs's line").await;
     let refusal = emacs.refusal(Write::Save).await;
-    assert!(refusal.contains(&being_edited_by(&key, &vim)), "{refusal}");
-    assert_eq!(
-        std::fs::read_to_string(&file).expect("the file"),
-        "Neovim's text\n"
-    );
+    assert!(refusal.contains(&being_edited_by(&key, vim)), "{refusal}");
+    assert_eq!(both.on_disk(), "Neovim's text\n");
 }
 
 /// A spectator in a terminal: its standing is on the screen once the
@@ -3176,19 +3068,10 @@ async fn neovim_vim_and_emacs_share_one_file() {
 /// the first redraw, and a redraw keeps it. The screen is the editor's
 /// own account of it (`screenstring()`), popups included.
 async fn standing_stays_in_sight_in_a_terminal(kind: EditorKind) {
-    let daemon = Daemon::start().await;
-    let workspace = Workspace::for_daemon(&daemon);
-    let file = workspace.file("notes.md");
-    let owner = Editor::open(kind, &workspace, &file).await;
-    owner.wait_for_role("owner").await;
-    let terminal = Launch {
-        swap: false,
-        terminal: true,
-        ..Launch::default()
-    };
-    let spectator = Editor::launch(kind, &workspace, &file, terminal).await;
-    owner_and_spectator(&owner, &spectator).await;
-    spectator.wait_for_screen(&spectator_message(&owner)).await;
+    let terminal = Launch::in_its_own_terminal(Settings::DEFAULT);
+    let both = OnOneFile::start_with(kind, DaemonLife::Steady, Launch::default(), terminal).await;
+    let spectator_message = spectator_message(&both.owner);
+    both.spectator.wait_for_screen(&spectator_message).await;
 }
 // Neovim's standing stayed in sight before the plugins promised it; this
 // is about Vim 9, whose first redraw wiped it.
@@ -3199,37 +3082,9 @@ for_editors!(standing_stays_in_sight_in_a_terminal: vim);
 async fn daemon_trouble_stays_in_sight_in_a_terminal(kind: EditorKind) {
     let workspace = Workspace::new(None, None);
     let file = workspace.file("notes.md");
-    let terminal = Launch {
-        swap: false,
-        terminal: true,
-        ..Launch::default()
-    };
-    let editor = match kind {
-        EditorKind::Neovim => {
-            Editor::neovim_started(
-                &workspace,
-                &[file.as_os_str()],
-                "",
-                "autostart = false",
-                terminal,
-            )
-            .await
-        }
-        EditorKind::Vim => {
-            Editor::vim_started(
-                &workspace,
-                &file,
-                &["let g:presenced_autostart = 0"],
-                terminal,
-            )
-            .await
-        }
-        EditorKind::Emacs => panic!("Emacs runs as a daemon here, with no screen"),
-    };
-    eventually("the plugin to give up on the daemon", async || {
-        editor.state().await["status"] == "unreachable"
-    })
-    .await;
+    let terminal = Launch::in_its_own_terminal(Settings::WITHOUT_AUTOSTART);
+    let editor = Editor::launch(kind, &workspace, &file, terminal).await;
+    editor.wait_until_unreachable().await;
     editor.wait_for_screen("cannot reach the daemon at ").await;
 }
 for_editors!(daemon_trouble_stays_in_sight_in_a_terminal: neovim, vim);
