@@ -3,16 +3,14 @@
 //! where a TOPIC goes, and never start a daemon. `presence list --topics`
 //! is what they ask with.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use crate::common::{self, Daemon, finish, spawn_sleeper, stdout};
 use clap_complete::engine::ArgValueCompleter;
-use common::{Daemon, finish, spawn_sleeper, stdout};
 use tokio::process::Command;
 
 #[derive(Debug, Clone, Copy)]

@@ -1,13 +1,11 @@
 //! `presence leave` and `presence update`: changing entries from a
 //! command other than the one that made them.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{Daemon, Running, spawn_sleeper, stdout, within};
+use crate::common::{self, Daemon, Running, spawn_sleeper, stdout, within};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 

@@ -2,13 +2,11 @@
 //! sees them, driven by real joins and a real SIGKILL, and colour only
 //! where a person will see it.
 
-mod common;
-
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
 
-use common::{Daemon, spawn_sleeper, within};
+use crate::common::{self, Daemon, spawn_sleeper, within};
 
 /// Whether a line starts with a local time and two spaces: `12:03:09  `.
 fn split_time(line: &str) -> Option<&str> {

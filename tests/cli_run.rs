@@ -1,13 +1,11 @@
 //! `presence run TOPIC -- CMD`: a command run only as the owner of a topic,
 //! compared with flock(1) running the same script under a lock.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, eventually, finish, signal, within};
+use crate::common::{self, Daemon, eventually, finish, signal, within};
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 

@@ -15,13 +15,11 @@
 //! the test's own (a mount namespace entered with `nsenter`), so that no
 //! test touches the machine's /tmp or another test's daemon.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{NOBODY, RawConnection, finish, presence_bin, start_daemon, within};
+use crate::common::{self, NOBODY, RawConnection, finish, presence_bin, start_daemon, within};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};

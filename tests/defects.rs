@@ -1,9 +1,7 @@
 //! The defects of issue 17, item 7, each against the real binary and a
 //! real daemon: what a user met on a first try.
 
-mod common;
-
-use common::{Daemon, RawConnection, error_code, spawn_sleeper, stdout};
+use crate::common::{self, Daemon, RawConnection, error_code, spawn_sleeper, stdout};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

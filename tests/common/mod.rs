@@ -4,8 +4,6 @@
 //! daemon puts back, a count in `status`) is polled every [`POLL`], still
 //! under the deadline. Nothing here sleeps and hopes.
 
-#![allow(dead_code)] // each test binary uses a different part of this
-
 pub mod shared;
 
 use std::collections::BTreeMap;
