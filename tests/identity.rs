@@ -10,7 +10,6 @@
 //! plays; the test that started it checks what it did.
 
 use std::io::{BufRead as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -241,8 +240,7 @@ async fn a_track_without_pid_is_refused_once_the_connecting_process_has_exited()
 /// Copies this test binary into `dir` for uid 65534 to run.
 fn this_binary_for_nobody(dir: &Path) -> PathBuf {
     let copy = dir.join("identity-test");
-    std::fs::copy(std::env::current_exe().expect("this test binary"), &copy).expect("copy");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    common::runnable_copy(&std::env::current_exe().expect("this test binary"), &copy);
     copy
 }
 
