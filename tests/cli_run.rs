@@ -349,8 +349,8 @@ impl Terminal {
     /// Puts `command` on a new terminal (its stdin and stdout), in a
     /// session of its own.
     fn attach(command: &mut Command) -> Terminal {
-        let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
-        let slave = std::fs::File::from(pty.slave);
+        let (master, slave) = common::pseudo_terminal();
+        let slave = std::fs::File::from(slave);
         command
             .stdin(Stdio::from(slave.try_clone().expect("dup")))
             .stdout(Stdio::from(slave));
@@ -364,7 +364,7 @@ impl Terminal {
             });
         }
         Terminal {
-            master: std::fs::File::from(pty.master),
+            master: std::fs::File::from(master),
         }
     }
 

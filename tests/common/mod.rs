@@ -509,6 +509,21 @@ pub fn as_user(binary: &Path, uid: u32) -> Command {
     command
 }
 
+/// A new pseudo-terminal: its master and its other end, to be a command's
+/// terminal. Both are opened close-on-exec, as openpty(3) does not: a
+/// child another test starts meanwhile (a daemon, a sleeper) would keep
+/// an inherited end for its whole life, and reading the master would not
+/// end when the command on its other end does.
+pub fn pseudo_terminal() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags).expect("a pseudo-terminal");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let other_end = ioctl_tiocgptpeer(&master, flags).expect("the terminal's other end");
+    (master, other_end)
+}
+
 /// The permission bits of `path` itself, not of what a symlink names.
 pub fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
