@@ -1,8 +1,6 @@
 //! Bad input gets a clear error and the daemon keeps serving.
 
-mod common;
-
-use common::{Daemon, error_code};
+use crate::common::{Daemon, error_code};
 
 #[tokio::test]
 async fn a_malformed_line_gets_bad_json_and_the_connection_lives_on() {

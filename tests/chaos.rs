@@ -19,16 +19,15 @@
 //!   restart by themselves, and a raw connection the test subscribes again.
 //!
 //! The steps come from a small seeded generator. The seed is printed;
-//! `CHAOS_SEED=<seed> cargo test --test chaos -- --nocapture` replays the
-//! same choices (the timing, and so the seqs, differ from run to run).
-
-mod common;
+//! `CHAOS_SEED=<seed> cargo test --test tests -- --nocapture chaos::`
+//! replays the same choices (the timing, and so the seqs, differ from run
+//! to run).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{DEADLINE, Daemon, POLL, RawConnection, within};
+use crate::common::{self, DEADLINE, Daemon, POLL, RawConnection, within};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;

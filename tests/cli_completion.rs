@@ -3,16 +3,14 @@
 //! where a TOPIC goes, and never start a daemon. `presence list --topics`
 //! is what they ask with.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use crate::common::{self, Daemon, finish, spawn_sleeper, stdout};
 use clap_complete::engine::ArgValueCompleter;
-use common::{Daemon, finish, spawn_sleeper, stdout};
 use tokio::process::Command;
 
 #[derive(Debug, Clone, Copy)]
@@ -459,7 +457,7 @@ async fn list_topics_leaves_out_names_with_control_or_format_characters() {
 /// words can be read back. This is what says that the script rejoins what
 /// readline splits at `:` and `=` as readline needs it.
 async fn bash_line_after_tab(typed: &str, socket: &Path) -> Vec<String> {
-    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let (master, slave) = common::pseudo_terminal();
     let terminal = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().expect("a descriptor"));
     let mut command = Command::new("bash");
     command
@@ -470,20 +468,20 @@ async fn bash_line_after_tab(typed: &str, socket: &Path) -> Vec<String> {
         .env("TERM", "dumb")
         .env("HISTFILE", "/dev/null")
         .env_remove("PRESENCE_COMPLETE")
-        .stdin(terminal(&pty.slave))
-        .stdout(terminal(&pty.slave))
-        .stderr(terminal(&pty.slave))
+        .stdin(terminal(&slave))
+        .stdout(terminal(&slave))
+        .stderr(terminal(&slave))
         .kill_on_drop(true);
     let mut bash = command.spawn().expect("bash runs");
     // The terminal's other end goes with bash, so reading ends with it.
     drop(command);
-    drop(pty.slave);
+    drop(slave);
     let script = completions_dir().join("presence.bash");
     let keys = format!(
         "source '{}'\n{typed}\t\x01printf '<%s>\\n' \nexit\n",
         script.display()
     );
-    let mut master = std::fs::File::from(pty.master);
+    let mut master = std::fs::File::from(master);
     master.write_all(keys.as_bytes()).expect("typing");
     let read = tokio::task::spawn_blocking(move || {
         let mut bytes = Vec::new();

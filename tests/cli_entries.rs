@@ -1,13 +1,10 @@
 //! `presence leave` and `presence update`: changing entries from a
 //! command other than the one that made them.
 
-mod common;
-
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{Daemon, Running, spawn_sleeper, stdout, within};
+use crate::common::{self, Daemon, Running, spawn_sleeper, stdout, within};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -236,17 +233,15 @@ struct Unprivileged {
     _daemon: tokio::process::Child,
 }
 
-const NOBODY: u32 = 65534;
-
 impl Unprivileged {
     async fn start() -> Unprivileged {
         let dir = tempfile::tempdir().expect("temporary folder");
         // A copy of the binary that uid 65534 can run wherever the checkout is.
         let binary = dir.path().join("presence");
-        std::fs::copy(common::presence_bin(), &binary).expect("copy the binary");
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        common::runnable_copy(Path::new(common::presence_bin()), &binary);
         if is_root() {
-            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).expect("chown");
+            std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY))
+                .expect("chown");
         }
         let socket = dir.path().join("run/presenced.sock");
         let mut daemon = as_user(&binary, &socket);
@@ -286,13 +281,7 @@ impl Unprivileged {
 /// The binary as the unprivileged user, aimed at `socket`.
 fn as_user(binary: &Path, socket: &Path) -> tokio::process::Command {
     let mut command = if is_root() {
-        let mut setpriv = tokio::process::Command::new("setpriv");
-        setpriv
-            .arg(format!("--reuid={NOBODY}"))
-            .arg(format!("--regid={NOBODY}"))
-            .arg("--clear-groups")
-            .arg(binary);
-        setpriv
+        common::as_nobody(binary)
     } else {
         tokio::process::Command::new(binary)
     };

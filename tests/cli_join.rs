@@ -2,11 +2,9 @@
 //! branch on, entries that outlive the command, and waiting for a turn the
 //! way flock(1) waits for a lock.
 
-mod common;
-
 use std::process::Stdio;
 
-use common::{Daemon, next_event, spawn_sleeper, stdout, within};
+use crate::common::{self, Daemon, next_event, spawn_sleeper, stdout, within};
 use presenced::protocol::Event;
 
 /// The keys present on a topic, owner first.

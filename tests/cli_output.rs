@@ -2,13 +2,11 @@
 //! sees them, driven by real joins and a real SIGKILL, and colour only
 //! where a person will see it.
 
-mod common;
-
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
 
-use common::{Daemon, spawn_sleeper, within};
+use crate::common::{self, Daemon, spawn_sleeper, within};
 
 /// Whether a line starts with a local time and two spaces: `12:03:09  `.
 fn split_time(line: &str) -> Option<&str> {
@@ -367,13 +365,13 @@ async fn a_terminal_gets_colour_and_no_color_turns_it_off() {
 /// Everything a command writes to a terminal (a pseudo-terminal on its
 /// stdout), with `NO_COLOR` set to the value given.
 async fn on_a_terminal(daemon: &Daemon, args: &[&str], no_color: Option<&str>) -> String {
-    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let (master, slave) = common::pseudo_terminal();
     let mut command = daemon.command();
     command
         .args(args)
         .env_remove("NO_COLOR")
         .env("TERM", "xterm")
-        .stdout(Stdio::from(pty.slave));
+        .stdout(Stdio::from(slave));
     if let Some(value) = no_color {
         command.env("NO_COLOR", value);
     }
@@ -381,7 +379,7 @@ async fn on_a_terminal(daemon: &Daemon, args: &[&str], no_color: Option<&str>) -
     // Our copy of the terminal's other end goes with the command, so that
     // reading ends when the child's does.
     drop(command);
-    let read = tokio::task::spawn_blocking(move || read_to_hangup(pty.master));
+    let read = tokio::task::spawn_blocking(move || read_to_hangup(master));
     let status = within("presence to finish", child.wait())
         .await
         .expect("wait");

@@ -1,13 +1,11 @@
 //! `presence run TOPIC -- CMD`: a command run only as the owner of a topic,
 //! compared with flock(1) running the same script under a lock.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, eventually, finish, signal, within};
+use crate::common::{self, Daemon, eventually, finish, signal, within};
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 
@@ -351,8 +349,8 @@ impl Terminal {
     /// Puts `command` on a new terminal (its stdin and stdout), in a
     /// session of its own.
     fn attach(command: &mut Command) -> Terminal {
-        let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
-        let slave = std::fs::File::from(pty.slave);
+        let (master, slave) = common::pseudo_terminal();
+        let slave = std::fs::File::from(slave);
         command
             .stdin(Stdio::from(slave.try_clone().expect("dup")))
             .stdout(Stdio::from(slave));
@@ -366,7 +364,7 @@ impl Terminal {
             });
         }
         Terminal {
-            master: std::fs::File::from(pty.master),
+            master: std::fs::File::from(master),
         }
     }
 
@@ -592,6 +590,12 @@ async fn a_daemon_run_starts_on_demand_stops_on_sigterm() {
     .await;
 }
 
+/// The uid [`a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entry`]
+/// runs presence as: no other test's, since `RLIMIT_NPROC` counts every
+/// task of the uid, and other tests run processes as uid 65534 and 65533
+/// at the same time, in this process's threads.
+const LIMITED_USER: u32 = 65532;
+
 /// How many processes and threads run with real uid `uid`: what
 /// `RLIMIT_NPROC` counts for it.
 fn tasks_of(uid: u32) -> u64 {
@@ -614,19 +618,20 @@ fn tasks_of(uid: u32) -> u64 {
 #[ignore = "needs root: runs presence as another uid (setpriv) under a limit on its processes"]
 async fn a_process_that_cannot_be_started_is_told_in_one_line_and_leaves_no_entry() {
     common::needs_root();
-    // root's daemon, shared with the group nogroup, which uid 65534 is in.
+    // root's daemon, shared with the group nogroup, which as_user puts
+    // the user in.
     let daemon = Daemon::start_with(&["--group", "nogroup"]).await;
-    let binary = common::binary_for_nobody(daemon.dir.path());
-    // presence, run as uid 65534 with the limit at what that uid has now
+    let binary = common::binary_for(daemon.dir.path(), LIMITED_USER);
+    // presence, run as that user with the limit at what the user has now
     // plus one, is that one: then the thread that forks for CMD cannot
     // start; with room for one more, the fork itself fails.
     for room in [0, 1] {
-        let mut command = common::as_nobody(&binary);
+        let mut command = common::as_user(&binary, LIMITED_USER);
         command
             .arg("--socket")
             .arg(&daemon.socket)
             .args(["run", "t", "--", "true"]);
-        common::limit_processes(&mut command, tasks_of(common::NOBODY) + 1 + room);
+        common::limit_processes(&mut command, tasks_of(LIMITED_USER) + 1 + room);
         let output = finish(&mut command).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "room for {room}: {stderr}");

@@ -1,11 +1,9 @@
 //! The command line around the presence itself: `status --json`, a
 //! missing daemon, completion scripts, and the environment.
 
-mod common;
-
 use std::path::Path;
 
-use common::{Daemon, finish, presence_bin};
+use crate::common::{self, Daemon, finish, presence_bin};
 use tokio::process::Command;
 
 #[tokio::test]

@@ -1,11 +1,11 @@
 //! `presence stop`: the running daemon stops cleanly and is waited for;
 //! and `presence status` says how the daemon was started.
 
-mod common;
-
 use std::path::Path;
 
-use common::{Daemon, KillDaemonsOnDrop, finish, presence_command, spawn_sleeper, stdout};
+use crate::common::{
+    self, Daemon, KillDaemonsOnDrop, finish, presence_command, spawn_sleeper, stdout,
+};
 use serde_json::Value;
 
 /// Whether process `pid` has gone: no longer in /proc, or a zombie that

@@ -2,9 +2,7 @@
 //! is and who owns the topic, and `watch` says where each joiner stands;
 //! driven by real joins and a real SIGKILL of the owner.
 
-mod common;
-
-use common::Daemon;
+use crate::common::{self, Daemon};
 
 /// A `watch` line without its `12:03:09  ` time.
 async fn timeline_line(watch: &mut common::Running) -> String {

@@ -2,11 +2,9 @@
 //! the one convention the editor plugins use (`file:` and the path with
 //! symbolic links resolved), whatever name the file is given by.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{Daemon, spawn_sleeper, stdout};
+use crate::common::{self, Daemon, spawn_sleeper, stdout};
 use serde_json::{Value, json};
 
 /// A folder of files inside the test's own temporary folder, reached

@@ -15,13 +15,11 @@
 //! the test's own (a mount namespace entered with `nsenter`), so that no
 //! test touches the machine's /tmp or another test's daemon.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{NOBODY, RawConnection, finish, presence_bin, start_daemon, within};
+use crate::common::{self, NOBODY, RawConnection, finish, presence_bin, start_daemon, within};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -479,8 +477,7 @@ async fn a_group_daemon_of_another_user_in_a_folder_root_gave_it_serves_its_memb
     let dir = tempfile::tempdir().expect("temporary folder");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let binary = dir.path().join("presence");
-    std::fs::copy(presence_bin(), &binary).expect("copy the binary");
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    common::runnable_copy(Path::new(presence_bin()), &binary);
     let home = dir.path().join("team");
     std::fs::create_dir(&home).expect("the team's folder");
     std::os::unix::fs::chown(&home, Some(TEAM), Some(TEAM)).expect("chown");

@@ -1,10 +1,8 @@
 //! Starting daemons: on demand, exactly once, never over a live one, and
 //! past a stale socket file.
 
-mod common;
-
-use common::{
-    Daemon, KillDaemonsOnDrop, daemons_serving, mode, presence_bin, refused_start, within,
+use crate::common::{
+    self, Daemon, KillDaemonsOnDrop, daemons_serving, mode, presence_bin, refused_start, within,
 };
 use tokio::process::Command;
 

@@ -9,15 +9,13 @@
 //! asked for (`--ignored`, as `.ci/run` does as root), and asked for
 //! without root they fail saying so.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{
-    Daemon, NOBODY, Options, RawConnection, as_nobody, binary_for_nobody, error_code, next_event,
-    refused_start, refused_start_by, rows_on_disk, within,
+use crate::common::{
+    self, Daemon, NOBODY, Options, RawConnection, as_nobody, binary_for_nobody, error_code,
+    next_event, refused_start, refused_start_by, rows_on_disk, within,
 };
 use presenced::client::Client;
 use presenced::protocol::{Event, ListAllReply, Role, StatusReply, TrackRequest};

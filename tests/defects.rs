@@ -1,9 +1,7 @@
 //! The defects of issue 17, item 7, each against the real binary and a
 //! real daemon: what a user met on a first try.
 
-mod common;
-
-use common::{Daemon, RawConnection, error_code, spawn_sleeper, stdout};
+use crate::common::{self, Daemon, RawConnection, error_code, spawn_sleeper, stdout};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -306,24 +304,24 @@ async fn a_restart_records_the_departures_and_the_new_owner_it_finds_in_the_log(
 /// pseudo-terminal on its stdout), uncoloured, as lines.
 async fn on_a_terminal(daemon: &Daemon, args: &[&str], columns: u16) -> Vec<String> {
     use std::io::Read as _;
-    let size = nix::pty::Winsize {
+    let (master, slave) = common::pseudo_terminal();
+    let size = rustix::termios::Winsize {
         ws_row: 24,
         ws_col: columns,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    let pty = nix::pty::openpty(Some(&size), None).expect("a pseudo-terminal");
+    rustix::termios::tcsetwinsize(&slave, size).expect("the terminal's size");
     let mut command = daemon.command();
     command
         .args(args)
         .env("NO_COLOR", "1")
         .env("TERM", "xterm")
-        .stdout(std::process::Stdio::from(pty.slave));
+        .stdout(std::process::Stdio::from(slave));
     let mut child = command.spawn().expect("presence spawns");
     // Our copy of the terminal's other end goes with the command, so that
     // reading ends when the child's does.
     drop(command);
-    let master = pty.master;
     let read = tokio::task::spawn_blocking(move || {
         let mut master = std::fs::File::from(master);
         let mut bytes = Vec::new();

@@ -31,8 +31,6 @@
 //! folder `PRESENCE_TEST_EDITORS` names: how a new test is seen to fail
 //! with an older version of the plugins.
 
-mod common;
-
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -41,8 +39,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{
-    DEADLINE, Daemon, KillDaemonsOnDrop, POLL, Running, eventually, finish, presence_bin,
+use crate::common::{
+    self, DEADLINE, Daemon, KillDaemonsOnDrop, POLL, Running, eventually, finish, presence_bin,
     presence_command, signal, start_daemon, stdout, within,
 };
 use presenced::topic::file_topic;
@@ -104,18 +102,18 @@ macro_rules! for_editors {
     // One test per editor: `scenario(kind)`.
     ($scenario:ident: $($editor:ident),+) => {
         mod $scenario {
-            $(for_editors!(@test $editor, |kind| crate::$scenario(kind));)+
+            $(for_editors!(@test $editor, |kind| crate::editors::$scenario(kind));)+
         }
     };
     // Two per editor, `scenario(kind, life)`: with the daemon left alone,
     // and again in `after_the_daemon_is_killed` with a `kill -9` midway.
     ($scenario:ident, steady and killed: $($editor:ident),+) => {
         mod $scenario {
-            $(for_editors!(@test $editor, |kind| crate::$scenario(kind, crate::DaemonLife::Steady));)+
+            $(for_editors!(@test $editor, |kind| crate::editors::$scenario(kind, crate::editors::DaemonLife::Steady));)+
             mod after_the_daemon_is_killed {
                 $(for_editors!(
                     @test $editor,
-                    |kind| crate::$scenario(kind, crate::DaemonLife::KilledAndReplaced)
+                    |kind| crate::editors::$scenario(kind, crate::editors::DaemonLife::KilledAndReplaced)
                 );)+
             }
         }
@@ -124,21 +122,21 @@ macro_rules! for_editors {
         #[tokio::test]
         #[ignore = "needs Neovim (nvim)"]
         async fn neovim() {
-            ($run)(crate::EditorKind::Neovim).await
+            ($run)(crate::editors::EditorKind::Neovim).await
         }
     };
     (@test vim, $run:expr) => {
         #[tokio::test]
         #[ignore = "needs Vim"]
         async fn vim() {
-            ($run)(crate::EditorKind::Vim).await
+            ($run)(crate::editors::EditorKind::Vim).await
         }
     };
     (@test emacs, $run:expr) => {
         #[tokio::test]
         #[ignore = "needs Emacs (emacs, emacsclient)"]
         async fn emacs() {
-            ($run)(crate::EditorKind::Emacs).await
+            ($run)(crate::editors::EditorKind::Emacs).await
         }
     };
 }

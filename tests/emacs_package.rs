@@ -10,8 +10,7 @@
 //! as `.ci/run` does after installing both); asked for without Emacs or
 //! package-lint, it fails saying which is missing.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

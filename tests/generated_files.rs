@@ -2,7 +2,7 @@
 //! are generated from the command line and the text in `src/cli/docs.rs`.
 //! This test fails when any of them is stale; regenerate them all with
 //!
-//!     PRESENCE_REGENERATE=1 cargo test --test generated_files
+//!     PRESENCE_REGENERATE=1 cargo test --test tests generated_files::
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -212,7 +212,7 @@ fn check_or_write(files: Vec<(PathBuf, Vec<u8>)>) -> Vec<String> {
 }
 
 const HOW_TO_REGENERATE: &str =
-    "regenerate with: PRESENCE_REGENERATE=1 cargo test --test generated_files";
+    "regenerate with: PRESENCE_REGENERATE=1 cargo test --test tests generated_files::";
 
 #[test]
 fn man_pages_match_the_command_line() {

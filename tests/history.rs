@@ -1,9 +1,7 @@
 //! The daemon keeps a history of every join, leave, update and change of
 //! owner, written with the change itself, bounded, and kept across restarts.
 
-mod common;
-
-use common::Daemon;
+use crate::common::{self, Daemon};
 use presenced::protocol::{Event, HistoryKind, HistoryRequest, LeaveReason, TrackRequest};
 
 fn kinds(events: &[presenced::protocol::HistoryEvent]) -> Vec<(HistoryKind, &str)> {

@@ -9,16 +9,13 @@
 //! binary runs the same test again, with [`ROLE`] saying which part it
 //! plays; the test that started it checks what it did.
 
-mod common;
-
 use std::io::{BufRead as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::{
-    DEADLINE, Daemon, NOBODY, RawConnection, as_nobody, binary_for_nobody, error_code,
+use crate::common::{
+    self, DEADLINE, Daemon, NOBODY, RawConnection, as_nobody, binary_for_nobody, error_code,
     start_daemon, within,
 };
 use serde_json::Value;
@@ -48,13 +45,29 @@ fn role() -> Option<String> {
     std::env::var(ROLE).ok()
 }
 
-/// `program` (this test binary, or a copy of it) running only `test`,
-/// as the part `role`, with its output printed as it comes.
+/// `program` (this test binary, or a copy of it) running only `test`, a
+/// test of this module, as the part `role`, with its output printed as it
+/// comes.
 fn this_test(program: &mut Command, test: &str, role: &str) {
     program
-        .args([test, "--exact", "--include-ignored", "--nocapture"])
+        .args([
+            &test_path(test),
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+        ])
         .arg("--test-threads=1")
         .env(ROLE, role);
+}
+
+/// The name the test harness knows `test` of this module by: its path in
+/// the test binary without the binary's own name (`identity::test`), as
+/// `--exact` wants it.
+fn test_path(test: &str) -> String {
+    let module = module_path!()
+        .split_once("::")
+        .map_or("", |(_, module)| module);
+    format!("{module}::{test}")
 }
 
 /// Asserts that a run of this binary passed its one test: a filter that
@@ -227,8 +240,7 @@ async fn a_track_without_pid_is_refused_once_the_connecting_process_has_exited()
 /// Copies this test binary into `dir` for uid 65534 to run.
 fn this_binary_for_nobody(dir: &Path) -> PathBuf {
     let copy = dir.join("identity-test");
-    std::fs::copy(std::env::current_exe().expect("this test binary"), &copy).expect("copy");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    common::runnable_copy(&std::env::current_exe().expect("this test binary"), &copy);
     copy
 }
 

@@ -2,11 +2,9 @@
 //! reading, and writers that stop mid-line. It keeps serving everyone else,
 //! and what each of them costs stays bounded.
 
-mod common;
-
 use std::time::Instant;
 
-use common::{Daemon, Options, RawConnection, View, error_code, rss_bytes, within};
+use crate::common::{self, Daemon, Options, RawConnection, View, error_code, rss_bytes, within};
 use serde_json::Value;
 
 /// The daemon's CPU time so far, user and system, in clock ticks.

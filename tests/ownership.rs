@@ -1,9 +1,7 @@
 //! Ownership end to end: real `presence join` processes on a real daemon,
 //! killed for real.
 
-mod common;
-
-use common::{Daemon, next_event, within};
+use crate::common::{self, Daemon, next_event, within};
 use presenced::protocol::{Event, LeaveReason, Role};
 
 #[tokio::test]

@@ -11,16 +11,14 @@
 //! Vim's help tags for the packaged plugins are made ahead into
 //! contrib/help-tags; regenerate them with
 //!
-//!     PRESENCE_REGENERATE=1 cargo test --test package -- --ignored help_tags
-
-mod common;
+//!     PRESENCE_REGENERATE=1 cargo test --test tests -- --ignored package::help_tags
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::presence_bin;
+use crate::common::{self, presence_bin};
 
 fn repository() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -734,7 +732,7 @@ fn help_tags_are_current() {
             assert!(
                 std::fs::read(&committed).ok() == Some(tags),
                 "{} is stale; regenerate it with \
-                 PRESENCE_REGENERATE=1 cargo test --test package -- --ignored help_tags",
+                 PRESENCE_REGENERATE=1 cargo test --test tests -- --ignored package::help_tags",
                 committed.display()
             );
         }

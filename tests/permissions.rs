@@ -6,15 +6,13 @@
 //! (`--ignored`, as `.ci/run` does as root), and asked for without root
 //! they fail saying so.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::{
-    NOBODY, RawConnection, Running, as_nobody, binary_for_nobody, connect, error_code, eventually,
-    start_daemon, within,
+use crate::common::{
+    self, NOBODY, RawConnection, Running, as_nobody, binary_for_nobody, connect, error_code,
+    eventually, start_daemon, within,
 };
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;

@@ -4,10 +4,8 @@
 //! 246 MB). Each refusal is `limit_exceeded`, naming the flag that raises
 //! the cap. The daemon's own user is held only to the total.
 
-mod common;
-
-use common::shared::{OTHER_MEMBER, SharedDaemon};
-use common::{Daemon, NOBODY, error_code, eventually, finish, within};
+use crate::common::shared::{OTHER_MEMBER, SharedDaemon};
+use crate::common::{self, Daemon, NOBODY, error_code, eventually, finish, within};
 use presenced::protocol::TrackRequest;
 use serde_json::json;
 

@@ -8,13 +8,11 @@
 //! gives it a new ref: the holder is told the new ref (an `updated`
 //! event), so that it knows the removal that names it for its own.
 
-mod common;
-
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use common::shared::SharedDaemon;
-use common::{Daemon, NOBODY, Running, eventually, spawn_sleeper, within};
+use crate::common::shared::SharedDaemon;
+use crate::common::{self, Daemon, NOBODY, Running, eventually, spawn_sleeper, within};
 use presenced::client::{Reconnect, Session, SessionEvent, SessionEvents};
 use presenced::protocol::{Event, Lifetime, Removal, Revision, TrackRequest};
 use serde_json::json;

@@ -2,9 +2,9 @@
 //! ride through a crash or a stop of the daemon, everyone keeps their seq
 //! and role, and only real changes are printed.
 
-mod common;
-
-use common::{Daemon, KillDaemonsOnDrop, Running, View, connect_when_ready, eventually, within};
+use crate::common::{
+    self, Daemon, KillDaemonsOnDrop, Running, View, connect_when_ready, eventually, within,
+};
 use serde_json::Value;
 
 /// Joins `doc` as `key` and returns the process with its track reply.

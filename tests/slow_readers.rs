@@ -6,13 +6,12 @@
 //! holding the most first, told why. Meanwhile everyone else is served at
 //! once, and no client that reads is closed.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
-    Daemon, Options, RawConnection, as_nobody, binary_for_nobody, eventually, rss_bytes, within,
+use crate::common::{
+    self, Daemon, Options, RawConnection, as_nobody, binary_for_nobody, eventually, rss_bytes,
+    within,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

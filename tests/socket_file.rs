@@ -8,12 +8,10 @@
 //! itself. So they poll, every few milliseconds, and each wait fails at the
 //! harness's deadline instead of sleeping and hoping.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::{Daemon, connect_when_ready, eventually, mode, refused_start};
+use crate::common::{Daemon, connect_when_ready, eventually, mode, refused_start};
 use presenced::client::Client;
 use presenced::protocol::TrackRequest;
 

@@ -3,11 +3,9 @@
 //! and it has set its spare descriptor aside before any of that, so a
 //! newcomer it cannot serve is still told why at once.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Options, error_code, spawn_sleeper, within};
+use crate::common::{Daemon, Options, error_code, spawn_sleeper, within};
 
 /// The open-files limit of the restarted daemon: far fewer than the
 /// processes it has entries for.

@@ -8,15 +8,13 @@
 //! No systemd runs as PID 1 here, so the pieces are tested one by one with
 //! systemd's own tools and with the kernel features systemd would use.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{
-    NOBODY, as_nobody, binary_for_nobody, connect, eventually, mode, next_event, presence_bin,
-    within,
+use crate::common::{
+    self, NOBODY, as_nobody, binary_for_nobody, connect, eventually, mode, next_event,
+    presence_bin, within,
 };
 use presenced::protocol::{Event, Role, TrackRequest};
 use tokio::process::{Child, Command};

@@ -3,9 +3,7 @@
 //! refused, and what people read shows such characters in metas as
 //! escapes, never raw.
 
-mod common;
-
-use common::{Daemon, error_code, stdout, within};
+use crate::common::{Daemon, error_code, stdout, within};
 
 /// Names that would look like another name, or like nothing, on a
 /// screen: each with the character and byte the refusal must name.

@@ -4,8 +4,6 @@
 //! daemon puts back, a count in `status`) is polled every [`POLL`], still
 //! under the deadline. Nothing here sleeps and hopes.
 
-#![allow(dead_code)] // each test binary uses a different part of this
-
 pub mod shared;
 
 use std::collections::BTreeMap;
@@ -453,33 +451,77 @@ pub async fn refused_start_by(program: Command, socket: &Path, db: &Path) -> Str
     stderr
 }
 
-/// Gives `dir` to uid 65534 and copies the binary into it, so that uid can
-/// run it wherever the checkout lives. Returns the copy.
+/// Gives `dir` to uid 65534 and puts the binary in it, so that uid can
+/// run it wherever the checkout lives. Returns its path there.
 pub fn binary_for_nobody(dir: &Path) -> PathBuf {
-    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    binary_for(dir, NOBODY)
+}
+
+/// Gives `dir` to `uid` and group nogroup and puts the binary in it, so
+/// that `uid` can run it wherever the checkout lives. Returns its path
+/// there.
+pub fn binary_for(dir: &Path, uid: u32) -> PathBuf {
+    std::os::unix::fs::chown(dir, Some(uid), Some(NOBODY)).expect("chown");
     let binary = dir.join("presence");
-    // A hard link, not a copy: a copy is written through a descriptor that
-    // a process forked meanwhile by another test's thread holds until it
-    // execs, and exec of a file open for writing fails (ETXTBSY). Where
-    // the folders are on different file systems, a copy it must be.
-    if std::fs::hard_link(presence_bin(), &binary).is_err() {
-        std::fs::copy(presence_bin(), &binary).expect("copy the binary");
-    }
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    runnable_copy(Path::new(presence_bin()), &binary);
     binary
+}
+
+/// Puts `program` at `path`, mode 0755, for another uid to run where the
+/// original is out of its reach. A hard link, or where the folders are on
+/// different file systems a copy that `cp` writes: never a file written by
+/// this process. The tests share it, and a child another test forks holds
+/// every descriptor of this process until that child execs; running a
+/// file open for writing fails (ETXTBSY).
+pub fn runnable_copy(program: &Path, path: &Path) {
+    if std::fs::hard_link(program, path).is_err() {
+        let copied = std::process::Command::new("cp")
+            .arg(program)
+            .arg(path)
+            .status()
+            .expect("cp runs");
+        assert!(
+            copied.success(),
+            "cp {} {}: {copied}",
+            program.display(),
+            path.display()
+        );
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 /// `binary`, run through `setpriv` as uid and gid 65534 with no other
 /// groups; arguments for `binary` follow.
 pub fn as_nobody(binary: &Path) -> Command {
+    as_user(binary, NOBODY)
+}
+
+/// `binary`, run through `setpriv` as `uid` with group nogroup (gid 65534)
+/// and no other; arguments for `binary` follow.
+pub fn as_user(binary: &Path, uid: u32) -> Command {
     needs_program("setpriv", "util-linux");
     let mut command = Command::new("setpriv");
     command
-        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={NOBODY}"))
         .arg("--clear-groups")
         .arg(binary);
     command
+}
+
+/// A new pseudo-terminal: its master and its other end, to be a command's
+/// terminal. Both are opened close-on-exec, as openpty(3) does not: a
+/// child another test starts meanwhile (a daemon, a sleeper) would keep
+/// an inherited end for its whole life, and reading the master would not
+/// end when the command on its other end does.
+pub fn pseudo_terminal() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags).expect("a pseudo-terminal");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let other_end = ioctl_tiocgptpeer(&master, flags).expect("the terminal's other end");
+    (master, other_end)
 }
 
 /// The permission bits of `path` itself, not of what a symlink names.

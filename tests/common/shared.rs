@@ -4,13 +4,13 @@
 //! `setpriv`. Only root can set this up.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use super::{NOBODY, presence_bin, start_daemon};
+use super::{presence_bin, start_daemon};
 
 /// The group the daemon is shared with: uid 65534's own.
 pub const GROUP: &str = "nogroup";
@@ -39,8 +39,7 @@ impl SharedDaemon {
         std::fs::create_dir(&bin).expect("mkdir");
         std::fs::set_permissions(&bin, mode(0o755)).expect("chmod");
         let binary = bin.join("presence");
-        std::fs::copy(presence_bin(), &binary).expect("copy the binary");
-        std::fs::set_permissions(&binary, mode(0o755)).expect("chmod");
+        super::runnable_copy(Path::new(presence_bin()), &binary);
 
         let socket = dir.path().join("run/presenced.sock");
         let db = dir.path().join("state/presence.db");
@@ -85,19 +84,14 @@ impl SharedDaemon {
     /// A process of `uid` that lives until dropped, for entries to belong
     /// to.
     pub fn sleeper_as(&self, uid: u32) -> Child {
-        let mut command = self.as_member(uid, std::path::Path::new("sleep"));
+        let mut command = self.as_member(uid, Path::new("sleep"));
         command.arg("1000").stdout(Stdio::null());
         command.spawn().expect("sleep spawns")
     }
 
-    fn as_member(&self, uid: u32, program: &std::path::Path) -> Command {
-        super::needs_program("setpriv", "util-linux");
-        let mut command = Command::new("setpriv");
+    fn as_member(&self, uid: u32, program: &Path) -> Command {
+        let mut command = super::as_user(program, uid);
         command
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={NOBODY}"))
-            .arg("--clear-groups")
-            .arg(program)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
