@@ -11,6 +11,7 @@
 
 mod common;
 
+mod architecture;
 mod bad_input;
 mod chaos;
 mod cli_completion;
@@ -31,6 +32,7 @@ mod emacs_package;
 mod generated_files;
 mod history;
 mod identity;
+mod layering;
 mod limits;
 mod ownership;
 mod package;
