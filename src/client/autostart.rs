@@ -126,8 +126,13 @@ fn has_slash(program: &Path) -> bool {
 fn spawn_failed(program: &Path, error: &std::io::Error) -> ClientError {
     ClientError::Autostart(
         if !has_slash(program) && error.kind() == ErrorKind::NotFound {
+            let hint = if program == Path::new("presence") {
+                "; is presenced installed?"
+            } else {
+                ""
+            };
             format!(
-                "no `{}` on PATH to run as the daemon; is presenced installed?",
+                "no `{}` on PATH to run as the daemon{hint}",
                 program.display()
             )
         } else {
