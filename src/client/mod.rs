@@ -1,8 +1,8 @@
 //! The client library: how a Rust program uses a presenced daemon. Typed
 //! async calls for every op of the protocol (docs/protocol.md), the
 //! events the daemon pushes, starting a daemon when none runs, and a
-//! [`Session`] that outlives a daemon restart. The `presence` command is
-//! built on this module alone.
+//! [`Session`] that outlives a daemon restart. The `presence` command
+//! talks to the daemon through this module alone.
 //!
 //! Everything here runs on tokio, and must be called from inside its
 //! runtime: each connection reads and writes in tasks of its own.
@@ -28,9 +28,10 @@
 //! [`Standing`](crate::protocol::Standing) says which, and who the owner
 //! is. When the owner leaves, every entry left on the topic gets an
 //! [`Event::Role`] with its new standing on its events: the new owner, and
-//! each spectator its new place and owner. The entry lasts as long as the
-//! connection: dropping the client or exiting leaves the topic, and the
-//! next in line is promoted.
+//! each spectator its new place and owner. An entry with
+//! [`TrackRequest::new`]'s defaults lasts as long as the connection:
+//! dropping the client or exiting leaves the topic, and the next in line
+//! is promoted.
 //!
 //! ```no_run
 //! use presenced::client::{Client, ClientError, DaemonCommand};
