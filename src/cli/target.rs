@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use crate::client::{Client, ClientError, Events, Reconnect, Session, SessionEvents};
+use crate::client::{
+    Client, ClientError, DaemonCommand, Events, Reconnect, Session, SessionEvents,
+};
 
 use super::args::{command, ignore_empty_env};
 
@@ -51,6 +53,8 @@ pub fn socket_of_partial_line(words: &[std::ffi::OsString]) -> PathBuf {
 /// Which daemon a client command talks to.
 pub struct Target {
     pub socket: PathBuf,
+    /// Start a daemon when none listens: `presence` starts its own kind,
+    /// itself ([`DaemonCommand::this_program`]).
     pub autostart: bool,
     /// The system-wide daemon, which only systemd starts.
     pub system: bool,
@@ -59,7 +63,7 @@ pub struct Target {
 impl Target {
     pub async fn connect(&self) -> anyhow::Result<(Client, Events)> {
         let connected = if self.autostart {
-            Client::connect_or_start(&self.socket).await
+            Client::connect_or_start_with(&self.socket, &DaemonCommand::this_program()).await
         } else {
             Client::connect(&self.socket).await
         };
@@ -80,7 +84,8 @@ impl Target {
     /// A plain stream, for speaking the protocol by hand.
     pub async fn stream(&self) -> anyhow::Result<tokio::net::UnixStream> {
         let connected = if self.autostart {
-            crate::client::connect_stream_or_start(&self.socket).await
+            crate::client::connect_stream_or_start(&self.socket, &DaemonCommand::this_program())
+                .await
         } else {
             crate::client::connect_stream(&self.socket).await
         };

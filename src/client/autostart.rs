@@ -1,13 +1,15 @@
 //! Starting a daemon on demand, when a client finds nobody listening.
 //!
 //! Clients that race to start one take a lock beside the socket; the first
-//! starts `presence daemon` in a new session and waits for it to say
-//! `ready`, the others wait on the lock and then find it running. The
-//! daemon's own lock backs this up: a second daemon refuses to start.
+//! runs the [`DaemonCommand`] it was given (`presence daemon`, with the
+//! socket and database it is to serve) in a new session and waits for it
+//! to say `ready`, the others wait on the lock and then find it running.
+//! The daemon's own lock backs this up: a second daemon refuses to start.
 
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,6 +17,129 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::ClientError;
 use crate::{paths, sys};
+
+/// The program a client runs to start a daemon, with the arguments that
+/// come before the daemon's own.
+///
+/// Starting a daemon for `SOCKET` runs
+///
+/// ```text
+/// PROGRAM LEADING_ARGS… --socket=SOCKET daemon --db DB --ready-on-stdout --autostarted
+/// ```
+///
+/// so the program is a `presence` binary, or one that ends up running
+/// `presence` with the arguments after its own (`nice -n 10 presence`, say):
+///
+/// ```
+/// use presenced::client::DaemonCommand;
+///
+/// // The `presence` on PATH, as installed.
+/// let installed = DaemonCommand::installed();
+/// // One at a path of its own, such as a build of presenced.
+/// let built = DaemonCommand::new("/opt/presenced/bin/presence");
+/// // The installed one, at a lower priority.
+/// let niced = DaemonCommand::new("nice").args(["-n", "10", "presence"]);
+/// # let _ = (installed, built, niced);
+/// ```
+///
+/// Nothing is looked up or checked until a daemon is started: a program
+/// that is missing then makes that start fail with
+/// [`ClientError::Autostart`], naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonCommand {
+    program: Program,
+    leading_args: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Program {
+    /// A name looked up on `PATH`, or a path (relative ones from the
+    /// working directory at the start, since the daemon runs from `/`).
+    Named(PathBuf),
+    /// The running executable: the `presence` binary starting its own
+    /// daemon.
+    ThisProgram,
+}
+
+impl DaemonCommand {
+    /// The `presence` found on `PATH` when the daemon is started: what a
+    /// program using this library starts, with presenced installed.
+    pub fn installed() -> DaemonCommand {
+        DaemonCommand::new("presence")
+    }
+
+    /// `program`: a name without a `/` is looked up on `PATH`, as a shell
+    /// would; a relative path is taken from the working directory at the
+    /// time the daemon is started.
+    pub fn new(program: impl Into<PathBuf>) -> DaemonCommand {
+        DaemonCommand {
+            program: Program::Named(program.into()),
+            leading_args: Vec::new(),
+        }
+    }
+
+    /// The executable of the running process, as `std::env::current_exe`
+    /// finds it when the daemon is started: for the `presence` binary
+    /// itself, which starts its own kind. Any other program would start
+    /// itself, not a daemon.
+    pub fn this_program() -> DaemonCommand {
+        DaemonCommand {
+            program: Program::ThisProgram,
+            leading_args: Vec::new(),
+        }
+    }
+
+    /// Adds arguments to pass ahead of the daemon's own.
+    #[must_use]
+    pub fn args<I, S>(mut self, args: I) -> DaemonCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.leading_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The program to run, made absolute where it is a path: the daemon
+    /// runs from `/`. A bare name stays one, for `PATH` to resolve.
+    fn program(&self) -> Result<PathBuf, ClientError> {
+        let failed = |what: &str, e: std::io::Error| ClientError::Autostart(format!("{what}: {e}"));
+        match &self.program {
+            Program::ThisProgram => {
+                std::env::current_exe().map_err(|e| failed("finding the presence binary", e))
+            }
+            Program::Named(name) if !has_slash(name) => Ok(name.clone()),
+            Program::Named(path) => std::path::absolute(path)
+                .map_err(|e| failed(&format!("daemon program {}", path.display()), e)),
+        }
+    }
+}
+
+/// Whether `program` is a path rather than a name to look up on `PATH`:
+/// the rule of `execvp(3)`, which runs it.
+fn has_slash(program: &Path) -> bool {
+    program.as_os_str().as_encoded_bytes().contains(&b'/')
+}
+
+/// Why running `program` failed, in words: for a name not on `PATH`, the
+/// bare "No such file or directory" would not say which file.
+fn spawn_failed(program: &Path, error: &std::io::Error) -> ClientError {
+    ClientError::Autostart(
+        if !has_slash(program) && error.kind() == ErrorKind::NotFound {
+            let hint = if program == Path::new("presence") {
+                "; is presenced installed?"
+            } else {
+                ""
+            };
+            format!(
+                "no `{}` on PATH to run as the daemon{hint}",
+                program.display()
+            )
+        } else {
+            format!("running {} as the daemon: {error}", program.display())
+        },
+    )
+}
 
 /// How long a new daemon may take to listen.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -42,11 +167,16 @@ fn open_private_file(options: &mut OpenOptions, path: &Path) -> Result<std::fs::
     }
 }
 
-/// Starts a daemon for `socket` unless one is already listening, and
-/// returns once it accepts connections. The database is the one the
-/// daemon would choose: `PRESENCE_DB`, else the default under the state
-/// folder; its log goes beside the database.
-pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
+/// Starts a daemon for `socket` by running `daemon`, unless one is already
+/// listening, and returns once it accepts connections. The database is the
+/// one the daemon would choose: `PRESENCE_DB`, else the default under the
+/// state folder; its log (its stderr) goes beside the database, and when
+/// it exits without listening, the error says the reason it logged last.
+///
+/// Clients that call this at once for the same socket take turns on a
+/// lock beside it, so that only the first starts a daemon and the others
+/// find it listening.
+pub async fn start_daemon(socket: &Path, daemon: &DaemonCommand) -> Result<(), ClientError> {
     let failed =
         |what: &str, e: &dyn std::fmt::Display| ClientError::Autostart(format!("{what}: {e}"));
     // The daemon runs from `/`, so it is given absolute paths.
@@ -81,13 +211,14 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
     // Where this daemon's lines begin: an earlier daemon's are not its reason.
     let log_start = log.metadata().map_or(0, |m| m.len());
 
-    let exe = std::env::current_exe().map_err(|e| failed("finding the presence binary", &e))?;
+    let program = daemon.program()?;
     // One argument, `--socket=PATH`, so that a path starting with `-` is
     // never read as a flag.
     let mut socket_arg = std::ffi::OsString::from("--socket=");
     socket_arg.push(socket);
-    let mut command = tokio::process::Command::new(exe);
+    let mut command = tokio::process::Command::new(&program);
     command
+        .args(&daemon.leading_args)
         .arg(socket_arg)
         .arg("daemon")
         .arg("--db")
@@ -112,9 +243,7 @@ pub async fn start_daemon(socket: &Path) -> Result<(), ClientError> {
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| failed("spawning presence daemon", &e))?;
+    let mut child = command.spawn().map_err(|e| spawn_failed(&program, &e))?;
     let stdout = child
         .stdout
         .take()
@@ -194,4 +323,28 @@ fn last_error_line(log: &Path, start: u64) -> Option<String> {
         })
         .or_else(|| lines.last().copied())?;
     Some(line.chars().take(1000).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_left_for_path_to_find_and_a_path_is_made_absolute() {
+        let program = |daemon: DaemonCommand| daemon.program().expect("a program");
+        assert_eq!(program(DaemonCommand::installed()), Path::new("presence"));
+        let here = std::env::current_dir().expect("a working folder");
+        assert_eq!(
+            program(DaemonCommand::new("build/presence")),
+            here.join("build/presence")
+        );
+        assert_eq!(
+            program(DaemonCommand::new("./presence")),
+            here.join("presence")
+        );
+        assert_eq!(
+            program(DaemonCommand::this_program()),
+            std::env::current_exe().expect("this test's executable")
+        );
+    }
 }

@@ -1,20 +1,106 @@
-//! The client library: typed async calls for every op, and a stream of the
-//! events the daemon pushes. The CLI and the tests use only this.
+//! The client library: how a Rust program uses a presenced daemon. Typed
+//! async calls for every op of the protocol (docs/protocol.md), the
+//! events the daemon pushes, starting a daemon when none runs, and a
+//! [`Session`] that outlives a daemon restart. The `presence` command
+//! talks to the daemon through this module alone.
+//!
+//! Everything here runs on tokio, and must be called from inside its
+//! runtime: each connection reads and writes in tasks of its own.
+//!
+//! # Connecting
+//!
+//! A daemon serves one Unix socket, for each user by default
+//! [`paths::default_socket`]. [`Client::connect`] connects to the daemon
+//! listening there; [`Client::connect_or_start_with`] first starts one
+//! when nobody listens, by running the [`DaemonCommand`] it is given:
+//! [`DaemonCommand::installed`] for the `presence` on `PATH`, or one
+//! naming another program. Either returns a [`Client`], whose calls may
+//! be made from several tasks at once, and the [`Events`] the daemon
+//! pushes on that connection. No byte is sent before the daemon is shown
+//! to be one the caller may trust (see [`connect_stream`]).
+//!
+//! # Joining a topic
+//!
+//! [`Client::track`] joins a topic under a key, usually the name of a
+//! person or a tool ([`crate::topic::file_topic`] gives a file's topic,
+//! the one the editor plugins use). The first entry on a topic owns it;
+//! every later one is a spectator, in line. The reply's
+//! [`Standing`](crate::protocol::Standing) says which, and who the owner
+//! is. When the owner leaves, every entry left on the topic gets an
+//! [`Event::Role`] with its new standing on its events: the new owner, and
+//! each spectator its new place and owner. An entry with
+//! [`TrackRequest::new`]'s defaults lasts as long as the connection:
+//! dropping the client or exiting leaves the topic, and the next in line
+//! is promoted.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), presenced::client::ClientError> {
-//! use presenced::client::Client;
-//! use presenced::protocol::TrackRequest;
+//! use presenced::client::{Client, ClientError, DaemonCommand};
+//! use presenced::protocol::{Event, Role, TrackRequest};
 //!
+//! # async fn join() -> Result<(), ClientError> {
 //! let socket = presenced::paths::default_socket();
-//! let (client, mut events) = Client::connect_or_start(&socket).await?;
-//! let joined = client.track(TrackRequest::new("file:/tmp/notes.md", "alice")).await?;
-//! println!("{:?}", joined.standing.role);
+//! let (client, mut events) =
+//!     Client::connect_or_start_with(&socket, &DaemonCommand::installed()).await?;
+//! let joined = client
+//!     .track(TrackRequest::new("file:/home/alice/notes.md", "alice"))
+//!     .await?;
+//! if joined.standing.role == Role::Spectator {
+//!     if let Some(owner) = &joined.standing.owner {
+//!         println!("read-only: {} has the file", owner.key);
+//!     }
+//!     // Wait for our turn.
+//!     while let Some(event) = events.recv().await {
+//!         if let Event::Role { payload, .. } = event {
+//!             if payload.standing.role == Role::Owner {
+//!                 break;
+//!             }
+//!         }
+//!     }
+//! }
+//! println!("ours to edit");
+//! # Ok(()) }
+//! ```
+//!
+//! The other calls follow the ops: [`Client::update`] changes an entry's
+//! meta, [`Client::untrack`] leaves, [`Client::list`] and
+//! [`Client::subscribe`] show who is on a topic, [`Client::history`]
+//! what happened on it. A refused request is a [`ClientError::Refused`]
+//! carrying the daemon's error code and message.
+//!
+//! # Long-running programs
+//!
+//! A daemon restart (an upgrade, a crash) closes every connection, and a
+//! plain [`Client`] stays closed. A [`Session`] wraps one and gets its
+//! connection back by itself: it waits for the daemon to return, resumes
+//! its entries in the places they held, tracks again any that expired,
+//! and renews its subscriptions. Its events are the daemon's, plus what
+//! the session did ([`SessionEvent`]). With [`Reconnect::default`] it
+//! starts no daemon itself; [`Reconnect::autostart`] starts this very
+//! program as one, which is right only for the `presence` binary.
+//!
+//! ```no_run
+//! use presenced::client::{Client, ClientError, Reconnect, Session, SessionEvent};
+//! use presenced::protocol::{Event, TrackRequest};
+//!
+//! # async fn follow() -> Result<(), ClientError> {
+//! let socket = presenced::paths::default_socket();
+//! let connected = Client::connect(&socket).await?;
+//! let (session, mut events) = Session::new(&socket, connected, Reconnect::default());
+//! session.track(TrackRequest::new("build", "ci-runner")).await?;
 //! while let Some(event) = events.recv().await {
-//!     println!("{event:?}");
+//!     match event {
+//!         SessionEvent::Event(Event::Role { payload, .. }) => {
+//!             println!("now {:?}", payload.standing.role)
+//!         }
+//!         SessionEvent::Lost { reason } => return Err(ClientError::Lost(reason)),
+//!         _ => {}
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! `examples/watch_role.rs` is a whole program: it joins a topic and
+//! prints every change of its role until interrupted.
 
 mod autostart;
 mod session;
@@ -41,28 +127,36 @@ use crate::protocol::{
     TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
-pub use autostart::start_daemon;
+pub use autostart::{DaemonCommand, start_daemon};
 pub use session::{Reconnect, Session, SessionEvent, SessionEvents};
 
 /// Events pushed by the daemon, in the order it sent them. Ends when the
 /// connection closes.
 pub type Events = mpsc::UnboundedReceiver<Event>;
 
+/// Why a call failed.
 #[derive(Debug)]
 pub enum ClientError {
-    /// No daemon listens on the socket (and none was started).
+    /// No daemon listens on the socket (and none was started), or the
+    /// socket could not be reached.
     NoDaemon {
+        /// The socket tried.
         socket: std::path::PathBuf,
+        /// What connecting to it said: `NotFound` or `ConnectionRefused`
+        /// when nobody listens, `PermissionDenied` for another's socket.
         source: std::io::Error,
     },
     /// Nothing vouches for whatever listens at the socket (see
     /// [`crate::paths::check_socket_folder`]): one line naming the path,
     /// its owner and what to do. Nothing was sent.
     Untrusted(String),
-    /// Starting a daemon on demand failed.
+    /// Starting a daemon on demand failed: why, in one line, with the
+    /// daemon's own last error when it wrote one.
     Autostart(String),
+    /// Reading from or writing to the connection failed.
     Io(std::io::Error),
-    /// The daemon refused the request.
+    /// The daemon refused the request: its error code and message
+    /// (docs/protocol.md lists the codes).
     Refused(ErrorBody),
     /// The daemon sent something this client cannot read.
     Protocol(String),
@@ -131,13 +225,28 @@ impl Client {
         Ok(Client::from_stream(connect_stream(socket).await?))
     }
 
-    /// Connects, starting a daemon first if none is listening. Concurrent
-    /// callers end up with one daemon between them.
-    pub async fn connect_or_start(socket: &Path) -> Result<(Client, Events), ClientError> {
-        Ok(Client::from_stream(connect_stream_or_start(socket).await?))
+    /// Connects, starting a daemon first by running `daemon` if none is
+    /// listening (see [`start_daemon`]). Concurrent callers end up with one
+    /// daemon between them.
+    pub async fn connect_or_start_with(
+        socket: &Path,
+        daemon: &DaemonCommand,
+    ) -> Result<(Client, Events), ClientError> {
+        Ok(Client::from_stream(
+            connect_stream_or_start(socket, daemon).await?,
+        ))
     }
 
-    /// A client on a stream that [`connect_stream`] opened.
+    /// [`Client::connect_or_start_with`] this very program as the daemon,
+    /// which only the `presence` binary is: what a [`Session`] whose
+    /// [`Reconnect::autostart`] is set starts after a crash.
+    async fn connect_or_start(socket: &Path) -> Result<(Client, Events), ClientError> {
+        Client::connect_or_start_with(socket, &DaemonCommand::this_program()).await
+    }
+
+    /// A client on a stream that [`connect_stream`] opened. Must be called
+    /// inside a tokio runtime: the connection's reading and writing are
+    /// tasks spawned on it.
     pub fn from_stream(stream: UnixStream) -> (Client, Events) {
         let (recv, send) = stream.into_split();
         let pending: Pending = Arc::default();
@@ -193,6 +302,9 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Checks that the daemon speaks this build's protocol version, giving
+    /// this client's name; the reply names the daemon and its pid. Refused
+    /// by a daemon that does not speak it.
     pub async fn hello(&self, client: &str) -> Result<HelloReply, ClientError> {
         self.call(Request::Hello(HelloRequest {
             client: Some(client.to_owned()),
@@ -201,18 +313,25 @@ impl Client {
         .await
     }
 
+    /// Joins a topic: the reply has the entry's ref, its standing (owner,
+    /// or spectator and its place) and the token that resumes it after a
+    /// daemon restart. [`TrackRequest::new`] makes a request with the
+    /// defaults.
     pub async fn track(&self, request: TrackRequest) -> Result<TrackReply, ClientError> {
         self.call(Request::Track(request)).await
     }
 
+    /// Leaves: removes the entry a ref names, or every entry of a key.
     pub async fn untrack(&self, request: UntrackRequest) -> Result<UntrackReply, ClientError> {
         self.call(Request::Untrack(request)).await
     }
 
+    /// Replaces an entry's meta; it keeps its place, under a new ref.
     pub async fn update(&self, request: UpdateRequest) -> Result<UpdateReply, ClientError> {
         self.call(Request::Update(request)).await
     }
 
+    /// Who is on `topic`, and who owns it.
     pub async fn list(&self, topic: &str) -> Result<ListTopicReply, ClientError> {
         self.call(Request::List(ListRequest {
             topic: Some(topic.to_owned()),
@@ -220,10 +339,12 @@ impl Client {
         .await
     }
 
+    /// Who is on every topic that has anyone on it.
     pub async fn list_all(&self) -> Result<ListAllReply, ClientError> {
         self.call(Request::List(ListRequest { topic: None })).await
     }
 
+    /// The entries `key` has on `topic`.
     pub async fn get_by_key(&self, topic: &str, key: &str) -> Result<Vec<Meta>, ClientError> {
         let reply: GetByKeyReply = self
             .call(Request::GetByKey(GetByKeyRequest {
@@ -267,6 +388,7 @@ impl Client {
         .map(drop)
     }
 
+    /// Stops following `topic`.
     pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
         self.call::<Empty>(Request::Unsubscribe(SubscriptionRequest {
             topic: Some(topic.to_owned()),
@@ -276,6 +398,10 @@ impl Client {
         .map(drop)
     }
 
+    /// Takes back, on this connection, the entries whose resume tokens
+    /// are given, after the daemon restarted or a connection closed: the
+    /// reply says which are back (and their standing), which expired and
+    /// which were removed meanwhile. A [`Session`] does this by itself.
     pub async fn resume(&self, tokens: Vec<String>) -> Result<ResumeReply, ClientError> {
         self.call(Request::Resume(ResumeRequest { tokens })).await
     }
@@ -286,10 +412,13 @@ impl Client {
         self.call(Request::History(request)).await
     }
 
+    /// The daemon's version, counts and health, as `presence status`
+    /// shows them.
     pub async fn status(&self) -> Result<StatusReply, ClientError> {
         self.call(Request::Status(Empty {})).await
     }
 
+    /// Asks for an empty answer: whether the daemon answers at all.
     pub async fn ping(&self) -> Result<(), ClientError> {
         self.call::<Empty>(Request::Ping(Empty {})).await.map(drop)
     }
@@ -331,12 +460,16 @@ pub async fn connect_stream(socket: &Path) -> Result<UnixStream, ClientError> {
     Ok(stream)
 }
 
-/// Opens a stream to the daemon's socket, starting a daemon first when
-/// nobody listens there. Concurrent callers end up with one daemon.
-pub async fn connect_stream_or_start(socket: &Path) -> Result<UnixStream, ClientError> {
+/// Opens a stream to the daemon's socket, starting a daemon first by
+/// running `daemon` when nobody listens there. Concurrent callers end up
+/// with one daemon.
+pub async fn connect_stream_or_start(
+    socket: &Path,
+    daemon: &DaemonCommand,
+) -> Result<UnixStream, ClientError> {
     match connect_stream(socket).await {
         Err(ClientError::NoDaemon { source, .. }) if autostart::worth_starting(&source) => {
-            start_daemon(socket).await?;
+            start_daemon(socket, daemon).await?;
             connect_stream(socket).await
         }
         other => other,
