@@ -13,8 +13,8 @@
 //! one by running `PRESENCE_DAEMON` (a path, or a name looked up on
 //! `PATH`), else the installed `presence`; that daemon keeps its database
 //! at `PRESENCE_DB`, else at the default place. A daemon restart does not
-//! end it: its session waits for the daemon to come back and takes its
-//! place again.
+//! end it: its session waits for the daemon to come back, starting it
+//! again after a crash, and takes its place again.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -55,10 +55,14 @@ async fn watch(topic: &str, key: &str) -> Result<(), Box<dyn std::error::Error>>
     let daemon = non_empty_env("PRESENCE_DAEMON")
         .map(DaemonCommand::new)
         .unwrap_or_else(DaemonCommand::installed);
-    let connected = Client::connect_or_start_with(&socket, &daemon).await?;
-    // The default reconnects without starting a daemon: the daemon that
-    // went away is someone else's to start again.
-    let (session, mut events) = Session::new(&socket, connected, Reconnect::default());
+    let connected = Client::connect_or_start(&socket, &daemon).await?;
+    // After a crash, the session starts the daemon again as this program
+    // started it.
+    let reconnect = Reconnect {
+        autostart: Some(daemon),
+        ..Reconnect::default()
+    };
+    let (session, mut events) = Session::new(&socket, connected, reconnect);
     let joined = session.track(TrackRequest::new(topic, key)).await?;
     println!("{}", describe(&joined.standing));
 

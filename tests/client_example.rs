@@ -130,6 +130,37 @@ async fn the_example_starts_the_daemon_it_names_when_none_runs() {
 }
 
 #[tokio::test]
+async fn after_a_crash_the_example_starts_its_daemon_again_and_keeps_its_place() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let socket = dir.path().join("run/presenced.sock");
+    let db = dir.path().join("state/presence.db");
+    let _cleanup = KillDaemonsOnDrop(socket.clone());
+
+    let mut bob =
+        Running::spawn(watch_role_command(&socket, &db, presence_bin()).args(["doc", "bob"]));
+    assert_eq!(bob.line().await, "owner");
+    let (client, _events) = common::connect(&socket).await;
+    let crashed = within("status", client.status()).await.expect("status").pid;
+    drop(client);
+    common::signal(crashed, Signal::SIGKILL);
+
+    // The example's session starts a daemon as the example did, and takes
+    // its entry back there.
+    common::eventually("a new daemon with bob's entry back", async || {
+        let Ok((client, _events)) = presenced::client::Client::connect(&socket).await else {
+            return false;
+        };
+        let (Ok(status), Ok(listed)) = (client.status().await, client.list("doc").await) else {
+            return false;
+        };
+        status.pid != crashed
+            && status.started_by.as_deref() == Some("autostart")
+            && listed.state.owner.is_some_and(|owner| owner.key == "bob")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_example_names_a_daemon_program_it_cannot_find() {
     let dir = tempfile::tempdir().expect("temporary folder");
     let socket = dir.path().join("run/presenced.sock");

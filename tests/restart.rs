@@ -233,7 +233,7 @@ async fn a_session_gives_up_at_its_deadline_when_the_daemon_never_answers() {
     let mut daemon = Daemon::start().await;
     let reconnect = Reconnect {
         deadline: std::time::Duration::from_secs(1),
-        autostart: false,
+        autostart: None,
     };
     let (session, mut events) = Session::new(&daemon.socket, daemon.client().await, reconnect);
     session

@@ -63,7 +63,7 @@ pub struct Target {
 impl Target {
     pub async fn connect(&self) -> anyhow::Result<(Client, Events)> {
         let connected = if self.autostart {
-            Client::connect_or_start_with(&self.socket, &DaemonCommand::this_program()).await
+            Client::connect_or_start(&self.socket, &DaemonCommand::this_program()).await
         } else {
             Client::connect(&self.socket).await
         };
@@ -75,7 +75,7 @@ impl Target {
     pub async fn session(&self) -> anyhow::Result<(Session, SessionEvents)> {
         let connected = self.connect().await?;
         let reconnect = Reconnect {
-            autostart: self.autostart,
+            autostart: self.autostart.then(DaemonCommand::this_program),
             ..Reconnect::default()
         };
         Ok(Session::new(&self.socket, connected, reconnect))

@@ -11,7 +11,7 @@
 //!
 //! A daemon serves one Unix socket, for each user by default
 //! [`paths::default_socket`]. [`Client::connect`] connects to the daemon
-//! listening there; [`Client::connect_or_start_with`] first starts one
+//! listening there; [`Client::connect_or_start`] first starts one
 //! when nobody listens, by running the [`DaemonCommand`] it is given:
 //! [`DaemonCommand::installed`] for the `presence` on `PATH`, or one
 //! naming another program. Either returns a [`Client`], whose calls may
@@ -40,7 +40,7 @@
 //! # async fn join() -> Result<(), ClientError> {
 //! let socket = presenced::paths::default_socket();
 //! let (client, mut events) =
-//!     Client::connect_or_start_with(&socket, &DaemonCommand::installed()).await?;
+//!     Client::connect_or_start(&socket, &DaemonCommand::installed()).await?;
 //! let joined = client
 //!     .track(TrackRequest::new("file:/home/alice/notes.md", "alice"))
 //!     .await?;
@@ -75,8 +75,8 @@
 //! its entries in the places they held, tracks again any that expired,
 //! and renews its subscriptions. Its events are the daemon's, plus what
 //! the session did ([`SessionEvent`]). With [`Reconnect::default`] it
-//! starts no daemon itself; [`Reconnect::autostart`] starts this very
-//! program as one, which is right only for the `presence` binary.
+//! starts no daemon itself; [`Reconnect::autostart`] names one to start
+//! when the old one crashed.
 //!
 //! ```no_run
 //! use presenced::client::{Client, ClientError, Reconnect, Session, SessionEvent};
@@ -228,20 +228,13 @@ impl Client {
     /// Connects, starting a daemon first by running `daemon` if none is
     /// listening (see [`start_daemon`]). Concurrent callers end up with one
     /// daemon between them.
-    pub async fn connect_or_start_with(
+    pub async fn connect_or_start(
         socket: &Path,
         daemon: &DaemonCommand,
     ) -> Result<(Client, Events), ClientError> {
         Ok(Client::from_stream(
             connect_stream_or_start(socket, daemon).await?,
         ))
-    }
-
-    /// [`Client::connect_or_start_with`] this very program as the daemon,
-    /// which only the `presence` binary is: what a [`Session`] whose
-    /// [`Reconnect::autostart`] is set starts after a crash.
-    async fn connect_or_start(socket: &Path) -> Result<(Client, Events), ClientError> {
-        Client::connect_or_start_with(socket, &DaemonCommand::this_program()).await
     }
 
     /// A client on a stream that [`connect_stream`] opened. Must be called

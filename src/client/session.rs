@@ -45,7 +45,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Client, ClientError, Events, lock};
+use super::{Client, ClientError, DaemonCommand, Events, lock};
 use crate::folder_watch::{FolderWatch, next_change};
 use crate::protocol::{
     ErrorCode, Event, Removal, ResumeReply, Revision, RoleChange, Standing, TrackReply,
@@ -53,25 +53,24 @@ use crate::protocol::{
 };
 
 /// How a session gets its connection back.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Reconnect {
     /// How long one outage may last, reconnecting and resuming included,
     /// before the session gives up.
     pub deadline: Duration,
-    /// Start a daemon (this program, as `presence daemon`) when the old one
-    /// crashed. Never done after the daemon announced a `shutdown`: someone
-    /// stopped it on purpose, and whoever restarts it (systemd, a person)
-    /// must not find its place taken.
-    pub autostart: bool,
+    /// The daemon to start when the old one crashed, if any. Never started
+    /// after the daemon announced a `shutdown`: someone stopped it on
+    /// purpose, and whoever restarts it (systemd, a person) must not find
+    /// its place taken.
+    pub autostart: Option<DaemonCommand>,
 }
 
 impl Default for Reconnect {
-    /// Wait 30 s; start nothing, since only the `presence` binary itself
-    /// can start a daemon this way.
+    /// Wait 30 s; start nothing.
     fn default() -> Self {
         Reconnect {
             deadline: Duration::from_secs(30),
-            autostart: false,
+            autostart: None,
         }
     }
 }
@@ -540,7 +539,11 @@ impl Supervisor {
         let mut watch = FolderWatch::for_file(&self.socket)
             .inspect_err(|e| tracing::debug!("cannot watch for the socket: {e}"))
             .ok();
-        let autostart = self.reconnect.autostart && !outage.deliberate;
+        let autostart = self
+            .reconnect
+            .autostart
+            .as_ref()
+            .filter(|_| !outage.deliberate);
         let mut pause = FIRST_RETRY_PAUSE;
         loop {
             let started = Instant::now();
@@ -573,11 +576,13 @@ impl Supervisor {
     }
 
     /// One try: connect, then put everything back on the new connection.
-    async fn attempt(&self, autostart: bool) -> Result<(Arc<Client>, Events, u64), ClientError> {
-        let (client, events) = if autostart {
-            Client::connect_or_start(&self.socket).await?
-        } else {
-            Client::connect(&self.socket).await?
+    async fn attempt(
+        &self,
+        autostart: Option<&DaemonCommand>,
+    ) -> Result<(Arc<Client>, Events, u64), ClientError> {
+        let (client, events) = match autostart {
+            Some(daemon) => Client::connect_or_start(&self.socket, daemon).await?,
+            None => Client::connect(&self.socket).await?,
         };
         let client = Arc::new(client);
         let generation = self.restore(&client).await?;
