@@ -19,8 +19,11 @@
 //!
 //! - `cli`: the `presence` command line. Clap definitions and rendering;
 //!   every call goes through [`client`].
-//! - [`client`]: the typed async client library, and starting a daemon on
-//!   demand.
+//! - [`client`]: the client library, this crate's API for other programs
+//!   (start at its module documentation): typed async calls for every op,
+//!   the events the daemon pushes, a [`client::Session`] that rides through
+//!   daemon restarts, and starting a daemon on demand with the
+//!   [`client::DaemonCommand`] the caller names.
 //! - `daemon`: the io layer. The socket, connections, process watchers,
 //!   signals and the driver of the core; bytes in, inputs to the core,
 //!   commits to the store, bytes out.

@@ -2,13 +2,11 @@
 //! built by cargo, run against a real daemon. It prints its role as it
 //! changes, and starts the daemon it is told to, never itself.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
 
-use common::{Daemon, KillDaemonsOnDrop, Running, presence_bin, within};
+use crate::common::{self, Daemon, KillDaemonsOnDrop, Running, presence_bin, within};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::process::Command;

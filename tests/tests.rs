@@ -23,6 +23,7 @@ mod cli_setup;
 mod cli_stop;
 mod cli_watch_all;
 mod cli_who;
+mod client_example;
 mod client_trust;
 mod daemon_lifecycle;
 mod database_faults;
