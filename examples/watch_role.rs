@@ -20,7 +20,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use presenced::client::{Client, DaemonCommand, Reconnect, Session, SessionEvent};
+use presenced::client::{Client, DaemonCommand, Reconnect, Session, SessionEvent, default_socket};
 use presenced::protocol::{Event, Role, Standing, TrackRequest};
 
 #[tokio::main(flavor = "current_thread")]
@@ -51,7 +51,7 @@ async fn main() -> ExitCode {
 async fn watch(topic: &str, key: &str) -> Result<(), Box<dyn std::error::Error>> {
     let socket = non_empty_env("PRESENCE_SOCKET")
         .map(PathBuf::from)
-        .unwrap_or_else(presenced::paths::default_socket);
+        .unwrap_or_else(default_socket);
     let daemon = non_empty_env("PRESENCE_DAEMON")
         .map(DaemonCommand::new)
         .unwrap_or_else(DaemonCommand::installed);

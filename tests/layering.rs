@@ -606,6 +606,55 @@ fn io_in_a_layer_without_it_is_found() {
     assert!(io_named_in(Path::new("core/tests/harness.rs"), "Instant::now()").is_empty());
 }
 
+/// The modules other programs may use: what `src/lib.rs` states as the
+/// library's API. The rest is public only for the binary and the tests.
+const LIBRARY_API: &[&str] = &["client", "protocol", "topic"];
+
+/// The paths of a program outside the crate (an example) into modules of
+/// the crate that are not its API.
+fn beyond_the_api(name: &str, source: &str) -> Vec<String> {
+    let tokens = tokenize(&code_only(source));
+    let mut found = Vec::new();
+    for start in 0..tokens.len() {
+        if tokens[start].1 != "presenced" || (start > 0 && tokens[start - 1].1 == "::") {
+            continue;
+        }
+        for path in path_segments(&tokens, start).0 {
+            if path
+                .get(1)
+                .is_some_and(|module| !LIBRARY_API.contains(&module.as_str()))
+            {
+                found.push(format!("{name}:{}: {}", tokens[start].0, path.join("::")));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_examples_use_only_the_library_api() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files = Vec::new();
+    rust_files(&examples, &mut files);
+    assert!(!files.is_empty(), "no example under {}", examples.display());
+    let mut found = Vec::new();
+    for file in &files {
+        let source = std::fs::read_to_string(file).expect("a readable example");
+        found.extend(beyond_the_api(&file.display().to_string(), &source));
+    }
+    assert!(
+        found.is_empty(),
+        "examples that reach past the API:\n{}",
+        found.join("\n")
+    );
+    // And the check finds such a path.
+    let reach = beyond_the_api(
+        "x.rs",
+        "use presenced::{client::Client, paths::default_socket};",
+    );
+    assert_eq!(reach, ["x.rs:1: presenced::paths::default_socket"]);
+}
+
 #[test]
 fn a_forbidden_import_is_found_however_it_is_written() {
     let sys = Path::new("sys.rs");

@@ -127,6 +127,8 @@ use crate::protocol::{
     TrackReply, TrackRequest, UntrackReply, UntrackRequest, UpdateReply, UpdateRequest,
 };
 
+/// Where a user's own daemon listens unless told otherwise.
+pub use crate::paths::default_socket;
 pub use autostart::{DaemonCommand, start_daemon};
 pub use session::{Reconnect, Session, SessionEvent, SessionEvents};
 
