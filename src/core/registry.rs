@@ -406,7 +406,7 @@ impl Topic {
             ),
             None => (self.entries.range(0..0), 0),
         };
-        let first_position = self.entries.len() - behind.clone().count();
+        let first_position = self.count_ahead(gone.first().copied(), behind.clone());
         behind.enumerate().map(move |(index, (&seq, entry))| {
             let position = first_position + index;
             let gone_ahead = gone.partition_point(|&g| g < seq);
@@ -416,6 +416,32 @@ impl Topic {
             };
             (&**entry, position, before)
         })
+    }
+
+    /// How many entries sit ahead of `first_gone` (all of them if none),
+    /// given the ones `behind` it: found by walking both sides in step, so
+    /// that it costs the shorter of them. The owner's departure, with
+    /// nobody ahead, costs nothing; a departure near the end of a long
+    /// queue, little.
+    fn count_ahead<'a>(
+        &'a self,
+        first_gone: Option<u64>,
+        mut behind: impl Iterator<Item = (&'a u64, &'a Arc<Entry>)>,
+    ) -> usize {
+        let Some(first_gone) = first_gone else {
+            return self.entries.len();
+        };
+        let mut ahead = self.entries.range(..first_gone);
+        let mut steps = 0;
+        loop {
+            if ahead.next().is_none() {
+                return steps;
+            }
+            if behind.next().is_none() {
+                return self.entries.len() - steps;
+            }
+            steps += 1;
+        }
     }
 
     /// What decides the standing of an entry at `position`.
