@@ -1137,8 +1137,8 @@ buffer, or \\[presenced-reconnect], tries again."
 
 (defun presenced--restore (process)
   "Get everything back on PROCESS after a (re)connect.
-As docs/protocol.md §13 says: resume every token, compare the
-standings, track again what the daemon no longer has, subscribe again."
+As docs/protocol.md §13 says: resume every token, take the standings
+it gives, track again what the daemon no longer has, subscribe again."
   (let ((tokens nil)
         (owner-of-token (make-hash-table :test #'equal))
         (leaving presenced--orphans))

@@ -101,7 +101,9 @@ pub enum SessionEvent {
     /// The connection closed; the session is getting it back.
     Disconnected { reason: String },
     /// Connected again, with every entry resumed and every subscription
-    /// renewed.
+    /// renewed. The daemon's `role` events for standings that changed
+    /// while the session was away, and the renewed subscriptions'
+    /// states, follow it.
     Reconnected,
     /// An entry the daemon no longer had (it expired while the session was
     /// away) was tracked again: it has a new ref and a place at the end of

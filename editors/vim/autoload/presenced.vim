@@ -1054,8 +1054,8 @@ function! s:on_resume_reply(conn, tokens, leaving, reply) abort
 endfunction
 
 " Gets back everything after a (re)connect, as docs/protocol.md section 13
-" says: resume every token, compare the standings, track again what the
-" daemon no longer has, and subscribe again.
+" says: resume every token, take the standings it gives, track again what
+" the daemon no longer has, and subscribe again.
 function! s:restore(conn) abort
   let tokens = []
   for entry in values(s:entries)

@@ -927,8 +927,8 @@ local function track_unjoined(conn)
 end
 
 -- Gets back everything after a (re)connect, as docs/protocol.md section 13
--- says: resume every token, compare the standings, track again what the
--- daemon no longer has, and subscribe again.
+-- says: resume every token, take the standings it gives, track again what
+-- the daemon no longer has, and subscribe again.
 local function restore(conn)
   local tokens, owner_of_token = {}, {}
   for _, entry in pairs(entries) do
