@@ -391,7 +391,8 @@ impl Topic {
     /// The entries whose standing changed when the entries with the seqs
     /// `gone` (sorted, and out of the topic already) left: exactly those
     /// behind the first of them, each with its position now and what its
-    /// standing was before. The entries ahead are not walked.
+    /// standing was before. The entries ahead are walked only as far as
+    /// there are entries behind (see [`Topic::count_ahead`]).
     fn moved_behind<'a>(
         &'a self,
         gone: &'a [u64],
