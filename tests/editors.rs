@@ -3247,7 +3247,10 @@ async fn position_follows_when_someone_ahead_leaves(kind: EditorKind) {
     let daemon = Daemon::start().await;
     let workspace = Workspace::for_daemon(&daemon);
     let file = workspace.file("notes.md");
+    // Each opened once the one before has its place, so that the queue
+    // is in this order.
     let owner = Editor::open(kind, &workspace, &file).await;
+    owner.wait_for_role("owner").await;
     let second = Editor::open(kind, &workspace, &file).await;
     owner_and_spectator(&owner, &second).await;
     let third = Editor::open(kind, &workspace, &file).await;
