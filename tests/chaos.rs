@@ -327,6 +327,7 @@ struct Heard {
     track_replies: Vec<Value>,
     role: Option<String>,
     owner: Option<String>,
+    position: Option<u64>,
 }
 
 impl Heard {
@@ -341,6 +342,7 @@ impl Heard {
         };
         self.role = standing["role"].as_str().map(str::to_owned);
         self.owner = owner_ref(&standing["owner"]);
+        self.position = standing["position"].as_u64();
         Ok(())
     }
 }
@@ -1044,10 +1046,21 @@ impl World {
             } else {
                 "spectator"
             };
-            if heard.role.as_deref() != Some(role) || heard.owner != shown.owner {
+            // Its place: how many listed entries joined before it.
+            let position = shown.entries.get(&client.phx_ref).map(|(_, seq)| {
+                shown
+                    .entries
+                    .values()
+                    .filter(|(_, other)| other < seq)
+                    .count() as u64
+            });
+            if heard.role.as_deref() != Some(role)
+                || heard.owner != shown.owner
+                || heard.position != position
+            {
                 differences.push(format!(
-                    "{topic}: {} was last told it is {:?} under owner {:?}, but is {role} under {:?}",
-                    client.key, heard.role, heard.owner, shown.owner
+                    "{topic}: {} was last told it is {:?} #{:?} under owner {:?}, but is {role} #{position:?} under {:?}",
+                    client.key, heard.role, heard.position, heard.owner, shown.owner
                 ));
             }
         }

@@ -3090,3 +3090,46 @@ for_editors!(daemon_trouble_stays_in_sight_in_a_terminal: neovim, vim);
 /// What an editor in a terminal shows, row after row.
 const SCREEN: &str = "join(map(range(1, &lines), \
      {_, row -> join(map(range(1, &columns), {_, column -> screenstring(row, column)}), '')}), \"\\n\")";
+
+/// Three editors queue on one file; the second quits, and the third moves
+/// from 2 to 1 because the daemon says so in a role event (the plugins no
+/// longer count the entries ahead). The status follows, the owner stays
+/// the one named, and `who` marks the owner and this editor's own place
+/// as the daemon gave them.
+async fn position_follows_when_someone_ahead_leaves(kind: EditorKind) {
+    let daemon = Daemon::start().await;
+    let workspace = Workspace::for_daemon(&daemon);
+    let file = workspace.file("notes.md");
+    // Each opened once the one before has its place, so that the queue
+    // is in this order.
+    let owner = Editor::open(kind, &workspace, &file).await;
+    owner.wait_for_role("owner").await;
+    let second = Editor::open(kind, &workspace, &file).await;
+    owner_and_spectator(&owner, &second).await;
+    let third = Editor::open(kind, &workspace, &file).await;
+    third.wait_for_role("spectator").await;
+    assert_eq!(third.state().await["position"], 2);
+
+    second.quit().await;
+    eventually("the third editor to stand at 1", async || {
+        third.state().await["position"] == 1
+    })
+    .await;
+    let state = third.state().await;
+    assert_eq!(state["role"], "spectator", "{state}");
+    assert_eq!(state["owner"]["pid"], owner.pid, "{state}");
+    let status = third.status().await;
+    assert!(status.starts_with("spectator #1 (owner: "), "{status}");
+    if kind != EditorKind::Emacs {
+        let who = third.eval(&third.plugin("who")).await;
+        assert_eq!(who.as_array().map(Vec::len), Some(2), "{who}");
+        assert_eq!(who[0]["pid"], owner.pid, "{who}");
+        assert_eq!(who[0]["role"], "owner", "{who}");
+        assert_eq!(who[0]["position"], 0, "{who}");
+        // Vim's true is 1.
+        assert!(who[1]["you"] == true || who[1]["you"] == 1, "{who}");
+        assert_eq!(who[1]["role"], "spectator", "{who}");
+        assert_eq!(who[1]["position"], 1, "{who}");
+    }
+}
+for_editors!(position_follows_when_someone_ahead_leaves: neovim, vim, emacs);

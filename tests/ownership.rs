@@ -267,3 +267,39 @@ async fn update_is_a_leave_plus_a_join_with_the_previous_ref() {
         other => panic!("expected an update diff, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_spectator_behind_a_departed_spectator_is_told_its_new_position() {
+    let daemon = Daemon::start().await;
+    let topic = "file:/srv/docs/queue.md";
+    let mut alice = daemon.spawn(&["join", topic, "--key", "alice"]);
+    assert_eq!(alice.line().await, "owner");
+    let owner_is_alice = format!("owner alice (pid {})", alice.pid());
+    let mut bob = daemon.spawn(&["join", topic, "--key", "bob"]);
+    assert_eq!(bob.line().await, format!("spectator #1, {owner_is_alice}"));
+    let mut carol = daemon.spawn(&["join", topic, "--key", "carol", "--json"]);
+    let carol_reply = carol.json().await;
+    assert_eq!(carol_reply["position"], 2, "{carol_reply}");
+    let mut dave = daemon.spawn(&["join", topic, "--key", "dave"]);
+    assert_eq!(dave.line().await, format!("spectator #3, {owner_is_alice}"));
+
+    bob.sigkill();
+
+    // Each one behind bob moves up one place and hears it once; alice,
+    // ahead of him, stands as she stood.
+    let role = carol.json().await;
+    assert_eq!(role["event"], "role", "{role}");
+    assert_eq!(role["payload"]["ref"], carol_reply["ref"]);
+    assert_eq!(role["payload"]["role"], "spectator");
+    assert_eq!(role["payload"]["position"], 1);
+    assert_eq!(role["payload"]["owner"]["key"], "alice");
+    assert_eq!(dave.line().await, format!("spectator #2, {owner_is_alice}"));
+
+    // The owner leaving moves both again: carol is promoted, and dave is
+    // first in line under her.
+    alice.sigterm();
+    assert_eq!(alice.exit_code().await, Some(0));
+    let promoted = carol.json().await;
+    assert_eq!(promoted["payload"]["role"], "owner", "{promoted}");
+    assert_eq!(dave.line().await.split(',').next(), Some("spectator #1"));
+}

@@ -261,3 +261,112 @@ async fn a_session_gives_up_at_its_deadline_when_the_daemon_never_answers() {
     let call = session.client().await.err().expect("calls fail once lost");
     assert!(call.to_string().contains("did not come back"), "{call}");
 }
+
+/// Two sessions queue behind an owner whose process dies while the daemon
+/// is down. After the restart each hears, once and from the daemon, what
+/// changed while it was away: the first that it owns the topic, the
+/// second that it moved up a place under a new owner.
+#[tokio::test]
+async fn sessions_behind_an_owner_dead_across_a_restart_each_hear_their_new_standing_once() {
+    use presenced::client::{Reconnect, Session, SessionEvent};
+    use presenced::protocol::{Event, Role, TrackRequest};
+    let mut daemon = Daemon::start().await;
+    let (mut alice, _) = join(&daemon, "alice").await;
+    let (bob, mut bob_events) =
+        Session::new(&daemon.socket, daemon.client().await, Reconnect::default());
+    let bob_entry = bob
+        .track(TrackRequest::new("doc", "bob"))
+        .await
+        .expect("track");
+    let (carol, mut carol_events) =
+        Session::new(&daemon.socket, daemon.client().await, Reconnect::default());
+    let carol_entry = carol
+        .track(TrackRequest::new("doc", "carol"))
+        .await
+        .expect("track");
+    assert_eq!(carol_entry.standing.position, 2);
+
+    daemon.crash().await;
+    alice.sigkill();
+    alice.exit_code().await;
+    daemon.start_again(&["--resume-grace", "600"]).await;
+
+    // What each session reports from the crash on, up to the state of a
+    // subscription made once it is back: a second role event, or one
+    // made up by the session, would show up in between.
+    async fn reported(
+        session: &Session,
+        events: &mut presenced::client::SessionEvents,
+    ) -> Vec<SessionEvent> {
+        let mut seen = Vec::new();
+        within("the session to come back", async {
+            loop {
+                let event = events.recv().await.expect("the session reports");
+                let back = matches!(event, SessionEvent::Reconnected);
+                seen.push(event);
+                if back {
+                    break;
+                }
+            }
+        })
+        .await;
+        session.subscribe("doc").await.expect("subscribe");
+        within("the state", async {
+            loop {
+                let event = events.recv().await.expect("the session reports");
+                let state = matches!(event, SessionEvent::Event(Event::PresenceState { .. }));
+                seen.push(event);
+                if state {
+                    break;
+                }
+            }
+        })
+        .await;
+        seen
+    }
+    let roles = |seen: &[SessionEvent]| -> Vec<(String, Role, usize, String)> {
+        seen.iter()
+            .filter_map(|event| match event {
+                SessionEvent::Event(Event::Role { payload, .. }) => Some((
+                    payload.phx_ref.clone(),
+                    payload.standing.role,
+                    payload.standing.position,
+                    payload
+                        .standing
+                        .owner
+                        .as_ref()
+                        .expect("an owner")
+                        .key
+                        .clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let seen = reported(&bob, &mut bob_events).await;
+    assert_eq!(
+        roles(&seen),
+        [(bob_entry.phx_ref.clone(), Role::Owner, 0, "bob".to_owned())],
+        "{seen:?}"
+    );
+    assert_eq!(
+        bob.standing(&bob_entry.phx_ref).map(|s| s.role),
+        Some(Role::Owner)
+    );
+    let seen = reported(&carol, &mut carol_events).await;
+    assert_eq!(
+        roles(&seen),
+        [(
+            carol_entry.phx_ref.clone(),
+            Role::Spectator,
+            1,
+            "bob".to_owned()
+        )],
+        "{seen:?}"
+    );
+    assert_eq!(
+        carol.standing(&carol_entry.phx_ref).map(|s| s.position),
+        Some(1)
+    );
+}

@@ -173,7 +173,7 @@ owner's file."
   error removed-by
   ;; The last standing heard: a hash table of role, readonly, position, owner.
   standing
-  ref token seq
+  ref token
   ;; The topic's entries from the subscription, ref -> meta (with "key").
   (metas (make-hash-table :test #'equal))
   ;; The topic's owner, from the subscription's events.
@@ -960,7 +960,6 @@ at its next save that the file changed since it was read."
         ((presenced--ok reply)
          (presenced--set-ref entry (gethash "ref" reply))
          (setf (presenced--entry-token entry) (gethash "resume_token" reply)
-               (presenced--entry-seq entry) (gethash "seq" reply)
                (presenced--entry-removed-by entry) nil
                (presenced--entry-meta-dirty entry) nil)
          (presenced--set-standing entry (presenced--standing-of reply)))
@@ -1138,8 +1137,8 @@ buffer, or \\[presenced-reconnect], tries again."
 
 (defun presenced--restore (process)
   "Get everything back on PROCESS after a (re)connect.
-As docs/protocol.md §13 says: resume every token, compare the
-standings, track again what the daemon no longer has, subscribe again."
+As docs/protocol.md §13 says: resume every token, take the standings
+it gives, track again what the daemon no longer has, subscribe again."
   (let ((tokens nil)
         (owner-of-token (make-hash-table :test #'equal))
         (leaving presenced--orphans))
@@ -1702,19 +1701,10 @@ is always there."
            (restricted . ,(and (presenced--buffer-restricted state) t))))))))
 
 (defun presenced--position (entry)
-  "ENTRY's place in the queue, 0 for the owner.
-Role events are not sent when someone ahead leaves, so the entries
-ahead are counted from the subscription when it is known."
-  (let ((seq (presenced--entry-seq entry))
-        (metas (presenced--entry-metas entry)))
-    (if (and seq (> (hash-table-count metas) 0))
-        (let ((ahead 0))
-          (maphash (lambda (_ref meta)
-                     (when (and (numberp (gethash "seq" meta)) (< (gethash "seq" meta) seq))
-                       (cl-incf ahead)))
-                   metas)
-          ahead)
-      (presenced--get (presenced--entry-standing entry) "position"))))
+  "ENTRY's place in the queue, 0 for the owner, as the daemon last said.
+The daemon sends a `role' event whenever it changes, someone ahead
+leaving included."
+  (presenced--get (presenced--entry-standing entry) "position"))
 
 (defun presenced-status (&optional buffer)
   "A short text of BUFFER's standing (default: the current buffer).

@@ -142,15 +142,15 @@ pub const FILES: &[Item] = &[
 const JOIN_DETAILS: &str = "\
 The first to join a topic is its owner; everyone after is a read-only
 spectator, in join order. join prints its standing at once, and again
-whenever it changes role or the topic gets a new owner:
+whenever it changes: a new role, a new owner, or a new place in line when
+someone ahead of it leaves:
 
-  owner
+  spectator #2, owner alice (pid 4242)
   spectator #1, owner alice (pid 4242)
+  owner
 
-The number is the entry's place in line when the line is printed: #1 is
-next after the owner. It is printed again when the owner changes, not
-when a spectator ahead of it leaves (`presence list TOPIC` shows the
-queue as it is now).
+The number is the entry's place in line: #1 is next after the owner. The
+daemon says each change; join prints what it says.
 
 Without --detach the presence is held until SIGINT, SIGTERM or SIGHUP, or
 until the --pid process exits; then it is left and join exits 0. If the

@@ -4,9 +4,12 @@
 //! connection. The daemon keeps each entry's place for a grace period, and
 //! a session uses it: it waits for the socket to come back, connects again,
 //! resumes every entry it holds by its resume token, and subscribes again.
-//! Whoever reads the session's events sees only what really changed: a
-//! `role` event when an entry's standing differs from what it last heard,
-//! and a fresh `presence_state` for each subscription.
+//! Whoever reads the session's events sees only what really changed: the
+//! daemon follows its `resume` reply with a `role` event for each entry
+//! whose standing changed while no connection held it, which the session
+//! passes on like any other, and a fresh `presence_state` comes for each
+//! subscription. The session decides nothing about standings: it keeps
+//! the one the daemon last gave for each entry (a reply, a `role` event).
 //!
 //! An entry that another connection removed (root, or the same user for a
 //! `process` entry) is forgotten when its `removed` event arrives, which is
@@ -85,16 +88,21 @@ const MIN_RETRY_GAP: Duration = Duration::from_millis(25);
 /// What a session's owner hears.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionEvent {
-    /// An event from the daemon, or a `role` event the session derived
-    /// when a resumed entry's standing had changed while it was away. After
-    /// a `removed` event the session no longer holds that entry, and will
-    /// neither resume it nor track it again; after an `updated` event it
-    /// knows the entry by its new ref and meta.
+    /// An event from the daemon, as it sent it. A `role` event comes for
+    /// every change of a held entry's standing (role, owner or position),
+    /// and, after a reconnect, for each resumed entry whose standing
+    /// changed while the session was away (after
+    /// [`SessionEvent::Reconnected`]). After a `removed` event the session
+    /// no longer holds that entry, and will neither resume it nor track it
+    /// again; after an `updated` event it knows the entry by its new ref
+    /// and meta.
     Event(Event),
     /// The connection closed; the session is getting it back.
     Disconnected { reason: String },
     /// Connected again, with every entry resumed and every subscription
-    /// renewed.
+    /// renewed. The daemon's `role` events for standings that changed
+    /// while the session was away, and the renewed subscriptions'
+    /// states, follow it.
     Reconnected,
     /// An entry the daemon no longer had (it expired while the session was
     /// away) was tracked again: it has a new ref and a place at the end of
@@ -317,6 +325,18 @@ impl Session {
                 return Err(ClientError::Closed);
             }
         }
+    }
+
+    /// The standing the daemon last gave the entry with this ref, if the
+    /// session holds it: from its track's reply, the latest `role` event,
+    /// or a `resume` reply. The daemon works standings out; a client shows
+    /// this one.
+    pub fn standing(&self, phx_ref: &str) -> Option<Standing> {
+        lock(&self.state)
+            .held
+            .iter()
+            .find(|held| held.phx_ref == phx_ref)
+            .map(|held| held.standing.clone())
     }
 
     pub async fn track(&self, request: TrackRequest) -> Result<TrackReply, ClientError> {
@@ -662,9 +682,10 @@ fn note_standing(state: &Mutex<State>, change: &RoleChange) {
     }
 }
 
-/// Takes in a `resume` reply: each entry is known by the ref it has now,
-/// a changed standing becomes a `role` event,
-/// an expired entry is tracked again, a refused one is given up, and one
+/// Takes in a `resume` reply: each entry is known by the ref it has now
+/// and has the standing the daemon gives (whether it changed while away is
+/// the daemon's to say, in a `role` event after the reply), an expired
+/// entry is tracked again, a refused one is given up, and one
 /// another connection removed meanwhile is forgotten and reported as the
 /// `removed` event the session would have had, had it been connected.
 async fn apply_resume(
@@ -678,8 +699,8 @@ async fn apply_resume(
         learn_meta(state, client, &topic, &key, &phx_ref).await?;
     }
     for (phx_ref, standing) in resumed.roles {
-        if let Some(role) = record_resumed_standing(state, &phx_ref, standing) {
-            let _ = out.send(SessionEvent::Event(role));
+        if let Some(held) = lock(state).held_by_ref(&phx_ref) {
+            held.standing = standing;
         }
     }
     for (token, removed) in resumed.removed {
@@ -731,34 +752,6 @@ async fn learn_meta(
         held.request.meta = meta.client;
     }
     Ok(())
-}
-
-/// Records a resumed entry's standing, and returns the `role` event the
-/// daemon would have sent had it been connected: only when the role or the
-/// owner changed, which is the daemon's own rule for `role` events.
-fn record_resumed_standing(
-    state: &Mutex<State>,
-    phx_ref: &str,
-    standing: Standing,
-) -> Option<Event> {
-    let mut state = lock(state);
-    let held = state.held_by_ref(phx_ref)?;
-    // An update gives the owner a new ref but not a new place: compare who
-    // it is, not its ref.
-    let owner = |s: &Standing| {
-        s.owner
-            .as_ref()
-            .map(|o| (o.key.clone(), o.pid, o.joined_at))
-    };
-    let changed = held.standing.role != standing.role || owner(&held.standing) != owner(&standing);
-    held.standing = standing.clone();
-    changed.then(|| Event::Role {
-        topic: held.topic.clone(),
-        payload: RoleChange {
-            phx_ref: phx_ref.to_owned(),
-            standing,
-        },
-    })
 }
 
 /// Tracks again an entry whose token the daemon no longer knows. Only a

@@ -313,8 +313,9 @@ impl Core {
             next_seq,
         } = restored;
         let history = registry::departures_at_start(&departed, &kept, now.wall_ms);
-        let registry =
-            Registry::restore(config.limits, kept, next_seq).exempt_from_uid_quotas(config.own_uid);
+        let registry = Registry::restore(config.limits, kept, next_seq)
+            .with_standings_as_stored(&departed)
+            .exempt_from_uid_quotas(config.own_uid);
         let mut core = Core {
             registry,
             recovery: Recovery::default(),

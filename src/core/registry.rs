@@ -5,9 +5,13 @@
 //! connection, the rows to persist) is written to an [`Outbox`]. That keeps
 //! the rules of ownership in one place that can be tested exhaustively.
 //!
-//! The owner of a topic is its entry with the lowest seq. Seqs only grow, so
-//! a new entry never displaces an owner: ownership changes only when the
-//! owner leaves, and then every remaining entry hears about it once.
+//! The owner of a topic is its entry with the lowest seq, and an entry's
+//! position is how many entries are ahead of it. Seqs only grow, so a new
+//! entry never displaces anyone: a standing (role, owner, position) changes
+//! only when an entry ahead leaves, and then the holder of each entry behind
+//! it hears its new standing once, in a `role` event. An entry nobody holds
+//! hears of it when it is resumed. This is the one place the rule is
+//! computed; clients display what it sends.
 //!
 //! A batch can be taken back: between [`Registry::begin_batch`] and
 //! [`Registry::settle`], every change is journaled with its inverse, so that
@@ -378,6 +382,71 @@ impl Topic {
         }
     }
 
+    /// The entries whose standing changed when the entries with the seqs
+    /// `gone` (sorted, and out of the topic already) left: exactly those
+    /// behind the first of them, each with its position now and what its
+    /// standing was before. The entries ahead are walked only as far as
+    /// there are entries behind (see [`Topic::count_ahead`]).
+    fn moved_behind<'a>(
+        &'a self,
+        gone: &'a [u64],
+    ) -> impl Iterator<Item = (&'a Entry, usize, Told)> + 'a {
+        let (behind, owner_before) = match gone.first() {
+            Some(&first_gone) => (
+                self.entries.range(first_gone..),
+                self.entries
+                    .keys()
+                    .next()
+                    .map_or(first_gone, |&seq| seq.min(first_gone)),
+            ),
+            None => (self.entries.range(0..0), 0),
+        };
+        let first_position = self.count_ahead(gone.first().copied(), behind.clone());
+        behind.enumerate().map(move |(index, (&seq, entry))| {
+            let position = first_position + index;
+            let gone_ahead = gone.partition_point(|&g| g < seq);
+            let before = Told {
+                position: position + gone_ahead,
+                owner_seq: owner_before,
+            };
+            (&**entry, position, before)
+        })
+    }
+
+    /// How many entries sit ahead of `first_gone` (all of them if none),
+    /// given the ones `behind` it: found by walking both sides in step, so
+    /// that it costs the shorter of them. The owner's departure, with
+    /// nobody ahead, costs nothing; a departure near the end of a long
+    /// queue, little.
+    fn count_ahead<'a>(
+        &'a self,
+        first_gone: Option<u64>,
+        mut behind: impl Iterator<Item = (&'a u64, &'a Arc<Entry>)>,
+    ) -> usize {
+        let Some(first_gone) = first_gone else {
+            return self.entries.len();
+        };
+        let mut ahead = self.entries.range(..first_gone);
+        let mut steps = 0;
+        loop {
+            if ahead.next().is_none() {
+                return steps;
+            }
+            if behind.next().is_none() {
+                return self.entries.len() - steps;
+            }
+            steps += 1;
+        }
+    }
+
+    /// What decides the standing of an entry at `position`.
+    fn told_at(&self, position: usize) -> Told {
+        Told {
+            position,
+            owner_seq: self.entries.keys().next().copied().unwrap_or_default(),
+        }
+    }
+
     /// The topic's entries as they are now, unchanged by anything the
     /// registry does later.
     fn view(&self) -> TopicView {
@@ -555,6 +624,9 @@ enum Undo {
         conn: ConnId,
         topic: String,
     },
+    /// What the holder of the entry with this seq was last told was
+    /// noted (`None`) or forgotten (`Some`): put it back as it was.
+    ToldBefore(u64, Option<Told>),
     /// A connection subscribed to every topic.
     SubscribedAll(ConnId),
     UnsubscribedAll(ConnId),
@@ -573,8 +645,11 @@ struct Journal {
 /// What became of one token of a `resume`.
 enum Resumption {
     Resumed {
+        topic: String,
         phx_ref: String,
         standing: Standing,
+        /// Its standing is not the one its holder was last told.
+        changed_while_away: bool,
     },
     /// No entry this connection may resume has the token.
     Expired,
@@ -582,6 +657,15 @@ enum Resumption {
     Removed(RemovedEntry),
     /// The entry exists and is free, but this connection may not hold it.
     Refused(ErrorBody),
+}
+
+/// What decides a standing as its holder was told it: the entry's place in
+/// the queue, and which entry owned the topic (by seq, which an update
+/// keeps; the owner's ref does not decide it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Told {
+    position: usize,
+    owner_seq: u64,
 }
 
 /// The presence state machine.
@@ -614,6 +698,12 @@ pub struct Registry {
     last_joined_at: i64,
     /// Set while a batch is open: how to take it back.
     journal: Option<Journal>,
+    /// By seq, for each entry whose standing changed while no connection
+    /// held it: the standing its holder was last told, so that a `resume`
+    /// tells it what changed. An entry that is not here was told its
+    /// standing as it is now: a held entry's holder hears every change,
+    /// and an entry let go keeps its standing until one comes.
+    told_before: HashMap<u64, Told>,
 }
 
 impl Registry {
@@ -634,6 +724,7 @@ impl Registry {
             next_seq: 1,
             last_joined_at: 0,
             journal: None,
+            told_before: HashMap::new(),
         }
     }
 
@@ -662,6 +753,33 @@ impl Registry {
     /// daemon's clients are all that user, and its memory is theirs).
     pub fn exempt_from_uid_quotas(mut self, uid: u32) -> Registry {
         self.uid_exempt_from_quotas = Some(uid);
+        self
+    }
+
+    /// Remembers the standings the restored entries had among the rows as
+    /// they were stored, `departed` included: the entries of processes that
+    /// exited while no daemon ran, which are not restored. Each restored
+    /// entry behind one of them stands further ahead now, and its holder,
+    /// told the stored standing, hears the new one when it resumes.
+    pub fn with_standings_as_stored(mut self, departed: &[Entry]) -> Registry {
+        let mut gone_by_topic: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for entry in departed {
+            gone_by_topic
+                .entry(&entry.topic)
+                .or_default()
+                .push(entry.seq);
+        }
+        for (name, mut gone) in gone_by_topic {
+            gone.sort_unstable();
+            let Some(topic) = self.topics.get(name) else {
+                continue;
+            };
+            let moved: Vec<(u64, Told)> = topic
+                .moved_behind(&gone)
+                .map(|(entry, _, before)| (entry.seq, before))
+                .collect();
+            self.told_before.extend(moved);
+        }
         self
     }
 
@@ -781,8 +899,8 @@ impl Registry {
     }
 
     /// Connections have closed and processes have exited. Their entries
-    /// leave together: one diff per topic, and where a topic's owner
-    /// changed, one role event per remaining entry, however many endings
+    /// leave together: one diff per topic, and one role event for each
+    /// remaining held entry whose standing changed, however many endings
     /// there were. (Taken one at a time, ten thousand closing owners would
     /// tell each remaining entry about each new owner in turn.)
     ///
@@ -1388,11 +1506,16 @@ impl Registry {
         }
     }
 
+    /// Gives the connection back the entries of `tokens`. Each resumed
+    /// entry's standing is in the reply; the holder of one whose standing
+    /// changed while no connection held it is also sent a `role` event
+    /// after the reply, as it would have been had it been connected.
     pub(crate) fn resume(
         &mut self,
         conn: ConnId,
         tokens: Vec<(String, TokenHash)>,
         now: i64,
+        out: &mut Outbox,
     ) -> ReplyFields {
         let mut outcome = ResumeReply::default();
         let Some(uid) = self.conns.get(&conn).map(|c| c.peer.uid) else {
@@ -1400,7 +1523,22 @@ impl Registry {
         };
         for (token, hash) in tokens {
             match self.resume_one(conn, uid, &hash, now) {
-                Resumption::Resumed { phx_ref, standing } => {
+                Resumption::Resumed {
+                    topic,
+                    phx_ref,
+                    standing,
+                    changed_while_away,
+                } => {
+                    if changed_while_away {
+                        let role = Event::Role {
+                            topic,
+                            payload: RoleChange {
+                                phx_ref: phx_ref.clone(),
+                                standing: standing.clone(),
+                            },
+                        };
+                        out.event(vec![conn], role);
+                    }
                     outcome.roles.insert(phx_ref.clone(), standing);
                     outcome.refs.insert(token, phx_ref.clone());
                     outcome.resumed.push(phx_ref);
@@ -1461,23 +1599,29 @@ impl Registry {
         entry.resume_deadline = None;
         let (topic, seq) = (entry.topic.clone(), entry.seq);
         self.insert(entry, meta_bytes);
+        let told_before = self.forget_told(seq);
+        let standing = self.topic(&topic).standing(seq);
+        let now_told = self.topic(&topic).told_at(standing.position);
         Resumption::Resumed {
-            standing: self.topic(&topic).standing(seq),
+            topic,
             phx_ref,
+            standing,
+            changed_while_away: told_before.is_some_and(|before| before != now_told),
         }
     }
 
     // -- removal, the one path by which entries leave ----------------------
 
     /// Removes entries, each for its reason, then tells each topic's
-    /// subscribers in one diff and, where the owner changed, every
-    /// remaining entry in a role event.
+    /// subscribers in one diff and the holder of each remaining entry whose
+    /// standing changed in one role event.
     fn remove(&mut self, leaving: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
         let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
         for (phx_ref, reason) in leaving {
             let Some((entry, _)) = self.take(&phx_ref) else {
                 continue;
             };
+            self.forget_told(entry.seq);
             out.changes.push(Change::Delete(phx_ref));
             by_topic
                 .entry(entry.topic.clone())
@@ -1489,6 +1633,12 @@ impl Registry {
         }
     }
 
+    /// Tells of the departures from one topic, applied together: one diff,
+    /// and one role event for each held entry behind the first to leave,
+    /// whose position (and, if the owner left, owner and perhaps role)
+    /// changed; the entries ahead of it stand as they stood. An entry no
+    /// connection holds keeps what its holder was last told, for the
+    /// `resume` that takes it back.
     fn announce_departures(
         &mut self,
         topic_name: &str,
@@ -1497,12 +1647,13 @@ impl Registry {
         out: &mut Outbox,
     ) {
         let topic = self.topic(topic_name);
+        let mut gone: Vec<u64> = departed.iter().map(|(entry, _)| entry.seq).collect();
+        gone.sort_unstable();
         // Seqs only grow, so the owner changed exactly when an entry left
         // that sat below every remaining one.
-        let new_owner_seq = topic.owner().map(|e| e.seq);
-        let owner_changed = match new_owner_seq {
-            Some(seq) => departed.iter().any(|(e, _)| e.seq < seq),
-            None => false,
+        let owner_changed = match (topic.owner(), gone.first()) {
+            (Some(owner), Some(&first_gone)) => first_gone < owner.seq,
+            _ => false,
         };
 
         let mut diff = Diff::default();
@@ -1518,23 +1669,46 @@ impl Registry {
         }
         self.publish_diff(topic_name, diff, reasons, out);
 
-        if owner_changed {
-            if let Some(owner) = topic.owner() {
-                out.history(owner, HistoryKind::Owner, None, now);
-            }
-            for (position, entry) in topic.entries.values().enumerate() {
-                let Some(conn) = entry.conn else { continue };
-                let role = Event::Role {
-                    topic: topic_name.to_owned(),
-                    payload: RoleChange {
-                        phx_ref: entry.phx_ref.clone(),
-                        standing: topic.standing_at(position),
-                    },
-                };
-                out.event(vec![conn], role);
-            }
+        if owner_changed && let Some(owner) = topic.owner() {
+            out.history(owner, HistoryKind::Owner, None, now);
+        }
+        let mut unheld_moved = Vec::new();
+        for (entry, position, before) in topic.moved_behind(&gone) {
+            let Some(conn) = entry.conn else {
+                unheld_moved.push((entry.seq, before));
+                continue;
+            };
+            let role = Event::Role {
+                topic: topic_name.to_owned(),
+                payload: RoleChange {
+                    phx_ref: entry.phx_ref.clone(),
+                    standing: topic.standing_at(position),
+                },
+            };
+            out.event(vec![conn], role);
+        }
+        for (seq, before) in unheld_moved {
+            self.note_told_before(seq, before);
         }
         self.drop_topic_if_unused(topic_name);
+    }
+
+    /// Remembers what the holder of the entry with `seq`, which no
+    /// connection holds, was last told, unless an earlier change while it
+    /// was unheld did already.
+    fn note_told_before(&mut self, seq: u64, before: Told) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.told_before.entry(seq) {
+            slot.insert(before);
+            self.record(|| Undo::ToldBefore(seq, None));
+        }
+    }
+
+    /// Forgets what the holder of the entry with `seq` was last told, and
+    /// returns it: the entry is held again, or gone.
+    fn forget_told(&mut self, seq: u64) -> Option<Told> {
+        let before = self.told_before.remove(&seq)?;
+        self.record(|| Undo::ToldBefore(seq, Some(before)));
+        Some(before)
     }
 
     // -- indexes ------------------------------------------------------------
@@ -1674,6 +1848,12 @@ impl Registry {
                     connection.subscribed_to_all = true;
                     self.subscribed_to_all.insert(conn);
                 }
+            }
+            Undo::ToldBefore(seq, before) => {
+                match before {
+                    Some(before) => self.told_before.insert(seq, before),
+                    None => self.told_before.remove(&seq),
+                };
             }
             Undo::Buried(hash) => self.unbury(&hash),
             Undo::Unburied(hash, tombstone) => self.bury(hash, *tombstone),

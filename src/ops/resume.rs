@@ -72,7 +72,7 @@ impl OpSpec for Resume {
     }
 
     fn answer(tokens: Vec<(String, TokenHash)>, at: &mut At<'_>) -> Answer {
-        Answer::Reply(Ok(at.registry.resume(at.conn, tokens, at.now)))
+        Answer::Reply(Ok(at.registry.resume(at.conn, tokens, at.now, at.out)))
     }
 }
 

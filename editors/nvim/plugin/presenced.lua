@@ -18,7 +18,7 @@ end, { desc = "presenced: this buffer's role, topic and daemon" })
 
 vim.api.nvim_create_user_command('PresenceWho', function()
   require('presenced').print_who()
-end, { desc = "presenced: who is on this buffer's topic, owner first" })
+end, { desc = "presenced: who is on this buffer's topic, in the order they joined" })
 
 vim.api.nvim_create_user_command('PresenceWrite', function(command)
   require('presenced').write_anyway(command.bang)

@@ -532,6 +532,8 @@ function! s:on_presence_event(message) abort
   if empty(entry)
     return
   endif
+  " Who owns the topic, as the daemon says after this event.
+  let entry.topic_owner = type(get(a:message, 'owner', v:null)) == v:t_dict ? a:message.owner : v:null
   if a:message.event ==# 'presence_state'
     " A state replaces the whole view, even one not asked for (section 14).
     let entry.metas = {}
@@ -569,9 +571,21 @@ function! s:on_presence_event(message) abort
   endfor
 endfunction
 
-" The entries on the topic in queue order (owner first).
-function! s:queue_of(entry) abort
+" The entries on the topic in the order they joined, for display only: who
+" owns the topic and where each one stands is the daemon's to say.
+function! s:in_join_order(entry) abort
   return sort(values(a:entry.metas), {a, b -> a.seq - b.seq})
+endfunction
+
+" The owner the daemon last named to the subscription of a removed entry
+" (whoever was promoted when it went), or v:null: none is known, or the one
+" named is the removed entry itself.
+function! s:owner_after_removal(entry) abort
+  let owner = a:entry.topic_owner
+  if type(owner) != v:t_dict || owner.phx_ref ==# get(a:entry.removal, 'ref', '')
+    return v:null
+  endif
+  return owner
 endfunction
 
 " The connection -----------------------------------------------------------
@@ -800,7 +814,6 @@ function! s:on_track_reply(conn, entry, reply) abort
   if a:reply.ok
     call s:take_ref(a:entry, a:reply.ref)
     let a:entry.token = a:reply.resume_token
-    let a:entry.seq = a:reply.seq
     let a:entry.meta_dirty = 0
     call s:set_standing(a:entry, s:standing_of(a:reply))
   elseif a:reply.error.code !=# 'disconnected'
@@ -1041,8 +1054,8 @@ function! s:on_resume_reply(conn, tokens, leaving, reply) abort
 endfunction
 
 " Gets back everything after a (re)connect, as docs/protocol.md section 13
-" says: resume every token, compare the standings, track again what the
-" daemon no longer has, and subscribe again.
+" says: resume every token, take the standings it gives, track again what
+" the daemon no longer has, and subscribe again.
 function! s:restore(conn) abort
   let tokens = []
   for entry in values(s:entries)
@@ -1286,7 +1299,7 @@ function! presenced#attach(bufnr, wait, ...) abort
   endif
   let entry = {'topic': topic, 'key': s:key_of(a:bufnr), 'meta': s:meta_of(a:bufnr, path),
         \ 'bufs': {a:bufnr: 1}, 'status': 'joining', 'metas': {}, 'ref': '', 'token': '',
-        \ 'seq': 0, 'standing': {}, 'tracking': 0, 'left': 0, 'error': '',
+        \ 'topic_owner': v:null, 'standing': {}, 'tracking': 0, 'left': 0, 'error': '',
         \ 'saves': 0, 'meta_dirty': 0, 'updating': 0, 'last_save': {}, 'removal': {}}
   let s:entries[topic] = entry
   call s:join(entry)
@@ -1384,9 +1397,8 @@ function! presenced#write_anyway(bang) abort
   let entry = s:entries[buf.topic]
   let name = s:display_name(bufnr)
   let owner = entry.status ==# 'joined' ? get(entry.standing, 'owner', v:null) : v:null
-  if entry.status ==# 'removed' && !empty(entry.metas)
-    " Whoever was promoted in its place, as the subscription saw it.
-    let owner = s:queue_of(entry)[0]
+  if entry.status ==# 'removed'
+    let owner = s:owner_after_removal(entry)
   endif
   let whose = type(owner) == v:t_dict ? s:who(owner) : 'another editor'
   if !a:bang
@@ -1562,12 +1574,8 @@ function! presenced#state(...) abort
   endif
   let entry = s:entries[buf.topic]
   let joined = entry.status ==# 'joined'
+  " As the daemon last said: it sends a role event whenever it changes.
   let position = joined ? entry.standing.position : v:null
-  if joined && entry.seq && !empty(entry.metas)
-    " Role events are not sent when someone ahead in the queue leaves, so
-    " count the entries ahead from the subscription instead.
-    let position = len(filter(values(entry.metas), {_, meta -> meta.seq < entry.seq}))
-  endif
   return {'topic': entry.topic, 'key': entry.key, 'status': entry.status,
         \ 'role': joined ? entry.standing.role : v:null,
         \ 'position': position,
@@ -1610,18 +1618,26 @@ function! presenced#status(...) abort
   return text
 endfunction
 
-" Who is on the buffer's topic, owner first: a list of {key, pid, user,
-" editor, role, position, you}.
+" Who is on the buffer's topic, in the order they joined: a list of {key,
+" pid, user, editor, role, position, you}. The owner is the one the daemon
+" names; `position` is known for the owner (0) and for this editor (its
+" standing), v:null for the others.
 function! presenced#who(...) abort
   let state = call('presenced#state', a:000)
   if empty(state)
     return []
   endif
+  let entry = s:entries[state.topic]
+  let owner = type(state.owner) == v:t_dict ? state.owner : entry.topic_owner
+  let owner_ref = type(owner) == v:t_dict ? owner.phx_ref : ''
   let list = []
-  for meta in s:queue_of(s:entries[state.topic])
+  for meta in s:in_join_order(entry)
+    let you = meta.phx_ref ==# state.ref
+    let owns = meta.phx_ref ==# owner_ref || (you && state.role is# 'owner')
+    let position = owns ? 0 : you ? state.position : v:null
     call add(list, {'key': meta.key, 'pid': meta.pid, 'user': meta.user,
-          \ 'editor': get(meta, 'editor', ''), 'role': empty(list) ? 'owner' : 'spectator',
-          \ 'position': len(list), 'you': meta.phx_ref ==# state.ref})
+          \ 'editor': get(meta, 'editor', ''), 'role': owns ? 'owner' : 'spectator',
+          \ 'position': position, 'you': you})
   endfor
   return list
 endfunction
@@ -1654,7 +1670,8 @@ function! presenced#print_who() abort
   echomsg printf('presenced: on %s:', state.topic)
   for person in list
     echomsg printf('  %-12s %s (pid %s)%s%s',
-          \ person.role ==# 'owner' ? 'owner' : 'spectator #' . person.position,
+          \ person.role ==# 'owner' ? 'owner'
+          \   : type(person.position) == v:t_number ? 'spectator #' . person.position : 'spectator',
           \ person.key, person.pid, person.editor !=# '' ? ', ' . person.editor : '',
           \ person.you ? ', you' : '')
   endfor

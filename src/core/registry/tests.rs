@@ -695,9 +695,11 @@ fn closing_the_owners_connection_promotes_the_next_with_reason_closed() {
 }
 
 #[test]
-fn removing_a_spectator_sends_no_role_events() {
+fn removing_a_spectator_tells_each_held_entry_behind_it_its_new_position() {
     let mut h = Harness::new();
-    let (a, b, c, watcher) = (
+    let (a, b, c, d, e, watcher) = (
+        h.connect(ALICE),
+        h.connect(BOB),
         h.connect(ALICE),
         h.connect(BOB),
         h.connect(ALICE),
@@ -707,16 +709,176 @@ fn removing_a_spectator_sends_no_role_events() {
     let owner = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
     let third = h.track(c, "doc", "z");
+    let unheld = h.track_process(d, "doc", "v");
+    let fifth = h.track(e, "doc", "w");
+    h.close(d);
 
-    // The third entry moves from position 2 to 1, which alone is no news.
     let out = h.untrack_ref(b, "doc", &second.phx_ref);
 
+    // The owner, ahead of it, stands as it stood: it hears nothing. Those
+    // behind move up one; the one nobody holds hears it on its resume.
     assert_eq!(ok_reply::<UntrackReply>(&out, b).removed, 1);
-    assert!(role_changes(&out).is_empty(), "{out:?}");
+    assert_eq!(
+        role_summaries(&out),
+        [
+            (
+                c,
+                third.phx_ref.clone(),
+                spectator_standing(1, &owner.phx_ref)
+            ),
+            (
+                e,
+                fifth.phx_ref.clone(),
+                spectator_standing(3, &owner.phx_ref)
+            ),
+        ]
+    );
     let diff = the_diff(&out);
     assert_eq!(owner_ref(&diff.owner), Some(owner.phx_ref.as_str()));
     assert_eq!(refs_of(&diff.payload.leaves), refs(&[&second.phx_ref]));
-    assert_eq!(h.listed_refs("doc"), [owner.phx_ref, third.phx_ref]);
+    assert_eq!(
+        h.listed_refs("doc"),
+        [
+            owner.phx_ref,
+            third.phx_ref,
+            unheld.phx_ref,
+            fifth.phx_ref.clone()
+        ]
+    );
+
+    // The last in line leaving moves nobody.
+    let out = h.untrack_ref(e, "doc", &fifth.phx_ref);
+    assert!(role_changes(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn departures_applied_together_send_each_held_entry_one_role_event() {
+    let mut h = Harness::new();
+    let (a, b, c, d) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    let owner = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+    let third = h.track(c, "doc", "z");
+    let fourth = h.track(d, "doc", "w");
+
+    // The second and third leave in one run: the fourth moves from 3 to 1
+    // and hears it once; the owner hears nothing.
+    let out = h.end(&[Ending::Closed(c), Ending::Closed(b)]);
+    assert_eq!(
+        role_summaries(&out),
+        [(
+            d,
+            fourth.phx_ref.clone(),
+            spectator_standing(1, &owner.phx_ref)
+        )]
+    );
+    assert_eq!(h.listed_refs("doc"), [owner.phx_ref, fourth.phx_ref]);
+    assert!(!h.listed_refs("doc").contains(&second.phx_ref));
+    assert!(!h.listed_refs("doc").contains(&third.phx_ref));
+}
+
+#[test]
+fn a_resumed_entry_hears_what_changed_while_nobody_held_it_after_the_reply() {
+    let mut h = Harness::new();
+    let (a, b, c, d) = (
+        h.connect(ALICE),
+        h.connect(BOB),
+        h.connect(ALICE),
+        h.connect(BOB),
+    );
+    let owner = h.track(a, "doc", "x");
+    let second = h.track(b, "doc", "y");
+    let away = h.track_process(c, "doc", "z");
+    let behind = h.track_process(d, "doc", "w");
+    h.close(c);
+    h.close(d);
+    // Two changes while away: the second leaves, then the owner.
+    h.untrack_ref(b, "doc", &second.phx_ref);
+    h.untrack_ref(a, "doc", &owner.phx_ref);
+
+    // One role event, with the standing now, after the reply.
+    let c_again = h.connect(ALICE);
+    let out = h.resume(c_again, &[&away.resume_token]);
+    let reply: ResumeReply = ok_reply(&out, c_again);
+    assert_eq!(
+        summary(&reply.roles[&away.phx_ref]),
+        owner_standing(&away.phx_ref)
+    );
+    assert!(matches!(out.deliveries[0], Delivery::Reply { .. }));
+    assert_eq!(
+        role_summaries(&out),
+        [(c_again, away.phx_ref.clone(), owner_standing(&away.phx_ref))]
+    );
+
+    // Once told, it is not told again: resumed after another close, with
+    // nothing changed meanwhile, it hears only the reply.
+    h.close(c_again);
+    let c_third = h.connect(ALICE);
+    let out = h.resume(c_third, &[&away.resume_token]);
+    assert!(role_changes(&out).is_empty(), "{out:?}");
+    assert_eq!(out.deliveries.len(), 1);
+
+    // The entry behind was let go at position 3 and stands at 1 now.
+    let d_again = h.connect(BOB);
+    let out = h.resume(d_again, &[&behind.resume_token]);
+    assert_eq!(
+        role_summaries(&out),
+        [(
+            d_again,
+            behind.phx_ref.clone(),
+            spectator_standing(1, &away.phx_ref)
+        )]
+    );
+}
+
+#[test]
+fn a_resumed_entry_whose_standing_did_not_change_hears_only_the_reply() {
+    let mut h = Harness::new();
+    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+    let owner = h.track(a, "doc", "x");
+    let away = h.track_process(b, "doc", "y");
+    let later = h.track(c, "doc", "z");
+    h.close(b);
+    // Behind it, which does not move it; and an update of the owner,
+    // which gives the owner a new ref but not a new place.
+    h.untrack_ref(c, "doc", &later.phx_ref);
+    h.update_ref(a, "doc", &owner.phx_ref, meta(json!({"n": 1})));
+
+    let b_again = h.connect(BOB);
+    let out = h.resume(b_again, &[&away.resume_token]);
+    assert_eq!(ok_reply::<ResumeReply>(&out, b_again).resumed.len(), 1);
+    assert!(role_changes(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn after_a_restart_an_entry_behind_a_dead_owner_hears_of_it_on_its_resume() {
+    let stored = [
+        stored_entry(1, "doc", "gone", Lifetime::Process, "t1"),
+        stored_entry(2, "doc", "stays", Lifetime::Connection, "t2"),
+        stored_entry(3, "doc", "last", Lifetime::Connection, "t3"),
+        stored_entry(4, "other", "alone", Lifetime::Connection, "t4"),
+    ];
+    let (dead, kept) = stored.split_at(1);
+    let registry =
+        Registry::restore(Limits::default(), kept.to_vec(), 5).with_standings_as_stored(dead);
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+
+    let out = h.resume(a, &["t3", "t2", "t4"]);
+    let reply: ResumeReply = ok_reply(&out, a);
+    assert_eq!(reply.resumed.len(), 3);
+    // Told when stored: 2 a spectator at 1, 3 at 2, 4 the owner.
+    assert_eq!(
+        role_summaries(&out),
+        [
+            (a, ref_for(2), owner_standing(&ref_for(2))),
+            (a, ref_for(3), spectator_standing(1, &ref_for(2))),
+        ]
+    );
 }
 
 #[test]
@@ -752,11 +914,21 @@ fn owner_change_skips_process_entries_whose_connection_has_closed() {
         spectator_standing(1, &detached.phx_ref)
     );
     let b_again = h.connect(BOB);
-    let resumed: ResumeReply = ok_reply(&h.resume(b_again, &[&detached.resume_token]), b_again);
+    let out = h.resume(b_again, &[&detached.resume_token]);
+    let resumed: ResumeReply = ok_reply(&out, b_again);
     assert_eq!(resumed.resumed, std::slice::from_ref(&detached.phx_ref));
     assert_eq!(
         summary(&resumed.roles[&detached.phx_ref]),
         owner_standing(&detached.phx_ref)
+    );
+    assert_eq!(
+        role_summaries(&out),
+        [(
+            b_again,
+            detached.phx_ref.clone(),
+            owner_standing(&detached.phx_ref)
+        )],
+        "and, promoted while away, it is told so"
     );
     assert_eq!(h.listed_refs("doc"), [detached.phx_ref, third.phx_ref]);
 }
@@ -1330,13 +1502,25 @@ fn a_process_entry_resumes_by_token_from_a_new_connection_of_the_same_uid() {
         summary(&reply.roles[&owner.phx_ref]),
         owner_standing(&owner.phx_ref)
     );
-    assert_eq!(out.deliveries.len(), 1, "resuming tells nobody else");
+    assert_eq!(
+        out.deliveries.len(),
+        1,
+        "resuming tells nobody else, and the owner's standing did not change"
+    );
 
     // The new connection now holds it: it hears the role events.
     h.subscribe(b, "doc");
     let later = h.track(b, "doc", "z");
     let out = h.untrack_ref(b, "doc", &spectator.phx_ref);
-    assert!(role_changes(&out).is_empty());
+    assert_eq!(
+        role_summaries(&out),
+        [(
+            b,
+            later.phx_ref.clone(),
+            spectator_standing(1, &owner.phx_ref)
+        )],
+        "only the entry behind the one that left moves"
+    );
     let out = h.untrack_ref(a_again, "doc", &owner.phx_ref);
     assert_eq!(ok_reply::<UntrackReply>(&out, a_again).removed, 1);
     let roles = role_changes(&out);
@@ -2768,6 +2952,10 @@ struct Model {
     /// Entries another connection removed, by token: (uid, remembered
     /// until, ref).
     tombstones: BTreeMap<String, (u32, i64, String)>,
+    /// By seq, the standing each entry's holder was last told (by a reply
+    /// or a role event), as (position, owner's seq): a held entry whose
+    /// standing is no longer this must be sent a role event.
+    told: BTreeMap<u64, (usize, u64)>,
 }
 
 impl Model {
@@ -2861,6 +3049,26 @@ impl Model {
             .filter(|(_, c)| c.subscriptions.contains(topic))
             .map(|(conn, _)| *conn)
             .collect()
+    }
+
+    /// What decides the entry's standing: (position, owner's seq).
+    fn standing_by_seq(&self, entry: &ModelEntry) -> (usize, u64) {
+        let position = self
+            .on_topic(&entry.topic)
+            .take_while(|e| e.seq < entry.seq)
+            .count();
+        let owner = self.on_topic(&entry.topic).next().map_or(0, |e| e.seq);
+        (position, owner)
+    }
+
+    /// Notes that every entry's holder knows its standing as it is now (a
+    /// restart starts from the rows as stored).
+    fn all_told(&mut self) {
+        self.told = self
+            .entries
+            .iter()
+            .map(|e| (e.seq, self.standing_by_seq(e)))
+            .collect();
     }
 
     /// Where the entry stands: (role, readonly, position, owner's ref).
@@ -2972,7 +3180,7 @@ struct ExpectedDiff {
 }
 
 /// What one step must send besides its reply and the role events, which
-/// follow from the owners before and after.
+/// follow from the standings each holder was last told.
 #[derive(Debug, Default)]
 struct Expected {
     diffs: Vec<ExpectedDiff>,
@@ -3162,9 +3370,8 @@ impl World {
     /// Runs one action against the registry and the model and checks
     /// everything it sent and left behind.
     fn step(&mut self, action: &Action) {
-        let owners_before = self.model.owners();
         let (out, expected) = self.run(action);
-        self.check_deliveries(&out, &expected, &owners_before);
+        self.check_deliveries(&out, &expected);
         self.check_state();
     }
 
@@ -3490,6 +3697,10 @@ impl World {
             summary(&reply.standing),
             self.model.standing(&reply.phx_ref)
         );
+        let told = self
+            .model
+            .standing_by_seq(self.model.entries.last().unwrap());
+        self.model.told.insert(reply.seq, told);
         self.issued.push(Issued {
             phx_ref: reply.phx_ref.clone(),
             topic: topic.to_owned(),
@@ -3648,7 +3859,13 @@ impl World {
             ),
         );
         let reply: ResumeReply = ok_reply(&out, conn);
-        assert_eq!(out.deliveries.len(), 1, "resuming sends only its reply");
+        assert!(
+            out.deliveries[1..].iter().all(|delivery| matches!(
+                delivery,
+                Delivery::Event { to, event: Event::Role { .. } } if *to == [conn]
+            )),
+            "resuming sends its reply, then role events to the resumer only"
+        );
         assert!(
             out.changes.is_empty(),
             "who holds an entry is not persisted"
@@ -3753,6 +3970,7 @@ impl World {
             entry.conn = None;
             entry.deadline = (entry.lifetime == Lifetime::Connection).then_some(deadline);
         }
+        self.model.all_told();
         self.views.clear();
         for slot in 0..SLOT_UIDS.len() {
             self.slots[slot] = self.open(slot);
@@ -3761,31 +3979,26 @@ impl World {
 
     /// Checks the lines of one step, and applies them to the subscribers'
     /// views and the changes to the persisted rows.
-    fn check_deliveries(
-        &mut self,
-        out: &Outbox,
-        expected: &Expected,
-        owners_before: &BTreeMap<String, u64>,
-    ) {
-        // Role events: exactly one for each entry with a connection on each
-        // topic whose owner changed, none otherwise.
-        let owners_after = self.model.owners();
+    fn check_deliveries(&mut self, out: &Outbox, expected: &Expected) {
+        // Role events: exactly one for each entry a connection holds whose
+        // standing (position and owner) is not the one its holder was last
+        // told, none otherwise; then its holder knows it.
         let mut expected_roles = BTreeMap::new();
-        for (topic, owner) in &owners_after {
-            if owners_before
-                .get(topic)
-                .is_some_and(|before| before != owner)
-            {
-                for entry in self.model.on_topic(topic) {
-                    if let Some(conn) = entry.conn {
-                        expected_roles.insert(
-                            (conn, entry.phx_ref.clone()),
-                            (topic.clone(), self.model.standing(&entry.phx_ref)),
-                        );
-                    }
-                }
+        let mut told_now = Vec::new();
+        for entry in &self.model.entries {
+            let Some(conn) = entry.conn else { continue };
+            let standing = self.model.standing_by_seq(entry);
+            if self.model.told.get(&entry.seq) != Some(&standing) {
+                expected_roles.insert(
+                    (conn, entry.phx_ref.clone()),
+                    (entry.topic.clone(), self.model.standing(&entry.phx_ref)),
+                );
             }
+            told_now.push((entry.seq, standing));
         }
+        self.model.told.extend(told_now);
+        let live: BTreeSet<u64> = self.model.entries.iter().map(|e| e.seq).collect();
+        self.model.told.retain(|seq, _| live.contains(seq));
         let mut roles = BTreeMap::new();
         let mut diffs = Vec::new();
         let mut states = Vec::new();
@@ -4061,8 +4274,9 @@ proptest! {
 
     /// After every step of a random history: one owner per topic and it is
     /// the lowest seq; every subscriber's state plus its diffs equals
-    /// `list`; every owner change reaches each remaining entry exactly once
-    /// and nothing else sends a role event; seqs and refs are never reused;
+    /// `list`; every change of an entry's standing (position or owner)
+    /// reaches its holder exactly once, at once if it is held and on its
+    /// resume if not, and nothing else sends a role event; seqs and refs are never reused;
     /// and the persisted rows match the entries.
     #[test]
     fn random_histories_keep_the_registry_consistent_with_the_model(
@@ -4156,6 +4370,8 @@ fn dump(registry: &Registry) -> String {
         "tombstones by expiry {:?}",
         registry.tombstones_by_expiry
     ));
+    let told_before: BTreeMap<_, _> = registry.told_before.iter().collect();
+    lines.push(format!("told before {told_before:?}"));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }

@@ -479,6 +479,32 @@ fn dead_rows_at_start_are_the_first_commit_and_retried() {
     assert_eq!(h.timeout(), None);
 }
 
+/// A spectator whose owner's process exited while no daemon ran was told
+/// it was a spectator: resumed, it is told after the reply that it owns
+/// the topic now, once the start's deletions are saved.
+#[test]
+fn a_spectator_behind_an_owner_dead_at_start_hears_its_promotion_on_resume() {
+    let restored = Restored {
+        kept: vec![stored_entry("stays", 2, Lifetime::Process)],
+        departed: vec![stored_entry("gone", 1, Lifetime::Process)],
+        next_seq: 3,
+    };
+    let mut h = H::with(16, restored);
+    assert!(h.burst().is_some());
+    h.ok();
+    h.connect([1]);
+    h.committed_batch([resume(1, 1, "stays")]);
+
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["id"], 1);
+    assert_eq!(lines[0]["roles"]["p2"]["role"], "owner");
+    assert_eq!(lines[1]["event"], "role");
+    assert_eq!(lines[1]["payload"]["ref"], "p2");
+    assert_eq!(lines[1]["payload"]["role"], "owner");
+    assert_eq!(lines[1]["payload"]["position"], 0);
+}
+
 #[test]
 fn a_start_with_nothing_to_remove_needs_no_commit() {
     let restored = Restored {

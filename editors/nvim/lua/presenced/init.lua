@@ -306,8 +306,9 @@ local function add_metas(into, presences)
   end
 end
 
--- The entries on the topic in queue order (owner first).
-local function queue_of(entry)
+-- The entries on the topic in the order they joined, for display only:
+-- who owns the topic and where each one stands is the daemon's to say.
+local function in_join_order(entry)
   local list = {}
   for _, meta in pairs(entry.metas or {}) do
     table.insert(list, meta)
@@ -316,6 +317,15 @@ local function queue_of(entry)
     return a.seq < b.seq
   end)
   return list
+end
+
+-- How many entries the subscription shows on the topic.
+local function count_metas(entry)
+  local count = 0
+  for _ in pairs(entry.metas or {}) do
+    count = count + 1
+  end
+  return count
 end
 
 -- The `saved_at` of a meta, or nil: a number only when some editor saved.
@@ -334,17 +344,18 @@ local function note_save(entry, meta)
   end
 end
 
--- The owner as last heard: from the standing, or, for an entry that was
--- removed, the first in the queue the subscription shows.
+-- The topic's owner as the daemon last named it: in the entry's standing
+-- while it is joined, else in the subscription's latest state or diff
+-- (for an entry that was removed, whoever was promoted when it went).
+-- nil when none is known, or when the one named is this entry itself.
 local function current_owner(entry)
   if entry.status == 'joined' and entry.standing and not is_null(entry.standing.owner) then
     return entry.standing.owner
   end
-  if entry.status == 'removed' then
-    local first = queue_of(entry)[1]
-    if first then
-      return { key = first.key, pid = first.pid, user = first.user, joined_at = first.joined_at, phx_ref = first.phx_ref }
-    end
+  local owner = entry.topic_owner
+  local gone_ref = type(entry.removal) == 'table' and entry.removal.ref or nil
+  if entry.status == 'removed' and type(owner) == 'table' and owner.phx_ref ~= gone_ref then
+    return owner
   end
   return nil
 end
@@ -595,6 +606,8 @@ local function on_presence_event(message)
   if not entry then
     return
   end
+  -- Who owns the topic, as the daemon says after this event.
+  entry.topic_owner = type(message.owner) == 'table' and message.owner or nil
   if message.event == 'presence_state' then
     -- A state replaces the whole view, even one not asked for (section 14).
     entry.metas = {}
@@ -692,7 +705,6 @@ local function track(entry)
     if reply.ok then
       entry.ref = reply.ref
       entry.token = reply.resume_token
-      entry.seq = reply.seq
       -- The track carried the whole meta, unless it changed meanwhile (a
       -- write or an override while the track was on its way).
       entry.meta_unsent = entry.meta ~= sent_meta
@@ -891,7 +903,7 @@ removed = function(entry, removal)
   if entry.ref and by_ref[entry.ref] == entry then
     by_ref[entry.ref] = nil
   end
-  entry.ref, entry.token, entry.seq = nil, nil, nil
+  entry.ref, entry.token = nil, nil
   entry.tracking = false
   entry.status = 'removed'
   entry.removal = removal
@@ -915,8 +927,8 @@ local function track_unjoined(conn)
 end
 
 -- Gets back everything after a (re)connect, as docs/protocol.md section 13
--- says: resume every token, compare the standings, track again what the
--- daemon no longer has, and subscribe again.
+-- says: resume every token, take the standings it gives, track again what
+-- the daemon no longer has, and subscribe again.
 local function restore(conn)
   local tokens, owner_of_token = {}, {}
   for _, entry in pairs(entries) do
@@ -1418,20 +1430,16 @@ local function guards_writes(bufnr, entry)
   return is_guarded(entry) or buffers[bufnr].saved ~= nil
 end
 
--- The owner a spectator waits for; for a removed entry, the first in line
--- as the subscription last showed it (someone was promoted when it went),
--- as the other plugins name it. nil when no owner is known: the daemon
--- cannot be reached, or the entry is joining.
+-- The owner a spectator waits for; for a removed entry, the owner the
+-- daemon last named to the subscription (someone was promoted when it
+-- went), as the other plugins name it. nil when no owner is known: the
+-- daemon cannot be reached, or the entry is joining.
 local function known_owner(entry)
   if entry.status == 'joined' and entry.standing.role ~= 'owner' and type(entry.standing.owner) == 'table' then
     return entry.standing.owner
   end
   if entry.status == 'removed' then
-    for _, meta in ipairs(queue_of(entry)) do
-      if meta.phx_ref ~= entry.ref then
-        return meta
-      end
-    end
+    return current_owner(entry)
   end
   return nil
 end
@@ -1595,23 +1603,13 @@ function M.state(bufnr)
     return nil
   end
   local standing = entry.standing or {}
-  local position = standing.position
-  if entry.status == 'joined' and entry.seq and next(entry.metas) then
-    -- Role events are not sent when someone ahead in the queue leaves,
-    -- so count the entries ahead from the subscription instead.
-    position = 0
-    for _, meta in pairs(entry.metas) do
-      if meta.seq < entry.seq then
-        position = position + 1
-      end
-    end
-  end
   return {
     topic = entry.topic,
     key = entry.key,
     status = entry.status,
     role = entry.status == 'joined' and standing.role or nil,
-    position = entry.status == 'joined' and position or nil,
+    -- As the daemon last said: it sends a role event whenever it changes.
+    position = entry.status == 'joined' and standing.position or nil,
     owner = current_owner(entry),
     ref = entry.ref,
     error = entry.status == 'refused' and entry.error or link.error,
@@ -1631,7 +1629,7 @@ function M.status(bufnr)
   local text
   if state.status == 'joined' then
     if state.role == 'owner' then
-      local watching = #queue_of(entries[state.topic]) - 1
+      local watching = count_metas(entries[state.topic]) - 1
       text = watching > 0 and ('owner, %d watching'):format(watching) or 'owner'
     else
       local owner = state.owner or {}
@@ -1652,23 +1650,36 @@ function M.status(bufnr)
   return text
 end
 
--- Who is on the buffer's topic, owner first:
+-- Who is on the buffer's topic, in the order they joined:
 -- { {key, pid, user, editor, role = 'owner'|'spectator', position, you}, ... }
+-- The owner is the one the daemon names; `position` is known for the
+-- owner (0) and for this editor (its standing), nil for the others.
 function M.who(bufnr)
   local state = M.state(bufnr)
   if not state then
     return {}
   end
+  local entry = entries[state.topic]
+  local owner = state.owner or entry.topic_owner
+  local owner_ref = type(owner) == 'table' and owner.phx_ref or nil
   local list = {}
-  for position, meta in ipairs(queue_of(entries[state.topic])) do
+  for _, meta in ipairs(in_join_order(entry)) do
+    local you = meta.phx_ref == state.ref
+    local owns = meta.phx_ref == owner_ref or (you and state.role == 'owner')
+    local position = nil
+    if owns then
+      position = 0
+    elseif you then
+      position = state.position
+    end
     table.insert(list, {
       key = meta.key,
       pid = meta.pid,
       user = meta.user,
       editor = meta.editor,
-      role = position == 1 and 'owner' or 'spectator',
-      position = position - 1,
-      you = meta.phx_ref == state.ref,
+      role = owns and 'owner' or 'spectator',
+      position = position,
+      you = you,
     })
   end
   return list
@@ -1706,7 +1717,7 @@ function M.print_who()
   local lines = { ('presenced: on %s:'):format(state.topic) }
   for _, person in ipairs(list) do
     table.insert(lines, ('  %-12s %s (pid %s)%s%s'):format(
-      person.role == 'owner' and 'owner' or ('spectator #' .. person.position),
+      person.role == 'owner' and 'owner' or (person.position and ('spectator #' .. person.position) or 'spectator'),
       person.key,
       person.pid,
       person.editor and (', ' .. person.editor) or '',
