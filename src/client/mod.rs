@@ -10,7 +10,7 @@
 //! # Connecting
 //!
 //! A daemon serves one Unix socket, for each user by default
-//! [`paths::default_socket`]. [`Client::connect`] connects to the daemon
+//! [`default_socket`]. [`Client::connect`] connects to the daemon
 //! listening there; [`Client::connect_or_start`] first starts one
 //! when nobody listens, by running the [`DaemonCommand`] it is given:
 //! [`DaemonCommand::installed`] for the `presence` on `PATH`, or one
@@ -26,9 +26,10 @@
 //! the one the editor plugins use). The first entry on a topic owns it;
 //! every later one is a spectator, in line. The reply's
 //! [`Standing`](crate::protocol::Standing) says which, and who the owner
-//! is. When the owner leaves, every entry left on the topic gets an
-//! [`Event::Role`] with its new standing on its events: the new owner, and
-//! each spectator its new place and owner. An entry with
+//! is. Whenever that changes (the owner leaves, or someone ahead in line
+//! does), the entry gets an [`Event::Role`] with its new standing on its
+//! events: the daemon works out every standing, and a client only shows
+//! it. An entry with
 //! [`TrackRequest::new`]'s defaults lasts as long as the connection:
 //! dropping the client or exiting leaves the topic, and the next in line
 //! is promoted.
@@ -38,7 +39,7 @@
 //! use presenced::protocol::{Event, Role, TrackRequest};
 //!
 //! # async fn join() -> Result<(), ClientError> {
-//! let socket = presenced::paths::default_socket();
+//! let socket = presenced::client::default_socket();
 //! let (client, mut events) =
 //!     Client::connect_or_start(&socket, &DaemonCommand::installed()).await?;
 //! let joined = client
@@ -83,7 +84,7 @@
 //! use presenced::protocol::{Event, TrackRequest};
 //!
 //! # async fn follow() -> Result<(), ClientError> {
-//! let socket = presenced::paths::default_socket();
+//! let socket = presenced::client::default_socket();
 //! let connected = Client::connect(&socket).await?;
 //! let (session, mut events) = Session::new(&socket, connected, Reconnect::default());
 //! session.track(TrackRequest::new("build", "ci-runner")).await?;
@@ -149,8 +150,8 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// Nothing vouches for whatever listens at the socket (see
-    /// [`crate::paths::check_socket_folder`]): one line naming the path,
-    /// its owner and what to do. Nothing was sent.
+    /// [`connect_stream`]): one line naming the path, its owner and what to
+    /// do. Nothing was sent.
     Untrusted(String),
     /// Starting a daemon on demand failed: why, in one line, with the
     /// daemon's own last error when it wrote one.
