@@ -104,19 +104,41 @@ async fn the_example_prints_each_change_of_its_role_until_interrupted() {
     .await;
 }
 
-#[tokio::test]
-async fn the_example_starts_the_daemon_it_names_when_none_runs() {
+/// The example, run as bob on `doc` where no daemon runs, with the
+/// `presence` under test as its daemon program: it has started one and
+/// owns the topic.
+struct BobAlone {
+    socket: PathBuf,
+    db: PathBuf,
+    _bob: Running,
+    _cleanup: KillDaemonsOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+async fn bob_alone_with_no_daemon_running() -> BobAlone {
     let dir = tempfile::tempdir().expect("temporary folder");
     let socket = dir.path().join("run/presenced.sock");
     let db = dir.path().join("state/presence.db");
-    let _cleanup = KillDaemonsOnDrop(socket.clone());
-
+    let cleanup = KillDaemonsOnDrop(socket.clone());
     let mut bob =
         Running::spawn(watch_role_command(&socket, &db, presence_bin()).args(["doc", "bob"]));
     assert_eq!(bob.line().await, "owner");
+    BobAlone {
+        socket,
+        db,
+        _bob: bob,
+        _cleanup: cleanup,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn the_example_starts_the_daemon_it_names_when_none_runs() {
+    let BobAlone { socket, db, .. } = &bob_alone_with_no_daemon_running().await;
+    let (socket, db) = (socket.as_path(), db.as_path());
 
     // What it started is a presence daemon, on demand, with its database.
-    let (client, _events) = common::connect(&socket).await;
+    let (client, _events) = common::connect(socket).await;
     let status = within("status", client.status()).await.expect("status");
     assert_eq!(status.started_by.as_deref(), Some("autostart"));
     assert_eq!(Path::new(&status.db), db);
@@ -129,15 +151,9 @@ async fn the_example_starts_the_daemon_it_names_when_none_runs() {
 
 #[tokio::test]
 async fn after_a_crash_the_example_starts_its_daemon_again_and_keeps_its_place() {
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let socket = dir.path().join("run/presenced.sock");
-    let db = dir.path().join("state/presence.db");
-    let _cleanup = KillDaemonsOnDrop(socket.clone());
-
-    let mut bob =
-        Running::spawn(watch_role_command(&socket, &db, presence_bin()).args(["doc", "bob"]));
-    assert_eq!(bob.line().await, "owner");
-    let (client, _events) = common::connect(&socket).await;
+    let BobAlone { socket, .. } = &bob_alone_with_no_daemon_running().await;
+    let socket = socket.as_path();
+    let (client, _events) = common::connect(socket).await;
     let crashed = within("status", client.status()).await.expect("status").pid;
     drop(client);
     common::signal(crashed, Signal::SIGKILL);
@@ -145,7 +161,7 @@ async fn after_a_crash_the_example_starts_its_daemon_again_and_keeps_its_place()
     // The example's session starts a daemon as the example did, and takes
     // its entry back there.
     common::eventually("a new daemon with bob's entry back", async || {
-        let Ok((client, _events)) = presenced::client::Client::connect(&socket).await else {
+        let Ok((client, _events)) = presenced::client::Client::connect(socket).await else {
             return false;
         };
         let (Ok(status), Ok(listed)) = (client.status().await, client.list("doc").await) else {

@@ -101,6 +101,11 @@ impl Harness {
         }
     }
 
+    /// `N` connections, alice's and bob's in turn, alice's first.
+    fn connect_in_turn<const N: usize>(&mut self) -> [ConnId; N] {
+        std::array::from_fn(|i| self.connect(if i % 2 == 0 { ALICE } else { BOB }))
+    }
+
     fn connect(&mut self, uid: u32) -> ConnId {
         let conn = self.next_conn;
         self.next_conn += 1;
@@ -523,7 +528,7 @@ fn stored_entry(seq: u64, topic: &str, key: &str, lifetime: Lifetime, token: &st
 #[test]
 fn first_track_owns_the_topic_and_later_tracks_spectate_in_join_order() {
     let mut h = Harness::new();
-    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+    let [a, b, c] = h.connect_in_turn();
 
     let first = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
@@ -554,7 +559,7 @@ fn first_track_owns_the_topic_and_later_tracks_spectate_in_join_order() {
 #[test]
 fn a_view_taken_before_a_change_still_shows_the_old_state() {
     let mut h = Harness::new();
-    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let [a, b] = h.connect_in_turn();
     let first = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
 
@@ -597,12 +602,7 @@ fn tracks_on_different_topics_each_own_their_topic() {
 #[test]
 fn untracking_the_owner_promotes_the_next_and_tells_each_remaining_entry_once() {
     let mut h = Harness::new();
-    let (a, b, c, watcher) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     let owner = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
@@ -649,12 +649,7 @@ fn untracking_the_owner_promotes_the_next_and_tells_each_remaining_entry_once() 
 #[test]
 fn closing_the_owners_connection_promotes_the_next_with_reason_closed() {
     let mut h = Harness::new();
-    let (a, b, c, watcher) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     let owner = h.track(a, "doc", "x");
     let owner_too = h.track(a, "doc", "x2");
@@ -697,14 +692,7 @@ fn closing_the_owners_connection_promotes_the_next_with_reason_closed() {
 #[test]
 fn removing_a_spectator_tells_each_held_entry_behind_it_its_new_position() {
     let mut h = Harness::new();
-    let (a, b, c, d, e, watcher) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, d, e, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     let owner = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
@@ -754,12 +742,7 @@ fn removing_a_spectator_tells_each_held_entry_behind_it_its_new_position() {
 #[test]
 fn departures_applied_together_send_each_held_entry_one_role_event() {
     let mut h = Harness::new();
-    let (a, b, c, d) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, d] = h.connect_in_turn();
     let owner = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
     let third = h.track(c, "doc", "z");
@@ -784,12 +767,7 @@ fn departures_applied_together_send_each_held_entry_one_role_event() {
 #[test]
 fn a_resumed_entry_hears_what_changed_while_nobody_held_it_after_the_reply() {
     let mut h = Harness::new();
-    let (a, b, c, d) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, d] = h.connect_in_turn();
     let owner = h.track(a, "doc", "x");
     let second = h.track(b, "doc", "y");
     let away = h.track_process(c, "doc", "z");
@@ -838,7 +816,7 @@ fn a_resumed_entry_hears_what_changed_while_nobody_held_it_after_the_reply() {
 #[test]
 fn a_resumed_entry_whose_standing_did_not_change_hears_only_the_reply() {
     let mut h = Harness::new();
-    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+    let [a, b, c] = h.connect_in_turn();
     let owner = h.track(a, "doc", "x");
     let away = h.track_process(b, "doc", "y");
     let later = h.track(c, "doc", "z");
@@ -896,7 +874,7 @@ fn removing_the_last_entry_sends_no_role_events_and_forgets_the_topic() {
 #[test]
 fn owner_change_skips_process_entries_whose_connection_has_closed() {
     let mut h = Harness::new();
-    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(ALICE));
+    let [a, b, c] = h.connect_in_turn();
     let owner = h.track(a, "doc", "x");
     let detached = h.track_process(b, "doc", "y");
     let third = h.track(c, "doc", "z");
@@ -1386,12 +1364,7 @@ fn requests_from_a_closed_connection_change_nothing() {
 #[test]
 fn a_process_exit_removes_every_entry_of_that_process_with_reason_pid_exit() {
     let mut h = Harness::new();
-    let (a, b, c, watcher) = (
-        h.connect(ALICE),
-        h.connect(BOB),
-        h.connect(ALICE),
-        h.connect(BOB),
-    );
+    let [a, b, c, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     h.subscribe(watcher, "notes");
     let editor = ProcessId {
@@ -1487,7 +1460,7 @@ fn close_removes_connection_entries_and_keeps_process_entries() {
 #[test]
 fn a_process_entry_resumes_by_token_from_a_new_connection_of_the_same_uid() {
     let mut h = Harness::new();
-    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let [a, b] = h.connect_in_turn();
     let owner = h.track_process(a, "doc", "x");
     let spectator = h.track(b, "doc", "y");
     h.close(a);
@@ -1753,7 +1726,7 @@ fn subscribe_replies_before_it_sends_the_presence_state() {
 #[test]
 fn a_subscribed_tracker_gets_its_reply_before_the_diff_of_its_own_join() {
     let mut h = Harness::new();
-    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    let [a, watcher] = h.connect_in_turn();
     h.subscribe(a, "doc");
     h.subscribe(watcher, "doc");
     let out = h.try_track(a, track_request("doc", "x"));
@@ -1770,7 +1743,7 @@ fn a_subscribed_tracker_gets_its_reply_before_the_diff_of_its_own_join() {
 #[test]
 fn track_with_subscribe_replies_then_sends_a_state_that_includes_the_entry() {
     let mut h = Harness::new();
-    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    let [a, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     let mut request = track_request("doc", "x");
     request.subscribe = true;
@@ -1821,7 +1794,7 @@ fn unsubscribe_and_close_end_a_subscription() {
 #[test]
 fn resync_sends_a_fresh_state_only_for_topics_still_subscribed() {
     let mut h = Harness::new();
-    let (a, watcher) = (h.connect(ALICE), h.connect(BOB));
+    let [a, watcher] = h.connect_in_turn();
     h.subscribe(watcher, "doc");
     let entry = h.track(a, "doc", "x");
     let mut out = Outbox::default();
@@ -4392,7 +4365,7 @@ fn dump(registry: &Registry) -> String {
 #[test]
 fn history_records_joins_leaves_with_reasons_and_each_new_owner() {
     let mut h = Harness::new();
-    let (a, b) = (h.connect(ALICE), h.connect(BOB));
+    let [a, b] = h.connect_in_turn();
     let joined = h.try_track(a, track_request("doc", "x"));
     let owner = ok_reply::<TrackReply>(&joined, a);
     assert_eq!(
