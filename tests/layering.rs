@@ -4,9 +4,12 @@
 //! Every path from one module of the crate into another is found in the
 //! source: `crate::a::b`, a `super::` that climbs out of its module, and a
 //! path through a child module the file declares (`mod registry;` then
-//! `registry::Entry`). Each one is checked against [`MAY_USE`]. Comments,
-//! strings and character literals are skipped, so prose may name any
-//! module; code may not.
+//! `registry::Entry`). Each one is checked against [`MAY_USE`]. A module
+//! named whole (`use crate::core;`, an alias, a `*` or `self`) counts as
+//! every layer below it, so an alias or a glob cannot carry a forbidden
+//! path past the check; `#[path]` and `include!` are refused outright.
+//! Comments, strings and character literals are skipped, so prose may
+//! name any module; code may not.
 
 use std::path::{Path, PathBuf};
 
@@ -97,6 +100,28 @@ const DAEMON_ITEMS_FOR_CLI: &[&str] = &["run", "DaemonConfig", "Retention", "DEF
 /// the client library; the registry's model tests feed it requests through
 /// the ops, as the core does.
 const TESTS_MAY_ALSO_USE: &[(Layer, &[Layer])] = &[(Daemon, &[Client]), (Registry, &[Ops])];
+
+/// Every layer a path reaches. A path to a module, named whole (`use
+/// crate::core;`), aliased, or with its items taken by `*` or `self`,
+/// reaches the module's layer and every layer below it: `crate::core`
+/// reaches the core, the registry and the store, and `crate` itself (`use
+/// crate as root;`, `crate::*`) every layer.
+fn layers_reached(path: &[String]) -> Vec<Layer> {
+    let module = match path.last().map(String::as_str) {
+        Some("*" | "self") => &path[..path.len() - 1],
+        _ => path,
+    };
+    let below = LAYER_OF_MODULE.iter().filter(|(prefix, _)| {
+        prefix.len() > module.len() && prefix.iter().zip(module).all(|(a, b)| a == b)
+    });
+    let mut layers: Vec<Layer> = layer_of_module(module).into_iter().collect();
+    for &(_, layer) in below {
+        if !layers.contains(&layer) {
+            layers.push(layer);
+        }
+    }
+    layers
+}
 
 fn layer_of_module(path: &[String]) -> Option<Layer> {
     LAYER_OF_MODULE
@@ -270,8 +295,7 @@ fn paths_out_of(file_module: &[String], code: &str) -> Vec<(usize, Vec<String>)>
             }
             _ => {}
         }
-        let starts_path = i == 0 || tokens[i - 1].1 != "::";
-        if starts_path && tokens.get(i + 1).is_some_and(|t| t.1 == "::") {
+        if starts_path(&tokens, i) {
             let mut here: Vec<String> = file_module.to_vec();
             here.extend(inline_modules.iter().map(|(name, _)| name.clone()));
             let (paths, end) = path_segments(&tokens, i);
@@ -297,6 +321,26 @@ fn paths_out_of(file_module: &[String], code: &str) -> Vec<(usize, Vec<String>)>
     found
 }
 
+/// Whether a path starts at token `i`: an identifier followed by `::`, or
+/// named by a `use` on its own (`use tokio as t;`, `use store as s;`), and
+/// not the middle of a longer path; a leading `::` (`::tokio::spawn`) does
+/// not hide the path after it.
+fn starts_path(tokens: &[(usize, String)], i: usize) -> bool {
+    let is_ident = |t: &str| t.chars().all(|c| c.is_alphanumeric() || c == '_');
+    let token = tokens[i].1.as_str();
+    if !is_ident(token) {
+        return false;
+    }
+    let previous = i.checked_sub(1).map(|at| tokens[at].1.as_str());
+    let leading_colons = previous == Some("::")
+        && i.checked_sub(2)
+            .is_none_or(|at| !is_ident(&tokens[at].1) && tokens[at].1 != ">");
+    if previous == Some("::") && !leading_colons {
+        return false;
+    }
+    tokens.get(i + 1).is_some_and(|t| t.1 == "::") || previous == Some("use")
+}
+
 /// Identifiers, `::` and single punctuation, each with its line.
 fn tokenize(code: &str) -> Vec<(usize, String)> {
     let mut tokens = Vec::new();
@@ -306,6 +350,15 @@ fn tokenize(code: &str) -> Vec<(usize, String)> {
         while i < chars.len() {
             let c = chars[i];
             if c.is_alphanumeric() || c == '_' {
+                // A raw identifier, `r#name`, is `name`.
+                let raw = c == 'r'
+                    && chars.get(i + 1) == Some(&'#')
+                    && chars
+                        .get(i + 2)
+                        .is_some_and(|c| c.is_alphanumeric() || *c == '_');
+                if raw {
+                    i += 2;
+                }
                 let start = i;
                 while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
                     i += 1;
@@ -414,23 +467,40 @@ fn breaches_in(relative: &Path, source: &str) -> Vec<Breach> {
     };
     let test_file = is_test_file(relative);
     let mut breaches = Vec::new();
-    for (line, path) in paths_out_of(&file_module, &code_only(source)) {
-        let Some(to) = layer_of_module(&path) else {
-            continue;
-        };
-        let allowed = may_use(from, to)
-            || (test_file
-                && TESTS_MAY_ALSO_USE
-                    .iter()
-                    .any(|&(layer, also)| layer == from && also.contains(&to)))
-            || (from == Cli && to == Daemon && is_daemon_item_for_cli(&path));
-        if !allowed {
+    let code = code_only(source);
+    for (line, path) in paths_out_of(&file_module, &code) {
+        for to in layers_reached(&path) {
+            let allowed = may_use(from, to)
+                || (test_file
+                    && TESTS_MAY_ALSO_USE
+                        .iter()
+                        .any(|&(layer, also)| layer == from && also.contains(&to)))
+                || (from == Cli && to == Daemon && is_daemon_item_for_cli(&path));
+            if !allowed {
+                breaches.push(Breach {
+                    file: relative.display().to_string(),
+                    line,
+                    path: format!("crate::{}", path.join("::")),
+                    from,
+                    to,
+                });
+            }
+        }
+    }
+    // A module brought in from another file's path, or source pasted in,
+    // would sit in this file's layer whatever it is.
+    let tokens = tokenize(&code);
+    for (at, window) in tokens.windows(3).enumerate() {
+        let [first, second, third] = [&window[0].1, &window[1].1, &window[2].1];
+        let included = (first == "#" && second == "[" && third == "path")
+            || (first == "include" && second == "!");
+        if included && from != Root {
             breaches.push(Breach {
                 file: relative.display().to_string(),
-                line,
-                path: path.join("::"),
+                line: tokens[at].0,
+                path: format!("{first}{second}{third}: a module from elsewhere"),
                 from,
-                to,
+                to: Root,
             });
         }
     }
@@ -494,8 +564,7 @@ fn io_named_in(relative: &Path, source: &str) -> Vec<String> {
     let tokens = tokenize(&code_only(source));
     let mut found = Vec::new();
     for start in 0..tokens.len() {
-        let starts_path = start == 0 || tokens[start - 1].1 != "::";
-        if !starts_path || tokens.get(start + 1).is_none_or(|t| t.1 != "::") {
+        if !starts_path(&tokens, start) {
             continue;
         }
         // Each path whole, a use-tree's braces expanded, so that
@@ -596,6 +665,8 @@ fn io_in_a_layer_without_it_is_found() {
         "let t = SystemTime::now();",
         "use std::{fs, collections::HashMap};",
         "#[tokio::test]",
+        "fn f() { ::tokio::spawn(g()); }",
+        "use tokio as t;",
     ] {
         let found = io_named_in(registry, source);
         assert_eq!(found.len(), 1, "{source}: {found:?}");
@@ -616,7 +687,7 @@ fn beyond_the_api(name: &str, source: &str) -> Vec<String> {
     let tokens = tokenize(&code_only(source));
     let mut found = Vec::new();
     for start in 0..tokens.len() {
-        if tokens[start].1 != "presenced" || (start > 0 && tokens[start - 1].1 == "::") {
+        if tokens[start].1 != "presenced" || !starts_path(&tokens, start) {
             continue;
         }
         for path in path_segments(&tokens, start).0 {
@@ -663,6 +734,16 @@ fn a_forbidden_import_is_found_however_it_is_written() {
         "use crate::{core::registry::ProcessId, paths};",
         "fn f() { let _ = crate::daemon::run; }",
         "use crate::core::{\n    registry::ProcessId,\n};",
+        // Every layer at once, through a glob or an alias of the root.
+        "use super::*;",
+        "use crate::*;",
+        "use crate as root;\nfn f() { root::daemon::run(); }",
+        "use crate::{self as root};",
+        // A raw identifier is the same name.
+        "use crate::r#daemon::run;",
+        // A module of another layer's file, or its text.
+        "#[path = \"core/store.rs\"]\nmod store;",
+        "include!(\"core/store.rs\");",
     ] {
         let breaches = breaches_in(sys, source);
         assert!(!breaches.is_empty(), "not found in sys.rs: {source}");
@@ -675,10 +756,27 @@ fn a_forbidden_import_is_found_however_it_is_written() {
     let found = breaches_in(Path::new("core/registry.rs"), "use super::store::Store;");
     assert_eq!(found.len(), 1, "{found:?}");
     // Through a child module the file declares: the core's loop may not
-    // use the store.
-    let found = breaches_in(Path::new("core/mod.rs"), "mod store;\nuse store::Store;");
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!((found[0].to, found[0].line), (Store, 2));
+    // use the store, by a path or by an alias.
+    for source in [
+        "mod store;\nuse store::Store;",
+        "mod store;\nuse store as s;",
+    ] {
+        let found = breaches_in(Path::new("core/mod.rs"), source);
+        assert_eq!(found.len(), 1, "{source}: {found:?}");
+        assert_eq!((found[0].to, found[0].line), (Store, 2));
+    }
+    // A module named whole reaches every layer below it: the ops may use
+    // the registry, not the core's loop or the store beside it.
+    let found = breaches_in(Path::new("ops/list.rs"), "use crate::core;");
+    let reached: Vec<Layer> = found.iter().map(|breach| breach.to).collect();
+    assert_eq!(reached, [Core, Store], "{found:?}");
+    assert!(
+        breaches_in(
+            Path::new("ops/list.rs"),
+            "use crate::core::registry::{self, Entry};"
+        )
+        .is_empty()
+    );
     // The CLI takes only what runs `presence daemon` from the io layer.
     assert!(
         breaches_in(

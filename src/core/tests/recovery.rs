@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::recovery::{Fact, Outage, Recovery, describe};
 use crate::core::registry::ProcessId;
-use crate::core::*;
+use crate::core::{CommitFailed, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 
 #[test]
 fn retries_wait_longer_after_each_failure_and_requests_do_not_hold_them_off() {
