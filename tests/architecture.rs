@@ -144,3 +144,88 @@ fn a_tree_nests_names_under_the_folder_or_file_above_them() {
         ]
     );
 }
+
+/// The editors a scenario of `for_editors!` runs in, and the module its
+/// daemon-killed twin sits in: they end a test's path, after its name.
+const SCENARIO_SUFFIXES: &[&str] = &["neovim", "vim", "emacs", "after_the_daemon_is_killed"];
+
+/// The test names a document gives, as `` `module::…::name` ``, whose
+/// function is found nowhere under `src/` or `tests/`.
+fn tests_named_but_missing(document: &str, code: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    for quoted in document.split('`').skip(1).step_by(2) {
+        let is_path = quoted.contains("::")
+            && quoted
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '{' | '}' | ','));
+        if !is_path || quoted.chars().next().is_some_and(|c| c.is_uppercase()) {
+            continue;
+        }
+        let name = quoted
+            .split("::")
+            .filter(|segment| !segment.starts_with('{') && !SCENARIO_SUFFIXES.contains(segment))
+            .last()
+            .unwrap_or_default();
+        let defined = [
+            format!("fn {name}("),
+            format!("fn {name}<"),
+            format!("for_editors!({name}"),
+        ]
+        .iter()
+        .any(|definition| code.contains(definition.as_str()));
+        if !defined && !missing.contains(&quoted.to_owned()) {
+            missing.push(quoted.to_owned());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_test_the_guarantees_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = BTreeSet::new();
+    files_under(&root.join("src"), root, &mut files);
+    files_under(&root.join("tests"), root, &mut files);
+    let code: String = files
+        .iter()
+        .map(|file| std::fs::read_to_string(root.join(file)).expect("a readable source file"))
+        .collect();
+    let guarantees = std::fs::read_to_string(root.join("docs/guarantees.md")).expect("guarantees");
+    let missing = tests_named_but_missing(&guarantees, &code);
+    assert!(
+        missing.is_empty(),
+        "docs/guarantees.md names tests that do not exist: {missing:?}"
+    );
+    // And the check finds one.
+    assert_eq!(
+        tests_named_but_missing("held by `x::tests::no_such_test`", &code),
+        ["x::tests::no_such_test"]
+    );
+}
+
+#[test]
+fn every_file_of_tests_is_a_module_of_the_test_binary() {
+    // With `autotests = false`, a file left out of tests/tests.rs would
+    // never be compiled, and its tests never run.
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let binary = std::fs::read_to_string(tests.join("tests.rs")).expect("tests/tests.rs");
+    let mut left_out = Vec::new();
+    for entry in std::fs::read_dir(&tests).expect("tests/") {
+        let path = entry.expect("an entry").path();
+        let is_module_file =
+            path.extension().is_some_and(|ext| ext == "rs") || path.join("mod.rs").is_file();
+        let Some(stem) = path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
+        if is_module_file && stem != "tests" && !binary.contains(&format!("mod {stem};")) {
+            left_out.push(stem);
+        }
+    }
+    assert!(
+        left_out.is_empty(),
+        "not declared in tests/tests.rs: {left_out:?}"
+    );
+}
