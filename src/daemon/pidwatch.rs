@@ -263,6 +263,40 @@ mod tests {
         (child, peer)
     }
 
+    /// Where the kernel has no pidfds (before Linux 5.3), opening one says
+    /// `Unsupported`: the watcher turns to polling `/proc`, and a polled
+    /// process's exit is told all the same.
+    #[tokio::test]
+    async fn without_pidfds_a_process_is_watched_by_polling_and_its_exit_told() {
+        let core = CoreHandle::detached();
+        let pids = PidWatcher::new(core.clone(), false);
+        let no_pidfds = pids.open_unless_polling(Err(io::Error::from(io::ErrorKind::Unsupported)));
+        assert!(
+            matches!(no_pidfds, Ok(None)),
+            "a watch of none, not an error"
+        );
+        assert!(
+            pids.inner.polling.load(Ordering::Relaxed),
+            "polling from now on"
+        );
+
+        let (mut child, peer) = pinned_child();
+        let prepared = pids.prepared(peer.process, None).unwrap();
+        pids.arm(prepared);
+        assert!(
+            tokio::time::timeout(POLL_INTERVAL * 3, core.next_queued())
+                .await
+                .is_err(),
+            "nothing is told while the process runs"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let exited = tokio::time::timeout(Duration::from_secs(10), core.next_queued())
+            .await
+            .expect("the exit is told within 10 s");
+        assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
+    }
+
     #[tokio::test]
     async fn a_watched_process_is_known_by_its_inode_not_by_pid_and_start_time_alone() {
         let core = CoreHandle::detached();
