@@ -3093,8 +3093,10 @@ const SCREEN: &str = "join(map(range(1, &lines), \
 
 /// Three editors queue on one file; the second quits, and the third moves
 /// from 2 to 1 because the daemon says so in a role event (the plugins no
-/// longer count the entries ahead). The status follows, the owner stays
-/// the one named, and `who` marks the owner and this editor's own place
+/// longer count the entries ahead). The owner saves before and after: a
+/// save is an `update`, which gives the owner's entry a new ref and no
+/// role event, yet the third's state, status, refusal and `who` still
+/// name that owner, and `who` marks the owner and this editor's own place
 /// as the daemon gave them.
 async fn position_follows_when_someone_ahead_leaves(kind: EditorKind) {
     let daemon = Daemon::start().await;
@@ -3110,26 +3112,79 @@ async fn position_follows_when_someone_ahead_leaves(kind: EditorKind) {
     third.wait_for_role("spectator").await;
     assert_eq!(third.state().await["position"], 2);
 
+    owner_saves(&owner, &third, "the first save").await;
+    assert_names_the_owner(&third, &owner, 2).await;
+
     second.quit().await;
     eventually("the third editor to stand at 1", async || {
         third.state().await["position"] == 1
     })
     .await;
-    let state = third.state().await;
-    assert_eq!(state["role"], "spectator", "{state}");
-    assert_eq!(state["owner"]["pid"], owner.pid, "{state}");
-    let status = third.status().await;
-    assert!(status.starts_with("spectator #1 (owner: "), "{status}");
-    if kind != EditorKind::Emacs {
-        let who = third.eval(&third.plugin("who")).await;
-        assert_eq!(who.as_array().map(Vec::len), Some(2), "{who}");
-        assert_eq!(who[0]["pid"], owner.pid, "{who}");
-        assert_eq!(who[0]["role"], "owner", "{who}");
-        assert_eq!(who[0]["position"], 0, "{who}");
-        // Vim's true is 1.
-        assert!(who[1]["you"] == true || who[1]["you"] == 1, "{who}");
-        assert_eq!(who[1]["role"], "spectator", "{who}");
-        assert_eq!(who[1]["position"], 1, "{who}");
-    }
+    assert_names_the_owner(&third, &owner, 1).await;
+
+    owner_saves(&owner, &third, "the second save").await;
+    assert_names_the_owner(&third, &owner, 1).await;
+    third.force_change("the third's line").await;
+    let refusal = third.refusal(Write::Save).await;
+    let key = owner.state().await["key"]
+        .as_str()
+        .expect("a key")
+        .to_owned();
+    assert!(
+        refusal.contains(&being_edited_by(&key, &owner)),
+        "{refusal}"
+    );
 }
 for_editors!(position_follows_when_someone_ahead_leaves: neovim, vim, emacs);
+
+/// The owner writes `text`, which gives its entry a new ref; returns once
+/// `spectator` has read the save and the owner knows its new ref.
+async fn owner_saves(owner: &Editor, spectator: &Editor, text: &str) {
+    let before = owner.state().await["ref"].clone();
+    owner.set_text(text).await;
+    owner.write().await.expect("the owner writes");
+    spectator.wait_for_text(&format!("{text}\n")).await;
+    eventually("the owner's save to give its entry a new ref", async || {
+        owner.state().await["ref"] != before
+    })
+    .await;
+}
+
+/// `spectator`, at `position`, names `owner` as the daemon does now: in
+/// its state (with the owner's current ref), its status and, in Neovim and Vim, its `who` list, where the owner's
+/// row is the owner's and no other row is.
+async fn assert_names_the_owner(spectator: &Editor, owner: &Editor, position: u64) {
+    let owners = owner.state().await;
+    let key = owners["key"].as_str().expect("the owner's key");
+    let state = spectator.state().await;
+    assert_eq!(state["role"], "spectator", "{state}");
+    assert_eq!(state["position"], position, "{state}");
+    assert_eq!(state["owner"]["key"], key, "{state}");
+    assert_eq!(state["owner"]["pid"], owner.pid, "{state}");
+    assert_eq!(
+        state["owner"]["phx_ref"], owners["ref"],
+        "the owner's current ref: {state}"
+    );
+    let status = spectator.status().await;
+    assert_eq!(
+        status,
+        format!("spectator #{position} (owner: {key}, pid {})", owner.pid)
+    );
+    if spectator.kind() == EditorKind::Emacs {
+        return;
+    }
+    let who = spectator.eval(&spectator.plugin("who")).await;
+    let rows = who.as_array().expect("a list");
+    assert_eq!(rows.len() as u64, position + 1, "{who}");
+    assert_eq!(who[0]["key"], key, "{who}");
+    assert_eq!(who[0]["pid"], owner.pid, "{who}");
+    assert_eq!(who[0]["role"], "owner", "{who}");
+    assert_eq!(who[0]["position"], 0, "{who}");
+    for row in &rows[1..] {
+        assert_eq!(row["role"], "spectator", "{who}");
+    }
+    let you = &rows[rows.len() - 1];
+    // Vim's true is 1.
+    assert!(you["you"] == true || you["you"] == 1, "{who}");
+    assert_eq!(you["position"], position, "{who}");
+}

@@ -836,6 +836,26 @@ its own.  Returns `reloaded', `kept' (changes of its own) or nil."
 
 ;;;; The subscription
 
+(defun presenced--same-entry-p (a b)
+  "Whether A and B, metas or the owner the daemon names, are one entry.
+Not by ref: an update (every save sends one) gives the entry a new
+ref, and no role event tells a spectator its owner's new one.  The
+key, the process and the time it joined are what an update keeps."
+  (and (hash-table-p a) (hash-table-p b)
+       (gethash "key" a)
+       (seq-every-p (lambda (field) (equal (gethash field a) (gethash field b)))
+                    '("key" "pid" "joined_at"))))
+
+(defun presenced--note-topic-owner (entry owner)
+  "Take OWNER, from a subscription event, as the owner of ENTRY's topic.
+When it is the owner ENTRY's standing names, the standing takes its
+latest ref: the owner's saves change it, and no role event says so."
+  (setf (presenced--entry-topic-owner entry) owner)
+  (let ((standing (presenced--entry-standing entry)))
+    (when (and (hash-table-p standing)
+               (presenced--same-entry-p (gethash "owner" standing) owner))
+      (puthash "owner" owner standing))))
+
 (defun presenced--add-metas (metas presences)
   "Add the metas of PRESENCES, {key: {metas: [...]}}, to METAS by ref."
   (when (hash-table-p presences)
@@ -913,9 +933,9 @@ at its next save that the file changed since it was read."
             ;; A state replaces the whole view, even one not asked for.
             (setf (presenced--entry-metas entry) (make-hash-table :test #'equal))
             (presenced--add-metas (presenced--entry-metas entry) payload)
-            (setf (presenced--entry-topic-owner entry) (gethash "owner" message))
+            (presenced--note-topic-owner entry (gethash "owner" message))
             (presenced--note-saves entry))
-        (setf (presenced--entry-topic-owner entry) (gethash "owner" message))
+        (presenced--note-topic-owner entry (gethash "owner" message))
         (let ((saves (presenced--saves-by-others entry payload (gethash "reasons" message)))
               (metas (presenced--entry-metas entry)))
           (when (hash-table-p (presenced--get payload "leaves"))
@@ -1663,7 +1683,8 @@ So that the next in line is promoted by a clean `untrack'."
   "What the package knows of BUFFER (default: the current one), or nil.
 An alist of `topic', `key', `status' (joining, joined, unreachable,
 refused or removed), `role' (owner or spectator), `position' (0 for
-the owner), `owner' (an alist of `key', `pid', `user', `joined_at'),
+the owner), `owner' (an alist of `key', `pid', `user', `joined_at'
+and `phx_ref', its entry's ref as the daemon last named it),
 `ref', `error', `connection' (idle, connecting, up or reconnecting),
 `socket' and `restricted' (whether the package keeps the buffer
 read-only).  Fields without a value are left out, but `restricted'
@@ -1691,7 +1712,8 @@ is always there."
                           `((key . ,(gethash "key" owner))
                             (pid . ,(gethash "pid" owner))
                             (user . ,(gethash "user" owner))
-                            (joined_at . ,(gethash "joined_at" owner)))))
+                            (joined_at . ,(gethash "joined_at" owner))
+                            (phx_ref . ,(gethash "phx_ref" owner)))))
            (ref . ,(presenced--entry-ref entry))
            (error . ,error)
            (connection . ,(if presenced--reconnecting

@@ -513,6 +513,23 @@ function! s:add_metas(into, presences) abort
   endfor
 endfunction
 
+" Whether `a` and `b` (metas, or the `owner` the daemon names) are one entry.
+" Not by ref: an update (every save sends one) gives the entry a new ref,
+" and no role event tells a spectator its owner's new one. The key, the
+" process and the time it joined are what an update keeps.
+function! s:same_entry(a, b) abort
+  if type(a:a) != v:t_dict || type(a:b) != v:t_dict
+    return 0
+  endif
+  for field in ['key', 'pid', 'joined_at']
+    if !has_key(a:a, field) || !has_key(a:b, field)
+          \ || type(a:a[field]) != type(a:b[field]) || a:a[field] !=# a:b[field]
+      return 0
+    endif
+  endfor
+  return 1
+endfunction
+
 " Notes a save seen in another entry's meta, the latest one kept: it names
 " who saved the file last when this editor is promoted.
 function! s:note_save(entry, meta) abort
@@ -534,6 +551,11 @@ function! s:on_presence_event(message) abort
   endif
   " Who owns the topic, as the daemon says after this event.
   let entry.topic_owner = type(get(a:message, 'owner', v:null)) == v:t_dict ? a:message.owner : v:null
+  " The same owner as the standing's, by its latest ref: the owner's saves
+  " change its ref, and no role event says so.
+  if s:same_entry(get(entry.standing, 'owner', v:null), entry.topic_owner)
+    let entry.standing.owner = entry.topic_owner
+  endif
   if a:message.event ==# 'presence_state'
     " A state replaces the whole view, even one not asked for (section 14).
     let entry.metas = {}
@@ -1629,11 +1651,10 @@ function! presenced#who(...) abort
   endif
   let entry = s:entries[state.topic]
   let owner = type(state.owner) == v:t_dict ? state.owner : entry.topic_owner
-  let owner_ref = type(owner) == v:t_dict ? owner.phx_ref : ''
   let list = []
   for meta in s:in_join_order(entry)
     let you = meta.phx_ref ==# state.ref
-    let owns = meta.phx_ref ==# owner_ref || (you && state.role is# 'owner')
+    let owns = state.role is# 'owner' ? you : s:same_entry(meta, owner)
     let position = owns ? 0 : you ? state.position : v:null
     call add(list, {'key': meta.key, 'pid': meta.pid, 'user': meta.user,
           \ 'editor': get(meta, 'editor', ''), 'role': owns ? 'owner' : 'spectator',

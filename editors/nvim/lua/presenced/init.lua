@@ -306,6 +306,19 @@ local function add_metas(into, presences)
   end
 end
 
+-- Whether `a` and `b` (metas, or the `owner` the daemon names) are one
+-- entry. Not by ref: an update (every save sends one) gives the entry a
+-- new ref, and no role event tells a spectator its owner's new one. The
+-- key, the process and the time it joined are what an update keeps.
+local function same_entry(a, b)
+  return type(a) == 'table'
+    and type(b) == 'table'
+    and a.key ~= nil
+    and a.key == b.key
+    and a.pid == b.pid
+    and a.joined_at == b.joined_at
+end
+
 -- The entries on the topic in the order they joined, for display only:
 -- who owns the topic and where each one stands is the daemon's to say.
 local function in_join_order(entry)
@@ -608,6 +621,11 @@ local function on_presence_event(message)
   end
   -- Who owns the topic, as the daemon says after this event.
   entry.topic_owner = type(message.owner) == 'table' and message.owner or nil
+  -- The same owner as the standing's, by its latest ref: the owner's
+  -- saves change its ref, and no role event says so.
+  if entry.standing and same_entry(entry.standing.owner, entry.topic_owner) then
+    entry.standing.owner = entry.topic_owner
+  end
   if message.event == 'presence_state' then
     -- A state replaces the whole view, even one not asked for (section 14).
     entry.metas = {}
@@ -631,17 +649,11 @@ local function on_presence_event(message)
   end
   local joined = {}
   add_metas(joined, payload.joins)
-  local owner_ref = type(message.owner) == 'table' and message.owner.phx_ref or nil
   local followed
   for ref, meta in pairs(joined) do
     entry.metas[ref] = meta
     note_save(entry, meta)
     local prev = meta.phx_ref_prev
-    local standing = entry.standing
-    if standing and type(standing.owner) == 'table' and standing.owner.phx_ref == prev and ref == owner_ref then
-      -- The owner updated its meta: same owner, new ref.
-      standing.owner = message.owner
-    end
     -- Another editor wrote the file: the owner saving, or a spectator
     -- overriding (:PresenceWrite! and the like in other editors). This
     -- editor's own update may come before the reply that gives its new ref.
@@ -1661,11 +1673,15 @@ function M.who(bufnr)
   end
   local entry = entries[state.topic]
   local owner = state.owner or entry.topic_owner
-  local owner_ref = type(owner) == 'table' and owner.phx_ref or nil
   local list = {}
   for _, meta in ipairs(in_join_order(entry)) do
     local you = meta.phx_ref == state.ref
-    local owns = meta.phx_ref == owner_ref or (you and state.role == 'owner')
+    local owns
+    if state.role == 'owner' then
+      owns = you
+    else
+      owns = same_entry(meta, owner)
+    end
     local position = nil
     if owns then
       position = 0
