@@ -370,3 +370,42 @@ async fn sessions_behind_an_owner_dead_across_a_restart_each_hear_their_new_stan
         Some(1)
     );
 }
+
+/// A `presence run` waits behind alice while it is away: it is stopped
+/// (SIGSTOP) across a daemon crash, so its entry is restored but not
+/// resumed. Alice leaves, which promotes it while no connection holds it;
+/// then the daemon stops and starts again, which forgets that nobody told
+/// it. Once it runs again and resumes, the standing in the `resume` reply
+/// is the only sign it owns the topic, and it must run its command.
+#[tokio::test]
+async fn a_run_promoted_while_away_across_two_restarts_runs_its_command() {
+    use nix::sys::signal::Signal;
+    let mut daemon = Daemon::start().await;
+    let (mut alice, alice_joined) = join(&daemon, "alice").await;
+    let mut bob = daemon.spawn(&["run", "doc", "--", "echo", "ran"]);
+    eventually("bob to wait in line", async || {
+        View::listed(&daemon, "doc").await.seqs.len() == 2
+    })
+    .await;
+    let bob_ref = View::listed(&daemon, "doc")
+        .await
+        .seqs
+        .into_keys()
+        .find(|phx_ref| alice_joined["ref"] != *phx_ref)
+        .expect("bob's entry");
+
+    common::signal(bob.pid(), Signal::SIGSTOP);
+    daemon.crash().await;
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    alice.sigterm();
+    eventually("bob to be promoted while away", async || {
+        View::listed(&daemon, "doc").await.owner.as_ref() == Some(&bob_ref)
+    })
+    .await;
+    daemon.stop().await;
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    common::signal(bob.pid(), Signal::SIGCONT);
+
+    assert_eq!(bob.line().await, "ran");
+    assert_eq!(bob.exit_code().await, Some(0));
+}
