@@ -299,30 +299,33 @@ async fn sessions_behind_an_owner_dead_across_a_restart_each_hear_their_new_stan
         events: &mut presenced::client::SessionEvents,
     ) -> Vec<SessionEvent> {
         let mut seen = Vec::new();
-        within("the session to come back", async {
-            loop {
-                let event = events.recv().await.expect("the session reports");
-                let back = matches!(event, SessionEvent::Reconnected);
-                seen.push(event);
-                if back {
-                    break;
-                }
-            }
-        })
-        .await;
+        let back = |event: &SessionEvent| matches!(event, SessionEvent::Reconnected);
+        record_until("the session to come back", events, &mut seen, back).await;
         session.subscribe("doc").await.expect("subscribe");
-        within("the state", async {
+        let state = |event: &SessionEvent| {
+            matches!(event, SessionEvent::Event(Event::PresenceState { .. }))
+        };
+        record_until("the state", events, &mut seen, state).await;
+        seen
+    }
+    /// Adds the session's events to `seen` up to the first that is `last`.
+    async fn record_until(
+        what: &str,
+        events: &mut presenced::client::SessionEvents,
+        seen: &mut Vec<SessionEvent>,
+        last: impl Fn(&SessionEvent) -> bool,
+    ) {
+        within(what, async {
             loop {
                 let event = events.recv().await.expect("the session reports");
-                let state = matches!(event, SessionEvent::Event(Event::PresenceState { .. }));
+                let done = last(&event);
                 seen.push(event);
-                if state {
+                if done {
                     break;
                 }
             }
         })
         .await;
-        seen
     }
     let roles = |seen: &[SessionEvent]| -> Vec<(String, Role, usize, String)> {
         seen.iter()
