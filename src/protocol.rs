@@ -473,6 +473,30 @@ pub struct Standing {
     pub owner: Option<Owner>,
 }
 
+impl Standing {
+    /// Whether `other` is the same place in the queue: the same role,
+    /// position and owner. The owner is compared by who it is (key, pid,
+    /// the time it joined), not by its ref: an `update` gives the owner a
+    /// new ref without moving anyone, and no `role` event tells of it, so
+    /// a standing that differs only in the owner's ref is no change of
+    /// standing.
+    pub fn same_place(&self, other: &Standing) -> bool {
+        let same_owner = match (&self.owner, &other.owner) {
+            (Some(mine), Some(theirs)) => {
+                mine.key == theirs.key
+                    && mine.pid == theirs.pid
+                    && mine.joined_at == theirs.joined_at
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        self.role == other.role
+            && self.readonly == other.readonly
+            && self.position == other.position
+            && same_owner
+    }
+}
+
 /// An entry another connection removed, as `resume` tells of it: its
 /// topic, and what a `removed` event would have said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -746,6 +770,55 @@ pub fn json_size(value: &(impl Serialize + ?Sized)) -> usize {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn standing(role: Role, position: usize, owner: Owner) -> Standing {
+        Standing {
+            role,
+            readonly: role == Role::Spectator,
+            position,
+            owner: Some(owner),
+        }
+    }
+
+    #[test]
+    fn the_same_place_is_the_same_role_position_and_owner_whatever_the_owner_s_ref() {
+        let alice = Owner {
+            key: "alice".into(),
+            phx_ref: "F1".into(),
+            pid: 10,
+            user: "u".into(),
+            joined_at: 100,
+        };
+        let place = standing(Role::Spectator, 1, alice.clone());
+        let updated_owner = Owner {
+            phx_ref: "F9".into(),
+            ..alice.clone()
+        };
+        assert!(place.same_place(&standing(Role::Spectator, 1, updated_owner)));
+        assert!(!place.same_place(&standing(Role::Spectator, 2, alice.clone())));
+        assert!(!place.same_place(&standing(Role::Owner, 1, alice.clone())));
+        let rejoined = Owner {
+            joined_at: 101,
+            ..alice.clone()
+        };
+        assert!(!place.same_place(&standing(Role::Spectator, 1, rejoined)));
+        let other_process = Owner {
+            pid: 11,
+            ..alice.clone()
+        };
+        assert!(!place.same_place(&standing(Role::Spectator, 1, other_process)));
+        let other_key = Owner {
+            key: "bob".into(),
+            ..alice
+        };
+        assert!(!place.same_place(&standing(Role::Spectator, 1, other_key)));
+        let ownerless = Standing {
+            owner: None,
+            ..place.clone()
+        };
+        assert!(!place.same_place(&ownerless));
+        assert!(ownerless.same_place(&ownerless.clone()));
+    }
 
     #[test]
     fn reply_flattens_fields_next_to_id_and_ok() {

@@ -299,30 +299,33 @@ async fn sessions_behind_an_owner_dead_across_a_restart_each_hear_their_new_stan
         events: &mut presenced::client::SessionEvents,
     ) -> Vec<SessionEvent> {
         let mut seen = Vec::new();
-        within("the session to come back", async {
-            loop {
-                let event = events.recv().await.expect("the session reports");
-                let back = matches!(event, SessionEvent::Reconnected);
-                seen.push(event);
-                if back {
-                    break;
-                }
-            }
-        })
-        .await;
+        let back = |event: &SessionEvent| matches!(event, SessionEvent::Reconnected);
+        record_until("the session to come back", events, &mut seen, back).await;
         session.subscribe("doc").await.expect("subscribe");
-        within("the state", async {
+        let state = |event: &SessionEvent| {
+            matches!(event, SessionEvent::Event(Event::PresenceState { .. }))
+        };
+        record_until("the state", events, &mut seen, state).await;
+        seen
+    }
+    /// Adds the session's events to `seen` up to the first that is `last`.
+    async fn record_until(
+        what: &str,
+        events: &mut presenced::client::SessionEvents,
+        seen: &mut Vec<SessionEvent>,
+        last: impl Fn(&SessionEvent) -> bool,
+    ) {
+        within(what, async {
             loop {
                 let event = events.recv().await.expect("the session reports");
-                let state = matches!(event, SessionEvent::Event(Event::PresenceState { .. }));
+                let done = last(&event);
                 seen.push(event);
-                if state {
+                if done {
                     break;
                 }
             }
         })
         .await;
-        seen
     }
     let roles = |seen: &[SessionEvent]| -> Vec<(String, Role, usize, String)> {
         seen.iter()
@@ -369,4 +372,43 @@ async fn sessions_behind_an_owner_dead_across_a_restart_each_hear_their_new_stan
         carol.standing(&carol_entry.phx_ref).map(|s| s.position),
         Some(1)
     );
+}
+
+/// A `presence run` waits behind alice while it is away: it is stopped
+/// (SIGSTOP) across a daemon crash, so its entry is restored but not
+/// resumed. Alice leaves, which promotes it while no connection holds it;
+/// then the daemon stops and starts again, which forgets that nobody told
+/// it. Once it runs again and resumes, the standing in the `resume` reply
+/// is the only sign it owns the topic, and it must run its command.
+#[tokio::test]
+async fn a_run_promoted_while_away_across_two_restarts_runs_its_command() {
+    use nix::sys::signal::Signal;
+    let mut daemon = Daemon::start().await;
+    let (mut alice, alice_joined) = join(&daemon, "alice").await;
+    let mut bob = daemon.spawn(&["run", "doc", "--", "echo", "ran"]);
+    eventually("bob to wait in line", async || {
+        View::listed(&daemon, "doc").await.seqs.len() == 2
+    })
+    .await;
+    let bob_ref = View::listed(&daemon, "doc")
+        .await
+        .seqs
+        .into_keys()
+        .find(|phx_ref| alice_joined["ref"] != *phx_ref)
+        .expect("bob's entry");
+
+    common::signal(bob.pid(), Signal::SIGSTOP);
+    daemon.crash().await;
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    alice.sigterm();
+    eventually("bob to be promoted while away", async || {
+        View::listed(&daemon, "doc").await.owner.as_ref() == Some(&bob_ref)
+    })
+    .await;
+    daemon.stop().await;
+    daemon.start_again(&["--resume-grace", "600"]).await;
+    common::signal(bob.pid(), Signal::SIGCONT);
+
+    assert_eq!(bob.line().await, "ran");
+    assert_eq!(bob.exit_code().await, Some(0));
 }

@@ -42,9 +42,17 @@ use crate::{paths, sys};
 /// # let _ = (installed, built, niced);
 /// ```
 ///
-/// Nothing is looked up or checked until a daemon is started: a program
-/// that is missing then makes that start fail with
-/// [`ClientError::Autostart`], naming it.
+/// A relative path is made absolute against the working directory when the
+/// command is made, since the daemon may be started much later (after a
+/// crash), when the working directory may be another. Nothing else is
+/// looked up or checked until a daemon is started: a program that is
+/// missing then makes that start fail with [`ClientError::Autostart`],
+/// naming it.
+///
+/// A name without a `/` is looked up on `PATH` by the new process, after
+/// it has changed to `/` (the daemon keeps no folder busy): a relative
+/// entry of `PATH` (`bin`, or an empty one) is taken from `/`, not from the
+/// client's working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonCommand {
     program: Program,
@@ -53,27 +61,47 @@ pub struct DaemonCommand {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Program {
-    /// A name looked up on `PATH`, or a path (relative ones from the
-    /// working directory at the start, since the daemon runs from `/`).
-    Named(PathBuf),
+    /// A name without a `/`, looked up on `PATH` when the daemon starts.
+    OnPath(PathBuf),
+    /// A path, absolute: made so when the command was made.
+    Path(PathBuf),
+    /// A relative path that could not be made absolute when the command
+    /// was made (the working directory was gone), with why: starting a
+    /// daemon with it fails, rather than take it from whatever the working
+    /// directory is by then.
+    Unresolved { path: PathBuf, error: String },
     /// The running executable: the `presence` binary starting its own
     /// daemon.
-    ThisProgram,
+    CurrentExe,
 }
 
 impl DaemonCommand {
-    /// The `presence` found on `PATH` when the daemon is started: what a
-    /// program using this library starts, with presenced installed.
+    /// Whatever `presence` comes first on `PATH` when the daemon is
+    /// started (relative entries taken from `/`): what a program using
+    /// this library starts, with presenced installed. Nothing checks that
+    /// it is presenced's.
     pub fn installed() -> DaemonCommand {
         DaemonCommand::new("presence")
     }
 
-    /// `program`: a name without a `/` is looked up on `PATH`, as a shell
-    /// would; a relative path is taken from the working directory at the
-    /// time the daemon is started.
+    /// `program`: a name without a `/` is looked up on `PATH` when the
+    /// daemon is started, as a shell would (relative entries from `/`); a
+    /// relative path is made absolute now, against the working directory.
     pub fn new(program: impl Into<PathBuf>) -> DaemonCommand {
+        let program = program.into();
+        let program = if !has_slash(&program) {
+            Program::OnPath(program)
+        } else {
+            match std::path::absolute(&program) {
+                Ok(path) => Program::Path(path),
+                Err(e) => Program::Unresolved {
+                    path: program,
+                    error: e.to_string(),
+                },
+            }
+        };
         DaemonCommand {
-            program: Program::Named(program.into()),
+            program,
             leading_args: Vec::new(),
         }
     }
@@ -84,7 +112,7 @@ impl DaemonCommand {
     /// itself, not a daemon.
     pub fn this_program() -> DaemonCommand {
         DaemonCommand {
-            program: Program::ThisProgram,
+            program: Program::CurrentExe,
             leading_args: Vec::new(),
         }
     }
@@ -100,17 +128,17 @@ impl DaemonCommand {
         self
     }
 
-    /// The program to run, made absolute where it is a path: the daemon
-    /// runs from `/`. A bare name stays one, for `PATH` to resolve.
+    /// The program to run: an absolute path, or a bare name for `PATH` to
+    /// resolve.
     fn program(&self) -> Result<PathBuf, ClientError> {
-        let failed = |what: &str, e: std::io::Error| ClientError::Autostart(format!("{what}: {e}"));
         match &self.program {
-            Program::ThisProgram => {
-                std::env::current_exe().map_err(|e| failed("finding the presence binary", e))
-            }
-            Program::Named(name) if !has_slash(name) => Ok(name.clone()),
-            Program::Named(path) => std::path::absolute(path)
-                .map_err(|e| failed(&format!("daemon program {}", path.display()), e)),
+            Program::CurrentExe => std::env::current_exe()
+                .map_err(|e| ClientError::Autostart(format!("finding the presence binary: {e}"))),
+            Program::OnPath(program) | Program::Path(program) => Ok(program.clone()),
+            Program::Unresolved { path, error } => Err(ClientError::Autostart(format!(
+                "daemon program {}: {error}",
+                path.display()
+            ))),
         }
     }
 }
@@ -345,6 +373,20 @@ mod tests {
         assert_eq!(
             program(DaemonCommand::this_program()),
             std::env::current_exe().expect("this test's executable")
+        );
+    }
+
+    #[test]
+    fn a_relative_path_is_made_absolute_when_the_command_is_made() {
+        let here = std::env::current_dir().expect("a working folder");
+        let made = DaemonCommand::new("build/presence");
+        // Already the same command as one given the absolute path: nothing
+        // is left to resolve against the working directory at the start.
+        assert_eq!(made, DaemonCommand::new(here.join("build/presence")));
+        assert_eq!(made.program, Program::Path(here.join("build/presence")));
+        assert_eq!(
+            DaemonCommand::new("presence").program,
+            Program::OnPath("presence".into())
         );
     }
 }

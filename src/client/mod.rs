@@ -74,7 +74,9 @@
 //! plain [`Client`] stays closed. A [`Session`] wraps one and gets its
 //! connection back by itself: it waits for the daemon to return, resumes
 //! its entries in the places they held, tracks again any that expired,
-//! and renews its subscriptions. Its events are the daemon's, plus what
+//! and renews its subscriptions. A standing that changed while it was away
+//! comes as one [`Event::Role`], whatever the daemon lost meanwhile. Its
+//! events are the daemon's, plus what
 //! the session did ([`SessionEvent`]). With [`Reconnect::default`] it
 //! starts no daemon itself; [`Reconnect::autostart`] names one to start
 //! when the old one crashed.

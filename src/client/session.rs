@@ -4,12 +4,17 @@
 //! connection. The daemon keeps each entry's place for a grace period, and
 //! a session uses it: it waits for the socket to come back, connects again,
 //! resumes every entry it holds by its resume token, and subscribes again.
-//! Whoever reads the session's events sees only what really changed: the
-//! daemon follows its `resume` reply with a `role` event for each entry
-//! whose standing changed while no connection held it, which the session
-//! passes on like any other, and a fresh `presence_state` comes for each
-//! subscription. The session decides nothing about standings: it keeps
-//! the one the daemon last gave for each entry (a reply, a `role` event).
+//! Whoever reads the session's events sees only what really changed: a
+//! `role` event for each entry whose standing changed while the session
+//! was away, and a fresh `presence_state` for each subscription. The
+//! daemon follows its `resume` reply with such `role` events, but only for
+//! what it knows it told, and a crash, a restart while the entry was
+//! unheld, or a reconnect that failed after its `resume` can lose one. So
+//! the session compares the standing the reply gives each entry with the
+//! one it held ([`Standing::same_place`]), reports each that differs, and
+//! passes on none of the daemon's `role` events that repeat a standing it
+//! holds already. It works no standing out itself: it keeps the one the
+//! daemon last gave for each entry (a reply, a `role` event).
 //!
 //! An entry that another connection removed (root, or the same user for a
 //! `process` entry) is forgotten when its `removed` event arrives, which is
@@ -92,7 +97,9 @@ pub enum SessionEvent {
     /// every change of a held entry's standing (role, owner or position),
     /// and, after a reconnect, for each resumed entry whose standing
     /// changed while the session was away (after
-    /// [`SessionEvent::Reconnected`]). After a `removed` event the session
+    /// [`SessionEvent::Reconnected`]; the session makes that one from the
+    /// `resume` reply, and passes on no `role` event that repeats the
+    /// standing it holds). After a `removed` event the session
     /// no longer holds that entry, and will neither resume it nor track it
     /// again; after an `updated` event it knows the entry by its new ref
     /// and meta.
@@ -100,9 +107,9 @@ pub enum SessionEvent {
     /// The connection closed; the session is getting it back.
     Disconnected { reason: String },
     /// Connected again, with every entry resumed and every subscription
-    /// renewed. The daemon's `role` events for standings that changed
-    /// while the session was away, and the renewed subscriptions'
-    /// states, follow it.
+    /// renewed. A `role` event for each standing that changed while the
+    /// session was away, and the renewed subscriptions' states, follow
+    /// it.
     Reconnected,
     /// An entry the daemon no longer had (it expired while the session was
     /// away) was tracked again: it has a new ref and a place at the end of
@@ -363,7 +370,10 @@ impl Session {
             // as events, as it would have been during the reconnect.
             let (client, _) = self.connection().await?;
             let resumed = client.resume(vec![reply.resume_token.clone()]).await?;
-            apply_resume(&self.state, &client, resumed, &self.out).await?;
+            let standings = apply_resume(&self.state, &client, resumed, &self.out).await?;
+            for role in take_resumed_standings(&self.state, standings) {
+                let _ = self.out.send(SessionEvent::Event(role));
+            }
         }
         Ok(reply)
     }
@@ -510,10 +520,17 @@ impl Supervisor {
                 reason: outage.reason.clone(),
             });
             match self.recover(&outage).await {
-                Ok((client, new_events, generation)) => {
-                    events = new_events;
-                    let _ = self.links.send_replace(Link::Up { client, generation });
+                Ok(restored) => {
+                    events = restored.events;
+                    let moved = take_resumed_standings(&self.state, restored.standings);
+                    let _ = self.links.send_replace(Link::Up {
+                        client: restored.client,
+                        generation: restored.generation,
+                    });
                     self.emit(SessionEvent::Reconnected);
+                    for role in moved {
+                        self.emit(SessionEvent::Event(role));
+                    }
                 }
                 Err(reason) => {
                     let _ = self.links.send_replace(Link::Lost(reason.clone()));
@@ -542,7 +559,10 @@ impl Supervisor {
                     shutdown = Some(payload.reason.clone());
                     continue;
                 }
-                Event::Role { payload, .. } => note_standing(&self.state, payload),
+                // One that repeats the standing held is the daemon's
+                // after a `resume`, already reported from its reply.
+                Event::Role { payload, .. } if !note_standing(&self.state, payload) => continue,
+                Event::Role { .. } => {}
                 Event::Removed { payload, .. } => lock(&self.state).forget(payload),
                 Event::Updated { payload, .. } => lock(&self.state).rename(renamed(payload)),
                 _ => {}
@@ -555,7 +575,7 @@ impl Supervisor {
     /// Connects and restores, again and again, until both succeed or the
     /// outage's deadline passes. Each pause grows; a change to the
     /// socket's name in its folder cuts it short.
-    async fn recover(&self, outage: &Outage) -> Result<(Arc<Client>, Events, u64), String> {
+    async fn recover(&self, outage: &Outage) -> Result<Restored, String> {
         let mut watch = FolderWatch::for_file(&self.socket)
             .inspect_err(|e| tracing::debug!("cannot watch for the socket: {e}"))
             .ok();
@@ -596,23 +616,29 @@ impl Supervisor {
     }
 
     /// One try: connect, then put everything back on the new connection.
-    async fn attempt(
-        &self,
-        autostart: Option<&DaemonCommand>,
-    ) -> Result<(Arc<Client>, Events, u64), ClientError> {
+    async fn attempt(&self, autostart: Option<&DaemonCommand>) -> Result<Restored, ClientError> {
         let (client, events) = match autostart {
             Some(daemon) => Client::connect_or_start(&self.socket, daemon).await?,
             None => Client::connect(&self.socket).await?,
         };
         let client = Arc::new(client);
-        let generation = self.restore(&client).await?;
-        Ok((client, events, generation))
+        let (generation, standings) = self.restore(&client).await?;
+        Ok(Restored {
+            client,
+            events,
+            generation,
+            standings,
+        })
     }
 
     /// Resumes the held entries (tracking again any the daemon no longer
     /// has), then renews the subscriptions, whose fresh `presence_state`
-    /// goes to the owner. Returns the new connection's generation.
-    async fn restore(&self, client: &Arc<Client>) -> Result<u64, ClientError> {
+    /// goes to the owner. Returns the new connection's generation and the
+    /// standings the `resume` reply gave, by ref.
+    async fn restore(
+        &self,
+        client: &Arc<Client>,
+    ) -> Result<(u64, BTreeMap<String, Standing>), ClientError> {
         let (tokens, topics, all, generation) = {
             let mut state = lock(&self.state);
             state.generation += 1;
@@ -624,9 +650,10 @@ impl Supervisor {
                 state.generation,
             )
         };
+        let mut standings = BTreeMap::new();
         if !tokens.is_empty() {
             let resumed = client.resume(tokens).await?;
-            apply_resume(&self.state, client, resumed, &self.out).await?;
+            standings = apply_resume(&self.state, client, resumed, &self.out).await?;
         }
         for topic in topics {
             match client.subscribe(&topic).await {
@@ -654,8 +681,18 @@ impl Supervisor {
                 Err(e) => return Err(e),
             }
         }
-        Ok(generation)
+        Ok((generation, standings))
     }
+}
+
+/// A connection got back, with everything put back on it.
+struct Restored {
+    client: Arc<Client>,
+    events: Events,
+    generation: u64,
+    /// The standing of each resumed entry, by ref, as the `resume` reply
+    /// gave it; not yet compared with the one the session held.
+    standings: BTreeMap<String, Standing>,
 }
 
 /// The change of ref an `updated` event announces.
@@ -675,33 +712,69 @@ fn push_bounded<T>(list: &mut Vec<T>, item: T) {
     list.push(item);
 }
 
-/// Records a standing the daemon announced for a held entry.
-fn note_standing(state: &Mutex<State>, change: &RoleChange) {
-    if let Some(held) = lock(state).held_by_ref(&change.phx_ref) {
-        held.standing = change.standing.clone();
-    }
+/// Records a standing the daemon announced for a held entry. Returns
+/// whether it is news: the daemon's `role` events after a `resume` repeat
+/// what the session already took from the reply (see
+/// [`take_resumed_standings`]), and are not passed on twice. An event for
+/// an entry not held (yet) is passed on.
+fn note_standing(state: &Mutex<State>, change: &RoleChange) -> bool {
+    let mut state = lock(state);
+    let Some(held) = state.held_by_ref(&change.phx_ref) else {
+        return true;
+    };
+    let news = !held.standing.same_place(&change.standing);
+    held.standing = change.standing.clone();
+    news
 }
 
-/// Takes in a `resume` reply: each entry is known by the ref it has now
-/// and has the standing the daemon gives (whether it changed while away is
-/// the daemon's to say, in a `role` event after the reply), an expired
-/// entry is tracked again, a refused one is given up, and one
+/// Takes in the standings of a `resume` reply, by ref, and returns a
+/// `role` event for each held entry whose standing is not the one the
+/// session held. The daemon sends such events itself after the reply,
+/// but only for what it knows it told: a daemon killed before a queued
+/// `role` event was written, a daemon restarted while the entry was
+/// unheld, or a reconnect that failed after its `resume` all lose one for
+/// good. Only this comparison cannot miss a change.
+fn take_resumed_standings(
+    state: &Mutex<State>,
+    standings: BTreeMap<String, Standing>,
+) -> Vec<Event> {
+    let mut state = lock(state);
+    let mut moved = Vec::new();
+    for (phx_ref, standing) in standings {
+        let Some(held) = state.held_by_ref(&phx_ref) else {
+            continue;
+        };
+        if !held.standing.same_place(&standing) {
+            moved.push(Event::Role {
+                topic: held.topic.clone(),
+                payload: RoleChange {
+                    phx_ref,
+                    standing: standing.clone(),
+                },
+            });
+        }
+        held.standing = standing;
+    }
+    moved
+}
+
+/// Takes in a `resume` reply: each entry is known by the ref it has now,
+/// an expired entry is tracked again, a refused one is given up, and one
 /// another connection removed meanwhile is forgotten and reported as the
 /// `removed` event the session would have had, had it been connected.
+/// Returns the standings of the resumed entries, by ref, for
+/// [`take_resumed_standings`] once the connection is restored: taken in
+/// before, a failure later in this attempt would leave the session
+/// believing a standing it never reported.
 async fn apply_resume(
     state: &Mutex<State>,
     client: &Client,
     resumed: ResumeReply,
     out: &mpsc::UnboundedSender<SessionEvent>,
-) -> Result<(), ClientError> {
+) -> Result<BTreeMap<String, Standing>, ClientError> {
     let updated = lock(state).take_resumed_refs(&resumed.refs);
     for (topic, key, phx_ref) in updated {
         learn_meta(state, client, &topic, &key, &phx_ref).await?;
-    }
-    for (phx_ref, standing) in resumed.roles {
-        if let Some(held) = lock(state).held_by_ref(&phx_ref) {
-            held.standing = standing;
-        }
     }
     for (token, removed) in resumed.removed {
         if lock(state).take_by_token(&token).is_some() {
@@ -725,7 +798,7 @@ async fn apply_resume(
             });
         }
     }
-    Ok(())
+    Ok(resumed.roles)
 }
 
 /// Fetches the meta of an entry updated while the session was away, as an
@@ -896,5 +969,49 @@ mod tests {
         }
         assert_eq!(state.gone.len(), MAX_WAITING_NOTICES);
         assert_eq!(state.renames.len(), MAX_WAITING_NOTICES);
+    }
+
+    #[test]
+    fn a_changed_standing_in_a_resume_reply_is_reported_once_with_the_daemon_s_event() {
+        let state = Mutex::new(State::default());
+        let mut waiting = held("p2", "bob");
+        waiting.standing = Standing {
+            role: Role::Spectator,
+            readonly: true,
+            position: 1,
+            owner: None,
+        };
+        lock(&state).held.push(waiting);
+        let promoted = Standing {
+            role: Role::Owner,
+            readonly: false,
+            position: 0,
+            owner: None,
+        };
+        let standings = BTreeMap::from([("p2".to_owned(), promoted.clone())]);
+
+        let reported = take_resumed_standings(&state, standings.clone());
+        let expected = Event::Role {
+            topic: "doc".to_owned(),
+            payload: RoleChange {
+                phx_ref: "p2".to_owned(),
+                standing: promoted.clone(),
+            },
+        };
+        assert_eq!(reported, [expected]);
+        // The daemon's own event for the same change, and the same reply
+        // again (a second attempt), are no news.
+        let echo = RoleChange {
+            phx_ref: "p2".to_owned(),
+            standing: promoted,
+        };
+        assert!(!note_standing(&state, &echo));
+        assert!(take_resumed_standings(&state, standings).is_empty());
+        // An event for an entry not held yet is passed on.
+        let unknown = RoleChange {
+            phx_ref: "p9".to_owned(),
+            ..echo
+        };
+        assert!(note_standing(&state, &unknown));
     }
 }

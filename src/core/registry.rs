@@ -217,6 +217,13 @@ impl Outbox {
             self.deliveries.push(Delivery::Event { to, event });
         }
     }
+
+    /// Tells the connection holding the entry `phx_ref` its standing, in a
+    /// `role` event.
+    fn role(&mut self, conn: ConnId, topic: String, phx_ref: String, standing: Standing) {
+        let payload = RoleChange { phx_ref, standing };
+        self.event(vec![conn], Event::Role { topic, payload });
+    }
 }
 
 /// The history of a start: each entry found gone (`dead`, its process
@@ -390,7 +397,7 @@ impl Topic {
     fn moved_behind<'a>(
         &'a self,
         gone: &'a [u64],
-    ) -> impl Iterator<Item = (&'a Entry, usize, Told)> + 'a {
+    ) -> impl Iterator<Item = (&'a Entry, usize, StandingKey)> + 'a {
         let (behind, owner_before) = match gone.first() {
             Some(&first_gone) => (
                 self.entries.range(first_gone..),
@@ -405,7 +412,7 @@ impl Topic {
         behind.enumerate().map(move |(index, (&seq, entry))| {
             let position = first_position + index;
             let gone_ahead = gone.partition_point(|&g| g < seq);
-            let before = Told {
+            let before = StandingKey {
                 position: position + gone_ahead,
                 owner_seq: owner_before,
             };
@@ -439,9 +446,9 @@ impl Topic {
         }
     }
 
-    /// What decides the standing of an entry at `position`.
-    fn told_at(&self, position: usize) -> Told {
-        Told {
+    /// What decides the standing of an entry at `position` now.
+    fn standing_key_at(&self, position: usize) -> StandingKey {
+        StandingKey {
             position,
             owner_seq: self.entries.keys().next().copied().unwrap_or_default(),
         }
@@ -626,7 +633,7 @@ enum Undo {
     },
     /// What the holder of the entry with this seq was last told was
     /// noted (`None`) or forgotten (`Some`): put it back as it was.
-    ToldBefore(u64, Option<Told>),
+    ToldBefore(u64, Option<StandingKey>),
     /// A connection subscribed to every topic.
     SubscribedAll(ConnId),
     UnsubscribedAll(ConnId),
@@ -659,11 +666,12 @@ enum Resumption {
     Refused(ErrorBody),
 }
 
-/// What decides a standing as its holder was told it: the entry's place in
-/// the queue, and which entry owned the topic (by seq, which an update
-/// keeps; the owner's ref does not decide it).
+/// What decides a standing, kept to compare the standing an entry's holder
+/// was last told with the one it has now: the entry's place in the queue,
+/// and which entry owned the topic (by seq, which an update keeps; the
+/// owner's ref does not decide it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Told {
+struct StandingKey {
     position: usize,
     owner_seq: u64,
 }
@@ -701,9 +709,14 @@ pub struct Registry {
     /// By seq, for each entry whose standing changed while no connection
     /// held it: the standing its holder was last told, so that a `resume`
     /// tells it what changed. An entry that is not here was told its
-    /// standing as it is now: a held entry's holder hears every change,
-    /// and an entry let go keeps its standing until one comes.
-    told_before: HashMap<u64, Told>,
+    /// standing as it is now: a held entry's holder is sent every change,
+    /// and an entry let go keeps its standing until one comes. "Told" is
+    /// queued for the connection, not read by the client, and this is kept
+    /// in memory only: a crash, a restart, or a client that loses the
+    /// connection that had the `role` event loses the change, which only
+    /// the standings of the `resume` reply then show (a client compares
+    /// them with what it held).
+    told_before: HashMap<u64, StandingKey>,
 }
 
 impl Registry {
@@ -774,7 +787,7 @@ impl Registry {
             let Some(topic) = self.topics.get(name) else {
                 continue;
             };
-            let moved: Vec<(u64, Told)> = topic
+            let moved: Vec<(u64, StandingKey)> = topic
                 .moved_behind(&gone)
                 .map(|(entry, _, before)| (entry.seq, before))
                 .collect();
@@ -1508,8 +1521,9 @@ impl Registry {
 
     /// Gives the connection back the entries of `tokens`. Each resumed
     /// entry's standing is in the reply; the holder of one whose standing
-    /// changed while no connection held it is also sent a `role` event
-    /// after the reply, as it would have been had it been connected.
+    /// changed since it was last told (see `told_before`) is also sent a
+    /// `role` event after the reply, as it would have been had it been
+    /// connected.
     pub(crate) fn resume(
         &mut self,
         conn: ConnId,
@@ -1530,14 +1544,7 @@ impl Registry {
                     changed_while_away,
                 } => {
                     if changed_while_away {
-                        let role = Event::Role {
-                            topic,
-                            payload: RoleChange {
-                                phx_ref: phx_ref.clone(),
-                                standing: standing.clone(),
-                            },
-                        };
-                        out.event(vec![conn], role);
+                        out.role(conn, topic, phx_ref.clone(), standing.clone());
                     }
                     outcome.roles.insert(phx_ref.clone(), standing);
                     outcome.refs.insert(token, phx_ref.clone());
@@ -1599,14 +1606,14 @@ impl Registry {
         entry.resume_deadline = None;
         let (topic, seq) = (entry.topic.clone(), entry.seq);
         self.insert(entry, meta_bytes);
-        let told_before = self.forget_told(seq);
+        let last_told = self.forget_told(seq);
         let standing = self.topic(&topic).standing(seq);
-        let now_told = self.topic(&topic).told_at(standing.position);
+        let standing_now = self.topic(&topic).standing_key_at(standing.position);
         Resumption::Resumed {
             topic,
             phx_ref,
             standing,
-            changed_while_away: told_before.is_some_and(|before| before != now_told),
+            changed_while_away: last_told.is_some_and(|last_told| last_told != standing_now),
         }
     }
 
@@ -1678,14 +1685,8 @@ impl Registry {
                 unheld_moved.push((entry.seq, before));
                 continue;
             };
-            let role = Event::Role {
-                topic: topic_name.to_owned(),
-                payload: RoleChange {
-                    phx_ref: entry.phx_ref.clone(),
-                    standing: topic.standing_at(position),
-                },
-            };
-            out.event(vec![conn], role);
+            let standing = topic.standing_at(position);
+            out.role(conn, topic_name.to_owned(), entry.phx_ref.clone(), standing);
         }
         for (seq, before) in unheld_moved {
             self.note_told_before(seq, before);
@@ -1696,7 +1697,7 @@ impl Registry {
     /// Remembers what the holder of the entry with `seq`, which no
     /// connection holds, was last told, unless an earlier change while it
     /// was unheld did already.
-    fn note_told_before(&mut self, seq: u64, before: Told) {
+    fn note_told_before(&mut self, seq: u64, before: StandingKey) {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.told_before.entry(seq) {
             slot.insert(before);
             self.record(|| Undo::ToldBefore(seq, None));
@@ -1705,7 +1706,7 @@ impl Registry {
 
     /// Forgets what the holder of the entry with `seq` was last told, and
     /// returns it: the entry is held again, or gone.
-    fn forget_told(&mut self, seq: u64) -> Option<Told> {
+    fn forget_told(&mut self, seq: u64) -> Option<StandingKey> {
         let before = self.told_before.remove(&seq)?;
         self.record(|| Undo::ToldBefore(seq, Some(before)));
         Some(before)

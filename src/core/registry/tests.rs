@@ -4233,6 +4233,22 @@ impl World {
             self.model.entries.iter().filter_map(|e| e.deadline).min()
         );
         assert!(self.registry.next_seq() > self.last_seq);
+
+        // What an entry's holder was last told is kept only while no
+        // connection holds the entry: a held entry's holder is told every
+        // change at once, and a gone entry has no holder to tell.
+        let unheld_seqs: BTreeSet<u64> = self
+            .registry
+            .entries()
+            .filter(|e| e.conn.is_none())
+            .map(|e| e.seq)
+            .collect();
+        let remembered: BTreeSet<u64> = self.registry.told_before.keys().copied().collect();
+        assert!(
+            remembered.is_subset(&unheld_seqs),
+            "last told kept for {:?}, not all of them unheld entries ({unheld_seqs:?})",
+            remembered.difference(&unheld_seqs).collect::<Vec<_>>()
+        );
     }
 }
 
