@@ -5,6 +5,7 @@
 //! into core inputs and core output into bytes; it never decides who owns
 //! a topic.
 
+pub mod cluster;
 mod connection;
 mod driver;
 mod listener;
