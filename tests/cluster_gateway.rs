@@ -286,16 +286,20 @@ async fn a_watch_from_a_compacted_revision_is_told_so() {
 async fn a_transaction_moves_past_a_dead_member_but_not_past_a_silent_one() {
     needs_program("etcd", "etcd-server");
     let mut etcd = EtcdCluster::start(3);
+    // Followers, so that neither costs an election: one stopped, then
+    // continued; the other killed.
+    let leader = etcd.leader();
+    let (silent, dead) = ((leader + 1) % 3, (leader + 2) % 3);
     let prefix = "/presence/t/moved/";
     let lease = gateway(etcd.endpoints())
         .grant(Duration::from_secs(10))
         .await
         .expect("a grant");
 
-    etcd.stop(1);
-    let silent = first_then_others(&etcd, 1);
+    etcd.stop(silent);
+    let client = gateway([silent, leader, dead].map(|index| etcd.endpoint(index)));
     let attempt = Instant::now();
-    let result = silent
+    let result = client
         .create_if_absent(
             prefix.as_bytes(),
             format!("{prefix}a").as_bytes(),
@@ -310,17 +314,18 @@ async fn a_transaction_moves_past_a_dead_member_but_not_past_a_silent_one() {
     );
     assert!(took < R + Duration::from_millis(200), "{took:?}");
     // The next call goes elsewhere.
-    assert_ne!(silent.current_endpoint(), etcd.endpoint(1));
-    etcd.resume(1);
+    assert_eq!(client.current_endpoint(), etcd.endpoint(leader));
+    etcd.resume(silent);
+    etcd.wait_healthy(silent);
 
-    etcd.kill(0);
-    let dead = first_then_others(&etcd, 0);
+    etcd.kill(dead);
+    let client = gateway([dead, leader, silent].map(|index| etcd.endpoint(index)));
     // Another prefix: the silent member, continued, may yet commit "a".
     let prefix = "/presence/t/moved-on/";
-    let created = create(&dead, prefix, "b", lease.id).await;
+    let created = create(&client, prefix, "b", lease.id).await;
     assert_eq!(created.position, 1);
     assert_eq!(created.owner.key, format!("{prefix}b").as_bytes());
-    assert_ne!(dead.current_endpoint(), etcd.endpoint(0));
+    assert_eq!(client.current_endpoint(), etcd.endpoint(leader));
 }
 
 /// How often the renewal tests renew.

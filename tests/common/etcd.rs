@@ -194,7 +194,7 @@ impl EtcdCluster {
     }
 
     /// Waits until member `index` says it is healthy (it has a leader).
-    fn wait_healthy(&self, index: usize) {
+    pub fn wait_healthy(&self, index: usize) {
         let started = Instant::now();
         loop {
             let last = match exchange(self.members[index].client, "GET", "/health", "") {

@@ -882,6 +882,11 @@ impl Watch {
     /// was compacted; `None` when the member ended the reply (watch again
     /// from the revision after the last one seen). Confirmations and
     /// progress notes without events are skipped.
+    ///
+    /// It waits for as long as nothing changes, with no timeout of its own,
+    /// so a member that stops answering holds it silently: whoever watches
+    /// must watch again (on the next endpoint) when the renewals show the
+    /// member gone.
     pub async fn next(&mut self) -> Result<Option<WatchMessage>, Error> {
         loop {
             let Some(line) = self.line().await? else {
