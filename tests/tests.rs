@@ -25,6 +25,7 @@ mod cli_watch_all;
 mod cli_who;
 mod client_example;
 mod client_trust;
+mod cluster_gateway;
 mod daemon_lifecycle;
 mod database_faults;
 mod defects;
