@@ -333,8 +333,8 @@ const PERIOD: Duration = Duration::from_millis(250);
 
 /// A stopped follower costs one attempt: the renewal after it moves to
 /// the next member, which answers at once. So no gap between renewals is
-/// longer than R + the period + one election timeout (the bound of issue
-/// 20, with an election to spare).
+/// longer than R + the period + one election timeout (the bound the
+/// fencing design asks for, with an election to spare).
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
 async fn renewals_go_on_through_a_stopped_follower_and_stop_with_the_only_one() {

@@ -3,8 +3,8 @@
 //! core's driver (`driver.rs`: the clocks, the store's commits, the
 //! outlets, run by whichever thread has work for the core). It turns bytes
 //! into core inputs and core output into bytes; it never decides who owns
-//! a topic. `cluster/` is the client of etcd for topics shared across hosts
-//! (issue 20), which nothing here uses yet.
+//! a topic. `cluster/` is the client of etcd for topics shared across
+//! hosts, which nothing here uses yet.
 
 pub mod cluster;
 mod connection;

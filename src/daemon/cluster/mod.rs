@@ -1,4 +1,4 @@
-//! Topics shared across hosts through etcd (issue 20). So far the client
+//! Topics shared across hosts through etcd. So far the client
 //! only: [`gateway`] talks to etcd's JSON gateway over HTTP/1.1, with the
 //! typed calls the cluster design needs (a lease and its renewals, an
 //! entry created only if absent with its place in its topic's queue, a
