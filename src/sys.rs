@@ -1,5 +1,6 @@
 //! What the daemon and the CLI need from the operating system: process
-//! identity from `/proc`, user names, and waiting for a process to exit.
+//! identity from `/proc`, user names, waiting for a process to exit, and
+//! a clock and an alarm that count through suspend.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -417,6 +418,118 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// A moment on `CLOCK_BOOTTIME`: like [`std::time::Instant`], but it keeps
+/// counting while the machine is suspended, as other hosts' clocks do. A
+/// promise that must end a fixed time after a moment (a lease in etcd)
+/// is timed on it: `Instant`, on `CLOCK_MONOTONIC`, stops during suspend,
+/// so a deadline on it would fall late by the time the machine slept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BootInstant(Duration);
+
+impl BootInstant {
+    pub fn now() -> BootInstant {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        // The clock counts from boot, so it is never negative; a value that
+        // does not fit a Duration would be a kernel bug, read as boot.
+        BootInstant(Duration::try_from(now).unwrap_or_default())
+    }
+
+    /// How long after boot this moment is.
+    pub fn since_boot(self) -> Duration {
+        self.0
+    }
+
+    /// `self - earlier`, or zero when `earlier` is later.
+    pub fn saturating_duration_since(self, earlier: BootInstant) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// `self - duration`, or boot itself when that would be before it.
+    pub fn saturating_sub(self, duration: Duration) -> BootInstant {
+        BootInstant(self.0.saturating_sub(duration))
+    }
+}
+
+impl std::ops::Add<Duration> for BootInstant {
+    type Output = BootInstant;
+
+    fn add(self, duration: Duration) -> BootInstant {
+        BootInstant(self.0.saturating_add(duration))
+    }
+}
+
+/// A timer on `CLOCK_BOOTTIME` (a timerfd) that goes off at a
+/// [`BootInstant`]. It goes off on time through a suspend, and at once on
+/// resume when its moment passed meanwhile; a tokio timer would wait out
+/// the slept time again.
+pub struct BootAlarm {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl BootAlarm {
+    /// An alarm, unset.
+    pub fn new() -> io::Result<BootAlarm> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Boottime,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        // SAFETY: the AsyncFd owns the timerfd, which stays open and names
+        // the same timer until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(BootAlarm { fd })
+    }
+
+    /// Sets the alarm to go off at `at` (at once if `at` has passed),
+    /// replacing whatever moment it was set to, gone off or not.
+    pub fn set(&self, at: BootInstant) -> io::Result<()> {
+        // A zero it_value would disarm it: the first nanosecond after boot
+        // stands for boot itself.
+        self.settime(at.0.max(Duration::from_nanos(1)))
+    }
+
+    /// Unsets the alarm; it goes off again only once it is set.
+    pub fn unset(&self) -> io::Result<()> {
+        self.settime(Duration::ZERO)
+    }
+
+    fn settime(&self, value: Duration) -> io::Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        let value = Timespec::try_from(value)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "an alarm beyond time"))?;
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let spec = Itimerspec {
+            it_interval: zero,
+            it_value: value,
+        };
+        // Setting it also clears a going-off not yet waited for.
+        timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::ABSTIME, &spec)?;
+        Ok(())
+    }
+
+    /// Resolves when the alarm goes off; pends while it is unset.
+    pub async fn gone_off(&self) -> io::Result<()> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            match ready.try_io(|fd| {
+                rustix::io::read(fd.get_ref(), &mut expirations).map_err(io::Error::from)
+            }) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                // Readiness was stale (the alarm was set again since); the
+                // guard cleared it.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 /// The outcome of [`open_private_file`].
 pub enum PrivateFile {
     Opened(std::fs::File),
@@ -558,6 +671,69 @@ fn invalid_data(message: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How long the alarm tests give an alarm that must not go off, and
+    /// the longest they wait for one that must.
+    const QUIET: Duration = Duration::from_millis(150);
+    const DUE: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn an_alarm_goes_off_at_its_moment_and_not_before() {
+        let alarm = BootAlarm::new().expect("a timerfd");
+        let set_at = BootInstant::now();
+        let at = set_at + Duration::from_millis(80);
+        alarm.set(at).expect("set");
+        tokio::time::timeout(DUE, alarm.gone_off())
+            .await
+            .expect("it went off")
+            .expect("read");
+        assert!(BootInstant::now() >= at);
+    }
+
+    #[tokio::test]
+    async fn an_alarm_set_again_goes_off_at_the_new_moment_only() {
+        let alarm = BootAlarm::new().expect("a timerfd");
+        // Set in the past, it goes off at once...
+        alarm
+            .set(BootInstant::now().saturating_sub(DUE))
+            .expect("set");
+        tokio::time::timeout(DUE, alarm.gone_off())
+            .await
+            .expect("it went off")
+            .expect("read");
+        // ...and set again before it is waited for, only the new moment counts.
+        alarm
+            .set(BootInstant::now().saturating_sub(DUE))
+            .expect("set");
+        let later = BootInstant::now() + QUIET;
+        alarm.set(later).expect("set");
+        tokio::time::timeout(DUE, alarm.gone_off())
+            .await
+            .expect("it went off")
+            .expect("read");
+        assert!(BootInstant::now() >= later);
+    }
+
+    #[tokio::test]
+    async fn an_unset_alarm_stays_quiet() {
+        let alarm = BootAlarm::new().expect("a timerfd");
+        alarm.set(BootInstant::now() + QUIET / 2).expect("set");
+        alarm.unset().expect("unset");
+        let quiet = tokio::time::timeout(QUIET, alarm.gone_off()).await;
+        assert!(quiet.is_err(), "an unset alarm went off: {quiet:?}");
+    }
+
+    #[test]
+    fn the_boot_clock_moves_forward_and_counts_from_boot() {
+        let first = BootInstant::now();
+        let second = BootInstant::now();
+        assert!(second >= first);
+        assert!(first.since_boot() > Duration::ZERO);
+        assert_eq!(
+            first.saturating_duration_since(second + DUE),
+            Duration::ZERO
+        );
+    }
 
     #[test]
     fn own_start_time_is_stable_and_names_this_process() {

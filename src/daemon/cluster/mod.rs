@@ -1,13 +1,17 @@
-//! Topics shared across hosts through etcd. So far the client
-//! only: [`gateway`] talks to etcd's JSON gateway over HTTP/1.1, with the
-//! typed calls the cluster design needs (a lease and its renewals, an
-//! entry created only if absent with its place in its topic's queue, a
-//! rewrite that keeps that place, a listing and a watch of a prefix).
-//! Nothing in the daemon uses it yet.
+//! Topics shared across hosts through etcd. So far the pieces below the
+//! bridge to the core: [`gateway`] talks to etcd's JSON gateway over
+//! HTTP/1.1, with the typed calls the cluster design needs (a lease and
+//! its renewals, an entry created only if absent with its place in its
+//! topic's queue, a rewrite that keeps that place, a listing and a watch
+//! of a prefix); [`lease`] keeps the daemon's one lease alive and fences
+//! it by the boot clock before etcd could end it. Nothing in the daemon
+//! uses them yet.
 
 pub mod gateway;
+pub mod lease;
 
 pub use gateway::{
     Created, Creation, Deleted, Error, Event, Gateway, Kv, Lease, LeaseId, Renewal, Rewrite, Watch,
     WatchMessage,
 };
+pub use lease::{LeaseKeeper, LeaseSettings, LeaseState, LeaseStatus};
