@@ -4,11 +4,13 @@
 //! its renewals, an entry created only if absent with its place in its
 //! topic's queue, a rewrite that keeps that place, a listing and a watch
 //! of a prefix); [`lease`] keeps the daemon's one lease alive and fences
-//! it by the boot clock before etcd could end it. Nothing in the daemon
-//! uses them yet.
+//! it by the boot clock before etcd could end it; [`record`] is how an
+//! entry is written there (its key and value) and which topics are shared.
+//! Nothing in the daemon uses them yet.
 
 pub mod gateway;
 pub mod lease;
+pub mod record;
 
 pub use gateway::{
     Created, Creation, Deleted, Error, Event, Gateway, Kv, Lease, LeaseId, Renewal, Rewrite, Watch,

@@ -1,0 +1,362 @@
+//! How an entry of a cluster topic is written in etcd: its key, its value,
+//! and which topics are shared at all.
+//!
+//! Every entry is one key, `PREFIX t/TOPIC/REF`: the topic percent-encoded
+//! so that a `/` in it (file topics are paths) cannot pass for the
+//! separator, and the ref the entry's `phx_ref`, `HOST:pN`, unique across
+//! the cluster because each host numbers its own refs and host names are
+//! unique. Listing or watching `PREFIX t/` sees every cluster topic at
+//! once; `PREFIX t/TOPIC/` is one topic's queue, which etcd orders by the
+//! keys' create revisions.
+//!
+//! The value is what other hosts show of the entry, as JSON with a
+//! version. Anything with write access to etcd can put anything there, so
+//! a value is read as untrusted input: one that does not decode, or
+//! breaks a limit a daemon would hold its own clients to, is refused with
+//! a reason, and never panics.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::protocol::{Lifetime, Limits, checked_meta_size, validate_name};
+
+/// The one version of the value written so far.
+pub const RECORD_VERSION: u32 = 1;
+
+/// The longest host name: a DNS label's length.
+pub const MAX_HOST_BYTES: usize = 63;
+
+/// Whether `name` can name a host in a ref: 1 to [`MAX_HOST_BYTES`] of
+/// ASCII letters, digits, `-`, `_` and `.`, as a hostname is written.
+/// `:` is the ref's separator and `/` the key's, so neither may appear.
+pub fn check_host(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_HOST_BYTES || !name.chars().all(allowed) {
+        return Err(format!(
+            "a host name is 1 to {MAX_HOST_BYTES} letters, digits, '-', '_' or '.', not {name:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The ref of this host's entry numbered `number`.
+pub fn cluster_ref(host: &str, number: u64) -> String {
+    format!("{host}:p{number}")
+}
+
+/// The host a cluster ref names, if it is one.
+pub fn host_of_ref(phx_ref: &str) -> Option<&str> {
+    let (host, number) = phx_ref.split_once(":p")?;
+    let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+    (check_host(host).is_ok() && numbered).then_some(host)
+}
+
+/// Where this daemon's cluster keys live: under a prefix every host is
+/// given alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+impl KeySpace {
+    /// Keys under `prefix`, which ends in `/` (one is added if not).
+    pub fn new(prefix: &str) -> KeySpace {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        KeySpace { prefix }
+    }
+
+    /// Every cluster topic's entries are under this.
+    pub fn topics(&self) -> Vec<u8> {
+        format!("{}t/", self.prefix).into_bytes()
+    }
+
+    /// One topic's entries are under this.
+    pub fn topic(&self, topic: &str) -> Vec<u8> {
+        let mut key = format!("{}t/", self.prefix);
+        percent_encode(topic, &mut key);
+        key.push('/');
+        key.into_bytes()
+    }
+
+    /// The key of one entry.
+    pub fn entry(&self, topic: &str, phx_ref: &str) -> Vec<u8> {
+        let mut key = self.topic(topic);
+        key.extend_from_slice(phx_ref.as_bytes());
+        key
+    }
+
+    /// The topic and ref an entry's key names, or why it names none.
+    pub fn parse_entry(&self, key: &[u8]) -> Result<(String, String), String> {
+        let key = std::str::from_utf8(key).map_err(|_| "a key that is not UTF-8".to_owned())?;
+        let rest = key
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix("t/"))
+            .ok_or_else(|| format!("a key outside {}t/: {key:?}", self.prefix))?;
+        let (topic, phx_ref) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("a key with no ref: {key:?}"))?;
+        let topic =
+            percent_decode(topic).ok_or_else(|| format!("a badly encoded topic: {key:?}"))?;
+        if host_of_ref(phx_ref).is_none() {
+            return Err(format!("a key whose ref is not HOST:pN: {key:?}"));
+        }
+        Ok((topic, phx_ref.to_owned()))
+    }
+}
+
+/// Percent-encodes every byte of `text` but ASCII letters, digits and
+/// `-_.:@+=,` (which topics use and etcdctl shows plainly) onto `out`.
+fn percent_encode(text: &str, out: &mut String) {
+    for byte in text.bytes() {
+        let plain = byte.is_ascii_alphanumeric() || b"-_.:@+=,".contains(&byte);
+        if plain {
+            out.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+}
+
+/// The inverse of [`percent_encode`]; `None` for a bad escape or bytes
+/// that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, after)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = after.get(..2)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &after[2..];
+        } else {
+            bytes.push(byte);
+            rest = after;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// What other hosts know of an entry: its value in etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The value's version: [`RECORD_VERSION`], the only one so far.
+    pub v: u32,
+    pub key: String,
+    /// The client's meta, as given to `track` or `update`.
+    pub meta: Map<String, Value>,
+    /// Unix milliseconds, by the clock of the host that tracked it.
+    pub joined_at: i64,
+    /// The owning process, on `host`.
+    pub pid: u32,
+    pub uid: u32,
+    pub user: String,
+    pub host: String,
+    pub lifetime: Lifetime,
+}
+
+impl Record {
+    /// The value as etcd stores it.
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of strings, numbers and a JSON map always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the value of the entry `phx_ref`, holding it to the limits a
+    /// daemon holds its own clients to, and to the ref's host.
+    pub fn decode(value: &[u8], phx_ref: &str, limits: &Limits) -> Result<Record, String> {
+        // Larger than any value a daemon writes: the meta's limit, and
+        // room for the rest.
+        let most = limits.max_meta_bytes + 4 * limits.max_name_bytes + 256;
+        if value.len() > most {
+            return Err(format!(
+                "a value of {} bytes, over the {most} a daemon writes",
+                value.len()
+            ));
+        }
+        let record: Record = serde_json::from_slice(value)
+            .map_err(|error| format!("an unreadable value: {error}"))?;
+        if record.v != RECORD_VERSION {
+            return Err(format!(
+                "a value of version {}; this daemon reads version {RECORD_VERSION}",
+                record.v
+            ));
+        }
+        validate_name("key", &record.key, limits.max_name_bytes)
+            .and_then(|()| validate_name("user", &record.user, limits.max_name_bytes))
+            .and_then(|()| checked_meta_size(&record.meta, limits.max_meta_bytes).map(|_| ()))
+            .map_err(|error| error.message)?;
+        check_host(&record.host)?;
+        if host_of_ref(phx_ref) != Some(record.host.as_str()) {
+            return Err(format!(
+                "the value says host {:?}, its ref {phx_ref:?} another",
+                record.host
+            ));
+        }
+        Ok(record)
+    }
+}
+
+/// Which topics are shared across hosts: those matching any of the
+/// patterns given (`*` any run of characters, `/` included; `?` one
+/// character; `[…]` one of a set), as the shell matches words.
+#[derive(Debug, Clone, Default)]
+pub struct SharedTopics {
+    patterns: Vec<glob::Pattern>,
+}
+
+impl SharedTopics {
+    /// The topics matching any of `patterns`; an empty list shares none.
+    pub fn new(patterns: &[String]) -> Result<SharedTopics, String> {
+        let patterns = patterns
+            .iter()
+            .map(|pattern| {
+                glob::Pattern::new(pattern)
+                    .map_err(|error| format!("the topic pattern {pattern:?}: {error}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SharedTopics { patterns })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    pub fn includes(&self, topic: &str) -> bool {
+        self.patterns.iter().any(|pattern| pattern.matches(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record() -> Record {
+        let Value::Object(meta) = json!({ "editor": "nvim" }) else {
+            unreachable!("an object")
+        };
+        Record {
+            v: RECORD_VERSION,
+            key: "alice".into(),
+            meta,
+            joined_at: 1_700_000_000_000,
+            pid: 4242,
+            uid: 1000,
+            user: "alice".into(),
+            host: "web-1".into(),
+            lifetime: Lifetime::Connection,
+        }
+    }
+
+    #[test]
+    fn a_key_names_its_topic_and_ref_whatever_the_topic_holds() {
+        let keys = KeySpace::new("/presence");
+        for topic in [
+            "publishing_edit:docs:post-slug",
+            "file:/home/alice/notes/a b%2F.md",
+            "ünïcode/topic",
+        ] {
+            let key = keys.entry(topic, "web-1:p17");
+            assert!(key.starts_with(&keys.topic(topic)));
+            assert!(key.starts_with(&keys.topics()));
+            assert_eq!(
+                keys.parse_entry(&key),
+                Ok((topic.to_owned(), "web-1:p17".to_owned()))
+            );
+        }
+        // One topic's prefix is never another's: the separator is encoded.
+        assert!(!keys.topic("a/b").starts_with(&keys.topic("a")));
+        assert_eq!(
+            keys.entry("file:/x", "h:p1"),
+            b"/presence/t/file:%2Fx/h:p1".to_vec()
+        );
+    }
+
+    #[test]
+    fn keys_that_are_not_entries_are_refused() {
+        let keys = KeySpace::new("/presence/");
+        for key in [
+            &b"/other/t/topic/h:p1"[..],
+            b"/presence/t/topic",
+            b"/presence/t/topic/not-a-ref",
+            b"/presence/t/topic/h:p",
+            b"/presence/t/bad%zzescape/h:p1",
+            b"/presence/t/%FF/h:p1",
+            b"/presence/t/\xff/h:p1",
+        ] {
+            assert!(keys.parse_entry(key).is_err(), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn host_names_are_hostnames_and_refs_name_them() {
+        assert!(check_host("web-1.example_a").is_ok());
+        for bad in ["", "a:b", "a/b", "a b", &"x".repeat(64)] {
+            assert!(check_host(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(cluster_ref("web-1", 9), "web-1:p9");
+        assert_eq!(host_of_ref("web-1:p9"), Some("web-1"));
+        assert_eq!(host_of_ref("p9"), None);
+        assert_eq!(host_of_ref("web-1:px"), None);
+    }
+
+    #[test]
+    fn a_record_reads_back_as_written() {
+        let limits = Limits::default();
+        let record = record();
+        assert_eq!(
+            Record::decode(&record.encode(), "web-1:p3", &limits),
+            Ok(record)
+        );
+    }
+
+    #[test]
+    fn a_record_that_breaks_a_limit_or_lies_about_its_host_is_refused() {
+        let limits = Limits::default();
+        let wrong_host = Record::decode(&record().encode(), "web-2:p3", &limits);
+        assert!(wrong_host.is_err_and(|e| e.contains("host")));
+
+        let mut big = record();
+        big.meta.insert(
+            "note".into(),
+            Value::String("x".repeat(limits.max_meta_bytes)),
+        );
+        assert!(Record::decode(&big.encode(), "web-1:p3", &limits).is_err());
+
+        let mut reserved = record();
+        reserved.meta.insert("phx_ref".into(), json!("forged"));
+        assert!(Record::decode(&reserved.encode(), "web-1:p3", &limits).is_err());
+
+        let mut later = record();
+        later.v = 2;
+        let refused = Record::decode(&later.encode(), "web-1:p3", &limits);
+        assert!(refused.is_err_and(|e| e.contains("version 2")));
+
+        for garbage in [&b""[..], b"null", b"{\"v\":1}", b"\xff\xfe", b"[1,2]"] {
+            assert!(Record::decode(garbage, "web-1:p3", &limits).is_err());
+        }
+        let huge = vec![b' '; limits.max_meta_bytes * 2];
+        let refused = Record::decode(&huge, "web-1:p3", &limits);
+        assert!(refused.is_err_and(|e| e.contains("bytes")));
+    }
+
+    #[test]
+    fn shared_topics_are_those_a_pattern_matches() {
+        let shared = SharedTopics::new(&["publishing_edit:*".into(), "file:/srv/*".into()])
+            .expect("patterns");
+        assert!(shared.includes("publishing_edit:docs:post-slug"));
+        assert!(shared.includes("file:/srv/site/a/b.md"));
+        assert!(!shared.includes("file:/home/alice/a.md"));
+        assert!(!shared.includes("publishing"));
+        assert!(SharedTopics::new(&[]).expect("none").is_empty());
+        assert!(!SharedTopics::default().includes("anything"));
+        let refused = SharedTopics::new(&["[unclosed".into()]);
+        assert!(refused.is_err_and(|e| e.contains("[unclosed")));
+    }
+}
