@@ -1,13 +1,16 @@
 //! How an entry of a cluster topic is written in etcd: its key, its value,
 //! and which topics are shared at all.
 //!
-//! Every entry is one key, `PREFIX t/TOPIC/REF`: the topic percent-encoded
+//! Every entry is one key, `PREFIX t/TOPIC/ID`: the topic percent-encoded
 //! so that a `/` in it (file topics are paths) cannot pass for the
-//! separator, and the ref the entry's `phx_ref`, `HOST:pN`, unique across
-//! the cluster because each host numbers its own refs and host names are
-//! unique. Listing or watching `PREFIX t/` sees every cluster topic at
-//! once; `PREFIX t/TOPIC/` is one topic's queue, which etcd orders by the
-//! keys' create revisions.
+//! separator, and the id the ref the entry was tracked with, `HOST:pN`,
+//! unique across the cluster because each host numbers its own refs and
+//! host names are unique. An `update` gives the entry a new ref, as it
+//! does on one host, but rewrites the value under the same key, so that
+//! the key keeps its create revision, which is its place in the queue.
+//! Listing or watching `PREFIX t/` sees every cluster topic at once;
+//! `PREFIX t/TOPIC/` is one topic's queue, which etcd orders by the keys'
+//! create revisions.
 //!
 //! The value is what other hosts show of the entry, as JSON with a
 //! version. Anything with write access to etcd can put anything there, so
@@ -41,12 +44,13 @@ pub fn check_host(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The ref of this host's entry numbered `number`.
+/// The ref numbered `number` of an entry of this host.
 pub fn cluster_ref(host: &str, number: u64) -> String {
     format!("{host}:p{number}")
 }
 
-/// The host a cluster ref names, if it is one.
+/// The host a cluster ref (or an entry's id, which is its first ref)
+/// names, if it is one.
 pub fn host_of_ref(phx_ref: &str) -> Option<&str> {
     let (host, number) = phx_ref.split_once(":p")?;
     let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
@@ -83,29 +87,29 @@ impl KeySpace {
         key.into_bytes()
     }
 
-    /// The key of one entry.
-    pub fn entry(&self, topic: &str, phx_ref: &str) -> Vec<u8> {
+    /// The key of one entry, by the ref it was tracked with.
+    pub fn entry(&self, topic: &str, id: &str) -> Vec<u8> {
         let mut key = self.topic(topic);
-        key.extend_from_slice(phx_ref.as_bytes());
+        key.extend_from_slice(id.as_bytes());
         key
     }
 
-    /// The topic and ref an entry's key names, or why it names none.
+    /// The topic and id an entry's key names, or why it names none.
     pub fn parse_entry(&self, key: &[u8]) -> Result<(String, String), String> {
         let key = std::str::from_utf8(key).map_err(|_| "a key that is not UTF-8".to_owned())?;
         let rest = key
             .strip_prefix(&self.prefix)
             .and_then(|rest| rest.strip_prefix("t/"))
             .ok_or_else(|| format!("a key outside {}t/: {key:?}", self.prefix))?;
-        let (topic, phx_ref) = rest
+        let (topic, id) = rest
             .split_once('/')
-            .ok_or_else(|| format!("a key with no ref: {key:?}"))?;
+            .ok_or_else(|| format!("a key with no id: {key:?}"))?;
         let topic =
             percent_decode(topic).ok_or_else(|| format!("a badly encoded topic: {key:?}"))?;
-        if host_of_ref(phx_ref).is_none() {
-            return Err(format!("a key whose ref is not HOST:pN: {key:?}"));
+        if host_of_ref(id).is_none() {
+            return Err(format!("a key whose id is not HOST:pN: {key:?}"));
         }
-        Ok((topic, phx_ref.to_owned()))
+        Ok((topic, id.to_owned()))
     }
 }
 
@@ -148,6 +152,9 @@ pub struct Record {
     /// The value's version: [`RECORD_VERSION`], the only one so far.
     pub v: u32,
     pub key: String,
+    /// The entry's ref now, and the one before its last `update`.
+    pub phx_ref: String,
+    pub phx_ref_prev: Option<String>,
     /// The client's meta, as given to `track` or `update`.
     pub meta: Map<String, Value>,
     /// Unix milliseconds, by the clock of the host that tracked it.
@@ -167,9 +174,10 @@ impl Record {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Reads the value of the entry `phx_ref`, holding it to the limits a
-    /// daemon holds its own clients to, and to the ref's host.
-    pub fn decode(value: &[u8], phx_ref: &str, limits: &Limits) -> Result<Record, String> {
+    /// Reads the value of the entry whose key names `id`, holding it to
+    /// the limits a daemon holds its own clients to, and its refs to the
+    /// id's host: a host writes only its own entries.
+    pub fn decode(value: &[u8], id: &str, limits: &Limits) -> Result<Record, String> {
         // Larger than any value a daemon writes: the meta's limit, and
         // room for the rest.
         let most = limits.max_meta_bytes + 4 * limits.max_name_bytes + 256;
@@ -192,9 +200,18 @@ impl Record {
             .and_then(|()| checked_meta_size(&record.meta, limits.max_meta_bytes).map(|_| ()))
             .map_err(|error| error.message)?;
         check_host(&record.host)?;
-        if host_of_ref(phx_ref) != Some(record.host.as_str()) {
+        let refs = [
+            Some(id),
+            Some(&*record.phx_ref),
+            record.phx_ref_prev.as_deref(),
+        ];
+        if let Some(stranger) = refs
+            .into_iter()
+            .flatten()
+            .find(|phx_ref| host_of_ref(phx_ref) != Some(record.host.as_str()))
+        {
             return Err(format!(
-                "the value says host {:?}, its ref {phx_ref:?} another",
+                "the value says host {:?}, but names the ref {stranger:?}",
                 record.host
             ));
         }
@@ -244,6 +261,8 @@ mod tests {
         Record {
             v: RECORD_VERSION,
             key: "alice".into(),
+            phx_ref: "web-1:p3".into(),
+            phx_ref_prev: None,
             meta,
             joined_at: 1_700_000_000_000,
             pid: 4242,
@@ -321,6 +340,17 @@ mod tests {
         let limits = Limits::default();
         let wrong_host = Record::decode(&record().encode(), "web-2:p3", &limits);
         assert!(wrong_host.is_err_and(|e| e.contains("host")));
+        let mut forged_ref = record();
+        forged_ref.phx_ref_prev = Some("web-2:p1".into());
+        let refused = Record::decode(&forged_ref.encode(), "web-1:p3", &limits);
+        assert!(refused.is_err_and(|e| e.contains("web-2:p1")));
+        let mut updated = record();
+        updated.phx_ref = "web-1:p9".into();
+        updated.phx_ref_prev = Some("web-1:p3".into());
+        assert_eq!(
+            Record::decode(&updated.encode(), "web-1:p3", &limits),
+            Ok(updated)
+        );
 
         let mut big = record();
         big.meta.insert(
