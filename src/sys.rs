@@ -677,16 +677,21 @@ mod tests {
     const QUIET: Duration = Duration::from_millis(150);
     const DUE: Duration = Duration::from_secs(10);
 
+    /// Waits for `alarm` to go off, within [`DUE`].
+    async fn goes_off(alarm: &BootAlarm) {
+        tokio::time::timeout(DUE, alarm.gone_off())
+            .await
+            .expect("it went off")
+            .expect("read");
+    }
+
     #[tokio::test]
     async fn an_alarm_goes_off_at_its_moment_and_not_before() {
         let alarm = BootAlarm::new().expect("a timerfd");
         let set_at = BootInstant::now();
         let at = set_at + Duration::from_millis(80);
         alarm.set(at).expect("set");
-        tokio::time::timeout(DUE, alarm.gone_off())
-            .await
-            .expect("it went off")
-            .expect("read");
+        goes_off(&alarm).await;
         assert!(BootInstant::now() >= at);
     }
 
@@ -697,20 +702,14 @@ mod tests {
         alarm
             .set(BootInstant::now().saturating_sub(DUE))
             .expect("set");
-        tokio::time::timeout(DUE, alarm.gone_off())
-            .await
-            .expect("it went off")
-            .expect("read");
+        goes_off(&alarm).await;
         // ...and set again before it is waited for, only the new moment counts.
         alarm
             .set(BootInstant::now().saturating_sub(DUE))
             .expect("set");
         let later = BootInstant::now() + QUIET;
         alarm.set(later).expect("set");
-        tokio::time::timeout(DUE, alarm.gone_off())
-            .await
-            .expect("it went off")
-            .expect("read");
+        goes_off(&alarm).await;
         assert!(BootInstant::now() >= later);
     }
 

@@ -266,6 +266,20 @@ mod tests {
     /// Where the kernel has no pidfds (before Linux 5.3), opening one says
     /// `Unsupported`: the watcher turns to polling `/proc`, and a polled
     /// process's exit is told all the same.
+    /// Kills `child` and waits (10 s at most) for its exit to reach the core.
+    async fn kill_and_expect_exit_told(
+        core: &CoreHandle,
+        mut child: std::process::Child,
+        peer: &PinnedPeer,
+    ) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let exited = tokio::time::timeout(Duration::from_secs(10), core.next_queued())
+            .await
+            .expect("the exit is told within 10 s");
+        assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
+    }
+
     #[tokio::test]
     async fn without_pidfds_a_process_is_watched_by_polling_and_its_exit_told() {
         let core = CoreHandle::detached();
@@ -280,7 +294,7 @@ mod tests {
             "polling from now on"
         );
 
-        let (mut child, peer) = pinned_child();
+        let (child, peer) = pinned_child();
         let prepared = pids.prepared(peer.process, None).unwrap();
         pids.arm(prepared);
         assert!(
@@ -289,19 +303,14 @@ mod tests {
                 .is_err(),
             "nothing is told while the process runs"
         );
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let exited = tokio::time::timeout(Duration::from_secs(10), core.next_queued())
-            .await
-            .expect("the exit is told within 10 s");
-        assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
+        kill_and_expect_exit_told(&core, child, &peer).await;
     }
 
     #[tokio::test]
     async fn a_watched_process_is_known_by_its_inode_not_by_pid_and_start_time_alone() {
         let core = CoreHandle::detached();
         let pids = PidWatcher::new(core.clone(), false);
-        let (mut child, peer) = pinned_child();
+        let (child, peer) = pinned_child();
         assert!(pids.hold_if_watched(&peer).is_none(), "not watched yet");
         pids.arm(pids.prepare_peer(&peer).unwrap());
         assert!(pids.hold_if_watched(&peer).is_some());
@@ -318,12 +327,7 @@ mod tests {
             );
         }
 
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let exited = tokio::time::timeout(Duration::from_secs(10), core.next_queued())
-            .await
-            .expect("the exit is told within 10 s");
-        assert!(matches!(exited, Command::Input(Input::ProcessExited(p)) if p == peer.process));
+        kill_and_expect_exit_told(&core, child, &peer).await;
         assert!(pids.hold_if_watched(&peer).is_none(), "no longer watched");
     }
 }
