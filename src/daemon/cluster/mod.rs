@@ -4,14 +4,17 @@
 //! its renewals, an entry created only if absent with its place in its
 //! topic's queue, a rewrite that keeps that place, a listing and a watch
 //! of a prefix); [`lease`] keeps the daemon's one lease alive and fences
-//! it by the boot clock before etcd could end it. Nothing in the daemon
-//! uses them yet.
+//! it by the boot clock before etcd could end it; [`mirror`] keeps a copy
+//! of everything under one prefix current, from a listing and a watch,
+//! and reports each change. Nothing in the daemon uses them yet.
 
 pub mod gateway;
 pub mod lease;
+pub mod mirror;
 
 pub use gateway::{
     Created, Creation, Deleted, Error, Event, Gateway, Kv, Lease, LeaseId, Renewal, Rewrite, Watch,
     WatchMessage,
 };
 pub use lease::{LeaseKeeper, LeaseSettings, LeaseState, LeaseStatus};
+pub use mirror::{PrefixMirror, Snapshot, Update};
