@@ -27,6 +27,7 @@ mod client_example;
 mod client_trust;
 mod cluster_gateway;
 mod cluster_lease;
+mod cluster_mirror;
 mod daemon_lifecycle;
 mod database_faults;
 mod defects;

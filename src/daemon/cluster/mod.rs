@@ -5,11 +5,14 @@
 //! topic's queue, a rewrite that keeps that place, a listing and a watch
 //! of a prefix); [`lease`] keeps the daemon's one lease alive and fences
 //! it by the boot clock before etcd could end it; [`record`] is how an
-//! entry is written there (its key and value) and which topics are shared.
-//! Nothing in the daemon uses them yet.
+//! entry is written there (its key and value) and which topics are
+//! shared; [`mirror`] keeps a copy of everything under one prefix
+//! current, from a listing and a watch, and reports each change. Nothing
+//! in the daemon uses them yet.
 
 pub mod gateway;
 pub mod lease;
+pub mod mirror;
 pub mod record;
 
 pub use gateway::{
@@ -17,3 +20,4 @@ pub use gateway::{
     WatchMessage,
 };
 pub use lease::{LeaseKeeper, LeaseSettings, LeaseState, LeaseStatus};
+pub use mirror::{PrefixMirror, Snapshot, Update};
