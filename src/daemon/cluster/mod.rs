@@ -8,7 +8,8 @@
 //! entry is written there (its key and value) and which topics are
 //! shared; [`mirror`] keeps a copy of everything under one prefix
 //! current, from a listing and a watch, and reports each change. Nothing
-//! in the daemon uses them yet.
+//! in the daemon uses them yet; docs/cluster.md gives the design they are
+//! built for, and the fencing argument `lease` keeps.
 
 pub mod gateway;
 pub mod lease;
