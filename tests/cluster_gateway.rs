@@ -1,12 +1,13 @@
 //! The etcd gateway client (`daemon::cluster::gateway`) against a real
 //! etcd on loopback (`common::etcd`): leases, the create-if-absent
-//! transaction and the order it reads, watches across members, and a
-//! stopped member. Each test starts a cluster of its own.
+//! transaction and the order it reads, a delete with its reason, a move
+//! to another lease, watches across members, and a stopped member. Each
+//! test starts a cluster of its own.
 
 use std::time::{Duration, Instant};
 
 use presenced::daemon::cluster::{
-    Creation, Error, Event, Gateway, LeaseId, Renewal, Rewrite, WatchMessage,
+    Creation, Error, Event, Gateway, Kv, LeaseId, MAX_TXN_OPS, Renewal, Rewrite, WatchMessage,
 };
 
 use crate::common::etcd::EtcdCluster;
@@ -432,4 +433,169 @@ async fn renew_through_a_stop(etcd: &EtcdCluster, stopped: usize) -> Duration {
     );
     assert_ne!(all.current_endpoint(), etcd.endpoint(stopped));
     longest
+}
+
+/// A delete and its reason are one transaction: a watcher of both
+/// prefixes reads them in one message, at one revision. A second delete of
+/// the same key writes no reason.
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_delete_and_its_reason_reach_a_watcher_together() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let writer = gateway([etcd.endpoint(0)]);
+    let watcher = gateway([etcd.endpoint(1)]);
+    let lease = writer
+        .grant(Duration::from_secs(10))
+        .await
+        .expect("a grant");
+    let entries = "/presence/t/reasons/";
+    let created = create(&writer, entries, "h:p1", lease.id).await;
+    let mut watch = watcher
+        .watch(b"/presence/", created.revision + 1)
+        .await
+        .expect("a watch");
+
+    let key = format!("{entries}h:p1");
+    let reason_key = "/presence/r/reasons/h:p1";
+    let deleted = writer
+        .delete_with_reason(key.as_bytes(), reason_key.as_bytes(), b"untrack", lease.id)
+        .await
+        .expect("the delete");
+    assert!(deleted.existed);
+    let message = within("the delete and its reason", watch.next())
+        .await
+        .expect("a message");
+    let Some(WatchMessage::Events { revision, events }) = message else {
+        panic!("not the delete: {message:?}");
+    };
+    assert_eq!(revision, deleted.revision);
+    let [
+        Event::Delete {
+            key: gone,
+            revision: deleted_at,
+        },
+        Event::Put(reason),
+    ] = events.as_slice()
+    else {
+        panic!("not a delete and a put: {events:?}");
+    };
+    assert_eq!(gone, key.as_bytes());
+    assert_eq!(*deleted_at, deleted.revision);
+    assert_eq!(reason.key, reason_key.as_bytes());
+    assert_eq!(reason.value, b"untrack");
+    assert_eq!(reason.mod_revision, deleted.revision);
+    assert_eq!(reason.lease, lease.id.0);
+
+    let again = writer
+        .delete_with_reason(key.as_bytes(), b"/presence/r/reasons/again", b"x", lease.id)
+        .await
+        .expect("the second delete");
+    assert!(!again.existed);
+    assert_eq!(again.revision, deleted.revision, "nothing was written");
+    assert_eq!(
+        writer
+            .get(b"/presence/r/reasons/again")
+            .await
+            .expect("a read")
+            .1,
+        None
+    );
+}
+
+/// Keys moved to another lease keep their values and create revisions,
+/// and outlive the first lease; more keys than one transaction takes are
+/// moved in chunks; a key that left before the move is not brought back,
+/// nor is one deleted and created again since it was read.
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn keys_moved_to_another_lease_keep_their_places_and_outlive_the_first() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let client = gateway(etcd.endpoints());
+    let first = client
+        .grant(Duration::from_secs(10))
+        .await
+        .expect("a grant");
+    let prefix = "/presence/t/moved/";
+    // Three transactions' worth: the first two each hold a key that fails
+    // its check (and are moved a key at a time), the third none.
+    let count = 2 * MAX_TXN_OPS + 10;
+    for index in 0..count {
+        create(&client, prefix, &format!("h:p{index}"), first.id).await;
+    }
+    let (_, before) = client
+        .range_prefix(prefix.as_bytes())
+        .await
+        .expect("a range");
+    assert_eq!(before.len(), count);
+
+    // One key leaves, and another is deleted and created again, between
+    // the read and the move.
+    let gone = before[3].key.clone();
+    client.delete(&gone).await.expect("a delete");
+    let reborn = before[MAX_TXN_OPS + 5].key.clone();
+    client.delete(&reborn).await.expect("a delete");
+    let reborn_name = String::from_utf8_lossy(&reborn[prefix.len()..]).into_owned();
+    create(&client, prefix, &reborn_name, first.id).await;
+
+    let second = client
+        .grant(Duration::from_secs(10))
+        .await
+        .expect("a grant");
+    let moved = client
+        .move_to_lease(&before, second.id)
+        .await
+        .expect("the move");
+    assert_eq!(moved.moved, count - 2);
+    assert_eq!(moved.missing, vec![gone.clone(), reborn.clone()]);
+
+    client.revoke(first.id).await.expect("a revoke");
+    let (_, after) = client
+        .range_prefix(prefix.as_bytes())
+        .await
+        .expect("a range");
+    let kept: Vec<&Kv> = before
+        .iter()
+        .filter(|kv| kv.key != gone && kv.key != reborn)
+        .collect();
+    assert_eq!(
+        after.len(),
+        kept.len(),
+        "the reborn key went with the first lease"
+    );
+    for (was, is) in kept.iter().zip(&after) {
+        assert_eq!(is.key, was.key);
+        assert_eq!(is.value, was.value);
+        assert_eq!(is.create_revision, was.create_revision);
+        assert_eq!(is.lease, second.id.0);
+    }
+}
+
+/// A read of one key is of that key only, not of the keys it begins.
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_read_of_one_key_finds_it_and_only_it() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(1);
+    let client = gateway(etcd.endpoints());
+    let lease = client
+        .grant(Duration::from_secs(10))
+        .await
+        .expect("a grant");
+    let prefix = "/presence/t/read/";
+    let created = create(&client, prefix, "h:p12", lease.id).await;
+    let (_, short) = client
+        .get(format!("{prefix}h:p1").as_bytes())
+        .await
+        .expect("a read");
+    assert_eq!(short, None);
+    let (revision, found) = client
+        .get(format!("{prefix}h:p12").as_bytes())
+        .await
+        .expect("a read");
+    assert!(revision >= created.revision);
+    let found = found.expect("the key");
+    assert_eq!(found.create_revision, created.create_revision);
+    assert_eq!(found.value, b"{}");
 }

@@ -42,6 +42,10 @@ use tokio::time::{Instant, timeout_at};
 /// revoke of a lease with many keys is one message, so this is generous.
 const MAX_WATCH_LINE: usize = 64 << 20;
 
+/// The most operations etcd takes in each branch of one transaction, by
+/// default (its `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
 /// gRPC's codes that mean "this member cannot serve now" (no leader,
 /// leader changed, request timed out): the next member may.
 const GRPC_UNAVAILABLE: i64 = 14;
@@ -153,6 +157,16 @@ pub struct Deleted {
     pub revision: i64,
     /// Whether the key was there to delete.
     pub existed: bool,
+}
+
+/// What [`Gateway::move_to_lease`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// How many keys now live on the new lease.
+    pub moved: usize,
+    /// Keys that were gone, or had been deleted and created again, so were
+    /// left alone: a move never brings back a key that left.
+    pub missing: Vec<Vec<u8>>,
 }
 
 /// One change under a watched prefix.
@@ -512,12 +526,7 @@ impl Gateway {
         lease: LeaseId,
     ) -> Result<Rewrite, Error> {
         let body = json!({
-            "compare": [{
-                "key": BASE64.encode(key),
-                "target": "VERSION",
-                "result": "GREATER",
-                "version": "0",
-            }],
+            "compare": [exists(key)],
             "success": [{ "request_put": {
                 "key": BASE64.encode(key),
                 "value": BASE64.encode(value),
@@ -551,6 +560,105 @@ impl Gateway {
             revision: deleted.header.revision,
             existed: deleted.deleted > 0,
         })
+    }
+
+    /// Deletes `key` and, in the same transaction (one revision, so one
+    /// watch message), puts `reason` at `reason_key` on `lease`: a watcher
+    /// reads why the key left beside its delete. Only if `key` is there,
+    /// so that a reason is never written for a key that had already gone;
+    /// which also makes sending it twice harmless, so it is sent again on
+    /// failure.
+    pub async fn delete_with_reason(
+        &self,
+        key: &[u8],
+        reason_key: &[u8],
+        reason: &[u8],
+        lease: LeaseId,
+    ) -> Result<Deleted, Error> {
+        let body = json!({
+            "compare": [exists(key)],
+            "success": [
+                { "request_delete_range": { "key": BASE64.encode(key) }},
+                { "request_put": {
+                    "key": BASE64.encode(reason_key),
+                    "value": BASE64.encode(reason),
+                    "lease": lease.0.to_string(),
+                }},
+            ],
+            "failure": [],
+        });
+        let reply = self.call("/v3/kv/txn", &body, Retry::Always).await?;
+        let txn: TxnJson = reply.decode("a delete with its reason")?;
+        Ok(Deleted {
+            revision: txn.header.revision,
+            existed: txn.succeeded,
+        })
+    }
+
+    /// Moves each of `kvs` to `lease`, keeping its value and its create
+    /// revision (its place), if it is still the key that was read: one not
+    /// there any more, or deleted and created again since, is left alone.
+    /// A transaction moves at most [`MAX_TXN_OPS`] keys; a chunk in which
+    /// one key fails its check is moved a key at a time. Sent again on
+    /// failure: moving a key to a lease twice moves it once.
+    pub async fn move_to_lease(&self, kvs: &[Kv], lease: LeaseId) -> Result<Moved, Error> {
+        let mut moved = Moved::default();
+        for chunk in kvs.chunks(MAX_TXN_OPS) {
+            if self.move_chunk(chunk, lease).await? {
+                moved.moved += chunk.len();
+                continue;
+            }
+            for kv in chunk {
+                if self.move_chunk(std::slice::from_ref(kv), lease).await? {
+                    moved.moved += 1;
+                } else {
+                    moved.missing.push(kv.key.clone());
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// One transaction: every key of `kvs` to `lease`, if each is still
+    /// the incarnation read. Whether it succeeded.
+    async fn move_chunk(&self, kvs: &[Kv], lease: LeaseId) -> Result<bool, Error> {
+        let compare: Vec<Value> = kvs
+            .iter()
+            .map(|kv| {
+                json!({
+                    "key": BASE64.encode(&kv.key),
+                    "target": "CREATE",
+                    "result": "EQUAL",
+                    "create_revision": kv.create_revision.to_string(),
+                })
+            })
+            .collect();
+        // ignore_value: the value stays whatever it is now, so a rewrite
+        // that came between the read and the move is not undone.
+        let success: Vec<Value> = kvs
+            .iter()
+            .map(|kv| {
+                json!({ "request_put": {
+                    "key": BASE64.encode(&kv.key),
+                    "lease": lease.0.to_string(),
+                    "ignore_value": true,
+                }})
+            })
+            .collect();
+        let body = json!({ "compare": compare, "success": success, "failure": [] });
+        let reply = self.call("/v3/kv/txn", &body, Retry::Always).await?;
+        let txn: TxnJson = reply.decode("a move to another lease")?;
+        Ok(txn.succeeded)
+    }
+
+    /// `key` as it is now, if it is there, and the revision it was read at.
+    /// Only that key: not the keys it is a prefix of.
+    pub async fn get(&self, key: &[u8]) -> Result<(i64, Option<Kv>), Error> {
+        let body = json!({ "key": BASE64.encode(key) });
+        let reply = self.call("/v3/kv/range", &body, Retry::Always).await?;
+        let range: RangeJson = reply.decode("a read of one key")?;
+        let kv = range.kvs.into_iter().find(|kv| kv.key == key);
+        Ok((range.header.revision, kv))
     }
 
     /// Every key under `prefix`, in order of creation, and the revision
@@ -993,6 +1101,16 @@ impl Watch {
             detail: detail.into(),
         }
     }
+}
+
+/// A transaction's check that `key` is there.
+fn exists(key: &[u8]) -> Value {
+    json!({
+        "key": BASE64.encode(key),
+        "target": "VERSION",
+        "result": "GREATER",
+        "version": "0",
+    })
 }
 
 /// The end of the range of keys that start with `prefix`: the prefix with

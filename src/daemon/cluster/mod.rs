@@ -17,8 +17,8 @@ pub mod mirror;
 pub mod record;
 
 pub use gateway::{
-    Created, Creation, Deleted, Error, Event, Gateway, Kv, Lease, LeaseId, Renewal, Rewrite, Watch,
-    WatchMessage,
+    Created, Creation, Deleted, Error, Event, Gateway, Kv, Lease, LeaseId, MAX_TXN_OPS, Moved,
+    Renewal, Rewrite, Watch, WatchMessage,
 };
 pub use lease::{LeaseKeeper, LeaseSettings, LeaseState, LeaseStatus};
 pub use mirror::{PrefixMirror, Snapshot, Update};
