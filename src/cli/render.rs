@@ -168,6 +168,8 @@ pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
         LeaveReason::Expired => Some("not resumed after a restart"),
         LeaveReason::Update => Some("updated"),
         LeaveReason::ExitedWhileDown => Some("process exited while the daemon was down"),
+        LeaveReason::HostLost => Some("host lost: its daemon stopped renewing its etcd lease"),
+        LeaveReason::Unknown => Some("for a reason this build does not know"),
     }
 }
 
