@@ -94,6 +94,10 @@ pub enum ErrorCode {
     LineTooLong,
     UnsupportedProtocol,
     Internal,
+    /// A topic shared across hosts cannot be changed now: the etcd
+    /// cluster that holds it cannot be reached. Only a daemon that shares
+    /// topics through etcd gives it.
+    Unavailable,
     /// A code from a newer daemon that this build does not know.
     #[serde(other)]
     Unknown,
@@ -112,6 +116,7 @@ impl ErrorCode {
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -188,6 +193,14 @@ pub enum LeaveReason {
     /// the machine rebooted) while no daemon ran. History only; no client
     /// is connected yet to be sent a diff.
     ExitedWhileDown,
+    /// The entry was held by another host, in a topic shared across hosts,
+    /// and that host stopped renewing its claim in etcd: it crashed, or
+    /// was cut off from the cluster for longer than its lease.
+    HostLost,
+    /// A reason from a newer daemon that this build does not know. Read
+    /// only: a daemon never sends it, and it serializes as `unknown`.
+    #[serde(other)]
+    Unknown,
 }
 
 impl LeaveReason {
@@ -199,9 +212,13 @@ impl LeaveReason {
             LeaveReason::Expired => "expired",
             LeaveReason::Update => "update",
             LeaveReason::ExitedWhileDown => "exited_while_down",
+            LeaveReason::HostLost => "host_lost",
+            LeaveReason::Unknown => "unknown",
         }
     }
 
+    /// The reason named `text`; `None` for a name this build does not
+    /// know, `unknown` included, which names no reason a daemon gives.
     pub fn parse(text: &str) -> Option<LeaveReason> {
         [
             LeaveReason::Untrack,
@@ -210,6 +227,7 @@ impl LeaveReason {
             LeaveReason::Expired,
             LeaveReason::Update,
             LeaveReason::ExitedWhileDown,
+            LeaveReason::HostLost,
         ]
         .into_iter()
         .find(|reason| reason.as_str() == text)
@@ -471,21 +489,35 @@ pub struct Standing {
     pub readonly: bool,
     pub position: usize,
     pub owner: Option<Owner>,
+    /// The owner of a topic shared across hosts, held back while its
+    /// daemon cannot reach etcd: it stands first (position 0, and it is
+    /// still the `owner` named) but as a read-only spectator, and owns
+    /// again when etcd can be reached. Only a daemon that shares topics
+    /// through etcd sets it; on the wire it is left out when false, so a
+    /// standing of any other topic reads as it always has.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspended: bool,
+}
+
+fn is_false(flag: &bool) -> bool {
+    !*flag
 }
 
 impl Standing {
     /// Whether `other` is the same place in the queue: the same role,
-    /// position and owner. The owner is compared by who it is (key, pid,
-    /// the time it joined), not by its ref: an `update` gives the owner a
-    /// new ref without moving anyone, and no `role` event tells of it, so
-    /// a standing that differs only in the owner's ref is no change of
-    /// standing.
+    /// position, suspension and owner. The owner is compared by who it is
+    /// (its host, key, pid, the time it joined), not by its ref: an
+    /// `update` gives the owner a new ref without moving anyone, and no
+    /// `role` event tells of it, so a standing that differs only in the
+    /// owner's ref is no change of standing. The host is compared because
+    /// two hosts' pids and clocks can coincide; an update keeps it.
     pub fn same_place(&self, other: &Standing) -> bool {
         let same_owner = match (&self.owner, &other.owner) {
             (Some(mine), Some(theirs)) => {
                 mine.key == theirs.key
                     && mine.pid == theirs.pid
                     && mine.joined_at == theirs.joined_at
+                    && host_of_ref(&mine.phx_ref) == host_of_ref(&theirs.phx_ref)
             }
             (None, None) => true,
             _ => false,
@@ -493,6 +525,7 @@ impl Standing {
         self.role == other.role
             && self.readonly == other.readonly
             && self.position == other.position
+            && self.suspended == other.suspended
             && same_owner
     }
 }
@@ -653,6 +686,37 @@ impl ServerMessage {
 // Validation shared by the daemon and the client
 // ---------------------------------------------------------------------------
 
+/// The longest host name: a DNS label's length.
+pub const MAX_HOST_BYTES: usize = 63;
+
+/// Whether `name` can name a host in a ref: 1 to [`MAX_HOST_BYTES`] of
+/// ASCII letters, digits, `-`, `_` and `.`, as a hostname is written.
+/// `:` is the ref's separator and `/` an etcd key's, so neither may
+/// appear.
+pub fn check_host(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_HOST_BYTES || !name.chars().all(allowed) {
+        return Err(format!(
+            "a host name is 1 to {MAX_HOST_BYTES} letters, digits, '-', '_' or '.', not {name:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The ref numbered `number` of an entry of a topic shared across hosts,
+/// tracked on `host`: `HOST:pN`.
+pub fn cluster_ref(host: &str, number: u64) -> String {
+    format!("{host}:p{number}")
+}
+
+/// The host a ref of a topic shared across hosts names (`HOST:pN`), if it
+/// is one; `None` for a ref of a topic kept on one host (`pN`).
+pub fn host_of_ref(phx_ref: &str) -> Option<&str> {
+    let (host, number) = phx_ref.split_once(":p")?;
+    let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+    (check_host(host).is_ok() && numbered).then_some(host)
+}
+
 /// Checks a topic or key: 1 to `max_bytes` bytes, not only white space,
 /// and no hidden characters (see [`is_hidden_char`]).
 pub fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<(), ErrorBody> {
@@ -777,6 +841,7 @@ mod tests {
             readonly: role == Role::Spectator,
             position,
             owner: Some(owner),
+            suspended: false,
         }
     }
 
@@ -818,6 +883,160 @@ mod tests {
         };
         assert!(!place.same_place(&ownerless));
         assert!(ownerless.same_place(&ownerless.clone()));
+    }
+
+    #[test]
+    fn host_names_are_hostnames_and_refs_name_them() {
+        assert!(check_host("web-1.example_a").is_ok());
+        for bad in ["", "a:b", "a/b", "a b", &"x".repeat(64)] {
+            assert!(check_host(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(cluster_ref("web-1", 9), "web-1:p9");
+        assert_eq!(host_of_ref("web-1:p9"), Some("web-1"));
+        assert_eq!(host_of_ref("p9"), None);
+        assert_eq!(host_of_ref("web-1:px"), None);
+    }
+
+    #[test]
+    fn the_same_place_is_an_owner_on_the_same_host_and_the_same_suspension() {
+        let on = |host: &str| Owner {
+            key: "alice".into(),
+            phx_ref: cluster_ref(host, 1),
+            pid: 10,
+            user: "u".into(),
+            joined_at: 100,
+        };
+        let place = standing(Role::Spectator, 1, on("web-1"));
+        let updated = Owner {
+            phx_ref: cluster_ref("web-1", 7),
+            ..on("web-1")
+        };
+        assert!(place.same_place(&standing(Role::Spectator, 1, updated)));
+        assert!(!place.same_place(&standing(Role::Spectator, 1, on("web-2"))));
+        let local = Owner {
+            phx_ref: "p1".into(),
+            ..on("web-1")
+        };
+        assert!(!place.same_place(&standing(Role::Spectator, 1, local)));
+
+        let owning = Standing {
+            readonly: true,
+            ..standing(Role::Spectator, 0, on("web-1"))
+        };
+        let suspended = Standing {
+            suspended: true,
+            ..owning.clone()
+        };
+        assert!(!owning.same_place(&suspended));
+        assert!(!suspended.same_place(&owning));
+        assert!(suspended.same_place(&suspended.clone()));
+    }
+
+    #[test]
+    fn a_standing_not_suspended_is_written_as_before_and_a_suspended_one_says_so() {
+        let owner = Owner {
+            key: "alice".into(),
+            phx_ref: "p1".into(),
+            pid: 10,
+            user: "u".into(),
+            joined_at: 100,
+        };
+        let owning = Standing {
+            readonly: false,
+            ..standing(Role::Owner, 0, owner.clone())
+        };
+        assert_eq!(
+            serde_json::to_string(&owning).unwrap(),
+            r#"{"role":"owner","readonly":false,"position":0,"owner":{"key":"alice","phx_ref":"p1","pid":10,"user":"u","joined_at":100}}"#
+        );
+        let change = RoleChange {
+            phx_ref: "p2".into(),
+            standing: standing(Role::Spectator, 1, owner.clone()),
+        };
+        assert_eq!(
+            serde_json::to_string(&change).unwrap(),
+            r#"{"ref":"p2","role":"spectator","readonly":true,"position":1,"owner":{"key":"alice","phx_ref":"p1","pid":10,"user":"u","joined_at":100}}"#
+        );
+        let read: RoleChange =
+            serde_json::from_str(&serde_json::to_string(&change).unwrap()).unwrap();
+        assert_eq!(read, change);
+
+        let suspended = json!({
+            "event": "role",
+            "topic": "doc",
+            "payload": {
+                "ref": "web-1:p1",
+                "role": "spectator",
+                "readonly": true,
+                "position": 0,
+                "owner": {"key": "alice", "phx_ref": "web-1:p1", "pid": 10, "user": "u",
+                          "joined_at": 100},
+                "suspended": true
+            }
+        });
+        let ServerMessage::Event(Event::Role { payload, .. }) =
+            ServerMessage::parse(&suspended.to_string()).unwrap()
+        else {
+            panic!("a role event");
+        };
+        assert!(payload.standing.suspended);
+        assert_eq!(payload.standing.role, Role::Spectator);
+        assert_eq!(payload.standing.position, 0);
+        assert_eq!(
+            serde_json::to_value(Event::Role {
+                topic: "doc".into(),
+                payload
+            })
+            .unwrap(),
+            suspended
+        );
+    }
+
+    #[test]
+    fn host_lost_round_trips_and_a_reason_this_build_does_not_know_reads_as_unknown() {
+        let diff = |reason: &str| {
+            json!({
+                "event": "presence_diff",
+                "topic": "doc",
+                "payload": {"joins": {}, "leaves": {}},
+                "owner": null,
+                "reasons": {"web-2:p4": reason}
+            })
+            .to_string()
+        };
+        let reasons = |line: &str| match ServerMessage::parse(line).unwrap() {
+            ServerMessage::Event(Event::PresenceDiff { reasons, .. }) => reasons,
+            other => panic!("a diff, not {other:?}"),
+        };
+        let lost = reasons(&diff("host_lost"));
+        assert_eq!(lost["web-2:p4"], LeaveReason::HostLost);
+        assert_eq!(
+            serde_json::to_value(LeaveReason::HostLost).unwrap(),
+            json!("host_lost")
+        );
+        assert_eq!(LeaveReason::parse("host_lost"), Some(LeaveReason::HostLost));
+        assert_eq!(LeaveReason::HostLost.as_str(), "host_lost");
+
+        let later = reasons(&diff("moved_to_the_moon"));
+        assert_eq!(later["web-2:p4"], LeaveReason::Unknown);
+        // Text that names no reason a daemon gives is no reason to parse.
+        assert_eq!(LeaveReason::parse("unknown"), None);
+        assert_eq!(LeaveReason::parse("moved_to_the_moon"), None);
+    }
+
+    #[test]
+    fn unavailable_is_a_code_and_a_later_code_reads_as_unknown() {
+        let body: ErrorBody =
+            serde_json::from_value(json!({"code": "unavailable", "message": "etcd"})).unwrap();
+        assert_eq!(body.code, ErrorCode::Unavailable);
+        assert_eq!(body.code.as_str(), "unavailable");
+        assert_eq!(
+            serde_json::to_value(ErrorCode::Unavailable).unwrap(),
+            json!("unavailable")
+        );
+        let body: ErrorBody =
+            serde_json::from_value(json!({"code": "on_fire", "message": "?"})).unwrap();
+        assert_eq!(body.code, ErrorCode::Unknown);
     }
 
     #[test]

@@ -3188,3 +3188,127 @@ async fn assert_names_the_owner(spectator: &Editor, owner: &Editor, position: u6
     assert!(you["you"] == true || you["you"] == 1, "{who}");
     assert_eq!(you["position"], position, "{who}");
 }
+
+/// A stand-in for a daemon that shares topics through etcd and cannot
+/// reach it: every `track` is answered with the standing such a daemon
+/// gives the owner it holds back (role spectator, position 0, the entry
+/// itself named owner, `suspended`), every other request with success,
+/// and a `subscribe` with a state of that one entry.
+struct Suspending {
+    _dir: TempDir,
+    socket: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Suspending {
+    fn start() -> Suspending {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let socket = dir.path().join("presenced.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || Suspending::serve(stream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Suspending {
+            _dir: dir,
+            socket,
+            stop,
+        }
+    }
+
+    fn serve(stream: std::os::unix::net::UnixStream) {
+        use std::io::{BufRead, Write};
+        let _ = stream.set_nonblocking(false);
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        let owner = serde_json::json!({
+            "key": "me", "phx_ref": "web-1:p1", "pid": 1, "user": "me",
+            "joined_at": 1_700_000_000_000_i64,
+        });
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let Ok(request) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let id = request["id"].clone();
+            let mut lines = vec![serde_json::json!({"id": id, "ok": true})];
+            match request["op"].as_str() {
+                Some("track") => {
+                    lines[0] = serde_json::json!({
+                        "id": id, "ok": true, "ref": "web-1:p1", "seq": 1,
+                        "joined_at": owner["joined_at"], "resume_token": "0".repeat(64),
+                        "role": "spectator", "readonly": true, "position": 0,
+                        "owner": owner, "suspended": true,
+                    });
+                }
+                Some("subscribe") => lines.push(serde_json::json!({
+                    "event": "presence_state", "topic": request["topic"],
+                    "payload": {"me": {"metas": [{
+                        "phx_ref": "web-1:p1", "seq": 1, "joined_at": owner["joined_at"],
+                        "pid": 1, "uid": 0, "user": "me",
+                    }]}},
+                    "owner": owner,
+                })),
+                _ => {}
+            }
+            for line in lines {
+                if writeln!(writer, "{line}").is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Suspending {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An owner held back while its daemon cannot reach etcd stands as a
+/// spectator, so the buffer is read-only and its writes are refused, and
+/// the plugin says it is suspended rather than naming itself the owner.
+async fn a_suspended_owner_is_read_only_and_says_why(kind: EditorKind) {
+    let daemon = Suspending::start();
+    let workspace = Workspace::new(Some(daemon.socket.clone()), None);
+    let file = workspace.file("notes.md");
+    let editor = Editor::launch(
+        kind,
+        &workspace,
+        &file,
+        Launch::with(Settings::WITHOUT_AUTOSTART),
+    )
+    .await;
+    editor.wait_for_role("spectator").await;
+    assert_eq!(editor.buffer().await, READ_ONLY, "{}", editor.name);
+    let said = "suspended: the shared topic's etcd cannot be reached; read-only until it returns";
+    editor.wait_for_message(said).await;
+    assert_edit_refused(&editor).await;
+    let state = editor.state().await;
+    assert!(
+        state["suspended"] == true || state["suspended"] == 1,
+        "{state}"
+    );
+    assert_eq!(state["position"], 0, "{state}");
+    assert_eq!(editor.status().await, "suspended (etcd unreachable)");
+    let refusal = editor.refusal(Write::Save).await;
+    assert!(
+        refusal.contains("suspended: the shared topic's etcd cannot be reached, so your copy"),
+        "{refusal}"
+    );
+    assert!(!refusal.contains("being edited by"), "{refusal}");
+}
+for_editors!(a_suspended_owner_is_read_only_and_says_why: neovim, vim, emacs);

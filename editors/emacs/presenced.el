@@ -53,7 +53,10 @@
 ;;   spectator's buffer is read-only (`read-only-mode') and the mode
 ;;   line names the owner, for example
 ;;   "presenced[spectator #1 (owner: alice, pid 4242)]"; the function
-;;   `presenced-status' gives that text for your own mode line.
+;;   `presenced-status' gives that text for your own mode line.  An
+;;   owner of a topic a daemon shares across hosts is read-only too
+;;   while that daemon cannot reach etcd: "presenced[suspended (etcd
+;;   unreachable)]", until it can.
 ;;
 ;; - A spectator cannot save the file: `save-buffer', `write-file' to
 ;;   the same file, `save-some-buffers', and `write-region' or
@@ -644,7 +647,9 @@ connection closes first, or at once if there is none."
 (defun presenced--standing-of (fields)
   "The standing fields of FIELDS: a track reply, role payload or resume role."
   (let ((standing (make-hash-table :test #'equal)))
-    (dolist (name '("role" "readonly" "position" "owner"))
+    ;; `suspended': the owner of a topic shared across hosts, held back
+    ;; while its daemon cannot reach etcd; its role is "spectator".
+    (dolist (name '("role" "readonly" "position" "owner" "suspended"))
       (puthash name (gethash name fields) standing))
     standing))
 
@@ -652,6 +657,16 @@ connection closes first, or at once if there is none."
   "ENTRY's role, a string, when it is joined."
   (and (eq (presenced--entry-status entry) 'joined)
        (presenced--get (presenced--entry-standing entry) "role")))
+
+(defun presenced--suspended-p (entry)
+  "Whether ENTRY is the owner held back while its daemon cannot reach etcd.
+Its role is then \"spectator\", so its buffer is read-only."
+  (and (eq (presenced--entry-status entry) 'joined)
+       (eq (presenced--get (presenced--entry-standing entry) "suspended") t)))
+
+(defconst presenced--suspended
+  "suspended: the shared topic's etcd cannot be reached"
+  "What a suspended owner is told.")
 
 (defun presenced--guarded-p (entry state)
   "Whether writes of the buffer of STATE, on ENTRY, to its file are refused.
@@ -664,8 +679,11 @@ package keeps it read-only (`presenced-on-unreachable')."
 (defun presenced--owner (entry)
   "The owner to name for ENTRY, or nil when none is known.
 Joined: from its standing, else the subscription's; removed: the
-subscription's; otherwise (the daemon away, say) none."
+subscription's; otherwise (the daemon away, say) none.  A suspended
+entry names none: the owner is this editor, and nobody else holds
+the file."
   (pcase (presenced--entry-status entry)
+    ((guard (presenced--suspended-p entry)) nil)
     ('joined
      (let ((owner (presenced--get (presenced--entry-standing entry) "owner")))
        (if (hash-table-p owner) owner (presenced--entry-topic-owner entry))))
@@ -787,9 +805,13 @@ its own.  Returns `reloaded', `kept' (changes of its own) or nil."
                (setf (presenced--buffer-last-message state) nil))
            (let ((modified (presenced--own-changes-p buffer)))
              (presenced--restrict buffer)
-             (presenced--tell buffer t "%s: %s is editing; read-only%s" name
-                              (presenced--who (presenced--owner entry))
-                              (if modified " (your unsaved changes are kept)" "")))))
+             (if (presenced--suspended-p entry)
+                 (presenced--tell buffer t "%s: %s; read-only until it returns%s" name
+                                  presenced--suspended
+                                  (if modified " (your unsaved changes are kept)" ""))
+               (presenced--tell buffer t "%s: %s is editing; read-only%s" name
+                                (presenced--who (presenced--owner entry))
+                                (if modified " (your unsaved changes are kept)" ""))))))
         ('unreachable
          (let ((reason (format "cannot reach the daemon at %s (%s)"
                                (presenced-socket-path)
@@ -1516,6 +1538,9 @@ means BUFFER was given a file name and did not read the file."
          (owner (and (eq status 'joined) (presenced--owner entry)))
          (what-to-do "M-x presenced-write-anyway to save anyway, or C-x C-w to write another file"))
     (cond
+     ((presenced--suspended-p entry)
+      (format "presenced: %s: %s, so your copy is read-only until it returns. %s"
+              name presenced--suspended what-to-do))
      ((hash-table-p owner)
       (format "presenced: %s is being edited by %s (pid %s) since %s; your copy is read-only. %s"
               name (gethash "key" owner) (gethash "pid" owner)
@@ -1683,8 +1708,11 @@ So that the next in line is promoted by a clean `untrack'."
   "What the package knows of BUFFER (default: the current one), or nil.
 An alist of `topic', `key', `status' (joining, joined, unreachable,
 refused or removed), `role' (owner or spectator), `position' (0 for
-the owner), `owner' (an alist of `key', `pid', `user', `joined_at'
-and `phx_ref', its entry's ref as the daemon last named it),
+the owner), `suspended' (t for the owner of a topic shared across
+hosts held back while its daemon cannot reach etcd: its role is
+spectator, its position 0), `owner' (an alist of `key', `pid',
+`user', `joined_at' and `phx_ref', its entry's ref as the daemon
+last named it),
 `ref', `error', `connection' (idle, connecting, up or reconnecting),
 `socket' and `restricted' (whether the package keeps the buffer
 read-only).  Fields without a value are left out, but `restricted'
@@ -1708,6 +1736,7 @@ is always there."
            (status . ,(symbol-name status))
            (role . ,(and joined (presenced--get standing "role")))
            (position . ,position)
+           (suspended . ,(presenced--suspended-p entry))
            (owner . ,(and (hash-table-p owner)
                           `((key . ,(gethash "key" owner))
                             (pid . ,(gethash "pid" owner))
@@ -1731,9 +1760,9 @@ leaving included."
 (defun presenced-status (&optional buffer)
   "A short text of BUFFER's standing (default: the current buffer).
 `owner', `owner, 2 watching', `spectator #1 (owner: alice, pid 4242)',
-`joining', `no daemon', `not tracked' or `removed', with
-`, reconnecting' while the daemon is away; \"\" for buffers not
-followed.  Interactively, show it with the topic and daemon."
+`suspended (etcd unreachable)', `joining', `no daemon', `not tracked'
+or `removed', with `, reconnecting' while the daemon is away; \"\"
+for buffers not followed.  Interactively, show it with the topic and daemon."
   (interactive)
   (let* ((state (presenced-state buffer))
          (text
@@ -1747,10 +1776,12 @@ followed.  Interactively, show it with the topic and daemon."
                            (watching (max 0 (1- (hash-table-count
                                                  (presenced--entry-metas entry))))))
                       (if (> watching 0) (format "owner, %d watching" watching) "owner"))
-                  (let ((owner (alist-get 'owner state)))
-                    (format "spectator #%s (owner: %s, pid %s)"
-                            (or (alist-get 'position state) 0)
-                            (alist-get 'key owner) (alist-get 'pid owner)))))
+                  (if (alist-get 'suspended state)
+                      "suspended (etcd unreachable)"
+                    (let ((owner (alist-get 'owner state)))
+                      (format "spectator #%s (owner: %s, pid %s)"
+                              (or (alist-get 'position state) 0)
+                              (alist-get 'key owner) (alist-get 'pid owner))))))
                ("joining" "joining")
                ("unreachable" "no daemon")
                ("removed" "removed (M-x presenced-join to queue again)")

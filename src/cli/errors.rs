@@ -13,6 +13,10 @@ pub fn failed(doing: &str, error: ClientError) -> anyhow::Error {
                 ErrorCode::LimitExceeded => {
                     "; the daemon's limits are options of `presence daemon` (see its --help)"
                 }
+                ErrorCode::Unavailable => {
+                    "; the topic is shared across hosts through etcd, which the daemon cannot \
+                     reach now; try again when it can (the daemon's log says why)"
+                }
                 ErrorCode::Internal => {
                     "; the daemon's log says why (daemon.log beside the database, for a daemon \
                      started on demand)"
@@ -37,5 +41,22 @@ pub fn failed_changing(doing: &str, error: ClientError) -> anyhow::Error {
             body.message
         ),
         other => failed(doing, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorBody;
+
+    #[test]
+    fn an_unavailable_topic_is_said_to_be_waiting_for_etcd() {
+        let refused = ErrorBody::new(ErrorCode::Unavailable, "topic doc is shared through etcd");
+        let said = failed("cannot join doc", ClientError::Refused(refused)).to_string();
+        assert!(
+            said.starts_with("cannot join doc: topic doc is shared through etcd; "),
+            "{said}"
+        );
+        assert!(said.contains("try again"), "{said}");
     }
 }

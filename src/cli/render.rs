@@ -121,8 +121,13 @@ pub fn visible(text: &str) -> Cow<'_, str> {
 // ---------------------------------------------------------------------------
 
 /// `owner`, or `spectator #2, owner alice (pid 4242)`: the place in the
-/// queue counts the entries ahead, the owner's included.
+/// queue counts the entries ahead, the owner's included. An owner held
+/// back while its daemon cannot reach etcd (a topic shared across hosts)
+/// is told so, and that it will own again.
 pub fn standing(standing: &Standing) -> String {
+    if standing.suspended {
+        return paint(Style::Notice, SUSPENDED);
+    }
     let place = format!("spectator #{}", standing.position);
     match (&standing.role, &standing.owner) {
         (Role::Owner, _) => paint(Style::Good, "owner"),
@@ -134,6 +139,10 @@ pub fn standing(standing: &Standing) -> String {
         (Role::Spectator, None) => paint(Style::Dim, &place),
     }
 }
+
+/// What a suspended owner is told: why it may not write, and until when.
+pub const SUSPENDED: &str = "suspended: the shared topic's etcd cannot be reached; \
+                             owner again when it returns";
 
 /// `alice (pid 4242)`: a key alone is ambiguous, since every join of one
 /// user has the login name as its key by default.
@@ -168,6 +177,8 @@ pub fn leave_cause(reason: Option<&LeaveReason>) -> Option<&'static str> {
         LeaveReason::Expired => Some("not resumed after a restart"),
         LeaveReason::Update => Some("updated"),
         LeaveReason::ExitedWhileDown => Some("process exited while the daemon was down"),
+        LeaveReason::HostLost => Some("host lost: its daemon stopped renewing its etcd lease"),
+        LeaveReason::Unknown => Some("for a reason this build does not know"),
     }
 }
 
@@ -446,6 +457,55 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_suspended_owner_is_told_so_and_not_called_a_spectator() {
+        let owner = Owner {
+            key: "alice".into(),
+            phx_ref: "web-1:p1".into(),
+            pid: 4242,
+            user: "alice".into(),
+            joined_at: 0,
+        };
+        let owning = Standing {
+            role: Role::Owner,
+            readonly: false,
+            position: 0,
+            owner: Some(owner.clone()),
+            suspended: false,
+        };
+        assert_eq!(standing(&owning), "owner");
+        let suspended = Standing {
+            role: Role::Spectator,
+            readonly: true,
+            suspended: true,
+            ..owning.clone()
+        };
+        let said = standing(&suspended);
+        assert!(said.starts_with("suspended: "), "{said}");
+        assert!(
+            said.contains("etcd") && said.contains("owner again"),
+            "{said}"
+        );
+        assert!(!said.contains("spectator"), "{said}");
+        let waiting = Standing {
+            role: Role::Spectator,
+            readonly: true,
+            position: 2,
+            ..owning
+        };
+        assert_eq!(standing(&waiting), "spectator #2, owner alice (pid 4242)");
+    }
+
+    #[test]
+    fn a_lost_host_is_a_cause_and_an_unknown_reason_is_not_hidden() {
+        assert_eq!(
+            leave_cause(Some(&LeaveReason::HostLost)),
+            Some("host lost: its daemon stopped renewing its etcd lease")
+        );
+        assert!(leave_cause(Some(&LeaveReason::Unknown)).is_some());
+        assert_eq!(leave_cause(Some(&LeaveReason::Untrack)), None);
+    }
 
     #[test]
     fn durations_keep_two_units() {

@@ -56,7 +56,7 @@ use super::outcome::Outcome;
 use super::render;
 use super::target::Target;
 use crate::client::SessionEvent;
-use crate::protocol::{Event, Lifetime, Role};
+use crate::protocol::{Event, Lifetime, Role, Standing};
 use crate::sys::ExitWatch;
 
 #[derive(Debug, Args)]
@@ -135,17 +135,27 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
         .timeout
         .map(|timeout| Box::pin(tokio::time::sleep(timeout)));
     let mut owner = render::owner(tracked.standing.owner.as_ref());
+    let mut suspended = tracked.standing.suspended;
     let waited = loop {
         if role == Role::Owner {
             break Waited::Owner;
         }
         if args.no_wait {
-            tell!(
-                "{} is owned by {}; not running {} (--no-wait)",
-                args.entry.topic,
-                owner,
-                render::visible(&program)
-            );
+            if suspended {
+                tell!(
+                    "the entry on {} is {}; not running {} (--no-wait)",
+                    args.entry.topic,
+                    render::SUSPENDED,
+                    render::visible(&program)
+                );
+            } else {
+                tell!(
+                    "{} is owned by {}; not running {} (--no-wait)",
+                    args.entry.topic,
+                    owner,
+                    render::visible(&program)
+                );
+            }
             break Waited::GaveUp;
         }
         tokio::select! {
@@ -153,6 +163,12 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
                 Ok(News::Role(new_role, new_owner)) => {
                     role = new_role;
                     owner = new_owner;
+                    suspended = false;
+                }
+                // First in line, but it may not own before etcd returns.
+                Ok(News::Suspended) => {
+                    role = Role::Spectator;
+                    suspended = true;
                 }
                 Ok(News::Removed(by)) => {
                     tell!("the entry on {} was {by} before {} started", args.entry.topic, render::visible(&program));
@@ -238,6 +254,12 @@ pub async fn run(target: &Target, args: RunArgs) -> anyhow::Result<Outcome> {
                         "the entry on {} lost ownership to {owner} while {} ran; it was sent SIGTERM",
                         args.entry.topic, render::visible(&program)
                     )),
+                    // Still first in line, but not the owner until etcd
+                    // returns: the command must not go on writing.
+                    Ok(News::Suspended) => Err(anyhow::anyhow!(
+                        "the entry on {} was {} while {} ran; it was sent SIGTERM",
+                        args.entry.topic, render::SUSPENDED, render::visible(&program)
+                    )),
                     Ok(News::Removed(by)) => {
                         tell!(
                             "the entry on {} was {by}; {} was sent SIGTERM",
@@ -299,16 +321,18 @@ enum News {
     Nothing,
     /// Its role and the owner's name.
     Role(Role, String),
+    /// It is the owner of a shared topic held back while the daemon
+    /// cannot reach etcd: a read-only spectator until it can.
+    Suspended,
     /// Removed, by whom in words.
     Removed(String),
 }
 
 fn news(event: Option<SessionEvent>, topic: &str) -> anyhow::Result<News> {
     match event {
-        Some(SessionEvent::Event(Event::Role { payload, .. })) => Ok(News::Role(
-            payload.standing.role,
-            render::owner(payload.standing.owner.as_ref()),
-        )),
+        Some(SessionEvent::Event(Event::Role { payload, .. })) => {
+            Ok(standing_news(&payload.standing))
+        }
         // The session's only entry is this one: any removal is of it.
         Some(SessionEvent::Event(Event::Removed { topic: on, payload })) if on == topic => {
             Ok(News::Removed(format!(
@@ -319,12 +343,17 @@ fn news(event: Option<SessionEvent>, topic: &str) -> anyhow::Result<News> {
             )))
         }
         Some(SessionEvent::Event(_)) => Ok(News::Nothing),
-        Some(SessionEvent::Retracked { reply, .. }) => Ok(News::Role(
-            reply.standing.role,
-            render::owner(reply.standing.owner.as_ref()),
-        )),
+        Some(SessionEvent::Retracked { reply, .. }) => Ok(standing_news(&reply.standing)),
         other => join::session_trouble(other, topic).map(|()| News::Nothing),
     }
+}
+
+/// What a standing the daemon gave means for the command.
+fn standing_news(standing: &Standing) -> News {
+    if standing.suspended {
+        return News::Suspended;
+    }
+    News::Role(standing.role, render::owner(standing.owner.as_ref()))
 }
 
 /// The status for a CMD that could not be executed, as a shell gives it:
@@ -721,5 +750,29 @@ fn read_signal(fd: &SignalFd) -> std::io::Result<nix::sys::signalfd::siginfo> {
         Ok(Some(info)) => Ok(info),
         Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
         Err(errno) => Err(errno.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suspended_owner_is_news_of_its_own_and_not_ownership() {
+        let owning = Standing {
+            role: Role::Owner,
+            readonly: false,
+            position: 0,
+            owner: None,
+            suspended: false,
+        };
+        assert!(matches!(standing_news(&owning), News::Role(Role::Owner, _)));
+        let suspended = Standing {
+            role: Role::Spectator,
+            readonly: true,
+            suspended: true,
+            ..owning
+        };
+        assert!(matches!(standing_news(&suspended), News::Suspended));
     }
 }

@@ -402,6 +402,25 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_whose_host_was_lost_says_so() {
+        let (alice, bob) = (meta("web-1:p1", 1, 10), meta("web-2:p1", 2, 20));
+        let mut timeline = started(&alice, &bob);
+        let left = diff_event(
+            Presences::new(),
+            presences(&[("alice", alice.clone())]),
+            Some(owner("bob", &bob)),
+            &[("web-1:p1", LeaveReason::HostLost)],
+        );
+        assert_eq!(
+            timeline.lines(&left),
+            [
+                "- alice (pid 10) left (host lost: its daemon stopped renewing its etcd lease) \
+                 → bob (pid 20) is now owner"
+            ]
+        );
+    }
+
+    #[test]
     fn a_spectator_joining_is_told_its_place_in_the_queue() {
         let (alice, bob) = (meta("p1", 1, 10), meta("p2", 2, 20));
         let mut timeline = started(&alice, &bob);

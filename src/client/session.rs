@@ -887,6 +887,7 @@ mod tests {
                 readonly: false,
                 position: 0,
                 owner: None,
+                suspended: false,
             },
             request: TrackRequest::new("doc", key),
         }
@@ -980,6 +981,7 @@ mod tests {
             readonly: true,
             position: 1,
             owner: None,
+            suspended: false,
         };
         lock(&state).held.push(waiting);
         let promoted = Standing {
@@ -987,6 +989,7 @@ mod tests {
             readonly: false,
             position: 0,
             owner: None,
+            suspended: false,
         };
         let standings = BTreeMap::from([("p2".to_owned(), promoted.clone())]);
 
@@ -1013,5 +1016,25 @@ mod tests {
             ..echo
         };
         assert!(note_standing(&state, &unknown));
+    }
+
+    #[test]
+    fn an_owner_suspended_and_lifted_is_news_each_time() {
+        let state = Mutex::new(State::default());
+        lock(&state).held.push(held("web-1:p1", "alice"));
+        let owning = lock(&state).held[0].standing.clone();
+        let suspended = RoleChange {
+            phx_ref: "web-1:p1".to_owned(),
+            standing: Standing {
+                role: Role::Spectator,
+                readonly: true,
+                suspended: true,
+                ..owning.clone()
+            },
+        };
+        assert!(note_standing(&state, &suspended));
+        assert!(!note_standing(&state, &suspended));
+        let lifted = BTreeMap::from([("web-1:p1".to_owned(), owning)]);
+        assert_eq!(take_resumed_standings(&state, lifted).len(), 1);
     }
 }

@@ -386,6 +386,7 @@ impl Topic {
             readonly: role == Role::Spectator,
             position,
             owner: self.owner().map(Entry::to_owner),
+            suspended: false,
         }
     }
 

@@ -284,6 +284,7 @@ fn standing(queue: &VecDeque<Entry>, position: usize) -> Standing {
             user: owner.user.clone(),
             joined_at: owner.joined_at,
         }),
+        suspended: false,
     }
 }
 

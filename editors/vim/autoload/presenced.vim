@@ -42,6 +42,8 @@ let s:overriding = -1
 " The daemon trouble last shown in a popup, so that it is shown once, not
 " once per buffer; cleared when a connection works again.
 let s:trouble_shown = ''
+" What a suspended owner is told.
+let s:suspended = "suspended: the shared topic's etcd cannot be reached"
 
 " Configuration ----------------------------------------------------------
 
@@ -234,8 +236,11 @@ function! s:display_name(bufnr) abort
 endfunction
 
 function! s:standing_of(fields) abort
+  " `suspended`: the owner of a topic shared across hosts, held back while
+  " its daemon cannot reach etcd; its role is 'spectator' (so read-only).
   return {'role': a:fields.role, 'readonly': a:fields.readonly,
-        \ 'position': a:fields.position, 'owner': a:fields.owner}
+        \ 'position': a:fields.position, 'owner': a:fields.owner,
+        \ 'suspended': get(a:fields, 'suspended', v:false) is v:true}
 endfunction
 
 " Waits, running channel callbacks and timers, until Condition() holds or
@@ -455,6 +460,9 @@ function! s:apply(bufnr) abort
       let modified = getbufvar(a:bufnr, '&modified')
       call s:restrict(a:bufnr)
       let message = s:who(entry.standing.owner) . ' is editing; read-only'
+      if get(entry.standing, 'suspended', 0)
+        let message = s:suspended . '; read-only until it returns'
+      endif
       if modified
         let message .= ' (your unsaved changes are kept)'
       endif
@@ -1373,7 +1381,10 @@ function! s:refusal(bufnr) abort
   let entry = s:entries[s:buffers[a:bufnr].topic]
   let name = s:display_name(a:bufnr)
   let what_to_do = ':PresenceWrite! to save anyway, or :w other-name'
-  if entry.status ==# 'joined' && type(get(entry.standing, 'owner', v:null)) == v:t_dict
+  if entry.status ==# 'joined' && get(entry.standing, 'suspended', 0)
+    return printf('presenced: %s: %s, so your copy is read-only until it returns. %s',
+          \ name, s:suspended, what_to_do)
+  elseif entry.status ==# 'joined' && type(get(entry.standing, 'owner', v:null)) == v:t_dict
     let owner = entry.standing.owner
     return printf('presenced: %s is being edited by %s since %s; your copy is read-only. %s',
           \ name, s:who(owner), s:clock(owner.joined_at), what_to_do)
@@ -1419,6 +1430,10 @@ function! presenced#write_anyway(bang) abort
   let entry = s:entries[buf.topic]
   let name = s:display_name(bufnr)
   let owner = entry.status ==# 'joined' ? get(entry.standing, 'owner', v:null) : v:null
+  if entry.status ==# 'joined' && get(entry.standing, 'suspended', 0)
+    " Named owner, but it is this editor: nobody else holds the file.
+    let owner = v:null
+  endif
   if entry.status ==# 'removed'
     let owner = s:owner_after_removal(entry)
   endif
@@ -1601,6 +1616,7 @@ function! presenced#state(...) abort
   return {'topic': entry.topic, 'key': entry.key, 'status': entry.status,
         \ 'role': joined ? entry.standing.role : v:null,
         \ 'position': position,
+        \ 'suspended': joined ? get(entry.standing, 'suspended', 0) : 0,
         \ 'owner': joined ? entry.standing.owner : v:null,
         \ 'ref': entry.ref,
         \ 'error': entry.status ==# 'refused' ? entry.error : s:link.error,
@@ -1610,8 +1626,8 @@ function! presenced#state(...) abort
 endfunction
 
 " A short text for the statusline or 'titlestring': `owner`, `owner, 2
-" watching`, `spectator #1 (owner: alice, pid 4242)`, or '' for buffers not
-" followed.
+" watching`, `spectator #1 (owner: alice, pid 4242)`, `suspended (etcd
+" unreachable)`, or '' for buffers not followed.
 function! presenced#status(...) abort
   let state = call('presenced#state', a:000)
   if empty(state)
@@ -1621,6 +1637,8 @@ function! presenced#status(...) abort
     if state.role ==# 'owner'
       let watching = len(s:entries[state.topic].metas) - 1
       let text = watching > 0 ? printf('owner, %d watching', watching) : 'owner'
+    elseif state.suspended
+      let text = 'suspended (etcd unreachable)'
     else
       let owner = type(state.owner) == v:t_dict ? state.owner : {'key': '?', 'pid': '?'}
       let text = printf('spectator #%d (owner: %s, pid %s)', state.position, owner.key, owner.pid)
@@ -1641,9 +1659,11 @@ function! presenced#status(...) abort
 endfunction
 
 " Who is on the buffer's topic, in the order they joined: a list of {key,
-" pid, user, editor, role, position, you}. The owner is the one the daemon
-" names; `position` is known for the owner (0) and for this editor (its
-" standing), v:null for the others.
+" pid, user, editor, role, position, you, suspended}. The owner is the one
+" the daemon names; `position` is known for the owner (0) and for this
+" editor (its standing), v:null for the others. This editor's entry, when
+" it is the owner held back while the daemon cannot reach etcd, is the
+" owner with `suspended` set.
 function! presenced#who(...) abort
   let state = call('presenced#state', a:000)
   if empty(state)
@@ -1658,7 +1678,7 @@ function! presenced#who(...) abort
     let position = owns ? 0 : you ? state.position : v:null
     call add(list, {'key': meta.key, 'pid': meta.pid, 'user': meta.user,
           \ 'editor': get(meta, 'editor', ''), 'role': owns ? 'owner' : 'spectator',
-          \ 'position': position, 'you': you})
+          \ 'position': position, 'you': you, 'suspended': you && state.suspended})
   endfor
   return list
 endfunction
@@ -1691,7 +1711,8 @@ function! presenced#print_who() abort
   echomsg printf('presenced: on %s:', state.topic)
   for person in list
     echomsg printf('  %-12s %s (pid %s)%s%s',
-          \ person.role ==# 'owner' ? 'owner'
+          \ person.suspended ? 'suspended'
+          \   : person.role ==# 'owner' ? 'owner'
           \   : type(person.position) == v:t_number ? 'spectator #' . person.position : 'spectator',
           \ person.key, person.pid, person.editor !=# '' ? ', ' . person.editor : '',
           \ person.you ? ', you' : '')

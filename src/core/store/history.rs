@@ -499,12 +499,10 @@ fn read_history_event(row: &rusqlite::Row) -> rusqlite::Result<HistoryEvent> {
         phx_ref: row.get(4)?,
         pid: row.get(5)?,
         user: row.get(6)?,
-        reason: match reason {
-            Some(reason) => {
-                Some(LeaveReason::parse(&reason).ok_or_else(|| unreadable(7, "leave reason"))?)
-            }
-            None => None,
-        },
+        // A reason a later build wrote (this database may outlive a
+        // downgrade) is still a leave: it reads as one whose reason is not
+        // known, rather than making the whole history unreadable.
+        reason: reason.map(|reason| LeaveReason::parse(&reason).unwrap_or(LeaveReason::Unknown)),
         changed,
         removed,
     })
@@ -665,6 +663,42 @@ mod tests {
             .history(&request(Some("quiet"), None, None))
             .unwrap();
         assert_eq!(keys(&quiet), ["again"]);
+    }
+
+    #[test]
+    fn a_leave_whose_reason_this_build_does_not_know_reads_as_unknown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&tmp.path().join("p.db"), "boot".into()).unwrap();
+        let leave = |at: i64, key: &str| {
+            let Change::History(mut event) = event(at, "doc", key) else {
+                unreachable!("a history event")
+            };
+            event.kind = HistoryKind::Leave;
+            event.reason = Some(LeaveReason::HostLost);
+            Change::History(event)
+        };
+        store
+            .commit(&[leave(1, "lost"), leave(2, "later")], 1)
+            .unwrap();
+        // A later build wrote a reason this one has no name for.
+        let other = Connection::open(tmp.path().join("p.db")).unwrap();
+        other
+            .execute("UPDATE events SET reason = 'moved' WHERE key = 'later'", [])
+            .unwrap();
+        let readers = store.history_readers().unwrap();
+        let read = readers.history(&request(Some("doc"), None, None)).unwrap();
+        let reasons: Vec<_> = read
+            .events
+            .iter()
+            .map(|event| (event.key.as_str(), event.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("lost", Some(LeaveReason::HostLost)),
+                ("later", Some(LeaveReason::Unknown))
+            ]
+        );
     }
 
     #[test]

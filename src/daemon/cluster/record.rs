@@ -23,39 +23,12 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::protocol::{Lifetime, Limits, checked_meta_size, validate_name};
+use crate::protocol::{
+    Lifetime, Limits, check_host, checked_meta_size, host_of_ref, validate_name,
+};
 
 /// The one version of the value written so far.
 pub const RECORD_VERSION: u32 = 1;
-
-/// The longest host name: a DNS label's length.
-pub const MAX_HOST_BYTES: usize = 63;
-
-/// Whether `name` can name a host in a ref: 1 to [`MAX_HOST_BYTES`] of
-/// ASCII letters, digits, `-`, `_` and `.`, as a hostname is written.
-/// `:` is the ref's separator and `/` the key's, so neither may appear.
-pub fn check_host(name: &str) -> Result<(), String> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty() || name.len() > MAX_HOST_BYTES || !name.chars().all(allowed) {
-        return Err(format!(
-            "a host name is 1 to {MAX_HOST_BYTES} letters, digits, '-', '_' or '.', not {name:?}"
-        ));
-    }
-    Ok(())
-}
-
-/// The ref numbered `number` of an entry of this host.
-pub fn cluster_ref(host: &str, number: u64) -> String {
-    format!("{host}:p{number}")
-}
-
-/// The host a cluster ref (or an entry's id, which is its first ref)
-/// names, if it is one.
-pub fn host_of_ref(phx_ref: &str) -> Option<&str> {
-    let (host, number) = phx_ref.split_once(":p")?;
-    let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
-    (check_host(host).is_ok() && numbered).then_some(host)
-}
 
 /// Where this daemon's cluster keys live: under a prefix every host is
 /// given alike.
@@ -311,18 +284,6 @@ mod tests {
         ] {
             assert!(keys.parse_entry(key).is_err(), "{key:?}");
         }
-    }
-
-    #[test]
-    fn host_names_are_hostnames_and_refs_name_them() {
-        assert!(check_host("web-1.example_a").is_ok());
-        for bad in ["", "a:b", "a/b", "a b", &"x".repeat(64)] {
-            assert!(check_host(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(cluster_ref("web-1", 9), "web-1:p9");
-        assert_eq!(host_of_ref("web-1:p9"), Some("web-1"));
-        assert_eq!(host_of_ref("p9"), None);
-        assert_eq!(host_of_ref("web-1:px"), None);
     }
 
     #[test]

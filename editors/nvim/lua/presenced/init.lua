@@ -288,8 +288,14 @@ local function standing_of(fields)
     readonly = fields.readonly,
     position = fields.position,
     owner = fields.owner,
+    -- The owner of a topic shared across hosts, held back while its daemon
+    -- cannot reach etcd: role 'spectator' (so read-only), position 0.
+    suspended = fields.suspended == true,
   }
 end
+
+-- What a suspended owner is told.
+local SUSPENDED = "suspended: the shared topic's etcd cannot be reached"
 
 -- Presences seen through the subscription -------------------------------
 
@@ -573,6 +579,9 @@ local function apply(bufnr)
       local modified = vim.bo[bufnr].modified
       restrict(bufnr)
       local message = who(standing.owner) .. ' is editing; read-only'
+      if standing.suspended then
+        message = SUSPENDED .. '; read-only until it returns'
+      end
       if modified then
         message = message .. ' (your unsaved changes are kept)'
       end
@@ -1447,7 +1456,14 @@ end
 -- went), as the other plugins name it. nil when no owner is known: the
 -- daemon cannot be reached, or the entry is joining.
 local function known_owner(entry)
-  if entry.status == 'joined' and entry.standing.role ~= 'owner' and type(entry.standing.owner) == 'table' then
+  -- A suspended owner is named owner, but it is this editor: nobody else
+  -- holds the file.
+  if
+    entry.status == 'joined'
+    and entry.standing.role ~= 'owner'
+    and not entry.standing.suspended
+    and type(entry.standing.owner) == 'table'
+  then
     return entry.standing.owner
   end
   if entry.status == 'removed' then
@@ -1471,6 +1487,9 @@ local function refusal(bufnr, file)
       removed_by(entry),
       what_to_do
     )
+  end
+  if entry.status == 'joined' and entry.standing.suspended then
+    return ('presenced: %s: %s, so your copy is read-only until it returns. %s'):format(name, SUSPENDED, what_to_do)
   end
   local owner = known_owner(entry)
   if not owner then
@@ -1622,6 +1641,8 @@ function M.state(bufnr)
     role = entry.status == 'joined' and standing.role or nil,
     -- As the daemon last said: it sends a role event whenever it changes.
     position = entry.status == 'joined' and standing.position or nil,
+    -- The owner, held back while the daemon cannot reach etcd.
+    suspended = entry.status == 'joined' and standing.suspended or false,
     owner = current_owner(entry),
     ref = entry.ref,
     error = entry.status == 'refused' and entry.error or link.error,
@@ -1632,7 +1653,8 @@ function M.state(bufnr)
 end
 
 -- A short text for the statusline: `owner`, `owner, 2 watching`,
--- `spectator #1 (owner: alice, pid 4242)`, or '' for buffers not followed.
+-- `spectator #1 (owner: alice, pid 4242)`, `suspended (etcd unreachable)`,
+-- or '' for buffers not followed.
 function M.status(bufnr)
   local state = M.state(bufnr)
   if not state then
@@ -1643,6 +1665,8 @@ function M.status(bufnr)
     if state.role == 'owner' then
       local watching = count_metas(entries[state.topic]) - 1
       text = watching > 0 and ('owner, %d watching'):format(watching) or 'owner'
+    elseif state.suspended then
+      text = 'suspended (etcd unreachable)'
     else
       local owner = state.owner or {}
       text = ('spectator #%d (owner: %s, pid %s)'):format(state.position or 0, owner.key, owner.pid)
@@ -1663,9 +1687,11 @@ function M.status(bufnr)
 end
 
 -- Who is on the buffer's topic, in the order they joined:
--- { {key, pid, user, editor, role = 'owner'|'spectator', position, you}, ... }
+-- { {key, pid, user, editor, role = 'owner'|'spectator', position, you, suspended}, ... }
 -- The owner is the one the daemon names; `position` is known for the
--- owner (0) and for this editor (its standing), nil for the others.
+-- owner (0) and for this editor (its standing), nil for the others. This
+-- editor's entry, when it is the owner held back while the daemon cannot
+-- reach etcd, is the owner with `suspended` true.
 function M.who(bufnr)
   local state = M.state(bufnr)
   if not state then
@@ -1696,6 +1722,7 @@ function M.who(bufnr)
       role = owns and 'owner' or 'spectator',
       position = position,
       you = you,
+      suspended = you and state.suspended or nil,
     })
   end
   return list
@@ -1733,7 +1760,9 @@ function M.print_who()
   local lines = { ('presenced: on %s:'):format(state.topic) }
   for _, person in ipairs(list) do
     table.insert(lines, ('  %-12s %s (pid %s)%s%s'):format(
-      person.role == 'owner' and 'owner' or (person.position and ('spectator #' .. person.position) or 'spectator'),
+      person.suspended and 'suspended'
+        or person.role == 'owner' and 'owner'
+        or (person.position and ('spectator #' .. person.position) or 'spectator'),
       person.key,
       person.pid,
       person.editor and (', ' .. person.editor) or '',
