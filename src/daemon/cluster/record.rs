@@ -8,9 +8,15 @@
 //! host names are unique. An `update` gives the entry a new ref, as it
 //! does on one host, but rewrites the value under the same key, so that
 //! the key keeps its create revision, which is its place in the queue.
-//! Listing or watching `PREFIX t/` sees every cluster topic at once;
 //! `PREFIX t/TOPIC/` is one topic's queue, which etcd orders by the keys'
 //! create revisions.
+//!
+//! Beside the entries: `PREFIX r/TOPIC/ID`, why an entry left, written in
+//! the transaction that deletes it, so that every host reads the reason in
+//! the same revision as the delete (a delete without one means the host
+//! was lost); and `PREFIX h/HOST`, a host's claim on its name, so that two
+//! daemons given one name cannot both write its entries. Watching
+//! `PREFIX` sees all three.
 //!
 //! The value is what other hosts show of the entry, as JSON with a
 //! version. Anything with write access to etcd can put anything there, so
@@ -24,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::protocol::{
-    Lifetime, Limits, check_host, checked_meta_size, host_of_ref, validate_name,
+    Actor, LeaveReason, Lifetime, Limits, check_host, checked_meta_size, host_of_ref, validate_name,
 };
 
 /// The one version of the value written so far.
@@ -47,33 +53,59 @@ impl KeySpace {
         KeySpace { prefix }
     }
 
+    /// Everything of the cluster is under this: entries, the reasons they
+    /// left, and hosts' claims.
+    pub fn all(&self) -> Vec<u8> {
+        self.prefix.clone().into_bytes()
+    }
+
     /// Every cluster topic's entries are under this.
     pub fn topics(&self) -> Vec<u8> {
-        format!("{}t/", self.prefix).into_bytes()
+        format!("{}{ENTRIES}", self.prefix).into_bytes()
     }
 
     /// One topic's entries are under this.
     pub fn topic(&self, topic: &str) -> Vec<u8> {
-        let mut key = format!("{}t/", self.prefix);
-        percent_encode(topic, &mut key);
-        key.push('/');
-        key.into_bytes()
+        self.in_topic(ENTRIES, topic, "")
     }
 
     /// The key of one entry, by the ref it was tracked with.
     pub fn entry(&self, topic: &str, id: &str) -> Vec<u8> {
-        let mut key = self.topic(topic);
-        key.extend_from_slice(id.as_bytes());
-        key
+        self.in_topic(ENTRIES, topic, id)
     }
 
-    /// The topic and id an entry's key names, or why it names none.
-    pub fn parse_entry(&self, key: &[u8]) -> Result<(String, String), String> {
+    /// The key of the reason the entry `id` left.
+    pub fn reason(&self, topic: &str, id: &str) -> Vec<u8> {
+        self.in_topic(REASONS, topic, id)
+    }
+
+    /// The key of `host`'s claim on its name.
+    pub fn host(&self, host: &str) -> Vec<u8> {
+        format!("{}{HOSTS}{host}", self.prefix).into_bytes()
+    }
+
+    fn in_topic(&self, kind: &str, topic: &str, id: &str) -> Vec<u8> {
+        let mut key = format!("{}{kind}", self.prefix);
+        percent_encode(topic, &mut key);
+        key.push('/');
+        key.push_str(id);
+        key.into_bytes()
+    }
+
+    /// What a key under [`KeySpace::all`] is, or why it is none of ours.
+    pub fn parse(&self, key: &[u8]) -> Result<Key, String> {
         let key = std::str::from_utf8(key).map_err(|_| "a key that is not UTF-8".to_owned())?;
         let rest = key
             .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix("t/"))
-            .ok_or_else(|| format!("a key outside {}t/: {key:?}", self.prefix))?;
+            .ok_or_else(|| format!("a key outside {}: {key:?}", self.prefix))?;
+        if let Some(host) = rest.strip_prefix(HOSTS) {
+            check_host(host).map_err(|problem| format!("{problem}, in {key:?}"))?;
+            return Ok(Key::Host(host.to_owned()));
+        }
+        let (kind, rest) = [ENTRIES, REASONS]
+            .into_iter()
+            .find_map(|kind| Some((kind, rest.strip_prefix(kind)?)))
+            .ok_or_else(|| format!("a key of no known kind: {key:?}"))?;
         let (topic, id) = rest
             .split_once('/')
             .ok_or_else(|| format!("a key with no id: {key:?}"))?;
@@ -82,8 +114,29 @@ impl KeySpace {
         if host_of_ref(id).is_none() {
             return Err(format!("a key whose id is not HOST:pN: {key:?}"));
         }
-        Ok((topic, id.to_owned()))
+        let id = id.to_owned();
+        Ok(if kind == ENTRIES {
+            Key::Entry { topic, id }
+        } else {
+            Key::Reason { topic, id }
+        })
     }
+}
+
+/// Where under the prefix each kind of key lives.
+const ENTRIES: &str = "t/";
+const REASONS: &str = "r/";
+const HOSTS: &str = "h/";
+
+/// A key of the cluster, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// An entry of `topic`, named by the ref it was tracked with.
+    Entry { topic: String, id: String },
+    /// Why that entry left.
+    Reason { topic: String, id: String },
+    /// A host's claim on its name.
+    Host(String),
 }
 
 /// Percent-encodes every byte of `text` but ASCII letters, digits and
@@ -192,6 +245,58 @@ impl Record {
     }
 }
 
+/// Why an entry left, as its host wrote it beside the delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Departure {
+    /// The value's version: [`RECORD_VERSION`], as for entries.
+    pub v: u32,
+    /// A reason a newer host gives and this daemon does not know reads as
+    /// `Unknown`, and is shown as such.
+    pub reason: LeaveReason,
+    /// Who removed it, when another connection did (`untrack` of someone
+    /// else's entry); none when it left by itself.
+    pub by: Option<Actor>,
+    pub host: String,
+}
+
+impl Departure {
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads why the entry `id` left, holding it to the id's host: a host
+    /// writes only its own entries' reasons.
+    pub fn decode(value: &[u8], id: &str, limits: &Limits) -> Result<Departure, String> {
+        let most = 2 * limits.max_name_bytes + 256;
+        if value.len() > most {
+            return Err(format!(
+                "a reason of {} bytes, over the {most} a daemon writes",
+                value.len()
+            ));
+        }
+        let departure: Departure = serde_json::from_slice(value)
+            .map_err(|error| format!("an unreadable reason: {error}"))?;
+        if departure.v != RECORD_VERSION {
+            return Err(format!(
+                "a reason of version {}; this daemon reads version {RECORD_VERSION}",
+                departure.v
+            ));
+        }
+        if let Some(by) = &departure.by {
+            validate_name("user", &by.user, limits.max_name_bytes)
+                .map_err(|error| error.message)?;
+        }
+        if host_of_ref(id) != Some(departure.host.as_str()) {
+            return Err(format!(
+                "a reason that says host {:?}, for the entry {id:?}",
+                departure.host
+            ));
+        }
+        Ok(departure)
+    }
+}
+
 /// Which topics are shared across hosts: those matching any of the
 /// patterns given (`*` any run of characters, `/` included; `?` one
 /// character; `[…]` one of a set), as the shell matches words.
@@ -258,9 +363,21 @@ mod tests {
             assert!(key.starts_with(&keys.topic(topic)));
             assert!(key.starts_with(&keys.topics()));
             assert_eq!(
-                keys.parse_entry(&key),
-                Ok((topic.to_owned(), "web-1:p17".to_owned()))
+                keys.parse(&key),
+                Ok(Key::Entry {
+                    topic: topic.to_owned(),
+                    id: "web-1:p17".to_owned()
+                })
             );
+            assert_eq!(
+                keys.parse(&keys.reason(topic, "web-1:p17")),
+                Ok(Key::Reason {
+                    topic: topic.to_owned(),
+                    id: "web-1:p17".to_owned()
+                })
+            );
+            assert!(keys.reason(topic, "web-1:p17").starts_with(&keys.all()));
+            assert!(!keys.reason(topic, "web-1:p17").starts_with(&keys.topics()));
         }
         // One topic's prefix is never another's: the separator is encoded.
         assert!(!keys.topic("a/b").starts_with(&keys.topic("a")));
@@ -281,8 +398,72 @@ mod tests {
             b"/presence/t/bad%zzescape/h:p1",
             b"/presence/t/%FF/h:p1",
             b"/presence/t/\xff/h:p1",
+            b"/presence/x/topic/h:p1",
+            b"/presence/r/topic/not-a-ref",
+            b"/presence/h/a:b",
+            b"/presence/h/",
         ] {
-            assert!(keys.parse_entry(key).is_err(), "{key:?}");
+            assert!(keys.parse(key).is_err(), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn a_hosts_claim_is_a_key_of_its_own() {
+        let keys = KeySpace::new("/presence");
+        assert_eq!(keys.host("web-1"), b"/presence/h/web-1".to_vec());
+        assert_eq!(
+            keys.parse(&keys.host("web-1")),
+            Ok(Key::Host("web-1".into()))
+        );
+        assert!(!keys.host("web-1").starts_with(&keys.topics()));
+    }
+
+    fn departure() -> Departure {
+        Departure {
+            v: RECORD_VERSION,
+            reason: LeaveReason::Untrack,
+            by: Some(Actor {
+                uid: 0,
+                user: "root".into(),
+                pid: 77,
+            }),
+            host: "web-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_departure_reads_back_as_written_and_only_for_its_host() {
+        let limits = Limits::default();
+        assert_eq!(
+            Departure::decode(&departure().encode(), "web-1:p3", &limits),
+            Ok(departure())
+        );
+        let elsewhere = Departure::decode(&departure().encode(), "web-2:p3", &limits);
+        assert!(elsewhere.is_err_and(|e| e.contains("web-2:p3")));
+        let on_its_own = Departure {
+            reason: LeaveReason::PidExit,
+            by: None,
+            ..departure()
+        };
+        assert_eq!(
+            Departure::decode(&on_its_own.encode(), "web-1:p3", &limits),
+            Ok(on_its_own)
+        );
+    }
+
+    #[test]
+    fn a_departure_from_a_newer_host_or_a_hostile_writer_is_read_safely() {
+        let limits = Limits::default();
+        let newer = br#"{"v":1,"reason":"moved_away","by":null,"host":"web-1"}"#;
+        let read = Departure::decode(newer, "web-1:p3", &limits).expect("a newer reason");
+        assert_eq!(read.reason, LeaveReason::Unknown);
+        let huge = format!(
+            r#"{{"v":1,"reason":"untrack","by":{{"uid":0,"user":"{}","pid":1}},"host":"web-1"}}"#,
+            "x".repeat(limits.max_name_bytes + 1)
+        );
+        assert!(Departure::decode(huge.as_bytes(), "web-1:p3", &limits).is_err());
+        for garbage in [&b""[..], b"null", b"{\"v\":2}", b"\xff"] {
+            assert!(Departure::decode(garbage, "web-1:p3", &limits).is_err());
         }
     }
 
