@@ -8,8 +8,9 @@
 -- loses nobody's place in a topic's queue. Keyed by ref alone (WITHOUT
 -- ROWID) and with no other index: the daemon reads the table whole at
 -- start and writes it by ref, and every b-tree more is a page more to
--- write at each commit. Seqs are unique because the daemon hands each out
--- once.
+-- write at each commit. Seqs are unique within a topic: the daemon hands
+-- each out once, and a topic shared across hosts takes its seqs from etcd's
+-- create revisions instead, which may equal another topic's.
 CREATE TABLE IF NOT EXISTS presences (
     ref               TEXT    PRIMARY KEY,          -- phx_ref, new on every update
     topic             TEXT    NOT NULL,

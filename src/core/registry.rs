@@ -59,6 +59,10 @@ const MAX_TOMBSTONES: usize = 4096;
 /// The registry files entries by the process that owns them.
 pub use crate::process::ProcessId;
 
+mod cluster;
+
+pub use cluster::Shared;
+
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -101,6 +105,9 @@ pub struct Entry {
     pub conn: Option<ConnId>,
     /// For an entry restored after a restart: when it expires unless resumed.
     pub resume_deadline: Option<i64>,
+    /// For an entry of a topic shared across hosts: its etcd key, and
+    /// whether another host tracked it. `None` for a local topic's entry.
+    pub cluster: Option<Shared>,
 }
 
 impl Entry {
@@ -116,6 +123,12 @@ impl Entry {
             user: self.user.clone(),
             client: self.meta.clone(),
         }
+    }
+
+    /// Another host tracked it: it holds a place in its topic's queue
+    /// here, and nothing else.
+    pub fn is_remote(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|shared| shared.remote)
     }
 
     fn to_owner(&self) -> Owner {
@@ -632,9 +645,9 @@ enum Undo {
         conn: ConnId,
         topic: String,
     },
-    /// What the holder of the entry with this seq was last told was
-    /// noted (`None`) or forgotten (`Some`): put it back as it was.
-    ToldBefore(u64, Option<StandingKey>),
+    /// What the holder of the entry with this topic and seq was last told
+    /// was noted (`None`) or forgotten (`Some`): put it back as it was.
+    ToldBefore((String, u64), Option<StandingKey>),
     /// A connection subscribed to every topic.
     SubscribedAll(ConnId),
     UnsubscribedAll(ConnId),
@@ -684,6 +697,10 @@ pub struct Registry {
     limits: Limits,
     topics: BTreeMap<String, Topic>,
     refs: HashMap<String, Location>,
+    /// How many of `refs` are other hosts' entries. They are filed by ref
+    /// and in their topics only, and count toward no quota or cap: another
+    /// host's load must not refuse this host's tracks.
+    remote_entries: usize,
     by_process: HashMap<ProcessId, BTreeSet<String>>,
     by_token: HashMap<TokenHash, String>,
     /// What each uid holds; a uid that holds nothing has no row.
@@ -707,17 +724,19 @@ pub struct Registry {
     last_joined_at: i64,
     /// Set while a batch is open: how to take it back.
     journal: Option<Journal>,
-    /// By seq, for each entry whose standing changed while no connection
-    /// held it: the standing its holder was last told, so that a `resume`
-    /// tells it what changed. An entry that is not here was told its
-    /// standing as it is now: a held entry's holder is sent every change,
-    /// and an entry let go keeps its standing until one comes. "Told" is
-    /// queued for the connection, not read by the client, and this is kept
-    /// in memory only: a crash, a restart, or a client that loses the
-    /// connection that had the `role` event loses the change, which only
-    /// the standings of the `resume` reply then show (a client compares
-    /// them with what it held).
-    told_before: HashMap<u64, StandingKey>,
+    /// By topic and seq, for each entry whose standing changed while no
+    /// connection held it: the standing its holder was last told, so that
+    /// a `resume` tells it what changed. An entry that is not here was told
+    /// its standing as it is now: a held entry's holder is sent every
+    /// change, and an entry let go keeps its standing until one comes.
+    /// "Told" is queued for the connection, not read by the client, and
+    /// this is kept in memory only: a crash, a restart, or a client that
+    /// loses the connection that had the `role` event loses the change,
+    /// which only the standings of the `resume` reply then show (a client
+    /// compares them with what it held). The topic is part of the key
+    /// because a seq is unique only within its topic: a shared topic's
+    /// seqs are etcd create revisions, which may equal a local one's.
+    told_before: HashMap<(String, u64), StandingKey>,
 }
 
 impl Registry {
@@ -726,6 +745,7 @@ impl Registry {
             limits,
             topics: BTreeMap::new(),
             refs: HashMap::new(),
+            remote_entries: 0,
             by_process: HashMap::new(),
             by_token: HashMap::new(),
             awaiting_resume: BTreeSet::new(),
@@ -743,14 +763,19 @@ impl Registry {
     }
 
     /// Rebuilds the registry from persisted entries. `next_seq` is the
-    /// persisted counter; it is raised past every seq seen, whatever it says.
+    /// persisted counter; it is raised past every seq and ref number seen,
+    /// whatever it says.
     pub fn restore(limits: Limits, entries: Vec<Entry>, next_seq: u64) -> Registry {
         let mut registry = Registry::new(limits);
         registry.next_seq = next_seq.max(1);
         for entry in entries {
             // Refs draw from the same counter: step past theirs too, so a
-            // counter that fell behind can never hand one out again.
-            let numbers = [Some(entry.seq), ref_number(&entry.phx_ref)]
+            // counter that fell behind can never hand one out again. A
+            // shared topic's entry has a ref of the counter too (`HOST:pN`),
+            // but its seq is an etcd create revision, which the counter
+            // never made: following it would only inflate the counter.
+            let seq = entry.cluster.is_none().then_some(entry.seq);
+            let numbers = [seq, ref_number(&entry.phx_ref)]
                 .into_iter()
                 .chain([entry.prev_ref.as_deref().and_then(ref_number)]);
             for number in numbers.flatten() {
@@ -788,9 +813,9 @@ impl Registry {
             let Some(topic) = self.topics.get(name) else {
                 continue;
             };
-            let moved: Vec<(u64, StandingKey)> = topic
+            let moved: Vec<((String, u64), StandingKey)> = topic
                 .moved_behind(&gone)
-                .map(|(entry, _, before)| (entry.seq, before))
+                .map(|(entry, _, before)| ((name.to_owned(), entry.seq), before))
                 .collect();
             self.told_before.extend(moved);
         }
@@ -813,8 +838,14 @@ impl Registry {
             .count()
     }
 
+    /// Every entry shown, other hosts' included.
     pub fn entry_count(&self) -> usize {
         self.refs.len()
+    }
+
+    /// The entries this host holds: what the total cap weighs.
+    fn local_entry_count(&self) -> usize {
+        self.refs.len() - self.remote_entries
     }
 
     pub fn connection_count(&self) -> usize {
@@ -1075,7 +1106,7 @@ impl Registry {
             ));
         }
         let claimed = Claimed {
-            total_entries: self.refs.len(),
+            total_entries: self.local_entry_count(),
             entries: usage.entries,
             meta_bytes: usage.meta_bytes,
         };
@@ -1103,6 +1134,7 @@ impl Registry {
             token_hash,
             conn: Some(conn),
             resume_deadline: None,
+            cluster: None,
         };
         let phx_ref = entry.phx_ref.clone();
         out.changes.push(Change::Put(Box::new(entry.clone())));
@@ -1591,7 +1623,7 @@ impl Registry {
         if entry.resume_deadline.is_some() {
             let usage = self.usage(uid);
             let claimed = Claimed {
-                total_entries: self.refs.len() - self.awaiting_resume.len(),
+                total_entries: self.local_entry_count() - self.awaiting_resume.len(),
                 entries: usage.entries - usage.awaiting_entries,
                 meta_bytes: usage.meta_bytes - usage.awaiting_meta_bytes,
             };
@@ -1607,7 +1639,7 @@ impl Registry {
         entry.resume_deadline = None;
         let (topic, seq) = (entry.topic.clone(), entry.seq);
         self.insert(entry, meta_bytes);
-        let last_told = self.forget_told(seq);
+        let last_told = self.forget_told(&topic, seq);
         let standing = self.topic(&topic).standing(seq);
         let standing_now = self.topic(&topic).standing_key_at(standing.position);
         Resumption::Resumed {
@@ -1629,7 +1661,7 @@ impl Registry {
             let Some((entry, _)) = self.take(&phx_ref) else {
                 continue;
             };
-            self.forget_told(entry.seq);
+            self.forget_told(&entry.topic, entry.seq);
             out.changes.push(Change::Delete(phx_ref));
             by_topic
                 .entry(entry.topic.clone())
@@ -1683,33 +1715,44 @@ impl Registry {
         let mut unheld_moved = Vec::new();
         for (entry, position, before) in topic.moved_behind(&gone) {
             let Some(conn) = entry.conn else {
-                unheld_moved.push((entry.seq, before));
+                // Another host's entry is resumed there, if anywhere: no
+                // `resume` here will ask what its holder was told.
+                if !entry.is_remote() {
+                    unheld_moved.push((entry.seq, before));
+                }
                 continue;
             };
             let standing = topic.standing_at(position);
             out.role(conn, topic_name.to_owned(), entry.phx_ref.clone(), standing);
         }
         for (seq, before) in unheld_moved {
-            self.note_told_before(seq, before);
+            self.note_told_before(topic_name, seq, before);
         }
         self.drop_topic_if_unused(topic_name);
     }
 
-    /// Remembers what the holder of the entry with `seq`, which no
-    /// connection holds, was last told, unless an earlier change while it
-    /// was unheld did already.
-    fn note_told_before(&mut self, seq: u64, before: StandingKey) {
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.told_before.entry(seq) {
+    /// Remembers what the holder of the entry with `seq` in `topic`, which
+    /// no connection holds, was last told, unless an earlier change while
+    /// it was unheld did already.
+    fn note_told_before(&mut self, topic: &str, seq: u64, before: StandingKey) {
+        let key = (topic.to_owned(), seq);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.told_before.entry(key) {
             slot.insert(before);
-            self.record(|| Undo::ToldBefore(seq, None));
+            self.record(|| Undo::ToldBefore((topic.to_owned(), seq), None));
         }
     }
 
-    /// Forgets what the holder of the entry with `seq` was last told, and
-    /// returns it: the entry is held again, or gone.
-    fn forget_told(&mut self, seq: u64) -> Option<StandingKey> {
-        let before = self.told_before.remove(&seq)?;
-        self.record(|| Undo::ToldBefore(seq, Some(before)));
+    /// Forgets what the holder of the entry with `seq` in `topic` was last
+    /// told, and returns it: the entry is held again, or gone.
+    fn forget_told(&mut self, topic: &str, seq: u64) -> Option<StandingKey> {
+        // Every removal passes here, and the map is nearly always empty:
+        // spare them building the key.
+        if self.told_before.is_empty() {
+            return None;
+        }
+        let key = (topic.to_owned(), seq);
+        let before = self.told_before.remove(&key)?;
+        self.record(|| Undo::ToldBefore(key, Some(before)));
         Some(before)
     }
 
@@ -1717,6 +1760,10 @@ impl Registry {
 
     /// Puts an entry into every index; `meta_bytes` is the size of its
     /// meta, which was measured when the meta arrived.
+    ///
+    /// Another host's entry goes into its topic and `refs` only: its pid,
+    /// uid and token are that host's, so a local process's exit must not
+    /// end it, nor its user's quotas count it, nor a local token resume it.
     fn insert(&mut self, entry: Entry, meta_bytes: usize) {
         self.refs.insert(
             entry.phx_ref.clone(),
@@ -1726,6 +1773,13 @@ impl Registry {
                 meta_bytes,
             },
         );
+        if entry.is_remote() {
+            self.remote_entries += 1;
+            let phx_ref = entry.phx_ref.clone();
+            self.topic_mut(&entry.topic.clone()).insert_entry(entry);
+            self.record(|| Undo::Inserted(phx_ref));
+            return;
+        }
         self.by_process
             .entry(entry.process)
             .or_default()
@@ -1759,6 +1813,11 @@ impl Registry {
             .topics
             .get_mut(&location.topic)?
             .remove_entry(location.seq)?;
+        if entry.is_remote() {
+            self.remote_entries -= 1;
+            self.record(|| Undo::Taken(Box::new(entry.clone()), location.meta_bytes));
+            return Some((entry, location.meta_bytes));
+        }
         if let Some(refs) = self.by_process.get_mut(&entry.process) {
             refs.remove(phx_ref);
             if refs.is_empty() {
@@ -1851,10 +1910,10 @@ impl Registry {
                     self.subscribed_to_all.insert(conn);
                 }
             }
-            Undo::ToldBefore(seq, before) => {
+            Undo::ToldBefore(key, before) => {
                 match before {
-                    Some(before) => self.told_before.insert(seq, before),
-                    None => self.told_before.remove(&seq),
+                    Some(before) => self.told_before.insert(key, before),
+                    None => self.told_before.remove(&key),
                 };
             }
             Undo::Buried(hash) => self.unbury(&hash),
@@ -1922,6 +1981,20 @@ impl Registry {
     /// Only the entry's own connection may change it; a process entry may
     /// also be changed by its uid; root may change anything.
     fn check_may_change(&self, conn: ConnId, entry: &Entry) -> Result<(), ErrorBody> {
+        // Uids are per host, and only the host that tracked an entry
+        // writes its key: nobody here, root included, may change it.
+        if entry.is_remote() {
+            return Err(ErrorBody::new(
+                ErrorCode::PermissionDenied,
+                match host_of_ref(&entry.phx_ref) {
+                    Some(host) => format!(
+                        "entry `{}` belongs to host {host}; change it there",
+                        entry.phx_ref
+                    ),
+                    None => format!("entry `{}` belongs to another host", entry.phx_ref),
+                },
+            ));
+        }
         let uid = self.conns.get(&conn).map(|c| c.peer.uid);
         let allowed = entry.conn == Some(conn)
             || uid == Some(0)
@@ -2057,9 +2130,27 @@ fn ref_for(seq: u64) -> String {
     format!("p{seq}")
 }
 
-/// The counter value a ref was made from.
+/// The counter value a ref was made from: `p<N>` for a local topic's
+/// entry, `<host>:p<N>` for a shared one's.
 fn ref_number(phx_ref: &str) -> Option<u64> {
-    phx_ref.strip_prefix('p')?.parse().ok()
+    let local = match phx_ref.split_once(':') {
+        Some((host, local)) if !host.is_empty() => local,
+        Some(_) => return None,
+        None => phx_ref,
+    };
+    let digits = local.strip_prefix('p')?;
+    // `parse` takes a leading `+`, which no ref of the counter has.
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The host a shared topic's ref (`<host>:p<N>`) names; `None` for a
+/// local topic's ref, which names none.
+fn host_of_ref(phx_ref: &str) -> Option<&str> {
+    let (host, _) = phx_ref.split_once(':')?;
+    (!host.is_empty() && ref_number(phx_ref).is_some()).then_some(host)
 }
 
 /// What the removal of `entry` by `by` says, both to its holder (as a

@@ -540,6 +540,7 @@ impl Store {
                     token_hash: TokenHash::try_from(hash.as_slice()).unwrap_or_default(),
                     conn: None,
                     resume_deadline: None,
+                    cluster: None,
                 },
                 boot_id: row.get(13)?,
             })
@@ -1154,6 +1155,7 @@ mod tests {
             token_hash: [seq as u8; 32],
             conn: None,
             resume_deadline: None,
+            cluster: None,
         }
     }
 

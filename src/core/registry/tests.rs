@@ -518,6 +518,7 @@ fn stored_entry(seq: u64, topic: &str, key: &str, lifetime: Lifetime, token: &st
         token_hash: token_hash(token),
         conn: None,
         resume_deadline: None,
+        cluster: None,
     }
 }
 
@@ -2687,6 +2688,247 @@ fn refs_issued_after_a_restore_never_collide_with_restored_refs() {
 }
 
 // ---------------------------------------------------------------------------
+// Topics shared across hosts
+// ---------------------------------------------------------------------------
+
+/// An entry of a shared topic that this host tracked: its ref names the
+/// host, and its seq is its key's create revision.
+fn shared_entry(revision: u64, topic: &str, phx_ref: &str, token: &str) -> Entry {
+    Entry {
+        phx_ref: phx_ref.to_owned(),
+        cluster: Some(Shared {
+            id: phx_ref.to_owned(),
+            remote: false,
+        }),
+        ..stored_entry(revision, topic, "k", Lifetime::Process, token)
+    }
+}
+
+/// Another host's entry of a shared topic, with that host's pid and uid.
+fn remote_entry(revision: u64, topic: &str, phx_ref: &str, process: ProcessId, uid: u32) -> Entry {
+    Entry {
+        phx_ref: phx_ref.to_owned(),
+        process,
+        uid,
+        user: user_name(uid),
+        meta: meta(json!({"file": "a.md"})),
+        token_hash: token_hash(phx_ref),
+        cluster: Some(Shared {
+            id: phx_ref.to_owned(),
+            remote: true,
+        }),
+        ..stored_entry(revision, topic, "k", Lifetime::Process, "")
+    }
+}
+
+/// Files another host's entry as the changes etcd reports will. Nothing
+/// makes remote entries yet, so their bookkeeping is tested by putting
+/// them in through the one function every entry goes in by.
+fn put_remote(registry: &mut Registry, entry: Entry) {
+    let meta_bytes = meta_size(&entry.meta);
+    registry.insert(entry, meta_bytes);
+}
+
+#[test]
+fn entries_of_two_topics_with_the_same_seq_are_each_told_their_own_standing_on_resume() {
+    // A shared topic's seqs are create revisions: its entry has seq 2,
+    // like the local topic's second entry.
+    let dead = stored_entry(1, "doc", "gone", Lifetime::Process, "t1");
+    let behind = stored_entry(2, "doc", "stays", Lifetime::Process, "t2");
+    let shared = shared_entry(2, "publishing_edit:x", "web-1:p5", "s2");
+    let registry = Registry::restore(Limits::default(), vec![behind, shared], 6)
+        .with_standings_as_stored(&[dead]);
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+
+    // The shared entry stood alone and still does: nothing to tell. The
+    // local one moved up to owner while nobody held it.
+    let out = h.resume(a, &["s2", "t2"]);
+    let reply: ResumeReply = ok_reply(&out, a);
+    assert_eq!(reply.resumed, ["web-1:p5", "p2"]);
+    assert_eq!(
+        role_summaries(&out),
+        [(a, ref_for(2), owner_standing(&ref_for(2)))]
+    );
+}
+
+#[test]
+fn a_remote_entry_is_untouched_by_the_exit_of_a_local_process_with_its_pid() {
+    let mut h = Harness::new();
+    let a = h.connect(ALICE);
+    let local = h.track_process(a, "doc", "mine").phx_ref;
+    // Another host's entry whose pid, start time and uid happen to be
+    // this connection's.
+    put_remote(
+        &mut h.registry,
+        remote_entry(40, "publishing_edit:x", "web-2:p3", process_of(a), ALICE),
+    );
+    assert_eq!(h.registry.processes().collect::<Vec<_>>(), [process_of(a)]);
+    assert_eq!(h.registry.usage(ALICE).entries, 1);
+
+    let out = h.process_exited(process_of(a));
+    assert_eq!(row_changes(&out), [Change::Delete(local)]);
+    assert_eq!(h.listed_refs("doc"), Vec::<String>::new());
+    assert_eq!(h.listed_refs("publishing_edit:x"), ["web-2:p3"]);
+    assert_eq!(h.registry.entry_count(), 1);
+    // Nor can its token, which means nothing here, resume it.
+    let b = h.connect(ALICE);
+    let reply: ResumeReply = ok_reply(&h.resume(b, &["web-2:p3"]), b);
+    assert_eq!(reply.expired, ["web-2:p3"]);
+}
+
+#[test]
+fn remote_entries_fill_no_quota_and_count_toward_no_total_cap() {
+    let limits = Limits {
+        max_total_entries: 2,
+        max_entries_per_uid: 1,
+        max_process_entries_per_uid: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::with_limits(limits);
+    let (a, b, c) = (h.connect(ALICE), h.connect(BOB), h.connect(BOB));
+    for number in 1..=3 {
+        put_remote(
+            &mut h.registry,
+            remote_entry(
+                number,
+                "publishing_edit:x",
+                &format!("web-2:p{number}"),
+                process_of(a),
+                ALICE,
+            ),
+        );
+    }
+    assert_eq!(h.registry.entry_count(), 3);
+    assert_eq!(h.registry.usage(ALICE), Usage::default());
+
+    h.track_process(a, "doc", "k");
+    h.track(b, "doc", "k");
+    // Two local entries: now the cap refuses, and the uid's quota with it.
+    assert_refused(
+        &h.try_track(c, track_request("doc", "k")),
+        c,
+        ErrorCode::LimitExceeded,
+    );
+    assert_eq!(h.registry.entry_count(), 5);
+}
+
+#[test]
+fn rolling_back_a_batch_takes_out_the_remote_entry_it_put_in_and_puts_back_the_one_it_took() {
+    let mut h = Harness::new();
+    let remote = remote_entry(7, "publishing_edit:x", "web-2:p1", process_of(9), BOB);
+    let empty = dump(&h.registry);
+    h.registry.begin_batch();
+    put_remote(&mut h.registry, remote.clone());
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), empty);
+    assert_eq!(h.registry.entry_count(), 0);
+    assert_eq!(h.registry.remote_entries, 0);
+    assert!(h.registry.topics.is_empty(), "the topic it made is gone");
+
+    put_remote(&mut h.registry, remote.clone());
+    let holding = dump(&h.registry);
+    h.registry.begin_batch();
+    assert_eq!(h.registry.take("web-2:p1").map(|(e, _)| e), Some(remote));
+    assert_eq!(h.registry.remote_entries, 0);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), holding);
+    assert_eq!(h.registry.remote_entries, 1);
+    assert_eq!(h.listed_refs("publishing_edit:x"), ["web-2:p1"]);
+    assert_eq!(h.registry.processes().count(), 0);
+}
+
+#[test]
+fn nobody_here_may_untrack_or_update_a_remote_entry_not_even_root() {
+    let mut h = Harness::new();
+    let (root, alice) = (h.connect(ROOT), h.connect(ALICE));
+    let remote = remote_entry(7, "publishing_edit:x", "web-2:p1", process_of(alice), ALICE);
+    put_remote(&mut h.registry, remote);
+    for conn in [root, alice] {
+        let out = h.untrack_ref(conn, "publishing_edit:x", "web-2:p1");
+        assert_refused(&out, conn, ErrorCode::PermissionDenied);
+        assert!(the_reply(&out, conn).error.is_some_and(|e| {
+            e.message == "entry `web-2:p1` belongs to host web-2; change it there"
+        }));
+        let out = h.untrack_key(conn, "publishing_edit:x", "k");
+        assert_eq!(ok_reply::<UntrackReply>(&out, conn).removed, 0);
+        let out = h.update_ref(conn, "publishing_edit:x", "web-2:p1", Map::new());
+        assert_refused(&out, conn, ErrorCode::PermissionDenied);
+    }
+    assert_eq!(h.listed_refs("publishing_edit:x"), ["web-2:p1"]);
+}
+
+#[test]
+fn remote_entries_moved_up_leave_nothing_for_a_resume_here() {
+    let mut h = Harness::new();
+    for number in 1..=3 {
+        put_remote(
+            &mut h.registry,
+            remote_entry(
+                number * 10,
+                "publishing_edit:x",
+                &format!("web-2:p{number}"),
+                process_of(9),
+                BOB,
+            ),
+        );
+    }
+    let mut out = Outbox::default();
+    h.registry.begin_batch();
+    h.registry.remove(
+        vec![("web-2:p1".into(), LeaveReason::Untrack)],
+        h.now,
+        &mut out,
+    );
+    assert!(h.registry.told_before.is_empty());
+    assert_eq!(h.listed_refs("publishing_edit:x"), ["web-2:p2", "web-2:p3"]);
+    h.registry.roll_back();
+    assert_eq!(
+        h.listed_refs("publishing_edit:x"),
+        ["web-2:p1", "web-2:p2", "web-2:p3"]
+    );
+}
+
+#[test]
+fn ref_numbers_are_read_from_local_and_shared_refs() {
+    assert_eq!(ref_number("p12"), Some(12));
+    assert_eq!(ref_number("web-1:p12"), Some(12));
+    assert_eq!(ref_number("web-1.example.org:p7"), Some(7));
+    for not_of_the_counter in ["", "p", "12", "p+3", ":p3", "web-1:", "web-1:12", "web-1:p"] {
+        assert_eq!(
+            ref_number(not_of_the_counter),
+            None,
+            "{not_of_the_counter:?}"
+        );
+    }
+    assert_eq!(host_of_ref("web-1:p12"), Some("web-1"));
+    assert_eq!(host_of_ref("p12"), None);
+}
+
+#[test]
+fn restore_steps_past_shared_refs_but_not_past_create_revisions() {
+    // Tracked as web-1:p9, updated to web-1:p12; its key's create
+    // revision is in the millions.
+    let mut updated = shared_entry(4_000_000, "publishing_edit:x", "web-1:p12", "a");
+    updated.prev_ref = Some("web-1:p9".into());
+    let local = stored_entry(3, "doc", "x", Lifetime::Process, "b");
+    let mut h = Harness::around(Registry::restore(
+        Limits::default(),
+        vec![updated, local],
+        1,
+    ));
+    assert_eq!(h.registry.next_seq(), 13);
+    let a = h.connect(ALICE);
+    assert_eq!(h.track(a, "doc", "y").phx_ref, "p13");
+
+    // Only the prev ref can be the highest number.
+    let mut moved = shared_entry(4_000_001, "publishing_edit:y", "web-1:p2", "c");
+    moved.prev_ref = Some("web-1:p20".into());
+    let h = Harness::around(Registry::restore(Limits::default(), vec![moved], 1));
+    assert_eq!(h.registry.next_seq(), 21);
+}
+
+// ---------------------------------------------------------------------------
 // Property test against a reference model
 // ---------------------------------------------------------------------------
 
@@ -4237,13 +4479,14 @@ impl World {
         // What an entry's holder was last told is kept only while no
         // connection holds the entry: a held entry's holder is told every
         // change at once, and a gone entry has no holder to tell.
-        let unheld_seqs: BTreeSet<u64> = self
+        let unheld_seqs: BTreeSet<(String, u64)> = self
             .registry
             .entries()
             .filter(|e| e.conn.is_none())
-            .map(|e| e.seq)
+            .map(|e| (e.topic.clone(), e.seq))
             .collect();
-        let remembered: BTreeSet<u64> = self.registry.told_before.keys().copied().collect();
+        let remembered: BTreeSet<(String, u64)> =
+            self.registry.told_before.keys().cloned().collect();
         assert!(
             remembered.is_subset(&unheld_seqs),
             "last told kept for {:?}, not all of them unheld entries ({unheld_seqs:?})",
@@ -4345,6 +4588,7 @@ fn dump(registry: &Registry) -> String {
     let conns: BTreeMap<_, _> = registry.conns.iter().collect();
     let processes: BTreeSet<ProcessId> = registry.processes().collect();
     lines.push(format!("refs {refs:?}"));
+    lines.push(format!("remote entries {}", registry.remote_entries));
     lines.push(format!("by_process {by_process:?}"));
     lines.push(format!("by_token {by_token:?}"));
     lines.push(format!("usage by uid {by_uid:?}"));

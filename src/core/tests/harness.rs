@@ -311,6 +311,7 @@ pub fn stored_entry(key: &str, seq: u64, lifetime: Lifetime) -> Entry {
         token_hash: token_hash(key),
         conn: None,
         resume_deadline: None,
+        cluster: None,
     }
 }
 

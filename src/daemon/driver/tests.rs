@@ -237,6 +237,7 @@ fn live_entry() -> Entry {
         token_hash: token_hash("alive"),
         conn: None,
         resume_deadline: None,
+        cluster: None,
     }
 }
 
