@@ -35,7 +35,8 @@ use crate::protocol::{
     LeaveReason, Lifetime, Limits, Meta, OutgoingReply, Owner, Presences, Removal, RemovedEntry,
     ReplyFields, ResumeReply, ResyncPayload, Revision, Role, RoleChange, Standing,
     SubscribeAllReply, TopicPresences, TrackReply, TrackRequest, UntrackReply, UntrackRequest,
-    UpdateReply, UpdateRequest, checked_meta_size, json_size, meta_size, validate_name,
+    UpdateReply, UpdateRequest, checked_meta_size, host_of_ref, json_size, meta_size,
+    validate_name,
 };
 
 /// Identifies one client connection for the daemon's lifetime.
@@ -2144,13 +2145,6 @@ fn ref_number(phx_ref: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
-}
-
-/// The host a shared topic's ref (`<host>:p<N>`) names; `None` for a
-/// local topic's ref, which names none.
-fn host_of_ref(phx_ref: &str) -> Option<&str> {
-    let (host, _) = phx_ref.split_once(':')?;
-    (!host.is_empty() && ref_number(phx_ref).is_some()).then_some(host)
 }
 
 /// What the removal of `entry` by `by` says, both to its holder (as a

@@ -2901,8 +2901,6 @@ fn ref_numbers_are_read_from_local_and_shared_refs() {
             "{not_of_the_counter:?}"
         );
     }
-    assert_eq!(host_of_ref("web-1:p12"), Some("web-1"));
-    assert_eq!(host_of_ref("p12"), None);
 }
 
 #[test]
