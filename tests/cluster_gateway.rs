@@ -518,8 +518,8 @@ async fn keys_moved_to_another_lease_keep_their_places_and_outlive_the_first() {
         .await
         .expect("a grant");
     let prefix = "/presence/t/moved/";
-    // Three transactions' worth: the first two each hold a key that fails
-    // its check (and are moved a key at a time), the third none.
+    // Enough for several transactions: the first two each hold a key that
+    // fails its check (and are moved a key at a time), the rest none.
     let count = 2 * MAX_TXN_OPS + 10;
     for index in 0..count {
         create(&client, prefix, &format!("h:p{index}"), first.id).await;
@@ -534,7 +534,7 @@ async fn keys_moved_to_another_lease_keep_their_places_and_outlive_the_first() {
     // the read and the move.
     let gone = before[3].key.clone();
     client.delete(&gone).await.expect("a delete");
-    let reborn = before[MAX_TXN_OPS + 5].key.clone();
+    let reborn = before[MAX_TXN_OPS / 2 + 5].key.clone();
     client.delete(&reborn).await.expect("a delete");
     let reborn_name = String::from_utf8_lossy(&reborn[prefix.len()..]).into_owned();
     create(&client, prefix, &reborn_name, first.id).await;
@@ -550,7 +550,22 @@ async fn keys_moved_to_another_lease_keep_their_places_and_outlive_the_first() {
     assert_eq!(moved.moved, count - 2);
     assert_eq!(moved.missing, vec![gone.clone(), reborn.clone()]);
 
+    // The same move sent again, late (as an attempt that timed out may
+    // reach etcd after the keys moved on), finds them on another lease
+    // than the one read, and leaves them where they are.
+    let third = client
+        .grant(Duration::from_secs(10))
+        .await
+        .expect("a grant");
+    let late = client
+        .move_to_lease(&before, third.id)
+        .await
+        .expect("the late move");
+    assert_eq!(late.moved, 0);
+    assert_eq!(late.missing.len(), count);
+
     client.revoke(first.id).await.expect("a revoke");
+    client.revoke(third.id).await.expect("a revoke");
     let (_, after) = client
         .range_prefix(prefix.as_bytes())
         .await

@@ -20,8 +20,8 @@ use crate::common::{needs_program, within};
 const R: Duration = Duration::from_millis(300);
 
 /// Short settings for the fixture's elections (E = 250 ms): the longest
-/// gap between acknowledged renewals is K + max(2R, 2E) = 0.85 s, under
-/// T − m = 1.5 s.
+/// gap between acknowledged renewals is K + max(2R, 2E) + R + 0.1 s =
+/// 1.25 s, under T − m = 1.5 s.
 const SHORT: LeaseSettings = LeaseSettings {
     ttl: Duration::from_secs(2),
     margin: Duration::from_millis(500),
@@ -116,7 +116,12 @@ async fn the_fence_falls_before_etcd_ends_the_lease_every_time() {
         })
         .await;
         let (status, _keeper) = fenced.await.expect("the fence's waiter");
-        let LeaseState::Fenced { fenced_at, .. } = status.state else {
+        let LeaseState::Fenced {
+            fenced_at,
+            renewed_at,
+            ..
+        } = status.state
+        else {
             panic!("trial {trial}: not fenced: {status:?}");
         };
         etcd.resume(stopped);
@@ -127,6 +132,16 @@ async fn the_fence_falls_before_etcd_ends_the_lease_every_time() {
             fenced_at < deleted_at,
             "trial {trial} (member {stopped} stopped): fenced {:?} after etcd deleted the key",
             fenced_at.saturating_duration_since(deleted_at)
+        );
+        // The fence fell when it was due, not before; and etcd kept the
+        // key a whole TTL after the last renewal the keeper counts from,
+        // so that renewal was sent no later than etcd received it.
+        let due = renewed_at + SHORT.ttl.saturating_sub(SHORT.margin);
+        assert!(fenced_at >= due, "trial {trial}: fenced before it was due");
+        assert!(
+            deleted_at >= renewed_at + SHORT.ttl,
+            "trial {trial}: etcd deleted the key {:?} after the renewal the fence counts from",
+            deleted_at.saturating_duration_since(renewed_at)
         );
         margins.push((stopped, deleted_at.saturating_duration_since(fenced_at)));
     }

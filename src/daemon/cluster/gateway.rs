@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_TYPE, HOST};
@@ -41,6 +41,11 @@ use tokio::time::{Instant, timeout_at};
 /// The longest line of a watch's reply read before giving up on it: a
 /// revoke of a lease with many keys is one message, so this is generous.
 const MAX_WATCH_LINE: usize = 64 << 20;
+
+/// The largest reply read whole: a listing of every cluster entry is the
+/// largest, so this is generous too; it bounds what a member can make the
+/// daemon hold.
+const MAX_REPLY: usize = 256 << 20;
 
 /// The most operations etcd takes in each branch of one transaction, by
 /// default (its `--max-txn-ops`).
@@ -176,10 +181,21 @@ pub enum Event {
     Delete { key: Vec<u8>, revision: i64 },
 }
 
+impl Event {
+    /// The revision that made this change.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
 /// One message of a [`Watch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchMessage {
-    /// The changes of one or more revisions, up to `revision`.
+    /// The changes of one or more revisions; `revision` is its last
+    /// event's, so a watch made again from `revision + 1` misses nothing.
     Events { revision: i64, events: Vec<Event> },
     /// The revision asked for was compacted away: list again, and watch
     /// from the listing's revision. Nothing follows on this watch.
@@ -411,7 +427,17 @@ impl Gateway {
             .await?;
         let renewal: StreamJson<LeaseJson> = reply.decode("a lease renewal")?;
         if let Some(error) = renewal.error {
-            return Err(error.into_error(&reply.endpoint));
+            // An error inside a 200 reply: a member that cannot serve now
+            // (no leader) is passed over for the next call, as one that
+            // failed outright is, so that whatever follows the gateway's
+            // current member (a mirror's watch) moves on too.
+            return Err(match classify(error.into_error(&reply.endpoint)) {
+                Failure::Lost(error) => {
+                    self.move_on_from(&reply.endpoint);
+                    error
+                }
+                Failure::Unsent(error) | Failure::Answered(error) => error,
+            });
         }
         let Some(result) = renewal.result else {
             return Err(reply.wrong("a lease renewal without a result"));
@@ -546,7 +572,9 @@ impl Gateway {
     }
 
     /// Deletes `key`. Sent again on failure: a key is one entry's, and
-    /// deleting it twice deletes it once.
+    /// deleting it twice deletes it once. So `existed` is false also when
+    /// an earlier attempt of this call deleted the key and its answer was
+    /// lost: either way, the key is gone.
     pub async fn delete(&self, key: &[u8]) -> Result<Deleted, Error> {
         let reply = self
             .call(
@@ -567,7 +595,8 @@ impl Gateway {
     /// reads why the key left beside its delete. Only if `key` is there,
     /// so that a reason is never written for a key that had already gone;
     /// which also makes sending it twice harmless, so it is sent again on
-    /// failure.
+    /// failure (and `existed` is false when an earlier attempt did it and
+    /// its answer was lost).
     pub async fn delete_with_reason(
         &self,
         key: &[u8],
@@ -596,14 +625,17 @@ impl Gateway {
     }
 
     /// Moves each of `kvs` to `lease`, keeping its value and its create
-    /// revision (its place), if it is still the key that was read: one not
-    /// there any more, or deleted and created again since, is left alone.
-    /// A transaction moves at most [`MAX_TXN_OPS`] keys; a chunk in which
-    /// one key fails its check is moved a key at a time. Sent again on
-    /// failure: moving a key to a lease twice moves it once.
+    /// revision (its place), if it is still the key that was read, on the
+    /// lease it was read on: one not there any more, deleted and created
+    /// again since, or moved by someone else meanwhile, is left alone. So
+    /// the move is sent again on failure: an attempt that reaches etcd
+    /// late, after the keys moved on, finds them on another lease and does
+    /// nothing. A transaction moves at most half of [`MAX_TXN_OPS`] keys
+    /// (two checks each); a chunk in which one key fails its checks is
+    /// moved a key at a time.
     pub async fn move_to_lease(&self, kvs: &[Kv], lease: LeaseId) -> Result<Moved, Error> {
         let mut moved = Moved::default();
-        for chunk in kvs.chunks(MAX_TXN_OPS) {
+        for chunk in kvs.chunks(MAX_TXN_OPS / 2) {
             if self.move_chunk(chunk, lease).await? {
                 moved.moved += chunk.len();
                 continue;
@@ -620,17 +652,26 @@ impl Gateway {
     }
 
     /// One transaction: every key of `kvs` to `lease`, if each is still
-    /// the incarnation read. Whether it succeeded.
+    /// the incarnation read, on the lease read. Whether it succeeded.
     async fn move_chunk(&self, kvs: &[Kv], lease: LeaseId) -> Result<bool, Error> {
         let compare: Vec<Value> = kvs
             .iter()
-            .map(|kv| {
-                json!({
-                    "key": BASE64.encode(&kv.key),
-                    "target": "CREATE",
-                    "result": "EQUAL",
-                    "create_revision": kv.create_revision.to_string(),
-                })
+            .flat_map(|kv| {
+                let key = BASE64.encode(&kv.key);
+                [
+                    json!({
+                        "key": key,
+                        "target": "CREATE",
+                        "result": "EQUAL",
+                        "create_revision": kv.create_revision.to_string(),
+                    }),
+                    json!({
+                        "key": key,
+                        "target": "LEASE",
+                        "result": "EQUAL",
+                        "lease": kv.lease.to_string(),
+                    }),
+                ]
             })
             .collect();
         // ignore_value: the value stays whatever it is now, so a rewrite
@@ -703,6 +744,7 @@ impl Gateway {
                     endpoint: endpoint.url.clone(),
                     body: response.into_body(),
                     buffer: Vec::new(),
+                    scanned: 0,
                     _sender: sender,
                 };
                 if status != StatusCode::OK {
@@ -722,6 +764,21 @@ impl Gateway {
                     return Err(classify(error.into_error(&endpoint.url)));
                 }
                 match first.result {
+                    // etcd confirms a watch it refused at once (an empty
+                    // range, no permission) as created and canceled both,
+                    // and then keeps the reply open, silent.
+                    Some(result) if result.created && result.canceled => {
+                        Err(Failure::Answered(Error::WatchCanceled {
+                            endpoint: endpoint.url.clone(),
+                            reason: result.cancel_reason,
+                        }))
+                    }
+                    Some(result) if result.created && result.compact_revision > 0 => {
+                        Err(Failure::Answered(Error::WatchCanceled {
+                            endpoint: endpoint.url.clone(),
+                            reason: format!("compacted up to revision {}", result.compact_revision),
+                        }))
+                    }
                     Some(result) if result.created => Ok(watch),
                     _ => Err(Failure::Lost(
                         watch.wrong("a watch whose first message is not its creation"),
@@ -752,6 +809,18 @@ impl Gateway {
         let count = self.endpoints.len();
         let first = self.current.load(Ordering::Relaxed);
         (0..count).map(move |step| (first + step) % count)
+    }
+
+    /// Moves the current endpoint past the one at `url`, as
+    /// [`Gateway::move_on`] does.
+    fn move_on_from(&self, url: &str) {
+        if let Some(index) = self
+            .endpoints
+            .iter()
+            .position(|endpoint| endpoint.url == url)
+        {
+            self.move_on(index);
+        }
     }
 
     /// Moves the current endpoint past `failed`, unless another call has
@@ -818,11 +887,18 @@ impl Gateway {
                 }
             };
             let status = response.status();
-            let body = response
-                .into_body()
+            let body = Limited::new(response.into_body(), MAX_REPLY)
                 .collect()
                 .await
-                .map_err(|source| Failure::Lost(endpoint.http(source)))?
+                .map_err(|error| {
+                    Failure::Lost(match error.downcast::<hyper::Error>() {
+                        Ok(source) => endpoint.http(*source),
+                        Err(error) => Error::Reply {
+                            endpoint: endpoint.url.clone(),
+                            detail: error.to_string(),
+                        },
+                    })
+                })?
                 .to_bytes();
             if status != StatusCode::OK {
                 return Err(classify(etcd_error(&endpoint.url, status, &body)));
@@ -976,6 +1052,9 @@ pub struct Watch {
     body: Incoming,
     /// What has come of the next line so far.
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no newline: a long message
+    /// arriving in many chunks is scanned once, not once per chunk.
+    scanned: usize,
     /// The connection, kept open for as long as the watch.
     _sender: Sender,
 }
@@ -1026,7 +1105,7 @@ impl Watch {
             if result.events.is_empty() {
                 continue;
             }
-            let events = result
+            let events: Vec<Event> = result
                 .events
                 .into_iter()
                 .map(|event| {
@@ -1040,23 +1119,28 @@ impl Watch {
                     }
                 })
                 .collect();
-            return Ok(Some(WatchMessage::Events {
-                revision: result.header.revision,
-                events,
-            }));
+            // The header names the store's revision, which may be later
+            // than this message's last event when a watch catches up in
+            // several messages: resuming after it would skip the rest.
+            let revision = events.iter().map(Event::revision).max().unwrap_or_default();
+            return Ok(Some(WatchMessage::Events { revision, events }));
         }
     }
 
     /// The next non-empty line of the reply, or `None` at its end.
     async fn line(&mut self) -> Result<Option<Vec<u8>>, Error> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|&byte| byte == b'\n') {
+            let unscanned = self.buffer.get(self.scanned..).unwrap_or_default();
+            if let Some(at) = unscanned.iter().position(|&byte| byte == b'\n') {
+                let end = self.scanned + at;
+                self.scanned = 0;
                 let line: Vec<u8> = self.buffer.drain(..=end).collect();
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return Ok(Some(line));
             }
+            self.scanned = self.buffer.len();
             if self.buffer.len() > MAX_WATCH_LINE {
                 return Err(self.wrong(format!(
                     "a watch message longer than {MAX_WATCH_LINE} bytes"
@@ -1216,8 +1300,6 @@ struct DeleteJson {
 #[derive(Debug, Deserialize)]
 struct WatchJson {
     #[serde(default)]
-    header: HeaderJson,
-    #[serde(default)]
     created: bool,
     #[serde(default)]
     canceled: bool,
@@ -1313,7 +1395,7 @@ mod tests {
         )
         .expect("a watch message");
         let result = message.result.expect("a result");
-        assert_eq!(result.header.revision, 7);
+        assert_eq!(result.events[1].kv.mod_revision, 7);
         assert!(!result.events[0].is_delete());
         assert!(result.events[1].is_delete());
         assert_eq!(result.events[0].kv.key, b"a");

@@ -10,14 +10,26 @@
 //! its own ([`BootAlarm`]): a renewal that hangs cannot put it off, and
 //! neither can a suspend of the machine, during which etcd's clock runs on.
 //!
-//! Renewals are sent every period K, each attempt given R before the
-//! gateway moves to the next member. When etcd's leader is lost, an attempt
-//! on it times out (R), and a follower forwards the renewal to it until a
-//! new leader is elected, within two election timeouts E (each member
-//! draws its timeout from [E, 2E)); the attempt after that is answered. So
-//! two acknowledged renewals are sent at most K + max(2R, 2E) apart, and
-//! [`LeaseSettings::check`] refuses settings where that reaches T − m: an
-//! election must fence nobody.
+//! Renewals are sent every period K (counted from one sending to the
+//! next, so a slow answer does not stretch it), each attempt given R
+//! before the gateway moves to the next member. When etcd's leader is
+//! lost, an attempt on it times out (R), and a follower forwards the
+//! renewal to it until a new leader is elected, within about two election
+//! timeouts E (each member draws its timeout from [E, 2E)); an attempt
+//! that began just before the election may still time out (R), and a call
+//! that failed on every member is tried again after a short pause. So two
+//! acknowledged renewals are sent at most G = K + max(2R, 2E) + R + the
+//! pause apart, and [`LeaseSettings::check`] refuses settings where G
+//! reaches T − m: an election must fence nobody. (A split vote can take
+//! longer; the fence then falls, safely, and is lifted when renewals are
+//! answered again.)
+//!
+//! The state published on the watch channel changes only when the
+//! keeper's task runs. A consumer about to act as an owner asks
+//! [`LeaseState::live_at`] with the time now, which also says no once the
+//! fence is due, even if the task has not run yet; and a keeper that
+//! stopped publishes [`LeaseState::Stopped`] (one dropped publishes
+//! nothing, and its channel closes).
 //!
 //! A fenced lease is still renewed. If etcd answers that it has it (a
 //! partition healed, or quorum came back before it ended), the fence is
@@ -34,6 +46,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::gateway::{Error, Gateway, Lease, LeaseId, Renewal};
 use crate::sys::{BootAlarm, BootInstant};
@@ -42,6 +55,12 @@ use crate::sys::{BootAlarm, BootInstant};
 /// enough that members refusing connections at once are not hammered,
 /// short beside any period.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The least margin m the fence may have: the time the daemon is given to
+/// act on it before another host could be given its places. A margin of
+/// nothing would demote local owners at the very moment etcd may delete
+/// their keys.
+pub const MIN_MARGIN: Duration = Duration::from_millis(250);
 
 /// The times a lease is kept by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +80,19 @@ pub struct LeaseSettings {
 impl LeaseSettings {
     /// The longest time between the sending of two acknowledged renewals
     /// while etcd elects a new leader, with each attempt given
-    /// `attempt_timeout`: K + max(2R, 2E).
+    /// `attempt_timeout`: K + max(2R, 2E) + R + the pause after a failed
+    /// call.
     pub fn longest_renewal_gap(&self, attempt_timeout: Duration) -> Duration {
-        self.period + (2 * attempt_timeout).max(2 * self.election_timeout)
+        self.period
+            + (2 * attempt_timeout).max(2 * self.election_timeout)
+            + attempt_timeout
+            + RETRY_PAUSE
     }
 
     /// Whether these settings keep the fence's promise: the lease is whole
-    /// seconds, the margin leaves time to renew, and an etcd election
-    /// fences nobody (K + max(2R, 2E) < T − m).
+    /// seconds, the margin is at least [`MIN_MARGIN`] and leaves time to
+    /// renew, and an etcd election fences nobody (the longest renewal gap
+    /// is under T − m).
     pub fn check(&self, attempt_timeout: Duration) -> Result<(), String> {
         let LeaseSettings {
             ttl,
@@ -84,6 +108,12 @@ impl LeaseSettings {
         if period.is_zero() || attempt_timeout.is_zero() {
             return Err("the renewal period and the attempt timeout must be above zero".into());
         }
+        if margin < MIN_MARGIN {
+            return Err(format!(
+                "the fence's margin must be at least {MIN_MARGIN:?}, not {margin:?}: it is \
+                 the time the daemon has to demote its owners before etcd may end its lease"
+            ));
+        }
         let Some(room) = ttl.checked_sub(margin).filter(|room| !room.is_zero()) else {
             return Err(format!(
                 "the fence's margin ({margin:?}) must be shorter than the TTL ({ttl:?})"
@@ -94,8 +124,9 @@ impl LeaseSettings {
             return Err(format!(
                 "an etcd election could fence this host: a renewal every {period:?}, \
                  plus the longer of two attempts ({attempt_timeout:?} each) and two \
-                 election timeouts ({election_timeout:?} each), is {gap:?}, which must \
-                 be under the TTL ({ttl:?}) less the margin ({margin:?}), {room:?}"
+                 election timeouts ({election_timeout:?} each), plus one more attempt \
+                 and a pause of {RETRY_PAUSE:?}, is {gap:?}, which must be under the \
+                 TTL ({ttl:?}) less the margin ({margin:?}), {room:?}"
             ));
         }
         Ok(())
@@ -122,8 +153,8 @@ pub enum LeaseState {
         renewed_at: BootInstant,
         fenced_at: BootInstant,
     },
-    /// The keeper gave up, for a reason no retry can mend (etcd grants
-    /// another TTL than the one configured).
+    /// The keeper stopped: it was asked to, or gave up for a reason no
+    /// retry can mend (etcd grants another TTL than the one configured).
     Stopped,
 }
 
@@ -213,8 +244,25 @@ impl Drop for LeaseKeeper {
 
 /// What the keeper's call in flight came back with, and when it was sent.
 enum Answer {
-    Grant(Result<Lease, Error>, BootInstant),
-    Renewal(LeaseId, Result<Renewal, Error>, BootInstant),
+    Grant(Result<Lease, Error>, Sent),
+    Renewal(LeaseId, Result<Renewal, Error>, Sent),
+}
+
+/// When a call was sent: on the boot clock, which the fence is timed by,
+/// and on tokio's, which the next renewal is scheduled by.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    boot: BootInstant,
+    at: Instant,
+}
+
+impl Sent {
+    fn now() -> Sent {
+        Sent {
+            boot: BootInstant::now(),
+            at: Instant::now(),
+        }
+    }
 }
 
 type Call = Pin<Box<dyn Future<Output = Answer> + Send>>;
@@ -264,7 +312,10 @@ impl Keeping {
             // if the answer had come a moment later.
             tokio::select! {
                 biased;
-                _ = &mut stopped => return held.map(|held| held.lease),
+                _ = &mut stopped => {
+                    self.publish(LeaseState::Stopped);
+                    return held.map(|held| held.lease);
+                }
                 gone_off = self.alarm.gone_off(), if held.is_some_and(|h| h.fenced_at.is_none()) => {
                     if let Err(error) = gone_off {
                         // The alarm cannot be read: fence now rather than
@@ -279,9 +330,8 @@ impl Keeping {
                 answer = &mut call => match answer {
                     Answer::Grant(Ok(lease), sent) => {
                         self.last_error = None;
-                        let renewed = self.renewed(lease.id, sent, lease.ttl);
-                        held = Some(renewed);
-                        call = self.renew(lease.id, self.settings.period);
+                        held = Some(self.renewed(lease.id, sent.boot, lease.ttl));
+                        call = self.renew(lease.id, sent.at + self.settings.period);
                     }
                     Answer::Grant(Err(error @ Error::TtlRaised { .. }), _) => {
                         self.last_error = Some(error.to_string());
@@ -296,8 +346,8 @@ impl Keeping {
                     Answer::Renewal(lease, Ok(Renewal::Alive { ttl }), sent) => {
                         self.last_error = None;
                         // Acknowledged too late, it leaves the lease fenced.
-                        held = Some(self.renewed(lease, sent, ttl));
-                        call = self.renew(lease, self.settings.period);
+                        held = Some(self.renewed(lease, sent.boot, ttl));
+                        call = self.renew(lease, sent.at + self.settings.period);
                     }
                     Answer::Renewal(lease, Ok(Renewal::Gone), _) => {
                         self.last_error = Some(format!("etcd no longer has lease {lease}"));
@@ -314,7 +364,7 @@ impl Keeping {
                         if let Some(held) = &held {
                             self.publish(held.state());
                         }
-                        call = self.renew(lease, RETRY_PAUSE);
+                        call = self.renew(lease, Instant::now() + RETRY_PAUSE);
                     }
                 },
             }
@@ -367,17 +417,17 @@ impl Keeping {
         let ttl = self.settings.ttl;
         Box::pin(async move {
             tokio::time::sleep(pause).await;
-            let sent = BootInstant::now();
+            let sent = Sent::now();
             Answer::Grant(gateway.grant(ttl).await, sent)
         })
     }
 
-    /// A renewal of `lease`, after `pause`.
-    fn renew(&self, lease: LeaseId, pause: Duration) -> Call {
+    /// A renewal of `lease`, sent at `at` (at once if that has passed).
+    fn renew(&self, lease: LeaseId, at: Instant) -> Call {
         let gateway = Arc::clone(&self.gateway);
         Box::pin(async move {
-            tokio::time::sleep(pause).await;
-            let sent = BootInstant::now();
+            tokio::time::sleep_until(at).await;
+            let sent = Sent::now();
             Answer::Renewal(lease, gateway.keep_alive(lease).await, sent)
         })
     }
@@ -402,7 +452,7 @@ mod tests {
         assert_eq!(settings().check(attempt), Ok(()));
         assert_eq!(
             settings().longest_renewal_gap(attempt),
-            Duration::from_secs(3)
+            Duration::from_millis(3400)
         );
     }
 
@@ -414,24 +464,32 @@ mod tests {
         };
         let refused = slow_elections
             .check(Duration::from_millis(300))
-            .expect_err("4 s of failover in 4 s of room");
+            .expect_err("4.4 s of failover in 4 s of room");
         assert!(
             refused.contains("an etcd election could fence"),
             "{refused}"
         );
-        assert!(refused.contains("4s"), "{refused}");
+        assert!(refused.contains("4.4s"), "{refused}");
 
         let slow_attempts = settings().check(Duration::from_millis(1500));
         assert!(slow_attempts.is_err(), "{slow_attempts:?}");
     }
 
     #[test]
-    fn a_ttl_not_in_whole_seconds_or_within_the_margin_is_refused() {
+    fn a_ttl_not_in_whole_seconds_or_a_margin_too_small_or_too_large_is_refused() {
         let fractional = LeaseSettings {
             ttl: Duration::from_millis(4500),
             ..settings()
         };
         assert!(fractional.check(Duration::from_millis(300)).is_err());
+        let no_margin = LeaseSettings {
+            margin: Duration::ZERO,
+            ..settings()
+        };
+        let refused = no_margin
+            .check(Duration::from_millis(300))
+            .expect_err("a fence at the lease's very end");
+        assert!(refused.contains("at least"), "{refused}");
         let all_margin = LeaseSettings {
             margin: Duration::from_secs(5),
             ..settings()

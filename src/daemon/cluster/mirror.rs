@@ -236,7 +236,7 @@ impl PrefixMirror {
     /// `None` if there are none.
     fn changes(&mut self, events: Vec<Event>) -> Option<Update> {
         let events = newer_than(events, self.state.revision);
-        let revision = events.iter().map(event_revision).max()?;
+        let revision = events.iter().map(Event::revision).max()?;
         apply(&mut self.state.entries, &events);
         self.state.revision = revision;
         Some(Update::Changes { revision, events })
@@ -301,19 +301,11 @@ pub fn apply(entries: &mut Entries, events: &[Event]) {
     }
 }
 
-/// The revision an event happened at.
-pub fn event_revision(event: &Event) -> i64 {
-    match event {
-        Event::Put(kv) => kv.mod_revision,
-        Event::Delete { revision, .. } => *revision,
-    }
-}
-
 /// The events after `revision`. A watch made from `revision` + 1 sends no
 /// other; this keeps an event from being applied twice whatever a member
 /// sends.
 fn newer_than(mut events: Vec<Event>, revision: i64) -> Vec<Event> {
-    events.retain(|event| event_revision(event) > revision);
+    events.retain(|event| event.revision() > revision);
     events
 }
 

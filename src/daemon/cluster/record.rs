@@ -114,6 +114,12 @@ impl KeySpace {
         if host_of_ref(id).is_none() {
             return Err(format!("a key whose id is not HOST:pN: {key:?}"));
         }
+        // One key per entry: `%2f` or `%+F` decode as `%2F` and `\x0f`
+        // do, but a key written so is not the one this daemon would write
+        // for that topic, nor under the prefix a topic's queue is read from.
+        if self.in_topic(kind, &topic, id) != key.as_bytes() {
+            return Err(format!("a key not written as a daemon writes it: {key:?}"));
+        }
         let id = id.to_owned();
         Ok(if kind == ENTRIES {
             Key::Entry { topic, id }
@@ -402,6 +408,8 @@ mod tests {
             b"/presence/r/topic/not-a-ref",
             b"/presence/h/a:b",
             b"/presence/h/",
+            b"/presence/t/file:%2fx/h:p1",
+            b"/presence/t/a%+Fb/h:p1",
         ] {
             assert!(keys.parse(key).is_err(), "{key:?}");
         }
