@@ -54,7 +54,10 @@ use line::to_line;
 pub use line::{Line, LineKind};
 use read::ReadView;
 use recovery::{Fact, Recovery};
-use registry::{Change, ConnId, Delivery, Ending, Entry, Outbox, Peer, ProcessId, Registry};
+use registry::{
+    Change, ClusterChanges, ClusterReport, ClusterSetup, ConnId, Delivery, Ending, Entry, Outbox,
+    Peer, ProcessId, Registry,
+};
 
 /// How many inputs one transaction may take, by default. Large enough
 /// that a burst is one commit; small enough that the first reply of a
@@ -129,6 +132,10 @@ pub enum Input {
         topics: Vec<String>,
         all: bool,
     },
+    /// What etcd's watch showed of other hosts' entries of shared topics
+    /// (cluster mode). Applied as a fact: it happened whether or not the
+    /// batch commits.
+    Cluster(ClusterChanges),
     /// Tell every client, commit, and stop.
     Shutdown {
         reason: String,
@@ -146,6 +153,9 @@ pub struct CoreConfig {
     /// The daemon's own uid: the per-uid quotas are for the other users of
     /// a shared daemon, so its own user is held only to the total.
     pub own_uid: u32,
+    /// Which topics are shared across hosts, and this host's name; `None`
+    /// keeps every topic local.
+    pub cluster: Option<ClusterSetup>,
 }
 
 /// What the store held at start, sorted by the driver (which alone may
@@ -315,7 +325,8 @@ impl Core {
         let history = registry::departures_at_start(&departed, &kept, now.wall_ms);
         let registry = Registry::restore(config.limits, kept, next_seq)
             .with_standings_as_stored(&departed)
-            .exempt_from_uid_quotas(config.own_uid);
+            .exempt_from_uid_quotas(config.own_uid)
+            .with_cluster(config.cluster);
         let mut core = Core {
             registry,
             recovery: Recovery::default(),
@@ -747,6 +758,7 @@ impl Core {
             Input::Resync { conn, topics, all } => {
                 self.apply_fact(Fact::Resync { conn, topics, all }, batch);
             }
+            Input::Cluster(changes) => self.apply_fact(Fact::Cluster(changes), batch),
             Input::Shutdown { reason } => {
                 batch.shutdown = Some(reason);
                 self.stopping = true;
@@ -793,6 +805,13 @@ impl Core {
                     .changes
                     .push(Change::Delete(phx_ref.clone()));
             }
+            Fact::Cluster(changes) => {
+                self.apply_endings(batch);
+                let report =
+                    self.registry
+                        .apply_cluster(changes, batch.now.wall_ms, &mut batch.out.outbox);
+                log_cluster_report(changes.revision, &report);
+            }
         }
         batch.facts.push(fact);
     }
@@ -808,6 +827,40 @@ impl Core {
             self.registry
                 .end(&endings, batch.now.wall_ms, &mut batch.out.outbox);
         }
+    }
+}
+
+/// Says what of etcd's changes was not applied as it came: the io layer
+/// checks values as it decodes them, so these are other writers' keys or
+/// settings that differ between hosts, worth a line each time.
+fn log_cluster_report(revision: u64, report: &ClusterReport) {
+    let counts = [
+        (report.not_shared, "of topics not shared here"),
+        (report.held_locally, "of topics holding local entries"),
+        (report.own_host, "of this host's own entries"),
+        (report.bad_id, "with ids naming no host"),
+        (
+            report.place_taken,
+            "whose revision or ref another entry holds",
+        ),
+        (report.over_cap, "past the cap on other hosts' entries"),
+    ];
+    let ignored: Vec<String> = counts
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, why)| format!("{n} {why}"))
+        .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            "cluster changes at revision {revision}: ignored {}",
+            ignored.join(", ")
+        );
+    }
+    if report.unreadable > 0 {
+        tracing::warn!(
+            "cluster changes at revision {revision}: {} kept with an empty meta,              their values unreadable or past this daemon's limits",
+            recovery::counted(report.unreadable, "entry")
+        );
     }
 }
 

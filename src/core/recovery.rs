@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::registry::{ConnId, ProcessId};
+use super::registry::{ClusterChanges, ConnId, ProcessId};
 use super::{CommitFailed, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 
 /// Something that happened outside the core. Unlike a request, nobody will
@@ -24,6 +24,10 @@ pub(super) enum Fact {
     /// A row that did not survive the restart but could not be deleted at
     /// start (see [`super::Core::restore`]). The registry never held it.
     DeadRow(String),
+    /// What etcd's watch showed of other hosts' entries of shared topics:
+    /// etcd keeps it whatever becomes of the commit, so it is applied
+    /// again to the rolled-back registry.
+    Cluster(ClusterChanges),
 }
 
 /// What failed commits leave to do: the facts not yet saved, and when to
@@ -139,13 +143,14 @@ impl Recovery {
 /// The facts waiting to be saved, for the log: `2 closed connections, 1
 /// exited process`; `None` if there are none.
 pub(super) fn describe(facts: &[Fact]) -> Option<String> {
-    let (mut closed, mut exited, mut resyncs, mut dead_rows) = (0, 0, 0, 0);
+    let (mut closed, mut exited, mut resyncs, mut dead_rows, mut cluster) = (0, 0, 0, 0, 0);
     for fact in facts {
         match fact {
             Fact::Closed(_) | Fact::ClosedByExit(_) => closed += 1,
             Fact::ProcessExited(_) => exited += 1,
             Fact::Resync { .. } => resyncs += 1,
             Fact::DeadRow(_) => dead_rows += 1,
+            Fact::Cluster(_) => cluster += 1,
         }
     }
     let parts: Vec<String> = [
@@ -153,6 +158,7 @@ pub(super) fn describe(facts: &[Fact]) -> Option<String> {
         (exited, "exited process"),
         (resyncs, "resync"),
         (dead_rows, "stale row"),
+        (cluster, "cluster change"),
     ]
     .into_iter()
     .filter(|(n, _)| *n > 0)

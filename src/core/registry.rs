@@ -13,6 +13,12 @@
 //! hears of it when it is resumed. This is the one place the rule is
 //! computed; clients display what it sends.
 //!
+//! A topic shared across hosts (`registry/cluster.rs`) follows the same
+//! rule with etcd's create revisions for seqs. Those come from etcd's
+//! changes rather than from a counter here, so a listing may bring an
+//! entry ahead of ones already shown: the holders of the entries it stands
+//! ahead of hear of it as they would of a departure.
+//!
 //! A batch can be taken back: between [`Registry::begin_batch`] and
 //! [`Registry::settle`], every change is journaled with its inverse, so that
 //! [`Registry::roll_back`] can restore the registry to what the database
@@ -23,6 +29,7 @@
 //! restore and a roll-back alike.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value};
@@ -62,7 +69,9 @@ pub use crate::process::ProcessId;
 
 mod cluster;
 
-pub use cluster::Shared;
+pub use cluster::{
+    ClusterChanges, ClusterEvent, ClusterReport, ClusterSetup, Shared, SharedRecord, SharedTopicsFn,
+};
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -738,6 +747,12 @@ pub struct Registry {
     /// because a seq is unique only within its topic: a shared topic's
     /// seqs are etcd create revisions, which may equal a local one's.
     told_before: HashMap<(String, u64), StandingKey>,
+    /// How this daemon takes part in a cluster; `None` when every topic is
+    /// local.
+    cluster: Option<ClusterSetup>,
+    /// The entries of shared topics by topic and key id (`HOST:pN`, which
+    /// an update keeps), to their current ref.
+    shared_ids: HashMap<(String, String), String>,
 }
 
 impl Registry {
@@ -760,6 +775,8 @@ impl Registry {
             last_joined_at: 0,
             journal: None,
             told_before: HashMap::new(),
+            cluster: None,
+            shared_ids: HashMap::new(),
         }
     }
 
@@ -794,6 +811,18 @@ impl Registry {
     pub fn exempt_from_uid_quotas(mut self, uid: u32) -> Registry {
         self.uid_exempt_from_quotas = Some(uid);
         self
+    }
+
+    /// Shares the topics `cluster` names with other hosts; `None` keeps
+    /// every topic local.
+    pub fn with_cluster(mut self, cluster: Option<ClusterSetup>) -> Registry {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Whether `topic` is shared across hosts: its entries come from etcd.
+    fn is_shared(&self, topic: &str) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.shares(topic))
     }
 
     /// Remembers the standings the restored entries had among the rows as
@@ -842,6 +871,11 @@ impl Registry {
     /// Every entry shown, other hosts' included.
     pub fn entry_count(&self) -> usize {
         self.refs.len()
+    }
+
+    /// Of those, other hosts' entries.
+    pub fn remote_entry_count(&self) -> usize {
+        self.remote_entries
     }
 
     /// The entries this host holds: what the total cap weighs.
@@ -1115,6 +1149,17 @@ impl Registry {
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
+        // A shared topic's seqs are etcd create revisions: a local seq
+        // among them would put the entry in a place no other host gives it.
+        if self.is_shared(&request.topic) {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "topic `{}` is shared across hosts; this daemon cannot track entries there yet",
+                    request.topic
+                ),
+            ));
+        }
 
         let seq = self.take_seq();
         // joined_at never goes backwards, even if the wall clock does.
@@ -1139,12 +1184,7 @@ impl Registry {
         };
         let phx_ref = entry.phx_ref.clone();
         out.changes.push(Change::Put(Box::new(entry.clone())));
-        out.history(&entry, HistoryKind::Join, None, joined_at);
-        // Seqs only grow: a new entry owns the topic only if it is alone.
-        if self.topic(&request.topic).entries.is_empty() {
-            out.history(&entry, HistoryKind::Owner, None, joined_at);
-        }
-        self.insert(entry, meta_bytes);
+        self.join(entry, meta_bytes, joined_at, out);
 
         let topic = self.topic(&request.topic);
         let reply = TrackReply {
@@ -1155,6 +1195,49 @@ impl Registry {
             standing: topic.standing_at(topic.entries.len().saturating_sub(1)),
             resume_token: token,
         };
+        if request.subscribe {
+            self.add_subscription(conn, request.topic, out);
+        }
+        Ok(ReplyFields::of(&reply))
+    }
+
+    /// Puts a new entry in its topic and tells of it: the history (its
+    /// join, and its ownership if it comes first), the holders of the
+    /// entries it now stands ahead of, and the topic's subscribers, in one
+    /// diff. A local track's entry has the topic's highest seq, so it stands
+    /// ahead of nobody; another host's may not, if etcd's changes came out
+    /// of order (a listing).
+    fn join(&mut self, entry: Entry, meta_bytes: usize, at: i64, out: &mut Outbox) {
+        let topic_name = entry.topic.clone();
+        let seq = entry.seq;
+        out.history(&entry, HistoryKind::Join, None, at);
+        let owner_before = self.topic(&topic_name).owner().map(|owner| owner.seq);
+        if owner_before.is_none_or(|owner| seq < owner) {
+            out.history(&entry, HistoryKind::Owner, None, at);
+        }
+        self.insert(entry, meta_bytes);
+
+        let topic = self.topic(&topic_name);
+        let mut behind = topic
+            .entries
+            .range((Bound::Excluded(seq), Bound::Unbounded))
+            .peekable();
+        if behind.peek().is_some() {
+            let first_position = topic.entries.range(..=seq).count();
+            let moved = behind.enumerate().map(|(index, (_, entry))| {
+                let position = first_position + index;
+                let before = StandingKey {
+                    position: position - 1,
+                    owner_seq: owner_before.unwrap_or(seq),
+                };
+                (&**entry, position, before)
+            });
+            let unheld_moved = tell_moved(&topic_name, topic, moved, out);
+            for (moved_seq, before) in unheld_moved {
+                self.note_told_before(&topic_name, moved_seq, before);
+            }
+        }
+        let topic = self.topic(&topic_name);
         // Most topics have no subscriber: no diff to build for nobody.
         if !(topic.subscribers.is_empty() && self.subscribed_to_all.is_empty())
             && let Some(joined) = topic.entries.get(&seq)
@@ -1166,12 +1249,8 @@ impl Registry {
                     metas: vec![joined.to_meta()],
                 },
             );
-            self.publish_diff(&request.topic, diff, BTreeMap::new(), out);
+            self.publish_diff(&topic_name, diff, BTreeMap::new(), out);
         }
-        if request.subscribe {
-            self.add_subscription(conn, request.topic, out);
-        }
-        Ok(ReplyFields::of(&reply))
     }
 
     pub(crate) fn untrack(
@@ -1400,23 +1479,55 @@ impl Registry {
             self.check_meta_quota(entry.uid, held, new_bytes)?;
         }
 
-        let old_meta = entry.to_meta();
         let new_ref = ref_for(self.take_seq());
-        let Some((mut entry, _)) = self.take(&old_ref) else {
+        let meta = request.meta;
+        let revise = |entry: &mut Entry| {
+            entry.phx_ref = new_ref.clone();
+            entry.prev_ref = Some(old_ref.clone());
+            entry.meta = meta;
+        };
+        if !self.revise(&old_ref, revise, new_bytes, Some(conn), now, out) {
             return Err(ErrorBody::new(
                 ErrorCode::NotFound,
                 format!("no entry `{old_ref}`"),
             ));
+        }
+        Ok(ReplyFields::of(&UpdateReply {
+            phx_ref: new_ref,
+            prev_ref: old_ref,
+        }))
+    }
+
+    /// Gives the entry `old_ref` a new version, made by `revise` (a new
+    /// ref, a new meta), in the same place, and tells of it: the rows
+    /// (for this host's entries), the history, its holder (unless `actor`,
+    /// the connection that changed it, holds it), and the topic's
+    /// subscribers, as a leave and a join with the reason `update`.
+    /// `false` if there is no such entry.
+    fn revise(
+        &mut self,
+        old_ref: &str,
+        revise: impl FnOnce(&mut Entry),
+        new_bytes: usize,
+        actor: Option<ConnId>,
+        now: i64,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some((mut entry, _)) = self.take(old_ref) else {
+            return false;
         };
-        entry.phx_ref = new_ref.clone();
-        entry.prev_ref = Some(old_ref.clone());
-        let old_client_meta = std::mem::replace(&mut entry.meta, request.meta);
+        let old_meta = entry.to_meta();
+        revise(&mut entry);
         let new_meta = entry.to_meta();
-        let key = entry.key.clone();
-        out.changes.push(Change::Delete(old_ref.clone()));
-        out.changes.push(Change::Put(Box::new(entry.clone())));
-        out.history_of_update(&entry, &old_client_meta, now);
-        self.tell_holder_of_update(conn, &entry, out);
+        let (topic, key) = (entry.topic.clone(), entry.key.clone());
+        if !entry.is_remote() {
+            out.changes.push(Change::Delete(old_ref.to_owned()));
+            out.changes.push(Change::Put(Box::new(entry.clone())));
+        }
+        out.history_of_update(&entry, &old_meta.client, now);
+        if let Some(conn) = actor {
+            self.tell_holder_of_update(conn, &entry, out);
+        }
         self.insert(entry, new_bytes);
 
         let mut diff = Diff::default();
@@ -1432,12 +1543,9 @@ impl Registry {
                 metas: vec![new_meta],
             },
         );
-        let reasons = BTreeMap::from([(old_ref.clone(), LeaveReason::Update)]);
-        self.publish_diff(&request.topic, diff, reasons, out);
-        Ok(ReplyFields::of(&UpdateReply {
-            phx_ref: new_ref,
-            prev_ref: old_ref,
-        }))
+        let reasons = BTreeMap::from([(old_ref.to_owned(), LeaveReason::Update)]);
+        self.publish_diff(&topic, diff, reasons, out);
+        true
     }
 
     /// The reply to `list`, as views: made into a line by the driver.
@@ -1713,19 +1821,7 @@ impl Registry {
         if owner_changed && let Some(owner) = topic.owner() {
             out.history(owner, HistoryKind::Owner, None, now);
         }
-        let mut unheld_moved = Vec::new();
-        for (entry, position, before) in topic.moved_behind(&gone) {
-            let Some(conn) = entry.conn else {
-                // Another host's entry is resumed there, if anywhere: no
-                // `resume` here will ask what its holder was told.
-                if !entry.is_remote() {
-                    unheld_moved.push((entry.seq, before));
-                }
-                continue;
-            };
-            let standing = topic.standing_at(position);
-            out.role(conn, topic_name.to_owned(), entry.phx_ref.clone(), standing);
-        }
+        let unheld_moved = tell_moved(topic_name, topic, topic.moved_behind(&gone), out);
         for (seq, before) in unheld_moved {
             self.note_told_before(topic_name, seq, before);
         }
@@ -1766,6 +1862,12 @@ impl Registry {
     /// uid and token are that host's, so a local process's exit must not
     /// end it, nor its user's quotas count it, nor a local token resume it.
     fn insert(&mut self, entry: Entry, meta_bytes: usize) {
+        if let Some(shared) = &entry.cluster {
+            self.shared_ids.insert(
+                (entry.topic.clone(), shared.id.clone()),
+                entry.phx_ref.clone(),
+            );
+        }
         self.refs.insert(
             entry.phx_ref.clone(),
             Location {
@@ -1814,6 +1916,10 @@ impl Registry {
             .topics
             .get_mut(&location.topic)?
             .remove_entry(location.seq)?;
+        if let Some(shared) = &entry.cluster {
+            self.shared_ids
+                .remove(&(entry.topic.clone(), shared.id.clone()));
+        }
         if entry.is_remote() {
             self.remote_entries -= 1;
             self.record(|| Undo::Taken(Box::new(entry.clone()), location.meta_bytes));
@@ -2124,6 +2230,32 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// Tells the holder of each entry of `moved` (the entry, its position
+/// now, and what decided its standing before) its new standing, in a
+/// `role` event; returns the entries no connection holds, with what their
+/// holders were last told, for the caller to note.
+fn tell_moved<'a>(
+    topic_name: &str,
+    topic: &Topic,
+    moved: impl Iterator<Item = (&'a Entry, usize, StandingKey)>,
+    out: &mut Outbox,
+) -> Vec<(u64, StandingKey)> {
+    let mut unheld_moved = Vec::new();
+    for (entry, position, before) in moved {
+        let Some(conn) = entry.conn else {
+            // Another host's entry is resumed there, if anywhere: no
+            // `resume` here will ask what its holder was told.
+            if !entry.is_remote() {
+                unheld_moved.push((entry.seq, before));
+            }
+            continue;
+        };
+        let standing = topic.standing_at(position);
+        out.role(conn, topic_name.to_owned(), entry.phx_ref.clone(), standing);
+    }
+    unheld_moved
 }
 
 /// The ref of a new entry or a new version of one.

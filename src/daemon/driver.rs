@@ -140,6 +140,7 @@ impl Driver {
             limits,
             max_batch,
             own_uid: crate::sys::current_uid(),
+            cluster: None,
         };
         let restored = Restored {
             kept: sorted.kept,

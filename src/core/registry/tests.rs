@@ -4658,3 +4658,72 @@ fn history_records_joins_leaves_with_reasons_and_each_new_owner() {
     };
     assert_eq!((event.at, event.user.as_str()), (h.now, "alice"));
 }
+
+#[test]
+fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_hear_it() {
+    // This host's entries of a shared topic, at create revisions 50 and
+    // 60; another host's key at 40 shows up later (a listing comes in key
+    // order, not revision order).
+    let held = shared_entry(50, "pub:x", "web-1:p5", "s5");
+    let unheld = Entry {
+        key: "other".into(),
+        ..shared_entry(60, "pub:x", "web-1:p6", "s6")
+    };
+    let setup = ClusterSetup {
+        host: "web-1".into(),
+        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    };
+    let registry =
+        Registry::restore(Limits::default(), vec![held, unheld], 7).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+    h.resume(a, &["s5"]);
+
+    let record = SharedRecord {
+        key: "theirs".into(),
+        phx_ref: "web-2:p1".into(),
+        phx_ref_prev: None,
+        meta: Map::new(),
+        joined_at: 1,
+        pid: 1,
+        uid: BOB,
+        user: user_name(BOB),
+        host: "web-2".into(),
+        lifetime: Lifetime::Connection,
+        readable: true,
+    };
+    let changes = ClusterChanges {
+        revision: 70,
+        events: vec![ClusterEvent::Put {
+            topic: "pub:x".into(),
+            id: "web-2:p1".into(),
+            create_revision: 40,
+            record,
+        }],
+    };
+    let mut out = Outbox::default();
+    let report = h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(report.applied, 1);
+    assert_eq!(
+        role_summaries(&out),
+        [(a, "web-1:p5".to_owned(), spectator_standing(1, "web-2:p1"))]
+    );
+    assert_eq!(
+        history(&out),
+        [
+            (HistoryKind::Join, "web-2:p1".to_owned(), None),
+            (HistoryKind::Owner, "web-2:p1".to_owned(), None),
+        ]
+    );
+    assert!(
+        row_changes(&out).is_empty(),
+        "another host's entry is no row"
+    );
+
+    // The entry nobody held hears it when resumed.
+    let out = h.resume(a, &["s6"]);
+    assert_eq!(
+        role_summaries(&out),
+        [(a, "web-1:p6".to_owned(), spectator_standing(2, "web-2:p1"))]
+    );
+}

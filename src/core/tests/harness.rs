@@ -44,12 +44,18 @@ impl H {
     /// A core that takes at most `max_batch` inputs a batch, restoring
     /// `restored`. Its first commit, if any, is left out for the test.
     pub fn with(max_batch: usize, restored: Restored) -> H {
-        let start = Instant::now();
         let config = CoreConfig {
             limits: Limits::default(),
             max_batch,
             own_uid: 0,
+            cluster: None,
         };
+        H::configured(config, restored)
+    }
+
+    /// A core set up as `config` says, restoring `restored`.
+    pub fn configured(config: CoreConfig, restored: Restored) -> H {
+        let start = Instant::now();
         let now = Now {
             at: start,
             wall_ms: WALL_AT_START,

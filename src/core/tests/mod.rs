@@ -2,6 +2,7 @@
 //! commit's result are made up by the test, so roll-back, retries and
 //! expiry are checked to the millisecond, with no thread, store or sleep.
 
+mod cluster;
 /// Also the daemon's tests' way to make up a request.
 pub(crate) mod harness;
 mod recovery;
