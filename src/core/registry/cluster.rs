@@ -202,7 +202,13 @@ impl Registry {
                 } => {
                     // What is applied next must see the deletes before it.
                     self.remove(std::mem::take(&mut leaving), now, out);
-                    self.put_remote(topic, id, *create_revision, record, now, out, &mut report);
+                    let put = RemotePut {
+                        topic,
+                        id,
+                        create_revision: *create_revision,
+                        record,
+                    };
+                    self.put_remote(put, now, out, &mut report);
                 }
             }
         }
@@ -238,24 +244,26 @@ impl Registry {
 
     /// A put of another host's key: a new entry, a new version of a known
     /// one, or nothing if the record is the one already shown.
-    #[allow(clippy::too_many_arguments)]
     fn put_remote(
         &mut self,
-        topic: &str,
-        id: &str,
-        create_revision: u64,
-        record: &SharedRecord,
+        put: RemotePut<'_>,
         now: i64,
         out: &mut Outbox,
         report: &mut ClusterReport,
     ) {
+        let RemotePut {
+            topic,
+            id,
+            create_revision,
+            ..
+        } = put;
         let known = self
             .shared_ids
             .get(&(topic.to_owned(), id.to_owned()))
             .and_then(|phx_ref| self.located(phx_ref))
             .map(|(entry, _)| (entry.phx_ref.clone(), entry.seq));
         let Some((old_ref, seq)) = known else {
-            self.join_remote(topic, id, create_revision, record, now, out, report);
+            self.join_remote(put, now, out, report);
             return;
         };
         if seq != create_revision {
@@ -265,11 +273,10 @@ impl Registry {
             // the delete, the entry left for `host_lost` and came back at
             // the back of the queue: say the same here.
             self.remove(vec![(old_ref, LeaveReason::HostLost)], now, out);
-            self.join_remote(topic, id, create_revision, record, now, out, report);
+            self.join_remote(put, now, out, report);
             return;
         }
-        let (entry, meta_bytes, readable) =
-            self.remote_entry(topic, id, create_revision, record, Some(&old_ref));
+        let (entry, meta_bytes, readable) = self.remote_entry(put, Some(&old_ref));
         let Some(entry) = entry else {
             report.place_taken += 1;
             return;
@@ -287,17 +294,18 @@ impl Registry {
     }
 
     /// A new key of another host: its entry joins its topic.
-    #[allow(clippy::too_many_arguments)]
     fn join_remote(
         &mut self,
-        topic: &str,
-        id: &str,
-        create_revision: u64,
-        record: &SharedRecord,
+        put: RemotePut<'_>,
         now: i64,
         out: &mut Outbox,
         report: &mut ClusterReport,
     ) {
+        let RemotePut {
+            topic,
+            create_revision,
+            ..
+        } = put;
         if self.remote_entries >= self.limits.max_total_entries {
             report.over_cap += 1;
             return;
@@ -309,8 +317,7 @@ impl Registry {
             report.place_taken += 1;
             return;
         }
-        let (entry, meta_bytes, readable) =
-            self.remote_entry(topic, id, create_revision, record, None);
+        let (entry, meta_bytes, readable) = self.remote_entry(put, None);
         let Some(entry) = entry else {
             report.place_taken += 1;
             return;
@@ -333,12 +340,15 @@ impl Registry {
     /// own key is not one this daemon takes.
     fn remote_entry(
         &self,
-        topic: &str,
-        id: &str,
-        create_revision: u64,
-        record: &SharedRecord,
+        put: RemotePut<'_>,
         current: Option<&str>,
     ) -> (Option<Entry>, usize, bool) {
+        let RemotePut {
+            topic,
+            id,
+            create_revision,
+            record,
+        } = put;
         let limits = &self.limits;
         let meta_bytes = meta_size(&record.meta);
         let key_ok = validate_name("key", &record.key, limits.max_name_bytes).is_ok();
@@ -399,4 +409,13 @@ impl Registry {
         };
         (Some(entry), meta_bytes, readable)
     }
+}
+
+/// A put of another host's key, as [`Registry::apply_cluster`] reads it.
+#[derive(Clone, Copy)]
+struct RemotePut<'a> {
+    topic: &'a str,
+    id: &'a str,
+    create_revision: u64,
+    record: &'a SharedRecord,
 }

@@ -32,6 +32,17 @@ fn clustered(limits: Limits) -> H {
     H::configured(config, nothing_restored())
 }
 
+/// A clustered core with connection 2 subscribed to [`SHARED`], which
+/// holds what `events` put there (up to `revision`); what connection 2
+/// was told of it is read and set aside.
+fn watching(revision: u64, events: Vec<ClusterEvent>) -> H {
+    let mut h = clustered(Limits::default());
+    h.connect([2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED), changes(revision, events)]);
+    h.lines(2);
+    h
+}
+
 fn record(key: &str, phx_ref: &str, meta: Value) -> SharedRecord {
     let Value::Object(meta) = meta else {
         panic!("a meta is an object");
@@ -189,16 +200,10 @@ fn a_remote_join_makes_the_diff_and_history_a_local_join_makes() {
 
 #[test]
 fn a_remote_owner_gone_without_a_reason_left_for_host_lost_and_the_next_owns() {
-    let mut h = clustered(Limits::default());
-    h.connect([2]);
-    h.committed_batch([
-        subscribe_to(2, 1, SHARED),
-        changes(
-            11,
-            vec![put("web-2:p1", "page", 10), put("web-3:p1", "page", 11)],
-        ),
-    ]);
-    h.lines(2);
+    let mut h = watching(
+        11,
+        vec![put("web-2:p1", "page", 10), put("web-3:p1", "page", 11)],
+    );
 
     h.input(changes(12, vec![delete("web-2:p1", None)]));
     let (history, _) = history_of(&h.burst().expect("history").changes);
@@ -233,20 +238,14 @@ fn a_remote_owner_gone_without_a_reason_left_for_host_lost_and_the_next_owns() {
 
 #[test]
 fn the_deletes_of_one_message_leave_in_one_diff_per_topic() {
-    let mut h = clustered(Limits::default());
-    h.connect([2]);
-    h.committed_batch([
-        subscribe_to(2, 1, SHARED),
-        changes(
-            12,
-            vec![
-                put("web-2:p1", "a", 10),
-                put("web-2:p2", "b", 11),
-                put("web-3:p1", "c", 12),
-            ],
-        ),
-    ]);
-    h.lines(2);
+    let mut h = watching(
+        12,
+        vec![
+            put("web-2:p1", "a", 10),
+            put("web-2:p2", "b", 11),
+            put("web-3:p1", "c", 12),
+        ],
+    );
     h.committed_batch([changes(
         13,
         vec![delete("web-2:p1", None), delete("web-2:p2", None)],
@@ -260,13 +259,7 @@ fn the_deletes_of_one_message_leave_in_one_diff_per_topic() {
 
 #[test]
 fn a_remote_update_keeps_the_place_and_the_same_version_again_changes_nothing() {
-    let mut h = clustered(Limits::default());
-    h.connect([2]);
-    h.committed_batch([
-        subscribe_to(2, 1, SHARED),
-        changes(11, vec![put("web-2:p1", "a", 10), put("web-3:p1", "b", 11)]),
-    ]);
-    h.lines(2);
+    let mut h = watching(11, vec![put("web-2:p1", "a", 10), put("web-3:p1", "b", 11)]);
 
     let mut updated = record("a", "web-2:p5", json!({"mode": "edit"}));
     updated.phx_ref_prev = Some("web-2:p1".into());
@@ -322,13 +315,7 @@ fn a_subscriber_is_shown_remote_entries_in_create_revision_order() {
 
 #[test]
 fn a_key_created_again_left_for_host_lost_and_joins_at_the_back() {
-    let mut h = clustered(Limits::default());
-    h.connect([2]);
-    h.committed_batch([
-        subscribe_to(2, 1, SHARED),
-        changes(11, vec![put("web-2:p1", "a", 10), put("web-3:p1", "b", 11)]),
-    ]);
-    h.lines(2);
+    let mut h = watching(11, vec![put("web-2:p1", "a", 10), put("web-3:p1", "b", 11)]);
     h.committed_batch([changes(12, vec![put("web-2:p1", "a", 12)])]);
     let diffs = h.lines(2);
     assert_eq!(diffs.len(), 2, "a leave, then a join: {diffs:?}");
