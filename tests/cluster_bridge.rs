@@ -3,6 +3,8 @@
 //! there arrive first, as puts in order of creation; an entry deleted with
 //! its reason arrives as a delete with that reason; one whose lease ended
 //! arrives as a delete without one, which the core reads as its host lost.
+//! And without etcd: a bridge that cannot reach it keeps trying, and says
+//! why in its status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,4 +180,43 @@ async fn the_listing_arrives_as_puts_then_deletes_with_their_reason_or_none() {
     assert_eq!(status.revision, Some(lost.revision));
     assert_eq!(status.watching, Some(etcd.endpoint(0)));
     assert_eq!(status.error, None);
+}
+
+#[tokio::test]
+async fn a_bridge_that_cannot_reach_etcd_says_so_in_its_status_and_sends_nothing() {
+    // A port nothing listens on: connections to it are refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let gateway =
+        Arc::new(Gateway::new([format!("http://127.0.0.1:{port}")], R).expect("http://host:port"));
+    let (sink, mut changes) = mpsc::unbounded_channel();
+    let bridge = Bridge::spawn(
+        gateway,
+        BridgeSettings {
+            keys: keys(),
+            limits: Limits::default(),
+            check_every: Duration::from_millis(250),
+            retry_pause: Duration::from_millis(50),
+        },
+        sink,
+    );
+    let mut status = bridge.status();
+    let failed = within(
+        "the failed start in the status",
+        status.wait_for(|status| status.error.is_some()),
+    )
+    .await
+    .expect("the bridge runs")
+    .clone();
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(&port.to_string())),
+        "{failed:?}"
+    );
+    assert_eq!((failed.revision, failed.watching), (None, None));
+    assert!(changes.try_recv().is_err());
 }
