@@ -41,10 +41,6 @@ use crate::protocol::{Actor, LeaveReason, Lifetime, Limits, host_of_ref, validat
 /// this, with the count of those not logged.
 pub const ODDITY_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// How long after a failed start (a listing or a watch that no endpoint
-/// answered) the bridge tries again.
-pub const START_RETRY_PAUSE: Duration = Duration::from_millis(500);
-
 /// What kind of thing under the prefix the bridge could not take as is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OddityKind {
@@ -426,7 +422,8 @@ pub struct BridgeSettings {
     /// How often the mirror looks whether the gateway moved off the member
     /// it watches on.
     pub check_every: Duration,
-    /// How long after a failed start it tries again.
+    /// How long after a failed start (a listing or a watch that no
+    /// endpoint answered) it tries again.
     pub retry_pause: Duration,
 }
 
