@@ -316,7 +316,11 @@ fn the_reply(out: &Outbox, conn: ConnId) -> Reply {
         .enumerate()
         .filter_map(|(index, delivery)| match delivery {
             Delivery::Reply { conn, reply } => Some((index, *conn, reply)),
-            Delivery::Event { .. } | Delivery::ResyncedAll(_) | Delivery::View { .. } => None,
+            Delivery::Event { .. }
+            | Delivery::ResyncedAll(_)
+            | Delivery::View { .. }
+            | Delivery::Awaiting { .. }
+            | Delivery::Resolved { .. } => None,
         })
         .collect();
     assert_eq!(replies.len(), 1, "one reply per request: {out:?}");
@@ -4603,6 +4607,7 @@ fn dump(registry: &Registry) -> String {
     ));
     let told_before: BTreeMap<_, _> = registry.told_before.iter().collect();
     lines.push(format!("told before {told_before:?}"));
+    lines.push(format!("pending {:?}", registry.pending));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
