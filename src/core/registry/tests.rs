@@ -4732,3 +4732,62 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
         [(a, "web-1:p6".to_owned(), spectator_standing(2, "web-2:p1"))]
     );
 }
+
+#[test]
+fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back() {
+    let setup = ClusterSetup {
+        host: "web-1".into(),
+        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    };
+    let registry = Registry::new(Limits::default()).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+    let before = dump(&h.registry);
+
+    // A parked track, rolled back.
+    h.registry.begin_batch();
+    let parked = h.try_track(a, track_request("pub:x", "page"));
+    let [ClusterWrite::Create { id, record, .. }] = &parked.cluster[..] else {
+        panic!("one create: {:?}", parked.cluster);
+    };
+    assert_eq!(record.phx_ref, *id);
+    assert!(matches!(parked.deliveries[..], [Delivery::Awaiting { .. }]));
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    // Parked and settled; then a close cancels it, rolled back.
+    h.registry.begin_batch();
+    let parked = h.try_track(a, track_request("pub:x", "page"));
+    h.registry.settle();
+    let [ClusterWrite::Create { id, record, .. }] = &parked.cluster[..] else {
+        panic!("one create: {:?}", parked.cluster);
+    };
+    let parked_state = dump(&h.registry);
+    assert_ne!(parked_state, before, "the track holds its key");
+    h.registry.begin_batch();
+    h.close(a);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), parked_state);
+
+    // Its key shown, rolled back.
+    let changes = ClusterChanges {
+        revision: 9,
+        events: vec![ClusterEvent::Put {
+            topic: "pub:x".into(),
+            id: id.clone(),
+            create_revision: 9,
+            record: record.clone(),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(h.registry.entry_count(), 1);
+    assert!(
+        matches!(out.deliveries.last(), Some(Delivery::Resolved { conn, .. }) if *conn == a),
+        "{:?}",
+        out.deliveries
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), parked_state);
+}
