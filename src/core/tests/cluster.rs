@@ -799,3 +799,24 @@ fn a_process_gone_before_its_key_shows_has_the_key_deleted_for_its_exit() {
     h.committed_batch([ping(1, 2)]);
     assert_eq!(ids(&h.lines(1)), [json!(2)]);
 }
+
+#[test]
+fn events_to_a_gated_connection_wait_behind_its_parked_track_too() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2, 3]);
+    h.committed_batch([subscribe(1, 1), subscribe(3, 1)]);
+    h.lines(1);
+    h.lines(3);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 2, SHARED, "page"), track(2, 1, "x")]);
+    assert_eq!(h.lines(2)[0]["ok"], true, "another connection's reply goes");
+    assert_eq!(h.lines(3).len(), 1, "as does another subscriber's diff");
+    assert!(h.lines(1).is_empty(), "the diff waits behind the track");
+
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, put]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["id"], 2, "the reply first: {lines:?}");
+    assert_eq!(lines[1]["event"], "presence_diff", "{lines:?}");
+}
