@@ -42,7 +42,7 @@ mod recovery;
 pub mod registry;
 pub mod store;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,8 @@ pub use line::{Line, LineKind};
 use read::ReadView;
 use recovery::{Fact, Recovery};
 use registry::{
-    Change, ClusterChanges, ClusterReport, ClusterSetup, ConnId, Delivery, Ending, Entry, Outbox,
-    Peer, ProcessId, Registry,
+    Change, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite, ConnId, Delivery, Ending,
+    Entry, Outbox, Peer, ProcessId, Registry, WriteId,
 };
 
 /// How many inputs one transaction may take, by default. Large enough
@@ -132,10 +132,10 @@ pub enum Input {
         topics: Vec<String>,
         all: bool,
     },
-    /// What etcd's watch showed of other hosts' entries of shared topics
-    /// (cluster mode). Applied as a fact: it happened whether or not the
-    /// batch commits.
-    Cluster(ClusterChanges),
+    /// What etcd's watch showed of shared topics, or how etcd answered a
+    /// write the core handed out (cluster mode). Applied as a fact: it
+    /// happened whether or not the batch commits.
+    Cluster(ClusterInput),
     /// Tell every client, commit, and stop.
     Shutdown {
         reason: String,
@@ -302,6 +302,13 @@ pub struct Core {
     /// What settled batches left to send, in order; serialized as it is
     /// polled, so each line is made only when it goes.
     released: VecDeque<Outgoing>,
+    /// For each connection with a reply waiting for etcd: that reply's
+    /// place, and everything for the connection that came after it, in
+    /// order (see [`Core::release`]). Empty unless a shared topic is
+    /// tracked.
+    gates: HashMap<ConnId, VecDeque<Slot>>,
+    /// Writes to etcd of committed batches, for `poll_cluster_write`.
+    cluster_out: VecDeque<ClusterWrite>,
     next_commit_id: u64,
     /// The time last handed in: `poll_timeout` turns wall-clock deadlines
     /// into instants with it.
@@ -336,6 +343,8 @@ impl Core {
             committing: None,
             waiting: VecDeque::new(),
             released: VecDeque::new(),
+            gates: HashMap::new(),
+            cluster_out: VecDeque::new(),
             next_commit_id: 0,
             last_now: now,
             stopping: false,
@@ -519,7 +528,17 @@ impl Core {
 
     /// The next thing to send, in order.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        Some(match self.released.pop_front()? {
+        loop {
+            if let Some(transmit) = self.transmit_next()? {
+                return Some(transmit);
+            }
+        }
+    }
+
+    /// The next released line as a transmit; `Some(None)` for what the
+    /// gates consume and never release (nothing, by construction).
+    fn transmit_next(&mut self) -> Option<Option<Transmit>> {
+        Some(Some(match self.released.pop_front()? {
             Outgoing::Delivery(Delivery::Reply { conn, reply }) => Transmit::Line {
                 to: To::One(conn),
                 line: Line {
@@ -550,7 +569,18 @@ impl Core {
                 body: Body::Status(counts),
             },
             Outgoing::Close(conn) => Transmit::Close(conn),
-        })
+            Outgoing::Delivery(Delivery::Awaiting { .. } | Delivery::Resolved { .. }) => {
+                return Some(None);
+            }
+        }))
+    }
+
+    /// The next write to etcd: only writes of batches whose commit went
+    /// through (or that had nothing to commit) are handed out, so etcd,
+    /// which cannot take a write back, never holds what the database
+    /// does not. The driver polls it after `poll_transmit`.
+    pub fn poll_cluster_write(&mut self) -> Option<ClusterWrite> {
+        self.cluster_out.pop_front()
     }
 
     /// How the core stopped, once a shutdown has run its course and its
@@ -604,6 +634,8 @@ impl Core {
                 if matches!(settled, Settled::Committed) {
                     self.recovery.succeeded(now.at);
                 }
+                self.cluster_out
+                    .extend(std::mem::take(&mut batch.out.outbox.cluster));
                 batch.out.lines
             }
             Settled::Failed(cause) => {
@@ -619,12 +651,16 @@ impl Core {
                 lines
             }
         };
-        self.released.extend(lines);
+        // A failed batch's writes go nowhere: the roll-back took back what
+        // asked for them.
+        for line in lines {
+            self.release(line);
+        }
         // Closed connections get no more lines even if their close is to be
         // retried: their sockets are gone either way.
         for conn in batch.closed {
             if self.connections.remove(&conn) {
-                self.released.push_back(Outgoing::Close(conn));
+                self.release(Outgoing::Close(conn));
             }
         }
         if let Some(reason) = batch.last_try_before {
@@ -659,6 +695,9 @@ impl Core {
     /// connection. The rows stay, so a restarted daemon gives everyone
     /// their place back.
     fn shut_down(&mut self, reason: String) {
+        // Replies still waiting for etcd are not sent: every connection is
+        // closed.
+        self.gates.clear();
         let mut to: Vec<ConnId> = self.connections.drain().collect();
         to.sort_unstable();
         let event = Event::Shutdown {
@@ -700,6 +739,7 @@ impl Core {
                     None => continue,
                 },
                 Outgoing::Status { conn, id, .. } => (*conn, id.clone()),
+                Outgoing::Delivery(Delivery::Awaiting { conn, id, .. }) => (*conn, id.clone()),
                 _ => continue,
             };
             match redo.next_if(|(at, _)| *at == index) {
@@ -722,6 +762,96 @@ impl Core {
             "a request asked again changed a row"
         );
         out.lines
+    }
+
+    /// Releases a line of a settled batch, keeping each connection's
+    /// replies in request order: once a reply waits for etcd, every later
+    /// line to its connection waits behind it, and all go, in order, when
+    /// it is resolved. Another connection's lines pass. A daemon with no
+    /// waiting reply pays one emptiness check.
+    fn release(&mut self, line: Outgoing) {
+        if self.gates.is_empty() && !line.awaits() {
+            self.released.push_back(line);
+            return;
+        }
+        match line {
+            Outgoing::Delivery(Delivery::Awaiting { conn, write, .. }) => {
+                self.gates
+                    .entry(conn)
+                    .or_default()
+                    .push_back(Slot::Waiting(write));
+            }
+            Outgoing::Delivery(Delivery::Resolved {
+                conn,
+                write,
+                deliveries,
+            }) => self.resolve(conn, write, deliveries),
+            Outgoing::Delivery(Delivery::Event { to, event }) => {
+                let (gated, open): (Vec<ConnId>, Vec<ConnId>) = to
+                    .into_iter()
+                    .partition(|conn| self.gates.contains_key(conn));
+                for conn in gated {
+                    let event = Delivery::Event {
+                        to: vec![conn],
+                        event: event.clone(),
+                    };
+                    self.queue(conn, Outgoing::Delivery(event));
+                }
+                if !open.is_empty() {
+                    let event = Delivery::Event { to: open, event };
+                    self.released.push_back(Outgoing::Delivery(event));
+                }
+            }
+            Outgoing::Close(conn) => {
+                // The socket is gone: what waited for it is dropped.
+                self.gates.remove(&conn);
+                self.released.push_back(Outgoing::Close(conn));
+            }
+            line => match line.conn() {
+                Some(conn) if self.gates.contains_key(&conn) => self.queue(conn, line),
+                _ => self.released.push_back(line),
+            },
+        }
+    }
+
+    /// Puts a line for a gated connection behind what waits there.
+    fn queue(&mut self, conn: ConnId, line: Outgoing) {
+        if let Some(gate) = self.gates.get_mut(&conn) {
+            gate.push_back(Slot::Line(line));
+        }
+    }
+
+    /// The reply that waited on `write` is made: it takes its place, and
+    /// the connection's lines go up to the next reply still waiting.
+    fn resolve(&mut self, conn: ConnId, write: WriteId, deliveries: Vec<Delivery>) {
+        let Some(gate) = self.gates.get_mut(&conn) else {
+            // Nothing waits there (its connection closed): nothing is
+            // kept for it either.
+            for delivery in deliveries {
+                self.released.push_back(Outgoing::Delivery(delivery));
+            }
+            return;
+        };
+        if let Some(at) = gate
+            .iter()
+            .position(|slot| matches!(slot, Slot::Waiting(w) if *w == write))
+        {
+            let lines = deliveries
+                .into_iter()
+                .map(|delivery| Slot::Line(Outgoing::Delivery(delivery)));
+            let rest = gate.split_off(at + 1);
+            gate.pop_back();
+            gate.extend(lines);
+            gate.extend(rest);
+        }
+        while let Some(Slot::Line(_)) = gate.front() {
+            if let Some(Slot::Line(line)) = gate.pop_front() {
+                self.released.push_back(line);
+            }
+        }
+        if gate.is_empty() {
+            self.gates.remove(&conn);
+        }
     }
 
     fn apply(&mut self, input: Input, batch: &mut Batch) {
@@ -805,12 +935,17 @@ impl Core {
                     .changes
                     .push(Change::Delete(phx_ref.clone()));
             }
-            Fact::Cluster(changes) => {
+            Fact::Cluster(ClusterInput::Changes(changes)) => {
                 self.apply_endings(batch);
                 let report =
                     self.registry
                         .apply_cluster(changes, batch.now.wall_ms, &mut batch.out.outbox);
                 log_cluster_report(changes.revision, &report);
+            }
+            Fact::Cluster(ClusterInput::Written { write, outcome }) => {
+                self.apply_endings(batch);
+                self.registry
+                    .cluster_written(*write, outcome, &mut batch.out.outbox);
             }
         }
         batch.facts.push(fact);
@@ -883,6 +1018,37 @@ enum Outgoing {
         counts: Counts,
     },
     Close(ConnId),
+}
+
+impl Outgoing {
+    /// It opens a gate: a reply waiting for etcd.
+    fn awaits(&self) -> bool {
+        matches!(self, Outgoing::Delivery(Delivery::Awaiting { .. }))
+    }
+
+    /// The one connection it goes to, if it goes to one.
+    fn conn(&self) -> Option<ConnId> {
+        match self {
+            Outgoing::Delivery(
+                Delivery::Reply { conn, .. }
+                | Delivery::View { conn, .. }
+                | Delivery::ResyncedAll(conn)
+                | Delivery::Awaiting { conn, .. }
+                | Delivery::Resolved { conn, .. },
+            )
+            | Outgoing::Status { conn, .. }
+            | Outgoing::Close(conn) => Some(*conn),
+            Outgoing::Delivery(Delivery::Event { .. }) => None,
+        }
+    }
+}
+
+/// A place in a gate: a reply still waiting for etcd, or a line that
+/// waits behind one.
+#[derive(Debug)]
+enum Slot {
+    Waiting(WriteId),
+    Line(Outgoing),
 }
 
 /// Where a batch's inputs write: the registry's outbox (row changes, and

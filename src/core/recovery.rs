@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::registry::{ClusterChanges, ConnId, ProcessId};
+use super::registry::{ClusterInput, ConnId, ProcessId};
 use super::{CommitFailed, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 
 /// Something that happened outside the core. Unlike a request, nobody will
@@ -24,10 +24,10 @@ pub(super) enum Fact {
     /// A row that did not survive the restart but could not be deleted at
     /// start (see [`super::Core::restore`]). The registry never held it.
     DeadRow(String),
-    /// What etcd's watch showed of other hosts' entries of shared topics:
-    /// etcd keeps it whatever becomes of the commit, so it is applied
-    /// again to the rolled-back registry.
-    Cluster(ClusterChanges),
+    /// What etcd's watch showed of shared topics, or how it answered a
+    /// write: etcd keeps it whatever becomes of the commit, so it is
+    /// applied again to the rolled-back registry.
+    Cluster(ClusterInput),
 }
 
 /// What failed commits leave to do: the facts not yet saved, and when to

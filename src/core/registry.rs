@@ -70,8 +70,10 @@ pub use crate::process::ProcessId;
 mod cluster;
 
 pub use cluster::{
-    ClusterChanges, ClusterEvent, ClusterReport, ClusterSetup, Shared, SharedRecord, SharedTopicsFn,
+    ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite, Shared,
+    SharedRecord, SharedTopicsFn, WriteId, Written,
 };
+use cluster::{Parked, PendingTrack};
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +164,15 @@ pub struct Track {
     pub token_hash: TokenHash,
 }
 
+/// What a track came to.
+#[derive(Debug)]
+pub enum Tracked {
+    /// Its reply's fields: the entry is in.
+    Now(ReplyFields),
+    /// It waits for etcd, which this write asks.
+    Awaits(WriteId),
+}
+
 /// A row-level change for the store to persist.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -194,6 +205,21 @@ pub enum Delivery {
     /// [`Registry::resync_all`]): the connection's queue gives back the
     /// large-reply slot the resync held.
     ResyncedAll(ConnId),
+    /// The reply to request `id` waits for etcd (a track of a shared
+    /// topic): it takes its place among the connection's lines, and
+    /// whatever follows for the connection waits behind it.
+    Awaiting {
+        conn: ConnId,
+        id: Value,
+        write: WriteId,
+    },
+    /// What the reply that waited on `write` turned out to be, with what
+    /// goes with it (a subscribe's state), all to `conn`, in order.
+    Resolved {
+        conn: ConnId,
+        write: WriteId,
+        deliveries: Vec<Delivery>,
+    },
 }
 
 /// Everything that inputs caused, in order.
@@ -201,6 +227,8 @@ pub enum Delivery {
 pub struct Outbox {
     pub deliveries: Vec<Delivery>,
     pub changes: Vec<Change>,
+    /// Writes to etcd, to go out once the changes are committed.
+    pub cluster: Vec<ClusterWrite>,
 }
 
 impl Outbox {
@@ -558,6 +586,9 @@ struct Connection {
     subscriptions: BTreeSet<String>,
     /// Subscribed to every topic as well (`subscribe` with `all: true`).
     subscribed_to_all: bool,
+    /// Tracks of shared topics waiting for etcd: they count toward the
+    /// connection's entry limit (their keys are in `keys`).
+    parked: usize,
 }
 
 /// Where an entry lives, found by its ref, and the size of its meta.
@@ -661,6 +692,10 @@ enum Undo {
     /// A connection subscribed to every topic.
     SubscribedAll(ConnId),
     UnsubscribedAll(ConnId),
+    /// A track was parked to wait for etcd under this topic and key id.
+    Pended((String, String)),
+    /// A parked track was taken out: park it again as it was.
+    Unpended(Box<PendingTrack>),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -753,6 +788,12 @@ pub struct Registry {
     /// The entries of shared topics by topic and key id (`HOST:pN`, which
     /// an update keeps), to their current ref.
     shared_ids: HashMap<(String, String), String>,
+    /// Tracks of shared topics waiting for etcd to show their keys, by
+    /// topic and key id.
+    pending: BTreeMap<(String, String), PendingTrack>,
+    /// The id of the next write to etcd. Never taken back, so an id is
+    /// never handed out twice, even for a write dropped with its batch.
+    next_write: u64,
 }
 
 impl Registry {
@@ -777,6 +818,8 @@ impl Registry {
             told_before: HashMap::new(),
             cluster: None,
             shared_ids: HashMap::new(),
+            pending: BTreeMap::new(),
+            next_write: 0,
         }
     }
 
@@ -880,7 +923,7 @@ impl Registry {
 
     /// The entries this host holds: what the total cap weighs.
     fn local_entry_count(&self) -> usize {
-        self.refs.len() - self.remote_entries
+        self.refs.len() - self.remote_entries + self.parked_count()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -974,6 +1017,7 @@ impl Registry {
                 keys: BTreeSet::new(),
                 subscriptions: BTreeSet::new(),
                 subscribed_to_all: false,
+                parked: 0,
             },
         );
     }
@@ -991,14 +1035,15 @@ impl Registry {
         let mut leaving = Vec::new();
         for ending in endings {
             match *ending {
-                Ending::Closed(conn) => self.close(conn, LeaveReason::Closed, &mut leaving),
+                Ending::Closed(conn) => self.close(conn, LeaveReason::Closed, &mut leaving, out),
                 Ending::ClosedByExit(conn) => {
-                    self.close(conn, LeaveReason::PidExit, &mut leaving);
+                    self.close(conn, LeaveReason::PidExit, &mut leaving, out);
                 }
                 Ending::Exited(process) => {
                     if let Some(refs) = self.by_process.get(&process) {
                         leaving.extend(refs.iter().map(|r| (r.clone(), LeaveReason::PidExit)));
                     }
+                    self.cancel_parked(cluster::Of::Process(process), LeaveReason::PidExit, out);
                 }
             }
         }
@@ -1012,6 +1057,7 @@ impl Registry {
         conn: ConnId,
         reason: LeaveReason,
         leaving: &mut Vec<(String, LeaveReason)>,
+        out: &mut Outbox,
     ) {
         let Some(connection) = self.conns.remove(&conn) else {
             return;
@@ -1019,6 +1065,7 @@ impl Registry {
         let subscriptions: Vec<String> = connection.subscriptions.iter().cloned().collect();
         let held: Vec<String> = connection.entries.iter().cloned().collect();
         self.record(|| Undo::Closed(conn, connection));
+        self.cancel_parked(cluster::Of::Conn(conn), reason, out);
         for topic in &subscriptions {
             self.remove_subscription(conn, topic);
         }
@@ -1104,13 +1151,17 @@ impl Registry {
         out.deliveries.push(Delivery::ResyncedAll(conn));
     }
 
+    /// Tracks an entry: at once on a local topic; on a shared one, every
+    /// check is made now, and the track waits for etcd to show its key
+    /// (see [`Registry::park_track`]), to be answered then.
     pub(crate) fn track(
         &mut self,
         conn: ConnId,
+        request_id: &Value,
         track: Track,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<ReplyFields, ErrorBody> {
+    ) -> Result<Tracked, ErrorBody> {
         let Track {
             request,
             process,
@@ -1149,16 +1200,54 @@ impl Registry {
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
-        // A shared topic's seqs are etcd create revisions: a local seq
-        // among them would put the entry in a place no other host gives it.
-        if self.is_shared(&request.topic) {
+        let shared = self.is_shared(&request.topic);
+        // A shared topic's seqs are etcd create revisions: a topic that
+        // still holds this host's entries of before it was shared cannot
+        // take one among them.
+        if shared
+            && self
+                .topic(&request.topic)
+                .owner()
+                .is_some_and(|owner| owner.cluster.is_none())
+        {
             return Err(ErrorBody::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "topic `{}` is shared across hosts; this daemon cannot track entries there yet",
+                    "topic `{}` is shared across hosts but still holds this host's entries \
+                     of before; it can be tracked once they are gone",
                     request.topic
                 ),
             ));
+        }
+        if shared {
+            let joined_at = now.max(self.last_joined_at);
+            self.last_joined_at = joined_at;
+            let entry = Entry {
+                topic: request.topic,
+                key: request.key,
+                seq: 0,
+                phx_ref: String::new(),
+                prev_ref: None,
+                meta: request.meta,
+                joined_at,
+                process,
+                uid: peer.uid,
+                user: peer.user,
+                lifetime: request.lifetime,
+                token_hash,
+                conn: Some(conn),
+                resume_deadline: None,
+                cluster: None,
+            };
+            let parked = Parked {
+                conn,
+                request_id: request_id.clone(),
+                entry,
+                meta_bytes,
+                subscribe: request.subscribe,
+                token,
+            };
+            return Ok(Tracked::Awaits(self.park_track(parked, out)));
         }
 
         let seq = self.take_seq();
@@ -1198,7 +1287,7 @@ impl Registry {
         if request.subscribe {
             self.add_subscription(conn, request.topic, out);
         }
-        Ok(ReplyFields::of(&reply))
+        Ok(Tracked::Now(ReplyFields::of(&reply)))
     }
 
     /// Puts a new entry in its topic and tells of it: the history (its
@@ -2029,6 +2118,7 @@ impl Registry {
             Undo::Unsubscribed { conn, topic } => {
                 self.insert_subscription(conn, &topic);
             }
+            Undo::Pended(_) | Undo::Unpended(_) => self.undo_parking(undo),
         }
     }
 
@@ -2150,7 +2240,7 @@ impl Registry {
     fn check_room_for(&self, conn: ConnId, topic: &str, key: &str) -> Result<(), ErrorBody> {
         let connection = self.conns.get(&conn).ok_or_else(closed_connection)?;
         let limit = self.limits.max_entries_per_connection;
-        if connection.entries.len() >= limit {
+        if connection.entries.len() + connection.parked >= limit {
             return Err(ErrorBody::new(
                 ErrorCode::LimitExceeded,
                 format!("this connection already holds {limit} entries, the limit"),

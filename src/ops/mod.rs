@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::core::read::ReadView;
-use crate::core::registry::{ConnId, Delivery, Outbox, Peer, ProcessId, Registry};
+use crate::core::registry::{ConnId, Delivery, Outbox, Peer, ProcessId, Registry, WriteId};
 use crate::protocol::{ErrorBody, HistoryRequest, Limits, OutgoingReply, ReplyFields};
 
 pub mod get_by_key;
@@ -84,6 +84,9 @@ pub enum Answer {
     /// A successful reply made from views of the registry, by the driver,
     /// so that a large read costs whoever runs the core nothing but the views.
     Read(ReadView),
+    /// The reply waits for etcd (a track of a shared topic), which this
+    /// write asks; the batch that applies what etcd answers makes it.
+    Awaits(WriteId),
 }
 
 /// What becomes of a reply when its batch's commit fails and the batch is
@@ -297,6 +300,7 @@ pub fn answer(
         },
         Answer::Status => return Answered::Status(id),
         Answer::Read(view) => Delivery::View { conn, view },
+        Answer::Awaits(write) => Delivery::Awaiting { conn, id, write },
     };
     out.deliveries.insert(first_event, reply);
     Answered::Replied

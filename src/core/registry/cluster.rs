@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{Entry, Outbox, ProcessId, Registry};
-use crate::protocol::{Actor, LeaveReason, Lifetime, host_of_ref, meta_size, validate_name};
+use super::{Change, ConnId, Delivery, Entry, Outbox, ProcessId, Registry, Undo};
+use crate::protocol::{
+    Actor, ErrorBody, ErrorCode, LeaveReason, Lifetime, OutgoingReply, ReplyFields, TrackReply,
+    host_of_ref, meta_size, validate_name,
+};
 
 /// Marks an entry of a shared topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +126,8 @@ pub struct ClusterReport {
     /// whose seqs are not create revisions: a topic is all local or all
     /// shared, never mixed.
     pub held_locally: usize,
-    /// Naming this host's own entries, which this daemon does not take
-    /// from etcd yet.
+    /// Naming this host's own entries that no track here waits for: a
+    /// restart's leftovers, or another daemon using this host's name.
     pub own_host: usize,
     /// With an id that names no host (`HOST:pN`).
     pub bad_id: usize,
@@ -180,6 +183,18 @@ impl Registry {
                     (topic, id)
                 }
             };
+            if let ClusterEvent::Put {
+                create_revision, ..
+            } = event
+            {
+                let key = (topic.clone(), id.clone());
+                if self.pending.contains_key(&key) {
+                    self.remove(std::mem::take(&mut leaving), now, out);
+                    self.put_own(&key, *create_revision, now, out);
+                    report.applied += 1;
+                    continue;
+                }
+            }
             if let Some(ignored) = self.ignored_count(&mut report, topic, id) {
                 *ignored += 1;
                 continue;
@@ -418,4 +433,400 @@ struct RemotePut<'a> {
     id: &'a str,
     create_revision: u64,
     record: &'a SharedRecord,
+}
+
+/// Names one write to etcd the core handed out, so that its outcome can
+/// be told back ([`Written`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteId(pub u64);
+
+/// A write to etcd the core asks for, handed out by
+/// `Core::poll_cluster_write` once the batch that made it is committed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterWrite {
+    /// Create the entry key `id` of `topic`, only if absent, on this
+    /// daemon's lease, with `record` as its value. Its outcome comes back
+    /// as [`Written`]; the entry is shown when the watch shows the key.
+    Create {
+        write: WriteId,
+        topic: String,
+        id: String,
+        record: SharedRecord,
+    },
+    /// Delete the entry key `id` of `topic`, writing `reason` beside it.
+    Delete {
+        write: WriteId,
+        topic: String,
+        id: String,
+        reason: LeaveReason,
+    },
+}
+
+/// What became of a [`ClusterWrite::Create`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    /// etcd created the key at this revision.
+    Created { revision: u64 },
+    /// It was not written; the request that asked for it fails with this.
+    Refused(ErrorBody),
+}
+
+/// What the io layer tells the core of etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterInput {
+    /// One watch message, or one listing.
+    Changes(ClusterChanges),
+    /// The outcome of a write the core handed out.
+    Written { write: WriteId, outcome: Written },
+}
+
+/// A track of a shared topic waiting for etcd: its key is asked for, and
+/// its entry joins when the watch shows the key. Until then it counts
+/// against its connection's keys and its user's quotas as its entry will.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PendingTrack {
+    pub(super) write: WriteId,
+    pub(super) conn: ConnId,
+    /// The request's id, for the reply.
+    pub(super) request_id: Value,
+    /// The entry to insert, all but its seq (the key's create revision).
+    pub(super) entry: Entry,
+    pub(super) meta_bytes: usize,
+    pub(super) subscribe: bool,
+    pub(super) token: String,
+    /// The create revision etcd answered with, if it has.
+    pub(super) created: Option<u64>,
+    /// Its connection closed first, for this reason: the key, once shown,
+    /// is deleted rather than shown here.
+    pub(super) cancelled: Option<LeaveReason>,
+}
+
+impl SharedRecord {
+    /// The record of one of this host's own entries, as its key's value.
+    pub fn of(entry: &Entry, host: &str) -> SharedRecord {
+        SharedRecord {
+            key: entry.key.clone(),
+            phx_ref: entry.phx_ref.clone(),
+            phx_ref_prev: entry.prev_ref.clone(),
+            meta: entry.meta.clone(),
+            joined_at: entry.joined_at,
+            pid: entry.process.pid,
+            uid: entry.uid,
+            user: entry.user.clone(),
+            host: host.to_owned(),
+            lifetime: entry.lifetime,
+            readable: true,
+        }
+    }
+}
+
+impl Registry {
+    /// Parks a track of a shared topic until etcd shows its key: the ref
+    /// `HOST:pN` is drawn from the counter (never handed out again, as the
+    /// counter is saved), the track counts against the connection and the
+    /// uid from now on, and the key's creation is asked of etcd.
+    pub(super) fn park_track(&mut self, parked: Parked, out: &mut Outbox) -> WriteId {
+        let Parked {
+            conn,
+            request_id,
+            mut entry,
+            meta_bytes,
+            subscribe,
+            token,
+        } = parked;
+        let host = self
+            .cluster
+            .as_ref()
+            .map(|c| c.host.clone())
+            .unwrap_or_default();
+        let number = self.take_seq();
+        let id = format!("{host}:{}", super::ref_for(number));
+        entry.phx_ref = id.clone();
+        entry.cluster = Some(Shared {
+            id: id.clone(),
+            remote: false,
+        });
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Create {
+            write,
+            topic: entry.topic.clone(),
+            id,
+            record: SharedRecord::of(&entry, &host),
+        });
+        self.park(PendingTrack {
+            write,
+            conn,
+            request_id,
+            entry,
+            meta_bytes,
+            subscribe,
+            token,
+            created: None,
+            cancelled: None,
+        });
+        write
+    }
+
+    /// Files a pending track, and counts it as its entry will be counted.
+    fn park(&mut self, pending: PendingTrack) {
+        let key = (pending.entry.topic.clone(), shared_id(&pending.entry));
+        if pending.cancelled.is_none() {
+            self.usage_by_uid
+                .entry(pending.entry.uid)
+                .or_default()
+                .count(&pending.entry, pending.meta_bytes);
+            if let Some(connection) = self.conns.get_mut(&pending.conn) {
+                connection.parked += 1;
+                connection
+                    .keys
+                    .insert((pending.entry.topic.clone(), pending.entry.key.clone()));
+            }
+        }
+        self.record(|| Undo::Pended(key.clone()));
+        self.pending.insert(key, pending);
+    }
+
+    /// Takes a pending track out, with what it counted.
+    fn unpark(&mut self, key: &(String, String)) -> Option<PendingTrack> {
+        let pending = self.pending.remove(key)?;
+        if pending.cancelled.is_none() {
+            if let Some(usage) = self.usage_by_uid.get_mut(&pending.entry.uid) {
+                usage.uncount(&pending.entry, pending.meta_bytes);
+                if usage.entries == 0 {
+                    self.usage_by_uid.remove(&pending.entry.uid);
+                }
+            }
+            if let Some(connection) = self.conns.get_mut(&pending.conn) {
+                connection.parked -= 1;
+                connection
+                    .keys
+                    .remove(&(pending.entry.topic.clone(), pending.entry.key.clone()));
+            }
+        }
+        self.record(|| Undo::Unpended(Box::new(pending.clone())));
+        Some(pending)
+    }
+
+    /// Undoes [`Registry::park`] or [`Registry::unpark`] while a batch is
+    /// rolled back.
+    pub(super) fn undo_parking(&mut self, undo: Undo) {
+        match undo {
+            Undo::Pended(key) => {
+                self.unpark(&key);
+            }
+            Undo::Unpended(pending) => self.park(*pending),
+            _ => {}
+        }
+    }
+
+    /// How many tracks wait for etcd, which count toward the total cap.
+    pub(super) fn parked_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The connection closed, or the process exited, while tracks of it
+    /// waited for etcd: each is kept, cancelled, so that its key is
+    /// deleted once it shows. (A process entry's track ends with its
+    /// connection too: nothing would answer it once its key shows.)
+    ///
+    /// A track whose connection is still open (its process exited) is
+    /// answered now, as a track naming a process that is gone is.
+    pub(super) fn cancel_parked(&mut self, of: Of, reason: LeaveReason, out: &mut Outbox) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let keys: Vec<(String, String)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.cancelled.is_none())
+            .filter(|(_, p)| match of {
+                Of::Conn(conn) => p.conn == conn,
+                Of::Process(process) => p.entry.process == process,
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            let Some(mut pending) = self.unpark(&key) else {
+                continue;
+            };
+            if self.conns.contains_key(&pending.conn) {
+                let error = ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "process {} exited before etcd showed its entry",
+                        pending.entry.process.pid
+                    ),
+                );
+                let reply = OutgoingReply::failure(pending.request_id.clone(), error);
+                out.deliveries.push(Delivery::Resolved {
+                    conn: pending.conn,
+                    write: pending.write,
+                    deliveries: vec![Delivery::Reply {
+                        conn: pending.conn,
+                        reply,
+                    }],
+                });
+            }
+            pending.cancelled = Some(reason);
+            self.park(pending);
+        }
+    }
+
+    /// etcd answered a write: a creation is noted (the entry joins when
+    /// the watch shows its key), a refusal answers the track with its
+    /// error and frees what it held.
+    pub fn cluster_written(&mut self, write: WriteId, outcome: &Written, out: &mut Outbox) {
+        let Some(key) = self
+            .pending
+            .iter()
+            .find(|(_, p)| p.write == write)
+            .map(|(key, _)| key.clone())
+        else {
+            // Its key showed already, and the track is answered.
+            return;
+        };
+        let Some(mut pending) = self.unpark(&key) else {
+            return;
+        };
+        match outcome {
+            Written::Created { revision } => {
+                pending.created = Some(*revision);
+                self.park(pending);
+            }
+            Written::Refused(error) => {
+                if pending.cancelled.is_none() {
+                    let reply = OutgoingReply::failure(pending.request_id, error.clone());
+                    out.deliveries.push(Delivery::Resolved {
+                        conn: pending.conn,
+                        write,
+                        deliveries: vec![Delivery::Reply {
+                            conn: pending.conn,
+                            reply,
+                        }],
+                    });
+                }
+            }
+        }
+    }
+
+    /// The watch showed the key of a track of this host's that waits: its
+    /// entry joins at the key's create revision, and the track is
+    /// answered with the standing it has here and now. A cancelled track's
+    /// key is deleted instead.
+    fn put_own(
+        &mut self,
+        key: &(String, String),
+        create_revision: u64,
+        now: i64,
+        out: &mut Outbox,
+    ) {
+        let Some(pending) = self.unpark(key) else {
+            return;
+        };
+        let (topic, id) = key.clone();
+        if let Some(reason) = pending.cancelled {
+            let write = self.new_write();
+            out.cluster.push(ClusterWrite::Delete {
+                write,
+                topic,
+                id,
+                reason,
+            });
+            return;
+        }
+        let PendingTrack {
+            write,
+            conn,
+            request_id,
+            mut entry,
+            meta_bytes,
+            subscribe,
+            token,
+            ..
+        } = pending;
+        let taken = self.topic(&topic).entries.contains_key(&create_revision)
+            || self.refs.contains_key(&entry.phx_ref);
+        if taken || !self.conns.contains_key(&conn) {
+            // Only a writer other than presenced could have made this.
+            let error = ErrorBody::new(
+                ErrorCode::Internal,
+                format!("the key of `{id}` took a place another entry of `{topic}` holds"),
+            );
+            let reply = OutgoingReply::failure(request_id, error);
+            out.deliveries.push(Delivery::Resolved {
+                conn,
+                write,
+                deliveries: vec![Delivery::Reply { conn, reply }],
+            });
+            let write = self.new_write();
+            out.cluster.push(ClusterWrite::Delete {
+                write,
+                topic,
+                id,
+                reason: LeaveReason::Untrack,
+            });
+            return;
+        }
+        entry.seq = create_revision;
+        let reply_base = (entry.phx_ref.clone(), entry.joined_at);
+        out.changes.push(Change::Put(Box::new(entry.clone())));
+        self.join(entry, meta_bytes, now, out);
+        let standing = self.topic(&topic).standing(create_revision);
+        let (phx_ref, joined_at) = reply_base;
+        let reply = TrackReply {
+            phx_ref,
+            seq: create_revision,
+            joined_at,
+            standing,
+            resume_token: token,
+        };
+        let mut deliveries = vec![Delivery::Reply {
+            conn,
+            reply: OutgoingReply {
+                id: request_id,
+                outcome: Ok(ReplyFields::of(&reply)),
+            },
+        }];
+        if subscribe {
+            let mark = out.deliveries.len();
+            self.add_subscription(conn, topic, out);
+            deliveries.extend(out.deliveries.drain(mark..));
+        }
+        out.deliveries.push(Delivery::Resolved {
+            conn,
+            write,
+            deliveries,
+        });
+    }
+
+    fn new_write(&mut self) -> WriteId {
+        let write = WriteId(self.next_write);
+        self.next_write += 1;
+        write
+    }
+}
+
+/// Whose parked tracks are cancelled.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Of {
+    Conn(ConnId),
+    Process(ProcessId),
+}
+
+/// A track to park, as [`Registry::park_track`] takes it.
+pub(super) struct Parked {
+    pub(super) conn: ConnId,
+    pub(super) request_id: Value,
+    pub(super) entry: Entry,
+    pub(super) meta_bytes: usize,
+    pub(super) subscribe: bool,
+    pub(super) token: String,
+}
+
+/// The id of a local entry of a shared topic.
+fn shared_id(entry: &Entry) -> String {
+    entry
+        .cluster
+        .as_ref()
+        .map_or_else(|| entry.phx_ref.clone(), |shared| shared.id.clone())
 }

@@ -316,7 +316,11 @@ fn the_reply(out: &Outbox, conn: ConnId) -> Reply {
         .enumerate()
         .filter_map(|(index, delivery)| match delivery {
             Delivery::Reply { conn, reply } => Some((index, *conn, reply)),
-            Delivery::Event { .. } | Delivery::ResyncedAll(_) | Delivery::View { .. } => None,
+            Delivery::Event { .. }
+            | Delivery::ResyncedAll(_)
+            | Delivery::View { .. }
+            | Delivery::Awaiting { .. }
+            | Delivery::Resolved { .. } => None,
         })
         .collect();
     assert_eq!(replies.len(), 1, "one reply per request: {out:?}");
@@ -4603,6 +4607,7 @@ fn dump(registry: &Registry) -> String {
     ));
     let told_before: BTreeMap<_, _> = registry.told_before.iter().collect();
     lines.push(format!("told before {told_before:?}"));
+    lines.push(format!("pending {:?}", registry.pending));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
@@ -4726,4 +4731,63 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
         role_summaries(&out),
         [(a, "web-1:p6".to_owned(), spectator_standing(2, "web-2:p1"))]
     );
+}
+
+#[test]
+fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back() {
+    let setup = ClusterSetup {
+        host: "web-1".into(),
+        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    };
+    let registry = Registry::new(Limits::default()).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+    let before = dump(&h.registry);
+
+    // A parked track, rolled back.
+    h.registry.begin_batch();
+    let parked = h.try_track(a, track_request("pub:x", "page"));
+    let [ClusterWrite::Create { id, record, .. }] = &parked.cluster[..] else {
+        panic!("one create: {:?}", parked.cluster);
+    };
+    assert_eq!(record.phx_ref, *id);
+    assert!(matches!(parked.deliveries[..], [Delivery::Awaiting { .. }]));
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    // Parked and settled; then a close cancels it, rolled back.
+    h.registry.begin_batch();
+    let parked = h.try_track(a, track_request("pub:x", "page"));
+    h.registry.settle();
+    let [ClusterWrite::Create { id, record, .. }] = &parked.cluster[..] else {
+        panic!("one create: {:?}", parked.cluster);
+    };
+    let parked_state = dump(&h.registry);
+    assert_ne!(parked_state, before, "the track holds its key");
+    h.registry.begin_batch();
+    h.close(a);
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), parked_state);
+
+    // Its key shown, rolled back.
+    let changes = ClusterChanges {
+        revision: 9,
+        events: vec![ClusterEvent::Put {
+            topic: "pub:x".into(),
+            id: id.clone(),
+            create_revision: 9,
+            record: record.clone(),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(h.registry.entry_count(), 1);
+    assert!(
+        matches!(out.deliveries.last(), Some(Delivery::Resolved { conn, .. }) if *conn == a),
+        "{:?}",
+        out.deliveries
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), parked_state);
 }

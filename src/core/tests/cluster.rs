@@ -7,12 +7,15 @@ use serde_json::{Map, Value, json};
 
 use super::harness::*;
 use crate::core::registry::{
-    Change, ClusterChanges, ClusterEvent, ClusterSetup, SharedRecord, SharedTopicsFn, Track,
+    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite, SharedRecord,
+    SharedTopicsFn, Track, WriteId, Written,
 };
 use crate::core::{CoreConfig, Input, MAX_BATCH};
 use crate::ops::Op;
 use crate::ops::subscribe::Subscription;
-use crate::protocol::{HistoryKind, LeaveReason, Lifetime, Limits, TrackRequest};
+use crate::protocol::{
+    Empty, ErrorBody, ErrorCode, HistoryKind, LeaveReason, Lifetime, Limits, TrackRequest,
+};
 
 /// This host's name.
 const HOST: &str = "web-1";
@@ -85,10 +88,14 @@ fn delete(id: &str, reason: Option<LeaveReason>) -> ClusterEvent {
 }
 
 fn changes(revision: u64, events: Vec<ClusterEvent>) -> Input {
-    Input::Cluster(ClusterChanges { revision, events })
+    Input::Cluster(ClusterInput::Changes(ClusterChanges { revision, events }))
 }
 
 fn track_on(conn: u64, id: u64, topic: &str, key: &str) -> Input {
+    track_with(conn, id, topic, key, false)
+}
+
+fn track_with(conn: u64, id: u64, topic: &str, key: &str, subscribe: bool) -> Input {
     let track = Track {
         request: TrackRequest {
             topic: topic.into(),
@@ -96,7 +103,7 @@ fn track_on(conn: u64, id: u64, topic: &str, key: &str) -> Input {
             meta: Map::new(),
             pid: None,
             lifetime: Lifetime::Connection,
-            subscribe: false,
+            subscribe,
         },
         process: process_of(conn),
         token_hash: token_hash(key),
@@ -421,25 +428,6 @@ fn a_failed_commit_applies_the_cluster_changes_again() {
 }
 
 #[test]
-fn a_track_of_a_shared_topic_is_refused_unavailable() {
-    let mut h = clustered(Limits::default());
-    h.connect([1]);
-    h.committed_batch([
-        track_on(1, 1, SHARED, "page"),
-        track_on(1, 2, "doc", "page"),
-    ]);
-    let lines = h.lines(1);
-    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
-    assert!(
-        lines[0]["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains(SHARED)),
-        "{lines:?}"
-    );
-    assert_eq!(lines[1]["ok"], true, "a local topic is tracked: {lines:?}");
-}
-
-#[test]
 fn remote_entries_past_the_cap_are_ignored_and_fill_no_local_room() {
     let limits = Limits {
         max_total_entries: 2,
@@ -473,4 +461,362 @@ fn remote_entries_past_the_cap_are_ignored_and_fill_no_local_room() {
     ]);
     // Listed by key: `b`, then `d`.
     assert_eq!(refs_listed(&h.lines(2)[0]), ["web-2:p2", "web-2:p4"]);
+}
+
+// -- this host's own tracks of shared topics, through a made-up etcd --------
+
+/// A small etcd: it creates each key the core asks for at the next
+/// revision, answering the write and showing the key to the watch.
+struct FakeEtcd {
+    revision: u64,
+}
+
+impl FakeEtcd {
+    fn at(revision: u64) -> FakeEtcd {
+        FakeEtcd { revision }
+    }
+
+    /// The writes the core hands out now.
+    fn writes(h: &mut H) -> Vec<ClusterWrite> {
+        std::iter::from_fn(|| h.core.poll_cluster_write()).collect()
+    }
+
+    /// Creates the key a write asks for: what etcd answers, then what
+    /// the watch shows.
+    fn create(&mut self, write: &ClusterWrite) -> (Input, Input) {
+        let ClusterWrite::Create {
+            write,
+            topic,
+            id,
+            record,
+        } = write
+        else {
+            panic!("a create: {write:?}");
+        };
+        self.revision += 1;
+        let written = written(
+            *write,
+            Written::Created {
+                revision: self.revision,
+            },
+        );
+        let put = changes(
+            self.revision,
+            vec![put_in(topic, id, self.revision, record.clone())],
+        );
+        (written, put)
+    }
+
+    /// Refuses a write, as a lease past its fence would.
+    fn refuse(write: &ClusterWrite) -> Input {
+        let ClusterWrite::Create { write, .. } = write else {
+            panic!("a create: {write:?}");
+        };
+        let error = ErrorBody::new(ErrorCode::Unavailable, "etcd cannot be reached");
+        written(*write, Written::Refused(error))
+    }
+}
+
+fn written(write: WriteId, outcome: Written) -> Input {
+    Input::Cluster(ClusterInput::Written { write, outcome })
+}
+
+fn ping(conn: u64, id: u64) -> Input {
+    presence(conn, id, Op::Ping(Empty {}))
+}
+
+/// The one write the core hands out now.
+fn one_write(h: &mut H) -> ClusterWrite {
+    let mut writes = FakeEtcd::writes(h);
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    writes.remove(0)
+}
+
+#[test]
+fn a_shared_track_is_answered_once_its_key_shows_and_that_is_saved() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(40);
+
+    h.input(track_on(1, 1, SHARED, "page"));
+    let commit = h.burst().expect("the ref's number is saved");
+    assert!(
+        commit.changes.is_empty(),
+        "no row yet: {:?}",
+        commit.changes
+    );
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "nothing goes to etcd before the commit"
+    );
+    h.ok();
+    assert!(h.lines(1).is_empty(), "no reply before etcd answers");
+    let write = one_write(&mut h);
+    let ClusterWrite::Create { id, record, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    assert!(id.starts_with("web-1:p"), "{id}");
+    assert_eq!(record.phx_ref, *id);
+    assert_eq!(record.key, "page");
+    assert_eq!(record.host, HOST);
+
+    let (created, put) = etcd.create(&write);
+    h.committed_batch([created]);
+    assert!(h.lines(1).is_empty(), "etcd's answer alone reveals nothing");
+
+    h.input(put);
+    let (history, rows) = history_of(&h.burst().expect("the entry is saved").changes);
+    assert!(rows, "this host's entry is a row");
+    let kinds: Vec<HistoryKind> = history.iter().map(|(kind, ..)| *kind).collect();
+    assert_eq!(kinds, [HistoryKind::Join, HistoryKind::Owner]);
+    assert!(h.lines(1).is_empty(), "nothing before the commit");
+    assert!(h.lines(2).is_empty(), "nothing before the commit");
+    h.ok();
+
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["id"], 1);
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    assert_eq!(lines[0]["ref"], id.as_str());
+    assert_eq!(lines[0]["seq"], 41, "the create revision");
+    assert_eq!(lines[0]["role"], "owner", "{lines:?}");
+    let diff = h.lines(2);
+    assert_eq!(diff.len(), 1, "{diff:?}");
+    assert_eq!(
+        diff[0]["payload"]["joins"]["page"]["metas"][0]["seq"], 41,
+        "{diff:?}"
+    );
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_shared_track_behind_a_remote_owner_stands_first_in_line_even_if_the_watch_is_first() {
+    let mut h = watching(10, vec![put("web-2:p1", "page", 10)]);
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(10);
+    h.committed_batch([track_with(1, 1, SHARED, "mine", true)]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+
+    // The watch shows the key before etcd's answer to the write comes.
+    h.input(put);
+    h.burst().expect("the entry is saved");
+    assert!(h.lines(1).is_empty());
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "the reply, then the state: {lines:?}");
+    assert_eq!(lines[0]["id"], 1);
+    assert_eq!(lines[0]["role"], "spectator", "{lines:?}");
+    assert_eq!(lines[0]["position"], 1, "{lines:?}");
+    assert_eq!(lines[0]["owner"]["phx_ref"], "web-2:p1", "{lines:?}");
+    assert_eq!(lines[1]["event"], "presence_state", "{lines:?}");
+    assert_eq!(
+        lines[1]["payload"]["mine"]["metas"][0]["seq"], 11,
+        "the state shows the entry: {lines:?}"
+    );
+
+    // etcd's answer, late, changes nothing.
+    h.input(created);
+    assert!(h.burst().is_none(), "nothing to save");
+    assert!(h.lines(1).is_empty());
+}
+
+#[test]
+fn lines_to_a_connection_wait_behind_its_parked_track_and_others_do_not() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 3]);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([
+        track_on(1, 1, SHARED, "page"),
+        ping(1, 2),
+        track_on(1, 3, "doc", "page"),
+        ping(3, 1),
+        track_on(3, 2, "doc", "other"),
+    ]);
+    assert!(h.lines(1).is_empty(), "everything waits behind the track");
+    let other = h.lines(3);
+    assert_eq!(ids(&other)[..2], [json!(1), json!(2)], "{other:?}");
+
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, ping(1, 4)]);
+    assert!(h.lines(1).is_empty(), "still waiting");
+    h.committed_batch([put, ping(1, 5)]);
+    let lines = h.lines(1);
+    let replies: Vec<Value> = lines
+        .iter()
+        .filter(|line| line.get("id").is_some())
+        .map(|line| line["id"].clone())
+        .collect();
+    assert_eq!(replies, [1, 2, 3, 4, 5], "in request order: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.get("ok") == Some(&json!(true))),
+        "{lines:?}"
+    );
+
+    // Nothing waits any more: the next reply goes at once.
+    h.committed_batch([ping(1, 6)]);
+    assert_eq!(ids(&h.lines(1)), [json!(6)]);
+}
+
+#[test]
+fn a_refused_write_answers_its_error_and_frees_the_key_and_the_quota() {
+    let limits = Limits {
+        max_entries_per_uid: 1,
+        ..Limits::default()
+    };
+    let mut h = clustered(limits);
+    h.connect([1, 2]);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let write = one_write(&mut h);
+    // While etcd answers, the track holds its key and its user's quota.
+    h.committed_batch([track_on(1, 2, SHARED, "page"), track_on(2, 1, "doc", "x")]);
+    let other = h.lines(2);
+    assert_eq!(other[0]["error"]["code"], "limit_exceeded", "{other:?}");
+
+    h.committed_batch([FakeEtcd::refuse(&write)]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert_eq!(lines[1]["error"]["code"], "already_tracked", "{lines:?}");
+
+    h.committed_batch([track_on(2, 2, "doc", "x"), track_on(1, 3, "doc", "page")]);
+    assert_eq!(h.lines(2)[0]["ok"], true, "the quota is free again");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_rolled_back_track_answers_internal_and_asks_nothing_of_etcd() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    h.input(track_on(1, 1, SHARED, "page"));
+    h.burst().expect("a commit");
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no write of a failed batch"
+    );
+
+    // Nothing is held: the same key is tracked again.
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 2, SHARED, "page")]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, put]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["id"], 2);
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+}
+
+#[test]
+fn a_rolled_back_put_answers_the_track_when_it_is_applied_again() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created]);
+    h.input(put);
+    h.burst().expect("a commit");
+    h.fail();
+    assert!(h.lines(1).is_empty(), "nothing told of what was not saved");
+
+    let retry = h.timeout().expect("the changes wait to be saved");
+    h.at(retry);
+    h.tick();
+    h.burst().expect("saved again");
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["role"], "owner", "{lines:?}");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_connection_closed_before_its_key_shows_has_the_key_deleted_and_no_entry() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), ping(1, 2)]);
+    let write = one_write(&mut h);
+    let ClusterWrite::Create { id, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    let id = id.clone();
+    let (created, put) = etcd.create(&write);
+    h.committed_batch([close(1)]);
+    assert_eq!(h.lines(1), [json!("closed")], "what waited is dropped");
+
+    h.committed_batch([created, put]);
+    assert_eq!(h.core.counts().entries, 0);
+    assert!(h.lines(2).is_empty(), "nobody is told of it");
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete {
+        topic,
+        id: deleted,
+        reason,
+        ..
+    } = delete
+    else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!((topic.as_str(), deleted), (SHARED, id));
+    assert_eq!(reason, LeaveReason::Closed);
+}
+
+#[test]
+fn a_process_gone_before_its_key_shows_has_the_key_deleted_for_its_exit() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([Input::ProcessExited(process_of(1))]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "not_found", "{lines:?}");
+    h.committed_batch([created, put]);
+    assert_eq!(h.core.counts().entries, 0);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(
+            delete,
+            ClusterWrite::Delete {
+                reason: LeaveReason::PidExit,
+                ..
+            }
+        ),
+        "{delete:?}"
+    );
+    // The connection is still open: the track was answered when the
+    // process exited, and the connection's lines flow again.
+    h.committed_batch([ping(1, 2)]);
+    assert_eq!(ids(&h.lines(1)), [json!(2)]);
+}
+
+#[test]
+fn events_to_a_gated_connection_wait_behind_its_parked_track_too() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2, 3]);
+    h.committed_batch([subscribe(1, 1), subscribe(3, 1)]);
+    h.lines(1);
+    h.lines(3);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 2, SHARED, "page"), track(2, 1, "x")]);
+    assert_eq!(h.lines(2)[0]["ok"], true, "another connection's reply goes");
+    assert_eq!(h.lines(3).len(), 1, "as does another subscriber's diff");
+    assert!(h.lines(1).is_empty(), "the diff waits behind the track");
+
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, put]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["id"], 2, "the reply first: {lines:?}");
+    assert_eq!(lines[1]["event"], "presence_diff", "{lines:?}");
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::core::recovery::{Fact, Outage, Recovery, describe};
-use crate::core::registry::{ClusterChanges, ProcessId};
+use crate::core::registry::{ClusterChanges, ClusterInput, ProcessId};
 use crate::core::{CommitFailed, FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE, OUTAGE_REPORT_EVERY, Origin};
 
 #[test]
@@ -61,10 +61,10 @@ fn the_facts_waiting_are_described_for_the_log() {
         Fact::Closed(2),
         Fact::ProcessExited(process),
         Fact::DeadRow("p1".into()),
-        Fact::Cluster(ClusterChanges {
+        Fact::Cluster(ClusterInput::Changes(ClusterChanges {
             revision: 7,
             events: Vec::new(),
-        }),
+        })),
     ];
     assert_eq!(
         describe(&facts).as_deref(),
