@@ -1219,46 +1219,17 @@ impl Registry {
                 ),
             ));
         }
-        if shared {
-            let joined_at = now.max(self.last_joined_at);
-            self.last_joined_at = joined_at;
-            let entry = Entry {
-                topic: request.topic,
-                key: request.key,
-                seq: 0,
-                phx_ref: String::new(),
-                prev_ref: None,
-                meta: request.meta,
-                joined_at,
-                process,
-                uid: peer.uid,
-                user: peer.user,
-                lifetime: request.lifetime,
-                token_hash,
-                conn: Some(conn),
-                resume_deadline: None,
-                cluster: None,
-            };
-            let parked = Parked {
-                conn,
-                request_id: request_id.clone(),
-                entry,
-                meta_bytes,
-                subscribe: request.subscribe,
-                token,
-            };
-            return Ok(Tracked::Awaits(self.park_track(parked, out)));
-        }
-
-        let seq = self.take_seq();
         // joined_at never goes backwards, even if the wall clock does.
         let joined_at = now.max(self.last_joined_at);
         self.last_joined_at = joined_at;
-        let entry = Entry {
+        let mut entry = Entry {
             topic: request.topic.clone(),
             key: request.key,
-            seq,
-            phx_ref: ref_for(seq),
+            // A local entry's seq and ref are the counter's, given below; a
+            // shared one's are etcd's create revision and `HOST:pN`, given
+            // when it is parked and when its key shows.
+            seq: 0,
+            phx_ref: String::new(),
             prev_ref: None,
             meta: request.meta,
             joined_at,
@@ -1271,6 +1242,21 @@ impl Registry {
             resume_deadline: None,
             cluster: None,
         };
+        if shared {
+            let parked = Parked {
+                conn,
+                request_id: request_id.clone(),
+                entry,
+                meta_bytes,
+                subscribe: request.subscribe,
+                token,
+            };
+            return Ok(Tracked::Awaits(self.park_track(parked, out)));
+        }
+
+        let seq = self.take_seq();
+        entry.seq = seq;
+        entry.phx_ref = ref_for(seq);
         let phx_ref = entry.phx_ref.clone();
         out.changes.push(Change::Put(Box::new(entry.clone())));
         self.join(entry, meta_bytes, joined_at, out);
