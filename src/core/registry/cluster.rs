@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::{Change, ConnId, Delivery, Entry, Outbox, ProcessId, Registry, Undo};
 use crate::protocol::{
     Actor, ErrorBody, ErrorCode, LeaveReason, Lifetime, OutgoingReply, ReplyFields, TrackReply,
-    host_of_ref, meta_size, validate_name,
+    cluster_ref, host_of_ref, meta_size, validate_name,
 };
 
 /// Marks an entry of a shared topic.
@@ -486,14 +486,8 @@ pub enum ClusterInput {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct PendingTrack {
     pub(super) write: WriteId,
-    pub(super) conn: ConnId,
-    /// The request's id, for the reply.
-    pub(super) request_id: Value,
-    /// The entry to insert, all but its seq (the key's create revision).
-    pub(super) entry: Entry,
-    pub(super) meta_bytes: usize,
-    pub(super) subscribe: bool,
-    pub(super) token: String,
+    /// The track as it was parked.
+    pub(super) track: Parked,
     /// The create revision etcd answered with, if it has.
     pub(super) created: Option<u64>,
     /// Its connection closed first, for this reason: the key, once shown,
@@ -526,41 +520,28 @@ impl Registry {
     /// counter is saved), the track counts against the connection and the
     /// uid from now on, and the key's creation is asked of etcd.
     pub(super) fn park_track(&mut self, parked: Parked, out: &mut Outbox) -> WriteId {
-        let Parked {
-            conn,
-            request_id,
-            mut entry,
-            meta_bytes,
-            subscribe,
-            token,
-        } = parked;
+        let mut parked = parked;
         let host = self
             .cluster
             .as_ref()
             .map(|c| c.host.clone())
             .unwrap_or_default();
-        let number = self.take_seq();
-        let id = format!("{host}:{}", super::ref_for(number));
-        entry.phx_ref = id.clone();
-        entry.cluster = Some(Shared {
+        let id = cluster_ref(&host, self.take_seq());
+        parked.entry.phx_ref = id.clone();
+        parked.entry.cluster = Some(Shared {
             id: id.clone(),
             remote: false,
         });
         let write = self.new_write();
         out.cluster.push(ClusterWrite::Create {
             write,
-            topic: entry.topic.clone(),
+            topic: parked.entry.topic.clone(),
             id,
-            record: SharedRecord::of(&entry, &host),
+            record: SharedRecord::of(&parked.entry, &host),
         });
         self.park(PendingTrack {
             write,
-            conn,
-            request_id,
-            entry,
-            meta_bytes,
-            subscribe,
-            token,
+            track: parked,
             created: None,
             cancelled: None,
         });
@@ -569,17 +550,21 @@ impl Registry {
 
     /// Files a pending track, and counts it as its entry will be counted.
     fn park(&mut self, pending: PendingTrack) {
-        let key = (pending.entry.topic.clone(), shared_id(&pending.entry));
+        let key = (
+            pending.track.entry.topic.clone(),
+            shared_id(&pending.track.entry),
+        );
         if pending.cancelled.is_none() {
             self.usage_by_uid
-                .entry(pending.entry.uid)
+                .entry(pending.track.entry.uid)
                 .or_default()
-                .count(&pending.entry, pending.meta_bytes);
-            if let Some(connection) = self.conns.get_mut(&pending.conn) {
+                .count(&pending.track.entry, pending.track.meta_bytes);
+            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
                 connection.parked += 1;
-                connection
-                    .keys
-                    .insert((pending.entry.topic.clone(), pending.entry.key.clone()));
+                connection.keys.insert((
+                    pending.track.entry.topic.clone(),
+                    pending.track.entry.key.clone(),
+                ));
             }
         }
         self.record(|| Undo::Pended(key.clone()));
@@ -590,17 +575,18 @@ impl Registry {
     fn unpark(&mut self, key: &(String, String)) -> Option<PendingTrack> {
         let pending = self.pending.remove(key)?;
         if pending.cancelled.is_none() {
-            if let Some(usage) = self.usage_by_uid.get_mut(&pending.entry.uid) {
-                usage.uncount(&pending.entry, pending.meta_bytes);
+            if let Some(usage) = self.usage_by_uid.get_mut(&pending.track.entry.uid) {
+                usage.uncount(&pending.track.entry, pending.track.meta_bytes);
                 if usage.entries == 0 {
-                    self.usage_by_uid.remove(&pending.entry.uid);
+                    self.usage_by_uid.remove(&pending.track.entry.uid);
                 }
             }
-            if let Some(connection) = self.conns.get_mut(&pending.conn) {
+            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
                 connection.parked -= 1;
-                connection
-                    .keys
-                    .remove(&(pending.entry.topic.clone(), pending.entry.key.clone()));
+                connection.keys.remove(&(
+                    pending.track.entry.topic.clone(),
+                    pending.track.entry.key.clone(),
+                ));
             }
         }
         self.record(|| Undo::Unpended(Box::new(pending.clone())));
@@ -640,8 +626,8 @@ impl Registry {
             .iter()
             .filter(|(_, p)| p.cancelled.is_none())
             .filter(|(_, p)| match of {
-                Of::Conn(conn) => p.conn == conn,
-                Of::Process(process) => p.entry.process == process,
+                Of::Conn(conn) => p.track.conn == conn,
+                Of::Process(process) => p.track.entry.process == process,
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -649,20 +635,20 @@ impl Registry {
             let Some(mut pending) = self.unpark(&key) else {
                 continue;
             };
-            if self.conns.contains_key(&pending.conn) {
+            if self.conns.contains_key(&pending.track.conn) {
                 let error = ErrorBody::new(
                     ErrorCode::NotFound,
                     format!(
                         "process {} exited before etcd showed its entry",
-                        pending.entry.process.pid
+                        pending.track.entry.process.pid
                     ),
                 );
-                let reply = OutgoingReply::failure(pending.request_id.clone(), error);
+                let reply = OutgoingReply::failure(pending.track.request_id.clone(), error);
                 out.deliveries.push(Delivery::Resolved {
-                    conn: pending.conn,
+                    conn: pending.track.conn,
                     write: pending.write,
                     deliveries: vec![Delivery::Reply {
-                        conn: pending.conn,
+                        conn: pending.track.conn,
                         reply,
                     }],
                 });
@@ -695,12 +681,12 @@ impl Registry {
             }
             Written::Refused(error) => {
                 if pending.cancelled.is_none() {
-                    let reply = OutgoingReply::failure(pending.request_id, error.clone());
+                    let reply = OutgoingReply::failure(pending.track.request_id, error.clone());
                     out.deliveries.push(Delivery::Resolved {
-                        conn: pending.conn,
+                        conn: pending.track.conn,
                         write,
                         deliveries: vec![Delivery::Reply {
-                            conn: pending.conn,
+                            conn: pending.track.conn,
                             reply,
                         }],
                     });
@@ -736,12 +722,15 @@ impl Registry {
         }
         let PendingTrack {
             write,
-            conn,
-            request_id,
-            mut entry,
-            meta_bytes,
-            subscribe,
-            token,
+            track:
+                Parked {
+                    conn,
+                    request_id,
+                    mut entry,
+                    meta_bytes,
+                    subscribe,
+                    token,
+                },
             ..
         } = pending;
         let taken = self.topic(&topic).entries.contains_key(&create_revision)
@@ -813,7 +802,9 @@ pub(super) enum Of {
     Process(ProcessId),
 }
 
-/// A track to park, as [`Registry::park_track`] takes it.
+/// A track as it is parked: what [`Registry::park_track`] takes, and what
+/// a [`PendingTrack`] holds until etcd shows its key.
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct Parked {
     pub(super) conn: ConnId,
     pub(super) request_id: Value,
