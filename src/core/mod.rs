@@ -83,6 +83,11 @@ pub struct Now {
     pub at: Instant,
     /// Milliseconds since the Unix epoch.
     pub wall_ms: i64,
+    /// The boot clock (`CLOCK_BOOTTIME`): time since boot, counting
+    /// through a suspend, which the monotonic clock does not. A cluster
+    /// lease's fence is set on it, as etcd's clock runs on while this
+    /// machine sleeps.
+    pub boot: Duration,
 }
 
 impl Now {
@@ -946,6 +951,10 @@ impl Core {
                 self.apply_endings(batch);
                 self.registry
                     .cluster_written(*write, outcome, &mut batch.out.outbox);
+            }
+            Fact::Cluster(ClusterInput::Lease(view)) => {
+                self.apply_endings(batch);
+                self.registry.set_lease(*view, &mut batch.out.outbox);
             }
         }
         batch.facts.push(fact);

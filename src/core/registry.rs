@@ -70,8 +70,8 @@ pub use crate::process::ProcessId;
 mod cluster;
 
 pub use cluster::{
-    ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite, Shared,
-    SharedRecord, SharedTopicsFn, WriteId, Written,
+    ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite,
+    LeaseView, Shared, SharedRecord, SharedTopicsFn, WriteId, Written,
 };
 use cluster::{Parked, PendingTrack};
 
@@ -794,6 +794,8 @@ pub struct Registry {
     /// The id of the next write to etcd. Never taken back, so an id is
     /// never handed out twice, even for a write dropped with its batch.
     next_write: u64,
+    /// Where this daemon's etcd lease stands, as last told.
+    lease: LeaseView,
 }
 
 impl Registry {
@@ -820,6 +822,7 @@ impl Registry {
             shared_ids: HashMap::new(),
             pending: BTreeMap::new(),
             next_write: 0,
+            lease: LeaseView::Granting,
         }
     }
 

@@ -108,6 +108,7 @@ fn read_clocks() -> Now {
     Now {
         at: Instant::now(),
         wall_ms: crate::sys::now_millis(),
+        boot: crate::sys::BootInstant::now().since_boot(),
     }
 }
 

@@ -453,20 +453,37 @@ pub enum ClusterWrite {
         id: String,
         record: SharedRecord,
     },
-    /// Delete the entry key `id` of `topic`, writing `reason` beside it.
+    /// Rewrite the entry key `id` of `topic` with `record` (an update:
+    /// a new ref and meta), only if the key still exists, keeping its
+    /// create revision and so its place. Its outcome comes back as
+    /// [`Written`]; the new version is shown when the watch shows it.
+    Rewrite {
+        write: WriteId,
+        topic: String,
+        id: String,
+        record: SharedRecord,
+    },
+    /// Delete the entry key `id` of `topic`, writing `reason` (and who
+    /// removed it, when another connection did) beside it. Sent until
+    /// etcd answers, or the lease it is on is gone (and the key with it);
+    /// the watch shows the delete.
     Delete {
         write: WriteId,
         topic: String,
         id: String,
         reason: LeaveReason,
+        by: Option<Actor>,
     },
 }
 
-/// What became of a [`ClusterWrite::Create`].
+/// What became of a [`ClusterWrite::Create`] or a
+/// [`ClusterWrite::Rewrite`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Written {
     /// etcd created the key at this revision.
     Created { revision: u64 },
+    /// etcd rewrote the key at this revision.
+    Rewritten { revision: u64 },
     /// It was not written; the request that asked for it fails with this.
     Refused(ErrorBody),
 }
@@ -478,6 +495,27 @@ pub enum ClusterInput {
     Changes(ClusterChanges),
     /// The outcome of a write the core handed out.
     Written { write: WriteId, outcome: Written },
+    /// Where this daemon's lease stands, on every change.
+    Lease(LeaseView),
+}
+
+/// Where this daemon's etcd lease stands, as the core is told it. Times
+/// are on the boot clock ([`crate::core::Now::boot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseView {
+    /// Held: etcd keeps the lease, and every key on it, at least until
+    /// the fence falls at `fence_at`. The core fences itself at that
+    /// moment even if it hears nothing more.
+    Live { fence_at: std::time::Duration },
+    /// The fence fell: etcd may end the lease at any moment and give this
+    /// host's places to others. No local entry of a shared topic owns.
+    Fenced,
+    /// No lease: none granted yet, or the last one ended (its keys went
+    /// with it) and a new one is asked for.
+    Granting,
+    /// The lease is no longer kept (the daemon is stopping, or etcd
+    /// grants another TTL than the one configured).
+    Stopped,
 }
 
 /// A track of a shared topic waiting for etcd: its key is asked for, and
@@ -675,7 +713,7 @@ impl Registry {
             return;
         };
         match outcome {
-            Written::Created { revision } => {
+            Written::Created { revision } | Written::Rewritten { revision } => {
                 pending.created = Some(*revision);
                 self.park(pending);
             }
@@ -717,6 +755,7 @@ impl Registry {
                 topic,
                 id,
                 reason,
+                by: None,
             });
             return;
         }
@@ -753,6 +792,7 @@ impl Registry {
                 topic,
                 id,
                 reason: LeaveReason::Untrack,
+                by: None,
             });
             return;
         }
@@ -786,6 +826,12 @@ impl Registry {
             write,
             deliveries,
         });
+    }
+
+    /// Notes where this daemon's lease stands. Applied again, as a fact,
+    /// after a batch that failed to commit, so it must stay idempotent.
+    pub fn set_lease(&mut self, view: LeaseView, _out: &mut Outbox) {
+        self.lease = view;
     }
 
     fn new_write(&mut self) -> WriteId {

@@ -16,6 +16,9 @@ use crate::protocol::{Lifetime, Limits, TrackRequest};
 
 /// The wall clock at the harness's time 0.
 pub const WALL_AT_START: i64 = 1_700_000_000_000;
+/// The boot clock when a test's core starts: the machine has been up an
+/// hour.
+pub const BOOT_AT_START: Duration = Duration::from_secs(3600);
 
 /// A core and what its driver would hold: the time, the commit out, and
 /// the connections with a socket.
@@ -59,6 +62,7 @@ impl H {
         let now = Now {
             at: start,
             wall_ms: WALL_AT_START,
+            boot: BOOT_AT_START,
         };
         H {
             core: Core::restore(config, restored, now),
@@ -75,6 +79,7 @@ impl H {
         Now {
             at: self.instant(self.ms),
             wall_ms: WALL_AT_START + self.ms as i64,
+            boot: BOOT_AT_START + Duration::from_millis(self.ms),
         }
     }
 

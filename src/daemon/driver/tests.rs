@@ -259,6 +259,7 @@ fn a_start_that_cannot_delete_stale_rows_hides_them_and_deletes_them_later() {
     let later = Now {
         at: Instant::now() + Duration::from_secs(1),
         wall_ms: crate::sys::now_millis(),
+        boot: crate::sys::BootInstant::now().since_boot(),
     };
     core.core.handle_timeout(later);
     core.commit_and_release(later);
