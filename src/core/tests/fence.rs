@@ -372,3 +372,56 @@ fn a_key_deleted_before_the_keeper_knows_the_lease_ended_is_queued_again_too() {
     assert_owner(&role);
     assert_eq!(h.core.counts().entries, 1);
 }
+
+#[test]
+fn a_lost_lease_and_a_move_rolled_back_are_applied_again_once() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([changes(42, vec![put("web-2:p1", "theirs", 42)])]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(43);
+
+    // The lease ends and a new one is live within one batch, which fails.
+    h.inputs([
+        lease(LeaseView::Granting),
+        changes(43, vec![delete(&own_ref, None)]),
+        live_until(FENCE_AT_MS + 10_000),
+        track(1, 2, "local"),
+    ]);
+    h.burst().expect("a commit");
+    h.fail();
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no write of a failed batch"
+    );
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(2)], "no role event: {lines:?}");
+
+    let retry = h.timeout().expect("the facts wait to be applied again");
+    h.at(retry);
+    h.tick();
+    assert!(h.burst().is_none(), "nothing to save until the key shows");
+    let role = role_of(&h.lines(1));
+    assert_suspended(&role, &own_ref);
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+
+    let (created, put_again) = etcd.create(&write);
+    h.inputs([created, put_again]);
+    h.burst().expect("the new place is saved");
+    h.fail();
+    assert!(h.lines(1).is_empty(), "nothing told of what was not saved");
+    let retry = h.timeout().expect("the changes wait to be applied again");
+    h.at(retry);
+    h.tick();
+    h.burst().expect("saved again");
+    h.ok();
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["position"], 1, "{role}");
+    let diffs = h.lines(2);
+    assert_eq!(diffs.len(), 2, "one leave, one join: {diffs:?}");
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "asked once");
+    assert_eq!(h.core.counts().entries, 2);
+}
