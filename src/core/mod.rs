@@ -56,7 +56,7 @@ use read::ReadView;
 use recovery::{Fact, Recovery};
 use registry::{
     Change, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite, ConnId, Delivery, Ending,
-    Entry, Outbox, Peer, ProcessId, Registry, WriteId,
+    Entry, LeaseView, Outbox, Peer, ProcessId, Registry, WriteId,
 };
 
 /// How many inputs one transaction may take, by default. Large enough
@@ -471,7 +471,14 @@ impl Core {
             .next_resume_deadline()
             .map(|deadline| now.instant_of(deadline));
         let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
-        let due = expiry.into_iter().chain(retry).min()?;
+        // A backstop: the lease keeper's alarm is what fences on time. This
+        // instant is on the monotonic clock, which stops during a suspend;
+        // the boot clock read with each batch covers that.
+        let fence = match self.registry.lease() {
+            LeaseView::Live { fence_at } => Some(now.at + fence_at.saturating_sub(now.boot)),
+            _ => None,
+        };
+        let due = expiry.into_iter().chain(retry).chain(fence).min()?;
         Some(match &self.recovery.outage {
             Some(outage) => due.max(outage.retry_at),
             None => due,
@@ -601,11 +608,13 @@ impl Core {
     /// expiry of restored entries whose deadline has passed. Returns the
     /// open batch if there is one.
     fn open_batch(&mut self, origin: Origin, now: Now) -> Batch {
-        if let Some(batch) = self.batch.take() {
+        if let Some(mut batch) = self.batch.take() {
+            self.fence_if_due(now, &mut batch);
             return batch;
         }
         self.registry.begin_batch();
         let mut batch = Batch::new(origin, now, self.registry.next_seq());
+        self.fence_if_due(now, &mut batch);
         for fact in std::mem::take(&mut self.recovery.facts) {
             self.apply_fact(fact, &mut batch);
         }
@@ -613,6 +622,27 @@ impl Core {
         self.registry
             .expire(batch.now.wall_ms, &mut batch.out.outbox);
         batch
+    }
+
+    /// Fences this host's entries of shared topics if the boot clock has
+    /// reached the fence of the lease last told live, before anything
+    /// else in `batch`: no standing worked out past the fence says owner,
+    /// even if the lease keeper's word of it is late (its alarm fired
+    /// while the core was busy, or the machine woke from a suspend).
+    fn fence_if_due(&mut self, now: Now, batch: &mut Batch) {
+        if !self.fence_due(now) {
+            return;
+        }
+        tracing::info!("the etcd lease's fence fell; the core fences ahead of the lease keeper");
+        self.apply_endings(batch);
+        self.registry
+            .set_lease(LeaseView::Fenced, &mut batch.out.outbox);
+    }
+
+    /// Whether the boot clock has reached the fence of a lease still
+    /// held live.
+    fn fence_due(&self, now: Now) -> bool {
+        matches!(self.registry.lease(), LeaseView::Live { fence_at } if now.boot >= fence_at)
     }
 
     /// Applies the inputs that waited for a commit, as far as the batch
@@ -668,6 +698,7 @@ impl Core {
                 self.release(Outgoing::Close(conn));
             }
         }
+        let failed = matches!(settled, Settled::Failed(_));
         if let Some(reason) = batch.last_try_before {
             self.stopped = Some(match settled {
                 Settled::Failed(cause) => Stopped::Unsaved(cause),
@@ -676,6 +707,13 @@ impl Core {
             self.shut_down(reason);
         } else if let Some(reason) = batch.shutdown {
             self.stop(reason, now);
+        }
+        // The fence fell while the batch was out: it is told next, at
+        // once. Not after a failure, whose retry waits out its pause.
+        if !failed && !self.stopping && self.batch.is_none() && self.fence_due(now) {
+            let mut fence = self.open_batch(Origin::Upkeep, now);
+            fence.sealed = true;
+            self.batch = Some(fence);
         }
     }
 

@@ -68,12 +68,14 @@ const MAX_TOMBSTONES: usize = 4096;
 pub use crate::process::ProcessId;
 
 mod cluster;
+mod fence;
 
 pub use cluster::{
     ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite,
     LeaseView, Shared, SharedRecord, SharedTopicsFn, WriteId, Written,
 };
 use cluster::{Parked, PendingTrack};
+use fence::Requeue;
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,12 +424,19 @@ impl Topic {
         self.entries.values().next().map(|entry| &**entry)
     }
 
-    fn standing(&self, seq: u64) -> Standing {
-        self.standing_at(self.entries.range(..seq).count())
+    /// The standing of the entry with `seq`; `owner_suspended` says
+    /// whether the topic's first entry stands suspended (see
+    /// [`Registry::owner_suspended`]).
+    fn standing(&self, seq: u64, owner_suspended: bool) -> Standing {
+        self.standing_at(self.entries.range(..seq).count(), owner_suspended)
     }
 
-    fn standing_at(&self, position: usize) -> Standing {
-        let role = if position == 0 {
+    /// The standing at `position`. The first entry owns, unless it is
+    /// suspended: this host's entry of a shared topic while its etcd lease
+    /// is not live, told it stands first but may not write.
+    fn standing_at(&self, position: usize, owner_suspended: bool) -> Standing {
+        let suspended = owner_suspended && position == 0;
+        let role = if position == 0 && !suspended {
             Role::Owner
         } else {
             Role::Spectator
@@ -437,7 +446,7 @@ impl Topic {
             readonly: role == Role::Spectator,
             position,
             owner: self.owner().map(Entry::to_owner),
-            suspended: false,
+            suspended,
         }
     }
 
@@ -467,6 +476,8 @@ impl Topic {
             let before = StandingKey {
                 position: position + gone_ahead,
                 owner_seq: owner_before,
+                // A gone entry stood ahead of it: it was not first.
+                suspended: false,
             };
             (&**entry, position, before)
         })
@@ -499,10 +510,11 @@ impl Topic {
     }
 
     /// What decides the standing of an entry at `position` now.
-    fn standing_key_at(&self, position: usize) -> StandingKey {
+    fn standing_key_at(&self, position: usize, owner_suspended: bool) -> StandingKey {
         StandingKey {
             position,
             owner_seq: self.entries.keys().next().copied().unwrap_or_default(),
+            suspended: owner_suspended && position == 0,
         }
     }
 
@@ -696,6 +708,11 @@ enum Undo {
     Pended((String, String)),
     /// A parked track was taken out: park it again as it was.
     Unpended(Box<PendingTrack>),
+    /// The lease's view was changed from this one.
+    Lease(LeaseView),
+    /// The flag to queue the entry of this topic and key id again was set
+    /// or changed (from `Some`) or cleared (from `None`): put it back.
+    Requeue((String, String), Option<Requeue>),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -727,12 +744,13 @@ enum Resumption {
 
 /// What decides a standing, kept to compare the standing an entry's holder
 /// was last told with the one it has now: the entry's place in the queue,
-/// and which entry owned the topic (by seq, which an update keeps; the
-/// owner's ref does not decide it).
+/// which entry owned the topic (by seq, which an update keeps; the owner's
+/// ref does not decide it), and whether the entry, first, was suspended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StandingKey {
     position: usize,
     owner_seq: u64,
+    suspended: bool,
 }
 
 /// The presence state machine.
@@ -796,6 +814,10 @@ pub struct Registry {
     next_write: u64,
     /// Where this daemon's etcd lease stands, as last told.
     lease: LeaseView,
+    /// This host's entries of shared topics whose keys went with a lease
+    /// that ended, by topic and key id: each stays, suspended, until its
+    /// key is created again and shows.
+    requeue: BTreeMap<(String, String), Requeue>,
 }
 
 impl Registry {
@@ -823,6 +845,7 @@ impl Registry {
             pending: BTreeMap::new(),
             next_write: 0,
             lease: LeaseView::Granting,
+            requeue: BTreeMap::new(),
         }
     }
 
@@ -1222,6 +1245,7 @@ impl Registry {
                 ),
             ));
         }
+        self.check_lease_for(&request.topic)?;
         // joined_at never goes backwards, even if the wall clock does.
         let joined_at = now.max(self.last_joined_at);
         self.last_joined_at = joined_at;
@@ -1269,8 +1293,9 @@ impl Registry {
             phx_ref,
             seq,
             joined_at,
-            // The newest seq: last in line, found without counting.
-            standing: topic.standing_at(topic.entries.len().saturating_sub(1)),
+            // The newest seq: last in line, found without counting. A
+            // local topic's owner is never suspended.
+            standing: topic.standing_at(topic.entries.len().saturating_sub(1), false),
             resume_token: token,
         };
         if request.subscribe {
@@ -1290,12 +1315,14 @@ impl Registry {
         let seq = entry.seq;
         out.history(&entry, HistoryKind::Join, None, at);
         let owner_before = self.topic(&topic_name).owner().map(|owner| owner.seq);
+        let owner_suspended_before = self.owner_suspended(self.topic(&topic_name));
         if owner_before.is_none_or(|owner| seq < owner) {
             out.history(&entry, HistoryKind::Owner, None, at);
         }
         self.insert(entry, meta_bytes);
 
         let topic = self.topic(&topic_name);
+        let owner_suspended = self.owner_suspended(topic);
         let mut behind = topic
             .entries
             .range((Bound::Excluded(seq), Bound::Unbounded))
@@ -1307,10 +1334,11 @@ impl Registry {
                 let before = StandingKey {
                     position: position - 1,
                     owner_seq: owner_before.unwrap_or(seq),
+                    suspended: owner_suspended_before && position == 1,
                 };
                 (&**entry, position, before)
             });
-            let unheld_moved = tell_moved(&topic_name, topic, moved, out);
+            let unheld_moved = tell_moved(&topic_name, topic, owner_suspended, moved, out);
             for (moved_seq, before) in unheld_moved {
                 self.note_told_before(&topic_name, moved_seq, before);
             }
@@ -1529,6 +1557,7 @@ impl Registry {
         now: i64,
         out: &mut Outbox,
     ) -> Result<ReplyFields, ErrorBody> {
+        self.check_lease_for(&request.topic)?;
         let new_bytes = checked_meta_size(&request.meta, self.limits.max_meta_bytes)?;
         let old_ref = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => phx_ref.clone(),
@@ -1827,8 +1856,8 @@ impl Registry {
         let (topic, seq) = (entry.topic.clone(), entry.seq);
         self.insert(entry, meta_bytes);
         let last_told = self.forget_told(&topic, seq);
-        let standing = self.topic(&topic).standing(seq);
-        let standing_now = self.topic(&topic).standing_key_at(standing.position);
+        let standing = self.standing_of(&topic, seq);
+        let standing_now = self.standing_key_of(&topic, standing.position);
         Resumption::Resumed {
             topic,
             phx_ref,
@@ -1899,7 +1928,9 @@ impl Registry {
         if owner_changed && let Some(owner) = topic.owner() {
             out.history(owner, HistoryKind::Owner, None, now);
         }
-        let unheld_moved = tell_moved(topic_name, topic, topic.moved_behind(&gone), out);
+        let owner_suspended = self.owner_suspended(topic);
+        let moved = topic.moved_behind(&gone);
+        let unheld_moved = tell_moved(topic_name, topic, owner_suspended, moved, out);
         for (seq, before) in unheld_moved {
             self.note_told_before(topic_name, seq, before);
         }
@@ -2108,6 +2139,7 @@ impl Registry {
                 self.insert_subscription(conn, &topic);
             }
             Undo::Pended(_) | Undo::Unpended(_) => self.undo_parking(undo),
+            Undo::Lease(_) | Undo::Requeue(..) => self.undo_fence(undo),
         }
     }
 
@@ -2318,6 +2350,7 @@ impl Registry {
 fn tell_moved<'a>(
     topic_name: &str,
     topic: &Topic,
+    owner_suspended: bool,
     moved: impl Iterator<Item = (&'a Entry, usize, StandingKey)>,
     out: &mut Outbox,
 ) -> Vec<(u64, StandingKey)> {
@@ -2331,7 +2364,7 @@ fn tell_moved<'a>(
             }
             continue;
         };
-        let standing = topic.standing_at(position);
+        let standing = topic.standing_at(position, owner_suspended);
         out.role(conn, topic_name.to_owned(), entry.phx_ref.clone(), standing);
     }
     unheld_moved

@@ -195,6 +195,10 @@ impl Registry {
                     continue;
                 }
             }
+            if self.apply_own_lost_key(event, &mut leaving, now, out) {
+                report.applied += 1;
+                continue;
+            }
             if let Some(ignored) = self.ignored_count(&mut report, topic, id) {
                 *ignored += 1;
                 continue;
@@ -800,7 +804,7 @@ impl Registry {
         let reply_base = (entry.phx_ref.clone(), entry.joined_at);
         out.changes.push(Change::Put(Box::new(entry.clone())));
         self.join(entry, meta_bytes, now, out);
-        let standing = self.topic(&topic).standing(create_revision);
+        let standing = self.standing_of(&topic, create_revision);
         let (phx_ref, joined_at) = reply_base;
         let reply = TrackReply {
             phx_ref,
@@ -828,13 +832,7 @@ impl Registry {
         });
     }
 
-    /// Notes where this daemon's lease stands. Applied again, as a fact,
-    /// after a batch that failed to commit, so it must stay idempotent.
-    pub fn set_lease(&mut self, view: LeaseView, _out: &mut Outbox) {
-        self.lease = view;
-    }
-
-    fn new_write(&mut self) -> WriteId {
+    pub(super) fn new_write(&mut self) -> WriteId {
         let write = WriteId(self.next_write);
         self.next_write += 1;
         write

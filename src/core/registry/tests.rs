@@ -4739,7 +4739,11 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
         host: "web-1".into(),
         shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
     };
-    let registry = Registry::new(Limits::default()).with_cluster(Some(setup));
+    let mut registry = Registry::new(Limits::default()).with_cluster(Some(setup));
+    let live = LeaseView::Live {
+        fence_at: std::time::Duration::MAX,
+    };
+    registry.set_lease(live, &mut Outbox::default());
     let mut h = Harness::around(registry);
     let a = h.connect(ALICE);
     let before = dump(&h.registry);

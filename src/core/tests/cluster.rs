@@ -3,12 +3,14 @@
 //! makes, keeps a topic all local or all shared, and applies them again
 //! after a failed commit.
 
+use std::time::Duration;
+
 use serde_json::{Map, Value, json};
 
 use super::harness::*;
 use crate::core::registry::{
-    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite, SharedRecord,
-    SharedTopicsFn, Track, WriteId, Written,
+    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite, LeaseView,
+    SharedRecord, SharedTopicsFn, Track, WriteId, Written,
 };
 use crate::core::{CoreConfig, Input, MAX_BATCH};
 use crate::ops::Op;
@@ -18,12 +20,13 @@ use crate::protocol::{
 };
 
 /// This host's name.
-const HOST: &str = "web-1";
+pub(super) const HOST: &str = "web-1";
 /// The shared topic of these tests; `doc` stays local.
-const SHARED: &str = "pub:site";
+pub(super) const SHARED: &str = "pub:site";
 
-fn clustered(limits: Limits) -> H {
-    let config = CoreConfig {
+/// A core of host [`HOST`] sharing the topics that start with `pub:`.
+pub(super) fn cluster_config(limits: Limits) -> CoreConfig {
+    CoreConfig {
         limits,
         max_batch: MAX_BATCH,
         own_uid: 0,
@@ -31,14 +34,28 @@ fn clustered(limits: Limits) -> H {
             host: HOST.into(),
             shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
         }),
-    };
-    H::configured(config, nothing_restored())
+    }
+}
+
+/// A clustered core whose lease is live, its fence a day off: shared
+/// topics are tracked only on a live lease.
+pub(super) fn clustered(limits: Limits) -> H {
+    let mut h = H::configured(cluster_config(limits), nothing_restored());
+    h.committed_batch([lease(LeaseView::Live {
+        fence_at: BOOT_AT_START + Duration::from_secs(86_400),
+    })]);
+    h
+}
+
+/// The lease keeper's word of where the lease stands.
+pub(super) fn lease(view: LeaseView) -> Input {
+    Input::Cluster(ClusterInput::Lease(view))
 }
 
 /// A clustered core with connection 2 subscribed to [`SHARED`], which
 /// holds what `events` put there (up to `revision`); what connection 2
 /// was told of it is read and set aside.
-fn watching(revision: u64, events: Vec<ClusterEvent>) -> H {
+pub(super) fn watching(revision: u64, events: Vec<ClusterEvent>) -> H {
     let mut h = clustered(Limits::default());
     h.connect([2]);
     h.committed_batch([subscribe_to(2, 1, SHARED), changes(revision, events)]);
@@ -46,7 +63,7 @@ fn watching(revision: u64, events: Vec<ClusterEvent>) -> H {
     h
 }
 
-fn record(key: &str, phx_ref: &str, meta: Value) -> SharedRecord {
+pub(super) fn record(key: &str, phx_ref: &str, meta: Value) -> SharedRecord {
     let Value::Object(meta) = meta else {
         panic!("a meta is an object");
     };
@@ -65,7 +82,12 @@ fn record(key: &str, phx_ref: &str, meta: Value) -> SharedRecord {
     }
 }
 
-fn put_in(topic: &str, id: &str, create_revision: u64, record: SharedRecord) -> ClusterEvent {
+pub(super) fn put_in(
+    topic: &str,
+    id: &str,
+    create_revision: u64,
+    record: SharedRecord,
+) -> ClusterEvent {
     ClusterEvent::Put {
         topic: topic.into(),
         id: id.into(),
@@ -75,11 +97,11 @@ fn put_in(topic: &str, id: &str, create_revision: u64, record: SharedRecord) -> 
 }
 
 /// A new key of `id` (also its ref) on the shared topic.
-fn put(id: &str, key: &str, create_revision: u64) -> ClusterEvent {
+pub(super) fn put(id: &str, key: &str, create_revision: u64) -> ClusterEvent {
     put_in(SHARED, id, create_revision, record(key, id, json!({})))
 }
 
-fn delete(id: &str, reason: Option<LeaveReason>) -> ClusterEvent {
+pub(super) fn delete(id: &str, reason: Option<LeaveReason>) -> ClusterEvent {
     ClusterEvent::Delete {
         topic: SHARED.into(),
         id: id.into(),
@@ -87,15 +109,15 @@ fn delete(id: &str, reason: Option<LeaveReason>) -> ClusterEvent {
     }
 }
 
-fn changes(revision: u64, events: Vec<ClusterEvent>) -> Input {
+pub(super) fn changes(revision: u64, events: Vec<ClusterEvent>) -> Input {
     Input::Cluster(ClusterInput::Changes(ClusterChanges { revision, events }))
 }
 
-fn track_on(conn: u64, id: u64, topic: &str, key: &str) -> Input {
+pub(super) fn track_on(conn: u64, id: u64, topic: &str, key: &str) -> Input {
     track_with(conn, id, topic, key, false)
 }
 
-fn track_with(conn: u64, id: u64, topic: &str, key: &str, subscribe: bool) -> Input {
+pub(super) fn track_with(conn: u64, id: u64, topic: &str, key: &str, subscribe: bool) -> Input {
     let track = Track {
         request: TrackRequest {
             topic: topic.into(),
@@ -112,17 +134,19 @@ fn track_with(conn: u64, id: u64, topic: &str, key: &str, subscribe: bool) -> In
     presence(conn, id, Op::Track(track))
 }
 
-fn subscribe_to(conn: u64, id: u64, topic: &str) -> Input {
+pub(super) fn subscribe_to(conn: u64, id: u64, topic: &str) -> Input {
     presence(conn, id, Op::Subscribe(Subscription::Topic(topic.into())))
 }
 
-fn list(conn: u64, id: u64, topic: &str) -> Input {
+pub(super) fn list(conn: u64, id: u64, topic: &str) -> Input {
     presence(conn, id, Op::List(Some(topic.into())))
 }
 
 /// The kinds and reasons of the commit's history rows, and whether it
 /// saves any entry row.
-fn history_of(changes: &[Change]) -> (Vec<(HistoryKind, Option<LeaveReason>, String)>, bool) {
+pub(super) fn history_of(
+    changes: &[Change],
+) -> (Vec<(HistoryKind, Option<LeaveReason>, String)>, bool) {
     let mut rows = false;
     let history = changes
         .iter()
@@ -139,7 +163,7 @@ fn history_of(changes: &[Change]) -> (Vec<(HistoryKind, Option<LeaveReason>, Str
 
 /// The refs of the topic's entries in a `list` reply, in the order shown:
 /// by key, then by seq.
-fn refs_listed(reply: &Value) -> Vec<String> {
+pub(super) fn refs_listed(reply: &Value) -> Vec<String> {
     let presences = reply["presences"].as_object().expect("presences");
     presences
         .values()
@@ -467,23 +491,23 @@ fn remote_entries_past_the_cap_are_ignored_and_fill_no_local_room() {
 
 /// A small etcd: it creates each key the core asks for at the next
 /// revision, answering the write and showing the key to the watch.
-struct FakeEtcd {
+pub(super) struct FakeEtcd {
     revision: u64,
 }
 
 impl FakeEtcd {
-    fn at(revision: u64) -> FakeEtcd {
+    pub(super) fn at(revision: u64) -> FakeEtcd {
         FakeEtcd { revision }
     }
 
     /// The writes the core hands out now.
-    fn writes(h: &mut H) -> Vec<ClusterWrite> {
+    pub(super) fn writes(h: &mut H) -> Vec<ClusterWrite> {
         std::iter::from_fn(|| h.core.poll_cluster_write()).collect()
     }
 
     /// Creates the key a write asks for: what etcd answers, then what
     /// the watch shows.
-    fn create(&mut self, write: &ClusterWrite) -> (Input, Input) {
+    pub(super) fn create(&mut self, write: &ClusterWrite) -> (Input, Input) {
         let ClusterWrite::Create {
             write,
             topic,
@@ -517,16 +541,16 @@ impl FakeEtcd {
     }
 }
 
-fn written(write: WriteId, outcome: Written) -> Input {
+pub(super) fn written(write: WriteId, outcome: Written) -> Input {
     Input::Cluster(ClusterInput::Written { write, outcome })
 }
 
-fn ping(conn: u64, id: u64) -> Input {
+pub(super) fn ping(conn: u64, id: u64) -> Input {
     presence(conn, id, Op::Ping(Empty {}))
 }
 
 /// The one write the core hands out now.
-fn one_write(h: &mut H) -> ClusterWrite {
+pub(super) fn one_write(h: &mut H) -> ClusterWrite {
     let mut writes = FakeEtcd::writes(h);
     assert_eq!(writes.len(), 1, "{writes:?}");
     writes.remove(0)

@@ -3,6 +3,7 @@
 //! expiry are checked to the millisecond, with no thread, store or sleep.
 
 mod cluster;
+mod fence;
 /// Also the daemon's tests' way to make up a request.
 pub(crate) mod harness;
 mod recovery;

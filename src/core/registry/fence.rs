@@ -1,0 +1,419 @@
+//! The fence: what this host's entries of shared topics stand as while
+//! its etcd lease is not known to be live, and how they get their places
+//! back when the lease ended.
+//!
+//! etcd ends the lease, and deletes every key on it, at the earliest at
+//! the moment the lease keeper fences (docs/cluster.md, "Fencing"). From
+//! the fence on, another host may be given a place this host's entry
+//! holds, so none of this host's entries may be told it owns a shared
+//! topic: the first in line stands suspended (a spectator, read-only, at
+//! position 0, the owner still named), and new tracks and updates of
+//! shared topics are refused. Other hosts' entries, and this host's
+//! entries further back, keep their standings: what they are told changes
+//! nothing anyone writes.
+//!
+//! When the lease ended, etcd deleted this host's keys, and other hosts
+//! saw the entries leave (`host_lost`). Here they stay, suspended, flagged
+//! to be queued again: once a lease is live again each is created anew
+//! under its same id, at the back of its queue, and moves there when the
+//! watch shows the new key, as the other hosts see it.
+
+use super::{
+    Change, ClusterEvent, ClusterWrite, Entry, LeaseView, Outbox, Registry, SharedRecord,
+    StandingKey, Topic, Undo,
+};
+use crate::protocol::{ErrorBody, ErrorCode, LeaveReason, Standing};
+
+/// Where the re-creation of the key of an entry whose lease ended stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Requeue {
+    /// Waiting for a live lease to create the key on.
+    Waiting,
+    /// Its creation was asked of etcd; the entry moves when the key shows.
+    Asked,
+}
+
+impl Registry {
+    /// Where this daemon's etcd lease stands, as last told (or as the core
+    /// found it when its fence fell).
+    pub fn lease(&self) -> LeaseView {
+        self.lease
+    }
+
+    fn lease_is_live(&self) -> bool {
+        matches!(self.lease, LeaseView::Live { .. })
+    }
+
+    /// Whether the owner of `topic` stands suspended: it is this host's
+    /// entry of a shared topic, and either the lease is not live or its
+    /// key is gone and waits to be created again.
+    pub(super) fn owner_suspended(&self, topic: &Topic) -> bool {
+        topic
+            .owner()
+            .is_some_and(|owner| self.suspends_as_owner(owner))
+    }
+
+    /// Whether `entry`, first in its topic, stands suspended.
+    fn suspends_as_owner(&self, entry: &Entry) -> bool {
+        let Some(shared) = entry.cluster.as_ref().filter(|shared| !shared.remote) else {
+            return false;
+        };
+        !self.lease_is_live()
+            || (!self.requeue.is_empty()
+                && self
+                    .requeue
+                    .contains_key(&(entry.topic.clone(), shared.id.clone())))
+    }
+
+    /// The standing of the entry with `seq` in `topic` now.
+    pub(super) fn standing_of(&self, topic: &str, seq: u64) -> Standing {
+        let topic = self.topic(topic);
+        topic.standing(seq, self.owner_suspended(topic))
+    }
+
+    /// What decides the standing of an entry at `position` in `topic` now.
+    pub(super) fn standing_key_of(&self, topic: &str, position: usize) -> StandingKey {
+        let topic = self.topic(topic);
+        topic.standing_key_at(position, self.owner_suspended(topic))
+    }
+
+    /// Refuses a new track or an update of `topic`, if it is shared,
+    /// unless the lease is live: a key written now could outlive this
+    /// host's place, or be given a place while another host's entry owns.
+    pub(super) fn check_lease_for(&self, topic: &str) -> Result<(), ErrorBody> {
+        if !self.is_shared(topic) {
+            return Ok(());
+        }
+        let why = match self.lease {
+            LeaseView::Live { .. } => return Ok(()),
+            LeaseView::Fenced => {
+                "this host's etcd lease is fenced (etcd has not answered its \
+                 renewals in time)"
+            }
+            LeaseView::Granting => {
+                "this host holds no etcd lease (none granted yet, or the \
+                 last one ended)"
+            }
+            LeaseView::Stopped => "this host's etcd lease is no longer kept",
+        };
+        Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!(
+                "{why}; topic `{topic}` is shared across hosts and cannot change here until \
+                 a lease is live again; local topics are not affected"
+            ),
+        ))
+    }
+
+    /// Notes where this daemon's lease stands, and tells what changes with
+    /// it. Between live and not live, each of this host's entries that is
+    /// first in a shared topic changes standing: its holder is sent it in
+    /// a `role` event, or, if no connection holds it, hears it on resume.
+    /// A lease that ended (`Granting` after a lease) took this host's keys
+    /// with it: each of this host's entries of shared topics is flagged to
+    /// be queued again, and once a lease is live its key is created again.
+    ///
+    /// Journaled, so a batch that fails to commit takes it back; applied
+    /// again then, as a fact, it says everything again, once. The same
+    /// view twice says nothing the second time.
+    pub fn set_lease(&mut self, view: LeaseView, out: &mut Outbox) {
+        if view == self.lease {
+            return;
+        }
+        let ended = view == LeaseView::Granting
+            && matches!(self.lease, LeaseView::Live { .. } | LeaseView::Fenced);
+        let was_live = self.lease_is_live();
+        let owners_before = self.local_shared_owners();
+        let old = self.lease;
+        self.lease = view;
+        self.record(|| Undo::Lease(old));
+        if ended {
+            let ids: Vec<(String, String)> = self
+                .entries()
+                .filter_map(|entry| {
+                    let shared = entry.cluster.as_ref().filter(|shared| !shared.remote)?;
+                    Some((entry.topic.clone(), shared.id.clone()))
+                })
+                .collect();
+            for key in ids {
+                if !self.requeue.contains_key(&key) {
+                    self.set_requeue(key, Some(Requeue::Waiting));
+                }
+            }
+        }
+        self.tell_owners_whose_suspension_changed(owners_before, out);
+        if self.lease_is_live() && !was_live {
+            let flagged = self.requeue.keys().cloned().collect();
+            self.ask_to_requeue(flagged, out);
+        }
+    }
+
+    /// This host's entries first in shared topics, each with its topic,
+    /// seq and whether it stands suspended now.
+    fn local_shared_owners(&self) -> Vec<(String, u64, bool)> {
+        if self.cluster.is_none() {
+            return Vec::new();
+        }
+        self.topics
+            .keys()
+            .filter_map(|name| self.local_shared_owner(name))
+            .collect()
+    }
+
+    /// This host's entry first in `topic_name`, if one is, with the topic,
+    /// its seq and whether it stands suspended now.
+    fn local_shared_owner(&self, topic_name: &str) -> Option<(String, u64, bool)> {
+        let owner = self.topic(topic_name).owner()?;
+        let local = owner.cluster.as_ref().is_some_and(|shared| !shared.remote);
+        local.then(|| {
+            (
+                topic_name.to_owned(),
+                owner.seq,
+                self.suspends_as_owner(owner),
+            )
+        })
+    }
+
+    /// Tells each of `owners` (as [`Registry::local_shared_owners`] found
+    /// them before a change) still first in its topic whose suspension
+    /// changed: a `role` event to its holder, else a note for its resume.
+    fn tell_owners_whose_suspension_changed(
+        &mut self,
+        owners: Vec<(String, u64, bool)>,
+        out: &mut Outbox,
+    ) {
+        for (topic_name, seq, suspended_before) in owners {
+            let topic = self.topic(&topic_name);
+            let Some(owner) = topic.owner().filter(|owner| owner.seq == seq) else {
+                continue;
+            };
+            if self.suspends_as_owner(owner) == suspended_before {
+                continue;
+            }
+            match owner.conn {
+                Some(conn) => {
+                    let standing = topic.standing_at(0, !suspended_before);
+                    out.role(conn, topic_name, owner.phx_ref.clone(), standing);
+                }
+                None => {
+                    let before = topic.standing_key_at(0, suspended_before);
+                    self.note_told_before(&topic_name, seq, before);
+                }
+            }
+        }
+    }
+
+    /// Asks etcd to create again the key of each of `flagged`, entries
+    /// flagged to be queued again, under its same id (clients keep its
+    /// refs), on the live lease. An entry that left meanwhile is not
+    /// created again; if its key was asked for already, that key is
+    /// deleted (after the creation, as the writes of one key go out in
+    /// order). A creation asked before, on a lease that ended since, is
+    /// asked again: if it went through after all, etcd refuses the second.
+    fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
+        let host = self
+            .cluster
+            .as_ref()
+            .map(|c| c.host.clone())
+            .unwrap_or_default();
+        for key in flagged {
+            let Some(&state) = self.requeue.get(&key) else {
+                continue;
+            };
+            let entry = self
+                .shared_ids
+                .get(&key)
+                .and_then(|phx_ref| self.entry(phx_ref));
+            let Some(record) = entry.map(|entry| SharedRecord::of(entry, &host)) else {
+                self.set_requeue(key.clone(), None);
+                if state == Requeue::Asked {
+                    self.withdraw(key, out);
+                }
+                continue;
+            };
+            let (topic, id) = key.clone();
+            let write = self.new_write();
+            out.cluster.push(ClusterWrite::Create {
+                write,
+                topic,
+                id,
+                record,
+            });
+            if state != Requeue::Asked {
+                self.set_requeue(key, Some(Requeue::Asked));
+            }
+        }
+    }
+
+    /// Deletes the key of `key` that was asked for again for an entry
+    /// that has left since. Its true reason was told here when it left;
+    /// other hosts saw it leave for `host_lost` and come back, and see it
+    /// go again as withdrawn.
+    fn withdraw(&mut self, key: (String, String), out: &mut Outbox) {
+        let (topic, id) = key;
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Delete {
+            write,
+            topic,
+            id,
+            reason: LeaveReason::Untrack,
+            by: None,
+        });
+    }
+
+    /// What etcd's watch showed of this host's own keys whose lease ended:
+    /// applied here, and `true`, if `event` is one of them; otherwise
+    /// `false`, for [`Registry::apply_cluster`] to go on with it. The
+    /// other hosts' deletes waiting in `leaving` leave first, as the
+    /// events are in revision order.
+    ///
+    /// A key of this host's deleted with no reason went with the lease:
+    /// its entry stays, suspended, flagged to be queued again (at once if
+    /// the lease is live again already). The new key of such an entry,
+    /// when it shows, moves the entry to the back of its queue.
+    pub(super) fn apply_own_lost_key(
+        &mut self,
+        event: &ClusterEvent,
+        leaving: &mut Vec<(String, LeaveReason)>,
+        now: i64,
+        out: &mut Outbox,
+    ) -> bool {
+        let own_host = self.cluster.as_ref().map(|c| c.host.as_str());
+        let (topic, id) = match event {
+            ClusterEvent::Put { topic, id, .. } | ClusterEvent::Delete { topic, id, .. } => {
+                (topic, id)
+            }
+        };
+        if own_host.is_none() || super::host_of_ref(id) != own_host || !self.is_shared(topic) {
+            return false;
+        }
+        let key = (topic.clone(), id.clone());
+        let local = self
+            .shared_ids
+            .get(&key)
+            .and_then(|phx_ref| self.entry(phx_ref))
+            .filter(|entry| !entry.is_remote())
+            .map(|entry| (entry.phx_ref.clone(), entry.seq));
+        match event {
+            ClusterEvent::Delete { reason: None, .. } => {
+                if local.is_none() {
+                    return false;
+                }
+                if self.requeue.contains_key(&key) {
+                    // The old key's delete, shown after the lease ended.
+                    return true;
+                }
+                self.remove(std::mem::take(leaving), now, out);
+                let owner_before = self.local_shared_owner(topic);
+                self.set_requeue(key.clone(), Some(Requeue::Waiting));
+                self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
+                if self.lease_is_live() {
+                    self.ask_to_requeue(vec![key], out);
+                }
+                true
+            }
+            ClusterEvent::Delete { .. } => false,
+            ClusterEvent::Put {
+                create_revision, ..
+            } => {
+                if !self.requeue.contains_key(&key) {
+                    return false;
+                }
+                self.remove(std::mem::take(leaving), now, out);
+                let taken = self.topic(topic).entries.contains_key(create_revision);
+                match local {
+                    Some((_, seq)) if seq == *create_revision => {
+                        // The old key, shown again (a listing): the new one
+                        // is still to come.
+                    }
+                    Some(_) if taken => {
+                        // Another key holds that revision: only a writer
+                        // other than presenced could have made both. The
+                        // entry keeps its place, suspended.
+                        tracing::warn!(
+                            "the key `{id}` of `{topic}` was created again at revision \
+                             {create_revision}, which another entry holds; left suspended"
+                        );
+                    }
+                    Some((phx_ref, _)) => {
+                        self.set_requeue(key, None);
+                        self.move_to(&phx_ref, *create_revision, now, out);
+                    }
+                    None => {
+                        self.set_requeue(key.clone(), None);
+                        self.withdraw(key, out);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Moves this host's entry `phx_ref` to the new create revision of its
+    /// key, at the back of its queue: to everyone here it leaves for
+    /// `host_lost` and joins again, as every other host saw it, and its
+    /// holder is told its new place (or hears it on resume).
+    fn move_to(&mut self, phx_ref: &str, create_revision: u64, now: i64, out: &mut Outbox) {
+        let Some((topic_name, old_seq)) = self.entry(phx_ref).map(|e| (e.topic.clone(), e.seq))
+        else {
+            return;
+        };
+        let position = self.topic(&topic_name).entries.range(..old_seq).count();
+        let told = self.forget_told(&topic_name, old_seq);
+        let before = told.unwrap_or_else(|| self.standing_key_of(&topic_name, position));
+        let Some((entry, meta_bytes)) = self.take(phx_ref) else {
+            return;
+        };
+        self.announce_departures(
+            &topic_name,
+            vec![(entry.clone(), LeaveReason::HostLost)],
+            now,
+            out,
+        );
+        let moved = Entry {
+            seq: create_revision,
+            ..entry
+        };
+        let conn = moved.conn;
+        // The row keeps its ref and takes the new seq.
+        out.changes.push(Change::Put(Box::new(moved.clone())));
+        self.join(moved, meta_bytes, now, out);
+        let standing = self.standing_of(&topic_name, create_revision);
+        match conn {
+            Some(conn) => out.role(conn, topic_name, phx_ref.to_owned(), standing),
+            None => {
+                let now_key = self.standing_key_of(&topic_name, standing.position);
+                if now_key != before {
+                    self.note_told_before(&topic_name, create_revision, before);
+                }
+            }
+        }
+    }
+
+    /// Flags `key` to be queued again as `state`, or unflags it (`None`),
+    /// journaled.
+    fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
+        let old = match state {
+            Some(state) => self.requeue.insert(key.clone(), state),
+            None => self.requeue.remove(&key),
+        };
+        if old != state {
+            self.record(|| Undo::Requeue(key, old));
+        }
+    }
+
+    /// Undoes [`Registry::set_lease`]'s and the flags' changes while a
+    /// batch is rolled back.
+    pub(super) fn undo_fence(&mut self, undo: Undo) {
+        match undo {
+            Undo::Lease(view) => self.lease = view,
+            Undo::Requeue(key, state) => {
+                match state {
+                    Some(state) => self.requeue.insert(key, state),
+                    None => self.requeue.remove(&key),
+                };
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The fence in the core: while this host's etcd lease is not live, its
+//! entry first in a shared topic stands suspended and shared topics take
+//! no new track; the core fences itself when the boot clock reaches the
+//! fence, told or not; and entries whose lease ended are queued again.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::cluster::*;
+use super::harness::*;
+use crate::core::Input;
+use crate::core::registry::{Change, ClusterWrite, LeaseView, Track};
+use crate::ops::Op;
+use crate::ops::update::UpdateRequest;
+use crate::protocol::{Lifetime, Limits, TrackRequest};
+
+/// The fence of the lease the tests hold: 5 s after the harness's start.
+const FENCE_AT_MS: u64 = 5_000;
+
+fn live_until(ms: u64) -> Input {
+    lease(LeaseView::Live {
+        fence_at: BOOT_AT_START + Duration::from_millis(ms),
+    })
+}
+
+/// The one `role` event among `lines`, as its payload.
+fn role_of(lines: &[Value]) -> Value {
+    let roles: Vec<&Value> = lines
+        .iter()
+        .filter(|line| line["event"] == "role")
+        .collect();
+    assert_eq!(roles.len(), 1, "{lines:?}");
+    roles[0]["payload"].clone()
+}
+
+fn assert_suspended(standing: &Value, own_ref: &str) {
+    assert_eq!(standing["role"], "spectator", "{standing}");
+    assert_eq!(standing["readonly"], true, "{standing}");
+    assert_eq!(standing["position"], 0, "{standing}");
+    assert_eq!(standing["suspended"], true, "{standing}");
+    assert_eq!(
+        standing["owner"]["phx_ref"], own_ref,
+        "still named: {standing}"
+    );
+}
+
+fn assert_owner(standing: &Value) {
+    assert_eq!(standing["role"], "owner", "{standing}");
+    assert_eq!(standing["readonly"], false, "{standing}");
+    assert_eq!(standing["position"], 0, "{standing}");
+    assert_eq!(standing.get("suspended"), None, "{standing}");
+}
+
+/// Connection `conn` tracks `key` of the shared topic through `etcd`,
+/// and the track is answered; returns the entry's ref and its reply.
+fn track_shared(h: &mut H, etcd: &mut FakeEtcd, conn: u64, id: u64, key: &str) -> (String, Value) {
+    answered(h, etcd, conn, track_on(conn, id, SHARED, key))
+}
+
+/// The reply to `track`, a track of the shared topic by `conn`, once
+/// `etcd` created its key; with the entry's ref.
+fn answered(h: &mut H, etcd: &mut FakeEtcd, conn: u64, track: Input) -> (String, Value) {
+    h.committed_batch([track]);
+    let write = one_write(h);
+    let ClusterWrite::Create { id: key_id, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    let key_id = key_id.clone();
+    let (created, put) = etcd.create(&write);
+    h.committed_batch([created, put]);
+    let lines = h.lines(conn);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    (key_id, lines[0].clone())
+}
+
+/// A clustered core whose lease is live until [`FENCE_AT_MS`], where
+/// connection 1 owns the shared topic with its entry at revision 41 and
+/// connection 2 watches it.
+fn owning() -> (H, FakeEtcd, String) {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([live_until(FENCE_AT_MS), subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(40);
+    let (own_ref, reply) = track_shared(&mut h, &mut etcd, 1, 1, "page");
+    assert_owner(&reply);
+    assert_eq!(reply["seq"], 41);
+    h.lines(2);
+    (h, etcd, own_ref)
+}
+
+#[test]
+fn a_fenced_owner_is_told_it_is_suspended_and_a_lift_makes_it_owner_again() {
+    let (mut h, _, own_ref) = owning();
+
+    h.input(lease(LeaseView::Fenced));
+    assert!(h.burst().is_none(), "a standing is never saved");
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["ref"], own_ref.as_str());
+    assert_suspended(&role, &own_ref);
+    assert!(h.lines(2).is_empty(), "the queue is as it was: no diff");
+
+    // Told again, it says nothing again.
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    assert!(h.lines(1).is_empty());
+
+    h.committed_batch([live_until(FENCE_AT_MS + 5_000)]);
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["ref"], own_ref.as_str());
+    assert_owner(&role);
+}
+
+#[test]
+fn a_shared_track_is_refused_unavailable_until_a_lease_is_live_and_local_topics_go_on() {
+    let mut h = H::configured(cluster_config(Limits::default()), nothing_restored());
+    h.connect([1]);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), track(1, 2, "mine")]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    let message = lines[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no etcd lease"), "{message}");
+    assert_eq!(lines[1]["ok"], true, "a local topic is not affected");
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "nothing asked of etcd");
+
+    h.committed_batch([lease(LeaseView::Fenced), track_on(1, 3, SHARED, "page")]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    let message = lines[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("lease is fenced"), "{message}");
+
+    h.committed_batch([live_until(FENCE_AT_MS), track_on(1, 4, SHARED, "page")]);
+    assert!(h.lines(1).is_empty(), "parked: it waits for etcd");
+    assert!(matches!(one_write(&mut h), ClusterWrite::Create { .. }));
+}
+
+#[test]
+fn an_update_of_a_shared_entry_is_refused_unavailable_while_fenced() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.lines(1);
+    let update = UpdateRequest {
+        topic: SHARED.into(),
+        phx_ref: Some(own_ref),
+        key: None,
+        meta: serde_json::Map::new(),
+    };
+    h.committed_batch([presence(1, 2, Op::Update(update))]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+}
+
+#[test]
+fn the_core_fences_itself_when_the_boot_clock_reaches_the_fence_untold() {
+    let (mut h, _, own_ref) = owning();
+    assert_eq!(h.timeout(), Some(FENCE_AT_MS), "woken at the fence");
+    h.at(FENCE_AT_MS - 1);
+    h.committed_batch([ping(1, 2)]);
+    assert_eq!(ids(&h.lines(1)), [json!(2)], "not yet");
+
+    h.at(FENCE_AT_MS);
+    h.tick();
+    assert!(h.burst().is_none());
+    let role = role_of(&h.lines(1));
+    assert_suspended(&role, &own_ref);
+    assert_eq!(h.timeout(), None, "nothing more is due");
+}
+
+#[test]
+fn a_batch_past_the_fence_fences_before_its_first_line() {
+    let (mut h, _, own_ref) = owning();
+    h.connect([3]);
+    // The machine slept through the fence: the monotonic clock says
+    // nothing is due, the boot clock is past it. The first batch after
+    // it says suspended before anything else, and refuses a track.
+    h.at(FENCE_AT_MS + 60_000);
+    h.committed_batch([
+        track_on(3, 1, SHARED, "other"),
+        resume(3, 2, "page"),
+        ping(1, 2),
+    ]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_suspended(&lines[0]["payload"], &own_ref);
+    assert_eq!(lines[1]["id"], 2);
+    let lines = h.lines(3);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+}
+
+#[test]
+fn a_fence_that_falls_while_a_commit_is_out_is_told_right_after_it() {
+    let (mut h, _, own_ref) = owning();
+    h.input(track(1, 2, "local"));
+    h.burst().expect("a local track is saved");
+    h.at(FENCE_AT_MS);
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["id"], 2, "{lines:?}");
+    assert!(h.burst().is_none(), "the fence needs no commit");
+    let role = role_of(&h.lines(1));
+    assert_suspended(&role, &own_ref);
+}
+
+/// A track of `key` of the shared topic by `conn` whose entry outlives
+/// the connection, until its process exits.
+fn track_process(conn: u64, id: u64, key: &str) -> Input {
+    let track = Track {
+        request: TrackRequest {
+            topic: SHARED.into(),
+            key: key.into(),
+            meta: serde_json::Map::new(),
+            pid: None,
+            lifetime: Lifetime::Process,
+            subscribe: false,
+        },
+        process: process_of(conn),
+        token_hash: token_hash(key),
+        token: format!("token-{key}"),
+    };
+    presence(conn, id, Op::Track(track))
+}
+
+#[test]
+fn an_owner_nobody_holds_hears_of_its_suspension_on_resume_and_not_of_a_fence_lifted() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2, 3]);
+    h.committed_batch([live_until(FENCE_AT_MS)]);
+    let mut etcd = FakeEtcd::at(40);
+    let (own_ref, reply) = answered(&mut h, &mut etcd, 1, track_process(1, 1, "page"));
+    assert_owner(&reply);
+    h.committed_batch([close(1)]);
+
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([resume(2, 1, "page")]);
+    let lines = h.lines(2);
+    assert_eq!(lines.len(), 2, "the reply, then the role event: {lines:?}");
+    assert_suspended(&lines[0]["roles"][own_ref.as_str()], &own_ref);
+    assert_suspended(&role_of(&lines), &own_ref);
+
+    // Let go again, fenced and lifted meanwhile: it stands as it was told.
+    h.committed_batch([close(2)]);
+    h.committed_batch([live_until(FENCE_AT_MS)]);
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([resume(3, 1, "page")]);
+    let lines = h.lines(3);
+    assert_eq!(lines.len(), 1, "the reply alone: {lines:?}");
+    assert_suspended(&lines[0]["roles"][own_ref.as_str()], &own_ref);
+}
+
+#[test]
+fn a_remote_owner_and_this_hosts_spectators_keep_their_standings() {
+    let mut h = watching(10, vec![put("web-2:p1", "theirs", 10)]);
+    h.connect([1]);
+    h.committed_batch([live_until(FENCE_AT_MS)]);
+    let mut etcd = FakeEtcd::at(10);
+    let (_, reply) = track_shared(&mut h, &mut etcd, 1, 1, "page");
+    assert_eq!(reply["position"], 1);
+    h.lines(2);
+
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    assert!(h.lines(1).is_empty(), "a spectator's standing is unchanged");
+    assert!(h.lines(2).is_empty());
+    h.committed_batch([resume(1, 2, "page")]);
+    let lines = h.lines(1);
+    assert!(
+        lines.iter().all(|line| line["event"] != "role"),
+        "{lines:?}"
+    );
+
+    // The remote owner leaves: this host's entry comes first, suspended.
+    h.committed_batch([changes(12, vec![delete("web-2:p1", None)])]);
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["position"], 0);
+    assert_eq!(role["suspended"], true, "{role}");
+    assert_eq!(role["role"], "spectator", "{role}");
+}
+
+#[test]
+fn a_fence_applied_again_after_a_failed_commit_is_told_once() {
+    let (mut h, _, own_ref) = owning();
+    // A local track makes the batch need a commit, which fails.
+    h.inputs([lease(LeaseView::Fenced), track(1, 2, "local")]);
+    h.burst().expect("a commit");
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "only the failed reply: {lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+
+    let retry = h.timeout().expect("the fact waits to be applied again");
+    h.at(retry);
+    h.tick();
+    assert!(h.burst().is_none(), "the fence alone needs no commit");
+    let role = role_of(&h.lines(1));
+    assert_suspended(&role, &own_ref);
+
+    h.committed_batch([lease(LeaseView::Fenced), ping(1, 3)]);
+    assert_eq!(ids(&h.lines(1)), [json!(3)], "no second role event");
+}
+
+#[test]
+fn an_entry_whose_lease_ended_is_queued_again_at_the_back_under_its_ref() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([changes(42, vec![put("web-2:p1", "theirs", 42)])]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(43);
+
+    h.committed_batch([lease(LeaseView::Fenced)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    // etcd ended the lease: the keeper asks for a new one, and the watch
+    // shows this host's key gone with no reason.
+    h.committed_batch([lease(LeaseView::Granting)]);
+    assert!(h.lines(1).is_empty(), "still suspended");
+    h.committed_batch([changes(43, vec![delete(&own_ref, None)])]);
+    assert!(h.lines(1).is_empty(), "the entry stays");
+    assert!(h.lines(2).is_empty(), "and nobody here sees it leave");
+    h.committed_batch([list(1, 2, SHARED)]);
+    assert_eq!(refs_listed(&h.lines(1)[0]), ["web-1:p1", "web-2:p1"]);
+
+    // A new lease: the key is created again, under the same id.
+    h.committed_batch([live_until(FENCE_AT_MS + 10_000)]);
+    assert!(h.lines(1).is_empty(), "suspended until its key shows");
+    let write = one_write(&mut h);
+    let ClusterWrite::Create { id, record, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    assert_eq!(id, &own_ref);
+    assert_eq!(record.phx_ref, own_ref);
+    let (created, put_again) = etcd.create(&write);
+    h.committed_batch([created]);
+    h.input(put_again);
+    let commit = h.burst().expect("the new place is saved");
+    let moved = commit.changes.iter().any(|change| {
+        matches!(change, Change::Put(entry)
+            if entry.phx_ref == own_ref && entry.seq == 44)
+    });
+    assert!(moved, "{:?}", commit.changes);
+    h.ok();
+
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["ref"], own_ref.as_str());
+    assert_eq!(role["role"], "spectator", "{role}");
+    assert_eq!(role["position"], 1, "{role}");
+    assert_eq!(role.get("suspended"), None, "{role}");
+    assert_eq!(role["owner"]["phx_ref"], "web-2:p1", "{role}");
+    let diffs = h.lines(2);
+    assert_eq!(diffs.len(), 2, "a leave, then a join: {diffs:?}");
+    assert_eq!(diffs[0]["reasons"][own_ref.as_str()], "host_lost");
+    assert_eq!(diffs[0]["owner"]["phx_ref"], "web-2:p1");
+    assert_eq!(
+        diffs[1]["payload"]["joins"]["page"]["metas"][0]["seq"], 44,
+        "{diffs:?}"
+    );
+    assert_eq!(h.core.counts().entries, 2);
+}
+
+#[test]
+fn a_key_deleted_before_the_keeper_knows_the_lease_ended_is_queued_again_too() {
+    let (mut h, mut etcd, own_ref) = owning();
+    // The watch shows the delete while the lease is still live here.
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+    let (created, put_again) = etcd.create(&write);
+    h.committed_batch([created, put_again]);
+    let role = role_of(&h.lines(1));
+    assert_owner(&role);
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_lost_lease_and_a_move_rolled_back_are_applied_again_once() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([changes(42, vec![put("web-2:p1", "theirs", 42)])]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(43);
+
+    // The lease ends and a new one is live within one batch, which fails.
+    h.inputs([
+        lease(LeaseView::Granting),
+        changes(43, vec![delete(&own_ref, None)]),
+        live_until(FENCE_AT_MS + 10_000),
+        track(1, 2, "local"),
+    ]);
+    h.burst().expect("a commit");
+    h.fail();
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no write of a failed batch"
+    );
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(2)], "no role event: {lines:?}");
+
+    let retry = h.timeout().expect("the facts wait to be applied again");
+    h.at(retry);
+    h.tick();
+    assert!(h.burst().is_none(), "nothing to save until the key shows");
+    let role = role_of(&h.lines(1));
+    assert_suspended(&role, &own_ref);
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+
+    let (created, put_again) = etcd.create(&write);
+    h.inputs([created, put_again]);
+    h.burst().expect("the new place is saved");
+    h.fail();
+    assert!(h.lines(1).is_empty(), "nothing told of what was not saved");
+    let retry = h.timeout().expect("the changes wait to be applied again");
+    h.at(retry);
+    h.tick();
+    h.burst().expect("saved again");
+    h.ok();
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["position"], 1, "{role}");
+    let diffs = h.lines(2);
+    assert_eq!(diffs.len(), 2, "one leave, one join: {diffs:?}");
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "asked once");
+    assert_eq!(h.core.counts().entries, 2);
+}
