@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::daemon::{ClusterConfig, LeaseSettings};
 use crate::protocol::Limits;
 
 use super::args::seconds_up_to;
+
+/// The heading of the cluster options.
+const CLUSTER: &str = "Cluster";
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -104,16 +108,65 @@ pub struct DaemonArgs {
     /// benchmarks, to show what it saves)
     #[arg(long, hide = true, value_name = "N", default_value_t = crate::daemon::DEFAULT_MAX_BATCH, value_parser = parse_limit)]
     pub max_batch: usize,
+
+    /// Share topics with the daemons of other hosts through the etcd
+    /// cluster at these client URLs (http://host:port, comma-separated)
+    #[arg(long, env = "PRESENCE_ETCD", value_name = "URL", value_delimiter = ',', help_heading = CLUSTER)]
+    pub etcd: Vec<String>,
+
+    /// Share the topics matching this glob (`*` also matches `/`);
+    /// repeat it for more. Needed with --etcd
+    #[arg(long, value_name = "GLOB", requires = "etcd", help_heading = CLUSTER)]
+    pub cluster_topics: Vec<String>,
+
+    /// This host's name in the cluster, unique among its daemons
+    /// [default: the machine's host name up to its first `.`]
+    #[arg(long, value_name = "NAME", requires = "etcd", help_heading = CLUSTER)]
+    pub host: Option<String>,
+
+    /// Where the cluster's keys live in etcd; daemons given the same
+    /// prefix share topics
+    #[arg(long, value_name = "PREFIX", default_value = crate::daemon::DEFAULT_PREFIX, requires = "etcd", help_heading = CLUSTER)]
+    pub cluster_prefix: String,
+
+    /// Seconds etcd keeps this host's entries after it stops hearing from
+    /// it (whole seconds)
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = seconds_up_to(3_600.0), requires = "etcd", help_heading = CLUSTER)]
+    pub cluster_ttl: Duration,
+
+    /// etcd's election timeout (its --election-timeout), in seconds: the
+    /// fence must outlast an election
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(60.0), requires = "etcd", help_heading = CLUSTER)]
+    pub etcd_election_timeout: Duration,
+
+    /// Seconds before etcd could end the lease at which this host stops
+    /// letting its entries own
+    #[arg(long, hide = true, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(3_600.0), requires = "etcd")]
+    pub cluster_margin: Duration,
+
+    /// Seconds between renewals of the lease
+    #[arg(long, hide = true, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(3_600.0), requires = "etcd")]
+    pub cluster_renew_every: Duration,
+
+    /// Seconds one attempt on one etcd member may take
+    #[arg(long, hide = true, value_name = "SECONDS", default_value = "0.3", value_parser = seconds_up_to(60.0), requires = "etcd")]
+    pub etcd_attempt_timeout: Duration,
 }
 
 /// Runs the daemon in the foreground on `socket` until a signal stops it.
 pub fn run(socket: PathBuf, system: bool, args: DaemonArgs) -> anyhow::Result<()> {
-    crate::daemon::run(config(socket, system, args))
+    crate::daemon::run(config(socket, system, args)?)
 }
 
 /// The daemon's configuration: the options, and with `--system` the
-/// system-wide daemon's database and group.
-fn config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daemon::DaemonConfig {
+/// system-wide daemon's database and group. Cluster settings that could
+/// not work are refused here, before anything starts.
+fn config(
+    socket: PathBuf,
+    system: bool,
+    args: DaemonArgs,
+) -> anyhow::Result<crate::daemon::DaemonConfig> {
+    let cluster = cluster_config(&args)?;
     use crate::paths::{SYSTEM_DB, SYSTEM_GROUP};
     let group = args.group.or(system.then(|| SYSTEM_GROUP.to_owned()));
     let db = match (args.db, system) {
@@ -121,7 +174,7 @@ fn config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daemon::Dae
         (None, true) => PathBuf::from(SYSTEM_DB),
         (None, false) => crate::paths::default_db(),
     };
-    crate::daemon::DaemonConfig {
+    Ok(crate::daemon::DaemonConfig {
         socket,
         group,
         db,
@@ -148,7 +201,45 @@ fn config(socket: PathBuf, system: bool, args: DaemonArgs) -> crate::daemon::Dae
         ready_on_stdout: args.ready_on_stdout,
         autostarted: args.autostarted,
         max_batch: args.max_batch,
+        cluster,
+    })
+}
+
+/// Cluster mode's settings, if `--etcd` turns it on.
+fn cluster_config(args: &DaemonArgs) -> anyhow::Result<Option<ClusterConfig>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
     }
+    let host = match &args.host {
+        Some(host) => host.clone(),
+        None => machine_host_name()?,
+    };
+    let lease = LeaseSettings {
+        ttl: args.cluster_ttl,
+        margin: args.cluster_margin,
+        period: args.cluster_renew_every,
+        election_timeout: args.etcd_election_timeout,
+    };
+    ClusterConfig::new(
+        args.etcd.clone(),
+        args.cluster_topics.clone(),
+        host,
+        args.cluster_prefix.clone(),
+        lease,
+        args.etcd_attempt_timeout,
+    )
+    .map(Some)
+    .map_err(|problem| anyhow::anyhow!("cluster mode: {problem}"))
+}
+
+/// The machine's host name up to its first `.`: `web-1` of
+/// `web-1.example.org`, as a host is named in its entries' refs.
+fn machine_host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(|error| {
+        anyhow::anyhow!("cluster mode: cannot read this machine's host name ({error}); give --host")
+    })?;
+    let name = name.trim();
+    Ok(name.split('.').next().unwrap_or(name).to_owned())
 }
 
 /// A limit: a whole number from 1 to 2^30.

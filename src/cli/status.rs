@@ -58,7 +58,7 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ),
     };
     let count = |n: usize| Cell::from(n.to_string());
-    vec![
+    let mut rows = vec![
         ("version", version),
         ("pid", count(status.pid as usize)),
         (
@@ -90,7 +90,63 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
             )),
         ),
         ("pid watch", Cell::from(status.pid_watch.as_str())),
-    ]
+    ];
+    rows.extend(cluster_rows(status));
+    rows
+}
+
+/// A daemon in cluster mode: who it is in the cluster, and how it stands
+/// with etcd. A local daemon's reply has none of this, and prints none.
+fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
+    let Some(cluster) = &status.cluster else {
+        return Vec::new();
+    };
+    let lease = match (cluster.lease.as_str(), &cluster.lease_id) {
+        ("live", Some(id)) => Cell::from(match cluster.fence_in_ms {
+            Some(ms) => format!(
+                "live ({id}), fenced in {} unless renewed",
+                render::duration(ms)
+            ),
+            None => format!("live ({id})"),
+        }),
+        ("fenced", Some(id)) => Cell::new(
+            format!("fenced ({id}): etcd is not answering, so no entry of this host owns"),
+            Style::Notice,
+        ),
+        ("granting", _) => Cell::new("granting: asking etcd for a lease", Style::Notice),
+        ("stopped", _) => Cell::new("stopped: cluster mode is off", Style::Notice),
+        (other, id) => Cell::from(match id {
+            Some(id) => format!("{other} ({id})"),
+            None => other.to_owned(),
+        }),
+    };
+    let watch = match (&cluster.watching, cluster.revision) {
+        (Some(member), Some(revision)) => format!("revision {revision}, on {member}"),
+        (None, Some(revision)) => format!("revision {revision}, not watching now"),
+        (_, None) => "not listed yet".to_owned(),
+    };
+    let mut rows = vec![
+        (
+            "cluster",
+            Cell::from(format!(
+                "host {}, sharing {} under {}",
+                cluster.host,
+                cluster.topics.join(" "),
+                cluster.prefix
+            )),
+        ),
+        ("etcd", Cell::from(cluster.endpoint.as_str())),
+        ("lease", lease),
+        ("watch", Cell::from(watch)),
+        (
+            "etcd writes",
+            Cell::from(format!("{} in flight", cluster.writes_in_flight)),
+        ),
+    ];
+    if let Some(error) = &cluster.last_error {
+        rows.push(("etcd error", Cell::new(error.as_str(), Style::Notice)));
+    }
+    rows
 }
 
 /// How the daemon was started, in words.
