@@ -16,7 +16,8 @@ use presenced::protocol::{
 
 use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
 use crate::common::{
-    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, within,
+    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
+    within,
 };
 
 /// The topics the daemons share; every other topic stays local.
@@ -147,6 +148,35 @@ async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host()
         owner: Some("a:p1".to_owned()),
     };
     listed_everywhere(&[&a, &b, &c], topic, &expected).await;
+
+    // `presence list` names each entry's host, on every host alike.
+    for daemon in [&a, &b, &c] {
+        let listed = daemon.output(&["list", topic]).await;
+        assert!(listed.status.success(), "{listed:?}");
+        let text = stdout(&listed);
+        let hosts: Vec<Vec<&str>> = text
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            hosts[0][..5],
+            ["TOPIC", "ROLE", "KEY", "USER", "HOST"],
+            "{text}"
+        );
+        let keys_and_hosts: Vec<(&str, &str)> = hosts[1..]
+            .iter()
+            .map(|row| match row[1] {
+                // "spectator #1" is two words.
+                "spectator" => (row[3], row[5]),
+                _ => (row[2], row[4]),
+            })
+            .collect();
+        assert_eq!(
+            keys_and_hosts,
+            [("alice", "a"), ("bob", "b"), ("carol", "c")],
+            "{text}"
+        );
+    }
 
     // A topic outside the patterns stays local: b does not see a's.
     on_a.track(TrackRequest::new("local:doc", "alice"))
@@ -459,4 +489,73 @@ async fn a_stopped_daemon_revokes_its_lease_so_its_entries_leave_at_once() {
         stopped.elapsed()
     );
     assert_eq!(View::listed(&b, topic).await, View::default());
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_daemon_restarted_after_a_kill_takes_its_host_name_back_at_once() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    // A TTL long enough to tell a lease revoked by the new daemon from one
+    // etcd let expire.
+    let long_ttl = Duration::from_secs(5);
+    let args = cluster_args(&etcd, "a");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ttl_at = args
+        .iter()
+        .position(|arg| *arg == "--cluster-ttl")
+        .expect("the TTL is given")
+        + 1;
+    let long_ttl_text = long_ttl.as_secs().to_string();
+    args[ttl_at] = &long_ttl_text;
+    let mut a = Daemon::start_with(&args).await;
+    wait_for_lease(&a, "live").await;
+    let b = host(&etcd, "b").await;
+    let topic = "shared:doc";
+
+    let mut editor = spawn_sleeper();
+    let editor_pid = editor.id().expect("the sleeper runs");
+    let (on_a, _a_events) = a.client().await;
+    let owner = on_a
+        .track(TrackRequest {
+            pid: Some(editor_pid),
+            lifetime: Lifetime::Process,
+            ..TrackRequest::new(topic, "alice")
+        })
+        .await
+        .expect("alice's editor joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    on_b.subscribe(topic).await.expect("b watches the topic");
+    eventually("b to list a's entry", async || {
+        View::listed(&b, topic).await.owner.as_deref() == Some(owner.phx_ref.as_str())
+    })
+    .await;
+
+    let killed = Instant::now();
+    a.crash().await;
+    // Its entry's process ends too, so the restarted daemon keeps no row.
+    signal(editor_pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = editor.wait().await;
+    a.start_again(&args).await;
+
+    // The claim on `a` is the killed daemon's, of this boot, and its
+    // process is gone: its lease is revoked rather than waited out.
+    wait_for_lease(&a, "live").await;
+    let reasons = next_event(&mut b_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
+    let waited = killed.elapsed();
+    assert!(
+        waited < long_ttl - Duration::from_secs(1),
+        "the killed daemon's entry left {waited:?} after the kill: its lease expired \
+         rather than being revoked by its successor"
+    );
 }

@@ -250,3 +250,109 @@ fn parse_limit(text: &str) -> Result<usize, String> {
         _ => Err(format!("expected a whole number from 1 to {MAX}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::args::{Cli, Command};
+
+    /// `presence daemon ARGS`' own options, as clap reads them.
+    fn parsed(args: &[&str]) -> Result<DaemonArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["presence", "daemon"].iter().chain(args))?;
+        match cli.command {
+            Command::Daemon(args) => Ok(*args),
+            other => panic!("not the daemon's command: {other:?}"),
+        }
+    }
+
+    fn cluster(args: &[&str]) -> Result<Option<ClusterConfig>, String> {
+        let args = parsed(args).map_err(|error| error.to_string())?;
+        cluster_config(&args).map_err(|error| error.to_string())
+    }
+
+    const ETCD: &[&str] = &["--etcd", "http://127.0.0.1:2379,http://127.0.0.1:22379"];
+
+    #[test]
+    fn without_etcd_there_is_no_cluster_and_its_options_are_refused() {
+        assert!(cluster(&[]).expect("a local daemon").is_none());
+        for option in [
+            &["--cluster-topics", "doc:*"][..],
+            &["--host", "web-1"],
+            &["--cluster-ttl", "5"],
+        ] {
+            let refused = parsed(option).expect_err("a cluster option without --etcd");
+            assert!(refused.to_string().contains("--etcd"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn etcd_with_topics_gives_the_defaults_of_the_fence() {
+        let args = [ETCD, &["--cluster-topics", "doc:*", "--host", "web-1"]].concat();
+        let config = cluster(&args)
+            .expect("settings that hold")
+            .expect("cluster mode");
+        assert_eq!(config.endpoints.len(), 2);
+        assert_eq!(config.host, "web-1");
+        assert_eq!(config.prefix, "/presenced/");
+        assert!(config.shared.includes("doc:a/b.md"));
+        assert!(!config.shared.includes("notes"));
+        assert_eq!(
+            config.lease,
+            LeaseSettings {
+                ttl: Duration::from_secs(5),
+                margin: Duration::from_secs(1),
+                period: Duration::from_secs(1),
+                election_timeout: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(config.attempt_timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn settings_that_could_not_work_are_refused_in_one_line() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--cluster-topics"),
+            (&["--cluster-topics", "["], "pattern"),
+            (&["--cluster-topics", "a*", "--host", "web 1"], "host"),
+            (
+                &[
+                    "--cluster-topics",
+                    "a*",
+                    "--host",
+                    "h",
+                    "--cluster-ttl",
+                    "2",
+                ],
+                "election",
+            ),
+            (
+                &[
+                    "--cluster-topics",
+                    "a*",
+                    "--host",
+                    "h",
+                    "--cluster-ttl",
+                    "4.5",
+                ],
+                "whole seconds",
+            ),
+        ];
+        for (extra, says) in cases {
+            let args = [ETCD, extra].concat();
+            let refused = cluster(&args).expect_err("settings that cannot work");
+            assert!(refused.contains(says), "{args:?}: {refused}");
+            assert_eq!(refused.lines().count(), 1, "{refused}");
+        }
+        let bad_endpoint = cluster(&["--etcd", "etcd:2379", "--cluster-topics", "a*"])
+            .expect_err("an endpoint without its scheme");
+        assert!(bad_endpoint.contains("http://host:port"), "{bad_endpoint}");
+    }
+
+    #[test]
+    fn the_default_host_is_the_machine_name_up_to_its_first_dot() {
+        let host = machine_host_name().expect("the host name is readable");
+        assert!(!host.is_empty() && !host.contains('.'), "{host:?}");
+    }
+}

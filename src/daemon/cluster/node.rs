@@ -11,8 +11,9 @@
 //!   lease is revoked, every write refused, `status` says why); one left
 //!   by this machine's own earlier daemon, killed before its lease ended,
 //!   has its lease revoked, since that daemon's entries are gone with it.
-//! - The bridge ([`Bridge`]): other hosts' changes, forwarded to the core
-//!   as [`ClusterInput::Changes`].
+//! - The bridge ([`Bridge`]), started once this host's name is first
+//!   claimed (before, keys with its name may be another daemon's): other
+//!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`].
 //! - The writer: the core's writes ([`ClusterWrite`]), handed over by the
 //!   driver once their batch committed, each sent to etcd and its outcome
 //!   told back ([`ClusterInput::Written`]). Writes to different keys run at
@@ -74,7 +75,8 @@ pub struct ClusterProbe {
 struct ProbeLinks {
     gateway: Arc<Gateway>,
     lease: watch::Receiver<LeaseStatus>,
-    bridge: watch::Receiver<BridgeStatus>,
+    /// Once the bridge runs: from the first claim of the host name on.
+    bridge: Option<watch::Receiver<BridgeStatus>>,
 }
 
 impl ClusterProbe {
@@ -107,7 +109,11 @@ impl ClusterProbe {
         if let Some(links) = &*super::super::lock(&self.links) {
             status.endpoint = links.gateway.current_endpoint().to_owned();
             let lease = links.lease.borrow().clone();
-            let bridge = links.bridge.borrow().clone();
+            let bridge = links
+                .bridge
+                .as_ref()
+                .map(|bridge| bridge.borrow().clone())
+                .unwrap_or_default();
             let (name, lease_id) = match lease.state {
                 LeaseState::Granting => ("granting", None),
                 LeaseState::Live {
@@ -138,7 +144,6 @@ impl ClusterProbe {
 
 /// Cluster mode, running: what [`ClusterNode::stop`] ends.
 pub struct ClusterNode {
-    bridge: Arc<Bridge>,
     forwarder: JoinHandle<()>,
     writer: JoinHandle<()>,
     /// Tells the lease's task to stop keeping the lease and revoke it.
@@ -222,20 +227,19 @@ impl ClusterNode {
         let keeper = LeaseKeeper::start(Arc::clone(&gateway), config.lease)
             .map_err(|error| anyhow::anyhow!("cluster mode: keeping a lease: {error}"))?;
         let (changes, mut changes_rx) = mpsc::unbounded_channel();
-        let bridge = Arc::new(Bridge::spawn(
-            Arc::clone(&gateway),
-            BridgeSettings {
+        let bridge = BridgeStart {
+            settings: BridgeSettings {
                 keys: keys.clone(),
                 limits,
                 check_every: CHECK_WATCHED_MEMBER_EVERY,
                 retry_pause: RETRY_PAUSE,
             },
-            changes,
-        ));
+            sink: changes,
+        };
         *super::super::lock(&probe.links) = Some(ProbeLinks {
             gateway: Arc::clone(&gateway),
             lease: keeper.status(),
-            bridge: bridge.status(),
+            bridge: None,
         });
         let (claimed_tx, claimed) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -260,12 +264,11 @@ impl ClusterNode {
             keeper,
             claimant,
             claimed_tx,
-            Arc::clone(&bridge),
+            bridge,
             lease_stopped,
         ));
         let writer = tokio::spawn(write_all(shared, writes));
         Ok(ClusterNode {
-            bridge,
             forwarder,
             writer,
             stop_lease: Some(stop_lease),
@@ -276,7 +279,6 @@ impl ClusterNode {
     /// Ends cluster mode: no more changes are read or writes sent, and
     /// the lease is revoked, with every key on it.
     pub async fn stop(mut self) {
-        self.bridge.abort();
         self.forwarder.abort();
         self.writer.abort();
         if let Some(stop) = self.stop_lease.take() {
@@ -294,6 +296,15 @@ impl Drop for ClusterNode {
     }
 }
 
+/// The bridge, to start once this host's name is first claimed: before
+/// that, keys carrying the name may be another daemon's (or this
+/// machine's killed daemon's, whose lease the claim revokes), and the
+/// core is not to read them as this host's.
+struct BridgeStart {
+    settings: BridgeSettings,
+    sink: mpsc::UnboundedSender<crate::core::registry::ClusterChanges>,
+}
+
 /// How a claim on the host name went.
 enum Claim {
     /// Held on this lease.
@@ -304,17 +315,20 @@ enum Claim {
     Failed(Error),
 }
 
-/// The lease's task: claims the host name on each new lease, tells the
-/// core where the lease stands, and on being stopped (or refused the
-/// name) stops the keeper and revokes the lease.
+/// The lease's task: claims the host name on each new lease (and starts
+/// the bridge after the first claim), tells the core where the lease
+/// stands, and on being stopped (or refused the name) stops the keeper
+/// and revokes the lease. The bridge ends with it.
 async fn keep_lease(
     shared: Arc<Shared>,
     keeper: LeaseKeeper,
     claimant: Claimant,
     claimed: watch::Sender<Option<LeaseId>>,
-    bridge: Arc<Bridge>,
+    bridge: BridgeStart,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    let mut bridge_start = Some(bridge);
+    let mut running_bridge: Option<Bridge> = None;
     let mut status = keeper.status();
     let mut told: Option<LeaseView> = None;
     let refusal = loop {
@@ -329,6 +343,13 @@ async fn keep_lease(
                         "cluster: host name {} claimed on lease {lease}",
                         shared.host
                     );
+                    if let Some(BridgeStart { settings, sink }) = bridge_start.take() {
+                        let started = Bridge::spawn(Arc::clone(&shared.gateway), settings, sink);
+                        if let Some(links) = &mut *super::super::lock(&shared.probe.links) {
+                            links.bridge = Some(started.status());
+                        }
+                        running_bridge = Some(started);
+                    }
                     // The state may have moved on while claiming.
                     continue;
                 }
@@ -370,8 +391,9 @@ async fn keep_lease(
         );
         tracing::error!("{why}");
         *super::super::lock(&shared.probe.refused) = Some(why);
-        bridge.abort();
     }
+    // No more of other hosts' changes: dropping the bridge ends it.
+    drop(running_bridge);
     if let Some(lease) = keeper.stop().await {
         match shared.gateway.revoke(lease).await {
             Ok(()) => tracing::info!("cluster: lease {lease} revoked"),
