@@ -559,3 +559,21 @@ async fn a_daemon_restarted_after_a_kill_takes_its_host_name_back_at_once() {
          rather than being revoked by its successor"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_join_sent_as_the_daemon_starts_waits_for_its_lease_rather_than_fail() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let args = cluster_args(&etcd, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start_with(&args).await;
+    // At once: the lease is granted and the host name claimed meanwhile.
+    let (client, _events) = a.client().await;
+    let joined = client
+        .track(TrackRequest::new("shared:doc", "alice"))
+        .await
+        .expect("the join waits for the lease");
+    assert_eq!(joined.standing.role, Role::Owner);
+    assert_eq!(joined.phx_ref, "a:p1");
+}

@@ -19,7 +19,9 @@
 //!   told back ([`ClusterInput::Written`]). Writes to different keys run at
 //!   once; writes to one key run in the order the core made them, each
 //!   after the one before it was answered. An entry is created or
-//!   rewritten only under a lease live now and claimed; a delete is sent
+//!   rewritten only under a lease live now and claimed (waited for, up to
+//!   a TTL, while a lease is being granted; refused at once while it is
+//!   fenced); a delete is sent
 //!   until etcd answers or the lease it was made under is gone (and the
 //!   key with it).
 //!
@@ -162,6 +164,8 @@ struct Shared {
     /// The lease this host's name is claimed on, once it is: only under
     /// it are entries written.
     claimed: watch::Receiver<Option<LeaseId>>,
+    /// How long a write waits for a lease to be granted and claimed.
+    grant_wait: Duration,
 }
 
 impl Shared {
@@ -170,6 +174,39 @@ impl Shared {
     fn writable_lease(&self) -> Option<LeaseId> {
         let lease = self.lease.borrow().state.live_at(BootInstant::now())?;
         (*self.claimed.borrow() == Some(lease)).then_some(lease)
+    }
+
+    /// The lease a new write goes under: the writable one, waited for
+    /// while none is granted and claimed yet (the daemon has just started,
+    /// or etcd ended the last lease), for at most the lease's TTL. None at
+    /// once while the lease is fenced (a write now could outlive the
+    /// claims it rests on) or cluster mode has stopped.
+    async fn lease_to_write(&self) -> Option<LeaseId> {
+        let mut lease = self.lease.clone();
+        let mut claimed = self.claimed.clone();
+        let waiting = async {
+            loop {
+                if let Some(writable) = self.writable_lease() {
+                    return Some(writable);
+                }
+                match lease.borrow_and_update().state {
+                    LeaseState::Granting | LeaseState::Live { .. } => {}
+                    LeaseState::Fenced { .. } | LeaseState::Stopped => return None,
+                }
+                if super::super::lock(&self.probe.refused).is_some() {
+                    return None;
+                }
+                claimed.borrow_and_update();
+                tokio::select! {
+                    changed = lease.changed() => changed.ok()?,
+                    changed = claimed.changed() => changed.ok()?,
+                }
+            }
+        };
+        tokio::time::timeout(self.grant_wait, waiting)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whether etcd may still hold `lease` (live or fenced, not yet known
@@ -250,6 +287,7 @@ impl ClusterNode {
             probe,
             lease: keeper.status(),
             claimed,
+            grant_wait: config.lease.ttl,
         });
         let forwarder = tokio::spawn(async move {
             while let Some(changes) = changes_rx.recv().await {
@@ -633,7 +671,7 @@ fn record_of(shared: SharedRecord) -> Record {
 /// Creates an entry's key, only if absent.
 async fn create(shared: &Shared, topic: &str, key: &[u8], record: SharedRecord) -> Written {
     let value = record_of(record).encode();
-    let Some(lease) = shared.writable_lease() else {
+    let Some(lease) = shared.lease_to_write().await else {
         return not_live();
     };
     let queue = shared.keys.topic(topic);
@@ -698,7 +736,7 @@ fn exists(key: &[u8]) -> Written {
 /// Rewrites an entry's key, only if it is there, keeping its place.
 async fn rewrite(shared: &Shared, key: &[u8], record: SharedRecord) -> Written {
     let value = record_of(record).encode();
-    let Some(lease) = shared.writable_lease() else {
+    let Some(lease) = shared.lease_to_write().await else {
         return not_live();
     };
     loop {
