@@ -93,7 +93,15 @@ const MAY_USE: &[(Layer, &[Layer])] = &[
 
 /// The CLI runs `presence daemon` and shows its defaults, and takes nothing
 /// else from the io layer.
-const DAEMON_ITEMS_FOR_CLI: &[&str] = &["run", "DaemonConfig", "Retention", "DEFAULT_MAX_BATCH"];
+const DAEMON_ITEMS_FOR_CLI: &[&str] = &[
+    "run",
+    "DaemonConfig",
+    "Retention",
+    "DEFAULT_MAX_BATCH",
+    "ClusterConfig",
+    "LeaseSettings",
+    "DEFAULT_PREFIX",
+];
 
 /// What a layer's tests may use besides: they may drive it from above, as
 /// its users do. The daemon's tests start a daemon and talk to it through

@@ -26,6 +26,7 @@ mod cli_who;
 mod client_example;
 mod client_trust;
 mod cluster_bridge;
+mod cluster_daemons;
 mod cluster_gateway;
 mod cluster_lease;
 mod cluster_mirror;

@@ -86,7 +86,7 @@ pub enum Command {
     /// Show who joined, left and owned a topic, and when
     Log(log::LogArgs),
     /// Run the daemon in the foreground, logging to stderr
-    Daemon(daemon::DaemonArgs),
+    Daemon(Box<daemon::DaemonArgs>),
     /// Speak the protocol directly: request lines from stdin, every reply
     /// and event to stdout
     Raw,

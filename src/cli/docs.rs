@@ -66,6 +66,11 @@ pub const ENVIRONMENT: &[Item] = &[
                started on demand. Empty means unset.",
     },
     Item {
+        name: "PRESENCE_ETCD",
+        text: "etcd's client URLs for `presence daemon`, as --etcd: turns cluster mode on. \
+               Empty means unset.",
+    },
+    Item {
         name: "PRESENCE_LOG",
         text: "What to log: error, warn, info, debug or trace, or a tracing filter; \
                --log-level wins over it, and it over RUST_LOG. The default is info for \
@@ -496,7 +501,26 @@ A daemon others share holds each user but its own to --max-entries-per-uid
 entries and --max-meta-per-uid bytes of meta, and everyone together to
 --max-total-entries entries, so that one member cannot fill its memory and
 disk. A join past one is refused with a message naming the flag that
-raises it. The defaults leave one user room for 100,000 entries.";
+raises it. The defaults leave one user room for 100,000 entries.
+
+Cluster mode. With --etcd, daemons on several hosts share the topics that
+match --cluster-topics through one etcd cluster, and agree on one queue
+for each: its owner is the entry etcd created first, on every host. Every
+other topic stays local, as without --etcd, and a daemon given no --etcd
+makes no etcd request at all. Each daemon holds one etcd lease, and its
+entries of shared topics are keys on that lease, so when a host crashes
+or is cut off its entries leave every other host (reason host_lost) once
+etcd ends the lease, --cluster-ttl seconds later. A daemon stops letting
+its own entries own a second before that could happen (the fence), and
+lets them own again when etcd answers. It stops cleanly by revoking its
+lease: its entries leave the other hosts at once.
+
+Every daemon of a cluster needs its own --host (the machine's name by
+default): a daemon that finds its name held by another daemon's lease
+stops cluster mode, says so in its log and in `presence status`, and
+serves its local topics on. --etcd-election-timeout must be etcd's own
+--election-timeout: the daemon refuses settings under which an etcd
+election could fence it. docs/cluster.md has the design.";
 
 const PRESENCE_DETAILS: &str = "\
 Editors, plugins and scripts join a topic: one per file, or one per form
@@ -565,6 +589,10 @@ pub const PAGES: &[Page] = &[
             Example {
                 what: "Give clients a minute to come back after a restart:",
                 run: "presence daemon --resume-grace 60",
+            },
+            Example {
+                what: "Share every publishing_edit topic with the daemons of the other web hosts:",
+                run: "presence daemon --etcd http://etcd-1:2379,http://etcd-2:2379,http://etcd-3:2379 \\\n    --cluster-topics 'publishing_edit:*'",
             },
             Example {
                 what: "Start it with your session, on the first connection:",

@@ -8,11 +8,11 @@ use serde_json::Value;
 use super::args::parse_name;
 use super::completions;
 use super::render;
-use super::render::Cell;
+use super::render::{Cell, Style};
 use super::replies::{decode, request_fields};
 use super::target::Target;
 use crate::client::{Client, ClientError};
-use crate::protocol::{ListRequest, Request, TopicPresences};
+use crate::protocol::{ListRequest, Request, TopicPresences, host_of_ref};
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -40,6 +40,10 @@ pub struct ListArgs {
 /// least width in columns: META, TOPIC, KEY, USER, and last JOINED (whose
 /// time comes first, so its relative part goes).
 const SHRINKABLE: &[(usize, usize)] = &[(6, 8), (0, 12), (2, 8), (3, 8), (5, 8)];
+
+/// Where HOST goes when it is shown: after USER, before the PID that is
+/// a process of that host.
+pub const HOST_COLUMN: usize = 4;
 
 pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     if args.topics {
@@ -71,21 +75,37 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
             all.topics
         }
     };
-    let mut rows = rows(&topics);
+    // HOST only when some entry is another host's or shared (a daemon in
+    // cluster mode): a local daemon's list is what it always was.
+    let with_host = topics.values().any(|state| {
+        render::metas_by_seq(&state.presences)
+            .iter()
+            .any(|(_, meta)| host_of_ref(&meta.phx_ref).is_some())
+    });
+    let mut rows = rows(&topics, with_host);
     if rows.is_empty() {
         eprintln!("nobody is present");
         return Ok(());
     }
-    // META only when someone has one: most joins carry none.
-    let with_meta = rows.iter().any(|row| row.len() > 6);
     let mut header = vec!["TOPIC", "ROLE", "KEY", "USER", "PID", "JOINED"];
-    if with_meta {
+    if with_host {
+        header.insert(HOST_COLUMN, "HOST");
+    }
+    // META only when someone has one: most joins carry none.
+    if rows.iter().any(|row| row.len() > header.len()) {
         header.push("META");
     }
     if !args.wide
         && let Some(width) = render::terminal_width()
     {
-        render::fit(&header, &mut rows, width, SHRINKABLE);
+        let shrinkable: Vec<(usize, usize)> = SHRINKABLE
+            .iter()
+            .map(|&(column, least)| match column {
+                column if with_host && column >= HOST_COLUMN => (column + 1, least),
+                column => (column, least),
+            })
+            .collect();
+        render::fit(&header, &mut rows, width, &shrinkable);
     }
     let table = render::table(&header, &rows);
     say!("{}", table.trim_end());
@@ -128,7 +148,8 @@ pub async fn running_topics(target: &Target) -> anyhow::Result<Vec<String>> {
 
 /// One row per entry: topics by name, and within a topic the owner first,
 /// then the spectators in the order they will be promoted.
-fn rows(topics: &BTreeMap<String, TopicPresences>) -> Vec<Vec<Cell>> {
+/// With `with_host`, each row names the host its entry is on.
+fn rows(topics: &BTreeMap<String, TopicPresences>, with_host: bool) -> Vec<Vec<Cell>> {
     let mut rows = Vec::new();
     for (topic, state) in topics {
         for (position, (key, meta)) in render::metas_by_seq(&state.presences)
@@ -143,6 +164,9 @@ fn rows(topics: &BTreeMap<String, TopicPresences>) -> Vec<Vec<Cell>> {
                 Cell::from(meta.pid.to_string()),
                 Cell::from(render::when(meta.joined_at)),
             ];
+            if with_host {
+                row.insert(HOST_COLUMN, host_cell(&meta.phx_ref));
+            }
             if let Some(client) = render::client_meta(&meta.client) {
                 row.push(Cell::from(client));
             }
@@ -150,4 +174,13 @@ fn rows(topics: &BTreeMap<String, TopicPresences>) -> Vec<Vec<Cell>> {
         }
     }
     rows
+}
+
+/// The host an entry's ref names (`web-1` of `web-1:p3`), or a dim `-`
+/// for one of this daemon's local topics.
+pub fn host_cell(phx_ref: &str) -> Cell {
+    match host_of_ref(phx_ref) {
+        Some(host) => Cell::from(host),
+        None => Cell::new("-", Style::Dim),
+    }
 }

@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let socket = socket_of(cli.socket.clone(), cli.system);
     // The daemon runs without the client runtime: it builds its own.
     if let Command::Daemon(args) = cli.command {
-        return daemon::run(socket, cli.system, args).map(|()| Outcome::Done);
+        return daemon::run(socket, cli.system, *args).map(|()| Outcome::Done);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

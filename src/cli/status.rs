@@ -58,7 +58,7 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         ),
     };
     let count = |n: usize| Cell::from(n.to_string());
-    vec![
+    let mut rows = vec![
         ("version", version),
         ("pid", count(status.pid as usize)),
         (
@@ -90,7 +90,63 @@ fn rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
             )),
         ),
         ("pid watch", Cell::from(status.pid_watch.as_str())),
-    ]
+    ];
+    rows.extend(cluster_rows(status));
+    rows
+}
+
+/// A daemon in cluster mode: who it is in the cluster, and how it stands
+/// with etcd. A local daemon's reply has none of this, and prints none.
+fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
+    let Some(cluster) = &status.cluster else {
+        return Vec::new();
+    };
+    let lease = match (cluster.lease.as_str(), &cluster.lease_id) {
+        ("live", Some(id)) => Cell::from(match cluster.fence_in_ms {
+            Some(ms) => format!(
+                "live ({id}), fenced in {} unless renewed",
+                render::duration(ms)
+            ),
+            None => format!("live ({id})"),
+        }),
+        ("fenced", Some(id)) => Cell::new(
+            format!("fenced ({id}): etcd is not answering, so no entry of this host owns"),
+            Style::Notice,
+        ),
+        ("granting", _) => Cell::new("granting: asking etcd for a lease", Style::Notice),
+        ("stopped", _) => Cell::new("stopped: cluster mode is off", Style::Notice),
+        (other, id) => Cell::from(match id {
+            Some(id) => format!("{other} ({id})"),
+            None => other.to_owned(),
+        }),
+    };
+    let watch = match (&cluster.watching, cluster.revision) {
+        (Some(member), Some(revision)) => format!("revision {revision}, on {member}"),
+        (None, Some(revision)) => format!("revision {revision}, not watching now"),
+        (_, None) => "not listed yet".to_owned(),
+    };
+    let mut rows = vec![
+        (
+            "cluster",
+            Cell::from(format!(
+                "host {}, sharing {} under {}",
+                cluster.host,
+                cluster.topics.join(" "),
+                cluster.prefix
+            )),
+        ),
+        ("etcd", Cell::from(cluster.endpoint.as_str())),
+        ("lease", lease),
+        ("watch", Cell::from(watch)),
+        (
+            "etcd writes",
+            Cell::from(format!("{} in flight", cluster.writes_in_flight)),
+        ),
+    ];
+    if let Some(error) = &cluster.last_error {
+        rows.push(("etcd error", Cell::new(error.as_str(), Style::Notice)));
+    }
+    rows
 }
 
 /// How the daemon was started, in words.
@@ -101,5 +157,97 @@ fn started_by(how: Option<&str>) -> String {
         Some("foreground") => "foreground (`presence daemon`)".to_owned(),
         Some(other) => other.to_owned(),
         None => "unknown (the daemon predates this field)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PROTOCOL_VERSION;
+
+    fn local_status() -> StatusReply {
+        StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: PROTOCOL_VERSION,
+            pid: 42,
+            uptime_ms: 1_000,
+            socket: "/run/presenced.sock".to_owned(),
+            db: "/var/lib/presence.db".to_owned(),
+            db_recovered: None,
+            topics: 1,
+            entries: 2,
+            connections: 3,
+            subscriptions: 0,
+            pid_watch: "pidfd".to_owned(),
+            awaiting_resume: 0,
+            transactions: 9,
+            outbound_bytes: 0,
+            largest_outbound_bytes: 0,
+            outbound_budget_bytes: 1 << 20,
+            started_by: Some("foreground".to_owned()),
+            cluster: None,
+        }
+    }
+
+    fn labels(status: &StatusReply) -> Vec<&'static str> {
+        rows(status).into_iter().map(|(label, _)| label).collect()
+    }
+
+    fn cell<'a>(rows: &'a [(&'static str, Cell)], label: &str) -> &'a Cell {
+        &rows
+            .iter()
+            .find(|(name, _)| *name == label)
+            .unwrap_or_else(|| panic!("no {label} row"))
+            .1
+    }
+
+    #[test]
+    fn a_local_daemon_prints_no_cluster_block() {
+        let labels = labels(&local_status());
+        assert!(!labels.contains(&"cluster"), "{labels:?}");
+        assert_eq!(labels.last(), Some(&"pid watch"));
+    }
+
+    #[test]
+    fn a_daemon_in_cluster_mode_says_who_it_is_and_how_its_lease_stands() {
+        let mut status = local_status();
+        status.cluster = serde_json::from_value(serde_json::json!({
+            "host": "web-1",
+            "prefix": "/presenced/",
+            "topics": ["doc:*"],
+            "endpoint": "http://10.0.0.1:2379",
+            "lease": "live",
+            "lease_id": "694d",
+            "fence_in_ms": 3_200,
+            "revision": 7,
+            "watching": "http://10.0.0.1:2379",
+            "writes_in_flight": 0,
+        }))
+        .expect("a cluster status");
+        let rows = rows(&status);
+        assert_eq!(
+            cell(&rows, "cluster").text,
+            "host web-1, sharing doc:* under /presenced/"
+        );
+        assert_eq!(cell(&rows, "etcd").text, "http://10.0.0.1:2379");
+        assert!(
+            cell(&rows, "lease")
+                .text
+                .starts_with("live (694d), fenced in"),
+            "{}",
+            cell(&rows, "lease").text
+        );
+        assert_eq!(
+            cell(&rows, "watch").text,
+            "revision 7, on http://10.0.0.1:2379"
+        );
+        assert!(rows.iter().all(|(label, _)| *label != "etcd error"));
+
+        let cluster = status.cluster.as_mut().expect("set above");
+        cluster.lease = "fenced".to_owned();
+        cluster.last_error = Some("no etcd endpoint answered".to_owned());
+        let rows = super::rows(&status);
+        assert_eq!(cell(&rows, "lease").style, Style::Notice);
+        assert_eq!(cell(&rows, "etcd error").text, "no etcd endpoint answered");
     }
 }

@@ -7,12 +7,13 @@ use clap::{Args, ValueHint};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::list::{HOST_COLUMN, host_cell};
 use super::outcome::Outcome;
 use super::render;
 use super::render::{Cell, Style};
 use super::replies::{decode, request_fields};
 use super::target::Target;
-use crate::protocol::{ListRequest, Meta, Owner, Request, TopicPresences};
+use crate::protocol::{ListRequest, Meta, Owner, Request, TopicPresences, host_of_ref};
 use crate::topic::file_topic;
 
 #[derive(Debug, Args)]
@@ -111,6 +112,14 @@ fn answer(file: String, topic: String, state: TopicPresences) -> Answer {
 /// One row per entry, like `presence list`, the file in the first column;
 /// a file nobody has open gets one row saying so.
 fn table(answers: &[Answer]) -> String {
+    // HOST only when some entry is on a topic shared across hosts, as in
+    // `presence list`.
+    let with_host = answers.iter().any(|answer| {
+        answer
+            .queue
+            .iter()
+            .any(|place| host_of_ref(&place.meta.phx_ref).is_some())
+    });
     let mut rows = Vec::new();
     for answer in answers {
         if answer.queue.is_empty() {
@@ -120,7 +129,7 @@ fn table(answers: &[Answer]) -> String {
             ]);
         }
         for place in &answer.queue {
-            rows.push(vec![
+            let mut row = vec![
                 Cell::from(answer.file.as_str()),
                 render::role_cell(place.position),
                 Cell::from(place.key.as_str()),
@@ -128,13 +137,18 @@ fn table(answers: &[Answer]) -> String {
                 Cell::from(place.meta.pid.to_string()),
                 Cell::from(editor(&place.meta.client)),
                 Cell::new(render::when(place.meta.joined_at), Style::Dim),
-            ]);
+            ];
+            if with_host {
+                row.insert(HOST_COLUMN, host_cell(&place.meta.phx_ref));
+            }
+            rows.push(row);
         }
     }
-    render::table(
-        &["FILE", "ROLE", "KEY", "USER", "PID", "EDITOR", "SINCE"],
-        &rows,
-    )
+    let mut header = vec!["FILE", "ROLE", "KEY", "USER", "PID", "EDITOR", "SINCE"];
+    if with_host {
+        header.insert(HOST_COLUMN, "HOST");
+    }
+    render::table(&header, &rows)
 }
 
 /// The `editor` a plugin puts in its meta (`nvim 0.7.2`), or `-` for an

@@ -29,9 +29,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::cluster::ClusterProbe;
 use super::lock;
 use super::serializer::{Route, SerializerLane};
-use crate::core::registry::{ConnId, Entry, Peer, ProcessId};
+use crate::core::registry::{ClusterSetup, ClusterWrite, ConnId, Entry, Peer, ProcessId};
 use crate::core::store::{Store, StoreError, StoredEntry};
 use crate::core::{
     Body, CommitFailed, Core, CoreConfig, Counts, Input, Line, LineKind, Now, Restored, Stopped,
@@ -88,6 +89,15 @@ pub struct DaemonInfo {
     pub started_by: String,
 }
 
+/// What the driver needs in cluster mode: which topics are shared and
+/// this host's name, for the core; where the core's writes to etcd go
+/// once their batch is committed; and what `status` shows of it.
+pub struct ClusterLink {
+    pub setup: ClusterSetup,
+    pub writes: tokio::sync::mpsc::UnboundedSender<ClusterWrite>,
+    pub probe: Arc<ClusterProbe>,
+}
+
 /// The core with everything it needs to run: the store its batches are
 /// committed to, and where each connection's lines go. Run by one thread
 /// at a time, through a [`CoreHandle`].
@@ -100,6 +110,9 @@ pub struct Driver {
     info: DaemonInfo,
     /// When to next trim the history to its retention bounds.
     next_prune: Instant,
+    /// Cluster mode's writer and status, if the daemon shares topics.
+    cluster_writes: Option<tokio::sync::mpsc::UnboundedSender<ClusterWrite>>,
+    cluster_probe: Option<Arc<ClusterProbe>>,
 }
 
 /// Both clocks, read once per batch: every input of a batch is handled
@@ -125,6 +138,7 @@ impl Driver {
         resume_grace: Duration,
         info: DaemonInfo,
         max_batch: usize,
+        cluster: Option<ClusterLink>,
     ) -> Result<Driver, StoreError> {
         let (stored, stored_next_seq) = store.load()?;
         let now = read_clocks();
@@ -141,7 +155,7 @@ impl Driver {
             limits,
             max_batch,
             own_uid: crate::sys::current_uid(),
-            cluster: None,
+            cluster: cluster.as_ref().map(|link| link.setup.clone()),
         };
         let restored = Restored {
             kept: sorted.kept,
@@ -155,6 +169,8 @@ impl Driver {
             lane: SerializerLane::start(),
             info,
             next_prune: now.at,
+            cluster_probe: cluster.as_ref().map(|link| Arc::clone(&link.probe)),
+            cluster_writes: cluster.map(|link| link.writes),
         };
         // The first commit deletes the rows that did not survive. A failure
         // that passes by itself leaves them to the core's retries; any
@@ -302,6 +318,15 @@ impl Driver {
                 }
             }
         }
+        // Only now, after the batch that made them committed, and behind
+        // its lines, which they never delay.
+        while let Some(write) = self.core.poll_cluster_write() {
+            if let Some(writes) = &self.cluster_writes {
+                // The writer ends only with the daemon, whose etcd lease
+                // then goes with every key a write would have touched.
+                let _ = writes.send(write);
+            }
+        }
     }
 
     /// What every connection has queued, and the most one has.
@@ -338,6 +363,7 @@ impl Driver {
             outbound_bytes,
             largest_outbound_bytes,
             outbound_budget_bytes: counts.outbound_budget_bytes,
+            cluster: self.cluster_probe.as_ref().map(|probe| probe.status()),
         }
     }
 

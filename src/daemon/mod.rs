@@ -3,8 +3,9 @@
 //! core's driver (`driver.rs`: the clocks, the store's commits, the
 //! outlets, run by whichever thread has work for the core). It turns bytes
 //! into core inputs and core output into bytes; it never decides who owns
-//! a topic. `cluster/` is the client of etcd for topics shared across
-//! hosts, which nothing here uses yet.
+//! a topic. `cluster/` is cluster mode: topics shared across hosts
+//! through etcd, started here only when the daemon is given etcd's
+//! endpoints.
 
 pub mod cluster;
 mod connection;
@@ -24,18 +25,23 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::core::registry::{ClusterSetup, ProcessId, SharedTopicsFn};
 use crate::core::store::{HistoryReaders, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
+use cluster::{Claimant, ClusterNode, ClusterProbe};
 use connection::Shared;
-use driver::{CoreHandle, DaemonInfo, Driver};
+use driver::{ClusterLink, CoreHandle, DaemonInfo, Driver};
 use pidwatch::PidWatcher;
 
 /// The most commands one transaction takes, unless `--max-batch` says less.
 pub use crate::core::MAX_BATCH as DEFAULT_MAX_BATCH;
 /// How much history the daemon keeps, as `presence daemon`'s options set it.
 pub use crate::core::store::Retention;
+/// Cluster mode's settings, and their defaults, as `presence daemon`'s
+/// options set them.
+pub use cluster::{ClusterConfig, DEFAULT_PREFIX, LeaseSettings};
 
 /// Everything `presence daemon` is told.
 #[derive(Debug, Clone)]
@@ -57,6 +63,10 @@ pub struct DaemonConfig {
     pub max_batch: usize,
     /// A client started us on demand (the hidden `--autostarted`).
     pub autostarted: bool,
+    /// Topics shared across hosts through etcd; `None` keeps every topic
+    /// local, and the daemon then starts no cluster task and makes no
+    /// etcd request.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// How long shutdown waits for the `shutdown` event to reach slow clients.
@@ -129,6 +139,26 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         pid_watch: if polling { "polling" } else { "pidfd" }.to_owned(),
         started_by: started_by.to_owned(),
     };
+    // The writer's channel before the driver, which hands it the core's
+    // writes; the tasks that read it need the core's handle, so they
+    // start after it.
+    let (link, cluster) = match &config.cluster {
+        Some(cluster) => {
+            let (writes, writes_rx) = tokio::sync::mpsc::unbounded_channel();
+            let probe = ClusterProbe::new(cluster);
+            let shared = cluster.shared.clone();
+            let link = ClusterLink {
+                setup: ClusterSetup {
+                    host: cluster.host.clone(),
+                    shared: SharedTopicsFn::new(move |topic| shared.includes(topic)),
+                },
+                writes,
+                probe: Arc::clone(&probe),
+            };
+            (Some(link), Some((cluster, writes_rx, probe)))
+        }
+        None => (None, None),
+    };
     let driver = Driver::start(
         opened.store,
         config.limits,
@@ -136,6 +166,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         config.resume_grace,
         info,
         config.max_batch,
+        link,
     )?;
 
     // The socket before the watches: each watched process takes a pidfd,
@@ -149,6 +180,33 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
     for process in watched {
         pids.watch(process);
     }
+    let cluster = match cluster {
+        Some((cluster, writes, probe)) => {
+            let claimant = Claimant {
+                boot_id: opened.boot_id.clone(),
+                process: ProcessId {
+                    pid: std::process::id(),
+                    start_time: crate::sys::process_start_time(std::process::id())
+                        .context("reading the daemon's start time")?,
+                },
+            };
+            tracing::info!(
+                "cluster mode: host {}, sharing {:?} through etcd at {}",
+                cluster.host,
+                cluster.patterns,
+                cluster.endpoints.join(",")
+            );
+            Some(ClusterNode::start(
+                cluster,
+                config.limits,
+                claimant,
+                core.clone(),
+                writes,
+                probe,
+            )?)
+        }
+        None => None,
+    };
     tracing::info!(
         "presenced {} listening on {} (database {})",
         env!("CARGO_PKG_VERSION"),
@@ -178,7 +236,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
     let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
-    let served = tokio::spawn(serve(serving, shared, core_stopped, shutdown_rx));
+    let served = tokio::spawn(serve(serving, shared, core_stopped, shutdown_rx, cluster));
     Ok(Daemon {
         socket,
         shutdown,
@@ -257,6 +315,7 @@ async fn serve(
     shared: Arc<Shared>,
     mut core_stopped: tokio::sync::oneshot::Receiver<Stopped>,
     mut shutdown: tokio::sync::oneshot::Receiver<String>,
+    cluster: Option<ClusterNode>,
 ) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&shared.outbound).cut_off_stalled_holders());
     let max_connections = shared.limits.max_connections;
@@ -317,6 +376,11 @@ async fn serve(
         .ok();
     let _ = shared.core.send(Input::Shutdown { reason }.into());
     let stopped = core_stopped.await;
+    // With the core stopped nothing more is written; the lease is revoked,
+    // so this host's keys go now rather than a TTL later.
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;
     match stopped {

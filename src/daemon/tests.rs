@@ -18,6 +18,7 @@ fn config(dir: &std::path::Path) -> DaemonConfig {
         ready_on_stdout: false,
         max_batch: MAX_BATCH,
         autostarted: false,
+        cluster: None,
     }
 }
 

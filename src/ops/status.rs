@@ -49,6 +49,52 @@ pub struct StatusReply {
     /// it.
     #[serde(default)]
     pub started_by: Option<String>,
+    /// How the daemon takes part in a cluster of hosts sharing topics
+    /// through etcd; absent from a daemon that shares none, so that its
+    /// reply is what it always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// Where a daemon that shares topics through etcd stands with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This host's name, which its entries' refs carry (`HOST:pN`).
+    pub host: String,
+    /// Where its keys live in etcd.
+    pub prefix: String,
+    /// The patterns of the topics it shares.
+    pub topics: Vec<String>,
+    /// The etcd member its next call goes to.
+    pub endpoint: String,
+    /// Its lease: `live` (held; its entries may own), `fenced` (etcd may
+    /// end it at any moment, so none of its entries owns), `granting`
+    /// (none yet, or the last one ended and a new one is asked for), or
+    /// `stopped` (no longer kept: the daemon is stopping, or cluster mode
+    /// was refused, `last_error` says why).
+    pub lease: String,
+    /// The lease's id as etcd numbers it, in hex as `etcdctl` shows it.
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    /// How long until the fence falls unless a renewal is answered first;
+    /// only while the lease is live.
+    #[serde(default)]
+    pub fence_in_ms: Option<u64>,
+    /// The last failure talking to etcd, until a call succeeds again; or
+    /// why cluster mode stopped.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// The etcd revision other hosts' changes have been read up to; none
+    /// before the first listing.
+    #[serde(default)]
+    pub revision: Option<u64>,
+    /// The member whose watch brings other hosts' changes, if one does.
+    #[serde(default)]
+    pub watching: Option<String>,
+    /// Writes of this host's entries handed to etcd and not yet answered,
+    /// with those waiting behind an earlier write to the same key.
+    #[serde(default)]
+    pub writes_in_flight: usize,
 }
 
 pub struct Status;

@@ -54,7 +54,7 @@ use crate::sys::{BootAlarm, BootInstant};
 /// How long after a failed call (every endpoint tried) the next is sent:
 /// enough that members refusing connections at once are not hammered,
 /// short beside any period.
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The least margin m the fence may have: the time the daemon is given to
 /// act on it before another host could be given its places. A margin of

@@ -303,6 +303,38 @@ impl Departure {
     }
 }
 
+/// A daemon's claim on its host name, the value at `PREFIX h/HOST`, on
+/// its lease: which process holds the name, so that a daemon that finds
+/// the name taken can tell its own predecessor on this machine, killed
+/// before its lease ended, from another daemon given the same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostClaim {
+    /// The value's version: [`RECORD_VERSION`], as for entries.
+    pub v: u32,
+    pub host: String,
+    /// The machine's boot (`/proc/sys/kernel/random/boot_id`) the claiming
+    /// daemon ran in.
+    pub boot_id: String,
+    /// The claiming daemon's process, with its start time, so that a
+    /// reused pid is not taken for it.
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl HostClaim {
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a claim; `None` for a value no daemon of this version wrote.
+    pub fn decode(value: &[u8]) -> Option<HostClaim> {
+        serde_json::from_slice::<HostClaim>(value)
+            .ok()
+            .filter(|claim| claim.v == RECORD_VERSION)
+    }
+}
+
 /// Which topics are shared across hosts: those matching any of the
 /// patterns given (`*` any run of characters, `/` included; `?` one
 /// character; `[…]` one of a set), as the shell matches words.

@@ -80,7 +80,15 @@ impl TestDb {
             started_by: "foreground".into(),
         };
         let grace = Duration::from_secs(10);
-        Driver::start(store, Limits::default(), "boot", grace, info, max_batch)
+        Driver::start(
+            store,
+            Limits::default(),
+            "boot",
+            grace,
+            info,
+            max_batch,
+            None,
+        )
     }
 
     /// Takes the database's write lock, as a `sqlite3` shell in a

@@ -1,0 +1,579 @@
+//! Cluster mode end to end: real `presence daemon` processes, each with
+//! its own socket and database and its own `--host`, sharing topics
+//! through a 3-member etcd on loopback (`common::etcd`). Every host shows
+//! the same owner and the same queue; a host that is killed leaves the
+//! others (`host_lost`) once etcd ends its lease; a daemon given no
+//! `--etcd` talks to nobody; and two daemons given one `--host` cannot
+//! both run cluster mode.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use presenced::client::ClientError;
+use presenced::protocol::{
+    ErrorCode, Event, LeaveReason, Lifetime, Role, StatusReply, TrackReply, TrackRequest,
+};
+
+use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
+use crate::common::{
+    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
+    within,
+};
+
+/// The topics the daemons share; every other topic stays local.
+const SHARED: &str = "shared:*";
+
+/// The lease's TTL T the daemons are given: etcd ends a lost host's lease,
+/// and so its entries, this long after its last renewal (plus up to half
+/// a second: etcd looks for expired leases twice a second).
+const TTL: Duration = Duration::from_secs(2);
+
+/// `--cluster-ttl` and the hidden settings, short so that a lost host is
+/// noticed quickly: with the fixture's election timeout (E = 250 ms) and
+/// R = 300 ms, the longest gap between renewals is K + max(2R, 2E) + R +
+/// 0.1 s = 1.25 s, under T − m = 1.5 s.
+fn cluster_args(etcd: &EtcdCluster, host: &str) -> Vec<String> {
+    [
+        "--etcd",
+        &etcd.endpoints().join(","),
+        "--cluster-topics",
+        SHARED,
+        "--host",
+        host,
+        "--cluster-ttl",
+        &TTL.as_secs().to_string(),
+        "--etcd-election-timeout",
+        &ELECTION_TIMEOUT.as_secs_f64().to_string(),
+        "--cluster-margin",
+        "0.5",
+        "--cluster-renew-every",
+        "0.25",
+        "--etcd-attempt-timeout",
+        "0.3",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A daemon of the cluster as `host`, once its lease is live (its host
+/// name claimed on it), so that it may write entries.
+async fn host(etcd: &EtcdCluster, host: &str) -> Daemon {
+    let args = cluster_args(etcd, host);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&args).await;
+    wait_for_lease(&daemon, "live").await;
+    daemon
+}
+
+async fn status(daemon: &Daemon) -> StatusReply {
+    let (client, _events) = daemon.client().await;
+    client.status().await.expect("status")
+}
+
+/// Waits until the daemon's lease is in `state`, as `status` says.
+async fn wait_for_lease(daemon: &Daemon, state: &str) -> StatusReply {
+    let what = format!("the daemon's lease to be {state}");
+    within(&what, async {
+        loop {
+            let status = status(daemon).await;
+            let cluster = status.cluster.as_ref().expect("a daemon in cluster mode");
+            if cluster.lease == state {
+                return status;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
+fn spectator_at(reply: &TrackReply, position: usize) {
+    assert_eq!(reply.standing.role, Role::Spectator, "{reply:?}");
+    assert_eq!(reply.standing.position, position, "{reply:?}");
+}
+
+/// Waits until every daemon lists `topic` as `expected`.
+async fn listed_everywhere(daemons: &[&Daemon], topic: &str, expected: &View) {
+    for daemon in daemons {
+        eventually("every host to list the same queue", async || {
+            View::listed(daemon, topic).await == *expected
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let (a, b, c) = (
+        host(&etcd, "a").await,
+        host(&etcd, "b").await,
+        host(&etcd, "c").await,
+    );
+    let topic = "shared:doc";
+
+    let (on_a, _a_events) = a.client().await;
+    let first = on_a
+        .track(TrackRequest::new(topic, "alice"))
+        .await
+        .expect("alice joins on a");
+    assert_eq!(first.standing.role, Role::Owner, "{first:?}");
+    assert_eq!(first.phx_ref, "a:p1");
+
+    let (on_b, _b_events) = b.client().await;
+    let second = on_b
+        .track(TrackRequest::new(topic, "bob"))
+        .await
+        .expect("bob joins on b");
+    spectator_at(&second, 1);
+    assert_eq!(second.phx_ref, "b:p1");
+    assert!(second.seq > first.seq, "{first:?} then {second:?}");
+
+    let (on_c, _c_events) = c.client().await;
+    let third = on_c
+        .track(TrackRequest::new(topic, "carol"))
+        .await
+        .expect("carol joins on c");
+    spectator_at(&third, 2);
+    assert!(third.seq > second.seq, "{second:?} then {third:?}");
+
+    // Each entry's seq is its key's create revision: the same number on
+    // every host, so the same queue.
+    let expected = View {
+        seqs: [first, second, third]
+            .into_iter()
+            .map(|reply| (reply.phx_ref, reply.seq))
+            .collect(),
+        owner: Some("a:p1".to_owned()),
+    };
+    listed_everywhere(&[&a, &b, &c], topic, &expected).await;
+
+    // `presence list` names each entry's host, on every host alike.
+    for daemon in [&a, &b, &c] {
+        let listed = daemon.output(&["list", topic]).await;
+        assert!(listed.status.success(), "{listed:?}");
+        let text = stdout(&listed);
+        let hosts: Vec<Vec<&str>> = text
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            hosts[0][..5],
+            ["TOPIC", "ROLE", "KEY", "USER", "HOST"],
+            "{text}"
+        );
+        let keys_and_hosts: Vec<(&str, &str)> = hosts[1..]
+            .iter()
+            .map(|row| match row[1] {
+                // "spectator #1" is two words.
+                "spectator" => (row[3], row[5]),
+                _ => (row[2], row[4]),
+            })
+            .collect();
+        assert_eq!(
+            keys_and_hosts,
+            [("alice", "a"), ("bob", "b"), ("carol", "c")],
+            "{text}"
+        );
+    }
+
+    // A topic outside the patterns stays local: b does not see a's.
+    on_a.track(TrackRequest::new("local:doc", "alice"))
+        .await
+        .expect("a local join");
+    let local_on_b = View::listed(&b, "local:doc").await;
+    assert_eq!(local_on_b, View::default(), "a local topic is not shared");
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_killed_host_leaves_the_others_as_lost_within_its_ttl_and_the_next_is_promoted() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let (mut a, b, c) = (
+        host(&etcd, "a").await,
+        host(&etcd, "b").await,
+        host(&etcd, "c").await,
+    );
+    let topic = "shared:doc";
+
+    let (on_a, _a_events) = a.client().await;
+    let owner = on_a
+        .track(TrackRequest::new(topic, "alice"))
+        .await
+        .expect("alice joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    let next = on_b
+        .track(TrackRequest::new(topic, "bob"))
+        .await
+        .expect("bob joins on b");
+    spectator_at(&next, 1);
+    let (on_c, mut c_events) = c.client().await;
+    on_c.subscribe(topic).await.expect("c watches the topic");
+    let expected = View {
+        seqs: [
+            (owner.phx_ref.clone(), owner.seq),
+            (next.phx_ref.clone(), next.seq),
+        ]
+        .into_iter()
+        .collect(),
+        owner: Some(owner.phx_ref.clone()),
+    };
+    listed_everywhere(&[&b, &c], topic, &expected).await;
+
+    let killed = Instant::now();
+    a.crash().await;
+
+    let promoted = next_event(&mut b_events, |event| match event {
+        Event::Role { topic: on, payload } if on == topic && payload.phx_ref == next.phx_ref => {
+            Some(payload.standing)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(promoted.role, Role::Owner, "{promoted:?}");
+    let (left, reasons) = next_event(&mut c_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some((payload.leaves, reasons)),
+        _ => None,
+    })
+    .await;
+    let waited = killed.elapsed();
+    let left_refs: BTreeSet<&str> = left
+        .values()
+        .flat_map(|presence| &presence.metas)
+        .map(|meta| meta.phx_ref.as_str())
+        .collect();
+    assert_eq!(left_refs, BTreeSet::from([owner.phx_ref.as_str()]));
+    assert_eq!(
+        reasons.get(&owner.phx_ref),
+        Some(&LeaveReason::HostLost),
+        "{reasons:?}"
+    );
+    assert!(
+        waited <= TTL + Duration::from_secs(1),
+        "a's entries left {waited:?} after it was killed, more than its TTL and a second"
+    );
+    let after = View {
+        seqs: [(next.phx_ref.clone(), next.seq)].into_iter().collect(),
+        owner: Some(next.phx_ref.clone()),
+    };
+    listed_everywhere(&[&b, &c], topic, &after).await;
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn an_owner_process_that_exits_leaves_every_host_and_the_next_is_promoted() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let (a, b, c) = (
+        host(&etcd, "a").await,
+        host(&etcd, "b").await,
+        host(&etcd, "c").await,
+    );
+    let topic = "shared:doc";
+
+    let mut editor = spawn_sleeper();
+    let editor_pid = editor.id().expect("the sleeper runs");
+    let (on_a, _a_events) = a.client().await;
+    let owner = on_a
+        .track(TrackRequest {
+            pid: Some(editor_pid),
+            lifetime: Lifetime::Process,
+            ..TrackRequest::new(topic, "alice")
+        })
+        .await
+        .expect("alice's editor joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    let next = on_b
+        .track(TrackRequest::new(topic, "bob"))
+        .await
+        .expect("bob joins on b");
+    spectator_at(&next, 1);
+    let (on_c, mut c_events) = c.client().await;
+    on_c.subscribe(topic).await.expect("c watches the topic");
+
+    signal(editor_pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = editor.wait().await;
+
+    let promoted = next_event(&mut b_events, |event| match event {
+        Event::Role { topic: on, payload } if on == topic && payload.phx_ref == next.phx_ref => {
+            Some(payload.standing)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(promoted.role, Role::Owner, "{promoted:?}");
+    let reasons = next_event(&mut c_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        reasons.get(&owner.phx_ref),
+        Some(&LeaveReason::PidExit),
+        "{reasons:?}"
+    );
+}
+
+/// The inodes of the TCP sockets (v4 and v6) of the machine's network
+/// namespace, as `/proc/PID/net/tcp*` lists them.
+fn tcp_socket_inodes(pid: u32) -> BTreeSet<u64> {
+    let mut inodes = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if let Some(inode) = line.split_whitespace().nth(9)
+                && let Ok(inode) = inode.parse()
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}
+
+/// The inodes of the sockets a process holds open.
+fn socket_inodes_of(pid: u32) -> BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors can be read")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// How many TCP sockets the process holds.
+fn tcp_sockets_of(pid: u32) -> usize {
+    let tcp = tcp_socket_inodes(pid);
+    socket_inodes_of(pid)
+        .iter()
+        .filter(|inode| tcp.contains(inode))
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_daemon_without_etcd_talks_to_no_etcd_and_shows_no_cluster() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let clustered = host(&etcd, "a").await;
+    // The check can fail: a daemon in cluster mode does hold a connection
+    // to etcd (its renewals', kept for the next).
+    eventually("the cluster daemon to hold a TCP socket", async || {
+        tcp_sockets_of(clustered.pid()) > 0
+    })
+    .await;
+
+    let local = Daemon::start().await;
+    let (client, _events) = local.client().await;
+    let joined = client
+        .track(TrackRequest::new("shared:doc", "alice"))
+        .await
+        .expect("a join of a topic another daemon would share");
+    assert_eq!(joined.standing.role, Role::Owner);
+    assert_eq!(joined.phx_ref, "p1", "a local ref names no host");
+    let status = client.status().await.expect("status");
+    assert_eq!(status.cluster, None);
+    let raw = local.raw().await.request(r#"{"op":"status","id":1}"#).await;
+    assert!(raw.get("cluster").is_none(), "{raw}");
+    assert_eq!(
+        tcp_sockets_of(local.pid()),
+        0,
+        "a local daemon opened a TCP socket"
+    );
+    // Nor did the clustered daemon see anything of it.
+    assert_eq!(
+        View::listed(&clustered, "shared:doc").await,
+        View::default()
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_second_daemon_given_a_host_name_in_use_refuses_cluster_mode() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let first = host(&etcd, "a").await;
+    let args = cluster_args(&etcd, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let second = Daemon::start_with(&args).await;
+
+    let refused = wait_for_lease(&second, "stopped").await;
+    let cluster = refused
+        .cluster
+        .expect("the second daemon is in cluster mode");
+    let why = cluster.last_error.expect("the second daemon says why");
+    assert!(
+        why.contains("host name a") && why.contains("another daemon"),
+        "{why}"
+    );
+    let (client, _events) = second.client().await;
+    match client.track(TrackRequest::new("shared:doc", "bob")).await {
+        Err(ClientError::Refused(error)) => assert_eq!(error.code, ErrorCode::Unavailable),
+        other => panic!("a shared topic on a daemon without cluster mode: {other:?}"),
+    }
+    // It serves its local topics on.
+    let local = client
+        .track(TrackRequest::new("local:doc", "bob"))
+        .await
+        .expect("a local join");
+    assert_eq!(local.standing.role, Role::Owner);
+
+    // The first daemon's claim and lease are untouched.
+    let first_status = status(&first).await;
+    assert_eq!(first_status.cluster.expect("cluster mode").lease, "live");
+    let (on_first, _events) = first.client().await;
+    let owner = on_first
+        .track(TrackRequest::new("shared:doc", "alice"))
+        .await
+        .expect("the first daemon still writes");
+    assert_eq!(owner.standing.role, Role::Owner);
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_stopped_daemon_revokes_its_lease_so_its_entries_leave_at_once() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let (mut a, b) = (host(&etcd, "a").await, host(&etcd, "b").await);
+    let topic = "shared:doc";
+    let (on_a, _a_events) = a.client().await;
+    let owner = on_a
+        .track(TrackRequest::new(topic, "alice"))
+        .await
+        .expect("alice joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    on_b.subscribe(topic).await.expect("b watches the topic");
+    eventually("b to list a's entry", async || {
+        View::listed(&b, topic).await.owner.as_deref() == Some(owner.phx_ref.as_str())
+    })
+    .await;
+
+    let stopped = Instant::now();
+    a.stop().await;
+    let reasons = next_event(&mut b_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
+    // Revoked, not left to expire: well within the TTL.
+    assert!(
+        stopped.elapsed() < TTL,
+        "a's entries left {:?} after it stopped",
+        stopped.elapsed()
+    );
+    assert_eq!(View::listed(&b, topic).await, View::default());
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_daemon_restarted_after_a_kill_takes_its_host_name_back_at_once() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    // A TTL long enough to tell a lease revoked by the new daemon from one
+    // etcd let expire.
+    let long_ttl = Duration::from_secs(5);
+    let args = cluster_args(&etcd, "a");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ttl_at = args
+        .iter()
+        .position(|arg| *arg == "--cluster-ttl")
+        .expect("the TTL is given")
+        + 1;
+    let long_ttl_text = long_ttl.as_secs().to_string();
+    args[ttl_at] = &long_ttl_text;
+    let mut a = Daemon::start_with(&args).await;
+    wait_for_lease(&a, "live").await;
+    let b = host(&etcd, "b").await;
+    let topic = "shared:doc";
+
+    let mut editor = spawn_sleeper();
+    let editor_pid = editor.id().expect("the sleeper runs");
+    let (on_a, _a_events) = a.client().await;
+    let owner = on_a
+        .track(TrackRequest {
+            pid: Some(editor_pid),
+            lifetime: Lifetime::Process,
+            ..TrackRequest::new(topic, "alice")
+        })
+        .await
+        .expect("alice's editor joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    on_b.subscribe(topic).await.expect("b watches the topic");
+    eventually("b to list a's entry", async || {
+        View::listed(&b, topic).await.owner.as_deref() == Some(owner.phx_ref.as_str())
+    })
+    .await;
+
+    let killed = Instant::now();
+    a.crash().await;
+    // Its entry's process ends too, so the restarted daemon keeps no row.
+    signal(editor_pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = editor.wait().await;
+    a.start_again(&args).await;
+
+    // The claim on `a` is the killed daemon's, of this boot, and its
+    // process is gone: its lease is revoked rather than waited out.
+    wait_for_lease(&a, "live").await;
+    let reasons = next_event(&mut b_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
+    let waited = killed.elapsed();
+    assert!(
+        waited < long_ttl - Duration::from_secs(1),
+        "the killed daemon's entry left {waited:?} after the kill: its lease expired \
+         rather than being revoked by its successor"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_join_sent_as_the_daemon_starts_waits_for_its_lease_rather_than_fail() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let args = cluster_args(&etcd, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start_with(&args).await;
+    // At once: the lease is granted and the host name claimed meanwhile.
+    let (client, _events) = a.client().await;
+    let joined = client
+        .track(TrackRequest::new("shared:doc", "alice"))
+        .await
+        .expect("the join waits for the lease");
+    assert_eq!(joined.standing.role, Role::Owner);
+    assert_eq!(joined.phx_ref, "a:p1");
+}
