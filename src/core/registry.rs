@@ -1245,7 +1245,7 @@ impl Registry {
                 ),
             ));
         }
-        self.check_lease_for(&request.topic)?;
+        self.check_lease_for_track(&request.topic)?;
         // joined_at never goes backwards, even if the wall clock does.
         let joined_at = now.max(self.last_joined_at);
         self.last_joined_at = joined_at;

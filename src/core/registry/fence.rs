@@ -77,9 +77,22 @@ impl Registry {
         topic.standing_key_at(position, self.owner_suspended(topic))
     }
 
-    /// Refuses a new track or an update of `topic`, if it is shared,
-    /// unless the lease is live: a key written now could outlive this
-    /// host's place, or be given a place while another host's entry owns.
+    /// Refuses a new track of `topic`, if it is shared, while the lease
+    /// is fenced or no longer kept: a key written now could outlive this
+    /// host's place. While a lease is being granted (the daemon has just
+    /// started, or etcd ended the last one) the track waits for it
+    /// instead: its key is written only under a live lease, and a client
+    /// that joins as the daemon starts should not be told to come back.
+    pub(super) fn check_lease_for_track(&self, topic: &str) -> Result<(), ErrorBody> {
+        match self.lease {
+            LeaseView::Granting => Ok(()),
+            _ => self.check_lease_for(topic),
+        }
+    }
+
+    /// Refuses an update of `topic`, if it is shared, unless the lease is
+    /// live: the entry's key may be gone with an ended lease, or about to
+    /// go with a fenced one.
     pub(super) fn check_lease_for(&self, topic: &str) -> Result<(), ErrorBody> {
         if !self.is_shared(topic) {
             return Ok(());
