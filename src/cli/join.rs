@@ -140,7 +140,27 @@ async fn refuse_joining_twice(
         .get_by_key(&args.entry.topic, &key)
         .await
         .map_err(|e| failed(&doing, e))?;
-    if let Some(meta) = metas.iter().find(|m| m.uid == uid && m.pid == pid) {
+    let mut mine = metas
+        .iter()
+        .filter(|m| m.uid == uid && m.pid == pid)
+        .peekable();
+    // On a topic shared across hosts, an entry another host tracked may
+    // carry the same pid and uid by chance: only this host's count. The
+    // daemon is asked its host name only when some entry names a host.
+    let own_host = if mine
+        .peek()
+        .is_some_and(|m| crate::protocol::host_of_ref(&m.phx_ref).is_some())
+    {
+        let status = client.status().await.map_err(|e| failed(&doing, e))?;
+        status.cluster.map(|cluster| cluster.host)
+    } else {
+        None
+    };
+    let same_host = |m: &&crate::protocol::Meta| match crate::protocol::host_of_ref(&m.phx_ref) {
+        Some(host) => own_host.as_deref() == Some(host),
+        None => true,
+    };
+    if let Some(meta) = mine.find(same_host) {
         anyhow::bail!(
             "already in line on {} with key {key} for pid {pid} (ref {}); `presence leave {}` \
              removes that entry, or join with another --key to be in line twice",
