@@ -234,7 +234,7 @@ impl Timeline {
             let mut line = format!(
                 "{} {} left",
                 paint(Style::Gone, "-"),
-                render::who(key, meta.pid)
+                render::who_of(key, meta.pid, &meta.phx_ref)
             );
             if let Some(cause) = render::leave_cause(reason) {
                 line.push_str(&format!(" ({cause})"));
@@ -248,7 +248,7 @@ impl Timeline {
         }
         for (key, meta) in render::metas_by_seq(&diff.joins) {
             self.remember(&meta.phx_ref, meta.seq);
-            let who = render::who(key, meta.pid);
+            let who = render::who_of(key, meta.pid, &meta.phx_ref);
             if meta.phx_ref_prev.is_some() {
                 let what = render::client_meta(&meta.client).unwrap_or_else(|| "{}".to_owned());
                 lines.push(format!(
