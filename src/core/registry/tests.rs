@@ -4608,6 +4608,14 @@ fn dump(registry: &Registry) -> String {
     let told_before: BTreeMap<_, _> = registry.told_before.iter().collect();
     lines.push(format!("told before {told_before:?}"));
     lines.push(format!("pending {:?}", registry.pending));
+    let leaving: BTreeMap<_, _> = registry.leaving.iter().collect();
+    let updating: BTreeMap<_, _> = registry.updating.iter().collect();
+    let untracking: BTreeMap<_, _> = registry.untracking.iter().collect();
+    lines.push(format!("leaving {leaving:?}"));
+    lines.push(format!("updating {updating:?}"));
+    lines.push(format!("untracking {untracking:?}"));
+    lines.push(format!("park deadlines {:?}", registry.park_deadlines));
+    lines.push(format!("shown revision {}", registry.shown_revision));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
@@ -4674,10 +4682,10 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
         key: "other".into(),
         ..shared_entry(60, "pub:x", "web-1:p6", "s6")
     };
-    let setup = ClusterSetup {
-        host: "web-1".into(),
-        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-    };
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
     let registry =
         Registry::restore(Limits::default(), vec![held, unheld], 7).with_cluster(Some(setup));
     let mut h = Harness::around(registry);
@@ -4735,10 +4743,10 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
 
 #[test]
 fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back() {
-    let setup = ClusterSetup {
-        host: "web-1".into(),
-        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-    };
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
     let registry = Registry::new(Limits::default()).with_cluster(Some(setup));
     let mut h = Harness::around(registry);
     let a = h.connect(ALICE);
@@ -4790,4 +4798,72 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
     );
     h.registry.roll_back();
     assert_eq!(dump(&h.registry), parked_state);
+}
+
+#[test]
+fn a_shared_entry_leaving_and_its_delete_shown_are_each_taken_back_by_a_roll_back() {
+    // A restored entry of a shared topic, never resumed: it expires.
+    let mut restored = shared_entry(9, "pub:x", "web-1:p3", "s3");
+    restored.resume_deadline = Some(500);
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
+    let registry =
+        Registry::restore(Limits::default(), vec![restored], 4).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let out = h.expire();
+    let [
+        ClusterWrite::Delete {
+            id,
+            reason: LeaveReason::Expired,
+            ..
+        },
+    ] = &out.cluster[..]
+    else {
+        panic!("one delete: {:?}", out.cluster);
+    };
+    assert!(
+        out.changes.is_empty(),
+        "nothing leaves yet: {:?}",
+        out.changes
+    );
+    assert_eq!(h.registry.entry_count(), 1, "it keeps its place");
+    assert_eq!(
+        h.registry.awaiting_resume_count(),
+        0,
+        "nothing can resume it"
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    h.registry.begin_batch();
+    h.expire();
+    h.registry.settle();
+    let leaving = dump(&h.registry);
+    let changes = ClusterChanges {
+        revision: 12,
+        events: vec![ClusterEvent::Delete {
+            topic: "pub:x".into(),
+            id: id.clone(),
+            reason: Some((LeaveReason::Expired, None)),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(h.registry.entry_count(), 0);
+    assert_eq!(
+        history(&out),
+        [(
+            HistoryKind::Leave,
+            "web-1:p3".to_owned(),
+            Some(LeaveReason::Expired)
+        )]
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), leaving);
 }

@@ -3,18 +3,21 @@
 //! makes, keeps a topic all local or all shared, and applies them again
 //! after a failed commit.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value, json};
 
 use super::harness::*;
 use crate::core::registry::{
-    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite, SharedRecord,
-    SharedTopicsFn, Track, WriteId, Written,
+    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite,
+    DEFAULT_PARK_TIMEOUT, SharedRecord, SharedTopicsFn, Track, WriteId, Written,
 };
 use crate::core::{CoreConfig, Input, MAX_BATCH};
 use crate::ops::Op;
 use crate::ops::subscribe::Subscription;
 use crate::protocol::{
     Empty, ErrorBody, ErrorCode, HistoryKind, LeaveReason, Lifetime, Limits, TrackRequest,
+    UntrackRequest, UpdateRequest,
 };
 
 /// This host's name.
@@ -27,10 +30,10 @@ fn clustered(limits: Limits) -> H {
         limits,
         max_batch: MAX_BATCH,
         own_uid: 0,
-        cluster: Some(ClusterSetup {
-            host: HOST.into(),
-            shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-        }),
+        cluster: Some(ClusterSetup::new(
+            HOST,
+            SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+        )),
     };
     H::configured(config, nothing_restored())
 }
@@ -465,15 +468,70 @@ fn remote_entries_past_the_cap_are_ignored_and_fill_no_local_room() {
 
 // -- this host's own tracks of shared topics, through a made-up etcd --------
 
-/// A small etcd: it creates each key the core asks for at the next
-/// revision, answering the write and showing the key to the watch.
+/// A small etcd: it writes each key the core asks for at the next
+/// revision, answering the write and showing the change to the watch.
 struct FakeEtcd {
     revision: u64,
+    /// The create revision of each key it holds, by id.
+    created: HashMap<String, u64>,
 }
 
 impl FakeEtcd {
     fn at(revision: u64) -> FakeEtcd {
-        FakeEtcd { revision }
+        FakeEtcd {
+            revision,
+            created: HashMap::new(),
+        }
+    }
+
+    /// Rewrites the key an update asks for, keeping its create revision:
+    /// what etcd answers, then what the watch shows.
+    fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
+        let ClusterWrite::Rewrite {
+            write,
+            topic,
+            id,
+            record,
+        } = write
+        else {
+            panic!("a rewrite: {write:?}");
+        };
+        self.revision += 1;
+        let created = self.created[id];
+        let written = written(
+            *write,
+            Written::Rewritten {
+                revision: self.revision,
+            },
+        );
+        let put = changes(
+            self.revision,
+            vec![put_in(topic, id, created, record.clone())],
+        );
+        (written, put)
+    }
+
+    /// Deletes the key a leave asks for, with its reason beside it: what
+    /// the watch shows.
+    fn delete(&mut self, write: &ClusterWrite) -> Input {
+        let ClusterWrite::Delete {
+            topic,
+            id,
+            reason,
+            by,
+            ..
+        } = write
+        else {
+            panic!("a delete: {write:?}");
+        };
+        self.revision += 1;
+        self.created.remove(id);
+        let delete = ClusterEvent::Delete {
+            topic: topic.clone(),
+            id: id.clone(),
+            reason: Some((*reason, by.clone())),
+        };
+        changes(self.revision, vec![delete])
     }
 
     /// The writes the core hands out now.
@@ -494,6 +552,7 @@ impl FakeEtcd {
             panic!("a create: {write:?}");
         };
         self.revision += 1;
+        self.created.insert(id.clone(), self.revision);
         let written = written(
             *write,
             Written::Created {
@@ -819,4 +878,530 @@ fn events_to_a_gated_connection_wait_behind_its_parked_track_too() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["id"], 2, "the reply first: {lines:?}");
     assert_eq!(lines[1]["event"], "presence_diff", "{lines:?}");
+}
+
+// -- this host's shared entries leaving and changing, through etcd ----------
+
+fn untrack_ref(conn: u64, id: u64, phx_ref: &str) -> Input {
+    let request = UntrackRequest {
+        topic: SHARED.into(),
+        phx_ref: Some(phx_ref.into()),
+        key: None,
+    };
+    presence(conn, id, Op::Untrack(request))
+}
+
+fn untrack_key(conn: u64, id: u64, key: &str) -> Input {
+    let request = UntrackRequest {
+        topic: SHARED.into(),
+        phx_ref: None,
+        key: Some(key.into()),
+    };
+    presence(conn, id, Op::Untrack(request))
+}
+
+fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
+    let Value::Object(meta) = meta else {
+        panic!("a meta is an object");
+    };
+    let request = UpdateRequest {
+        topic: SHARED.into(),
+        phx_ref: Some(phx_ref.into()),
+        key: None,
+        meta,
+    };
+    presence(conn, id, Op::Update(request))
+}
+
+/// Tracks `key` on the shared topic for `conn`, of `lifetime`, through
+/// etcd, and returns its ref; the reply is read and set aside.
+fn shown_track(h: &mut H, etcd: &mut FakeEtcd, conn: u64, key: &str, lifetime: Lifetime) -> String {
+    let track = Track {
+        request: TrackRequest {
+            topic: SHARED.into(),
+            key: key.into(),
+            meta: Map::new(),
+            pid: None,
+            lifetime,
+            subscribe: false,
+        },
+        process: process_of(conn),
+        token_hash: token_hash(key),
+        token: format!("token-{key}"),
+    };
+    h.committed_batch([presence(conn, 100, Op::Track(track))]);
+    let (created, put) = etcd.create(&one_write(h));
+    h.committed_batch([created, put]);
+    let lines = h.lines(conn);
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    lines[0]["ref"].as_str().expect("a ref").to_owned()
+}
+
+/// A clustered core where connection 1 owns the shared topic and 3
+/// stands behind it, both through `etcd`, and connection 2 subscribes.
+fn owner_and_spectator(etcd: &mut FakeEtcd) -> (H, String, String) {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2, 3]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    let owner = shown_track(&mut h, etcd, 1, "page", Lifetime::Connection);
+    let spectator = shown_track(&mut h, etcd, 3, "other", Lifetime::Connection);
+    h.lines(2);
+    (h, owner, spectator)
+}
+
+#[test]
+fn an_untracked_shared_owner_keeps_its_place_until_etcd_shows_the_delete() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, spectator) = owner_and_spectator(&mut etcd);
+
+    h.input(untrack_ref(1, 1, &owner));
+    assert!(
+        h.burst().is_none(),
+        "nothing leaves yet, so nothing to save"
+    );
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { id, reason, by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(
+        (id.as_str(), *reason, by),
+        (owner.as_str(), LeaveReason::Untrack, &None)
+    );
+    assert!(h.lines(1).is_empty(), "the reply waits for etcd");
+    assert!(h.lines(2).is_empty(), "no diff before etcd deleted the key");
+    assert!(
+        h.lines(3).is_empty(),
+        "nobody is promoted before etcd deleted the key"
+    );
+    h.committed_batch([list(2, 2, SHARED)]);
+    // Listed by key: `other`, then `page`.
+    assert_eq!(
+        refs_listed(&h.lines(2)[0]),
+        [spectator.clone(), owner.clone()]
+    );
+
+    h.input(etcd.delete(&delete));
+    let commit = h.burst().expect("the leave is saved");
+    assert!(
+        commit.changes.contains(&Change::Delete(owner.clone())),
+        "its row goes: {:?}",
+        commit.changes
+    );
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(
+        history,
+        [
+            (
+                HistoryKind::Leave,
+                Some(LeaveReason::Untrack),
+                owner.clone()
+            ),
+            (HistoryKind::Owner, None, spectator.clone()),
+        ]
+    );
+    assert!(h.lines(1).is_empty(), "nothing before the commit");
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        (&lines[0]["id"], &lines[0]["removed"]),
+        (&json!(1), &json!(1))
+    );
+    let role = h.lines(3);
+    assert_eq!(role.len(), 1, "{role:?}");
+    assert_eq!(role[0]["payload"]["role"], "owner", "{role:?}");
+    let diff = h.lines(2);
+    assert_eq!(diff[0]["reasons"][&owner], "untrack", "{diff:?}");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_close_and_a_process_exit_delete_the_keys_of_shared_entries_for_their_reasons() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    let held = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+    let process = shown_track(&mut h, &mut etcd, 1, "run", Lifetime::Process);
+
+    h.committed_batch([close(1)]);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id, reason: LeaveReason::Closed, .. } if *id == held),
+        "{delete:?}"
+    );
+    h.committed_batch([etcd.delete(&delete), list(2, 1, SHARED)]);
+    assert_eq!(
+        refs_listed(&h.lines(2)[0]),
+        std::slice::from_ref(&process),
+        "the process entry stays"
+    );
+
+    h.committed_batch([Input::ProcessExited(process_of(1))]);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id, reason: LeaveReason::PidExit, .. } if *id == process),
+        "{delete:?}"
+    );
+    h.input(etcd.delete(&delete));
+    let (history, _) = history_of(&h.burst().expect("the leave is saved").changes);
+    assert_eq!(
+        history[0],
+        (HistoryKind::Leave, Some(LeaveReason::PidExit), process)
+    );
+    h.ok();
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+#[test]
+fn an_entry_another_connection_removes_names_it_and_its_holder_hears_once_the_key_is_gone() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 4]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "run", Lifetime::Process);
+
+    // Connection 4, of the same uid, may remove the process entry.
+    h.committed_batch([untrack_key(4, 1, "run")]);
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(
+        by.as_ref().map(|by| by.pid),
+        Some(4004),
+        "the remover: {delete:?}"
+    );
+    assert!(
+        h.lines(1).is_empty(),
+        "the holder hears nothing before the key is gone"
+    );
+
+    h.committed_batch([etcd.delete(&delete)]);
+    let holder = h.lines(1);
+    assert_eq!(holder.len(), 1, "{holder:?}");
+    assert_eq!(holder[0]["event"], "removed", "{holder:?}");
+    assert_eq!(holder[0]["payload"]["ref"], entry.as_str());
+    assert_eq!(holder[0]["payload"]["by"]["pid"], 4004);
+    assert_eq!(h.lines(4)[0]["removed"], 1);
+}
+
+#[test]
+fn an_untrack_of_several_shared_entries_replies_once_every_delete_shows() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 5]);
+    shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Process);
+    shown_track(&mut h, &mut etcd, 5, "page", Lifetime::Process);
+
+    h.committed_batch([untrack_key(1, 1, "page"), ping(1, 2)]);
+    let deletes = FakeEtcd::writes(&mut h);
+    assert_eq!(deletes.len(), 2, "{deletes:?}");
+    h.committed_batch([etcd.delete(&deletes[0])]);
+    assert!(h.lines(1).is_empty(), "one delete still to show");
+    h.committed_batch([etcd.delete(&deletes[1])]);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["removed"], 2, "{lines:?}");
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+#[test]
+fn a_rolled_back_untrack_answers_internal_and_asks_etcd_nothing() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    // A local track shares the batch, which its row makes fail.
+    h.inputs([untrack_ref(1, 1, &entry), track_on(1, 2, "doc", "x")]);
+    h.burst().expect("a commit");
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no write of a failed batch"
+    );
+
+    // Still held: it is untracked again.
+    h.committed_batch([untrack_ref(1, 3, &entry)]);
+    let delete = one_write(&mut h);
+    h.committed_batch([etcd.delete(&delete)]);
+    assert_eq!(h.lines(1)[0]["removed"], 1);
+}
+
+#[test]
+fn an_update_of_a_shared_entry_is_answered_once_etcd_shows_it_and_keeps_the_place() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, _) = owner_and_spectator(&mut etcd);
+
+    h.committed_batch([
+        update_ref(1, 1, &owner, json!({"mode": "edit"})),
+        ping(1, 2),
+    ]);
+    assert!(h.lines(1).is_empty(), "the reply waits for etcd");
+    assert!(h.lines(2).is_empty(), "no diff before etcd wrote it");
+    let rewrite = one_write(&mut h);
+    let ClusterWrite::Rewrite { id, record, .. } = &rewrite else {
+        panic!("a rewrite: {rewrite:?}");
+    };
+    assert_eq!(id, &owner, "the key of the entry");
+    assert_ne!(record.phx_ref, owner, "a new ref");
+    assert!(record.phx_ref.starts_with("web-1:p"), "{record:?}");
+    assert_eq!(record.phx_ref_prev.as_deref(), Some(owner.as_str()));
+    assert_eq!(record.meta["mode"], "edit");
+    let new_ref = record.phx_ref.clone();
+
+    let (rewritten, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([rewritten]);
+    assert!(h.lines(1).is_empty(), "etcd's answer alone reveals nothing");
+    h.input(put);
+    let commit = h.burst().expect("the new version is saved");
+    assert!(commit.changes.contains(&Change::Delete(owner.clone())));
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(history, [(HistoryKind::Update, None, new_ref.clone())]);
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["ref"], new_ref.as_str(), "{lines:?}");
+    assert_eq!(lines[0]["prev_ref"], owner.as_str(), "{lines:?}");
+    let diff = h.lines(2);
+    assert_eq!(diff[0]["reasons"][&owner], "update", "{diff:?}");
+    assert_eq!(
+        diff[0]["owner"]["phx_ref"],
+        new_ref.as_str(),
+        "still the owner"
+    );
+    assert!(h.lines(3).is_empty(), "nobody's standing changed");
+}
+
+#[test]
+fn a_second_update_while_one_waits_is_refused_and_a_refused_rewrite_answers_its_error() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    h.committed_batch([
+        update_ref(1, 1, &entry, json!({"n": 1})),
+        update_ref(1, 2, &entry, json!({"n": 2})),
+    ]);
+    let rewrite = one_write(&mut h);
+    let ClusterWrite::Rewrite { write, .. } = &rewrite else {
+        panic!("a rewrite: {rewrite:?}");
+    };
+    let error = ErrorBody::new(ErrorCode::Unavailable, "the lease is fenced");
+    h.committed_batch([written(*write, Written::Refused(error))]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert_eq!(lines[1]["error"]["code"], "limit_exceeded", "{lines:?}");
+
+    // Nothing waits any more: the next update is sent.
+    h.committed_batch([update_ref(1, 3, &entry, json!({"n": 3}))]);
+    let (_, put) = etcd.rewrite(&one_write(&mut h));
+    h.committed_batch([put]);
+    assert_eq!(h.lines(1)[0]["prev_ref"], entry.as_str());
+}
+
+#[test]
+fn an_update_overtaken_by_its_entrys_leave_is_answered_not_found() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Process);
+    h.lines(2);
+
+    h.committed_batch([update_ref(1, 1, &entry, json!({"n": 1}))]);
+    let rewrite = one_write(&mut h);
+    h.committed_batch([Input::ProcessExited(process_of(1))]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "not_found", "{lines:?}");
+    let delete = one_write(&mut h);
+
+    // etcd wrote the update before the delete: the entry leaves as it
+    // was shown here.
+    let (_, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([put, etcd.delete(&delete)]);
+    let diff = h.lines(2);
+    assert_eq!(diff.len(), 1, "only the leave: {diff:?}");
+    assert_eq!(diff[0]["reasons"][&entry], "pid_exit", "{diff:?}");
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+/// Runs the core's own work due at `ms`, and its commit if it needs one.
+fn wake_at(h: &mut H, ms: u64) {
+    h.at(ms);
+    h.tick();
+    h.committed_batch([]);
+}
+
+#[test]
+fn a_track_etcd_does_not_show_in_time_is_answered_unavailable_and_its_key_deleted_later() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(10);
+    h.at(1_000);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), ping(1, 2)]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    let timeout = DEFAULT_PARK_TIMEOUT.as_millis() as u64;
+    assert_eq!(h.timeout(), Some(1_000 + timeout), "woken when it is due");
+
+    wake_at(&mut h, 1_000 + timeout - 1);
+    assert!(h.lines(1).is_empty(), "not yet");
+    wake_at(&mut h, 1_000 + timeout);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert_eq!(h.timeout(), None, "nothing waits any more");
+
+    // The key shows after all: it is deleted, never shown here.
+    h.committed_batch([created, put]);
+    assert!(h.lines(2).is_empty(), "{:?}", h.lines(2));
+    assert_eq!(h.core.counts().entries, 0);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(
+            delete,
+            ClusterWrite::Delete {
+                reason: LeaveReason::Untrack,
+                ..
+            }
+        ),
+        "{delete:?}"
+    );
+    // Nothing is held: the key is tracked again.
+    h.committed_batch([track_on(1, 3, SHARED, "page")]);
+    assert_eq!(FakeEtcd::writes(&mut h).len(), 1);
+}
+
+#[test]
+fn an_update_answered_unavailable_is_still_applied_when_etcd_shows_it_and_its_holder_told() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    h.committed_batch([update_ref(1, 1, &entry, json!({"n": 1}))]);
+    let rewrite = one_write(&mut h);
+    let due = h.timeout().expect("the update waits with a deadline");
+    wake_at(&mut h, due);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    let (_, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([put]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "updated", "{lines:?}");
+    assert_eq!(lines[0]["payload"]["prev_ref"], entry.as_str(), "{lines:?}");
+    assert_eq!(lines[0]["payload"]["meta"]["n"], 1, "{lines:?}");
+}
+
+#[test]
+fn an_untrack_answered_unavailable_still_removes_the_entry_when_etcd_shows_the_delete() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, _) = owner_and_spectator(&mut etcd);
+
+    h.committed_batch([untrack_ref(1, 1, &owner)]);
+    let delete = one_write(&mut h);
+    let due = h.timeout().expect("the untrack waits with a deadline");
+    wake_at(&mut h, due);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert!(h.lines(3).is_empty(), "still nobody promoted");
+
+    h.committed_batch([etcd.delete(&delete)]);
+    assert!(h.lines(1).is_empty(), "answered already");
+    assert_eq!(h.lines(3)[0]["payload"]["role"], "owner");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn an_untrack_by_key_cancels_a_track_still_waiting_and_answers_at_once() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(10);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), untrack_key(1, 2, "page")]);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["error"]["code"], "not_found", "{lines:?}");
+    assert_eq!(lines[1]["removed"], 1, "{lines:?}");
+
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, put]);
+    assert_eq!(h.core.counts().entries, 0);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(
+            delete,
+            ClusterWrite::Delete {
+                reason: LeaveReason::Untrack,
+                ..
+            }
+        ),
+        "{delete:?}"
+    );
+}
+
+#[test]
+fn a_resume_of_a_token_whose_track_still_waits_is_refused() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    h.committed_batch([resume(2, 1, "page")]);
+    let lines = h.lines(2);
+    let refused = &lines[0]["refused"]["token-page"];
+    assert_eq!(refused["code"], "unavailable", "{lines:?}");
+}
+
+#[test]
+fn a_key_etcd_created_but_the_watch_went_past_without_showing_is_answered_unavailable() {
+    // etcd answers first; then the watch shows a later revision without it
+    // (a relisting after the key came and went).
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(10);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, _) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created]);
+    assert!(h.lines(1).is_empty());
+    h.committed_batch([changes(13, vec![put("web-2:p1", "a", 13)])]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    // The watch first, then etcd's answer.
+    h.committed_batch([track_on(1, 2, SHARED, "other")]);
+    let write = one_write(&mut h);
+    etcd.revision = 20;
+    let (created, _) = etcd.create(&write);
+    h.committed_batch([changes(30, vec![put("web-2:p2", "b", 30)])]);
+    assert!(h.lines(1).is_empty(), "etcd has not said it created it yet");
+    h.committed_batch([created]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "nothing left to delete"
+    );
+    assert_eq!(h.core.counts().entries, 2, "the other hosts' entries");
 }
