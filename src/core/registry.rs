@@ -71,7 +71,8 @@ mod cluster;
 
 pub use cluster::{
     ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite,
-    DEFAULT_PARK_TIMEOUT, LeaseView, Shared, SharedRecord, SharedTopicsFn, WriteId, Written,
+    DEFAULT_PARK_TIMEOUT, LeaseView, MAX_WAITING_PER_CONNECTION, Shared, SharedRecord,
+    SharedTopicsFn, WriteId, Written,
 };
 use cluster::{Leaving, Parked, PendingTrack, PendingUntrack, PendingUpdate};
 
@@ -1293,7 +1294,7 @@ impl Registry {
                 subscribe: request.subscribe,
                 token,
             };
-            return Ok(Outcome::Awaits(self.park_track(parked, now, out)));
+            return self.park_track(parked, now, out).map(Outcome::Awaits);
         }
 
         let seq = self.take_seq();
@@ -1407,12 +1408,15 @@ impl Registry {
             (None, Some(key)) => self.cancel_parked_key(conn, &request.topic, key, out),
             _ => 0,
         };
-        let removed = refs.len() + cancelled;
         let local: Vec<String> = refs
             .iter()
             .filter(|phx_ref| self.entry(phx_ref).is_some_and(|e| !is_own_shared(e)))
             .cloned()
             .collect();
+        if local.len() < refs.len() {
+            self.check_room_to_wait(conn)?;
+        }
+        let removed = refs.len() + cancelled;
         self.tell_holders_of_removal(conn, &local, LeaveReason::Untrack, out);
         self.remember_removals(conn, &refs, LeaveReason::Untrack, now);
         let leaving = refs

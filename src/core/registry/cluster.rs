@@ -60,6 +60,9 @@ impl std::fmt::Debug for SharedTopicsFn {
 /// client told nothing for longer would take the daemon for hung.
 pub const DEFAULT_PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many replies to one connection may wait for etcd at once.
+pub const MAX_WAITING_PER_CONNECTION: usize = 32;
+
 /// How this daemon takes part in a cluster: its own host name, which its
 /// entries' refs carry (`HOST:pN`), and which topics are shared.
 #[derive(Debug, Clone)]
@@ -709,7 +712,13 @@ impl Registry {
     /// `HOST:pN` is drawn from the counter (never handed out again, as the
     /// counter is saved), the track counts against the connection and the
     /// uid from now on, and the key's creation is asked of etcd.
-    pub(super) fn park_track(&mut self, parked: Parked, now: i64, out: &mut Outbox) -> WriteId {
+    pub(super) fn park_track(
+        &mut self,
+        parked: Parked,
+        now: i64,
+        out: &mut Outbox,
+    ) -> Result<WriteId, ErrorBody> {
+        self.check_room_to_wait(parked.conn)?;
         let mut parked = parked;
         let host = self.host();
         let id = cluster_ref(&host, self.take_seq());
@@ -733,7 +742,32 @@ impl Registry {
             cancelled: None,
             deadline,
         });
-        write
+        Ok(write)
+    }
+
+    /// Whether one more reply to `conn` may wait for etcd: at most
+    /// [`MAX_WAITING_PER_CONNECTION`]. Every line to a connection queues
+    /// behind its first waiting reply, so without a bound one connection
+    /// could make the core hold lines for it without end while etcd is
+    /// slow.
+    pub(super) fn check_room_to_wait(&self, conn: ConnId) -> Result<(), ErrorBody> {
+        let tracks = self.conns.get(&conn).map_or(0, |c| c.parked);
+        let updates = self
+            .updating
+            .values()
+            .filter(|u| u.asked.conn == conn && u.deadline.is_some())
+            .count();
+        let untracks = self.untracking.values().filter(|u| u.conn == conn).count();
+        if tracks + updates + untracks < MAX_WAITING_PER_CONNECTION {
+            return Ok(());
+        }
+        Err(ErrorBody::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "this connection already has {MAX_WAITING_PER_CONNECTION} requests of shared \
+                 topics waiting for etcd, the limit; send more once some are answered"
+            ),
+        ))
     }
 
     /// Files a pending track, and counts it as its entry will be counted.
@@ -1264,6 +1298,7 @@ impl Registry {
             ));
         };
         let id = shared_id(entry);
+        self.check_room_to_wait(asked.conn)?;
         if self.updating.contains_key(&id) {
             return Err(ErrorBody::new(
                 ErrorCode::LimitExceeded,

@@ -10,7 +10,8 @@ use serde_json::{Map, Value, json};
 use super::harness::*;
 use crate::core::registry::{
     Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite,
-    DEFAULT_PARK_TIMEOUT, SharedRecord, SharedTopicsFn, Track, WriteId, Written,
+    DEFAULT_PARK_TIMEOUT, MAX_WAITING_PER_CONNECTION, SharedRecord, SharedTopicsFn, Track, WriteId,
+    Written,
 };
 use crate::core::{CoreConfig, Input, MAX_BATCH};
 use crate::ops::Op;
@@ -1404,4 +1405,41 @@ fn a_key_etcd_created_but_the_watch_went_past_without_showing_is_answered_unavai
         "nothing left to delete"
     );
     assert_eq!(h.core.counts().entries, 2, "the other hosts' entries");
+}
+
+#[test]
+fn a_connection_may_have_only_so_many_replies_waiting_for_etcd() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let tracks = (0..MAX_WAITING_PER_CONNECTION as u64)
+        .map(|n| track_on(1, n, SHARED, &format!("k{n}")))
+        .collect::<Vec<_>>();
+    h.committed_batch(tracks);
+    let next = MAX_WAITING_PER_CONNECTION as u64;
+    h.committed_batch([
+        track_on(1, next, SHARED, "one-more"),
+        track_on(1, next + 1, "doc", "local"),
+    ]);
+    let mut etcd = FakeEtcd::at(10);
+    let writes = FakeEtcd::writes(&mut h);
+    assert_eq!(
+        writes.len(),
+        MAX_WAITING_PER_CONNECTION,
+        "the one past the bound asks nothing"
+    );
+    for write in &writes {
+        let (created, put) = etcd.create(write);
+        h.committed_batch([created, put]);
+    }
+    let lines = h.lines(1);
+    let past = &lines[MAX_WAITING_PER_CONNECTION];
+    assert_eq!(past["id"], next, "{past}");
+    assert_eq!(past["error"]["code"], "limit_exceeded", "{past}");
+    let message = past["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("waiting for etcd"), "{message}");
+    assert_eq!(
+        lines[MAX_WAITING_PER_CONNECTION + 1]["ok"],
+        true,
+        "a local topic's track is not bound"
+    );
 }
