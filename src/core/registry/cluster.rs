@@ -267,8 +267,9 @@ impl Registry {
     /// place they are read. A put shows a waiting track's key (its entry
     /// joins) or a waiting update's new version (the entry changes); a
     /// delete shows a leaving entry gone (it leaves, for the reason it was
-    /// removed for). Anything else is counted as not applied: a restart's
-    /// leftovers, or another daemon using this host's name.
+    /// removed for). A delete of a key never shown here changes nothing.
+    /// Anything else is counted as not applied: a restart's leftovers, or
+    /// another daemon using this host's name.
     fn apply_own(
         &mut self,
         event: &ClusterEvent,
@@ -319,9 +320,13 @@ impl Registry {
             }
             ClusterEvent::Delete { topic, id, .. } => {
                 let key = (topic.clone(), id.clone());
-                if let (Some(leaving), Some(phx_ref)) =
-                    (self.leaving.get(id), self.shared_ids.get(&key))
-                {
+                let Some(phx_ref) = self.shared_ids.get(&key) else {
+                    // Never shown here: the key of a track given up (its
+                    // connection closed, or it waited too long), deleted
+                    // as it asked. Nothing is left to do.
+                    return;
+                };
+                if let Some(leaving) = self.leaving.get(id) {
                     departing.push((phx_ref.clone(), leaving.reason));
                     report.applied += 1;
                     return;
