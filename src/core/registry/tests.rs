@@ -4867,3 +4867,49 @@ fn a_shared_entry_leaving_and_its_delete_shown_are_each_taken_back_by_a_roll_bac
     h.registry.roll_back();
     assert_eq!(dump(&h.registry), leaving);
 }
+
+#[test]
+fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step() {
+    let entry = shared_entry(9, "pub:x", "web-1:p3", "s3");
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
+    let registry = Registry::restore(Limits::default(), vec![entry], 4).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+    h.resume(a, &["s3"]);
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let out = h.update_ref(a, "pub:x", "web-1:p3", meta(json!({"n": 1})));
+    let [ClusterWrite::Rewrite { record, .. }] = &out.cluster[..] else {
+        panic!("one rewrite: {:?}", out.cluster);
+    };
+    assert!(matches!(out.deliveries[..], [Delivery::Awaiting { .. }]));
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    h.registry.begin_batch();
+    h.update_ref(a, "pub:x", "web-1:p3", meta(json!({"n": 1})));
+    h.registry.settle();
+    let updating = dump(&h.registry);
+    let changes = ClusterChanges {
+        revision: 12,
+        events: vec![ClusterEvent::Put {
+            topic: "pub:x".into(),
+            id: "web-1:p3".into(),
+            create_revision: 9,
+            record: record.clone(),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(
+        h.listed_refs("pub:x"),
+        std::slice::from_ref(&record.phx_ref)
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), updating);
+}

@@ -27,12 +27,17 @@ const HOST: &str = "web-1";
 const SHARED: &str = "pub:site";
 
 fn clustered(limits: Limits) -> H {
+    clustered_as(HOST, limits)
+}
+
+/// A core of `host`, sharing the topics that start with `pub:`.
+fn clustered_as(host: &str, limits: Limits) -> H {
     let config = CoreConfig {
         limits,
         max_batch: MAX_BATCH,
         own_uid: 0,
         cluster: Some(ClusterSetup::new(
-            HOST,
+            host,
             SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
         )),
     };
@@ -1442,4 +1447,82 @@ fn a_connection_may_have_only_so_many_replies_waiting_for_etcd() {
         true,
         "a local topic's track is not bound"
     );
+}
+
+/// What the watch showed, as another host's core is handed it too.
+fn seen_again(input: &Input) -> Input {
+    let Input::Cluster(ClusterInput::Changes(changes)) = input else {
+        panic!("the watch's changes: {input:?}");
+    };
+    Input::Cluster(ClusterInput::Changes(changes.clone()))
+}
+
+#[test]
+fn another_host_sees_this_hosts_update_and_leave_with_the_reason_and_who_removed_it() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 4]);
+    let mut other = clustered_as("web-2", Limits::default());
+    other.connect([2]);
+    other.committed_batch([subscribe_to(2, 1, SHARED)]);
+    other.lines(2);
+
+    // A process entry: another connection of its uid may remove it.
+    let track = Track {
+        request: TrackRequest {
+            topic: SHARED.into(),
+            key: "page".into(),
+            meta: Map::new(),
+            pid: None,
+            lifetime: Lifetime::Process,
+            subscribe: false,
+        },
+        process: process_of(1),
+        token_hash: token_hash("page"),
+        token: "token-page".into(),
+    };
+    h.committed_batch([presence(1, 1, Op::Track(track))]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    other.committed_batch([seen_again(&put)]);
+    h.committed_batch([created, put]);
+    let entry = h.lines(1)[0]["ref"].as_str().expect("a ref").to_owned();
+    let joined = other.lines(2);
+    assert_eq!(joined[0]["owner"]["phx_ref"], entry.as_str(), "{joined:?}");
+
+    h.committed_batch([update_ref(1, 2, &entry, json!({"mode": "edit"}))]);
+    let (_, put) = etcd.rewrite(&one_write(&mut h));
+    other.committed_batch([seen_again(&put)]);
+    h.committed_batch([put]);
+    let new_ref = h.lines(1)[0]["ref"].as_str().expect("a ref").to_owned();
+    let updated = other.lines(2);
+    assert_eq!(updated[0]["reasons"][&entry], "update", "{updated:?}");
+    assert_eq!(
+        updated[0]["payload"]["joins"]["page"]["metas"][0]["phx_ref"],
+        new_ref.as_str(),
+        "the same ref on both hosts: {updated:?}"
+    );
+
+    h.committed_batch([untrack_key(4, 3, "page")]);
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(by.as_ref().map(|by| by.pid), Some(4004), "{delete:?}");
+    let deleted = etcd.delete(&delete);
+    other.input(seen_again(&deleted));
+    let (history, _) = history_of(&other.burst().expect("its history").changes);
+    assert_eq!(
+        history,
+        [(
+            HistoryKind::Leave,
+            Some(LeaveReason::Untrack),
+            new_ref.clone()
+        )]
+    );
+    other.ok();
+    let left = other.lines(2);
+    assert_eq!(left[0]["reasons"][&new_ref], "untrack", "{left:?}");
+    h.committed_batch([deleted]);
+    assert_eq!(h.core.counts().entries, 0);
+    assert_eq!(other.core.counts().entries, 0);
 }
