@@ -5,6 +5,13 @@
 //! number on every host. An entry another host tracked is kept only so
 //! that its place in the queue is known here: it belongs to no process,
 //! connection or user of this host.
+//!
+//! This host's own entries of a shared topic change only as etcd's watch
+//! shows them changed, so that every host sees one order: a track, an
+//! update and a removal (an untrack, a close, an exit, an expiry) each ask
+//! etcd for a write and wait, parked, until the watch shows it. A request
+//! waiting so is answered then, or `unavailable` after the park timeout;
+//! an entry being removed keeps its place until its key is gone.
 
 use std::sync::Arc;
 use std::time::Duration;
