@@ -1526,3 +1526,226 @@ fn another_host_sees_this_hosts_update_and_leave_with_the_reason_and_who_removed
     assert_eq!(h.core.counts().entries, 0);
     assert_eq!(other.core.counts().entries, 0);
 }
+
+// -- reply order through etcd, at random -------------------------------------
+
+/// One step of a random history for the reply-order test.
+#[derive(Debug, Clone)]
+enum OrderStep {
+    /// A request from connection `conn` (1 to 3): a track, an update or an
+    /// untrack of key `key` on the shared topic, a local track, or a ping.
+    Ask { conn: u64, what: u8, key: u8 },
+    /// etcd carries out the first write asked of the key of the `pick`th
+    /// write asked, answering it before or after its watch shows it.
+    Carry { pick: usize, answer_first: bool },
+    /// etcd refuses the `pick`th write asked, if it is not a delete.
+    Refuse { pick: usize },
+    /// Time passes.
+    Wait { ms: u64 },
+    /// The next commit fails.
+    Fail,
+}
+
+fn order_step() -> impl proptest::strategy::Strategy<Value = OrderStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (1..4u64, 0..5u8, 0..2u8).prop_map(|(conn, what, key)| OrderStep::Ask { conn, what, key }),
+        5 => (0..6usize, any::<bool>())
+            .prop_map(|(pick, answer_first)| OrderStep::Carry { pick, answer_first }),
+        1 => (0..6usize).prop_map(|pick| OrderStep::Refuse { pick }),
+        1 => (0..3_000u64).prop_map(|ms| OrderStep::Wait { ms }),
+        1 => Just(OrderStep::Fail),
+    ]
+}
+
+/// A clustered core, its made-up etcd, and what each connection asked and
+/// was answered.
+struct OrderWorld {
+    h: H,
+    etcd: FakeEtcd,
+    asked: Vec<ClusterWrite>,
+    ms: u64,
+    next_id: HashMap<u64, u64>,
+    /// The ids of the replies each connection was sent, in order.
+    answered: HashMap<u64, Vec<u64>>,
+}
+
+impl OrderWorld {
+    fn new() -> OrderWorld {
+        let mut h = clustered(Limits::default());
+        h.connect([1, 2, 3]);
+        OrderWorld {
+            h,
+            etcd: FakeEtcd::at(10),
+            asked: Vec::new(),
+            ms: 0,
+            next_id: HashMap::new(),
+            answered: HashMap::new(),
+        }
+    }
+
+    fn step(&mut self, step: &OrderStep) {
+        let mut fail = false;
+        let inputs = match *step {
+            OrderStep::Ask { conn, what, key } => {
+                let id = self.next_id.entry(conn).or_default();
+                *id += 1;
+                let key = format!("k{key}");
+                let input = match what {
+                    0 => track_on(conn, *id, SHARED, &key),
+                    1 => {
+                        let request = UpdateRequest {
+                            topic: SHARED.into(),
+                            phx_ref: None,
+                            key: Some(key),
+                            meta: Map::new(),
+                        };
+                        presence(conn, *id, Op::Update(request))
+                    }
+                    2 => untrack_key(conn, *id, &key),
+                    3 => track_on(conn, *id, "doc", &key),
+                    _ => ping(conn, *id),
+                };
+                vec![input]
+            }
+            OrderStep::Carry { pick, answer_first } => self.carry(pick, answer_first),
+            OrderStep::Refuse { pick } => {
+                if self.asked.is_empty() {
+                    return;
+                }
+                let at = pick % self.asked.len();
+                let write = match &self.asked[at] {
+                    ClusterWrite::Create { write, .. } | ClusterWrite::Rewrite { write, .. } => {
+                        *write
+                    }
+                    ClusterWrite::Delete { .. } => return,
+                };
+                self.asked.remove(at);
+                let error = ErrorBody::new(ErrorCode::Unavailable, "fenced");
+                vec![written(write, Written::Refused(error))]
+            }
+            OrderStep::Wait { ms } => {
+                self.ms += ms;
+                self.h.at(self.ms);
+                self.h.tick();
+                Vec::new()
+            }
+            OrderStep::Fail => {
+                fail = true;
+                Vec::new()
+            }
+        };
+        self.h.inputs(inputs);
+        if self.h.burst().is_some() {
+            if fail {
+                self.h.fail();
+            } else {
+                self.h.ok();
+            }
+        }
+        // A failed batch's facts are retried on their own.
+        while let Some(due) = self.h.timeout().filter(|due| *due <= self.ms) {
+            self.h.at(self.ms.max(due));
+            self.h.tick();
+            if self.h.burst().is_some() {
+                self.h.ok();
+            }
+        }
+        self.asked.extend(FakeEtcd::writes(&mut self.h));
+        for conn in 1..4 {
+            let replies = self
+                .h
+                .lines(conn)
+                .into_iter()
+                .filter_map(|l| l["id"].as_u64());
+            self.answered.entry(conn).or_default().extend(replies);
+        }
+    }
+
+    /// etcd carries out the first write asked of the key of the `pick`th.
+    fn carry(&mut self, pick: usize, answer_first: bool) -> Vec<Input> {
+        if self.asked.is_empty() {
+            return Vec::new();
+        }
+        let id_of = |write: &ClusterWrite| match write {
+            ClusterWrite::Create { id, .. }
+            | ClusterWrite::Rewrite { id, .. }
+            | ClusterWrite::Delete { id, .. } => id.clone(),
+        };
+        let id = id_of(&self.asked[pick % self.asked.len()]);
+        let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
+            return Vec::new();
+        };
+        let write = self.asked.remove(at);
+        let (answer, shown) = match &write {
+            ClusterWrite::Create { .. } => self.etcd.create(&write),
+            ClusterWrite::Rewrite {
+                write: asked, id, ..
+            } => {
+                if !self.etcd.created.contains_key(id) {
+                    let error = ErrorBody::new(ErrorCode::NotFound, "no such key");
+                    return vec![written(*asked, Written::Refused(error))];
+                }
+                self.etcd.rewrite(&write)
+            }
+            ClusterWrite::Delete { id, .. } => {
+                if !self.etcd.created.contains_key(id) {
+                    return Vec::new();
+                }
+                return vec![self.etcd.delete(&write)];
+            }
+        };
+        if answer_first {
+            vec![answer, shown]
+        } else {
+            vec![shown, answer]
+        }
+    }
+
+    /// Each connection was answered in request order, each request once
+    /// at most; and once etcd has carried out everything and the park
+    /// timeout has passed, each request once exactly.
+    fn check(&self, done: bool) {
+        for conn in 1..4 {
+            let answered = self.answered.get(&conn).cloned().unwrap_or_default();
+            let asked = self.next_id.get(&conn).copied().unwrap_or(0);
+            let in_order: Vec<u64> = (1..=answered.len() as u64).collect();
+            assert_eq!(answered, in_order, "connection {conn}, asked {asked}");
+            if done {
+                assert_eq!(answered.len() as u64, asked, "connection {conn}");
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Whatever etcd does with the writes (carries them out in any order,
+    /// each key's in turn, answering before or after its watch shows
+    /// them; refuses them; takes longer than the park timeout) and
+    /// whatever commits fail, every connection is answered in the order it
+    /// asked, and once etcd has done everything, answered every request.
+    #[test]
+    fn replies_keep_request_order_whatever_etcd_does(
+        steps in proptest::collection::vec(order_step(), 1..60)
+    ) {
+        let mut world = OrderWorld::new();
+        for step in &steps {
+            world.step(step);
+            world.check(false);
+        }
+        for _ in 0..1_000 {
+            if world.asked.is_empty() {
+                break;
+            }
+            world.step(&OrderStep::Carry { pick: 0, answer_first: true });
+        }
+        world.step(&OrderStep::Wait { ms: 60_000 });
+        world.check(true);
+    }
+}
