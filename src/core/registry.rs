@@ -1404,10 +1404,6 @@ impl Registry {
                 ));
             }
         };
-        let cancelled = match (&request.phx_ref, &request.key) {
-            (None, Some(key)) => self.cancel_parked_key(conn, &request.topic, key, out),
-            _ => 0,
-        };
         let local: Vec<String> = refs
             .iter()
             .filter(|phx_ref| self.entry(phx_ref).is_some_and(|e| !is_own_shared(e)))
@@ -1416,6 +1412,11 @@ impl Registry {
         if local.len() < refs.len() {
             self.check_room_to_wait(conn)?;
         }
+        // Refused or not, nothing is changed before this point.
+        let cancelled = match (&request.phx_ref, &request.key) {
+            (None, Some(key)) => self.cancel_parked_key(conn, &request.topic, key, out),
+            _ => 0,
+        };
         let removed = refs.len() + cancelled;
         self.tell_holders_of_removal(conn, &local, LeaveReason::Untrack, out);
         self.remember_removals(conn, &refs, LeaveReason::Untrack, now);
