@@ -1749,3 +1749,42 @@ proptest::proptest! {
         world.check(true);
     }
 }
+
+#[test]
+fn an_untrack_refused_for_too_many_replies_waiting_changes_nothing() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 5]);
+    // Connection 5's process entry, which connection 1 (same uid) may
+    // remove; and as many tracks of connection 1 waiting as may wait, one
+    // of the same key.
+    shown_track(&mut h, &mut etcd, 5, "page", Lifetime::Process);
+    let bound = MAX_WAITING_PER_CONNECTION;
+    let tracks = (0..bound as u64).map(|n| {
+        let key = if n == 0 {
+            "page".to_owned()
+        } else {
+            format!("k{n}")
+        };
+        track_on(1, n, SHARED, &key)
+    });
+    h.committed_batch(tracks);
+    let creates = FakeEtcd::writes(&mut h);
+    assert_eq!(creates.len(), bound);
+
+    h.committed_batch([untrack_key(1, bound as u64, "page")]);
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "no delete asked");
+    for write in &creates {
+        let (created, put) = etcd.create(write);
+        h.committed_batch([created, put]);
+    }
+    let lines = h.lines(1);
+    let replies: Vec<&Value> = lines.iter().filter(|l| l.get("id").is_some()).collect();
+    assert_eq!(replies.len(), bound + 1, "{replies:?}");
+    assert!(
+        replies[..bound].iter().all(|r| r["ok"] == true),
+        "no track cancelled: {replies:?}"
+    );
+    assert_eq!(replies[bound]["error"]["code"], "limit_exceeded");
+    assert_eq!(h.core.counts().entries, bound + 1, "nothing removed");
+}
