@@ -506,7 +506,10 @@ mod tests {
             position: 2,
             ..owning
         };
-        assert_eq!(standing(&waiting), "spectator #2, owner alice (pid 4242 on web-1)");
+        assert_eq!(
+            standing(&waiting),
+            "spectator #2, owner alice (pid 4242 on web-1)"
+        );
     }
 
     #[test]
