@@ -635,11 +635,13 @@ async fn elect_handoffs(
     let election = "bench-election";
     let mut first = Campaign::start(&endpoint, election, "p0")?;
     within("the first etcdctl elect to lead", first.leading()).await??;
+    // The watches the member serves without a waiter: the daemons'.
+    let watches_before = cluster_support::watchers(&endpoint).await?.total;
     let mut leader = Some(first);
     let samples = measure("etcdctl elect handoff", plan, async |i| {
         let current = leader.take().context("an earlier trial lost the leader")?;
         let mut next = Campaign::start(&endpoint, election, &format!("p{}", i + 1))?;
-        wait_for_candidates(&gateway, election, 2).await?;
+        wait_for_waiter(&gateway, &endpoint, election, watches_before).await?;
 
         let start = Instant::now();
         current.resign()?;
@@ -656,20 +658,29 @@ async fn elect_handoffs(
     Ok(samples)
 }
 
-/// Waits until `election` has `count` candidates, each a key under
-/// `ELECTION/`, so that the waiter is queued before the leader resigns.
-/// etcdctl announces nothing until it leads, so the keys are polled,
-/// between timed steps.
-async fn wait_for_candidates(
+/// Waits until a second candidate of `election` waits for the leader's
+/// key to go: its key is under `ELECTION/`, and the member serves its
+/// watch on the leader's key, caught up. etcdctl watches from the revision
+/// it read, a past one, and etcd sends such a watch the events it missed,
+/// and then moves it among the current ones, only every 100 ms: a resign
+/// before that would time etcd's sweep, not the handoff. A waiter in real
+/// use has waited for longer. etcdctl announces nothing until it leads,
+/// so the keys and the member's metrics are polled, between timed steps.
+async fn wait_for_waiter(
     gateway: &Gateway,
+    endpoint: &str,
     election: &str,
-    count: usize,
+    watches_before: u64,
 ) -> anyhow::Result<()> {
     let prefix = format!("{election}/");
-    while gateway.range_prefix(prefix.as_bytes()).await?.1.len() < count {
+    loop {
+        let candidates = gateway.range_prefix(prefix.as_bytes()).await?.1.len();
+        let watchers = cluster_support::watchers(endpoint).await?;
+        if candidates == 2 && watchers.total > watches_before && watchers.catching_up == 0 {
+            return Ok(());
+        }
         tokio::time::sleep(POLL).await;
     }
-    Ok(())
 }
 
 /// The latency scenarios run on local topics, on a plain daemon and on

@@ -10,7 +10,8 @@ use anyhow::{Context, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use presenced::client::Client;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdout, Command};
 
 use super::daemon::Daemon;
@@ -146,4 +147,41 @@ impl Campaign {
         ensure!(status.success(), "etcdctl elect exited with {status}");
         Ok(())
     }
+}
+
+/// The watches one etcd member serves, from its metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Watchers {
+    pub total: u64,
+    /// Those still catching up from a past revision. etcd moves them among
+    /// the current ones only every 100 ms; until then an event for them
+    /// waits for that sweep rather than going out as it is committed.
+    pub catching_up: u64,
+}
+
+/// The watches the member at `endpoint` (`http://host:port`) serves, read
+/// from its `/metrics` over one plain HTTP/1.0 exchange: a 1.0 reply is
+/// never in chunks, whose boundaries could cut a metric's line in two.
+pub async fn watchers(endpoint: &str) -> anyhow::Result<Watchers> {
+    let address = endpoint
+        .strip_prefix("http://")
+        .with_context(|| format!("{endpoint} is not an http:// URL"))?;
+    let mut stream = TcpStream::connect(address).await?;
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await?;
+    let gauge = |name: &str| -> anyhow::Result<u64> {
+        let line = reply
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .with_context(|| format!("etcd's metrics have no {name}"))?;
+        // Gauges are written as floats; these count watches.
+        let value: f64 = line.trim().parse()?;
+        Ok(value as u64)
+    };
+    Ok(Watchers {
+        total: gauge("etcd_debugging_mvcc_watcher_total")?,
+        catching_up: gauge("etcd_debugging_mvcc_slow_watcher_total")?,
+    })
 }
