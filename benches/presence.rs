@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use presenced::client::{Client, Events};
-use presenced::daemon::cluster::{Creation, Gateway};
+use presenced::daemon::cluster::record::KeySpace;
+use presenced::daemon::cluster::{
+    Creation, DEFAULT_PREFIX, Event as WatchEvent, Gateway, Watch, WatchMessage,
+};
 use presenced::protocol::{
     Event, ListAllReply, ListTopicReply, Role, TrackRequest, UntrackRequest,
 };
@@ -488,6 +491,10 @@ async fn drivers_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Re
 
 /// The cluster part's rows: the cross-host handoff and its two baselines.
 const CLUSTER_HANDOFF: &str = "cluster/handoff-kill/role";
+/// The same handoffs until the owner's key is deleted in etcd, and from
+/// then until the `role` event.
+const HANDOFF_DELETED: &str = "cluster/handoff-kill/key-deleted";
+const HANDOFF_AFTER_DELETE: &str = "cluster/handoff-kill/after-delete";
 const ETCD_TXN: &str = "cluster/etcd-txn";
 const ELECT_HANDOFF: &str = "cluster/etcdctl-elect-handoff";
 
@@ -502,8 +509,10 @@ const ETCD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
 /// from a killed owner on one host to the next in line on another.
 async fn cluster_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Result<()> {
     let local_rows = LocalScenario::ALL.map(LocalScenario::rows);
-    let every_row: Vec<&'static str> = [CLUSTER_HANDOFF, ETCD_TXN, ELECT_HANDOFF]
+    let handoff_rows = [CLUSTER_HANDOFF, HANDOFF_DELETED, HANDOFF_AFTER_DELETE];
+    let every_row: Vec<&'static str> = [ETCD_TXN, ELECT_HANDOFF]
         .into_iter()
+        .chain(handoff_rows)
         .chain(local_rows.into_iter().flatten())
         .collect();
     if !cluster_support::installed("etcd") {
@@ -540,7 +549,7 @@ async fn cluster_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Re
             "etcdctl is not installed (Debian: etcd-client)",
         );
     }
-    let handoffs = cross_host_handoffs(&hosts[0], &hosts[1], plan).await?;
+    let handoffs = cross_host_handoffs(&etcd, &hosts[0], &hosts[1], plan).await?;
     let targets = vec![
         Target::Within {
             p50: Some(Duration::from_millis(5)),
@@ -549,7 +558,9 @@ async fn cluster_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Re
         against(ETCD_TXN),
         against(ELECT_HANDOFF),
     ];
-    report.measured(CLUSTER_HANDOFF, handoffs, targets);
+    report.measured(CLUSTER_HANDOFF, handoffs.promoted, targets);
+    report.measured(HANDOFF_DELETED, handoffs.deleted, vec![against(ETCD_TXN)]);
+    report.measured(HANDOFF_AFTER_DELETE, handoffs.after_delete, vec![]);
     Ok(())
 }
 
@@ -557,14 +568,20 @@ async fn cluster_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Re
 /// spectator here, on `next_host`, is queued behind it; the owner is
 /// SIGKILLed. Timed from just before the kill until the spectator's `role`
 /// owner event: the owner's daemon sees it gone and deletes its key, and
-/// the next host sees the delete in its watch and promotes.
+/// the next host sees the delete in its watch and promotes. A watch of
+/// this process's own, on the member the daemons' calls go to first,
+/// splits each trial in two: until the delete shows in etcd, and after.
 async fn cross_host_handoffs(
+    etcd: &cluster_support::etcd::EtcdCluster,
     owner_host: &Daemon,
     next_host: &Daemon,
     plan: Plan,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<CrossHostHandoffs> {
+    let gateway = Gateway::new([etcd.endpoint(0)], ETCD_ATTEMPT_TIMEOUT)?;
+    let keys = KeySpace::new(DEFAULT_PREFIX);
+    let mut watch = gateway.watch(&keys.topics(), 0).await?;
     let mut spectator = Party::connect(&next_host.socket).await?;
-    measure("cross-host handoff", plan, async |i| {
+    let samples = measure("cross-host handoff", plan, async |i| {
         let topic = format!("shared:handoff-{i}");
         let args = [
             owner_host.socket.as_os_str(),
@@ -578,8 +595,14 @@ async fn cross_host_handoffs(
 
         let start = Instant::now();
         owner.kill()?;
-        let promoted = spectator.next_event(|e| is_promotion(e, &topic)).await?;
-        let elapsed = promoted - start;
+        // The only key of this topic to go before the spectator's untrack
+        // is the owner's.
+        let topic_keys = keys.topic(&topic);
+        let (promoted, deleted) = tokio::join!(
+            spectator.next_event(|e| is_promotion(e, &topic)),
+            next_delete_under(&mut watch, &topic_keys),
+        );
+        let (promoted, deleted) = (promoted?, deleted?);
 
         owner.reap().await?;
         let untrack = UntrackRequest {
@@ -588,9 +611,51 @@ async fn cross_host_handoffs(
             key: None,
         };
         spectator.client.untrack(untrack).await?;
-        Ok(elapsed)
+        Ok((
+            promoted - start,
+            deleted - start,
+            promoted.saturating_duration_since(deleted),
+        ))
     })
-    .await
+    .await?;
+    let mut handoffs = CrossHostHandoffs::default();
+    for (promoted, deleted, after_delete) in samples {
+        handoffs.promoted.push(promoted);
+        handoffs.deleted.push(deleted);
+        handoffs.after_delete.push(after_delete);
+    }
+    Ok(handoffs)
+}
+
+/// Each cross-host handoff's times from the kill: until the next host's
+/// `role` event, until a watch shows the owner's key deleted, and from
+/// that delete until the `role` event.
+#[derive(Default)]
+struct CrossHostHandoffs {
+    promoted: Vec<Duration>,
+    deleted: Vec<Duration>,
+    after_delete: Vec<Duration>,
+}
+
+/// Waits until `watch` shows a key under `prefix` deleted, and returns
+/// when it did. Changes of other keys are what earlier trials left.
+async fn next_delete_under(watch: &mut Watch, prefix: &[u8]) -> anyhow::Result<Instant> {
+    loop {
+        match watch.next().await? {
+            Some(WatchMessage::Events { events, .. }) => {
+                let deleted = events.iter().any(
+                    |event| matches!(event, WatchEvent::Delete { key, .. } if key.starts_with(prefix)),
+                );
+                if deleted {
+                    return Ok(Instant::now());
+                }
+            }
+            Some(WatchMessage::Compacted { compact_revision }) => {
+                bail!("the watch fell behind a compaction at revision {compact_revision}")
+            }
+            None => bail!("etcd ended the watch"),
+        }
+    }
 }
 
 /// One transaction as the daemon makes it for a `track` of a fresh shared
