@@ -48,13 +48,15 @@ pub fn installed(program: &str) -> bool {
     })
 }
 
-/// Starts a 3-member etcd on loopback, healthy. The fixture panics on
-/// failure (it is the tests'); on a thread of its own, so the panic comes
-/// back as an error of the run.
-pub async fn start_etcd() -> anyhow::Result<EtcdCluster> {
-    tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-        .await
-        .context("starting a 3-member etcd on loopback")
+/// Starts a 3-member etcd on loopback, healthy, and waits for it on the
+/// calling thread. The members die with the thread that started them
+/// (`PR_SET_PDEATHSIG`), so it must be one that lives as long as the
+/// run, the bench's own, never one of tokio's blocking pool, which end
+/// when idle. The fixture panics on failure (it is the tests'); the panic
+/// comes back as an error of the run.
+pub fn start_etcd() -> anyhow::Result<EtcdCluster> {
+    std::panic::catch_unwind(|| EtcdCluster::start(3))
+        .map_err(|_| anyhow::anyhow!("a 3-member etcd on loopback did not start"))
 }
 
 /// A daemon in cluster mode as `host`, on the members of `etcd`, once its
