@@ -18,7 +18,9 @@ use jiff::{Timestamp, ZonedDateTime};
 use serde_json::{Map, Value};
 use unicode_width::UnicodeWidthStr;
 
-use crate::protocol::{LeaveReason, Meta, Owner, Presences, Role, Standing, is_hidden_char};
+use crate::protocol::{
+    LeaveReason, Meta, Owner, Presences, Role, Standing, host_of_ref, is_hidden_char,
+};
 use crate::sys::now_millis;
 
 // ---------------------------------------------------------------------------
@@ -134,7 +136,7 @@ pub fn standing(standing: &Standing) -> String {
         (Role::Spectator, Some(owner)) => format!(
             "{}, owner {}",
             paint(Style::Dim, &place),
-            who(&owner.key, owner.pid)
+            who_of(&owner.key, owner.pid, &owner.phx_ref)
         ),
         (Role::Spectator, None) => paint(Style::Dim, &place),
     }
@@ -150,10 +152,20 @@ pub fn who(key: &str, pid: u32) -> String {
     format!("{} (pid {pid})", visible(key))
 }
 
+/// [`who`] for the entry with ref `phx_ref`: `alice (pid 4242 on web-1)`
+/// when another host may hold it (a topic shared across hosts), whose
+/// pid means nothing on this one.
+pub fn who_of(key: &str, pid: u32, phx_ref: &str) -> String {
+    match host_of_ref(phx_ref) {
+        Some(host) => format!("{} (pid {pid} on {})", visible(key), visible(host)),
+        None => who(key, pid),
+    }
+}
+
 /// `alice (pid 4242)`, or `nobody`.
 pub fn owner(owner: Option<&Owner>) -> String {
     match owner {
-        Some(owner) => who(&owner.key, owner.pid),
+        Some(owner) => who_of(&owner.key, owner.pid, &owner.phx_ref),
         None => "nobody".to_owned(),
     }
 }
@@ -494,7 +506,19 @@ mod tests {
             position: 2,
             ..owning
         };
-        assert_eq!(standing(&waiting), "spectator #2, owner alice (pid 4242)");
+        assert_eq!(
+            standing(&waiting),
+            "spectator #2, owner alice (pid 4242 on web-1)"
+        );
+    }
+
+    #[test]
+    fn an_entry_of_another_host_is_named_with_its_host() {
+        assert_eq!(who_of("alice", 4242, "p7"), "alice (pid 4242)");
+        assert_eq!(
+            who_of("alice", 4242, "web-1:p7"),
+            "alice (pid 4242 on web-1)"
+        );
     }
 
     #[test]

@@ -234,7 +234,7 @@ impl Timeline {
             let mut line = format!(
                 "{} {} left",
                 paint(Style::Gone, "-"),
-                render::who(key, meta.pid)
+                render::who_of(key, meta.pid, &meta.phx_ref)
             );
             if let Some(cause) = render::leave_cause(reason) {
                 line.push_str(&format!(" ({cause})"));
@@ -248,7 +248,7 @@ impl Timeline {
         }
         for (key, meta) in render::metas_by_seq(&diff.joins) {
             self.remember(&meta.phx_ref, meta.seq);
-            let who = render::who(key, meta.pid);
+            let who = render::who_of(key, meta.pid, &meta.phx_ref);
             if meta.phx_ref_prev.is_some() {
                 let what = render::client_meta(&meta.client).unwrap_or_else(|| "{}".to_owned());
                 lines.push(format!(
@@ -357,9 +357,13 @@ mod tests {
             payload: presences(&[("alice", alice.clone()), ("bob", bob.clone())]),
             owner: Some(owner("alice", alice)),
         };
+        // An entry of a shared topic is named with its host.
+        let on = crate::protocol::host_of_ref(&alice.phx_ref)
+            .map(|host| format!(" on {host}"))
+            .unwrap_or_default();
         assert_eq!(
             timeline.lines(&state),
-            ["doc: owner alice (pid 10), 1 spectator"]
+            [format!("doc: owner alice (pid 10{on}), 1 spectator")]
         );
         timeline
     }
@@ -414,8 +418,8 @@ mod tests {
         assert_eq!(
             timeline.lines(&left),
             [
-                "- alice (pid 10) left (host lost: its daemon stopped renewing its etcd lease) \
-                 → bob (pid 20) is now owner"
+                "- alice (pid 10 on web-1) left (host lost: its daemon stopped renewing its etcd \
+                 lease) → bob (pid 20 on web-2) is now owner"
             ]
         );
     }

@@ -17,7 +17,8 @@
 //!   end of a connection.
 //! - [`Core::poll_timeout`]: when it next has work of its own, which the
 //!   driver reports with [`Core::handle_timeout`]: a restored entry's
-//!   resume deadline, or facts to retry.
+//!   resume deadline, a request that waited for etcd too long, or facts
+//!   to retry.
 //! - [`Core::poll_stopped`]: whether a shutdown has run its course.
 //!
 //! A batch opens with the first input after the last one closed, takes
@@ -442,8 +443,9 @@ impl Core {
     }
 
     /// The time is up: opens a batch of the core's own work if some is due
-    /// (restored entries to expire, facts to retry). Nothing happens
-    /// otherwise, so a driver that wakes early does no harm.
+    /// (restored entries to expire, requests that waited for etcd too long
+    /// to answer, facts to retry). Nothing happens otherwise, so a driver
+    /// that wakes early does no harm.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_now = now;
         if self.stopping || self.committing.is_some() || self.batch.is_some() {
@@ -458,8 +460,9 @@ impl Core {
     }
 
     /// When the core next has work of its own: a restored entry's resume
-    /// deadline, or facts to retry; never before the retry pause after a
-    /// failed commit, so that a failing disk cannot make an idle core spin.
+    /// deadline, a request that waited for etcd too long, or facts to
+    /// retry; never before the retry pause after a failed commit, so that
+    /// a failing disk cannot make an idle core spin.
     /// A batch of inputs does this work too, at its head, pause or not.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.stopped.is_some() || self.stopping {
@@ -470,6 +473,10 @@ impl Core {
             .registry
             .next_resume_deadline()
             .map(|deadline| now.instant_of(deadline));
+        let parked = self
+            .registry
+            .next_park_deadline()
+            .map(|deadline| now.instant_of(deadline));
         let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
         // A backstop: the lease keeper's alarm is what fences on time. This
         // instant is on the monotonic clock, which stops during a suspend;
@@ -478,7 +485,12 @@ impl Core {
             LeaseView::Live { fence_at } => Some(now.at + fence_at.saturating_sub(now.boot)),
             _ => None,
         };
-        let due = expiry.into_iter().chain(retry).chain(fence).min()?;
+        let due = expiry
+            .into_iter()
+            .chain(parked)
+            .chain(retry)
+            .chain(fence)
+            .min()?;
         Some(match &self.recovery.outage {
             Some(outage) => due.max(outage.retry_at),
             None => due,
@@ -621,6 +633,8 @@ impl Core {
         self.apply_endings(&mut batch);
         self.registry
             .expire(batch.now.wall_ms, &mut batch.out.outbox);
+        self.registry
+            .time_out_parked(batch.now.wall_ms, &mut batch.out.outbox);
         batch
     }
 

@@ -72,9 +72,10 @@ mod fence;
 
 pub use cluster::{
     ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite,
-    LeaseView, Shared, SharedRecord, SharedTopicsFn, WriteId, Written,
+    DEFAULT_PARK_TIMEOUT, LeaseView, MAX_WAITING_PER_CONNECTION, Shared, SharedRecord,
+    SharedTopicsFn, WriteId, Written,
 };
-use cluster::{Parked, PendingTrack};
+use cluster::{Leaving, Parked, PendingTrack, PendingUntrack, PendingUpdate};
 use fence::Requeue;
 
 /// Something outside the registry that ends entries.
@@ -166,12 +167,15 @@ pub struct Track {
     pub token_hash: TokenHash,
 }
 
-/// What a track came to.
+/// What a request that may wait for etcd came to: a `track`, `update` or
+/// `untrack`, which on a shared topic is answered only once etcd's watch
+/// shows what it asked.
 #[derive(Debug)]
-pub enum Tracked {
-    /// Its reply's fields: the entry is in.
+pub enum Outcome {
+    /// Its reply's fields: the change is made.
     Now(ReplyFields),
-    /// It waits for etcd, which this write asks.
+    /// It waits for etcd; its reply is named by this write (the first, if
+    /// it asked several).
     Awaits(WriteId),
 }
 
@@ -207,9 +211,10 @@ pub enum Delivery {
     /// [`Registry::resync_all`]): the connection's queue gives back the
     /// large-reply slot the resync held.
     ResyncedAll(ConnId),
-    /// The reply to request `id` waits for etcd (a track of a shared
-    /// topic): it takes its place among the connection's lines, and
-    /// whatever follows for the connection waits behind it.
+    /// The reply to request `id` waits for etcd (a track, update or
+    /// untrack of a shared topic): it takes its place among the
+    /// connection's lines, and whatever follows for the connection waits
+    /// behind it.
     Awaiting {
         conn: ConnId,
         id: Value,
@@ -713,6 +718,15 @@ enum Undo {
     /// The flag to queue the entry of this topic and key id again was set
     /// or changed (from `Some`) or cleared (from `None`): put it back.
     Requeue((String, String), Option<Requeue>),
+    /// The leave of this host's entry of a shared topic, by key id, was
+    /// set or cleared: put back what it was.
+    Leaving(String, Option<Box<Leaving>>),
+    /// The update waiting for etcd of an entry, by key id, was set or
+    /// cleared: put back what it was.
+    Updating(String, Option<Box<PendingUpdate>>),
+    /// The untrack waiting for etcd named by this write was set or
+    /// cleared: put back what it was.
+    Untracking(WriteId, Option<Box<PendingUntrack>>),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -723,6 +737,7 @@ struct Journal {
     undo: Vec<Undo>,
     next_seq: u64,
     last_joined_at: i64,
+    shown_revision: u64,
 }
 
 /// What became of one token of a `resume`.
@@ -818,6 +833,24 @@ pub struct Registry {
     /// that ended, by topic and key id: each stays, suspended, until its
     /// key is created again and shows.
     requeue: BTreeMap<(String, String), Requeue>,
+    /// This host's entries of shared topics on their way out, by key id
+    /// (`HOST:pN`, unique across topics): each stays in its place until
+    /// etcd's watch shows its key deleted, so that nobody here is promoted
+    /// before any other host could be.
+    leaving: HashMap<String, Leaving>,
+    /// Updates of this host's entries of shared topics waiting for etcd to
+    /// show the new version, by key id: one at a time for each.
+    updating: HashMap<String, PendingUpdate>,
+    /// Untracks waiting for etcd to show the deletes of the shared entries
+    /// they removed, by the write that names their reply.
+    untracking: HashMap<WriteId, PendingUntrack>,
+    /// The replies waiting for etcd that are answered `unavailable` at a
+    /// time (wall clock, ms) unless etcd shows what they asked first,
+    /// soonest first, by the write that names each.
+    park_deadlines: BTreeSet<(i64, WriteId)>,
+    /// The revision etcd's watch (or a listing) has shown this daemon up
+    /// to: a key created at or below it that was not shown is gone.
+    shown_revision: u64,
 }
 
 impl Registry {
@@ -846,6 +879,11 @@ impl Registry {
             next_write: 0,
             lease: LeaseView::Granting,
             requeue: BTreeMap::new(),
+            leaving: HashMap::new(),
+            updating: HashMap::new(),
+            untracking: HashMap::new(),
+            park_deadlines: BTreeSet::new(),
+            shown_revision: 0,
         }
     }
 
@@ -1009,6 +1047,7 @@ impl Registry {
             undo: Vec::new(),
             next_seq: self.next_seq,
             last_joined_at: self.last_joined_at,
+            shown_revision: self.shown_revision,
         });
     }
 
@@ -1030,6 +1069,7 @@ impl Registry {
         }
         self.next_seq = journal.next_seq;
         self.last_joined_at = journal.last_joined_at;
+        self.shown_revision = journal.shown_revision;
     }
 
     /// A connection has been accepted. Not journaled: the connection is
@@ -1187,7 +1227,7 @@ impl Registry {
         track: Track,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<Tracked, ErrorBody> {
+    ) -> Result<Outcome, ErrorBody> {
         let Track {
             request,
             process,
@@ -1278,7 +1318,7 @@ impl Registry {
                 subscribe: request.subscribe,
                 token,
             };
-            return Ok(Tracked::Awaits(self.park_track(parked, out)));
+            return self.park_track(parked, now, out).map(Outcome::Awaits);
         }
 
         let seq = self.take_seq();
@@ -1301,7 +1341,7 @@ impl Registry {
         if request.subscribe {
             self.add_subscription(conn, request.topic, out);
         }
-        Ok(Tracked::Now(ReplyFields::of(&reply)))
+        Ok(Outcome::Now(ReplyFields::of(&reply)))
     }
 
     /// Puts a new entry in its topic and tells of it: the history (its
@@ -1359,16 +1399,22 @@ impl Registry {
         }
     }
 
+    /// Removes the entries named. A local topic's entries leave at once.
+    /// This host's entries of a shared topic are set leaving, and the reply
+    /// waits until etcd's watch shows every one of their keys deleted;
+    /// their holders hear of it then. Tracks of the key still waiting for
+    /// etcd are cancelled, and count as removed.
     pub(crate) fn untrack(
         &mut self,
         conn: ConnId,
+        request_id: &Value,
         request: UntrackRequest,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<ReplyFields, ErrorBody> {
+    ) -> Result<Outcome, ErrorBody> {
         let refs = match (&request.phx_ref, &request.key) {
             (Some(phx_ref), _) => match self.entry(phx_ref) {
-                Some(entry) if entry.topic == request.topic => {
+                Some(entry) if entry.topic == request.topic && !self.is_leaving(entry) => {
                     self.check_may_change(conn, entry)?;
                     vec![phx_ref.clone()]
                 }
@@ -1376,7 +1422,7 @@ impl Registry {
             },
             (None, Some(key)) => self
                 .entries_with_key(&request.topic, key)
-                .filter(|e| self.check_may_change(conn, e).is_ok())
+                .filter(|e| !self.is_leaving(e) && self.check_may_change(conn, e).is_ok())
                 .map(|e| e.phx_ref.clone())
                 .collect(),
             (None, None) => {
@@ -1386,15 +1432,32 @@ impl Registry {
                 ));
             }
         };
-        let removed = refs.len();
-        self.tell_holders_of_removal(conn, &refs, LeaveReason::Untrack, out);
+        let local: Vec<String> = refs
+            .iter()
+            .filter(|phx_ref| self.entry(phx_ref).is_some_and(|e| !is_own_shared(e)))
+            .cloned()
+            .collect();
+        if local.len() < refs.len() {
+            self.check_room_to_wait(conn)?;
+        }
+        // Refused or not, nothing is changed before this point.
+        let cancelled = match (&request.phx_ref, &request.key) {
+            (None, Some(key)) => self.cancel_parked_key(conn, &request.topic, key, out),
+            _ => 0,
+        };
+        let removed = refs.len() + cancelled;
+        self.tell_holders_of_removal(conn, &local, LeaveReason::Untrack, out);
         self.remember_removals(conn, &refs, LeaveReason::Untrack, now);
         let leaving = refs
             .into_iter()
             .map(|r| (r, LeaveReason::Untrack))
             .collect();
-        self.remove(leaving, now, out);
-        Ok(ReplyFields::of(&UntrackReply { removed }))
+        let deletes = self.remove_by(leaving, Some(conn), now, out);
+        let reply = UntrackReply { removed };
+        match self.park_untrack(conn, request_id, reply.clone(), &deletes, now) {
+            Some(slot) => Ok(Outcome::Awaits(slot)),
+            None => Ok(Outcome::Now(ReplyFields::of(&reply))),
+        }
     }
 
     /// Tells each connection that holds one of `refs`, other than `conn`
@@ -1523,20 +1586,9 @@ impl Registry {
         let Some(holder) = updated.conn.filter(|holder| *holder != conn) else {
             return;
         };
-        let (Some(by), Some(prev_ref)) = (self.actor(conn), updated.prev_ref.clone()) else {
-            return;
-        };
-        let event = Event::Updated {
-            topic: updated.topic.clone(),
-            payload: Revision {
-                phx_ref: updated.phx_ref.clone(),
-                prev_ref,
-                key: updated.key.clone(),
-                meta: updated.meta.clone(),
-                by,
-            },
-        };
-        out.event(vec![holder], event);
+        if let Some(by) = self.actor(conn) {
+            tell_of_update(holder, by, updated, out);
+        }
     }
 
     /// Who is acting through `conn`, as the holder of an entry it changes
@@ -1553,10 +1605,11 @@ impl Registry {
     pub(crate) fn update(
         &mut self,
         conn: ConnId,
+        request_id: &Value,
         request: UpdateRequest,
         now: i64,
         out: &mut Outbox,
-    ) -> Result<ReplyFields, ErrorBody> {
+    ) -> Result<Outcome, ErrorBody> {
         self.check_lease_for(&request.topic)?;
         let new_bytes = checked_meta_size(&request.meta, self.limits.max_meta_bytes)?;
         let old_ref = match (&request.phx_ref, &request.key) {
@@ -1570,7 +1623,9 @@ impl Registry {
             }
         };
         let (entry, old_bytes) = match self.located(&old_ref) {
-            Some((entry, bytes)) if entry.topic == request.topic => (entry, bytes),
+            Some((entry, bytes)) if entry.topic == request.topic && !self.is_leaving(entry) => {
+                (entry, bytes)
+            }
             _ => {
                 return Err(ErrorBody::new(
                     ErrorCode::NotFound,
@@ -1584,6 +1639,16 @@ impl Registry {
         if new_bytes > old_bytes {
             let held = self.usage(entry.uid).meta_bytes - old_bytes;
             self.check_meta_quota(entry.uid, held, new_bytes)?;
+        }
+        if is_own_shared(entry) {
+            let update = cluster::UpdateAsked {
+                conn,
+                request_id: request_id.clone(),
+                old_ref,
+                meta: request.meta,
+                meta_bytes: new_bytes,
+            };
+            return self.park_update(update, now, out).map(Outcome::Awaits);
         }
 
         let new_ref = ref_for(self.take_seq());
@@ -1599,10 +1664,10 @@ impl Registry {
                 format!("no entry `{old_ref}`"),
             ));
         }
-        Ok(ReplyFields::of(&UpdateReply {
+        Ok(Outcome::Now(ReplyFields::of(&UpdateReply {
             phx_ref: new_ref,
             prev_ref: old_ref,
-        }))
+        })))
     }
 
     /// Gives the entry `old_ref` a new version, made by `revise` (a new
@@ -1826,7 +1891,10 @@ impl Registry {
                 .filter(|t| t.uid == uid && t.expires_at > now);
             return match removed {
                 Some(tombstone) => Resumption::Removed(tombstone.removed.clone()),
-                None => Resumption::Expired,
+                None => match self.parked_track_of_token(uid, hash) {
+                    Some(error) => Resumption::Refused(error),
+                    None => Resumption::Expired,
+                },
             };
         };
         if let Err(error) = self.check_room_for(conn, &entry.topic, &entry.key) {
@@ -1870,13 +1938,62 @@ impl Registry {
 
     /// Removes entries, each for its reason, then tells each topic's
     /// subscribers in one diff and the holder of each remaining entry whose
-    /// standing changed in one role event.
+    /// standing changed in one role event. This host's entries of shared
+    /// topics are set leaving instead (see [`Registry::leave_shared`]), and
+    /// go when etcd's watch shows their keys deleted.
     fn remove(&mut self, leaving: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
-        let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
+        self.remove_by(leaving, None, now, out);
+    }
+
+    /// [`Registry::remove`], on behalf of the connection `remover` when a
+    /// request removes them. Returns the shared entries set leaving, by key
+    /// id, with the write of each one's delete.
+    fn remove_by(
+        &mut self,
+        leaving: Vec<(String, LeaveReason)>,
+        remover: Option<ConnId>,
+        now: i64,
+        out: &mut Outbox,
+    ) -> Vec<(String, WriteId)> {
+        let mut shared = Vec::new();
+        let mut departing = Vec::new();
         for (phx_ref, reason) in leaving {
+            match self.entry(&phx_ref) {
+                // On its way out already: nothing more to do.
+                Some(entry) if self.is_leaving(entry) => {}
+                // Its key went with an ended lease: nothing in etcd
+                // to delete, and no other host shows it. (A new key
+                // asked for it meanwhile is withdrawn when it shows.)
+                Some(entry) if is_own_shared(entry) && !self.key_is_gone(entry) => {
+                    shared.push((phx_ref, reason))
+                }
+                Some(_) => departing.push((phx_ref, reason)),
+                None => {}
+            }
+        }
+        let deletes = shared
+            .into_iter()
+            .filter_map(|(phx_ref, reason)| self.leave_shared(&phx_ref, reason, remover, out))
+            .collect();
+        self.depart(departing, now, out);
+        deletes
+    }
+
+    /// Takes entries out of their topics for good, each for its reason,
+    /// and tells of it: the rows, the history, one diff per topic, one
+    /// role event for each remaining held entry whose standing changed.
+    /// The one place entries leave: a local topic's when they are removed,
+    /// a shared topic's when etcd's watch shows their keys deleted.
+    fn depart(&mut self, departing: Vec<(String, LeaveReason)>, now: i64, out: &mut Outbox) {
+        let mut by_topic: BTreeMap<String, Vec<(Entry, LeaveReason)>> = BTreeMap::new();
+        let mut untracks = Vec::new();
+        for (phx_ref, reason) in departing {
             let Some((entry, _)) = self.take(&phx_ref) else {
                 continue;
             };
+            if let Some(untrack) = self.end_leaving(&entry, out) {
+                untracks.push(untrack);
+            }
             self.forget_told(&entry.topic, entry.seq);
             out.changes.push(Change::Delete(phx_ref));
             by_topic
@@ -1886,6 +2003,9 @@ impl Registry {
         }
         for (topic_name, departed) in by_topic {
             self.announce_departures(&topic_name, departed, now, out);
+        }
+        for untrack in untracks {
+            self.one_delete_shown(untrack, out);
         }
     }
 
@@ -1970,6 +2090,9 @@ impl Registry {
     /// Another host's entry goes into its topic and `refs` only: its pid,
     /// uid and token are that host's, so a local process's exit must not
     /// end it, nor its user's quotas count it, nor a local token resume it.
+    /// So does this host's entry of a shared topic on its way out: nothing
+    /// here may touch it again, and it only keeps its place until etcd
+    /// shows it gone.
     fn insert(&mut self, entry: Entry, meta_bytes: usize) {
         if let Some(shared) = &entry.cluster {
             self.shared_ids.insert(
@@ -1987,6 +2110,8 @@ impl Registry {
         );
         if entry.is_remote() {
             self.remote_entries += 1;
+        }
+        if entry.is_remote() || self.is_leaving(&entry) {
             let phx_ref = entry.phx_ref.clone();
             self.topic_mut(&entry.topic.clone()).insert_entry(entry);
             self.record(|| Undo::Inserted(phx_ref));
@@ -2031,6 +2156,8 @@ impl Registry {
         }
         if entry.is_remote() {
             self.remote_entries -= 1;
+        }
+        if entry.is_remote() || self.is_leaving(&entry) {
             self.record(|| Undo::Taken(Box::new(entry.clone()), location.meta_bytes));
             return Some((entry, location.meta_bytes));
         }
@@ -2138,7 +2265,11 @@ impl Registry {
             Undo::Unsubscribed { conn, topic } => {
                 self.insert_subscription(conn, &topic);
             }
-            Undo::Pended(_) | Undo::Unpended(_) => self.undo_parking(undo),
+            Undo::Pended(_)
+            | Undo::Unpended(_)
+            | Undo::Leaving(..)
+            | Undo::Updating(..)
+            | Undo::Untracking(..) => self.undo_parking(undo),
             Undo::Lease(_) | Undo::Requeue(..) => self.undo_fence(undo),
         }
     }
@@ -2389,6 +2520,29 @@ fn ref_number(phx_ref: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// Tells `holder` the entry's new ref and meta, and who changed them.
+fn tell_of_update(holder: ConnId, by: Actor, updated: &Entry, out: &mut Outbox) {
+    let Some(prev_ref) = updated.prev_ref.clone() else {
+        return;
+    };
+    let event = Event::Updated {
+        topic: updated.topic.clone(),
+        payload: Revision {
+            phx_ref: updated.phx_ref.clone(),
+            prev_ref,
+            key: updated.key.clone(),
+            meta: updated.meta.clone(),
+            by,
+        },
+    };
+    out.event(vec![holder], event);
+}
+
+/// This host's entry of a shared topic: its changes are etcd's to make.
+fn is_own_shared(entry: &Entry) -> bool {
+    entry.cluster.as_ref().is_some_and(|shared| !shared.remote)
 }
 
 /// What the removal of `entry` by `by` says, both to its holder (as a

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::registry::{ClusterSetup, ProcessId, SharedTopicsFn};
+use crate::core::registry::{ClusterSetup, DEFAULT_PARK_TIMEOUT, ProcessId, SharedTopicsFn};
 use crate::core::store::{HistoryReaders, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
@@ -151,6 +151,11 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
                 setup: ClusterSetup {
                     host: cluster.host.clone(),
                     shared: SharedTopicsFn::new(move |topic| shared.includes(topic)),
+                    // A write may wait a whole TTL for a lease to be
+                    // granted (the daemon has just started, or etcd ended
+                    // the last lease), then take a few attempts: a request
+                    // gives up only once that could not have been enough.
+                    park_timeout: (2 * cluster.lease.ttl).max(DEFAULT_PARK_TIMEOUT),
                 },
                 writes,
                 probe: Arc::clone(&probe),

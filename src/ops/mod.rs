@@ -84,8 +84,9 @@ pub enum Answer {
     /// A successful reply made from views of the registry, by the driver,
     /// so that a large read costs whoever runs the core nothing but the views.
     Read(ReadView),
-    /// The reply waits for etcd (a track of a shared topic), which this
-    /// write asks; the batch that applies what etcd answers makes it.
+    /// The reply waits for etcd (a track, update or untrack of a shared
+    /// topic), which this write asks; the batch that applies what etcd
+    /// answers makes it.
     Awaits(WriteId),
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::resume::hash_token;
 use super::{Answer, At, Connector, OpSpec, ReplySize, RollBack, System, WatchFailure};
-use crate::core::registry::{Peer, ProcessId, TokenHash, Tracked};
+use crate::core::registry::{Outcome, Peer, ProcessId, TokenHash};
 use crate::protocol::{
     ErrorBody, ErrorCode, Lifetime, Limits, Standing, validate_meta, validate_name,
 };
@@ -94,8 +94,8 @@ impl OpSpec for Track {
 
     fn answer(track: Resolved, at: &mut At<'_>) -> Answer {
         match at.registry.track(at.conn, at.id, track, at.now, at.out) {
-            Ok(Tracked::Now(fields)) => Answer::Reply(Ok(fields)),
-            Ok(Tracked::Awaits(write)) => Answer::Awaits(write),
+            Ok(Outcome::Now(fields)) => Answer::Reply(Ok(fields)),
+            Ok(Outcome::Awaits(write)) => Answer::Awaits(write),
             Err(error) => Answer::Reply(Err(error)),
         }
     }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Answer, At, OpSpec, RollBack, System};
+use crate::core::registry::Outcome;
 use crate::protocol::ErrorBody;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +35,10 @@ impl OpSpec for Untrack {
     }
 
     fn answer(request: UntrackRequest, at: &mut At<'_>) -> Answer {
-        Answer::Reply(at.registry.untrack(at.conn, request, at.now, at.out))
+        match at.registry.untrack(at.conn, at.id, request, at.now, at.out) {
+            Ok(Outcome::Now(fields)) => Answer::Reply(Ok(fields)),
+            Ok(Outcome::Awaits(write)) => Answer::Awaits(write),
+            Err(error) => Answer::Reply(Err(error)),
+        }
     }
 }

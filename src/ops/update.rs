@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{Answer, At, OpSpec, RollBack, System};
+use crate::core::registry::Outcome;
 use crate::protocol::ErrorBody;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ impl OpSpec for Update {
     }
 
     fn answer(request: UpdateRequest, at: &mut At<'_>) -> Answer {
-        Answer::Reply(at.registry.update(at.conn, request, at.now, at.out))
+        match at.registry.update(at.conn, at.id, request, at.now, at.out) {
+            Ok(Outcome::Now(fields)) => Answer::Reply(Ok(fields)),
+            Ok(Outcome::Awaits(write)) => Answer::Awaits(write),
+            Err(error) => Answer::Reply(Err(error)),
+        }
     }
 }

@@ -5,15 +5,26 @@
 //! number on every host. An entry another host tracked is kept only so
 //! that its place in the queue is known here: it belongs to no process,
 //! connection or user of this host.
+//!
+//! This host's own entries of a shared topic change only as etcd's watch
+//! shows them changed, so that every host sees one order: a track, an
+//! update and a removal (an untrack, a close, an exit, an expiry) each ask
+//! etcd for a write and wait, parked, until the watch shows it. A request
+//! waiting so is answered then, or `unavailable` after the park timeout;
+//! an entry being removed keeps its place until its key is gone.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{Change, ConnId, Delivery, Entry, Outbox, ProcessId, Registry, Undo};
+use super::{
+    Change, ConnId, Delivery, Entry, Event, Outbox, ProcessId, Registry, Undo, removal_of,
+    tell_of_update,
+};
 use crate::protocol::{
     Actor, ErrorBody, ErrorCode, LeaveReason, Lifetime, OutgoingReply, ReplyFields, TrackReply,
-    cluster_ref, host_of_ref, meta_size, validate_name,
+    UntrackReply, UpdateReply, cluster_ref, host_of_ref, meta_size, validate_name,
 };
 
 /// Marks an entry of a shared topic.
@@ -50,15 +61,39 @@ impl std::fmt::Debug for SharedTopicsFn {
     }
 }
 
+/// How long a request of a shared topic waits for etcd by default before
+/// it is answered `unavailable`: the default lease TTL. A daemon whose
+/// etcd does not answer for that long has fenced itself anyway, and a
+/// client told nothing for longer would take the daemon for hung.
+pub const DEFAULT_PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many replies to one connection may wait for etcd at once.
+pub const MAX_WAITING_PER_CONNECTION: usize = 32;
+
 /// How this daemon takes part in a cluster: its own host name, which its
 /// entries' refs carry (`HOST:pN`), and which topics are shared.
 #[derive(Debug, Clone)]
 pub struct ClusterSetup {
     pub host: String,
     pub shared: SharedTopicsFn,
+    /// How long a `track`, `update` or `untrack` of a shared topic waits
+    /// for etcd's watch to show what it asked before it is answered
+    /// `unavailable`. What it asked may still happen later: a track's key
+    /// that shows after is deleted, an update or untrack that shows is
+    /// applied, and the entry's holder told.
+    pub park_timeout: Duration,
 }
 
 impl ClusterSetup {
+    /// This host's setup, with the default park timeout.
+    pub fn new(host: impl Into<String>, shared: SharedTopicsFn) -> ClusterSetup {
+        ClusterSetup {
+            host: host.into(),
+            shared,
+            park_timeout: DEFAULT_PARK_TIMEOUT,
+        }
+    }
+
     pub fn shares(&self, topic: &str) -> bool {
         self.shared.shares(topic)
     }
@@ -161,11 +196,15 @@ impl Registry {
     /// of the same kind makes, through the same code; a run of deletes
     /// leaves together, one diff per topic (a lost host's keys all go in
     /// one revision). Other hosts' entries are never rows here: only their
-    /// history is saved.
+    /// history is saved. This host's own keys are read apart (see
+    /// [`Registry::apply_own`]): they answer what its requests asked.
+    /// Then the changes say which keys etcd created earlier are gone
+    /// ([`Registry::shown_up_to`]).
     ///
     /// Ignored, and counted in the report: events of topics this daemon
     /// does not share, or that hold entries of before cluster mode; of
-    /// this host's own ids; of ids naming no host; of a new key whose
+    /// this host's own ids that nothing here waits for; of ids naming no
+    /// host; of a new key whose
     /// create revision or ref another entry of the topic holds; of new
     /// keys past the cap on other hosts' entries (`max_total_entries` of
     /// them, a bound on memory that another host's load cannot pass).
@@ -176,27 +215,15 @@ impl Registry {
         out: &mut Outbox,
     ) -> ClusterReport {
         let mut report = ClusterReport::default();
-        let mut leaving: Vec<(String, LeaveReason)> = Vec::new();
+        let mut departing: Vec<(String, LeaveReason)> = Vec::new();
         for event in &changes.events {
             let (topic, id) = match event {
                 ClusterEvent::Put { topic, id, .. } | ClusterEvent::Delete { topic, id, .. } => {
                     (topic, id)
                 }
             };
-            if let ClusterEvent::Put {
-                create_revision, ..
-            } = event
-            {
-                let key = (topic.clone(), id.clone());
-                if self.pending.contains_key(&key) {
-                    self.remove(std::mem::take(&mut leaving), now, out);
-                    self.put_own(&key, *create_revision, now, out);
-                    report.applied += 1;
-                    continue;
-                }
-            }
-            if self.apply_own_lost_key(event, &mut leaving, now, out) {
-                report.applied += 1;
+            if self.is_shared(topic) && self.is_own_id(id) {
+                self.apply_own(event, &mut departing, now, out, &mut report);
                 continue;
             }
             if let Some(ignored) = self.ignored_count(&mut report, topic, id) {
@@ -211,7 +238,7 @@ impl Registry {
                         continue;
                     };
                     let reason = reason.as_ref().map_or(LeaveReason::HostLost, |r| r.0);
-                    leaving.push((phx_ref.clone(), reason));
+                    departing.push((phx_ref.clone(), reason));
                     report.applied += 1;
                 }
                 ClusterEvent::Put {
@@ -220,7 +247,7 @@ impl Registry {
                     ..
                 } => {
                     // What is applied next must see the deletes before it.
-                    self.remove(std::mem::take(&mut leaving), now, out);
+                    self.depart(std::mem::take(&mut departing), now, out);
                     let put = RemotePut {
                         topic,
                         id,
@@ -231,8 +258,95 @@ impl Registry {
                 }
             }
         }
-        self.remove(leaving, now, out);
+        self.depart(departing, now, out);
+        self.shown_up_to(changes.revision, out);
         report
+    }
+
+    /// Whether a key's id names this host (`HOST:pN`): only this host
+    /// writes such keys.
+    fn is_own_id(&self, id: &str) -> bool {
+        let own_host = self.cluster.as_ref().map(|c| c.host.as_str());
+        own_host.is_some() && host_of_ref(id) == own_host
+    }
+
+    /// An event of one of this host's own keys, of a shared topic: the one
+    /// place they are read. A put shows a waiting track's key (its entry
+    /// joins) or a waiting update's new version (the entry changes); a
+    /// delete shows a leaving entry gone (it leaves, for the reason it was
+    /// removed for). A delete of a key never shown here changes nothing.
+    /// Anything else is counted as not applied: a restart's leftovers, or
+    /// another daemon using this host's name.
+    fn apply_own(
+        &mut self,
+        event: &ClusterEvent,
+        departing: &mut Vec<(String, LeaveReason)>,
+        now: i64,
+        out: &mut Outbox,
+        report: &mut ClusterReport,
+    ) {
+        match event {
+            ClusterEvent::Put {
+                topic,
+                id,
+                create_revision,
+                record,
+            } => {
+                let key = (topic.clone(), id.clone());
+                if self.pending.contains_key(&key) {
+                    // What is applied next must see the deletes before it.
+                    self.depart(std::mem::take(departing), now, out);
+                    self.put_own(&key, *create_revision, now, out);
+                    report.applied += 1;
+                    return;
+                }
+                let updated = self
+                    .updating
+                    .get(id)
+                    .is_some_and(|update| update.new_ref == record.phx_ref);
+                if updated {
+                    self.depart(std::mem::take(departing), now, out);
+                    self.show_update(id, now, out);
+                    report.applied += 1;
+                    return;
+                }
+                let shown = self
+                    .shared_ids
+                    .get(&key)
+                    .and_then(|phx_ref| self.entry(phx_ref));
+                let as_shown = shown.is_some_and(|entry| {
+                    self.is_leaving(entry)
+                        || (entry.seq == *create_revision && entry.phx_ref == record.phx_ref)
+                });
+                if as_shown {
+                    // The version shown, written again (moved to another
+                    // lease), or an update its entry's leave overtook: the
+                    // entry stays as it is shown until it goes.
+                    return;
+                }
+            }
+            ClusterEvent::Delete { topic, id, .. } => {
+                let key = (topic.clone(), id.clone());
+                let Some(phx_ref) = self.shared_ids.get(&key) else {
+                    // Never shown here: the key of a track given up (its
+                    // connection closed, or it waited too long), deleted
+                    // as it asked. Nothing is left to do.
+                    return;
+                };
+                if let Some(leaving) = self.leaving.get(id) {
+                    departing.push((phx_ref.clone(), leaving.reason));
+                    report.applied += 1;
+                    return;
+                }
+            }
+        }
+        // Not asked for by a request: a key that went with an ended lease,
+        // or the new key of an entry queued again after that.
+        if self.apply_own_lost_key(event, departing, now, out) {
+            report.applied += 1;
+            return;
+        }
+        report.own_host += 1;
     }
 
     /// The report's count an event of `id` on `topic` is ignored for, if
@@ -243,7 +357,6 @@ impl Registry {
         topic: &str,
         id: &str,
     ) -> Option<&'a mut usize> {
-        let own_host = self.cluster.as_ref().map(|c| c.host.as_str());
         if !self.is_shared(topic) {
             return Some(&mut report.not_shared);
         }
@@ -256,7 +369,6 @@ impl Registry {
         }
         match host_of_ref(id) {
             None => Some(&mut report.bad_id),
-            Some(host) if Some(host) == own_host => Some(&mut report.own_host),
             Some(_) => None,
         }
     }
@@ -291,7 +403,7 @@ impl Registry {
             // lease and queued the entry again). To every host that saw
             // the delete, the entry left for `host_lost` and came back at
             // the back of the queue: say the same here.
-            self.remove(vec![(old_ref, LeaveReason::HostLost)], now, out);
+            self.depart(vec![(old_ref, LeaveReason::HostLost)], now, out);
             self.join_remote(put, now, out, report);
             return;
         }
@@ -535,6 +647,63 @@ pub(super) struct PendingTrack {
     /// Its connection closed first, for this reason: the key, once shown,
     /// is deleted rather than shown here.
     pub(super) cancelled: Option<LeaveReason>,
+    /// When it is answered `unavailable` unless its key shows first (wall
+    /// clock, ms); `None` once it is answered (it is cancelled).
+    pub(super) deadline: Option<i64>,
+}
+
+/// This host's entry of a shared topic on its way out: the delete of its
+/// key is asked of etcd, and the entry keeps its place, held by nobody and
+/// filed nowhere but in its topic, until the watch shows the delete.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Leaving {
+    pub(super) reason: LeaveReason,
+    /// Who removed it, when another connection than its holder did: its
+    /// holder is told so once it is gone.
+    pub(super) by: Option<Actor>,
+    /// The connection that held it.
+    pub(super) holder: Option<ConnId>,
+    /// The untrack whose reply waits for this delete, by the write that
+    /// names its reply.
+    pub(super) untrack: Option<WriteId>,
+}
+
+/// An update of this host's entry of a shared topic, as it is asked.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct UpdateAsked {
+    pub(super) conn: ConnId,
+    pub(super) request_id: Value,
+    /// The entry's ref now.
+    pub(super) old_ref: String,
+    pub(super) meta: Map<String, Value>,
+    pub(super) meta_bytes: usize,
+}
+
+/// An update waiting for etcd to show the entry's new version.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PendingUpdate {
+    pub(super) write: WriteId,
+    pub(super) asked: UpdateAsked,
+    /// The ref of the new version, which the watch shows it by.
+    pub(super) new_ref: String,
+    /// When it is answered `unavailable` unless the new version shows
+    /// first (wall clock, ms); `None` once it is answered so. Shown later,
+    /// the version is applied all the same, and the holder told.
+    pub(super) deadline: Option<i64>,
+}
+
+/// An untrack waiting for etcd to show the deletes of the shared entries
+/// it removed.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct PendingUntrack {
+    pub(super) conn: ConnId,
+    pub(super) request_id: Value,
+    pub(super) reply: UntrackReply,
+    /// How many of its deletes etcd has yet to show.
+    pub(super) waiting: usize,
+    /// When it is answered `unavailable` unless every delete shows first
+    /// (wall clock, ms).
+    pub(super) deadline: i64,
 }
 
 impl SharedRecord {
@@ -561,13 +730,15 @@ impl Registry {
     /// `HOST:pN` is drawn from the counter (never handed out again, as the
     /// counter is saved), the track counts against the connection and the
     /// uid from now on, and the key's creation is asked of etcd.
-    pub(super) fn park_track(&mut self, parked: Parked, out: &mut Outbox) -> WriteId {
+    pub(super) fn park_track(
+        &mut self,
+        parked: Parked,
+        now: i64,
+        out: &mut Outbox,
+    ) -> Result<WriteId, ErrorBody> {
+        self.check_room_to_wait(parked.conn)?;
         let mut parked = parked;
-        let host = self
-            .cluster
-            .as_ref()
-            .map(|c| c.host.clone())
-            .unwrap_or_default();
+        let host = self.host();
         let id = cluster_ref(&host, self.take_seq());
         parked.entry.phx_ref = id.clone();
         parked.entry.cluster = Some(Shared {
@@ -581,13 +752,40 @@ impl Registry {
             id,
             record: SharedRecord::of(&parked.entry, &host),
         });
+        let deadline = Some(self.park_deadline(now));
         self.park(PendingTrack {
             write,
             track: parked,
             created: None,
             cancelled: None,
+            deadline,
         });
-        write
+        Ok(write)
+    }
+
+    /// Whether one more reply to `conn` may wait for etcd: at most
+    /// [`MAX_WAITING_PER_CONNECTION`]. Every line to a connection queues
+    /// behind its first waiting reply, so without a bound one connection
+    /// could make the core hold lines for it without end while etcd is
+    /// slow.
+    pub(super) fn check_room_to_wait(&self, conn: ConnId) -> Result<(), ErrorBody> {
+        let tracks = self.conns.get(&conn).map_or(0, |c| c.parked);
+        let updates = self
+            .updating
+            .values()
+            .filter(|u| u.asked.conn == conn && u.deadline.is_some())
+            .count();
+        let untracks = self.untracking.values().filter(|u| u.conn == conn).count();
+        if tracks + updates + untracks < MAX_WAITING_PER_CONNECTION {
+            return Ok(());
+        }
+        Err(ErrorBody::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "this connection already has {MAX_WAITING_PER_CONNECTION} requests of shared \
+                 topics waiting for etcd, the limit; send more once some are answered"
+            ),
+        ))
     }
 
     /// Files a pending track, and counts it as its entry will be counted.
@@ -608,6 +806,9 @@ impl Registry {
                     pending.track.entry.key.clone(),
                 ));
             }
+        }
+        if let Some(deadline) = pending.deadline {
+            self.park_deadlines.insert((deadline, pending.write));
         }
         self.record(|| Undo::Pended(key.clone()));
         self.pending.insert(key, pending);
@@ -631,18 +832,25 @@ impl Registry {
                 ));
             }
         }
+        if let Some(deadline) = pending.deadline {
+            self.park_deadlines.remove(&(deadline, pending.write));
+        }
         self.record(|| Undo::Unpended(Box::new(pending.clone())));
         Some(pending)
     }
 
-    /// Undoes [`Registry::park`] or [`Registry::unpark`] while a batch is
-    /// rolled back.
+    /// Undoes what the requests waiting for etcd changed, while a batch is
+    /// rolled back: each change is undone by the same function that made
+    /// it, so the indexes beside (counts, deadlines) follow.
     pub(super) fn undo_parking(&mut self, undo: Undo) {
         match undo {
             Undo::Pended(key) => {
                 self.unpark(&key);
             }
             Undo::Unpended(pending) => self.park(*pending),
+            Undo::Leaving(id, before) => self.set_leaving(id, before.map(|b| *b)),
+            Undo::Updating(id, before) => self.set_updating(id, before.map(|b| *b)),
+            Undo::Untracking(write, before) => self.set_untracking(write, before.map(|b| *b)),
             _ => {}
         }
     }
@@ -674,66 +882,185 @@ impl Registry {
             .map(|(key, _)| key.clone())
             .collect();
         for key in keys {
-            let Some(mut pending) = self.unpark(&key) else {
-                continue;
-            };
-            if self.conns.contains_key(&pending.track.conn) {
-                let error = ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!(
-                        "process {} exited before etcd showed its entry",
-                        pending.track.entry.process.pid
-                    ),
-                );
-                let reply = OutgoingReply::failure(pending.track.request_id.clone(), error);
-                out.deliveries.push(Delivery::Resolved {
-                    conn: pending.track.conn,
-                    write: pending.write,
-                    deliveries: vec![Delivery::Reply {
-                        conn: pending.track.conn,
-                        reply,
-                    }],
+            let answer = self
+                .pending
+                .get(&key)
+                .filter(|p| self.conns.contains_key(&p.track.conn))
+                .map(|p| {
+                    ErrorBody::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "process {} exited before etcd showed its entry",
+                            p.track.entry.process.pid
+                        ),
+                    )
                 });
-            }
-            pending.cancelled = Some(reason);
-            self.park(pending);
+            self.cancel_track(&key, reason, answer, out);
         }
     }
 
+    /// An untrack of `key` on `topic` by `conn` cancels the tracks of that
+    /// key still waiting for etcd that it may remove, answering each with
+    /// a refusal; returns how many.
+    pub(super) fn cancel_parked_key(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        key: &str,
+        out: &mut Outbox,
+    ) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let keys: Vec<(String, String)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.cancelled.is_none())
+            .filter(|(_, p)| p.track.entry.topic == topic && p.track.entry.key == key)
+            .filter(|(_, p)| self.check_may_change(conn, &p.track.entry).is_ok())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for pending in &keys {
+            let error = ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("`{key}` was untracked on `{topic}` before etcd showed its entry"),
+            );
+            self.cancel_track(pending, LeaveReason::Untrack, Some(error), out);
+        }
+        keys.len()
+    }
+
+    /// Cancels a pending track for `reason`, answering it with `answer` if
+    /// anyone is to hear it: it stays parked, counting for nothing, until
+    /// etcd answers its write or shows its key, which is then deleted.
+    fn cancel_track(
+        &mut self,
+        key: &(String, String),
+        reason: LeaveReason,
+        answer: Option<ErrorBody>,
+        out: &mut Outbox,
+    ) {
+        let Some(mut pending) = self.unpark(key) else {
+            return;
+        };
+        if let Some(error) = answer {
+            let request_id = pending.track.request_id.clone();
+            resolve(
+                out,
+                pending.track.conn,
+                pending.write,
+                request_id,
+                Err(error),
+            );
+        }
+        pending.cancelled = Some(reason);
+        pending.deadline = None;
+        self.park(pending);
+    }
+
     /// etcd answered a write: a creation is noted (the entry joins when
-    /// the watch shows its key), a refusal answers the track with its
-    /// error and frees what it held.
+    /// the watch shows its key), a refusal answers the track or the update
+    /// with its error and frees what it held. A delete's answer says
+    /// nothing the watch will not: it is not looked at.
     pub fn cluster_written(&mut self, write: WriteId, outcome: &Written, out: &mut Outbox) {
-        let Some(key) = self
+        let track = self
             .pending
             .iter()
             .find(|(_, p)| p.write == write)
-            .map(|(key, _)| key.clone())
-        else {
-            // Its key showed already, and the track is answered.
+            .map(|(key, _)| key.clone());
+        if let Some(key) = track {
+            self.track_written(&key, outcome, out);
             return;
-        };
-        let Some(mut pending) = self.unpark(&key) else {
+        }
+        let update = self
+            .updating
+            .iter()
+            .find(|(_, u)| u.write == write)
+            .map(|(id, update)| (id.clone(), update.clone()));
+        if let (Some((id, update)), Written::Refused(error)) = (update, outcome) {
+            self.set_updating(id, None);
+            if update.deadline.is_some() {
+                let PendingUpdate { write, asked, .. } = update;
+                resolve(out, asked.conn, write, asked.request_id, Err(error.clone()));
+            }
+        }
+        // Otherwise its key showed already, and the request is answered.
+    }
+
+    /// etcd answered the write of a pending track.
+    fn track_written(&mut self, key: &(String, String), outcome: &Written, out: &mut Outbox) {
+        let Some(mut pending) = self.unpark(key) else {
             return;
         };
         match outcome {
             Written::Created { revision } | Written::Rewritten { revision } => {
-                pending.created = Some(*revision);
+                let revision = *revision;
+                pending.created = Some(revision);
                 self.park(pending);
+                if revision <= self.shown_revision {
+                    // The watch is past it, and did not show it.
+                    self.key_gone(key, out);
+                }
             }
             Written::Refused(error) => {
                 if pending.cancelled.is_none() {
-                    let reply = OutgoingReply::failure(pending.track.request_id, error.clone());
-                    out.deliveries.push(Delivery::Resolved {
-                        conn: pending.track.conn,
-                        write,
-                        deliveries: vec![Delivery::Reply {
-                            conn: pending.track.conn,
-                            reply,
-                        }],
-                    });
+                    let request_id = pending.track.request_id;
+                    resolve(
+                        out,
+                        pending.track.conn,
+                        pending.write,
+                        request_id,
+                        Err(error.clone()),
+                    );
                 }
             }
+        }
+    }
+
+    /// The watch (or a listing) has shown everything up to `revision`: a
+    /// pending track whose key etcd created at or below it, and which it
+    /// did not show, lost its key before this daemon looked (this host's
+    /// lease ended, say). Every change shown comes in revision order, so
+    /// nothing shown later can be that key.
+    pub(super) fn shown_up_to(&mut self, revision: u64, out: &mut Outbox) {
+        self.shown_revision = self.shown_revision.max(revision);
+        if self.pending.is_empty() {
+            return;
+        }
+        let gone: Vec<(String, String)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.created.is_some_and(|c| c <= self.shown_revision))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.key_gone(&key, out);
+        }
+    }
+
+    /// A pending track's key is gone: the track is answered `unavailable`,
+    /// and nothing is left to delete.
+    fn key_gone(&mut self, key: &(String, String), out: &mut Outbox) {
+        let Some(pending) = self.unpark(key) else {
+            return;
+        };
+        if pending.cancelled.is_none() {
+            let error = ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "etcd created the key of `{}` on `{}`, but it was gone before this \
+                     daemon's watch showed it (this host's lease may have ended); track again",
+                    pending.track.entry.key, pending.track.entry.topic
+                ),
+            );
+            let request_id = pending.track.request_id;
+            resolve(
+                out,
+                pending.track.conn,
+                pending.write,
+                request_id,
+                Err(error),
+            );
         }
     }
 
@@ -832,6 +1159,381 @@ impl Registry {
         });
     }
 
+    // -- this host's entries leaving, and their updates ---------------------
+
+    /// Whether `entry` is this host's entry of a shared topic on its way
+    /// out.
+    pub(super) fn is_leaving(&self, entry: &Entry) -> bool {
+        !self.leaving.is_empty()
+            && entry
+                .cluster
+                .as_ref()
+                .is_some_and(|shared| !shared.remote && self.leaving.contains_key(&shared.id))
+    }
+
+    /// Sets this host's entry `phx_ref` of a shared topic leaving, for
+    /// `reason`, on behalf of `remover` if a request removes it: etcd is
+    /// asked to delete its key, with the reason beside it, and the entry
+    /// keeps its place until the watch shows the delete. So nobody here is
+    /// promoted before other hosts may be, and if etcd cannot be reached
+    /// the entry stays where its key stays. Taken out of its connection,
+    /// process, token and resume deadline, nothing here can take it back
+    /// or remove it again. Returns its key id and the delete's write.
+    pub(super) fn leave_shared(
+        &mut self,
+        phx_ref: &str,
+        reason: LeaveReason,
+        remover: Option<ConnId>,
+        out: &mut Outbox,
+    ) -> Option<(String, WriteId)> {
+        let (mut entry, meta_bytes) = self.take(phx_ref)?;
+        let id = shared_id(&entry);
+        self.forget_told(&entry.topic, entry.seq);
+        let holder = entry.conn.take();
+        entry.resume_deadline = None;
+        // As the local history would say: only another connection than the
+        // holder removes an entry "by" someone.
+        let by = remover
+            .filter(|remover| holder != Some(*remover))
+            .and_then(|remover| self.actor(remover));
+        if let Some(update) = self.updating.get(&id).cloned() {
+            self.set_updating(id.clone(), None);
+            if update.deadline.is_some() {
+                let error = ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("entry `{phx_ref}` was removed before etcd showed its update"),
+                );
+                let PendingUpdate { write, asked, .. } = update;
+                resolve(out, asked.conn, write, asked.request_id, Err(error));
+            }
+        }
+        let leaving = Leaving {
+            reason,
+            by: by.clone(),
+            holder,
+            untrack: None,
+        };
+        self.set_leaving(id.clone(), Some(leaving));
+        let topic = entry.topic.clone();
+        self.insert(entry, meta_bytes);
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Delete {
+            write,
+            topic,
+            id: id.clone(),
+            reason,
+            by,
+        });
+        Some((id, write))
+    }
+
+    /// The entry, taken out of its topic for good, was on its way out:
+    /// its leave is over. The holder it had hears who removed it, if
+    /// another connection did. Returns the untrack waiting for it.
+    pub(super) fn end_leaving(&mut self, entry: &Entry, out: &mut Outbox) -> Option<WriteId> {
+        if self.leaving.is_empty() {
+            return None;
+        }
+        let id = entry.cluster.as_ref().filter(|s| !s.remote)?.id.clone();
+        let leaving = self.leaving.get(&id)?.clone();
+        self.set_leaving(id, None);
+        if let (Some(holder), Some(by)) = (leaving.holder, &leaving.by)
+            && self.conns.contains_key(&holder)
+        {
+            let removed = removal_of(entry, leaving.reason, by);
+            let event = Event::Removed {
+                topic: removed.topic,
+                payload: removed.removal,
+            };
+            out.event(vec![holder], event);
+        }
+        leaving.untrack
+    }
+
+    /// An untrack that set shared entries leaving waits for their deletes
+    /// to show; its reply is named by the first delete's write, which it
+    /// returns (none if it set none leaving: it is answered at once).
+    pub(super) fn park_untrack(
+        &mut self,
+        conn: ConnId,
+        request_id: &Value,
+        reply: UntrackReply,
+        deletes: &[(String, WriteId)],
+        now: i64,
+    ) -> Option<WriteId> {
+        let &(_, slot) = deletes.first()?;
+        for (id, _) in deletes {
+            if let Some(mut leaving) = self.leaving.get(id).cloned() {
+                leaving.untrack = Some(slot);
+                self.set_leaving(id.clone(), Some(leaving));
+            }
+        }
+        let untrack = PendingUntrack {
+            conn,
+            request_id: request_id.clone(),
+            reply,
+            waiting: deletes.len(),
+            deadline: self.park_deadline(now),
+        };
+        self.set_untracking(slot, Some(untrack));
+        Some(slot)
+    }
+
+    /// One of the deletes the untrack `slot` waits for showed: the last
+    /// answers it.
+    pub(super) fn one_delete_shown(&mut self, slot: WriteId, out: &mut Outbox) {
+        // Gone if it was answered already (it timed out).
+        let Some(mut untrack) = self.untracking.get(&slot).cloned() else {
+            return;
+        };
+        untrack.waiting = untrack.waiting.saturating_sub(1);
+        if untrack.waiting > 0 {
+            self.set_untracking(slot, Some(untrack));
+            return;
+        }
+        self.set_untracking(slot, None);
+        let reply = ReplyFields::of(&untrack.reply);
+        resolve(out, untrack.conn, slot, untrack.request_id, Ok(reply));
+    }
+
+    /// Parks an update of this host's entry of a shared topic until etcd
+    /// shows its new version: a new ref `HOST:pN` from the counter, and
+    /// the key rewritten with it (its create revision, so its place, is
+    /// kept). One at a time for each entry: a second, while the first
+    /// waits, is refused, since the version it would follow is not known
+    /// to be etcd's yet, and a client that waits for each reply never
+    /// meets the refusal.
+    pub(super) fn park_update(
+        &mut self,
+        asked: UpdateAsked,
+        now: i64,
+        out: &mut Outbox,
+    ) -> Result<WriteId, ErrorBody> {
+        let Some(entry) = self.entry(&asked.old_ref) else {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no entry `{}`", asked.old_ref),
+            ));
+        };
+        let id = shared_id(entry);
+        self.check_room_to_wait(asked.conn)?;
+        if self.updating.contains_key(&id) {
+            return Err(ErrorBody::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "entry `{}` waits for etcd to show its last update; one update of an \
+                     entry of a shared topic is sent at a time, so send this one once that \
+                     one is answered",
+                    asked.old_ref
+                ),
+            ));
+        }
+        let mut revised = entry.clone();
+        let host = self.host();
+        let new_ref = cluster_ref(&host, self.take_seq());
+        revised.phx_ref = new_ref.clone();
+        revised.prev_ref = Some(asked.old_ref.clone());
+        revised.meta = asked.meta.clone();
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Rewrite {
+            write,
+            topic: revised.topic.clone(),
+            id: id.clone(),
+            record: SharedRecord::of(&revised, &host),
+        });
+        let update = PendingUpdate {
+            write,
+            asked,
+            new_ref,
+            deadline: Some(self.park_deadline(now)),
+        };
+        self.set_updating(id, Some(update));
+        Ok(write)
+    }
+
+    /// The watch showed the new version a pending update of the entry
+    /// `id` wrote: the entry changes as a local update changes it, and the
+    /// update is answered. One answered `unavailable` already is applied
+    /// all the same, since every other host shows it, and the entry's
+    /// holder is told of it, as of another connection's update.
+    fn show_update(&mut self, id: &str, now: i64, out: &mut Outbox) {
+        let Some(update) = self.updating.get(id).cloned() else {
+            return;
+        };
+        self.set_updating(id.to_owned(), None);
+        let PendingUpdate {
+            write,
+            asked,
+            new_ref,
+            deadline,
+        } = update;
+        let answered = deadline.is_none();
+        let revise = |entry: &mut Entry| {
+            entry.phx_ref = new_ref.clone();
+            entry.prev_ref = Some(asked.old_ref.clone());
+            entry.meta = asked.meta.clone();
+        };
+        let actor = (!answered).then_some(asked.conn);
+        if !self.revise(&asked.old_ref, revise, asked.meta_bytes, actor, now, out) {
+            return;
+        }
+        if answered {
+            if let (Some(updated), Some(by)) = (self.entry(&new_ref), self.actor(asked.conn))
+                && let Some(holder) = updated.conn
+            {
+                tell_of_update(holder, by, updated, out);
+            }
+            return;
+        }
+        let reply = UpdateReply {
+            phx_ref: new_ref,
+            prev_ref: asked.old_ref,
+        };
+        let reply = ReplyFields::of(&reply);
+        resolve(out, asked.conn, write, asked.request_id, Ok(reply));
+    }
+
+    fn set_leaving(&mut self, id: String, leaving: Option<Leaving>) {
+        let before = match leaving {
+            Some(leaving) => self.leaving.insert(id.clone(), leaving),
+            None => self.leaving.remove(&id),
+        };
+        self.record(|| Undo::Leaving(id, before.map(Box::new)));
+    }
+
+    fn set_updating(&mut self, id: String, update: Option<PendingUpdate>) {
+        let before = self.updating.remove(&id);
+        if let Some(before) = &before
+            && let Some(deadline) = before.deadline
+        {
+            self.park_deadlines.remove(&(deadline, before.write));
+        }
+        if let Some(update) = update {
+            if let Some(deadline) = update.deadline {
+                self.park_deadlines.insert((deadline, update.write));
+            }
+            self.updating.insert(id.clone(), update);
+        }
+        self.record(|| Undo::Updating(id, before.map(Box::new)));
+    }
+
+    fn set_untracking(&mut self, slot: WriteId, untrack: Option<PendingUntrack>) {
+        let before = self.untracking.remove(&slot);
+        if let Some(before) = &before {
+            self.park_deadlines.remove(&(before.deadline, slot));
+        }
+        if let Some(untrack) = untrack {
+            self.park_deadlines.insert((untrack.deadline, slot));
+            self.untracking.insert(slot, untrack);
+        }
+        self.record(|| Undo::Untracking(slot, before.map(Box::new)));
+    }
+
+    // -- requests that waited too long --------------------------------------
+
+    /// When the first request waiting for etcd is answered `unavailable`
+    /// unless etcd shows what it asked first (wall clock, ms).
+    pub fn next_park_deadline(&self) -> Option<i64> {
+        self.park_deadlines.first().map(|&(deadline, _)| deadline)
+    }
+
+    /// Answers `unavailable` every request that has waited for etcd until
+    /// `now` or longer: a silent watch, or a database that cannot save
+    /// what the watch showed, must not leave a client waiting forever.
+    /// What they asked may still come to pass: a track's key is then
+    /// deleted, an update or untrack applied.
+    pub fn time_out_parked(&mut self, now: i64, out: &mut Outbox) {
+        while let Some(&(deadline, write)) = self.park_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.time_out(write, out);
+            // Whatever it was, it waits no more.
+            self.park_deadlines.remove(&(deadline, write));
+        }
+    }
+
+    fn time_out(&mut self, write: WriteId, out: &mut Outbox) {
+        let waited = self.park_timeout();
+        let unavailable = |what: &str, then: &str| {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "etcd did not show {what} within {waited:?} (it may be unreachable); {then}"
+                ),
+            )
+        };
+        let track = self
+            .pending
+            .iter()
+            .find(|(_, p)| p.write == write && p.deadline.is_some())
+            .map(|(key, _)| key.clone());
+        if let Some(key) = track {
+            let error = unavailable(
+                "this entry's key",
+                "the track is given up, and the key deleted if it shows later",
+            );
+            self.cancel_track(&key, LeaveReason::Untrack, Some(error), out);
+            return;
+        }
+        let update = self
+            .updating
+            .iter()
+            .find(|(_, u)| u.write == write && u.deadline.is_some())
+            .map(|(id, update)| (id.clone(), update.clone()));
+        if let Some((id, mut update)) = update {
+            update.deadline = None;
+            let (conn, request_id) = (update.asked.conn, update.asked.request_id.clone());
+            self.set_updating(id, Some(update));
+            let error = unavailable(
+                "this update",
+                "if it shows later it is applied, and the entry's holder told",
+            );
+            resolve(out, conn, write, request_id, Err(error));
+            return;
+        }
+        if let Some(untrack) = self.untracking.get(&write).cloned() {
+            self.set_untracking(write, None);
+            let error = unavailable("the removal", "the entries leave once it shows");
+            resolve(out, untrack.conn, write, untrack.request_id, Err(error));
+        }
+    }
+
+    /// A pending track holds this token: it cannot be resumed before its
+    /// key shows (nor could its client know the token before then).
+    pub(super) fn parked_track_of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<ErrorBody> {
+        let pending = self.pending.values().find(|p| {
+            p.cancelled.is_none() && p.track.entry.uid == uid && p.track.entry.token_hash == *hash
+        })?;
+        Some(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the entry of this token, `{}` on `{}`, waits for etcd to show it; resume it \
+                 once its track is answered",
+                pending.track.entry.key, pending.track.entry.topic
+            ),
+        ))
+    }
+
+    fn park_timeout(&self) -> Duration {
+        self.cluster
+            .as_ref()
+            .map_or(DEFAULT_PARK_TIMEOUT, |c| c.park_timeout)
+    }
+
+    /// When a request parked `now` is answered `unavailable` at the latest.
+    fn park_deadline(&self, now: i64) -> i64 {
+        let timeout = i64::try_from(self.park_timeout().as_millis()).unwrap_or(i64::MAX);
+        now.saturating_add(timeout)
+    }
+
+    fn host(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| c.host.clone())
+            .unwrap_or_default()
+    }
+
     pub(super) fn new_write(&mut self) -> WriteId {
         let write = WriteId(self.next_write);
         self.next_write += 1;
@@ -864,4 +1566,23 @@ fn shared_id(entry: &Entry) -> String {
         .cluster
         .as_ref()
         .map_or_else(|| entry.phx_ref.clone(), |shared| shared.id.clone())
+}
+
+/// Answers the request that waited on `write` with `outcome`.
+fn resolve(
+    out: &mut Outbox,
+    conn: ConnId,
+    write: WriteId,
+    request_id: Value,
+    outcome: Result<ReplyFields, ErrorBody>,
+) {
+    let reply = OutgoingReply {
+        id: request_id,
+        outcome,
+    };
+    out.deliveries.push(Delivery::Resolved {
+        conn,
+        write,
+        deliveries: vec![Delivery::Reply { conn, reply }],
+    });
 }

@@ -77,6 +77,17 @@ impl Registry {
         topic.standing_key_at(position, self.owner_suspended(topic))
     }
 
+    /// Whether `entry`'s key is gone with an ended lease and waits to be
+    /// created again: nothing of it is left in etcd to delete, so it may
+    /// leave at once.
+    pub(super) fn key_is_gone(&self, entry: &Entry) -> bool {
+        !self.requeue.is_empty()
+            && entry.cluster.as_ref().is_some_and(|shared| {
+                self.requeue
+                    .contains_key(&(entry.topic.clone(), shared.id.clone()))
+            })
+    }
+
     /// Refuses a new track of `topic`, if it is shared, while the lease
     /// is fenced or no longer kept: a key written now could outlive this
     /// host's place. While a lease is being granted (the daemon has just
@@ -143,6 +154,9 @@ impl Registry {
         if ended {
             let ids: Vec<(String, String)> = self
                 .entries()
+                // An entry on its way out is not queued again: the watch
+                // shows its key gone with the lease, and it leaves then.
+                .filter(|entry| !self.is_leaving(entry))
                 .filter_map(|entry| {
                     let shared = entry.cluster.as_ref().filter(|shared| !shared.remote)?;
                     Some((entry.topic.clone(), shared.id.clone()))
@@ -236,7 +250,8 @@ impl Registry {
             let entry = self
                 .shared_ids
                 .get(&key)
-                .and_then(|phx_ref| self.entry(phx_ref));
+                .and_then(|phx_ref| self.entry(phx_ref))
+                .filter(|entry| !self.is_leaving(entry));
             let Some(record) = entry.map(|entry| SharedRecord::of(entry, &host)) else {
                 self.set_requeue(key.clone(), None);
                 if state == Requeue::Asked {
@@ -277,7 +292,7 @@ impl Registry {
     /// What etcd's watch showed of this host's own keys whose lease ended:
     /// applied here, and `true`, if `event` is one of them; otherwise
     /// `false`, for [`Registry::apply_cluster`] to go on with it. The
-    /// other hosts' deletes waiting in `leaving` leave first, as the
+    /// deletes waiting in `departing` leave first, as the
     /// events are in revision order.
     ///
     /// A key of this host's deleted with no reason went with the lease:
@@ -287,7 +302,7 @@ impl Registry {
     pub(super) fn apply_own_lost_key(
         &mut self,
         event: &ClusterEvent,
-        leaving: &mut Vec<(String, LeaveReason)>,
+        departing: &mut Vec<(String, LeaveReason)>,
         now: i64,
         out: &mut Outbox,
     ) -> bool {
@@ -316,7 +331,7 @@ impl Registry {
                     // The old key's delete, shown after the lease ended.
                     return true;
                 }
-                self.remove(std::mem::take(leaving), now, out);
+                self.depart(std::mem::take(departing), now, out);
                 let owner_before = self.local_shared_owner(topic);
                 self.set_requeue(key.clone(), Some(Requeue::Waiting));
                 self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
@@ -332,7 +347,7 @@ impl Registry {
                 if !self.requeue.contains_key(&key) {
                     return false;
                 }
-                self.remove(std::mem::take(leaving), now, out);
+                self.depart(std::mem::take(departing), now, out);
                 let taken = self.topic(topic).entries.contains_key(create_revision);
                 match local {
                     Some((_, seq)) if seq == *create_revision => {

@@ -4608,6 +4608,14 @@ fn dump(registry: &Registry) -> String {
     let told_before: BTreeMap<_, _> = registry.told_before.iter().collect();
     lines.push(format!("told before {told_before:?}"));
     lines.push(format!("pending {:?}", registry.pending));
+    let leaving: BTreeMap<_, _> = registry.leaving.iter().collect();
+    let updating: BTreeMap<_, _> = registry.updating.iter().collect();
+    let untracking: BTreeMap<_, _> = registry.untracking.iter().collect();
+    lines.push(format!("leaving {leaving:?}"));
+    lines.push(format!("updating {updating:?}"));
+    lines.push(format!("untracking {untracking:?}"));
+    lines.push(format!("park deadlines {:?}", registry.park_deadlines));
+    lines.push(format!("shown revision {}", registry.shown_revision));
     for (conn, connection) in conns {
         lines.push(format!("conn {conn}: {connection:?}"));
     }
@@ -4674,10 +4682,10 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
         key: "other".into(),
         ..shared_entry(60, "pub:x", "web-1:p6", "s6")
     };
-    let setup = ClusterSetup {
-        host: "web-1".into(),
-        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-    };
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
     let registry =
         Registry::restore(Limits::default(), vec![held, unheld], 7).with_cluster(Some(setup));
     let mut h = Harness::around(registry);
@@ -4735,10 +4743,10 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
 
 #[test]
 fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back() {
-    let setup = ClusterSetup {
-        host: "web-1".into(),
-        shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-    };
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
     let mut registry = Registry::new(Limits::default()).with_cluster(Some(setup));
     let live = LeaseView::Live {
         fence_at: std::time::Duration::MAX,
@@ -4794,4 +4802,551 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
     );
     h.registry.roll_back();
     assert_eq!(dump(&h.registry), parked_state);
+}
+
+#[test]
+fn a_shared_entry_leaving_and_its_delete_shown_are_each_taken_back_by_a_roll_back() {
+    // A restored entry of a shared topic, never resumed: it expires.
+    let mut restored = shared_entry(9, "pub:x", "web-1:p3", "s3");
+    restored.resume_deadline = Some(500);
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
+    let registry =
+        Registry::restore(Limits::default(), vec![restored], 4).with_cluster(Some(setup));
+    let mut h = Harness::around(registry);
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let out = h.expire();
+    let [
+        ClusterWrite::Delete {
+            id,
+            reason: LeaveReason::Expired,
+            ..
+        },
+    ] = &out.cluster[..]
+    else {
+        panic!("one delete: {:?}", out.cluster);
+    };
+    assert!(
+        out.changes.is_empty(),
+        "nothing leaves yet: {:?}",
+        out.changes
+    );
+    assert_eq!(h.registry.entry_count(), 1, "it keeps its place");
+    assert_eq!(
+        h.registry.awaiting_resume_count(),
+        0,
+        "nothing can resume it"
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    h.registry.begin_batch();
+    h.expire();
+    h.registry.settle();
+    let leaving = dump(&h.registry);
+    let changes = ClusterChanges {
+        revision: 12,
+        events: vec![ClusterEvent::Delete {
+            topic: "pub:x".into(),
+            id: id.clone(),
+            reason: Some((LeaveReason::Expired, None)),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(h.registry.entry_count(), 0);
+    assert_eq!(
+        history(&out),
+        [(
+            HistoryKind::Leave,
+            "web-1:p3".to_owned(),
+            Some(LeaveReason::Expired)
+        )]
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), leaving);
+}
+
+#[test]
+fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step() {
+    let entry = shared_entry(9, "pub:x", "web-1:p3", "s3");
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
+    let mut registry =
+        Registry::restore(Limits::default(), vec![entry], 4).with_cluster(Some(setup));
+    let live = LeaseView::Live {
+        fence_at: std::time::Duration::MAX,
+    };
+    registry.set_lease(live, &mut Outbox::default());
+    let mut h = Harness::around(registry);
+    let a = h.connect(ALICE);
+    h.resume(a, &["s3"]);
+    let before = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let out = h.update_ref(a, "pub:x", "web-1:p3", meta(json!({"n": 1})));
+    let [ClusterWrite::Rewrite { record, .. }] = &out.cluster[..] else {
+        panic!("one rewrite: {:?}", out.cluster);
+    };
+    assert!(matches!(out.deliveries[..], [Delivery::Awaiting { .. }]));
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), before);
+
+    h.registry.begin_batch();
+    h.update_ref(a, "pub:x", "web-1:p3", meta(json!({"n": 1})));
+    h.registry.settle();
+    let updating = dump(&h.registry);
+    let changes = ClusterChanges {
+        revision: 12,
+        events: vec![ClusterEvent::Put {
+            topic: "pub:x".into(),
+            id: "web-1:p3".into(),
+            create_revision: 9,
+            record: record.clone(),
+        }],
+    };
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.apply_cluster(&changes, h.now, &mut out);
+    assert_eq!(
+        h.listed_refs("pub:x"),
+        std::slice::from_ref(&record.phx_ref)
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), updating);
+}
+
+// ---------------------------------------------------------------------------
+// This host's entries of shared topics, through a made-up etcd, at random
+// ---------------------------------------------------------------------------
+
+/// One step of a random history of requests of a shared topic and of what
+/// etcd does with the writes they ask.
+#[derive(Debug, Clone)]
+enum SharedStep {
+    Track {
+        conn: usize,
+        key: usize,
+        process: bool,
+    },
+    Update {
+        conn: usize,
+        pick: usize,
+    },
+    UntrackKey {
+        conn: usize,
+        key: usize,
+    },
+    Close {
+        conn: usize,
+    },
+    Exit {
+        conn: usize,
+    },
+    /// etcd carries out the first write asked of the key of the `pick`th
+    /// write asked (each key's writes in order), answering it before or
+    /// after its watch shows it; a created key may be gone before the
+    /// watch looks (`lost`).
+    Carry {
+        pick: usize,
+        answer_first: bool,
+        lost: bool,
+    },
+    /// etcd refuses the `pick`th write asked, if it is a create or a
+    /// rewrite.
+    Refuse {
+        pick: usize,
+    },
+    /// Time passes: requests waiting too long are answered.
+    Wait {
+        ms: i64,
+    },
+}
+
+fn shared_step() -> impl Strategy<Value = SharedStep> {
+    prop_oneof![
+        3 => (0..3usize, 0..3usize, any::<bool>())
+            .prop_map(|(conn, key, process)| SharedStep::Track { conn, key, process }),
+        2 => (0..3usize, 0..8usize).prop_map(|(conn, pick)| SharedStep::Update { conn, pick }),
+        2 => (0..3usize, 0..3usize).prop_map(|(conn, key)| SharedStep::UntrackKey { conn, key }),
+        1 => (0..3usize).prop_map(|conn| SharedStep::Close { conn }),
+        1 => (0..3usize).prop_map(|conn| SharedStep::Exit { conn }),
+        6 => (0..8usize, any::<bool>(), prop::bool::weighted(0.1)).prop_map(
+            |(pick, answer_first, lost)| SharedStep::Carry { pick, answer_first, lost }
+        ),
+        1 => (0..8usize).prop_map(|pick| SharedStep::Refuse { pick }),
+        1 => (0..4_000i64).prop_map(|ms| SharedStep::Wait { ms }),
+    ]
+}
+
+/// What one step hands the registry: the same each time it is run.
+#[derive(Debug, Clone)]
+enum SharedInput {
+    Request(ConnId, Op),
+    End(Ending),
+    Written(WriteId, Written),
+    Changes(ClusterChanges),
+    Wait,
+}
+
+/// A clustered registry, three connections of one uid, and an etcd that
+/// carries out the writes the registry asks when a step says.
+struct SharedWorld {
+    h: Harness,
+    conns: [ConnId; 3],
+    /// Writes handed out and not carried out yet, in the order asked.
+    asked: Vec<ClusterWrite>,
+    revision: u64,
+    /// The create revision of each key etcd holds, by id.
+    keys: BTreeMap<String, u64>,
+}
+
+impl SharedWorld {
+    fn new() -> SharedWorld {
+        let setup = ClusterSetup::new(
+            "web-1",
+            SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+        );
+        let mut h = Harness::around(Registry::new(Limits::default()).with_cluster(Some(setup)));
+        let conns = [h.connect(ALICE), h.connect(ALICE), h.connect(ALICE)];
+        SharedWorld {
+            h,
+            conns,
+            asked: Vec::new(),
+            revision: 100,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// Runs a step as a batch that is rolled back, checks that nothing of
+    /// it is left, then runs it again and settles it.
+    fn step(&mut self, step: &SharedStep) {
+        let inputs = self.inputs(step);
+        let before = dump(&self.h.registry);
+        self.h.registry.begin_batch();
+        self.run(&inputs);
+        self.h.registry.roll_back();
+        assert_eq!(dump(&self.h.registry), before, "{step:?} left a trace");
+
+        self.h.registry.begin_batch();
+        let out = self.run(&inputs);
+        self.h.registry.settle();
+        self.asked.extend(out.cluster);
+        for slot in 0..self.conns.len() {
+            if !self.h.registry.conns.contains_key(&self.conns[slot]) {
+                self.conns[slot] = self.h.connect(ALICE);
+            }
+        }
+        self.check();
+    }
+
+    fn run(&mut self, inputs: &[SharedInput]) -> Outbox {
+        let mut out = Outbox::default();
+        for input in inputs {
+            let now = self.h.now;
+            let registry = &mut self.h.registry;
+            match input {
+                SharedInput::Request(conn, op) => {
+                    crate::ops::answer(registry, *conn, json!("req"), op.clone(), now, &mut out);
+                }
+                SharedInput::End(ending) => registry.end(&[*ending], now, &mut out),
+                SharedInput::Written(write, outcome) => {
+                    registry.cluster_written(*write, outcome, &mut out);
+                }
+                SharedInput::Changes(changes) => {
+                    registry.apply_cluster(changes, now, &mut out);
+                }
+                SharedInput::Wait => registry.time_out_parked(now, &mut out),
+            }
+        }
+        out
+    }
+
+    /// What a step hands the registry; etcd's side of it happens here,
+    /// once.
+    fn inputs(&mut self, step: &SharedStep) -> Vec<SharedInput> {
+        match *step {
+            SharedStep::Track { conn, key, process } => {
+                let mut request = track_request("pub:x", &format!("k{key}"));
+                if process {
+                    request.lifetime = Lifetime::Process;
+                }
+                let conn = self.conns[conn];
+                let token = format!("t{}", self.h.next_token);
+                self.h.next_token += 1;
+                let track = Track {
+                    request,
+                    process: process_of(conn),
+                    token_hash: token_hash(&token),
+                    token,
+                };
+                vec![SharedInput::Request(conn, Op::Track(track))]
+            }
+            SharedStep::Update { conn, pick } => {
+                let own: Vec<String> = self
+                    .h
+                    .registry
+                    .entries()
+                    .filter(|e| is_own_shared(e))
+                    .map(|e| e.phx_ref.clone())
+                    .collect();
+                let Some(phx_ref) = own.get(pick % own.len().max(1)) else {
+                    return Vec::new();
+                };
+                let request = UpdateRequest {
+                    topic: "pub:x".into(),
+                    phx_ref: Some(phx_ref.clone()),
+                    key: None,
+                    meta: meta(json!({"n": pick})),
+                };
+                vec![SharedInput::Request(self.conns[conn], Op::Update(request))]
+            }
+            SharedStep::UntrackKey { conn, key } => {
+                let request = UntrackRequest {
+                    topic: "pub:x".into(),
+                    phx_ref: None,
+                    key: Some(format!("k{key}")),
+                };
+                vec![SharedInput::Request(self.conns[conn], Op::Untrack(request))]
+            }
+            SharedStep::Close { conn } => vec![SharedInput::End(Ending::Closed(self.conns[conn]))],
+            SharedStep::Exit { conn } => {
+                vec![SharedInput::End(Ending::Exited(process_of(
+                    self.conns[conn],
+                )))]
+            }
+            SharedStep::Carry {
+                pick,
+                answer_first,
+                lost,
+            } => self.carry(pick, answer_first, lost),
+            SharedStep::Refuse { pick } => {
+                if self.asked.is_empty() {
+                    return Vec::new();
+                }
+                let at = pick % self.asked.len();
+                let write = match &self.asked[at] {
+                    ClusterWrite::Create { write, .. } | ClusterWrite::Rewrite { write, .. } => {
+                        *write
+                    }
+                    ClusterWrite::Delete { .. } => return Vec::new(),
+                };
+                self.asked.remove(at);
+                let error = ErrorBody::new(ErrorCode::Unavailable, "fenced");
+                vec![SharedInput::Written(write, Written::Refused(error))]
+            }
+            SharedStep::Wait { ms } => {
+                self.h.now += ms;
+                vec![SharedInput::Wait]
+            }
+        }
+    }
+
+    /// etcd carries out a write: the first asked of the key of the
+    /// `pick`th, as the io layer sends one key's writes in order.
+    fn carry(&mut self, pick: usize, answer_first: bool, lost: bool) -> Vec<SharedInput> {
+        if self.asked.is_empty() {
+            return Vec::new();
+        }
+        let id_of = |write: &ClusterWrite| match write {
+            ClusterWrite::Create { id, .. }
+            | ClusterWrite::Rewrite { id, .. }
+            | ClusterWrite::Delete { id, .. } => id.clone(),
+        };
+        let id = id_of(&self.asked[pick % self.asked.len()]);
+        let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
+            return Vec::new();
+        };
+        let write = self.asked.remove(at);
+        let changes = |revision: u64, events: Vec<ClusterEvent>| {
+            SharedInput::Changes(ClusterChanges { revision, events })
+        };
+        let (answer, shown) = match write {
+            ClusterWrite::Create {
+                write,
+                topic,
+                id,
+                record,
+            } => {
+                self.revision += 1;
+                let created = self.revision;
+                let answer = SharedInput::Written(write, Written::Created { revision: created });
+                if lost {
+                    // Gone with a lease before the watch looked: it shows
+                    // a later revision without it.
+                    self.revision += 1;
+                    (Some(answer), changes(self.revision, Vec::new()))
+                } else {
+                    self.keys.insert(id.clone(), created);
+                    let put = ClusterEvent::Put {
+                        topic,
+                        id,
+                        create_revision: created,
+                        record,
+                    };
+                    (Some(answer), changes(created, vec![put]))
+                }
+            }
+            ClusterWrite::Rewrite {
+                write,
+                topic,
+                id,
+                record,
+            } => {
+                let Some(&created) = self.keys.get(&id) else {
+                    let error = ErrorBody::new(ErrorCode::NotFound, "no such key");
+                    return vec![SharedInput::Written(write, Written::Refused(error))];
+                };
+                self.revision += 1;
+                let answer = SharedInput::Written(
+                    write,
+                    Written::Rewritten {
+                        revision: self.revision,
+                    },
+                );
+                let put = ClusterEvent::Put {
+                    topic,
+                    id,
+                    create_revision: created,
+                    record,
+                };
+                (Some(answer), changes(self.revision, vec![put]))
+            }
+            ClusterWrite::Delete {
+                topic,
+                id,
+                reason,
+                by,
+                ..
+            } => {
+                if self.keys.remove(&id).is_none() {
+                    return Vec::new();
+                }
+                self.revision += 1;
+                let delete = ClusterEvent::Delete {
+                    topic,
+                    id,
+                    reason: Some((reason, by)),
+                };
+                (None, changes(self.revision, vec![delete]))
+            }
+        };
+        match (answer, answer_first) {
+            (Some(answer), true) => vec![answer, shown],
+            (Some(answer), false) => vec![shown, answer],
+            (None, _) => vec![shown],
+        }
+    }
+
+    /// What the requests waiting for etcd hold agrees with the indexes
+    /// beside them.
+    fn check(&self) {
+        let registry = &self.h.registry;
+        let mut deadlines = BTreeSet::new();
+        for pending in registry.pending.values() {
+            if let Some(deadline) = pending.deadline {
+                deadlines.insert((deadline, pending.write));
+            }
+        }
+        for update in registry.updating.values() {
+            if let Some(deadline) = update.deadline {
+                deadlines.insert((deadline, update.write));
+            }
+        }
+        for (slot, untrack) in &registry.untracking {
+            deadlines.insert((untrack.deadline, *slot));
+        }
+        assert_eq!(registry.park_deadlines, deadlines);
+        for (conn, connection) in &registry.conns {
+            let parked = registry
+                .pending
+                .values()
+                .filter(|p| p.cancelled.is_none() && p.track.conn == *conn)
+                .count();
+            assert_eq!(connection.parked, parked, "connection {conn}");
+            for phx_ref in &connection.entries {
+                let entry = registry.entry(phx_ref).expect("a held entry exists");
+                assert!(!registry.is_leaving(entry), "{phx_ref} leaving, yet held");
+            }
+        }
+        for id in registry.leaving.keys() {
+            let entry = registry
+                .entries()
+                .find(|e| e.cluster.as_ref().is_some_and(|s| s.id == *id))
+                .expect("a leaving entry keeps its place");
+            assert_eq!(entry.conn, None, "{id}");
+            assert!(!registry.by_token.contains_key(&entry.token_hash), "{id}");
+            assert!(
+                registry
+                    .by_process
+                    .get(&entry.process)
+                    .is_none_or(|refs| !refs.contains(&entry.phx_ref)),
+                "{id}"
+            );
+        }
+    }
+
+    /// etcd carries out every write asked, and time passes until nothing
+    /// waits: then no key is left without its entry, nor an entry of this
+    /// host without its key, and nothing waits for etcd any more.
+    fn settle_everything(&mut self) {
+        for _ in 0..1_000 {
+            if self.asked.is_empty() {
+                break;
+            }
+            self.step(&SharedStep::Carry {
+                pick: 0,
+                answer_first: true,
+                lost: false,
+            });
+        }
+        self.step(&SharedStep::Wait { ms: 60_000 });
+        let registry = &self.h.registry;
+        assert!(self.asked.is_empty(), "{:?}", self.asked);
+        assert!(registry.pending.is_empty(), "{:?}", registry.pending);
+        assert!(registry.updating.is_empty(), "{:?}", registry.updating);
+        assert!(registry.untracking.is_empty(), "{:?}", registry.untracking);
+        assert!(registry.leaving.is_empty(), "{:?}", registry.leaving);
+        assert!(registry.park_deadlines.is_empty());
+        let shown: BTreeSet<String> = registry
+            .entries()
+            .filter_map(|e| e.cluster.as_ref().map(|s| s.id.clone()))
+            .collect();
+        let held: BTreeSet<String> = self.keys.keys().cloned().collect();
+        assert_eq!(
+            shown, held,
+            "every key has its entry, and every entry its key"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Every step of a random history of a shared topic's requests and of
+    /// etcd's answers is taken back whole by a roll-back, keeps the
+    /// indexes of what waits for etcd right, and once etcd has carried out
+    /// every write, nothing waits, no key is left behind and no entry lacks
+    /// its key.
+    #[test]
+    fn a_shared_topic_through_etcd_leaves_no_trace_and_no_key_behind(
+        steps in prop::collection::vec(shared_step(), 1..60)
+    ) {
+        let mut world = SharedWorld::new();
+        for step in &steps {
+            world.step(step);
+        }
+        world.settle_everything();
+    }
 }

@@ -3,20 +3,23 @@
 //! makes, keeps a topic all local or all shared, and applies them again
 //! after a failed commit.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
 use super::harness::*;
 use crate::core::registry::{
-    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite, LeaseView,
-    SharedRecord, SharedTopicsFn, Track, WriteId, Written,
+    Change, ClusterChanges, ClusterEvent, ClusterInput, ClusterSetup, ClusterWrite,
+    DEFAULT_PARK_TIMEOUT, LeaseView, MAX_WAITING_PER_CONNECTION, SharedRecord, SharedTopicsFn,
+    Track, WriteId, Written,
 };
 use crate::core::{CoreConfig, Input, MAX_BATCH};
 use crate::ops::Op;
 use crate::ops::subscribe::Subscription;
 use crate::protocol::{
     Empty, ErrorBody, ErrorCode, HistoryKind, LeaveReason, Lifetime, Limits, TrackRequest,
+    UntrackRequest, UpdateRequest,
 };
 
 /// This host's name.
@@ -26,23 +29,37 @@ pub(super) const SHARED: &str = "pub:site";
 
 /// A core of host [`HOST`] sharing the topics that start with `pub:`.
 pub(super) fn cluster_config(limits: Limits) -> CoreConfig {
+    cluster_config_as(HOST, limits)
+}
+
+/// A core of `host`, sharing the topics that start with `pub:`.
+fn cluster_config_as(host: &str, limits: Limits) -> CoreConfig {
     CoreConfig {
         limits,
         max_batch: MAX_BATCH,
         own_uid: 0,
-        cluster: Some(ClusterSetup {
-            host: HOST.into(),
-            shared: SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
-        }),
+        cluster: Some(ClusterSetup::new(
+            host,
+            SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+        )),
     }
 }
 
-/// A clustered core whose lease is live, its fence a day off: shared
-/// topics are tracked only on a live lease.
+/// A clustered core of [`HOST`] whose lease is live.
 pub(super) fn clustered(limits: Limits) -> H {
-    let mut h = H::configured(cluster_config(limits), nothing_restored());
+    clustered_as(HOST, limits)
+}
+
+/// When the lease of [`clustered`] fences, in ms after the core started:
+/// a day off.
+const FENCE_IN_MS: u64 = 86_400_000;
+
+/// A clustered core of `host` whose lease is live, its fence a day off:
+/// shared topics are tracked only on a live lease.
+fn clustered_as(host: &str, limits: Limits) -> H {
+    let mut h = H::configured(cluster_config_as(host, limits), nothing_restored());
     h.committed_batch([lease(LeaseView::Live {
-        fence_at: BOOT_AT_START + Duration::from_secs(86_400),
+        fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
     })]);
     h
 }
@@ -489,15 +506,70 @@ fn remote_entries_past_the_cap_are_ignored_and_fill_no_local_room() {
 
 // -- this host's own tracks of shared topics, through a made-up etcd --------
 
-/// A small etcd: it creates each key the core asks for at the next
-/// revision, answering the write and showing the key to the watch.
+/// A small etcd: it writes each key the core asks for at the next
+/// revision, answering the write and showing the change to the watch.
 pub(super) struct FakeEtcd {
     revision: u64,
+    /// The create revision of each key it holds, by id.
+    created: HashMap<String, u64>,
 }
 
 impl FakeEtcd {
     pub(super) fn at(revision: u64) -> FakeEtcd {
-        FakeEtcd { revision }
+        FakeEtcd {
+            revision,
+            created: HashMap::new(),
+        }
+    }
+
+    /// Rewrites the key an update asks for, keeping its create revision:
+    /// what etcd answers, then what the watch shows.
+    fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
+        let ClusterWrite::Rewrite {
+            write,
+            topic,
+            id,
+            record,
+        } = write
+        else {
+            panic!("a rewrite: {write:?}");
+        };
+        self.revision += 1;
+        let created = self.created[id];
+        let written = written(
+            *write,
+            Written::Rewritten {
+                revision: self.revision,
+            },
+        );
+        let put = changes(
+            self.revision,
+            vec![put_in(topic, id, created, record.clone())],
+        );
+        (written, put)
+    }
+
+    /// Deletes the key a leave asks for, with its reason beside it: what
+    /// the watch shows.
+    fn delete(&mut self, write: &ClusterWrite) -> Input {
+        let ClusterWrite::Delete {
+            topic,
+            id,
+            reason,
+            by,
+            ..
+        } = write
+        else {
+            panic!("a delete: {write:?}");
+        };
+        self.revision += 1;
+        self.created.remove(id);
+        let delete = ClusterEvent::Delete {
+            topic: topic.clone(),
+            id: id.clone(),
+            reason: Some((*reason, by.clone())),
+        };
+        changes(self.revision, vec![delete])
     }
 
     /// The writes the core hands out now.
@@ -518,6 +590,7 @@ impl FakeEtcd {
             panic!("a create: {write:?}");
         };
         self.revision += 1;
+        self.created.insert(id.clone(), self.revision);
         let written = written(
             *write,
             Written::Created {
@@ -843,4 +916,911 @@ fn events_to_a_gated_connection_wait_behind_its_parked_track_too() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["id"], 2, "the reply first: {lines:?}");
     assert_eq!(lines[1]["event"], "presence_diff", "{lines:?}");
+}
+
+// -- this host's shared entries leaving and changing, through etcd ----------
+
+pub(super) fn untrack_ref(conn: u64, id: u64, phx_ref: &str) -> Input {
+    let request = UntrackRequest {
+        topic: SHARED.into(),
+        phx_ref: Some(phx_ref.into()),
+        key: None,
+    };
+    presence(conn, id, Op::Untrack(request))
+}
+
+fn untrack_key(conn: u64, id: u64, key: &str) -> Input {
+    let request = UntrackRequest {
+        topic: SHARED.into(),
+        phx_ref: None,
+        key: Some(key.into()),
+    };
+    presence(conn, id, Op::Untrack(request))
+}
+
+fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
+    let Value::Object(meta) = meta else {
+        panic!("a meta is an object");
+    };
+    let request = UpdateRequest {
+        topic: SHARED.into(),
+        phx_ref: Some(phx_ref.into()),
+        key: None,
+        meta,
+    };
+    presence(conn, id, Op::Update(request))
+}
+
+/// Tracks `key` on the shared topic for `conn`, of `lifetime`, through
+/// etcd, and returns its ref; the reply is read and set aside.
+fn shown_track(h: &mut H, etcd: &mut FakeEtcd, conn: u64, key: &str, lifetime: Lifetime) -> String {
+    let track = Track {
+        request: TrackRequest {
+            topic: SHARED.into(),
+            key: key.into(),
+            meta: Map::new(),
+            pid: None,
+            lifetime,
+            subscribe: false,
+        },
+        process: process_of(conn),
+        token_hash: token_hash(key),
+        token: format!("token-{key}"),
+    };
+    h.committed_batch([presence(conn, 100, Op::Track(track))]);
+    let (created, put) = etcd.create(&one_write(h));
+    h.committed_batch([created, put]);
+    let lines = h.lines(conn);
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    lines[0]["ref"].as_str().expect("a ref").to_owned()
+}
+
+/// A clustered core where connection 1 owns the shared topic and 3
+/// stands behind it, both through `etcd`, and connection 2 subscribes.
+fn owner_and_spectator(etcd: &mut FakeEtcd) -> (H, String, String) {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2, 3]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    let owner = shown_track(&mut h, etcd, 1, "page", Lifetime::Connection);
+    let spectator = shown_track(&mut h, etcd, 3, "other", Lifetime::Connection);
+    h.lines(2);
+    (h, owner, spectator)
+}
+
+#[test]
+fn an_untracked_shared_owner_keeps_its_place_until_etcd_shows_the_delete() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, spectator) = owner_and_spectator(&mut etcd);
+
+    h.input(untrack_ref(1, 1, &owner));
+    assert!(
+        h.burst().is_none(),
+        "nothing leaves yet, so nothing to save"
+    );
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { id, reason, by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(
+        (id.as_str(), *reason, by),
+        (owner.as_str(), LeaveReason::Untrack, &None)
+    );
+    assert!(h.lines(1).is_empty(), "the reply waits for etcd");
+    assert!(h.lines(2).is_empty(), "no diff before etcd deleted the key");
+    assert!(
+        h.lines(3).is_empty(),
+        "nobody is promoted before etcd deleted the key"
+    );
+    h.committed_batch([list(2, 2, SHARED)]);
+    // Listed by key: `other`, then `page`.
+    assert_eq!(
+        refs_listed(&h.lines(2)[0]),
+        [spectator.clone(), owner.clone()]
+    );
+
+    h.input(etcd.delete(&delete));
+    let commit = h.burst().expect("the leave is saved");
+    assert!(
+        commit.changes.contains(&Change::Delete(owner.clone())),
+        "its row goes: {:?}",
+        commit.changes
+    );
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(
+        history,
+        [
+            (
+                HistoryKind::Leave,
+                Some(LeaveReason::Untrack),
+                owner.clone()
+            ),
+            (HistoryKind::Owner, None, spectator.clone()),
+        ]
+    );
+    assert!(h.lines(1).is_empty(), "nothing before the commit");
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        (&lines[0]["id"], &lines[0]["removed"]),
+        (&json!(1), &json!(1))
+    );
+    let role = h.lines(3);
+    assert_eq!(role.len(), 1, "{role:?}");
+    assert_eq!(role[0]["payload"]["role"], "owner", "{role:?}");
+    let diff = h.lines(2);
+    assert_eq!(diff[0]["reasons"][&owner], "untrack", "{diff:?}");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_close_and_a_process_exit_delete_the_keys_of_shared_entries_for_their_reasons() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    let held = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+    let process = shown_track(&mut h, &mut etcd, 1, "run", Lifetime::Process);
+
+    h.committed_batch([close(1)]);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id, reason: LeaveReason::Closed, .. } if *id == held),
+        "{delete:?}"
+    );
+    h.committed_batch([etcd.delete(&delete), list(2, 1, SHARED)]);
+    assert_eq!(
+        refs_listed(&h.lines(2)[0]),
+        std::slice::from_ref(&process),
+        "the process entry stays"
+    );
+
+    h.committed_batch([Input::ProcessExited(process_of(1))]);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id, reason: LeaveReason::PidExit, .. } if *id == process),
+        "{delete:?}"
+    );
+    h.input(etcd.delete(&delete));
+    let (history, _) = history_of(&h.burst().expect("the leave is saved").changes);
+    assert_eq!(
+        history[0],
+        (HistoryKind::Leave, Some(LeaveReason::PidExit), process)
+    );
+    h.ok();
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+#[test]
+fn an_entry_another_connection_removes_names_it_and_its_holder_hears_once_the_key_is_gone() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 4]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "run", Lifetime::Process);
+
+    // Connection 4, of the same uid, may remove the process entry.
+    h.committed_batch([untrack_key(4, 1, "run")]);
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(
+        by.as_ref().map(|by| by.pid),
+        Some(4004),
+        "the remover: {delete:?}"
+    );
+    assert!(
+        h.lines(1).is_empty(),
+        "the holder hears nothing before the key is gone"
+    );
+
+    h.committed_batch([etcd.delete(&delete)]);
+    let holder = h.lines(1);
+    assert_eq!(holder.len(), 1, "{holder:?}");
+    assert_eq!(holder[0]["event"], "removed", "{holder:?}");
+    assert_eq!(holder[0]["payload"]["ref"], entry.as_str());
+    assert_eq!(holder[0]["payload"]["by"]["pid"], 4004);
+    assert_eq!(h.lines(4)[0]["removed"], 1);
+}
+
+#[test]
+fn an_untrack_of_several_shared_entries_replies_once_every_delete_shows() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 5]);
+    shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Process);
+    shown_track(&mut h, &mut etcd, 5, "page", Lifetime::Process);
+
+    h.committed_batch([untrack_key(1, 1, "page"), ping(1, 2)]);
+    let deletes = FakeEtcd::writes(&mut h);
+    assert_eq!(deletes.len(), 2, "{deletes:?}");
+    h.committed_batch([etcd.delete(&deletes[0])]);
+    assert!(h.lines(1).is_empty(), "one delete still to show");
+    h.committed_batch([etcd.delete(&deletes[1])]);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["removed"], 2, "{lines:?}");
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+#[test]
+fn a_rolled_back_untrack_answers_internal_and_asks_etcd_nothing() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    // A local track shares the batch, which its row makes fail.
+    h.inputs([untrack_ref(1, 1, &entry), track_on(1, 2, "doc", "x")]);
+    h.burst().expect("a commit");
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no write of a failed batch"
+    );
+
+    // Still held: it is untracked again.
+    h.committed_batch([untrack_ref(1, 3, &entry)]);
+    let delete = one_write(&mut h);
+    h.committed_batch([etcd.delete(&delete)]);
+    assert_eq!(h.lines(1)[0]["removed"], 1);
+}
+
+#[test]
+fn an_update_of_a_shared_entry_is_answered_once_etcd_shows_it_and_keeps_the_place() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, _) = owner_and_spectator(&mut etcd);
+
+    h.committed_batch([
+        update_ref(1, 1, &owner, json!({"mode": "edit"})),
+        ping(1, 2),
+    ]);
+    assert!(h.lines(1).is_empty(), "the reply waits for etcd");
+    assert!(h.lines(2).is_empty(), "no diff before etcd wrote it");
+    let rewrite = one_write(&mut h);
+    let ClusterWrite::Rewrite { id, record, .. } = &rewrite else {
+        panic!("a rewrite: {rewrite:?}");
+    };
+    assert_eq!(id, &owner, "the key of the entry");
+    assert_ne!(record.phx_ref, owner, "a new ref");
+    assert!(record.phx_ref.starts_with("web-1:p"), "{record:?}");
+    assert_eq!(record.phx_ref_prev.as_deref(), Some(owner.as_str()));
+    assert_eq!(record.meta["mode"], "edit");
+    let new_ref = record.phx_ref.clone();
+
+    let (rewritten, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([rewritten]);
+    assert!(h.lines(1).is_empty(), "etcd's answer alone reveals nothing");
+    h.input(put);
+    let commit = h.burst().expect("the new version is saved");
+    assert!(commit.changes.contains(&Change::Delete(owner.clone())));
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(history, [(HistoryKind::Update, None, new_ref.clone())]);
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["ref"], new_ref.as_str(), "{lines:?}");
+    assert_eq!(lines[0]["prev_ref"], owner.as_str(), "{lines:?}");
+    let diff = h.lines(2);
+    assert_eq!(diff[0]["reasons"][&owner], "update", "{diff:?}");
+    assert_eq!(
+        diff[0]["owner"]["phx_ref"],
+        new_ref.as_str(),
+        "still the owner"
+    );
+    assert!(h.lines(3).is_empty(), "nobody's standing changed");
+}
+
+#[test]
+fn a_second_update_while_one_waits_is_refused_and_a_refused_rewrite_answers_its_error() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    h.committed_batch([
+        update_ref(1, 1, &entry, json!({"n": 1})),
+        update_ref(1, 2, &entry, json!({"n": 2})),
+    ]);
+    let rewrite = one_write(&mut h);
+    let ClusterWrite::Rewrite { write, .. } = &rewrite else {
+        panic!("a rewrite: {rewrite:?}");
+    };
+    let error = ErrorBody::new(ErrorCode::Unavailable, "the lease is fenced");
+    h.committed_batch([written(*write, Written::Refused(error))]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(1), json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert_eq!(lines[1]["error"]["code"], "limit_exceeded", "{lines:?}");
+
+    // Nothing waits any more: the next update is sent.
+    h.committed_batch([update_ref(1, 3, &entry, json!({"n": 3}))]);
+    let (_, put) = etcd.rewrite(&one_write(&mut h));
+    h.committed_batch([put]);
+    assert_eq!(h.lines(1)[0]["prev_ref"], entry.as_str());
+}
+
+#[test]
+fn an_update_overtaken_by_its_entrys_leave_is_answered_not_found() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Process);
+    h.lines(2);
+
+    h.committed_batch([update_ref(1, 1, &entry, json!({"n": 1}))]);
+    let rewrite = one_write(&mut h);
+    h.committed_batch([Input::ProcessExited(process_of(1))]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "not_found", "{lines:?}");
+    let delete = one_write(&mut h);
+
+    // etcd wrote the update before the delete: the entry leaves as it
+    // was shown here.
+    let (_, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([put, etcd.delete(&delete)]);
+    let diff = h.lines(2);
+    assert_eq!(diff.len(), 1, "only the leave: {diff:?}");
+    assert_eq!(diff[0]["reasons"][&entry], "pid_exit", "{diff:?}");
+    assert_eq!(h.core.counts().entries, 0);
+}
+
+/// Runs the core's own work due at `ms`, and its commit if it needs one.
+fn wake_at(h: &mut H, ms: u64) {
+    h.at(ms);
+    h.tick();
+    h.committed_batch([]);
+}
+
+#[test]
+fn a_track_etcd_does_not_show_in_time_is_answered_unavailable_and_its_key_deleted_later() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(10);
+    h.at(1_000);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), ping(1, 2)]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    let timeout = DEFAULT_PARK_TIMEOUT.as_millis() as u64;
+    assert_eq!(h.timeout(), Some(1_000 + timeout), "woken when it is due");
+
+    wake_at(&mut h, 1_000 + timeout - 1);
+    assert!(h.lines(1).is_empty(), "not yet");
+    wake_at(&mut h, 1_000 + timeout);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert_eq!(
+        h.timeout(),
+        Some(FENCE_IN_MS),
+        "nothing waits any more but the lease's fence"
+    );
+
+    // The key shows after all: it is deleted, never shown here.
+    h.committed_batch([created, put]);
+    assert!(h.lines(2).is_empty(), "{:?}", h.lines(2));
+    assert_eq!(h.core.counts().entries, 0);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(
+            delete,
+            ClusterWrite::Delete {
+                reason: LeaveReason::Untrack,
+                ..
+            }
+        ),
+        "{delete:?}"
+    );
+    // Nothing is held: the key is tracked again.
+    h.committed_batch([track_on(1, 3, SHARED, "page")]);
+    assert_eq!(FakeEtcd::writes(&mut h).len(), 1);
+}
+
+#[test]
+fn an_update_answered_unavailable_is_still_applied_when_etcd_shows_it_and_its_holder_told() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let entry = shown_track(&mut h, &mut etcd, 1, "page", Lifetime::Connection);
+
+    h.committed_batch([update_ref(1, 1, &entry, json!({"n": 1}))]);
+    let rewrite = one_write(&mut h);
+    let due = h.timeout().expect("the update waits with a deadline");
+    wake_at(&mut h, due);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    let (_, put) = etcd.rewrite(&rewrite);
+    h.committed_batch([put]);
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "updated", "{lines:?}");
+    assert_eq!(lines[0]["payload"]["prev_ref"], entry.as_str(), "{lines:?}");
+    assert_eq!(lines[0]["payload"]["meta"]["n"], 1, "{lines:?}");
+}
+
+#[test]
+fn an_untrack_answered_unavailable_still_removes_the_entry_when_etcd_shows_the_delete() {
+    let mut etcd = FakeEtcd::at(10);
+    let (mut h, owner, _) = owner_and_spectator(&mut etcd);
+
+    h.committed_batch([untrack_ref(1, 1, &owner)]);
+    let delete = one_write(&mut h);
+    let due = h.timeout().expect("the untrack waits with a deadline");
+    wake_at(&mut h, due);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert!(h.lines(3).is_empty(), "still nobody promoted");
+
+    h.committed_batch([etcd.delete(&delete)]);
+    assert!(h.lines(1).is_empty(), "answered already");
+    assert_eq!(h.lines(3)[0]["payload"]["role"], "owner");
+    assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn an_untrack_by_key_cancels_a_track_still_waiting_and_answers_at_once() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(10);
+    h.committed_batch([track_on(1, 1, SHARED, "page"), untrack_key(1, 2, "page")]);
+    let lines = h.lines(1);
+    assert_eq!(
+        ids(&lines),
+        [json!(1), json!(2)],
+        "in request order: {lines:?}"
+    );
+    assert_eq!(lines[0]["error"]["code"], "not_found", "{lines:?}");
+    assert_eq!(lines[1]["removed"], 1, "{lines:?}");
+
+    let (created, put) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, put]);
+    assert_eq!(h.core.counts().entries, 0);
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(
+            delete,
+            ClusterWrite::Delete {
+                reason: LeaveReason::Untrack,
+                ..
+            }
+        ),
+        "{delete:?}"
+    );
+}
+
+#[test]
+fn a_resume_of_a_token_whose_track_still_waits_is_refused() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    h.committed_batch([resume(2, 1, "page")]);
+    let lines = h.lines(2);
+    let refused = &lines[0]["refused"]["token-page"];
+    assert_eq!(refused["code"], "unavailable", "{lines:?}");
+}
+
+#[test]
+fn a_key_etcd_created_but_the_watch_went_past_without_showing_is_answered_unavailable() {
+    // etcd answers first; then the watch shows a later revision without it
+    // (a relisting after the key came and went).
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(10);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, _) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created]);
+    assert!(h.lines(1).is_empty());
+    h.committed_batch([changes(13, vec![put("web-2:p1", "a", 13)])]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    // The watch first, then etcd's answer.
+    h.committed_batch([track_on(1, 2, SHARED, "other")]);
+    let write = one_write(&mut h);
+    etcd.revision = 20;
+    let (created, _) = etcd.create(&write);
+    h.committed_batch([changes(30, vec![put("web-2:p2", "b", 30)])]);
+    assert!(h.lines(1).is_empty(), "etcd has not said it created it yet");
+    h.committed_batch([created]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "nothing left to delete"
+    );
+    assert_eq!(h.core.counts().entries, 2, "the other hosts' entries");
+}
+
+#[test]
+fn a_connection_may_have_only_so_many_replies_waiting_for_etcd() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    let tracks = (0..MAX_WAITING_PER_CONNECTION as u64)
+        .map(|n| track_on(1, n, SHARED, &format!("k{n}")))
+        .collect::<Vec<_>>();
+    h.committed_batch(tracks);
+    let next = MAX_WAITING_PER_CONNECTION as u64;
+    h.committed_batch([
+        track_on(1, next, SHARED, "one-more"),
+        track_on(1, next + 1, "doc", "local"),
+    ]);
+    let mut etcd = FakeEtcd::at(10);
+    let writes = FakeEtcd::writes(&mut h);
+    assert_eq!(
+        writes.len(),
+        MAX_WAITING_PER_CONNECTION,
+        "the one past the bound asks nothing"
+    );
+    for write in &writes {
+        let (created, put) = etcd.create(write);
+        h.committed_batch([created, put]);
+    }
+    let lines = h.lines(1);
+    let past = &lines[MAX_WAITING_PER_CONNECTION];
+    assert_eq!(past["id"], next, "{past}");
+    assert_eq!(past["error"]["code"], "limit_exceeded", "{past}");
+    let message = past["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("waiting for etcd"), "{message}");
+    assert_eq!(
+        lines[MAX_WAITING_PER_CONNECTION + 1]["ok"],
+        true,
+        "a local topic's track is not bound"
+    );
+}
+
+/// What the watch showed, as another host's core is handed it too.
+fn seen_again(input: &Input) -> Input {
+    let Input::Cluster(ClusterInput::Changes(changes)) = input else {
+        panic!("the watch's changes: {input:?}");
+    };
+    Input::Cluster(ClusterInput::Changes(changes.clone()))
+}
+
+#[test]
+fn another_host_sees_this_hosts_update_and_leave_with_the_reason_and_who_removed_it() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 4]);
+    let mut other = clustered_as("web-2", Limits::default());
+    other.connect([2]);
+    other.committed_batch([subscribe_to(2, 1, SHARED)]);
+    other.lines(2);
+
+    // A process entry: another connection of its uid may remove it.
+    let track = Track {
+        request: TrackRequest {
+            topic: SHARED.into(),
+            key: "page".into(),
+            meta: Map::new(),
+            pid: None,
+            lifetime: Lifetime::Process,
+            subscribe: false,
+        },
+        process: process_of(1),
+        token_hash: token_hash("page"),
+        token: "token-page".into(),
+    };
+    h.committed_batch([presence(1, 1, Op::Track(track))]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+    other.committed_batch([seen_again(&put)]);
+    h.committed_batch([created, put]);
+    let entry = h.lines(1)[0]["ref"].as_str().expect("a ref").to_owned();
+    let joined = other.lines(2);
+    assert_eq!(joined[0]["owner"]["phx_ref"], entry.as_str(), "{joined:?}");
+
+    h.committed_batch([update_ref(1, 2, &entry, json!({"mode": "edit"}))]);
+    let (_, put) = etcd.rewrite(&one_write(&mut h));
+    other.committed_batch([seen_again(&put)]);
+    h.committed_batch([put]);
+    let new_ref = h.lines(1)[0]["ref"].as_str().expect("a ref").to_owned();
+    let updated = other.lines(2);
+    assert_eq!(updated[0]["reasons"][&entry], "update", "{updated:?}");
+    assert_eq!(
+        updated[0]["payload"]["joins"]["page"]["metas"][0]["phx_ref"],
+        new_ref.as_str(),
+        "the same ref on both hosts: {updated:?}"
+    );
+
+    h.committed_batch([untrack_key(4, 3, "page")]);
+    let delete = one_write(&mut h);
+    let ClusterWrite::Delete { by, .. } = &delete else {
+        panic!("a delete: {delete:?}");
+    };
+    assert_eq!(by.as_ref().map(|by| by.pid), Some(4004), "{delete:?}");
+    let deleted = etcd.delete(&delete);
+    other.input(seen_again(&deleted));
+    let (history, _) = history_of(&other.burst().expect("its history").changes);
+    assert_eq!(
+        history,
+        [(
+            HistoryKind::Leave,
+            Some(LeaveReason::Untrack),
+            new_ref.clone()
+        )]
+    );
+    other.ok();
+    let left = other.lines(2);
+    assert_eq!(left[0]["reasons"][&new_ref], "untrack", "{left:?}");
+    h.committed_batch([deleted]);
+    assert_eq!(h.core.counts().entries, 0);
+    assert_eq!(other.core.counts().entries, 0);
+}
+
+// -- reply order through etcd, at random -------------------------------------
+
+/// One step of a random history for the reply-order test.
+#[derive(Debug, Clone)]
+enum OrderStep {
+    /// A request from connection `conn` (1 to 3): a track, an update or an
+    /// untrack of key `key` on the shared topic, a local track, or a ping.
+    Ask { conn: u64, what: u8, key: u8 },
+    /// etcd carries out the first write asked of the key of the `pick`th
+    /// write asked, answering it before or after its watch shows it.
+    Carry { pick: usize, answer_first: bool },
+    /// etcd refuses the `pick`th write asked, if it is not a delete.
+    Refuse { pick: usize },
+    /// Time passes.
+    Wait { ms: u64 },
+    /// The next commit fails.
+    Fail,
+}
+
+fn order_step() -> impl proptest::strategy::Strategy<Value = OrderStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (1..4u64, 0..5u8, 0..2u8).prop_map(|(conn, what, key)| OrderStep::Ask { conn, what, key }),
+        5 => (0..6usize, any::<bool>())
+            .prop_map(|(pick, answer_first)| OrderStep::Carry { pick, answer_first }),
+        1 => (0..6usize).prop_map(|pick| OrderStep::Refuse { pick }),
+        1 => (0..3_000u64).prop_map(|ms| OrderStep::Wait { ms }),
+        1 => Just(OrderStep::Fail),
+    ]
+}
+
+/// A clustered core, its made-up etcd, and what each connection asked and
+/// was answered.
+struct OrderWorld {
+    h: H,
+    etcd: FakeEtcd,
+    asked: Vec<ClusterWrite>,
+    ms: u64,
+    next_id: HashMap<u64, u64>,
+    /// The ids of the replies each connection was sent, in order.
+    answered: HashMap<u64, Vec<u64>>,
+}
+
+impl OrderWorld {
+    fn new() -> OrderWorld {
+        let mut h = clustered(Limits::default());
+        h.connect([1, 2, 3]);
+        OrderWorld {
+            h,
+            etcd: FakeEtcd::at(10),
+            asked: Vec::new(),
+            ms: 0,
+            next_id: HashMap::new(),
+            answered: HashMap::new(),
+        }
+    }
+
+    fn step(&mut self, step: &OrderStep) {
+        let mut fail = false;
+        let inputs = match *step {
+            OrderStep::Ask { conn, what, key } => {
+                let id = self.next_id.entry(conn).or_default();
+                *id += 1;
+                let key = format!("k{key}");
+                let input = match what {
+                    0 => track_on(conn, *id, SHARED, &key),
+                    1 => {
+                        let request = UpdateRequest {
+                            topic: SHARED.into(),
+                            phx_ref: None,
+                            key: Some(key),
+                            meta: Map::new(),
+                        };
+                        presence(conn, *id, Op::Update(request))
+                    }
+                    2 => untrack_key(conn, *id, &key),
+                    3 => track_on(conn, *id, "doc", &key),
+                    _ => ping(conn, *id),
+                };
+                vec![input]
+            }
+            OrderStep::Carry { pick, answer_first } => self.carry(pick, answer_first),
+            OrderStep::Refuse { pick } => {
+                if self.asked.is_empty() {
+                    return;
+                }
+                let at = pick % self.asked.len();
+                let write = match &self.asked[at] {
+                    ClusterWrite::Create { write, .. } | ClusterWrite::Rewrite { write, .. } => {
+                        *write
+                    }
+                    ClusterWrite::Delete { .. } => return,
+                };
+                self.asked.remove(at);
+                let error = ErrorBody::new(ErrorCode::Unavailable, "fenced");
+                vec![written(write, Written::Refused(error))]
+            }
+            OrderStep::Wait { ms } => {
+                self.ms += ms;
+                self.h.at(self.ms);
+                self.h.tick();
+                Vec::new()
+            }
+            OrderStep::Fail => {
+                fail = true;
+                Vec::new()
+            }
+        };
+        self.h.inputs(inputs);
+        if self.h.burst().is_some() {
+            if fail {
+                self.h.fail();
+            } else {
+                self.h.ok();
+            }
+        }
+        // A failed batch's facts are retried on their own.
+        while let Some(due) = self.h.timeout().filter(|due| *due <= self.ms) {
+            self.h.at(self.ms.max(due));
+            self.h.tick();
+            if self.h.burst().is_some() {
+                self.h.ok();
+            }
+        }
+        self.asked.extend(FakeEtcd::writes(&mut self.h));
+        for conn in 1..4 {
+            let replies = self
+                .h
+                .lines(conn)
+                .into_iter()
+                .filter_map(|l| l["id"].as_u64());
+            self.answered.entry(conn).or_default().extend(replies);
+        }
+    }
+
+    /// etcd carries out the first write asked of the key of the `pick`th.
+    fn carry(&mut self, pick: usize, answer_first: bool) -> Vec<Input> {
+        if self.asked.is_empty() {
+            return Vec::new();
+        }
+        let id_of = |write: &ClusterWrite| match write {
+            ClusterWrite::Create { id, .. }
+            | ClusterWrite::Rewrite { id, .. }
+            | ClusterWrite::Delete { id, .. } => id.clone(),
+        };
+        let id = id_of(&self.asked[pick % self.asked.len()]);
+        let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
+            return Vec::new();
+        };
+        let write = self.asked.remove(at);
+        let (answer, shown) = match &write {
+            ClusterWrite::Create { .. } => self.etcd.create(&write),
+            ClusterWrite::Rewrite {
+                write: asked, id, ..
+            } => {
+                if !self.etcd.created.contains_key(id) {
+                    let error = ErrorBody::new(ErrorCode::NotFound, "no such key");
+                    return vec![written(*asked, Written::Refused(error))];
+                }
+                self.etcd.rewrite(&write)
+            }
+            ClusterWrite::Delete { id, .. } => {
+                if !self.etcd.created.contains_key(id) {
+                    return Vec::new();
+                }
+                return vec![self.etcd.delete(&write)];
+            }
+        };
+        if answer_first {
+            vec![answer, shown]
+        } else {
+            vec![shown, answer]
+        }
+    }
+
+    /// Each connection was answered in request order, each request once
+    /// at most; and once etcd has carried out everything and the park
+    /// timeout has passed, each request once exactly.
+    fn check(&self, done: bool) {
+        for conn in 1..4 {
+            let answered = self.answered.get(&conn).cloned().unwrap_or_default();
+            let asked = self.next_id.get(&conn).copied().unwrap_or(0);
+            let in_order: Vec<u64> = (1..=answered.len() as u64).collect();
+            assert_eq!(answered, in_order, "connection {conn}, asked {asked}");
+            if done {
+                assert_eq!(answered.len() as u64, asked, "connection {conn}");
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Whatever etcd does with the writes (carries them out in any order,
+    /// each key's in turn, answering before or after its watch shows
+    /// them; refuses them; takes longer than the park timeout) and
+    /// whatever commits fail, every connection is answered in the order it
+    /// asked, and once etcd has done everything, answered every request.
+    #[test]
+    fn replies_keep_request_order_whatever_etcd_does(
+        steps in proptest::collection::vec(order_step(), 1..60)
+    ) {
+        let mut world = OrderWorld::new();
+        for step in &steps {
+            world.step(step);
+            world.check(false);
+        }
+        for _ in 0..1_000 {
+            if world.asked.is_empty() {
+                break;
+            }
+            world.step(&OrderStep::Carry { pick: 0, answer_first: true });
+        }
+        world.step(&OrderStep::Wait { ms: 60_000 });
+        world.check(true);
+    }
+}
+
+#[test]
+fn an_untrack_refused_for_too_many_replies_waiting_changes_nothing() {
+    let mut etcd = FakeEtcd::at(10);
+    let mut h = clustered(Limits::default());
+    h.connect([1, 5]);
+    // Connection 5's process entry, which connection 1 (same uid) may
+    // remove; and as many tracks of connection 1 waiting as may wait, one
+    // of the same key.
+    shown_track(&mut h, &mut etcd, 5, "page", Lifetime::Process);
+    let bound = MAX_WAITING_PER_CONNECTION;
+    let tracks = (0..bound as u64).map(|n| {
+        let key = if n == 0 {
+            "page".to_owned()
+        } else {
+            format!("k{n}")
+        };
+        track_on(1, n, SHARED, &key)
+    });
+    h.committed_batch(tracks);
+    let creates = FakeEtcd::writes(&mut h);
+    assert_eq!(creates.len(), bound);
+
+    h.committed_batch([untrack_key(1, bound as u64, "page")]);
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "no delete asked");
+    for write in &creates {
+        let (created, put) = etcd.create(write);
+        h.committed_batch([created, put]);
+    }
+    let lines = h.lines(1);
+    let replies: Vec<&Value> = lines.iter().filter(|l| l.get("id").is_some()).collect();
+    assert_eq!(replies.len(), bound + 1, "{replies:?}");
+    assert!(
+        replies[..bound].iter().all(|r| r["ok"] == true),
+        "no track cancelled: {replies:?}"
+    );
+    assert_eq!(replies[bound]["error"]["code"], "limit_exceeded");
+    assert_eq!(h.core.counts().entries, bound + 1, "nothing removed");
 }

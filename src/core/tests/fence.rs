@@ -438,3 +438,61 @@ fn a_lost_lease_and_a_move_rolled_back_are_applied_again_once() {
     assert!(FakeEtcd::writes(&mut h).is_empty(), "asked once");
     assert_eq!(h.core.counts().entries, 2);
 }
+
+#[test]
+fn an_entry_whose_key_went_with_the_lease_leaves_at_once_when_untracked() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([lease(LeaseView::Granting)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+
+    // Nothing is left in etcd to delete, and no other host shows it: the
+    // untrack is answered at once, and the entry leaves here.
+    h.committed_batch([untrack_ref(1, 2, &own_ref)]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "no delete is asked for"
+    );
+    let diffs = h.lines(2);
+    assert_eq!(
+        diffs[0]["reasons"][own_ref.as_str()],
+        "untrack",
+        "{diffs:?}"
+    );
+    assert_eq!(h.core.counts().entries, 0);
+
+    // Nor is it created again once a lease is live.
+    h.committed_batch([live_until(FENCE_AT_MS + 10_000)]);
+    assert!(FakeEtcd::writes(&mut h).is_empty());
+}
+
+#[test]
+fn an_entry_on_its_way_out_when_the_lease_ends_leaves_and_is_not_queued_again() {
+    let (mut h, _, own_ref) = owning();
+    // The untrack's delete is asked for, but the lease ends before etcd
+    // takes it: the key goes with the lease instead.
+    h.committed_batch([untrack_ref(1, 2, &own_ref)]);
+    let write = one_write(&mut h);
+    assert!(matches!(write, ClusterWrite::Delete { .. }), "{write:?}");
+    assert!(h.lines(1).is_empty(), "answered once etcd shows the delete");
+    h.committed_batch([lease(LeaseView::Granting)]);
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+    let lines = h.lines(1);
+    assert_eq!(ids(&lines), [json!(2)], "{lines:?}");
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    let diffs = h.lines(2);
+    assert_eq!(
+        diffs[0]["reasons"][own_ref.as_str()],
+        "untrack",
+        "{diffs:?}"
+    );
+
+    h.committed_batch([live_until(FENCE_AT_MS + 10_000)]);
+    assert!(
+        FakeEtcd::writes(&mut h).is_empty(),
+        "an entry that left is not created again"
+    );
+}
