@@ -3,7 +3,7 @@
 //! through an etcd on loopback ([`super::etcd`]), with a lease short
 //! enough that a lost host is noticed within seconds.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use presenced::client::Events;
 use presenced::daemon::LeaseSettings;
@@ -141,10 +141,11 @@ pub async fn next_role(events: &mut Events, topic: &str, phx_ref: &str) -> Stand
     .await
 }
 
-/// The next `role` event telling any entry on this connection that it is
-/// suspended, if one comes within `window`.
-pub async fn suspended_within(events: &mut Events, window: Duration) -> Option<Event> {
-    tokio::time::timeout(window, async {
+/// The first `role` event, among those sent before `deadline`, telling
+/// an entry of this connection it is suspended. Events already received
+/// are all looked at, even once the deadline has passed.
+pub async fn suspended_by(events: &mut Events, deadline: Instant) -> Option<Event> {
+    tokio::time::timeout_at(deadline.into(), async {
         loop {
             match events.recv().await {
                 Some(event @ Event::Role { .. })
