@@ -249,8 +249,8 @@ async fn a_lost_quorum_suspends_every_owner_and_its_return_gives_every_place_bac
     let mut owners = Vec::new();
     let mut queues = Vec::new();
     let mut behind = Vec::new();
-    for (owner_host, others) in [(a, [b, c]), (b, [c, a]), (c, [a, b])] {
-        let topic = format!("shared:quorum-{}", owner_host.pid());
+    for (name, owner_host, others) in [("a", a, [b, c]), ("b", b, [c, a]), ("c", c, [a, b])] {
+        let topic = format!("shared:quorum-{name}");
         let (client, events, owner) = join(owner_host, &topic, "owner").await;
         assert_eq!(owner.standing.role, Role::Owner, "{owner:?}");
         let (second_client, second_events, second) = join(others[0], &topic, "second").await;
@@ -264,8 +264,9 @@ async fn a_lost_quorum_suspends_every_owner_and_its_return_gives_every_place_bac
         queues.push((topic, queue));
     }
 
-    // The leader stays, without a quorum: it steps down, and the leases
-    // wait, unexpired, for the next leader.
+    // The two followers stop. The leader, left without a quorum, steps
+    // down (etcd checks that it hears from one), and the leases wait,
+    // unexpired, for the next leader, which extends them.
     let leader = etcd.leader();
     let followers: Vec<usize> = (0..3).filter(|member| *member != leader).collect();
     for member in &followers {
