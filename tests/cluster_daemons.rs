@@ -10,96 +10,15 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use presenced::client::ClientError;
-use presenced::protocol::{
-    ErrorCode, Event, LeaveReason, Lifetime, Role, StatusReply, TrackReply, TrackRequest,
-};
+use presenced::protocol::{ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest};
 
-use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
+use crate::common::cluster::{
+    TTL, cluster_args, host, listed_everywhere, spectator_at, status, wait_for_lease,
+};
+use crate::common::etcd::EtcdCluster;
 use crate::common::{
-    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
-    within,
+    Daemon, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
 };
-
-/// The topics the daemons share; every other topic stays local.
-const SHARED: &str = "shared:*";
-
-/// The lease's TTL T the daemons are given: etcd ends a lost host's lease,
-/// and so its entries, this long after its last renewal (plus up to half
-/// a second: etcd looks for expired leases twice a second).
-const TTL: Duration = Duration::from_secs(2);
-
-/// `--cluster-ttl` and the hidden settings, short so that a lost host is
-/// noticed quickly: with the fixture's election timeout (E = 250 ms) and
-/// R = 300 ms, the longest gap between renewals is K + max(2R, 2E) + R +
-/// 0.1 s = 1.25 s, under T − m = 1.5 s.
-fn cluster_args(etcd: &EtcdCluster, host: &str) -> Vec<String> {
-    [
-        "--etcd",
-        &etcd.endpoints().join(","),
-        "--cluster-topics",
-        SHARED,
-        "--host",
-        host,
-        "--cluster-ttl",
-        &TTL.as_secs().to_string(),
-        "--etcd-election-timeout",
-        &ELECTION_TIMEOUT.as_secs_f64().to_string(),
-        "--cluster-margin",
-        "0.5",
-        "--cluster-renew-every",
-        "0.25",
-        "--etcd-attempt-timeout",
-        "0.3",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-/// A daemon of the cluster as `host`, once its lease is live (its host
-/// name claimed on it), so that it may write entries.
-async fn host(etcd: &EtcdCluster, host: &str) -> Daemon {
-    let args = cluster_args(etcd, host);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&args).await;
-    wait_for_lease(&daemon, "live").await;
-    daemon
-}
-
-async fn status(daemon: &Daemon) -> StatusReply {
-    let (client, _events) = daemon.client().await;
-    client.status().await.expect("status")
-}
-
-/// Waits until the daemon's lease is in `state`, as `status` says.
-async fn wait_for_lease(daemon: &Daemon, state: &str) -> StatusReply {
-    let what = format!("the daemon's lease to be {state}");
-    within(&what, async {
-        loop {
-            let status = status(daemon).await;
-            let cluster = status.cluster.as_ref().expect("a daemon in cluster mode");
-            if cluster.lease == state {
-                return status;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await
-}
-
-fn spectator_at(reply: &TrackReply, position: usize) {
-    assert_eq!(reply.standing.role, Role::Spectator, "{reply:?}");
-    assert_eq!(reply.standing.position, position, "{reply:?}");
-}
-
-/// Waits until every daemon lists `topic` as `expected`.
-async fn listed_everywhere(daemons: &[&Daemon], topic: &str, expected: &View) {
-    for daemon in daemons {
-        eventually("every host to list the same queue", async || {
-            View::listed(daemon, topic).await == *expected
-        })
-        .await;
-    }
-}
 
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]

@@ -27,6 +27,7 @@ mod client_example;
 mod client_trust;
 mod cluster_bridge;
 mod cluster_daemons;
+mod cluster_fencing;
 mod cluster_gateway;
 mod cluster_lease;
 mod cluster_mirror;

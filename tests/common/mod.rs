@@ -4,6 +4,7 @@
 //! daemon puts back, a count in `status`) is polled every [`POLL`], still
 //! under the deadline. Nothing here sleeps and hopes.
 
+pub mod cluster;
 pub mod etcd;
 pub mod shared;
 
