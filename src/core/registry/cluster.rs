@@ -1189,6 +1189,13 @@ impl Registry {
         let (mut entry, meta_bytes) = self.take(phx_ref)?;
         let id = shared_id(&entry);
         self.forget_told(&entry.topic, entry.seq);
+        // Its row goes now, with the batch that decided the leave, not when
+        // etcd shows the delete: a row is what a restart brings back, and
+        // an entry on its way out must not come back as a live one if the
+        // daemon stops before the delete shows. Its key, should the delete
+        // not have reached etcd, is one no restored entry claims, and the
+        // first listing after the restart deletes it.
+        out.changes.push(Change::Delete(phx_ref.to_owned()));
         let holder = entry.conn.take();
         entry.resume_deadline = None;
         // As the local history would say: only another connection than the

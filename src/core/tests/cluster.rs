@@ -993,10 +993,13 @@ fn an_untracked_shared_owner_keeps_its_place_until_etcd_shows_the_delete() {
     let (mut h, owner, spectator) = owner_and_spectator(&mut etcd);
 
     h.input(untrack_ref(1, 1, &owner));
-    assert!(
-        h.burst().is_none(),
-        "nothing leaves yet, so nothing to save"
+    let commit = h.burst().expect("its row goes at once");
+    assert_eq!(
+        commit.changes,
+        [Change::Delete(owner.clone())],
+        "only its row: nothing leaves yet"
     );
+    h.ok();
     let delete = one_write(&mut h);
     let ClusterWrite::Delete { id, reason, by, .. } = &delete else {
         panic!("a delete: {delete:?}");
