@@ -5136,7 +5136,10 @@ impl SharedWorld {
                     ClusterWrite::Create { write, .. } | ClusterWrite::Rewrite { write, .. } => {
                         *write
                     }
-                    ClusterWrite::Delete { .. } => return Vec::new(),
+                    // Neither is answered.
+                    ClusterWrite::Delete { .. } | ClusterWrite::Adopt { .. } => {
+                        return Vec::new();
+                    }
                 };
                 self.asked.remove(at);
                 let error = ErrorBody::new(ErrorCode::Unavailable, "fenced");
@@ -5158,7 +5161,8 @@ impl SharedWorld {
         let id_of = |write: &ClusterWrite| match write {
             ClusterWrite::Create { id, .. }
             | ClusterWrite::Rewrite { id, .. }
-            | ClusterWrite::Delete { id, .. } => id.clone(),
+            | ClusterWrite::Delete { id, .. }
+            | ClusterWrite::Adopt { id, .. } => id.clone(),
         };
         let id = id_of(&self.asked[pick % self.asked.len()]);
         let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
@@ -5237,6 +5241,8 @@ impl SharedWorld {
                 };
                 (None, changes(self.revision, vec![delete]))
             }
+            // Only a restart's entries are adopted; none is restored here.
+            ClusterWrite::Adopt { .. } => return Vec::new(),
         };
         match (answer, answer_first) {
             (Some(answer), true) => vec![answer, shown],

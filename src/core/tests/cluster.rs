@@ -52,7 +52,7 @@ pub(super) fn clustered(limits: Limits) -> H {
 
 /// When the lease of [`clustered`] fences, in ms after the core started:
 /// a day off.
-const FENCE_IN_MS: u64 = 86_400_000;
+pub(super) const FENCE_IN_MS: u64 = 86_400_000;
 
 /// A clustered core of `host` whose lease is live, its fence a day off:
 /// shared topics are tracked only on a live lease.
@@ -938,7 +938,7 @@ fn untrack_key(conn: u64, id: u64, key: &str) -> Input {
     presence(conn, id, Op::Untrack(request))
 }
 
-fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
+pub(super) fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
     let Value::Object(meta) = meta else {
         panic!("a meta is an object");
     };
@@ -1657,7 +1657,8 @@ impl OrderWorld {
                     ClusterWrite::Create { write, .. } | ClusterWrite::Rewrite { write, .. } => {
                         *write
                     }
-                    ClusterWrite::Delete { .. } => return,
+                    // Neither is answered.
+                    ClusterWrite::Delete { .. } | ClusterWrite::Adopt { .. } => return,
                 };
                 self.asked.remove(at);
                 let error = ErrorBody::new(ErrorCode::Unavailable, "fenced");
@@ -1709,7 +1710,8 @@ impl OrderWorld {
         let id_of = |write: &ClusterWrite| match write {
             ClusterWrite::Create { id, .. }
             | ClusterWrite::Rewrite { id, .. }
-            | ClusterWrite::Delete { id, .. } => id.clone(),
+            | ClusterWrite::Delete { id, .. }
+            | ClusterWrite::Adopt { id, .. } => id.clone(),
         };
         let id = id_of(&self.asked[pick % self.asked.len()]);
         let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
@@ -1733,6 +1735,8 @@ impl OrderWorld {
                 }
                 return vec![self.etcd.delete(&write)];
             }
+            // Only a restart's entries are adopted; none is restored here.
+            ClusterWrite::Adopt { .. } => return Vec::new(),
         };
         if answer_first {
             vec![answer, shown]

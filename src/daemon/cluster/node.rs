@@ -13,7 +13,8 @@
 //!   has its lease revoked, since that daemon's entries are gone with it.
 //! - The bridge ([`Bridge`]), started once this host's name is first
 //!   claimed (before, keys with its name may be another daemon's): other
-//!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`].
+//!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`],
+//!   the first listing as [`ClusterInput::Listing`].
 //! - The writer: the core's writes ([`ClusterWrite`]), handed over by the
 //!   driver once their batch committed, each sent to etcd and its outcome
 //!   told back ([`ClusterInput::Written`]). Writes to different keys run at
@@ -290,8 +291,16 @@ impl ClusterNode {
             grant_wait: config.lease.ttl,
         });
         let forwarder = tokio::spawn(async move {
+            // The bridge sends its first listing first, even an empty one:
+            // it settles the entries a restart restored.
+            let mut listing = true;
             while let Some(changes) = changes_rx.recv().await {
-                if !tell_core(&core, ClusterInput::Changes(changes)).await {
+                let input = if std::mem::take(&mut listing) {
+                    ClusterInput::Listing(changes)
+                } else {
+                    ClusterInput::Changes(changes)
+                };
+                if !tell_core(&core, input).await {
                     return;
                 }
             }
@@ -592,7 +601,8 @@ fn entry_key(keys: &KeySpace, write: &ClusterWrite) -> Vec<u8> {
     match write {
         ClusterWrite::Create { topic, id, .. }
         | ClusterWrite::Rewrite { topic, id, .. }
-        | ClusterWrite::Delete { topic, id, .. } => keys.entry(topic, id),
+        | ClusterWrite::Delete { topic, id, .. }
+        | ClusterWrite::Adopt { topic, id, .. } => keys.entry(topic, id),
     }
 }
 
@@ -623,6 +633,10 @@ async fn write_one(shared: Arc<Shared>, key: Vec<u8>, write: ClusterWrite) {
                 host: shared.host.clone(),
             };
             delete(&shared, &key, &shared.keys.reason(&topic, &id), &departure).await;
+            return;
+        }
+        ClusterWrite::Adopt { .. } => {
+            adopt(&shared, &key).await;
             return;
         }
     };
@@ -815,6 +829,55 @@ async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Depa
                 return;
             }
         }
+    }
+}
+
+/// Moves a restored entry's key, found where the hand-over left it, to
+/// the live lease, keeping its value and create revision. A key gone
+/// meanwhile, or on the live lease already, is left alone: the watch shows
+/// what became of it. If etcd cannot be reached while the lease holds,
+/// the key is read and moved again; once the lease is gone, nothing is
+/// left to do (the key ends with the hand-over lease, and the entry is
+/// queued again when the watch shows that).
+async fn adopt(shared: &Shared, key: &[u8]) {
+    let Some(lease) = shared.lease_to_write().await else {
+        tracing::warn!(
+            "cluster: {} not moved to this daemon's lease, which is not live; it ends with \
+             the hand-over lease",
+            String::from_utf8_lossy(key)
+        );
+        return;
+    };
+    loop {
+        let error = match shared.gateway.get(key).await {
+            Ok((_, None)) => return,
+            Ok((_, Some(kv))) if kv.lease == lease.0 => return,
+            Ok((_, Some(kv))) => match shared.gateway.move_to_lease(&[kv], lease).await {
+                Ok(moved) => {
+                    if !moved.missing.is_empty() {
+                        tracing::debug!(
+                            "cluster: {} changed before it was moved to lease {lease}",
+                            String::from_utf8_lossy(key)
+                        );
+                    }
+                    return;
+                }
+                Err(error) => error,
+            },
+            Err(error) => error,
+        };
+        if !shared.may_hold(lease) {
+            tracing::warn!(
+                "cluster: {} not moved to lease {lease}, which ended: {error}",
+                String::from_utf8_lossy(key)
+            );
+            return;
+        }
+        tracing::debug!(
+            "cluster: moving {} to lease {lease} failed, trying again: {error}",
+            String::from_utf8_lossy(key)
+        );
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 
