@@ -31,6 +31,7 @@ mod cluster_fencing;
 mod cluster_gateway;
 mod cluster_lease;
 mod cluster_mirror;
+mod cluster_restart;
 mod daemon_lifecycle;
 mod database_faults;
 mod defects;
