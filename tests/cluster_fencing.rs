@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use presenced::client::{Client, ClientError, Events};
 use presenced::daemon::cluster::MAX_TXN_OPS;
 use presenced::protocol::{ErrorCode, Event, LeaveReason, Role, TrackReply, TrackRequest};
+use presenced::sys::BootInstant;
 
 use crate::common::cluster::{
-    TTL, host, host_on, listed_everywhere, longest_renewal_gap, next_role, spectator_at,
-    suspended_by, wait_for_lease,
+    TTL, host, host_on, listed_everywhere, logged_host, longest_renewal_gap, next_role,
+    spectator_at, suspended_by, wait_for_lease,
 };
 use crate::common::etcd::EtcdCluster;
 use crate::common::{Daemon, POLL, View, eventually, needs_program, next_event, signal, within};
@@ -334,8 +335,20 @@ async fn a_lost_quorum_suspends_every_owner_and_its_return_gives_every_place_bac
     drop(behind);
 }
 
-/// How many times a daemon is stopped past its lease and continued.
-const STOPPED_TRIALS: usize = 3;
+/// The moment on the boot clock, in ms, from which the daemon that logged
+/// `lines` promised no entry of its owned a shared topic: the latest fence
+/// it logged (a renewal acknowledged while it was stopped, read once it
+/// runs, moves the fence later than its alarm's).
+fn latest_fence_logged(lines: &[String]) -> Option<u128> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (_, after) = line.split_once("its fence fell at ")?;
+            let (millis, _) = after.split_once(" ms on the boot clock")?;
+            millis.parse().ok()
+        })
+        .max()
+}
 
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
@@ -343,11 +356,15 @@ async fn a_daemon_stopped_past_its_lease_never_tells_its_owner_it_owns_when_cont
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
     let (a, b, c) = (
-        host(&etcd, "a").await,
+        logged_host(&etcd, "a").await,
         host(&etcd, "b").await,
         host(&etcd, "c").await,
     );
-    for trial in 0..STOPPED_TRIALS {
+    // A stopped daemon tells its clients nothing: what it promises is that
+    // its fence falls before another host promotes, and that its first
+    // word once it runs again is not that it owns.
+    let mut margins = Vec::with_capacity(TRIALS);
+    for trial in 0..TRIALS {
         let topic = format!("shared:stopped-{trial}");
         // Raw lines, to see every one a sends.
         let mut owner = a.raw().await;
@@ -367,9 +384,11 @@ async fn a_daemon_stopped_past_its_lease_never_tells_its_owner_it_owns_when_cont
         let (_on_c, _c_events, last) = join(&c, &topic, "carol").await;
         spectator_at(&last, 2);
         let mut asker = a.raw().await;
+        a.log_so_far().await;
 
         signal(a.pid(), nix::sys::signal::Signal::SIGSTOP);
         let promoted = next_role(&mut b_events, &topic, &next.phx_ref).await;
+        let promoted_at = BootInstant::now().since_boot().as_millis();
         assert_eq!(promoted.role, Role::Owner, "trial {trial}: {promoted:?}");
         // Sent while a is stopped: a reads it only once continued.
         asker
@@ -434,7 +453,23 @@ async fn a_daemon_stopped_past_its_lease_never_tells_its_owner_it_owns_when_cont
         );
         listed_everywhere(&[&a, &c], &topic, &requeued).await;
         wait_for_lease(&a, "live").await;
+
+        let fell_at = latest_fence_logged(&a.log_so_far().await)
+            .unwrap_or_else(|| panic!("trial {trial}: a logged no fence once continued"));
+        assert!(
+            fell_at < promoted_at,
+            "trial {trial}: b's entry was promoted {} ms before a's fence fell",
+            fell_at - promoted_at
+        );
+        margins.push(promoted_at - fell_at);
     }
+    margins.sort();
+    println!(
+        "a stopped daemon's fence ahead of the promotion over {TRIALS} trials: \
+         smallest {} ms, median {} ms",
+        margins[0],
+        margins[TRIALS / 2]
+    );
 }
 
 /// How the crowded host goes.

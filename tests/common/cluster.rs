@@ -93,6 +93,15 @@ pub async fn host_on(endpoints: &[String], host: &str) -> Daemon {
     daemon
 }
 
+/// [`host`], logging at `warn`, for a test that reads its log.
+pub async fn logged_host(etcd: &EtcdCluster, host: &str) -> Daemon {
+    let args = cluster_args(etcd, host);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_logged(&args).await;
+    wait_for_lease(&daemon, "live").await;
+    daemon
+}
+
 pub async fn status(daemon: &Daemon) -> StatusReply {
     let (client, _events) = daemon.client().await;
     client.status().await.expect("status")

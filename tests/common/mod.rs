@@ -287,6 +287,17 @@ impl Daemon {
         .await
     }
 
+    /// Every line the daemon logged since the last wait or read, without
+    /// waiting for more. Only for a daemon started with a log.
+    pub async fn log_so_far(&self) -> Vec<String> {
+        let log = self
+            .log
+            .as_ref()
+            .expect("log_so_far needs a daemon started with a log");
+        let mut log = log.lock().await;
+        std::iter::from_fn(|| log.try_recv().ok()).collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("daemon is running")
     }
