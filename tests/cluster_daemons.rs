@@ -329,6 +329,57 @@ async fn a_daemon_without_etcd_talks_to_no_etcd_and_shows_no_cluster() {
 
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
+async fn local_topics_of_a_daemon_in_cluster_mode_write_nothing_to_etcd() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let a = host(&etcd, "a").await;
+    let mut raw = a.raw().await;
+    let before = etcd.kv_writes();
+    for n in 0..20 {
+        let topic = format!("local:doc-{n}");
+        let joined = raw
+            .request(&format!(
+                r#"{{"op":"track","id":1,"topic":"{topic}","key":"alice"}}"#
+            ))
+            .await;
+        assert_eq!(joined["role"], "owner", "{joined}");
+        let phx_ref = joined["ref"].as_str().expect("a ref");
+        assert!(
+            !phx_ref.contains(':'),
+            "a local ref names no host: {joined}"
+        );
+        let updated = raw
+            .request(&format!(
+                r#"{{"op":"update","id":2,"topic":"{topic}","ref":"{phx_ref}","meta":{{"n":{n}}}}}"#
+            ))
+            .await;
+        assert_eq!(updated["ok"], true, "{updated}");
+        let phx_ref = updated["ref"].as_str().expect("the updated ref");
+        let left = raw
+            .request(&format!(
+                r#"{{"op":"untrack","id":3,"topic":"{topic}","ref":"{phx_ref}"}}"#
+            ))
+            .await;
+        assert_eq!(left["ok"], true, "{left}");
+    }
+    assert_eq!(
+        etcd.kv_writes(),
+        before,
+        "a local topic was written to etcd"
+    );
+    // The count does see this daemon's writes: a shared join is one.
+    let shared = raw
+        .request(r#"{"op":"track","id":4,"topic":"shared:doc","key":"alice"}"#)
+        .await;
+    assert_eq!(shared["role"], "owner", "{shared}");
+    assert!(
+        etcd.kv_writes() > before,
+        "etcd's count missed a shared join"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
 async fn a_second_daemon_given_a_host_name_in_use_refuses_cluster_mode() {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
