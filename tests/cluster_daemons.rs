@@ -13,7 +13,8 @@ use presenced::client::ClientError;
 use presenced::protocol::{ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest};
 
 use crate::common::cluster::{
-    TTL, cluster_args, host, listed_everywhere, spectator_at, status, wait_for_lease,
+    MARGIN, TTL, cluster_args, host, listed_everywhere, longest_renewal_gap, spectator_at, status,
+    wait_for_lease,
 };
 use crate::common::etcd::EtcdCluster;
 use crate::common::{
@@ -103,6 +104,31 @@ async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host()
         .expect("a local join");
     let local_on_b = View::listed(&b, "local:doc").await;
     assert_eq!(local_on_b, View::default(), "a local topic is not shared");
+
+    // `status` says how a stands in the cluster, in the reply and in words.
+    let cluster = status(&a).await.cluster.expect("a is in cluster mode");
+    assert_eq!(
+        (cluster.host.as_str(), cluster.lease.as_str()),
+        ("a", "live")
+    );
+    assert_eq!(cluster.endpoints, etcd.endpoints());
+    assert!(cluster.endpoints.contains(&cluster.endpoint), "{cluster:?}");
+    let renewed = Duration::from_millis(cluster.renewed_ms_ago.expect("a renewal"));
+    assert!(renewed <= longest_renewal_gap(), "{cluster:?}");
+    let fence_in = Duration::from_millis(cluster.fence_in_ms.expect("a fence ahead"));
+    assert!(fence_in <= TTL - MARGIN, "{cluster:?}");
+    let said = a.output(&["status"]).await;
+    assert!(said.status.success(), "{said:?}");
+    let text = stdout(&said);
+    let lease_line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("lease"))
+        .unwrap_or_else(|| panic!("no lease line in {text}"));
+    assert!(
+        lease_line.contains("live (") && lease_line.contains("renewed"),
+        "{text}"
+    );
+    assert!(text.contains("host a, sharing shared:*"), "{text}");
 }
 
 #[tokio::test]

@@ -77,6 +77,7 @@ pub struct ClusterProbe {
     host: String,
     prefix: String,
     patterns: Vec<String>,
+    endpoints: Vec<String>,
     links: Mutex<Option<ProbeLinks>>,
     /// Why cluster mode stopped, if it did.
     refused: Mutex<Option<String>>,
@@ -97,6 +98,7 @@ impl ClusterProbe {
             host: config.host.clone(),
             prefix: config.prefix.clone(),
             patterns: config.patterns.clone(),
+            endpoints: config.endpoints.clone(),
             links: Mutex::new(None),
             refused: Mutex::new(None),
             writes_in_flight: AtomicUsize::new(0),
@@ -109,9 +111,11 @@ impl ClusterProbe {
             host: self.host.clone(),
             prefix: self.prefix.clone(),
             topics: self.patterns.clone(),
+            endpoints: self.endpoints.clone(),
             endpoint: String::new(),
             lease: "granting".to_owned(),
             lease_id: None,
+            renewed_ms_ago: None,
             fence_in_ms: None,
             last_error: None,
             revision: None,
@@ -126,16 +130,26 @@ impl ClusterProbe {
                 .as_ref()
                 .map(|bridge| bridge.borrow().clone())
                 .unwrap_or_default();
+            let now = BootInstant::now();
+            let millis =
+                |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
             let (name, lease_id) = match lease.state {
                 LeaseState::Granting => ("granting", None),
                 LeaseState::Live {
-                    lease, fence_at, ..
+                    lease,
+                    renewed_at,
+                    fence_at,
                 } => {
-                    let left = fence_at.saturating_duration_since(BootInstant::now());
-                    status.fence_in_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+                    status.renewed_ms_ago = Some(millis(now.saturating_duration_since(renewed_at)));
+                    status.fence_in_ms = Some(millis(fence_at.saturating_duration_since(now)));
                     ("live", Some(lease))
                 }
-                LeaseState::Fenced { lease, .. } => ("fenced", Some(lease)),
+                LeaseState::Fenced {
+                    lease, renewed_at, ..
+                } => {
+                    status.renewed_ms_ago = Some(millis(now.saturating_duration_since(renewed_at)));
+                    ("fenced", Some(lease))
+                }
                 LeaseState::Stopped => ("stopped", None),
             };
             status.lease = name.to_owned();
@@ -147,6 +161,7 @@ impl ClusterProbe {
         if let Some(refused) = &*super::super::lock(&self.refused) {
             status.lease = "stopped".to_owned();
             status.lease_id = None;
+            status.renewed_ms_ago = None;
             status.fence_in_ms = None;
             status.last_error = Some(refused.clone());
         }
