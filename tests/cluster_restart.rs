@@ -323,10 +323,12 @@ async fn a_stopped_host_that_does_not_come_back_loses_its_entries_after_the_resu
         .await
         .expect("bob joins on b");
     on_b.subscribe(topic).await.expect("b watches the topic");
-    drop(on_a);
 
+    // alice's connection is open as a stops: closed first, it would take
+    // her entry with it (reason `closed`) before anything is handed over.
     let stopped = Instant::now();
     a.stop().await;
+    drop(on_a);
     let reasons = next_event(&mut b_events, |event| match event {
         Event::PresenceDiff {
             topic: on,
