@@ -355,7 +355,8 @@ enum Claim {
 
 /// The lease's task: claims the host name on each new lease (and starts
 /// the bridge after the first claim), tells the core where the lease
-/// stands, and on being stopped (or refused the name) stops the keeper
+/// stands (that the last lease ended, before a new one is claimed: see
+/// [`next_step`]), and on being stopped (or refused the name) stops the keeper
 /// and revokes the lease. The bridge ends with it.
 async fn keep_lease(
     shared: Arc<Shared>,
@@ -371,53 +372,57 @@ async fn keep_lease(
     let mut told: Option<LeaseView> = None;
     let refusal = loop {
         let state = status.borrow_and_update().state;
-        if let LeaseState::Live { lease, .. } = state
-            && *claimed.borrow() != Some(lease)
-        {
-            match claim_host(&shared, &claimant, lease).await {
-                Claim::Held => {
-                    claimed.send_replace(Some(lease));
-                    tracing::info!(
-                        "cluster: host name {} claimed on lease {lease}",
-                        shared.host
-                    );
-                    if let Some(BridgeStart { settings, sink }) = bridge_start.take() {
-                        let started = Bridge::spawn(Arc::clone(&shared.gateway), settings, sink);
-                        if let Some(links) = &mut *super::super::lock(&shared.probe.links) {
-                            links.bridge = Some(started.status());
-                        }
-                        running_bridge = Some(started);
-                    }
-                    // The state may have moved on while claiming.
-                    continue;
+        let claimed_now = *claimed.borrow();
+        let lease = match next_step(&state, claimed_now, told) {
+            Step::Tell(view) => {
+                if !shared.tell_core(ClusterInput::Lease(view)).await {
+                    break None;
                 }
-                Claim::Taken(holder) => break Some(holder),
-                Claim::Failed(error) => {
-                    tracing::warn!(
-                        "cluster: cannot claim host name {} yet: {error}",
-                        shared.host
-                    );
-                    tokio::select! {
-                        _ = &mut stopped => break None,
-                        () = tokio::time::sleep(RETRY_PAUSE) => continue,
-                        changed = status.changed() => {
-                            if changed.is_err() { break None; }
-                            continue;
-                        }
+                told = Some(view);
+                // The state may have moved on while telling.
+                continue;
+            }
+            Step::Claim(lease) => lease,
+            Step::Wait => {
+                tokio::select! {
+                    _ = &mut stopped => break None,
+                    changed = status.changed() => if changed.is_err() { break None },
+                }
+                continue;
+            }
+        };
+        match claim_host(&shared, &claimant, lease).await {
+            Claim::Held => {
+                claimed.send_replace(Some(lease));
+                tracing::info!(
+                    "cluster: host name {} claimed on lease {lease}",
+                    shared.host
+                );
+                if let Some(BridgeStart { settings, sink }) = bridge_start.take() {
+                    let started = Bridge::spawn(Arc::clone(&shared.gateway), settings, sink);
+                    if let Some(links) = &mut *super::super::lock(&shared.probe.links) {
+                        links.bridge = Some(started.status());
+                    }
+                    running_bridge = Some(started);
+                }
+                // The state may have moved on while claiming.
+                continue;
+            }
+            Claim::Taken(holder) => break Some(holder),
+            Claim::Failed(error) => {
+                tracing::warn!(
+                    "cluster: cannot claim host name {} yet: {error}",
+                    shared.host
+                );
+                tokio::select! {
+                    _ = &mut stopped => break None,
+                    () = tokio::time::sleep(RETRY_PAUSE) => continue,
+                    changed = status.changed() => {
+                        if changed.is_err() { break None; }
+                        continue;
                     }
                 }
             }
-        }
-        let view = lease_view(&state, *claimed.borrow());
-        if told != Some(view) {
-            if !shared.tell_core(ClusterInput::Lease(view)).await {
-                break None;
-            }
-            told = Some(view);
-        }
-        tokio::select! {
-            _ = &mut stopped => break None,
-            changed = status.changed() => if changed.is_err() { break None },
         }
     };
     claimed.send_replace(None);
@@ -444,6 +449,43 @@ async fn keep_lease(
         shared
             .tell_core(ClusterInput::Lease(LeaseView::Stopped))
             .await;
+    }
+}
+
+/// What the lease's task does next, given the lease's state, the lease
+/// the host name was last claimed on, and what the core was last told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Tell the core where the lease stands.
+    Tell(LeaseView),
+    /// Claim the host name on this live lease.
+    Claim(LeaseId),
+    /// Nothing to do until the state changes.
+    Wait,
+}
+
+/// The next step of the lease's task. The core is told before a claim,
+/// so that it hears a lease ended before it hears its successor is live:
+/// the keeper's watch shows only its latest state, and may have gone from
+/// one lease to the next without the task ever seeing `Granting` between.
+/// A lease other than the claimed one, live or fenced, means the claimed
+/// one ended (the keeper moves on only from a lease etcd no longer has),
+/// and its entries' keys with it: to the core that is `Granting`, which it
+/// reads as the end of the lease it knew, whatever it was told of that
+/// lease before (live or fenced).
+fn next_step(state: &LeaseState, claimed: Option<LeaseId>, told: Option<LeaseView>) -> Step {
+    let held = held_lease(state);
+    let view = if held.is_some() && held != claimed {
+        LeaseView::Granting
+    } else {
+        lease_view(state, claimed)
+    };
+    if told != Some(view) {
+        return Step::Tell(view);
+    }
+    match *state {
+        LeaseState::Live { lease, .. } if claimed != Some(lease) => Step::Claim(lease),
+        _ => Step::Wait,
     }
 }
 
@@ -847,6 +889,100 @@ mod tests {
         assert_eq!(lease_view(&LeaseState::Stopped, None), LeaseView::Stopped);
         assert_eq!(held_lease(&fenced), Some(LeaseId(7)));
         assert_eq!(held_lease(&LeaseState::Granting), None);
+    }
+
+    fn live(lease: i64, now: BootInstant) -> LeaseState {
+        LeaseState::Live {
+            lease: LeaseId(lease),
+            renewed_at: now,
+            fence_at: now + Duration::from_secs(4),
+        }
+    }
+
+    #[test]
+    fn a_new_lease_seen_straight_after_the_claimed_one_is_told_as_its_end_before_it_is_claimed() {
+        let now = BootInstant::now();
+        let first = live(1, now);
+        let live_view = lease_view(&first, Some(LeaseId(1)));
+        assert_eq!(
+            next_step(&first, Some(LeaseId(1)), Some(live_view)),
+            Step::Wait
+        );
+        // The keeper went Granting and on to lease 2 before the task
+        // looked again: the core hears lease 1 ended, then the claim.
+        let second = live(2, now);
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(2))
+        );
+        // Fenced on lease 1, then lease 2 live: the same.
+        let fenced = LeaseState::Fenced {
+            lease: LeaseId(1),
+            renewed_at: now,
+            fenced_at: now,
+        };
+        let fenced_view = lease_view(&fenced, Some(LeaseId(1)));
+        assert_eq!(
+            next_step(&fenced, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(fenced_view)
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(fenced_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        // A new lease fenced before its claim is no lease the core has:
+        // lease 1's end is told, once, and lease 2 is claimed once live.
+        let second_fenced = LeaseState::Fenced {
+            lease: LeaseId(2),
+            renewed_at: now,
+            fenced_at: now,
+        };
+        assert_eq!(
+            next_step(&second_fenced, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&second_fenced, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Wait
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(2))
+        );
+        // Once claimed, the core hears it live.
+        assert_eq!(
+            next_step(&second, Some(LeaseId(2)), Some(LeaseView::Granting)),
+            Step::Tell(lease_view(&second, Some(LeaseId(2))))
+        );
+    }
+
+    #[test]
+    fn the_first_lease_is_claimed_after_the_core_hears_it_is_being_granted() {
+        let now = BootInstant::now();
+        assert_eq!(
+            next_step(&LeaseState::Granting, None, None),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&live(1, now), None, None),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&live(1, now), None, Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(1))
+        );
+        assert_eq!(
+            next_step(
+                &LeaseState::Stopped,
+                Some(LeaseId(1)),
+                Some(LeaseView::Granting)
+            ),
+            Step::Tell(LeaseView::Stopped)
+        );
     }
 
     #[test]
