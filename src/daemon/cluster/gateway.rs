@@ -469,6 +469,29 @@ impl Gateway {
         }
     }
 
+    /// How long `lease` has left, as etcd counts it now (whole seconds,
+    /// rounded down); `None` if etcd no longer has it.
+    pub async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, Error> {
+        let reply = self
+            .call(
+                "/v3/lease/timetolive",
+                &json!({ "ID": lease.0.to_string() }),
+                Retry::Always,
+            )
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(Error::Etcd { code, .. }) if code == GRPC_NOT_FOUND => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let left: LeaseJson = reply.decode("a lease's time to live")?;
+        if let Some(error) = left.error.filter(|error| !error.is_empty()) {
+            return Err(reply.wrong(format!("a lease's time to live: {error}")));
+        }
+        // A lease etcd no longer has is answered with a TTL of -1.
+        Ok(u64::try_from(left.ttl).ok().map(Duration::from_secs))
+    }
+
     /// Creates `key` under `prefix` on `lease`, only if it is absent, and
     /// in the same transaction (one Raft commit) reads its position and the
     /// prefix's owner, the key with the lowest create revision.

@@ -7,10 +7,14 @@
 //!   new lease counts as live, this host's name is claimed on it
 //!   (`PREFIX h/HOST`, created only if absent): two daemons given one
 //!   `--host` would write the same keys and each take the other's entries
-//!   for its own. A claim held by another daemon stops cluster mode (the
-//!   lease is revoked, every write refused, `status` says why); one left
-//!   by this machine's own earlier daemon, killed before its lease ended,
-//!   has its lease revoked, since that daemon's entries are gone with it.
+//!   for its own. A claim left by this daemon's own earlier run (this
+//!   boot, this database), killed before its lease ended, has its lease
+//!   revoked, since that run's entries are gone with it. Any other claim
+//!   may be a live daemon's, or one that is gone (this machine before a
+//!   reboot, a daemon killed elsewhere): its lease's time to live is
+//!   waited out (`status` says so), and if it holds the name still after
+//!   that, it was renewed, and cluster mode stops (the lease is revoked,
+//!   every write refused, `status` says why).
 //! - The bridge ([`Bridge`]), started once this host's name is first
 //!   claimed (before, keys with its name may be another daemon's): other
 //!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`].
@@ -48,7 +52,7 @@ use super::ClusterConfig;
 use super::bridge::{Bridge, BridgeSettings, BridgeStatus};
 use super::gateway::{Creation, Error, Gateway, LeaseId, Rewrite};
 use super::lease::{LeaseKeeper, LeaseState, LeaseStatus, RETRY_PAUSE};
-use super::record::{Departure, HostClaim, KeySpace, RECORD_VERSION, Record};
+use super::record::{DatabaseIdentity, Departure, HostClaim, KeySpace, RECORD_VERSION, Record};
 use crate::core::Input;
 use crate::core::registry::{ClusterInput, ClusterWrite, LeaseView, SharedRecord, Written};
 use crate::daemon::driver::CoreHandle;
@@ -70,6 +74,8 @@ pub struct ClusterProbe {
     links: Mutex<Option<ProbeLinks>>,
     /// Why cluster mode stopped, if it did.
     refused: Mutex<Option<String>>,
+    /// Whose lease on the host name is being waited out, while it is.
+    waiting: Mutex<Option<String>>,
     writes_in_flight: AtomicUsize,
 }
 
@@ -77,6 +83,8 @@ pub struct ClusterProbe {
 struct ProbeLinks {
     gateway: Arc<Gateway>,
     lease: watch::Receiver<LeaseStatus>,
+    /// The lease the host name is claimed on.
+    claimed: watch::Receiver<Option<LeaseId>>,
     /// Once the bridge runs: from the first claim of the host name on.
     bridge: Option<watch::Receiver<BridgeStatus>>,
 }
@@ -89,6 +97,7 @@ impl ClusterProbe {
             patterns: config.patterns.clone(),
             links: Mutex::new(None),
             refused: Mutex::new(None),
+            waiting: Mutex::new(None),
             writes_in_flight: AtomicUsize::new(0),
         })
     }
@@ -118,6 +127,11 @@ impl ClusterProbe {
                 .unwrap_or_default();
             let (name, lease_id) = match lease.state {
                 LeaseState::Granting => ("granting", None),
+                // Entries are written under a lease only once the host
+                // name is claimed on it; until then it is still to come.
+                LeaseState::Live { lease, .. } if *links.claimed.borrow() != Some(lease) => {
+                    ("granting", Some(lease))
+                }
                 LeaseState::Live {
                     lease, fence_at, ..
                 } => {
@@ -130,7 +144,8 @@ impl ClusterProbe {
             };
             status.lease = name.to_owned();
             status.lease_id = lease_id.map(|lease| lease.to_string());
-            status.last_error = lease.last_error.or(bridge.error);
+            let waiting = super::super::lock(&self.waiting).clone();
+            status.last_error = waiting.or(lease.last_error).or(bridge.error);
             status.revision = bridge.revision;
             status.watching = bridge.watching;
         }
@@ -241,6 +256,8 @@ async fn tell_core(core: &CoreHandle, input: ClusterInput) -> bool {
 pub struct Claimant {
     pub boot_id: String,
     pub process: ProcessId,
+    /// The database this daemon has open (and locked).
+    pub database: DatabaseIdentity,
 }
 
 impl ClusterNode {
@@ -273,12 +290,13 @@ impl ClusterNode {
             },
             sink: changes,
         };
+        let (claimed_tx, claimed) = watch::channel(None);
         *super::super::lock(&probe.links) = Some(ProbeLinks {
             gateway: Arc::clone(&gateway),
             lease: keeper.status(),
+            claimed: claimed.clone(),
             bridge: None,
         });
-        let (claimed_tx, claimed) = watch::channel(None);
         let shared = Arc::new(Shared {
             gateway,
             keys,
@@ -347,11 +365,26 @@ struct BridgeStart {
 enum Claim {
     /// Held on this lease.
     Held,
-    /// Another daemon holds it: cluster mode must not go on.
+    /// Held by `holder` on `lease`, which etcd says ends within `left`
+    /// unless renewed: the holder may be gone (this machine's daemon
+    /// before a reboot, or a daemon killed elsewhere), so try again once
+    /// that has passed.
+    HeldUntil {
+        holder: String,
+        lease: LeaseId,
+        left: Duration,
+    },
+    /// Another daemon holds it, and has renewed its lease past the time
+    /// it had: cluster mode must not go on.
     Taken(String),
     /// etcd could not be asked; try again.
     Failed(Error),
 }
+
+/// How long past a holding lease's time to live a claim is tried again:
+/// etcd answers that time rounded down to a second, and looks for expired
+/// leases only twice a second.
+const LEASE_END_SLACK: Duration = Duration::from_millis(1500);
 
 /// The lease's task: claims the host name on each new lease (and starts
 /// the bridge after the first claim), tells the core where the lease
@@ -370,6 +403,9 @@ async fn keep_lease(
     let mut running_bridge: Option<Bridge> = None;
     let mut status = keeper.status();
     let mut told: Option<LeaseView> = None;
+    // The holder's lease last waited out: found holding the name again
+    // after that, it was renewed, so its daemon is alive.
+    let mut waited_out: Option<LeaseId> = None;
     let refusal = loop {
         let state = status.borrow_and_update().state;
         let claimed_now = *claimed.borrow();
@@ -391,8 +427,9 @@ async fn keep_lease(
                 continue;
             }
         };
-        match claim_host(&shared, &claimant, lease).await {
+        match claim_host(&shared, &claimant, lease, waited_out).await {
             Claim::Held => {
+                waited_out = None;
                 claimed.send_replace(Some(lease));
                 tracing::info!(
                     "cluster: host name {} claimed on lease {lease}",
@@ -407,6 +444,28 @@ async fn keep_lease(
                 }
                 // The state may have moved on while claiming.
                 continue;
+            }
+            Claim::HeldUntil {
+                holder,
+                lease: holding,
+                left,
+            } => {
+                let why = format!(
+                    "the host name {} is held by {holder}; waiting {left:?} for that lease to \
+                     end, in case its daemon is gone, before trying again",
+                    shared.host
+                );
+                tracing::warn!("cluster: {why}");
+                *super::super::lock(&shared.probe.waiting) = Some(why);
+                let waited = tokio::select! {
+                    _ = &mut stopped => false,
+                    () = tokio::time::sleep(left + LEASE_END_SLACK) => true,
+                };
+                *super::super::lock(&shared.probe.waiting) = None;
+                if !waited {
+                    break None;
+                }
+                waited_out = Some(holding);
             }
             Claim::Taken(holder) => break Some(holder),
             Claim::Failed(error) => {
@@ -505,10 +564,18 @@ fn lease_view(state: &LeaseState, claimed: Option<LeaseId>) -> LeaseView {
 }
 
 /// Claims `PREFIX h/HOST` on `lease`. A claim found on another lease is
-/// this machine's earlier daemon's if it names this boot and a process
-/// that no longer runs: that lease is revoked (its entries went with that
-/// daemon) and the claim made again. Any other holder keeps the name.
-async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Claim {
+/// this daemon's own earlier run's if it names this boot and the database
+/// this daemon has open: that lease is revoked (its entries went with that
+/// run) and the claim made again. Any other holder may be alive, and keeps
+/// the name for as long as its lease lives: the answer is how long that is
+/// (`waited_out` names a lease already waited for once; found holding the
+/// name still, it was renewed since, and its daemon is alive).
+async fn claim_host(
+    shared: &Shared,
+    claimant: &Claimant,
+    lease: LeaseId,
+    waited_out: Option<LeaseId>,
+) -> Claim {
     let key = shared.keys.host(&shared.host);
     let mut hosts = shared.keys.all();
     hosts.extend_from_slice(b"h/");
@@ -518,6 +585,7 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
         boot_id: claimant.boot_id.clone(),
         pid: claimant.process.pid,
         start_time: claimant.process.start_time,
+        database: Some(claimant.database),
     }
     .encode();
     // A predecessor's lease is revoked once; a claim found again after
@@ -545,18 +613,10 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
             return Claim::Held;
         }
         let holder = HostClaim::decode(&kv.value);
-        let predecessor = holder.as_ref().is_some_and(|holder| {
-            holder.boot_id == claimant.boot_id
-                && !crate::sys::is_running(ProcessId {
-                    pid: holder.pid,
-                    start_time: holder.start_time,
-                })
-                .unwrap_or(true)
-        });
-        if predecessor && !revoked_predecessor {
+        if is_predecessor(holder.as_ref(), claimant) && !revoked_predecessor {
             tracing::warn!(
-                "cluster: host name {} is held by this machine's earlier daemon, which is \
-                 gone; revoking its lease {:x}",
+                "cluster: host name {} is held by this daemon's earlier run on this machine \
+                 (the same boot and database), which is gone; revoking its lease {:x}",
                 shared.host,
                 kv.lease
             );
@@ -566,16 +626,51 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
             revoked_predecessor = true;
             continue;
         }
-        return Claim::Taken(match holder {
-            Some(holder) if holder.boot_id == claimant.boot_id => {
-                format!("pid {} on this machine, lease {:x}", holder.pid, kv.lease)
+        let holding = LeaseId(kv.lease);
+        let holder = describe_holder(holder.as_ref(), claimant, holding);
+        // A claim on no lease never ends, and one on a lease already
+        // waited out was renewed since.
+        if kv.lease == 0 || waited_out == Some(holding) {
+            return Claim::Taken(holder);
+        }
+        match shared.gateway.time_to_live(holding).await {
+            Ok(Some(left)) => {
+                return Claim::HeldUntil {
+                    holder,
+                    lease: holding,
+                    left,
+                };
             }
-            Some(holder) => format!(
-                "pid {} on another machine (boot {}), lease {:x}",
-                holder.pid, holder.boot_id, kv.lease
-            ),
-            None => format!("an unreadable claim, lease {:x}", kv.lease),
-        });
+            // Ended since it was read, and the claim with it.
+            Ok(None) => continue,
+            Err(error) => return Claim::Failed(error),
+        }
+    }
+}
+
+/// Whether a claim is this daemon's own earlier run's: made in this boot,
+/// on the database this daemon has open, which no other running daemon
+/// can have (see [`DatabaseIdentity`]).
+fn is_predecessor(holder: Option<&HostClaim>, claimant: &Claimant) -> bool {
+    holder.is_some_and(|holder| {
+        holder.boot_id == claimant.boot_id && holder.database == Some(claimant.database)
+    })
+}
+
+/// Who holds a claim, for the log and `status`.
+fn describe_holder(holder: Option<&HostClaim>, claimant: &Claimant, lease: LeaseId) -> String {
+    match holder {
+        Some(holder) if holder.boot_id == claimant.boot_id => format!(
+            "pid {} of this machine's boot, on another database or in another container, \
+             lease {lease}",
+            holder.pid
+        ),
+        Some(holder) => format!(
+            "pid {} of another boot ({}): another machine, or this one before a reboot, \
+             lease {lease}",
+            holder.pid, holder.boot_id
+        ),
+        None => format!("an unreadable claim, lease {lease}"),
     }
 }
 
@@ -983,6 +1078,54 @@ mod tests {
             ),
             Step::Tell(LeaseView::Stopped)
         );
+    }
+
+    #[test]
+    fn only_a_claim_of_this_boot_on_this_database_is_taken_for_an_earlier_run_of_this_daemon() {
+        let database = DatabaseIdentity {
+            device: 2049,
+            inode: 77,
+        };
+        let claimant = Claimant {
+            boot_id: "boot-1".to_owned(),
+            process: ProcessId {
+                pid: 100,
+                start_time: 5,
+            },
+            database,
+        };
+        let claim = |boot_id: &str, database: Option<DatabaseIdentity>| HostClaim {
+            v: RECORD_VERSION,
+            host: "web-1".to_owned(),
+            boot_id: boot_id.to_owned(),
+            // A pid that runs nothing here says nothing: it may be
+            // another container's.
+            pid: 4242,
+            start_time: 1,
+            database,
+        };
+        assert!(is_predecessor(
+            Some(&claim("boot-1", Some(database))),
+            &claimant
+        ));
+        let other_file = DatabaseIdentity {
+            device: 2049,
+            inode: 78,
+        };
+        assert!(!is_predecessor(
+            Some(&claim("boot-1", Some(other_file))),
+            &claimant
+        ));
+        assert!(!is_predecessor(Some(&claim("boot-1", None)), &claimant));
+        // This database before a reboot: waited out, not revoked.
+        assert!(!is_predecessor(
+            Some(&claim("boot-0", Some(database))),
+            &claimant
+        ));
+        assert!(!is_predecessor(None, &claimant));
+        // A claim written before claims named their database still reads.
+        let old = br#"{"v":1,"host":"web-1","boot_id":"boot-1","pid":4242,"start_time":1}"#;
+        assert_eq!(HostClaim::decode(old), Some(claim("boot-1", None)));
     }
 
     #[test]
