@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presenced::client::ClientError;
+use presenced::daemon::cluster::record::KeySpace;
 use presenced::daemon::cluster::{Creation, Gateway, LeaseId, Renewal};
 use presenced::protocol::{
     ErrorCode, Event, LeaveReason, Lifetime, Role, StatusReply, TrackReply, TrackRequest,
+    UntrackRequest,
 };
 
 use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
@@ -724,4 +726,113 @@ async fn a_claim_left_by_another_boot_is_waited_out_and_the_host_name_then_claim
         .await
         .expect("the daemon writes once it holds its name");
     assert_eq!(joined.standing.role, Role::Owner);
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_host_sweeps_its_own_leave_reasons_a_minute_after_the_leave_and_nobody_sees_it() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let gateway = Arc::new(
+        Gateway::new(etcd.endpoints(), Duration::from_millis(300)).expect("the endpoints"),
+    );
+    let keys = KeySpace::new("/presenced/");
+    let (a, b) = (host(&etcd, "a").await, host(&etcd, "b").await);
+    let topic = "shared:doc";
+    // Another host's reason, which is not a's to sweep.
+    let elsewhere = gateway
+        .grant(Duration::from_secs(3600))
+        .await
+        .expect("a lease")
+        .id;
+    let elsewhere_reason = keys.reason(topic, "c:p9");
+    gateway
+        .create_if_absent(
+            &keys.reasons(),
+            &elsewhere_reason,
+            br#"{"v":1,"reason":"untrack","by":null,"host":"c"}"#,
+            elsewhere,
+        )
+        .await
+        .expect("c's reason is written");
+    // One with a's name on a lease not a's daemon's: not its to sweep
+    // either (it goes with that lease).
+    let off_lease_reason = keys.reason(topic, "a:p99");
+    gateway
+        .create_if_absent(
+            &keys.reasons(),
+            &off_lease_reason,
+            br#"{"v":1,"reason":"untrack","by":null,"host":"a"}"#,
+            elsewhere,
+        )
+        .await
+        .expect("a reason with a's name on another lease is written");
+
+    let (on_a, _a_events) = a.client().await;
+    let alice = on_a
+        .track(TrackRequest::new(topic, "alice"))
+        .await
+        .expect("alice joins on a");
+    let carol = on_a
+        .track(TrackRequest::new(topic, "carol"))
+        .await
+        .expect("carol joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    on_b.subscribe(topic).await.expect("b watches the topic");
+    eventually("b to list both of a's entries", async || {
+        View::listed(&b, topic).await.seqs.len() == 2
+    })
+    .await;
+    on_a.untrack(UntrackRequest {
+        topic: topic.into(),
+        phx_ref: Some(alice.phx_ref.clone()),
+        key: None,
+    })
+    .await
+    .expect("alice leaves");
+    let left = Instant::now();
+    let reasons = next_event(&mut b_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reasons.get(&alice.phx_ref), Some(&LeaveReason::Untrack));
+    let reason_key = keys.reason(topic, &alice.phx_ref);
+    let (_, reason) = gateway.get(&reason_key).await.expect("a read");
+    assert!(reason.is_some(), "the leave's reason is written beside it");
+    let listed = View::listed(&b, topic).await;
+    assert_eq!(listed.owner.as_deref(), Some(carol.phx_ref.as_str()));
+
+    // Kept a minute, then swept within a few sweeps.
+    let sweep_deadline = Duration::from_secs(60 + 20);
+    tokio::time::timeout(sweep_deadline, async {
+        while gateway.get(&reason_key).await.expect("a read").1.is_some() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a's reason key still there {sweep_deadline:?} after the leave"));
+    let swept_after = left.elapsed();
+    assert!(
+        swept_after >= Duration::from_secs(55),
+        "the reason was swept {swept_after:?} after the leave, before a minute"
+    );
+    // Another host's reason stays, and so does one on another lease; b
+    // saw nothing of the sweep.
+    let (_, kept) = gateway.get(&elsewhere_reason).await.expect("a read");
+    assert!(kept.is_some(), "a swept another host's reason");
+    let (_, kept) = gateway.get(&off_lease_reason).await.expect("a read");
+    assert!(kept.is_some(), "a swept a reason on a lease not its own");
+    assert_eq!(View::listed(&b, topic).await, listed);
+    let ping = on_b.status().await.expect("b answers");
+    assert!(ping.cluster.is_some());
+    assert!(
+        b_events.try_recv().is_err(),
+        "b was told something of the sweep"
+    );
 }

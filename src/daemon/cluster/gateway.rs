@@ -647,6 +647,52 @@ impl Gateway {
         })
     }
 
+    /// Deletes each of `kvs` that is still as it was read (the same mod
+    /// revision), and returns how many were deleted. One not there any
+    /// more, or written again since, is left alone; so the call is sent
+    /// again on failure, an attempt that arrives late deleting nothing
+    /// new. A transaction deletes at most [`MAX_TXN_OPS`] keys; a chunk in
+    /// which one key fails its check is deleted a key at a time.
+    pub async fn delete_unchanged(&self, kvs: &[Kv]) -> Result<usize, Error> {
+        let mut deleted = 0;
+        for chunk in kvs.chunks(MAX_TXN_OPS) {
+            if self.delete_chunk(chunk).await? {
+                deleted += chunk.len();
+                continue;
+            }
+            for kv in chunk {
+                if self.delete_chunk(std::slice::from_ref(kv)).await? {
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// One transaction: every key of `kvs` deleted, if each is still at
+    /// the mod revision read. Whether it succeeded.
+    async fn delete_chunk(&self, kvs: &[Kv]) -> Result<bool, Error> {
+        let compare: Vec<Value> = kvs
+            .iter()
+            .map(|kv| {
+                json!({
+                    "key": BASE64.encode(&kv.key),
+                    "target": "MOD",
+                    "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                })
+            })
+            .collect();
+        let success: Vec<Value> = kvs
+            .iter()
+            .map(|kv| json!({ "request_delete_range": { "key": BASE64.encode(&kv.key) }}))
+            .collect();
+        let body = json!({ "compare": compare, "success": success, "failure": [] });
+        let reply = self.call("/v3/kv/txn", &body, Retry::Always).await?;
+        let txn: TxnJson = reply.decode("a delete of unchanged keys")?;
+        Ok(txn.succeeded)
+    }
+
     /// Moves each of `kvs` to `lease`, keeping its value and its create
     /// revision (its place), if it is still the key that was read, on the
     /// lease it was read on: one not there any more, deleted and created

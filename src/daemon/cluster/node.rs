@@ -50,20 +50,33 @@ use tokio::task::{Id, JoinHandle, JoinSet};
 
 use super::ClusterConfig;
 use super::bridge::{Bridge, BridgeSettings, BridgeStatus};
-use super::gateway::{Creation, Error, Gateway, LeaseId, Rewrite};
+use super::gateway::{Creation, Error, Gateway, Kv, LeaseId, Rewrite};
 use super::lease::{LeaseKeeper, LeaseState, LeaseStatus, RETRY_PAUSE};
-use super::record::{DatabaseIdentity, Departure, HostClaim, KeySpace, RECORD_VERSION, Record};
+use super::record::{
+    DatabaseIdentity, Departure, HostClaim, Key, KeySpace, RECORD_VERSION, Record,
+};
 use crate::core::Input;
 use crate::core::registry::{ClusterInput, ClusterWrite, LeaseView, SharedRecord, Written};
 use crate::daemon::driver::CoreHandle;
 use crate::ops::status::ClusterStatus;
 use crate::process::ProcessId;
-use crate::protocol::{ErrorBody, ErrorCode, Limits};
+use crate::protocol::{ErrorBody, ErrorCode, Limits, host_of_ref};
 use crate::sys::BootInstant;
 
 /// How often the mirror looks whether the gateway has moved off the
 /// member it watches on: a load of one number, so often.
 const CHECK_WATCHED_MEMBER_EVERY: Duration = Duration::from_millis(100);
+
+/// How long this host's reasons for its entries' leaving are kept in etcd:
+/// every host's watch reads a reason in the message of its delete, so
+/// this only serves a host that lists again (after a compaction left its
+/// watch behind), which pairs the entries it finds removed with the
+/// reasons still there. Past this, such a host reads the leave as the
+/// host lost.
+const KEEP_REASONS_FOR: Duration = Duration::from_secs(60);
+
+/// How often this host's old reasons are looked for.
+const SWEEP_REASONS_EVERY: Duration = Duration::from_secs(5);
 
 /// What `status` shows of cluster mode, kept current by its tasks and
 /// read by the driver when it completes a `status` reply.
@@ -401,6 +414,8 @@ async fn keep_lease(
 ) {
     let mut bridge_start = Some(bridge);
     let mut running_bridge: Option<Bridge> = None;
+    // Ends with this task, as the bridge does.
+    let _sweeper = ReasonSweeper::spawn(Arc::clone(&shared));
     let mut status = keeper.status();
     let mut told: Option<LeaseView> = None;
     // The holder's lease last waited out: found holding the name again
@@ -671,6 +686,102 @@ fn describe_holder(holder: Option<&HostClaim>, claimant: &Claimant, lease: Lease
             holder.pid, holder.boot_id
         ),
         None => format!("an unreadable claim, lease {lease}"),
+    }
+}
+
+/// The task that deletes this host's reason keys once they are
+/// [`KEEP_REASONS_FOR`] old; it ends when dropped. Without it they would
+/// pile up on its lease, and in every host's mirror, for as long as the
+/// daemon runs.
+struct ReasonSweeper {
+    task: JoinHandle<()>,
+}
+
+impl ReasonSweeper {
+    fn spawn(shared: Arc<Shared>) -> ReasonSweeper {
+        ReasonSweeper {
+            task: tokio::spawn(sweep_reasons(shared)),
+        }
+    }
+}
+
+impl Drop for ReasonSweeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every [`SWEEP_REASONS_EVERY`], while this host's lease is live and its
+/// name claimed on it, reads the reason keys and deletes those of this
+/// host's entries, on that lease, that have stood unchanged for
+/// [`KEEP_REASONS_FOR`]. Keys with this host's name are this daemon's only
+/// while it holds the name, and a reason is written on the lease of the
+/// delete beside it, so one on another lease is not this daemon's to
+/// delete (it goes with that lease). The lease is looked at again before
+/// the delete, which the read may have outlasted.
+async fn sweep_reasons(shared: Arc<Shared>) {
+    let mut ages = ReasonAges::default();
+    let mut ticks = tokio::time::interval(SWEEP_REASONS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(lease) = shared.writable_lease() else {
+            continue;
+        };
+        let kvs = match shared.gateway.range_prefix(&shared.keys.reasons()).await {
+            Ok((_, kvs)) => kvs,
+            Err(error) => {
+                tracing::debug!("cluster: reading the reasons to sweep failed: {error}");
+                continue;
+            }
+        };
+        let own = kvs.into_iter().filter(|kv| {
+            kv.lease == lease.0
+                && matches!(
+                    shared.keys.parse(&kv.key),
+                    Ok(Key::Reason { id, .. }) if host_of_ref(&id) == Some(shared.host.as_str())
+                )
+        });
+        let due = ages.due(own, BootInstant::now());
+        if due.is_empty() || shared.writable_lease() != Some(lease) {
+            continue;
+        }
+        match shared.gateway.delete_unchanged(&due).await {
+            Ok(deleted) => tracing::debug!(
+                "cluster: swept {deleted} of this host's reasons older than {KEEP_REASONS_FOR:?}"
+            ),
+            Err(error) => tracing::debug!("cluster: sweeping old reasons failed: {error}"),
+        }
+    }
+}
+
+/// Since when each of this host's reason keys has been seen as it is, by
+/// its mod revision: a key is at least that old. A daemon that starts
+/// anew sees its predecessor's reasons as new, and keeps them a little
+/// longer than needed, never shorter.
+#[derive(Default)]
+struct ReasonAges {
+    seen: HashMap<Vec<u8>, (i64, BootInstant)>,
+}
+
+impl ReasonAges {
+    /// Notes the keys read at `now` (forgetting those no longer there)
+    /// and returns those seen unchanged for [`KEEP_REASONS_FOR`].
+    fn due(&mut self, kvs: impl Iterator<Item = Kv>, now: BootInstant) -> Vec<Kv> {
+        let mut seen = HashMap::new();
+        let mut due = Vec::new();
+        for kv in kvs {
+            let since = match self.seen.get(&kv.key) {
+                Some(&(revision, since)) if revision == kv.mod_revision => since,
+                _ => now,
+            };
+            seen.insert(kv.key.clone(), (kv.mod_revision, since));
+            if now.saturating_duration_since(since) >= KEEP_REASONS_FOR {
+                due.push(kv);
+            }
+        }
+        self.seen = seen;
+        due
     }
 }
 
@@ -1126,6 +1237,40 @@ mod tests {
         // A claim written before claims named their database still reads.
         let old = br#"{"v":1,"host":"web-1","boot_id":"boot-1","pid":4242,"start_time":1}"#;
         assert_eq!(HostClaim::decode(old), Some(claim("boot-1", None)));
+    }
+
+    #[test]
+    fn a_reason_is_due_for_the_sweep_once_seen_unchanged_for_a_minute() {
+        let reason = |key: &str, mod_revision: i64| Kv {
+            key: key.as_bytes().to_vec(),
+            value: Vec::new(),
+            create_revision: mod_revision,
+            mod_revision,
+            version: 1,
+            lease: 7,
+        };
+        let keys = |due: Vec<Kv>| -> Vec<Vec<u8>> { due.into_iter().map(|kv| kv.key).collect() };
+        let start = BootInstant::now();
+        let mut ages = ReasonAges::default();
+        let read = [reason("r/t/a:p1", 10), reason("r/t/a:p2", 11)];
+        assert!(ages.due(read.clone().into_iter(), start).is_empty());
+        let almost = start + (KEEP_REASONS_FOR - Duration::from_millis(1));
+        assert!(ages.due(read.clone().into_iter(), almost).is_empty());
+        // Written again meanwhile: as new as that.
+        let rewritten = [reason("r/t/a:p1", 10), reason("r/t/a:p2", 20)];
+        let due = ages.due(rewritten.clone().into_iter(), start + KEEP_REASONS_FOR);
+        assert_eq!(keys(due), [b"r/t/a:p1".to_vec()]);
+        // One gone is forgotten: seen again, it is new.
+        let later = start + KEEP_REASONS_FOR + Duration::from_secs(1);
+        assert!(
+            ages.due([reason("r/t/a:p2", 20)].into_iter(), later)
+                .is_empty()
+        );
+        assert!(
+            ages.due(rewritten.into_iter(), later + Duration::from_secs(1))
+                .is_empty()
+        );
+        assert_eq!(ages.seen.len(), 2);
     }
 
     #[test]

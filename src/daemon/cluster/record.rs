@@ -74,6 +74,11 @@ impl KeySpace {
         self.in_topic(ENTRIES, topic, id)
     }
 
+    /// Every entry's reason for leaving is under this.
+    pub fn reasons(&self) -> Vec<u8> {
+        format!("{}{REASONS}", self.prefix).into_bytes()
+    }
+
     /// The key of the reason the entry `id` left.
     pub fn reason(&self, topic: &str, id: &str) -> Vec<u8> {
         self.in_topic(REASONS, topic, id)
