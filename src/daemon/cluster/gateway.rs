@@ -617,9 +617,10 @@ impl Gateway {
     /// watch message), puts `reason` at `reason_key` on `lease`: a watcher
     /// reads why the key left beside its delete. Only if `key` is there,
     /// so that a reason is never written for a key that had already gone;
-    /// which also makes sending it twice harmless, so it is sent again on
-    /// failure (and `existed` is false when an earlier attempt did it and
-    /// its answer was lost).
+    /// which also makes sending it twice harmless for a key not created
+    /// again (an entry's is not), so it is sent again on failure (and
+    /// `existed` is false when an earlier attempt did it and its answer was
+    /// lost).
     pub async fn delete_with_reason(
         &self,
         key: &[u8],

@@ -1035,7 +1035,12 @@ async fn rewrite(shared: &Shared, key: &[u8], record: SharedRecord) -> Written {
 
 /// Deletes an entry's key with why it left beside it, sent again (after
 /// the lease's pause) until etcd answers or the lease is gone, since the
-/// key goes with its lease anyway.
+/// key goes with its lease anyway. Sending it again is safe even when an
+/// attempt may have landed: the transaction deletes the key, and writes
+/// the reason, only if the key is there, and once an entry has left
+/// nothing creates its key again (the writes to one key run in order, and
+/// its id is a ref not given out twice); so an attempt that lands after
+/// another finds the key gone and changes nothing.
 async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Departure) {
     let value = departure.encode();
     let Some(lease) = held_lease(&shared.lease.borrow().state) else {
@@ -1048,6 +1053,8 @@ async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Depa
             .await
         {
             Ok(_) => return,
+            // Failed or uncertain: sent again, which deletes nothing new
+            // (see above).
             Err(error) if shared.may_hold(lease) => {
                 tracing::debug!(
                     "cluster: deleting {} failed, trying again: {error}",
