@@ -31,6 +31,11 @@ pub(super) enum Requeue {
     Waiting,
     /// Its creation was asked of etcd; the entry moves when the key shows.
     Asked,
+    /// Restored after a restart, its key not seen yet: the first listing
+    /// either finds the key where the hand-over left it (the entry keeps
+    /// its place) or finds it gone (then the entry is queued again, as
+    /// `Waiting`). Nothing of it is asked of etcd before that.
+    Unconfirmed,
 }
 
 impl Registry {
@@ -40,7 +45,7 @@ impl Registry {
         self.lease
     }
 
-    fn lease_is_live(&self) -> bool {
+    pub(super) fn lease_is_live(&self) -> bool {
         matches!(self.lease, LeaseView::Live { .. })
     }
 
@@ -79,7 +84,11 @@ impl Registry {
 
     /// Whether `entry`'s key is gone with an ended lease and waits to be
     /// created again: nothing of it is left in etcd to delete, so it may
-    /// leave at once.
+    /// leave at once. So may an entry restored after a restart whose key
+    /// is not confirmed yet: no other host can be told anything of it
+    /// before the first listing, and that listing deletes its key, if
+    /// the key is still there, for the reason it left for (see
+    /// [`Registry::note_left_unconfirmed`]).
     pub(super) fn key_is_gone(&self, entry: &Entry) -> bool {
         !self.requeue.is_empty()
             && entry.cluster.as_ref().is_some_and(|shared| {
@@ -177,7 +186,7 @@ impl Registry {
 
     /// This host's entries first in shared topics, each with its topic,
     /// seq and whether it stands suspended now.
-    fn local_shared_owners(&self) -> Vec<(String, u64, bool)> {
+    pub(super) fn local_shared_owners(&self) -> Vec<(String, u64, bool)> {
         if self.cluster.is_none() {
             return Vec::new();
         }
@@ -204,7 +213,7 @@ impl Registry {
     /// Tells each of `owners` (as [`Registry::local_shared_owners`] found
     /// them before a change) still first in its topic whose suspension
     /// changed: a `role` event to its holder, else a note for its resume.
-    fn tell_owners_whose_suspension_changed(
+    pub(super) fn tell_owners_whose_suspension_changed(
         &mut self,
         owners: Vec<(String, u64, bool)>,
         out: &mut Outbox,
@@ -237,7 +246,9 @@ impl Registry {
     /// deleted (after the creation, as the writes of one key go out in
     /// order). A creation asked before, on a lease that ended since, is
     /// asked again: if it went through after all, etcd refuses the second.
-    fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
+    /// An entry restored after a restart whose key is not confirmed yet
+    /// waits for the first listing instead: its key may still be there.
+    pub(super) fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
         let host = self
             .cluster
             .as_ref()
@@ -247,6 +258,9 @@ impl Registry {
             let Some(&state) = self.requeue.get(&key) else {
                 continue;
             };
+            if state == Requeue::Unconfirmed {
+                continue;
+            }
             let entry = self
                 .shared_ids
                 .get(&key)
@@ -420,7 +434,7 @@ impl Registry {
 
     /// Flags `key` to be queued again as `state`, or unflags it (`None`),
     /// journaled.
-    fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
+    pub(super) fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
         let old = match state {
             Some(state) => self.requeue.insert(key.clone(), state),
             None => self.requeue.remove(&key),
