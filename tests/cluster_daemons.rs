@@ -7,10 +7,15 @@
 //! both run cluster mode.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presenced::client::ClientError;
-use presenced::protocol::{ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest};
+use presenced::daemon::cluster::record::KeySpace;
+use presenced::daemon::cluster::{Creation, Gateway, LeaseId, Renewal};
+use presenced::protocol::{
+    ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest, UntrackRequest,
+};
 
 use crate::common::cluster::{
     MARGIN, TTL, cluster_args, host, listed_everywhere, longest_renewal_gap, spectator_at, status,
@@ -18,7 +23,8 @@ use crate::common::cluster::{
 };
 use crate::common::etcd::EtcdCluster;
 use crate::common::{
-    Daemon, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
+    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
+    within,
 };
 
 #[tokio::test]
@@ -531,4 +537,259 @@ async fn a_join_sent_as_the_daemon_starts_waits_for_its_lease_rather_than_fail()
         .expect("the join waits for the lease");
     assert_eq!(joined.standing.role, Role::Owner);
     assert_eq!(joined.phx_ref, "a:p1");
+}
+
+/// Puts a made-up claim on host name `host` (the daemons' default prefix)
+/// on a lease of `ttl` granted for it, as a daemon other than the ones
+/// under test would: `boot_id` and `database` say whose it is.
+async fn made_up_claim(
+    gateway: &Gateway,
+    host: &str,
+    boot_id: &str,
+    database: serde_json::Value,
+    ttl: Duration,
+) -> LeaseId {
+    let lease = gateway.grant(ttl).await.expect("a lease for the claim").id;
+    // This process, with a start time it never had: no process runs so.
+    let claim = serde_json::json!({
+        "v": 1,
+        "host": host,
+        "boot_id": boot_id,
+        "pid": std::process::id(),
+        "start_time": 1,
+        "database": database,
+    });
+    let key = format!("/presenced/h/{host}");
+    let created = gateway
+        .create_if_absent(
+            b"/presenced/h/",
+            key.as_bytes(),
+            claim.to_string().as_bytes(),
+            lease,
+        )
+        .await
+        .expect("the made-up claim is written");
+    assert!(matches!(created, Creation::Created(_)), "{created:?}");
+    lease
+}
+
+fn this_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("the boot id")
+        .trim()
+        .to_owned()
+}
+
+/// Waits until `status` says the daemon waits for a claim's lease to end.
+async fn wait_for_waiting(daemon: &Daemon) -> String {
+    within("the daemon to say it waits for the claim's lease", async {
+        loop {
+            let status = status(daemon).await;
+            let cluster = status.cluster.expect("a daemon in cluster mode");
+            if let Some(error) = cluster.last_error
+                && error.contains("waiting")
+            {
+                // Granted, but not claimed: nothing is written under it.
+                assert_eq!(cluster.lease, "granting", "{error}");
+                return error;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_claim_of_this_boot_on_another_database_is_never_revoked_and_refuses_cluster_mode_while_renewed()
+ {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let gateway = Arc::new(
+        Gateway::new(etcd.endpoints(), Duration::from_millis(300)).expect("the endpoints"),
+    );
+    // A daemon of this boot whose pid means nothing here (another
+    // container), on a database that is not the one under test.
+    let other = serde_json::json!({ "device": 1, "inode": 1 });
+    let lease = made_up_claim(&gateway, "a", &this_boot(), other, Duration::from_secs(3)).await;
+    let renewer = Arc::clone(&gateway);
+    let renewing = tokio::spawn(async move {
+        loop {
+            let _ = renewer.keep_alive(lease).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+
+    let args = cluster_args(&etcd, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start_with(&args).await;
+    let waiting = wait_for_waiting(&a).await;
+    assert!(waiting.contains("this machine's boot"), "{waiting}");
+    let refused = wait_for_lease(&a, "stopped").await;
+    let why = refused
+        .cluster
+        .and_then(|cluster| cluster.last_error)
+        .expect("the daemon says why");
+    assert!(why.contains("another daemon"), "{why}");
+    renewing.abort();
+    // Its lease was never revoked: the claim is there, on it.
+    assert!(
+        matches!(gateway.keep_alive(lease).await, Ok(Renewal::Alive { .. })),
+        "the other daemon's lease was revoked"
+    );
+    let (_, claim) = gateway.get(b"/presenced/h/a").await.expect("a read");
+    assert_eq!(claim.map(|kv| kv.lease), Some(lease.0));
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_claim_left_by_another_boot_is_waited_out_and_the_host_name_then_claimed() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let gateway = Arc::new(
+        Gateway::new(etcd.endpoints(), Duration::from_millis(300)).expect("the endpoints"),
+    );
+    // This machine before a reboot: nobody renews the lease any more.
+    let lease = made_up_claim(
+        &gateway,
+        "a",
+        "an-earlier-boot",
+        serde_json::Value::Null,
+        Duration::from_secs(3),
+    )
+    .await;
+
+    let args = cluster_args(&etcd, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start_with(&args).await;
+    let waiting = wait_for_waiting(&a).await;
+    assert!(waiting.contains("another boot"), "{waiting}");
+    let live = wait_for_lease(&a, "live").await;
+    let cluster = live.cluster.expect("cluster mode");
+    assert!(
+        !cluster
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("waiting"),
+        "{cluster:?}"
+    );
+    let (_, claim) = gateway.get(b"/presenced/h/a").await.expect("a read");
+    let claim = claim.expect("the daemon's claim");
+    assert_ne!(claim.lease, lease.0);
+    let (client, _events) = a.client().await;
+    let joined = client
+        .track(TrackRequest::new("shared:doc", "alice"))
+        .await
+        .expect("the daemon writes once it holds its name");
+    assert_eq!(joined.standing.role, Role::Owner);
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
+async fn a_host_sweeps_its_own_leave_reasons_a_minute_after_the_leave_and_nobody_sees_it() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let gateway = Arc::new(
+        Gateway::new(etcd.endpoints(), Duration::from_millis(300)).expect("the endpoints"),
+    );
+    let keys = KeySpace::new("/presenced/");
+    let (a, b) = (host(&etcd, "a").await, host(&etcd, "b").await);
+    let topic = "shared:doc";
+    // Another host's reason, which is not a's to sweep.
+    let elsewhere = gateway
+        .grant(Duration::from_secs(3600))
+        .await
+        .expect("a lease")
+        .id;
+    let elsewhere_reason = keys.reason(topic, "c:p9");
+    gateway
+        .create_if_absent(
+            &keys.reasons(),
+            &elsewhere_reason,
+            br#"{"v":1,"reason":"untrack","by":null,"host":"c"}"#,
+            elsewhere,
+        )
+        .await
+        .expect("c's reason is written");
+    // One with a's name on a lease not a's daemon's: not its to sweep
+    // either (it goes with that lease).
+    let off_lease_reason = keys.reason(topic, "a:p99");
+    gateway
+        .create_if_absent(
+            &keys.reasons(),
+            &off_lease_reason,
+            br#"{"v":1,"reason":"untrack","by":null,"host":"a"}"#,
+            elsewhere,
+        )
+        .await
+        .expect("a reason with a's name on another lease is written");
+
+    let (on_a, _a_events) = a.client().await;
+    let alice = on_a
+        .track(TrackRequest::new(topic, "alice"))
+        .await
+        .expect("alice joins on a");
+    let carol = on_a
+        .track(TrackRequest::new(topic, "carol"))
+        .await
+        .expect("carol joins on a");
+    let (on_b, mut b_events) = b.client().await;
+    on_b.subscribe(topic).await.expect("b watches the topic");
+    eventually("b to list both of a's entries", async || {
+        View::listed(&b, topic).await.seqs.len() == 2
+    })
+    .await;
+    on_a.untrack(UntrackRequest {
+        topic: topic.into(),
+        phx_ref: Some(alice.phx_ref.clone()),
+        key: None,
+    })
+    .await
+    .expect("alice leaves");
+    let left = Instant::now();
+    let reasons = next_event(&mut b_events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reasons.get(&alice.phx_ref), Some(&LeaveReason::Untrack));
+    let reason_key = keys.reason(topic, &alice.phx_ref);
+    let (_, reason) = gateway.get(&reason_key).await.expect("a read");
+    assert!(reason.is_some(), "the leave's reason is written beside it");
+    let listed = View::listed(&b, topic).await;
+    assert_eq!(listed.owner.as_deref(), Some(carol.phx_ref.as_str()));
+
+    // Kept a minute, then swept within a few sweeps.
+    let sweep_deadline = Duration::from_secs(60 + 20);
+    tokio::time::timeout(sweep_deadline, async {
+        while gateway.get(&reason_key).await.expect("a read").1.is_some() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a's reason key still there {sweep_deadline:?} after the leave"));
+    let swept_after = left.elapsed();
+    assert!(
+        swept_after >= Duration::from_secs(55),
+        "the reason was swept {swept_after:?} after the leave, before a minute"
+    );
+    // Another host's reason stays, and so does one on another lease; b
+    // saw nothing of the sweep.
+    let (_, kept) = gateway.get(&elsewhere_reason).await.expect("a read");
+    assert!(kept.is_some(), "a swept another host's reason");
+    let (_, kept) = gateway.get(&off_lease_reason).await.expect("a read");
+    assert!(kept.is_some(), "a swept a reason on a lease not its own");
+    assert_eq!(View::listed(&b, topic).await, listed);
+    let ping = on_b.status().await.expect("b answers");
+    assert!(ping.cluster.is_some());
+    assert!(
+        b_events.try_recv().is_err(),
+        "b was told something of the sweep"
+    );
 }

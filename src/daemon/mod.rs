@@ -30,6 +30,7 @@ use crate::core::store::{HistoryReaders, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
 use crate::protocol::Limits;
+use cluster::record::DatabaseIdentity;
 use cluster::{Claimant, ClusterNode, ClusterProbe};
 use connection::Shared;
 use driver::{ClusterLink, CoreHandle, DaemonInfo, Driver};
@@ -194,6 +195,12 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
                     start_time: crate::sys::process_start_time(std::process::id())
                         .context("reading the daemon's start time")?,
                 },
+                database: DatabaseIdentity::of(&config.db).with_context(|| {
+                    format!(
+                        "reading the identity of the database {}",
+                        config.db.display()
+                    )
+                })?,
             };
             tracing::info!(
                 "cluster mode: host {}, sharing {:?} through etcd at {}",

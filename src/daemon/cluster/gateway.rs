@@ -469,6 +469,29 @@ impl Gateway {
         }
     }
 
+    /// How long `lease` has left, as etcd counts it now (whole seconds,
+    /// rounded down); `None` if etcd no longer has it.
+    pub async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, Error> {
+        let reply = self
+            .call(
+                "/v3/lease/timetolive",
+                &json!({ "ID": lease.0.to_string() }),
+                Retry::Always,
+            )
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(Error::Etcd { code, .. }) if code == GRPC_NOT_FOUND => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let left: LeaseJson = reply.decode("a lease's time to live")?;
+        if let Some(error) = left.error.filter(|error| !error.is_empty()) {
+            return Err(reply.wrong(format!("a lease's time to live: {error}")));
+        }
+        // A lease etcd no longer has is answered with a TTL of -1.
+        Ok(u64::try_from(left.ttl).ok().map(Duration::from_secs))
+    }
+
     /// Creates `key` under `prefix` on `lease`, only if it is absent, and
     /// in the same transaction (one Raft commit) reads its position and the
     /// prefix's owner, the key with the lowest create revision.
@@ -594,9 +617,10 @@ impl Gateway {
     /// watch message), puts `reason` at `reason_key` on `lease`: a watcher
     /// reads why the key left beside its delete. Only if `key` is there,
     /// so that a reason is never written for a key that had already gone;
-    /// which also makes sending it twice harmless, so it is sent again on
-    /// failure (and `existed` is false when an earlier attempt did it and
-    /// its answer was lost).
+    /// which also makes sending it twice harmless for a key not created
+    /// again (an entry's is not), so it is sent again on failure (and
+    /// `existed` is false when an earlier attempt did it and its answer was
+    /// lost).
     pub async fn delete_with_reason(
         &self,
         key: &[u8],
@@ -622,6 +646,52 @@ impl Gateway {
             revision: txn.header.revision,
             existed: txn.succeeded,
         })
+    }
+
+    /// Deletes each of `kvs` that is still as it was read (the same mod
+    /// revision), and returns how many were deleted. One not there any
+    /// more, or written again since, is left alone; so the call is sent
+    /// again on failure, an attempt that arrives late deleting nothing
+    /// new. A transaction deletes at most [`MAX_TXN_OPS`] keys; a chunk in
+    /// which one key fails its check is deleted a key at a time.
+    pub async fn delete_unchanged(&self, kvs: &[Kv]) -> Result<usize, Error> {
+        let mut deleted = 0;
+        for chunk in kvs.chunks(MAX_TXN_OPS) {
+            if self.delete_chunk(chunk).await? {
+                deleted += chunk.len();
+                continue;
+            }
+            for kv in chunk {
+                if self.delete_chunk(std::slice::from_ref(kv)).await? {
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// One transaction: every key of `kvs` deleted, if each is still at
+    /// the mod revision read. Whether it succeeded.
+    async fn delete_chunk(&self, kvs: &[Kv]) -> Result<bool, Error> {
+        let compare: Vec<Value> = kvs
+            .iter()
+            .map(|kv| {
+                json!({
+                    "key": BASE64.encode(&kv.key),
+                    "target": "MOD",
+                    "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                })
+            })
+            .collect();
+        let success: Vec<Value> = kvs
+            .iter()
+            .map(|kv| json!({ "request_delete_range": { "key": BASE64.encode(&kv.key) }}))
+            .collect();
+        let body = json!({ "compare": compare, "success": success, "failure": [] });
+        let reply = self.call("/v3/kv/txn", &body, Retry::Always).await?;
+        let txn: TxnJson = reply.decode("a delete of unchanged keys")?;
+        Ok(txn.succeeded)
     }
 
     /// Moves each of `kvs` to `lease`, keeping its value and its create

@@ -7,10 +7,14 @@
 //!   new lease counts as live, this host's name is claimed on it
 //!   (`PREFIX h/HOST`, created only if absent): two daemons given one
 //!   `--host` would write the same keys and each take the other's entries
-//!   for its own. A claim held by another daemon stops cluster mode (the
-//!   lease is revoked, every write refused, `status` says why); one left
-//!   by this machine's own earlier daemon, killed before its lease ended,
-//!   has its lease revoked, since that daemon's entries are gone with it.
+//!   for its own. A claim left by this daemon's own earlier run (this
+//!   boot, this database), killed before its lease ended, has its lease
+//!   revoked, since that run's entries are gone with it. Any other claim
+//!   may be a live daemon's, or one that is gone (this machine before a
+//!   reboot, a daemon killed elsewhere): its lease's time to live is
+//!   waited out (`status` says so), and if it holds the name still after
+//!   that, it was renewed, and cluster mode stops (the lease is revoked,
+//!   every write refused, `status` says why).
 //! - The bridge ([`Bridge`]), started once this host's name is first
 //!   claimed (before, keys with its name may be another daemon's): other
 //!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`],
@@ -54,18 +58,31 @@ use super::ClusterConfig;
 use super::bridge::{Bridge, BridgeSettings, BridgeStatus};
 use super::gateway::{Creation, Error, Gateway, Kv, LeaseId, Rewrite};
 use super::lease::{LeaseKeeper, LeaseState, LeaseStatus, RETRY_PAUSE};
-use super::record::{Departure, HostClaim, KeySpace, RECORD_VERSION, Record};
+use super::record::{
+    DatabaseIdentity, Departure, HostClaim, Key, KeySpace, RECORD_VERSION, Record,
+};
 use crate::core::Input;
 use crate::core::registry::{ClusterInput, ClusterWrite, LeaseView, SharedRecord, Written};
 use crate::daemon::driver::CoreHandle;
 use crate::ops::status::ClusterStatus;
 use crate::process::ProcessId;
-use crate::protocol::{ErrorBody, ErrorCode, Limits};
+use crate::protocol::{ErrorBody, ErrorCode, Limits, host_of_ref};
 use crate::sys::BootInstant;
 
 /// How often the mirror looks whether the gateway has moved off the
 /// member it watches on: a load of one number, so often.
 const CHECK_WATCHED_MEMBER_EVERY: Duration = Duration::from_millis(100);
+
+/// How long this host's reasons for its entries' leaving are kept in etcd:
+/// every host's watch reads a reason in the message of its delete, so
+/// this only serves a host that lists again (after a compaction left its
+/// watch behind), which pairs the entries it finds removed with the
+/// reasons still there. Past this, such a host reads the leave as the
+/// host lost.
+const KEEP_REASONS_FOR: Duration = Duration::from_secs(60);
+
+/// How often this host's old reasons are looked for.
+const SWEEP_REASONS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a stopping daemon may spend handing its keys over before it
 /// revokes its lease all the same: a stop is not to hang on etcd.
@@ -81,6 +98,8 @@ pub struct ClusterProbe {
     links: Mutex<Option<ProbeLinks>>,
     /// Why cluster mode stopped, if it did.
     refused: Mutex<Option<String>>,
+    /// Whose lease on the host name is being waited out, while it is.
+    waiting: Mutex<Option<String>>,
     writes_in_flight: AtomicUsize,
 }
 
@@ -88,6 +107,8 @@ pub struct ClusterProbe {
 struct ProbeLinks {
     gateway: Arc<Gateway>,
     lease: watch::Receiver<LeaseStatus>,
+    /// The lease the host name is claimed on.
+    claimed: watch::Receiver<Option<LeaseId>>,
     /// Once the bridge runs: from the first claim of the host name on.
     bridge: Option<watch::Receiver<BridgeStatus>>,
 }
@@ -101,6 +122,7 @@ impl ClusterProbe {
             endpoints: config.endpoints.clone(),
             links: Mutex::new(None),
             refused: Mutex::new(None),
+            waiting: Mutex::new(None),
             writes_in_flight: AtomicUsize::new(0),
         })
     }
@@ -135,6 +157,11 @@ impl ClusterProbe {
                 |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
             let (name, lease_id) = match lease.state {
                 LeaseState::Granting => ("granting", None),
+                // Entries are written under a lease only once the host
+                // name is claimed on it; until then it is still to come.
+                LeaseState::Live { lease, .. } if *links.claimed.borrow() != Some(lease) => {
+                    ("granting", Some(lease))
+                }
                 LeaseState::Live {
                     lease,
                     renewed_at,
@@ -154,7 +181,8 @@ impl ClusterProbe {
             };
             status.lease = name.to_owned();
             status.lease_id = lease_id.map(|lease| lease.to_string());
-            status.last_error = lease.last_error.or(bridge.error);
+            let waiting = super::super::lock(&self.waiting).clone();
+            status.last_error = waiting.or(lease.last_error).or(bridge.error);
             status.revision = bridge.revision;
             status.watching = bridge.watching;
         }
@@ -268,6 +296,8 @@ async fn tell_core(core: &CoreHandle, input: ClusterInput) -> bool {
 pub struct Claimant {
     pub boot_id: String,
     pub process: ProcessId,
+    /// The database this daemon has open (and locked).
+    pub database: DatabaseIdentity,
 }
 
 impl ClusterNode {
@@ -300,12 +330,13 @@ impl ClusterNode {
             },
             sink: changes,
         };
+        let (claimed_tx, claimed) = watch::channel(None);
         *super::super::lock(&probe.links) = Some(ProbeLinks {
             gateway: Arc::clone(&gateway),
             lease: keeper.status(),
+            claimed: claimed.clone(),
             bridge: None,
         });
-        let (claimed_tx, claimed) = watch::channel(None);
         let shared = Arc::new(Shared {
             gateway,
             keys,
@@ -386,15 +417,31 @@ struct BridgeStart {
 enum Claim {
     /// Held on this lease.
     Held,
-    /// Another daemon holds it: cluster mode must not go on.
+    /// Held by `holder` on `lease`, which etcd says ends within `left`
+    /// unless renewed: the holder may be gone (this machine's daemon
+    /// before a reboot, or a daemon killed elsewhere), so try again once
+    /// that has passed.
+    HeldUntil {
+        holder: String,
+        lease: LeaseId,
+        left: Duration,
+    },
+    /// Another daemon holds it, and has renewed its lease past the time
+    /// it had: cluster mode must not go on.
     Taken(String),
     /// etcd could not be asked; try again.
     Failed(Error),
 }
 
+/// How long past a holding lease's time to live a claim is tried again:
+/// etcd answers that time rounded down to a second, and looks for expired
+/// leases only twice a second.
+const LEASE_END_SLACK: Duration = Duration::from_millis(1500);
+
 /// The lease's task: claims the host name on each new lease (and starts
 /// the bridge after the first claim), tells the core where the lease
-/// stands, and on being stopped (or refused the name) stops the keeper
+/// stands (that the last lease ended, before a new one is claimed: see
+/// [`next_step`]), and on being stopped (or refused the name) stops the keeper
 /// and revokes the lease. The bridge ends with it.
 async fn keep_lease(
     shared: Arc<Shared>,
@@ -407,63 +454,98 @@ async fn keep_lease(
     let mut hand_over: Option<Duration> = None;
     let mut bridge_start = Some(bridge);
     let mut running_bridge: Option<Bridge> = None;
+    // Ends with this task, as the bridge does.
+    let _sweeper = ReasonSweeper::spawn(Arc::clone(&shared));
     let mut status = keeper.status();
     let mut told: Option<LeaseView> = None;
+    // The holder's lease last waited out: found holding the name again
+    // after that, it was renewed, so its daemon is alive.
+    let mut waited_out: Option<LeaseId> = None;
     let refusal = loop {
         let state = status.borrow_and_update().state;
-        if let LeaseState::Live { lease, .. } = state
-            && *claimed.borrow() != Some(lease)
-        {
-            match claim_host(&shared, &claimant, lease).await {
-                Claim::Held => {
-                    claimed.send_replace(Some(lease));
-                    tracing::info!(
-                        "cluster: host name {} claimed on lease {lease}",
-                        shared.host
-                    );
-                    if let Some(BridgeStart { settings, sink }) = bridge_start.take() {
-                        let started = Bridge::spawn(Arc::clone(&shared.gateway), settings, sink);
-                        if let Some(links) = &mut *super::super::lock(&shared.probe.links) {
-                            links.bridge = Some(started.status());
-                        }
-                        running_bridge = Some(started);
-                    }
-                    // The state may have moved on while claiming.
-                    continue;
+        let claimed_now = *claimed.borrow();
+        let lease = match next_step(&state, claimed_now, told) {
+            Step::Tell(view) => {
+                if !shared.tell_core(ClusterInput::Lease(view)).await {
+                    break None;
                 }
-                Claim::Taken(holder) => break Some(holder),
-                Claim::Failed(error) => {
-                    tracing::warn!(
-                        "cluster: cannot claim host name {} yet: {error}",
-                        shared.host
-                    );
-                    tokio::select! {
-                        asked = &mut stopped => {
-                            hand_over = asked.ok().flatten();
-                            break None;
-                        }
-                        () = tokio::time::sleep(RETRY_PAUSE) => continue,
-                        changed = status.changed() => {
-                            if changed.is_err() { break None; }
-                            continue;
-                        }
+                told = Some(view);
+                // The state may have moved on while telling.
+                continue;
+            }
+            Step::Claim(lease) => lease,
+            Step::Wait => {
+                tokio::select! {
+                    asked = &mut stopped => {
+                        hand_over = asked.ok().flatten();
+                        break None;
+                    }
+                    changed = status.changed() => if changed.is_err() { break None },
+                }
+                continue;
+            }
+        };
+        match claim_host(&shared, &claimant, lease, waited_out).await {
+            Claim::Held => {
+                waited_out = None;
+                claimed.send_replace(Some(lease));
+                tracing::info!(
+                    "cluster: host name {} claimed on lease {lease}",
+                    shared.host
+                );
+                if let Some(BridgeStart { settings, sink }) = bridge_start.take() {
+                    let started = Bridge::spawn(Arc::clone(&shared.gateway), settings, sink);
+                    if let Some(links) = &mut *super::super::lock(&shared.probe.links) {
+                        links.bridge = Some(started.status());
+                    }
+                    running_bridge = Some(started);
+                }
+                // The state may have moved on while claiming.
+                continue;
+            }
+            Claim::HeldUntil {
+                holder,
+                lease: holding,
+                left,
+            } => {
+                let why = format!(
+                    "the host name {} is held by {holder}; waiting {left:?} for that lease to \
+                     end, in case its daemon is gone, before trying again",
+                    shared.host
+                );
+                tracing::warn!("cluster: {why}");
+                *super::super::lock(&shared.probe.waiting) = Some(why);
+                let waited = tokio::select! {
+                    asked = &mut stopped => {
+                        hand_over = asked.ok().flatten();
+                        false
+                    }
+                    () = tokio::time::sleep(left + LEASE_END_SLACK) => true,
+                };
+                *super::super::lock(&shared.probe.waiting) = None;
+                if !waited {
+                    break None;
+                }
+                waited_out = Some(holding);
+            }
+            Claim::Taken(holder) => break Some(holder),
+            Claim::Failed(error) => {
+                tracing::warn!(
+                    "cluster: cannot claim host name {} yet: {error}",
+                    shared.host
+                );
+                tokio::select! {
+                    asked = &mut stopped => {
+                        hand_over = asked.ok().flatten();
+                        break None;
+                    }
+                    () = tokio::time::sleep(RETRY_PAUSE) => continue,
+                    changed = status.changed() => {
+                        if changed.is_err() { break None; }
+                        continue;
                     }
                 }
             }
-        }
-        let view = lease_view(&state, *claimed.borrow());
-        if told != Some(view) {
-            if !shared.tell_core(ClusterInput::Lease(view)).await {
-                break None;
-            }
-            told = Some(view);
-        }
-        tokio::select! {
-            asked = &mut stopped => {
-                hand_over = asked.ok().flatten();
-                break None;
-            }
-            changed = status.changed() => if changed.is_err() { break None },
         }
     };
     claimed.send_replace(None);
@@ -505,6 +587,43 @@ async fn keep_lease(
         shared
             .tell_core(ClusterInput::Lease(LeaseView::Stopped))
             .await;
+    }
+}
+
+/// What the lease's task does next, given the lease's state, the lease
+/// the host name was last claimed on, and what the core was last told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Tell the core where the lease stands.
+    Tell(LeaseView),
+    /// Claim the host name on this live lease.
+    Claim(LeaseId),
+    /// Nothing to do until the state changes.
+    Wait,
+}
+
+/// The next step of the lease's task. The core is told before a claim,
+/// so that it hears a lease ended before it hears its successor is live:
+/// the keeper's watch shows only its latest state, and may have gone from
+/// one lease to the next without the task ever seeing `Granting` between.
+/// A lease other than the claimed one, live or fenced, means the claimed
+/// one ended (the keeper moves on only from a lease etcd no longer has),
+/// and its entries' keys with it: to the core that is `Granting`, which it
+/// reads as the end of the lease it knew, whatever it was told of that
+/// lease before (live or fenced).
+fn next_step(state: &LeaseState, claimed: Option<LeaseId>, told: Option<LeaseView>) -> Step {
+    let held = held_lease(state);
+    let view = if held.is_some() && held != claimed {
+        LeaseView::Granting
+    } else {
+        lease_view(state, claimed)
+    };
+    if told != Some(view) {
+        return Step::Tell(view);
+    }
+    match *state {
+        LeaseState::Live { lease, .. } if claimed != Some(lease) => Step::Claim(lease),
+        _ => Step::Wait,
     }
 }
 
@@ -565,10 +684,18 @@ fn lease_view(state: &LeaseState, claimed: Option<LeaseId>) -> LeaseView {
 }
 
 /// Claims `PREFIX h/HOST` on `lease`. A claim found on another lease is
-/// this machine's earlier daemon's if it names this boot and a process
-/// that no longer runs: that lease is revoked (its entries went with that
-/// daemon) and the claim made again. Any other holder keeps the name.
-async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Claim {
+/// this daemon's own earlier run's if it names this boot and the database
+/// this daemon has open: that lease is revoked (its entries went with that
+/// run) and the claim made again. Any other holder may be alive, and keeps
+/// the name for as long as its lease lives: the answer is how long that is
+/// (`waited_out` names a lease already waited for once; found holding the
+/// name still, it was renewed since, and its daemon is alive).
+async fn claim_host(
+    shared: &Shared,
+    claimant: &Claimant,
+    lease: LeaseId,
+    waited_out: Option<LeaseId>,
+) -> Claim {
     let key = shared.keys.host(&shared.host);
     let mut hosts = shared.keys.all();
     hosts.extend_from_slice(b"h/");
@@ -578,6 +705,7 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
         boot_id: claimant.boot_id.clone(),
         pid: claimant.process.pid,
         start_time: claimant.process.start_time,
+        database: Some(claimant.database),
     }
     .encode();
     // A predecessor's lease is revoked once; a claim found again after
@@ -605,18 +733,10 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
             return Claim::Held;
         }
         let holder = HostClaim::decode(&kv.value);
-        let predecessor = holder.as_ref().is_some_and(|holder| {
-            holder.boot_id == claimant.boot_id
-                && !crate::sys::is_running(ProcessId {
-                    pid: holder.pid,
-                    start_time: holder.start_time,
-                })
-                .unwrap_or(true)
-        });
-        if predecessor && !revoked_predecessor {
+        if is_predecessor(holder.as_ref(), claimant) && !revoked_predecessor {
             tracing::warn!(
-                "cluster: host name {} is held by this machine's earlier daemon, which is \
-                 gone; revoking its lease {:x}",
+                "cluster: host name {} is held by this daemon's earlier run on this machine \
+                 (the same boot and database), which is gone; revoking its lease {:x}",
                 shared.host,
                 kv.lease
             );
@@ -626,16 +746,147 @@ async fn claim_host(shared: &Shared, claimant: &Claimant, lease: LeaseId) -> Cla
             revoked_predecessor = true;
             continue;
         }
-        return Claim::Taken(match holder {
-            Some(holder) if holder.boot_id == claimant.boot_id => {
-                format!("pid {} on this machine, lease {:x}", holder.pid, kv.lease)
+        let holding = LeaseId(kv.lease);
+        let holder = describe_holder(holder.as_ref(), claimant, holding);
+        // A claim on no lease never ends, and one on a lease already
+        // waited out was renewed since.
+        if kv.lease == 0 || waited_out == Some(holding) {
+            return Claim::Taken(holder);
+        }
+        match shared.gateway.time_to_live(holding).await {
+            Ok(Some(left)) => {
+                return Claim::HeldUntil {
+                    holder,
+                    lease: holding,
+                    left,
+                };
             }
-            Some(holder) => format!(
-                "pid {} on another machine (boot {}), lease {:x}",
-                holder.pid, holder.boot_id, kv.lease
-            ),
-            None => format!("an unreadable claim, lease {:x}", kv.lease),
+            // Ended since it was read, and the claim with it.
+            Ok(None) => continue,
+            Err(error) => return Claim::Failed(error),
+        }
+    }
+}
+
+/// Whether a claim is this daemon's own earlier run's: made in this boot,
+/// on the database this daemon has open, which no other running daemon
+/// can have (see [`DatabaseIdentity`]).
+fn is_predecessor(holder: Option<&HostClaim>, claimant: &Claimant) -> bool {
+    holder.is_some_and(|holder| {
+        holder.boot_id == claimant.boot_id && holder.database == Some(claimant.database)
+    })
+}
+
+/// Who holds a claim, for the log and `status`.
+fn describe_holder(holder: Option<&HostClaim>, claimant: &Claimant, lease: LeaseId) -> String {
+    match holder {
+        Some(holder) if holder.boot_id == claimant.boot_id => format!(
+            "pid {} of this machine's boot, on another database or in another container, \
+             lease {lease}",
+            holder.pid
+        ),
+        Some(holder) => format!(
+            "pid {} of another boot ({}): another machine, or this one before a reboot, \
+             lease {lease}",
+            holder.pid, holder.boot_id
+        ),
+        None => format!("an unreadable claim, lease {lease}"),
+    }
+}
+
+/// The task that deletes this host's reason keys once they are
+/// [`KEEP_REASONS_FOR`] old; it ends when dropped. Without it they would
+/// pile up on its lease, and in every host's mirror, for as long as the
+/// daemon runs.
+struct ReasonSweeper {
+    task: JoinHandle<()>,
+}
+
+impl ReasonSweeper {
+    fn spawn(shared: Arc<Shared>) -> ReasonSweeper {
+        ReasonSweeper {
+            task: tokio::spawn(sweep_reasons(shared)),
+        }
+    }
+}
+
+impl Drop for ReasonSweeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every [`SWEEP_REASONS_EVERY`], while this host's lease is live and its
+/// name claimed on it, reads the reason keys and deletes those of this
+/// host's entries, on that lease, that have stood unchanged for
+/// [`KEEP_REASONS_FOR`]. Keys with this host's name are this daemon's only
+/// while it holds the name, and a reason is written on the lease of the
+/// delete beside it, so one on another lease is not this daemon's to
+/// delete (it goes with that lease). The lease is looked at again before
+/// the delete, which the read may have outlasted.
+async fn sweep_reasons(shared: Arc<Shared>) {
+    let mut ages = ReasonAges::default();
+    let mut ticks = tokio::time::interval(SWEEP_REASONS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(lease) = shared.writable_lease() else {
+            continue;
+        };
+        let kvs = match shared.gateway.range_prefix(&shared.keys.reasons()).await {
+            Ok((_, kvs)) => kvs,
+            Err(error) => {
+                tracing::debug!("cluster: reading the reasons to sweep failed: {error}");
+                continue;
+            }
+        };
+        let own = kvs.into_iter().filter(|kv| {
+            kv.lease == lease.0
+                && matches!(
+                    shared.keys.parse(&kv.key),
+                    Ok(Key::Reason { id, .. }) if host_of_ref(&id) == Some(shared.host.as_str())
+                )
         });
+        let due = ages.due(own, BootInstant::now());
+        if due.is_empty() || shared.writable_lease() != Some(lease) {
+            continue;
+        }
+        match shared.gateway.delete_unchanged(&due).await {
+            Ok(deleted) => tracing::debug!(
+                "cluster: swept {deleted} of this host's reasons older than {KEEP_REASONS_FOR:?}"
+            ),
+            Err(error) => tracing::debug!("cluster: sweeping old reasons failed: {error}"),
+        }
+    }
+}
+
+/// Since when each of this host's reason keys has been seen as it is, by
+/// its mod revision: a key is at least that old. A daemon that starts
+/// anew sees its predecessor's reasons as new, and keeps them a little
+/// longer than needed, never shorter.
+#[derive(Default)]
+struct ReasonAges {
+    seen: HashMap<Vec<u8>, (i64, BootInstant)>,
+}
+
+impl ReasonAges {
+    /// Notes the keys read at `now` (forgetting those no longer there)
+    /// and returns those seen unchanged for [`KEEP_REASONS_FOR`].
+    fn due(&mut self, kvs: impl Iterator<Item = Kv>, now: BootInstant) -> Vec<Kv> {
+        let mut seen = HashMap::new();
+        let mut due = Vec::new();
+        for kv in kvs {
+            let since = match self.seen.get(&kv.key) {
+                Some(&(revision, since)) if revision == kv.mod_revision => since,
+                _ => now,
+            };
+            seen.insert(kv.key.clone(), (kv.mod_revision, since));
+            if now.saturating_duration_since(since) >= KEEP_REASONS_FOR {
+                due.push(kv);
+            }
+        }
+        self.seen = seen;
+        due
     }
 }
 
@@ -894,7 +1145,12 @@ async fn rewrite(shared: &Shared, key: &[u8], record: SharedRecord) -> Written {
 
 /// Deletes an entry's key with why it left beside it, sent again (after
 /// the lease's pause) until etcd answers or the lease is gone, since the
-/// key goes with its lease anyway.
+/// key goes with its lease anyway. Sending it again is safe even when an
+/// attempt may have landed: the transaction deletes the key, and writes
+/// the reason, only if the key is there, and once an entry has left
+/// nothing creates its key again (the writes to one key run in order, and
+/// its id is a ref not given out twice); so an attempt that lands after
+/// another finds the key gone and changes nothing.
 async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Departure) {
     let value = departure.encode();
     let Some(lease) = held_lease(&shared.lease.borrow().state) else {
@@ -907,6 +1163,8 @@ async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Depa
             .await
         {
             Ok(_) => return,
+            // Failed or uncertain: sent again, which deletes nothing new
+            // (see above).
             Err(error) if shared.may_hold(lease) => {
                 tracing::debug!(
                     "cluster: deleting {} failed, trying again: {error}",
@@ -1003,6 +1261,182 @@ mod tests {
         assert_eq!(lease_view(&LeaseState::Stopped, None), LeaseView::Stopped);
         assert_eq!(held_lease(&fenced), Some(LeaseId(7)));
         assert_eq!(held_lease(&LeaseState::Granting), None);
+    }
+
+    fn live(lease: i64, now: BootInstant) -> LeaseState {
+        LeaseState::Live {
+            lease: LeaseId(lease),
+            renewed_at: now,
+            fence_at: now + Duration::from_secs(4),
+        }
+    }
+
+    #[test]
+    fn a_new_lease_seen_straight_after_the_claimed_one_is_told_as_its_end_before_it_is_claimed() {
+        let now = BootInstant::now();
+        let first = live(1, now);
+        let live_view = lease_view(&first, Some(LeaseId(1)));
+        assert_eq!(
+            next_step(&first, Some(LeaseId(1)), Some(live_view)),
+            Step::Wait
+        );
+        // The keeper went Granting and on to lease 2 before the task
+        // looked again: the core hears lease 1 ended, then the claim.
+        let second = live(2, now);
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(2))
+        );
+        // Fenced on lease 1, then lease 2 live: the same.
+        let fenced = LeaseState::Fenced {
+            lease: LeaseId(1),
+            renewed_at: now,
+            fenced_at: now,
+        };
+        let fenced_view = lease_view(&fenced, Some(LeaseId(1)));
+        assert_eq!(
+            next_step(&fenced, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(fenced_view)
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(fenced_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        // A new lease fenced before its claim is no lease the core has:
+        // lease 1's end is told, once, and lease 2 is claimed once live.
+        let second_fenced = LeaseState::Fenced {
+            lease: LeaseId(2),
+            renewed_at: now,
+            fenced_at: now,
+        };
+        assert_eq!(
+            next_step(&second_fenced, Some(LeaseId(1)), Some(live_view)),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&second_fenced, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Wait
+        );
+        assert_eq!(
+            next_step(&second, Some(LeaseId(1)), Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(2))
+        );
+        // Once claimed, the core hears it live.
+        assert_eq!(
+            next_step(&second, Some(LeaseId(2)), Some(LeaseView::Granting)),
+            Step::Tell(lease_view(&second, Some(LeaseId(2))))
+        );
+    }
+
+    #[test]
+    fn the_first_lease_is_claimed_after_the_core_hears_it_is_being_granted() {
+        let now = BootInstant::now();
+        assert_eq!(
+            next_step(&LeaseState::Granting, None, None),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&live(1, now), None, None),
+            Step::Tell(LeaseView::Granting)
+        );
+        assert_eq!(
+            next_step(&live(1, now), None, Some(LeaseView::Granting)),
+            Step::Claim(LeaseId(1))
+        );
+        assert_eq!(
+            next_step(
+                &LeaseState::Stopped,
+                Some(LeaseId(1)),
+                Some(LeaseView::Granting)
+            ),
+            Step::Tell(LeaseView::Stopped)
+        );
+    }
+
+    #[test]
+    fn only_a_claim_of_this_boot_on_this_database_is_taken_for_an_earlier_run_of_this_daemon() {
+        let database = DatabaseIdentity {
+            device: 2049,
+            inode: 77,
+        };
+        let claimant = Claimant {
+            boot_id: "boot-1".to_owned(),
+            process: ProcessId {
+                pid: 100,
+                start_time: 5,
+            },
+            database,
+        };
+        let claim = |boot_id: &str, database: Option<DatabaseIdentity>| HostClaim {
+            v: RECORD_VERSION,
+            host: "web-1".to_owned(),
+            boot_id: boot_id.to_owned(),
+            // A pid that runs nothing here says nothing: it may be
+            // another container's.
+            pid: 4242,
+            start_time: 1,
+            database,
+        };
+        assert!(is_predecessor(
+            Some(&claim("boot-1", Some(database))),
+            &claimant
+        ));
+        let other_file = DatabaseIdentity {
+            device: 2049,
+            inode: 78,
+        };
+        assert!(!is_predecessor(
+            Some(&claim("boot-1", Some(other_file))),
+            &claimant
+        ));
+        assert!(!is_predecessor(Some(&claim("boot-1", None)), &claimant));
+        // This database before a reboot: waited out, not revoked.
+        assert!(!is_predecessor(
+            Some(&claim("boot-0", Some(database))),
+            &claimant
+        ));
+        assert!(!is_predecessor(None, &claimant));
+        // A claim written before claims named their database still reads.
+        let old = br#"{"v":1,"host":"web-1","boot_id":"boot-1","pid":4242,"start_time":1}"#;
+        assert_eq!(HostClaim::decode(old), Some(claim("boot-1", None)));
+    }
+
+    #[test]
+    fn a_reason_is_due_for_the_sweep_once_seen_unchanged_for_a_minute() {
+        let reason = |key: &str, mod_revision: i64| Kv {
+            key: key.as_bytes().to_vec(),
+            value: Vec::new(),
+            create_revision: mod_revision,
+            mod_revision,
+            version: 1,
+            lease: 7,
+        };
+        let keys = |due: Vec<Kv>| -> Vec<Vec<u8>> { due.into_iter().map(|kv| kv.key).collect() };
+        let start = BootInstant::now();
+        let mut ages = ReasonAges::default();
+        let read = [reason("r/t/a:p1", 10), reason("r/t/a:p2", 11)];
+        assert!(ages.due(read.clone().into_iter(), start).is_empty());
+        let almost = start + (KEEP_REASONS_FOR - Duration::from_millis(1));
+        assert!(ages.due(read.clone().into_iter(), almost).is_empty());
+        // Written again meanwhile: as new as that.
+        let rewritten = [reason("r/t/a:p1", 10), reason("r/t/a:p2", 20)];
+        let due = ages.due(rewritten.clone().into_iter(), start + KEEP_REASONS_FOR);
+        assert_eq!(keys(due), [b"r/t/a:p1".to_vec()]);
+        // One gone is forgotten: seen again, it is new.
+        let later = start + KEEP_REASONS_FOR + Duration::from_secs(1);
+        assert!(
+            ages.due([reason("r/t/a:p2", 20)].into_iter(), later)
+                .is_empty()
+        );
+        assert!(
+            ages.due(rewritten.into_iter(), later + Duration::from_secs(1))
+                .is_empty()
+        );
+        assert_eq!(ages.seen.len(), 2);
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl KeySpace {
         self.in_topic(ENTRIES, topic, id)
     }
 
+    /// Every entry's reason for leaving is under this.
+    pub fn reasons(&self) -> Vec<u8> {
+        format!("{}{REASONS}", self.prefix).into_bytes()
+    }
+
     /// The key of the reason the entry `id` left.
     pub fn reason(&self, topic: &str, id: &str) -> Vec<u8> {
         self.in_topic(REASONS, topic, id)
@@ -304,8 +309,8 @@ impl Departure {
 }
 
 /// A daemon's claim on its host name, the value at `PREFIX h/HOST`, on
-/// its lease: which process holds the name, so that a daemon that finds
-/// the name taken can tell its own predecessor on this machine, killed
+/// its lease: which daemon holds the name, so that a daemon that finds
+/// the name taken can tell its own earlier run on this machine, killed
 /// before its lease ended, from another daemon given the same name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostClaim {
@@ -315,10 +320,41 @@ pub struct HostClaim {
     /// The machine's boot (`/proc/sys/kernel/random/boot_id`) the claiming
     /// daemon ran in.
     pub boot_id: String,
-    /// The claiming daemon's process, with its start time, so that a
-    /// reused pid is not taken for it.
+    /// The claiming daemon's process, with its start time, for people
+    /// reading the claim.
     pub pid: u32,
     pub start_time: u64,
+    /// The database the claiming daemon keeps its entries in. Absent from
+    /// a claim written before daemons named it, which no daemon then takes
+    /// for its own predecessor's.
+    #[serde(default)]
+    pub database: Option<DatabaseIdentity>,
+}
+
+/// One database file, by its device and inode: what tells a daemon's own
+/// earlier run from any other daemon. The pid and the boot id cannot: a
+/// daemon in another PID namespace (another container) shares the boot id,
+/// and its pid names nothing, or another process, here. A daemon holds its
+/// database's lock while it runs, and a file's inode is not given to
+/// another file while a process has it open; so a claim naming the
+/// database this daemon has open, made in this boot, is a daemon's that
+/// has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseIdentity {
+    pub device: u64,
+    pub inode: u64,
+}
+
+impl DatabaseIdentity {
+    /// The identity of the file at `path` (symbolic links followed).
+    pub fn of(path: &std::path::Path) -> std::io::Result<DatabaseIdentity> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path)?;
+        Ok(DatabaseIdentity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 impl HostClaim {
