@@ -1006,7 +1006,11 @@ impl Core {
             }
             Fact::Cluster(ClusterInput::Lease(view)) => {
                 self.apply_endings(batch);
-                self.registry.set_lease(*view, &mut batch.out.outbox);
+                // The word may come after the fence it names (the keeper
+                // told it late, or a failed commit made it wait to be
+                // applied again): read as it stands now, it is a fence.
+                let view = view.as_of(self.last_now.boot.max(batch.now.boot));
+                self.registry.set_lease(view, &mut batch.out.outbox);
             }
         }
         batch.facts.push(fact);

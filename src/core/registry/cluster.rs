@@ -634,6 +634,18 @@ pub enum LeaseView {
     Stopped,
 }
 
+impl LeaseView {
+    /// The view as it stands at `boot` on the boot clock: a live lease
+    /// whose fence is due is fenced, whatever the word it came in says.
+    /// A standing worked out from it must never say owner past the fence.
+    pub fn as_of(self, boot: std::time::Duration) -> LeaseView {
+        match self {
+            LeaseView::Live { fence_at } if boot >= fence_at => LeaseView::Fenced,
+            view => view,
+        }
+    }
+}
+
 /// A track of a shared topic waiting for etcd: its key is asked for, and
 /// its entry joins when the watch shows the key. Until then it counts
 /// against its connection's keys and its user's quotas as its entry will.

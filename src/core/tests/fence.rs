@@ -496,3 +496,41 @@ fn an_entry_on_its_way_out_when_the_lease_ends_leaves_and_is_not_queued_again() 
         "an entry that left is not created again"
     );
 }
+
+#[test]
+fn a_live_lease_whose_fence_has_passed_is_a_fence() {
+    let (mut h, _, own_ref) = owning();
+    // The keeper's word that the lease is live until its fence reaches the
+    // core only after the core fenced itself there: it lifts nothing.
+    h.at(FENCE_AT_MS + 500);
+    h.committed_batch([live_until(FENCE_AT_MS)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+
+    // A renewal's word comes after the fence it names: still fenced.
+    h.committed_batch([live_until(FENCE_AT_MS + 400), ping(1, 2)]);
+    assert_eq!(ids(&h.lines(1)), [json!(2)], "no role event");
+    h.committed_batch([track_on(1, 3, SHARED, "other")]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    // A fence still ahead lifts it.
+    h.committed_batch([live_until(FENCE_AT_MS + 5_000)]);
+    assert_owner(&role_of(&h.lines(1)));
+}
+
+#[test]
+fn a_renewal_applied_again_after_its_fence_passed_does_not_say_owner() {
+    let (mut h, _, own_ref) = owning();
+    // A renewal to 7 s in a batch whose commit fails.
+    h.at(FENCE_AT_MS - 1_000);
+    h.inputs([live_until(FENCE_AT_MS + 2_000), track(1, 2, "local")]);
+    h.burst().expect("a commit");
+    h.fail();
+    h.lines(1);
+    // Applied again past 7 s: the core fences, and says nothing else.
+    h.at(FENCE_AT_MS + 2_500);
+    h.tick();
+    assert!(h.burst().is_none());
+    let lines = h.lines(1);
+    assert_suspended(&role_of(&lines), &own_ref);
+}
