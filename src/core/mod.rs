@@ -482,7 +482,7 @@ impl Core {
         // instant is on the monotonic clock, which stops during a suspend;
         // the boot clock read with each batch covers that.
         let fence = match self.registry.lease() {
-            LeaseView::Live { fence_at } => Some(now.at + fence_at.saturating_sub(now.boot)),
+            LeaseView::Live { fence_at, .. } => Some(now.at + fence_at.saturating_sub(now.boot)),
             _ => None,
         };
         let due = expiry
@@ -649,14 +649,14 @@ impl Core {
         }
         tracing::info!("the etcd lease's fence fell; the core fences ahead of the lease keeper");
         self.apply_endings(batch);
-        self.registry
-            .set_lease(LeaseView::Fenced, &mut batch.out.outbox);
+        let fenced = self.registry.lease().as_of(now.boot);
+        self.registry.set_lease(fenced, &mut batch.out.outbox);
     }
 
     /// Whether the boot clock has reached the fence of a lease still
     /// held live.
     fn fence_due(&self, now: Now) -> bool {
-        matches!(self.registry.lease(), LeaseView::Live { fence_at } if now.boot >= fence_at)
+        matches!(self.registry.lease(), LeaseView::Live { fence_at, .. } if now.boot >= fence_at)
     }
 
     /// Applies the inputs that waited for a commit, as far as the batch

@@ -622,10 +622,15 @@ pub enum LeaseView {
     /// Held: etcd keeps the lease, and every key on it, at least until
     /// the fence falls at `fence_at`. The core fences itself at that
     /// moment even if it hears nothing more.
-    Live { fence_at: std::time::Duration },
+    Live {
+        /// The lease's id, as etcd granted it: a view naming another id
+        /// than the last says the lease this host's keys were on ended.
+        lease: i64,
+        fence_at: std::time::Duration,
+    },
     /// The fence fell: etcd may end the lease at any moment and give this
     /// host's places to others. No local entry of a shared topic owns.
-    Fenced,
+    Fenced { lease: i64 },
     /// No lease: none granted yet, or the last one ended (its keys went
     /// with it) and a new one is asked for.
     Granting,
@@ -640,8 +645,17 @@ impl LeaseView {
     /// A standing worked out from it must never say owner past the fence.
     pub fn as_of(self, boot: std::time::Duration) -> LeaseView {
         match self {
-            LeaseView::Live { fence_at } if boot >= fence_at => LeaseView::Fenced,
+            LeaseView::Live { lease, fence_at } if boot >= fence_at => LeaseView::Fenced { lease },
             view => view,
+        }
+    }
+
+    /// The lease this view names, if it names one: the lease this host's
+    /// keys are on while it is live or fenced.
+    pub fn lease(self) -> Option<i64> {
+        match self {
+            LeaseView::Live { lease, .. } | LeaseView::Fenced { lease } => Some(lease),
+            LeaseView::Granting | LeaseView::Stopped => None,
         }
     }
 }

@@ -110,7 +110,7 @@ impl Registry {
         }
         let why = match self.lease {
             LeaseView::Live { .. } => return Ok(()),
-            LeaseView::Fenced => {
+            LeaseView::Fenced { .. } => {
                 "this host's etcd lease is fenced (etcd has not answered its \
                  renewals in time)"
             }
@@ -133,9 +133,13 @@ impl Registry {
     /// it. Between live and not live, each of this host's entries that is
     /// first in a shared topic changes standing: its holder is sent it in
     /// a `role` event, or, if no connection holds it, hears it on resume.
-    /// A lease that ended (`Granting` after a lease) took this host's keys
-    /// with it: each of this host's entries of shared topics is flagged to
-    /// be queued again, and once a lease is live its key is created again.
+    /// A lease that ended took this host's keys with it: each of this
+    /// host's entries of shared topics is flagged to be queued again, and
+    /// once a lease is live its key is created again. The registry knows
+    /// a lease ended when told `Granting` after it, or a view naming
+    /// another lease: the keeper may have lost one lease and been granted
+    /// the next before the core heard of either, and the new lease holds
+    /// none of the keys written under the old one.
     ///
     /// Journaled, so a batch that fails to commit takes it back; applied
     /// again then, as a fact, it says everything again, once. The same
@@ -144,8 +148,16 @@ impl Registry {
         if view == self.lease {
             return;
         }
-        let ended = view == LeaseView::Granting
-            && matches!(self.lease, LeaseView::Live { .. } | LeaseView::Fenced);
+        // The lease this host's keys are on is the one the last view
+        // named: each view naming a new lease flags every key to be
+        // created again on it.
+        let keys_lease = self.lease.lease();
+        let ended = keys_lease.is_some()
+            && match view {
+                LeaseView::Granting => true,
+                LeaseView::Live { .. } | LeaseView::Fenced { .. } => view.lease() != keys_lease,
+                LeaseView::Stopped => false,
+            };
         let was_live = self.lease_is_live();
         let owners_before = self.local_shared_owners();
         let old = self.lease;
@@ -169,7 +181,7 @@ impl Registry {
             }
         }
         self.tell_owners_whose_suspension_changed(owners_before, out);
-        if self.lease_is_live() && !was_live {
+        if self.lease_is_live() && (!was_live || ended) {
             let flagged = self.requeue.keys().cloned().collect();
             self.ask_to_requeue(flagged, out);
         }

@@ -4749,6 +4749,7 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
     );
     let mut registry = Registry::new(Limits::default()).with_cluster(Some(setup));
     let live = LeaseView::Live {
+        lease: 7,
         fence_at: std::time::Duration::MAX,
     };
     registry.set_lease(live, &mut Outbox::default());
@@ -4882,6 +4883,7 @@ fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step
     let mut registry =
         Registry::restore(Limits::default(), vec![entry], 4).with_cluster(Some(setup));
     let live = LeaseView::Live {
+        lease: 7,
         fence_at: std::time::Duration::MAX,
     };
     registry.set_lease(live, &mut Outbox::default());

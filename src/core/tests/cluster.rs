@@ -59,10 +59,14 @@ const FENCE_IN_MS: u64 = 86_400_000;
 fn clustered_as(host: &str, limits: Limits) -> H {
     let mut h = H::configured(cluster_config_as(host, limits), nothing_restored());
     h.committed_batch([lease(LeaseView::Live {
+        lease: LEASE,
         fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
     })]);
     h
 }
+
+/// The id of the lease the tests' cores hold.
+pub(super) const LEASE: i64 = 7;
 
 /// The lease keeper's word of where the lease stands.
 pub(super) fn lease(view: LeaseView) -> Input {

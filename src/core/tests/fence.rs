@@ -19,7 +19,13 @@ use crate::protocol::{Lifetime, Limits, TrackRequest};
 const FENCE_AT_MS: u64 = 5_000;
 
 fn live_until(ms: u64) -> Input {
+    live_on(LEASE, ms)
+}
+
+/// The lease `id` is live, its fence `ms` after the harness's start.
+fn live_on(id: i64, ms: u64) -> Input {
     lease(LeaseView::Live {
+        lease: id,
         fence_at: BOOT_AT_START + Duration::from_millis(ms),
     })
 }
@@ -95,7 +101,7 @@ fn owning() -> (H, FakeEtcd, String) {
 fn a_fenced_owner_is_told_it_is_suspended_and_a_lift_makes_it_owner_again() {
     let (mut h, _, own_ref) = owning();
 
-    h.input(lease(LeaseView::Fenced));
+    h.input(lease(LeaseView::Fenced { lease: LEASE }));
     assert!(h.burst().is_none(), "a standing is never saved");
     let role = role_of(&h.lines(1));
     assert_eq!(role["ref"], own_ref.as_str());
@@ -103,7 +109,7 @@ fn a_fenced_owner_is_told_it_is_suspended_and_a_lift_makes_it_owner_again() {
     assert!(h.lines(2).is_empty(), "the queue is as it was: no diff");
 
     // Told again, it says nothing again.
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     assert!(h.lines(1).is_empty());
 
     h.committed_batch([live_until(FENCE_AT_MS + 5_000)]);
@@ -134,7 +140,10 @@ fn a_shared_track_waits_for_the_first_lease_is_refused_while_fenced_and_local_to
         "another connection's local topic is not held"
     );
 
-    h.committed_batch([lease(LeaseView::Fenced), track_on(2, 2, SHARED, "other")]);
+    h.committed_batch([
+        lease(LeaseView::Fenced { lease: LEASE }),
+        track_on(2, 2, SHARED, "other"),
+    ]);
     let lines = h.lines(2);
     assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
     let message = lines[0]["error"]["message"].as_str().unwrap_or_default();
@@ -152,7 +161,7 @@ fn a_shared_track_waits_for_the_first_lease_is_refused_while_fenced_and_local_to
 #[test]
 fn an_update_of_a_shared_entry_is_refused_unavailable_while_fenced() {
     let (mut h, _, own_ref) = owning();
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     h.lines(1);
     let update = UpdateRequest {
         topic: SHARED.into(),
@@ -245,7 +254,7 @@ fn an_owner_nobody_holds_hears_of_its_suspension_on_resume_and_not_of_a_fence_li
     assert_owner(&reply);
     h.committed_batch([close(1)]);
 
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     h.committed_batch([resume(2, 1, "page")]);
     let lines = h.lines(2);
     assert_eq!(lines.len(), 2, "the reply, then the role event: {lines:?}");
@@ -255,7 +264,7 @@ fn an_owner_nobody_holds_hears_of_its_suspension_on_resume_and_not_of_a_fence_li
     // Let go again, fenced and lifted meanwhile: it stands as it was told.
     h.committed_batch([close(2)]);
     h.committed_batch([live_until(FENCE_AT_MS)]);
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     h.committed_batch([resume(3, 1, "page")]);
     let lines = h.lines(3);
     assert_eq!(lines.len(), 1, "the reply alone: {lines:?}");
@@ -272,7 +281,7 @@ fn a_remote_owner_and_this_hosts_spectators_keep_their_standings() {
     assert_eq!(reply["position"], 1);
     h.lines(2);
 
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     assert!(h.lines(1).is_empty(), "a spectator's standing is unchanged");
     assert!(h.lines(2).is_empty());
     h.committed_batch([resume(1, 2, "page")]);
@@ -294,7 +303,10 @@ fn a_remote_owner_and_this_hosts_spectators_keep_their_standings() {
 fn a_fence_applied_again_after_a_failed_commit_is_told_once() {
     let (mut h, _, own_ref) = owning();
     // A local track makes the batch need a commit, which fails.
-    h.inputs([lease(LeaseView::Fenced), track(1, 2, "local")]);
+    h.inputs([
+        lease(LeaseView::Fenced { lease: LEASE }),
+        track(1, 2, "local"),
+    ]);
     h.burst().expect("a commit");
     h.fail();
     let lines = h.lines(1);
@@ -308,7 +320,7 @@ fn a_fence_applied_again_after_a_failed_commit_is_told_once() {
     let role = role_of(&h.lines(1));
     assert_suspended(&role, &own_ref);
 
-    h.committed_batch([lease(LeaseView::Fenced), ping(1, 3)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE }), ping(1, 3)]);
     assert_eq!(ids(&h.lines(1)), [json!(3)], "no second role event");
 }
 
@@ -319,7 +331,7 @@ fn an_entry_whose_lease_ended_is_queued_again_at_the_back_under_its_ref() {
     h.lines(2);
     let mut etcd = FakeEtcd::at(43);
 
-    h.committed_batch([lease(LeaseView::Fenced)]);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
     assert_suspended(&role_of(&h.lines(1)), &own_ref);
     // etcd ended the lease: the keeper asks for a new one, and the watch
     // shows this host's key gone with no reason.
@@ -533,4 +545,46 @@ fn a_renewal_applied_again_after_its_fence_passed_does_not_say_owner() {
     assert!(h.burst().is_none());
     let lines = h.lines(1);
     assert_suspended(&role_of(&lines), &own_ref);
+}
+
+#[test]
+fn a_live_view_naming_another_lease_says_the_last_one_ended() {
+    let (mut h, _, own_ref) = owning();
+    h.committed_batch([changes(42, vec![put("web-2:p1", "theirs", 42)])]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(43);
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+
+    // The keeper lost the lease and was granted the next before the core
+    // heard of either: the key went with the old lease, so the entry is
+    // not told it owns, and its key is created again on the new one.
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    assert!(h.lines(1).is_empty(), "still suspended");
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+    let (created, put_again) = etcd.create(&write);
+    h.committed_batch([changes(44, vec![delete(&own_ref, None)])]);
+    h.committed_batch([created, put_again]);
+    let role = role_of(&h.lines(1));
+    assert_eq!(role["position"], 1, "at the back: {role}");
+    assert_eq!(role.get("suspended"), None, "{role}");
+}
+
+#[test]
+fn a_live_lease_replaced_by_another_while_live_queues_its_entries_again() {
+    let (mut h, mut etcd, own_ref) = owning();
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+    let (created, put_again) = etcd.create(&write);
+    h.committed_batch([created, put_again]);
+    assert_owner(&role_of(&h.lines(1)));
 }
