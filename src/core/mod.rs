@@ -460,8 +460,8 @@ impl Core {
     }
 
     /// When the core next has work of its own: a restored entry's resume
-    /// deadline, a request that waited for etcd too long, or facts to
-    /// retry; never before the retry pause after a failed commit, so that
+    /// deadline, a request that waited for etcd too long, a refused
+    /// re-creation of a key to ask again, or facts to retry; never before the retry pause after a failed commit, so that
     /// a failing disk cannot make an idle core spin.
     /// A batch of inputs does this work too, at its head, pause or not.
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -477,6 +477,10 @@ impl Core {
             .registry
             .next_park_deadline()
             .map(|deadline| now.instant_of(deadline));
+        let requeue = self
+            .registry
+            .next_requeue_retry()
+            .map(|at| now.instant_of(at));
         let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
         // A backstop: the lease keeper's alarm is what fences on time. This
         // instant is on the monotonic clock, which stops during a suspend;
@@ -488,6 +492,7 @@ impl Core {
         let due = expiry
             .into_iter()
             .chain(parked)
+            .chain(requeue)
             .chain(retry)
             .chain(fence)
             .min()?;
@@ -635,6 +640,8 @@ impl Core {
             .expire(batch.now.wall_ms, &mut batch.out.outbox);
         self.registry
             .time_out_parked(batch.now.wall_ms, &mut batch.out.outbox);
+        self.registry
+            .retry_requeue(batch.now.wall_ms, &mut batch.out.outbox);
         batch
     }
 
@@ -1001,8 +1008,12 @@ impl Core {
             }
             Fact::Cluster(ClusterInput::Written { write, outcome }) => {
                 self.apply_endings(batch);
-                self.registry
-                    .cluster_written(*write, outcome, &mut batch.out.outbox);
+                self.registry.cluster_written(
+                    *write,
+                    outcome,
+                    batch.now.wall_ms,
+                    &mut batch.out.outbox,
+                );
             }
             Fact::Cluster(ClusterInput::Lease(view)) => {
                 self.apply_endings(batch);

@@ -76,7 +76,7 @@ pub use cluster::{
     SharedTopicsFn, WriteId, Written,
 };
 use cluster::{Leaving, Parked, PendingTrack, PendingUntrack, PendingUpdate};
-use fence::Requeue;
+use fence::{Requeue, Requeues};
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -832,7 +832,7 @@ pub struct Registry {
     /// This host's entries of shared topics whose keys went with a lease
     /// that ended, by topic and key id: each stays, suspended, until its
     /// key is created again and shows.
-    requeue: BTreeMap<(String, String), Requeue>,
+    requeue: Requeues,
     /// This host's entries of shared topics on their way out, by key id
     /// (`HOST:pN`, unique across topics): each stays in its place until
     /// etcd's watch shows its key deleted, so that nobody here is promoted
@@ -878,7 +878,7 @@ impl Registry {
             pending: BTreeMap::new(),
             next_write: 0,
             lease: LeaseView::Granting,
-            requeue: BTreeMap::new(),
+            requeue: Requeues::default(),
             leaving: HashMap::new(),
             updating: HashMap::new(),
             untracking: HashMap::new(),

@@ -984,11 +984,22 @@ impl Registry {
         self.park(pending);
     }
 
-    /// etcd answered a write: a creation is noted (the entry joins when
-    /// the watch shows its key), a refusal answers the track or the update
-    /// with its error and frees what it held. A delete's answer says
-    /// nothing the watch will not: it is not looked at.
-    pub fn cluster_written(&mut self, write: WriteId, outcome: &Written, out: &mut Outbox) {
+    /// etcd answered a write at `now`: a creation is noted (the entry
+    /// joins when the watch shows its key), a refusal answers the track or
+    /// the update with its error and frees what it held, or, for the
+    /// re-creation of a key that went with a lease, has it asked again
+    /// later. A delete's answer says nothing the watch will not: it is not
+    /// looked at.
+    pub fn cluster_written(
+        &mut self,
+        write: WriteId,
+        outcome: &Written,
+        now: i64,
+        out: &mut Outbox,
+    ) {
+        if self.requeue_written(write, outcome, now) {
+            return;
+        }
         let track = self
             .pending
             .iter()

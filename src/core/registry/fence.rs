@@ -18,19 +18,99 @@
 //! under its same id, at the back of its queue, and moves there when the
 //! watch shows the new key, as the other hosts see it.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
 use super::{
     Change, ClusterEvent, ClusterWrite, Entry, LeaseView, Outbox, Registry, SharedRecord,
-    StandingKey, Topic, Undo,
+    StandingKey, Topic, Undo, WriteId, Written,
 };
 use crate::protocol::{ErrorBody, ErrorCode, LeaveReason, Standing};
+
+/// How long a re-creation etcd refused waits before it is asked again.
+/// etcd refuses one when the key exists already (the first try went
+/// through after all: the watch shows it soon and the entry moves) or
+/// when it cannot take the write now; a second early on would likely meet
+/// the same, and a pause far below the lease's TTL still gives the entry
+/// its place back long before anyone would give up on it.
+pub(super) const REQUEUE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where the re-creation of the key of an entry whose lease ended stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Requeue {
-    /// Waiting for a live lease to create the key on.
-    Waiting,
-    /// Its creation was asked of etcd; the entry moves when the key shows.
-    Asked,
+    /// Waiting for a live lease to create the key on, or, after etcd
+    /// refused the last try, for `retry_at` (wall clock, ms) to come.
+    Waiting { retry_at: Option<i64> },
+    /// Its creation was asked of etcd by `write`; the entry moves when the
+    /// key shows.
+    Asked { write: WriteId },
+}
+
+/// A topic and a key id: an entry of a shared topic.
+type KeyOf = (String, String);
+
+/// The entries flagged to be queued again, with what finds them fast: the
+/// write that asked for each key, and the retries by time.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Requeues {
+    flags: BTreeMap<KeyOf, Requeue>,
+    by_write: HashMap<WriteId, KeyOf>,
+    retries: BTreeSet<(i64, KeyOf)>,
+}
+
+impl Requeues {
+    pub(super) fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+
+    pub(super) fn contains_key(&self, key: &KeyOf) -> bool {
+        self.flags.contains_key(key)
+    }
+
+    pub(super) fn get(&self, key: &KeyOf) -> Option<&Requeue> {
+        self.flags.get(key)
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &KeyOf> {
+        self.flags.keys()
+    }
+
+    /// The entry whose re-creation `write` asked for, if one did.
+    fn asked_by(&self, write: WriteId) -> Option<&KeyOf> {
+        self.by_write.get(&write)
+    }
+
+    /// When the first refused re-creation is due to be asked again.
+    fn next_retry(&self) -> Option<i64> {
+        self.retries.first().map(|(at, _)| *at)
+    }
+
+    /// Sets `key`'s flag to `state`, or clears it; returns the old one.
+    fn set(&mut self, key: &KeyOf, state: Option<Requeue>) -> Option<Requeue> {
+        let old = match state {
+            Some(state) => self.flags.insert(key.clone(), state),
+            None => self.flags.remove(key),
+        };
+        match old {
+            Some(Requeue::Asked { write }) => {
+                self.by_write.remove(&write);
+            }
+            Some(Requeue::Waiting { retry_at: Some(at) }) => {
+                self.retries.remove(&(at, key.clone()));
+            }
+            _ => {}
+        }
+        match state {
+            Some(Requeue::Asked { write }) => {
+                self.by_write.insert(write, key.clone());
+            }
+            Some(Requeue::Waiting { retry_at: Some(at) }) => {
+                self.retries.insert((at, key.clone()));
+            }
+            _ => {}
+        }
+        old
+    }
 }
 
 impl Registry {
@@ -176,7 +256,7 @@ impl Registry {
                 .collect();
             for key in ids {
                 if !self.requeue.contains_key(&key) {
-                    self.set_requeue(key, Some(Requeue::Waiting));
+                    self.set_requeue(key, Some(Requeue::Waiting { retry_at: None }));
                 }
             }
         }
@@ -266,7 +346,7 @@ impl Registry {
                 .filter(|entry| !self.is_leaving(entry));
             let Some(record) = entry.map(|entry| SharedRecord::of(entry, &host)) else {
                 self.set_requeue(key.clone(), None);
-                if state == Requeue::Asked {
+                if matches!(state, Requeue::Asked { .. }) {
                     self.withdraw(key, out);
                 }
                 continue;
@@ -279,9 +359,7 @@ impl Registry {
                 id,
                 record,
             });
-            if state != Requeue::Asked {
-                self.set_requeue(key, Some(Requeue::Asked));
-            }
+            self.set_requeue(key, Some(Requeue::Asked { write }));
         }
     }
 
@@ -345,7 +423,7 @@ impl Registry {
                 }
                 self.depart(std::mem::take(departing), now, out);
                 let owner_before = self.local_shared_owner(topic);
-                self.set_requeue(key.clone(), Some(Requeue::Waiting));
+                self.set_requeue(key.clone(), Some(Requeue::Waiting { retry_at: None }));
                 self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
                 if self.lease_is_live() {
                     self.ask_to_requeue(vec![key], out);
@@ -430,13 +508,58 @@ impl Registry {
         }
     }
 
+    /// etcd answered `write`: if it asked to create again the key of an
+    /// entry whose lease ended, and was refused, the entry goes back to
+    /// waiting, and is asked for again after [`REQUEUE_RETRY_PAUSE`] if
+    /// the lease is live, or with the next live lease otherwise. Left
+    /// asked, it would stay suspended for as long as the lease lives.
+    /// Returns whether `write` was such a creation. A creation that went
+    /// through changes nothing: the entry moves when the watch shows it.
+    pub(super) fn requeue_written(&mut self, write: WriteId, outcome: &Written, now: i64) -> bool {
+        let Some(key) = self.requeue.asked_by(write).cloned() else {
+            return false;
+        };
+        if let Written::Refused(error) = outcome {
+            tracing::warn!(
+                "etcd refused to create again the key `{}` of `{}` ({}); asked again later",
+                key.1,
+                key.0,
+                error.message
+            );
+            let pause = i64::try_from(REQUEUE_RETRY_PAUSE.as_millis()).unwrap_or(i64::MAX);
+            let retry_at = self.lease_is_live().then(|| now.saturating_add(pause));
+            self.set_requeue(key, Some(Requeue::Waiting { retry_at }));
+        }
+        true
+    }
+
+    /// When the first refused re-creation is due to be asked again (wall
+    /// clock, ms).
+    pub fn next_requeue_retry(&self) -> Option<i64> {
+        self.requeue.next_retry()
+    }
+
+    /// Asks again for each refused re-creation whose pause is over at
+    /// `now`. Without a live lease none is asked: the next live lease asks
+    /// for every flagged entry's key anyway.
+    pub fn retry_requeue(&mut self, now: i64, out: &mut Outbox) {
+        let mut due = Vec::new();
+        while let Some((at, key)) = self.requeue.retries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.set_requeue(key.clone(), Some(Requeue::Waiting { retry_at: None }));
+            due.push(key);
+        }
+        if self.lease_is_live() && !due.is_empty() {
+            self.ask_to_requeue(due, out);
+        }
+    }
+
     /// Flags `key` to be queued again as `state`, or unflags it (`None`),
     /// journaled.
     fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
-        let old = match state {
-            Some(state) => self.requeue.insert(key.clone(), state),
-            None => self.requeue.remove(&key),
-        };
+        let old = self.requeue.set(&key, state);
         if old != state {
             self.record(|| Undo::Requeue(key, old));
         }
@@ -448,10 +571,7 @@ impl Registry {
         match undo {
             Undo::Lease(view) => self.lease = view,
             Undo::Requeue(key, state) => {
-                match state {
-                    Some(state) => self.requeue.insert(key, state),
-                    None => self.requeue.remove(&key),
-                };
+                self.requeue.set(&key, state);
             }
             _ => {}
         }

@@ -5060,7 +5060,7 @@ impl SharedWorld {
                 }
                 SharedInput::End(ending) => registry.end(&[*ending], now, &mut out),
                 SharedInput::Written(write, outcome) => {
-                    registry.cluster_written(*write, outcome, &mut out);
+                    registry.cluster_written(*write, outcome, now, &mut out);
                 }
                 SharedInput::Changes(changes) => {
                     registry.apply_cluster(changes, now, &mut out);

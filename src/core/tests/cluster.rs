@@ -609,7 +609,7 @@ impl FakeEtcd {
     }
 
     /// Refuses a write, as a lease past its fence would.
-    fn refuse(write: &ClusterWrite) -> Input {
+    pub(super) fn refuse(write: &ClusterWrite) -> Input {
         let ClusterWrite::Create { write, .. } = write else {
             panic!("a create: {write:?}");
         };

@@ -15,6 +15,9 @@ use crate::ops::Op;
 use crate::ops::update::UpdateRequest;
 use crate::protocol::{Lifetime, Limits, TrackRequest};
 
+/// How long a refused re-creation waits before it is asked again, in ms.
+const REQUEUE_RETRY_PAUSE_MS: u64 = 1_000;
+
 /// The fence of the lease the tests hold: 5 s after the harness's start.
 const FENCE_AT_MS: u64 = 5_000;
 
@@ -587,4 +590,65 @@ fn a_live_lease_replaced_by_another_while_live_queues_its_entries_again() {
     let (created, put_again) = etcd.create(&write);
     h.committed_batch([created, put_again]);
     assert_owner(&role_of(&h.lines(1)));
+}
+
+#[test]
+fn a_refused_re_creation_is_asked_again_after_a_pause() {
+    let (mut h, mut etcd, own_ref) = owning();
+    h.committed_batch([lease(LeaseView::Granting)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    let write = one_write(&mut h);
+    assert!(matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref));
+
+    // etcd refuses it: nothing is asked at once, but after a pause.
+    h.committed_batch([FakeEtcd::refuse(&write)]);
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "not at once");
+    assert!(h.lines(1).is_empty(), "still suspended");
+    let retry = h.timeout().expect("a retry is due");
+    assert_eq!(retry, REQUEUE_RETRY_PAUSE_MS, "woken after the pause");
+    h.at(retry - 1);
+    h.tick();
+    assert!(h.burst().is_none());
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "not before the pause");
+    h.at(retry);
+    h.tick();
+    assert!(h.burst().is_none(), "asking saves nothing");
+    let again = one_write(&mut h);
+    assert!(
+        matches!(&again, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{again:?}"
+    );
+
+    // This time it goes through: the entry owns again.
+    let (created, put_again) = etcd.create(&again);
+    h.committed_batch([created, put_again]);
+    assert_owner(&role_of(&h.lines(1)));
+    assert_eq!(
+        h.timeout(),
+        Some(FENCE_AT_MS + 10_000),
+        "nothing else is due"
+    );
+}
+
+#[test]
+fn a_re_creation_refused_while_the_lease_is_not_live_waits_for_the_next_lease() {
+    let (mut h, mut etcd, own_ref) = owning();
+    h.committed_batch([lease(LeaseView::Granting)]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    let write = one_write(&mut h);
+    h.committed_batch([
+        lease(LeaseView::Fenced { lease: LEASE + 1 }),
+        FakeEtcd::refuse(&write),
+    ]);
+    assert_eq!(h.timeout(), None, "nothing is asked until a lease is live");
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 20_000)]);
+    let again = one_write(&mut h);
+    let (created, put_again) = etcd.create(&again);
+    h.committed_batch([created, put_again]);
+    let lines = h.lines(1);
+    assert_owner(&role_of(&lines));
 }
