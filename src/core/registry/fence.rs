@@ -385,10 +385,13 @@ impl Registry {
     /// deletes waiting in `departing` leave first, as the
     /// events are in revision order.
     ///
-    /// A key of this host's deleted with no reason went with the lease:
-    /// its entry stays, suspended, flagged to be queued again (at once if
-    /// the lease is live again already). The new key of such an entry,
-    /// when it shows, moves the entry to the back of its queue.
+    /// A key of this host's deleted when this host asked for no delete of
+    /// it (its entry is not leaving) is lost: with no reason it went with
+    /// the lease; with one, another writer deleted it, and every other
+    /// host saw the entry leave all the same. Either way the entry cannot
+    /// go on owning here: it stays, suspended, flagged to be queued again
+    /// (at once if the lease is live). The new key of such an entry, when
+    /// it shows, moves the entry to the back of its queue.
     pub(super) fn apply_own_lost_key(
         &mut self,
         event: &ClusterEvent,
@@ -413,13 +416,20 @@ impl Registry {
             .filter(|entry| !entry.is_remote())
             .map(|entry| (entry.phx_ref.clone(), entry.seq));
         match event {
-            ClusterEvent::Delete { reason: None, .. } => {
+            ClusterEvent::Delete { reason, .. } => {
                 if local.is_none() {
                     return false;
                 }
                 if self.requeue.contains_key(&key) {
                     // The old key's delete, shown after the lease ended.
                     return true;
+                }
+                if let Some((reason, _)) = reason {
+                    tracing::warn!(
+                        "this host's key `{id}` of `{topic}` was deleted for `{}`, which \
+                         this host did not ask for; its entry is queued again",
+                        reason.as_str()
+                    );
                 }
                 self.depart(std::mem::take(departing), now, out);
                 let owner_before = self.local_shared_owner(topic);
@@ -430,7 +440,6 @@ impl Registry {
                 }
                 true
             }
-            ClusterEvent::Delete { .. } => false,
             ClusterEvent::Put {
                 create_revision, ..
             } => {

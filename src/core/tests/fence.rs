@@ -13,7 +13,7 @@ use crate::core::Input;
 use crate::core::registry::{Change, ClusterWrite, LeaseView, Track};
 use crate::ops::Op;
 use crate::ops::update::UpdateRequest;
-use crate::protocol::{Lifetime, Limits, TrackRequest};
+use crate::protocol::{LeaveReason, Lifetime, Limits, TrackRequest};
 
 /// How long a refused re-creation waits before it is asked again, in ms.
 const REQUEUE_RETRY_PAUSE_MS: u64 = 1_000;
@@ -651,4 +651,27 @@ fn a_re_creation_refused_while_the_lease_is_not_live_waits_for_the_next_lease() 
     h.committed_batch([created, put_again]);
     let lines = h.lines(1);
     assert_owner(&role_of(&lines));
+}
+
+#[test]
+fn an_own_key_deleted_with_a_reason_this_host_did_not_ask_for_is_queued_again() {
+    let (mut h, mut etcd, own_ref) = owning();
+    // Another writer deleted this host's key, with a reason beside it:
+    // every other host saw the entry leave, so here it cannot go on
+    // owning. It stays, suspended, and its key is created again.
+    h.committed_batch([changes(
+        42,
+        vec![delete(&own_ref, Some(LeaveReason::Untrack))],
+    )]);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+    assert!(h.lines(2).is_empty(), "nobody here sees it leave");
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{write:?}"
+    );
+    let (created, put_again) = etcd.create(&write);
+    h.committed_batch([created, put_again]);
+    assert_owner(&role_of(&h.lines(1)));
+    assert_eq!(h.core.counts().entries, 1);
 }
