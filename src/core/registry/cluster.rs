@@ -13,6 +13,7 @@
 //! waiting so is answered then, or `unavailable` after the park timeout;
 //! an entry being removed keeps its place until its key is gone.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -660,6 +661,144 @@ impl LeaseView {
     }
 }
 
+/// A topic and a key id: an entry of a shared topic.
+type KeyOf = (String, String);
+
+/// The tracks of shared topics waiting for etcd, by topic and key id, with
+/// what finds them without a look at every one: a client may leave
+/// thousands waiting (each close leaves its connection's tracks waiting,
+/// cancelled, until etcd answers), and each answer, watch message, time
+/// out, close or exit must not cost a scan of them all.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PendingTracks {
+    by_key: BTreeMap<KeyOf, PendingTrack>,
+    /// By the write that asked for each key.
+    by_write: BTreeMap<WriteId, KeyOf>,
+    /// Those not cancelled, by connection, by process, and by uid and
+    /// token: what a close, an exit and a resume look for.
+    by_conn: BTreeMap<ConnId, BTreeSet<KeyOf>>,
+    by_process: BTreeMap<ProcessId, BTreeSet<KeyOf>>,
+    by_token: BTreeMap<(u32, [u8; 32]), KeyOf>,
+    /// Those etcd created, by create revision: what a watch gone past
+    /// their revision did not show.
+    by_created: BTreeSet<(u64, KeyOf)>,
+}
+
+impl PendingTracks {
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub(super) fn contains_key(&self, key: &KeyOf) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    pub(super) fn get(&self, key: &KeyOf) -> Option<&PendingTrack> {
+        self.by_key.get(key)
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> impl Iterator<Item = &PendingTrack> {
+        self.by_key.values()
+    }
+
+    /// The tracks of `topic`.
+    fn in_topic<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> impl Iterator<Item = (&'a KeyOf, &'a PendingTrack)> + 'a {
+        self.by_key
+            .range((topic.to_owned(), String::new())..)
+            .take_while(move |((of, _), _)| of == topic)
+    }
+
+    fn of_write(&self, write: WriteId) -> Option<&KeyOf> {
+        self.by_write.get(&write)
+    }
+
+    /// The tracks of `conn` not cancelled.
+    fn of_conn(&self, conn: ConnId) -> Vec<KeyOf> {
+        self.by_conn
+            .get(&conn)
+            .map_or_else(Vec::new, |keys| keys.iter().cloned().collect())
+    }
+
+    /// The tracks of `process` not cancelled.
+    fn of_process(&self, process: ProcessId) -> Vec<KeyOf> {
+        self.by_process
+            .get(&process)
+            .map_or_else(Vec::new, |keys| keys.iter().cloned().collect())
+    }
+
+    /// The track not cancelled of `uid` holding the token of `hash`.
+    fn of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<&PendingTrack> {
+        let key = self.by_token.get(&(uid, *hash))?;
+        self.by_key.get(key)
+    }
+
+    /// The tracks etcd created at or below `revision`.
+    fn created_up_to(&self, revision: u64) -> Vec<KeyOf> {
+        self.by_created
+            .iter()
+            .take_while(|(created, _)| *created <= revision)
+            .map(|(_, key)| key.clone())
+            .collect()
+    }
+
+    fn insert(&mut self, key: KeyOf, pending: PendingTrack) {
+        self.remove(&key);
+        self.by_write.insert(pending.write, key.clone());
+        if pending.cancelled.is_none() {
+            let entry = &pending.track.entry;
+            self.by_conn
+                .entry(pending.track.conn)
+                .or_default()
+                .insert(key.clone());
+            self.by_process
+                .entry(entry.process)
+                .or_default()
+                .insert(key.clone());
+            self.by_token
+                .insert((entry.uid, entry.token_hash), key.clone());
+        }
+        if let Some(created) = pending.created {
+            self.by_created.insert((created, key.clone()));
+        }
+        self.by_key.insert(key, pending);
+    }
+
+    fn remove(&mut self, key: &KeyOf) -> Option<PendingTrack> {
+        let pending = self.by_key.remove(key)?;
+        self.by_write.remove(&pending.write);
+        if pending.cancelled.is_none() {
+            let entry = &pending.track.entry;
+            remove_from(&mut self.by_conn, &pending.track.conn, key);
+            remove_from(&mut self.by_process, &entry.process, key);
+            if self.by_token.get(&(entry.uid, entry.token_hash)) == Some(key) {
+                self.by_token.remove(&(entry.uid, entry.token_hash));
+            }
+        }
+        if let Some(created) = pending.created {
+            self.by_created.remove(&(created, key.clone()));
+        }
+        Some(pending)
+    }
+}
+
+/// Takes `key` out of the set filed under `of`, and the set once empty.
+fn remove_from<K: Ord>(index: &mut BTreeMap<K, BTreeSet<KeyOf>>, of: &K, key: &KeyOf) {
+    if let Some(keys) = index.get_mut(of) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(of);
+        }
+    }
+}
+
 /// A track of a shared topic waiting for etcd: its key is asked for, and
 /// its entry joins when the watch shows the key. Until then it counts
 /// against its connection's keys and its user's quotas as its entry will.
@@ -815,23 +954,27 @@ impl Registry {
     }
 
     /// Files a pending track, and counts it as its entry will be counted.
+    /// A cancelled one still counts against its user until etcd answers:
+    /// its key may yet be created, and is the user's until it is deleted,
+    /// so closing and tracking again cannot pass the quota. Only its
+    /// connection is done with it.
     fn park(&mut self, pending: PendingTrack) {
         let key = (
             pending.track.entry.topic.clone(),
             shared_id(&pending.track.entry),
         );
-        if pending.cancelled.is_none() {
-            self.usage_by_uid
-                .entry(pending.track.entry.uid)
-                .or_default()
-                .count(&pending.track.entry, pending.track.meta_bytes);
-            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
-                connection.parked += 1;
-                connection.keys.insert((
-                    pending.track.entry.topic.clone(),
-                    pending.track.entry.key.clone(),
-                ));
-            }
+        self.usage_by_uid
+            .entry(pending.track.entry.uid)
+            .or_default()
+            .count(&pending.track.entry, pending.track.meta_bytes);
+        if pending.cancelled.is_none()
+            && let Some(connection) = self.conns.get_mut(&pending.track.conn)
+        {
+            connection.parked += 1;
+            connection.keys.insert((
+                pending.track.entry.topic.clone(),
+                pending.track.entry.key.clone(),
+            ));
         }
         if let Some(deadline) = pending.deadline {
             self.park_deadlines.insert((deadline, pending.write));
@@ -843,20 +986,20 @@ impl Registry {
     /// Takes a pending track out, with what it counted.
     fn unpark(&mut self, key: &(String, String)) -> Option<PendingTrack> {
         let pending = self.pending.remove(key)?;
-        if pending.cancelled.is_none() {
-            if let Some(usage) = self.usage_by_uid.get_mut(&pending.track.entry.uid) {
-                usage.uncount(&pending.track.entry, pending.track.meta_bytes);
-                if usage.entries == 0 {
-                    self.usage_by_uid.remove(&pending.track.entry.uid);
-                }
+        if let Some(usage) = self.usage_by_uid.get_mut(&pending.track.entry.uid) {
+            usage.uncount(&pending.track.entry, pending.track.meta_bytes);
+            if usage.entries == 0 {
+                self.usage_by_uid.remove(&pending.track.entry.uid);
             }
-            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
-                connection.parked -= 1;
-                connection.keys.remove(&(
-                    pending.track.entry.topic.clone(),
-                    pending.track.entry.key.clone(),
-                ));
-            }
+        }
+        if pending.cancelled.is_none()
+            && let Some(connection) = self.conns.get_mut(&pending.track.conn)
+        {
+            connection.parked -= 1;
+            connection.keys.remove(&(
+                pending.track.entry.topic.clone(),
+                pending.track.entry.key.clone(),
+            ));
         }
         if let Some(deadline) = pending.deadline {
             self.park_deadlines.remove(&(deadline, pending.write));
@@ -897,16 +1040,10 @@ impl Registry {
         if self.pending.is_empty() {
             return;
         }
-        let keys: Vec<(String, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.cancelled.is_none())
-            .filter(|(_, p)| match of {
-                Of::Conn(conn) => p.track.conn == conn,
-                Of::Process(process) => p.track.entry.process == process,
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
+        let keys = match of {
+            Of::Conn(conn) => self.pending.of_conn(conn),
+            Of::Process(process) => self.pending.of_process(process),
+        };
         for key in keys {
             let answer = self
                 .pending
@@ -940,9 +1077,9 @@ impl Registry {
         }
         let keys: Vec<(String, String)> = self
             .pending
-            .iter()
+            .in_topic(topic)
             .filter(|(_, p)| p.cancelled.is_none())
-            .filter(|(_, p)| p.track.entry.topic == topic && p.track.entry.key == key)
+            .filter(|(_, p)| p.track.entry.key == key)
             .filter(|(_, p)| self.check_may_change(conn, &p.track.entry).is_ok())
             .map(|(key, _)| key.clone())
             .collect();
@@ -1000,20 +1137,11 @@ impl Registry {
         if self.requeue_written(write, outcome, now) {
             return;
         }
-        let track = self
-            .pending
-            .iter()
-            .find(|(_, p)| p.write == write)
-            .map(|(key, _)| key.clone());
-        if let Some(key) = track {
+        if let Some(key) = self.pending.of_write(write).cloned() {
             self.track_written(&key, outcome, out);
             return;
         }
-        let update = self
-            .updating
-            .iter()
-            .find(|(_, u)| u.write == write)
-            .map(|(id, update)| (id.clone(), update.clone()));
+        let update = self.updating_of_write(write);
         if let (Some((id, update)), Written::Refused(error)) = (update, outcome) {
             self.set_updating(id, None);
             if update.deadline.is_some() {
@@ -1064,12 +1192,7 @@ impl Registry {
         if self.pending.is_empty() {
             return;
         }
-        let gone: Vec<(String, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.created.is_some_and(|c| c <= self.shown_revision))
-            .map(|(key, _)| key.clone())
-            .collect();
+        let gone = self.pending.created_up_to(self.shown_revision);
         for key in gone {
             self.key_gone(&key, out);
         }
@@ -1440,15 +1563,17 @@ impl Registry {
 
     fn set_updating(&mut self, id: String, update: Option<PendingUpdate>) {
         let before = self.updating.remove(&id);
-        if let Some(before) = &before
-            && let Some(deadline) = before.deadline
-        {
-            self.park_deadlines.remove(&(deadline, before.write));
+        if let Some(before) = &before {
+            self.updating_by_write.remove(&before.write);
+            if let Some(deadline) = before.deadline {
+                self.park_deadlines.remove(&(deadline, before.write));
+            }
         }
         if let Some(update) = update {
             if let Some(deadline) = update.deadline {
                 self.park_deadlines.insert((deadline, update.write));
             }
+            self.updating_by_write.insert(update.write, id.clone());
             self.updating.insert(id.clone(), update);
         }
         self.record(|| Undo::Updating(id, before.map(Box::new)));
@@ -1464,6 +1589,13 @@ impl Registry {
             self.untracking.insert(slot, untrack);
         }
         self.record(|| Undo::Untracking(slot, before.map(Box::new)));
+    }
+
+    /// The update waiting for etcd that `write` asked for, with its key id.
+    fn updating_of_write(&self, write: WriteId) -> Option<(String, PendingUpdate)> {
+        let id = self.updating_by_write.get(&write)?;
+        let update = self.updating.get(id)?;
+        Some((id.clone(), update.clone()))
     }
 
     // -- requests that waited too long --------------------------------------
@@ -1502,9 +1634,9 @@ impl Registry {
         };
         let track = self
             .pending
-            .iter()
-            .find(|(_, p)| p.write == write && p.deadline.is_some())
-            .map(|(key, _)| key.clone());
+            .of_write(write)
+            .filter(|key| self.pending.get(key).is_some_and(|p| p.deadline.is_some()))
+            .cloned();
         if let Some(key) = track {
             let error = unavailable(
                 "this entry's key",
@@ -1514,10 +1646,8 @@ impl Registry {
             return;
         }
         let update = self
-            .updating
-            .iter()
-            .find(|(_, u)| u.write == write && u.deadline.is_some())
-            .map(|(id, update)| (id.clone(), update.clone()));
+            .updating_of_write(write)
+            .filter(|(_, update)| update.deadline.is_some());
         if let Some((id, mut update)) = update {
             update.deadline = None;
             let (conn, request_id) = (update.asked.conn, update.asked.request_id.clone());
@@ -1539,9 +1669,7 @@ impl Registry {
     /// A pending track holds this token: it cannot be resumed before its
     /// key shows (nor could its client know the token before then).
     pub(super) fn parked_track_of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<ErrorBody> {
-        let pending = self.pending.values().find(|p| {
-            p.cancelled.is_none() && p.track.entry.uid == uid && p.track.entry.token_hash == *hash
-        })?;
+        let pending = self.pending.of_token(uid, hash)?;
         Some(ErrorBody::new(
             ErrorCode::Unavailable,
             format!(

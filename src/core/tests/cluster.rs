@@ -789,6 +789,33 @@ fn a_refused_write_answers_its_error_and_frees_the_key_and_the_quota() {
 }
 
 #[test]
+fn a_cancelled_track_counts_against_its_users_quota_until_etcd_answers() {
+    let limits = Limits {
+        max_entries_per_uid: 1,
+        ..Limits::default()
+    };
+    let mut h = clustered(limits);
+    h.connect([1, 2]);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let write = one_write(&mut h);
+    // Its connection closes before etcd answers: the key may still be
+    // created, and until it is deleted it is the user's. Were it not
+    // counted, a user could close and track again without end, each
+    // track leaving a key behind.
+    h.committed_batch([close(1)]);
+    h.committed_batch([track_on(2, 1, "doc", "x")]);
+    let lines = h.lines(2);
+    assert_eq!(lines[0]["error"]["code"], "limit_exceeded", "{lines:?}");
+
+    let (created, put) = etcd.create(&write);
+    h.committed_batch([created, put]);
+    assert!(matches!(one_write(&mut h), ClusterWrite::Delete { .. }));
+    h.committed_batch([track_on(2, 2, "doc", "x")]);
+    assert_eq!(h.lines(2)[0]["ok"], true, "the quota is free again");
+}
+
+#[test]
 fn a_rolled_back_track_answers_internal_and_asks_nothing_of_etcd() {
     let mut h = clustered(Limits::default());
     h.connect([1]);
