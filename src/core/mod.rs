@@ -657,7 +657,8 @@ impl Core {
         tracing::info!("the etcd lease's fence fell; the core fences ahead of the lease keeper");
         self.apply_endings(batch);
         let fenced = self.registry.lease().as_of(now.boot);
-        self.registry.set_lease(fenced, &mut batch.out.outbox);
+        self.registry
+            .set_lease(fenced, batch.now.wall_ms, &mut batch.out.outbox);
     }
 
     /// Whether the boot clock has reached the fence of a lease still
@@ -1021,7 +1022,8 @@ impl Core {
                 // told it late, or a failed commit made it wait to be
                 // applied again): read as it stands now, it is a fence.
                 let view = view.as_of(self.last_now.boot.max(batch.now.boot));
-                self.registry.set_lease(view, &mut batch.out.outbox);
+                self.registry
+                    .set_lease(view, batch.now.wall_ms, &mut batch.out.outbox);
             }
         }
         batch.facts.push(fact);

@@ -1666,6 +1666,63 @@ impl Registry {
         }
     }
 
+    /// Nothing more of etcd will be shown here (cluster mode stopped for
+    /// good): every track and update still waiting for the watch is
+    /// answered `unavailable` now rather than at its deadline, and
+    /// forgotten. Whatever of them etcd wrote is on a lease nobody renews,
+    /// and goes with it; an answer to one of their writes that comes later
+    /// finds nothing waiting, and changes nothing.
+    pub(super) fn give_up_waiting_for_etcd(&mut self, out: &mut Outbox) {
+        let tracks: Vec<KeyOf> = self.pending.by_key.keys().cloned().collect();
+        for key in tracks {
+            let Some(pending) = self.unpark(&key) else {
+                continue;
+            };
+            if pending.cancelled.is_none() {
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this host's etcd lease is no longer kept, so etcd will not show the \
+                         entry of `{}` on `{}`; a topic shared across hosts cannot change here \
+                         now",
+                        pending.track.entry.key, pending.track.entry.topic
+                    ),
+                );
+                let request_id = pending.track.request_id;
+                resolve(
+                    out,
+                    pending.track.conn,
+                    pending.write,
+                    request_id,
+                    Err(error),
+                );
+            }
+        }
+        let mut updates: Vec<(String, PendingUpdate)> = self
+            .updating
+            .iter()
+            .map(|(id, update)| (id.clone(), update.clone()))
+            .collect();
+        // In the order they were asked, so each connection hears its
+        // answers in that order.
+        updates.sort_by_key(|(_, update)| update.write);
+        for (id, update) in updates {
+            self.set_updating(id, None);
+            if update.deadline.is_some() {
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this host's etcd lease is no longer kept, so etcd will not show this \
+                         update; entry `{}` stays as it was",
+                        update.asked.old_ref
+                    ),
+                );
+                let PendingUpdate { write, asked, .. } = update;
+                resolve(out, asked.conn, write, asked.request_id, Err(error));
+            }
+        }
+    }
+
     /// A pending track holds this token: it cannot be resumed before its
     /// key shows (nor could its client know the token before then).
     pub(super) fn parked_track_of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<ErrorBody> {

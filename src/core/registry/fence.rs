@@ -224,7 +224,7 @@ impl Registry {
     /// Journaled, so a batch that fails to commit takes it back; applied
     /// again then, as a fact, it says everything again, once. The same
     /// view twice says nothing the second time.
-    pub fn set_lease(&mut self, view: LeaseView, out: &mut Outbox) {
+    pub fn set_lease(&mut self, view: LeaseView, now: i64, out: &mut Outbox) {
         if view == self.lease {
             return;
         }
@@ -265,6 +265,37 @@ impl Registry {
             let flagged = self.requeue.keys().cloned().collect();
             self.ask_to_requeue(flagged, out);
         }
+        if view == LeaseView::Stopped {
+            self.let_go_of_etcd(now, out);
+        }
+    }
+
+    /// The lease is no longer kept: nothing more of etcd will be shown
+    /// here. Other hosts' entries leave (`host_lost`: this host lost the
+    /// cluster), since what they are becomes unknowable, and an entry
+    /// shown forever after its host left would keep owning here. This
+    /// host's entries on their way out leave for the reasons they were
+    /// removed for, and the untracks waiting for them are answered: the
+    /// delete either went through or the key goes with the lease, which
+    /// nobody renews now. Tracks and updates still waiting for the watch
+    /// are answered `unavailable`. This host's own entries stay,
+    /// suspended: they are still its clients' and may be given places
+    /// again by a later daemon, but without etcd none of them may own a
+    /// shared topic.
+    fn let_go_of_etcd(&mut self, now: i64, out: &mut Outbox) {
+        let departing: Vec<(String, LeaveReason)> = self
+            .entries()
+            .filter_map(|entry| {
+                let shared = entry.cluster.as_ref()?;
+                if shared.remote {
+                    return Some((entry.phx_ref.clone(), LeaveReason::HostLost));
+                }
+                let leaving = self.leaving.get(&shared.id)?;
+                Some((entry.phx_ref.clone(), leaving.reason))
+            })
+            .collect();
+        self.depart(departing, now, out);
+        self.give_up_waiting_for_etcd(out);
     }
 
     /// This host's entries first in shared topics, each with its topic,

@@ -528,7 +528,7 @@ impl FakeEtcd {
 
     /// Rewrites the key an update asks for, keeping its create revision:
     /// what etcd answers, then what the watch shows.
-    fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
+    pub(super) fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
         let ClusterWrite::Rewrite {
             write,
             topic,
@@ -969,7 +969,7 @@ fn untrack_key(conn: u64, id: u64, key: &str) -> Input {
     presence(conn, id, Op::Untrack(request))
 }
 
-fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
+pub(super) fn update_ref(conn: u64, id: u64, phx_ref: &str, meta: Value) -> Input {
     let Value::Object(meta) = meta else {
         panic!("a meta is an object");
     };

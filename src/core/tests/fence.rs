@@ -675,3 +675,86 @@ fn an_own_key_deleted_with_a_reason_this_host_did_not_ask_for_is_queued_again() 
     assert_owner(&role_of(&h.lines(1)));
     assert_eq!(h.core.counts().entries, 1);
 }
+
+#[test]
+fn when_the_lease_is_no_longer_kept_other_hosts_and_leaving_entries_go_and_own_ones_stay_suspended()
+{
+    let mut h = watching(10, vec![put("web-2:p1", "theirs", 10)]);
+    h.connect([1]);
+    h.committed_batch([live_until(FENCE_AT_MS)]);
+    let mut etcd = FakeEtcd::at(10);
+    let (own_ref, reply) = track_shared(&mut h, &mut etcd, 1, 1, "page");
+    assert_eq!(reply["position"], 1);
+    let (leaving_ref, _) = track_shared(&mut h, &mut etcd, 1, 2, "other");
+    h.committed_batch([untrack_ref(1, 3, &leaving_ref)]);
+    assert!(matches!(one_write(&mut h), ClusterWrite::Delete { .. }));
+    h.lines(1);
+    h.lines(2);
+
+    h.committed_batch([lease(LeaseView::Stopped)]);
+    let lines = h.lines(1);
+    let reply = lines.iter().find(|line| line["id"] == 3);
+    assert_eq!(
+        reply.map(|reply| &reply["ok"]),
+        Some(&json!(true)),
+        "the untrack is answered: {lines:?}"
+    );
+    let role = role_of(&lines);
+    assert_eq!(role["ref"], own_ref.as_str());
+    assert_suspended(&role, &own_ref);
+
+    let diffs = h.lines(2);
+    let reasons: Vec<&Value> = diffs
+        .iter()
+        .filter_map(|diff| diff.get("reasons"))
+        .collect();
+    let reason_of = |phx_ref: &str| {
+        reasons
+            .iter()
+            .find_map(|reasons| reasons.get(phx_ref))
+            .cloned()
+    };
+    assert_eq!(reason_of("web-2:p1"), Some(json!("host_lost")), "{diffs:?}");
+    assert_eq!(reason_of(&leaving_ref), Some(json!("untrack")), "{diffs:?}");
+    assert_eq!(reason_of(&own_ref), None, "{diffs:?}");
+    assert_eq!(h.core.counts().entries, 1);
+    h.committed_batch([list(1, 4, SHARED)]);
+    assert_eq!(refs_listed(&h.lines(1)[0]), [own_ref.as_str()]);
+}
+
+#[test]
+fn when_the_lease_is_no_longer_kept_tracks_and_updates_waiting_for_etcd_are_answered_unavailable() {
+    let (mut h, mut etcd, own_ref) = owning();
+    h.committed_batch([update_ref(1, 2, &own_ref, json!({"n": 1}))]);
+    let rewrite = one_write(&mut h);
+    h.committed_batch([track_on(2, 2, SHARED, "other")]);
+    let create = one_write(&mut h);
+    assert!(h.lines(1).is_empty() && h.lines(2).is_empty(), "both wait");
+
+    h.committed_batch([lease(LeaseView::Stopped)]);
+    let lines = h.lines(1);
+    let reply = lines.iter().find(|line| line["id"] == 2);
+    assert_eq!(
+        reply.map(|reply| &reply["error"]["code"]),
+        Some(&json!("unavailable")),
+        "the update is answered now: {lines:?}"
+    );
+    assert_suspended(&role_of(&lines), &own_ref);
+    let lines = h.lines(2);
+    let reply = lines.iter().find(|line| line["id"] == 2);
+    assert_eq!(
+        reply.map(|reply| &reply["error"]["code"]),
+        Some(&json!("unavailable")),
+        "the track is answered now: {lines:?}"
+    );
+    assert_eq!(h.timeout(), None, "nothing waits for a deadline");
+
+    // etcd's answers to their writes, late, change nothing.
+    let (rewritten, _) = etcd.rewrite(&rewrite);
+    let (created, _) = etcd.create(&create);
+    h.committed_batch([rewritten, created]);
+    assert!(h.lines(1).is_empty() && h.lines(2).is_empty());
+    assert_eq!(h.core.counts().entries, 1);
+    h.committed_batch([list(2, 3, SHARED)]);
+    assert_eq!(refs_listed(&h.lines(2)[0]), [own_ref.as_str()]);
+}
