@@ -221,11 +221,77 @@ fn a_fence_that_falls_while_a_commit_is_out_is_told_right_after_it() {
     h.burst().expect("a local track is saved");
     h.at(FENCE_AT_MS);
     h.ok();
+    // Released with the batch's lines, right behind them: no other
+    // batch, and no commit, comes between.
     let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["id"], 2, "{lines:?}");
+    assert_suspended(&lines[1]["payload"], &own_ref);
+    assert!(h.burst().is_none(), "nothing more to commit");
+    assert!(h.lines(1).is_empty());
+}
+
+#[test]
+fn an_owner_told_by_a_batch_settled_past_the_fence_is_told_suspended_in_the_same_release() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([live_until(FENCE_AT_MS), subscribe_to(2, 1, SHARED)]);
+    h.lines(2);
+    let mut etcd = FakeEtcd::at(40);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, put) = etcd.create(&one_write(&mut h));
+
+    // The watch shows the key before the fence; the batch that makes the
+    // entry owner is committed past it.
+    h.at(FENCE_AT_MS - 10);
+    h.inputs([created, put]);
+    h.burst().expect("the entry's row is saved");
+    h.at(FENCE_AT_MS + 10);
+    h.ok();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["id"], 1, "{lines:?}");
+    assert_owner(&lines[0]);
+    let own_ref = lines[0]["ref"].as_str().unwrap_or_default();
+    assert_eq!(lines[1]["event"], "role", "{lines:?}");
+    assert_suspended(&lines[1]["payload"], own_ref);
+    assert!(h.burst().is_none(), "the fence needed no commit");
+    assert!(h.lines(1).is_empty());
+
+    // Nobody else is told the entry owns: its subscriber sees it join,
+    // and the fence changes no queue.
+    let diffs = h.lines(2);
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert_eq!(diffs[0]["event"], "presence_diff", "{diffs:?}");
+}
+
+#[test]
+fn a_fence_is_told_while_the_disk_fails_and_not_put_off_by_the_retry_pause() {
+    let (mut h, _, own_ref) = owning();
+    // A failed commit just before the fence: the retry pause runs past it.
+    h.at(FENCE_AT_MS - 50);
+    h.input(track(1, 2, "local"));
+    h.burst().expect("a local track is saved");
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+    assert_eq!(h.timeout(), Some(FENCE_AT_MS), "woken at the fence");
+
+    h.at(FENCE_AT_MS);
+    h.tick();
     assert!(h.burst().is_none(), "the fence needs no commit");
-    let role = role_of(&h.lines(1));
-    assert_suspended(&role, &own_ref);
+    assert_suspended(&role_of(&h.lines(1)), &own_ref);
+
+    // A commit that fails past the fence still lets its suspension out.
+    let (mut h, _, own_ref) = owning();
+    h.input(track(1, 2, "local"));
+    h.burst().expect("a local track is saved");
+    h.at(FENCE_AT_MS);
+    h.fail();
+    let lines = h.lines(1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["error"]["code"], "internal", "{lines:?}");
+    assert_suspended(&lines[1]["payload"], &own_ref);
 }
 
 /// A track of `key` of the shared topic by `conn` whose entry outlives
