@@ -10,6 +10,7 @@
 //! cargo bench --bench presence -- --quick        # 30 trials
 //! cargo bench --bench presence -- --json         # machine-readable results
 //! cargo bench --bench presence -- --only failover
+//! cargo bench --bench presence -- --only cluster  # needs etcd and etcdctl
 //! ```
 //!
 //! The daemon is the real `presence` binary on a temporary socket and
@@ -29,6 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use presenced::client::{Client, Events};
+use presenced::daemon::cluster::record::KeySpace;
+use presenced::daemon::cluster::{
+    Creation, DEFAULT_PREFIX, Event as WatchEvent, Gateway, Watch, WatchMessage,
+};
 use presenced::protocol::{
     Event, ListAllReply, ListTopicReply, Role, TrackRequest, UntrackRequest,
 };
@@ -38,6 +43,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use support::children::{Helper, OWNER_KEY, run_if_child};
+use support::cluster::{self as cluster_support, Campaign};
 use support::daemon::Daemon;
 use support::dbus::{self, Bus, BusProcess};
 use support::load::{self, Line, Throughput};
@@ -70,6 +76,11 @@ enum Part {
     /// epoll thread, tokio on one thread, tokio's workers combining),
     /// to choose the real daemon's loop by. Only when asked for.
     Drivers,
+    /// Three daemons sharing topics through a 3-member etcd: the
+    /// cross-host handoff against one etcd transaction and `etcdctl
+    /// elect`, and local topics with cluster mode on against a plain
+    /// daemon. Skipped, with the reason, where etcd is not installed.
+    Cluster,
 }
 
 struct Options {
@@ -83,7 +94,7 @@ fn main() {
         Ok(options) => options,
         Err(e) => {
             eprintln!(
-                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart|drivers]"
+                "{e}\nusage: presence-bench [--quick] [--json] [--trials N] [--only failover|latency|throughput|scale|reads|restart|cluster|drivers]"
             );
             std::process::exit(2);
         }
@@ -133,6 +144,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> anyhow::Result<Options> {
                     "scale" => Part::Scale,
                     "reads" => Part::Reads,
                     "restart" => Part::Restart,
+                    "cluster" => Part::Cluster,
                     other => bail!("unknown part {other:?}"),
                 });
             }
@@ -364,6 +376,9 @@ async fn run_suite(plan: Plan) -> anyhow::Result<Report> {
             }],
         );
     }
+    if plan.runs(Part::Cluster) {
+        cluster_part(dir.path(), plan, &mut report).await?;
+    }
     Ok(report)
 }
 
@@ -472,6 +487,329 @@ async fn drivers_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Re
         ideal.finish().await?;
     }
     Ok(())
+}
+
+/// The cluster part's rows: the cross-host handoff and its two baselines.
+const CLUSTER_HANDOFF: &str = "cluster/handoff-kill/role";
+/// The same handoffs until the owner's key is deleted in etcd, and from
+/// then until the `role` event.
+const HANDOFF_DELETED: &str = "cluster/handoff-kill/key-deleted";
+const HANDOFF_AFTER_DELETE: &str = "cluster/handoff-kill/after-delete";
+const ETCD_TXN: &str = "cluster/etcd-txn";
+const ELECT_HANDOFF: &str = "cluster/etcdctl-elect-handoff";
+
+/// How long one attempt on one etcd member may take, as the daemon's
+/// default (`--etcd-attempt-timeout`).
+const ETCD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Three daemons (hosts a, b and c) sharing `shared:*` through a 3-member
+/// etcd on loopback: the latency scenarios on local topics against host a,
+/// in cluster mode, and against a plain daemon, alternately; then one etcd
+/// transaction, `etcdctl elect`'s handoff, and a shared topic's handoff
+/// from a killed owner on one host to the next in line on another.
+async fn cluster_part(dir: &Path, plan: Plan, report: &mut Report) -> anyhow::Result<()> {
+    let local_rows = LocalScenario::ALL.map(LocalScenario::rows);
+    let handoff_rows = [CLUSTER_HANDOFF, HANDOFF_DELETED, HANDOFF_AFTER_DELETE];
+    let every_row: Vec<&'static str> = [ETCD_TXN, ELECT_HANDOFF]
+        .into_iter()
+        .chain(handoff_rows)
+        .chain(local_rows.into_iter().flatten())
+        .collect();
+    if !cluster_support::installed("etcd") {
+        report.skip(&every_row, "etcd is not installed (Debian: etcd-server)");
+        return Ok(());
+    }
+    eprintln!("cluster ({} trials each)", plan.trials);
+    let etcd = cluster_support::start_etcd()?;
+    let dir = dir.join("cluster");
+    let mut hosts = Vec::with_capacity(3);
+    for host in ["a", "b", "c"] {
+        hosts.push(cluster_support::start_host(&dir.join(host), &etcd, host).await?);
+    }
+
+    // Host a is the daemon in cluster mode: its lease renewed, its watch
+    // open, none of these topics shared. Each scenario runs on the plain
+    // daemon and then on host a, so that both see the machine alike.
+    let plain = Daemon::start(&dir.join("plain"), &[]).await?;
+    for scenario in LocalScenario::ALL {
+        let [plain_row, cluster_row] = scenario.rows();
+        report.baseline(plain_row, scenario.run(&plain, plan).await?, vec![]);
+        let with_cluster = scenario.run(&hosts[0], plan).await?;
+        report.measured(cluster_row, with_cluster, vec![against(plain_row)]);
+    }
+    drop(plain);
+
+    // The handoff right after its two baselines, on the same machine state.
+    report.baseline(ETCD_TXN, etcd_transactions(&etcd, plan).await?, vec![]);
+    if cluster_support::installed("etcdctl") {
+        report.baseline(ELECT_HANDOFF, elect_handoffs(&etcd, plan).await?, vec![]);
+    } else {
+        report.skip(
+            &[ELECT_HANDOFF],
+            "etcdctl is not installed (Debian: etcd-client)",
+        );
+    }
+    let handoffs = cross_host_handoffs(&etcd, &hosts[0], &hosts[1], plan).await?;
+    let targets = vec![
+        Target::Within {
+            p50: Some(Duration::from_millis(5)),
+            p99: Some(Duration::from_millis(50)),
+        },
+        against(ETCD_TXN),
+        against(ELECT_HANDOFF),
+    ];
+    report.measured(CLUSTER_HANDOFF, handoffs.promoted, targets);
+    report.measured(HANDOFF_DELETED, handoffs.deleted, vec![against(ETCD_TXN)]);
+    report.measured(HANDOFF_AFTER_DELETE, handoffs.after_delete, vec![]);
+    Ok(())
+}
+
+/// An owner child on `owner_host` holds a fresh shared topic and a
+/// spectator here, on `next_host`, is queued behind it; the owner is
+/// SIGKILLed. Timed from just before the kill until the spectator's `role`
+/// owner event: the owner's daemon sees it gone and deletes its key, and
+/// the next host sees the delete in its watch and promotes. A watch of
+/// this process's own, on the member the daemons' calls go to first,
+/// splits each trial in two: until the delete shows in etcd, and after.
+async fn cross_host_handoffs(
+    etcd: &cluster_support::etcd::EtcdCluster,
+    owner_host: &Daemon,
+    next_host: &Daemon,
+    plan: Plan,
+) -> anyhow::Result<CrossHostHandoffs> {
+    // Every member, the first first, as the daemons are given them: a
+    // call that finds its connection closed goes on to the next.
+    let gateway = Gateway::new(etcd.endpoints(), ETCD_ATTEMPT_TIMEOUT)?;
+    let keys = KeySpace::new(DEFAULT_PREFIX);
+    let mut watch = gateway.watch(&keys.topics(), 0).await?;
+    let mut spectator = Party::connect(&next_host.socket).await?;
+    let samples = measure("cross-host handoff", plan, async |i| {
+        let topic = format!("shared:handoff-{i}");
+        let args = [
+            owner_host.socket.as_os_str(),
+            OsStr::new(&topic),
+            OsStr::new(Release::Kill.owner_mode()),
+        ];
+        let owner = Helper::start("owner", &args).await?;
+        // The owner's track was answered once etcd committed its key, so
+        // this one is created after it, behind it.
+        let queued = queue_spectator(&spectator, &topic).await?;
+
+        let start = Instant::now();
+        owner.kill()?;
+        // The only key of this topic to go before the spectator's untrack
+        // is the owner's.
+        let topic_keys = keys.topic(&topic);
+        let (promoted, deleted) = tokio::join!(
+            spectator.next_event(|e| is_promotion(e, &topic)),
+            next_delete_under(&mut watch, &topic_keys),
+        );
+        let (promoted, deleted) = (promoted?, deleted?);
+
+        owner.reap().await?;
+        let untrack = UntrackRequest {
+            topic,
+            phx_ref: Some(queued),
+            key: None,
+        };
+        spectator.client.untrack(untrack).await?;
+        Ok((
+            promoted - start,
+            deleted - start,
+            promoted.saturating_duration_since(deleted),
+        ))
+    })
+    .await?;
+    let mut handoffs = CrossHostHandoffs::default();
+    for (promoted, deleted, after_delete) in samples {
+        handoffs.promoted.push(promoted);
+        handoffs.deleted.push(deleted);
+        handoffs.after_delete.push(after_delete);
+    }
+    Ok(handoffs)
+}
+
+/// Each cross-host handoff's times from the kill: until the next host's
+/// `role` event, until a watch shows the owner's key deleted, and from
+/// that delete until the `role` event.
+#[derive(Default)]
+struct CrossHostHandoffs {
+    promoted: Vec<Duration>,
+    deleted: Vec<Duration>,
+    after_delete: Vec<Duration>,
+}
+
+/// Waits until `watch` shows a key under `prefix` deleted, and returns
+/// when it did. Changes of other keys are what earlier trials left.
+async fn next_delete_under(watch: &mut Watch, prefix: &[u8]) -> anyhow::Result<Instant> {
+    loop {
+        match watch.next().await? {
+            Some(WatchMessage::Events { events, .. }) => {
+                let deleted = events.iter().any(
+                    |event| matches!(event, WatchEvent::Delete { key, .. } if key.starts_with(prefix)),
+                );
+                if deleted {
+                    return Ok(Instant::now());
+                }
+            }
+            Some(WatchMessage::Compacted { compact_revision }) => {
+                bail!("the watch fell behind a compaction at revision {compact_revision}")
+            }
+            None => bail!("etcd ended the watch"),
+        }
+    }
+}
+
+/// One transaction as the daemon makes it for a `track` of a fresh shared
+/// topic: a key created only if absent, on a lease, with the count and
+/// the first key of its prefix read in the same commit, through the
+/// daemon's own etcd client. Each trial's key is under a prefix of its own.
+async fn etcd_transactions(
+    etcd: &cluster_support::etcd::EtcdCluster,
+    plan: Plan,
+) -> anyhow::Result<Vec<Duration>> {
+    let gateway = Gateway::new(etcd.endpoints(), ETCD_ATTEMPT_TIMEOUT)?;
+    // Longer than the part: the keys stay until the cluster is dropped.
+    let lease = gateway.grant(Duration::from_secs(600)).await?;
+    measure("etcd transaction", plan, async |i| {
+        let prefix = format!("bench/txn/{i}/");
+        let key = format!("{prefix}entry");
+        let start = Instant::now();
+        let created = gateway
+            .create_if_absent(prefix.as_bytes(), key.as_bytes(), b"{}", lease.id)
+            .await?;
+        let elapsed = start.elapsed();
+        ensure!(
+            matches!(created, Creation::Created(_)),
+            "{key} was there already"
+        );
+        Ok(elapsed)
+    })
+    .await
+}
+
+/// `etcdctl elect`'s handoff after a graceful resign: one campaign leads,
+/// a second waits on the same election; the leader is sent SIGINT, which
+/// resigns. Timed from just before the signal until the waiter has
+/// printed that it leads. The waiter then leads the next trial. Both talk
+/// to the first member, as the daemons' calls do first.
+async fn elect_handoffs(
+    etcd: &cluster_support::etcd::EtcdCluster,
+    plan: Plan,
+) -> anyhow::Result<Vec<Duration>> {
+    let endpoint = etcd.endpoint(0);
+    // Every member, the first first: a read that finds its connection
+    // closed goes on to the next.
+    let gateway = Gateway::new(etcd.endpoints(), ETCD_ATTEMPT_TIMEOUT)?;
+    let election = "bench-election";
+    let mut first = Campaign::start(&endpoint, election, "p0")?;
+    within("the first etcdctl elect to lead", first.leading()).await??;
+    // The watches the member serves without a waiter: the daemons'.
+    let watches_before = cluster_support::watchers(&endpoint).await?.total;
+    let mut leader = Some(first);
+    let samples = measure("etcdctl elect handoff", plan, async |i| {
+        let current = leader.take().context("an earlier trial lost the leader")?;
+        let mut next = Campaign::start(&endpoint, election, &format!("p{}", i + 1))?;
+        wait_for_waiter(&gateway, &endpoint, election, watches_before).await?;
+
+        let start = Instant::now();
+        current.resign()?;
+        let led = next.leading().await?;
+        current.finish().await?;
+        leader = Some(next);
+        Ok(led - start)
+    })
+    .await?;
+    if let Some(last) = leader {
+        last.resign()?;
+        last.finish().await?;
+    }
+    Ok(samples)
+}
+
+/// Waits until a second candidate of `election` waits for the leader's
+/// key to go: its key is under `ELECTION/`, and the member serves its
+/// watch on the leader's key, caught up. etcdctl watches from the revision
+/// it read, a past one, and etcd sends such a watch the events it missed,
+/// and then moves it among the current ones, only every 100 ms: a resign
+/// before that would time etcd's sweep, not the handoff. A waiter in real
+/// use has waited for longer. etcdctl announces nothing until it leads,
+/// so the keys and the member's metrics are polled, between timed steps.
+async fn wait_for_waiter(
+    gateway: &Gateway,
+    endpoint: &str,
+    election: &str,
+    watches_before: u64,
+) -> anyhow::Result<()> {
+    let prefix = format!("{election}/");
+    loop {
+        let candidates = gateway.range_prefix(prefix.as_bytes()).await?.1.len();
+        let watchers = cluster_support::watchers(endpoint).await?;
+        if candidates == 2 && watchers.total > watches_before && watchers.catching_up == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The latency scenarios run on local topics, on a plain daemon and on
+/// one in cluster mode that shares none of them.
+#[derive(Clone, Copy)]
+enum LocalScenario {
+    Track,
+    TrackUntrack,
+    RawTrack,
+    FanOut,
+    FailoverKill,
+}
+
+impl LocalScenario {
+    const ALL: [LocalScenario; 5] = [
+        LocalScenario::Track,
+        LocalScenario::TrackUntrack,
+        LocalScenario::RawTrack,
+        LocalScenario::FanOut,
+        LocalScenario::FailoverKill,
+    ];
+
+    /// Its rows: on the plain daemon, and on the daemon in cluster mode.
+    fn rows(self) -> [&'static str; 2] {
+        match self {
+            LocalScenario::Track => [
+                "cluster/local/plain/track-rtt",
+                "cluster/local/with-cluster/track-rtt",
+            ],
+            LocalScenario::TrackUntrack => [
+                "cluster/local/plain/track+untrack-rtt",
+                "cluster/local/with-cluster/track+untrack-rtt",
+            ],
+            LocalScenario::RawTrack => [
+                "cluster/local/plain/track-rtt/raw-socket",
+                "cluster/local/with-cluster/track-rtt/raw-socket",
+            ],
+            LocalScenario::FanOut => [
+                "cluster/local/plain/fan-out/1000",
+                "cluster/local/with-cluster/fan-out/1000",
+            ],
+            LocalScenario::FailoverKill => [
+                "cluster/local/plain/failover-kill/role",
+                "cluster/local/with-cluster/failover-kill/role",
+            ],
+        }
+    }
+
+    async fn run(self, daemon: &Daemon, plan: Plan) -> anyhow::Result<Vec<Duration>> {
+        match self {
+            LocalScenario::Track => track_round_trips(daemon, plan, false).await,
+            LocalScenario::TrackUntrack => track_round_trips(daemon, plan, true).await,
+            LocalScenario::RawTrack => raw_track_round_trips(daemon, plan).await,
+            LocalScenario::FanOut => fan_out(daemon, plan, FAN_OUT).await,
+            LocalScenario::FailoverKill => {
+                let (promoted, _) = failover(&daemon.socket, plan, Release::Kill, false).await?;
+                Ok(promoted)
+            }
+        }
+    }
 }
 
 fn ratio_target(baseline: &'static str, p50: Option<f64>, p99: Option<f64>) -> Target {

@@ -10,96 +10,16 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use presenced::client::ClientError;
-use presenced::protocol::{
-    ErrorCode, Event, LeaveReason, Lifetime, Role, StatusReply, TrackReply, TrackRequest,
-};
+use presenced::protocol::{ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest};
 
-use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
+use crate::common::cluster::{
+    MARGIN, TTL, cluster_args, host, listed_everywhere, longest_renewal_gap, spectator_at, status,
+    wait_for_lease,
+};
+use crate::common::etcd::EtcdCluster;
 use crate::common::{
-    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
-    within,
+    Daemon, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
 };
-
-/// The topics the daemons share; every other topic stays local.
-const SHARED: &str = "shared:*";
-
-/// The lease's TTL T the daemons are given: etcd ends a lost host's lease,
-/// and so its entries, this long after its last renewal (plus up to half
-/// a second: etcd looks for expired leases twice a second).
-const TTL: Duration = Duration::from_secs(2);
-
-/// `--cluster-ttl` and the hidden settings, short so that a lost host is
-/// noticed quickly: with the fixture's election timeout (E = 250 ms) and
-/// R = 300 ms, the longest gap between renewals is K + max(2R, 2E) + R +
-/// 0.1 s = 1.25 s, under T − m = 1.5 s.
-fn cluster_args(etcd: &EtcdCluster, host: &str) -> Vec<String> {
-    [
-        "--etcd",
-        &etcd.endpoints().join(","),
-        "--cluster-topics",
-        SHARED,
-        "--host",
-        host,
-        "--cluster-ttl",
-        &TTL.as_secs().to_string(),
-        "--etcd-election-timeout",
-        &ELECTION_TIMEOUT.as_secs_f64().to_string(),
-        "--cluster-margin",
-        "0.5",
-        "--cluster-renew-every",
-        "0.25",
-        "--etcd-attempt-timeout",
-        "0.3",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-/// A daemon of the cluster as `host`, once its lease is live (its host
-/// name claimed on it), so that it may write entries.
-async fn host(etcd: &EtcdCluster, host: &str) -> Daemon {
-    let args = cluster_args(etcd, host);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&args).await;
-    wait_for_lease(&daemon, "live").await;
-    daemon
-}
-
-async fn status(daemon: &Daemon) -> StatusReply {
-    let (client, _events) = daemon.client().await;
-    client.status().await.expect("status")
-}
-
-/// Waits until the daemon's lease is in `state`, as `status` says.
-async fn wait_for_lease(daemon: &Daemon, state: &str) -> StatusReply {
-    let what = format!("the daemon's lease to be {state}");
-    within(&what, async {
-        loop {
-            let status = status(daemon).await;
-            let cluster = status.cluster.as_ref().expect("a daemon in cluster mode");
-            if cluster.lease == state {
-                return status;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await
-}
-
-fn spectator_at(reply: &TrackReply, position: usize) {
-    assert_eq!(reply.standing.role, Role::Spectator, "{reply:?}");
-    assert_eq!(reply.standing.position, position, "{reply:?}");
-}
-
-/// Waits until every daemon lists `topic` as `expected`.
-async fn listed_everywhere(daemons: &[&Daemon], topic: &str, expected: &View) {
-    for daemon in daemons {
-        eventually("every host to list the same queue", async || {
-            View::listed(daemon, topic).await == *expected
-        })
-        .await;
-    }
-}
 
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
@@ -184,6 +104,31 @@ async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host()
         .expect("a local join");
     let local_on_b = View::listed(&b, "local:doc").await;
     assert_eq!(local_on_b, View::default(), "a local topic is not shared");
+
+    // `status` says how a stands in the cluster, in the reply and in words.
+    let cluster = status(&a).await.cluster.expect("a is in cluster mode");
+    assert_eq!(
+        (cluster.host.as_str(), cluster.lease.as_str()),
+        ("a", "live")
+    );
+    assert_eq!(cluster.endpoints, etcd.endpoints());
+    assert!(cluster.endpoints.contains(&cluster.endpoint), "{cluster:?}");
+    let renewed = Duration::from_millis(cluster.renewed_ms_ago.expect("a renewal"));
+    assert!(renewed <= longest_renewal_gap(), "{cluster:?}");
+    let fence_in = Duration::from_millis(cluster.fence_in_ms.expect("a fence ahead"));
+    assert!(fence_in <= TTL - MARGIN, "{cluster:?}");
+    let said = a.output(&["status"]).await;
+    assert!(said.status.success(), "{said:?}");
+    let text = stdout(&said);
+    let lease_line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("lease"))
+        .unwrap_or_else(|| panic!("no lease line in {text}"));
+    assert!(
+        lease_line.contains("live (") && lease_line.contains("renewed"),
+        "{text}"
+    );
+    assert!(text.contains("host a, sharing shared:*"), "{text}");
 }
 
 #[tokio::test]
@@ -410,6 +355,57 @@ async fn a_daemon_without_etcd_talks_to_no_etcd_and_shows_no_cluster() {
 
 #[tokio::test]
 #[ignore = "needs etcd (etcd-server)"]
+async fn local_topics_of_a_daemon_in_cluster_mode_write_nothing_to_etcd() {
+    needs_program("etcd", "etcd-server");
+    let etcd = EtcdCluster::start(3);
+    let a = host(&etcd, "a").await;
+    let mut raw = a.raw().await;
+    let before = etcd.kv_writes();
+    for n in 0..20 {
+        let topic = format!("local:doc-{n}");
+        let joined = raw
+            .request(&format!(
+                r#"{{"op":"track","id":1,"topic":"{topic}","key":"alice"}}"#
+            ))
+            .await;
+        assert_eq!(joined["role"], "owner", "{joined}");
+        let phx_ref = joined["ref"].as_str().expect("a ref");
+        assert!(
+            !phx_ref.contains(':'),
+            "a local ref names no host: {joined}"
+        );
+        let updated = raw
+            .request(&format!(
+                r#"{{"op":"update","id":2,"topic":"{topic}","ref":"{phx_ref}","meta":{{"n":{n}}}}}"#
+            ))
+            .await;
+        assert_eq!(updated["ok"], true, "{updated}");
+        let phx_ref = updated["ref"].as_str().expect("the updated ref");
+        let left = raw
+            .request(&format!(
+                r#"{{"op":"untrack","id":3,"topic":"{topic}","ref":"{phx_ref}"}}"#
+            ))
+            .await;
+        assert_eq!(left["ok"], true, "{left}");
+    }
+    assert_eq!(
+        etcd.kv_writes(),
+        before,
+        "a local topic was written to etcd"
+    );
+    // The count does see this daemon's writes: a shared join is one.
+    let shared = raw
+        .request(r#"{"op":"track","id":4,"topic":"shared:doc","key":"alice"}"#)
+        .await;
+    assert_eq!(shared["role"], "owner", "{shared}");
+    assert!(
+        etcd.kv_writes() > before,
+        "etcd's count missed a shared join"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs etcd (etcd-server)"]
 async fn a_second_daemon_given_a_host_name_in_use_refuses_cluster_mode() {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
@@ -448,47 +444,6 @@ async fn a_second_daemon_given_a_host_name_in_use_refuses_cluster_mode() {
         .await
         .expect("the first daemon still writes");
     assert_eq!(owner.standing.role, Role::Owner);
-}
-
-#[tokio::test]
-#[ignore = "needs etcd (etcd-server)"]
-async fn a_stopped_daemon_revokes_its_lease_so_its_entries_leave_at_once() {
-    needs_program("etcd", "etcd-server");
-    let etcd = EtcdCluster::start(3);
-    let (mut a, b) = (host(&etcd, "a").await, host(&etcd, "b").await);
-    let topic = "shared:doc";
-    let (on_a, _a_events) = a.client().await;
-    let owner = on_a
-        .track(TrackRequest::new(topic, "alice"))
-        .await
-        .expect("alice joins on a");
-    let (on_b, mut b_events) = b.client().await;
-    on_b.subscribe(topic).await.expect("b watches the topic");
-    eventually("b to list a's entry", async || {
-        View::listed(&b, topic).await.owner.as_deref() == Some(owner.phx_ref.as_str())
-    })
-    .await;
-
-    let stopped = Instant::now();
-    a.stop().await;
-    let reasons = next_event(&mut b_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
-    assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
-    // Revoked, not left to expire: well within the TTL.
-    assert!(
-        stopped.elapsed() < TTL,
-        "a's entries left {:?} after it stopped",
-        stopped.elapsed()
-    );
-    assert_eq!(View::listed(&b, topic).await, View::default());
 }
 
 #[tokio::test]

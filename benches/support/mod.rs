@@ -1,7 +1,9 @@
 //! What the scenarios in `benches/presence.rs` stand on: the child
-//! processes they time, the daemon they drive, deadlines, and statistics.
+//! processes they time, the daemon they drive, etcd and the daemons of a
+//! cluster, deadlines, and statistics.
 
 pub mod children;
+pub mod cluster;
 pub mod daemon;
 pub mod dbus;
 pub mod ideal;

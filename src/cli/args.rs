@@ -143,13 +143,40 @@ pub fn ignore_empty_env(command: clap::Command) -> clap::Command {
         .mut_subcommands(ignore_empty_env)
 }
 
-/// A parser of seconds, fractions allowed, from 0 to `max_seconds`.
-pub fn seconds_up_to(max_seconds: f64) -> impl Fn(&str) -> Result<Duration, String> + Clone {
-    move |text| match text.parse::<f64>() {
-        Ok(seconds) if (0.0..=max_seconds).contains(&seconds) => {
-            Ok(Duration::from_secs_f64(seconds))
+/// A duration as the command line writes it: a number of seconds,
+/// fractions allowed, or a number with a unit, `500ms`, `2s`, `1.5m`, `1h`
+/// or `2d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds_per = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        other => return Err(format!("unknown unit `{other}`; use ms, s, m, h or d")),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .map(|number| number * seconds_per)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("`{text}` is not a duration like 30, 500ms, 2s, 15m or 1h"))
+}
+
+/// A parser of durations ([`parse_duration`]) from 0 to `max_seconds`.
+pub fn duration_up_to(max_seconds: f64) -> impl Fn(&str) -> Result<Duration, String> + Clone {
+    move |text| {
+        let duration = parse_duration(text)?;
+        if duration.as_secs_f64() <= max_seconds {
+            Ok(duration)
+        } else {
+            Err(format!("expected at most {max_seconds} seconds"))
         }
-        _ => Err(format!("expected seconds from 0 to {max_seconds}")),
     }
 }
 
@@ -174,5 +201,33 @@ pub fn parse_meta(text: &str) -> Result<serde_json::Map<String, serde_json::Valu
         Ok(serde_json::Value::Object(meta)) => Ok(meta),
         Ok(_) => Err("meta must be a JSON object, like '{\"file\":\"a.md\"}'".to_owned()),
         Err(e) => Err(format!("meta is not valid JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_with_or_without_their_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("0.3"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("1w").unwrap_err().contains("unknown unit"));
+        for nonsense in ["h", "", "1..2s", "-1s", "1e400", "99999999999999999999999d"] {
+            assert!(parse_duration(nonsense).is_err(), "{nonsense}");
+        }
+    }
+
+    #[test]
+    fn a_bounded_duration_refuses_more_than_its_bound() {
+        let up_to_a_minute = duration_up_to(60.0);
+        assert_eq!(up_to_a_minute("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(up_to_a_minute("0"), Ok(Duration::ZERO));
+        assert!(up_to_a_minute("61s").unwrap_err().contains("at most 60"));
     }
 }

@@ -9,7 +9,7 @@ use clap::Args;
 use crate::daemon::{ClusterConfig, LeaseSettings};
 use crate::protocol::Limits;
 
-use super::args::seconds_up_to;
+use super::args::duration_up_to;
 
 /// The heading of the cluster options.
 const CLUSTER: &str = "Cluster";
@@ -21,9 +21,9 @@ pub struct DaemonArgs {
     #[arg(long, env = "PRESENCE_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
 
-    /// Seconds a restored connection entry keeps its place, waiting for its
-    /// client to resume it
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_up_to(86_400.0))]
+    /// How long a restored connection entry keeps its place, waiting for
+    /// its client to resume it (seconds, or 10s, 2m)
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_up_to(86_400.0))]
     pub resume_grace: Duration,
 
     /// Longest request line, in bytes
@@ -129,27 +129,28 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PREFIX", default_value = crate::daemon::DEFAULT_PREFIX, requires = "etcd", help_heading = CLUSTER)]
     pub cluster_prefix: String,
 
-    /// Seconds etcd keeps this host's entries after it stops hearing from
-    /// it (whole seconds)
-    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = seconds_up_to(3_600.0), requires = "etcd", help_heading = CLUSTER)]
+    /// How long etcd keeps this host's entries after it stops hearing from
+    /// it (whole seconds: 5s, 1m)
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration_up_to(3_600.0), requires = "etcd", help_heading = CLUSTER)]
     pub cluster_ttl: Duration,
 
-    /// etcd's election timeout (its --election-timeout), in seconds: the
-    /// fence must outlast an election
-    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(60.0), requires = "etcd", help_heading = CLUSTER)]
+    /// etcd's election timeout (its --election-timeout, which etcd takes in
+    /// milliseconds: 1000 there is 1s here): the fence must outlast an
+    /// election
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration_up_to(60.0), requires = "etcd", help_heading = CLUSTER)]
     pub etcd_election_timeout: Duration,
 
-    /// Seconds before etcd could end the lease at which this host stops
-    /// letting its entries own
-    #[arg(long, hide = true, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(3_600.0), requires = "etcd")]
+    /// How long before etcd could end the lease this host stops letting its
+    /// entries own
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "1s", value_parser = duration_up_to(3_600.0), requires = "etcd")]
     pub cluster_margin: Duration,
 
-    /// Seconds between renewals of the lease
-    #[arg(long, hide = true, value_name = "SECONDS", default_value = "1", value_parser = seconds_up_to(3_600.0), requires = "etcd")]
+    /// The time between renewals of the lease
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "1s", value_parser = duration_up_to(3_600.0), requires = "etcd")]
     pub cluster_renew_every: Duration,
 
-    /// Seconds one attempt on one etcd member may take
-    #[arg(long, hide = true, value_name = "SECONDS", default_value = "0.3", value_parser = seconds_up_to(60.0), requires = "etcd")]
+    /// How long one attempt on one etcd member may take
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "300ms", value_parser = duration_up_to(60.0), requires = "etcd")]
     pub etcd_attempt_timeout: Duration,
 }
 
@@ -308,6 +309,21 @@ mod tests {
             }
         );
         assert_eq!(config.attempt_timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn cluster_durations_are_written_as_the_daemon_writes_durations() {
+        let args = [
+            ETCD,
+            &["--cluster-topics", "doc:*", "--host", "web-1"],
+            &["--cluster-ttl", "1m", "--etcd-election-timeout", "1500ms"],
+        ]
+        .concat();
+        let config = cluster(&args)
+            .expect("settings that hold")
+            .expect("cluster mode");
+        assert_eq!(config.lease.ttl, Duration::from_secs(60));
+        assert_eq!(config.lease.election_timeout, Duration::from_millis(1500));
     }
 
     #[test]

@@ -510,10 +510,12 @@ other topic stays local, as without --etcd, and a daemon given no --etcd
 makes no etcd request at all. Each daemon holds one etcd lease, and its
 entries of shared topics are keys on that lease, so when a host crashes
 or is cut off its entries leave every other host (reason host_lost) once
-etcd ends the lease, --cluster-ttl seconds later. A daemon stops letting
-its own entries own a second before that could happen (the fence), and
-lets them own again when etcd answers. It stops cleanly by revoking its
-lease: its entries leave the other hosts at once.
+etcd ends the lease, --cluster-ttl later. A daemon stops letting its own
+entries own a second before that could happen (the fence), and lets them
+own again when etcd answers. A daemon stopped cleanly first moves its
+entries' keys to a lease as long as --resume-grace, so that a restart
+keeps their places on every host; if it does not come back in time, they
+leave the other hosts then.
 
 Every daemon of a cluster needs its own --host (the machine's name by
 default): a daemon that finds its name held by another daemon's lease

@@ -11,7 +11,7 @@ use clap::Args;
 use serde_json::Value;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use super::args::seconds_up_to;
+use super::args::duration_up_to;
 use super::entries::{NewEntryArgs, invoking_process};
 use super::errors::failed;
 use super::outcome::Outcome;
@@ -39,9 +39,9 @@ pub struct JoinArgs {
     #[arg(long)]
     pub wait_owner: bool,
 
-    /// With --wait-owner: give up after this many seconds, remove the
-    /// entry, and exit 3
-    #[arg(long, value_name = "SECONDS", requires = "wait_owner", value_parser = seconds_up_to(365.0 * 86_400.0))]
+    /// With --wait-owner: give up after this long (seconds, or 30s, 5m),
+    /// remove the entry, and exit 3
+    #[arg(long, value_name = "DURATION", requires = "wait_owner", value_parser = duration_up_to(365.0 * 86_400.0))]
     pub timeout: Option<Duration>,
 
     /// Print the track reply and every event as JSON lines

@@ -48,7 +48,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
-use super::args::seconds_up_to;
+use super::args::duration_up_to;
 use super::entries::NewEntryArgs;
 use super::errors::failed;
 use super::join::{self, leave_within_bounds, wait_or_never};
@@ -72,9 +72,9 @@ pub struct RunArgs {
     #[arg(long, overrides_with = "wait")]
     pub no_wait: bool,
 
-    /// Give up waiting after this many seconds: leave the queue and exit 1
-    /// without running CMD
-    #[arg(long, value_name = "SECONDS", value_parser = seconds_up_to(365.0 * 86_400.0))]
+    /// Give up waiting after this long (seconds, or 30s, 5m): leave the
+    /// queue and exit 1 without running CMD
+    #[arg(long, value_name = "DURATION", value_parser = duration_up_to(365.0 * 86_400.0))]
     pub timeout: Option<Duration>,
 
     /// The command to run as the owner, and its arguments

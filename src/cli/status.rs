@@ -101,16 +101,20 @@ fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
     let Some(cluster) = &status.cluster else {
         return Vec::new();
     };
+    let renewed = cluster
+        .renewed_ms_ago
+        .map(|ms| format!(", renewed {} ago", lease_time(ms)))
+        .unwrap_or_default();
     let lease = match (cluster.lease.as_str(), &cluster.lease_id) {
         ("live", Some(id)) => Cell::from(match cluster.fence_in_ms {
             Some(ms) => format!(
-                "live ({id}), fenced in {} unless renewed",
-                render::duration(ms)
+                "live ({id}){renewed}, fenced in {} unless renewed",
+                lease_time(ms)
             ),
-            None => format!("live ({id})"),
+            None => format!("live ({id}){renewed}"),
         }),
         ("fenced", Some(id)) => Cell::new(
-            format!("fenced ({id}): etcd is not answering, so no entry of this host owns"),
+            format!("fenced ({id}){renewed}: etcd is not answering, so no entry of this host owns"),
             Style::Notice,
         ),
         ("granting", _) => Cell::new("granting: asking etcd for a lease", Style::Notice),
@@ -119,6 +123,18 @@ fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
             Some(id) => format!("{other} ({id})"),
             None => other.to_owned(),
         }),
+    };
+    // The member in use first, then the others it moves on to.
+    let others: Vec<&str> = cluster
+        .endpoints
+        .iter()
+        .map(String::as_str)
+        .filter(|endpoint| *endpoint != cluster.endpoint)
+        .collect();
+    let etcd = if others.is_empty() {
+        cluster.endpoint.clone()
+    } else {
+        format!("{}, then {}", cluster.endpoint, others.join(", "))
     };
     let watch = match (&cluster.watching, cluster.revision) {
         (Some(member), Some(revision)) => format!("revision {revision}, on {member}"),
@@ -135,7 +151,7 @@ fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
                 cluster.prefix
             )),
         ),
-        ("etcd", Cell::from(cluster.endpoint.as_str())),
+        ("etcd", Cell::from(etcd)),
         ("lease", lease),
         ("watch", Cell::from(watch)),
         (
@@ -147,6 +163,15 @@ fn cluster_rows(status: &StatusReply) -> Vec<(&'static str, Cell)> {
         rows.push(("etcd error", Cell::new(error.as_str(), Style::Notice)));
     }
     rows
+}
+
+/// A lease's times, which are seconds long and matter to the tenth.
+fn lease_time(millis: u64) -> String {
+    if millis < 60_000 {
+        format!("{:.1}s", millis as f64 / 1000.0)
+    } else {
+        render::duration(millis)
+    }
 }
 
 /// How the daemon was started, in words.
@@ -215,9 +240,11 @@ mod tests {
             "host": "web-1",
             "prefix": "/presenced/",
             "topics": ["doc:*"],
+            "endpoints": ["http://10.0.0.2:2379", "http://10.0.0.1:2379"],
             "endpoint": "http://10.0.0.1:2379",
             "lease": "live",
             "lease_id": "694d",
+            "renewed_ms_ago": 250,
             "fence_in_ms": 3_200,
             "revision": 7,
             "watching": "http://10.0.0.1:2379",
@@ -229,13 +256,13 @@ mod tests {
             cell(&rows, "cluster").text,
             "host web-1, sharing doc:* under /presenced/"
         );
-        assert_eq!(cell(&rows, "etcd").text, "http://10.0.0.1:2379");
-        assert!(
-            cell(&rows, "lease")
-                .text
-                .starts_with("live (694d), fenced in"),
-            "{}",
-            cell(&rows, "lease").text
+        assert_eq!(
+            cell(&rows, "etcd").text,
+            "http://10.0.0.1:2379, then http://10.0.0.2:2379"
+        );
+        assert_eq!(
+            cell(&rows, "lease").text,
+            "live (694d), renewed 0.2s ago, fenced in 3.2s unless renewed"
         );
         assert_eq!(
             cell(&rows, "watch").text,
@@ -248,6 +275,13 @@ mod tests {
         cluster.last_error = Some("no etcd endpoint answered".to_owned());
         let rows = super::rows(&status);
         assert_eq!(cell(&rows, "lease").style, Style::Notice);
+        assert!(
+            cell(&rows, "lease")
+                .text
+                .starts_with("fenced (694d), renewed 0.2s ago:"),
+            "{}",
+            cell(&rows, "lease").text
+        );
         assert_eq!(cell(&rows, "etcd error").text, "no etcd endpoint answered");
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::args::seconds_up_to;
+use super::args::duration_up_to;
 use super::outcome::Outcome;
 use super::replies::{decode, request_fields};
 use super::target::Target;
@@ -36,9 +36,9 @@ const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Args)]
 pub struct StopArgs {
-    /// Give up waiting for the daemon to go after this many seconds, and
-    /// exit 1
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_up_to(86_400.0))]
+    /// Give up waiting for the daemon to go after this long (seconds, or
+    /// 10s, 1m), and exit 1
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_up_to(86_400.0))]
     pub timeout: Duration,
 }
 

@@ -56,14 +56,17 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::ops::{self, Answered, Op, RollBack};
-use crate::protocol::{ErrorBody, ErrorCode, Event, Limits, OutgoingReply, ShutdownPayload};
+use crate::protocol::{
+    ErrorBody, ErrorCode, Event, LeaveReason, Limits, OutgoingReply, ShutdownPayload,
+};
 use line::to_line;
 pub use line::{Line, LineKind};
 use read::ReadView;
 use recovery::{Fact, Recovery};
 use registry::{
     Change, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite, ConnId, Delivery, Ending,
-    Entry, LeaseView, Outbox, Peer, ProcessId, Registry, WriteId,
+    Entry, LeaseView, Outbox, Peer, ProcessId, Registry, RowsForCluster, WriteId,
+    sort_rows_for_cluster,
 };
 
 /// How many inputs one transaction may take, by default. Large enough
@@ -333,19 +336,31 @@ pub struct Core {
 impl Core {
     /// A core holding what survived the restart: process entries continue;
     /// connection entries wait until their `resume_deadline` for their
-    /// client to resume them. The rows of `departed` are deleted by the
-    /// first commit (see [`Core::forget_departed`]).
+    /// client to resume them. This host's entries of shared topics are
+    /// restored too, each suspended until the first listing of etcd finds
+    /// its key (see [`Registry::apply_listing`]); rows of shared topics
+    /// that the cluster setup no longer fits leave as expired. The rows of
+    /// `departed` are deleted by the first commit (see
+    /// [`Core::forget_departed`]).
     pub fn restore(config: CoreConfig, restored: Restored, now: Now) -> Core {
         let Restored {
             kept,
             departed,
             next_seq,
         } = restored;
-        let history = registry::departures_at_start(&departed, &kept, now.wall_ms);
+        let RowsForCluster { kept, stale } = sort_rows_for_cluster(config.cluster.as_ref(), kept);
+        let dead: Vec<(Entry, LeaveReason)> = departed
+            .iter()
+            .map(|entry| (entry.clone(), LeaveReason::ExitedWhileDown))
+            .chain(stale.into_iter().map(|entry| (entry, LeaveReason::Expired)))
+            .collect();
+        let history = registry::departures_at_start(&dead, &kept, now.wall_ms);
+        let gone: Vec<Entry> = dead.into_iter().map(|(entry, _)| entry).collect();
         let registry = Registry::restore(config.limits, kept, next_seq)
-            .with_standings_as_stored(&departed)
+            .with_standings_as_stored(&gone)
             .exempt_from_uid_quotas(config.own_uid)
-            .with_cluster(config.cluster);
+            .with_cluster(config.cluster)
+            .awaiting_listing(&departed);
         let mut core = Core {
             registry,
             recovery: Recovery::default(),
@@ -362,7 +377,7 @@ impl Core {
             stopping: false,
             stopped: None,
         };
-        core.forget_departed(departed, history, next_seq, now);
+        core.forget_departed(gone, history, next_seq, now);
         core
     }
 
@@ -1043,6 +1058,13 @@ impl Core {
                     self.registry
                         .apply_cluster(changes, batch.now.wall_ms, &mut batch.out.outbox);
                 log_cluster_report(changes.revision, &report);
+            }
+            Fact::Cluster(ClusterInput::Listing(listing)) => {
+                self.apply_endings(batch);
+                let report =
+                    self.registry
+                        .apply_listing(listing, batch.now.wall_ms, &mut batch.out.outbox);
+                log_cluster_report(listing.revision, &report);
             }
             Fact::Cluster(ClusterInput::Written { write, outcome }) => {
                 self.apply_endings(batch);

@@ -69,6 +69,7 @@ pub use crate::process::ProcessId;
 
 mod cluster;
 mod fence;
+mod restart;
 
 pub use cluster::{
     ClusterChanges, ClusterEvent, ClusterInput, ClusterReport, ClusterSetup, ClusterWrite,
@@ -77,6 +78,7 @@ pub use cluster::{
 };
 use cluster::{Leaving, Parked, PendingTrack, PendingTracks, PendingUntrack, PendingUpdate};
 use fence::{Requeue, Requeues};
+pub use restart::{RowsForCluster, sort_rows_for_cluster};
 
 /// Something outside the registry that ends entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,11 +286,12 @@ impl Outbox {
     }
 }
 
-/// The history of a start: each entry found gone (`dead`, its process
-/// exited or the machine rebooted while no daemon ran) leaves, and where
-/// one of them owned its topic, the first of `kept` there becomes the
-/// owner. Recorded at `now`, when the daemon found out.
-pub fn departures_at_start(dead: &[Entry], kept: &[Entry], now: i64) -> Vec<Change> {
+/// The history of a start: each entry found gone (`dead`, with the reason:
+/// its process exited or the machine rebooted while no daemon ran, or it
+/// no longer fits the daemon's cluster setup) leaves, and where one of
+/// them owned its topic, the first of `kept` there becomes the owner.
+/// Recorded at `now`, when the daemon found out.
+pub fn departures_at_start(dead: &[(Entry, LeaveReason)], kept: &[Entry], now: i64) -> Vec<Change> {
     let mut first_kept: BTreeMap<&str, &Entry> = BTreeMap::new();
     for entry in kept {
         let first = first_kept.entry(&entry.topic).or_insert(entry);
@@ -296,20 +299,15 @@ pub fn departures_at_start(dead: &[Entry], kept: &[Entry], now: i64) -> Vec<Chan
             *first = entry;
         }
     }
-    let mut dead: Vec<&Entry> = dead.iter().collect();
-    dead.sort_by_key(|entry| entry.seq);
+    let mut dead: Vec<&(Entry, LeaveReason)> = dead.iter().collect();
+    dead.sort_by_key(|(entry, _)| entry.seq);
     let mut changes = Vec::new();
     let mut topics_done = BTreeSet::new();
-    for entry in &dead {
-        let event = history_event(
-            entry,
-            HistoryKind::Leave,
-            Some(LeaveReason::ExitedWhileDown),
-            now,
-        );
+    for (entry, reason) in &dead {
+        let event = history_event(entry, HistoryKind::Leave, Some(*reason), now);
         changes.push(Change::History(Box::new(event)));
     }
-    for entry in &dead {
+    for (entry, _) in &dead {
         // The topic's owner was its first entry; was that one gone?
         if !topics_done.insert(entry.topic.as_str()) {
             continue;
@@ -853,6 +851,12 @@ pub struct Registry {
     /// The revision etcd's watch (or a listing) has shown this daemon up
     /// to: a key created at or below it that was not shown is gone.
     shown_revision: u64,
+    /// This host's entries of shared topics that left while their keys
+    /// were not confirmed after a restart (their process exited while no
+    /// daemon ran, or they left before the first listing), by topic and
+    /// create revision, with the reason: the first listing deletes each
+    /// key still there for that reason. Only read by that listing.
+    left_while_down: HashMap<(String, u64), LeaveReason>,
 }
 
 impl Registry {
@@ -887,6 +891,7 @@ impl Registry {
             untracking: HashMap::new(),
             park_deadlines: BTreeSet::new(),
             shown_revision: 0,
+            left_while_down: HashMap::new(),
         }
     }
 
@@ -1970,7 +1975,11 @@ impl Registry {
                 Some(entry) if is_own_shared(entry) && !self.key_is_gone(entry) => {
                     shared.push((phx_ref, reason))
                 }
-                Some(_) => departing.push((phx_ref, reason)),
+                Some(entry) => {
+                    let left = (entry.topic.clone(), entry.seq);
+                    self.note_left_unconfirmed(left, reason);
+                    departing.push((phx_ref, reason))
+                }
                 None => {}
             }
         }

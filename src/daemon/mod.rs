@@ -241,6 +241,7 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         outbound: outbound::OutboundBudget::new(config.limits.max_outbound_total_bytes),
     });
     let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
+    let cluster = cluster.map(|node| (node, config.resume_grace));
     let served = tokio::spawn(serve(serving, shared, core_stopped, shutdown_rx, cluster));
     Ok(Daemon {
         socket,
@@ -320,7 +321,7 @@ async fn serve(
     shared: Arc<Shared>,
     mut core_stopped: tokio::sync::oneshot::Receiver<Stopped>,
     mut shutdown: tokio::sync::oneshot::Receiver<String>,
-    cluster: Option<ClusterNode>,
+    cluster: Option<(ClusterNode, Duration)>,
 ) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&shared.outbound).cut_off_stalled_holders());
     let max_connections = shared.limits.max_connections;
@@ -381,10 +382,12 @@ async fn serve(
         .ok();
     let _ = shared.core.send(Input::Shutdown { reason }.into());
     let stopped = core_stopped.await;
-    // With the core stopped nothing more is written; the lease is revoked,
-    // so this host's keys go now rather than a TTL later.
-    if let Some(cluster) = cluster {
-        cluster.stop().await;
+    // With the core stopped nothing more is written. This host's entries
+    // keep their places for the resume grace, as on one host: their keys
+    // are handed over to a lease that long before the daemon's own lease
+    // is revoked (its host claim goes with it, for the next daemon).
+    if let Some((cluster, resume_grace)) = cluster {
+        cluster.stop(Some(resume_grace)).await;
     }
     drop(writers_alive);
     let _ = tokio::time::timeout(SHUTDOWN_FLUSH, writers_done.recv()).await;

@@ -65,6 +65,9 @@ pub struct ClusterStatus {
     pub prefix: String,
     /// The patterns of the topics it shares.
     pub topics: Vec<String>,
+    /// Every etcd member it was given, in order.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// The etcd member its next call goes to.
     pub endpoint: String,
     /// Its lease: `live` (held; its entries may own), `fenced` (etcd may
@@ -76,6 +79,11 @@ pub struct ClusterStatus {
     /// The lease's id as etcd numbers it, in hex as `etcdctl` shows it.
     #[serde(default)]
     pub lease_id: Option<String>,
+    /// How long ago the last renewal etcd acknowledged was sent (the
+    /// lease's grant, before the first); while a lease is held, live or
+    /// fenced.
+    #[serde(default)]
+    pub renewed_ms_ago: Option<u64>,
     /// How long until the fence falls unless a renewal is answered first;
     /// only while the lease is live.
     #[serde(default)]

@@ -223,6 +223,34 @@ impl EtcdCluster {
         }
     }
 
+    /// The key-value requests that write or may write (`Txn`, `Put`,
+    /// `DeleteRange`) every member has handled so far, from their metrics:
+    /// every write of an entry is one of these, whatever its outcome.
+    pub fn kv_writes(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|member| {
+                // HTTP/1.0: a reply never in chunks, whose boundaries could
+                // cut a metric's line in two.
+                let request = format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", member.client);
+                let metrics = send(member.client, &request)
+                    .unwrap_or_else(|error| panic!("etcd's metrics: {error}"));
+                metrics
+                    .lines()
+                    .filter(|line| {
+                        line.starts_with("grpc_server_handled_total{")
+                            && line.contains("grpc_service=\"etcdserverpb.KV\"")
+                            && ["Txn", "Put", "DeleteRange"]
+                                .iter()
+                                .any(|method| line.contains(&format!("grpc_method=\"{method}\"")))
+                    })
+                    .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+                    .map(|count| count as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     fn post(&self, index: usize, path: &str, body: &str) -> Result<Value, String> {
         exchange(self.members[index].client, "POST", path, body)
     }
@@ -251,17 +279,29 @@ fn free_ports(count: usize) -> Vec<u16> {
 
 /// One HTTP/1.1 exchange, the connection closed after it; the reply's JSON.
 fn exchange(address: SocketAddr, method: &str, path: &str, body: &str) -> Result<Value, String> {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = send(address, &request)?;
+    // The JSON object of the body, whether or not it came in chunks (these
+    // replies are small: one chunk).
+    let (Some(start), Some(end)) = (reply.find('{'), reply.rfind('}')) else {
+        return Err(format!("no JSON in {reply:?}"));
+    };
+    serde_json::from_str(&reply[start..=end]).map_err(|error| format!("{error} in {reply:?}"))
+}
+
+/// Sends `request` on a new connection and reads the reply until the
+/// member closes it.
+fn send(address: SocketAddr, request: &str) -> Result<String, String> {
     let timeout = Duration::from_secs(1);
     let mut stream =
         TcpStream::connect_timeout(&address, timeout).map_err(|error| error.to_string())?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|error| error.to_string())?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
     stream
         .write_all(request.as_bytes())
         .map_err(|error| error.to_string())?;
@@ -269,10 +309,5 @@ fn exchange(address: SocketAddr, method: &str, path: &str, body: &str) -> Result
     stream
         .read_to_string(&mut reply)
         .map_err(|error| error.to_string())?;
-    // The JSON object of the body, whether or not it came in chunks (these
-    // replies are small: one chunk).
-    let (Some(start), Some(end)) = (reply.find('{'), reply.rfind('}')) else {
-        return Err(format!("no JSON in {reply:?}"));
-    };
-    serde_json::from_str(&reply[start..=end]).map_err(|error| format!("{error} in {reply:?}"))
+    Ok(reply)
 }

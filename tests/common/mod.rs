@@ -4,6 +4,7 @@
 //! daemon puts back, a count in `status`) is polled every [`POLL`], still
 //! under the deadline. Nothing here sleeps and hopes.
 
+pub mod cluster;
 pub mod etcd;
 pub mod shared;
 
@@ -284,6 +285,17 @@ impl Daemon {
             }
         })
         .await
+    }
+
+    /// Every line the daemon logged since the last wait or read, without
+    /// waiting for more. Only for a daemon started with a log.
+    pub async fn log_so_far(&self) -> Vec<String> {
+        let log = self
+            .log
+            .as_ref()
+            .expect("log_so_far needs a daemon started with a log");
+        let mut log = log.lock().await;
+        std::iter::from_fn(|| log.try_recv().ok()).collect()
     }
 
     pub fn pid(&self) -> u32 {

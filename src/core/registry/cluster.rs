@@ -266,7 +266,7 @@ impl Registry {
 
     /// Whether a key's id names this host (`HOST:pN`): only this host
     /// writes such keys.
-    fn is_own_id(&self, id: &str) -> bool {
+    pub(super) fn is_own_id(&self, id: &str) -> bool {
         let own_host = self.cluster.as_ref().map(|c| c.host.as_str());
         own_host.is_some() && host_of_ref(id) == own_host
     }
@@ -591,6 +591,18 @@ pub enum ClusterWrite {
         reason: LeaveReason,
         by: Option<Actor>,
     },
+    /// Move the entry key `id` of `topic`, this host's entry restored
+    /// after a restart and found in the first listing, to this daemon's
+    /// live lease, keeping its value and create revision: the hand-over
+    /// lease it waited on ends after the resume grace. A key already on
+    /// the live lease is left as it is. Nothing is told back: the watch
+    /// shows the same record again, which changes nothing, and a key gone
+    /// meanwhile shows as a delete with no reason, as after a lost lease.
+    Adopt {
+        write: WriteId,
+        topic: String,
+        id: String,
+    },
 }
 
 /// What became of a [`ClusterWrite::Create`] or a
@@ -608,8 +620,12 @@ pub enum Written {
 /// What the io layer tells the core of etcd.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClusterInput {
-    /// One watch message, or one listing.
+    /// One watch message, or a relisting after the watch fell behind.
     Changes(ClusterChanges),
+    /// The first listing of the cluster prefix, each key a put: what etcd
+    /// holds when this daemon starts to look, which settles the entries a
+    /// restart restored (see [`Registry::apply_listing`]).
+    Listing(ClusterChanges),
     /// The outcome of a write the core handed out.
     Written { write: WriteId, outcome: Written },
     /// Where this daemon's lease stands, on every change.
@@ -1349,6 +1365,13 @@ impl Registry {
         let (mut entry, meta_bytes) = self.take(phx_ref)?;
         let id = shared_id(&entry);
         self.forget_told(&entry.topic, entry.seq);
+        // Its row goes now, with the batch that decided the leave, not when
+        // etcd shows the delete: a row is what a restart brings back, and
+        // an entry on its way out must not come back as a live one if the
+        // daemon stops before the delete shows. Its key, should the delete
+        // not have reached etcd, is one no restored entry claims, and the
+        // first listing after the restart deletes it.
+        out.changes.push(Change::Delete(phx_ref.to_owned()));
         let holder = entry.conn.take();
         entry.resume_deadline = None;
         // As the local history would say: only another connection than the
@@ -1475,6 +1498,19 @@ impl Registry {
                 format!("no entry `{}`", asked.old_ref),
             ));
         };
+        if self.is_unconfirmed(entry) {
+            // Its key's id is not known for sure until the first listing
+            // names it (a row keeps the entry's ref, which an update
+            // changes, and not its key's id).
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "entry `{}` was restored after this daemon restarted, and etcd has not \
+                     shown its key yet; update it again in a moment",
+                    asked.old_ref
+                ),
+            ));
+        }
         let id = shared_id(entry);
         self.check_room_to_wait(asked.conn)?;
         if self.updating.contains_key(&id) {

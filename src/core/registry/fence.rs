@@ -44,6 +44,11 @@ pub(super) enum Requeue {
     /// Its creation was asked of etcd by `write`; the entry moves when the
     /// key shows.
     Asked { write: WriteId },
+    /// Restored after a restart, its key not seen yet: the first listing
+    /// either finds the key where the hand-over left it (the entry keeps
+    /// its place) or finds it gone (then the entry is queued again, as
+    /// `Waiting`). Nothing of it is asked of etcd before that.
+    Unconfirmed,
 }
 
 /// A topic and a key id: an entry of a shared topic.
@@ -75,6 +80,15 @@ impl Requeues {
         self.flags.keys()
     }
 
+    /// The entries restored after a restart whose keys are not confirmed
+    /// yet.
+    pub(super) fn unconfirmed(&self) -> impl Iterator<Item = &KeyOf> {
+        self.flags
+            .iter()
+            .filter(|(_, state)| **state == Requeue::Unconfirmed)
+            .map(|(key, _)| key)
+    }
+
     /// The entry whose re-creation `write` asked for, if one did.
     fn asked_by(&self, write: WriteId) -> Option<&KeyOf> {
         self.by_write.get(&write)
@@ -86,7 +100,7 @@ impl Requeues {
     }
 
     /// Sets `key`'s flag to `state`, or clears it; returns the old one.
-    fn set(&mut self, key: &KeyOf, state: Option<Requeue>) -> Option<Requeue> {
+    pub(super) fn set(&mut self, key: &KeyOf, state: Option<Requeue>) -> Option<Requeue> {
         let old = match state {
             Some(state) => self.flags.insert(key.clone(), state),
             None => self.flags.remove(key),
@@ -120,7 +134,7 @@ impl Registry {
         self.lease
     }
 
-    fn lease_is_live(&self) -> bool {
+    pub(super) fn lease_is_live(&self) -> bool {
         matches!(self.lease, LeaseView::Live { .. })
     }
 
@@ -159,7 +173,11 @@ impl Registry {
 
     /// Whether `entry`'s key is gone with an ended lease and waits to be
     /// created again: nothing of it is left in etcd to delete, so it may
-    /// leave at once.
+    /// leave at once. So may an entry restored after a restart whose key
+    /// is not confirmed yet: no other host can be told anything of it
+    /// before the first listing, and that listing deletes its key, if
+    /// the key is still there, for the reason it left for (see
+    /// [`Registry::note_left_unconfirmed`]).
     pub(super) fn key_is_gone(&self, entry: &Entry) -> bool {
         !self.requeue.is_empty()
             && entry.cluster.as_ref().is_some_and(|shared| {
@@ -300,7 +318,7 @@ impl Registry {
 
     /// This host's entries first in shared topics, each with its topic,
     /// seq and whether it stands suspended now.
-    fn local_shared_owners(&self) -> Vec<(String, u64, bool)> {
+    pub(super) fn local_shared_owners(&self) -> Vec<(String, u64, bool)> {
         if self.cluster.is_none() {
             return Vec::new();
         }
@@ -327,7 +345,7 @@ impl Registry {
     /// Tells each of `owners` (as [`Registry::local_shared_owners`] found
     /// them before a change) still first in its topic whose suspension
     /// changed: a `role` event to its holder, else a note for its resume.
-    fn tell_owners_whose_suspension_changed(
+    pub(super) fn tell_owners_whose_suspension_changed(
         &mut self,
         owners: Vec<(String, u64, bool)>,
         out: &mut Outbox,
@@ -360,7 +378,9 @@ impl Registry {
     /// deleted (after the creation, as the writes of one key go out in
     /// order). A creation asked before, on a lease that ended since, is
     /// asked again: if it went through after all, etcd refuses the second.
-    fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
+    /// An entry restored after a restart whose key is not confirmed yet
+    /// waits for the first listing instead: its key may still be there.
+    pub(super) fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
         let host = self
             .cluster
             .as_ref()
@@ -370,6 +390,9 @@ impl Registry {
             let Some(&state) = self.requeue.get(&key) else {
                 continue;
             };
+            if state == Requeue::Unconfirmed {
+                continue;
+            }
             let entry = self
                 .shared_ids
                 .get(&key)
@@ -598,7 +621,7 @@ impl Registry {
 
     /// Flags `key` to be queued again as `state`, or unflags it (`None`),
     /// journaled.
-    fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
+    pub(super) fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
         let old = self.requeue.set(&key, state);
         if old != state {
             self.record(|| Undo::Requeue(key, old));

@@ -7,6 +7,7 @@ mod fence;
 /// Also the daemon's tests' way to make up a request.
 pub(crate) mod harness;
 mod recovery;
+mod restart;
 
 use serde_json::{Value, json};
 

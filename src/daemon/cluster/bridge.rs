@@ -435,8 +435,8 @@ pub struct Bridge {
 
 impl Bridge {
     /// Starts the task: it sends every non-empty [`ClusterChanges`] to
-    /// `sink`, the listing first (every entry a put), and ends when `sink`
-    /// is closed.
+    /// `sink`, the listing first (every entry a put; sent even if empty),
+    /// and ends when `sink` is closed.
     pub fn spawn(
         gateway: Arc<Gateway>,
         settings: BridgeSettings,
@@ -495,7 +495,16 @@ pub async fn run(
         () = sink.closed() => return,
     };
     let translation = translate_listing(&keys, &limits, &snapshot);
-    if !pass_on(&sink, &status, &mut log, translation, mirror.watching()) {
+    // The first listing goes even if empty: it is what settles the
+    // entries a restart restored, whose keys may all be gone.
+    if !pass_on(
+        &sink,
+        &status,
+        &mut log,
+        translation,
+        mirror.watching(),
+        true,
+    ) {
         return;
     }
     loop {
@@ -513,24 +522,34 @@ pub async fn run(
             }
             continue;
         };
-        if !pass_on(&sink, &status, &mut log, translation, mirror.watching()) {
+        if !pass_on(
+            &sink,
+            &status,
+            &mut log,
+            translation,
+            mirror.watching(),
+            false,
+        ) {
             return;
         }
     }
 }
 
-/// Logs `translation`'s oddities and sends its changes, if it has any;
-/// notes the revision in `status`. False if the sink is closed.
+/// Logs `translation`'s oddities and sends its changes, if it has any
+/// or `even_empty`; notes the revision in `status`. False if the sink is
+/// closed.
 fn pass_on(
     sink: &mpsc::UnboundedSender<ClusterChanges>,
     status: &watch::Sender<BridgeStatus>,
     log: &mut OddityLog,
     translation: Translation,
     watching: Option<&str>,
+    even_empty: bool,
 ) -> bool {
     log.log(&translation.oddities);
     let revision = translation.changes.revision;
-    if !translation.changes.events.is_empty() && sink.send(translation.changes).is_err() {
+    let worth_sending = even_empty || !translation.changes.events.is_empty();
+    if worth_sending && sink.send(translation.changes).is_err() {
         return false;
     }
     status.send_modify(|status| {

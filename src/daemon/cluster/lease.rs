@@ -277,6 +277,24 @@ struct Held {
 }
 
 impl Held {
+    /// Says in the log that the fence fell, and at which moment on the
+    /// boot clock the promise ended: from then on no entry of this host
+    /// owned a shared topic, which is what another host's promotion is
+    /// measured against.
+    fn log_fence(&self) {
+        // Early, when the alarm could not be set; late, when the daemon
+        // did not run (stopped, or starved) as the fence fell.
+        let fenced_at = self.fenced_at.unwrap_or(self.fence_at);
+        let fell_at = fenced_at.min(self.fence_at);
+        tracing::warn!(
+            "etcd lease {} is fenced: its fence fell at {} ms on the boot clock ({} ms ago), \
+             and this host's entries of shared topics own nowhere until etcd renews it",
+            self.lease,
+            fell_at.since_boot().as_millis(),
+            fenced_at.saturating_duration_since(fell_at).as_millis(),
+        );
+    }
+
     fn state(&self) -> LeaseState {
         match self.fenced_at {
             None => LeaseState::Live {
@@ -324,6 +342,7 @@ impl Keeping {
                     }
                     if let Some(held) = &mut held {
                         held.fenced_at = Some(BootInstant::now());
+                        held.log_fence();
                         self.publish(held.state());
                     }
                 }
@@ -395,10 +414,15 @@ impl Keeping {
                 renewed_at: sent,
                 fenced_at: now,
             });
-            return Held {
+            let held = Held {
                 fenced_at: Some(now),
                 ..held
             };
+            held.log_fence();
+            return held;
+        }
+        if held.fenced_at.is_some() {
+            held.log_fence();
         }
         self.publish(held.state());
         held

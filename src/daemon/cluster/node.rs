@@ -13,7 +13,8 @@
 //!   has its lease revoked, since that daemon's entries are gone with it.
 //! - The bridge ([`Bridge`]), started once this host's name is first
 //!   claimed (before, keys with its name may be another daemon's): other
-//!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`].
+//!   hosts' changes, forwarded to the core as [`ClusterInput::Changes`],
+//!   the first listing as [`ClusterInput::Listing`].
 //! - The writer: the core's writes ([`ClusterWrite`]), handed over by the
 //!   driver once their batch committed, each sent to etcd and its outcome
 //!   told back ([`ClusterInput::Written`]). Writes to different keys run at
@@ -32,8 +33,13 @@
 //! key). What is found decides: the key on this lease with this value is
 //! this create's, and its create revision is the answer.
 //!
-//! Stopping ([`ClusterNode::stop`]) ends the tasks and revokes the lease:
-//! this host's keys go at once, and other hosts remove its entries as
+//! Stopping ([`ClusterNode::stop`]) ends the tasks and revokes the lease.
+//! A daemon that means to come back first hands its entries' keys over to
+//! a lease as long as the resume grace, so that they keep their places on
+//! every host while it is away; the daemon that starts next finds them in
+//! its first listing and moves them to its own lease
+//! ([`ClusterWrite::Adopt`]). Without a hand-over (or if it fails) this
+//! host's keys go with the lease, and other hosts remove its entries as
 //! lost.
 
 use std::collections::{HashMap, VecDeque};
@@ -46,7 +52,7 @@ use tokio::task::{Id, JoinHandle, JoinSet};
 
 use super::ClusterConfig;
 use super::bridge::{Bridge, BridgeSettings, BridgeStatus};
-use super::gateway::{Creation, Error, Gateway, LeaseId, Rewrite};
+use super::gateway::{Creation, Error, Gateway, Kv, LeaseId, Rewrite};
 use super::lease::{LeaseKeeper, LeaseState, LeaseStatus, RETRY_PAUSE};
 use super::record::{Departure, HostClaim, KeySpace, RECORD_VERSION, Record};
 use crate::core::Input;
@@ -61,12 +67,17 @@ use crate::sys::BootInstant;
 /// member it watches on: a load of one number, so often.
 const CHECK_WATCHED_MEMBER_EVERY: Duration = Duration::from_millis(100);
 
+/// How long a stopping daemon may spend handing its keys over before it
+/// revokes its lease all the same: a stop is not to hang on etcd.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(2);
+
 /// What `status` shows of cluster mode, kept current by its tasks and
 /// read by the driver when it completes a `status` reply.
 pub struct ClusterProbe {
     host: String,
     prefix: String,
     patterns: Vec<String>,
+    endpoints: Vec<String>,
     links: Mutex<Option<ProbeLinks>>,
     /// Why cluster mode stopped, if it did.
     refused: Mutex<Option<String>>,
@@ -87,6 +98,7 @@ impl ClusterProbe {
             host: config.host.clone(),
             prefix: config.prefix.clone(),
             patterns: config.patterns.clone(),
+            endpoints: config.endpoints.clone(),
             links: Mutex::new(None),
             refused: Mutex::new(None),
             writes_in_flight: AtomicUsize::new(0),
@@ -99,9 +111,11 @@ impl ClusterProbe {
             host: self.host.clone(),
             prefix: self.prefix.clone(),
             topics: self.patterns.clone(),
+            endpoints: self.endpoints.clone(),
             endpoint: String::new(),
             lease: "granting".to_owned(),
             lease_id: None,
+            renewed_ms_ago: None,
             fence_in_ms: None,
             last_error: None,
             revision: None,
@@ -116,16 +130,26 @@ impl ClusterProbe {
                 .as_ref()
                 .map(|bridge| bridge.borrow().clone())
                 .unwrap_or_default();
+            let now = BootInstant::now();
+            let millis =
+                |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
             let (name, lease_id) = match lease.state {
                 LeaseState::Granting => ("granting", None),
                 LeaseState::Live {
-                    lease, fence_at, ..
+                    lease,
+                    renewed_at,
+                    fence_at,
                 } => {
-                    let left = fence_at.saturating_duration_since(BootInstant::now());
-                    status.fence_in_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+                    status.renewed_ms_ago = Some(millis(now.saturating_duration_since(renewed_at)));
+                    status.fence_in_ms = Some(millis(fence_at.saturating_duration_since(now)));
                     ("live", Some(lease))
                 }
-                LeaseState::Fenced { lease, .. } => ("fenced", Some(lease)),
+                LeaseState::Fenced {
+                    lease, renewed_at, ..
+                } => {
+                    status.renewed_ms_ago = Some(millis(now.saturating_duration_since(renewed_at)));
+                    ("fenced", Some(lease))
+                }
                 LeaseState::Stopped => ("stopped", None),
             };
             status.lease = name.to_owned();
@@ -137,6 +161,7 @@ impl ClusterProbe {
         if let Some(refused) = &*super::super::lock(&self.refused) {
             status.lease = "stopped".to_owned();
             status.lease_id = None;
+            status.renewed_ms_ago = None;
             status.fence_in_ms = None;
             status.last_error = Some(refused.clone());
         }
@@ -148,8 +173,10 @@ impl ClusterProbe {
 pub struct ClusterNode {
     forwarder: JoinHandle<()>,
     writer: JoinHandle<()>,
-    /// Tells the lease's task to stop keeping the lease and revoke it.
-    stop_lease: Option<oneshot::Sender<()>>,
+    /// Tells the lease's task to stop keeping the lease and revoke it,
+    /// after handing this host's keys over to a lease of the given TTL,
+    /// if one is given.
+    stop_lease: Option<oneshot::Sender<Option<Duration>>>,
     lease_task: JoinHandle<()>,
 }
 
@@ -290,8 +317,16 @@ impl ClusterNode {
             grant_wait: config.lease.ttl,
         });
         let forwarder = tokio::spawn(async move {
+            // The bridge sends its first listing first, even an empty one:
+            // it settles the entries a restart restored.
+            let mut listing = true;
             while let Some(changes) = changes_rx.recv().await {
-                if !tell_core(&core, ClusterInput::Changes(changes)).await {
+                let input = if std::mem::take(&mut listing) {
+                    ClusterInput::Listing(changes)
+                } else {
+                    ClusterInput::Changes(changes)
+                };
+                if !tell_core(&core, input).await {
                     return;
                 }
             }
@@ -315,12 +350,16 @@ impl ClusterNode {
     }
 
     /// Ends cluster mode: no more changes are read or writes sent, and
-    /// the lease is revoked, with every key on it.
-    pub async fn stop(mut self) {
+    /// the lease is revoked. With `hand_over` (the resume grace), this
+    /// host's entries' keys are first moved to a new lease that long
+    /// (whole seconds, and at least etcd's minimum), so they keep their
+    /// places while the daemon restarts; without, or if that fails within
+    /// a few seconds, they go with the lease.
+    pub async fn stop(mut self, hand_over: Option<Duration>) {
         self.forwarder.abort();
         self.writer.abort();
         if let Some(stop) = self.stop_lease.take() {
-            let _ = stop.send(());
+            let _ = stop.send(hand_over);
         }
         let _ = (&mut self.lease_task).await;
     }
@@ -363,8 +402,9 @@ async fn keep_lease(
     claimant: Claimant,
     claimed: watch::Sender<Option<LeaseId>>,
     bridge: BridgeStart,
-    mut stopped: oneshot::Receiver<()>,
+    mut stopped: oneshot::Receiver<Option<Duration>>,
 ) {
+    let mut hand_over: Option<Duration> = None;
     let mut bridge_start = Some(bridge);
     let mut running_bridge: Option<Bridge> = None;
     let mut status = keeper.status();
@@ -398,7 +438,10 @@ async fn keep_lease(
                         shared.host
                     );
                     tokio::select! {
-                        _ = &mut stopped => break None,
+                        asked = &mut stopped => {
+                            hand_over = asked.ok().flatten();
+                            break None;
+                        }
                         () = tokio::time::sleep(RETRY_PAUSE) => continue,
                         changed = status.changed() => {
                             if changed.is_err() { break None; }
@@ -416,7 +459,10 @@ async fn keep_lease(
             told = Some(view);
         }
         tokio::select! {
-            _ = &mut stopped => break None,
+            asked = &mut stopped => {
+                hand_over = asked.ok().flatten();
+                break None;
+            }
             changed = status.changed() => if changed.is_err() { break None },
         }
     };
@@ -433,6 +479,21 @@ async fn keep_lease(
     // No more of other hosts' changes: dropping the bridge ends it.
     drop(running_bridge);
     if let Some(lease) = keeper.stop().await {
+        if let Some(grace) = hand_over {
+            let handing = hand_over_keys(&shared, lease, grace);
+            match tokio::time::timeout(HAND_OVER_WITHIN, handing).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(
+                    "cluster: this host's keys could not be handed over, they go with lease \
+                     {lease} (other hosts see its entries lost): {error}"
+                ),
+                Err(_) => tracing::warn!(
+                    "cluster: handing this host's keys over took longer than \
+                     {HAND_OVER_WITHIN:?}; those not moved go with lease {lease} (other hosts \
+                     see those entries lost)"
+                ),
+            }
+        }
         match shared.gateway.revoke(lease).await {
             Ok(()) => tracing::info!("cluster: lease {lease} revoked"),
             Err(error) => tracing::warn!(
@@ -445,6 +506,47 @@ async fn keep_lease(
             .tell_core(ClusterInput::Lease(LeaseView::Stopped))
             .await;
     }
+}
+
+/// Moves every key of this host's entries on `lease` (all topics; keys
+/// already deleted are not there to move) to a new lease of `grace`, in
+/// whole seconds rounded up: the time a restarted daemon's clients have to
+/// resume, and so the time its entries need to keep their places. etcd
+/// raises a TTL below its minimum, which [`Gateway::grant`] refuses; the
+/// smallest it grants is taken then. Each key keeps its value and create
+/// revision, so other hosts see the same record written again, which
+/// changes nothing there. The host's claim and the reasons stay on
+/// `lease`, and go when it is revoked.
+async fn hand_over_keys(shared: &Shared, lease: LeaseId, grace: Duration) -> Result<(), Error> {
+    let (_, kvs) = shared.gateway.range_prefix(&shared.keys.topics()).await?;
+    let own: Vec<Kv> = kvs.into_iter().filter(|kv| kv.lease == lease.0).collect();
+    if own.is_empty() {
+        return Ok(());
+    }
+    let whole_seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    let ttl = Duration::from_secs(whole_seconds.max(1));
+    let handed_to = match shared.gateway.grant(ttl).await {
+        Ok(granted) => granted,
+        Err(Error::TtlRaised { granted, .. }) => {
+            tracing::info!(
+                "cluster: etcd grants no lease shorter than {granted:?}, so this host's \
+                 entries keep their places that long rather than the resume grace of \
+                 {grace:?}"
+            );
+            shared.gateway.grant(granted).await?
+        }
+        Err(error) => return Err(error),
+    };
+    let moved = shared.gateway.move_to_lease(&own, handed_to.id).await?;
+    tracing::info!(
+        "cluster: {} keys of this host's entries handed over to lease {} for {:?} \
+         ({} gone meanwhile)",
+        moved.moved,
+        handed_to.id,
+        handed_to.ttl,
+        moved.missing.len()
+    );
+    Ok(())
 }
 
 /// The core's view of the lease: live only once the host name is claimed
@@ -593,7 +695,8 @@ fn entry_key(keys: &KeySpace, write: &ClusterWrite) -> Vec<u8> {
     match write {
         ClusterWrite::Create { topic, id, .. }
         | ClusterWrite::Rewrite { topic, id, .. }
-        | ClusterWrite::Delete { topic, id, .. } => keys.entry(topic, id),
+        | ClusterWrite::Delete { topic, id, .. }
+        | ClusterWrite::Adopt { topic, id, .. } => keys.entry(topic, id),
     }
 }
 
@@ -624,6 +727,10 @@ async fn write_one(shared: Arc<Shared>, key: Vec<u8>, write: ClusterWrite) {
                 host: shared.host.clone(),
             };
             delete(&shared, &key, &shared.keys.reason(&topic, &id), &departure).await;
+            return;
+        }
+        ClusterWrite::Adopt { .. } => {
+            adopt(&shared, &key).await;
             return;
         }
     };
@@ -816,6 +923,55 @@ async fn delete(shared: &Shared, key: &[u8], reason_key: &[u8], departure: &Depa
                 return;
             }
         }
+    }
+}
+
+/// Moves a restored entry's key, found where the hand-over left it, to
+/// the live lease, keeping its value and create revision. A key gone
+/// meanwhile, or on the live lease already, is left alone: the watch shows
+/// what became of it. If etcd cannot be reached while the lease holds,
+/// the key is read and moved again; once the lease is gone, nothing is
+/// left to do (the key ends with the hand-over lease, and the entry is
+/// queued again when the watch shows that).
+async fn adopt(shared: &Shared, key: &[u8]) {
+    let Some(lease) = shared.lease_to_write().await else {
+        tracing::warn!(
+            "cluster: {} not moved to this daemon's lease, which is not live; it ends with \
+             the hand-over lease",
+            String::from_utf8_lossy(key)
+        );
+        return;
+    };
+    loop {
+        let error = match shared.gateway.get(key).await {
+            Ok((_, None)) => return,
+            Ok((_, Some(kv))) if kv.lease == lease.0 => return,
+            Ok((_, Some(kv))) => match shared.gateway.move_to_lease(&[kv], lease).await {
+                Ok(moved) => {
+                    if !moved.missing.is_empty() {
+                        tracing::debug!(
+                            "cluster: {} changed before it was moved to lease {lease}",
+                            String::from_utf8_lossy(key)
+                        );
+                    }
+                    return;
+                }
+                Err(error) => error,
+            },
+            Err(error) => error,
+        };
+        if !shared.may_hold(lease) {
+            tracing::warn!(
+                "cluster: {} not moved to lease {lease}, which ended: {error}",
+                String::from_utf8_lossy(key)
+            );
+            return;
+        }
+        tracing::debug!(
+            "cluster: moving {} to lease {lease} failed, trying again: {error}",
+            String::from_utf8_lossy(key)
+        );
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 
