@@ -17,8 +17,8 @@
 //!   end of a connection.
 //! - [`Core::poll_timeout`]: when it next has work of its own, which the
 //!   driver reports with [`Core::handle_timeout`]: a restored entry's
-//!   resume deadline, a request that waited for etcd too long, or facts
-//!   to retry.
+//!   resume deadline, a request that waited for etcd too long, facts to
+//!   retry, or the fence of the etcd lease.
 //! - [`Core::poll_stopped`]: whether a shutdown has run its course.
 //!
 //! A batch opens with the first input after the last one closed, takes
@@ -36,6 +36,12 @@
 //! asked again by anyone, so it is kept as a fact and applied at the head
 //! of every later batch until a commit takes it; while no client asks
 //! anything, it is retried on its own with a growing pause.
+//!
+//! One change is revealed without a commit: the fence of the etcd lease
+//! (cluster mode). It changes no row and only takes away (owners of
+//! shared topics stand suspended), so it is applied on its own as soon as
+//! no batch is open or out, and released at once: right behind the lines
+//! of a batch whose commit it fell during, and whatever the disk does.
 
 mod line;
 pub mod read;
@@ -467,6 +473,7 @@ impl Core {
             // An open batch does this work at its head already.
             return;
         }
+        self.fence_alone_if_due(now);
         if self.poll_timeout().is_some_and(|at| at <= now.at) {
             let mut batch = self.open_batch(Origin::Upkeep, now);
             batch.sealed = true;
@@ -475,9 +482,11 @@ impl Core {
     }
 
     /// When the core next has work of its own: a restored entry's resume
-    /// deadline, a request that waited for etcd too long, or facts to
-    /// retry; never before the retry pause after a failed commit, so that
-    /// a failing disk cannot make an idle core spin.
+    /// deadline, a request that waited for etcd too long, a refused
+    /// re-creation of a key to ask again, or facts to retry, never before
+    /// the retry pause after a failed commit, so that a failing disk
+    /// cannot make an idle core spin; and the fence of a live lease, pause
+    /// or not, since it writes nothing.
     /// A batch of inputs does this work too, at its head, pause or not.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.stopped.is_some() || self.stopping {
@@ -492,24 +501,29 @@ impl Core {
             .registry
             .next_park_deadline()
             .map(|deadline| now.instant_of(deadline));
+        let requeue = self
+            .registry
+            .next_requeue_retry()
+            .map(|at| now.instant_of(at));
         let retry = (!self.recovery.facts.is_empty()).then_some(now.at);
         // A backstop: the lease keeper's alarm is what fences on time. This
         // instant is on the monotonic clock, which stops during a suspend;
         // the boot clock read with each batch covers that.
         let fence = match self.registry.lease() {
-            LeaseView::Live { fence_at } => Some(now.at + fence_at.saturating_sub(now.boot)),
+            LeaseView::Live { fence_at, .. } => Some(now.at + fence_at.saturating_sub(now.boot)),
             _ => None,
         };
         let due = expiry
             .into_iter()
             .chain(parked)
+            .chain(requeue)
             .chain(retry)
-            .chain(fence)
-            .min()?;
-        Some(match &self.recovery.outage {
-            Some(outage) => due.max(outage.retry_at),
-            None => due,
-        })
+            .min()
+            .map(|due| match &self.recovery.outage {
+                Some(outage) => due.max(outage.retry_at),
+                None => due,
+            });
+        due.into_iter().chain(fence).min()
     }
 
     /// Closes the open batch (or opens one for inputs that waited) and
@@ -639,6 +653,7 @@ impl Core {
             self.fence_if_due(now, &mut batch);
             return batch;
         }
+        self.fence_alone_if_due(now);
         self.registry.begin_batch();
         let mut batch = Batch::new(origin, now, self.registry.next_seq());
         self.fence_if_due(now, &mut batch);
@@ -650,6 +665,8 @@ impl Core {
             .expire(batch.now.wall_ms, &mut batch.out.outbox);
         self.registry
             .time_out_parked(batch.now.wall_ms, &mut batch.out.outbox);
+        self.registry
+            .retry_requeue(batch.now.wall_ms, &mut batch.out.outbox);
         batch
     }
 
@@ -664,14 +681,41 @@ impl Core {
         }
         tracing::info!("the etcd lease's fence fell; the core fences ahead of the lease keeper");
         self.apply_endings(batch);
+        let fenced = self.registry.lease().as_of(now.boot);
         self.registry
-            .set_lease(LeaseView::Fenced, &mut batch.out.outbox);
+            .set_lease(fenced, batch.now.wall_ms, &mut batch.out.outbox);
+    }
+
+    /// Fences this host's entries of shared topics on their own, if the
+    /// fence is due and no batch is open or out, and releases the
+    /// suspensions at once, behind whatever was released before. A fence
+    /// changes no row, so it needs no commit: it is never held back behind
+    /// another batch's, nor by a disk that fails. Revealing it uncommitted
+    /// is safe, as it only takes away: a client told it is suspended stops
+    /// writing, and is told it owns again when a live lease says so.
+    fn fence_alone_if_due(&mut self, now: Now) {
+        if self.batch.is_some() || self.committing.is_some() || !self.fence_due(now) {
+            return;
+        }
+        self.registry.begin_batch();
+        let mut fence = Batch::new(Origin::Upkeep, now, self.registry.next_seq());
+        fence.sealed = true;
+        self.fence_if_due(now, &mut fence);
+        let changed = !fence.out.outbox.changes.is_empty()
+            || self.registry.next_seq() != fence.next_seq_before;
+        if changed {
+            // Not from a fence alone; should it ever change a row, its
+            // lines wait for the commit like any batch's.
+            self.batch = Some(fence);
+            return;
+        }
+        self.settle(fence, Settled::NothingToCommit, now);
     }
 
     /// Whether the boot clock has reached the fence of a lease still
     /// held live.
     fn fence_due(&self, now: Now) -> bool {
-        matches!(self.registry.lease(), LeaseView::Live { fence_at } if now.boot >= fence_at)
+        matches!(self.registry.lease(), LeaseView::Live { fence_at, .. } if now.boot >= fence_at)
     }
 
     /// Applies the inputs that waited for a commit, as far as the batch
@@ -727,7 +771,6 @@ impl Core {
                 self.release(Outgoing::Close(conn));
             }
         }
-        let failed = matches!(settled, Settled::Failed(_));
         if let Some(reason) = batch.last_try_before {
             self.stopped = Some(match settled {
                 Settled::Failed(cause) => Stopped::Unsaved(cause),
@@ -737,12 +780,14 @@ impl Core {
         } else if let Some(reason) = batch.shutdown {
             self.stop(reason, now);
         }
-        // The fence fell while the batch was out: it is told next, at
-        // once. Not after a failure, whose retry waits out its pause.
-        if !failed && !self.stopping && self.batch.is_none() && self.fence_due(now) {
-            let mut fence = self.open_batch(Origin::Upkeep, now);
-            fence.sealed = true;
-            self.batch = Some(fence);
+        // The fence fell while the batch was out: its lines may tell a
+        // client it owns a shared topic, worked out while the lease was
+        // live, and they go now, past the fence. The suspensions go right
+        // behind them, in this same release, whether the commit went
+        // through or not: a failed one's retry waits out its pause, the
+        // fence must not.
+        if !self.stopping {
+            self.fence_alone_if_due(now);
         }
     }
 
@@ -1023,12 +1068,21 @@ impl Core {
             }
             Fact::Cluster(ClusterInput::Written { write, outcome }) => {
                 self.apply_endings(batch);
-                self.registry
-                    .cluster_written(*write, outcome, &mut batch.out.outbox);
+                self.registry.cluster_written(
+                    *write,
+                    outcome,
+                    batch.now.wall_ms,
+                    &mut batch.out.outbox,
+                );
             }
             Fact::Cluster(ClusterInput::Lease(view)) => {
                 self.apply_endings(batch);
-                self.registry.set_lease(*view, &mut batch.out.outbox);
+                // The word may come after the fence it names (the keeper
+                // told it late, or a failed commit made it wait to be
+                // applied again): read as it stands now, it is a fence.
+                let view = view.as_of(self.last_now.boot.max(batch.now.boot));
+                self.registry
+                    .set_lease(view, batch.now.wall_ms, &mut batch.out.outbox);
             }
         }
         batch.facts.push(fact);

@@ -76,8 +76,8 @@ pub use cluster::{
     DEFAULT_PARK_TIMEOUT, LeaseView, MAX_WAITING_PER_CONNECTION, Shared, SharedRecord,
     SharedTopicsFn, WriteId, Written,
 };
-use cluster::{Leaving, Parked, PendingTrack, PendingUntrack, PendingUpdate};
-use fence::Requeue;
+use cluster::{Leaving, Parked, PendingTrack, PendingTracks, PendingUntrack, PendingUpdate};
+use fence::{Requeue, Requeues};
 pub use restart::{RowsForCluster, sort_rows_for_cluster};
 
 /// Something outside the registry that ends entries.
@@ -821,7 +821,7 @@ pub struct Registry {
     shared_ids: HashMap<(String, String), String>,
     /// Tracks of shared topics waiting for etcd to show their keys, by
     /// topic and key id.
-    pending: BTreeMap<(String, String), PendingTrack>,
+    pending: PendingTracks,
     /// The id of the next write to etcd. Never taken back, so an id is
     /// never handed out twice, even for a write dropped with its batch.
     next_write: u64,
@@ -830,7 +830,7 @@ pub struct Registry {
     /// This host's entries of shared topics whose keys went with a lease
     /// that ended, by topic and key id: each stays, suspended, until its
     /// key is created again and shows.
-    requeue: BTreeMap<(String, String), Requeue>,
+    requeue: Requeues,
     /// This host's entries of shared topics on their way out, by key id
     /// (`HOST:pN`, unique across topics): each stays in its place until
     /// etcd's watch shows its key deleted, so that nobody here is promoted
@@ -839,6 +839,8 @@ pub struct Registry {
     /// Updates of this host's entries of shared topics waiting for etcd to
     /// show the new version, by key id: one at a time for each.
     updating: HashMap<String, PendingUpdate>,
+    /// The key id of each of `updating`, by the write that asked for it.
+    updating_by_write: HashMap<WriteId, String>,
     /// Untracks waiting for etcd to show the deletes of the shared entries
     /// they removed, by the write that names their reply.
     untracking: HashMap<WriteId, PendingUntrack>,
@@ -879,12 +881,13 @@ impl Registry {
             told_before: HashMap::new(),
             cluster: None,
             shared_ids: HashMap::new(),
-            pending: BTreeMap::new(),
+            pending: PendingTracks::default(),
             next_write: 0,
             lease: LeaseView::Granting,
-            requeue: BTreeMap::new(),
+            requeue: Requeues::default(),
             leaving: HashMap::new(),
             updating: HashMap::new(),
+            updating_by_write: HashMap::new(),
             untracking: HashMap::new(),
             park_deadlines: BTreeSet::new(),
             shown_revision: 0,

@@ -13,6 +13,7 @@
 //! waiting so is answered then, or `unavailable` after the park timeout;
 //! an entry being removed keeps its place until its key is gone.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -638,16 +639,180 @@ pub enum LeaseView {
     /// Held: etcd keeps the lease, and every key on it, at least until
     /// the fence falls at `fence_at`. The core fences itself at that
     /// moment even if it hears nothing more.
-    Live { fence_at: std::time::Duration },
+    Live {
+        /// The lease's id, as etcd granted it: a view naming another id
+        /// than the last says the lease this host's keys were on ended.
+        lease: i64,
+        fence_at: std::time::Duration,
+    },
     /// The fence fell: etcd may end the lease at any moment and give this
     /// host's places to others. No local entry of a shared topic owns.
-    Fenced,
+    Fenced { lease: i64 },
     /// No lease: none granted yet, or the last one ended (its keys went
     /// with it) and a new one is asked for.
     Granting,
     /// The lease is no longer kept (the daemon is stopping, or etcd
     /// grants another TTL than the one configured).
     Stopped,
+}
+
+impl LeaseView {
+    /// The view as it stands at `boot` on the boot clock: a live lease
+    /// whose fence is due is fenced, whatever the word it came in says.
+    /// A standing worked out from it must never say owner past the fence.
+    pub fn as_of(self, boot: std::time::Duration) -> LeaseView {
+        match self {
+            LeaseView::Live { lease, fence_at } if boot >= fence_at => LeaseView::Fenced { lease },
+            view => view,
+        }
+    }
+
+    /// The lease this view names, if it names one: the lease this host's
+    /// keys are on while it is live or fenced.
+    pub fn lease(self) -> Option<i64> {
+        match self {
+            LeaseView::Live { lease, .. } | LeaseView::Fenced { lease } => Some(lease),
+            LeaseView::Granting | LeaseView::Stopped => None,
+        }
+    }
+}
+
+/// A topic and a key id: an entry of a shared topic.
+type KeyOf = (String, String);
+
+/// The tracks of shared topics waiting for etcd, by topic and key id, with
+/// what finds them without a look at every one: a client may leave
+/// thousands waiting (each close leaves its connection's tracks waiting,
+/// cancelled, until etcd answers), and each answer, watch message, time
+/// out, close or exit must not cost a scan of them all.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PendingTracks {
+    by_key: BTreeMap<KeyOf, PendingTrack>,
+    /// By the write that asked for each key.
+    by_write: BTreeMap<WriteId, KeyOf>,
+    /// Those not cancelled, by connection, by process, and by uid and
+    /// token: what a close, an exit and a resume look for.
+    by_conn: BTreeMap<ConnId, BTreeSet<KeyOf>>,
+    by_process: BTreeMap<ProcessId, BTreeSet<KeyOf>>,
+    by_token: BTreeMap<(u32, [u8; 32]), KeyOf>,
+    /// Those etcd created, by create revision: what a watch gone past
+    /// their revision did not show.
+    by_created: BTreeSet<(u64, KeyOf)>,
+}
+
+impl PendingTracks {
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub(super) fn contains_key(&self, key: &KeyOf) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    pub(super) fn get(&self, key: &KeyOf) -> Option<&PendingTrack> {
+        self.by_key.get(key)
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> impl Iterator<Item = &PendingTrack> {
+        self.by_key.values()
+    }
+
+    /// The tracks of `topic`.
+    fn in_topic<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> impl Iterator<Item = (&'a KeyOf, &'a PendingTrack)> + 'a {
+        self.by_key
+            .range((topic.to_owned(), String::new())..)
+            .take_while(move |((of, _), _)| of == topic)
+    }
+
+    fn of_write(&self, write: WriteId) -> Option<&KeyOf> {
+        self.by_write.get(&write)
+    }
+
+    /// The tracks of `conn` not cancelled.
+    fn of_conn(&self, conn: ConnId) -> Vec<KeyOf> {
+        self.by_conn
+            .get(&conn)
+            .map_or_else(Vec::new, |keys| keys.iter().cloned().collect())
+    }
+
+    /// The tracks of `process` not cancelled.
+    fn of_process(&self, process: ProcessId) -> Vec<KeyOf> {
+        self.by_process
+            .get(&process)
+            .map_or_else(Vec::new, |keys| keys.iter().cloned().collect())
+    }
+
+    /// The track not cancelled of `uid` holding the token of `hash`.
+    fn of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<&PendingTrack> {
+        let key = self.by_token.get(&(uid, *hash))?;
+        self.by_key.get(key)
+    }
+
+    /// The tracks etcd created at or below `revision`.
+    fn created_up_to(&self, revision: u64) -> Vec<KeyOf> {
+        self.by_created
+            .iter()
+            .take_while(|(created, _)| *created <= revision)
+            .map(|(_, key)| key.clone())
+            .collect()
+    }
+
+    fn insert(&mut self, key: KeyOf, pending: PendingTrack) {
+        self.remove(&key);
+        self.by_write.insert(pending.write, key.clone());
+        if pending.cancelled.is_none() {
+            let entry = &pending.track.entry;
+            self.by_conn
+                .entry(pending.track.conn)
+                .or_default()
+                .insert(key.clone());
+            self.by_process
+                .entry(entry.process)
+                .or_default()
+                .insert(key.clone());
+            self.by_token
+                .insert((entry.uid, entry.token_hash), key.clone());
+        }
+        if let Some(created) = pending.created {
+            self.by_created.insert((created, key.clone()));
+        }
+        self.by_key.insert(key, pending);
+    }
+
+    fn remove(&mut self, key: &KeyOf) -> Option<PendingTrack> {
+        let pending = self.by_key.remove(key)?;
+        self.by_write.remove(&pending.write);
+        if pending.cancelled.is_none() {
+            let entry = &pending.track.entry;
+            remove_from(&mut self.by_conn, &pending.track.conn, key);
+            remove_from(&mut self.by_process, &entry.process, key);
+            if self.by_token.get(&(entry.uid, entry.token_hash)) == Some(key) {
+                self.by_token.remove(&(entry.uid, entry.token_hash));
+            }
+        }
+        if let Some(created) = pending.created {
+            self.by_created.remove(&(created, key.clone()));
+        }
+        Some(pending)
+    }
+}
+
+/// Takes `key` out of the set filed under `of`, and the set once empty.
+fn remove_from<K: Ord>(index: &mut BTreeMap<K, BTreeSet<KeyOf>>, of: &K, key: &KeyOf) {
+    if let Some(keys) = index.get_mut(of) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(of);
+        }
+    }
 }
 
 /// A track of a shared topic waiting for etcd: its key is asked for, and
@@ -805,23 +970,27 @@ impl Registry {
     }
 
     /// Files a pending track, and counts it as its entry will be counted.
+    /// A cancelled one still counts against its user until etcd answers:
+    /// its key may yet be created, and is the user's until it is deleted,
+    /// so closing and tracking again cannot pass the quota. Only its
+    /// connection is done with it.
     fn park(&mut self, pending: PendingTrack) {
         let key = (
             pending.track.entry.topic.clone(),
             shared_id(&pending.track.entry),
         );
-        if pending.cancelled.is_none() {
-            self.usage_by_uid
-                .entry(pending.track.entry.uid)
-                .or_default()
-                .count(&pending.track.entry, pending.track.meta_bytes);
-            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
-                connection.parked += 1;
-                connection.keys.insert((
-                    pending.track.entry.topic.clone(),
-                    pending.track.entry.key.clone(),
-                ));
-            }
+        self.usage_by_uid
+            .entry(pending.track.entry.uid)
+            .or_default()
+            .count(&pending.track.entry, pending.track.meta_bytes);
+        if pending.cancelled.is_none()
+            && let Some(connection) = self.conns.get_mut(&pending.track.conn)
+        {
+            connection.parked += 1;
+            connection.keys.insert((
+                pending.track.entry.topic.clone(),
+                pending.track.entry.key.clone(),
+            ));
         }
         if let Some(deadline) = pending.deadline {
             self.park_deadlines.insert((deadline, pending.write));
@@ -833,20 +1002,20 @@ impl Registry {
     /// Takes a pending track out, with what it counted.
     fn unpark(&mut self, key: &(String, String)) -> Option<PendingTrack> {
         let pending = self.pending.remove(key)?;
-        if pending.cancelled.is_none() {
-            if let Some(usage) = self.usage_by_uid.get_mut(&pending.track.entry.uid) {
-                usage.uncount(&pending.track.entry, pending.track.meta_bytes);
-                if usage.entries == 0 {
-                    self.usage_by_uid.remove(&pending.track.entry.uid);
-                }
+        if let Some(usage) = self.usage_by_uid.get_mut(&pending.track.entry.uid) {
+            usage.uncount(&pending.track.entry, pending.track.meta_bytes);
+            if usage.entries == 0 {
+                self.usage_by_uid.remove(&pending.track.entry.uid);
             }
-            if let Some(connection) = self.conns.get_mut(&pending.track.conn) {
-                connection.parked -= 1;
-                connection.keys.remove(&(
-                    pending.track.entry.topic.clone(),
-                    pending.track.entry.key.clone(),
-                ));
-            }
+        }
+        if pending.cancelled.is_none()
+            && let Some(connection) = self.conns.get_mut(&pending.track.conn)
+        {
+            connection.parked -= 1;
+            connection.keys.remove(&(
+                pending.track.entry.topic.clone(),
+                pending.track.entry.key.clone(),
+            ));
         }
         if let Some(deadline) = pending.deadline {
             self.park_deadlines.remove(&(deadline, pending.write));
@@ -887,16 +1056,10 @@ impl Registry {
         if self.pending.is_empty() {
             return;
         }
-        let keys: Vec<(String, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.cancelled.is_none())
-            .filter(|(_, p)| match of {
-                Of::Conn(conn) => p.track.conn == conn,
-                Of::Process(process) => p.track.entry.process == process,
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
+        let keys = match of {
+            Of::Conn(conn) => self.pending.of_conn(conn),
+            Of::Process(process) => self.pending.of_process(process),
+        };
         for key in keys {
             let answer = self
                 .pending
@@ -930,9 +1093,9 @@ impl Registry {
         }
         let keys: Vec<(String, String)> = self
             .pending
-            .iter()
+            .in_topic(topic)
             .filter(|(_, p)| p.cancelled.is_none())
-            .filter(|(_, p)| p.track.entry.topic == topic && p.track.entry.key == key)
+            .filter(|(_, p)| p.track.entry.key == key)
             .filter(|(_, p)| self.check_may_change(conn, &p.track.entry).is_ok())
             .map(|(key, _)| key.clone())
             .collect();
@@ -974,25 +1137,27 @@ impl Registry {
         self.park(pending);
     }
 
-    /// etcd answered a write: a creation is noted (the entry joins when
-    /// the watch shows its key), a refusal answers the track or the update
-    /// with its error and frees what it held. A delete's answer says
-    /// nothing the watch will not: it is not looked at.
-    pub fn cluster_written(&mut self, write: WriteId, outcome: &Written, out: &mut Outbox) {
-        let track = self
-            .pending
-            .iter()
-            .find(|(_, p)| p.write == write)
-            .map(|(key, _)| key.clone());
-        if let Some(key) = track {
+    /// etcd answered a write at `now`: a creation is noted (the entry
+    /// joins when the watch shows its key), a refusal answers the track or
+    /// the update with its error and frees what it held, or, for the
+    /// re-creation of a key that went with a lease, has it asked again
+    /// later. A delete's answer says nothing the watch will not: it is not
+    /// looked at.
+    pub fn cluster_written(
+        &mut self,
+        write: WriteId,
+        outcome: &Written,
+        now: i64,
+        out: &mut Outbox,
+    ) {
+        if self.requeue_written(write, outcome, now) {
+            return;
+        }
+        if let Some(key) = self.pending.of_write(write).cloned() {
             self.track_written(&key, outcome, out);
             return;
         }
-        let update = self
-            .updating
-            .iter()
-            .find(|(_, u)| u.write == write)
-            .map(|(id, update)| (id.clone(), update.clone()));
+        let update = self.updating_of_write(write);
         if let (Some((id, update)), Written::Refused(error)) = (update, outcome) {
             self.set_updating(id, None);
             if update.deadline.is_some() {
@@ -1043,12 +1208,7 @@ impl Registry {
         if self.pending.is_empty() {
             return;
         }
-        let gone: Vec<(String, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.created.is_some_and(|c| c <= self.shown_revision))
-            .map(|(key, _)| key.clone())
-            .collect();
+        let gone = self.pending.created_up_to(self.shown_revision);
         for key in gone {
             self.key_gone(&key, out);
         }
@@ -1439,15 +1599,17 @@ impl Registry {
 
     fn set_updating(&mut self, id: String, update: Option<PendingUpdate>) {
         let before = self.updating.remove(&id);
-        if let Some(before) = &before
-            && let Some(deadline) = before.deadline
-        {
-            self.park_deadlines.remove(&(deadline, before.write));
+        if let Some(before) = &before {
+            self.updating_by_write.remove(&before.write);
+            if let Some(deadline) = before.deadline {
+                self.park_deadlines.remove(&(deadline, before.write));
+            }
         }
         if let Some(update) = update {
             if let Some(deadline) = update.deadline {
                 self.park_deadlines.insert((deadline, update.write));
             }
+            self.updating_by_write.insert(update.write, id.clone());
             self.updating.insert(id.clone(), update);
         }
         self.record(|| Undo::Updating(id, before.map(Box::new)));
@@ -1463,6 +1625,13 @@ impl Registry {
             self.untracking.insert(slot, untrack);
         }
         self.record(|| Undo::Untracking(slot, before.map(Box::new)));
+    }
+
+    /// The update waiting for etcd that `write` asked for, with its key id.
+    fn updating_of_write(&self, write: WriteId) -> Option<(String, PendingUpdate)> {
+        let id = self.updating_by_write.get(&write)?;
+        let update = self.updating.get(id)?;
+        Some((id.clone(), update.clone()))
     }
 
     // -- requests that waited too long --------------------------------------
@@ -1501,9 +1670,9 @@ impl Registry {
         };
         let track = self
             .pending
-            .iter()
-            .find(|(_, p)| p.write == write && p.deadline.is_some())
-            .map(|(key, _)| key.clone());
+            .of_write(write)
+            .filter(|key| self.pending.get(key).is_some_and(|p| p.deadline.is_some()))
+            .cloned();
         if let Some(key) = track {
             let error = unavailable(
                 "this entry's key",
@@ -1513,10 +1682,8 @@ impl Registry {
             return;
         }
         let update = self
-            .updating
-            .iter()
-            .find(|(_, u)| u.write == write && u.deadline.is_some())
-            .map(|(id, update)| (id.clone(), update.clone()));
+            .updating_of_write(write)
+            .filter(|(_, update)| update.deadline.is_some());
         if let Some((id, mut update)) = update {
             update.deadline = None;
             let (conn, request_id) = (update.asked.conn, update.asked.request_id.clone());
@@ -1535,12 +1702,67 @@ impl Registry {
         }
     }
 
+    /// Nothing more of etcd will be shown here (cluster mode stopped for
+    /// good): every track and update still waiting for the watch is
+    /// answered `unavailable` now rather than at its deadline, and
+    /// forgotten. Whatever of them etcd wrote is on a lease nobody renews,
+    /// and goes with it; an answer to one of their writes that comes later
+    /// finds nothing waiting, and changes nothing.
+    pub(super) fn give_up_waiting_for_etcd(&mut self, out: &mut Outbox) {
+        let tracks: Vec<KeyOf> = self.pending.by_key.keys().cloned().collect();
+        for key in tracks {
+            let Some(pending) = self.unpark(&key) else {
+                continue;
+            };
+            if pending.cancelled.is_none() {
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this host's etcd lease is no longer kept, so etcd will not show the \
+                         entry of `{}` on `{}`; a topic shared across hosts cannot change here \
+                         now",
+                        pending.track.entry.key, pending.track.entry.topic
+                    ),
+                );
+                let request_id = pending.track.request_id;
+                resolve(
+                    out,
+                    pending.track.conn,
+                    pending.write,
+                    request_id,
+                    Err(error),
+                );
+            }
+        }
+        let mut updates: Vec<(String, PendingUpdate)> = self
+            .updating
+            .iter()
+            .map(|(id, update)| (id.clone(), update.clone()))
+            .collect();
+        // In the order they were asked, so each connection hears its
+        // answers in that order.
+        updates.sort_by_key(|(_, update)| update.write);
+        for (id, update) in updates {
+            self.set_updating(id, None);
+            if update.deadline.is_some() {
+                let error = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this host's etcd lease is no longer kept, so etcd will not show this \
+                         update; entry `{}` stays as it was",
+                        update.asked.old_ref
+                    ),
+                );
+                let PendingUpdate { write, asked, .. } = update;
+                resolve(out, asked.conn, write, asked.request_id, Err(error));
+            }
+        }
+    }
+
     /// A pending track holds this token: it cannot be resumed before its
     /// key shows (nor could its client know the token before then).
     pub(super) fn parked_track_of_token(&self, uid: u32, hash: &[u8; 32]) -> Option<ErrorBody> {
-        let pending = self.pending.values().find(|p| {
-            p.cancelled.is_none() && p.track.entry.uid == uid && p.track.entry.token_hash == *hash
-        })?;
+        let pending = self.pending.of_token(uid, hash)?;
         Some(ErrorBody::new(
             ErrorCode::Unavailable,
             format!(

@@ -18,24 +18,113 @@
 //! under its same id, at the back of its queue, and moves there when the
 //! watch shows the new key, as the other hosts see it.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
 use super::{
     Change, ClusterEvent, ClusterWrite, Entry, LeaseView, Outbox, Registry, SharedRecord,
-    StandingKey, Topic, Undo,
+    StandingKey, Topic, Undo, WriteId, Written,
 };
 use crate::protocol::{ErrorBody, ErrorCode, LeaveReason, Standing};
+
+/// How long a re-creation etcd refused waits before it is asked again.
+/// etcd refuses one when the key exists already (the first try went
+/// through after all: the watch shows it soon and the entry moves) or
+/// when it cannot take the write now; a second early on would likely meet
+/// the same, and a pause far below the lease's TTL still gives the entry
+/// its place back long before anyone would give up on it.
+pub(super) const REQUEUE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where the re-creation of the key of an entry whose lease ended stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Requeue {
-    /// Waiting for a live lease to create the key on.
-    Waiting,
-    /// Its creation was asked of etcd; the entry moves when the key shows.
-    Asked,
+    /// Waiting for a live lease to create the key on, or, after etcd
+    /// refused the last try, for `retry_at` (wall clock, ms) to come.
+    Waiting { retry_at: Option<i64> },
+    /// Its creation was asked of etcd by `write`; the entry moves when the
+    /// key shows.
+    Asked { write: WriteId },
     /// Restored after a restart, its key not seen yet: the first listing
     /// either finds the key where the hand-over left it (the entry keeps
     /// its place) or finds it gone (then the entry is queued again, as
     /// `Waiting`). Nothing of it is asked of etcd before that.
     Unconfirmed,
+}
+
+/// A topic and a key id: an entry of a shared topic.
+type KeyOf = (String, String);
+
+/// The entries flagged to be queued again, with what finds them fast: the
+/// write that asked for each key, and the retries by time.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Requeues {
+    flags: BTreeMap<KeyOf, Requeue>,
+    by_write: HashMap<WriteId, KeyOf>,
+    retries: BTreeSet<(i64, KeyOf)>,
+}
+
+impl Requeues {
+    pub(super) fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+
+    pub(super) fn contains_key(&self, key: &KeyOf) -> bool {
+        self.flags.contains_key(key)
+    }
+
+    pub(super) fn get(&self, key: &KeyOf) -> Option<&Requeue> {
+        self.flags.get(key)
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &KeyOf> {
+        self.flags.keys()
+    }
+
+    /// The entries restored after a restart whose keys are not confirmed
+    /// yet.
+    pub(super) fn unconfirmed(&self) -> impl Iterator<Item = &KeyOf> {
+        self.flags
+            .iter()
+            .filter(|(_, state)| **state == Requeue::Unconfirmed)
+            .map(|(key, _)| key)
+    }
+
+    /// The entry whose re-creation `write` asked for, if one did.
+    fn asked_by(&self, write: WriteId) -> Option<&KeyOf> {
+        self.by_write.get(&write)
+    }
+
+    /// When the first refused re-creation is due to be asked again.
+    fn next_retry(&self) -> Option<i64> {
+        self.retries.first().map(|(at, _)| *at)
+    }
+
+    /// Sets `key`'s flag to `state`, or clears it; returns the old one.
+    pub(super) fn set(&mut self, key: &KeyOf, state: Option<Requeue>) -> Option<Requeue> {
+        let old = match state {
+            Some(state) => self.flags.insert(key.clone(), state),
+            None => self.flags.remove(key),
+        };
+        match old {
+            Some(Requeue::Asked { write }) => {
+                self.by_write.remove(&write);
+            }
+            Some(Requeue::Waiting { retry_at: Some(at) }) => {
+                self.retries.remove(&(at, key.clone()));
+            }
+            _ => {}
+        }
+        match state {
+            Some(Requeue::Asked { write }) => {
+                self.by_write.insert(write, key.clone());
+            }
+            Some(Requeue::Waiting { retry_at: Some(at) }) => {
+                self.retries.insert((at, key.clone()));
+            }
+            _ => {}
+        }
+        old
+    }
 }
 
 impl Registry {
@@ -119,7 +208,7 @@ impl Registry {
         }
         let why = match self.lease {
             LeaseView::Live { .. } => return Ok(()),
-            LeaseView::Fenced => {
+            LeaseView::Fenced { .. } => {
                 "this host's etcd lease is fenced (etcd has not answered its \
                  renewals in time)"
             }
@@ -142,19 +231,31 @@ impl Registry {
     /// it. Between live and not live, each of this host's entries that is
     /// first in a shared topic changes standing: its holder is sent it in
     /// a `role` event, or, if no connection holds it, hears it on resume.
-    /// A lease that ended (`Granting` after a lease) took this host's keys
-    /// with it: each of this host's entries of shared topics is flagged to
-    /// be queued again, and once a lease is live its key is created again.
+    /// A lease that ended took this host's keys with it: each of this
+    /// host's entries of shared topics is flagged to be queued again, and
+    /// once a lease is live its key is created again. The registry knows
+    /// a lease ended when told `Granting` after it, or a view naming
+    /// another lease: the keeper may have lost one lease and been granted
+    /// the next before the core heard of either, and the new lease holds
+    /// none of the keys written under the old one.
     ///
     /// Journaled, so a batch that fails to commit takes it back; applied
     /// again then, as a fact, it says everything again, once. The same
     /// view twice says nothing the second time.
-    pub fn set_lease(&mut self, view: LeaseView, out: &mut Outbox) {
+    pub fn set_lease(&mut self, view: LeaseView, now: i64, out: &mut Outbox) {
         if view == self.lease {
             return;
         }
-        let ended = view == LeaseView::Granting
-            && matches!(self.lease, LeaseView::Live { .. } | LeaseView::Fenced);
+        // The lease this host's keys are on is the one the last view
+        // named: each view naming a new lease flags every key to be
+        // created again on it.
+        let keys_lease = self.lease.lease();
+        let ended = keys_lease.is_some()
+            && match view {
+                LeaseView::Granting => true,
+                LeaseView::Live { .. } | LeaseView::Fenced { .. } => view.lease() != keys_lease,
+                LeaseView::Stopped => false,
+            };
         let was_live = self.lease_is_live();
         let owners_before = self.local_shared_owners();
         let old = self.lease;
@@ -173,15 +274,46 @@ impl Registry {
                 .collect();
             for key in ids {
                 if !self.requeue.contains_key(&key) {
-                    self.set_requeue(key, Some(Requeue::Waiting));
+                    self.set_requeue(key, Some(Requeue::Waiting { retry_at: None }));
                 }
             }
         }
         self.tell_owners_whose_suspension_changed(owners_before, out);
-        if self.lease_is_live() && !was_live {
+        if self.lease_is_live() && (!was_live || ended) {
             let flagged = self.requeue.keys().cloned().collect();
             self.ask_to_requeue(flagged, out);
         }
+        if view == LeaseView::Stopped {
+            self.let_go_of_etcd(now, out);
+        }
+    }
+
+    /// The lease is no longer kept: nothing more of etcd will be shown
+    /// here. Other hosts' entries leave (`host_lost`: this host lost the
+    /// cluster), since what they are becomes unknowable, and an entry
+    /// shown forever after its host left would keep owning here. This
+    /// host's entries on their way out leave for the reasons they were
+    /// removed for, and the untracks waiting for them are answered: the
+    /// delete either went through or the key goes with the lease, which
+    /// nobody renews now. Tracks and updates still waiting for the watch
+    /// are answered `unavailable`. This host's own entries stay,
+    /// suspended: they are still its clients' and may be given places
+    /// again by a later daemon, but without etcd none of them may own a
+    /// shared topic.
+    fn let_go_of_etcd(&mut self, now: i64, out: &mut Outbox) {
+        let departing: Vec<(String, LeaveReason)> = self
+            .entries()
+            .filter_map(|entry| {
+                let shared = entry.cluster.as_ref()?;
+                if shared.remote {
+                    return Some((entry.phx_ref.clone(), LeaveReason::HostLost));
+                }
+                let leaving = self.leaving.get(&shared.id)?;
+                Some((entry.phx_ref.clone(), leaving.reason))
+            })
+            .collect();
+        self.depart(departing, now, out);
+        self.give_up_waiting_for_etcd(out);
     }
 
     /// This host's entries first in shared topics, each with its topic,
@@ -268,7 +400,7 @@ impl Registry {
                 .filter(|entry| !self.is_leaving(entry));
             let Some(record) = entry.map(|entry| SharedRecord::of(entry, &host)) else {
                 self.set_requeue(key.clone(), None);
-                if state == Requeue::Asked {
+                if matches!(state, Requeue::Asked { .. }) {
                     self.withdraw(key, out);
                 }
                 continue;
@@ -281,9 +413,7 @@ impl Registry {
                 id,
                 record,
             });
-            if state != Requeue::Asked {
-                self.set_requeue(key, Some(Requeue::Asked));
-            }
+            self.set_requeue(key, Some(Requeue::Asked { write }));
         }
     }
 
@@ -309,10 +439,13 @@ impl Registry {
     /// deletes waiting in `departing` leave first, as the
     /// events are in revision order.
     ///
-    /// A key of this host's deleted with no reason went with the lease:
-    /// its entry stays, suspended, flagged to be queued again (at once if
-    /// the lease is live again already). The new key of such an entry,
-    /// when it shows, moves the entry to the back of its queue.
+    /// A key of this host's deleted when this host asked for no delete of
+    /// it (its entry is not leaving) is lost: with no reason it went with
+    /// the lease; with one, another writer deleted it, and every other
+    /// host saw the entry leave all the same. Either way the entry cannot
+    /// go on owning here: it stays, suspended, flagged to be queued again
+    /// (at once if the lease is live). The new key of such an entry, when
+    /// it shows, moves the entry to the back of its queue.
     pub(super) fn apply_own_lost_key(
         &mut self,
         event: &ClusterEvent,
@@ -337,7 +470,7 @@ impl Registry {
             .filter(|entry| !entry.is_remote())
             .map(|entry| (entry.phx_ref.clone(), entry.seq));
         match event {
-            ClusterEvent::Delete { reason: None, .. } => {
+            ClusterEvent::Delete { reason, .. } => {
                 if local.is_none() {
                     return false;
                 }
@@ -345,16 +478,22 @@ impl Registry {
                     // The old key's delete, shown after the lease ended.
                     return true;
                 }
+                if let Some((reason, _)) = reason {
+                    tracing::warn!(
+                        "this host's key `{id}` of `{topic}` was deleted for `{}`, which \
+                         this host did not ask for; its entry is queued again",
+                        reason.as_str()
+                    );
+                }
                 self.depart(std::mem::take(departing), now, out);
                 let owner_before = self.local_shared_owner(topic);
-                self.set_requeue(key.clone(), Some(Requeue::Waiting));
+                self.set_requeue(key.clone(), Some(Requeue::Waiting { retry_at: None }));
                 self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
                 if self.lease_is_live() {
                     self.ask_to_requeue(vec![key], out);
                 }
                 true
             }
-            ClusterEvent::Delete { .. } => false,
             ClusterEvent::Put {
                 create_revision, ..
             } => {
@@ -432,13 +571,58 @@ impl Registry {
         }
     }
 
+    /// etcd answered `write`: if it asked to create again the key of an
+    /// entry whose lease ended, and was refused, the entry goes back to
+    /// waiting, and is asked for again after [`REQUEUE_RETRY_PAUSE`] if
+    /// the lease is live, or with the next live lease otherwise. Left
+    /// asked, it would stay suspended for as long as the lease lives.
+    /// Returns whether `write` was such a creation. A creation that went
+    /// through changes nothing: the entry moves when the watch shows it.
+    pub(super) fn requeue_written(&mut self, write: WriteId, outcome: &Written, now: i64) -> bool {
+        let Some(key) = self.requeue.asked_by(write).cloned() else {
+            return false;
+        };
+        if let Written::Refused(error) = outcome {
+            tracing::warn!(
+                "etcd refused to create again the key `{}` of `{}` ({}); asked again later",
+                key.1,
+                key.0,
+                error.message
+            );
+            let pause = i64::try_from(REQUEUE_RETRY_PAUSE.as_millis()).unwrap_or(i64::MAX);
+            let retry_at = self.lease_is_live().then(|| now.saturating_add(pause));
+            self.set_requeue(key, Some(Requeue::Waiting { retry_at }));
+        }
+        true
+    }
+
+    /// When the first refused re-creation is due to be asked again (wall
+    /// clock, ms).
+    pub fn next_requeue_retry(&self) -> Option<i64> {
+        self.requeue.next_retry()
+    }
+
+    /// Asks again for each refused re-creation whose pause is over at
+    /// `now`. Without a live lease none is asked: the next live lease asks
+    /// for every flagged entry's key anyway.
+    pub fn retry_requeue(&mut self, now: i64, out: &mut Outbox) {
+        let mut due = Vec::new();
+        while let Some((at, key)) = self.requeue.retries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.set_requeue(key.clone(), Some(Requeue::Waiting { retry_at: None }));
+            due.push(key);
+        }
+        if self.lease_is_live() && !due.is_empty() {
+            self.ask_to_requeue(due, out);
+        }
+    }
+
     /// Flags `key` to be queued again as `state`, or unflags it (`None`),
     /// journaled.
     pub(super) fn set_requeue(&mut self, key: (String, String), state: Option<Requeue>) {
-        let old = match state {
-            Some(state) => self.requeue.insert(key.clone(), state),
-            None => self.requeue.remove(&key),
-        };
+        let old = self.requeue.set(&key, state);
         if old != state {
             self.record(|| Undo::Requeue(key, old));
         }
@@ -450,10 +634,7 @@ impl Registry {
         match undo {
             Undo::Lease(view) => self.lease = view,
             Undo::Requeue(key, state) => {
-                match state {
-                    Some(state) => self.requeue.insert(key, state),
-                    None => self.requeue.remove(&key),
-                };
+                self.requeue.set(&key, state);
             }
             _ => {}
         }

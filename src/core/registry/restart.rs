@@ -102,7 +102,7 @@ impl Registry {
             })
             .collect();
         for key in restored {
-            self.requeue.insert(key, Requeue::Unconfirmed);
+            self.requeue.set(&key, Some(Requeue::Unconfirmed));
         }
         for entry in departed {
             if self.is_shared(&entry.topic) && self.is_own_id(&entry.phx_ref) {
@@ -187,14 +187,9 @@ impl Registry {
         for (phx_ref, (topic, id)) in confirmed {
             self.confirm(&phx_ref, topic, id, out);
         }
-        let missing: Vec<(String, String)> = self
-            .requeue
-            .iter()
-            .filter(|(_, state)| **state == Requeue::Unconfirmed)
-            .map(|(key, _)| key.clone())
-            .collect();
+        let missing: Vec<(String, String)> = self.requeue.unconfirmed().cloned().collect();
         for key in &missing {
-            self.set_requeue(key.clone(), Some(Requeue::Waiting));
+            self.set_requeue(key.clone(), Some(Requeue::Waiting { retry_at: None }));
         }
         // Before any key is created again: one created again under the id
         // of a key deleted here is written after that delete.

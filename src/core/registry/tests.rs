@@ -4749,9 +4749,10 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
     );
     let mut registry = Registry::new(Limits::default()).with_cluster(Some(setup));
     let live = LeaseView::Live {
+        lease: 7,
         fence_at: std::time::Duration::MAX,
     };
-    registry.set_lease(live, &mut Outbox::default());
+    registry.set_lease(live, 0, &mut Outbox::default());
     let mut h = Harness::around(registry);
     let a = h.connect(ALICE);
     let before = dump(&h.registry);
@@ -4882,9 +4883,10 @@ fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step
     let mut registry =
         Registry::restore(Limits::default(), vec![entry], 4).with_cluster(Some(setup));
     let live = LeaseView::Live {
+        lease: 7,
         fence_at: std::time::Duration::MAX,
     };
-    registry.set_lease(live, &mut Outbox::default());
+    registry.set_lease(live, 0, &mut Outbox::default());
     let mut h = Harness::around(registry);
     let a = h.connect(ALICE);
     h.resume(a, &["s3"]);
@@ -4921,6 +4923,65 @@ fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step
     );
     h.registry.roll_back();
     assert_eq!(dump(&h.registry), updating);
+}
+
+#[test]
+fn letting_go_of_etcd_is_taken_back_by_a_roll_back() {
+    let updated = shared_entry(9, "pub:x", "web-1:p3", "s3");
+    let untracked = Entry {
+        key: "other".into(),
+        ..shared_entry(10, "pub:x", "web-1:p4", "s4")
+    };
+    let setup = ClusterSetup::new(
+        "web-1",
+        SharedTopicsFn::new(|topic| topic.starts_with("pub:")),
+    );
+    let mut registry =
+        Registry::restore(Limits::default(), vec![updated, untracked], 5).with_cluster(Some(setup));
+    let live = LeaseView::Live {
+        lease: 7,
+        fence_at: std::time::Duration::MAX,
+    };
+    registry.set_lease(live, 0, &mut Outbox::default());
+    let mut h = Harness::around(registry);
+    put_remote(
+        &mut h.registry,
+        remote_entry(
+            11,
+            "pub:x",
+            "web-2:p1",
+            ProcessId {
+                pid: 900,
+                start_time: 1,
+            },
+            BOB,
+        ),
+    );
+    let a = h.connect(ALICE);
+    h.resume(a, &["s3", "s4"]);
+    h.registry.begin_batch();
+    h.update_ref(a, "pub:x", "web-1:p3", meta(json!({"n": 1})));
+    h.untrack_ref(a, "pub:x", "web-1:p4");
+    h.try_track(a, track_request("pub:x", "third"));
+    h.registry.settle();
+    let waiting = dump(&h.registry);
+
+    h.registry.begin_batch();
+    let mut out = Outbox::default();
+    h.registry.set_lease(LeaseView::Stopped, h.now, &mut out);
+    assert_eq!(h.listed_refs("pub:x"), ["web-1:p3"]);
+    assert_eq!(
+        out.deliveries
+            .iter()
+            .filter(|delivery| matches!(delivery, Delivery::Resolved { .. }))
+            .count(),
+        3,
+        "the update, the untrack and the track are answered: {:?}",
+        out.deliveries
+    );
+    h.registry.roll_back();
+    assert_eq!(dump(&h.registry), waiting);
+    assert_eq!(h.registry.lease(), live);
 }
 
 // ---------------------------------------------------------------------------
@@ -5058,7 +5119,7 @@ impl SharedWorld {
                 }
                 SharedInput::End(ending) => registry.end(&[*ending], now, &mut out),
                 SharedInput::Written(write, outcome) => {
-                    registry.cluster_written(*write, outcome, &mut out);
+                    registry.cluster_written(*write, outcome, now, &mut out);
                 }
                 SharedInput::Changes(changes) => {
                     registry.apply_cluster(changes, now, &mut out);

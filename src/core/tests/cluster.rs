@@ -59,10 +59,14 @@ pub(super) const FENCE_IN_MS: u64 = 86_400_000;
 fn clustered_as(host: &str, limits: Limits) -> H {
     let mut h = H::configured(cluster_config_as(host, limits), nothing_restored());
     h.committed_batch([lease(LeaseView::Live {
+        lease: LEASE,
         fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
     })]);
     h
 }
+
+/// The id of the lease the tests' cores hold.
+pub(super) const LEASE: i64 = 7;
 
 /// The lease keeper's word of where the lease stands.
 pub(super) fn lease(view: LeaseView) -> Input {
@@ -524,7 +528,7 @@ impl FakeEtcd {
 
     /// Rewrites the key an update asks for, keeping its create revision:
     /// what etcd answers, then what the watch shows.
-    fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
+    pub(super) fn rewrite(&mut self, write: &ClusterWrite) -> (Input, Input) {
         let ClusterWrite::Rewrite {
             write,
             topic,
@@ -605,7 +609,7 @@ impl FakeEtcd {
     }
 
     /// Refuses a write, as a lease past its fence would.
-    fn refuse(write: &ClusterWrite) -> Input {
+    pub(super) fn refuse(write: &ClusterWrite) -> Input {
         let ClusterWrite::Create { write, .. } = write else {
             panic!("a create: {write:?}");
         };
@@ -782,6 +786,33 @@ fn a_refused_write_answers_its_error_and_frees_the_key_and_the_quota() {
     h.committed_batch([track_on(2, 2, "doc", "x"), track_on(1, 3, "doc", "page")]);
     assert_eq!(h.lines(2)[0]["ok"], true, "the quota is free again");
     assert_eq!(h.core.counts().entries, 1);
+}
+
+#[test]
+fn a_cancelled_track_counts_against_its_users_quota_until_etcd_answers() {
+    let limits = Limits {
+        max_entries_per_uid: 1,
+        ..Limits::default()
+    };
+    let mut h = clustered(limits);
+    h.connect([1, 2]);
+    let mut etcd = FakeEtcd::at(0);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let write = one_write(&mut h);
+    // Its connection closes before etcd answers: the key may still be
+    // created, and until it is deleted it is the user's. Were it not
+    // counted, a user could close and track again without end, each
+    // track leaving a key behind.
+    h.committed_batch([close(1)]);
+    h.committed_batch([track_on(2, 1, "doc", "x")]);
+    let lines = h.lines(2);
+    assert_eq!(lines[0]["error"]["code"], "limit_exceeded", "{lines:?}");
+
+    let (created, put) = etcd.create(&write);
+    h.committed_batch([created, put]);
+    assert!(matches!(one_write(&mut h), ClusterWrite::Delete { .. }));
+    h.committed_batch([track_on(2, 2, "doc", "x")]);
+    assert_eq!(h.lines(2)[0]["ok"], true, "the quota is free again");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::cluster::{
-    FENCE_IN_MS, FakeEtcd, HOST, SHARED, changes, cluster_config, history_of, lease, list,
+    FENCE_IN_MS, FakeEtcd, HOST, LEASE, SHARED, changes, cluster_config, history_of, lease, list,
     one_write, put, put_in, record, refs_listed, untrack_ref,
 };
 use super::harness::*;
@@ -43,6 +43,7 @@ fn restarted(kept: Vec<Entry>, departed: Vec<Entry>) -> H {
         h.ok();
     }
     h.committed_batch([lease(LeaseView::Live {
+        lease: LEASE,
         fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
     })]);
     h

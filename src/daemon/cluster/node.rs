@@ -675,10 +675,11 @@ fn lease_view(state: &LeaseState, claimed: Option<LeaseId>) -> LeaseView {
         LeaseState::Live {
             lease, fence_at, ..
         } if claimed == Some(lease) => LeaseView::Live {
+            lease: lease.0,
             fence_at: fence_at.since_boot(),
         },
         LeaseState::Live { .. } | LeaseState::Granting => LeaseView::Granting,
-        LeaseState::Fenced { .. } => LeaseView::Fenced,
+        LeaseState::Fenced { lease, .. } => LeaseView::Fenced { lease: lease.0 },
         LeaseState::Stopped => LeaseView::Stopped,
     }
 }
@@ -1249,6 +1250,7 @@ mod tests {
         assert_eq!(
             lease_view(&live, Some(LeaseId(7))),
             LeaseView::Live {
+                lease: 7,
                 fence_at: (now + Duration::from_secs(4)).since_boot()
             }
         );
@@ -1257,7 +1259,11 @@ mod tests {
             renewed_at: now,
             fenced_at: now,
         };
-        assert_eq!(lease_view(&fenced, Some(LeaseId(7))), LeaseView::Fenced);
+        assert_eq!(
+            lease_view(&fenced, Some(LeaseId(7))),
+            LeaseView::Fenced { lease: 7 },
+            "the core is told which lease is fenced: one it has not heard of ended the last"
+        );
         assert_eq!(lease_view(&LeaseState::Stopped, None), LeaseView::Stopped);
         assert_eq!(held_lease(&fenced), Some(LeaseId(7)));
         assert_eq!(held_lease(&LeaseState::Granting), None);
