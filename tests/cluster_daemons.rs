@@ -13,18 +13,15 @@ use std::time::{Duration, Instant};
 use presenced::client::ClientError;
 use presenced::daemon::cluster::record::KeySpace;
 use presenced::daemon::cluster::{Creation, Gateway, LeaseId, Renewal};
-use presenced::protocol::{
-    ErrorCode, Event, LeaveReason, Lifetime, Role, TrackRequest, UntrackRequest,
-};
+use presenced::protocol::{ErrorCode, Event, LeaveReason, Role, TrackRequest, UntrackRequest};
 
 use crate::common::cluster::{
-    MARGIN, TTL, cluster_args, host, listed_everywhere, longest_renewal_gap, spectator_at, status,
-    wait_for_lease,
+    MARGIN, TTL, cluster_args, editor_process_joins, host, listed_everywhere, longest_renewal_gap,
+    next_leaves, spectator_at, status, three_hosts, wait_for_lease,
 };
 use crate::common::etcd::EtcdCluster;
 use crate::common::{
-    Daemon, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper, stdout,
-    within,
+    Daemon, POLL, View, eventually, needs_program, next_event, signal, stdout, within,
 };
 
 #[tokio::test]
@@ -32,11 +29,7 @@ use crate::common::{
 async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host() {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
-    let (a, b, c) = (
-        host(&etcd, "a").await,
-        host(&etcd, "b").await,
-        host(&etcd, "c").await,
-    );
+    let (a, b, c) = three_hosts(&etcd).await;
     let topic = "shared:doc";
 
     let (on_a, _a_events) = a.client().await;
@@ -142,11 +135,7 @@ async fn joins_from_every_host_give_one_owner_and_the_same_queue_on_every_host()
 async fn a_killed_host_leaves_the_others_as_lost_within_its_ttl_and_the_next_is_promoted() {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
-    let (mut a, b, c) = (
-        host(&etcd, "a").await,
-        host(&etcd, "b").await,
-        host(&etcd, "c").await,
-    );
+    let (mut a, b, c) = three_hosts(&etcd).await;
     let topic = "shared:doc";
 
     let (on_a, _a_events) = a.client().await;
@@ -222,24 +211,11 @@ async fn a_killed_host_leaves_the_others_as_lost_within_its_ttl_and_the_next_is_
 async fn an_owner_process_that_exits_leaves_every_host_and_the_next_is_promoted() {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
-    let (a, b, c) = (
-        host(&etcd, "a").await,
-        host(&etcd, "b").await,
-        host(&etcd, "c").await,
-    );
+    let (a, b, c) = three_hosts(&etcd).await;
     let topic = "shared:doc";
 
-    let mut editor = spawn_sleeper();
-    let editor_pid = editor.id().expect("the sleeper runs");
     let (on_a, _a_events) = a.client().await;
-    let owner = on_a
-        .track(TrackRequest {
-            pid: Some(editor_pid),
-            lifetime: Lifetime::Process,
-            ..TrackRequest::new(topic, "alice")
-        })
-        .await
-        .expect("alice's editor joins on a");
+    let (mut editor, editor_pid, owner) = editor_process_joins(&on_a, topic).await;
     let (on_b, mut b_events) = b.client().await;
     let next = on_b
         .track(TrackRequest::new(topic, "bob"))
@@ -260,16 +236,7 @@ async fn an_owner_process_that_exits_leaves_every_host_and_the_next_is_promoted(
     })
     .await;
     assert_eq!(promoted.role, Role::Owner, "{promoted:?}");
-    let reasons = next_event(&mut c_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
+    let reasons = next_leaves(&mut c_events, topic).await;
     assert_eq!(
         reasons.get(&owner.phx_ref),
         Some(&LeaveReason::PidExit),
@@ -474,17 +441,8 @@ async fn a_daemon_restarted_after_a_kill_takes_its_host_name_back_at_once() {
     let b = host(&etcd, "b").await;
     let topic = "shared:doc";
 
-    let mut editor = spawn_sleeper();
-    let editor_pid = editor.id().expect("the sleeper runs");
     let (on_a, _a_events) = a.client().await;
-    let owner = on_a
-        .track(TrackRequest {
-            pid: Some(editor_pid),
-            lifetime: Lifetime::Process,
-            ..TrackRequest::new(topic, "alice")
-        })
-        .await
-        .expect("alice's editor joins on a");
+    let (mut editor, editor_pid, owner) = editor_process_joins(&on_a, topic).await;
     let (on_b, mut b_events) = b.client().await;
     on_b.subscribe(topic).await.expect("b watches the topic");
     eventually("b to list a's entry", async || {
@@ -502,16 +460,7 @@ async fn a_daemon_restarted_after_a_kill_takes_its_host_name_back_at_once() {
     // The claim on `a` is the killed daemon's, of this boot, and its
     // process is gone: its lease is revoked rather than waited out.
     wait_for_lease(&a, "live").await;
-    let reasons = next_event(&mut b_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
+    let reasons = next_leaves(&mut b_events, topic).await;
     assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
     let waited = killed.elapsed();
     assert!(
@@ -748,16 +697,7 @@ async fn a_host_sweeps_its_own_leave_reasons_a_minute_after_the_leave_and_nobody
     .await
     .expect("alice leaves");
     let left = Instant::now();
-    let reasons = next_event(&mut b_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
+    let reasons = next_leaves(&mut b_events, topic).await;
     assert_eq!(reasons.get(&alice.phx_ref), Some(&LeaveReason::Untrack));
     let reason_key = keys.reason(topic, &alice.phx_ref);
     let (_, reason) = gateway.get(&reason_key).await.expect("a read");

@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use presenced::client::{Client, ClientError, Events};
 use presenced::daemon::cluster::MAX_TXN_OPS;
-use presenced::protocol::{ErrorCode, Event, LeaveReason, Role, TrackReply, TrackRequest};
+use presenced::protocol::{ErrorCode, LeaveReason, Role, TrackReply, TrackRequest};
 use presenced::sys::BootInstant;
 
 use crate::common::cluster::{
-    TTL, host, host_on, listed_everywhere, logged_host, longest_renewal_gap, next_role,
-    spectator_at, suspended_by, wait_for_lease,
+    TTL, host, host_on, listed_everywhere, logged_host, longest_renewal_gap, next_leaves,
+    next_role, spectator_at, suspended_by, three_hosts, wait_for_lease,
 };
 use crate::common::etcd::EtcdCluster;
-use crate::common::{Daemon, POLL, View, eventually, needs_program, next_event, signal, within};
+use crate::common::{Daemon, POLL, View, eventually, needs_program, signal, within};
 
 /// How many times the race between a host's fence and another host's
 /// promotion is run: each run is one chance for the promotion to win.
@@ -500,11 +500,7 @@ async fn a_stopped_host_with_a_thousand_entries_leaves_the_others_in_a_few_diffs
 async fn a_crowded_host_leaves_the_others_in_a_few_diffs(going: Going) {
     needs_program("etcd", "etcd-server");
     let etcd = EtcdCluster::start(3);
-    let (mut a, b, c) = (
-        host(&etcd, "a").await,
-        host(&etcd, "b").await,
-        host(&etcd, "c").await,
-    );
+    let (mut a, b, c) = three_hosts(&etcd).await;
     let topic = "shared:crowd";
     let (on_b, mut b_events) = b.client().await;
     on_b.subscribe(topic).await.expect("b watches the topic");
@@ -555,16 +551,7 @@ async fn a_crowded_host_leaves_the_others_in_a_few_diffs(going: Going) {
         let mut left = BTreeSet::new();
         let mut diffs = 0;
         while left.len() < CROWD {
-            let reasons = next_event(events, |event| match event {
-                Event::PresenceDiff {
-                    topic: on,
-                    payload,
-                    reasons,
-                    ..
-                } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-                _ => None,
-            })
-            .await;
+            let reasons = next_leaves(events, topic).await;
             diffs += 1;
             for (phx_ref, reason) in reasons {
                 assert_eq!(reason, LeaveReason::HostLost, "{phx_ref} left {name}");

@@ -7,102 +7,38 @@
 //! and no other host sees any of them leave. A daemon killed hands nothing
 //! over: its entries are lost to the other hosts, and the daemon started
 //! next queues them again at the back.
-//!
-//! The three-daemon helpers below are those of `cluster_daemons.rs`.
 
 use std::time::{Duration, Instant};
 
-use presenced::protocol::{Event, LeaveReason, Lifetime, Role, StatusReply, TrackRequest};
+use presenced::protocol::{Event, LeaveReason, Role, TrackRequest};
 use serde_json::Value;
 
-use crate::common::etcd::{ELECTION_TIMEOUT, EtcdCluster};
-use crate::common::{
-    Daemon, Options, POLL, View, eventually, needs_program, next_event, signal, spawn_sleeper,
-    within,
+use crate::common;
+use crate::common::cluster::{
+    TTL, editor_process_joins, listed_everywhere, next_leaves, started, wait_for_lease,
 };
-
-/// The topics the daemons share.
-const SHARED: &str = "shared:*";
-
-/// The lease's TTL: short, so that a lease left behind would show.
-const TTL: Duration = Duration::from_secs(2);
+use crate::common::etcd::EtcdCluster;
+use crate::common::{Daemon, View, eventually, needs_program, next_event, signal, within};
 
 /// How long a restarted daemon's clients have to resume, and so how long
 /// its entries' keys are handed over for.
 const RESUME_GRACE: Duration = Duration::from_secs(30);
 
-/// `--cluster-ttl` and the hidden settings, short (as in
-/// `cluster_daemons.rs`: with the fixture's election timeout, the longest
-/// gap between renewals stays under T − m).
+/// The cluster's arguments for `host`, with `--resume-grace`.
 fn cluster_args(etcd: &EtcdCluster, host: &str, resume_grace: Duration) -> Vec<String> {
-    [
-        "--etcd",
-        &etcd.endpoints().join(","),
-        "--cluster-topics",
-        SHARED,
-        "--host",
-        host,
-        "--cluster-ttl",
-        &TTL.as_secs().to_string(),
-        "--etcd-election-timeout",
-        &ELECTION_TIMEOUT.as_secs_f64().to_string(),
-        "--cluster-margin",
-        "0.5",
-        "--cluster-renew-every",
-        "0.25",
-        "--etcd-attempt-timeout",
-        "0.3",
-        "--resume-grace",
-        &resume_grace.as_secs().to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    let mut args = common::cluster::cluster_args(etcd, host);
+    args.extend([
+        "--resume-grace".to_owned(),
+        resume_grace.as_secs().to_string(),
+    ]);
+    args
 }
 
 /// A daemon of the cluster as `host`, once its lease is live; with its
 /// log at `info` for the test to read, if `logged`.
 async fn host(etcd: &EtcdCluster, host: &str, logged: bool, resume_grace: Duration) -> Daemon {
-    let args = cluster_args(etcd, host, resume_grace);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with_options(Options {
-        log: logged.then_some("info"),
-        args: &args,
-        ..Options::default()
-    })
-    .await;
-    wait_for_lease(&daemon, "live").await;
-    daemon
-}
-
-async fn status(daemon: &Daemon) -> StatusReply {
-    let (client, _events) = daemon.client().await;
-    client.status().await.expect("status")
-}
-
-/// Waits until the daemon's lease is in `state`, as `status` says.
-async fn wait_for_lease(daemon: &Daemon, state: &str) -> StatusReply {
-    let what = format!("the daemon's lease to be {state}");
-    within(&what, async {
-        loop {
-            let status = status(daemon).await;
-            let cluster = status.cluster.as_ref().expect("a daemon in cluster mode");
-            if cluster.lease == state {
-                return status;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await
-}
-
-/// Waits until every daemon lists `topic` as `expected`.
-async fn listed_everywhere(daemons: &[&Daemon], topic: &str, expected: &View) {
-    for daemon in daemons {
-        eventually("every host to list the same queue", async || {
-            View::listed(daemon, topic).await == *expected
-        })
-        .await;
-    }
+    let log = logged.then_some("info");
+    started(&cluster_args(etcd, host, resume_grace), log).await
 }
 
 #[tokio::test]
@@ -119,17 +55,8 @@ async fn a_restarted_host_keeps_its_entries_places_on_every_host() {
 
     // On a: an editor's process entry, the owner; then bob on b; then a
     // connection entry on a, held by `presence join`; then carol on c.
-    let mut editor = spawn_sleeper();
-    let editor_pid = editor.id().expect("the sleeper runs");
     let (on_a, _a_events) = a.client().await;
-    let owner = on_a
-        .track(TrackRequest {
-            pid: Some(editor_pid),
-            lifetime: Lifetime::Process,
-            ..TrackRequest::new(topic, "alice")
-        })
-        .await
-        .expect("alice's editor joins on a");
+    let (mut editor, editor_pid, owner) = editor_process_joins(&on_a, topic).await;
     assert_eq!(owner.standing.role, Role::Owner, "{owner:?}");
     let (on_b, _b_events) = b.client().await;
     let bob = on_b
@@ -201,16 +128,7 @@ async fn a_restarted_host_keeps_its_entries_places_on_every_host() {
     // exit ends its entry on every host, and bob owns.
     signal(editor_pid, nix::sys::signal::Signal::SIGKILL);
     let _ = editor.wait().await;
-    let promoted = next_event(&mut c_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
+    let promoted = next_leaves(&mut c_events, topic).await;
     assert_eq!(
         promoted.get(&owner.phx_ref),
         Some(&LeaveReason::PidExit),
@@ -238,17 +156,8 @@ async fn a_host_killed_then_restarted_queues_its_entries_again_at_the_back() {
     );
     let topic = "shared:doc";
 
-    let mut editor = spawn_sleeper();
-    let editor_pid = editor.id().expect("the sleeper runs");
     let (on_a, _a_events) = a.client().await;
-    let alice = on_a
-        .track(TrackRequest {
-            pid: Some(editor_pid),
-            lifetime: Lifetime::Process,
-            ..TrackRequest::new(topic, "alice")
-        })
-        .await
-        .expect("alice's editor joins on a");
+    let (mut editor, editor_pid, alice) = editor_process_joins(&on_a, topic).await;
     let (on_b, mut b_events) = b.client().await;
     let bob = on_b
         .track(TrackRequest::new(topic, "bob"))
@@ -329,16 +238,7 @@ async fn a_stopped_host_that_does_not_come_back_loses_its_entries_after_the_resu
     let stopped = Instant::now();
     a.stop().await;
     drop(on_a);
-    let reasons = next_event(&mut b_events, |event| match event {
-        Event::PresenceDiff {
-            topic: on,
-            payload,
-            reasons,
-            ..
-        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
-        _ => None,
-    })
-    .await;
+    let reasons = next_leaves(&mut b_events, topic).await;
     let waited = stopped.elapsed();
     assert_eq!(reasons.get(&owner.phx_ref), Some(&LeaveReason::HostLost));
     // Kept for the grace (etcd ends the hand-over lease then, or up to

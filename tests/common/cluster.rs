@@ -3,14 +3,18 @@
 //! through an etcd on loopback ([`super::etcd`]), with a lease short
 //! enough that a lost host is noticed within seconds.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use presenced::client::Events;
+use presenced::client::{Client, Events};
 use presenced::daemon::LeaseSettings;
-use presenced::protocol::{Event, Role, Standing, StatusReply, TrackReply};
+use presenced::protocol::{
+    Event, LeaveReason, Lifetime, Role, Standing, StatusReply, TrackReply, TrackRequest,
+};
+use tokio::process::Child;
 
 use super::etcd::{ELECTION_TIMEOUT, EtcdCluster};
-use super::{Daemon, POLL, View, eventually, next_event, within};
+use super::{Daemon, Options, POLL, View, eventually, next_event, spawn_sleeper, within};
 
 /// The topics the daemons share; every other topic stays local.
 pub const SHARED: &str = "shared:*";
@@ -86,18 +90,24 @@ pub async fn host(etcd: &EtcdCluster, host: &str) -> Daemon {
 /// A daemon of the cluster as `host`, talking to `endpoints` only, once
 /// its lease is live.
 pub async fn host_on(endpoints: &[String], host: &str) -> Daemon {
-    let args = cluster_args_on(endpoints, host);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&args).await;
-    wait_for_lease(&daemon, "live").await;
-    daemon
+    started(&cluster_args_on(endpoints, host), None).await
 }
 
 /// [`host`], logging at `warn`, for a test that reads its log.
 pub async fn logged_host(etcd: &EtcdCluster, host: &str) -> Daemon {
-    let args = cluster_args(etcd, host);
+    started(&cluster_args(etcd, host), Some("warn")).await
+}
+
+/// A daemon of the cluster started with `args`, logging at `log` if
+/// given, once its lease is live.
+pub async fn started(args: &[String], log: Option<&str>) -> Daemon {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_logged(&args).await;
+    let daemon = Daemon::start_with_options(Options {
+        log,
+        args: &args,
+        ..Options::default()
+    })
+    .await;
     wait_for_lease(&daemon, "live").await;
     daemon
 }
@@ -119,6 +129,47 @@ pub async fn wait_for_lease(daemon: &Daemon, state: &str) -> StatusReply {
             }
             tokio::time::sleep(POLL).await;
         }
+    })
+    .await
+}
+
+/// An editor's process (a sleeper) joins `topic` as alice through
+/// `client`, with an entry that lasts as long as the process runs rather
+/// than the connection. Returns the process, its pid and the reply.
+pub async fn editor_process_joins(client: &Client, topic: &str) -> (Child, u32, TrackReply) {
+    let editor = spawn_sleeper();
+    let pid = editor.id().expect("the sleeper runs");
+    let reply = client
+        .track(TrackRequest {
+            pid: Some(pid),
+            lifetime: Lifetime::Process,
+            ..TrackRequest::new(topic, "alice")
+        })
+        .await
+        .expect("alice's editor joins");
+    (editor, pid, reply)
+}
+
+/// The three hosts of most tests, a, b and c, each talking to every
+/// member, once their leases are live.
+pub async fn three_hosts(etcd: &EtcdCluster) -> (Daemon, Daemon, Daemon) {
+    (
+        host(etcd, "a").await,
+        host(etcd, "b").await,
+        host(etcd, "c").await,
+    )
+}
+
+/// The reasons of the next diff on `topic` in which entries leave.
+pub async fn next_leaves(events: &mut Events, topic: &str) -> BTreeMap<String, LeaveReason> {
+    next_event(events, |event| match event {
+        Event::PresenceDiff {
+            topic: on,
+            payload,
+            reasons,
+            ..
+        } if on == topic && !payload.leaves.is_empty() => Some(reasons),
+        _ => None,
     })
     .await
 }

@@ -1256,14 +1256,7 @@ impl Registry {
         };
         let (topic, id) = key.clone();
         if let Some(reason) = pending.cancelled {
-            let write = self.new_write();
-            out.cluster.push(ClusterWrite::Delete {
-                write,
-                topic,
-                id,
-                reason,
-                by: None,
-            });
+            self.ask_delete((topic, id), reason, None, out);
             return;
         }
         let PendingTrack {
@@ -1293,14 +1286,7 @@ impl Registry {
                 write,
                 deliveries: vec![Delivery::Reply { conn, reply }],
             });
-            let write = self.new_write();
-            out.cluster.push(ClusterWrite::Delete {
-                write,
-                topic,
-                id,
-                reason: LeaveReason::Untrack,
-                by: None,
-            });
+            self.ask_delete((topic, id), LeaveReason::Untrack, None, out);
             return;
         }
         entry.seq = create_revision;
@@ -1399,14 +1385,7 @@ impl Registry {
         self.set_leaving(id.clone(), Some(leaving));
         let topic = entry.topic.clone();
         self.insert(entry, meta_bytes);
-        let write = self.new_write();
-        out.cluster.push(ClusterWrite::Delete {
-            write,
-            topic,
-            id: id.clone(),
-            reason,
-            by,
-        });
+        let write = self.ask_delete((topic, id.clone()), reason, by, out);
         Some((id, write))
     }
 
@@ -1795,6 +1774,27 @@ impl Registry {
     pub(super) fn new_write(&mut self) -> WriteId {
         let write = WriteId(self.next_write);
         self.next_write += 1;
+        write
+    }
+
+    /// Asks etcd to delete the key `id` of `topic`, with `reason` (and who
+    /// removed it, `by`) written beside the delete for every host to read.
+    /// Returns the write, which names etcd's answer.
+    pub(super) fn ask_delete(
+        &mut self,
+        (topic, id): (String, String),
+        reason: LeaveReason,
+        by: Option<Actor>,
+        out: &mut Outbox,
+    ) -> WriteId {
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Delete {
+            write,
+            topic,
+            id,
+            reason,
+            by,
+        });
         write
     }
 }

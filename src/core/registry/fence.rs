@@ -422,15 +422,7 @@ impl Registry {
     /// other hosts saw it leave for `host_lost` and come back, and see it
     /// go again as withdrawn.
     fn withdraw(&mut self, key: (String, String), out: &mut Outbox) {
-        let (topic, id) = key;
-        let write = self.new_write();
-        out.cluster.push(ClusterWrite::Delete {
-            write,
-            topic,
-            id,
-            reason: LeaveReason::Untrack,
-            by: None,
-        });
+        self.ask_delete(key, LeaveReason::Untrack, None, out);
     }
 
     /// What etcd's watch showed of this host's own keys whose lease ended:

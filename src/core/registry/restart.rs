@@ -194,15 +194,8 @@ impl Registry {
         // Before any key is created again: one created again under the id
         // of a key deleted here is written after that delete.
         let deleted = unclaimed.len();
-        for ((topic, id), reason) in unclaimed {
-            let write = self.new_write();
-            out.cluster.push(ClusterWrite::Delete {
-                write,
-                topic,
-                id,
-                reason,
-                by: None,
-            });
+        for (key, reason) in unclaimed {
+            self.ask_delete(key, reason, None, out);
         }
         self.tell_owners_whose_suspension_changed(owners_before, out);
         let requeued = missing.len();
