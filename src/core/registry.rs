@@ -1274,25 +1274,9 @@ impl Registry {
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
+        // A shared topic holds no local entry: rows of one tracked before
+        // it was shared leave at start (`sort_rows_for_cluster`).
         let shared = self.is_shared(&request.topic);
-        // A shared topic's seqs are etcd create revisions: a topic that
-        // still holds this host's entries of before it was shared cannot
-        // take one among them.
-        if shared
-            && self
-                .topic(&request.topic)
-                .owner()
-                .is_some_and(|owner| owner.cluster.is_none())
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "topic `{}` is shared across hosts but still holds this host's entries \
-                     of before; it can be tracked once they are gone",
-                    request.topic
-                ),
-            ));
-        }
         self.check_lease_for_track(&request.topic)?;
         // joined_at never goes backwards, even if the wall clock does.
         let joined_at = now.max(self.last_joined_at);

@@ -158,10 +158,6 @@ pub struct ClusterReport {
     pub applied: usize,
     /// Of a topic this daemon does not share.
     pub not_shared: usize,
-    /// Of a topic holding this host's own entries of before cluster mode,
-    /// whose seqs are not create revisions: a topic is all local or all
-    /// shared, never mixed.
-    pub held_locally: usize,
     /// Naming this host's own entries that no track here waits for: a
     /// restart's leftovers, or another daemon using this host's name.
     pub own_host: usize,
@@ -180,12 +176,7 @@ pub struct ClusterReport {
 impl ClusterReport {
     /// How many events were ignored.
     pub fn ignored(&self) -> usize {
-        self.not_shared
-            + self.held_locally
-            + self.own_host
-            + self.bad_id
-            + self.place_taken
-            + self.over_cap
+        self.not_shared + self.own_host + self.bad_id + self.place_taken + self.over_cap
     }
 }
 
@@ -203,7 +194,7 @@ impl Registry {
     /// ([`Registry::shown_up_to`]).
     ///
     /// Ignored, and counted in the report: events of topics this daemon
-    /// does not share, or that hold entries of before cluster mode; of
+    /// does not share; of
     /// this host's own ids that nothing here waits for; of ids naming no
     /// host; of a new key whose
     /// create revision or ref another entry of the topic holds; of new
@@ -360,13 +351,6 @@ impl Registry {
     ) -> Option<&'a mut usize> {
         if !self.is_shared(topic) {
             return Some(&mut report.not_shared);
-        }
-        if self
-            .topic(topic)
-            .owner()
-            .is_some_and(|owner| owner.cluster.is_none())
-        {
-            return Some(&mut report.held_locally);
         }
         match host_of_ref(id) {
             None => Some(&mut report.bad_id),

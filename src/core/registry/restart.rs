@@ -30,10 +30,12 @@ pub struct RowsForCluster {
     /// host's entries of shared topics marked as such (their seqs are
     /// create revisions).
     pub kept: Vec<Entry>,
-    /// Rows of an entry of a shared topic that the daemon's setup no
-    /// longer fits: its topic is no longer shared, or its ref names
-    /// another host than this daemon's `--host`. Nothing here can hold
-    /// their keys, so they leave (reason `expired`).
+    /// Rows that the daemon's setup no longer fits: an entry of a shared
+    /// topic whose topic is no longer shared, or whose ref names another
+    /// host than this daemon's `--host` (nothing here can hold their
+    /// keys); or a local entry of a topic shared now (tracked before
+    /// cluster mode, or before `--cluster-topics` matched it), which no
+    /// other host sees. They leave (reason `expired`).
     pub stale: Vec<Entry>,
 }
 
@@ -41,13 +43,19 @@ pub struct RowsForCluster {
 /// running) by `cluster`, the daemon's setup. A row whose ref names a host
 /// (`HOST:pN`) was an entry of a topic shared then; it is restored only if
 /// its topic is still shared and its host is still this daemon's. A row
-/// with a plain ref stays as it was, even on a topic shared now: such a
-/// topic stays local while it holds entries of before cluster mode.
+/// with a plain ref was a local entry; it is restored only if its topic is
+/// not shared now. One of a topic shared now leaves: kept, it would own
+/// the topic here while other hosts, which never see it, give the topic
+/// to one of theirs, so the topic is shared from the start instead.
 pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -> RowsForCluster {
     let mut sorted = RowsForCluster::default();
     for mut entry in kept {
         let Some(host) = host_of_ref(&entry.phx_ref) else {
-            sorted.kept.push(entry);
+            if cluster.is_some_and(|setup| setup.shares(&entry.topic)) {
+                sorted.stale.push(entry);
+            } else {
+                sorted.kept.push(entry);
+            }
             continue;
         };
         match cluster {
@@ -68,8 +76,8 @@ pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -
     }
     if !sorted.stale.is_empty() {
         tracing::warn!(
-            "{} stored entries of shared topics leave (expired): their topics are no longer \
-             shared here, or they are another host's (--cluster-topics or --host changed)",
+            "{} stored entries leave (expired): their topics are shared here now, or no \
+             longer, or they are another host's (--cluster-topics or --host changed)",
             sorted.stale.len()
         );
     }

@@ -336,3 +336,50 @@ fn an_update_of_a_restored_entry_waits_for_the_listing() {
     assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
     assert!(FakeEtcd::writes(&mut h).is_empty());
 }
+
+#[test]
+fn a_local_row_of_a_topic_shared_now_leaves_and_the_topic_is_shared_from_the_start() {
+    // Tracked before cluster mode: a plain ref, a seq of the counter.
+    let local = Entry {
+        topic: SHARED.into(),
+        ..stored_entry("page", 4, Lifetime::Process)
+    };
+    let restored = Restored {
+        kept: vec![local],
+        departed: Vec::new(),
+        next_seq: 20,
+    };
+    let mut h = H::configured(cluster_config(Limits::default()), restored);
+    assert_eq!(h.core.counts().entries, 0, "it is not restored");
+    let commit = h.burst().expect("its row goes");
+    assert!(
+        commit
+            .changes
+            .iter()
+            .any(|change| matches!(change, Change::Delete(phx_ref) if phx_ref == "p4")),
+        "{:?}",
+        commit.changes
+    );
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(
+        history,
+        [(
+            HistoryKind::Leave,
+            Some(LeaveReason::Expired),
+            "p4".to_owned()
+        )]
+    );
+    h.ok();
+    h.committed_batch([lease(LeaseView::Live {
+        lease: LEASE,
+        fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
+    })]);
+
+    // Another host's entry of the topic is shown here, owning it as it
+    // does everywhere.
+    h.connect([1]);
+    h.committed_batch([listing(12, vec![put("web-2:p1", "other", 9)])]);
+    h.committed_batch([list(1, 1, SHARED)]);
+    let lines = h.lines(1);
+    assert_eq!(refs_listed(&lines[0]), ["web-2:p1"], "{lines:?}");
+}
