@@ -37,6 +37,11 @@ pub struct Shared {
     /// Another host tracked it: its pid, uid and token are that host's,
     /// and mean nothing here.
     pub remote: bool,
+    /// For this host's entry, the lease its key was last shown on by
+    /// etcd's watch (or a listing); `None` before its key was shown. The
+    /// entry owns only while that is the live lease (see
+    /// `Registry::suspends_as_owner`).
+    pub key_lease: Option<i64>,
 }
 
 /// Which topics are shared across hosts: asked of a topic's name, as the
@@ -132,6 +137,10 @@ pub enum ClusterEvent {
         /// The key's create revision: the entry's seq, the same on every
         /// host.
         create_revision: u64,
+        /// The lease the key is on (etcd's `kv.lease`, 0 for none). One of
+        /// this host's keys owns only on the live lease: on any other, it
+        /// may go at any moment, and its place with it.
+        lease: i64,
         record: SharedRecord,
     },
     /// The key was deleted: with the reason its host wrote beside the
@@ -282,13 +291,14 @@ impl Registry {
                 topic,
                 id,
                 create_revision,
+                lease,
                 record,
             } => {
                 let key = (topic.clone(), id.clone());
                 if self.pending.contains_key(&key) {
                     // What is applied next must see the deletes before it.
                     self.depart(std::mem::take(departing), now, out);
-                    self.put_own(&key, *create_revision, now, out);
+                    self.put_own(&key, *create_revision, *lease, now, out);
                     report.applied += 1;
                     return;
                 }
@@ -299,6 +309,7 @@ impl Registry {
                 if updated {
                     self.depart(std::mem::take(departing), now, out);
                     self.show_update(id, now, out);
+                    self.note_key_lease(&key, *lease, out);
                     report.applied += 1;
                     return;
                 }
@@ -313,7 +324,10 @@ impl Registry {
                 if as_shown {
                     // The version shown, written again (moved to another
                     // lease), or an update its entry's leave overtook: the
-                    // entry stays as it is shown until it goes.
+                    // entry stays as it is shown until it goes, on the
+                    // lease its key is on now.
+                    self.depart(std::mem::take(departing), now, out);
+                    self.note_key_lease(&key, *lease, out);
                     return;
                 }
             }
@@ -521,6 +535,7 @@ impl Registry {
             cluster: Some(Shared {
                 id: id.to_owned(),
                 remote: true,
+                key_lease: None,
             }),
         };
         (Some(entry), meta_bytes, readable)
@@ -575,13 +590,16 @@ pub enum ClusterWrite {
         reason: LeaveReason,
         by: Option<Actor>,
     },
-    /// Move the entry key `id` of `topic`, this host's entry restored
-    /// after a restart and found in the first listing, to this daemon's
-    /// live lease, keeping its value and create revision: the hand-over
-    /// lease it waited on ends after the resume grace. A key already on
-    /// the live lease is left as it is. Nothing is told back: the watch
-    /// shows the same record again, which changes nothing, and a key gone
-    /// meanwhile shows as a delete with no reason, as after a lost lease.
+    /// Move the entry key `id` of `topic`, this host's entry last shown
+    /// on another lease than the live one (restored after a restart and
+    /// found in the first listing on the hand-over lease, which ends after
+    /// the resume grace), to this daemon's live lease, keeping its value
+    /// and create revision. A key already on the live lease is left as it
+    /// is. Nothing is told back: the watch shows the same record on the
+    /// live lease, from which the entry may own, and a key gone meanwhile
+    /// shows as a delete with no reason, as after a lost lease. Asked
+    /// again each time the lease becomes live while the key is not shown
+    /// there.
     Adopt {
         write: WriteId,
         topic: String,
@@ -909,6 +927,7 @@ impl Registry {
         parked.entry.cluster = Some(Shared {
             id: id.clone(),
             remote: false,
+            key_lease: None,
         });
         let write = self.new_write();
         out.cluster.push(ClusterWrite::Create {
@@ -1232,6 +1251,7 @@ impl Registry {
         &mut self,
         key: &(String, String),
         create_revision: u64,
+        lease: i64,
         now: i64,
         out: &mut Outbox,
     ) {
@@ -1274,6 +1294,12 @@ impl Registry {
             return;
         }
         entry.seq = create_revision;
+        // A key shown on a lease that is not the live one (a watch behind
+        // a lease that ended since) does not own: it stays suspended until
+        // the watch shows its delete, and it is queued again.
+        if let Some(shared) = entry.cluster.as_mut() {
+            shared.key_lease = Some(lease);
+        }
         let reply_base = (entry.phx_ref.clone(), entry.joined_at);
         out.changes.push(Change::Put(Box::new(entry.clone())));
         self.join(entry, meta_bytes, now, out);

@@ -109,10 +109,22 @@ pub(super) fn put_in(
     create_revision: u64,
     record: SharedRecord,
 ) -> ClusterEvent {
+    put_on(topic, id, create_revision, LEASE, record)
+}
+
+/// A key of `id` on `topic`, on `lease`.
+pub(super) fn put_on(
+    topic: &str,
+    id: &str,
+    create_revision: u64,
+    lease: i64,
+    record: SharedRecord,
+) -> ClusterEvent {
     ClusterEvent::Put {
         topic: topic.into(),
         id: id.into(),
         create_revision,
+        lease,
         record,
     }
 }
@@ -516,6 +528,8 @@ pub(super) struct FakeEtcd {
     revision: u64,
     /// The create revision of each key it holds, by id.
     created: HashMap<String, u64>,
+    /// The lease the core's writes put keys on: the one live now.
+    pub(super) lease: i64,
 }
 
 impl FakeEtcd {
@@ -523,6 +537,7 @@ impl FakeEtcd {
         FakeEtcd {
             revision,
             created: HashMap::new(),
+            lease: LEASE,
         }
     }
 
@@ -548,7 +563,7 @@ impl FakeEtcd {
         );
         let put = changes(
             self.revision,
-            vec![put_in(topic, id, created, record.clone())],
+            vec![put_on(topic, id, created, self.lease, record.clone())],
         );
         (written, put)
     }
@@ -603,7 +618,7 @@ impl FakeEtcd {
         );
         let put = changes(
             self.revision,
-            vec![put_in(topic, id, self.revision, record.clone())],
+            vec![put_on(topic, id, self.revision, self.lease, record.clone())],
         );
         (written, put)
     }
