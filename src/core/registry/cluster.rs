@@ -167,8 +167,10 @@ pub struct ClusterReport {
     pub applied: usize,
     /// Of a topic this daemon does not share.
     pub not_shared: usize,
-    /// Naming this host's own entries that no track here waits for: a
-    /// restart's leftovers, or another daemon using this host's name.
+    /// Naming this host's own entries in a way that neither a request
+    /// here waits for nor the entry as shown explains (a version of an
+    /// entry that no update here waits for). A key of this host's that
+    /// nothing claims at all is not counted here: it is deleted.
     pub own_host: usize,
     /// With an id that names no host (`HOST:pN`).
     pub bad_id: usize,
@@ -276,8 +278,8 @@ impl Registry {
     /// joins) or a waiting update's new version (the entry changes); a
     /// delete shows a leaving entry gone (it leaves, for the reason it was
     /// removed for). A delete of a key never shown here changes nothing.
-    /// Anything else is counted as not applied: a restart's leftovers, or
-    /// another daemon using this host's name.
+    /// A key that nothing here claims is deleted; anything else is counted
+    /// as not applied.
     fn apply_own(
         &mut self,
         event: &ClusterEvent,
@@ -352,7 +354,29 @@ impl Registry {
             report.applied += 1;
             return;
         }
+        if let ClusterEvent::Put { topic, id, .. } = event
+            && !self.shared_ids.contains_key(&(topic.clone(), id.clone()))
+        {
+            self.delete_unclaimed(topic, id, out);
+            report.applied += 1;
+            return;
+        }
         report.own_host += 1;
+    }
+
+    /// A key of this host's that nothing here claims showed: no track
+    /// waits for it, and no entry has it (the create of a track answered
+    /// `unavailable` that etcd committed after all, say). Left, it would
+    /// hold its place on every other host for as long as this daemon
+    /// runs, owning the topic there for nobody; so it is deleted, as the
+    /// first listing deletes the keys nothing claims.
+    fn delete_unclaimed(&mut self, topic: &str, id: &str, out: &mut Outbox) {
+        tracing::warn!(
+            "cluster: this host's key `{id}` of `{topic}` showed, but nothing here claims it; \
+             it is deleted"
+        );
+        let key = (topic.to_owned(), id.to_owned());
+        self.ask_delete(key, LeaveReason::Untrack, None, out);
     }
 
     /// The report's count an event of `id` on `topic` is ignored for, if

@@ -405,6 +405,12 @@ fn events_of_topics_not_shared_and_of_this_host_are_ignored() {
         ],
     ));
     assert!(h.burst().is_none(), "nothing applied, nothing to save");
+    // This host's key that nothing here claims is deleted, not shown.
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Delete { id, reason: LeaveReason::Untrack, .. } if id == "web-1:p3"),
+        "{write:?}"
+    );
     h.committed_batch([
         changes(13, vec![delete("web-1:p3", None)]),
         list(2, 1, SHARED),
@@ -1876,4 +1882,40 @@ fn an_untrack_refused_for_too_many_replies_waiting_changes_nothing() {
     );
     assert_eq!(replies[bound]["error"]["code"], "limit_exceeded");
     assert_eq!(h.core.counts().entries, bound + 1, "nothing removed");
+}
+
+#[test]
+fn a_track_answered_unavailable_whose_key_shows_later_has_it_deleted() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED), track_on(1, 2, SHARED, "page")]);
+    h.lines(2);
+    let write = one_write(&mut h);
+    // etcd could not say whether the create went through, and the node
+    // gave up: the track is answered `unavailable`.
+    let error = ErrorBody::new(ErrorCode::Unavailable, "etcd cannot be reached");
+    let ClusterWrite::Create { write: asked, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    h.committed_batch([written(*asked, Written::Refused(error))]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    // The first attempt was committed after all, and shows: nothing here
+    // claims it, so it is deleted rather than left owning the topic on
+    // every other host.
+    let mut etcd = FakeEtcd::at(40);
+    let (_, shown) = etcd.create(&write);
+    h.input(shown);
+    assert!(h.burst().is_none(), "nothing to save");
+    let ClusterWrite::Create { id, .. } = &write else {
+        unreachable!()
+    };
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id: deleted, reason: LeaveReason::Untrack, .. } if deleted == id),
+        "{delete:?}"
+    );
+    assert!(h.lines(2).is_empty(), "never shown here");
+    assert!(h.lines(1).is_empty());
 }
