@@ -1919,3 +1919,46 @@ fn a_track_answered_unavailable_whose_key_shows_later_has_it_deleted() {
     assert!(h.lines(2).is_empty(), "never shown here");
     assert!(h.lines(1).is_empty());
 }
+
+#[test]
+fn an_owner_of_a_topic_where_a_key_was_ignored_past_the_cap_stands_suspended_until_it_goes() {
+    let limits = Limits {
+        max_total_entries: 1,
+        ..Limits::default()
+    };
+    let mut h = clustered(limits);
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(20);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, shown) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, shown]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["role"], "owner", "{lines:?}");
+
+    // Another topic's entry fills the cap; then a key of this topic is
+    // ignored past it: it may be older than this host's entry.
+    h.committed_batch([changes(
+        23,
+        vec![
+            put_in(
+                "pub:other",
+                "web-2:p1",
+                22,
+                record("a", "web-2:p1", json!({})),
+            ),
+            put("web-3:p1", "b", 23),
+        ],
+    )]);
+    let lines = h.lines(1);
+    let roles: Vec<&Value> = lines.iter().filter(|l| l["event"] == "role").collect();
+    assert_eq!(roles.len(), 1, "{lines:?}");
+    assert_eq!(roles[0]["payload"]["suspended"], true, "{lines:?}");
+
+    // Its delete shows: the order here is whole again.
+    h.committed_batch([changes(24, vec![delete("web-3:p1", None)])]);
+    let lines = h.lines(1);
+    let roles: Vec<&Value> = lines.iter().filter(|l| l["event"] == "role").collect();
+    assert_eq!(roles.len(), 1, "{lines:?}");
+    assert_eq!(roles[0]["payload"]["role"], "owner", "{lines:?}");
+    assert_eq!(roles[0]["payload"].get("suspended"), None, "{lines:?}");
+}
