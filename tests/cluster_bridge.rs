@@ -101,13 +101,14 @@ async fn the_listing_arrives_as_puts_then_deletes_with_their_reason_or_none() {
     );
 
     let listed = next(&mut changes, "the listing").await;
-    let puts: Vec<(&str, u64, &str, bool)> = listed
+    let puts: Vec<(&str, u64, i64, &str, bool)> = listed
         .events
         .iter()
         .map(|event| match event {
             ClusterEvent::Put {
                 id,
                 create_revision,
+                lease,
                 record,
                 topic,
             } => {
@@ -115,6 +116,7 @@ async fn the_listing_arrives_as_puts_then_deletes_with_their_reason_or_none() {
                 (
                     id.as_str(),
                     *create_revision,
+                    *lease,
                     record.key.as_str(),
                     record.readable,
                 )
@@ -125,9 +127,9 @@ async fn the_listing_arrives_as_puts_then_deletes_with_their_reason_or_none() {
     assert_eq!(
         puts,
         [
-            ("web-1:p1", alice, "alice", true),
-            ("web-1:p2", bob, "bob", true),
-            ("web-1:p3", carol, "carol", true),
+            ("web-1:p1", alice, stays.id.0, "alice", true),
+            ("web-1:p2", bob, stays.id.0, "bob", true),
+            ("web-1:p3", carol, ends.id.0, "carol", true),
         ]
     );
     assert_eq!(listed.revision, carol);

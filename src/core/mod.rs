@@ -1108,7 +1108,6 @@ impl Core {
 fn log_cluster_report(revision: u64, report: &ClusterReport) {
     let counts = [
         (report.not_shared, "of topics not shared here"),
-        (report.held_locally, "of topics holding local entries"),
         (report.own_host, "of this host's own entries"),
         (report.bad_id, "with ids naming no host"),
         (

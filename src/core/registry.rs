@@ -725,6 +725,9 @@ enum Undo {
     /// The untrack waiting for etcd named by this write was set or
     /// cleared: put back what it was.
     Untracking(WriteId, Option<Box<PendingUntrack>>),
+    /// Another host's key, by topic and id, was noted as ignored past the
+    /// cap (`true`) or no longer (`false`): undo that.
+    IgnoredOverCap((String, String), bool),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -857,6 +860,10 @@ pub struct Registry {
     /// create revision, with the reason: the first listing deletes each
     /// key still there for that reason. Only read by that listing.
     left_while_down: HashMap<(String, u64), LeaveReason>,
+    /// Other hosts' keys ignored past the cap on their entries, by topic
+    /// and id, until their deletes show: the order of their topics here
+    /// may be wrong, so none of this host's entries owns one of them.
+    ignored_over_cap: BTreeSet<(String, String)>,
 }
 
 impl Registry {
@@ -892,6 +899,7 @@ impl Registry {
             park_deadlines: BTreeSet::new(),
             shown_revision: 0,
             left_while_down: HashMap::new(),
+            ignored_over_cap: BTreeSet::new(),
         }
     }
 
@@ -1274,25 +1282,9 @@ impl Registry {
         if request.subscribe {
             self.check_subscription_limit(conn, &request.topic)?;
         }
+        // A shared topic holds no local entry: rows of one tracked before
+        // it was shared leave at start (`sort_rows_for_cluster`).
         let shared = self.is_shared(&request.topic);
-        // A shared topic's seqs are etcd create revisions: a topic that
-        // still holds this host's entries of before it was shared cannot
-        // take one among them.
-        if shared
-            && self
-                .topic(&request.topic)
-                .owner()
-                .is_some_and(|owner| owner.cluster.is_none())
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "topic `{}` is shared across hosts but still holds this host's entries \
-                     of before; it can be tracked once they are gone",
-                    request.topic
-                ),
-            ));
-        }
         self.check_lease_for_track(&request.topic)?;
         // joined_at never goes backwards, even if the wall clock does.
         let joined_at = now.max(self.last_joined_at);
@@ -2282,7 +2274,9 @@ impl Registry {
             | Undo::Leaving(..)
             | Undo::Updating(..)
             | Undo::Untracking(..) => self.undo_parking(undo),
-            Undo::Lease(_) | Undo::Requeue(..) => self.undo_fence(undo),
+            Undo::Lease(_) | Undo::Requeue(..) | Undo::IgnoredOverCap(..) => {
+                self.undo_fence(undo);
+            }
         }
     }
 

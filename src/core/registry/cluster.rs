@@ -37,6 +37,11 @@ pub struct Shared {
     /// Another host tracked it: its pid, uid and token are that host's,
     /// and mean nothing here.
     pub remote: bool,
+    /// For this host's entry, the lease its key was last shown on by
+    /// etcd's watch (or a listing); `None` before its key was shown. The
+    /// entry owns only while that is the live lease (see
+    /// `Registry::suspends_as_owner`).
+    pub key_lease: Option<i64>,
 }
 
 /// Which topics are shared across hosts: asked of a topic's name, as the
@@ -132,6 +137,10 @@ pub enum ClusterEvent {
         /// The key's create revision: the entry's seq, the same on every
         /// host.
         create_revision: u64,
+        /// The lease the key is on (etcd's `kv.lease`, 0 for none). One of
+        /// this host's keys owns only on the live lease: on any other, it
+        /// may go at any moment, and its place with it.
+        lease: i64,
         record: SharedRecord,
     },
     /// The key was deleted: with the reason its host wrote beside the
@@ -158,12 +167,10 @@ pub struct ClusterReport {
     pub applied: usize,
     /// Of a topic this daemon does not share.
     pub not_shared: usize,
-    /// Of a topic holding this host's own entries of before cluster mode,
-    /// whose seqs are not create revisions: a topic is all local or all
-    /// shared, never mixed.
-    pub held_locally: usize,
-    /// Naming this host's own entries that no track here waits for: a
-    /// restart's leftovers, or another daemon using this host's name.
+    /// Naming this host's own entries in a way that neither a request
+    /// here waits for nor the entry as shown explains (a version of an
+    /// entry that no update here waits for). A key of this host's that
+    /// nothing claims at all is not counted here: it is deleted.
     pub own_host: usize,
     /// With an id that names no host (`HOST:pN`).
     pub bad_id: usize,
@@ -180,12 +187,7 @@ pub struct ClusterReport {
 impl ClusterReport {
     /// How many events were ignored.
     pub fn ignored(&self) -> usize {
-        self.not_shared
-            + self.held_locally
-            + self.own_host
-            + self.bad_id
-            + self.place_taken
-            + self.over_cap
+        self.not_shared + self.own_host + self.bad_id + self.place_taken + self.over_cap
     }
 }
 
@@ -203,7 +205,7 @@ impl Registry {
     /// ([`Registry::shown_up_to`]).
     ///
     /// Ignored, and counted in the report: events of topics this daemon
-    /// does not share, or that hold entries of before cluster mode; of
+    /// does not share; of
     /// this host's own ids that nothing here waits for; of ids naming no
     /// host; of a new key whose
     /// create revision or ref another entry of the topic holds; of new
@@ -233,9 +235,16 @@ impl Registry {
             }
             match event {
                 ClusterEvent::Delete { reason, .. } => {
-                    let Some(phx_ref) = self.shared_ids.get(&(topic.clone(), id.clone())) else {
+                    let key = (topic.clone(), id.clone());
+                    let Some(phx_ref) = self.shared_ids.get(&key) else {
                         // Its put was ignored, or it came and went before
-                        // this daemon looked.
+                        // this daemon looked. One ignored past the cap no
+                        // longer leaves its topic's order in doubt.
+                        if self.ignored_over_cap.contains(&key) {
+                            self.depart(std::mem::take(&mut departing), now, out);
+                            self.note_ignored_over_cap(key, false, out);
+                            report.applied += 1;
+                        }
                         continue;
                     };
                     let reason = reason.as_ref().map_or(LeaveReason::HostLost, |r| r.0);
@@ -276,8 +285,8 @@ impl Registry {
     /// joins) or a waiting update's new version (the entry changes); a
     /// delete shows a leaving entry gone (it leaves, for the reason it was
     /// removed for). A delete of a key never shown here changes nothing.
-    /// Anything else is counted as not applied: a restart's leftovers, or
-    /// another daemon using this host's name.
+    /// A key that nothing here claims is deleted; anything else is counted
+    /// as not applied.
     fn apply_own(
         &mut self,
         event: &ClusterEvent,
@@ -291,13 +300,14 @@ impl Registry {
                 topic,
                 id,
                 create_revision,
+                lease,
                 record,
             } => {
                 let key = (topic.clone(), id.clone());
                 if self.pending.contains_key(&key) {
                     // What is applied next must see the deletes before it.
                     self.depart(std::mem::take(departing), now, out);
-                    self.put_own(&key, *create_revision, now, out);
+                    self.put_own(&key, *create_revision, *lease, now, out);
                     report.applied += 1;
                     return;
                 }
@@ -308,6 +318,7 @@ impl Registry {
                 if updated {
                     self.depart(std::mem::take(departing), now, out);
                     self.show_update(id, now, out);
+                    self.note_key_lease(&key, *lease, out);
                     report.applied += 1;
                     return;
                 }
@@ -322,7 +333,10 @@ impl Registry {
                 if as_shown {
                     // The version shown, written again (moved to another
                     // lease), or an update its entry's leave overtook: the
-                    // entry stays as it is shown until it goes.
+                    // entry stays as it is shown until it goes, on the
+                    // lease its key is on now.
+                    self.depart(std::mem::take(departing), now, out);
+                    self.note_key_lease(&key, *lease, out);
                     return;
                 }
             }
@@ -347,7 +361,29 @@ impl Registry {
             report.applied += 1;
             return;
         }
+        if let ClusterEvent::Put { topic, id, .. } = event
+            && !self.shared_ids.contains_key(&(topic.clone(), id.clone()))
+        {
+            self.delete_unclaimed(topic, id, out);
+            report.applied += 1;
+            return;
+        }
         report.own_host += 1;
+    }
+
+    /// A key of this host's that nothing here claims showed: no track
+    /// waits for it, and no entry has it (the create of a track answered
+    /// `unavailable` that etcd committed after all, say). Left, it would
+    /// hold its place on every other host for as long as this daemon
+    /// runs, owning the topic there for nobody; so it is deleted, as the
+    /// first listing deletes the keys nothing claims.
+    fn delete_unclaimed(&mut self, topic: &str, id: &str, out: &mut Outbox) {
+        tracing::warn!(
+            "cluster: this host's key `{id}` of `{topic}` showed, but nothing here claims it; \
+             it is deleted"
+        );
+        let key = (topic.to_owned(), id.to_owned());
+        self.ask_delete(key, LeaveReason::Untrack, None, out);
     }
 
     /// The report's count an event of `id` on `topic` is ignored for, if
@@ -360,13 +396,6 @@ impl Registry {
     ) -> Option<&'a mut usize> {
         if !self.is_shared(topic) {
             return Some(&mut report.not_shared);
-        }
-        if self
-            .topic(topic)
-            .owner()
-            .is_some_and(|owner| owner.cluster.is_none())
-        {
-            return Some(&mut report.held_locally);
         }
         match host_of_ref(id) {
             None => Some(&mut report.bad_id),
@@ -435,13 +464,20 @@ impl Registry {
     ) {
         let RemotePut {
             topic,
+            id,
             create_revision,
             ..
         } = put;
         if self.remote_entries >= self.limits.max_total_entries {
             report.over_cap += 1;
+            // The key may be older than this host's entries of the topic,
+            // which then do not own it, whatever the order here says.
+            self.note_ignored_over_cap((topic.to_owned(), id.to_owned()), true, out);
             return;
         }
+        // Ignored before, and shown now that there is room (rewritten, or
+        // listed again): its place is known.
+        self.note_ignored_over_cap((topic.to_owned(), id.to_owned()), false, out);
         // Two keys of a topic cannot share a create revision unless a
         // writer other than presenced made them in one transaction: the
         // first keeps the place.
@@ -537,6 +573,7 @@ impl Registry {
             cluster: Some(Shared {
                 id: id.to_owned(),
                 remote: true,
+                key_lease: None,
             }),
         };
         (Some(entry), meta_bytes, readable)
@@ -591,13 +628,16 @@ pub enum ClusterWrite {
         reason: LeaveReason,
         by: Option<Actor>,
     },
-    /// Move the entry key `id` of `topic`, this host's entry restored
-    /// after a restart and found in the first listing, to this daemon's
-    /// live lease, keeping its value and create revision: the hand-over
-    /// lease it waited on ends after the resume grace. A key already on
-    /// the live lease is left as it is. Nothing is told back: the watch
-    /// shows the same record again, which changes nothing, and a key gone
-    /// meanwhile shows as a delete with no reason, as after a lost lease.
+    /// Move the entry key `id` of `topic`, this host's entry last shown
+    /// on another lease than the live one (restored after a restart and
+    /// found in the first listing on the hand-over lease, which ends after
+    /// the resume grace), to this daemon's live lease, keeping its value
+    /// and create revision. A key already on the live lease is left as it
+    /// is. Nothing is told back: the watch shows the same record on the
+    /// live lease, from which the entry may own, and a key gone meanwhile
+    /// shows as a delete with no reason, as after a lost lease. Asked
+    /// again each time the lease becomes live while the key is not shown
+    /// there.
     Adopt {
         write: WriteId,
         topic: String,
@@ -925,6 +965,7 @@ impl Registry {
         parked.entry.cluster = Some(Shared {
             id: id.clone(),
             remote: false,
+            key_lease: None,
         });
         let write = self.new_write();
         out.cluster.push(ClusterWrite::Create {
@@ -1248,6 +1289,7 @@ impl Registry {
         &mut self,
         key: &(String, String),
         create_revision: u64,
+        lease: i64,
         now: i64,
         out: &mut Outbox,
     ) {
@@ -1290,6 +1332,12 @@ impl Registry {
             return;
         }
         entry.seq = create_revision;
+        // A key shown on a lease that is not the live one (a watch behind
+        // a lease that ended since) does not own: it stays suspended until
+        // the watch shows its delete, and it is queued again.
+        if let Some(shared) = entry.cluster.as_mut() {
+            shared.key_lease = Some(lease);
+        }
         let reply_base = (entry.phx_ref.clone(), entry.joined_at);
         out.changes.push(Change::Put(Box::new(entry.clone())));
         self.join(entry, meta_bytes, now, out);

@@ -10,7 +10,11 @@
 //! position 0, the owner still named), and new tracks and updates of
 //! shared topics are refused. Other hosts' entries, and this host's
 //! entries further back, keep their standings: what they are told changes
-//! nothing anyone writes.
+//! nothing anyone writes. The fence covers only keys on the lease it is
+//! the fence of: an entry whose key etcd's watch last showed on another
+//! lease (a restart's hand-over lease, a lease that ended and that a
+//! watch behind still shows) stands suspended too, however live this
+//! host's lease is, until its key shows on the live lease.
 //!
 //! When the lease ended, etcd deleted this host's keys, and other hosts
 //! saw the entries leave (`host_lost`). Here they stay, suspended, flagged
@@ -22,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::{
-    Change, ClusterEvent, ClusterWrite, Entry, LeaseView, Outbox, Registry, SharedRecord,
+    Change, ClusterEvent, ClusterWrite, Entry, LeaseView, Outbox, Registry, Shared, SharedRecord,
     StandingKey, Topic, Undo, WriteId, Written,
 };
 use crate::protocol::{ErrorBody, ErrorCode, LeaveReason, Standing};
@@ -138,21 +142,116 @@ impl Registry {
         matches!(self.lease, LeaseView::Live { .. })
     }
 
+    /// Whether the lease is live and this host's key `shared` was last
+    /// shown on it.
+    fn key_on_live_lease(&self, shared: &Shared) -> bool {
+        matches!(self.lease, LeaseView::Live { lease, .. } if shared.key_lease == Some(lease))
+    }
+
+    /// Whether another host's key of `topic` was ignored past the cap on
+    /// other hosts' entries, and its delete has not shown: the order here
+    /// may be wrong, since that key may be older than any shown.
+    fn topic_has_ignored_keys(&self, topic: &str) -> bool {
+        !self.ignored_over_cap.is_empty()
+            && self
+                .ignored_over_cap
+                .range((topic.to_owned(), String::new())..)
+                .next()
+                .is_some_and(|(of, _)| of == topic)
+    }
+
+    /// Notes another host's key `key` ignored past the cap (`ignored`), or
+    /// its delete shown (`!ignored`), journaled; this host's owner of its
+    /// topic is told if that changes its suspension.
+    pub(super) fn note_ignored_over_cap(&mut self, key: KeyOf, ignored: bool, out: &mut Outbox) {
+        if self.ignored_over_cap.contains(&key) == ignored {
+            return;
+        }
+        let owner_before = self.local_shared_owner(&key.0);
+        if ignored {
+            self.ignored_over_cap.insert(key.clone());
+        } else {
+            self.ignored_over_cap.remove(&key);
+        }
+        self.record(|| Undo::IgnoredOverCap(key, ignored));
+        self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
+    }
+
+    /// The watch showed this host's key `key` on `lease`: its entry's key
+    /// is noted to be there, and if it is first in its topic and that
+    /// changes its suspension (its key moved to the live lease, say), its
+    /// holder is told.
+    pub(super) fn note_key_lease(&mut self, key: &KeyOf, lease: i64, out: &mut Outbox) {
+        let Some(phx_ref) = self.shared_ids.get(key).cloned() else {
+            return;
+        };
+        let noted = self
+            .entry(&phx_ref)
+            .and_then(|entry| entry.cluster.as_ref())
+            .filter(|shared| !shared.remote)
+            .map(|shared| shared.key_lease);
+        if noted.is_none_or(|noted| noted == Some(lease)) {
+            return;
+        }
+        let owner_before = self.local_shared_owner(&key.0);
+        let Some((mut entry, meta_bytes)) = self.take(&phx_ref) else {
+            return;
+        };
+        if let Some(shared) = entry.cluster.as_mut() {
+            shared.key_lease = Some(lease);
+        }
+        self.insert(entry, meta_bytes);
+        self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
+    }
+
+    /// Asks etcd to move to the live lease the key of each of this host's
+    /// entries last shown on another lease, and not waiting to be created
+    /// again: a restored entry whose move was dropped (asked while the
+    /// lease was fenced) or has not shown yet, or whose key outlived the
+    /// lease that ended. Until its key shows on the live lease the entry
+    /// stands suspended; a key gone meanwhile shows as a delete, and the
+    /// entry is queued again.
+    fn ask_to_adopt_off_lease_keys(&mut self, out: &mut Outbox) {
+        let LeaseView::Live { lease, .. } = self.lease else {
+            return;
+        };
+        let off_lease: Vec<KeyOf> = self
+            .entries()
+            .filter(|entry| !self.is_leaving(entry))
+            .filter_map(|entry| {
+                let shared = entry.cluster.as_ref().filter(|shared| !shared.remote)?;
+                let off = shared.key_lease.is_some_and(|on| on != lease);
+                off.then(|| (entry.topic.clone(), shared.id.clone()))
+            })
+            .filter(|key| !self.requeue.contains_key(key))
+            .collect();
+        for (topic, id) in off_lease {
+            let write = self.new_write();
+            out.cluster.push(ClusterWrite::Adopt { write, topic, id });
+        }
+    }
+
     /// Whether the owner of `topic` stands suspended: it is this host's
-    /// entry of a shared topic, and either the lease is not live or its
-    /// key is gone and waits to be created again.
+    /// entry of a shared topic, and either the lease is not live, or its
+    /// key is gone and waits to be created again, or its key was last
+    /// shown on another lease than the live one.
     pub(super) fn owner_suspended(&self, topic: &Topic) -> bool {
         topic
             .owner()
             .is_some_and(|owner| self.suspends_as_owner(owner))
     }
 
-    /// Whether `entry`, first in its topic, stands suspended.
+    /// Whether `entry`, first in its topic, stands suspended. Only a
+    /// key on the live lease is sure to outlive the fence: a key still on
+    /// another (the hand-over lease of a restart, before it is moved; a
+    /// lease that ended, shown by a watch behind) may go at any moment,
+    /// with no margin, and another host be given its place.
     fn suspends_as_owner(&self, entry: &Entry) -> bool {
         let Some(shared) = entry.cluster.as_ref().filter(|shared| !shared.remote) else {
             return false;
         };
-        !self.lease_is_live()
+        !self.key_on_live_lease(shared)
+            || self.topic_has_ignored_keys(&entry.topic)
             || (!self.requeue.is_empty()
                 && self
                     .requeue
@@ -269,7 +368,11 @@ impl Registry {
                 .filter(|entry| !self.is_leaving(entry))
                 .filter_map(|entry| {
                     let shared = entry.cluster.as_ref().filter(|shared| !shared.remote)?;
-                    Some((entry.topic.clone(), shared.id.clone()))
+                    // A key last shown on another lease (a hand-over
+                    // lease not moved from yet) did not end with this one:
+                    // it is moved to the next live lease instead.
+                    let on_ended = shared.key_lease.is_none_or(|on| Some(on) == keys_lease);
+                    on_ended.then(|| (entry.topic.clone(), shared.id.clone()))
                 })
                 .collect();
             for key in ids {
@@ -282,6 +385,7 @@ impl Registry {
         if self.lease_is_live() && (!was_live || ended) {
             let flagged = self.requeue.keys().cloned().collect();
             self.ask_to_requeue(flagged, out);
+            self.ask_to_adopt_off_lease_keys(out);
         }
         if view == LeaseView::Stopped {
             self.let_go_of_etcd(now, out);
@@ -487,7 +591,9 @@ impl Registry {
                 true
             }
             ClusterEvent::Put {
-                create_revision, ..
+                create_revision,
+                lease,
+                ..
             } => {
                 if !self.requeue.contains_key(&key) {
                     return false;
@@ -510,7 +616,7 @@ impl Registry {
                     }
                     Some((phx_ref, _)) => {
                         self.set_requeue(key, None);
-                        self.move_to(&phx_ref, *create_revision, now, out);
+                        self.move_to(&phx_ref, (*create_revision, *lease), now, out);
                     }
                     None => {
                         self.set_requeue(key.clone(), None);
@@ -526,7 +632,13 @@ impl Registry {
     /// key, at the back of its queue: to everyone here it leaves for
     /// `host_lost` and joins again, as every other host saw it, and its
     /// holder is told its new place (or hears it on resume).
-    fn move_to(&mut self, phx_ref: &str, create_revision: u64, now: i64, out: &mut Outbox) {
+    fn move_to(
+        &mut self,
+        phx_ref: &str,
+        (create_revision, lease): (u64, i64),
+        now: i64,
+        out: &mut Outbox,
+    ) {
         let Some((topic_name, old_seq)) = self.entry(phx_ref).map(|e| (e.topic.clone(), e.seq))
         else {
             return;
@@ -543,10 +655,13 @@ impl Registry {
             now,
             out,
         );
-        let moved = Entry {
+        let mut moved = Entry {
             seq: create_revision,
             ..entry
         };
+        if let Some(shared) = moved.cluster.as_mut() {
+            shared.key_lease = Some(lease);
+        }
         let conn = moved.conn;
         // The row keeps its ref and takes the new seq.
         out.changes.push(Change::Put(Box::new(moved.clone())));
@@ -627,6 +742,12 @@ impl Registry {
             Undo::Lease(view) => self.lease = view,
             Undo::Requeue(key, state) => {
                 self.requeue.set(&key, state);
+            }
+            Undo::IgnoredOverCap(key, true) => {
+                self.ignored_over_cap.remove(&key);
+            }
+            Undo::IgnoredOverCap(key, false) => {
+                self.ignored_over_cap.insert(key);
             }
             _ => {}
         }

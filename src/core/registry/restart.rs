@@ -11,7 +11,10 @@
 //! stands suspended, as under a fenced lease, and nothing of it is asked
 //! of etcd until the first listing shows what etcd holds. Its key there,
 //! at its revision and with its ref, confirms it: it keeps its place, and
-//! the key is moved to the live lease. A key not there is gone, and the
+//! the key is moved to the live lease. It stays suspended until the watch
+//! shows its key there: on the hand-over lease, the key may go when the
+//! grace runs out, with no fence here to come first. A key not there is
+//! gone, and the
 //! entry is queued again at the back, as after a lost lease. A key of
 //! this host's that no entry claims is deleted.
 
@@ -30,10 +33,12 @@ pub struct RowsForCluster {
     /// host's entries of shared topics marked as such (their seqs are
     /// create revisions).
     pub kept: Vec<Entry>,
-    /// Rows of an entry of a shared topic that the daemon's setup no
-    /// longer fits: its topic is no longer shared, or its ref names
-    /// another host than this daemon's `--host`. Nothing here can hold
-    /// their keys, so they leave (reason `expired`).
+    /// Rows that the daemon's setup no longer fits: an entry of a shared
+    /// topic whose topic is no longer shared, or whose ref names another
+    /// host than this daemon's `--host` (nothing here can hold their
+    /// keys); or a local entry of a topic shared now (tracked before
+    /// cluster mode, or before `--cluster-topics` matched it), which no
+    /// other host sees. They leave (reason `expired`).
     pub stale: Vec<Entry>,
 }
 
@@ -41,13 +46,19 @@ pub struct RowsForCluster {
 /// running) by `cluster`, the daemon's setup. A row whose ref names a host
 /// (`HOST:pN`) was an entry of a topic shared then; it is restored only if
 /// its topic is still shared and its host is still this daemon's. A row
-/// with a plain ref stays as it was, even on a topic shared now: such a
-/// topic stays local while it holds entries of before cluster mode.
+/// with a plain ref was a local entry; it is restored only if its topic is
+/// not shared now. One of a topic shared now leaves: kept, it would own
+/// the topic here while other hosts, which never see it, give the topic
+/// to one of theirs, so the topic is shared from the start instead.
 pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -> RowsForCluster {
     let mut sorted = RowsForCluster::default();
     for mut entry in kept {
         let Some(host) = host_of_ref(&entry.phx_ref) else {
-            sorted.kept.push(entry);
+            if cluster.is_some_and(|setup| setup.shares(&entry.topic)) {
+                sorted.stale.push(entry);
+            } else {
+                sorted.kept.push(entry);
+            }
             continue;
         };
         match cluster {
@@ -60,6 +71,7 @@ pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -
                 entry.cluster = Some(Shared {
                     id: entry.phx_ref.clone(),
                     remote: false,
+                    key_lease: None,
                 });
                 sorted.kept.push(entry);
             }
@@ -68,8 +80,8 @@ pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -
     }
     if !sorted.stale.is_empty() {
         tracing::warn!(
-            "{} stored entries of shared topics leave (expired): their topics are no longer \
-             shared here, or they are another host's (--cluster-topics or --host changed)",
+            "{} stored entries leave (expired): their topics are shared here now, or no \
+             longer, or they are another host's (--cluster-topics or --host changed)",
             sorted.stale.len()
         );
     }
@@ -79,8 +91,8 @@ pub fn sort_rows_for_cluster(cluster: Option<&ClusterSetup>, kept: Vec<Entry>) -
 /// What the first listing holds under one of this host's keys.
 enum Listed {
     /// The key of the unconfirmed entry `phx_ref`, where the hand-over
-    /// left it.
-    Confirms { phx_ref: String },
+    /// left it, on `lease`.
+    Confirms { phx_ref: String, lease: i64 },
     /// A key no entry here claims, to delete for this reason.
     Unclaimed(LeaveReason),
     /// Anything else, applied as a watch message would be.
@@ -170,7 +182,9 @@ impl Registry {
         let mut rest = Vec::with_capacity(listing.events.len());
         for event in &listing.events {
             match self.listed(event) {
-                Listed::Confirms { phx_ref } => confirmed.push((phx_ref, event_key(event))),
+                Listed::Confirms { phx_ref, lease } => {
+                    confirmed.push((phx_ref, lease, event_key(event)));
+                }
                 Listed::Unclaimed(reason) => unclaimed.push((event_key(event), reason)),
                 Listed::Other => rest.push(event.clone()),
             }
@@ -184,8 +198,8 @@ impl Registry {
 
         let owners_before = self.local_shared_owners();
         let adopted = confirmed.len();
-        for (phx_ref, (topic, id)) in confirmed {
-            self.confirm(&phx_ref, topic, id, out);
+        for (phx_ref, lease, key) in confirmed {
+            self.confirm(&phx_ref, key, lease, out);
         }
         let missing: Vec<(String, String)> = self.requeue.unconfirmed().cloned().collect();
         for key in &missing {
@@ -218,6 +232,7 @@ impl Registry {
             topic,
             id,
             create_revision,
+            lease,
             record,
         } = event
         else {
@@ -238,6 +253,7 @@ impl Registry {
         {
             return Listed::Confirms {
                 phx_ref: entry.phx_ref.clone(),
+                lease: *lease,
             };
         }
         let claimant = self
@@ -261,9 +277,18 @@ impl Registry {
     }
 
     /// The unconfirmed entry `phx_ref` was found under the key `id` of
-    /// `topic`: it is confirmed, filed under that id (its current ref
-    /// stood in for it), and its key is moved to the live lease.
-    fn confirm(&mut self, phx_ref: &str, topic: String, id: String, out: &mut Outbox) {
+    /// `topic`, on `lease`: it is confirmed, filed under that id (its
+    /// current ref stood in for it), and its key is moved to the live
+    /// lease. It owns only once its key shows there: until then its key
+    /// is on the hand-over lease, which ends after the resume grace
+    /// whether or not this daemon is live, with no fence before it.
+    fn confirm(
+        &mut self,
+        phx_ref: &str,
+        (topic, id): (String, String),
+        lease: i64,
+        out: &mut Outbox,
+    ) {
         let Some(stood_in) = self
             .entry(phx_ref)
             .and_then(|entry| entry.cluster.as_ref())
@@ -272,12 +297,11 @@ impl Registry {
             return;
         };
         self.set_requeue((topic.clone(), stood_in.clone()), None);
-        if stood_in != id
-            && let Some((mut entry, meta_bytes)) = self.take(phx_ref)
-        {
+        if let Some((mut entry, meta_bytes)) = self.take(phx_ref) {
             entry.cluster = Some(Shared {
                 id: id.clone(),
                 remote: false,
+                key_lease: Some(lease),
             });
             self.insert(entry, meta_bytes);
         }

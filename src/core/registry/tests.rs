@@ -2703,6 +2703,7 @@ fn shared_entry(revision: u64, topic: &str, phx_ref: &str, token: &str) -> Entry
         cluster: Some(Shared {
             id: phx_ref.to_owned(),
             remote: false,
+            key_lease: Some(7),
         }),
         ..stored_entry(revision, topic, "k", Lifetime::Process, token)
     }
@@ -2720,6 +2721,7 @@ fn remote_entry(revision: u64, topic: &str, phx_ref: &str, process: ProcessId, u
         cluster: Some(Shared {
             id: phx_ref.to_owned(),
             remote: true,
+            key_lease: None,
         }),
         ..stored_entry(revision, topic, "k", Lifetime::Process, "")
     }
@@ -4711,6 +4713,7 @@ fn a_remote_entry_listed_ahead_of_local_ones_moves_them_back_and_their_holders_h
             topic: "pub:x".into(),
             id: "web-2:p1".into(),
             create_revision: 40,
+            lease: 7,
             record,
         }],
     };
@@ -4789,6 +4792,7 @@ fn parking_cancelling_and_showing_a_shared_track_are_taken_back_by_a_roll_back()
             topic: "pub:x".into(),
             id: id.clone(),
             create_revision: 9,
+            lease: 7,
             record: record.clone(),
         }],
     };
@@ -4911,6 +4915,7 @@ fn a_shared_entry_updated_through_etcd_is_taken_back_by_a_roll_back_at_each_step
             topic: "pub:x".into(),
             id: "web-1:p3".into(),
             create_revision: 9,
+            lease: 7,
             record: record.clone(),
         }],
     };
@@ -5254,6 +5259,7 @@ impl SharedWorld {
                         topic,
                         id,
                         create_revision: created,
+                        lease: 7,
                         record,
                     };
                     (Some(answer), changes(created, vec![put]))
@@ -5280,6 +5286,7 @@ impl SharedWorld {
                     topic,
                     id,
                     create_revision: created,
+                    lease: 7,
                     record,
                 };
                 (Some(answer), changes(self.revision, vec![put]))

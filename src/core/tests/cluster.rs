@@ -109,10 +109,22 @@ pub(super) fn put_in(
     create_revision: u64,
     record: SharedRecord,
 ) -> ClusterEvent {
+    put_on(topic, id, create_revision, LEASE, record)
+}
+
+/// A key of `id` on `topic`, on `lease`.
+pub(super) fn put_on(
+    topic: &str,
+    id: &str,
+    create_revision: u64,
+    lease: i64,
+    record: SharedRecord,
+) -> ClusterEvent {
     ClusterEvent::Put {
         topic: topic.into(),
         id: id.into(),
         create_revision,
+        lease,
         record,
     }
 }
@@ -393,6 +405,12 @@ fn events_of_topics_not_shared_and_of_this_host_are_ignored() {
         ],
     ));
     assert!(h.burst().is_none(), "nothing applied, nothing to save");
+    // This host's key that nothing here claims is deleted, not shown.
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Delete { id, reason: LeaveReason::Untrack, .. } if id == "web-1:p3"),
+        "{write:?}"
+    );
     h.committed_batch([
         changes(13, vec![delete("web-1:p3", None)]),
         list(2, 1, SHARED),
@@ -516,6 +534,8 @@ pub(super) struct FakeEtcd {
     revision: u64,
     /// The create revision of each key it holds, by id.
     created: HashMap<String, u64>,
+    /// The lease the core's writes put keys on: the one live now.
+    pub(super) lease: i64,
 }
 
 impl FakeEtcd {
@@ -523,6 +543,7 @@ impl FakeEtcd {
         FakeEtcd {
             revision,
             created: HashMap::new(),
+            lease: LEASE,
         }
     }
 
@@ -548,7 +569,7 @@ impl FakeEtcd {
         );
         let put = changes(
             self.revision,
-            vec![put_in(topic, id, created, record.clone())],
+            vec![put_on(topic, id, created, self.lease, record.clone())],
         );
         (written, put)
     }
@@ -603,7 +624,7 @@ impl FakeEtcd {
         );
         let put = changes(
             self.revision,
-            vec![put_in(topic, id, self.revision, record.clone())],
+            vec![put_on(topic, id, self.revision, self.lease, record.clone())],
         );
         (written, put)
     }
@@ -1861,4 +1882,83 @@ fn an_untrack_refused_for_too_many_replies_waiting_changes_nothing() {
     );
     assert_eq!(replies[bound]["error"]["code"], "limit_exceeded");
     assert_eq!(h.core.counts().entries, bound + 1, "nothing removed");
+}
+
+#[test]
+fn a_track_answered_unavailable_whose_key_shows_later_has_it_deleted() {
+    let mut h = clustered(Limits::default());
+    h.connect([1, 2]);
+    h.committed_batch([subscribe_to(2, 1, SHARED), track_on(1, 2, SHARED, "page")]);
+    h.lines(2);
+    let write = one_write(&mut h);
+    // etcd could not say whether the create went through, and the node
+    // gave up: the track is answered `unavailable`.
+    let error = ErrorBody::new(ErrorCode::Unavailable, "etcd cannot be reached");
+    let ClusterWrite::Create { write: asked, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    h.committed_batch([written(*asked, Written::Refused(error))]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
+
+    // The first attempt was committed after all, and shows: nothing here
+    // claims it, so it is deleted rather than left owning the topic on
+    // every other host.
+    let mut etcd = FakeEtcd::at(40);
+    let (_, shown) = etcd.create(&write);
+    h.input(shown);
+    assert!(h.burst().is_none(), "nothing to save");
+    let ClusterWrite::Create { id, .. } = &write else {
+        unreachable!()
+    };
+    let delete = one_write(&mut h);
+    assert!(
+        matches!(&delete, ClusterWrite::Delete { id: deleted, reason: LeaveReason::Untrack, .. } if deleted == id),
+        "{delete:?}"
+    );
+    assert!(h.lines(2).is_empty(), "never shown here");
+    assert!(h.lines(1).is_empty());
+}
+
+#[test]
+fn an_owner_of_a_topic_where_a_key_was_ignored_past_the_cap_stands_suspended_until_it_goes() {
+    let limits = Limits {
+        max_total_entries: 1,
+        ..Limits::default()
+    };
+    let mut h = clustered(limits);
+    h.connect([1]);
+    let mut etcd = FakeEtcd::at(20);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let (created, shown) = etcd.create(&one_write(&mut h));
+    h.committed_batch([created, shown]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["role"], "owner", "{lines:?}");
+
+    // Another topic's entry fills the cap; then a key of this topic is
+    // ignored past it: it may be older than this host's entry.
+    h.committed_batch([changes(
+        23,
+        vec![
+            put_in(
+                "pub:other",
+                "web-2:p1",
+                22,
+                record("a", "web-2:p1", json!({})),
+            ),
+            put("web-3:p1", "b", 23),
+        ],
+    )]);
+    let lines = h.lines(1);
+    let roles: Vec<&Value> = lines.iter().filter(|l| l["event"] == "role").collect();
+    assert_eq!(roles.len(), 1, "{lines:?}");
+    assert_eq!(roles[0]["payload"]["suspended"], true, "{lines:?}");
+
+    // Its delete shows: the order here is whole again.
+    h.committed_batch([changes(24, vec![delete("web-3:p1", None)])]);
+    let lines = h.lines(1);
+    let roles: Vec<&Value> = lines.iter().filter(|l| l["event"] == "role").collect();
+    assert_eq!(roles.len(), 1, "{lines:?}");
+    assert_eq!(roles[0]["payload"]["role"], "owner", "{lines:?}");
+    assert_eq!(roles[0]["payload"].get("suspended"), None, "{lines:?}");
 }

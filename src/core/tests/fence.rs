@@ -629,6 +629,7 @@ fn a_live_view_naming_another_lease_says_the_last_one_ended() {
     // heard of either: the key went with the old lease, so the entry is
     // not told it owns, and its key is created again on the new one.
     h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    etcd.lease = LEASE + 1;
     assert!(h.lines(1).is_empty(), "still suspended");
     let write = one_write(&mut h);
     assert!(
@@ -647,6 +648,7 @@ fn a_live_view_naming_another_lease_says_the_last_one_ended() {
 fn a_live_lease_replaced_by_another_while_live_queues_its_entries_again() {
     let (mut h, mut etcd, own_ref) = owning();
     h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    etcd.lease = LEASE + 1;
     assert_suspended(&role_of(&h.lines(1)), &own_ref);
     let write = one_write(&mut h);
     assert!(
@@ -665,6 +667,7 @@ fn a_refused_re_creation_is_asked_again_after_a_pause() {
     assert_suspended(&role_of(&h.lines(1)), &own_ref);
     h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
     h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    etcd.lease = LEASE + 1;
     let write = one_write(&mut h);
     assert!(matches!(&write, ClusterWrite::Create { id, .. } if *id == own_ref));
 
@@ -705,6 +708,7 @@ fn a_re_creation_refused_while_the_lease_is_not_live_waits_for_the_next_lease() 
     assert_suspended(&role_of(&h.lines(1)), &own_ref);
     h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
     h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    etcd.lease = LEASE + 1;
     let write = one_write(&mut h);
     h.committed_batch([
         lease(LeaseView::Fenced { lease: LEASE + 1 }),
@@ -823,4 +827,38 @@ fn when_the_lease_is_no_longer_kept_tracks_and_updates_waiting_for_etcd_are_answ
     assert_eq!(h.core.counts().entries, 1);
     h.committed_batch([list(2, 3, SHARED)]);
     assert_eq!(refs_listed(&h.lines(2)[0]), [own_ref.as_str()]);
+}
+
+#[test]
+fn a_track_whose_key_shows_on_a_lease_that_ended_is_suspended_then_queued_again() {
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    h.committed_batch([track_on(1, 1, SHARED, "page")]);
+    let write = one_write(&mut h);
+    let ClusterWrite::Create { id: own_ref, .. } = &write else {
+        panic!("a create: {write:?}");
+    };
+    let own_ref = own_ref.clone();
+    // Created under the first lease, shown by a watch that is behind the
+    // word that the next lease is live.
+    let mut etcd = FakeEtcd::at(40);
+    let (created, shown) = etcd.create(&write);
+    h.committed_batch([live_on(LEASE + 1, FENCE_AT_MS + 10_000)]);
+    h.committed_batch([created, shown]);
+    let lines = h.lines(1);
+    assert_eq!(lines[0]["ok"], true, "{lines:?}");
+    assert_suspended(&lines[0], &own_ref);
+
+    // The old lease's end shows: the key is lost, and created again on
+    // the live lease, where it owns.
+    h.committed_batch([changes(42, vec![delete(&own_ref, None)])]);
+    let again = one_write(&mut h);
+    assert!(
+        matches!(&again, ClusterWrite::Create { id, .. } if *id == own_ref),
+        "{again:?}"
+    );
+    etcd.lease = LEASE + 1;
+    let (created, shown) = etcd.create(&again);
+    h.committed_batch([created, shown]);
+    assert_owner(&role_of(&h.lines(1)));
 }

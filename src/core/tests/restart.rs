@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::cluster::{
-    FENCE_IN_MS, FakeEtcd, HOST, LEASE, SHARED, changes, cluster_config, history_of, lease, list,
-    one_write, put, put_in, record, refs_listed, untrack_ref,
+    FENCE_IN_MS, FakeEtcd, HOST, LEASE, SHARED, changes, cluster_config, delete, history_of, lease,
+    list, one_write, put, put_in, put_on, record, refs_listed, untrack_ref,
 };
 use super::harness::*;
 use crate::core::registry::{
@@ -57,6 +57,22 @@ fn listing(revision: u64, events: Vec<ClusterEvent>) -> Input {
 /// The key of this host's entry `id`, showing `phx_ref`, at `revision`.
 fn own_key(id: &str, phx_ref: &str, key: &str, revision: u64) -> ClusterEvent {
     put_in(SHARED, id, revision, record(key, phx_ref, json!({})))
+}
+
+/// The lease a stopped daemon handed this host's keys over to.
+const HANDOVER: i64 = 99;
+
+/// This host's key `id`, showing `phx_ref`, at `revision`, on `lease`.
+fn own_key_on(id: &str, phx_ref: &str, key: &str, revision: u64, lease: i64) -> ClusterEvent {
+    put_on(SHARED, id, revision, lease, record(key, phx_ref, json!({})))
+}
+
+/// The lease the tests' cores hold is live, its fence a day off.
+fn live() -> Input {
+    lease(LeaseView::Live {
+        lease: LEASE,
+        fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
+    })
 }
 
 /// The standing a `resume` reply gives the entry `phx_ref`.
@@ -335,4 +351,134 @@ fn an_update_of_a_restored_entry_waits_for_the_listing() {
     assert_eq!(lines[0]["ok"], false, "{lines:?}");
     assert_eq!(lines[0]["error"]["code"], "unavailable", "{lines:?}");
     assert!(FakeEtcd::writes(&mut h).is_empty());
+}
+
+#[test]
+fn a_local_row_of_a_topic_shared_now_leaves_and_the_topic_is_shared_from_the_start() {
+    // Tracked before cluster mode: a plain ref, a seq of the counter.
+    let local = Entry {
+        topic: SHARED.into(),
+        ..stored_entry("page", 4, Lifetime::Process)
+    };
+    let restored = Restored {
+        kept: vec![local],
+        departed: Vec::new(),
+        next_seq: 20,
+    };
+    let mut h = H::configured(cluster_config(Limits::default()), restored);
+    assert_eq!(h.core.counts().entries, 0, "it is not restored");
+    let commit = h.burst().expect("its row goes");
+    assert!(
+        commit
+            .changes
+            .iter()
+            .any(|change| matches!(change, Change::Delete(phx_ref) if phx_ref == "p4")),
+        "{:?}",
+        commit.changes
+    );
+    let (history, _) = history_of(&commit.changes);
+    assert_eq!(
+        history,
+        [(
+            HistoryKind::Leave,
+            Some(LeaveReason::Expired),
+            "p4".to_owned()
+        )]
+    );
+    h.ok();
+    h.committed_batch([lease(LeaseView::Live {
+        lease: LEASE,
+        fence_at: BOOT_AT_START + Duration::from_millis(FENCE_IN_MS),
+    })]);
+
+    // Another host's entry of the topic is shown here, owning it as it
+    // does everywhere.
+    h.connect([1]);
+    h.committed_batch([listing(12, vec![put("web-2:p1", "other", 9)])]);
+    h.committed_batch([list(1, 1, SHARED)]);
+    let lines = h.lines(1);
+    assert_eq!(refs_listed(&lines[0]), ["web-2:p1"], "{lines:?}");
+}
+
+#[test]
+fn a_restored_owner_found_on_the_hand_over_lease_owns_only_once_its_key_shows_on_the_live_one() {
+    let mine = format!("{HOST}:p3");
+    let mut h = restarted(
+        vec![own_row("page", &mine, 7, Lifetime::Connection)],
+        Vec::new(),
+    );
+    h.connect([1]);
+    h.committed_batch([resume(1, 1, "page")]);
+    h.lines(1);
+
+    // Confirmed where the hand-over left it: its place is kept, but the
+    // hand-over lease ends after the resume grace, with no fence here.
+    h.committed_batch([listing(
+        12,
+        vec![own_key_on(&mine, &mine, "page", 7, HANDOVER)],
+    )]);
+    assert!(
+        matches!(one_write(&mut h), ClusterWrite::Adopt { id, .. } if id == mine),
+        "its key is moved"
+    );
+    assert!(roles(&h.lines(1)).is_empty(), "still suspended");
+
+    // The move was dropped (the lease fenced as it was sent): it is
+    // asked again once the lease is live again.
+    h.committed_batch([lease(LeaseView::Fenced { lease: LEASE })]);
+    assert!(FakeEtcd::writes(&mut h).is_empty());
+    h.committed_batch([live()]);
+    assert!(
+        matches!(one_write(&mut h), ClusterWrite::Adopt { id, .. } if id == mine),
+        "asked again"
+    );
+    assert!(roles(&h.lines(1)).is_empty(), "still suspended");
+
+    // The key shows on the live lease: now it owns.
+    h.input(changes(
+        13,
+        vec![own_key_on(&mine, &mine, "page", 7, LEASE)],
+    ));
+    assert!(h.burst().is_none(), "nothing to save");
+    let told = roles(&h.lines(1));
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["role"], "owner", "{told:?}");
+    assert_eq!(told[0].get("suspended"), None, "{told:?}");
+}
+
+#[test]
+fn a_restored_entry_whose_hand_over_lease_ends_before_its_key_moves_never_owns_and_is_queued_again()
+{
+    let mine = format!("{HOST}:p3");
+    let mut h = restarted(
+        vec![own_row("page", &mine, 7, Lifetime::Connection)],
+        Vec::new(),
+    );
+    h.connect([1]);
+    h.committed_batch([resume(1, 1, "page")]);
+    h.lines(1);
+    h.committed_batch([listing(
+        12,
+        vec![own_key_on(&mine, &mine, "page", 7, HANDOVER)],
+    )]);
+    one_write(&mut h);
+
+    // The move never landed; the hand-over lease ends and takes the key.
+    h.committed_batch([changes(13, vec![delete(&mine, None)])]);
+    assert!(roles(&h.lines(1)).is_empty(), "never told it owns");
+    let write = one_write(&mut h);
+    assert!(
+        matches!(&write, ClusterWrite::Create { id, .. } if *id == mine),
+        "queued again: {write:?}"
+    );
+    let mut etcd = FakeEtcd::at(13);
+    let (created, shown) = etcd.create(&write);
+    h.committed_batch([created, shown]);
+    let told = roles(&h.lines(1));
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(
+        told[0]["role"], "owner",
+        "back, alone in its topic: {told:?}"
+    );
+    assert_eq!(told[0].get("suspended"), None, "{told:?}");
 }

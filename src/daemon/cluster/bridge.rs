@@ -253,6 +253,7 @@ impl Builder {
             topic,
             id,
             create_revision,
+            lease: kv.lease,
             record,
         });
     }
@@ -639,6 +640,7 @@ mod tests {
             topic: TOPIC.into(),
             id: id.into(),
             create_revision,
+            lease: 7,
             record: readable(record(id)),
         }
     }
@@ -892,6 +894,7 @@ mod tests {
             topic: TOPIC.into(),
             id: id.into(),
             create_revision,
+            lease: 7,
             record,
         };
         assert_eq!(

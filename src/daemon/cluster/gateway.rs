@@ -540,7 +540,13 @@ impl Gateway {
             "failure": [],
         });
         let reply = self.call("/v3/kv/txn", &body, Retry::IfUnsent).await?;
-        let txn: TxnJson = reply.decode("a create transaction")?;
+        // A reply that cannot be read, or that says the transaction went
+        // through but not what it found, leaves the key possibly created:
+        // never reported as not created, since the key may show.
+        let uncertain = |failure: Error| Error::Uncertain {
+            failure: Box::new(failure),
+        };
+        let txn: TxnJson = reply.decode("a create transaction").map_err(uncertain)?;
         if !txn.succeeded {
             return Ok(Creation::Exists);
         }
@@ -550,10 +556,14 @@ impl Gateway {
             ResponseJson { range: Some(first) },
         ] = txn.responses.as_slice()
         else {
-            return Err(reply.wrong("a create transaction without its two ranges"));
+            return Err(uncertain(
+                reply.wrong("a create transaction without its two ranges"),
+            ));
         };
         let Some(owner) = first.kvs.first() else {
-            return Err(reply.wrong("a create transaction that found no key under its prefix"));
+            return Err(uncertain(
+                reply.wrong("a create transaction that found no key under its prefix"),
+            ));
         };
         let revision = txn.header.revision;
         Ok(Creation::Created(Created {
@@ -561,7 +571,7 @@ impl Gateway {
             create_revision: revision,
             revision,
             position: u64::try_from(count.count)
-                .map_err(|_| reply.wrong(format!("a count of {}", count.count)))?,
+                .map_err(|_| uncertain(reply.wrong(format!("a count of {}", count.count))))?,
             owner: owner.clone(),
         }))
     }
@@ -1472,5 +1482,65 @@ mod tests {
         assert_eq!(result.events[0].kv.create_revision, 5);
         assert!(serde_json::from_str::<RangeJson>(r#"{"count":"x"}"#).is_err());
         assert!(serde_json::from_str::<RangeJson>(r#"{"kvs":[{"key":"%%"}]}"#).is_err());
+    }
+
+    /// Answers one HTTP request on `listener` with `body`, whatever it
+    /// asks.
+    async fn answer_once(listener: tokio::net::TcpListener, body: &'static str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = listener.accept().await.expect("a connection");
+        let mut request = Vec::new();
+        let mut buffer = [0; 4096];
+        // The request's headers, then as much of its body as they say.
+        loop {
+            let read = stream.read(&mut buffer).await.expect("a request");
+            assert!(read > 0, "the request ended early");
+            request.extend_from_slice(&buffer[..read]);
+            let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|value| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(reply.as_bytes()).await.expect("a reply");
+        stream.flush().await.expect("a reply");
+    }
+
+    /// A create whose reply says the transaction went through but cannot
+    /// be read is uncertain, not refused: its key may show.
+    #[tokio::test]
+    async fn a_create_that_succeeded_with_a_reply_that_does_not_decode_is_uncertain() {
+        let replies = [
+            r#"{"header":{"revision":"5"},"succeeded":true,"responses":[{}]}"#,
+            r#"{"header":{"revision":"5"},"succeeded":true,"responses":[{},{"response_range":{"count":"1"}},{"response_range":{}}]}"#,
+            r#"{"header":{"revision":"5"},"succeeded":tru"#,
+        ];
+        for body in replies {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a port");
+            let address = listener.local_addr().expect("an address");
+            let server = tokio::spawn(answer_once(listener, body));
+            let gateway =
+                Gateway::new([format!("http://{address}")], Duration::from_secs(2)).expect("a url");
+            let result = gateway
+                .create_if_absent(b"/p/t/", b"/p/t/a", b"{}", LeaseId(7))
+                .await;
+            assert!(
+                matches!(&result, Err(Error::Uncertain { failure }) if matches!(**failure, Error::Reply { .. })),
+                "{body}: {result:?}"
+            );
+            server.await.expect("the server answered");
+        }
     }
 }

@@ -31,8 +31,9 @@
 //!   key with it).
 //!
 //! A create whose transaction may or may not have been committed
-//! ([`Error::Uncertain`]) is never reported refused while its key may
-//! show: the key is read, and sent again if it is absent (the transaction
+//! ([`Error::Uncertain`]: no answer, or an answer that says it went
+//! through but cannot be read) is never reported refused while its key
+//! may show: the key is read, and sent again if it is absent (the transaction
 //! creates only if absent, so a late first attempt cannot make a second
 //! key). What is found decides: the key on this lease with this value is
 //! this create's, and its create revision is the answer.
