@@ -725,9 +725,6 @@ enum Undo {
     /// The untrack waiting for etcd named by this write was set or
     /// cleared: put back what it was.
     Untracking(WriteId, Option<Box<PendingUntrack>>),
-    /// Another host's key, by topic and id, was noted as ignored past the
-    /// cap (`true`) or no longer (`false`): undo that.
-    IgnoredOverCap((String, String), bool),
 }
 
 /// How to take back the open batch: the inverse of each change in order,
@@ -860,10 +857,6 @@ pub struct Registry {
     /// create revision, with the reason: the first listing deletes each
     /// key still there for that reason. Only read by that listing.
     left_while_down: HashMap<(String, u64), LeaveReason>,
-    /// Other hosts' keys ignored past the cap on their entries, by topic
-    /// and id, until their deletes show: the order of their topics here
-    /// may be wrong, so none of this host's entries owns one of them.
-    ignored_over_cap: BTreeSet<(String, String)>,
 }
 
 impl Registry {
@@ -899,7 +892,6 @@ impl Registry {
             park_deadlines: BTreeSet::new(),
             shown_revision: 0,
             left_while_down: HashMap::new(),
-            ignored_over_cap: BTreeSet::new(),
         }
     }
 
@@ -2274,9 +2266,7 @@ impl Registry {
             | Undo::Leaving(..)
             | Undo::Updating(..)
             | Undo::Untracking(..) => self.undo_parking(undo),
-            Undo::Lease(_) | Undo::Requeue(..) | Undo::IgnoredOverCap(..) => {
-                self.undo_fence(undo);
-            }
+            Undo::Lease(_) | Undo::Requeue(..) => self.undo_fence(undo),
         }
     }
 

@@ -235,16 +235,9 @@ impl Registry {
             }
             match event {
                 ClusterEvent::Delete { reason, .. } => {
-                    let key = (topic.clone(), id.clone());
-                    let Some(phx_ref) = self.shared_ids.get(&key) else {
+                    let Some(phx_ref) = self.shared_ids.get(&(topic.clone(), id.clone())) else {
                         // Its put was ignored, or it came and went before
-                        // this daemon looked. One ignored past the cap no
-                        // longer leaves its topic's order in doubt.
-                        if self.ignored_over_cap.contains(&key) {
-                            self.depart(std::mem::take(&mut departing), now, out);
-                            self.note_ignored_over_cap(key, false, out);
-                            report.applied += 1;
-                        }
+                        // this daemon looked.
                         continue;
                     };
                     let reason = reason.as_ref().map_or(LeaveReason::HostLost, |r| r.0);
@@ -464,20 +457,13 @@ impl Registry {
     ) {
         let RemotePut {
             topic,
-            id,
             create_revision,
             ..
         } = put;
         if self.remote_entries >= self.limits.max_total_entries {
             report.over_cap += 1;
-            // The key may be older than this host's entries of the topic,
-            // which then do not own it, whatever the order here says.
-            self.note_ignored_over_cap((topic.to_owned(), id.to_owned()), true, out);
             return;
         }
-        // Ignored before, and shown now that there is room (rewritten, or
-        // listed again): its place is known.
-        self.note_ignored_over_cap((topic.to_owned(), id.to_owned()), false, out);
         // Two keys of a topic cannot share a create revision unless a
         // writer other than presenced made them in one transaction: the
         // first keeps the place.

@@ -148,35 +148,6 @@ impl Registry {
         matches!(self.lease, LeaseView::Live { lease, .. } if shared.key_lease == Some(lease))
     }
 
-    /// Whether another host's key of `topic` was ignored past the cap on
-    /// other hosts' entries, and its delete has not shown: the order here
-    /// may be wrong, since that key may be older than any shown.
-    fn topic_has_ignored_keys(&self, topic: &str) -> bool {
-        !self.ignored_over_cap.is_empty()
-            && self
-                .ignored_over_cap
-                .range((topic.to_owned(), String::new())..)
-                .next()
-                .is_some_and(|(of, _)| of == topic)
-    }
-
-    /// Notes another host's key `key` ignored past the cap (`ignored`), or
-    /// its delete shown (`!ignored`), journaled; this host's owner of its
-    /// topic is told if that changes its suspension.
-    pub(super) fn note_ignored_over_cap(&mut self, key: KeyOf, ignored: bool, out: &mut Outbox) {
-        if self.ignored_over_cap.contains(&key) == ignored {
-            return;
-        }
-        let owner_before = self.local_shared_owner(&key.0);
-        if ignored {
-            self.ignored_over_cap.insert(key.clone());
-        } else {
-            self.ignored_over_cap.remove(&key);
-        }
-        self.record(|| Undo::IgnoredOverCap(key, ignored));
-        self.tell_owners_whose_suspension_changed(owner_before.into_iter().collect(), out);
-    }
-
     /// The watch showed this host's key `key` on `lease`: its entry's key
     /// is noted to be there, and if it is first in its topic and that
     /// changes its suspension (its key moved to the live lease, say), its
@@ -251,7 +222,6 @@ impl Registry {
             return false;
         };
         !self.key_on_live_lease(shared)
-            || self.topic_has_ignored_keys(&entry.topic)
             || (!self.requeue.is_empty()
                 && self
                     .requeue
@@ -742,12 +712,6 @@ impl Registry {
             Undo::Lease(view) => self.lease = view,
             Undo::Requeue(key, state) => {
                 self.requeue.set(&key, state);
-            }
-            Undo::IgnoredOverCap(key, true) => {
-                self.ignored_over_cap.remove(&key);
-            }
-            Undo::IgnoredOverCap(key, false) => {
-                self.ignored_over_cap.insert(key);
             }
             _ => {}
         }
