@@ -354,7 +354,14 @@ impl Registry {
             report.applied += 1;
             return;
         }
-        if let ClusterEvent::Put { topic, id, .. } = event
+        // Only a key on this daemon's own lease: the host name is claimed
+        // on that lease, so the key is this daemon's. One on another lease
+        // may be another daemon's, given the same --host by mistake while
+        // it waits out this one's claim; it is left to that lease.
+        if let ClusterEvent::Put {
+            topic, id, lease, ..
+        } = event
+            && self.lease.lease() == Some(*lease)
             && !self.shared_ids.contains_key(&(topic.clone(), id.clone()))
         {
             self.delete_unclaimed(topic, id, out);

@@ -1919,3 +1919,28 @@ fn a_track_answered_unavailable_whose_key_shows_later_has_it_deleted() {
     assert!(h.lines(2).is_empty(), "never shown here");
     assert!(h.lines(1).is_empty());
 }
+
+#[test]
+fn an_unclaimed_key_of_this_hosts_name_on_another_lease_is_left_to_that_lease() {
+    // Another daemon given the same --host by mistake, waiting out this
+    // one's claim, writes under the same name on its own lease: its keys
+    // are not this daemon's to delete.
+    let mut h = clustered(Limits::default());
+    h.connect([1]);
+    h.committed_batch([subscribe_to(1, 1, SHARED)]);
+    h.lines(1);
+    let mut elsewhere = FakeEtcd::at(40);
+    elsewhere.lease = LEASE + 1;
+    let id = format!("{HOST}:p77");
+    let create = ClusterWrite::Create {
+        write: WriteId(9_999),
+        topic: SHARED.to_owned(),
+        record: record("mallory", &id, json!({})),
+        id,
+    };
+    let (_, shown) = elsewhere.create(&create);
+    h.input(shown);
+    assert!(h.burst().is_none(), "nothing to save");
+    assert!(FakeEtcd::writes(&mut h).is_empty(), "no delete asked");
+    assert!(h.lines(1).is_empty(), "never shown here");
+}
