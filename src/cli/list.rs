@@ -78,9 +78,11 @@ pub async fn run(target: &Target, args: ListArgs) -> anyhow::Result<()> {
     // HOST only when some entry is another host's or shared (a daemon in
     // cluster mode): a local daemon's list is what it always was.
     let with_host = topics.values().any(|state| {
-        render::metas_by_seq(&state.presences)
-            .iter()
-            .any(|(_, meta)| host_of_ref(&meta.phx_ref).is_some())
+        state
+            .presences
+            .values()
+            .flat_map(|presence| &presence.metas)
+            .any(|meta| host_of_ref(&meta.phx_ref).is_some())
     });
     let mut rows = rows(&topics, with_host);
     if rows.is_empty() {

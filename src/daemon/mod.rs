@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::core::registry::{ClusterSetup, DEFAULT_PARK_TIMEOUT, ProcessId, SharedTopicsFn};
+use crate::core::registry::{ClusterSetup, DEFAULT_PARK_TIMEOUT, SharedTopicsFn};
 use crate::core::store::{HistoryReaders, Store};
 use crate::core::{Input, Stopped};
 use crate::paths::SocketAccess;
@@ -190,11 +190,8 @@ pub async fn start(config: DaemonConfig) -> anyhow::Result<Daemon> {
         Some((cluster, writes, probe)) => {
             let claimant = Claimant {
                 boot_id: opened.boot_id.clone(),
-                process: ProcessId {
-                    pid: std::process::id(),
-                    start_time: crate::sys::process_start_time(std::process::id())
-                        .context("reading the daemon's start time")?,
-                },
+                process: crate::sys::process_id(std::process::id())
+                    .context("reading the daemon's start time")?,
                 database: DatabaseIdentity::of(&config.db).with_context(|| {
                     format!(
                         "reading the identity of the database {}",

@@ -689,6 +689,18 @@ pub enum LeaseView {
     Stopped,
 }
 
+impl ClusterWrite {
+    /// The topic and id of the entry key the write is to.
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            ClusterWrite::Create { topic, id, .. }
+            | ClusterWrite::Rewrite { topic, id, .. }
+            | ClusterWrite::Delete { topic, id, .. }
+            | ClusterWrite::Adopt { topic, id, .. } => (topic, id),
+        }
+    }
+}
+
 impl LeaseView {
     /// The view as it stands at `boot` on the boot clock: a live lease
     /// whose fence is due is fenced, whatever the word it came in says.
@@ -1805,7 +1817,7 @@ impl Registry {
         now.saturating_add(timeout)
     }
 
-    fn host(&self) -> String {
+    pub(super) fn host(&self) -> String {
         self.cluster
             .as_ref()
             .map(|c| c.host.clone())
@@ -1816,6 +1828,13 @@ impl Registry {
         let write = WriteId(self.next_write);
         self.next_write += 1;
         write
+    }
+
+    /// Asks etcd to move the key `id` of `topic`, this host's, to the live
+    /// lease (see [`ClusterWrite::Adopt`]).
+    pub(super) fn ask_adopt(&mut self, (topic, id): (String, String), out: &mut Outbox) {
+        let write = self.new_write();
+        out.cluster.push(ClusterWrite::Adopt { write, topic, id });
     }
 
     /// Asks etcd to delete the key `id` of `topic`, with `reason` (and who

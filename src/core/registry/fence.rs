@@ -196,9 +196,8 @@ impl Registry {
             })
             .filter(|key| !self.requeue.contains_key(key))
             .collect();
-        for (topic, id) in off_lease {
-            let write = self.new_write();
-            out.cluster.push(ClusterWrite::Adopt { write, topic, id });
+        for key in off_lease {
+            self.ask_adopt(key, out);
         }
     }
 
@@ -221,11 +220,7 @@ impl Registry {
         let Some(shared) = entry.cluster.as_ref().filter(|shared| !shared.remote) else {
             return false;
         };
-        !self.key_on_live_lease(shared)
-            || (!self.requeue.is_empty()
-                && self
-                    .requeue
-                    .contains_key(&(entry.topic.clone(), shared.id.clone())))
+        !self.key_on_live_lease(shared) || self.key_is_gone(entry)
     }
 
     /// The standing of the entry with `seq` in `topic` now.
@@ -406,8 +401,7 @@ impl Registry {
     /// its seq and whether it stands suspended now.
     fn local_shared_owner(&self, topic_name: &str) -> Option<(String, u64, bool)> {
         let owner = self.topic(topic_name).owner()?;
-        let local = owner.cluster.as_ref().is_some_and(|shared| !shared.remote);
-        local.then(|| {
+        super::is_own_shared(owner).then(|| {
             (
                 topic_name.to_owned(),
                 owner.seq,
@@ -455,11 +449,7 @@ impl Registry {
     /// An entry restored after a restart whose key is not confirmed yet
     /// waits for the first listing instead: its key may still be there.
     pub(super) fn ask_to_requeue(&mut self, flagged: Vec<(String, String)>, out: &mut Outbox) {
-        let host = self
-            .cluster
-            .as_ref()
-            .map(|c| c.host.clone())
-            .unwrap_or_default();
+        let host = self.host();
         for key in flagged {
             let Some(&state) = self.requeue.get(&key) else {
                 continue;
@@ -519,13 +509,12 @@ impl Registry {
         now: i64,
         out: &mut Outbox,
     ) -> bool {
-        let own_host = self.cluster.as_ref().map(|c| c.host.as_str());
         let (topic, id) = match event {
             ClusterEvent::Put { topic, id, .. } | ClusterEvent::Delete { topic, id, .. } => {
                 (topic, id)
             }
         };
-        if own_host.is_none() || super::host_of_ref(id) != own_host || !self.is_shared(topic) {
+        if !self.is_own_id(id) || !self.is_shared(topic) {
             return false;
         }
         let key = (topic.clone(), id.clone());

@@ -20,8 +20,8 @@
 
 use super::fence::Requeue;
 use super::{
-    ClusterChanges, ClusterEvent, ClusterReport, ClusterSetup, ClusterWrite, Entry, LeaveReason,
-    Outbox, Registry, Shared,
+    ClusterChanges, ClusterEvent, ClusterReport, ClusterSetup, Entry, LeaveReason, Outbox,
+    Registry, Shared,
 };
 use crate::protocol::host_of_ref;
 
@@ -305,8 +305,7 @@ impl Registry {
             });
             self.insert(entry, meta_bytes);
         }
-        let write = self.new_write();
-        out.cluster.push(ClusterWrite::Adopt { write, topic, id });
+        self.ask_adopt((topic, id), out);
     }
 }
 

@@ -5224,12 +5224,7 @@ impl SharedWorld {
         if self.asked.is_empty() {
             return Vec::new();
         }
-        let id_of = |write: &ClusterWrite| match write {
-            ClusterWrite::Create { id, .. }
-            | ClusterWrite::Rewrite { id, .. }
-            | ClusterWrite::Delete { id, .. }
-            | ClusterWrite::Adopt { id, .. } => id.clone(),
-        };
+        let id_of = |write: &ClusterWrite| write.key().1.to_owned();
         let id = id_of(&self.asked[pick % self.asked.len()]);
         let Some(at) = self.asked.iter().position(|w| id_of(w) == id) else {
             return Vec::new();

@@ -699,8 +699,7 @@ async fn claim_host(
     waited_out: Option<LeaseId>,
 ) -> Claim {
     let key = shared.keys.host(&shared.host);
-    let mut hosts = shared.keys.all();
-    hosts.extend_from_slice(b"h/");
+    let hosts = shared.keys.hosts();
     let value = HostClaim {
         v: RECORD_VERSION,
         host: shared.host.clone(),
@@ -944,12 +943,8 @@ async fn write_all(shared: Arc<Shared>, mut writes: mpsc::UnboundedReceiver<Clus
 
 /// The etcd key a write is to.
 fn entry_key(keys: &KeySpace, write: &ClusterWrite) -> Vec<u8> {
-    match write {
-        ClusterWrite::Create { topic, id, .. }
-        | ClusterWrite::Rewrite { topic, id, .. }
-        | ClusterWrite::Delete { topic, id, .. }
-        | ClusterWrite::Adopt { topic, id, .. } => keys.entry(topic, id),
-    }
+    let (topic, id) = write.key();
+    keys.entry(topic, id)
 }
 
 /// Sends one write and tells the core its outcome (a delete's outcome is

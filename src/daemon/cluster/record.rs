@@ -74,6 +74,11 @@ impl KeySpace {
         self.in_topic(ENTRIES, topic, id)
     }
 
+    /// Every host's claim is under this.
+    pub fn hosts(&self) -> Vec<u8> {
+        format!("{}{HOSTS}", self.prefix).into_bytes()
+    }
+
     /// Every entry's reason for leaving is under this.
     pub fn reasons(&self) -> Vec<u8> {
         format!("{}{REASONS}", self.prefix).into_bytes()
